@@ -1,0 +1,41 @@
+/* The embedded host runtime: "device" memory is host RAM, a stream is a worker thread with a
+ * FIFO of operations, an event is a completion marker in that FIFO. Copies run on the stream's
+ * thread and, for large batches, are split across a small team of copy threads. */
+#ifndef LLMDIST_HOST_RUNTIME_H
+#define LLMDIST_HOST_RUNTIME_H
+
+#include "llmdist/runtime.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Error codes of the host runtime. */
+enum {
+    LLMD_HOST_OK = 0,
+    LLMD_HOST_EINVAL = 1,      /* NULL pointer or bad argument */
+    LLMD_HOST_ENOMEM = 2,      /* allocation failed */
+    LLMD_HOST_EOVERFLOW = 3,   /* count > dst_max */
+    LLMD_HOST_ETIMEOUT = 4,    /* event wait timed out */
+    LLMD_HOST_ETHREAD = 5      /* a worker thread could not be started */
+};
+
+/* Tuning knobs, read by every copy; set them before or between transfers. */
+typedef struct llmd_host_tuning {
+    /* Number of threads (the stream's own included) that share one large batch. */
+    int copy_threads;
+    /* A batch is split across threads only when it moves at least this many bytes. */
+    size_t split_min_bytes;
+    /* Runs of at least this many bytes use non-temporal (streaming) stores; 0 disables. */
+    size_t stream_store_min_bytes;
+} llmd_host_tuning;
+
+const llmd_runtime *llmd_host_runtime(void);
+llmd_host_tuning *llmd_host_tuning_get(void);
+/* Copy one run with the same engine the streams use (for benchmarks and tests). */
+void llmd_host_copy(void *dst, const void *src, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,523 @@
+/* The embedded host runtime (see include/llmdist/host_runtime.h). */
+#define _GNU_SOURCE
+#include "llmdist/host_runtime.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#define LLMD_HAVE_STREAM_STORES 1
+#else
+#define LLMD_HAVE_STREAM_STORES 0
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Tuning and the copy engine                                                                   */
+
+static llmd_host_tuning g_tuning = {
+    .copy_threads = 2,
+    .split_min_bytes = (size_t)1 << 20,
+    .stream_store_min_bytes = (size_t)16 << 10,
+};
+
+llmd_host_tuning *llmd_host_tuning_get(void) { return &g_tuning; }
+
+#if LLMD_HAVE_STREAM_STORES
+/* Non-temporal stores: the destination lines are written without being read first. */
+static void copy_streaming(char *dst, const char *src, size_t n)
+{
+    size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    if (head > n) head = n;
+    memcpy(dst, src, head);
+    dst += head; src += head; n -= head;
+    while (n >= 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
+        _mm_stream_si128((__m128i *)(dst), a);
+        _mm_stream_si128((__m128i *)(dst + 16), b);
+        _mm_stream_si128((__m128i *)(dst + 32), c);
+        _mm_stream_si128((__m128i *)(dst + 48), d);
+        dst += 64; src += 64; n -= 64;
+    }
+    memcpy(dst, src, n);
+}
+#endif
+
+static inline void copy_run(void *dst, const void *src, size_t n, size_t nt_min)
+{
+#if LLMD_HAVE_STREAM_STORES
+    if (nt_min && n >= nt_min) {
+        copy_streaming((char *)dst, (const char *)src, n);
+        return;
+    }
+#else
+    (void)nt_min;
+#endif
+    memcpy(dst, src, n);
+}
+
+static inline void copy_fence(void)
+{
+#if LLMD_HAVE_STREAM_STORES
+    _mm_sfence();
+#endif
+}
+
+void llmd_host_copy(void *dst, const void *src, size_t n)
+{
+    copy_run(dst, src, n, g_tuning.stream_store_min_bytes);
+    copy_fence();
+}
+
+/* Copy bytes [begin, end) of the concatenation of the runs. */
+static void copy_part(void **dsts, void **srcs, const size_t *sizes, size_t count,
+                      size_t begin, size_t end, size_t nt_min)
+{
+    size_t pos = 0;
+    for (size_t i = 0; i < count && pos < end; i++) {
+        size_t n = sizes[i];
+        size_t lo = pos, hi = pos + n;
+        pos = hi;
+        if (hi <= begin) continue;
+        size_t a = begin > lo ? begin - lo : 0;
+        size_t b = end < hi ? end - lo : n;
+        copy_run((char *)dsts[i] + a, (const char *)srcs[i] + a, b - a, nt_min);
+    }
+    copy_fence();
+}
+
+/* A team of helper threads that share large batches with the stream thread that owns them.
+ * One batch at a time; a stream that finds the team busy copies alone. */
+typedef struct copy_team {
+    pthread_mutex_t lock;       /* held by the stream thread that owns the team for a batch */
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv;
+    pthread_cond_t done_cv;
+    int nhelpers;
+    uint64_t generation;
+    void **dsts, **srcs;
+    const size_t *sizes;
+    size_t count, total, nt_min;
+    int nparts;
+    atomic_int next_part;
+    int parts_left;
+} copy_team;
+
+static copy_team g_team = {
+    .lock = PTHREAD_MUTEX_INITIALIZER,
+    .mu = PTHREAD_MUTEX_INITIALIZER,
+    .work_cv = PTHREAD_COND_INITIALIZER,
+    .done_cv = PTHREAD_COND_INITIALIZER,
+};
+
+static void team_run_parts(copy_team *t)
+{
+    for (;;) {
+        int p = atomic_fetch_add(&t->next_part, 1);
+        if (p >= t->nparts) break;
+        size_t begin = t->total / (size_t)t->nparts * (size_t)p;
+        size_t end = p == t->nparts - 1 ? t->total : t->total / (size_t)t->nparts * (size_t)(p + 1);
+        copy_part(t->dsts, t->srcs, t->sizes, t->count, begin, end, t->nt_min);
+        pthread_mutex_lock(&t->mu);
+        if (--t->parts_left == 0) pthread_cond_broadcast(&t->done_cv);
+        pthread_mutex_unlock(&t->mu);
+    }
+}
+
+static void *team_helper_main(void *arg)
+{
+    copy_team *t = (copy_team *)arg;
+    uint64_t seen = 0;
+    pthread_mutex_lock(&t->mu);
+    for (;;) {
+        while (t->generation == seen) pthread_cond_wait(&t->work_cv, &t->mu);
+        seen = t->generation;
+        pthread_mutex_unlock(&t->mu);
+        team_run_parts(t);
+        pthread_mutex_lock(&t->mu);
+    }
+    return NULL;
+}
+
+/* Grow the team to want-1 helpers (called with t->lock held). */
+static void team_ensure(copy_team *t, int want)
+{
+    while (t->nhelpers < want - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&th, &attr, team_helper_main, t);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break;
+        t->nhelpers++;
+    }
+}
+
+static void copy_batch(void **dsts, void **srcs, const size_t *sizes, size_t count)
+{
+    size_t nt_min = g_tuning.stream_store_min_bytes;
+    int threads = g_tuning.copy_threads;
+    size_t total = 0;
+    for (size_t i = 0; i < count; i++) total += sizes[i];
+    if (threads > 1 && total >= g_tuning.split_min_bytes && pthread_mutex_trylock(&g_team.lock) == 0) {
+        copy_team *t = &g_team;
+        team_ensure(t, threads);
+        int nparts = t->nhelpers + 1;
+        if (nparts > 1) {
+            pthread_mutex_lock(&t->mu);
+            t->dsts = dsts; t->srcs = srcs; t->sizes = sizes; t->count = count;
+            t->total = total; t->nt_min = nt_min; t->nparts = nparts;
+            atomic_store(&t->next_part, 0);
+            t->parts_left = nparts;
+            t->generation++;
+            pthread_cond_broadcast(&t->work_cv);
+            pthread_mutex_unlock(&t->mu);
+            team_run_parts(t);
+            pthread_mutex_lock(&t->mu);
+            while (t->parts_left > 0) pthread_cond_wait(&t->done_cv, &t->mu);
+            pthread_mutex_unlock(&t->mu);
+            pthread_mutex_unlock(&t->lock);
+            return;
+        }
+        pthread_mutex_unlock(&t->lock);
+    }
+    copy_part(dsts, srcs, sizes, count, 0, total, nt_min);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Events                                                                                       */
+
+typedef struct host_event {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t recorded;   /* generation of the last record */
+    uint64_t reached;    /* highest generation whose marker the stream has passed */
+} host_event;
+
+static void event_reach(host_event *ev, uint64_t gen)
+{
+    pthread_mutex_lock(&ev->mu);
+    if (gen > ev->reached) ev->reached = gen;
+    pthread_cond_broadcast(&ev->cv);
+    pthread_mutex_unlock(&ev->mu);
+}
+
+/* Wait until ev reaches gen; timeout_ms < 0 waits forever. */
+static int event_wait_gen(host_event *ev, uint64_t gen, int32_t timeout_ms)
+{
+    int rc = LLMD_HOST_OK;
+    struct timespec deadline;
+    if (timeout_ms >= 0) {
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += timeout_ms / 1000;
+        deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
+    }
+    pthread_mutex_lock(&ev->mu);
+    while (ev->reached < gen) {
+        if (timeout_ms < 0) {
+            pthread_cond_wait(&ev->cv, &ev->mu);
+        } else if (pthread_cond_timedwait(&ev->cv, &ev->mu, &deadline) == ETIMEDOUT) {
+            if (ev->reached < gen) rc = LLMD_HOST_ETIMEOUT;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&ev->mu);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Streams                                                                                      */
+
+enum { OP_COPY, OP_BATCH, OP_RECORD, OP_WAIT };
+
+typedef struct host_op {
+    int type;
+    void *dst;
+    const void *src;
+    size_t n;
+    void **dsts, **srcs;
+    size_t *sizes;
+    host_event *ev;
+    uint64_t gen;
+} host_op;
+
+typedef struct host_stream {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv;
+    pthread_cond_t idle_cv;
+    host_op *ring;
+    size_t cap, head, len;
+    uint64_t submitted, completed;
+    int stop;
+} host_stream;
+
+static void run_op(host_op *op)
+{
+    switch (op->type) {
+    case OP_COPY:
+        copy_run(op->dst, op->src, op->n, g_tuning.stream_store_min_bytes);
+        copy_fence();
+        break;
+    case OP_BATCH:
+        copy_batch(op->dsts, op->srcs, op->sizes, op->n);
+        break;
+    case OP_RECORD:
+        event_reach(op->ev, op->gen);
+        break;
+    case OP_WAIT:
+        event_wait_gen(op->ev, op->gen, -1);
+        break;
+    }
+}
+
+static void *stream_main(void *arg)
+{
+    host_stream *s = (host_stream *)arg;
+    pthread_mutex_lock(&s->mu);
+    for (;;) {
+        while (s->len == 0 && !s->stop) pthread_cond_wait(&s->work_cv, &s->mu);
+        if (s->len == 0 && s->stop) break;
+        host_op op = s->ring[s->head];
+        s->head = (s->head + 1) % s->cap;
+        s->len--;
+        pthread_mutex_unlock(&s->mu);
+        run_op(&op);
+        pthread_mutex_lock(&s->mu);
+        s->completed++;
+        if (s->completed == s->submitted) pthread_cond_broadcast(&s->idle_cv);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+static int stream_push(host_stream *s, const host_op *op)
+{
+    pthread_mutex_lock(&s->mu);
+    if (s->len == s->cap) {
+        size_t ncap = s->cap ? s->cap * 2 : 64;
+        host_op *nr = (host_op *)malloc(ncap * sizeof(host_op));
+        if (!nr) { pthread_mutex_unlock(&s->mu); return LLMD_HOST_ENOMEM; }
+        for (size_t i = 0; i < s->len; i++) nr[i] = s->ring[(s->head + i) % s->cap];
+        free(s->ring);
+        s->ring = nr; s->cap = ncap; s->head = 0;
+    }
+    s->ring[(s->head + s->len) % s->cap] = *op;
+    s->len++;
+    s->submitted++;
+    pthread_cond_signal(&s->work_cv);
+    pthread_mutex_unlock(&s->mu);
+    return LLMD_HOST_OK;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The runtime table                                                                            */
+
+static int h_set_device(void *ctx, int32_t dev) { (void)ctx; return dev == 0 ? LLMD_HOST_OK : LLMD_HOST_EINVAL; }
+
+static int h_malloc(void *ctx, void **p, size_t n)
+{
+    (void)ctx;
+    if (!p || n == 0) return LLMD_HOST_EINVAL;
+    void *m = NULL;
+    if (posix_memalign(&m, 4096, n) != 0) return LLMD_HOST_ENOMEM;
+    *p = m;
+    return LLMD_HOST_OK;
+}
+
+static int h_free(void *ctx, void *p) { (void)ctx; free(p); return LLMD_HOST_OK; }
+
+static int h_stream_create(void *ctx, llmd_stream *out)
+{
+    (void)ctx;
+    if (!out) return LLMD_HOST_EINVAL;
+    host_stream *s = (host_stream *)calloc(1, sizeof(host_stream));
+    if (!s) return LLMD_HOST_ENOMEM;
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->work_cv, NULL);
+    pthread_cond_init(&s->idle_cv, NULL);
+    if (pthread_create(&s->thread, NULL, stream_main, s) != 0) {
+        pthread_mutex_destroy(&s->mu);
+        pthread_cond_destroy(&s->work_cv);
+        pthread_cond_destroy(&s->idle_cv);
+        free(s);
+        return LLMD_HOST_ETHREAD;
+    }
+    *out = s;
+    return LLMD_HOST_OK;
+}
+
+static int h_stream_synchronize(void *ctx, llmd_stream stream)
+{
+    (void)ctx;
+    host_stream *s = (host_stream *)stream;
+    if (!s) return LLMD_HOST_EINVAL;
+    pthread_mutex_lock(&s->mu);
+    uint64_t target = s->submitted;
+    while (s->completed < target) pthread_cond_wait(&s->idle_cv, &s->mu);
+    pthread_mutex_unlock(&s->mu);
+    return LLMD_HOST_OK;
+}
+
+static int h_stream_destroy(void *ctx, llmd_stream stream)
+{
+    host_stream *s = (host_stream *)stream;
+    if (!s) return LLMD_HOST_EINVAL;
+    h_stream_synchronize(ctx, s);
+    pthread_mutex_lock(&s->mu);
+    s->stop = 1;
+    pthread_cond_signal(&s->work_cv);
+    pthread_mutex_unlock(&s->mu);
+    pthread_join(s->thread, NULL);
+    pthread_mutex_destroy(&s->mu);
+    pthread_cond_destroy(&s->work_cv);
+    pthread_cond_destroy(&s->idle_cv);
+    free(s->ring);
+    free(s);
+    return LLMD_HOST_OK;
+}
+
+static int h_event_create(void *ctx, llmd_event *out)
+{
+    (void)ctx;
+    if (!out) return LLMD_HOST_EINVAL;
+    host_event *ev = (host_event *)calloc(1, sizeof(host_event));
+    if (!ev) return LLMD_HOST_ENOMEM;
+    pthread_mutex_init(&ev->mu, NULL);
+    pthread_cond_init(&ev->cv, NULL);
+    *out = ev;
+    return LLMD_HOST_OK;
+}
+
+static int h_event_destroy(void *ctx, llmd_event event)
+{
+    (void)ctx;
+    host_event *ev = (host_event *)event;
+    if (!ev) return LLMD_HOST_EINVAL;
+    pthread_mutex_destroy(&ev->mu);
+    pthread_cond_destroy(&ev->cv);
+    free(ev);
+    return LLMD_HOST_OK;
+}
+
+static int h_event_record(void *ctx, llmd_event event, llmd_stream stream)
+{
+    (void)ctx;
+    host_event *ev = (host_event *)event;
+    if (!ev || !stream) return LLMD_HOST_EINVAL;
+    pthread_mutex_lock(&ev->mu);
+    uint64_t gen = ++ev->recorded;
+    pthread_mutex_unlock(&ev->mu);
+    host_op op = {.type = OP_RECORD, .ev = ev, .gen = gen};
+    return stream_push((host_stream *)stream, &op);
+}
+
+static int h_event_query(void *ctx, llmd_event event, int *done)
+{
+    (void)ctx;
+    host_event *ev = (host_event *)event;
+    if (!ev || !done) return LLMD_HOST_EINVAL;
+    pthread_mutex_lock(&ev->mu);
+    *done = ev->reached >= ev->recorded;
+    pthread_mutex_unlock(&ev->mu);
+    return LLMD_HOST_OK;
+}
+
+static int h_event_synchronize(void *ctx, llmd_event event, int32_t timeout_ms)
+{
+    (void)ctx;
+    host_event *ev = (host_event *)event;
+    if (!ev) return LLMD_HOST_EINVAL;
+    pthread_mutex_lock(&ev->mu);
+    uint64_t gen = ev->recorded;
+    pthread_mutex_unlock(&ev->mu);
+    return event_wait_gen(ev, gen, timeout_ms);
+}
+
+static int h_stream_wait_event(void *ctx, llmd_stream stream, llmd_event event)
+{
+    (void)ctx;
+    host_event *ev = (host_event *)event;
+    if (!ev || !stream) return LLMD_HOST_EINVAL;
+    pthread_mutex_lock(&ev->mu);
+    uint64_t gen = ev->recorded;
+    pthread_mutex_unlock(&ev->mu);
+    host_op op = {.type = OP_WAIT, .ev = ev, .gen = gen};
+    return stream_push((host_stream *)stream, &op);
+}
+
+static int h_memcpy_async(void *ctx, void *dst, size_t dst_max, const void *src, size_t count,
+                          int kind, llmd_stream stream)
+{
+    (void)ctx; (void)kind;
+    if (!stream) return LLMD_HOST_EINVAL;
+    if (count == 0) return LLMD_HOST_OK;
+    if (!dst || !src) return LLMD_HOST_EINVAL;
+    if (count > dst_max) return LLMD_HOST_EOVERFLOW;
+    host_op op = {.type = OP_COPY, .dst = dst, .src = src, .n = count};
+    return stream_push((host_stream *)stream, &op);
+}
+
+static int h_memcpy_batch_async(void *ctx, void **dsts, size_t *dst_maxs, void **srcs,
+                                size_t *sizes, size_t count, int kind, llmd_stream stream,
+                                size_t *fail_index)
+{
+    (void)ctx; (void)kind;
+    if (!stream || !fail_index || (count && (!dsts || !srcs || !sizes || !dst_maxs)))
+        return LLMD_HOST_EINVAL;
+    *fail_index = SIZE_MAX;
+    for (size_t i = 0; i < count; i++) {
+        if (sizes[i] && (!dsts[i] || !srcs[i])) { *fail_index = i; return LLMD_HOST_EINVAL; }
+        if (sizes[i] > dst_maxs[i]) { *fail_index = i; return LLMD_HOST_EOVERFLOW; }
+    }
+    if (count == 0) return LLMD_HOST_OK;
+    host_op op = {.type = OP_BATCH, .dsts = dsts, .srcs = srcs, .sizes = sizes, .n = count};
+    return stream_push((host_stream *)stream, &op);
+}
+
+static const char *h_error_string(void *ctx, int code)
+{
+    (void)ctx;
+    switch (code) {
+    case LLMD_HOST_OK: return "success";
+    case LLMD_HOST_EINVAL: return "invalid argument (NULL pointer or bad handle)";
+    case LLMD_HOST_ENOMEM: return "host memory allocation failed";
+    case LLMD_HOST_EOVERFLOW: return "copy size exceeds the destination's maximum";
+    case LLMD_HOST_ETIMEOUT: return "wait timed out";
+    case LLMD_HOST_ETHREAD: return "could not start a runtime thread";
+    default: return "unknown host runtime error";
+    }
+}
+
+static const llmd_runtime g_host_runtime = {
+    .name = "host",
+    .ctx = NULL,
+    .set_device = h_set_device,
+    .malloc_device = h_malloc,
+    .free_device = h_free,
+    .malloc_host = h_malloc,
+    .free_host = h_free,
+    .stream_create = h_stream_create,
+    .stream_destroy = h_stream_destroy,
+    .stream_synchronize = h_stream_synchronize,
+    .stream_wait_event = h_stream_wait_event,
+    .event_create = h_event_create,
+    .event_destroy = h_event_destroy,
+    .event_record = h_event_record,
+    .event_query = h_event_query,
+    .event_synchronize = h_event_synchronize,
+    .memcpy_async = h_memcpy_async,
+    .memcpy_batch_async = h_memcpy_batch_async,
+    .error_string = h_error_string,
+};
+
+const llmd_runtime *llmd_host_runtime(void) { return &g_host_runtime; }

@@ -1,0 +1,24 @@
+"""llmdist: layer-wise KV cache transfer between LLM inference instances.
+
+The public API is that of CANN LLM-DataDist's CacheManager: replace
+``from llm_datadist import ...`` with ``from llmdist import ...``."""
+
+from .status import LLMException, LLMStatusCode
+from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType,
+                    LLMRole, Placement, RegisterMemStatus)
+from .config import LLMClusterInfo, LLMConfig, LlmConfig
+from .transfer_types import LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
+from .task import CacheTask
+from .cache_manager import CacheManager
+from .llm_datadist import LLMDataDist
+from ._core import host_tuning, set_host_tuning
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLMException", "LLMStatusCode", "BlocksCacheKey", "Cache", "CacheDesc", "CacheKey",
+    "CacheKeyByIdAndIndex", "DataType", "LLMRole", "Placement", "RegisterMemStatus",
+    "LLMClusterInfo", "LLMConfig", "LlmConfig", "LayerSynchronizer", "TransferConfig",
+    "TransferWithCacheKeyConfig", "CacheTask", "CacheManager", "LLMDataDist",
+    "host_tuning", "set_host_tuning",
+]

@@ -1,0 +1,721 @@
+# cython: language_level=3
+"""llmdist's compiled core: the runtime table, streams and events, the planner and the layer loop.
+
+Everything here that touches memory runs without the GIL; Python is entered only to call a
+user's LayerSynchronizer and to publish a task's results.
+"""
+
+include "_decl.pxi"
+
+from cpython.long cimport PyLong_AsUnsignedLongLong
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memcpy
+
+import threading
+
+from llmdist.status import LLMException, LLMStatusCode
+
+cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFF
+
+# ------------------------------------------------------------------------------------------
+# Runtime errors: the one place where a runtime's code becomes an exception or a status.
+
+cdef object status_for(str runtime, int code):
+    """The LLMStatusCode a runtime error code stands for."""
+    if runtime == "host":
+        if code == LLMD_HOST_ENOMEM:
+            return LLMStatusCode.LLM_OUT_OF_MEMORY
+        if code == LLMD_HOST_ETIMEOUT:
+            return LLMStatusCode.LLM_TIMEOUT
+    return LLMStatusCode.LLM_FAILED
+
+
+def runtime_error(str runtime, int code, str op, str text):
+    """Build the LLMException for a failed runtime call, with the runtime's own message."""
+    return LLMException(f"{op} failed on the {runtime} runtime: error {code}: {text}",
+                        status_code=status_for(runtime, code))
+
+
+cdef class Runtime:
+    """A loaded runtime: a table of nogil functions plus the device this process drives."""
+    cdef const llmd_runtime *rt
+    cdef readonly str name
+    cdef readonly int device_id
+
+    def __cinit__(self):
+        self.rt = NULL
+
+    @staticmethod
+    def host(int device_id=0):
+        """The embedded host runtime (always available)."""
+        cdef Runtime r = Runtime.__new__(Runtime)
+        r.rt = llmd_host_runtime()
+        r.name = "host"
+        r.device_id = device_id
+        return r
+
+    cdef str text(self, int code):
+        cdef const char *s = self.rt.error_string(self.rt.ctx, code)
+        return s.decode("utf-8", "replace") if s != NULL else "no message"
+
+    cdef int check(self, int code, str op) except -1:
+        if code != 0:
+            raise runtime_error(self.name, code, op, self.text(code))
+        return 0
+
+    def bind_device(self):
+        """Make this thread issue work to the process's device (runtimes keep it per thread)."""
+        cdef int rc
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+        self.check(rc, f"set_device({self.device_id})")
+
+    def malloc(self, size_t size, bint device):
+        """Allocate device memory, or page-locked host memory when device is False."""
+        cdef void *p = NULL
+        cdef int rc
+        with nogil:
+            if device:
+                rc = self.rt.malloc_device(self.rt.ctx, &p, size)
+            else:
+                rc = self.rt.malloc_host(self.rt.ctx, &p, size)
+        self.check(rc, f"{'device' if device else 'host'} allocation of {size} bytes")
+        return <uintptr_t>p
+
+    def free(self, uintptr_t ptr, bint device):
+        """Free memory from malloc."""
+        cdef int rc
+        with nogil:
+            if device:
+                rc = self.rt.free_device(self.rt.ctx, <void *>ptr)
+            else:
+                rc = self.rt.free_host(self.rt.ctx, <void *>ptr)
+        self.check(rc, "free")
+
+    def memcpy(self, uintptr_t dst, uintptr_t src, size_t n, Stream stream):
+        """Queue one copy on a stream (a plain helper for tools and tests)."""
+        cdef int rc
+        with nogil:
+            rc = self.rt.memcpy_async(self.rt.ctx, <void *>dst, n, <const void *>src, n,
+                                      LLMD_MEMCPY_DEFAULT, stream.handle)
+        self.check(rc, "memcpy_async")
+
+
+cdef class Stream:
+    """A runtime stream: operations on it run in order, asynchronously to the caller."""
+    cdef Runtime runtime
+    cdef llmd_stream handle
+
+    def __cinit__(self, Runtime runtime not None):
+        cdef int rc
+        self.runtime = runtime
+        self.handle = NULL
+        with nogil:
+            rc = runtime.rt.stream_create(runtime.rt.ctx, &self.handle)
+        runtime.check(rc, "stream_create")
+
+    def synchronize(self):
+        """Block (without the GIL) until everything queued so far has run."""
+        cdef int rc
+        with nogil:
+            rc = self.runtime.rt.stream_synchronize(self.runtime.rt.ctx, self.handle)
+        self.runtime.check(rc, "stream_synchronize")
+
+    def wait_event(self, Event event not None):
+        """Make later work on this stream wait until the event's last record completes."""
+        cdef int rc
+        with nogil:
+            rc = self.runtime.rt.stream_wait_event(self.runtime.rt.ctx, self.handle, event.handle)
+        self.runtime.check(rc, "stream_wait_event")
+
+    def close(self):
+        """Drain and destroy the stream (idempotent)."""
+        cdef int rc
+        if self.handle != NULL:
+            with nogil:
+                rc = self.runtime.rt.stream_destroy(self.runtime.rt.ctx, self.handle)
+            self.handle = NULL
+            self.runtime.check(rc, "stream_destroy")
+
+    def __dealloc__(self):
+        if self.handle != NULL and self.runtime is not None:
+            with nogil:
+                self.runtime.rt.stream_destroy(self.runtime.rt.ctx, self.handle)
+
+
+cdef class Event:
+    """A runtime event: a marker recorded on a stream, complete once the stream passes it."""
+    cdef Runtime runtime
+    cdef llmd_event handle
+
+    def __cinit__(self, Runtime runtime not None):
+        cdef int rc
+        self.runtime = runtime
+        self.handle = NULL
+        with nogil:
+            rc = runtime.rt.event_create(runtime.rt.ctx, &self.handle)
+        runtime.check(rc, "event_create")
+
+    def record(self, Stream stream not None):
+        """Record the event at the current end of the stream."""
+        cdef int rc
+        with nogil:
+            rc = self.runtime.rt.event_record(self.runtime.rt.ctx, self.handle, stream.handle)
+        self.runtime.check(rc, "event_record")
+
+    def query(self):
+        """True when the work captured by the last record has completed."""
+        cdef int rc, done = 0
+        rc = self.runtime.rt.event_query(self.runtime.rt.ctx, self.handle, &done)
+        self.runtime.check(rc, "event_query")
+        return bool(done)
+
+    def synchronize(self, int timeout_ms=-1):
+        """Wait for the last record; returns False when timeout_ms (>= 0) passed first."""
+        cdef int rc
+        with nogil:
+            rc = self.runtime.rt.event_synchronize(self.runtime.rt.ctx, self.handle, timeout_ms)
+        if rc == LLMD_HOST_ETIMEOUT and self.runtime.name == "host":
+            return False
+        self.runtime.check(rc, "event_synchronize")
+        return True
+
+    def __dealloc__(self):
+        if self.handle != NULL and self.runtime is not None:
+            self.runtime.rt.event_destroy(self.runtime.rt.ctx, self.handle)
+
+
+# ------------------------------------------------------------------------------------------
+# Host-runtime tuning knobs
+
+def host_tuning():
+    """The host copy engine's knobs as a dict."""
+    cdef llmd_host_tuning *t = llmd_host_tuning_get()
+    return {"copy_threads": t.copy_threads, "split_min_bytes": t.split_min_bytes,
+            "stream_store_min_bytes": t.stream_store_min_bytes}
+
+
+def set_host_tuning(copy_threads=None, split_min_bytes=None, stream_store_min_bytes=None):
+    """Set the host copy engine's knobs: threads sharing a batch, the smallest batch worth
+    splitting, and the smallest run copied with streaming stores (0 disables them)."""
+    cdef llmd_host_tuning *t = llmd_host_tuning_get()
+    if copy_threads is not None:
+        if type(copy_threads) is not int or not 1 <= copy_threads <= 64:
+            raise ValueError(f"copy_threads must be an int in [1, 64], got {copy_threads!r}")
+        t.copy_threads = copy_threads
+    if split_min_bytes is not None:
+        if type(split_min_bytes) is not int or split_min_bytes < 0:
+            raise ValueError(f"split_min_bytes must be an int >= 0, got {split_min_bytes!r}")
+        t.split_min_bytes = split_min_bytes
+    if stream_store_min_bytes is not None:
+        if type(stream_store_min_bytes) is not int or stream_store_min_bytes < 0:
+            raise ValueError(f"stream_store_min_bytes must be an int >= 0, got {stream_store_min_bytes!r}")
+        t.stream_store_min_bytes = stream_store_min_bytes
+
+
+def host_copy(uintptr_t dst, uintptr_t src, size_t n):
+    """Copy n bytes with the host copy engine on the calling thread (GIL released)."""
+    with nogil:
+        llmd_host_copy(<void *>dst, <const void *>src, n)
+
+
+# ------------------------------------------------------------------------------------------
+# Index lists
+
+cdef class Indices:
+    """A validated list of uint64 indices held as a C array."""
+    cdef uint64_t *data
+    cdef readonly Py_ssize_t size
+    cdef readonly object max_value
+
+    def __cinit__(self):
+        self.data = NULL
+        self.size = 0
+
+    def __dealloc__(self):
+        free(self.data)
+
+    def __len__(self):
+        return self.size
+
+    def tolist(self):
+        return [self.data[i] for i in range(self.size)]
+
+
+def parse_indices(str name, object seq):
+    """Check that seq is a list/tuple of uint64 and copy it into an Indices.
+
+    TypeError for a wrong container or element type (bool included), ValueError for a value
+    outside [0, 2**64-1]; messages name the parameter and the element."""
+    if not isinstance(seq, (list, tuple)):
+        raise TypeError(f"{name} only support [list, tuple], but got {type(seq)}")
+    cdef Py_ssize_t n = len(seq), i
+    cdef Indices out = Indices.__new__(Indices)
+    cdef uint64_t v, vmax = 0
+    out.data = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+    if out.data == NULL:
+        raise MemoryError()
+    out.size = n
+    for i in range(n):
+        item = seq[i]
+        if type(item) is not int:
+            if not isinstance(item, int) or isinstance(item, bool):
+                raise TypeError(f"{name}[{i}] only support [int], but got {type(item)}")
+        if item < 0 or item > U64_MAX:
+            raise ValueError(f"{name}[{i}] must be in [0, {U64_MAX}], but got {item}")
+        v = PyLong_AsUnsignedLongLong(item)
+        out.data[i] = v
+        if v > vmax:
+            vmax = v
+    out.max_value = vmax if n else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The planner
+
+cdef struct Run:
+    size_t src_off
+    size_t dst_off
+    size_t nbytes
+
+
+cdef class Plan:
+    """The run template of one call: (src_offset, dst_offset, nbytes) per tensor, consecutive
+    pieces merged. Offsets are from the tensor bases; every layer and config reuses it."""
+    cdef Run *runs
+    cdef readonly Py_ssize_t count
+    cdef readonly size_t dst_lo, dst_hi, src_lo, src_hi, total_bytes
+
+    def __cinit__(self):
+        self.runs = NULL
+        self.count = 0
+
+    def __dealloc__(self):
+        free(self.runs)
+
+    cdef int reserve(self, Py_ssize_t n) except -1:
+        self.runs = <Run *>malloc(max(n, 1) * sizeof(Run))
+        if self.runs == NULL:
+            raise MemoryError()
+        return 0
+
+    cdef void add(self, size_t src_off, size_t dst_off, size_t nbytes) noexcept nogil:
+        cdef Run *last
+        if nbytes == 0:
+            return
+        if self.count > 0:
+            last = &self.runs[self.count - 1]
+            if last.src_off + last.nbytes == src_off and last.dst_off + last.nbytes == dst_off:
+                last.nbytes += nbytes
+                return
+        self.runs[self.count].src_off = src_off
+        self.runs[self.count].dst_off = dst_off
+        self.runs[self.count].nbytes = nbytes
+        self.count += 1
+
+    cdef void finish(self) noexcept nogil:
+        cdef Py_ssize_t i
+        self.dst_lo = self.src_lo = <size_t>-1
+        self.dst_hi = self.src_hi = self.total_bytes = 0
+        for i in range(self.count):
+            self.dst_lo = min(self.dst_lo, self.runs[i].dst_off)
+            self.src_lo = min(self.src_lo, self.runs[i].src_off)
+            self.dst_hi = max(self.dst_hi, self.runs[i].dst_off + self.runs[i].nbytes)
+            self.src_hi = max(self.src_hi, self.runs[i].src_off + self.runs[i].nbytes)
+            self.total_bytes += self.runs[i].nbytes
+        if self.count == 0:
+            self.dst_lo = self.src_lo = 0
+
+    @property
+    def runs(self):
+        """The runs as a list of (src_offset, dst_offset, nbytes), for tests and tools."""
+        return [(self.runs[i].src_off, self.runs[i].dst_off, self.runs[i].nbytes)
+                for i in range(self.count)]
+
+
+def plan_c2c(size_t nbytes):
+    """Contiguous to contiguous: one row of nbytes (the source row offset is per config)."""
+    cdef Plan p = Plan.__new__(Plan)
+    p.reserve(1)
+    p.add(0, 0, nbytes)
+    p.finish()
+    return p
+
+
+def plan_c2b(Indices dst_blocks not None, size_t row_bytes, size_t block_bytes):
+    """Contiguous row to blocks: chunk j of the row (block_bytes each, the last may be
+    shorter) goes to destination block dst_blocks[j]."""
+    cdef Plan p = Plan.__new__(Plan)
+    cdef Py_ssize_t j
+    cdef size_t off, n
+    p.reserve(dst_blocks.size)
+    with nogil:
+        for j in range(dst_blocks.size):
+            off = <size_t>j * block_bytes
+            n = min(block_bytes, row_bytes - off)
+            p.add(off, <size_t>dst_blocks.data[j] * block_bytes, n)
+        p.finish()
+    return p
+
+
+def plan_b2b(Indices src_blocks not None, Indices dst_blocks not None, size_t block_bytes):
+    """Blocks to blocks: source block s[j] goes to destination block d[j]; runs where both
+    advance by one become one copy."""
+    cdef Plan p = Plan.__new__(Plan)
+    cdef Py_ssize_t j
+    p.reserve(src_blocks.size)
+    with nogil:
+        for j in range(src_blocks.size):
+            p.add(<size_t>src_blocks.data[j] * block_bytes,
+                  <size_t>dst_blocks.data[j] * block_bytes, block_bytes)
+        p.finish()
+    return p
+
+
+# ------------------------------------------------------------------------------------------
+# Destination bounds
+
+def locate(const uint64_t[::1] starts, const uint64_t[::1] ends, list addrs,
+           size_t lo, size_t hi):
+    """For each base address a, find the region (sorted, disjoint [starts, ends)) holding
+    [a+lo, a+hi). Returns (region index per address, position of the first address that fits
+    none or -1)."""
+    cdef Py_ssize_t n = len(addrs), nreg = starts.shape[0], i, a, b, m
+    cdef uint64_t base, first, last
+    out = [None] * n
+    for i in range(n):
+        base = addrs[i]
+        first = base + lo
+        last = base + hi
+        if first < base or last < first:
+            return out, i
+        a = 0
+        b = nreg
+        while a < b:                       # the last region starting at or before first
+            m = (a + b) // 2
+            if starts[m] <= first:
+                a = m + 1
+            else:
+                b = m
+        if a == 0 or last > ends[a - 1] or first >= ends[a - 1]:
+            return out, i
+        out[i] = a - 1
+    return out, -1
+
+
+# ------------------------------------------------------------------------------------------
+# The layer loop
+
+cdef struct CfgState:
+    int lo, hi              # source layers [lo, hi)
+    size_t src_shift        # bytes added to each source tensor base (the source row)
+    int kind                # copy kind
+    int code                # runtime error code, 0 while fine
+    int failed              # nonzero once the config has failed (status in status)
+    int status_index        # index into the job's status table when failed
+    int attempted           # some layer's copies were issued
+    size_t fail_index
+
+
+# Status meanings inside the layer loop, turned into LLMStatusCode when results are published.
+cdef enum:
+    ST_NONE = 0
+    ST_RUNTIME = 1          # a runtime call failed: the code says which
+    ST_SYNC_FALSE = 2
+    ST_SYNC_RAISED = 3
+    ST_CANCELLED = 4
+
+
+cdef class TransferJob:
+    """One transfer_cache_async call: the plan, every config's addresses and the progress.
+
+    run() is the layer loop, called on a transfer worker thread with that worker's stream.
+    cancel() stops it between layers and waits until the copies it issued have landed."""
+    cdef Runtime runtime
+    cdef Plan plan
+    cdef int ncfg, first_layer, last_layer
+    cdef CfgState *cfg
+    cdef uint64_t *src_addrs          # 2 per source layer
+    cdef uint64_t *dst_addrs          # per config: 2 per covered layer
+    cdef uint64_t *dst_limits         # the end of the region holding each destination tensor
+    cdef Py_ssize_t *dst_index        # where each config's entries start in dst_addrs
+    cdef void **d_dsts
+    cdef void **d_srcs
+    cdef size_t *d_sizes
+    cdef size_t *d_maxs
+    cdef PyThread_type_lock lock
+    cdef llmd_stream stream
+    cdef int cancelled, finished, use_batch
+    cdef int issued_upto              # every layer below this has had its copies queued
+    cdef readonly object synchronizer
+    cdef readonly object sync_timeout
+    cdef readonly object done
+    cdef readonly list results
+    cdef readonly list errors
+    cdef readonly object exception
+    cdef str sync_error
+    cdef readonly object cancel_code
+    cdef public object on_finish
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError()
+
+    def __init__(self, Runtime runtime not None, Plan plan not None, list src_addrs,
+                 list configs, synchronizer, sync_timeout=None, bint use_batch=True):
+        """configs: (first_layer, stop_layer, src_shift, kind, dst_addrs, dst_limits) per
+        config, with 2 destination addresses and limits per covered layer."""
+        cdef Py_ssize_t i, j, total = 0, nl = len(src_addrs)
+        cdef CfgState *c
+        self.runtime = runtime
+        self.plan = plan
+        self.synchronizer = synchronizer
+        self.sync_timeout = sync_timeout
+        self.use_batch = use_batch
+        self.done = threading.Event()
+        self.results = None
+        self.errors = [None] * len(configs)
+        self.ncfg = len(configs)
+        self.cfg = <CfgState *>calloc(max(self.ncfg, 1), sizeof(CfgState))
+        self.dst_index = <Py_ssize_t *>calloc(max(self.ncfg, 1), sizeof(Py_ssize_t))
+        self.src_addrs = <uint64_t *>malloc(max(nl, 1) * sizeof(uint64_t))
+        if self.cfg == NULL or self.dst_index == NULL or self.src_addrs == NULL:
+            raise MemoryError()
+        for i in range(nl):
+            self.src_addrs[i] = src_addrs[i]
+        self.first_layer = 1 << 30
+        self.last_layer = 0
+        for i, spec in enumerate(configs):
+            c = &self.cfg[i]
+            c.lo, c.hi, c.src_shift, c.kind = spec[0], spec[1], spec[2], spec[3]
+            self.dst_index[i] = total
+            total += len(spec[4])
+            self.first_layer = min(self.first_layer, c.lo)
+            self.last_layer = max(self.last_layer, c.hi)
+        self.dst_addrs = <uint64_t *>malloc(max(total, 1) * sizeof(uint64_t))
+        self.dst_limits = <uint64_t *>malloc(max(total, 1) * sizeof(uint64_t))
+        if self.dst_addrs == NULL or self.dst_limits == NULL:
+            raise MemoryError()
+        for i, spec in enumerate(configs):
+            addrs = spec[4]
+            limits = spec[5]
+            for j in range(len(addrs)):
+                self.dst_addrs[self.dst_index[i] + j] = addrs[j]
+                self.dst_limits[self.dst_index[i] + j] = limits[j]
+        if self.ncfg == 0:
+            self.first_layer = self.last_layer = 0
+
+    def __dealloc__(self):
+        free(self.cfg)
+        free(self.dst_index)
+        free(self.src_addrs)
+        free(self.dst_addrs)
+        free(self.dst_limits)
+        free(self.d_dsts)
+        free(self.d_srcs)
+        free(self.d_sizes)
+        free(self.d_maxs)
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    @property
+    def num_configs(self):
+        return self.ncfg
+
+    cdef int alloc_descriptors(self) except -1:
+        # One slot per (config, covered layer, tensor, run): sized once per call, so the
+        # layer loop never allocates, and every queued batch keeps its own descriptors.
+        cdef Py_ssize_t n = 0, i
+        for i in range(self.ncfg):
+            n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * 2 * self.plan.count
+        n = max(n, 1)
+        self.d_dsts = <void **>malloc(n * sizeof(void *))
+        self.d_srcs = <void **>malloc(n * sizeof(void *))
+        self.d_sizes = <size_t *>malloc(n * sizeof(size_t))
+        self.d_maxs = <size_t *>malloc(n * sizeof(size_t))
+        if not (self.d_dsts and self.d_srcs and self.d_sizes and self.d_maxs):
+            raise MemoryError()
+        return 0
+
+    cdef void fail_unfinished(self, int layer, int status) noexcept nogil:
+        """Fail every config whose copies are not all issued yet (ranges reaching past layer)."""
+        cdef int i
+        for i in range(self.ncfg):
+            if self.cfg[i].hi > layer and not self.cfg[i].failed:
+                self.cfg[i].failed = status
+
+    cdef void issue_layer(self, int layer) noexcept nogil:
+        """Queue layer's copies for every config that covers it (job lock held)."""
+        cdef int i, t, rc
+        cdef CfgState *c
+        cdef Py_ssize_t r, k, base, e
+        cdef Run *runs = self.plan.runs
+        cdef Py_ssize_t nruns = self.plan.count
+        cdef char *src
+        cdef char *dst
+        cdef uint64_t limit
+        cdef const llmd_runtime *rt = self.runtime.rt
+        cdef size_t fail = 0
+        for i in range(self.ncfg):
+            c = &self.cfg[i]
+            if layer < c.lo or layer >= c.hi or c.failed:
+                continue
+            c.attempted = 1
+            base = 0
+            for k in range(i):
+                base += <Py_ssize_t>(self.cfg[k].hi - self.cfg[k].lo) * 2 * nruns
+            base += <Py_ssize_t>(layer - c.lo) * 2 * nruns
+            k = base
+            for t in range(2):
+                e = self.dst_index[i] + 2 * (layer - c.lo) + t
+                src = <char *><uintptr_t>self.src_addrs[2 * layer + t] + c.src_shift
+                dst = <char *><uintptr_t>self.dst_addrs[e]
+                limit = self.dst_limits[e]
+                for r in range(nruns):
+                    self.d_dsts[k] = dst + runs[r].dst_off
+                    self.d_srcs[k] = src + runs[r].src_off
+                    self.d_sizes[k] = runs[r].nbytes
+                    self.d_maxs[k] = <size_t>(limit - <uint64_t><uintptr_t>self.d_dsts[k])
+                    k += 1
+            rc = 0
+            if self.use_batch and rt.memcpy_batch_async != NULL:
+                rc = rt.memcpy_batch_async(rt.ctx, &self.d_dsts[base], &self.d_maxs[base],
+                                           &self.d_srcs[base], &self.d_sizes[base], k - base,
+                                           c.kind, self.stream, &fail)
+            else:
+                for r in range(base, k):
+                    rc = rt.memcpy_async(rt.ctx, self.d_dsts[r], self.d_maxs[r], self.d_srcs[r],
+                                         self.d_sizes[r], c.kind, self.stream)
+                    if rc != 0:
+                        fail = r - base
+                        break
+            if rc != 0:
+                c.code = rc
+                c.fail_index = fail
+                c.failed = ST_RUNTIME
+
+    cdef int call_synchronizer(self, int layer) noexcept with gil:
+        """Run the user's synchronizer for layer; returns ST_* (0 = go on)."""
+        try:
+            ok = self.synchronizer.synchronize_layer(layer, self.sync_timeout)
+        except BaseException as exc:
+            self.exception = exc
+            self.sync_error = f"layer synchronizer raised at layer {layer}: {exc!r}"
+            return ST_SYNC_RAISED
+        if not ok:
+            self.sync_error = f"layer synchronizer returned {ok!r} for layer {layer}"
+            return ST_SYNC_FALSE
+        return 0
+
+    def run(self, Stream stream not None):
+        """The layer loop: wait for each covered layer, then queue its copies, all without
+        the GIL except for the synchronizer call; then wait for the copies and publish."""
+        cdef int layer, i, st, covered
+        cdef int rc = 0
+        cdef const llmd_runtime *rt = self.runtime.rt
+        PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        if self.cancelled or self.finished:
+            PyThread_release_lock(self.lock)
+            return
+        self.stream = stream.handle
+        PyThread_release_lock(self.lock)
+        try:
+            self.alloc_descriptors()
+        except MemoryError:
+            for i in range(self.ncfg):
+                self.cfg[i].failed = ST_RUNTIME
+                self.cfg[i].code = LLMD_HOST_ENOMEM
+            self.publish()
+            return
+        with nogil:
+            for layer in range(self.first_layer, self.last_layer):
+                covered = 0
+                for i in range(self.ncfg):
+                    if self.cfg[i].lo <= layer < self.cfg[i].hi and not self.cfg[i].failed:
+                        covered = 1
+                        break
+                if not covered:
+                    continue
+                if self.cancelled:
+                    break
+                st = self.call_synchronizer(layer)
+                PyThread_acquire_lock(self.lock, WAIT_LOCK)
+                if self.cancelled:
+                    PyThread_release_lock(self.lock)
+                    break
+                if st != 0:
+                    self.fail_unfinished(layer, st)
+                    PyThread_release_lock(self.lock)
+                    break
+                self.issue_layer(layer)
+                self.issued_upto = layer + 1
+                PyThread_release_lock(self.lock)
+            rc = rt.stream_synchronize(rt.ctx, self.stream)
+            if rc != 0:
+                for i in range(self.ncfg):
+                    if self.cfg[i].attempted and not self.cfg[i].failed:
+                        self.cfg[i].failed = ST_RUNTIME
+                        self.cfg[i].code = rc
+        self.publish()
+
+    def cancel(self, status_code):
+        """Stop the job between layers, wait until every copy it issued has landed, and end it
+        with status_code for configs it had started (None for configs never started)."""
+        cdef llmd_stream s
+        cdef const llmd_runtime *rt = self.runtime.rt
+        PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        if self.cancelled or self.finished:
+            PyThread_release_lock(self.lock)
+            return
+        self.cancelled = 1
+        self.cancel_code = status_code
+        s = self.stream
+        PyThread_release_lock(self.lock)
+        if s != NULL:
+            with nogil:
+                rt.stream_synchronize(rt.ctx, s)
+        for i in range(self.ncfg):
+            if self.cfg[i].hi > self.issued_upto and not self.cfg[i].failed:
+                self.cfg[i].failed = ST_CANCELLED
+        self.publish()
+
+    cdef publish(self):
+        """Turn the per-config state into results (once) and wake waiters."""
+        cdef CfgState *c
+        if self.finished:
+            return
+        self.finished = 1
+        results = []
+        errors = list(self.errors)
+        for i in range(self.ncfg):
+            c = &self.cfg[i]
+            if c.failed == 0:
+                results.append(LLMStatusCode.LLM_SUCCESS if c.attempted else None)
+            elif c.failed == ST_RUNTIME:
+                exc = runtime_error(self.runtime.name, c.code,
+                                    f"copy (entry {c.fail_index})", self.runtime.text(c.code))
+                results.append(exc.status_code)
+                errors[i] = str(exc)
+            elif c.failed == ST_SYNC_FALSE:
+                results.append(LLMStatusCode.LLM_PARAM_INVALID)
+                errors[i] = self.sync_error
+            elif c.failed == ST_SYNC_RAISED:
+                results.append(LLMStatusCode.LLM_FAILED)
+                errors[i] = self.sync_error
+            elif c.failed == ST_CANCELLED:
+                if c.attempted:
+                    results.append(self.cancel_code)
+                    errors[i] = f"transfer cancelled: {self.cancel_code}"
+                else:
+                    results.append(None)
+        self.results = results
+        self.errors = errors
+        self.done.set()
+        cb = self.on_finish
+        self.on_finish = None
+        if cb is not None:
+            cb(self)

@@ -1,0 +1,459 @@
+"""CacheManager: cache memory (allocate, register, keys) and layer-wise transfer_cache_async."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
+
+from . import _core
+from ._check import check_int64, check_int_list, check_isinstance, check_uint64, require
+from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
+from .registry import ALLOCATED, REGISTERED, MemoryRegistry, Region
+from .status import LLMException, LLMStatusCode
+from .task import CacheTask
+from .transfer_types import LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
+
+if TYPE_CHECKING:
+    from .llm_datadist import LLMDataDist
+
+_ALIGN = 64  # every tensor of an allocated cache starts 64-byte aligned (ACL's rule)
+
+_PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
+_NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+
+_KIND = {(Placement.DEVICE, Placement.DEVICE): 3, (Placement.DEVICE, Placement.HOST): 2,
+         (Placement.HOST, Placement.HOST): 0}
+
+
+def _fail(message: str, code: LLMStatusCode = _PARAM_INVALID) -> LLMException:
+    return LLMException(message, status_code=code)
+
+
+class _Entry:
+    """What the manager knows of one cache it handed out."""
+
+    __slots__ = ("cache", "origin", "remote_accessible", "base", "placement", "keys")
+
+    def __init__(self, cache: Cache, origin: str, remote_accessible: bool,
+                 base: int = 0) -> None:
+        self.cache = cache
+        self.origin = origin
+        self.remote_accessible = remote_accessible
+        self.base = base                     # the runtime allocation (allocated caches)
+        self.placement = cache.cache_desc.placement
+        self.keys: List[Union[CacheKey, BlocksCacheKey]] = []
+
+
+def _pool_cap(options: Dict[str, str], key: str) -> Optional[int]:
+    text = options.get(key)
+    if not text:
+        return None
+    try:
+        size = json.loads(text)["memory_size"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _fail(f"option {key} must be JSON like {{\"memory_size\": N}}, got {text!r}") from exc
+    if type(size) is not int or size <= 0:
+        raise _fail(f"option {key}: memory_size must be a positive int, got {size!r}")
+    return size
+
+
+class CacheManager:
+    """Caches of one LLMDataDist and the transfers out of them."""
+
+    def __init__(self, datadist: "LLMDataDist", runtime: "_core.Runtime",
+                 workers, options: Dict[str, str], remote_accessible: bool,
+                 sync_timeout: Optional[int]) -> None:
+        self._dd = datadist
+        self._runtime = runtime
+        self._workers = workers
+        self._remote_accessible = remote_accessible
+        self._sync_timeout = sync_timeout
+        self._lock = threading.RLock()
+        self._entries: Dict[int, _Entry] = {}
+        self._registry = MemoryRegistry()
+        self._cache_keys: Dict[CacheKey, int] = {}
+        self._blocks_keys: Dict[BlocksCacheKey, int] = {}
+        self._next_id = 1
+        self._inflight: Dict[object, Tuple[int, ...]] = {}
+        self._caps = {Placement.DEVICE: _pool_cap(options, "llm.MemPoolConfig"),
+                      Placement.HOST: _pool_cap(options, "llm.HostMemPoolConfig")}
+        self._used = {Placement.DEVICE: 0, Placement.HOST: 0}
+        self._closed = False
+
+    # ------------------------------------------------------------------ memory
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise _fail("llm datadist is finalized", LLMStatusCode.LLM_ENGINE_FINALIZED)
+
+    def _check_desc(self, cache_desc: CacheDesc) -> None:
+        check_isinstance("cache_desc", cache_desc, CacheDesc)
+        require(cache_desc.num_tensors > 0, "cache_desc.num_tensors must be > 0")
+        cache_desc.data_type.element_size  # DT_STRING has none: raises LLMException
+
+    def _add(self, cache: Cache, origin: str, remote_accessible: bool, base: int = 0) -> _Entry:
+        self._registry.add(cache, origin)
+        entry = _Entry(cache, origin, remote_accessible, base)
+        cache._manager = self
+        self._entries[cache.cache_id] = entry
+        return entry
+
+    def _new_id(self) -> int:
+        cid = self._next_id
+        self._next_id += 1
+        return cid
+
+    def _allocate(self, cache_desc: CacheDesc, is_blocks: bool) -> Tuple[Cache, int]:
+        self._check_desc(cache_desc)
+        placement = cache_desc.placement
+        piece = -(-cache_desc.size // _ALIGN) * _ALIGN
+        total = piece * cache_desc.num_tensors
+        cap = self._caps[placement]
+        if cap is not None and self._used[placement] + total > cap:
+            code = (LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY if placement == Placement.DEVICE
+                    else LLMStatusCode.LLM_OUT_OF_MEMORY)
+            raise _fail(f"allocating {total} bytes would exceed the configured "
+                        f"{placement.name.lower()} memory pool of {cap} bytes "
+                        f"({self._used[placement]} in use)", code)
+        base = self._runtime.malloc(total, placement == Placement.DEVICE)
+        self._used[placement] += total
+        addrs = [base + i * piece for i in range(cache_desc.num_tensors)]
+        return Cache(self._new_id(), cache_desc, addrs, is_blocks), base
+
+    def allocate_cache(self, cache_desc: CacheDesc, cache_keys: Sequence[CacheKey] = ()) -> Cache:
+        """Allocate a cache owned by llmdist, optionally reachable by CacheKeys."""
+        self._check_open()
+        check_isinstance("cache_keys", cache_keys, (list, tuple))
+        for i, key in enumerate(cache_keys):
+            check_isinstance(f"cache_keys[{i}]", key, CacheKey)
+        with self._lock:
+            for key in cache_keys:
+                require(key not in self._cache_keys, f"cache key {key!r} is already in use")
+            require(len(set(cache_keys)) == len(cache_keys), "cache_keys has duplicates")
+            cache, base = self._allocate(cache_desc, False)
+            entry = self._add(cache, ALLOCATED, cache_desc.placement == Placement.DEVICE, base)
+            for key in cache_keys:
+                self._cache_keys[key] = cache.cache_id
+                entry.keys.append(key)
+            return cache
+
+    def allocate_blocks_cache(self, cache_desc: CacheDesc,
+                              blocks_cache_key: Optional[BlocksCacheKey] = None) -> Cache:
+        """Allocate a blocks (paged) cache owned by llmdist, optionally reachable by key."""
+        self._check_open()
+        check_isinstance("blocks_cache_key", blocks_cache_key, BlocksCacheKey, allow_none=True)
+        with self._lock:
+            require(blocks_cache_key is None or blocks_cache_key not in self._blocks_keys,
+                    f"blocks cache key {blocks_cache_key!r} is already in use")
+            cache, base = self._allocate(cache_desc, True)
+            entry = self._add(cache, ALLOCATED, True, base)
+            if blocks_cache_key is not None:
+                self._blocks_keys[blocks_cache_key] = cache.cache_id
+                entry.keys.append(blocks_cache_key)
+            return cache
+
+    def _register(self, cache_desc: CacheDesc, addrs: Sequence[int], is_blocks: bool,
+                  remote_accessible: Optional[bool]) -> Tuple[CacheDesc, Tuple[int, ...], bool]:
+        self._check_open()
+        self._check_desc(cache_desc)
+        checked = check_int_list("addrs", addrs, check_uint64)
+        check_isinstance("remote_accessible", remote_accessible, bool, allow_none=True)
+        require(len(checked) == cache_desc.num_tensors,
+                f"addrs has {len(checked)} addresses but cache_desc.num_tensors is "
+                f"{cache_desc.num_tensors}")
+        require(all(a != 0 for a in checked), "addrs must not contain a zero address")
+        if remote_accessible is None:
+            remote_accessible = cache_desc.placement == Placement.DEVICE
+        return cache_desc, checked, remote_accessible
+
+    def register_cache(self, cache_desc: CacheDesc, addrs: Sequence[int],
+                       cache_keys: Sequence[CacheKey] = (),
+                       remote_accessible: Optional[bool] = None) -> Cache:
+        """Wrap memory the caller owns (e.g. tensor.data_ptr() per tensor) as a cache."""
+        desc, checked, ra = self._register(cache_desc, addrs, False, remote_accessible)
+        check_isinstance("cache_keys", cache_keys, (list, tuple))
+        for i, key in enumerate(cache_keys):
+            check_isinstance(f"cache_keys[{i}]", key, CacheKey)
+        with self._lock:
+            for key in cache_keys:
+                require(key not in self._cache_keys, f"cache key {key!r} is already in use")
+            cache = Cache(self._new_id(), desc, list(checked), False)
+            entry = self._add(cache, REGISTERED, ra)
+            for key in cache_keys:
+                self._cache_keys[key] = cache.cache_id
+                entry.keys.append(key)
+            return cache
+
+    def register_blocks_cache(self, cache_desc: CacheDesc, addrs: Sequence[int],
+                              blocks_cache_key: Optional[BlocksCacheKey] = None,
+                              remote_accessible: Optional[bool] = None) -> Cache:
+        """Wrap memory the caller owns as a blocks (paged) cache, optionally reachable by key."""
+        desc, checked, ra = self._register(cache_desc, addrs, True, remote_accessible)
+        check_isinstance("blocks_cache_key", blocks_cache_key, BlocksCacheKey, allow_none=True)
+        with self._lock:
+            require(blocks_cache_key is None or blocks_cache_key not in self._blocks_keys,
+                    f"blocks cache key {blocks_cache_key!r} is already in use")
+            cache = Cache(self._new_id(), desc, list(checked), True)
+            entry = self._add(cache, REGISTERED, ra)
+            if blocks_cache_key is not None:
+                self._blocks_keys[blocks_cache_key] = cache.cache_id
+                entry.keys.append(blocks_cache_key)
+            return cache
+
+    def _release(self, entry: _Entry) -> None:
+        """Stop transfers touching the cache, then forget it (lock held by the caller)."""
+        cid = entry.cache.cache_id
+        for job, ids in list(self._inflight.items()):
+            if cid in ids:
+                job.cancel(_NOT_EXIST)
+        self._registry.remove(entry.cache)
+        for key in entry.keys:
+            self._cache_keys.pop(key, None)
+            self._blocks_keys.pop(key, None)
+        del self._entries[cid]
+        entry.cache._invalidate()
+        if entry.origin == ALLOCATED:
+            self._runtime.free(entry.base, entry.placement == Placement.DEVICE)
+            piece = -(-entry.cache.cache_desc.size // _ALIGN) * _ALIGN
+            self._used[entry.placement] -= piece * entry.cache.cache_desc.num_tensors
+
+    def _entry_of(self, name: str, cache: Cache, origin: str, blocks: bool) -> _Entry:
+        check_isinstance(name, cache, Cache)
+        entry = self._entries.get(cache.cache_id)
+        if entry is None or entry.cache is not cache:
+            raise _fail(f"{name} {cache.cache_id} is not allocated by this cache manager", _NOT_EXIST)
+        require(entry.origin == origin,
+                f"{name} {cache.cache_id} was {entry.origin}, not {origin}: use "
+                f"{'unregister_cache' if entry.origin == REGISTERED else 'deallocate_cache'}")
+        require(cache.is_blocks_cache == blocks,
+                f"{name} {cache.cache_id} is {'' if cache.is_blocks_cache else 'not '}a blocks cache")
+        return entry
+
+    def deallocate_cache(self, cache: Cache) -> None:
+        """Free a cache from allocate_cache; transfers still using it end with
+        LLM_KV_CACHE_NOT_EXIST before the memory goes."""
+        with self._lock:
+            self._release(self._entry_of("cache", cache, ALLOCATED, False))
+
+    def deallocate_blocks_cache(self, cache: Cache) -> None:
+        """Free a cache from allocate_blocks_cache (see deallocate_cache)."""
+        with self._lock:
+            self._release(self._entry_of("cache", cache, ALLOCATED, True))
+
+    def unregister_cache(self, cache_id: int) -> None:
+        """Forget a registered cache; no transfer writes into or reads from it afterwards."""
+        check_int64("cache_id", cache_id)
+        with self._lock:
+            entry = self._entries.get(cache_id)
+            if entry is None:
+                raise _fail(f"cache {cache_id} is not registered", _NOT_EXIST)
+            require(entry.origin == REGISTERED,
+                    f"cache {cache_id} was allocated; free it with deallocate_cache or "
+                    f"deallocate_blocks_cache")
+            self._release(entry)
+
+    def remove_cache_key(self, cache_key: Union[CacheKey, BlocksCacheKey]) -> None:
+        """Drop a key; the cache itself stays."""
+        check_isinstance("cache_key", cache_key, (CacheKey, BlocksCacheKey))
+        with self._lock:
+            table = self._cache_keys if isinstance(cache_key, CacheKey) else self._blocks_keys
+            cid = table.pop(cache_key, None)
+            if cid is None:
+                raise _fail(f"cache key {cache_key!r} does not exist", _NOT_EXIST)
+            self._entries[cid].keys.remove(cache_key)
+
+    # ------------------------------------------------------------------ transfer
+
+    def _resolve_key(self, i: int, key, dst_layers: range) -> Tuple[_Entry, int]:
+        """The destination entry of a keyed config and the byte offset inside each tensor."""
+        if isinstance(key, BlocksCacheKey):
+            cid = self._blocks_keys.get(key)
+        else:
+            cid = key.cache_id if key.cache_id in self._entries else None
+        if cid is None:
+            raise _fail(f"transfer_configs[{i}]: no cache for {key!r} on cluster "
+                        f"{key.cluster_id}", _NOT_EXIST)
+        entry = self._entries[cid]
+        require(entry.remote_accessible,
+                f"transfer_configs[{i}]: cache {cid} is not remote accessible")
+        desc = entry.cache.cache_desc
+        require(desc.num_tensors % 2 == 0 and dst_layers.stop <= desc.num_tensors // 2,
+                f"transfer_configs[{i}]: dst_layer_range {dst_layers} is outside the "
+                f"{desc.num_tensors // 2} layers of cache {cid}")
+        offset = 0
+        if isinstance(key, CacheKeyByIdAndIndex):
+            require(key.batch_index < desc.batch_size,
+                    f"transfer_configs[{i}]: batch_index {key.batch_index} must be < the "
+                    f"batch size {desc.batch_size} of cache {cid}")
+            offset = key.batch_index * desc.stride
+        return entry, offset
+
+    def transfer_cache_async(self, src_cache: Cache, layer_synchronizer: LayerSynchronizer,
+                             transfer_configs: Sequence[Union[TransferConfig, TransferWithCacheKeyConfig]],
+                             src_block_indices: Optional[Sequence[int]] = None,
+                             dst_block_indices: Optional[Sequence[int]] = None,
+                             dst_block_memory_size: Optional[int] = None) -> CacheTask:
+        """Send src_cache layer by layer as layer_synchronizer releases each layer; returns at
+        once with a CacheTask. All checks of the contract run here, before anything moves."""
+        # 1. the source cache
+        check_isinstance("src_cache", src_cache, Cache)
+        self._check_open()
+        src_entry = self._entries.get(src_cache.cache_id)
+        if not src_cache._valid or src_entry is None or src_entry.cache is not src_cache:
+            raise _fail(f"src_cache {src_cache.cache_id} is not allocated or registered in this "
+                        f"cache manager", _NOT_EXIST)
+        desc = src_cache.cache_desc
+        stride = desc.stride
+        # 2. block index lists and block size
+        src_idx = None if src_block_indices is None else _core.parse_indices("src_block_indices", src_block_indices)
+        dst_idx = None if dst_block_indices is None else _core.parse_indices("dst_block_indices", dst_block_indices)
+        if dst_block_memory_size is not None:
+            check_uint64("dst_block_memory_size", dst_block_memory_size)
+        block_size = dst_block_memory_size or 0
+        # 3. source blocks
+        if src_idx is not None or src_cache.is_blocks_cache:
+            if dst_idx is None:
+                raise _fail("PA source to non-PA destination is not supported: "
+                            "src_block_indices given (or a blocks source cache) without dst_block_indices")
+        if src_idx is not None:
+            require(len(src_idx) == len(dst_idx),
+                    f"src_block_indices and dst_block_indices must have the same length, "
+                    f"got {len(src_idx)} and {len(dst_idx)}")
+            require(src_idx.max_value is None or src_idx.max_value < desc.batch_size,
+                    f"src_block_indices has block {src_idx.max_value}, but the source cache has "
+                    f"{desc.batch_size} blocks")
+        # 4. / 5. destination block size
+        if dst_idx is not None and src_idx is None:
+            require(block_size > 0, "dst_block_memory_size must be > 0 when only dst_block_indices "
+                                    "is given")
+        if dst_idx is None:
+            require(block_size == 0, "dst_block_memory_size is set but dst_block_indices is not")
+        # 6. synchronizer
+        check_isinstance("layer_synchronizer", layer_synchronizer, LayerSynchronizer)
+        # 7. configs
+        check_isinstance("transfer_configs", transfer_configs, (list, tuple))
+        cfg_type = TransferWithCacheKeyConfig if self._remote_accessible else TransferConfig
+        for i, cfg in enumerate(transfer_configs):
+            check_isinstance(f"transfer_configs[{i}]", cfg, cfg_type)
+        if not transfer_configs:
+            return CacheTask(None, 0)
+        # the plan, shared by every layer and config of this call
+        if src_idx is not None:
+            require(block_size in (0, stride),
+                    f"dst_block_memory_size {block_size} must equal the source block size {stride}")
+            block_size = stride
+            plan = _core.plan_b2b(src_idx, dst_idx, stride)
+        elif dst_idx is not None:
+            require(len(dst_idx) <= -(-stride // block_size),
+                    f"dst_block_indices has {len(dst_idx)} blocks, but a source row of {stride} "
+                    f"bytes fills at most {-(-stride // block_size)} blocks of {block_size} bytes")
+            plan = _core.plan_c2b(dst_idx, stride, block_size)
+        else:
+            plan = _core.plan_c2c(stride)
+        # 8. - 11. each config
+        require(desc.num_tensors % 2 == 0,
+                f"src_cache has {desc.num_tensors} tensors; layer-wise transfer needs K and V "
+                f"per layer (an even number)")
+        num_layers = desc.num_tensors // 2
+        with self._lock:
+            specs = []
+            touched = {src_cache.cache_id}
+            for i, cfg in enumerate(transfer_configs):
+                specs.append(self._config_spec(i, cfg, src_entry, src_idx, dst_idx, block_size,
+                                               plan, num_layers, touched))
+            job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, specs,
+                                    layer_synchronizer, self._sync_timeout)
+            self._inflight[job] = tuple(touched)
+            job.on_finish = self._job_done
+            self._workers.submit(job)
+        return CacheTask(job, len(specs))
+
+    def _config_spec(self, i: int, cfg, src_entry: _Entry, src_idx, dst_idx, block_size: int,
+                     plan, num_layers: int, touched: set) -> tuple:
+        """Check one config (rules 8-11) and return what the layer loop needs for it."""
+        desc = src_entry.cache.cache_desc
+        keyed = isinstance(cfg, TransferWithCacheKeyConfig)
+        layers = cfg.src_layer_range
+        if layers is None:
+            layers = range(num_layers)
+        # 8. layers and rows
+        require(layers.stop <= num_layers,
+                f"transfer_configs[{i}]: src_layer_range {layers} is outside the source's "
+                f"{num_layers} layers")
+        if not keyed:
+            require(len(cfg._dst_addrs) == 2 * len(layers),
+                    f"transfer_configs[{i}]: dst_addrs has {len(cfg._dst_addrs)} addresses, but "
+                    f"{len(layers)} layers need {2 * len(layers)} (K and V per layer)")
+        if src_idx is not None:
+            require(cfg.src_batch_index == 0,
+                    f"transfer_configs[{i}]: src_batch_index must be 0 with src_block_indices, "
+                    f"got {cfg.src_batch_index}")
+        else:
+            require(cfg.src_batch_index < desc.batch_size,
+                    f"transfer_configs[{i}]: src_batch_index {cfg.src_batch_index} must be < the "
+                    f"source batch size {desc.batch_size}")
+        # 10. the destination cluster
+        if cfg.dst_cluster_id != self._dd.cluster_id:
+            raise _fail(f"transfer_configs[{i}]: cluster {cfg.dst_cluster_id} is not linked",
+                        LLMStatusCode.LLM_NOT_YET_LINK)
+        if keyed:
+            entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range)
+            dcache = entry.cache
+            if dst_idx is not None:
+                require(dcache.is_blocks_cache and dcache.cache_desc.stride == block_size,
+                        f"transfer_configs[{i}]: destination cache {dcache.cache_id} must be a "
+                        f"blocks cache of {block_size}-byte blocks")
+            addrs = dcache._tensor_addrs
+            dst = []
+            for dl in cfg.dst_layer_range:
+                dst.append(addrs[2 * dl] + offset)
+                dst.append(addrs[2 * dl + 1] + offset)
+        else:
+            dst = cfg._dst_addrs
+        # 9. and 11. placement and bounds of every destination tensor
+        regions, bad = self._registry.locate(dst, plan.dst_lo, plan.dst_hi)
+        src_place = desc.placement
+        seen = set()
+        for j, region in enumerate(regions):
+            if region is None:
+                break
+            rc = region.cache
+            if rc.cache_id in seen:
+                continue
+            seen.add(rc.cache_id)
+            dplace = rc.cache_desc.placement
+            if src_place == Placement.HOST and dplace == Placement.DEVICE:
+                raise _fail(f"transfer_configs[{i}]: a HOST source cannot be sent to a DEVICE "
+                            f"destination (cache {rc.cache_id})")
+            if src_entry.cache.is_blocks_cache and not rc.is_blocks_cache:
+                raise _fail(f"transfer_configs[{i}]: PA source to non-PA destination is not "
+                            f"supported (cache {rc.cache_id})")
+            if dplace == Placement.HOST and region.origin != ALLOCATED:
+                raise _fail(f"transfer_configs[{i}]: a HOST destination must be allocated with "
+                            f"allocate_cache/allocate_blocks_cache; cache {rc.cache_id} is registered")
+        if bad >= 0:
+            layer = layers.start + bad // 2
+            raise _fail(f"transfer_configs[{i}]: layer {layer} {'KV'[bad % 2]} destination "
+                        f"[{dst[bad] + plan.dst_lo:#x}, {dst[bad] + plan.dst_hi:#x}) is not inside "
+                        f"memory registered or allocated on cluster {cfg.dst_cluster_id}")
+        touched.update(seen)
+        dplace = regions[0].cache.cache_desc.placement
+        kind = _KIND.get((src_place, dplace), 4)
+        shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
+        return (layers.start, layers.stop, shift, kind, list(dst), [r.end for r in regions])
+
+    def _job_done(self, job) -> None:
+        with self._lock:
+            self._inflight.pop(job, None)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def _close(self) -> None:
+        """End every transfer (LLM_ENGINE_FINALIZED), then free llmdist-owned memory."""
+        with self._lock:
+            self._closed = True
+            for job in list(self._inflight):
+                job.cancel(LLMStatusCode.LLM_ENGINE_FINALIZED)
+            for entry in list(self._entries.values()):
+                self._release(entry)

@@ -1,0 +1,344 @@
+"""Enums, the cache descriptor, cache keys and the Cache handle that describe KV-cache memory."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+from ._check import (check_int64, check_int_list, check_isinstance, check_uint32, check_uint64,
+                     require)
+from .status import LLMException, LLMStatusCode, _NamedIntEnum
+
+__all__ = ["Placement", "DataType", "LLMRole", "RegisterMemStatus", "CacheDesc", "CacheKey",
+           "CacheKeyByIdAndIndex", "BlocksCacheKey", "Cache"]
+
+_INVALID_ID = 2**64 - 1
+
+
+class Placement(_NamedIntEnum):
+    """Where a cache's memory lives: host RAM or the accelerator."""
+
+    HOST = 0
+    DEVICE = 1
+
+
+class DataType(Enum):
+    """Element type of a cache tensor (upstream numeric values)."""
+
+    DT_FLOAT = 0
+    DT_FLOAT16 = 1
+    DT_INT8 = 2
+    DT_INT32 = 3
+    DT_UINT8 = 4
+    DT_INT16 = 6
+    DT_UINT16 = 7
+    DT_UINT32 = 8
+    DT_INT64 = 9
+    DT_UINT64 = 10
+    DT_DOUBLE = 11
+    DT_BOOL = 12
+    DT_STRING = 13
+    DT_BF16 = 27
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per element; DT_STRING has no fixed size and raises LLMException(LLM_PARAM_INVALID)."""
+        size = _ELEMENT_SIZES.get(self)
+        if size is None:
+            raise LLMException(f"{self} has no fixed element size and cannot be used for a cache",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        return size
+
+
+_ELEMENT_SIZES = {
+    DataType.DT_FLOAT: 4, DataType.DT_FLOAT16: 2, DataType.DT_INT8: 1, DataType.DT_INT32: 4,
+    DataType.DT_UINT8: 1, DataType.DT_INT16: 2, DataType.DT_UINT16: 2, DataType.DT_UINT32: 4,
+    DataType.DT_INT64: 8, DataType.DT_UINT64: 8, DataType.DT_DOUBLE: 8, DataType.DT_BOOL: 1,
+    DataType.DT_BF16: 2,
+}
+
+
+class LLMRole(_NamedIntEnum):
+    """Role of an LLMDataDist instance in disaggregated serving."""
+
+    PROMPT = 1
+    DECODER = 2
+    MIX = 3
+
+
+class RegisterMemStatus(Enum):
+    """State of a memory registration."""
+
+    OK = 0
+    PREPARING = 1
+    FAILED = 2
+
+
+class CacheDesc:
+    """Layout of a cache: num_tensors tensors of one shape and data type, in one placement."""
+
+    def __init__(self, num_tensors: int, shape: Union[List[int], Tuple[int, ...]],
+                 data_type: DataType, placement: Placement = Placement.DEVICE,
+                 batch_dim_index: int = 0, seq_len_dim_index: int = -1,
+                 kv_tensor_format: Optional[str] = None) -> None:
+        check_uint32("num_tensors", num_tensors)
+        dims = check_int_list("shape", shape, check_int64)
+        check_isinstance("data_type", data_type, DataType)
+        check_isinstance("placement", placement, Placement)
+        check_isinstance("batch_dim_index", batch_dim_index, int)
+        check_isinstance("seq_len_dim_index", seq_len_dim_index, int)
+        check_isinstance("kv_tensor_format", kv_tensor_format, str, allow_none=True)
+        require(len(dims) > 0, "shape must not be empty")
+        require(0 not in dims, f"shape must not contain a zero dim, but got {list(dims)}")
+        require(0 <= batch_dim_index < len(dims),
+                f"batch_dim_index {batch_dim_index} is out of range [0, {len(dims)})")
+        require(seq_len_dim_index == -1 or 0 <= seq_len_dim_index < len(dims),
+                f"seq_len_dim_index {seq_len_dim_index} must be -1 or in range [0, {len(dims)})")
+        self._num_tensors = num_tensors
+        self._shape = dims
+        self._data_type = data_type
+        self._placement = placement
+        self._batch_dim = batch_dim_index
+        self._seq_len_dim_index = seq_len_dim_index
+        self._kv_tensor_format = kv_tensor_format
+
+    @property
+    def num_tensors(self) -> int:
+        """Number of tensors in the cache (2 per layer for layer-wise transfer)."""
+        return self._num_tensors
+
+    @property
+    def shape(self) -> List[int]:
+        """Shape of each tensor (a fresh list)."""
+        return list(self._shape)
+
+    @property
+    def data_type(self) -> DataType:
+        """Element type of each tensor."""
+        return self._data_type
+
+    @property
+    def placement(self) -> Placement:
+        """Whether the memory is on the host or the device."""
+        return self._placement
+
+    @property
+    def batch_dim(self) -> int:
+        """Index of the batch dimension in shape."""
+        return self._batch_dim
+
+    batch_dim_index = batch_dim
+
+    @property
+    def batch_size(self) -> int:
+        """shape[batch_dim]: number of rows (or of blocks, for a blocks cache)."""
+        return self._shape[self._batch_dim]
+
+    @property
+    def seq_len_dim_index(self) -> int:
+        """Index of the sequence-length dimension, or -1 when not given."""
+        return self._seq_len_dim_index
+
+    @property
+    def kv_tensor_format(self) -> Optional[str]:
+        """Optional data-format tag of the tensors (kept, not interpreted)."""
+        return self._kv_tensor_format
+
+    @property
+    def size(self) -> int:
+        """Bytes of ONE tensor, prod(shape) * element size; LLMException for a negative dim or DT_STRING."""
+        require(all(d > 0 for d in self._shape),
+                f"cannot compute the tensor size of shape {list(self._shape)}: negative dim")
+        return math.prod(self._shape) * self._data_type.element_size
+
+    @property
+    def stride(self) -> int:
+        """Bytes of one row (one block in a blocks cache): size // batch_size."""
+        return self.size // self.batch_size
+
+    def __repr__(self) -> str:
+        return (f"CacheDesc(num_tensors={self._num_tensors}, shape={list(self._shape)}, "
+                f"data_type={self._data_type}, placement={self._placement}, "
+                f"batch_dim_index={self._batch_dim}, seq_len_dim_index={self._seq_len_dim_index}, "
+                f"kv_tensor_format={self._kv_tensor_format!r})")
+
+
+def _pick_cluster_id(cluster_id: Optional[int], prompt_cluster_id: Optional[int], cls: str) -> int:
+    """Resolve the cluster_id / prompt_cluster_id alias pair into one value."""
+    if cluster_id is None and prompt_cluster_id is None:
+        raise TypeError(f"{cls}() missing required argument: 'cluster_id' (or 'prompt_cluster_id')")
+    require(cluster_id is None or prompt_cluster_id is None,
+            f"{cls}() takes cluster_id or prompt_cluster_id, not both")
+    return cluster_id if cluster_id is not None else prompt_cluster_id
+
+
+class _Key:
+    """Base of the immutable cache keys: equality and hash by type and fields."""
+
+    __slots__ = ()
+    _fields: Tuple[str, ...] = ()
+
+    def _values(self) -> Tuple[Any, ...]:
+        return tuple(getattr(self, "_" + f) for f in self._fields)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__,) + self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f}={v}" for f, v in zip(self._fields, self._values()))
+        return f"{type(self).__name__}({fields})"
+
+    @property
+    def cluster_id(self) -> int:
+        """Cluster that holds the cache this key names."""
+        return self._cluster_id
+
+    prompt_cluster_id = cluster_id
+
+
+class CacheKey(_Key):
+    """Names a cache by (cluster, request, model, prefix)."""
+
+    __slots__ = ("_cluster_id", "_req_id", "_model_id", "_prefix_id")
+    _fields = ("cluster_id", "req_id", "model_id", "prefix_id")
+
+    def __init__(self, cluster_id: Optional[int] = None, req_id: Optional[int] = None,
+                 model_id: int = 0, prefix_id: int = _INVALID_ID, *,
+                 prompt_cluster_id: Optional[int] = None) -> None:
+        cid = _pick_cluster_id(cluster_id, prompt_cluster_id, "CacheKey")
+        if req_id is None:
+            raise TypeError("CacheKey() missing required argument: 'req_id'")
+        self._cluster_id = check_uint64("cluster_id", cid)
+        self._req_id = check_uint64("req_id", req_id)
+        self._model_id = check_uint64("model_id", model_id)
+        self._prefix_id = check_uint64("prefix_id", prefix_id)
+
+    @property
+    def req_id(self) -> int:
+        """Request id."""
+        return self._req_id
+
+    @property
+    def model_id(self) -> int:
+        """Model id (0 unless several models are loaded)."""
+        return self._model_id
+
+    @property
+    def prefix_id(self) -> int:
+        """Prefix id; 2**64-1 means none."""
+        return self._prefix_id
+
+
+class CacheKeyByIdAndIndex(_Key):
+    """Names one batch row of a cache by (cluster, cache id, batch index)."""
+
+    __slots__ = ("_cluster_id", "_cache_id", "_batch_index")
+    _fields = ("cluster_id", "cache_id", "batch_index")
+
+    def __init__(self, cluster_id: Optional[int] = None, cache_id: Optional[int] = None,
+                 batch_index: int = 0, *, prompt_cluster_id: Optional[int] = None) -> None:
+        cid = _pick_cluster_id(cluster_id, prompt_cluster_id, "CacheKeyByIdAndIndex")
+        if cache_id is None:
+            raise TypeError("CacheKeyByIdAndIndex() missing required argument: 'cache_id'")
+        self._cluster_id = check_uint64("cluster_id", cid)
+        self._cache_id = check_int64("cache_id", cache_id)
+        self._batch_index = check_uint32("batch_index", batch_index)
+
+    @property
+    def cache_id(self) -> int:
+        """Id of the cache on its cluster."""
+        return self._cache_id
+
+    @property
+    def batch_index(self) -> int:
+        """Row of the cache this key points at."""
+        return self._batch_index
+
+
+class BlocksCacheKey(_Key):
+    """Names a blocks (paged-attention) cache by (cluster, model)."""
+
+    __slots__ = ("_cluster_id", "_model_id")
+    _fields = ("cluster_id", "model_id")
+
+    def __init__(self, cluster_id: Optional[int] = None, model_id: int = 0, *,
+                 prompt_cluster_id: Optional[int] = None) -> None:
+        cid = _pick_cluster_id(cluster_id, prompt_cluster_id, "BlocksCacheKey")
+        self._cluster_id = check_uint64("cluster_id", cid)
+        self._model_id = check_uint64("model_id", model_id)
+
+    @property
+    def model_id(self) -> int:
+        """Model id (0 unless several models are loaded)."""
+        return self._model_id
+
+
+class Cache:
+    """Handle of cache memory made by the CacheManager: an id, a layout and one address per tensor."""
+
+    def __init__(self, cache_id: int, cache_desc: CacheDesc, tensor_addrs: Sequence[int],
+                 is_blocks_cache: bool = False) -> None:
+        check_int64("cache_id", cache_id)
+        check_isinstance("cache_desc", cache_desc, CacheDesc)
+        addrs = check_int_list("tensor_addrs", tensor_addrs, check_uint64)
+        check_isinstance("is_blocks_cache", is_blocks_cache, bool)
+        require(len(addrs) == cache_desc.num_tensors,
+                f"tensor_addrs has {len(addrs)} addresses but cache_desc.num_tensors is "
+                f"{cache_desc.num_tensors}")
+        self._cache_id = cache_id
+        self._cache_desc = cache_desc
+        self._tensor_addrs: List[int] = list(addrs)
+        self._is_blocks_cache = is_blocks_cache
+        self._manager: Any = None
+        self._valid = True
+
+    @property
+    def cache_id(self) -> int:
+        """Id given by the CacheManager (-1 for a CPU cache made by create_cpu_cache)."""
+        return self._cache_id
+
+    @property
+    def cache_desc(self) -> CacheDesc:
+        """Layout of the cache."""
+        return self._cache_desc
+
+    @property
+    def tensor_addrs(self) -> List[int]:
+        """Address of each tensor, in order (a copy; empty once the cache is released)."""
+        return list(self._tensor_addrs)
+
+    @property
+    def is_blocks_cache(self) -> bool:
+        """True for a blocks (paged-attention) cache, whose shape[0] counts blocks."""
+        return self._is_blocks_cache
+
+    def _invalidate(self) -> None:
+        """Mark the cache released: it no longer names memory, so it must not be used."""
+        self._valid = False
+        self._tensor_addrs = []
+
+    @classmethod
+    def create_cpu_cache(cls, cache_desc: CacheDesc, addrs: Sequence[int]) -> "Cache":
+        """Wrap host memory the caller owns as a blocks cache (id -1) without registering it."""
+        check_isinstance("cache_desc", cache_desc, CacheDesc)
+        checked = check_int_list("addrs", addrs, check_uint64)
+        require(cache_desc.placement == Placement.HOST,
+                f"cache_desc.placement must be Placement.HOST, but got {cache_desc.placement}")
+        require(cache_desc.num_tensors > 0, "cache_desc.num_tensors must be > 0")
+        require(len(checked) == cache_desc.num_tensors,
+                f"addrs has {len(checked)} addresses but cache_desc.num_tensors is "
+                f"{cache_desc.num_tensors}")
+        require(all(a != 0 for a in checked), "addrs must not contain a zero address")
+        return cls(-1, cache_desc, list(checked), is_blocks_cache=True)
+
+    def __repr__(self) -> str:
+        state = "" if self._valid else ", released"
+        return (f"Cache(cache_id={self._cache_id}, cache_desc={self._cache_desc!r}, "
+                f"num_tensor_addrs={len(self._tensor_addrs)}, "
+                f"is_blocks_cache={self._is_blocks_cache}{state})")

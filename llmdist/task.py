@@ -1,0 +1,68 @@
+"""CacheTask: the handle transfer_cache_async returns."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from . import _core
+from ._check import check_uint32
+from .status import LLMStatusCode
+
+
+class CacheTask:
+    """A transfer in progress. Waiting with a timeout never cancels it."""
+
+    def __init__(self, job: Optional["_core.TransferJob"], num_configs: int) -> None:
+        self._job = job
+        self._num_configs = num_configs
+
+    def _wait(self, timeout_in_millis: Optional[int]) -> bool:
+        if timeout_in_millis is not None:
+            check_uint32("timeout_in_millis", timeout_in_millis)
+        if self._job is None:
+            return True
+        return self._job.done.wait(None if timeout_in_millis is None else timeout_in_millis / 1000.0)
+
+    def synchronize(self, timeout_in_millis: Optional[int] = None) -> LLMStatusCode:
+        """Wait for the end; LLM_TIMEOUT if still running, else the first failure or success."""
+        if not self._wait(timeout_in_millis):
+            return LLMStatusCode.LLM_TIMEOUT
+        results = self._results()
+        for r in results:
+            if r is not None and r != LLMStatusCode.LLM_SUCCESS:
+                return r
+        if any(r is None for r in results):
+            # Configs never started: the transfer was cancelled before it reached them.
+            return self._job.cancel_code or LLMStatusCode.LLM_FAILED
+        return LLMStatusCode.LLM_SUCCESS
+
+    def get_results(self, timeout_in_millis: Optional[int] = None) -> List[Optional[LLMStatusCode]]:
+        """One status per config, in config order (None: none of its layers was attempted);
+        [LLM_TIMEOUT] * n while the transfer is still running."""
+        if not self._wait(timeout_in_millis):
+            return [LLMStatusCode.LLM_TIMEOUT] * self._num_configs
+        return list(self._results())
+
+    def _results(self) -> List[Optional[LLMStatusCode]]:
+        return [] if self._job is None else self._job.results
+
+    @property
+    def done(self) -> bool:
+        """True once every config has its result."""
+        return self._job is None or self._job.done.is_set()
+
+    @property
+    def errors(self) -> List[Optional[str]]:
+        """Per config, the text of its failure (None for a config that did not fail)."""
+        if self._job is None or not self._job.done.is_set():
+            return [None] * self._num_configs
+        return list(self._job.errors)
+
+    @property
+    def exception(self) -> Optional[BaseException]:
+        """The exception the layer synchronizer raised, if it did."""
+        return None if self._job is None else self._job.exception
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "running"
+        return f"CacheTask({self._num_configs} configs, {state})"

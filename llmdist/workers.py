@@ -1,0 +1,65 @@
+"""A fixed pool of transfer workers; each owns a runtime stream and runs one job at a time."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import List, Optional
+
+from . import _core
+from .status import LLMStatusCode
+
+log = logging.getLogger("llmdist")
+
+
+class TransferWorkers:
+    """Threads that run TransferJob.run (the nogil layer loop) on their own streams."""
+
+    def __init__(self, runtime: "_core.Runtime", size: int) -> None:
+        self._runtime = runtime
+        self._size = size
+        self._queue: "queue.SimpleQueue[Optional[_core.TransferJob]]" = queue.SimpleQueue()
+        self._threads: List[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, job: "_core.TransferJob") -> None:
+        """Queue a job; the first submit starts the threads."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("transfer workers are shut down")
+            if not self._threads:
+                for i in range(self._size):
+                    t = threading.Thread(target=self._main, name=f"llmdist-transfer-{i}", daemon=True)
+                    t.start()
+                    self._threads.append(t)
+        self._queue.put(job)
+
+    def _main(self) -> None:
+        self._runtime.bind_device()
+        stream = _core.Stream(self._runtime)
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    break
+                try:
+                    job.run(stream)
+                except BaseException:  # a bug in the loop must still end the task
+                    log.exception("transfer job failed unexpectedly")
+                    job.cancel(LLMStatusCode.LLM_FAILED)
+        finally:
+            stream.close()
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop the threads after their current job; wait up to timeout seconds in all.
+        A worker still inside a user's synchronizer is left to exit when it returns."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(timeout)

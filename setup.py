@@ -1,16 +1,39 @@
 """Build the one compiled module, llmdist._core, from Cython and the host runtime in C."""
+import os
+import shutil
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildExt(build_ext):
+    """Also leave a copy of the built module in the source tree, so that `python -m llmdist`
+    and the tests run from a checkout import the same build as the installed wheel."""
+
+    def run(self):
+        super().run()
+        if self.inplace:
+            return
+        here = os.path.dirname(os.path.abspath(__file__))
+        for ext in self.extensions:
+            built = self.get_ext_fullpath(ext.name)
+            target = os.path.join(here, self.get_ext_filename(ext.name))
+            if os.path.exists(built) and os.path.isdir(os.path.dirname(target)):
+                shutil.copyfile(built, target)
+
 
 ext = Extension(
     "llmdist._core",
     sources=["llmdist/_core.pyx", "src/host_runtime.c"],
     include_dirs=["include"],
+    depends=["include/llmdist/runtime.h", "include/llmdist/host_runtime.h", "llmdist/_decl.pxi"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-unused-function"],
     libraries=["pthread", "dl"],
 )
 
 setup(
+    cmdclass={"build_ext": BuildExt},
     ext_modules=cythonize(
         [ext],
         language_level=3,

@@ -77,10 +77,11 @@ def require(condition: Any, message: str,
 
 
 def check_layer_range(name: str, value: Any, allow_none: bool = True) -> Optional[range]:
-    """Check a layer range: None (if allowed) or range(start, stop) with step 1 and 0 <= start < stop."""
+    """Check a layer range: None (if allowed) or a range with step 1 and 0 <= start < stop."""
     if value is None and allow_none:
         return None
     check_isinstance(name, value, range)
     require(value.step == 1, f"{name} must have step 1, but got {value}")
-    require(0 <= value.start < value.stop, f"{name} must satisfy 0 <= start < stop, but got {value}")
+    require(0 <= value.start < value.stop,
+            f"{name} must satisfy 0 <= start < stop, but got {value}")
     return value

@@ -80,7 +80,7 @@ class LLMConfig:
 
     @property
     def sync_kv_timeout(self) -> Optional[Union[int, str]]:
-        """Wait time in ms for synchronous cache operations (llm.SyncKvCacheWaitTime); None until set."""
+        """Wait time in ms of synchronous cache operations (llm.SyncKvCacheWaitTime)."""
         return self._sync_kv_timeout
 
     @sync_kv_timeout.setter

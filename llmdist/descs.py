@@ -43,7 +43,7 @@ class DataType(Enum):
 
     @property
     def element_size(self) -> int:
-        """Bytes per element; DT_STRING has no fixed size and raises LLMException(LLM_PARAM_INVALID)."""
+        """Bytes per element; DT_STRING has none and raises LLMException(LLM_PARAM_INVALID)."""
         size = _ELEMENT_SIZES.get(self)
         if size is None:
             raise LLMException(f"{self} has no fixed element size and cannot be used for a cache",
@@ -147,7 +147,7 @@ class CacheDesc:
 
     @property
     def size(self) -> int:
-        """Bytes of ONE tensor, prod(shape) * element size; LLMException for a negative dim or DT_STRING."""
+        """Bytes of ONE tensor: prod(shape) * element size; LLMException if it has none."""
         require(all(d > 0 for d in self._shape),
                 f"cannot compute the tensor size of shape {list(self._shape)}: negative dim")
         return math.prod(self._shape) * self._data_type.element_size
@@ -280,7 +280,7 @@ class BlocksCacheKey(_Key):
 
 
 class Cache:
-    """Handle of cache memory made by the CacheManager: an id, a layout and one address per tensor."""
+    """Cache memory handle made by the CacheManager: an id, a layout, one address per tensor."""
 
     def __init__(self, cache_id: int, cache_desc: CacheDesc, tensor_addrs: Sequence[int],
                  is_blocks_cache: bool = False) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import List, Optional, Sequence, Union
 
-from ._check import check_int_list, check_isinstance, check_layer_range, check_uint32, check_uint64, require
+from ._check import (check_int_list, check_isinstance, check_layer_range, check_uint32,
+                     check_uint64, require)
 from .descs import BlocksCacheKey, CacheKeyByIdAndIndex
 
 __all__ = ["LayerSynchronizer", "TransferConfig", "TransferWithCacheKeyConfig"]
@@ -20,7 +21,7 @@ class LayerSynchronizer(ABC):
 
 
 class TransferConfig:
-    """Send a layer range of the source cache to explicit destination tensor addresses (K, V per layer)."""
+    """Send source layers to destination tensor addresses given by the caller (K, V per layer)."""
 
     def __init__(self, dst_cluster_id: int, dst_addrs: Sequence[int],
                  src_layer_range: Optional[range] = None, src_batch_index: int = 0) -> None:
@@ -72,7 +73,7 @@ class TransferConfig:
 
 
 class TransferWithCacheKeyConfig:
-    """Send a layer range of the source cache into layers of a cache the destination registered under a key."""
+    """Send source layers into layers of a cache the destination cluster registered under a key."""
 
     def __init__(self, cache_key: Union[BlocksCacheKey, CacheKeyByIdAndIndex],
                  src_layer_range: Optional[range] = None, dst_layer_range: Optional[range] = None,
@@ -149,5 +150,6 @@ class TransferWithCacheKeyConfig:
 
     def __repr__(self) -> str:
         return (f"TransferWithCacheKeyConfig(cache_key={self._cache_key!r}, "
-                f"src_layer_range={self._src_layer_range}, dst_layer_range={self._dst_layer_range}, "
+                f"src_layer_range={self._src_layer_range}, "
+                f"dst_layer_range={self._dst_layer_range}, "
                 f"src_batch_index={self._src_batch_index})")

@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -322,14 +323,23 @@ static int stream_push(host_stream *s, const host_op *op)
 /* ------------------------------------------------------------------------------------------ */
 /* The runtime table                                                                            */
 
-static int h_set_device(void *ctx, int32_t dev) { (void)ctx; return dev == 0 ? LLMD_HOST_OK : LLMD_HOST_EINVAL; }
+/* Host memory is the same for every device id: accept any non-negative id. */
+static int h_set_device(void *ctx, int32_t dev) { (void)ctx; return dev >= 0 ? LLMD_HOST_OK : LLMD_HOST_EINVAL; }
+
+/* Allocations are page aligned; large ones are 2 MiB aligned and asked to use transparent huge
+ * pages, since scattered block copies are bound by TLB misses on 4 KiB pages. */
+#define HUGE_ALIGN ((size_t)2 << 20)
 
 static int h_malloc(void *ctx, void **p, size_t n)
 {
     (void)ctx;
     if (!p || n == 0) return LLMD_HOST_EINVAL;
     void *m = NULL;
-    if (posix_memalign(&m, 4096, n) != 0) return LLMD_HOST_ENOMEM;
+    size_t align = n >= HUGE_ALIGN ? HUGE_ALIGN : 4096;
+    if (posix_memalign(&m, align, n) != 0) return LLMD_HOST_ENOMEM;
+#ifdef MADV_HUGEPAGE
+    if (align == HUGE_ALIGN) madvise(m, n & ~(HUGE_ALIGN - 1), MADV_HUGEPAGE);
+#endif
     *p = m;
     return LLMD_HOST_OK;
 }

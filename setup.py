@@ -25,9 +25,11 @@ class BuildExt(build_ext):
 
 ext = Extension(
     "llmdist._core",
-    sources=["llmdist/_core.pyx", "src/host_runtime.c"],
+    sources=["llmdist/_core.pyx", "src/host_runtime.c", "src/layer_gate.c"],
     include_dirs=["include"],
-    depends=["include/llmdist/runtime.h", "include/llmdist/host_runtime.h", "llmdist/_decl.pxi"],
+    depends=["include/llmdist/runtime.h", "include/llmdist/host_runtime.h", "include/llmdist/acl.h",
+             "include/llmdist/cuda.h", "include/llmdist/layer_gate.h", "llmdist/_decl.pxi",
+             "llmdist/_devices.pxi"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-unused-function"],
     libraries=["pthread", "dl"],
 )

@@ -11,7 +11,9 @@ from .transfer_types import LayerSynchronizer, TransferConfig, TransferWithCache
 from .task import CacheTask
 from .cache_manager import CacheManager
 from .llm_datadist import LLMDataDist
-from ._core import host_tuning, set_host_tuning
+from .events import EventSynchronizer
+from .runtimes import runtime_info
+from ._core import Event, Stream, host_tuning, set_host_tuning
 
 __version__ = "0.1.0"
 
@@ -20,5 +22,5 @@ __all__ = [
     "CacheKeyByIdAndIndex", "DataType", "LLMRole", "Placement", "RegisterMemStatus",
     "LLMClusterInfo", "LLMConfig", "LlmConfig", "LayerSynchronizer", "TransferConfig",
     "TransferWithCacheKeyConfig", "CacheTask", "CacheManager", "LLMDataDist",
-    "host_tuning", "set_host_tuning",
+    "EventSynchronizer", "Event", "Stream", "runtime_info", "host_tuning", "set_host_tuning",
 ]

@@ -6,12 +6,13 @@ user's LayerSynchronizer and to publish a task's results.
 """
 
 include "_decl.pxi"
+include "_devices.pxi"
 
 from cpython.long cimport PyLong_AsUnsignedLongLong
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
 from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import threading
 
@@ -24,12 +25,29 @@ cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFF
 
 cdef object status_for(str runtime, int code):
     """The LLMStatusCode a runtime error code stands for."""
+    if code == LLMD_TIMEOUT_CODE:
+        return LLMStatusCode.LLM_TIMEOUT
     if runtime == "host":
         if code == LLMD_HOST_ENOMEM:
             return LLMStatusCode.LLM_OUT_OF_MEMORY
         if code == LLMD_HOST_ETIMEOUT:
             return LLMStatusCode.LLM_TIMEOUT
+    elif runtime == "acl":
+        if code in (207001, 207018):
+            return LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY
+        if code == 507053:
+            return LLMStatusCode.LLM_DEVICE_MEM_ERROR
+        if code in (507046, 507047):
+            return LLMStatusCode.LLM_TIMEOUT
+    elif runtime == "cuda":
+        if code == LLMD_CUDA_ERROR_MEMORY_ALLOCATION:
+            return LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY
     return LLMStatusCode.LLM_FAILED
+
+
+cdef bint is_timeout(str runtime, int code):
+    return (code == LLMD_TIMEOUT_CODE or (runtime == "host" and code == LLMD_HOST_ETIMEOUT)
+            or (runtime == "acl" and code == 507047))
 
 
 def runtime_error(str runtime, int code, str op, str text):
@@ -43,6 +61,8 @@ cdef class Runtime:
     cdef const llmd_runtime *rt
     cdef readonly str name
     cdef readonly int device_id
+    cdef readonly str version
+    cdef readonly str library
 
     def __cinit__(self):
         self.rt = NULL
@@ -54,7 +74,33 @@ cdef class Runtime:
         r.rt = llmd_host_runtime()
         r.name = "host"
         r.device_id = device_id
+        r.version = "1"
+        r.library = "(built in)"
         return r
+
+    @staticmethod
+    def acl(int device_id, list paths, bint try_loaded=True):
+        """The ACL runtime from the first of paths that loads (RuntimeError says why not)."""
+        cdef Runtime r = Runtime.__new__(Runtime)
+        r.library, r.version = acl_load(paths, try_loaded, device_id)
+        r.rt = &g_acl_rt
+        r.name = "acl"
+        r.device_id = device_id
+        return r
+
+    @staticmethod
+    def cuda(int device_id, list paths):
+        """The CUDA runtime from the first of paths that loads (RuntimeError says why not)."""
+        cdef Runtime r = Runtime.__new__(Runtime)
+        r.library, r.version = cuda_load(paths, device_id)
+        r.rt = &g_cuda_rt
+        r.name = "cuda"
+        r.device_id = device_id
+        return r
+
+    @property
+    def is_host(self):
+        return self.name == "host"
 
     cdef str text(self, int code):
         cdef const char *s = self.rt.error_string(self.rt.ctx, code)
@@ -77,7 +123,10 @@ cdef class Runtime:
         cdef void *p = NULL
         cdef int rc
         with nogil:
-            if device:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc != 0:
+                pass
+            elif device:
                 rc = self.rt.malloc_device(self.rt.ctx, &p, size)
             else:
                 rc = self.rt.malloc_host(self.rt.ctx, &p, size)
@@ -88,7 +137,10 @@ cdef class Runtime:
         """Free memory from malloc."""
         cdef int rc
         with nogil:
-            if device:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc != 0:
+                pass
+            elif device:
                 rc = self.rt.free_device(self.rt.ctx, <void *>ptr)
             else:
                 rc = self.rt.free_host(self.rt.ctx, <void *>ptr)
@@ -105,15 +157,22 @@ cdef class Runtime:
 
 cdef class Stream:
     """A runtime stream: operations on it run in order, asynchronously to the caller."""
-    cdef Runtime runtime
+    cdef readonly Runtime runtime
     cdef llmd_stream handle
+
+    @property
+    def handle(self):
+        """The runtime's stream handle as an int."""
+        return <uintptr_t>self.handle
 
     def __cinit__(self, Runtime runtime not None):
         cdef int rc
         self.runtime = runtime
         self.handle = NULL
         with nogil:
-            rc = runtime.rt.stream_create(runtime.rt.ctx, &self.handle)
+            rc = runtime.rt.set_device(runtime.rt.ctx, runtime.device_id)
+            if rc == 0:
+                rc = runtime.rt.stream_create(runtime.rt.ctx, &self.handle)
         runtime.check(rc, "stream_create")
 
     def synchronize(self):
@@ -146,16 +205,33 @@ cdef class Stream:
 
 
 cdef class Event:
-    """A runtime event: a marker recorded on a stream, complete once the stream passes it."""
-    cdef Runtime runtime
-    cdef llmd_event handle
+    """A runtime event: a marker recorded on a stream, complete once the stream passes it.
 
-    def __cinit__(self, Runtime runtime not None):
+    Event(runtime) creates one; Event(runtime, handle) wraps a framework's event handle (e.g.
+    torch.cuda.Event().cuda_event) without taking ownership."""
+    cdef readonly Runtime runtime
+    cdef llmd_event handle
+    cdef bint owned
+
+    @property
+    def handle(self):
+        """The runtime's event handle as an int."""
+        return <uintptr_t>self.handle
+
+    def __cinit__(self, Runtime runtime not None, handle=None):
         cdef int rc
         self.runtime = runtime
         self.handle = NULL
+        self.owned = handle is None
+        if handle is not None:
+            if type(handle) is not int or handle <= 0:
+                raise TypeError(f"handle only support [int], a nonzero event handle, but got {handle!r}")
+            self.handle = <llmd_event><uintptr_t>handle
+            return
         with nogil:
-            rc = runtime.rt.event_create(runtime.rt.ctx, &self.handle)
+            rc = runtime.rt.set_device(runtime.rt.ctx, runtime.device_id)
+            if rc == 0:
+                rc = runtime.rt.event_create(runtime.rt.ctx, &self.handle)
         runtime.check(rc, "event_create")
 
     def record(self, Stream stream not None):
@@ -177,13 +253,13 @@ cdef class Event:
         cdef int rc
         with nogil:
             rc = self.runtime.rt.event_synchronize(self.runtime.rt.ctx, self.handle, timeout_ms)
-        if rc == LLMD_HOST_ETIMEOUT and self.runtime.name == "host":
+        if is_timeout(self.runtime.name, rc):
             return False
         self.runtime.check(rc, "event_synchronize")
         return True
 
     def __dealloc__(self):
-        if self.handle != NULL and self.runtime is not None:
+        if self.owned and self.handle != NULL and self.runtime is not None:
             self.runtime.rt.event_destroy(self.runtime.rt.ctx, self.handle)
 
 
@@ -407,34 +483,90 @@ def locate(const uint64_t[::1] starts, const uint64_t[::1] ends, list addrs,
 
 
 # ------------------------------------------------------------------------------------------
+# Layer gates (event-based layer readiness)
+
+cdef extern from "llmdist/layer_gate.h" nogil:
+    ctypedef struct llmd_gate:
+        pass
+    enum:
+        LLMD_GATE_OK
+        LLMD_GATE_TIMEOUT
+        LLMD_GATE_STOPPED
+    llmd_gate *llmd_gate_create(int32_t num_layers)
+    void llmd_gate_destroy(llmd_gate *g)
+    void llmd_gate_mark(llmd_gate *g, int32_t layer)
+    void llmd_gate_reset(llmd_gate *g)
+    int llmd_gate_is_marked(llmd_gate *g, int32_t layer)
+    int llmd_gate_wait(llmd_gate *g, int32_t layer, int32_t timeout_ms, const volatile int *stop)
+
+
+cdef class LayerGate:
+    """Per-layer 'event recorded' marks, waited on without the GIL."""
+    cdef llmd_gate *gate
+    cdef readonly int num_layers
+
+    def __cinit__(self, int num_layers):
+        if num_layers <= 0:
+            raise ValueError(f"num_layers must be > 0, got {num_layers}")
+        self.gate = llmd_gate_create(num_layers)
+        if self.gate == NULL:
+            raise MemoryError()
+        self.num_layers = num_layers
+
+    def __dealloc__(self):
+        llmd_gate_destroy(self.gate)
+
+    def mark(self, int layer):
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer_index must be in [0, {self.num_layers}), got {layer}")
+        llmd_gate_mark(self.gate, layer)
+
+    def reset(self):
+        llmd_gate_reset(self.gate)
+
+    def is_marked(self, int layer):
+        return bool(llmd_gate_is_marked(self.gate, layer))
+
+    def wait(self, int layer, int timeout_ms=-1):
+        """True once layer is marked, False after timeout_ms (>= 0)."""
+        cdef int rc
+        with nogil:
+            rc = llmd_gate_wait(self.gate, layer, timeout_ms, NULL)
+        return rc == LLMD_GATE_OK
+
+
+# ------------------------------------------------------------------------------------------
 # The layer loop
 
 cdef struct CfgState:
     int lo, hi              # source layers [lo, hi)
     size_t src_shift        # bytes added to each source tensor base (the source row)
     int kind                # copy kind
+    int lane                # 0: the runtime's stream; 1: the host copy engine (host-to-host)
     int code                # runtime error code, 0 while fine
-    int failed              # nonzero once the config has failed (status in status)
-    int status_index        # index into the job's status table when failed
+    int failed              # ST_* once the config has failed
     int attempted           # some layer's copies were issued
     size_t fail_index
+    Py_ssize_t desc_base    # first descriptor slot of this config
 
 
-# Status meanings inside the layer loop, turned into LLMStatusCode when results are published.
+# Why a config failed; turned into LLMStatusCode when results are published.
 cdef enum:
     ST_NONE = 0
     ST_RUNTIME = 1          # a runtime call failed: the code says which
     ST_SYNC_FALSE = 2
     ST_SYNC_RAISED = 3
     ST_CANCELLED = 4
+    ST_SYNC_TIMEOUT = 5
 
 
 cdef class TransferJob:
     """One transfer_cache_async call: the plan, every config's addresses and the progress.
 
-    run() is the layer loop, called on a transfer worker thread with that worker's stream.
+    run() is the layer loop, called on a transfer worker thread with that worker's streams.
     cancel() stops it between layers and waits until the copies it issued have landed."""
     cdef Runtime runtime
+    cdef Runtime host
     cdef Plan plan
     cdef int ncfg, first_layer, last_layer
     cdef CfgState *cfg
@@ -447,17 +579,23 @@ cdef class TransferJob:
     cdef size_t *d_sizes
     cdef size_t *d_maxs
     cdef PyThread_type_lock lock
-    cdef llmd_stream stream
-    cdef int cancelled, finished, use_batch
+    cdef llmd_stream stream           # the runtime stream of the worker running the job
+    cdef llmd_stream host_stream      # its host-engine stream (lane 1), or NULL
+    cdef volatile int cancelled
+    cdef int finished, use_batch
     cdef int issued_upto              # every layer below this has had its copies queued
+    cdef llmd_event *events           # event-based readiness: one event per source layer
+    cdef int nevents
+    cdef LayerGate gate
+    cdef int32_t wait_ms
     cdef readonly object synchronizer
     cdef readonly object sync_timeout
     cdef readonly object done
     cdef readonly list results
     cdef readonly list errors
     cdef readonly object exception
-    cdef str sync_error
     cdef readonly object cancel_code
+    cdef str sync_error
     cdef public object on_finish
 
     def __cinit__(self):
@@ -466,15 +604,20 @@ cdef class TransferJob:
             raise MemoryError()
 
     def __init__(self, Runtime runtime not None, Plan plan not None, list src_addrs,
-                 list configs, synchronizer, sync_timeout=None, bint use_batch=True):
-        """configs: (first_layer, stop_layer, src_shift, kind, dst_addrs, dst_limits) per
-        config, with 2 destination addresses and limits per covered layer."""
-        cdef Py_ssize_t i, j, total = 0, nl = len(src_addrs)
+                 list configs, synchronizer, sync_timeout=None, bint use_batch=True,
+                 events=None, LayerGate gate=None):
+        """configs: (first_layer, stop_layer, src_shift, kind, lane, dst_addrs, dst_limits) per
+        config, with 2 destination addresses and limits per covered layer. events (a list of
+        Event, one per source layer) with gate switch to event-based readiness."""
+        cdef Py_ssize_t i, j, total = 0, nl = len(src_addrs), slots = 0
         cdef CfgState *c
+        cdef Event ev
         self.runtime = runtime
+        self.host = runtime if runtime.name == "host" else Runtime.host(runtime.device_id)
         self.plan = plan
         self.synchronizer = synchronizer
         self.sync_timeout = sync_timeout
+        self.wait_ms = -1 if sync_timeout is None else sync_timeout
         self.use_batch = use_batch
         self.done = threading.Event()
         self.results = None
@@ -491,9 +634,11 @@ cdef class TransferJob:
         self.last_layer = 0
         for i, spec in enumerate(configs):
             c = &self.cfg[i]
-            c.lo, c.hi, c.src_shift, c.kind = spec[0], spec[1], spec[2], spec[3]
+            c.lo, c.hi, c.src_shift, c.kind, c.lane = spec[0], spec[1], spec[2], spec[3], spec[4]
+            c.desc_base = slots
+            slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
             self.dst_index[i] = total
-            total += len(spec[4])
+            total += len(spec[5])
             self.first_layer = min(self.first_layer, c.lo)
             self.last_layer = max(self.last_layer, c.hi)
         self.dst_addrs = <uint64_t *>malloc(max(total, 1) * sizeof(uint64_t))
@@ -501,13 +646,27 @@ cdef class TransferJob:
         if self.dst_addrs == NULL or self.dst_limits == NULL:
             raise MemoryError()
         for i, spec in enumerate(configs):
-            addrs = spec[4]
-            limits = spec[5]
+            addrs = spec[5]
+            limits = spec[6]
             for j in range(len(addrs)):
                 self.dst_addrs[self.dst_index[i] + j] = addrs[j]
                 self.dst_limits[self.dst_index[i] + j] = limits[j]
         if self.ncfg == 0:
             self.first_layer = self.last_layer = 0
+        if events is not None:
+            if gate is None or len(events) < self.last_layer:
+                raise ValueError("event-based readiness needs a gate and an event per layer")
+            self.nevents = len(events)
+            self.events = <llmd_event *>calloc(max(self.nevents, 1), sizeof(llmd_event))
+            if self.events == NULL:
+                raise MemoryError()
+            for i in range(self.nevents):
+                ev = events[i]
+                if ev.runtime.rt != runtime.rt:
+                    raise ValueError(f"event {i} belongs to the {ev.runtime.name} runtime, "
+                                     f"the transfer runs on {runtime.name}")
+                self.events[i] = ev.handle
+            self.gate = gate
 
     def __dealloc__(self):
         free(self.cfg)
@@ -519,6 +678,7 @@ cdef class TransferJob:
         free(self.d_srcs)
         free(self.d_sizes)
         free(self.d_maxs)
+        free(self.events)
         if self.lock != NULL:
             PyThread_free_lock(self.lock)
 
@@ -548,6 +708,23 @@ cdef class TransferJob:
             if self.cfg[i].hi > layer and not self.cfg[i].failed:
                 self.cfg[i].failed = status
 
+    cdef void fail_lane(self, int layer, int lane, int code) noexcept nogil:
+        """A runtime call made for layer on behalf of one lane failed: fail its configs there."""
+        cdef int i
+        for i in range(self.ncfg):
+            if (self.cfg[i].lane == lane and self.cfg[i].lo <= layer < self.cfg[i].hi
+                    and not self.cfg[i].failed):
+                self.cfg[i].failed = ST_RUNTIME
+                self.cfg[i].code = code
+
+    cdef int lanes_at(self, int layer) noexcept nogil:
+        """Bit 0: some live lane-0 config covers layer; bit 1: some live lane-1 config does."""
+        cdef int i, bits = 0
+        for i in range(self.ncfg):
+            if self.cfg[i].lo <= layer < self.cfg[i].hi and not self.cfg[i].failed:
+                bits |= 1 << self.cfg[i].lane
+        return bits
+
     cdef void issue_layer(self, int layer) noexcept nogil:
         """Queue layer's copies for every config that covers it (job lock held)."""
         cdef int i, t, rc
@@ -558,17 +735,21 @@ cdef class TransferJob:
         cdef char *src
         cdef char *dst
         cdef uint64_t limit
-        cdef const llmd_runtime *rt = self.runtime.rt
+        cdef const llmd_runtime *rt
+        cdef llmd_stream stream
         cdef size_t fail = 0
         for i in range(self.ncfg):
             c = &self.cfg[i]
             if layer < c.lo or layer >= c.hi or c.failed:
                 continue
             c.attempted = 1
-            base = 0
-            for k in range(i):
-                base += <Py_ssize_t>(self.cfg[k].hi - self.cfg[k].lo) * 2 * nruns
-            base += <Py_ssize_t>(layer - c.lo) * 2 * nruns
+            if c.lane == 0:
+                rt = self.runtime.rt
+                stream = self.stream
+            else:
+                rt = self.host.rt
+                stream = self.host_stream
+            base = c.desc_base + <Py_ssize_t>(layer - c.lo) * 2 * nruns
             k = base
             for t in range(2):
                 e = self.dst_index[i] + 2 * (layer - c.lo) + t
@@ -585,11 +766,11 @@ cdef class TransferJob:
             if self.use_batch and rt.memcpy_batch_async != NULL:
                 rc = rt.memcpy_batch_async(rt.ctx, &self.d_dsts[base], &self.d_maxs[base],
                                            &self.d_srcs[base], &self.d_sizes[base], k - base,
-                                           c.kind, self.stream, &fail)
+                                           c.kind, stream, &fail)
             else:
                 for r in range(base, k):
                     rc = rt.memcpy_async(rt.ctx, self.d_dsts[r], self.d_maxs[r], self.d_srcs[r],
-                                         self.d_sizes[r], c.kind, self.stream)
+                                         self.d_sizes[r], c.kind, stream)
                     if rc != 0:
                         fail = r - base
                         break
@@ -611,17 +792,40 @@ cdef class TransferJob:
             return ST_SYNC_FALSE
         return 0
 
-    def run(self, Stream stream not None):
+    cdef int wait_events(self, int layer, int lanes) noexcept nogil:
+        """Event readiness for layer: wait for the model to have recorded the layer's event, then
+        make the runtime stream wait on it on the device (lane 0), or wait on the host before
+        host-engine copies (lane 1). Returns ST_* (0 = go on); lane failures are recorded."""
+        cdef int rc
+        cdef const llmd_runtime *rt = self.runtime.rt
+        rc = llmd_gate_wait(self.gate.gate, layer, self.wait_ms, &self.cancelled)
+        if rc == LLMD_GATE_TIMEOUT:
+            return ST_SYNC_TIMEOUT
+        if rc != LLMD_GATE_OK:
+            return 0            # stopped: the caller sees the cancellation
+        if lanes & 1:
+            rc = rt.stream_wait_event(rt.ctx, self.stream, self.events[layer])
+            if rc != 0:
+                self.fail_lane(layer, 0, rc)
+        if lanes & 2:
+            rc = rt.event_synchronize(rt.ctx, self.events[layer], self.wait_ms)
+            if rc != 0:
+                self.fail_lane(layer, 1, rc)
+        return 0
+
+    def run(self, Stream stream not None, Stream host_stream=None):
         """The layer loop: wait for each covered layer, then queue its copies, all without
-        the GIL except for the synchronizer call; then wait for the copies and publish."""
-        cdef int layer, i, st, covered
+        the GIL except for a Python synchronizer's call; then wait for the copies and publish."""
+        cdef int layer, i, st, lanes
         cdef int rc = 0
         cdef const llmd_runtime *rt = self.runtime.rt
+        cdef const llmd_runtime *hrt = self.host.rt
         PyThread_acquire_lock(self.lock, WAIT_LOCK)
         if self.cancelled or self.finished:
             PyThread_release_lock(self.lock)
             return
         self.stream = stream.handle
+        self.host_stream = host_stream.handle if host_stream is not None else stream.handle
         PyThread_release_lock(self.lock)
         try:
             self.alloc_descriptors()
@@ -633,16 +837,15 @@ cdef class TransferJob:
             return
         with nogil:
             for layer in range(self.first_layer, self.last_layer):
-                covered = 0
-                for i in range(self.ncfg):
-                    if self.cfg[i].lo <= layer < self.cfg[i].hi and not self.cfg[i].failed:
-                        covered = 1
-                        break
-                if not covered:
+                lanes = self.lanes_at(layer)
+                if lanes == 0:
                     continue
                 if self.cancelled:
                     break
-                st = self.call_synchronizer(layer)
+                if self.events != NULL:
+                    st = self.wait_events(layer, lanes)
+                else:
+                    st = self.call_synchronizer(layer)
                 PyThread_acquire_lock(self.lock, WAIT_LOCK)
                 if self.cancelled:
                     PyThread_release_lock(self.lock)
@@ -657,16 +860,19 @@ cdef class TransferJob:
             rc = rt.stream_synchronize(rt.ctx, self.stream)
             if rc != 0:
                 for i in range(self.ncfg):
-                    if self.cfg[i].attempted and not self.cfg[i].failed:
+                    if self.cfg[i].lane == 0 and self.cfg[i].attempted and not self.cfg[i].failed:
                         self.cfg[i].failed = ST_RUNTIME
                         self.cfg[i].code = rc
+            if self.host_stream != self.stream:
+                hrt.stream_synchronize(hrt.ctx, self.host_stream)
         self.publish()
 
     def cancel(self, status_code):
         """Stop the job between layers, wait until every copy it issued has landed, and end it
         with status_code for configs it had started (None for configs never started)."""
-        cdef llmd_stream s
+        cdef llmd_stream s, hs
         cdef const llmd_runtime *rt = self.runtime.rt
+        cdef const llmd_runtime *hrt = self.host.rt
         PyThread_acquire_lock(self.lock, WAIT_LOCK)
         if self.cancelled or self.finished:
             PyThread_release_lock(self.lock)
@@ -674,10 +880,14 @@ cdef class TransferJob:
         self.cancelled = 1
         self.cancel_code = status_code
         s = self.stream
+        hs = self.host_stream
         PyThread_release_lock(self.lock)
         if s != NULL:
             with nogil:
+                rt.set_device(rt.ctx, self.runtime.device_id)
                 rt.stream_synchronize(rt.ctx, s)
+                if hs != s:
+                    hrt.stream_synchronize(hrt.ctx, hs)
         for i in range(self.ncfg):
             if self.cfg[i].hi > self.issued_upto and not self.cfg[i].failed:
                 self.cfg[i].failed = ST_CANCELLED
@@ -696,8 +906,9 @@ cdef class TransferJob:
             if c.failed == 0:
                 results.append(LLMStatusCode.LLM_SUCCESS if c.attempted else None)
             elif c.failed == ST_RUNTIME:
-                exc = runtime_error(self.runtime.name, c.code,
-                                    f"copy (entry {c.fail_index})", self.runtime.text(c.code))
+                rname = self.runtime.name if c.lane == 0 else "host"
+                text = (self.runtime if c.lane == 0 else self.host).text(c.code)
+                exc = runtime_error(rname, c.code, f"copy (entry {c.fail_index})", text)
                 results.append(exc.status_code)
                 errors[i] = str(exc)
             elif c.failed == ST_SYNC_FALSE:
@@ -706,6 +917,10 @@ cdef class TransferJob:
             elif c.failed == ST_SYNC_RAISED:
                 results.append(LLMStatusCode.LLM_FAILED)
                 errors[i] = self.sync_error
+            elif c.failed == ST_SYNC_TIMEOUT:
+                results.append(LLMStatusCode.LLM_TIMEOUT)
+                errors[i] = (f"a layer's event was not recorded within {self.sync_timeout} ms "
+                             f"(llm.SyncKvCacheWaitTime)")
             elif c.failed == ST_CANCELLED:
                 if c.attempted:
                     results.append(self.cancel_code)

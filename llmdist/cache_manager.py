@@ -11,6 +11,7 @@ from ._check import check_int64, check_int_list, check_isinstance, check_uint64,
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
 from .registry import ALLOCATED, REGISTERED, MemoryRegistry, Region
 from .status import LLMException, LLMStatusCode
+from .events import EventSynchronizer
 from .task import CacheTask
 from .transfer_types import LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
 
@@ -362,8 +363,18 @@ class CacheManager:
             for i, cfg in enumerate(transfer_configs):
                 specs.append(self._config_spec(i, cfg, src_entry, src_idx, dst_idx, block_size,
                                                plan, num_layers, touched))
+            events = gate = None
+            if isinstance(layer_synchronizer, EventSynchronizer):
+                require(layer_synchronizer.runtime.name == self._runtime.name,
+                        f"layer_synchronizer's events belong to the "
+                        f"{layer_synchronizer.runtime.name} runtime, this cluster uses "
+                        f"{self._runtime.name}")
+                require(len(layer_synchronizer.events) >= num_layers,
+                        f"layer_synchronizer has {len(layer_synchronizer.events)} events, the "
+                        f"source cache has {num_layers} layers")
+                events, gate = layer_synchronizer.events, layer_synchronizer.gate
             job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, specs,
-                                    layer_synchronizer, self._sync_timeout)
+                                    layer_synchronizer, self._sync_timeout, True, events, gate)
             self._inflight[job] = tuple(touched)
             job.on_finish = self._job_done
             self._workers.submit(job)
@@ -440,8 +451,11 @@ class CacheManager:
         touched.update(seen)
         dplace = regions[0].cache.cache_desc.placement
         kind = _KIND.get((src_place, dplace), 4)
+        # Device runtimes have no asynchronous host-to-host copy: those go to the host engine,
+        # so pageable host memory never meets an async device copy.
+        lane = 1 if kind == 0 and not self._runtime.is_host else 0
         shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
-        return (layers.start, layers.stop, shift, kind, list(dst), [r.end for r in regions])
+        return (layers.start, layers.stop, shift, kind, lane, list(dst), [r.end for r in regions])
 
     def _job_done(self, job) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
 
-from . import _core
+from . import _core, runtimes
 from ._check import check_isinstance, check_uint64
 from .cache_manager import CacheManager
 from .descs import LLMRole
@@ -80,6 +80,11 @@ class LLMDataDist:
         return self._role
 
     @property
+    def runtime(self) -> "_core.Runtime":
+        """The runtime this cluster copies with (for Stream and Event objects)."""
+        return self.cache_manager._runtime
+
+    @property
     def cache_manager(self) -> CacheManager:
         """The cache manager (after init)."""
         if self._cache_manager is None:
@@ -104,12 +109,7 @@ class LLMDataDist:
             nworkers = _int_option(options, "llmdist.transfer_workers", 4, 1)
             remote = _flag_option(options, "llm.EnableRemoteCacheAccessible")
             _flag_option(options, "llm.EnableCacheManager")
-            runtime_name = options.get("llmdist.runtime", "host")
-            if runtime_name not in ("host", "auto"):
-                raise LLMException(f"option llmdist.runtime={runtime_name!r}: only the host "
-                                   f"runtime is available in this build",
-                                   status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
-            runtime = _core.Runtime.host(device_id)
+            runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
             runtime.bind_device()
             workers = TransferWorkers(runtime, nworkers)
             self._cache_manager = CacheManager(self, runtime, workers, options, remote, sync_timeout)

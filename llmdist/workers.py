@@ -39,18 +39,22 @@ class TransferWorkers:
     def _main(self) -> None:
         self._runtime.bind_device()
         stream = _core.Stream(self._runtime)
+        # Host-to-host copies of a device runtime run on the host copy engine's own stream.
+        host_stream = None if self._runtime.is_host else _core.Stream(_core.Runtime.host())
         try:
             while True:
                 job = self._queue.get()
                 if job is None:
                     break
                 try:
-                    job.run(stream)
+                    job.run(stream, host_stream)
                 except BaseException:  # a bug in the loop must still end the task
                     log.exception("transfer job failed unexpectedly")
                     job.cancel(LLMStatusCode.LLM_FAILED)
         finally:
             stream.close()
+            if host_stream is not None:
+                host_stream.close()
 
     def shutdown(self, timeout: float) -> None:
         """Stop the threads after their current job; wait up to timeout seconds in all.

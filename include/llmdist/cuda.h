@@ -1,0 +1,72 @@
+/* The subset of the CUDA runtime (libcudart.so.12 / .13) that llmdist calls, declared from the
+ * public documentation. llmdist never links it: the symbols are looked up with dlsym into an
+ * llmd_cuda_api table. Enum parameters are plain ints. */
+#ifndef LLMDIST_CUDA_H
+#define LLMDIST_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef void *cudaStream_t;
+typedef void *cudaEvent_t;
+
+#define LLMD_CUDA_SUCCESS 0
+#define LLMD_CUDA_ERROR_INVALID_VALUE 1
+#define LLMD_CUDA_ERROR_MEMORY_ALLOCATION 2
+#define LLMD_CUDA_ERROR_INSUFFICIENT_DRIVER 35
+#define LLMD_CUDA_ERROR_NO_DEVICE 100
+#define LLMD_CUDA_ERROR_NOT_READY 600
+#define LLMD_CUDA_STREAM_NON_BLOCKING 1u
+#define LLMD_CUDA_EVENT_DISABLE_TIMING 2u
+#define LLMD_CUDA_MEM_LOCATION_DEVICE 1
+#define LLMD_CUDA_MEM_LOCATION_HOST 2
+#define LLMD_CUDA_ACCESS_ORDER_STREAM 1
+
+typedef struct { int type; int id; } llmd_cudaMemLocation;
+typedef struct {
+    int srcAccessOrder;
+    llmd_cudaMemLocation srcLocHint;
+    llmd_cudaMemLocation dstLocHint;
+    unsigned int flags;
+} llmd_cudaMemcpyAttributes;
+
+/* cudaMemcpyBatchAsync changed in 13.0: the failIdx parameter went away. */
+typedef int (*llmd_cudaMemcpyBatchAsync12_t)(void **dsts, void **srcs, size_t *sizes, size_t count,
+                                            llmd_cudaMemcpyAttributes *attrs, size_t *attrsIdxs,
+                                            size_t numAttrs, size_t *failIdx, cudaStream_t stream);
+typedef int (*llmd_cudaMemcpyBatchAsync13_t)(void *const *dsts, const void *const *srcs,
+                                            const size_t *sizes, size_t count,
+                                            llmd_cudaMemcpyAttributes *attrs, size_t *attrsIdxs,
+                                            size_t numAttrs, cudaStream_t stream);
+
+typedef struct llmd_cuda_api {
+    int (*cudaRuntimeGetVersion)(int *version);
+    int (*cudaGetDeviceCount)(int *count);
+    int (*cudaSetDevice)(int device);
+    int (*cudaStreamCreateWithFlags)(cudaStream_t *stream, unsigned int flags);
+    int (*cudaStreamDestroy)(cudaStream_t stream);
+    int (*cudaStreamSynchronize)(cudaStream_t stream);
+    int (*cudaStreamWaitEvent)(cudaStream_t stream, cudaEvent_t event, unsigned int flags);
+    int (*cudaEventCreateWithFlags)(cudaEvent_t *event, unsigned int flags);
+    int (*cudaEventDestroy)(cudaEvent_t event);
+    int (*cudaEventRecord)(cudaEvent_t event, cudaStream_t stream);
+    int (*cudaEventQuery)(cudaEvent_t event);
+    int (*cudaEventSynchronize)(cudaEvent_t event);
+    int (*cudaMalloc)(void **ptr, size_t size);
+    int (*cudaFree)(void *ptr);
+    int (*cudaMallocHost)(void **ptr, size_t size);
+    int (*cudaFreeHost)(void *ptr);
+    int (*cudaMemcpyAsync)(void *dst, const void *src, size_t count, int kind, cudaStream_t stream);
+    const char *(*cudaGetErrorString)(int error);
+    /* Optional (CUDA 12.8+); which prototype applies depends on the runtime version. */
+    void *cudaMemcpyBatchAsync;
+} llmd_cuda_api;
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -31,7 +31,7 @@ ext = Extension(
              "include/llmdist/cuda.h", "include/llmdist/layer_gate.h", "llmdist/_decl.pxi",
              "llmdist/_devices.pxi"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-unused-function"],
-    libraries=["pthread", "dl"],
+    libraries=["pthread", "dl", "rt"],
 )
 
 setup(

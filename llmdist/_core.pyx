@@ -14,6 +14,7 @@ from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThr
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 
+import os
 import threading
 
 from llmdist.status import LLMException, LLMStatusCode
@@ -298,6 +299,53 @@ def host_copy(uintptr_t dst, uintptr_t src, size_t n):
 
 
 # ------------------------------------------------------------------------------------------
+# Shared host memory (peers on this host map host-runtime memory by name)
+
+def shm_create(str name, size_t size):
+    """Create and map a shared memory object; returns its address."""
+    cdef void *p = NULL
+    cdef bytes b = name.encode()
+    if llmd_host_shm_create(b, size, &p) != 0:
+        raise LLMException(f"could not create shared memory {name} of {size} bytes",
+                           status_code=LLMStatusCode.LLM_OUT_OF_MEMORY)
+    return <uintptr_t>p
+
+
+def shm_map(str name, size_t size):
+    """Map a peer's shared memory object; returns the local address."""
+    cdef void *p = NULL
+    cdef bytes b = name.encode()
+    if llmd_host_shm_map(b, size, &p) != 0:
+        raise LLMException(f"could not map shared memory {name} ({size} bytes)",
+                           status_code=LLMStatusCode.LLM_LINK_FAILED)
+    return <uintptr_t>p
+
+
+def shm_unmap(uintptr_t addr, size_t size):
+    llmd_host_shm_unmap(<void *>addr, size)
+
+
+def shm_unlink(str name):
+    cdef bytes b = name.encode()
+    llmd_host_shm_unlink(b)
+
+
+cdef class LinkFlag:
+    """Whether a link to a peer is up; read by the layer loop without the GIL."""
+    cdef volatile int up
+
+    def __cinit__(self):
+        self.up = 1
+
+    def down(self):
+        self.up = 0
+
+    @property
+    def is_up(self):
+        return bool(self.up)
+
+
+# ------------------------------------------------------------------------------------------
 # Index lists
 
 cdef class Indices:
@@ -364,6 +412,7 @@ cdef class Plan:
     cdef Run *runs
     cdef readonly Py_ssize_t count
     cdef readonly size_t dst_lo, dst_hi, src_lo, src_hi, total_bytes
+    cdef bint overflow          # some block offset does not fit the address space
 
     def __cinit__(self):
         self.runs = NULL
@@ -421,6 +470,17 @@ def plan_c2c(size_t nbytes):
     return p
 
 
+cdef inline bint block_fits(uint64_t index, size_t block_bytes) noexcept nogil:
+    """True when block index's byte range [index*B, index*B + B) fits in 64 bits."""
+    return block_bytes == 0 or index <= (U64_MAX - block_bytes) // block_bytes
+
+
+cdef object overflow_error(str name, Indices idx, size_t block_bytes):
+    return LLMException(f"{name} holds block {idx.max_value}: at {block_bytes} bytes per block "
+                        f"its offset does not fit the address space",
+                        status_code=LLMStatusCode.LLM_PARAM_INVALID)
+
+
 def plan_c2b(Indices dst_blocks not None, size_t row_bytes, size_t block_bytes):
     """Contiguous row to blocks: chunk j of the row (block_bytes each, the last may be
     shorter) goes to destination block dst_blocks[j]."""
@@ -430,10 +490,15 @@ def plan_c2b(Indices dst_blocks not None, size_t row_bytes, size_t block_bytes):
     p.reserve(dst_blocks.size)
     with nogil:
         for j in range(dst_blocks.size):
+            if not block_fits(dst_blocks.data[j], block_bytes):
+                p.overflow = True
+                break
             off = <size_t>j * block_bytes
             n = min(block_bytes, row_bytes - off)
             p.add(off, <size_t>dst_blocks.data[j] * block_bytes, n)
         p.finish()
+    if p.overflow:
+        raise overflow_error("dst_block_indices", dst_blocks, block_bytes)
     return p
 
 
@@ -445,9 +510,15 @@ def plan_b2b(Indices src_blocks not None, Indices dst_blocks not None, size_t bl
     p.reserve(src_blocks.size)
     with nogil:
         for j in range(src_blocks.size):
+            if not (block_fits(src_blocks.data[j], block_bytes)
+                    and block_fits(dst_blocks.data[j], block_bytes)):
+                p.overflow = True
+                break
             p.add(<size_t>src_blocks.data[j] * block_bytes,
                   <size_t>dst_blocks.data[j] * block_bytes, block_bytes)
         p.finish()
+    if p.overflow:
+        raise overflow_error("dst_block_indices", dst_blocks, block_bytes)
     return p
 
 
@@ -542,7 +613,11 @@ cdef struct CfgState:
     int lo, hi              # source layers [lo, hi)
     size_t src_shift        # bytes added to each source tensor base (the source row)
     int kind                # copy kind
-    int lane                # 0: the runtime's stream; 1: the host copy engine (host-to-host)
+    int lane                # 0: the runtime's stream; 1: the host copy engine (host-to-host);
+                            # 2: writes into another process (process_vm_writev) on the host stream
+    int pid                 # lane 2: the destination process
+    int async_code          # lane 2: errno of a failed write, set by the host stream
+    const volatile int *link_up  # the link to the destination cluster (NULL: this process)
     int code                # runtime error code, 0 while fine
     int failed              # ST_* once the config has failed
     int attempted           # some layer's copies were issued
@@ -558,6 +633,8 @@ cdef enum:
     ST_SYNC_RAISED = 3
     ST_CANCELLED = 4
     ST_SYNC_TIMEOUT = 5
+    ST_LINK = 6             # the link to the destination went down
+    ST_PROCESS = 7          # a write into another process failed: async_code is the errno
 
 
 cdef class TransferJob:
@@ -596,6 +673,8 @@ cdef class TransferJob:
     cdef readonly object exception
     cdef readonly object cancel_code
     cdef str sync_error
+    cdef list links                   # keeps each config's LinkFlag alive
+    cdef list cancel_codes            # per config, the status a cancellation gave it
     cdef public object on_finish
 
     def __cinit__(self):
@@ -606,8 +685,9 @@ cdef class TransferJob:
     def __init__(self, Runtime runtime not None, Plan plan not None, list src_addrs,
                  list configs, synchronizer, sync_timeout=None, bint use_batch=True,
                  events=None, LayerGate gate=None):
-        """configs: (first_layer, stop_layer, src_shift, kind, lane, dst_addrs, dst_limits) per
-        config, with 2 destination addresses and limits per covered layer. events (a list of
+        """configs: (first_layer, stop_layer, src_shift, kind, lane, dst_addrs, dst_limits, pid,
+        link) per config, with 2 destination addresses and limits per covered layer; pid is the
+        destination process for lane 2, link the LinkFlag of a peer or None. events (a list of
         Event, one per source layer) with gate switch to event-based readiness."""
         cdef Py_ssize_t i, j, total = 0, nl = len(src_addrs), slots = 0
         cdef CfgState *c
@@ -622,6 +702,8 @@ cdef class TransferJob:
         self.done = threading.Event()
         self.results = None
         self.errors = [None] * len(configs)
+        self.cancel_codes = [None] * len(configs)
+        self.links = []
         self.ncfg = len(configs)
         self.cfg = <CfgState *>calloc(max(self.ncfg, 1), sizeof(CfgState))
         self.dst_index = <Py_ssize_t *>calloc(max(self.ncfg, 1), sizeof(Py_ssize_t))
@@ -635,6 +717,11 @@ cdef class TransferJob:
         for i, spec in enumerate(configs):
             c = &self.cfg[i]
             c.lo, c.hi, c.src_shift, c.kind, c.lane = spec[0], spec[1], spec[2], spec[3], spec[4]
+            c.pid = spec[7]
+            if spec[8] is not None:
+                link = <LinkFlag>spec[8]
+                self.links.append(link)
+                c.link_up = &link.up
             c.desc_base = slots
             slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
             self.dst_index[i] = total
@@ -742,6 +829,9 @@ cdef class TransferJob:
             c = &self.cfg[i]
             if layer < c.lo or layer >= c.hi or c.failed:
                 continue
+            if c.link_up != NULL and not c.link_up[0]:
+                c.failed = ST_LINK
+                continue
             c.attempted = 1
             if c.lane == 0:
                 rt = self.runtime.rt
@@ -763,7 +853,11 @@ cdef class TransferJob:
                     self.d_maxs[k] = <size_t>(limit - <uint64_t><uintptr_t>self.d_dsts[k])
                     k += 1
             rc = 0
-            if self.use_batch and rt.memcpy_batch_async != NULL:
+            if c.lane == 2:
+                rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
+                                                   &self.d_srcs[base], &self.d_sizes[base],
+                                                   k - base, &c.async_code)
+            elif self.use_batch and rt.memcpy_batch_async != NULL:
                 rc = rt.memcpy_batch_async(rt.ctx, &self.d_dsts[base], &self.d_maxs[base],
                                            &self.d_srcs[base], &self.d_sizes[base], k - base,
                                            c.kind, stream, &fail)
@@ -865,20 +959,34 @@ cdef class TransferJob:
                         self.cfg[i].code = rc
             if self.host_stream != self.stream:
                 hrt.stream_synchronize(hrt.ctx, self.host_stream)
+            for i in range(self.ncfg):
+                if self.cfg[i].async_code != 0 and not self.cfg[i].failed:
+                    self.cfg[i].failed = ST_PROCESS
         self.publish()
 
-    def cancel(self, status_code):
-        """Stop the job between layers, wait until every copy it issued has landed, and end it
-        with status_code for configs it had started (None for configs never started)."""
+    def cancel(self, status_code, configs=None):
+        """Stop the job (or only the given config indices) between layers, and wait until every
+        copy it issued has landed. Configs it had started and not fully queued end with
+        status_code; configs never started get None. The job ends when no config is left."""
         cdef llmd_stream s, hs
         cdef const llmd_runtime *rt = self.runtime.rt
         cdef const llmd_runtime *hrt = self.host.rt
+        cdef int i, left = 0
         PyThread_acquire_lock(self.lock, WAIT_LOCK)
         if self.cancelled or self.finished:
             PyThread_release_lock(self.lock)
             return
-        self.cancelled = 1
-        self.cancel_code = status_code
+        targets = range(self.ncfg) if configs is None else configs
+        for i in targets:
+            if self.cfg[i].hi > self.issued_upto and not self.cfg[i].failed:
+                self.cfg[i].failed = ST_CANCELLED
+                self.cancel_codes[i] = status_code
+        for i in range(self.ncfg):
+            if self.cfg[i].hi > self.issued_upto and not self.cfg[i].failed:
+                left += 1
+        if left == 0:
+            self.cancelled = 1
+            self.cancel_code = status_code
         s = self.stream
         hs = self.host_stream
         PyThread_release_lock(self.lock)
@@ -888,10 +996,11 @@ cdef class TransferJob:
                 rt.stream_synchronize(rt.ctx, s)
                 if hs != s:
                     hrt.stream_synchronize(hrt.ctx, hs)
-        for i in range(self.ncfg):
-            if self.cfg[i].hi > self.issued_upto and not self.cfg[i].failed:
-                self.cfg[i].failed = ST_CANCELLED
-        self.publish()
+        if left == 0:
+            for i in range(self.ncfg):
+                if self.cfg[i].async_code != 0 and not self.cfg[i].failed:
+                    self.cfg[i].failed = ST_PROCESS
+            self.publish()
 
     cdef publish(self):
         """Turn the per-config state into results (once) and wake waiters."""
@@ -903,8 +1012,18 @@ cdef class TransferJob:
         errors = list(self.errors)
         for i in range(self.ncfg):
             c = &self.cfg[i]
+            if c.failed == 0 and c.attempted and c.link_up != NULL and not c.link_up[0]:
+                c.failed = ST_LINK          # the peer went away: its bytes are not known to be there
             if c.failed == 0:
                 results.append(LLMStatusCode.LLM_SUCCESS if c.attempted else None)
+            elif c.failed == ST_LINK:
+                results.append(LLMStatusCode.LLM_LINK_FAILED)
+                errors[i] = "the link to the destination cluster went down during the transfer"
+            elif c.failed == ST_PROCESS:
+                results.append(LLMStatusCode.LLM_LINK_FAILED if c.async_code == 3
+                               else LLMStatusCode.LLM_FAILED)
+                errors[i] = (f"writing into process {c.pid} failed: "
+                             f"{os.strerror(c.async_code)} (errno {c.async_code})")
             elif c.failed == ST_RUNTIME:
                 rname = self.runtime.name if c.lane == 0 else "host"
                 text = (self.runtime if c.lane == 0 else self.host).text(c.code)
@@ -923,8 +1042,9 @@ cdef class TransferJob:
                              f"(llm.SyncKvCacheWaitTime)")
             elif c.failed == ST_CANCELLED:
                 if c.attempted:
-                    results.append(self.cancel_code)
-                    errors[i] = f"transfer cancelled: {self.cancel_code}"
+                    code = self.cancel_codes[i]
+                    results.append(code)
+                    errors[i] = f"transfer cancelled: {code}"
                 else:
                     results.append(None)
         self.results = results

@@ -455,7 +455,8 @@ class CacheManager:
         # so pageable host memory never meets an async device copy.
         lane = 1 if kind == 0 and not self._runtime.is_host else 0
         shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
-        return (layers.start, layers.stop, shift, kind, lane, list(dst), [r.end for r in regions])
+        return (layers.start, layers.stop, shift, kind, lane, list(dst), [r.end for r in regions],
+                0, None)
 
     def _job_done(self, job) -> None:
         with self._lock:

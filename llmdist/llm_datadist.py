@@ -128,7 +128,7 @@ class LLMDataDist:
         if cm is not None:
             cm._close()
         if workers is not None:
-            workers.shutdown(timeout=5.0)
+            workers.shutdown(timeout=2.0)
 
     def link_clusters(self, clusters, timeout: int = 3000) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
         """Link to remote clusters (not in this build: every cluster gets LLM_FEATURE_NOT_ENABLED)."""

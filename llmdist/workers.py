@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import List, Optional
 
 from . import _core
@@ -64,6 +65,7 @@ class TransferWorkers:
             threads = list(self._threads)
         for _ in threads:
             self._queue.put(None)
+        deadline = time.monotonic() + timeout
         for t in threads:
             if t is not threading.current_thread():
-                t.join(timeout)
+                t.join(max(0.0, deadline - time.monotonic()))

@@ -7,8 +7,12 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
 #include <time.h>
+#include <unistd.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
@@ -238,7 +242,7 @@ static int event_wait_gen(host_event *ev, uint64_t gen, int32_t timeout_ms)
 /* ------------------------------------------------------------------------------------------ */
 /* Streams                                                                                      */
 
-enum { OP_COPY, OP_BATCH, OP_RECORD, OP_WAIT };
+enum { OP_COPY, OP_BATCH, OP_RECORD, OP_WAIT, OP_PROCESS_WRITE };
 
 typedef struct host_op {
     int type;
@@ -249,6 +253,8 @@ typedef struct host_op {
     size_t *sizes;
     host_event *ev;
     uint64_t gen;
+    int pid;
+    int *status;
 } host_op;
 
 typedef struct host_stream {
@@ -261,6 +267,29 @@ typedef struct host_stream {
     uint64_t submitted, completed;
     int stop;
 } host_stream;
+
+/* Write runs into another process's memory; the first failure's errno lands in *op->status. */
+static void process_write(host_op *op)
+{
+    enum { CHUNK = 512 };
+    struct iovec local[CHUNK], remote[CHUNK];
+    size_t i = 0;
+    while (i < op->n) {
+        if (*op->status) return;
+        size_t k = 0, want = 0;
+        for (; k < CHUNK && i + k < op->n; k++) {
+            local[k].iov_base = op->srcs[i + k];
+            local[k].iov_len = op->sizes[i + k];
+            remote[k].iov_base = op->dsts[i + k];
+            remote[k].iov_len = op->sizes[i + k];
+            want += op->sizes[i + k];
+        }
+        ssize_t got = process_vm_writev((pid_t)op->pid, local, k, remote, k, 0);
+        if (got < 0) { *op->status = errno ? errno : EIO; return; }
+        if ((size_t)got != want) { *op->status = EFAULT; return; }
+        i += k;
+    }
+}
 
 static void run_op(host_op *op)
 {
@@ -277,6 +306,9 @@ static void run_op(host_op *op)
         break;
     case OP_WAIT:
         event_wait_gen(op->ev, op->gen, -1);
+        break;
+    case OP_PROCESS_WRITE:
+        process_write(op);
         break;
     }
 }
@@ -492,6 +524,54 @@ static int h_memcpy_batch_async(void *ctx, void **dsts, size_t *dst_maxs, void *
     if (count == 0) return LLMD_HOST_OK;
     host_op op = {.type = OP_BATCH, .dsts = dsts, .srcs = srcs, .sizes = sizes, .n = count};
     return stream_push((host_stream *)stream, &op);
+}
+
+int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void **srcs,
+                                  size_t *sizes, size_t count, int *status)
+{
+    if (!stream || !status || (count && (!dsts || !srcs || !sizes))) return LLMD_HOST_EINVAL;
+    if (count == 0) return LLMD_HOST_OK;
+    host_op op = {.type = OP_PROCESS_WRITE, .dsts = dsts, .srcs = srcs, .sizes = sizes,
+                  .n = count, .pid = pid, .status = status};
+    return stream_push((host_stream *)stream, &op);
+}
+
+/* Shared memory: a POSIX shared memory object that peers on this host map by name. */
+int llmd_host_shm_create(const char *name, size_t size, void **ptr)
+{
+    if (!name || !ptr || size == 0) return LLMD_HOST_EINVAL;
+    int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd < 0) return LLMD_HOST_ENOMEM;
+    if (ftruncate(fd, (off_t)size) != 0) { close(fd); shm_unlink(name); return LLMD_HOST_ENOMEM; }
+    void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED) { shm_unlink(name); return LLMD_HOST_ENOMEM; }
+    *ptr = m;
+    return LLMD_HOST_OK;
+}
+
+int llmd_host_shm_map(const char *name, size_t size, void **ptr)
+{
+    if (!name || !ptr || size == 0) return LLMD_HOST_EINVAL;
+    int fd = shm_open(name, O_RDWR, 0600);
+    if (fd < 0) return errno == ENOENT ? LLMD_HOST_EINVAL : LLMD_HOST_ENOMEM;
+    struct stat st;
+    if (fstat(fd, &st) != 0 || (size_t)st.st_size < size) { close(fd); return LLMD_HOST_EINVAL; }
+    void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED) return LLMD_HOST_ENOMEM;
+    *ptr = m;
+    return LLMD_HOST_OK;
+}
+
+int llmd_host_shm_unmap(void *ptr, size_t size)
+{
+    return munmap(ptr, size) == 0 ? LLMD_HOST_OK : LLMD_HOST_EINVAL;
+}
+
+int llmd_host_shm_unlink(const char *name)
+{
+    return shm_unlink(name) == 0 ? LLMD_HOST_OK : LLMD_HOST_EINVAL;
 }
 
 static const char *h_error_string(void *ctx, int code)

@@ -35,6 +35,18 @@ llmd_host_tuning *llmd_host_tuning_get(void);
 /* Copy one run with the same engine the streams use (for benchmarks and tests). */
 void llmd_host_copy(void *dst, const void *src, size_t n);
 
+/* Queue writes of runs into process pid's memory (process_vm_writev) on a host stream. The
+ * arrays must stay valid until the stream passes the operation; the errno of the first failure
+ * is stored in *status (which must start at 0). */
+int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void **srcs,
+                                  size_t *sizes, size_t count, int *status);
+
+/* POSIX shared memory, so that peers on this host can map host-runtime memory. */
+int llmd_host_shm_create(const char *name, size_t size, void **ptr);
+int llmd_host_shm_map(const char *name, size_t size, void **ptr);
+int llmd_host_shm_unmap(void *ptr, size_t size);
+int llmd_host_shm_unlink(const char *name);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,183 @@
+"""Inter-host data path over Mooncake Transfer Engine (optional: ``pip install llmdist[mooncake]``).
+
+One ``MooncakeTransport`` is one Mooncake engine on the TCP transport in P2P handshake mode (no
+metadata server). A peer writes into memory this side registered by naming our ``session_id``
+("ip:rpc_port") and the raw addresses; the control connection of ``link_clusters`` carries those.
+
+Mooncake facts this adapter is built on (mooncake-transfer-engine 0.3.13):
+- the wheel's ``mooncake.engine`` links ``libibverbs.so.1`` even for TCP (Debian: libibverbs1);
+- the receiving side rejects a write that falls outside its registered memory; the sending
+  side's source memory needs no registration for TCP, but registering it is harmless;
+- ``get_batch_transfer_status`` busy-waits until the batch ends or the engine's own timeout
+  (``MC_TRANSFER_TIMEOUT`` seconds, default 30, at least 5, plus 1 ns per byte) passes, so
+  ``wait`` runs it on a helper thread and gives up on the caller's timeout instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, List, Optional, Sequence
+
+from .status import LLMException, LLMStatusCode
+
+__all__ = ["MooncakeTransport", "WAIT_TIMEOUT", "WAIT_FAILED"]
+
+WAIT_FAILED = -1  # the engine's code for a failed (or engine-timed-out) batch
+WAIT_TIMEOUT = -2  # the batch was still running when wait's timeout passed; wait again later
+
+_P2P = "P2PHANDSHAKE"
+_BAD_BATCH_IDS = (0, (1 << 64) - 1)  # what batch_transfer_async_write returns when it fails
+
+
+class _Waiter:
+    """A helper thread that sits in the engine's blocking status call for one batch."""
+
+    def __init__(self, engine, batch_id: int) -> None:
+        self.rc: Optional[int] = None
+        self._thread = threading.Thread(target=self._run, args=(engine, batch_id),
+                                        name=f"mooncake-wait-{batch_id:x}", daemon=True)
+        self._thread.start()
+
+    def _run(self, engine, batch_id: int) -> None:
+        """Store the engine's verdict: 0 when every byte landed, nonzero otherwise."""
+        try:
+            self.rc = int(engine.get_batch_transfer_status([batch_id]))
+        except Exception:  # noqa: BLE001 - a binding error must not kill the thread silently
+            self.rc = WAIT_FAILED
+
+    def join(self, timeout_s: Optional[float]) -> Optional[int]:
+        """The verdict, or None if the batch is still running after timeout_s."""
+        self._thread.join(timeout_s)
+        return None if self._thread.is_alive() else self.rc
+
+
+class MooncakeTransport:
+    """Registered memory and batched one-sided writes to peers through one Mooncake engine."""
+
+    def __init__(self, local_ip: str) -> None:
+        """Start an engine on local_ip (TCP transport, P2P handshake, no metadata server)."""
+        try:
+            from mooncake.engine import TransferEngine
+        except ImportError as exc:
+            raise LLMException(
+                "the inter-host transport needs Mooncake Transfer Engine: "
+                "pip install llmdist[mooncake] (and, on Debian, apt-get install libibverbs1); "
+                f"importing mooncake.engine failed: {exc}",
+                status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED) from exc
+        self._lock = threading.Lock()
+        self._pending: Dict[int, Optional[_Waiter]] = {}  # batch id -> its waiter, once waited
+        self._regions: List[int] = []
+        try:
+            engine = TransferEngine()
+            rc = engine.initialize(local_ip, _P2P, "tcp", "")
+            port = int(engine.get_rpc_port()) if rc == 0 else 0
+        except Exception as exc:  # noqa: BLE001 - the binding may raise anything
+            raise LLMException(f"Mooncake engine on {local_ip} failed to start: {exc}",
+                               status_code=LLMStatusCode.LLM_FAILED) from exc
+        if rc != 0 or port <= 0:
+            raise LLMException(
+                f"Mooncake engine on {local_ip} failed to start: initialize returned {rc}, "
+                f"rpc port {port}", status_code=LLMStatusCode.LLM_FAILED)
+        self._engine = engine
+        self._session_id = f"{local_ip}:{port}"
+
+    @property
+    def session_id(self) -> str:
+        """What a peer passes as target_session to write into our registered memory."""
+        return self._session_id
+
+    def _live_engine(self):
+        """The engine, or an LLM_ENGINE_FINALIZED error after close()."""
+        if self._engine is None:
+            raise LLMException("the Mooncake transport is closed",
+                               status_code=LLMStatusCode.LLM_ENGINE_FINALIZED)
+        return self._engine
+
+    def register(self, addr: int, length: int) -> None:
+        """Let peers write into [addr, addr + length); regions must not overlap."""
+        rc = self._live_engine().register_memory(int(addr), int(length))
+        if rc != 0:
+            raise LLMException(f"Mooncake register_memory({addr:#x}, {length}) returned {rc}",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        with self._lock:
+            self._regions.append(int(addr))
+
+    def unregister(self, addr: int) -> None:
+        """Withdraw the region that register() started at addr."""
+        rc = self._live_engine().unregister_memory(int(addr))
+        if rc != 0:
+            raise LLMException(f"Mooncake unregister_memory({addr:#x}) returned {rc}",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        with self._lock:
+            self._regions.remove(int(addr))
+
+    def write_batch(self, target_session: str, src_addrs: Sequence[int],
+                    dst_addrs: Sequence[int], lengths: Sequence[int]) -> int:
+        """Start writing each local src range to the peer's dst range; returns a handle for wait."""
+        engine = self._live_engine()
+        n = len(lengths)
+        if n == 0 or len(src_addrs) != n or len(dst_addrs) != n:
+            raise LLMException(
+                f"write_batch needs as many src/dst addresses as lengths, at least one "
+                f"(got {len(src_addrs)}/{len(dst_addrs)}/{n})",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        batch_id = int(engine.batch_transfer_async_write(
+            target_session, [int(a) for a in src_addrs], [int(a) for a in dst_addrs],
+            [int(x) for x in lengths]))
+        if batch_id <= 0 or batch_id in _BAD_BATCH_IDS:
+            raise LLMException(f"Mooncake could not start a write to {target_session} "
+                               f"(peer unreachable or unknown session)",
+                               status_code=LLMStatusCode.LLM_LINK_FAILED)
+        with self._lock:
+            self._pending[batch_id] = None
+        return batch_id
+
+    def wait(self, handle: int, timeout_ms: int) -> int:
+        """0 once every byte of the batch arrived, else a nonzero code; never past timeout_ms.
+
+        WAIT_TIMEOUT means the batch is still running: wait on the same handle again. Any other
+        result ends the handle. A negative timeout_ms waits for the engine's own verdict.
+        """
+        engine = self._live_engine()
+        with self._lock:
+            if handle not in self._pending:
+                raise LLMException(f"unknown or finished Mooncake batch handle {handle!r}",
+                                   status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            waiter = self._pending[handle]
+            if waiter is None:
+                waiter = self._pending[handle] = _Waiter(engine, handle)
+        rc = waiter.join(None if timeout_ms < 0 else timeout_ms / 1000.0)
+        if rc is None:
+            return WAIT_TIMEOUT
+        with self._lock:
+            self._pending.pop(handle, None)
+        return rc
+
+    def close(self) -> None:
+        """Settle every batch, withdraw every region and stop the engine (idempotent).
+
+        Blocks while a batch is still moving, at most the engine's own transfer timeout, so
+        that no source buffer is still read once close() returns.
+        """
+        if self._engine is None:
+            return
+        with self._lock:
+            for batch_id, waiter in list(self._pending.items()):
+                if waiter is None:
+                    self._pending[batch_id] = _Waiter(self._engine, batch_id)
+            waiters = list(self._pending.values())
+            self._pending.clear()
+            regions, self._regions = self._regions, []
+        for waiter in waiters:
+            waiter.join(None)
+        for addr in regions:
+            self._engine.unregister_memory(addr)
+        self._engine = None
+
+    def __enter__(self) -> "MooncakeTransport":
+        """Use the transport in a with-block that closes it."""
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        """Close the transport when the with-block ends."""
+        self.close()

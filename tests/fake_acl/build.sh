@@ -1,0 +1,12 @@
+#!/bin/sh
+# Build the fake ACL runtime: build.sh [OUTDIR]  ->  OUTDIR/libascendcl.so (prints the path).
+# OUTDIR defaults to build/fake_acl under the repository root.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+out=${1:-"$root/build/fake_acl"}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$here"
+${CC:-cc} -O2 -shared -fPIC -o "$out/libascendcl.so" fake_ascendcl.c -lpthread
+echo "$out/libascendcl.so"

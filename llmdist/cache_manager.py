@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
 from ._check import check_int64, check_int_list, check_isinstance, check_uint64, require
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
-from .registry import ALLOCATED, REGISTERED, MemoryRegistry, Region
+from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry
 from .status import LLMException, LLMStatusCode
 from .events import EventSynchronizer
 from .task import CacheTask
@@ -31,21 +33,6 @@ def _fail(message: str, code: LLMStatusCode = _PARAM_INVALID) -> LLMException:
     return LLMException(message, status_code=code)
 
 
-class _Entry:
-    """What the manager knows of one cache it handed out."""
-
-    __slots__ = ("cache", "origin", "remote_accessible", "base", "placement", "keys")
-
-    def __init__(self, cache: Cache, origin: str, remote_accessible: bool,
-                 base: int = 0) -> None:
-        self.cache = cache
-        self.origin = origin
-        self.remote_accessible = remote_accessible
-        self.base = base                     # the runtime allocation (allocated caches)
-        self.placement = cache.cache_desc.placement
-        self.keys: List[Union[CacheKey, BlocksCacheKey]] = []
-
-
 def _pool_cap(options: Dict[str, str], key: str) -> Optional[int]:
     text = options.get(key)
     if not text:
@@ -64,19 +51,21 @@ class CacheManager:
 
     def __init__(self, datadist: "LLMDataDist", runtime: "_core.Runtime",
                  workers, options: Dict[str, str], remote_accessible: bool,
-                 sync_timeout: Optional[int]) -> None:
+                 sync_timeout: Optional[int], shareable: bool = False) -> None:
         self._dd = datadist
         self._runtime = runtime
         self._workers = workers
         self._remote_accessible = remote_accessible
         self._sync_timeout = sync_timeout
+        # Host-runtime memory of a listening cluster lives in shared memory, so that peers on
+        # this host can map it and copy straight into it.
+        self._shareable = shareable and runtime.is_host
         self._lock = threading.RLock()
-        self._entries: Dict[int, _Entry] = {}
-        self._registry = MemoryRegistry()
-        self._cache_keys: Dict[CacheKey, int] = {}
-        self._blocks_keys: Dict[BlocksCacheKey, int] = {}
+        self._mem = ClusterMemory()
         self._next_id = 1
-        self._inflight: Dict[object, Tuple[int, ...]] = {}
+        # job -> (source cache key, [destination cache keys per config]); a key is
+        # (cluster id, cache id).
+        self._inflight: Dict[object, Tuple[Tuple[int, int], List[set]]] = {}
         self._caps = {Placement.DEVICE: _pool_cap(options, "llm.MemPoolConfig"),
                       Placement.HOST: _pool_cap(options, "llm.HostMemPoolConfig")}
         self._used = {Placement.DEVICE: 0, Placement.HOST: 0}
@@ -93,19 +82,19 @@ class CacheManager:
         require(cache_desc.num_tensors > 0, "cache_desc.num_tensors must be > 0")
         cache_desc.data_type.element_size  # DT_STRING has none: raises LLMException
 
-    def _add(self, cache: Cache, origin: str, remote_accessible: bool, base: int = 0) -> _Entry:
-        self._registry.add(cache, origin)
-        entry = _Entry(cache, origin, remote_accessible, base)
-        cache._manager = self
-        self._entries[cache.cache_id] = entry
-        return entry
+    @staticmethod
+    def _check_keys(cache_keys) -> None:
+        check_isinstance("cache_keys", cache_keys, (list, tuple))
+        for i, key in enumerate(cache_keys):
+            check_isinstance(f"cache_keys[{i}]", key, CacheKey)
 
     def _new_id(self) -> int:
         cid = self._next_id
         self._next_id += 1
         return cid
 
-    def _allocate(self, cache_desc: CacheDesc, is_blocks: bool) -> Tuple[Cache, int]:
+    def _allocate(self, cache_desc: CacheDesc, is_blocks: bool, keys: Sequence) -> Cache:
+        """Allocate and record a cache (lock held)."""
         self._check_desc(cache_desc)
         placement = cache_desc.placement
         piece = -(-cache_desc.size // _ALIGN) * _ALIGN
@@ -117,27 +106,48 @@ class CacheManager:
             raise _fail(f"allocating {total} bytes would exceed the configured "
                         f"{placement.name.lower()} memory pool of {cap} bytes "
                         f"({self._used[placement]} in use)", code)
-        base = self._runtime.malloc(total, placement == Placement.DEVICE)
-        self._used[placement] += total
+        cache_id = self._new_id()
+        share = None
+        if self._shareable:
+            name = f"/llmdist-{os.getpid()}-{self._dd.cluster_id}-{cache_id}-{secrets.token_hex(4)}"
+            base = _core.shm_create(name, total)
+            share = {"kind": "shm", "name": name, "base": base, "size": total}
+        else:
+            base = self._runtime.malloc(total, placement == Placement.DEVICE)
         addrs = [base + i * piece for i in range(cache_desc.num_tensors)]
-        return Cache(self._new_id(), cache_desc, addrs, is_blocks), base
+        cache = Cache(cache_id, cache_desc, addrs, is_blocks)
+        entry = MemoryEntry(cache, ALLOCATED, True if is_blocks else placement == Placement.DEVICE,
+                            base, total, share)
+        try:
+            self._mem.add(entry, keys)
+        except LLMException:
+            self._free(entry)
+            raise
+        self._used[placement] += total
+        cache._manager = self
+        return cache
+
+    def _free(self, entry: MemoryEntry) -> None:
+        if entry.share is not None:
+            _core.shm_unmap(entry.base, entry.size)
+            _core.shm_unlink(entry.share["name"])
+        else:
+            self._runtime.free(entry.base, entry.placement == Placement.DEVICE)
+
+    def _announce(self, cache: Cache) -> Cache:
+        """Tell linked peers about a new cache before it is handed to the caller."""
+        node = self._dd._node
+        if node is not None:
+            node.announce_cache(self._mem.entries.get(cache.cache_id))
+        return cache
 
     def allocate_cache(self, cache_desc: CacheDesc, cache_keys: Sequence[CacheKey] = ()) -> Cache:
         """Allocate a cache owned by llmdist, optionally reachable by CacheKeys."""
         self._check_open()
-        check_isinstance("cache_keys", cache_keys, (list, tuple))
-        for i, key in enumerate(cache_keys):
-            check_isinstance(f"cache_keys[{i}]", key, CacheKey)
+        self._check_keys(cache_keys)
         with self._lock:
-            for key in cache_keys:
-                require(key not in self._cache_keys, f"cache key {key!r} is already in use")
-            require(len(set(cache_keys)) == len(cache_keys), "cache_keys has duplicates")
-            cache, base = self._allocate(cache_desc, False)
-            entry = self._add(cache, ALLOCATED, cache_desc.placement == Placement.DEVICE, base)
-            for key in cache_keys:
-                self._cache_keys[key] = cache.cache_id
-                entry.keys.append(key)
-            return cache
+            cache = self._allocate(cache_desc, False, list(cache_keys))
+        return self._announce(cache)
 
     def allocate_blocks_cache(self, cache_desc: CacheDesc,
                               blocks_cache_key: Optional[BlocksCacheKey] = None) -> Cache:
@@ -145,17 +155,11 @@ class CacheManager:
         self._check_open()
         check_isinstance("blocks_cache_key", blocks_cache_key, BlocksCacheKey, allow_none=True)
         with self._lock:
-            require(blocks_cache_key is None or blocks_cache_key not in self._blocks_keys,
-                    f"blocks cache key {blocks_cache_key!r} is already in use")
-            cache, base = self._allocate(cache_desc, True)
-            entry = self._add(cache, ALLOCATED, True, base)
-            if blocks_cache_key is not None:
-                self._blocks_keys[blocks_cache_key] = cache.cache_id
-                entry.keys.append(blocks_cache_key)
-            return cache
+            cache = self._allocate(cache_desc, True, [] if blocks_cache_key is None else [blocks_cache_key])
+        return self._announce(cache)
 
     def _register(self, cache_desc: CacheDesc, addrs: Sequence[int], is_blocks: bool,
-                  remote_accessible: Optional[bool]) -> Tuple[CacheDesc, Tuple[int, ...], bool]:
+                  remote_accessible: Optional[bool], keys: list) -> Cache:
         self._check_open()
         self._check_desc(cache_desc)
         checked = check_int_list("addrs", addrs, check_uint64)
@@ -166,62 +170,64 @@ class CacheManager:
         require(all(a != 0 for a in checked), "addrs must not contain a zero address")
         if remote_accessible is None:
             remote_accessible = cache_desc.placement == Placement.DEVICE
-        return cache_desc, checked, remote_accessible
+        with self._lock:
+            cache = Cache(self._new_id(), cache_desc, list(checked), is_blocks)
+            self._mem.add(MemoryEntry(cache, REGISTERED, remote_accessible,
+                                      share={"kind": "process"}), keys)
+            cache._manager = self
+        return self._announce(cache)
 
     def register_cache(self, cache_desc: CacheDesc, addrs: Sequence[int],
                        cache_keys: Sequence[CacheKey] = (),
                        remote_accessible: Optional[bool] = None) -> Cache:
         """Wrap memory the caller owns (e.g. tensor.data_ptr() per tensor) as a cache."""
-        desc, checked, ra = self._register(cache_desc, addrs, False, remote_accessible)
-        check_isinstance("cache_keys", cache_keys, (list, tuple))
-        for i, key in enumerate(cache_keys):
-            check_isinstance(f"cache_keys[{i}]", key, CacheKey)
-        with self._lock:
-            for key in cache_keys:
-                require(key not in self._cache_keys, f"cache key {key!r} is already in use")
-            cache = Cache(self._new_id(), desc, list(checked), False)
-            entry = self._add(cache, REGISTERED, ra)
-            for key in cache_keys:
-                self._cache_keys[key] = cache.cache_id
-                entry.keys.append(key)
-            return cache
+        self._check_keys(cache_keys)
+        return self._register(cache_desc, addrs, False, remote_accessible, list(cache_keys))
 
     def register_blocks_cache(self, cache_desc: CacheDesc, addrs: Sequence[int],
                               blocks_cache_key: Optional[BlocksCacheKey] = None,
                               remote_accessible: Optional[bool] = None) -> Cache:
         """Wrap memory the caller owns as a blocks (paged) cache, optionally reachable by key."""
-        desc, checked, ra = self._register(cache_desc, addrs, True, remote_accessible)
         check_isinstance("blocks_cache_key", blocks_cache_key, BlocksCacheKey, allow_none=True)
-        with self._lock:
-            require(blocks_cache_key is None or blocks_cache_key not in self._blocks_keys,
-                    f"blocks cache key {blocks_cache_key!r} is already in use")
-            cache = Cache(self._new_id(), desc, list(checked), True)
-            entry = self._add(cache, REGISTERED, ra)
-            if blocks_cache_key is not None:
-                self._blocks_keys[blocks_cache_key] = cache.cache_id
-                entry.keys.append(blocks_cache_key)
-            return cache
+        return self._register(cache_desc, addrs, True, remote_accessible,
+                              [] if blocks_cache_key is None else [blocks_cache_key])
 
-    def _release(self, entry: _Entry) -> None:
-        """Stop transfers touching the cache, then forget it (lock held by the caller)."""
+    def cancel_transfers_to(self, cluster_id: int, cache_id: Optional[int], code) -> None:
+        """End the configs of in-flight transfers writing to a cache of cluster_id (any cache
+        when cache_id is None) and wait until their queued copies have landed."""
+        with self._lock:
+            work = []
+            for job, (src, dsts) in self._inflight.items():
+                hit = [i for i, keys in enumerate(dsts)
+                       if any(k[0] == cluster_id and (cache_id is None or k[1] == cache_id)
+                              for k in keys)]
+                if hit:
+                    work.append((job, hit))
+        for job, hit in work:
+            job.cancel(code, hit)
+
+    def _release(self, entry: MemoryEntry) -> None:
+        """Stop transfers touching the cache, withdraw it from peers, then forget and free it."""
         cid = entry.cache.cache_id
-        for job, ids in list(self._inflight.items()):
-            if cid in ids:
-                job.cancel(_NOT_EXIST)
-        self._registry.remove(entry.cache)
-        for key in entry.keys:
-            self._cache_keys.pop(key, None)
-            self._blocks_keys.pop(key, None)
-        del self._entries[cid]
+        me = self._dd.cluster_id
+        with self._lock:
+            self._mem.remove(cid)
+            jobs = [job for job, (src, _) in self._inflight.items() if src == (me, cid)]
+        for job in jobs:
+            job.cancel(_NOT_EXIST)
+        self.cancel_transfers_to(me, cid, _NOT_EXIST)
+        node = self._dd._node
+        if node is not None:
+            node.withdraw_cache(cid)
         entry.cache._invalidate()
         if entry.origin == ALLOCATED:
-            self._runtime.free(entry.base, entry.placement == Placement.DEVICE)
-            piece = -(-entry.cache.cache_desc.size // _ALIGN) * _ALIGN
-            self._used[entry.placement] -= piece * entry.cache.cache_desc.num_tensors
+            self._free(entry)
+            with self._lock:
+                self._used[entry.placement] -= entry.size
 
-    def _entry_of(self, name: str, cache: Cache, origin: str, blocks: bool) -> _Entry:
+    def _entry_of(self, name: str, cache: Cache, origin: str, blocks: bool) -> MemoryEntry:
         check_isinstance(name, cache, Cache)
-        entry = self._entries.get(cache.cache_id)
+        entry = self._mem.entries.get(cache.cache_id)
         if entry is None or entry.cache is not cache:
             raise _fail(f"{name} {cache.cache_id} is not allocated by this cache manager", _NOT_EXIST)
         require(entry.origin == origin,
@@ -234,48 +240,47 @@ class CacheManager:
     def deallocate_cache(self, cache: Cache) -> None:
         """Free a cache from allocate_cache; transfers still using it end with
         LLM_KV_CACHE_NOT_EXIST before the memory goes."""
-        with self._lock:
-            self._release(self._entry_of("cache", cache, ALLOCATED, False))
+        self._release(self._entry_of("cache", cache, ALLOCATED, False))
 
     def deallocate_blocks_cache(self, cache: Cache) -> None:
         """Free a cache from allocate_blocks_cache (see deallocate_cache)."""
-        with self._lock:
-            self._release(self._entry_of("cache", cache, ALLOCATED, True))
+        self._release(self._entry_of("cache", cache, ALLOCATED, True))
 
     def unregister_cache(self, cache_id: int) -> None:
-        """Forget a registered cache; no transfer writes into or reads from it afterwards."""
+        """Forget a registered cache; no transfer writes into or reads from it afterwards,
+        here or on a linked peer."""
         check_int64("cache_id", cache_id)
-        with self._lock:
-            entry = self._entries.get(cache_id)
-            if entry is None:
-                raise _fail(f"cache {cache_id} is not registered", _NOT_EXIST)
-            require(entry.origin == REGISTERED,
-                    f"cache {cache_id} was allocated; free it with deallocate_cache or "
-                    f"deallocate_blocks_cache")
-            self._release(entry)
+        entry = self._mem.entries.get(cache_id)
+        if entry is None:
+            raise _fail(f"cache {cache_id} is not registered", _NOT_EXIST)
+        require(entry.origin == REGISTERED,
+                f"cache {cache_id} was allocated; free it with deallocate_cache or "
+                f"deallocate_blocks_cache")
+        self._release(entry)
 
     def remove_cache_key(self, cache_key: Union[CacheKey, BlocksCacheKey]) -> None:
         """Drop a key; the cache itself stays."""
         check_isinstance("cache_key", cache_key, (CacheKey, BlocksCacheKey))
         with self._lock:
-            table = self._cache_keys if isinstance(cache_key, CacheKey) else self._blocks_keys
-            cid = table.pop(cache_key, None)
-            if cid is None:
+            if not self._mem.remove_key(cache_key):
                 raise _fail(f"cache key {cache_key!r} does not exist", _NOT_EXIST)
-            self._entries[cid].keys.remove(cache_key)
+        node = self._dd._node
+        if node is not None:
+            node.withdraw_key(cache_key)
 
     # ------------------------------------------------------------------ transfer
 
-    def _resolve_key(self, i: int, key, dst_layers: range) -> Tuple[_Entry, int]:
+    @staticmethod
+    def _resolve_key(i: int, key, dst_layers: range, mem: ClusterMemory) -> Tuple[MemoryEntry, int]:
         """The destination entry of a keyed config and the byte offset inside each tensor."""
         if isinstance(key, BlocksCacheKey):
-            cid = self._blocks_keys.get(key)
+            cid = mem.blocks_keys.get(key)
         else:
-            cid = key.cache_id if key.cache_id in self._entries else None
+            cid = key.cache_id if key.cache_id in mem.entries else None
         if cid is None:
             raise _fail(f"transfer_configs[{i}]: no cache for {key!r} on cluster "
                         f"{key.cluster_id}", _NOT_EXIST)
-        entry = self._entries[cid]
+        entry = mem.entries[cid]
         require(entry.remote_accessible,
                 f"transfer_configs[{i}]: cache {cid} is not remote accessible")
         desc = entry.cache.cache_desc
@@ -300,7 +305,7 @@ class CacheManager:
         # 1. the source cache
         check_isinstance("src_cache", src_cache, Cache)
         self._check_open()
-        src_entry = self._entries.get(src_cache.cache_id)
+        src_entry = self._mem.entries.get(src_cache.cache_id)
         if not src_cache._valid or src_entry is None or src_entry.cache is not src_cache:
             raise _fail(f"src_cache {src_cache.cache_id} is not allocated or registered in this "
                         f"cache manager", _NOT_EXIST)
@@ -359,10 +364,12 @@ class CacheManager:
         num_layers = desc.num_tensors // 2
         with self._lock:
             specs = []
-            touched = {src_cache.cache_id}
+            touched: List[set] = []
             for i, cfg in enumerate(transfer_configs):
+                keys: set = set()
                 specs.append(self._config_spec(i, cfg, src_entry, src_idx, dst_idx, block_size,
-                                               plan, num_layers, touched))
+                                               plan, num_layers, keys))
+                touched.append(keys)
             events = gate = None
             if isinstance(layer_synchronizer, EventSynchronizer):
                 require(layer_synchronizer.runtime.name == self._runtime.name,
@@ -375,13 +382,13 @@ class CacheManager:
                 events, gate = layer_synchronizer.events, layer_synchronizer.gate
             job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, specs,
                                     layer_synchronizer, self._sync_timeout, True, events, gate)
-            self._inflight[job] = tuple(touched)
+            self._inflight[job] = ((self._dd.cluster_id, src_cache.cache_id), touched)
             job.on_finish = self._job_done
             self._workers.submit(job)
         return CacheTask(job, len(specs))
 
-    def _config_spec(self, i: int, cfg, src_entry: _Entry, src_idx, dst_idx, block_size: int,
-                     plan, num_layers: int, touched: set) -> tuple:
+    def _config_spec(self, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
+                     block_size: int, plan, num_layers: int, touched: set) -> tuple:
         """Check one config (rules 8-11) and return what the layer loop needs for it."""
         desc = src_entry.cache.cache_desc
         keyed = isinstance(cfg, TransferWithCacheKeyConfig)
@@ -405,11 +412,18 @@ class CacheManager:
                     f"transfer_configs[{i}]: src_batch_index {cfg.src_batch_index} must be < the "
                     f"source batch size {desc.batch_size}")
         # 10. the destination cluster
+        peer = None
+        mem = self._mem
         if cfg.dst_cluster_id != self._dd.cluster_id:
-            raise _fail(f"transfer_configs[{i}]: cluster {cfg.dst_cluster_id} is not linked",
-                        LLMStatusCode.LLM_NOT_YET_LINK)
+            node = self._dd._node
+            peer = node.peer(cfg.dst_cluster_id) if node is not None else None
+            if peer is None:
+                raise _fail(f"transfer_configs[{i}]: cluster {cfg.dst_cluster_id} is not linked",
+                            LLMStatusCode.LLM_NOT_YET_LINK)
+            peer.check_transfer(self._runtime)
+            mem = peer.mem
         if keyed:
-            entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range)
+            entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range, mem)
             dcache = entry.cache
             if dst_idx is not None:
                 require(dcache.is_blocks_cache and dcache.cache_desc.stride == block_size,
@@ -423,7 +437,7 @@ class CacheManager:
         else:
             dst = cfg._dst_addrs
         # 9. and 11. placement and bounds of every destination tensor
-        regions, bad = self._registry.locate(dst, plan.dst_lo, plan.dst_hi)
+        regions, bad = mem.registry.locate(dst, plan.dst_lo, plan.dst_hi)
         src_place = desc.placement
         seen = set()
         for j, region in enumerate(regions):
@@ -448,15 +462,23 @@ class CacheManager:
             raise _fail(f"transfer_configs[{i}]: layer {layer} {'KV'[bad % 2]} destination "
                         f"[{dst[bad] + plan.dst_lo:#x}, {dst[bad] + plan.dst_hi:#x}) is not inside "
                         f"memory registered or allocated on cluster {cfg.dst_cluster_id}")
-        touched.update(seen)
+        touched.update((cfg.dst_cluster_id, cid) for cid in seen)
         dplace = regions[0].cache.cache_desc.placement
         kind = _KIND.get((src_place, dplace), 4)
+        shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
+        if peer is not None and any(r.pid for r in regions):
+            # The peer's memory is not mapped here: write into its process directly.
+            return (layers.start, layers.stop, shift, kind, 2, list(dst),
+                    [r.end for r in regions], peer.pid, peer.link)
         # Device runtimes have no asynchronous host-to-host copy: those go to the host engine,
         # so pageable host memory never meets an async device copy.
         lane = 1 if kind == 0 and not self._runtime.is_host else 0
-        shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
-        return (layers.start, layers.stop, shift, kind, lane, list(dst), [r.end for r in regions],
-                0, None)
+        if peer is None:
+            return (layers.start, layers.stop, shift, kind, lane, list(dst),
+                    [r.end for r in regions], 0, None)
+        return (layers.start, layers.stop, shift, kind, lane,
+                [a + r.delta for a, r in zip(dst, regions)],
+                [r.end + r.delta for r in regions], 0, peer.link)
 
     def _job_done(self, job) -> None:
         with self._lock:
@@ -468,7 +490,8 @@ class CacheManager:
         """End every transfer (LLM_ENGINE_FINALIZED), then free llmdist-owned memory."""
         with self._lock:
             self._closed = True
-            for job in list(self._inflight):
-                job.cancel(LLMStatusCode.LLM_ENGINE_FINALIZED)
-            for entry in list(self._entries.values()):
-                self._release(entry)
+            jobs = list(self._inflight)
+        for job in jobs:
+            job.cancel(LLMStatusCode.LLM_ENGINE_FINALIZED)
+        for entry in list(self._mem.entries.values()):
+            self._release(entry)

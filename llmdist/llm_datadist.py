@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Tuple
 from . import _core, runtimes
 from ._check import check_isinstance, check_uint64
 from .cache_manager import CacheManager
+from .cluster import ClusterNode
+from .config import LLMClusterInfo, _parse_ip_port
 from .descs import LLMRole
 from .status import LLMException, LLMStatusCode
 from .workers import TransferWorkers
@@ -22,7 +24,8 @@ _UPSTREAM_KEYS = {
     "llm.LinkTotalTime", "llm.LinkRetryCount", "ge.exec.rankTableFile", "llm.Role",
     "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode",
 }
-_LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers"}
+_LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
+                 "llmdist.shareable_memory"}
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
 
@@ -67,6 +70,7 @@ class LLMDataDist:
         self._lock = threading.Lock()
         self._cache_manager: Optional[CacheManager] = None
         self._workers: Optional[TransferWorkers] = None
+        self._node: Optional[ClusterNode] = None
         self._options: Dict[str, str] = {}
 
     @property
@@ -109,10 +113,22 @@ class LLMDataDist:
             nworkers = _int_option(options, "llmdist.transfer_workers", 4, 1)
             remote = _flag_option(options, "llm.EnableRemoteCacheAccessible")
             _flag_option(options, "llm.EnableCacheManager")
+            listen = None
+            if options.get("llm.listenIpInfo"):
+                try:
+                    listen = _parse_ip_port("llm.listenIpInfo", options["llm.listenIpInfo"])
+                except (LLMException, ValueError, TypeError) as exc:
+                    raise LLMException(f"option llm.listenIpInfo must be \"ip:port\", got "
+                                       f"{options['llm.listenIpInfo']!r}",
+                                       status_code=LLMStatusCode.LLM_PARAM_INVALID) from exc
+            shareable = listen is not None or _flag_option(options, "llmdist.shareable_memory")
             runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
             runtime.bind_device()
+            node = ClusterNode(self, listen, options.get("llmdist.transport", "auto"))
             workers = TransferWorkers(runtime, nworkers)
-            self._cache_manager = CacheManager(self, runtime, workers, options, remote, sync_timeout)
+            self._node = node
+            self._cache_manager = CacheManager(self, runtime, workers, options, remote,
+                                               sync_timeout, shareable)
             self._workers = workers
             self._options = dict(options)
             _live.add(self)
@@ -121,24 +137,66 @@ class LLMDataDist:
         """End every transfer with LLM_ENGINE_FINALIZED, free llmdist-owned memory and stop
         the workers; safe to call twice. init() may be called again afterwards."""
         with self._lock:
-            cm, workers = self._cache_manager, self._workers
+            cm, workers, node = self._cache_manager, self._workers, self._node
+            _live.discard(self)
+        if node is not None:
+            node.close()
+        with self._lock:
             self._cache_manager = None
             self._workers = None
-            _live.discard(self)
+            self._node = None
         if cm is not None:
             cm._close()
         if workers is not None:
             workers.shutdown(timeout=2.0)
 
+    @property
+    def listen_port(self) -> Optional[int]:
+        """The port the control listener is bound to (useful with port 0), or None."""
+        node = self._node
+        return node.port if node is not None else None
+
+    @staticmethod
+    def _check_clusters(clusters, timeout: int) -> None:
+        check_isinstance("clusters", clusters, (list, tuple))
+        for i, c in enumerate(clusters):
+            check_isinstance(f"clusters[{i}]", c, LLMClusterInfo)
+        check_isinstance("timeout", timeout, int)
+        if timeout <= 0:
+            raise LLMException(f"timeout must be > 0 ms, got {timeout}",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+
+    @staticmethod
+    def _overall(codes: List[LLMStatusCode]) -> LLMStatusCode:
+        return next((c for c in codes if c != LLMStatusCode.LLM_SUCCESS), LLMStatusCode.LLM_SUCCESS)
+
     def link_clusters(self, clusters, timeout: int = 3000) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
-        """Link to remote clusters (not in this build: every cluster gets LLM_FEATURE_NOT_ENABLED)."""
+        """Link to each cluster's listener (remote_cluster_id, first remote ip info) within
+        timeout ms; returns (overall status, status per cluster) and never raises for a
+        failed link."""
+        self._check_clusters(clusters, timeout)
         self.cache_manager
-        codes = [LLMStatusCode.LLM_FEATURE_NOT_ENABLED for _ in clusters]
-        return (LLMStatusCode.LLM_FEATURE_NOT_ENABLED if codes else LLMStatusCode.LLM_SUCCESS), codes
+        codes = []
+        for c in clusters:
+            remote = c.remote_ip_info_list
+            if c.remote_cluster_id is None or not remote:
+                codes.append(LLMStatusCode.LLM_PARAM_INVALID)
+                continue
+            codes.append(self._node.link(c.remote_cluster_id, (remote[0]["ip"], remote[0]["port"]),
+                                         timeout))
+        return self._overall(codes), codes
 
     def unlink_clusters(self, clusters, timeout: int = 3000,
                         force: bool = False) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
-        """Unlink remote clusters; none can be linked in this build, so each is LLM_NOT_YET_LINK."""
+        """End links (either side may): transfers to the peer end with LLM_LINK_FAILED and
+        nothing is written to it after this returns; an unknown cluster is LLM_NOT_YET_LINK."""
+        self._check_clusters(clusters, timeout)
+        check_isinstance("force", force, bool)
         self.cache_manager
-        codes = [LLMStatusCode.LLM_NOT_YET_LINK for _ in clusters]
-        return (LLMStatusCode.LLM_NOT_YET_LINK if codes else LLMStatusCode.LLM_SUCCESS), codes
+        codes = []
+        for c in clusters:
+            if c.remote_cluster_id is None:
+                codes.append(LLMStatusCode.LLM_PARAM_INVALID)
+                continue
+            codes.append(self._node.unlink(c.remote_cluster_id, force))
+        return self._overall(codes), codes

@@ -6,12 +6,12 @@ over sorted arrays of region bounds."""
 from __future__ import annotations
 
 import bisect
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _core
-from .descs import Cache
+from .descs import BlocksCacheKey, Cache, CacheKey
 from .status import LLMException, LLMStatusCode
 
 ALLOCATED = "allocated"
@@ -19,16 +19,21 @@ REGISTERED = "registered"
 
 
 class Region:
-    """One tensor of a cache: [start, end) plus what the placement rules need to know."""
+    """One tensor of a cache: [start, end) in its owner's address space, plus what the
+    placement rules and the data path need: delta turns an address into one this process can
+    write (0 for its own memory), pid names a peer process written with process writes."""
 
-    __slots__ = ("start", "end", "cache", "tensor_index", "origin")
+    __slots__ = ("start", "end", "cache", "tensor_index", "origin", "delta", "pid")
 
-    def __init__(self, start: int, end: int, cache: Cache, tensor_index: int, origin: str) -> None:
+    def __init__(self, start: int, end: int, cache: Cache, tensor_index: int, origin: str,
+                 delta: int = 0, pid: int = 0) -> None:
         self.start = start
         self.end = end
         self.cache = cache
         self.tensor_index = tensor_index
         self.origin = origin
+        self.delta = delta
+        self.pid = pid
 
 
 class MemoryRegistry:
@@ -43,7 +48,7 @@ class MemoryRegistry:
         self._starts = np.array([r.start for r in self._regions], dtype=np.uint64)
         self._ends = np.array([r.end for r in self._regions], dtype=np.uint64)
 
-    def add(self, cache: Cache, origin: str) -> None:
+    def add(self, cache: Cache, origin: str, delta: int = 0, pid: int = 0) -> None:
         """Add every tensor of cache; overlapping memory that is already registered is refused."""
         size = cache.cache_desc.size
         new = sorted((a, a + size, i) for i, a in enumerate(cache._tensor_addrs))
@@ -64,7 +69,7 @@ class MemoryRegistry:
         for s, e, i in new:
             k = bisect.bisect_right(starts, s)
             starts.insert(k, s)
-            self._regions.insert(k, Region(s, e, cache, i, origin))
+            self._regions.insert(k, Region(s, e, cache, i, origin, delta, pid))
         self._rebuild()
 
     def remove(self, cache: Cache) -> None:
@@ -78,3 +83,68 @@ class MemoryRegistry:
         idx, bad = _core.locate(self._starts, self._ends, list(addrs), lo, hi)
         regions = self._regions
         return [regions[i] if i is not None else None for i in idx], bad
+
+
+class MemoryEntry:
+    """What a cluster knows of one cache: its own, or a peer's as the peer described it."""
+
+    __slots__ = ("cache", "origin", "remote_accessible", "base", "size", "placement", "keys",
+                 "share")
+
+    def __init__(self, cache: Cache, origin: str, remote_accessible: bool, base: int = 0,
+                 size: int = 0, share: Optional[dict] = None) -> None:
+        self.cache = cache
+        self.origin = origin
+        self.remote_accessible = remote_accessible
+        self.base = base              # the allocation holding the tensors (allocated caches)
+        self.size = size
+        self.placement = cache.cache_desc.placement
+        self.keys: List[Union[CacheKey, BlocksCacheKey]] = []
+        self.share = share            # how a peer on this host reaches it, or None
+
+
+class ClusterMemory:
+    """The caches of one cluster: entries by id, keys, and the regions for bounds checks."""
+
+    def __init__(self) -> None:
+        self.registry = MemoryRegistry()
+        self.entries: Dict[int, MemoryEntry] = {}
+        self.cache_keys: Dict[CacheKey, int] = {}
+        self.blocks_keys: Dict[BlocksCacheKey, int] = {}
+
+    def add(self, entry: MemoryEntry, keys: Sequence[Union[CacheKey, BlocksCacheKey]] = (),
+            delta: int = 0, pid: int = 0) -> None:
+        """Add a cache and its keys; overlapping memory or a key in use is refused."""
+        for key in keys:
+            table = self.cache_keys if isinstance(key, CacheKey) else self.blocks_keys
+            if key in table:
+                raise LLMException(f"cache key {key!r} is already in use",
+                                   status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        if len(set(keys)) != len(keys):
+            raise LLMException("the cache keys have duplicates",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        self.registry.add(entry.cache, entry.origin, delta, pid)
+        self.entries[entry.cache.cache_id] = entry
+        for key in keys:
+            table = self.cache_keys if isinstance(key, CacheKey) else self.blocks_keys
+            table[key] = entry.cache.cache_id
+            entry.keys.append(key)
+
+    def remove(self, cache_id: int) -> Optional[MemoryEntry]:
+        """Drop a cache, its keys and its regions; returns its entry (None if unknown)."""
+        entry = self.entries.pop(cache_id, None)
+        if entry is None:
+            return None
+        self.registry.remove(entry.cache)
+        for key in entry.keys:
+            self.cache_keys.pop(key, None)
+            self.blocks_keys.pop(key, None)
+        return entry
+
+    def remove_key(self, key: Union[CacheKey, BlocksCacheKey]) -> bool:
+        table = self.cache_keys if isinstance(key, CacheKey) else self.blocks_keys
+        cid = table.pop(key, None)
+        if cid is None:
+            return False
+        self.entries[cid].keys.remove(key)
+        return True

@@ -1,0 +1,540 @@
+"""Links between clusters: the control connection, the memory each side exposes, and the data
+path to a peer.
+
+A cluster with `llm.listenIpInfo` accepts links; `link_clusters` connects to one. The control
+connection carries only small JSON frames: a handshake (cluster ids, roles, host identity, the
+caches each side holds), cache announcements and withdrawals (acknowledged, so that a peer knows a
+cache before a transfer can target it and has stopped writing into it before the owner lets it
+go), and unlink. It never carries bulk data. When it closes, the link is down: transfers to the
+peer end with LLM_LINK_FAILED and nothing more is written.
+
+Data paths, per peer: same host -> copies into the peer's shared memory mapped here (host-runtime
+memory of a listening cluster), or process writes into the peer's address space (memory the peer
+registered); other host -> Mooncake Transfer Engine (not wired into transfers yet)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+from . import _core
+from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
+from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry
+from .status import LLMException, LLMStatusCode
+
+if TYPE_CHECKING:
+    from .llm_datadist import LLMDataDist
+
+log = logging.getLogger("llmdist")
+
+PROTOCOL_VERSION = 1
+MAGIC = b"LLMD"
+MAX_FRAME = 16 << 20
+HANDSHAKE_TIMEOUT_S = 10.0
+ACK_TIMEOUT_S = 10.0
+TRANSPORTS = ("auto", "direct", "mooncake")
+
+
+class ProtocolError(Exception):
+    """A frame that is not ours, too large, truncated, or not the JSON we expect."""
+
+
+def host_identity() -> str:
+    """Processes with the same identity can map each other's shared memory and write into each
+    other with process writes: same boot, same hostname, same IPC and mount namespaces."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    parts = [socket.gethostname(), boot]
+    for ns in ("ipc", "mnt"):
+        try:
+            parts.append(str(os.stat(f"/proc/self/ns/{ns}").st_ino))
+        except OSError:
+            parts.append("?")
+    return "/".join(parts)
+
+
+def send_frame(sock: socket.socket, lock: threading.Lock, msg: dict) -> None:
+    data = json.dumps(msg, separators=(",", ":")).encode()
+    with lock:
+        sock.sendall(MAGIC + struct.pack(">I", len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> dict:
+    head = _recv_exact(sock, 8)
+    if head[:4] != MAGIC:
+        raise ProtocolError("bad magic")
+    (n,) = struct.unpack(">I", head[4:])
+    if n > MAX_FRAME:
+        raise ProtocolError(f"frame of {n} bytes is over the {MAX_FRAME}-byte limit")
+    try:
+        msg = json.loads(_recv_exact(sock, n))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"frame is not JSON: {exc}") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+        raise ProtocolError("frame is not a message")
+    return msg
+
+
+# ------------------------------------------------------------------------------------------
+# Caches on the wire
+
+def _int(v, lo: int = 0, hi: int = 2**64 - 1) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise ProtocolError(f"bad integer {v!r}")
+    return v
+
+
+def cache_to_wire(entry: MemoryEntry) -> dict:
+    c = entry.cache
+    d = c.cache_desc
+    keys = []
+    for k in entry.keys:
+        if isinstance(k, BlocksCacheKey):
+            keys.append(["blocks", k.cluster_id, k.model_id])
+        else:
+            keys.append(["cache", k.cluster_id, k.req_id, k.model_id, k.prefix_id])
+    return {"id": c.cache_id, "num_tensors": d.num_tensors, "shape": list(d.shape),
+            "dtype": d.data_type.value, "placement": int(d.placement), "batch_dim": d.batch_dim,
+            "seq_len_dim": d.seq_len_dim_index, "blocks": c.is_blocks_cache,
+            "addrs": c.tensor_addrs, "origin": entry.origin,
+            "remote_accessible": entry.remote_accessible, "keys": keys,
+            "share": entry.share or {"kind": "none"}}
+
+
+def cache_from_wire(w: dict) -> Tuple[MemoryEntry, list]:
+    """A peer's cache as a MemoryEntry (its addresses are the peer's) and its keys."""
+    if not isinstance(w, dict):
+        raise ProtocolError("cache is not an object")
+    try:
+        desc = CacheDesc(_int(w["num_tensors"], 1, 2**32 - 1), [_int(x, 1, 2**63 - 1) for x in w["shape"]],
+                         DataType(w["dtype"]), Placement(w["placement"]),
+                         batch_dim_index=_int(w["batch_dim"], 0, 64),
+                         seq_len_dim_index=_int(w["seq_len_dim"], -1, 64))
+        if not isinstance(w["blocks"], bool) or not isinstance(w["remote_accessible"], bool):
+            raise ProtocolError("bad flags")
+        if w["origin"] not in (ALLOCATED, REGISTERED):
+            raise ProtocolError("bad origin")
+        cache = Cache(_int(w["id"], 0, 2**63 - 1), desc, [_int(a, 1) for a in w["addrs"]], w["blocks"])
+        keys = []
+        for k in w["keys"]:
+            if k[0] == "blocks" and len(k) == 3:
+                keys.append(BlocksCacheKey(_int(k[1]), _int(k[2])))
+            elif k[0] == "cache" and len(k) == 5:
+                keys.append(CacheKey(_int(k[1]), _int(k[2]), _int(k[3]), _int(k[4])))
+            else:
+                raise ProtocolError("bad key")
+        share = w["share"]
+        if not isinstance(share, dict) or share.get("kind") not in ("shm", "process", "none"):
+            raise ProtocolError("bad share")
+        if share["kind"] == "shm":
+            if not isinstance(share.get("name"), str) or not share["name"].startswith("/llmdist-"):
+                raise ProtocolError("bad shared memory name")
+            _int(share.get("base"), 1)
+            _int(share.get("size"), 1)
+        entry = MemoryEntry(cache, w["origin"], w["remote_accessible"], share=share)
+        if share["kind"] == "shm":
+            entry.base, entry.size = share["base"], share["size"]
+        return entry, keys
+    except ProtocolError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, LLMException) as exc:
+        raise ProtocolError(f"bad cache description: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Peers
+
+class Peer:
+    """A linked cluster: its control connection, the caches it exposes, and the data path."""
+
+    def __init__(self, node: "ClusterNode", sock: socket.socket, hello: dict) -> None:
+        self.node = node
+        self.sock = sock
+        self.cluster_id: int = hello["cluster_id"]
+        self.role = LLMRole(hello["role"])
+        self.pid: int = hello["pid"]
+        self.same_host = hello["host"] == node.host
+        self.path = node.choose_path(self.same_host)
+        self.link = _core.LinkFlag()
+        self.mem = ClusterMemory()
+        self.mappings: Dict[int, Tuple[int, int]] = {}   # cache id -> (local address, size)
+        self.send_lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.acks: Dict[int, threading.Event] = {}
+        self.seq = 0
+        self.closed = False
+        for w in hello.get("caches", []):
+            self.add_cache(w)
+
+    # -- memory the peer exposes
+    def add_cache(self, w: dict) -> None:
+        entry, keys = cache_from_wire(w)
+        cid = entry.cache.cache_id
+        delta = pid = 0
+        if self.path == "direct":
+            if entry.share.get("kind") == "shm":
+                local = _core.shm_map(entry.share["name"], entry.size)
+                self.mappings[cid] = (local, entry.size)
+                delta = local - entry.base
+            else:
+                pid = self.pid
+        with self.lock:
+            old = self.mem.remove(cid)
+            try:
+                self.mem.add(entry, keys, delta, pid)
+            except LLMException as exc:
+                self._unmap(cid)
+                raise ProtocolError(f"peer cache {cid}: {exc}") from None
+        if old is not None:
+            log.warning("cluster %d announced cache %d twice", self.cluster_id, cid)
+
+    def remove_cache(self, cid: int) -> None:
+        with self.lock:
+            self.mem.remove(cid)
+        self.node.dd_cancel_to(self.cluster_id, cid, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST)
+        self._unmap(cid)
+
+    def remove_key(self, w: list) -> None:
+        key = (BlocksCacheKey(_int(w[1]), _int(w[2])) if w[0] == "blocks"
+               else CacheKey(_int(w[1]), _int(w[2]), _int(w[3]), _int(w[4])))
+        with self.lock:
+            self.mem.remove_key(key)
+
+    def _unmap(self, cid: int) -> None:
+        m = self.mappings.pop(cid, None)
+        if m is not None:
+            _core.shm_unmap(*m)
+
+    def check_transfer(self, runtime: "_core.Runtime") -> None:
+        """Refuse a transfer this build cannot carry to the peer, with the reason."""
+        if not self.link.is_up:
+            raise LLMException(f"the link to cluster {self.cluster_id} is down",
+                               status_code=LLMStatusCode.LLM_NOT_YET_LINK)
+        if self.path == "mooncake":
+            raise LLMException(f"cluster {self.cluster_id} is on another host (or the transport "
+                               f"is forced to mooncake); transfers over Mooncake Transfer Engine "
+                               f"are not wired in yet", status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+        if not runtime.is_host:
+            raise LLMException(f"transfers to another process need device IPC on the "
+                               f"{runtime.name} runtime, which is not wired in yet",
+                               status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+
+    # -- messages
+    def send(self, msg: dict) -> None:
+        send_frame(self.sock, self.send_lock, msg)
+
+    def request(self, msg: dict, timeout: float = ACK_TIMEOUT_S) -> bool:
+        """Send msg and wait for the peer's ack; False if none came in time or the link broke."""
+        with self.lock:
+            self.seq += 1
+            seq = self.seq
+            ev = self.acks[seq] = threading.Event()
+        msg["seq"] = seq
+        try:
+            self.send(msg)
+        except OSError:
+            return False
+        ok = ev.wait(timeout)
+        with self.lock:
+            self.acks.pop(seq, None)
+        return ok and not self.closed
+
+    def serve(self) -> None:
+        """Read the peer's messages until the connection ends, then take the link down."""
+        try:
+            self.sock.settimeout(None)
+            while True:
+                msg = recv_frame(self.sock)
+                kind = msg["type"]
+                if kind == "ack":
+                    with self.lock:
+                        ev = self.acks.get(msg.get("seq"))
+                    if ev is not None:
+                        ev.set()
+                    continue
+                if kind == "unlink":
+                    break
+                if kind == "cache_add":
+                    self.add_cache(msg.get("cache"))
+                elif kind == "cache_remove":
+                    self.remove_cache(_int(msg.get("cache_id"), 0, 2**63 - 1))
+                elif kind == "key_remove":
+                    self.remove_key(msg.get("key"))
+                else:
+                    raise ProtocolError(f"unknown message {kind!r}")
+                self.send({"type": "ack", "seq": msg.get("seq")})
+        except (ConnectionError, OSError, ProtocolError) as exc:
+            if not self.closed:
+                log.info("link to cluster %d ended: %s", self.cluster_id, exc)
+        except Exception:  # a bug must still take the link down cleanly
+            log.exception("link to cluster %d failed", self.cluster_id)
+        finally:
+            self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED)
+
+    def close(self, code) -> None:
+        """Take the link down: end transfers to the peer (waiting for queued copies), unmap its
+        memory and close the connection. Idempotent."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            acks = list(self.acks.values())
+        self.link.down()
+        for ev in acks:
+            ev.set()
+        self.node.dd_cancel_to(self.cluster_id, None, code)
+        for cid in list(self.mappings):
+            self._unmap(cid)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# ------------------------------------------------------------------------------------------
+# The node: listener, links, announcements
+
+class ClusterNode:
+    """The cluster side of one LLMDataDist."""
+
+    def __init__(self, dd: "LLMDataDist", listen: Optional[Tuple[str, int]], transport: str) -> None:
+        if transport not in TRANSPORTS:
+            raise LLMException(f"option llmdist.transport must be one of {', '.join(TRANSPORTS)}, "
+                               f"got {transport!r}", status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        self.dd = dd
+        self.transport = transport
+        self.host = host_identity()
+        self.lock = threading.Lock()
+        self.peers: Dict[int, Peer] = {}
+        self.listener: Optional[socket.socket] = None
+        self.port: Optional[int] = None
+        self.closed = False
+        if listen is not None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(listen)
+            except OSError as exc:
+                sock.close()
+                raise LLMException(f"cannot listen on {listen[0]}:{listen[1]}: {exc}",
+                                   status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
+            sock.listen(64)
+            self.listener = sock
+            self.port = sock.getsockname()[1]
+            threading.Thread(target=self._accept_loop, name="llmdist-listen", daemon=True).start()
+
+    def choose_path(self, same_host: bool) -> str:
+        if self.transport == "mooncake" or (self.transport == "auto" and not same_host):
+            return "mooncake"
+        return "direct"
+
+    def peer(self, cluster_id: int) -> Optional[Peer]:
+        with self.lock:
+            return self.peers.get(cluster_id)
+
+    def dd_cancel_to(self, cluster_id: int, cache_id: Optional[int], code) -> None:
+        cm = self.dd._cache_manager
+        if cm is not None:
+            cm.cancel_transfers_to(cluster_id, cache_id, code)
+
+    def _my_caches(self) -> List[dict]:
+        cm = self.dd._cache_manager
+        if cm is None:
+            return []
+        with cm._lock:
+            return [cache_to_wire(e) for e in cm._mem.entries.values()]
+
+    def _hello(self, target: int) -> dict:
+        return {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.dd.cluster_id,
+                "role": int(self.dd.role), "target": target, "host": self.host,
+                "pid": os.getpid(), "caches": self._my_caches()}
+
+    def _check_hello(self, msg: dict, expect: Optional[int]) -> Optional[Tuple[int, str]]:
+        """(status, reason) when a handshake must be refused, else None."""
+        if msg.get("version") != PROTOCOL_VERSION:
+            return int(LLMStatusCode.LLM_LINK_FAILED), f"protocol version {msg.get('version')!r}"
+        try:
+            cid = _int(msg.get("cluster_id"))
+            _int(msg.get("pid"), 1, 2**31 - 1)
+            role = LLMRole(msg.get("role"))
+            if not isinstance(msg.get("host"), str) or not isinstance(msg.get("caches"), list):
+                raise ProtocolError("bad handshake")
+        except (ProtocolError, ValueError) as exc:
+            return int(LLMStatusCode.LLM_LINK_FAILED), f"malformed handshake: {exc}"
+        if expect is not None and cid != expect:
+            return int(LLMStatusCode.LLM_LINK_FAILED), f"expected cluster {expect}, reached {cid}"
+        if cid == self.dd.cluster_id:
+            return int(LLMStatusCode.LLM_LINK_FAILED), f"cluster {cid} cannot link to itself"
+        mine = self.dd.role
+        if role == mine and role != LLMRole.MIX:
+            return (int(LLMStatusCode.LLM_LINK_FAILED),
+                    f"a {role.name} cluster cannot link to a {mine.name} cluster")
+        return None
+
+    # -- accepting
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._accept_one, args=(conn,), name="llmdist-handshake",
+                             daemon=True).start()
+
+    def _accept_one(self, conn: socket.socket) -> None:
+        conn.settimeout(HANDSHAKE_TIMEOUT_S)
+        lock = threading.Lock()
+        try:
+            msg = recv_frame(conn)
+            if msg["type"] != "hello":
+                raise ProtocolError("expected a handshake")
+            if msg.get("target") != self.dd.cluster_id:
+                refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
+                           f"this is cluster {self.dd.cluster_id}, not {msg.get('target')!r}")
+            else:
+                refusal = self._check_hello(msg, None)
+            if refusal is None and self.peer(msg["cluster_id"]) is not None:
+                refusal = (int(LLMStatusCode.LLM_ALREADY_LINK),
+                           f"cluster {msg['cluster_id']} is already linked")
+            if refusal is None and self.dd._cache_manager is None:
+                refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
+            if refusal is not None:
+                send_frame(conn, lock, {"type": "refuse", "code": refusal[0], "reason": refusal[1]})
+                conn.close()
+                return
+            peer = Peer(self, conn, msg)
+            with self.lock:
+                if self.closed or msg["cluster_id"] in self.peers:
+                    raise ProtocolError("closed or linked meanwhile")
+                self.peers[peer.cluster_id] = peer
+            reply = self._hello(peer.cluster_id)
+            reply["type"] = "welcome"
+            peer.send(reply)
+        except (ConnectionError, OSError, ProtocolError, LLMException) as exc:
+            log.info("refused a connection: %s", exc)
+            try:
+                conn.close()
+            except OSError:
+                pass
+            return
+        peer.serve()
+
+    # -- linking
+    def link(self, cluster_id: int, address: Tuple[str, int], timeout_ms: int) -> LLMStatusCode:
+        """Link to a listening cluster; returns a status and never raises for a failed link."""
+        if self.peer(cluster_id) is not None:
+            return LLMStatusCode.LLM_ALREADY_LINK
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        try:
+            sock = socket.create_connection(address, timeout=timeout_ms / 1000.0)
+        except OSError as exc:
+            log.info("link to cluster %d at %s:%d failed: %s", cluster_id, *address, exc)
+            return LLMStatusCode.LLM_LINK_FAILED
+        lock = threading.Lock()
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            send_frame(sock, lock, self._hello(cluster_id))
+            msg = recv_frame(sock)
+            if msg["type"] == "refuse":
+                code = msg.get("code")
+                log.info("cluster %d refused the link: %s", cluster_id, msg.get("reason"))
+                sock.close()
+                return (LLMStatusCode(code) if code in (int(LLMStatusCode.LLM_ALREADY_LINK),)
+                        else LLMStatusCode.LLM_LINK_FAILED)
+            if msg["type"] != "welcome":
+                raise ProtocolError("expected a welcome")
+            refusal = self._check_hello(msg, cluster_id)
+            if refusal is not None:
+                raise ProtocolError(refusal[1])
+            peer = Peer(self, sock, msg)
+        except (ConnectionError, OSError, ProtocolError, LLMException) as exc:
+            log.info("link to cluster %d failed: %s", cluster_id, exc)
+            sock.close()
+            return LLMStatusCode.LLM_LINK_FAILED
+        with self.lock:
+            if self.closed or cluster_id in self.peers:
+                peer.closed = True
+                sock.close()
+                return LLMStatusCode.LLM_ALREADY_LINK if not self.closed else LLMStatusCode.LLM_LINK_FAILED
+            self.peers[cluster_id] = peer
+        threading.Thread(target=peer.serve, name=f"llmdist-peer-{cluster_id}", daemon=True).start()
+        return LLMStatusCode.LLM_SUCCESS
+
+    def unlink(self, cluster_id: int, force: bool) -> LLMStatusCode:
+        """End a link from this side: transfers to the peer end first, then the peer is told."""
+        with self.lock:
+            peer = self.peers.pop(cluster_id, None)
+        if peer is None:
+            return LLMStatusCode.LLM_NOT_YET_LINK
+        try:
+            peer.send({"type": "unlink"})
+        except OSError:
+            if not force:
+                peer.close(LLMStatusCode.LLM_LINK_FAILED)
+                return LLMStatusCode.LLM_UNLINK_FAILED
+        peer.close(LLMStatusCode.LLM_LINK_FAILED)
+        return LLMStatusCode.LLM_SUCCESS
+
+    def link_down(self, peer: Peer, code) -> None:
+        with self.lock:
+            if self.peers.get(peer.cluster_id) is peer:
+                del self.peers[peer.cluster_id]
+        peer.close(code)
+
+    # -- announcements (called without the cache manager's lock)
+    def _each_peer(self, msg: dict) -> None:
+        with self.lock:
+            peers = list(self.peers.values())
+        for p in peers:
+            if not p.request(dict(msg)):
+                log.warning("cluster %d did not acknowledge %s", p.cluster_id, msg["type"])
+
+    def announce_cache(self, entry: Optional[MemoryEntry]) -> None:
+        if entry is not None:
+            self._each_peer({"type": "cache_add", "cache": cache_to_wire(entry)})
+
+    def withdraw_cache(self, cache_id: int) -> None:
+        self._each_peer({"type": "cache_remove", "cache_id": cache_id})
+
+    def withdraw_key(self, key) -> None:
+        w = (["blocks", key.cluster_id, key.model_id] if isinstance(key, BlocksCacheKey)
+             else ["cache", key.cluster_id, key.req_id, key.model_id, key.prefix_id])
+        self._each_peer({"type": "key_remove", "key": w})
+
+    def close(self) -> None:
+        """Unlink every peer and stop listening."""
+        with self.lock:
+            self.closed = True
+            peers = list(self.peers.values())
+            self.peers.clear()
+        for p in peers:
+            try:
+                p.send({"type": "unlink"})
+            except OSError:
+                pass
+            p.close(LLMStatusCode.LLM_LINK_FAILED)
+        if self.listener is not None:
+            try:
+                self.listener.close()
+            except OSError:
+                pass

@@ -11,10 +11,16 @@ Mooncake facts this adapter is built on (mooncake-transfer-engine 0.3.13):
 - ``get_batch_transfer_status`` busy-waits until the batch ends or the engine's own timeout
   (``MC_TRANSFER_TIMEOUT`` seconds, default 30, at least 5, plus 1 ns per byte) passes, so
   ``wait`` runs it on a helper thread and gives up on the caller's timeout instead.
+
+Handles: ``wait`` never blocks past its timeout_ms (a negative one waits for the engine's own
+verdict). WAIT_TIMEOUT leaves the handle live, to be waited on again; any other result ends it.
+Every handle should be waited on: ``close()`` settles the rest, blocking while a batch still
+moves (at most the engine's transfer timeout) so that no source buffer is read after it returns.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Dict, List, Optional, Sequence
 
@@ -65,7 +71,10 @@ class MooncakeTransport:
                 f"importing mooncake.engine failed: {exc}",
                 status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED) from exc
         self._lock = threading.Lock()
-        self._pending: Dict[int, Optional[_Waiter]] = {}  # batch id -> its waiter, once waited
+        # handle -> [engine batch id, its waiter once waited]. Handles are our own numbers: the
+        # engine reuses a batch id as soon as it frees it, which may be before wait() hears back.
+        self._pending: Dict[int, list] = {}
+        self._handles = itertools.count(1)
         self._regions: List[int] = []
         try:
             engine = TransferEngine()
@@ -126,26 +135,24 @@ class MooncakeTransport:
             [int(x) for x in lengths]))
         if batch_id <= 0 or batch_id in _BAD_BATCH_IDS:
             raise LLMException(f"Mooncake could not start a write to {target_session} "
-                               f"(peer unreachable or unknown session)",
+                               "(peer unreachable or unknown session)",
                                status_code=LLMStatusCode.LLM_LINK_FAILED)
         with self._lock:
-            self._pending[batch_id] = None
-        return batch_id
+            handle = next(self._handles)
+            self._pending[handle] = [batch_id, None]
+        return handle
 
     def wait(self, handle: int, timeout_ms: int) -> int:
-        """0 once every byte of the batch arrived, else a nonzero code; never past timeout_ms.
-
-        WAIT_TIMEOUT means the batch is still running: wait on the same handle again. Any other
-        result ends the handle. A negative timeout_ms waits for the engine's own verdict.
-        """
+        """0 once every byte arrived, else nonzero (WAIT_TIMEOUT: still running, wait again)."""
         engine = self._live_engine()
         with self._lock:
             if handle not in self._pending:
                 raise LLMException(f"unknown or finished Mooncake batch handle {handle!r}",
                                    status_code=LLMStatusCode.LLM_PARAM_INVALID)
-            waiter = self._pending[handle]
-            if waiter is None:
-                waiter = self._pending[handle] = _Waiter(engine, handle)
+            entry = self._pending[handle]
+            if entry[1] is None:
+                entry[1] = _Waiter(engine, entry[0])
+            waiter = entry[1]
         rc = waiter.join(None if timeout_ms < 0 else timeout_ms / 1000.0)
         if rc is None:
             return WAIT_TIMEOUT
@@ -154,18 +161,12 @@ class MooncakeTransport:
         return rc
 
     def close(self) -> None:
-        """Settle every batch, withdraw every region and stop the engine (idempotent).
-
-        Blocks while a batch is still moving, at most the engine's own transfer timeout, so
-        that no source buffer is still read once close() returns.
-        """
+        """Settle every batch (see module doc), withdraw every region, stop the engine."""
         if self._engine is None:
             return
         with self._lock:
-            for batch_id, waiter in list(self._pending.items()):
-                if waiter is None:
-                    self._pending[batch_id] = _Waiter(self._engine, batch_id)
-            waiters = list(self._pending.values())
+            waiters = [waiter or _Waiter(self._engine, batch_id)
+                       for batch_id, waiter in self._pending.values()]
             self._pending.clear()
             regions, self._regions = self._regions, []
         for waiter in waiters:

@@ -1,0 +1,212 @@
+"""The optional inter-host transport over Mooncake Transfer Engine (TCP, P2P handshake).
+
+Two processes on 127.0.0.1: a receiver (spawned) registers a canary-filled numpy buffer and
+reports its session id and address; this process writes scattered ranges into it, and the
+receiver checks every byte, inside the ranges and outside them. Tests that need Mooncake skip
+only when the ``mooncake`` package cannot be imported; the missing-module test always runs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import time
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+
+from llmdist import LLMException, LLMStatusCode
+
+HOST = "127.0.0.1"
+DST_BYTES = 4 << 20
+CANARY = 0xA5
+Plan = List[Tuple[int, int, int]]  # (src offset, dst offset, length)
+
+
+def source_bytes(seed: int, nbytes: int) -> np.ndarray:
+    """The sender's data, reproducible on the receiver's side from the seed."""
+    return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+def scattered_plan(seed: int, src_bytes: int, slots: int, slot_bytes: int) -> Plan:
+    """One range per destination slot, of random length and place, with untouched gaps between."""
+    rng = np.random.default_rng(seed)
+    plan = []
+    for slot in rng.permutation(slots):
+        length = int(rng.choice([1, 3, 4096, 65536 - 17, int(rng.integers(1, slot_bytes - 64))]))
+        length = min(length, slot_bytes - 64)
+        dst = int(slot) * slot_bytes + int(rng.integers(1, slot_bytes - length - 1))
+        src = int(rng.integers(0, src_bytes - length))
+        plan.append((src, dst, length))
+    return plan
+
+
+def _receiver(to_parent, from_parent) -> None:
+    """Child process: register a canary buffer, then check plans until told to stop."""
+    from llmdist.transport_mooncake import MooncakeTransport
+
+    with MooncakeTransport(HOST) as transport:
+        buf = np.full(DST_BYTES, CANARY, dtype=np.uint8)
+        transport.register(buf.ctypes.data, buf.nbytes)
+        to_parent.put((transport.session_id, buf.ctypes.data, os.getpid()))
+        while True:
+            try:
+                msg = from_parent.get(timeout=60)
+            except queue.Empty:
+                return
+            if msg[0] == "stop":
+                return
+            _, seed, src_bytes, plan = msg
+            expected = np.full(DST_BYTES, CANARY, dtype=np.uint8)
+            inside = np.zeros(DST_BYTES, dtype=bool)
+            src = source_bytes(seed, src_bytes)
+            for s, d, n in plan:
+                expected[d:d + n] = src[s:s + n]
+                inside[d:d + n] = True
+            bad = buf != expected
+            counts = (int(np.count_nonzero(bad & inside)), int(np.count_nonzero(bad & ~inside)))
+            buf[:] = CANARY  # before replying: the parent writes again as soon as it hears back
+            to_parent.put(counts)
+
+
+class Peer:
+    """The parent's view of a receiver process."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context("spawn")
+        self.to_child, self.from_child = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_receiver, args=(self.from_child, self.to_child),
+                                daemon=True)
+        self.proc.start()
+        self.session, self.addr, self.pid = self.from_child.get(timeout=60)
+
+    def check(self, seed: int, src_bytes: int, plan: Plan) -> Tuple[int, int]:
+        """(wrong bytes inside the ranges, changed bytes outside them), counted by the receiver."""
+        self.to_child.put(("check", seed, src_bytes, plan))
+        return self.from_child.get(timeout=60)
+
+    def stop(self) -> None:
+        """End the receiver, by force if it does not leave on its own."""
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.to_child.put(("stop",))
+            self.proc.join(20)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+@pytest.fixture
+def mooncake():
+    """Skip unless the mooncake package imports."""
+    return pytest.importorskip("mooncake")
+
+
+@pytest.fixture
+def peer(mooncake):
+    p = Peer()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def sender(mooncake):
+    from llmdist.transport_mooncake import MooncakeTransport
+    t = MooncakeTransport(HOST)
+    yield t
+    t.close()
+
+
+def _src(sender, seed: int, nbytes: int) -> np.ndarray:
+    buf = source_bytes(seed, nbytes)
+    sender.register(buf.ctypes.data, buf.nbytes)
+    return buf
+
+
+def _write(sender, peer, src: np.ndarray, plan: Plan) -> int:
+    return sender.write_batch(peer.session, [src.ctypes.data + s for s, _, _ in plan],
+                              [peer.addr + d for _, d, _ in plan], [n for _, _, n in plan])
+
+
+def test_scattered_batch_lands_exactly(sender, peer):
+    assert sender.session_id.startswith(HOST + ":") and peer.session != sender.session_id
+    seed, src_bytes = 11, 2 << 20
+    src = _src(sender, seed, src_bytes)
+    for round_ in range(3):  # reuse of the connection and of the registration
+        plan = scattered_plan(seed + round_, src_bytes, slots=64, slot_bytes=DST_BYTES // 64)
+        handle = _write(sender, peer, src, plan)
+        assert sender.wait(handle, 20_000) == 0
+        assert peer.check(seed, src_bytes, plan) == (0, 0)
+
+
+def test_write_outside_registered_memory_fails_in_time(sender, peer):
+    seed, src_bytes = 5, 1 << 20
+    src = _src(sender, seed, src_bytes)
+    for dst_off in (DST_BYTES + (1 << 20), DST_BYTES - 10):  # beyond, and across the end
+        plan = [(0, dst_off, 4096)]
+        handle = _write(sender, peer, src, plan)
+        t0 = time.monotonic()
+        rc = sender.wait(handle, 3_000)
+        assert rc != 0 and time.monotonic() - t0 < 3.5
+        with pytest.raises(LLMException):  # a finished handle is gone
+            sender.wait(handle, 0)
+    assert peer.check(seed, src_bytes, []) == (0, 0)  # nothing landed anywhere
+    ok = [(0, 0, 4096)]  # and the connection still works
+    assert sender.wait(_write(sender, peer, src, ok), 20_000) == 0
+    assert peer.check(seed, src_bytes, ok) == (0, 0)
+
+
+def test_wait_never_blocks_past_timeout_on_a_stalled_peer(sender, peer):
+    from llmdist.transport_mooncake import WAIT_TIMEOUT
+    seed, src_bytes = 7, 2 << 20
+    src = _src(sender, seed, src_bytes)
+    plan = scattered_plan(seed, src_bytes, slots=32, slot_bytes=DST_BYTES // 32)
+    assert sender.wait(_write(sender, peer, src, [(0, 0, 1)]), 20_000) == 0  # connect first
+    os.kill(peer.pid, signal.SIGSTOP)
+    try:
+        handle = _write(sender, peer, src, plan)
+        for timeout_ms in (0, 300):
+            t0 = time.monotonic()
+            assert sender.wait(handle, timeout_ms) == WAIT_TIMEOUT
+            assert time.monotonic() - t0 < timeout_ms / 1000 + 0.5
+    finally:
+        os.kill(peer.pid, signal.SIGCONT)
+    assert sender.wait(handle, 20_000) == 0  # the same handle completes once the peer runs
+    assert peer.check(seed, src_bytes, [(0, 0, 1)] + plan) == (0, 0)
+
+
+def test_argument_and_state_errors(sender, peer):
+    buf = np.zeros(4096, dtype=np.uint8)
+    sender.register(buf.ctypes.data, buf.nbytes)
+
+    def code(fn, *args):
+        with pytest.raises(LLMException) as ei:
+            fn(*args)
+        return ei.value.status_code
+
+    assert code(sender.register, buf.ctypes.data + 8, 8) == LLMStatusCode.LLM_PARAM_INVALID
+    assert code(sender.unregister, buf.ctypes.data + 8) == LLMStatusCode.LLM_PARAM_INVALID
+    assert code(sender.write_batch, peer.session, [buf.ctypes.data], [peer.addr], [8, 8]) \
+        == LLMStatusCode.LLM_PARAM_INVALID
+    assert code(sender.write_batch, peer.session, [], [], []) == LLMStatusCode.LLM_PARAM_INVALID
+    assert code(sender.wait, 12345, 0) == LLMStatusCode.LLM_PARAM_INVALID
+    # port 1 on loopback: nothing listens, the handshake is refused at once
+    assert code(sender.write_batch, f"{HOST}:1", [buf.ctypes.data], [peer.addr], [8]) \
+        == LLMStatusCode.LLM_LINK_FAILED
+    sender.unregister(buf.ctypes.data)
+    sender.close()
+    sender.close()
+    assert code(sender.register, buf.ctypes.data, 8) == LLMStatusCode.LLM_ENGINE_FINALIZED
+
+
+def test_missing_module_is_feature_not_enabled(monkeypatch):
+    from llmdist.transport_mooncake import MooncakeTransport
+    monkeypatch.setitem(sys.modules, "mooncake.engine", None)  # makes the import fail
+    with pytest.raises(LLMException) as ei:
+        MooncakeTransport(HOST)
+    assert ei.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+    assert "pip install llmdist[mooncake]" in str(ei.value)

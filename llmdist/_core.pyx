@@ -639,7 +639,8 @@ cdef struct CfgState:
     size_t src_shift        # bytes added to each source tensor base (the source row)
     int kind                # copy kind
     int lane                # 0: the runtime's stream; 1: the host copy engine (host-to-host);
-                            # 2: writes into another process (process_vm_writev) on the host stream
+                            # 2: writes into another process (process_vm_writev) on the host stream;
+                            # 3: batched writes through a transfer engine (another host)
     int pid                 # lane 2: the destination process
     int async_code          # lane 2: errno of a failed write, set by the host stream
     const volatile int *link_up  # the link to the destination cluster (NULL: this process)
@@ -660,6 +661,7 @@ cdef enum:
     ST_SYNC_TIMEOUT = 5
     ST_LINK = 6             # the link to the destination went down
     ST_PROCESS = 7          # a write into another process failed: async_code is the errno
+    ST_ENGINE = 8           # the transfer engine refused or failed a write
 
 
 cdef class TransferJob:
@@ -700,6 +702,8 @@ cdef class TransferJob:
     cdef str sync_error
     cdef list links                   # keeps each config's LinkFlag alive
     cdef list cancel_codes            # per config, the status a cancellation gave it
+    cdef list engines                 # per config: None, or [transport, session, handles]
+    cdef double engine_wait_s
     cdef public object on_finish
 
     def __cinit__(self):
@@ -728,6 +732,8 @@ cdef class TransferJob:
         self.results = None
         self.errors = [None] * len(configs)
         self.cancel_codes = [None] * len(configs)
+        self.engines = [None] * len(configs)
+        self.engine_wait_s = 30.0 if sync_timeout is None else max(sync_timeout / 1000.0, 1.0)
         self.links = []
         self.ncfg = len(configs)
         self.cfg = <CfgState *>calloc(max(self.ncfg, 1), sizeof(CfgState))
@@ -743,6 +749,8 @@ cdef class TransferJob:
             c = &self.cfg[i]
             c.lo, c.hi, c.src_shift, c.kind, c.lane = spec[0], spec[1], spec[2], spec[3], spec[4]
             c.pid = spec[7]
+            if len(spec) > 9 and spec[9] is not None:
+                self.engines[i] = [spec[9][0], spec[9][1], []]
             if spec[8] is not None:
                 link = <LinkFlag>spec[8]
                 self.links.append(link)
@@ -878,7 +886,9 @@ cdef class TransferJob:
                     self.d_maxs[k] = <size_t>(limit - <uint64_t><uintptr_t>self.d_dsts[k])
                     k += 1
             rc = 0
-            if c.lane == 2:
+            if c.lane == 3:
+                rc = self.engine_write(i, base, k - base)
+            elif c.lane == 2:
                 rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
                                                    &self.d_srcs[base], &self.d_sizes[base],
                                                    k - base, &c.async_code)
@@ -897,6 +907,39 @@ cdef class TransferJob:
                 c.code = rc
                 c.fail_index = fail
                 c.failed = ST_RUNTIME
+
+    cdef int engine_write(self, int i, Py_ssize_t base, Py_ssize_t n) noexcept with gil:
+        """Start one batched engine write of n descriptors; nonzero when it was refused."""
+        cdef Py_ssize_t r
+        transport, session, handles = self.engines[i]
+        try:
+            handles.append(transport.write_batch(
+                session, [<uintptr_t>self.d_srcs[r] for r in range(base, base + n)],
+                [<uintptr_t>self.d_dsts[r] for r in range(base, base + n)],
+                [self.d_sizes[r] for r in range(base, base + n)]))
+        except Exception as exc:
+            self.errors[i] = f"transfer engine refused a write: {exc}"
+            return -1
+        return 0
+
+    cdef settle_engines(self):
+        """Wait for every engine write issued so far; fail the configs whose writes failed."""
+        cdef CfgState *c
+        for i in range(self.ncfg):
+            if self.engines[i] is None:
+                continue
+            transport, session, handles = self.engines[i]
+            c = &self.cfg[i]
+            while handles:
+                h = handles.pop(0)
+                try:
+                    rc = transport.wait(h, int(self.engine_wait_s * 1000))
+                except Exception as exc:
+                    rc = -1
+                    self.errors[i] = f"transfer engine wait failed: {exc}"
+                if rc != 0 and c.failed in (0, ST_CANCELLED):
+                    c.failed = ST_ENGINE
+                    c.code = rc
 
     cdef int call_synchronizer(self, int layer) noexcept with gil:
         """Run the user's synchronizer for layer; returns ST_* (0 = go on)."""
@@ -987,6 +1030,7 @@ cdef class TransferJob:
             for i in range(self.ncfg):
                 if self.cfg[i].async_code != 0 and not self.cfg[i].failed:
                     self.cfg[i].failed = ST_PROCESS
+        self.settle_engines()
         self.publish()
 
     def cancel(self, status_code, configs=None):
@@ -997,7 +1041,8 @@ cdef class TransferJob:
         cdef const llmd_runtime *rt = self.runtime.rt
         cdef const llmd_runtime *hrt = self.host.rt
         cdef int i, left = 0
-        PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        with nogil:             # the worker may hold the lock while it waits for the GIL
+            PyThread_acquire_lock(self.lock, WAIT_LOCK)
         if self.cancelled or self.finished:
             PyThread_release_lock(self.lock)
             return
@@ -1021,6 +1066,7 @@ cdef class TransferJob:
                 rt.stream_synchronize(rt.ctx, s)
                 if hs != s:
                     hrt.stream_synchronize(hrt.ctx, hs)
+        self.settle_engines()
         if left == 0:
             for i in range(self.ncfg):
                 if self.cfg[i].async_code != 0 and not self.cfg[i].failed:
@@ -1037,6 +1083,8 @@ cdef class TransferJob:
         errors = list(self.errors)
         for i in range(self.ncfg):
             c = &self.cfg[i]
+            if c.failed == ST_RUNTIME and c.lane == 3:
+                c.failed = ST_ENGINE
             if c.failed == 0 and c.attempted and c.link_up != NULL and not c.link_up[0]:
                 c.failed = ST_LINK          # the peer went away: its bytes are not known to be there
             if c.failed == 0:
@@ -1044,6 +1092,11 @@ cdef class TransferJob:
             elif c.failed == ST_LINK:
                 results.append(LLMStatusCode.LLM_LINK_FAILED)
                 errors[i] = "the link to the destination cluster went down during the transfer"
+            elif c.failed == ST_ENGINE:
+                results.append(LLMStatusCode.LLM_TIMEOUT if c.code == -2 else LLMStatusCode.LLM_LINK_FAILED)
+                if errors[i] is None:
+                    errors[i] = (f"the transfer engine did not deliver the bytes "
+                                 f"({'timed out' if c.code == -2 else f'code {c.code}'})")
             elif c.failed == ST_PROCESS:
                 results.append(LLMStatusCode.LLM_LINK_FAILED if c.async_code == 3
                                else LLMStatusCode.LLM_FAILED)

@@ -218,7 +218,7 @@ class CacheManager:
         self.cancel_transfers_to(me, cid, _NOT_EXIST)
         node = self._dd._node
         if node is not None:
-            node.withdraw_cache(cid)
+            node.withdraw_cache(entry)
         entry.cache._invalidate()
         if entry.origin == ALLOCATED:
             self._free(entry)
@@ -466,6 +466,10 @@ class CacheManager:
         dplace = regions[0].cache.cache_desc.placement
         kind = _KIND.get((src_place, dplace), 4)
         shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
+        if peer is not None and peer.path == "mooncake":
+            node = self._dd._node
+            return (layers.start, layers.stop, shift, kind, 3, list(dst),
+                    [r.end for r in regions], 0, peer.link, (node.engine, peer.engine_session))
         if peer is not None and any(r.pid for r in regions):
             # The peer's memory is not mapped here: write into its process directly.
             return (layers.start, layers.stop, shift, kind, 2, list(dst),

@@ -10,7 +10,8 @@ peer end with LLM_LINK_FAILED and nothing more is written.
 
 Data paths, per peer: same host -> copies into the peer's shared memory mapped here (host-runtime
 memory of a listening cluster), or process writes into the peer's address space (memory the peer
-registered); other host -> Mooncake Transfer Engine (not wired into transfers yet)."""
+registered); other host -> Mooncake Transfer Engine (batched writes into memory the peer
+registered with its engine). `llmdist.transport` forces a path: direct or mooncake."""
 
 from __future__ import annotations
 
@@ -173,7 +174,9 @@ class Peer:
         self.role = LLMRole(hello["role"])
         self.pid: int = hello["pid"]
         self.same_host = hello["host"] == node.host
-        self.path = node.choose_path(self.same_host)
+        self.path = node.choose_path(self.same_host, bool(hello.get("want_engine")))
+        session = hello.get("mooncake")
+        self.engine_session: Optional[str] = session if isinstance(session, str) else None
         self.link = _core.LinkFlag()
         self.mem = ClusterMemory()
         self.mappings: Dict[int, Tuple[int, int]] = {}   # cache id -> (local address, size)
@@ -182,6 +185,8 @@ class Peer:
         self.acks: Dict[int, threading.Event] = {}
         self.seq = 0
         self.closed = False
+        err = hello.get("engine_error")
+        self.engine_error: Optional[str] = err if isinstance(err, str) else None
         for w in hello.get("caches", []):
             self.add_cache(w)
 
@@ -229,10 +234,12 @@ class Peer:
         if not self.link.is_up:
             raise LLMException(f"the link to cluster {self.cluster_id} is down",
                                status_code=LLMStatusCode.LLM_NOT_YET_LINK)
-        if self.path == "mooncake":
-            raise LLMException(f"cluster {self.cluster_id} is on another host (or the transport "
-                               f"is forced to mooncake); transfers over Mooncake Transfer Engine "
-                               f"are not wired in yet", status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+        if self.path == "mooncake" and (self.node.engine is None or self.engine_session is None):
+            why = self.node.engine_error or (f"cluster {self.cluster_id} has no Mooncake engine: "
+                                             f"{self.engine_error or 'it did not start one'}")
+            raise LLMException(f"cluster {self.cluster_id} is reached through Mooncake Transfer "
+                               f"Engine, which is not available: {why}",
+                               status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
         if not runtime.is_host:
             raise LLMException(f"transfers to another process need device IPC on the "
                                f"{runtime.name} runtime, which is not wired in yet",
@@ -329,6 +336,8 @@ class ClusterNode:
         self.listener: Optional[socket.socket] = None
         self.port: Optional[int] = None
         self.closed = False
+        self.engine = None                      # MooncakeTransport, made on first need
+        self.engine_error: Optional[str] = None
         if listen is not None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -343,10 +352,49 @@ class ClusterNode:
             self.port = sock.getsockname()[1]
             threading.Thread(target=self._accept_loop, name="llmdist-listen", daemon=True).start()
 
-    def choose_path(self, same_host: bool) -> str:
-        if self.transport == "mooncake" or (self.transport == "auto" and not same_host):
+    def choose_path(self, same_host: bool, peer_wants_engine: bool = False) -> str:
+        if self.transport == "mooncake" or peer_wants_engine or (self.transport == "auto" and not same_host):
             return "mooncake"
         return "direct"
+
+    def ensure_engine(self, local_ip: str) -> None:
+        """Start the Mooncake engine (once) and register every cache with it; on failure keep
+        the reason, which a transfer that needs the engine reports."""
+        with self.lock:
+            if self.engine is not None or self.engine_error is not None:
+                return
+            try:
+                from .transport_mooncake import MooncakeTransport
+                self.engine = MooncakeTransport(local_ip)
+            except LLMException as exc:
+                self.engine_error = str(exc)
+                return
+        cm = self.dd._cache_manager
+        if cm is not None:
+            with cm._lock:
+                entries = list(cm._mem.entries.values())
+            for e in entries:
+                self._engine_register(e)
+
+    def _engine_register(self, entry: MemoryEntry) -> None:
+        if self.engine is None:
+            return
+        if entry.origin == ALLOCATED and entry.size:
+            self.engine.register(entry.base, entry.size)
+        else:
+            for a in entry.cache.tensor_addrs:
+                self.engine.register(a, entry.cache.cache_desc.size)
+
+    def _engine_unregister(self, entry: MemoryEntry) -> None:
+        if self.engine is None:
+            return
+        addrs = ([entry.base] if entry.origin == ALLOCATED and entry.size
+                 else entry.cache.tensor_addrs)
+        for a in addrs:
+            try:
+                self.engine.unregister(a)
+            except LLMException as exc:
+                log.warning("engine unregister failed: %s", exc)
 
     def peer(self, cluster_id: int) -> Optional[Peer]:
         with self.lock:
@@ -365,9 +413,15 @@ class ClusterNode:
             return [cache_to_wire(e) for e in cm._mem.entries.values()]
 
     def _hello(self, target: int) -> dict:
-        return {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.dd.cluster_id,
-                "role": int(self.dd.role), "target": target, "host": self.host,
-                "pid": os.getpid(), "caches": self._my_caches()}
+        msg = {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.dd.cluster_id,
+               "role": int(self.dd.role), "target": target, "host": self.host,
+               "pid": os.getpid(), "caches": self._my_caches(),
+               "want_engine": self.transport == "mooncake"}
+        if self.engine is not None:
+            msg["mooncake"] = self.engine.session_id
+        elif self.engine_error is not None:
+            msg["engine_error"] = self.engine_error
+        return msg
 
     def _check_hello(self, msg: dict, expect: Optional[int]) -> Optional[Tuple[int, str]]:
         """(status, reason) when a handshake must be refused, else None."""
@@ -423,6 +477,8 @@ class ClusterNode:
                 conn.close()
                 return
             peer = Peer(self, conn, msg)
+            if peer.path == "mooncake":
+                self.ensure_engine(conn.getsockname()[0])
             with self.lock:
                 if self.closed or msg["cluster_id"] in self.peers:
                     raise ProtocolError("closed or linked meanwhile")
@@ -453,6 +509,8 @@ class ClusterNode:
         lock = threading.Lock()
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
+            if self.transport == "mooncake":
+                self.ensure_engine(sock.getsockname()[0])
             send_frame(sock, lock, self._hello(cluster_id))
             msg = recv_frame(sock)
             if msg["type"] == "refuse":
@@ -467,6 +525,8 @@ class ClusterNode:
             if refusal is not None:
                 raise ProtocolError(refusal[1])
             peer = Peer(self, sock, msg)
+            if peer.path == "mooncake":
+                self.ensure_engine(sock.getsockname()[0])
         except (ConnectionError, OSError, ProtocolError, LLMException) as exc:
             log.info("link to cluster %d failed: %s", cluster_id, exc)
             sock.close()
@@ -511,10 +571,12 @@ class ClusterNode:
 
     def announce_cache(self, entry: Optional[MemoryEntry]) -> None:
         if entry is not None:
+            self._engine_register(entry)
             self._each_peer({"type": "cache_add", "cache": cache_to_wire(entry)})
 
-    def withdraw_cache(self, cache_id: int) -> None:
-        self._each_peer({"type": "cache_remove", "cache_id": cache_id})
+    def withdraw_cache(self, entry: MemoryEntry) -> None:
+        self._each_peer({"type": "cache_remove", "cache_id": entry.cache.cache_id})
+        self._engine_unregister(entry)
 
     def withdraw_key(self, key) -> None:
         w = (["blocks", key.cluster_id, key.model_id] if isinstance(key, BlocksCacheKey)
@@ -538,3 +600,6 @@ class ClusterNode:
                 self.listener.close()
             except OSError:
                 pass
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None

@@ -120,8 +120,9 @@ class ToyModel:
         rng = np.random.default_rng(seed)
         d = layout.dim
         scale = np.float32(1.0 / np.sqrt(d))
-        self.weights = [tuple(rng.standard_normal((d, d), dtype=np.float32) * scale for _ in range(3))
-                        for _ in range(layout.layers)]
+        self.weights = [
+            tuple(rng.standard_normal((d, d), dtype=np.float32) * scale for _ in range(3))
+            for _ in range(layout.layers)]
         self.x0 = rng.standard_normal((layout.tokens, d), dtype=np.float32)
 
     def layers(self):
@@ -158,15 +159,22 @@ class LayerEvents(LayerSynchronizer):
     def __init__(self, layers: int):
         self.events = [threading.Event() for _ in range(layers)]
         self.returned = [0.0] * layers
+        self.cancelled = False
 
     def mark_done(self, layer: int) -> None:
         self.events[layer].set()
+
+    def cancel(self) -> None:
+        """The model failed: every waiting and future layer answers False (the task fails)."""
+        self.cancelled = True
+        for ev in self.events:
+            ev.set()
 
     def synchronize_layer(self, layer_index: int, timeout_in_millis: Optional[int]) -> bool:
         ok = self.events[layer_index].wait(
             None if timeout_in_millis is None else timeout_in_millis / 1000.0)
         self.returned[layer_index] = time.perf_counter()
-        return ok
+        return ok and not self.cancelled
 
 
 class AllReady(LayerSynchronizer):
@@ -343,12 +351,17 @@ def run_local(args, out=sys.stdout) -> int:
         task = cm.transfer_cache_async(src_cache, sync, configs, src_table, dst_table)
         t0 = time.perf_counter()
         kv_first = kv_last = None
-        for layer, k, v in model.layers():
-            write_kv(src_views, layout, src_table, layer, k, v)
-            sync.mark_done(layer)
-            if layer == 0:
-                kv_first = (k, v)
-            kv_last = (k, v)
+        try:
+            for layer, k, v in model.layers():
+                write_kv(src_views, layout, src_table, layer, k, v)
+                sync.mark_done(layer)
+                if layer == 0:
+                    kv_first = (k, v)
+                kv_last = (k, v)
+        except BaseException:
+            sync.cancel()
+            task.synchronize()
+            raise
         t_prefill_end = time.perf_counter()
         status_streamed = task.synchronize()
         t_done = time.perf_counter()
@@ -409,7 +422,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes per cache block, e.g. 16384 or 16K (default: 16K)")
     p.add_argument("--blocks", type=int, default=0, metavar="N",
                    help="blocks in each cache tensor's pool (default: twice what the prompt needs)")
-    p.add_argument("--cluster-id", type=int, default=1, help="local cluster id (default: %(default)s)")
+    p.add_argument("--cluster-id", type=int, default=1,
+                   help="local cluster id (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
 

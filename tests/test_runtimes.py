@@ -225,9 +225,10 @@ def test_acl_host_to_host_goes_through_the_host_engine(fake_acl):
         src = cm.register_blocks_cache(desc, [a.ctypes.data for a in arrs])
         dst = cm.allocate_blocks_cache(desc)
         t = cm.transfer_cache_async(src, Go(), [TransferConfig(1, dst.tensor_addrs)], [0, 5], [7, 1])
+        status = str(t.synchronize(10000))
         ok = all((view(d, desc.size).reshape(8, 128)[[7, 1]] == a.reshape(8, 128)[[0, 5]]).all()
                  for a, d in zip(arrs, dst.tensor_addrs))
-        out(status=str(t.synchronize(10000)), errors=t.errors, ok=ok)
+        out(status=status, errors=t.errors, ok=ok)
     """, LLMDIST_ACL_LIBRARY=fake_acl)
     assert r["status"] == "LLMStatusCode.LLM_SUCCESS", r["errors"]
     assert r["ok"]

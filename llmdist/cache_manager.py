@@ -116,7 +116,7 @@ class CacheManager:
             base = self._runtime.malloc(total, placement == Placement.DEVICE)
         addrs = [base + i * piece for i in range(cache_desc.num_tensors)]
         cache = Cache(cache_id, cache_desc, addrs, is_blocks)
-        entry = MemoryEntry(cache, ALLOCATED, True if is_blocks else placement == Placement.DEVICE,
+        entry = MemoryEntry(cache, ALLOCATED, True,
                             base, total, share)
         try:
             self._mem.add(entry, keys)

@@ -45,6 +45,29 @@ def _watchdog():
 # --------------------------------------------------------------------------------------------
 # memory helpers
 # --------------------------------------------------------------------------------------------
+# With LLMDIST_RUNTIME=acl the suite runs on the fake libascendcl.so (tests/fake_acl): DEVICE
+# memory that a test registers must then come from aclrtMalloc. The fake's device memory is host
+# memory, so the tests still read and write it through numpy views.
+_ACL = None
+if os.environ.get("LLMDIST_RUNTIME") == "acl":
+    _ACL = ctypes.CDLL(os.environ["LLMDIST_ACL_LIBRARY"])
+
+
+def device_buffer(nbytes: int) -> Tuple[int, Optional[int]]:
+    """(address, pointer to free or None): device memory of the runtime under test."""
+    if _ACL is None:
+        return 0, None
+    ptr = ctypes.c_void_p()
+    assert _ACL.aclrtSetDevice(0) == 0
+    rc = _ACL.aclrtMalloc(ctypes.byref(ptr), max(nbytes, 1), 0)
+    assert rc == 0, f"aclrtMalloc({nbytes}) failed with {rc}"
+    return ptr.value, ptr.value
+
+
+def free_device_buffer(ptr: int) -> None:
+    _ACL.aclrtSetDevice(0)
+    _ACL.aclrtFree(ctypes.c_void_p(ptr))
+
 def host_view(addr: int, nbytes: int) -> np.ndarray:
     """A writable uint8 numpy view of nbytes at addr (llmdist-owned memory)."""
     return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr))
@@ -139,6 +162,7 @@ class Env:
         self.cm = self.dd.cache_manager
         self.rng = np.random.default_rng(seed)
         self._keep: List[np.ndarray] = []
+        self._device_ptrs: List[int] = []
 
     @staticmethod
     def make_options(remote: bool = False, workers: Optional[int] = None,
@@ -160,6 +184,19 @@ class Env:
         finally:
             # memory registered with llmdist must outlive it: drop our arrays only now
             self._keep.clear()
+            for ptr in self._device_ptrs:
+                free_device_buffer(ptr)
+            self._device_ptrs.clear()
+
+    def random_bytes(self, nbytes: int, placement: Placement) -> np.ndarray:
+        """Random bytes in memory of the given placement (device memory under the ACL runtime)."""
+        if placement == Placement.DEVICE and _ACL is not None:
+            addr, ptr = device_buffer(nbytes)
+            self._device_ptrs.append(ptr)
+            arr = host_view(addr, nbytes)
+            arr[:] = self.rng.integers(0, 256, nbytes, dtype=np.uint8)
+            return arr
+        return self.rng.integers(0, 256, nbytes, dtype=np.uint8)
 
     # ---- caches -------------------------------------------------------------------------
     def registered(self, num_tensors: int, shape: Sequence[int],
@@ -177,14 +214,14 @@ class Env:
         tensors: List[Tuple[Hashable, int]] = []
         if contiguous:
             total = 2 * guard + num_tensors * size + (num_tensors - 1) * gap
-            buf = self.rng.integers(0, 256, total, dtype=np.uint8)
+            buf = self.random_bytes(total, placement)
             buffers[label] = buf
             for i in range(num_tensors):
                 tensors.append((label, guard + i * (size + gap)))
         else:
             for i in range(num_tensors):
                 k = f"{label}.{i}"
-                buffers[k] = self.rng.integers(0, 256, size + 2 * guard, dtype=np.uint8)
+                buffers[k] = self.random_bytes(size + 2 * guard, placement)
                 tensors.append((k, guard))
         self._keep.extend(buffers.values())
         addrs = [buffers[k][off:].ctypes.data for k, off in tensors]

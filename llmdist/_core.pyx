@@ -11,7 +11,7 @@ include "_devices.pxi"
 from cpython.long cimport PyLong_AsUnsignedLongLong
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
-from libc.stdlib cimport malloc, calloc, free
+from libc.stdlib cimport malloc, calloc, free, qsort
 from libc.string cimport memcpy, memset
 
 import os
@@ -527,21 +527,62 @@ def plan_c2b(Indices dst_blocks not None, size_t row_bytes, size_t block_bytes):
     return p
 
 
+cdef struct Pair:
+    uint64_t src
+    uint64_t dst
+
+
+cdef int cmp_u64(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t *>a)[0], y = (<const uint64_t *>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef int cmp_pair_src(const void *a, const void *b) noexcept nogil:
+    return cmp_u64(&(<const Pair *>a).src, &(<const Pair *>b).src)
+
+
+cdef bint all_distinct(const uint64_t *values, Py_ssize_t n) noexcept nogil:
+    """True when no value repeats (n log n on a copy)."""
+    cdef uint64_t *tmp = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+    cdef Py_ssize_t j
+    cdef bint ok = True
+    if tmp == NULL:
+        return False
+    memcpy(tmp, values, n * sizeof(uint64_t))
+    qsort(tmp, n, sizeof(uint64_t), cmp_u64)
+    for j in range(1, n):
+        if tmp[j] == tmp[j - 1]:
+            ok = False
+            break
+    free(tmp)
+    return ok
+
+
 def plan_b2b(Indices src_blocks not None, Indices dst_blocks not None, size_t block_bytes):
     """Blocks to blocks: source block s[j] goes to destination block d[j]; runs where both
-    advance by one become one copy."""
+    advance by one become one copy. When no destination block repeats, the pairs are taken in
+    source order, which reads memory more sequentially (and the order of copies to distinct
+    blocks does not matter)."""
     cdef Plan p = Plan.__new__(Plan)
-    cdef Py_ssize_t j
-    p.reserve(src_blocks.size)
+    cdef Py_ssize_t j, n = src_blocks.size
+    cdef Pair *pairs = <Pair *>malloc(max(n, 1) * sizeof(Pair))
+    if pairs == NULL:
+        raise MemoryError()
+    p.reserve(n)
     with nogil:
-        for j in range(src_blocks.size):
-            if not (block_fits(src_blocks.data[j], block_bytes)
-                    and block_fits(dst_blocks.data[j], block_bytes)):
+        for j in range(n):
+            pairs[j].src = src_blocks.data[j]
+            pairs[j].dst = dst_blocks.data[j]
+        if n > 1 and all_distinct(dst_blocks.data, n):
+            qsort(pairs, n, sizeof(Pair), cmp_pair_src)
+        for j in range(n):
+            if not (block_fits(pairs[j].src, block_bytes) and block_fits(pairs[j].dst, block_bytes)):
                 p.overflow = True
                 break
-            p.add(<size_t>src_blocks.data[j] * block_bytes,
-                  <size_t>dst_blocks.data[j] * block_bytes, block_bytes)
+            p.add(<size_t>pairs[j].src * block_bytes, <size_t>pairs[j].dst * block_bytes,
+                  block_bytes)
         p.finish()
+    free(pairs)
     if p.overflow:
         raise overflow_error("dst_block_indices", dst_blocks, block_bytes)
     return p

@@ -42,6 +42,16 @@ ACK_TIMEOUT_S = 10.0
 TRANSPORTS = ("auto", "direct", "mooncake")
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 class ProtocolError(Exception):
     """A frame that is not ours, too large, truncated, or not the JSON we expect."""
 
@@ -183,6 +193,7 @@ class Peer:
         self.send_lock = threading.Lock()
         self.lock = threading.Lock()
         self.acks: Dict[int, threading.Event] = {}
+        self.acked: set = set()
         self.seq = 0
         self.closed = False
         err = hello.get("engine_error")
@@ -260,10 +271,12 @@ class Peer:
             self.send(msg)
         except OSError:
             return False
-        ok = ev.wait(timeout)
+        ev.wait(timeout)
         with self.lock:
             self.acks.pop(seq, None)
-        return ok and not self.closed
+            got = seq in self.acked
+            self.acked.discard(seq)
+        return got
 
     def serve(self) -> None:
         """Read the peer's messages until the connection ends, then take the link down."""
@@ -275,11 +288,15 @@ class Peer:
                 if kind == "ack":
                     with self.lock:
                         ev = self.acks.get(msg.get("seq"))
+                        if ev is not None:
+                            self.acked.add(msg.get("seq"))
                     if ev is not None:
                         ev.set()
                     continue
                 if kind == "unlink":
-                    break
+                    # Stop writing to the peer before it hears back, then hang up.
+                    self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=msg.get("seq"))
+                    return
                 if kind == "cache_add":
                     self.add_cache(msg.get("cache"))
                 elif kind == "cache_remove":
@@ -297,9 +314,10 @@ class Peer:
         finally:
             self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED)
 
-    def close(self, code) -> None:
+    def close(self, code, ack: Optional[int] = None) -> None:
         """Take the link down: end transfers to the peer (waiting for queued copies), unmap its
-        memory and close the connection. Idempotent."""
+        memory, acknowledge the peer's unlink request ack if given, and close the connection.
+        Idempotent."""
         with self.lock:
             if self.closed:
                 return
@@ -311,11 +329,24 @@ class Peer:
         self.node.dd_cancel_to(self.cluster_id, None, code)
         for cid in list(self.mappings):
             self._unmap(cid)
+        if self.same_host and not _process_alive(self.pid):
+            self._remove_dead_peer_memory()
+        if ack is not None:
+            try:
+                self.send({"type": "ack", "seq": ack})
+            except OSError:
+                pass
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.sock.close()
+
+    def _remove_dead_peer_memory(self) -> None:
+        """A peer killed without finalize leaves its shared memory objects: remove them."""
+        for entry in list(self.mem.entries.values()):
+            if entry.share and entry.share.get("kind") == "shm":
+                _core.shm_unlink(entry.share["name"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -540,26 +571,23 @@ class ClusterNode:
         threading.Thread(target=peer.serve, name=f"llmdist-peer-{cluster_id}", daemon=True).start()
         return LLMStatusCode.LLM_SUCCESS
 
-    def unlink(self, cluster_id: int, force: bool) -> LLMStatusCode:
-        """End a link from this side: transfers to the peer end first, then the peer is told."""
+    def unlink(self, cluster_id: int, timeout_ms: int, force: bool) -> LLMStatusCode:
+        """End a link from this side. The peer stops writing here and acknowledges before this
+        returns (within timeout_ms); transfers from here to the peer end too. Without the
+        acknowledgement the result is LLM_UNLINK_FAILED, or LLM_SUCCESS with force."""
         with self.lock:
             peer = self.peers.pop(cluster_id, None)
         if peer is None:
             return LLMStatusCode.LLM_NOT_YET_LINK
-        try:
-            peer.send({"type": "unlink"})
-        except OSError:
-            if not force:
-                peer.close(LLMStatusCode.LLM_LINK_FAILED)
-                return LLMStatusCode.LLM_UNLINK_FAILED
+        acked = peer.request({"type": "unlink"}, timeout_ms / 1000.0)
         peer.close(LLMStatusCode.LLM_LINK_FAILED)
-        return LLMStatusCode.LLM_SUCCESS
+        return LLMStatusCode.LLM_SUCCESS if acked or force else LLMStatusCode.LLM_UNLINK_FAILED
 
-    def link_down(self, peer: Peer, code) -> None:
+    def link_down(self, peer: Peer, code, ack: Optional[int] = None) -> None:
         with self.lock:
             if self.peers.get(peer.cluster_id) is peer:
                 del self.peers[peer.cluster_id]
-        peer.close(code)
+        peer.close(code, ack)
 
     # -- announcements (called without the cache manager's lock)
     def _each_peer(self, msg: dict) -> None:
@@ -583,17 +611,21 @@ class ClusterNode:
              else ["cache", key.cluster_id, key.req_id, key.model_id, key.prefix_id])
         self._each_peer({"type": "key_remove", "key": w})
 
-    def close(self) -> None:
-        """Unlink every peer and stop listening."""
+    def close(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
+        """Unlink every peer (each stops writing here before it acknowledges; bounded by
+        timeout_s in all) and stop listening."""
         with self.lock:
             self.closed = True
             peers = list(self.peers.values())
             self.peers.clear()
+        waits = [threading.Thread(target=p.request, args=({"type": "unlink"}, timeout_s), daemon=True)
+                 for p in peers]
+        for t in waits:
+            t.start()
+        deadline = time.monotonic() + timeout_s
+        for t in waits:
+            t.join(max(0.0, deadline - time.monotonic()))
         for p in peers:
-            try:
-                p.send({"type": "unlink"})
-            except OSError:
-                pass
             p.close(LLMStatusCode.LLM_LINK_FAILED)
         if self.listener is not None:
             try:

@@ -198,5 +198,5 @@ class LLMDataDist:
             if c.remote_cluster_id is None:
                 codes.append(LLMStatusCode.LLM_PARAM_INVALID)
                 continue
-            codes.append(self._node.unlink(c.remote_cluster_id, force))
+            codes.append(self._node.unlink(c.remote_cluster_id, timeout, force))
         return self._overall(codes), codes

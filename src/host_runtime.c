@@ -16,6 +16,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
+#include <xmmintrin.h>
 #define LLMD_HAVE_STREAM_STORES 1
 #else
 #define LLMD_HAVE_STREAM_STORES 0
@@ -27,7 +28,7 @@
 static llmd_host_tuning g_tuning = {
     .copy_threads = 2,
     .split_min_bytes = (size_t)1 << 20,
-    .stream_store_min_bytes = (size_t)16 << 10,
+    .stream_store_min_bytes = (size_t)32 << 10,
 };
 
 llmd_host_tuning *llmd_host_tuning_get(void) { return &g_tuning; }
@@ -81,6 +82,18 @@ void llmd_host_copy(void *dst, const void *src, size_t n)
     copy_fence();
 }
 
+/* Start loading the first page of the next run's source while this one is copied: scattered
+ * blocks start on a cold page each, which the hardware prefetcher cannot foresee. */
+static inline void prefetch_run(const char *src, size_t n)
+{
+#if LLMD_HAVE_STREAM_STORES
+    size_t m = n < 4096 ? n : 4096;
+    for (size_t o = 0; o < m; o += 64) _mm_prefetch(src + o, _MM_HINT_T0);
+#else
+    (void)src; (void)n;
+#endif
+}
+
 /* Copy bytes [begin, end) of the concatenation of the runs. */
 static void copy_part(void **dsts, void **srcs, const size_t *sizes, size_t count,
                       size_t begin, size_t end, size_t nt_min)
@@ -93,6 +106,7 @@ static void copy_part(void **dsts, void **srcs, const size_t *sizes, size_t coun
         if (hi <= begin) continue;
         size_t a = begin > lo ? begin - lo : 0;
         size_t b = end < hi ? end - lo : n;
+        if (i + 1 < count && hi < end) prefetch_run((const char *)srcs[i + 1], sizes[i + 1]);
         copy_run((char *)dsts[i] + a, (const char *)srcs[i] + a, b - a, nt_min);
     }
     copy_fence();

@@ -1,0 +1,250 @@
+"""Child-process entry points for the multi-process cluster tests (tests/test_cluster.py).
+
+multiprocessing's 'spawn' start method needs importable functions, so they live here.  A child
+runs one ``LLMDataDist`` (by default a DECODER listening on 127.0.0.1, port picked by the OS) and
+obeys commands from the parent over a ``multiprocessing`` Pipe:
+
+    parent -> child: (command, *args)
+    child -> parent: ("ok", result) | ("err", exception type name, status code or None, text)
+                     and, for the "*_watch" commands, a ("mid", ...) message first.
+
+Caches are named by the parent.  For each cache the child reports its ``cache_id``, its tensor
+addresses (in the child's address space), and how its bytes are laid out in named buffers
+(``tensors[i] = (buffer key, byte offset)``, the reference model's convention); ``read`` returns
+copies of every buffer.  Registered caches are backed by numpy arrays with ``guard`` canary bytes
+before and after every tensor (outside the registered memory), so the parent can check that no
+byte outside the registered tensors changes.
+
+The child never waits for the parent without a bound: if no command comes for ``idle_s`` seconds
+(or the parent's end of the pipe closes) it finalizes and exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+import traceback
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(TESTS_DIR)
+
+
+def _host_view(addr: int, nbytes: int):
+    import numpy as np
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr))
+
+
+def _key(spec, cluster_id: int):
+    """A cache key from a picklable spec: ("blocks", model_id) or ("cache", req_id)."""
+    from llmdist import BlocksCacheKey, CacheKey
+    if spec is None:
+        return None
+    if spec[0] == "blocks":
+        return BlocksCacheKey(cluster_id, spec[1])
+    if spec[0] == "cache":
+        return CacheKey(cluster_id, spec[1])
+    raise ValueError(f"bad key spec {spec!r}")
+
+
+class _Decode:
+    """The child's state: one LLMDataDist and the caches the parent asked for."""
+
+    def __init__(self, conn, cluster_id: int, role: int, options, listen: bool) -> None:
+        import numpy as np
+        from llmdist import LLMConfig, LLMDataDist, LLMRole
+
+        self.np = np
+        self.conn = conn
+        self.cluster_id = cluster_id
+        self.dd = LLMDataDist(LLMRole(role), cluster_id)
+        cfg = LLMConfig()
+        cfg.device_id = 0
+        cfg.enable_cache_manager = True
+        cfg.enable_remote_cache_accessible = True
+        if listen:
+            cfg.listen_ip_info = "127.0.0.1:0"
+        opts = cfg.generate_options()
+        opts.update(options or {})
+        self.dd.init(opts)
+        self.cm = self.dd.cache_manager
+        self.caches = {}   # name -> dict(cache, buffers, tensors, allocated, key)
+
+    # ---- caches ---------------------------------------------------------------------------
+    def _desc(self, num_tensors, shape, dtype, placement):
+        from llmdist import CacheDesc, DataType, Placement
+        return CacheDesc(num_tensors, list(shape), DataType[dtype], Placement[placement])
+
+    def _report(self, name: str) -> dict:
+        c = self.caches[name]
+        cache = c["cache"]
+        return {"cache_id": cache.cache_id, "addrs": list(cache.tensor_addrs),
+                "size": cache.cache_desc.size, "tensors": list(c["tensors"]),
+                "buffers": {k: v.copy() for k, v in c["buffers"].items()},
+                "allocated": c["allocated"]}
+
+    def cmd_alloc(self, name, num_tensors, shape, blocks=False, key=None, seed=0,
+                  dtype="DT_FLOAT16", placement="DEVICE"):
+        """allocate_cache / allocate_blocks_cache, filled with random bytes."""
+        np = self.np
+        desc = self._desc(num_tensors, shape, dtype, placement)
+        k = _key(key, self.cluster_id)
+        if blocks:
+            cache = self.cm.allocate_blocks_cache(desc, k)
+        else:
+            cache = self.cm.allocate_cache(desc, [k] if k is not None else [])
+        rng = np.random.default_rng(seed)
+        buffers, tensors = {}, []
+        for i, a in enumerate(cache.tensor_addrs):
+            bk = f"{self.cluster_id}:{name}.{i}"
+            view = _host_view(a, desc.size)
+            view[:] = rng.integers(0, 256, desc.size, dtype=np.uint8)
+            buffers[bk] = view
+            tensors.append((bk, 0))
+        self.caches[name] = dict(cache=cache, buffers=buffers, tensors=tensors, allocated=True,
+                                 key=k)
+        return self._report(name)
+
+    def cmd_register(self, name, num_tensors, shape, blocks=False, key=None, seed=0, guard=64,
+                     dtype="DT_FLOAT16", placement="DEVICE"):
+        """register_cache / register_blocks_cache over numpy arrays with guard bytes."""
+        np = self.np
+        desc = self._desc(num_tensors, shape, dtype, placement)
+        rng = np.random.default_rng(seed)
+        buffers, tensors = {}, []
+        for i in range(num_tensors):
+            bk = f"{self.cluster_id}:{name}.{i}"
+            buffers[bk] = rng.integers(0, 256, desc.size + 2 * guard, dtype=np.uint8)
+            tensors.append((bk, guard))
+        addrs = [buffers[bk][off:].ctypes.data for bk, off in tensors]
+        k = _key(key, self.cluster_id)
+        if blocks:
+            cache = self.cm.register_blocks_cache(desc, addrs, k)
+        else:
+            cache = self.cm.register_cache(desc, addrs, [k] if k is not None else [])
+        self.caches[name] = dict(cache=cache, buffers=buffers, tensors=tensors, allocated=False,
+                                 key=k)
+        return self._report(name)
+
+    def cmd_read(self, name):
+        return {k: v.copy() for k, v in self.caches[name]["buffers"].items()}
+
+    def _release(self, name):
+        c = self.caches[name]
+        cache = c["cache"]
+        if not c["allocated"]:
+            self.cm.unregister_cache(cache.cache_id)
+        elif cache.is_blocks_cache:
+            self.cm.deallocate_blocks_cache(cache)
+        else:
+            self.cm.deallocate_cache(cache)
+
+    def cmd_release(self, name):
+        """unregister_cache / deallocate_(blocks_)cache; the cache's buffers are forgotten."""
+        self._release(name)
+        c = self.caches.pop(name)
+        if c["allocated"]:
+            c["buffers"].clear()     # freed memory: never read it again
+        return None
+
+    def cmd_remove_key(self, name):
+        self.cm.remove_cache_key(self.caches[name]["key"])
+        return None
+
+    def _watch(self, name, action, watch_s):
+        """Run action(), then snapshot the cache's (registered) buffers, tell the parent
+        ("mid", seconds the action took), wait watch_s, snapshot again and report both."""
+        bufs = self.caches[name]["buffers"]
+        t0 = time.monotonic()
+        result = action()
+        took = time.monotonic() - t0
+        first = {k: v.copy() for k, v in bufs.items()}
+        self.conn.send(("mid", took))
+        time.sleep(watch_s)
+        second = {k: v.copy() for k, v in bufs.items()}
+        return {"result": result, "took": took, "first": first, "second": second}
+
+    def cmd_unregister_watch(self, name, watch_s=0.5):
+        """unregister_cache of a registered cache while the parent may be writing into it."""
+        c = self.caches[name]
+        assert not c["allocated"]
+        out = self._watch(name, lambda: self._release(name), watch_s)
+        self.caches.pop(name)
+        return out
+
+    def cmd_unlink_watch(self, name, remote_id, watch_s=0.5):
+        """unlink_clusters from this side while the parent may be writing into cache name."""
+        out = self._watch(name, lambda: self._unlink(remote_id), watch_s)
+        return out
+
+    # ---- links ----------------------------------------------------------------------------
+    def _unlink(self, remote_id):
+        from llmdist import LLMClusterInfo
+        info = LLMClusterInfo()
+        info.remote_cluster_id = remote_id
+        code, codes = self.dd.unlink_clusters([info], 5000, force=True)
+        return int(code), [int(c) for c in codes]
+
+    def cmd_unlink(self, remote_id):
+        return self._unlink(remote_id)
+
+    def cmd_link(self, remote_id, port, timeout=5000):
+        from llmdist import LLMClusterInfo
+        info = LLMClusterInfo()
+        info.remote_cluster_id = remote_id
+        info.append_remote_ip_info("127.0.0.1", port)
+        code, codes = self.dd.link_clusters([info], timeout)
+        return int(code), [int(c) for c in codes]
+
+    def cmd_linked(self, remote_id):
+        """Whether this cluster still holds a link to remote_id (read-only, unlike unlink)."""
+        node = self.dd._node
+        return node is not None and node.peer(remote_id) is not None
+
+    def cmd_ping(self):
+        return os.getpid()
+
+    def cmd_finalize(self):
+        self.dd.finalize()
+        return None
+
+    def cmd_exit(self):
+        return None
+
+
+def decode_main(conn, cluster_id: int, role: int = 2, options=None, listen: bool = True,
+                idle_s: float = 120.0) -> None:
+    """Child entry point: start the cluster, report ("ready", port, pid), then serve commands."""
+    for d in (REPO_DIR, TESTS_DIR):   # llmdist may be built in place, not installed
+        if d not in sys.path:
+            sys.path.insert(0, d)
+    try:
+        node = _Decode(conn, cluster_id, role, options, listen)
+    except BaseException as exc:  # report start-up failures instead of dying silently
+        conn.send(("err", type(exc).__name__, None, traceback.format_exc()))
+        return
+    conn.send(("ready", node.dd.listen_port, os.getpid()))
+    try:
+        while True:
+            try:
+                if not conn.poll(idle_s):
+                    break
+                cmd, *args = conn.recv()
+            except (EOFError, OSError):
+                break
+            try:
+                result = getattr(node, "cmd_" + cmd)(*args)
+                reply = ("ok", result)
+            except Exception as exc:
+                code = getattr(exc, "status_code", None)
+                reply = ("err", type(exc).__name__, None if code is None else int(code),
+                         f"{exc}\n{traceback.format_exc()}")
+            try:
+                conn.send(reply)
+            except (EOFError, OSError):
+                break
+            if cmd == "exit":
+                break
+    finally:
+        node.dd.finalize()

@@ -126,6 +126,7 @@ class LLMDataDist:
             runtime.bind_device()
             node = ClusterNode(self, listen, options.get("llmdist.transport", "auto"))
             workers = TransferWorkers(runtime, nworkers)
+            workers.start()
             self._node = node
             self._cache_manager = CacheManager(self, runtime, workers, options, remote,
                                                sync_timeout, shareable)

@@ -25,23 +25,43 @@ class TransferWorkers:
         self._lock = threading.Lock()
         self._closed = False
 
+    def start(self) -> None:
+        """Start the threads and wait until each has its stream, so that the first transfer
+        does not pay for thread and stream creation."""
+        ready = threading.Barrier(self._size + 1)
+        with self._lock:
+            if self._closed or self._threads:
+                return
+            for i in range(self._size):
+                t = threading.Thread(target=self._main, args=(ready,),
+                                     name=f"llmdist-transfer-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        try:
+            ready.wait(timeout=30)
+        except threading.BrokenBarrierError:
+            log.warning("transfer workers started slowly")
+
     def submit(self, job: "_core.TransferJob") -> None:
-        """Queue a job; the first submit starts the threads."""
+        """Queue a job for the next free worker."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("transfer workers are shut down")
-            if not self._threads:
-                for i in range(self._size):
-                    t = threading.Thread(target=self._main, name=f"llmdist-transfer-{i}", daemon=True)
-                    t.start()
-                    self._threads.append(t)
+        if not self._threads:
+            self.start()
         self._queue.put(job)
 
-    def _main(self) -> None:
-        self._runtime.bind_device()
-        stream = _core.Stream(self._runtime)
-        # Host-to-host copies of a device runtime run on the host copy engine's own stream.
-        host_stream = None if self._runtime.is_host else _core.Stream(_core.Runtime.host())
+    def _main(self, ready: threading.Barrier) -> None:
+        try:
+            self._runtime.bind_device()
+            stream = _core.Stream(self._runtime)
+            # Host-to-host copies of a device runtime run on the host copy engine's own stream.
+            host_stream = None if self._runtime.is_host else _core.Stream(_core.Runtime.host())
+        finally:
+            try:
+                ready.wait(timeout=30)
+            except threading.BrokenBarrierError:
+                pass
         try:
             while True:
                 job = self._queue.get()

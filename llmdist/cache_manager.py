@@ -421,7 +421,18 @@ class CacheManager:
                 raise _fail(f"transfer_configs[{i}]: cluster {cfg.dst_cluster_id} is not linked",
                             LLMStatusCode.LLM_NOT_YET_LINK)
             peer.check_transfer(self._runtime)
-            mem = peer.mem
+            with peer.lock:     # the peer's reader thread updates its caches
+                return self._destination(i, cfg, desc, src_entry, src_idx, dst_idx, block_size,
+                                         plan, layers, touched, peer.mem, peer)
+        return self._destination(i, cfg, desc, src_entry, src_idx, dst_idx, block_size, plan,
+                                 layers, touched, mem, None)
+
+    def _destination(self, i: int, cfg, desc: CacheDesc, src_entry: MemoryEntry, src_idx,
+                     dst_idx, block_size: int, plan, layers: range, touched: set,
+                     mem: ClusterMemory, peer) -> tuple:
+        """Rules 9 and 11 for one config against the destination cluster's caches, and what the
+        layer loop needs: addresses it can write, their limits, the lane and the link."""
+        keyed = isinstance(cfg, TransferWithCacheKeyConfig)
         if keyed:
             entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range, mem)
             dcache = entry.cache

@@ -869,17 +869,18 @@ cdef class TransferJob:
             if self.cfg[i].hi > layer and not self.cfg[i].failed:
                 self.cfg[i].failed = status
 
-    cdef void fail_lane(self, int layer, int lane, int code) noexcept nogil:
-        """A runtime call made for layer on behalf of one lane failed: fail its configs there."""
+    cdef void fail_lanes(self, int layer, int lanes, int code) noexcept nogil:
+        """A runtime call made for layer on behalf of some lanes (bit 1 << lane) failed: fail
+        their configs that cover the layer."""
         cdef int i
         for i in range(self.ncfg):
-            if (self.cfg[i].lane == lane and self.cfg[i].lo <= layer < self.cfg[i].hi
+            if ((lanes >> self.cfg[i].lane) & 1 and self.cfg[i].lo <= layer < self.cfg[i].hi
                     and not self.cfg[i].failed):
                 self.cfg[i].failed = ST_RUNTIME
                 self.cfg[i].code = code
 
     cdef int lanes_at(self, int layer) noexcept nogil:
-        """Bit 0: some live lane-0 config covers layer; bit 1: some live lane-1 config does."""
+        """Bit 1 << lane for every lane with a live config covering layer."""
         cdef int i, bits = 0
         for i in range(self.ncfg):
             if self.cfg[i].lo <= layer < self.cfg[i].hi and not self.cfg[i].failed:
@@ -1006,14 +1007,19 @@ cdef class TransferJob:
             return ST_SYNC_TIMEOUT
         if rc != LLMD_GATE_OK:
             return 0            # stopped: the caller sees the cancellation
-        if lanes & 1:
+        # Copies queued on the runtime stream wait there; process writes share it on the host
+        # runtime. Host-engine copies and engine writes are issued after a host-side wait.
+        cdef bint shared = self.host_stream == self.stream
+        cdef int device_lanes = (lanes & 1) | ((lanes & 4) if shared else 0)
+        cdef int host_lanes = (lanes & (2 | 8)) | (0 if shared else (lanes & 4))
+        if device_lanes:
             rc = rt.stream_wait_event(rt.ctx, self.stream, self.events[layer])
             if rc != 0:
-                self.fail_lane(layer, 0, rc)
-        if lanes & 2:
+                self.fail_lanes(layer, device_lanes, rc)
+        if host_lanes:
             rc = rt.event_synchronize(rt.ctx, self.events[layer], self.wait_ms)
             if rc != 0:
-                self.fail_lane(layer, 1, rc)
+                self.fail_lanes(layer, host_lanes, rc)
         return 0
 
     def run(self, Stream stream not None, Stream host_stream=None):

@@ -31,9 +31,9 @@ from typing import Dict, Hashable, List, Optional, Sequence
 import numpy as np
 import pytest
 
-from llmdist import (BlocksCacheKey, CacheKeyByIdAndIndex, DataType, LLMClusterInfo,
-                     LLMException, LLMRole, LLMStatusCode, Placement, TransferConfig,
-                     TransferWithCacheKeyConfig)
+from llmdist import (BlocksCacheKey, CacheKeyByIdAndIndex, DataType, EventSynchronizer,
+                     LLMClusterInfo, LLMException, LLMRole, LLMStatusCode, Placement, Stream,
+                     TransferConfig, TransferWithCacheKeyConfig)
 
 import cluster_procs
 import reference
@@ -695,6 +695,35 @@ def test_cache_made_after_link_is_usable_at_once(decodes, prefill, cleanup, dst_
     rows = cleanup.dcache(d, dst_mem, **DST_ROWS, seed=s + 1)
     cfg, ref = addr_cfg(rows, range(0, 4), [5, 3, 1, 0], row=4, src_batch=2)
     run_remote(plain, psrc, [cfg], [ref], [rows])
+
+
+@pytest.mark.parametrize("dst_mem", ["allocated", "registered"])
+def test_event_synchronizer_across_processes(decodes, prefill, cleanup, dst_mem):
+    """Event-based readiness gates copies into a peer too (shared memory and process writes):
+    with layers 0-2 recorded the decode holds exactly those; the rest follows their events."""
+    d = decodes[2]
+    s = next(_seeds)
+    env = prefill(remote=True)
+    src = env.registered(**L6_SRC, blocks=True, dtype=FP16)
+    dc = cleanup.dcache(d, dst_mem, **L6_DST, blocks=True, key=("blocks", s), seed=s)
+    link(env, d)
+    src_tensors = src.tensor_bytes()
+    sync = EventSynchronizer(env.dd.runtime, 6)
+    model = Stream(env.dd.runtime)
+    ref = keyed_ref(dc, range(0, 6), range(0, 6))
+    task = env.cm.transfer_cache_async(src.cache, sync, [keyed_cfg(dc, range(0, 6), range(0, 6))],
+                                       L6_SRC_IDX, L6_DST_IDX)
+    for layer in range(3):
+        sync.record(layer, model)
+    time.sleep(0.3)
+    assert task.get_results(0) == [LLMStatusCode.LLM_TIMEOUT]
+    verify(dc.read(), dc.initial, src_tensors, src.stride, [ref], L6_SRC_IDX, L6_DST_IDX,
+           layers_done=3)
+    for layer in range(3, 6):
+        sync.record(layer, model)
+    assert wait_done(task) == [SUCCESS], task.errors
+    verify(dc.read(), dc.initial, src_tensors, src.stride, [ref], L6_SRC_IDX, L6_DST_IDX)
+    assert unlink(env, d) == (SUCCESS, [SUCCESS])
 
 
 def test_host_placement_on_the_peer(decodes, prefill, cleanup):

@@ -21,7 +21,8 @@ def _demo_run(args):
 
 
 COMMANDS = {
-    "demo": ("simulated prefill that streams its KV cache layer by layer, then verifies it",
+    "demo": ("simulated prefill that streams its KV cache layer by layer into a decode "
+             "process, which verifies every byte",
              _demo_arguments, _demo_run),
 }
 

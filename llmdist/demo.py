@@ -3,31 +3,47 @@
 A toy model (numpy matmuls) computes one layer after the other and writes each layer's K and V
 into a paged ("blocks") source cache, then marks the layer done (one ``threading.Event`` per
 layer). A ``LayerSynchronizer`` waits on those events, so ``transfer_cache_async`` copies layer
-``l`` into the destination blocks cache while layer ``l + 1`` is being computed. At the end the
-demo checks every byte of the destination and compares the *tail* (end of prefill to end of
-transfer) with the time to send the whole cache after prefill.
+``l`` into the destination blocks cache while layer ``l + 1`` is being computed. At the end every
+byte of the destination is checked, and the *tail* (end of prefill to end of transfer) is compared
+with the time to send the whole cache after prefill.
 
-Modes: ``local`` (default; one process, destination = a cache owned by the same LLMDataDist,
-local cluster id). A mode is a function ``run(args) -> exit code`` registered in ``MODES``; the
-pieces below (layout, model, synchronizer, verification, report) are meant to be shared by the
-modes that come later (e.g. a decode process receiving over a link).
+Modes (a mode is a function ``run(args, out) -> exit code`` registered in ``MODES``):
+
+- ``two-process`` (default): a decode cluster runs in a child process (multiprocessing, spawn)
+  that listens on 127.0.0.1 and allocates the destination blocks cache; the prefill (this
+  process) links to it and streams into that cache by key (``TransferWithCacheKeyConfig``).
+  The decode side verifies every byte: the prefill sends it the block mapping and a BLAKE2b
+  digest per moved block (16 bytes per block, not the data); every other block must still hold
+  the canary byte. ``--transport`` picks the data path: ``direct`` (same host: copies into the
+  decode's shared memory), ``mooncake`` (Mooncake Transfer Engine over loopback TCP) or
+  ``auto`` (what llmdist picks: direct on one host).
+- ``local``: one process, destination = a cache owned by the same LLMDataDist (local cluster
+  id); the prefill checks the bytes itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import glob
+import hashlib
+import multiprocessing as mp
+import os
 import random
+import signal
 import sys
 import threading
 import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from . import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMConfig, LLMDataDist,
-               LLMRole, LLMStatusCode, Placement, TransferConfig)
+from . import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo, LLMConfig,
+               LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement, TransferConfig,
+               TransferWithCacheKeyConfig)
 
 CANARY = 0x5A
 
@@ -227,6 +243,59 @@ def verify(src_views: List[np.ndarray], src_table: List[int], dst_views: List[np
                    f"{untouched} other bytes untouched")
 
 
+DIGEST_BYTES = 16
+
+
+def block_digests(views: List[np.ndarray], table: List[int], threads: int = 2) -> List[bytes]:
+    """Per tensor, the BLAKE2b digests (``DIGEST_BYTES`` each, concatenated in table order) of
+    the blocks listed in ``table``. hashlib drops the GIL on large buffers, so tensors are hashed
+    on ``threads`` threads."""
+    idx = [int(b) for b in table]
+
+    def one(view: np.ndarray) -> bytes:
+        return b"".join(hashlib.blake2b(view[b], digest_size=DIGEST_BYTES).digest() for b in idx)
+
+    if threads <= 1 or len(views) < 2:
+        return [one(v) for v in views]
+    with ThreadPoolExecutor(threads) as ex:
+        return list(ex.map(one, views))
+
+
+def verify_digests(dst_views: List[np.ndarray], src_table: List[int], dst_table: List[int],
+                   digests: List[bytes], canary: int = CANARY) -> Verdict:
+    """What the decode process checks, knowing only the block mapping and the source digests:
+    every block in ``dst_table`` hashes to its source block's digest, every other destination
+    block still holds the canary byte."""
+    if len(digests) != len(dst_views) or any(len(g) != DIGEST_BYTES * len(dst_table)
+                                              for g in digests):
+        return Verdict(False, 0, 0, 0, f"expected {len(dst_views)} tensors x {len(dst_table)} "
+                       f"digests, got {len(digests)} tensors")
+    got = block_digests(dst_views, dst_table)
+    d = np.asarray(dst_table, dtype=np.intp)
+    pool, block = dst_views[0].shape
+    others = np.setdiff1d(np.arange(pool), d)
+    moved = untouched = 0
+    for t, (g, want) in enumerate(zip(got, digests)):
+        if g != want:
+            j = next(j for j in range(len(d))
+                     if g[j * DIGEST_BYTES:(j + 1) * DIGEST_BYTES]
+                     != want[j * DIGEST_BYTES:(j + 1) * DIGEST_BYTES])
+            return Verdict(False, moved + untouched, moved, untouched,
+                           f"tensor {t} (layer {t // 2} {'KV'[t % 2]}): destination block {d[j]} "
+                           f"does not match source block {src_table[j]} (BLAKE2b digests differ)")
+        moved += len(d) * block
+        rest = dst_views[t][others]
+        if rest.size and not (rest == canary).all():
+            j = int(np.flatnonzero((rest != canary).any(axis=1))[0])
+            return Verdict(False, moved + untouched, moved, untouched,
+                           f"tensor {t}: destination block {others[j]} was not in the transfer "
+                           f"but changed")
+        untouched += rest.size
+    return Verdict(True, moved + untouched, moved, untouched,
+                   f"{moved} bytes in {len(d) * len(dst_views)} blocks match the source's "
+                   f"digests; {untouched} other bytes untouched")
+
+
 def check_model_pages(dst_views: List[np.ndarray], layout: PagedLayout, table: List[int],
                       layer: int, k: np.ndarray, v: np.ndarray) -> bool:
     """The destination, read back through the block table, holds the model's K and V."""
@@ -265,7 +334,7 @@ class Timings:
 
 
 def print_report(out, mode: str, layout: PagedLayout, tm: Timings, verdicts: List[Verdict],
-                 model_ok: bool, statuses) -> bool:
+                 model_ok: bool, statuses, extra: List[str] = (), checker: str = "") -> bool:
     ok = all(v.ok for v in verdicts) and model_ok and all(
         s == LLMStatusCode.LLM_SUCCESS for s in statuses)
     moved = layout.bytes_to_move
@@ -276,6 +345,8 @@ def print_report(out, mode: str, layout: PagedLayout, tm: Timings, verdicts: Lis
     w(f"  KV cache   {layout.num_tensors} tensors x {layout.blocks_needed} blocks of "
       f"{_fmt_bytes(layout.block_size)} ({layout.tokens_per_block} tokens/block, pool "
       f"{layout.pool_blocks}); {_fmt_bytes(moved)} to move\n")
+    for line in extra:
+        w(f"  {line}\n")
     w(f"  prefill    {_fmt_t(tm.prefill_s)} ({_fmt_t(tm.prefill_s / layout.layers)}/layer); "
       f"transfer_cache_async returned in {tm.call_s * 1e6:.0f} us (first call)\n")
     w(f"  tail       {_fmt_t(tm.tail_s)} from end of prefill to end of transfer "
@@ -286,9 +357,9 @@ def print_report(out, mode: str, layout: PagedLayout, tm: Timings, verdicts: Lis
     w(f"  overlap    layer-wise streaming hides {hidden * 100:.1f}% of the transfer time "
       f"(tail = {tm.tail_s / tm.full_s:.2f}x the post-prefill transfer)\n")
     for name, v in zip(("streamed", "all-ready"), verdicts):
-        w(f"  verify     {name}: {v.message}\n")
+        w(f"  verify     {name}{checker}: {v.message}\n")
     if not model_ok:
-        w("  verify     destination pages do not decode to the model's K/V\n")
+        w("  verify     the pages do not decode to the model's K/V\n")
     bad = [s for s in statuses if s != LLMStatusCode.LLM_SUCCESS]
     if bad:
         w(f"  transfer   failed: {bad}\n")
@@ -313,6 +384,10 @@ def layout_from_args(args) -> PagedLayout:
 def run_local(args, out=sys.stdout) -> int:
     """One process: the source cache is numpy memory registered with LLMDataDist (like a
     framework's tensors), the destination a cache LLMDataDist allocates, on its own cluster."""
+    if args.transport != "auto":
+        out.write("error: --transport applies to --mode two-process (a local transfer copies "
+                  "inside this process)\n")
+        return 2
     layout = layout_from_args(args)
     problem = layout.check()
     if problem:
@@ -393,10 +468,339 @@ def run_local(args, out=sys.stdout) -> int:
         dd.finalize()
 
 
+# ------------------------------------------------------------------------------------------
+# Mode two-process: the decode cluster in a child process
+
+
+HOST = "127.0.0.1"
+LINK_MS = 5000           # link_clusters / unlink_clusters timeout
+READY_S = 60.0           # the child's start-up (spawn: a fresh interpreter imports numpy, llmdist)
+REPLY_S = 60.0           # any other answer from the child (verification hashes 2 x the cache)
+TASK_MS = 60_000         # bound on waiting for a transfer
+CHILD_IDLE_S = 120.0     # the child gives up on a silent parent after this long
+TRANSPORTS = ("auto", "direct", "mooncake")
+
+
+class DemoError(Exception):
+    """The demo cannot go on (the decode process failed, did not answer, or a link failed)."""
+
+
+def _decode_main(conn, spec: dict) -> None:
+    """Child process: a DECODER cluster listening on ``spec["host"]`` (port picked by the OS)
+    that allocates the destination blocks cache under ``BlocksCacheKey(cluster_id, 0)``, fills
+    it with the canary byte and serves the parent's commands over ``conn``:
+
+        ("verify", src_table, dst_table, digests) -> ("ok", Verdict fields as a dict)
+        ("reset",)                                -> ("ok", None)  (canary again)
+        ("exit", prefill_cluster_id)              -> ("ok", None), then unlink, finalize, exit
+
+    Start-up failures and failed commands answer ("err", traceback). Without a command for
+    ``spec["idle_s"]`` seconds, or when the parent's end closes, it finalizes and exits."""
+    cluster_id = spec["cluster_id"]
+    dd = LLMDataDist(LLMRole.DECODER, cluster_id)
+    views: List[np.ndarray] = []
+    try:
+        try:
+            cfg = LLMConfig()
+            cfg.device_id = 0
+            cfg.enable_cache_manager = True
+            cfg.enable_remote_cache_accessible = True
+            cfg.listen_ip_info = f"{spec['host']}:0"
+            dd.init(cfg.generate_options())
+            dtype, data_type = _DTYPES[spec["dtype"]]
+            elems = spec["block_size"] // np.dtype(dtype).itemsize
+            desc = CacheDesc(num_tensors=spec["num_tensors"], shape=[spec["pool_blocks"], elems],
+                             data_type=data_type, placement=Placement.DEVICE)
+            cache = dd.cache_manager.allocate_blocks_cache(desc, BlocksCacheKey(cluster_id, 0))
+            views = tensor_views(cache.tensor_addrs, spec["pool_blocks"] * spec["block_size"],
+                                 spec["block_size"])
+            for v in views:
+                v.fill(spec["canary"])
+        except BaseException:
+            conn.send(("err", traceback.format_exc()))
+            return
+        conn.send(("ready", dd.listen_port, os.getpid()))
+        while True:
+            try:
+                if not conn.poll(spec["idle_s"]):
+                    break
+                cmd, *params = conn.recv()
+            except (EOFError, OSError):
+                break
+            try:
+                result = None
+                if cmd == "verify":
+                    src_table, dst_table, digests = params
+                    result = verify_digests(views, src_table, dst_table, digests,
+                                            spec["canary"]).__dict__
+                elif cmd == "reset":
+                    for v in views:
+                        v.fill(spec["canary"])
+                elif cmd == "exit":
+                    info = LLMClusterInfo()
+                    info.remote_cluster_id = params[0]
+                    dd.unlink_clusters([info], LINK_MS, force=True)
+                else:
+                    raise ValueError(f"unknown command {cmd!r}")
+                reply = ("ok", result)
+            except Exception:
+                reply = ("err", traceback.format_exc())
+            try:
+                conn.send(reply)
+            except (EOFError, OSError):
+                break
+            if cmd == "exit":
+                break
+    finally:
+        views.clear()   # no view may outlive the shared memory finalize frees
+        dd.finalize()
+
+
+class DecodeChild:
+    """The parent's handle on the decode process: bounded waits, clean exit, kill on failure."""
+
+    def __init__(self, spec: dict):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_decode_main, args=(child, spec),
+                                name="llmdist-demo-decode", daemon=True)
+        self.proc.start()
+        child.close()
+        self.pid = self.proc.pid
+        self.port: Optional[int] = None
+
+    def _recv(self, timeout: float, what: str):
+        try:
+            ready = self.conn.poll(timeout)
+            msg = self.conn.recv() if ready else None
+        except (EOFError, OSError):
+            self.proc.join(1)
+            raise DemoError(f"the decode process (pid {self.pid}) ended (exit code "
+                            f"{self.proc.exitcode}) before answering {what}") from None
+        if msg is None:
+            raise DemoError(f"the decode process (pid {self.pid}) did not answer {what} "
+                            f"within {timeout:.0f} s")
+        if msg[0] == "err":
+            raise DemoError(f"the decode process failed at {what}:\n{msg[1]}")
+        return msg
+
+    def wait_ready(self, timeout: float = READY_S) -> int:
+        _, self.port, self.pid = self._recv(timeout, "start-up")
+        return self.port
+
+    def call(self, cmd: str, *params, timeout: float = REPLY_S):
+        try:
+            self.conn.send((cmd, *params))
+        except (EOFError, OSError) as exc:
+            raise DemoError(f"the decode process (pid {self.pid}) is gone: {exc}") from None
+        return self._recv(timeout, repr(cmd))[1]
+
+    def close(self, prefill_id: Optional[int], graceful: bool = True) -> None:
+        """Ask the child to unlink and finalize (bounded), then reap it; kill it if it does
+        not end in time (or at once without ``graceful``) and remove the shared memory a
+        killed child leaves behind."""
+        try:
+            if graceful and self.proc.is_alive():
+                try:
+                    self.call("exit", prefill_id, timeout=LINK_MS / 1000.0 + 5.0)
+                except DemoError:
+                    pass
+                self.proc.join(10.0)
+        finally:
+            killed = self.proc.is_alive()
+            if killed:
+                try:
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.join(10.0)
+            self.conn.close()
+            if killed or self.proc.exitcode not in (0, None):
+                for f in glob.glob(f"/dev/shm/llmdist-{self.pid}-*"):
+                    try:
+                        os.unlink(f)
+                    except OSError:
+                        pass
+
+
+def _path_description(dd: LLMDataDist, decode_id: int) -> str:
+    """The data path llmdist picked for the decode (read from the link; informational)."""
+    node = getattr(dd, "_node", None)
+    peer = node.peer(decode_id) if node is not None else None
+    path = getattr(peer, "path", None)
+    if path == "direct":
+        return ("direct (same host): copies straight into the decode's POSIX shared memory, "
+                "mapped here")
+    if path == "mooncake":
+        return ("Mooncake Transfer Engine, TCP over 127.0.0.1, one batched write per layer")
+    return str(path)
+
+
+MOONCAKE_QUEUE_ENV = "MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER"
+MOONCAKE_QUEUE_MAX = 65535   # the largest value mooncake-transfer-engine 0.3.13 accepts
+
+
+def _mooncake_queue_workaround(writes: int) -> List[str]:
+    """Mooncake's TCP transport queues at most ``MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER``
+    (default 1024) writes per peer and rejects the rest, and llmdist submits one batch per layer
+    without waiting, so a transfer whose layers are all ready at once (the "after prefill" run)
+    fails with more than ~2048 blocks in flight. Raise the limit for this process and the decode
+    child (spawned after this, so it inherits it) unless the user set it."""
+    if MOONCAKE_QUEUE_ENV in os.environ:
+        return [f"{MOONCAKE_QUEUE_ENV}={os.environ[MOONCAKE_QUEUE_ENV]} (from the environment)"]
+    value = min(MOONCAKE_QUEUE_MAX, max(1024, writes))
+    os.environ[MOONCAKE_QUEUE_ENV] = str(value)
+    note = (f"{MOONCAKE_QUEUE_ENV}={value} set for this run: Mooncake's TCP transport rejects "
+            f"writes past its per-peer queue (default 1024) and llmdist does not bound the "
+            f"{writes} writes it has in flight when every layer is ready")
+    if writes > MOONCAKE_QUEUE_MAX:
+        note += f"; {writes} is above the largest value Mooncake accepts, so it may still fail"
+    return [note]
+
+
+def run_two_process(args, out=sys.stdout) -> int:
+    """The prefill in this process, the decode in a child process on 127.0.0.1: link, stream
+    the KV cache by key into the decode's allocated blocks cache, let the decode verify."""
+    layout = layout_from_args(args)
+    problem = layout.check()
+    if problem:
+        out.write(f"error: {problem}\n")
+        return 2
+
+    rng = random.Random(args.seed)
+    src_table = rng.sample(range(layout.pool_blocks), layout.blocks_needed)
+    dst_table = rng.sample(range(layout.pool_blocks), layout.blocks_needed)
+    model = ToyModel(layout, args.seed)
+
+    prefill_id, decode_id = args.cluster_id, args.cluster_id + 1
+    notes = []
+    if args.transport == "mooncake":
+        notes += _mooncake_queue_workaround(layout.num_tensors * layout.blocks_needed)
+        os.environ.setdefault("GLOG_minloglevel", "1")   # no INFO line per Mooncake batch
+    spec = dict(cluster_id=decode_id, host=HOST, dtype=args.dtype,
+                num_tensors=layout.num_tensors, pool_blocks=layout.pool_blocks,
+                block_size=layout.block_size, canary=CANARY, idle_s=CHILD_IDLE_S)
+    t_spawn = time.perf_counter()
+    decode = DecodeChild(spec)
+    dd: Optional[LLMDataDist] = None
+    graceful = False
+    progress: List[str] = []     # what is known when something fails
+    try:
+        port = decode.wait_ready()
+        ready_s = time.perf_counter() - t_spawn
+
+        dd = LLMDataDist(LLMRole.PROMPT, prefill_id)
+        cfg = LLMConfig()
+        cfg.device_id = 0
+        cfg.enable_cache_manager = True
+        cfg.enable_remote_cache_accessible = True
+        options = cfg.generate_options()
+        options["llmdist.transport"] = args.transport
+        dd.init(options)
+        cm = dd.cache_manager
+
+        info = LLMClusterInfo()
+        info.remote_cluster_id = decode_id
+        info.append_remote_ip_info(HOST, port)
+        t_link = time.perf_counter()
+        status, _ = dd.link_clusters([info], LINK_MS)
+        link_s = time.perf_counter() - t_link
+        if status != LLMStatusCode.LLM_SUCCESS:
+            raise DemoError(f"link_clusters to cluster {decode_id} at {HOST}:{port} returned "
+                            f"{status.name}")
+        path = _path_description(dd, decode_id)
+
+        src_mem = aligned_empty(layout.num_tensors * layout.tensor_bytes)
+        src_mem.fill(0)
+        src_views = list(src_mem.reshape(layout.num_tensors, layout.pool_blocks,
+                                         layout.block_size))
+        src_cache = cm.register_blocks_cache(layout.cache_desc(),
+                                             [int(v.ctypes.data) for v in src_views],
+                                             BlocksCacheKey(prefill_id, 0))
+        configs = [TransferWithCacheKeyConfig(BlocksCacheKey(decode_id, 0), range(layout.layers),
+                                              range(layout.layers))]
+
+        # 1. prefill, streaming each layer into the decode as soon as it is written
+        sync = LayerEvents(layout.layers)
+        t_call = time.perf_counter()
+        task = cm.transfer_cache_async(src_cache, sync, configs, src_table, dst_table)
+        t_start = time.perf_counter()
+        kv_first = kv_last = None
+        try:
+            for layer, k, v in model.layers():
+                write_kv(src_views, layout, src_table, layer, k, v)
+                sync.mark_done(layer)
+                if layer == 0:
+                    kv_first = (k, v)
+                kv_last = (k, v)
+        except BaseException:
+            sync.cancel()
+            task.synchronize(TASK_MS)
+            raise
+        t_prefill_end = time.perf_counter()
+        status_streamed = task.synchronize(TASK_MS)
+        t_done = time.perf_counter()
+        results = task.get_results(TASK_MS)
+        progress.append(f"the streamed transfer ended {status_streamed.name}")
+        # The source pages must hold the model's K/V; the decode checks its pages against them.
+        model_ok = (check_model_pages(src_views, layout, src_table, 0, *kv_first)
+                    and check_model_pages(src_views, layout, src_table, layout.layers - 1,
+                                          *kv_last))
+        digests = block_digests(src_views, src_table)
+        t_verify = time.perf_counter()
+        verdict_streamed = Verdict(**decode.call("verify", src_table, dst_table, digests))
+        verify_s = time.perf_counter() - t_verify
+
+        # 2. the same transfer with every layer ready: the cost of sending after prefill
+        decode.call("reset")
+        t_full = time.perf_counter()
+        status_full = cm.transfer_cache_async(src_cache, AllReady(), configs, src_table,
+                                              dst_table).synchronize(TASK_MS)
+        full_s = time.perf_counter() - t_full
+        progress.append(f"the all-ready transfer ended {status_full.name}")
+        verdict_full = Verdict(**decode.call("verify", src_table, dst_table, digests))
+
+        unlink_status, _ = dd.unlink_clusters([info], LINK_MS, force=True)
+        cm.unregister_cache(src_cache.cache_id)
+        graceful = True
+
+        tm = Timings(prefill_s=t_prefill_end - t_start, tail_s=t_done - t_prefill_end,
+                     last_sync_tail_s=t_done - sync.returned[-1],
+                     streamed_total_s=t_done - t_call, full_s=full_s, call_s=t_start - t_call)
+        extra = [
+            f"clusters   prefill {prefill_id} (this process, pid {os.getpid()}) -> decode "
+            f"{decode_id} (pid {decode.pid}, listening on {HOST}:{port}); decode ready in "
+            f"{_fmt_t(ready_s)}, linked in {_fmt_t(link_s)}",
+            f"path       --transport {args.transport}: {path}",
+            f"digests    {len(src_table) * layout.num_tensors} BLAKE2b-{8 * DIGEST_BYTES} block "
+            f"digests ({_fmt_bytes(len(src_table) * layout.num_tensors * DIGEST_BYTES)}) sent to "
+            f"the decode; it checked the streamed cache in {_fmt_t(verify_s)}",
+        ]
+        if unlink_status != LLMStatusCode.LLM_SUCCESS:
+            notes.append(f"unlink_clusters returned {unlink_status.name}")
+        extra += [f"note       {n}" for n in notes]
+        statuses = [status_streamed, status_full] + [r for r in results if r is not None]
+        ok = print_report(out, "two-process", layout, tm, [verdict_streamed, verdict_full],
+                          model_ok, statuses, extra=extra, checker=" (checked by the decode)")
+        return 0 if ok else 1
+    except (DemoError, LLMException) as exc:
+        out.write(f"error: {exc}\n" + "".join(f"  ({p})\n" for p in progress) + "FAIL\n")
+        return 1
+    finally:
+        if not graceful:        # a failure: end the child first, so that nothing waits on it
+            decode.close(prefill_id, graceful=False)
+        try:
+            if dd is not None:
+                dd.finalize()
+        finally:
+            decode.close(prefill_id, graceful=graceful)
+
+
 MODES: Dict[str, Callable] = {
+    "two-process": run_two_process,
     "local": run_local,
 }
-DEFAULT_MODE = "local"
+DEFAULT_MODE = "two-process"
 
 
 # ------------------------------------------------------------------------------------------
@@ -411,7 +815,8 @@ def _size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=sorted(MODES), default=DEFAULT_MODE,
-                   help="where the destination lives (default: %(default)s)")
+                   help="where the destination lives: two-process (a decode cluster in a child "
+                        "process on 127.0.0.1) or local (this process) (default: %(default)s)")
     p.add_argument("--layers", type=int, default=32, help="model layers (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default: %(default)s)")
     p.add_argument("--dim", type=int, default=512,
@@ -422,8 +827,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes per cache block, e.g. 16384 or 16K (default: 16K)")
     p.add_argument("--blocks", type=int, default=0, metavar="N",
                    help="blocks in each cache tensor's pool (default: twice what the prompt needs)")
+    p.add_argument("--transport", choices=TRANSPORTS, default="auto",
+                   help="data path to the decode process (two-process mode): direct (same-host "
+                        "shared memory), mooncake (Mooncake Transfer Engine over loopback TCP) "
+                        "or auto, llmdist's choice (default: %(default)s)")
     p.add_argument("--cluster-id", type=int, default=1,
-                   help="local cluster id (default: %(default)s)")
+                   help="the prefill's cluster id; the decode process is this + 1 "
+                        "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
 

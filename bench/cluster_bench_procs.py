@@ -1,0 +1,325 @@
+"""Child processes of the two-process benchmarks (bench/test_bench_cluster.py).
+
+multiprocessing's 'spawn' start method needs importable functions, so they live here (under a
+name of their own: tests/cluster_procs.py is imported as ``cluster_procs`` when both directories
+run together). Every child obeys ``(command, *args)`` tuples from the parent over a Pipe and
+answers ``("ok", result)`` or ``("err", traceback)``; without a command for ``idle_s`` seconds,
+or when the parent's end closes, it cleans up and exits.
+
+- ``decode_main``: a DECODER cluster listening on 127.0.0.1 (port picked by the OS) that allocates
+  or registers blocks caches under ``BlocksCacheKey(cluster_id, model_id)``, clears them, returns
+  per-block digests of what arrived, and (``nixl_init``) exposes its registered memory to a NIXL
+  agent.
+- ``nixl_prefill_main``: the NIXL side of the NIXL baseline: its own source memory (the same
+  pattern as the benchmark's source), a contiguous np.copyto baseline, and the layer-wise B2B
+  writes into the decode's memory through NIXL (UCX backend).
+
+NIXL 1.5.1's UCX backend crashes at process exit (a destructor of its bundled libnl-route runs
+after the library it needs is gone: SIGSEGV in ``rtnl_tc_unregister`` from ``_dl_fini``), so
+NIXL is only ever loaded in these children, which leave with ``os._exit`` once NIXL is loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+DIGEST_BYTES = 16
+MiB = 1 << 20
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers shared with the parent
+
+
+def aligned_empty(nbytes: int, align: int = 4096):
+    """An uninitialised uint8 array of nbytes whose data starts on an `align` boundary."""
+    import numpy as np
+    raw = np.empty(nbytes + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + nbytes]
+
+
+def fill_pattern(flat, start: int = 1, chunk: int = 64 * MiB) -> None:
+    """Distinct 64-bit words (the source pattern of the B2B benchmarks; touches every page)."""
+    import numpy as np
+    words = flat.view(np.uint64)
+    for lo in range(0, words.size, chunk // 8):
+        hi = min(words.size, lo + chunk // 8)
+        words[lo:hi] = np.arange(start + lo, start + hi, dtype=np.uint64)
+
+
+def host_view(addr: int, nbytes: int):
+    import numpy as np
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr))
+
+
+def block_digests(tensors, idx, threads: int = 2):
+    """Per tensor ([blocks, block_size] uint8), the BLAKE2b digests of blocks idx, concatenated
+    in idx order. hashlib drops the GIL on large buffers: tensors are hashed on `threads`
+    threads."""
+    idx = [int(i) for i in idx]
+
+    def one(t):
+        return b"".join(hashlib.blake2b(t[i], digest_size=DIGEST_BYTES).digest() for i in idx)
+
+    with ThreadPoolExecutor(threads) as ex:
+        return list(ex.map(one, tensors))
+
+
+def _serve(conn, obj, idle_s: float) -> None:
+    """Run obj.cmd_<name>(*args) for each command until "exit", silence or a closed pipe."""
+    while True:
+        try:
+            if not conn.poll(idle_s):
+                return
+            cmd, *args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply = ("ok", getattr(obj, "cmd_" + cmd)(*args))
+        except Exception:  # noqa: BLE001 - report, keep serving
+            reply = ("err", traceback.format_exc())
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+        if cmd == "exit":
+            return
+
+
+def _fix_path() -> None:
+    for d in (REPO_DIR, BENCH_DIR):   # llmdist may be built in place, not installed
+        if d not in sys.path:
+            sys.path.insert(0, d)
+
+
+# ------------------------------------------------------------------------------------------
+# The decode cluster
+
+
+class _Decode:
+    def __init__(self, cluster_id: int) -> None:
+        from llmdist import LLMConfig, LLMDataDist, LLMRole
+        self.cluster_id = cluster_id
+        self.dd = LLMDataDist(LLMRole.DECODER, cluster_id)
+        cfg = LLMConfig()
+        cfg.device_id = 0
+        cfg.enable_cache_manager = True
+        cfg.enable_remote_cache_accessible = True
+        cfg.listen_ip_info = "127.0.0.1:0"
+        self.dd.init(cfg.generate_options())
+        self.cm = self.dd.cache_manager
+        self.caches = {}       # model id -> (cache, [tensor views], owner array or None)
+        self.nixl = None       # (agent, registration) once nixl_init ran
+
+    def _desc(self, num_tensors, pool, block):
+        from llmdist import CacheDesc, DataType, Placement
+        return CacheDesc(num_tensors=num_tensors, shape=[pool, block],
+                         data_type=DataType.DT_UINT8, placement=Placement.DEVICE)
+
+    def cmd_alloc(self, model_id, num_tensors, pool, block):
+        """allocate_blocks_cache (shared memory on a listening cluster), zeroed (pre-faulted)."""
+        from llmdist import BlocksCacheKey
+        cache = self.cm.allocate_blocks_cache(self._desc(num_tensors, pool, block),
+                                              BlocksCacheKey(self.cluster_id, model_id))
+        views = [host_view(a, pool * block).reshape(pool, block) for a in cache.tensor_addrs]
+        for v in views:
+            v.fill(0)
+        self.caches[model_id] = (cache, views, None)
+        return list(cache.tensor_addrs)
+
+    def cmd_register(self, model_id, num_tensors, pool, block):
+        """register_blocks_cache over page-aligned numpy memory, zeroed (pre-faulted)."""
+        from llmdist import BlocksCacheKey
+        mem = aligned_empty(num_tensors * pool * block)
+        mem.fill(0)
+        t = mem.reshape(num_tensors, pool, block)
+        cache = self.cm.register_blocks_cache(self._desc(num_tensors, pool, block),
+                                              [int(t[i].ctypes.data) for i in range(num_tensors)],
+                                              BlocksCacheKey(self.cluster_id, model_id))
+        self.caches[model_id] = (cache, [t[i] for i in range(num_tensors)], mem)
+        return list(cache.tensor_addrs)
+
+    def cmd_clear(self, model_id):
+        for v in self.caches[model_id][1]:
+            v.fill(0)
+
+    def cmd_digests(self, model_id, idx):
+        return block_digests(self.caches[model_id][1], idx)
+
+    def cmd_nixl_init(self, model_id):
+        """A NIXL agent (UCX backend) with the memory of cache model_id registered (DRAM);
+        returns the agent's metadata for the NIXL prefill."""
+        from nixl._api import nixl_agent, nixl_agent_config
+        _, views, mem = self.caches[model_id]
+        agent = nixl_agent(f"decode-{self.cluster_id}", nixl_agent_config(backends=["UCX"]))
+        if mem is not None:
+            regions = [(int(mem.ctypes.data), int(mem.nbytes), 0, "")]
+        else:
+            regions = [(int(v.ctypes.data), int(v.nbytes), 0, "") for v in views]
+        reg = agent.register_memory(regions, "DRAM")
+        self.nixl = (agent, reg)
+        return agent.get_agent_metadata()
+
+    def cmd_ping(self):
+        return os.getpid()
+
+    def cmd_exit(self):
+        return None
+
+    def close(self) -> None:
+        if self.nixl is not None:
+            agent, reg = self.nixl
+            try:
+                agent.deregister_memory(reg)
+            except Exception:  # noqa: BLE001 - best effort before _exit
+                pass
+        for cache, views, _ in self.caches.values():
+            views.clear()
+        self.dd.finalize()
+
+
+def decode_main(conn, cluster_id: int, idle_s: float = 300.0) -> None:
+    """Child entry point: report ("ready", port, pid), then serve commands."""
+    _fix_path()
+    try:
+        node = _Decode(cluster_id)
+    except BaseException:
+        conn.send(("err", traceback.format_exc()))
+        return
+    conn.send(("ready", node.dd.listen_port, os.getpid()))
+    try:
+        _serve(conn, node, idle_s)
+    finally:
+        node.close()
+        if node.nixl is not None:     # see the module doc: NIXL crashes at a normal exit
+            conn.close()
+            os._exit(0)
+
+
+# ------------------------------------------------------------------------------------------
+# The NIXL prefill
+
+
+class _NixlPrefill:
+    def __init__(self) -> None:
+        # No progress thread on the initiator: check_xfer_state progresses the transfers. With
+        # NIXL's default progress thread (a polling loop) the initiator ran at about half the
+        # speed here, on 2 cores. The decode (target) keeps its thread: nothing else progresses
+        # its side of the connection set-up.
+        from nixl._api import nixl_agent, nixl_agent_config
+        self.agent = nixl_agent(f"prefill-{os.getpid()}",
+                                nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        self.reg = None
+
+    def cmd_setup(self, decode_meta, dst_addrs, layers, pool, block, src_idx, dst_idx):
+        """Source memory with the benchmark's pattern and a scratch buffer of the same size
+        (the np.copyto baseline), both registered/pre-faulted; prepared descriptor lists of every
+        (tensor, block) on both sides; per layer the index lists of its K and V pairs."""
+        import numpy as np
+        n_t = 2 * layers
+        self.block = block
+        self.cache_bytes = n_t * pool * block
+        self.src = aligned_empty(self.cache_bytes)
+        fill_pattern(self.src, start=1)
+        self.scratch = aligned_empty(self.cache_bytes)
+        self.scratch.fill(0)
+        self.reg = self.agent.register_memory(
+            [(int(self.src.ctypes.data), self.cache_bytes, 0, "")], "DRAM")
+        self.remote = self.agent.add_remote_agent(decode_meta)
+        n = n_t * pool
+        loc = np.zeros((n, 3), dtype=np.uint64)
+        loc[:, 0] = self.src.ctypes.data + np.arange(n, dtype=np.uint64) * block
+        loc[:, 1] = block
+        rem = np.zeros((n, 3), dtype=np.uint64)
+        rem[:, 0] = (np.repeat(np.asarray(dst_addrs, dtype=np.uint64), pool)
+                     + np.tile(np.arange(pool, dtype=np.uint64) * block, n_t))
+        rem[:, 1] = block
+        self.local_h = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", loc, "DRAM")
+        self.remote_h = self.agent.prep_xfer_dlist(self.remote, rem, "DRAM")
+        s = np.asarray(src_idx, dtype=np.int32)
+        d = np.asarray(dst_idx, dtype=np.int32)
+        self.layers = [(np.concatenate([(2 * l) * pool + s, (2 * l + 1) * pool + s]),
+                        np.concatenate([(2 * l) * pool + d, (2 * l + 1) * pool + d]))
+                       for l in range(layers)]
+        self.bytes_moved = n_t * len(src_idx) * block
+        return self.bytes_moved
+
+    def cmd_copyto(self, start: int = 0, chunk: int = 256 * MiB):
+        """Seconds for a contiguous np.copyto of bytes_moved bytes (src -> scratch)."""
+        import numpy as np
+        left, n, off = self.bytes_moved, self.cache_bytes, start % self.cache_bytes
+        t0 = time.perf_counter()
+        while left:
+            c = min(chunk, left, n - off)
+            np.copyto(self.scratch[off:off + c], self.src[off:off + c])
+            left -= c
+            off = (off + c) % n
+        return time.perf_counter() - t0
+
+    def cmd_xfer(self, timeout_s: float = 120.0):
+        """Seconds for the layer-wise B2B write: per layer one prepared WRITE of its K and V
+        block pairs (made and posted in layer order, like llmdist's per-layer queueing), then
+        wait until every one is DONE."""
+        t0 = time.perf_counter()
+        handles = []
+        try:
+            for li, ri in self.layers:
+                h = self.agent.make_prepped_xfer("WRITE", self.local_h, li, self.remote_h, ri)
+                handles.append(h)
+                if self.agent.transfer(h) == "ERR":
+                    raise RuntimeError("NIXL transfer() returned ERR")
+            deadline = t0 + timeout_s
+            for h in handles:
+                while True:
+                    st = self.agent.check_xfer_state(h)
+                    if st == "DONE":
+                        break
+                    if st == "ERR":
+                        raise RuntimeError("NIXL transfer ended in ERR")
+                    if time.perf_counter() > deadline:
+                        raise TimeoutError(f"NIXL transfer not done after {timeout_s} s")
+            return time.perf_counter() - t0
+        finally:
+            for h in handles:
+                try:
+                    self.agent.release_xfer_handle(h)
+                except Exception:  # noqa: BLE001 - still in flight after an error
+                    pass
+
+    def cmd_backend_info(self):
+        return {"plugins": list(self.agent.get_plugin_list()),
+                "ucx_tls": os.environ.get("UCX_TLS", "(UCX default)")}
+
+    def cmd_exit(self):
+        return None
+
+
+def nixl_prefill_main(conn, idle_s: float = 300.0) -> None:
+    """Child entry point: report ("ready", pid) or ("err", why), then serve commands; leaves
+    with os._exit (see the module doc)."""
+    _fix_path()
+    try:
+        node = _NixlPrefill()
+    except BaseException:
+        conn.send(("err", traceback.format_exc()))
+        conn.close()
+        os._exit(0)
+    conn.send(("ready", os.getpid()))
+    try:
+        _serve(conn, node, idle_s)
+    finally:
+        try:
+            if node.reg is not None:
+                node.agent.deregister_memory(node.reg)
+        finally:
+            conn.close()
+            os._exit(0)

@@ -147,6 +147,156 @@ cdef class Runtime:
                 rc = self.rt.free_host(self.rt.ctx, <void *>ptr)
         self.check(rc, "free")
 
+    # -- device IPC: device memory shared with another process of this host -----------------
+
+    @property
+    def ipc_kind(self):
+        """How peers reach this runtime's exported device memory: "acl_ipc" or "cuda_ipc"
+        (None on the host runtime, whose memory is shared as POSIX shared memory)."""
+        return {"acl": "acl_ipc", "cuda": "cuda_ipc"}.get(self.name)
+
+    @property
+    def ipc_unavailable(self):
+        """Why device IPC cannot be used with this runtime, or None when it can."""
+        if self.name == "host":
+            return "the host runtime has no device memory"
+        missing = acl_ipc_missing() if self.name == "acl" else cuda_ipc_missing()
+        if missing:
+            return f"the loaded runtime library ({self.library}) lacks {', '.join(missing)}"
+        return None
+
+    cdef int need_ipc(self) except -1:
+        why = self.ipc_unavailable
+        if why is not None:
+            raise LLMException(f"device IPC is not available on the {self.name} runtime: {why}",
+                               status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+        return 0
+
+    def bare_tgid(self):
+        """The pid an exporter whitelists so that this process may import its device memory:
+        ACL's aclrtDeviceGetBareTgid (the host's pid, also inside a container) when the
+        library has it, else os.getpid()."""
+        cdef int32_t pid = 0
+        cdef int rc
+        if self.name != "acl" or g_acl.aclrtDeviceGetBareTgid == NULL:
+            return os.getpid()
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc == 0:
+                rc = g_acl.aclrtDeviceGetBareTgid(&pid)
+        self.check(rc, "aclrtDeviceGetBareTgid")
+        return pid
+
+    def ipc_export(self, uintptr_t ptr, size_t size, bint check_pid=True):
+        """Export device memory to other processes of this host. ACL: the page-aligned region
+        [ptr, ptr + size), returned as its key; importers must be whitelisted with ipc_allow
+        unless check_pid is False. CUDA: the whole cudaMalloc allocation starting at ptr,
+        returned as the hex of its handle (no whitelist)."""
+        cdef char key[65]
+        cdef llmd_cudaIpcMemHandle_t handle
+        cdef uint64_t flags = 0 if check_pid else LLMD_ACL_IPC_EXPORT_NO_PID_CHECK
+        cdef bint acl = self.name == "acl"
+        cdef int rc
+        self.need_ipc()
+        memset(key, 0, sizeof(key))
+        memset(&handle, 0, sizeof(handle))
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc == 0:
+                if acl:
+                    rc = g_acl.aclrtIpcMemGetExportKey(<void *>ptr, size, key, 65, flags)
+                else:
+                    rc = g_cuda.cudaIpcGetMemHandle(&handle, <void *>ptr)
+        if acl:
+            self.check(rc, f"aclrtIpcMemGetExportKey({ptr:#x}, {size})")
+            key[64] = 0
+            return (<bytes>key).decode("ascii", "replace")
+        self.check(rc, f"cudaIpcGetMemHandle({ptr:#x})")
+        return (<char *>&handle)[:LLMD_CUDA_IPC_HANDLE_SIZE].hex()
+
+    def ipc_allow(self, str key, pids):
+        """ACL: let the processes pids import key (aclrtIpcMemSetImportPid; pass every pid
+        that should have access). Nothing to do on CUDA."""
+        cdef Py_ssize_t i, n = len(pids)
+        cdef int32_t *arr
+        cdef bytes k = key.encode()
+        cdef const char *kp = k
+        cdef int rc
+        if self.name != "acl" or n == 0:
+            return
+        self.need_ipc()
+        arr = <int32_t *>malloc(n * sizeof(int32_t))
+        if arr == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                arr[i] = pids[i]
+            with nogil:
+                rc = self.rt.set_device(self.rt.ctx, self.device_id)
+                if rc == 0:
+                    rc = g_acl.aclrtIpcMemSetImportPid(kp, arr, n)
+        finally:
+            free(arr)
+        self.check(rc, f"aclrtIpcMemSetImportPid({key}, {list(pids)})")
+
+    def ipc_import(self, str ident):
+        """Map a peer's exported device memory (ACL key, CUDA handle hex) into this process,
+        with peer access enabled; returns the local address of the exported region's start
+        (CUDA: of the exporter's allocation)."""
+        cdef void *p = NULL
+        cdef llmd_cudaIpcMemHandle_t handle
+        cdef bytes k = ident.encode()
+        cdef const char *kp = k
+        cdef bint acl = self.name == "acl"
+        cdef int rc
+        self.need_ipc()
+        if not acl:
+            raw = bytes.fromhex(ident)
+            if len(raw) != LLMD_CUDA_IPC_HANDLE_SIZE:
+                raise LLMException(f"a CUDA IPC handle has {LLMD_CUDA_IPC_HANDLE_SIZE} bytes, "
+                                   f"got {len(raw)}", status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            memcpy(&handle, <const char *>raw, LLMD_CUDA_IPC_HANDLE_SIZE)
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc == 0:
+                if acl:
+                    rc = g_acl.aclrtIpcMemImportByKey(&p, kp, LLMD_ACL_IPC_IMPORT_PEER_ACCESS)
+                else:
+                    rc = g_cuda.cudaIpcOpenMemHandle(&p, handle, LLMD_CUDA_IPC_LAZY_ENABLE_PEER_ACCESS)
+        self.check(rc, f"aclrtIpcMemImportByKey({ident})" if acl else "cudaIpcOpenMemHandle")
+        return <uintptr_t>p
+
+    def ipc_close_import(self, str ident, uintptr_t ptr):
+        """Unmap memory from ipc_import (after every copy into it has completed)."""
+        cdef bytes k = ident.encode()
+        cdef const char *kp = k
+        cdef bint acl = self.name == "acl"
+        cdef int rc
+        self.need_ipc()
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc == 0:
+                if acl:
+                    rc = g_acl.aclrtIpcMemClose(kp)
+                else:
+                    rc = g_cuda.cudaIpcCloseMemHandle(<void *>ptr)
+        self.check(rc, f"aclrtIpcMemClose({ident})" if acl else f"cudaIpcCloseMemHandle({ptr:#x})")
+
+    def ipc_close_export(self, str ident):
+        """Withdraw an export (after the importers closed theirs, before freeing the memory).
+        ACL closes the key; a CUDA handle needs no closing."""
+        cdef bytes k = ident.encode()
+        cdef const char *kp = k
+        cdef int rc
+        if self.name != "acl":
+            return
+        self.need_ipc()
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc == 0:
+                rc = g_acl.aclrtIpcMemClose(kp)
+        self.check(rc, f"aclrtIpcMemClose({ident})")
+
     def memcpy_each(self, list dsts, list srcs, size_t n, Stream stream):
         """Queue one async copy of n bytes per (dst, src) pair from a C loop: the
         copy-per-block baseline (as vLLM's swap_blocks does) for benchmarks."""
@@ -683,6 +833,8 @@ cdef struct CfgState:
                             # 2: writes into another process (process_vm_writev) on the host stream;
                             # 3: batched writes through a transfer engine (another host)
     int pid                 # lane 2: the destination process
+    int single              # lane 0: copy run by run, never in a batch call (the destination is
+                            # another device's memory, which a batch's one location cannot name)
     int async_code          # lane 2: errno of a failed write, set by the host stream
     const volatile int *link_up  # the link to the destination cluster (NULL: this process)
     int code                # runtime error code, 0 while fine
@@ -756,8 +908,9 @@ cdef class TransferJob:
                  list configs, synchronizer, sync_timeout=None, bint use_batch=True,
                  events=None, LayerGate gate=None):
         """configs: (first_layer, stop_layer, src_shift, kind, lane, dst_addrs, dst_limits, pid,
-        link) per config, with 2 destination addresses and limits per covered layer; pid is the
-        destination process for lane 2, link the LinkFlag of a peer or None. events (a list of
+        link[, engine[, single]]) per config, with 2 destination addresses and limits per covered
+        layer; pid is the destination process for lane 2, link the LinkFlag of a peer or None,
+        engine (transport, session) for lane 3, single true to copy run by run. events (a list of
         Event, one per source layer) with gate switch to event-based readiness."""
         cdef Py_ssize_t i, j, total = 0, nl = len(src_addrs), slots = 0
         cdef CfgState *c
@@ -792,6 +945,8 @@ cdef class TransferJob:
             c.pid = spec[7]
             if len(spec) > 9 and spec[9] is not None:
                 self.engines[i] = [spec[9][0], spec[9][1], []]
+            if len(spec) > 10 and spec[10]:
+                c.single = 1
             if spec[8] is not None:
                 link = <LinkFlag>spec[8]
                 self.links.append(link)
@@ -934,7 +1089,7 @@ cdef class TransferJob:
                 rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
                                                    &self.d_srcs[base], &self.d_sizes[base],
                                                    k - base, &c.async_code)
-            elif self.use_batch and rt.memcpy_batch_async != NULL:
+            elif self.use_batch and not c.single and rt.memcpy_batch_async != NULL:
                 rc = rt.memcpy_batch_async(rt.ctx, &self.d_dsts[base], &self.d_maxs[base],
                                            &self.d_srcs[base], &self.d_sizes[base], k - base,
                                            c.kind, stream, &fail)

@@ -1,7 +1,7 @@
 # Device runtimes: ACL (Ascend) and CUDA, looked up with dlopen/dlsym at run time into tables of
 # function pointers, and adapted to the llmd_runtime interface by nogil functions.
 
-from libc.stdint cimport uint32_t
+from libc.stdint cimport uint32_t, uint64_t
 from posix.unistd cimport usleep
 
 cdef extern from "<dlfcn.h>" nogil:
@@ -54,6 +54,11 @@ cdef extern from "llmdist/acl.h" nogil:
                                           llmd_aclrtMemcpyBatchAttr *, size_t *, size_t,
                                           size_t *, void *) nogil
         aclError (*aclrtGetVersion)(int32_t *, int32_t *, int32_t *) nogil
+        aclError (*aclrtIpcMemGetExportKey)(void *, size_t, char *, size_t, uint64_t) nogil
+        aclError (*aclrtIpcMemSetImportPid)(const char *, int32_t *, size_t) nogil
+        aclError (*aclrtIpcMemImportByKey)(void **, const char *, uint64_t) nogil
+        aclError (*aclrtIpcMemClose)(const char *) nogil
+        aclError (*aclrtDeviceGetBareTgid)(int32_t *) nogil
     int LLMD_ACL_REPEAT_INITIALIZE
     int LLMD_ACL_FEATURE_NOT_SUPPORT
     unsigned LLMD_ACL_EVENT_SYNC
@@ -61,6 +66,9 @@ cdef extern from "llmdist/acl.h" nogil:
     int LLMD_ACL_MEM_MALLOC_HUGE_FIRST
     int LLMD_ACL_MEM_LOCATION_HOST
     int LLMD_ACL_MEM_LOCATION_DEVICE
+    int LLMD_ACL_IPC_HANDLE_SIZE
+    unsigned LLMD_ACL_IPC_EXPORT_NO_PID_CHECK
+    unsigned LLMD_ACL_IPC_IMPORT_PEER_ACCESS
 
 cdef extern from "llmdist/cuda.h" nogil:
     ctypedef struct llmd_cudaMemLocation:
@@ -71,6 +79,8 @@ cdef extern from "llmdist/cuda.h" nogil:
         llmd_cudaMemLocation srcLocHint
         llmd_cudaMemLocation dstLocHint
         unsigned int flags
+    ctypedef struct llmd_cudaIpcMemHandle_t:
+        char reserved[64]
     ctypedef int (*llmd_cudaMemcpyBatchAsync12_t)(void **, void **, size_t *, size_t,
                                                  llmd_cudaMemcpyAttributes *, size_t *, size_t,
                                                  size_t *, void *) nogil
@@ -97,6 +107,9 @@ cdef extern from "llmdist/cuda.h" nogil:
         int (*cudaMemcpyAsync)(void *, const void *, size_t, int, void *) nogil
         const char *(*cudaGetErrorString)(int) nogil
         void *cudaMemcpyBatchAsync
+        int (*cudaIpcGetMemHandle)(llmd_cudaIpcMemHandle_t *, void *) nogil
+        int (*cudaIpcOpenMemHandle)(void **, llmd_cudaIpcMemHandle_t, unsigned int) nogil
+        int (*cudaIpcCloseMemHandle)(void *) nogil
     int LLMD_CUDA_ERROR_INVALID_VALUE
     int LLMD_CUDA_ERROR_MEMORY_ALLOCATION
     int LLMD_CUDA_ERROR_NOT_READY
@@ -105,6 +118,8 @@ cdef extern from "llmdist/cuda.h" nogil:
     int LLMD_CUDA_MEM_LOCATION_DEVICE
     int LLMD_CUDA_MEM_LOCATION_HOST
     int LLMD_CUDA_ACCESS_ORDER_STREAM
+    int LLMD_CUDA_IPC_HANDLE_SIZE
+    unsigned LLMD_CUDA_IPC_LAZY_ENABLE_PEER_ACCESS
 
 # Codes llmdist itself returns through a device runtime's table.
 cdef enum:
@@ -260,6 +275,20 @@ cdef const char *acl_error_string(void *ctx, int code) noexcept nogil:
     return m
 
 
+cdef list acl_ipc_missing():
+    """The ACL device-IPC symbols the loaded libascendcl lacks (they are newer than the rest)."""
+    cdef list out = []
+    if g_acl.aclrtIpcMemGetExportKey == NULL:
+        out.append("aclrtIpcMemGetExportKey")
+    if g_acl.aclrtIpcMemSetImportPid == NULL:
+        out.append("aclrtIpcMemSetImportPid")
+    if g_acl.aclrtIpcMemImportByKey == NULL:
+        out.append("aclrtIpcMemImportByKey")
+    if g_acl.aclrtIpcMemClose == NULL:
+        out.append("aclrtIpcMemClose")
+    return out
+
+
 def acl_load(list paths, bint try_noload, int device_id):
     """Load libascendcl from the first of paths that opens; initialise ACL and check that a
     device exists. Returns (path, version string); raises RuntimeError with the reason."""
@@ -296,6 +325,11 @@ def acl_load(list paths, bint try_noload, int device_id):
         g_acl.aclrtSynchronizeEventWithTimeout = <aclError (*)(void *, int32_t) noexcept nogil>maybe(h, "aclrtSynchronizeEventWithTimeout")
         g_acl.aclrtMemcpyBatchAsync = <aclError (*)(void **, size_t *, void **, size_t *, size_t, llmd_aclrtMemcpyBatchAttr *, size_t *, size_t, size_t *, void *) noexcept nogil>maybe(h, "aclrtMemcpyBatchAsync")
         g_acl.aclrtGetVersion = <aclError (*)(int32_t *, int32_t *, int32_t *) noexcept nogil>maybe(h, "aclrtGetVersion")
+        g_acl.aclrtIpcMemGetExportKey = <aclError (*)(void *, size_t, char *, size_t, uint64_t) noexcept nogil>maybe(h, "aclrtIpcMemGetExportKey")
+        g_acl.aclrtIpcMemSetImportPid = <aclError (*)(const char *, int32_t *, size_t) noexcept nogil>maybe(h, "aclrtIpcMemSetImportPid")
+        g_acl.aclrtIpcMemImportByKey = <aclError (*)(void **, const char *, uint64_t) noexcept nogil>maybe(h, "aclrtIpcMemImportByKey")
+        g_acl.aclrtIpcMemClose = <aclError (*)(const char *) noexcept nogil>maybe(h, "aclrtIpcMemClose")
+        g_acl.aclrtDeviceGetBareTgid = <aclError (*)(int32_t *) noexcept nogil>maybe(h, "aclrtDeviceGetBareTgid")
         if missing:
             raise RuntimeError(f"the loaded libascendcl.so lacks {', '.join(missing)}")
         rc = g_acl.aclInit(NULL)
@@ -443,6 +477,18 @@ cdef const char *cuda_error_string(void *ctx, int code) noexcept nogil:
     return g_cuda.cudaGetErrorString(code)
 
 
+cdef list cuda_ipc_missing():
+    """The CUDA device-IPC symbols the loaded libcudart lacks."""
+    cdef list out = []
+    if g_cuda.cudaIpcGetMemHandle == NULL:
+        out.append("cudaIpcGetMemHandle")
+    if g_cuda.cudaIpcOpenMemHandle == NULL:
+        out.append("cudaIpcOpenMemHandle")
+    if g_cuda.cudaIpcCloseMemHandle == NULL:
+        out.append("cudaIpcCloseMemHandle")
+    return out
+
+
 def cuda_load(list paths, int device_id):
     """Load libcudart from the first of paths that opens and check that a device exists.
     Returns (path, version string); raises RuntimeError with the reason."""
@@ -473,6 +519,9 @@ def cuda_load(list paths, int device_id):
         g_cuda.cudaFreeHost = <int (*)(void *) noexcept nogil>need(h, "cudaFreeHost", missing)
         g_cuda.cudaMemcpyAsync = <int (*)(void *, const void *, size_t, int, void *) noexcept nogil>need(h, "cudaMemcpyAsync", missing)
         g_cuda.cudaGetErrorString = <const char *(*)(int) noexcept nogil>need(h, "cudaGetErrorString", missing)
+        g_cuda.cudaIpcGetMemHandle = <int (*)(llmd_cudaIpcMemHandle_t *, void *) noexcept nogil>maybe(h, "cudaIpcGetMemHandle")
+        g_cuda.cudaIpcOpenMemHandle = <int (*)(void **, llmd_cudaIpcMemHandle_t, unsigned int) noexcept nogil>maybe(h, "cudaIpcOpenMemHandle")
+        g_cuda.cudaIpcCloseMemHandle = <int (*)(void *) noexcept nogil>maybe(h, "cudaIpcCloseMemHandle")
         if missing:
             raise RuntimeError(f"the loaded libcudart lacks {', '.join(missing)}")
         rc = g_cuda.cudaRuntimeGetVersion(&version)

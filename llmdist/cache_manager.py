@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from . import _core
+from . import _core, device_ipc
 from ._check import check_int64, check_int_list, check_isinstance, check_uint64, require
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from .llm_datadist import LLMDataDist
 
 _ALIGN = 64  # every tensor of an allocated cache starts 64-byte aligned (ACL's rule)
+
+log = logging.getLogger("llmdist")
 
 _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 _NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
@@ -60,6 +63,10 @@ class CacheManager:
         # Host-runtime memory of a listening cluster lives in shared memory, so that peers on
         # this host can map it and copy straight into it.
         self._shareable = shareable and runtime.is_host
+        # On a device runtime its DEVICE allocations are exported for device IPC instead, and
+        # (ACL) every linked peer on this host may import them: their pids, for the whitelist.
+        self._exportable = shareable and not runtime.is_host
+        self._importers: set = set()
         self._lock = threading.RLock()
         self._mem = ClusterMemory()
         self._next_id = 1
@@ -110,14 +117,17 @@ class CacheManager:
         share = None
         if self._shareable:
             name = f"/llmdist-{os.getpid()}-{self._dd.cluster_id}-{cache_id}-{secrets.token_hex(4)}"
-            base = _core.shm_create(name, total)
+            base = raw = _core.shm_create(name, total)
             share = {"kind": "shm", "name": name, "base": base, "size": total}
+        elif self._exportable and placement == Placement.DEVICE:
+            raw, base, share = self._export_device(cache_id, total)
         else:
-            base = self._runtime.malloc(total, placement == Placement.DEVICE)
+            base = raw = self._runtime.malloc(total, placement == Placement.DEVICE)
         addrs = [base + i * piece for i in range(cache_desc.num_tensors)]
         cache = Cache(cache_id, cache_desc, addrs, is_blocks)
         entry = MemoryEntry(cache, ALLOCATED, True,
                             base, total, share)
+        entry.alloc = raw
         try:
             self._mem.add(entry, keys)
         except LLMException:
@@ -127,12 +137,61 @@ class CacheManager:
         cache._manager = self
         return cache
 
+    def _export_device(self, cache_id: int, total: int) -> Tuple[int, int, dict]:
+        """Allocate device memory for a cache and export it for device IPC (lock held).
+        Returns (allocation, cache base, share); a cache that cannot be exported still works
+        here, and its share tells peers why they cannot write into it."""
+        rt = self._runtime
+        why = rt.ipc_unavailable
+        raw = base = rt.malloc(total, True)
+        if why is None and rt.name == "acl" and raw % device_ipc.PAGE:
+            # ACL exports page-aligned regions: take a page more and start on a page boundary
+            rt.free(raw, True)
+            raw = rt.malloc(total + device_ipc.PAGE, True)
+            base = -(-raw // device_ipc.PAGE) * device_ipc.PAGE
+        if why is not None:
+            return raw, base, {"kind": "none", "reason": f"device IPC is not available: {why}"}
+        try:
+            share = device_ipc.export(rt, raw, base, total, sorted(self._importers))
+        except LLMException as exc:
+            log.warning("cache %d is not reachable from other processes: %s", cache_id, exc)
+            return raw, base, {"kind": "none", "reason": f"exporting it failed: {exc}"}
+        return raw, base, share
+
+    def allow_importer(self, pid: int) -> None:
+        """Let the process pid (a peer on this host, by its aclrtDeviceGetBareTgid) import the
+        DEVICE caches exported here, now and later (ACL whitelists importers; CUDA does not)."""
+        if self._runtime.name != "acl":
+            return
+        with self._lock:
+            if pid in self._importers:
+                return
+            self._importers.add(pid)
+            pids = sorted(self._importers)
+            for entry in self._mem.entries.values():
+                if entry.share is not None and entry.share.get("kind") == "acl_ipc":
+                    try:
+                        self._runtime.ipc_allow(entry.share["key"], pids)
+                    except LLMException as exc:
+                        log.warning("cache %d: process %d may not import it: %s",
+                                    entry.cache.cache_id, pid, exc)
+
     def _free(self, entry: MemoryEntry) -> None:
-        if entry.share is not None:
+        kind = entry.share.get("kind") if entry.share is not None else None
+        if kind == "shm":
             _core.shm_unmap(entry.base, entry.size)
             _core.shm_unlink(entry.share["name"])
-        else:
-            self._runtime.free(entry.base, entry.placement == Placement.DEVICE)
+            return
+        if kind in device_ipc.KINDS:
+            # Peers closed their imports before acknowledging the withdrawal (or their link
+            # ended); the export goes next, then the memory.
+            try:
+                device_ipc.close_export(self._runtime, entry.share)
+            except LLMException as exc:
+                log.warning("cache %d: closing its device IPC export failed, so its memory is "
+                            "not freed (a peer may still map it): %s", entry.cache.cache_id, exc)
+                return
+        self._runtime.free(entry.alloc, entry.placement == Placement.DEVICE)
 
     def _announce(self, cache: Cache) -> Cache:
         """Tell linked peers about a new cache before it is handed to the caller."""
@@ -468,6 +527,12 @@ class CacheManager:
             if dplace == Placement.HOST and region.origin != ALLOCATED:
                 raise _fail(f"transfer_configs[{i}]: a HOST destination must be allocated with "
                             f"allocate_cache/allocate_blocks_cache; cache {rc.cache_id} is registered")
+            if (peer is not None and dplace == Placement.DEVICE
+                    and peer.runtime != self._runtime.name):
+                raise _fail(f"transfer_configs[{i}]: cache {rc.cache_id} is DEVICE memory of the "
+                            f"{peer.runtime} runtime on cluster {cfg.dst_cluster_id}; this cluster "
+                            f"runs the {self._runtime.name} runtime and cannot write into it",
+                            LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
         if bad >= 0:
             layer = layers.start + bad // 2
             raise _fail(f"transfer_configs[{i}]: layer {layer} {'KV'[bad % 2]} destination "
@@ -477,6 +542,25 @@ class CacheManager:
         dplace = regions[0].cache.cache_desc.placement
         kind = _KIND.get((src_place, dplace), 4)
         shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
+        if peer is not None and not self._runtime.is_host:
+            # Device IPC: copies on the runtime stream into the peer's allocations, imported
+            # here on first use (Peer.check_transfer refused what this path cannot reach).
+            deltas: Dict[int, int] = {}
+            single = False      # memory of another device: no batch call (it names one device)
+            for r in regions:
+                cid = r.cache.cache_id
+                if cid not in deltas:
+                    entry = mem.entries[cid]
+                    try:
+                        deltas[cid] = peer.device_delta(entry, self._runtime)
+                    except LLMException as exc:
+                        raise _fail(f"transfer_configs[{i}]: {exc}", exc.status_code) from None
+                    device = entry.share.get("device", self._runtime.device_id)
+                    single |= device != self._runtime.device_id
+            return (layers.start, layers.stop, shift, kind, 0,
+                    [a + deltas[r.cache.cache_id] for a, r in zip(dst, regions)],
+                    [r.end + deltas[r.cache.cache_id] for r in regions], 0, peer.link, None,
+                    single)
         if peer is not None and peer.path == "mooncake":
             node = self._dd._node
             return (layers.start, layers.stop, shift, kind, 3, list(dst),

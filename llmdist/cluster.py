@@ -11,7 +11,12 @@ peer end with LLM_LINK_FAILED and nothing more is written.
 Data paths, per peer: same host -> copies into the peer's shared memory mapped here (host-runtime
 memory of a listening cluster), or process writes into the peer's address space (memory the peer
 registered); other host -> Mooncake Transfer Engine (batched writes into memory the peer
-registered with its engine). `llmdist.transport` forces a path: direct or mooncake."""
+registered with its engine). `llmdist.transport` forces a path: direct or mooncake.
+
+On a device runtime (ACL, CUDA) the same-host path is device IPC (see device_ipc.py): the
+handshake carries each side's runtime and the pid its device-IPC exports must whitelist; the side
+that linked sends "ipc_ready" once it has whitelisted the listener, and the listener imports the
+linker's caches only after that."""
 
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from . import _core
+from . import _core, device_ipc
 from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry
 from .status import LLMException, LLMStatusCode
@@ -34,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmdist")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"LLMD"
 MAX_FRAME = 16 << 20
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -154,15 +159,32 @@ def cache_from_wire(w: dict) -> Tuple[MemoryEntry, list]:
             else:
                 raise ProtocolError("bad key")
         share = w["share"]
-        if not isinstance(share, dict) or share.get("kind") not in ("shm", "process", "none"):
+        if (not isinstance(share, dict)
+                or share.get("kind") not in ("shm", "process", "none") + device_ipc.KINDS):
             raise ProtocolError("bad share")
-        if share["kind"] == "shm":
+        kind = share["kind"]
+        if kind == "shm":
             if not isinstance(share.get("name"), str) or not share["name"].startswith("/llmdist-"):
                 raise ProtocolError("bad shared memory name")
+        elif kind == "acl_ipc":
+            key = share.get("key")
+            if (not isinstance(key, str) or not 0 < len(key) < 65 or not key.isascii()
+                    or not key.isprintable()):
+                raise ProtocolError("bad device IPC key")
+        elif kind == "cuda_ipc":
+            handle = share.get("handle")
+            if (not isinstance(handle, str) or len(handle) != 128
+                    or any(ch not in "0123456789abcdef" for ch in handle)):
+                raise ProtocolError("bad device IPC handle")
+        elif kind == "none" and not isinstance(share.get("reason", ""), str):
+            raise ProtocolError("bad share reason")
+        if kind == "shm" or kind in device_ipc.KINDS:
             _int(share.get("base"), 1)
             _int(share.get("size"), 1)
+        if kind in device_ipc.KINDS:
+            _int(share.get("device", 0), 0, 2**31 - 1)
         entry = MemoryEntry(cache, w["origin"], w["remote_accessible"], share=share)
-        if share["kind"] == "shm":
+        if kind == "shm" or kind in device_ipc.KINDS:
             entry.base, entry.size = share["base"], share["size"]
         return entry, keys
     except ProtocolError:
@@ -183,6 +205,8 @@ class Peer:
         self.cluster_id: int = hello["cluster_id"]
         self.role = LLMRole(hello["role"])
         self.pid: int = hello["pid"]
+        self.tgid: int = hello.get("tgid", self.pid)      # the pid device-IPC exports whitelist
+        self.runtime: str = hello.get("runtime", "host")
         self.same_host = hello["host"] == node.host
         self.path = node.choose_path(self.same_host, bool(hello.get("want_engine")))
         session = hello.get("mooncake")
@@ -190,11 +214,17 @@ class Peer:
         self.link = _core.LinkFlag()
         self.mem = ClusterMemory()
         self.mappings: Dict[int, Tuple[int, int]] = {}   # cache id -> (local address, size)
+        self.imports: Dict[int, Tuple[dict, int]] = {}   # cache id -> (device IPC share, delta)
+        # Set once the peer may be imported from: at once when we linked to it (it whitelisted
+        # us before its welcome), on its "ipc_ready" when it linked to us.
+        self.ipc_ready = threading.Event()
         self.send_lock = threading.Lock()
         self.lock = threading.Lock()
         self.acks: Dict[int, threading.Event] = {}
         self.acked: set = set()
         self.seq = 0
+        self.stopping = False                 # stop() began: nothing new is mapped or imported
+        self.stopped = threading.Event()      # stop() finished
         self.closed = False
         err = hello.get("engine_error")
         self.engine_error: Optional[str] = err if isinstance(err, str) else None
@@ -211,15 +241,18 @@ class Peer:
                 local = _core.shm_map(entry.share["name"], entry.size)
                 self.mappings[cid] = (local, entry.size)
                 delta = local - entry.base
-            else:
-                pid = self.pid
+            elif entry.share.get("kind") not in device_ipc.KINDS:
+                pid = self.pid      # device IPC exports are imported on first use instead
+        refused = None
         with self.lock:
             old = self.mem.remove(cid)
             try:
                 self.mem.add(entry, keys, delta, pid)
             except LLMException as exc:
-                self._unmap(cid)
-                raise ProtocolError(f"peer cache {cid}: {exc}") from None
+                refused = exc
+        if refused is not None:
+            self._unmap(cid)
+            raise ProtocolError(f"peer cache {cid}: {refused}") from None
         if old is not None:
             log.warning("cluster %d announced cache %d twice", self.cluster_id, cid)
 
@@ -236,25 +269,95 @@ class Peer:
             self.mem.remove_key(key)
 
     def _unmap(self, cid: int) -> None:
-        m = self.mappings.pop(cid, None)
+        """Forget how this process reaches the peer's cache cid: unmap its shared memory, close
+        its device IPC import. The caller has ended the transfers writing into it."""
+        with self.lock:
+            m = self.mappings.pop(cid, None)
+            imp = self.imports.pop(cid, None)
         if m is not None:
             _core.shm_unmap(*m)
+        if imp is not None:
+            device_ipc.IMPORTS.release(self.node.runtime, imp[0])
+
+    def device_delta(self, entry: MemoryEntry, runtime: "_core.Runtime") -> int:
+        """What to add to the peer's address of DEVICE cache entry to write into it from here
+        through device IPC; imports the peer's allocation on first use (self.lock held). Raises
+        LLMException naming why the cache cannot be reached that way."""
+        cid = entry.cache.cache_id
+        share = entry.share or {}
+        kind = share.get("kind")
+        where = f"cache {cid} of cluster {self.cluster_id}"
+        refuse = LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+        if entry.placement != Placement.DEVICE:
+            raise LLMException(f"{where} is HOST memory of another process: on the {runtime.name} "
+                               f"runtime a transfer to another process reaches only DEVICE caches "
+                               f"that process allocated (device IPC)", status_code=refuse)
+        if entry.origin == REGISTERED:
+            raise LLMException(f"{where} is DEVICE memory the peer registered (not allocated by "
+                               f"llmdist): device IPC exports whole page-aligned allocations, so "
+                               f"memory registered piecewise cannot be exported safely; allocate "
+                               f"the destination with allocate_cache or allocate_blocks_cache",
+                               status_code=refuse)
+        if kind != runtime.ipc_kind:
+            if kind == "none" and share.get("reason"):
+                why = share["reason"]
+            elif kind in device_ipc.KINDS:
+                why = f"it is exported as {kind}, this cluster runs the {runtime.name} runtime"
+            else:
+                why = ("the peer did not export it (a cluster exports its DEVICE caches when it "
+                       "listens or sets llmdist.shareable_memory=1)")
+            raise LLMException(f"{where} cannot be written through device IPC: {why}",
+                               status_code=refuse)
+        got = self.imports.get(cid)
+        if got is not None and (device_ipc.ident(got[0]), got[0]["base"]) != \
+                (device_ipc.ident(share), share["base"]):   # announced again, exported anew
+            self.imports.pop(cid)
+            device_ipc.IMPORTS.release(runtime, got[0])
+            got = None
+        if got is None:
+            if self.stopping:
+                raise LLMException(f"the link to cluster {self.cluster_id} is down",
+                                   status_code=LLMStatusCode.LLM_NOT_YET_LINK)
+            local = device_ipc.IMPORTS.acquire(runtime, share)
+            got = self.imports[cid] = (share, local - share["base"])
+        return got[1]
 
     def check_transfer(self, runtime: "_core.Runtime") -> None:
         """Refuse a transfer this build cannot carry to the peer, with the reason."""
         if not self.link.is_up:
             raise LLMException(f"the link to cluster {self.cluster_id} is down",
                                status_code=LLMStatusCode.LLM_NOT_YET_LINK)
+        if not runtime.is_host:
+            self._check_device_ipc(runtime)
+            return
         if self.path == "mooncake" and (self.node.engine is None or self.engine_session is None):
             why = self.node.engine_error or (f"cluster {self.cluster_id} has no Mooncake engine: "
                                              f"{self.engine_error or 'it did not start one'}")
             raise LLMException(f"cluster {self.cluster_id} is reached through Mooncake Transfer "
                                f"Engine, which is not available: {why}",
                                status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
-        if not runtime.is_host:
-            raise LLMException(f"transfers to another process need device IPC on the "
-                               f"{runtime.name} runtime, which is not wired in yet",
-                               status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+
+    def _check_device_ipc(self, runtime: "_core.Runtime") -> None:
+        """A device runtime writes into other processes through device IPC only."""
+        refuse = LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+        if self.path == "mooncake" or not self.same_host:
+            how = ("through Mooncake Transfer Engine" if self.path == "mooncake"
+                   else "on another host")
+            raise LLMException(f"cluster {self.cluster_id} is reached {how}; on the {runtime.name} "
+                               f"runtime transfers to another process use device IPC, which "
+                               f"works between processes of one host only", status_code=refuse)
+        why = runtime.ipc_unavailable
+        if why is not None:
+            raise LLMException(f"transfers to another process on the {runtime.name} runtime need "
+                               f"device IPC, which is not available: {why}", status_code=refuse)
+        ready = self.ipc_ready.wait(ACK_TIMEOUT_S)
+        if not self.link.is_up:
+            raise LLMException(f"the link to cluster {self.cluster_id} is down",
+                               status_code=LLMStatusCode.LLM_NOT_YET_LINK)
+        if not ready:
+            raise LLMException(f"cluster {self.cluster_id} did not confirm within "
+                               f"{ACK_TIMEOUT_S:.0f} s that this process may import its device "
+                               f"memory", status_code=LLMStatusCode.LLM_LINK_FAILED)
 
     # -- messages
     def send(self, msg: dict) -> None:
@@ -293,6 +396,9 @@ class Peer:
                     if ev is not None:
                         ev.set()
                     continue
+                if kind == "ipc_ready":
+                    self.ipc_ready.set()
+                    continue
                 if kind == "unlink":
                     # Stop writing to the peer before it hears back, then hang up.
                     self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=msg.get("seq"))
@@ -314,21 +420,40 @@ class Peer:
         finally:
             self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED)
 
+    def stop(self, code) -> None:
+        """Stop writing to the peer: take the link flag down, end transfers to it (waiting for
+        their queued copies), unmap its memory and close device IPC imports of it. The
+        connection stays up (close() ends it), so an unlink request can still be acknowledged
+        and the peer frees its memory only after this. Idempotent; a second caller waits until
+        the first is done."""
+        with self.lock:
+            first = not self.stopping
+            self.stopping = True
+        if not first:
+            self.stopped.wait()
+            return
+        try:
+            self.link.down()
+            self.ipc_ready.set()        # wake a transfer waiting for it: it sees the link down
+            self.node.dd_cancel_to(self.cluster_id, None, code)
+            with self.lock:
+                cids = set(self.mappings) | set(self.imports)
+            for cid in cids:
+                self._unmap(cid)
+        finally:
+            self.stopped.set()
+
     def close(self, code, ack: Optional[int] = None) -> None:
-        """Take the link down: end transfers to the peer (waiting for queued copies), unmap its
-        memory, acknowledge the peer's unlink request ack if given, and close the connection.
-        Idempotent."""
+        """Take the link down: stop() writing to the peer, acknowledge the peer's unlink
+        request ack if given, and close the connection. Idempotent."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
             acks = list(self.acks.values())
-        self.link.down()
         for ev in acks:
             ev.set()
-        self.node.dd_cancel_to(self.cluster_id, None, code)
-        for cid in list(self.mappings):
-            self._unmap(cid)
+        self.stop(code)
         if self.same_host and not _process_alive(self.pid):
             self._remove_dead_peer_memory()
         if ack is not None:
@@ -355,12 +480,20 @@ class Peer:
 class ClusterNode:
     """The cluster side of one LLMDataDist."""
 
-    def __init__(self, dd: "LLMDataDist", listen: Optional[Tuple[str, int]], transport: str) -> None:
+    def __init__(self, dd: "LLMDataDist", listen: Optional[Tuple[str, int]], transport: str,
+                 runtime: Optional["_core.Runtime"] = None) -> None:
         if transport not in TRANSPORTS:
             raise LLMException(f"option llmdist.transport must be one of {', '.join(TRANSPORTS)}, "
                                f"got {transport!r}", status_code=LLMStatusCode.LLM_PARAM_INVALID)
         self.dd = dd
         self.transport = transport
+        self.runtime = runtime if runtime is not None else _core.Runtime.host()
+        try:
+            self.tgid = self.runtime.bare_tgid()
+        except LLMException as exc:
+            log.warning("aclrtDeviceGetBareTgid failed, peers whitelist pid %d: %s",
+                        os.getpid(), exc)
+            self.tgid = os.getpid()
         self.host = host_identity()
         self.lock = threading.Lock()
         self.peers: Dict[int, Peer] = {}
@@ -427,6 +560,12 @@ class ClusterNode:
             except LLMException as exc:
                 log.warning("engine unregister failed: %s", exc)
 
+    def _allow_imports(self, peer: Peer) -> None:
+        """Let a peer on this host import the DEVICE caches this cluster exports."""
+        cm = self.dd._cache_manager
+        if peer.same_host and cm is not None:
+            cm.allow_importer(peer.tgid)
+
     def peer(self, cluster_id: int) -> Optional[Peer]:
         with self.lock:
             return self.peers.get(cluster_id)
@@ -446,8 +585,8 @@ class ClusterNode:
     def _hello(self, target: int) -> dict:
         msg = {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.dd.cluster_id,
                "role": int(self.dd.role), "target": target, "host": self.host,
-               "pid": os.getpid(), "caches": self._my_caches(),
-               "want_engine": self.transport == "mooncake"}
+               "pid": os.getpid(), "tgid": self.tgid, "runtime": self.runtime.name,
+               "caches": self._my_caches(), "want_engine": self.transport == "mooncake"}
         if self.engine is not None:
             msg["mooncake"] = self.engine.session_id
         elif self.engine_error is not None:
@@ -461,6 +600,9 @@ class ClusterNode:
         try:
             cid = _int(msg.get("cluster_id"))
             _int(msg.get("pid"), 1, 2**31 - 1)
+            _int(msg.get("tgid", 1), 1, 2**31 - 1)
+            if msg.get("runtime", "host") not in ("host", "acl", "cuda"):
+                raise ProtocolError("bad runtime")
             role = LLMRole(msg.get("role"))
             if not isinstance(msg.get("host"), str) or not isinstance(msg.get("caches"), list):
                 raise ProtocolError("bad handshake")
@@ -510,6 +652,7 @@ class ClusterNode:
             peer = Peer(self, conn, msg)
             if peer.path == "mooncake":
                 self.ensure_engine(conn.getsockname()[0])
+            self._allow_imports(peer)           # before the welcome lists our caches
             with self.lock:
                 if self.closed or msg["cluster_id"] in self.peers:
                     raise ProtocolError("closed or linked meanwhile")
@@ -558,6 +701,10 @@ class ClusterNode:
             peer = Peer(self, sock, msg)
             if peer.path == "mooncake":
                 self.ensure_engine(sock.getsockname()[0])
+            # The listener whitelisted us before its welcome; now whitelist it, and say so.
+            peer.ipc_ready.set()
+            self._allow_imports(peer)
+            peer.send({"type": "ipc_ready"})
         except (ConnectionError, OSError, ProtocolError, LLMException) as exc:
             log.info("link to cluster %d failed: %s", cluster_id, exc)
             sock.close()
@@ -579,6 +726,7 @@ class ClusterNode:
             peer = self.peers.pop(cluster_id, None)
         if peer is None:
             return LLMStatusCode.LLM_NOT_YET_LINK
+        peer.stop(LLMStatusCode.LLM_LINK_FAILED)     # our imports of its memory close first
         acked = peer.request({"type": "unlink"}, timeout_ms / 1000.0)
         peer.close(LLMStatusCode.LLM_LINK_FAILED)
         return LLMStatusCode.LLM_SUCCESS if acked or force else LLMStatusCode.LLM_UNLINK_FAILED
@@ -618,6 +766,8 @@ class ClusterNode:
             self.closed = True
             peers = list(self.peers.values())
             self.peers.clear()
+        for p in peers:
+            p.stop(LLMStatusCode.LLM_LINK_FAILED)    # before the peers hear of it (see unlink)
         waits = [threading.Thread(target=p.request, args=({"type": "unlink"}, timeout_s), daemon=True)
                  for p in peers]
         for t in waits:

@@ -124,7 +124,7 @@ class LLMDataDist:
             shareable = listen is not None or _flag_option(options, "llmdist.shareable_memory")
             runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
             runtime.bind_device()
-            node = ClusterNode(self, listen, options.get("llmdist.transport", "auto"))
+            node = ClusterNode(self, listen, options.get("llmdist.transport", "auto"), runtime)
             workers = TransferWorkers(runtime, nworkers)
             workers.start()
             self._node = node

@@ -89,7 +89,7 @@ class MemoryEntry:
     """What a cluster knows of one cache: its own, or a peer's as the peer described it."""
 
     __slots__ = ("cache", "origin", "remote_accessible", "base", "size", "placement", "keys",
-                 "share")
+                 "share", "alloc")
 
     def __init__(self, cache: Cache, origin: str, remote_accessible: bool, base: int = 0,
                  size: int = 0, share: Optional[dict] = None) -> None:
@@ -101,6 +101,7 @@ class MemoryEntry:
         self.placement = cache.cache_desc.placement
         self.keys: List[Union[CacheKey, BlocksCacheKey]] = []
         self.share = share            # how a peer on this host reaches it, or None
+        self.alloc = base             # the runtime allocation to free (may start before base)
 
 
 class ClusterMemory:

@@ -205,6 +205,18 @@ class _Decode:
     def cmd_ping(self):
         return os.getpid()
 
+    def cmd_acl_live(self, what):
+        """fake_acl_live(what) of the fake ACL runtime this child loaded (LLMDIST_ACL_LIBRARY)."""
+        fake = ctypes.CDLL(os.environ["LLMDIST_ACL_LIBRARY"])
+        fake.fake_acl_live.argtypes = [ctypes.c_char_p]
+        fake.fake_acl_live.restype = ctypes.c_long
+        return fake.fake_acl_live(what.encode())
+
+    def cmd_share(self, name):
+        """How this cluster describes cache name to peers (its share), as the wire has it."""
+        entry = self.cm._mem.entries[self.caches[name]["cache"].cache_id]
+        return dict(entry.share or {"kind": "none"})
+
     def cmd_finalize(self):
         self.dd.finalize()
         return None

@@ -571,11 +571,177 @@ def test_ipc_same_process(acl):
     back = ctypes.create_string_buffer(n)
     assert acl.aclrtMemcpy(back, n, p.value, n, D2H) == OK
     assert back.raw == data
-    foreign = b"fakeacl-%d-1" % (os.getpid() + 1)
-    assert acl.aclrtIpcMemImportByKey(ctypes.byref(p), foreign, 0) == FEATURE_NOT_SUPPORT
+    for foreign in (b"fakeacl-%d-1" % (os.getpid() + 1), b"fakeacl-1-1-3-4", b"nonsense"):
+        assert acl.aclrtIpcMemImportByKey(ctypes.byref(p), foreign, 0) == RT_PARAM_INVALID
+        assert "unknown or closed IPC key" in errmsg(acl)
+    assert acl.aclrtIpcMemSetImportPid(b"nonsense", ctypes.byref(pid), 1) == RT_PARAM_INVALID
     assert acl.aclrtFree(d) == RT_PARAM_INVALID and "exported" in errmsg(acl)
     assert acl.fake_acl_live(b"ipc_import") == 1
     assert acl.aclrtIpcMemClose(key.value) == OK  # the importer
     assert acl.aclrtIpcMemClose(key.value) == OK  # the exporter
     assert acl.aclrtIpcMemClose(key.value) == RT_PARAM_INVALID
     assert acl.aclrtFree(d) == OK
+
+
+# ------------------------------------------------------------------------------------------
+# IPC across processes: a child process (a fresh interpreter loading the same library) imports
+# keys of this process, or exports keys that this process imports.
+IPC_CHILD = r"""
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+P, PP, SZ = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t
+for name, args in {"aclInit": [ctypes.c_char_p], "aclrtSetDevice": [ctypes.c_int32],
+                   "aclrtIpcMemImportByKey": [PP, ctypes.c_char_p, ctypes.c_uint64],
+                   "aclrtIpcMemClose": [ctypes.c_char_p], "aclrtMalloc": [PP, SZ, ctypes.c_int],
+                   "aclrtMemcpy": [P, SZ, P, SZ, ctypes.c_int],
+                   "aclrtIpcMemGetExportKey": [P, SZ, ctypes.c_char_p, SZ, ctypes.c_uint64],
+                   }.items():
+    getattr(lib, name).argtypes = args
+lib.aclGetRecentErrMsg.restype = ctypes.c_char_p
+lib.fake_acl_live.argtypes = [ctypes.c_char_p]
+lib.fake_acl_live.restype = ctypes.c_long
+assert lib.aclInit(None) == 0 and lib.aclrtSetDevice(0) == 0
+def say(*words):
+    print(*words, flush=True)
+for line in sys.stdin:
+    cmd, *args = line.split()
+    if cmd == "import":
+        p = P()
+        rc = lib.aclrtIpcMemImportByKey(ctypes.byref(p), args[0].encode(), int(args[1]))
+        say(rc, p.value or 0)
+    elif cmd == "read":           # addr n -> hex, through a D2H copy
+        n = int(args[1]); buf = ctypes.create_string_buffer(n)
+        rc = lib.aclrtMemcpy(buf, n, int(args[0]), n, 2)
+        say(rc, buf.raw.hex())
+    elif cmd == "write":          # addr hex, through an H2D copy
+        data = bytes.fromhex(args[1])
+        say(lib.aclrtMemcpy(int(args[0]), len(data), data, len(data), 1))
+    elif cmd == "export":         # n byte -> a device buffer full of byte, exported with flag 1
+        n = int(args[0]); p = P(); key = ctypes.create_string_buffer(65)
+        assert lib.aclrtMalloc(ctypes.byref(p), n, 0) == 0
+        lib.aclrtMemcpy(p.value, n, bytes([int(args[1])]) * n, n, 1)
+        say(lib.aclrtIpcMemGetExportKey(p.value, n, key, 65, 1), key.value.decode())
+    elif cmd == "close":
+        say(lib.aclrtIpcMemClose(args[0].encode()))
+    elif cmd == "live":
+        say(lib.fake_acl_live(args[0].encode()))
+    elif cmd == "msg":
+        m = lib.aclGetRecentErrMsg()
+        say((m or b"").decode().replace(" ", "_"))
+"""
+
+
+class IpcChild:
+    """A process of its own that loads the fake and obeys one-line commands."""
+
+    def __init__(self, lib_path: str) -> None:
+        import sys
+        self.proc = subprocess.Popen([sys.executable, "-c", IPC_CHILD, lib_path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.pid = self.proc.pid
+
+    def ask(self, *words):
+        self.proc.stdin.write(" ".join(str(w) for w in words) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline().split()
+        assert line, f"the IPC child died (rc {self.proc.poll()})"
+        return [int(x) if x.lstrip("-").isdigit() else x for x in line]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def child(lib):
+    children = []
+
+    def spawn():
+        c = IpcChild(lib._name)
+        children.append(c)
+        return c
+
+    yield spawn
+    for c in children:
+        c.kill()
+
+
+def test_ipc_across_processes(acl, child):
+    n = 3 * 4096 + 100
+    d = malloc(acl, n)
+    data = os.urandom(n)
+    assert acl.aclrtMemcpy(d, n, data, n, H2D) == OK
+    key = ctypes.create_string_buffer(65)
+    assert acl.aclrtIpcMemGetExportKey(d, n, key, 65, 0) == OK
+    assert key.value.startswith(b"fakeacl-%d-" % os.getpid())
+    k = key.value.decode()
+    c = child()
+
+    # not whitelisted yet: refused
+    rc, ptr = c.ask("import", k, 1)
+    assert rc == RT_PARAM_INVALID and ptr == 0
+    assert "not_whitelisted" in c.ask("msg")[0]
+    pid = I32(c.pid)
+    assert acl.aclrtIpcMemSetImportPid(key.value, ctypes.byref(pid), 1) == OK
+    assert acl.aclrtIpcMemSetImportPid(key.value, ctypes.byref(pid), 1) == OK  # listed once
+
+    # imported: the child sees the bytes, and what it writes lands here
+    rc, ptr = c.ask("import", k, 1)
+    assert rc == OK and ptr
+    rc, got = c.ask("read", ptr, n)
+    assert rc == OK and bytes.fromhex(got) == data
+    patch = os.urandom(300)
+    assert c.ask("write", ptr + 4000, patch.hex()) == [OK]
+    back = ctypes.create_string_buffer(n)
+    assert acl.aclrtMemcpy(back, n, d, n, D2H) == OK
+    assert back.raw == data[:4000] + patch + data[4300:]
+    assert c.ask("read", ptr + n - 10, 20)[0] == DEVICE_MEM_ERROR  # the import is n bytes
+    assert c.ask("live", "ipc_import") == [1] and acl.fake_acl_live(b"ipc_import") == 0
+
+    # close order: the exporter cannot close (nor free) while the importer holds it
+    assert acl.aclrtIpcMemClose(key.value) == RT_PARAM_INVALID
+    assert "importers close first" in errmsg(acl) and str(c.pid) in errmsg(acl)
+    assert acl.aclrtFree(d) == RT_PARAM_INVALID and "exported" in errmsg(acl)
+    assert c.ask("close", k) == [OK]
+    assert c.ask("close", k) == [RT_PARAM_INVALID]
+    assert acl.aclrtIpcMemClose(key.value) == OK
+    assert c.ask("import", k, 1)[0] == RT_PARAM_INVALID  # closed by its exporter
+    assert "unknown_or_closed" in c.ask("msg")[0]
+
+    # export flag 1: no pid check; an importer killed without closing does not block the close
+    assert acl.aclrtIpcMemGetExportKey(d, 4096, key, 65, 1) == OK
+    c2 = child()
+    rc, ptr = c2.ask("import", key.value.decode(), 0)
+    assert rc == OK
+    assert bytes.fromhex(c2.ask("read", ptr, 4096)[1]) == back.raw[:4096]
+    assert acl.aclrtIpcMemClose(key.value) == RT_PARAM_INVALID
+    c2.kill()
+    assert acl.aclrtIpcMemClose(key.value) == OK
+    assert acl.aclrtFree(d) == OK
+    c.close()
+
+
+def test_ipc_import_outlives_a_killed_exporter(acl, child):
+    """Keys of another process: imported memory stays readable here after the exporter died,
+    and closing it still works; a key of a gone exporter cannot be imported."""
+    c = child()
+    rc, k = c.ask("export", 8192, 0x5A)
+    assert rc == OK
+    p = ctypes.c_void_p()
+    assert acl.aclrtIpcMemImportByKey(ctypes.byref(p), k.encode(), 1) == OK
+    assert acl.fake_acl_live(b"ipc_import") == 1 and acl.fake_acl_live(b"ipc_key") == 0
+    assert c.ask("close", k) == [RT_PARAM_INVALID]  # we hold an import
+    c.kill()
+    back = ctypes.create_string_buffer(8192)
+    assert acl.aclrtMemcpy(back, 8192, p.value, 8192, D2H) == OK
+    assert back.raw == b"\x5a" * 8192
+    q = ctypes.c_void_p()
+    assert acl.aclrtIpcMemImportByKey(ctypes.byref(q), k.encode(), 1) == RT_PARAM_INVALID
+    assert acl.aclrtIpcMemClose(k.encode()) == OK
+    assert acl.fake_acl_live(b"ipc_import") == 0

@@ -63,11 +63,11 @@ def fake_acl(tmp_path_factory) -> str:
     return str(out / "libascendcl.so")
 
 
-def run(script: str, **env: str) -> dict:
-    """Run PRELUDE + script in a fresh interpreter; return what it passed to out()."""
+def run(script: str, prelude: str = PRELUDE, **env: str) -> dict:
+    """Run prelude + script in a fresh interpreter; return what it passed to out()."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMDIST_", "FAKE_ACL_"))}
     full_env.update(env)
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(script)],
+    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)],
                           capture_output=True, text=True, env=full_env, timeout=120)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
@@ -353,3 +353,349 @@ def test_acl_non_sync_event_handle_fails_the_config(fake_acl):
     """, LLMDIST_ACL_LIBRARY=fake_acl)
     assert r["status"] == "LLMStatusCode.LLM_FAILED"
     assert "107000" in r["errors"][0]
+
+
+# --------------------------------------------------------------------------------------------
+# device IPC: a prefill on the ACL runtime writes into a decode process's DEVICE caches
+# --------------------------------------------------------------------------------------------
+# The scenario (a fresh interpreter) is the prefill; the decode is a child process
+# (cluster_procs.decode_main, spawned) on the same fake libascendcl.so, listening on 127.0.0.1.
+IPC_PRELUDE = PRELUDE + textwrap.dedent(f"""
+    import multiprocessing as mp, time
+    sys.path.insert(0, {HERE!r})
+    import cluster_procs
+    from llmdist import device_ipc
+    CTX = mp.get_context("spawn")
+    fake = ctypes.CDLL(os.environ["LLMDIST_ACL_LIBRARY"])
+    fake.fake_acl_live.argtypes = [ctypes.c_char_p]
+    fake.fake_acl_live.restype = ctypes.c_long
+    class Decode:
+        def __init__(self, cid, options=None):
+            self.cid = cid
+            self.conn, child = CTX.Pipe()
+            self.proc = CTX.Process(target=cluster_procs.decode_main,
+                                    args=(child, cid, int(LLMRole.DECODER), options, True, 60.0),
+                                    daemon=True)
+            self.proc.start()
+            child.close()
+            assert self.conn.poll(60), "the decode did not start"
+            msg = self.conn.recv()
+            assert msg[0] == "ready", msg
+            self.port, self.pid = msg[1], msg[2]
+        def call(self, *cmd, timeout=20):
+            self.conn.send(cmd)
+            assert self.conn.poll(timeout), f"no answer to {{cmd}}"
+            msg = self.conn.recv()
+            if msg[0] == "err":
+                raise RuntimeError(msg[3])
+            return msg[1]
+        def info(self):
+            i = LLMClusterInfo(); i.remote_cluster_id = self.cid
+            i.append_remote_ip_info("127.0.0.1", self.port)
+            return i
+        def kill(self):
+            os.kill(self.proc.pid, 9); self.proc.join(10)
+    def prefill(cid, keyed, listen=False):
+        dd = LLMDataDist(LLMRole.PROMPT, cid)
+        c = LLMConfig(); c.device_id = 0; c.enable_cache_manager = True
+        c.enable_remote_cache_accessible = keyed
+        if listen:
+            c.listen_ip_info = "127.0.0.1:0"
+        dd.init(c.generate_options())
+        return dd, dd.cache_manager
+    def link(dd, d):
+        return [str(x) for x in dd.link_clusters([d.info()], 5000)[1]]
+    LAYERS, BLOCKS, BLOCK = 4, 16, 256
+    DESC = CacheDesc(2 * LAYERS, [BLOCKS, BLOCK], DataType.DT_UINT8, Placement.DEVICE)
+    def source(cm, seed):
+        src = cm.allocate_blocks_cache(DESC)
+        rng = np.random.default_rng(seed)
+        for a in src.tensor_addrs:
+            view(a, DESC.size)[:] = rng.integers(0, 256, DESC.size, dtype=np.uint8)
+        return src
+    def expect(initial, writes, name="dst"):
+        '''initial: the decode's buffers; writes: (src cache, src blocks, dst blocks, layers).'''
+        exp = {{k: v.copy().reshape(BLOCKS, BLOCK) for k, v in initial.items()}}
+        for src, si, di, layers in writes:
+            for l in layers:
+                for t in (0, 1):
+                    s = view(src.tensor_addrs[2 * l + t], DESC.size).reshape(BLOCKS, BLOCK)
+                    exp[f"2:{{name}}.{{2 * l + t}}"][di] = s[si]
+        return exp
+    def same(got, exp):
+        return sorted(got) == sorted(exp) and all(
+            (got[k].reshape(BLOCKS, BLOCK) == exp[k]).all() for k in exp)
+    class Gate(LayerSynchronizer):
+        def __init__(self, at):
+            self.at = at; self.entered = threading.Event(); self.go = threading.Event()
+        def synchronize_layer(self, layer, timeout):
+            if layer >= self.at:
+                self.entered.set(); self.go.wait(20)
+            return True
+    def wait_unlinked(dd, cid):
+        t0 = time.monotonic()
+        while dd._node.peer(cid) is not None and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        return dd._node.peer(cid) is None
+""")
+
+
+def run_ipc(script: str, fake_acl: str, **env: str) -> dict:
+    """Run a device-IPC scenario: this interpreter and its decode child on the fake ACL."""
+    return run(script, IPC_PRELUDE, LLMDIST_RUNTIME="acl", LLMDIST_ACL_LIBRARY=fake_acl, **env)
+
+
+def test_acl_ipc_transfer_into_a_decode_process(fake_acl):
+    """B2B by key and by address into a DEVICE blocks cache the decode allocated: imported
+    once in this process (two prefill clusters share it), D2D copies on the runtime stream, every
+    byte of the decode's cache checked."""
+    r = run_ipc("""
+        d = Decode(2)
+        rep = d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3,
+                     "DT_UINT8", "DEVICE")
+        share = d.call("share", "dst")
+        keyed_dd, keyed = prefill(1, True)
+        addr_dd, addressed = prefill(3, False)
+        links = link(keyed_dd, d) + link(addr_dd, d)
+        src1, src2 = source(keyed, 1), source(addressed, 2)
+        fake.fake_acl_reset()
+        si1, di1 = [0, 1, 2, 9], [5, 6, 7, 0]
+        t1 = keyed.transfer_cache_async(
+            src1, Go(), [TransferWithCacheKeyConfig(BlocksCacheKey(2, 7), range(4), range(4))],
+            si1, di1)
+        s1 = str(t1.synchronize(10000))
+        si2, di2 = [3, 4, 5, 15], [10, 11, 12, 1]      # layers 1-2 of the source to layers 2-3
+        t2 = addressed.transfer_cache_async(
+            src2, Go(), [TransferConfig(2, rep["addrs"][4:8], range(1, 3))], si2, di2)
+        s2 = str(t2.synchronize(10000))
+        got = d.call("read", "dst")
+        exp = expect(rep["buffers"], [(src1, si1, di1, range(4))])
+        for l in (1, 2):                                 # src2 layer l -> dst layer l + 1
+            for t in (0, 1):
+                s = view(src2.tensor_addrs[2 * l + t], DESC.size).reshape(BLOCKS, BLOCK)
+                exp[f"2:dst.{2 * (l + 1) + t}"][di2] = s[si2]
+        res = dict(share_kind=share["kind"], key=share.get("key", ""), links=links, s1=s1, s2=s2,
+                   errors=[t1.errors, t2.errors], same=same(got, exp),
+                   imports=fake.fake_acl_live(b"ipc_import"), counted=device_ipc.IMPORTS.count(),
+                   batches=fake.fake_acl_calls(b"aclrtMemcpyBatchAsync"),
+                   decode_keys=d.call("acl_live", "ipc_key"))
+        keyed_dd.finalize(); addr_dd.finalize()          # closes the import
+        res.update(imports_after=fake.fake_acl_live(b"ipc_import"), linked=d.call("linked", 1))
+        d.call("finalize")                               # closes the export, frees
+        res.update(decode_after=[d.call("acl_live", w) for w in ("ipc_key", "device")])
+        out(**res)
+    """, fake_acl)
+    assert r["share_kind"] == "acl_ipc" and r["key"].startswith("fakeacl-")
+    assert r["links"] == ["LLMStatusCode.LLM_SUCCESS"] * 2
+    assert [r["s1"], r["s2"]] == ["LLMStatusCode.LLM_SUCCESS"] * 2, r["errors"]
+    assert r["same"], "the decode's cache does not hold the expected bytes"
+    assert r["imports"] == 1 and r["counted"] == 1, "one import per process"
+    assert r["batches"] == 4 + 2, "one D2D batch per layer on the runtime stream"
+    assert r["decode_keys"] == 1
+    assert r["imports_after"] == 0 and r["linked"] is False
+    assert r["decode_after"] == [0, 0], "the decode closed its export and freed its memory"
+
+
+def test_acl_ipc_into_another_device(fake_acl):
+    """The decode drives device 1, the prefill device 0: the import enables peer access, and the
+    copies go run by run (a batch call names one destination device, here the wrong one)."""
+    r = run_ipc("""
+        d = Decode(2, {"ge.exec.deviceId": "1"})
+        rep = d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3,
+                     "DT_UINT8", "DEVICE")
+        dd, cm = prefill(1, True)
+        res = {"link": link(dd, d), "device": d.call("share", "dst")["device"]}
+        src = source(cm, 1)
+        si, di = [0, 1, 2, 9], [5, 6, 7, 0]
+        fake.fake_acl_reset()
+        t = cm.transfer_cache_async(src, Go(), [
+            TransferWithCacheKeyConfig(BlocksCacheKey(2, 7), range(4), range(4))], si, di)
+        res["results"] = [str(x) for x in t.get_results(10000)]
+        res["errors"] = t.errors
+        res["same"] = same(d.call("read", "dst"),
+                           expect(rep["buffers"], [(src, si, di, range(4))]))
+        res["batch"] = fake.fake_acl_calls(b"aclrtMemcpyBatchAsync")
+        res["single"] = fake.fake_acl_calls(b"aclrtMemcpyAsync")
+        out(**res)
+    """, fake_acl, FAKE_ACL_DEVICE_COUNT="2")
+    assert r["link"] == ["LLMStatusCode.LLM_SUCCESS"] and r["device"] == 1
+    assert r["results"] == ["LLMStatusCode.LLM_SUCCESS"], r["errors"]
+    assert r["same"]
+    # runs 0-2 -> 5-7 merge, 9 -> 0 is another: 2 runs x 2 tensors x 4 layers
+    assert r["batch"] == 0 and r["single"] == 2 * 2 * 4
+
+
+def test_acl_ipc_when_the_decode_links_to_the_prefill(fake_acl):
+    """The decode links to a listening prefill: it whitelists the prefill for the caches it
+    exported before (and the prefill waits for its "ipc_ready" before importing them); a cache
+    it allocates after the link is whitelisted when exported. One call writes into both."""
+    r = run_ipc("""
+        dd, cm = prefill(1, True, listen=True)
+        d = Decode(2)
+        early = d.call("alloc", "early", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3,
+                       "DT_UINT8", "DEVICE")
+        res = {"link": d.call("link", 1, dd.listen_port)}
+        late = d.call("alloc", "late", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 8), 4,
+                      "DT_UINT8", "DEVICE")
+        src = source(cm, 1)
+        si, di = [0, 1, 2, 9], [5, 6, 7, 0]
+        t = cm.transfer_cache_async(src, Go(), [
+            TransferWithCacheKeyConfig(BlocksCacheKey(2, 7), range(4), range(4)),
+            TransferWithCacheKeyConfig(BlocksCacheKey(2, 8), range(1, 3), range(1, 3))], si, di)
+        res["results"] = [str(x) for x in t.get_results(10000)]
+        res["errors"] = t.errors
+        res["early"] = same(d.call("read", "early"),
+                            expect(early["buffers"], [(src, si, di, range(4))], "early"))
+        res["late"] = same(d.call("read", "late"),
+                           expect(late["buffers"], [(src, si, di, range(1, 3))], "late"))
+        res["imports"] = fake.fake_acl_live(b"ipc_import")
+        d.call("finalize")                      # unlinks: the prefill closes its imports first
+        res["noticed"] = wait_unlinked(dd, 2)
+        res["imports_after"] = fake.fake_acl_live(b"ipc_import")
+        res["decode_after"] = [d.call("acl_live", w) for w in ("ipc_key", "device")]
+        out(**res)
+    """, fake_acl)
+    assert r["link"][0] == 0
+    assert r["results"] == ["LLMStatusCode.LLM_SUCCESS"] * 2, r["errors"]
+    assert r["early"] and r["late"]
+    assert r["imports"] == 2 and r["noticed"] and r["imports_after"] == 0
+    assert r["decode_after"] == [0, 0]
+
+
+def test_acl_ipc_withdrawn_and_unexportable_caches_are_refused(fake_acl):
+    """deallocate on the decode: the import here is closed before the decode frees, and later
+    transfers are refused (by key: not exist; by address: not inside the decode's memory).
+    DEVICE memory the decode registered, and its HOST caches, are refused with the reason."""
+    r = run_ipc("""
+        d = Decode(2)
+        rep = d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3,
+                     "DT_UINT8", "DEVICE")
+        d.call("register", "reg", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 8), 4, 64,
+               "DT_UINT8", "DEVICE")
+        d.call("alloc", "host", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 9), 5,
+               "DT_UINT8", "HOST")
+        keyed_dd, keyed = prefill(1, True)
+        addr_dd, addressed = prefill(3, False)
+        link(keyed_dd, d); link(addr_dd, d)
+        src1, src2 = source(keyed, 1), source(addressed, 2)
+        res = {}
+        def attempt(name, cm, src, cfg):
+            try:
+                t = cm.transfer_cache_async(src, Go(), [cfg], [0, 1], [2, 3])
+                res[name] = [str(x) for x in t.get_results(10000)]
+            except LLMException as e:
+                res[name] = [str(e.status_code), str(e)]
+        def by_key(model):
+            return TransferWithCacheKeyConfig(BlocksCacheKey(2, model), range(4), range(4))
+        attempt("before", keyed, src1, by_key(7))
+        res["imported"] = fake.fake_acl_live(b"ipc_import")
+        attempt("registered", keyed, src1, by_key(8))
+        attempt("host", keyed, src1, by_key(9))
+        d.call("release", "dst")
+        res["imports_after_release"] = fake.fake_acl_live(b"ipc_import")
+        res["decode_keys"] = d.call("acl_live", "ipc_key")
+        attempt("by_key_after", keyed, src1, by_key(7))
+        attempt("by_addr_after", addressed, src2, TransferConfig(2, rep["addrs"]))
+        d.call("release", "reg")
+        attempt("registered_after", keyed, src1, by_key(8))
+        out(**res)
+    """, fake_acl)
+    assert r["before"] == ["LLMStatusCode.LLM_SUCCESS"] and r["imported"] == 1
+    code, msg = r["registered"]
+    assert code == "LLMStatusCode.LLM_FEATURE_NOT_ENABLED"
+    assert "registered" in msg and "cannot be exported" in msg and "allocate_blocks_cache" in msg
+    code, msg = r["host"]
+    assert code == "LLMStatusCode.LLM_FEATURE_NOT_ENABLED" and "HOST memory" in msg
+    assert r["imports_after_release"] == 0 and r["decode_keys"] == 0
+    assert r["by_key_after"][0] == "LLMStatusCode.LLM_KV_CACHE_NOT_EXIST"
+    code, msg = r["by_addr_after"]
+    assert code == "LLMStatusCode.LLM_PARAM_INVALID" and "not inside memory" in msg
+    assert r["registered_after"][0] == "LLMStatusCode.LLM_KV_CACHE_NOT_EXIST"
+
+
+def test_acl_ipc_unlink_and_kill_end_with_link_failed(fake_acl):
+    """The decode unlinks while the prefill's synchronizer holds layer 2: the config ends
+    LLM_LINK_FAILED, layers 0-1 arrived and nothing else; a new link works again. Then kill -9
+    of the decode mid-transfer: LLM_LINK_FAILED, no hang, the import is closed."""
+    r = run_ipc("""
+        d = Decode(2)
+        rep = d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3,
+                     "DT_UINT8", "DEVICE")
+        dd, cm = prefill(1, True)
+        res = {"link": link(dd, d)}
+        src = source(cm, 1)
+        si, di = [0, 1, 2, 9], [5, 6, 7, 0]
+        cfg = TransferWithCacheKeyConfig(BlocksCacheKey(2, 7), range(4), range(4))
+        gate = Gate(2)
+        t = cm.transfer_cache_async(src, gate, [cfg], si, di)
+        assert gate.entered.wait(10)
+        res["unlink"] = d.call("unlink", 1)
+        res["noticed"] = wait_unlinked(dd, 2)
+        gate.go.set()
+        res["unlinked"] = [str(x) for x in t.get_results(10000)]
+        res["partial"] = same(d.call("read", "dst"),
+                              expect(rep["buffers"], [(src, si, di, range(2))]))
+        res["imports_unlinked"] = fake.fake_acl_live(b"ipc_import")
+        res["relink"] = link(dd, d)
+        t = cm.transfer_cache_async(src, Go(), [cfg], si, di)
+        res["again"] = [str(x) for x in t.get_results(10000)]
+        res["full"] = same(d.call("read", "dst"),
+                           expect(rep["buffers"], [(src, si, di, range(4))]))
+        gate = Gate(2)
+        t = cm.transfer_cache_async(src, gate, [cfg], si, di)
+        assert gate.entered.wait(10)
+        d.kill()
+        res["noticed_kill"] = wait_unlinked(dd, 2)
+        t0 = time.monotonic()
+        gate.go.set()
+        res["killed"] = [str(x) for x in t.get_results(10000)]
+        res["took"] = time.monotonic() - t0
+        t0 = time.monotonic()           # the reader thread closes the import after the cancel
+        while fake.fake_acl_live(b"ipc_import") and time.monotonic() - t0 < 5:
+            time.sleep(0.01)
+        res["imports_killed"] = fake.fake_acl_live(b"ipc_import")
+        try:
+            cm.transfer_cache_async(src, Go(), [cfg], si, di)
+        except LLMException as e:
+            res["after_kill"] = str(e.status_code)
+        t0 = time.monotonic(); dd.finalize(); res["finalize"] = time.monotonic() - t0
+        out(**res)
+    """, fake_acl)
+    assert r["link"] == ["LLMStatusCode.LLM_SUCCESS"]
+    assert r["unlink"][0] == 0 and r["noticed"]
+    assert r["unlinked"] == ["LLMStatusCode.LLM_LINK_FAILED"]
+    assert r["partial"], "layers 0-1 must have arrived, layers 2-3 not"
+    assert r["imports_unlinked"] == 0
+    assert r["relink"] == ["LLMStatusCode.LLM_SUCCESS"]
+    assert r["again"] == ["LLMStatusCode.LLM_SUCCESS"] and r["full"]
+    assert r["noticed_kill"] and r["killed"] == ["LLMStatusCode.LLM_LINK_FAILED"]
+    assert r["took"] < 5 and r["imports_killed"] == 0
+    assert r["after_kill"] == "LLMStatusCode.LLM_NOT_YET_LINK"
+    assert r["finalize"] < 5
+
+
+def test_acl_without_ipc_symbols_refuses_transfers_to_other_processes(tmp_path):
+    """An older libascendcl without the device-IPC symbols: the decode's caches are not
+    exported, and a transfer to it is refused, naming the missing functions."""
+    subprocess.run(["bash", os.path.join(HERE, "fake_acl", "build.sh"), str(tmp_path)], check=True,
+                   capture_output=True, env=dict(os.environ, FAKE_ACL_CFLAGS="-DFAKE_ACL_NO_IPC"))
+    r = run_ipc("""
+        d = Decode(2)
+        d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3, "DT_UINT8",
+               "DEVICE")
+        share = d.call("share", "dst")
+        dd, cm = prefill(1, True)
+        res = {"link": link(dd, d), "share": share, "why": dd.runtime.ipc_unavailable}
+        try:
+            cm.transfer_cache_async(source(cm, 1), Go(), [TransferWithCacheKeyConfig(
+                BlocksCacheKey(2, 7), range(4), range(4))], [0], [1])
+        except LLMException as e:
+            res["refused"] = [str(e.status_code), str(e)]
+        out(**res)
+    """, str(tmp_path / "libascendcl.so"))
+    assert r["link"] == ["LLMStatusCode.LLM_SUCCESS"]
+    assert r["share"]["kind"] == "none" and "aclrtIpcMemGetExportKey" in r["share"]["reason"]
+    assert "aclrtIpcMemImportByKey" in r["why"]
+    code, msg = r["refused"]
+    assert code == "LLMStatusCode.LLM_FEATURE_NOT_ENABLED"
+    assert "device IPC" in msg and "aclrtIpcMemImportByKey" in msg

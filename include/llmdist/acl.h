@@ -23,6 +23,9 @@ typedef void *aclrtContext;
 #define LLMD_ACL_MEM_MALLOC_HUGE_FIRST 0
 #define LLMD_ACL_MEM_LOCATION_HOST 0
 #define LLMD_ACL_MEM_LOCATION_DEVICE 1
+#define LLMD_ACL_IPC_HANDLE_SIZE 65
+#define LLMD_ACL_IPC_EXPORT_NO_PID_CHECK 1u
+#define LLMD_ACL_IPC_IMPORT_PEER_ACCESS 1u
 
 /* Field order {id, type}: not CUDA's {type, id}. */
 typedef struct { uint32_t id; int type; } llmd_aclrtMemLocation;
@@ -56,6 +59,14 @@ typedef struct llmd_acl_api {
                                       size_t *attrsIndexes, size_t numAttrs, size_t *failIndex,
                                       aclrtStream stream);
     aclError (*aclrtGetVersion)(int32_t *major, int32_t *minor, int32_t *patch);
+    /* Device IPC (newer CANN): exporter GetExportKey + SetImportPid, importer ImportByKey; both
+     * sides Close (the importer first); GetBareTgid gives the pid an exporter whitelists. */
+    aclError (*aclrtIpcMemGetExportKey)(void *devPtr, size_t size, char *key, size_t len,
+                                        uint64_t flags);
+    aclError (*aclrtIpcMemSetImportPid)(const char *key, int32_t *pid, size_t num);
+    aclError (*aclrtIpcMemImportByKey)(void **devPtr, const char *key, uint64_t flags);
+    aclError (*aclrtIpcMemClose)(const char *key);
+    aclError (*aclrtDeviceGetBareTgid)(int32_t *pid);
 } llmd_acl_api;
 
 #ifdef __cplusplus

@@ -25,6 +25,11 @@ typedef void *cudaEvent_t;
 #define LLMD_CUDA_MEM_LOCATION_DEVICE 1
 #define LLMD_CUDA_MEM_LOCATION_HOST 2
 #define LLMD_CUDA_ACCESS_ORDER_STREAM 1
+#define LLMD_CUDA_IPC_HANDLE_SIZE 64
+#define LLMD_CUDA_IPC_LAZY_ENABLE_PEER_ACCESS 1u
+
+/* cudaIpcMemHandle_t: 64 opaque bytes, passed by value to cudaIpcOpenMemHandle. */
+typedef struct { char reserved[LLMD_CUDA_IPC_HANDLE_SIZE]; } llmd_cudaIpcMemHandle_t;
 
 typedef struct { int type; int id; } llmd_cudaMemLocation;
 typedef struct {
@@ -64,6 +69,11 @@ typedef struct llmd_cuda_api {
     const char *(*cudaGetErrorString)(int error);
     /* Optional (CUDA 12.8+); which prototype applies depends on the runtime version. */
     void *cudaMemcpyBatchAsync;
+    /* Optional: device IPC (the exporter's handle covers its whole cudaMalloc allocation; the
+     * importer opens it once and closes it before the exporter frees). */
+    int (*cudaIpcGetMemHandle)(llmd_cudaIpcMemHandle_t *handle, void *devPtr);
+    int (*cudaIpcOpenMemHandle)(void **devPtr, llmd_cudaIpcMemHandle_t handle, unsigned int flags);
+    int (*cudaIpcCloseMemHandle)(void *devPtr);
 } llmd_cuda_api;
 
 #ifdef __cplusplus

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Build the fake ACL runtime: build.sh [OUTDIR]  ->  OUTDIR/libascendcl.so (prints the path).
-# OUTDIR defaults to build/fake_acl under the repository root.
+# OUTDIR defaults to build/fake_acl under the repository root. FAKE_ACL_CFLAGS adds compiler
+# flags (-DFAKE_ACL_NO_IPC: a library without the device-IPC symbols, as older CANN).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -8,5 +9,5 @@ out=${1:-"$root/build/fake_acl"}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$here"
-${CC:-cc} -O2 -shared -fPIC -o "$out/libascendcl.so" fake_ascendcl.c -lpthread
+${CC:-cc} -O2 ${FAKE_ACL_CFLAGS:-} -shared -fPIC -o "$out/libascendcl.so" fake_ascendcl.c -lpthread
 echo "$out/libascendcl.so"

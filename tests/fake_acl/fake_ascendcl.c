@@ -1,8 +1,9 @@
 /*
  * A fake libascendcl.so for tests on machines without an Ascend NPU.
  *
- * "Device" memory is host memory (shared anonymous mappings), streams are worker threads with a
- * FIFO, events are sequence numbers. Every call checks its arguments the way the real runtime
+ * "Device" memory is host memory (one memfd per aclrtMalloc, mapped MAP_SHARED, so that another
+ * process can map the same pages through device IPC), streams are worker threads with a FIFO,
+ * events are sequence numbers. Every call checks its arguments the way the real runtime
  * does, and stricter where the real runtime would silently misbehave (pageable host memory in an
  * async copy, freeing memory that queued copies still use, destroying a stream with queued work),
  * so that bugs in the code under test surface as error codes with a message from
@@ -10,6 +11,8 @@
  *
  * Declarations are written from the facts in shared/spec/RUNTIMES.md (ACL section); no vendor
  * header is used.
+ *
+ * Build with -DFAKE_ACL_NO_IPC for a library without the device-IPC symbols (older CANN).
  *
  * Environment:
  *   FAKE_ACL_DEVICE_COUNT   number of devices (default 1, at most 64; 0 = no device)
@@ -22,6 +25,16 @@
  *   FAKE_ACL_MAX_STREAMS    streams per device (default 1024; more -> 207008)
  *   FAKE_ACL_MAX_SYNC_EVENTS sync events per device (default 65535; more -> 207007)
  *
+ * Device IPC works across processes of one host. An export key reads
+ * "fakeacl-<pid>-<serial>-<memfd>-<metafd>": the exporting process, and two of its file
+ * descriptors, which an importer opens through /proc/<pid>/fd (same user, as for ptrace reads).
+ * <metafd> is a shared page holding the key's state (open or closed, export flags, the pid
+ * whitelist of aclrtIpcMemSetImportPid, and which processes hold imports); <memfd> backs the
+ * exported allocation. Rules: export flag 1 skips the pid check; the importer closes first
+ * (aclrtIpcMemClose in the importing process), the exporter's close fails while a live process
+ * still holds an import (dead importers are ignored), and memory is freed after its keys are
+ * closed. Nothing outlives the processes: memfds vanish with their last mapping.
+ *
  * Test hooks (extra exported symbols):
  *   int  fake_acl_inject(const char *api, int after, int code);
  *   long fake_acl_calls(const char *api);
@@ -32,7 +45,9 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -40,10 +55,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
+#ifdef FAKE_ACL_NO_IPC /* an older CANN: the device-IPC functions are not exported */
+#define IPC_EXPORT __attribute__((visibility("hidden")))
+#else
+#define IPC_EXPORT EXPORT
+#endif
 
 /* ------------------------------------------------------------------------------------------ */
 /* Types, constants and error codes (from RUNTIMES.md)                                          */
@@ -289,7 +310,7 @@ struct alloc {
     int exported;  /* live export keys */
     int imported;  /* an alias made by aclrtIpcMemImportByKey */
     int peer;
-    struct ipc_key *key; /* for imported aliases */
+    int fd;        /* memfd backing device memory (-1: anonymous shared memory, or host) */
     void *raw;
 };
 
@@ -451,20 +472,50 @@ static int g_nsync_events_dev[MAX_DEV];
 
 /* ---- IPC ---- */
 
-struct ipc_key {
+#define META_MAGIC 0x3143504c43414654ull /* "TFACLPC1" */
+#define META_MAX_PIDS 256
+#define META_MAX_IMPORTERS 64
+
+/* A key's state, in a shared page that the exporter and every importer map. */
+struct ipc_meta {
+    uint64_t magic;
+    char name[ACL_IPC_HANDLE_SIZE];
+    pthread_mutex_t mu; /* process-shared, robust: a process may die holding it */
+    int32_t owner_pid;
+    int32_t open;       /* 0 once the exporter closed the key */
+    uint64_t flags;     /* export flags: 1 = no pid check */
+    uint64_t offset;    /* of the exported region inside the memfd */
+    uint64_t size;
+    int32_t device;
+    uint32_t npids;
+    int32_t pids[META_MAX_PIDS];
+    uint32_t nimporters;
+    struct {
+        int32_t pid;
+        int32_t count;
+    } importers[META_MAX_IMPORTERS];
+};
+
+struct ipc_key { /* exported by this process */
     char name[ACL_IPC_HANDLE_SIZE];
     struct alloc *owner;
     uintptr_t ptr;
     size_t size;
-    uint64_t flags;
-    int32_t *pids;
-    size_t npids;
-    struct alloc **imports;
-    size_t nimports;
+    int meta_fd;
+    struct ipc_meta *meta;
     struct ipc_key *next;
 };
 static struct ipc_key *g_keys;
 static uint64_t g_key_serial;
+
+struct ipc_import { /* imported by this process */
+    char name[ACL_IPC_HANDLE_SIZE];
+    struct alloc *alias;
+    struct ipc_meta *meta; /* the key's state: our own mapping when foreign */
+    int foreign;           /* exported by another process */
+    struct ipc_import *next;
+};
+static struct ipc_import *g_imports;
 
 /* ------------------------------------------------------------------------------------------ */
 /* Stream worker                                                                                */
@@ -1215,7 +1266,15 @@ EXPORT aclError aclrtMalloc(void **devPtr, size_t size, int policy)
     g_dev_used[dev] += size;
     pthread_mutex_unlock(&g_mu);
 
-    void *p = mmap(NULL, maplen, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    /* A memfd per allocation, so that an importer in another process can map the same pages;
+     * without one (fd limit reached) the memory is anonymous and only this process imports it. */
+    int fd = memfd_create("fakeacl-device", MFD_CLOEXEC);
+    if (fd >= 0 && ftruncate(fd, (off_t)maplen) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    void *p = mmap(NULL, maplen, PROT_READ | PROT_WRITE,
+                   fd >= 0 ? MAP_SHARED : MAP_SHARED | MAP_ANONYMOUS, fd, 0);
     struct alloc *a = p == MAP_FAILED ? NULL : calloc(1, sizeof *a);
     if (a) {
         a->base = (uintptr_t)p;
@@ -1223,6 +1282,7 @@ EXPORT aclError aclrtMalloc(void **devPtr, size_t size, int policy)
         a->maplen = maplen;
         a->kind = A_DEVICE;
         a->device = dev;
+        a->fd = fd;
         a->raw = p;
         poison(p, size);
     }
@@ -1231,6 +1291,7 @@ EXPORT aclError aclrtMalloc(void **devPtr, size_t size, int policy)
         g_dev_used[dev] -= size;
         pthread_mutex_unlock(&g_mu);
         if (p != MAP_FAILED) munmap(p, maplen);
+        if (fd >= 0) close(fd);
         free(a);
         return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "cannot map %zu bytes", size);
     }
@@ -1278,6 +1339,7 @@ EXPORT aclError aclrtFree(void *devPtr)
     pthread_mutex_unlock(&g_mu);
     if (rc) return rc;
     munmap(a->raw, a->maplen);
+    if (a->fd >= 0) close(a->fd);
     free(a);
     return ACL_SUCCESS;
 }
@@ -1298,6 +1360,7 @@ EXPORT aclError aclrtMallocHost(void **hostPtr, size_t size)
         a->size = a->maplen = size;
         a->kind = A_HOST_PINNED;
         a->device = -1;
+        a->fd = -1;
         a->raw = p;
         poison(p, size);
     }
@@ -1651,30 +1714,93 @@ EXPORT aclError aclrtMemcpyBatchAsync(void **dsts, size_t *destMaxs, void **srcs
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* IPC (same process only)                                                                      */
+/* IPC (across processes of one host: see the top of this file)                                 */
 
-/* caller holds g_mu. *foreign = 1 when the key looks like another process's key. */
-static struct ipc_key *key_find_locked(const char *name, int *foreign)
+static size_t round_page(size_t n)
 {
-    *foreign = 0;
+    size_t ps = page_size();
+    return (n + ps - 1) / ps * ps;
+}
+
+static size_t meta_maplen(void) { return round_page(sizeof(struct ipc_meta)); }
+
+static void meta_lock(struct ipc_meta *m)
+{
+    if (pthread_mutex_lock(&m->mu) == EOWNERDEAD) pthread_mutex_consistent(&m->mu);
+}
+
+static void meta_unlock(struct ipc_meta *m) { pthread_mutex_unlock(&m->mu); }
+
+/* A process that still exists and is not a zombie. */
+static int pid_alive(int32_t pid)
+{
+    if (pid <= 0 || (kill(pid, 0) != 0 && errno != EPERM)) return 0;
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 1;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *rp = strrchr(buf, ')'); /* the state follows the command name */
+    return !(rp && rp[1] == ' ' && (rp[2] == 'Z' || rp[2] == 'X'));
+}
+
+/* caller holds the meta lock */
+static int meta_allows(const struct ipc_meta *m, int32_t pid)
+{
+    if (m->flags & 1) return 1;
+    for (uint32_t i = 0; i < m->npids; i++)
+        if (m->pids[i] == pid) return 1;
+    return 0;
+}
+
+static void meta_drop_importer(struct ipc_meta *m, int32_t pid)
+{
+    meta_lock(m);
+    for (uint32_t i = 0; i < m->nimporters; i++)
+        if (m->importers[i].pid == pid && m->importers[i].count > 0) {
+            m->importers[i].count--;
+            break;
+        }
+    meta_unlock(m);
+}
+
+/* caller holds g_mu: a key this process exported and has not closed */
+static struct ipc_key *key_find_locked(const char *name)
+{
     for (struct ipc_key *k = g_keys; k; k = k->next)
         if (strncmp(k->name, name, ACL_IPC_HANDLE_SIZE) == 0) return k;
-    long pid = 0;
-    if (sscanf(name, "fakeacl-%ld-", &pid) == 1 && pid != (long)getpid()) *foreign = 1;
     return NULL;
 }
 
-static int key_missing(const char *name, int foreign)
+/* caller holds g_mu: the newest open import of name in this process, and the link to it */
+static struct ipc_import *import_find_locked(const char *name, struct ipc_import ***link)
 {
-    if (foreign)
-        return fail(ACL_ERROR_RT_FEATURE_NOT_SUPPORT,
-                    "key %.64s comes from another process: the fake runtime shares memory only "
-                    "within one process",
-                    name);
-    return fail(ACL_ERROR_RT_PARAM_INVALID, "unknown or closed IPC key %.64s", name);
+    for (struct ipc_import **pp = &g_imports; *pp; pp = &(*pp)->next)
+        if (strncmp((*pp)->name, name, ACL_IPC_HANDLE_SIZE) == 0) {
+            if (link) *link = pp;
+            return *pp;
+        }
+    return NULL;
 }
 
-EXPORT aclError aclrtIpcMemGetExportKey(void *devPtr, size_t size, char *key, size_t len,
+/* "fakeacl-<pid>-<serial>-<memfd>-<metafd>"; 0 when name is not such a key. */
+static int key_parse(const char *name, long *pid, int *memfd, int *metafd)
+{
+    unsigned long long serial;
+    int n = 0;
+    if (sscanf(name, "fakeacl-%ld-%llu-%d-%d%n", pid, &serial, memfd, metafd, &n) != 4 || !n)
+        return 0;
+    return name[n] == '\0' && *pid > 0 && *metafd >= 0;
+}
+
+static int valid_key_string(const char *key)
+{
+    return strnlen(key, ACL_IPC_HANDLE_SIZE) < ACL_IPC_HANDLE_SIZE;
+}
+
+IPC_EXPORT aclError aclrtIpcMemGetExportKey(void *devPtr, size_t size, char *key, size_t len,
                                         uint64_t flags)
 {
     ENTER(aclrtIpcMemGetExportKey);
@@ -1685,21 +1811,51 @@ EXPORT aclError aclrtIpcMemGetExportKey(void *devPtr, size_t size, char *key, si
     NEED_DEVICE(dev);
     if ((uintptr_t)devPtr % page_size())
         return fail(ACL_ERROR_RT_ADDR_UNALIGNED, "exported region %p is not page aligned", devPtr);
+    size_t ml = meta_maplen();
     pthread_mutex_lock(&g_mu);
     struct alloc *a = NULL;
     int rc = check_end_locked("devPtr", devPtr, size, 1, 0, dev, &a);
     if (!rc && a->imported)
         rc = fail(ACL_ERROR_RT_PARAM_INVALID, "%p is imported memory and cannot be re-exported",
                   devPtr);
-    struct ipc_key *k = rc ? NULL : calloc(1, sizeof *k);
-    if (!rc && !k) rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
-    if (!rc && k) {
-        snprintf(k->name, sizeof k->name, "fakeacl-%ld-%llu", (long)getpid(),
-                 (unsigned long long)++g_key_serial);
+    struct ipc_key *k = NULL;
+    struct ipc_meta *m = MAP_FAILED;
+    int mfd = -1;
+    if (!rc) {
+        k = calloc(1, sizeof *k);
+        mfd = memfd_create("fakeacl-ipc-key", MFD_CLOEXEC);
+        int e = errno;
+        if (k && mfd >= 0 && ftruncate(mfd, (off_t)ml) == 0)
+            m = mmap(NULL, ml, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+        if (m == MAP_FAILED) {
+            rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "cannot create the key's shared state (errno %d)",
+                      mfd < 0 ? e : errno);
+            if (mfd >= 0) close(mfd);
+            free(k);
+        }
+    }
+    if (!rc) {
+        pthread_mutexattr_t at;
+        pthread_mutexattr_init(&at);
+        pthread_mutexattr_setpshared(&at, PTHREAD_PROCESS_SHARED);
+        pthread_mutexattr_setrobust(&at, PTHREAD_MUTEX_ROBUST);
+        pthread_mutex_init(&m->mu, &at);
+        pthread_mutexattr_destroy(&at);
+        snprintf(k->name, sizeof k->name, "fakeacl-%ld-%llu-%d-%d", (long)getpid(),
+                 (unsigned long long)++g_key_serial, a->fd, mfd);
+        memcpy(m->name, k->name, sizeof m->name);
+        m->owner_pid = (int32_t)getpid();
+        m->open = 1;
+        m->flags = flags;
+        m->offset = (uintptr_t)devPtr - a->base;
+        m->size = size;
+        m->device = a->device;
+        m->magic = META_MAGIC;
         k->owner = a;
         k->ptr = (uintptr_t)devPtr;
         k->size = size;
-        k->flags = flags;
+        k->meta_fd = mfd;
+        k->meta = m;
         k->next = g_keys;
         g_keys = k;
         a->exported++;
@@ -1710,129 +1866,267 @@ EXPORT aclError aclrtIpcMemGetExportKey(void *devPtr, size_t size, char *key, si
     return rc;
 }
 
-EXPORT aclError aclrtIpcMemSetImportPid(const char *key, int32_t *pid, size_t num)
+IPC_EXPORT aclError aclrtIpcMemSetImportPid(const char *key, int32_t *pid, size_t num)
 {
     ENTER(aclrtIpcMemSetImportPid);
     if (!key || !pid || num == 0) return fail(ACL_ERROR_INVALID_PARAM, "NULL key/pid or num 0");
+    if (!valid_key_string(key)) return fail(ACL_ERROR_INVALID_PARAM, "key is longer than 64 characters");
+    for (size_t i = 0; i < num; i++)
+        if (pid[i] <= 0) return fail(ACL_ERROR_INVALID_PARAM, "pid[%zu] = %d", i, (int)pid[i]);
     NEED_DEVICE(dev);
     (void)dev;
     pthread_mutex_lock(&g_mu);
-    int foreign;
-    struct ipc_key *k = key_find_locked(key, &foreign);
+    struct ipc_key *k = key_find_locked(key);
     int rc = 0;
     if (!k) {
-        rc = key_missing(key, foreign);
+        rc = fail(ACL_ERROR_RT_PARAM_INVALID,
+                  "key %.64s is not an open key exported by this process", key);
     } else {
-        int32_t *v = realloc(k->pids, (k->npids + num) * sizeof *v);
-        if (!v) {
-            rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
-        } else {
-            memcpy(v + k->npids, pid, num * sizeof *v);
-            k->pids = v;
-            k->npids += num;
+        struct ipc_meta *m = k->meta;
+        meta_lock(m);
+        for (size_t i = 0; i < num && !rc; i++) {
+            if (meta_allows(m, pid[i]) && !(m->flags & 1)) continue; /* already listed */
+            if (m->npids == META_MAX_PIDS)
+                rc = fail(ACL_ERROR_RT_PARAM_INVALID, "more than %d pids whitelisted for key %.64s",
+                          META_MAX_PIDS, key);
+            else
+                m->pids[m->npids++] = pid[i];
         }
+        meta_unlock(m);
     }
     pthread_mutex_unlock(&g_mu);
     return rc;
 }
 
-EXPORT aclError aclrtIpcMemImportByKey(void **devPtr, const char *key, uint64_t flags)
+/* Map another process's key: its state page, then the exported pages. Caller holds g_mu. */
+static int import_foreign_locked(const char *key, int32_t me, struct ipc_meta **mout, void **pout,
+                                 size_t *maplen, size_t *size, int *device)
+{
+    long pid;
+    int memfd, metafd;
+    if (!key_parse(key, &pid, &memfd, &metafd) || pid == me)
+        return fail(ACL_ERROR_RT_PARAM_INVALID, "unknown or closed IPC key %.64s", key);
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%ld/fd/%d", pid, metafd);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return fail(ACL_ERROR_RT_PARAM_INVALID,
+                    "unknown or closed IPC key %.64s: cannot open the exporter's key state %s (%s)",
+                    key, path, strerror(errno));
+    size_t ml = meta_maplen();
+    struct stat st;
+    struct ipc_meta *m = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (size_t)st.st_size >= ml)
+        m = mmap(NULL, ml, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED || m->magic != META_MAGIC || m->owner_pid != (int32_t)pid ||
+        strncmp(m->name, key, ACL_IPC_HANDLE_SIZE) != 0) {
+        if (m != MAP_FAILED) munmap(m, ml);
+        return fail(ACL_ERROR_RT_PARAM_INVALID, "unknown or closed IPC key %.64s", key);
+    }
+    int rc = 0;
+    uint32_t slot = META_MAX_IMPORTERS;
+    void *p = MAP_FAILED;
+    size_t len = 0;
+    meta_lock(m);
+    if (!m->open)
+        rc = fail(ACL_ERROR_RT_PARAM_INVALID, "IPC key %.64s was closed by its exporter", key);
+    else if (!meta_allows(m, me))
+        rc = fail(ACL_ERROR_RT_PARAM_INVALID,
+                  "pid %d is not whitelisted for key %.64s (aclrtIpcMemSetImportPid)", (int)me, key);
+    else if (memfd < 0)
+        rc = fail(ACL_ERROR_RT_FEATURE_NOT_SUPPORT,
+                  "the memory of key %.64s is not backed by shareable memory", key);
+    if (!rc) {
+        for (uint32_t i = 0; i < m->nimporters && slot == META_MAX_IMPORTERS; i++)
+            if (m->importers[i].pid == me) slot = i;
+        for (uint32_t i = 0; i < m->nimporters && slot == META_MAX_IMPORTERS; i++)
+            if (m->importers[i].count == 0 || !pid_alive(m->importers[i].pid)) slot = i;
+        if (slot == META_MAX_IMPORTERS && m->nimporters < META_MAX_IMPORTERS) slot = m->nimporters;
+        if (slot == META_MAX_IMPORTERS)
+            rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "key %.64s has %d importing processes",
+                      key, META_MAX_IMPORTERS);
+    }
+    if (!rc) {
+        snprintf(path, sizeof path, "/proc/%ld/fd/%d", pid, memfd);
+        len = round_page((size_t)m->size);
+        int e = 0, mf = open(path, O_RDWR | O_CLOEXEC);
+        if (mf >= 0) {
+            p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, mf, (off_t)m->offset);
+            e = errno;
+            close(mf);
+        } else {
+            e = errno;
+        }
+        if (p == MAP_FAILED)
+            rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "cannot map the memory of key %.64s (%s)",
+                      key, strerror(e));
+    }
+    if (!rc) {
+        if (m->importers[slot].pid != me) m->importers[slot].count = 0;
+        m->importers[slot].pid = me;
+        m->importers[slot].count++;
+        if (slot == m->nimporters) m->nimporters++;
+        *size = (size_t)m->size;
+        *device = m->device;
+    }
+    meta_unlock(m);
+    if (rc) {
+        munmap(m, ml);
+        return rc;
+    }
+    *mout = m;
+    *pout = p;
+    *maplen = len;
+    return 0;
+}
+
+IPC_EXPORT aclError aclrtIpcMemImportByKey(void **devPtr, const char *key, uint64_t flags)
 {
     ENTER(aclrtIpcMemImportByKey);
     if (!devPtr || !key) return fail(ACL_ERROR_INVALID_PARAM, "NULL devPtr or key");
+    if (!valid_key_string(key)) return fail(ACL_ERROR_INVALID_PARAM, "key is longer than 64 characters");
     if (flags > 1) return fail(ACL_ERROR_INVALID_PARAM, "bad flags %llu", (unsigned long long)flags);
     NEED_DEVICE(dev);
     (void)dev;
+    int32_t me = (int32_t)getpid();
     pthread_mutex_lock(&g_mu);
-    int foreign, rc = 0;
-    struct ipc_key *k = key_find_locked(key, &foreign);
-    if (!k) {
-        rc = key_missing(key, foreign);
-    } else if (!(k->flags & 1)) {
-        int ok = 0;
-        for (size_t i = 0; i < k->npids; i++) ok |= k->pids[i] == (int32_t)getpid();
-        if (!ok)
+    int rc = 0, foreign = 0, device = 0;
+    struct ipc_meta *m = NULL;
+    void *p = MAP_FAILED;
+    size_t maplen = 0, size = 0;
+    struct ipc_key *k = key_find_locked(key);
+    if (k) { /* our own key: a second mapping of the same pages at another address */
+        meta_lock(k->meta);
+        if (!meta_allows(k->meta, me))
             rc = fail(ACL_ERROR_RT_PARAM_INVALID,
-                      "pid %d is not whitelisted for key %.64s (aclrtIpcMemSetImportPid)",
-                      (int)getpid(), key);
+                      "pid %d is not whitelisted for key %.64s (aclrtIpcMemSetImportPid)", (int)me,
+                      key);
+        meta_unlock(k->meta);
+        if (!rc) {
+            m = k->meta;
+            size = k->size;
+            device = k->owner->device;
+            maplen = round_page(size);
+            p = mremap((void *)k->ptr, 0, maplen, MREMAP_MAYMOVE);
+            if (p == MAP_FAILED)
+                rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION,
+                          "cannot map the imported region (errno %d)", errno);
+        }
+    } else {
+        foreign = 1;
+        rc = import_foreign_locked(key, me, &m, &p, &maplen, &size, &device);
     }
     struct alloc *al = NULL;
+    struct ipc_import *im = NULL;
     if (!rc) {
-        size_t ps = page_size();
-        size_t maplen = (k->size + ps - 1) / ps * ps;
-        /* a second mapping of the same shared pages at another address */
-        void *p = mremap((void *)k->ptr, 0, maplen, MREMAP_MAYMOVE);
-        int e = errno;
-        al = p == MAP_FAILED ? NULL : calloc(1, sizeof *al);
-        struct alloc **imps = al ? realloc(k->imports, (k->nimports + 1) * sizeof *imps) : NULL;
-        if (imps) {
-            k->imports = imps;
+        al = calloc(1, sizeof *al);
+        im = calloc(1, sizeof *im);
+        if (al && im) {
             al->base = (uintptr_t)p;
-            al->size = k->size;
+            al->size = size;
             al->maplen = maplen;
             al->kind = A_DEVICE;
-            al->device = k->owner->device;
+            al->device = device;
             al->imported = 1;
             al->peer = (int)(flags & 1);
-            al->key = k;
+            al->fd = -1;
             al->raw = p;
         }
-        if (!imps || tab_insert(al) != 0) {
-            if (p != MAP_FAILED) munmap(p, maplen);
+        if (!al || !im || tab_insert(al) != 0) {
+            munmap(p, maplen);
+            if (foreign) {
+                meta_drop_importer(m, me);
+                munmap(m, meta_maplen());
+            }
             free(al);
-            al = NULL;
-            rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "cannot map the imported region (errno %d)", e);
+            free(im);
+            rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
         }
     }
     if (!rc) {
-        k->imports[k->nimports++] = al;
-        *devPtr = (void *)al->base;
+        memcpy(im->name, key, strnlen(key, ACL_IPC_HANDLE_SIZE));
+        im->alias = al;
+        im->meta = m;
+        im->foreign = foreign;
+        im->next = g_imports;
+        g_imports = im;
+        *devPtr = p;
     }
     pthread_mutex_unlock(&g_mu);
     return rc;
 }
 
-EXPORT aclError aclrtIpcMemClose(const char *key)
+IPC_EXPORT aclError aclrtIpcMemClose(const char *key)
 {
     ENTER(aclrtIpcMemClose);
     if (!key) return fail(ACL_ERROR_INVALID_PARAM, "key is NULL");
+    if (!valid_key_string(key)) return fail(ACL_ERROR_INVALID_PARAM, "key is longer than 64 characters");
     NEED_DEVICE(dev);
     (void)dev;
+    int32_t me = (int32_t)getpid();
     pthread_mutex_lock(&g_mu);
-    int foreign, rc = 0;
-    struct ipc_key *k = key_find_locked(key, &foreign);
-    struct alloc *unmap = NULL;
-    if (!k) {
-        rc = key_missing(key, foreign);
-    } else if (k->nimports) { /* the importer closes first */
-        struct alloc *al = k->imports[k->nimports - 1];
-        if (al->pending) {
+    int rc = 0;
+    struct ipc_import **link = NULL;
+    struct ipc_import *im = import_find_locked(key, &link); /* the importer closes first */
+    struct ipc_key *k = im ? NULL : key_find_locked(key);
+    if (im) {
+        if (im->alias->pending) {
             rc = fail(ACL_ERROR_RT_PARAM_INVALID,
                       "imported memory %p is still used by %ld queued async operation(s)",
-                      (void *)al->base, al->pending);
+                      (void *)im->alias->base, im->alias->pending);
         } else {
-            k->nimports--;
-            tab_remove(al);
-            unmap = al;
+            *link = im->next;
+            tab_remove(im->alias);
         }
-    } else { /* then the exporter */
-        struct ipc_key **pp = &g_keys;
-        while (*pp != k) pp = &(*pp)->next;
-        *pp = k->next;
-        k->owner->exported--;
-        free(k->pids);
-        free(k->imports);
-        free(k);
+    } else if (k) { /* then the exporter, once no live process holds an import */
+        int live = 0;
+        int32_t holder = 0;
+        meta_lock(k->meta);
+        for (uint32_t i = 0; i < k->meta->nimporters; i++) {
+            if (k->meta->importers[i].count <= 0) continue;
+            if (pid_alive(k->meta->importers[i].pid)) {
+                live++;
+                holder = k->meta->importers[i].pid;
+            } else {
+                k->meta->importers[i].count = 0; /* died without closing */
+            }
+        }
+        if (!live) k->meta->open = 0;
+        meta_unlock(k->meta);
+        if (live) {
+            rc = fail(ACL_ERROR_RT_PARAM_INVALID,
+                      "key %.64s is still imported by %d other process(es) (pid %d): importers "
+                      "close first",
+                      key, live, (int)holder);
+        } else {
+            struct ipc_key **pp = &g_keys;
+            while (*pp != k) pp = &(*pp)->next;
+            *pp = k->next;
+            k->owner->exported--;
+        }
+    } else {
+        rc = fail(ACL_ERROR_RT_PARAM_INVALID, "unknown or closed IPC key %.64s", key);
     }
     pthread_mutex_unlock(&g_mu);
-    if (unmap) {
-        munmap(unmap->raw, unmap->maplen);
-        free(unmap);
+    if (rc) return rc;
+    if (im) {
+        munmap(im->alias->raw, im->alias->maplen);
+        if (im->foreign) {
+            meta_drop_importer(im->meta, me);
+            munmap(im->meta, meta_maplen());
+        }
+        free(im->alias);
+        free(im);
+    } else {
+        munmap(k->meta, meta_maplen());
+        close(k->meta_fd);
+        free(k);
     }
-    return rc;
+    return ACL_SUCCESS;
 }
 
-EXPORT aclError aclrtDeviceGetBareTgid(int32_t *pid)
+IPC_EXPORT aclError aclrtDeviceGetBareTgid(int32_t *pid)
 {
     ENTER(aclrtDeviceGetBareTgid);
     if (!pid) return fail(ACL_ERROR_INVALID_PARAM, "pid is NULL");
@@ -1912,7 +2206,7 @@ EXPORT long fake_acl_live(const char *what)
     } else if (strcmp(what, "ipc_key") == 0) {
         for (struct ipc_key *k = g_keys; k; k = k->next) n++;
     } else if (strcmp(what, "ipc_import") == 0) {
-        for (struct ipc_key *k = g_keys; k; k = k->next) n += (long)k->nimports;
+        for (struct ipc_import *im = g_imports; im; im = im->next) n++;
     } else if (strcmp(what, "pending") == 0) {
         for (size_t i = 0; i < g_ntab; i++) n += g_tab[i]->pending;
     } else {

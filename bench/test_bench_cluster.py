@@ -64,7 +64,6 @@ TASK_MS = 120_000
 REPLY_S = 120.0
 OK = LLMStatusCode.LLM_SUCCESS
 TARGET = 0.7                   # same-host path vs contiguous np.copyto (reported, not asserted)
-MOONCAKE_QUEUE_ENV = "MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER"
 
 CTX = mp.get_context("spawn")
 SECTION = ("f. B2B into another process (64K x 256 pairs x 64 tensors, all layers ready) "
@@ -231,18 +230,6 @@ class ClusterWorkload:
         self.scr_t = self.scratch.reshape(self.num_tensors, self.pool, BLOCK)
         self.src_digests = procs.block_digests(list(self.src_t), self.src_idx)
 
-        # Mooncake's TCP transport queues at most MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER writes
-        # per peer (default 1024) and rejects the rest; llmdist puts all 32 layers' batches in
-        # flight at once (16384 writes), so raise it for the engines of this module (the decode
-        # child inherits it at spawn). See the module's report note.
-        writes = self.num_tensors * self.pairs
-        if MOONCAKE and MOONCAKE_QUEUE_ENV not in os.environ:
-            self._setenv(MOONCAKE_QUEUE_ENV, str(min(65535, max(1024, writes))))
-            self.notes.append(
-                f"f. mooncake: {MOONCAKE_QUEUE_ENV}={os.environ[MOONCAKE_QUEUE_ENV]} for this "
-                f"module; with Mooncake's default (1024) the all-layers-ready transfer of "
-                f"{writes} writes fails (queue-full rejections, then LLM_LINK_FAILED, sometimes "
-                f"only after the engine's 30 s transfer timeout)")
         if MOONCAKE and "GLOG_minloglevel" not in os.environ:
             self._setenv("GLOG_minloglevel", "1")   # no INFO line per Mooncake batch
 

@@ -844,6 +844,10 @@ cdef struct CfgState:
     Py_ssize_t desc_base    # first descriptor slot of this config
 
 
+# Most runs one config keeps queued in a transfer engine at once (below Mooncake's per-peer
+# queue of 1024 writes).
+ENGINE_MAX_QUEUED = 512
+
 # Why a config failed; turned into LLMStatusCode when results are published.
 cdef enum:
     ST_NONE = 0
@@ -1106,18 +1110,39 @@ cdef class TransferJob:
                 c.failed = ST_RUNTIME
 
     cdef int engine_write(self, int i, Py_ssize_t base, Py_ssize_t n) noexcept with gil:
-        """Start one batched engine write of n descriptors; nonzero when it was refused."""
-        cdef Py_ssize_t r
+        """Start one batched engine write of n descriptors; nonzero when it was refused or an
+        earlier write of the config failed. The engine queues a bounded number of writes per
+        peer (Mooncake's TCP transport: 1024 by default) and refuses the rest, so at most
+        ENGINE_MAX_QUEUED runs are kept in flight: the oldest batches are waited for first."""
+        cdef Py_ssize_t r, lo, hi
         transport, session, handles = self.engines[i]
-        try:
-            handles.append(transport.write_batch(
-                session, [<uintptr_t>self.d_srcs[r] for r in range(base, base + n)],
-                [<uintptr_t>self.d_dsts[r] for r in range(base, base + n)],
-                [self.d_sizes[r] for r in range(base, base + n)]))
-        except Exception as exc:
-            self.errors[i] = f"transfer engine refused a write: {exc}"
-            return -1
+        queued = sum(k for _, k in handles)
+        for lo in range(base, base + n, ENGINE_MAX_QUEUED):
+            hi = min(lo + ENGINE_MAX_QUEUED, base + n)
+            while handles and queued + (hi - lo) > ENGINE_MAX_QUEUED:
+                h, k = handles.pop(0)
+                queued -= k
+                rc = self.engine_wait(i, transport, h)
+                if rc != 0:
+                    return rc
+            try:
+                handles.append((transport.write_batch(
+                    session, [<uintptr_t>self.d_srcs[r] for r in range(lo, hi)],
+                    [<uintptr_t>self.d_dsts[r] for r in range(lo, hi)],
+                    [self.d_sizes[r] for r in range(lo, hi)]), hi - lo))
+            except Exception as exc:
+                self.errors[i] = f"transfer engine refused a write: {exc}"
+                return -1
+            queued += hi - lo
         return 0
+
+    cdef int engine_wait(self, int i, transport, handle):
+        """Wait for one engine batch; 0 once its bytes arrived."""
+        try:
+            return transport.wait(handle, int(self.engine_wait_s * 1000))
+        except Exception as exc:
+            self.errors[i] = f"transfer engine wait failed: {exc}"
+            return -1
 
     cdef settle_engines(self):
         """Wait for every engine write issued so far; fail the configs whose writes failed."""
@@ -1128,12 +1153,8 @@ cdef class TransferJob:
             transport, session, handles = self.engines[i]
             c = &self.cfg[i]
             while handles:
-                h = handles.pop(0)
-                try:
-                    rc = transport.wait(h, int(self.engine_wait_s * 1000))
-                except Exception as exc:
-                    rc = -1
-                    self.errors[i] = f"transfer engine wait failed: {exc}"
+                h, _ = handles.pop(0)
+                rc = self.engine_wait(i, transport, h)
                 if rc != 0 and c.failed in (0, ST_CANCELLED):
                     c.failed = ST_ENGINE
                     c.code = rc

@@ -636,28 +636,6 @@ def _path_description(dd: LLMDataDist, decode_id: int) -> str:
     return str(path)
 
 
-MOONCAKE_QUEUE_ENV = "MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER"
-MOONCAKE_QUEUE_MAX = 65535   # the largest value mooncake-transfer-engine 0.3.13 accepts
-
-
-def _mooncake_queue_workaround(writes: int) -> List[str]:
-    """Mooncake's TCP transport queues at most ``MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER``
-    (default 1024) writes per peer and rejects the rest, and llmdist submits one batch per layer
-    without waiting, so a transfer whose layers are all ready at once (the "after prefill" run)
-    fails with more than ~2048 blocks in flight. Raise the limit for this process and the decode
-    child (spawned after this, so it inherits it) unless the user set it."""
-    if MOONCAKE_QUEUE_ENV in os.environ:
-        return [f"{MOONCAKE_QUEUE_ENV}={os.environ[MOONCAKE_QUEUE_ENV]} (from the environment)"]
-    value = min(MOONCAKE_QUEUE_MAX, max(1024, writes))
-    os.environ[MOONCAKE_QUEUE_ENV] = str(value)
-    note = (f"{MOONCAKE_QUEUE_ENV}={value} set for this run: Mooncake's TCP transport rejects "
-            f"writes past its per-peer queue (default 1024) and llmdist does not bound the "
-            f"{writes} writes it has in flight when every layer is ready")
-    if writes > MOONCAKE_QUEUE_MAX:
-        note += f"; {writes} is above the largest value Mooncake accepts, so it may still fail"
-    return [note]
-
-
 def run_two_process(args, out=sys.stdout) -> int:
     """The prefill in this process, the decode in a child process on 127.0.0.1: link, stream
     the KV cache by key into the decode's allocated blocks cache, let the decode verify."""
@@ -675,7 +653,6 @@ def run_two_process(args, out=sys.stdout) -> int:
     prefill_id, decode_id = args.cluster_id, args.cluster_id + 1
     notes = []
     if args.transport == "mooncake":
-        notes += _mooncake_queue_workaround(layout.num_tensors * layout.blocks_needed)
         os.environ.setdefault("GLOG_minloglevel", "1")   # no INFO line per Mooncake batch
     spec = dict(cluster_id=decode_id, host=HOST, dtype=args.dtype,
                 num_tensors=layout.num_tensors, pool_blocks=layout.pool_blocks,

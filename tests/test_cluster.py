@@ -858,6 +858,26 @@ def test_transport_option(decodes, prefill, cleanup):
         assert unlink(moon, d) == (SUCCESS, [SUCCESS])
 
 
+@pytest.mark.skipif(not MOONCAKE, reason="the llmdist[mooncake] extra is not installed")
+def test_mooncake_many_writes_in_flight(decodes, prefill, cleanup):
+    """All layers ready at once with nothing to merge: 8 layers x 2 tensors x 300 scattered
+    blocks = 4800 writes, more than Mooncake's TCP transport queues per peer (1024); llmdist
+    bounds what it keeps in flight, so the transfer succeeds."""
+    d = decodes[2]
+    s = next(_seeds)
+    env = prefill(remote=True, extra_options={"llmdist.transport": "mooncake"})
+    src = env.allocated(num_tensors=16, shape=[600, 64], blocks=True, dtype=FP16)
+    dc = cleanup.dcache(d, "allocated", num_tensors=16, shape=[600, 64], blocks=True,
+                        key=("blocks", s), seed=s)
+    link(env, d)
+    rng = np.random.default_rng(s)
+    sb = rng.permutation(600)[:300].tolist()
+    db = rng.permutation(600)[:300].tolist()
+    run_remote(env, src, [keyed_cfg(dc, range(0, 8), range(0, 8))],
+               [keyed_ref(dc, range(0, 8), range(0, 8))], [dc], sb, db)
+    assert unlink(env, d) == (SUCCESS, [SUCCESS])
+
+
 # --------------------------------------------------------------------------------------------
 # faults
 # --------------------------------------------------------------------------------------------

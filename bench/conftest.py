@@ -10,9 +10,8 @@ Options (all optional):
   --llmdist-sizes LIST      block sizes of the B2B benchmarks a/b, e.g. "4K,64K" (default: all)
   --llmdist-rounds-scale X  multiply the number of timed rounds (default 1.0)
 
-The helpers live in test_bench_transfer.py, not here: test modules of tests/ do
-``from conftest import ...``, and in a run that collects both directories only one module can
-be ``conftest``.
+The helpers live in test_bench_transfer.py, not here: in a run that collects tests/ and bench/
+together only one module can be named ``conftest``, so nothing imports this one by name.
 """
 from __future__ import annotations
 

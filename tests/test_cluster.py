@@ -37,7 +37,7 @@ from llmdist import (BlocksCacheKey, CacheKeyByIdAndIndex, DataType, EventSynchr
 
 import cluster_procs
 import reference
-from conftest import (SUCCESS, Env, GateSync, RecordingSync, SleepSync, assert_mem_equal)
+from helpers import (SUCCESS, Env, GateSync, RecordingSync, SleepSync, assert_mem_equal)
 from reference import RefConfig
 
 HOST = "127.0.0.1"

@@ -13,7 +13,7 @@ from llmdist import (BlocksCacheKey, LLMDataDist, LLMException, LLMRole, LLMStat
                      TransferConfig, TransferWithCacheKeyConfig)
 
 import reference
-from conftest import (OWN_CLUSTER, SUCCESS, Env, GateSync, RecordingSync,
+from helpers import (OWN_CLUSTER, SUCCESS, Env, GateSync, RecordingSync,
                       assert_mem_equal, make_desc, wait_results)
 from reference import RefConfig
 

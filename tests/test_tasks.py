@@ -12,7 +12,7 @@ import pytest
 from llmdist import DataType, LLMStatusCode, TransferConfig
 
 import reference
-from conftest import (OWN_CLUSTER, SUCCESS, WAIT_MS, FailSync, GateSync, RecordingSync,
+from helpers import (OWN_CLUSTER, SUCCESS, WAIT_MS, FailSync, GateSync, RecordingSync,
                       SleepSync, assert_mem_equal, wait_results)
 from reference import RefConfig
 

@@ -18,7 +18,7 @@ from llmdist import (BlocksCacheKey, CacheKeyByIdAndIndex, DataType, Placement, 
                      TransferWithCacheKeyConfig)
 
 import reference
-from conftest import (CACHE_DTYPES, OWN_CLUSTER, SUCCESS, WAIT_MS, RecordingSync, TCache,
+from helpers import (CACHE_DTYPES, OWN_CLUSTER, SUCCESS, WAIT_MS, RecordingSync, TCache,
                       assert_mem_equal, env_ctx, wait_results)
 from reference import B2B, C2B, C2C, RefConfig
 

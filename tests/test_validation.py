@@ -16,7 +16,7 @@ from llmdist import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, 
                      Placement, TransferConfig, TransferWithCacheKeyConfig)
 
 import reference
-from conftest import (OTHER_CLUSTER, OWN_CLUSTER, SUCCESS, Env, RecordingSync, assert_mem_equal,
+from helpers import (OTHER_CLUSTER, OWN_CLUSTER, SUCCESS, Env, RecordingSync, assert_mem_equal,
                       env_ctx, make_desc, wait_results)
 
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID

@@ -277,8 +277,8 @@ class ClusterWorkload:
         if status != OK:
             raise RuntimeError(f"prefill {cid} ({transport}) could not link: {status.name}")
         p["linked"] = True
-        peer = dd._node.peer(DECODE_ID)   # which data path llmdist chose (informational)
-        p["path"] = getattr(peer, "path", "?")
+        info = dd.peer_info(DECODE_ID)   # which data path llmdist chose (informational)
+        p["path"] = info["path"] if info else "?"
 
     # --- operations ---------------------------------------------------------------------
     def transfer(self, transport: str, dst: str):

@@ -625,9 +625,8 @@ class DecodeChild:
 
 def _path_description(dd: LLMDataDist, decode_id: int) -> str:
     """The data path llmdist picked for the decode (read from the link; informational)."""
-    node = getattr(dd, "_node", None)
-    peer = node.peer(decode_id) if node is not None else None
-    path = getattr(peer, "path", None)
+    info = dd.peer_info(decode_id)
+    path = info["path"] if info else None
     if path == "direct":
         return ("direct (same host): copies straight into the decode's POSIX shared memory, "
                 "mapped here")

@@ -157,6 +157,16 @@ class LLMDataDist:
         node = self._node
         return node.port if node is not None else None
 
+    def peer_info(self, cluster_id: int) -> Optional[Dict[str, object]]:
+        """How a linked cluster is reached (an llmdist extension): {"path": "direct" or
+        "mooncake", "same_host": bool, "pid": int}; None when it is not linked."""
+        check_uint64("cluster_id", cluster_id)
+        node = self._node
+        peer = node.peer(cluster_id) if node is not None else None
+        if peer is None:
+            return None
+        return {"path": peer.path, "same_host": peer.same_host, "pid": peer.pid}
+
     @staticmethod
     def _check_clusters(clusters, timeout: int) -> None:
         check_isinstance("clusters", clusters, (list, tuple))

@@ -832,7 +832,10 @@ def test_transport_option(decodes, prefill, cleanup):
         prefill(extra_options={"llmdist.transport": "carrier-pigeon"})
     assert ei.value.status_code == PARAM_INVALID
     direct = prefill(extra_options={"llmdist.transport": "direct"})
+    assert direct.dd.peer_info(2) is None
     link(direct, d)
+    info = direct.dd.peer_info(2)
+    assert info["path"] == "direct" and info["same_host"] and info["pid"] > 0
     src = direct.allocated(**SRC_BLOCKS, blocks=True, dtype=FP16)
     cfg, ref = addr_cfg(dc, range(0, 4), [2, 3, 4, 5])
     run_remote(direct, src, [cfg], [ref], [dc], B2B_SRC, B2B_DST)
@@ -841,6 +844,7 @@ def test_transport_option(decodes, prefill, cleanup):
         # extra the bytes arrive; without it the transfer is refused, naming the extra.
         moon = prefill(remote=remote, extra_options={"llmdist.transport": "mooncake"})
         link(moon, d)
+        assert moon.dd.peer_info(2)["path"] == "mooncake"
         msrc = moon.allocated(**SRC_BLOCKS, blocks=True, dtype=FP16)
         if remote:
             cfg, ref = keyed_cfg(dc, range(0, 4), range(0, 4)), keyed_ref(dc, range(0, 4), range(0, 4))

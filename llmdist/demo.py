@@ -381,6 +381,31 @@ def layout_from_args(args) -> PagedLayout:
     return layout
 
 
+def stream_prefill(cm, model, layout, src_cache, src_views, configs, src_table, dst_table,
+                   wait_ms):
+    """Start the layer-wise transfer, then run the model: each layer's K and V are written into
+    the source blocks and the layer is released to the transfer at once. Returns the
+    synchronizer, the task, the times of the call, of its return and of the end of prefill, and
+    the first and last layer's K/V (for checking pages)."""
+    sync = LayerEvents(layout.layers)
+    t_call = time.perf_counter()
+    task = cm.transfer_cache_async(src_cache, sync, configs, src_table, dst_table)
+    t_start = time.perf_counter()
+    kv_first = kv_last = None
+    try:
+        for layer, k, v in model.layers():
+            write_kv(src_views, layout, src_table, layer, k, v)
+            sync.mark_done(layer)
+            if layer == 0:
+                kv_first = (k, v)
+            kv_last = (k, v)
+    except BaseException:
+        sync.cancel()
+        task.synchronize(wait_ms)
+        raise
+    return sync, task, t_call, t_start, time.perf_counter(), kv_first, kv_last
+
+
 def run_local(args, out=sys.stdout) -> int:
     """One process: the source cache is numpy memory registered with LLMDataDist (like a
     framework's tensors), the destination a cache LLMDataDist allocates, on its own cluster."""
@@ -421,23 +446,8 @@ def run_local(args, out=sys.stdout) -> int:
         configs = [TransferConfig(cid, list(dst_cache.tensor_addrs))]
 
         # 1. prefill, streaming each layer as soon as it is written
-        sync = LayerEvents(layout.layers)
-        t_call = time.perf_counter()
-        task = cm.transfer_cache_async(src_cache, sync, configs, src_table, dst_table)
-        t0 = time.perf_counter()
-        kv_first = kv_last = None
-        try:
-            for layer, k, v in model.layers():
-                write_kv(src_views, layout, src_table, layer, k, v)
-                sync.mark_done(layer)
-                if layer == 0:
-                    kv_first = (k, v)
-                kv_last = (k, v)
-        except BaseException:
-            sync.cancel()
-            task.synchronize()
-            raise
-        t_prefill_end = time.perf_counter()
+        sync, task, t_call, t0, t_prefill_end, kv_first, kv_last = stream_prefill(
+            cm, model, layout, src_cache, src_views, configs, src_table, dst_table, None)
         status_streamed = task.synchronize()
         t_done = time.perf_counter()
         results = task.get_results()
@@ -697,23 +707,8 @@ def run_two_process(args, out=sys.stdout) -> int:
                                               range(layout.layers))]
 
         # 1. prefill, streaming each layer into the decode as soon as it is written
-        sync = LayerEvents(layout.layers)
-        t_call = time.perf_counter()
-        task = cm.transfer_cache_async(src_cache, sync, configs, src_table, dst_table)
-        t_start = time.perf_counter()
-        kv_first = kv_last = None
-        try:
-            for layer, k, v in model.layers():
-                write_kv(src_views, layout, src_table, layer, k, v)
-                sync.mark_done(layer)
-                if layer == 0:
-                    kv_first = (k, v)
-                kv_last = (k, v)
-        except BaseException:
-            sync.cancel()
-            task.synchronize(TASK_MS)
-            raise
-        t_prefill_end = time.perf_counter()
+        sync, task, t_call, t_start, t_prefill_end, kv_first, kv_last = stream_prefill(
+            cm, model, layout, src_cache, src_views, configs, src_table, dst_table, TASK_MS)
         status_streamed = task.synchronize(TASK_MS)
         t_done = time.perf_counter()
         results = task.get_results(TASK_MS)

@@ -154,7 +154,7 @@ class ToyModel:
 def write_kv(views: List[np.ndarray], layout: PagedLayout, table: List[int], layer: int,
              k: np.ndarray, v: np.ndarray) -> None:
     """Page one layer's K and V (``tokens x dim`` each) into the blocks listed in ``table``."""
-    tpb, dim, dt = layout.tokens_per_block, layout.dim, layout.dtype
+    dim, dt = layout.dim, layout.dtype
     full, rem = divmod(layout.tokens, tpb)
     idx = np.asarray(table, dtype=np.intp)
     for t, data in ((2 * layer, k), (2 * layer + 1, v)):
@@ -218,7 +218,6 @@ def verify(src_views: List[np.ndarray], src_table: List[int], dst_views: List[np
     s = np.asarray(src_table, dtype=np.intp)
     d = np.asarray(dst_table, dtype=np.intp)
     pool = dst_views[0].shape[0]
-    block = dst_views[0].shape[1]
     others = np.setdiff1d(np.arange(pool), d)
     moved = untouched = 0
     for t, (sv, dv) in enumerate(zip(src_views, dst_views)):
@@ -299,7 +298,7 @@ def verify_digests(dst_views: List[np.ndarray], src_table: List[int], dst_table:
 def check_model_pages(dst_views: List[np.ndarray], layout: PagedLayout, table: List[int],
                       layer: int, k: np.ndarray, v: np.ndarray) -> bool:
     """The destination, read back through the block table, holds the model's K and V."""
-    tpb, dim, dt = layout.tokens_per_block, layout.dim, layout.dtype
+    dim, dt = layout.dim, layout.dtype
     idx = np.asarray(table, dtype=np.intp)
     for t, data in ((2 * layer, k), (2 * layer + 1, v)):
         rows = dst_views[t].view(dt).reshape(layout.pool_blocks, -1, dim)[idx].reshape(-1, dim)

@@ -10,7 +10,6 @@ import ctypes
 import os
 import subprocess
 import threading
-import time
 
 import pytest
 

@@ -154,7 +154,7 @@ class ToyModel:
 def write_kv(views: List[np.ndarray], layout: PagedLayout, table: List[int], layer: int,
              k: np.ndarray, v: np.ndarray) -> None:
     """Page one layer's K and V (``tokens x dim`` each) into the blocks listed in ``table``."""
-    dim, dt = layout.dim, layout.dtype
+    tpb, dim, dt = layout.tokens_per_block, layout.dim, layout.dtype
     full, rem = divmod(layout.tokens, tpb)
     idx = np.asarray(table, dtype=np.intp)
     for t, data in ((2 * layer, k), (2 * layer + 1, v)):

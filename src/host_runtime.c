@@ -150,17 +150,31 @@ static void team_run_parts(copy_team *t)
     }
 }
 
+static double team_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+/* After a job a helper watches for the next one for a short while before it sleeps: the layers
+ * of a transfer arrive as back-to-back batches, and a sleeping helper wakes too late to take its
+ * share of a batch that lasts a few hundred microseconds. */
+#define TEAM_SPIN_US 50.0
+
 static void *team_helper_main(void *arg)
 {
     copy_team *t = (copy_team *)arg;
     uint64_t seen = 0;
-    pthread_mutex_lock(&t->mu);
     for (;;) {
+        double until = team_now_us() + TEAM_SPIN_US;
+        while (__atomic_load_n(&t->generation, __ATOMIC_ACQUIRE) == seen && team_now_us() < until)
+            ;
+        pthread_mutex_lock(&t->mu);
         while (t->generation == seen) pthread_cond_wait(&t->work_cv, &t->mu);
         seen = t->generation;
         pthread_mutex_unlock(&t->mu);
         team_run_parts(t);
-        pthread_mutex_lock(&t->mu);
     }
     return NULL;
 }
@@ -189,14 +203,18 @@ static void copy_batch(void **dsts, void **srcs, const size_t *sizes, size_t cou
     if (threads > 1 && total >= g_tuning.split_min_bytes && pthread_mutex_trylock(&g_team.lock) == 0) {
         copy_team *t = &g_team;
         team_ensure(t, threads);
-        int nparts = t->nhelpers + 1;
-        if (nparts > 1) {
+        /* Several parts per thread, so that a helper that wakes late still takes a share. */
+        int nthreads = t->nhelpers + 1;
+        size_t by_size = total / ((size_t)256 << 10);
+        int nparts = by_size < (size_t)nthreads ? nthreads
+                     : by_size > (size_t)nthreads * 8 ? nthreads * 8 : (int)by_size;
+        if (nthreads > 1) {
             pthread_mutex_lock(&t->mu);
             t->dsts = dsts; t->srcs = srcs; t->sizes = sizes; t->count = count;
             t->total = total; t->nt_min = nt_min; t->nparts = nparts;
             atomic_store(&t->next_part, 0);
             t->parts_left = nparts;
-            t->generation++;
+            __atomic_add_fetch(&t->generation, 1, __ATOMIC_RELEASE);
             pthread_cond_broadcast(&t->work_cv);
             pthread_mutex_unlock(&t->mu);
             team_run_parts(t);

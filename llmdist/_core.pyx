@@ -506,11 +506,28 @@ def shm_unlink(str name):
 
 
 cdef class LinkFlag:
-    """Whether a link to a peer is up; read by the layer loop without the GIL."""
+    """Whether a link to a peer is up; read by the layer loop without the GIL. pid names the
+    peer's process when it is on this host (0 otherwise), so that a transfer ending before the
+    control connection noticed a killed peer is not reported delivered."""
     cdef volatile int up
+    cdef public int pid
 
-    def __cinit__(self):
+    def __cinit__(self, int pid=0):
         self.up = 1
+        self.pid = pid
+
+    def peer_alive(self):
+        """False once the link is down or the peer's process on this host is gone."""
+        if not self.up:
+            return False
+        if self.pid > 0:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except OSError:
+                pass
+        return True
 
     def down(self):
         self.up = 0
@@ -897,7 +914,7 @@ cdef class TransferJob:
     cdef readonly object exception
     cdef readonly object cancel_code
     cdef str sync_error
-    cdef list links                   # keeps each config's LinkFlag alive
+    cdef list links                   # each config's LinkFlag, or None
     cdef list cancel_codes            # per config, the status a cancellation gave it
     cdef list engines                 # per config: None, or [transport, session, handles]
     cdef double engine_wait_s
@@ -932,7 +949,7 @@ cdef class TransferJob:
         self.cancel_codes = [None] * len(configs)
         self.engines = [None] * len(configs)
         self.engine_wait_s = 30.0 if sync_timeout is None else max(sync_timeout / 1000.0, 1.0)
-        self.links = []
+        self.links = [None] * len(configs)
         self.ncfg = len(configs)
         self.cfg = <CfgState *>calloc(max(self.ncfg, 1), sizeof(CfgState))
         self.dst_index = <Py_ssize_t *>calloc(max(self.ncfg, 1), sizeof(Py_ssize_t))
@@ -953,7 +970,7 @@ cdef class TransferJob:
                 c.single = 1
             if spec[8] is not None:
                 link = <LinkFlag>spec[8]
-                self.links.append(link)
+                self.links[i] = link
                 c.link_up = &link.up
             c.desc_base = slots
             slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
@@ -1308,7 +1325,8 @@ cdef class TransferJob:
             c = &self.cfg[i]
             if c.failed == ST_RUNTIME and c.lane == 3:
                 c.failed = ST_ENGINE
-            if c.failed == 0 and c.attempted and c.link_up != NULL and not c.link_up[0]:
+            if (c.failed == 0 and c.attempted and self.links[i] is not None
+                    and not self.links[i].peer_alive()):
                 c.failed = ST_LINK          # the peer went away: its bytes are not known to be there
             if c.failed == 0:
                 results.append(LLMStatusCode.LLM_SUCCESS if c.attempted else None)

@@ -211,7 +211,7 @@ class Peer:
         self.path = node.choose_path(self.same_host, bool(hello.get("want_engine")))
         session = hello.get("mooncake")
         self.engine_session: Optional[str] = session if isinstance(session, str) else None
-        self.link = _core.LinkFlag()
+        self.link = _core.LinkFlag(self.pid if self.same_host else 0)
         self.mem = ClusterMemory()
         self.mappings: Dict[int, Tuple[int, int]] = {}   # cache id -> (local address, size)
         self.imports: Dict[int, Tuple[dict, int]] = {}   # cache id -> (device IPC share, delta)

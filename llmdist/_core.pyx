@@ -929,7 +929,7 @@ cdef class TransferJob:
                  list configs, synchronizer, sync_timeout=None, bint use_batch=True,
                  events=None, LayerGate gate=None):
         """configs: (first_layer, stop_layer, src_shift, kind, lane, dst_addrs, dst_limits, pid,
-        link[, engine[, single]]) per config, with 2 destination addresses and limits per covered
+        link, engine, single) per config, with 2 destination addresses and limits per covered
         layer; pid is the destination process for lane 2, link the LinkFlag of a peer or None,
         engine (transport, session) for lane 3, single true to copy run by run. events (a list of
         Event, one per source layer) with gate switch to event-based readiness."""
@@ -964,9 +964,9 @@ cdef class TransferJob:
             c = &self.cfg[i]
             c.lo, c.hi, c.src_shift, c.kind, c.lane = spec[0], spec[1], spec[2], spec[3], spec[4]
             c.pid = spec[7]
-            if len(spec) > 9 and spec[9] is not None:
+            if spec[9] is not None:
                 self.engines[i] = [spec[9][0], spec[9][1], []]
-            if len(spec) > 10 and spec[10]:
+            if spec[10]:
                 c.single = 1
             if spec[8] is not None:
                 link = <LinkFlag>spec[8]
@@ -1267,9 +1267,6 @@ cdef class TransferJob:
                         self.cfg[i].code = rc
             if self.host_stream != self.stream:
                 hrt.stream_synchronize(hrt.ctx, self.host_stream)
-            for i in range(self.ncfg):
-                if self.cfg[i].async_code != 0 and not self.cfg[i].failed:
-                    self.cfg[i].failed = ST_PROCESS
         self.settle_engines()
         self.publish()
 
@@ -1308,9 +1305,6 @@ cdef class TransferJob:
                     hrt.stream_synchronize(hrt.ctx, hs)
         self.settle_engines()
         if left == 0:
-            for i in range(self.ncfg):
-                if self.cfg[i].async_code != 0 and not self.cfg[i].failed:
-                    self.cfg[i].failed = ST_PROCESS
             self.publish()
 
     cdef publish(self):
@@ -1323,6 +1317,8 @@ cdef class TransferJob:
         errors = list(self.errors)
         for i in range(self.ncfg):
             c = &self.cfg[i]
+            if c.async_code != 0 and not c.failed:
+                c.failed = ST_PROCESS       # a process write failed after it was queued
             if c.failed == ST_RUNTIME and c.lane == 3:
                 c.failed = ST_ENGINE
             if (c.failed == 0 and c.attempted and self.links[i] is not None

@@ -564,20 +564,20 @@ class CacheManager:
         if peer is not None and peer.path == "mooncake":
             node = self._dd._node
             return (layers.start, layers.stop, shift, kind, 3, list(dst),
-                    [r.end for r in regions], 0, peer.link, (node.engine, peer.engine_session))
+                    [r.end for r in regions], 0, peer.link, (node.engine, peer.engine_session),
+                    False)
         if peer is not None and any(r.pid for r in regions):
             # The peer's memory is not mapped here: write into its process directly.
             return (layers.start, layers.stop, shift, kind, 2, list(dst),
-                    [r.end for r in regions], peer.pid, peer.link)
+                    [r.end for r in regions], peer.pid, peer.link, None, False)
         # Device runtimes have no asynchronous host-to-host copy: those go to the host engine,
-        # so pageable host memory never meets an async device copy.
+        # so pageable host memory never meets an async device copy. A region's delta is 0 for
+        # this cluster's memory and maps a peer's shared memory into this process.
         lane = 1 if kind == 0 and not self._runtime.is_host else 0
-        if peer is None:
-            return (layers.start, layers.stop, shift, kind, lane, list(dst),
-                    [r.end for r in regions], 0, None)
         return (layers.start, layers.stop, shift, kind, lane,
                 [a + r.delta for a, r in zip(dst, regions)],
-                [r.end + r.delta for r in regions], 0, peer.link)
+                [r.end + r.delta for r in regions], 0, peer.link if peer is not None else None,
+                None, False)
 
     def _job_done(self, job) -> None:
         with self._lock:

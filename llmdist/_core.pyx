@@ -887,9 +887,10 @@ cdef class TransferJob:
     cdef Runtime host
     cdef Plan plan
     cdef int ncfg, first_layer, last_layer
+    cdef int tpl                      # tensors per layer: 2 (K and V) or 1 (MLA)
     cdef CfgState *cfg
-    cdef uint64_t *src_addrs          # 2 per source layer
-    cdef uint64_t *dst_addrs          # per config: 2 per covered layer
+    cdef uint64_t *src_addrs          # tpl per source layer
+    cdef uint64_t *dst_addrs          # per config: tpl per covered layer
     cdef uint64_t *dst_limits         # the end of the region holding each destination tensor
     cdef Py_ssize_t *dst_index        # where each config's entries start in dst_addrs
     cdef void **d_dsts
@@ -927,15 +928,19 @@ cdef class TransferJob:
 
     def __init__(self, Runtime runtime not None, Plan plan not None, list src_addrs,
                  list configs, synchronizer, sync_timeout=None, bint use_batch=True,
-                 events=None, LayerGate gate=None):
+                 events=None, LayerGate gate=None, int tensors_per_layer=2):
         """configs: (first_layer, stop_layer, src_shift, kind, lane, dst_addrs, dst_limits, pid,
-        link, engine, single) per config, with 2 destination addresses and limits per covered
+        link, engine, single) per config, with tensors_per_layer destination addresses and limits per covered
         layer; pid is the destination process for lane 2, link the LinkFlag of a peer or None,
         engine (transport, session) for lane 3, single true to copy run by run. events (a list of
-        Event, one per source layer) with gate switch to event-based readiness."""
+        Event, one per source layer) with gate switch to event-based readiness. A layer is
+        tensors_per_layer consecutive tensors (2: K and V; 1: MLA), on both sides."""
         cdef Py_ssize_t i, j, total = 0, nl = len(src_addrs), slots = 0
         cdef CfgState *c
         cdef Event ev
+        if tensors_per_layer not in (1, 2):
+            raise ValueError(f"tensors_per_layer must be 1 or 2, got {tensors_per_layer}")
+        self.tpl = tensors_per_layer
         self.runtime = runtime
         self.host = runtime if runtime.name == "host" else Runtime.host(runtime.device_id)
         self.plan = plan
@@ -973,7 +978,7 @@ cdef class TransferJob:
                 self.links[i] = link
                 c.link_up = &link.up
             c.desc_base = slots
-            slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
+            slots += <Py_ssize_t>(c.hi - c.lo) * self.tpl * plan.count
             self.dst_index[i] = total
             total += len(spec[5])
             self.first_layer = min(self.first_layer, c.lo)
@@ -1028,7 +1033,7 @@ cdef class TransferJob:
         # layer loop never allocates, and every queued batch keeps its own descriptors.
         cdef Py_ssize_t n = 0, i
         for i in range(self.ncfg):
-            n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * 2 * self.plan.count
+            n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * self.tpl * self.plan.count
         n = max(n, 1)
         self.d_dsts = <void **>malloc(n * sizeof(void *))
         self.d_srcs = <void **>malloc(n * sizeof(void *))
@@ -1090,11 +1095,11 @@ cdef class TransferJob:
             else:
                 rt = self.host.rt
                 stream = self.host_stream
-            base = c.desc_base + <Py_ssize_t>(layer - c.lo) * 2 * nruns
+            base = c.desc_base + <Py_ssize_t>(layer - c.lo) * self.tpl * nruns
             k = base
-            for t in range(2):
-                e = self.dst_index[i] + 2 * (layer - c.lo) + t
-                src = <char *><uintptr_t>self.src_addrs[2 * layer + t] + c.src_shift
+            for t in range(self.tpl):
+                e = self.dst_index[i] + self.tpl * (layer - c.lo) + t
+                src = <char *><uintptr_t>self.src_addrs[self.tpl * layer + t] + c.src_shift
                 dst = <char *><uintptr_t>self.dst_addrs[e]
                 limit = self.dst_limits[e]
                 for r in range(nruns):

@@ -10,7 +10,8 @@ import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core, device_ipc
-from ._check import check_int64, check_int_list, check_isinstance, check_uint64, require
+from ._check import (check_int64, check_int_list, check_isinstance, check_uint32, check_uint64,
+                     require)
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry
 from .status import LLMException, LLMStatusCode
@@ -34,6 +35,13 @@ _KIND = {(Placement.DEVICE, Placement.DEVICE): 3, (Placement.DEVICE, Placement.H
 
 def _fail(message: str, code: LLMStatusCode = _PARAM_INVALID) -> LLMException:
     return LLMException(message, status_code=code)
+
+
+def _check_tensor_num_per_layer(value) -> int:
+    """tensor_num_per_layer: a uint32, 1 (one tensor per layer, MLA) or 2 (K and V)."""
+    check_uint32("tensor_num_per_layer", value)
+    require(value in (1, 2), f"tensor_num_per_layer must be 1 or 2, but got {value}")
+    return value
 
 
 def _pool_cap(options: Dict[str, str], key: str) -> Optional[int]:
@@ -330,7 +338,8 @@ class CacheManager:
     # ------------------------------------------------------------------ transfer
 
     @staticmethod
-    def _resolve_key(i: int, key, dst_layers: range, mem: ClusterMemory) -> Tuple[MemoryEntry, int]:
+    def _resolve_key(i: int, key, dst_layers: range, mem: ClusterMemory,
+                     tpl: int = 2) -> Tuple[MemoryEntry, int]:
         """The destination entry of a keyed config and the byte offset inside each tensor."""
         if isinstance(key, BlocksCacheKey):
             cid = mem.blocks_keys.get(key)
@@ -343,9 +352,9 @@ class CacheManager:
         require(entry.remote_accessible,
                 f"transfer_configs[{i}]: cache {cid} is not remote accessible")
         desc = entry.cache.cache_desc
-        require(desc.num_tensors % 2 == 0 and dst_layers.stop <= desc.num_tensors // 2,
+        require(desc.num_tensors % tpl == 0 and dst_layers.stop <= desc.num_tensors // tpl,
                 f"transfer_configs[{i}]: dst_layer_range {dst_layers} is outside the "
-                f"{desc.num_tensors // 2} layers of cache {cid}")
+                f"{desc.num_tensors // tpl} layers of {tpl} tensors of cache {cid}")
         offset = 0
         if isinstance(key, CacheKeyByIdAndIndex):
             require(key.batch_index < desc.batch_size,
@@ -358,9 +367,12 @@ class CacheManager:
                              transfer_configs: Sequence[Union[TransferConfig, TransferWithCacheKeyConfig]],
                              src_block_indices: Optional[Sequence[int]] = None,
                              dst_block_indices: Optional[Sequence[int]] = None,
-                             dst_block_memory_size: Optional[int] = None) -> CacheTask:
+                             dst_block_memory_size: Optional[int] = None, *,
+                             tensor_num_per_layer: int = 2) -> CacheTask:
         """Send src_cache layer by layer as layer_synchronizer releases each layer; returns at
-        once with a CacheTask. All checks of the contract run here, before anything moves."""
+        once with a CacheTask. All checks of the contract run here, before anything moves.
+        tensor_num_per_layer (an llmdist extension): 2 for K and V per layer, 1 for caches of
+        one tensor per layer (MLA)."""
         # 1. the source cache
         check_isinstance("src_cache", src_cache, Cache)
         self._check_open()
@@ -376,11 +388,10 @@ class CacheManager:
         if dst_block_memory_size is not None:
             check_uint64("dst_block_memory_size", dst_block_memory_size)
         block_size = dst_block_memory_size or 0
-        # 3. source blocks
-        if src_idx is not None or src_cache.is_blocks_cache:
-            if dst_idx is None:
-                raise _fail("PA source to non-PA destination is not supported: "
-                            "src_block_indices given (or a blocks source cache) without dst_block_indices")
+        # 3. source blocks (a blocks source without indices is C2C, one block per batch row)
+        if src_idx is not None and dst_idx is None:
+            raise _fail("PA source to non-PA destination is not supported: "
+                        "src_block_indices given without dst_block_indices")
         if src_idx is not None:
             require(len(src_idx) == len(dst_idx),
                     f"src_block_indices and dst_block_indices must have the same length, "
@@ -417,17 +428,18 @@ class CacheManager:
         else:
             plan = _core.plan_c2c(stride)
         # 8. - 11. each config
-        require(desc.num_tensors % 2 == 0,
-                f"src_cache has {desc.num_tensors} tensors; layer-wise transfer needs K and V "
-                f"per layer (an even number)")
-        num_layers = desc.num_tensors // 2
+        tpl = _check_tensor_num_per_layer(tensor_num_per_layer)
+        require(desc.num_tensors % tpl == 0,
+                f"src_cache has {desc.num_tensors} tensors, not a multiple of "
+                f"tensor_num_per_layer {tpl}")
+        num_layers = desc.num_tensors // tpl
         with self._lock:
             specs = []
             touched: List[set] = []
             for i, cfg in enumerate(transfer_configs):
                 keys: set = set()
                 specs.append(self._config_spec(i, cfg, src_entry, src_idx, dst_idx, block_size,
-                                               plan, num_layers, keys))
+                                               plan, num_layers, keys, tpl))
                 touched.append(keys)
             events = gate = None
             if isinstance(layer_synchronizer, EventSynchronizer):
@@ -440,14 +452,16 @@ class CacheManager:
                         f"source cache has {num_layers} layers")
                 events, gate = layer_synchronizer.events, layer_synchronizer.gate
             job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, specs,
-                                    layer_synchronizer, self._sync_timeout, True, events, gate)
+                                    layer_synchronizer, self._sync_timeout, True, events, gate,
+                                    tensors_per_layer=tpl)
             self._inflight[job] = ((self._dd.cluster_id, src_cache.cache_id), touched)
             job.on_finish = self._job_done
             self._workers.submit(job)
         return CacheTask(job, len(specs))
 
     def _config_spec(self, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
-                     block_size: int, plan, num_layers: int, touched: set) -> tuple:
+                     block_size: int, plan, num_layers: int, touched: set,
+                     tpl: int = 2) -> tuple:
         """Check one config (rules 8-11) and return what the layer loop needs for it."""
         desc = src_entry.cache.cache_desc
         keyed = isinstance(cfg, TransferWithCacheKeyConfig)
@@ -459,9 +473,9 @@ class CacheManager:
                 f"transfer_configs[{i}]: src_layer_range {layers} is outside the source's "
                 f"{num_layers} layers")
         if not keyed:
-            require(len(cfg._dst_addrs) == 2 * len(layers),
+            require(len(cfg._dst_addrs) == tpl * len(layers),
                     f"transfer_configs[{i}]: dst_addrs has {len(cfg._dst_addrs)} addresses, but "
-                    f"{len(layers)} layers need {2 * len(layers)} (K and V per layer)")
+                    f"{len(layers)} layers need {tpl * len(layers)} ({tpl} per layer)")
         if src_idx is not None:
             require(cfg.src_batch_index == 0,
                     f"transfer_configs[{i}]: src_batch_index must be 0 with src_block_indices, "
@@ -482,18 +496,18 @@ class CacheManager:
             peer.check_transfer(self._runtime)
             with peer.lock:     # the peer's reader thread updates its caches
                 return self._destination(i, cfg, desc, src_entry, src_idx, dst_idx, block_size,
-                                         plan, layers, touched, peer.mem, peer)
+                                         plan, layers, touched, peer.mem, peer, tpl)
         return self._destination(i, cfg, desc, src_entry, src_idx, dst_idx, block_size, plan,
-                                 layers, touched, mem, None)
+                                 layers, touched, mem, None, tpl)
 
     def _destination(self, i: int, cfg, desc: CacheDesc, src_entry: MemoryEntry, src_idx,
                      dst_idx, block_size: int, plan, layers: range, touched: set,
-                     mem: ClusterMemory, peer) -> tuple:
+                     mem: ClusterMemory, peer, tpl: int = 2) -> tuple:
         """Rules 9 and 11 for one config against the destination cluster's caches, and what the
         layer loop needs: addresses it can write, their limits, the lane and the link."""
         keyed = isinstance(cfg, TransferWithCacheKeyConfig)
         if keyed:
-            entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range, mem)
+            entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range, mem, tpl)
             dcache = entry.cache
             if dst_idx is not None:
                 require(dcache.is_blocks_cache and dcache.cache_desc.stride == block_size,
@@ -502,8 +516,7 @@ class CacheManager:
             addrs = dcache._tensor_addrs
             dst = []
             for dl in cfg.dst_layer_range:
-                dst.append(addrs[2 * dl] + offset)
-                dst.append(addrs[2 * dl + 1] + offset)
+                dst.extend(addrs[tpl * dl + t] + offset for t in range(tpl))
         else:
             dst = cfg._dst_addrs
         # 9. and 11. placement and bounds of every destination tensor
@@ -521,7 +534,7 @@ class CacheManager:
             if src_place == Placement.HOST and dplace == Placement.DEVICE:
                 raise _fail(f"transfer_configs[{i}]: a HOST source cannot be sent to a DEVICE "
                             f"destination (cache {rc.cache_id})")
-            if src_entry.cache.is_blocks_cache and not rc.is_blocks_cache:
+            if src_idx is not None and not rc.is_blocks_cache:
                 raise _fail(f"transfer_configs[{i}]: PA source to non-PA destination is not "
                             f"supported (cache {rc.cache_id})")
             if dplace == Placement.HOST and region.origin != ALLOCATED:
@@ -534,8 +547,9 @@ class CacheManager:
                             f"runs the {self._runtime.name} runtime and cannot write into it",
                             LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
         if bad >= 0:
-            layer = layers.start + bad // 2
-            raise _fail(f"transfer_configs[{i}]: layer {layer} {'KV'[bad % 2]} destination "
+            layer = layers.start + bad // tpl
+            which = "KV"[bad % 2] if tpl == 2 else "tensor"
+            raise _fail(f"transfer_configs[{i}]: layer {layer} {which} destination "
                         f"[{dst[bad] + plan.dst_lo:#x}, {dst[bad] + plan.dst_hi:#x}) is not inside "
                         f"memory registered or allocated on cluster {cfg.dst_cluster_id}")
         touched.update((cfg.dst_cluster_id, cid) for cid in seen)

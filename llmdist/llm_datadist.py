@@ -22,7 +22,10 @@ _UPSTREAM_KEYS = {
     "ge.exec.deviceId", "llm.SyncKvCacheWaitTime", "llm.listenIpInfo", "llm.EnableCacheManager",
     "llm.EnableRemoteCacheAccessible", "llm.MemPoolConfig", "llm.HostMemPoolConfig",
     "llm.LinkTotalTime", "llm.LinkRetryCount", "ge.exec.rankTableFile", "llm.Role",
-    "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode",
+    "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode", "ge.session_device_id",
+    "llm.LocalCommRes", "llm.TransferBackend", "llm.EnableSwitchRole", "llm.RdmaTrafficClass",
+    "llm.RdmaServiceLevel", "llm.GlobalResourceConfig", "llm.MemoryUtilization",
+    "llm.BufPoolCfg", "llm.OutputMaxSize", "llm.deployResPath",
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
                  "llmdist.shareable_memory"}
@@ -111,8 +114,16 @@ class LLMDataDist:
             device_id = _int_option(options, "ge.exec.deviceId", 0, 0)
             sync_timeout = _int_option(options, "llm.SyncKvCacheWaitTime", None, 1)
             nworkers = _int_option(options, "llmdist.transfer_workers", 4, 1)
-            remote = _flag_option(options, "llm.EnableRemoteCacheAccessible")
+            # Upstream derives the mode: communication resources or a transfer backend switch
+            # on remote-accessible mode unless the option says otherwise.
+            derived = "llm.LocalCommRes" in options or "llm.TransferBackend" in options
+            remote = (_flag_option(options, "llm.EnableRemoteCacheAccessible")
+                      if "llm.EnableRemoteCacheAccessible" in options else derived)
             _flag_option(options, "llm.EnableCacheManager")
+            if "llm.TransferBackend" in options and not options.get("llm.listenIpInfo"):
+                raise LLMException("option llm.TransferBackend needs llm.listenIpInfo (with a "
+                                   "transfer backend every cluster listens)",
+                                   status_code=LLMStatusCode.LLM_PARAM_INVALID)
             listen = None
             if options.get("llm.listenIpInfo"):
                 try:

@@ -193,15 +193,16 @@ class LLMDataDist:
         return next((c for c in codes if c != LLMStatusCode.LLM_SUCCESS), LLMStatusCode.LLM_SUCCESS)
 
     def link_clusters(self, clusters, timeout: int = 3000) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
-        """Link to each cluster's listener (remote_cluster_id, first remote ip info) within
-        timeout ms; returns (overall status, status per cluster) and never raises for a
-        failed link."""
+        """Link to each cluster's listener (first remote ip info) within timeout ms; returns
+        (overall status, status per cluster) and never raises for a failed link. Without a
+        remote_cluster_id the id is learned from the peer. Either side of a pair may call it,
+        both at once too: a link the peer made to us counts as made by this call."""
         self._check_clusters(clusters, timeout)
         self.cache_manager
         codes = []
         for c in clusters:
             remote = c.remote_ip_info_list
-            if c.remote_cluster_id is None or not remote:
+            if not remote:
                 codes.append(LLMStatusCode.LLM_PARAM_INVALID)
                 continue
             codes.append(self._node.link(c.remote_cluster_id, (remote[0]["ip"], remote[0]["port"]),
@@ -210,15 +211,24 @@ class LLMDataDist:
 
     def unlink_clusters(self, clusters, timeout: int = 3000,
                         force: bool = False) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
-        """End links (either side may): transfers to the peer end with LLM_LINK_FAILED and
-        nothing is written to it after this returns; an unknown cluster is LLM_NOT_YET_LINK."""
+        """End links (either side may, both too): transfers to the peer end with
+        LLM_LINK_FAILED and nothing is written to it after this returns; a cluster never linked
+        is LLM_NOT_YET_LINK. An info without remote_cluster_id names the cluster this side
+        linked to at its first remote ip info."""
         self._check_clusters(clusters, timeout)
         check_isinstance("force", force, bool)
         self.cache_manager
         codes = []
         for c in clusters:
-            if c.remote_cluster_id is None:
-                codes.append(LLMStatusCode.LLM_PARAM_INVALID)
-                continue
-            codes.append(self._node.unlink(c.remote_cluster_id, timeout, force))
+            cid = c.remote_cluster_id
+            if cid is None:
+                remote = c.remote_ip_info_list
+                if not remote:
+                    codes.append(LLMStatusCode.LLM_PARAM_INVALID)
+                    continue
+                cid = self._node.find_linked((remote[0]["ip"], remote[0]["port"]))
+                if cid is None:
+                    codes.append(LLMStatusCode.LLM_NOT_YET_LINK)
+                    continue
+            codes.append(self._node.unlink(cid, timeout, force))
         return self._overall(codes), codes

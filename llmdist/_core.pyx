@@ -850,6 +850,8 @@ cdef struct CfgState:
                             # 2: writes into another process (process_vm_writev) on the host stream;
                             # 3: batched writes through a transfer engine (another host)
     int pid                 # lane 2: the destination process
+    int read                # lanes 2 and 3: the source is the peer's memory (a pull), the
+                            # destination this process's
     int single              # lane 0: copy run by run, never in a batch call (the destination is
                             # another device's memory, which a batch's one location cannot name)
     int async_code          # lane 2: errno of a failed write, set by the host stream
@@ -902,6 +904,7 @@ cdef class TransferJob:
     cdef llmd_stream host_stream      # its host-engine stream (lane 1), or NULL
     cdef volatile int cancelled
     cdef int finished, use_batch
+    cdef bint has_sync                # a LayerSynchronizer gates the layers (else all are ready)
     cdef int issued_upto              # every layer below this has had its copies queued
     cdef llmd_event *events           # event-based readiness: one event per source layer
     cdef int nevents
@@ -930,7 +933,7 @@ cdef class TransferJob:
                  list configs, synchronizer, sync_timeout=None, bint use_batch=True,
                  events=None, LayerGate gate=None, int tensors_per_layer=2):
         """configs: (first_layer, stop_layer, src_shift, kind, lane, dst_addrs, dst_limits, pid,
-        link, engine, single) per config, with tensors_per_layer destination addresses and limits per covered
+        link, engine, single[, read]) per config, with tensors_per_layer destination addresses and limits per covered
         layer; pid is the destination process for lane 2, link the LinkFlag of a peer or None,
         engine (transport, session) for lane 3, single true to copy run by run. events (a list of
         Event, one per source layer) with gate switch to event-based readiness. A layer is
@@ -945,6 +948,7 @@ cdef class TransferJob:
         self.host = runtime if runtime.name == "host" else Runtime.host(runtime.device_id)
         self.plan = plan
         self.synchronizer = synchronizer
+        self.has_sync = synchronizer is not None
         self.sync_timeout = sync_timeout
         self.wait_ms = -1 if sync_timeout is None else sync_timeout
         self.use_batch = use_batch
@@ -971,6 +975,8 @@ cdef class TransferJob:
             c.pid = spec[7]
             if spec[9] is not None:
                 self.engines[i] = [spec[9][0], spec[9][1], []]
+            if len(spec) > 11 and spec[11]:
+                c.read = 1
             if spec[10]:
                 c.single = 1
             if spec[8] is not None:
@@ -1111,6 +1117,10 @@ cdef class TransferJob:
             rc = 0
             if c.lane == 3:
                 rc = self.engine_write(i, base, k - base)
+            elif c.lane == 2 and c.read:
+                rc = llmd_host_process_read_async(stream, c.pid, &self.d_dsts[base],
+                                                  &self.d_srcs[base], &self.d_sizes[base],
+                                                  k - base, &c.async_code)
             elif c.lane == 2:
                 rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
                                                    &self.d_srcs[base], &self.d_sizes[base],
@@ -1147,13 +1157,17 @@ cdef class TransferJob:
                 rc = self.engine_wait(i, transport, h)
                 if rc != 0:
                     return rc
+            local = [<uintptr_t>(self.d_dsts[r] if self.cfg[i].read else self.d_srcs[r])
+                     for r in range(lo, hi)]
+            remote = [<uintptr_t>(self.d_srcs[r] if self.cfg[i].read else self.d_dsts[r])
+                      for r in range(lo, hi)]
+            sizes = [self.d_sizes[r] for r in range(lo, hi)]
             try:
-                handles.append((transport.write_batch(
-                    session, [<uintptr_t>self.d_srcs[r] for r in range(lo, hi)],
-                    [<uintptr_t>self.d_dsts[r] for r in range(lo, hi)],
-                    [self.d_sizes[r] for r in range(lo, hi)]), hi - lo))
+                start = transport.read_batch if self.cfg[i].read else transport.write_batch
+                handles.append((start(session, local, remote, sizes), hi - lo))
             except Exception as exc:
-                self.errors[i] = f"transfer engine refused a write: {exc}"
+                what = "read" if self.cfg[i].read else "write"
+                self.errors[i] = f"transfer engine refused a {what}: {exc}"
                 return -1
             queued += hi - lo
         return 0
@@ -1251,8 +1265,10 @@ cdef class TransferJob:
                     break
                 if self.events != NULL:
                     st = self.wait_events(layer, lanes)
-                else:
+                elif self.has_sync:
                     st = self.call_synchronizer(layer)
+                else:
+                    st = 0          # nothing to wait for: every layer is ready (pull, push)
                 PyThread_acquire_lock(self.lock, WAIT_LOCK)
                 if self.cancelled:
                     PyThread_release_lock(self.lock)
@@ -1342,7 +1358,8 @@ cdef class TransferJob:
             elif c.failed == ST_PROCESS:
                 results.append(LLMStatusCode.LLM_LINK_FAILED if c.async_code == 3
                                else LLMStatusCode.LLM_FAILED)
-                errors[i] = (f"writing into process {c.pid} failed: "
+                how = "reading from" if c.read else "writing into"
+                errors[i] = (f"{how} process {c.pid} failed: "
                              f"{os.strerror(c.async_code)} (errno {c.async_code})")
             elif c.failed == ST_RUNTIME:
                 rname = self.runtime.name if c.lane == 0 else "host"

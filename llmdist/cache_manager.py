@@ -9,7 +9,7 @@ import secrets
 import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from . import _core, device_ipc
+from . import _core, device_ipc, pull_push
 from ._check import (check_int64, check_int_list, check_isinstance, check_uint32, check_uint64,
                      require)
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
@@ -35,13 +35,6 @@ _KIND = {(Placement.DEVICE, Placement.DEVICE): 3, (Placement.DEVICE, Placement.H
 
 def _fail(message: str, code: LLMStatusCode = _PARAM_INVALID) -> LLMException:
     return LLMException(message, status_code=code)
-
-
-def _check_tensor_num_per_layer(value) -> int:
-    """tensor_num_per_layer: a uint32, 1 (one tensor per layer, MLA) or 2 (K and V)."""
-    check_uint32("tensor_num_per_layer", value)
-    require(value in (1, 2), f"tensor_num_per_layer must be 1 or 2, but got {value}")
-    return value
 
 
 def _pool_cap(options: Dict[str, str], key: str) -> Optional[int]:
@@ -373,6 +366,18 @@ class CacheManager:
         once with a CacheTask. All checks of the contract run here, before anything moves.
         tensor_num_per_layer (an llmdist extension): 2 for K and V per layer, 1 for caches of
         one tensor per layer (MLA)."""
+        job, n = self._start_transfer(src_cache, layer_synchronizer, transfer_configs,
+                                      src_block_indices, dst_block_indices,
+                                      dst_block_memory_size, tensor_num_per_layer, True)
+        return CacheTask(job, n)
+
+    def _start_transfer(self, src_cache: Cache, layer_synchronizer: Optional[LayerSynchronizer],
+                        transfer_configs, src_block_indices, dst_block_indices,
+                        dst_block_memory_size, tensor_num_per_layer: int,
+                        need_synchronizer: bool):
+        """Check a transfer out of src_cache and submit it; returns (job or None, number of
+        configs). Without need_synchronizer a None synchronizer means every layer is ready
+        (push_blocks, push_cache)."""
         # 1. the source cache
         check_isinstance("src_cache", src_cache, Cache)
         self._check_open()
@@ -406,14 +411,15 @@ class CacheManager:
         if dst_idx is None:
             require(block_size == 0, "dst_block_memory_size is set but dst_block_indices is not")
         # 6. synchronizer
-        check_isinstance("layer_synchronizer", layer_synchronizer, LayerSynchronizer)
+        check_isinstance("layer_synchronizer", layer_synchronizer, LayerSynchronizer,
+                         allow_none=not need_synchronizer)
         # 7. configs
         check_isinstance("transfer_configs", transfer_configs, (list, tuple))
         cfg_type = TransferWithCacheKeyConfig if self._remote_accessible else TransferConfig
         for i, cfg in enumerate(transfer_configs):
             check_isinstance(f"transfer_configs[{i}]", cfg, cfg_type)
         if not transfer_configs:
-            return CacheTask(None, 0)
+            return None, 0
         # the plan, shared by every layer and config of this call
         if src_idx is not None:
             require(block_size in (0, stride),
@@ -428,7 +434,7 @@ class CacheManager:
         else:
             plan = _core.plan_c2c(stride)
         # 8. - 11. each config
-        tpl = _check_tensor_num_per_layer(tensor_num_per_layer)
+        tpl = pull_push.check_tensor_num_per_layer(tensor_num_per_layer)
         require(desc.num_tensors % tpl == 0,
                 f"src_cache has {desc.num_tensors} tensors, not a multiple of "
                 f"tensor_num_per_layer {tpl}")
@@ -457,7 +463,7 @@ class CacheManager:
             self._inflight[job] = ((self._dd.cluster_id, src_cache.cache_id), touched)
             job.on_finish = self._job_done
             self._workers.submit(job)
-        return CacheTask(job, len(specs))
+        return job, len(specs)
 
     def _config_spec(self, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
                      block_size: int, plan, num_layers: int, touched: set,
@@ -592,6 +598,74 @@ class CacheManager:
                 [a + r.delta for a, r in zip(dst, regions)],
                 [r.end + r.delta for r in regions], 0, peer.link if peer is not None else None,
                 None, False)
+
+    # ------------------------------------------------------------------ pull and push
+
+    def pull_blocks(self, src_cache_key: Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey],
+                    dst_cache: Cache, src_blocks: Sequence[int] = (),
+                    dst_blocks: Sequence[int] = (), src_layer_range: Optional[range] = None,
+                    dst_layer_range: Optional[range] = None,
+                    tensor_num_per_layer: int = 2) -> None:
+        """Copy blocks of the cache src_cache_key names (on a linked cluster or this one) into
+        blocks of dst_cache, synchronously. A BlocksCacheKey copies src_blocks[j] to
+        dst_blocks[j]; a CacheKey / CacheKeyByIdAndIndex cuts the source row into dst_blocks
+        (src_blocks empty). Layer l is tensors [l*t, (l+1)*t) with t = tensor_num_per_layer."""
+        check_isinstance("src_cache_key", src_cache_key,
+                         (CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey))
+        pull_push.pull(self, "pull_blocks", src_cache_key, dst_cache, src_blocks, dst_blocks,
+                       None, -1, src_layer_range, dst_layer_range, tensor_num_per_layer)
+
+    def pull_cache(self, cache_key: Union[CacheKey, CacheKeyByIdAndIndex], cache: Cache,
+                   batch_index: int = 0, size: int = -1, src_layer_range: Optional[range] = None,
+                   dst_layer_range: Optional[range] = None,
+                   tensor_num_per_layer: int = 2) -> None:
+        """Copy the row cache_key names into row batch_index of the non-blocks cache,
+        synchronously; size bytes of each tensor's row (-1: all of it). In remote-accessible
+        mode only a CacheKeyByIdAndIndex names the source."""
+        allowed = (CacheKeyByIdAndIndex,) if self._remote_accessible else (CacheKey, CacheKeyByIdAndIndex)
+        check_isinstance("cache_key", cache_key, allowed)
+        check_isinstance("cache", cache, Cache)
+        check_uint32("batch_index", batch_index)
+        check_int64("size", size)
+        require(size == -1 or size > 0, f"size must be -1 or > 0, but got {size}")
+        pull_push.pull(self, "pull_cache", cache_key, cache, (), (), batch_index, size,
+                       src_layer_range, dst_layer_range, tensor_num_per_layer)
+
+    def push_blocks(self, dst_cache_key: BlocksCacheKey, src_cache: Cache,
+                    src_blocks: Sequence[int] = (), dst_blocks: Sequence[int] = (),
+                    src_layer_range: Optional[range] = None,
+                    dst_layer_range: Optional[range] = None,
+                    tensor_num_per_layer: int = 2) -> None:
+        """Write blocks of the blocks cache src_cache into blocks of the cache dst_cache_key
+        names, synchronously (remote-accessible mode). src_blocks empty: block 0 is cut into
+        dst_blocks of the destination's block size."""
+        require(self._remote_accessible, "push_blocks needs enable_remote_cache_accessible")
+        check_isinstance("dst_cache_key", dst_cache_key, BlocksCacheKey)
+        check_isinstance("src_cache", src_cache, Cache)
+        check_isinstance("src_blocks", src_blocks, (list, tuple))
+        check_isinstance("dst_blocks", dst_blocks, (list, tuple))
+        require(src_cache.is_blocks_cache, f"src_cache {src_cache.cache_id} must be a blocks cache")
+        require(len(dst_blocks) > 0, "dst_blocks must not be empty")
+        pull_push.push(self, "push_blocks", dst_cache_key, src_cache, list(src_blocks),
+                       list(dst_blocks), 0, src_layer_range, dst_layer_range,
+                       tensor_num_per_layer)
+
+    def push_cache(self, dst_cache_key: CacheKeyByIdAndIndex, src_cache: Cache,
+                   src_batch_index: int = 0, src_layer_range: Optional[range] = None,
+                   dst_layer_range: Optional[range] = None, size: int = -1,
+                   tensor_num_per_layer: int = 2) -> None:
+        """Write row src_batch_index of the non-blocks src_cache into the row dst_cache_key
+        names, synchronously (remote-accessible mode; size must be -1, the whole row)."""
+        require(self._remote_accessible, "push_cache needs enable_remote_cache_accessible")
+        check_isinstance("dst_cache_key", dst_cache_key, CacheKeyByIdAndIndex)
+        check_isinstance("src_cache", src_cache, Cache)
+        check_uint32("src_batch_index", src_batch_index)
+        require(not src_cache.is_blocks_cache,
+                f"src_cache {src_cache.cache_id} must not be a blocks cache (use push_blocks)")
+        check_int64("size", size)
+        require(size == -1, f"size must be -1 (the whole row), but got {size}")
+        pull_push.push(self, "push_cache", dst_cache_key, src_cache, None, None,
+                       src_batch_index, src_layer_range, dst_layer_range, tensor_num_per_layer)
 
     def _job_done(self, job) -> None:
         with self._lock:

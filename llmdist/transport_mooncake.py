@@ -123,18 +123,29 @@ class MooncakeTransport:
     def write_batch(self, target_session: str, src_addrs: Sequence[int],
                     dst_addrs: Sequence[int], lengths: Sequence[int]) -> int:
         """Start writing each local src range to the peer's dst range; returns a handle for wait."""
+        return self._start("write", target_session, src_addrs, dst_addrs, lengths)
+
+    def read_batch(self, target_session: str, local_addrs: Sequence[int],
+                   remote_addrs: Sequence[int], lengths: Sequence[int]) -> int:
+        """Start reading each of the peer's remote ranges into the local range; returns a
+        handle for wait (the peer must have registered the remote memory with its engine)."""
+        return self._start("read", target_session, local_addrs, remote_addrs, lengths)
+
+    def _start(self, op: str, target_session: str, local_addrs: Sequence[int],
+               remote_addrs: Sequence[int], lengths: Sequence[int]) -> int:
         engine = self._live_engine()
         n = len(lengths)
-        if n == 0 or len(src_addrs) != n or len(dst_addrs) != n:
+        if n == 0 or len(local_addrs) != n or len(remote_addrs) != n:
             raise LLMException(
-                f"write_batch needs as many src/dst addresses as lengths, at least one "
-                f"(got {len(src_addrs)}/{len(dst_addrs)}/{n})",
+                f"{op}_batch needs as many local/remote addresses as lengths, at least one "
+                f"(got {len(local_addrs)}/{len(remote_addrs)}/{n})",
                 status_code=LLMStatusCode.LLM_PARAM_INVALID)
-        batch_id = int(engine.batch_transfer_async_write(
-            target_session, [int(a) for a in src_addrs], [int(a) for a in dst_addrs],
-            [int(x) for x in lengths]))
+        start = (engine.batch_transfer_async_write if op == "write"
+                 else engine.batch_transfer_async_read)
+        batch_id = int(start(target_session, [int(a) for a in local_addrs],
+                             [int(a) for a in remote_addrs], [int(x) for x in lengths]))
         if batch_id <= 0 or batch_id in _BAD_BATCH_IDS:
-            raise LLMException(f"Mooncake could not start a write to {target_session} "
+            raise LLMException(f"Mooncake could not start a {op} with {target_session} "
                                "(peer unreachable or unknown session)",
                                status_code=LLMStatusCode.LLM_LINK_FAILED)
         with self._lock:

@@ -165,7 +165,7 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
                                                       tpl, peer.mem, peer)
         plan, cfg = spec
         job = _core.TransferJob(cm._runtime, plan, src_addrs, [cfg], None, cm._sync_timeout,
-                                True, tensors_per_layer=tpl)
+                                tensors_per_layer=tpl)
         cm._inflight[job] = ((me, dst_cache.cache_id), [touched])
         job.on_finish = cm._job_done
         cm._workers.submit(job)

@@ -503,6 +503,7 @@ class ClusterNode:
         self.lock = threading.Lock()
         self.peers: Dict[int, Peer] = {}
         self.linking: set = set()               # cluster ids link() is connecting to right now
+        self.accepting: set = set()             # cluster ids whose link is being accepted
         self.ever_linked: set = set()           # every cluster id linked since start
         self.listener: Optional[socket.socket] = None
         self.port: Optional[int] = None
@@ -635,9 +636,24 @@ class ClusterNode:
             threading.Thread(target=self._accept_one, args=(conn,), name="llmdist-handshake",
                              daemon=True).start()
 
+    def _begin_accept(self, cid: int) -> Optional[Tuple[int, str]]:
+        """Claim the right to accept a link from cid, or say why not: it is linked already, or
+        being accepted, or this side is linking to it at the same moment and its own link wins
+        (the link from the smaller cluster id is kept; the peer's link_clusters waits for it)."""
+        with self.lock:
+            if cid in self.peers or cid in self.accepting:
+                return int(LLMStatusCode.LLM_ALREADY_LINK), f"cluster {cid} is already linked"
+            if cid in self.linking and self.dd.cluster_id < cid:
+                return (int(LLMStatusCode.LLM_PROCESSING_LINK),
+                        f"cluster {self.dd.cluster_id} is linking to cluster {cid} itself")
+            self.accepting.add(cid)
+        return None
+
     def _accept_one(self, conn: socket.socket) -> None:
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         lock = threading.Lock()
+        accepting = False
+        msg: dict = {}
         try:
             msg = recv_frame(conn)
             if msg["type"] != "hello":
@@ -647,17 +663,11 @@ class ClusterNode:
                            f"this is cluster {self.dd.cluster_id}, not {msg.get('target')!r}")
             else:
                 refusal = self._check_hello(msg, None)
-            if refusal is None and self.peer(msg["cluster_id"]) is not None:
-                refusal = (int(LLMStatusCode.LLM_ALREADY_LINK),
-                           f"cluster {msg['cluster_id']} is already linked")
-            if refusal is None and self._yields_to(msg["cluster_id"]):
-                # Both sides are linking to each other at once: the link from the smaller
-                # cluster id is the one kept; the peer's link_clusters waits for it.
-                refusal = (int(LLMStatusCode.LLM_PROCESSING_LINK),
-                           f"cluster {self.dd.cluster_id} is linking to cluster "
-                           f"{msg['cluster_id']} itself")
             if refusal is None and self.dd._cache_manager is None:
                 refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
+            if refusal is None:
+                refusal = self._begin_accept(msg["cluster_id"])
+                accepting = refusal is None
             if refusal is not None:
                 send_frame(conn, lock, {"type": "refuse", "code": refusal[0], "reason": refusal[1],
                                         "cluster_id": self.dd.cluster_id})
@@ -682,15 +692,13 @@ class ClusterNode:
             except OSError:
                 pass
             return
+        finally:
+            if accepting:
+                with self.lock:
+                    self.accepting.discard(msg["cluster_id"])
         peer.serve()
 
     # -- linking
-    def _yields_to(self, cluster_id: int) -> bool:
-        """Whether an incoming link from cluster_id is refused because this side is linking to
-        it at the same moment and its own link wins (the smaller cluster id's link is kept)."""
-        with self.lock:
-            return cluster_id in self.linking and self.dd.cluster_id < cluster_id
-
     def _claim(self, cluster_id: Optional[int]) -> Optional[LLMStatusCode]:
         """A link to cluster_id that already exists counts as made by this side's call, unless
         this side already made it; None when there is no such link."""
@@ -717,12 +725,19 @@ class ClusterNode:
         """Link to a listening cluster (cluster_id None: learn it in the handshake); returns a
         status and never raises for a failed link. A link the peer already made to us counts
         as made by this call (both sides may call link_clusters)."""
-        got = self._claim(cluster_id)
-        if got is not None:
-            return got
-        if cluster_id is not None:
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        while cluster_id is not None:
+            # an accept of the same peer in progress finishes first, then decides
+            got = self._claim(cluster_id)
+            if got is not None:
+                return got
             with self.lock:
-                self.linking.add(cluster_id)
+                if cluster_id not in self.accepting and cluster_id not in self.peers:
+                    self.linking.add(cluster_id)
+                    break
+            if time.monotonic() >= deadline:
+                return LLMStatusCode.LLM_LINK_FAILED
+            time.sleep(0.002)
         try:
             code, peer = self._connect(cluster_id, address, timeout_ms)
         finally:
@@ -763,8 +778,9 @@ class ClusterNode:
                     return LLMStatusCode.LLM_LINK_FAILED, None
                 if code == int(LLMStatusCode.LLM_PROCESSING_LINK):
                     got = self._await_peer_link(theirs, deadline)
-                    return (got or LLMStatusCode.LLM_LINK_FAILED), None
-                return (self._claim(theirs) or LLMStatusCode.LLM_ALREADY_LINK), None
+                    return (LLMStatusCode.LLM_LINK_FAILED if got is None else got), None
+                got = self._claim(theirs)
+                return (LLMStatusCode.LLM_ALREADY_LINK if got is None else got), None
             if msg["type"] != "welcome":
                 raise ProtocolError("expected a welcome")
             refusal = self._check_hello(msg, cluster_id)

@@ -46,11 +46,19 @@ def check_tensor_num_per_layer(value) -> int:
 
 
 def layer_ranges(src_range: Optional[range], dst_range: Optional[range], src_tensors: int,
-                 dst_tensors: int, tpl: int, src_name: str, dst_name: str) -> Tuple[range, range]:
-    """Check both layer ranges against the caches' layers (tpl tensors each); None = every
-    layer of that cache. Returns the ranges."""
+                 dst_tensors: int, tpl: int, src_name: str,
+                 dst_name: str) -> Tuple[range, range, int]:
+    """Check both layer ranges against the caches' layers (tpl tensors each). Returns the
+    ranges and the tensors per layer to move with. Both None: every tensor, tensor i to tensor
+    i (caches of one tensor, as in upstream's samples, have no K/V pair); one None: every
+    layer of that cache."""
     check_layer_range("src_layer_range", src_range)
     check_layer_range("dst_layer_range", dst_range)
+    if src_range is None and dst_range is None:
+        require(src_tensors == dst_tensors,
+                f"{src_name} has {src_tensors} tensors and {dst_name} {dst_tensors}: without "
+                f"layer ranges every tensor is moved, so the counts must be equal")
+        return range(src_tensors), range(dst_tensors), 1
     for name, tensors in ((src_name, src_tensors), (dst_name, dst_tensors)):
         require(tensors % tpl == 0, f"{name} has {tensors} tensors, not a multiple of "
                                     f"tensor_num_per_layer {tpl}")
@@ -62,7 +70,7 @@ def layer_ranges(src_range: Optional[range], dst_range: Optional[range], src_ten
             f"dst_layer_range {dst} is outside the {dst_tensors // tpl} layers of {dst_name}")
     require(len(src) == len(dst), f"src_layer_range {src} and dst_layer_range {dst} must have "
                                   f"the same length")
-    return src, dst
+    return src, dst, tpl
 
 
 def wait_job(cm: "CacheManager", job, what: str) -> None:
@@ -163,7 +171,7 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
                 spec, src_addrs, touched = _pull_plan(cm, key, dst_entry, dst_row, size,
                                                       src_idx, dst_idx, src_range, dst_range,
                                                       tpl, peer.mem, peer)
-        plan, cfg = spec
+        plan, cfg, tpl = spec
         job = _core.TransferJob(cm._runtime, plan, src_addrs, [cfg], None, cm._sync_timeout,
                                 tensors_per_layer=tpl)
         cm._inflight[job] = ((me, dst_cache.cache_id), [touched])
@@ -180,10 +188,10 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
     src_entry, row = _find_source(mem, key, peer is None)
     src = src_entry.cache
     sdesc, ddesc = src.cache_desc, dst_entry.cache.cache_desc
-    src_layers, dst_layers = layer_ranges(src_range, dst_range, sdesc.num_tensors,
-                                          ddesc.num_tensors, tpl,
-                                          f"source cache {src.cache_id}",
-                                          f"cache {dst_entry.cache.cache_id}")
+    src_layers, dst_layers, tpl = layer_ranges(src_range, dst_range, sdesc.num_tensors,
+                                               ddesc.num_tensors, tpl,
+                                               f"source cache {src.cache_id}",
+                                               f"cache {dst_entry.cache.cache_id}")
     stride = sdesc.stride
     shift = 0
     if src_idx is not None and len(src_idx):
@@ -264,7 +272,7 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
                         for i, a in enumerate(readable)]
     cfg = (src_layers.start, src_layers.stop, shift, kind, lane, dsts, limits, pid, link, engine,
            single, True)
-    return (plan, cfg), readable, touched
+    return (plan, cfg, tpl), readable, touched
 
 
 # ------------------------------------------------------------------------------------------
@@ -280,9 +288,14 @@ def push(cm: "CacheManager", what: str, key: Union[BlocksCacheKey, CacheKeyByIdA
     tpl = check_tensor_num_per_layer(tpl)
     check_layer_range("src_layer_range", src_range)
     check_layer_range("dst_layer_range", dst_range)
-    layers = src_cache.cache_desc.num_tensors // tpl
-    src_range = range(layers) if src_range is None else src_range
-    dst_range = range(layers) if dst_range is None else dst_range
+    tensors = src_cache.cache_desc.num_tensors
+    if src_range is None and dst_range is None:
+        # every tensor to the same tensor (see layer_ranges); the destination's count is
+        # checked against the ranges when the key is resolved
+        src_range = dst_range = range(tensors)
+        tpl = 1
+    src_range = range(tensors // tpl) if src_range is None else src_range
+    dst_range = range(tensors // tpl) if dst_range is None else dst_range
     require(len(src_range) == len(dst_range), f"src_layer_range {src_range} and "
                                               f"dst_layer_range {dst_range} must have the same "
                                               f"length")

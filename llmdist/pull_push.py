@@ -14,9 +14,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 from . import _core
+from ._core import CopyKind, Direction
 from ._check import check_int64, check_isinstance, check_layer_range, check_uint32, require
 from .descs import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex, Placement
 from .registry import MemoryEntry
+from .results import config_results
 from .status import LLMException, LLMStatusCode
 from .transfer_types import TransferWithCacheKeyConfig
 
@@ -28,8 +30,10 @@ DEFAULT_WAIT_MS = 1000
 
 _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 _NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
-_KIND = {(Placement.DEVICE, Placement.DEVICE): 3, (Placement.DEVICE, Placement.HOST): 2,
-         (Placement.HOST, Placement.HOST): 0, (Placement.HOST, Placement.DEVICE): 1}
+_KIND = {(Placement.DEVICE, Placement.DEVICE): CopyKind.COPY_D2D,
+         (Placement.DEVICE, Placement.HOST): CopyKind.COPY_D2H,
+         (Placement.HOST, Placement.HOST): CopyKind.COPY_H2H,
+         (Placement.HOST, Placement.DEVICE): CopyKind.COPY_H2D}
 
 Key = Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey]
 
@@ -83,12 +87,13 @@ def wait_job(cm: "CacheManager", job, what: str) -> None:
         job.done.wait(max(wait_ms / 1000.0, 1.0))
         raise _fail(f"{what} did not finish within {wait_ms} ms (llm.SyncKvCacheWaitTime)",
                     LLMStatusCode.LLM_TIMEOUT)
-    code = job.results[0] if job.results else None
+    results, errors = config_results(job)
+    code = results[0] if results else None
     if code == LLMStatusCode.LLM_SUCCESS:
         return
     if code is None:        # cancelled before any copy was issued
         code = job.cancel_code if job.cancel_code is not None else LLMStatusCode.LLM_FAILED
-    raise _fail(f"{what} failed: {job.errors[0] or code}", code)
+    raise _fail(f"{what} failed: {errors[0] if errors else None or code}", code)
 
 
 # ------------------------------------------------------------------------------------------
@@ -152,27 +157,27 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
         require(dst_row < ddesc.batch_size,
                 f"batch_index {dst_row} must be < the batch size {ddesc.batch_size} of cache "
                 f"{dst_cache.cache_id}")
-    me = cm._dd.cluster_id
+    me = cm._cluster_id
     own = key.cluster_id == me
     peer = None
     if not own:
-        node = cm._dd._node
+        node = cm._node
         peer = node.peer(key.cluster_id) if node is not None else None
         if peer is None:
             raise _fail(f"cluster {key.cluster_id} is not linked", LLMStatusCode.LLM_NOT_YET_LINK)
         peer.check_transfer(cm._runtime)
     with cm._lock:
         if own:
-            spec, src_addrs, touched = _pull_plan(cm, key, dst_entry, dst_row, size, src_idx,
+            spec, local_addrs, touched = _pull_plan(cm, key, dst_entry, dst_row, size, src_idx,
                                                   dst_idx, src_range, dst_range, tpl, cm._mem,
                                                   None)
         else:
             with peer.lock:
-                spec, src_addrs, touched = _pull_plan(cm, key, dst_entry, dst_row, size,
+                spec, local_addrs, touched = _pull_plan(cm, key, dst_entry, dst_row, size,
                                                       src_idx, dst_idx, src_range, dst_range,
                                                       tpl, peer.mem, peer)
         plan, cfg, tpl = spec
-        job = _core.TransferJob(cm._runtime, plan, src_addrs, [cfg], None, cm._sync_timeout,
+        job = _core.TransferJob(cm._runtime, plan, local_addrs, [cfg], None, cm._sync_timeout,
                                 tensors_per_layer=tpl)
         cm._inflight[job] = ((me, dst_cache.cache_id), [touched])
         job.on_finish = cm._job_done
@@ -242,37 +247,21 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
                     f"[{dsts[bad] + plan.dst_lo:#x}, {dsts[bad] + plan.dst_hi:#x}) is not inside "
                     f"memory registered or allocated here")
     if sdesc.placement == Placement.HOST and ddesc.placement == Placement.DEVICE and peer is not None:
-        raise _fail(f"a HOST source cache of another cluster cannot be pulled into DEVICE memory")
+        raise _fail("a HOST source cache of another cluster cannot be pulled into DEVICE memory")
     kind = _KIND[(sdesc.placement, ddesc.placement)]
-    limits = [r.end for r in dregions]
-    touched = {(key.cluster_id, src.cache_id), (cm._dd.cluster_id, dst_entry.cache.cache_id)}
-    lane, pid, engine, single, link = 0, 0, None, False, None
-    readable = list(src._tensor_addrs)
-    index = {tpl * l + t: j for j, (l, t) in
-             enumerate((l, t) for l in src_layers for t in range(tpl))}
+    touched = {(key.cluster_id, src.cache_id), (cm._cluster_id, dst_entry.cache.cache_id)}
     if peer is None:
-        if kind == 0 and not cm._runtime.is_host:
-            lane = 1
+        route = cm._local_route
     else:
-        link = peer.link
-        if not cm._runtime.is_host:
-            # device IPC: the peer's allocation imported here, read on the runtime's stream
-            try:
-                delta = peer.device_delta(src_entry, cm._runtime)
-            except LLMException as exc:
-                raise _fail(f"{exc}", exc.status_code) from None
-            readable = [a + delta for a in readable]
-            single = src_entry.share.get("device", cm._runtime.device_id) != cm._runtime.device_id
-        elif peer.path == "mooncake":
-            lane, engine = 3, (cm._dd._node.engine, peer.engine_session)
-        elif any(r.pid for r in sregions):
-            lane, pid = 2, peer.pid
-        else:
-            readable = [a + sregions[index[i]].delta if i in index else a
-                        for i, a in enumerate(readable)]
-    cfg = (src_layers.start, src_layers.stop, shift, kind, lane, dsts, limits, pid, link, engine,
-           single, True)
-    return (plan, cfg, tpl), readable, touched
+        try:
+            route = peer.route(cm._runtime, sregions)
+        except LLMException as exc:
+            raise _fail(f"{exc}", exc.status_code) from None
+    # The cache here (the destination) drives the layer loop: its layers, its row; the source
+    # tensors are the targets, each already at the source row.
+    targets = [a + shift for a in srcs]
+    cfg = cm._config_plan(route, dst_layers, doff, kind, targets, sregions, Direction.READ, tpl)
+    return (plan, cfg, tpl), list(daddrs), touched
 
 
 # ------------------------------------------------------------------------------------------
@@ -311,10 +300,10 @@ def push(cm: "CacheManager", what: str, key: Union[BlocksCacheKey, CacheKeyByIdA
 
 def _remote_block_size(cm: "CacheManager", key: BlocksCacheKey) -> int:
     """The block size of the blocks cache key names on its cluster."""
-    if key.cluster_id == cm._dd.cluster_id:
+    if key.cluster_id == cm._cluster_id:
         mem = cm._mem
     else:
-        node = cm._dd._node
+        node = cm._node
         peer = node.peer(key.cluster_id) if node is not None else None
         if peer is None:
             raise _fail(f"cluster {key.cluster_id} is not linked", LLMStatusCode.LLM_NOT_YET_LINK)

@@ -40,8 +40,8 @@ void llmd_host_copy(void *dst, const void *src, size_t n);
  * is stored in *status (which must start at 0). */
 int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void **srcs,
                                   size_t *sizes, size_t count, int *status);
-/* The same, reading runs out of process pid's memory (process_vm_readv): srcs are its
- * addresses, dsts this process's. */
+/* The same for reads: runs of process pid's memory (srcs) into this process's dsts
+ * (process_vm_readv). */
 int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void **srcs,
                                  size_t *sizes, size_t count, int *status);
 

@@ -29,7 +29,7 @@ ext = Extension(
     include_dirs=["include"],
     depends=["include/llmdist/runtime.h", "include/llmdist/host_runtime.h", "include/llmdist/acl.h",
              "include/llmdist/cuda.h", "include/llmdist/layer_gate.h", "llmdist/_decl.pxi",
-             "llmdist/_devices.pxi"],
+             "llmdist/_devices.pxi", "llmdist/_local_copy.pxi"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-unused-function"],
     libraries=["pthread", "dl", "rt"],
 )

@@ -1369,3 +1369,6 @@ cdef class TransferJob:
         self.on_finish = None
         if cb is not None:
             cb(self)
+
+
+include "_local_copy.pxi"

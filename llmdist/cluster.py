@@ -78,6 +78,16 @@ def host_identity() -> str:
     return "/".join(parts)
 
 
+def close_listener(sock: socket.socket) -> None:
+    """Stop a listening socket now: shut it down first, so that a thread blocked in accept()
+    returns and the port stops accepting (closing alone leaves it listening until then)."""
+    for step in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+        try:
+            step()
+        except OSError:
+            pass
+
+
 def send_frame(sock: socket.socket, lock: threading.Lock, msg: dict) -> None:
     data = json.dumps(msg, separators=(",", ":")).encode()
     with lock:
@@ -538,10 +548,7 @@ class ClusterNode:
         """Stop accepting links (links already made stay up)."""
         sock, self.listener, self.port = self.listener, None, None
         if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+            close_listener(sock)
 
     def choose_path(self, same_host: bool, peer_wants_engine: bool = False) -> str:
         if self.transport == "mooncake" or peer_wants_engine or (self.transport == "auto" and not same_host):

@@ -36,6 +36,7 @@ import zlib
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from ._check import check_isinstance, check_uint32, check_uint64, require
+from .cluster import close_listener
 from .descs import RegisterMemStatus
 from .status import LLMException, LLMStatusCode
 
@@ -324,7 +325,4 @@ class RankTableLinks:
             comm.status = RegisterMemStatus.FAILED
         finally:
             if comm.listener is not None:
-                try:
-                    comm.listener.close()
-                except OSError:
-                    pass
+                close_listener(comm.listener)

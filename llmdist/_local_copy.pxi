@@ -50,7 +50,7 @@ cdef int queue_copies(const llmd_runtime *rt, void **d, size_t *m, void **s, siz
 
 
 def copy_pairs(Runtime runtime not None, Stream stream not None, Plan plan not None,
-               list src_bases, list dst_bases, int kind, str op):
+               list src_bases, list dst_bases, CopyKind kind, str op):
     """Copy plan's runs from each src_bases[i] to dst_bases[i] on stream and wait until they
     have landed. The single place the block operations issue copies from. Raises the
     runtime's error (named after op) after waiting for whatever was queued."""
@@ -96,7 +96,7 @@ def copy_pairs_staged(Runtime runtime not None, Stream stream not None, Plan pla
     cdef const llmd_runtime *rt = runtime.rt
     cdef llmd_stream h = stream.handle
     cdef int rc = 0, rc_sync = 0
-    cdef int kind = LLMD_MEMCPY_H2D if to_device else LLMD_MEMCPY_D2H
+    cdef int kind = COPY_H2D if to_device else COPY_D2H
     cdef size_t done, used, piece
     cdef Py_ssize_t np
     if staging_size == 0:

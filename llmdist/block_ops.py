@@ -12,6 +12,7 @@ import threading
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import _core
+from ._core import CopyKind
 from ._check import check_int64, check_isinstance, check_uint32, check_uint64, require
 from .descs import Cache, Placement
 from .status import LLMException, LLMStatusCode
@@ -20,8 +21,10 @@ from .status import LLMException, LLMStatusCode
 # memory the caller owns) goes through, in rounds of at most this many bytes.
 STAGING_BYTES = 8 << 20
 
-_KINDS = {(Placement.HOST, Placement.HOST): 0, (Placement.HOST, Placement.DEVICE): 1,
-          (Placement.DEVICE, Placement.HOST): 2, (Placement.DEVICE, Placement.DEVICE): 3}
+_KINDS = {(Placement.HOST, Placement.HOST): CopyKind.COPY_H2H,
+          (Placement.HOST, Placement.DEVICE): CopyKind.COPY_H2D,
+          (Placement.DEVICE, Placement.HOST): CopyKind.COPY_D2H,
+          (Placement.DEVICE, Placement.DEVICE): CopyKind.COPY_D2D}
 
 
 class Side(NamedTuple):
@@ -204,21 +207,22 @@ class LocalCopier:
                 raise LLMException("llm datadist is finalized",
                                    status_code=LLMStatusCode.LLM_ENGINE_FINALIZED)
             rt.bind_device()
-            if rt.is_host or kind == 0:
-                # host memory on either runtime: the host copy engine
+            if rt.is_host or kind == CopyKind.COPY_H2H:
+                # host memory on either runtime (the host runtime's "device" memory is host
+                # memory too): the host copy engine
                 _core.copy_pairs(self._host, self._stream(self._host), copy.plan, copy.src.bases,
-                                 copy.dst.bases, 0 if rt.is_host else kind, copy.op)
+                                 copy.dst.bases, CopyKind.COPY_H2H, copy.op)
                 return
-            host_side = copy.src if kind == 1 else copy.dst
-            if kind == 3 or host_side.pinned:
+            host_side = copy.src if kind == CopyKind.COPY_H2D else copy.dst
+            if kind == CopyKind.COPY_D2D or host_side.pinned:
                 _core.copy_pairs(rt, self._stream(rt), copy.plan, copy.src.bases,
                                  copy.dst.bases, kind, copy.op)
                 return
             if not self._staging:
                 self._staging = rt.malloc(STAGING_BYTES, False)
             _core.copy_pairs_staged(rt, self._stream(rt), copy.plan, copy.src.bases,
-                                    copy.dst.bases, kind == 1, self._staging, STAGING_BYTES,
-                                    copy.op)
+                                    copy.dst.bases, kind == CopyKind.COPY_H2D, self._staging,
+                                    STAGING_BYTES, copy.op)
 
     def close(self) -> None:
         """Release the streams and the staging buffer (after the last operation)."""

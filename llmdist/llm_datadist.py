@@ -89,7 +89,7 @@ class LLMDataDist:
     @property
     def runtime(self) -> "_core.Runtime":
         """The runtime this cluster copies with (for Stream and Event objects)."""
-        return self.cache_manager._runtime
+        return self.cache_manager.runtime
 
     @property
     def cache_manager(self) -> CacheManager:
@@ -128,7 +128,8 @@ class LLMDataDist:
             shareable = listen is not None or _flag_option(options, "llmdist.shareable_memory")
             runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
             runtime.bind_device()
-            node = ClusterNode(self, listen, options.get("llmdist.transport", "auto"), runtime)
+            node = ClusterNode(self._cluster_id, self._role, listen,
+                               options.get("llmdist.transport", "auto"), runtime)
             try:
                 comms = RankTableLinks(node, self._cluster_id, options)
             except LLMException:
@@ -139,8 +140,9 @@ class LLMDataDist:
             self._node = node
             self._comms = comms
             self._switch_role = switch_role
-            self._cache_manager = CacheManager(self, runtime, workers, options, remote,
-                                               sync_timeout, shareable)
+            self._cache_manager = CacheManager(self._cluster_id, runtime, workers, options, remote,
+                                               sync_timeout, shareable, node)
+            node.attach(self._cache_manager)
             self._workers = workers
             self._options = dict(options)
             _live.add(self)
@@ -156,6 +158,7 @@ class LLMDataDist:
             comms.close()
         if node is not None:
             node.close()
+            node.attach(None)
         with self._lock:
             self._cache_manager = None
             self._workers = None
@@ -294,4 +297,5 @@ class LLMDataDist:
             node.start_listening(listen)
         else:
             node.stop_listening()
+        node.role = role
         self._role = role

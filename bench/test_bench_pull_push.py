@@ -19,7 +19,6 @@ h. The call overhead of a 61-layer (122-tensor) x 256-block pull (mapped route):
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import statistics
 import time
 
@@ -29,8 +28,8 @@ import pytest
 from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
                      LLMDataDist, LLMRole, LLMStatusCode, Placement)
 
-import cluster_bench_procs as procs
-from test_bench_cluster import Child
+from llmdist.bench import procs
+from llmdist.bench.procs import Child
 
 KiB = 1 << 10
 SECTION_G = "g. pull/push_blocks between processes (64 tensors x 256 random blocks)"
@@ -71,8 +70,10 @@ class PullPushWorkload:
         try:
             _, self.port, _ = self.child.recv(60)
             self.child_id = child_id
-            self.child.call("alloc", MAPPED, tensors, pool, block, timeout=120)
-            self.child.call("register", PROCESS, tensors, pool, block, timeout=120)
+            shape = [pool, block]
+            uint8, device = DataType.DT_UINT8.value, int(Placement.DEVICE)
+            self.child.call("alloc", MAPPED, tensors, shape, uint8, device, timeout=120)
+            self.child.call("register", PROCESS, tensors, shape, uint8, device, timeout=120)
             self.dd = LLMDataDist(LLMRole.PROMPT, local_id)
             cfg = LLMConfig()
             cfg.device_id = 0

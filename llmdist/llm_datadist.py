@@ -122,6 +122,7 @@ class LLMDataDist:
             derived = "llm.LocalCommRes" in options or "llm.TransferBackend" in options
             remote = (_flag_option(options, "llm.EnableRemoteCacheAccessible")
                       if "llm.EnableRemoteCacheAccessible" in options else derived)
+            switch_role = _flag_option(options, "llm.EnableSwitchRole")
             _flag_option(options, "llm.EnableCacheManager")
             if "llm.TransferBackend" in options and not options.get("llm.listenIpInfo"):
                 raise LLMException("option llm.TransferBackend needs llm.listenIpInfo (with a "

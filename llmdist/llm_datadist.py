@@ -25,7 +25,8 @@ _UPSTREAM_KEYS = {
     "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode",
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
-                 "llmdist.shareable_memory"}
+                 "llmdist.shareable_memory", "llmdist.max_inflight_tasks"}
+MAX_INFLIGHT_TASKS = 1024       # default of llmdist.max_inflight_tasks
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
 
@@ -111,6 +112,7 @@ class LLMDataDist:
             device_id = _int_option(options, "ge.exec.deviceId", 0, 0)
             sync_timeout = _int_option(options, "llm.SyncKvCacheWaitTime", None, 1)
             nworkers = _int_option(options, "llmdist.transfer_workers", 4, 1)
+            max_inflight = _int_option(options, "llmdist.max_inflight_tasks", MAX_INFLIGHT_TASKS, 1)
             remote = _flag_option(options, "llm.EnableRemoteCacheAccessible")
             _flag_option(options, "llm.EnableCacheManager")
             listen = None
@@ -129,7 +131,7 @@ class LLMDataDist:
             workers.start()
             self._node = node
             self._cache_manager = CacheManager(self, runtime, workers, options, remote,
-                                               sync_timeout, shareable)
+                                               sync_timeout, shareable, max_inflight)
             self._workers = workers
             self._options = dict(options)
             _live.add(self)

@@ -144,6 +144,11 @@ def registration(n: int) -> dict:
             f"ms_per_alloc_at_{n}": round(marks[n], 3), "seconds_to_reach_n": round(total, 1)}
 
 
+class _Go(LayerSynchronizer):
+    def synchronize_layer(self, layer_index, timeout_in_millis):
+        return True
+
+
 def _rss_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -160,7 +165,7 @@ def inflight_rss(tasks: int) -> dict:
     desc = CacheDesc(2, [1, 64], DataType.DT_UINT8, Placement.HOST)
     src, dst = cm.allocate_cache(desc), cm.allocate_cache(desc)
     cfg = [TransferConfig(1, list(dst.tensor_addrs))]
-    sync = RecordingSync()
+    sync = _Go()
     gc.collect()
     base = _rss_mib()
     peak = base

@@ -1,0 +1,477 @@
+# The layer loop: one transfer call, run on a transfer worker thread. For each covered layer it
+# waits for readiness, then queues every config's runs on the config's lane; it knows lanes and
+# engine channels, never which transport or API option a config came from.
+
+cdef struct CfgState:
+    int lo, hi              # layers [lo, hi) of the cache here
+    size_t row_shift        # bytes added to each tensor base of the cache here (its row)
+    int kind                # CopyKind
+    int lane                # Lane
+    int direction           # Direction
+    int pid                 # LANE_PROCESS: the other process
+    int single              # LANE_RUNTIME: copy run by run, never in a batch call
+    int async_code          # LANE_PROCESS: errno of a failed transfer, set by the host stream
+    const volatile int *link_up  # the link to the other cluster (NULL: this process)
+    int code                # runtime or engine error code, 0 while fine
+    int failed              # Failure once the config has failed
+    int attempted           # some layer's copies were issued
+    size_t fail_index
+    Py_ssize_t desc_base    # first descriptor slot of this config
+
+
+cdef inline int lane_bit(int lane) noexcept nogil:
+    return 1 << lane
+
+
+cdef class TransferJob:
+    """One transfer call: the run template, every config's plan and the progress.
+
+    run() is the layer loop, called on a transfer worker thread with that worker's streams.
+    cancel() stops it between layers and waits until the copies it issued have landed. Once
+    done is set, outcomes holds one Outcome per config."""
+    cdef Runtime runtime
+    cdef Runtime host
+    cdef Plan plan
+    cdef int ncfg, first_layer, last_layer
+    cdef CfgState *cfg
+    cdef uint64_t *local_addrs        # the cache here: 2 tensor bases per layer
+    cdef uint64_t *target_addrs       # per config: 2 per covered layer
+    cdef uint64_t *target_limits      # the end of the region holding each target tensor
+    cdef Py_ssize_t *target_index     # where each config's entries start in target_addrs
+    cdef void **d_dsts
+    cdef void **d_srcs
+    cdef size_t *d_sizes
+    cdef size_t *d_maxs
+    cdef PyThread_type_lock lock
+    cdef llmd_stream stream           # the runtime stream of the worker running the job
+    cdef llmd_stream host_stream      # its host-engine stream (LANE_HOST, LANE_PROCESS)
+    cdef volatile int cancelled
+    cdef int finished
+    cdef int issued_upto              # every layer below this has had its copies queued
+    cdef llmd_event *events           # event-based readiness: one event per layer
+    cdef int nevents
+    cdef LayerGate gate
+    cdef int32_t wait_ms
+    cdef readonly list configs        # the ConfigPlan of each config
+    cdef readonly object synchronizer
+    cdef readonly object sync_timeout
+    cdef readonly object done
+    cdef readonly list outcomes
+    cdef readonly object exception    # what the layer synchronizer raised
+    cdef readonly object sync_layer   # the layer at which the synchronizer failed
+    cdef readonly object sync_value   # the false value the synchronizer returned
+    cdef readonly object cancel_code
+    cdef list cancel_codes            # per config, the status a cancellation gave it
+    cdef public object on_finish
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError()
+
+    def __init__(self, Runtime runtime not None, Plan plan not None, list local_addrs,
+                 list configs, synchronizer, sync_timeout=None, events=None, LayerGate gate=None):
+        """local_addrs: the tensor bases of the cache here (2 per layer); configs: a ConfigPlan
+        per config. events (a list of Event, one per layer) with gate switch to event-based
+        readiness; sync_timeout (ms, or None) bounds each layer's wait."""
+        cdef Py_ssize_t i, j, total = 0, nl = len(local_addrs), slots = 0
+        cdef CfgState *c
+        cdef ConfigPlan cp
+        cdef Event ev
+        self.runtime = runtime
+        self.host = runtime if runtime.name == "host" else Runtime.host(runtime.device_id)
+        self.plan = plan
+        self.synchronizer = synchronizer
+        self.sync_timeout = sync_timeout
+        self.wait_ms = -1 if sync_timeout is None else sync_timeout
+        self.done = threading.Event()
+        self.outcomes = None
+        self.configs = list(configs)
+        self.cancel_codes = [None] * len(configs)
+        self.ncfg = len(configs)
+        self.cfg = <CfgState *>calloc(max(self.ncfg, 1), sizeof(CfgState))
+        self.target_index = <Py_ssize_t *>calloc(max(self.ncfg, 1), sizeof(Py_ssize_t))
+        self.local_addrs = <uint64_t *>malloc(max(nl, 1) * sizeof(uint64_t))
+        if self.cfg == NULL or self.target_index == NULL or self.local_addrs == NULL:
+            raise MemoryError()
+        for i in range(nl):
+            self.local_addrs[i] = local_addrs[i]
+        self.first_layer = 1 << 30
+        self.last_layer = 0
+        for i in range(self.ncfg):
+            cp = self.configs[i]
+            if 2 * cp.stop_layer > nl:
+                raise ValueError(f"config {i} covers layers up to {cp.stop_layer}, the cache here "
+                                 f"has {nl // 2}")
+            c = &self.cfg[i]
+            c.lo, c.hi, c.row_shift = cp.first_layer, cp.stop_layer, cp.row_shift
+            c.kind, c.lane, c.direction = cp.kind, cp.lane, cp.direction
+            c.pid, c.single = cp.pid, cp.single
+            if cp.link is not None:
+                c.link_up = &cp.link.up
+            c.desc_base = slots
+            slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
+            self.target_index[i] = total
+            total += len(cp.target_addrs)
+            self.first_layer = min(self.first_layer, c.lo)
+            self.last_layer = max(self.last_layer, c.hi)
+        self.target_addrs = <uint64_t *>malloc(max(total, 1) * sizeof(uint64_t))
+        self.target_limits = <uint64_t *>malloc(max(total, 1) * sizeof(uint64_t))
+        if self.target_addrs == NULL or self.target_limits == NULL:
+            raise MemoryError()
+        for i in range(self.ncfg):
+            cp = self.configs[i]
+            for j in range(len(cp.target_addrs)):
+                self.target_addrs[self.target_index[i] + j] = cp.target_addrs[j]
+                self.target_limits[self.target_index[i] + j] = cp.target_limits[j]
+        if self.ncfg == 0:
+            self.first_layer = self.last_layer = 0
+        if events is not None:
+            if gate is None or len(events) < self.last_layer:
+                raise ValueError("event-based readiness needs a gate and an event per layer")
+            self.nevents = len(events)
+            self.events = <llmd_event *>calloc(max(self.nevents, 1), sizeof(llmd_event))
+            if self.events == NULL:
+                raise MemoryError()
+            for i in range(self.nevents):
+                ev = events[i]
+                if ev.runtime.rt != runtime.rt:
+                    raise ValueError(f"event {i} belongs to the {ev.runtime.name} runtime, "
+                                     f"the transfer runs on {runtime.name}")
+                self.events[i] = ev.handle
+            self.gate = gate
+
+    def __dealloc__(self):
+        free(self.cfg)
+        free(self.target_index)
+        free(self.local_addrs)
+        free(self.target_addrs)
+        free(self.target_limits)
+        free(self.d_dsts)
+        free(self.d_srcs)
+        free(self.d_sizes)
+        free(self.d_maxs)
+        free(self.events)
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    @property
+    def num_configs(self):
+        return self.ncfg
+
+    cdef int alloc_descriptors(self) except -1:
+        # One slot per (config, covered layer, tensor, run): sized once per call, so the
+        # layer loop never allocates, and every queued batch keeps its own descriptors.
+        cdef Py_ssize_t n = 0, i
+        for i in range(self.ncfg):
+            n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * 2 * self.plan.count
+        n = max(n, 1)
+        self.d_dsts = <void **>malloc(n * sizeof(void *))
+        self.d_srcs = <void **>malloc(n * sizeof(void *))
+        self.d_sizes = <size_t *>malloc(n * sizeof(size_t))
+        self.d_maxs = <size_t *>malloc(n * sizeof(size_t))
+        if not (self.d_dsts and self.d_srcs and self.d_sizes and self.d_maxs):
+            raise MemoryError()
+        return 0
+
+    cdef void fail_unfinished(self, int layer, int failure) noexcept nogil:
+        """Fail every config whose copies are not all issued yet (ranges reaching past layer)."""
+        cdef int i
+        for i in range(self.ncfg):
+            if self.cfg[i].hi > layer and not self.cfg[i].failed:
+                self.cfg[i].failed = failure
+
+    cdef void fail_lanes(self, int layer, int lanes, int code) noexcept nogil:
+        """A runtime call made for layer on behalf of some lanes (lane_bit set) failed: fail
+        their configs that cover the layer."""
+        cdef int i
+        for i in range(self.ncfg):
+            if (lanes & lane_bit(self.cfg[i].lane) and self.cfg[i].lo <= layer < self.cfg[i].hi
+                    and not self.cfg[i].failed):
+                self.cfg[i].failed = FAIL_RUNTIME
+                self.cfg[i].code = code
+
+    cdef int lanes_at(self, int layer) noexcept nogil:
+        """lane_bit of every lane with a live config covering layer."""
+        cdef int i, bits = 0
+        for i in range(self.ncfg):
+            if self.cfg[i].lo <= layer < self.cfg[i].hi and not self.cfg[i].failed:
+                bits |= lane_bit(self.cfg[i].lane)
+        return bits
+
+    cdef void issue_layer(self, int layer) noexcept nogil:
+        """Queue layer's copies for every config that covers it (job lock held)."""
+        cdef int i, t, rc
+        cdef CfgState *c
+        cdef Py_ssize_t r, k, base, e
+        cdef Run *runs = self.plan.runs
+        cdef Py_ssize_t nruns = self.plan.count
+        cdef char *local
+        cdef char *target
+        cdef uint64_t limit
+        cdef const llmd_runtime *rt
+        cdef llmd_stream stream
+        cdef size_t fail = 0
+        for i in range(self.ncfg):
+            c = &self.cfg[i]
+            if layer < c.lo or layer >= c.hi or c.failed:
+                continue
+            if c.link_up != NULL and not c.link_up[0]:
+                c.failed = FAIL_LINK
+                continue
+            c.attempted = 1
+            if c.lane == LANE_RUNTIME:
+                rt = self.runtime.rt
+                stream = self.stream
+            else:
+                rt = self.host.rt
+                stream = self.host_stream
+            base = c.desc_base + <Py_ssize_t>(layer - c.lo) * 2 * nruns
+            k = base
+            for t in range(2):
+                e = self.target_index[i] + 2 * (layer - c.lo) + t
+                local = <char *><uintptr_t>self.local_addrs[2 * layer + t] + c.row_shift
+                target = <char *><uintptr_t>self.target_addrs[e]
+                limit = self.target_limits[e]
+                for r in range(nruns):
+                    self.d_sizes[k] = runs[r].nbytes
+                    if c.direction == WRITE:
+                        self.d_srcs[k] = local + runs[r].src_off
+                        self.d_dsts[k] = target + runs[r].dst_off
+                        self.d_maxs[k] = <size_t>(limit - <uint64_t><uintptr_t>self.d_dsts[k])
+                    else:
+                        # The cache here is the destination; the cache manager checked its
+                        # bounds, and the runtime checks the read against the run's size.
+                        self.d_srcs[k] = target + runs[r].src_off
+                        self.d_dsts[k] = local + runs[r].dst_off
+                        self.d_maxs[k] = runs[r].nbytes
+                    k += 1
+            rc = 0
+            if c.lane == LANE_ENGINE:
+                rc = self.engine_move(i, base, k - base)
+            elif c.lane == LANE_PROCESS and c.direction == WRITE:
+                rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
+                                                   &self.d_srcs[base], &self.d_sizes[base],
+                                                   k - base, &c.async_code)
+            elif c.lane == LANE_PROCESS:
+                rc = llmd_host_process_read_async(stream, c.pid, &self.d_dsts[base],
+                                                  &self.d_srcs[base], &self.d_sizes[base],
+                                                  k - base, &c.async_code)
+            elif not c.single and rt.memcpy_batch_async != NULL:
+                rc = rt.memcpy_batch_async(rt.ctx, &self.d_dsts[base], &self.d_maxs[base],
+                                           &self.d_srcs[base], &self.d_sizes[base], k - base,
+                                           c.kind, stream, &fail)
+            else:
+                for r in range(base, k):
+                    rc = rt.memcpy_async(rt.ctx, self.d_dsts[r], self.d_maxs[r], self.d_srcs[r],
+                                         self.d_sizes[r], c.kind, stream)
+                    if rc != 0:
+                        fail = r - base
+                        break
+            if rc != 0:
+                c.code = rc
+                c.fail_index = fail
+                c.failed = FAIL_ENGINE if c.lane == LANE_ENGINE else FAIL_RUNTIME
+
+    cdef int engine_move(self, int i, Py_ssize_t base, Py_ssize_t n) noexcept with gil:
+        """Hand n descriptors to config i's engine channel (which bounds what it keeps queued);
+        nonzero when the engine refused them or an earlier batch failed."""
+        cdef Py_ssize_t r
+        channel = (<ConfigPlan>self.configs[i]).engine
+        srcs = [<uintptr_t>self.d_srcs[r] for r in range(base, base + n)]
+        dsts = [<uintptr_t>self.d_dsts[r] for r in range(base, base + n)]
+        sizes = [self.d_sizes[r] for r in range(base, base + n)]
+        if self.cfg[i].direction == WRITE:
+            return channel.write(srcs, dsts, sizes)
+        return channel.read(dsts, srcs, sizes)
+
+    cdef settle_engines(self):
+        """Wait for every engine batch issued so far; fail the configs whose batches failed."""
+        cdef CfgState *c
+        cdef ConfigPlan cp
+        for i in range(self.ncfg):
+            cp = self.configs[i]
+            if cp.engine is None:
+                continue
+            c = &self.cfg[i]
+            rc = cp.engine.settle()
+            if rc != 0 and c.failed in (FAIL_NONE, FAIL_CANCELLED):
+                c.failed = FAIL_ENGINE
+                c.code = rc
+
+    cdef int call_synchronizer(self, int layer) noexcept with gil:
+        """Run the user's synchronizer for layer; returns a Failure (FAIL_NONE: go on)."""
+        try:
+            ok = self.synchronizer.synchronize_layer(layer, self.sync_timeout)
+        except BaseException as exc:
+            self.exception = exc
+            self.sync_layer = layer
+            return FAIL_SYNC_RAISED
+        if not ok:
+            self.sync_value = ok
+            self.sync_layer = layer
+            return FAIL_SYNC_FALSE
+        return FAIL_NONE
+
+    cdef int wait_events(self, int layer, int lanes) noexcept nogil:
+        """Event readiness for layer: wait for the model to have recorded the layer's event, then
+        make the runtime stream wait on it on the device, or wait on the host before copies that
+        the host issues. Returns a Failure (FAIL_NONE: go on); lane failures are recorded."""
+        cdef int rc
+        cdef const llmd_runtime *rt = self.runtime.rt
+        rc = llmd_gate_wait(self.gate.gate, layer, self.wait_ms, &self.cancelled)
+        if rc == LLMD_GATE_TIMEOUT:
+            return FAIL_SYNC_TIMEOUT
+        if rc != LLMD_GATE_OK:
+            return FAIL_NONE    # stopped: the caller sees the cancellation
+        # Copies queued on the runtime stream wait there; process transfers share it on the host
+        # runtime. Host-engine copies and engine transfers are issued after a host-side wait.
+        cdef bint shared = self.host_stream == self.stream
+        cdef int process = lane_bit(LANE_PROCESS)
+        cdef int device_lanes = (lanes & lane_bit(LANE_RUNTIME)) | ((lanes & process) if shared else 0)
+        cdef int host_lanes = ((lanes & (lane_bit(LANE_HOST) | lane_bit(LANE_ENGINE)))
+                               | (0 if shared else (lanes & process)))
+        if device_lanes:
+            rc = rt.stream_wait_event(rt.ctx, self.stream, self.events[layer])
+            if rc != 0:
+                self.fail_lanes(layer, device_lanes, rc)
+        if host_lanes:
+            rc = rt.event_synchronize(rt.ctx, self.events[layer], self.wait_ms)
+            if rc != 0:
+                self.fail_lanes(layer, host_lanes, rc)
+        return FAIL_NONE
+
+    def run(self, Stream stream not None, Stream host_stream=None):
+        """The layer loop: wait for each covered layer, then queue its copies, all without
+        the GIL except for a Python synchronizer's call; then wait for the copies and report."""
+        cdef int layer, i, st, lanes
+        cdef int rc = 0
+        cdef const llmd_runtime *rt = self.runtime.rt
+        cdef const llmd_runtime *hrt = self.host.rt
+        PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        if self.cancelled or self.finished:
+            PyThread_release_lock(self.lock)
+            return
+        self.stream = stream.handle
+        self.host_stream = host_stream.handle if host_stream is not None else stream.handle
+        PyThread_release_lock(self.lock)
+        try:
+            self.alloc_descriptors()
+        except MemoryError:
+            for i in range(self.ncfg):
+                self.cfg[i].failed = FAIL_RUNTIME
+                self.cfg[i].code = LLMD_HOST_ENOMEM
+            self.report()
+            return
+        with nogil:
+            for layer in range(self.first_layer, self.last_layer):
+                lanes = self.lanes_at(layer)
+                if lanes == 0:
+                    continue
+                if self.cancelled:
+                    break
+                if self.events != NULL:
+                    st = self.wait_events(layer, lanes)
+                else:
+                    st = self.call_synchronizer(layer)
+                PyThread_acquire_lock(self.lock, WAIT_LOCK)
+                if self.cancelled:
+                    PyThread_release_lock(self.lock)
+                    break
+                if st != 0:
+                    self.fail_unfinished(layer, st)
+                    PyThread_release_lock(self.lock)
+                    break
+                self.issue_layer(layer)
+                self.issued_upto = layer + 1
+                PyThread_release_lock(self.lock)
+            rc = rt.stream_synchronize(rt.ctx, self.stream)
+            if rc != 0:
+                for i in range(self.ncfg):
+                    if self.cfg[i].lane == LANE_RUNTIME and self.cfg[i].attempted and not self.cfg[i].failed:
+                        self.cfg[i].failed = FAIL_RUNTIME
+                        self.cfg[i].code = rc
+            if self.host_stream != self.stream:
+                hrt.stream_synchronize(hrt.ctx, self.host_stream)
+        self.settle_engines()
+        self.report()
+
+    def cancel(self, status_code, configs=None):
+        """Stop the job (or only the given config indices) between layers, and wait until every
+        copy it issued has landed. Configs it had started and not fully queued end with
+        status_code; configs never started get None. The job ends when no config is left."""
+        cdef llmd_stream s, hs
+        cdef const llmd_runtime *rt = self.runtime.rt
+        cdef const llmd_runtime *hrt = self.host.rt
+        cdef int i, left = 0
+        with nogil:             # the worker may hold the lock while it waits for the GIL
+            PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        if self.cancelled or self.finished:
+            PyThread_release_lock(self.lock)
+            return
+        targets = range(self.ncfg) if configs is None else configs
+        for i in targets:
+            if self.cfg[i].hi > self.issued_upto and not self.cfg[i].failed:
+                self.cfg[i].failed = FAIL_CANCELLED
+                self.cancel_codes[i] = status_code
+        for i in range(self.ncfg):
+            if self.cfg[i].hi > self.issued_upto and not self.cfg[i].failed:
+                left += 1
+        if left == 0:
+            self.cancelled = 1
+            self.cancel_code = status_code
+        s = self.stream
+        hs = self.host_stream
+        PyThread_release_lock(self.lock)
+        if s != NULL:
+            with nogil:
+                rt.set_device(rt.ctx, self.runtime.device_id)
+                rt.stream_synchronize(rt.ctx, s)
+                if hs != s:
+                    hrt.stream_synchronize(hrt.ctx, hs)
+        self.settle_engines()
+        if left == 0:
+            self.report()
+
+    cdef report(self):
+        """Record each config's Outcome (once) and wake waiters."""
+        cdef CfgState *c
+        cdef ConfigPlan cp
+        cdef Outcome o
+        if self.finished:
+            return
+        self.finished = 1
+        outcomes = []
+        for i in range(self.ncfg):
+            c = &self.cfg[i]
+            cp = self.configs[i]
+            if c.async_code != 0 and not c.failed:
+                c.failed = FAIL_PROCESS     # a process transfer failed after it was queued
+            if c.failed == FAIL_RUNTIME and c.lane == LANE_ENGINE:
+                c.failed = FAIL_ENGINE      # a host-side wait or allocation for engine transfers
+            if (c.failed == FAIL_NONE and c.attempted and cp.link is not None
+                    and not cp.link.peer_alive()):
+                c.failed = FAIL_LINK        # the peer went away: its bytes are not known to be there
+            o = Outcome.__new__(Outcome)
+            o.failure = c.failed
+            o.attempted = c.attempted
+            o.lane = c.lane
+            o.direction = c.direction
+            o.code = c.code
+            o.os_error = c.async_code
+            o.pid = c.pid
+            if c.failed == FAIL_RUNTIME:
+                rt = self.runtime if c.lane == LANE_RUNTIME else self.host
+                o.runtime_error = runtime_error(rt.name, c.code, f"copy (entry {c.fail_index})",
+                                                rt.text(c.code))
+            elif c.failed == FAIL_ENGINE:
+                o.detail = cp.engine.error
+            elif c.failed == FAIL_CANCELLED:
+                o.cancel_status = self.cancel_codes[i]
+            outcomes.append(o)
+        self.outcomes = outcomes
+        self.done.set()
+        cb = self.on_finish
+        self.on_finish = None
+        if cb is not None:
+            cb(self)

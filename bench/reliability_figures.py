@@ -30,12 +30,13 @@ from llmdist import (CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo,  # 
 import cluster_procs  # noqa: E402
 
 
-def _dd(role: LLMRole, cluster_id: int, listen: bool, extra=None) -> LLMDataDist:
+def _dd(role: LLMRole, cluster_id: int, listen: bool, extra=None,
+        remote: bool = True) -> LLMDataDist:
     dd = LLMDataDist(role, cluster_id)
     cfg = LLMConfig()
     cfg.device_id = 0
     cfg.enable_cache_manager = True
-    cfg.enable_remote_cache_accessible = True
+    cfg.enable_remote_cache_accessible = remote
     if listen:
         cfg.listen_ip_info = "127.0.0.1:0"
     opts = cfg.generate_options()
@@ -144,8 +145,11 @@ def registration(n: int) -> dict:
             f"ms_per_alloc_at_{n}": round(marks[n], 3), "seconds_to_reach_n": round(total, 1)}
 
 
-class _Go(LayerSynchronizer):
+class _Slow(LayerSynchronizer):
+    """A consumer slower than the producer: each layer is ready 1 ms after it is asked for."""
+
     def synchronize_layer(self, layer_index, timeout_in_millis):
+        time.sleep(0.001)
         return True
 
 
@@ -158,14 +162,15 @@ def _rss_mib() -> float:
 
 
 def inflight_rss(tasks: int) -> dict:
-    """Submit tasks local transfers without waiting for any; when one is refused as busy,
-    back off briefly and retry. RSS at the peak and after every task has finished."""
-    dd = _dd(LLMRole.PROMPT, 1, listen=False)
+    """Submit tasks local transfers, whose layers become ready slower than they are submitted,
+    without waiting for any; when one is refused as busy, back off briefly and retry. RSS at
+    the peak and after every task has finished."""
+    dd = _dd(LLMRole.PROMPT, 1, listen=False, remote=False)
     cm = dd.cache_manager
     desc = CacheDesc(2, [1, 64], DataType.DT_UINT8, Placement.HOST)
     src, dst = cm.allocate_cache(desc), cm.allocate_cache(desc)
     cfg = [TransferConfig(1, list(dst.tensor_addrs))]
-    sync = _Go()
+    sync = _Slow()
     gc.collect()
     base = _rss_mib()
     peak = base

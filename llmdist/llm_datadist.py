@@ -29,7 +29,9 @@ _UPSTREAM_KEYS = {
     "llm.BufPoolCfg", "llm.OutputMaxSize", "llm.deployResPath",
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
-                 "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots"}
+                 "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots",
+                 "llmdist.max_inflight_tasks"}
+MAX_INFLIGHT_TASKS = 1024       # default of llmdist.max_inflight_tasks
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
 
@@ -122,6 +124,7 @@ class LLMDataDist:
             derived = "llm.LocalCommRes" in options or "llm.TransferBackend" in options
             remote = (_flag_option(options, "llm.EnableRemoteCacheAccessible")
                       if "llm.EnableRemoteCacheAccessible" in options else derived)
+            max_inflight = _int_option(options, "llmdist.max_inflight_tasks", MAX_INFLIGHT_TASKS, 1)
             switch_role = _flag_option(options, "llm.EnableSwitchRole")
             _flag_option(options, "llm.EnableCacheManager")
             if "llm.TransferBackend" in options and not options.get("llm.listenIpInfo"):
@@ -152,7 +155,7 @@ class LLMDataDist:
             self._comms = comms
             self._switch_role = switch_role
             self._cache_manager = CacheManager(self._cluster_id, runtime, workers, options, remote,
-                                               sync_timeout, shareable, node)
+                                               sync_timeout, shareable, node, max_inflight)
             node.attach(self._cache_manager)
             self._workers = workers
             self._options = dict(options)

@@ -166,22 +166,32 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
         if peer is None:
             raise _fail(f"cluster {key.cluster_id} is not linked", LLMStatusCode.LLM_NOT_YET_LINK)
         peer.check_transfer(cm._runtime)
-    with cm._lock:
-        if own:
-            spec, local_addrs, touched = _pull_plan(cm, key, dst_entry, dst_row, size, src_idx,
-                                                  dst_idx, src_range, dst_range, tpl, cm._mem,
-                                                  None)
-        else:
-            with peer.lock:
+    cm._take_slot()         # a pull counts against llmdist.max_inflight_tasks like a transfer
+    try:
+        with cm._lock:
+            if own:
                 spec, local_addrs, touched = _pull_plan(cm, key, dst_entry, dst_row, size,
-                                                      src_idx, dst_idx, src_range, dst_range,
-                                                      tpl, peer.mem, peer)
-        plan, cfg, tpl = spec
-        job = _core.TransferJob(cm._runtime, plan, local_addrs, [cfg], None, cm._sync_timeout,
-                                tensors_per_layer=tpl)
-        cm._inflight[job] = ((me, dst_cache.cache_id), [touched])
-        job.on_finish = cm._job_done
-        cm._workers.submit(job)
+                                                        src_idx, dst_idx, src_range, dst_range,
+                                                        tpl, cm._mem, None)
+            else:
+                with peer.lock:
+                    spec, local_addrs, touched = _pull_plan(cm, key, dst_entry, dst_row, size,
+                                                            src_idx, dst_idx, src_range,
+                                                            dst_range, tpl, peer.mem, peer)
+            plan, cfg, tpl = spec
+            job = _core.TransferJob(cm._runtime, plan, local_addrs, [cfg], None,
+                                    cm._sync_timeout, tensors_per_layer=tpl)
+            cm._inflight[job] = ((me, dst_cache.cache_id), [touched])
+            job.on_finish = cm._job_done
+            try:
+                cm._workers.submit(job)
+            except BaseException:
+                job.on_finish = None
+                cm._inflight.pop(job, None)
+                raise
+    except BaseException:
+        cm._slots.release()
+        raise
     wait_job(cm, job, f"{what} from cluster {key.cluster_id}")
 
 

@@ -722,7 +722,8 @@ class ClusterNode:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"protocol version {version!r:.40}"
         try:
             cid = _int(msg.get("cluster_id"))
-            _int(msg.get("target"))
+            if msg.get("target") is not None:     # None: the linker did not know our id
+                _int(msg.get("target"))
             _int(msg.get("pid"), 1, 2**31 - 1)
             _int(msg.get("tgid", 1), 1, 2**31 - 1)
             if msg.get("runtime", "host") not in ("host", "acl", "cuda"):

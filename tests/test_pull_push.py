@@ -40,7 +40,7 @@ ROUTES = [("allocated", "direct"), ("registered", "direct"),
               not HAVE_MOONCAKE, reason="mooncake is not installed")),
           pytest.param(("allocated", "mooncake"), marks=pytest.mark.skipif(
               not HAVE_MOONCAKE, reason="mooncake is not installed"))]
-ROUTE_IDS = ["mapped", "process", "engine-registered", "engine-allocated"]
+ROUTE_IDS = ["mapped", "process", "mooncake-registered", "mooncake-allocated"]
 
 
 @pytest.fixture

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from . import _core, device_ipc
+from . import _core, block_ops, device_ipc, shm
 from ._core import CopyKind, Direction
 from ._check import check_int64, check_int_list, check_isinstance, check_uint64, require
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
@@ -24,6 +22,8 @@ if TYPE_CHECKING:
     from .cluster import ClusterNode
 
 _ALIGN = 64  # every tensor of an allocated cache starts 64-byte aligned (ACL's rule)
+_MAX_BYTES = 1 << 64
+BUSY_WAIT_S = 0.2   # how long transfer_cache_async waits for a task to finish when at the bound
 
 log = logging.getLogger("llmdist")
 
@@ -59,7 +59,7 @@ class CacheManager:
     def __init__(self, cluster_id: int, runtime: "_core.Runtime",
                  workers, options: Dict[str, str], remote_accessible: bool,
                  sync_timeout: Optional[int], shareable: bool = False,
-                 node: Optional["ClusterNode"] = None) -> None:
+                 node: Optional["ClusterNode"] = None, max_inflight: int = 1024) -> None:
         self._cluster_id = cluster_id
         self._node = node
         self._runtime = runtime
@@ -70,6 +70,8 @@ class CacheManager:
         # Host-runtime memory of a listening cluster lives in shared memory, so that peers on
         # this host can map it and copy straight into it.
         self._shareable = shareable and runtime.is_host
+        if self._shareable:
+            shm.remove_dead()       # what processes that died without finalize left behind
         # On a device runtime its DEVICE allocations are exported for device IPC instead, and
         # (ACL) every linked peer on this host may import them: their pids, for the whitelist.
         self._exportable = shareable and not runtime.is_host
@@ -80,10 +82,14 @@ class CacheManager:
         # job -> (source cache key, [destination cache keys per config]); a key is
         # (cluster id, cache id).
         self._inflight: Dict[object, Tuple[Tuple[int, int], List[set]]] = {}
+        # Tasks not finished yet, bounded by llmdist.max_inflight_tasks (see _take_slot).
+        self._max_inflight = max_inflight
+        self._slots = threading.BoundedSemaphore(max_inflight)
         self._caps = {Placement.DEVICE: _pool_cap(options, "llm.MemPoolConfig"),
                       Placement.HOST: _pool_cap(options, "llm.HostMemPoolConfig")}
         self._used = {Placement.DEVICE: 0, Placement.HOST: 0}
         self._closed = False
+        self._local = block_ops.LocalCopier(runtime)
 
     @property
     def runtime(self) -> "_core.Runtime":
@@ -123,6 +129,10 @@ class CacheManager:
         placement = cache_desc.placement
         piece = -(-cache_desc.size // _ALIGN) * _ALIGN
         total = piece * cache_desc.num_tensors
+        require(total < _MAX_BYTES,
+                f"cache_desc: {cache_desc.num_tensors} tensors of {cache_desc.size} bytes "
+                f"({total} bytes with {_ALIGN}-byte alignment) do not fit a 64-bit address "
+                f"space")
         cap = self._caps[placement]
         if cap is not None and self._used[placement] + total > cap:
             code = (LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY if placement == Placement.DEVICE
@@ -133,7 +143,7 @@ class CacheManager:
         cache_id = self._new_id()
         share = None
         if self._shareable:
-            name = f"/llmdist-{os.getpid()}-{self._cluster_id}-{cache_id}-{secrets.token_hex(4)}"
+            name = shm.new_name(self._cluster_id, cache_id)
             base = raw = _core.shm_create(name, total)
             share = {"kind": "shm", "name": name, "base": base, "size": total}
         elif self._exportable and placement == Placement.DEVICE:
@@ -284,6 +294,9 @@ class CacheManager:
         cid = entry.cache.cache_id
         me = self._cluster_id
         with self._lock:
+            # Two threads may release one cache at once: the first to remove it frees it.
+            if self._mem.entries.get(cid) is not entry:
+                raise _fail(f"cache {cid} is already released", _NOT_EXIST)
             self._mem.remove(cid)
             jobs = [job for job, (src, _) in self._inflight.items() if src == (me, cid)]
         for job in jobs:
@@ -433,6 +446,27 @@ class CacheManager:
                 f"src_cache has {desc.num_tensors} tensors; layer-wise transfer needs K and V "
                 f"per layer (an even number)")
         num_layers = desc.num_tensors // 2
+        self._take_slot()
+        try:
+            return self._submit(src_cache, src_entry, layer_synchronizer, transfer_configs,
+                                src_idx, dst_idx, block_size, plan, num_layers)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _take_slot(self) -> None:
+        """Wait briefly for room under llmdist.max_inflight_tasks; LLM_LINK_BUSY without it,
+        so that tasks nobody waits for cannot pile up without bound."""
+        if not self._slots.acquire(timeout=BUSY_WAIT_S):
+            raise _fail(f"{self._max_inflight} transfer tasks are in flight, the bound set by "
+                        f"option llmdist.max_inflight_tasks; none finished within "
+                        f"{BUSY_WAIT_S * 1000:.0f} ms: wait for some tasks and retry",
+                        LLMStatusCode.LLM_LINK_BUSY)
+
+    def _submit(self, src_cache: Cache, src_entry: MemoryEntry, layer_synchronizer,
+                transfer_configs, src_idx, dst_idx, block_size: int, plan,
+                num_layers: int) -> CacheTask:
+        """Checks that need the lock (rules 8-11), then the job goes to the workers."""
         with self._lock:
             plans = []
             touched: List[set] = []
@@ -455,7 +489,12 @@ class CacheManager:
                                     layer_synchronizer, self._sync_timeout, events, gate)
             self._inflight[job] = ((self._cluster_id, src_cache.cache_id), touched)
             job.on_finish = self._job_done
-            self._workers.submit(job)
+            try:
+                self._workers.submit(job)
+            except BaseException:
+                job.on_finish = None    # it never runs: its slot goes back in the caller
+                self._inflight.pop(job, None)
+                raise
         return CacheTask(job, len(plans))
 
     def _check_config(self, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
@@ -577,6 +616,78 @@ class CacheManager:
     def _job_done(self, job) -> None:
         with self._lock:
             self._inflight.pop(job, None)
+        self._slots.release()
+
+    # ------------------------------------------------------------------ local block operations
+
+    def _live(self, name: str, cache: Cache) -> MemoryEntry:
+        """The entry of a cache this manager still holds (lock held)."""
+        entry = self._mem.entries.get(cache.cache_id)
+        if not cache._valid or entry is None or entry.cache is not cache:
+            raise _fail(f"{name} {cache.cache_id} is not allocated or registered in this cache "
+                        f"manager", _NOT_EXIST)
+        return entry
+
+    def _pinned(self, entry: Optional[MemoryEntry]) -> bool:
+        """Whether the runtime may copy this cache's host memory asynchronously: llmdist
+        allocated it page-locked (memory the caller owns may be pageable)."""
+        return entry is not None and entry.origin == ALLOCATED and not self._runtime.is_host
+
+    def copy_blocks(self, cache: Cache, copy_block_info: Dict[int, List[int]]) -> None:
+        """Copy blocks inside one blocks cache, in every tensor: block s to each block in
+        copy_block_info[s]. Synchronous; a block may not be both read and written."""
+        check_isinstance("cache", cache, Cache)
+        pairs = block_ops.block_pairs("copy_block_info", copy_block_info, True)
+        self._check_open()
+        # The lock keeps the caches from being released while their bytes move.
+        with self._lock:
+            entry = self._live("cache", cache)
+            self._local.run(block_ops.plan_copy_blocks(cache, pairs,
+                                                       self._pinned(entry)))
+
+    def copy_cache(self, dst: Cache, src: Cache, dst_batch_index: int = 0,
+                   src_batch_index: int = 0, offset: int = 0, size: int = -1,
+                   req_id: Optional[int] = None) -> None:
+        """Copy bytes [offset, offset + size) of row src_batch_index of every tensor of src to
+        the same bytes of row dst_batch_index of dst (size -1: the rest of the row).
+        Synchronous; req_id is accepted for compatibility and only logged."""
+        block_ops.check_copy_cache_args(dst, src, dst_batch_index, src_batch_index, offset,
+                                        size, req_id)
+        self._check_open()
+        with self._lock:
+            src_entry = self._live("src", src)
+            dst_entry = self._live("dst", dst)
+            copy = block_ops.plan_copy_cache(dst, src, dst_batch_index, src_batch_index, offset,
+                                             size, self._pinned(src_entry),
+                                             self._pinned(dst_entry))
+            log.debug("copy_cache %d -> %d (req_id %s)", src.cache_id, dst.cache_id, req_id)
+            self._local.run(copy)
+
+    def swap_blocks(self, src_cache: Cache, dst_cache: Cache, src_to_dst: Dict[int, int]) -> None:
+        """Copy blocks between a HOST and a DEVICE blocks cache (swap out or in): block s of
+        every source tensor to block src_to_dst[s]. The DEVICE cache is one of this manager's;
+        the HOST one may also come from Cache.create_cpu_cache. Synchronous."""
+        pairs = block_ops.check_swap_args(src_cache, dst_cache, src_to_dst)
+        self._check_open()
+        with self._lock:
+            entries = []
+            for name, cache in (("src_cache", src_cache), ("dst_cache", dst_cache)):
+                if cache.cache_id == -1:
+                    require(cache._valid and cache.cache_desc.placement == Placement.HOST,
+                            f"{name} was made by Cache.create_cpu_cache and must be HOST memory")
+                    entries.append(None)
+                else:
+                    entries.append(self._live(name, cache))
+            self._local.run(block_ops.plan_swap_blocks(src_cache, dst_cache, pairs,
+                                                       self._pinned(entries[0]),
+                                                       self._pinned(entries[1])))
+
+    def remap_registered_memory(self, mem_infos) -> None:
+        """Not supported: upstream reserves it for re-mapping the physical memory behind
+        registered caches after a device memory fault, which llmdist does not handle."""
+        raise _fail("remap_registered_memory is not supported yet: re-mapping registered memory "
+                    "after a device memory fault is reserved upstream and not implemented by "
+                    "llmdist", LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -588,4 +699,10 @@ class CacheManager:
         for job in jobs:
             job.cancel(LLMStatusCode.LLM_ENGINE_FINALIZED)
         for entry in list(self._mem.entries.values()):
-            self._release(entry)
+            try:
+                self._release(entry)
+            except LLMException as exc:
+                # Released meanwhile by another thread: nothing is left to do.
+                if exc.status_code != _NOT_EXIST:
+                    raise
+        self._local.close()

@@ -25,11 +25,12 @@ class BuildExt(build_ext):
 
 ext = Extension(
     "llmdist._core",
-    sources=["llmdist/_core.pyx", "src/host_runtime.c", "src/layer_gate.c"],
+    sources=["llmdist/_core.pyx", "src/runtime_common.c", "src/host_runtime.c", "src/acl_runtime.c",
+             "src/cuda_runtime.c", "src/layer_gate.c"],
     include_dirs=["include"],
     depends=["include/llmdist/runtime.h", "include/llmdist/host_runtime.h", "include/llmdist/acl.h",
-             "include/llmdist/cuda.h", "include/llmdist/layer_gate.h", "llmdist/_decl.pxi",
-             "llmdist/_devices.pxi"],
+             "include/llmdist/cuda.h", "include/llmdist/layer_gate.h", "src/runtime_common.h",
+             "llmdist/_decl.pxi"],
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-unused-function"],
     libraries=["pthread", "dl", "rt"],
 )

@@ -6,7 +6,6 @@ user's LayerSynchronizer and to publish a task's results.
 """
 
 include "_decl.pxi"
-include "_devices.pxi"
 
 from cpython.long cimport PyLong_AsUnsignedLongLong
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
@@ -24,37 +23,15 @@ cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFF
 # ------------------------------------------------------------------------------------------
 # Runtime errors: the one place where a runtime's code becomes an exception or a status.
 
-cdef object status_for(str runtime, int code):
-    """The LLMStatusCode a runtime error code stands for."""
-    if code == LLMD_TIMEOUT_CODE:
-        return LLMStatusCode.LLM_TIMEOUT
-    if runtime == "host":
-        if code == LLMD_HOST_ENOMEM:
-            return LLMStatusCode.LLM_OUT_OF_MEMORY
-        if code == LLMD_HOST_ETIMEOUT:
-            return LLMStatusCode.LLM_TIMEOUT
-    elif runtime == "acl":
-        if code in (207001, 207018):
-            return LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY
-        if code == 507053:
-            return LLMStatusCode.LLM_DEVICE_MEM_ERROR
-        if code in (507046, 507047):
-            return LLMStatusCode.LLM_TIMEOUT
-    elif runtime == "cuda":
-        if code == LLMD_CUDA_ERROR_MEMORY_ALLOCATION:
-            return LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY
-    return LLMStatusCode.LLM_FAILED
-
-
-cdef bint is_timeout(str runtime, int code):
-    return (code == LLMD_TIMEOUT_CODE or (runtime == "host" and code == LLMD_HOST_ETIMEOUT)
-            or (runtime == "acl" and code == 507047))
-
-
-def runtime_error(str runtime, int code, str op, str text):
-    """Build the LLMException for a failed runtime call, with the runtime's own message."""
-    return LLMException(f"{op} failed on the {runtime} runtime: error {code}: {text}",
-                        status_code=status_for(runtime, code))
+# The status each error class (llmd_runtime.error_class) stands for.
+ERROR_STATUS = {
+    LLMD_ERROR_OTHER: LLMStatusCode.LLM_FAILED,
+    LLMD_ERROR_HOST_OUT_OF_MEMORY: LLMStatusCode.LLM_OUT_OF_MEMORY,
+    LLMD_ERROR_DEVICE_OUT_OF_MEMORY: LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY,
+    LLMD_ERROR_DEVICE_MEMORY: LLMStatusCode.LLM_DEVICE_MEM_ERROR,
+    LLMD_ERROR_TIMEOUT: LLMStatusCode.LLM_TIMEOUT,
+    LLMD_ERROR_NOT_SUPPORTED: LLMStatusCode.LLM_FAILED,
+}
 
 
 cdef class Runtime:
@@ -69,47 +46,75 @@ cdef class Runtime:
         self.rt = NULL
 
     @staticmethod
+    cdef Runtime wrap(const llmd_runtime *rt, int device_id, str version, str library):
+        cdef Runtime r = Runtime.__new__(Runtime)
+        r.rt = rt
+        r.name = rt.name.decode()
+        r.device_id = device_id
+        r.version = version
+        r.library = library
+        return r
+
+    @staticmethod
     def host(int device_id=0):
         """The embedded host runtime (always available)."""
-        cdef Runtime r = Runtime.__new__(Runtime)
-        r.rt = llmd_host_runtime()
-        r.name = "host"
-        r.device_id = device_id
-        r.version = "1"
-        r.library = "(built in)"
-        return r
+        return Runtime.wrap(llmd_host_runtime(), device_id, "1", "(built in)")
 
     @staticmethod
     def acl(int device_id, list paths, bint try_loaded=True):
         """The ACL runtime from the first of paths that loads (RuntimeError says why not)."""
-        cdef Runtime r = Runtime.__new__(Runtime)
-        r.library, r.version = acl_load(paths, try_loaded, device_id)
-        r.rt = &g_acl_rt
-        r.name = "acl"
-        r.device_id = device_id
-        return r
+        return Runtime.load(paths, device_id, True, try_loaded)
 
     @staticmethod
     def cuda(int device_id, list paths):
         """The CUDA runtime from the first of paths that loads (RuntimeError says why not)."""
-        cdef Runtime r = Runtime.__new__(Runtime)
-        r.library, r.version = cuda_load(paths, device_id)
-        r.rt = &g_cuda_rt
-        r.name = "cuda"
-        r.device_id = device_id
-        return r
+        return Runtime.load(paths, device_id, False, False)
+
+    @staticmethod
+    cdef Runtime load(list paths, int device_id, bint acl, bint try_loaded):
+        cdef llmd_load_report report
+        cdef const llmd_runtime *rt
+        cdef list encoded = [p.encode() for p in paths]
+        cdef const char **cpaths = <const char **>malloc(max(len(paths), 1) * sizeof(char *))
+        cdef Py_ssize_t i
+        if cpaths == NULL:
+            raise MemoryError()
+        try:
+            for i in range(len(encoded)):
+                cpaths[i] = <const char *>encoded[i]
+            memset(&report, 0, sizeof(report))
+            if acl:
+                rt = llmd_acl_load(cpaths, len(paths), try_loaded, device_id, &report)
+            else:
+                rt = llmd_cuda_load(cpaths, len(paths), device_id, &report)
+        finally:
+            free(cpaths)
+        if rt == NULL:
+            raise RuntimeError(report.error.decode("utf-8", "replace"))
+        return Runtime.wrap(rt, device_id, report.version.decode("utf-8", "replace"),
+                            report.library.decode("utf-8", "replace"))
 
     @property
     def is_host(self):
-        return self.name == "host"
+        """True when "device" memory is host RAM (the host runtime)."""
+        return bool(self.rt.device_is_host)
 
     cdef str text(self, int code):
         cdef const char *s = self.rt.error_string(self.rt.ctx, code)
         return s.decode("utf-8", "replace") if s != NULL else "no message"
 
+    cdef int error_class(self, int code) noexcept:
+        return self.rt.error_class(self.rt.ctx, code)
+
+    def error(self, int code, str op):
+        """The LLMException for a failed call op, with the runtime's own message and the status
+        the code's error class stands for."""
+        return LLMException(f"{op} failed on the {self.name} runtime: error {code}: {self.text(code)}",
+                            status_code=ERROR_STATUS[self.error_class(code)])
+
     cdef int check(self, int code, str op) except -1:
         if code != 0:
-            raise runtime_error(self.name, code, op, self.text(code))
+            raise self.error(code, op)
         return 0
 
     def bind_device(self):
@@ -151,19 +156,21 @@ cdef class Runtime:
 
     @property
     def ipc_kind(self):
-        """How peers reach this runtime's exported device memory: "acl_ipc" or "cuda_ipc"
-        (None on the host runtime, whose memory is shared as POSIX shared memory)."""
-        return {"acl": "acl_ipc", "cuda": "cuda_ipc"}.get(self.name)
+        """How peers reach this runtime's exported device memory ("acl_ipc", "cuda_ipc"), or
+        None (the host runtime, whose memory is shared as POSIX shared memory)."""
+        return self.rt.ipc_kind.decode() if self.rt.ipc_kind != NULL else None
+
+    @property
+    def ipc_align(self):
+        """An export starts on a multiple of this many bytes (1: the start of an allocation,
+        which the export covers whole)."""
+        return self.rt.ipc_align
 
     @property
     def ipc_unavailable(self):
         """Why device IPC cannot be used with this runtime, or None when it can."""
-        if self.name == "host":
-            return "the host runtime has no device memory"
-        missing = acl_ipc_missing() if self.name == "acl" else cuda_ipc_missing()
-        if missing:
-            return f"the loaded runtime library ({self.library}) lacks {', '.join(missing)}"
-        return None
+        cdef const char *why = self.rt.ipc_unavailable(self.rt.ctx)
+        return why.decode("utf-8", "replace") if why != NULL else None
 
     cdef int need_ipc(self) except -1:
         why = self.ipc_unavailable
@@ -173,56 +180,42 @@ cdef class Runtime:
         return 0
 
     def bare_tgid(self):
-        """The pid an exporter whitelists so that this process may import its device memory:
-        ACL's aclrtDeviceGetBareTgid (the host's pid, also inside a container) when the
-        library has it, else os.getpid()."""
+        """The pid an exporter lets import (ipc_allow) so that this process may import its
+        device memory (ACL: the host's pid, also inside a container)."""
         cdef int32_t pid = 0
         cdef int rc
-        if self.name != "acl" or g_acl.aclrtDeviceGetBareTgid == NULL:
-            return os.getpid()
         with nogil:
             rc = self.rt.set_device(self.rt.ctx, self.device_id)
             if rc == 0:
-                rc = g_acl.aclrtDeviceGetBareTgid(&pid)
-        self.check(rc, "aclrtDeviceGetBareTgid")
+                rc = self.rt.ipc_self_pid(self.rt.ctx, &pid)
+        self.check(rc, "ipc_self_pid")
         return pid
 
     def ipc_export(self, uintptr_t ptr, size_t size, bint check_pid=True):
-        """Export device memory to other processes of this host. ACL: the page-aligned region
-        [ptr, ptr + size), returned as its key; importers must be whitelisted with ipc_allow
-        unless check_pid is False. CUDA: the whole cudaMalloc allocation starting at ptr,
-        returned as the hex of its handle (no whitelist)."""
-        cdef char key[65]
-        cdef llmd_cudaIpcMemHandle_t handle
-        cdef uint64_t flags = 0 if check_pid else LLMD_ACL_IPC_EXPORT_NO_PID_CHECK
-        cdef bint acl = self.name == "acl"
+        """Export [ptr, ptr + size) (ptr a multiple of ipc_align) to other processes of this
+        host; returns its id. With check_pid, importers must be allowed with ipc_allow."""
+        cdef char ident[LLMD_IPC_ID_MAX]
         cdef int rc
         self.need_ipc()
-        memset(key, 0, sizeof(key))
-        memset(&handle, 0, sizeof(handle))
+        memset(ident, 0, sizeof(ident))
         with nogil:
             rc = self.rt.set_device(self.rt.ctx, self.device_id)
             if rc == 0:
-                if acl:
-                    rc = g_acl.aclrtIpcMemGetExportKey(<void *>ptr, size, key, 65, flags)
-                else:
-                    rc = g_cuda.cudaIpcGetMemHandle(&handle, <void *>ptr)
-        if acl:
-            self.check(rc, f"aclrtIpcMemGetExportKey({ptr:#x}, {size})")
-            key[64] = 0
-            return (<bytes>key).decode("ascii", "replace")
-        self.check(rc, f"cudaIpcGetMemHandle({ptr:#x})")
-        return (<char *>&handle)[:LLMD_CUDA_IPC_HANDLE_SIZE].hex()
+                rc = self.rt.ipc_export(self.rt.ctx, <void *>ptr, size, check_pid, ident,
+                                        LLMD_IPC_ID_MAX)
+        self.check(rc, f"ipc_export({ptr:#x}, {size})")
+        ident[LLMD_IPC_ID_MAX - 1] = 0
+        return (<bytes>ident).decode("ascii", "replace")
 
-    def ipc_allow(self, str key, pids):
-        """ACL: let the processes pids import key (aclrtIpcMemSetImportPid; pass every pid
-        that should have access). Nothing to do on CUDA."""
+    def ipc_allow(self, str ident, pids):
+        """Let the processes pids import the export ident (pass every pid that should have
+        access; runtimes without a whitelist accept and ignore them)."""
         cdef Py_ssize_t i, n = len(pids)
         cdef int32_t *arr
-        cdef bytes k = key.encode()
+        cdef bytes k = ident.encode()
         cdef const char *kp = k
         cdef int rc
-        if self.name != "acl" or n == 0:
+        if n == 0:
             return
         self.need_ipc()
         arr = <int32_t *>malloc(n * sizeof(int32_t))
@@ -234,68 +227,49 @@ cdef class Runtime:
             with nogil:
                 rc = self.rt.set_device(self.rt.ctx, self.device_id)
                 if rc == 0:
-                    rc = g_acl.aclrtIpcMemSetImportPid(kp, arr, n)
+                    rc = self.rt.ipc_allow(self.rt.ctx, kp, arr, n)
         finally:
             free(arr)
-        self.check(rc, f"aclrtIpcMemSetImportPid({key}, {list(pids)})")
+        self.check(rc, f"ipc_allow({ident}, {list(pids)})")
 
     def ipc_import(self, str ident):
-        """Map a peer's exported device memory (ACL key, CUDA handle hex) into this process,
-        with peer access enabled; returns the local address of the exported region's start
-        (CUDA: of the exporter's allocation)."""
+        """Map a peer's export into this process, with peer access enabled; returns the local
+        address of the exported region's start."""
         cdef void *p = NULL
-        cdef llmd_cudaIpcMemHandle_t handle
         cdef bytes k = ident.encode()
         cdef const char *kp = k
-        cdef bint acl = self.name == "acl"
         cdef int rc
         self.need_ipc()
-        if not acl:
-            raw = bytes.fromhex(ident)
-            if len(raw) != LLMD_CUDA_IPC_HANDLE_SIZE:
-                raise LLMException(f"a CUDA IPC handle has {LLMD_CUDA_IPC_HANDLE_SIZE} bytes, "
-                                   f"got {len(raw)}", status_code=LLMStatusCode.LLM_PARAM_INVALID)
-            memcpy(&handle, <const char *>raw, LLMD_CUDA_IPC_HANDLE_SIZE)
         with nogil:
             rc = self.rt.set_device(self.rt.ctx, self.device_id)
             if rc == 0:
-                if acl:
-                    rc = g_acl.aclrtIpcMemImportByKey(&p, kp, LLMD_ACL_IPC_IMPORT_PEER_ACCESS)
-                else:
-                    rc = g_cuda.cudaIpcOpenMemHandle(&p, handle, LLMD_CUDA_IPC_LAZY_ENABLE_PEER_ACCESS)
-        self.check(rc, f"aclrtIpcMemImportByKey({ident})" if acl else "cudaIpcOpenMemHandle")
+                rc = self.rt.ipc_import(self.rt.ctx, kp, &p)
+        self.check(rc, f"ipc_import({ident})")
         return <uintptr_t>p
 
     def ipc_close_import(self, str ident, uintptr_t ptr):
         """Unmap memory from ipc_import (after every copy into it has completed)."""
         cdef bytes k = ident.encode()
         cdef const char *kp = k
-        cdef bint acl = self.name == "acl"
         cdef int rc
         self.need_ipc()
         with nogil:
             rc = self.rt.set_device(self.rt.ctx, self.device_id)
             if rc == 0:
-                if acl:
-                    rc = g_acl.aclrtIpcMemClose(kp)
-                else:
-                    rc = g_cuda.cudaIpcCloseMemHandle(<void *>ptr)
-        self.check(rc, f"aclrtIpcMemClose({ident})" if acl else f"cudaIpcCloseMemHandle({ptr:#x})")
+                rc = self.rt.ipc_close_import(self.rt.ctx, kp, <void *>ptr)
+        self.check(rc, f"ipc_close_import({ident}, {ptr:#x})")
 
     def ipc_close_export(self, str ident):
-        """Withdraw an export (after the importers closed theirs, before freeing the memory).
-        ACL closes the key; a CUDA handle needs no closing."""
+        """Withdraw an export (after the importers closed theirs, before freeing the memory)."""
         cdef bytes k = ident.encode()
         cdef const char *kp = k
         cdef int rc
-        if self.name != "acl":
-            return
         self.need_ipc()
         with nogil:
             rc = self.rt.set_device(self.rt.ctx, self.device_id)
             if rc == 0:
-                rc = g_acl.aclrtIpcMemClose(kp)
-        self.check(rc, f"aclrtIpcMemClose({ident})")
+                rc = self.rt.ipc_close_export(self.rt.ctx, kp)
+        self.check(rc, f"ipc_close_export({ident})")
 
     def memcpy_each(self, list dsts, list srcs, size_t n, Stream stream):
         """Queue one async copy of n bytes per (dst, src) pair from a C loop: the
@@ -429,7 +403,7 @@ cdef class Event:
         cdef int rc
         with nogil:
             rc = self.runtime.rt.event_synchronize(self.runtime.rt.ctx, self.handle, timeout_ms)
-        if is_timeout(self.runtime.name, rc):
+        if rc != 0 and self.runtime.error_class(rc) == LLMD_ERROR_TIMEOUT:
             return False
         self.runtime.check(rc, "event_synchronize")
         return True
@@ -592,10 +566,7 @@ def parse_indices(str name, object seq):
 # ------------------------------------------------------------------------------------------
 # The planner
 
-cdef struct Run:
-    size_t src_off
-    size_t dst_off
-    size_t nbytes
+ctypedef llmd_run Run
 
 
 cdef class Plan:
@@ -892,10 +863,11 @@ cdef class TransferJob:
     cdef uint64_t *dst_addrs          # per config: 2 per covered layer
     cdef uint64_t *dst_limits         # the end of the region holding each destination tensor
     cdef Py_ssize_t *dst_index        # where each config's entries start in dst_addrs
-    cdef void **d_dsts
+    cdef llmd_run_table *tables[2]    # the plan's runs on the runtime (lane 0) and the host (lane 1)
+    cdef const llmd_runtime *table_rts[2]   # the runtime that made each table
+    cdef void **d_dsts                # lanes 2 and 3: per-run descriptors
     cdef void **d_srcs
     cdef size_t *d_sizes
-    cdef size_t *d_maxs
     cdef PyThread_type_lock lock
     cdef llmd_stream stream           # the runtime stream of the worker running the job
     cdef llmd_stream host_stream      # its host-engine stream (lane 1), or NULL
@@ -937,7 +909,7 @@ cdef class TransferJob:
         cdef CfgState *c
         cdef Event ev
         self.runtime = runtime
-        self.host = runtime if runtime.name == "host" else Runtime.host(runtime.device_id)
+        self.host = runtime if runtime.is_host else Runtime.host(runtime.device_id)
         self.plan = plan
         self.synchronizer = synchronizer
         self.sync_timeout = sync_timeout
@@ -973,7 +945,8 @@ cdef class TransferJob:
                 self.links[i] = link
                 c.link_up = &link.up
             c.desc_base = slots
-            slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
+            if c.lane >= 2:
+                slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
             self.dst_index[i] = total
             total += len(spec[5])
             self.first_layer = min(self.first_layer, c.lo)
@@ -1014,7 +987,7 @@ cdef class TransferJob:
         free(self.d_dsts)
         free(self.d_srcs)
         free(self.d_sizes)
-        free(self.d_maxs)
+        self.release_tables()
         free(self.events)
         if self.lock != NULL:
             PyThread_free_lock(self.lock)
@@ -1024,19 +997,44 @@ cdef class TransferJob:
         return self.ncfg
 
     cdef int alloc_descriptors(self) except -1:
-        # One slot per (config, covered layer, tensor, run): sized once per call, so the
-        # layer loop never allocates, and every queued batch keeps its own descriptors.
+        # Sized once per call, so the layer loop never allocates: a run table per lane of
+        # plain runtime copies, with room for every pair the call copies, and one descriptor
+        # per (config, covered layer, tensor, run) for process and engine writes.
         cdef Py_ssize_t n = 0, i
+        cdef size_t pairs[2]
+        cdef int lane, rc
+        cdef Runtime owner
+        pairs[0] = pairs[1] = 0
         for i in range(self.ncfg):
-            n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * 2 * self.plan.count
+            if self.cfg[i].lane <= 1:
+                pairs[self.cfg[i].lane] += <size_t>(self.cfg[i].hi - self.cfg[i].lo) * 2
+            else:
+                n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * 2 * self.plan.count
+        for lane in range(2):
+            if pairs[lane] == 0:
+                continue
+            owner = self.runtime if lane == 0 else self.host
+            with nogil:
+                rc = owner.rt.run_table_create(owner.rt.ctx, self.plan.runs, self.plan.count,
+                                               pairs[lane], &self.tables[lane])
+            self.table_rts[lane] = owner.rt
+            if rc != 0:
+                raise MemoryError()
         n = max(n, 1)
         self.d_dsts = <void **>malloc(n * sizeof(void *))
         self.d_srcs = <void **>malloc(n * sizeof(void *))
         self.d_sizes = <size_t *>malloc(n * sizeof(size_t))
-        self.d_maxs = <size_t *>malloc(n * sizeof(size_t))
-        if not (self.d_dsts and self.d_srcs and self.d_sizes and self.d_maxs):
+        if not (self.d_dsts and self.d_srcs and self.d_sizes):
             raise MemoryError()
         return 0
+
+    cdef void release_tables(self) noexcept nogil:
+        """Destroy the run tables (every stream that used them has been synchronized)."""
+        cdef int lane
+        for lane in range(2):
+            if self.tables[lane] != NULL:
+                self.table_rts[lane].run_table_destroy(self.table_rts[lane].ctx, self.tables[lane])
+                self.tables[lane] = NULL
 
     cdef void fail_unfinished(self, int layer, int status) noexcept nogil:
         """Fail every config whose copies are not all issued yet (ranges reaching past layer)."""
@@ -1072,7 +1070,7 @@ cdef class TransferJob:
         cdef Py_ssize_t nruns = self.plan.count
         cdef char *src
         cdef char *dst
-        cdef uint64_t limit
+        cdef llmd_tensor_pair pairs[2]
         cdef const llmd_runtime *rt
         cdef llmd_stream stream
         cdef size_t fail = 0
@@ -1090,37 +1088,33 @@ cdef class TransferJob:
             else:
                 rt = self.host.rt
                 stream = self.host_stream
-            base = c.desc_base + <Py_ssize_t>(layer - c.lo) * 2 * nruns
-            k = base
-            for t in range(2):
-                e = self.dst_index[i] + 2 * (layer - c.lo) + t
-                src = <char *><uintptr_t>self.src_addrs[2 * layer + t] + c.src_shift
-                dst = <char *><uintptr_t>self.dst_addrs[e]
-                limit = self.dst_limits[e]
-                for r in range(nruns):
-                    self.d_dsts[k] = dst + runs[r].dst_off
-                    self.d_srcs[k] = src + runs[r].src_off
-                    self.d_sizes[k] = runs[r].nbytes
-                    self.d_maxs[k] = <size_t>(limit - <uint64_t><uintptr_t>self.d_dsts[k])
-                    k += 1
-            rc = 0
-            if c.lane == 3:
-                rc = self.engine_write(i, base, k - base)
-            elif c.lane == 2:
-                rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
-                                                   &self.d_srcs[base], &self.d_sizes[base],
-                                                   k - base, &c.async_code)
-            elif self.use_batch and not c.single and rt.memcpy_batch_async != NULL:
-                rc = rt.memcpy_batch_async(rt.ctx, &self.d_dsts[base], &self.d_maxs[base],
-                                           &self.d_srcs[base], &self.d_sizes[base], k - base,
-                                           c.kind, stream, &fail)
+            if c.lane <= 1:
+                # A plain runtime copy: the layer's two tensor pairs through the run table.
+                for t in range(2):
+                    e = self.dst_index[i] + 2 * (layer - c.lo) + t
+                    pairs[t].src = self.src_addrs[2 * layer + t] + c.src_shift
+                    pairs[t].dst = self.dst_addrs[e]
+                    pairs[t].dst_end = self.dst_limits[e]
+                rc = rt.copy_runs(rt.ctx, self.tables[c.lane], pairs, 2, c.kind,
+                                  LLMD_COPY_PEER_DEVICE if c.single else 0, stream, &fail)
             else:
-                for r in range(base, k):
-                    rc = rt.memcpy_async(rt.ctx, self.d_dsts[r], self.d_maxs[r], self.d_srcs[r],
-                                         self.d_sizes[r], c.kind, stream)
-                    if rc != 0:
-                        fail = r - base
-                        break
+                base = c.desc_base + <Py_ssize_t>(layer - c.lo) * 2 * nruns
+                k = base
+                for t in range(2):
+                    e = self.dst_index[i] + 2 * (layer - c.lo) + t
+                    src = <char *><uintptr_t>self.src_addrs[2 * layer + t] + c.src_shift
+                    dst = <char *><uintptr_t>self.dst_addrs[e]
+                    for r in range(nruns):
+                        self.d_dsts[k] = dst + runs[r].dst_off
+                        self.d_srcs[k] = src + runs[r].src_off
+                        self.d_sizes[k] = runs[r].nbytes
+                        k += 1
+                if c.lane == 3:
+                    rc = self.engine_write(i, base, k - base)
+                else:
+                    rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
+                                                       &self.d_srcs[base], &self.d_sizes[base],
+                                                       k - base, &c.async_code)
             if rc != 0:
                 c.code = rc
                 c.fail_index = fail
@@ -1267,6 +1261,7 @@ cdef class TransferJob:
                         self.cfg[i].code = rc
             if self.host_stream != self.stream:
                 hrt.stream_synchronize(hrt.ctx, self.host_stream)
+            self.release_tables()
         self.settle_engines()
         self.publish()
 
@@ -1340,9 +1335,8 @@ cdef class TransferJob:
                 errors[i] = (f"writing into process {c.pid} failed: "
                              f"{os.strerror(c.async_code)} (errno {c.async_code})")
             elif c.failed == ST_RUNTIME:
-                rname = self.runtime.name if c.lane == 0 else "host"
-                text = (self.runtime if c.lane == 0 else self.host).text(c.code)
-                exc = runtime_error(rname, c.code, f"copy (entry {c.fail_index})", text)
+                exc = (self.runtime if c.lane == 0 else self.host).error(
+                    c.code, f"copy (entry {c.fail_index})")
                 results.append(exc.status_code)
                 errors[i] = str(exc)
             elif c.failed == ST_SYNC_FALSE:

@@ -474,7 +474,7 @@ def test_acl_ipc_transfer_into_a_decode_process(fake_acl):
             for t in (0, 1):
                 s = view(src2.tensor_addrs[2 * l + t], DESC.size).reshape(BLOCKS, BLOCK)
                 exp[f"2:dst.{2 * (l + 1) + t}"][di2] = s[si2]
-        res = dict(share_kind=share["kind"], key=share.get("key", ""), links=links, s1=s1, s2=s2,
+        res = dict(share_kind=share["kind"], key=share.get("id", ""), links=links, s1=s1, s2=s2,
                    errors=[t1.errors, t2.errors], same=same(got, exp),
                    imports=fake.fake_acl_live(b"ipc_import"), counted=device_ipc.IMPORTS.count(),
                    batches=fake.fake_acl_calls(b"aclrtMemcpyBatchAsync"),

@@ -50,6 +50,7 @@ cdef extern from "llmdist/runtime.h" nogil:
         int (*free_device)(void *ctx, void *ptr) nogil
         int (*malloc_host)(void *ctx, void **ptr, size_t size) nogil
         int (*free_host)(void *ctx, void *ptr) nogil
+        int (*mem_info)(void *ctx, size_t *free_bytes, size_t *total_bytes) nogil
         int (*stream_create)(void *ctx, llmd_stream *stream) nogil
         int (*stream_destroy)(void *ctx, llmd_stream stream) nogil
         int (*stream_synchronize)(void *ctx, llmd_stream stream) nogil

@@ -123,6 +123,20 @@ cdef class Runtime:
                 rc = self.rt.free_host(self.rt.ctx, <void *>ptr)
         self.check(rc, "free")
 
+    def mem_info(self):
+        """(free, total) bytes of this process's device, or None when the runtime cannot tell
+        (the host runtime: ask the system)."""
+        cdef size_t free_bytes = 0, total_bytes = 0
+        cdef int rc
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc == 0:
+                rc = self.rt.mem_info(self.rt.ctx, &free_bytes, &total_bytes)
+        if rc != 0 and self.rt.error_class(self.rt.ctx, rc) == LLMD_ERROR_NOT_SUPPORTED:
+            return None
+        self.check(rc, "mem_info")
+        return free_bytes, total_bytes
+
     # -- device IPC (_ipc.pxi): device memory shared with another process of this host
 
     @property

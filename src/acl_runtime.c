@@ -33,6 +33,12 @@ static int a_malloc_device(void *ctx, void **p, size_t n)
 static int a_free_device(void *ctx, void *p) { return API.aclrtFree(p); }
 static int a_malloc_host(void *ctx, void **p, size_t n) { return API.aclrtMallocHost(p, n); }
 static int a_free_host(void *ctx, void *p) { return API.aclrtFreeHost(p); }
+
+static int a_mem_info(void *ctx, size_t *free_bytes, size_t *total_bytes)
+{
+    if (!API.aclrtGetMemInfo) return LLMD_RT_NOT_SUPPORTED;
+    return API.aclrtGetMemInfo(LLMD_ACL_HBM_MEM, free_bytes, total_bytes);
+}
 static int a_stream_create(void *ctx, llmd_stream *s) { return API.aclrtCreateStream(s); }
 
 static int a_stream_destroy(void *ctx, llmd_stream s)
@@ -213,6 +219,7 @@ static const llmd_runtime g_acl_runtime = {
     .free_device = a_free_device,
     .malloc_host = a_malloc_host,
     .free_host = a_free_host,
+    .mem_info = a_mem_info,
     .stream_create = a_stream_create,
     .stream_destroy = a_stream_destroy,
     .stream_synchronize = a_stream_synchronize,

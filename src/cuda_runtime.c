@@ -30,6 +30,12 @@ static int c_free_device(void *ctx, void *p) { return API.cudaFree(p); }
 static int c_malloc_host(void *ctx, void **p, size_t n) { return API.cudaMallocHost(p, n); }
 static int c_free_host(void *ctx, void *p) { return API.cudaFreeHost(p); }
 
+static int c_mem_info(void *ctx, size_t *free_bytes, size_t *total_bytes)
+{
+    if (!API.cudaMemGetInfo) return LLMD_RT_NOT_SUPPORTED;
+    return API.cudaMemGetInfo(free_bytes, total_bytes);
+}
+
 static int c_stream_create(void *ctx, llmd_stream *s)
 {
     return API.cudaStreamCreateWithFlags(s, LLMD_CUDA_STREAM_NON_BLOCKING);
@@ -237,6 +243,7 @@ static const llmd_runtime g_cuda_runtime = {
     .free_device = c_free_device,
     .malloc_host = c_malloc_host,
     .free_host = c_free_host,
+    .mem_info = c_mem_info,
     .stream_create = c_stream_create,
     .stream_destroy = c_stream_destroy,
     .stream_synchronize = c_stream_synchronize,

@@ -416,6 +416,13 @@ static int h_malloc(void *ctx, void **p, size_t n)
 
 static int h_free(void *ctx, void *p) { (void)ctx; free(p); return LLMD_HOST_OK; }
 
+/* Host RAM is the system's to report (it changes under every process): not the runtime's. */
+static int h_mem_info(void *ctx, size_t *free_bytes, size_t *total_bytes)
+{
+    (void)ctx; (void)free_bytes; (void)total_bytes;
+    return LLMD_HOST_ENOTSUP;
+}
+
 static int h_stream_create(void *ctx, llmd_stream *out)
 {
     (void)ctx;
@@ -730,6 +737,7 @@ static const llmd_runtime g_host_runtime = {
     .free_device = h_free,
     .malloc_host = h_malloc,
     .free_host = h_free,
+    .mem_info = h_mem_info,
     .stream_create = h_stream_create,
     .stream_destroy = h_stream_destroy,
     .stream_synchronize = h_stream_synchronize,

@@ -26,6 +26,7 @@ extern "C" {
 #define LLMD_ACL_MEM_MALLOC_HUGE_FIRST 0
 #define LLMD_ACL_MEM_LOCATION_HOST 0
 #define LLMD_ACL_MEM_LOCATION_DEVICE 1
+#define LLMD_ACL_HBM_MEM 1
 #define LLMD_ACL_IPC_KEY_SIZE 65
 #define LLMD_ACL_IPC_EXPORT_NO_PID_CHECK 0x1u
 #define LLMD_ACL_IPC_IMPORT_PEER_ACCESS 0x1u
@@ -50,6 +51,7 @@ typedef void *llmd_aclrtEvent;
 typedef int llmd_aclrtEventRecordedStatus;
 typedef int llmd_aclrtMemMallocPolicy;
 typedef int llmd_aclrtMemcpyKind;
+typedef int llmd_aclrtMemAttr;
 typedef struct llmd_acl_memcpy_batch_attr llmd_aclrtMemcpyBatchAttr;
 #endif
 
@@ -89,6 +91,8 @@ typedef struct llmd_acl_memcpy_batch_attr llmd_aclrtMemcpyBatchAttr;
     X(OPTIONAL, llmd_aclError, aclrtGetVersion,                                                   \
       (int32_t *majorVersion, int32_t *minorVersion, int32_t *patchVersion))                      \
     X(OPTIONAL, llmd_aclError, aclrtDeviceGetBareTgid, (int32_t *pid))                            \
+    X(OPTIONAL, llmd_aclError, aclrtGetMemInfo,                                                   \
+      (llmd_aclrtMemAttr attr, size_t *free, size_t *total))                                      \
     X(IPC, llmd_aclError, aclrtIpcMemGetExportKey,                                                \
       (void *devPtr, size_t size, char *key, size_t len, uint64_t flags))                         \
     X(IPC, llmd_aclError, aclrtIpcMemSetImportPid, (const char *key, int32_t *pid, size_t num))   \

@@ -56,8 +56,8 @@ typedef struct llmd_cuda_ipc_mem_handle llmd_cudaIpcMemHandle_t;
 typedef struct llmd_cuda_memcpy_attributes llmd_cudaMemcpyAttributes;
 #endif
 
-/* X(group, return type, name, parameters). REQUIRED: loading fails without it; IPC: device
- * IPC, reported by ipc_unavailable when missing. */
+/* X(group, return type, name, parameters). REQUIRED: loading fails without it; OPTIONAL: used
+ * when present; IPC: device IPC, reported by ipc_unavailable when missing. */
 #define LLMD_CUDA_SYMBOLS(X)                                                                      \
     X(REQUIRED, llmd_cudaError_t, cudaRuntimeGetVersion, (int *runtimeVersion))                   \
     X(REQUIRED, llmd_cudaError_t, cudaGetDeviceCount, (int *count))                               \
@@ -82,6 +82,7 @@ typedef struct llmd_cuda_memcpy_attributes llmd_cudaMemcpyAttributes;
       (void *dst, const void *src, size_t count, llmd_cudaMemcpyKind kind,                        \
        llmd_cudaStream_t stream))                                                                 \
     X(REQUIRED, const char *, cudaGetErrorString, (llmd_cudaError_t error))                       \
+    X(OPTIONAL, llmd_cudaError_t, cudaMemGetInfo, (size_t *free, size_t *total))                  \
     X(IPC, llmd_cudaError_t, cudaIpcGetMemHandle, (llmd_cudaIpcMemHandle_t *handle, void *devPtr)) \
     X(IPC, llmd_cudaError_t, cudaIpcOpenMemHandle,                                                \
       (void **devPtr, llmd_cudaIpcMemHandle_t handle, unsigned int flags))                        \

@@ -85,6 +85,9 @@ typedef struct llmd_runtime {
     int (*free_device)(void *ctx, void *ptr);
     int (*malloc_host)(void *ctx, void **ptr, size_t size);
     int (*free_host)(void *ctx, void *ptr);
+    /* Free and total memory of the current device; a code of class LLMD_ERROR_NOT_SUPPORTED
+     * when the runtime cannot tell. */
+    int (*mem_info)(void *ctx, size_t *free_bytes, size_t *total_bytes);
     int (*stream_create)(void *ctx, llmd_stream *stream);
     int (*stream_destroy)(void *ctx, llmd_stream stream);
     int (*stream_synchronize)(void *ctx, llmd_stream stream);

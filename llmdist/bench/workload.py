@@ -88,7 +88,7 @@ class Bench:
     @property
     def host_memory(self) -> bool:
         """DEVICE caches are plain host memory (the host runtime): numpy can index them."""
-        return self.rt.name == "host"
+        return self.rt.is_host
 
     def close(self) -> None:
         self.stream.close()

@@ -15,6 +15,7 @@ typedef aclrtEvent llmd_aclrtEvent;
 typedef aclrtEventRecordedStatus llmd_aclrtEventRecordedStatus;
 typedef aclrtMemMallocPolicy llmd_aclrtMemMallocPolicy;
 typedef aclrtMemcpyKind llmd_aclrtMemcpyKind;
+typedef aclrtMemAttr llmd_aclrtMemAttr;
 typedef aclrtMemcpyBatchAttr llmd_aclrtMemcpyBatchAttr;
 #include "llmdist/acl.h"
 
@@ -30,6 +31,7 @@ INT_ENUM(aclrtEventRecordedStatus);
 INT_ENUM(aclrtMemMallocPolicy);
 INT_ENUM(aclrtMemcpyKind);
 INT_ENUM(aclrtMemLocationType);
+INT_ENUM(aclrtMemAttr);
 
 SAME(sizeof(struct llmd_acl_mem_location), sizeof(aclrtMemLocation));
 SAME(offsetof(struct llmd_acl_mem_location, id), offsetof(aclrtMemLocation, id));
@@ -55,6 +57,7 @@ SAME(LLMD_ACL_EVENT_RECORDED_STATUS_COMPLETE, ACL_EVENT_RECORDED_STATUS_COMPLETE
 SAME(LLMD_ACL_MEM_MALLOC_HUGE_FIRST, ACL_MEM_MALLOC_HUGE_FIRST);
 SAME(LLMD_ACL_MEM_LOCATION_HOST, ACL_MEM_LOCATION_TYPE_HOST);
 SAME(LLMD_ACL_MEM_LOCATION_DEVICE, ACL_MEM_LOCATION_TYPE_DEVICE);
+SAME(LLMD_ACL_HBM_MEM, ACL_HBM_MEM);
 SAME(LLMD_ACL_IPC_EXPORT_NO_PID_CHECK, ACL_RT_IPC_MEM_EXPORT_FLAG_DISABLE_PID_VALIDATION);
 SAME(LLMD_ACL_IPC_IMPORT_PEER_ACCESS, ACL_RT_IPC_MEM_IMPORT_FLAG_ENABLE_PEER_ACCESS);
 

@@ -119,7 +119,7 @@ static int a_copy_runs(void *ctx, llmd_run_table *t, const llmd_tensor_pair *pai
         attr.dstLoc.id = (uint32_t)st->device;
         attr.srcLoc.id = (uint32_t)st->device;
         attr.dstLoc.type = kind == LLMD_MEMCPY_D2H ? LLMD_ACL_MEM_LOCATION_HOST : LLMD_ACL_MEM_LOCATION_DEVICE;
-        attr.srcLoc.type = LLMD_ACL_MEM_LOCATION_DEVICE;
+        attr.srcLoc.type = kind == LLMD_MEMCPY_H2D ? LLMD_ACL_MEM_LOCATION_HOST : LLMD_ACL_MEM_LOCATION_DEVICE;
         int rc = API.aclrtMemcpyBatchAsync(dsts, maxs, srcs, sizes, n, &attr, &attr_index, 1,
                                            fail_index, s);
         if (rc != LLMD_ACL_FEATURE_NOT_SUPPORT) return rc;

@@ -123,8 +123,8 @@ static int c_copy_runs(void *ctx, llmd_run_table *t, const llmd_tensor_pair *pai
     size_t attr_index = 0;
     memset(&attr, 0, sizeof(attr));
     attr.srcAccessOrder = LLMD_CUDA_ACCESS_ORDER_STREAM;   /* keep stream order (RUNTIMES.md) */
-    attr.srcLocHint.type = LLMD_CUDA_MEM_LOCATION_DEVICE;
-    attr.srcLocHint.id = st->device;
+    attr.srcLocHint.type = kind == LLMD_MEMCPY_H2D ? LLMD_CUDA_MEM_LOCATION_HOST : LLMD_CUDA_MEM_LOCATION_DEVICE;
+    attr.srcLocHint.id = kind == LLMD_MEMCPY_H2D ? 0 : st->device;
     attr.dstLocHint.type = kind == LLMD_MEMCPY_D2H ? LLMD_CUDA_MEM_LOCATION_HOST : LLMD_CUDA_MEM_LOCATION_DEVICE;
     attr.dstLocHint.id = kind == LLMD_MEMCPY_D2H ? 0 : st->device;
     if (st->version >= LLMD_CUDA_BATCH_V13_VERSION)

@@ -1,4 +1,5 @@
 """Build the one compiled module, llmdist._core, from Cython and the host runtime in C."""
+import glob
 import os
 import shutil
 
@@ -27,9 +28,7 @@ ext = Extension(
     "llmdist._core",
     sources=["llmdist/_core.pyx", "src/host_runtime.c", "src/layer_gate.c"],
     include_dirs=["include"],
-    depends=["include/llmdist/runtime.h", "include/llmdist/host_runtime.h", "include/llmdist/acl.h",
-             "include/llmdist/cuda.h", "include/llmdist/layer_gate.h", "llmdist/_decl.pxi",
-             "llmdist/_devices.pxi"],
+    depends=sorted(glob.glob("include/llmdist/*.h") + glob.glob("llmdist/*.pxi")),
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-unused-function"],
     libraries=["pthread", "dl", "rt"],
 )

@@ -134,7 +134,6 @@ class CacheManager:
             self._free(entry)
             raise
         self._used[placement] += total
-        cache._manager = self
         return cache
 
     def _export_device(self, cache_id: int, total: int) -> Tuple[int, int, dict]:
@@ -233,7 +232,6 @@ class CacheManager:
             cache = Cache(self._new_id(), cache_desc, list(checked), is_blocks)
             self._mem.add(MemoryEntry(cache, REGISTERED, remote_accessible,
                                       share={"kind": "process"}), keys)
-            cache._manager = self
         return self._announce(cache)
 
     def register_cache(self, cache_desc: CacheDesc, addrs: Sequence[int],
@@ -440,7 +438,7 @@ class CacheManager:
                         f"source cache has {num_layers} layers")
                 events, gate = layer_synchronizer.events, layer_synchronizer.gate
             job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, specs,
-                                    layer_synchronizer, self._sync_timeout, True, events, gate)
+                                    layer_synchronizer, self._sync_timeout, events, gate)
             self._inflight[job] = ((self._dd.cluster_id, src_cache.cache_id), touched)
             job.on_finish = self._job_done
             self._workers.submit(job)

@@ -295,7 +295,6 @@ class Cache:
         self._cache_desc = cache_desc
         self._tensor_addrs: List[int] = list(addrs)
         self._is_blocks_cache = is_blocks_cache
-        self._manager: Any = None
         self._valid = True
 
     @property

@@ -53,15 +53,6 @@ void llmd_gate_reset(llmd_gate *g)
     pthread_mutex_unlock(&g->mu);
 }
 
-int llmd_gate_is_marked(llmd_gate *g, int32_t layer)
-{
-    if (layer < 0 || layer >= g->num_layers) return 0;
-    pthread_mutex_lock(&g->mu);
-    int m = g->marked[layer];
-    pthread_mutex_unlock(&g->mu);
-    return m;
-}
-
 static double now_ms(void)
 {
     struct timespec ts;

@@ -484,13 +484,11 @@ def test_cache_properties_and_internals():
     assert c.cache_desc is d
     assert c.tensor_addrs == [0x1000, 0x2000]
     assert c.is_blocks_cache is False
-    assert c._manager is None and c._valid is True
+    assert c._valid is True
     addrs.append(3)
     c.tensor_addrs.append(4)
     assert c.tensor_addrs == [0x1000, 0x2000]
     assert Cache(6, d, (1, 2), is_blocks_cache=True).is_blocks_cache is True
-    c._manager = "mgr"
-    assert c._manager == "mgr"
     c._invalidate()
     assert c._valid is False and c.tensor_addrs == []
     assert "released" in repr(c)

@@ -20,7 +20,6 @@ void llmd_gate_destroy(llmd_gate *g);
 void llmd_gate_mark(llmd_gate *g, int32_t layer);
 /* Forget every mark, for the next forward pass. */
 void llmd_gate_reset(llmd_gate *g);
-int llmd_gate_is_marked(llmd_gate *g, int32_t layer);
 /* Wait until layer is marked: LLMD_GATE_OK, LLMD_GATE_TIMEOUT once timeout_ms (>= 0) passed, or
  * LLMD_GATE_STOPPED as soon as *stop becomes nonzero (checked every few milliseconds). */
 int llmd_gate_wait(llmd_gate *g, int32_t layer, int32_t timeout_ms, const volatile int *stop);

@@ -1,0 +1,31 @@
+# The host copy engine's knobs, and a copy on the calling thread.
+
+def host_tuning():
+    """The host copy engine's knobs as a dict."""
+    cdef llmd_host_tuning *t = llmd_host_tuning_get()
+    return {"copy_threads": t.copy_threads, "split_min_bytes": t.split_min_bytes,
+            "stream_store_min_bytes": t.stream_store_min_bytes}
+
+
+def set_host_tuning(copy_threads=None, split_min_bytes=None, stream_store_min_bytes=None):
+    """Set the host copy engine's knobs: threads sharing a batch, the smallest batch worth
+    splitting, and the smallest run copied with streaming stores (0 disables them)."""
+    cdef llmd_host_tuning *t = llmd_host_tuning_get()
+    if copy_threads is not None:
+        if type(copy_threads) is not int or not 1 <= copy_threads <= 64:
+            raise ValueError(f"copy_threads must be an int in [1, 64], got {copy_threads!r}")
+        t.copy_threads = copy_threads
+    if split_min_bytes is not None:
+        if type(split_min_bytes) is not int or split_min_bytes < 0:
+            raise ValueError(f"split_min_bytes must be an int >= 0, got {split_min_bytes!r}")
+        t.split_min_bytes = split_min_bytes
+    if stream_store_min_bytes is not None:
+        if type(stream_store_min_bytes) is not int or stream_store_min_bytes < 0:
+            raise ValueError(f"stream_store_min_bytes must be an int >= 0, got {stream_store_min_bytes!r}")
+        t.stream_store_min_bytes = stream_store_min_bytes
+
+
+def host_copy(uintptr_t dst, uintptr_t src, size_t n):
+    """Copy n bytes with the host copy engine on the calling thread (GIL released)."""
+    with nogil:
+        llmd_host_copy(<void *>dst, <const void *>src, n)

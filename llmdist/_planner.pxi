@@ -1,0 +1,163 @@
+# The planner: one call's run template, (src_off, dst_off, nbytes) per tensor, consecutive
+# pieces merged, shared by every layer and config.
+
+# The planner
+
+cdef struct Run:
+    size_t src_off
+    size_t dst_off
+    size_t nbytes
+
+
+cdef class Plan:
+    """The run template of one call: (src_offset, dst_offset, nbytes) per tensor, consecutive
+    pieces merged. Offsets are from the tensor bases; every layer and config reuses it."""
+    cdef Run *runs
+    cdef readonly Py_ssize_t count
+    cdef readonly size_t dst_lo, dst_hi    # the destination bytes any run touches, from a tensor base
+    cdef bint overflow          # some block offset does not fit the address space
+
+    def __cinit__(self):
+        self.runs = NULL
+        self.count = 0
+
+    def __dealloc__(self):
+        free(self.runs)
+
+    cdef int reserve(self, Py_ssize_t n) except -1:
+        self.runs = <Run *>malloc(max(n, 1) * sizeof(Run))
+        if self.runs == NULL:
+            raise MemoryError()
+        return 0
+
+    cdef void add(self, size_t src_off, size_t dst_off, size_t nbytes) noexcept nogil:
+        cdef Run *last
+        if nbytes == 0:
+            return
+        if self.count > 0:
+            last = &self.runs[self.count - 1]
+            if last.src_off + last.nbytes == src_off and last.dst_off + last.nbytes == dst_off:
+                last.nbytes += nbytes
+                return
+        self.runs[self.count].src_off = src_off
+        self.runs[self.count].dst_off = dst_off
+        self.runs[self.count].nbytes = nbytes
+        self.count += 1
+
+    cdef void finish(self) noexcept nogil:
+        cdef Py_ssize_t i
+        self.dst_lo = <size_t>-1
+        self.dst_hi = 0
+        for i in range(self.count):
+            self.dst_lo = min(self.dst_lo, self.runs[i].dst_off)
+            self.dst_hi = max(self.dst_hi, self.runs[i].dst_off + self.runs[i].nbytes)
+        if self.count == 0:
+            self.dst_lo = 0
+
+    @property
+    def runs(self):
+        """The runs as a list of (src_offset, dst_offset, nbytes), for tests and tools."""
+        return [(self.runs[i].src_off, self.runs[i].dst_off, self.runs[i].nbytes)
+                for i in range(self.count)]
+
+
+def plan_c2c(size_t nbytes):
+    """Contiguous to contiguous: one row of nbytes (the source row offset is per config)."""
+    cdef Plan p = Plan.__new__(Plan)
+    p.reserve(1)
+    p.add(0, 0, nbytes)
+    p.finish()
+    return p
+
+
+cdef inline bint block_fits(uint64_t index, size_t block_bytes) noexcept nogil:
+    """True when block index's byte range [index*B, index*B + B) fits in 64 bits."""
+    return block_bytes == 0 or index <= (U64_MAX - block_bytes) // block_bytes
+
+
+cdef object overflow_error(str name, Indices idx, size_t block_bytes):
+    return LLMException(f"{name} holds block {idx.max_value}: at {block_bytes} bytes per block "
+                        f"its offset does not fit the address space",
+                        status_code=LLMStatusCode.LLM_PARAM_INVALID)
+
+
+def plan_c2b(Indices dst_blocks not None, size_t row_bytes, size_t block_bytes):
+    """Contiguous row to blocks: chunk j of the row (block_bytes each, the last may be
+    shorter) goes to destination block dst_blocks[j]."""
+    cdef Plan p = Plan.__new__(Plan)
+    cdef Py_ssize_t j
+    cdef size_t off, n
+    p.reserve(dst_blocks.size)
+    with nogil:
+        for j in range(dst_blocks.size):
+            if not block_fits(dst_blocks.data[j], block_bytes):
+                p.overflow = True
+                break
+            off = <size_t>j * block_bytes
+            n = min(block_bytes, row_bytes - off)
+            p.add(off, <size_t>dst_blocks.data[j] * block_bytes, n)
+        p.finish()
+    if p.overflow:
+        raise overflow_error("dst_block_indices", dst_blocks, block_bytes)
+    return p
+
+
+cdef struct Pair:
+    uint64_t src
+    uint64_t dst
+
+
+cdef int cmp_u64(const void *a, const void *b) noexcept nogil:
+    cdef uint64_t x = (<const uint64_t *>a)[0], y = (<const uint64_t *>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef int cmp_pair_src(const void *a, const void *b) noexcept nogil:
+    return cmp_u64(&(<const Pair *>a).src, &(<const Pair *>b).src)
+
+
+cdef bint all_distinct(const uint64_t *values, Py_ssize_t n) noexcept nogil:
+    """True when no value repeats (n log n on a copy)."""
+    cdef uint64_t *tmp = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+    cdef Py_ssize_t j
+    cdef bint ok = True
+    if tmp == NULL:
+        return False
+    memcpy(tmp, values, n * sizeof(uint64_t))
+    qsort(tmp, n, sizeof(uint64_t), cmp_u64)
+    for j in range(1, n):
+        if tmp[j] == tmp[j - 1]:
+            ok = False
+            break
+    free(tmp)
+    return ok
+
+
+def plan_b2b(Indices src_blocks not None, Indices dst_blocks not None, size_t block_bytes):
+    """Blocks to blocks: source block s[j] goes to destination block d[j]; runs where both
+    advance by one become one copy. When no destination block repeats, the pairs are taken in
+    source order, which reads memory more sequentially (and the order of copies to distinct
+    blocks does not matter)."""
+    cdef Plan p = Plan.__new__(Plan)
+    cdef Py_ssize_t j, n = src_blocks.size
+    cdef Pair *pairs = <Pair *>malloc(max(n, 1) * sizeof(Pair))
+    if pairs == NULL:
+        raise MemoryError()
+    p.reserve(n)
+    with nogil:
+        for j in range(n):
+            pairs[j].src = src_blocks.data[j]
+            pairs[j].dst = dst_blocks.data[j]
+        if n > 1 and all_distinct(dst_blocks.data, n):
+            qsort(pairs, n, sizeof(Pair), cmp_pair_src)
+        for j in range(n):
+            if not (block_fits(pairs[j].src, block_bytes) and block_fits(pairs[j].dst, block_bytes)):
+                p.overflow = True
+                break
+            p.add(<size_t>pairs[j].src * block_bytes, <size_t>pairs[j].dst * block_bytes,
+                  block_bytes)
+        p.finish()
+    free(pairs)
+    if p.overflow:
+        raise overflow_error("dst_block_indices", dst_blocks, block_bytes)
+    return p

@@ -1,0 +1,270 @@
+# Runtime objects: a loaded runtime (its table of nogil functions and the device this
+# process drives), streams and events.
+
+cdef class Runtime:
+    """A loaded runtime: a table of nogil functions plus the device this process drives."""
+    cdef const llmd_runtime *rt
+    cdef readonly str name
+    cdef readonly int device_id
+    cdef readonly str version
+    cdef readonly str library
+
+    def __cinit__(self):
+        self.rt = NULL
+
+    @staticmethod
+    def host(int device_id=0):
+        """The embedded host runtime (always available)."""
+        cdef Runtime r = Runtime.__new__(Runtime)
+        r.rt = llmd_host_runtime()
+        r.name = "host"
+        r.device_id = device_id
+        r.version = "1"
+        r.library = "(built in)"
+        return r
+
+    @staticmethod
+    def acl(int device_id, list paths, bint try_loaded=True):
+        """The ACL runtime from the first of paths that loads (RuntimeError says why not)."""
+        cdef Runtime r = Runtime.__new__(Runtime)
+        r.library, r.version = acl_load(paths, try_loaded, device_id)
+        r.rt = &g_acl_rt
+        r.name = "acl"
+        r.device_id = device_id
+        return r
+
+    @staticmethod
+    def cuda(int device_id, list paths):
+        """The CUDA runtime from the first of paths that loads (RuntimeError says why not)."""
+        cdef Runtime r = Runtime.__new__(Runtime)
+        r.library, r.version = cuda_load(paths, device_id)
+        r.rt = &g_cuda_rt
+        r.name = "cuda"
+        r.device_id = device_id
+        return r
+
+    @property
+    def is_host(self):
+        return self.name == "host"
+
+    cdef str text(self, int code):
+        cdef const char *s = self.rt.error_string(self.rt.ctx, code)
+        return s.decode("utf-8", "replace") if s != NULL else "no message"
+
+    cdef int check(self, int code, str op) except -1:
+        if code != 0:
+            raise runtime_error(self.name, code, op, self.text(code))
+        return 0
+
+    def bind_device(self):
+        """Make this thread issue work to the process's device (runtimes keep it per thread)."""
+        cdef int rc
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+        self.check(rc, f"set_device({self.device_id})")
+
+    def malloc(self, size_t size, bint device):
+        """Allocate device memory, or page-locked host memory when device is False."""
+        cdef void *p = NULL
+        cdef int rc
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc != 0:
+                pass
+            elif device:
+                rc = self.rt.malloc_device(self.rt.ctx, &p, size)
+            else:
+                rc = self.rt.malloc_host(self.rt.ctx, &p, size)
+        self.check(rc, f"{'device' if device else 'host'} allocation of {size} bytes")
+        return <uintptr_t>p
+
+    def free(self, uintptr_t ptr, bint device):
+        """Free memory from malloc."""
+        cdef int rc
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc != 0:
+                pass
+            elif device:
+                rc = self.rt.free_device(self.rt.ctx, <void *>ptr)
+            else:
+                rc = self.rt.free_host(self.rt.ctx, <void *>ptr)
+        self.check(rc, "free")
+
+    # -- device IPC (_ipc.pxi): device memory shared with another process of this host
+
+    @property
+    def ipc_kind(self):
+        """How peers reach this runtime's exported device memory: "acl_ipc" or "cuda_ipc"
+        (None on the host runtime, whose memory is shared as POSIX shared memory)."""
+        return ipc_kind_of(self)
+
+    @property
+    def ipc_unavailable(self):
+        """Why device IPC cannot be used with this runtime, or None when it can."""
+        return ipc_unavailable_of(self)
+
+    def bare_tgid(self):
+        """The pid an exporter whitelists so that this process may import its device memory."""
+        return bare_tgid_of(self)
+
+    def ipc_export(self, uintptr_t ptr, size_t size, bint check_pid=True):
+        """Export device memory to other processes of this host; returns its key or handle."""
+        return ipc_export_of(self, ptr, size, check_pid)
+
+    def ipc_allow(self, str key, pids):
+        """ACL: let the processes pids import key."""
+        return ipc_allow_of(self, key, pids)
+
+    def ipc_import(self, str ident):
+        """Map a peer's exported device memory into this process; returns its local address."""
+        return ipc_import_of(self, ident)
+
+    def ipc_close_import(self, str ident, uintptr_t ptr):
+        """Unmap memory from ipc_import."""
+        return ipc_close_import_of(self, ident, ptr)
+
+    def ipc_close_export(self, str ident):
+        """Withdraw an export."""
+        return ipc_close_export_of(self, ident)
+
+    def memcpy_each(self, list dsts, list srcs, size_t n, Stream stream):
+        """Queue one async copy of n bytes per (dst, src) pair from a C loop: the
+        copy-per-block baseline (as vLLM's swap_blocks does) for benchmarks."""
+        cdef Py_ssize_t i, count = len(dsts)
+        cdef uintptr_t *d = <uintptr_t *>malloc(max(count, 1) * sizeof(uintptr_t))
+        cdef uintptr_t *s = <uintptr_t *>malloc(max(count, 1) * sizeof(uintptr_t))
+        cdef int rc = 0
+        if d == NULL or s == NULL:
+            free(d); free(s)
+            raise MemoryError()
+        try:
+            for i in range(count):
+                d[i] = dsts[i]
+                s[i] = srcs[i]
+            with nogil:
+                for i in range(count):
+                    rc = self.rt.memcpy_async(self.rt.ctx, <void *>d[i], n, <const void *>s[i], n,
+                                              LLMD_MEMCPY_DEFAULT, stream.handle)
+                    if rc != 0:
+                        break
+        finally:
+            free(d)
+            free(s)
+        self.check(rc, "memcpy_async")
+
+    def memcpy(self, uintptr_t dst, uintptr_t src, size_t n, Stream stream):
+        """Queue one copy on a stream (a plain helper for tools and tests)."""
+        cdef int rc
+        with nogil:
+            rc = self.rt.memcpy_async(self.rt.ctx, <void *>dst, n, <const void *>src, n,
+                                      LLMD_MEMCPY_DEFAULT, stream.handle)
+        self.check(rc, "memcpy_async")
+
+
+cdef class Stream:
+    """A runtime stream: operations on it run in order, asynchronously to the caller."""
+    cdef readonly Runtime runtime
+    cdef llmd_stream handle
+
+    @property
+    def handle(self):
+        """The runtime's stream handle as an int."""
+        return <uintptr_t>self.handle
+
+    def __cinit__(self, Runtime runtime not None):
+        cdef int rc
+        self.runtime = runtime
+        self.handle = NULL
+        with nogil:
+            rc = runtime.rt.set_device(runtime.rt.ctx, runtime.device_id)
+            if rc == 0:
+                rc = runtime.rt.stream_create(runtime.rt.ctx, &self.handle)
+        runtime.check(rc, "stream_create")
+
+    def synchronize(self):
+        """Block (without the GIL) until everything queued so far has run."""
+        cdef int rc
+        with nogil:
+            rc = self.runtime.rt.stream_synchronize(self.runtime.rt.ctx, self.handle)
+        self.runtime.check(rc, "stream_synchronize")
+
+    def wait_event(self, Event event not None):
+        """Make later work on this stream wait until the event's last record completes."""
+        cdef int rc
+        with nogil:
+            rc = self.runtime.rt.stream_wait_event(self.runtime.rt.ctx, self.handle, event.handle)
+        self.runtime.check(rc, "stream_wait_event")
+
+    def close(self):
+        """Drain and destroy the stream (idempotent)."""
+        cdef int rc
+        if self.handle != NULL:
+            with nogil:
+                rc = self.runtime.rt.stream_destroy(self.runtime.rt.ctx, self.handle)
+            self.handle = NULL
+            self.runtime.check(rc, "stream_destroy")
+
+    def __dealloc__(self):
+        if self.handle != NULL and self.runtime is not None:
+            with nogil:
+                self.runtime.rt.stream_destroy(self.runtime.rt.ctx, self.handle)
+
+
+cdef class Event:
+    """A runtime event: a marker recorded on a stream, complete once the stream passes it.
+
+    Event(runtime) creates one; Event(runtime, handle) wraps a framework's event handle (e.g.
+    torch.cuda.Event().cuda_event) without taking ownership."""
+    cdef readonly Runtime runtime
+    cdef llmd_event handle
+    cdef bint owned
+
+    @property
+    def handle(self):
+        """The runtime's event handle as an int."""
+        return <uintptr_t>self.handle
+
+    def __cinit__(self, Runtime runtime not None, handle=None):
+        cdef int rc
+        self.runtime = runtime
+        self.handle = NULL
+        self.owned = handle is None
+        if handle is not None:
+            if type(handle) is not int or handle <= 0:
+                raise TypeError(f"handle only support [int], a nonzero event handle, but got {handle!r}")
+            self.handle = <llmd_event><uintptr_t>handle
+            return
+        with nogil:
+            rc = runtime.rt.set_device(runtime.rt.ctx, runtime.device_id)
+            if rc == 0:
+                rc = runtime.rt.event_create(runtime.rt.ctx, &self.handle)
+        runtime.check(rc, "event_create")
+
+    def record(self, Stream stream not None):
+        """Record the event at the current end of the stream."""
+        cdef int rc
+        with nogil:
+            rc = self.runtime.rt.event_record(self.runtime.rt.ctx, self.handle, stream.handle)
+        self.runtime.check(rc, "event_record")
+
+    def query(self):
+        """True when the work captured by the last record has completed."""
+        cdef int rc, done = 0
+        rc = self.runtime.rt.event_query(self.runtime.rt.ctx, self.handle, &done)
+        self.runtime.check(rc, "event_query")
+        return bool(done)
+
+    def synchronize(self, int timeout_ms=-1):
+        """Wait for the last record; returns False when timeout_ms (>= 0) passed first."""
+        cdef int rc
+        with nogil:
+            rc = self.runtime.rt.event_synchronize(self.runtime.rt.ctx, self.handle, timeout_ms)
+        if is_timeout(self.runtime.name, rc):
+            return False
+        self.runtime.check(rc, "event_synchronize")
+        return True
+
+    def __dealloc__(self):
+        if self.owned and self.handle != NULL and self.runtime is not None:
+            self.runtime.rt.event_destroy(self.runtime.rt.ctx, self.handle)

@@ -26,7 +26,7 @@ class BuildExt(build_ext):
 
 ext = Extension(
     "llmdist._core",
-    sources=["llmdist/_core.pyx", "src/host_runtime.c", "src/layer_gate.c"],
+    sources=["llmdist/_core.pyx", "src/host_runtime.c", "src/layer_gate.c", "src/cuda_copy.c"],
     include_dirs=["include"],
     depends=sorted(glob.glob("include/llmdist/*.h") + glob.glob("llmdist/*.pxi")),
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-unused-function"],

@@ -110,6 +110,12 @@ cdef extern from "llmdist/cuda.h" nogil:
         int (*cudaIpcGetMemHandle)(llmd_cudaIpcMemHandle_t *, void *) nogil
         int (*cudaIpcOpenMemHandle)(void **, llmd_cudaIpcMemHandle_t, unsigned int) nogil
         int (*cudaIpcCloseMemHandle)(void *) nogil
+        int (*cudaLibraryLoadData)(void **, const void *, void *, void **, unsigned int, void *,
+                                   void **, unsigned int) nogil
+        int (*cudaLibraryGetKernel)(void **, void *, const char *) nogil
+        int (*cudaLibraryUnload)(void *) nogil
+        int (*cudaLaunchKernel)(const void *, llmd_cuda_dim3, llmd_cuda_dim3, void **, size_t,
+                                void *) nogil
     int LLMD_CUDA_ERROR_INVALID_VALUE
     int LLMD_CUDA_ERROR_MEMORY_ALLOCATION
     int LLMD_CUDA_ERROR_NOT_READY
@@ -120,6 +126,23 @@ cdef extern from "llmdist/cuda.h" nogil:
     int LLMD_CUDA_ACCESS_ORDER_STREAM
     int LLMD_CUDA_IPC_HANDLE_SIZE
     unsigned LLMD_CUDA_IPC_LAZY_ENABLE_PEER_ACCESS
+    ctypedef struct llmd_cuda_dim3:
+        unsigned int x, y, z
+
+cdef extern from "llmdist/cuda_copy.h" nogil:
+    ctypedef struct llmd_cuda_copy_kernel:
+        void *kernel
+    ctypedef struct llmd_cuda_copy_table:
+        size_t npieces
+    int llmd_cuda_copy_kernel_load(llmd_cuda_copy_kernel *k, const llmd_cuda_api *api,
+                                   const char *ptx, char *why, size_t why_len)
+    int llmd_cuda_copy_table_create(const llmd_cuda_copy_kernel *k, const uint64_t *runs,
+                                    size_t count, size_t pair_capacity,
+                                    llmd_cuda_copy_table **out)
+    void llmd_cuda_copy_table_destroy(const llmd_cuda_copy_kernel *k, llmd_cuda_copy_table *t)
+    int llmd_cuda_copy_launch(const llmd_cuda_copy_kernel *k, llmd_cuda_copy_table *t,
+                              const uint64_t *srcs, const uint64_t *dsts, const uint64_t *dst_ends,
+                              size_t npairs, void *stream, size_t *fail_pair)
 
 # Codes llmdist itself returns through a device runtime's table.
 cdef enum:
@@ -522,6 +545,10 @@ def cuda_load(list paths, int device_id):
         g_cuda.cudaIpcGetMemHandle = <int (*)(llmd_cudaIpcMemHandle_t *, void *) noexcept nogil>maybe(h, "cudaIpcGetMemHandle")
         g_cuda.cudaIpcOpenMemHandle = <int (*)(void **, llmd_cudaIpcMemHandle_t, unsigned int) noexcept nogil>maybe(h, "cudaIpcOpenMemHandle")
         g_cuda.cudaIpcCloseMemHandle = <int (*)(void *) noexcept nogil>maybe(h, "cudaIpcCloseMemHandle")
+        g_cuda.cudaLibraryLoadData = <int (*)(void **, const void *, void *, void **, unsigned int, void *, void **, unsigned int) noexcept nogil>maybe(h, "cudaLibraryLoadData")
+        g_cuda.cudaLibraryGetKernel = <int (*)(void **, void *, const char *) noexcept nogil>maybe(h, "cudaLibraryGetKernel")
+        g_cuda.cudaLibraryUnload = <int (*)(void *) noexcept nogil>maybe(h, "cudaLibraryUnload")
+        g_cuda.cudaLaunchKernel = <int (*)(const void *, llmd_cuda_dim3, llmd_cuda_dim3, void **, size_t, void *) noexcept nogil>maybe(h, "cudaLaunchKernel")
         if missing:
             raise RuntimeError(f"the loaded libcudart lacks {', '.join(missing)}")
         rc = g_cuda.cudaRuntimeGetVersion(&version)
@@ -563,3 +590,41 @@ def cuda_load(list paths, int device_id):
         raise RuntimeError(f"device_id {device_id} is out of range: CUDA sees {count} GPU(s)")
     g_cuda_device = device_id
     return g_cuda_path, version_text
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA copy kernel (device-to-device copies of the layer loop; DMA when it is not available)
+
+cdef llmd_cuda_copy_kernel g_cuda_kernel
+cdef int g_cuda_kernel_state = 0        # 0 not tried, 1 loaded, -1 failed
+cdef str g_cuda_kernel_why = ""
+
+
+def cuda_copy_kernel_load():
+    """Load the copy kernel's PTX into the CUDA runtime once per process (the driver JIT-compiles
+    it for the current device). Returns None when it is ready, else why it cannot be used."""
+    global g_cuda_kernel_state, g_cuda_kernel_why
+    cdef char why[512]
+    cdef bytes ptx
+    cdef const char *text
+    cdef int rc
+    if g_cuda_kernel_state == 0:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "copy_runs.ptx")
+        try:
+            with open(path, "rb") as f:
+                ptx = f.read() + b"\0"
+        except OSError as exc:
+            g_cuda_kernel_state = -1
+            g_cuda_kernel_why = f"the copy kernel's PTX is missing: {exc}"
+            return g_cuda_kernel_why
+        text = ptx
+        why[0] = 0
+        with nogil:
+            g_cuda.cudaSetDevice(g_cuda_device)
+            rc = llmd_cuda_copy_kernel_load(&g_cuda_kernel, &g_cuda, text, why, sizeof(why))
+        if rc == 0:
+            g_cuda_kernel_state = 1
+        else:
+            g_cuda_kernel_state = -1
+            g_cuda_kernel_why = (<bytes>why).decode("utf-8", "replace")
+    return None if g_cuda_kernel_state == 1 else g_cuda_kernel_why

@@ -17,6 +17,7 @@ cdef struct CfgState:
     int attempted           # some layer's copies were issued
     size_t fail_index
     Py_ssize_t desc_base    # first descriptor slot of this config
+    int by_kernel           # lane 0 device-to-device on CUDA: copied by the layer's one kernel launch
 
 
 # Most runs one config keeps queued in a transfer engine at once (below Mooncake's per-peer
@@ -76,6 +77,13 @@ cdef class TransferJob:
     cdef list engines                 # per config: None, or [transport, session, handles]
     cdef double engine_wait_s
     cdef public object on_finish
+    # CUDA copy kernel: the call's run table in device memory and one layer's pairs
+    cdef Py_ssize_t kernel_pairs      # tensor pairs of all by_kernel configs over all layers
+    cdef llmd_cuda_copy_table *ktab
+    cdef uint64_t *k_srcs
+    cdef uint64_t *k_dsts
+    cdef uint64_t *k_ends
+    cdef int *k_cfgs
 
     def __cinit__(self):
         self.lock = PyThread_allocate_lock()
@@ -133,6 +141,10 @@ cdef class TransferJob:
             total += len(spec[5])
             self.first_layer = min(self.first_layer, c.lo)
             self.last_layer = max(self.last_layer, c.hi)
+            if (runtime.device_copy == "kernel" and c.lane == 0 and c.kind == LLMD_MEMCPY_D2D
+                    and plan.count > 0):
+                c.by_kernel = 1
+                self.kernel_pairs += 2 * (c.hi - c.lo)
         self.dst_addrs = <uint64_t *>malloc(max(total, 1) * sizeof(uint64_t))
         self.dst_limits = <uint64_t *>malloc(max(total, 1) * sizeof(uint64_t))
         if self.dst_addrs == NULL or self.dst_limits == NULL:
@@ -171,6 +183,12 @@ cdef class TransferJob:
         free(self.d_sizes)
         free(self.d_maxs)
         free(self.events)
+        free(self.k_srcs)
+        free(self.k_dsts)
+        free(self.k_ends)
+        free(self.k_cfgs)
+        if self.ktab != NULL:
+            llmd_cuda_copy_table_destroy(&g_cuda_kernel, self.ktab)
         if self.lock != NULL:
             PyThread_free_lock(self.lock)
 
@@ -191,7 +209,27 @@ cdef class TransferJob:
         self.d_maxs = <size_t *>malloc(n * sizeof(size_t))
         if not (self.d_dsts and self.d_srcs and self.d_sizes and self.d_maxs):
             raise MemoryError()
+        if self.kernel_pairs:
+            self.k_srcs = <uint64_t *>malloc(2 * self.ncfg * sizeof(uint64_t))
+            self.k_dsts = <uint64_t *>malloc(2 * self.ncfg * sizeof(uint64_t))
+            self.k_ends = <uint64_t *>malloc(2 * self.ncfg * sizeof(uint64_t))
+            self.k_cfgs = <int *>malloc(self.ncfg * sizeof(int))
+            if not (self.k_srcs and self.k_dsts and self.k_ends and self.k_cfgs):
+                raise MemoryError()
         return 0
+
+    cdef void kernel_prepare(self) noexcept nogil:
+        """The run table reaches the device once per call (with the first launch); when it
+        cannot be made, the configs it was for fail."""
+        cdef int i, rc
+        rc = llmd_cuda_copy_table_create(&g_cuda_kernel, <const uint64_t *>self.plan.runs,
+                                         self.plan.count, self.kernel_pairs, &self.ktab)
+        if rc != 0:
+            self.ktab = NULL
+            for i in range(self.ncfg):
+                if self.cfg[i].by_kernel and not self.cfg[i].failed:
+                    self.cfg[i].failed = ST_RUNTIME
+                    self.cfg[i].code = rc
 
     cdef void fail_unfinished(self, int layer, int status) noexcept nogil:
         """Fail every config whose copies are not all issued yet (ranges reaching past layer)."""
@@ -231,6 +269,8 @@ cdef class TransferJob:
         cdef const llmd_runtime *rt
         cdef llmd_stream stream
         cdef size_t fail = 0
+        cdef size_t npairs = 0
+        cdef int nkcfg = 0
         for i in range(self.ncfg):
             c = &self.cfg[i]
             if layer < c.lo or layer >= c.hi or c.failed:
@@ -239,6 +279,16 @@ cdef class TransferJob:
                 c.failed = ST_LINK
                 continue
             c.attempted = 1
+            if c.by_kernel:
+                for t in range(2):
+                    e = self.dst_index[i] + 2 * (layer - c.lo) + t
+                    self.k_srcs[npairs] = self.src_addrs[2 * layer + t] + c.src_shift
+                    self.k_dsts[npairs] = self.dst_addrs[e]
+                    self.k_ends[npairs] = self.dst_limits[e]
+                    npairs += 1
+                self.k_cfgs[nkcfg] = i
+                nkcfg += 1
+                continue
             if c.lane == 0:
                 rt = self.runtime.rt
                 stream = self.stream
@@ -280,6 +330,16 @@ cdef class TransferJob:
                 c.code = rc
                 c.fail_index = fail
                 c.failed = ST_RUNTIME
+        if npairs:
+            # One launch for every kernel config's tensors of this layer, after the layer's wait.
+            rc = llmd_cuda_copy_launch(&g_cuda_kernel, self.ktab, self.k_srcs, self.k_dsts,
+                                       self.k_ends, npairs, self.stream, &fail)
+            if rc != 0:
+                for i in range(nkcfg):
+                    c = &self.cfg[self.k_cfgs[i]]
+                    c.code = rc
+                    c.fail_index = fail
+                    c.failed = ST_RUNTIME
 
     cdef int engine_write(self, int i, Py_ssize_t base, Py_ssize_t n) noexcept with gil:
         """Start one batched engine write of n descriptors; nonzero when it was refused or an
@@ -393,6 +453,8 @@ cdef class TransferJob:
             self.publish()
             return
         with nogil:
+            if self.kernel_pairs:
+                self.kernel_prepare()
             for layer in range(self.first_layer, self.last_layer):
                 lanes = self.lanes_at(layer)
                 if lanes == 0:
@@ -422,6 +484,9 @@ cdef class TransferJob:
                         self.cfg[i].code = rc
             if self.host_stream != self.stream:
                 hrt.stream_synchronize(hrt.ctx, self.host_stream)
+            if self.ktab != NULL:
+                llmd_cuda_copy_table_destroy(&g_cuda_kernel, self.ktab)
+                self.ktab = NULL
         self.settle_engines()
         self.publish()
 

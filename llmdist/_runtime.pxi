@@ -8,6 +8,8 @@ cdef class Runtime:
     cdef readonly int device_id
     cdef readonly str version
     cdef readonly str library
+    cdef readonly str device_copy           # CUDA: "kernel" or "dma" for device-to-device copies
+    cdef readonly str device_copy_reason    # CUDA: why device-to-device copies use DMA
 
     def __cinit__(self):
         self.rt = NULL
@@ -41,7 +43,31 @@ cdef class Runtime:
         r.rt = &g_cuda_rt
         r.name = "cuda"
         r.device_id = device_id
+        r.device_copy = "dma"
+        r.device_copy_reason = "not chosen yet"
         return r
+
+    def select_device_copy(self, str mode):
+        """CUDA: how device-to-device copies of the layer loop run. "kernel": one launch of the
+        copy kernel per layer (LLMException when it cannot be loaded); "dma": one DMA copy per
+        run; "auto": the kernel when it loads, else DMA with the reason in device_copy_reason.
+        Other runtimes ignore it."""
+        if self.name != "cuda":
+            return
+        if mode not in ("auto", "kernel", "dma"):
+            raise LLMException(f"llmdist.device_copy must be auto, kernel or dma, got {mode!r}",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        if mode == "dma":
+            self.device_copy, self.device_copy_reason = "dma", "llmdist.device_copy=dma"
+            return
+        why = cuda_copy_kernel_load()
+        if why is None:
+            self.device_copy, self.device_copy_reason = "kernel", None
+            return
+        if mode == "kernel":
+            raise LLMException(f"llmdist.device_copy=kernel, but the copy kernel cannot be "
+                               f"used: {why}", status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+        self.device_copy, self.device_copy_reason = "dma", why
 
     @property
     def is_host(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import warnings
 import weakref
@@ -25,7 +26,7 @@ _UPSTREAM_KEYS = {
     "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode",
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
-                 "llmdist.shareable_memory"}
+                 "llmdist.shareable_memory", "llmdist.device_copy"}
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
 
@@ -124,6 +125,8 @@ class LLMDataDist:
             shareable = listen is not None or _flag_option(options, "llmdist.shareable_memory")
             runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
             runtime.bind_device()
+            runtime.select_device_copy(options.get("llmdist.device_copy")
+                                       or os.environ.get("LLMDIST_DEVICE_COPY", "auto"))
             node = ClusterNode(self, listen, options.get("llmdist.transport", "auto"), runtime)
             workers = TransferWorkers(runtime, nworkers)
             workers.start()

@@ -74,6 +74,22 @@ def device_buffer(nbytes: int) -> Tuple[int, Optional[int]]:
     return 0, None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cuda_paths_counted():
+    """With LLMDIST_EXPECT_CUDA_PATHS=1 (CI's run of the transfer suite on the fake CUDA
+    runtime), the run fails unless it drove both device copy paths: the copy kernel (device to
+    device) and DMA (to and from host)."""
+    yield
+    if _CUDA is None or os.environ.get("LLMDIST_EXPECT_CUDA_PATHS") != "1":
+        return
+    _CUDA.fake_cuda_calls.restype = ctypes.c_long
+    launches = _CUDA.fake_cuda_calls(b"cudaLaunchKernel")
+    dma = _CUDA.fake_cuda_calls(b"cudaMemcpyBatchAsync") + _CUDA.fake_cuda_calls(b"cudaMemcpyAsync")
+    want_kernel = os.environ.get("LLMDIST_DEVICE_COPY", "auto") != "dma"
+    assert dma > 0, "no DMA copy reached the fake CUDA runtime"
+    assert (launches > 0) == want_kernel, f"copy kernel launches: {launches}"
+
+
 def free_device_buffer(ptr: int) -> None:
     if _ACL is not None:
         _ACL.aclrtSetDevice(0)

@@ -20,6 +20,7 @@ typedef void *cudaEvent_t;
 #define LLMD_CUDA_ERROR_INSUFFICIENT_DRIVER 35
 #define LLMD_CUDA_ERROR_NO_DEVICE 100
 #define LLMD_CUDA_ERROR_NOT_READY 600
+#define LLMD_CUDA_ERROR_NOT_SUPPORTED 801
 #define LLMD_CUDA_STREAM_NON_BLOCKING 1u
 #define LLMD_CUDA_EVENT_DISABLE_TIMING 2u
 #define LLMD_CUDA_MEM_LOCATION_DEVICE 1
@@ -32,6 +33,9 @@ typedef void *cudaEvent_t;
 typedef struct { char reserved[LLMD_CUDA_IPC_HANDLE_SIZE]; } llmd_cudaIpcMemHandle_t;
 
 typedef struct { int type; int id; } llmd_cudaMemLocation;
+
+/* dim3: three unsigned ints, passed by value to cudaLaunchKernel. */
+typedef struct { unsigned int x, y, z; } llmd_cuda_dim3;
 typedef struct {
     int srcAccessOrder;
     llmd_cudaMemLocation srcLocHint;
@@ -74,6 +78,15 @@ typedef struct llmd_cuda_api {
     int (*cudaIpcGetMemHandle)(llmd_cudaIpcMemHandle_t *handle, void *devPtr);
     int (*cudaIpcOpenMemHandle)(void **devPtr, llmd_cudaIpcMemHandle_t handle, unsigned int flags);
     int (*cudaIpcCloseMemHandle)(void *devPtr);
+    /* Optional (CUDA 12.0+): loading and launching the copy kernel. */
+    int (*cudaLibraryLoadData)(void **library, const void *code, void *jitOptions,
+                               void **jitOptionsValues, unsigned int numJitOptions,
+                               void *libraryOptions, void **libraryOptionValues,
+                               unsigned int numLibraryOptions);
+    int (*cudaLibraryGetKernel)(void **kernel, void *library, const char *name);
+    int (*cudaLibraryUnload)(void *library);
+    int (*cudaLaunchKernel)(const void *func, llmd_cuda_dim3 gridDim, llmd_cuda_dim3 blockDim,
+                            void **args, size_t sharedMem, cudaStream_t stream);
 } llmd_cuda_api;
 
 #ifdef __cplusplus

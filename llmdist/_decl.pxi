@@ -52,6 +52,8 @@ cdef extern from "llmdist/host_runtime.h" nogil:
     void llmd_host_copy(void *dst, const void *src, size_t n)
     int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void **srcs,
                                       size_t *sizes, size_t count, int *status)
+    int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void **srcs,
+                                     size_t *sizes, size_t count, int *status)
     int llmd_host_shm_create(const char *name, size_t size, void **ptr)
     int llmd_host_shm_map(const char *name, size_t size, void **ptr)
     int llmd_host_shm_unmap(void *ptr, size_t size)

@@ -1,6 +1,14 @@
 # Runtime objects: a loaded runtime (its table of nogil functions and the device this
 # process drives), streams and events.
 
+cpdef enum CopyKind:
+    COPY_H2H = LLMD_MEMCPY_H2H
+    COPY_H2D = LLMD_MEMCPY_H2D
+    COPY_D2H = LLMD_MEMCPY_D2H
+    COPY_D2D = LLMD_MEMCPY_D2D
+    COPY_DEFAULT = LLMD_MEMCPY_DEFAULT      # the runtime infers the direction from the addresses
+
+
 cdef class Runtime:
     """A loaded runtime: a table of nogil functions plus the device this process drives."""
     cdef const llmd_runtime *rt

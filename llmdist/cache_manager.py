@@ -10,16 +10,18 @@ import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core, device_ipc
+from ._core import CopyKind, Direction
 from ._check import check_int64, check_int_list, check_isinstance, check_uint64, require
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
-from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry
+from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
+from .routes import LocalRoute, Route
 from .status import LLMException, LLMStatusCode
 from .events import EventSynchronizer
 from .task import CacheTask
 from .transfer_types import LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
 
 if TYPE_CHECKING:
-    from .llm_datadist import LLMDataDist
+    from .cluster import ClusterNode
 
 _ALIGN = 64  # every tensor of an allocated cache starts 64-byte aligned (ACL's rule)
 
@@ -28,8 +30,9 @@ log = logging.getLogger("llmdist")
 _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 _NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 
-_KIND = {(Placement.DEVICE, Placement.DEVICE): 3, (Placement.DEVICE, Placement.HOST): 2,
-         (Placement.HOST, Placement.HOST): 0}
+_KIND = {(Placement.DEVICE, Placement.DEVICE): CopyKind.COPY_D2D,
+         (Placement.DEVICE, Placement.HOST): CopyKind.COPY_D2H,
+         (Placement.HOST, Placement.HOST): CopyKind.COPY_H2H}
 
 
 def _fail(message: str, code: LLMStatusCode = _PARAM_INVALID) -> LLMException:
@@ -50,13 +53,17 @@ def _pool_cap(options: Dict[str, str], key: str) -> Optional[int]:
 
 
 class CacheManager:
-    """Caches of one LLMDataDist and the transfers out of them."""
+    """Caches of one LLMDataDist and the transfers out of them. node is the cluster's
+    ClusterNode: it announces caches to linked peers and gives the route to each."""
 
-    def __init__(self, datadist: "LLMDataDist", runtime: "_core.Runtime",
+    def __init__(self, cluster_id: int, runtime: "_core.Runtime",
                  workers, options: Dict[str, str], remote_accessible: bool,
-                 sync_timeout: Optional[int], shareable: bool = False) -> None:
-        self._dd = datadist
+                 sync_timeout: Optional[int], shareable: bool = False,
+                 node: Optional["ClusterNode"] = None) -> None:
+        self._cluster_id = cluster_id
+        self._node = node
         self._runtime = runtime
+        self._local_route = LocalRoute(runtime)
         self._workers = workers
         self._remote_accessible = remote_accessible
         self._sync_timeout = sync_timeout
@@ -77,6 +84,16 @@ class CacheManager:
                       Placement.HOST: _pool_cap(options, "llm.HostMemPoolConfig")}
         self._used = {Placement.DEVICE: 0, Placement.HOST: 0}
         self._closed = False
+
+    @property
+    def runtime(self) -> "_core.Runtime":
+        """The runtime this cache manager allocates and copies with."""
+        return self._runtime
+
+    def entries(self) -> List[MemoryEntry]:
+        """A snapshot of every cache this cluster holds (what it announces to a new peer)."""
+        with self._lock:
+            return list(self._mem.entries.values())
 
     # ------------------------------------------------------------------ memory
 
@@ -116,7 +133,7 @@ class CacheManager:
         cache_id = self._new_id()
         share = None
         if self._shareable:
-            name = f"/llmdist-{os.getpid()}-{self._dd.cluster_id}-{cache_id}-{secrets.token_hex(4)}"
+            name = f"/llmdist-{os.getpid()}-{self._cluster_id}-{cache_id}-{secrets.token_hex(4)}"
             base = raw = _core.shm_create(name, total)
             share = {"kind": "shm", "name": name, "base": base, "size": total}
         elif self._exportable and placement == Placement.DEVICE:
@@ -194,9 +211,8 @@ class CacheManager:
 
     def _announce(self, cache: Cache) -> Cache:
         """Tell linked peers about a new cache before it is handed to the caller."""
-        node = self._dd._node
-        if node is not None:
-            node.announce_cache(self._mem.entries.get(cache.cache_id))
+        if self._node is not None:
+            self._node.announce_cache(self._mem.entries.get(cache.cache_id))
         return cache
 
     def allocate_cache(self, cache_desc: CacheDesc, cache_keys: Sequence[CacheKey] = ()) -> Cache:
@@ -266,16 +282,15 @@ class CacheManager:
     def _release(self, entry: MemoryEntry) -> None:
         """Stop transfers touching the cache, withdraw it from peers, then forget and free it."""
         cid = entry.cache.cache_id
-        me = self._dd.cluster_id
+        me = self._cluster_id
         with self._lock:
             self._mem.remove(cid)
             jobs = [job for job, (src, _) in self._inflight.items() if src == (me, cid)]
         for job in jobs:
             job.cancel(_NOT_EXIST)
         self.cancel_transfers_to(me, cid, _NOT_EXIST)
-        node = self._dd._node
-        if node is not None:
-            node.withdraw_cache(entry)
+        if self._node is not None:
+            self._node.withdraw_cache(entry)
         entry.cache._invalidate()
         if entry.origin == ALLOCATED:
             self._free(entry)
@@ -321,9 +336,8 @@ class CacheManager:
         with self._lock:
             if not self._mem.remove_key(cache_key):
                 raise _fail(f"cache key {cache_key!r} does not exist", _NOT_EXIST)
-        node = self._dd._node
-        if node is not None:
-            node.withdraw_key(cache_key)
+        if self._node is not None:
+            self._node.withdraw_key(cache_key)
 
     # ------------------------------------------------------------------ transfer
 
@@ -420,12 +434,12 @@ class CacheManager:
                 f"per layer (an even number)")
         num_layers = desc.num_tensors // 2
         with self._lock:
-            specs = []
+            plans = []
             touched: List[set] = []
             for i, cfg in enumerate(transfer_configs):
                 keys: set = set()
-                specs.append(self._config_spec(i, cfg, src_entry, src_idx, dst_idx, block_size,
-                                               plan, num_layers, keys))
+                plans.append(self._check_config(i, cfg, src_entry, src_idx, dst_idx, block_size,
+                                                plan, num_layers, keys))
                 touched.append(keys)
             events = gate = None
             if isinstance(layer_synchronizer, EventSynchronizer):
@@ -437,16 +451,16 @@ class CacheManager:
                         f"layer_synchronizer has {len(layer_synchronizer.events)} events, the "
                         f"source cache has {num_layers} layers")
                 events, gate = layer_synchronizer.events, layer_synchronizer.gate
-            job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, specs,
+            job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, plans,
                                     layer_synchronizer, self._sync_timeout, events, gate)
-            self._inflight[job] = ((self._dd.cluster_id, src_cache.cache_id), touched)
+            self._inflight[job] = ((self._cluster_id, src_cache.cache_id), touched)
             job.on_finish = self._job_done
             self._workers.submit(job)
-        return CacheTask(job, len(specs))
+        return CacheTask(job, len(plans))
 
-    def _config_spec(self, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
-                     block_size: int, plan, num_layers: int, touched: set) -> tuple:
-        """Check one config (rules 8-11) and return what the layer loop needs for it."""
+    def _check_config(self, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
+                     block_size: int, plan, num_layers: int, touched: set) -> "_core.ConfigPlan":
+        """Check one config (rules 8-11) and return its plan for the layer loop."""
         desc = src_entry.cache.cache_desc
         keyed = isinstance(cfg, TransferWithCacheKeyConfig)
         layers = cfg.src_layer_range
@@ -471,9 +485,8 @@ class CacheManager:
         # 10. the destination cluster
         peer = None
         mem = self._mem
-        if cfg.dst_cluster_id != self._dd.cluster_id:
-            node = self._dd._node
-            peer = node.peer(cfg.dst_cluster_id) if node is not None else None
+        if cfg.dst_cluster_id != self._cluster_id:
+            peer = self._node.peer(cfg.dst_cluster_id) if self._node is not None else None
             if peer is None:
                 raise _fail(f"transfer_configs[{i}]: cluster {cfg.dst_cluster_id} is not linked",
                             LLMStatusCode.LLM_NOT_YET_LINK)
@@ -486,9 +499,9 @@ class CacheManager:
 
     def _destination(self, i: int, cfg, desc: CacheDesc, src_entry: MemoryEntry, src_idx,
                      dst_idx, block_size: int, plan, layers: range, touched: set,
-                     mem: ClusterMemory, peer) -> tuple:
-        """Rules 9 and 11 for one config against the destination cluster's caches, and what the
-        layer loop needs: addresses it can write, their limits, the lane and the link."""
+                     mem: ClusterMemory, peer) -> "_core.ConfigPlan":
+        """Rules 9 and 11 for one config against the destination cluster's caches, then its
+        plan through the route to them."""
         keyed = isinstance(cfg, TransferWithCacheKeyConfig)
         if keyed:
             entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range, mem)
@@ -538,44 +551,28 @@ class CacheManager:
                         f"memory registered or allocated on cluster {cfg.dst_cluster_id}")
         touched.update((cfg.dst_cluster_id, cid) for cid in seen)
         dplace = regions[0].cache.cache_desc.placement
-        kind = _KIND.get((src_place, dplace), 4)
+        kind = _KIND.get((src_place, dplace), CopyKind.COPY_DEFAULT)
         shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
-        if peer is not None and not self._runtime.is_host:
-            # Device IPC: copies on the runtime stream into the peer's allocations, imported
-            # here on first use (Peer.check_transfer refused what this path cannot reach).
-            deltas: Dict[int, int] = {}
-            single = False      # memory of another device: no batch call (it names one device)
-            for r in regions:
-                cid = r.cache.cache_id
-                if cid not in deltas:
-                    entry = mem.entries[cid]
-                    try:
-                        deltas[cid] = peer.device_delta(entry, self._runtime)
-                    except LLMException as exc:
-                        raise _fail(f"transfer_configs[{i}]: {exc}", exc.status_code) from None
-                    device = entry.share.get("device", self._runtime.device_id)
-                    single |= device != self._runtime.device_id
-            return (layers.start, layers.stop, shift, kind, 0,
-                    [a + deltas[r.cache.cache_id] for a, r in zip(dst, regions)],
-                    [r.end + deltas[r.cache.cache_id] for r in regions], 0, peer.link, None,
-                    single)
-        if peer is not None and peer.path == "mooncake":
-            node = self._dd._node
-            return (layers.start, layers.stop, shift, kind, 3, list(dst),
-                    [r.end for r in regions], 0, peer.link, (node.engine, peer.engine_session),
-                    False)
-        if peer is not None and any(r.pid for r in regions):
-            # The peer's memory is not mapped here: write into its process directly.
-            return (layers.start, layers.stop, shift, kind, 2, list(dst),
-                    [r.end for r in regions], peer.pid, peer.link, None, False)
-        # Device runtimes have no asynchronous host-to-host copy: those go to the host engine,
-        # so pageable host memory never meets an async device copy. A region's delta is 0 for
-        # this cluster's memory and maps a peer's shared memory into this process.
-        lane = 1 if kind == 0 and not self._runtime.is_host else 0
-        return (layers.start, layers.stop, shift, kind, lane,
-                [a + r.delta for a, r in zip(dst, regions)],
-                [r.end + r.delta for r in regions], 0, peer.link if peer is not None else None,
-                None, False)
+        if peer is None:
+            route = self._local_route
+        else:
+            try:
+                route = peer.route(self._runtime, regions)
+            except LLMException as exc:
+                raise _fail(f"transfer_configs[{i}]: {exc}", exc.status_code) from None
+        return self._config_plan(route, layers, shift, kind, dst, regions)
+
+    def _config_plan(self, route: Route, layers: range, shift: int, kind: CopyKind,
+                     addrs: Sequence[int], regions: Sequence[Region],
+                     direction: Direction = Direction.WRITE) -> "_core.ConfigPlan":
+        """The layer loop's plan for one checked config: the layers and row of the cache here,
+        and the other cache's tensors (addrs, in regions) as the route reaches them."""
+        target_addrs, target_limits = route.reach(addrs, regions)
+        return _core.ConfigPlan(first_layer=layers.start, stop_layer=layers.stop, row_shift=shift,
+                                kind=kind, lane=route.lane(kind), direction=direction,
+                                target_addrs=target_addrs, target_limits=target_limits,
+                                pid=route.pid, link=route.link,
+                                engine=route.channel(self._sync_timeout), single=route.single)
 
     def _job_done(self, job) -> None:
         with self._lock:

@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from . import _core, device_ipc
 from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
-from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry
+from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
+from .routes import EngineRoute, MappedRoute, ProcessRoute, Route
 from .status import LLMException, LLMStatusCode
 
 if TYPE_CHECKING:
-    from .llm_datadist import LLMDataDist
+    from .cache_manager import CacheManager
 
 log = logging.getLogger("llmdist")
 
@@ -259,7 +260,7 @@ class Peer:
     def remove_cache(self, cid: int) -> None:
         with self.lock:
             self.mem.remove(cid)
-        self.node.dd_cancel_to(self.cluster_id, cid, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST)
+        self.node.cancel_transfers_to(self.cluster_id, cid, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST)
         self._unmap(cid)
 
     def remove_key(self, w: list) -> None:
@@ -321,6 +322,27 @@ class Peer:
             local = device_ipc.IMPORTS.acquire(runtime, share)
             got = self.imports[cid] = (share, local - share["base"])
         return got[1]
+
+    def route(self, runtime: "_core.Runtime", regions: List[Region]) -> Route:
+        """The route to the peer's memory holding regions (after check_transfer, self.lock
+        held). A device runtime maps the peer's allocations through device IPC (imported on
+        first use; LLMException says why one cannot be); a host runtime maps the peer's shared
+        memory, or moves bytes with process transfers where a region is not mapped."""
+        if not runtime.is_host:
+            deltas: Dict[int, int] = {}
+            single = False
+            for r in regions:
+                cid = r.cache.cache_id
+                if cid not in deltas:
+                    entry = self.mem.entries[cid]
+                    deltas[cid] = self.device_delta(entry, runtime)
+                    single |= entry.share.get("device", runtime.device_id) != runtime.device_id
+            return MappedRoute(self.link, deltas, single)
+        if self.path == "mooncake":
+            return EngineRoute(self.link, self.node.engine, self.engine_session)
+        if any(r.pid for r in regions):
+            return ProcessRoute(self.link, self.pid)
+        return MappedRoute(self.link, {r.cache.cache_id: r.delta for r in regions})
 
     def check_transfer(self, runtime: "_core.Runtime") -> None:
         """Refuse a transfer this build cannot carry to the peer, with the reason."""
@@ -435,7 +457,7 @@ class Peer:
         try:
             self.link.down()
             self.ipc_ready.set()        # wake a transfer waiting for it: it sees the link down
-            self.node.dd_cancel_to(self.cluster_id, None, code)
+            self.node.cancel_transfers_to(self.cluster_id, None, code)
             with self.lock:
                 cids = set(self.mappings) | set(self.imports)
             for cid in cids:
@@ -478,14 +500,17 @@ class Peer:
 # The node: listener, links, announcements
 
 class ClusterNode:
-    """The cluster side of one LLMDataDist."""
+    """The cluster side of one LLMDataDist: its listener, links and announcements. The cache
+    manager it serves is attached once it exists (attach)."""
 
-    def __init__(self, dd: "LLMDataDist", listen: Optional[Tuple[str, int]], transport: str,
-                 runtime: Optional["_core.Runtime"] = None) -> None:
+    def __init__(self, cluster_id: int, role: LLMRole, listen: Optional[Tuple[str, int]],
+                 transport: str, runtime: Optional["_core.Runtime"] = None) -> None:
         if transport not in TRANSPORTS:
             raise LLMException(f"option llmdist.transport must be one of {', '.join(TRANSPORTS)}, "
                                f"got {transport!r}", status_code=LLMStatusCode.LLM_PARAM_INVALID)
-        self.dd = dd
+        self.cluster_id = cluster_id
+        self.role = role
+        self.caches: Optional["CacheManager"] = None
         self.transport = transport
         self.runtime = runtime if runtime is not None else _core.Runtime.host()
         try:
@@ -533,11 +558,9 @@ class ClusterNode:
             except LLMException as exc:
                 self.engine_error = str(exc)
                 return
-        cm = self.dd._cache_manager
+        cm = self.caches
         if cm is not None:
-            with cm._lock:
-                entries = list(cm._mem.entries.values())
-            for e in entries:
+            for e in cm.entries():
                 self._engine_register(e)
 
     def _engine_register(self, entry: MemoryEntry) -> None:
@@ -562,7 +585,7 @@ class ClusterNode:
 
     def _allow_imports(self, peer: Peer) -> None:
         """Let a peer on this host import the DEVICE caches this cluster exports."""
-        cm = self.dd._cache_manager
+        cm = self.caches
         if peer.same_host and cm is not None:
             cm.allow_importer(peer.tgid)
 
@@ -570,21 +593,26 @@ class ClusterNode:
         with self.lock:
             return self.peers.get(cluster_id)
 
-    def dd_cancel_to(self, cluster_id: int, cache_id: Optional[int], code) -> None:
-        cm = self.dd._cache_manager
+    def attach(self, caches: Optional["CacheManager"]) -> None:
+        """Serve caches (the cluster's CacheManager), or none (None) once it is finalized."""
+        self.caches = caches
+
+    def cancel_transfers_to(self, cluster_id: int, cache_id: Optional[int], code) -> None:
+        """End this cluster's transfers writing to a peer's cache (any of its caches when
+        cache_id is None)."""
+        cm = self.caches
         if cm is not None:
             cm.cancel_transfers_to(cluster_id, cache_id, code)
 
     def _my_caches(self) -> List[dict]:
-        cm = self.dd._cache_manager
+        cm = self.caches
         if cm is None:
             return []
-        with cm._lock:
-            return [cache_to_wire(e) for e in cm._mem.entries.values()]
+        return [cache_to_wire(e) for e in cm.entries()]
 
     def _hello(self, target: int) -> dict:
-        msg = {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.dd.cluster_id,
-               "role": int(self.dd.role), "target": target, "host": self.host,
+        msg = {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.cluster_id,
+               "role": int(self.role), "target": target, "host": self.host,
                "pid": os.getpid(), "tgid": self.tgid, "runtime": self.runtime.name,
                "caches": self._my_caches(), "want_engine": self.transport == "mooncake"}
         if self.engine is not None:
@@ -610,9 +638,9 @@ class ClusterNode:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"malformed handshake: {exc}"
         if expect is not None and cid != expect:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"expected cluster {expect}, reached {cid}"
-        if cid == self.dd.cluster_id:
+        if cid == self.cluster_id:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"cluster {cid} cannot link to itself"
-        mine = self.dd.role
+        mine = self.role
         if role == mine and role != LLMRole.MIX:
             return (int(LLMStatusCode.LLM_LINK_FAILED),
                     f"a {role.name} cluster cannot link to a {mine.name} cluster")
@@ -635,15 +663,15 @@ class ClusterNode:
             msg = recv_frame(conn)
             if msg["type"] != "hello":
                 raise ProtocolError("expected a handshake")
-            if msg.get("target") != self.dd.cluster_id:
+            if msg.get("target") != self.cluster_id:
                 refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
-                           f"this is cluster {self.dd.cluster_id}, not {msg.get('target')!r}")
+                           f"this is cluster {self.cluster_id}, not {msg.get('target')!r}")
             else:
                 refusal = self._check_hello(msg, None)
             if refusal is None and self.peer(msg["cluster_id"]) is not None:
                 refusal = (int(LLMStatusCode.LLM_ALREADY_LINK),
                            f"cluster {msg['cluster_id']} is already linked")
-            if refusal is None and self.dd._cache_manager is None:
+            if refusal is None and self.caches is None:
                 refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
             if refusal is not None:
                 send_frame(conn, lock, {"type": "refuse", "code": refusal[0], "reason": refusal[1]})

@@ -87,7 +87,7 @@ class LLMDataDist:
     @property
     def runtime(self) -> "_core.Runtime":
         """The runtime this cluster copies with (for Stream and Event objects)."""
-        return self.cache_manager._runtime
+        return self.cache_manager.runtime
 
     @property
     def cache_manager(self) -> CacheManager:
@@ -127,12 +127,14 @@ class LLMDataDist:
             runtime.bind_device()
             runtime.select_device_copy(options.get("llmdist.device_copy")
                                        or os.environ.get("LLMDIST_DEVICE_COPY", "auto"))
-            node = ClusterNode(self, listen, options.get("llmdist.transport", "auto"), runtime)
+            node = ClusterNode(self._cluster_id, self._role, listen,
+                               options.get("llmdist.transport", "auto"), runtime)
             workers = TransferWorkers(runtime, nworkers)
             workers.start()
             self._node = node
-            self._cache_manager = CacheManager(self, runtime, workers, options, remote,
-                                               sync_timeout, shareable)
+            self._cache_manager = CacheManager(self._cluster_id, runtime, workers, options, remote,
+                                               sync_timeout, shareable, node)
+            node.attach(self._cache_manager)
             self._workers = workers
             self._options = dict(options)
             _live.add(self)
@@ -145,6 +147,7 @@ class LLMDataDist:
             _live.discard(self)
         if node is not None:
             node.close()
+            node.attach(None)
         with self._lock:
             self._cache_manager = None
             self._workers = None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from . import _core
+from .results import config_results
 from ._check import check_uint32
 from .status import LLMStatusCode
 
@@ -15,6 +16,7 @@ class CacheTask:
     def __init__(self, job: Optional["_core.TransferJob"], num_configs: int) -> None:
         self._job = job
         self._num_configs = num_configs
+        self._report: Optional[Tuple[list, list]] = None
 
     def _wait(self, timeout_in_millis: Optional[int]) -> bool:
         if timeout_in_millis is not None:
@@ -44,7 +46,13 @@ class CacheTask:
         return list(self._results())
 
     def _results(self) -> List[Optional[LLMStatusCode]]:
-        return [] if self._job is None else self._job.results
+        return [] if self._job is None else self._finished()[0]
+
+    def _finished(self) -> Tuple[list, list]:
+        """The statuses and failure texts of a finished job (made once)."""
+        if self._report is None:
+            self._report = config_results(self._job)
+        return self._report
 
     @property
     def done(self) -> bool:
@@ -56,7 +64,7 @@ class CacheTask:
         """Per config, the text of its failure (None for a config that did not fail)."""
         if self._job is None or not self._job.done.is_set():
             return [None] * self._num_configs
-        return list(self._job.errors)
+        return list(self._finished()[1])
 
     @property
     def exception(self) -> Optional[BaseException]:

@@ -26,10 +26,14 @@ from typing import Dict, List, Optional, Sequence
 
 from .status import LLMException, LLMStatusCode
 
-__all__ = ["MooncakeTransport", "WAIT_TIMEOUT", "WAIT_FAILED"]
+__all__ = ["MooncakeTransport", "EngineChannel", "WAIT_TIMEOUT", "WAIT_FAILED", "MAX_QUEUED"]
 
 WAIT_FAILED = -1  # the engine's code for a failed (or engine-timed-out) batch
 WAIT_TIMEOUT = -2  # the batch was still running when wait's timeout passed; wait again later
+
+# Most runs one channel keeps queued in the engine at once: below the per-peer queue of the TCP
+# transport (1024 transfers by default), which refuses what does not fit.
+MAX_QUEUED = 512
 
 _P2P = "P2PHANDSHAKE"
 _BAD_BATCH_IDS = (0, (1 << 64) - 1)  # what batch_transfer_async_write returns when it fails
@@ -123,18 +127,29 @@ class MooncakeTransport:
     def write_batch(self, target_session: str, src_addrs: Sequence[int],
                     dst_addrs: Sequence[int], lengths: Sequence[int]) -> int:
         """Start writing each local src range to the peer's dst range; returns a handle for wait."""
+        return self._start("write", target_session, src_addrs, dst_addrs, lengths)
+
+    def read_batch(self, target_session: str, dst_addrs: Sequence[int],
+                   src_addrs: Sequence[int], lengths: Sequence[int]) -> int:
+        """Start reading each of the peer's src ranges into the local dst range; returns a
+        handle for wait."""
+        return self._start("read", target_session, dst_addrs, src_addrs, lengths)
+
+    def _start(self, op: str, target_session: str, local_addrs: Sequence[int],
+               peer_addrs: Sequence[int], lengths: Sequence[int]) -> int:
         engine = self._live_engine()
         n = len(lengths)
-        if n == 0 or len(src_addrs) != n or len(dst_addrs) != n:
+        if n == 0 or len(local_addrs) != n or len(peer_addrs) != n:
             raise LLMException(
-                f"write_batch needs as many src/dst addresses as lengths, at least one "
-                f"(got {len(src_addrs)}/{len(dst_addrs)}/{n})",
+                f"{op}_batch needs as many local/peer addresses as lengths, at least one "
+                f"(got {len(local_addrs)}/{len(peer_addrs)}/{n})",
                 status_code=LLMStatusCode.LLM_PARAM_INVALID)
-        batch_id = int(engine.batch_transfer_async_write(
-            target_session, [int(a) for a in src_addrs], [int(a) for a in dst_addrs],
-            [int(x) for x in lengths]))
+        start = (engine.batch_transfer_async_write if op == "write"
+                 else engine.batch_transfer_async_read)
+        batch_id = int(start(target_session, [int(a) for a in local_addrs],
+                             [int(a) for a in peer_addrs], [int(x) for x in lengths]))
         if batch_id <= 0 or batch_id in _BAD_BATCH_IDS:
-            raise LLMException(f"Mooncake could not start a write to {target_session} "
+            raise LLMException(f"Mooncake could not start a {op} with {target_session} "
                                "(peer unreachable or unknown session)",
                                status_code=LLMStatusCode.LLM_LINK_FAILED)
         with self._lock:
@@ -182,3 +197,68 @@ class MooncakeTransport:
     def __exit__(self, *exc_info) -> None:
         """Close the transport when the with-block ends."""
         self.close()
+
+
+class EngineChannel:
+    """One transfer config's batches to one peer through a MooncakeTransport, as the layer loop
+    hands them over: at most MAX_QUEUED runs in flight (the oldest batches are waited for
+    first), each wait bounded by wait_ms. Methods return 0 or the failing batch's code
+    (WAIT_TIMEOUT, WAIT_FAILED, or the engine's); error keeps the text of a refusal."""
+
+    def __init__(self, transport: MooncakeTransport, session: str, wait_ms: int) -> None:
+        self._transport = transport
+        self._session = session
+        self._wait_ms = wait_ms
+        self._handles: List[tuple] = []     # (handle, runs) in the order they were started
+        self._queued = 0
+        self.error: Optional[str] = None
+
+    def write(self, local_addrs: Sequence[int], peer_addrs: Sequence[int],
+              lengths: Sequence[int]) -> int:
+        """Queue writes of local ranges into the peer's memory."""
+        return self._move("write", local_addrs, peer_addrs, lengths)
+
+    def read(self, local_addrs: Sequence[int], peer_addrs: Sequence[int],
+             lengths: Sequence[int]) -> int:
+        """Queue reads of the peer's ranges into local memory."""
+        return self._move("read", local_addrs, peer_addrs, lengths)
+
+    def _move(self, op: str, local_addrs, peer_addrs, lengths) -> int:
+        n = len(lengths)
+        for lo in range(0, n, MAX_QUEUED):
+            hi = min(lo + MAX_QUEUED, n)
+            while self._handles and self._queued + (hi - lo) > MAX_QUEUED:
+                rc = self._wait_oldest()
+                if rc != 0:
+                    return rc
+            try:
+                if op == "write":
+                    h = self._transport.write_batch(self._session, local_addrs[lo:hi],
+                                                    peer_addrs[lo:hi], lengths[lo:hi])
+                else:
+                    h = self._transport.read_batch(self._session, local_addrs[lo:hi],
+                                                   peer_addrs[lo:hi], lengths[lo:hi])
+            except Exception as exc:  # noqa: BLE001 - any refusal ends the config, with its text
+                self.error = f"transfer engine refused a {op}: {exc}"
+                return WAIT_FAILED
+            self._handles.append((h, hi - lo))
+            self._queued += hi - lo
+        return 0
+
+    def _wait_oldest(self) -> int:
+        h, runs = self._handles.pop(0)
+        self._queued -= runs
+        try:
+            return self._transport.wait(h, self._wait_ms)
+        except Exception as exc:  # noqa: BLE001 - a closed transport or a binding error
+            self.error = f"transfer engine wait failed: {exc}"
+            return WAIT_FAILED
+
+    def settle(self) -> int:
+        """Wait for every batch started so far; 0 when all arrived, else the first failure."""
+        rc = 0
+        while self._handles:
+            got = self._wait_oldest()
+            if rc == 0:
+                rc = got
+        return rc

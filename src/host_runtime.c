@@ -274,7 +274,7 @@ static int event_wait_gen(host_event *ev, uint64_t gen, int32_t timeout_ms)
 /* ------------------------------------------------------------------------------------------ */
 /* Streams                                                                                      */
 
-enum { OP_COPY, OP_BATCH, OP_RECORD, OP_WAIT, OP_PROCESS_WRITE };
+enum { OP_COPY, OP_BATCH, OP_RECORD, OP_WAIT, OP_PROCESS_WRITE, OP_PROCESS_READ };
 
 typedef struct host_op {
     int type;
@@ -300,23 +300,25 @@ typedef struct host_stream {
     int stop;
 } host_stream;
 
-/* Write runs into another process's memory; the first failure's errno lands in *op->status. */
-static void process_write(host_op *op)
+/* Move runs between this process and another one: writes go from srcs here into dsts there,
+ * reads from srcs there into dsts here. The first failure's errno lands in *op->status. */
+static void process_transfer(host_op *op, int write)
 {
     enum { CHUNK = 512 };
-    struct iovec local[CHUNK], remote[CHUNK];
+    struct iovec here[CHUNK], there[CHUNK];
     size_t i = 0;
     while (i < op->n) {
         if (*op->status) return;
         size_t k = 0, want = 0;
         for (; k < CHUNK && i + k < op->n; k++) {
-            local[k].iov_base = op->srcs[i + k];
-            local[k].iov_len = op->sizes[i + k];
-            remote[k].iov_base = op->dsts[i + k];
-            remote[k].iov_len = op->sizes[i + k];
+            here[k].iov_base = write ? op->srcs[i + k] : op->dsts[i + k];
+            here[k].iov_len = op->sizes[i + k];
+            there[k].iov_base = write ? op->dsts[i + k] : op->srcs[i + k];
+            there[k].iov_len = op->sizes[i + k];
             want += op->sizes[i + k];
         }
-        ssize_t got = process_vm_writev((pid_t)op->pid, local, k, remote, k, 0);
+        ssize_t got = write ? process_vm_writev((pid_t)op->pid, here, k, there, k, 0)
+                            : process_vm_readv((pid_t)op->pid, here, k, there, k, 0);
         if (got < 0) { *op->status = errno ? errno : EIO; return; }
         if ((size_t)got != want) { *op->status = EFAULT; return; }
         i += k;
@@ -340,7 +342,10 @@ static void run_op(host_op *op)
         event_wait_gen(op->ev, op->gen, -1);
         break;
     case OP_PROCESS_WRITE:
-        process_write(op);
+        process_transfer(op, 1);
+        break;
+    case OP_PROCESS_READ:
+        process_transfer(op, 0);
         break;
     }
 }
@@ -558,14 +563,26 @@ static int h_memcpy_batch_async(void *ctx, void **dsts, size_t *dst_maxs, void *
     return stream_push((host_stream *)stream, &op);
 }
 
-int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void **srcs,
-                                  size_t *sizes, size_t count, int *status)
+static int process_async(int type, llmd_stream stream, int pid, void **dsts, void **srcs,
+                         size_t *sizes, size_t count, int *status)
 {
     if (!stream || !status || (count && (!dsts || !srcs || !sizes))) return LLMD_HOST_EINVAL;
     if (count == 0) return LLMD_HOST_OK;
-    host_op op = {.type = OP_PROCESS_WRITE, .dsts = dsts, .srcs = srcs, .sizes = sizes,
+    host_op op = {.type = type, .dsts = dsts, .srcs = srcs, .sizes = sizes,
                   .n = count, .pid = pid, .status = status};
     return stream_push((host_stream *)stream, &op);
+}
+
+int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void **srcs,
+                                  size_t *sizes, size_t count, int *status)
+{
+    return process_async(OP_PROCESS_WRITE, stream, pid, dsts, srcs, sizes, count, status);
+}
+
+int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void **srcs,
+                                 size_t *sizes, size_t count, int *status)
+{
+    return process_async(OP_PROCESS_READ, stream, pid, dsts, srcs, sizes, count, status);
 }
 
 /* Shared memory: a POSIX shared memory object that peers on this host map by name. */

@@ -40,6 +40,10 @@ void llmd_host_copy(void *dst, const void *src, size_t n);
  * is stored in *status (which must start at 0). */
 int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void **srcs,
                                   size_t *sizes, size_t count, int *status);
+/* The same for reads: runs of process pid's memory (srcs) into this process's dsts
+ * (process_vm_readv). */
+int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void **srcs,
+                                 size_t *sizes, size_t count, int *status);
 
 /* POSIX shared memory, so that peers on this host can map host-runtime memory. */
 int llmd_host_shm_create(const char *name, size_t size, void **ptr);

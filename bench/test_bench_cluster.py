@@ -20,17 +20,13 @@ Memory: the pool is 256 blocks (not 1024) per tensor by default, so that each ca
 source + copy scratch here, allocated + registered caches in the decode (4 GiB; NIXL adds 2 GiB
 while it runs). ``--llmdist-mem-gib`` below 4 shrinks it further.
 
-Helpers are local to this module (see bench/conftest.py on ``from conftest import``).
+The child processes and their helpers are llmdist.bench.procs, shared with
+``python -m llmdist bench cluster``.
 """
 from __future__ import annotations
 
-import glob
 import importlib.util
-import math
-import multiprocessing as mp
 import os
-import random
-import signal
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +39,9 @@ from llmdist import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLM
                      LLMConfig, LLMDataDist, LLMRole, LLMStatusCode, Placement,
                      TransferWithCacheKeyConfig)
 
-import cluster_bench_procs as procs
+from llmdist.bench import procs
+from llmdist.bench.procs import Child, ChildError
+from llmdist.bench.workload import block_pairs
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -61,11 +59,9 @@ DST_ALLOCATED = 0              # model ids of the decode's caches
 DST_REGISTERED = 1
 LINK_MS = 5000
 TASK_MS = 120_000
-REPLY_S = 120.0
 OK = LLMStatusCode.LLM_SUCCESS
 TARGET = 0.7                   # same-host path vs contiguous np.copyto (reported, not asserted)
 
-CTX = mp.get_context("spawn")
 SECTION = ("f. B2B into another process (64K x 256 pairs x 64 tensors, all layers ready) "
            "vs contiguous np.copyto in the sending process (bandwidth, same bytes)")
 
@@ -111,66 +107,6 @@ class Go(LayerSynchronizer):
 
 
 # ------------------------------------------------------------------------------------------
-# Child processes
-
-
-class ChildError(Exception):
-    pass
-
-
-class Child:
-    """A spawned child obeying (command, *args) over a Pipe; every wait is bounded."""
-
-    def __init__(self, target, *args, name: str):
-        self.conn, child = CTX.Pipe()
-        self.proc = CTX.Process(target=target, args=(child, *args), name=name, daemon=True)
-        self.proc.start()
-        child.close()
-        self.pid = self.proc.pid
-        self.name = name
-
-    def recv(self, timeout: float = REPLY_S):
-        try:
-            ready = self.conn.poll(timeout)
-            msg = self.conn.recv() if ready else None
-        except (EOFError, OSError):
-            self.proc.join(1)
-            raise ChildError(f"{self.name} (pid {self.pid}) ended, exit code "
-                             f"{self.proc.exitcode}") from None
-        if msg is None:
-            raise ChildError(f"{self.name} (pid {self.pid}) did not answer within {timeout} s")
-        if msg[0] == "err":
-            raise ChildError(f"{self.name} failed:\n{msg[1]}")
-        return msg
-
-    def call(self, *cmd, timeout: float = REPLY_S):
-        try:
-            self.conn.send(cmd)
-        except (EOFError, OSError) as exc:
-            raise ChildError(f"{self.name} (pid {self.pid}) is gone: {exc}") from None
-        return self.recv(timeout)[1]
-
-    def close(self) -> None:
-        try:
-            if self.proc.is_alive():
-                try:
-                    self.call("exit", timeout=15)
-                except ChildError:
-                    pass
-                self.proc.join(15)
-        finally:
-            if self.proc.is_alive():
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.join(10)
-            self.conn.close()
-            for f in glob.glob(f"/dev/shm/llmdist-{self.pid}-*"):   # a killed child's
-                try:
-                    os.unlink(f)
-                except OSError:
-                    pass
-
-
-# ------------------------------------------------------------------------------------------
 # The workload
 
 
@@ -189,16 +125,7 @@ class ClusterWorkload:
         self.pool = max(1, min(FULL_POOL, max_pool))
         self.tensor_bytes = self.pool * BLOCK
         self.cache_bytes = self.num_tensors * self.tensor_bytes
-        rng = random.Random(1234)
-        if self.pool >= self.pairs:
-            self.src_idx = rng.sample(range(self.pool), self.pairs)
-            self.dst_idx = rng.sample(range(self.pool), self.pairs)
-        else:   # pool distinct pairs, repeated in the same order (as in test_bench_transfer)
-            base = list(zip(rng.sample(range(self.pool), self.pool),
-                            rng.sample(range(self.pool), self.pool)))
-            allp = (base * math.ceil(self.pairs / self.pool))[:self.pairs]
-            self.src_idx = [s for s, _ in allp]
-            self.dst_idx = [d for _, d in allp]
+        self.src_idx, self.dst_idx = block_pairs(self.pool, self.pairs, 1234)
         self.bytes_moved = self.num_tensors * self.pairs * BLOCK
         self.notes = [f"f.: pool {self.pool} blocks of {BLOCK // KiB}K per tensor (not "
                       f"{FULL_POOL}): 1 cache = {self.cache_bytes / GiB:.2f} GiB; "
@@ -238,9 +165,10 @@ class ClusterWorkload:
         if msg[0] != "ready":
             raise ChildError(f"decode child: unexpected {msg!r}")
         _, self.port, self.decode.pid = msg
-        shape = (self.num_tensors, self.pool, BLOCK)
-        self.dst_addrs = {DST_ALLOCATED: self.decode.call("alloc", DST_ALLOCATED, *shape),
-                          DST_REGISTERED: self.decode.call("register", DST_REGISTERED, *shape)}
+        layout = (self.num_tensors, [self.pool, BLOCK], DataType.DT_UINT8.value,
+                  int(Placement.DEVICE))
+        self.dst_addrs = {DST_ALLOCATED: self.decode.call("alloc", DST_ALLOCATED, *layout),
+                          DST_REGISTERED: self.decode.call("register", DST_REGISTERED, *layout)}
 
         self.desc = CacheDesc(num_tensors=self.num_tensors, shape=[self.pool, BLOCK],
                               data_type=DataType.DT_UINT8, placement=Placement.DEVICE)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,8 +20,12 @@ import numpy as np
 import pytest
 
 import llmdist
-from llmdist import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMStatusCode,
-                     Placement, TransferConfig)
+from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMStatusCode, Placement,
+                     TransferConfig)
+from llmdist.bench.local import Compute, Gate, LayerEvents
+from llmdist.bench.procs import aligned_empty, fill_pattern
+from llmdist.bench.settings import FULL_POOL, parse_size, size_name
+from llmdist.bench.workload import Go, block_pairs
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -32,22 +34,7 @@ GiB = 1 << 30
 CLUSTER_ID = 7          # the session LLMDataDist's own cluster id (bench/conftest.py)
 NUM_LAYERS = 32
 NUM_PAIRS = 256
-FULL_POOL = 1024
 OK = LLMStatusCode.LLM_SUCCESS
-
-
-def size_name(n: int) -> str:
-    if n >= MiB and n % MiB == 0:
-        return f"{n // MiB}M"
-    if n >= KiB and n % KiB == 0:
-        return f"{n // KiB}K"
-    return str(n)
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    mult = {"K": KiB, "M": MiB, "G": GiB}.get(text[-1:], 1)
-    return int(text[:-1] if mult > 1 else text) * mult
 
 
 def pytest_generate_tests(metafunc):
@@ -114,60 +101,6 @@ def timed(fn, times: list):
     return run
 
 
-# ------------------------------------------------------------------------------------------
-# Memory
-
-
-def aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
-    """An uninitialised uint8 array of nbytes whose data starts on an `align` boundary."""
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + nbytes]
-
-
-def fill_pattern(flat: np.ndarray, start: int = 0, chunk: int = 64 * MiB) -> None:
-    """Fill a uint8 array (length multiple of 8) with distinct 64-bit words (touches every page)."""
-    words = flat.view(np.uint64)
-    for lo in range(0, words.size, chunk // 8):
-        hi = min(words.size, lo + chunk // 8)
-        words[lo:hi] = np.arange(start + lo, start + hi, dtype=np.uint64)
-
-
-# ------------------------------------------------------------------------------------------
-# Synchronizers
-
-
-class Go(LayerSynchronizer):
-    """Every layer is ready at once."""
-
-    def synchronize_layer(self, layer_index, timeout_in_millis):
-        return True
-
-
-class Gate(LayerSynchronizer):
-    """Blocks every layer until released."""
-
-    def __init__(self):
-        self.event = threading.Event()
-
-    def synchronize_layer(self, layer_index, timeout_in_millis):
-        return self.event.wait(None if timeout_in_millis is None else timeout_in_millis / 1000.0)
-
-
-class PerLayerEvents(LayerSynchronizer):
-    """Waits on one threading.Event per layer; records when each call returned."""
-
-    def __init__(self, num_layers: int):
-        self.events = [threading.Event() for _ in range(num_layers)]
-        self.returned = [0.0] * num_layers
-
-    def synchronize_layer(self, layer_index, timeout_in_millis):
-        ok = self.events[layer_index].wait(
-            None if timeout_in_millis is None else timeout_in_millis / 1000.0)
-        self.returned[layer_index] = time.perf_counter()
-        return ok
-
-
 _key_ids = itertools.count(1)
 
 
@@ -191,21 +124,8 @@ class BlocksWorkload:
         self.tensor_bytes = self.pool * block_size
         self.cache_bytes = self.num_tensors * self.tensor_bytes
 
-        rng = random.Random(seed)
-        if self.pool >= pairs:
-            self.src_idx = rng.sample(range(self.pool), pairs)
-            self.dst_idx = rng.sample(range(self.pool), pairs)
-            self.repeats = 1
-        else:
-            # `pool` distinct random pairs, repeated in the same order: a block comes back only
-            # after all the others (pool blocks later), so repeats cannot hit in the CPU cache
-            # as long as one pool (src side) is larger than the last-level cache.
-            base = list(zip(rng.sample(range(self.pool), self.pool),
-                            rng.sample(range(self.pool), self.pool)))
-            self.repeats = math.ceil(pairs / self.pool)
-            allp = (base * self.repeats)[:pairs]
-            self.src_idx = [s for s, _ in allp]
-            self.dst_idx = [d for _, d in allp]
+        self.src_idx, self.dst_idx = block_pairs(self.pool, pairs, seed)
+        self.repeats = math.ceil(pairs / self.pool)
         self.src_np = np.asarray(self.src_idx, dtype=np.intp)
         self.dst_np = np.asarray(self.dst_idx, dtype=np.intp)
 
@@ -468,38 +388,6 @@ def overlap_workload(cache_manager, report):
     w.close()
 
 
-class Compute:
-    """One layer of simulated prefill taking about `seconds`: numpy matmuls (CPU busy, the GIL
-    released, competing with the copy threads for the 2 cores) or a sleep (an accelerator
-    computing while the host idles). The matmul count is calibrated on whole steps."""
-
-    def __init__(self, kind: str, seconds: float):
-        self.kind = kind
-        self.seconds = seconds
-        self.reps = 1
-        if kind == "matmul":
-            rng = np.random.default_rng(0)
-            self.a = rng.standard_normal((384, 384), dtype=np.float32)
-            self.b = rng.standard_normal((384, 384), dtype=np.float32)
-            for _ in range(3):
-                self.step_time()
-            for _ in range(3):
-                t = median([self.step_time() for _ in range(5)])
-                self.reps = max(1, math.ceil(self.reps * seconds / t))
-
-    def step_time(self) -> float:
-        t0 = time.perf_counter()
-        self()
-        return time.perf_counter() - t0
-
-    def __call__(self):
-        if self.kind == "sleep":
-            time.sleep(self.seconds)
-        else:
-            for _ in range(self.reps):
-                self.a @ self.b
-
-
 @pytest.mark.parametrize("compute", ["sleep", "matmul"])
 def test_overlap_tail(benchmark, overlap_workload, compute, report, rounds_scale):
     """Prefill of 32 layers; each layer's compute takes ~2x its copy. Measures the tail: from
@@ -526,7 +414,7 @@ def test_overlap_tail(benchmark, overlap_workload, compute, report, rounds_scale
     tails, after_prefill, statuses, prefill, lags = [], [], [], [], []
 
     def prefill_round():
-        sync = PerLayerEvents(L)
+        sync = LayerEvents(L)
         t0 = time.perf_counter()
         task = cm.transfer_cache_async(w.src_cache, sync, w.configs, w.src_idx, w.dst_idx)
         try:

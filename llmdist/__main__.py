@@ -20,10 +20,23 @@ def _demo_run(args):
     return demo.main(args)
 
 
+def _bench_arguments(p):
+    from . import bench
+    bench.add_arguments(p)
+
+
+def _bench_run(args):
+    from . import bench
+    return bench.main(args)
+
+
 COMMANDS = {
     "demo": ("simulated prefill that streams its KV cache layer by layer into a decode "
              "process, which verifies every byte",
              _demo_arguments, _demo_run),
+    "bench": ("the benchmark suite: llmdist against same-run baselines on the runtime "
+              "LLMDIST_RUNTIME picks; a table, and optionally JSON, a plot and a comparison",
+              _bench_arguments, _bench_run),
 }
 
 

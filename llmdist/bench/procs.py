@@ -1,15 +1,15 @@
-"""Child processes of the two-process benchmarks (bench/test_bench_cluster.py).
+"""Child processes of the two-process benchmarks (``python -m llmdist bench cluster`` and
+bench/test_bench_cluster.py).
 
-multiprocessing's 'spawn' start method needs importable functions, so they live here (under a
-name of their own: tests/cluster_procs.py is imported as ``cluster_procs`` when both directories
-run together). Every child obeys ``(command, *args)`` tuples from the parent over a Pipe and
-answers ``("ok", result)`` or ``("err", traceback)``; without a command for ``idle_s`` seconds,
-or when the parent's end closes, it cleans up and exits.
+multiprocessing's 'spawn' start method needs importable functions, so they live here. Every
+child obeys ``(command, *args)`` tuples from the parent over a Pipe and answers ``("ok",
+result)`` or ``("err", traceback)``; without a command for ``idle_s`` seconds, or when the
+parent's end closes, it cleans up and exits. `Child` is the parent's handle on one.
 
 - ``decode_main``: a DECODER cluster listening on 127.0.0.1 (port picked by the OS) that allocates
-  or registers blocks caches under ``BlocksCacheKey(cluster_id, model_id)``, clears them, returns
-  per-block digests of what arrived, and (``nixl_init``) exposes its registered memory to a NIXL
-  agent.
+  or registers blocks caches under ``BlocksCacheKey(cluster_id, model_id)``, clears and frees
+  them, returns per-block digests of what they hold, and exposes a cache's memory to the peers'
+  own engines: a raw Mooncake Transfer Engine (``mooncake_init``) or a NIXL agent (``nixl_init``).
 - ``nixl_prefill_main``: the NIXL side of the NIXL baseline: its own source memory (the same
   pattern as the benchmark's source), a contiguous np.copyto baseline, and the layer-wise B2B
   writes into the decode's memory through NIXL (UCX backend).
@@ -22,17 +22,19 @@ NIXL is only ever loaded in these children, which leave with ``os._exit`` once N
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
+import multiprocessing as mp
 import os
-import sys
+import signal
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(BENCH_DIR)
 DIGEST_BYTES = 16
 MiB = 1 << 20
+REPLY_S = 120.0
+CTX = mp.get_context("spawn")
 
 
 # ------------------------------------------------------------------------------------------
@@ -95,10 +97,60 @@ def _serve(conn, obj, idle_s: float) -> None:
             return
 
 
-def _fix_path() -> None:
-    for d in (REPO_DIR, BENCH_DIR):   # llmdist may be built in place, not installed
-        if d not in sys.path:
-            sys.path.insert(0, d)
+class ChildError(Exception):
+    pass
+
+
+class Child:
+    """A spawned child obeying (command, *args) over a Pipe; every wait is bounded."""
+
+    def __init__(self, target, *args, name: str):
+        self.conn, child = CTX.Pipe()
+        self.proc = CTX.Process(target=target, args=(child, *args), name=name, daemon=True)
+        self.proc.start()
+        child.close()
+        self.pid = self.proc.pid
+        self.name = name
+
+    def recv(self, timeout: float = REPLY_S):
+        try:
+            ready = self.conn.poll(timeout)
+            msg = self.conn.recv() if ready else None
+        except (EOFError, OSError):
+            self.proc.join(1)
+            raise ChildError(f"{self.name} (pid {self.pid}) ended, exit code "
+                             f"{self.proc.exitcode}") from None
+        if msg is None:
+            raise ChildError(f"{self.name} (pid {self.pid}) did not answer within {timeout} s")
+        if msg[0] == "err":
+            raise ChildError(f"{self.name} failed:\n{msg[1]}")
+        return msg
+
+    def call(self, *cmd, timeout: float = REPLY_S):
+        try:
+            self.conn.send(cmd)
+        except (EOFError, OSError) as exc:
+            raise ChildError(f"{self.name} (pid {self.pid}) is gone: {exc}") from None
+        return self.recv(timeout)[1]
+
+    def close(self) -> None:
+        try:
+            if self.proc.is_alive():
+                try:
+                    self.call("exit", timeout=15)
+                except ChildError:
+                    pass
+                self.proc.join(15)
+        finally:
+            if self.proc.is_alive():
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.join(10)
+            self.conn.close()
+            for f in glob.glob(f"/dev/shm/llmdist-{self.pid}-*"):   # a killed child's
+                try:
+                    os.unlink(f)
+                except OSError:
+                    pass
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,63 +160,131 @@ def _fix_path() -> None:
 class _Decode:
     def __init__(self, cluster_id: int) -> None:
         from llmdist import LLMConfig, LLMDataDist, LLMRole
+        from llmdist import _core
         self.cluster_id = cluster_id
         self.dd = LLMDataDist(LLMRole.DECODER, cluster_id)
         cfg = LLMConfig()
-        cfg.device_id = 0
+        cfg.device_id = int(os.environ.get("LLMDIST_DEVICE", "0"))
         cfg.enable_cache_manager = True
         cfg.enable_remote_cache_accessible = True
         cfg.listen_ip_info = "127.0.0.1:0"
         self.dd.init(cfg.generate_options())
         self.cm = self.dd.cache_manager
-        self.caches = {}       # model id -> (cache, [tensor views], owner array or None)
+        self.rt = self.dd.runtime
+        self.stream = _core.Stream(self.rt)
+        self.caches = {}       # model id -> (cache, owner array or None)
         self.nixl = None       # (agent, registration) once nixl_init ran
+        self.mooncake = {}     # model id -> raw Mooncake engine holding that cache's memory
 
-    def _desc(self, num_tensors, pool, block):
+    def _desc(self, num_tensors, shape, data_type, placement):
         from llmdist import CacheDesc, DataType, Placement
-        return CacheDesc(num_tensors=num_tensors, shape=[pool, block],
-                         data_type=DataType.DT_UINT8, placement=Placement.DEVICE)
+        return CacheDesc(num_tensors=num_tensors, shape=list(shape),
+                         data_type=DataType(data_type), placement=Placement(placement))
 
-    def cmd_alloc(self, model_id, num_tensors, pool, block):
-        """allocate_blocks_cache (shared memory on a listening cluster), zeroed (pre-faulted)."""
+    def _host(self, cache) -> bool:
+        from llmdist import Placement
+        return self.rt.name == "host" or cache.cache_desc.placement == Placement.HOST
+
+    def _tensor(self, cache, t: int):
+        """A host copy of tensor t, as [blocks, block] uint8."""
+        n = cache.cache_desc.size
+        blocks = cache.cache_desc.shape[0]
+        if self._host(cache):
+            return host_view(cache.tensor_addrs[t], n).reshape(blocks, -1)
+        from llmdist import CacheDesc, DataType, Placement
+        stage = self.cm.allocate_cache(CacheDesc(1, [n], DataType.DT_UINT8, Placement.HOST))
+        try:
+            self.rt.memcpy(stage.tensor_addrs[0], cache.tensor_addrs[t], n, self.stream)
+            self.stream.synchronize()
+            return host_view(stage.tensor_addrs[0], n).copy().reshape(blocks, -1)
+        finally:
+            self.cm.deallocate_cache(stage)
+
+    def cmd_alloc(self, model_id, num_tensors, shape, data_type, placement):
+        """allocate_blocks_cache (shared memory, or exported device memory, on a listening
+        cluster), zeroed; returns its tensor addresses."""
         from llmdist import BlocksCacheKey
-        cache = self.cm.allocate_blocks_cache(self._desc(num_tensors, pool, block),
-                                              BlocksCacheKey(self.cluster_id, model_id))
-        views = [host_view(a, pool * block).reshape(pool, block) for a in cache.tensor_addrs]
-        for v in views:
-            v.fill(0)
-        self.caches[model_id] = (cache, views, None)
+        cache = self.cm.allocate_blocks_cache(
+            self._desc(num_tensors, shape, data_type, placement),
+            BlocksCacheKey(self.cluster_id, model_id))
+        self.caches[model_id] = (cache, None)
+        self.cmd_clear(model_id)
         return list(cache.tensor_addrs)
 
-    def cmd_register(self, model_id, num_tensors, pool, block):
+    def cmd_register(self, model_id, num_tensors, shape, data_type, placement):
         """register_blocks_cache over page-aligned numpy memory, zeroed (pre-faulted)."""
         from llmdist import BlocksCacheKey
-        mem = aligned_empty(num_tensors * pool * block)
+        desc = self._desc(num_tensors, shape, data_type, placement)
+        mem = aligned_empty(num_tensors * desc.size)
         mem.fill(0)
-        t = mem.reshape(num_tensors, pool, block)
-        cache = self.cm.register_blocks_cache(self._desc(num_tensors, pool, block),
-                                              [int(t[i].ctypes.data) for i in range(num_tensors)],
+        t = mem.reshape(num_tensors, desc.size)
+        cache = self.cm.register_blocks_cache(desc, [int(t[i].ctypes.data) for i in range(num_tensors)],
                                               BlocksCacheKey(self.cluster_id, model_id))
-        self.caches[model_id] = (cache, [t[i] for i in range(num_tensors)], mem)
+        self.caches[model_id] = (cache, mem)
         return list(cache.tensor_addrs)
 
     def cmd_clear(self, model_id):
-        for v in self.caches[model_id][1]:
-            v.fill(0)
+        import numpy as np
+        cache, _ = self.caches[model_id]
+        n = cache.cache_desc.size
+        if self._host(cache):
+            for a in cache.tensor_addrs:
+                host_view(a, n).fill(0)
+            return
+        from llmdist import CacheDesc, DataType, Placement
+        stage = self.cm.allocate_cache(CacheDesc(1, [n], DataType.DT_UINT8, Placement.HOST))
+        try:
+            host_view(stage.tensor_addrs[0], n)[:] = np.zeros(n, dtype=np.uint8)
+            for a in cache.tensor_addrs:
+                self.rt.memcpy(a, stage.tensor_addrs[0], n, self.stream)
+            self.stream.synchronize()
+        finally:
+            self.cm.deallocate_cache(stage)
 
-    def cmd_digests(self, model_id, idx):
-        return block_digests(self.caches[model_id][1], idx)
+    def cmd_digests(self, model_id, idx, tensors=None):
+        cache, _ = self.caches[model_id]
+        tensors = range(len(cache.tensor_addrs)) if tensors is None else tensors
+        return block_digests([self._tensor(cache, t) for t in tensors], idx)
+
+    def cmd_free(self, model_id):
+        """Withdraw cache model_id (and its raw Mooncake registration)."""
+        engine = self.mooncake.pop(model_id, None)
+        cache, mem = self.caches.pop(model_id)
+        if engine is not None:
+            for a in cache.tensor_addrs:
+                engine.unregister_memory(int(a))
+        if mem is not None:
+            self.cm.unregister_cache(cache.cache_id)
+        else:
+            self.cm.deallocate_blocks_cache(cache)
+
+    def cmd_mooncake_init(self, model_id):
+        """A raw Mooncake engine (TCP, P2P handshake) of its own, with cache model_id's tensors
+        registered; returns its session id for the peer's writes."""
+        from mooncake.engine import TransferEngine
+        cache, _ = self.caches[model_id]
+        engine = TransferEngine()
+        rc = engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "")
+        if rc != 0:
+            raise RuntimeError(f"Mooncake initialize returned {rc}")
+        for a in cache.tensor_addrs:
+            rc = engine.register_memory(int(a), cache.cache_desc.size)
+            if rc != 0:
+                raise RuntimeError(f"Mooncake register_memory returned {rc}")
+        self.mooncake[model_id] = engine
+        return f"127.0.0.1:{engine.get_rpc_port()}"
 
     def cmd_nixl_init(self, model_id):
         """A NIXL agent (UCX backend) with the memory of cache model_id registered (DRAM);
         returns the agent's metadata for the NIXL prefill."""
         from nixl._api import nixl_agent, nixl_agent_config
-        _, views, mem = self.caches[model_id]
+        cache, mem = self.caches[model_id]
         agent = nixl_agent(f"decode-{self.cluster_id}", nixl_agent_config(backends=["UCX"]))
+        n = cache.cache_desc.size
         if mem is not None:
             regions = [(int(mem.ctypes.data), int(mem.nbytes), 0, "")]
         else:
-            regions = [(int(v.ctypes.data), int(v.nbytes), 0, "") for v in views]
+            regions = [(int(a), n, 0, "") for a in cache.tensor_addrs]
         reg = agent.register_memory(regions, "DRAM")
         self.nixl = (agent, reg)
         return agent.get_agent_metadata()
@@ -182,14 +302,17 @@ class _Decode:
                 agent.deregister_memory(reg)
             except Exception:  # noqa: BLE001 - best effort before _exit
                 pass
-        for cache, views, _ in self.caches.values():
-            views.clear()
+        for model_id in list(self.caches):
+            try:
+                self.cmd_free(model_id)
+            except Exception:  # noqa: BLE001 - finalize frees the rest
+                pass
+        self.stream.close()
         self.dd.finalize()
 
 
 def decode_main(conn, cluster_id: int, idle_s: float = 300.0) -> None:
     """Child entry point: report ("ready", port, pid), then serve commands."""
-    _fix_path()
     try:
         node = _Decode(cluster_id)
     except BaseException:
@@ -306,7 +429,6 @@ class _NixlPrefill:
 def nixl_prefill_main(conn, idle_s: float = 300.0) -> None:
     """Child entry point: report ("ready", pid) or ("err", why), then serve commands; leaves
     with os._exit (see the module doc)."""
-    _fix_path()
     try:
         node = _NixlPrefill()
     except BaseException:

@@ -1,0 +1,476 @@
+"""Scenarios inside one process: B2B, C2B and C2C copies (device to device on a device runtime),
+swaps between device and host memory, the overlap of a layer-wise transfer with a simulated
+prefill, and the call overhead of transfer_cache_async. Each measures its baselines in the same
+rounds and checks the bytes of one llmdist transfer before timing."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import statistics
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from ..descs import Placement
+from ..transfer_types import LayerSynchronizer, TransferConfig
+from .results import SUBJECT, Result, Run, path_of
+from .settings import OVERHEAD_BLOCK, OVERHEAD_LAYERS, Need, size_name
+from .workload import (CLUSTER_ID, CONTIGUOUS, NUMPY, PER_BLOCK, TORCH, Bench, Go, block_pairs,
+                       check, verify_blocks)
+
+DEVICE, HOST = Placement.DEVICE, Placement.HOST
+
+
+def layer_kwargs(bench: Bench) -> dict:
+    """tensor_num_per_layer for caches of one tensor per layer (MLA)."""
+    return {} if bench.settings.tensors_per_layer == 2 else {
+        "tensor_num_per_layer": bench.settings.tensors_per_layer}
+
+
+def supports_one_tensor_per_layer(cm) -> bool:
+    return "tensor_num_per_layer" in inspect.signature(cm.transfer_cache_async).parameters
+
+
+def _result(scenario: str, case: str, block: Optional[int], nbytes: int,
+            times: Dict[str, List[float]], skipped: Dict[str, str], verified: Optional[bool],
+            **extra) -> Result:
+    paths = {k: path_of(v, nbytes) for k, v in times.items()}
+    return Result(scenario, case, block, nbytes, paths, skipped=skipped, verified=verified,
+                  extra=extra).finish()
+
+
+def _add_framework_baselines(bench: Bench, paths: dict, skipped: dict, releases: list,
+                             numpy_run, torch_args) -> None:
+    """numpy indexing on host memory, else torch indexing on the device, else the reasons."""
+    if numpy_run is not None:
+        paths[NUMPY] = numpy_run
+    else:
+        skipped[NUMPY] = "device memory is not host memory"
+    t = bench.torch_indexing(*torch_args)
+    if t is not None:
+        paths[TORCH] = t[0]
+        releases.append(t[1])
+    elif not bench.host_memory:
+        skipped[TORCH] = bench.torch_reason()
+
+
+def _kind(bench: Bench, src: Placement, dst: Placement) -> str:
+    if bench.host_memory:
+        return "host runtime"
+    names = {DEVICE: "D", HOST: "H"}
+    return f"{names[src]}2{names[dst]}"
+
+
+# ------------------------------------------------------------------------------------------
+# B2B
+
+
+def b2b(bench: Bench, run: Run) -> None:
+    s = bench.settings
+    nt = s.layers * s.tensors_per_layer
+    for block in s.blocks:
+        label = f"b2b {size_name(block)}"
+        bench.progress.step(label)
+        moved = nt * s.pairs * block
+        copies = 4 if bench.torch else 2          # llmdist's caches (+ torch's own)
+        plan = bench.budget.fit_pool(label, Need(copies * nt * block, 2 * moved))
+        run.note(plan.note)
+        src = bench.blocks_cache(nt, plan.pool, block)
+        dst = bench.blocks_cache(nt, plan.pool, block)
+        releases = [lambda: bench.free(src, dst)]
+        try:
+            bench.fill(src)
+            bench.zero(dst)
+            si, di = block_pairs(plan.pool, s.pairs, s.seed)
+            cfg = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs))]
+            kw = layer_kwargs(bench)
+
+            def llmdist():
+                check(bench.cm.transfer_cache_async(src, Go(), cfg, si, di, **kw).synchronize(),
+                      "B2B transfer")
+            llmdist()
+            ok = verify_blocks(bench, src, dst, si, di, block)
+            contiguous, free_flat = bench.contiguous(moved, DEVICE, DEVICE)
+            releases.append(free_flat)
+            dsts = [a + d * block for a in dst.tensor_addrs for d in di]
+            srcs = [a + x * block for a in src.tensor_addrs for x in si]
+            paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
+                     PER_BLOCK: bench.per_block(dsts, srcs, block)}
+            skipped: Dict[str, str] = {}
+            _add_framework_baselines(bench, paths, skipped, releases,
+                                     bench.numpy_indexing(src, dst, si, di, block),
+                                     (nt, plan.pool, block, si, di))
+            times = bench.rounds(label, paths)
+            run.results.append(_result("b2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
+                                        block, moved, times, skipped, ok, pool=plan.pool,
+                                        pairs=s.pairs, tensors=nt))
+        finally:
+            for r in reversed(releases):
+                r()
+
+
+# ------------------------------------------------------------------------------------------
+# C2B and C2C: row 1 of a two-row cache, `pairs` blocks long
+
+
+def c2b(bench: Bench, run: Run) -> None:
+    s = bench.settings
+    nt = s.layers * s.tensors_per_layer
+    for block in s.blocks:
+        label = f"c2b {size_name(block)}"
+        bench.progress.step(label)
+        row = s.pairs * block
+        moved = nt * row
+        plan = bench.budget.fit_pool(label, Need(nt * block, 2 * nt * row + 2 * moved),
+                                     minimum=s.pairs)
+        run.note(plan.note)
+        src = bench.cache(nt, 2, row)
+        dst = bench.blocks_cache(nt, plan.pool, block)
+        releases = [lambda: bench.free(src, dst)]
+        try:
+            bench.fill(src)
+            bench.zero(dst)
+            _, di = block_pairs(plan.pool, s.pairs, s.seed)
+            chunks = list(range(s.pairs, 2 * s.pairs))       # row 1 in block-sized chunks
+            cfg = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs), None, 1)]
+            kw = layer_kwargs(bench)
+
+            def llmdist():
+                check(bench.cm.transfer_cache_async(src, Go(), cfg, None, di, block,
+                                                    **kw).synchronize(), "C2B transfer")
+            llmdist()
+            ok = verify_blocks(bench, src, dst, chunks, di, block)
+            contiguous, free_flat = bench.contiguous(moved, DEVICE, DEVICE)
+            releases.append(free_flat)
+            dsts = [a + d * block for a in dst.tensor_addrs for d in di]
+            srcs = [a + c * block for a in src.tensor_addrs for c in chunks]
+            paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
+                     PER_BLOCK: bench.per_block(dsts, srcs, block)}
+            skipped: Dict[str, str] = {}
+            _add_framework_baselines(bench, paths, skipped, releases,
+                                     bench.numpy_indexing(src, dst, chunks, di, block),
+                                     (nt, plan.pool, block, chunks, di, 2 * s.pairs))
+            times = bench.rounds(label, paths)
+            run.results.append(_result("c2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
+                                       block, moved, times, skipped, ok, pool=plan.pool,
+                                       pairs=s.pairs, tensors=nt))
+        finally:
+            for r in reversed(releases):
+                r()
+
+
+def c2c(bench: Bench, run: Run) -> None:
+    s = bench.settings
+    nt = s.layers * s.tensors_per_layer
+    for block in s.blocks:
+        label = f"c2c {size_name(block)}"
+        bench.progress.step(label)
+        row = s.pairs * block
+        moved = nt * row
+        bench.budget.fit_pool(label, Need(0, 3 * nt * row + 2 * moved), full_pool=1)
+        src = bench.cache(nt, 2, row)
+        dst = bench.cache(nt, 1, row)
+        releases = [lambda: bench.free(src, dst)]
+        try:
+            bench.fill(src)
+            bench.zero(dst)
+            cfg = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs), None, 1)]
+            kw = layer_kwargs(bench)
+
+            def llmdist():
+                check(bench.cm.transfer_cache_async(src, Go(), cfg, **kw).synchronize(),
+                      "C2C transfer")
+            llmdist()
+            chunks = list(range(s.pairs, 2 * s.pairs))
+            ok = verify_blocks(bench, src, dst, chunks, list(range(s.pairs)), block)
+            contiguous, free_flat = bench.contiguous(moved, DEVICE, DEVICE)
+            releases.append(free_flat)
+            dsts = [a + j * block for a in dst.tensor_addrs for j in range(s.pairs)]
+            srcs = [a + c * block for a in src.tensor_addrs for c in chunks]
+            paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
+                     PER_BLOCK: bench.per_block(dsts, srcs, block)}
+            skipped: Dict[str, str] = {}
+            _add_framework_baselines(bench, paths, skipped, releases,
+                                     bench.numpy_indexing(src, dst, chunks, list(range(s.pairs)), block),
+                                     (nt, s.pairs, block, chunks, list(range(s.pairs)), 2 * s.pairs))
+            times = bench.rounds(label, paths)
+            run.results.append(_result("c2c", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers, "
+                                       f"row = {s.pairs} blocks", block, moved, times, skipped, ok,
+                                       tensors=nt, row_bytes=row))
+        finally:
+            for r in reversed(releases):
+                r()
+
+
+# ------------------------------------------------------------------------------------------
+# Swap between device and host memory
+
+
+def swap(bench: Bench, run: Run) -> None:
+    """Device -> host and host -> device. With CacheManager.swap_blocks both ways; without it,
+    device -> host as a transfer_cache_async into an allocated HOST cache, and host -> device is
+    reported as not available (transfer_cache_async refuses a HOST source for a DEVICE
+    destination)."""
+    s = bench.settings
+    nt = s.layers * s.tensors_per_layer
+    has_swap = hasattr(bench.cm, "swap_blocks")
+    for block in s.blocks:
+        for src_place, dst_place in ((DEVICE, HOST), (HOST, DEVICE)):
+            kind = _kind(bench, src_place, dst_place) if not bench.host_memory else \
+                f"{src_place.name.lower()}->{dst_place.name.lower()}"
+            label = f"swap {kind} {size_name(block)}"
+            bench.progress.step(label)
+            skipped: Dict[str, str] = {}
+            if not has_swap and src_place == HOST:
+                run.results.append(Result("swap", kind, block, 0, {}, skipped={
+                    SUBJECT: "swap_blocks is not available in this build (and transfer_cache_async "
+                             "refuses a HOST source with a DEVICE destination)"}))
+                continue
+            moved = nt * s.pairs * block
+            pool_min = s.pairs if has_swap else 1        # a dict maps each source block once
+            plan = bench.budget.fit_pool(label, Need(nt * block, moved), Need(nt * block, moved),
+                                         minimum=pool_min)
+            run.note(plan.note)
+            src = bench.blocks_cache(nt, plan.pool, block, src_place)
+            dst = bench.blocks_cache(nt, plan.pool, block, dst_place)
+            releases = [lambda: bench.free(src, dst)]
+            try:
+                bench.fill(src)
+                bench.zero(dst)
+                si, di = block_pairs(plan.pool, s.pairs, s.seed)
+                if has_swap:
+                    mapping = dict(zip(si, di))
+
+                    def llmdist():
+                        bench.cm.swap_blocks(src, dst, mapping)
+                    how = "swap_blocks"
+                else:
+                    cfg = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs))]
+                    kw = layer_kwargs(bench)
+
+                    def llmdist():
+                        check(bench.cm.transfer_cache_async(src, Go(), cfg, si, di,
+                                                            **kw).synchronize(), "D2H transfer")
+                    how = "transfer_cache_async into an allocated HOST cache (no swap_blocks in this build)"
+                llmdist()
+                ok = verify_blocks(bench, src, dst, si, di, block)
+                contiguous, free_flat = bench.contiguous(moved, src_place, dst_place)
+                releases.append(free_flat)
+                dsts = [a + d * block for a in dst.tensor_addrs for d in di]
+                srcs = [a + x * block for a in src.tensor_addrs for x in si]
+                paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
+                         PER_BLOCK: bench.per_block(dsts, srcs, block)}
+                np_run = bench.numpy_indexing(src, dst, si, di, block)
+                if np_run is not None:
+                    paths[NUMPY] = np_run
+                else:
+                    skipped[NUMPY] = "device memory is not host memory"
+                times = bench.rounds(label, paths)
+                run.results.append(_result("swap", kind, block, moved, times, skipped, ok,
+                                           pool=plan.pool, pairs=s.pairs, tensors=nt, llmdist_call=how))
+            finally:
+                for r in reversed(releases):
+                    r()
+
+
+# ------------------------------------------------------------------------------------------
+# Overlap with a simulated prefill
+
+
+class LayerEvents(LayerSynchronizer):
+    """One threading.Event per layer; records when each wait returned."""
+
+    def __init__(self, layers: int) -> None:
+        self.events = [threading.Event() for _ in range(layers)]
+        self.returned = [0.0] * layers
+
+    def synchronize_layer(self, layer_index, timeout_in_millis):
+        ok = self.events[layer_index].wait(None if timeout_in_millis is None
+                                           else timeout_in_millis / 1000.0)
+        self.returned[layer_index] = time.perf_counter()
+        return ok
+
+
+class Compute:
+    """One layer of simulated prefill lasting about `seconds`: a sleep (an accelerator computing
+    while the host idles), or matmuls calibrated on whole steps: torch on the runtime's device when
+    torch imports, else numpy on the host (busy cores, competing with host copies)."""
+
+    def __init__(self, kind: str, seconds: float, torch_dev=None) -> None:
+        self.kind = kind
+        self.seconds = seconds
+        self.reps = 1
+        self.sync = None
+        if kind == "sleep":
+            return
+        if torch_dev is not None:
+            torch, dev = torch_dev
+            self.a = torch.randn((2048, 2048), device=dev)
+            self.b = torch.randn((2048, 2048), device=dev)
+            self.sync = torch.cuda.synchronize if dev.startswith("cuda") else torch.npu.synchronize
+        else:
+            rng = np.random.default_rng(0)
+            self.a = rng.standard_normal((384, 384), dtype=np.float32)
+            self.b = rng.standard_normal((384, 384), dtype=np.float32)
+        for _ in range(3):
+            self.step_time()
+        for _ in range(3):
+            t = statistics.median([self.step_time() for _ in range(5)])
+            self.reps = max(1, math.ceil(self.reps * seconds / max(t, 1e-9)))
+
+    def step_time(self) -> float:
+        t0 = time.perf_counter()
+        self()
+        return time.perf_counter() - t0
+
+    def __call__(self) -> None:
+        if self.kind == "sleep":
+            time.sleep(self.seconds)
+            return
+        for _ in range(self.reps):
+            self.a @ self.b
+        if self.sync is not None:
+            self.sync()
+
+
+def overlap(bench: Bench, run: Run) -> None:
+    """A prefill of `layers` layers whose compute per layer takes about twice one layer's copy
+    streams its cache layer by layer. The tail (last layer ready -> task done) is reported in
+    units of one layer's copy measured in the same rounds (1.0: only the last layer was left)."""
+    s = bench.settings
+    L = s.layers
+    tpl = s.tensors_per_layer
+    nt = L * tpl
+    block = max(s.blocks)
+    kinds = ["sleep", "torch matmul" if bench.torch else "numpy matmul"]
+    plan = bench.budget.fit_pool(f"overlap {size_name(block)}", Need(2 * nt * block, 0))
+    run.note(plan.note)
+    src = bench.blocks_cache(nt, plan.pool, block)
+    dst = bench.blocks_cache(nt, plan.pool, block)
+    try:
+        bench.fill(src)
+        bench.zero(dst)
+        si, di = block_pairs(plan.pool, s.pairs, s.seed)
+        kw = layer_kwargs(bench)
+        allc = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs))]
+        last = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs[(L - 1) * tpl:]), range(L - 1, L))]
+        go = Go()
+
+        def one_layer() -> float:
+            t0 = time.perf_counter()
+            check(bench.cm.transfer_cache_async(src, go, last, si, di, **kw).synchronize(),
+                  "one-layer transfer")
+            return time.perf_counter() - t0
+
+        for kind in kinds:
+            label = f"overlap {kind}"
+            bench.progress.step(label)
+            for _ in range(3):
+                one_layer()
+            layer_s = statistics.median([one_layer() for _ in range(9)])
+            step = Compute(kind.split()[-1], 2.0 * layer_s,
+                           bench.torch if kind.startswith("torch") else None)
+            tails, after, prefill, layer_t = [], [], [], []
+            for i in range(bench.settings.repeat + 1):
+                bench.progress.show(f"{label}: round {i + 1}/{bench.settings.repeat + 1}")
+                sync = LayerEvents(L)
+                t0 = time.perf_counter()
+                task = bench.cm.transfer_cache_async(src, sync, allc, si, di, **kw)
+                try:
+                    for layer in range(L):
+                        step()
+                        sync.events[layer].set()
+                finally:
+                    for ev in sync.events:
+                        ev.set()
+                t_end = time.perf_counter()
+                check(task.synchronize(), "layer-wise transfer")
+                t_done = time.perf_counter()
+                if i:             # the first round warms up
+                    tails.append(t_done - sync.returned[L - 1])
+                    after.append(t_done - t_end)
+                    prefill.append(t_end - t0)
+                    layer_t.append(one_layer())
+            ok = verify_blocks(bench, src, dst, si, di, block, tensors=[0, nt - 1])
+            times = {SUBJECT: tails, "one layer's copy": layer_t}
+            res = _result("overlap", f"{kind}, {L} layers", block, 0, times, {}, ok,
+                          tail_in_layer_copies=statistics.median(tails) / statistics.median(layer_t),
+                          tail_after_prefill_end_s=statistics.median(after),
+                          prefill_s=statistics.median(prefill),
+                          compute_per_layer_vs_copy=statistics.median(prefill) / L
+                          / statistics.median(layer_t), layer_bytes=tpl * s.pairs * block)
+            res.extra["summary"] = (f"tail {res.extra['tail_in_layer_copies']:.2f} layer copies "
+                                    f"(prefill {statistics.median(prefill) * 1e3:.1f} ms, compute "
+                                    f"{res.extra['compute_per_layer_vs_copy']:.1f}x a layer's copy)")
+            run.results.append(res)
+    finally:
+        bench.free(src, dst)
+
+
+# ------------------------------------------------------------------------------------------
+# Call overhead
+
+
+class Gate(LayerSynchronizer):
+    """Holds every layer until released."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def synchronize_layer(self, layer_index, timeout_in_millis):
+        return self.event.wait(None if timeout_in_millis is None else timeout_in_millis / 1000.0)
+
+
+def overhead(bench: Bench, run: Run) -> None:
+    """Time for transfer_cache_async to return its task: 61 layers x `pairs` blocks of 4 KiB, one
+    config; the layers are held by a gate so that no copy runs while the call is timed. Baseline:
+    the same call for one layer (the fixed part of a call)."""
+    s = bench.settings
+    tpl = s.tensors_per_layer
+    L = OVERHEAD_LAYERS
+    nt = L * tpl
+    label = f"overhead {L} layers x {s.pairs} blocks"
+    bench.progress.step(label)
+    plan = bench.budget.fit_pool(label, Need(2 * nt * OVERHEAD_BLOCK, 0))
+    run.note(plan.note)
+    src = bench.blocks_cache(nt, plan.pool, OVERHEAD_BLOCK)
+    dst = bench.blocks_cache(nt, plan.pool, OVERHEAD_BLOCK)
+    try:
+        si, di = block_pairs(plan.pool, s.pairs, s.seed)
+        kw = layer_kwargs(bench)
+        full = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs))]
+        one = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs[:tpl]), range(0, 1))]
+        times: Dict[str, List[float]] = {SUBJECT: [], "one-layer call": []}
+        rounds = max(20, 20 * s.repeat)
+        for i in range(rounds + 5):
+            if i % 10 == 0:
+                bench.progress.show(f"{label}: call {i + 1}/{rounds + 5}")
+            for name, cfgs in ((SUBJECT, full), ("one-layer call", one)):
+                gate = Gate()
+                t0 = time.perf_counter()
+                task = bench.cm.transfer_cache_async(src, gate, cfgs, si, di, **kw)
+                t = time.perf_counter() - t0
+                gate.event.set()
+                check(task.synchronize(), "transfer")
+                if i >= 5:
+                    times[name].append(t)
+        res = _result("overhead", f"{L} layers x {s.pairs} blocks, 1 config", OVERHEAD_BLOCK, 0,
+                      times, {}, None,
+                      p90_s=float(np.percentile(times[SUBJECT], 90)), pool=plan.pool)
+        run.results.append(res)
+    finally:
+        bench.free(src, dst)
+
+
+SCENARIOS: Dict[str, Callable[[Bench, Run], None]] = {
+    "b2b": b2b, "c2b": c2b, "c2c": c2c, "swap": swap, "overlap": overlap, "overhead": overhead,
+}
+
+
+def steps(name: str, bench_settings) -> int:
+    """How many progress steps a scenario takes (for the progress line)."""
+    n = len(bench_settings.blocks)
+    return {"b2b": n, "c2b": n, "c2c": n, "swap": 2 * n, "overlap": 2, "overhead": 1}.get(name, 1)

@@ -1,0 +1,68 @@
+"""`--plot FILE.png`: bandwidth against block size, one panel per scenario, one line per path
+(llmdist solid, baselines dashed). Needs matplotlib (`pip install 'llmdist[plot]'`)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+from .results import SUBJECT
+from .settings import size_name
+from .table import SCENARIO_TITLES
+
+
+def series(results: List[dict]) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
+    """scenario -> line label -> [(block size, GB/s)], from JSON results that have a block size
+    and a bandwidth; a scenario with several cases labels its lines 'case: path'."""
+    out: Dict[str, Dict[str, List[Tuple[int, float]]]] = {}
+    for r in results:
+        if not r.get("block_size"):
+            continue
+        cases = {x["case"] for x in results if x["scenario"] == r["scenario"]}
+        for name, p in r["paths"].items():
+            if p.get("gbps") is None:
+                continue
+            label = f"{r['case']}: {name}" if len(cases) > 1 else name
+            out.setdefault(r["scenario"], {}).setdefault(label, []).append((r["block_size"], p["gbps"]))
+    return out
+
+
+def plot(data: dict, path: str) -> None:
+    """Write the PNG for a run's JSON dict; ImportError naming the extra without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("--plot needs matplotlib: pip install 'llmdist[plot]'") from exc
+    panels = series(data["results"])
+    if not panels:
+        raise ValueError("--plot: no result with a block size and a bandwidth to draw")
+    n = len(panels)
+    cols = min(2, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
+    for ax, (scenario, lines) in zip(axes.flat, panels.items()):
+        for label, pts in lines.items():
+            pts = sorted(pts)
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            mine = label == SUBJECT or label.endswith(": " + SUBJECT)
+            ax.plot(xs, ys, marker="o", linestyle="-" if mine else "--",
+                    linewidth=2.2 if mine else 1.2, label=label)
+        ax.set_xscale("log", base=2)
+        ticks = sorted({p[0] for pts in lines.values() for p in pts})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([size_name(t) for t in ticks])
+        ax.set_xlabel("block size")
+        ax.set_ylabel("GB/s")
+        ax.set_title(SCENARIO_TITLES.get(scenario, scenario).split(":")[0], fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    rt = data.get("runtime", {})
+    fig.suptitle(f"llmdist bench: {rt.get('name', '?')} runtime on {data['machine'].get('hostname', '?')} "
+                 f"({data['machine'].get('cpus')} CPUs), medians", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

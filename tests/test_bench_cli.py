@@ -1,0 +1,305 @@
+"""`python -m llmdist bench`: the command runs every scenario at tiny sizes on the host runtime
+and on the fake ACL runtime (the figures mean nothing there; the paths and byte checks run), its
+JSON file follows the schema of docs/bench.md, the plot is drawn, `--compare` reports changes,
+bad options are refused by name, and the memory plan shrinks the pool, never the pairs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmdist import CacheManager
+from llmdist.bench.settings import GiB, MemoryBudget, Need, parse_size
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_ACL_BUILD = REPO / "tests" / "fake_acl" / "build.sh"
+TINY = ["--blocks", "4K,8K", "--layers", "2", "--pairs", "8", "--repeat", "1", "--quiet"]
+HAS_PUSH_PULL = hasattr(CacheManager, "push_blocks") and hasattr(CacheManager, "pull_blocks")
+HAS_SWAP = hasattr(CacheManager, "swap_blocks")
+
+
+def bench(*args, env=None, timeout=85):
+    e = dict(os.environ)
+    e.setdefault("LLMDIST_RUNTIME", "host")
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "llmdist", "bench", *args], cwd=REPO, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------
+# The schema of docs/bench.md
+
+NUM = (int, float)
+
+
+def check_schema(data: dict) -> None:
+    assert data["schema"] == "llmdist-bench/1"
+    assert isinstance(data["started"], str) and data["started"].endswith("Z")
+    assert isinstance(data["seconds"], NUM) and data["seconds"] > 0
+    m = data["machine"]
+    for k in ("hostname", "platform", "cpu", "python"):
+        assert isinstance(m[k], str)
+    assert isinstance(m["cpus"], int) and isinstance(m["memory_bytes"], int)
+    assert len(m["load_average"]) == 3 and len(m["load_average_end"]) == 3
+    rt = data["runtime"]
+    assert rt["name"] in ("host", "acl", "cuda")
+    assert isinstance(rt["version"], str) and isinstance(rt["library"], str)
+    assert isinstance(rt["device_id"], int) and rt["info"]["active"] == rt["name"]
+    v = data["versions"]
+    for k in ("llmdist", "numpy", "torch", "torch_npu", "mooncake", "nixl", "llm_datadist",
+              "matplotlib"):
+        assert k in v and (v[k] is None or isinstance(v[k], str))
+    s = data["settings"]
+    assert set(s) == {"scenarios", "blocks", "layers", "pairs", "repeat", "tensors_per_layer",
+                      "dtype", "preset", "mem_budget", "seed"}
+    assert all(isinstance(b, int) and b > 0 for b in s["blocks"])
+    mem = data["memory"]
+    assert set(mem) == {"device", "host", "shared", "host_free", "device_free", "how"}
+    assert isinstance(data["notes"], list) and all(isinstance(n, str) for n in data["notes"])
+    assert data["results"]
+    for r in data["results"]:
+        assert set(r) == {"scenario", "case", "block_size", "bytes", "paths", "ratios", "skipped",
+                          "verified", "extra"}
+        assert r["scenario"] in s["scenarios"]
+        assert r["block_size"] is None or r["block_size"] > 0
+        assert r["verified"] in (True, False, None)
+        if not r["paths"]:
+            assert "llmdist" in r["skipped"] and r["bytes"] == 0
+            continue
+        me = r["paths"]["llmdist"]
+        for name, p in r["paths"].items():
+            assert set(p) == {"seconds", "samples", "gbps"}
+            assert len(p["samples"]) == s["repeat"] or r["scenario"] in ("overhead", "overlap")
+            assert p["seconds"] > 0
+            if r["bytes"]:
+                assert p["gbps"] == pytest.approx(r["bytes"] / p["seconds"] / 1e9)
+            else:
+                assert p["gbps"] is None
+            if name != "llmdist":
+                assert r["ratios"][name] == pytest.approx(p["seconds"] / me["seconds"])
+        assert set(r["ratios"]) == set(r["paths"]) - {"llmdist"}
+        assert all(isinstance(w, str) and w for w in r["skipped"].values())
+
+
+def by_case(data, scenario):
+    return {(r["case"], r["block_size"]): r for r in data["results"] if r["scenario"] == scenario}
+
+
+# ------------------------------------------------------------------------------------------
+# Host runtime
+
+
+@pytest.fixture(scope="module")
+def host_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "host.json"
+    res = bench("all", *TINY, "--json", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res, json.loads(out.read_text()), out
+
+
+def test_host_run_every_scenario(host_run):
+    res, data, _ = host_run
+    check_schema(data)
+    assert data["runtime"]["name"] == "host"
+    assert data["settings"]["scenarios"] == ["b2b", "c2b", "c2c", "swap", "overlap", "overhead",
+                                             "cluster"]
+    for scenario in ("b2b", "c2b", "c2c"):
+        rows = by_case(data, scenario)
+        assert {b for _, b in rows} == {4096, 8192}
+        for r in rows.values():
+            assert r["verified"] is True
+            assert set(r["paths"]) == {"llmdist", "contiguous copy", "per-block copy loop",
+                                       "numpy indexing"}
+            assert r["bytes"] == 2 * 2 * 8 * r["block_size"]      # tensors x pairs x block
+    swaps = by_case(data, "swap")
+    d2h = [r for (case, _), r in swaps.items() if case == "device->host"]
+    assert len(d2h) == 2 and all(r["verified"] is True for r in d2h)
+    h2d = [r for (case, _), r in swaps.items() if case == "host->device"]
+    if HAS_SWAP:
+        assert all(r["verified"] is True for r in h2d)
+    else:
+        assert all("swap_blocks is not available" in r["skipped"]["llmdist"] for r in h2d)
+    overlap = data["results"][[r["scenario"] for r in data["results"]].index("overlap")]
+    assert overlap["extra"]["tail_in_layer_copies"] > 0 and overlap["verified"] is True
+    (ov,) = by_case(data, "overhead").values()
+    assert ov["case"].startswith("61 layers x 8 blocks") and "one-layer call" in ov["paths"]
+    for table in ("B2B", "C2B", "C2C", "swap", "overlap", "call overhead", "two processes"):
+        assert table in res.stdout
+
+
+def test_host_run_cluster_routes(host_run):
+    _, data, _ = host_run
+    rows = by_case(data, "cluster")
+    for block in (4096, 8192):
+        for route in ("mapped", "process"):
+            r = rows[(f"{route}: transfer_cache_async", block)]
+            assert r["verified"] is True and r["bytes"] == 2 * 2 * 8 * block
+            assert r["extra"]["llmdist_path"] != "?"
+            for op in ("push_blocks", "pull_blocks"):
+                r = rows[(f"{route}: {op}", block)]
+                if HAS_PUSH_PULL:
+                    assert r["verified"] is True
+                else:
+                    assert r["skipped"] == {"llmdist": "not available in this build"}
+        engine = rows[("engine: transfer_cache_async", block)]
+        if data["versions"]["mooncake"]:
+            assert engine["verified"] is True
+            assert "mooncake engine (raw)" in engine["paths"]
+        else:
+            assert "mooncake" in engine["skipped"]["llmdist"]
+
+
+def test_plot_from_the_json(host_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from llmdist.bench.plot import plot, series
+    _, data, _ = host_run
+    panels = series(data["results"])
+    assert {"b2b", "c2b", "c2c", "swap", "cluster"} <= set(panels)
+    assert {"llmdist", "contiguous copy"} <= set(panels["b2b"])
+    out = tmp_path / "bench.png"
+    plot(data, str(out))
+    head = out.read_bytes()[:8]
+    assert head == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_compare_two_files(host_run, tmp_path):
+    _, data, path = host_run
+    faster = copy.deepcopy(data)
+    for r in faster["results"]:
+        if r["scenario"] == "b2b" and r["block_size"] == 4096:
+            r["paths"]["llmdist"]["seconds"] /= 2
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(faster))
+    res = bench("--compare", str(path), str(new))
+    assert res.returncode == 0, res.stderr
+    lines = [l for l in res.stdout.splitlines() if l.startswith("b2b") and " 4K " in l]
+    mine = [l for l in lines if " llmdist " in l]
+    assert mine and mine[0].rstrip().endswith("+100.0%")
+    others = [l for l in lines if " llmdist " not in l]
+    assert others and all(l.rstrip().endswith("+0.0%") for l in others)
+
+
+def test_compare_refuses_other_files(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "something-else"}))
+    res = bench("--compare", str(bad), str(bad))
+    assert res.returncode == 2
+    assert "not an llmdist benchmark file" in res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["nosuch"], "unknown scenario 'nosuch'"),
+    (["b2b", "--blocks", "0"], "--blocks: '0' is not a positive size"),
+    (["b2b", "--blocks", "4Q"], "--blocks: '4Q' is not a positive size"),
+    (["b2b", "--pairs", "0"], "--pairs must be >= 1"),
+    (["b2b", "--repeat", "0"], "--repeat must be >= 1"),
+    (["b2b", "--layers", "0"], "--layers must be >= 1"),
+    (["b2b", "--mem-gib", "0"], "--mem-gib must be > 0"),
+])
+def test_bad_options_are_named(args, message):
+    res = bench(*args)
+    assert res.returncode == 2
+    assert message in res.stderr
+
+
+def test_preset_mla_moves_the_same_bytes_per_layer(tmp_path):
+    out = tmp_path / "mla.json"
+    res = bench("b2b", "--preset", "deepseek-v3-mla", "--layers", "2", "--pairs", "4",
+                "--repeat", "1", "--quiet", "--json", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    check_schema(data)
+    s = data["settings"]
+    assert s["preset"] == "deepseek-v3-mla" and s["dtype"] == "bf16" and s["layers"] == 2
+    (r,) = data["results"]
+    assert r["verified"] is True
+    layer_block = 128 * 576 * 2
+    assert r["bytes"] == 2 * 4 * layer_block                  # layers x pairs x latent block
+    if s["tensors_per_layer"] == 2:
+        assert r["block_size"] == layer_block // 2
+        assert any("tensor_num_per_layer=1) is not available" in n for n in data["notes"])
+    else:
+        assert s["tensors_per_layer"] == 1 and r["block_size"] == layer_block
+
+
+# ------------------------------------------------------------------------------------------
+# The memory plan
+
+
+def test_pool_shrinks_to_fit_and_says_so():
+    b = MemoryBudget(device=100 * 4096, host=0, shared=True, host_free=0, device_free=None,
+                     how="test")
+    plan = b.fit_pool("w", Need(per_block=4096, fixed=20 * 4096), full_pool=1024)
+    assert plan.pool == 80 and plan.scaled and "pool shrunk to 80" in plan.note
+    assert "pairs moved are unchanged" in plan.note
+    full = b.fit_pool("w", Need(per_block=64, fixed=0), full_pool=1024)
+    assert full.pool == 1024 and not full.scaled and full.note == ""
+
+
+def test_pool_counts_host_and_device_apart_on_a_device_runtime():
+    b = MemoryBudget(device=GiB, host=10 * 4096, shared=False, host_free=0, device_free=GiB,
+                     how="test")
+    plan = b.fit_pool("w", Need(4096, 0), Need(4096, 0))
+    assert plan.pool == 10                      # the host side is the limit
+    shared = MemoryBudget(device=20 * 4096, host=20 * 4096, shared=True, host_free=0,
+                          device_free=None, how="test")
+    assert shared.fit_pool("w", Need(4096, 0), Need(4096, 0)).pool == 10   # one RAM for both
+
+
+def test_pool_that_cannot_fit_is_an_error_naming_the_workload():
+    b = MemoryBudget(device=4096, host=4096, shared=True, host_free=0, device_free=None, how="t")
+    with pytest.raises(MemoryError, match=r"b2b 64K: does not fit .*--mem-gib"):
+        b.fit_pool("b2b 64K", Need(65536, 0), minimum=1)
+
+
+def test_parse_size():
+    assert parse_size("4K") == 4096 and parse_size("64KiB") == 65536
+    assert parse_size("1M") == 1 << 20 and parse_size("4096") == 4096
+    with pytest.raises(ValueError, match="--blocks"):
+        parse_size("-4K")
+
+
+# ------------------------------------------------------------------------------------------
+# Fake ACL runtime
+
+
+@pytest.fixture(scope="module")
+def fake_acl(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fake_acl_bench")
+    res = subprocess.run(["sh", str(FAKE_ACL_BUILD), str(out)], capture_output=True, text=True,
+                         check=True)
+    return res.stdout.strip().splitlines()[-1]
+
+
+def test_fake_acl_run_shrinks_to_the_device(fake_acl, tmp_path):
+    out = tmp_path / "acl.json"
+    env = {"LLMDIST_RUNTIME": "acl", "LLMDIST_ACL_LIBRARY": fake_acl,
+           "FAKE_ACL_HBM_BYTES": str(24 << 20)}
+    res = bench("b2b", "c2b", "c2c", "swap", "overlap", "overhead", "cluster", *TINY,
+                "--json", str(out), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    check_schema(data)
+    assert data["runtime"]["name"] == "acl" and data["runtime"]["library"] == fake_acl
+    assert data["memory"]["shared"] is False
+    assert data["memory"]["device_free"] <= 24 << 20
+    for scenario in ("b2b", "c2b", "c2c"):
+        for (case, _), r in by_case(data, scenario).items():
+            assert case.startswith("D2D") and r["verified"] is True
+            assert set(r["paths"]) == {"llmdist", "contiguous copy", "per-block copy loop"}
+            assert r["skipped"]["numpy indexing"] == "device memory is not host memory"
+            assert "torch indexing" in r["skipped"]
+    d2h = [r for (case, _), r in by_case(data, "swap").items() if case == "D2H"]
+    assert d2h and all(r["verified"] is True for r in d2h)
+    # 12 MiB of budget: the 61-layer overhead workload cannot keep 1024 blocks per tensor
+    assert any(n.startswith("overhead") and "pool shrunk" in n for n in data["notes"])
+    (ov,) = by_case(data, "overhead").values()
+    assert ov["case"].startswith("61 layers x 8 blocks")
+    mapped = by_case(data, "cluster")[("mapped: transfer_cache_async", 4096)]
+    assert mapped["verified"] is True        # device IPC into the decode's allocated cache

@@ -275,7 +275,7 @@ cdef int acl_memcpy_batch(void *ctx, void **dsts, size_t *maxs, void **srcs, siz
         attr.dstLoc.id = g_acl_device
         attr.srcLoc.id = g_acl_device
         attr.dstLoc.type = LLMD_ACL_MEM_LOCATION_HOST if kind == LLMD_MEMCPY_D2H else LLMD_ACL_MEM_LOCATION_DEVICE
-        attr.srcLoc.type = LLMD_ACL_MEM_LOCATION_DEVICE
+        attr.srcLoc.type = LLMD_ACL_MEM_LOCATION_HOST if kind == LLMD_MEMCPY_H2D else LLMD_ACL_MEM_LOCATION_DEVICE
         rc = g_acl.aclrtMemcpyBatchAsync(dsts, maxs, srcs, sizes, n, &attr, &idx, 1, fail, s)
         if rc != LLMD_ACL_FEATURE_NOT_SUPPORT:
             return rc
@@ -484,8 +484,8 @@ cdef int cuda_memcpy_batch(void *ctx, void **dsts, size_t *maxs, void **srcs, si
         return 0
     memset(&attr, 0, sizeof(attr))
     attr.srcAccessOrder = LLMD_CUDA_ACCESS_ORDER_STREAM     # keep stream order (see RUNTIMES.md)
-    attr.srcLocHint.type = LLMD_CUDA_MEM_LOCATION_DEVICE
-    attr.srcLocHint.id = g_cuda_device
+    attr.srcLocHint.type = LLMD_CUDA_MEM_LOCATION_HOST if kind == LLMD_MEMCPY_H2D else LLMD_CUDA_MEM_LOCATION_DEVICE
+    attr.srcLocHint.id = 0 if kind == LLMD_MEMCPY_H2D else g_cuda_device
     attr.dstLocHint.type = LLMD_CUDA_MEM_LOCATION_HOST if kind == LLMD_MEMCPY_D2H else LLMD_CUDA_MEM_LOCATION_DEVICE
     attr.dstLocHint.id = 0 if kind == LLMD_MEMCPY_D2H else g_cuda_device
     if g_cuda_version >= 13000:

@@ -9,7 +9,7 @@ import secrets
 import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from . import _core, device_ipc
+from . import _core, block_ops, device_ipc
 from ._core import CopyKind, Direction
 from ._check import check_int64, check_int_list, check_isinstance, check_uint64, require
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
@@ -84,6 +84,7 @@ class CacheManager:
                       Placement.HOST: _pool_cap(options, "llm.HostMemPoolConfig")}
         self._used = {Placement.DEVICE: 0, Placement.HOST: 0}
         self._closed = False
+        self._local = block_ops.LocalCopier(runtime)
 
     @property
     def runtime(self) -> "_core.Runtime":
@@ -578,6 +579,77 @@ class CacheManager:
         with self._lock:
             self._inflight.pop(job, None)
 
+    # ------------------------------------------------------------------ local block operations
+
+    def _live(self, name: str, cache: Cache) -> MemoryEntry:
+        """The entry of a cache this manager still holds (lock held)."""
+        entry = self._mem.entries.get(cache.cache_id)
+        if not cache._valid or entry is None or entry.cache is not cache:
+            raise _fail(f"{name} {cache.cache_id} is not allocated or registered in this cache "
+                        f"manager", _NOT_EXIST)
+        return entry
+
+    def _pinned(self, entry: Optional[MemoryEntry]) -> bool:
+        """Whether the runtime may copy this cache's host memory asynchronously: llmdist
+        allocated it page-locked (memory the caller owns may be pageable)."""
+        return entry is not None and entry.origin == ALLOCATED and not self._runtime.is_host
+
+    def copy_blocks(self, cache: Cache, copy_block_info: Dict[int, List[int]]) -> None:
+        """Copy blocks inside one blocks cache, in every tensor: block s to each block in
+        copy_block_info[s]. Synchronous; a block may not be both read and written."""
+        check_isinstance("cache", cache, Cache)
+        pairs = block_ops.block_pairs("copy_block_info", copy_block_info, True)
+        self._check_open()
+        # The lock keeps the caches from being released while their bytes move.
+        with self._lock:
+            entry = self._live("cache", cache)
+            self._local.run(block_ops.plan_copy_blocks(cache, pairs,
+                                                       self._pinned(entry)))
+
+    def copy_cache(self, dst: Cache, src: Cache, dst_batch_index: int = 0,
+                   src_batch_index: int = 0, offset: int = 0, size: int = -1,
+                   req_id: Optional[int] = None) -> None:
+        """Copy bytes [offset, offset + size) of row src_batch_index of every tensor of src to
+        the same bytes of row dst_batch_index of dst (size -1: the rest of the row).
+        Synchronous; req_id is accepted for compatibility and only logged."""
+        block_ops.check_copy_cache_args(dst, src, dst_batch_index, src_batch_index, offset,
+                                        size, req_id)
+        self._check_open()
+        with self._lock:
+            src_entry = self._live("src", src)
+            dst_entry = self._live("dst", dst)
+            copy = block_ops.plan_copy_cache(dst, src, dst_batch_index, src_batch_index, offset,
+                                             size, self._pinned(src_entry),
+                                             self._pinned(dst_entry))
+            log.debug("copy_cache %d -> %d (req_id %s)", src.cache_id, dst.cache_id, req_id)
+            self._local.run(copy)
+
+    def swap_blocks(self, src_cache: Cache, dst_cache: Cache, src_to_dst: Dict[int, int]) -> None:
+        """Copy blocks between a HOST and a DEVICE blocks cache (swap out or in): block s of
+        every source tensor to block src_to_dst[s]. The DEVICE cache is one of this manager's;
+        the HOST one may also come from Cache.create_cpu_cache. Synchronous."""
+        pairs = block_ops.check_swap_args(src_cache, dst_cache, src_to_dst)
+        self._check_open()
+        with self._lock:
+            entries = []
+            for name, cache in (("src_cache", src_cache), ("dst_cache", dst_cache)):
+                if cache.cache_id == -1:
+                    require(cache._valid and cache.cache_desc.placement == Placement.HOST,
+                            f"{name} was made by Cache.create_cpu_cache and must be HOST memory")
+                    entries.append(None)
+                else:
+                    entries.append(self._live(name, cache))
+            self._local.run(block_ops.plan_swap_blocks(src_cache, dst_cache, pairs,
+                                                       self._pinned(entries[0]),
+                                                       self._pinned(entries[1])))
+
+    def remap_registered_memory(self, mem_infos) -> None:
+        """Not supported: upstream reserves it for re-mapping the physical memory behind
+        registered caches after a device memory fault, which llmdist does not handle."""
+        raise _fail("remap_registered_memory is not supported yet: re-mapping registered memory "
+                    "after a device memory fault is reserved upstream and not implemented by "
+                    "llmdist", LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+
     # ------------------------------------------------------------------ shutdown
 
     def _close(self) -> None:
@@ -589,3 +661,4 @@ class CacheManager:
             job.cancel(LLMStatusCode.LLM_ENGINE_FINALIZED)
         for entry in list(self._mem.entries.values()):
             self._release(entry)
+        self._local.close()

@@ -27,7 +27,7 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from . import _core, device_ipc
 from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
@@ -77,6 +77,16 @@ def host_identity() -> str:
         except OSError:
             parts.append("?")
     return "/".join(parts)
+
+
+def close_listener(sock: socket.socket) -> None:
+    """Stop a listening socket now: shut it down first, so that a thread blocked in accept()
+    returns and the port stops accepting (closing alone leaves it listening until then)."""
+    for step in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+        try:
+            step()
+        except OSError:
+            pass
 
 
 def send_frame(sock: socket.socket, lock: threading.Lock, msg: dict) -> None:
@@ -528,18 +538,42 @@ class ClusterNode:
         self.engine = None                      # MooncakeTransport, made on first need
         self.engine_error: Optional[str] = None
         if listen is not None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(listen)
-            except OSError as exc:
-                sock.close()
-                raise LLMException(f"cannot listen on {listen[0]}:{listen[1]}: {exc}",
-                                   status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
+            self.start_listening(listen)
+
+    def open_listener(self, address: Tuple[str, int],
+                      admit: Optional[Callable[[dict], Optional[Tuple[int, str]]]] = None
+                      ) -> socket.socket:
+        """Accept links on address until the returned socket is closed. admit, when given,
+        may refuse a handshake that passed the usual checks ((status, reason) or None).
+        Raises OSError when the address cannot be bound."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
             sock.listen(64)
-            self.listener = sock
-            self.port = sock.getsockname()[1]
-            threading.Thread(target=self._accept_loop, name="llmdist-listen", daemon=True).start()
+        except OSError:
+            sock.close()
+            raise
+        threading.Thread(target=self._accept_loop, args=(sock, admit), name="llmdist-listen",
+                         daemon=True).start()
+        return sock
+
+    def start_listening(self, listen: Tuple[str, int]) -> None:
+        """Accept links on listen (llm.listenIpInfo), replacing the current listener."""
+        try:
+            sock = self.open_listener(listen)
+        except OSError as exc:
+            raise LLMException(f"cannot listen on {listen[0]}:{listen[1]}: {exc}",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
+        self.stop_listening()
+        self.listener = sock
+        self.port = sock.getsockname()[1]
+
+    def stop_listening(self) -> None:
+        """Stop accepting links (links already made stay up)."""
+        sock, self.listener, self.port = self.listener, None, None
+        if sock is not None:
+            close_listener(sock)
 
     def choose_path(self, same_host: bool, peer_wants_engine: bool = False) -> str:
         if self.transport == "mooncake" or peer_wants_engine or (self.transport == "auto" and not same_host):
@@ -621,8 +655,11 @@ class ClusterNode:
             msg["engine_error"] = self.engine_error
         return msg
 
-    def _check_hello(self, msg: dict, expect: Optional[int]) -> Optional[Tuple[int, str]]:
-        """(status, reason) when a handshake must be refused, else None."""
+    def _check_hello(self, msg: dict, expect: Optional[int],
+                     any_role: bool = False) -> Optional[Tuple[int, str]]:
+        """(status, reason) when a handshake must be refused, else None. Links of a rank-table
+        comm (any_role, or a hello naming a comm) join every pair of members whatever their
+        roles."""
         if msg.get("version") != PROTOCOL_VERSION:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"protocol version {msg.get('version')!r}"
         try:
@@ -641,22 +678,22 @@ class ClusterNode:
         if cid == self.cluster_id:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"cluster {cid} cannot link to itself"
         mine = self.role
-        if role == mine and role != LLMRole.MIX:
+        if role == mine and role != LLMRole.MIX and not any_role and "comm" not in msg:
             return (int(LLMStatusCode.LLM_LINK_FAILED),
                     f"a {role.name} cluster cannot link to a {mine.name} cluster")
         return None
 
     # -- accepting
-    def _accept_loop(self) -> None:
+    def _accept_loop(self, sock: socket.socket, admit=None) -> None:
         while True:
             try:
-                conn, _ = self.listener.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._accept_one, args=(conn,), name="llmdist-handshake",
-                             daemon=True).start()
+            threading.Thread(target=self._accept_one, args=(conn, admit),
+                             name="llmdist-handshake", daemon=True).start()
 
-    def _accept_one(self, conn: socket.socket) -> None:
+    def _accept_one(self, conn: socket.socket, admit=None) -> None:
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         lock = threading.Lock()
         try:
@@ -668,6 +705,8 @@ class ClusterNode:
                            f"this is cluster {self.cluster_id}, not {msg.get('target')!r}")
             else:
                 refusal = self._check_hello(msg, None)
+            if refusal is None and admit is not None:
+                refusal = admit(msg)
             if refusal is None and self.peer(msg["cluster_id"]) is not None:
                 refusal = (int(LLMStatusCode.LLM_ALREADY_LINK),
                            f"cluster {msg['cluster_id']} is already linked")
@@ -698,8 +737,10 @@ class ClusterNode:
         peer.serve()
 
     # -- linking
-    def link(self, cluster_id: int, address: Tuple[str, int], timeout_ms: int) -> LLMStatusCode:
-        """Link to a listening cluster; returns a status and never raises for a failed link."""
+    def link(self, cluster_id: int, address: Tuple[str, int], timeout_ms: int,
+             comm: Optional[str] = None) -> LLMStatusCode:
+        """Link to a listening cluster; returns a status and never raises for a failed link.
+        comm names the rank-table comm the link belongs to (its listener checks it)."""
         if self.peer(cluster_id) is not None:
             return LLMStatusCode.LLM_ALREADY_LINK
         deadline = time.monotonic() + timeout_ms / 1000.0
@@ -713,7 +754,10 @@ class ClusterNode:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             if self.transport == "mooncake":
                 self.ensure_engine(sock.getsockname()[0])
-            send_frame(sock, lock, self._hello(cluster_id))
+            hello = self._hello(cluster_id)
+            if comm is not None:
+                hello["comm"] = comm
+            send_frame(sock, lock, hello)
             msg = recv_frame(sock)
             if msg["type"] == "refuse":
                 code = msg.get("code")
@@ -723,7 +767,7 @@ class ClusterNode:
                         else LLMStatusCode.LLM_LINK_FAILED)
             if msg["type"] != "welcome":
                 raise ProtocolError("expected a welcome")
-            refusal = self._check_hello(msg, cluster_id)
+            refusal = self._check_hello(msg, cluster_id, any_role=comm is not None)
             if refusal is not None:
                 raise ProtocolError(refusal[1])
             peer = Peer(self, sock, msg)
@@ -805,11 +849,7 @@ class ClusterNode:
             t.join(max(0.0, deadline - time.monotonic()))
         for p in peers:
             p.close(LLMStatusCode.LLM_LINK_FAILED)
-        if self.listener is not None:
-            try:
-                self.listener.close()
-            except OSError:
-                pass
+        self.stop_listening()
         if self.engine is not None:
             self.engine.close()
             self.engine = None

@@ -14,7 +14,8 @@ from ._check import check_isinstance, check_uint64
 from .cache_manager import CacheManager
 from .cluster import ClusterNode
 from .config import LLMClusterInfo, _parse_ip_port
-from .descs import LLMRole
+from .descs import LLMRole, RegisterMemStatus
+from .rank_table import RankTableLinks
 from .status import LLMException, LLMStatusCode
 from .workers import TransferWorkers
 
@@ -23,10 +24,11 @@ _UPSTREAM_KEYS = {
     "ge.exec.deviceId", "llm.SyncKvCacheWaitTime", "llm.listenIpInfo", "llm.EnableCacheManager",
     "llm.EnableRemoteCacheAccessible", "llm.MemPoolConfig", "llm.HostMemPoolConfig",
     "llm.LinkTotalTime", "llm.LinkRetryCount", "ge.exec.rankTableFile", "llm.Role",
-    "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode",
+    "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode", "llm.EnableSwitchRole",
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
-                 "llmdist.shareable_memory", "llmdist.device_copy"}
+                 "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots",
+                 "llmdist.device_copy"}
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
 
@@ -72,6 +74,8 @@ class LLMDataDist:
         self._cache_manager: Optional[CacheManager] = None
         self._workers: Optional[TransferWorkers] = None
         self._node: Optional[ClusterNode] = None
+        self._comms: Optional[RankTableLinks] = None
+        self._switch_role = False
         self._options: Dict[str, str] = {}
 
     @property
@@ -113,6 +117,7 @@ class LLMDataDist:
             sync_timeout = _int_option(options, "llm.SyncKvCacheWaitTime", None, 1)
             nworkers = _int_option(options, "llmdist.transfer_workers", 4, 1)
             remote = _flag_option(options, "llm.EnableRemoteCacheAccessible")
+            switch_role = _flag_option(options, "llm.EnableSwitchRole")
             _flag_option(options, "llm.EnableCacheManager")
             listen = None
             if options.get("llm.listenIpInfo"):
@@ -129,9 +134,16 @@ class LLMDataDist:
                                        or os.environ.get("LLMDIST_DEVICE_COPY", "auto"))
             node = ClusterNode(self._cluster_id, self._role, listen,
                                options.get("llmdist.transport", "auto"), runtime)
+            try:
+                comms = RankTableLinks(node, self._cluster_id, options)
+            except LLMException:
+                node.close()
+                raise
             workers = TransferWorkers(runtime, nworkers)
             workers.start()
             self._node = node
+            self._comms = comms
+            self._switch_role = switch_role
             self._cache_manager = CacheManager(self._cluster_id, runtime, workers, options, remote,
                                                sync_timeout, shareable, node)
             node.attach(self._cache_manager)
@@ -143,8 +155,11 @@ class LLMDataDist:
         """End every transfer with LLM_ENGINE_FINALIZED, free llmdist-owned memory and stop
         the workers; safe to call twice. init() may be called again afterwards."""
         with self._lock:
-            cm, workers, node = self._cache_manager, self._workers, self._node
+            cm, workers, node, comms = (self._cache_manager, self._workers, self._node,
+                                        self._comms)
             _live.discard(self)
+        if comms is not None:
+            comms.close()
         if node is not None:
             node.close()
             node.attach(None)
@@ -152,6 +167,7 @@ class LLMDataDist:
             self._cache_manager = None
             self._workers = None
             self._node = None
+            self._comms = None
         if cm is not None:
             cm._close()
         if workers is not None:
@@ -217,3 +233,73 @@ class LLMDataDist:
                 continue
             codes.append(self._node.unlink(c.remote_cluster_id, timeout, force))
         return self._overall(codes), codes
+
+    # -- rank-table links (see rank_table.py for how members find each other)
+    def link(self, comm_name: str, cluster_rank_info: Dict[int, int], rank_table: str) -> int:
+        """Start linking every pair of the comm's members (each member makes the same call);
+        returns the comm id at once: poll query_register_mem_status until OK. Returns
+        LLMStatusCode.LLM_ALREADY_LINK (and starts nothing) when this cluster is already
+        linked to one of the members."""
+        self.cache_manager
+        return self._comms.link(comm_name, cluster_rank_info, rank_table)
+
+    def query_register_mem_status(self, comm_id: int) -> RegisterMemStatus:
+        """PREPARING while the comm forms, OK once this cluster is linked to every member (their
+        caches known here), FAILED when a member did not arrive in time (reason logged)."""
+        check_isinstance("comm_id", comm_id, int)
+        check_uint64("comm_id", comm_id)
+        self.cache_manager
+        return self._comms.status(comm_id)
+
+    def unlink(self, comm_id: int) -> None:
+        """End a comm made by link: its members are unlinked (either member may call it first)."""
+        check_isinstance("comm_id", comm_id, int)
+        check_uint64("comm_id", comm_id)
+        self.cache_manager
+        self._comms.unlink(comm_id)
+
+    # -- roles
+    def switch_role(self, role: LLMRole, switch_options: Optional[Dict[str, str]] = None) -> None:
+        """Change this cluster's role (needs llm.EnableSwitchRole=1 and no link left).
+        switch_options {"llm.listenIpInfo": "ip:port"} starts or moves the listener; without
+        it the listener stops."""
+        check_isinstance("role", role, LLMRole)
+        check_isinstance("switch_options", switch_options, dict, allow_none=True)
+        options = dict(switch_options or {})
+        for k, v in options.items():
+            check_isinstance("switch_options key", k, str)
+            check_isinstance(f"switch_options[{k!r}]", v, str)
+        self.cache_manager
+        if not self._switch_role:
+            raise LLMException("switch_role needs enable_switch_role (option llm.EnableSwitchRole "
+                               "= \"1\") at init",
+                               status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+        if role == self._role:
+            raise LLMException(f"role is already {role.name}",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        listen = None
+        if options.get("llm.listenIpInfo"):
+            try:
+                listen = _parse_ip_port("llm.listenIpInfo", options["llm.listenIpInfo"])
+            except (LLMException, ValueError, TypeError) as exc:
+                raise LLMException(f"switch_options llm.listenIpInfo must be \"ip:port\", got "
+                                   f"{options['llm.listenIpInfo']!r}",
+                                   status_code=LLMStatusCode.LLM_PARAM_INVALID) from exc
+        for key in options:
+            if key != "llm.listenIpInfo":
+                warnings.warn(f"switch_role ignores the option {key!r}", stacklevel=2)
+        node = self._node
+        with node.lock:
+            linked = sorted(node.peers)
+        if linked or self._comms.active:
+            raise LLMException(f"switch_role needs every link ended first; still linked to "
+                               f"clusters {linked}" if linked else
+                               "switch_role needs every link ended first; a rank-table comm is "
+                               "still forming or linked",
+                               status_code=LLMStatusCode.LLM_EXIST_LINK)
+        if listen is not None:
+            node.start_listening(listen)
+        else:
+            node.stop_listening()
+        node.role = role
+        self._role = role

@@ -1,0 +1,131 @@
+"""LLMDataDist.switch_role (spec section 9): needs llm.EnableSwitchRole, refused with
+LLM_EXIST_LINK while links remain (link_clusters links and rank-table comms), and starts, moves
+or stops the listener; the new role is the one peers see in the handshake."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from llmdist import LLMClusterInfo, LLMException, LLMRole, LLMStatusCode, RegisterMemStatus
+
+from helpers import SUCCESS
+from rendezvous import free_rendezvous_base, one_server_table, rendezvous_options
+
+SWITCH = {"llm.EnableSwitchRole": "1"}
+LINK_FAILED = LLMStatusCode.LLM_LINK_FAILED
+
+
+def raises_llm(code, fn, *args, **kwargs) -> LLMException:
+    with pytest.raises(LLMException) as ei:
+        fn(*args, **kwargs)
+    assert ei.value.status_code == code, (ei.value.status_code, str(ei.value))
+    return ei.value
+
+
+def info(cluster_id, port):
+    c = LLMClusterInfo()
+    c.remote_cluster_id = cluster_id
+    c.append_remote_ip_info("127.0.0.1", port)
+    return c
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def refuses_connections(port) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_switch_role_needs_the_option(env):
+    err = raises_llm(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, env.dd.switch_role, LLMRole.DECODER)
+    assert "enable_switch_role" in str(err)
+    assert env.dd.role == LLMRole.PROMPT
+
+
+def test_switch_role_arguments(make_env):
+    e = make_env(role=LLMRole.MIX, extra_options=SWITCH)
+    with pytest.raises(TypeError):
+        e.dd.switch_role(2)
+    with pytest.raises(TypeError):
+        e.dd.switch_role(LLMRole.DECODER, [("llm.listenIpInfo", "127.0.0.1:0")])
+    with pytest.raises(TypeError):
+        e.dd.switch_role(LLMRole.DECODER, {"llm.listenIpInfo": 5})
+    raises_llm(LLMStatusCode.LLM_PARAM_INVALID, e.dd.switch_role, LLMRole.MIX)
+    raises_llm(LLMStatusCode.LLM_PARAM_INVALID, e.dd.switch_role, LLMRole.DECODER,
+               {"llm.listenIpInfo": "localhost"})
+    assert e.dd.role == LLMRole.MIX
+    # MIX -> DECODER -> PROMPT (with a listener) -> MIX, as upstream allows
+    e.dd.switch_role(LLMRole.DECODER)
+    e.dd.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": "127.0.0.1:0"})
+    assert e.dd.listen_port is not None
+    e.dd.switch_role(LLMRole.MIX)
+    assert e.dd.role == LLMRole.MIX and e.dd.listen_port is None
+
+
+def test_listener_starts_moves_and_stops(make_env):
+    d = make_env(cluster_id=12, role=LLMRole.DECODER, extra_options=SWITCH)
+    p = make_env(cluster_id=11, role=LLMRole.PROMPT)
+    assert d.dd.listen_port is None
+    port1 = free_port()
+    d.dd.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": f"127.0.0.1:{port1}"})
+    assert d.dd.listen_port == port1 and d.dd.role == LLMRole.PROMPT
+    # the handshake carries the new role: two PROMPT clusters do not link
+    assert p.dd.link_clusters([info(12, port1)], 3000)[0] == LINK_FAILED
+    d.dd.switch_role(LLMRole.DECODER, {"llm.listenIpInfo": "127.0.0.1:0"})
+    port2 = d.dd.listen_port
+    assert port2 not in (None, port1)
+    assert refuses_connections(port1)
+    assert p.dd.link_clusters([info(12, port2)], 3000) == (SUCCESS, [SUCCESS])
+    # refused while linked, from either side of the link
+    raises_llm(LLMStatusCode.LLM_EXIST_LINK, d.dd.switch_role, LLMRole.PROMPT)
+    assert d.dd.role == LLMRole.DECODER and d.dd.listen_port == port2
+    assert p.dd.unlink_clusters([info(12, port2)], 3000)[0] == SUCCESS
+    deadline = time.monotonic() + 5
+    while d.dd.peer_info(11) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    d.dd.switch_role(LLMRole.PROMPT)            # no options: the listener stops
+    assert d.dd.listen_port is None
+    assert refuses_connections(port2)
+
+
+def test_listen_address_in_use_is_refused_and_nothing_changes(make_env):
+    e = make_env(role=LLMRole.DECODER, extra_options={**SWITCH, "llm.listenIpInfo": "127.0.0.1:0"})
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        old = e.dd.listen_port
+        raises_llm(LLMStatusCode.LLM_PARAM_INVALID, e.dd.switch_role, LLMRole.PROMPT,
+                   {"llm.listenIpInfo": f"127.0.0.1:{busy.getsockname()[1]}"})
+        assert e.dd.role == LLMRole.DECODER and e.dd.listen_port == old
+    finally:
+        busy.close()
+
+
+def test_refused_while_a_rank_table_comm_is_linked(make_env):
+    base = free_rendezvous_base()
+    envs = [make_env(cluster_id=cid, role=role, extra_options={**SWITCH, **rendezvous_options(base)})
+            for cid, role in ((21, LLMRole.PROMPT), (22, LLMRole.DECODER))]
+    ids = [e.dd.link("sw", {21: 0, 22: 1}, one_server_table(2)) for e in envs]
+    deadline = time.monotonic() + 20
+    while (any(e.dd.query_register_mem_status(i) == RegisterMemStatus.PREPARING
+               for e, i in zip(envs, ids)) and time.monotonic() < deadline):
+        time.sleep(0.01)
+    raises_llm(LLMStatusCode.LLM_EXIST_LINK, envs[0].dd.switch_role, LLMRole.DECODER)
+    for e, i in zip(envs, ids):
+        e.dd.unlink(i)
+    envs[0].dd.switch_role(LLMRole.DECODER)
+    envs[1].dd.switch_role(LLMRole.PROMPT)
+    assert (envs[0].dd.role, envs[1].dd.role) == (LLMRole.DECODER, LLMRole.PROMPT)

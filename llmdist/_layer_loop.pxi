@@ -17,8 +17,8 @@ cdef struct CfgState:
     int attempted           # some layer's copies were issued
     size_t fail_index
     Py_ssize_t desc_base    # first descriptor slot of this config
-    int by_kernel           # LANE_RUNTIME device to device on CUDA: moved by the layer's one
-                            # launch of the copy kernel
+    int merged              # LANE_RUNTIME device to device, copied together with the other
+                            # merged configs of the layer in one copy_runs call
 
 
 cdef inline int lane_bit(int lane) noexcept nogil:
@@ -40,10 +40,11 @@ cdef class TransferJob:
     cdef uint64_t *target_addrs       # per config: 2 per covered layer
     cdef uint64_t *target_limits      # the end of the region holding each target tensor
     cdef Py_ssize_t *target_index     # where each config's entries start in target_addrs
-    cdef void **d_dsts
+    cdef llmd_run_table *tables[2]    # the plan's runs for LANE_RUNTIME and LANE_HOST copies
+    cdef const llmd_runtime *table_rts[2]   # the runtime that made each table
+    cdef void **d_dsts                # LANE_PROCESS, LANE_ENGINE: per-run descriptors
     cdef void **d_srcs
     cdef size_t *d_sizes
-    cdef size_t *d_maxs
     cdef PyThread_type_lock lock
     cdef llmd_stream stream           # the runtime stream of the worker running the job
     cdef llmd_stream host_stream      # its host-engine stream (LANE_HOST, LANE_PROCESS)
@@ -65,15 +66,10 @@ cdef class TransferJob:
     cdef readonly object cancel_code
     cdef list cancel_codes            # per config, the status a cancellation gave it
     cdef public object on_finish
-    # CUDA copy kernel: the call's run table in device memory, and one layer's pairs
-    cdef Py_ssize_t kernel_pairs      # tensor pairs of all by_kernel configs over all layers
-    cdef llmd_cuda_copy_table *ktab
-    cdef uint64_t *k_srcs
-    cdef uint64_t *k_dsts
-    cdef uint64_t *k_ends
-    cdef int *k_cfgs
-    cdef size_t k_npairs
-    cdef int k_ncfg
+    # On CUDA with the copy kernel, one copy_runs call (one launch) per layer covers every merged
+    # config: their tensor pairs are gathered here (sized once per call)
+    cdef llmd_tensor_pair *m_pairs
+    cdef int *m_cfgs
 
     def __cinit__(self):
         self.lock = PyThread_allocate_lock()
@@ -90,7 +86,7 @@ cdef class TransferJob:
         cdef ConfigPlan cp
         cdef Event ev
         self.runtime = runtime
-        self.host = runtime if runtime.name == "host" else Runtime.host(runtime.device_id)
+        self.host = runtime if runtime.is_host else Runtime.host(runtime.device_id)
         self.plan = plan
         self.synchronizer = synchronizer
         self.sync_timeout = sync_timeout
@@ -121,15 +117,12 @@ cdef class TransferJob:
             if cp.link is not None:
                 c.link_up = &cp.link.up
             c.desc_base = slots
-            slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
+            if c.lane == LANE_PROCESS or c.lane == LANE_ENGINE:
+                slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
             self.target_index[i] = total
             total += len(cp.target_addrs)
             self.first_layer = min(self.first_layer, c.lo)
             self.last_layer = max(self.last_layer, c.hi)
-            if (runtime.device_copy == "kernel" and c.lane == LANE_RUNTIME
-                    and c.kind == COPY_D2D and plan.count > 0):
-                c.by_kernel = 1
-                self.kernel_pairs += 2 * (c.hi - c.lo)
         self.target_addrs = <uint64_t *>malloc(max(total, 1) * sizeof(uint64_t))
         self.target_limits = <uint64_t *>malloc(max(total, 1) * sizeof(uint64_t))
         if self.target_addrs == NULL or self.target_limits == NULL:
@@ -165,14 +158,10 @@ cdef class TransferJob:
         free(self.d_dsts)
         free(self.d_srcs)
         free(self.d_sizes)
-        free(self.d_maxs)
+        free(self.m_pairs)
+        free(self.m_cfgs)
+        self.release_tables()
         free(self.events)
-        free(self.k_srcs)
-        free(self.k_dsts)
-        free(self.k_ends)
-        free(self.k_cfgs)
-        if self.ktab != NULL:
-            llmd_cuda_copy_table_destroy(&g_cuda_kernel, self.ktab)
         if self.lock != NULL:
             PyThread_free_lock(self.lock)
 
@@ -181,79 +170,55 @@ cdef class TransferJob:
         return self.ncfg
 
     cdef int alloc_descriptors(self) except -1:
-        # One slot per (config, covered layer, tensor, run): sized once per call, so the
-        # layer loop never allocates, and every queued batch keeps its own descriptors.
+        # Sized once per call, so the layer loop never allocates: a run table for each lane of
+        # plain runtime copies, with room for every tensor pair the call copies on it, and one
+        # descriptor per (config, covered layer, tensor, run) for process and engine transfers
+        # (every queued transfer keeps its own).
         cdef Py_ssize_t n = 0, i
+        cdef CfgState *c
+        cdef size_t pairs[2]
+        cdef int lane, rc
+        cdef Runtime owner
+        pairs[0] = pairs[1] = 0
         for i in range(self.ncfg):
-            n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * 2 * self.plan.count
+            lane = self.cfg[i].lane
+            if lane == LANE_RUNTIME or lane == LANE_HOST:
+                pairs[lane] += <size_t>(self.cfg[i].hi - self.cfg[i].lo) * 2
+            else:
+                n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * 2 * self.plan.count
+        for lane in (LANE_RUNTIME, LANE_HOST):
+            if pairs[lane] == 0:
+                continue
+            owner = self.runtime if lane == LANE_RUNTIME else self.host
+            with nogil:
+                rc = owner.rt.run_table_create(owner.rt.ctx, self.plan.runs, self.plan.count,
+                                               pairs[lane], &self.tables[lane])
+            if rc != 0:
+                raise MemoryError()
+            self.table_rts[lane] = owner.rt
         n = max(n, 1)
         self.d_dsts = <void **>malloc(n * sizeof(void *))
         self.d_srcs = <void **>malloc(n * sizeof(void *))
         self.d_sizes = <size_t *>malloc(n * sizeof(size_t))
-        self.d_maxs = <size_t *>malloc(n * sizeof(size_t))
-        if not (self.d_dsts and self.d_srcs and self.d_sizes and self.d_maxs):
-            raise MemoryError()
-        if self.kernel_pairs:
-            self.k_srcs = <uint64_t *>malloc(2 * self.ncfg * sizeof(uint64_t))
-            self.k_dsts = <uint64_t *>malloc(2 * self.ncfg * sizeof(uint64_t))
-            self.k_ends = <uint64_t *>malloc(2 * self.ncfg * sizeof(uint64_t))
-            self.k_cfgs = <int *>malloc(self.ncfg * sizeof(int))
-            if not (self.k_srcs and self.k_dsts and self.k_ends and self.k_cfgs):
+        if self.runtime.device_copy == "kernel":
+            for i in range(self.ncfg):
+                c = &self.cfg[i]
+                c.merged = (c.lane == LANE_RUNTIME and c.kind == COPY_D2D and not c.single)
+            self.m_pairs = <llmd_tensor_pair *>malloc(max(2 * self.ncfg, 1) * sizeof(llmd_tensor_pair))
+            self.m_cfgs = <int *>malloc(max(self.ncfg, 1) * sizeof(int))
+            if self.m_pairs == NULL or self.m_cfgs == NULL:
                 raise MemoryError()
+        if not (self.d_dsts and self.d_srcs and self.d_sizes):
+            raise MemoryError()
         return 0
 
-    cdef void kernel_prepare(self) noexcept nogil:
-        """The call's run table for the copy kernel (it reaches the device with the first
-        launch); when it cannot be made, the configs it was for fail."""
-        cdef int i, rc
-        rc = llmd_cuda_copy_table_create(&g_cuda_kernel, <const uint64_t *>self.plan.runs,
-                                         self.plan.count, self.kernel_pairs, &self.ktab)
-        if rc != 0:
-            self.ktab = NULL
-            for i in range(self.ncfg):
-                if self.cfg[i].by_kernel and not self.cfg[i].failed:
-                    self.cfg[i].failed = FAIL_RUNTIME
-                    self.cfg[i].code = rc
-
-    cdef void kernel_add(self, int i, int layer) noexcept nogil:
-        """Add config i's two tensor pairs of layer to the layer's launch."""
-        cdef CfgState *c = &self.cfg[i]
-        cdef Py_ssize_t e
-        cdef int t
-        cdef uint64_t local
-        for t in range(2):
-            e = self.target_index[i] + 2 * (layer - c.lo) + t
-            local = self.local_addrs[2 * layer + t] + c.row_shift
-            if c.direction == WRITE:
-                self.k_srcs[self.k_npairs] = local
-                self.k_dsts[self.k_npairs] = self.target_addrs[e]
-                self.k_ends[self.k_npairs] = self.target_limits[e]
-            else:
-                # the cache here is the destination; the cache manager checked its bounds
-                self.k_srcs[self.k_npairs] = self.target_addrs[e]
-                self.k_dsts[self.k_npairs] = local
-                self.k_ends[self.k_npairs] = <uint64_t>-1
-            self.k_npairs += 1
-        self.k_cfgs[self.k_ncfg] = i
-        self.k_ncfg += 1
-
-    cdef void kernel_launch(self) noexcept nogil:
-        """One launch for the pairs kernel_add collected; a failure fails their configs."""
-        cdef size_t fail = 0
-        cdef int i, rc
-        cdef CfgState *c
-        if self.k_npairs == 0:
-            return
-        rc = llmd_cuda_copy_launch(&g_cuda_kernel, self.ktab, self.k_srcs, self.k_dsts,
-                                   self.k_ends, self.k_npairs, self.stream, &fail)
-        if rc != 0:
-            for i in range(self.k_ncfg):
-                c = &self.cfg[self.k_cfgs[i]]
-                c.code = rc
-                c.fail_index = fail
-                c.failed = FAIL_RUNTIME
-        self.k_npairs = 0
-        self.k_ncfg = 0
+    cdef void release_tables(self) noexcept nogil:
+        """Destroy the run tables (every stream that used them has been synchronized)."""
+        cdef int lane
+        for lane in range(2):
+            if self.tables[lane] != NULL:
+                self.table_rts[lane].run_table_destroy(self.table_rts[lane].ctx, self.tables[lane])
+                self.tables[lane] = NULL
 
     cdef void fail_unfinished(self, int layer, int failure) noexcept nogil:
         """Fail every config whose copies are not all issued yet (ranges reaching past layer)."""
@@ -289,10 +254,13 @@ cdef class TransferJob:
         cdef Py_ssize_t nruns = self.plan.count
         cdef char *local
         cdef char *target
-        cdef uint64_t limit
+        cdef uint64_t here
+        cdef llmd_tensor_pair own[2]
+        cdef llmd_tensor_pair *pairs
         cdef const llmd_runtime *rt
         cdef llmd_stream stream
         cdef size_t fail = 0
+        cdef int merged = 0
         for i in range(self.ncfg):
             c = &self.cfg[i]
             if layer < c.lo or layer >= c.hi or c.failed:
@@ -301,63 +269,77 @@ cdef class TransferJob:
                 c.failed = FAIL_LINK
                 continue
             c.attempted = 1
-            if c.by_kernel:
-                self.kernel_add(i, layer)
-                continue
             if c.lane == LANE_RUNTIME:
                 rt = self.runtime.rt
                 stream = self.stream
             else:
                 rt = self.host.rt
                 stream = self.host_stream
-            base = c.desc_base + <Py_ssize_t>(layer - c.lo) * 2 * nruns
-            k = base
-            for t in range(2):
-                e = self.target_index[i] + 2 * (layer - c.lo) + t
-                local = <char *><uintptr_t>self.local_addrs[2 * layer + t] + c.row_shift
-                target = <char *><uintptr_t>self.target_addrs[e]
-                limit = self.target_limits[e]
-                for r in range(nruns):
-                    self.d_sizes[k] = runs[r].nbytes
+            if c.lane == LANE_RUNTIME or c.lane == LANE_HOST:
+                # Plain runtime copies: the layer's two tensor pairs through the run table.
+                pairs = &self.m_pairs[2 * merged] if c.merged else own
+                for t in range(2):
+                    e = self.target_index[i] + 2 * (layer - c.lo) + t
+                    here = self.local_addrs[2 * layer + t] + c.row_shift
                     if c.direction == WRITE:
-                        self.d_srcs[k] = local + runs[r].src_off
-                        self.d_dsts[k] = target + runs[r].dst_off
-                        self.d_maxs[k] = <size_t>(limit - <uint64_t><uintptr_t>self.d_dsts[k])
+                        pairs[t].src = here
+                        pairs[t].dst = self.target_addrs[e]
+                        pairs[t].dst_end = self.target_limits[e]
                     else:
-                        # The cache here is the destination; the cache manager checked its
-                        # bounds, and the runtime checks the read against the run's size.
-                        self.d_srcs[k] = target + runs[r].src_off
-                        self.d_dsts[k] = local + runs[r].dst_off
-                        self.d_maxs[k] = runs[r].nbytes
-                    k += 1
-            rc = 0
-            if c.lane == LANE_ENGINE:
-                rc = self.engine_move(i, base, k - base)
-            elif c.lane == LANE_PROCESS and c.direction == WRITE:
-                rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
-                                                   &self.d_srcs[base], &self.d_sizes[base],
-                                                   k - base, &c.async_code)
-            elif c.lane == LANE_PROCESS:
-                rc = llmd_host_process_read_async(stream, c.pid, &self.d_dsts[base],
-                                                  &self.d_srcs[base], &self.d_sizes[base],
-                                                  k - base, &c.async_code)
-            elif not c.single and rt.memcpy_batch_async != NULL:
-                rc = rt.memcpy_batch_async(rt.ctx, &self.d_dsts[base], &self.d_maxs[base],
-                                           &self.d_srcs[base], &self.d_sizes[base], k - base,
-                                           c.kind, stream, &fail)
+                        # The cache here is the destination, its bounds checked by the cache
+                        # manager: the end of what the runs write is its bound.
+                        pairs[t].src = self.target_addrs[e]
+                        pairs[t].dst = here
+                        pairs[t].dst_end = here + self.plan.dst_hi
+                if c.merged:
+                    self.m_cfgs[merged] = i
+                    merged += 1
+                    continue
+                rc = rt.copy_runs(rt.ctx, self.tables[c.lane], pairs, 2, c.kind,
+                                  LLMD_COPY_PEER_DEVICE if c.single else 0, stream, &fail)
             else:
-                for r in range(base, k):
-                    rc = rt.memcpy_async(rt.ctx, self.d_dsts[r], self.d_maxs[r], self.d_srcs[r],
-                                         self.d_sizes[r], c.kind, stream)
-                    if rc != 0:
-                        fail = r - base
-                        break
+                base = c.desc_base + <Py_ssize_t>(layer - c.lo) * 2 * nruns
+                k = base
+                for t in range(2):
+                    e = self.target_index[i] + 2 * (layer - c.lo) + t
+                    local = <char *><uintptr_t>self.local_addrs[2 * layer + t] + c.row_shift
+                    target = <char *><uintptr_t>self.target_addrs[e]
+                    for r in range(nruns):
+                        self.d_sizes[k] = runs[r].nbytes
+                        if c.direction == WRITE:
+                            self.d_srcs[k] = local + runs[r].src_off
+                            self.d_dsts[k] = target + runs[r].dst_off
+                        else:
+                            self.d_srcs[k] = target + runs[r].src_off
+                            self.d_dsts[k] = local + runs[r].dst_off
+                        k += 1
+                if c.lane == LANE_ENGINE:
+                    rc = self.engine_move(i, base, k - base)
+                elif c.direction == WRITE:
+                    rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
+                                                       &self.d_srcs[base], &self.d_sizes[base],
+                                                       k - base, &c.async_code)
+                else:
+                    rc = llmd_host_process_read_async(stream, c.pid, &self.d_dsts[base],
+                                                      &self.d_srcs[base], &self.d_sizes[base],
+                                                      k - base, &c.async_code)
             if rc != 0:
                 c.code = rc
                 c.fail_index = fail
                 c.failed = FAIL_ENGINE if c.lane == LANE_ENGINE else FAIL_RUNTIME
-        # one launch for every kernel config's tensors of this layer, after the layer's wait
-        self.kernel_launch()
+        if merged:
+            # One call (on CUDA one kernel launch) for every merged config's tensors of this
+            # layer, after the layer's wait; if it fails, nothing of it was queued and each of
+            # those configs fails.
+            rt = self.runtime.rt
+            rc = rt.copy_runs(rt.ctx, self.tables[<int>LANE_RUNTIME], self.m_pairs, 2 * merged,
+                              COPY_D2D, 0, self.stream, &fail)
+            if rc != 0:
+                for i in range(merged):
+                    c = &self.cfg[self.m_cfgs[i]]
+                    c.code = rc
+                    c.fail_index = fail
+                    c.failed = FAIL_RUNTIME
 
     cdef int engine_move(self, int i, Py_ssize_t base, Py_ssize_t n) noexcept with gil:
         """Hand n descriptors to config i's engine channel (which bounds what it keeps queued);
@@ -450,8 +432,6 @@ cdef class TransferJob:
             self.report()
             return
         with nogil:
-            if self.kernel_pairs:
-                self.kernel_prepare()
             for layer in range(self.first_layer, self.last_layer):
                 lanes = self.lanes_at(layer)
                 if lanes == 0:
@@ -481,9 +461,7 @@ cdef class TransferJob:
                         self.cfg[i].code = rc
             if self.host_stream != self.stream:
                 hrt.stream_synchronize(hrt.ctx, self.host_stream)
-            if self.ktab != NULL:
-                llmd_cuda_copy_table_destroy(&g_cuda_kernel, self.ktab)
-                self.ktab = NULL
+            self.release_tables()
         self.settle_engines()
         self.report()
 
@@ -529,6 +507,7 @@ cdef class TransferJob:
         cdef CfgState *c
         cdef ConfigPlan cp
         cdef Outcome o
+        cdef Runtime owner
         if self.finished:
             return
         self.finished = 1
@@ -552,9 +531,8 @@ cdef class TransferJob:
             o.os_error = c.async_code
             o.pid = c.pid
             if c.failed == FAIL_RUNTIME:
-                rt = self.runtime if c.lane == LANE_RUNTIME else self.host
-                o.runtime_error = runtime_error(rt.name, c.code, f"copy (entry {c.fail_index})",
-                                                rt.text(c.code))
+                owner = self.runtime if c.lane == LANE_RUNTIME else self.host
+                o.runtime_error = runtime_error(owner.rt, c.code, f"copy (entry {c.fail_index})")
             elif c.failed == FAIL_ENGINE:
                 o.detail = cp.engine.error
             elif c.failed == FAIL_CANCELLED:

@@ -6,8 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define H2D 1
-
 static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 /* Buffers of finished calls, kept for the next ones: cudaMallocHost is slow and cudaFree may
@@ -114,16 +112,16 @@ void llmd_cuda_copy_kernel_unload(llmd_cuda_copy_kernel *k)
     k->library = k->kernel = NULL;
 }
 
-int llmd_cuda_copy_table_create(const llmd_cuda_copy_kernel *k, const uint64_t *runs, size_t count,
+int llmd_cuda_copy_table_create(const llmd_cuda_copy_kernel *k, const llmd_run *runs, size_t count,
                                 size_t pair_capacity, llmd_cuda_copy_table **out)
 {
     const llmd_cuda_api *api = k->api;
     size_t npieces = 0;
     uint64_t extent = 0;
     for (size_t r = 0; r < count; r++) {
-        uint64_t n = runs[3 * r + 2];
+        uint64_t n = runs[r].nbytes;
         npieces += (size_t)((n + LLMD_COPY_PIECE_BYTES - 1) / LLMD_COPY_PIECE_BYTES);
-        if (runs[3 * r + 1] + n > extent) extent = runs[3 * r + 1] + n;
+        if (runs[r].dst_off + n > extent) extent = runs[r].dst_off + n;
     }
     size_t pieces_bytes = round_up(npieces * sizeof(llmd_copy_piece), 256);
     size_t bytes = pieces_bytes + (pair_capacity ? pair_capacity : 1) * sizeof(llmd_copy_pair);
@@ -140,7 +138,7 @@ int llmd_cuda_copy_table_create(const llmd_cuda_copy_kernel *k, const uint64_t *
     t->capacity = b.bytes;
     llmd_copy_piece *p = (llmd_copy_piece *)t->host;
     for (size_t r = 0; r < count; r++) {
-        uint64_t s = runs[3 * r], d = runs[3 * r + 1], n = runs[3 * r + 2];
+        uint64_t s = runs[r].src_off, d = runs[r].dst_off, n = runs[r].nbytes;
         for (uint64_t off = 0; off < n; off += LLMD_COPY_PIECE_BYTES, p++) {
             p->src_off = s + off;
             p->dst_off = d + off;
@@ -164,8 +162,8 @@ void llmd_cuda_copy_table_destroy(const llmd_cuda_copy_kernel *k, llmd_cuda_copy
 }
 
 int llmd_cuda_copy_launch(const llmd_cuda_copy_kernel *k, llmd_cuda_copy_table *t,
-                          const uint64_t *srcs, const uint64_t *dsts, const uint64_t *dst_ends,
-                          size_t npairs, void *stream, size_t *fail_pair)
+                          const llmd_tensor_pair *pairs, size_t npairs, void *stream,
+                          size_t *fail_pair)
 {
     const llmd_cuda_api *api = k->api;
     *fail_pair = 0;
@@ -173,15 +171,15 @@ int llmd_cuda_copy_launch(const llmd_cuda_copy_kernel *k, llmd_cuda_copy_table *
     if (npairs > t->pair_capacity - t->pairs_used || npairs > 0xffffffffu ||
         t->npieces > 0x7fffffffu)
         return LLMD_CUDA_ERROR_INVALID_VALUE;
-    for (size_t i = 0; dst_ends && i < npairs; i++)
-        if (dsts[i] + t->dst_extent > dst_ends[i] || dsts[i] + t->dst_extent < dsts[i]) {
+    for (size_t i = 0; i < npairs; i++)
+        if (pairs[i].dst + t->dst_extent > pairs[i].dst_end || pairs[i].dst + t->dst_extent < pairs[i].dst) {
             *fail_pair = i;
             return LLMD_CUDA_ERROR_INVALID_VALUE;
         }
     size_t pieces_bytes = t->bytes - t->pair_capacity * sizeof(llmd_copy_pair);
     int rc;
     if (!t->uploaded) {
-        rc = api->cudaMemcpyAsync(t->device, t->host, pieces_bytes, H2D, stream);
+        rc = api->cudaMemcpyAsync(t->device, t->host, pieces_bytes, LLMD_MEMCPY_H2D, stream);
         if (rc != 0) return rc;
         t->uploaded = 1;
     }
@@ -189,10 +187,11 @@ int llmd_cuda_copy_launch(const llmd_cuda_copy_kernel *k, llmd_cuda_copy_table *
     size_t off = pieces_bytes + t->pairs_used * sizeof(llmd_copy_pair);
     llmd_copy_pair *hp = (llmd_copy_pair *)(t->host + off);
     for (size_t i = 0; i < npairs; i++) {
-        hp[i].src = srcs[i];
-        hp[i].dst = dsts[i];
+        hp[i].src = pairs[i].src;
+        hp[i].dst = pairs[i].dst;
     }
-    rc = api->cudaMemcpyAsync(t->device + off, hp, npairs * sizeof(llmd_copy_pair), H2D, stream);
+    rc = api->cudaMemcpyAsync(t->device + off, hp, npairs * sizeof(llmd_copy_pair), LLMD_MEMCPY_H2D,
+                              stream);
     if (rc != 0) return rc;
     t->pairs_used += npairs;
     unsigned long long pieces_arg = (unsigned long long)(uintptr_t)t->device;
@@ -200,8 +199,8 @@ int llmd_cuda_copy_launch(const llmd_cuda_copy_kernel *k, llmd_cuda_copy_table *
     unsigned long long pairs_arg = (unsigned long long)(uintptr_t)(t->device + off);
     unsigned int npairs_arg = (unsigned int)npairs;
     void *args[4] = {&pieces_arg, &npieces_arg, &pairs_arg, &npairs_arg};
-    llmd_cuda_dim3 grid = {(unsigned)t->npieces,
+    llmd_dim3 grid = {(unsigned)t->npieces,
                            (unsigned)(npairs < LLMD_COPY_MAX_GRID_Y ? npairs : LLMD_COPY_MAX_GRID_Y), 1};
-    llmd_cuda_dim3 block = {LLMD_COPY_THREADS, 1, 1};
+    llmd_dim3 block = {LLMD_COPY_THREADS, 1, 1};
     return api->cudaLaunchKernel(k->kernel, grid, block, args, 0, stream);
 }

@@ -10,6 +10,7 @@
 
 #include "llmdist/copy_kernel.h"
 #include "llmdist/cuda.h"
+#include "llmdist/runtime.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -43,19 +44,18 @@ int llmd_cuda_copy_kernel_load(llmd_cuda_copy_kernel *k, const llmd_cuda_api *ap
                                char *why, size_t why_len);
 void llmd_cuda_copy_kernel_unload(llmd_cuda_copy_kernel *k);
 
-/* A table for runs[0..count) ((src_off, dst_off, nbytes) triples) and pair_capacity pairs in
- * all. On the calling thread's current device. */
-int llmd_cuda_copy_table_create(const llmd_cuda_copy_kernel *k, const uint64_t *runs, size_t count,
+/* A table for runs[0..count) and pair_capacity pairs in all, on the calling thread's current
+ * device. */
+int llmd_cuda_copy_table_create(const llmd_cuda_copy_kernel *k, const llmd_run *runs, size_t count,
                                 size_t pair_capacity, llmd_cuda_copy_table **out);
 /* Free a table once every stream that used it has been synchronized. */
 void llmd_cuda_copy_table_destroy(const llmd_cuda_copy_kernel *k, llmd_cuda_copy_table *t);
 
-/* One launch on stream: every run for each of npairs (src base, dst base) pairs. dst_ends[i] is
- * the end of the memory holding pair i's destination (no run may reach past it; NULL: not
- * checked). On failure *fail_pair names the pair (or 0). */
+/* One launch on stream: every run for each of pairs[0..npairs); no run may write past a pair's
+ * dst_end. On failure *fail_pair names the pair (0 when the launch itself failed). */
 int llmd_cuda_copy_launch(const llmd_cuda_copy_kernel *k, llmd_cuda_copy_table *t,
-                          const uint64_t *srcs, const uint64_t *dsts, const uint64_t *dst_ends,
-                          size_t npairs, void *stream, size_t *fail_pair);
+                          const llmd_tensor_pair *pairs, size_t npairs, void *stream,
+                          size_t *fail_pair);
 
 #ifdef __cplusplus
 }

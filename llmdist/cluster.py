@@ -8,10 +8,11 @@ cache before a transfer can target it and has stopped writing into it before the
 go), and unlink. It never carries bulk data. When it closes, the link is down: transfers to the
 peer end with LLM_LINK_FAILED and nothing more is written.
 
-Data paths, per peer: same host -> copies into the peer's shared memory mapped here (host-runtime
-memory of a listening cluster), or process writes into the peer's address space (memory the peer
-registered); other host -> Mooncake Transfer Engine (batched writes into memory the peer
-registered with its engine). `llmdist.transport` forces a path: direct or mooncake.
+Data paths, per peer (`Peer.route` returns one of routes.py's routes): same host -> copies into
+the peer's shared memory mapped here (host-runtime memory of a listening cluster), or process
+transfers with the peer's address space (memory the peer registered); other host -> Mooncake
+Transfer Engine (batched transfers with memory the peer registered with its engine).
+`llmdist.transport` forces a path: direct or mooncake.
 
 On a device runtime (ACL, CUDA) the same-host path is device IPC (see device_ipc.py): the
 handshake carries each side's runtime and the pid its device-IPC exports must whitelist; the side

@@ -100,7 +100,6 @@ cdef extern from "llmdist/cuda.h" nogil:
 cdef extern from "llmdist/host_runtime.h" nogil:
     enum:
         LLMD_HOST_ENOMEM
-        LLMD_HOST_ETIMEOUT
 
     ctypedef struct llmd_host_tuning:
         int copy_threads

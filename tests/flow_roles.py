@@ -474,3 +474,155 @@ def omni_prefill(ctx, cluster_id, port, generation):
     ctx.barrier()   # until the parent ends it (or kills this process)
     dd.finalize()
     return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# pull_blocks_sample.py: rank-table link, the decoder pulls two blocks, then swaps them out to
+# a CPU cache and back. The single-server table of the sample (host 127.0.0.1); the test's
+# rendezvous options keep its ports away from other runs. The prompt's tensor holds distinct
+# values (the sample's torch.ones on both sides could not show that anything arrived).
+PB_SHAPE = [2, 256 * 1024]
+
+
+def _pb_init(role, cluster_id, rendezvous):
+    datadist = LLMDataDist(role, cluster_id)
+    llm_config = LLMConfig()
+    llm_config.device_id = 0
+    llm_config.enable_cache_manager = True
+    llm_config.ge_options = dict(rendezvous)
+    datadist.init(llm_config.generate_options())
+    return datadist
+
+
+def _pb_link(datadist, rendezvous):
+    import json
+    import time
+    from llmdist import RegisterMemStatus
+    rank_table_dict = {
+        "server_count": "1", "status": "completed", "version": "1.2",
+        "server_list": [{
+            "device": [{"device_id": "0", "device_ip": "192.168.1.1", "rank_id": "0"},
+                       {"device_id": "1", "device_ip": "192.168.1.2", "rank_id": "1"}],
+            "host_ip": HOST, "server_id": "1"}],
+    }
+    cluster_rank_info = {1: 0, 2: 1}
+    comm_id = datadist.link("link", cluster_rank_info, json.dumps(rank_table_dict))
+    while True:
+        ret = datadist.query_register_mem_status(comm_id)
+        if ret == RegisterMemStatus.OK:
+            break
+        if ret == RegisterMemStatus.FAILED:
+            raise RuntimeError("link failed")
+        time.sleep(0.05)
+    return comm_id
+
+
+def pb_prompt(ctx, rendezvous):
+    from llmdist import Cache  # noqa: F401  (the sample imports it)
+    datadist = _pb_init(LLMRole.PROMPT, 1, rendezvous)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=1, shape=PB_SHAPE, data_type=DataType.DT_FLOAT,
+                           placement=Placement.DEVICE)
+    tensor = np.arange(PB_SHAPE[0] * PB_SHAPE[1], dtype=np.float32).reshape(PB_SHAPE)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor)], BlocksCacheKey(1, 0))
+    comm_id = _pb_link(datadist, rendezvous)
+    ctx.barrier()   # prepared (the sample's decoder sleeps 5 s for this)
+    ctx.barrier()   # the decoder is done (the sample's prompt sleeps 30 s)
+    datadist.unlink(comm_id)
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+def pb_decoder(ctx, rendezvous):
+    from llmdist import Cache
+    datadist = _pb_init(LLMRole.DECODER, 2, rendezvous)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=1, shape=PB_SHAPE, data_type=DataType.DT_FLOAT,
+                           placement=Placement.DEVICE)
+    tensor = np.ones(PB_SHAPE, dtype=np.float32)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor)])
+    comm_id = _pb_link(datadist, rendezvous)
+    ctx.barrier()   # wait prompt prepared
+    cache_manager.pull_blocks(BlocksCacheKey(1, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 1])
+    want = np.arange(PB_SHAPE[0] * PB_SHAPE[1], dtype=np.float32).reshape(PB_SHAPE)
+    ctx.check(np.array_equal(tensor, want), "the pulled blocks")
+    # swap blocks: out to a CPU cache and back in
+    cpu_tensor = np.random.default_rng(3).random(PB_SHAPE, dtype=np.float32)
+    cpu_cache = Cache.create_cpu_cache(
+        CacheDesc(num_tensors=1, shape=PB_SHAPE, data_type=DataType.DT_FLOAT,
+                  placement=Placement.HOST), [_addr(cpu_tensor)])
+    cache_manager.swap_blocks(cache, cpu_cache, {0: 0, 1: 1})
+    ctx.check(np.array_equal(cpu_tensor, want), "the blocks swapped out")
+    tensor[:] = 0
+    cache_manager.swap_blocks(cpu_cache, cache, {0: 0, 1: 1})
+    ctx.check(np.array_equal(tensor, want), "the blocks swapped back in")
+    datadist.unlink(comm_id)
+    datadist.finalize()
+    ctx.barrier()   # done
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# pull_cache_sample.py: rank-table link first, then the prompt allocates a 2-row cache under two
+# CacheKeys (one per row) and the decoder pulls each key's row into its own allocated cache.
+# The prompt fills every tensor with distinct values (the sample fills tensor 0 with ones).
+PC_SHAPE = [2, 256 * 1024]
+
+
+def _pc_fill(cache, cluster_id):
+    from llmdist.bench.procs import host_view
+    n = cache.cache_desc.size
+    for t, a in enumerate(cache.tensor_addrs):
+        view = host_view(a, n).view(np.uint16)
+        view[:] = np.random.default_rng([cluster_id, t]).integers(0, 2**16, view.size,
+                                                                   dtype=np.uint16)
+
+
+def pc_prompt(ctx, rendezvous):
+    from llmdist import CacheKey
+    datadist = _pb_init(LLMRole.PROMPT, 1, rendezvous)
+    comm_id = _pb_link(datadist, rendezvous)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=4, shape=PC_SHAPE, data_type=DataType.DT_FLOAT16,
+                           placement=Placement.DEVICE)
+    cache_key_0 = CacheKey(prompt_cluster_id=1, req_id=0, model_id=0)
+    cache_key_1 = CacheKey(prompt_cluster_id=1, req_id=1, model_id=0)
+    cache = cache_manager.allocate_cache(cache_desc, [cache_key_0, cache_key_1])
+    _pc_fill(cache, 1)
+    ctx.barrier()   # prepared (the sample's decoder sleeps 5 s)
+    ctx.barrier()   # pulled (the sample's prompt sleeps 30 s)
+    cache_manager.remove_cache_key(cache_key_0)
+    cache_manager.remove_cache_key(cache_key_1)
+    cache_manager.deallocate_cache(cache)
+    datadist.unlink(comm_id)
+    datadist.finalize()
+    return "ok"
+
+
+def pc_decoder(ctx, rendezvous):
+    from llmdist import CacheKey
+    from llmdist.bench.procs import host_view
+    datadist = _pb_init(LLMRole.DECODER, 2, rendezvous)
+    comm_id = _pb_link(datadist, rendezvous)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=4, shape=PC_SHAPE, data_type=DataType.DT_FLOAT16,
+                           placement=Placement.DEVICE)
+    cache = cache_manager.allocate_cache(cache_desc)
+    ctx.barrier()   # wait prompt prepared
+    cache_key_0 = CacheKey(prompt_cluster_id=1, req_id=0, model_id=0)
+    cache_key_1 = CacheKey(prompt_cluster_id=1, req_id=1, model_id=0)
+    cache_manager.pull_cache(cache_key_0, cache, batch_index=1)   # row 0 into row 1
+    cache_manager.pull_cache(cache_key_1, cache, batch_index=0)   # row 1 into row 0
+    n = cache.cache_desc.size
+    for t, a in enumerate(cache.tensor_addrs):
+        want = np.random.default_rng([1, t]).integers(0, 2**16, n // 2, dtype=np.uint16)
+        got = host_view(a, n).view(np.uint16)
+        half = n // 4
+        ctx.check(np.array_equal(got[:half], want[half:]) and np.array_equal(got[half:], want[:half]),
+                  f"tensor {t} after the pulls")
+    ctx.barrier()
+    cache_manager.deallocate_cache(cache)
+    datadist.unlink(comm_id)
+    datadist.finalize()
+    return "ok"

@@ -1,7 +1,9 @@
 """Real clients' call sequences and upstream's sample programs (spec sections 7 and 10), each
 role in its own process on 127.0.0.1, with numpy arrays in place of NPU tensors and every byte
 checked: transfer_cache_async_sample, hixl_transfer_backend_sample (both listen, both link, pull
-and push, both unlink), pull_blocks_xpyd_sample (one decode, two prefills), push_blocks_sample,
+and push, both unlink), pull_blocks_sample (rank-table link, pull, swap out and in), pull_cache_sample (a CacheKey per
+row),
+pull_blocks_xpyd_sample (one decode, two prefills), push_blocks_sample,
 vllm-ascend's HIXL connector (MLA caches of one tensor per layer by model id, pulled by layer
 range), an SGLang-style push (link with only the remote ip), omni-infer's recovery (the pull
 fails after the prefill dies; force-unlink, link to its restart, the retried pull succeeds), and
@@ -135,6 +137,25 @@ def test_pull_blocks_xpyd_sample():
           "prompt2": ("xpyd_prompt", {"local_ip_port": p2}),
           "decoder": ("xpyd_decoder", {"local_ip_port": d,
                                        "remote_ip_port": f"{p1};{p2}"})}).finish()
+
+
+def test_pull_blocks_sample():
+    """Rank-table link (query_register_mem_status until OK), pull_blocks, swap_blocks out to a
+    CPU cache and back, unlink."""
+    from rendezvous import free_rendezvous_base, rendezvous_options
+    opts = rendezvous_options(free_rendezvous_base(), link_total_s=60)
+    Flow({"prompt": ("pb_prompt", {"rendezvous": opts}),
+          "decoder": ("pb_decoder", {"rendezvous": opts})}).finish()
+
+
+def test_pull_cache_sample():
+    """Rank-table link, the prompt allocates a cache under one CacheKey per row, the decoder
+    pulls each key's row into a row of its own cache (here crossed, to show which row went
+    where)."""
+    from rendezvous import free_rendezvous_base, rendezvous_options
+    opts = rendezvous_options(free_rendezvous_base(), link_total_s=60)
+    Flow({"prompt": ("pc_prompt", {"rendezvous": opts}),
+          "decoder": ("pc_decoder", {"rendezvous": opts})}).finish()
 
 
 def test_push_blocks_sample():

@@ -1,4 +1,4 @@
-"""Child-process entry points for test_client_flows.py: real clients' rank-table call sequences
+"""Child-process entry points for test_rank_table_flows.py: real clients' rank-table call sequences
 (spec section 10), written the way the clients write them, with numpy arrays in place of NPU
 tensors. Each flow runs one cluster in its own process and reports ("ok", result) or
 ("err", traceback) over a Pipe; events passed in the parameters order the members where the

@@ -2,7 +2,7 @@
 vllm-ascend LLMDataDist connector (plain and MLA), MindIE-LLM (K and V caches by model id,
 a MIX decode, LLM_ALREADY_LINK on a second link), a comm of three, a member that never arrives,
 and upstream's pull_blocks_sample.py with its swap_blocks round trip. The flows themselves are
-in client_flows.py; every byte a decode receives is checked there."""
+in rank_table_flows.py; every byte a decode receives is checked there."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from llmdist import LLMStatusCode
 
-import client_flows
+import rank_table_flows
 from rendezvous import (free_rendezvous_base, one_server_table, rendezvous_options,
                         server_per_rank_table)
 
@@ -29,7 +29,7 @@ def run_flows(flow: str, params: List[Dict]) -> List[Dict]:
     procs = []
     for p in params:
         parent, child = CTX.Pipe()
-        proc = CTX.Process(target=client_flows.flow_main, args=(child, flow, p), daemon=True)
+        proc = CTX.Process(target=rank_table_flows.flow_main, args=(child, flow, p), daemon=True)
         proc.start()
         child.close()
         procs.append((proc, parent))

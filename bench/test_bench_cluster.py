@@ -370,7 +370,7 @@ def test_cluster_b2b_nixl_vs_copyto(benchmark, cluster, report, rounds_scale):
     decode's registered numpy memory, one prepared WRITE per layer (made, then posted, in layer
     order), then waits for all. Its np.copyto baseline runs in that same process before every
     round; the one of this process too (extra_info). The initiator runs without NIXL's
-    progress thread (see cluster_bench_procs._NixlPrefill)."""
+    progress thread (see llmdist.bench.procs._NixlPrefill)."""
     if not NIXL:
         pytest.skip("nixl is not importable (pip install nixl: it installs here, see the "
                     "report of the two-process benchmarks)")

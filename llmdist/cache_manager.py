@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from . import _core, block_ops, device_ipc
+from . import _core, block_ops, device_ipc, shm
 from ._core import CopyKind, Direction
 from ._check import check_int64, check_int_list, check_isinstance, check_uint64, require
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
@@ -24,6 +22,8 @@ if TYPE_CHECKING:
     from .cluster import ClusterNode
 
 _ALIGN = 64  # every tensor of an allocated cache starts 64-byte aligned (ACL's rule)
+_MAX_BYTES = 1 << 64
+BUSY_WAIT_S = 0.2   # how long transfer_cache_async waits for a task to finish when at the bound
 
 log = logging.getLogger("llmdist")
 
@@ -59,7 +59,7 @@ class CacheManager:
     def __init__(self, cluster_id: int, runtime: "_core.Runtime",
                  workers, options: Dict[str, str], remote_accessible: bool,
                  sync_timeout: Optional[int], shareable: bool = False,
-                 node: Optional["ClusterNode"] = None) -> None:
+                 node: Optional["ClusterNode"] = None, max_inflight: int = 1024) -> None:
         self._cluster_id = cluster_id
         self._node = node
         self._runtime = runtime
@@ -70,6 +70,8 @@ class CacheManager:
         # Host-runtime memory of a listening cluster lives in shared memory, so that peers on
         # this host can map it and copy straight into it.
         self._shareable = shareable and runtime.is_host
+        if self._shareable:
+            shm.remove_dead()       # what processes that died without finalize left behind
         # On a device runtime its DEVICE allocations are exported for device IPC instead, and
         # (ACL) every linked peer on this host may import them: their pids, for the whitelist.
         self._exportable = shareable and not runtime.is_host
@@ -80,6 +82,9 @@ class CacheManager:
         # job -> (source cache key, [destination cache keys per config]); a key is
         # (cluster id, cache id).
         self._inflight: Dict[object, Tuple[Tuple[int, int], List[set]]] = {}
+        # Tasks not finished yet, bounded by llmdist.max_inflight_tasks (see _take_slot).
+        self._max_inflight = max_inflight
+        self._slots = threading.BoundedSemaphore(max_inflight)
         self._caps = {Placement.DEVICE: _pool_cap(options, "llm.MemPoolConfig"),
                       Placement.HOST: _pool_cap(options, "llm.HostMemPoolConfig")}
         self._used = {Placement.DEVICE: 0, Placement.HOST: 0}
@@ -124,6 +129,10 @@ class CacheManager:
         placement = cache_desc.placement
         piece = -(-cache_desc.size // _ALIGN) * _ALIGN
         total = piece * cache_desc.num_tensors
+        require(total < _MAX_BYTES,
+                f"cache_desc: {cache_desc.num_tensors} tensors of {cache_desc.size} bytes "
+                f"({total} bytes with {_ALIGN}-byte alignment) do not fit a 64-bit address "
+                f"space")
         cap = self._caps[placement]
         if cap is not None and self._used[placement] + total > cap:
             code = (LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY if placement == Placement.DEVICE
@@ -134,7 +143,7 @@ class CacheManager:
         cache_id = self._new_id()
         share = None
         if self._shareable:
-            name = f"/llmdist-{os.getpid()}-{self._cluster_id}-{cache_id}-{secrets.token_hex(4)}"
+            name = shm.new_name(self._cluster_id, cache_id)
             base = raw = _core.shm_create(name, total)
             share = {"kind": "shm", "name": name, "base": base, "size": total}
         elif self._exportable and placement == Placement.DEVICE:
@@ -285,6 +294,9 @@ class CacheManager:
         cid = entry.cache.cache_id
         me = self._cluster_id
         with self._lock:
+            # Two threads may release one cache at once: the first to remove it frees it.
+            if self._mem.entries.get(cid) is not entry:
+                raise _fail(f"cache {cid} is already released", _NOT_EXIST)
             self._mem.remove(cid)
             jobs = [job for job, (src, _) in self._inflight.items() if src == (me, cid)]
         for job in jobs:
@@ -434,6 +446,27 @@ class CacheManager:
                 f"src_cache has {desc.num_tensors} tensors; layer-wise transfer needs K and V "
                 f"per layer (an even number)")
         num_layers = desc.num_tensors // 2
+        self._take_slot()
+        try:
+            return self._submit(src_cache, src_entry, layer_synchronizer, transfer_configs,
+                                src_idx, dst_idx, block_size, plan, num_layers)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _take_slot(self) -> None:
+        """Wait briefly for room under llmdist.max_inflight_tasks; LLM_LINK_BUSY without it,
+        so that tasks nobody waits for cannot pile up without bound."""
+        if not self._slots.acquire(timeout=BUSY_WAIT_S):
+            raise _fail(f"{self._max_inflight} transfer tasks are in flight, the bound set by "
+                        f"option llmdist.max_inflight_tasks; none finished within "
+                        f"{BUSY_WAIT_S * 1000:.0f} ms: wait for some tasks and retry",
+                        LLMStatusCode.LLM_LINK_BUSY)
+
+    def _submit(self, src_cache: Cache, src_entry: MemoryEntry, layer_synchronizer,
+                transfer_configs, src_idx, dst_idx, block_size: int, plan,
+                num_layers: int) -> CacheTask:
+        """Checks that need the lock (rules 8-11), then the job goes to the workers."""
         with self._lock:
             plans = []
             touched: List[set] = []
@@ -456,7 +489,12 @@ class CacheManager:
                                     layer_synchronizer, self._sync_timeout, events, gate)
             self._inflight[job] = ((self._cluster_id, src_cache.cache_id), touched)
             job.on_finish = self._job_done
-            self._workers.submit(job)
+            try:
+                self._workers.submit(job)
+            except BaseException:
+                job.on_finish = None    # it never runs: its slot goes back in the caller
+                self._inflight.pop(job, None)
+                raise
         return CacheTask(job, len(plans))
 
     def _check_config(self, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
@@ -578,6 +616,7 @@ class CacheManager:
     def _job_done(self, job) -> None:
         with self._lock:
             self._inflight.pop(job, None)
+        self._slots.release()
 
     # ------------------------------------------------------------------ local block operations
 
@@ -660,5 +699,10 @@ class CacheManager:
         for job in jobs:
             job.cancel(LLMStatusCode.LLM_ENGINE_FINALIZED)
         for entry in list(self._mem.entries.values()):
-            self._release(entry)
+            try:
+                self._release(entry)
+            except LLMException as exc:
+                # Released meanwhile by another thread: nothing is left to do.
+                if exc.status_code != _NOT_EXIST:
+                    raise
         self._local.close()

@@ -27,9 +27,9 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
-from . import _core, device_ipc
+from . import _core, device_ipc, shm
 from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
 from .routes import EngineRoute, MappedRoute, ProcessRoute, Route
@@ -43,19 +43,11 @@ log = logging.getLogger("llmdist")
 PROTOCOL_VERSION = 2
 MAGIC = b"LLMD"
 MAX_FRAME = 16 << 20
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0      # the whole handshake, however slowly its bytes arrive
+MAX_HANDSHAKES = 32             # handshakes in progress at once; more connections are closed
+MAX_TEXT = 4096                 # the longest free text a peer may send (host, reasons, ids)
 ACK_TIMEOUT_S = 10.0
 TRANSPORTS = ("auto", "direct", "mooncake")
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 class ProtocolError(Exception):
@@ -95,27 +87,34 @@ def send_frame(sock: socket.socket, lock: threading.Lock, msg: dict) -> None:
         sock.sendall(MAGIC + struct.pack(">I", len(data)) + data)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytes:
     buf = bytearray()
     while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the handshake took too long")
+            sock.settimeout(left)
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
         if not chunk:
             raise ConnectionError("connection closed")
         buf += chunk
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket) -> dict:
-    head = _recv_exact(sock, 8)
+def recv_frame(sock: socket.socket, deadline: Optional[float] = None) -> dict:
+    """Read one message; by time.monotonic() deadline when given, whatever the pace of the
+    bytes."""
+    head = _recv_exact(sock, 8, deadline)
     if head[:4] != MAGIC:
         raise ProtocolError("bad magic")
     (n,) = struct.unpack(">I", head[4:])
     if n > MAX_FRAME:
         raise ProtocolError(f"frame of {n} bytes is over the {MAX_FRAME}-byte limit")
     try:
-        msg = json.loads(_recv_exact(sock, n))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"frame is not JSON: {exc}") from None
+        msg = json.loads(_recv_exact(sock, n, deadline))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame is not JSON of a sane depth: {type(exc).__name__}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
         raise ProtocolError("frame is not a message")
     return msg
@@ -126,8 +125,43 @@ def recv_frame(sock: socket.socket) -> dict:
 
 def _int(v, lo: int = 0, hi: int = 2**64 - 1) -> int:
     if type(v) is not int or not lo <= v <= hi:
-        raise ProtocolError(f"bad integer {v!r}")
+        raise ProtocolError(f"bad integer {v!r:.40}")
     return v
+
+
+def _enum(cls, v):
+    """A member of an int-valued enum from its value; true and false are not integers here."""
+    if type(v) is not int:
+        raise ProtocolError(f"bad {cls.__name__} {v!r:.40}")
+    try:
+        return cls(v)
+    except ValueError:
+        raise ProtocolError(f"bad {cls.__name__} {v!r:.40}") from None
+
+
+def _text(v, limit: int = MAX_TEXT) -> str:
+    if type(v) is not str or len(v) > limit:
+        raise ProtocolError(f"bad text {v!r:.40}")
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        raise ProtocolError(f"text that is not UTF-8 {v!r:.40}") from None
+    return v
+
+
+def _list(v, limit: int = MAX_FRAME) -> list:
+    if type(v) is not list or len(v) > limit:
+        raise ProtocolError(f"bad list {v!r:.40}")
+    return v
+
+
+def key_from_wire(w) -> Union[CacheKey, BlocksCacheKey]:
+    w = _list(w, 5)
+    if len(w) == 3 and w[0] == "blocks":
+        return BlocksCacheKey(_int(w[1]), _int(w[2]))
+    if len(w) == 5 and w[0] == "cache":
+        return CacheKey(_int(w[1]), _int(w[2]), _int(w[3]), _int(w[4]))
+    raise ProtocolError(f"bad cache key {w!r:.60}")
 
 
 def cache_to_wire(entry: MemoryEntry) -> dict:
@@ -149,34 +183,29 @@ def cache_to_wire(entry: MemoryEntry) -> dict:
 
 def cache_from_wire(w: dict) -> Tuple[MemoryEntry, list]:
     """A peer's cache as a MemoryEntry (its addresses are the peer's) and its keys."""
-    if not isinstance(w, dict):
+    if type(w) is not dict:
         raise ProtocolError("cache is not an object")
     try:
-        desc = CacheDesc(_int(w["num_tensors"], 1, 2**32 - 1), [_int(x, 1, 2**63 - 1) for x in w["shape"]],
-                         DataType(w["dtype"]), Placement(w["placement"]),
+        num_tensors = _int(w["num_tensors"], 1, 2**32 - 1)
+        desc = CacheDesc(num_tensors, [_int(x, 1, 2**63 - 1) for x in _list(w["shape"], 64)],
+                         _enum(DataType, w["dtype"]), _enum(Placement, w["placement"]),
                          batch_dim_index=_int(w["batch_dim"], 0, 64),
                          seq_len_dim_index=_int(w["seq_len_dim"], -1, 64))
-        if not isinstance(w["blocks"], bool) or not isinstance(w["remote_accessible"], bool):
+        if type(w["blocks"]) is not bool or type(w["remote_accessible"]) is not bool:
             raise ProtocolError("bad flags")
         if w["origin"] not in (ALLOCATED, REGISTERED):
             raise ProtocolError("bad origin")
-        cache = Cache(_int(w["id"], 0, 2**63 - 1), desc, [_int(a, 1) for a in w["addrs"]], w["blocks"])
-        keys = []
-        for k in w["keys"]:
-            if k[0] == "blocks" and len(k) == 3:
-                keys.append(BlocksCacheKey(_int(k[1]), _int(k[2])))
-            elif k[0] == "cache" and len(k) == 5:
-                keys.append(CacheKey(_int(k[1]), _int(k[2]), _int(k[3]), _int(k[4])))
-            else:
-                raise ProtocolError("bad key")
+        addrs = [_int(a, 1) for a in _list(w["addrs"], num_tensors)]
+        cache = Cache(_int(w["id"], 0, 2**63 - 1), desc, addrs, w["blocks"])
+        keys = [key_from_wire(k) for k in _list(w["keys"])]
         share = w["share"]
-        if (not isinstance(share, dict)
+        if (type(share) is not dict
                 or share.get("kind") not in ("shm", "process", "none") + device_ipc.KINDS):
             raise ProtocolError("bad share")
         kind = share["kind"]
         if kind == "shm":
-            if not isinstance(share.get("name"), str) or not share["name"].startswith("/llmdist-"):
-                raise ProtocolError("bad shared memory name")
+            if shm.owner_of(share.get("name")) is None:
+                raise ProtocolError(f"bad shared memory name {share.get('name')!r:.80}")
         elif kind == "acl_ipc":
             key = share.get("key")
             if (not isinstance(key, str) or not 0 < len(key) < 65 or not key.isascii()
@@ -187,11 +216,15 @@ def cache_from_wire(w: dict) -> Tuple[MemoryEntry, list]:
             if (not isinstance(handle, str) or len(handle) != 128
                     or any(ch not in "0123456789abcdef" for ch in handle)):
                 raise ProtocolError("bad device IPC handle")
-        elif kind == "none" and not isinstance(share.get("reason", ""), str):
-            raise ProtocolError("bad share reason")
+        elif kind == "none":
+            _text(share.get("reason", ""))
         if kind == "shm" or kind in device_ipc.KINDS:
-            _int(share.get("base"), 1)
-            _int(share.get("size"), 1)
+            base, size = _int(share.get("base"), 1), _int(share.get("size"), 1)
+            # Writes land at a tensor's address moved into the mapping: every tensor must lie
+            # inside the memory the share names, or they would land outside it.
+            if any(a < base or a + desc.size > base + size for a in addrs):
+                raise ProtocolError(f"cache {cache.cache_id} has tensors outside the "
+                                    f"{size} bytes of its shared memory")
         if kind in device_ipc.KINDS:
             _int(share.get("device", 0), 0, 2**31 - 1)
         entry = MemoryEntry(cache, w["origin"], w["remote_accessible"], share=share)
@@ -219,7 +252,11 @@ class Peer:
         self.tgid: int = hello.get("tgid", self.pid)      # the pid device-IPC exports whitelist
         self.runtime: str = hello.get("runtime", "host")
         self.same_host = hello["host"] == node.host
-        self.path = node.choose_path(self.same_host, bool(hello.get("want_engine")))
+        # Its process as the owner of the shared memory it announces (on this host).
+        self.owner: Optional[shm.Owner] = None
+        if self.same_host:
+            self.owner = (self.pid, shm.start_time(self.pid) or 0)
+        self.path = node.choose_path(self.same_host, hello.get("want_engine") is True)
         session = hello.get("mooncake")
         self.engine_session: Optional[str] = session if isinstance(session, str) else None
         self.link = _core.LinkFlag(self.pid if self.same_host else 0)
@@ -239,13 +276,20 @@ class Peer:
         self.closed = False
         err = hello.get("engine_error")
         self.engine_error: Optional[str] = err if isinstance(err, str) else None
-        for w in hello.get("caches", []):
-            self.add_cache(w)
+        try:
+            for w in hello["caches"]:
+                self.add_cache(w)
+        except BaseException:
+            self._unmap_all()
+            raise
 
     # -- memory the peer exposes
     def add_cache(self, w: dict) -> None:
         entry, keys = cache_from_wire(w)
         cid = entry.cache.cache_id
+        if entry.share.get("kind") == "shm" and shm.owner_of(entry.share["name"])[0] != self.pid:
+            raise ProtocolError(f"cluster {self.cluster_id} announced shared memory "
+                                f"{entry.share['name']} of another process")
         delta = pid = 0
         if self.path == "direct":
             if entry.share.get("kind") == "shm":
@@ -274,8 +318,7 @@ class Peer:
         self._unmap(cid)
 
     def remove_key(self, w: list) -> None:
-        key = (BlocksCacheKey(_int(w[1]), _int(w[2])) if w[0] == "blocks"
-               else CacheKey(_int(w[1]), _int(w[2]), _int(w[3]), _int(w[4])))
+        key = key_from_wire(w)
         with self.lock:
             self.mem.remove_key(key)
 
@@ -289,6 +332,12 @@ class Peer:
             _core.shm_unmap(*m)
         if imp is not None:
             device_ipc.IMPORTS.release(self.node.runtime, imp[0])
+
+    def _unmap_all(self) -> None:
+        with self.lock:
+            cids = set(self.mappings) | set(self.imports)
+        for cid in cids:
+            self._unmap(cid)
 
     def device_delta(self, entry: MemoryEntry, runtime: "_core.Runtime") -> int:
         """What to add to the peer's address of DEVICE cache entry to write into it from here
@@ -415,16 +464,18 @@ class Peer:
 
     def serve(self) -> None:
         """Read the peer's messages until the connection ends, then take the link down."""
+        unlinked = False
         try:
             self.sock.settimeout(None)
             while True:
                 msg = recv_frame(self.sock)
                 kind = msg["type"]
+                seq = _int(msg.get("seq", 0))
                 if kind == "ack":
                     with self.lock:
-                        ev = self.acks.get(msg.get("seq"))
+                        ev = self.acks.get(seq)
                         if ev is not None:
-                            self.acked.add(msg.get("seq"))
+                            self.acked.add(seq)
                     if ev is not None:
                         ev.set()
                     continue
@@ -433,7 +484,8 @@ class Peer:
                     continue
                 if kind == "unlink":
                     # Stop writing to the peer before it hears back, then hang up.
-                    self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=msg.get("seq"))
+                    unlinked = True
+                    self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=seq)
                     return
                 if kind == "cache_add":
                     self.add_cache(msg.get("cache"))
@@ -442,8 +494,8 @@ class Peer:
                 elif kind == "key_remove":
                     self.remove_key(msg.get("key"))
                 else:
-                    raise ProtocolError(f"unknown message {kind!r}")
-                self.send({"type": "ack", "seq": msg.get("seq")})
+                    raise ProtocolError(f"unknown message {kind!r:.40}")
+                self.send({"type": "ack", "seq": seq})
         except (ConnectionError, OSError, ProtocolError) as exc:
             if not self.closed:
                 log.info("link to cluster %d ended: %s", self.cluster_id, exc)
@@ -451,6 +503,10 @@ class Peer:
             log.exception("link to cluster %d failed", self.cluster_id)
         finally:
             self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED)
+            if self.owner is not None and not unlinked:
+                # The connection broke: if the peer died, its shared memory is garbage once
+                # its process is gone (which may be a moment after its socket closed).
+                shm.remove_when_gone(self.owner)
 
     def stop(self, code) -> None:
         """Stop writing to the peer: take the link flag down, end transfers to it (waiting for
@@ -468,10 +524,7 @@ class Peer:
             self.link.down()
             self.ipc_ready.set()        # wake a transfer waiting for it: it sees the link down
             self.node.cancel_transfers_to(self.cluster_id, None, code)
-            with self.lock:
-                cids = set(self.mappings) | set(self.imports)
-            for cid in cids:
-                self._unmap(cid)
+            self._unmap_all()
         finally:
             self.stopped.set()
 
@@ -486,8 +539,6 @@ class Peer:
         for ev in acks:
             ev.set()
         self.stop(code)
-        if self.same_host and not _process_alive(self.pid):
-            self._remove_dead_peer_memory()
         if ack is not None:
             try:
                 self.send({"type": "ack", "seq": ack})
@@ -498,12 +549,6 @@ class Peer:
         except OSError:
             pass
         self.sock.close()
-
-    def _remove_dead_peer_memory(self) -> None:
-        """A peer killed without finalize leaves its shared memory objects: remove them."""
-        for entry in list(self.mem.entries.values()):
-            if entry.share and entry.share.get("kind") == "shm":
-                _core.shm_unlink(entry.share["name"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -536,7 +581,9 @@ class ClusterNode:
         self.port: Optional[int] = None
         self.closed = False
         self.engine = None                      # MooncakeTransport, made on first need
-        self.engine_error: Optional[str] = None
+        self.engine_error: Optional[str] = None   # why the last attempt to start it failed
+        self.engine_lock = threading.Lock()
+        self.handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         if listen is not None:
             self.start_listening(listen)
 
@@ -581,17 +628,20 @@ class ClusterNode:
         return "direct"
 
     def ensure_engine(self, local_ip: str) -> None:
-        """Start the Mooncake engine (once) and register every cache with it; on failure keep
-        the reason, which a transfer that needs the engine reports."""
-        with self.lock:
-            if self.engine is not None or self.engine_error is not None:
+        """Start the Mooncake engine (once) and register every cache with it. On failure keep
+        the reason, which a transfer that needs the engine reports; the next link that needs
+        the engine tries again."""
+        with self.engine_lock:
+            if self.engine is not None:
                 return
             try:
                 from .transport_mooncake import MooncakeTransport
-                self.engine = MooncakeTransport(local_ip)
+                engine = MooncakeTransport(local_ip)
             except LLMException as exc:
                 self.engine_error = str(exc)
                 return
+            with self.lock:
+                self.engine, self.engine_error = engine, None
         cm = self.caches
         if cm is not None:
             for e in cm.entries():
@@ -660,18 +710,25 @@ class ClusterNode:
         """(status, reason) when a handshake must be refused, else None. Links of a rank-table
         comm (any_role, or a hello naming a comm) join every pair of members whatever their
         roles."""
-        if msg.get("version") != PROTOCOL_VERSION:
-            return int(LLMStatusCode.LLM_LINK_FAILED), f"protocol version {msg.get('version')!r}"
+        version = msg.get("version")
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            return int(LLMStatusCode.LLM_LINK_FAILED), f"protocol version {version!r:.40}"
         try:
             cid = _int(msg.get("cluster_id"))
+            _int(msg.get("target"))
             _int(msg.get("pid"), 1, 2**31 - 1)
             _int(msg.get("tgid", 1), 1, 2**31 - 1)
             if msg.get("runtime", "host") not in ("host", "acl", "cuda"):
                 raise ProtocolError("bad runtime")
-            role = LLMRole(msg.get("role"))
-            if not isinstance(msg.get("host"), str) or not isinstance(msg.get("caches"), list):
-                raise ProtocolError("bad handshake")
-        except (ProtocolError, ValueError) as exc:
+            role = _enum(LLMRole, msg.get("role"))
+            _text(msg.get("host"))
+            _list(msg.get("caches"))
+            if type(msg.get("want_engine", False)) is not bool:
+                raise ProtocolError("bad want_engine")
+            for k in ("mooncake", "engine_error", "comm"):
+                if k in msg:
+                    _text(msg[k])
+        except ProtocolError as exc:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"malformed handshake: {exc}"
         if expect is not None and cid != expect:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"expected cluster {expect}, reached {cid}"
@@ -690,33 +747,59 @@ class ClusterNode:
                 conn, _ = sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._accept_one, args=(conn, admit),
+            if not self.handshakes.acquire(blocking=False):
+                log.info("refused a connection: %d handshakes in progress", MAX_HANDSHAKES)
+                conn.close()
+                continue
+            threading.Thread(target=self._handshake, args=(conn, admit),
                              name="llmdist-handshake", daemon=True).start()
 
-    def _accept_one(self, conn: socket.socket, admit=None) -> None:
-        conn.settimeout(HANDSHAKE_TIMEOUT_S)
-        lock = threading.Lock()
+    def _handshake(self, conn: socket.socket, admit=None) -> None:
+        """Run one handshake (a slot of the bounded count is held), then serve the link. Any
+        failure, whatever its kind, closes the connection and leaves no peer behind."""
+        peer = None
         try:
-            msg = recv_frame(conn)
-            if msg["type"] != "hello":
-                raise ProtocolError("expected a handshake")
-            if msg.get("target") != self.cluster_id:
-                refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
-                           f"this is cluster {self.cluster_id}, not {msg.get('target')!r}")
-            else:
-                refusal = self._check_hello(msg, None)
-            if refusal is None and admit is not None:
-                refusal = admit(msg)
-            if refusal is None and self.peer(msg["cluster_id"]) is not None:
-                refusal = (int(LLMStatusCode.LLM_ALREADY_LINK),
-                           f"cluster {msg['cluster_id']} is already linked")
-            if refusal is None and self.caches is None:
-                refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
-            if refusal is not None:
-                send_frame(conn, lock, {"type": "refuse", "code": refusal[0], "reason": refusal[1]})
+            peer = self._accept_one(conn, admit)
+        except Exception as exc:  # noqa: BLE001 - nothing a client sends may kill this thread
+            level = logging.INFO if isinstance(exc, (ConnectionError, OSError, ProtocolError,
+                                                     LLMException)) else logging.WARNING
+            log.log(level, "refused a connection: %s: %s", type(exc).__name__, exc)
+            try:
                 conn.close()
-                return
-            peer = Peer(self, conn, msg)
+            except OSError:
+                pass
+        finally:
+            self.handshakes.release()
+        if peer is not None:
+            peer.serve()
+
+    def _accept_one(self, conn: socket.socket, admit=None) -> Optional[Peer]:
+        """The listener's side of a handshake: the linked peer, or None when refused. admit:
+        see open_listener."""
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        lock = threading.Lock()
+        conn.settimeout(HANDSHAKE_TIMEOUT_S)
+        msg = recv_frame(conn, deadline)
+        if msg["type"] != "hello":
+            raise ProtocolError("expected a handshake")
+        if msg.get("target") != self.cluster_id:
+            refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
+                       f"this is cluster {self.cluster_id}, not {msg.get('target')!r:.40}")
+        else:
+            refusal = self._check_hello(msg, None)
+        if refusal is None and admit is not None:
+            refusal = admit(msg)
+        if refusal is None and self.peer(msg["cluster_id"]) is not None:
+            refusal = (int(LLMStatusCode.LLM_ALREADY_LINK),
+                       f"cluster {msg['cluster_id']} is already linked")
+        if refusal is None and self.caches is None:
+            refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
+        if refusal is not None:
+            send_frame(conn, lock, {"type": "refuse", "code": refusal[0], "reason": refusal[1]})
+            conn.close()
+            return None
+        peer = Peer(self, conn, msg)
+        try:
             if peer.path == "mooncake":
                 self.ensure_engine(conn.getsockname()[0])
             self._allow_imports(peer)           # before the welcome lists our caches
@@ -726,15 +809,14 @@ class ClusterNode:
                 self.peers[peer.cluster_id] = peer
             reply = self._hello(peer.cluster_id)
             reply["type"] = "welcome"
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
             peer.send(reply)
-        except (ConnectionError, OSError, ProtocolError, LLMException) as exc:
-            log.info("refused a connection: %s", exc)
-            try:
-                conn.close()
-            except OSError:
-                pass
-            return
-        peer.serve()
+        except BaseException:
+            # The client hears nothing more of this link: forget it, so that a later link of
+            # the same cluster id is not refused as a duplicate.
+            self.link_down(peer, LLMStatusCode.LLM_LINK_FAILED)
+            raise
+        return peer
 
     # -- linking
     def link(self, cluster_id: int, address: Tuple[str, int], timeout_ms: int,
@@ -750,6 +832,7 @@ class ClusterNode:
             log.info("link to cluster %d at %s:%d failed: %s", cluster_id, *address, exc)
             return LLMStatusCode.LLM_LINK_FAILED
         lock = threading.Lock()
+        peer = None
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             if self.transport == "mooncake":
@@ -758,7 +841,7 @@ class ClusterNode:
             if comm is not None:
                 hello["comm"] = comm
             send_frame(sock, lock, hello)
-            msg = recv_frame(sock)
+            msg = recv_frame(sock, deadline)
             if msg["type"] == "refuse":
                 code = msg.get("code")
                 log.info("cluster %d refused the link: %s", cluster_id, msg.get("reason"))
@@ -777,8 +860,10 @@ class ClusterNode:
             peer.ipc_ready.set()
             self._allow_imports(peer)
             peer.send({"type": "ipc_ready"})
-        except (ConnectionError, OSError, ProtocolError, LLMException) as exc:
-            log.info("link to cluster %d failed: %s", cluster_id, exc)
+        except Exception as exc:  # noqa: BLE001 - a failed link is a status, whatever the cause
+            log.info("link to cluster %d failed: %s: %s", cluster_id, type(exc).__name__, exc)
+            if peer is not None:
+                peer.close(LLMStatusCode.LLM_LINK_FAILED)
             sock.close()
             return LLMStatusCode.LLM_LINK_FAILED
         with self.lock:

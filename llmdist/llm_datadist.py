@@ -26,7 +26,9 @@ _UPSTREAM_KEYS = {
     "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode", "llm.EnableSwitchRole",
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
-                 "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots"}
+                 "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots",
+                 "llmdist.max_inflight_tasks"}
+MAX_INFLIGHT_TASKS = 1024       # default of llmdist.max_inflight_tasks
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
 
@@ -114,6 +116,7 @@ class LLMDataDist:
             device_id = _int_option(options, "ge.exec.deviceId", 0, 0)
             sync_timeout = _int_option(options, "llm.SyncKvCacheWaitTime", None, 1)
             nworkers = _int_option(options, "llmdist.transfer_workers", 4, 1)
+            max_inflight = _int_option(options, "llmdist.max_inflight_tasks", MAX_INFLIGHT_TASKS, 1)
             remote = _flag_option(options, "llm.EnableRemoteCacheAccessible")
             switch_role = _flag_option(options, "llm.EnableSwitchRole")
             _flag_option(options, "llm.EnableCacheManager")
@@ -141,7 +144,7 @@ class LLMDataDist:
             self._comms = comms
             self._switch_role = switch_role
             self._cache_manager = CacheManager(self._cluster_id, runtime, workers, options, remote,
-                                               sync_timeout, shareable, node)
+                                               sync_timeout, shareable, node, max_inflight)
             node.attach(self._cache_manager)
             self._workers = workers
             self._options = dict(options)

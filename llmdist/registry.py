@@ -1,14 +1,13 @@
 """The memory a cluster registered or allocated, one region per cache tensor.
 
-Every destination byte range of a transfer must fall inside one region; the lookup runs in C
-over sorted arrays of region bounds."""
+Every destination byte range of a transfer must fall inside one region. The regions are kept
+sorted in chunks of a bounded size, so that finding, adding and removing one costs O(log n)
+with thousands of caches held."""
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, bisect_right
 from typing import Dict, List, Optional, Sequence, Tuple, Union
-
-import numpy as np
 
 from . import _core
 from .descs import BlocksCacheKey, Cache, CacheKey
@@ -16,6 +15,9 @@ from .status import LLMException, LLMStatusCode
 
 ALLOCATED = "allocated"
 REGISTERED = "registered"
+
+ADDRESS_END = 1 << 64       # one past the last byte of a 64-bit address space
+_CHUNK = 256                # a chunk holds up to 2 * _CHUNK regions
 
 
 class Region:
@@ -37,52 +39,101 @@ class Region:
 
 
 class MemoryRegistry:
-    """Sorted, non-overlapping regions of one cluster."""
+    """Sorted, non-overlapping, non-empty regions of one cluster: chunks of consecutive
+    regions, each with its sorted starts and last bytes, and the first start of every chunk to
+    bisect. Lookups for transfers run in C (_core.locate) over the same lists."""
 
     def __init__(self) -> None:
-        self._regions: List[Region] = []
-        self._starts = np.empty(0, dtype=np.uint64)
-        self._ends = np.empty(0, dtype=np.uint64)
+        self._firsts: List[int] = []
+        self._starts: List[List[int]] = []
+        self._lasts: List[List[int]] = []
+        self._regions: List[List[Region]] = []
 
-    def _rebuild(self) -> None:
-        self._starts = np.array([r.start for r in self._regions], dtype=np.uint64)
-        self._ends = np.array([r.end for r in self._regions], dtype=np.uint64)
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._starts)
+
+    def _last_at_or_before(self, addr: int) -> Optional[Region]:
+        """The region with the largest start <= addr, or None."""
+        c = bisect_right(self._firsts, addr) - 1
+        if c < 0:
+            return None
+        return self._regions[c][bisect_right(self._starts[c], addr) - 1]
+
+    def _overlapping(self, start: int, end: int) -> Optional[Region]:
+        """A region sharing a byte with [start, end), or None. Regions are disjoint, so the
+        last one starting before end also ends last among them."""
+        r = self._last_at_or_before(end - 1)
+        return r if r is not None and r.end > start else None
+
+    def _insert(self, r: Region) -> None:
+        if not self._firsts:
+            self._firsts.append(r.start)
+            self._starts.append([r.start])
+            self._lasts.append([r.end - 1])
+            self._regions.append([r])
+            return
+        c = max(bisect_right(self._firsts, r.start) - 1, 0)
+        starts, lasts, regions = self._starts[c], self._lasts[c], self._regions[c]
+        k = bisect_right(starts, r.start)
+        starts.insert(k, r.start)
+        lasts.insert(k, r.end - 1)
+        regions.insert(k, r)
+        self._firsts[c] = starts[0]
+        if len(starts) > 2 * _CHUNK:
+            self._starts.insert(c + 1, starts[_CHUNK:])
+            self._lasts.insert(c + 1, lasts[_CHUNK:])
+            self._regions.insert(c + 1, regions[_CHUNK:])
+            self._firsts.insert(c + 1, starts[_CHUNK])
+            del starts[_CHUNK:], lasts[_CHUNK:], regions[_CHUNK:]
+
+    def _delete(self, start: int, cache: Cache) -> None:
+        c = bisect_right(self._firsts, start) - 1
+        if c < 0:
+            return
+        starts, lasts, regions = self._starts[c], self._lasts[c], self._regions[c]
+        k = bisect_left(starts, start)
+        if k == len(starts) or starts[k] != start or regions[k].cache is not cache:
+            return
+        del starts[k], lasts[k], regions[k]
+        if starts:
+            self._firsts[c] = starts[0]
+        else:
+            del self._firsts[c], self._starts[c], self._lasts[c], self._regions[c]
 
     def add(self, cache: Cache, origin: str, delta: int = 0, pid: int = 0) -> None:
         """Add every tensor of cache; overlapping memory that is already registered is refused."""
         size = cache.cache_desc.size
         new = sorted((a, a + size, i) for i, a in enumerate(cache._tensor_addrs))
+        for s, e, i in new:
+            if e > ADDRESS_END:
+                raise LLMException(
+                    f"tensor {i} at {s:#x} ({size} bytes) runs past the end of the 64-bit "
+                    f"address space", status_code=LLMStatusCode.LLM_PARAM_INVALID)
         for (s0, e0, i0), (s1, _, i1) in zip(new, new[1:]):
             if s1 < e0:
                 raise LLMException(
                     f"tensor {i1} at {s1:#x} overlaps tensor {i0} at {s0:#x} of the same cache "
                     f"(each tensor is {size} bytes)", status_code=LLMStatusCode.LLM_PARAM_INVALID)
-        starts = [r.start for r in self._regions]
         for s, e, i in new:
-            k = bisect.bisect_right(starts, s)
-            for r in self._regions[max(k - 1, 0):k + 1]:
-                if s < r.end and r.start < e:
-                    raise LLMException(
-                        f"tensor {i} at {s:#x} ({size} bytes) overlaps tensor {r.tensor_index} of "
-                        f"cache {r.cache.cache_id}, which is already registered",
-                        status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            r = self._overlapping(s, e)
+            if r is not None:
+                raise LLMException(
+                    f"tensor {i} at {s:#x} ({size} bytes) overlaps tensor {r.tensor_index} of "
+                    f"cache {r.cache.cache_id}, which is already registered",
+                    status_code=LLMStatusCode.LLM_PARAM_INVALID)
         for s, e, i in new:
-            k = bisect.bisect_right(starts, s)
-            starts.insert(k, s)
-            self._regions.insert(k, Region(s, e, cache, i, origin, delta, pid))
-        self._rebuild()
+            self._insert(Region(s, e, cache, i, origin, delta, pid))
 
     def remove(self, cache: Cache) -> None:
         """Drop every region of cache."""
-        self._regions = [r for r in self._regions if r.cache is not cache]
-        self._rebuild()
+        for a in cache._tensor_addrs:
+            self._delete(a, cache)
 
     def locate(self, addrs: Sequence[int], lo: int, hi: int) -> Tuple[List[Optional[Region]], int]:
         """The region holding [a+lo, a+hi) for each a, and the position of the first address
         whose range fits no single region (-1 when all fit)."""
-        idx, bad = _core.locate(self._starts, self._ends, list(addrs), lo, hi)
-        regions = self._regions
-        return [regions[i] if i is not None else None for i in idx], bad
+        return _core.locate(self._firsts, self._starts, self._lasts, self._regions, list(addrs),
+                            lo, hi)
 
 
 class MemoryEntry:

@@ -14,7 +14,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#if defined(__x86_64__) || defined(_M_X64)
+/* LLMD_NO_STREAM_STORES builds copy with memcpy alone: sanitizer builds use it, since
+ * AddressSanitizer does not check streaming stores. */
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(LLMD_NO_STREAM_STORES)
 #include <emmintrin.h>
 #include <xmmintrin.h>
 #define LLMD_HAVE_STREAM_STORES 1

@@ -13,6 +13,7 @@ import faulthandler
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llmdist import (CacheDesc, DataType, LayerSynchronizer, LLMConfig,  # noqa: E402
                      LLMDataDist, LLMRole, LLMStatusCode, Placement)
+from llmdist import _core, shm  # noqa: E402
 
 import reference  # noqa: E402
 
@@ -41,6 +43,42 @@ def _watchdog():
     faulthandler.dump_traceback_later(90, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
+
+
+# --------------------------------------------------------------------------------------------
+# shared memory: a test must not leave llmdist objects in /dev/shm behind
+# --------------------------------------------------------------------------------------------
+# Processes the tests started (pids), so that the check below judges only objects of this run's
+# own process tree: other test runs may use /dev/shm on this machine at the same time.
+SPAWNED: set = set()
+SHM_SETTLE_S = 5.0   # a survivor removes a dead peer's objects shortly after it died
+
+
+def _leaked_shm(before: set) -> List[str]:
+    """Objects made since `before` by this process, or by a process of this run now dead."""
+    me = os.getpid()
+    left = []
+    for name in shm.objects_of():
+        owner = shm.owner_of(name)
+        if name in before:
+            continue
+        if owner[0] == me or (owner[0] in SPAWNED and not shm.owner_alive(owner)):
+            left.append(name)
+    return left
+
+
+@pytest.fixture(autouse=True)
+def _shm_clean():
+    before = set(shm.objects_of())
+    yield
+    deadline = time.monotonic() + SHM_SETTLE_S
+    left = _leaked_shm(before)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = _leaked_shm(before)
+    for name in left:           # do not let one leak fail the tests after this one
+        _core.shm_unlink(name)
+    assert not left, f"the test left shared memory objects in /dev/shm: {left}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -303,3 +303,12 @@ def test_fake_acl_run_shrinks_to_the_device(fake_acl, tmp_path):
     assert ov["case"].startswith("61 layers x 8 blocks")
     mapped = by_case(data, "cluster")[("mapped: transfer_cache_async", 4096)]
     assert mapped["verified"] is True        # device IPC into the decode's allocated cache
+
+
+def test_progress_line_names_each_step():
+    res = bench("b2b", "overhead", "--blocks", "4K,8K", "--layers", "1", "--pairs", "2",
+                "--repeat", "1")
+    assert res.returncode == 0, res.stderr
+    steps = [l for l in res.stderr.splitlines() if l.startswith("[")]
+    assert [s.split("] ", 1)[1] for s in steps] == ["b2b 4K", "b2b 8K", "overhead 61 layers x 2 blocks"]
+    assert steps[0].startswith("[1/3 ") and steps[-1].startswith("[3/3 ")

@@ -37,7 +37,8 @@ from llmdist import (BlocksCacheKey, CacheKeyByIdAndIndex, DataType, EventSynchr
 
 import cluster_procs
 import reference
-from helpers import (SUCCESS, Env, GateSync, RecordingSync, SleepSync, assert_mem_equal)
+from helpers import (SPAWNED, SUCCESS, Env, GateSync, RecordingSync, SleepSync,
+                     assert_mem_equal)
 from reference import RefConfig
 
 HOST = "127.0.0.1"
@@ -92,6 +93,7 @@ class DecodeProc:
                                 args=(child, cluster_id, int(role), options, listen),
                                 name=f"cluster-{cluster_id}", daemon=True)
         self.proc.start()
+        SPAWNED.add(self.proc.pid)
         child.close()
         self.port: Optional[int] = None
         self.pid: int = self.proc.pid
@@ -153,11 +155,6 @@ class DecodeProc:
             if self.proc.is_alive():
                 self.kill()
             self.conn.close()
-            for f in self.shm_files():   # a killed child leaves its shared memory behind
-                try:
-                    os.unlink(f)
-                except OSError:
-                    pass
 
 
 def start_all(*procs: DecodeProc) -> None:
@@ -419,9 +416,9 @@ def wait_child_unlinked(proc: DecodeProc, remote_id: int, timeout: float = 5.0) 
 
 def cache_mapped(dc: DCache) -> bool:
     """Whether dc's shared memory is mapped into this process."""
-    tag = f"/llmdist-{dc.proc.pid}-{dc.proc.cluster_id}-{dc.cache_id}-"
+    owner, tail = f"/llmdist-{dc.proc.pid}-s", f"-{dc.proc.cluster_id}-{dc.cache_id}-"
     with open("/proc/self/maps") as f:
-        return any(tag in line for line in f)
+        return any(owner in line and tail in line for line in f)
 
 
 def own_shm_maps(pid: int) -> List[str]:
@@ -932,6 +929,44 @@ def test_kill_decode_mid_transfer_then_relink(decodes, prefill, cleanup, victim_
                [v2, a], L6_SRC_IDX, L6_DST_IDX)
 
 
+@pytest.mark.parametrize("reap", ["reaped-at-once", "reaped-late"])
+def test_killed_peer_shared_memory_is_removed(prefill, cleanup, reap):
+    """kill -9 of a linked decode holding shared memory: this process, its survivor, removes
+    the dead process's objects from /dev/shm, also while the dead process is not reaped yet."""
+    victim = cleanup.spawn(51).wait_ready()
+    for n in range(2):
+        cleanup.dcache(victim, "allocated", **DST_BLOCKS, blocks=True, key=("blocks", n))
+    env = prefill(remote=True)
+    link(env, victim)
+    assert len(victim.shm_files()) == 2
+    cleanup.caches.clear()
+    os.kill(victim.pid, signal.SIGKILL)
+    if reap == "reaped-at-once":
+        victim.proc.join(10)
+    deadline = time.monotonic() + 10
+    while victim.shm_files() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if reap == "reaped-late":
+        assert os.path.exists(f"/proc/{victim.pid}"), "the killed child was reaped early"
+    assert not victim.shm_files(), "the killed peer's shared memory is still in /dev/shm"
+    victim.proc.join(10)
+
+
+def test_next_listener_removes_objects_of_dead_processes(prefill, cleanup):
+    """A decode killed while nobody is linked to it leaves its objects; the next cluster that
+    makes shared memory removes them, and never those of a live process."""
+    lone = cleanup.spawn(52).wait_ready()
+    live = cleanup.spawn(53).wait_ready()
+    for d in (lone, live):
+        cleanup.dcache(d, "allocated", **DST_BLOCKS, blocks=True, key=("blocks", 1))
+    cleanup.caches = [c for c in cleanup.caches if c.proc is live]
+    lone.kill()
+    assert lone.shm_files()
+    prefill(extra_options={"llm.listenIpInfo": f"{HOST}:0"})
+    assert not lone.shm_files(), "objects of a dead process were not removed"
+    assert live.shm_files(), "objects of a live process were removed"
+
+
 @pytest.mark.parametrize("dst_mem", ["allocated", "registered"])
 def test_unlink_while_blocked_in_flight(decodes, prefill, cleanup, dst_mem):
     """The prefill unlinks while its synchronizer is blocked at layer 3: unlink returns without
@@ -1215,8 +1250,8 @@ def test_decode_unlinks(decodes, prefill, cleanup, dst_mem, slow_prefill, monkey
         from llmdist import cluster as cluster_mod
         real = cluster_mod.recv_frame
 
-        def late(sock):
-            msg = real(sock)
+        def late(sock, *args):
+            msg = real(sock, *args)
             if msg.get("type") == "unlink":
                 time.sleep(0.2)
             return msg

@@ -17,6 +17,7 @@ import numpy as np
 from ..descs import Placement
 from ..transfer_types import LayerSynchronizer, TransferConfig
 from .results import SUBJECT, Result, Run, path_of
+from .peers import llm_datadist_available
 from .settings import OVERHEAD_BLOCK, OVERHEAD_LAYERS, Need, size_name
 from .workload import (CLUSTER_ID, CONTIGUOUS, NUMPY, PER_BLOCK, TORCH, Bench, Go, block_pairs,
                        check, verify_blocks)
@@ -55,6 +56,35 @@ def _add_framework_baselines(bench: Bench, paths: dict, skipped: dict, releases:
         releases.append(t[1])
     elif not bench.host_memory:
         skipped[TORCH] = bench.torch_reason()
+
+
+UPSTREAM = "llm_datadist (CANN)"
+
+
+def upstream_reason() -> str:
+    """Why upstream llm_datadist is not a baseline in this run."""
+    why = llm_datadist_available()
+    return why or ("installed, but this command does not drive it yet (it needs a linked peer "
+                   "cluster on an Atlas device)")
+
+
+DMA_VARIANT = "llmdist, DMA copies"
+
+
+def _add_dma_variant(bench: Bench, paths: dict, llmdist) -> None:
+    """On CUDA with the copy kernel: the same llmdist call with one DMA copy per run instead
+    (llmdist.device_copy=dma), switched for that call only."""
+    rt = bench.rt
+    if not hasattr(rt, "select_device_copy") or getattr(rt, "device_copy", None) != "kernel":
+        return
+
+    def dma():
+        rt.select_device_copy("dma")
+        try:
+            llmdist()
+        finally:
+            rt.select_device_copy("kernel")
+    paths[DMA_VARIANT] = dma
 
 
 def _kind(bench: Bench, src: Placement, dst: Placement) -> str:
@@ -100,9 +130,11 @@ def b2b(bench: Bench, run: Run) -> None:
             paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
                      PER_BLOCK: bench.per_block(dsts, srcs, block)}
             skipped: Dict[str, str] = {}
+            _add_dma_variant(bench, paths, llmdist)
             _add_framework_baselines(bench, paths, skipped, releases,
                                      bench.numpy_indexing(src, dst, si, di, block),
                                      (nt, plan.pool, block, si, di))
+            skipped[UPSTREAM] = upstream_reason()
             times = bench.rounds(label, paths)
             run.results.append(_result("b2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
                                         block, moved, times, skipped, ok, pool=plan.pool,
@@ -150,6 +182,7 @@ def c2b(bench: Bench, run: Run) -> None:
             paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
                      PER_BLOCK: bench.per_block(dsts, srcs, block)}
             skipped: Dict[str, str] = {}
+            _add_dma_variant(bench, paths, llmdist)
             _add_framework_baselines(bench, paths, skipped, releases,
                                      bench.numpy_indexing(src, dst, chunks, di, block),
                                      (nt, plan.pool, block, chunks, di, 2 * s.pairs))
@@ -193,6 +226,7 @@ def c2c(bench: Bench, run: Run) -> None:
             paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
                      PER_BLOCK: bench.per_block(dsts, srcs, block)}
             skipped: Dict[str, str] = {}
+            _add_dma_variant(bench, paths, llmdist)
             _add_framework_baselines(bench, paths, skipped, releases,
                                      bench.numpy_indexing(src, dst, chunks, list(range(s.pairs)), block),
                                      (nt, s.pairs, block, chunks, list(range(s.pairs)), 2 * s.pairs))

@@ -37,6 +37,10 @@ def plot(data: dict, path: str) -> None:
     panels = series(data["results"])
     if not panels:
         raise ValueError("--plot: no result with a block size and a bandwidth to draw")
+    names = sorted({label.rsplit(": ", 1)[-1] for lines in panels.values() for label in lines})
+    colors = {name: f"C{i % 10}" for i, name in enumerate([SUBJECT] + [x for x in names
+                                                                       if x != SUBJECT])}
+    styles = {}                        # case -> marker, when a panel has several cases
     n = len(panels)
     cols = min(2, n)
     rows = (n + cols - 1) // cols
@@ -46,8 +50,10 @@ def plot(data: dict, path: str) -> None:
             pts = sorted(pts)
             xs = [p[0] for p in pts]
             ys = [p[1] for p in pts]
-            mine = label == SUBJECT or label.endswith(": " + SUBJECT)
-            ax.plot(xs, ys, marker="o", linestyle="-" if mine else "--",
+            case, _, name = label.rpartition(": ")
+            mine = name == SUBJECT
+            marker = styles.setdefault(case, "osv^D<>ph*"[len(styles) % 10]) if case else "o"
+            ax.plot(xs, ys, marker=marker, color=colors[name], linestyle="-" if mine else "--",
                     linewidth=2.2 if mine else 1.2, label=label)
         ax.set_xscale("log", base=2)
         ticks = sorted({p[0] for pts in lines.values() for p in pts})

@@ -6,7 +6,6 @@ user's LayerSynchronizer and to publish a task's results.
 """
 
 include "_decl.pxi"
-include "_devices.pxi"
 
 from cpython.long cimport PyLong_AsUnsignedLongLong
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,

@@ -1,4 +1,5 @@
-# C declarations of the runtime interface (include/llmdist/runtime.h) and the host runtime.
+# C declarations of the runtime interface (include/llmdist/runtime.h), the device runtimes'
+# loaders and the host runtime.
 
 from libc.stdint cimport int32_t, int64_t, uint64_t, uintptr_t
 
@@ -13,14 +14,43 @@ cdef extern from "llmdist/runtime.h" nogil:
         LLMD_MEMCPY_D2D
         LLMD_MEMCPY_DEFAULT
 
+    enum:
+        LLMD_ERROR_OTHER
+        LLMD_ERROR_HOST_OUT_OF_MEMORY
+        LLMD_ERROR_DEVICE_OUT_OF_MEMORY
+        LLMD_ERROR_DEVICE_MEMORY
+        LLMD_ERROR_TIMEOUT
+        LLMD_ERROR_NOT_SUPPORTED
+
+    enum:
+        LLMD_COPY_PEER_DEVICE
+        LLMD_IPC_ID_MAX
+
+    ctypedef struct llmd_run:
+        uint64_t src_off
+        uint64_t dst_off
+        uint64_t nbytes
+
+    ctypedef struct llmd_tensor_pair:
+        uint64_t src
+        uint64_t dst
+        uint64_t dst_end
+
+    ctypedef struct llmd_run_table:
+        pass
+
     ctypedef struct llmd_runtime:
         const char *name
         void *ctx
+        int device_is_host
+        const char *ipc_kind
+        size_t ipc_align
         int (*set_device)(void *ctx, int32_t device_id) nogil
         int (*malloc_device)(void *ctx, void **ptr, size_t size) nogil
         int (*free_device)(void *ctx, void *ptr) nogil
         int (*malloc_host)(void *ctx, void **ptr, size_t size) nogil
         int (*free_host)(void *ctx, void *ptr) nogil
+        int (*mem_info)(void *ctx, size_t *free_bytes, size_t *total_bytes) nogil
         int (*stream_create)(void *ctx, llmd_stream *stream) nogil
         int (*stream_destroy)(void *ctx, llmd_stream stream) nogil
         int (*stream_synchronize)(void *ctx, llmd_stream stream) nogil
@@ -32,10 +62,35 @@ cdef extern from "llmdist/runtime.h" nogil:
         int (*event_synchronize)(void *ctx, llmd_event event, int32_t timeout_ms) nogil
         int (*memcpy_async)(void *ctx, void *dst, size_t dst_max, const void *src, size_t count,
                             int kind, llmd_stream stream) nogil
-        int (*memcpy_batch_async)(void *ctx, void **dsts, size_t *dst_maxs, void **srcs,
-                                  size_t *sizes, size_t count, int kind, llmd_stream stream,
-                                  size_t *fail_index) nogil
+        int (*run_table_create)(void *ctx, const llmd_run *runs, size_t count,
+                                size_t pair_capacity, llmd_run_table **table) nogil
+        int (*run_table_destroy)(void *ctx, llmd_run_table *table) nogil
+        int (*copy_runs)(void *ctx, llmd_run_table *table, const llmd_tensor_pair *pairs,
+                         size_t count, int kind, unsigned flags, llmd_stream stream,
+                         size_t *fail_index) nogil
         const char *(*error_string)(void *ctx, int code) nogil
+        int (*error_class)(void *ctx, int code) nogil
+        const char *(*ipc_unavailable)(void *ctx) nogil
+        int (*ipc_self_pid)(void *ctx, int32_t *pid) nogil
+        int (*ipc_export)(void *ctx, void *ptr, size_t size, int check_pid, char *id,
+                          size_t id_len) nogil
+        int (*ipc_allow)(void *ctx, const char *id, const int32_t *pids, size_t count) nogil
+        int (*ipc_import)(void *ctx, const char *id, void **ptr) nogil
+        int (*ipc_close_import)(void *ctx, const char *id, void *ptr) nogil
+        int (*ipc_close_export)(void *ctx, const char *id) nogil
+
+    ctypedef struct llmd_load_report:
+        char library[1024]
+        char version[64]
+        char error[2048]
+
+cdef extern from "llmdist/acl.h" nogil:
+    const llmd_runtime *llmd_acl_load(const char *const *paths, size_t count, int try_loaded,
+                                      int32_t device_id, llmd_load_report *report)
+
+cdef extern from "llmdist/cuda.h" nogil:
+    const llmd_runtime *llmd_cuda_load(const char *const *paths, size_t count, int32_t device_id,
+                                       llmd_load_report *report)
 
 cdef extern from "llmdist/host_runtime.h" nogil:
     enum:

@@ -1,33 +1,24 @@
-# Runtime errors: the one place where a runtime's code becomes an exception or a status.
+# Runtime errors: the one place where a runtime's code becomes a status or an exception. The
+# runtime itself says what a code means (llmd_runtime.error_class); this maps the meaning.
 
-cdef object status_for(str runtime, int code):
-    """The LLMStatusCode a runtime error code stands for."""
-    if code == LLMD_TIMEOUT_CODE:
-        return LLMStatusCode.LLM_TIMEOUT
-    if runtime == "host":
-        if code == LLMD_HOST_ENOMEM:
-            return LLMStatusCode.LLM_OUT_OF_MEMORY
-        if code == LLMD_HOST_ETIMEOUT:
-            return LLMStatusCode.LLM_TIMEOUT
-    elif runtime == "acl":
-        if code in (207001, 207018):
-            return LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY
-        if code == 507053:
-            return LLMStatusCode.LLM_DEVICE_MEM_ERROR
-        if code in (507046, 507047):
-            return LLMStatusCode.LLM_TIMEOUT
-    elif runtime == "cuda":
-        if code == LLMD_CUDA_ERROR_MEMORY_ALLOCATION:
-            return LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY
-    return LLMStatusCode.LLM_FAILED
+# The status each error class stands for.
+ERROR_STATUS = {
+    LLMD_ERROR_OTHER: LLMStatusCode.LLM_FAILED,
+    LLMD_ERROR_HOST_OUT_OF_MEMORY: LLMStatusCode.LLM_OUT_OF_MEMORY,
+    LLMD_ERROR_DEVICE_OUT_OF_MEMORY: LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY,
+    LLMD_ERROR_DEVICE_MEMORY: LLMStatusCode.LLM_DEVICE_MEM_ERROR,
+    LLMD_ERROR_TIMEOUT: LLMStatusCode.LLM_TIMEOUT,
+    LLMD_ERROR_NOT_SUPPORTED: LLMStatusCode.LLM_FAILED,
+}
 
 
-cdef bint is_timeout(str runtime, int code):
-    return (code == LLMD_TIMEOUT_CODE or (runtime == "host" and code == LLMD_HOST_ETIMEOUT)
-            or (runtime == "acl" and code == 507047))
+cdef bint is_timeout(const llmd_runtime *rt, int code) noexcept:
+    return code != 0 and rt.error_class(rt.ctx, code) == LLMD_ERROR_TIMEOUT
 
 
-def runtime_error(str runtime, int code, str op, str text):
-    """Build the LLMException for a failed runtime call, with the runtime's own message."""
-    return LLMException(f"{op} failed on the {runtime} runtime: error {code}: {text}",
-                        status_code=status_for(runtime, code))
+cdef object runtime_error(const llmd_runtime *rt, int code, str op):
+    """The LLMException for a failed runtime call op, with the runtime's own message."""
+    cdef const char *text = rt.error_string(rt.ctx, code)
+    msg = text.decode("utf-8", "replace") if text != NULL else "no message"
+    return LLMException(f"{op} failed on the {rt.name.decode()} runtime: error {code}: {msg}",
+                        status_code=ERROR_STATUS[rt.error_class(rt.ctx, code)])

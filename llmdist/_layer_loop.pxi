@@ -38,10 +38,11 @@ cdef class TransferJob:
     cdef uint64_t *target_addrs       # per config: 2 per covered layer
     cdef uint64_t *target_limits      # the end of the region holding each target tensor
     cdef Py_ssize_t *target_index     # where each config's entries start in target_addrs
-    cdef void **d_dsts
+    cdef llmd_run_table *tables[2]    # the plan's runs for LANE_RUNTIME and LANE_HOST copies
+    cdef const llmd_runtime *table_rts[2]   # the runtime that made each table
+    cdef void **d_dsts                # LANE_PROCESS, LANE_ENGINE: per-run descriptors
     cdef void **d_srcs
     cdef size_t *d_sizes
-    cdef size_t *d_maxs
     cdef PyThread_type_lock lock
     cdef llmd_stream stream           # the runtime stream of the worker running the job
     cdef llmd_stream host_stream      # its host-engine stream (LANE_HOST, LANE_PROCESS)
@@ -79,7 +80,7 @@ cdef class TransferJob:
         cdef ConfigPlan cp
         cdef Event ev
         self.runtime = runtime
-        self.host = runtime if runtime.name == "host" else Runtime.host(runtime.device_id)
+        self.host = runtime if runtime.is_host else Runtime.host(runtime.device_id)
         self.plan = plan
         self.synchronizer = synchronizer
         self.sync_timeout = sync_timeout
@@ -110,7 +111,8 @@ cdef class TransferJob:
             if cp.link is not None:
                 c.link_up = &cp.link.up
             c.desc_base = slots
-            slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
+            if c.lane == LANE_PROCESS or c.lane == LANE_ENGINE:
+                slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
             self.target_index[i] = total
             total += len(cp.target_addrs)
             self.first_layer = min(self.first_layer, c.lo)
@@ -150,7 +152,7 @@ cdef class TransferJob:
         free(self.d_dsts)
         free(self.d_srcs)
         free(self.d_sizes)
-        free(self.d_maxs)
+        self.release_tables()
         free(self.events)
         if self.lock != NULL:
             PyThread_free_lock(self.lock)
@@ -160,19 +162,46 @@ cdef class TransferJob:
         return self.ncfg
 
     cdef int alloc_descriptors(self) except -1:
-        # One slot per (config, covered layer, tensor, run): sized once per call, so the
-        # layer loop never allocates, and every queued batch keeps its own descriptors.
+        # Sized once per call, so the layer loop never allocates: a run table for each lane of
+        # plain runtime copies, with room for every tensor pair the call copies on it, and one
+        # descriptor per (config, covered layer, tensor, run) for process and engine transfers
+        # (every queued transfer keeps its own).
         cdef Py_ssize_t n = 0, i
+        cdef size_t pairs[2]
+        cdef int lane, rc
+        cdef Runtime owner
+        pairs[0] = pairs[1] = 0
         for i in range(self.ncfg):
-            n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * 2 * self.plan.count
+            lane = self.cfg[i].lane
+            if lane == LANE_RUNTIME or lane == LANE_HOST:
+                pairs[lane] += <size_t>(self.cfg[i].hi - self.cfg[i].lo) * 2
+            else:
+                n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * 2 * self.plan.count
+        for lane in (LANE_RUNTIME, LANE_HOST):
+            if pairs[lane] == 0:
+                continue
+            owner = self.runtime if lane == LANE_RUNTIME else self.host
+            with nogil:
+                rc = owner.rt.run_table_create(owner.rt.ctx, self.plan.runs, self.plan.count,
+                                               pairs[lane], &self.tables[lane])
+            if rc != 0:
+                raise MemoryError()
+            self.table_rts[lane] = owner.rt
         n = max(n, 1)
         self.d_dsts = <void **>malloc(n * sizeof(void *))
         self.d_srcs = <void **>malloc(n * sizeof(void *))
         self.d_sizes = <size_t *>malloc(n * sizeof(size_t))
-        self.d_maxs = <size_t *>malloc(n * sizeof(size_t))
-        if not (self.d_dsts and self.d_srcs and self.d_sizes and self.d_maxs):
+        if not (self.d_dsts and self.d_srcs and self.d_sizes):
             raise MemoryError()
         return 0
+
+    cdef void release_tables(self) noexcept nogil:
+        """Destroy the run tables (every stream that used them has been synchronized)."""
+        cdef int lane
+        for lane in range(2):
+            if self.tables[lane] != NULL:
+                self.table_rts[lane].run_table_destroy(self.table_rts[lane].ctx, self.tables[lane])
+                self.tables[lane] = NULL
 
     cdef void fail_unfinished(self, int layer, int failure) noexcept nogil:
         """Fail every config whose copies are not all issued yet (ranges reaching past layer)."""
@@ -208,7 +237,8 @@ cdef class TransferJob:
         cdef Py_ssize_t nruns = self.plan.count
         cdef char *local
         cdef char *target
-        cdef uint64_t limit
+        cdef uint64_t here
+        cdef llmd_tensor_pair pairs[2]
         cdef const llmd_runtime *rt
         cdef llmd_stream stream
         cdef size_t fail = 0
@@ -226,48 +256,49 @@ cdef class TransferJob:
             else:
                 rt = self.host.rt
                 stream = self.host_stream
-            base = c.desc_base + <Py_ssize_t>(layer - c.lo) * 2 * nruns
-            k = base
-            for t in range(2):
-                e = self.target_index[i] + 2 * (layer - c.lo) + t
-                local = <char *><uintptr_t>self.local_addrs[2 * layer + t] + c.row_shift
-                target = <char *><uintptr_t>self.target_addrs[e]
-                limit = self.target_limits[e]
-                for r in range(nruns):
-                    self.d_sizes[k] = runs[r].nbytes
+            if c.lane == LANE_RUNTIME or c.lane == LANE_HOST:
+                # Plain runtime copies: the layer's two tensor pairs through the run table.
+                for t in range(2):
+                    e = self.target_index[i] + 2 * (layer - c.lo) + t
+                    here = self.local_addrs[2 * layer + t] + c.row_shift
                     if c.direction == WRITE:
-                        self.d_srcs[k] = local + runs[r].src_off
-                        self.d_dsts[k] = target + runs[r].dst_off
-                        self.d_maxs[k] = <size_t>(limit - <uint64_t><uintptr_t>self.d_dsts[k])
+                        pairs[t].src = here
+                        pairs[t].dst = self.target_addrs[e]
+                        pairs[t].dst_end = self.target_limits[e]
                     else:
-                        # The cache here is the destination; the cache manager checked its
-                        # bounds, and the runtime checks the read against the run's size.
-                        self.d_srcs[k] = target + runs[r].src_off
-                        self.d_dsts[k] = local + runs[r].dst_off
-                        self.d_maxs[k] = runs[r].nbytes
-                    k += 1
-            rc = 0
-            if c.lane == LANE_ENGINE:
-                rc = self.engine_move(i, base, k - base)
-            elif c.lane == LANE_PROCESS and c.direction == WRITE:
-                rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
-                                                   &self.d_srcs[base], &self.d_sizes[base],
-                                                   k - base, &c.async_code)
-            elif c.lane == LANE_PROCESS:
-                rc = llmd_host_process_read_async(stream, c.pid, &self.d_dsts[base],
-                                                  &self.d_srcs[base], &self.d_sizes[base],
-                                                  k - base, &c.async_code)
-            elif not c.single and rt.memcpy_batch_async != NULL:
-                rc = rt.memcpy_batch_async(rt.ctx, &self.d_dsts[base], &self.d_maxs[base],
-                                           &self.d_srcs[base], &self.d_sizes[base], k - base,
-                                           c.kind, stream, &fail)
+                        # The cache here is the destination, its bounds checked by the cache
+                        # manager: the end of what the runs write is its bound.
+                        pairs[t].src = self.target_addrs[e]
+                        pairs[t].dst = here
+                        pairs[t].dst_end = here + self.plan.dst_hi
+                rc = rt.copy_runs(rt.ctx, self.tables[c.lane], pairs, 2, c.kind,
+                                  LLMD_COPY_PEER_DEVICE if c.single else 0, stream, &fail)
             else:
-                for r in range(base, k):
-                    rc = rt.memcpy_async(rt.ctx, self.d_dsts[r], self.d_maxs[r], self.d_srcs[r],
-                                         self.d_sizes[r], c.kind, stream)
-                    if rc != 0:
-                        fail = r - base
-                        break
+                base = c.desc_base + <Py_ssize_t>(layer - c.lo) * 2 * nruns
+                k = base
+                for t in range(2):
+                    e = self.target_index[i] + 2 * (layer - c.lo) + t
+                    local = <char *><uintptr_t>self.local_addrs[2 * layer + t] + c.row_shift
+                    target = <char *><uintptr_t>self.target_addrs[e]
+                    for r in range(nruns):
+                        self.d_sizes[k] = runs[r].nbytes
+                        if c.direction == WRITE:
+                            self.d_srcs[k] = local + runs[r].src_off
+                            self.d_dsts[k] = target + runs[r].dst_off
+                        else:
+                            self.d_srcs[k] = target + runs[r].src_off
+                            self.d_dsts[k] = local + runs[r].dst_off
+                        k += 1
+                if c.lane == LANE_ENGINE:
+                    rc = self.engine_move(i, base, k - base)
+                elif c.direction == WRITE:
+                    rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
+                                                       &self.d_srcs[base], &self.d_sizes[base],
+                                                       k - base, &c.async_code)
+                else:
+                    rc = llmd_host_process_read_async(stream, c.pid, &self.d_dsts[base],
+                                                      &self.d_srcs[base], &self.d_sizes[base],
+                                                      k - base, &c.async_code)
             if rc != 0:
                 c.code = rc
                 c.fail_index = fail
@@ -393,6 +424,7 @@ cdef class TransferJob:
                         self.cfg[i].code = rc
             if self.host_stream != self.stream:
                 hrt.stream_synchronize(hrt.ctx, self.host_stream)
+            self.release_tables()
         self.settle_engines()
         self.report()
 
@@ -438,6 +470,7 @@ cdef class TransferJob:
         cdef CfgState *c
         cdef ConfigPlan cp
         cdef Outcome o
+        cdef Runtime owner
         if self.finished:
             return
         self.finished = 1
@@ -461,9 +494,8 @@ cdef class TransferJob:
             o.os_error = c.async_code
             o.pid = c.pid
             if c.failed == FAIL_RUNTIME:
-                rt = self.runtime if c.lane == LANE_RUNTIME else self.host
-                o.runtime_error = runtime_error(rt.name, c.code, f"copy (entry {c.fail_index})",
-                                                rt.text(c.code))
+                owner = self.runtime if c.lane == LANE_RUNTIME else self.host
+                o.runtime_error = runtime_error(owner.rt, c.code, f"copy (entry {c.fail_index})")
             elif c.failed == FAIL_ENGINE:
                 o.detail = cp.engine.error
             elif c.failed == FAIL_CANCELLED:

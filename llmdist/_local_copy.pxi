@@ -31,22 +31,23 @@ cdef int fill_pairs(Plan plan, list src_bases, list dst_bases, void **d, void **
     return 0
 
 
-cdef int queue_copies(const llmd_runtime *rt, void **d, size_t *m, void **s, size_t *n,
-                      Py_ssize_t count, int kind, llmd_stream stream) noexcept nogil:
-    """Queue count copies on stream: one batch call where the runtime has one, else one
-    call per copy."""
+cdef int run_and_wait(const llmd_runtime *rt, const llmd_run *runs, size_t nruns,
+                      const llmd_tensor_pair *pairs, size_t npairs, int kind,
+                      llmd_stream stream) noexcept nogil:
+    """Queue runs over pairs on stream (copy_runs, with a run table made for this call), wait
+    for them, and return the first failure's code."""
+    cdef llmd_run_table *table = NULL
     cdef size_t fail = 0
-    cdef Py_ssize_t k
-    cdef int rc = 0
-    if count == 0:
+    cdef int rc, rc_sync
+    if nruns == 0 or npairs == 0:
         return 0
-    if rt.memcpy_batch_async != NULL:
-        return rt.memcpy_batch_async(rt.ctx, d, m, s, n, count, kind, stream, &fail)
-    for k in range(count):
-        rc = rt.memcpy_async(rt.ctx, d[k], m[k], s[k], n[k], kind, stream)
-        if rc != 0:
-            return rc
-    return 0
+    rc = rt.run_table_create(rt.ctx, runs, nruns, npairs, &table)
+    if rc != 0:
+        return rc
+    rc = rt.copy_runs(rt.ctx, table, pairs, npairs, kind, 0, stream, &fail)
+    rc_sync = rt.stream_synchronize(rt.ctx, stream)
+    rt.run_table_destroy(rt.ctx, table)
+    return rc if rc != 0 else rc_sync
 
 
 def copy_pairs(Runtime runtime not None, Stream stream not None, Plan plan not None,
@@ -54,26 +55,26 @@ def copy_pairs(Runtime runtime not None, Stream stream not None, Plan plan not N
     """Copy plan's runs from each src_bases[i] to dst_bases[i] on stream and wait until they
     have landed. The single place the block operations issue copies from. Raises the
     runtime's error (named after op) after waiting for whatever was queued."""
-    cdef Py_ssize_t total = len(src_bases) * plan.count
-    cdef void **d = <void **>malloc(max(total, 1) * sizeof(void *))
-    cdef void **s = <void **>malloc(max(total, 1) * sizeof(void *))
-    cdef size_t *n = <size_t *>malloc(max(total, 1) * sizeof(size_t))
-    cdef size_t *m = <size_t *>malloc(max(total, 1) * sizeof(size_t))
+    cdef Py_ssize_t i, npairs = len(src_bases)
+    cdef llmd_tensor_pair *pairs
     cdef const llmd_runtime *rt = runtime.rt
     cdef llmd_stream h = stream.handle
-    cdef int rc = 0, rc_sync = 0
-    if len(dst_bases) != len(src_bases):
+    cdef int rc = 0
+    if len(dst_bases) != npairs:
         raise ValueError("copy_pairs needs as many destination bases as source bases")
+    pairs = <llmd_tensor_pair *>malloc(max(npairs, 1) * sizeof(llmd_tensor_pair))
+    if pairs == NULL:
+        raise MemoryError()
     try:
-        if d == NULL or s == NULL or n == NULL or m == NULL:
-            raise MemoryError()
-        fill_pairs(plan, src_bases, dst_bases, d, s, n, m)
+        for i in range(npairs):
+            pairs[i].src = src_bases[i]
+            pairs[i].dst = dst_bases[i]
+            pairs[i].dst_end = pairs[i].dst + plan.dst_hi    # the caller checked the bounds
         with nogil:
-            rc = queue_copies(rt, d, m, s, n, total, kind, h)
-            rc_sync = rt.stream_synchronize(rt.ctx, h)
+            rc = run_and_wait(rt, plan.runs, plan.count, pairs, npairs, kind, h)
     finally:
-        free(d); free(s); free(n); free(m)
-    runtime.check(rc if rc != 0 else rc_sync, op)
+        free(pairs)
+    runtime.check(rc, op)
 
 
 def copy_pairs_staged(Runtime runtime not None, Stream stream not None, Plan plan not None,
@@ -92,10 +93,12 @@ def copy_pairs_staged(Runtime runtime not None, Stream stream not None, Plan pla
     cdef void **ps = NULL
     cdef size_t *pn = NULL
     cdef size_t *hoff = NULL     # where each piece sits in the staging buffer
+    cdef llmd_run *pieces = NULL # the round's pieces as runs from address 0 (one pair of bases 0)
+    cdef llmd_tensor_pair whole
     cdef void **hptr = NULL      # the host end of each piece
     cdef const llmd_runtime *rt = runtime.rt
     cdef llmd_stream h = stream.handle
-    cdef int rc = 0, rc_sync = 0
+    cdef int rc = 0
     cdef int kind = COPY_H2D if to_device else COPY_D2H
     cdef size_t done, used, piece
     cdef Py_ssize_t np
@@ -110,8 +113,12 @@ def copy_pairs_staged(Runtime runtime not None, Stream stream not None, Plan pla
         pn = <size_t *>malloc(max(total, 1) * sizeof(size_t))
         hoff = <size_t *>malloc(max(total, 1) * sizeof(size_t))
         hptr = <void **>malloc(max(total, 1) * sizeof(void *))
-        if pd == NULL or ps == NULL or pn == NULL or hoff == NULL or hptr == NULL:
+        pieces = <llmd_run *>malloc(max(total, 1) * sizeof(llmd_run))
+        if (pd == NULL or ps == NULL or pn == NULL or hoff == NULL or hptr == NULL
+                or pieces == NULL):
             raise MemoryError()
+        whole.src = whole.dst = 0
+        whole.dst_end = <uint64_t>-1
         with nogil:
             k = 0
             done = 0                 # bytes of run k already moved
@@ -142,16 +149,17 @@ def copy_pairs_staged(Runtime runtime not None, Stream stream not None, Plan pla
                 else:
                     for j in range(np):
                         pd[j] = <char *>staging + hoff[j]
-                rc = queue_copies(rt, pd, pn, ps, pn, np, kind, h)
-                rc_sync = rt.stream_synchronize(rt.ctx, h)
-                if rc == 0:
-                    rc = rc_sync
+                for j in range(np):
+                    pieces[j].src_off = <uintptr_t>ps[j]
+                    pieces[j].dst_off = <uintptr_t>pd[j]
+                    pieces[j].nbytes = pn[j]
+                rc = run_and_wait(rt, pieces, np, &whole, 1, kind, h)
                 if rc == 0 and not to_device:
                     for j in range(np):
                         llmd_host_copy(hptr[j], <char *>staging + hoff[j], pn[j])
     finally:
         free(d); free(s); free(n); free(m)
-        free(pd); free(ps); free(pn); free(hoff); free(hptr)
+        free(pd); free(ps); free(pn); free(hoff); free(hptr); free(pieces)
     runtime.check(rc, op)
 
 

@@ -3,10 +3,7 @@
 
 # The planner
 
-cdef struct Run:
-    size_t src_off
-    size_t dst_off
-    size_t nbytes
+ctypedef llmd_run Run        # the runtime interface's run: a plan's runs feed its run tables
 
 
 cdef class Plan:

@@ -21,47 +21,71 @@ cdef class Runtime:
         self.rt = NULL
 
     @staticmethod
+    cdef Runtime wrap(const llmd_runtime *rt, int device_id, str version, str library):
+        cdef Runtime r = Runtime.__new__(Runtime)
+        r.rt = rt
+        r.name = rt.name.decode()
+        r.device_id = device_id
+        r.version = version
+        r.library = library
+        return r
+
+    @staticmethod
     def host(int device_id=0):
         """The embedded host runtime (always available)."""
-        cdef Runtime r = Runtime.__new__(Runtime)
-        r.rt = llmd_host_runtime()
-        r.name = "host"
-        r.device_id = device_id
-        r.version = "1"
-        r.library = "(built in)"
-        return r
+        return Runtime.wrap(llmd_host_runtime(), device_id, "1", "(built in)")
 
     @staticmethod
     def acl(int device_id, list paths, bint try_loaded=True):
         """The ACL runtime from the first of paths that loads (RuntimeError says why not)."""
-        cdef Runtime r = Runtime.__new__(Runtime)
-        r.library, r.version = acl_load(paths, try_loaded, device_id)
-        r.rt = &g_acl_rt
-        r.name = "acl"
-        r.device_id = device_id
-        return r
+        return Runtime.load(paths, device_id, True, try_loaded)
 
     @staticmethod
     def cuda(int device_id, list paths):
         """The CUDA runtime from the first of paths that loads (RuntimeError says why not)."""
-        cdef Runtime r = Runtime.__new__(Runtime)
-        r.library, r.version = cuda_load(paths, device_id)
-        r.rt = &g_cuda_rt
-        r.name = "cuda"
-        r.device_id = device_id
-        return r
+        return Runtime.load(paths, device_id, False, False)
+
+    @staticmethod
+    cdef Runtime load(list paths, int device_id, bint acl, bint try_loaded):
+        """Run a device runtime's loader (src/acl_runtime.c, src/cuda_runtime.c)."""
+        cdef llmd_load_report report
+        cdef const llmd_runtime *rt
+        cdef list encoded = [p.encode() for p in paths]
+        cdef const char **cpaths = <const char **>malloc(max(len(paths), 1) * sizeof(char *))
+        cdef Py_ssize_t i
+        if cpaths == NULL:
+            raise MemoryError()
+        try:
+            for i in range(len(encoded)):
+                cpaths[i] = <const char *>encoded[i]
+            memset(&report, 0, sizeof(report))
+            if acl:
+                rt = llmd_acl_load(cpaths, len(paths), try_loaded, device_id, &report)
+            else:
+                rt = llmd_cuda_load(cpaths, len(paths), device_id, &report)
+        finally:
+            free(cpaths)
+        if rt == NULL:
+            raise RuntimeError(report.error.decode("utf-8", "replace"))
+        return Runtime.wrap(rt, device_id, report.version.decode("utf-8", "replace"),
+                            report.library.decode("utf-8", "replace"))
 
     @property
     def is_host(self):
-        return self.name == "host"
+        """True when "device" memory is host RAM (the host runtime)."""
+        return bool(self.rt.device_is_host)
 
     cdef str text(self, int code):
         cdef const char *s = self.rt.error_string(self.rt.ctx, code)
         return s.decode("utf-8", "replace") if s != NULL else "no message"
 
+    def error(self, int code, str op):
+        """The LLMException for a failed call op (see _errors.pxi)."""
+        return runtime_error(self.rt, code, op)
+
     cdef int check(self, int code, str op) except -1:
         if code != 0:
-            raise runtime_error(self.name, code, op, self.text(code))
+            raise runtime_error(self.rt, code, op)
         return 0
 
     def bind_device(self):
@@ -99,13 +123,33 @@ cdef class Runtime:
                 rc = self.rt.free_host(self.rt.ctx, <void *>ptr)
         self.check(rc, "free")
 
+    def mem_info(self):
+        """(free, total) bytes of this process's device, or None when the runtime cannot tell
+        (the host runtime: ask the system)."""
+        cdef size_t free_bytes = 0, total_bytes = 0
+        cdef int rc
+        with nogil:
+            rc = self.rt.set_device(self.rt.ctx, self.device_id)
+            if rc == 0:
+                rc = self.rt.mem_info(self.rt.ctx, &free_bytes, &total_bytes)
+        if rc != 0 and self.rt.error_class(self.rt.ctx, rc) == LLMD_ERROR_NOT_SUPPORTED:
+            return None
+        self.check(rc, "mem_info")
+        return free_bytes, total_bytes
+
     # -- device IPC (_ipc.pxi): device memory shared with another process of this host
 
     @property
     def ipc_kind(self):
-        """How peers reach this runtime's exported device memory: "acl_ipc" or "cuda_ipc"
-        (None on the host runtime, whose memory is shared as POSIX shared memory)."""
-        return ipc_kind_of(self)
+        """How peers reach this runtime's exported device memory ("acl_ipc", "cuda_ipc"), or
+        None (the host runtime, whose memory is shared as POSIX shared memory)."""
+        return self.rt.ipc_kind.decode() if self.rt.ipc_kind != NULL else None
+
+    @property
+    def ipc_align(self):
+        """An export starts on a multiple of this many bytes (1: the start of an allocation,
+        which the export then covers whole)."""
+        return self.rt.ipc_align
 
     @property
     def ipc_unavailable(self):
@@ -113,16 +157,16 @@ cdef class Runtime:
         return ipc_unavailable_of(self)
 
     def bare_tgid(self):
-        """The pid an exporter whitelists so that this process may import its device memory."""
+        """The pid an exporter allows (ipc_allow) so that this process may import its memory."""
         return bare_tgid_of(self)
 
     def ipc_export(self, uintptr_t ptr, size_t size, bint check_pid=True):
-        """Export device memory to other processes of this host; returns its key or handle."""
+        """Export device memory to other processes of this host; returns its id."""
         return ipc_export_of(self, ptr, size, check_pid)
 
-    def ipc_allow(self, str key, pids):
-        """ACL: let the processes pids import key."""
-        return ipc_allow_of(self, key, pids)
+    def ipc_allow(self, str ident, pids):
+        """Let the processes pids import the export ident."""
+        return ipc_allow_of(self, ident, pids)
 
     def ipc_import(self, str ident):
         """Map a peer's exported device memory into this process; returns its local address."""
@@ -268,7 +312,7 @@ cdef class Event:
         cdef int rc
         with nogil:
             rc = self.runtime.rt.event_synchronize(self.runtime.rt.ctx, self.handle, timeout_ms)
-        if is_timeout(self.runtime.name, rc):
+        if is_timeout(self.runtime.rt, rc):
             return False
         self.runtime.check(rc, "event_synchronize")
         return True

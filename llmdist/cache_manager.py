@@ -169,25 +169,27 @@ class CacheManager:
         here, and its share tells peers why they cannot write into it."""
         rt = self._runtime
         why = rt.ipc_unavailable
+        align = rt.ipc_align
         raw = base = rt.malloc(total, True)
-        if why is None and rt.name == "acl" and raw % device_ipc.PAGE:
-            # ACL exports page-aligned regions: take a page more and start on a page boundary
+        if why is None and raw % align:
+            # exports start on a multiple of align (ACL: a page): take that much more
             rt.free(raw, True)
-            raw = rt.malloc(total + device_ipc.PAGE, True)
-            base = -(-raw // device_ipc.PAGE) * device_ipc.PAGE
+            raw = rt.malloc(total + align, True)
+            base = -(-raw // align) * align
         if why is not None:
             return raw, base, {"kind": "none", "reason": f"device IPC is not available: {why}"}
         try:
-            share = device_ipc.export(rt, raw, base, total, sorted(self._importers))
+            share = device_ipc.export(rt, base, total, sorted(self._importers))
         except LLMException as exc:
             log.warning("cache %d is not reachable from other processes: %s", cache_id, exc)
             return raw, base, {"kind": "none", "reason": f"exporting it failed: {exc}"}
         return raw, base, share
 
     def allow_importer(self, pid: int) -> None:
-        """Let the process pid (a peer on this host, by its aclrtDeviceGetBareTgid) import the
+        """Let the process pid (a peer on this host, by its bare_tgid) import the
         DEVICE caches exported here, now and later (ACL whitelists importers; CUDA does not)."""
-        if self._runtime.name != "acl":
+        kind = self._runtime.ipc_kind
+        if kind is None:
             return
         with self._lock:
             if pid in self._importers:
@@ -195,9 +197,9 @@ class CacheManager:
             self._importers.add(pid)
             pids = sorted(self._importers)
             for entry in self._mem.entries.values():
-                if entry.share is not None and entry.share.get("kind") == "acl_ipc":
+                if entry.share is not None and entry.share.get("kind") == kind:
                     try:
-                        self._runtime.ipc_allow(entry.share["key"], pids)
+                        self._runtime.ipc_allow(device_ipc.ident(entry.share), pids)
                     except LLMException as exc:
                         log.warning("cache %d: process %d may not import it: %s",
                                     entry.cache.cache_id, pid, exc)

@@ -8,10 +8,11 @@ cache before a transfer can target it and has stopped writing into it before the
 go), and unlink. It never carries bulk data. When it closes, the link is down: transfers to the
 peer end with LLM_LINK_FAILED and nothing more is written.
 
-Data paths, per peer: same host -> copies into the peer's shared memory mapped here (host-runtime
-memory of a listening cluster), or process writes into the peer's address space (memory the peer
-registered); other host -> Mooncake Transfer Engine (batched writes into memory the peer
-registered with its engine). `llmdist.transport` forces a path: direct or mooncake.
+Data paths, per peer (`Peer.route` returns one of routes.py's routes): same host -> copies into
+the peer's shared memory mapped here (host-runtime memory of a listening cluster), or process
+transfers with the peer's address space (memory the peer registered); other host -> Mooncake
+Transfer Engine (batched transfers with memory the peer registered with its engine).
+`llmdist.transport` forces a path: direct or mooncake.
 
 On a device runtime (ACL, CUDA) the same-host path is device IPC (see device_ipc.py): the
 handshake carries each side's runtime and the pid its device-IPC exports must whitelist; the side
@@ -206,16 +207,11 @@ def cache_from_wire(w: dict) -> Tuple[MemoryEntry, list]:
         if kind == "shm":
             if shm.owner_of(share.get("name")) is None:
                 raise ProtocolError(f"bad shared memory name {share.get('name')!r:.80}")
-        elif kind == "acl_ipc":
-            key = share.get("key")
-            if (not isinstance(key, str) or not 0 < len(key) < 65 or not key.isascii()
-                    or not key.isprintable()):
-                raise ProtocolError("bad device IPC key")
-        elif kind == "cuda_ipc":
-            handle = share.get("handle")
-            if (not isinstance(handle, str) or len(handle) != 128
-                    or any(ch not in "0123456789abcdef" for ch in handle)):
-                raise ProtocolError("bad device IPC handle")
+        elif kind in device_ipc.KINDS:
+            export_id = share.get("id")
+            if (not isinstance(export_id, str) or not 0 < len(export_id) < device_ipc.ID_MAX
+                    or not export_id.isascii() or not export_id.isprintable()):
+                raise ProtocolError("bad device IPC id")
         elif kind == "none":
             _text(share.get("reason", ""))
         if kind == "shm" or kind in device_ipc.KINDS:
@@ -571,7 +567,8 @@ class ClusterNode:
         try:
             self.tgid = self.runtime.bare_tgid()
         except LLMException as exc:
-            log.warning("aclrtDeviceGetBareTgid failed, peers whitelist pid %d: %s",
+            log.warning("the runtime could not tell the pid peers allow for device IPC; they "
+                        "allow pid %d: %s",
                         os.getpid(), exc)
             self.tgid = os.getpid()
         self.host = host_identity()

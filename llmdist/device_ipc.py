@@ -3,13 +3,13 @@
 A cluster on a device runtime that listens (or sets `llmdist.shareable_memory=1`) exports every
 DEVICE cache it allocates, one export per allocation, and describes it to peers as
 
-    {"kind": "acl_ipc", "key": <aclrtIpcMemGetExportKey key>, "base": <region start>, "size": n,
-     "device": <the exporter's device id>}
-    {"kind": "cuda_ipc", "handle": <hex of cudaIpcMemHandle_t>, "base": <allocation start>, ...}
+    {"kind": <the runtime's ipc_kind: "acl_ipc", "cuda_ipc">, "id": <the export's id>,
+     "base": <region start>, "size": n, "device": <the exporter's device id>}
 
-where base is the exported region's address in the exporter. ACL checks importers against a
-pid whitelist: the exporter adds each linked peer's pid (aclrtDeviceGetBareTgid, sent in the
-handshake) to every key. A peer imports an export the first time a transfer writes into it
+where base is the exported region's address in the exporter and the id is the runtime's own
+(ACL: the aclrtIpcMemGetExportKey key; CUDA: the hex of the cudaIpcMemHandle_t, which covers
+the whole allocation). A runtime may check importers against a pid whitelist (ACL does): the
+exporter allows each linked peer's pid (bare_tgid, sent in the handshake) on every export. A peer imports an export the first time a transfer writes into it
 (once per process: imports are counted here), copies into it device to device on its runtime
 stream (one merged run at a time into another device's memory: a batch call names a single
 destination device), and closes its import when the cache is withdrawn or the link ends, after
@@ -31,29 +31,26 @@ from .status import LLMException
 log = logging.getLogger("llmdist")
 
 KINDS = ("acl_ipc", "cuda_ipc")
-PAGE = 4096     # ACL exports page-aligned regions only
+ID_MAX = 160    # longest export id, its NUL included (LLMD_IPC_ID_MAX)
 
 
 def ident(share: dict) -> str:
-    """The key (ACL) or handle (CUDA) of an export."""
-    return share["key"] if share["kind"] == "acl_ipc" else share["handle"]
+    """The id of an export."""
+    return share["id"]
 
 
-def export(runtime: "_core.Runtime", raw: int, base: int, size: int, pids: List[int]) -> dict:
-    """Export the allocation raw that holds [base, base + size) and return its description for
-    peers; on ACL, pids may import it. Raises LLMException with the runtime's reason."""
-    if runtime.name == "acl":
-        key = runtime.ipc_export(base, size)
-        if pids:
-            try:
-                runtime.ipc_allow(key, pids)
-            except LLMException:
-                close_export(runtime, {"kind": "acl_ipc", "key": key})
-                raise
-        return {"kind": "acl_ipc", "key": key, "base": base, "size": size,
-                "device": runtime.device_id}
-    handle = runtime.ipc_export(raw, size)      # a CUDA handle covers the whole allocation
-    return {"kind": "cuda_ipc", "handle": handle, "base": raw, "size": size + (base - raw),
+def export(runtime: "_core.Runtime", base: int, size: int, pids: List[int]) -> dict:
+    """Export [base, base + size) (base a multiple of runtime.ipc_align; where that is 1, the
+    start of an allocation) and return its description for peers; the processes pids may
+    import it. Raises LLMException with the runtime's reason."""
+    export_id = runtime.ipc_export(base, size)
+    if pids:
+        try:
+            runtime.ipc_allow(export_id, pids)
+        except LLMException:
+            runtime.ipc_close_export(export_id)
+            raise
+    return {"kind": runtime.ipc_kind, "id": export_id, "base": base, "size": size,
             "device": runtime.device_id}
 
 

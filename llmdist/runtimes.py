@@ -53,13 +53,17 @@ def cuda_library_paths() -> List[str]:
     return paths + ["libcudart.so.13", "libcudart.so.12"]
 
 
+# The device runtimes' loaders, by the name users choose them with.
+_LOADERS = {
+    "acl": lambda device_id: _core.Runtime.acl(device_id, acl_library_paths(), True),
+    "cuda": lambda device_id: _core.Runtime.cuda(device_id, cuda_library_paths()),
+}
+
+
 def _try(name: str, device_id: int) -> Optional["_core.Runtime"]:
     """Load a device runtime, remembering why it failed."""
     try:
-        if name == "acl":
-            rt = _core.Runtime.acl(device_id, acl_library_paths(), True)
-        else:
-            rt = _core.Runtime.cuda(device_id, cuda_library_paths())
+        rt = _LOADERS[name](device_id)
     except RuntimeError as exc:
         _reasons[name] = str(exc)
         return None
@@ -89,12 +93,12 @@ def load(choice: Optional[str], device_id: int) -> "_core.Runtime":
             rt = _try("acl", device_id) or _try("cuda", device_id)
         if rt is None:
             rt = _core.Runtime.host(device_id)
-        if _active is not None and _active.name != rt.name and _active.name != "host":
+        if _active is not None and _active.name != rt.name and not _active.is_host:
             raise LLMException(f"this process already drives the {_active.name} runtime; "
                                f"one process uses one runtime and one device",
                                status_code=LLMStatusCode.LLM_PARAM_INVALID)
         if _active is not None and _active.name == rt.name and _active.device_id != device_id \
-                and rt.name != "host":
+                and not rt.is_host:
             raise LLMException(f"this process already drives {rt.name} device "
                                f"{_active.device_id}; it cannot also drive device {device_id}",
                                status_code=LLMStatusCode.LLM_PARAM_INVALID)

@@ -1,6 +1,7 @@
 /* The embedded host runtime (see include/llmdist/host_runtime.h). */
 #define _GNU_SOURCE
 #include "llmdist/host_runtime.h"
+#include "runtime_common.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -417,6 +418,13 @@ static int h_malloc(void *ctx, void **p, size_t n)
 
 static int h_free(void *ctx, void *p) { (void)ctx; free(p); return LLMD_HOST_OK; }
 
+/* Host RAM is the system's to report (it changes under every process): not the runtime's. */
+static int h_mem_info(void *ctx, size_t *free_bytes, size_t *total_bytes)
+{
+    (void)ctx; (void)free_bytes; (void)total_bytes;
+    return LLMD_HOST_ENOTSUP;
+}
+
 static int h_stream_create(void *ctx, llmd_stream *out)
 {
     (void)ctx;
@@ -548,13 +556,12 @@ static int h_memcpy_async(void *ctx, void *dst, size_t dst_max, const void *src,
     return stream_push((host_stream *)stream, &op);
 }
 
-static int h_memcpy_batch_async(void *ctx, void **dsts, size_t *dst_maxs, void **srcs,
-                                size_t *sizes, size_t count, int kind, llmd_stream stream,
-                                size_t *fail_index)
+/* Queue one batch, shared by the copy team when large. The arrays stay valid until the stream
+ * has passed it (they are a run table's slots). */
+static int h_batch_async(void **dsts, size_t *dst_maxs, void **srcs, size_t *sizes, size_t count,
+                         llmd_stream stream, size_t *fail_index)
 {
-    (void)ctx; (void)kind;
-    if (!stream || !fail_index || (count && (!dsts || !srcs || !sizes || !dst_maxs)))
-        return LLMD_HOST_EINVAL;
+    if (!stream || !fail_index) return LLMD_HOST_EINVAL;
     *fail_index = SIZE_MAX;
     for (size_t i = 0; i < count; i++) {
         if (sizes[i] && (!dsts[i] || !srcs[i])) { *fail_index = i; return LLMD_HOST_EINVAL; }
@@ -563,6 +570,32 @@ static int h_memcpy_batch_async(void *ctx, void **dsts, size_t *dst_maxs, void *
     if (count == 0) return LLMD_HOST_OK;
     host_op op = {.type = OP_BATCH, .dsts = dsts, .srcs = srcs, .sizes = sizes, .n = count};
     return stream_push((host_stream *)stream, &op);
+}
+
+static int h_run_table_create(void *ctx, const llmd_run *runs, size_t count, size_t pairs,
+                              llmd_run_table **out)
+{
+    (void)ctx;
+    if (!out || (count && !runs)) return LLMD_HOST_EINVAL;
+    return llmd_run_table_new(runs, count, pairs, out) == 0 ? LLMD_HOST_OK : LLMD_HOST_ENOMEM;
+}
+
+static int h_run_table_destroy(void *ctx, llmd_run_table *t)
+{
+    (void)ctx;
+    llmd_run_table_free(t);
+    return LLMD_HOST_OK;
+}
+
+static int h_copy_runs(void *ctx, llmd_run_table *t, const llmd_tensor_pair *pairs, size_t count,
+                       int kind, unsigned flags, llmd_stream stream, size_t *fail_index)
+{
+    (void)ctx; (void)kind; (void)flags;
+    size_t first, n;
+    if (!t || (count && !pairs)) return LLMD_HOST_EINVAL;
+    if (llmd_run_table_expand(t, pairs, count, &first, &n) != 0) return LLMD_HOST_EINVAL;
+    return h_batch_async(t->dsts + first, t->maxs + first, t->srcs + first, t->sizes + first, n,
+                         stream, fail_index);
 }
 
 static int process_async(int type, llmd_stream stream, int pid, void **dsts, void **srcs,
@@ -635,18 +668,78 @@ static const char *h_error_string(void *ctx, int code)
     case LLMD_HOST_EOVERFLOW: return "copy size exceeds the destination's maximum";
     case LLMD_HOST_ETIMEOUT: return "wait timed out";
     case LLMD_HOST_ETHREAD: return "could not start a runtime thread";
+    case LLMD_HOST_ENOTSUP: return "not supported on the host runtime";
     default: return "unknown host runtime error";
     }
+}
+
+static int h_error_class(void *ctx, int code)
+{
+    (void)ctx;
+    switch (code) {
+    case LLMD_HOST_ENOMEM: return LLMD_ERROR_HOST_OUT_OF_MEMORY;
+    case LLMD_HOST_ETIMEOUT: return LLMD_ERROR_TIMEOUT;
+    case LLMD_HOST_ENOTSUP: return LLMD_ERROR_NOT_SUPPORTED;
+    default: return LLMD_ERROR_OTHER;
+    }
+}
+
+/* Host memory is shared with peers as POSIX shared memory (above), not by device IPC. */
+static const char *h_ipc_unavailable(void *ctx)
+{
+    (void)ctx;
+    return "the host runtime has no device memory";
+}
+
+static int h_ipc_self_pid(void *ctx, int32_t *pid)
+{
+    (void)ctx;
+    *pid = (int32_t)getpid();
+    return LLMD_HOST_OK;
+}
+
+static int h_ipc_export(void *ctx, void *ptr, size_t size, int check_pid, char *id, size_t id_len)
+{
+    (void)ctx; (void)ptr; (void)size; (void)check_pid; (void)id; (void)id_len;
+    return LLMD_HOST_ENOTSUP;
+}
+
+static int h_ipc_allow(void *ctx, const char *id, const int32_t *pids, size_t count)
+{
+    (void)ctx; (void)id; (void)pids; (void)count;
+    return LLMD_HOST_ENOTSUP;
+}
+
+static int h_ipc_import(void *ctx, const char *id, void **ptr)
+{
+    (void)ctx; (void)id; (void)ptr;
+    return LLMD_HOST_ENOTSUP;
+}
+
+static int h_ipc_close_import(void *ctx, const char *id, void *ptr)
+{
+    (void)ctx; (void)id; (void)ptr;
+    return LLMD_HOST_ENOTSUP;
+}
+
+static int h_ipc_close_export(void *ctx, const char *id)
+{
+    (void)ctx; (void)id;
+    return LLMD_HOST_ENOTSUP;
 }
 
 static const llmd_runtime g_host_runtime = {
     .name = "host",
     .ctx = NULL,
+    .device_is_host = 1,
+    .ipc_kind = NULL,
+    .ipc_align = 1,
     .set_device = h_set_device,
     .malloc_device = h_malloc,
     .free_device = h_free,
     .malloc_host = h_malloc,
     .free_host = h_free,
+    .mem_info = h_mem_info,
     .stream_create = h_stream_create,
     .stream_destroy = h_stream_destroy,
     .stream_synchronize = h_stream_synchronize,
@@ -657,8 +750,18 @@ static const llmd_runtime g_host_runtime = {
     .event_query = h_event_query,
     .event_synchronize = h_event_synchronize,
     .memcpy_async = h_memcpy_async,
-    .memcpy_batch_async = h_memcpy_batch_async,
+    .run_table_create = h_run_table_create,
+    .run_table_destroy = h_run_table_destroy,
+    .copy_runs = h_copy_runs,
     .error_string = h_error_string,
+    .error_class = h_error_class,
+    .ipc_unavailable = h_ipc_unavailable,
+    .ipc_self_pid = h_ipc_self_pid,
+    .ipc_export = h_ipc_export,
+    .ipc_allow = h_ipc_allow,
+    .ipc_import = h_ipc_import,
+    .ipc_close_import = h_ipc_close_import,
+    .ipc_close_export = h_ipc_close_export,
 };
 
 const llmd_runtime *llmd_host_runtime(void) { return &g_host_runtime; }

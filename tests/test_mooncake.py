@@ -143,6 +143,25 @@ def test_scattered_batch_lands_exactly(sender, peer):
         assert peer.check(seed, src_bytes, plan) == (0, 0)
 
 
+def test_channel_reads_back_what_was_written(sender, peer):
+    """The read direction (pull): an engine channel reads the peer's ranges into local memory."""
+    from llmdist.transport_mooncake import EngineChannel
+    src = _src(sender, 11, 1 << 20)
+    plan = scattered_plan(12, src.nbytes, 64, DST_BYTES // 64)
+    assert sender.wait(_write(sender, peer, src, plan), 30_000) == 0
+    back = np.zeros(src.nbytes, dtype=np.uint8)
+    sender.register(back.ctypes.data, back.nbytes)
+    channel = EngineChannel(sender, peer.session, 30_000)
+    assert channel.read([back.ctypes.data + s for s, _, _ in plan],
+                        [peer.addr + d for _, d, _ in plan], [n for _, _, n in plan]) == 0
+    assert channel.settle() == 0 and channel.error is None
+    want = np.zeros_like(back)
+    for s, _, n in plan:
+        want[s:s + n] = src[s:s + n]
+    np.testing.assert_array_equal(back, want)
+    assert peer.check(11, src.nbytes, plan) == (0, 0)
+
+
 def test_write_outside_registered_memory_fails_in_time(sender, peer):
     seed, src_bytes = 5, 1 << 20
     src = _src(sender, seed, src_bytes)

@@ -247,6 +247,37 @@ def test_acl_device_to_host(fake_acl):
     assert r["same"]
 
 
+def test_what_each_runtime_says_about_itself(fake_acl):
+    """The runtime interface answers the same questions for every runtime: whether its memory
+    is host RAM, how its memory is shared, how much device memory is free, and what an error
+    code means (the status an allocation failure gets comes from the runtime's error class)."""
+    r = run("""
+        host = _core.Runtime.host()
+        dd, cm = start({"llmdist.runtime": "acl"})
+        acl = dd.runtime
+        before = acl.mem_info()
+        p = acl.malloc(4 << 20, True)
+        after = acl.mem_info()
+        acl.free(p, True)
+        refused = {}
+        for name, rt in (("host", host), ("acl", acl)):
+            try:
+                rt.malloc(1 << 62, True)
+            except LLMException as e:
+                refused[name] = [str(e.status_code), str(e)]
+        out(host=[host.is_host, host.ipc_kind, host.ipc_align, host.mem_info(),
+                  host.ipc_unavailable],
+            acl=[acl.is_host, acl.ipc_kind, acl.ipc_align, acl.ipc_unavailable],
+            before=before, after=after, refused=refused)
+    """, LLMDIST_ACL_LIBRARY=fake_acl, FAKE_ACL_HBM_BYTES=str(64 << 20))
+    assert r["host"] == [True, None, 1, None, "the host runtime has no device memory"]
+    assert r["acl"] == [False, "acl_ipc", 4096, None]
+    assert r["before"] == [64 << 20, 64 << 20] and r["after"] == [60 << 20, 64 << 20]
+    assert r["refused"]["host"][0] == "LLMStatusCode.LLM_OUT_OF_MEMORY"
+    assert r["refused"]["acl"][0] == "LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY"
+    assert "207001" in r["refused"]["acl"][1] and "acl runtime" in r["refused"]["acl"][1]
+
+
 def test_acl_thread_without_device_is_caught(fake_acl):
     """The fake answers 107002 to a thread that did not set the device; llmdist binds every
     thread it issues work from, so transfers work from a fresh user thread too."""
@@ -474,7 +505,7 @@ def test_acl_ipc_transfer_into_a_decode_process(fake_acl):
             for t in (0, 1):
                 s = view(src2.tensor_addrs[2 * l + t], DESC.size).reshape(BLOCKS, BLOCK)
                 exp[f"2:dst.{2 * (l + 1) + t}"][di2] = s[si2]
-        res = dict(share_kind=share["kind"], key=share.get("key", ""), links=links, s1=s1, s2=s2,
+        res = dict(share_kind=share["kind"], key=share.get("id", ""), links=links, s1=s1, s2=s2,
                    errors=[t1.errors, t2.errors], same=same(got, exp),
                    imports=fake.fake_acl_live(b"ipc_import"), counted=device_ipc.IMPORTS.count(),
                    batches=fake.fake_acl_calls(b"aclrtMemcpyBatchAsync"),

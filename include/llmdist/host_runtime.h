@@ -17,7 +17,8 @@ enum {
     LLMD_HOST_ENOMEM = 2,      /* allocation failed */
     LLMD_HOST_EOVERFLOW = 3,   /* count > dst_max */
     LLMD_HOST_ETIMEOUT = 4,    /* event wait timed out */
-    LLMD_HOST_ETHREAD = 5      /* a worker thread could not be started */
+    LLMD_HOST_ETHREAD = 5,     /* a worker thread could not be started */
+    LLMD_HOST_ENOTSUP = 6      /* no such operation on host memory (device IPC) */
 };
 
 /* Tuning knobs, read by every copy; set them before or between transfers. */

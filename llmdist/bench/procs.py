@@ -183,7 +183,7 @@ class _Decode:
 
     def _host(self, cache) -> bool:
         from llmdist import Placement
-        return self.rt.name == "host" or cache.cache_desc.placement == Placement.HOST
+        return self.rt.is_host or cache.cache_desc.placement == Placement.HOST
 
     def _tensor(self, cache, t: int):
         """A host copy of tensor t, as [blocks, block] uint8."""

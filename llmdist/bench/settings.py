@@ -3,7 +3,6 @@ machine (the block pool shrinks to fit free memory; the pairs moved never do).""
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -11,6 +10,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..descs import DataType
+from ..status import LLMException
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -126,19 +126,13 @@ def host_available() -> int:
 def device_free(runtime) -> Optional[int]:
     """Free device memory of the runtime's device (bytes); host memory on the host runtime;
     None when the runtime cannot say."""
-    if runtime.name == "host":
+    if runtime.is_host:
         return host_available()
-    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
     try:
-        lib = ctypes.CDLL(runtime.library)
-        runtime.bind_device()
-        if runtime.name == "acl":
-            rc = lib.aclrtGetMemInfo(1, ctypes.byref(free), ctypes.byref(total))  # ACL_HBM_MEM
-        else:
-            rc = lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total))
-    except (OSError, AttributeError, RuntimeError):
+        info = runtime.mem_info()
+    except LLMException:
         return None
-    return int(free.value) if rc == 0 else None
+    return info[0] if info is not None else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -216,7 +210,7 @@ def budget_for(runtime, requested: Optional[int]) -> MemoryBudget:
     free now."""
     host_free = host_available()
     dev_free = device_free(runtime)
-    shared = runtime.name == "host"
+    shared = runtime.is_host
     if requested is not None:
         return MemoryBudget(requested, requested, shared, host_free, dev_free,
                             f"--mem-gib {requested / GiB:g}")

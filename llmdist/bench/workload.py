@@ -88,7 +88,7 @@ class Bench:
     @property
     def host_memory(self) -> bool:
         """DEVICE caches are plain host memory (the host runtime): numpy can index them."""
-        return self.rt.name == "host"
+        return self.rt.is_host
 
     def close(self) -> None:
         self.stream.close()
@@ -237,14 +237,14 @@ class Bench:
         return run, lambda: None
 
     def torch_reason(self) -> str:
-        if self.rt.name == "host":
+        if self.rt.is_host:
             return "the host runtime has no framework device"
         return "torch (with this device) is not importable"
 
 
 def _torch_device(rt):
     """(torch, device string) when torch drives the runtime's device, else None."""
-    if rt.name == "host" or not importable("torch"):
+    if rt.is_host or not importable("torch"):
         return None
     try:
         import torch

@@ -4,6 +4,8 @@
                                                                peer leaves in /dev/shm
     python bench/reliability_figures.py registration [n]       allocate_cache time with n caches held
     python bench/reliability_figures.py inflight-rss [tasks]   RSS with tasks nobody waits for
+    python bench/reliability_figures.py big-hello [caches]     seconds until the welcome to a
+                                                               hello announcing that many caches
 
 Each prints one JSON line. These are measurements, not tests: run them on an idle machine and
 compare figures taken on the same machine."""
@@ -204,6 +206,36 @@ def inflight_rss(tasks: int) -> dict:
             "submit_seconds": round(submit_s, 1)}
 
 
+def big_hello(n: int) -> dict:
+    """Send a listener a hello announcing n caches (written with process writes, so nothing is
+    mapped) and time the welcome; the CPU time the listener spent on it too."""
+    import socket
+    import struct
+    from llmdist import cluster
+    dd = _dd(LLMRole.DECODER, 2, listen=True)
+    base = 1 << 40
+    caches = [{"id": i + 1, "num_tensors": 2, "shape": [64], "dtype": 4, "placement": 1,
+               "batch_dim": 0, "seq_len_dim": -1, "blocks": False,
+               "addrs": [base + 256 * i, base + 256 * i + 128], "origin": "registered",
+               "remote_accessible": True, "keys": [], "share": {"kind": "process"}}
+              for i in range(n)]
+    msg = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": 9,
+           "role": int(LLMRole.PROMPT), "target": 2, "host": cluster.host_identity(),
+           "pid": os.getpid(), "caches": caches}
+    data = json.dumps(msg).encode()
+    s = socket.create_connection(("127.0.0.1", dd.listen_port))
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    s.sendall(cluster.MAGIC + struct.pack(">I", len(data)) + data)
+    s.settimeout(300)
+    head = s.recv(8)
+    took, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    s.close()
+    dd.finalize()
+    return {"caches": n, "frame_mib": round(len(data) / 2**20, 1),
+            "welcomed": head[:4] == cluster.MAGIC, "seconds_to_welcome": round(took, 2),
+            "cpu_seconds": round(cpu, 2)}
+
+
 if __name__ == "__main__":
     what = sys.argv[1]
     arg = int(sys.argv[2]) if len(sys.argv) > 2 else None
@@ -213,6 +245,8 @@ if __name__ == "__main__":
         res = registration(arg or 4000)
     elif what == "inflight-rss":
         res = inflight_rss(arg or 100_000)
+    elif what == "big-hello":
+        res = big_hello(arg or 16_000)
     else:
         raise SystemExit(__doc__)
     print(json.dumps({what: res}))

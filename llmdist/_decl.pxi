@@ -91,11 +91,15 @@ cdef extern from "llmdist/acl.h" nogil:
 cdef extern from "llmdist/cuda.h" nogil:
     const llmd_runtime *llmd_cuda_load(const char *const *paths, size_t count, int32_t device_id,
                                        llmd_load_report *report)
+    enum:
+        LLMD_CUDA_COPY_AUTO
+        LLMD_CUDA_COPY_KERNEL
+        LLMD_CUDA_COPY_DMA
+    int llmd_cuda_select_copy(int mode, const char *ptx, char *why, size_t why_len)
 
 cdef extern from "llmdist/host_runtime.h" nogil:
     enum:
         LLMD_HOST_ENOMEM
-        LLMD_HOST_ETIMEOUT
 
     ctypedef struct llmd_host_tuning:
         int copy_threads

@@ -17,6 +17,8 @@ cdef struct CfgState:
     int attempted           # some layer's copies were issued
     size_t fail_index
     Py_ssize_t desc_base    # first descriptor slot of this config
+    int merged              # LANE_RUNTIME device to device, copied together with the other
+                            # merged configs of the layer in one copy_runs call
 
 
 cdef inline int lane_bit(int lane) noexcept nogil:
@@ -64,6 +66,10 @@ cdef class TransferJob:
     cdef readonly object cancel_code
     cdef list cancel_codes            # per config, the status a cancellation gave it
     cdef public object on_finish
+    # On CUDA with the copy kernel, one copy_runs call (one launch) per layer covers every merged
+    # config: their tensor pairs are gathered here (sized once per call)
+    cdef llmd_tensor_pair *m_pairs
+    cdef int *m_cfgs
 
     def __cinit__(self):
         self.lock = PyThread_allocate_lock()
@@ -152,6 +158,8 @@ cdef class TransferJob:
         free(self.d_dsts)
         free(self.d_srcs)
         free(self.d_sizes)
+        free(self.m_pairs)
+        free(self.m_cfgs)
         self.release_tables()
         free(self.events)
         if self.lock != NULL:
@@ -167,6 +175,7 @@ cdef class TransferJob:
         # descriptor per (config, covered layer, tensor, run) for process and engine transfers
         # (every queued transfer keeps its own).
         cdef Py_ssize_t n = 0, i
+        cdef CfgState *c
         cdef size_t pairs[2]
         cdef int lane, rc
         cdef Runtime owner
@@ -191,6 +200,14 @@ cdef class TransferJob:
         self.d_dsts = <void **>malloc(n * sizeof(void *))
         self.d_srcs = <void **>malloc(n * sizeof(void *))
         self.d_sizes = <size_t *>malloc(n * sizeof(size_t))
+        if self.runtime.device_copy == "kernel":
+            for i in range(self.ncfg):
+                c = &self.cfg[i]
+                c.merged = (c.lane == LANE_RUNTIME and c.kind == COPY_D2D and not c.single)
+            self.m_pairs = <llmd_tensor_pair *>malloc(max(2 * self.ncfg, 1) * sizeof(llmd_tensor_pair))
+            self.m_cfgs = <int *>malloc(max(self.ncfg, 1) * sizeof(int))
+            if self.m_pairs == NULL or self.m_cfgs == NULL:
+                raise MemoryError()
         if not (self.d_dsts and self.d_srcs and self.d_sizes):
             raise MemoryError()
         return 0
@@ -238,10 +255,12 @@ cdef class TransferJob:
         cdef char *local
         cdef char *target
         cdef uint64_t here
-        cdef llmd_tensor_pair pairs[2]
+        cdef llmd_tensor_pair own[2]
+        cdef llmd_tensor_pair *pairs
         cdef const llmd_runtime *rt
         cdef llmd_stream stream
         cdef size_t fail = 0
+        cdef int merged = 0
         for i in range(self.ncfg):
             c = &self.cfg[i]
             if layer < c.lo or layer >= c.hi or c.failed:
@@ -258,6 +277,7 @@ cdef class TransferJob:
                 stream = self.host_stream
             if c.lane == LANE_RUNTIME or c.lane == LANE_HOST:
                 # Plain runtime copies: the layer's two tensor pairs through the run table.
+                pairs = &self.m_pairs[2 * merged] if c.merged else own
                 for t in range(2):
                     e = self.target_index[i] + 2 * (layer - c.lo) + t
                     here = self.local_addrs[2 * layer + t] + c.row_shift
@@ -271,6 +291,10 @@ cdef class TransferJob:
                         pairs[t].src = self.target_addrs[e]
                         pairs[t].dst = here
                         pairs[t].dst_end = here + self.plan.dst_hi
+                if c.merged:
+                    self.m_cfgs[merged] = i
+                    merged += 1
+                    continue
                 rc = rt.copy_runs(rt.ctx, self.tables[c.lane], pairs, 2, c.kind,
                                   LLMD_COPY_PEER_DEVICE if c.single else 0, stream, &fail)
             else:
@@ -303,6 +327,19 @@ cdef class TransferJob:
                 c.code = rc
                 c.fail_index = fail
                 c.failed = FAIL_ENGINE if c.lane == LANE_ENGINE else FAIL_RUNTIME
+        if merged:
+            # One call (on CUDA one kernel launch) for every merged config's tensors of this
+            # layer, after the layer's wait; if it fails, nothing of it was queued and each of
+            # those configs fails.
+            rt = self.runtime.rt
+            rc = rt.copy_runs(rt.ctx, self.tables[<int>LANE_RUNTIME], self.m_pairs, 2 * merged,
+                              COPY_D2D, 0, self.stream, &fail)
+            if rc != 0:
+                for i in range(merged):
+                    c = &self.cfg[self.m_cfgs[i]]
+                    c.code = rc
+                    c.fail_index = fail
+                    c.failed = FAIL_RUNTIME
 
     cdef int engine_move(self, int i, Py_ssize_t base, Py_ssize_t n) noexcept with gil:
         """Hand n descriptors to config i's engine channel (which bounds what it keeps queued);

@@ -9,6 +9,21 @@ cpdef enum CopyKind:
     COPY_DEFAULT = LLMD_MEMCPY_DEFAULT      # the runtime infers the direction from the addresses
 
 
+# CUDA: how device-to-device copies run in this process (llmdist.device_copy; the last
+# LLMDataDist.init decides), and why they are DMA copies when they are.
+cdef dict g_cuda_copy = {"mode": "dma", "reason": "no mode chosen yet"}
+
+
+cdef bytes copy_kernel_ptx():
+    """The copy kernel's PTX shipped in the package, NUL-terminated; None when missing."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "copy_runs.ptx")
+    try:
+        with open(path, "rb") as f:
+            return f.read() + b"\0"
+    except OSError:
+        return None
+
+
 cdef class Runtime:
     """A loaded runtime: a table of nogil functions plus the device this process drives."""
     cdef const llmd_runtime *rt
@@ -69,6 +84,45 @@ cdef class Runtime:
             raise RuntimeError(report.error.decode("utf-8", "replace"))
         return Runtime.wrap(rt, device_id, report.version.decode("utf-8", "replace"),
                             report.library.decode("utf-8", "replace"))
+
+    def select_device_copy(self, str mode):
+        """CUDA: how device-to-device copies of transfers run. "kernel": one launch of the copy
+        kernel per layer (LLMException when it cannot be loaded); "dma": DMA copies; "auto": the
+        kernel when it loads, else DMA with the reason in device_copy_reason. Other runtimes
+        ignore it."""
+        cdef char why[512]
+        cdef bytes ptx
+        cdef const char *text = NULL
+        cdef int rc, cmode
+        if mode not in ("auto", "kernel", "dma"):
+            raise LLMException(f"llmdist.device_copy must be auto, kernel or dma, got {mode!r}",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        if self.name != "cuda":
+            return
+        cmode = {"auto": LLMD_CUDA_COPY_AUTO, "kernel": LLMD_CUDA_COPY_KERNEL,
+                 "dma": LLMD_CUDA_COPY_DMA}[mode]
+        ptx = copy_kernel_ptx() if mode != "dma" else None
+        if ptx is not None:
+            text = ptx
+        why[0] = 0
+        with nogil:
+            rc = llmd_cuda_select_copy(cmode, text, why, sizeof(why))
+        reason = (<bytes>why).decode("utf-8", "replace")
+        if rc < 0:
+            g_cuda_copy.update(mode="dma", reason=reason)
+            raise LLMException(f"llmdist.device_copy=kernel, but the copy kernel cannot be "
+                               f"used: {reason}", status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+        g_cuda_copy.update(mode="kernel" if rc == 1 else "dma", reason=None if rc == 1 else reason)
+
+    @property
+    def device_copy(self):
+        """CUDA: "kernel" or "dma", how device-to-device copies run; None on other runtimes."""
+        return g_cuda_copy["mode"] if self.name == "cuda" else None
+
+    @property
+    def device_copy_reason(self):
+        """CUDA: why device-to-device copies are DMA copies (None when the kernel runs them)."""
+        return g_cuda_copy["reason"] if self.name == "cuda" else None
 
     @property
     def is_host(self):

@@ -460,7 +460,7 @@ class Peer:
 
     def serve(self) -> None:
         """Read the peer's messages until the connection ends, then take the link down."""
-        unlinked = False
+        broke = False       # the connection ended without unlink from either side
         try:
             self.sock.settimeout(None)
             while True:
@@ -480,7 +480,6 @@ class Peer:
                     continue
                 if kind == "unlink":
                     # Stop writing to the peer before it hears back, then hang up.
-                    unlinked = True
                     self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=seq)
                     return
                 if kind == "cache_add":
@@ -493,13 +492,14 @@ class Peer:
                     raise ProtocolError(f"unknown message {kind!r:.40}")
                 self.send({"type": "ack", "seq": seq})
         except (ConnectionError, OSError, ProtocolError) as exc:
-            if not self.closed:
+            broke = not self.closed
+            if broke:
                 log.info("link to cluster %d ended: %s", self.cluster_id, exc)
         except Exception:  # a bug must still take the link down cleanly
             log.exception("link to cluster %d failed", self.cluster_id)
         finally:
             self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED)
-            if self.owner is not None and not unlinked:
+            if self.owner is not None and broke:
                 # The connection broke: if the peer died, its shared memory is garbage once
                 # its process is gone (which may be a moment after its socket closed).
                 shm.remove_when_gone(self.owner)

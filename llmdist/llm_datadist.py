@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import warnings
 import weakref
@@ -27,7 +28,7 @@ _UPSTREAM_KEYS = {
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
                  "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots",
-                 "llmdist.max_inflight_tasks"}
+                 "llmdist.max_inflight_tasks", "llmdist.device_copy"}
 MAX_INFLIGHT_TASKS = 1024       # default of llmdist.max_inflight_tasks
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
@@ -131,6 +132,8 @@ class LLMDataDist:
             shareable = listen is not None or _flag_option(options, "llmdist.shareable_memory")
             runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
             runtime.bind_device()
+            runtime.select_device_copy(options.get("llmdist.device_copy")
+                                       or os.environ.get("LLMDIST_DEVICE_COPY", "auto"))
             node = ClusterNode(self._cluster_id, self._role, listen,
                                options.get("llmdist.transport", "auto"), runtime)
             try:

@@ -120,5 +120,9 @@ def runtime_info() -> Dict[str, object]:
                 _loaded[name] = rt
         runtimes[name] = ({"available": True, "version": rt.version, "library": rt.library}
                           if rt is not None else {"available": False, "reason": _reasons[name]})
+        if rt is not None and name == "cuda":
+            # how device-to-device copies run: the copy kernel, or DMA and why
+            runtimes[name]["device_copy"] = rt.device_copy
+            runtimes[name]["device_copy_reason"] = rt.device_copy_reason
     info["runtimes"] = runtimes
     return info

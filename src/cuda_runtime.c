@@ -1,6 +1,7 @@
 /* The CUDA runtime behind llmd_runtime: libcudart looked up at run time (see cuda.h). */
 #define _GNU_SOURCE
 #include "llmdist/cuda.h"
+#include "llmdist/cuda_copy.h"
 #include "runtime_common.h"
 
 #include <dlfcn.h>
@@ -14,6 +15,10 @@ typedef struct cuda_state {
     int version;                /* cudaRuntimeGetVersion: 12090, 13000, ... */
     int32_t device;
     char ipc_reason[2048];      /* why device IPC cannot be used; empty when it can */
+    llmd_cuda_copy_kernel kernel;   /* the copy kernel, once loaded */
+    int kernel_tried;           /* 1: loaded, -1: cannot be loaded (kernel_why), 0: not tried */
+    char kernel_why[512];
+    volatile int use_kernel;    /* device-to-device copy_runs by the copy kernel */
 } cuda_state;
 
 static cuda_state g_cuda;
@@ -96,9 +101,30 @@ static int c_run_table_create(void *ctx, const llmd_run *runs, size_t count, siz
 
 static int c_run_table_destroy(void *ctx, llmd_run_table *t)
 {
-    (void)ctx;
+    cuda_state *st = (cuda_state *)ctx;
+    if (t && t->device) llmd_cuda_copy_table_destroy(&st->kernel, t->device);
     llmd_run_table_free(t);
     return 0;
+}
+
+/* Device to device by the copy kernel: one launch for all pairs, the table's runs reaching the
+ * device with the table's first launch (see cuda_copy.h). */
+static int c_copy_runs_kernel(cuda_state *st, llmd_run_table *t, const llmd_tensor_pair *pairs,
+                              size_t count, llmd_stream s, size_t *fail_index)
+{
+    size_t pair = 0;
+    if (!t->device) {
+        int rc = llmd_cuda_copy_table_create(&st->kernel, t->runs, t->count,
+                                             t->capacity / t->count,
+                                             (llmd_cuda_copy_table **)&t->device);
+        if (rc != 0) {
+            t->device = NULL;
+            return rc;
+        }
+    }
+    int rc = llmd_cuda_copy_launch(&st->kernel, t->device, pairs, count, s, &pair);
+    if (rc != 0) *fail_index = pair * t->count;
+    return rc;
 }
 
 static int c_copy_runs(void *ctx, llmd_run_table *t, const llmd_tensor_pair *pairs, size_t count,
@@ -106,6 +132,9 @@ static int c_copy_runs(void *ctx, llmd_run_table *t, const llmd_tensor_pair *pai
 {
     cuda_state *st = (cuda_state *)ctx;
     size_t first, n;
+    *fail_index = 0;
+    if (st->use_kernel && kind == LLMD_MEMCPY_D2D && t->count > 0)
+        return c_copy_runs_kernel(st, t, pairs, count, s, fail_index);
     if (llmd_run_table_expand(t, pairs, count, &first, &n) != 0) return LLMD_RT_BAD_ARGUMENT;
     void **dsts = t->dsts + first, **srcs = t->srcs + first;
     size_t *sizes = t->sizes + first, *maxs = t->maxs + first;
@@ -267,6 +296,41 @@ static const llmd_runtime g_cuda_runtime = {
     .ipc_close_import = c_ipc_close_import,
     .ipc_close_export = c_ipc_close_export,
 };
+
+/* ------------------------------------------------------------------------------------------ */
+/* The copy kernel                                                                              */
+
+int llmd_cuda_select_copy(int mode, const char *ptx, char *why, size_t why_len)
+{
+    cuda_state *st = &g_cuda;
+    void *ctx = st;
+    why[0] = 0;
+    if (mode == LLMD_CUDA_COPY_DMA || !st->loaded) {
+        st->use_kernel = 0;
+        snprintf(why, why_len, "%s", st->loaded ? "llmdist.device_copy=dma" : "CUDA is not loaded");
+        return 0;
+    }
+    if (st->kernel_tried == 0) {
+        char missing[256];
+        llmd_missing(g_cuda_symbols, CUDA_NSYMBOLS, &st->api, LLMD_SYM_KERNEL, missing,
+                     sizeof(missing));
+        if (missing[0]) {
+            snprintf(st->kernel_why, sizeof(st->kernel_why),
+                     "the loaded libcudart lacks %s (CUDA 12.0 or newer is needed)", missing);
+        } else if (!ptx) {
+            snprintf(st->kernel_why, sizeof(st->kernel_why), "the copy kernel's PTX is missing");
+        } else {
+            API.cudaSetDevice(st->device);
+            llmd_cuda_copy_kernel_load(&st->kernel, &st->api, ptx, st->kernel_why,
+                                       sizeof(st->kernel_why));
+        }
+        st->kernel_tried = st->kernel.kernel ? 1 : -1;
+    }
+    st->use_kernel = st->kernel_tried == 1;
+    if (st->use_kernel) return 1;
+    snprintf(why, why_len, "%s", st->kernel_why);
+    return mode == LLMD_CUDA_COPY_KERNEL ? -1 : 0;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Loading                                                                                      */

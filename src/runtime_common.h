@@ -28,6 +28,7 @@ struct llmd_run_table {
     void **srcs;
     size_t *sizes;
     size_t *maxs;           /* bytes from each destination to its region's end */
+    void *device;           /* the runtime's own state for the table (CUDA: the copy kernel's) */
 };
 
 /* 0, or -1 when memory ran out. */
@@ -50,7 +51,7 @@ typedef int (*llmd_query_fn)(void *ctx, llmd_event event, int *done);
 int llmd_poll_event(void *ctx, llmd_query_fn query, llmd_event event, int32_t timeout_ms);
 
 /* Symbol lists: each entry says where its function pointer goes in the api table. */
-enum { LLMD_SYM_REQUIRED, LLMD_SYM_OPTIONAL, LLMD_SYM_IPC };
+enum { LLMD_SYM_REQUIRED, LLMD_SYM_OPTIONAL, LLMD_SYM_IPC, LLMD_SYM_KERNEL };
 typedef struct llmd_symbol {
     const char *name;
     size_t offset;

@@ -84,28 +84,57 @@ def _shm_clean():
 # --------------------------------------------------------------------------------------------
 # memory helpers
 # --------------------------------------------------------------------------------------------
-# With LLMDIST_RUNTIME=acl the suite runs on the fake libascendcl.so (tests/fake_acl): DEVICE
-# memory that a test registers must then come from aclrtMalloc. The fake's device memory is host
-# memory, so the tests still read and write it through numpy views.
+# With LLMDIST_RUNTIME=acl (or cuda) the suite runs on the fake libascendcl.so (tests/fake_acl)
+# or the fake libcudart.so (tests/fake_cuda): DEVICE memory that a test registers must then come
+# from the runtime's own allocator. The fakes' device memory is host memory, so the tests still
+# read and write it through numpy views.
 _ACL = None
+_CUDA = None
 if os.environ.get("LLMDIST_RUNTIME") == "acl":
     _ACL = ctypes.CDLL(os.environ["LLMDIST_ACL_LIBRARY"])
+elif os.environ.get("LLMDIST_RUNTIME") == "cuda":
+    _CUDA = ctypes.CDLL(os.environ["LLMDIST_CUDA_LIBRARY"])
 
 
 def device_buffer(nbytes: int) -> Tuple[int, Optional[int]]:
     """(address, pointer to free or None): device memory of the runtime under test."""
-    if _ACL is None:
-        return 0, None
     ptr = ctypes.c_void_p()
-    assert _ACL.aclrtSetDevice(0) == 0
-    rc = _ACL.aclrtMalloc(ctypes.byref(ptr), max(nbytes, 1), 0)
-    assert rc == 0, f"aclrtMalloc({nbytes}) failed with {rc}"
-    return ptr.value, ptr.value
+    if _ACL is not None:
+        assert _ACL.aclrtSetDevice(0) == 0
+        rc = _ACL.aclrtMalloc(ctypes.byref(ptr), max(nbytes, 1), 0)
+        assert rc == 0, f"aclrtMalloc({nbytes}) failed with {rc}"
+        return ptr.value, ptr.value
+    if _CUDA is not None:
+        assert _CUDA.cudaSetDevice(0) == 0
+        rc = _CUDA.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 1)))
+        assert rc == 0, f"cudaMalloc({nbytes}) failed with {rc}"
+        return ptr.value, ptr.value
+    return 0, None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cuda_paths_counted():
+    """With LLMDIST_EXPECT_CUDA_PATHS=1 (CI's run of the transfer suite on the fake CUDA
+    runtime), the run fails unless it drove both device copy paths: the copy kernel (device to
+    device) and DMA (to and from host)."""
+    yield
+    if _CUDA is None or os.environ.get("LLMDIST_EXPECT_CUDA_PATHS") != "1":
+        return
+    _CUDA.fake_cuda_calls.restype = ctypes.c_long
+    launches = _CUDA.fake_cuda_calls(b"cudaLaunchKernel")
+    dma = _CUDA.fake_cuda_calls(b"cudaMemcpyBatchAsync") + _CUDA.fake_cuda_calls(b"cudaMemcpyAsync")
+    want_kernel = os.environ.get("LLMDIST_DEVICE_COPY", "auto") != "dma"
+    assert dma > 0, "no DMA copy reached the fake CUDA runtime"
+    assert (launches > 0) == want_kernel, f"copy kernel launches: {launches}"
 
 
 def free_device_buffer(ptr: int) -> None:
-    _ACL.aclrtSetDevice(0)
-    _ACL.aclrtFree(ctypes.c_void_p(ptr))
+    if _ACL is not None:
+        _ACL.aclrtSetDevice(0)
+        _ACL.aclrtFree(ctypes.c_void_p(ptr))
+    elif _CUDA is not None:
+        _CUDA.cudaSetDevice(0)
+        _CUDA.cudaFree(ctypes.c_void_p(ptr))
 
 def host_view(addr: int, nbytes: int) -> np.ndarray:
     """A writable uint8 numpy view of nbytes at addr (llmdist-owned memory)."""
@@ -229,7 +258,7 @@ class Env:
 
     def random_bytes(self, nbytes: int, placement: Placement) -> np.ndarray:
         """Random bytes in memory of the given placement (device memory under the ACL runtime)."""
-        if placement == Placement.DEVICE and _ACL is not None:
+        if placement == Placement.DEVICE and (_ACL is not None or _CUDA is not None):
             addr, ptr = device_buffer(nbytes)
             self._device_ptrs.append(ptr)
             arr = host_view(addr, nbytes)

@@ -662,3 +662,41 @@ def test_max_inflight_tasks_option_is_checked(make_env, text):
         make_env(extra_options={"llmdist.max_inflight_tasks": text})
     assert ei.value.status_code == PARAM_INVALID
     assert "llmdist.max_inflight_tasks" in str(ei.value)
+
+
+# --------------------------------------------------------------------------------------------
+# the Mooncake engine
+# --------------------------------------------------------------------------------------------
+def test_engine_start_failure_is_retried(make_env, monkeypatch):
+    """A failed start of the Mooncake engine is reported, and not kept for the cluster's life:
+    the next link that needs the engine starts it."""
+    from llmdist import transport_mooncake
+    e = make_env()
+    node = e.dd._node
+    attempts = []
+
+    class FlakyEngine:
+        session_id = "127.0.0.1:1"
+
+        def __init__(self, local_ip):
+            attempts.append(local_ip)
+            if len(attempts) == 1:
+                raise LLMException("the engine did not start",
+                                   status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+
+        def register(self, *args):
+            pass
+
+        def unregister(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(transport_mooncake, "MooncakeTransport", FlakyEngine)
+    node.ensure_engine(HOST)
+    assert node.engine is None and "did not start" in node.engine_error
+    node.ensure_engine(HOST)
+    assert isinstance(node.engine, FlakyEngine) and node.engine_error is None
+    node.ensure_engine(HOST)
+    assert len(attempts) == 2

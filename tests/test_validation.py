@@ -387,7 +387,7 @@ def test_9_pa_source_to_non_pa_keyed_destination(env_remote):
 def test_9_cache_on_another_device(case, make_env):
     """One process drives one device: caches of an LLMDataDist bound to device 1 in the same
     process are neither a valid source nor valid destination memory for this one."""
-    if os.environ.get("LLMDIST_RUNTIME") == "acl":
+    if os.environ.get("LLMDIST_RUNTIME") in ("acl", "cuda"):
         # A device runtime refuses to drive a second device from one process at init.
         with pytest.raises(LLMException) as info:
             make_env(cluster_id=OWN_CLUSTER + 2, extra_options={"ge.exec.deviceId": "1"})

@@ -38,6 +38,10 @@ struct llmd_cuda_mem_location {
     int type;
     int id;
 };
+/* dim3: three unsigned ints, passed by value to cudaLaunchKernel. */
+struct llmd_cuda_dim3 {
+    unsigned int x, y, z;
+};
 struct llmd_cuda_memcpy_attributes {
     int srcAccessOrder;
     struct llmd_cuda_mem_location srcLocHint;
@@ -54,10 +58,16 @@ typedef void *llmd_cudaEvent_t;
 typedef int llmd_cudaMemcpyKind;
 typedef struct llmd_cuda_ipc_mem_handle llmd_cudaIpcMemHandle_t;
 typedef struct llmd_cuda_memcpy_attributes llmd_cudaMemcpyAttributes;
+typedef void *llmd_cudaLibrary_t;
+typedef void *llmd_cudaKernel_t;
+typedef int llmd_cudaJitOption;
+typedef int llmd_cudaLibraryOption;
+typedef struct llmd_cuda_dim3 llmd_dim3;
 #endif
 
 /* X(group, return type, name, parameters). REQUIRED: loading fails without it; OPTIONAL: used
- * when present; IPC: device IPC, reported by ipc_unavailable when missing. */
+ * when present; IPC: device IPC, reported by ipc_unavailable when missing; KERNEL: loading and
+ * launching the copy kernel (CUDA 12.0+), DMA copies without them. */
 #define LLMD_CUDA_SYMBOLS(X)                                                                      \
     X(REQUIRED, llmd_cudaError_t, cudaRuntimeGetVersion, (int *runtimeVersion))                   \
     X(REQUIRED, llmd_cudaError_t, cudaGetDeviceCount, (int *count))                               \
@@ -86,7 +96,18 @@ typedef struct llmd_cuda_memcpy_attributes llmd_cudaMemcpyAttributes;
     X(IPC, llmd_cudaError_t, cudaIpcGetMemHandle, (llmd_cudaIpcMemHandle_t *handle, void *devPtr)) \
     X(IPC, llmd_cudaError_t, cudaIpcOpenMemHandle,                                                \
       (void **devPtr, llmd_cudaIpcMemHandle_t handle, unsigned int flags))                        \
-    X(IPC, llmd_cudaError_t, cudaIpcCloseMemHandle, (void *devPtr))
+    X(IPC, llmd_cudaError_t, cudaIpcCloseMemHandle, (void *devPtr))                               \
+    X(KERNEL, llmd_cudaError_t, cudaLibraryLoadData,                                              \
+      (llmd_cudaLibrary_t *library, const void *code, llmd_cudaJitOption *jitOptions,             \
+       void **jitOptionsValues, unsigned int numJitOptions,                                       \
+       llmd_cudaLibraryOption *libraryOptions, void **libraryOptionValues,                        \
+       unsigned int numLibraryOptions))                                                           \
+    X(KERNEL, llmd_cudaError_t, cudaLibraryGetKernel,                                             \
+      (llmd_cudaKernel_t *pKernel, llmd_cudaLibrary_t library, const char *name))                 \
+    X(KERNEL, llmd_cudaError_t, cudaLibraryUnload, (llmd_cudaLibrary_t library))                  \
+    X(KERNEL, llmd_cudaError_t, cudaLaunchKernel,                                                 \
+      (const void *func, llmd_dim3 gridDim, llmd_dim3 blockDim, void **args, size_t sharedMem,    \
+       llmd_cudaStream_t stream))
 
 /* cudaMemcpyBatchAsync (optional, looked up by version): 12.8/12.9, then 13.0 without failIdx. */
 typedef llmd_cudaError_t (*llmd_cudaMemcpyBatchAsync12_t)(
@@ -102,6 +123,19 @@ typedef struct llmd_cuda_api {
     LLMD_CUDA_SYMBOLS(LLMD_CUDA_API_MEMBER)
     void *cudaMemcpyBatchAsync;     /* one of the two prototypes above, or NULL */
 } llmd_cuda_api;
+
+/* How the CUDA runtime's copy_runs moves device-to-device bytes (llmdist.device_copy). */
+enum {
+    LLMD_CUDA_COPY_AUTO = 0,    /* the copy kernel when it loads, else DMA */
+    LLMD_CUDA_COPY_KERNEL = 1,  /* the copy kernel, or an error */
+    LLMD_CUDA_COPY_DMA = 2      /* DMA copies */
+};
+
+/* Choose mode (LLMD_CUDA_COPY_*) for this process. ptx: the copy kernel's PTX text, loaded once
+ * (NUL-terminated; NULL for DMA). Returns 1 when the kernel is used, 0 for DMA with why saying
+ * why, -1 when mode is KERNEL and the kernel cannot be used (why says why). The CUDA runtime
+ * must be loaded. */
+int llmd_cuda_select_copy(int mode, const char *ptx, char *why, size_t why_len);
 
 /* Open libcudart from the first of paths that loads and check that device_id exists. The
  * library is loaded once per process; the device check runs on every call. NULL with

@@ -15,7 +15,6 @@ route). The bytes of every call are checked (per-block digests) before it is tim
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, List, Optional
 
 from ..config import LLMClusterInfo, LLMConfig
@@ -131,7 +130,7 @@ def _calls(bench: Bench, p: Prefill, model: int, si: List[int], di: List[int]):
 
 class _RawMooncake:
     """The same B2B writes through a Mooncake engine of this process's own (no llmdist): one
-    batch per layer, all submitted, then waited for."""
+    synchronous batch per layer."""
 
     def __init__(self, session: str, src: Cache, dst_addrs: List[int], si, di, block: int,
                  tpl: int) -> None:
@@ -151,21 +150,16 @@ class _RawMooncake:
             self.batches.append((srcs, dsts, [block] * len(srcs)))
 
     def __call__(self) -> None:
-        ids = [self.engine.batch_transfer_async_write(self.session, s, d, n)
-               for s, d, n in self.batches]
-        for i in ids:
-            rc = self.engine.get_batch_transfer_status([i])
+        for s, d, n in self.batches:
+            rc = self.engine.batch_transfer_sync_write(self.session, s, d, n)
             if rc != 0:
-                raise RuntimeError(f"Mooncake batch failed: {rc}")
+                raise RuntimeError(f"Mooncake batch_transfer_sync_write returned {rc}")
 
 
 def cluster(bench: Bench, run: Run) -> None:
     s = bench.settings
     tpl = s.tensors_per_layer
     nt = s.layers * tpl
-    quiet_glog = "GLOG_minloglevel" not in os.environ   # no INFO line per Mooncake batch
-    if quiet_glog:
-        os.environ["GLOG_minloglevel"] = "1"
     decode = procs.Child(procs.decode_main, DECODE_ID, name=f"decode-{DECODE_ID}")
     prefills: Dict[str, Prefill] = {}
     unavailable: Dict[str, str] = {}
@@ -187,8 +181,6 @@ def cluster(bench: Bench, run: Run) -> None:
         for p in prefills.values():
             p.close()
         decode.close()
-        if quiet_glog:
-            os.environ.pop("GLOG_minloglevel", None)
 
 
 def _one_size(bench: Bench, run: Run, decode: procs.Child, prefills: Dict[str, Prefill],
@@ -197,8 +189,8 @@ def _one_size(bench: Bench, run: Run, decode: procs.Child, prefills: Dict[str, P
     label = f"cluster {size_name(block)}"
     bench.progress.step(label)
     moved = nt * s.pairs * block
-    # this process: source, pull destination, contiguous buffers; the decode: two caches
-    plan = bench.budget.fit_pool(label, Need(4 * nt * block, 2 * moved))
+    # this process: source and pull destination; the decode: two caches
+    plan = bench.budget.fit_pool(label, Need(4 * nt * block, 0))
     run.note(plan.note)
     src = bench.blocks_cache(nt, plan.pool, block)
     local = bench.blocks_cache(nt, plan.pool, block)
@@ -226,8 +218,7 @@ def _one_size(bench: Bench, run: Run, decode: procs.Child, prefills: Dict[str, P
         for p in prefills.values():
             p.register(src, local)
             releases.append(p.unregister)
-        contiguous, free_flat = bench.contiguous(moved, Placement.DEVICE, Placement.DEVICE)
-        releases.append(free_flat)
+        contiguous = bench.contiguous(moved, src, local)
         dsts = [a + d * block for a in local.tensor_addrs for d in di]
         srcs = [a + x * block for a in src.tensor_addrs for x in si]
         per_block = bench.per_block(dsts, srcs, block)

@@ -106,7 +106,7 @@ def b2b(bench: Bench, run: Run) -> None:
         bench.progress.step(label)
         moved = nt * s.pairs * block
         copies = 4 if bench.torch else 2          # llmdist's caches (+ torch's own)
-        plan = bench.budget.fit_pool(label, Need(copies * nt * block, 2 * moved))
+        plan = bench.budget.fit_pool(label, Need(copies * nt * block, 0))
         run.note(plan.note)
         src = bench.blocks_cache(nt, plan.pool, block)
         dst = bench.blocks_cache(nt, plan.pool, block)
@@ -123,8 +123,7 @@ def b2b(bench: Bench, run: Run) -> None:
                       "B2B transfer")
             llmdist()
             ok = verify_blocks(bench, src, dst, si, di, block)
-            contiguous, free_flat = bench.contiguous(moved, DEVICE, DEVICE)
-            releases.append(free_flat)
+            contiguous = bench.contiguous(moved, src, dst)
             dsts = [a + d * block for a in dst.tensor_addrs for d in di]
             srcs = [a + x * block for a in src.tensor_addrs for x in si]
             paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
@@ -156,8 +155,7 @@ def c2b(bench: Bench, run: Run) -> None:
         bench.progress.step(label)
         row = s.pairs * block
         moved = nt * row
-        plan = bench.budget.fit_pool(label, Need(nt * block, 2 * nt * row + 2 * moved),
-                                     minimum=s.pairs)
+        plan = bench.budget.fit_pool(label, Need(nt * block, 2 * nt * row), minimum=s.pairs)
         run.note(plan.note)
         src = bench.cache(nt, 2, row)
         dst = bench.blocks_cache(nt, plan.pool, block)
@@ -175,8 +173,7 @@ def c2b(bench: Bench, run: Run) -> None:
                                                     **kw).synchronize(), "C2B transfer")
             llmdist()
             ok = verify_blocks(bench, src, dst, chunks, di, block)
-            contiguous, free_flat = bench.contiguous(moved, DEVICE, DEVICE)
-            releases.append(free_flat)
+            contiguous = bench.contiguous(moved, src, dst)
             dsts = [a + d * block for a in dst.tensor_addrs for d in di]
             srcs = [a + c * block for a in src.tensor_addrs for c in chunks]
             paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
@@ -203,7 +200,7 @@ def c2c(bench: Bench, run: Run) -> None:
         bench.progress.step(label)
         row = s.pairs * block
         moved = nt * row
-        bench.budget.fit_pool(label, Need(0, 3 * nt * row + 2 * moved), full_pool=1)
+        bench.budget.fit_pool(label, Need(0, 3 * nt * row), full_pool=1)
         src = bench.cache(nt, 2, row)
         dst = bench.cache(nt, 1, row)
         releases = [lambda: bench.free(src, dst)]
@@ -219,8 +216,7 @@ def c2c(bench: Bench, run: Run) -> None:
             llmdist()
             chunks = list(range(s.pairs, 2 * s.pairs))
             ok = verify_blocks(bench, src, dst, chunks, list(range(s.pairs)), block)
-            contiguous, free_flat = bench.contiguous(moved, DEVICE, DEVICE)
-            releases.append(free_flat)
+            contiguous = bench.contiguous(moved, src, dst)
             dsts = [a + j * block for a in dst.tensor_addrs for j in range(s.pairs)]
             srcs = [a + c * block for a in src.tensor_addrs for c in chunks]
             paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
@@ -265,7 +261,7 @@ def swap(bench: Bench, run: Run) -> None:
                 continue
             moved = nt * s.pairs * block
             pool_min = s.pairs if has_swap else 1        # a dict maps each source block once
-            plan = bench.budget.fit_pool(label, Need(nt * block, moved), Need(nt * block, moved),
+            plan = bench.budget.fit_pool(label, Need(nt * block, 0), Need(nt * block, 0),
                                          minimum=pool_min)
             run.note(plan.note)
             src = bench.blocks_cache(nt, plan.pool, block, src_place)
@@ -291,8 +287,7 @@ def swap(bench: Bench, run: Run) -> None:
                     how = "transfer_cache_async into an allocated HOST cache (no swap_blocks in this build)"
                 llmdist()
                 ok = verify_blocks(bench, src, dst, si, di, block)
-                contiguous, free_flat = bench.contiguous(moved, src_place, dst_place)
-                releases.append(free_flat)
+                contiguous = bench.contiguous(moved, src, dst)
                 dsts = [a + d * block for a in dst.tensor_addrs for d in di]
                 srcs = [a + x * block for a in src.tensor_addrs for x in si]
                 paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,

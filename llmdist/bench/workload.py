@@ -183,17 +183,31 @@ class Bench:
         return times
 
     # --- baselines -------------------------------------------------------------------------
-    def contiguous(self, nbytes: int, src_place: Placement, dst_place: Placement):
-        """One copy of nbytes between two flat buffers on the runtime's stream: the limit of that
-        path. Returns (run, release)."""
-        src = self.cache(1, 1, nbytes, src_place)
-        dst = self.cache(1, 1, nbytes, dst_place)
-        s, d = src.tensor_addrs[0], dst.tensor_addrs[0]
+    def contiguous(self, nbytes: int, src: Cache, dst: Cache):
+        """One copy of nbytes from the source cache's memory to the destination cache's, on the
+        runtime's stream: the limit of that path for the same bytes. Successive calls alternate
+        between the start and the end of the caches, so that a copy does not find the previous
+        one's bytes in the CPU cache. When the caches hold fewer bytes than that (a shrunk pool),
+        the copy is cut into pieces of their size."""
+        s_span, d_span = _span(src), _span(dst)
+        if s_span is None or d_span is None:
+            raise ValueError("the contiguous-copy baseline needs caches allocated in one piece")
+        span = min(s_span[1], d_span[1])
+        turn = [0]
 
         def run():
-            self.rt.memcpy(d, s, nbytes, self.stream)
+            if span >= nbytes:
+                off = 0 if turn[0] % 2 == 0 else span - nbytes
+                turn[0] += 1
+                self.rt.memcpy(d_span[0] + off, s_span[0] + off, nbytes, self.stream)
+            else:
+                left = nbytes
+                while left:
+                    n = min(span, left)
+                    self.rt.memcpy(d_span[0], s_span[0], n, self.stream)
+                    left -= n
             self.stream.synchronize()
-        return run, lambda: self.free(src, dst)
+        return run
 
     def per_block(self, dsts: List[int], srcs: List[int], nbytes: int):
         """One runtime copy per block, queued from a C loop (what a hand-written copy loop or
@@ -240,6 +254,17 @@ class Bench:
         if self.rt.is_host:
             return "the host runtime has no framework device"
         return "torch (with this device) is not importable"
+
+
+def _span(cache: Cache):
+    """(start, bytes) of a cache whose tensors lie one after the other at a fixed step (what
+    allocate_* makes), else None."""
+    a = cache.tensor_addrs
+    n = cache.cache_desc.size
+    step = a[1] - a[0] if len(a) > 1 else n
+    if step < n or any(a[i + 1] - a[i] != step for i in range(len(a) - 1)):
+        return None
+    return a[0], a[-1] + n - a[0]
 
 
 def _torch_device(rt):

@@ -15,6 +15,11 @@ typedef cudaEvent_t llmd_cudaEvent_t;
 typedef enum cudaMemcpyKind llmd_cudaMemcpyKind;
 typedef cudaIpcMemHandle_t llmd_cudaIpcMemHandle_t;
 typedef struct cudaMemcpyAttributes llmd_cudaMemcpyAttributes;
+typedef cudaLibrary_t llmd_cudaLibrary_t;
+typedef cudaKernel_t llmd_cudaKernel_t;
+typedef enum cudaJitOption llmd_cudaJitOption;
+typedef enum cudaLibraryOption llmd_cudaLibraryOption;
+typedef dim3 llmd_dim3;
 #include "llmdist/cuda.h"
 
 #define SAME(a, b) _Static_assert((long long)(a) == (long long)(b), #a " != " #b)
@@ -29,6 +34,10 @@ SAME(sizeof(cudaStream_t), sizeof(void *));
 SAME(sizeof(cudaEvent_t), sizeof(void *));
 
 SAME(sizeof(struct llmd_cuda_ipc_mem_handle), sizeof(cudaIpcMemHandle_t));
+SAME(sizeof(struct llmd_cuda_dim3), sizeof(dim3));
+SAME(offsetof(struct llmd_cuda_dim3, x), offsetof(dim3, x));
+SAME(offsetof(struct llmd_cuda_dim3, y), offsetof(dim3, y));
+SAME(offsetof(struct llmd_cuda_dim3, z), offsetof(dim3, z));
 SAME(sizeof(struct llmd_cuda_mem_location), sizeof(struct cudaMemLocation));
 SAME(offsetof(struct llmd_cuda_mem_location, type), offsetof(struct cudaMemLocation, type));
 SAME(offsetof(struct llmd_cuda_mem_location, id), offsetof(struct cudaMemLocation, id));

@@ -148,7 +148,7 @@ class Check:
     def set_copy(self, mode: str) -> bool:
         """Device-to-device copies by the copy kernel ("kernel") or DMA ("dma"); False when the
         kernel cannot be used here (the reason is printed once)."""
-        if self.rt.name != "cuda":
+        if self.rt.device_copy is None:         # DMA is this runtime's only way
             return mode == "dma"
         self.rt.select_device_copy("auto" if mode == "kernel" else "dma")
         if mode == "kernel" and self.rt.device_copy != "kernel":
@@ -159,7 +159,7 @@ class Check:
         return True
 
     def modes(self) -> list:
-        return ["kernel", "dma"] if self.rt.name == "cuda" else ["dma"]
+        return ["kernel", "dma"] if self.rt.device_copy is not None else ["dma"]
 
     # ---- bandwidth ----------------------------------------------------------------------
 
@@ -409,9 +409,10 @@ def ipc_child(args) -> int:
     return 0
 
 
-def load_torch(runtime_name: str):
-    """torch, when it drives a GPU of this CUDA runtime; else None."""
-    if runtime_name != "cuda":
+def load_torch(rt):
+    """torch, when it drives a CUDA device of this runtime (the baselines use torch.cuda); else
+    None."""
+    if rt.framework_device != "cuda":
         return None
     try:
         import torch
@@ -446,7 +447,7 @@ def main() -> int:
         return ipc_child(args)
     check = Check(args.runtime)
     check.kernel_why_said = False
-    check.torch = load_torch(check.rt.name)
+    check.torch = load_torch(check.rt)
     print(f"runtime {check.rt.name} {check.rt.version} ({check.rt.library}); "
           f"torch: {'yes' if check.torch is not None else 'no'}")
     report = {"runtime": llmdist.runtime_info(), "args": vars(args)}

@@ -179,3 +179,19 @@ def test_event_gated_layers_launch_after_the_layer_event(fake_cuda):
     assert r["mid_layers"] == [True, True, False, False]
     assert r["status"] == "LLMStatusCode.LLM_SUCCESS" and r["same"], r["errors"]
     assert r["launches"] == 4 and r["waits"] >= 4
+
+
+def test_runtimes_say_whether_they_have_a_copy_kernel_and_their_framework_device(fake_cuda):
+    """The device-copy choice and the framework's device type come from the runtime interface:
+    CUDA has a copy kernel and is torch's "cuda"; the host runtime has neither (ACL: see
+    test_runtimes)."""
+    r = cuda_run(fake_cuda, """
+        host = _core.Runtime.host()
+        host.select_device_copy("kernel")       # ignored: DMA is the host's only way
+        dd, cm = start({"llmdist.device_copy": "dma"})
+        cuda = dd.runtime
+        out(host=[host.framework_device, host.device_copy, host.device_copy_reason],
+            cuda=[cuda.framework_device, cuda.device_copy, cuda.device_copy_reason])
+    """)
+    assert r["host"] == [None, None, None]
+    assert r["cuda"] == ["cuda", "dma", "llmdist.device_copy=dma"]

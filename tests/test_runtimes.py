@@ -278,6 +278,17 @@ def test_what_each_runtime_says_about_itself(fake_acl):
     assert "207001" in r["refused"]["acl"][1] and "acl runtime" in r["refused"]["acl"][1]
 
 
+def test_acl_has_no_copy_kernel_and_is_torchs_npu(fake_acl):
+    """ACL copies device to device by DMA only (the device-copy choice is ignored) and torch
+    names its devices "npu"; both answers come from the runtime interface."""
+    r = run("""
+        dd, cm = start({"llmdist.runtime": "acl", "llmdist.device_copy": "kernel"})
+        acl = dd.runtime
+        out(acl=[acl.framework_device, acl.device_copy, acl.device_copy_reason])
+    """, LLMDIST_ACL_LIBRARY=fake_acl)
+    assert r["acl"] == ["npu", None, None]
+
+
 def test_acl_thread_without_device_is_caught(fake_acl):
     """The fake answers 107002 to a thread that did not set the device; llmdist binds every
     thread it issues work from, so transfers work from a fresh user thread too."""

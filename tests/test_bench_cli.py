@@ -343,3 +343,41 @@ def test_contiguous_baseline_copies_the_same_bytes_from_alternating_ends():
         b.free(src, dst)
     finally:
         b.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Fake CUDA runtime
+
+
+@pytest.fixture(scope="module")
+def fake_cuda(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fake_cuda_bench")
+    res = subprocess.run(["sh", str(REPO / "tests" / "fake_cuda" / "build.sh"), str(out)],
+                         capture_output=True, text=True, check=True)
+    return res.stdout.strip().splitlines()[-1]
+
+
+def test_fake_cuda_run(fake_cuda, tmp_path):
+    out = tmp_path / "cuda.json"
+    env = {"LLMDIST_RUNTIME": "cuda", "LLMDIST_CUDA_LIBRARY": fake_cuda}
+    res = bench("b2b", "c2b", "c2c", "swap", "overlap", "overhead", "cluster", *TINY,
+                "--json", str(out), env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    check_schema(data)
+    rt = data["runtime"]
+    assert rt["name"] == "cuda" and rt["library"] == fake_cuda
+    assert data["memory"]["shared"] is False and data["memory"]["device_free"] > 0
+    kernel = rt["info"]["runtimes"]["cuda"].get("device_copy") == "kernel"
+    for scenario in ("b2b", "c2b", "c2c"):
+        for (case, _), r in by_case(data, scenario).items():
+            assert case.startswith("D2D") and r["verified"] is True
+            expected = {"llmdist", "contiguous copy", "per-block copy loop"}
+            if kernel:                       # the copy kernel, and the same call by DMA copies
+                expected.add("llmdist, DMA copies")
+            assert set(r["paths"]) == expected
+    swaps = by_case(data, "swap")
+    assert {case for case, _ in swaps} == {"D2H", "H2D"}
+    assert all(r["verified"] is True for r in swaps.values())
+    mapped = by_case(data, "cluster")[("mapped: transfer_cache_async", 4096)]
+    assert mapped["verified"] is True        # CUDA IPC into the decode's allocated cache

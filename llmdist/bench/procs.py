@@ -219,7 +219,8 @@ class _Decode:
         mem.fill(0)
         t = mem.reshape(num_tensors, desc.size)
         cache = self.cm.register_blocks_cache(desc, [int(t[i].ctypes.data) for i in range(num_tensors)],
-                                              BlocksCacheKey(self.cluster_id, model_id))
+                                              BlocksCacheKey(self.cluster_id, model_id),
+                                              remote_accessible=True)
         self.caches[model_id] = (cache, mem)
         return list(cache.tensor_addrs)
 

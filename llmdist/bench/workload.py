@@ -243,7 +243,7 @@ class Bench:
         dst = torch.empty((num_tensors, pool, block), dtype=torch.uint8, device=dev)
         s = torch.as_tensor(list(si), dtype=torch.long, device=dev)
         d = torch.as_tensor(list(di), dtype=torch.long, device=dev)
-        sync = getattr(torch, dev.split(":")[0]).synchronize
+        sync = device_sync(torch, dev)
 
         def run():
             dst[:, d] = src[:, s]
@@ -289,6 +289,11 @@ def _torch_device(rt):
     except Exception:  # noqa: BLE001 - a broken framework install is only a missing baseline
         return None
     return None
+
+
+def device_sync(torch, dev: str):
+    """torch's synchronize for a device string of _torch_device ("cuda:0" -> torch.cuda's)."""
+    return getattr(torch, dev.split(":")[0]).synchronize
 
 
 def verify_blocks(bench: Bench, src: Cache, dst: Cache, si, di, block: int,

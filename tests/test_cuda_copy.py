@@ -5,13 +5,9 @@ fresh interpreter, since a process loads a runtime once."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import textwrap
 
-import pytest
-
-from test_runtimes import HERE, run
+from test_runtimes import run
 
 CUDA_PRELUDE_EXTRA = """
     fake = ctypes.CDLL(os.environ["LLMDIST_CUDA_LIBRARY"])
@@ -26,14 +22,6 @@ CUDA_PRELUDE_EXTRA = """
             view(a, desc.size)[:] = 0
         return c
 """
-
-
-@pytest.fixture(scope="module")
-def fake_cuda(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("fake_cuda")
-    subprocess.run(["sh", os.path.join(HERE, "fake_cuda", "build.sh"), str(out)], check=True,
-                   capture_output=True)
-    return str(out / "libcudart.so")
 
 
 def cuda_run(lib: str, script: str, **env: str) -> dict:

@@ -9,21 +9,13 @@ import time
 
 import pytest
 
-from llmdist import (LLMClusterInfo, LLMDataDist, LLMException, LLMRole, LLMStatusCode,
-                     RegisterMemStatus)
+from llmdist import LLMClusterInfo, LLMDataDist, LLMRole, LLMStatusCode, RegisterMemStatus
 
-from helpers import SUCCESS
+from helpers import SUCCESS, raises_llm
 from rendezvous import free_rendezvous_base, one_server_table, rendezvous_options
 
 SWITCH = {"llm.EnableSwitchRole": "1"}
 LINK_FAILED = LLMStatusCode.LLM_LINK_FAILED
-
-
-def raises_llm(code, fn, *args, **kwargs) -> LLMException:
-    with pytest.raises(LLMException) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.status_code == code, (ei.value.status_code, str(ei.value))
-    return ei.value
 
 
 def info(cluster_id, port):

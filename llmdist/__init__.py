@@ -3,9 +3,9 @@
 The public API is that of CANN LLM-DataDist's CacheManager: replace
 ``from llm_datadist import ...`` with ``from llmdist import ...``."""
 
-from .status import LLMException, LLMStatusCode
+from .status import LLMException, LLMStatusCode, Status
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType,
-                    LLMRole, Placement, RegisterMemStatus)
+                    LLMRole, MemInfo, Memtype, Placement, RegisterMemStatus)
 from .config import LLMClusterInfo, LLMConfig, LlmConfig
 from .transfer_types import LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
 from .task import CacheTask
@@ -17,8 +17,16 @@ from ._core import Event, Stream, host_tuning, set_host_tuning
 
 __version__ = "0.1.0"
 
+# The names of the v2 (CacheManager) API, as upstream lists them for programs that check.
+v2_list = [
+    "LLMDataDist", "LLMConfig", "LLMClusterInfo", "LLMRole", "LLMStatusCode", "LLMException",
+    "Status", "CacheDesc", "CacheKey", "CacheKeyByIdAndIndex", "BlocksCacheKey", "Cache",
+    "CacheManager", "CacheTask", "DataType", "Placement", "RegisterMemStatus", "Memtype",
+    "MemInfo", "LayerSynchronizer", "TransferConfig", "TransferWithCacheKeyConfig",
+]
+
 __all__ = [
-    "LLMException", "LLMStatusCode", "BlocksCacheKey", "Cache", "CacheDesc", "CacheKey",
+    "Status", "Memtype", "MemInfo", "v2_list", "LLMException", "LLMStatusCode", "BlocksCacheKey", "Cache", "CacheDesc", "CacheKey",
     "CacheKeyByIdAndIndex", "DataType", "LLMRole", "Placement", "RegisterMemStatus",
     "LLMClusterInfo", "LLMConfig", "LlmConfig", "LayerSynchronizer", "TransferConfig",
     "TransferWithCacheKeyConfig", "CacheTask", "CacheManager", "LLMDataDist",

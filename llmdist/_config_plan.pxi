@@ -16,7 +16,8 @@ cpdef enum Direction:
 cdef class ConfigPlan:
     """One config of a transfer: the layers of the cache here that it covers, the row inside
     each of its tensors, the copy kind, the lane its bytes travel on and the base and region end
-    of each of the other cache's tensors (2 per covered layer) as this process reaches them.
+    of each of the other cache's tensors (tensors_per_layer per covered layer: 2, K and V, or
+    1, MLA) as this process reaches them.
 
     pid names the peer process (LANE_PROCESS), link the peer's LinkFlag (None for this
     cluster), engine the channel that queues transfers (LANE_ENGINE: write, read, settle and
@@ -33,14 +34,19 @@ cdef class ConfigPlan:
     cdef readonly LinkFlag link
     cdef readonly object engine
     cdef readonly bint single
+    cdef readonly int tensors_per_layer
 
     def __init__(self, *, int first_layer, int stop_layer, size_t row_shift, CopyKind kind,
                  Lane lane, list target_addrs, list target_limits, Direction direction=WRITE,
-                 int pid=0, LinkFlag link=None, engine=None, bint single=False):
+                 int pid=0, LinkFlag link=None, engine=None, bint single=False,
+                 int tensors_per_layer=2):
+        cdef int t = tensors_per_layer
         if not 0 <= first_layer <= stop_layer:
             raise ValueError(f"layers [{first_layer}, {stop_layer}) are not a range")
-        if len(target_addrs) != 2 * (stop_layer - first_layer) or len(target_limits) != len(target_addrs):
-            raise ValueError(f"{stop_layer - first_layer} layers need {2 * (stop_layer - first_layer)} "
+        if t not in (1, 2):
+            raise ValueError(f"tensors_per_layer must be 1 or 2, got {t}")
+        if len(target_addrs) != t * (stop_layer - first_layer) or len(target_limits) != len(target_addrs):
+            raise ValueError(f"{stop_layer - first_layer} layers need {t * (stop_layer - first_layer)} "
                              f"target addresses and limits, got {len(target_addrs)} and "
                              f"{len(target_limits)}")
         if (lane == LANE_ENGINE) != (engine is not None):
@@ -59,3 +65,4 @@ cdef class ConfigPlan:
         self.link = link
         self.engine = engine
         self.single = single
+        self.tensors_per_layer = t

@@ -36,8 +36,8 @@ cdef class TransferJob:
     cdef Plan plan
     cdef int ncfg, first_layer, last_layer
     cdef CfgState *cfg
-    cdef uint64_t *local_addrs        # the cache here: 2 tensor bases per layer
-    cdef uint64_t *target_addrs       # per config: 2 per covered layer
+    cdef uint64_t *local_addrs        # the cache here: tpl tensor bases per layer
+    cdef uint64_t *target_addrs       # per config: tpl per covered layer
     cdef uint64_t *target_limits      # the end of the region holding each target tensor
     cdef Py_ssize_t *target_index     # where each config's entries start in target_addrs
     cdef llmd_run_table *tables[2]    # the plan's runs for LANE_RUNTIME and LANE_HOST copies
@@ -50,6 +50,8 @@ cdef class TransferJob:
     cdef llmd_stream host_stream      # its host-engine stream (LANE_HOST, LANE_PROCESS)
     cdef volatile int cancelled
     cdef int finished
+    cdef int tpl                      # tensors per layer on both sides: 2 (K and V) or 1 (MLA)
+    cdef bint has_sync                # a LayerSynchronizer gates the layers (else all are ready)
     cdef int issued_upto              # every layer below this has had its copies queued
     cdef llmd_event *events           # event-based readiness: one event per layer
     cdef int nevents
@@ -77,18 +79,25 @@ cdef class TransferJob:
             raise MemoryError()
 
     def __init__(self, Runtime runtime not None, Plan plan not None, list local_addrs,
-                 list configs, synchronizer, sync_timeout=None, events=None, LayerGate gate=None):
-        """local_addrs: the tensor bases of the cache here (2 per layer); configs: a ConfigPlan
-        per config. events (a list of Event, one per layer) with gate switch to event-based
-        readiness; sync_timeout (ms, or None) bounds each layer's wait."""
+                 list configs, synchronizer, sync_timeout=None, events=None, LayerGate gate=None,
+                 int tensors_per_layer=2):
+        """local_addrs: the tensor bases of the cache here (tensors_per_layer per layer: 2, K
+        and V, or 1, MLA); configs: a ConfigPlan per config, of the same tensors_per_layer.
+        synchronizer None: every layer is ready at once (pull, push). events (a list of Event,
+        one per layer) with gate switch to event-based readiness; sync_timeout (ms, or None)
+        bounds each layer's wait."""
         cdef Py_ssize_t i, j, total = 0, nl = len(local_addrs), slots = 0
         cdef CfgState *c
         cdef ConfigPlan cp
         cdef Event ev
+        if tensors_per_layer not in (1, 2):
+            raise ValueError(f"tensors_per_layer must be 1 or 2, got {tensors_per_layer}")
+        self.tpl = tensors_per_layer
         self.runtime = runtime
         self.host = runtime if runtime.is_host else Runtime.host(runtime.device_id)
         self.plan = plan
         self.synchronizer = synchronizer
+        self.has_sync = synchronizer is not None
         self.sync_timeout = sync_timeout
         self.wait_ms = -1 if sync_timeout is None else sync_timeout
         self.done = threading.Event()
@@ -107,9 +116,12 @@ cdef class TransferJob:
         self.last_layer = 0
         for i in range(self.ncfg):
             cp = self.configs[i]
-            if 2 * cp.stop_layer > nl:
+            if cp.tensors_per_layer != self.tpl:
+                raise ValueError(f"config {i} has {cp.tensors_per_layer} tensors per layer, the "
+                                 f"transfer {self.tpl}")
+            if self.tpl * cp.stop_layer > nl:
                 raise ValueError(f"config {i} covers layers up to {cp.stop_layer}, the cache here "
-                                 f"has {nl // 2}")
+                                 f"has {nl // self.tpl}")
             c = &self.cfg[i]
             c.lo, c.hi, c.row_shift = cp.first_layer, cp.stop_layer, cp.row_shift
             c.kind, c.lane, c.direction = cp.kind, cp.lane, cp.direction
@@ -118,7 +130,7 @@ cdef class TransferJob:
                 c.link_up = &cp.link.up
             c.desc_base = slots
             if c.lane == LANE_PROCESS or c.lane == LANE_ENGINE:
-                slots += <Py_ssize_t>(c.hi - c.lo) * 2 * plan.count
+                slots += <Py_ssize_t>(c.hi - c.lo) * self.tpl * plan.count
             self.target_index[i] = total
             total += len(cp.target_addrs)
             self.first_layer = min(self.first_layer, c.lo)
@@ -183,9 +195,9 @@ cdef class TransferJob:
         for i in range(self.ncfg):
             lane = self.cfg[i].lane
             if lane == LANE_RUNTIME or lane == LANE_HOST:
-                pairs[lane] += <size_t>(self.cfg[i].hi - self.cfg[i].lo) * 2
+                pairs[lane] += <size_t>(self.cfg[i].hi - self.cfg[i].lo) * self.tpl
             else:
-                n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * 2 * self.plan.count
+                n += <Py_ssize_t>(self.cfg[i].hi - self.cfg[i].lo) * self.tpl * self.plan.count
         for lane in (LANE_RUNTIME, LANE_HOST):
             if pairs[lane] == 0:
                 continue
@@ -276,11 +288,12 @@ cdef class TransferJob:
                 rt = self.host.rt
                 stream = self.host_stream
             if c.lane == LANE_RUNTIME or c.lane == LANE_HOST:
-                # Plain runtime copies: the layer's two tensor pairs through the run table.
-                pairs = &self.m_pairs[2 * merged] if c.merged else own
-                for t in range(2):
-                    e = self.target_index[i] + 2 * (layer - c.lo) + t
-                    here = self.local_addrs[2 * layer + t] + c.row_shift
+                # Plain runtime copies: the layer's tensor pairs (K and V, or one) through the
+                # run table.
+                pairs = &self.m_pairs[self.tpl * merged] if c.merged else own
+                for t in range(self.tpl):
+                    e = self.target_index[i] + self.tpl * (layer - c.lo) + t
+                    here = self.local_addrs[self.tpl * layer + t] + c.row_shift
                     if c.direction == WRITE:
                         pairs[t].src = here
                         pairs[t].dst = self.target_addrs[e]
@@ -295,14 +308,14 @@ cdef class TransferJob:
                     self.m_cfgs[merged] = i
                     merged += 1
                     continue
-                rc = rt.copy_runs(rt.ctx, self.tables[c.lane], pairs, 2, c.kind,
+                rc = rt.copy_runs(rt.ctx, self.tables[c.lane], pairs, self.tpl, c.kind,
                                   LLMD_COPY_PEER_DEVICE if c.single else 0, stream, &fail)
             else:
-                base = c.desc_base + <Py_ssize_t>(layer - c.lo) * 2 * nruns
+                base = c.desc_base + <Py_ssize_t>(layer - c.lo) * self.tpl * nruns
                 k = base
-                for t in range(2):
-                    e = self.target_index[i] + 2 * (layer - c.lo) + t
-                    local = <char *><uintptr_t>self.local_addrs[2 * layer + t] + c.row_shift
+                for t in range(self.tpl):
+                    e = self.target_index[i] + self.tpl * (layer - c.lo) + t
+                    local = <char *><uintptr_t>self.local_addrs[self.tpl * layer + t] + c.row_shift
                     target = <char *><uintptr_t>self.target_addrs[e]
                     for r in range(nruns):
                         self.d_sizes[k] = runs[r].nbytes
@@ -332,8 +345,8 @@ cdef class TransferJob:
             # layer, after the layer's wait; if it fails, nothing of it was queued and each of
             # those configs fails.
             rt = self.runtime.rt
-            rc = rt.copy_runs(rt.ctx, self.tables[<int>LANE_RUNTIME], self.m_pairs, 2 * merged,
-                              COPY_D2D, 0, self.stream, &fail)
+            rc = rt.copy_runs(rt.ctx, self.tables[<int>LANE_RUNTIME], self.m_pairs,
+                              self.tpl * merged, COPY_D2D, 0, self.stream, &fail)
             if rc != 0:
                 for i in range(merged):
                     c = &self.cfg[self.m_cfgs[i]]
@@ -440,8 +453,10 @@ cdef class TransferJob:
                     break
                 if self.events != NULL:
                     st = self.wait_events(layer, lanes)
-                else:
+                elif self.has_sync:
                     st = self.call_synchronizer(layer)
+                else:
+                    st = FAIL_NONE  # no synchronizer: every layer is ready (pull, push)
                 PyThread_acquire_lock(self.lock, WAIT_LOCK)
                 if self.cancelled:
                     PyThread_release_lock(self.lock)

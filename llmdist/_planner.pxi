@@ -12,6 +12,7 @@ cdef class Plan:
     cdef Run *runs
     cdef readonly Py_ssize_t count
     cdef readonly size_t dst_lo, dst_hi    # the destination bytes any run touches, from a tensor base
+    cdef readonly size_t src_lo, src_hi    # the same for the source (a pull checks it)
     cdef bint overflow          # some block offset does not fit the address space
 
     def __cinit__(self):
@@ -43,13 +44,15 @@ cdef class Plan:
 
     cdef void finish(self) noexcept nogil:
         cdef Py_ssize_t i
-        self.dst_lo = <size_t>-1
-        self.dst_hi = 0
+        self.dst_lo = self.src_lo = <size_t>-1
+        self.dst_hi = self.src_hi = 0
         for i in range(self.count):
             self.dst_lo = min(self.dst_lo, self.runs[i].dst_off)
             self.dst_hi = max(self.dst_hi, self.runs[i].dst_off + self.runs[i].nbytes)
+            self.src_lo = min(self.src_lo, self.runs[i].src_off)
+            self.src_hi = max(self.src_hi, self.runs[i].src_off + self.runs[i].nbytes)
         if self.count == 0:
-            self.dst_lo = 0
+            self.dst_lo = self.src_lo = 0
 
     @property
     def runs(self):

@@ -7,9 +7,10 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from . import _core, block_ops, device_ipc, shm
+from . import _core, block_ops, device_ipc, pull_push, shm
 from ._core import CopyKind, Direction
-from ._check import check_int64, check_int_list, check_isinstance, check_uint64, require
+from ._check import (check_int64, check_int_list, check_isinstance, check_uint32, check_uint64,
+                     require)
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
 from .routes import LocalRoute, Route
@@ -357,7 +358,8 @@ class CacheManager:
     # ------------------------------------------------------------------ transfer
 
     @staticmethod
-    def _resolve_key(i: int, key, dst_layers: range, mem: ClusterMemory) -> Tuple[MemoryEntry, int]:
+    def _resolve_key(i: int, key, dst_layers: range, mem: ClusterMemory,
+                     tpl: int = 2) -> Tuple[MemoryEntry, int]:
         """The destination entry of a keyed config and the byte offset inside each tensor."""
         if isinstance(key, BlocksCacheKey):
             cid = mem.blocks_keys.get(key)
@@ -370,9 +372,9 @@ class CacheManager:
         require(entry.remote_accessible,
                 f"transfer_configs[{i}]: cache {cid} is not remote accessible")
         desc = entry.cache.cache_desc
-        require(desc.num_tensors % 2 == 0 and dst_layers.stop <= desc.num_tensors // 2,
+        require(desc.num_tensors % tpl == 0 and dst_layers.stop <= desc.num_tensors // tpl,
                 f"transfer_configs[{i}]: dst_layer_range {dst_layers} is outside the "
-                f"{desc.num_tensors // 2} layers of cache {cid}")
+                f"{desc.num_tensors // tpl} layers of {tpl} tensors of cache {cid}")
         offset = 0
         if isinstance(key, CacheKeyByIdAndIndex):
             require(key.batch_index < desc.batch_size,
@@ -385,9 +387,24 @@ class CacheManager:
                              transfer_configs: Sequence[Union[TransferConfig, TransferWithCacheKeyConfig]],
                              src_block_indices: Optional[Sequence[int]] = None,
                              dst_block_indices: Optional[Sequence[int]] = None,
-                             dst_block_memory_size: Optional[int] = None) -> CacheTask:
+                             dst_block_memory_size: Optional[int] = None, *,
+                             tensor_num_per_layer: int = 2) -> CacheTask:
         """Send src_cache layer by layer as layer_synchronizer releases each layer; returns at
-        once with a CacheTask. All checks of the contract run here, before anything moves."""
+        once with a CacheTask. All checks of the contract run here, before anything moves.
+        tensor_num_per_layer (an llmdist extension): 2 for K and V per layer, 1 for caches of
+        one tensor per layer (MLA)."""
+        job, n = self._start_transfer(src_cache, layer_synchronizer, transfer_configs,
+                                      src_block_indices, dst_block_indices,
+                                      dst_block_memory_size, tensor_num_per_layer, True)
+        return CacheTask(job, n)
+
+    def _start_transfer(self, src_cache: Cache, layer_synchronizer: Optional[LayerSynchronizer],
+                        transfer_configs, src_block_indices, dst_block_indices,
+                        dst_block_memory_size, tensor_num_per_layer: int,
+                        need_synchronizer: bool):
+        """Check a transfer out of src_cache and submit it; returns (job or None, number of
+        configs). Without need_synchronizer a None synchronizer means every layer is ready
+        (push_blocks, push_cache)."""
         # 1. the source cache
         check_isinstance("src_cache", src_cache, Cache)
         self._check_open()
@@ -403,11 +420,10 @@ class CacheManager:
         if dst_block_memory_size is not None:
             check_uint64("dst_block_memory_size", dst_block_memory_size)
         block_size = dst_block_memory_size or 0
-        # 3. source blocks
-        if src_idx is not None or src_cache.is_blocks_cache:
-            if dst_idx is None:
-                raise _fail("PA source to non-PA destination is not supported: "
-                            "src_block_indices given (or a blocks source cache) without dst_block_indices")
+        # 3. source blocks (a blocks source without indices is C2C, one block per batch row)
+        if src_idx is not None and dst_idx is None:
+            raise _fail("PA source to non-PA destination is not supported: "
+                        "src_block_indices given without dst_block_indices")
         if src_idx is not None:
             require(len(src_idx) == len(dst_idx),
                     f"src_block_indices and dst_block_indices must have the same length, "
@@ -422,14 +438,15 @@ class CacheManager:
         if dst_idx is None:
             require(block_size == 0, "dst_block_memory_size is set but dst_block_indices is not")
         # 6. synchronizer
-        check_isinstance("layer_synchronizer", layer_synchronizer, LayerSynchronizer)
+        check_isinstance("layer_synchronizer", layer_synchronizer, LayerSynchronizer,
+                         allow_none=not need_synchronizer)
         # 7. configs
         check_isinstance("transfer_configs", transfer_configs, (list, tuple))
         cfg_type = TransferWithCacheKeyConfig if self._remote_accessible else TransferConfig
         for i, cfg in enumerate(transfer_configs):
             check_isinstance(f"transfer_configs[{i}]", cfg, cfg_type)
         if not transfer_configs:
-            return CacheTask(None, 0)
+            return None, 0
         # the plan, shared by every layer and config of this call
         if src_idx is not None:
             require(block_size in (0, stride),
@@ -444,14 +461,15 @@ class CacheManager:
         else:
             plan = _core.plan_c2c(stride)
         # 8. - 11. each config
-        require(desc.num_tensors % 2 == 0,
-                f"src_cache has {desc.num_tensors} tensors; layer-wise transfer needs K and V "
-                f"per layer (an even number)")
-        num_layers = desc.num_tensors // 2
+        tpl = pull_push.check_tensor_num_per_layer(tensor_num_per_layer)
+        require(desc.num_tensors % tpl == 0,
+                f"src_cache has {desc.num_tensors} tensors, not a multiple of "
+                f"tensor_num_per_layer {tpl}")
+        num_layers = desc.num_tensors // tpl
         self._take_slot()
         try:
             return self._submit(src_cache, src_entry, layer_synchronizer, transfer_configs,
-                                src_idx, dst_idx, block_size, plan, num_layers)
+                                src_idx, dst_idx, block_size, plan, num_layers, tpl)
         except BaseException:
             self._slots.release()
             raise
@@ -467,7 +485,7 @@ class CacheManager:
 
     def _submit(self, src_cache: Cache, src_entry: MemoryEntry, layer_synchronizer,
                 transfer_configs, src_idx, dst_idx, block_size: int, plan,
-                num_layers: int) -> CacheTask:
+                num_layers: int, tpl: int):
         """Checks that need the lock (rules 8-11), then the job goes to the workers."""
         with self._lock:
             plans = []
@@ -475,7 +493,7 @@ class CacheManager:
             for i, cfg in enumerate(transfer_configs):
                 keys: set = set()
                 plans.append(self._check_config(i, cfg, src_entry, src_idx, dst_idx, block_size,
-                                                plan, num_layers, keys))
+                                                plan, num_layers, keys, tpl))
                 touched.append(keys)
             events = gate = None
             if isinstance(layer_synchronizer, EventSynchronizer):
@@ -488,7 +506,8 @@ class CacheManager:
                         f"source cache has {num_layers} layers")
                 events, gate = layer_synchronizer.events, layer_synchronizer.gate
             job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, plans,
-                                    layer_synchronizer, self._sync_timeout, events, gate)
+                                    layer_synchronizer, self._sync_timeout, events, gate,
+                                    tensors_per_layer=tpl)
             self._inflight[job] = ((self._cluster_id, src_cache.cache_id), touched)
             job.on_finish = self._job_done
             try:
@@ -497,10 +516,11 @@ class CacheManager:
                 job.on_finish = None    # it never runs: its slot goes back in the caller
                 self._inflight.pop(job, None)
                 raise
-        return CacheTask(job, len(plans))
+        return job, len(plans)
 
     def _check_config(self, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
-                     block_size: int, plan, num_layers: int, touched: set) -> "_core.ConfigPlan":
+                      block_size: int, plan, num_layers: int, touched: set,
+                      tpl: int = 2) -> "_core.ConfigPlan":
         """Check one config (rules 8-11) and return its plan for the layer loop."""
         desc = src_entry.cache.cache_desc
         keyed = isinstance(cfg, TransferWithCacheKeyConfig)
@@ -512,9 +532,9 @@ class CacheManager:
                 f"transfer_configs[{i}]: src_layer_range {layers} is outside the source's "
                 f"{num_layers} layers")
         if not keyed:
-            require(len(cfg._dst_addrs) == 2 * len(layers),
+            require(len(cfg._dst_addrs) == tpl * len(layers),
                     f"transfer_configs[{i}]: dst_addrs has {len(cfg._dst_addrs)} addresses, but "
-                    f"{len(layers)} layers need {2 * len(layers)} (K and V per layer)")
+                    f"{len(layers)} layers need {tpl * len(layers)} ({tpl} per layer)")
         if src_idx is not None:
             require(cfg.src_batch_index == 0,
                     f"transfer_configs[{i}]: src_batch_index must be 0 with src_block_indices, "
@@ -534,18 +554,18 @@ class CacheManager:
             peer.check_transfer(self._runtime)
             with peer.lock:     # the peer's reader thread updates its caches
                 return self._destination(i, cfg, desc, src_entry, src_idx, dst_idx, block_size,
-                                         plan, layers, touched, peer.mem, peer)
+                                         plan, layers, touched, peer.mem, peer, tpl)
         return self._destination(i, cfg, desc, src_entry, src_idx, dst_idx, block_size, plan,
-                                 layers, touched, mem, None)
+                                 layers, touched, mem, None, tpl)
 
     def _destination(self, i: int, cfg, desc: CacheDesc, src_entry: MemoryEntry, src_idx,
                      dst_idx, block_size: int, plan, layers: range, touched: set,
-                     mem: ClusterMemory, peer) -> "_core.ConfigPlan":
+                     mem: ClusterMemory, peer, tpl: int = 2) -> "_core.ConfigPlan":
         """Rules 9 and 11 for one config against the destination cluster's caches, then its
         plan through the route to them."""
         keyed = isinstance(cfg, TransferWithCacheKeyConfig)
         if keyed:
-            entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range, mem)
+            entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range, mem, tpl)
             dcache = entry.cache
             if dst_idx is not None:
                 require(dcache.is_blocks_cache and dcache.cache_desc.stride == block_size,
@@ -554,8 +574,7 @@ class CacheManager:
             addrs = dcache._tensor_addrs
             dst = []
             for dl in cfg.dst_layer_range:
-                dst.append(addrs[2 * dl] + offset)
-                dst.append(addrs[2 * dl + 1] + offset)
+                dst.extend(addrs[tpl * dl + t] + offset for t in range(tpl))
         else:
             dst = cfg._dst_addrs
         # 9. and 11. placement and bounds of every destination tensor
@@ -573,7 +592,7 @@ class CacheManager:
             if src_place == Placement.HOST and dplace == Placement.DEVICE:
                 raise _fail(f"transfer_configs[{i}]: a HOST source cannot be sent to a DEVICE "
                             f"destination (cache {rc.cache_id})")
-            if src_entry.cache.is_blocks_cache and not rc.is_blocks_cache:
+            if src_idx is not None and not rc.is_blocks_cache:
                 raise _fail(f"transfer_configs[{i}]: PA source to non-PA destination is not "
                             f"supported (cache {rc.cache_id})")
             if dplace == Placement.HOST and region.origin != ALLOCATED:
@@ -586,8 +605,9 @@ class CacheManager:
                             f"runs the {self._runtime.name} runtime and cannot write into it",
                             LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
         if bad >= 0:
-            layer = layers.start + bad // 2
-            raise _fail(f"transfer_configs[{i}]: layer {layer} {'KV'[bad % 2]} destination "
+            layer = layers.start + bad // tpl
+            which = "KV"[bad % 2] if tpl == 2 else "tensor"
+            raise _fail(f"transfer_configs[{i}]: layer {layer} {which} destination "
                         f"[{dst[bad] + plan.dst_lo:#x}, {dst[bad] + plan.dst_hi:#x}) is not inside "
                         f"memory registered or allocated on cluster {cfg.dst_cluster_id}")
         touched.update((cfg.dst_cluster_id, cid) for cid in seen)
@@ -601,11 +621,12 @@ class CacheManager:
                 route = peer.route(self._runtime, regions)
             except LLMException as exc:
                 raise _fail(f"transfer_configs[{i}]: {exc}", exc.status_code) from None
-        return self._config_plan(route, layers, shift, kind, dst, regions)
+        return self._config_plan(route, layers, shift, kind, dst, regions, tpl=tpl)
 
     def _config_plan(self, route: Route, layers: range, shift: int, kind: CopyKind,
                      addrs: Sequence[int], regions: Sequence[Region],
-                     direction: Direction = Direction.WRITE) -> "_core.ConfigPlan":
+                     direction: Direction = Direction.WRITE,
+                     tpl: int = 2) -> "_core.ConfigPlan":
         """The layer loop's plan for one checked config: the layers and row of the cache here,
         and the other cache's tensors (addrs, in regions) as the route reaches them."""
         target_addrs, target_limits = route.reach(addrs, regions)
@@ -613,7 +634,76 @@ class CacheManager:
                                 kind=kind, lane=route.lane(kind), direction=direction,
                                 target_addrs=target_addrs, target_limits=target_limits,
                                 pid=route.pid, link=route.link,
-                                engine=route.channel(self._sync_timeout), single=route.single)
+                                engine=route.channel(self._sync_timeout), single=route.single,
+                                tensors_per_layer=tpl)
+
+    # ------------------------------------------------------------------ pull and push
+
+    def pull_blocks(self, src_cache_key: Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey],
+                    dst_cache: Cache, src_blocks: Sequence[int] = (),
+                    dst_blocks: Sequence[int] = (), src_layer_range: Optional[range] = None,
+                    dst_layer_range: Optional[range] = None,
+                    tensor_num_per_layer: int = 2) -> None:
+        """Copy blocks of the cache src_cache_key names (on a linked cluster or this one) into
+        blocks of dst_cache, synchronously. A BlocksCacheKey copies src_blocks[j] to
+        dst_blocks[j]; a CacheKey / CacheKeyByIdAndIndex cuts the source row into dst_blocks
+        (src_blocks empty). Layer l is tensors [l*t, (l+1)*t) with t = tensor_num_per_layer."""
+        check_isinstance("src_cache_key", src_cache_key,
+                         (CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey))
+        pull_push.pull(self, "pull_blocks", src_cache_key, dst_cache, src_blocks, dst_blocks,
+                       None, -1, src_layer_range, dst_layer_range, tensor_num_per_layer)
+
+    def pull_cache(self, cache_key: Union[CacheKey, CacheKeyByIdAndIndex], cache: Cache,
+                   batch_index: int = 0, size: int = -1, src_layer_range: Optional[range] = None,
+                   dst_layer_range: Optional[range] = None,
+                   tensor_num_per_layer: int = 2) -> None:
+        """Copy the row cache_key names into row batch_index of the non-blocks cache,
+        synchronously; size bytes of each tensor's row (-1: all of it). In remote-accessible
+        mode only a CacheKeyByIdAndIndex names the source."""
+        allowed = (CacheKeyByIdAndIndex,) if self._remote_accessible else (CacheKey, CacheKeyByIdAndIndex)
+        check_isinstance("cache_key", cache_key, allowed)
+        check_isinstance("cache", cache, Cache)
+        check_uint32("batch_index", batch_index)
+        check_int64("size", size)
+        require(size == -1 or size > 0, f"size must be -1 or > 0, but got {size}")
+        pull_push.pull(self, "pull_cache", cache_key, cache, (), (), batch_index, size,
+                       src_layer_range, dst_layer_range, tensor_num_per_layer)
+
+    def push_blocks(self, dst_cache_key: BlocksCacheKey, src_cache: Cache,
+                    src_blocks: Sequence[int] = (), dst_blocks: Sequence[int] = (),
+                    src_layer_range: Optional[range] = None,
+                    dst_layer_range: Optional[range] = None,
+                    tensor_num_per_layer: int = 2) -> None:
+        """Write blocks of the blocks cache src_cache into blocks of the cache dst_cache_key
+        names, synchronously (remote-accessible mode). src_blocks empty: block 0 is cut into
+        dst_blocks of the destination's block size."""
+        require(self._remote_accessible, "push_blocks needs enable_remote_cache_accessible")
+        check_isinstance("dst_cache_key", dst_cache_key, BlocksCacheKey)
+        check_isinstance("src_cache", src_cache, Cache)
+        check_isinstance("src_blocks", src_blocks, (list, tuple))
+        check_isinstance("dst_blocks", dst_blocks, (list, tuple))
+        require(src_cache.is_blocks_cache, f"src_cache {src_cache.cache_id} must be a blocks cache")
+        require(len(dst_blocks) > 0, "dst_blocks must not be empty")
+        pull_push.push(self, "push_blocks", dst_cache_key, src_cache, list(src_blocks),
+                       list(dst_blocks), 0, src_layer_range, dst_layer_range,
+                       tensor_num_per_layer)
+
+    def push_cache(self, dst_cache_key: CacheKeyByIdAndIndex, src_cache: Cache,
+                   src_batch_index: int = 0, src_layer_range: Optional[range] = None,
+                   dst_layer_range: Optional[range] = None, size: int = -1,
+                   tensor_num_per_layer: int = 2) -> None:
+        """Write row src_batch_index of the non-blocks src_cache into the row dst_cache_key
+        names, synchronously (remote-accessible mode; size must be -1, the whole row)."""
+        require(self._remote_accessible, "push_cache needs enable_remote_cache_accessible")
+        check_isinstance("dst_cache_key", dst_cache_key, CacheKeyByIdAndIndex)
+        check_isinstance("src_cache", src_cache, Cache)
+        check_uint32("src_batch_index", src_batch_index)
+        require(not src_cache.is_blocks_cache,
+                f"src_cache {src_cache.cache_id} must not be a blocks cache (use push_blocks)")
+        check_int64("size", size)
+        require(size == -1, f"size must be -1 (the whole row), but got {size}")
+        pull_push.push(self, "push_cache", dst_cache_key, src_cache, None, None,
+                       src_batch_index, src_layer_range, dst_layer_range, tensor_num_per_layer)
 
     def _job_done(self, job) -> None:
         with self._lock:

@@ -270,6 +270,10 @@ class Peer:
         self.stopping = False                 # stop() began: nothing new is mapped or imported
         self.stopped = threading.Event()      # stop() finished
         self.closed = False
+        # This side's link_clusters made (or claimed) the link: a second call is LLM_ALREADY_LINK.
+        self.linked_here = False
+        self.peer_unlinked = False            # the peer asked to unlink (its unlink_clusters)
+        self.address: Optional[Tuple[str, int]] = None   # where we reached it, when we linked
         err = hello.get("engine_error")
         self.engine_error: Optional[str] = err if isinstance(err, str) else None
         try:
@@ -480,6 +484,7 @@ class Peer:
                     continue
                 if kind == "unlink":
                     # Stop writing to the peer before it hears back, then hang up.
+                    self.peer_unlinked = True
                     self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=seq)
                     return
                 if kind == "cache_add":
@@ -574,6 +579,9 @@ class ClusterNode:
         self.host = host_identity()
         self.lock = threading.Lock()
         self.peers: Dict[int, Peer] = {}
+        self.linking: set = set()               # cluster ids link() is connecting to right now
+        self.accepting: set = set()             # cluster ids whose link is being accepted
+        self.ever_linked: set = set()           # every cluster id linked since start
         self.listener: Optional[socket.socket] = None
         self.port: Optional[int] = None
         self.closed = False
@@ -691,7 +699,7 @@ class ClusterNode:
             return []
         return [cache_to_wire(e) for e in cm.entries()]
 
-    def _hello(self, target: int) -> dict:
+    def _hello(self, target: Optional[int]) -> dict:
         msg = {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.cluster_id,
                "role": int(self.role), "target": target, "host": self.host,
                "pid": os.getpid(), "tgid": self.tgid, "runtime": self.runtime.name,
@@ -712,7 +720,8 @@ class ClusterNode:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"protocol version {version!r:.40}"
         try:
             cid = _int(msg.get("cluster_id"))
-            _int(msg.get("target"))
+            if msg.get("target") is not None:     # None: the linker did not know our id
+                _int(msg.get("target"))
             _int(msg.get("pid"), 1, 2**31 - 1)
             _int(msg.get("tgid", 1), 1, 2**31 - 1)
             if msg.get("runtime", "host") not in ("host", "acl", "cuda"):
@@ -779,22 +788,44 @@ class ClusterNode:
         msg = recv_frame(conn, deadline)
         if msg["type"] != "hello":
             raise ProtocolError("expected a handshake")
-        if msg.get("target") != self.cluster_id:
+        if msg.get("target") not in (None, self.cluster_id):
             refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
                        f"this is cluster {self.cluster_id}, not {msg.get('target')!r:.40}")
         else:
             refusal = self._check_hello(msg, None)
         if refusal is None and admit is not None:
             refusal = admit(msg)
-        if refusal is None and self.peer(msg["cluster_id"]) is not None:
-            refusal = (int(LLMStatusCode.LLM_ALREADY_LINK),
-                       f"cluster {msg['cluster_id']} is already linked")
         if refusal is None and self.caches is None:
             refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
+        if refusal is None:
+            refusal = self._begin_accept(msg["cluster_id"])
         if refusal is not None:
-            send_frame(conn, lock, {"type": "refuse", "code": refusal[0], "reason": refusal[1]})
+            send_frame(conn, lock, {"type": "refuse", "code": refusal[0], "reason": refusal[1],
+                                    "cluster_id": self.cluster_id})
             conn.close()
             return None
+        try:
+            return self._admit(conn, msg, lock, deadline)
+        finally:
+            with self.lock:
+                self.accepting.discard(msg["cluster_id"])
+
+    def _begin_accept(self, cid: int) -> Optional[Tuple[int, str]]:
+        """Claim the right to accept a link from cid, or say why not: it is linked already, or
+        being accepted, or this side is linking to it at the same moment and its own link wins
+        (the link from the smaller cluster id is kept; the peer's link_clusters waits for it)."""
+        with self.lock:
+            if cid in self.peers or cid in self.accepting:
+                return int(LLMStatusCode.LLM_ALREADY_LINK), f"cluster {cid} is already linked"
+            if cid in self.linking and self.cluster_id < cid:
+                return (int(LLMStatusCode.LLM_PROCESSING_LINK),
+                        f"cluster {self.cluster_id} is linking to cluster {cid} itself")
+            self.accepting.add(cid)
+        return None
+
+    def _admit(self, conn: socket.socket, msg: dict, lock: threading.Lock,
+               deadline: float) -> Peer:
+        """Register an accepted peer and welcome it."""
         peer = Peer(self, conn, msg)
         try:
             if peer.path == "mooncake":
@@ -804,6 +835,7 @@ class ClusterNode:
                 if self.closed or msg["cluster_id"] in self.peers:
                     raise ProtocolError("closed or linked meanwhile")
                 self.peers[peer.cluster_id] = peer
+                self.ever_linked.add(peer.cluster_id)
             reply = self._hello(peer.cluster_id)
             reply["type"] = "welcome"
             conn.settimeout(max(0.001, deadline - time.monotonic()))
@@ -816,18 +848,65 @@ class ClusterNode:
         return peer
 
     # -- linking
-    def link(self, cluster_id: int, address: Tuple[str, int], timeout_ms: int,
+    def _claim(self, cluster_id: Optional[int]) -> Optional[LLMStatusCode]:
+        """A link to cluster_id that already exists counts as made by this side's call, unless
+        this side already made it; None when there is no such link."""
+        with self.lock:
+            peer = self.peers.get(cluster_id) if cluster_id is not None else None
+            if peer is None:
+                return None
+            if peer.linked_here:
+                return LLMStatusCode.LLM_ALREADY_LINK
+            peer.linked_here = True
+            return LLMStatusCode.LLM_SUCCESS
+
+    def _await_peer_link(self, cluster_id: Optional[int], deadline: float) -> Optional[LLMStatusCode]:
+        """After the peer refused our connection because it is linking to us itself, wait for
+        its link to arrive here and claim it."""
+        while True:
+            got = self._claim(cluster_id)
+            if got is not None or time.monotonic() >= deadline:
+                return got
+            time.sleep(0.005)
+
+    def link(self, cluster_id: Optional[int], address: Tuple[str, int], timeout_ms: int,
              comm: Optional[str] = None) -> LLMStatusCode:
-        """Link to a listening cluster; returns a status and never raises for a failed link.
-        comm names the rank-table comm the link belongs to (its listener checks it)."""
-        if self.peer(cluster_id) is not None:
-            return LLMStatusCode.LLM_ALREADY_LINK
+        """Link to a listening cluster (cluster_id None: learn it in the handshake); returns a
+        status and never raises for a failed link. A link the peer already made to us counts
+        as made by this call (both sides may call link_clusters). comm names the rank-table
+        comm the link belongs to (its listener checks it)."""
         deadline = time.monotonic() + timeout_ms / 1000.0
+        while cluster_id is not None:
+            # an accept of the same peer in progress finishes first, then decides
+            got = self._claim(cluster_id)
+            if got is not None:
+                return got
+            with self.lock:
+                if cluster_id not in self.accepting and cluster_id not in self.peers:
+                    self.linking.add(cluster_id)
+                    break
+            if time.monotonic() >= deadline:
+                return LLMStatusCode.LLM_LINK_FAILED
+            time.sleep(0.002)
+        try:
+            code, peer = self._connect(cluster_id, address, timeout_ms, comm)
+        finally:
+            if cluster_id is not None:
+                with self.lock:
+                    self.linking.discard(cluster_id)
+        if peer is not None:
+            peer.address = address
+        return code
+
+    def _connect(self, cluster_id: Optional[int], address: Tuple[str, int], timeout_ms: int,
+                 comm: Optional[str]) -> Tuple[LLMStatusCode, Optional[Peer]]:
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        name = "?" if cluster_id is None else cluster_id
         try:
             sock = socket.create_connection(address, timeout=timeout_ms / 1000.0)
         except OSError as exc:
-            log.info("link to cluster %d at %s:%d failed: %s", cluster_id, *address, exc)
-            return LLMStatusCode.LLM_LINK_FAILED
+            log.info("link to cluster %s at %s:%d failed: %s", name, *address, exc)
+            return LLMStatusCode.LLM_LINK_FAILED, None
         lock = threading.Lock()
         peer = None
         try:
@@ -841,10 +920,21 @@ class ClusterNode:
             msg = recv_frame(sock, deadline)
             if msg["type"] == "refuse":
                 code = msg.get("code")
-                log.info("cluster %d refused the link: %s", cluster_id, msg.get("reason"))
+                log.info("cluster %s refused the link: %s", name, msg.get("reason"))
                 sock.close()
-                return (LLMStatusCode(code) if code in (int(LLMStatusCode.LLM_ALREADY_LINK),)
-                        else LLMStatusCode.LLM_LINK_FAILED)
+                if code not in (int(LLMStatusCode.LLM_ALREADY_LINK),
+                                int(LLMStatusCode.LLM_PROCESSING_LINK)):
+                    return LLMStatusCode.LLM_LINK_FAILED, None
+                # The peer holds a link to us (or is making one): if it is ours to claim,
+                # this call made it.
+                theirs = _int(msg.get("cluster_id"))
+                if cluster_id is not None and theirs != cluster_id:
+                    return LLMStatusCode.LLM_LINK_FAILED, None
+                if code == int(LLMStatusCode.LLM_PROCESSING_LINK):
+                    got = self._await_peer_link(theirs, deadline)
+                    return (LLMStatusCode.LLM_LINK_FAILED if got is None else got), None
+                got = self._claim(theirs)
+                return (LLMStatusCode.LLM_ALREADY_LINK if got is None else got), None
             if msg["type"] != "welcome":
                 raise ProtocolError("expected a welcome")
             refusal = self._check_hello(msg, cluster_id, any_role=comm is not None)
@@ -858,32 +948,48 @@ class ClusterNode:
             self._allow_imports(peer)
             peer.send({"type": "ipc_ready"})
         except Exception as exc:  # noqa: BLE001 - a failed link is a status, whatever the cause
-            log.info("link to cluster %d failed: %s: %s", cluster_id, type(exc).__name__, exc)
+            log.info("link to cluster %s failed: %s: %s", name, type(exc).__name__, exc)
             if peer is not None:
                 peer.close(LLMStatusCode.LLM_LINK_FAILED)
             sock.close()
-            return LLMStatusCode.LLM_LINK_FAILED
+            return LLMStatusCode.LLM_LINK_FAILED, None
+        cid = peer.cluster_id
         with self.lock:
-            if self.closed or cluster_id in self.peers:
+            if self.closed or cid in self.peers:
                 peer.closed = True
                 sock.close()
-                return LLMStatusCode.LLM_ALREADY_LINK if not self.closed else LLMStatusCode.LLM_LINK_FAILED
-            self.peers[cluster_id] = peer
-        threading.Thread(target=peer.serve, name=f"llmdist-peer-{cluster_id}", daemon=True).start()
-        return LLMStatusCode.LLM_SUCCESS
+                return (LLMStatusCode.LLM_ALREADY_LINK if not self.closed
+                        else LLMStatusCode.LLM_LINK_FAILED), None
+            peer.linked_here = True
+            self.peers[cid] = peer
+            self.ever_linked.add(cid)
+        threading.Thread(target=peer.serve, name=f"llmdist-peer-{cid}", daemon=True).start()
+        return LLMStatusCode.LLM_SUCCESS, peer
+
+    def find_linked(self, address: Tuple[str, int]) -> Optional[int]:
+        """The cluster this side linked to at address (for infos without a cluster id)."""
+        with self.lock:
+            for cid, p in self.peers.items():
+                if p.address == address:
+                    return cid
+        return None
 
     def unlink(self, cluster_id: int, timeout_ms: int, force: bool) -> LLMStatusCode:
         """End a link from this side. The peer stops writing here and acknowledges before this
         returns (within timeout_ms); transfers from here to the peer end too. Without the
-        acknowledgement the result is LLM_UNLINK_FAILED, or LLM_SUCCESS with force."""
+        acknowledgement the result is LLM_UNLINK_FAILED, or LLM_SUCCESS with force. A link
+        the peer already ended (its own unlink, or it went away) is LLM_SUCCESS too; only a
+        cluster never linked is LLM_NOT_YET_LINK."""
         with self.lock:
             peer = self.peers.pop(cluster_id, None)
+            known = cluster_id in self.ever_linked
         if peer is None:
-            return LLMStatusCode.LLM_NOT_YET_LINK
+            return LLMStatusCode.LLM_SUCCESS if known else LLMStatusCode.LLM_NOT_YET_LINK
         peer.stop(LLMStatusCode.LLM_LINK_FAILED)     # our imports of its memory close first
         acked = peer.request({"type": "unlink"}, timeout_ms / 1000.0)
         peer.close(LLMStatusCode.LLM_LINK_FAILED)
-        return LLMStatusCode.LLM_SUCCESS if acked or force else LLMStatusCode.LLM_UNLINK_FAILED
+        ok = acked or force or peer.peer_unlinked
+        return LLMStatusCode.LLM_SUCCESS if ok else LLMStatusCode.LLM_UNLINK_FAILED
 
     def link_down(self, peer: Peer, code, ack: Optional[int] = None) -> None:
         with self.lock:

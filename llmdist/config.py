@@ -6,7 +6,8 @@ import ipaddress
 import json
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from ._check import check_int32, check_isinstance, check_uint16, check_uint32, check_uint64, require
+from ._check import check_int32, check_int64, check_isinstance, check_uint16, check_uint32, check_uint64, require
+from .descs import LLMRole
 from .status import LLMException, LLMStatusCode
 
 __all__ = ["LLMConfig", "LlmConfig", "LLMClusterInfo"]
@@ -66,6 +67,19 @@ class LLMConfig:
         self._link_total_time: Optional[int] = None
         self._link_retry_count: Optional[int] = None
         self._ge_options: Dict[str, str] = {}
+        # Upstream's remaining knobs: recorded and passed on as options (None = not set).
+        self._local_comm_res: Optional[str] = None
+        self._transfer_backend: Optional[str] = None
+        self._enable_switch_role: Optional[bool] = None
+        self._rdma_traffic_class: Optional[int] = None
+        self._rdma_service_level: Optional[int] = None
+        self._global_resource_config: Optional[str] = None
+        self._mem_utilization: Optional[float] = None
+        self._buf_pool_cfg: Optional[str] = None
+        self._output_max_size: Optional[int] = None
+        self._deploy_res_path: Optional[str] = None
+        self._cluster_info: Optional[str] = None
+        self._options: Dict[str, str] = {}
 
     @property
     def device_id(self) -> Optional[int]:
@@ -162,8 +176,9 @@ class LLMConfig:
 
     @property
     def ge_options(self) -> Dict[str, str]:
-        """Extra raw options (str to str) passed through as they are, e.g. llmdist.* keys."""
-        return dict(self._ge_options)
+        """Extra raw options (str to str) passed through as they are, e.g. llmdist.* keys. The
+        dict itself is returned: cfg.ge_options[k] = v takes effect, as upstream."""
+        return self._ge_options
 
     @ge_options.setter
     def ge_options(self, value: Dict[str, str]) -> None:
@@ -171,7 +186,122 @@ class LLMConfig:
         for k, v in value.items():
             check_isinstance("ge_options key", k, str)
             check_isinstance(f"ge_options[{k!r}]", v, str)
-        self._ge_options = dict(value)
+        self._ge_options = value
+
+    @property
+    def local_comm_res(self) -> str:
+        """Communication resources of this instance (llm.LocalCommRes); "" = automatic. Setting it
+        (even to "") switches on the cache manager and remote-accessible mode at init."""
+        return self._local_comm_res or ""
+
+    @local_comm_res.setter
+    def local_comm_res(self, value: str) -> None:
+        self._local_comm_res = check_isinstance("local_comm_res", value, str)
+
+    @property
+    def transfer_backend(self) -> str:
+        """Transfer backend name (llm.TransferBackend), e.g. "hixl"; "" until set. Setting it
+        switches on remote-accessible mode at init and needs listen_ip_info."""
+        return self._transfer_backend or ""
+
+    @transfer_backend.setter
+    def transfer_backend(self, value: str) -> None:
+        self._transfer_backend = check_isinstance("transfer_backend", value, str)
+
+    @property
+    def enable_switch_role(self) -> bool:
+        """Whether switch_role may be called (llm.EnableSwitchRole); False until set."""
+        return bool(self._enable_switch_role)
+
+    @enable_switch_role.setter
+    def enable_switch_role(self, value: bool) -> None:
+        self._enable_switch_role = check_isinstance("enable_switch_role", value, bool)
+
+    @property
+    def rdma_traffic_class(self) -> Optional[int]:
+        """RDMA traffic class (llm.RdmaTrafficClass, uint32); recorded, not used by llmdist."""
+        return self._rdma_traffic_class
+
+    @rdma_traffic_class.setter
+    def rdma_traffic_class(self, value: int) -> None:
+        self._rdma_traffic_class = check_uint32("rdma_traffic_class", value)
+
+    @property
+    def rdma_service_level(self) -> Optional[int]:
+        """RDMA service level (llm.RdmaServiceLevel, uint32); recorded, not used by llmdist."""
+        return self._rdma_service_level
+
+    @rdma_service_level.setter
+    def rdma_service_level(self, value: int) -> None:
+        self._rdma_service_level = check_uint32("rdma_service_level", value)
+
+    @property
+    def global_resource_config(self) -> str:
+        """HCCL-style resource JSON (llm.GlobalResourceConfig); recorded, not used by llmdist."""
+        return self._global_resource_config or ""
+
+    @global_resource_config.setter
+    def global_resource_config(self, value: str) -> None:
+        self._global_resource_config = check_isinstance("global_resource_config", value, str)
+
+    @property
+    def mem_utilization(self) -> float:
+        """Share of device memory upstream's pool may take (llm.MemoryUtilization), in [0, 1];
+        0.95 until set. Recorded, not used by llmdist."""
+        return 0.95 if self._mem_utilization is None else self._mem_utilization
+
+    @mem_utilization.setter
+    def mem_utilization(self, value: float) -> None:
+        check_isinstance("mem_utilization", value, float)
+        require(0.0 <= value <= 1.0, f"mem_utilization must be in [0, 1], but got {value}")
+        self._mem_utilization = value
+
+    @property
+    def buf_pool_cfg(self) -> str:
+        """Buffer pool JSON (llm.BufPoolCfg); recorded, not used by llmdist."""
+        return self._buf_pool_cfg or ""
+
+    @buf_pool_cfg.setter
+    def buf_pool_cfg(self, value: str) -> None:
+        self._buf_pool_cfg = check_isinstance("buf_pool_cfg", value, str)
+
+    @property
+    def output_max_size(self) -> Optional[int]:
+        """Upstream's output size cap (llm.OutputMaxSize); recorded, not used by llmdist."""
+        return self._output_max_size
+
+    @output_max_size.setter
+    def output_max_size(self, value: int) -> None:
+        self._output_max_size = check_int64("output_max_size", value)
+
+    @property
+    def deploy_res_path(self) -> str:
+        """Upstream's deployment resource path (llm.deployResPath); recorded, not used."""
+        return self._deploy_res_path or ""
+
+    @deploy_res_path.setter
+    def deploy_res_path(self, value: str) -> None:
+        self._deploy_res_path = check_isinstance("deploy_res_path", value, str)
+
+    @property
+    def cluster_info(self) -> str:
+        """Upstream's cluster description JSON (llm.ClusterInfo); recorded, not used."""
+        return self._cluster_info or ""
+
+    @cluster_info.setter
+    def cluster_info(self, value: str) -> None:
+        check_isinstance("cluster_info", value, str)
+        try:
+            json.loads(value)
+        except ValueError:
+            raise LLMException(f"cluster_info must be JSON, but got {value!r}",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
+        self._cluster_info = value
+
+    @property
+    def options(self) -> Dict[str, str]:
+        """The options of the last generate_options() call (a copy; {} before the first)."""
+        return dict(self._options)
 
     def generate_options(self) -> Dict[str, str]:
         """Return a new options dict holding only what was set; bools become "1"/"0"."""
@@ -195,7 +325,27 @@ class LLMConfig:
             opts["llm.LinkTotalTime"] = str(self._link_total_time)
         if self._link_retry_count is not None:
             opts["llm.LinkRetryCount"] = str(self._link_retry_count)
+        recorded = (("llm.LocalCommRes", self._local_comm_res),
+                    ("llm.TransferBackend", self._transfer_backend),
+                    ("llm.RdmaTrafficClass", self._rdma_traffic_class),
+                    ("llm.RdmaServiceLevel", self._rdma_service_level),
+                    ("llm.GlobalResourceConfig", self._global_resource_config),
+                    ("llm.MemoryUtilization", self._mem_utilization),
+                    ("llm.BufPoolCfg", self._buf_pool_cfg or None),
+                    ("llm.OutputMaxSize", self._output_max_size),
+                    ("llm.deployResPath", self._deploy_res_path or None),
+                    ("llm.ClusterInfo", self._cluster_info or None))
+        for key, value in recorded:
+            if value is not None:
+                opts[key] = str(value)
+        if self._enable_switch_role:
+            opts["llm.EnableSwitchRole"] = "1"
+        self._options = dict(opts)
         return opts
+
+    def gen_options(self) -> Dict[str, str]:
+        """Same as generate_options (upstream's other name for it)."""
+        return self.generate_options()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.generate_options()!r})"
@@ -209,6 +359,7 @@ class LLMClusterInfo:
 
     def __init__(self) -> None:
         self._remote_cluster_id: Optional[int] = None
+        self._remote_role_type: Optional[Union[LLMRole, int]] = None
         self._local_ip_info: List[Dict[str, Any]] = []
         self._remote_ip_info: List[Dict[str, Any]] = []
 
@@ -220,6 +371,15 @@ class LLMClusterInfo:
     @remote_cluster_id.setter
     def remote_cluster_id(self, value: int) -> None:
         self._remote_cluster_id = check_uint64("remote_cluster_id", value)
+
+    @property
+    def remote_role_type(self) -> Optional[Union[LLMRole, int]]:
+        """The peer's role as the caller states it (upstream records it); None until set."""
+        return self._remote_role_type
+
+    @remote_role_type.setter
+    def remote_role_type(self, value: Union[LLMRole, int]) -> None:
+        self._remote_role_type = check_isinstance("remote_role_type", value, (LLMRole, int))
 
     @staticmethod
     def _entry(ip: Union[str, int], port: int) -> Dict[str, Any]:

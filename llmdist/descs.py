@@ -11,7 +11,7 @@ from ._check import (check_int64, check_int_list, check_isinstance, check_uint32
 from .status import LLMException, LLMStatusCode, _NamedIntEnum
 
 __all__ = ["Placement", "DataType", "LLMRole", "RegisterMemStatus", "CacheDesc", "CacheKey",
-           "CacheKeyByIdAndIndex", "BlocksCacheKey", "Cache"]
+           "CacheKeyByIdAndIndex", "BlocksCacheKey", "Cache", "Memtype", "MemInfo"]
 
 _INVALID_ID = 2**64 - 1
 
@@ -73,6 +73,40 @@ class RegisterMemStatus(Enum):
     OK = 0
     PREPARING = 1
     FAILED = 2
+
+
+class Memtype(Enum):
+    """Kind of memory a MemInfo names."""
+
+    MEM_TYPE_DEVICE = 0
+    MEM_TYPE_HOST = 1
+
+
+class MemInfo:
+    """A memory range (type, address, size), the argument of remap_registered_memory."""
+
+    def __init__(self, mem_type: Memtype, addr: int, size: int) -> None:
+        check_isinstance("mem_type", mem_type, Memtype)
+        check_isinstance("addr", addr, int)
+        check_isinstance("size", size, int)
+        self._mem_type = mem_type
+        self._addr = addr
+        self._size = size
+
+    @property
+    def mem_type(self) -> Memtype:
+        return self._mem_type
+
+    @property
+    def addr(self) -> int:
+        return self._addr
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return f"MemInfo(mem_type={self._mem_type}, addr={self._addr}, size={self._size})"
 
 
 class CacheDesc:

@@ -24,7 +24,10 @@ _UPSTREAM_KEYS = {
     "ge.exec.deviceId", "llm.SyncKvCacheWaitTime", "llm.listenIpInfo", "llm.EnableCacheManager",
     "llm.EnableRemoteCacheAccessible", "llm.MemPoolConfig", "llm.HostMemPoolConfig",
     "llm.LinkTotalTime", "llm.LinkRetryCount", "ge.exec.rankTableFile", "llm.Role",
-    "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode", "llm.EnableSwitchRole",
+    "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode", "ge.session_device_id",
+    "llm.LocalCommRes", "llm.TransferBackend", "llm.EnableSwitchRole", "llm.RdmaTrafficClass",
+    "llm.RdmaServiceLevel", "llm.GlobalResourceConfig", "llm.MemoryUtilization",
+    "llm.BufPoolCfg", "llm.OutputMaxSize", "llm.deployResPath",
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
                  "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots",
@@ -130,10 +133,18 @@ class LLMDataDist:
             device_id = _int_option(options, "ge.exec.deviceId", 0, 0)
             sync_timeout = _int_option(options, "llm.SyncKvCacheWaitTime", None, 1)
             nworkers = _int_option(options, "llmdist.transfer_workers", 4, 1)
+            # Upstream derives the mode: communication resources or a transfer backend switch
+            # on remote-accessible mode unless the option says otherwise.
+            derived = "llm.LocalCommRes" in options or "llm.TransferBackend" in options
+            remote = (_flag_option(options, "llm.EnableRemoteCacheAccessible")
+                      if "llm.EnableRemoteCacheAccessible" in options else derived)
             max_inflight = _int_option(options, "llmdist.max_inflight_tasks", MAX_INFLIGHT_TASKS, 1)
-            remote = _flag_option(options, "llm.EnableRemoteCacheAccessible")
             switch_role = _flag_option(options, "llm.EnableSwitchRole")
             _flag_option(options, "llm.EnableCacheManager")
+            if "llm.TransferBackend" in options and not options.get("llm.listenIpInfo"):
+                raise LLMException("option llm.TransferBackend needs llm.listenIpInfo (with a "
+                                   "transfer backend every cluster listens)",
+                                   status_code=LLMStatusCode.LLM_PARAM_INVALID)
             listen = _listen_option(options, "option")
             shareable = listen is not None or _flag_option(options, "llmdist.shareable_memory")
             runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
@@ -212,15 +223,16 @@ class LLMDataDist:
         return next((c for c in codes if c != LLMStatusCode.LLM_SUCCESS), LLMStatusCode.LLM_SUCCESS)
 
     def link_clusters(self, clusters, timeout: int = 3000) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
-        """Link to each cluster's listener (remote_cluster_id, first remote ip info) within
-        timeout ms; returns (overall status, status per cluster) and never raises for a
-        failed link."""
+        """Link to each cluster's listener (first remote ip info) within timeout ms; returns
+        (overall status, status per cluster) and never raises for a failed link. Without a
+        remote_cluster_id the id is learned from the peer. Either side of a pair may call it,
+        both at once too: a link the peer made to us counts as made by this call."""
         self._check_clusters(clusters, timeout)
         self.cache_manager
         codes = []
         for c in clusters:
             remote = c.remote_ip_info_list
-            if c.remote_cluster_id is None or not remote:
+            if not remote:
                 codes.append(LLMStatusCode.LLM_PARAM_INVALID)
                 continue
             codes.append(self._node.link(c.remote_cluster_id, (remote[0]["ip"], remote[0]["port"]),
@@ -229,17 +241,26 @@ class LLMDataDist:
 
     def unlink_clusters(self, clusters, timeout: int = 3000,
                         force: bool = False) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
-        """End links (either side may): transfers to the peer end with LLM_LINK_FAILED and
-        nothing is written to it after this returns; an unknown cluster is LLM_NOT_YET_LINK."""
+        """End links (either side may, both too): transfers to the peer end with
+        LLM_LINK_FAILED and nothing is written to it after this returns; a cluster never linked
+        is LLM_NOT_YET_LINK. An info without remote_cluster_id names the cluster this side
+        linked to at its first remote ip info."""
         self._check_clusters(clusters, timeout)
         check_isinstance("force", force, bool)
         self.cache_manager
         codes = []
         for c in clusters:
-            if c.remote_cluster_id is None:
-                codes.append(LLMStatusCode.LLM_PARAM_INVALID)
-                continue
-            codes.append(self._node.unlink(c.remote_cluster_id, timeout, force))
+            cid = c.remote_cluster_id
+            if cid is None:
+                remote = c.remote_ip_info_list
+                if not remote:
+                    codes.append(LLMStatusCode.LLM_PARAM_INVALID)
+                    continue
+                cid = self._node.find_linked((remote[0]["ip"], remote[0]["port"]))
+                if cid is None:
+                    codes.append(LLMStatusCode.LLM_NOT_YET_LINK)
+                    continue
+            codes.append(self._node.unlink(cid, timeout, force))
         return self._overall(codes), codes
 
     # -- rank-table links (see rank_table.py for how members find each other)

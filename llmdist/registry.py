@@ -163,6 +163,8 @@ class ClusterMemory:
         self.entries: Dict[int, MemoryEntry] = {}
         self.cache_keys: Dict[CacheKey, int] = {}
         self.blocks_keys: Dict[BlocksCacheKey, int] = {}
+        # A cache's CacheKeys name its batch rows in order: the i-th key given names row i.
+        self.key_rows: Dict[CacheKey, int] = {}
 
     def add(self, entry: MemoryEntry, keys: Sequence[Union[CacheKey, BlocksCacheKey]] = (),
             delta: int = 0, pid: int = 0) -> None:
@@ -177,10 +179,14 @@ class ClusterMemory:
                                status_code=LLMStatusCode.LLM_PARAM_INVALID)
         self.registry.add(entry.cache, entry.origin, delta, pid)
         self.entries[entry.cache.cache_id] = entry
+        row = 0
         for key in keys:
             table = self.cache_keys if isinstance(key, CacheKey) else self.blocks_keys
             table[key] = entry.cache.cache_id
             entry.keys.append(key)
+            if isinstance(key, CacheKey):
+                self.key_rows[key] = row
+                row += 1
 
     def remove(self, cache_id: int) -> Optional[MemoryEntry]:
         """Drop a cache, its keys and its regions; returns its entry (None if unknown)."""
@@ -191,6 +197,7 @@ class ClusterMemory:
         for key in entry.keys:
             self.cache_keys.pop(key, None)
             self.blocks_keys.pop(key, None)
+            self.key_rows.pop(key, None)
         return entry
 
     def remove_key(self, key: Union[CacheKey, BlocksCacheKey]) -> bool:
@@ -198,5 +205,6 @@ class ClusterMemory:
         cid = table.pop(key, None)
         if cid is None:
             return False
+        self.key_rows.pop(key, None)
         self.entries[cid].keys.remove(key)
         return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Any, Union
 
-__all__ = ["LLMStatusCode", "LLMException"]
+__all__ = ["LLMStatusCode", "LLMException", "Status"]
 
 _BASE = 0x5010B000
 
@@ -75,3 +75,26 @@ class LLMException(RuntimeError):
 
     def __repr__(self) -> str:
         return f"LLMException({super().__str__()!r}, status_code={self._status_code})"
+
+
+class Status:
+    """A status code with upstream's is_ok() test (returned by a few upstream calls)."""
+
+    def __init__(self, status: Union[LLMStatusCode, int]) -> None:
+        try:
+            status = LLMStatusCode(status)
+        except ValueError:
+            pass
+        self._status_code = status
+
+    def is_ok(self) -> bool:
+        """True for LLM_SUCCESS."""
+        return self._status_code == LLMStatusCode.LLM_SUCCESS
+
+    @property
+    def status_code(self) -> Union[LLMStatusCode, int]:
+        """The code (read-only)."""
+        return self._status_code
+
+    def __repr__(self) -> str:
+        return f"Status({self._status_code})"

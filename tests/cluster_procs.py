@@ -178,6 +178,35 @@ class _Decode:
         out = self._watch(name, lambda: self._unlink(remote_id), watch_s)
         return out
 
+    # ---- pull and push ------------------------------------------------------------------
+    @staticmethod
+    def _any_key(spec):
+        """A key naming a cache of any cluster: ("blocks", cluster, model_id),
+        ("cache", cluster, req_id) or ("id", cluster, cache_id, batch_index)."""
+        from llmdist import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
+        kind, *rest = spec
+        return {"blocks": BlocksCacheKey, "cache": CacheKey, "id": CacheKeyByIdAndIndex}[kind](*rest)
+
+    def cmd_pull_blocks(self, key, name, src_blocks, dst_blocks, **kwargs):
+        self.cm.pull_blocks(self._any_key(key), self.caches[name]["cache"], src_blocks,
+                            dst_blocks, **kwargs)
+        return None
+
+    def cmd_pull_cache(self, key, name, batch_index=0, size=-1, **kwargs):
+        self.cm.pull_cache(self._any_key(key), self.caches[name]["cache"], batch_index, size,
+                           **kwargs)
+        return None
+
+    def cmd_push_blocks(self, key, name, src_blocks, dst_blocks, **kwargs):
+        self.cm.push_blocks(self._any_key(key), self.caches[name]["cache"], src_blocks,
+                            dst_blocks, **kwargs)
+        return None
+
+    def cmd_push_cache(self, key, name, src_batch_index=0, **kwargs):
+        self.cm.push_cache(self._any_key(key), self.caches[name]["cache"], src_batch_index,
+                           **kwargs)
+        return None
+
     # ---- links ----------------------------------------------------------------------------
     def _unlink(self, remote_id):
         from llmdist import LLMClusterInfo

@@ -2,9 +2,9 @@
 # AddressSanitizer + UndefinedBehaviorSanitizer run. Builds llmdist._core with both sanitizers in
 # a scratch copy of the tree, copying with memcpy alone (AddressSanitizer does not see streaming
 # stores, so the host copy engine's streaming path is compiled out), then runs the transfer,
-# cluster and reliability suites on that build. A sanitizer report aborts the process that made
-# it, which fails the run. Needs gcc (its libasan and libubsan come with it), Cython and
-# setuptools>=77 in the Python that runs it.
+# cluster, reliability and pull/push suites on that build (the last covers the layer loop's read
+# direction). A sanitizer report aborts the process that made it, which fails the run. Needs gcc
+# (its libasan and libubsan come with it), Cython and setuptools>=77 in the Python that runs it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -25,4 +25,4 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 "$PY" -m pytest -q -p no:cacheprovider tests/test_transfer.py tests/test_cluster.py \
-    tests/test_reliability.py -k "not mooncake and not transport_option"
+    tests/test_reliability.py tests/test_pull_push.py -k "not mooncake and not transport_option"

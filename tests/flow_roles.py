@@ -1,0 +1,476 @@
+"""The roles of tests/test_client_flows.py (run by flow_procs.run_role in child processes).
+
+Each upstream sample role keeps the sample's calls in the sample's order; torch NPU tensors
+become numpy arrays (their addresses stand in for data_ptr()), torch.distributed barriers become
+ctx.barrier(), the samples' sleeps waiting for the other side become barriers too, and fixed
+ports become free ports the parent picked. What the samples only log, the roles check."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import numpy as np
+
+from llmdist import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo,
+                     LLMConfig, LLMDataDist, LLMRole, LLMStatusCode, Placement,
+                     TransferWithCacheKeyConfig)
+
+HOST = "127.0.0.1"
+NUM_TENSORS = 2
+BLOCKS_NUM = 3
+KV_SHAPE = 10
+
+
+def _addr(arr: np.ndarray) -> int:
+    return int(arr.ctypes.data)
+
+
+# ------------------------------------------------------------------------------------------
+# transfer_cache_async_sample.py
+class _Sync(LayerSynchronizer):
+    def __init__(self, ret=True):
+        self._ret = ret
+
+    def synchronize_layer(self, layer_index, timeout_in_millis):
+        return self._ret
+
+
+def _tca_init(role, cluster_id, port):
+    datadist = LLMDataDist(role, cluster_id)
+    llm_config = LLMConfig()
+    llm_config.device_id = 0
+    if role == LLMRole.DECODER:
+        llm_config.listen_ip_info = f"{HOST}:{port}"
+    llm_config.enable_cache_manager = True
+    llm_config.enable_remote_cache_accessible = True
+    datadist.init(llm_config.generate_options())
+    return datadist
+
+
+def tca_prompt(ctx, port):
+    datadist = _tca_init(LLMRole.PROMPT, 0, port)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensor = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
+    tensor2 = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
+                                                BlocksCacheKey(0, 0))
+    ctx.barrier()   # register end
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 1
+    cluster.append_local_ip_info(HOST, 26000)
+    cluster.append_remote_ip_info(HOST, port)
+    ret, _ = datadist.link_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception("link failed")
+    transfer_config = TransferWithCacheKeyConfig(BlocksCacheKey(1, 0), range(0, 1), range(0, 1))
+    cache_task = cache_manager.transfer_cache_async(cache, _Sync(True), [transfer_config])
+    results = cache_task.get_results()
+    ctx.check(results == [LLMStatusCode.LLM_SUCCESS], f"transfer results {results}")
+    ctx.barrier()   # transfer cache end
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 1
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception("unlink failed")
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+def tca_decoder(ctx, port):
+    datadist = _tca_init(LLMRole.DECODER, 1, port)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensor = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
+    tensor2 = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
+                                                BlocksCacheKey(1, 0))
+    ctx.barrier()   # register end
+    ctx.barrier()   # prompt transfer cache end
+    want = np.zeros((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
+    want[0] = 1     # block 0 of layer 0's K and V
+    ctx.check(np.array_equal(tensor, want), f"tensor after the transfer: {tensor}")
+    ctx.check(np.array_equal(tensor2, want), f"tensor2 after the transfer: {tensor2}")
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 0
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception("unlink failed")
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# hixl_transfer_backend_sample.py (both listen, both link, the prompt pulls, the decoder pushes)
+def _hixl_init(role, cluster_id, port):
+    datadist = LLMDataDist(role, cluster_id)
+    llm_config = LLMConfig()
+    llm_config.device_id = 0
+    llm_config.local_comm_res = ""
+    llm_config.transfer_backend = "hixl"
+    llm_config.listen_ip_info = f"{HOST}:{port}"
+    datadist.init(llm_config.generate_options())
+    return datadist
+
+
+def hixl_prompt(ctx, pport, dport):
+    datadist = _hixl_init(LLMRole.PROMPT, 0, pport)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensor = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
+    tensor2 = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
+                                                BlocksCacheKey(0, 0))
+    ctx.barrier()   # register end
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 1
+    cluster.append_local_ip_info(HOST, pport)
+    cluster.append_remote_ip_info(HOST, dport)
+    ret, _ = datadist.link_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret}")
+    cache_manager.pull_blocks(BlocksCacheKey(1, 0), cache, src_blocks=[2], dst_blocks=[2])
+    ctx.barrier()   # the decoder's push is done
+    expect_tensor = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
+    if not np.array_equal(expect_tensor, tensor):
+        raise Exception(f"check tensor val failed, tensor={tensor}")
+    if not np.array_equal(expect_tensor, tensor2):
+        raise Exception(f"check tensor val failed, tensor2={tensor2}")
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 1
+    ret, _ = datadist.unlink_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    ctx.barrier()   # wait peer unlink end
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+def hixl_decoder(ctx, pport, dport):
+    datadist = _hixl_init(LLMRole.DECODER, 1, dport)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensor = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
+    tensor2 = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
+                                                BlocksCacheKey(1, 0))
+    ctx.barrier()   # register end
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 0
+    cluster.append_local_ip_info(HOST, dport)
+    cluster.append_remote_ip_info(HOST, pport)
+    ret, _ = datadist.link_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret}")
+    cache_manager.push_blocks(BlocksCacheKey(0, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 1])
+    ctx.barrier()   # push_blocks end
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 0
+    ret, _ = datadist.unlink_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    ctx.barrier()   # wait peer unlink end
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# pull_blocks_xpyd_sample.py (one decoder pulls from several prompts; ids from ip:port)
+def ip_port_to_int(ip_port):
+    ip, port_str = ip_port.split(":")
+    ip_int = struct.unpack("!I", socket.inet_aton(ip))[0]
+    return (ip_int << 16) | int(port_str)
+
+
+def _xpyd_init(role, local_ip_port):
+    datadist = LLMDataDist(role, ip_port_to_int(local_ip_port))
+    llm_config = LLMConfig()
+    llm_config.device_id = 0
+    llm_config.local_comm_res = ""
+    if role == LLMRole.PROMPT:
+        llm_config.listen_ip_info = local_ip_port
+    datadist.init(llm_config.generate_options())
+    return datadist
+
+
+def xpyd_prompt(ctx, local_ip_port):
+    datadist = _xpyd_init(LLMRole.PROMPT, local_ip_port)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=1, shape=[BLOCKS_NUM, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensor = np.full((BLOCKS_NUM, KV_SHAPE), ip_port_to_int(local_ip_port), dtype=np.float32)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor)],
+                                                BlocksCacheKey(ip_port_to_int(local_ip_port), 0))
+    ctx.barrier()   # registered (the sample's decoder sleeps 5 s for this)
+    ctx.barrier()   # the decoder is done (the sample's prompt sleeps 30 s for this)
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+def xpyd_decoder(ctx, local_ip_port, remote_ip_port):
+    datadist = _xpyd_init(LLMRole.DECODER, local_ip_port)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=1, shape=[BLOCKS_NUM, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    remote_list = remote_ip_port.split(";")
+    tensor = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor)],
+                                                BlocksCacheKey(ip_port_to_int(local_ip_port), 0))
+    ctx.barrier()   # register end
+    cluster_list = []
+    for remote in remote_list:
+        cluster = LLMClusterInfo()
+        cluster.remote_cluster_id = ip_port_to_int(remote)
+        cluster.append_local_ip_info(local_ip_port.split(":")[0], 0)
+        cluster.append_remote_ip_info(remote.split(":")[0], int(remote.split(":")[1]))
+        cluster_list.append(cluster)
+    ret, _ = datadist.link_clusters(cluster_list, 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret}")
+    for remote in remote_list:
+        cache_manager.pull_blocks(BlocksCacheKey(ip_port_to_int(remote), 0),
+                                  cache, src_blocks=[0, 1], dst_blocks=[0, 2])
+        value = np.float32(ip_port_to_int(remote))
+        ctx.check(bool(np.all(tensor[0] == value) and np.all(tensor[2] == value)
+                       and np.all(tensor[1] == 0)), f"after pulling from {remote}: {tensor}")
+    ret, _ = datadist.unlink_clusters(cluster_list, 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    ctx.barrier()   # done
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# push_blocks_sample.py (the decoder links to the prompt and pushes blocks into it)
+def _push_init(role, cluster_id, pport):
+    datadist = LLMDataDist(role, cluster_id)
+    llm_config = LLMConfig()
+    llm_config.device_id = 0
+    llm_config.local_comm_res = ""
+    if role == LLMRole.PROMPT:
+        llm_config.listen_ip_info = f"{HOST}:{pport}"
+    datadist.init(llm_config.generate_options())
+    return datadist
+
+
+def push_prompt(ctx, pport):
+    datadist = _push_init(LLMRole.PROMPT, 0, pport)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensor = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
+    tensor2 = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
+                                                BlocksCacheKey(0, 0))
+    ctx.barrier()   # register end
+    ctx.barrier()   # decoder push blocks end
+    want = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
+    want[0] = 0     # decoder block 0 -> block 0, decoder block 1 -> block 2 (all zeros)
+    want[2] = 0
+    ctx.check(np.array_equal(tensor, want), f"tensor after the push: {tensor}")
+    ctx.check(np.array_equal(tensor2, want), f"tensor2 after the push: {tensor2}")
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 1
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+def push_decoder(ctx, pport):
+    datadist = _push_init(LLMRole.DECODER, 1, pport)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensor = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
+    tensor2 = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
+                                                BlocksCacheKey(1, 0))
+    ctx.barrier()   # register end
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 0
+    cluster.append_local_ip_info(HOST, 26001)
+    cluster.append_remote_ip_info(HOST, pport)
+    ret, _ = datadist.link_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret}")
+    cache_manager.push_blocks(BlocksCacheKey(0, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 2])
+    ctx.barrier()   # push_blocks end
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 0
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# vllm-ascend's HIXL connector: both listen, the decode links and pulls MLA caches (one tensor
+# per layer, one cache per model id) layer range by layer range.
+MLA_LAYERS = 4
+MLA_BLOCKS = 16
+MLA_BLOCK_ELEMS = 256       # 512-byte blocks (fp16)
+MLA_MODELS = (0, 1)          # e.g. the latent KV and the rope part
+
+
+def _mla_fill(cluster_id: int, model_id: int, layer: int) -> np.ndarray:
+    rng = np.random.default_rng([cluster_id & 0xFFFF, model_id, layer])
+    return rng.integers(0, 2**16, (MLA_BLOCKS, MLA_BLOCK_ELEMS), dtype=np.uint16)
+
+
+def _hixl_connector_init(role, cluster_id, port):
+    dd = LLMDataDist(role, cluster_id)
+    cfg = LLMConfig()
+    cfg.device_id = 0
+    cfg.local_comm_res = ""
+    cfg.transfer_backend = "hixl"
+    cfg.listen_ip_info = f"{HOST}:{port}"
+    dd.init(cfg.generate_options())
+    return dd
+
+
+def _register_mla(dd, cluster_id, fill: bool):
+    caches, arrays = {}, {}
+    desc = CacheDesc(MLA_LAYERS, [MLA_BLOCKS, MLA_BLOCK_ELEMS], DataType.DT_FLOAT16,
+                     Placement.DEVICE)
+    for m in MLA_MODELS:
+        arrs = [(_mla_fill(cluster_id, m, layer) if fill
+                 else np.zeros((MLA_BLOCKS, MLA_BLOCK_ELEMS), dtype=np.uint16))
+                for layer in range(MLA_LAYERS)]
+        caches[m] = dd.cache_manager.register_blocks_cache(
+            desc, [_addr(a) for a in arrs], BlocksCacheKey(cluster_id, m), remote_accessible=True)
+        arrays[m] = arrs
+    return caches, arrays
+
+
+def hixl_connector_prefill(ctx, cluster_id, port):
+    dd = _hixl_connector_init(LLMRole.PROMPT, cluster_id, port)
+    caches, _ = _register_mla(dd, cluster_id, True)
+    ctx.barrier()   # registered
+    ctx.barrier()   # the decode pulled and unlinked
+    for c in caches.values():
+        dd.cache_manager.unregister_cache(c.cache_id)
+    dd.finalize()
+    return "ok"
+
+
+def hixl_connector_decode(ctx, cluster_id, port, prefill_id, prefill_port):
+    dd = _hixl_connector_init(LLMRole.DECODER, cluster_id, port)
+    caches, arrays = _register_mla(dd, cluster_id, False)
+    ctx.barrier()   # registered
+    info = LLMClusterInfo()
+    info.remote_cluster_id = prefill_id
+    info.append_remote_ip_info(HOST, prefill_port)
+    ret, _ = dd.link_clusters([info], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret}")
+    remote_blocks, local_blocks = [3, 4, 5, 9], [0, 1, 2, 15]
+    for m in MLA_MODELS:
+        for layers in (range(0, 1), range(1, MLA_LAYERS)):     # layer range by layer range
+            dd.cache_manager.pull_blocks(BlocksCacheKey(prefill_id, m), caches[m],
+                                         remote_blocks, local_blocks,
+                                         src_layer_range=layers, dst_layer_range=layers,
+                                         tensor_num_per_layer=1)
+    for m in MLA_MODELS:
+        for layer in range(MLA_LAYERS):
+            want = np.zeros((MLA_BLOCKS, MLA_BLOCK_ELEMS), dtype=np.uint16)
+            want[local_blocks] = _mla_fill(prefill_id, m, layer)[remote_blocks]
+            ctx.check(np.array_equal(arrays[m][layer], want), f"model {m} layer {layer}")
+    ret, _ = dd.unlink_clusters([info], 5000, force=True)
+    ctx.check(ret == LLMStatusCode.LLM_SUCCESS, f"unlink: {ret}")
+    ctx.barrier()
+    for c in caches.values():
+        dd.cache_manager.unregister_cache(c.cache_id)
+    dd.finalize()
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# SGLang-style push: the decode links with only the prefill's ip:port (no cluster id); the
+# prefill pushes each model's MLA cache with push_blocks(..., range(n), range(n), 1).
+def sglang_prefill(ctx, cluster_id, port, decode_id):
+    dd = LLMDataDist(LLMRole.PROMPT, cluster_id)
+    cfg = LLMConfig()
+    cfg.device_id = 0
+    cfg.local_comm_res = ""
+    cfg.listen_ip_info = f"{HOST}:{port}"
+    dd.init(cfg.generate_options())
+    caches, _ = _register_mla(dd, cluster_id, True)
+    ctx.barrier()   # registered
+    ctx.barrier()   # the decode linked
+    src, dst = [1, 2, 3, 12], [8, 9, 10, 0]
+    for m in MLA_MODELS:
+        dd.cache_manager.push_blocks(BlocksCacheKey(decode_id, m), caches[m], src, dst,
+                                     range(MLA_LAYERS), range(MLA_LAYERS), 1)
+    ctx.barrier()   # pushed
+    ctx.barrier()   # checked and unlinked
+    for c in caches.values():
+        dd.cache_manager.unregister_cache(c.cache_id)
+    dd.finalize()
+    return "ok"
+
+
+def sglang_decode(ctx, cluster_id, prefill_id, prefill_port):
+    dd = LLMDataDist(LLMRole.DECODER, cluster_id)
+    cfg = LLMConfig()
+    cfg.device_id = 0
+    cfg.local_comm_res = ""
+    dd.init(cfg.generate_options())
+    caches, arrays = _register_mla(dd, cluster_id, False)
+    ctx.barrier()   # registered
+    info = LLMClusterInfo()
+    info.append_remote_ip_info(HOST, prefill_port)      # only the remote ip: no cluster id
+    ret, codes = dd.link_clusters([info], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret} {codes}")
+    ctx.barrier()   # linked
+    ctx.barrier()   # pushed
+    src, dst = [1, 2, 3, 12], [8, 9, 10, 0]
+    for m in MLA_MODELS:
+        for layer in range(MLA_LAYERS):
+            want = np.zeros((MLA_BLOCKS, MLA_BLOCK_ELEMS), dtype=np.uint16)
+            want[dst] = _mla_fill(prefill_id, m, layer)[src]
+            ctx.check(np.array_equal(arrays[m][layer], want), f"model {m} layer {layer}")
+    ret, _ = dd.unlink_clusters([info], 5000, force=True)   # by address, too
+    ctx.check(ret == LLMStatusCode.LLM_SUCCESS, f"unlink: {ret}")
+    ctx.barrier()
+    for c in caches.values():
+        dd.cache_manager.unregister_cache(c.cache_id)
+    dd.finalize()
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# omni-infer's prefill (the decode runs in the test process): it serves its cache until the
+# parent kills it; a restart serves different bytes under the same cluster id and port.
+def omni_prefill(ctx, cluster_id, port, generation):
+    dd = LLMDataDist(LLMRole.PROMPT, cluster_id)
+    cfg = LLMConfig()
+    cfg.device_id = 0
+    cfg.enable_cache_manager = True
+    cfg.listen_ip_info = f"{HOST}:{port}"
+    dd.init(cfg.generate_options())
+    desc = CacheDesc(4, [8, 128], DataType.DT_FLOAT16, Placement.DEVICE)
+    arrs = [np.full((8, 128), generation * 100 + t, dtype=np.uint16) for t in range(4)]
+    dd.cache_manager.register_blocks_cache(desc, [_addr(a) for a in arrs],
+                                           BlocksCacheKey(cluster_id, 0))
+    ctx.tell("ready")
+    ctx.barrier()   # until the parent ends it (or kills this process)
+    dd.finalize()
+    return "ok"

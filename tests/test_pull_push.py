@@ -1,0 +1,379 @@
+"""pull_blocks, pull_cache, push_blocks, push_cache between processes on 127.0.0.1 (spec section
+8), on every route in the direction it needs: the peer's allocated memory mapped here (shared
+memory), memory the peer registered (process_vm_readv / process_vm_writev), Mooncake Transfer
+Engine (batched reads / writes), and this cluster's own memory. Every destination byte is
+compared with what the source held, and every other byte (the rest of the tensors, the guard
+bytes around registered tensors) must be unchanged."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import time
+from typing import Dict, Hashable, List, Optional
+
+import numpy as np
+import pytest
+
+from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, DataType, LLMException,
+                     LLMRole, LLMStatusCode)
+
+from helpers import OWN_CLUSTER, Env, assert_mem_equal, env_ctx
+from test_cluster import ChildError, Cleanup, DecodeProc, cluster_info
+
+SUCCESS = LLMStatusCode.LLM_SUCCESS
+PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
+NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+NOT_YET_LINK = LLMStatusCode.LLM_NOT_YET_LINK
+LINK_FAILED = LLMStatusCode.LLM_LINK_FAILED
+TIMEOUT = LLMStatusCode.LLM_TIMEOUT
+FP16 = DataType.DT_FLOAT16
+LINK_MS = 5000
+HAVE_MOONCAKE = importlib.util.find_spec("mooncake") is not None
+
+_ids = itertools.count(300)
+_seeds = itertools.count(11)
+
+# Routes: (memory of the peer's cache, transport).
+ROUTES = [("allocated", "direct"), ("registered", "direct"),
+          pytest.param(("registered", "mooncake"), marks=pytest.mark.skipif(
+              not HAVE_MOONCAKE, reason="mooncake is not installed")),
+          pytest.param(("allocated", "mooncake"), marks=pytest.mark.skipif(
+              not HAVE_MOONCAKE, reason="mooncake is not installed"))]
+ROUTE_IDS = ["mapped", "process", "mooncake-registered", "mooncake-allocated"]
+
+
+@pytest.fixture
+def cleanup():
+    c = Cleanup()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def local():
+    """Clusters in this process, finalized at teardown."""
+    made: List[Env] = []
+
+    def factory(remote: bool = False, transport: str = "direct",
+                role: LLMRole = LLMRole.DECODER, **options) -> Env:
+        opts = {"llmdist.transport": transport}
+        opts.update(options)
+        cid = next(_ids)
+        e = Env(remote=remote, cluster_id=cid, seed=cid, extra_options=opts, role=role)
+        made.append(e)
+        return e
+
+    try:
+        yield factory
+    finally:
+        for e in reversed(made):
+            e.close()
+
+
+def peer_proc(cleanup: Cleanup, transport: str, remote: bool = True) -> DecodeProc:
+    """A listening cluster in a child process (a PROMPT, the side decodes pull from)."""
+    p = cleanup.spawn(next(_ids), role=LLMRole.PROMPT,
+                      options={"llmdist.transport": transport,
+                               "llm.EnableRemoteCacheAccessible": "1" if remote else "0"})
+    return p.wait_ready()
+
+
+def link_to(env: Env, proc: DecodeProc) -> None:
+    code, codes = env.dd.link_clusters([cluster_info(proc.cluster_id, proc.port)], LINK_MS)
+    assert (code, codes) == (SUCCESS, [SUCCESS])
+
+
+def tensor_bytes(mem: Dict[Hashable, np.ndarray], tensors, i: int, size: int) -> np.ndarray:
+    key, off = tensors[i]
+    return mem[key][off:off + size]
+
+
+def expect_blocks(dst_before, dst_tensors, dst_stride, src_mem, src_tensors, src_stride,
+                  src_layers, dst_layers, tpl, pairs=None, c2b=None, row=0, nbytes=None,
+                  dst_row=None):
+    """The destination buffers after a pull/push. pairs: (src block, dst block) for B2B;
+    c2b: dst blocks the source row is cut into; else C2C of row into dst_row."""
+    want = {k: v.copy() for k, v in dst_before.items()}
+    for sl, dl in zip(src_layers, dst_layers):
+        for t in range(tpl):
+            skey, soff = src_tensors[tpl * sl + t]
+            dkey, doff = dst_tensors[tpl * dl + t]
+            s = src_mem[skey]
+            d = want[dkey]
+            if pairs is not None:
+                for sb, db in pairs:
+                    d[doff + db * dst_stride:doff + (db + 1) * dst_stride] = \
+                        s[soff + sb * src_stride:soff + (sb + 1) * src_stride]
+            elif c2b is not None:
+                base = soff + row * src_stride
+                for j, db in enumerate(c2b):
+                    n = min(dst_stride, src_stride - j * dst_stride)
+                    d[doff + db * dst_stride:doff + db * dst_stride + n] = \
+                        s[base + j * dst_stride:base + j * dst_stride + n]
+            else:
+                n = src_stride if nbytes is None else nbytes
+                d[doff + dst_row * dst_stride:doff + dst_row * dst_stride + n] = \
+                    s[soff + row * src_stride:soff + row * src_stride + n]
+    return want
+
+
+# --------------------------------------------------------------------------------------------
+# pull
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("route", ROUTES, ids=ROUTE_IDS)
+@pytest.mark.parametrize("tpl", [2, 1])
+def test_pull_blocks_b2b(cleanup, local, route, tpl):
+    mem, transport = route
+    p = peer_proc(cleanup, transport)
+    model = next(_seeds)
+    src = cleanup.dcache(p, mem, 6, [12, 128], blocks=True, key=("blocks", model), seed=model)
+    d = local(transport=transport)
+    dst = d.registered(8, [16, 128], dtype=FP16, blocks=True)
+    link_to(d, p)
+    pairs = [(3, 8), (4, 9), (5, 10), (0, 2), (11, 15)]
+    sl, dl = (range(1, 3), range(2, 4)) if tpl == 2 else (range(1, 5), range(3, 7))
+    before = dst.snapshot()
+    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model), dst.cache, [s for s, _ in pairs],
+                     [b for _, b in pairs], src_layer_range=sl, dst_layer_range=dl,
+                     tensor_num_per_layer=tpl)
+    want = expect_blocks(before, dst.tensors, 256, src.initial, src.tensors, 256, sl, dl, tpl,
+                         pairs=pairs)
+    assert_mem_equal(dst.mem(), want, "pulled blocks")
+    assert_mem_equal(src.read(), src.initial, "the source after a pull")
+    # all layers (None ranges) with the same layer counts on both sides
+    dst2 = d.allocated(6, [12, 128], dtype=FP16, blocks=True)
+    before = dst2.snapshot()
+    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model), dst2.cache, [1, 7], [0, 11],
+                     tensor_num_per_layer=tpl)
+    layers = range(6 // tpl)
+    want = expect_blocks(before, dst2.tensors, 256, src.initial, src.tensors, 256, layers,
+                         layers, tpl, pairs=[(1, 0), (7, 11)])
+    assert_mem_equal(dst2.mem(), want, "pulled blocks, every layer")
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=ROUTE_IDS)
+def test_pull_row_into_blocks_and_into_row(cleanup, local, route):
+    """C2B (a CacheKeyByIdAndIndex row cut into blocks) and pull_cache (C2C into a row)."""
+    mem, transport = route
+    p = peer_proc(cleanup, transport)
+    req = next(_seeds)
+    src = cleanup.dcache(p, mem, 8, [3, 2, 100], seed=req)            # rows of 400 bytes
+    d = local(transport=transport)
+    link_to(d, p)
+    blocks = d.registered(12, [10, 64], dtype=FP16, blocks=True)      # blocks of 128 bytes
+    before = blocks.snapshot()
+    d.cm.pull_blocks(CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 1), blocks.cache, [],
+                     [7, 2, 9, 0], src_layer_range=range(0, 4), dst_layer_range=range(2, 6))
+    want = expect_blocks(before, blocks.tensors, 128, src.initial, src.tensors, 400,
+                         range(0, 4), range(2, 6), 2, c2b=[7, 2, 9, 0], row=1)
+    assert_mem_equal(blocks.mem(), want, "row pulled into blocks")
+    rows = d.allocated(12, [5, 200], dtype=FP16)                      # rows of 400 bytes
+    before = rows.snapshot()
+    d.cm.pull_cache(CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 2), rows.cache, 3,
+                    src_layer_range=range(1, 4), dst_layer_range=range(0, 3))
+    want = expect_blocks(before, rows.tensors, 400, src.initial, src.tensors, 400,
+                         range(1, 4), range(0, 3), 2, row=2, dst_row=3)
+    assert_mem_equal(rows.mem(), want, "row pulled into a row")
+    before = rows.snapshot()
+    d.cm.pull_cache(CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 0), rows.cache, 4, 150,
+                    src_layer_range=range(0, 1), dst_layer_range=range(5, 6))
+    want = expect_blocks(before, rows.tensors, 400, src.initial, src.tensors, 400,
+                         range(0, 1), range(5, 6), 2, row=0, dst_row=4, nbytes=150)
+    assert_mem_equal(rows.mem(), want, "the first 150 bytes of a row")
+
+
+def test_pull_cache_by_cache_key_rows(cleanup, local):
+    """Without remote-accessible mode a CacheKey names a row: the i-th key of the cache."""
+    p = cleanup.spawn(next(_ids), role=LLMRole.PROMPT,
+                      options={"llmdist.transport": "direct"}).wait_ready()
+    req = next(_seeds)
+    src = cleanup.dcache(p, "allocated", 4, [1, 2, 100], key=("cache", req), seed=req)
+    d = local()
+    link_to(d, p)
+    rows = d.registered(4, [2, 200], dtype=FP16)
+    before = rows.snapshot()
+    d.cm.pull_cache(CacheKey(p.cluster_id, req), rows.cache, 1)
+    want = expect_blocks(before, rows.tensors, 400, src.initial, src.tensors, 400, range(2),
+                         range(2), 2, row=0, dst_row=1)
+    assert_mem_equal(rows.mem(), want)
+
+
+def test_pull_from_own_cluster(local):
+    """The local route: the source key names a cache of this cluster."""
+    d = local()
+    src = d.registered(4, [8, 64], blocks=True, key=BlocksCacheKey(d.cluster_id, 5))
+    dst = d.allocated(4, [8, 64], blocks=True)
+    before = dst.snapshot()
+    d.cm.pull_blocks(BlocksCacheKey(d.cluster_id, 5), dst.cache, [7, 0], [1, 6])
+    want = expect_blocks(before, dst.tensors, 64, src.mem(), src.tensors, 64, range(2),
+                         range(2), 2, pairs=[(7, 1), (0, 6)])
+    assert_mem_equal(dst.mem(), want)
+
+
+# --------------------------------------------------------------------------------------------
+# push
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("route", ROUTES, ids=ROUTE_IDS)
+@pytest.mark.parametrize("tpl", [2, 1])
+def test_push_blocks(cleanup, local, route, tpl):
+    mem, transport = route
+    dproc = cleanup.spawn(next(_ids), options={"llmdist.transport": transport}).wait_ready()
+    model = next(_seeds)
+    dst = cleanup.dcache(dproc, mem, 8, [16, 128], blocks=True, key=("blocks", model),
+                         seed=model)
+    p = local(remote=True, transport=transport, role=LLMRole.PROMPT)
+    link_to(p, dproc)
+    src = p.registered(6, [12, 128], dtype=FP16, blocks=True)
+    pairs = [(2, 3), (3, 4), (9, 0)]
+    sl, dl = (range(0, 2), range(1, 3)) if tpl == 2 else (range(2, 6), range(4, 8))
+    p.cm.push_blocks(BlocksCacheKey(dproc.cluster_id, model), src.cache,
+                     [s for s, _ in pairs], [b for _, b in pairs], sl, dl, tpl)
+    want = expect_blocks(dst.initial, dst.tensors, 256, src.mem(), src.tensors, 256, sl, dl,
+                         tpl, pairs=pairs)
+    assert_mem_equal(dst.read(), want, "pushed blocks")
+
+
+@pytest.mark.parametrize("route", ROUTES[:2], ids=ROUTE_IDS[:2])
+def test_push_cache(cleanup, local, route):
+    mem, transport = route
+    dproc = cleanup.spawn(next(_ids), options={"llmdist.transport": transport}).wait_ready()
+    dst = cleanup.dcache(dproc, mem, 12, [5, 200], seed=next(_seeds))
+    p = local(remote=True, transport=transport, role=LLMRole.PROMPT)
+    link_to(p, dproc)
+    src = p.registered(8, [3, 2, 100], dtype=FP16)
+    p.cm.push_cache(CacheKeyByIdAndIndex(dproc.cluster_id, dst.cache_id, 4), src.cache, 2,
+                    range(1, 3), range(4, 6))
+    want = expect_blocks(dst.initial, dst.tensors, 400, src.mem(), src.tensors, 400,
+                         range(1, 3), range(4, 6), 2, row=2, dst_row=4)
+    assert_mem_equal(dst.read(), want, "pushed row")
+
+
+# --------------------------------------------------------------------------------------------
+# errors and faults
+# --------------------------------------------------------------------------------------------
+def code_of(fn, *args, **kwargs):
+    with pytest.raises(LLMException) as ei:
+        fn(*args, **kwargs)
+    return ei.value.status_code
+
+
+def test_pull_argument_errors(cleanup, local):
+    p = peer_proc(cleanup, "direct")
+    model = next(_seeds)
+    cleanup.dcache(p, "allocated", 4, [8, 128], blocks=True, key=("blocks", model))
+    d = local()
+    dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
+    rows = d.registered(4, [8, 128], dtype=FP16)
+    small = d.registered(4, [8, 64], dtype=FP16, blocks=True)
+    key = BlocksCacheKey(p.cluster_id, model)
+    pull = d.cm.pull_blocks
+    # not linked yet
+    assert code_of(pull, key, dst.cache, [0], [0]) == NOT_YET_LINK
+    link_to(d, p)
+    before = dst.snapshot()
+    with pytest.raises(TypeError):
+        pull("key", dst.cache, [0], [0])
+    with pytest.raises(TypeError):
+        pull(key, dst.cache, [0], "0")
+    with pytest.raises(ValueError):
+        pull(key, dst.cache, [-1], [0])
+    assert code_of(pull, key, rows.cache, [0], [0]) == PARAM_INVALID        # not a blocks cache
+    assert code_of(pull, key, dst.cache, [0], []) == PARAM_INVALID          # no dst blocks
+    assert code_of(pull, key, dst.cache, [], [0]) == PARAM_INVALID          # B2B without src
+    assert code_of(pull, key, dst.cache, [0, 1], [0]) == PARAM_INVALID      # lengths differ
+    assert code_of(pull, key, dst.cache, [8], [0]) == PARAM_INVALID         # past the source
+    assert code_of(pull, key, dst.cache, [0], [8]) == PARAM_INVALID         # past the dest
+    assert code_of(pull, key, small.cache, [0], [0]) == PARAM_INVALID       # block sizes differ
+    assert code_of(pull, key, dst.cache, [0], [0], tensor_num_per_layer=3) == PARAM_INVALID
+    assert code_of(pull, key, dst.cache, [0], [0], src_layer_range=range(0, 2),
+                   dst_layer_range=range(0, 1)) == PARAM_INVALID
+    assert code_of(pull, key, dst.cache, [0], [0], src_layer_range=range(1, 3),
+                   dst_layer_range=range(0, 2)) == PARAM_INVALID            # past the layers
+    assert code_of(pull, BlocksCacheKey(p.cluster_id, model + 1000), dst.cache, [0], [0]) \
+        == NOT_EXIST
+    assert code_of(pull, CacheKeyByIdAndIndex(p.cluster_id, 1, 0), dst.cache, [0], [0]) \
+        == PARAM_INVALID                                                     # C2B with src blocks
+    assert code_of(pull, CacheKeyByIdAndIndex(p.cluster_id, 2**40, 0), dst.cache, [], [0]) \
+        == NOT_EXIST
+    assert code_of(d.cm.pull_cache, CacheKeyByIdAndIndex(p.cluster_id, 1, 0), dst.cache) \
+        == PARAM_INVALID                                                     # blocks dest
+    assert code_of(d.cm.pull_cache, CacheKeyByIdAndIndex(p.cluster_id, 1, 0), rows.cache,
+                   0, 0) == PARAM_INVALID                                    # size 0
+    assert code_of(d.cm.push_blocks, key, dst.cache, [0], [0]) == PARAM_INVALID   # not remote mode
+    assert_mem_equal(dst.mem(), before, "the destination after refused pulls")
+
+
+def test_push_argument_errors(cleanup, local):
+    dproc = cleanup.spawn(next(_ids), options={"llmdist.transport": "direct"}).wait_ready()
+    model = next(_seeds)
+    dst = cleanup.dcache(dproc, "allocated", 4, [8, 128], blocks=True, key=("blocks", model))
+    p = local(remote=True, role=LLMRole.PROMPT)
+    src = p.registered(4, [8, 128], dtype=FP16, blocks=True)
+    rows = p.registered(4, [8, 128], dtype=FP16)
+    key = BlocksCacheKey(dproc.cluster_id, model)
+    assert code_of(p.cm.push_blocks, key, src.cache, [0], [0]) == NOT_YET_LINK
+    link_to(p, dproc)
+    assert code_of(p.cm.push_blocks, key, rows.cache, [0], [0]) == PARAM_INVALID
+    assert code_of(p.cm.push_blocks, key, src.cache, [0], []) == PARAM_INVALID
+    assert code_of(p.cm.push_blocks, key, src.cache, [0], [8]) == PARAM_INVALID    # bounds
+    assert code_of(p.cm.push_blocks, BlocksCacheKey(dproc.cluster_id, model + 99), src.cache,
+                   [0], [0]) == NOT_EXIST
+    with pytest.raises(TypeError):
+        p.cm.push_blocks(CacheKeyByIdAndIndex(dproc.cluster_id, dst.cache_id), src.cache, [0], [0])
+    idkey = CacheKeyByIdAndIndex(dproc.cluster_id, dst.cache_id, 0)
+    assert code_of(p.cm.push_cache, idkey, src.cache) == PARAM_INVALID           # blocks source
+    assert code_of(p.cm.push_cache, idkey, rows.cache, 0, None, None, 16) == PARAM_INVALID
+    assert_mem_equal(dst.read(), dst.initial, "the destination after refused pushes")
+
+
+def test_withdrawn_unlinked_and_dead_peer(cleanup, local):
+    """A pull of a cache the peer withdrew is LLM_KV_CACHE_NOT_EXIST; after an unlink
+    LLM_NOT_YET_LINK; after the peer died LLM_LINK_FAILED (or LLM_NOT_YET_LINK once the link
+    noticed). Each call ends at once and the next pull from a live peer works."""
+    p = peer_proc(cleanup, "direct")
+    m1, m2 = next(_seeds), next(_seeds)
+    a = cleanup.dcache(p, "allocated", 4, [8, 128], blocks=True, key=("blocks", m1))
+    cleanup.dcache(p, "registered", 4, [8, 128], blocks=True, key=("blocks", m2))
+    d = local()
+    dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
+    link_to(d, p)
+    p.call("release", a.name)
+    cleanup.caches.remove(a)
+    assert code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m1), dst.cache, [0], [0]) \
+        == NOT_EXIST
+    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, m2), dst.cache, [0], [0])
+    assert d.dd.unlink_clusters([cluster_info(p.cluster_id)], LINK_MS) == (SUCCESS, [SUCCESS])
+    assert code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m2), dst.cache, [0], [0]) \
+        == NOT_YET_LINK
+    link_to(d, p)
+    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, m2), dst.cache, [1], [1])
+    p.kill()
+    t0 = time.monotonic()
+    assert code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m2), dst.cache, [0], [0]) \
+        in (LINK_FAILED, NOT_YET_LINK)
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_timeout_ends_the_call_and_nothing_hangs(cleanup, local):
+    """llm.SyncKvCacheWaitTime bounds a pull: a pull that cannot finish in 1 ms raises
+    LLM_TIMEOUT after its queued copies landed, and the next pull works."""
+    p = peer_proc(cleanup, "direct")
+    model = next(_seeds)
+    src = cleanup.dcache(p, "registered", 16, [64, 16384], blocks=True, key=("blocks", model))
+    d = local(**{"llm.SyncKvCacheWaitTime": "1"})
+    dst = d.allocated(16, [64, 16384], dtype=FP16, blocks=True)
+    link_to(d, p)
+    blocks = list(range(64))
+    assert code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, model), dst.cache, blocks,
+                   blocks[::-1]) == TIMEOUT
+    d2 = local()
+    link_to(d2, p)
+    dst2 = d2.registered(16, [64, 16384], dtype=FP16, blocks=True)
+    before = dst2.snapshot()
+    d2.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model), dst2.cache, [5], [6])
+    want = expect_blocks(before, dst2.tensors, 32768, src.initial, src.tensors, 32768,
+                         range(8), range(8), 2, pairs=[(5, 6)])
+    assert_mem_equal(dst2.mem(), want)

@@ -13,9 +13,9 @@ no llmdist port. Members find each other by a rendezvous every member can comput
   modulo llmdist.rendezvous_slots and position is the rank's index among the comm's ranks in
   ascending order (0 to 3). Defaults: base 26100 and 100 slots, so ports 26100-26499.
 - every member except the lowest listens on its port while the comm is forming; each member
-  links to every member above it and accepts the members below it. A listener admits only
-  members of the same comm name linking from a lower position; anything else is refused and the
-  caller retries. A port that is busy (another comm whose name falls in the same slot, or a comm
+  links to every member above it and accepts the members below it, retrying after 1, 2, 4 ...
+  ms and then every 20 ms. A listener admits only members of the same comm name linking from a
+  lower position; anything else is refused and the caller retries. A port that is busy (another comm whose name falls in the same slot, or a comm
   of the same name still forming) is retried until the comm's deadline.
 
 The comm is PREPARING until this member is linked to every other member (a link's handshake
@@ -50,7 +50,8 @@ MAX_NAME = 128
 DEFAULT_RENDEZVOUS_PORT = 26100
 DEFAULT_RENDEZVOUS_SLOTS = 100
 DEFAULT_LINK_TOTAL_S = 120
-RETRY_S = 0.02
+RETRY_FIRST_S = 0.001     # the first retries come quickly (a member is usually about to listen),
+RETRY_S = 0.02            # then every 20 ms
 UNLINK_TIMEOUT_MS = 3000
 
 
@@ -284,6 +285,7 @@ class RankTableLinks:
         node = self._node
         pending = {m.cluster_id: m for m in comm.higher}
         listen_error = ""
+        delay = RETRY_FIRST_S
         try:
             while not comm.stop.is_set():
                 now = time.monotonic()
@@ -309,7 +311,8 @@ class RankTableLinks:
                     log.info("comm %r (id %d): linked to clusters %s", comm.name, comm.comm_id,
                              sorted(comm.others))
                     return
-                comm.stop.wait(RETRY_S)
+                comm.stop.wait(delay)
+                delay = min(RETRY_S, delay * 2)
             if comm.stop.is_set():
                 return
             missing = sorted(cid for cid in comm.others if node.peer(cid) is None)

@@ -1,6 +1,6 @@
 """Rank-table links (spec section 9): LLMDataDist.link / query_register_mem_status / unlink,
 in one process with several clusters (the multi-process client flows are in
-test_client_flows.py). Links made by link() are checked to be real cluster links: the caches
+test_rank_table_flows.py). Links made by link() are checked to be real cluster links: the caches
 each side registered before link() are known to the other side, and bytes go through them."""
 
 from __future__ import annotations

@@ -138,10 +138,6 @@ cdef class Runtime:
         """True when "device" memory is host RAM (the host runtime)."""
         return bool(self.rt.device_is_host)
 
-    cdef str text(self, int code):
-        cdef const char *s = self.rt.error_string(self.rt.ctx, code)
-        return s.decode("utf-8", "replace") if s != NULL else "no message"
-
     def error(self, int code, str op):
         """The LLMException for a failed call op (see _errors.pxi)."""
         return runtime_error(self.rt, code, op)

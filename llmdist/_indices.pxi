@@ -42,9 +42,10 @@ def parse_indices(str name, object seq):
         if type(item) is not int:
             if not isinstance(item, int) or isinstance(item, bool):
                 raise TypeError(f"{name}[{i}] only support [int], but got {type(item)}")
-        if item < 0 or item > U64_MAX:
-            raise ValueError(f"{name}[{i}] must be in [0, {U64_MAX}], but got {item}")
-        v = PyLong_AsUnsignedLongLong(item)
+        try:    # the conversion itself checks the range, with no Python int compared
+            v = PyLong_AsUnsignedLongLong(item)
+        except OverflowError:   # negative, or above 2**64-1
+            raise ValueError(f"{name}[{i}] must be in [0, {U64_MAX}], but got {item}") from None
         out.data[i] = v
         if v > vmax:
             vmax = v

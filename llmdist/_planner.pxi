@@ -112,25 +112,52 @@ cdef int cmp_u64(const void *a, const void *b) noexcept nogil:
     return (x > y) - (x < y)
 
 
-cdef int cmp_pair_src(const void *a, const void *b) noexcept nogil:
-    return cmp_u64(&(<const Pair *>a).src, &(<const Pair *>b).src)
+cdef void sort_by_src(Pair *a, Pair *tmp, Py_ssize_t n) noexcept nogil:
+    """Stable sort of a[0:n] by src (tmp: scratch for n pairs): least significant byte first,
+    one counting pass per byte that some src has set (two for pools under 65536 blocks). A
+    comparison sort mispredicts about every other branch on shuffled block indices."""
+    cdef size_t count[256]
+    cdef size_t total, c
+    cdef uint64_t all_bits = 0
+    cdef unsigned int shift = 0
+    cdef Py_ssize_t j, b
+    cdef Pair *src = a
+    cdef Pair *dst = tmp
+    cdef Pair *swap
+    for j in range(n):
+        all_bits |= a[j].src
+    while shift < 64 and (all_bits >> shift) != 0:
+        memset(count, 0, sizeof(count))
+        for j in range(n):
+            count[(src[j].src >> shift) & 0xFF] += 1
+        total = 0
+        for b in range(256):
+            c = count[b]
+            count[b] = total
+            total += c
+        for j in range(n):
+            b = (src[j].src >> shift) & 0xFF
+            dst[count[b]] = src[j]
+            count[b] += 1
+        swap = src
+        src = dst
+        dst = swap
+        shift += 8
+    if src != a:
+        memcpy(a, src, n * sizeof(Pair))
 
 
-cdef bint all_distinct(const uint64_t *values, Py_ssize_t n) noexcept nogil:
-    """True when no value repeats (n log n on a copy)."""
-    cdef uint64_t *tmp = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+cdef bint all_distinct(const uint64_t *values, Py_ssize_t n, Pair *work) noexcept nogil:
+    """True when no value repeats: sorted in work (scratch for 2n pairs), then compared."""
     cdef Py_ssize_t j
-    cdef bint ok = True
-    if tmp == NULL:
-        return False
-    memcpy(tmp, values, n * sizeof(uint64_t))
-    qsort(tmp, n, sizeof(uint64_t), cmp_u64)
+    for j in range(n):
+        work[j].src = values[j]
+        work[j].dst = 0
+    sort_by_src(work, work + n, n)
     for j in range(1, n):
-        if tmp[j] == tmp[j - 1]:
-            ok = False
-            break
-    free(tmp)
-    return ok
+        if work[j].src == work[j - 1].src:
+            return False
+    return True
 
 
 def plan_b2b(Indices src_blocks not None, Indices dst_blocks not None, size_t block_bytes):
@@ -140,7 +167,8 @@ def plan_b2b(Indices src_blocks not None, Indices dst_blocks not None, size_t bl
     blocks does not matter)."""
     cdef Plan p = Plan.__new__(Plan)
     cdef Py_ssize_t j, n = src_blocks.size
-    cdef Pair *pairs = <Pair *>malloc(max(n, 1) * sizeof(Pair))
+    cdef Pair *pairs = <Pair *>malloc(max(3 * n, 1) * sizeof(Pair))     # the pairs, then scratch
+    cdef Pair *work = pairs + n
     if pairs == NULL:
         raise MemoryError()
     p.reserve(n)
@@ -148,8 +176,8 @@ def plan_b2b(Indices src_blocks not None, Indices dst_blocks not None, size_t bl
         for j in range(n):
             pairs[j].src = src_blocks.data[j]
             pairs[j].dst = dst_blocks.data[j]
-        if n > 1 and all_distinct(dst_blocks.data, n):
-            qsort(pairs, n, sizeof(Pair), cmp_pair_src)
+        if n > 1 and all_distinct(dst_blocks.data, n, work):
+            sort_by_src(pairs, work, n)
         for j in range(n):
             if not (block_fits(pairs[j].src, block_bytes) and block_fits(pairs[j].dst, block_bytes)):
                 p.overflow = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -32,6 +33,9 @@ log = logging.getLogger("llmdist")
 _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 _NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 
+
+
+_REGION_CACHE = operator.attrgetter("cache")
 
 
 def _fail(message: str, code: LLMStatusCode = _PARAM_INVALID) -> LLMException:
@@ -418,17 +422,19 @@ class CacheManager:
         if dst_block_memory_size is not None:
             check_uint64("dst_block_memory_size", dst_block_memory_size)
         block_size = dst_block_memory_size or 0
-        # 3. source blocks (a blocks source without indices is C2C, one block per batch row)
+        # 3. source blocks (a blocks source without indices is C2C, one block per batch row).
+        # Checks made on every call raise directly instead of calling require, whose f-string
+        # message would be built on every call.
         if src_idx is not None and dst_idx is None:
             raise _fail("PA source to non-PA destination is not supported: "
                         "src_block_indices given without dst_block_indices")
         if src_idx is not None:
-            require(len(src_idx) == len(dst_idx),
-                    f"src_block_indices and dst_block_indices must have the same length, "
-                    f"got {len(src_idx)} and {len(dst_idx)}")
-            require(src_idx.max_value is None or src_idx.max_value < desc.batch_size,
-                    f"src_block_indices has block {src_idx.max_value}, but the source cache has "
-                    f"{desc.batch_size} blocks")
+            if len(src_idx) != len(dst_idx):
+                raise _fail(f"src_block_indices and dst_block_indices must have the same "
+                            f"length, got {len(src_idx)} and {len(dst_idx)}")
+            if src_idx.max_value is not None and src_idx.max_value >= desc.batch_size:
+                raise _fail(f"src_block_indices has block {src_idx.max_value}, but the source "
+                            f"cache has {desc.batch_size} blocks")
         # 4. / 5. destination block size
         if dst_idx is not None and src_idx is None:
             require(block_size > 0, "dst_block_memory_size must be > 0 when only dst_block_indices "
@@ -447,22 +453,24 @@ class CacheManager:
             return None, 0
         # the plan, shared by every layer and config of this call
         if src_idx is not None:
-            require(block_size in (0, stride),
-                    f"dst_block_memory_size {block_size} must equal the source block size {stride}")
+            if block_size not in (0, stride):
+                raise _fail(f"dst_block_memory_size {block_size} must equal the source block "
+                            f"size {stride}")
             block_size = stride
             plan = _core.plan_b2b(src_idx, dst_idx, stride)
         elif dst_idx is not None:
-            require(len(dst_idx) <= -(-stride // block_size),
-                    f"dst_block_indices has {len(dst_idx)} blocks, but a source row of {stride} "
-                    f"bytes fills at most {-(-stride // block_size)} blocks of {block_size} bytes")
+            if len(dst_idx) > -(-stride // block_size):
+                raise _fail(f"dst_block_indices has {len(dst_idx)} blocks, but a source row of "
+                            f"{stride} bytes fills at most {-(-stride // block_size)} blocks of "
+                            f"{block_size} bytes")
             plan = _core.plan_c2b(dst_idx, stride, block_size)
         else:
             plan = _core.plan_c2c(stride)
         # 8. - 11. each config
         tpl = pull_push.check_tensor_num_per_layer(tensor_num_per_layer)
-        require(desc.num_tensors % tpl == 0,
-                f"src_cache has {desc.num_tensors} tensors, not a multiple of "
-                f"tensor_num_per_layer {tpl}")
+        if desc.num_tensors % tpl:
+            raise _fail(f"src_cache has {desc.num_tensors} tensors, not a multiple of "
+                        f"tensor_num_per_layer {tpl}")
         num_layers = desc.num_tensors // tpl
         self._take_slot()
         try:
@@ -495,13 +503,13 @@ class CacheManager:
                 touched.append(keys)
             events = gate = None
             if isinstance(layer_synchronizer, EventSynchronizer):
-                require(layer_synchronizer.runtime.name == self._runtime.name,
-                        f"layer_synchronizer's events belong to the "
-                        f"{layer_synchronizer.runtime.name} runtime, this cluster uses "
-                        f"{self._runtime.name}")
-                require(len(layer_synchronizer.events) >= num_layers,
-                        f"layer_synchronizer has {len(layer_synchronizer.events)} events, the "
-                        f"source cache has {num_layers} layers")
+                if layer_synchronizer.runtime.name != self._runtime.name:
+                    raise _fail(f"layer_synchronizer's events belong to the "
+                                f"{layer_synchronizer.runtime.name} runtime, this cluster uses "
+                                f"{self._runtime.name}")
+                if len(layer_synchronizer.events) < num_layers:
+                    raise _fail(f"layer_synchronizer has {len(layer_synchronizer.events)} events, "
+                                f"the source cache has {num_layers} layers")
                 events, gate = layer_synchronizer.events, layer_synchronizer.gate
             job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, plans,
                                     layer_synchronizer, self._sync_timeout, events, gate,
@@ -526,21 +534,22 @@ class CacheManager:
         if layers is None:
             layers = range(num_layers)
         # 8. layers and rows
-        require(layers.stop <= num_layers,
-                f"transfer_configs[{i}]: src_layer_range {layers} is outside the source's "
-                f"{num_layers} layers")
+        if layers.stop > num_layers:
+            raise _fail(f"transfer_configs[{i}]: src_layer_range {layers} is outside the source's "
+                        f"{num_layers} layers")
         if not keyed:
-            require(len(cfg._dst_addrs) == tpl * len(layers),
-                    f"transfer_configs[{i}]: dst_addrs has {len(cfg._dst_addrs)} addresses, but "
-                    f"{len(layers)} layers need {tpl * len(layers)} ({tpl} per layer)")
+            if len(cfg._dst_addrs) != tpl * len(layers):
+                raise _fail(f"transfer_configs[{i}]: dst_addrs has {len(cfg._dst_addrs)} "
+                            f"addresses, but {len(layers)} layers need {tpl * len(layers)} ({tpl} "
+                            f"per layer)")
         if src_idx is not None:
-            require(cfg.src_batch_index == 0,
-                    f"transfer_configs[{i}]: src_batch_index must be 0 with src_block_indices, "
-                    f"got {cfg.src_batch_index}")
+            if cfg.src_batch_index != 0:
+                raise _fail(f"transfer_configs[{i}]: src_batch_index must be 0 with "
+                            f"src_block_indices, got {cfg.src_batch_index}")
         else:
-            require(cfg.src_batch_index < desc.batch_size,
-                    f"transfer_configs[{i}]: src_batch_index {cfg.src_batch_index} must be < the "
-                    f"source batch size {desc.batch_size}")
+            if cfg.src_batch_index >= desc.batch_size:
+                raise _fail(f"transfer_configs[{i}]: src_batch_index {cfg.src_batch_index} must "
+                            f"be < the source batch size {desc.batch_size}")
         # 10. the destination cluster
         peer = None
         mem = self._mem
@@ -566,9 +575,9 @@ class CacheManager:
             entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range, mem, tpl)
             dcache = entry.cache
             if dst_idx is not None:
-                require(dcache.is_blocks_cache and dcache.cache_desc.stride == block_size,
-                        f"transfer_configs[{i}]: destination cache {dcache.cache_id} must be a "
-                        f"blocks cache of {block_size}-byte blocks")
+                if not (dcache.is_blocks_cache and dcache.cache_desc.stride == block_size):
+                    raise _fail(f"transfer_configs[{i}]: destination cache {dcache.cache_id} must "
+                                f"be a blocks cache of {block_size}-byte blocks")
             addrs = dcache._tensor_addrs
             dst = []
             for dl in cfg.dst_layer_range:
@@ -578,14 +587,12 @@ class CacheManager:
         # 9. and 11. placement and bounds of every destination tensor
         regions, bad = mem.registry.locate(dst, plan.dst_lo, plan.dst_hi)
         src_place = desc.placement
-        seen = set()
-        for j, region in enumerate(regions):
-            if region is None:
-                break
-            rc = region.cache
-            if rc.cache_id in seen:
-                continue
-            seen.add(rc.cache_id)
+        # each destination cache once, in the order of its first tensor, up to the first tensor
+        # that fits no region: C-level passes, no Python per tensor (every region of a cache
+        # carries the cache's origin, so any of them stands for it)
+        fitted = regions if bad < 0 else regions[:bad]
+        by_cache = dict(zip(map(_REGION_CACHE, fitted), fitted))
+        for rc, region in by_cache.items():
             dplace = rc.cache_desc.placement
             if src_place == Placement.HOST and dplace == Placement.DEVICE:
                 raise _fail(f"transfer_configs[{i}]: a HOST source cannot be sent to a DEVICE "
@@ -608,7 +615,7 @@ class CacheManager:
             raise _fail(f"transfer_configs[{i}]: layer {layer} {which} destination "
                         f"[{dst[bad] + plan.dst_lo:#x}, {dst[bad] + plan.dst_hi:#x}) is not inside "
                         f"memory registered or allocated on cluster {cfg.dst_cluster_id}")
-        touched.update((cfg.dst_cluster_id, cid) for cid in seen)
+        touched.update((cfg.dst_cluster_id, rc.cache_id) for rc in by_cache)
         dplace = regions[0].cache.cache_desc.placement
         kind = copy_kind(src_place, dplace)
         shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride

@@ -156,7 +156,8 @@ class LLMConfig:
 
     @property
     def link_total_time(self) -> int:
-        """Total time budget of a link attempt in ms (llm.LinkTotalTime); 0 until set."""
+        """Total time budget of a link in seconds, as upstream (llm.LinkTotalTime); 0 until set,
+        and 0 means the default (HCCL_CONNECT_TIMEOUT, else 120 s; see rank-table links)."""
         return 0 if self._link_total_time is None else self._link_total_time
 
     @link_total_time.setter

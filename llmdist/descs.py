@@ -194,8 +194,9 @@ class CacheDesc:
     @property
     def size(self) -> int:
         """Bytes of ONE tensor: prod(shape) * element size; LLMException if it has none."""
-        require(all(d > 0 for d in self._shape),
-                f"cannot compute the tensor size of shape {list(self._shape)}: negative dim")
+        if min(self._shape, default=1) <= 0:    # read per transfer: message built on failure only
+            raise LLMException(f"cannot compute the tensor size of shape {list(self._shape)}: "
+                               f"negative dim", status_code=LLMStatusCode.LLM_PARAM_INVALID)
         return math.prod(self._shape) * self._data_type.element_size
 
     @property

@@ -26,16 +26,21 @@ def pattern(cluster_id: int, model_id: int, tensor: int, nbytes: int):
         0, 256, nbytes, dtype=np.uint8)
 
 
-def make_datadist(role, cluster_id: int, options: dict, remote: bool = True):
+def make_datadist(role, cluster_id: int, options: dict, remote: bool = True,
+                  link_total_time=None, link_retry_count=None):
     """LLMDataDist configured as the connectors do: cache manager on, no listener."""
     from llmdist import LLMConfig, LLMDataDist
     cfg = LLMConfig()
     cfg.device_id = 0
     cfg.sync_kv_timeout = 20000
+    cfg.enable_switch_role = True
     cfg.enable_cache_manager = True
     cfg.enable_remote_cache_accessible = remote
+    if link_total_time is not None:
+        cfg.link_total_time = link_total_time
+    if link_retry_count is not None:
+        cfg.link_retry_count = link_retry_count
     opts = cfg.generate_options()
-    opts["llm.EnableSwitchRole"] = "1"
     opts.update(options)
     dd = LLMDataDist(role, cluster_id)
     dd.init(opts)
@@ -146,8 +151,8 @@ def mindie(p: dict) -> dict:
     from llmdist import BlocksCacheKey, LLMRole, LLMStatusCode
     prefill = p["role"] == "prefill"
     me, other = (p["p"], p["d"]) if prefill else (p["d"], p["p"])
-    dd = make_datadist(LLMRole.PROMPT if prefill else LLMRole.MIX, me,
-                       {**p["options"], "llm.LinkTotalTime": "135", "llm.LinkRetryCount": "10"})
+    dd = make_datadist(LLMRole.PROMPT if prefill else LLMRole.MIX, me, p["options"],
+                       link_total_time=135, link_retry_count=10)
     caches = BlocksCaches(dd, me, fill=prefill)
     for m in (0, 1):                                    # K, then V
         caches.register(m, p["layers"], p["blocks"], p["block_bytes"])
@@ -218,7 +223,7 @@ def never_arrives(p: dict) -> dict:
     """A three-member comm of which only two members run: FAILED after link_total_time."""
     from llmdist import LLMRole, RegisterMemStatus
     dd = make_datadist(LLMRole.PROMPT if p["me"] == min(p["rank_info"]) else LLMRole.DECODER,
-                       p["me"], {**p["options"], "llm.LinkTotalTime": "1"})
+                       p["me"], p["options"], link_total_time=1)
     comm_id = dd.link("incomplete", p["rank_info"], p["table"])
     t0 = time.monotonic()
     seen = [dd.query_register_mem_status(comm_id).name]

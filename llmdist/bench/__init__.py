@@ -82,6 +82,8 @@ def settings_from(args) -> Settings:
                      f"{preset.head_dim} x {preset.dtype} = {size_name(preset.block_size)}")
         if args.blocks:
             notes.append(f"--blocks {args.blocks} replaces the preset's block size")
+        if args.layers:
+            notes.append(f"--layers {args.layers} replaces the preset's {preset.layers} layers")
         bad = [b for b in blocks if b % s.np_dtype.itemsize]
         if bad:
             raise ValueError(f"--blocks: {bad[0]} bytes is not a whole number of {s.dtype} elements")

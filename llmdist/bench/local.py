@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from ..descs import Placement
+from .._core import Stream
+from ..events import EventSynchronizer
 from ..transfer_types import LayerSynchronizer, TransferConfig
 from .results import SUBJECT, Result, Run, path_of
 from .peers import llm_datadist_available
@@ -85,12 +87,13 @@ def upstream_reason() -> str:
 DMA_VARIANT = "llmdist, DMA copies"
 
 
-def _add_dma_variant(bench: Bench, paths: dict, llmdist) -> None:
+def _add_dma_variant(bench: Bench, paths: dict, llmdist, dst, verify) -> bool:
     """On CUDA with the copy kernel: the same llmdist call with one DMA copy per run instead
-    (llmdist.device_copy=dma), switched for that call only."""
+    (llmdist.device_copy=dma), switched for that call only. Its bytes are checked once (dst
+    cleared, the call, `verify()`); returns that check (True when there is no such variant)."""
     rt = bench.rt
-    if not hasattr(rt, "select_device_copy") or getattr(rt, "device_copy", None) != "kernel":
-        return
+    if not _kernel_mode(bench):
+        return True
 
     def dma():
         rt.select_device_copy("dma")
@@ -99,6 +102,9 @@ def _add_dma_variant(bench: Bench, paths: dict, llmdist) -> None:
         finally:
             rt.select_device_copy("kernel")
     paths[DMA_VARIANT] = dma
+    bench.zero(dst)
+    dma()
+    return verify()
 
 
 def _kind(bench: Bench, src: Placement, dst: Placement) -> str:
@@ -139,7 +145,8 @@ def b2b(bench: Bench, run: Run) -> None:
             ok = verify_blocks(bench, src, dst, si, di, block)
             paths = _block_paths(bench, llmdist, moved, src, dst, si, di, block)
             skipped: Dict[str, str] = {}
-            _add_dma_variant(bench, paths, llmdist)
+            ok = _add_dma_variant(bench, paths, llmdist, dst,
+                                  lambda: verify_blocks(bench, src, dst, si, di, block)) and ok
             _add_framework_baselines(bench, paths, skipped, releases,
                                      bench.numpy_indexing(src, dst, si, di, block),
                                      (nt, plan.pool, block, si, di))
@@ -185,7 +192,8 @@ def c2b(bench: Bench, run: Run) -> None:
             ok = verify_blocks(bench, src, dst, chunks, di, block)
             paths = _block_paths(bench, llmdist, moved, src, dst, chunks, di, block)
             skipped: Dict[str, str] = {}
-            _add_dma_variant(bench, paths, llmdist)
+            ok = _add_dma_variant(bench, paths, llmdist, dst,
+                                  lambda: verify_blocks(bench, src, dst, chunks, di, block)) and ok
             _add_framework_baselines(bench, paths, skipped, releases,
                                      bench.numpy_indexing(src, dst, chunks, di, block),
                                      (nt, plan.pool, block, chunks, di, 2 * s.pairs))
@@ -225,7 +233,8 @@ def c2c(bench: Bench, run: Run) -> None:
             paths = _block_paths(bench, llmdist, moved, src, dst, chunks, list(range(s.pairs)),
                                  block)
             skipped: Dict[str, str] = {}
-            _add_dma_variant(bench, paths, llmdist)
+            ok = _add_dma_variant(bench, paths, llmdist, dst,
+                                  lambda: verify_blocks(bench, src, dst, chunks, list(range(s.pairs)), block)) and ok
             _add_framework_baselines(bench, paths, skipped, releases,
                                      bench.numpy_indexing(src, dst, chunks, list(range(s.pairs)), block),
                                      (nt, s.pairs, block, chunks, list(range(s.pairs)), 2 * s.pairs))
@@ -337,8 +346,8 @@ class Compute:
             self.sync = device_sync(torch, dev)
         else:
             rng = np.random.default_rng(0)
-            self.a = rng.standard_normal((384, 384), dtype=np.float32)
-            self.b = rng.standard_normal((384, 384), dtype=np.float32)
+            self.a = rng.standard_normal((128, 128), dtype=np.float32)
+            self.b = rng.standard_normal((128, 128), dtype=np.float32)
         for _ in range(3):
             self.step_time()
         for _ in range(3):
@@ -360,16 +369,77 @@ class Compute:
             self.sync()
 
 
+class DeviceWork:
+    """Simulated layers for an event-gated prefill: per layer, work queued on a model stream and
+    then the layer's event, which the transfer stream waits on (no host thread per layer).
+    The work is torch fp16 matmuls with torch events (CUDA, when torch imports), else a device
+    copy of `nbytes` standing in for a layer's compute."""
+
+    def __init__(self, bench: Bench, layers: int, nbytes: int, use_torch: bool) -> None:
+        self.bench = bench
+        self.bufs = []
+        if use_torch:
+            torch, dev = bench.torch
+            self.a = torch.randn((2048, 2048), dtype=torch.float16, device=dev)
+            self.model = torch.cuda.Stream()
+            self.events = [torch.cuda.Event() for _ in range(layers)]
+            with torch.cuda.stream(self.model):
+                for ev in self.events:
+                    ev.record()            # torch creates an event at its first record
+            torch.cuda.synchronize()
+            self.sync = EventSynchronizer(bench.rt, [ev.cuda_event for ev in self.events])
+            self.torch = torch
+        else:
+            self.torch = None
+            self.model = Stream(bench.rt)
+            self.sync = EventSynchronizer(bench.rt, layers)
+            self.bufs = [bench.cache(1, 1, nbytes) for _ in range(2)]
+            self.nbytes = nbytes
+
+    def layer(self, i: int) -> None:
+        if self.torch is not None:
+            with self.torch.cuda.stream(self.model):
+                for _ in range(2):
+                    self.a @ self.a
+                self.events[i].record()
+            self.sync.mark_recorded(i)
+        else:
+            self.bench.rt.memcpy(self.bufs[1].tensor_addrs[0], self.bufs[0].tensor_addrs[0],
+                                 self.nbytes, self.model)
+            self.sync.record(i, self.model)
+
+    def finish(self) -> None:
+        """Wait until the model's stream has run every layer."""
+        self.model.synchronize()
+
+    def close(self) -> None:
+        self.bench.free(*self.bufs)
+        if self.torch is None:
+            self.model.close()
+
+
+def _kernel_mode(bench: Bench) -> bool:
+    """CUDA with the copy kernel in use (so a DMA variant means something)."""
+    return hasattr(bench.rt, "select_device_copy") and getattr(bench.rt, "device_copy", None) == "kernel"
+
+
 def overlap(bench: Bench, run: Run) -> None:
     """A prefill of `layers` layers whose compute per layer takes about twice one layer's copy
     streams its cache layer by layer. The tail (last layer ready -> task done) is reported in
-    units of one layer's copy measured in the same rounds (1.0: only the last layer was left)."""
+    units of one layer's copy measured in the same rounds (1.0: only the last layer was left).
+    Layers are released by a Python synchronizer, or (event-gated) by a runtime event per layer
+    recorded on the model's stream, which the transfer stream waits on."""
     s = bench.settings
     L = s.layers
     tpl = s.tensors_per_layer
     nt = L * tpl
     block = max(s.blocks)
-    kinds = ["sleep", "torch matmul" if bench.torch else "numpy matmul"]
+    gated_kind = ("torch matmul, event-gated" if bench.torch and bench.rt.name == "cuda"
+                  else "device copy, event-gated")
+    kinds = ["sleep", gated_kind, "torch matmul" if bench.torch else "numpy matmul"]
+    if _kernel_mode(bench):
+        kinds.insert(2, gated_kind + ", DMA copies")
+    bench.progress.plan(len(kinds) - 3)
     plan = bench.budget.fit_pool(f"overlap {size_name(block)}", Need(2 * nt * block, 0))
     run.note(plan.note)
     src = bench.blocks_cache(nt, plan.pool, block)
@@ -395,29 +465,50 @@ def overlap(bench: Bench, run: Run) -> None:
             for _ in range(3):
                 one_layer()
             layer_s = statistics.median([one_layer() for _ in range(9)])
-            step = Compute(kind.split()[-1], 2.0 * layer_s,
-                           bench.torch if kind.startswith("torch") else None)
+            gated = "event-gated" in kind
+            dma = kind.endswith("DMA copies")
+            if gated:
+                step = DeviceWork(bench, L, 2 * tpl * s.pairs * block, kind.startswith("torch"))
+            else:
+                step = Compute(kind.split()[-1], 2.0 * layer_s,
+                               bench.torch if kind.startswith("torch") else None)
+            if dma:
+                bench.rt.select_device_copy("dma")
             tails, after, prefill, layer_t = [], [], [], []
-            for i in range(bench.settings.repeat + 1):
-                bench.progress.show(f"{label}: round {i + 1}/{bench.settings.repeat + 1}")
-                sync = LayerEvents(L)
-                t0 = time.perf_counter()
-                task = bench.cm.transfer_cache_async(src, sync, allc, si, di, **kw)
-                try:
-                    for layer in range(L):
-                        step()
-                        sync.events[layer].set()
-                finally:
-                    for ev in sync.events:
-                        ev.set()
-                t_end = time.perf_counter()
-                check(task.synchronize(), "layer-wise transfer")
-                t_done = time.perf_counter()
-                if i:             # the first round warms up
-                    tails.append(t_done - sync.returned[L - 1])
-                    after.append(t_done - t_end)
-                    prefill.append(t_end - t0)
-                    layer_t.append(one_layer())
+            try:
+                for i in range(bench.settings.repeat + 1):
+                    bench.progress.show(f"{label}: round {i + 1}/{bench.settings.repeat + 1}")
+                    sync = step.sync if gated else LayerEvents(L)
+                    if gated:
+                        sync.reset()
+                    t0 = time.perf_counter()
+                    task = bench.cm.transfer_cache_async(src, sync, allc, si, di, **kw)
+                    try:
+                        for layer in range(L):
+                            if gated:       # queued on the model's stream, then its event
+                                step.layer(layer)
+                            else:
+                                step()
+                                sync.events[layer].set()
+                        if gated:
+                            step.finish()
+                    finally:
+                        if not gated:
+                            for ev in sync.events:
+                                ev.set()
+                    t_end = time.perf_counter()
+                    check(task.synchronize(), "layer-wise transfer")
+                    t_done = time.perf_counter()
+                    if i:             # the first round warms up
+                        tails.append(t_done - (t_end if gated else sync.returned[L - 1]))
+                        after.append(t_done - t_end)
+                        prefill.append(t_end - t0)
+                        layer_t.append(one_layer())
+            finally:
+                if dma:
+                    bench.rt.select_device_copy("kernel")
+                if gated:
+                    step.close()
             ok = verify_blocks(bench, src, dst, si, di, block, tensors=[0, nt - 1])
             times = {SUBJECT: tails, "one layer's copy": layer_t}
             res = _result("overlap", f"{kind}, {L} layers", block, 0, times, {}, ok,
@@ -497,4 +588,4 @@ SCENARIOS: Dict[str, Callable[[Bench, Run], None]] = {
 def steps(name: str, bench_settings) -> int:
     """How many progress steps a scenario takes (for the progress line)."""
     n = len(bench_settings.blocks)
-    return {"b2b": n, "c2b": n, "c2c": n, "swap": 2 * n, "overlap": 2, "overhead": 1}.get(name, 1)
+    return {"b2b": n, "c2b": n, "c2c": n, "swap": 2 * n, "overlap": 3, "overhead": 1}.get(name, 1)

@@ -1,0 +1,57 @@
+"""The planner's run template for blocks-to-blocks transfers, against a plain Python model."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from llmdist import _core
+
+BLOCK = 4096
+
+
+def model_runs(src, dst, block):
+    """(src_off, dst_off, nbytes) runs: pairs in source order (stable) when no destination
+    block repeats, else in the given order; neighbours in both source and destination merge."""
+    pairs = list(zip(src, dst))
+    if len(set(dst)) == len(dst):
+        pairs.sort(key=lambda p: p[0])
+    runs = []
+    for s, d in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == s * block and runs[-1][1] + runs[-1][2] == d * block:
+            runs[-1][2] += block
+        else:
+            runs.append([s * block, d * block, block])
+    return [tuple(r) for r in runs]
+
+
+def plan(src, dst, block=BLOCK):
+    return _core.plan_b2b(_core.parse_indices("src", src), _core.parse_indices("dst", dst), block)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64, 255, 256, 257, 1000])
+@pytest.mark.parametrize("kind", ["distinct", "src_repeats", "dst_repeats", "runs"])
+def test_b2b_runs_match_the_model(n, kind):
+    rng = random.Random(n * 31 + len(kind))
+    pool = max(2 * n, 4)
+    if kind == "distinct":
+        src, dst = rng.sample(range(pool), n), rng.sample(range(pool), n)
+    elif kind == "src_repeats":      # one source block to several destinations: order kept stable
+        src, dst = [rng.randrange(max(n // 4, 1)) for _ in range(n)], rng.sample(range(pool), n)
+    elif kind == "dst_repeats":      # the given order is kept (the last write wins)
+        src, dst = rng.sample(range(pool), n), [rng.randrange(max(n // 4, 1)) for _ in range(n)]
+    else:                            # consecutive stretches, shuffled, that merge back into runs
+        starts = list(range(0, 4 * n, 8))
+        rng.shuffle(starts)
+        src = [s + k for s in starts for k in range(4)][:n]
+        dst = [s + 100 + k for s in starts for k in range(4)][:n]
+    p = plan(src, dst)
+    assert p.runs == model_runs(src, dst, BLOCK)
+    touched = [r[1] for r in p.runs] or [0]
+    assert p.dst_lo == min(touched)
+    assert p.dst_hi == max([r[1] + r[2] for r in p.runs] or [0])
+
+
+def test_b2b_merges_a_sorted_stretch_into_one_run():
+    p = plan(list(range(10, 74)), list(range(200, 264)))
+    assert p.runs == [(10 * BLOCK, 200 * BLOCK, 64 * BLOCK)]

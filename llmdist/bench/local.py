@@ -434,7 +434,7 @@ def overlap(bench: Bench, run: Run) -> None:
     tpl = s.tensors_per_layer
     nt = L * tpl
     block = max(s.blocks)
-    gated_kind = ("torch matmul, event-gated" if bench.torch and bench.rt.name == "cuda"
+    gated_kind = ("torch matmul, event-gated" if bench.torch and bench.rt.framework_device == "cuda"
                   else "device copy, event-gated")
     kinds = ["sleep", gated_kind, "torch matmul" if bench.torch else "numpy matmul"]
     if _kernel_mode(bench):

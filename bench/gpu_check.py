@@ -143,7 +143,7 @@ class Check:
     def set_copy(self, mode: str) -> bool:
         """Device-to-device copies by the copy kernel ("kernel") or DMA ("dma"); False when the
         kernel cannot be used here (the reason is printed)."""
-        if self.rt.name != "cuda":
+        if self.rt.device_copy is None:         # DMA is this runtime's only way
             return mode == "dma"
         self.rt.select_device_copy("auto" if mode == "kernel" else "dma")
         if mode == "kernel" and self.rt.device_copy != "kernel":
@@ -152,7 +152,7 @@ class Check:
         return True
 
     def modes(self) -> list:
-        return ["kernel", "dma"] if self.rt.name == "cuda" else ["dma"]
+        return ["kernel", "dma"] if self.rt.device_copy is not None else ["dma"]
 
 
 def correctness() -> int:

@@ -26,6 +26,11 @@ cdef extern from "llmdist/runtime.h" nogil:
         LLMD_COPY_PEER_DEVICE
         LLMD_IPC_ID_MAX
 
+    enum:
+        LLMD_DEVICE_COPY_AUTO
+        LLMD_DEVICE_COPY_KERNEL
+        LLMD_DEVICE_COPY_DMA
+
     ctypedef struct llmd_run:
         uint64_t src_off
         uint64_t dst_off
@@ -45,6 +50,7 @@ cdef extern from "llmdist/runtime.h" nogil:
         int device_is_host
         const char *ipc_kind
         size_t ipc_align
+        const char *framework_device
         int (*set_device)(void *ctx, int32_t device_id) nogil
         int (*malloc_device)(void *ctx, void **ptr, size_t size) nogil
         int (*free_device)(void *ctx, void *ptr) nogil
@@ -68,6 +74,8 @@ cdef extern from "llmdist/runtime.h" nogil:
         int (*copy_runs)(void *ctx, llmd_run_table *table, const llmd_tensor_pair *pairs,
                          size_t count, int kind, unsigned flags, llmd_stream stream,
                          size_t *fail_index) nogil
+        int (*select_device_copy)(void *ctx, int mode, const char *kernel, char *why,
+                                  size_t why_len) nogil
         const char *(*error_string)(void *ctx, int code) nogil
         int (*error_class)(void *ctx, int code) nogil
         const char *(*ipc_unavailable)(void *ctx) nogil
@@ -91,11 +99,6 @@ cdef extern from "llmdist/acl.h" nogil:
 cdef extern from "llmdist/cuda.h" nogil:
     const llmd_runtime *llmd_cuda_load(const char *const *paths, size_t count, int32_t device_id,
                                        llmd_load_report *report)
-    enum:
-        LLMD_CUDA_COPY_AUTO
-        LLMD_CUDA_COPY_KERNEL
-        LLMD_CUDA_COPY_DMA
-    int llmd_cuda_select_copy(int mode, const char *ptx, char *why, size_t why_len)
 
 cdef extern from "llmdist/host_runtime.h" nogil:
     enum:

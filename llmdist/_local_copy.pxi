@@ -14,8 +14,8 @@ def plan_one(size_t src_off, size_t dst_off, size_t nbytes):
     return p
 
 
-cdef int fill_pairs(Plan plan, list src_bases, list dst_bases, void **d, void **s, size_t *n,
-                    size_t *m) except -1:
+cdef int fill_pairs(Plan plan, list src_bases, list dst_bases, void **d, void **s,
+                    size_t *n) except -1:
     """Descriptors of every run of every pair, pair by pair."""
     cdef Py_ssize_t i, r, k = 0
     cdef uintptr_t sb, db
@@ -26,7 +26,6 @@ cdef int fill_pairs(Plan plan, list src_bases, list dst_bases, void **d, void **
             s[k] = <void *>(sb + plan.runs[r].src_off)
             d[k] = <void *>(db + plan.runs[r].dst_off)
             n[k] = plan.runs[r].nbytes
-            m[k] = plan.runs[r].nbytes
             k += 1
     return 0
 
@@ -87,7 +86,6 @@ def copy_pairs_staged(Runtime runtime not None, Stream stream not None, Plan pla
     cdef void **d = <void **>malloc(max(total, 1) * sizeof(void *))
     cdef void **s = <void **>malloc(max(total, 1) * sizeof(void *))
     cdef size_t *n = <size_t *>malloc(max(total, 1) * sizeof(size_t))
-    cdef size_t *m = <size_t *>malloc(max(total, 1) * sizeof(size_t))
     # per round: one piece descriptor per run piece (at most total + pieces of split runs)
     cdef void **pd = NULL
     cdef void **ps = NULL
@@ -105,9 +103,9 @@ def copy_pairs_staged(Runtime runtime not None, Stream stream not None, Plan pla
     if staging_size == 0:
         raise ValueError("staging buffer is empty")
     try:
-        if d == NULL or s == NULL or n == NULL or m == NULL:
+        if d == NULL or s == NULL or n == NULL:
             raise MemoryError()
-        fill_pairs(plan, src_bases, dst_bases, d, s, n, m)
+        fill_pairs(plan, src_bases, dst_bases, d, s, n)
         pd = <void **>malloc(max(total, 1) * sizeof(void *))
         ps = <void **>malloc(max(total, 1) * sizeof(void *))
         pn = <size_t *>malloc(max(total, 1) * sizeof(size_t))
@@ -158,7 +156,7 @@ def copy_pairs_staged(Runtime runtime not None, Stream stream not None, Plan pla
                     for j in range(np):
                         llmd_host_copy(hptr[j], <char *>staging + hoff[j], pn[j])
     finally:
-        free(d); free(s); free(n); free(m)
+        free(d); free(s); free(n)
         free(pd); free(ps); free(pn); free(hoff); free(hptr); free(pieces)
     runtime.check(rc, op)
 

@@ -9,9 +9,10 @@ cpdef enum CopyKind:
     COPY_DEFAULT = LLMD_MEMCPY_DEFAULT      # the runtime infers the direction from the addresses
 
 
-# CUDA: how device-to-device copies run in this process (llmdist.device_copy; the last
-# LLMDataDist.init decides), and why they are DMA copies when they are.
-cdef dict g_cuda_copy = {"mode": "dma", "reason": "no mode chosen yet"}
+# Runtimes with a copy kernel (select_device_copy): how device-to-device copies run in this
+# process (llmdist.device_copy; the last LLMDataDist.init decides), and why they are DMA copies
+# when they are.
+cdef dict g_device_copy = {"mode": "dma", "reason": "no mode chosen yet"}
 
 
 cdef bytes copy_kernel_ptx():
@@ -86,10 +87,10 @@ cdef class Runtime:
                             report.library.decode("utf-8", "replace"))
 
     def select_device_copy(self, str mode):
-        """CUDA: how device-to-device copies of transfers run. "kernel": one launch of the copy
-        kernel per layer (LLMException when it cannot be loaded); "dma": DMA copies; "auto": the
-        kernel when it loads, else DMA with the reason in device_copy_reason. Other runtimes
-        ignore it."""
+        """How device-to-device copies of transfers run, on a runtime with a copy kernel (CUDA).
+        "kernel": one launch of the copy kernel per layer (LLMException when it cannot be
+        loaded); "dma": DMA copies; "auto": the kernel when it loads, else DMA with the reason
+        in device_copy_reason. Other runtimes ignore it."""
         cdef char why[512]
         cdef bytes ptx
         cdef const char *text = NULL
@@ -97,41 +98,45 @@ cdef class Runtime:
         if mode not in ("auto", "kernel", "dma"):
             raise LLMException(f"llmdist.device_copy must be auto, kernel or dma, got {mode!r}",
                                status_code=LLMStatusCode.LLM_PARAM_INVALID)
-        if self.name != "cuda":
+        if self.rt.select_device_copy == NULL:
             return
-        cmode = {"auto": LLMD_CUDA_COPY_AUTO, "kernel": LLMD_CUDA_COPY_KERNEL,
-                 "dma": LLMD_CUDA_COPY_DMA}[mode]
+        cmode = {"auto": LLMD_DEVICE_COPY_AUTO, "kernel": LLMD_DEVICE_COPY_KERNEL,
+                 "dma": LLMD_DEVICE_COPY_DMA}[mode]
         ptx = copy_kernel_ptx() if mode != "dma" else None
         if ptx is not None:
             text = ptx
         why[0] = 0
         with nogil:
-            rc = llmd_cuda_select_copy(cmode, text, why, sizeof(why))
+            rc = self.rt.select_device_copy(self.rt.ctx, cmode, text, why, sizeof(why))
         reason = (<bytes>why).decode("utf-8", "replace")
         if rc < 0:
-            g_cuda_copy.update(mode="dma", reason=reason)
+            g_device_copy.update(mode="dma", reason=reason)
             raise LLMException(f"llmdist.device_copy=kernel, but the copy kernel cannot be "
                                f"used: {reason}", status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
-        g_cuda_copy.update(mode="kernel" if rc == 1 else "dma", reason=None if rc == 1 else reason)
+        g_device_copy.update(mode="kernel" if rc == 1 else "dma", reason=None if rc == 1 else reason)
 
     @property
     def device_copy(self):
-        """CUDA: "kernel" or "dma", how device-to-device copies run; None on other runtimes."""
-        return g_cuda_copy["mode"] if self.name == "cuda" else None
+        """"kernel" or "dma", how device-to-device copies run on a runtime with a copy kernel
+        (CUDA); None on the others."""
+        return g_device_copy["mode"] if self.rt.select_device_copy != NULL else None
 
     @property
     def device_copy_reason(self):
-        """CUDA: why device-to-device copies are DMA copies (None when the kernel runs them)."""
-        return g_cuda_copy["reason"] if self.name == "cuda" else None
+        """Why device-to-device copies are DMA copies on a runtime with a copy kernel (None when
+        the kernel runs them, and on the others)."""
+        return g_device_copy["reason"] if self.rt.select_device_copy != NULL else None
+
+    @property
+    def framework_device(self):
+        """The device type frameworks name this runtime's devices by (torch: "cuda", "npu");
+        None for host memory."""
+        return self.rt.framework_device.decode() if self.rt.framework_device != NULL else None
 
     @property
     def is_host(self):
         """True when "device" memory is host RAM (the host runtime)."""
         return bool(self.rt.device_is_host)
-
-    cdef str text(self, int code):
-        cdef const char *s = self.rt.error_string(self.rt.ctx, code)
-        return s.decode("utf-8", "replace") if s != NULL else "no message"
 
     def error(self, int code, str op):
         """The LLMException for a failed call op (see _errors.pxi)."""

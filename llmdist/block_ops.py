@@ -9,23 +9,17 @@ and no call may read bytes it also writes."""
 from __future__ import annotations
 
 import threading
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 from . import _core
 from ._core import CopyKind
 from ._check import check_int64, check_isinstance, check_uint32, check_uint64, require
-from .descs import Cache, Placement
+from .descs import Cache, Placement, copy_kind
 from .status import LLMException, LLMStatusCode
 
 # Page-locked buffer that host memory a device runtime cannot copy asynchronously (pageable
 # memory the caller owns) goes through, in rounds of at most this many bytes.
 STAGING_BYTES = 8 << 20
-
-_KINDS = {(Placement.HOST, Placement.HOST): CopyKind.COPY_H2H,
-          (Placement.HOST, Placement.DEVICE): CopyKind.COPY_H2D,
-          (Placement.DEVICE, Placement.HOST): CopyKind.COPY_D2H,
-          (Placement.DEVICE, Placement.DEVICE): CopyKind.COPY_D2D}
-
 
 class Side(NamedTuple):
     """One end of a local copy: the tensor bases, where they live, and whether a device
@@ -201,7 +195,7 @@ class LocalCopier:
         if copy.plan.count == 0 or not copy.src.bases:
             return
         rt = self._runtime
-        kind = _KINDS[(copy.src.placement, copy.dst.placement)]
+        kind = copy_kind(copy.src.placement, copy.dst.placement)
         with self._lock:
             if self._closed:
                 raise LLMException("llm datadist is finalized",

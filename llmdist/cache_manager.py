@@ -12,7 +12,8 @@ from . import _core, block_ops, device_ipc, pull_push, shm
 from ._core import CopyKind, Direction
 from ._check import (check_int64, check_int_list, check_isinstance, check_uint32, check_uint64,
                      require)
-from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement)
+from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement,
+                    copy_kind)
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
 from .routes import LocalRoute, Route
 from .status import LLMException, LLMStatusCode
@@ -32,9 +33,6 @@ log = logging.getLogger("llmdist")
 _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 _NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 
-_KIND = {(Placement.DEVICE, Placement.DEVICE): CopyKind.COPY_D2D,
-         (Placement.DEVICE, Placement.HOST): CopyKind.COPY_D2H,
-         (Placement.HOST, Placement.HOST): CopyKind.COPY_H2H}
 
 
 _REGION_CACHE = operator.attrgetter("cache")
@@ -619,7 +617,7 @@ class CacheManager:
                         f"memory registered or allocated on cluster {cfg.dst_cluster_id}")
         touched.update((cfg.dst_cluster_id, rc.cache_id) for rc in by_cache)
         dplace = regions[0].cache.cache_desc.placement
-        kind = _KIND.get((src_place, dplace), CopyKind.COPY_DEFAULT)
+        kind = copy_kind(src_place, dplace)
         shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
         if peer is None:
             route = self._local_route

@@ -8,6 +8,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ._check import (check_int64, check_int_list, check_isinstance, check_uint32, check_uint64,
                      require)
+from ._core import CopyKind
 from .status import LLMException, LLMStatusCode, _NamedIntEnum
 
 __all__ = ["Placement", "DataType", "LLMRole", "RegisterMemStatus", "CacheDesc", "CacheKey",
@@ -21,6 +22,17 @@ class Placement(_NamedIntEnum):
 
     HOST = 0
     DEVICE = 1
+
+
+_COPY_KINDS = {(Placement.HOST, Placement.HOST): CopyKind.COPY_H2H,
+               (Placement.HOST, Placement.DEVICE): CopyKind.COPY_H2D,
+               (Placement.DEVICE, Placement.HOST): CopyKind.COPY_D2H,
+               (Placement.DEVICE, Placement.DEVICE): CopyKind.COPY_D2D}
+
+
+def copy_kind(src: Placement, dst: Placement) -> CopyKind:
+    """The runtime copy kind of bytes moving from memory at src to memory at dst."""
+    return _COPY_KINDS[(src, dst)]
 
 
 class DataType(Enum):

@@ -65,6 +65,19 @@ def _flag_option(options: Dict[str, str], key: str) -> bool:
     return text == "1"
 
 
+def _listen_option(options: Dict[str, str], what: str) -> Optional[Tuple[str, int]]:
+    """llm.listenIpInfo of options (init's "option", switch_role's "switch_options") as
+    (ip, port); None when it is not set."""
+    text = options.get("llm.listenIpInfo")
+    if not text:
+        return None
+    try:
+        return _parse_ip_port("llm.listenIpInfo", text)
+    except (LLMException, ValueError, TypeError) as exc:
+        raise LLMException(f"{what} llm.listenIpInfo must be \"ip:port\", got {text!r}",
+                           status_code=LLMStatusCode.LLM_PARAM_INVALID) from exc
+
+
 class LLMDataDist:
     """A cluster: init() picks the runtime and starts the transfer workers; finalize() ends
     every transfer and frees llmdist-owned memory."""
@@ -132,14 +145,7 @@ class LLMDataDist:
                 raise LLMException("option llm.TransferBackend needs llm.listenIpInfo (with a "
                                    "transfer backend every cluster listens)",
                                    status_code=LLMStatusCode.LLM_PARAM_INVALID)
-            listen = None
-            if options.get("llm.listenIpInfo"):
-                try:
-                    listen = _parse_ip_port("llm.listenIpInfo", options["llm.listenIpInfo"])
-                except (LLMException, ValueError, TypeError) as exc:
-                    raise LLMException(f"option llm.listenIpInfo must be \"ip:port\", got "
-                                       f"{options['llm.listenIpInfo']!r}",
-                                       status_code=LLMStatusCode.LLM_PARAM_INVALID) from exc
+            listen = _listen_option(options, "option")
             shareable = listen is not None or _flag_option(options, "llmdist.shareable_memory")
             runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
             runtime.bind_device()
@@ -300,14 +306,7 @@ class LLMDataDist:
         if role == self._role:
             raise LLMException(f"role is already {role.name}",
                                status_code=LLMStatusCode.LLM_PARAM_INVALID)
-        listen = None
-        if options.get("llm.listenIpInfo"):
-            try:
-                listen = _parse_ip_port("llm.listenIpInfo", options["llm.listenIpInfo"])
-            except (LLMException, ValueError, TypeError) as exc:
-                raise LLMException(f"switch_options llm.listenIpInfo must be \"ip:port\", got "
-                                   f"{options['llm.listenIpInfo']!r}",
-                                   status_code=LLMStatusCode.LLM_PARAM_INVALID) from exc
+        listen = _listen_option(options, "switch_options")
         for key in options:
             if key != "llm.listenIpInfo":
                 warnings.warn(f"switch_role ignores the option {key!r}", stacklevel=2)

@@ -11,12 +11,12 @@ most llm.SyncKvCacheWaitTime ms and raise LLMException with the failure's status
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
 from . import _core
-from ._core import CopyKind, Direction
+from ._core import Direction
 from ._check import check_int64, check_isinstance, check_layer_range, check_uint32, require
-from .descs import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex, Placement
+from .descs import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex, Placement, copy_kind
 from .registry import MemoryEntry
 from .results import config_results
 from .status import LLMException, LLMStatusCode
@@ -30,10 +30,6 @@ DEFAULT_WAIT_MS = 1000
 
 _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 _NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
-_KIND = {(Placement.DEVICE, Placement.DEVICE): CopyKind.COPY_D2D,
-         (Placement.DEVICE, Placement.HOST): CopyKind.COPY_D2H,
-         (Placement.HOST, Placement.HOST): CopyKind.COPY_H2H,
-         (Placement.HOST, Placement.DEVICE): CopyKind.COPY_H2D}
 
 Key = Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey]
 
@@ -258,7 +254,7 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
                     f"memory registered or allocated here")
     if sdesc.placement == Placement.HOST and ddesc.placement == Placement.DEVICE and peer is not None:
         raise _fail("a HOST source cache of another cluster cannot be pulled into DEVICE memory")
-    kind = _KIND[(sdesc.placement, ddesc.placement)]
+    kind = copy_kind(sdesc.placement, ddesc.placement)
     touched = {(key.cluster_id, src.cache_id), (cm._cluster_id, dst_entry.cache.cache_id)}
     if peer is None:
         route = cm._local_route

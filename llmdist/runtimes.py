@@ -120,8 +120,8 @@ def runtime_info() -> Dict[str, object]:
                 _loaded[name] = rt
         runtimes[name] = ({"available": True, "version": rt.version, "library": rt.library}
                           if rt is not None else {"available": False, "reason": _reasons[name]})
-        if rt is not None and name == "cuda":
-            # how device-to-device copies run: the copy kernel, or DMA and why
+        if rt is not None and rt.device_copy is not None:
+            # a runtime with a copy kernel: how device-to-device copies run, and why DMA
             runtimes[name]["device_copy"] = rt.device_copy
             runtimes[name]["device_copy_reason"] = rt.device_copy_reason
     info["runtimes"] = runtimes

@@ -261,51 +261,13 @@ static int c_ipc_close_export(void *ctx, const char *id)
     return 0;
 }
 
-static const llmd_runtime g_cuda_runtime = {
-    .name = "cuda",
-    .ctx = &g_cuda,
-    .device_is_host = 0,
-    .ipc_kind = "cuda_ipc",
-    .ipc_align = 1,
-    .set_device = c_set_device,
-    .malloc_device = c_malloc_device,
-    .free_device = c_free_device,
-    .malloc_host = c_malloc_host,
-    .free_host = c_free_host,
-    .mem_info = c_mem_info,
-    .stream_create = c_stream_create,
-    .stream_destroy = c_stream_destroy,
-    .stream_synchronize = c_stream_synchronize,
-    .stream_wait_event = c_stream_wait_event,
-    .event_create = c_event_create,
-    .event_destroy = c_event_destroy,
-    .event_record = c_event_record,
-    .event_query = c_event_query,
-    .event_synchronize = c_event_synchronize,
-    .memcpy_async = c_memcpy_async,
-    .run_table_create = c_run_table_create,
-    .run_table_destroy = c_run_table_destroy,
-    .copy_runs = c_copy_runs,
-    .error_string = c_error_string,
-    .error_class = c_error_class,
-    .ipc_unavailable = c_ipc_unavailable,
-    .ipc_self_pid = c_ipc_self_pid,
-    .ipc_export = c_ipc_export,
-    .ipc_allow = c_ipc_allow,
-    .ipc_import = c_ipc_import,
-    .ipc_close_import = c_ipc_close_import,
-    .ipc_close_export = c_ipc_close_export,
-};
-
-/* ------------------------------------------------------------------------------------------ */
-/* The copy kernel                                                                              */
-
-int llmd_cuda_select_copy(int mode, const char *ptx, char *why, size_t why_len)
+/* The copy kernel is PTX here (copy_runs.ptx in the package), loaded into the current device
+ * on the first choice that wants it. */
+static int c_select_device_copy(void *ctx, int mode, const char *ptx, char *why, size_t why_len)
 {
-    cuda_state *st = &g_cuda;
-    void *ctx = st;
+    cuda_state *st = ctx;
     why[0] = 0;
-    if (mode == LLMD_CUDA_COPY_DMA || !st->loaded) {
+    if (mode == LLMD_DEVICE_COPY_DMA || !st->loaded) {
         st->use_kernel = 0;
         snprintf(why, why_len, "%s", st->loaded ? "llmdist.device_copy=dma" : "CUDA is not loaded");
         return 0;
@@ -329,8 +291,46 @@ int llmd_cuda_select_copy(int mode, const char *ptx, char *why, size_t why_len)
     st->use_kernel = st->kernel_tried == 1;
     if (st->use_kernel) return 1;
     snprintf(why, why_len, "%s", st->kernel_why);
-    return mode == LLMD_CUDA_COPY_KERNEL ? -1 : 0;
+    return mode == LLMD_DEVICE_COPY_KERNEL ? -1 : 0;
 }
+
+static const llmd_runtime g_cuda_runtime = {
+    .name = "cuda",
+    .ctx = &g_cuda,
+    .device_is_host = 0,
+    .ipc_kind = "cuda_ipc",
+    .ipc_align = 1,
+    .framework_device = "cuda",
+    .set_device = c_set_device,
+    .malloc_device = c_malloc_device,
+    .free_device = c_free_device,
+    .malloc_host = c_malloc_host,
+    .free_host = c_free_host,
+    .mem_info = c_mem_info,
+    .stream_create = c_stream_create,
+    .stream_destroy = c_stream_destroy,
+    .stream_synchronize = c_stream_synchronize,
+    .stream_wait_event = c_stream_wait_event,
+    .event_create = c_event_create,
+    .event_destroy = c_event_destroy,
+    .event_record = c_event_record,
+    .event_query = c_event_query,
+    .event_synchronize = c_event_synchronize,
+    .memcpy_async = c_memcpy_async,
+    .run_table_create = c_run_table_create,
+    .run_table_destroy = c_run_table_destroy,
+    .copy_runs = c_copy_runs,
+    .select_device_copy = c_select_device_copy,
+    .error_string = c_error_string,
+    .error_class = c_error_class,
+    .ipc_unavailable = c_ipc_unavailable,
+    .ipc_self_pid = c_ipc_self_pid,
+    .ipc_export = c_ipc_export,
+    .ipc_allow = c_ipc_allow,
+    .ipc_import = c_ipc_import,
+    .ipc_close_import = c_ipc_close_import,
+    .ipc_close_export = c_ipc_close_export,
+};
 
 /* ------------------------------------------------------------------------------------------ */
 /* Loading                                                                                      */

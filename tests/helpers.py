@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import faulthandler
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -23,11 +24,12 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llmdist import (CacheDesc, DataType, LayerSynchronizer, LLMConfig,  # noqa: E402
-                     LLMDataDist, LLMRole, LLMStatusCode, Placement)
+                     LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement)
 from llmdist import _core, shm  # noqa: E402
 
 import reference  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 OWN_CLUSTER = 7
 OTHER_CLUSTER = 4242  # never linked in these tests
 WAIT_MS = 30_000  # upper bound for any wait on a task in the tests
@@ -440,6 +442,38 @@ class FailSync(RecordingSync):
                 raise self.exc
             return False
         return True
+
+
+def raises_llm(code, fn, *args, **kwargs) -> LLMException:
+    """fn(*args, **kwargs) must raise LLMException with status `code`; the exception, for checks
+    of its message."""
+    with pytest.raises(LLMException) as ei:
+        fn(*args, **kwargs)
+    assert ei.value.status_code == code, (ei.value.status_code, str(ei.value))
+    return ei.value
+
+
+# --------------------------------------------------------------------------------------------
+# fake device runtimes (tests/fake_acl, tests/fake_cuda): device code paths without hardware
+# --------------------------------------------------------------------------------------------
+def build_fake_runtime(name: str, out_dir, **env: str) -> str:
+    """Build tests/<name>/build.sh into out_dir (env: e.g. FAKE_ACL_CFLAGS); the library's
+    path."""
+    res = subprocess.run(["sh", os.path.join(HERE, name, "build.sh"), str(out_dir)], check=True,
+                         capture_output=True, text=True, env=dict(os.environ, **env))
+    return res.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def fake_acl(tmp_path_factory) -> str:
+    """The fake libascendcl.so, built once per test run."""
+    return build_fake_runtime("fake_acl", tmp_path_factory.mktemp("fake_acl"))
+
+
+@pytest.fixture(scope="session")
+def fake_cuda(tmp_path_factory) -> str:
+    """The fake libcudart.so, built once per test run."""
+    return build_fake_runtime("fake_cuda", tmp_path_factory.mktemp("fake_cuda"))
 
 
 def wait_results(task, timeout_ms: int = WAIT_MS):

@@ -18,7 +18,6 @@ from llmdist import CacheManager
 from llmdist.bench.settings import GiB, MemoryBudget, Need, parse_size
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE_ACL_BUILD = REPO / "tests" / "fake_acl" / "build.sh"
 TINY = ["--blocks", "4K,8K", "--layers", "2", "--pairs", "8", "--repeat", "1", "--quiet"]
 HAS_PUSH_PULL = hasattr(CacheManager, "push_blocks") and hasattr(CacheManager, "pull_blocks")
 HAS_SWAP = hasattr(CacheManager, "swap_blocks")
@@ -269,14 +268,6 @@ def test_parse_size():
 # Fake ACL runtime
 
 
-@pytest.fixture(scope="module")
-def fake_acl(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fake_acl_bench")
-    res = subprocess.run(["sh", str(FAKE_ACL_BUILD), str(out)], capture_output=True, text=True,
-                         check=True)
-    return res.stdout.strip().splitlines()[-1]
-
-
 def test_fake_acl_run_shrinks_to_the_device(fake_acl, tmp_path):
     out = tmp_path / "acl.json"
     env = {"LLMDIST_RUNTIME": "acl", "LLMDIST_ACL_LIBRARY": fake_acl,
@@ -347,14 +338,6 @@ def test_contiguous_baseline_copies_the_same_bytes_from_alternating_ends():
 
 # ------------------------------------------------------------------------------------------
 # Fake CUDA runtime
-
-
-@pytest.fixture(scope="module")
-def fake_cuda(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fake_cuda_bench")
-    res = subprocess.run(["sh", str(REPO / "tests" / "fake_cuda" / "build.sh"), str(out)],
-                         capture_output=True, text=True, check=True)
-    return res.stdout.strip().splitlines()[-1]
 
 
 def test_fake_cuda_run(fake_cuda, tmp_path):

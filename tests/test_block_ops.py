@@ -10,21 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmdist import Cache, CacheDesc, DataType, LLMException, LLMStatusCode, Placement
+from llmdist import Cache, CacheDesc, DataType, LLMStatusCode, Placement
 from llmdist import block_ops
 
-from helpers import assert_mem_equal
+from helpers import assert_mem_equal, raises_llm
 
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 DEV, HOST = Placement.DEVICE, Placement.HOST
-
-
-def raises_llm(code, fn, *args, **kwargs) -> LLMException:
-    with pytest.raises(LLMException) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.status_code == code, (ei.value.status_code, str(ei.value))
-    return ei.value
 
 
 def blocks_of(tc, i):

@@ -5,13 +5,9 @@ fresh interpreter, since a process loads a runtime once."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import textwrap
 
-import pytest
-
-from test_runtimes import HERE, run
+from test_runtimes import run
 
 CUDA_PRELUDE_EXTRA = """
     fake = ctypes.CDLL(os.environ["LLMDIST_CUDA_LIBRARY"])
@@ -26,14 +22,6 @@ CUDA_PRELUDE_EXTRA = """
             view(a, desc.size)[:] = 0
         return c
 """
-
-
-@pytest.fixture(scope="module")
-def fake_cuda(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("fake_cuda")
-    subprocess.run(["sh", os.path.join(HERE, "fake_cuda", "build.sh"), str(out)], check=True,
-                   capture_output=True)
-    return str(out / "libcudart.so")
 
 
 def cuda_run(lib: str, script: str, **env: str) -> dict:
@@ -179,3 +167,19 @@ def test_event_gated_layers_launch_after_the_layer_event(fake_cuda):
     assert r["mid_layers"] == [True, True, False, False]
     assert r["status"] == "LLMStatusCode.LLM_SUCCESS" and r["same"], r["errors"]
     assert r["launches"] == 4 and r["waits"] >= 4
+
+
+def test_runtimes_say_whether_they_have_a_copy_kernel_and_their_framework_device(fake_cuda):
+    """The device-copy choice and the framework's device type come from the runtime interface:
+    CUDA has a copy kernel and is torch's "cuda"; the host runtime has neither (ACL: see
+    test_runtimes)."""
+    r = cuda_run(fake_cuda, """
+        host = _core.Runtime.host()
+        host.select_device_copy("kernel")       # ignored: DMA is the host's only way
+        dd, cm = start({"llmdist.device_copy": "dma"})
+        cuda = dd.runtime
+        out(host=[host.framework_device, host.device_copy, host.device_copy_reason],
+            cuda=[cuda.framework_device, cuda.device_copy, cuda.device_copy_reason])
+    """)
+    assert r["host"] == [None, None, None]
+    assert r["cuda"] == ["cuda", "dma", "llmdist.device_copy=dma"]

@@ -19,7 +19,6 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-BUILD_SH = os.path.join(HERE, "fake_cuda", "build.sh")
 PTX = os.path.join(ROOT, "llmdist", "copy_runs.ptx")
 
 H2H, H2D, D2H, D2D, DEFAULT = 0, 1, 2, 3, 4
@@ -81,18 +80,11 @@ SIGNATURES = {
 }
 
 
-@pytest.fixture(scope="module")
-def lib_path(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("fake_cuda")
-    subprocess.run(["sh", BUILD_SH, str(out)], check=True, capture_output=True)
-    return str(out / "libcudart.so")
-
-
 @pytest.fixture
-def cuda(lib_path, monkeypatch):
+def cuda(fake_cuda, monkeypatch):
     for var in ("FAKE_CUDA_MAX_PTX_ISA", "FAKE_CUDA_VERSION", "FAKE_CUDA_NO_BATCH", "FAKE_CUDA_SM"):
         monkeypatch.delenv(var, raising=False)
-    lib = ctypes.CDLL(lib_path)
+    lib = ctypes.CDLL(fake_cuda)
     for name, args in SIGNATURES.items():
         getattr(lib, name).argtypes = args
     lib.fake_cuda_calls.restype = ctypes.c_long
@@ -301,14 +293,14 @@ def test_launch_arguments_are_checked_and_failures_are_injectable(cuda):
     cuda.cudaLibraryUnload(lib)
 
 
-def run_child(lib_path: str, script: str, stdin: str = "") -> subprocess.CompletedProcess:
+def run_child(fake_cuda: str, script: str, stdin: str = "") -> subprocess.CompletedProcess:
     prelude = textwrap.dedent(f"""
         import ctypes, sys, struct
         sys.path.insert(0, {HERE!r})
         import numpy as np
         from test_fake_cuda import *
         class _L: pass
-        cuda = ctypes.CDLL({lib_path!r})
+        cuda = ctypes.CDLL({fake_cuda!r})
         for name, args in SIGNATURES.items():
             getattr(cuda, name).argtypes = args
     """)
@@ -317,8 +309,8 @@ def run_child(lib_path: str, script: str, stdin: str = "") -> subprocess.Complet
                             text=True)
 
 
-def test_a_kernel_touching_host_memory_is_a_sticky_illegal_address(lib_path):
-    proc = run_child(lib_path, """
+def test_a_kernel_touching_host_memory_is_a_sticky_illegal_address(fake_cuda):
+    proc = run_child(fake_cuda, """
         rc, lib, kern = load_kernel(cuda, shipped_ptx())
         host = np.zeros(4096, np.uint8)
         a = malloc(cuda, 4096)
@@ -331,9 +323,9 @@ def test_a_kernel_touching_host_memory_is_a_sticky_illegal_address(lib_path):
     assert out.split() == ["0", str(ILLEGAL_ADDRESS), str(ILLEGAL_ADDRESS)]
 
 
-def test_ipc_handles_map_device_memory_across_processes(cuda, lib_path):
+def test_ipc_handles_map_device_memory_across_processes(cuda, fake_cuda):
     n = 1 << 16
-    exporter = run_child(lib_path, f"""
+    exporter = run_child(fake_cuda, f"""
         a = malloc(cuda, {n})
         view(a, {n})[:] = np.arange({n}, dtype=np.uint32).view(np.uint8)[:{n}]
         h = IpcHandle()

@@ -10,18 +10,8 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-
-@pytest.fixture(scope="module")
-def fake_cuda(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("fake_cuda")
-    subprocess.run(["sh", os.path.join(HERE, "fake_cuda", "build.sh"), str(out)], check=True,
-                   capture_output=True)
-    return str(out / "libcudart.so")
 
 
 def test_gpu_check_runs_on_the_fake_cuda_runtime(fake_cuda, tmp_path):

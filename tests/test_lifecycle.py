@@ -14,7 +14,7 @@ from llmdist import (BlocksCacheKey, LLMDataDist, LLMException, LLMRole, LLMStat
 
 import reference
 from helpers import (OWN_CLUSTER, SUCCESS, Env, GateSync, RecordingSync,
-                      assert_mem_equal, make_desc, wait_results)
+                      assert_mem_equal, make_desc, raises_llm, wait_results)
 from reference import RefConfig
 
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
@@ -24,13 +24,6 @@ TIMEOUT = LLMStatusCode.LLM_TIMEOUT
 
 def tc(addrs, rng=None, batch=0):
     return TransferConfig(OWN_CLUSTER, list(addrs), rng, batch)
-
-
-def raises_llm(code, fn, *args, **kwargs):
-    with pytest.raises(LLMException) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.status_code == code, (ei.value.status_code, str(ei.value))
-    return ei.value
 
 
 def transfer_ok(env, src, dst, batch=0):

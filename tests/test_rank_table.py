@@ -16,20 +16,13 @@ from llmdist import (LLMClusterInfo, LLMException, LLMRole, LLMStatusCode, Regis
                      TransferConfig)
 from llmdist import rank_table
 
-from helpers import SUCCESS, RecordingSync, wait_results
+from helpers import SUCCESS, RecordingSync, raises_llm, wait_results
 from rendezvous import (free_rendezvous_base, one_server_table, rendezvous_options,
                         server_per_rank_table)
 
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 OK, PREPARING, FAILED = RegisterMemStatus.OK, RegisterMemStatus.PREPARING, RegisterMemStatus.FAILED
 WAIT_S = 20.0
-
-
-def raises_llm(code, fn, *args, **kwargs) -> LLMException:
-    with pytest.raises(LLMException) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.status_code == code, (ei.value.status_code, str(ei.value))
-    return ei.value
 
 
 def wait_status(env, comm_id, want, timeout=WAIT_S):

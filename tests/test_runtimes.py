@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from helpers import HERE, build_fake_runtime
 
 PRELUDE = textwrap.dedent("""
     import ctypes, json, os, sys, threading
@@ -52,15 +52,6 @@ PRELUDE = textwrap.dedent("""
     def out(**kw):
         print("RESULT " + json.dumps(kw, default=str))
 """)
-
-
-@pytest.fixture(scope="module")
-def fake_acl(tmp_path_factory) -> str:
-    """Build the fake libascendcl.so once for this module."""
-    out = tmp_path_factory.mktemp("fake_acl")
-    subprocess.run(["bash", os.path.join(HERE, "fake_acl", "build.sh"), str(out)], check=True,
-                   capture_output=True)
-    return str(out / "libascendcl.so")
 
 
 def run(script: str, prelude: str = PRELUDE, **env: str) -> dict:
@@ -276,6 +267,17 @@ def test_what_each_runtime_says_about_itself(fake_acl):
     assert r["refused"]["host"][0] == "LLMStatusCode.LLM_OUT_OF_MEMORY"
     assert r["refused"]["acl"][0] == "LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY"
     assert "207001" in r["refused"]["acl"][1] and "acl runtime" in r["refused"]["acl"][1]
+
+
+def test_acl_has_no_copy_kernel_and_is_torchs_npu(fake_acl):
+    """ACL copies device to device by DMA only (the device-copy choice is ignored) and torch
+    names its devices "npu"; both answers come from the runtime interface."""
+    r = run("""
+        dd, cm = start({"llmdist.runtime": "acl", "llmdist.device_copy": "kernel"})
+        acl = dd.runtime
+        out(acl=[acl.framework_device, acl.device_copy, acl.device_copy_reason])
+    """, LLMDIST_ACL_LIBRARY=fake_acl)
+    assert r["acl"] == ["npu", None, None]
 
 
 def test_acl_thread_without_device_is_caught(fake_acl):
@@ -708,8 +710,7 @@ def test_acl_ipc_unlink_and_kill_end_with_link_failed(fake_acl):
 def test_acl_without_ipc_symbols_refuses_transfers_to_other_processes(tmp_path):
     """An older libascendcl without the device-IPC symbols: the decode's caches are not
     exported, and a transfer to it is refused, naming the missing functions."""
-    subprocess.run(["bash", os.path.join(HERE, "fake_acl", "build.sh"), str(tmp_path)], check=True,
-                   capture_output=True, env=dict(os.environ, FAKE_ACL_CFLAGS="-DFAKE_ACL_NO_IPC"))
+    build_fake_runtime("fake_acl", tmp_path, FAKE_ACL_CFLAGS="-DFAKE_ACL_NO_IPC")
     r = run_ipc("""
         d = Decode(2)
         d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3, "DT_UINT8",

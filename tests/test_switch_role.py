@@ -9,20 +9,13 @@ import time
 
 import pytest
 
-from llmdist import LLMClusterInfo, LLMException, LLMRole, LLMStatusCode, RegisterMemStatus
+from llmdist import LLMClusterInfo, LLMDataDist, LLMRole, LLMStatusCode, RegisterMemStatus
 
-from helpers import SUCCESS
+from helpers import SUCCESS, raises_llm
 from rendezvous import free_rendezvous_base, one_server_table, rendezvous_options
 
 SWITCH = {"llm.EnableSwitchRole": "1"}
 LINK_FAILED = LLMStatusCode.LLM_LINK_FAILED
-
-
-def raises_llm(code, fn, *args, **kwargs) -> LLMException:
-    with pytest.raises(LLMException) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.status_code == code, (ei.value.status_code, str(ei.value))
-    return ei.value
 
 
 def info(cluster_id, port):
@@ -46,6 +39,19 @@ def refuses_connections(port) -> bool:
     except OSError:
         return True
     return False
+
+
+def test_bad_listen_ip_info_names_the_option(make_env):
+    """init and switch_role refuse an llm.listenIpInfo that is not "ip:port", naming where it
+    came from."""
+    dd = LLMDataDist(LLMRole.PROMPT, 7)
+    err = raises_llm(LLMStatusCode.LLM_PARAM_INVALID, dd.init, {"llm.listenIpInfo": "nowhere"})
+    assert 'option llm.listenIpInfo must be "ip:port", got \'nowhere\'' in str(err)
+    e = make_env(role=LLMRole.MIX, extra_options=SWITCH)
+    err = raises_llm(LLMStatusCode.LLM_PARAM_INVALID, e.dd.switch_role, LLMRole.PROMPT,
+                     {"llm.listenIpInfo": "127.0.0.1:x"})
+    assert str(err).startswith('switch_options llm.listenIpInfo must be "ip:port", got '
+                               "'127.0.0.1:x'")
 
 
 def test_switch_role_needs_the_option(env):

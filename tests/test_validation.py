@@ -17,19 +17,12 @@ from llmdist import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, 
 
 import reference
 from helpers import (OTHER_CLUSTER, OWN_CLUSTER, SUCCESS, Env, RecordingSync, assert_mem_equal,
-                      env_ctx, make_desc, wait_results)
+                      env_ctx, make_desc, raises_llm, wait_results)
 
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 NOT_YET_LINK = LLMStatusCode.LLM_NOT_YET_LINK
 DEV, HOST = Placement.DEVICE, Placement.HOST
-
-
-def raises_llm(code, fn, *args, **kwargs) -> LLMException:
-    with pytest.raises(LLMException) as ei:
-        fn(*args, **kwargs)
-    assert ei.value.status_code == code, (ei.value.status_code, str(ei.value))
-    return ei.value
 
 
 def tc(addrs, rng=None, batch=0, cluster=OWN_CLUSTER):

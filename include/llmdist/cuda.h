@@ -124,19 +124,6 @@ typedef struct llmd_cuda_api {
     void *cudaMemcpyBatchAsync;     /* one of the two prototypes above, or NULL */
 } llmd_cuda_api;
 
-/* How the CUDA runtime's copy_runs moves device-to-device bytes (llmdist.device_copy). */
-enum {
-    LLMD_CUDA_COPY_AUTO = 0,    /* the copy kernel when it loads, else DMA */
-    LLMD_CUDA_COPY_KERNEL = 1,  /* the copy kernel, or an error */
-    LLMD_CUDA_COPY_DMA = 2      /* DMA copies */
-};
-
-/* Choose mode (LLMD_CUDA_COPY_*) for this process. ptx: the copy kernel's PTX text, loaded once
- * (NUL-terminated; NULL for DMA). Returns 1 when the kernel is used, 0 for DMA with why saying
- * why, -1 when mode is KERNEL and the kernel cannot be used (why says why). The CUDA runtime
- * must be loaded. */
-int llmd_cuda_select_copy(int mode, const char *ptx, char *why, size_t why_len);
-
 /* Open libcudart from the first of paths that loads and check that device_id exists. The
  * library is loaded once per process; the device check runs on every call. NULL with
  * report->error saying why. */

@@ -42,6 +42,13 @@ enum {
     LLMD_COPY_PEER_DEVICE = 1u
 };
 
+/* How copy_runs moves device-to-device bytes (select_device_copy; llmdist.device_copy). */
+enum {
+    LLMD_DEVICE_COPY_AUTO = 0,      /* the copy kernel when it loads, else DMA */
+    LLMD_DEVICE_COPY_KERNEL = 1,    /* the copy kernel, or an error */
+    LLMD_DEVICE_COPY_DMA = 2        /* DMA copies */
+};
+
 /* Longest device-IPC id (an ACL key, or the hex of a CUDA handle), its NUL included. */
 #define LLMD_IPC_ID_MAX 160
 
@@ -79,6 +86,9 @@ typedef struct llmd_runtime {
     /* An export must start on a multiple of this many bytes (CUDA: 1, and the start of a
      * cudaMalloc allocation, which the export then covers whole). */
     size_t ipc_align;
+    /* The device type frameworks name this runtime's devices by (torch: "cuda", "npu"); NULL
+     * when its memory is host RAM. */
+    const char *framework_device;
 
     int (*set_device)(void *ctx, int32_t device_id);
     int (*malloc_device)(void *ctx, void **ptr, size_t size);
@@ -114,6 +124,13 @@ typedef struct llmd_runtime {
     int (*copy_runs)(void *ctx, llmd_run_table *table, const llmd_tensor_pair *pairs,
                      size_t count, int kind, unsigned flags, llmd_stream stream,
                      size_t *fail_index);
+    /* How copy_runs moves device-to-device bytes from now on in this process, for a runtime
+     * with a copy kernel (CUDA); NULL where DMA is the only way. mode: LLMD_DEVICE_COPY_*;
+     * kernel: the copy kernel's code the package ships (NUL-terminated; NULL when missing),
+     * loaded once. Returns 1 when the kernel is used, 0 for DMA with why saying why, -1 when
+     * mode is KERNEL and the kernel cannot be used (why says why). */
+    int (*select_device_copy)(void *ctx, int mode, const char *kernel, char *why,
+                              size_t why_len);
 
     const char *(*error_string)(void *ctx, int code);
     /* LLMD_ERROR_* for a code this runtime returned. */

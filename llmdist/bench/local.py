@@ -22,7 +22,7 @@ from .results import SUBJECT, Result, Run, path_of
 from .peers import llm_datadist_available
 from .settings import OVERHEAD_BLOCK, OVERHEAD_LAYERS, Need, size_name
 from .workload import (CLUSTER_ID, CONTIGUOUS, NUMPY, PER_BLOCK, TORCH, Bench, Go, block_pairs,
-                       check, verify_blocks)
+                       check, device_sync, verify_blocks)
 
 DEVICE, HOST = Placement.DEVICE, Placement.HOST
 
@@ -45,13 +45,27 @@ def _result(scenario: str, case: str, block: Optional[int], nbytes: int,
                   extra=extra).finish()
 
 
-def _add_framework_baselines(bench: Bench, paths: dict, skipped: dict, releases: list,
-                             numpy_run, torch_args) -> None:
-    """numpy indexing on host memory, else torch indexing on the device, else the reasons."""
+def _block_paths(bench: Bench, llmdist, moved: int, src, dst, si, di, block: int) -> dict:
+    """llmdist's call and the baselines of every block scenario: one contiguous copy of the same
+    bytes, and one runtime copy per block (source block si[j] to destination block di[j])."""
+    dsts = [a + d * block for a in dst.tensor_addrs for d in di]
+    srcs = [a + x * block for a in src.tensor_addrs for x in si]
+    return {SUBJECT: llmdist, CONTIGUOUS: bench.contiguous(moved, src, dst),
+            PER_BLOCK: bench.per_block(dsts, srcs, block)}
+
+
+def _add_numpy(paths: dict, skipped: dict, numpy_run) -> None:
+    """numpy indexing when the caches are host memory, else the reason."""
     if numpy_run is not None:
         paths[NUMPY] = numpy_run
     else:
         skipped[NUMPY] = "device memory is not host memory"
+
+
+def _add_framework_baselines(bench: Bench, paths: dict, skipped: dict, releases: list,
+                             numpy_run, torch_args) -> None:
+    """numpy indexing on host memory, else torch indexing on the device, else the reasons."""
+    _add_numpy(paths, skipped, numpy_run)
     t = bench.torch_indexing(*torch_args)
     if t is not None:
         paths[TORCH] = t[0]
@@ -129,11 +143,7 @@ def b2b(bench: Bench, run: Run) -> None:
                       "B2B transfer")
             llmdist()
             ok = verify_blocks(bench, src, dst, si, di, block)
-            contiguous = bench.contiguous(moved, src, dst)
-            dsts = [a + d * block for a in dst.tensor_addrs for d in di]
-            srcs = [a + x * block for a in src.tensor_addrs for x in si]
-            paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
-                     PER_BLOCK: bench.per_block(dsts, srcs, block)}
+            paths = _block_paths(bench, llmdist, moved, src, dst, si, di, block)
             skipped: Dict[str, str] = {}
             ok = _add_dma_variant(bench, paths, llmdist, dst,
                                   lambda: verify_blocks(bench, src, dst, si, di, block)) and ok
@@ -180,11 +190,7 @@ def c2b(bench: Bench, run: Run) -> None:
                                                     **kw).synchronize(), "C2B transfer")
             llmdist()
             ok = verify_blocks(bench, src, dst, chunks, di, block)
-            contiguous = bench.contiguous(moved, src, dst)
-            dsts = [a + d * block for a in dst.tensor_addrs for d in di]
-            srcs = [a + c * block for a in src.tensor_addrs for c in chunks]
-            paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
-                     PER_BLOCK: bench.per_block(dsts, srcs, block)}
+            paths = _block_paths(bench, llmdist, moved, src, dst, chunks, di, block)
             skipped: Dict[str, str] = {}
             ok = _add_dma_variant(bench, paths, llmdist, dst,
                                   lambda: verify_blocks(bench, src, dst, chunks, di, block)) and ok
@@ -224,11 +230,8 @@ def c2c(bench: Bench, run: Run) -> None:
             llmdist()
             chunks = list(range(s.pairs, 2 * s.pairs))
             ok = verify_blocks(bench, src, dst, chunks, list(range(s.pairs)), block)
-            contiguous = bench.contiguous(moved, src, dst)
-            dsts = [a + j * block for a in dst.tensor_addrs for j in range(s.pairs)]
-            srcs = [a + c * block for a in src.tensor_addrs for c in chunks]
-            paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
-                     PER_BLOCK: bench.per_block(dsts, srcs, block)}
+            paths = _block_paths(bench, llmdist, moved, src, dst, chunks, list(range(s.pairs)),
+                                 block)
             skipped: Dict[str, str] = {}
             ok = _add_dma_variant(bench, paths, llmdist, dst,
                                   lambda: verify_blocks(bench, src, dst, chunks, list(range(s.pairs)), block)) and ok
@@ -296,16 +299,8 @@ def swap(bench: Bench, run: Run) -> None:
                     how = "transfer_cache_async into an allocated HOST cache (no swap_blocks in this build)"
                 llmdist()
                 ok = verify_blocks(bench, src, dst, si, di, block)
-                contiguous = bench.contiguous(moved, src, dst)
-                dsts = [a + d * block for a in dst.tensor_addrs for d in di]
-                srcs = [a + x * block for a in src.tensor_addrs for x in si]
-                paths = {SUBJECT: llmdist, CONTIGUOUS: contiguous,
-                         PER_BLOCK: bench.per_block(dsts, srcs, block)}
-                np_run = bench.numpy_indexing(src, dst, si, di, block)
-                if np_run is not None:
-                    paths[NUMPY] = np_run
-                else:
-                    skipped[NUMPY] = "device memory is not host memory"
+                paths = _block_paths(bench, llmdist, moved, src, dst, si, di, block)
+                _add_numpy(paths, skipped, bench.numpy_indexing(src, dst, si, di, block))
                 times = bench.rounds(label, paths)
                 run.results.append(_result("swap", kind, block, moved, times, skipped, ok,
                                            pool=plan.pool, pairs=s.pairs, tensors=nt, llmdist_call=how))
@@ -348,7 +343,7 @@ class Compute:
             torch, dev = torch_dev
             self.a = torch.randn((2048, 2048), device=dev)
             self.b = torch.randn((2048, 2048), device=dev)
-            self.sync = torch.cuda.synchronize if dev.startswith("cuda") else torch.npu.synchronize
+            self.sync = device_sync(torch, dev)
         else:
             rng = np.random.default_rng(0)
             self.a = rng.standard_normal((128, 128), dtype=np.float32)
@@ -439,7 +434,7 @@ def overlap(bench: Bench, run: Run) -> None:
     tpl = s.tensors_per_layer
     nt = L * tpl
     block = max(s.blocks)
-    gated_kind = ("torch matmul, event-gated" if bench.torch and bench.rt.name == "cuda"
+    gated_kind = ("torch matmul, event-gated" if bench.torch and bench.rt.framework_device == "cuda"
                   else "device copy, event-gated")
     kinds = ["sleep", gated_kind, "torch matmul" if bench.torch else "numpy matmul"]
     if _kernel_mode(bench):

@@ -243,7 +243,7 @@ class Bench:
         dst = torch.empty((num_tensors, pool, block), dtype=torch.uint8, device=dev)
         s = torch.as_tensor(list(si), dtype=torch.long, device=dev)
         d = torch.as_tensor(list(di), dtype=torch.long, device=dev)
-        sync = torch.cuda.synchronize if dev.startswith("cuda") else torch.npu.synchronize
+        sync = device_sync(torch, dev)
 
         def run():
             dst[:, d] = src[:, s]
@@ -267,20 +267,33 @@ def _span(cache: Cache):
     return a[0], a[-1] + n - a[0]
 
 
+# Device types torch knows only once another package is imported (it registers them).
+_TORCH_DEVICE_PACKAGE = {"npu": "torch_npu"}
+
+
 def _torch_device(rt):
     """(torch, device string) when torch drives the runtime's device, else None."""
-    if rt.is_host or not importable("torch"):
+    kind = rt.framework_device
+    if kind is None or not importable("torch"):
         return None
     try:
         import torch
-        if rt.name == "cuda" and torch.cuda.is_available():
-            return torch, f"cuda:{rt.device_id}"
-        if rt.name == "acl" and importable("torch_npu"):
-            import torch_npu  # noqa: F401 - registers the npu device
-            return torch, f"npu:{rt.device_id}"
+        package = _TORCH_DEVICE_PACKAGE.get(kind)
+        if package is not None:
+            if not importable(package):
+                return None
+            importlib.import_module(package)
+        module = getattr(torch, kind, None)
+        if module is not None and module.is_available():
+            return torch, f"{kind}:{rt.device_id}"
     except Exception:  # noqa: BLE001 - a broken framework install is only a missing baseline
         return None
     return None
+
+
+def device_sync(torch, dev: str):
+    """torch's synchronize for a device string of _torch_device ("cuda:0" -> torch.cuda's)."""
+    return getattr(torch, dev.split(":")[0]).synchronize
 
 
 def verify_blocks(bench: Bench, src: Cache, dst: Cache, si, di, block: int,

@@ -10,18 +10,29 @@ from .settings import size_name
 from .table import SCENARIO_TITLES
 
 
+# baselines every case of a scenario measures alike: a panel with several cases draws them once
+SHARED_BASELINES = ("contiguous copy", "per-block copy loop")
+
+
 def series(results: List[dict]) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
     """scenario -> line label -> [(block size, GB/s)], from JSON results that have a block size
-    and a bandwidth; a scenario with several cases labels its lines 'case: path'."""
+    and a bandwidth. A scenario with several cases labels its lines 'case: path' and draws the
+    shared baselines of its first case only (they copy the same bytes in every case)."""
     out: Dict[str, Dict[str, List[Tuple[int, float]]]] = {}
     for r in results:
         if not r.get("block_size"):
             continue
-        cases = {x["case"] for x in results if x["scenario"] == r["scenario"]}
+        cases = list(dict.fromkeys(x["case"] for x in results if x["scenario"] == r["scenario"]
+                                   and x["paths"]))
         for name, p in r["paths"].items():
             if p.get("gbps") is None:
                 continue
-            label = f"{r['case']}: {name}" if len(cases) > 1 else name
+            if len(cases) > 1 and name in SHARED_BASELINES:
+                if r["case"] != cases[0]:
+                    continue
+                label = name
+            else:
+                label = f"{r['case']}: {name}" if len(cases) > 1 else name
             out.setdefault(r["scenario"], {}).setdefault(label, []).append((r["block_size"], p["gbps"]))
     return out
 
@@ -43,8 +54,10 @@ def plot(data: dict, path: str) -> None:
     styles = {}                        # case -> marker, when a panel has several cases
     n = len(panels)
     cols = min(2, n)
+    crowded = any(len(lines) > 8 for lines in panels.values())
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols + (3.5 if crowded else 0), 4.2 * rows),
+                             squeeze=False)
     for ax, (scenario, lines) in zip(axes.flat, panels.items()):
         for label, pts in lines.items():
             pts = sorted(pts)
@@ -63,7 +76,10 @@ def plot(data: dict, path: str) -> None:
         ax.set_ylabel("GB/s")
         ax.set_title(SCENARIO_TITLES.get(scenario, scenario).split(":")[0], fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        if len(lines) > 8:
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        else:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     rt = data.get("runtime", {})

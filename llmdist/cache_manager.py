@@ -619,14 +619,18 @@ class CacheManager:
         dplace = regions[0].cache.cache_desc.placement
         kind = copy_kind(src_place, dplace)
         shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
-        if peer is None:
-            route = self._local_route
-        else:
-            try:
-                route = peer.route(self._runtime, regions)
-            except LLMException as exc:
-                raise _fail(f"transfer_configs[{i}]: {exc}", exc.status_code) from None
+        route = self._route(peer, regions, f"transfer_configs[{i}]: ")
         return self._config_plan(route, layers, shift, kind, dst, regions, tpl=tpl)
+
+    def _route(self, peer, regions: Sequence[Region], where: str = "") -> Route:
+        """The route to the memory holding regions: this cluster's own, or the one the peer
+        picks; a peer's refusal is raised with where (the config) in front of its reason."""
+        if peer is None:
+            return self._local_route
+        try:
+            return peer.route(self._runtime, regions)
+        except LLMException as exc:
+            raise _fail(f"{where}{exc}", exc.status_code) from None
 
     def _config_plan(self, route: Route, layers: range, shift: int, kind: CopyKind,
                      addrs: Sequence[int], regions: Sequence[Region],

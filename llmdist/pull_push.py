@@ -256,13 +256,7 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
         raise _fail("a HOST source cache of another cluster cannot be pulled into DEVICE memory")
     kind = copy_kind(sdesc.placement, ddesc.placement)
     touched = {(key.cluster_id, src.cache_id), (cm._cluster_id, dst_entry.cache.cache_id)}
-    if peer is None:
-        route = cm._local_route
-    else:
-        try:
-            route = peer.route(cm._runtime, sregions)
-        except LLMException as exc:
-            raise _fail(f"{exc}", exc.status_code) from None
+    route = cm._route(peer, sregions)
     # The cache here (the destination) drives the layer loop: its layers, its row; the source
     # tensors are the targets, each already at the source row.
     targets = [a + shift for a in srcs]

@@ -21,6 +21,11 @@ cdef struct CfgState:
                             # merged configs of the layer in one copy_runs call
 
 
+# The most bytes one copy call covers when a job's layers are all ready at once (see
+# TransferJob.layers_per_call).
+cdef size_t GROUP_BYTES = <size_t>64 << 20
+
+
 cdef inline int lane_bit(int lane) noexcept nogil:
     return 1 << lane
 
@@ -72,6 +77,8 @@ cdef class TransferJob:
     # config: their tensor pairs are gathered here (sized once per call)
     cdef llmd_tensor_pair *m_pairs
     cdef int *m_cfgs
+    cdef llmd_tensor_pair *pairs      # one config's tensor pairs of the layers of one call
+    cdef int group                    # layers per call: 1 when readiness gates each layer
 
     def __cinit__(self):
         self.lock = PyThread_allocate_lock()
@@ -172,6 +179,7 @@ cdef class TransferJob:
         free(self.d_sizes)
         free(self.m_pairs)
         free(self.m_cfgs)
+        free(self.pairs)
         self.release_tables()
         free(self.events)
         if self.lock != NULL:
@@ -208,6 +216,10 @@ cdef class TransferJob:
             if rc != 0:
                 raise MemoryError()
             self.table_rts[lane] = owner.rt
+        self.group = self.layers_per_call()
+        self.pairs = <llmd_tensor_pair *>malloc(self.tpl * self.group * sizeof(llmd_tensor_pair))
+        if self.pairs == NULL:
+            raise MemoryError()
         n = max(n, 1)
         self.d_dsts = <void **>malloc(n * sizeof(void *))
         self.d_srcs = <void **>malloc(n * sizeof(void *))
@@ -216,13 +228,31 @@ cdef class TransferJob:
             for i in range(self.ncfg):
                 c = &self.cfg[i]
                 c.merged = (c.lane == LANE_RUNTIME and c.kind == COPY_D2D and not c.single)
-            self.m_pairs = <llmd_tensor_pair *>malloc(max(2 * self.ncfg, 1) * sizeof(llmd_tensor_pair))
+            self.m_pairs = <llmd_tensor_pair *>malloc(
+                max(self.tpl * self.group * self.ncfg, 1) * sizeof(llmd_tensor_pair))
             self.m_cfgs = <int *>malloc(max(self.ncfg, 1) * sizeof(int))
             if self.m_pairs == NULL or self.m_cfgs == NULL:
                 raise MemoryError()
         if not (self.d_dsts and self.d_srcs and self.d_sizes):
             raise MemoryError()
         return 0
+
+    cdef int layers_per_call(self):
+        """How many layers one copy call covers. Gated layers (events, a synchronizer) go one
+        by one as they become ready. Layers all ready at once (pull, push) go together, up to
+        GROUP_BYTES per call: fewer calls and hand-offs to the copy engine (on CUDA, fewer
+        launches) while a cancellation still waits for a bounded amount of copying."""
+        cdef size_t per_layer = 0
+        cdef Py_ssize_t r
+        cdef int span = max(self.last_layer - self.first_layer, 1)
+        if self.has_sync or self.events != NULL:
+            return 1
+        for r in range(self.plan.count):
+            per_layer += self.plan.runs[r].nbytes
+        per_layer *= <size_t>(self.tpl * max(self.ncfg, 1))
+        if per_layer == 0 or per_layer >= GROUP_BYTES:
+            return 1
+        return <int>min(<size_t>span, GROUP_BYTES // per_layer)
 
     cdef void release_tables(self) noexcept nogil:
         """Destroy the run tables (every stream that used them has been synchronized)."""
@@ -257,25 +287,30 @@ cdef class TransferJob:
                 bits |= lane_bit(self.cfg[i].lane)
         return bits
 
-    cdef void issue_layer(self, int layer) noexcept nogil:
-        """Queue layer's copies for every config that covers it (job lock held)."""
-        cdef int i, t, rc
+    cdef void issue_layers(self, int first, int stop) noexcept nogil:
+        """Queue the copies of layers [first, stop) for every config covering them, one call
+        per config (job lock held): one layer at a time when readiness gates the layers,
+        several when they are all ready (pull, push). On CUDA with the copy kernel, the merged
+        configs' tensors of those layers go in one call (one launch) after the loop."""
+        cdef int i, t, rc, layer, lo, hi
         cdef CfgState *c
-        cdef Py_ssize_t r, k, base, e
+        cdef Py_ssize_t r, k, base, e, p
         cdef Run *runs = self.plan.runs
         cdef Py_ssize_t nruns = self.plan.count
         cdef char *local
         cdef char *target
         cdef uint64_t here
-        cdef llmd_tensor_pair own[2]
         cdef llmd_tensor_pair *pairs
         cdef const llmd_runtime *rt
         cdef llmd_stream stream
         cdef size_t fail = 0
-        cdef int merged = 0
+        cdef int merged = 0             # merged configs in this call
+        cdef Py_ssize_t mpairs = 0      # their tensor pairs so far
         for i in range(self.ncfg):
             c = &self.cfg[i]
-            if layer < c.lo or layer >= c.hi or c.failed:
+            lo = max(first, c.lo)
+            hi = min(stop, c.hi)
+            if lo >= hi or c.failed:
                 continue
             if c.link_up != NULL and not c.link_up[0]:
                 c.failed = FAIL_LINK
@@ -288,44 +323,50 @@ cdef class TransferJob:
                 rt = self.host.rt
                 stream = self.host_stream
             if c.lane == LANE_RUNTIME or c.lane == LANE_HOST:
-                # Plain runtime copies: the layer's tensor pairs (K and V, or one) through the
+                # Plain runtime copies: the layers' tensor pairs (K and V, or one) through the
                 # run table.
-                pairs = &self.m_pairs[self.tpl * merged] if c.merged else own
-                for t in range(self.tpl):
-                    e = self.target_index[i] + self.tpl * (layer - c.lo) + t
-                    here = self.local_addrs[self.tpl * layer + t] + c.row_shift
-                    if c.direction == WRITE:
-                        pairs[t].src = here
-                        pairs[t].dst = self.target_addrs[e]
-                        pairs[t].dst_end = self.target_limits[e]
-                    else:
-                        # The cache here is the destination, its bounds checked by the cache
-                        # manager: the end of what the runs write is its bound.
-                        pairs[t].src = self.target_addrs[e]
-                        pairs[t].dst = here
-                        pairs[t].dst_end = here + self.plan.dst_hi
+                pairs = &self.m_pairs[mpairs] if c.merged else self.pairs
+                p = 0
+                for layer in range(lo, hi):
+                    for t in range(self.tpl):
+                        e = self.target_index[i] + self.tpl * (layer - c.lo) + t
+                        here = self.local_addrs[self.tpl * layer + t] + c.row_shift
+                        if c.direction == WRITE:
+                            pairs[p].src = here
+                            pairs[p].dst = self.target_addrs[e]
+                            pairs[p].dst_end = self.target_limits[e]
+                        else:
+                            # The cache here is the destination, its bounds checked by the
+                            # cache manager: the end of what the runs write is its bound.
+                            pairs[p].src = self.target_addrs[e]
+                            pairs[p].dst = here
+                            pairs[p].dst_end = here + self.plan.dst_hi
+                        p += 1
                 if c.merged:
                     self.m_cfgs[merged] = i
                     merged += 1
+                    mpairs += p
                     continue
-                rc = rt.copy_runs(rt.ctx, self.tables[c.lane], pairs, self.tpl, c.kind,
+                rc = rt.copy_runs(rt.ctx, self.tables[c.lane], pairs, p, c.kind,
                                   LLMD_COPY_PEER_DEVICE if c.single else 0, stream, &fail)
             else:
-                base = c.desc_base + <Py_ssize_t>(layer - c.lo) * self.tpl * nruns
+                base = c.desc_base + <Py_ssize_t>(lo - c.lo) * self.tpl * nruns
                 k = base
-                for t in range(self.tpl):
-                    e = self.target_index[i] + self.tpl * (layer - c.lo) + t
-                    local = <char *><uintptr_t>self.local_addrs[self.tpl * layer + t] + c.row_shift
-                    target = <char *><uintptr_t>self.target_addrs[e]
-                    for r in range(nruns):
-                        self.d_sizes[k] = runs[r].nbytes
-                        if c.direction == WRITE:
-                            self.d_srcs[k] = local + runs[r].src_off
-                            self.d_dsts[k] = target + runs[r].dst_off
-                        else:
-                            self.d_srcs[k] = target + runs[r].src_off
-                            self.d_dsts[k] = local + runs[r].dst_off
-                        k += 1
+                for layer in range(lo, hi):
+                    for t in range(self.tpl):
+                        e = self.target_index[i] + self.tpl * (layer - c.lo) + t
+                        local = (<char *><uintptr_t>self.local_addrs[self.tpl * layer + t]
+                                 + c.row_shift)
+                        target = <char *><uintptr_t>self.target_addrs[e]
+                        for r in range(nruns):
+                            self.d_sizes[k] = runs[r].nbytes
+                            if c.direction == WRITE:
+                                self.d_srcs[k] = local + runs[r].src_off
+                                self.d_dsts[k] = target + runs[r].dst_off
+                            else:
+                                self.d_srcs[k] = target + runs[r].src_off
+                                self.d_dsts[k] = local + runs[r].dst_off
+                            k += 1
                 if c.lane == LANE_ENGINE:
                     rc = self.engine_move(i, base, k - base)
                 elif c.direction == WRITE:
@@ -341,12 +382,12 @@ cdef class TransferJob:
                 c.fail_index = fail
                 c.failed = FAIL_ENGINE if c.lane == LANE_ENGINE else FAIL_RUNTIME
         if merged:
-            # One call (on CUDA one kernel launch) for every merged config's tensors of this
-            # layer, after the layer's wait; if it fails, nothing of it was queued and each of
+            # One call (on CUDA one kernel launch) for every merged config's tensors of these
+            # layers, after their waits; if it fails, nothing of it was queued and each of
             # those configs fails.
             rt = self.runtime.rt
-            rc = rt.copy_runs(rt.ctx, self.tables[<int>LANE_RUNTIME], self.m_pairs,
-                              self.tpl * merged, COPY_D2D, 0, self.stream, &fail)
+            rc = rt.copy_runs(rt.ctx, self.tables[<int>LANE_RUNTIME], self.m_pairs, mpairs,
+                              COPY_D2D, 0, self.stream, &fail)
             if rc != 0:
                 for i in range(merged):
                     c = &self.cfg[self.m_cfgs[i]]
@@ -425,7 +466,7 @@ cdef class TransferJob:
     def run(self, Stream stream not None, Stream host_stream=None):
         """The layer loop: wait for each covered layer, then queue its copies, all without
         the GIL except for a Python synchronizer's call; then wait for the copies and report."""
-        cdef int layer, i, st, lanes
+        cdef int layer, stop, i, st, lanes
         cdef int rc = 0
         cdef const llmd_runtime *rt = self.runtime.rt
         cdef const llmd_runtime *hrt = self.host.rt
@@ -445,9 +486,14 @@ cdef class TransferJob:
             self.report()
             return
         with nogil:
-            for layer in range(self.first_layer, self.last_layer):
-                lanes = self.lanes_at(layer)
+            layer = self.first_layer
+            while layer < self.last_layer:
+                stop = min(layer + self.group, self.last_layer)
+                lanes = 0
+                for i in range(layer, stop):
+                    lanes |= self.lanes_at(i)
                 if lanes == 0:
+                    layer = stop
                     continue
                 if self.cancelled:
                     break
@@ -465,9 +511,10 @@ cdef class TransferJob:
                     self.fail_unfinished(layer, st)
                     PyThread_release_lock(self.lock)
                     break
-                self.issue_layer(layer)
-                self.issued_upto = layer + 1
+                self.issue_layers(layer, stop)
+                self.issued_upto = stop
                 PyThread_release_lock(self.lock)
+                layer = stop
             rc = rt.stream_synchronize(rt.ctx, self.stream)
             if rc != 0:
                 for i in range(self.ncfg):

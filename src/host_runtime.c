@@ -97,26 +97,25 @@ static inline void prefetch_run(const char *src, size_t n)
 #endif
 }
 
-/* Copy bytes [begin, end) of the concatenation of the runs. */
-static void copy_part(void **dsts, void **srcs, const size_t *sizes, size_t count,
-                      size_t begin, size_t end, size_t nt_min)
+/* Copy the runs from byte o0 of run r0 up to byte o1 of run r1 (exclusive; o1 == 0 ends with
+ * run r1 - 1), r1 < count or (r1 == count and o1 == 0). */
+static void copy_span(void **dsts, void **srcs, const size_t *sizes, size_t count,
+                      size_t r0, size_t o0, size_t r1, size_t o1, size_t nt_min)
 {
-    size_t pos = 0;
-    for (size_t i = 0; i < count && pos < end; i++) {
-        size_t n = sizes[i];
-        size_t lo = pos, hi = pos + n;
-        pos = hi;
-        if (hi <= begin) continue;
-        size_t a = begin > lo ? begin - lo : 0;
-        size_t b = end < hi ? end - lo : n;
-        if (i + 1 < count && hi < end) prefetch_run((const char *)srcs[i + 1], sizes[i + 1]);
+    for (size_t i = r0; i <= r1 && i < count; i++) {
+        size_t a = i == r0 ? o0 : 0;
+        size_t b = i == r1 ? o1 : sizes[i];
+        if (b <= a) continue;
+        if (i + 1 < count && i + 1 <= r1) prefetch_run((const char *)srcs[i + 1], sizes[i + 1]);
         copy_run((char *)dsts[i] + a, (const char *)srcs[i] + a, b - a, nt_min);
     }
     copy_fence();
 }
 
 /* A team of helper threads that share large batches with the stream thread that owns them.
- * One batch at a time; a stream that finds the team busy copies alone. */
+ * One batch at a time; a stream that finds the team busy copies alone. A batch is cut into
+ * parts of equal bytes, their bounds found in one pass over the runs. */
+#define TEAM_MAX_PARTS 512      /* 8 parts per thread at the most threads set_host_tuning allows */
 typedef struct copy_team {
     pthread_mutex_t lock;       /* held by the stream thread that owns the team for a batch */
     pthread_mutex_t mu;
@@ -128,6 +127,8 @@ typedef struct copy_team {
     const size_t *sizes;
     size_t count, total, nt_min;
     int nparts;
+    /* where part p starts: byte part_off[p] of run part_run[p]; entry nparts is the end */
+    size_t part_run[TEAM_MAX_PARTS + 1], part_off[TEAM_MAX_PARTS + 1];
     atomic_int next_part;
     int parts_left;
 } copy_team;
@@ -144,9 +145,8 @@ static void team_run_parts(copy_team *t)
     for (;;) {
         int p = atomic_fetch_add(&t->next_part, 1);
         if (p >= t->nparts) break;
-        size_t begin = t->total / (size_t)t->nparts * (size_t)p;
-        size_t end = p == t->nparts - 1 ? t->total : t->total / (size_t)t->nparts * (size_t)(p + 1);
-        copy_part(t->dsts, t->srcs, t->sizes, t->count, begin, end, t->nt_min);
+        copy_span(t->dsts, t->srcs, t->sizes, t->count, t->part_run[p], t->part_off[p],
+                  t->part_run[p + 1], t->part_off[p + 1], t->nt_min);
         pthread_mutex_lock(&t->mu);
         if (--t->parts_left == 0) pthread_cond_broadcast(&t->done_cv);
         pthread_mutex_unlock(&t->mu);
@@ -182,6 +182,20 @@ static void *team_helper_main(void *arg)
     return NULL;
 }
 
+/* The bounds of t's parts: part p starts at byte total / nparts * p of the batch. */
+static void team_cut(copy_team *t)
+{
+    size_t pos = 0, r = 0;
+    for (int p = 0; p < t->nparts; p++) {
+        size_t begin = t->total / (size_t)t->nparts * (size_t)p;
+        while (r < t->count && pos + t->sizes[r] <= begin) pos += t->sizes[r++];
+        t->part_run[p] = r;
+        t->part_off[p] = begin - pos;
+    }
+    t->part_run[t->nparts] = t->count;
+    t->part_off[t->nparts] = 0;
+}
+
 /* Grow the team to want-1 helpers (called with t->lock held). */
 static void team_ensure(copy_team *t, int want)
 {
@@ -215,6 +229,7 @@ static void copy_batch(void **dsts, void **srcs, const size_t *sizes, size_t cou
             pthread_mutex_lock(&t->mu);
             t->dsts = dsts; t->srcs = srcs; t->sizes = sizes; t->count = count;
             t->total = total; t->nt_min = nt_min; t->nparts = nparts;
+            team_cut(t);
             atomic_store(&t->next_part, 0);
             t->parts_left = nparts;
             __atomic_add_fetch(&t->generation, 1, __ATOMIC_RELEASE);
@@ -229,7 +244,7 @@ static void copy_batch(void **dsts, void **srcs, const size_t *sizes, size_t cou
         }
         pthread_mutex_unlock(&t->lock);
     }
-    copy_part(dsts, srcs, sizes, count, 0, total, nt_min);
+    copy_span(dsts, srcs, sizes, count, 0, 0, count, 0, nt_min);
 }
 
 /* ------------------------------------------------------------------------------------------ */

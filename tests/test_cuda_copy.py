@@ -183,3 +183,34 @@ def test_runtimes_say_whether_they_have_a_copy_kernel_and_their_framework_device
     """)
     assert r["host"] == [None, None, None]
     assert r["cuda"] == ["cuda", "dma", "llmdist.device_copy=dma"]
+
+
+def test_layers_ready_at_once_share_a_launch_up_to_the_group_bound(fake_cuda):
+    """A pull has every layer ready at once: its layers go to the device in one launch, as many
+    layers per launch as fit 64 MiB (the bound that keeps a cancellation's wait short). Four
+    layers of 2 x 256 x 256 B: one launch; four layers of 2 x 96 x 128 KiB (24 MiB): two."""
+    r = cuda_run(fake_cuda, """
+        dd, cm = start()
+        res = {}
+        for name, blocks, block in (("small", 256, 256), ("big", 96, 128 << 10)):
+            desc = CacheDesc(8, [blocks, block], DataType.DT_UINT8, Placement.DEVICE)
+            key = BlocksCacheKey(1, blocks)
+            src = cm.allocate_blocks_cache(desc, key)
+            dst = cm.allocate_blocks_cache(desc)
+            rng = np.random.default_rng(blocks)
+            for a in src.tensor_addrs:
+                view(a, desc.size)[:] = rng.integers(0, 255, desc.size, dtype=np.uint8)
+            for a in dst.tensor_addrs:
+                view(a, desc.size)[:] = 0
+            si = list(range(blocks))[::-1]
+            di = list(range(blocks))
+            fake.fake_cuda_reset()
+            cm.pull_blocks(key, dst, si, di)
+            res[name] = dict(launches=calls("cudaLaunchKernel"),
+                             same=same_blocks(desc, src, dst, si, di, block))
+            cm.deallocate_blocks_cache(src)
+            cm.deallocate_blocks_cache(dst)
+        out(**res)
+    """, LLMDIST_DEVICE_COPY="kernel")
+    assert r["small"] == {"launches": 1, "same": True}
+    assert r["big"] == {"launches": 2, "same": True}

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import os
+import threading
 import time
 from typing import Dict, Hashable, List, Optional
 
 import numpy as np
 import pytest
 
-from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, DataType, LLMException,
-                     LLMRole, LLMStatusCode)
+from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, DataType, LayerSynchronizer,
+                     LLMException, LLMRole, LLMStatusCode, TransferConfig)
 
 from helpers import OWN_CLUSTER, Env, assert_mem_equal, env_ctx
 from test_cluster import ChildError, Cleanup, DecodeProc, cluster_info
@@ -34,13 +36,23 @@ HAVE_MOONCAKE = importlib.util.find_spec("mooncake") is not None
 _ids = itertools.count(300)
 _seeds = itertools.count(11)
 
+# The suite runs on the host runtime and, in CI, on the fake ACL and CUDA runtimes, where the
+# mapped route is device IPC.
+DEVICE_RUNTIME = os.environ.get("LLMDIST_RUNTIME") in ("acl", "cuda")
+HOST_ONLY = pytest.mark.skipif(DEVICE_RUNTIME, reason="a device runtime reaches another process's "
+                               "memory by device IPC only (test_device_runtime_refusals)")
+NO_ENGINE = [pytest.mark.skipif(not HAVE_MOONCAKE, reason="mooncake is not installed"), HOST_ONLY]
+
 # Routes: (memory of the peer's cache, transport).
-ROUTES = [("allocated", "direct"), ("registered", "direct"),
-          pytest.param(("registered", "mooncake"), marks=pytest.mark.skipif(
-              not HAVE_MOONCAKE, reason="mooncake is not installed")),
-          pytest.param(("allocated", "mooncake"), marks=pytest.mark.skipif(
-              not HAVE_MOONCAKE, reason="mooncake is not installed"))]
+ROUTES = [("allocated", "direct"), pytest.param(("registered", "direct"), marks=HOST_ONLY),
+          pytest.param(("registered", "mooncake"), marks=NO_ENGINE),
+          pytest.param(("allocated", "mooncake"), marks=NO_ENGINE)]
 ROUTE_IDS = ["mapped", "process", "mooncake-registered", "mooncake-allocated"]
+
+
+# The peer memory the tests that need one route pull from: on a device runtime another process's
+# memory is reachable only when that process allocated it (device IPC).
+PEER_MEM = "allocated" if DEVICE_RUNTIME else "registered"
 
 
 @pytest.fixture
@@ -336,7 +348,7 @@ def test_withdrawn_unlinked_and_dead_peer(cleanup, local):
     p = peer_proc(cleanup, "direct")
     m1, m2 = next(_seeds), next(_seeds)
     a = cleanup.dcache(p, "allocated", 4, [8, 128], blocks=True, key=("blocks", m1))
-    cleanup.dcache(p, "registered", 4, [8, 128], blocks=True, key=("blocks", m2))
+    cleanup.dcache(p, PEER_MEM, 4, [8, 128], blocks=True, key=("blocks", m2))
     d = local()
     dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
     link_to(d, p)
@@ -362,7 +374,7 @@ def test_timeout_ends_the_call_and_nothing_hangs(cleanup, local):
     LLM_TIMEOUT after its queued copies landed, and the next pull works."""
     p = peer_proc(cleanup, "direct")
     model = next(_seeds)
-    src = cleanup.dcache(p, "registered", 16, [64, 16384], blocks=True, key=("blocks", model))
+    src = cleanup.dcache(p, PEER_MEM, 16, [64, 16384], blocks=True, key=("blocks", model))
     d = local(**{"llm.SyncKvCacheWaitTime": "1"})
     dst = d.allocated(16, [64, 16384], dtype=FP16, blocks=True)
     link_to(d, p)
@@ -377,3 +389,184 @@ def test_timeout_ends_the_call_and_nothing_hangs(cleanup, local):
     want = expect_blocks(before, dst2.tensors, 32768, src.initial, src.tensors, 32768,
                          range(8), range(8), 2, pairs=[(5, 6)])
     assert_mem_equal(dst2.mem(), want)
+
+
+class Blocker(LayerSynchronizer):
+    """Holds the transfer worker that runs it inside its first layer until go is set."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.go = threading.Event()
+
+    def synchronize_layer(self, layer: int, timeout) -> bool:
+        self.entered.set()
+        return self.go.wait(60)
+
+
+class Call:
+    """fn(*args) on a thread of its own: the status code it raised (SUCCESS when it returned)
+    and when it ended."""
+
+    def __init__(self, fn, *args, **kwargs) -> None:
+        self.code = None
+        self.ended = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, args, kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+            self.code = SUCCESS
+        except LLMException as exc:
+            self.code = exc.status_code
+        finally:
+            self.ended = time.monotonic()
+
+    def join(self, timeout: float):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), f"the call did not end within {timeout} s"
+        return self.code
+
+
+def in_flight(cm, n: int, timeout: float = 10.0) -> None:
+    """Wait until n tasks of cm are in flight (submitted and not finished)."""
+    deadline = time.monotonic() + timeout
+    while len(cm._inflight) < n:
+        assert time.monotonic() < deadline, f"{n} tasks never got in flight"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("event", ["withdrawn", "unlinked", "peer-died"])
+def test_peer_event_during_a_pull_ends_it(cleanup, local, event):
+    """A pull under way (submitted, waiting for the one transfer worker) when the source cache is
+    withdrawn, the link is taken down or the peer dies ends at once with
+    LLM_KV_CACHE_NOT_EXIST / LLM_LINK_FAILED / LLM_LINK_FAILED, long before
+    llm.SyncKvCacheWaitTime (60 s here); nothing of it lands, the transfer that held the worker
+    still completes, and a later pull from a live source works."""
+    p = peer_proc(cleanup, "direct")
+    m1, m2 = next(_seeds), next(_seeds)
+    gone = cleanup.dcache(p, "allocated", 4, [8, 128], blocks=True, key=("blocks", m1), seed=m1)
+    live = cleanup.dcache(p, PEER_MEM, 4, [8, 128], blocks=True, key=("blocks", m2), seed=m2)
+    d = local(**{"llm.SyncKvCacheWaitTime": "60000", "llmdist.transfer_workers": "1"})
+    dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
+    link_to(d, p)
+    # hold the only worker: a local transfer waiting in its synchronizer
+    own_src = d.registered(4, [8, 128], dtype=FP16, blocks=True)
+    own_dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
+    blocker = Blocker()
+    held = d.cm.transfer_cache_async(own_src.cache, blocker,
+                                     [TransferConfig(d.cluster_id, own_dst.addrs)], [0], [1])
+    assert blocker.entered.wait(10)
+    before = dst.snapshot()
+    call = Call(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m1), dst.cache, [0, 1], [2, 3])
+    in_flight(d.cm, 2)
+    t0 = time.monotonic()
+    if event == "withdrawn":
+        p.call("release", gone.name)
+        cleanup.caches.remove(gone)
+        want = NOT_EXIST
+    elif event == "unlinked":
+        assert d.dd.unlink_clusters([cluster_info(p.cluster_id)], LINK_MS) == (SUCCESS, [SUCCESS])
+        want = LINK_FAILED
+    else:
+        p.kill()
+        want = LINK_FAILED
+    assert call.join(10) == want
+    assert call.ended - t0 < 10
+    blocker.go.set()
+    assert held.synchronize(10000) == SUCCESS
+    assert_mem_equal(dst.mem(), before, "the destination of the ended pull")
+    if event == "peer-died":
+        p = peer_proc(cleanup, "direct")
+        m2 = next(_seeds)
+        live = cleanup.dcache(p, PEER_MEM, 4, [8, 128], blocks=True, key=("blocks", m2),
+                              seed=m2)
+    if event != "withdrawn":
+        link_to(d, p)
+    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, m2), dst.cache, [4], [5])
+    want_mem = expect_blocks(before, dst.tensors, 256, live.initial, live.tensors, 256, range(2),
+                             range(2), 2, pairs=[(4, 5)])
+    assert_mem_equal(dst.mem(), want_mem, "a pull after the ended one")
+
+
+@pytest.mark.skipif(not DEVICE_RUNTIME, reason="refusals of device runtimes; the host runtime "
+                    "reaches these caches (test_pull_blocks_b2b)")
+def test_device_runtime_refusals(cleanup, local):
+    """On a device runtime, DEVICE memory another process registered and a peer reached
+    through Mooncake are refused with LLM_FEATURE_NOT_ENABLED and the reason, before anything
+    moves."""
+    p = peer_proc(cleanup, "direct")
+    model = next(_seeds)
+    cleanup.dcache(p, "registered", 4, [8, 128], blocks=True, key=("blocks", model))
+    d = local()
+    dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
+    link_to(d, p)
+    before = dst.snapshot()
+    with pytest.raises(LLMException) as ei:
+        d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model), dst.cache, [0], [0])
+    assert ei.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+    assert "DEVICE memory the peer registered" in str(ei.value)
+    if HAVE_MOONCAKE:
+        q = peer_proc(cleanup, "mooncake")
+        m = next(_seeds)
+        cleanup.dcache(q, "allocated", 4, [8, 128], blocks=True, key=("blocks", m))
+        e = local(transport="mooncake")
+        edst = e.registered(4, [8, 128], dtype=FP16, blocks=True)
+        link_to(e, q)
+        with pytest.raises(LLMException) as ei:
+            e.cm.pull_blocks(BlocksCacheKey(q.cluster_id, m), edst.cache, [0], [0])
+        assert ei.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+        assert "Mooncake" in str(ei.value)
+    assert_mem_equal(dst.mem(), before, "the destination after refused pulls")
+
+
+FAKE_CUDA = (os.environ.get("LLMDIST_RUNTIME") == "cuda"
+             and bool(os.environ.get("LLMDIST_CUDA_LIBRARY")))
+
+
+@pytest.mark.skipif(not FAKE_CUDA, reason="holds copies on the device with the fake CUDA "
+                    "runtime's copy delay; CI runs this file on it")
+@pytest.mark.parametrize("event", ["withdrawn", "peer-died"])
+def test_peer_event_while_the_pull_copies(cleanup, local, event):
+    """The pull's copy from the peer's memory (device IPC) is queued and held on the device
+    (300 ms per copy) when the peer withdraws the source or dies. A withdrawal waits for the
+    queued copy: by the time the peer's release returns, the pulled bytes are in place and the
+    pull succeeds. A dead peer ends the pull with LLM_LINK_FAILED, without waiting out
+    llm.SyncKvCacheWaitTime."""
+    import ctypes
+    fake = ctypes.CDLL(os.environ["LLMDIST_CUDA_LIBRARY"])
+    fake.fake_cuda_calls.restype = ctypes.c_long
+
+    def copies() -> int:
+        return sum(fake.fake_cuda_calls(n) for n in (b"cudaLaunchKernel",
+                                                     b"cudaMemcpyBatchAsync"))
+
+    p = peer_proc(cleanup, "direct")
+    m = next(_seeds)
+    src = cleanup.dcache(p, "allocated", 4, [8, 128], blocks=True, key=("blocks", m), seed=m)
+    d = local(**{"llm.SyncKvCacheWaitTime": "30000"})
+    dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
+    link_to(d, p)
+    before = dst.snapshot()
+    want = expect_blocks(before, dst.tensors, 256, src.initial, src.tensors, 256, range(2),
+                         range(2), 2, pairs=[(0, 5), (3, 1)])
+    issued = copies()
+    fake.fake_cuda_set_copy_delay_us(300_000)
+    try:
+        call = Call(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m), dst.cache, [0, 3], [5, 1])
+        deadline = time.monotonic() + 10
+        while copies() == issued:
+            assert time.monotonic() < deadline, "the pull's copy was never issued"
+            time.sleep(0.002)
+        t0 = time.monotonic()
+        if event == "withdrawn":
+            p.call("release", src.name)
+            cleanup.caches.remove(src)
+            assert_mem_equal(dst.mem(), want, "the pulled blocks when the release returned")
+            assert call.join(10) == SUCCESS
+        else:
+            p.kill()
+            assert call.join(10) == LINK_FAILED
+            assert call.ended - t0 < 10
+    finally:
+        fake.fake_cuda_set_copy_delay_us(-1)

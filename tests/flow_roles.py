@@ -12,8 +12,8 @@ import struct
 
 import numpy as np
 
-from llmdist import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo,
-                     LLMConfig, LLMDataDist, LLMRole, LLMStatusCode, Placement,
+from llmdist import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataType, LayerSynchronizer,
+                     LLMClusterInfo, LLMConfig, LLMDataDist, LLMRole, LLMStatusCode, Placement,
                      TransferWithCacheKeyConfig)
 
 HOST = "127.0.0.1"
@@ -310,6 +310,77 @@ def push_decoder(ctx, pport):
         raise Exception(f"link failed: {ret}")
     cache_manager.push_blocks(BlocksCacheKey(0, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 2])
     ctx.barrier()   # push_blocks end
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 0
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# push_cache_sample.py: as push_blocks_sample, with rows of non-blocks caches. The decoder pushes
+# a row of its cache into a row of the prompt's, named by the prompt's cache id (which the
+# prompt hands over in id_file, where the sample's ranks would share it).
+PUSH_ROWS = 4
+
+
+def _rows_fill(cluster_id: int, tensor: int) -> np.ndarray:
+    """Rows a flow can tell apart: row r of tensor t of cluster c holds 100c + 10t + r."""
+    rows = np.arange(PUSH_ROWS, dtype=np.float32)[:, None] + 10 * tensor + 100 * cluster_id
+    return np.repeat(rows, KV_SHAPE, axis=1)
+
+
+def push_cache_prompt(ctx, pport, id_file):
+    datadist = _push_init(LLMRole.PROMPT, 0, pport)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[PUSH_ROWS, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensors = [_rows_fill(0, t) for t in range(NUM_TENSORS)]
+    cache = cache_manager.register_cache(cache_desc, [_addr(t) for t in tensors])
+    with open(id_file, "w") as f:
+        f.write(str(cache.cache_id))
+    ctx.barrier()   # register end
+    ctx.barrier()   # decoder push_cache end
+    for t, tensor in enumerate(tensors):
+        want = _rows_fill(0, t)
+        want[2] = _rows_fill(1, t)[1]       # decoder row 1 -> row 2
+        want[0] = _rows_fill(1, t)[3]       # decoder row 3 -> row 0
+        ctx.check(np.array_equal(tensor, want), f"tensor {t} after the pushes: {tensor}")
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 1
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+def push_cache_decoder(ctx, pport, id_file):
+    datadist = _push_init(LLMRole.DECODER, 1, pport)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[PUSH_ROWS, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensors = [_rows_fill(1, t) for t in range(NUM_TENSORS)]
+    cache = cache_manager.register_cache(cache_desc, [_addr(t) for t in tensors])
+    ctx.barrier()   # register end
+    with open(id_file) as f:
+        prompt_cache_id = int(f.read())
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = 0
+    cluster.append_local_ip_info(HOST, 26001)
+    cluster.append_remote_ip_info(HOST, pport)
+    ret, _ = datadist.link_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret}")
+    cache_manager.push_cache(CacheKeyByIdAndIndex(0, prompt_cache_id, 2), cache, 1)
+    cache_manager.push_cache(CacheKeyByIdAndIndex(0, prompt_cache_id, 0), cache,
+                             src_batch_index=3, src_layer_range=range(0, 1),
+                             dst_layer_range=range(0, 1))
+    ctx.barrier()   # push_cache end
     cluster = LLMClusterInfo()
     cluster.remote_cluster_id = 0
     ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)

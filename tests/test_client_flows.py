@@ -1,10 +1,9 @@
 """Real clients' call sequences and upstream's sample programs (spec sections 7 and 10), each
 role in its own process on 127.0.0.1, with numpy arrays in place of NPU tensors and every byte
 checked: transfer_cache_async_sample, hixl_transfer_backend_sample (both listen, both link, pull
-and push, both unlink), pull_blocks_sample (rank-table link, pull, swap out and in), pull_cache_sample (a CacheKey per
-row),
-pull_blocks_xpyd_sample (one decode, two prefills), push_blocks_sample,
-vllm-ascend's HIXL connector (MLA caches of one tensor per layer by model id, pulled by layer
+and push, both unlink), pull_blocks_sample (rank-table link, pull, swap out and in),
+pull_cache_sample (a CacheKey per row), pull_blocks_xpyd_sample (one decode, two prefills),
+push_blocks_sample, push_cache_sample (rows by CacheKeyByIdAndIndex), vllm-ascend's HIXL connector (MLA caches of one tensor per layer by model id, pulled by layer
 range), an SGLang-style push (link with only the remote ip), omni-infer's recovery (the pull
 fails after the prefill dies; force-unlink, link to its restart, the retried pull succeeds), and
 links made and ended from both sides at once."""
@@ -162,6 +161,15 @@ def test_push_blocks_sample():
     pport = free_port()
     Flow({"prompt": ("push_prompt", {"pport": pport}),
           "decoder": ("push_decoder", {"pport": pport})}).finish()
+
+
+def test_push_cache_sample(tmp_path):
+    """push_blocks_sample with rows: the decoder pushes two of its rows into rows of the
+    prompt's cache (CacheKeyByIdAndIndex), the second with layer ranges."""
+    pport = free_port()
+    id_file = str(tmp_path / "prompt_cache_id")
+    Flow({"prompt": ("push_cache_prompt", {"pport": pport, "id_file": id_file}),
+          "decoder": ("push_cache_decoder", {"pport": pport, "id_file": id_file})}).finish()
 
 
 # --------------------------------------------------------------------------------------------

@@ -514,15 +514,21 @@ class CacheManager:
             job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, plans,
                                     layer_synchronizer, self._sync_timeout, events, gate,
                                     tensors_per_layer=tpl)
-            self._inflight[job] = ((self._cluster_id, src_cache.cache_id), touched)
-            job.on_finish = self._job_done
-            try:
-                self._workers.submit(job)
-            except BaseException:
-                job.on_finish = None    # it never runs: its slot goes back in the caller
-                self._inflight.pop(job, None)
-                raise
+            self._launch(job, src_cache.cache_id, touched)
         return job, len(plans)
+
+    def _launch(self, job, cache_id: int, touched: List[set]) -> None:
+        """Record job as in flight (driven by this cluster's cache cache_id, touching the
+        (cluster, cache) pairs of touched per config) and hand it to the workers (lock held).
+        The caller holds a task slot, which the job gives back when it ends."""
+        self._inflight[job] = ((self._cluster_id, cache_id), touched)
+        job.on_finish = self._job_done
+        try:
+            self._workers.submit(job)
+        except BaseException:
+            job.on_finish = None    # it never runs: its slot goes back in the caller
+            self._inflight.pop(job, None)
+            raise
 
     def _check_config(self, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
                       block_size: int, plan, num_layers: int, touched: set,

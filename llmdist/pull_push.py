@@ -41,7 +41,8 @@ def _fail(message: str, code: LLMStatusCode = _PARAM_INVALID) -> LLMException:
 def check_tensor_num_per_layer(value) -> int:
     """tensor_num_per_layer: a uint32, 1 (one tensor per layer, MLA) or 2 (K and V)."""
     check_uint32("tensor_num_per_layer", value)
-    require(value in (1, 2), f"tensor_num_per_layer must be 1 or 2, but got {value}")
+    if value != 1 and value != 2:
+        raise _fail(f"tensor_num_per_layer must be 1 or 2, but got {value}")
     return value
 
 
@@ -177,14 +178,7 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
             plan, cfg, tpl = spec
             job = _core.TransferJob(cm._runtime, plan, local_addrs, [cfg], None,
                                     cm._sync_timeout, tensors_per_layer=tpl)
-            cm._inflight[job] = ((me, dst_cache.cache_id), [touched])
-            job.on_finish = cm._job_done
-            try:
-                cm._workers.submit(job)
-            except BaseException:
-                job.on_finish = None
-                cm._inflight.pop(job, None)
-                raise
+            cm._launch(job, dst_cache.cache_id, [touched])
     except BaseException:
         cm._slots.release()
         raise

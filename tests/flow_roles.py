@@ -265,6 +265,18 @@ def _push_init(role, cluster_id, pport):
     return datadist
 
 
+def _push_end(datadist, cache, remote_cluster_id):
+    """The push samples' end: force-unlink the other side, unregister the cache, finalize."""
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = remote_cluster_id
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    datadist.cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
 def push_prompt(ctx, pport):
     datadist = _push_init(LLMRole.PROMPT, 0, pport)
     cache_manager = datadist.cache_manager
@@ -281,14 +293,7 @@ def push_prompt(ctx, pport):
     want[2] = 0
     ctx.check(np.array_equal(tensor, want), f"tensor after the push: {tensor}")
     ctx.check(np.array_equal(tensor2, want), f"tensor2 after the push: {tensor2}")
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = 1
-    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise Exception(f"unlink failed: {ret}")
-    cache_manager.unregister_cache(cache.cache_id)
-    datadist.finalize()
-    return "ok"
+    return _push_end(datadist, cache, 1)
 
 
 def push_decoder(ctx, pport):
@@ -310,14 +315,7 @@ def push_decoder(ctx, pport):
         raise Exception(f"link failed: {ret}")
     cache_manager.push_blocks(BlocksCacheKey(0, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 2])
     ctx.barrier()   # push_blocks end
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = 0
-    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise Exception(f"unlink failed: {ret}")
-    cache_manager.unregister_cache(cache.cache_id)
-    datadist.finalize()
-    return "ok"
+    return _push_end(datadist, cache, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -333,13 +331,18 @@ def _rows_fill(cluster_id: int, tensor: int) -> np.ndarray:
     return np.repeat(rows, KV_SHAPE, axis=1)
 
 
-def push_cache_prompt(ctx, pport, id_file):
-    datadist = _push_init(LLMRole.PROMPT, 0, pport)
-    cache_manager = datadist.cache_manager
+def _rows_start(role, cluster_id, pport):
+    """A push sample's start with a cache of PUSH_ROWS rows over numpy arrays of _rows_fill."""
+    datadist = _push_init(role, cluster_id, pport)
     cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[PUSH_ROWS, KV_SHAPE],
                            data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
-    tensors = [_rows_fill(0, t) for t in range(NUM_TENSORS)]
-    cache = cache_manager.register_cache(cache_desc, [_addr(t) for t in tensors])
+    tensors = [_rows_fill(cluster_id, t) for t in range(NUM_TENSORS)]
+    cache = datadist.cache_manager.register_cache(cache_desc, [_addr(t) for t in tensors])
+    return datadist, tensors, cache
+
+
+def push_cache_prompt(ctx, pport, id_file):
+    datadist, tensors, cache = _rows_start(LLMRole.PROMPT, 0, pport)
     with open(id_file, "w") as f:
         f.write(str(cache.cache_id))
     ctx.barrier()   # register end
@@ -349,23 +352,12 @@ def push_cache_prompt(ctx, pport, id_file):
         want[2] = _rows_fill(1, t)[1]       # decoder row 1 -> row 2
         want[0] = _rows_fill(1, t)[3]       # decoder row 3 -> row 0
         ctx.check(np.array_equal(tensor, want), f"tensor {t} after the pushes: {tensor}")
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = 1
-    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise Exception(f"unlink failed: {ret}")
-    cache_manager.unregister_cache(cache.cache_id)
-    datadist.finalize()
-    return "ok"
+    return _push_end(datadist, cache, 1)
 
 
 def push_cache_decoder(ctx, pport, id_file):
-    datadist = _push_init(LLMRole.DECODER, 1, pport)
+    datadist, tensors, cache = _rows_start(LLMRole.DECODER, 1, pport)
     cache_manager = datadist.cache_manager
-    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[PUSH_ROWS, KV_SHAPE],
-                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
-    tensors = [_rows_fill(1, t) for t in range(NUM_TENSORS)]
-    cache = cache_manager.register_cache(cache_desc, [_addr(t) for t in tensors])
     ctx.barrier()   # register end
     with open(id_file) as f:
         prompt_cache_id = int(f.read())
@@ -381,14 +373,7 @@ def push_cache_decoder(ctx, pport, id_file):
                              src_batch_index=3, src_layer_range=range(0, 1),
                              dst_layer_range=range(0, 1))
     ctx.barrier()   # push_cache end
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = 0
-    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise Exception(f"unlink failed: {ret}")
-    cache_manager.unregister_cache(cache.cache_id)
-    datadist.finalize()
-    return "ok"
+    return _push_end(datadist, cache, 0)
 
 
 # ------------------------------------------------------------------------------------------

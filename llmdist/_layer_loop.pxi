@@ -78,7 +78,7 @@ cdef class TransferJob:
     cdef llmd_tensor_pair *m_pairs
     cdef int *m_cfgs
     cdef llmd_tensor_pair *pairs      # one config's tensor pairs of the layers of one call
-    cdef int group                    # layers per call: 1 when readiness gates each layer
+    cdef int group                    # the most layers one copy call covers
 
     def __cinit__(self):
         self.lock = PyThread_allocate_lock()
@@ -238,14 +238,16 @@ cdef class TransferJob:
         return 0
 
     cdef int layers_per_call(self):
-        """How many layers one copy call covers. Gated layers (events, a synchronizer) go one
-        by one as they become ready. Layers all ready at once (pull, push) go together, up to
-        GROUP_BYTES per call: fewer calls and hand-offs to the copy engine (on CUDA, fewer
-        launches) while a cancellation still waits for a bounded amount of copying."""
+        """The most layers one copy call covers: as many as fit GROUP_BYTES, so that a call
+        and hand-off to the copy engine (on CUDA, a launch) serves several layers while a
+        cancellation still waits for a bounded amount of copying. Layers all ready at once
+        (pull, push) go together; event-gated layers join the call of an earlier one when their
+        events have completed by then (see finished_after); a Python synchronizer is asked
+        layer by layer."""
         cdef size_t per_layer = 0
         cdef Py_ssize_t r
         cdef int span = max(self.last_layer - self.first_layer, 1)
-        if self.has_sync or self.events != NULL:
+        if self.has_sync and self.events == NULL:
             return 1
         for r in range(self.plan.count):
             per_layer += self.plan.runs[r].nbytes
@@ -253,6 +255,22 @@ cdef class TransferJob:
         if per_layer == 0 or per_layer >= GROUP_BYTES:
             return 1
         return <int>min(<size_t>span, GROUP_BYTES // per_layer)
+
+    cdef int finished_after(self, int layer) noexcept nogil:
+        """Event-gated copies: the end of the layers after layer (whose wait is done) that the
+        model has released and whose events have completed, up to the group size. A copy call
+        issued for them waits for nothing more than layer's own does, so they join it."""
+        cdef const llmd_runtime *rt = self.runtime.rt
+        cdef int stop = layer + 1
+        cdef int done
+        while stop < self.last_layer and stop - layer < self.group:
+            if llmd_gate_wait(self.gate.gate, stop, 0, NULL) != LLMD_GATE_OK:
+                break
+            done = 0
+            if rt.event_query(rt.ctx, self.events[stop], &done) != 0 or not done:
+                break
+            stop += 1
+        return stop
 
     cdef void release_tables(self) noexcept nogil:
         """Destroy the run tables (every stream that used them has been synchronized)."""
@@ -488,7 +506,10 @@ cdef class TransferJob:
         with nogil:
             layer = self.first_layer
             while layer < self.last_layer:
-                stop = min(layer + self.group, self.last_layer)
+                # layers ready at once go up to the group size per call; gated ones one by one,
+                # with any later ones already finished
+                stop = (layer + 1 if self.has_sync or self.events != NULL
+                        else min(layer + self.group, self.last_layer))
                 lanes = 0
                 for i in range(layer, stop):
                     lanes |= self.lanes_at(i)
@@ -499,6 +520,8 @@ cdef class TransferJob:
                     break
                 if self.events != NULL:
                     st = self.wait_events(layer, lanes)
+                    if st == FAIL_NONE:
+                        stop = self.finished_after(layer)
                 elif self.has_sync:
                     st = self.call_synchronizer(layer)
                 else:

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, DataType, LayerSynchronizer,
-                     LLMException, LLMRole, LLMStatusCode, TransferConfig)
+                     LLMException, LLMRole, LLMStatusCode, TransferConfig,
+                     TransferWithCacheKeyConfig)
 
 from helpers import OWN_CLUSTER, Env, assert_mem_equal, env_ctx
 from test_cluster import ChildError, Cleanup, DecodeProc, cluster_info
@@ -436,29 +437,43 @@ def in_flight(cm, n: int, timeout: float = 10.0) -> None:
         time.sleep(0.005)
 
 
+def other_side(cleanup, op: str):
+    """The peer a pull reads from (a PROMPT in remote-accessible mode) or a push writes to (a
+    DECODER)."""
+    if op == "pull":
+        return peer_proc(cleanup, "direct")
+    return cleanup.spawn(next(_ids), options={"llmdist.transport": "direct"}).wait_ready()
+
+
+@pytest.mark.parametrize("op", ["pull", "push"])
 @pytest.mark.parametrize("event", ["withdrawn", "unlinked", "peer-died"])
-def test_peer_event_during_a_pull_ends_it(cleanup, local, event):
-    """A pull under way (submitted, waiting for the one transfer worker) when the source cache is
-    withdrawn, the link is taken down or the peer dies ends at once with
-    LLM_KV_CACHE_NOT_EXIST / LLM_LINK_FAILED / LLM_LINK_FAILED, long before
+def test_peer_event_during_the_call_ends_it(cleanup, local, event, op):
+    """A pull_blocks / push_blocks under way (submitted, waiting for the one transfer worker)
+    when the peer's cache is withdrawn, the link is taken down or the peer dies ends at once
+    with LLM_KV_CACHE_NOT_EXIST / LLM_LINK_FAILED / LLM_LINK_FAILED, long before
     llm.SyncKvCacheWaitTime (60 s here); nothing of it lands, the transfer that held the worker
-    still completes, and a later pull from a live source works."""
-    p = peer_proc(cleanup, "direct")
+    still completes, and a later call with a live cache works."""
+    p = other_side(cleanup, op)
     m1, m2 = next(_seeds), next(_seeds)
     gone = cleanup.dcache(p, "allocated", 4, [8, 128], blocks=True, key=("blocks", m1), seed=m1)
     live = cleanup.dcache(p, PEER_MEM, 4, [8, 128], blocks=True, key=("blocks", m2), seed=m2)
-    d = local(**{"llm.SyncKvCacheWaitTime": "60000", "llmdist.transfer_workers": "1"})
-    dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
+    options = {"llm.SyncKvCacheWaitTime": "60000", "llmdist.transfer_workers": "1"}
+    d = (local(**options) if op == "pull"
+         else local(remote=True, role=LLMRole.PROMPT, **options))
+    here = d.registered(4, [8, 128], dtype=FP16, blocks=True)
     link_to(d, p)
-    # hold the only worker: a local transfer waiting in its synchronizer
+    move = d.cm.pull_blocks if op == "pull" else d.cm.push_blocks
+    # hold the only worker: a transfer within this cluster waiting in its synchronizer
     own_src = d.registered(4, [8, 128], dtype=FP16, blocks=True)
-    own_dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
+    own_key = BlocksCacheKey(d.cluster_id, next(_seeds))
+    own_dst = d.registered(4, [8, 128], dtype=FP16, blocks=True, key=own_key)
+    cfg = (TransferConfig(d.cluster_id, own_dst.addrs) if op == "pull"     # remote-accessible
+           else TransferWithCacheKeyConfig(own_key, range(2), range(2)))  # mode needs keys
     blocker = Blocker()
-    held = d.cm.transfer_cache_async(own_src.cache, blocker,
-                                     [TransferConfig(d.cluster_id, own_dst.addrs)], [0], [1])
+    held = d.cm.transfer_cache_async(own_src.cache, blocker, [cfg], [0], [1])
     assert blocker.entered.wait(10)
-    before = dst.snapshot()
-    call = Call(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m1), dst.cache, [0, 1], [2, 3])
+    before = here.snapshot()
+    call = Call(move, BlocksCacheKey(p.cluster_id, m1), here.cache, [0, 1], [2, 3])
     in_flight(d.cm, 2)
     t0 = time.monotonic()
     if event == "withdrawn":
@@ -475,18 +490,25 @@ def test_peer_event_during_a_pull_ends_it(cleanup, local, event):
     assert call.ended - t0 < 10
     blocker.go.set()
     assert held.synchronize(10000) == SUCCESS
-    assert_mem_equal(dst.mem(), before, "the destination of the ended pull")
+    assert_mem_equal(here.mem(), before, f"this side of the ended {op}")
+    if event == "unlinked" and op == "push":
+        assert_mem_equal(gone.read(), gone.initial, "the peer's cache after the ended push")
     if event == "peer-died":
-        p = peer_proc(cleanup, "direct")
+        p = other_side(cleanup, op)
         m2 = next(_seeds)
         live = cleanup.dcache(p, PEER_MEM, 4, [8, 128], blocks=True, key=("blocks", m2),
                               seed=m2)
     if event != "withdrawn":
         link_to(d, p)
-    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, m2), dst.cache, [4], [5])
-    want_mem = expect_blocks(before, dst.tensors, 256, live.initial, live.tensors, 256, range(2),
-                             range(2), 2, pairs=[(4, 5)])
-    assert_mem_equal(dst.mem(), want_mem, "a pull after the ended one")
+    move(BlocksCacheKey(p.cluster_id, m2), here.cache, [4], [5])
+    if op == "pull":
+        want_mem = expect_blocks(before, here.tensors, 256, live.initial, live.tensors, 256,
+                                 range(2), range(2), 2, pairs=[(4, 5)])
+        assert_mem_equal(here.mem(), want_mem, "a pull after the ended one")
+    else:
+        want_mem = expect_blocks(live.initial, live.tensors, 256, here.mem(), here.tensors, 256,
+                                 range(2), range(2), 2, pairs=[(4, 5)])
+        assert_mem_equal(live.read(), want_mem, "a push after the ended one")
 
 
 @pytest.mark.skipif(not DEVICE_RUNTIME, reason="refusals of device runtimes; the host runtime "

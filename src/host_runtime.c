@@ -315,6 +315,7 @@ typedef struct host_stream {
     host_op *ring;
     size_t cap, head, len;
     uint64_t submitted, completed;
+    int running_inline;         /* a copy runs on the thread that issued it (see stream_push) */
     int stop;
 } host_stream;
 
@@ -373,7 +374,8 @@ static void *stream_main(void *arg)
     host_stream *s = (host_stream *)arg;
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        while (s->len == 0 && !s->stop) pthread_cond_wait(&s->work_cv, &s->mu);
+        while ((s->len == 0 || s->running_inline) && !s->stop)
+            pthread_cond_wait(&s->work_cv, &s->mu);
         if (s->len == 0 && s->stop) break;
         host_op op = s->ring[s->head];
         s->head = (s->head + 1) % s->cap;
@@ -388,9 +390,29 @@ static void *stream_main(void *arg)
     return NULL;
 }
 
+/* Queue op on s. A copy issued to an idle stream (nothing queued or running) runs at once on
+ * the issuing thread instead: the stream thread's hand-offs (a wake-up to start, another to
+ * report completion) cost more than small copies themselves, and stream order holds, since
+ * ops issued meanwhile wait in the queue until it is done. Event records and waits always go
+ * to the stream thread: they may block, and order against other streams. */
 static int stream_push(host_stream *s, const host_op *op)
 {
     pthread_mutex_lock(&s->mu);
+    if (op->type != OP_RECORD && op->type != OP_WAIT && s->len == 0 &&
+        s->completed == s->submitted) {
+        s->submitted++;
+        s->running_inline = 1;
+        pthread_mutex_unlock(&s->mu);
+        host_op mine = *op;
+        run_op(&mine);
+        pthread_mutex_lock(&s->mu);
+        s->running_inline = 0;
+        s->completed++;
+        if (s->len > 0) pthread_cond_signal(&s->work_cv);
+        if (s->completed == s->submitted) pthread_cond_broadcast(&s->idle_cv);
+        pthread_mutex_unlock(&s->mu);
+        return LLMD_HOST_OK;
+    }
     if (s->len == s->cap) {
         size_t ncap = s->cap ? s->cap * 2 : 64;
         host_op *nr = (host_op *)malloc(ncap * sizeof(host_op));

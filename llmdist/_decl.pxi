@@ -100,6 +100,10 @@ cdef extern from "llmdist/cuda.h" nogil:
     const llmd_runtime *llmd_cuda_load(const char *const *paths, size_t count, int32_t device_id,
                                        llmd_load_report *report)
 
+cdef extern from "llmdist/buffer_pool.h" nogil:
+    void *llmd_pool_take(size_t bytes, size_t *size)
+    void llmd_pool_give(void *buf, size_t size)
+
 cdef extern from "llmdist/host_runtime.h" nogil:
     enum:
         LLMD_HOST_ENOMEM

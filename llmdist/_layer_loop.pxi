@@ -50,6 +50,8 @@ cdef class TransferJob:
     cdef void **d_dsts                # LANE_PROCESS, LANE_ENGINE: per-run descriptors
     cdef void **d_srcs
     cdef size_t *d_sizes
+    cdef void *d_block                # the pooled buffer holding them
+    cdef size_t d_block_size
     cdef PyThread_type_lock lock
     cdef llmd_stream stream           # the runtime stream of the worker running the job
     cdef llmd_stream host_stream      # its host-engine stream (LANE_HOST, LANE_PROCESS)
@@ -174,9 +176,7 @@ cdef class TransferJob:
         free(self.local_addrs)
         free(self.target_addrs)
         free(self.target_limits)
-        free(self.d_dsts)
-        free(self.d_srcs)
-        free(self.d_sizes)
+        llmd_pool_give(self.d_block, self.d_block_size)
         free(self.m_pairs)
         free(self.m_cfgs)
         free(self.pairs)
@@ -221,9 +221,12 @@ cdef class TransferJob:
         if self.pairs == NULL:
             raise MemoryError()
         n = max(n, 1)
-        self.d_dsts = <void **>malloc(n * sizeof(void *))
-        self.d_srcs = <void **>malloc(n * sizeof(void *))
-        self.d_sizes = <size_t *>malloc(n * sizeof(size_t))
+        self.d_block = llmd_pool_take(3 * n * sizeof(void *), &self.d_block_size)
+        if self.d_block == NULL:
+            raise MemoryError()
+        self.d_dsts = <void **>self.d_block
+        self.d_srcs = self.d_dsts + n
+        self.d_sizes = <size_t *>(self.d_srcs + n)
         if self.runtime.device_copy == "kernel":
             for i in range(self.ncfg):
                 c = &self.cfg[i]
@@ -233,8 +236,6 @@ cdef class TransferJob:
             self.m_cfgs = <int *>malloc(max(self.ncfg, 1) * sizeof(int))
             if self.m_pairs == NULL or self.m_cfgs == NULL:
                 raise MemoryError()
-        if not (self.d_dsts and self.d_srcs and self.d_sizes):
-            raise MemoryError()
         return 0
 
     cdef int layers_per_call(self):

@@ -2,6 +2,8 @@
 #define _GNU_SOURCE
 #include "runtime_common.h"
 
+#include "llmdist/buffer_pool.h"
+
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,15 +42,21 @@ int llmd_run_table_new(const llmd_run *runs, size_t count, size_t pair_capacity,
     if (!t) return -1;
     size_t slots = count * pair_capacity;
     size_t n = slots ? slots : 1;
+    if ((pair_capacity && slots / pair_capacity != count) || n > ((size_t)-1) / (4 * sizeof(void *))) {
+        free(t);
+        return -1;
+    }
     t->runs = (llmd_run *)malloc((count ? count : 1) * sizeof(llmd_run));
-    t->dsts = (void **)malloc(n * sizeof(void *));
-    t->srcs = (void **)malloc(n * sizeof(void *));
-    t->sizes = (size_t *)malloc(n * sizeof(size_t));
-    t->maxs = (size_t *)malloc(n * sizeof(size_t));
-    if (!t->runs || !t->dsts || !t->srcs || !t->sizes || !t->maxs) {
+    /* one pooled buffer for the four descriptor arrays (all of 8-byte entries) */
+    t->slots = llmd_pool_take(4 * n * sizeof(void *), &t->slots_size);
+    if (!t->runs || !t->slots) {
         llmd_run_table_free(t);
         return -1;
     }
+    t->dsts = (void **)t->slots;
+    t->srcs = t->dsts + n;
+    t->sizes = (size_t *)(t->srcs + n);
+    t->maxs = t->sizes + n;
     if (count) memcpy(t->runs, runs, count * sizeof(llmd_run));
     t->count = count;
     t->capacity = slots;
@@ -60,10 +68,7 @@ void llmd_run_table_free(llmd_run_table *t)
 {
     if (!t) return;
     free(t->runs);
-    free(t->dsts);
-    free(t->srcs);
-    free(t->sizes);
-    free(t->maxs);
+    llmd_pool_give(t->slots, t->slots_size);
     free(t);
 }
 

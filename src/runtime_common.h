@@ -29,6 +29,8 @@ struct llmd_run_table {
     size_t *sizes;
     size_t *maxs;           /* bytes from each destination to its region's end */
     void *device;           /* the runtime's own state for the table (CUDA: the copy kernel's) */
+    void *slots;            /* the pooled buffer holding dsts, srcs, sizes and maxs */
+    size_t slots_size;
 };
 
 /* 0, or -1 when memory ran out. */

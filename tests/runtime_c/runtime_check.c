@@ -1,6 +1,7 @@
 /* The C runtime layer on its own: the shared helpers (src/runtime_common.c) and copy_runs of the
  * host runtime through the llmd_runtime table. Built and run by tests/test_runtime_c.py; prints
  * "ok" and exits 0 when every check holds, else names the first that failed. */
+#include "llmdist/buffer_pool.h"
 #include "llmdist/host_runtime.h"
 #include "runtime_common.h"
 
@@ -156,8 +157,39 @@ static void check_host_copy_runs(void)
     }
 }
 
+/* The descriptor pool: a buffer given back serves the next take that fits (the smallest that
+ * does), a larger take gets a new one, and the pool keeps at most 64 MiB. */
+static void check_pool(void)
+{
+    size_t a_size, b_size, c_size, got;
+    void *a = llmd_pool_take(1000, &a_size);
+    void *b = llmd_pool_take(5000, &b_size);
+    CHECK(a && b && a_size == 1000 && b_size == 5000);
+    memset(a, 1, a_size);
+    memset(b, 2, b_size);
+    llmd_pool_give(b, b_size);
+    llmd_pool_give(a, a_size);
+    CHECK(llmd_pool_take(900, &got) == a && got == 1000);
+    CHECK(llmd_pool_take(4000, &got) == b && got == 5000);
+    void *c = llmd_pool_take(6000, &c_size);
+    CHECK(c != a && c != b && c_size == 6000);
+    llmd_pool_give(a, a_size);
+    llmd_pool_give(b, b_size);
+    llmd_pool_give(c, c_size);
+    /* a buffer over the bound is freed, not kept: the next take of that size is a new one,
+     * and the small ones stay */
+    size_t big_size;
+    void *big = llmd_pool_take((size_t)65 << 20, &big_size);
+    CHECK(big != NULL);
+    llmd_pool_give(big, big_size);
+    CHECK(llmd_pool_take(5500, &got) == c && got == 6000);
+    llmd_pool_give(c, got);
+    llmd_pool_give(NULL, 10);
+}
+
 int main(void)
 {
+    check_pool();
     check_expand();
     check_copy_each();
     check_poll();

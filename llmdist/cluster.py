@@ -399,9 +399,15 @@ class Peer:
             return MappedRoute(self.link, deltas, single)
         if self.path == "mooncake":
             return EngineRoute(self.link, self.node.engine, self.engine_session)
-        if any(r.pid for r in regions):
-            return ProcessRoute(self.link, self.pid)
-        return MappedRoute(self.link, {r.cache.cache_id: r.delta for r in regions})
+        deltas: Dict[int, int] = {}
+        cache = None
+        for r in regions:
+            if r.pid:
+                return ProcessRoute(self.link, self.pid)
+            if r.cache is not cache:        # the regions of one cache come in a row
+                cache = r.cache
+                deltas[cache.cache_id] = r.delta
+        return MappedRoute(self.link, deltas)
 
     def check_transfer(self, runtime: "_core.Runtime") -> None:
         """Refuse a transfer this build cannot carry to the peer, with the reason."""

@@ -232,7 +232,8 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
             plan = _core.plan_c2c(nbytes)
     # bounds: every source range inside the source cluster's memory, every destination range
     # inside this cluster's
-    srcs = [src._tensor_addrs[tpl * l + t] for l in src_layers for t in range(tpl)]
+    # (layer ranges have step 1: their tensors are one slice)
+    srcs = src._tensor_addrs[tpl * src_layers.start:tpl * src_layers.stop]
     sregions, bad = mem.registry.locate(srcs, plan.src_lo + shift, plan.src_hi + shift)
     if bad >= 0:
         raise _fail(f"layer {src_layers.start + bad // tpl} of source cache {src.cache_id}: "
@@ -240,7 +241,9 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
                     f"is not inside memory registered or allocated on cluster {key.cluster_id}")
     daddrs = dst_entry.cache._tensor_addrs
     doff = 0 if dst_row is None else dst_row * ddesc.stride
-    dsts = [daddrs[tpl * l + t] + doff for l in dst_layers for t in range(tpl)]
+    dsts = daddrs[tpl * dst_layers.start:tpl * dst_layers.stop]
+    if doff:
+        dsts = [a + doff for a in dsts]
     dregions, bad = cm._mem.registry.locate(dsts, plan.dst_lo, plan.dst_hi)
     if bad >= 0:
         raise _fail(f"layer {dst_layers.start + bad // tpl} of cache {dst_entry.cache.cache_id}: "
@@ -253,7 +256,7 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
     route = cm._route(peer, sregions)
     # The cache here (the destination) drives the layer loop: its layers, its row; the source
     # tensors are the targets, each already at the source row.
-    targets = [a + shift for a in srcs]
+    targets = [a + shift for a in srcs] if shift else srcs
     cfg = cm._config_plan(route, dst_layers, doff, kind, targets, sregions, Direction.READ, tpl)
     return (plan, cfg, tpl), list(daddrs), touched
 

@@ -93,9 +93,17 @@ class MappedRoute(Route):
         return Lane.LANE_RUNTIME
 
     def reach(self, addrs, regions):
-        deltas = [self._deltas[r.cache.cache_id] for r in regions]
-        return ([a + d for a, d in zip(addrs, deltas)],
-                [r.end + d for r, d in zip(regions, deltas)])
+        bases: List[int] = []
+        limits: List[int] = []
+        cache = None
+        delta = 0
+        for a, r in zip(addrs, regions):
+            if r.cache is not cache:        # the regions of one cache come in a row
+                cache = r.cache
+                delta = self._deltas[cache.cache_id]
+            bases.append(a + delta)
+            limits.append(r.end + delta)
+        return bases, limits
 
 
 class ProcessRoute(Route):

@@ -185,8 +185,15 @@ def test_event_gated_layers_already_finished_share_a_launch(fake_cuda):
         model.synchronize()
         fake.fake_cuda_reset()
         t = cm.transfer_cache_async(src, sync, [TransferConfig(1, dst.tensor_addrs)], si, di)
-        import time; time.sleep(0.3)
-        early = calls("cudaLaunchKernel")
+        def layer_done(l):
+            d = view(dst.tensor_addrs[2 * l], desc.size).reshape(-1, 256)
+            s = view(src.tensor_addrs[2 * l], desc.size).reshape(-1, 256)
+            return bool((d[di] == s[si]).all())
+        import time
+        deadline = time.monotonic() + 30
+        while not all(layer_done(l) for l in range(4)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        early = calls("cudaLaunchKernel")       # every launch that moved layers 0-3
         sync.record(4, model)
         out(early=early, status=str(t.synchronize(10000)), errors=t.errors,
             same=same_blocks(desc, src, dst, si, di), launches=calls("cudaLaunchKernel"))

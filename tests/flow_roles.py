@@ -378,8 +378,8 @@ def push_cache_decoder(ctx, pport, id_file):
 
 # ------------------------------------------------------------------------------------------
 # vllm-ascend's HIXL connector: both listen, the decode links and pulls MLA caches (one tensor
-# per layer, one cache per model id) layer range by layer range.
-MLA_LAYERS = 4
+# per layer, an odd number of them, one cache per model id) layer range by layer range.
+MLA_LAYERS = 5
 MLA_BLOCKS = 16
 MLA_BLOCK_ELEMS = 256       # 512-byte blocks (fp16)
 MLA_MODELS = (0, 1)          # e.g. the latent KV and the rope part

@@ -1,12 +1,13 @@
-"""Real clients' call sequences and upstream's sample programs (spec sections 7 and 10), each
-role in its own process on 127.0.0.1, with numpy arrays in place of NPU tensors and every byte
+"""Real clients' call sequences and upstream's sample programs (spec sections 7 and 10), each role
+in its own process on 127.0.0.1, with numpy arrays in place of NPU tensors and every byte
 checked: transfer_cache_async_sample, hixl_transfer_backend_sample (both listen, both link, pull
 and push, both unlink), pull_blocks_sample (rank-table link, pull, swap out and in),
 pull_cache_sample (a CacheKey per row), pull_blocks_xpyd_sample (one decode, two prefills),
-push_blocks_sample, push_cache_sample (rows by CacheKeyByIdAndIndex), vllm-ascend's HIXL connector (MLA caches of one tensor per layer by model id, pulled by layer
-range), an SGLang-style push (link with only the remote ip), omni-infer's recovery (the pull
-fails after the prefill dies; force-unlink, link to its restart, the retried pull succeeds), and
-links made and ended from both sides at once."""
+push_blocks_sample, push_cache_sample (rows by CacheKeyByIdAndIndex), vllm-ascend's HIXL
+connector (MLA caches of one tensor per layer, five layers, by model id, pulled by layer range),
+an SGLang-style push (link with only the remote ip), omni-infer's recovery (the pull fails after
+the prefill dies; force-unlink, link to its restart, the retried pull succeeds), and links made
+and ended from both sides at once."""
 
 from __future__ import annotations
 

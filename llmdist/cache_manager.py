@@ -363,27 +363,21 @@ class CacheManager:
     def _resolve_key(i: int, key, dst_layers: range, mem: ClusterMemory,
                      tpl: int = 2) -> Tuple[MemoryEntry, int]:
         """The destination entry of a keyed config and the byte offset inside each tensor."""
-        if isinstance(key, BlocksCacheKey):
-            cid = mem.blocks_keys.get(key)
-        else:
-            cid = key.cache_id if key.cache_id in mem.entries else None
-        if cid is None:
+        entry, row = mem.find(key)
+        if entry is None:
             raise _fail(f"transfer_configs[{i}]: no cache for {key!r} on cluster "
                         f"{key.cluster_id}", _NOT_EXIST)
-        entry = mem.entries[cid]
+        cid = entry.cache.cache_id
         require(entry.remote_accessible,
                 f"transfer_configs[{i}]: cache {cid} is not remote accessible")
         desc = entry.cache.cache_desc
         require(desc.num_tensors % tpl == 0 and dst_layers.stop <= desc.num_tensors // tpl,
                 f"transfer_configs[{i}]: dst_layer_range {dst_layers} is outside the "
                 f"{desc.num_tensors // tpl} layers of {tpl} tensors of cache {cid}")
-        offset = 0
-        if isinstance(key, CacheKeyByIdAndIndex):
-            require(key.batch_index < desc.batch_size,
-                    f"transfer_configs[{i}]: batch_index {key.batch_index} must be < the "
-                    f"batch size {desc.batch_size} of cache {cid}")
-            offset = key.batch_index * desc.stride
-        return entry, offset
+        require(row < desc.batch_size,       # a BlocksCacheKey names row 0
+                f"transfer_configs[{i}]: batch_index {row} must be < the batch size "
+                f"{desc.batch_size} of cache {cid}")
+        return entry, row * desc.stride
 
     def transfer_cache_async(self, src_cache: Cache, layer_synchronizer: LayerSynchronizer,
                              transfer_configs: Sequence[Union[TransferConfig, TransferWithCacheKeyConfig]],
@@ -560,10 +554,7 @@ class CacheManager:
         peer = None
         mem = self._mem
         if cfg.dst_cluster_id != self._cluster_id:
-            peer = self._node.peer(cfg.dst_cluster_id) if self._node is not None else None
-            if peer is None:
-                raise _fail(f"transfer_configs[{i}]: cluster {cfg.dst_cluster_id} is not linked",
-                            LLMStatusCode.LLM_NOT_YET_LINK)
+            peer = self._linked_peer(cfg.dst_cluster_id, f"transfer_configs[{i}]: ")
             peer.check_transfer(self._runtime)
             with peer.lock:     # the peer's reader thread updates its caches
                 return self._destination(i, cfg, desc, src_entry, src_idx, dst_idx, block_size,
@@ -584,10 +575,11 @@ class CacheManager:
                 if not (dcache.is_blocks_cache and dcache.cache_desc.stride == block_size):
                     raise _fail(f"transfer_configs[{i}]: destination cache {dcache.cache_id} must "
                                 f"be a blocks cache of {block_size}-byte blocks")
-            addrs = dcache._tensor_addrs
-            dst = []
-            for dl in cfg.dst_layer_range:
-                dst.extend(addrs[tpl * dl + t] + offset for t in range(tpl))
+            # (layer ranges have step 1: their tensors are one slice)
+            layers_here = cfg.dst_layer_range
+            dst = dcache._tensor_addrs[tpl * layers_here.start:tpl * layers_here.stop]
+            if offset:
+                dst = [a + offset for a in dst]
         else:
             dst = cfg._dst_addrs
         # 9. and 11. placement and bounds of every destination tensor
@@ -627,6 +619,14 @@ class CacheManager:
         shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
         route = self._route(peer, regions, f"transfer_configs[{i}]: ")
         return self._config_plan(route, layers, shift, kind, dst, regions, tpl=tpl)
+
+    def _linked_peer(self, cluster_id: int, where: str = ""):
+        """The peer of a linked cluster; LLM_NOT_YET_LINK (after where) when it is not."""
+        peer = self._node.peer(cluster_id) if self._node is not None else None
+        if peer is None:
+            raise _fail(f"{where}cluster {cluster_id} is not linked",
+                        LLMStatusCode.LLM_NOT_YET_LINK)
+        return peer
 
     def _route(self, peer, regions: Sequence[Region], where: str = "") -> Route:
         """The route to the memory holding regions: this cluster's own, or the one the peer

@@ -106,19 +106,11 @@ def _local_cache(cm: "CacheManager", name: str, cache: Cache) -> MemoryEntry:
     return entry
 
 
-def _find_source(mem, key: Key, own: bool) -> Tuple[MemoryEntry, int]:
+def _find(mem, key: Key) -> Tuple[MemoryEntry, int]:
     """The cache a key names on its cluster, and the row it names (0 for blocks)."""
-    if isinstance(key, BlocksCacheKey):
-        cid, row = mem.blocks_keys.get(key), 0
-    elif isinstance(key, CacheKeyByIdAndIndex):
-        cid, row = (key.cache_id if key.cache_id in mem.entries else None), key.batch_index
-    else:
-        cid, row = mem.cache_keys.get(key), mem.key_rows.get(key, 0)
-    if cid is None:
+    entry, row = mem.find(key)
+    if entry is None:
         raise _fail(f"no cache for {key!r} on cluster {key.cluster_id}", _NOT_EXIST)
-    entry = mem.entries[cid]
-    if not own and not entry.remote_accessible:
-        raise _fail(f"cache {cid} of cluster {key.cluster_id} is not remote accessible")
     return entry, row
 
 
@@ -158,10 +150,7 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
     own = key.cluster_id == me
     peer = None
     if not own:
-        node = cm._node
-        peer = node.peer(key.cluster_id) if node is not None else None
-        if peer is None:
-            raise _fail(f"cluster {key.cluster_id} is not linked", LLMStatusCode.LLM_NOT_YET_LINK)
+        peer = cm._linked_peer(key.cluster_id)
         peer.check_transfer(cm._runtime)
     cm._take_slot()         # a pull counts against llmdist.max_inflight_tasks like a transfer
     try:
@@ -190,8 +179,10 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
     """Resolve the source cache, check ranges and bounds on both sides, choose the route.
     Returns ((plan, layer-loop config), source tensor addresses as this process reaches
     them, the (cluster, cache) pairs the job touches)."""
-    src_entry, row = _find_source(mem, key, peer is None)
+    src_entry, row = _find(mem, key)
     src = src_entry.cache
+    if peer is not None and not src_entry.remote_accessible:
+        raise _fail(f"cache {src.cache_id} of cluster {key.cluster_id} is not remote accessible")
     sdesc, ddesc = src.cache_desc, dst_entry.cache.cache_desc
     src_layers, dst_layers, tpl = layer_ranges(src_range, dst_range, sdesc.num_tensors,
                                                ddesc.num_tensors, tpl,
@@ -297,16 +288,6 @@ def push(cm: "CacheManager", what: str, key: Union[BlocksCacheKey, CacheKeyByIdA
 
 def _remote_block_size(cm: "CacheManager", key: BlocksCacheKey) -> int:
     """The block size of the blocks cache key names on its cluster."""
-    if key.cluster_id == cm._cluster_id:
-        mem = cm._mem
-    else:
-        node = cm._node
-        peer = node.peer(key.cluster_id) if node is not None else None
-        if peer is None:
-            raise _fail(f"cluster {key.cluster_id} is not linked", LLMStatusCode.LLM_NOT_YET_LINK)
-        mem = peer.mem
-    cid = mem.blocks_keys.get(key)
-    entry = mem.entries.get(cid) if cid is not None else None
-    if entry is None:
-        raise _fail(f"no cache for {key!r} on cluster {key.cluster_id}", _NOT_EXIST)
+    mem = cm._mem if key.cluster_id == cm._cluster_id else cm._linked_peer(key.cluster_id).mem
+    entry, _ = _find(mem, key)
     return entry.cache.cache_desc.stride

@@ -10,7 +10,7 @@ from bisect import bisect_left, bisect_right
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
-from .descs import BlocksCacheKey, Cache, CacheKey
+from .descs import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex
 from .status import LLMException, LLMStatusCode
 
 ALLOCATED = "allocated"
@@ -199,6 +199,18 @@ class ClusterMemory:
             self.blocks_keys.pop(key, None)
             self.key_rows.pop(key, None)
         return entry
+
+    def find(self, key: Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey]
+             ) -> Tuple[Optional[MemoryEntry], int]:
+        """The cache a key names here (None when none does) and the row it names: the row of a
+        CacheKeyByIdAndIndex, the i-th CacheKey of a cache names row i, a BlocksCacheKey row 0."""
+        if isinstance(key, BlocksCacheKey):
+            cid, row = self.blocks_keys.get(key), 0
+        elif isinstance(key, CacheKeyByIdAndIndex):
+            cid, row = key.cache_id, key.batch_index
+        else:
+            cid, row = self.cache_keys.get(key), self.key_rows.get(key, 0)
+        return self.entries.get(cid) if cid is not None else None, row
 
     def remove_key(self, key: Union[CacheKey, BlocksCacheKey]) -> bool:
         table = self.cache_keys if isinstance(key, CacheKey) else self.blocks_keys

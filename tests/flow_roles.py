@@ -36,6 +36,43 @@ class _Sync(LayerSynchronizer):
         return self._ret
 
 
+def _sample_cache(cache_manager, fill: float, key):
+    """The samples' cache: NUM_TENSORS numpy arrays of BLOCKS_NUM x KV_SHAPE float32, all fill,
+    registered as a blocks cache under key. Returns the cache and the first two arrays."""
+    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensors = [np.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=np.float32)
+               for _ in range(NUM_TENSORS)]
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(t) for t in tensors], key)
+    return cache, tensors[0], tensors[1]
+
+
+def _sample_end(datadist, cache, remote_cluster_id):
+    """A sample's end: force-unlink the other side, unregister the cache, finalize."""
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = remote_cluster_id
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"unlink failed: {ret}")
+    datadist.cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+def _remote_init(role, cluster_id, port=None, transfer_backend=None):
+    """A remote-accessible cluster (local_comm_res ""), listening on port when given."""
+    dd = LLMDataDist(role, cluster_id)
+    cfg = LLMConfig()
+    cfg.device_id = 0
+    cfg.local_comm_res = ""
+    if transfer_backend is not None:
+        cfg.transfer_backend = transfer_backend
+    if port is not None:
+        cfg.listen_ip_info = f"{HOST}:{port}"
+    dd.init(cfg.generate_options())
+    return dd
+
+
 def _tca_init(role, cluster_id, port):
     datadist = LLMDataDist(role, cluster_id)
     llm_config = LLMConfig()
@@ -51,12 +88,7 @@ def _tca_init(role, cluster_id, port):
 def tca_prompt(ctx, port):
     datadist = _tca_init(LLMRole.PROMPT, 0, port)
     cache_manager = datadist.cache_manager
-    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
-                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
-    tensor = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
-    tensor2 = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
-    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
-                                                BlocksCacheKey(0, 0))
+    cache, tensor, tensor2 = _sample_cache(cache_manager, 1.0, BlocksCacheKey(0, 0))
     ctx.barrier()   # register end
     cluster = LLMClusterInfo()
     cluster.remote_cluster_id = 1
@@ -70,63 +102,28 @@ def tca_prompt(ctx, port):
     results = cache_task.get_results()
     ctx.check(results == [LLMStatusCode.LLM_SUCCESS], f"transfer results {results}")
     ctx.barrier()   # transfer cache end
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = 1
-    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise Exception("unlink failed")
-    cache_manager.unregister_cache(cache.cache_id)
-    datadist.finalize()
-    return "ok"
+    return _sample_end(datadist, cache, 1)
 
 
 def tca_decoder(ctx, port):
     datadist = _tca_init(LLMRole.DECODER, 1, port)
     cache_manager = datadist.cache_manager
-    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
-                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
-    tensor = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
-    tensor2 = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
-    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
-                                                BlocksCacheKey(1, 0))
+    cache, tensor, tensor2 = _sample_cache(cache_manager, 0.0, BlocksCacheKey(1, 0))
     ctx.barrier()   # register end
     ctx.barrier()   # prompt transfer cache end
     want = np.zeros((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
     want[0] = 1     # block 0 of layer 0's K and V
     ctx.check(np.array_equal(tensor, want), f"tensor after the transfer: {tensor}")
     ctx.check(np.array_equal(tensor2, want), f"tensor2 after the transfer: {tensor2}")
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = 0
-    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise Exception("unlink failed")
-    cache_manager.unregister_cache(cache.cache_id)
-    datadist.finalize()
-    return "ok"
+    return _sample_end(datadist, cache, 0)
 
 
 # ------------------------------------------------------------------------------------------
 # hixl_transfer_backend_sample.py (both listen, both link, the prompt pulls, the decoder pushes)
-def _hixl_init(role, cluster_id, port):
-    datadist = LLMDataDist(role, cluster_id)
-    llm_config = LLMConfig()
-    llm_config.device_id = 0
-    llm_config.local_comm_res = ""
-    llm_config.transfer_backend = "hixl"
-    llm_config.listen_ip_info = f"{HOST}:{port}"
-    datadist.init(llm_config.generate_options())
-    return datadist
-
-
 def hixl_prompt(ctx, pport, dport):
-    datadist = _hixl_init(LLMRole.PROMPT, 0, pport)
+    datadist = _remote_init(LLMRole.PROMPT, 0, pport, "hixl")
     cache_manager = datadist.cache_manager
-    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
-                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
-    tensor = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
-    tensor2 = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
-    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
-                                                BlocksCacheKey(0, 0))
+    cache, tensor, tensor2 = _sample_cache(cache_manager, 1.0, BlocksCacheKey(0, 0))
     ctx.barrier()   # register end
     cluster = LLMClusterInfo()
     cluster.remote_cluster_id = 1
@@ -154,14 +151,9 @@ def hixl_prompt(ctx, pport, dport):
 
 
 def hixl_decoder(ctx, pport, dport):
-    datadist = _hixl_init(LLMRole.DECODER, 1, dport)
+    datadist = _remote_init(LLMRole.DECODER, 1, dport, "hixl")
     cache_manager = datadist.cache_manager
-    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
-                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
-    tensor = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
-    tensor2 = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
-    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
-                                                BlocksCacheKey(1, 0))
+    cache, tensor, tensor2 = _sample_cache(cache_manager, 0.0, BlocksCacheKey(1, 0))
     ctx.barrier()   # register end
     cluster = LLMClusterInfo()
     cluster.remote_cluster_id = 0
@@ -254,38 +246,10 @@ def xpyd_decoder(ctx, local_ip_port, remote_ip_port):
 
 # ------------------------------------------------------------------------------------------
 # push_blocks_sample.py (the decoder links to the prompt and pushes blocks into it)
-def _push_init(role, cluster_id, pport):
-    datadist = LLMDataDist(role, cluster_id)
-    llm_config = LLMConfig()
-    llm_config.device_id = 0
-    llm_config.local_comm_res = ""
-    if role == LLMRole.PROMPT:
-        llm_config.listen_ip_info = f"{HOST}:{pport}"
-    datadist.init(llm_config.generate_options())
-    return datadist
-
-
-def _push_end(datadist, cache, remote_cluster_id):
-    """The push samples' end: force-unlink the other side, unregister the cache, finalize."""
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = remote_cluster_id
-    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise Exception(f"unlink failed: {ret}")
-    datadist.cache_manager.unregister_cache(cache.cache_id)
-    datadist.finalize()
-    return "ok"
-
-
 def push_prompt(ctx, pport):
-    datadist = _push_init(LLMRole.PROMPT, 0, pport)
+    datadist = _remote_init(LLMRole.PROMPT, 0, pport)
     cache_manager = datadist.cache_manager
-    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
-                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
-    tensor = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
-    tensor2 = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
-    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
-                                                BlocksCacheKey(0, 0))
+    cache, tensor, tensor2 = _sample_cache(cache_manager, 1.0, BlocksCacheKey(0, 0))
     ctx.barrier()   # register end
     ctx.barrier()   # decoder push blocks end
     want = np.ones((BLOCKS_NUM, KV_SHAPE), dtype=np.float32)
@@ -293,18 +257,13 @@ def push_prompt(ctx, pport):
     want[2] = 0
     ctx.check(np.array_equal(tensor, want), f"tensor after the push: {tensor}")
     ctx.check(np.array_equal(tensor2, want), f"tensor2 after the push: {tensor2}")
-    return _push_end(datadist, cache, 1)
+    return _sample_end(datadist, cache, 1)
 
 
 def push_decoder(ctx, pport):
-    datadist = _push_init(LLMRole.DECODER, 1, pport)
+    datadist = _remote_init(LLMRole.DECODER, 1)
     cache_manager = datadist.cache_manager
-    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
-                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
-    tensor = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
-    tensor2 = np.full((BLOCKS_NUM, KV_SHAPE), 0, dtype=np.float32)
-    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
-                                                BlocksCacheKey(1, 0))
+    cache, tensor, tensor2 = _sample_cache(cache_manager, 0.0, BlocksCacheKey(1, 0))
     ctx.barrier()   # register end
     cluster = LLMClusterInfo()
     cluster.remote_cluster_id = 0
@@ -315,7 +274,7 @@ def push_decoder(ctx, pport):
         raise Exception(f"link failed: {ret}")
     cache_manager.push_blocks(BlocksCacheKey(0, 0), cache, src_blocks=[0, 1], dst_blocks=[0, 2])
     ctx.barrier()   # push_blocks end
-    return _push_end(datadist, cache, 0)
+    return _sample_end(datadist, cache, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -333,7 +292,7 @@ def _rows_fill(cluster_id: int, tensor: int) -> np.ndarray:
 
 def _rows_start(role, cluster_id, pport):
     """A push sample's start with a cache of PUSH_ROWS rows over numpy arrays of _rows_fill."""
-    datadist = _push_init(role, cluster_id, pport)
+    datadist = _remote_init(role, cluster_id, pport if role == LLMRole.PROMPT else None)
     cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[PUSH_ROWS, KV_SHAPE],
                            data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
     tensors = [_rows_fill(cluster_id, t) for t in range(NUM_TENSORS)]
@@ -352,7 +311,7 @@ def push_cache_prompt(ctx, pport, id_file):
         want[2] = _rows_fill(1, t)[1]       # decoder row 1 -> row 2
         want[0] = _rows_fill(1, t)[3]       # decoder row 3 -> row 0
         ctx.check(np.array_equal(tensor, want), f"tensor {t} after the pushes: {tensor}")
-    return _push_end(datadist, cache, 1)
+    return _sample_end(datadist, cache, 1)
 
 
 def push_cache_decoder(ctx, pport, id_file):
@@ -373,7 +332,7 @@ def push_cache_decoder(ctx, pport, id_file):
                              src_batch_index=3, src_layer_range=range(0, 1),
                              dst_layer_range=range(0, 1))
     ctx.barrier()   # push_cache end
-    return _push_end(datadist, cache, 0)
+    return _sample_end(datadist, cache, 0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -390,17 +349,6 @@ def _mla_fill(cluster_id: int, model_id: int, layer: int) -> np.ndarray:
     return rng.integers(0, 2**16, (MLA_BLOCKS, MLA_BLOCK_ELEMS), dtype=np.uint16)
 
 
-def _hixl_connector_init(role, cluster_id, port):
-    dd = LLMDataDist(role, cluster_id)
-    cfg = LLMConfig()
-    cfg.device_id = 0
-    cfg.local_comm_res = ""
-    cfg.transfer_backend = "hixl"
-    cfg.listen_ip_info = f"{HOST}:{port}"
-    dd.init(cfg.generate_options())
-    return dd
-
-
 def _register_mla(dd, cluster_id, fill: bool):
     caches, arrays = {}, {}
     desc = CacheDesc(MLA_LAYERS, [MLA_BLOCKS, MLA_BLOCK_ELEMS], DataType.DT_FLOAT16,
@@ -415,19 +363,32 @@ def _register_mla(dd, cluster_id, fill: bool):
     return caches, arrays
 
 
-def hixl_connector_prefill(ctx, cluster_id, port):
-    dd = _hixl_connector_init(LLMRole.PROMPT, cluster_id, port)
-    caches, _ = _register_mla(dd, cluster_id, True)
-    ctx.barrier()   # registered
-    ctx.barrier()   # the decode pulled and unlinked
+def _check_mla(ctx, arrays, prefill_id, src_blocks, dst_blocks):
+    """Blocks dst_blocks of every model's layers hold the prefill's src_blocks, the rest zero."""
+    for m in MLA_MODELS:
+        for layer in range(MLA_LAYERS):
+            want = np.zeros((MLA_BLOCKS, MLA_BLOCK_ELEMS), dtype=np.uint16)
+            want[dst_blocks] = _mla_fill(prefill_id, m, layer)[src_blocks]
+            ctx.check(np.array_equal(arrays[m][layer], want), f"model {m} layer {layer}")
+
+
+def _mla_end(dd, caches):
     for c in caches.values():
         dd.cache_manager.unregister_cache(c.cache_id)
     dd.finalize()
     return "ok"
 
 
+def hixl_connector_prefill(ctx, cluster_id, port):
+    dd = _remote_init(LLMRole.PROMPT, cluster_id, port, "hixl")
+    caches, _ = _register_mla(dd, cluster_id, True)
+    ctx.barrier()   # registered
+    ctx.barrier()   # the decode pulled and unlinked
+    return _mla_end(dd, caches)
+
+
 def hixl_connector_decode(ctx, cluster_id, port, prefill_id, prefill_port):
-    dd = _hixl_connector_init(LLMRole.DECODER, cluster_id, port)
+    dd = _remote_init(LLMRole.DECODER, cluster_id, port, "hixl")
     caches, arrays = _register_mla(dd, cluster_id, False)
     ctx.barrier()   # registered
     info = LLMClusterInfo()
@@ -443,30 +404,18 @@ def hixl_connector_decode(ctx, cluster_id, port, prefill_id, prefill_port):
                                          remote_blocks, local_blocks,
                                          src_layer_range=layers, dst_layer_range=layers,
                                          tensor_num_per_layer=1)
-    for m in MLA_MODELS:
-        for layer in range(MLA_LAYERS):
-            want = np.zeros((MLA_BLOCKS, MLA_BLOCK_ELEMS), dtype=np.uint16)
-            want[local_blocks] = _mla_fill(prefill_id, m, layer)[remote_blocks]
-            ctx.check(np.array_equal(arrays[m][layer], want), f"model {m} layer {layer}")
+    _check_mla(ctx, arrays, prefill_id, remote_blocks, local_blocks)
     ret, _ = dd.unlink_clusters([info], 5000, force=True)
     ctx.check(ret == LLMStatusCode.LLM_SUCCESS, f"unlink: {ret}")
     ctx.barrier()
-    for c in caches.values():
-        dd.cache_manager.unregister_cache(c.cache_id)
-    dd.finalize()
-    return "ok"
+    return _mla_end(dd, caches)
 
 
 # ------------------------------------------------------------------------------------------
 # SGLang-style push: the decode links with only the prefill's ip:port (no cluster id); the
 # prefill pushes each model's MLA cache with push_blocks(..., range(n), range(n), 1).
 def sglang_prefill(ctx, cluster_id, port, decode_id):
-    dd = LLMDataDist(LLMRole.PROMPT, cluster_id)
-    cfg = LLMConfig()
-    cfg.device_id = 0
-    cfg.local_comm_res = ""
-    cfg.listen_ip_info = f"{HOST}:{port}"
-    dd.init(cfg.generate_options())
+    dd = _remote_init(LLMRole.PROMPT, cluster_id, port)
     caches, _ = _register_mla(dd, cluster_id, True)
     ctx.barrier()   # registered
     ctx.barrier()   # the decode linked
@@ -476,18 +425,11 @@ def sglang_prefill(ctx, cluster_id, port, decode_id):
                                      range(MLA_LAYERS), range(MLA_LAYERS), 1)
     ctx.barrier()   # pushed
     ctx.barrier()   # checked and unlinked
-    for c in caches.values():
-        dd.cache_manager.unregister_cache(c.cache_id)
-    dd.finalize()
-    return "ok"
+    return _mla_end(dd, caches)
 
 
 def sglang_decode(ctx, cluster_id, prefill_id, prefill_port):
-    dd = LLMDataDist(LLMRole.DECODER, cluster_id)
-    cfg = LLMConfig()
-    cfg.device_id = 0
-    cfg.local_comm_res = ""
-    dd.init(cfg.generate_options())
+    dd = _remote_init(LLMRole.DECODER, cluster_id)
     caches, arrays = _register_mla(dd, cluster_id, False)
     ctx.barrier()   # registered
     info = LLMClusterInfo()
@@ -498,18 +440,11 @@ def sglang_decode(ctx, cluster_id, prefill_id, prefill_port):
     ctx.barrier()   # linked
     ctx.barrier()   # pushed
     src, dst = [1, 2, 3, 12], [8, 9, 10, 0]
-    for m in MLA_MODELS:
-        for layer in range(MLA_LAYERS):
-            want = np.zeros((MLA_BLOCKS, MLA_BLOCK_ELEMS), dtype=np.uint16)
-            want[dst] = _mla_fill(prefill_id, m, layer)[src]
-            ctx.check(np.array_equal(arrays[m][layer], want), f"model {m} layer {layer}")
+    _check_mla(ctx, arrays, prefill_id, src, dst)
     ret, _ = dd.unlink_clusters([info], 5000, force=True)   # by address, too
     ctx.check(ret == LLMStatusCode.LLM_SUCCESS, f"unlink: {ret}")
     ctx.barrier()
-    for c in caches.values():
-        dd.cache_manager.unregister_cache(c.cache_id)
-    dd.finalize()
-    return "ok"
+    return _mla_end(dd, caches)
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import faulthandler
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,15 @@ import reference  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OWN_CLUSTER = 7
+
+
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (now)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 OTHER_CLUSTER = 4242  # never linked in these tests
 WAIT_MS = 30_000  # upper bound for any wait on a task in the tests
 CACHE_DTYPES = [dt for dt in DataType if dt != DataType.DT_STRING]

@@ -16,7 +16,6 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import signal
-import socket
 import time
 from typing import Dict, Tuple
 
@@ -26,7 +25,7 @@ import pytest
 from llmdist import BlocksCacheKey, DataType, LLMException, LLMRole, LLMStatusCode
 
 import flow_procs
-from helpers import Env
+from helpers import Env, free_port
 from test_cluster import Cleanup, DecodeProc, cluster_info
 
 CTX = mp.get_context("spawn")
@@ -34,14 +33,6 @@ HOST = "127.0.0.1"
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 FLOW_S = 120.0
 _ids = itertools.count(700)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind((HOST, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Flow:

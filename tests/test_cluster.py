@@ -38,7 +38,7 @@ from llmdist import (BlocksCacheKey, CacheKeyByIdAndIndex, DataType, EventSynchr
 import cluster_procs
 import reference
 from helpers import (SPAWNED, SUCCESS, Env, GateSync, RecordingSync, SleepSync,
-                     assert_mem_equal)
+                     assert_mem_equal, free_port)
 from reference import RefConfig
 
 HOST = "127.0.0.1"
@@ -283,15 +283,6 @@ def unlink(env: Env, *procs: DecodeProc):
                                   force=True)
 
 
-def closed_port() -> int:
-    """A port nothing listens on."""
-    s = socket.socket()
-    s.bind((HOST, 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def merged(dicts) -> Dict[Hashable, np.ndarray]:
     out: Dict[Hashable, np.ndarray] = {}
     for d in dicts:
@@ -481,7 +472,7 @@ def test_link_unlink_states(decodes, prefill, cleanup):
     twin = prefill(cluster_id=env.cluster_id)
     assert twin.dd.link_clusters([d.info()], LINK_MS) == (ALREADY_LINK, [ALREADY_LINK])
     # one call, several clusters: per-cluster codes, overall = the first failure
-    code, codes = env.dd.link_clusters([d3.info(), cluster_info(77, closed_port())], LINK_MS)
+    code, codes = env.dd.link_clusters([d3.info(), cluster_info(77, free_port())], LINK_MS)
     assert (code, codes) == (LINK_FAILED, [SUCCESS, LINK_FAILED])
     # unlink, twice (a link that was made unlinks with success again)
     code, codes = unlink(env, d, d3)
@@ -560,7 +551,7 @@ def test_link_failures_are_bounded(decodes, prefill):
     env = prefill()
     # nothing listens there
     t0 = time.monotonic()
-    assert env.dd.link_clusters([cluster_info(2, closed_port())], 2000) == (LINK_FAILED, [LINK_FAILED])
+    assert env.dd.link_clusters([cluster_info(2, free_port())], 2000) == (LINK_FAILED, [LINK_FAILED])
     assert time.monotonic() - t0 < 2.5
     # listeners that are not llmdist: silent, garbage, a frame cut short, a welcome from the
     # wrong cluster, a frame that is not a welcome; the timeout holds in every case

@@ -11,7 +11,7 @@ import pytest
 
 from llmdist import LLMClusterInfo, LLMDataDist, LLMRole, LLMStatusCode, RegisterMemStatus
 
-from helpers import SUCCESS, raises_llm
+from helpers import SUCCESS, free_port, raises_llm
 from rendezvous import free_rendezvous_base, one_server_table, rendezvous_options
 
 SWITCH = {"llm.EnableSwitchRole": "1"}
@@ -23,14 +23,6 @@ def info(cluster_id, port):
     c.remote_cluster_id = cluster_id
     c.append_remote_ip_info("127.0.0.1", port)
     return c
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def refuses_connections(port) -> bool:

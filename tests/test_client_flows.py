@@ -26,7 +26,7 @@ from llmdist import BlocksCacheKey, DataType, LLMException, LLMRole, LLMStatusCo
 
 import flow_procs
 from helpers import Env, free_port
-from test_cluster import Cleanup, DecodeProc, cluster_info
+from test_cluster import Cleanup, cluster_info
 
 CTX = mp.get_context("spawn")
 HOST = "127.0.0.1"

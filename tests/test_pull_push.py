@@ -12,17 +12,16 @@ import itertools
 import os
 import threading
 import time
-from typing import Dict, Hashable, List, Optional
 
-import numpy as np
 import pytest
 
 from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, DataType, LayerSynchronizer,
                      LLMException, LLMRole, LLMStatusCode, TransferConfig,
                      TransferWithCacheKeyConfig)
 
-from helpers import OWN_CLUSTER, Env, assert_mem_equal, env_ctx
-from test_cluster import ChildError, Cleanup, DecodeProc, cluster_info
+from helpers import Env, assert_mem_equal
+# cleanup and prefill are fixtures
+from test_cluster import Cleanup, DecodeProc, cleanup, cluster_info, prefill  # noqa: F401
 
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
@@ -57,33 +56,14 @@ PEER_MEM = "allocated" if DEVICE_RUNTIME else "registered"
 
 
 @pytest.fixture
-def cleanup():
-    c = Cleanup()
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture
-def local():
-    """Clusters in this process, finalized at teardown."""
-    made: List[Env] = []
+def local(prefill):
+    """Clusters in this process (decoders unless told), finalized at teardown."""
 
     def factory(remote: bool = False, transport: str = "direct",
                 role: LLMRole = LLMRole.DECODER, **options) -> Env:
-        opts = {"llmdist.transport": transport}
-        opts.update(options)
-        cid = next(_ids)
-        e = Env(remote=remote, cluster_id=cid, seed=cid, extra_options=opts, role=role)
-        made.append(e)
-        return e
-
-    try:
-        yield factory
-    finally:
-        for e in reversed(made):
-            e.close()
+        return prefill(remote=remote, role=role, cluster_id=next(_ids),
+                       extra_options={"llmdist.transport": transport, **options})
+    return factory
 
 
 def peer_proc(cleanup: Cleanup, transport: str, remote: bool = True) -> DecodeProc:
@@ -97,11 +77,6 @@ def peer_proc(cleanup: Cleanup, transport: str, remote: bool = True) -> DecodePr
 def link_to(env: Env, proc: DecodeProc) -> None:
     code, codes = env.dd.link_clusters([cluster_info(proc.cluster_id, proc.port)], LINK_MS)
     assert (code, codes) == (SUCCESS, [SUCCESS])
-
-
-def tensor_bytes(mem: Dict[Hashable, np.ndarray], tensors, i: int, size: int) -> np.ndarray:
-    key, off = tensors[i]
-    return mem[key][off:off + size]
 
 
 def expect_blocks(dst_before, dst_tensors, dst_stride, src_mem, src_tensors, src_stride,

@@ -107,6 +107,23 @@ def _add_dma_variant(bench: Bench, paths: dict, llmdist, dst, verify) -> bool:
     return verify()
 
 
+def _measure_blocks(bench: Bench, label: str, llmdist, src, dst, si, di, block: int,
+                    moved: int, releases: list, torch_args: tuple):
+    """Run llmdist once and check that blocks di of dst hold blocks si of src, then time it
+    against the runtime's per-block loop and contiguous copy, DMA (CUDA kernel mode) and the
+    framework baselines. Returns (bytes right, times, baselines skipped with the reason)."""
+    def verify() -> bool:
+        return verify_blocks(bench, src, dst, si, di, block)
+    llmdist()
+    ok = verify()
+    paths = _block_paths(bench, llmdist, moved, src, dst, si, di, block)
+    skipped: Dict[str, str] = {}
+    ok = _add_dma_variant(bench, paths, llmdist, dst, verify) and ok
+    _add_framework_baselines(bench, paths, skipped, releases,
+                             bench.numpy_indexing(src, dst, si, di, block), torch_args)
+    return ok, bench.rounds(label, paths), skipped
+
+
 def _kind(bench: Bench, src: Placement, dst: Placement) -> str:
     if bench.host_memory:
         return "host runtime"
@@ -141,17 +158,9 @@ def b2b(bench: Bench, run: Run) -> None:
             def llmdist():
                 check(bench.cm.transfer_cache_async(src, Go(), cfg, si, di, **kw).synchronize(),
                       "B2B transfer")
-            llmdist()
-            ok = verify_blocks(bench, src, dst, si, di, block)
-            paths = _block_paths(bench, llmdist, moved, src, dst, si, di, block)
-            skipped: Dict[str, str] = {}
-            ok = _add_dma_variant(bench, paths, llmdist, dst,
-                                  lambda: verify_blocks(bench, src, dst, si, di, block)) and ok
-            _add_framework_baselines(bench, paths, skipped, releases,
-                                     bench.numpy_indexing(src, dst, si, di, block),
-                                     (nt, plan.pool, block, si, di))
+            ok, times, skipped = _measure_blocks(bench, label, llmdist, src, dst, si, di, block,
+                                                 moved, releases, (nt, plan.pool, block, si, di))
             skipped[UPSTREAM] = upstream_reason()
-            times = bench.rounds(label, paths)
             run.results.append(_result("b2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
                                         block, moved, times, skipped, ok, pool=plan.pool,
                                         pairs=s.pairs, tensors=nt))
@@ -188,16 +197,9 @@ def c2b(bench: Bench, run: Run) -> None:
             def llmdist():
                 check(bench.cm.transfer_cache_async(src, Go(), cfg, None, di, block,
                                                     **kw).synchronize(), "C2B transfer")
-            llmdist()
-            ok = verify_blocks(bench, src, dst, chunks, di, block)
-            paths = _block_paths(bench, llmdist, moved, src, dst, chunks, di, block)
-            skipped: Dict[str, str] = {}
-            ok = _add_dma_variant(bench, paths, llmdist, dst,
-                                  lambda: verify_blocks(bench, src, dst, chunks, di, block)) and ok
-            _add_framework_baselines(bench, paths, skipped, releases,
-                                     bench.numpy_indexing(src, dst, chunks, di, block),
-                                     (nt, plan.pool, block, chunks, di, 2 * s.pairs))
-            times = bench.rounds(label, paths)
+            ok, times, skipped = _measure_blocks(bench, label, llmdist, src, dst, chunks, di,
+                                                 block, moved, releases,
+                                                 (nt, plan.pool, block, chunks, di, 2 * s.pairs))
             run.results.append(_result("c2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
                                        block, moved, times, skipped, ok, pool=plan.pool,
                                        pairs=s.pairs, tensors=nt))
@@ -227,18 +229,11 @@ def c2c(bench: Bench, run: Run) -> None:
             def llmdist():
                 check(bench.cm.transfer_cache_async(src, Go(), cfg, **kw).synchronize(),
                       "C2C transfer")
-            llmdist()
-            chunks = list(range(s.pairs, 2 * s.pairs))
-            ok = verify_blocks(bench, src, dst, chunks, list(range(s.pairs)), block)
-            paths = _block_paths(bench, llmdist, moved, src, dst, chunks, list(range(s.pairs)),
-                                 block)
-            skipped: Dict[str, str] = {}
-            ok = _add_dma_variant(bench, paths, llmdist, dst,
-                                  lambda: verify_blocks(bench, src, dst, chunks, list(range(s.pairs)), block)) and ok
-            _add_framework_baselines(bench, paths, skipped, releases,
-                                     bench.numpy_indexing(src, dst, chunks, list(range(s.pairs)), block),
-                                     (nt, s.pairs, block, chunks, list(range(s.pairs)), 2 * s.pairs))
-            times = bench.rounds(label, paths)
+            chunks = list(range(s.pairs, 2 * s.pairs))       # row 1 of src into row 0 of dst
+            rows = list(range(s.pairs))
+            ok, times, skipped = _measure_blocks(bench, label, llmdist, src, dst, chunks, rows,
+                                                 block, moved, releases,
+                                                 (nt, s.pairs, block, chunks, rows, 2 * s.pairs))
             run.results.append(_result("c2c", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers, "
                                        f"row = {s.pairs} blocks", block, moved, times, skipped, ok,
                                        tensors=nt, row_bytes=row))

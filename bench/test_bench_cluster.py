@@ -36,8 +36,7 @@ import pytest
 
 import llmdist
 from llmdist import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo,
-                     LLMConfig, LLMDataDist, LLMRole, LLMStatusCode, Placement,
-                     TransferWithCacheKeyConfig)
+                     LLMRole, LLMStatusCode, Placement, TransferWithCacheKeyConfig)
 
 from llmdist.bench import procs
 from llmdist.bench.procs import Child, ChildError
@@ -180,15 +179,8 @@ class ClusterWorkload:
                 self.mooncake_error = f"{type(exc).__name__}: {exc}"
 
     def _prefill(self, transport: str, cid: int, local_dst: bool = False):
-        dd = LLMDataDist(LLMRole.PROMPT, cid)
+        dd = procs.start_cluster(LLMRole.PROMPT, cid, transport)
         self.prefills[transport] = {"dd": dd}
-        cfg = LLMConfig()
-        cfg.device_id = 0
-        cfg.enable_cache_manager = True
-        cfg.enable_remote_cache_accessible = True
-        opts = cfg.generate_options()
-        opts["llmdist.transport"] = transport
-        dd.init(opts)
         cm = dd.cache_manager
         src = cm.register_blocks_cache(
             self.desc, [int(self.src_t[i].ctypes.data) for i in range(self.num_tensors)],

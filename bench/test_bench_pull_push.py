@@ -29,8 +29,8 @@ import time
 import numpy as np
 import pytest
 
-from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
-                     LLMDataDist, LLMRole, LLMStatusCode, Placement, _core)
+from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMRole,
+                     LLMStatusCode, Placement, _core)
 from llmdist.descs import copy_kind
 
 from llmdist.bench import procs
@@ -85,15 +85,8 @@ class PullPushWorkload:
             uint8, device = DataType.DT_UINT8.value, int(Placement.DEVICE)
             self.child.call("alloc", MAPPED, tensors, shape, uint8, device, timeout=120)
             self.child.call("register", PROCESS, tensors, shape, uint8, device, timeout=120)
-            self.dd = LLMDataDist(LLMRole.PROMPT, local_id)
-            cfg = LLMConfig()
-            cfg.device_id = 0
-            cfg.enable_cache_manager = True
-            cfg.enable_remote_cache_accessible = True
-            cfg.sync_kv_timeout = 120_000
-            opts = cfg.generate_options()
-            opts["llmdist.transport"] = "direct"
-            self.dd.init(opts)
+            self.dd = procs.start_cluster(LLMRole.PROMPT, local_id, "direct",
+                                          sync_timeout=120_000)
             self.cm = self.dd.cache_manager
             desc = CacheDesc(tensors, [pool, block], DataType.DT_UINT8, Placement.DEVICE)
             self.cache = self.cm.allocate_blocks_cache(desc, BlocksCacheKey(local_id, 0))

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional
 
-from ..config import LLMClusterInfo, LLMConfig
+from ..config import LLMClusterInfo
 from ..descs import BlocksCacheKey, Cache, Placement
-from ..llm_datadist import LLMDataDist
 from ..descs import LLMRole
 from ..transfer_types import TransferWithCacheKeyConfig
 from . import procs
@@ -56,17 +55,10 @@ class Prefill:
     def __init__(self, transport: str, port: int) -> None:
         self.transport = transport
         self.cid = PREFILL_IDS[transport]
-        self.dd = LLMDataDist(LLMRole.PROMPT, self.cid)
         self.linked = False
         self.src: Optional[Cache] = None
         self.local: Optional[Cache] = None
-        cfg = LLMConfig()
-        cfg.device_id = 0
-        cfg.enable_cache_manager = True
-        cfg.enable_remote_cache_accessible = True
-        opts = cfg.generate_options()
-        opts["llmdist.transport"] = transport
-        self.dd.init(opts)
+        self.dd = procs.start_cluster(LLMRole.PROMPT, self.cid, transport)
         self.cm = self.dd.cache_manager
         self.info = LLMClusterInfo()
         self.info.remote_cluster_id = DECODE_ID

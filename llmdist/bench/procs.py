@@ -41,6 +41,27 @@ CTX = mp.get_context("spawn")
 # Helpers shared with the parent
 
 
+def start_cluster(role, cluster_id: int, transport: str = None, listen: str = None,
+                  device_id: int = 0, sync_timeout: int = None):
+    """A benchmark cluster: cache manager on, remote-accessible mode, on llmdist.transport when
+    given, listening on listen ("ip:port") when given. Returns the LLMDataDist."""
+    from llmdist import LLMConfig, LLMDataDist
+    dd = LLMDataDist(role, cluster_id)
+    cfg = LLMConfig()
+    cfg.device_id = device_id
+    cfg.enable_cache_manager = True
+    cfg.enable_remote_cache_accessible = True
+    if listen is not None:
+        cfg.listen_ip_info = listen
+    if sync_timeout is not None:
+        cfg.sync_kv_timeout = sync_timeout
+    opts = cfg.generate_options()
+    if transport is not None:
+        opts["llmdist.transport"] = transport
+    dd.init(opts)
+    return dd
+
+
 def aligned_empty(nbytes: int, align: int = 4096):
     """An uninitialised uint8 array of nbytes whose data starts on an `align` boundary."""
     import numpy as np
@@ -159,16 +180,11 @@ class Child:
 
 class _Decode:
     def __init__(self, cluster_id: int) -> None:
-        from llmdist import LLMConfig, LLMDataDist, LLMRole
+        from llmdist import LLMRole
         from llmdist import _core
         self.cluster_id = cluster_id
-        self.dd = LLMDataDist(LLMRole.DECODER, cluster_id)
-        cfg = LLMConfig()
-        cfg.device_id = int(os.environ.get("LLMDIST_DEVICE", "0"))
-        cfg.enable_cache_manager = True
-        cfg.enable_remote_cache_accessible = True
-        cfg.listen_ip_info = "127.0.0.1:0"
-        self.dd.init(cfg.generate_options())
+        self.dd = start_cluster(LLMRole.DECODER, cluster_id, listen="127.0.0.1:0",
+                                device_id=int(os.environ.get("LLMDIST_DEVICE", "0")))
         self.cm = self.dd.cache_manager
         self.rt = self.dd.runtime
         self.stream = _core.Stream(self.rt)

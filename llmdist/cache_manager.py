@@ -580,10 +580,13 @@ class CacheManager:
             dst = dcache._tensor_addrs[tpl * layers_here.start:tpl * layers_here.stop]
             if offset:
                 dst = [a + offset for a in dst]
+            # 9. and 11. bounds inside the cache the key names, placement of it
+            regions, bad = entry.locate(tpl * layers_here.start, tpl * layers_here.stop,
+                                        offset + plan.dst_lo, offset + plan.dst_hi)
         else:
             dst = cfg._dst_addrs
-        # 9. and 11. placement and bounds of every destination tensor
-        regions, bad = mem.registry.locate(dst, plan.dst_lo, plan.dst_hi)
+            # 9. and 11. placement and bounds of every destination tensor
+            regions, bad = mem.registry.locate(dst, plan.dst_lo, plan.dst_hi)
         src_place = desc.placement
         # each destination cache once, in the order of its first tensor, up to the first tensor
         # that fits no region: C-level passes, no Python per tensor (every region of a cache

@@ -221,11 +221,12 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
             require(nbytes <= ddesc.stride, f"{nbytes} bytes do not fit the destination row of "
                                             f"{ddesc.stride} bytes")
             plan = _core.plan_c2c(nbytes)
-    # bounds: every source range inside the source cluster's memory, every destination range
-    # inside this cluster's
+    # bounds: every source range inside its tensor of the cache the key names, every
+    # destination range inside its tensor of dst_cache
     # (layer ranges have step 1: their tensors are one slice)
     srcs = src._tensor_addrs[tpl * src_layers.start:tpl * src_layers.stop]
-    sregions, bad = mem.registry.locate(srcs, plan.src_lo + shift, plan.src_hi + shift)
+    sregions, bad = src_entry.locate(tpl * src_layers.start, tpl * src_layers.stop,
+                                     plan.src_lo + shift, plan.src_hi + shift)
     if bad >= 0:
         raise _fail(f"layer {src_layers.start + bad // tpl} of source cache {src.cache_id}: "
                     f"[{srcs[bad] + plan.src_lo + shift:#x}, {srcs[bad] + plan.src_hi + shift:#x}) "
@@ -235,7 +236,8 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
     dsts = daddrs[tpl * dst_layers.start:tpl * dst_layers.stop]
     if doff:
         dsts = [a + doff for a in dsts]
-    dregions, bad = cm._mem.registry.locate(dsts, plan.dst_lo, plan.dst_hi)
+    dregions, bad = dst_entry.locate(tpl * dst_layers.start, tpl * dst_layers.stop,
+                                     doff + plan.dst_lo, doff + plan.dst_hi)
     if bad >= 0:
         raise _fail(f"layer {dst_layers.start + bad // tpl} of cache {dst_entry.cache.cache_id}: "
                     f"[{dsts[bad] + plan.dst_lo:#x}, {dsts[bad] + plan.dst_hi:#x}) is not inside "

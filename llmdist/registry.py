@@ -1,8 +1,10 @@
 """The memory a cluster registered or allocated, one region per cache tensor.
 
-Every destination byte range of a transfer must fall inside one region. The regions are kept
-sorted in chunks of a bounded size, so that finding, adding and removing one costs O(log n)
-with thousands of caches held."""
+Every byte range a transfer moves must fall inside one region: inside the tensor of the cache a
+key names, or, for raw destination addresses, inside any region. Registrations may overlap
+(two caches over views of one buffer, as upstream allows): regions go into layers of disjoint
+regions, each kept sorted in chunks of a bounded size, so that finding, adding and removing one
+costs O(log n) per layer with thousands of caches held."""
 
 from __future__ import annotations
 
@@ -38,10 +40,10 @@ class Region:
         self.pid = pid
 
 
-class MemoryRegistry:
-    """Sorted, non-overlapping, non-empty regions of one cluster: chunks of consecutive
-    regions, each with its sorted starts and last bytes, and the first start of every chunk to
-    bisect. Lookups for transfers run in C (_core.locate) over the same lists."""
+class DisjointRegions:
+    """Sorted, non-overlapping, non-empty regions: chunks of consecutive regions, each with its
+    sorted starts and last bytes, and the first start of every chunk to bisect. Lookups for
+    transfers run in C (_core.locate) over the same lists."""
 
     def __init__(self) -> None:
         self._firsts: List[int] = []
@@ -65,6 +67,21 @@ class MemoryRegistry:
         r = self._last_at_or_before(end - 1)
         return r if r is not None and r.end > start else None
 
+    def overlapping_all(self, start: int, end: int) -> List[Region]:
+        """Every region sharing a byte with [start, end), last first."""
+        out: List[Region] = []
+        c = bisect_right(self._firsts, end - 1) - 1
+        while c >= 0:
+            regions = self._regions[c]
+            k = bisect_right(self._starts[c], end - 1) - 1
+            while k >= 0:
+                if regions[k].end <= start:
+                    return out
+                out.append(regions[k])
+                k -= 1
+            c -= 1
+        return out
+
     def _insert(self, r: Region) -> None:
         if not self._firsts:
             self._firsts.append(r.start)
@@ -86,22 +103,44 @@ class MemoryRegistry:
             self._firsts.insert(c + 1, starts[_CHUNK])
             del starts[_CHUNK:], lasts[_CHUNK:], regions[_CHUNK:]
 
-    def _delete(self, start: int, cache: Cache) -> None:
+    def _delete(self, start: int, cache: Cache) -> bool:
+        """Drop the region of cache starting at start; False when this holds none."""
         c = bisect_right(self._firsts, start) - 1
         if c < 0:
-            return
+            return False
         starts, lasts, regions = self._starts[c], self._lasts[c], self._regions[c]
         k = bisect_left(starts, start)
         if k == len(starts) or starts[k] != start or regions[k].cache is not cache:
-            return
+            return False
         del starts[k], lasts[k], regions[k]
         if starts:
             self._firsts[c] = starts[0]
         else:
             del self._firsts[c], self._starts[c], self._lasts[c], self._regions[c]
+        return True
 
-    def add(self, cache: Cache, origin: str, delta: int = 0, pid: int = 0) -> None:
-        """Add every tensor of cache; overlapping memory that is already registered is refused."""
+    def locate(self, addrs: Sequence[int], lo: int, hi: int) -> Tuple[List[Optional[Region]], int]:
+        """The region holding [a+lo, a+hi) for each a, and the position of the first address
+        whose range fits no single region (-1 when all fit)."""
+        return _core.locate(self._firsts, self._starts, self._lasts, self._regions, list(addrs),
+                            lo, hi)
+
+
+class MemoryRegistry:
+    """The regions of one cluster, in layers of disjoint regions: a region goes into the first
+    layer it does not overlap, so a cluster without overlapping registrations has one layer
+    and every lookup is one C pass."""
+
+    def __init__(self) -> None:
+        self._layers: List[DisjointRegions] = [DisjointRegions()]
+
+    def __len__(self) -> int:
+        return sum(len(layer) for layer in self._layers)
+
+    def add(self, cache: Cache, origin: str, delta: int = 0, pid: int = 0) -> List[Region]:
+        """Add every tensor of cache and return its regions in tensor order. Tensors of one
+        cache must not overlap each other; they may overlap other caches' tensors, except that
+        registered memory may not overlap memory llmdist allocated (llmdist frees that)."""
         size = cache.cache_desc.size
         new = sorted((a, a + size, i) for i, a in enumerate(cache._tensor_addrs))
         for s, e, i in new:
@@ -114,33 +153,62 @@ class MemoryRegistry:
                 raise LLMException(
                     f"tensor {i1} at {s1:#x} overlaps tensor {i0} at {s0:#x} of the same cache "
                     f"(each tensor is {size} bytes)", status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        if origin == REGISTERED:
+            for s, e, i in new:
+                for layer in self._layers:
+                    for r in layer.overlapping_all(s, e):
+                        if r.origin == ALLOCATED:
+                            raise LLMException(
+                                f"tensor {i} at {s:#x} ({size} bytes) overlaps tensor "
+                                f"{r.tensor_index} of cache {r.cache.cache_id}, which llmdist "
+                                f"allocated: memory llmdist owns cannot be registered",
+                                status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        out: List[Optional[Region]] = [None] * len(new)
         for s, e, i in new:
-            r = self._overlapping(s, e)
-            if r is not None:
-                raise LLMException(
-                    f"tensor {i} at {s:#x} ({size} bytes) overlaps tensor {r.tensor_index} of "
-                    f"cache {r.cache.cache_id}, which is already registered",
-                    status_code=LLMStatusCode.LLM_PARAM_INVALID)
-        for s, e, i in new:
-            self._insert(Region(s, e, cache, i, origin, delta, pid))
+            r = Region(s, e, cache, i, origin, delta, pid)
+            for layer in self._layers:
+                if layer._overlapping(s, e) is None:
+                    break
+            else:
+                layer = DisjointRegions()
+                self._layers.append(layer)
+            layer._insert(r)
+            out[i] = r
+        return out
 
     def remove(self, cache: Cache) -> None:
         """Drop every region of cache."""
+        layers = self._layers
         for a in cache._tensor_addrs:
-            self._delete(a, cache)
+            for layer in layers:
+                if layer._delete(a, cache):
+                    break
+        while len(layers) > 1 and not len(layers[-1]):
+            layers.pop()
 
     def locate(self, addrs: Sequence[int], lo: int, hi: int) -> Tuple[List[Optional[Region]], int]:
-        """The region holding [a+lo, a+hi) for each a, and the position of the first address
-        whose range fits no single region (-1 when all fit)."""
-        return _core.locate(self._firsts, self._starts, self._lasts, self._regions, list(addrs),
-                            lo, hi)
+        """A region holding [a+lo, a+hi) for each a (with overlapping registrations, any of
+        those that hold it), and the position of the first address whose range fits no single
+        region (-1 when all fit)."""
+        out, bad = self._layers[0].locate(addrs, lo, hi)
+        if bad < 0 or len(self._layers) == 1:
+            return out, bad
+        for i in range(bad, len(addrs)):
+            for layer in self._layers:
+                found, miss = layer.locate(addrs[i:i + 1], lo, hi)
+                if miss < 0:
+                    out[i] = found[0]
+                    break
+            else:
+                return out, i
+        return out, -1
 
 
 class MemoryEntry:
     """What a cluster knows of one cache: its own, or a peer's as the peer described it."""
 
     __slots__ = ("cache", "origin", "remote_accessible", "base", "size", "placement", "keys",
-                 "share", "alloc")
+                 "share", "alloc", "regions")
 
     def __init__(self, cache: Cache, origin: str, remote_accessible: bool, base: int = 0,
                  size: int = 0, share: Optional[dict] = None) -> None:
@@ -153,6 +221,17 @@ class MemoryEntry:
         self.keys: List[Union[CacheKey, BlocksCacheKey]] = []
         self.share = share            # how a peer on this host reaches it, or None
         self.alloc = base             # the runtime allocation to free (may start before base)
+        self.regions: List[Region] = []   # one per tensor, in tensor order (once added)
+
+    def locate(self, first: int, stop: int, lo: int, hi: int
+               ) -> Tuple[List[Optional[Region]], int]:
+        """Bounds inside this cache alone: the regions of tensors [first, stop) when [lo, hi)
+        (bytes from each tensor's start) fits a tensor, else no region and position 0 (as
+        MemoryRegistry.locate reports the first tensor that fits none)."""
+        regions = self.regions[first:stop]
+        if regions and not (0 <= lo <= hi <= self.cache.cache_desc.size):
+            return [None] * len(regions), 0
+        return regions, -1
 
 
 class ClusterMemory:
@@ -168,20 +247,19 @@ class ClusterMemory:
 
     def add(self, entry: MemoryEntry, keys: Sequence[Union[CacheKey, BlocksCacheKey]] = (),
             delta: int = 0, pid: int = 0) -> None:
-        """Add a cache and its keys; overlapping memory or a key in use is refused."""
-        for key in keys:
-            table = self.cache_keys if isinstance(key, CacheKey) else self.blocks_keys
-            if key in table:
-                raise LLMException(f"cache key {key!r} is already in use",
-                                   status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        """Add a cache and its keys. A key already naming another cache moves to this one
+        (the last registration wins, as upstream); duplicates within keys are refused."""
         if len(set(keys)) != len(keys):
             raise LLMException("the cache keys have duplicates",
                                status_code=LLMStatusCode.LLM_PARAM_INVALID)
-        self.registry.add(entry.cache, entry.origin, delta, pid)
+        entry.regions = self.registry.add(entry.cache, entry.origin, delta, pid)
         self.entries[entry.cache.cache_id] = entry
         row = 0
         for key in keys:
             table = self.cache_keys if isinstance(key, CacheKey) else self.blocks_keys
+            old = table.get(key)
+            if old is not None and old in self.entries:
+                self.entries[old].keys.remove(key)
             table[key] = entry.cache.cache_id
             entry.keys.append(key)
             if isinstance(key, CacheKey):

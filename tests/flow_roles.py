@@ -13,8 +13,8 @@ import struct
 import numpy as np
 
 from llmdist import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataType, LayerSynchronizer,
-                     LLMClusterInfo, LLMConfig, LLMDataDist, LLMRole, LLMStatusCode, Placement,
-                     TransferWithCacheKeyConfig)
+                     LLMClusterInfo, LLMConfig, LLMDataDist, LLMException, LLMRole, LLMStatusCode,
+                     Placement, TransferWithCacheKeyConfig)
 
 HOST = "127.0.0.1"
 NUM_TENSORS = 2
@@ -616,4 +616,209 @@ def pc_decoder(ctx, rendezvous):
     cache_manager.deallocate_cache(cache)
     datadist.unlink(comm_id)
     datadist.finalize()
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# vllm-ascend's HIXL connector on a hybrid (Mamba/GDN) model: per layer one raw buffer, and two
+# as_strided views of it with the same page stride, the conv state at the start of each page and
+# the ssm state after it (_adjust_kv_layout); each view is registered as its own blocks cache
+# (one tensor per layer) under its own key, so the two registrations overlap. A block of either
+# cache is a whole page from that view's start. The raw buffers carry HY_CONV bytes of padding
+# at the end, so that the ssm view's last block stays inside them.
+HY_LAYERS = 3
+HY_BLOCKS = 8
+HY_CONV, HY_SSM = 96, 160
+HY_PAGE = HY_CONV + HY_SSM
+HY_RAW = HY_BLOCKS * HY_PAGE + HY_CONV
+HY_VIEWS = {0: 0, 1: HY_CONV}         # key id -> the view's byte offset in the raw buffer
+
+
+def _hybrid_raw(cluster_id: int, fill: bool):
+    if not fill:
+        return [np.zeros(HY_RAW, dtype=np.uint8) for _ in range(HY_LAYERS)]
+    return [np.random.default_rng([cluster_id & 0xFFFF, 77, layer]).integers(
+        0, 256, HY_RAW, dtype=np.uint8) for layer in range(HY_LAYERS)]
+
+
+def _register_hybrid(dd, cluster_id, raws):
+    """The conv (key 0) and ssm (key 1) caches over as_strided views of the raw buffers."""
+    desc = CacheDesc(HY_LAYERS, [HY_BLOCKS, HY_PAGE], DataType.DT_UINT8, Placement.DEVICE)
+    caches = {}
+    for key_id, offset in HY_VIEWS.items():
+        views = [np.lib.stride_tricks.as_strided(raw[offset:], shape=(HY_BLOCKS, HY_SSM if offset
+                                                                      else HY_CONV),
+                                                 strides=(HY_PAGE, 1)) for raw in raws]
+        caches[key_id] = dd.cache_manager.register_blocks_cache(
+            desc, [_addr(v) for v in views], BlocksCacheKey(cluster_id, key_id),
+            remote_accessible=True)
+    return caches
+
+
+def _hybrid_copy(model, src_raws, key_id, src_blocks, dst_blocks):
+    """What a copy of blocks of view key_id does to the raw buffers of model (in place)."""
+    off = HY_VIEWS[key_id]
+    for layer in range(HY_LAYERS):
+        for s, d in zip(src_blocks, dst_blocks):
+            model[layer][off + d * HY_PAGE:off + (d + 1) * HY_PAGE] = \
+                src_raws[layer][off + s * HY_PAGE:off + (s + 1) * HY_PAGE]
+
+
+def _hybrid_check(ctx, raws, model, what):
+    for layer in range(HY_LAYERS):
+        ctx.check(np.array_equal(raws[layer], model[layer]), f"{what}: layer {layer}")
+
+
+def hybrid_prefill(ctx, cluster_id, port, decode_id):
+    dd = _remote_init(LLMRole.PROMPT, cluster_id, port, "hixl")
+    raws = _hybrid_raw(cluster_id, True)
+    caches = _register_hybrid(dd, cluster_id, raws)
+    ctx.barrier()   # 1 registered
+    ctx.barrier()   # 2 the decode linked and pulled
+    cm = dd.cache_manager
+    cm.push_blocks(BlocksCacheKey(decode_id, 1), caches[1], [0], [1], range(HY_LAYERS),
+                   range(HY_LAYERS), 1)
+    cm.push_blocks(BlocksCacheKey(decode_id, 0), caches[0], [7], [2], range(HY_LAYERS),
+                   range(HY_LAYERS), 1)
+    ctx.barrier()   # 3 pushed
+    ctx.barrier()   # 4 the decode withdrew its conv cache
+    try:
+        cm.push_blocks(BlocksCacheKey(decode_id, 0), caches[0], [1], [1], range(HY_LAYERS),
+                       range(HY_LAYERS), 1)
+        ctx.check(False, "a push to the withdrawn conv cache succeeded")
+    except LLMException as exc:
+        ctx.check(exc.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                  f"push to the withdrawn cache: {exc.status_code}")
+    cm.push_blocks(BlocksCacheKey(decode_id, 1), caches[1], [3], [4], range(HY_LAYERS),
+                   range(HY_LAYERS), 1)
+    ctx.barrier()   # 5 pushed into the ssm cache alone
+    ctx.barrier()   # 6 the decode checked and unlinked
+    for c in caches.values():
+        cm.unregister_cache(c.cache_id)
+    dd.finalize()
+    return "ok"
+
+
+def hybrid_decode(ctx, cluster_id, prefill_id, prefill_port):
+    dd = _remote_init(LLMRole.DECODER, cluster_id, None, None)
+    raws = _hybrid_raw(cluster_id, False)
+    caches = _register_hybrid(dd, cluster_id, raws)
+    src = _hybrid_raw(prefill_id, True)
+    model = [r.copy() for r in raws]
+    ctx.barrier()   # 1 registered
+    info = LLMClusterInfo()
+    info.remote_cluster_id = prefill_id
+    info.append_remote_ip_info(HOST, prefill_port)
+    ret, _ = dd.link_clusters([info], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret}")
+    cm = dd.cache_manager
+    for key_id, sb, db in ((0, [1, 4], [0, 5]), (1, [2, 6], [3, 7])):
+        cm.pull_blocks(BlocksCacheKey(prefill_id, key_id), caches[key_id], sb, db,
+                       tensor_num_per_layer=1)
+        _hybrid_copy(model, src, key_id, sb, db)
+    _hybrid_check(ctx, raws, model, "pulled conv and ssm blocks")
+    ctx.barrier()   # 2 pulled
+    ctx.barrier()   # 3 the prefill pushed
+    _hybrid_copy(model, src, 1, [0], [1])
+    _hybrid_copy(model, src, 0, [7], [2])
+    _hybrid_check(ctx, raws, model, "pushed ssm and conv blocks")
+    cm.unregister_cache(caches.pop(0).cache_id)
+    ctx.barrier()   # 4 the conv cache is withdrawn
+    ctx.barrier()   # 5 the prefill pushed into the ssm cache
+    _hybrid_copy(model, src, 1, [3], [4])
+    cm.pull_blocks(BlocksCacheKey(prefill_id, 1), caches[1], [5], [6], tensor_num_per_layer=1)
+    _hybrid_copy(model, src, 1, [5], [6])
+    _hybrid_check(ctx, raws, model, "the ssm cache after the conv cache went")
+    ret, _ = dd.unlink_clusters([info], 5000, force=True)
+    ctx.check(ret == LLMStatusCode.LLM_SUCCESS, f"unlink: {ret}")
+    ctx.barrier()   # 6
+    cm.unregister_cache(caches[1].cache_id)
+    dd.finalize()
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# omni-npu's DatadistEngine: every layer's K and V registered as one blocks cache; a pull that
+# names a layer subset registers a further cache (_make_group(layer_ids)) over the same,
+# already registered tensors of those layers, on both sides, and pulls by the group's key.
+OG_LAYERS = 4
+OG_BLOCKS = 8
+OG_ELEMS = 64                 # 128-byte blocks (fp16)
+OG_GROUP = [1, 3]             # the layer subset
+OG_GROUP_KEY = 10
+
+
+def _og_arrays(cluster_id: int, fill: bool):
+    if not fill:
+        return [np.zeros((OG_BLOCKS, OG_ELEMS), dtype=np.uint16) for _ in range(2 * OG_LAYERS)]
+    return [np.random.default_rng([cluster_id & 0xFFFF, 88, t]).integers(
+        0, 2**16, (OG_BLOCKS, OG_ELEMS), dtype=np.uint16) for t in range(2 * OG_LAYERS)]
+
+
+def _og_register(dd, cluster_id, arrays):
+    """The whole cache (key 0) and the group of layers OG_GROUP (key OG_GROUP_KEY)."""
+    cm = dd.cache_manager
+    full = cm.register_blocks_cache(
+        CacheDesc(2 * OG_LAYERS, [OG_BLOCKS, OG_ELEMS], DataType.DT_FLOAT16, Placement.DEVICE),
+        [_addr(a) for a in arrays], BlocksCacheKey(cluster_id, 0), remote_accessible=True)
+    tensors = [arrays[2 * layer + kv] for layer in OG_GROUP for kv in (0, 1)]
+    group = cm.register_blocks_cache(
+        CacheDesc(len(tensors), [OG_BLOCKS, OG_ELEMS], DataType.DT_FLOAT16, Placement.DEVICE),
+        [_addr(a) for a in tensors], BlocksCacheKey(cluster_id, OG_GROUP_KEY),
+        remote_accessible=True)
+    return full, group
+
+
+def layer_group_prefill(ctx, cluster_id, port):
+    dd = _remote_init(LLMRole.PROMPT, cluster_id, port, "hixl")
+    full, group = _og_register(dd, cluster_id, _og_arrays(cluster_id, True))
+    ctx.barrier()   # 1 registered
+    ctx.barrier()   # 2 the decode pulled the group
+    dd.cache_manager.unregister_cache(group.cache_id)
+    ctx.barrier()   # 3 the group is withdrawn
+    ctx.barrier()   # 4 the decode pulled the whole cache and unlinked
+    dd.cache_manager.unregister_cache(full.cache_id)
+    dd.finalize()
+    return "ok"
+
+
+def layer_group_decode(ctx, cluster_id, prefill_id, prefill_port):
+    dd = _remote_init(LLMRole.DECODER, cluster_id, None, None)
+    arrays = _og_arrays(cluster_id, False)
+    full, group = _og_register(dd, cluster_id, arrays)
+    src = _og_arrays(prefill_id, True)
+    want = [a.copy() for a in arrays]
+    ctx.barrier()   # 1 registered
+    info = LLMClusterInfo()
+    info.remote_cluster_id = prefill_id
+    info.append_remote_ip_info(HOST, prefill_port)
+    ret, _ = dd.link_clusters([info], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret}")
+    cm = dd.cache_manager
+    cm.pull_blocks(BlocksCacheKey(prefill_id, OG_GROUP_KEY), group, [2, 5], [0, 7])
+    for layer in OG_GROUP:
+        for kv in (0, 1):
+            want[2 * layer + kv][[0, 7]] = src[2 * layer + kv][[2, 5]]
+    for t in range(2 * OG_LAYERS):
+        ctx.check(np.array_equal(arrays[t], want[t]), f"group pull: tensor {t}")
+    cm.unregister_cache(group.cache_id)
+    ctx.barrier()   # 2 pulled
+    ctx.barrier()   # 3 the prefill withdrew its group
+    try:
+        cm.pull_blocks(BlocksCacheKey(prefill_id, OG_GROUP_KEY), full, [1], [1])
+        ctx.check(False, "a pull from the withdrawn group succeeded")
+    except LLMException as exc:
+        ctx.check(exc.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                  f"pull from the withdrawn group: {exc.status_code}")
+    cm.pull_blocks(BlocksCacheKey(prefill_id, 0), full, [6], [1])
+    for t in range(2 * OG_LAYERS):
+        want[t][1] = src[t][6]
+        ctx.check(np.array_equal(arrays[t], want[t]), f"whole-cache pull: tensor {t}")
+    ret, _ = dd.unlink_clusters([info], 5000, force=True)
+    ctx.check(ret == LLMStatusCode.LLM_SUCCESS, f"unlink: {ret}")
+    ctx.barrier()   # 4
+    cm.unregister_cache(full.cache_id)
+    dd.finalize()
     return "ok"

@@ -184,6 +184,31 @@ def test_sglang_push_flow():
                                        "prefill_port": pport})}).finish()
 
 
+def test_hixl_connector_hybrid_layout():
+    """vllm-ascend's HIXL connector on a hybrid model: conv and ssm caches registered over two
+    as_strided views of one buffer per layer (overlapping registrations); the decode pulls
+    blocks of both, the prefill pushes into both, every byte of the raw buffers checked; after
+    the decode withdraws its conv cache, pushes and pulls through the ssm cache still work and
+    a push to the conv key is LLM_KV_CACHE_NOT_EXIST."""
+    pid_, did = next(_ids), next(_ids)
+    pport = free_port()
+    Flow({"prefill": ("hybrid_prefill", {"cluster_id": pid_, "port": pport, "decode_id": did}),
+          "decode": ("hybrid_decode", {"cluster_id": did, "prefill_id": pid_,
+                                       "prefill_port": pport})}).finish()
+
+
+def test_omni_npu_layer_group():
+    """omni-npu's DatadistEngine: a further cache registered over the already registered
+    tensors of a layer subset (on both sides) is pulled by its own key; only those layers'
+    blocks change; once the group is withdrawn its key is LLM_KV_CACHE_NOT_EXIST and the whole
+    cache still pulls."""
+    pid_, did = next(_ids), next(_ids)
+    pport = free_port()
+    Flow({"prefill": ("layer_group_prefill", {"cluster_id": pid_, "port": pport}),
+          "decode": ("layer_group_decode", {"cluster_id": did, "prefill_id": pid_,
+                                            "prefill_port": pport})}).finish()
+
+
 def test_omni_infer_recovery():
     """The decode (this process) pulls; the prefill is killed; the pull fails with a link
     error; unlink_clusters(force=True) + link_clusters to the restarted prefill (same id and

@@ -582,8 +582,9 @@ _ops = st.lists(st.tuples(st.sampled_from(["add", "remove", "locate"]),
 @settings(max_examples=60, deadline=None)
 @given(ops=_ops)
 def test_registry_matches_a_model(ops):
-    """Adds, removes and lookups agree with a brute-force list of intervals (chunks kept
-    small here so that splitting and merging chunks are exercised)."""
+    """Adds, removes and lookups agree with a brute-force list of intervals, overlapping
+    registrations included (chunks kept small here so that splitting and merging chunks are
+    exercised)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(registry, "_CHUNK", 2)
         _registry_ops(ops)
@@ -602,10 +603,9 @@ def _registry_ops(ops) -> None:
             cache = Cache(next_id[0], desc, addrs, False)
             next_id[0] += 1
             spans = [(a, a + desc.size) for a in addrs]
-            clash = any(s < e2 and s2 < e for s, e in spans for _, sp in model.values()
-                        for s2, e2 in sp) or any(
-                spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1]
-                for i in range(len(spans)) for j in range(i))
+            # tensors of one cache may not overlap; caches may overlap each other
+            clash = any(spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1]
+                        for i in range(len(spans)) for j in range(i))
             if clash:
                 with pytest.raises(LLMException):
                     reg.add(cache, registry.REGISTERED)
@@ -625,8 +625,11 @@ def _registry_ops(ops) -> None:
                 want.append(hit[0] if hit else None)
             want_bad = next((i for i, w in enumerate(want) if w is None), -1)
             assert bad == want_bad
-            for r, w in zip(regions[:bad if bad >= 0 else None], want):
-                assert (r.cache, r.start, r.end) == w
+            for r, a in zip(regions[:bad if bad >= 0 else None], (start, start + 3)):
+                # any region of a cache held that holds the range
+                assert r.cache.cache_id in model
+                assert (r.start, r.end) in model[r.cache.cache_id][1]
+                assert r.start <= a + lo and a + hi <= r.end
         assert len(reg) == sum(len(sp) for _, sp in model.values())
 
 

@@ -595,6 +595,13 @@ class ClusterNode:
         self.engine_error: Optional[str] = None   # why the last attempt to start it failed
         self.engine_lock = threading.Lock()
         self.handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        # Handshakes in progress (connection -> the admission epoch it started in). A role
+        # switch moves to a new epoch and admits nothing while it runs, so that no handshake
+        # begun before it completes after it.
+        self.in_handshake: Dict[socket.socket, int] = {}
+        self.epoch = 0
+        self.switching = False
+        self.handshakes_ended = threading.Condition(self.lock)
         if listen is not None:
             self.start_listening(listen)
 
@@ -632,6 +639,35 @@ class ClusterNode:
         sock, self.listener, self.port = self.listener, None, None
         if sock is not None:
             close_listener(sock)
+
+    def begin_switch(self, timeout_s: float = HANDSHAKE_TIMEOUT_S + 1.0) -> None:
+        """Stop admitting links (until end_switch) and end the handshakes in progress: their
+        connections are shut down and none of them is admitted; waits until they are gone
+        (timeout_s at most: one that outlives it is refused all the same)."""
+        with self.lock:
+            self.switching = True
+            self.epoch += 1
+            conns = list(self.in_handshake)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        with self.handshakes_ended:
+            while self.in_handshake:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("%d handshakes still in progress at a role switch; none of them "
+                                "will be admitted", len(self.in_handshake))
+                    break
+                self.handshakes_ended.wait(left)
+
+    def end_switch(self) -> None:
+        """Admit links again, from handshakes that start from now on."""
+        with self.lock:
+            self.epoch += 1
+            self.switching = False
 
     def choose_path(self, same_host: bool, peer_wants_engine: bool = False) -> str:
         if self.transport == "mooncake" or peer_wants_engine or (self.transport == "auto" and not same_host):
@@ -716,11 +752,10 @@ class ClusterNode:
             msg["engine_error"] = self.engine_error
         return msg
 
-    def _check_hello(self, msg: dict, expect: Optional[int],
-                     any_role: bool = False) -> Optional[Tuple[int, str]]:
-        """(status, reason) when a handshake must be refused, else None. Links of a rank-table
-        comm (any_role, or a hello naming a comm) join every pair of members whatever their
-        roles."""
+    def _check_hello(self, msg: dict, expect: Optional[int]) -> Optional[Tuple[int, str]]:
+        """(status, reason) when a handshake must be refused, else None. Roles do not restrict
+        links (as upstream: PROMPT-PROMPT and DECODER-DECODER links serve migration and prefix
+        sharing); the role is checked for form only."""
         version = msg.get("version")
         if type(version) is not int or version != PROTOCOL_VERSION:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"protocol version {version!r:.40}"
@@ -732,7 +767,7 @@ class ClusterNode:
             _int(msg.get("tgid", 1), 1, 2**31 - 1)
             if msg.get("runtime", "host") not in ("host", "acl", "cuda"):
                 raise ProtocolError("bad runtime")
-            role = _enum(LLMRole, msg.get("role"))
+            _enum(LLMRole, msg.get("role"))
             _text(msg.get("host"))
             _list(msg.get("caches"))
             if type(msg.get("want_engine", False)) is not bool:
@@ -746,10 +781,6 @@ class ClusterNode:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"expected cluster {expect}, reached {cid}"
         if cid == self.cluster_id:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"cluster {cid} cannot link to itself"
-        mine = self.role
-        if role == mine and role != LLMRole.MIX and not any_role and "comm" not in msg:
-            return (int(LLMStatusCode.LLM_LINK_FAILED),
-                    f"a {role.name} cluster cannot link to a {mine.name} cluster")
         return None
 
     # -- accepting
@@ -763,6 +794,8 @@ class ClusterNode:
                 log.info("refused a connection: %d handshakes in progress", MAX_HANDSHAKES)
                 conn.close()
                 continue
+            with self.lock:
+                self.in_handshake[conn] = self.epoch
             threading.Thread(target=self._handshake, args=(conn, admit),
                              name="llmdist-handshake", daemon=True).start()
 
@@ -781,6 +814,9 @@ class ClusterNode:
             except OSError:
                 pass
         finally:
+            with self.lock:
+                self.in_handshake.pop(conn, None)
+                self.handshakes_ended.notify_all()
             self.handshakes.release()
         if peer is not None:
             peer.serve()
@@ -840,6 +876,9 @@ class ClusterNode:
             with self.lock:
                 if self.closed or msg["cluster_id"] in self.peers:
                     raise ProtocolError("closed or linked meanwhile")
+                if self.switching or self.in_handshake.get(conn) != self.epoch:
+                    raise ProtocolError("the cluster switched its role meanwhile")
+                self.in_handshake.pop(conn, None)      # a link now, not a handshake
                 self.peers[peer.cluster_id] = peer
                 self.ever_linked.add(peer.cluster_id)
             reply = self._hello(peer.cluster_id)
@@ -943,7 +982,7 @@ class ClusterNode:
                 return (LLMStatusCode.LLM_ALREADY_LINK if got is None else got), None
             if msg["type"] != "welcome":
                 raise ProtocolError("expected a welcome")
-            refusal = self._check_hello(msg, cluster_id, any_role=comm is not None)
+            refusal = self._check_hello(msg, cluster_id)
             if refusal is not None:
                 raise ProtocolError(refusal[1])
             peer = Peer(self, sock, msg)

@@ -92,7 +92,6 @@ class LLMDataDist:
         self._workers: Optional[TransferWorkers] = None
         self._node: Optional[ClusterNode] = None
         self._comms: Optional[RankTableLinks] = None
-        self._switch_role = False
         self._options: Dict[str, str] = {}
 
     @property
@@ -139,7 +138,7 @@ class LLMDataDist:
             remote = (_flag_option(options, "llm.EnableRemoteCacheAccessible")
                       if "llm.EnableRemoteCacheAccessible" in options else derived)
             max_inflight = _int_option(options, "llmdist.max_inflight_tasks", MAX_INFLIGHT_TASKS, 1)
-            switch_role = _flag_option(options, "llm.EnableSwitchRole")
+            _flag_option(options, "llm.EnableSwitchRole")      # read, not needed: see switch_role
             _flag_option(options, "llm.EnableCacheManager")
             if "llm.TransferBackend" in options and not options.get("llm.listenIpInfo"):
                 raise LLMException("option llm.TransferBackend needs llm.listenIpInfo (with a "
@@ -162,7 +161,6 @@ class LLMDataDist:
             workers.start()
             self._node = node
             self._comms = comms
-            self._switch_role = switch_role
             self._cache_manager = CacheManager(self._cluster_id, runtime, workers, options, remote,
                                                sync_timeout, shareable, node, max_inflight)
             node.attach(self._cache_manager)
@@ -200,13 +198,15 @@ class LLMDataDist:
 
     def peer_info(self, cluster_id: int) -> Optional[Dict[str, object]]:
         """How a linked cluster is reached (an llmdist extension): {"path": "direct" or
-        "mooncake", "same_host": bool, "pid": int}; None when it is not linked."""
+        "mooncake", "same_host": bool, "pid": int, "role": the LLMRole its handshake gave};
+        None when it is not linked."""
         check_uint64("cluster_id", cluster_id)
         node = self._node
         peer = node.peer(cluster_id) if node is not None else None
         if peer is None:
             return None
-        return {"path": peer.path, "same_host": peer.same_host, "pid": peer.pid}
+        return {"path": peer.path, "same_host": peer.same_host, "pid": peer.pid,
+                "role": peer.role}
 
     @staticmethod
     def _check_clusters(clusters, timeout: int) -> None:
@@ -289,9 +289,10 @@ class LLMDataDist:
 
     # -- roles
     def switch_role(self, role: LLMRole, switch_options: Optional[Dict[str, str]] = None) -> None:
-        """Change this cluster's role (needs llm.EnableSwitchRole=1 and no link left).
-        switch_options {"llm.listenIpInfo": "ip:port"} starts or moves the listener; without
-        it the listener stops."""
+        """Change this cluster's role, as upstream's current API: no option needed, the same
+        role accepted, LLM_EXIST_LINK while any link remains. switch_options
+        {"llm.listenIpInfo": "ip:port"} starts or moves the listener; without it the listener
+        stops. Handshakes in progress end unadmitted before the links are checked."""
         check_isinstance("role", role, LLMRole)
         check_isinstance("switch_options", switch_options, dict, allow_none=True)
         options = dict(switch_options or {})
@@ -299,29 +300,28 @@ class LLMDataDist:
             check_isinstance("switch_options key", k, str)
             check_isinstance(f"switch_options[{k!r}]", v, str)
         self.cache_manager
-        if not self._switch_role:
-            raise LLMException("switch_role needs enable_switch_role (option llm.EnableSwitchRole "
-                               "= \"1\") at init",
-                               status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
-        if role == self._role:
-            raise LLMException(f"role is already {role.name}",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
         listen = _listen_option(options, "switch_options")
         for key in options:
             if key != "llm.listenIpInfo":
                 warnings.warn(f"switch_role ignores the option {key!r}", stacklevel=2)
         node = self._node
-        with node.lock:
-            linked = sorted(node.peers)
-        if linked or self._comms.active:
-            raise LLMException(f"switch_role needs every link ended first; still linked to "
-                               f"clusters {linked}" if linked else
-                               "switch_role needs every link ended first; a rank-table comm is "
-                               "still forming or linked",
-                               status_code=LLMStatusCode.LLM_EXIST_LINK)
-        if listen is not None:
-            node.start_listening(listen)
-        else:
-            node.stop_listening()
-        node.role = role
-        self._role = role
+        node.begin_switch()
+        try:
+            with node.lock:
+                linked = sorted(node.peers)
+                linking = bool(node.linking)
+            why = (f"still linked to clusters {linked}" if linked
+                   else "a link_clusters call is in progress" if linking
+                   else "a rank-table comm is still forming or linked" if self._comms.active
+                   else None)
+            if why is not None:
+                raise LLMException(f"switch_role needs every link ended first; {why}",
+                                   status_code=LLMStatusCode.LLM_EXIST_LINK)
+            if listen is not None:
+                node.start_listening(listen)
+            else:
+                node.stop_listening()
+            node.role = role
+            self._role = role
+        finally:
+            node.end_switch()

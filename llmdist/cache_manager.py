@@ -329,8 +329,17 @@ class CacheManager:
 
     def deallocate_cache(self, cache: Cache) -> None:
         """Free a cache from allocate_cache; transfers still using it end with
-        LLM_KV_CACHE_NOT_EXIST before the memory goes."""
-        self._release(self._entry_of("cache", cache, ALLOCATED, False))
+        LLM_KV_CACHE_NOT_EXIST before the memory goes. While CacheKeys name it, the free waits
+        until each key is pulled or removed (as upstream), or finalize."""
+        entry = self._entry_of("cache", cache, ALLOCATED, False)
+        with self._lock:
+            if entry.deferred:
+                raise _fail(f"cache {cache.cache_id} is already deallocated; it is freed once "
+                            f"its cache keys are pulled or removed", _NOT_EXIST)
+            if any(type(k) is CacheKey for k in entry.keys):
+                entry.deferred = True
+                return
+        self._release(entry)
 
     def deallocate_blocks_cache(self, cache: Cache) -> None:
         """Free a cache from allocate_blocks_cache (see deallocate_cache)."""
@@ -349,13 +358,29 @@ class CacheManager:
         self._release(entry)
 
     def remove_cache_key(self, cache_key: Union[CacheKey, BlocksCacheKey]) -> None:
-        """Drop a key; the cache itself stays."""
+        """Drop a key; the cache itself stays, unless deallocate_cache deferred its free and
+        this was its last CacheKey. A key that does not exist (e.g. released by a pull) is
+        not an error, as upstream."""
         check_isinstance("cache_key", cache_key, (CacheKey, BlocksCacheKey))
+        self._check_open()
+        self.release_key(cache_key)
+
+    def release_key(self, key: Union[CacheKey, BlocksCacheKey]) -> None:
+        """Drop key here and on linked peers (remove_cache_key, or a pull by the key); then
+        free its cache if deallocate_cache deferred that and no CacheKey names it any more."""
         with self._lock:
-            if not self._mem.remove_key(cache_key):
-                raise _fail(f"cache key {cache_key!r} does not exist", _NOT_EXIST)
+            entry, _ = self._mem.find(key)
+            if entry is None or not self._mem.remove_key(key):
+                return
+            free = entry.deferred and not any(type(k) is CacheKey for k in entry.keys)
         if self._node is not None:
-            self._node.withdraw_key(cache_key)
+            self._node.withdraw_key(key)
+        if free:
+            try:
+                self._release(entry)
+            except LLMException as exc:
+                if exc.status_code != _NOT_EXIST:     # released meanwhile (finalize)
+                    raise
 
     # ------------------------------------------------------------------ transfer
 

@@ -165,6 +165,12 @@ def key_from_wire(w) -> Union[CacheKey, BlocksCacheKey]:
     raise ProtocolError(f"bad cache key {w!r:.60}")
 
 
+def key_to_wire(key: Union[CacheKey, BlocksCacheKey]) -> list:
+    if isinstance(key, BlocksCacheKey):
+        return ["blocks", key.cluster_id, key.model_id]
+    return ["cache", key.cluster_id, key.req_id, key.model_id, key.prefix_id]
+
+
 def cache_to_wire(entry: MemoryEntry) -> dict:
     c = entry.cache
     d = c.cache_desc
@@ -321,6 +327,27 @@ class Peer:
         key = key_from_wire(w)
         with self.lock:
             self.mem.remove_key(key)
+
+    def key_pulled(self, w: list) -> None:
+        """The peer pulled by a CacheKey of this cluster, which releases the key (as upstream).
+        Released on another thread: withdrawing it waits for every peer's ack, this one's
+        included, which this reader thread delivers."""
+        key = key_from_wire(w)
+        cm = self.node.caches
+        if not isinstance(key, CacheKey) or key.cluster_id != self.node.cluster_id or cm is None:
+            raise ProtocolError(f"cluster {self.cluster_id} released key {key!r:.80}, which is "
+                                f"not a CacheKey of this cluster")
+        threading.Thread(target=cm.release_key, args=(key,), name="llmdist-key-release",
+                         daemon=True).start()
+
+    def pulled_by_key(self, key: CacheKey) -> None:
+        """After a pull by key from this peer: forget the key here and tell the peer."""
+        with self.lock:
+            self.mem.remove_key(key)
+        try:
+            self.send({"type": "key_pulled", "key": key_to_wire(key)})
+        except OSError as exc:
+            log.info("cluster %d: could not report a pulled key: %s", self.cluster_id, exc)
 
     def _unmap(self, cid: int) -> None:
         """Forget how this process reaches the peer's cache cid: unmap its shared memory, close
@@ -499,6 +526,8 @@ class Peer:
                     self.remove_cache(_int(msg.get("cache_id"), 0, 2**63 - 1))
                 elif kind == "key_remove":
                     self.remove_key(msg.get("key"))
+                elif kind == "key_pulled":
+                    self.key_pulled(msg.get("key"))
                 else:
                     raise ProtocolError(f"unknown message {kind!r:.40}")
                 self.send({"type": "ack", "seq": seq})
@@ -1060,9 +1089,7 @@ class ClusterNode:
         self._engine_unregister(entry)
 
     def withdraw_key(self, key) -> None:
-        w = (["blocks", key.cluster_id, key.model_id] if isinstance(key, BlocksCacheKey)
-             else ["cache", key.cluster_id, key.req_id, key.model_id, key.prefix_id])
-        self._each_peer({"type": "key_remove", "key": w})
+        self._each_peer({"type": "key_remove", "key": key_to_wire(key)})
 
     def close(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
         """Unlink every peer (each stops writing here before it acknowledges; bounded by

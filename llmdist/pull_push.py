@@ -172,6 +172,12 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
         cm._slots.release()
         raise
     wait_job(cm, job, f"{what} from cluster {key.cluster_id}")
+    if type(key) is CacheKey:
+        # a pull by CacheKey releases the key (as upstream): here, or on the peer
+        if own:
+            cm.release_key(key)
+        else:
+            peer.pulled_by_key(key)
 
 
 def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Optional[int],

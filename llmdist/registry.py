@@ -208,7 +208,7 @@ class MemoryEntry:
     """What a cluster knows of one cache: its own, or a peer's as the peer described it."""
 
     __slots__ = ("cache", "origin", "remote_accessible", "base", "size", "placement", "keys",
-                 "share", "alloc", "regions")
+                 "share", "alloc", "regions", "deferred")
 
     def __init__(self, cache: Cache, origin: str, remote_accessible: bool, base: int = 0,
                  size: int = 0, share: Optional[dict] = None) -> None:
@@ -222,6 +222,8 @@ class MemoryEntry:
         self.share = share            # how a peer on this host reaches it, or None
         self.alloc = base             # the runtime allocation to free (may start before base)
         self.regions: List[Region] = []   # one per tensor, in tensor order (once added)
+        # deallocate_cache was called while CacheKeys named it: freed once the last one goes
+        self.deferred = False
 
     def locate(self, first: int, stop: int, lo: int, hi: int
                ) -> Tuple[List[Optional[Region]], int]:

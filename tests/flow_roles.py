@@ -822,3 +822,186 @@ def layer_group_decode(ctx, cluster_id, prefill_id, prefill_port):
     cm.unregister_cache(full.cache_id)
     dd.finalize()
     return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# pull_from_cache_to_blocks.py: rank-table link first (pull_sample_common, with its memory
+# pool), then the prompt allocates a cache under one CacheKey; the decoder pulls the key's row
+# into block 0 of its registered blocks cache. The prompt's remove_cache_key afterwards is a
+# no-op (the pull released the key), then it deallocates. The prompt fills its tensors with
+# distinct values (the sample leaves them as allocated).
+PFC_NUM_TENSORS = 4
+PFC_SHAPE = [2, 16 * 1024]
+PFC_POOL = 64 * 1024 * 1024
+
+
+def _pfc_init(role, cluster_id, rendezvous):
+    datadist = LLMDataDist(role, cluster_id)
+    llm_config = LLMConfig()
+    llm_config.device_id = 0
+    llm_config.enable_cache_manager = True
+    llm_config.mem_pool_cfg = f'{{"memory_size": {PFC_POOL}}}'
+    llm_config.ge_options = dict(rendezvous)
+    datadist.init(llm_config.generate_options())
+    return datadist
+
+
+def pfc_prompt(ctx, rendezvous):
+    from llmdist import CacheKey
+    datadist = _pfc_init(LLMRole.PROMPT, 1, rendezvous)
+    comm_id = _pb_link(datadist, rendezvous)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=PFC_NUM_TENSORS, shape=PFC_SHAPE,
+                           data_type=DataType.DT_FLOAT16, placement=Placement.DEVICE)
+    cache_key = CacheKey(prompt_cluster_id=1, req_id=0, model_id=0)
+    cache = cache_manager.allocate_cache(cache_desc, [cache_key])
+    _pc_fill(cache, 1)
+    ctx.barrier()   # cache ready
+    ctx.barrier()   # decoder pull_blocks end
+    datadist.unlink(comm_id)
+    ctx.barrier()   # wait peer unlink end
+    cache_manager.remove_cache_key(cache_key)       # a no-op after the pull, as upstream says
+    cache_manager.deallocate_cache(cache)
+    datadist.finalize()
+    return "ok"
+
+
+def pfc_decoder(ctx, rendezvous):
+    from llmdist import CacheKey
+    datadist = _pfc_init(LLMRole.DECODER, 2, rendezvous)
+    cache_manager = datadist.cache_manager
+    cache_desc = CacheDesc(num_tensors=PFC_NUM_TENSORS, shape=PFC_SHAPE,
+                           data_type=DataType.DT_FLOAT16, placement=Placement.DEVICE)
+    tensors = []
+    addrs = []
+    for _ in range(PFC_NUM_TENSORS):
+        tensor = np.full(PFC_SHAPE, 0x3C00, dtype=np.uint16)       # fp16 ones
+        addrs.append(_addr(tensor))
+        tensors.append(tensor)
+    cache = cache_manager.register_blocks_cache(cache_desc, addrs)
+    comm_id = _pb_link(datadist, rendezvous)
+    ctx.barrier()   # cache ready
+    cache_key = CacheKey(prompt_cluster_id=1, req_id=0, model_id=0)
+    cache_manager.pull_blocks(cache_key, cache, src_blocks=[], dst_blocks=[0])
+    for t, tensor in enumerate(tensors):
+        row0 = np.random.default_rng([1, t]).integers(0, 2**16, PFC_SHAPE[0] * PFC_SHAPE[1],
+                                                      dtype=np.uint16)[:PFC_SHAPE[1]]
+        ctx.check(np.array_equal(tensor[0], row0), f"tensor {t}: block 0 holds the key's row")
+        ctx.check(bool(np.all(tensor[1] == 0x3C00)), f"tensor {t}: block 1 unchanged")
+    try:
+        cache_manager.pull_blocks(cache_key, cache, src_blocks=[], dst_blocks=[1])
+        ctx.check(False, "a second pull by the released key succeeded")
+    except LLMException as exc:
+        ctx.check(exc.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                  f"second pull by the key: {exc.status_code}")
+    ctx.barrier()   # pull_blocks end
+    datadist.unlink(comm_id)
+    ctx.barrier()   # wait peer unlink end
+    datadist.finalize()
+    return "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# switch_role_sample.py: the decoder links to the listening prompt and pulls two blocks, unlinks;
+# the prompt switches to DECODER (its listener stops), the decoder switches to PROMPT with a
+# listener; the former prompt links to it and the former decoder pushes every block back. The
+# two listeners get two free ports (the sample uses port 26000 on two hosts).
+SW_PROMPT_ID, SW_DECODER_ID = 0, 1
+
+
+def _sw_init(role, cluster_id, port):
+    datadist = LLMDataDist(role, cluster_id)
+    llm_config = LLMConfig()
+    llm_config.device_id = 0
+    llm_config.local_comm_res = ""
+    if role == LLMRole.PROMPT:
+        llm_config.listen_ip_info = f"{HOST}:{port}"
+    datadist.init(llm_config.generate_options())
+    return datadist
+
+
+def _sw_cache(cache_manager, fill, cluster_id):
+    cache_desc = CacheDesc(num_tensors=NUM_TENSORS, shape=[BLOCKS_NUM, KV_SHAPE],
+                           data_type=DataType.DT_FLOAT, placement=Placement.DEVICE)
+    tensor = np.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=np.float32)
+    tensor2 = np.full((BLOCKS_NUM, KV_SHAPE), fill, dtype=np.float32)
+    cache = cache_manager.register_blocks_cache(cache_desc, [_addr(tensor), _addr(tensor2)],
+                                                BlocksCacheKey(cluster_id, 0))
+    return cache, tensor, tensor2
+
+
+def sw_prompt(ctx, pport, dport):
+    datadist = _sw_init(LLMRole.PROMPT, SW_PROMPT_ID, pport)
+    cache_manager = datadist.cache_manager
+    cache, tensor, tensor2 = _sw_cache(cache_manager, 1.0, SW_PROMPT_ID)
+    ctx.barrier()   # register end
+    ctx.barrier()   # decoder unlink
+    datadist.switch_role(LLMRole.DECODER)
+    ctx.check(datadist.listen_port is None, "the listener stopped")
+    ctx.barrier()   # prompt switch role end, close listen
+    ctx.barrier()   # decoder switch role end, listen
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = SW_DECODER_ID
+    cluster.append_local_ip_info(HOST, pport)
+    cluster.append_remote_ip_info(HOST, dport)
+    ret, _ = datadist.link_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception("link failed")
+    ctx.barrier()   # prompt link end
+    ctx.barrier()   # decoder push blocks end
+    # the decoder pulled blocks 0 and 1 into its blocks 0 and 2 and pushed all three back
+    want = np.array([1.0, 0.0, 1.0], dtype=np.float32)[:, None] * np.ones(KV_SHAPE, np.float32)
+    ctx.check(np.array_equal(tensor, want) and np.array_equal(tensor2, want),
+              "the blocks the decoder pushed")
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = SW_DECODER_ID
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception("unlink failed")
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"
+
+
+def sw_decoder(ctx, pport, dport):
+    datadist = _sw_init(LLMRole.DECODER, SW_DECODER_ID, None)
+    cache_manager = datadist.cache_manager
+    cache, tensor, tensor2 = _sw_cache(cache_manager, 0.0, SW_DECODER_ID)
+    ctx.barrier()   # register end
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = SW_PROMPT_ID
+    cluster.append_local_ip_info(HOST, dport)
+    cluster.append_remote_ip_info(HOST, pport)
+    ret, _ = datadist.link_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception("link failed")
+    cache_manager.pull_blocks(BlocksCacheKey(SW_PROMPT_ID, 0), cache, src_blocks=[0, 1],
+                              dst_blocks=[0, 2])
+    want = np.array([1.0, 0.0, 1.0], dtype=np.float32)[:, None] * np.ones(KV_SHAPE, np.float32)
+    ctx.check(np.array_equal(tensor, want) and np.array_equal(tensor2, want), "the pulled blocks")
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = SW_PROMPT_ID
+    cluster.append_remote_ip_info(HOST, pport)
+    ret, _ = datadist.unlink_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception("unlink failed")
+    ctx.barrier()   # decoder unlink
+    ctx.barrier()   # prompt switch role end, close listen
+    llm_config = LLMConfig()
+    llm_config.listen_ip_info = f"{HOST}:{dport}"
+    llm_options = llm_config.generate_options()
+    datadist.switch_role(LLMRole.PROMPT, llm_options)
+    ctx.barrier()   # decoder switch role end, listen
+    ctx.barrier()   # prompt link end
+    cache_manager.push_blocks(BlocksCacheKey(SW_PROMPT_ID, 0), cache, src_blocks=[0, 1, 2],
+                              dst_blocks=[0, 1, 2], src_layer_range=range(0, 2),
+                              dst_layer_range=range(0, 2), tensor_num_per_layer=1)
+    ctx.barrier()   # decoder push blocks end
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = SW_PROMPT_ID
+    ret, _ = datadist.unlink_clusters([cluster], 5000, force=True)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception("unlink failed")
+    cache_manager.unregister_cache(cache.cache_id)
+    datadist.finalize()
+    return "ok"

@@ -149,6 +149,26 @@ def test_pull_cache_sample():
           "decoder": ("pc_decoder", {"rendezvous": opts})}).finish()
 
 
+def test_pull_from_cache_to_blocks_sample():
+    """Rank-table link, then the prompt allocates a cache under a CacheKey; the decoder pulls
+    the key's row into block 0 of its blocks cache (and a second pull by the key, released by
+    the first, is LLM_KV_CACHE_NOT_EXIST); the prompt's remove_cache_key afterwards is a no-op,
+    then it deallocates."""
+    from rendezvous import free_rendezvous_base, rendezvous_options
+    opts = rendezvous_options(free_rendezvous_base(), link_total_s=60)
+    Flow({"prompt": ("pfc_prompt", {"rendezvous": opts}),
+          "decoder": ("pfc_decoder", {"rendezvous": opts})}).finish()
+
+
+def test_switch_role_sample():
+    """No llm.EnableSwitchRole: the decoder pulls from the prompt and unlinks; the prompt
+    switches to DECODER (listener stopped), the decoder to PROMPT (listening); the former prompt
+    links to the former decoder, which pushes its blocks back."""
+    pport, dport = free_port(), free_port()
+    Flow({"prompt": ("sw_prompt", {"pport": pport, "dport": dport}),
+          "decoder": ("sw_decoder", {"pport": pport, "dport": dport})}).finish()
+
+
 def test_push_blocks_sample():
     pport = free_port()
     Flow({"prompt": ("push_prompt", {"pport": pport}),

@@ -5,7 +5,7 @@ The public API is that of CANN LLM-DataDist's CacheManager: replace
 
 from .status import LLMException, LLMStatusCode, Status
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType,
-                    LLMRole, MemInfo, Memtype, Placement, RegisterMemStatus)
+                    KvCache, LLMRole, MemInfo, Memtype, Placement, RegisterMemStatus)
 from .config import LLMClusterInfo, LLMConfig, LlmConfig
 from .transfer_types import LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
 from .task import CacheTask
@@ -18,15 +18,17 @@ from ._core import Event, Stream, host_tuning, set_host_tuning
 __version__ = "0.1.0"
 
 # The names of the v2 (CacheManager) API, as upstream lists them for programs that check.
+# The names upstream's llm_datadist lists as its v2 API, in its order.
 v2_list = [
-    "LLMDataDist", "LLMConfig", "LLMClusterInfo", "LLMRole", "LLMStatusCode", "LLMException",
-    "Status", "CacheDesc", "CacheKey", "CacheKeyByIdAndIndex", "BlocksCacheKey", "Cache",
-    "CacheManager", "CacheTask", "DataType", "Placement", "RegisterMemStatus", "Memtype",
-    "MemInfo", "LayerSynchronizer", "TransferConfig", "TransferWithCacheKeyConfig",
+    "LLMClusterInfo", "LLMStatusCode", "LLMException", "LLMRole", "LlmConfig", "LLMConfig",
+    "DataType", "Status", "CacheDesc", "CacheKey", "CacheKeyByIdAndIndex", "KvCache", "Cache",
+    "BlocksCacheKey", "LLMDataDist", "Placement", "RegisterMemStatus", "LayerSynchronizer",
+    "TransferConfig", "CacheTask", "TransferWithCacheKeyConfig", "Memtype", "MemInfo",
 ]
 
 __all__ = [
-    "Status", "Memtype", "MemInfo", "v2_list", "LLMException", "LLMStatusCode", "BlocksCacheKey", "Cache", "CacheDesc", "CacheKey",
+    "Status", "Memtype", "MemInfo", "v2_list", "LLMException", "LLMStatusCode", "BlocksCacheKey",
+    "Cache", "CacheDesc", "CacheKey", "KvCache",
     "CacheKeyByIdAndIndex", "DataType", "LLMRole", "Placement", "RegisterMemStatus",
     "LLMClusterInfo", "LLMConfig", "LlmConfig", "LayerSynchronizer", "TransferConfig",
     "TransferWithCacheKeyConfig", "CacheTask", "CacheManager", "LLMDataDist",

@@ -6,6 +6,7 @@ import json
 import logging
 import operator
 import threading
+import warnings
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core, block_ops, device_ipc, pull_push, shm
@@ -40,6 +41,12 @@ _REGION_CACHE = operator.attrgetter("cache")
 
 def _fail(message: str, code: LLMStatusCode = _PARAM_INVALID) -> LLMException:
     return LLMException(message, status_code=code)
+
+
+def _ignore(call: str, ignored: Dict[str, object]) -> None:
+    """Keyword arguments llmdist does not know are ignored, as upstream ignores them."""
+    if ignored:
+        warnings.warn(f"{call} ignores the keyword arguments {sorted(ignored)}", stacklevel=3)
 
 
 def _pool_cap(options: Dict[str, str], key: str) -> Optional[int]:
@@ -347,15 +354,21 @@ class CacheManager:
 
     def unregister_cache(self, cache_id: int) -> None:
         """Forget a registered cache; no transfer writes into or reads from it afterwards,
-        here or on a linked peer."""
+        here or on a linked peer. An id that names no cache (e.g. unregistered already) is not
+        an error, as upstream."""
         check_int64("cache_id", cache_id)
         entry = self._mem.entries.get(cache_id)
         if entry is None:
-            raise _fail(f"cache {cache_id} is not registered", _NOT_EXIST)
+            log.debug("unregister_cache: cache %d is not registered", cache_id)
+            return
         require(entry.origin == REGISTERED,
                 f"cache {cache_id} was allocated; free it with deallocate_cache or "
                 f"deallocate_blocks_cache")
-        self._release(entry)
+        try:
+            self._release(entry)
+        except LLMException as exc:
+            if exc.status_code != _NOT_EXIST:       # unregistered meanwhile by another thread
+                raise
 
     def remove_cache_key(self, cache_key: Union[CacheKey, BlocksCacheKey]) -> None:
         """Drop a key; the cache itself stays, unless deallocate_cache deferred its free and
@@ -686,11 +699,12 @@ class CacheManager:
                     dst_cache: Cache, src_blocks: Sequence[int] = (),
                     dst_blocks: Sequence[int] = (), src_layer_range: Optional[range] = None,
                     dst_layer_range: Optional[range] = None,
-                    tensor_num_per_layer: int = 2) -> None:
+                    tensor_num_per_layer: int = 2, **ignored: object) -> None:
         """Copy blocks of the cache src_cache_key names (on a linked cluster or this one) into
         blocks of dst_cache, synchronously. A BlocksCacheKey copies src_blocks[j] to
         dst_blocks[j]; a CacheKey / CacheKeyByIdAndIndex cuts the source row into dst_blocks
         (src_blocks empty). Layer l is tensors [l*t, (l+1)*t) with t = tensor_num_per_layer."""
+        _ignore("pull_blocks", ignored)
         check_isinstance("src_cache_key", src_cache_key,
                          (CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey))
         pull_push.pull(self, "pull_blocks", src_cache_key, dst_cache, src_blocks, dst_blocks,
@@ -699,10 +713,11 @@ class CacheManager:
     def pull_cache(self, cache_key: Union[CacheKey, CacheKeyByIdAndIndex], cache: Cache,
                    batch_index: int = 0, size: int = -1, src_layer_range: Optional[range] = None,
                    dst_layer_range: Optional[range] = None,
-                   tensor_num_per_layer: int = 2) -> None:
+                   tensor_num_per_layer: int = 2, **ignored: object) -> None:
         """Copy the row cache_key names into row batch_index of the non-blocks cache,
         synchronously; size bytes of each tensor's row (-1: all of it). In remote-accessible
         mode only a CacheKeyByIdAndIndex names the source."""
+        _ignore("pull_cache", ignored)
         allowed = (CacheKeyByIdAndIndex,) if self._remote_accessible else (CacheKey, CacheKeyByIdAndIndex)
         check_isinstance("cache_key", cache_key, allowed)
         check_isinstance("cache", cache, Cache)
@@ -716,10 +731,11 @@ class CacheManager:
                     src_blocks: Sequence[int] = (), dst_blocks: Sequence[int] = (),
                     src_layer_range: Optional[range] = None,
                     dst_layer_range: Optional[range] = None,
-                    tensor_num_per_layer: int = 2) -> None:
+                    tensor_num_per_layer: int = 2, **ignored: object) -> None:
         """Write blocks of the blocks cache src_cache into blocks of the cache dst_cache_key
         names, synchronously (remote-accessible mode). src_blocks empty: block 0 is cut into
         dst_blocks of the destination's block size."""
+        _ignore("push_blocks", ignored)
         require(self._remote_accessible, "push_blocks needs enable_remote_cache_accessible")
         check_isinstance("dst_cache_key", dst_cache_key, BlocksCacheKey)
         check_isinstance("src_cache", src_cache, Cache)
@@ -734,9 +750,10 @@ class CacheManager:
     def push_cache(self, dst_cache_key: CacheKeyByIdAndIndex, src_cache: Cache,
                    src_batch_index: int = 0, src_layer_range: Optional[range] = None,
                    dst_layer_range: Optional[range] = None, size: int = -1,
-                   tensor_num_per_layer: int = 2) -> None:
+                   tensor_num_per_layer: int = 2, **ignored: object) -> None:
         """Write row src_batch_index of the non-blocks src_cache into the row dst_cache_key
         names, synchronously (remote-accessible mode; size must be -1, the whole row)."""
+        _ignore("push_cache", ignored)
         require(self._remote_accessible, "push_cache needs enable_remote_cache_accessible")
         check_isinstance("dst_cache_key", dst_cache_key, CacheKeyByIdAndIndex)
         check_isinstance("src_cache", src_cache, Cache)

@@ -27,6 +27,12 @@ def _ip_to_str(name: str, ip: Union[str, int]) -> str:
                            status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
 
 
+def _upstream_ip_port(entry: Dict[str, Any]) -> Tuple[int, int]:
+    """An address as upstream's LLMClusterInfo keeps it: (in_addr bytes read little-endian,
+    port)."""
+    return int.from_bytes(ipaddress.IPv4Address(entry["ip"]).packed, "little"), entry["port"]
+
+
 def _parse_ip_port(name: str, text: str) -> Tuple[str, int]:
     """Split and check an "ip:port" string (IPv4 dotted address, uint16 port)."""
     check_isinstance(name, text, str)
@@ -397,16 +403,21 @@ class LLMClusterInfo:
         self._remote_ip_info.append(self._entry(ip, port))
 
     @property
-    def local_ip_info_list(self) -> List[Dict[str, Any]]:
-        """Local addresses as [{"ip": dotted str, "port": int}, ...] (a copy)."""
-        return [dict(e) for e in self._local_ip_info]
+    def local_ip_info_list(self) -> List[Tuple[int, int]]:
+        """Local addresses as upstream lists them: [(ip as the in_addr bytes read
+        little-endian, port), ...] (a copy)."""
+        return [_upstream_ip_port(e) for e in self._local_ip_info]
 
     @property
-    def remote_ip_info_list(self) -> List[Dict[str, Any]]:
-        """Peer addresses as [{"ip": dotted str, "port": int}, ...] (a copy)."""
-        return [dict(e) for e in self._remote_ip_info]
+    def remote_ip_info_list(self) -> List[Tuple[int, int]]:
+        """Peer addresses as upstream lists them (see local_ip_info_list; a copy)."""
+        return [_upstream_ip_port(e) for e in self._remote_ip_info]
+
+    def remote_addresses(self) -> List[Tuple[str, int]]:
+        """Peer addresses as (dotted IPv4, port), in the order given."""
+        return [(e["ip"], e["port"]) for e in self._remote_ip_info]
 
     def __repr__(self) -> str:
+        local = [(e["ip"], e["port"]) for e in self._local_ip_info]
         return (f"LLMClusterInfo(remote_cluster_id={self._remote_cluster_id}, "
-                f"local_ip_info_list={self.local_ip_info_list}, "
-                f"remote_ip_info_list={self.remote_ip_info_list})")
+                f"local_ip_info={local}, remote_ip_info={self.remote_addresses()})")

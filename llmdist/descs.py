@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from enum import Enum
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -12,7 +13,7 @@ from ._core import CopyKind
 from .status import LLMException, LLMStatusCode, _NamedIntEnum
 
 __all__ = ["Placement", "DataType", "LLMRole", "RegisterMemStatus", "CacheDesc", "CacheKey",
-           "CacheKeyByIdAndIndex", "BlocksCacheKey", "Cache", "Memtype", "MemInfo"]
+           "CacheKeyByIdAndIndex", "BlocksCacheKey", "Cache", "KvCache", "Memtype", "MemInfo"]
 
 _INVALID_ID = 2**64 - 1
 
@@ -142,7 +143,9 @@ class CacheDesc:
         require(seq_len_dim_index == -1 or 0 <= seq_len_dim_index < len(dims),
                 f"seq_len_dim_index {seq_len_dim_index} must be -1 or in range [0, {len(dims)})")
         self._num_tensors = num_tensors
-        self._shape = dims
+        # The caller's list itself, as upstream: changing it (or update_dim) changes the desc.
+        self._shape = shape if isinstance(shape, list) else list(dims)
+        self._fixed = False         # the copy a Cache holds may not change (see Cache)
         self._data_type = data_type
         self._placement = placement
         self._batch_dim = batch_dim_index
@@ -156,8 +159,26 @@ class CacheDesc:
 
     @property
     def shape(self) -> List[int]:
-        """Shape of each tensor (a fresh list)."""
-        return list(self._shape)
+        """Shape of each tensor: the live list, as upstream (a copy for a cache's own desc)."""
+        return list(self._shape) if self._fixed else self._shape
+
+    def update_dim(self, dim_index: int, dim_value: int) -> None:
+        """Set shape[dim_index] to dim_value (> 0), as upstream; refused on the desc of a
+        cache, whose memory is already sized."""
+        check_isinstance("dim_index", dim_index, int)
+        check_int64("dim_value", dim_value)
+        require(not self._fixed, "the desc of a cache cannot change: its memory is sized by it")
+        require(-len(self._shape) <= dim_index < len(self._shape),
+                f"dim_index {dim_index} is out of range for a shape of {len(self._shape)} dims")
+        require(dim_value > 0, f"dim_value must be > 0, but got {dim_value}")
+        self._shape[dim_index] = dim_value
+
+    def _fixed_copy(self) -> "CacheDesc":
+        """A copy that cannot change, for a Cache (its memory is sized by it)."""
+        copy = CacheDesc(self._num_tensors, list(self._shape), self._data_type, self._placement,
+                         self._batch_dim, self._seq_len_dim_index, self._kv_tensor_format)
+        copy._fixed = True
+        return copy
 
     @property
     def data_type(self) -> DataType:
@@ -220,6 +241,28 @@ def _pick_cluster_id(cluster_id: Optional[int], prompt_cluster_id: Optional[int]
     return cluster_id if cluster_id is not None else prompt_cluster_id
 
 
+class KeyArgumentError(LLMException, TypeError, ValueError):
+    """A bad argument of a cache key: LLMException(LLM_PARAM_INVALID), as upstream raises, and
+    still the TypeError or ValueError that Python code expects of a constructor."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status_code=LLMStatusCode.LLM_PARAM_INVALID)
+
+
+def _key_arguments(init):
+    """Turn a key constructor's TypeError/ValueError (bad or missing arguments, a value out
+    of range) into KeyArgumentError."""
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except LLMException:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise KeyArgumentError(str(exc)) from None
+    return checked
+
+
 class _Key:
     """Base of the immutable cache keys: equality and hash by type and fields."""
 
@@ -255,6 +298,7 @@ class CacheKey(_Key):
     __slots__ = ("_cluster_id", "_req_id", "_model_id", "_prefix_id")
     _fields = ("cluster_id", "req_id", "model_id", "prefix_id")
 
+    @_key_arguments
     def __init__(self, cluster_id: Optional[int] = None, req_id: Optional[int] = None,
                  model_id: int = 0, prefix_id: int = _INVALID_ID, *,
                  prompt_cluster_id: Optional[int] = None) -> None:
@@ -288,6 +332,7 @@ class CacheKeyByIdAndIndex(_Key):
     __slots__ = ("_cluster_id", "_cache_id", "_batch_index")
     _fields = ("cluster_id", "cache_id", "batch_index")
 
+    @_key_arguments
     def __init__(self, cluster_id: Optional[int] = None, cache_id: Optional[int] = None,
                  batch_index: int = 0, *, prompt_cluster_id: Optional[int] = None) -> None:
         cid = _pick_cluster_id(cluster_id, prompt_cluster_id, "CacheKeyByIdAndIndex")
@@ -314,6 +359,7 @@ class BlocksCacheKey(_Key):
     __slots__ = ("_cluster_id", "_model_id")
     _fields = ("cluster_id", "model_id")
 
+    @_key_arguments
     def __init__(self, cluster_id: Optional[int] = None, model_id: int = 0, *,
                  prompt_cluster_id: Optional[int] = None) -> None:
         cid = _pick_cluster_id(cluster_id, prompt_cluster_id, "BlocksCacheKey")
@@ -339,7 +385,8 @@ class Cache:
                 f"tensor_addrs has {len(addrs)} addresses but cache_desc.num_tensors is "
                 f"{cache_desc.num_tensors}")
         self._cache_id = cache_id
-        self._cache_desc = cache_desc
+        # its own copy: the caller's desc may change (update_dim) once the memory is sized
+        self._cache_desc = cache_desc if cache_desc._fixed else cache_desc._fixed_copy()
         self._tensor_addrs: List[int] = list(addrs)
         self._is_blocks_cache = is_blocks_cache
         self._valid = True
@@ -351,7 +398,7 @@ class Cache:
 
     @property
     def cache_desc(self) -> CacheDesc:
-        """Layout of the cache."""
+        """Layout of the cache (a copy of the desc it was made with, which cannot change)."""
         return self._cache_desc
 
     @property
@@ -388,3 +435,53 @@ class Cache:
         return (f"Cache(cache_id={self._cache_id}, cache_desc={self._cache_desc!r}, "
                 f"num_tensor_addrs={len(self._tensor_addrs)}, "
                 f"is_blocks_cache={self._is_blocks_cache}{state})")
+
+
+class KvCache:
+    """Upstream's handle of a cache made by its v1 KvCacheManager, which llmdist does not
+    provide: the type, its fields and create_cpu_cache, for code that imports or builds it.
+    llmdist's cache manager takes and returns Cache."""
+
+    def __init__(self, cache_id: int, cache_desc: CacheDesc,
+                 per_device_tensor_addrs: List[List[int]], kv_cache_manager: Any = None) -> None:
+        check_int64("cache_id", cache_id)
+        check_isinstance("cache_desc", cache_desc, CacheDesc)
+        check_isinstance("per_device_tensor_addrs", per_device_tensor_addrs, list)
+        self._cache_id = cache_id
+        self._cache_desc = cache_desc
+        self._per_device_tensor_addrs = [check_int_list("per_device_tensor_addrs", a, check_uint64)
+                                         for a in per_device_tensor_addrs]
+
+    @property
+    def cache_id(self) -> int:
+        """Id of the cache (-1 for a CPU cache)."""
+        return self._cache_id
+
+    @property
+    def cache_desc(self) -> CacheDesc:
+        """Layout of the cache."""
+        return self._cache_desc
+
+    @property
+    def per_device_tensor_addrs(self) -> List[List[int]]:
+        """Tensor addresses, one list per device."""
+        return [list(a) for a in self._per_device_tensor_addrs]
+
+    @classmethod
+    def create_cpu_cache(cls, cache_desc: CacheDesc,
+                         addrs: Union[List[int], List[List[int]]]) -> "KvCache":
+        """Wrap host memory: addrs one address per tensor, or one such list per device."""
+        check_isinstance("cache_desc", cache_desc, CacheDesc)
+        require(cache_desc.placement == Placement.HOST, "cache_desc placement must be HOST")
+        check_isinstance("addrs", addrs, list)
+        require(len(addrs) > 0, "addrs must not be empty")
+        per_device = addrs if isinstance(addrs[0], list) else [addrs]
+        for a in per_device:
+            require(isinstance(a, list) and len(a) == cache_desc.num_tensors,
+                    f"each list of addrs must hold cache_desc.num_tensors "
+                    f"({cache_desc.num_tensors}) addresses")
+        return cls(-1, cache_desc, per_device)
+
+    def __repr__(self) -> str:
+        return (f"KvCache(cache_id={self._cache_id}, "
+                f"num_devices={len(self._per_device_tensor_addrs)})")

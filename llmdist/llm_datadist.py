@@ -231,11 +231,11 @@ class LLMDataDist:
         self.cache_manager
         codes = []
         for c in clusters:
-            remote = c.remote_ip_info_list
+            remote = c.remote_addresses()
             if not remote:
                 codes.append(LLMStatusCode.LLM_PARAM_INVALID)
                 continue
-            codes.append(self._node.link(c.remote_cluster_id, (remote[0]["ip"], remote[0]["port"]),
+            codes.append(self._node.link(c.remote_cluster_id, remote[0],
                                          timeout))
         return self._overall(codes), codes
 
@@ -252,11 +252,11 @@ class LLMDataDist:
         for c in clusters:
             cid = c.remote_cluster_id
             if cid is None:
-                remote = c.remote_ip_info_list
+                remote = c.remote_addresses()
                 if not remote:
                     codes.append(LLMStatusCode.LLM_PARAM_INVALID)
                     continue
-                cid = self._node.find_linked((remote[0]["ip"], remote[0]["port"]))
+                cid = self._node.find_linked(remote[0])
                 if cid is None:
                     codes.append(LLMStatusCode.LLM_NOT_YET_LINK)
                     continue

@@ -29,6 +29,9 @@ class TransferConfig:
         self._dst_addrs = check_int_list("dst_addrs", dst_addrs, check_uint64)
         self._src_layer_range = check_layer_range("src_layer_range", src_layer_range)
         self._src_batch_index = check_uint32("src_batch_index", src_batch_index)
+        # Upstream's attribute, always None there: dst_addrs name the destination layers.
+        # Not read by llmdist.
+        self.dst_layer_range: Optional[range] = None
 
     @property
     def dst_cluster_id(self) -> int:

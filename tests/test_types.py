@@ -284,13 +284,29 @@ def test_cache_desc_all_arguments():
     assert kw.size == 4 and kw.stride == 1
 
 
-def test_cache_desc_shape_is_snapshotted():
+def test_cache_desc_shape_is_live_and_update_dim():
+    """As upstream, shape is the caller's list itself and update_dim changes it; a cache keeps
+    a copy of the desc it was made with, which cannot change."""
     shape = [4, 8]
     d = CacheDesc(2, shape, DataType.DT_INT8)
-    shape[0] = 100
-    assert d.shape == [4, 8]
-    d.shape[1] = 99
-    assert d.shape == [4, 8] and d.size == 32
+    assert d.shape is shape
+    d.update_dim(0, 16)
+    assert shape == [16, 8] and d.size == 128 and d.batch_size == 16
+    d.update_dim(-1, 2)
+    assert d.shape == [16, 2] and d.size == 32
+    with raises_llm():
+        d.update_dim(2, 1)
+    with raises_llm():
+        d.update_dim(0, 0)
+    with pytest.raises(TypeError):
+        d.update_dim("0", 1)
+    c = Cache(1, d, [1, 2])
+    d.update_dim(0, 1000)
+    assert c.cache_desc.shape == [16, 2] and c.cache_desc.size == 32
+    c.cache_desc.shape[0] = 5
+    assert c.cache_desc.shape == [16, 2]
+    with raises_llm():
+        c.cache_desc.update_dim(0, 4)
 
 
 def test_cache_desc_num_tensors_zero_allowed_in_desc():
@@ -481,7 +497,7 @@ def test_cache_properties_and_internals():
     addrs = [0x1000, 0x2000]
     c = Cache(5, d, addrs)
     assert c.cache_id == 5
-    assert c.cache_desc is d
+    assert repr(c.cache_desc) == repr(d)        # its own copy (see the shape test)
     assert c.tensor_addrs == [0x1000, 0x2000]
     assert c.is_blocks_cache is False
     assert c._valid is True
@@ -531,7 +547,7 @@ def test_create_cpu_cache():
     assert isinstance(c, Cache)
     assert c.cache_id == -1
     assert c.is_blocks_cache is True
-    assert c.cache_desc is d
+    assert repr(c.cache_desc) == repr(d)
     assert c.tensor_addrs == [0x10, 0x20]
     addrs[0] = 0x99
     assert c.tensor_addrs == [0x10, 0x20]
@@ -749,9 +765,10 @@ def test_cluster_info_basics():
     info.append_local_ip_info("10.0.0.1", 0)
     info.append_remote_ip_info("192.168.1.20", 26000)
     info.append_remote_ip_info("192.168.1.21", 65535)
-    assert info.local_ip_info_list == [{"ip": "10.0.0.1", "port": 0}]
-    assert info.remote_ip_info_list == [{"ip": "192.168.1.20", "port": 26000},
-                                        {"ip": "192.168.1.21", "port": 65535}]
+    # upstream's form: (in_addr bytes read little-endian, port)
+    assert info.local_ip_info_list == [(0x0100000A, 0)]
+    assert info.remote_ip_info_list == [(0x1401A8C0, 26000), (0x1501A8C0, 65535)]
+    assert info.remote_addresses() == [("192.168.1.20", 26000), ("192.168.1.21", 65535)]
     r = repr(info)
     assert str(U64_MAX) in r and "192.168.1.21" in r
 
@@ -761,16 +778,16 @@ def test_cluster_info_int_ip_uses_upstream_byte_order():
     info = LLMClusterInfo()
     info.append_local_ip_info(0x04030201, 1)
     info.append_remote_ip_info(0x0100007F, 2)
-    assert info.local_ip_info_list == [{"ip": "1.2.3.4", "port": 1}]
-    assert info.remote_ip_info_list == [{"ip": "127.0.0.1", "port": 2}]
+    assert info.local_ip_info_list == [(0x04030201, 1)]
+    assert info.remote_ip_info_list == [(0x0100007F, 2)]
+    assert info.remote_addresses() == [("127.0.0.1", 2)]
 
 
 def test_cluster_info_lists_are_read_only_copies():
     info = LLMClusterInfo()
     info.append_local_ip_info("1.1.1.1", 1)
-    info.local_ip_info_list.append({"ip": "2.2.2.2", "port": 2})
-    info.local_ip_info_list[0]["port"] = 99
-    assert info.local_ip_info_list == [{"ip": "1.1.1.1", "port": 1}]
+    info.local_ip_info_list.append((2, 2))
+    assert info.local_ip_info_list == [(0x01010101, 1)]
     with pytest.raises(AttributeError):
         info.local_ip_info_list = []
     with pytest.raises(AttributeError):

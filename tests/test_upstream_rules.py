@@ -1,8 +1,9 @@
 """Upstream LLM-DataDist behaviours real clients rely on: links between clusters of the same
 role (PROMPT-PROMPT, DECODER-DECODER, MIX), a key registered again naming the newest cache (the
-last registration wins, here and on linked peers before register_* returns), and the lifetime
-of caches allocated under CacheKeys (deallocate_cache defers the free until the keys are pulled
-or removed)."""
+last registration wins, here and on linked peers before register_* returns), the lifetime of
+caches allocated under CacheKeys (deallocate_cache defers the free until the keys are pulled or
+removed), and the surface details clients see (key argument errors, unregister_cache of an
+unknown id, unknown keywords, module paths, v2_list, KvCache, TransferConfig.dst_layer_range)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, LLMClusterInfo, LLMRole,
-                     LLMStatusCode)
+from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, LLMClusterInfo, LLMException,
+                     LLMRole, LLMStatusCode)
 
 from helpers import free_port, raises_llm
 
@@ -179,3 +180,80 @@ def test_remove_cache_key_and_finalize_free_a_deferred_cache(env):
     assert c2.cache._valid                          # k1 still names it
     env.dd.finalize()
     assert not c2.cache._valid and env.cm.entries() == []
+
+
+# --------------------------------------------------------------------------------------------
+# surface details clients see
+# --------------------------------------------------------------------------------------------
+UPSTREAM_V2_LIST = [
+    "LLMClusterInfo", "LLMStatusCode", "LLMException", "LLMRole", "LlmConfig", "LLMConfig",
+    "DataType", "Status", "CacheDesc", "CacheKey", "CacheKeyByIdAndIndex", "KvCache", "Cache",
+    "BlocksCacheKey", "LLMDataDist", "Placement", "RegisterMemStatus", "LayerSynchronizer",
+    "TransferConfig", "CacheTask", "TransferWithCacheKeyConfig", "Memtype", "MemInfo",
+]
+
+
+@pytest.mark.parametrize("make", [lambda: CacheKey("1", 2), lambda: CacheKey(1, -2),
+                                  lambda: CacheKey(1), lambda: BlocksCacheKey(2**64),
+                                  lambda: BlocksCacheKey(1, unknown=2),
+                                  lambda: CacheKeyByIdAndIndex(1, 2, -1)])
+def test_key_argument_errors_are_param_invalid(make):
+    """As upstream, a bad key argument raises LLMException(LLM_PARAM_INVALID); it is also the
+    TypeError / ValueError Python code expects."""
+    with pytest.raises(LLMException) as ei:
+        make()
+    assert ei.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+    assert isinstance(ei.value, (TypeError, ValueError))
+
+
+def test_unregister_unknown_cache_is_not_an_error(env):
+    c = env.registered(2, [2, 64])
+    env.cm.unregister_cache(c.cache.cache_id)
+    env.cm.unregister_cache(c.cache.cache_id)       # already gone: no error, as upstream
+    env.cm.unregister_cache(12345)
+    allocated = env.allocated(2, [2, 64])
+    raises_llm(LLMStatusCode.LLM_PARAM_INVALID, env.cm.unregister_cache, allocated.cache.cache_id)
+
+
+def test_pull_and_push_ignore_unknown_keywords(make_env):
+    """Keyword arguments llmdist does not know are ignored (with a warning), as upstream."""
+    a, b = pair(make_env, LLMRole.PROMPT, LLMRole.DECODER)
+    ca = a.registered(2, [8, 64], blocks=True, key=BlocksCacheKey(a.cluster_id, 1))
+    cb = b.registered(2, [8, 64], blocks=True)
+    with pytest.warns(UserWarning, match="ignores the keyword arguments"):
+        b.cm.pull_blocks(BlocksCacheKey(a.cluster_id, 1), cb.cache, [2], [3], timeout=5)
+    assert all(np.array_equal(x, y) for x, y in zip(blocks_of(cb, 3), blocks_of(ca, 2)))
+    with pytest.warns(UserWarning, match="ignores the keyword arguments"):
+        b.cm.push_blocks(BlocksCacheKey(a.cluster_id, 1), cb.cache, [0], [6], req_id=7)
+    assert all(np.array_equal(x, y) for x, y in zip(blocks_of(ca, 6), blocks_of(cb, 0)))
+
+
+def test_upstream_module_paths_and_v2_list():
+    """The module paths clients import from (llm_datadist.status, .configs, .data_type,
+    .v2.llm_types, .v2.llm_datadist, .v2.cache_manager) exist under llmdist, and v2_list is
+    upstream's."""
+    import llmdist
+    from llmdist import configs, data_type, status
+    from llmdist.v2 import cache_manager, llm_datadist, llm_types
+    assert configs.LLMConfig is llmdist.LLMConfig and configs.LLMRole is llmdist.LLMRole
+    assert data_type.DataType is llmdist.DataType and status.LLMException is llmdist.LLMException
+    assert llm_types.KvCache is llmdist.KvCache and llm_types.Cache is llmdist.Cache
+    assert llm_datadist.LLMDataDist is llmdist.LLMDataDist
+    assert cache_manager.CacheManager is llmdist.CacheManager
+    assert llmdist.v2_list == UPSTREAM_V2_LIST
+    assert all(hasattr(llmdist, name) for name in llmdist.v2_list)
+
+
+def test_kv_cache_and_transfer_config_fields():
+    from llmdist import CacheDesc, DataType, KvCache, Placement, TransferConfig
+    desc = CacheDesc(2, [4, 8], DataType.DT_FLOAT16, Placement.HOST)
+    kv = KvCache.create_cpu_cache(desc, [0x1000, 0x2000])
+    assert kv.cache_id == -1 and kv.per_device_tensor_addrs == [[0x1000, 0x2000]]
+    assert KvCache.create_cpu_cache(desc, [[1, 2], [3, 4]]).per_device_tensor_addrs == \
+        [[1, 2], [3, 4]]
+    with pytest.raises(LLMException):
+        KvCache.create_cpu_cache(CacheDesc(2, [4, 8], DataType.DT_FLOAT16), [1, 2])
+    with pytest.raises(LLMException):
+        KvCache.create_cpu_cache(desc, [1])
+    cfg = TransferConfig(3, [0x1000, 0x2000])
+    assert cfg.dst_layer_range is None

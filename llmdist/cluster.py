@@ -623,6 +623,12 @@ class ClusterNode:
         self.engine = None                      # MooncakeTransport, made on first need
         self.engine_error: Optional[str] = None   # why the last attempt to start it failed
         self.engine_lock = threading.Lock()
+        # What is registered with the engine, which refuses overlapping regions: each range
+        # registered there -> how many cache tensors use it; each cache tensor's range ->
+        # [the registered range holding it, how many tensors have that range].
+        self.engine_held: Dict[Tuple[int, int], int] = {}
+        self.engine_users: Dict[Tuple[int, int], list] = {}
+        self.engine_ranges_lock = threading.Lock()
         self.handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         # Handshakes in progress (connection -> the admission epoch it started in). A role
         # switch moves to a new epoch and admits nothing while it runs, so that no handshake
@@ -723,25 +729,65 @@ class ClusterNode:
             for e in cm.entries():
                 self._engine_register(e)
 
-    def _engine_register(self, entry: MemoryEntry) -> None:
-        if self.engine is None:
-            return
+    @staticmethod
+    def _engine_ranges(entry: MemoryEntry) -> List[Tuple[int, int]]:
+        """(start, length) of what peers reach of entry through the engine."""
         if entry.origin == ALLOCATED and entry.size:
-            self.engine.register(entry.base, entry.size)
-        else:
-            for a in entry.cache.tensor_addrs:
-                self.engine.register(a, entry.cache.cache_desc.size)
+            return [(entry.base, entry.size)]
+        return [(a, entry.cache.cache_desc.size) for a in entry.cache.tensor_addrs]
+
+    def _engine_register(self, entry: MemoryEntry) -> None:
+        """Register entry's memory with the engine. A range inside one registered already
+        (overlapping registrations: a further cache over tensors already registered) is
+        counted against it instead; a range the engine refuses (one that overlaps a registered
+        range only in part) is logged: the cache stays reachable on the other routes."""
+        engine = self.engine
+        if engine is None:
+            return
+        with self.engine_ranges_lock:
+            for rng in self._engine_ranges(entry):
+                user = self.engine_users.get(rng)
+                if user is not None:
+                    user[1] += 1
+                    self.engine_held[user[0]] += 1
+                    continue
+                start, length = rng
+                holder = next((h for h in self.engine_held
+                               if h[0] <= start and start + length <= h[0] + h[1]), None)
+                if holder is None:
+                    try:
+                        engine.register(start, length)
+                    except LLMException as exc:
+                        log.warning("cache %d: [%#x, +%d) is not reachable through Mooncake: %s",
+                                    entry.cache.cache_id, start, length, exc)
+                        continue
+                    holder = rng
+                    self.engine_held[holder] = 0
+                self.engine_held[holder] += 1
+                self.engine_users[rng] = [holder, 1]
 
     def _engine_unregister(self, entry: MemoryEntry) -> None:
-        if self.engine is None:
+        """Withdraw entry's memory from the engine once no other cache uses the range."""
+        engine = self.engine
+        if engine is None:
             return
-        addrs = ([entry.base] if entry.origin == ALLOCATED and entry.size
-                 else entry.cache.tensor_addrs)
-        for a in addrs:
-            try:
-                self.engine.unregister(a)
-            except LLMException as exc:
-                log.warning("engine unregister failed: %s", exc)
+        with self.engine_ranges_lock:
+            for rng in self._engine_ranges(entry):
+                user = self.engine_users.get(rng)
+                if user is None:
+                    continue
+                user[1] -= 1
+                if user[1] == 0:
+                    del self.engine_users[rng]
+                holder = user[0]
+                self.engine_held[holder] -= 1
+                if self.engine_held[holder]:
+                    continue
+                del self.engine_held[holder]
+                try:
+                    engine.unregister(holder[0])
+                except LLMException as exc:
+                    log.warning("engine unregister failed: %s", exc)
 
     def _allow_imports(self, peer: Peer) -> None:
         """Let a peer on this host import the DEVICE caches this cluster exports."""
@@ -1113,3 +1159,6 @@ class ClusterNode:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+            with self.engine_ranges_lock:
+                self.engine_held.clear()
+                self.engine_users.clear()

@@ -17,7 +17,7 @@ import pytest
 from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, LLMClusterInfo, LLMException,
                      LLMRole, LLMStatusCode)
 
-from helpers import free_port, raises_llm
+from helpers import free_port, make_desc, raises_llm
 
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
@@ -266,3 +266,46 @@ def test_kv_cache_and_transfer_config_fields():
         KvCache.create_cpu_cache(desc, [1])
     cfg = TransferConfig(3, [0x1000, 0x2000])
     assert cfg.dst_layer_range is None
+
+
+class OverlapRefusingEngine:
+    """Stands in for Mooncake Transfer Engine's registration: it refuses a region overlapping
+    one registered, as Mooncake does."""
+
+    def __init__(self):
+        self.regions = {}           # start -> length
+
+    def register(self, addr, length):
+        for s, n in self.regions.items():
+            if addr < s + n and s < addr + length:
+                raise LLMException(f"overlaps [{s:#x}, +{n})",
+                                   status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        self.regions[addr] = length
+
+    def unregister(self, addr):
+        del self.regions[addr]
+
+    def close(self):
+        pass
+
+
+def test_engine_registration_of_overlapping_caches(env):
+    """With the engine started, a cache over tensors already registered (omni-npu's layer
+    group) is counted against their registration, not registered again, and withdrawing either
+    cache keeps the memory the other needs registered; a tensor that overlaps a registered one
+    only in part cannot be registered with the engine, which leaves the cache usable here."""
+    node = env.dd._node
+    engine = node.engine = OverlapRefusingEngine()
+    full = env.registered(4, [8, 64], blocks=True)
+    addrs = full.cache.tensor_addrs
+    assert sorted(engine.regions) == sorted(addrs)
+    group = env.cm.register_blocks_cache(full.desc, addrs[2:] + addrs[:2])
+    assert sorted(engine.regions) == sorted(addrs)
+    env.cm.unregister_cache(full.cache.cache_id)
+    assert sorted(engine.regions) == sorted(addrs)          # the group still uses them
+    part = env.cm.register_blocks_cache(make_desc(1, [8, 64]), [addrs[0] + 64])
+    assert sorted(engine.regions) == sorted(addrs)          # refused there, logged
+    env.cm.unregister_cache(group.cache_id)
+    assert engine.regions == {}
+    env.cm.unregister_cache(part.cache_id)
+    assert engine.regions == {}

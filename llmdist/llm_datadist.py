@@ -288,6 +288,20 @@ class LLMDataDist:
         self._comms.unlink(comm_id)
 
     # -- roles
+    def _check_no_link(self) -> None:
+        """LLM_EXIST_LINK while a link, a link_clusters call or a rank-table comm remains."""
+        node = self._node
+        with node.lock:
+            linked = sorted(node.peers)
+            linking = bool(node.linking)
+        why = (f"still linked to clusters {linked}" if linked
+               else "a link_clusters call is in progress" if linking
+               else "a rank-table comm is still forming or linked" if self._comms.active
+               else None)
+        if why is not None:
+            raise LLMException(f"switch_role needs every link ended first; {why}",
+                               status_code=LLMStatusCode.LLM_EXIST_LINK)
+
     def switch_role(self, role: LLMRole, switch_options: Optional[Dict[str, str]] = None) -> None:
         """Change this cluster's role, as upstream's current API: no option needed, the same
         role accepted, LLM_EXIST_LINK while any link remains. switch_options
@@ -305,18 +319,10 @@ class LLMDataDist:
             if key != "llm.listenIpInfo":
                 warnings.warn(f"switch_role ignores the option {key!r}", stacklevel=2)
         node = self._node
+        self._check_no_link()           # refused before anything stops
         node.begin_switch()
         try:
-            with node.lock:
-                linked = sorted(node.peers)
-                linking = bool(node.linking)
-            why = (f"still linked to clusters {linked}" if linked
-                   else "a link_clusters call is in progress" if linking
-                   else "a rank-table comm is still forming or linked" if self._comms.active
-                   else None)
-            if why is not None:
-                raise LLMException(f"switch_role needs every link ended first; {why}",
-                                   status_code=LLMStatusCode.LLM_EXIST_LINK)
+            self._check_no_link()       # handshakes that were in progress are gone now
             if listen is not None:
                 node.start_listening(listen)
             else:

@@ -5,7 +5,8 @@ A cluster with `llm.listenIpInfo` accepts links; `link_clusters` connects to one
 connection carries only small JSON frames: a handshake (cluster ids, roles, host identity, the
 caches each side holds), cache announcements and withdrawals (acknowledged, so that a peer knows a
 cache before a transfer can target it and has stopped writing into it before the owner lets it
-go), and unlink. It never carries bulk data. When it closes, the link is down: transfers to the
+go), the release of a CacheKey a pull used ("key_pulled"), and unlink. It never carries bulk
+data. When it closes, the link is down: transfers to the
 peer end with LLM_LINK_FAILED and nothing more is written.
 
 Data paths, per peer (`Peer.route` returns one of routes.py's routes): same host -> copies into

@@ -217,7 +217,7 @@ class LLMConfig:
 
     @property
     def enable_switch_role(self) -> bool:
-        """Whether switch_role may be called (llm.EnableSwitchRole); False until set."""
+        """Upstream's llm.EnableSwitchRole flag (emitted when True; switch_role needs none)."""
         return bool(self._enable_switch_role)
 
     @enable_switch_role.setter

@@ -117,10 +117,14 @@ class CacheManager:
         if self._closed:
             raise _fail("llm datadist is finalized", LLMStatusCode.LLM_ENGINE_FINALIZED)
 
-    def _check_desc(self, cache_desc: CacheDesc) -> None:
+    def _check_desc(self, cache_desc: CacheDesc) -> CacheDesc:
+        """The desc to size a new cache with: a copy that cannot change (the caller's may,
+        through update_dim or its shape list, even from another thread)."""
         check_isinstance("cache_desc", cache_desc, CacheDesc)
-        require(cache_desc.num_tensors > 0, "cache_desc.num_tensors must be > 0")
-        cache_desc.data_type.element_size  # DT_STRING has none: raises LLMException
+        fixed = cache_desc._fixed_copy()
+        require(fixed.num_tensors > 0, "cache_desc.num_tensors must be > 0")
+        fixed.data_type.element_size  # DT_STRING has none: raises LLMException
+        return fixed
 
     @staticmethod
     def _check_keys(cache_keys) -> None:
@@ -135,7 +139,7 @@ class CacheManager:
 
     def _allocate(self, cache_desc: CacheDesc, is_blocks: bool, keys: Sequence) -> Cache:
         """Allocate and record a cache (lock held)."""
-        self._check_desc(cache_desc)
+        cache_desc = self._check_desc(cache_desc)
         placement = cache_desc.placement
         piece = -(-cache_desc.size // _ALIGN) * _ALIGN
         total = piece * cache_desc.num_tensors
@@ -257,7 +261,7 @@ class CacheManager:
     def _register(self, cache_desc: CacheDesc, addrs: Sequence[int], is_blocks: bool,
                   remote_accessible: Optional[bool], keys: list) -> Cache:
         self._check_open()
-        self._check_desc(cache_desc)
+        cache_desc = self._check_desc(cache_desc)
         checked = check_int_list("addrs", addrs, check_uint64)
         check_isinstance("remote_accessible", remote_accessible, bool, allow_none=True)
         require(len(checked) == cache_desc.num_tensors,

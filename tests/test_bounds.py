@@ -1,0 +1,247 @@
+"""What a peer, or a client of the listener port, can cost a cluster is bounded: silent peers
+cost one ack deadline per announcement, idle connections cannot keep handshakes out, announce
+floods hit per-peer caps, a comm hello is refused off the rendezvous port, and local pull/push
+refuse overlapping or doubly written blocks (the bounds of docs/api.md's llmdist.* options)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from typing import List, Optional
+
+import pytest
+
+from llmdist import (BlocksCacheKey, LLMClusterInfo, LLMException, LLMRole, LLMStatusCode,
+                     Placement)
+from llmdist import cluster
+from llmdist.descs import CacheDesc, DataType
+
+from helpers import SUCCESS, Env
+
+HOST = "127.0.0.1"
+LISTENER = 900
+ACK_S = 2.0                 # the default of llmdist.ack_timeout_ms
+SLACK_S = 2.0               # a loaded test machine
+PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
+
+
+def frame(obj) -> bytes:
+    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return cluster.MAGIC + struct.pack(">I", len(data)) + data
+
+
+def hello(cid: int, target: Optional[int] = LISTENER, **over) -> dict:
+    """A handshake as a PROMPT cluster of this host, announcing no caches."""
+    msg = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": cid,
+           "role": int(LLMRole.PROMPT), "target": target, "host": cluster.host_identity(),
+           "pid": os.getpid(), "caches": []}
+    msg.update(over)
+    return msg
+
+
+def recv_msg(sock: socket.socket, timeout: float = 5.0) -> Optional[dict]:
+    """One frame from the listener, or None when it closed the connection."""
+    sock.settimeout(timeout)
+    try:
+        return cluster.recv_frame(sock)
+    except (ConnectionError, OSError):
+        return None
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+def envs():
+    made: List[Env] = []
+
+    def factory(cluster_id: int, role: LLMRole = LLMRole.PROMPT, listen: bool = False,
+                **options: str) -> Env:
+        extra = dict(options)
+        if listen:
+            extra["llm.listenIpInfo"] = f"{HOST}:0"
+        e = Env(cluster_id=cluster_id, role=role, remote=True, extra_options=extra)
+        made.append(e)
+        return e
+
+    try:
+        yield factory
+    finally:
+        for e in reversed(made):
+            e.close()
+
+
+def info(env: Env) -> LLMClusterInfo:
+    i = LLMClusterInfo()
+    i.remote_cluster_id = env.cluster_id
+    i.append_remote_ip_info(HOST, env.dd.listen_port)
+    return i
+
+
+def listener(envs, **options: str) -> Env:
+    return envs(LISTENER, LLMRole.DECODER, listen=True, **options)
+
+
+# --------------------------------------------------------------------------------------------
+# N5: silent peers cost one ack deadline
+# --------------------------------------------------------------------------------------------
+def silent_peers(lis: Env, ids) -> List[socket.socket]:
+    """Raw clients that complete the handshake, then never read or acknowledge anything."""
+    socks = []
+    for cid in ids:
+        s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
+        s.sendall(frame(hello(cid)))
+        reply = recv_msg(s)
+        assert reply is not None and reply["type"] == "welcome", reply
+        socks.append(s)
+    assert wait_for(lambda: all(lis.dd._node.peer(c) is not None for c in ids))
+    return socks
+
+
+def test_silent_peers_cost_one_ack_deadline(envs, caplog):
+    lis = listener(envs)
+    node = lis.dd._node
+    good = envs(901)
+    assert good.dd.link_clusters([info(lis)], 5000) == (SUCCESS, [SUCCESS])
+    seen_by_good = good.dd._node.peer(LISTENER).mem.entries
+    desc = CacheDesc(2, [4, 64], DataType.DT_UINT8, Placement.HOST)
+    socks: List[socket.socket] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="llmdist"):
+            socks += silent_peers(lis, [911, 912, 913])
+            t0 = time.monotonic()
+            cache = lis.cm.allocate_blocks_cache(desc, BlocksCacheKey(LISTENER, 1))
+            took_alloc = time.monotonic() - t0
+            assert took_alloc < ACK_S + SLACK_S, took_alloc     # 30 s before (10 s per peer)
+            assert cache.cache_id in seen_by_good       # announced to the peer that acks
+            assert all(node.peer(c) is None for c in (911, 912, 913))
+            assert sum("did not acknowledge" in r.getMessage() for r in caplog.records) == 3
+
+            socks += silent_peers(lis, [921, 922, 923])
+            t0 = time.monotonic()
+            lis.cm.deallocate_blocks_cache(cache)
+            took_dealloc = time.monotonic() - t0
+            assert took_dealloc < ACK_S + SLACK_S, took_dealloc   # 30 s before
+            assert cache.cache_id not in seen_by_good   # withdrawn from it too
+            assert all(node.peer(c) is None for c in (921, 922, 923))
+            assert node.peer(901) is not None
+
+            socks += silent_peers(lis, [931, 932, 933])
+            t0 = time.monotonic()
+            lis.dd.finalize()
+            took_finalize = time.monotonic() - t0
+    finally:
+        for s in socks:
+            s.close()
+    assert took_finalize < ACK_S + SLACK_S, took_finalize       # 10 s before
+    print(f"with 3 silent peers: allocate {took_alloc:.2f} s, deallocate {took_dealloc:.2f} s, "
+          f"finalize {took_finalize:.2f} s")
+    # the peer that acknowledged saw the unlink of finalize
+    assert wait_for(lambda: good.dd._node.peer(LISTENER) is None)
+
+
+def test_ack_timeout_option_is_checked():
+    for bad in ("0", "-5", "2s", "1e3", "600001"):
+        with pytest.raises(LLMException) as exc:
+            Env(cluster_id=902, extra_options={"llmdist.ack_timeout_ms": bad})
+        assert exc.value.status_code == PARAM_INVALID
+        assert "llmdist.ack_timeout_ms" in str(exc.value) and "[1, 600000]" in str(exc.value)
+
+
+def test_ack_timeout_option_sets_the_deadline(envs):
+    lis = listener(envs, **{"llmdist.ack_timeout_ms": "300"})
+    socks = silent_peers(lis, [941])
+    try:
+        t0 = time.monotonic()
+        lis.allocated(2, [4, 64], placement=Placement.HOST)
+        took = time.monotonic() - t0
+    finally:
+        for s in socks:
+            s.close()
+    assert lis.dd._node.peer(941) is None
+    assert 0.25 < took < 0.3 + SLACK_S, took
+
+
+# --------------------------------------------------------------------------------------------
+# N6: idle connections cannot keep a link out
+# --------------------------------------------------------------------------------------------
+class IdleHolder:
+    """Holds count idle connections to port from source address ip, opening a new one for
+    each the listener closes."""
+
+    def __init__(self, port: int, ip: str, count: int) -> None:
+        self.port, self.ip, self.count = port, ip, count
+        self.stop = threading.Event()
+        self.opened = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self) -> Optional[socket.socket]:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.bind((self.ip, 0))
+            s.connect((HOST, self.port))
+        except OSError:
+            s.close()
+            return None
+        self.opened += 1
+        return s
+
+    def _run(self) -> None:
+        socks = [s for s in (self._open() for _ in range(self.count)) if s is not None]
+        try:
+            while not self.stop.is_set():
+                for i, s in enumerate(socks):
+                    s.setblocking(False)
+                    try:
+                        gone = s.recv(1) == b""
+                    except BlockingIOError:
+                        gone = False
+                    except OSError:
+                        gone = True
+                    if gone:
+                        s.close()
+                        socks[i] = self._open() or s
+                time.sleep(0.005)
+        finally:
+            for s in socks:
+                s.close()
+
+    def __enter__(self) -> "IdleHolder":
+        self.thread.start()
+        time.sleep(0.5)         # all of them connected
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("attacker_ip", ["127.0.0.2", HOST], ids=["other-address", "same-address"])
+def test_links_succeed_while_a_client_holds_idle_connections(envs, attacker_ip):
+    lis = listener(envs)
+    good = envs(950)
+    runs = 20
+    ok = 0
+    with IdleHolder(lis.dd.listen_port, attacker_ip, 36) as holder:
+        for _ in range(runs):
+            code, codes = good.dd.link_clusters([info(lis)], 5000)
+            if code == SUCCESS and codes == [SUCCESS]:
+                ok += 1
+                i = LLMClusterInfo()
+                i.remote_cluster_id = LISTENER
+                assert good.dd.unlink_clusters([i], 5000, force=True)[0] == SUCCESS
+                assert wait_for(lambda: lis.dd._node.peer(950) is None)
+    print(f"links under attack from {attacker_ip}: {ok}/{runs}, idle connections opened: "
+          f"{holder.opened}")
+    assert ok == runs, f"{ok} of {runs} links succeeded"

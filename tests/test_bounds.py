@@ -245,3 +245,78 @@ def test_links_succeed_while_a_client_holds_idle_connections(envs, attacker_ip):
     print(f"links under attack from {attacker_ip}: {ok}/{runs}, idle connections opened: "
           f"{holder.opened}")
     assert ok == runs, f"{ok} of {runs} links succeeded"
+
+
+# --------------------------------------------------------------------------------------------
+# N11: pull/push within one cluster: no byte read is written, no block written twice
+# --------------------------------------------------------------------------------------------
+BLOCK = 64          # bytes per block of the caches below: shape [8, 64] of DT_UINT8
+
+
+def refused(fn, *args, **kwargs) -> str:
+    with pytest.raises(LLMException) as exc:
+        fn(*args, **kwargs)
+    assert exc.value.status_code == PARAM_INVALID, exc.value
+    return str(exc.value)
+
+
+def unchanged(tc, snapshot) -> bool:
+    return all((x == y).all() for x, y in zip(tc.tensor_bytes(), snapshot))
+
+
+def test_local_pull_push_refuse_overlap_and_double_writes(envs):
+    from llmdist import CacheKeyByIdAndIndex
+    me = 960
+    e = envs(me)
+    a = e.allocated(2, [8, BLOCK], placement=Placement.HOST, blocks=True,
+                    key=BlocksCacheKey(me, 1))
+    b = e.allocated(2, [8, BLOCK], placement=Placement.HOST, blocks=True,
+                    key=BlocksCacheKey(me, 2))
+    rows = e.allocated(2, [4, BLOCK], placement=Placement.HOST)
+    before = [a.tensor_bytes(), b.tensor_bytes(), rows.tensor_bytes()]
+    key_a = BlocksCacheKey(me, 1)
+    # a cache read and written at the same blocks
+    msg = refused(e.cm.pull_blocks, key_a, a.cache, [0, 1], [1, 2])
+    assert msg.startswith("pull_blocks: src_blocks and dst_blocks: ") and "overlap" in msg
+    msg = refused(e.cm.push_blocks, key_a, a.cache, [0, 1], [1, 2])
+    assert msg.startswith("push_blocks: src_blocks and dst_blocks: ") and "overlap" in msg
+    # a row read and written at once
+    row_key = CacheKeyByIdAndIndex(me, rows.cache.cache_id, 1)
+    msg = refused(e.cm.pull_cache, row_key, rows.cache, 1)
+    assert msg.startswith("pull_cache: the source row and batch_index: ") and "overlap" in msg
+    msg = refused(e.cm.push_cache, row_key, rows.cache, 1)
+    assert msg.startswith("push_cache: src_batch_index and the destination row: "), msg
+    # a destination block written twice, even from another cache
+    msg = refused(e.cm.pull_blocks, key_a, b.cache, [0, 1], [3, 3])
+    assert msg == "dst_blocks: destination block 3 is written twice", msg
+    msg = refused(e.cm.push_blocks, key_a, b.cache, [0, 1], [5, 5])
+    assert msg == "dst_blocks: destination block 5 is written twice", msg
+    for tc, was in zip((a, b, rows), before):
+        assert unchanged(tc, was)
+    # disjoint blocks of one cache still move
+    e.cm.pull_blocks(key_a, a.cache, [0, 1], [4, 5])
+    e.cm.push_blocks(key_a, a.cache, [2], [6])
+    for t in range(2):
+        got, was = a.tensor(t), before[0][t]
+        assert (got[4 * BLOCK:6 * BLOCK] == was[0:2 * BLOCK]).all()
+        assert (got[6 * BLOCK:7 * BLOCK] == was[2 * BLOCK:3 * BLOCK]).all()
+        assert (got[:4 * BLOCK] == was[:4 * BLOCK]).all()
+
+
+def test_pull_push_with_a_peer_refuse_double_writes(envs):
+    lis = listener(envs)
+    pre = envs(961)
+    assert pre.dd.link_clusters([info(lis)], 5000) == (SUCCESS, [SUCCESS])
+    there = lis.allocated(2, [8, BLOCK], placement=Placement.HOST, blocks=True,
+                          key=BlocksCacheKey(LISTENER, 7))
+    here = pre.allocated(2, [8, BLOCK], placement=Placement.HOST, blocks=True)
+    snap_there, snap_here = there.tensor_bytes(), here.tensor_bytes()
+    key = BlocksCacheKey(LISTENER, 7)
+    msg = refused(pre.cm.push_blocks, key, here.cache, [0, 1], [2, 2])
+    assert msg == "dst_blocks: destination block 2 is written twice", msg
+    msg = refused(pre.cm.pull_blocks, key, here.cache, [0, 1], [4, 4])
+    assert msg == "dst_blocks: destination block 4 is written twice", msg
+    assert unchanged(there, snap_there) and unchanged(here, snap_here)
+    pre.cm.push_blocks(key, here.cache, [0, 1], [2, 3])       # distinct blocks move
+    for t in range(2):
+        assert (there.tensor(t)[2 * BLOCK:4 * BLOCK] == snap_here[t][:2 * BLOCK]).all()

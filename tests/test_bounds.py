@@ -320,3 +320,203 @@ def test_pull_push_with_a_peer_refuse_double_writes(envs):
     pre.cm.push_blocks(key, here.cache, [0, 1], [2, 3])       # distinct blocks move
     for t in range(2):
         assert (there.tensor(t)[2 * BLOCK:4 * BLOCK] == snap_here[t][:2 * BLOCK]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# N9: announce floods hit per-peer caps; the listener stays bounded and serves others
+# --------------------------------------------------------------------------------------------
+FLOODED = 980
+
+
+class ChildListener:
+    """tests/bounds_listener.py in a process of its own (its peak memory is its own)."""
+
+    def __init__(self, **options: str) -> None:
+        import subprocess
+        import sys
+        here = os.path.dirname(os.path.abspath(__file__))
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(here, "bounds_listener.py"), str(FLOODED),
+             json.dumps(options)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.port = int(self.proc.stdout.readline())
+
+    def ask(self, cmd: str):
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait(20)
+        except (OSError, ValueError):
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def child_listener():
+    made: List[ChildListener] = []
+
+    def factory(**options: str) -> ChildListener:
+        c = ChildListener(**options)
+        made.append(c)
+        return c
+
+    try:
+        yield factory
+    finally:
+        for c in made:
+            c.close()
+
+
+def wire_cache(i: int) -> dict:
+    """A peer cache written by process writes (nothing is mapped for it), at its own address."""
+    base = (1 << 40) + 256 * i
+    return {"id": 10_000 + i, "num_tensors": 2, "shape": [64], "dtype": 4, "placement": 1,
+            "batch_dim": 0, "seq_len_dim": -1, "blocks": False, "addrs": [base, base + 128],
+            "origin": "registered", "remote_accessible": True, "keys": [],
+            "share": {"kind": "process"}}
+
+
+class RawPeer:
+    """A raw client linked to a listener, counting the acks it gets back."""
+
+    def __init__(self, port: int, cid: int, target: int, **over) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=5)
+        self.sock.sendall(frame(hello(cid, target, **over)))
+        reply = recv_msg(self.sock)
+        assert reply is not None and reply["type"] == "welcome", reply
+        self.acks = 0
+        self.closed = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            self.sock.settimeout(None)
+            while cluster.recv_frame(self.sock)["type"] == "ack":
+                self.acks += 1
+        except (ConnectionError, OSError, cluster.ProtocolError):
+            pass
+        self.closed.set()
+
+    def flood(self, frames) -> int:
+        """Send the frames (in a thread of their own); how many went out before the end."""
+        sent = 0
+        try:
+            for f in frames:
+                self.sock.sendall(f)
+                sent += 1
+        except OSError:
+            pass
+        return sent
+
+
+def push_and_check(child: ChildListener, cid: int, envs) -> None:
+    """A legitimate peer links to the child listener and its bytes arrive there."""
+    pre = envs(cid)
+    i = LLMClusterInfo()
+    i.remote_cluster_id = FLOODED
+    i.append_remote_ip_info(HOST, child.port)
+    assert pre.dd.link_clusters([i], 5000) == (SUCCESS, [SUCCESS])
+    src = pre.allocated(2, [4, 64], placement=Placement.HOST, blocks=True)
+    pre.cm.push_blocks(BlocksCacheKey(FLOODED, 1), src.cache, [0, 1], [2, 3])
+    got = bytes.fromhex(child.ask("read"))
+    assert got[128:256] == src.tensor(0)[:128].tobytes()
+
+
+def test_cache_add_flood_is_capped(child_listener, envs):
+    child = child_listener(**{"llmdist.max_peer_caches": "1000"})
+    start = child.ask("stat")
+    flooder = RawPeer(child.port, 981, FLOODED)
+    frames = [frame({"type": "cache_add", "cache": wire_cache(i), "seq": i + 1})
+              for i in range(20_000)]
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("sent", flooder.flood(frames)),
+                         daemon=True)
+    t.start()
+    push_and_check(child, 982, envs)        # served while the flood goes on
+    assert flooder.closed.wait(30), "the flooding peer was not unlinked"
+    t.join(10)
+    flooder.sock.close()
+    end = child.ask("stat")
+    assert str(981) not in end["peers"]
+    assert flooder.acks <= 1000             # acknowledged caches: at most the cap
+    grew_mb = (end["hwm_kb"] - start["hwm_kb"]) / 1024
+    print(f"cache_add flood: {out.get('sent')} frames sent, {flooder.acks} acknowledged, "
+          f"listener peak memory +{grew_mb:.1f} MB")
+    assert grew_mb < 40, grew_mb
+
+
+def test_huge_hello_is_refused_unread(child_listener, envs):
+    child = child_listener()
+    start = child.ask("stat")
+    data = frame(hello(983, FLOODED, caches=[wire_cache(i) for i in range(50_000)]))
+    assert len(data) > 12 << 20
+    s = socket.create_connection((HOST, child.port), timeout=5)
+    try:
+        try:
+            s.sendall(data)
+        except OSError:
+            pass                            # closed while still sending
+        assert recv_msg(s, 10) is None      # no welcome: closed
+    finally:
+        s.close()
+    end = child.ask("stat")
+    assert str(983) not in end["peers"]
+    grew_mb = (end["hwm_kb"] - start["hwm_kb"]) / 1024
+    print(f"12.9 MiB hello: listener peak memory +{grew_mb:.1f} MB")
+    assert grew_mb < 30, grew_mb
+    push_and_check(child, 984, envs)
+
+
+def test_hello_over_the_cache_cap_is_refused(envs):
+    lis = listener(envs, **{"llmdist.max_peer_caches": "100"})
+    s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
+    try:
+        s.sendall(frame(hello(985, caches=[wire_cache(i) for i in range(101)])))
+        assert recv_msg(s) is None
+    finally:
+        s.close()
+    assert lis.dd._node.peer(985) is None
+    ok = RawPeer(lis.dd.listen_port, 986, LISTENER, caches=[wire_cache(i) for i in range(100)])
+    try:
+        assert wait_for(lambda: lis.dd._node.peer(986) is not None)
+        assert len(lis.dd._node.peer(986).mem.entries) == 100
+    finally:
+        ok.sock.close()
+
+
+def test_key_cap(envs):
+    lis = listener(envs, **{"llmdist.max_peer_keys": "10"})
+    peer = RawPeer(lis.dd.listen_port, 987, LISTENER)
+    try:
+        for i in range(3):
+            w = dict(wire_cache(i), keys=[["cache", 987, 4 * i + j, 1, 0] for j in range(4)])
+            peer.sock.sendall(frame({"type": "cache_add", "cache": w, "seq": i + 1}))
+        assert peer.closed.wait(10), "a peer over the key cap stayed linked"
+        assert peer.acks == 2           # 8 keys taken, the next 4 over the cap of 10
+    finally:
+        peer.sock.close()
+    assert lis.dd._node.peer(987) is None
+
+
+def test_frame_rate_is_bounded(envs):
+    rate = 200
+    lis = listener(envs, **{"llmdist.peer_frame_rate": str(rate)})
+    peer = RawPeer(lis.dd.listen_port, 988, LISTENER)
+    frames = [frame({"type": "key_remove", "key": ["blocks", 988, i], "seq": i + 1})
+              for i in range(20_000)]
+    t0 = time.monotonic()
+    threading.Thread(target=peer.flood, args=(frames,), daemon=True).start()
+    time.sleep(2.0)
+    acks, elapsed = peer.acks, time.monotonic() - t0
+    peer.sock.close()
+    print(f"frame flood: {acks} frames served in {elapsed:.2f} s at a rate of {rate}/s")
+    # a burst of `rate` frames, then `rate` a second (a slower machine serves fewer)
+    assert acks <= rate + rate * elapsed + 20, (acks, elapsed)
+    link_ok = envs(989).dd.link_clusters([info(lis)], 5000)
+    assert link_ok == (SUCCESS, [SUCCESS])

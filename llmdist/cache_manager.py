@@ -467,6 +467,11 @@ class CacheManager:
             raise _fail(f"src_cache has {desc.num_tensors} tensors, not a multiple of "
                         f"tensor_num_per_layer {tpl}")
         num_layers = desc.num_tensors // tpl
+        # Wait for the peers' device-IPC readiness here, not under the lock in _submit.
+        for cfg in transfer_configs:
+            peer = self._node.peer(cfg.dst_cluster_id) if self._node is not None else None
+            if peer is not None:
+                peer.await_ipc_ready(self._runtime)
         self._take_slot()
         try:
             return self._submit(src_cache, src_entry, layer_synchronizer, transfer_configs,

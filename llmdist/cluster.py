@@ -458,8 +458,15 @@ class Peer:
                 deltas[cache.cache_id] = r.delta
         return MappedRoute(self.link, deltas)
 
+    def await_ipc_ready(self, runtime: "_core.Runtime") -> None:
+        """On a device runtime, wait (up to ACK_TIMEOUT_S) until the peer confirmed that this
+        process may import its memory; call it holding no lock, before check_transfer."""
+        if not runtime.is_host and self.same_host and self.path != "mooncake":
+            self.ipc_ready.wait(ACK_TIMEOUT_S)
+
     def check_transfer(self, runtime: "_core.Runtime") -> None:
-        """Refuse a transfer this build cannot carry to the peer, with the reason."""
+        """Refuse a transfer this build cannot carry to the peer, with the reason; it does not
+        wait (see await_ipc_ready), so the cache manager's lock may be held."""
         if not self.link.is_up:
             raise LLMException(f"the link to cluster {self.cluster_id} is down",
                                status_code=LLMStatusCode.LLM_NOT_YET_LINK)
@@ -486,7 +493,7 @@ class Peer:
         if why is not None:
             raise LLMException(f"transfers to another process on the {runtime.name} runtime need "
                                f"device IPC, which is not available: {why}", status_code=refuse)
-        ready = self.ipc_ready.wait(ACK_TIMEOUT_S)
+        ready = self.ipc_ready.is_set()
         if not self.link.is_up:
             raise LLMException(f"the link to cluster {self.cluster_id} is down",
                                status_code=LLMStatusCode.LLM_NOT_YET_LINK)

@@ -152,6 +152,7 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
     peer = None
     if not own:
         peer = cm._linked_peer(key.cluster_id)
+        peer.await_ipc_ready(cm._runtime)
         peer.check_transfer(cm._runtime)
     cm._take_slot()         # a pull counts against llmdist.max_inflight_tasks like a transfer
     try:

@@ -520,3 +520,24 @@ def test_frame_rate_is_bounded(envs):
     assert acks <= rate + rate * elapsed + 20, (acks, elapsed)
     link_ok = envs(989).dd.link_clusters([info(lis)], 5000)
     assert link_ok == (SUCCESS, [SUCCESS])
+
+
+# --------------------------------------------------------------------------------------------
+# No cache manager lock across a device-IPC readiness wait (fake CUDA runtime)
+# --------------------------------------------------------------------------------------------
+def test_ipc_readiness_wait_does_not_stall_the_cluster(fake_cuda):
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, LLMDIST_CUDA_LIBRARY=fake_cuda)
+    env.pop("LLMDIST_RUNTIME", None)
+    res = subprocess.run([sys.executable, os.path.join(here, "bounds_ipc_wait.py")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"while a push waited for ipc_ready: {got}")
+    # the push waits for the confirmation (10 s) and fails without it ...
+    assert got["push_was_waiting"], got
+    assert got["push"]["result"] == "LLM_LINK_FAILED" and got["push"]["s"] > 5, got
+    # ... but allocation and a local pull of the same cluster go on meanwhile (10 s before)
+    assert got["alloc_s"] < 3 and got["pull_s"] < 3, got

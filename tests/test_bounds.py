@@ -541,3 +541,23 @@ def test_ipc_readiness_wait_does_not_stall_the_cluster(fake_cuda):
     assert got["push"]["result"] == "LLM_LINK_FAILED" and got["push"]["s"] > 5, got
     # ... but allocation and a local pull of the same cluster go on meanwhile (10 s before)
     assert got["alloc_s"] < 3 and got["pull_s"] < 3, got
+
+
+# --------------------------------------------------------------------------------------------
+# N10: a comm hello only on the rendezvous port
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("role", [LLMRole.PROMPT, LLMRole.DECODER])
+def test_comm_hello_is_refused_off_the_rendezvous_port(envs, role):
+    """A hello naming a rank-table comm used to skip the role check on any listener (a PROMPT
+    welcomed by a PROMPT); an ordinary listener now refuses it, whatever the roles."""
+    lis = envs(LISTENER, role, listen=True)
+    s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
+    try:
+        s.sendall(frame(hello(992, comm="comm-a")))
+        reply = recv_msg(s)
+    finally:
+        s.close()
+    assert reply is not None and reply["type"] == "refuse", reply
+    assert reply["code"] == int(LLMStatusCode.LLM_LINK_FAILED)
+    assert "rendezvous port" in reply["reason"], reply
+    assert lis.dd._node.peer(992) is None

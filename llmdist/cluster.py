@@ -32,8 +32,8 @@ import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from . import _core, device_ipc, shm
-from .handshake_slots import HandshakeSlots
 from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
+from .handshake_slots import HandshakeSlots
 from .limits import PeerLimits
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
 from .routes import EngineRoute, MappedRoute, ProcessRoute, Route
@@ -523,7 +523,8 @@ class Peer:
         try:
             self.send(msg, deadline)
         except OSError:
-            self.await_ack(seq, 0.0)    # forget it
+            with self.lock:
+                self.acks.pop(seq, None)
             return None
         return seq
 
@@ -549,18 +550,20 @@ class Peer:
             self.sock.settimeout(None)
             while True:
                 msg = recv_frame(self.sock)
-                # At most llmdist.peer_frame_rate frames a second (as a burst too): a faster
-                # peer waits, its frames in the socket's bounded buffers.
-                now = time.monotonic()
-                tokens = min(float(rate), tokens + (now - last) * rate)
-                last = now
-                if tokens < 1.0:
-                    time.sleep((1.0 - tokens) / rate)
-                    tokens = 1.0
-                    last = time.monotonic()
-                tokens -= 1.0
                 kind = msg["type"]
                 seq = _int(msg.get("seq", 0))
+                # At most llmdist.peer_frame_rate frames a second (as a burst too): a faster
+                # peer waits, its frames in the socket's bounded buffers. Acks of our own
+                # requests are bounded by those and do not count.
+                if kind != "ack" or seq not in self.acks:
+                    now = time.monotonic()
+                    tokens = min(float(rate), tokens + (now - last) * rate)
+                    last = now
+                    if tokens < 1.0:
+                        time.sleep((1.0 - tokens) / rate)
+                        tokens = 1.0
+                        last = time.monotonic()
+                    tokens -= 1.0
                 if kind == "ack":
                     with self.lock:
                         ev = self.acks.get(seq)

@@ -561,3 +561,18 @@ def test_comm_hello_is_refused_off_the_rendezvous_port(envs, role):
     assert reply["code"] == int(LLMStatusCode.LLM_LINK_FAILED)
     assert "rendezvous port" in reply["reason"], reply
     assert lis.dd._node.peer(992) is None
+
+
+def test_acks_of_our_own_requests_are_not_rate_limited(envs):
+    """A cluster limited to 10 frames a second from each peer still announces 50 caches in a
+    row at full speed: the acks it awaits do not count against the rate."""
+    lis = listener(envs, **{"llmdist.peer_frame_rate": "10"})
+    pre = envs(993)
+    assert pre.dd.link_clusters([info(lis)], 5000) == (SUCCESS, [SUCCESS])
+    seen = pre.dd._node.peer(LISTENER).mem.entries
+    t0 = time.monotonic()
+    made = [lis.allocated(2, [4, 64], placement=Placement.HOST) for _ in range(50)]
+    took = time.monotonic() - t0
+    assert all(tc.cache.cache_id in seen for tc in made)
+    assert lis.dd._node.peer(993) is not None
+    assert took < 3.0, took          # 50 acks at 10 a second would take 4 s or more

@@ -62,8 +62,13 @@ def _check_blocks(name: str, pairs: List[Tuple[int, int]], src_blocks: int,
     for s, d in pairs:
         require(s < src_blocks, f"{name}: source block {s} is out of range [0, {src_blocks})")
         require(d < dst_blocks, f"{name}: destination block {d} is out of range [0, {dst_blocks})")
+    check_written_once(name, [d for _, d in pairs])
+
+
+def check_written_once(name: str, dst_blocks) -> None:
+    """Refuse a destination block listed twice: which copy lands last would decide its bytes."""
     seen = set()
-    for _, d in pairs:
+    for d in dst_blocks:
         require(d not in seen, f"{name}: destination block {d} is written twice")
         seen.add(d)
 
@@ -74,12 +79,15 @@ def _plan_blocks(pairs: List[Tuple[int, int]], block_bytes: int):
     return _core.plan_b2b(src, dst, block_bytes)
 
 
-def _check_disjoint(op: str, plan, src: List[int], dst: List[int]) -> None:
+def check_disjoint(op: str, plan, src: List[int], dst: List[int], params: str = "") -> None:
+    """Refuse a copy of plan over the pairs src[i] -> dst[i] that writes bytes it also reads,
+    or writes a byte twice. params names the arguments that chose the ranges."""
     what = _core.find_overlap(plan, src, dst)
+    where = f"{op}: {params}: " if params else f"{op}: "
     require(what is None,
-            f"{op}: a destination byte range overlaps a {what} byte range; the result would "
+            f"{where}a destination byte range overlaps a {what} byte range; the result would "
             f"depend on the copy order" if what == "destination" else
-            f"{op}: source and destination byte ranges overlap")
+            f"{where}source and destination byte ranges overlap")
 
 
 def plan_copy_blocks(cache: Cache, pairs: List[Tuple[int, int]], pinned: bool) -> LocalCopy:
@@ -93,7 +101,7 @@ def plan_copy_blocks(cache: Cache, pairs: List[Tuple[int, int]], pinned: bool) -
                       f"written")
     plan = _plan_blocks(pairs, desc.stride)
     bases = cache._tensor_addrs
-    _check_disjoint("copy_blocks", plan, bases, bases)
+    check_disjoint("copy_blocks", plan, bases, bases)
     side = Side(list(bases), desc.placement, pinned)
     return LocalCopy("copy_blocks", plan, side, side)
 
@@ -138,7 +146,7 @@ def plan_copy_cache(dst: Cache, src: Cache, dst_batch_index: int, src_batch_inde
             f"size {n} from offset {offset} runs past the destination row of {dd.stride} bytes")
     plan = _core.plan_one(src_batch_index * sd.stride + offset,
                           dst_batch_index * dd.stride + offset, n)
-    _check_disjoint("copy_cache", plan, src._tensor_addrs, dst._tensor_addrs)
+    check_disjoint("copy_cache", plan, src._tensor_addrs, dst._tensor_addrs)
     return LocalCopy("copy_cache", plan, Side(list(src._tensor_addrs), sd.placement, src_pinned),
                      Side(list(dst._tensor_addrs), dd.placement, dst_pinned))
 
@@ -166,7 +174,7 @@ def plan_swap_blocks(src_cache: Cache, dst_cache: Cache, pairs: List[Tuple[int, 
             f"{sd.placement.name} to {dd.placement.name}")
     _check_blocks("src_to_dst", pairs, sd.batch_size, dd.batch_size)
     plan = _plan_blocks(pairs, sd.stride)
-    _check_disjoint("swap_blocks", plan, src_cache._tensor_addrs, dst_cache._tensor_addrs)
+    check_disjoint("swap_blocks", plan, src_cache._tensor_addrs, dst_cache._tensor_addrs)
     return LocalCopy("swap_blocks", plan,
                      Side(list(src_cache._tensor_addrs), sd.placement, src_pinned),
                      Side(list(dst_cache._tensor_addrs), dd.placement, dst_pinned))

@@ -439,10 +439,11 @@ class CacheManager:
     def _start_transfer(self, src_cache: Cache, layer_synchronizer: Optional[LayerSynchronizer],
                         transfer_configs, src_block_indices, dst_block_indices,
                         dst_block_memory_size, tensor_num_per_layer: int,
-                        need_synchronizer: bool):
+                        need_synchronizer: bool, op: Optional[str] = None):
         """Check a transfer out of src_cache and submit it; returns (job or None, number of
         configs). Without need_synchronizer a None synchronizer means every layer is ready
-        (push_blocks, push_cache)."""
+        (push_blocks, push_cache). op names a push: a push within this cluster must not write
+        bytes it reads."""
         # 1. the source cache
         check_isinstance("src_cache", src_cache, Cache)
         self._check_open()
@@ -508,10 +509,15 @@ class CacheManager:
             raise _fail(f"src_cache has {desc.num_tensors} tensors, not a multiple of "
                         f"tensor_num_per_layer {tpl}")
         num_layers = desc.num_tensors // tpl
+        # Wait for the peers' device-IPC readiness here, not under the lock in _submit.
+        for cfg in transfer_configs:
+            peer = self._node.peer(cfg.dst_cluster_id) if self._node is not None else None
+            if peer is not None:
+                peer.await_ipc_ready(self._runtime)
         self._take_slot()
         try:
             return self._submit(src_cache, src_entry, layer_synchronizer, transfer_configs,
-                                src_idx, dst_idx, block_size, plan, num_layers, tpl)
+                                src_idx, dst_idx, block_size, plan, num_layers, tpl, op)
         except BaseException:
             self._slots.release()
             raise
@@ -527,7 +533,7 @@ class CacheManager:
 
     def _submit(self, src_cache: Cache, src_entry: MemoryEntry, layer_synchronizer,
                 transfer_configs, src_idx, dst_idx, block_size: int, plan,
-                num_layers: int, tpl: int):
+                num_layers: int, tpl: int, op: Optional[str] = None):
         """Checks that need the lock (rules 8-11), then the job goes to the workers."""
         with self._lock:
             plans = []
@@ -535,7 +541,7 @@ class CacheManager:
             for i, cfg in enumerate(transfer_configs):
                 keys: set = set()
                 plans.append(self._check_config(i, cfg, src_entry, src_idx, dst_idx, block_size,
-                                                plan, num_layers, keys, tpl))
+                                                plan, num_layers, keys, tpl, op))
                 touched.append(keys)
             events = gate = None
             if isinstance(layer_synchronizer, EventSynchronizer):
@@ -568,7 +574,7 @@ class CacheManager:
 
     def _check_config(self, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
                       block_size: int, plan, num_layers: int, touched: set,
-                      tpl: int = 2) -> "_core.ConfigPlan":
+                      tpl: int = 2, op: Optional[str] = None) -> "_core.ConfigPlan":
         """Check one config (rules 8-11) and return its plan for the layer loop."""
         desc = src_entry.cache.cache_desc
         keyed = isinstance(cfg, TransferWithCacheKeyConfig)
@@ -602,13 +608,15 @@ class CacheManager:
                 return self._destination(i, cfg, desc, src_entry, src_idx, dst_idx, block_size,
                                          plan, layers, touched, peer.mem, peer, tpl)
         return self._destination(i, cfg, desc, src_entry, src_idx, dst_idx, block_size, plan,
-                                 layers, touched, mem, None, tpl)
+                                 layers, touched, mem, None, tpl, op)
 
     def _destination(self, i: int, cfg, desc: CacheDesc, src_entry: MemoryEntry, src_idx,
                      dst_idx, block_size: int, plan, layers: range, touched: set,
-                     mem: ClusterMemory, peer, tpl: int = 2) -> "_core.ConfigPlan":
+                     mem: ClusterMemory, peer, tpl: int = 2,
+                     op: Optional[str] = None) -> "_core.ConfigPlan":
         """Rules 9 and 11 for one config against the destination cluster's caches, then its
-        plan through the route to them."""
+        plan through the route to them; for a push (op) within this cluster, no byte it reads
+        is written."""
         keyed = isinstance(cfg, TransferWithCacheKeyConfig)
         if keyed:
             entry, offset = self._resolve_key(i, cfg.cache_key, cfg.dst_layer_range, mem, tpl)
@@ -662,6 +670,11 @@ class CacheManager:
         dplace = regions[0].cache.cache_desc.placement
         kind = copy_kind(src_place, dplace)
         shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
+        if op is not None and peer is None:
+            srcs = src_entry.cache._tensor_addrs[tpl * layers.start:tpl * layers.stop]
+            rows = "src_batch_index and the destination row"
+            block_ops.check_disjoint(op, plan, [a + shift for a in srcs], dst,
+                                     pull_push.range_params(src_idx, dst_idx, rows))
         route = self._route(peer, regions, f"transfer_configs[{i}]: ")
         return self._config_plan(route, layers, shift, kind, dst, regions, tpl=tpl)
 

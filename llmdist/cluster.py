@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -33,6 +34,8 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from . import _core, device_ipc, shm
 from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
+from .handshake_slots import HandshakeSlots
+from .limits import PeerLimits
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
 from .routes import EngineRoute, MappedRoute, ProcessRoute, Route
 from .status import LLMException, LLMStatusCode
@@ -44,9 +47,10 @@ log = logging.getLogger("llmdist")
 
 PROTOCOL_VERSION = 2
 MAGIC = b"LLMD"
-MAX_FRAME = 16 << 20
+MAX_FRAME = 4 << 20             # a hello of 8,192 caches fits; anything larger is refused unread
 HANDSHAKE_TIMEOUT_S = 10.0      # the whole handshake, however slowly its bytes arrive
-MAX_HANDSHAKES = 32             # handshakes in progress at once; more connections are closed
+FIRST_FRAME_S = 1.0             # the client's first frame, from its connection
+MAX_HANDSHAKES = 32             # handshakes in progress at once (see handshake_slots.py)
 MAX_TEXT = 4096                 # the longest free text a peer may send (host, reasons, ids)
 ACK_TIMEOUT_S = 10.0
 TRANSPORTS = ("auto", "direct", "mooncake")
@@ -83,10 +87,38 @@ def close_listener(sock: socket.socket) -> None:
             pass
 
 
-def send_frame(sock: socket.socket, lock: threading.Lock, msg: dict) -> None:
+def send_frame(sock: socket.socket, lock: threading.Lock, msg: dict,
+               deadline: Optional[float] = None) -> None:
+    """Send one message; by time.monotonic() deadline when given (socket.timeout after it,
+    when the frame may be cut short: the connection is then unusable)."""
     data = json.dumps(msg, separators=(",", ":")).encode()
-    with lock:
-        sock.sendall(MAGIC + struct.pack(">I", len(data)) + data)
+    if deadline is None:
+        with lock:
+            sock.sendall(MAGIC + struct.pack(">I", len(data)) + data)
+        return
+    if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise socket.timeout("another send to the peer did not finish in time")
+    try:
+        _send_by(sock, MAGIC + struct.pack(">I", len(data)) + data, deadline)
+    finally:
+        lock.release()
+
+
+def _send_by(sock: socket.socket, data: bytes, deadline: float) -> None:
+    """sendall that gives up at deadline, whatever the socket's own timeout."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view, socket.MSG_DONTWAIT):]
+        except (BlockingIOError, socket.timeout):
+            pass
+        if view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the peer did not read in time")
+            poll = select.poll()
+            poll.register(sock, select.POLLOUT)
+            poll.poll(left * 1000.0)
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytes:
@@ -307,6 +339,7 @@ class Peer:
                 pid = self.pid      # device IPC exports are imported on first use instead
         refused = None
         with self.lock:
+            self._check_caps(cid, len(keys))
             old = self.mem.remove(cid)
             try:
                 self.mem.add(entry, keys, delta, pid)
@@ -317,6 +350,22 @@ class Peer:
             raise ProtocolError(f"peer cache {cid}: {refused}") from None
         if old is not None:
             log.warning("cluster %d announced cache %d twice", self.cluster_id, cid)
+
+    def _check_caps(self, cid: int, nkeys: int) -> None:
+        """Refuse a cache over the caps of llmdist.max_peer_caches / llmdist.max_peer_keys
+        (self.lock held; an announcement again of cache cid replaces it)."""
+        limits = self.node.limits
+        mem = self.mem
+        old = mem.entries.get(cid)
+        if old is None and len(mem.entries) >= limits.max_caches:
+            raise ProtocolError(f"cluster {self.cluster_id} announced more than "
+                                f"{limits.max_caches} caches (option llmdist.max_peer_caches)")
+        keys = len(mem.cache_keys) + len(mem.blocks_keys) + nkeys
+        if old is not None:
+            keys -= len(old.keys)
+        if keys > limits.max_keys:
+            raise ProtocolError(f"cluster {self.cluster_id} announced more than "
+                                f"{limits.max_keys} cache keys (option llmdist.max_peer_keys)")
 
     def remove_cache(self, cid: int) -> None:
         with self.lock:
@@ -437,8 +486,15 @@ class Peer:
                 deltas[cache.cache_id] = r.delta
         return MappedRoute(self.link, deltas)
 
+    def await_ipc_ready(self, runtime: "_core.Runtime") -> None:
+        """On a device runtime, wait (up to ACK_TIMEOUT_S) until the peer confirmed that this
+        process may import its memory; call it holding no lock, before check_transfer."""
+        if not runtime.is_host and self.same_host and self.path != "mooncake":
+            self.ipc_ready.wait(ACK_TIMEOUT_S)
+
     def check_transfer(self, runtime: "_core.Runtime") -> None:
-        """Refuse a transfer this build cannot carry to the peer, with the reason."""
+        """Refuse a transfer this build cannot carry to the peer, with the reason; it does not
+        wait (see await_ipc_ready), so the cache manager's lock may be held."""
         if not self.link.is_up:
             raise LLMException(f"the link to cluster {self.cluster_id} is down",
                                status_code=LLMStatusCode.LLM_NOT_YET_LINK)
@@ -465,7 +521,7 @@ class Peer:
         if why is not None:
             raise LLMException(f"transfers to another process on the {runtime.name} runtime need "
                                f"device IPC, which is not available: {why}", status_code=refuse)
-        ready = self.ipc_ready.wait(ACK_TIMEOUT_S)
+        ready = self.ipc_ready.is_set()
         if not self.link.is_up:
             raise LLMException(f"the link to cluster {self.cluster_id} is down",
                                status_code=LLMStatusCode.LLM_NOT_YET_LINK)
@@ -475,21 +531,38 @@ class Peer:
                                f"memory", status_code=LLMStatusCode.LLM_LINK_FAILED)
 
     # -- messages
-    def send(self, msg: dict) -> None:
-        send_frame(self.sock, self.send_lock, msg)
+    def send(self, msg: dict, deadline: Optional[float] = None) -> None:
+        send_frame(self.sock, self.send_lock, msg, deadline)
 
     def request(self, msg: dict, timeout: float = ACK_TIMEOUT_S) -> bool:
         """Send msg and wait for the peer's ack; False if none came in time or the link broke."""
+        deadline = time.monotonic() + timeout
+        seq = self.post(msg, deadline)
+        return seq is not None and self.await_ack(seq, deadline)
+
+    def post(self, msg: dict, deadline: float) -> Optional[int]:
+        """Send msg as a request by deadline without waiting for its ack: its sequence number
+        for await_ack, or None when it could not be sent in time."""
         with self.lock:
             self.seq += 1
             seq = self.seq
-            ev = self.acks[seq] = threading.Event()
+            self.acks[seq] = threading.Event()
         msg["seq"] = seq
         try:
-            self.send(msg)
+            self.send(msg, deadline)
         except OSError:
-            return False
-        ev.wait(timeout)
+            with self.lock:
+                self.acks.pop(seq, None)
+            return None
+        return seq
+
+    def await_ack(self, seq: int, deadline: float) -> bool:
+        """Wait until deadline for the ack of the request seq; False if none came or the link
+        broke."""
+        with self.lock:
+            ev = self.acks.get(seq)
+        if ev is not None:
+            ev.wait(max(0.0, deadline - time.monotonic()))
         with self.lock:
             self.acks.pop(seq, None)
             got = seq in self.acked
@@ -499,12 +572,26 @@ class Peer:
     def serve(self) -> None:
         """Read the peer's messages until the connection ends, then take the link down."""
         broke = False       # the connection ended without unlink from either side
+        rate = self.node.limits.frame_rate
+        tokens, last = float(rate), time.monotonic()
         try:
             self.sock.settimeout(None)
             while True:
                 msg = recv_frame(self.sock)
                 kind = msg["type"]
                 seq = _int(msg.get("seq", 0))
+                # At most llmdist.peer_frame_rate frames a second (as a burst too): a faster
+                # peer waits, its frames in the socket's bounded buffers. Acks of our own
+                # requests are bounded by those and do not count.
+                if kind != "ack" or seq not in self.acks:
+                    now = time.monotonic()
+                    tokens = min(float(rate), tokens + (now - last) * rate)
+                    last = now
+                    if tokens < 1.0:
+                        time.sleep((1.0 - tokens) / rate)
+                        tokens = 1.0
+                        last = time.monotonic()
+                    tokens -= 1.0
                 if kind == "ack":
                     with self.lock:
                         ev = self.acks.get(seq)
@@ -596,12 +683,14 @@ class ClusterNode:
     manager it serves is attached once it exists (attach)."""
 
     def __init__(self, cluster_id: int, role: LLMRole, listen: Optional[Tuple[str, int]],
-                 transport: str, runtime: Optional["_core.Runtime"] = None) -> None:
+                 transport: str, runtime: Optional["_core.Runtime"] = None,
+                 limits: Optional[PeerLimits] = None) -> None:
         if transport not in TRANSPORTS:
             raise LLMException(f"option llmdist.transport must be one of {', '.join(TRANSPORTS)}, "
                                f"got {transport!r}", status_code=LLMStatusCode.LLM_PARAM_INVALID)
         self.cluster_id = cluster_id
         self.role = role
+        self.limits = limits if limits is not None else PeerLimits()
         self.caches: Optional["CacheManager"] = None
         self.transport = transport
         self.runtime = runtime if runtime is not None else _core.Runtime.host()
@@ -630,7 +719,7 @@ class ClusterNode:
         self.engine_held: Dict[Tuple[int, int], int] = {}
         self.engine_users: Dict[Tuple[int, int], list] = {}
         self.engine_ranges_lock = threading.Lock()
-        self.handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self.handshakes = HandshakeSlots(MAX_HANDSHAKES, self.limits.handshakes_per_address)
         # Handshakes in progress (connection -> the admission epoch it started in). A role
         # switch moves to a new epoch and admits nothing while it runs, so that no handshake
         # begun before it completes after it.
@@ -828,10 +917,12 @@ class ClusterNode:
             msg["engine_error"] = self.engine_error
         return msg
 
-    def _check_hello(self, msg: dict, expect: Optional[int]) -> Optional[Tuple[int, str]]:
+    def _check_hello(self, msg: dict, expect: Optional[int],
+                     rendezvous: bool = False) -> Optional[Tuple[int, str]]:
         """(status, reason) when a handshake must be refused, else None. Roles do not restrict
         links (as upstream: PROMPT-PROMPT and DECODER-DECODER links serve migration and prefix
-        sharing); the role is checked for form only."""
+        sharing); the role is checked for form only. A hello naming a rank-table comm is
+        accepted on that comm's rendezvous listener only (rendezvous; it checks the comm)."""
         version = msg.get("version")
         if type(version) is not int or version != PROTOCOL_VERSION:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"protocol version {version!r:.40}"
@@ -857,17 +948,23 @@ class ClusterNode:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"expected cluster {expect}, reached {cid}"
         if cid == self.cluster_id:
             return int(LLMStatusCode.LLM_LINK_FAILED), f"cluster {cid} cannot link to itself"
+        if "comm" in msg and not rendezvous:
+            return (int(LLMStatusCode.LLM_LINK_FAILED),
+                    "a hello naming a rank-table comm is accepted on that comm's rendezvous "
+                    "port only")
         return None
 
     # -- accepting
     def _accept_loop(self, sock: socket.socket, admit=None) -> None:
         while True:
             try:
-                conn, _ = sock.accept()
+                conn, source = sock.accept()
             except OSError:
                 return
-            if not self.handshakes.acquire(blocking=False):
-                log.info("refused a connection: %d handshakes in progress", MAX_HANDSHAKES)
+            if not self.handshakes.take(conn, source[0]):
+                log.info("refused a connection from %s: its %d handshake slots (option "
+                         "llmdist.handshakes_per_address) or all %d are busy", source[0],
+                         self.handshakes.per_address, MAX_HANDSHAKES)
                 conn.close()
                 continue
             with self.lock:
@@ -893,7 +990,7 @@ class ClusterNode:
             with self.lock:
                 self.in_handshake.pop(conn, None)
                 self.handshakes_ended.notify_all()
-            self.handshakes.release()
+            self.handshakes.release(conn)
         if peer is not None:
             peer.serve()
 
@@ -903,14 +1000,15 @@ class ClusterNode:
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         lock = threading.Lock()
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
-        msg = recv_frame(conn, deadline)
+        msg = recv_frame(conn, min(deadline, time.monotonic() + FIRST_FRAME_S))
+        self.handshakes.heard(conn)
         if msg["type"] != "hello":
             raise ProtocolError("expected a handshake")
         if msg.get("target") not in (None, self.cluster_id):
             refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
                        f"this is cluster {self.cluster_id}, not {msg.get('target')!r:.40}")
         else:
-            refusal = self._check_hello(msg, None)
+            refusal = self._check_hello(msg, None, rendezvous=admit is not None)
         if refusal is None and admit is not None:
             refusal = admit(msg)
         if refusal is None and self.caches is None:
@@ -1120,11 +1218,20 @@ class ClusterNode:
 
     # -- announcements (called without the cache manager's lock)
     def _each_peer(self, msg: dict) -> None:
+        """Send msg to every peer at once and wait for their acks until one deadline
+        (llmdist.ack_timeout_ms); a peer that misses it is unlinked."""
         with self.lock:
             peers = list(self.peers.values())
-        for p in peers:
-            if not p.request(dict(msg)):
-                log.warning("cluster %d did not acknowledge %s", p.cluster_id, msg["type"])
+        if not peers:
+            return
+        deadline = time.monotonic() + self.limits.ack_timeout_s
+        sent = [(p, p.post(dict(msg), deadline)) for p in peers]
+        for p, seq in sent:
+            if (seq is None or not p.await_ack(seq, deadline)) and not p.closed:
+                log.warning("cluster %d did not acknowledge %s within %.0f ms (option "
+                            "llmdist.ack_timeout_ms): unlinking it", p.cluster_id, msg["type"],
+                            self.limits.ack_timeout_s * 1000)
+                self.link_down(p, LLMStatusCode.LLM_LINK_FAILED)
 
     def announce_cache(self, entry: Optional[MemoryEntry]) -> None:
         if entry is not None:
@@ -1138,22 +1245,21 @@ class ClusterNode:
     def withdraw_key(self, key) -> None:
         self._each_peer({"type": "key_remove", "key": key_to_wire(key)})
 
-    def close(self, timeout_s: float = ACK_TIMEOUT_S) -> None:
+    def close(self, timeout_s: Optional[float] = None) -> None:
         """Unlink every peer (each stops writing here before it acknowledges; bounded by
-        timeout_s in all) and stop listening."""
+        timeout_s in all, by default llmdist.ack_timeout_ms) and stop listening."""
         with self.lock:
             self.closed = True
             peers = list(self.peers.values())
             self.peers.clear()
         for p in peers:
             p.stop(LLMStatusCode.LLM_LINK_FAILED)    # before the peers hear of it (see unlink)
-        waits = [threading.Thread(target=p.request, args=({"type": "unlink"}, timeout_s), daemon=True)
-                 for p in peers]
-        for t in waits:
-            t.start()
-        deadline = time.monotonic() + timeout_s
-        for t in waits:
-            t.join(max(0.0, deadline - time.monotonic()))
+        deadline = time.monotonic() + (self.limits.ack_timeout_s if timeout_s is None
+                                       else timeout_s)
+        sent = [(p, p.post({"type": "unlink"}, deadline)) for p in peers]
+        for p, seq in sent:
+            if seq is not None:
+                p.await_ack(seq, deadline)
         for p in peers:
             p.close(LLMStatusCode.LLM_LINK_FAILED)
         self.stop_listening()

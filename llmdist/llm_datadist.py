@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
 
-from . import _core, runtimes
+from . import _core, limits, runtimes
 from ._check import check_isinstance, check_uint64
 from .cache_manager import CacheManager
 from .cluster import ClusterNode
@@ -31,7 +31,7 @@ _UPSTREAM_KEYS = {
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
                  "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots",
-                 "llmdist.max_inflight_tasks", "llmdist.device_copy"}
+                 "llmdist.max_inflight_tasks", "llmdist.device_copy"} | limits.OPTION_KEYS
 MAX_INFLIGHT_TASKS = 1024       # default of llmdist.max_inflight_tasks
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
@@ -139,6 +139,7 @@ class LLMDataDist:
                       if "llm.EnableRemoteCacheAccessible" in options else derived)
             max_inflight = _int_option(options, "llmdist.max_inflight_tasks", MAX_INFLIGHT_TASKS, 1)
             _flag_option(options, "llm.EnableSwitchRole")      # read, not needed: see switch_role
+            peer_limits = limits.PeerLimits.from_options(options)
             _flag_option(options, "llm.EnableCacheManager")
             if "llm.TransferBackend" in options and not options.get("llm.listenIpInfo"):
                 raise LLMException("option llm.TransferBackend needs llm.listenIpInfo (with a "
@@ -151,7 +152,8 @@ class LLMDataDist:
             runtime.select_device_copy(options.get("llmdist.device_copy")
                                        or os.environ.get("LLMDIST_DEVICE_COPY", "auto"))
             node = ClusterNode(self._cluster_id, self._role, listen,
-                               options.get("llmdist.transport", "auto"), runtime)
+                               options.get("llmdist.transport", "auto"), runtime,
+                               peer_limits)
             try:
                 comms = RankTableLinks(node, self._cluster_id, options)
             except LLMException:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
-from . import _core
+from . import _core, block_ops
 from ._core import Direction
 from ._check import check_int64, check_isinstance, check_layer_range, check_uint32, require
 from .descs import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex, Placement, copy_kind
@@ -129,6 +129,7 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
     if dst_row is None:
         require(dst_cache.is_blocks_cache, f"dst_cache {dst_cache.cache_id} must be a blocks cache")
         require(len(dst_idx) > 0, "dst_blocks must not be empty")
+        block_ops.check_written_once("dst_blocks", dst_blocks)
         if blocks_key:
             require(len(src_idx) > 0, "src_blocks must not be empty with a BlocksCacheKey")
             require(len(src_idx) == len(dst_idx),
@@ -151,6 +152,7 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
     peer = None
     if not own:
         peer = cm._linked_peer(key.cluster_id)
+        peer.await_ipc_ready(cm._runtime)
         peer.check_transfer(cm._runtime)
     cm._take_slot()         # a pull counts against llmdist.max_inflight_tasks like a transfer
     try:
@@ -158,7 +160,7 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
             if own:
                 spec, local_addrs, touched = _pull_plan(cm, key, dst_entry, dst_row, size,
                                                         src_idx, dst_idx, src_range, dst_range,
-                                                        tpl, cm._mem, None)
+                                                        tpl, cm._mem, None, what)
             else:
                 with peer.lock:
                     spec, local_addrs, touched = _pull_plan(cm, key, dst_entry, dst_row, size,
@@ -181,9 +183,10 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
 
 
 def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Optional[int],
-               size: int, src_idx, dst_idx, src_range, dst_range, tpl: int, mem, peer):
-    """Resolve the source cache, check ranges and bounds on both sides, choose the route.
-    Returns ((plan, layer-loop config), source tensor addresses as this process reaches
+               size: int, src_idx, dst_idx, src_range, dst_range, tpl: int, mem, peer,
+               what: str = "pull"):
+    """Resolve the source cache, check ranges and bounds on both sides (and, within this
+    cluster, that no byte read is written), choose the route. Returns ((plan, layer-loop config), source tensor addresses as this process reaches
     them, the (cluster, cache) pairs the job touches)."""
     src_entry, row = _find(mem, key)
     src = src_entry.cache
@@ -252,12 +255,25 @@ def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Op
         raise _fail("a HOST source cache of another cluster cannot be pulled into DEVICE memory")
     kind = copy_kind(sdesc.placement, ddesc.placement)
     touched = {(key.cluster_id, src.cache_id), (cm._cluster_id, dst_entry.cache.cache_id)}
-    route = cm._route(peer, sregions)
     # The cache here (the destination) drives the layer loop: its layers, its row; the source
     # tensors are the targets, each already at the source row.
     targets = [a + shift for a in srcs] if shift else srcs
+    if peer is None:
+        block_ops.check_disjoint(what, plan, targets, dsts,
+                                 range_params(src_idx, dst_idx, "the source row and batch_index"))
+    route = cm._route(peer, sregions)
     cfg = cm._config_plan(route, dst_layers, doff, kind, targets, sregions, Direction.READ, tpl)
     return (plan, cfg, tpl), list(daddrs), touched
+
+
+def range_params(src_idx, dst_idx, rows: str) -> str:
+    """The arguments that chose the byte ranges of a pull or push, for its error messages
+    (rows: those of a row-to-row copy)."""
+    if src_idx is not None and len(src_idx):
+        return "src_blocks and dst_blocks"
+    if dst_idx is not None:
+        return "the source row and dst_blocks"
+    return rows
 
 
 # ------------------------------------------------------------------------------------------
@@ -285,12 +301,15 @@ def push(cm: "CacheManager", what: str, key: Union[BlocksCacheKey, CacheKeyByIdA
                                               f"dst_layer_range {dst_range} must have the same "
                                               f"length")
     cfg = TransferWithCacheKeyConfig(key, src_range, dst_range, src_batch_index)
+    if dst_blocks is not None:
+        _core.parse_indices("dst_blocks", dst_blocks)
+        block_ops.check_written_once("dst_blocks", dst_blocks)
     block_size = None
     if dst_blocks is not None and not src_blocks:
         # C2B: the source row is cut into blocks of the destination's block size
         block_size = _remote_block_size(cm, key)
     job, _ = cm._start_transfer(src_cache, None, [cfg], src_blocks or None, dst_blocks,
-                                block_size, tpl, False)
+                                block_size, tpl, False, what)
     wait_job(cm, job, f"{what} to cluster {key.cluster_id}")
 
 

@@ -30,7 +30,9 @@ ext = Extension(
              "src/cuda_runtime.c", "src/cuda_copy.c", "src/layer_gate.c", "src/buffer_pool.c"],
     include_dirs=["include"],
     depends=sorted(glob.glob("include/llmdist/*.h") + glob.glob("src/*.h") + glob.glob("llmdist/*.pxi")),
-    extra_compile_args=["-O3", "-std=gnu11", "-Wno-unused-function"],
+    # -g0 after Python's own -g, and a stripped link: the wheel carries no debug info
+    extra_compile_args=["-O3", "-g0", "-std=gnu11", "-Wno-unused-function"],
+    extra_link_args=["-Wl,--strip-debug"],
     libraries=["pthread", "dl", "rt"],
 )
 
@@ -39,6 +41,8 @@ setup(
     ext_modules=cythonize(
         [ext],
         language_level=3,
-        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+        # embedsignature: inspect.signature() and help() see each function's parameters
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
+                             "embedsignature": True},
     ),
 )

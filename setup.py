@@ -43,6 +43,6 @@ setup(
         language_level=3,
         # embedsignature: inspect.signature() and help() see each function's parameters
         compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
-                             "embedsignature": True},
+                             "embedsignature": True, "embedsignature.format": "python"},
     ),
 )

@@ -4,7 +4,7 @@
 #
 #   bash tools/check_wheel.sh WHEEL_OR_SDIST PYTHON [PYTEST_ARGS...]
 #
-# The tests run from a copy of tests/ (with the include/, src/, tools/ and bench/ files some of
+# The tests run from a copy of tests/ (with the include/, src/, tools/, bench/ and README files some of
 # them read) outside the source tree, and LLMDIST_TEST_INSTALLED=1 makes them refuse to start
 # unless llmdist was imported from the environment's site-packages. PYTEST_ARGS replace the
 # default `tests` (e.g. tests/test_transfer.py to run one file).
@@ -25,7 +25,7 @@ started=$(date +%s)
 . "$work/venv/bin/activate"
 python -m pip install -q --disable-pip-version-check "llmdist[test] @ file://$dist"
 mkdir -p "$work/tree"
-for d in tests include src tools bench; do cp -r "$root/$d" "$work/tree/$d"; done
+for d in tests include src tools bench README.md; do cp -r "$root/$d" "$work/tree/$d"; done
 find "$work/tree" -name __pycache__ -prune -exec rm -rf {} +
 cd "$work/tree"
 echo "check_wheel: $(basename "$dist") on $(python -c 'import platform; print("CPython", platform.python_version())'): llmdist $(python -c "import llmdist; print(llmdist.__version__)") from $(python -c 'import llmdist, os; print(os.path.dirname(llmdist.__file__))')"

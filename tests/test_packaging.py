@@ -165,7 +165,9 @@ def test_metadata():
 def test_sdist_has_every_source_and_no_generated_c(tmp_path):
     source_tree()
     pytest.importorskip("Cython", reason="setup.py needs Cython to make the sdist")
-    res = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)],
+    (tmp_path / "egg").mkdir()
+    res = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base",
+                          str(tmp_path / "egg"), "sdist", "-d", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     (sdist,) = tmp_path.glob("llmdist-*.tar.gz")

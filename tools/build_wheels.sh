@@ -162,6 +162,7 @@ printf '%s\n' "${targets[@]}" | xargs -P "$jobs" -L 1 bash -c 'build_one "$@"' _
     || die "a wheel failed to build (its log is above)"
 
 # Check and report.
+kib() { awk -v n="$(stat -c %s "$1")" 'BEGIN { printf "%.1f KiB", n / 1024 }'; }
 printf '\n%-76s  %-24s  %9s\n' wheel "tag (auditwheel show)" size
 printf '%-76s  %-24s  %9s\n' "$(printf -- '-%.0s' {1..76})" "$(printf -- '-%.0s' {1..24})" ---------
 fail=0
@@ -184,8 +185,8 @@ with zipfile.ZipFile(sys.argv[1]) as z:
             if debug:
                 sys.exit(f"{sys.argv[1]}: {name} carries debug info: {' '.join(debug)}")
 EOF
-    printf '%-76s  %-24s  %9s\n' "$(basename "$w")" "${tag:-?}" "$(du -k "$w" | cut -f1) KiB"
+    printf '%-76s  %-24s  %9s\n' "$(basename "$w")" "${tag:-?}" "$(kib "$w")"
 done
-printf '%-76s  %-24s  %9s\n' "$(basename "$sdist")" sdist "$(du -k "$sdist" | cut -f1) KiB"
+printf '%-76s  %-24s  %9s\n' "$(basename "$sdist")" sdist "$(kib "$sdist")"
 echo "build_wheels: $(ls "$out"/llmdist-*.whl | wc -l) wheels and the sdist in $out ($(( $(date +%s) - started )) s)"
 exit $fail

@@ -118,8 +118,12 @@ aarch64_headers() {
 
 # The sdist (what every wheel is built from).
 rm -f "$out"/llmdist-*.tar.gz "$out"/llmdist-*.whl
+had_egg_info=0
+[ -e "$root/llmdist.egg-info" ] && had_egg_info=1
 "$tools/bin/python" -m build --sdist -o "$out" "$root" > "$work/sdist.log" 2>&1 \
     || { cat "$work/sdist.log" >&2; die "sdist failed"; }
+# setuptools leaves its egg-info in the source tree, where it would pass for an installed llmdist
+[ $had_egg_info = 1 ] || rm -rf "$root/llmdist.egg-info"
 sdist=$(ls "$out"/llmdist-*.tar.gz)
 
 # The build list: one line per wheel, prepared before the parallel builds start.

@@ -24,6 +24,8 @@ class BuildExt(build_ext):
                 shutil.copyfile(built, target)
 
 
+DEBUG_BUILD = os.environ.get("LLMDIST_DEBUG_BUILD") == "1"
+
 ext = Extension(
     "llmdist._core",
     sources=["llmdist/_core.pyx", "src/runtime_common.c", "src/host_runtime.c", "src/acl_runtime.c",
@@ -31,8 +33,9 @@ ext = Extension(
     include_dirs=["include"],
     depends=sorted(glob.glob("include/llmdist/*.h") + glob.glob("src/*.h") + glob.glob("llmdist/*.pxi")),
     # -g0 after Python's own -g, and a stripped link: the wheel carries no debug info
-    extra_compile_args=["-O3", "-g0", "-std=gnu11", "-Wno-unused-function"],
-    extra_link_args=["-Wl,--strip-debug"],
+    # (LLMDIST_DEBUG_BUILD=1 keeps it, for the sanitizer build's reports)
+    extra_compile_args=["-O3", *([] if DEBUG_BUILD else ["-g0"]), "-std=gnu11", "-Wno-unused-function"],
+    extra_link_args=[] if DEBUG_BUILD else ["-Wl,--strip-debug"],
     libraries=["pthread", "dl", "rt"],
 )
 

@@ -24,13 +24,18 @@ class BuildExt(build_ext):
                 shutil.copyfile(built, target)
 
 
+DEBUG_BUILD = os.environ.get("LLMDIST_DEBUG_BUILD") == "1"
+
 ext = Extension(
     "llmdist._core",
     sources=["llmdist/_core.pyx", "src/runtime_common.c", "src/host_runtime.c", "src/acl_runtime.c",
              "src/cuda_runtime.c", "src/cuda_copy.c", "src/layer_gate.c", "src/buffer_pool.c"],
     include_dirs=["include"],
     depends=sorted(glob.glob("include/llmdist/*.h") + glob.glob("src/*.h") + glob.glob("llmdist/*.pxi")),
-    extra_compile_args=["-O3", "-std=gnu11", "-Wno-unused-function"],
+    # -g0 after Python's own -g, and a stripped link: the wheel carries no debug info
+    # (LLMDIST_DEBUG_BUILD=1 keeps it, for the sanitizer build's reports)
+    extra_compile_args=["-O3", *([] if DEBUG_BUILD else ["-g0"]), "-std=gnu11", "-Wno-unused-function"],
+    extra_link_args=[] if DEBUG_BUILD else ["-Wl,--strip-debug"],
     libraries=["pthread", "dl", "rt"],
 )
 
@@ -39,6 +44,8 @@ setup(
     ext_modules=cythonize(
         [ext],
         language_level=3,
-        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True},
+        # embedsignature: inspect.signature() and help() see each function's parameters
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
+                             "embedsignature": True, "embedsignature.format": "python"},
     ),
 )

@@ -3,6 +3,7 @@
 The public API is that of CANN LLM-DataDist's CacheManager: replace
 ``from llm_datadist import ...`` with ``from llmdist import ...``."""
 
+from . import logs
 from .status import LLMException, LLMStatusCode, Status
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType,
                     KvCache, LLMRole, MemInfo, Memtype, Placement, RegisterMemStatus)
@@ -16,6 +17,8 @@ from .runtimes import runtime_info
 from ._core import Event, Stream, host_tuning, set_host_tuning
 
 __version__ = "0.1.0"
+
+logs.level_from_environment()
 
 # The names of the v2 (CacheManager) API, as upstream lists them for programs that check.
 # The names upstream's llm_datadist lists as its v2 API, in its order.

@@ -274,7 +274,10 @@ cdef class Runtime:
 
 
 cdef class Stream:
-    """A runtime stream: operations on it run in order, asynchronously to the caller."""
+    """Stream(runtime)
+--
+
+A runtime stream: operations on it run in order, asynchronously to the caller."""
     cdef readonly Runtime runtime
     cdef llmd_stream handle
 
@@ -323,7 +326,10 @@ cdef class Stream:
 
 
 cdef class Event:
-    """A runtime event: a marker recorded on a stream, complete once the stream passes it.
+    """Event(runtime, handle=None)
+--
+
+A runtime event: a marker recorded on a stream, complete once the stream passes it.
 
     Event(runtime) creates one; Event(runtime, handle) wraps a framework's event handle (e.g.
     torch.cuda.Event().cuda_event) without taking ownership."""

@@ -29,7 +29,7 @@ _ALIGN = 64  # every tensor of an allocated cache starts 64-byte aligned (ACL's 
 _MAX_BYTES = 1 << 64
 BUSY_WAIT_S = 0.2   # how long transfer_cache_async waits for a task to finish when at the bound
 
-log = logging.getLogger("llmdist")
+log = logging.getLogger(__name__)
 
 _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 _NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST

@@ -43,7 +43,7 @@ from .status import LLMException, LLMStatusCode
 if TYPE_CHECKING:
     from .cache_manager import CacheManager
 
-log = logging.getLogger("llmdist")
+log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 2
 MAGIC = b"LLMD"

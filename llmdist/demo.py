@@ -426,7 +426,7 @@ def run_local(args, out=sys.stdout) -> int:
     cid = args.cluster_id
     dd = LLMDataDist(LLMRole.PROMPT, cid)
     cfg = LLMConfig()
-    cfg.device_id = 0
+    cfg.device_id = int(os.environ.get("LLMDIST_DEVICE", "0"))
     cfg.enable_cache_manager = True
     dd.init(cfg.generate_options())
     try:
@@ -511,7 +511,7 @@ def _decode_main(conn, spec: dict) -> None:
     try:
         try:
             cfg = LLMConfig()
-            cfg.device_id = 0
+            cfg.device_id = int(os.environ.get("LLMDIST_DEVICE", "0"))
             cfg.enable_cache_manager = True
             cfg.enable_remote_cache_accessible = True
             cfg.listen_ip_info = f"{spec['host']}:0"
@@ -660,8 +660,6 @@ def run_two_process(args, out=sys.stdout) -> int:
 
     prefill_id, decode_id = args.cluster_id, args.cluster_id + 1
     notes = []
-    if args.transport == "mooncake":
-        os.environ.setdefault("GLOG_minloglevel", "1")   # no INFO line per Mooncake batch
     spec = dict(cluster_id=decode_id, host=HOST, dtype=args.dtype,
                 num_tensors=layout.num_tensors, pool_blocks=layout.pool_blocks,
                 block_size=layout.block_size, canary=CANARY, idle_s=CHILD_IDLE_S)
@@ -676,7 +674,7 @@ def run_two_process(args, out=sys.stdout) -> int:
 
         dd = LLMDataDist(LLMRole.PROMPT, prefill_id)
         cfg = LLMConfig()
-        cfg.device_id = 0
+        cfg.device_id = int(os.environ.get("LLMDIST_DEVICE", "0"))
         cfg.enable_cache_manager = True
         cfg.enable_remote_cache_accessible = True
         options = cfg.generate_options()

@@ -28,7 +28,7 @@ from typing import Dict, List, Tuple
 from . import _core
 from .status import LLMException
 
-log = logging.getLogger("llmdist")
+log = logging.getLogger(__name__)
 
 KINDS = ("acl_ipc", "cuda_ipc")
 ID_MAX = 160    # longest export id, its NUL included (LLMD_IPC_ID_MAX)

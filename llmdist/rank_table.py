@@ -43,7 +43,7 @@ from .status import LLMException, LLMStatusCode
 if TYPE_CHECKING:
     from .cluster import ClusterNode
 
-log = logging.getLogger("llmdist")
+log = logging.getLogger(__name__)
 
 MAX_MEMBERS = 4
 MAX_NAME = 128

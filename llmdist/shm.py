@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 
 from . import _core
 
-log = logging.getLogger("llmdist")
+log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"/llmdist-([1-9][0-9]{0,9})-s([0-9]{1,20})-([0-9]{1,20})-([0-9]{1,20})-"

@@ -69,9 +69,19 @@ class MooncakeTransport:
         try:
             from mooncake.engine import TransferEngine
         except ImportError as exc:
+            import importlib.util
+            try:
+                installed = importlib.util.find_spec("mooncake") is not None
+            except (ImportError, ValueError):
+                installed = False
+            if not installed:
+                how = ("pip install 'llmdist[mooncake]' (on an Ascend host "
+                       "'llmdist[mooncake-npu]', Mooncake's NPU build)")
+            else:
+                how = ("Mooncake is installed but its engine does not load: it needs the system "
+                       "libraries libibverbs1, libnuma1 and libcurl4 (Debian/Ubuntu names)")
             raise LLMException(
-                "the inter-host transport needs Mooncake Transfer Engine: "
-                "pip install llmdist[mooncake] (and, on Debian, apt-get install libibverbs1); "
+                f"the inter-host transport needs Mooncake Transfer Engine: {how}; "
                 f"importing mooncake.engine failed: {exc}",
                 status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED) from exc
         self._lock = threading.Lock()

@@ -11,7 +11,7 @@ from typing import List, Optional
 from . import _core
 from .status import LLMStatusCode
 
-log = logging.getLogger("llmdist")
+log = logging.getLogger(__name__)
 
 
 class TransferWorkers:

@@ -31,6 +31,12 @@ from llmdist import _core, shm  # noqa: E402
 import reference  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+if os.environ.get("LLMDIST_TEST_INSTALLED") == "1":
+    # tools/check_wheel.sh: the tests are meant for an installed wheel, not a source tree
+    _pkg = os.path.dirname(os.path.abspath(_core.__file__))
+    if os.path.basename(os.path.dirname(_pkg)) not in ("site-packages", "dist-packages"):
+        raise RuntimeError(f"LLMDIST_TEST_INSTALLED=1 but llmdist was imported from {_pkg}")
 OWN_CLUSTER = 7
 
 

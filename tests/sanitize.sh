@@ -16,7 +16,7 @@ rm -f "$work"/llmdist/*.so "$work"/llmdist/_core.c
 cd "$work"
 
 san="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
-CC=gcc CFLAGS="$san -DLLMD_NO_STREAM_STORES" LDFLAGS="$san" \
+CC=gcc CFLAGS="$san -DLLMD_NO_STREAM_STORES" LDFLAGS="$san" LLMDIST_DEBUG_BUILD=1 \
     "$PY" setup.py -q build_ext --inplace >build.log 2>&1 || { cat build.log; exit 1; }
 
 # Python itself is not instrumented: the runtimes are preloaded, leak checks (Python keeps

@@ -15,8 +15,11 @@ import sys
 
 import pytest
 
+import llmdist
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIPPED = os.path.join(ROOT, "llmdist", "copy_runs.ptx")
+# the PTX the imported llmdist ships (the checkout's, or an installed wheel's)
+SHIPPED = os.path.join(os.path.dirname(llmdist.__file__), "copy_runs.ptx")
 
 
 def _build_ptx():

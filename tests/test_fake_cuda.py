@@ -17,9 +17,11 @@ import textwrap
 import numpy as np
 import pytest
 
+import llmdist
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PTX = os.path.join(ROOT, "llmdist", "copy_runs.ptx")
+PTX = os.path.join(os.path.dirname(llmdist.__file__), "copy_runs.ptx")
 
 H2H, H2D, D2H, D2D, DEFAULT = 0, 1, 2, 3, 4
 INVALID_VALUE, INVALID_CONFIGURATION, INVALID_DIRECTION = 1, 9, 21

@@ -224,8 +224,26 @@ def test_argument_and_state_errors(sender, peer):
 
 def test_missing_module_is_feature_not_enabled(monkeypatch):
     from llmdist.transport_mooncake import MooncakeTransport
-    monkeypatch.setitem(sys.modules, "mooncake.engine", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "mooncake", None)  # makes the imports fail
+    monkeypatch.setitem(sys.modules, "mooncake.engine", None)
     with pytest.raises(LLMException) as ei:
         MooncakeTransport(HOST)
     assert ei.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
-    assert "pip install llmdist[mooncake]" in str(ei.value)
+    assert "pip install 'llmdist[mooncake]'" in str(ei.value)
+    assert "'llmdist[mooncake-npu]'" in str(ei.value)
+
+
+def test_engine_that_does_not_load_names_the_system_libraries(monkeypatch):
+    """Mooncake installed, its engine not loadable (a system library missing): the message
+    names the libraries, not the extra that is already installed."""
+    import importlib.util
+    from llmdist.transport_mooncake import MooncakeTransport
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "mooncake" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "mooncake.engine", None)
+    with pytest.raises(LLMException) as ei:
+        MooncakeTransport(HOST)
+    assert ei.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+    assert "libibverbs1, libnuma1 and libcurl4" in str(ei.value)
+    assert "pip install" not in str(ei.value)

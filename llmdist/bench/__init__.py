@@ -114,6 +114,23 @@ def versions() -> dict:
     return {"llmdist": __version__, "numpy": numpy.__version__, **peer_versions()}
 
 
+def runtime_choice(info: dict) -> str:
+    """How the runtime was chosen: named by LLMDIST_RUNTIME (or --runtime), or by auto, with
+    why auto passed over each device runtime it tries first (ACL, then CUDA)."""
+    import os
+    choice = os.environ.get("LLMDIST_RUNTIME", "auto") or "auto"
+    active = info["active"]
+    if choice != "auto":
+        return f"runtime: {active}, chosen by LLMDIST_RUNTIME={choice}"
+    passed = []
+    for name in ("acl", "cuda"):
+        if name == active:
+            break
+        passed.append(f"{name}: {info['runtimes'][name].get('reason', 'not chosen')}")
+    why = f" because {'; '.join(passed)}" if passed else " (the first it tries)"
+    return f"runtime: auto chose {active}{why}"
+
+
 def run_bench(settings: Settings, out: TextIO = sys.stdout, quiet: bool = False) -> Run:
     """Run the scenarios; returns the Run (results, notes) after printing its table."""
     from .. import runtimes
@@ -152,6 +169,7 @@ def run_bench(settings: Settings, out: TextIO = sys.stdout, quiet: bool = False)
     out.write(f"llmdist bench: {rt.name} runtime {rt.version} ({rt.library}), device {rt.device_id}; "
               f"{settings.layers} layers x {settings.tensors_per_layer} tensors, {settings.pairs} "
               f"pairs, {settings.repeat} rounds; memory budget: {bench.budget.how}\n")
+    out.write(runtime_choice(run.runtime["info"]) + "\n")
     out.write(render(run.results, run.notes))
     return run
 

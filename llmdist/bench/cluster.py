@@ -291,7 +291,7 @@ def _peers(bench: Bench, decode, route: str, model: int, src: Cache, dst_addrs, 
     if route == "process":
         why = nixl_available()
         if why is None:
-            skipped[NIXL] = ("installed; run bench/test_bench_cluster.py for the NIXL baseline "
+            skipped[NIXL] = ("installed, but this command does not run the NIXL baseline "
                              "(it needs its own prefill process)")
         else:
             skipped[NIXL] = why

@@ -12,7 +12,8 @@ from .workload import importable
 DISTRIBUTIONS = {
     "torch": ("torch",),
     "torch_npu": ("torch-npu", "torch_npu"),
-    "mooncake": ("mooncake-transfer-engine-non-cuda", "mooncake-transfer-engine"),
+    "mooncake": ("mooncake-transfer-engine-non-cuda", "mooncake-transfer-engine",
+                 "mooncake-transfer-engine-npu"),
     "nixl": ("nixl",),
     "llm_datadist": ("llm-datadist", "llm_datadist"),
     "matplotlib": ("matplotlib",),
@@ -36,7 +37,7 @@ def peer_versions() -> Dict[str, Optional[str]]:
 def mooncake_available() -> Optional[str]:
     """None when Mooncake's engine can be imported, else why not."""
     if not importable("mooncake"):
-        return "mooncake is not installed (pip install 'llmdist[mooncake]')"
+        return "mooncake is not installed (pip install 'llmdist[mooncake]', or 'llmdist[mooncake-npu]' on Ascend)"
     try:
         import mooncake.engine  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - e.g. libibverbs missing

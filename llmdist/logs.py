@@ -1,0 +1,54 @@
+"""Logging: every module logs to ``logging.getLogger(__name__)`` under the ``llmdist`` logger,
+which has a NullHandler (a program that configures no logging sees nothing) and the level of
+``LLMDIST_LOG_LEVEL`` when set. Mooncake Transfer Engine's own log level is WARNING unless
+``MC_LOG_LEVEL`` is set: its INFO lines (several per transfer) would flood a program's output."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+package_logger = logging.getLogger("llmdist")
+_cli_handler = None
+
+
+def level_from_environment() -> None:
+    """The package logger's level from LLMDIST_LOG_LEVEL (a name or a number); ValueError
+    naming the variable when it is neither."""
+    text = os.environ.get("LLMDIST_LOG_LEVEL", "").strip()
+    if not text:
+        return
+    if text.upper() in LEVELS:
+        package_logger.setLevel(text.upper())
+    elif text.isdigit():
+        package_logger.setLevel(int(text))
+    else:
+        raise ValueError(f"LLMDIST_LOG_LEVEL must be one of {', '.join(LEVELS)} or a number, "
+                         f"got {text!r}")
+
+
+def quiet_mooncake() -> None:
+    """MC_LOG_LEVEL=WARNING for Mooncake's engine, read when it loads (a user's value stays)."""
+    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
+
+
+def configure_cli_logging(verbosity: int) -> None:
+    """The command line's logging: llmdist's messages to stderr, WARNING and up by default, INFO
+    with -v, DEBUG with -vv (LLMDIST_LOG_LEVEL, when set, wins over the default)."""
+    global _cli_handler
+    if _cli_handler is None:
+        _cli_handler = logging.StreamHandler()
+        _cli_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        package_logger.addHandler(_cli_handler)
+    if verbosity >= 2:
+        package_logger.setLevel(logging.DEBUG)
+    elif verbosity == 1:
+        package_logger.setLevel(logging.INFO)
+    elif not os.environ.get("LLMDIST_LOG_LEVEL"):
+        package_logger.setLevel(logging.WARNING)
+
+
+package_logger.addHandler(logging.NullHandler())
+quiet_mooncake()

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
-from . import _core, device_ipc, shm
+from . import _core, device_ipc, notifications, shm
 from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
 from .routes import EngineRoute, MappedRoute, ProcessRoute, Route
@@ -493,6 +493,9 @@ class Peer:
                     self.peer_unlinked = True
                     self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=seq)
                     return
+                if kind in notifications.MESSAGES:
+                    self.node.notifications.handle(self, msg, ProtocolError)
+                    continue
                 if kind == "cache_add":
                     self.add_cache(msg.get("cache"))
                 elif kind == "cache_remove":
@@ -595,6 +598,7 @@ class ClusterNode:
         self.engine_error: Optional[str] = None   # why the last attempt to start it failed
         self.engine_lock = threading.Lock()
         self.handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self.notifications = notifications.Notifications(cluster_id)
         if listen is not None:
             self.start_listening(listen)
 

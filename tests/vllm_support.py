@@ -184,3 +184,90 @@ class Engine:
         self.proc.join(30)
         if self.proc.is_alive():
             self.kill()
+
+
+# ------------------------------------------------------------------------------------------
+# A worker-side connector without an engine
+
+NUM_BLOCKS = 12
+LAYERS = 3
+
+
+def kv_tensors(layout: str, seed):
+    """Per-layer CPU tensors: "cpu" is vLLM's CPU attention layout [num_blocks, kv_heads,
+    block_size, 2*head_size]; "gpu" the GPU backends' [2, num_blocks, block_size, kv_heads,
+    head_size]. Random bytes (seed) or zeros (seed None)."""
+    import torch
+    shape = ((NUM_BLOCKS, 2, BLOCK_SIZE, 2 * 32) if layout == "cpu"
+             else (2, NUM_BLOCKS, BLOCK_SIZE, 2, 32))
+    g = torch.Generator().manual_seed(seed or 0)
+    return {f"model.layers.{l}.self_attn.attn":
+            (torch.randn(*shape, generator=g, dtype=torch.float32) if seed is not None
+             else torch.zeros(*shape, dtype=torch.float32)).to(torch.bfloat16)
+            for l in range(LAYERS)}
+
+
+def block_bytes(kv, layout: str, blocks):
+    """The bytes of each block of every layer (K and V apart in the GPU layout)."""
+    out = []
+    for t in kv.values():
+        for b in blocks:
+            parts = [t[b]] if layout == "cpu" else [t[0, b], t[1, b]]
+            out.append(b"".join(x.contiguous().view(-1).view(__import__("torch").uint8)
+                                .numpy().tobytes() for x in parts))
+    return out
+
+
+def worker_connector(role: str, extra=None):
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from llmdist.integrations.vllm import LLMDistConnector
+    cfg = VllmConfig(kv_transfer_config=kv_transfer_config(role, extra))
+    return LLMDistConnector(cfg, KVConnectorRole.WORKER, None), cfg.kv_transfer_config.engine_id
+
+
+def run_step(conn_, meta, timeout_s: float, until):
+    """One step's start_load_kv with meta, then results until until(sent, recved, failed)."""
+    conn_.bind_connector_metadata(meta)
+    conn_.start_load_kv(None)
+    conn_.clear_connector_metadata()
+    sent, recved, failed = set(), set(), set()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = conn_.get_transfer_results(set())
+        sent |= r.finished_sending
+        recved |= r.finished_recving
+        failed |= r.failed_recving
+        if until(sent, recved, failed) or time.monotonic() > deadline:
+            return sent, recved, failed
+        time.sleep(0.01)
+
+
+def prefill_worker_main(conn, layout: str, seed: int, extra=None) -> None:
+    """Child: a prefill worker connector over random KV tensors. ("lease", req id, seconds)
+    hands it a finished request and waits until it reports it sent, returning the seconds it
+    took; ("blocks", ids) returns the bytes of blocks."""
+    for d in (REPO_DIR, TESTS_DIR):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+    try:
+        from llmdist.integrations.vllm import LLMDistConnectorMetadata
+        c, engine_id = worker_connector("kv_producer", extra)
+        kv = kv_tensors(layout, seed)
+        c.register_kv_caches(kv)
+        conn.send(("ready", engine_id, c.get_handshake_metadata().port))
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "exit":
+                break
+            if cmd == "blocks":
+                conn.send(("ok", block_bytes(kv, layout, args[0])))
+            elif cmd == "lease":
+                rid, lease_s, wait_s = args
+                t0 = time.monotonic()
+                meta = LLMDistConnectorMetadata(reqs_to_send={rid: time.time() + lease_s})
+                sent, _, _ = run_step(c, meta, wait_s, lambda s, r, f: rid in s)
+                conn.send(("ok", (rid in sent, time.monotonic() - t0)))
+        c.shutdown()
+    except BaseException:
+        conn.send(("err", traceback.format_exc()))

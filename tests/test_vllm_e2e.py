@@ -83,7 +83,10 @@ def test_wrong_kv_changes_the_tokens(engines):
     assert got != want
 
 
-def test_full_prefix_hit_only_notifies(engines):
+def test_prefix_hit_pulls_only_the_missing_blocks(engines):
+    """The decode computed the prompt before: its prefix cache holds all but the last block
+    (vLLM recomputes at least one token), which alone is pulled; the prefill frees on the
+    notification. (A decode that needs no block at all only notifies: test_vllm_worker.)"""
     p, d = engines
     p_free = p.call("free_blocks", 5.0)
     prompts = [prompt(96)]

@@ -271,3 +271,60 @@ def prefill_worker_main(conn, layout: str, seed: int, extra=None) -> None:
         c.shutdown()
     except BaseException:
         conn.send(("err", traceback.format_exc()))
+
+
+# ------------------------------------------------------------------------------------------
+# vLLM's real Scheduler with LLMDistConnector (no workers: their output is made by the test)
+
+def make_scheduler(model: str, role: str, num_blocks: int = 40, extra=None,
+                   policy: str = "recompute"):
+    import torch
+    from vllm.config import (CacheConfig, ModelConfig, SchedulerConfig, VllmConfig)
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+    mc = ModelConfig(model=model, skip_tokenizer_init=True, max_model_len=512, dtype="float32")
+    cfg = VllmConfig(model_config=mc,
+                     cache_config=CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True),
+                     scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024,
+                                                      max_model_len=512, is_encoder_decoder=False),
+                     kv_transfer_config=kv_transfer_config(role, extra, policy))
+    cfg.cache_config.num_gpu_blocks = num_blocks
+    kvc = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
+        KVCacheGroupSpec(["model.layers.0.self_attn.attn"],
+                         FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=32,
+                                           dtype=torch.float32))])
+    return Scheduler(cfg, kvc, StructuredOutputManager(cfg), block_size=BLOCK_SIZE,
+                     log_stats=False)
+
+
+_req_ids = iter(range(10**6))
+
+
+def make_request(tokens, max_tokens: int, params=None):
+    from vllm import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+    init_none_hash(sha256)
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                        extra_args=None if params is None else {"kv_transfer_params": params})
+    return Request(f"req-{next(_req_ids)}", list(tokens), sp, None,
+                   block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256))
+
+
+def model_output(sched_out, sending=(), recving=(), failed=(), invalid=()):
+    """What the workers return for a scheduled step: token 7 for every request that ran."""
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+    ids = list(sched_out.num_scheduled_tokens)
+    return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                             sampled_token_ids=[[7] for _ in ids],
+                             kv_connector_output=KVConnectorOutput(
+                                 finished_sending=set(sending), finished_recving=set(recving),
+                                 failed_recving=set(failed), invalid_block_ids=set(invalid)))
+
+
+def step(sched, **worker):
+    """One scheduler step; returns (scheduler output, engine outputs)."""
+    out = sched.schedule()
+    return out, sched.update_from_output(out, model_output(out, **worker))

@@ -110,3 +110,41 @@ def test_prefill_killed_before_the_decode_loads(engines):
     got = [o[0] for o in d.generate(prompts, MAX_TOKENS, params, timeout=60)]
     assert got == want
     assert time.monotonic() - t0 < 60
+
+
+@pytest.fixture(scope="module")
+def push_engines(tmp_path_factory):
+    model = vs.write_checkpoint(str(tmp_path_factory.mktemp("llama-push")))
+    p = vs.Engine(model, "kv_producer", {"mode": "push"})
+    d = vs.Engine(model, "kv_consumer", {"mode": "push"})
+    try:
+        p.wait_ready()
+        d.wait_ready()
+        yield p, d
+    finally:
+        p.close()
+        d.close()
+
+
+def test_push_end_to_end(push_engines):
+    """Push mode: the decode registers its blocks with the prefill, which writes them with
+    push_blocks(..., notify=) into the decode's registered CPU tensors (the prefill steps
+    meanwhile, as a served engine does)."""
+    p, d = push_engines
+    p_free = p.call("free_blocks", 5.0)
+    d_free = d.call("free_blocks", 5.0)
+    prompts = [prompt(70), prompt(40)]
+    params = prefill(p, prompts)
+    assert all(x["transfer_mode"] == "push" for x in params)
+    t0 = time.monotonic()
+    got = [o[0] for o in d.generate_while(p, prompts, MAX_TOKENS, params)]
+    assert time.monotonic() - t0 < 30.0          # written, not recomputed after the lease
+    assert p.call("free_blocks", 10.0) == p_free
+    assert d.call("free_blocks", 5.0) == d_free
+    assert got == own_decode(d, prompts)
+    # wrong KV in the prefill changes what the decode generates
+    prompts = [prompt(64)]
+    want = own_decode(d, prompts)
+    params = prefill(p, prompts)
+    p.call("zero_kv", params[0]["remote_block_ids"])
+    assert [o[0] for o in d.generate_while(p, prompts, MAX_TOKENS, params)] != want

@@ -170,6 +170,17 @@ class Engine:
         return self.call("generate", [list(p) for p in prompts], max_tokens, params,
                          timeout=timeout)
 
+    def generate_while(self, other: "Engine", prompts, max_tokens: int, params,
+                       timeout: float = 120.0):
+        """generate here while other keeps stepping (as a served engine does on its own), until
+        it holds no request or this one answered."""
+        self.conn.send(("generate", [list(p) for p in prompts], max_tokens, list(params)))
+        other.call("free_blocks", timeout / 2, timeout=timeout)
+        msg = self._recv(timeout)
+        if msg[0] != "ok":
+            raise RuntimeError(f"generate failed in the engine:\n{msg[1]}")
+        return msg[1]
+
     def kill(self) -> None:
         if self.proc.is_alive():
             self.proc.kill()

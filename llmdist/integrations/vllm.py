@@ -2,24 +2,28 @@
 
 Load it with `KVTransferConfig(kv_connector="LLMDistConnector",
 kv_connector_module_path="llmdist.integrations.vllm", kv_role=..., kv_connector_extra_config=
-{"mode": "pull", ...})`. Mode pull (the standard prefill-then-decode proxy):
+{"mode": "pull" | "push", ...})`. Both modes follow the standard prefill-then-decode proxy:
 - the prefill (P) keeps a finished request's blocks (request_finished returns True) and hands the
   proxy kv_transfer_params: its engine id, host, the llmdist port of each TP rank, the block ids,
-  its TP size and request id (the transfer id);
-- the decode (D) parks the request, links rank i to P's rank i once (on a background thread, never
-  in a step), pulls the blocks with pull_blocks(..., notify=) and reports them received; the
-  notification arrives at P only once every byte was read out of its memory, and P reports the
-  request sent so vLLM frees its blocks. Without a notification P frees at the lease
-  (extra_config "lease_s", default 30 s);
-- a failed link or pull reports the request received with its blocks in
+  its TP size, its request id (the transfer id) and the mode;
+- pull: the decode (D) parks the request, links rank i to P's rank i once (on a background
+  thread, never in a step), pulls the blocks with pull_blocks(..., notify=) and reports them
+  received; the notification arrives at P only once every byte was read out of its memory, and
+  P reports the request sent so vLLM frees its blocks;
+- push: D links and sends P a notification with its block ids; P writes its blocks into them
+  with push_blocks(..., notify=) and frees them; D reports the request received on that
+  notification (or failed on P's failure notice or at the lease);
+- without a notification P frees at the lease (extra_config "lease_s", default 30 s); a failed
+  link, pull or push reports the request received with its blocks in
   get_block_ids_with_load_errors and in failed_recving, so vLLM recomputes or fails it
-  (kv_load_failure_policy); a decode that already holds every block (prefix cache) only notifies.
+  (kv_load_failure_policy); a decode that needs no block (prefix cache, abort) only notifies.
 Each worker is one llmdist cluster (host runtime for CPU tensors, CUDA or ACL for device ones)
 that registers every layer's KV tensor in one blocks cache (see kv_layout.py). Equal TP sizes
-only: rank i pulls from rank i."""
+only: rank i pairs with rank i."""
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -46,10 +50,13 @@ from .kv_layout import KVLayout, clip_remote, layout_of, runtime_of
 
 log = logging.getLogger("llmdist.vllm")
 
-MODES = ("pull",)
+MODES = ("pull", "push")
 DEFAULT_LEASE_S = 30.0
 MODEL_ID = 0                        # the BlocksCacheKey model id of every worker's KV cache
-NOTIFY_PREFIX = b"llmdist-vllm:done:"
+NOTIFY_PREFIX = b"llmdist-vllm:done:"          # D to P: free the request's blocks
+PUSH_PREFIX = b"llmdist-vllm:push:"            # D to P (push): write into these blocks
+PUSHED_PREFIX = b"llmdist-vllm:pushed:"        # P to D (push): the blocks are written
+PUSH_FAILED_PREFIX = b"llmdist-vllm:failed:"   # P to D (push): they will not be
 _PARAM_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host",
                "remote_ports", "tp_size")
 
@@ -119,6 +126,7 @@ class RecvJob:
     remote_tp_size: int
     transfer_id: str                  # the prefill's request id
     report: bool                      # the request waits for it (finished_recving)
+    mode: str = "pull"                # pull: D reads; push: D registers its blocks, P writes
 
 
 @dataclass
@@ -127,6 +135,8 @@ class LLMDistConnectorMetadata(KVConnectorMetadata):
 
     reqs_to_recv: Dict[str, RecvJob] = field(default_factory=dict)
     reqs_to_send: Dict[str, float] = field(default_factory=dict)   # request id -> lease end
+    # push mode, prefill: the blocks of each finished request, to write when D registers
+    send_blocks: Dict[str, List[int]] = field(default_factory=dict)
 
 
 def _tp_rank() -> int:
@@ -222,6 +232,7 @@ class _SchedulerSide:
             self.ports = {r: options.base_port + r for r in range(tp_size)}
         self.recv: Dict[str, RecvJob] = {}
         self.send: Dict[str, float] = {}
+        self.send_blocks: Dict[str, List[int]] = {}
 
     def set_handshake(self, metadata: Dict[int, LLMDistHandshake]) -> None:
         for rank, meta in metadata.items():
@@ -247,7 +258,8 @@ class _SchedulerSide:
                        remote_host=str(params["remote_host"]),
                        remote_ports=[int(p) for p in params["remote_ports"]],
                        remote_tp_size=int(params["tp_size"]),
-                       transfer_id=str(params["remote_request_id"]), report=report)
+                       transfer_id=str(params["remote_request_id"]), report=report,
+                       mode=str(params.get("transfer_mode", "pull")))
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         params = request.kv_transfer_params
@@ -282,14 +294,17 @@ class _SchedulerSide:
                       request.request_id)
             return False, None
         self.send[request.request_id] = time.time() + self.options.lease_s
+        if self.options.mode == "push":
+            self.send_blocks[request.request_id] = list(block_ids)
         return True, dict(do_remote_prefill=True, do_remote_decode=False,
                           remote_block_ids=list(block_ids), remote_engine_id=self.engine_id,
                           remote_request_id=request.request_id, remote_host=self.options.host,
-                          remote_ports=ports, tp_size=self.tp_size, transfer_mode="pull")
+                          remote_ports=ports, tp_size=self.tp_size,
+                          transfer_mode=self.options.mode)
 
     def build_meta(self) -> LLMDistConnectorMetadata:
-        meta = LLMDistConnectorMetadata(self.recv, self.send)
-        self.recv, self.send = {}, {}
+        meta = LLMDistConnectorMetadata(self.recv, self.send, self.send_blocks)
+        self.recv, self.send, self.send_blocks = {}, {}, {}
         return meta
 
 
@@ -315,6 +330,11 @@ class _WorkerSide:
         self.bad_blocks: Set[int] = set()
         self.sending: Dict[str, float] = {}         # request id -> lease end
         self.notified: Dict[str, float] = {}        # notifications ahead of their lease
+        # push mode: prefill: blocks of finished requests, registrations ahead of them;
+        # decode: requests waiting for the prefill's write (request id -> deadline, job)
+        self.send_blocks: Dict[str, List[int]] = {}
+        self.registrations: Dict[str, Tuple[int, dict, float]] = {}
+        self.awaiting: Dict[str, Tuple[float, RecvJob]] = {}
         self.jobs: "queue.Queue[Optional[RecvJob]]" = queue.Queue()
         self.thread: Optional[threading.Thread] = None
 
@@ -347,6 +367,7 @@ class _WorkerSide:
         """Take the step's work; never blocks (pulls run on the load thread)."""
         with self.lock:
             self.sending.update(meta.reqs_to_send)
+            self.send_blocks.update(meta.send_blocks)
         for job in meta.reqs_to_recv.values():
             self.jobs.put(job)
 
@@ -356,6 +377,9 @@ class _WorkerSide:
             job = self.jobs.get()
             if job is None:
                 return
+            if isinstance(job, tuple):
+                self._push(*job)
+                continue
             error = None
             try:
                 self._load(job)
@@ -363,12 +387,18 @@ class _WorkerSide:
                 error = exc
                 log.error("request %s: loading its KV from engine %s failed: %s: %s",
                           job.req_id, job.remote_engine_id, type(exc).__name__, exc)
-            with self.lock:
-                if error is not None and job.report:
-                    self.failed.add(job.req_id)
-                    self.bad_blocks.update(job.local_block_ids)
-                if job.report:
-                    self.recved.add(job.req_id)
+            if error is None and job.mode == "push" and job.local_block_ids:
+                continue        # registered: received when the prefill says it wrote them
+            self._done(job, error is None)
+
+    def _done(self, job: RecvJob, ok: bool) -> None:
+        with self.lock:
+            self.awaiting.pop(job.req_id, None)
+            if not ok and job.report:
+                self.failed.add(job.req_id)
+                self.bad_blocks.update(job.local_block_ids)
+            if job.report:
+                self.recved.add(job.req_id)
 
     def _load(self, job: RecvJob) -> None:
         if job.remote_tp_size != self.tp_size:
@@ -381,6 +411,13 @@ class _WorkerSide:
         if not job.local_block_ids:
             self.dd.send_notification(peer, payload)
             return
+        if job.mode == "push":
+            with self.lock:
+                self.awaiting[job.req_id] = (time.time() + self.options.lease_s, job)
+            self.dd.send_notification(peer, PUSH_PREFIX + json.dumps(
+                {"req": job.transfer_id, "dst_req": job.req_id,
+                 "blocks": job.local_block_ids}).encode())
+            return
         remote = clip_remote(job.remote_block_ids, job.local_block_ids)
         if len(remote) != len(job.local_block_ids):
             raise ValueError(f"the prefill holds {len(job.remote_block_ids)} blocks, this "
@@ -392,6 +429,30 @@ class _WorkerSide:
                                           notify=payload)
         log.debug("request %s: pulled %d blocks in %.2f ms", job.req_id, len(remote),
                   (time.perf_counter() - t0) * 1e3)
+
+    def _push(self, rid: str, peer: int, reg: dict, blocks: List[int]) -> None:
+        """Prefill, push mode: write a finished request's blocks into the decode's blocks it
+        registered, then tell it (notify=); a failure is told too."""
+        dst_req = str(reg.get("dst_req"))
+        try:
+            local = [int(b) for b in reg["blocks"]]
+            remote = clip_remote(blocks, local)
+            if len(remote) != len(local):
+                raise ValueError(f"this prefill holds {len(blocks)} blocks, the decode "
+                                 f"registered {len(local)}")
+            self.dd.cache_manager.push_blocks(BlocksCacheKey(peer, MODEL_ID), self.cache, remote,
+                                              local,
+                                              tensor_num_per_layer=self.layout.tensors_per_layer,
+                                              notify=PUSHED_PREFIX + dst_req.encode())
+        except Exception as exc:  # noqa: BLE001 - the decode must hear of any failure
+            log.error("request %s: pushing its KV to cluster %d failed: %s: %s", rid, peer,
+                      type(exc).__name__, exc)
+            try:
+                self.dd.send_notification(peer, PUSH_FAILED_PREFIX + dst_req.encode())
+            except Exception as exc2:  # noqa: BLE001
+                log.warning("request %s: telling cluster %d failed: %s", rid, peer, exc2)
+        with self.lock:
+            self.notified[rid] = time.time()         # free its blocks either way
 
     def _link(self, peer: int, host: str, port: int) -> None:
         if self.dd.peer_info(peer) is not None:
@@ -408,11 +469,42 @@ class _WorkerSide:
     def results(self) -> Tuple[Set[str], Set[str], Set[str]]:
         """(sent, received, failed) since the last call; failed ones are received too."""
         now = time.time()
+        pushed: Dict[str, bool] = {}
         if self.dd is not None:
-            for payloads in self.dd.get_notifications().values():
+            for peer, payloads in self.dd.get_notifications().items():
                 for p in payloads:
                     if p.startswith(NOTIFY_PREFIX):
-                        self.notified[p[len(NOTIFY_PREFIX):].decode(errors="replace")] = now
+                        with self.lock:
+                            self.notified[p[len(NOTIFY_PREFIX):].decode(errors="replace")] = now
+                    elif p.startswith(PUSH_PREFIX):
+                        try:
+                            reg = json.loads(p[len(PUSH_PREFIX):])
+                            self.registrations[str(reg["req"])] = (peer, reg, now)
+                        except (ValueError, KeyError, TypeError):
+                            log.warning("cluster %d sent a bad push registration", peer)
+                    elif p.startswith(PUSHED_PREFIX):
+                        pushed[p[len(PUSHED_PREFIX):].decode(errors="replace")] = True
+                    elif p.startswith(PUSH_FAILED_PREFIX):
+                        pushed[p[len(PUSH_FAILED_PREFIX):].decode(errors="replace")] = False
+        with self.lock:
+            ready = [(rid, reg) for rid, reg in self.registrations.items()
+                     if rid in self.send_blocks]
+            expired = [job for deadline, job in self.awaiting.values() if deadline <= now]
+            waiting = {rid: job for rid, (_, job) in self.awaiting.items()}
+        for rid, (peer, reg, _) in ready:
+            del self.registrations[rid]
+            self.jobs.put((rid, peer, reg, self.send_blocks.pop(rid)))
+        for rid, ok in pushed.items():
+            if rid in waiting:
+                if not ok:
+                    log.error("request %s: the prefill could not write its KV", rid)
+                self._done(waiting[rid], ok)
+        for job in expired:
+            log.error("request %s: the prefill did not write its KV within the lease", job.req_id)
+            self._done(job, False)
+        for rid, (_, _, t) in list(self.registrations.items()):
+            if now - t > self.options.lease_s:       # its request was aborted here
+                del self.registrations[rid]
         sent: Set[str] = set()
         with self.lock:
             for rid in list(self.sending):
@@ -425,6 +517,7 @@ class _WorkerSide:
                     sent.add(rid)
             for rid in sent:
                 self.sending.pop(rid, None)
+                self.send_blocks.pop(rid, None)
             recved, failed = self.recved, self.failed
             self.recved, self.failed = set(), set()
         # a notification whose lease never came (the request was aborted here) is dropped

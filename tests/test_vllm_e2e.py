@@ -148,3 +148,39 @@ def test_push_end_to_end(push_engines):
     params = prefill(p, prompts)
     p.call("zero_kv", params[0]["remote_block_ids"])
     assert [o[0] for o in d.generate_while(p, prompts, MAX_TOKENS, params)] != want
+
+
+@pytest.fixture(scope="module")
+def layerwise_engines(tmp_path_factory):
+    model = vs.write_checkpoint(str(tmp_path_factory.mktemp("llama-layerwise")))
+    extra = {"mode": "layerwise", "base_port": 45300}
+    p = vs.Engine(model, "kv_producer", dict(extra), engine_id="prefill-lw")
+    d = vs.Engine(model, "kv_consumer", {"mode": "layerwise"})
+    try:
+        p.wait_ready()
+        d.wait_ready()
+        yield p, d
+    finally:
+        p.close()
+        d.close()
+
+
+def test_layerwise_end_to_end(layerwise_engines):
+    """Layerwise: the decode gets the request first (the proxy dispatches to both with one
+    transfer id) and registers its blocks; the prefill sends each layer from save_kv_layer with
+    transfer_cache_async and a layer synchronizer, and notifies the decode when the task ends."""
+    p, d = layerwise_engines
+    p_free = p.call("free_blocks", 5.0)
+    d_free = d.call("free_blocks", 5.0)
+    prompts = [prompt(70), prompt(45)]
+    tids = [f"t{i}" for i in range(len(prompts))]
+    d_params = [{"do_remote_prefill": True, "remote_engine_id": "prefill-lw",
+                 "remote_host": "127.0.0.1", "remote_ports": [45300], "tp_size": 1,
+                 "remote_request_id": t, "remote_block_ids": [], "transfer_mode": "layerwise"}
+                for t in tids]
+    p_params = [{"do_remote_decode": True, "transfer_id": t} for t in tids]
+    got = [o[0] for o in d.generate_with(p, prompts, MAX_TOKENS, d_params, p_params)]
+    assert p.call("free_blocks", 10.0) == p_free
+    assert d.call("free_blocks", 5.0) == d_free
+    assert p.call("layerwise_started") >= 1     # at least one went out layer by layer
+    assert got == own_decode(d, prompts)

@@ -54,9 +54,10 @@ def write_checkpoint(path: str, seed: int = 1234, std: float = 0.3) -> str:
     return path
 
 
-def kv_transfer_config(role: str, extra=None, policy: str = "recompute"):
+def kv_transfer_config(role: str, extra=None, policy: str = "recompute",
+                       engine_id=None):
     from vllm.config import KVTransferConfig
-    return KVTransferConfig(kv_connector="LLMDistConnector",
+    return KVTransferConfig(kv_connector="LLMDistConnector", engine_id=engine_id,
                             kv_connector_module_path="llmdist.integrations.vllm",
                             kv_role=role, kv_connector_extra_config=dict(extra or {"mode": "pull"}),
                             kv_load_failure_policy=policy)
@@ -65,7 +66,8 @@ def kv_transfer_config(role: str, extra=None, policy: str = "recompute"):
 # ------------------------------------------------------------------------------------------
 # An engine in a child process
 
-def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int) -> None:
+def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
+                engine_id=None) -> None:
     """Child entry point: one vllm LLM; obeys ("generate", prompts, max_tokens, params),
     ("free_blocks",), ("kv", block ids), ("exit",)."""
     for d in (REPO_DIR, TESTS_DIR):
@@ -78,7 +80,7 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int) -> 
         from vllm.inputs import TokensPrompt
         kw = {}
         if role is not None:
-            kw["kv_transfer_config"] = kv_transfer_config(role, extra, policy)
+            kw["kv_transfer_config"] = kv_transfer_config(role, extra, policy, engine_id)
         llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", block_size=BLOCK_SIZE,
                   max_model_len=512, max_num_seqs=8, enforce_eager=True, seed=0,
                   num_gpu_blocks_override=num_blocks, enable_prefix_caching=True, **kw)
@@ -115,6 +117,9 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int) -> 
                     llm.llm_engine.step()
                     time.sleep(0.01)
                 conn.send(("ok", core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()))
+            elif cmd == "layerwise_started":
+                from vllm.distributed.kv_transfer import get_kv_transfer_group
+                conn.send(("ok", get_kv_transfer_group()._worker.layerwise_started))
             elif cmd == "reset_prefix_cache":
                 conn.send(("ok", llm.reset_prefix_cache()))
             elif cmd == "zero_kv":
@@ -137,12 +142,12 @@ class Engine:
     """A vLLM engine in a child process (see engine_main)."""
 
     def __init__(self, model: str, role, extra=None, policy: str = "recompute",
-                 num_blocks: int = 64) -> None:
+                 num_blocks: int = 64, engine_id=None) -> None:
         import multiprocessing as mp
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=engine_main, args=(child, model, role, extra, policy,
-                                                          num_blocks))
+                                                          num_blocks, engine_id))
         self.proc.start()
         self.num_blocks = num_blocks
 
@@ -176,6 +181,19 @@ class Engine:
         it holds no request or this one answered."""
         self.conn.send(("generate", [list(p) for p in prompts], max_tokens, list(params)))
         other.call("free_blocks", timeout / 2, timeout=timeout)
+        msg = self._recv(timeout)
+        if msg[0] != "ok":
+            raise RuntimeError(f"generate failed in the engine:\n{msg[1]}")
+        return msg[1]
+
+    def generate_with(self, prefill: "Engine", prompts, max_tokens: int, params, p_params,
+                      timeout: float = 120.0):
+        """The layerwise proxy: the request goes here and to prefill at once; prefill then
+        keeps stepping until it holds no request."""
+        self.conn.send(("generate", [list(p) for p in prompts], max_tokens, list(params)))
+        time.sleep(1.0)     # let the decode register first, as a proxy that waits for it would
+        prefill.generate(prompts, 1, p_params, timeout=timeout)
+        prefill.call("free_blocks", timeout / 2, timeout=timeout)
         msg = self._recv(timeout)
         if msg[0] != "ok":
             raise RuntimeError(f"generate failed in the engine:\n{msg[1]}")

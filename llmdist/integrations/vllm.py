@@ -2,7 +2,8 @@
 
 Load it with `KVTransferConfig(kv_connector="LLMDistConnector",
 kv_connector_module_path="llmdist.integrations.vllm", kv_role=..., kv_connector_extra_config=
-{"mode": "pull" | "push", ...})`. Both modes follow the standard prefill-then-decode proxy:
+{"mode": "pull" | "push" | "layerwise", ...})`. Pull and push follow the standard
+prefill-then-decode proxy:
 - the prefill (P) keeps a finished request's blocks (request_finished returns True) and hands the
   proxy kv_transfer_params: its engine id, host, the llmdist port of each TP rank, the block ids,
   its TP size, its request id (the transfer id) and the mode;
@@ -13,6 +14,12 @@ kv_connector_module_path="llmdist.integrations.vllm", kv_role=..., kv_connector_
 - push: D links and sends P a notification with its block ids; P writes its blocks into them
   with push_blocks(..., notify=) and frees them; D reports the request received on that
   notification (or failed on P's failure notice or at the lease);
+- layerwise: the proxy sends the request to both at once with one transfer id ("transfer_id" in
+  P's params, "remote_request_id" in D's, with P's address); D registers its blocks as in push;
+  P starts transfer_cache_async at the step's first save_kv_layer with a synchronizer that
+  releases each layer once the forward saved it, and D hears of it by the task's notification
+  (a registration that comes after the forward, or a prompt split over steps, is sent when the
+  request finished, as in push);
 - without a notification P frees at the lease (extra_config "lease_s", default 30 s); a failed
   link, pull or push reports the request received with its blocks in
   get_block_ids_with_load_errors and in failed_recving, so vLLM recomputes or fails it
@@ -46,11 +53,12 @@ from ..config import LLMClusterInfo
 from ..descs import BlocksCacheKey, LLMRole
 from ..llm_datadist import LLMDataDist
 from ..status import LLMStatusCode
+from ..transfer_types import LayerSynchronizer
 from .kv_layout import KVLayout, clip_remote, layout_of, runtime_of
 
 log = logging.getLogger("llmdist.vllm")
 
-MODES = ("pull", "push")
+MODES = ("pull", "push", "layerwise")
 DEFAULT_LEASE_S = 30.0
 MODEL_ID = 0                        # the BlocksCacheKey model id of every worker's KV cache
 NOTIFY_PREFIX = b"llmdist-vllm:done:"          # D to P: free the request's blocks
@@ -135,8 +143,13 @@ class LLMDistConnectorMetadata(KVConnectorMetadata):
 
     reqs_to_recv: Dict[str, RecvJob] = field(default_factory=dict)
     reqs_to_send: Dict[str, float] = field(default_factory=dict)   # request id -> lease end
-    # push mode, prefill: the blocks of each finished request, to write when D registers
+    # push and layerwise modes, prefill: the blocks of each finished request, to write when D
+    # registers
     send_blocks: Dict[str, List[int]] = field(default_factory=dict)
+    # layerwise, prefill: requests computed in this step: request id -> (transfer id, blocks)
+    layerwise: Dict[str, Tuple[str, List[int]]] = field(default_factory=dict)
+    # layerwise, prefill: the transfer id of each request (its request id when absent)
+    transfer_ids: Dict[str, str] = field(default_factory=dict)
 
 
 def _tp_rank() -> int:
@@ -175,7 +188,7 @@ class LLMDistConnector(KVConnectorBase_V1):
         self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output) -> LLMDistConnectorMetadata:
-        return self._sched.build_meta()
+        return self._sched.build_meta(scheduler_output)
 
     def request_finished(self, request, block_ids) -> Tuple[bool, Optional[Dict[str, Any]]]:
         return self._sched.request_finished(request, block_ids)
@@ -197,10 +210,11 @@ class LLMDistConnector(KVConnectorBase_V1):
         return None
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs) -> None:
-        return None
+        # the step's metadata is bound before the forward; start_load_kv runs after it
+        self._worker.layer_saved(layer_name, self._get_connector_metadata())
 
     def wait_for_save(self) -> None:
-        return None
+        self._worker.step_saved()
 
     def get_finished(self, finished_req_ids: Set[str]):
         sending, recving, _ = self._worker.results()
@@ -233,6 +247,8 @@ class _SchedulerSide:
         self.recv: Dict[str, RecvJob] = {}
         self.send: Dict[str, float] = {}
         self.send_blocks: Dict[str, List[int]] = {}
+        self.layerwise: Dict[str, str] = {}          # prefill request id -> transfer id
+        self.new_transfer_ids: Dict[str, str] = {}
 
     def set_handshake(self, metadata: Dict[int, LLMDistHandshake]) -> None:
         for rank, meta in metadata.items():
@@ -263,6 +279,12 @@ class _SchedulerSide:
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         params = request.kv_transfer_params
+        if (self.options.mode == "layerwise" and params and params.get("do_remote_decode")
+                and request.request_id not in self.layerwise):
+            # the prefill of a layerwise request: its layers go out as they are computed
+            tid = str(params.get("transfer_id") or request.request_id)
+            self.layerwise[request.request_id] = tid
+            self.new_transfer_ids[request.request_id] = tid
         if not self._wants_pull(params):
             return
         params["do_remote_prefill"] = False         # one transfer per request
@@ -286,6 +308,7 @@ class _SchedulerSide:
             return False, None
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
                                   RequestStatus.FINISHED_STOPPED) or not block_ids:
+            self.layerwise.pop(request.request_id, None)
             return False, None          # aborted prefill: free now
         ports = [self.ports.get(r) for r in range(self.tp_size)]
         if any(p is None for p in ports):
@@ -294,22 +317,51 @@ class _SchedulerSide:
                       request.request_id)
             return False, None
         self.send[request.request_id] = time.time() + self.options.lease_s
-        if self.options.mode == "push":
+        if self.options.mode in ("push", "layerwise"):
             self.send_blocks[request.request_id] = list(block_ids)
+        self.layerwise.pop(request.request_id, None)
         return True, dict(do_remote_prefill=True, do_remote_decode=False,
                           remote_block_ids=list(block_ids), remote_engine_id=self.engine_id,
                           remote_request_id=request.request_id, remote_host=self.options.host,
                           remote_ports=ports, tp_size=self.tp_size,
                           transfer_mode=self.options.mode)
 
-    def build_meta(self) -> LLMDistConnectorMetadata:
-        meta = LLMDistConnectorMetadata(self.recv, self.send, self.send_blocks)
-        self.recv, self.send, self.send_blocks = {}, {}, {}
+    def build_meta(self, scheduler_output=None) -> LLMDistConnectorMetadata:
+        layer = {}
+        if self.layerwise and scheduler_output is not None:
+            for new in scheduler_output.scheduled_new_reqs:
+                tid = self.layerwise.get(new.req_id)
+                n = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
+                # the whole prompt in this step: its layers can go as they are computed (a
+                # prompt cut into chunks goes when it finished, as in push mode)
+                if tid is not None and new.num_computed_tokens + n >= len(new.prompt_token_ids or ()):
+                    layer[new.req_id] = (tid, list(new.block_ids[0]))
+        meta = LLMDistConnectorMetadata(self.recv, self.send, self.send_blocks, layer,
+                                        self.new_transfer_ids)
+        self.recv, self.send, self.send_blocks, self.new_transfer_ids = {}, {}, {}, {}
         return meta
 
 
 # ------------------------------------------------------------------------------------------
 # Worker side
+
+class _StepLayers(LayerSynchronizer):
+    """Releases layer i of a step's layerwise transfers once the forward saved it."""
+
+    def __init__(self, num_layers: int, timeout_ms: int) -> None:
+        self.saved = [threading.Event() for _ in range(num_layers)]
+        self.timeout_s = timeout_ms / 1000.0
+
+    def release(self, i: int) -> None:
+        self.saved[i].set()
+
+    def release_all(self) -> None:
+        for e in self.saved:
+            e.set()
+
+    def synchronize_layer(self, layer_index: int, timeout_in_millis) -> bool:
+        return self.saved[layer_index].wait(self.timeout_s)
+
 
 class _WorkerSide:
     def __init__(self, engine_id: str, tp_size: int, options: Options, role: LLMRole,
@@ -335,6 +387,15 @@ class _WorkerSide:
         self.send_blocks: Dict[str, List[int]] = {}
         self.registrations: Dict[str, Tuple[int, dict, float]] = {}
         self.awaiting: Dict[str, Tuple[float, RecvJob]] = {}
+        # layerwise, prefill: this step's requests, the layer each tensor name is, the layers
+        # saved in this step, and the tasks sending layers (request id -> task)
+        self.transfer_ids: Dict[str, str] = {}
+        self.step_layerwise: Dict[str, Tuple[str, List[int]]] = {}
+        self.layer_index: Dict[str, int] = {}
+        self.step_gate: Optional[_StepLayers] = None
+        self.layer_tasks: Dict[str, Tuple[object, int, str]] = {}
+        self.pushed: Dict[str, bool] = {}           # decode: request id -> written or not
+        self.layerwise_started = 0                  # transfers that went out layer by layer
         self.jobs: "queue.Queue[Optional[RecvJob]]" = queue.Queue()
         self.thread: Optional[threading.Thread] = None
 
@@ -351,6 +412,7 @@ class _WorkerSide:
             layout.desc(), layout.addrs, BlocksCacheKey(self.cluster_id, MODEL_ID),
             remote_accessible=True)
         self.dd, self.layout = dd, layout
+        self.layer_index = {name: i for i, name in enumerate(kv_caches)}
         self.thread = threading.Thread(target=self._run, name="llmdist-vllm-load", daemon=True)
         self.thread.start()
         log.info("llmdist cluster %d listens on %s:%d: %d KV tensors of %d blocks of %d bytes "
@@ -368,6 +430,7 @@ class _WorkerSide:
         with self.lock:
             self.sending.update(meta.reqs_to_send)
             self.send_blocks.update(meta.send_blocks)
+            self.transfer_ids.update(meta.transfer_ids)
         for job in meta.reqs_to_recv.values():
             self.jobs.put(job)
 
@@ -387,7 +450,7 @@ class _WorkerSide:
                 error = exc
                 log.error("request %s: loading its KV from engine %s failed: %s: %s",
                           job.req_id, job.remote_engine_id, type(exc).__name__, exc)
-            if error is None and job.mode == "push" and job.local_block_ids:
+            if error is None and job.mode in ("push", "layerwise") and job.local_block_ids:
                 continue        # registered: received when the prefill says it wrote them
             self._done(job, error is None)
 
@@ -411,7 +474,7 @@ class _WorkerSide:
         if not job.local_block_ids:
             self.dd.send_notification(peer, payload)
             return
-        if job.mode == "push":
+        if job.mode in ("push", "layerwise"):
             with self.lock:
                 self.awaiting[job.req_id] = (time.time() + self.options.lease_s, job)
             self.dd.send_notification(peer, PUSH_PREFIX + json.dumps(
@@ -429,6 +492,77 @@ class _WorkerSide:
                                           notify=payload)
         log.debug("request %s: pulled %d blocks in %.2f ms", job.req_id, len(remote),
                   (time.perf_counter() - t0) * 1e3)
+
+    # -- layerwise, prefill: each layer goes out as soon as the forward saved it
+    def layer_saved(self, layer_name: str, meta: LLMDistConnectorMetadata) -> None:
+        i = self.layer_index.get(layer_name)
+        if i is None or self.dd is None:
+            return
+        if i == 0:
+            self.step_layerwise = dict(meta.layerwise)
+        if i == 0 and self.step_layerwise:
+            self._drain(time.time())
+            self._start_layerwise()
+        if self.step_gate is not None:
+            self.step_gate.release(i)
+
+    def step_saved(self) -> None:
+        """The step's forward is over: every layer is saved (also those without a hook call)."""
+        gate, self.step_gate = self.step_gate, None
+        if gate is not None:
+            gate.release_all()
+        self.step_layerwise = {}
+
+    def _start_layerwise(self) -> None:
+        from ..transfer_types import TransferWithCacheKeyConfig
+        for rid, (tid, blocks) in list(self.step_layerwise.items()):
+            got = self.registrations.pop(tid, None)
+            if got is None or rid in self.layer_tasks:
+                continue        # D registers later: sent when the request finished
+            peer, reg, _ = got
+            dst_req = str(reg.get("dst_req"))
+            try:
+                local = [int(b) for b in reg["blocks"]]
+                remote = clip_remote(blocks, local)
+                if len(remote) != len(local):
+                    raise ValueError(f"this prefill holds {len(blocks)} blocks, the decode "
+                                     f"registered {len(local)}")
+                if self.step_gate is None:
+                    self.step_gate = _StepLayers(len(self.layer_index),
+                                                 self.options.transfer_timeout_ms)
+                layers = range(len(self.layer_index))
+                task = self.dd.cache_manager.transfer_cache_async(
+                    self.cache, self.step_gate,
+                    [TransferWithCacheKeyConfig(BlocksCacheKey(peer, MODEL_ID), layers, layers)],
+                    remote, local, tensor_num_per_layer=self.layout.tensors_per_layer,
+                    notify=PUSHED_PREFIX + dst_req.encode())
+            except Exception as exc:  # noqa: BLE001 - the decode hears of any failure
+                log.error("request %s: sending its KV layer by layer failed: %s: %s", rid,
+                          type(exc).__name__, exc)
+                self._tell_failed(peer, dst_req, rid)
+                continue
+            self.layer_tasks[rid] = (task, peer, dst_req)
+            self.layerwise_started += 1
+
+    def _tell_failed(self, peer: int, dst_req: str, rid: str) -> None:
+        try:
+            self.dd.send_notification(peer, PUSH_FAILED_PREFIX + dst_req.encode())
+        except Exception as exc:  # noqa: BLE001
+            log.warning("request %s: telling cluster %d failed: %s", rid, peer, exc)
+
+    def _layer_tasks_done(self, now: float) -> None:
+        for rid, (task, peer, dst_req) in list(self.layer_tasks.items()):
+            if not task.done:
+                continue
+            del self.layer_tasks[rid]
+            status = task.synchronize(0)
+            if status != LLMStatusCode.LLM_SUCCESS:
+                log.error("request %s: sending its KV layer by layer failed: %s %s", rid,
+                          status.name, task.errors or task.notification_error)
+                if task.notification_error is None:
+                    self._tell_failed(peer, dst_req, rid)
+            with self.lock:
+                self.notified[rid] = now
 
     def _push(self, rid: str, peer: int, reg: dict, blocks: List[int]) -> None:
         """Prefill, push mode: write a finished request's blocks into the decode's blocks it
@@ -465,34 +599,41 @@ class _WorkerSide:
             raise ConnectionError(f"linking to cluster {peer} at {host}:{port} failed: "
                                   f"{codes[0].name}")
 
+    def _drain(self, now: float) -> None:
+        """Take the notifications received: frees, push registrations, push outcomes."""
+        if self.dd is None:
+            return
+        for peer, payloads in self.dd.get_notifications().items():
+            for p in payloads:
+                if p.startswith(NOTIFY_PREFIX):
+                    with self.lock:
+                        self.notified[p[len(NOTIFY_PREFIX):].decode(errors="replace")] = now
+                elif p.startswith(PUSH_PREFIX):
+                    try:
+                        reg = json.loads(p[len(PUSH_PREFIX):])
+                        self.registrations[str(reg["req"])] = (peer, reg, now)
+                    except (ValueError, KeyError, TypeError):
+                        log.warning("cluster %d sent a bad push registration", peer)
+                elif p.startswith(PUSHED_PREFIX):
+                    self.pushed[p[len(PUSHED_PREFIX):].decode(errors="replace")] = True
+                elif p.startswith(PUSH_FAILED_PREFIX):
+                    self.pushed[p[len(PUSH_FAILED_PREFIX):].decode(errors="replace")] = False
+
     # -- per step results
     def results(self) -> Tuple[Set[str], Set[str], Set[str]]:
         """(sent, received, failed) since the last call; failed ones are received too."""
         now = time.time()
-        pushed: Dict[str, bool] = {}
-        if self.dd is not None:
-            for peer, payloads in self.dd.get_notifications().items():
-                for p in payloads:
-                    if p.startswith(NOTIFY_PREFIX):
-                        with self.lock:
-                            self.notified[p[len(NOTIFY_PREFIX):].decode(errors="replace")] = now
-                    elif p.startswith(PUSH_PREFIX):
-                        try:
-                            reg = json.loads(p[len(PUSH_PREFIX):])
-                            self.registrations[str(reg["req"])] = (peer, reg, now)
-                        except (ValueError, KeyError, TypeError):
-                            log.warning("cluster %d sent a bad push registration", peer)
-                    elif p.startswith(PUSHED_PREFIX):
-                        pushed[p[len(PUSHED_PREFIX):].decode(errors="replace")] = True
-                    elif p.startswith(PUSH_FAILED_PREFIX):
-                        pushed[p[len(PUSH_FAILED_PREFIX):].decode(errors="replace")] = False
+        self._drain(now)
+        pushed, self.pushed = self.pushed, {}
+        self._layer_tasks_done(now)
         with self.lock:
-            ready = [(rid, reg) for rid, reg in self.registrations.items()
-                     if rid in self.send_blocks]
+            ready = [(rid, self.registrations[tid])
+                     for rid, tid in ((r, self.transfer_ids.get(r, r)) for r in self.send_blocks)
+                     if tid in self.registrations and rid not in self.layer_tasks]
             expired = [job for deadline, job in self.awaiting.values() if deadline <= now]
             waiting = {rid: job for rid, (_, job) in self.awaiting.items()}
         for rid, (peer, reg, _) in ready:
-            del self.registrations[rid]
+            del self.registrations[self.transfer_ids.pop(rid, rid)]
             self.jobs.put((rid, peer, reg, self.send_blocks.pop(rid)))
         for rid, ok in pushed.items():
             if rid in waiting:

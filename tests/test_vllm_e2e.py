@@ -98,18 +98,27 @@ def test_prefix_hit_pulls_only_the_missing_blocks(engines):
     d.call("reset_prefix_cache")
 
 
-def test_prefill_killed_before_the_decode_loads(engines):
-    """A dead prefill: the pull fails, the decode does not hang and recomputes
-    (kv_load_failure_policy recompute). Runs last: it kills the prefill."""
+def test_prefill_killed_before_the_decode_loads(engines, tmp_path):
+    """A dead prefill: the pull fails; the decode does not hang, and recomputes
+    (kv_load_failure_policy recompute) or fails the request (fail). Runs last: it kills the
+    prefill."""
     p, d = engines
-    prompts = [prompt(50), prompt(80)]
-    want = own_decode(d, prompts)
-    params = prefill(p, prompts)
-    p.kill()
-    t0 = time.monotonic()
-    got = [o[0] for o in d.generate(prompts, MAX_TOKENS, params, timeout=60)]
-    assert got == want
-    assert time.monotonic() - t0 < 60
+    d_fail = vs.Engine(vs.write_checkpoint(str(tmp_path / "llama")), "kv_consumer",
+                       policy="fail")
+    try:
+        prompts = [prompt(50), prompt(80)]
+        want = own_decode(d, prompts)
+        params = prefill(p, prompts)
+        d_fail.wait_ready()
+        p.kill()
+        t0 = time.monotonic()
+        got = [o[0] for o in d.generate(prompts, MAX_TOKENS, params, timeout=60)]
+        assert got == want
+        outs = d_fail.generate(prompts, MAX_TOKENS, params, timeout=60)
+        assert [o[2] for o in outs] == ["error", "error"]
+        assert time.monotonic() - t0 < 60
+    finally:
+        d_fail.close()
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,13 @@ def write_checkpoint(path: str, seed: int = 1234, std: float = 0.3) -> str:
 def kv_transfer_config(role: str, extra=None, policy: str = "recompute",
                        engine_id=None):
     from vllm.config import KVTransferConfig
+    if extra and extra.get("connector") == "NixlConnector":
+        # vLLM's reference connector (pip install nixl nixl-cu12 --no-deps; UCX over TCP)
+        os.environ.setdefault("UCX_TLS", "tcp,sm,self")
+        os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(extra["side_channel_port"])
+        return KVTransferConfig(kv_connector="NixlConnector", kv_role="kv_both",
+                                kv_buffer_device="cpu", engine_id=engine_id,
+                                kv_load_failure_policy=policy)
     return KVTransferConfig(kv_connector="LLMDistConnector", engine_id=engine_id,
                             kv_connector_module_path="llmdist.integrations.vllm",
                             kv_role=role, kv_connector_extra_config=dict(extra or {"mode": "pull"}),
@@ -65,6 +72,34 @@ def kv_transfer_config(role: str, extra=None, policy: str = "recompute",
 
 # ------------------------------------------------------------------------------------------
 # An engine in a child process
+
+_nixl_times: list = []
+
+
+def _watch_nixl_transfers() -> None:
+    """Keep NixlConnector's per-transfer durations (its telemetry) where the bench reads them."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl.stats import NixlKVConnectorStats
+    except ImportError:
+        return
+    orig = NixlKVConnectorStats.record_transfer
+
+    def record(self, res):
+        if res is not None:
+            _nixl_times.append(res.xferDuration / 1e6)
+        return orig(self, res)
+    NixlKVConnectorStats.record_transfer = record
+
+
+def _take_transfer_times() -> list:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+    worker = getattr(get_kv_transfer_group(), "_worker", None)
+    if worker is not None:
+        out, worker.transfer_times = list(worker.transfer_times), []
+        return out
+    out = list(_nixl_times)
+    _nixl_times.clear()
+    return out
 
 def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
                 engine_id=None) -> None:
@@ -87,6 +122,7 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
     except BaseException:
         conn.send(("err", traceback.format_exc()))
         return
+    _watch_nixl_transfers()
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -117,6 +153,10 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
                     llm.llm_engine.step()
                     time.sleep(0.01)
                 conn.send(("ok", core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()))
+            elif cmd == "transfer_times":
+                # seconds per transfer since the last call: LLMDistConnector's pulls and pushes
+                # (notification included), NixlConnector's transfer telemetry
+                conn.send(("ok", _take_transfer_times()))
             elif cmd == "layerwise_started":
                 from vllm.distributed.kv_transfer import get_kv_transfer_group
                 conn.send(("ok", get_kv_transfer_group()._worker.layerwise_started))
@@ -187,11 +227,11 @@ class Engine:
         return msg[1]
 
     def generate_with(self, prefill: "Engine", prompts, max_tokens: int, params, p_params,
-                      timeout: float = 120.0):
+                      timeout: float = 120.0, settle_s: float = 1.0):
         """The layerwise proxy: the request goes here and to prefill at once; prefill then
         keeps stepping until it holds no request."""
         self.conn.send(("generate", [list(p) for p in prompts], max_tokens, list(params)))
-        time.sleep(1.0)     # let the decode register first, as a proxy that waits for it would
+        time.sleep(settle_s)    # let the decode register first, as a proxy waiting for it would
         prefill.generate(prompts, 1, p_params, timeout=timeout)
         prefill.call("free_blocks", timeout / 2, timeout=timeout)
         msg = self._recv(timeout)

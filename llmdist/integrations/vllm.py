@@ -396,6 +396,7 @@ class _WorkerSide:
         self.layer_tasks: Dict[str, Tuple[object, int, str]] = {}
         self.pushed: Dict[str, bool] = {}           # decode: request id -> written or not
         self.layerwise_started = 0                  # transfers that went out layer by layer
+        self.transfer_times: List[float] = []       # seconds per pull or push, notification in
         self.jobs: "queue.Queue[Optional[RecvJob]]" = queue.Queue()
         self.thread: Optional[threading.Thread] = None
 
@@ -490,8 +491,9 @@ class _WorkerSide:
                                           job.local_block_ids,
                                           tensor_num_per_layer=self.layout.tensors_per_layer,
                                           notify=payload)
-        log.debug("request %s: pulled %d blocks in %.2f ms", job.req_id, len(remote),
-                  (time.perf_counter() - t0) * 1e3)
+        took = time.perf_counter() - t0
+        self.transfer_times.append(took)
+        log.debug("request %s: pulled %d blocks in %.2f ms", job.req_id, len(remote), took * 1e3)
 
     # -- layerwise, prefill: each layer goes out as soon as the forward saved it
     def layer_saved(self, layer_name: str, meta: LLMDistConnectorMetadata) -> None:
@@ -574,10 +576,12 @@ class _WorkerSide:
             if len(remote) != len(local):
                 raise ValueError(f"this prefill holds {len(blocks)} blocks, the decode "
                                  f"registered {len(local)}")
+            t0 = time.perf_counter()
             self.dd.cache_manager.push_blocks(BlocksCacheKey(peer, MODEL_ID), self.cache, remote,
                                               local,
                                               tensor_num_per_layer=self.layout.tensors_per_layer,
                                               notify=PUSHED_PREFIX + dst_req.encode())
+            self.transfer_times.append(time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - the decode must hear of any failure
             log.error("request %s: pushing its KV to cluster %d failed: %s: %s", rid, peer,
                       type(exc).__name__, exc)

@@ -123,6 +123,7 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
         conn.send(("err", traceback.format_exc()))
         return
     _watch_nixl_transfers()
+    last_end = [0.0]
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -141,6 +142,7 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
                        for p in params]
                 outs = llm.generate([TokensPrompt(prompt_token_ids=list(t)) for t in prompts], sps,
                                     use_tqdm=False)
+                last_end[0] = time.time()
                 conn.send(("ok", [(list(o.outputs[0].token_ids), o.kv_transfer_params,
                                    o.outputs[0].finish_reason) for o in outs]))
             elif cmd == "free_blocks":
@@ -153,6 +155,8 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
                     llm.llm_engine.step()
                     time.sleep(0.01)
                 conn.send(("ok", core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()))
+            elif cmd == "last_generate_end":
+                conn.send(("ok", last_end[0]))       # time.time() when the last one returned
             elif cmd == "transfer_times":
                 # seconds per transfer since the last call: LLMDistConnector's pulls and pushes
                 # (notification included), NixlConnector's transfer telemetry

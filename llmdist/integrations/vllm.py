@@ -502,11 +502,16 @@ class _WorkerSide:
             return
         if i == 0:
             self.step_layerwise = dict(meta.layerwise)
-        if i == 0 and self.step_layerwise:
-            self._drain(time.time())
-            self._start_layerwise()
+            if self.step_layerwise and self.step_gate is None:
+                self.step_gate = _StepLayers(len(self.layer_index),
+                                             self.options.transfer_timeout_ms)
         if self.step_gate is not None:
             self.step_gate.release(i)
+        if any(rid not in self.layer_tasks for rid in self.step_layerwise):
+            # a decode that registered by now gets the layers computed so far at once and the
+            # others as they come
+            self._drain(time.time())
+            self._start_layerwise()
 
     def step_saved(self) -> None:
         """The step's forward is over: every layer is saved (also those without a hook call)."""
@@ -518,8 +523,10 @@ class _WorkerSide:
     def _start_layerwise(self) -> None:
         from ..transfer_types import TransferWithCacheKeyConfig
         for rid, (tid, blocks) in list(self.step_layerwise.items()):
+            if rid in self.layer_tasks or self.step_gate is None:
+                continue
             got = self.registrations.pop(tid, None)
-            if got is None or rid in self.layer_tasks:
+            if got is None:
                 continue        # D registers later: sent when the request finished
             peer, reg, _ = got
             dst_req = str(reg.get("dst_req"))
@@ -529,9 +536,6 @@ class _WorkerSide:
                 if len(remote) != len(local):
                     raise ValueError(f"this prefill holds {len(blocks)} blocks, the decode "
                                      f"registered {len(local)}")
-                if self.step_gate is None:
-                    self.step_gate = _StepLayers(len(self.layer_index),
-                                                 self.options.transfer_timeout_ms)
                 layers = range(len(self.layer_index))
                 task = self.dd.cache_manager.transfer_cache_async(
                     self.cache, self.step_gate,
@@ -542,6 +546,9 @@ class _WorkerSide:
                 log.error("request %s: sending its KV layer by layer failed: %s: %s", rid,
                           type(exc).__name__, exc)
                 self._tell_failed(peer, dst_req, rid)
+                with self.lock:
+                    self.notified[rid] = time.time()     # nothing more goes: free its blocks
+                self.layer_tasks.pop(rid, None)
                 continue
             self.layer_tasks[rid] = (task, peer, dst_req)
             self.layerwise_started += 1
@@ -556,8 +563,11 @@ class _WorkerSide:
         for rid, (task, peer, dst_req) in list(self.layer_tasks.items()):
             if not task.done:
                 continue
-            del self.layer_tasks[rid]
             status = task.synchronize(0)
+            if (status == LLMStatusCode.LLM_TIMEOUT and task.notification_error is None
+                    and task.get_results(0) == [LLMStatusCode.LLM_SUCCESS]):
+                continue        # the bytes are there; the decode has not confirmed yet
+            del self.layer_tasks[rid]
             if status != LLMStatusCode.LLM_SUCCESS:
                 log.error("request %s: sending its KV layer by layer failed: %s %s", rid,
                           status.name, task.errors or task.notification_error)

@@ -9,13 +9,14 @@ import threading
 import warnings
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from . import _core, block_ops, device_ipc, pull_push, shm
+from . import _core, block_ops, device_ipc, notifications, pull_push, shm
 from ._core import CopyKind, Direction
 from ._check import (check_int64, check_int_list, check_isinstance, check_uint32, check_uint64,
                      require)
 from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex, Placement,
                     copy_kind)
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
+from .results import config_results
 from .routes import LocalRoute, Route
 from .status import LLMException, LLMStatusCode
 from .events import EventSynchronizer
@@ -426,20 +427,37 @@ class CacheManager:
                              src_block_indices: Optional[Sequence[int]] = None,
                              dst_block_indices: Optional[Sequence[int]] = None,
                              dst_block_memory_size: Optional[int] = None, *,
-                             tensor_num_per_layer: int = 2) -> CacheTask:
+                             tensor_num_per_layer: int = 2,
+                             notify: Optional[bytes] = None) -> CacheTask:
         """Send src_cache layer by layer as layer_synchronizer releases each layer; returns at
         once with a CacheTask. All checks of the contract run here, before anything moves.
         tensor_num_per_layer (an llmdist extension): 2 for K and V per layer, 1 for caches of
-        one tensor per layer (MLA)."""
+        one tensor per layer (MLA). notify (an llmdist extension): a payload each destination
+        cluster receives once every config succeeded (see send_notification)."""
+        notice = None
+        if notify is not None:
+            payload = notifications.check_payload("notify", notify)
+            check_isinstance("transfer_configs", transfer_configs, (list, tuple))
+            targets, seen = [], set()
+            for cfg in transfer_configs:
+                cid = getattr(cfg, "dst_cluster_id", None)
+                if isinstance(cid, int) and cid not in seen:
+                    seen.add(cid)
+                    targets.append(self._notify_target(cid))
+            notice = notifications.TaskNotice(self._hub(), targets, payload)
         job, n = self._start_transfer(src_cache, layer_synchronizer, transfer_configs,
                                       src_block_indices, dst_block_indices,
-                                      dst_block_memory_size, tensor_num_per_layer, True)
-        return CacheTask(job, n)
+                                      dst_block_memory_size, tensor_num_per_layer, True,
+                                      notice=notice)
+        if notice is not None and job is None:
+            notice.fire(True)       # no config: nothing to wait for
+        return CacheTask(job, n, notice)
 
     def _start_transfer(self, src_cache: Cache, layer_synchronizer: Optional[LayerSynchronizer],
                         transfer_configs, src_block_indices, dst_block_indices,
                         dst_block_memory_size, tensor_num_per_layer: int,
-                        need_synchronizer: bool, op: Optional[str] = None):
+                        need_synchronizer: bool, op: Optional[str] = None,
+                        notice=None):
         """Check a transfer out of src_cache and submit it; returns (job or None, number of
         configs). Without need_synchronizer a None synchronizer means every layer is ready
         (push_blocks, push_cache). op names a push: a push within this cluster must not write
@@ -517,7 +535,8 @@ class CacheManager:
         self._take_slot()
         try:
             return self._submit(src_cache, src_entry, layer_synchronizer, transfer_configs,
-                                src_idx, dst_idx, block_size, plan, num_layers, tpl, op)
+                                src_idx, dst_idx, block_size, plan, num_layers, tpl, op,
+                                notice)
         except BaseException:
             self._slots.release()
             raise
@@ -533,7 +552,7 @@ class CacheManager:
 
     def _submit(self, src_cache: Cache, src_entry: MemoryEntry, layer_synchronizer,
                 transfer_configs, src_idx, dst_idx, block_size: int, plan,
-                num_layers: int, tpl: int, op: Optional[str] = None):
+                num_layers: int, tpl: int, op: Optional[str] = None, notice=None):
         """Checks that need the lock (rules 8-11), then the job goes to the workers."""
         with self._lock:
             plans = []
@@ -556,15 +575,23 @@ class CacheManager:
             job = _core.TransferJob(self._runtime, plan, src_cache._tensor_addrs, plans,
                                     layer_synchronizer, self._sync_timeout, events, gate,
                                     tensors_per_layer=tpl)
-            self._launch(job, src_cache.cache_id, touched)
+            self._launch(job, src_cache.cache_id, touched, notice)
         return job, len(plans)
 
-    def _launch(self, job, cache_id: int, touched: List[set]) -> None:
+    def _launch(self, job, cache_id: int, touched: List[set], notice=None) -> None:
         """Record job as in flight (driven by this cluster's cache cache_id, touching the
         (cluster, cache) pairs of touched per config) and hand it to the workers (lock held).
-        The caller holds a task slot, which the job gives back when it ends."""
+        The caller holds a task slot, which the job gives back when it ends; notice (a
+        TaskNotice) fires when it ends."""
         self._inflight[job] = ((self._cluster_id, cache_id), touched)
-        job.on_finish = self._job_done
+        if notice is None:
+            job.on_finish = self._job_done
+        else:
+            def finished(job) -> None:
+                self._job_done(job)
+                ok = all(r == LLMStatusCode.LLM_SUCCESS for r in config_results(job)[0])
+                notice.fire(ok)
+            job.on_finish = finished
         try:
             self._workers.submit(job)
         except BaseException:
@@ -651,9 +678,13 @@ class CacheManager:
             if src_idx is not None and not rc.is_blocks_cache:
                 raise _fail(f"transfer_configs[{i}]: PA source to non-PA destination is not "
                             f"supported (cache {rc.cache_id})")
-            if dplace == Placement.HOST and region.origin != ALLOCATED:
-                raise _fail(f"transfer_configs[{i}]: a HOST destination must be allocated with "
-                            f"allocate_cache/allocate_blocks_cache; cache {rc.cache_id} is registered")
+            if dplace == Placement.HOST and region.origin != ALLOCATED and not self._runtime.is_host:
+                # Host memory the caller registered may be pageable, which a device runtime's
+                # asynchronous copies refuse. The host runtime writes it like any host memory.
+                raise _fail(f"transfer_configs[{i}]: on the {self._runtime.name} runtime a HOST "
+                            f"destination must be allocated with allocate_cache/"
+                            f"allocate_blocks_cache (page-locked); cache {rc.cache_id} is "
+                            f"registered")
             if (peer is not None and dplace == Placement.DEVICE
                     and peer.runtime != self._runtime.name):
                 raise _fail(f"transfer_configs[{i}]: cache {rc.cache_id} is DEVICE memory of the "
@@ -716,24 +747,27 @@ class CacheManager:
                     dst_cache: Cache, src_blocks: Sequence[int] = (),
                     dst_blocks: Sequence[int] = (), src_layer_range: Optional[range] = None,
                     dst_layer_range: Optional[range] = None,
-                    tensor_num_per_layer: int = 2, **ignored: object) -> None:
+                    tensor_num_per_layer: int = 2, *, notify: Optional[bytes] = None,
+                    **ignored: object) -> None:
         """Copy blocks of the cache src_cache_key names (on a linked cluster or this one) into
         blocks of dst_cache, synchronously. A BlocksCacheKey copies src_blocks[j] to
         dst_blocks[j]; a CacheKey / CacheKeyByIdAndIndex cuts the source row into dst_blocks
-        (src_blocks empty). Layer l is tensors [l*t, (l+1)*t) with t = tensor_num_per_layer."""
+        (src_blocks empty). Layer l is tensors [l*t, (l+1)*t) with t = tensor_num_per_layer.
+        notify: a payload the source's cluster receives once the bytes are read out of it."""
         _ignore("pull_blocks", ignored)
         check_isinstance("src_cache_key", src_cache_key,
                          (CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey))
         pull_push.pull(self, "pull_blocks", src_cache_key, dst_cache, src_blocks, dst_blocks,
-                       None, -1, src_layer_range, dst_layer_range, tensor_num_per_layer)
+                       None, -1, src_layer_range, dst_layer_range, tensor_num_per_layer, notify)
 
     def pull_cache(self, cache_key: Union[CacheKey, CacheKeyByIdAndIndex], cache: Cache,
                    batch_index: int = 0, size: int = -1, src_layer_range: Optional[range] = None,
                    dst_layer_range: Optional[range] = None,
-                   tensor_num_per_layer: int = 2, **ignored: object) -> None:
+                   tensor_num_per_layer: int = 2, *, notify: Optional[bytes] = None,
+                   **ignored: object) -> None:
         """Copy the row cache_key names into row batch_index of the non-blocks cache,
         synchronously; size bytes of each tensor's row (-1: all of it). In remote-accessible
-        mode only a CacheKeyByIdAndIndex names the source."""
+        mode only a CacheKeyByIdAndIndex names the source. notify: as for pull_blocks."""
         _ignore("pull_cache", ignored)
         allowed = (CacheKeyByIdAndIndex,) if self._remote_accessible else (CacheKey, CacheKeyByIdAndIndex)
         check_isinstance("cache_key", cache_key, allowed)
@@ -742,16 +776,18 @@ class CacheManager:
         check_int64("size", size)
         require(size == -1 or size > 0, f"size must be -1 or > 0, but got {size}")
         pull_push.pull(self, "pull_cache", cache_key, cache, (), (), batch_index, size,
-                       src_layer_range, dst_layer_range, tensor_num_per_layer)
+                       src_layer_range, dst_layer_range, tensor_num_per_layer, notify)
 
     def push_blocks(self, dst_cache_key: BlocksCacheKey, src_cache: Cache,
                     src_blocks: Sequence[int] = (), dst_blocks: Sequence[int] = (),
                     src_layer_range: Optional[range] = None,
                     dst_layer_range: Optional[range] = None,
-                    tensor_num_per_layer: int = 2, **ignored: object) -> None:
+                    tensor_num_per_layer: int = 2, *, notify: Optional[bytes] = None,
+                    **ignored: object) -> None:
         """Write blocks of the blocks cache src_cache into blocks of the cache dst_cache_key
         names, synchronously (remote-accessible mode). src_blocks empty: block 0 is cut into
-        dst_blocks of the destination's block size."""
+        dst_blocks of the destination's block size. notify: a payload the destination's
+        cluster receives once the bytes are in its memory."""
         _ignore("push_blocks", ignored)
         require(self._remote_accessible, "push_blocks needs enable_remote_cache_accessible")
         check_isinstance("dst_cache_key", dst_cache_key, BlocksCacheKey)
@@ -762,14 +798,16 @@ class CacheManager:
         require(len(dst_blocks) > 0, "dst_blocks must not be empty")
         pull_push.push(self, "push_blocks", dst_cache_key, src_cache, list(src_blocks),
                        list(dst_blocks), 0, src_layer_range, dst_layer_range,
-                       tensor_num_per_layer)
+                       tensor_num_per_layer, notify)
 
     def push_cache(self, dst_cache_key: CacheKeyByIdAndIndex, src_cache: Cache,
                    src_batch_index: int = 0, src_layer_range: Optional[range] = None,
                    dst_layer_range: Optional[range] = None, size: int = -1,
-                   tensor_num_per_layer: int = 2, **ignored: object) -> None:
+                   tensor_num_per_layer: int = 2, *, notify: Optional[bytes] = None,
+                   **ignored: object) -> None:
         """Write row src_batch_index of the non-blocks src_cache into the row dst_cache_key
-        names, synchronously (remote-accessible mode; size must be -1, the whole row)."""
+        names, synchronously (remote-accessible mode; size must be -1, the whole row).
+        notify: as for push_blocks."""
         _ignore("push_cache", ignored)
         require(self._remote_accessible, "push_cache needs enable_remote_cache_accessible")
         check_isinstance("dst_cache_key", dst_cache_key, CacheKeyByIdAndIndex)
@@ -780,7 +818,32 @@ class CacheManager:
         check_int64("size", size)
         require(size == -1, f"size must be -1 (the whole row), but got {size}")
         pull_push.push(self, "push_cache", dst_cache_key, src_cache, None, None,
-                       src_batch_index, src_layer_range, dst_layer_range, tensor_num_per_layer)
+                       src_batch_index, src_layer_range, dst_layer_range, tensor_num_per_layer,
+                       notify)
+
+    # ------------------------------------------------------------------ notifications
+
+    def _hub(self) -> "notifications.Notifications":
+        if self._node is None:
+            raise _fail("notifications need a cluster (LLMDataDist.init)",
+                        LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+        return self._node.notifications
+
+    def _notify_target(self, cluster_id: int):
+        """(peer, cluster_id) to notify; peer None for this cluster itself."""
+        self._hub()
+        if cluster_id == self._cluster_id:
+            return None, cluster_id
+        return self._linked_peer(cluster_id), cluster_id
+
+    def _notify_now(self, cluster_id: int, payload: bytes, what: str) -> None:
+        """Send a notification after a synchronous transfer and wait for its confirmation."""
+        peer, _ = self._notify_target(cluster_id)
+        try:
+            self._hub().send(peer, cluster_id, payload).wait()
+        except LLMException as exc:
+            raise _fail(f"{what} succeeded, but its notification to cluster {cluster_id} was "
+                        f"not delivered: {exc}", exc.status_code) from None
 
     def _job_done(self, job) -> None:
         with self._lock:

@@ -32,7 +32,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
-from . import _core, device_ipc, shm
+from . import _core, device_ipc, notifications, shm
 from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
 from .handshake_slots import HandshakeSlots
 from .limits import PeerLimits
@@ -608,6 +608,9 @@ class Peer:
                     self.peer_unlinked = True
                     self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=seq)
                     return
+                if kind in notifications.MESSAGES:
+                    self.node.notifications.handle(self, msg, ProtocolError)
+                    continue
                 if kind == "cache_add":
                     self.add_cache(msg.get("cache"))
                 elif kind == "cache_remove":
@@ -727,6 +730,7 @@ class ClusterNode:
         self.epoch = 0
         self.switching = False
         self.handshakes_ended = threading.Condition(self.lock)
+        self.notifications = notifications.Notifications(cluster_id)
         if listen is not None:
             self.start_listening(listen)
 

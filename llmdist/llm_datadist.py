@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
 
-from . import _core, limits, runtimes
+from . import _core, limits, notifications, runtimes
 from ._check import check_isinstance, check_uint64
 from .cache_manager import CacheManager
 from .cluster import ClusterNode
@@ -31,7 +31,8 @@ _UPSTREAM_KEYS = {
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
                  "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots",
-                 "llmdist.max_inflight_tasks", "llmdist.device_copy"} | limits.OPTION_KEYS
+                 "llmdist.max_inflight_tasks", "llmdist.device_copy",
+                 "llmdist.notify_queue_depth"} | limits.OPTION_KEYS
 MAX_INFLIGHT_TASKS = 1024       # default of llmdist.max_inflight_tasks
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
@@ -151,9 +152,12 @@ class LLMDataDist:
             runtime.bind_device()
             runtime.select_device_copy(options.get("llmdist.device_copy")
                                        or os.environ.get("LLMDIST_DEVICE_COPY", "auto"))
+            notify_depth = _int_option(options, "llmdist.notify_queue_depth",
+                                       notifications.DEFAULT_QUEUE_DEPTH, 1)
             node = ClusterNode(self._cluster_id, self._role, listen,
                                options.get("llmdist.transport", "auto"), runtime,
                                peer_limits)
+            node.notifications.queue_depth = notify_depth
             try:
                 comms = RankTableLinks(node, self._cluster_id, options)
             except LLMException:
@@ -264,6 +268,35 @@ class LLMDataDist:
                     continue
             codes.append(self._node.unlink(cid, timeout, force))
         return self._overall(codes), codes
+
+    # -- notifications (an llmdist extension; see notifications.py)
+    def send_notification(self, cluster_id: int, payload: bytes) -> None:
+        """Send payload (at most notifications.MAX_PAYLOAD bytes) to a linked cluster (or this
+        one) on the control connection; returns once it is in the receiver's queue. Raises
+        LLMException: LLM_NOT_YET_LINK when not linked, LLM_LINK_BUSY when the receiver's
+        queue for this cluster is full (llmdist.notify_queue_depth), LLM_LINK_FAILED when the
+        link went down first."""
+        check_uint64("cluster_id", cluster_id)
+        data = notifications.check_payload("payload", payload)
+        cm = self.cache_manager
+        peer, _ = cm._notify_target(cluster_id)
+        self._node.notifications.send(peer, cluster_id, data).wait()
+
+    def get_notifications(self) -> Dict[int, List[bytes]]:
+        """Every notification received since the last call, per sending cluster id, in the
+        order they were sent; drains them."""
+        self.cache_manager
+        return self._node.notifications.drain()
+
+    def wait_notifications(self, timeout_ms: int) -> Dict[int, List[bytes]]:
+        """get_notifications after waiting up to timeout_ms for at least one (an empty dict
+        when none came)."""
+        check_isinstance("timeout_ms", timeout_ms, int)
+        if timeout_ms < 0:
+            raise LLMException(f"timeout_ms must be >= 0, got {timeout_ms}",
+                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        self.cache_manager
+        return self._node.notifications.wait(timeout_ms / 1000.0)
 
     # -- rank-table links (see rank_table.py for how members find each other)
     def link(self, comm_name: str, cluster_rank_info: Dict[int, int], rank_table: str) -> int:

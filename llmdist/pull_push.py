@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple, Union
 
-from . import _core, block_ops
+from . import _core, block_ops, notifications
 from ._core import Direction
 from ._check import check_int64, check_isinstance, check_layer_range, check_uint32, require
 from .descs import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex, Placement, copy_kind
@@ -116,10 +116,12 @@ def _find(mem, key: Key) -> Tuple[MemoryEntry, int]:
 
 def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, dst_blocks,
          dst_row: Optional[int], size: int, src_range: Optional[range],
-         dst_range: Optional[range], tpl: int) -> None:
-    """Copy from the cache key names on its cluster into dst_cache, synchronously.
+         dst_range: Optional[range], tpl: int, notify: Optional[bytes] = None) -> None:
+    """Copy from the cache key names on its cluster into dst_cache, synchronously; then send
+    notify (when given) to that cluster.
     dst_row None: dst_blocks are the destination (pull_blocks); else row dst_row of a
     non-blocks dst_cache (pull_cache), size bytes of it (-1: the whole source row)."""
+    payload = None if notify is None else notifications.check_payload("notify", notify)
     dst_entry = _local_cache(cm, "dst_cache" if dst_row is None else "cache", dst_cache)
     ddesc = dst_cache.cache_desc
     blocks_key = isinstance(key, BlocksCacheKey)
@@ -180,6 +182,8 @@ def pull(cm: "CacheManager", what: str, key: Key, dst_cache: Cache, src_blocks, 
             cm.release_key(key)
         else:
             peer.pulled_by_key(key)
+    if payload is not None:
+        cm._notify_now(key.cluster_id, payload, what)
 
 
 def _pull_plan(cm: "CacheManager", key: Key, dst_entry: MemoryEntry, dst_row: Optional[int],
@@ -282,10 +286,12 @@ def range_params(src_idx, dst_idx, rows: str) -> str:
 def push(cm: "CacheManager", what: str, key: Union[BlocksCacheKey, CacheKeyByIdAndIndex],
          src_cache: Cache, src_blocks: Optional[Sequence[int]], dst_blocks: Optional[Sequence[int]],
          src_batch_index: int, src_range: Optional[range], dst_range: Optional[range],
-         tpl: int) -> None:
+         tpl: int, notify: Optional[bytes] = None) -> None:
     """Write src_cache's blocks or row into the cache key names on its cluster, synchronously:
-    one keyed transfer_cache_async config with every layer ready, waited for."""
+    one keyed transfer_cache_async config with every layer ready, waited for; then send notify
+    (when given) to that cluster."""
     check_isinstance("src_cache", src_cache, Cache)
+    payload = None if notify is None else notifications.check_payload("notify", notify)
     tpl = check_tensor_num_per_layer(tpl)
     check_layer_range("src_layer_range", src_range)
     check_layer_range("dst_layer_range", dst_range)
@@ -311,6 +317,8 @@ def push(cm: "CacheManager", what: str, key: Union[BlocksCacheKey, CacheKeyByIdA
     job, _ = cm._start_transfer(src_cache, None, [cfg], src_blocks or None, dst_blocks,
                                 block_size, tpl, False, what)
     wait_job(cm, job, f"{what} to cluster {key.cluster_id}")
+    if payload is not None:
+        cm._notify_now(key.cluster_id, payload, what)
 
 
 def _remote_block_size(cm: "CacheManager", key: BlocksCacheKey) -> int:

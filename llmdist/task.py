@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import List, Optional, Tuple
 
 from . import _core
@@ -13,8 +14,10 @@ from .status import LLMStatusCode
 class CacheTask:
     """A transfer in progress. Waiting with a timeout never cancels it."""
 
-    def __init__(self, job: Optional["_core.TransferJob"], num_configs: int) -> None:
+    def __init__(self, job: Optional["_core.TransferJob"], num_configs: int,
+                 notice=None) -> None:
         self._job = job
+        self._notice = notice           # notifications.TaskNotice of notify=, or None
         self._num_configs = num_configs
         self._report: Optional[Tuple[list, list]] = None
 
@@ -26,7 +29,10 @@ class CacheTask:
         return self._job.done.wait(None if timeout_in_millis is None else timeout_in_millis / 1000.0)
 
     def synchronize(self, timeout_in_millis: Optional[int] = None) -> LLMStatusCode:
-        """Wait for the end; LLM_TIMEOUT if still running, else the first failure or success."""
+        """Wait for the end; LLM_TIMEOUT if still running, else the first failure or success.
+        With notify= the end includes the destinations' confirmation of the notification,
+        whose failure is returned when the transfer itself succeeded (notification_error)."""
+        start = time.monotonic()
         if not self._wait(timeout_in_millis):
             return LLMStatusCode.LLM_TIMEOUT
         results = self._results()
@@ -36,7 +42,24 @@ class CacheTask:
         if any(r is None for r in results):
             # Configs never started: the transfer was cancelled before it reached them.
             return self._job.cancel_code or LLMStatusCode.LLM_FAILED
+        if self._notice is not None:
+            left = None
+            if timeout_in_millis is not None:
+                left = max(0.0, timeout_in_millis / 1000.0 - (time.monotonic() - start))
+            exc = self._notice.wait(left)
+            if exc is not None:
+                return exc.status_code
         return LLMStatusCode.LLM_SUCCESS
+
+    @property
+    def notification_error(self) -> Optional[str]:
+        """Why notify= was not delivered after a successful transfer (None: delivered, still
+        on its way, not asked for, or not due because the transfer failed)."""
+        n = self._notice
+        if n is None or not n.sent.is_set():
+            return None
+        exc = n.wait(0.0)
+        return None if exc is None or exc.status_code == LLMStatusCode.LLM_TIMEOUT else str(exc)
 
     def get_results(self, timeout_in_millis: Optional[int] = None) -> List[Optional[LLMStatusCode]]:
         """One status per config, in config order (None: none of its layers was attempted);

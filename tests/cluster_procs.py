@@ -107,7 +107,7 @@ class _Decode:
         return self._report(name)
 
     def cmd_register(self, name, num_tensors, shape, blocks=False, key=None, seed=0, guard=64,
-                     dtype="DT_FLOAT16", placement="DEVICE"):
+                     dtype="DT_FLOAT16", placement="DEVICE", remote_accessible=None):
         """register_cache / register_blocks_cache over numpy arrays with guard bytes."""
         np = self.np
         desc = self._desc(num_tensors, shape, dtype, placement)
@@ -120,9 +120,10 @@ class _Decode:
         addrs = [buffers[bk][off:].ctypes.data for bk, off in tensors]
         k = _key(key, self.cluster_id)
         if blocks:
-            cache = self.cm.register_blocks_cache(desc, addrs, k)
+            cache = self.cm.register_blocks_cache(desc, addrs, k, remote_accessible)
         else:
-            cache = self.cm.register_cache(desc, addrs, [k] if k is not None else [])
+            cache = self.cm.register_cache(desc, addrs, [k] if k is not None else [],
+                                           remote_accessible)
         self.caches[name] = dict(cache=cache, buffers=buffers, tensors=tensors, allocated=False,
                                  key=k)
         return self._report(name)
@@ -206,6 +207,35 @@ class _Decode:
         self.cm.push_cache(self._any_key(key), self.caches[name]["cache"], src_batch_index,
                            **kwargs)
         return None
+
+    # ---- notifications ------------------------------------------------------------------
+    def cmd_notify(self, remote_id, payload):
+        self.dd.send_notification(remote_id, payload)
+        return None
+
+    def cmd_notifications(self, timeout_ms=0):
+        """wait_notifications(timeout_ms) (0: get_notifications)."""
+        if timeout_ms:
+            return self.dd.wait_notifications(timeout_ms)
+        return self.dd.get_notifications()
+
+    def cmd_notified_read(self, name, timeout_ms):
+        """Wait for a notification, then at once copy cache name's buffers: what the memory
+        held when the notification arrived."""
+        got = self.dd.wait_notifications(timeout_ms)
+        return got, self._report(name)["buffers"]
+
+    def cmd_register_unmapped(self, name, num_tensors, shape, blocks=False, key=None):
+        """A registered cache at addresses that are not mapped in this process (reads and
+        writes of another process through them fail)."""
+        desc = self._desc(num_tensors, shape, "DT_FLOAT16", "DEVICE")
+        addrs = [0x10000 + i * 0x100000 for i in range(num_tensors)]
+        k = _key(key, self.cluster_id)
+        if blocks:
+            cache = self.cm.register_blocks_cache(desc, addrs, k)
+        else:
+            cache = self.cm.register_cache(desc, addrs, [k] if k is not None else [])
+        return cache.cache_id
 
     # ---- links ----------------------------------------------------------------------------
     def _unlink(self, remote_id):

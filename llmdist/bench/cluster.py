@@ -59,7 +59,7 @@ class Prefill:
         self.linked = False
         self.src: Optional[Cache] = None
         self.local: Optional[Cache] = None
-        self.dd = procs.start_cluster(LLMRole.PROMPT, self.cid, transport)
+        self.dd = procs.start_cluster(LLMRole.PROMPT, self.cid, transport, sync_timeout=TASK_MS)
         self.cm = self.dd.cache_manager
         self.info = LLMClusterInfo()
         self.info.remote_cluster_id = DECODE_ID

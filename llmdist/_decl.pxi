@@ -124,3 +124,10 @@ cdef extern from "llmdist/host_runtime.h" nogil:
     int llmd_host_shm_map(const char *name, size_t size, void **ptr)
     int llmd_host_shm_unmap(void *ptr, size_t size)
     int llmd_host_shm_unlink(const char *name)
+
+cdef extern from "llmdist/process_vm_baseline.h" nogil:
+    cdef struct iovec:
+        void *iov_base
+        size_t iov_len
+    int llmd_process_vm_baseline(int pid, int write, const iovec *local, const iovec *remote,
+                                 size_t count, int threads)

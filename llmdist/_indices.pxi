@@ -8,6 +8,7 @@ cdef class Indices:
     cdef uint64_t *data
     cdef readonly Py_ssize_t size
     cdef readonly object max_value
+    cdef uint64_t max_value_c       # max_value as a C integer (0 when empty)
 
     def __cinit__(self):
         self.data = NULL
@@ -50,4 +51,5 @@ def parse_indices(str name, object seq):
         if v > vmax:
             vmax = v
     out.max_value = vmax if n else None
+    out.max_value_c = vmax
     return out

@@ -147,6 +147,51 @@ cdef void sort_by_src(Pair *a, Pair *tmp, Py_ssize_t n) noexcept nogil:
         memcpy(a, src, n * sizeof(Pair))
 
 
+cdef extern from *:
+    int popcount64 "__builtin_popcountll"(unsigned long long x) nogil
+
+
+# Index sets at most this many times denser than their largest value use a bitmap (one bit per
+# possible index, so at most 8 bytes per index) instead of a radix sort.
+cdef uint64_t BITMAP_SPREAD = 64
+
+
+cdef int by_bitmap(Pair *a, Pair *out, Py_ssize_t n, uint64_t max_value,
+                   bint key_is_src) noexcept nogil:
+    """Order a[0:n] by their src (key_is_src) or only check their dst for repeats, with a bitmap
+    of the keys: 1 when the keys are distinct (and, for src, a is sorted by it through out,
+    scratch for n pairs), 0 when some key repeats (a untouched), -1 when memory ran out."""
+    cdef Py_ssize_t j, words = <Py_ssize_t>(max_value >> 6) + 1
+    cdef uint64_t *bits = <uint64_t *>calloc(words, sizeof(uint64_t))
+    cdef size_t *rank = NULL
+    cdef uint64_t k, m
+    cdef size_t total = 0
+    if bits == NULL:
+        return -1
+    for j in range(n):
+        k = a[j].src if key_is_src else a[j].dst
+        m = (<uint64_t>1) << (k & 63)
+        if bits[k >> 6] & m:
+            free(bits)
+            return 0
+        bits[k >> 6] |= m
+    if key_is_src:
+        rank = <size_t *>malloc(words * sizeof(size_t))
+        if rank == NULL:
+            free(bits)
+            return -1
+        for j in range(words):
+            rank[j] = total
+            total += popcount64(bits[j])
+        for j in range(n):
+            k = a[j].src
+            out[rank[k >> 6] + popcount64(bits[k >> 6] & (((<uint64_t>1) << (k & 63)) - 1))] = a[j]
+        memcpy(a, out, n * sizeof(Pair))
+        free(rank)
+    free(bits)
+    return 1
+
+
 cdef bint all_distinct(const uint64_t *values, Py_ssize_t n, Pair *work) noexcept nogil:
     """True when no value repeats: sorted in work (scratch for 2n pairs), then compared."""
     cdef Py_ssize_t j
@@ -169,6 +214,7 @@ def plan_b2b(Indices src_blocks not None, Indices dst_blocks not None, size_t bl
     cdef Py_ssize_t j, n = src_blocks.size
     cdef Pair *pairs = <Pair *>malloc(max(3 * n, 1) * sizeof(Pair))     # the pairs, then scratch
     cdef Pair *work = pairs + n
+    cdef int distinct, ordered
     if pairs == NULL:
         raise MemoryError()
     p.reserve(n)
@@ -176,8 +222,20 @@ def plan_b2b(Indices src_blocks not None, Indices dst_blocks not None, size_t bl
         for j in range(n):
             pairs[j].src = src_blocks.data[j]
             pairs[j].dst = dst_blocks.data[j]
-        if n > 1 and all_distinct(dst_blocks.data, n, work):
-            sort_by_src(pairs, work, n)
+        if n > 1:
+            # distinct destinations: take the pairs in source order (a bitmap of the indices
+            # when they are dense enough, else radix sorts)
+            distinct = -1
+            if dst_blocks.max_value_c <= BITMAP_SPREAD * <uint64_t>n:
+                distinct = by_bitmap(pairs, work, n, dst_blocks.max_value_c, False)
+            if distinct < 0:
+                distinct = all_distinct(dst_blocks.data, n, work)
+            if distinct:
+                ordered = 0
+                if src_blocks.max_value_c <= BITMAP_SPREAD * <uint64_t>n:
+                    ordered = by_bitmap(pairs, work, n, src_blocks.max_value_c, True)
+                if ordered != 1:
+                    sort_by_src(pairs, work, n)
         for j in range(n):
             if not (block_fits(pairs[j].src, block_bytes) and block_fits(pairs[j].dst, block_bytes)):
                 p.overflow = True

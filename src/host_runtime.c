@@ -31,7 +31,7 @@
 static llmd_host_tuning g_tuning = {
     .copy_threads = 2,
     .split_min_bytes = (size_t)1 << 20,
-    .stream_store_min_bytes = (size_t)32 << 10,
+    .stream_store_min_bytes = (size_t)4 << 10,
 };
 
 llmd_host_tuning *llmd_host_tuning_get(void) { return &g_tuning; }
@@ -85,8 +85,12 @@ void llmd_host_copy(void *dst, const void *src, size_t n)
     copy_fence();
 }
 
-/* Start loading the first page of the next run's source while this one is copied: scattered
- * blocks start on a cold page each, which the hardware prefetcher cannot foresee. */
+/* How many runs ahead copy_span starts loading a run's source: scattered blocks start on a cold
+ * page each, which the hardware prefetcher cannot foresee, and one run ahead is too late to hide
+ * the memory latency behind a 4 KiB copy. */
+#define PREFETCH_RUNS_AHEAD 4
+
+/* Start loading the first page of a run's source. */
 static inline void prefetch_run(const char *src, size_t n)
 {
 #if LLMD_HAVE_STREAM_STORES
@@ -102,14 +106,63 @@ static inline void prefetch_run(const char *src, size_t n)
 static void copy_span(void **dsts, void **srcs, const size_t *sizes, size_t count,
                       size_t r0, size_t o0, size_t r1, size_t o1, size_t nt_min)
 {
+    if (count == 0) return;
+    size_t last = r1 < count ? r1 : count - 1;
+    for (size_t i = r0 + 1; i <= last && i < r0 + PREFETCH_RUNS_AHEAD; i++)
+        prefetch_run((const char *)srcs[i], sizes[i]);
     for (size_t i = r0; i <= r1 && i < count; i++) {
         size_t a = i == r0 ? o0 : 0;
         size_t b = i == r1 ? o1 : sizes[i];
         if (b <= a) continue;
-        if (i + 1 < count && i + 1 <= r1) prefetch_run((const char *)srcs[i + 1], sizes[i + 1]);
+        size_t ahead = i + PREFETCH_RUNS_AHEAD;
+        if (ahead <= last) prefetch_run((const char *)srcs[ahead], sizes[ahead]);
         copy_run((char *)dsts[i] + a, (const char *)srcs[i] + a, b - a, nt_min);
     }
     copy_fence();
+}
+
+/* What a batch does with its runs: copy them here, or move them to or from another process. */
+enum { JOB_COPY, JOB_PROCESS_WRITE, JOB_PROCESS_READ };
+
+/* The most iovecs one process_vm_writev/readv call takes (the kernel's UIO_MAXIOV). */
+#define PROCESS_IOV_MAX 1024
+
+/* Record err as a process batch's failure unless an earlier one is there. */
+static void process_fail(int *status, int err)
+{
+    int zero = 0;
+    __atomic_compare_exchange_n(status, &zero, err, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+/* The process_vm_writev/readv form of copy_span: the span's runs in calls of up to
+ * PROCESS_IOV_MAX iovecs. Writes go from srcs here into dsts in process pid, reads from srcs
+ * there into dsts here. Stops once *status holds a failure (this span's or another's). */
+static void process_span(void **dsts, void **srcs, const size_t *sizes, size_t count,
+                         size_t r0, size_t o0, size_t r1, size_t o1, int write, int pid,
+                         int *status)
+{
+    struct iovec here[PROCESS_IOV_MAX], there[PROCESS_IOV_MAX];
+    size_t i = r0;
+    while (i <= r1 && i < count) {
+        if (__atomic_load_n(status, __ATOMIC_ACQUIRE)) return;
+        size_t k = 0, want = 0;
+        for (; k < PROCESS_IOV_MAX && i <= r1 && i < count; i++) {
+            size_t a = i == r0 ? o0 : 0;
+            size_t b = i == r1 ? o1 : sizes[i];
+            if (b <= a) continue;
+            char *d = (char *)dsts[i] + a, *s = (char *)srcs[i] + a;
+            here[k].iov_base = write ? s : d;
+            there[k].iov_base = write ? d : s;
+            here[k].iov_len = there[k].iov_len = b - a;
+            want += b - a;
+            k++;
+        }
+        if (k == 0) break;
+        ssize_t got = write ? process_vm_writev((pid_t)pid, here, k, there, k, 0)
+                            : process_vm_readv((pid_t)pid, here, k, there, k, 0);
+        if (got < 0) { process_fail(status, errno ? errno : EIO); return; }
+        if ((size_t)got != want) { process_fail(status, EFAULT); return; }
+    }
 }
 
 /* A team of helper threads that share large batches with the stream thread that owns them.
@@ -126,6 +179,9 @@ typedef struct copy_team {
     void **dsts, **srcs;
     const size_t *sizes;
     size_t count, total, nt_min;
+    int kind;                   /* JOB_COPY or a process transfer (with pid and status) */
+    int pid;
+    int *status;
     int nparts;
     /* where part p starts: byte part_off[p] of run part_run[p]; entry nparts is the end */
     size_t part_run[TEAM_MAX_PARTS + 1], part_off[TEAM_MAX_PARTS + 1];
@@ -145,8 +201,13 @@ static void team_run_parts(copy_team *t)
     for (;;) {
         int p = atomic_fetch_add(&t->next_part, 1);
         if (p >= t->nparts) break;
-        copy_span(t->dsts, t->srcs, t->sizes, t->count, t->part_run[p], t->part_off[p],
-                  t->part_run[p + 1], t->part_off[p + 1], t->nt_min);
+        if (t->kind == JOB_COPY)
+            copy_span(t->dsts, t->srcs, t->sizes, t->count, t->part_run[p], t->part_off[p],
+                      t->part_run[p + 1], t->part_off[p + 1], t->nt_min);
+        else
+            process_span(t->dsts, t->srcs, t->sizes, t->count, t->part_run[p], t->part_off[p],
+                         t->part_run[p + 1], t->part_off[p + 1], t->kind == JOB_PROCESS_WRITE,
+                         t->pid, t->status);
         pthread_mutex_lock(&t->mu);
         if (--t->parts_left == 0) pthread_cond_broadcast(&t->done_cv);
         pthread_mutex_unlock(&t->mu);
@@ -211,7 +272,10 @@ static void team_ensure(copy_team *t, int want)
     }
 }
 
-static void copy_batch(void **dsts, void **srcs, const size_t *sizes, size_t count)
+/* Run a batch: split across the copy team when it is large and the team is free, else on this
+ * thread alone. kind is a JOB_*; pid and status serve process transfers. */
+static void run_batch(int kind, void **dsts, void **srcs, const size_t *sizes, size_t count,
+                      int pid, int *status)
 {
     size_t nt_min = g_tuning.stream_store_min_bytes;
     int threads = g_tuning.copy_threads;
@@ -229,6 +293,7 @@ static void copy_batch(void **dsts, void **srcs, const size_t *sizes, size_t cou
             pthread_mutex_lock(&t->mu);
             t->dsts = dsts; t->srcs = srcs; t->sizes = sizes; t->count = count;
             t->total = total; t->nt_min = nt_min; t->nparts = nparts;
+            t->kind = kind; t->pid = pid; t->status = status;
             team_cut(t);
             atomic_store(&t->next_part, 0);
             t->parts_left = nparts;
@@ -244,7 +309,11 @@ static void copy_batch(void **dsts, void **srcs, const size_t *sizes, size_t cou
         }
         pthread_mutex_unlock(&t->lock);
     }
-    copy_span(dsts, srcs, sizes, count, 0, 0, count, 0, nt_min);
+    if (kind == JOB_COPY)
+        copy_span(dsts, srcs, sizes, count, 0, 0, count, 0, nt_min);
+    else
+        process_span(dsts, srcs, sizes, count, 0, 0, count, 0, kind == JOB_PROCESS_WRITE, pid,
+                     status);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -319,31 +388,6 @@ typedef struct host_stream {
     int stop;
 } host_stream;
 
-/* Move runs between this process and another one: writes go from srcs here into dsts there,
- * reads from srcs there into dsts here. The first failure's errno lands in *op->status. */
-static void process_transfer(host_op *op, int write)
-{
-    enum { CHUNK = 512 };
-    struct iovec here[CHUNK], there[CHUNK];
-    size_t i = 0;
-    while (i < op->n) {
-        if (*op->status) return;
-        size_t k = 0, want = 0;
-        for (; k < CHUNK && i + k < op->n; k++) {
-            here[k].iov_base = write ? op->srcs[i + k] : op->dsts[i + k];
-            here[k].iov_len = op->sizes[i + k];
-            there[k].iov_base = write ? op->dsts[i + k] : op->srcs[i + k];
-            there[k].iov_len = op->sizes[i + k];
-            want += op->sizes[i + k];
-        }
-        ssize_t got = write ? process_vm_writev((pid_t)op->pid, here, k, there, k, 0)
-                            : process_vm_readv((pid_t)op->pid, here, k, there, k, 0);
-        if (got < 0) { *op->status = errno ? errno : EIO; return; }
-        if ((size_t)got != want) { *op->status = EFAULT; return; }
-        i += k;
-    }
-}
-
 static void run_op(host_op *op)
 {
     switch (op->type) {
@@ -352,7 +396,7 @@ static void run_op(host_op *op)
         copy_fence();
         break;
     case OP_BATCH:
-        copy_batch(op->dsts, op->srcs, op->sizes, op->n);
+        run_batch(JOB_COPY, op->dsts, op->srcs, op->sizes, op->n, 0, NULL);
         break;
     case OP_RECORD:
         event_reach(op->ev, op->gen);
@@ -361,10 +405,10 @@ static void run_op(host_op *op)
         event_wait_gen(op->ev, op->gen, -1);
         break;
     case OP_PROCESS_WRITE:
-        process_transfer(op, 1);
+        run_batch(JOB_PROCESS_WRITE, op->dsts, op->srcs, op->sizes, op->n, op->pid, op->status);
         break;
     case OP_PROCESS_READ:
-        process_transfer(op, 0);
+        run_batch(JOB_PROCESS_READ, op->dsts, op->srcs, op->sizes, op->n, op->pid, op->status);
         break;
     }
 }
@@ -390,16 +434,16 @@ static void *stream_main(void *arg)
     return NULL;
 }
 
-/* Queue op on s. A copy issued to an idle stream (nothing queued or running) runs at once on
+/* Queue op on s. An op issued to an idle stream (nothing queued or running) runs at once on
  * the issuing thread instead: the stream thread's hand-offs (a wake-up to start, another to
  * report completion) cost more than small copies themselves, and stream order holds, since
- * ops issued meanwhile wait in the queue until it is done. Event records and waits always go
- * to the stream thread: they may block, and order against other streams. */
+ * ops issued meanwhile wait in the queue until it is done. Event waits always go to the
+ * stream thread (they may block); an event record runs here only on an idle stream, where
+ * everything queued before it has landed. */
 static int stream_push(host_stream *s, const host_op *op)
 {
     pthread_mutex_lock(&s->mu);
-    if (op->type != OP_RECORD && op->type != OP_WAIT && s->len == 0 &&
-        s->completed == s->submitted) {
+    if (op->type != OP_WAIT && s->len == 0 && s->completed == s->submitted) {
         s->submitted++;
         s->running_inline = 1;
         pthread_mutex_unlock(&s->mu);
@@ -576,7 +620,11 @@ static int h_stream_wait_event(void *ctx, llmd_stream stream, llmd_event event)
     if (!ev || !stream) return LLMD_HOST_EINVAL;
     pthread_mutex_lock(&ev->mu);
     uint64_t gen = ev->recorded;
+    int reached = ev->reached >= gen;
     pthread_mutex_unlock(&ev->mu);
+    /* An event already completed holds nothing back: queue no wait (which would cost the
+     * stream thread a hand-off, and the ops after it their inline start). */
+    if (reached) return LLMD_HOST_OK;
     host_op op = {.type = OP_WAIT, .ev = ev, .gen = gen};
     return stream_push((host_stream *)stream, &op);
 }

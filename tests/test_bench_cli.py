@@ -126,8 +126,15 @@ def test_host_run_every_scenario(host_run):
         assert all("swap_blocks is not available" in r["skipped"]["llmdist"] for r in h2d)
     overlap = data["results"][[r["scenario"] for r in data["results"]].index("overlap")]
     assert overlap["extra"]["tail_in_layer_copies"] > 0 and overlap["verified"] is True
-    (ov,) = by_case(data, "overhead").values()
-    assert ov["case"].startswith("61 layers x 8 blocks") and "one-layer call" in ov["paths"]
+    ov = by_case(data, "overhead")
+    assert "one-layer call" in ov[("61 layers x 8 blocks, 1 config", 4096)]["paths"]
+    pull = ov[("pull_blocks 61 layers x 8 blocks", 64)]
+    assert pull["verified"] is True and "same runs, copy engine" in pull["paths"]
+    assert isinstance(pull["extra"]["call_overhead_s"], float)
+    for pairs in (8, 128, 2048):
+        row = ov[(f"1 layer, {pairs} pairs", 64)]
+        assert row["extra"]["ns_per_pair"] > 0
+        assert (f"8-pair call x {pairs // 8}" in row["paths"]) == (pairs != 8)
     for table in ("B2B", "C2B", "C2C", "swap", "overlap", "call overhead", "two processes"):
         assert table in res.stdout
 
@@ -140,6 +147,8 @@ def test_host_run_cluster_routes(host_run):
             r = rows[(f"{route}: transfer_cache_async", block)]
             assert r["verified"] is True and r["bytes"] == 2 * 2 * 8 * block
             assert r["extra"]["llmdist_path"] != "?"
+            if route == "process":      # the bare syscalls, their bytes checked like llmdist's
+                assert "process_vm bare, 2 threads" in r["paths"]
             for op in ("push_blocks", "pull_blocks"):
                 r = rows[(f"{route}: {op}", block)]
                 if HAS_PUSH_PULL:
@@ -290,8 +299,9 @@ def test_fake_acl_run_shrinks_to_the_device(fake_acl, tmp_path):
     assert d2h and all(r["verified"] is True for r in d2h)
     # 12 MiB of budget: the 61-layer overhead workload cannot keep 1024 blocks per tensor
     assert any(n.startswith("overhead") and "pool shrunk" in n for n in data["notes"])
-    (ov,) = by_case(data, "overhead").values()
-    assert ov["case"].startswith("61 layers x 8 blocks")
+    ov = by_case(data, "overhead")
+    assert "one-layer call" in ov[("61 layers x 8 blocks, 1 config", 4096)]["paths"]
+    assert ov[("pull_blocks 61 layers x 8 blocks", 64)]["verified"] is True
     mapped = by_case(data, "cluster")[("mapped: transfer_cache_async", 4096)]
     assert mapped["verified"] is True        # device IPC into the decode's allocated cache
 
@@ -301,8 +311,10 @@ def test_progress_line_names_each_step():
                 "--repeat", "1")
     assert res.returncode == 0, res.stderr
     steps = [l for l in res.stderr.splitlines() if l.startswith("[")]
-    assert [s.split("] ", 1)[1] for s in steps] == ["b2b 4K", "b2b 8K", "overhead 61 layers x 2 blocks"]
-    assert steps[0].startswith("[1/3 ") and steps[-1].startswith("[3/3 ")
+    assert [s.split("] ", 1)[1] for s in steps] == [
+        "b2b 4K", "b2b 8K", "overhead 61 layers x 2 blocks", "overhead pull 61 layers x 2 blocks",
+        "overhead scaling 2-512 pairs"]
+    assert steps[0].startswith("[1/5 ") and steps[-1].startswith("[5/5 ")
 
 
 def test_contiguous_baseline_copies_the_same_bytes_from_alternating_ends():

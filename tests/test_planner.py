@@ -30,7 +30,8 @@ def plan(src, dst, block=BLOCK):
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64, 255, 256, 257, 1000])
-@pytest.mark.parametrize("kind", ["distinct", "src_repeats", "dst_repeats", "runs"])
+@pytest.mark.parametrize("kind", ["distinct", "src_repeats", "dst_repeats", "runs", "sparse",
+                                  "sparse_src_repeats"])
 def test_b2b_runs_match_the_model(n, kind):
     rng = random.Random(n * 31 + len(kind))
     pool = max(2 * n, 4)
@@ -40,6 +41,11 @@ def test_b2b_runs_match_the_model(n, kind):
         src, dst = [rng.randrange(max(n // 4, 1)) for _ in range(n)], rng.sample(range(pool), n)
     elif kind == "dst_repeats":      # the given order is kept (the last write wins)
         src, dst = rng.sample(range(pool), n), [rng.randrange(max(n // 4, 1)) for _ in range(n)]
+    elif kind == "sparse":           # indices far above 64 per pair: radix sorts, no bitmap
+        src, dst = rng.sample(range(1 << 40), n), rng.sample(range(1 << 40), n)
+    elif kind == "sparse_src_repeats":   # dense distinct destinations, sparse repeated sources
+        src = [rng.randrange(1 << 40) for _ in range(max(n // 4, 1))] * 4
+        src, dst = src[:n], rng.sample(range(pool), n)
     else:                            # consecutive stretches, shuffled, that merge back into runs
         starts = list(range(0, 4 * n, 8))
         rng.shuffle(starts)

@@ -180,6 +180,56 @@ def test_process_route_read_from_a_gone_process_fails_with_its_errno(peer_proces
     assert (local == 0x11).all()
 
 
+@pytest.fixture
+def split_everything():
+    """Make the host copy engine share every batch between two threads, cutting runs apart."""
+    before = _core.host_tuning()
+    _core.set_host_tuning(copy_threads=2, split_min_bytes=0)
+    yield
+    _core.set_host_tuning(**before)
+
+
+def test_process_route_split_between_copy_threads_reads_every_byte(peer_process, split_everything):
+    proc, bases = peer_process
+    local = np.full((2 * LAYERS, TENSOR), 0x11, dtype=np.uint8)
+    before = local.copy()
+    regions = [Region(9, b + TENSOR) for b in bases]
+    job = pull(ProcessRoute(_core.LinkFlag(proc.pid), proc.pid), bases, regions, local,
+               SRC_BLOCKS, DST_BLOCKS)
+    assert config_results(job) == ([LLMStatusCode.LLM_SUCCESS], [None])
+    np.testing.assert_array_equal(local, expected_pull(before, pattern(3), SRC_BLOCKS, DST_BLOCKS,
+                                                       range(LAYERS)))
+
+
+def test_process_route_split_between_copy_threads_reports_the_errno(peer_process, split_everything):
+    proc, bases = peer_process
+    proc.kill()
+    proc.wait(timeout=30)
+    local = np.full((2 * LAYERS, TENSOR), 0x11, dtype=np.uint8)
+    regions = [Region(9, b + TENSOR) for b in bases]
+    job = pull(ProcessRoute(None, proc.pid), bases, regions, local, SRC_BLOCKS, DST_BLOCKS)
+    assert job.outcomes[0].failure == Failure.FAIL_PROCESS
+    assert job.outcomes[0].os_error == 3            # ESRCH
+    assert (local == 0x11).all()
+
+
+def test_bare_process_vm_baseline_moves_the_same_blocks(peer_process):
+    proc, bases = peer_process
+    local = np.zeros((2, TENSOR), dtype=np.uint8)
+    here = [local[i].ctypes.data + b * BLOCK for i in range(2) for b in range(BLOCKS)]
+    there = [bases[i] + (BLOCKS - 1 - b) * BLOCK for i in range(2) for b in range(BLOCKS)]
+    _core.ProcessVmBaseline(proc.pid, False, here, there, BLOCK, threads=2)()
+    want = pattern(3)[:2].reshape(2, BLOCKS, BLOCK)[:, ::-1].reshape(2, TENSOR)
+    np.testing.assert_array_equal(local, want)
+    with pytest.raises(ValueError, match="remote_addrs must have one entry per local address"):
+        _core.ProcessVmBaseline(proc.pid, False, here, there[:-1], BLOCK)
+    proc.kill()
+    proc.wait(timeout=30)
+    with pytest.raises(OSError) as info:
+        _core.ProcessVmBaseline(proc.pid, False, here, there, BLOCK, threads=2)()
+    assert info.value.errno == 3
+
+
 def test_config_plan_checks_its_shape():
     base = dict(first_layer=0, stop_layer=2, row_shift=0, kind=CopyKind.COPY_H2H,
                 lane=Lane.LANE_RUNTIME, target_addrs=[1, 2, 3, 4], target_limits=[9, 9, 9, 9])

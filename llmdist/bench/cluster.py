@@ -42,6 +42,7 @@ ROUTES = {
 }
 MOONCAKE_RAW = "mooncake engine (raw)"
 NIXL = "nixl (UCX)"
+BARE_PROCESS_VM = "process_vm bare, 2 threads"
 
 
 def cluster_steps(bench: Bench) -> int:
@@ -58,7 +59,7 @@ class Prefill:
         self.linked = False
         self.src: Optional[Cache] = None
         self.local: Optional[Cache] = None
-        self.dd = procs.start_cluster(LLMRole.PROMPT, self.cid, transport)
+        self.dd = procs.start_cluster(LLMRole.PROMPT, self.cid, transport, sync_timeout=TASK_MS)
         self.cm = self.dd.cache_manager
         self.info = LLMClusterInfo()
         self.info.remote_cluster_id = DECODE_ID
@@ -238,6 +239,9 @@ def _one_size(bench: Bench, run: Run, decode: procs.Child, prefills: Dict[str, P
                     run.results.append(Result("cluster", case, block, 0, {}, skipped={
                         SUBJECT: f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}))
                     continue
+                if route == "process":
+                    _bare_process_vm(bench, decode, op, model, src, local, dst_addrs[how], si, di,
+                                     block, paths, skipped)
                 if op == "transfer_cache_async":
                     _peers(bench, decode, route, model, src, dst_addrs[how], si, di, block, tpl,
                            paths, skipped, releases)
@@ -264,6 +268,36 @@ def _check_call(bench: Bench, decode, fn, op: str, model: int, local: Cache, si,
     decode.call("clear", model)
     fn()
     return decode.call("digests", model, di, tensors) == want
+
+
+def _bare_process_vm(bench: Bench, decode, op: str, model: int, src: Cache, local: Cache,
+                     remote_addrs, si, di, block: int, paths: dict, skipped: dict) -> None:
+    """The process route's limit: the same iovecs through process_vm_writev (pull:
+    process_vm_readv) straight from C on 2 threads, up to 1024 per call; its bytes are checked
+    like llmdist's."""
+    from .._core import ProcessVmBaseline
+    if not bench.host_memory:
+        skipped[BARE_PROCESS_VM] = "the bare syscall baseline runs on host memory only"
+        return
+    pull = op == "pull_blocks"
+    here = local if pull else src
+    local_addrs = [a + x * block for a in here.tensor_addrs for x in si]
+    remote = [a + d * block for a in remote_addrs for d in di]
+    bare = ProcessVmBaseline(decode.pid, not pull, local_addrs, remote, block, threads=2)
+    tensors = sorted({0, len(src.tensor_addrs) - 1})
+    want = procs.block_digests([bench.read(src, t).reshape(-1, block) for t in tensors], si)
+    if pull:
+        bench.fill(local, start=1 << 40)
+        bare()
+        ok = procs.block_digests([bench.read(local, t).reshape(-1, block) for t in tensors], si) == want
+    else:
+        decode.call("clear", model)
+        bare()
+        ok = decode.call("digests", model, di, tensors) == want
+    if ok:
+        paths[BARE_PROCESS_VM] = bare
+    else:
+        skipped[BARE_PROCESS_VM] = "its bytes did not arrive as llmdist's do (check failed)"
 
 
 def _peers(bench: Bench, decode, route: str, model: int, src: Cache, dst_addrs, si, di,

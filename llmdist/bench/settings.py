@@ -22,6 +22,8 @@ DEFAULT_PAIRS = 256
 FULL_POOL = 1024              # blocks per tensor when memory allows
 OVERHEAD_LAYERS = 61          # the call-overhead case: 61 layers x 256 blocks
 OVERHEAD_BLOCK = 4 * KiB
+OVERHEAD_PULL_BLOCK = 64      # the pull case moves its blocks: small ones keep the copy short
+SCALING_FACTORS = (1, 16, 256)  # the scaling case: pairs x these (256, 4K, 64K by default)
 MEMORY_FRACTION = 0.5         # share of the free memory a run may take, unless --mem-gib
 
 _DTYPES = {"uint8": (np.uint8, DataType.DT_UINT8), "bf16": (np.uint16, DataType.DT_BF16),

@@ -16,7 +16,8 @@ SCENARIO_TITLES = {
     "c2c": "C2C: one row of each tensor into a row",
     "swap": "swap: blocks between device and host memory",
     "overlap": "overlap: tail after the last layer, in units of one layer's copy",
-    "overhead": "call overhead: time for transfer_cache_async to return its task",
+    "overhead": ("call overhead: time for transfer_cache_async to return its task; pull_blocks against "
+                 "its copies; cost per block pair"),
     "cluster": "two processes on one host (and Mooncake): every route",
 }
 

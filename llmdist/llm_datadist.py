@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
 
-from . import _core, runtimes
+from . import _core, auth, runtimes
 from ._check import check_isinstance, check_uint64
 from .cache_manager import CacheManager
 from .cluster import ClusterNode
@@ -31,7 +31,8 @@ _UPSTREAM_KEYS = {
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
                  "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots",
-                 "llmdist.max_inflight_tasks", "llmdist.device_copy"}
+                 "llmdist.max_inflight_tasks", "llmdist.device_copy", "llmdist.auth_key",
+                 "llmdist.auth_key_file"}
 MAX_INFLIGHT_TASKS = 1024       # default of llmdist.max_inflight_tasks
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
@@ -146,13 +147,14 @@ class LLMDataDist:
                                    "transfer backend every cluster listens)",
                                    status_code=LLMStatusCode.LLM_PARAM_INVALID)
             listen = _listen_option(options, "option")
+            key = auth.load_key(options)
             shareable = listen is not None or _flag_option(options, "llmdist.shareable_memory")
             runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
             runtime.bind_device()
             runtime.select_device_copy(options.get("llmdist.device_copy")
                                        or os.environ.get("LLMDIST_DEVICE_COPY", "auto"))
             node = ClusterNode(self._cluster_id, self._role, listen,
-                               options.get("llmdist.transport", "auto"), runtime)
+                               options.get("llmdist.transport", "auto"), runtime, key)
             try:
                 comms = RankTableLinks(node, self._cluster_id, options)
             except LLMException:

@@ -36,7 +36,7 @@ import zlib
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from ._check import check_isinstance, check_uint32, check_uint64, require
-from .cluster import close_listener
+from . import auth
 from .descs import RegisterMemStatus
 from .status import LLMException, LLMStatusCode
 
@@ -279,7 +279,8 @@ class RankTableLinks:
 
     # -- forming a comm (its own thread)
     def _bind_host(self, comm: Comm) -> str:
-        return comm.me.host if ipaddress.IPv4Address(comm.me.host).is_loopback else "0.0.0.0"
+        """The rendezvous listens on the table's own address of this member, nothing wider."""
+        return comm.me.host
 
     def _form(self, comm: Comm) -> None:
         node = self._node
@@ -294,7 +295,8 @@ class RankTableLinks:
                 if comm.lower and comm.listener is None:
                     address = (self._bind_host(comm), comm.ports[comm.me.cluster_id])
                     try:
-                        comm.listener = node.open_listener(address, comm.admit)
+                        comm.listener = node.open_listener(
+                            address, comm.admit, auth.comm_key(node.key, comm.name))
                     except OSError as exc:
                         listen_error = f"; its rendezvous port {address[1]} stayed busy ({exc})"
                 for cid, m in list(pending.items()):
@@ -328,4 +330,4 @@ class RankTableLinks:
             comm.status = RegisterMemStatus.FAILED
         finally:
             if comm.listener is not None:
-                close_listener(comm.listener)
+                comm.listener.close()

@@ -861,7 +861,15 @@ class ClusterNode:
             chan.into.set(key, auth.hello_context(nl))
         fds: List[int] = []
         try:
-            msg, fds = chan.recv(deadline)
+            try:
+                msg, fds = chan.recv(deadline)
+            except ConnectionError:
+                if redirect is None:
+                    raise
+                # a client of this host continued on the Unix socket (or went away)
+                log.debug("a client closed its TCP connection after the challenge")
+                conn.close()
+                return None
             session = None
             if key is not None:
                 nc = auth.nonce_from_wire(msg.get("nonce"))
@@ -878,6 +886,8 @@ class ClusterNode:
                 pass
             raise
         try:
+            if msg["type"] == "refuse":
+                raise AuthError(f"the client refused: {str(msg.get('reason'))[:200]}")
             if msg["type"] != "hello":
                 raise ProtocolError("expected a handshake")
             if msg.get("target") not in (None, self.cluster_id):
@@ -1040,6 +1050,20 @@ class ClusterNode:
 
     @staticmethod
     def _challenge(chan: Channel, key: Optional[bytes], deadline: float) -> dict:
+        """Read and check the listener's challenge; on a key mismatch tell the listener why
+        (so that its log names authentication) and raise AuthError."""
+        try:
+            return ClusterNode._read_challenge(chan, key, deadline)
+        except AuthError as exc:
+            try:
+                chan.send({"type": "refuse", "code": int(LLMStatusCode.LLM_LINK_FAILED),
+                           "reason": str(exc)})
+            except OSError:
+                pass
+            raise
+
+    @staticmethod
+    def _read_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> dict:
         msg, fds = chan.recv(deadline)
         chan.close_fds(fds)
         if msg["type"] == "refuse":
@@ -1052,11 +1076,11 @@ class ClusterNode:
                                 f"{PROTOCOL_VERSION}")
         auth.nonce_from_wire(msg.get("nonce"))
         if msg.get("auth") is True and key is None:
-            raise AuthError("authentication required: the cluster has a key and this side has "
-                            "none (llmdist.auth_key)")
+            raise AuthError("authentication required: the listener has a key and this side "
+                            "has none (llmdist.auth_key)")
         if msg.get("auth") is not True and key is not None:
-            raise AuthError("authentication failed: the cluster has no key (llmdist.auth_key) "
-                            "and this side requires one")
+            raise AuthError("authentication failed: the listener has no key "
+                            "(llmdist.auth_key) and this side requires one")
         return msg
 
     def _connect(self, cluster_id: Optional[int], address: Tuple[str, int], timeout_ms: int,

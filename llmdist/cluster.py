@@ -479,7 +479,7 @@ class Peer:
     def send(self, msg: dict, fds: List[int] = ()) -> None:
         self.chan.send(msg, fds)
 
-    def request(self, msg: dict, timeout: float = ACK_TIMEOUT_S) -> bool:
+    def request(self, msg: dict, timeout: float = ACK_TIMEOUT_S, fds: List[int] = ()) -> bool:
         """Send msg and wait for the peer's ack; False if none came in time or the link broke."""
         with self.lock:
             self.seq += 1
@@ -487,7 +487,7 @@ class Peer:
             ev = self.acks[seq] = threading.Event()
         msg["seq"] = seq
         try:
-            self.send(msg)
+            self.send(msg, fds)
         except OSError:
             return False
         ev.wait(timeout)
@@ -1217,17 +1217,23 @@ class ClusterNode:
         peer.close(code, ack)
 
     # -- announcements (called without the cache manager's lock)
-    def _each_peer(self, msg: dict) -> None:
+    def _each_peer(self, msg: dict, cache: Optional[MemoryEntry] = None) -> None:
+        """Send msg to every peer and wait for each acknowledgement; with cache, msg["cache"]
+        is that cache as each peer may see it (its memfd goes along on a Unix socket)."""
         with self.lock:
             peers = list(self.peers.values())
         for p in peers:
-            if not p.request(dict(msg)):
+            m, fds = dict(msg), None
+            if cache is not None:
+                fds = [] if p.chan.unix else None
+                m["cache"] = cache_to_wire(cache, fds)
+            if not p.request(m, fds=fds or ()):
                 log.warning("cluster %d did not acknowledge %s", p.cluster_id, msg["type"])
 
     def announce_cache(self, entry: Optional[MemoryEntry]) -> None:
         if entry is not None:
             self._engine_register(entry)
-            self._each_peer({"type": "cache_add", "cache": cache_to_wire(entry)})
+            self._each_peer({"type": "cache_add"}, entry)
 
     def withdraw_cache(self, entry: MemoryEntry) -> None:
         self._each_peer({"type": "cache_remove", "cache_id": entry.cache.cache_id})

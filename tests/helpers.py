@@ -94,6 +94,32 @@ def _shm_clean():
 
 
 # --------------------------------------------------------------------------------------------
+# keyed and unkeyed clusters
+# --------------------------------------------------------------------------------------------
+TEST_KEY = "llmdist-test-suite-key"
+
+
+def auth_modes(request):
+    """A module fixture (params "unkeyed", "keyed"): the module's tests run without a key and
+    again with LLMDIST_AUTH_KEY set, which clusters of this process and of the processes the
+    tests start read at init."""
+    old = os.environ.pop("LLMDIST_AUTH_KEY", None)
+    if request.param == "keyed":
+        os.environ["LLMDIST_AUTH_KEY"] = TEST_KEY
+    try:
+        yield request.param
+    finally:
+        os.environ.pop("LLMDIST_AUTH_KEY", None)
+        if old is not None:
+            os.environ["LLMDIST_AUTH_KEY"] = old
+
+
+def keyed_and_unkeyed():
+    """auth_modes as an autouse module fixture, for a test module to assign to a name."""
+    return pytest.fixture(scope="module", autouse=True, params=["unkeyed", "keyed"])(auth_modes)
+
+
+# --------------------------------------------------------------------------------------------
 # a hand-made control connection (protocol tests)
 # --------------------------------------------------------------------------------------------
 class RawPeer:

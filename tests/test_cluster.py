@@ -230,7 +230,7 @@ def cleanup():
 
 
 @pytest.fixture(scope="module")
-def decodes():
+def decodes(auth_mode):
     """Two long-lived decode clusters, ids 2 and 3."""
     procs = {2: DecodeProc(2), 3: DecodeProc(3)}
     try:
@@ -444,7 +444,7 @@ def still_mapped(inodes: set) -> set:
 # links
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def role_listeners():
+def role_listeners(auth_mode):
     procs = {r: DecodeProc(20 + int(r), role=r) for r in LLMRole}
     try:
         start_all(*procs.values())
@@ -1294,3 +1294,8 @@ def test_decode_unlinks(decodes, prefill, cleanup, dst_mem, slow_prefill, monkey
     link(env, d)
     run_remote(env, src, [keyed_cfg(dc, range(0, 6), range(0, 6))], [ref], [dc],
                L6_SRC_IDX, L6_DST_IDX)
+
+
+from helpers import keyed_and_unkeyed  # noqa: E402
+
+auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

@@ -130,3 +130,8 @@ def test_upstream_pull_blocks_sample(base):
     common = members(base, table=server_per_rank_table(["1", "2"]), elems=1024 * 64, done=done)
     res = run_flows("pull_blocks_sample", [{**common, "me": 1}, {**common, "me": 2}])
     assert res[1]["checked"] == 2 * 1024 * 64 * 4
+
+
+from helpers import keyed_and_unkeyed  # noqa: E402
+
+auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

@@ -272,6 +272,10 @@ class Peer:
         # Set once the peer may be imported from: at once when we linked to it (it whitelisted
         # us before its welcome), on its "ipc_ready" when it linked to us.
         self.ipc_ready = threading.Event()
+        # Set once the handshake is complete, each side knowing the other's caches: an accepted
+        # peer is registered before its caches arrive (so that no announcement misses it) and
+        # counts as linked only from then on.
+        self.ready = threading.Event()
         self.send_lock = chan.send_lock
         self.lock = threading.Lock()
         self.acks: Dict[int, threading.Event] = {}
@@ -736,8 +740,10 @@ class ClusterNode:
             cm.allow_importer(peer.tgid)
 
     def peer(self, cluster_id: int) -> Optional[Peer]:
+        """The linked peer cluster_id (its handshake complete), or None."""
         with self.lock:
-            return self.peers.get(cluster_id)
+            p = self.peers.get(cluster_id)
+        return p if p is not None and p.ready.is_set() else None
 
     def attach(self, caches: Optional["CacheManager"]) -> None:
         """Serve caches (the cluster's CacheManager), or none (None) once it is finalized."""
@@ -955,6 +961,7 @@ class ClusterNode:
             finally:
                 chan.close_fds(more)
             peer.send({"type": "ack", "seq": 0})
+            peer.ready.set()
         except BaseException:
             # The client hears nothing more of this link: forget it, so that a later link of
             # the same cluster id is not refused as a duplicate.
@@ -968,7 +975,11 @@ class ClusterNode:
         this side already made it; None when there is no such link."""
         with self.lock:
             peer = self.peers.get(cluster_id) if cluster_id is not None else None
-            if peer is None:
+        if peer is None:
+            return None
+        peer.ready.wait(HANDSHAKE_TIMEOUT_S)     # an accepted link finishes its handshake
+        with self.lock:
+            if self.peers.get(cluster_id) is not peer or not peer.ready.is_set():
                 return None
             if peer.linked_here:
                 return LLMStatusCode.LLM_ALREADY_LINK
@@ -1161,6 +1172,7 @@ class ClusterNode:
                 return (LLMStatusCode.LLM_ALREADY_LINK if not self.closed
                         else LLMStatusCode.LLM_LINK_FAILED), None
             peer.linked_here = True
+            peer.ready.set()
             self.peers[cid] = peer
             self.ever_linked.add(cid)
         threading.Thread(target=peer.serve, name=f"llmdist-peer-{cid}", daemon=True).start()

@@ -98,7 +98,7 @@ def test_keyed_pair_transfers_and_strangers_get_nothing(make_env, caplog):
         assert mine_log and "authentication" in mine_log[0], mine_log
         refused = [r for r in caplog.records if "refused a connection" in r.getMessage()]
         assert len(refused) == 1, [r.getMessage() for r in refused]
-        assert lis.dd._node.peer(stranger.cluster_id) is None
+        assert stranger.cluster_id not in lis.dd._node.peers
         with pytest.raises(LLMException) as ei:
             stranger.cm.pull_blocks(BlocksCacheKey(lis.cluster_id, 1), mine.cache, [0], [0])
         assert ei.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
@@ -160,7 +160,7 @@ def test_raw_clients_without_the_key_are_refused(make_env, attack):
             raw.recv()
     finally:
         raw.close()
-    assert lis.dd._node.peer(60) is None
+    assert 60 not in lis.dd._node.peers
     pre = linker(make_env, 61, key=KEY)
     assert pre.dd.link_clusters([info_of(lis)], 5000) == (SUCCESS, [SUCCESS])
 
@@ -357,6 +357,7 @@ def test_pid_in_the_hello_is_not_believed(make_env):
                  "role": int(LLMRole.PROMPT), "target": None, "host": cluster.host_identity(),
                  "pid": 1, "tgid": 1, "caches": []}
         assert raw.link(hello)["type"] == "welcome"
+        assert wait_for(lambda: lis.dd._node.peer(701) is not None)
         peer = lis.dd._node.peer(701)
         assert (peer.pid, peer.tgid, peer.link.pid, peer.uid) == (os.getpid(), os.getpid(),
                                                                    os.getpid(), os.geteuid())
@@ -366,6 +367,7 @@ def test_pid_in_the_hello_is_not_believed(make_env):
     try:
         hello["cluster_id"] = 702
         assert raw.link(hello)["type"] == "welcome"
+        assert wait_for(lambda: lis.dd._node.peer(702) is not None)
         peer = lis.dd._node.peer(702)
         assert (peer.pid, peer.tgid, peer.same_host) == (0, 0, False)
         assert "TCP" in peer.no_process_route
@@ -605,3 +607,15 @@ def test_rendezvous_binds_the_tables_address(make_env):
     comm = next(iter(env.dd._comms._comms.values()))
     assert wait_for(lambda: comm.listener is not None)
     assert comm.listener.tcp.getsockname()[0] == ip
+
+
+def test_demo_with_a_shared_key():
+    """python -m llmdist demo --auth-key: the two clusters link with the key and the KV cache
+    arrives intact (the demo checks every byte)."""
+    out = subprocess.run([sys.executable, "-m", "llmdist", "demo", "--layers", "2", "--tokens",
+                          "64", "--dim", "64", "--auth-key", "demo-key"],
+                         capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(HERE))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "shared key: both sides proved it" in out.stdout
+    assert out.stdout.rstrip().endswith("PASS")

@@ -2,20 +2,27 @@
 path to a peer.
 
 A cluster with `llm.listenIpInfo` accepts links; `link_clusters` connects to one. The control
-connection carries only small JSON frames: a handshake (cluster ids, roles, host identity, the
-caches each side holds), cache announcements and withdrawals (acknowledged, so that a peer knows a
+connection carries only small JSON frames (auth.py: framing, and with a shared key the
+challenge-response handshake and a MAC on every frame): a challenge from the listener, a
+handshake (cluster ids, roles, the caches each side holds; the linker's caches follow the
+welcome), cache announcements and withdrawals (acknowledged, so that a peer knows a
 cache before a transfer can target it and has stopped writing into it before the owner lets it
 go), and unlink. It never carries bulk data. When it closes, the link is down: transfers to the
 peer end with LLM_LINK_FAILED and nothing more is written.
 
+Who a peer is on this host comes from the kernel: a client of this host continues on the
+listener's Unix socket (named in the challenge), where SO_PEERCRED gives each side the other's
+pid and uid; nothing a hello states about its process is read.
+
 Data paths, per peer (`Peer.route` returns one of routes.py's routes): same host -> copies into
-the peer's shared memory mapped here (host-runtime memory of a listening cluster), or process
-transfers with the peer's address space (memory the peer registered); other host -> Mooncake
+the peer's shared memory mapped here (host-runtime memory of a listening cluster: sealed memfds
+passed over the Unix socket), or process transfers with the peer's address space (memory the
+peer registered; only a kernel-named process of our uid); other host -> Mooncake
 Transfer Engine (batched transfers with memory the peer registered with its engine).
 `llmdist.transport` forces a path: direct or mooncake.
 
 On a device runtime (ACL, CUDA) the same-host path is device IPC (see device_ipc.py): the
-handshake carries each side's runtime and the pid its device-IPC exports must whitelist; the side
+handshake carries each side's runtime; exports whitelist the peer's kernel-named pid; the side
 that linked sends "ipc_ready" once it has whitelisted the listener, and the listener imports the
 linker's caches only after that."""
 

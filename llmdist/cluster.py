@@ -318,7 +318,10 @@ class Peer:
         kind = entry.share.get("kind")
         if self.path == "direct":
             if kind == "memfd":
-                local = _core.memfd_map(entry.share.pop("fd"), entry.size)
+                try:
+                    local = _core.memfd_map(entry.share.pop("fd"), entry.size)
+                except LLMException as exc:
+                    raise ProtocolError(f"peer cache {cid}: {exc}") from None
                 self.mappings[cid] = (local, entry.size)
                 delta = local - entry.base
             elif kind not in device_ipc.KINDS:

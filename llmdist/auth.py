@@ -40,6 +40,7 @@ MAX_FRAME = 16 << 20
 MAX_FDS = 250           # descriptors per frame (the kernel takes at most 253 in one message)
 MAX_PENDING_FDS = 4096  # descriptors a peer may send ahead of the frame that uses them
 ENV_KEY = "LLMDIST_AUTH_KEY"
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)     # Linux 6.5+
 
 
 class ProtocolError(Exception):
@@ -163,6 +164,24 @@ class Channel:
             return None
         raw = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         return struct.unpack("3i", raw)
+
+    def peer_pidfd(self) -> int:
+        """A pidfd of the process at the other end of the Unix socket (SO_PEERPIDFD: the very
+        process that connected; on older kernels pidfd_open of its pid), or -1. The caller
+        owns it."""
+        if not self.unix:
+            return -1
+        try:
+            return self.sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+        except OSError:
+            pass
+        creds = self.peer_creds()
+        if creds is None or creds[0] <= 0:
+            return -1
+        try:
+            return os.pidfd_open(creds[0])
+        except (OSError, AttributeError):
+            return -1
 
     # -- out
     def send(self, msg: dict, fds: List[int] = (),

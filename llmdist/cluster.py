@@ -272,7 +272,7 @@ class Peer:
         self.path = node.choose_path(self.same_host, hello.get("want_engine") is True)
         session = hello.get("mooncake")
         self.engine_session: Optional[str] = session if isinstance(session, str) else None
-        self.link = _core.LinkFlag(self.pid)
+        self.link = _core.LinkFlag(self.pid, chan.peer_pidfd() if self.pid > 0 else -1)
         self.mem = ClusterMemory()
         self.mappings: Dict[int, Tuple[int, int]] = {}   # cache id -> (local address, size)
         self.imports: Dict[int, Tuple[dict, int]] = {}   # cache id -> (device IPC share, delta)

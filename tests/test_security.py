@@ -627,3 +627,31 @@ def test_demo_with_a_shared_key():
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "shared key: both sides proved it" in out.stdout
     assert out.stdout.rstrip().endswith("PASS")
+
+
+def test_link_flag_follows_the_peer_process_not_its_pid(make_env):
+    """A same-host peer's link flag holds a pidfd of the process that connected (the kernel's,
+    SO_PEERPIDFD): its exit is seen even while it is not reaped, where the pid alone would still
+    answer (and could later name another process)."""
+    lis = listener(make_env, 38)
+    raw = RawPeer(lis.dd.listen_port, unix=True)
+    try:
+        hello = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": 706,
+                 "role": int(LLMRole.PROMPT), "target": None, "host": cluster.host_identity(),
+                 "caches": []}
+        assert raw.link(hello)["type"] == "welcome"
+        assert wait_for(lambda: lis.dd._node.peer(706) is not None)
+        flag = lis.dd._node.peer(706).link
+        with open(f"/proc/self/fdinfo/{flag.pidfd}") as f:
+            assert f"Pid:\t{os.getpid()}" in f.read()
+    finally:
+        raw.close()
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        flag = _core.LinkFlag(child.pid, os.pidfd_open(child.pid))
+        assert flag.peer_alive()
+        child.kill()
+        assert wait_for(lambda: not flag.peer_alive(), 5)
+        os.kill(child.pid, 0)           # the unreaped pid still answers
+    finally:
+        child.wait()

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -29,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llmdist import (CacheDesc, DataType, LayerSynchronizer, LLMConfig,  # noqa: E402
                      LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement)
-from llmdist import _core  # noqa: E402
 
 import reference  # noqa: E402
 

@@ -15,7 +15,6 @@ import sys
 import textwrap
 import threading
 import time
-from typing import List
 
 import numpy as np
 import pytest

@@ -644,6 +644,8 @@ class ClusterNode:
         self.engine_error: Optional[str] = None   # why the last attempt to start it failed
         self.engine_lock = threading.Lock()
         self.handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        # called with the cluster id of each accepted link once it is complete
+        self.ready_hooks: List[Callable[[int], None]] = []
         if listen is not None:
             self.start_listening(listen)
 
@@ -970,8 +972,12 @@ class ClusterNode:
                 peer.add_caches(got.get("caches"), more)
             finally:
                 chan.close_fds(more)
-            peer.send({"type": "ack", "seq": 0})
+            # linked here before the linker hears it is: a member waiting for this link (a
+            # rank-table comm) sees it before the linker can act on it
             peer.ready.set()
+            for hook in list(self.ready_hooks):
+                hook(peer.cluster_id)
+            peer.send({"type": "ack", "seq": 0})
         except BaseException:
             # The client hears nothing more of this link: forget it, so that a later link of
             # the same cluster id is not refused as a duplicate.

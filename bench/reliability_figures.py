@@ -224,15 +224,21 @@ def big_hello(n: int) -> dict:
            "pid": os.getpid(), "caches": caches}
     data = json.dumps(msg).encode()
     s = socket.create_connection(("127.0.0.1", dd.listen_port))
+    s.settimeout(300)
+
+    def reply() -> dict:
+        (size,) = struct.unpack(">I", s.recv(8, socket.MSG_WAITALL)[4:])
+        return json.loads(s.recv(size, socket.MSG_WAITALL))
+
+    reply()                         # the listener's challenge
     cpu0, t0 = time.process_time(), time.perf_counter()
     s.sendall(cluster.MAGIC + struct.pack(">I", len(data)) + data)
-    s.settimeout(300)
-    head = s.recv(8)
+    kind = reply().get("type")
     took, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     s.close()
     dd.finalize()
     return {"caches": n, "frame_mib": round(len(data) / 2**20, 1),
-            "welcomed": head[:4] == cluster.MAGIC, "seconds_to_welcome": round(took, 2),
+            "welcomed": kind == "welcome", "seconds_to_welcome": round(took, 2),
             "cpu_seconds": round(cpu, 2)}
 
 

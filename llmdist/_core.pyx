@@ -14,6 +14,7 @@ from libc.stdlib cimport malloc, calloc, free, qsort
 from libc.string cimport memcpy, memset
 
 import os
+import select
 import threading
 
 from llmdist.status import LLMException, LLMStatusCode

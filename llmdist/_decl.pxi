@@ -120,10 +120,9 @@ cdef extern from "llmdist/host_runtime.h" nogil:
                                       size_t *sizes, size_t count, int *status)
     int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void **srcs,
                                      size_t *sizes, size_t count, int *status)
-    int llmd_host_shm_create(const char *name, size_t size, void **ptr)
-    int llmd_host_shm_map(const char *name, size_t size, void **ptr)
+    int llmd_host_memfd_create(size_t size, int *fd, void **ptr)
+    int llmd_host_memfd_map(int fd, size_t size, void **ptr)
     int llmd_host_shm_unmap(void *ptr, size_t size)
-    int llmd_host_shm_unlink(const char *name)
 
 cdef extern from "llmdist/process_vm_baseline.h" nogil:
     cdef struct iovec:

@@ -1,29 +1,24 @@
-# Shared host memory: peers on this host map host-runtime memory by name.
+# Shared host memory: peers on this host map host-runtime memory from a sealed memfd.
 
-def shm_create(str name, size_t size):
-    """Create and map a shared memory object; returns its address."""
+def memfd_create(size_t size):
+    """Create and map a sealed memfd of size bytes; returns (fd, address)."""
     cdef void *p = NULL
-    cdef bytes b = name.encode()
-    if llmd_host_shm_create(b, size, &p) != 0:
-        raise LLMException(f"could not create shared memory {name} of {size} bytes",
+    cdef int fd = -1
+    if llmd_host_memfd_create(size, &fd, &p) != 0:
+        raise LLMException(f"could not create shared memory of {size} bytes",
                            status_code=LLMStatusCode.LLM_OUT_OF_MEMORY)
-    return <uintptr_t>p
+    return fd, <uintptr_t>p
 
 
-def shm_map(str name, size_t size):
-    """Map a peer's shared memory object; returns the local address."""
+def memfd_map(int fd, size_t size):
+    """Map size bytes of a peer's memfd; returns the local address. Refuses a descriptor that
+    is not sealed against shrinking and growing, or is smaller than size."""
     cdef void *p = NULL
-    cdef bytes b = name.encode()
-    if llmd_host_shm_map(b, size, &p) != 0:
-        raise LLMException(f"could not map shared memory {name} ({size} bytes)",
-                           status_code=LLMStatusCode.LLM_LINK_FAILED)
+    if llmd_host_memfd_map(fd, size, &p) != 0:
+        raise LLMException(f"could not map the peer's shared memory ({size} bytes): not a sealed "
+                           f"memfd of that size", status_code=LLMStatusCode.LLM_LINK_FAILED)
     return <uintptr_t>p
 
 
 def shm_unmap(uintptr_t addr, size_t size):
     llmd_host_shm_unmap(<void *>addr, size)
-
-
-def shm_unlink(str name):
-    cdef bytes b = name.encode()
-    llmd_host_shm_unlink(b)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import operator
+import os
 import threading
 import warnings
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
-from . import _core, block_ops, device_ipc, notifications, pull_push, shm
+from . import _core, block_ops, device_ipc, notifications, pull_push
 from ._core import CopyKind, Direction
 from ._check import (check_int64, check_int_list, check_isinstance, check_uint32, check_uint64,
                      require)
@@ -78,11 +79,10 @@ class CacheManager:
         self._workers = workers
         self._remote_accessible = remote_accessible
         self._sync_timeout = sync_timeout
-        # Host-runtime memory of a listening cluster lives in shared memory, so that peers on
-        # this host can map it and copy straight into it.
+        # Host-runtime memory of a listening cluster lives in shared memory (a sealed memfd,
+        # passed to peers on this host over the Unix socket), so that they can map it and copy
+        # straight into it. It has no name: nothing outlives the processes holding it.
         self._shareable = shareable and runtime.is_host
-        if self._shareable:
-            shm.remove_dead()       # what processes that died without finalize left behind
         # On a device runtime its DEVICE allocations are exported for device IPC instead, and
         # (ACL) every linked peer on this host may import them: their pids, for the whitelist.
         self._exportable = shareable and not runtime.is_host
@@ -158,9 +158,9 @@ class CacheManager:
         cache_id = self._new_id()
         share = None
         if self._shareable:
-            name = shm.new_name(self._cluster_id, cache_id)
-            base = raw = _core.shm_create(name, total)
-            share = {"kind": "shm", "name": name, "base": base, "size": total}
+            fd, base = _core.memfd_create(total)
+            raw = base
+            share = {"kind": "memfd", "fd": fd, "base": base, "size": total}
         elif self._exportable and placement == Placement.DEVICE:
             raw, base, share = self._export_device(cache_id, total)
         else:
@@ -221,9 +221,9 @@ class CacheManager:
 
     def _free(self, entry: MemoryEntry) -> None:
         kind = entry.share.get("kind") if entry.share is not None else None
-        if kind == "shm":
+        if kind == "memfd":
             _core.shm_unmap(entry.base, entry.size)
-            _core.shm_unlink(entry.share["name"])
+            os.close(entry.share["fd"])
             return
         if kind in device_ipc.KINDS:
             # Peers closed their imports before acknowledging the withdrawal (or their link

@@ -2,37 +2,44 @@
 path to a peer.
 
 A cluster with `llm.listenIpInfo` accepts links; `link_clusters` connects to one. The control
-connection carries only small JSON frames: a handshake (cluster ids, roles, host identity, the
-caches each side holds), cache announcements and withdrawals (acknowledged, so that a peer knows a
+connection carries only small JSON frames (auth.py: framing, and with a shared key the
+challenge-response handshake and a MAC on every frame): a challenge from the listener, a
+handshake (cluster ids, roles, the caches each side holds; the linker's caches follow the
+welcome), cache announcements and withdrawals (acknowledged, so that a peer knows a
 cache before a transfer can target it and has stopped writing into it before the owner lets it
 go), the release of a CacheKey a pull used ("key_pulled"), and unlink. It never carries bulk
 data. When it closes, the link is down: transfers to the
 peer end with LLM_LINK_FAILED and nothing more is written.
 
+Who a peer is on this host comes from the kernel: a client of this host continues on the
+listener's Unix socket (named in the challenge), where SO_PEERCRED gives each side the other's
+pid and uid; nothing a hello states about its process is read.
+
 Data paths, per peer (`Peer.route` returns one of routes.py's routes): same host -> copies into
-the peer's shared memory mapped here (host-runtime memory of a listening cluster), or process
-transfers with the peer's address space (memory the peer registered); other host -> Mooncake
+the peer's shared memory mapped here (host-runtime memory of a listening cluster: sealed memfds
+passed over the Unix socket), or process transfers with the peer's address space (memory the
+peer registered; only a kernel-named process of our uid); other host -> Mooncake
 Transfer Engine (batched transfers with memory the peer registered with its engine).
 `llmdist.transport` forces a path: direct or mooncake.
 
 On a device runtime (ACL, CUDA) the same-host path is device IPC (see device_ipc.py): the
-handshake carries each side's runtime and the pid its device-IPC exports must whitelist; the side
+handshake carries each side's runtime; exports whitelist the peer's kernel-named pid; the side
 that linked sends "ipc_ready" once it has whitelisted the listener, and the listener imports the
 linker's caches only after that."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import select
+import re
+import secrets
 import socket
-import struct
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
-from . import _core, device_ipc, notifications, shm
+from . import _core, auth, device_ipc, notifications
+from .auth import MAGIC, MAX_FRAME, AuthError, Channel, ProtocolError
 from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
 from .handshake_slots import HandshakeSlots
 from .limits import PeerLimits
@@ -45,19 +52,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 2
-MAGIC = b"LLMD"
-MAX_FRAME = 4 << 20             # a hello of 8,192 caches fits; anything larger is refused unread
+PROTOCOL_VERSION = 3
 HANDSHAKE_TIMEOUT_S = 10.0      # the whole handshake, however slowly its bytes arrive
 FIRST_FRAME_S = 1.0             # the client's first frame, from its connection
 MAX_HANDSHAKES = 32             # handshakes in progress at once (see handshake_slots.py)
 MAX_TEXT = 4096                 # the longest free text a peer may send (host, reasons, ids)
 ACK_TIMEOUT_S = 10.0
 TRANSPORTS = ("auto", "direct", "mooncake")
+_UNIX_NAME = re.compile(r"llmdist-[0-9a-f]{32}", re.ASCII)
 
-
-class ProtocolError(Exception):
-    """A frame that is not ours, too large, truncated, or not the JSON we expect."""
+__all__ = ["MAGIC", "MAX_FRAME", "ProtocolError", "AuthError"]
 
 
 def host_identity() -> str:
@@ -87,71 +91,29 @@ def close_listener(sock: socket.socket) -> None:
             pass
 
 
-def send_frame(sock: socket.socket, lock: threading.Lock, msg: dict,
-               deadline: Optional[float] = None) -> None:
-    """Send one message; by time.monotonic() deadline when given (socket.timeout after it,
-    when the frame may be cut short: the connection is then unusable)."""
-    data = json.dumps(msg, separators=(",", ":")).encode()
-    if deadline is None:
-        with lock:
-            sock.sendall(MAGIC + struct.pack(">I", len(data)) + data)
-        return
-    if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-        raise socket.timeout("another send to the peer did not finish in time")
-    try:
-        _send_by(sock, MAGIC + struct.pack(">I", len(data)) + data, deadline)
-    finally:
-        lock.release()
+def _source_of(conn: socket.socket, address) -> str:
+    """Where a connection comes from, for the handshake slots: its IP address, or on the Unix
+    socket the uid the kernel gives for the process at the other end."""
+    if isinstance(address, tuple):
+        return address[0]
+    creds = Channel(conn).peer_creds()
+    return f"uid {creds[1]} (Unix socket)" if creds else "Unix socket"
 
 
-def _send_by(sock: socket.socket, data: bytes, deadline: float) -> None:
-    """sendall that gives up at deadline, whatever the socket's own timeout."""
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view, socket.MSG_DONTWAIT):]
-        except (BlockingIOError, socket.timeout):
-            pass
-        if view:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("the peer did not read in time")
-            poll = select.poll()
-            poll.register(sock, select.POLLOUT)
-            poll.poll(left * 1000.0)
+class Listener:
+    """A TCP listening socket and its Unix-socket companion (an abstract name of random text).
+    A client on this host is sent the companion's name in the challenge and continues there,
+    so that each side learns the other's pid and uid from the kernel (SO_PEERCRED) and shared
+    memory can pass as file descriptors."""
 
+    def __init__(self, tcp: socket.socket, unix: Optional[socket.socket], name: Optional[str]):
+        self.tcp, self.unix, self.unix_name = tcp, unix, name
+        self.port: int = tcp.getsockname()[1]
 
-def _recv_exact(sock: socket.socket, n: int, deadline: Optional[float]) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        if deadline is not None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("the handshake took too long")
-            sock.settimeout(left)
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise ConnectionError("connection closed")
-        buf += chunk
-    return bytes(buf)
-
-
-def recv_frame(sock: socket.socket, deadline: Optional[float] = None) -> dict:
-    """Read one message; by time.monotonic() deadline when given, whatever the pace of the
-    bytes."""
-    head = _recv_exact(sock, 8, deadline)
-    if head[:4] != MAGIC:
-        raise ProtocolError("bad magic")
-    (n,) = struct.unpack(">I", head[4:])
-    if n > MAX_FRAME:
-        raise ProtocolError(f"frame of {n} bytes is over the {MAX_FRAME}-byte limit")
-    try:
-        msg = json.loads(_recv_exact(sock, n, deadline))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ProtocolError(f"frame is not JSON of a sane depth: {type(exc).__name__}") from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
-        raise ProtocolError("frame is not a message")
-    return msg
+    def close(self) -> None:
+        close_listener(self.tcp)
+        if self.unix is not None:
+            close_listener(self.unix)
 
 
 # ------------------------------------------------------------------------------------------
@@ -204,7 +166,26 @@ def key_to_wire(key: Union[CacheKey, BlocksCacheKey]) -> list:
     return ["cache", key.cluster_id, key.req_id, key.model_id, key.prefix_id]
 
 
-def cache_to_wire(entry: MemoryEntry) -> dict:
+def share_to_wire(share: Optional[dict], fds: Optional[List[int]]) -> dict:
+    """How a peer reaches a cache, as sent. Shared memory (a memfd) and device IPC ids go only
+    over a Unix socket (fds not None), to a process the kernel says is on this host; the memfd
+    travels in fds, the share names its index there."""
+    if share is None:
+        return {"kind": "none"}
+    kind = share.get("kind")
+    if kind == "memfd" or kind in device_ipc.KINDS:
+        if fds is None:
+            return {"kind": "none", "reason": "its memory is shared with processes of this host "
+                                              "over a Unix socket only"}
+        if kind == "memfd":
+            fds.append(share["fd"])
+            return {"kind": "memfd", "fd": len(fds) - 1, "base": share["base"],
+                    "size": share["size"]}
+    return share
+
+
+def cache_to_wire(entry: MemoryEntry, fds: Optional[List[int]] = None) -> dict:
+    """A cache as sent to a peer (fds: see share_to_wire)."""
     c = entry.cache
     d = c.cache_desc
     keys = []
@@ -218,11 +199,12 @@ def cache_to_wire(entry: MemoryEntry) -> dict:
             "seq_len_dim": d.seq_len_dim_index, "blocks": c.is_blocks_cache,
             "addrs": c.tensor_addrs, "origin": entry.origin,
             "remote_accessible": entry.remote_accessible, "keys": keys,
-            "share": entry.share or {"kind": "none"}}
+            "share": share_to_wire(entry.share, fds)}
 
 
-def cache_from_wire(w: dict) -> Tuple[MemoryEntry, list]:
-    """A peer's cache as a MemoryEntry (its addresses are the peer's) and its keys."""
+def cache_from_wire(w: dict, fds: List[int] = ()) -> Tuple[MemoryEntry, list]:
+    """A peer's cache as a MemoryEntry (its addresses are the peer's) and its keys; a memfd
+    share's "fd" becomes the descriptor of fds it names."""
     if type(w) is not dict:
         raise ProtocolError("cache is not an object")
     try:
@@ -240,12 +222,13 @@ def cache_from_wire(w: dict) -> Tuple[MemoryEntry, list]:
         keys = [key_from_wire(k) for k in _list(w["keys"])]
         share = w["share"]
         if (type(share) is not dict
-                or share.get("kind") not in ("shm", "process", "none") + device_ipc.KINDS):
+                or share.get("kind") not in ("memfd", "process", "none") + device_ipc.KINDS):
             raise ProtocolError("bad share")
         kind = share["kind"]
-        if kind == "shm":
-            if shm.owner_of(share.get("name")) is None:
-                raise ProtocolError(f"bad shared memory name {share.get('name')!r:.80}")
+        if kind == "memfd":
+            share = dict(share, fd=fds[_int(share.get("fd"), 0, len(fds) - 1)]) if fds else None
+            if share is None:
+                raise ProtocolError("shared memory without its file descriptor")
         elif kind in device_ipc.KINDS:
             export_id = share.get("id")
             if (not isinstance(export_id, str) or not 0 < len(export_id) < device_ipc.ID_MAX
@@ -253,7 +236,7 @@ def cache_from_wire(w: dict) -> Tuple[MemoryEntry, list]:
                 raise ProtocolError("bad device IPC id")
         elif kind == "none":
             _text(share.get("reason", ""))
-        if kind == "shm" or kind in device_ipc.KINDS:
+        if kind == "memfd" or kind in device_ipc.KINDS:
             base, size = _int(share.get("base"), 1), _int(share.get("size"), 1)
             # Writes land at a tensor's address moved into the mapping: every tensor must lie
             # inside the memory the share names, or they would land outside it.
@@ -263,7 +246,7 @@ def cache_from_wire(w: dict) -> Tuple[MemoryEntry, list]:
         if kind in device_ipc.KINDS:
             _int(share.get("device", 0), 0, 2**31 - 1)
         entry = MemoryEntry(cache, w["origin"], w["remote_accessible"], share=share)
-        if kind == "shm" or kind in device_ipc.KINDS:
+        if kind == "memfd" or kind in device_ipc.KINDS:
             entry.base, entry.size = share["base"], share["size"]
         return entry, keys
     except ProtocolError:
@@ -278,30 +261,48 @@ def cache_from_wire(w: dict) -> Tuple[MemoryEntry, list]:
 class Peer:
     """A linked cluster: its control connection, the caches it exposes, and the data path."""
 
-    def __init__(self, node: "ClusterNode", sock: socket.socket, hello: dict) -> None:
+    def __init__(self, node: "ClusterNode", chan: Channel, hello: dict,
+                 fds: List[int] = ()) -> None:
         self.node = node
-        self.sock = sock
+        self.chan = chan
+        self.sock = chan.sock
         self.cluster_id: int = hello["cluster_id"]
         self.role = LLMRole(hello["role"])
-        self.pid: int = hello["pid"]
-        self.tgid: int = hello.get("tgid", self.pid)      # the pid device-IPC exports whitelist
         self.runtime: str = hello.get("runtime", "host")
-        self.same_host = hello["host"] == node.host
-        # Its process as the owner of the shared memory it announces (on this host).
-        self.owner: Optional[shm.Owner] = None
-        if self.same_host:
-            self.owner = (self.pid, shm.start_time(self.pid) or 0)
+        # Who the peer is comes from the kernel, never from its hello: over the Unix socket the
+        # peer's pid and uid are SO_PEERCRED's; over TCP this side knows no process of it.
+        creds = chan.peer_creds()
+        self.same_host = creds is not None
+        self.pid: int = creds[0] if creds is not None and creds[0] > 0 else 0
+        self.uid: Optional[int] = creds[1] if creds is not None else None
+        # Process writes and reads reach only a process of our own uid that the kernel named.
+        self.no_process_route: Optional[str] = None
+        if not self.same_host:
+            self.no_process_route = ("it is not known to be a process of this host (linked over "
+                                     "TCP, not the listener's Unix socket)")
+        elif self.pid == 0:
+            self.no_process_route = "its process is outside this process's pid namespace"
+        elif self.uid != os.geteuid():
+            self.no_process_route = (f"its process runs as uid {self.uid}, this one as uid "
+                                     f"{os.geteuid()}")
+        self.tgid: int = self.pid      # the pid device-IPC exports whitelist (kernel-verified)
+        # cache id -> why this process cannot reach that cache of the peer
+        self.unreachable: Dict[int, str] = {}
         self.path = node.choose_path(self.same_host, hello.get("want_engine") is True)
         session = hello.get("mooncake")
         self.engine_session: Optional[str] = session if isinstance(session, str) else None
-        self.link = _core.LinkFlag(self.pid if self.same_host else 0)
+        self.link = _core.LinkFlag(self.pid, chan.peer_pidfd() if self.pid > 0 else -1)
         self.mem = ClusterMemory()
         self.mappings: Dict[int, Tuple[int, int]] = {}   # cache id -> (local address, size)
         self.imports: Dict[int, Tuple[dict, int]] = {}   # cache id -> (device IPC share, delta)
         # Set once the peer may be imported from: at once when we linked to it (it whitelisted
         # us before its welcome), on its "ipc_ready" when it linked to us.
         self.ipc_ready = threading.Event()
-        self.send_lock = threading.Lock()
+        # Set once the handshake is complete, each side knowing the other's caches: an accepted
+        # peer is registered before its caches arrive (so that no announcement misses it) and
+        # counts as linked only from then on.
+        self.ready = threading.Event()
+        self.send_lock = chan.send_lock
         self.lock = threading.Lock()
         self.acks: Dict[int, threading.Event] = {}
         self.acked: set = set()
@@ -316,27 +317,38 @@ class Peer:
         err = hello.get("engine_error")
         self.engine_error: Optional[str] = err if isinstance(err, str) else None
         try:
-            for w in hello["caches"]:
-                self.add_cache(w)
+            self.add_caches(hello["caches"], fds)
         except BaseException:
             self._unmap_all()
             raise
 
     # -- memory the peer exposes
-    def add_cache(self, w: dict) -> None:
-        entry, keys = cache_from_wire(w)
+    def add_caches(self, ws, fds: List[int] = ()) -> None:
+        for w in _list(ws):
+            self.add_cache(w, fds)
+
+    def add_cache(self, w: dict, fds: List[int] = ()) -> None:
+        """Record a cache the peer announced; fds are the descriptors that came with the frame
+        (the caller closes them: a mapping outlives its descriptor)."""
+        entry, keys = cache_from_wire(w, fds)
         cid = entry.cache.cache_id
-        if entry.share.get("kind") == "shm" and shm.owner_of(entry.share["name"])[0] != self.pid:
-            raise ProtocolError(f"cluster {self.cluster_id} announced shared memory "
-                                f"{entry.share['name']} of another process")
         delta = pid = 0
+        why = None
+        kind = entry.share.get("kind")
         if self.path == "direct":
-            if entry.share.get("kind") == "shm":
-                local = _core.shm_map(entry.share["name"], entry.size)
+            if kind == "memfd":
+                try:
+                    local = _core.memfd_map(entry.share.pop("fd"), entry.size)
+                except LLMException as exc:
+                    raise ProtocolError(f"peer cache {cid}: {exc}") from None
                 self.mappings[cid] = (local, entry.size)
                 delta = local - entry.base
-            elif entry.share.get("kind") not in device_ipc.KINDS:
-                pid = self.pid      # device IPC exports are imported on first use instead
+            elif kind not in device_ipc.KINDS:
+                # device IPC exports are imported on first use instead
+                pid = self.pid
+                if self.no_process_route is not None:
+                    pid, why = 0, (f"process transfers with cluster {self.cluster_id} are "
+                                   f"refused: {self.no_process_route}")
         refused = None
         with self.lock:
             self._check_caps(cid, len(keys))
@@ -345,6 +357,11 @@ class Peer:
                 self.mem.add(entry, keys, delta, pid)
             except LLMException as exc:
                 refused = exc
+            else:
+                if why is None:
+                    self.unreachable.pop(cid, None)
+                else:
+                    self.unreachable[cid] = why
         if refused is not None:
             self._unmap(cid)
             raise ProtocolError(f"peer cache {cid}: {refused}") from None
@@ -370,6 +387,7 @@ class Peer:
     def remove_cache(self, cid: int) -> None:
         with self.lock:
             self.mem.remove(cid)
+            self.unreachable.pop(cid, None)
         self.node.cancel_transfers_to(self.cluster_id, cid, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST)
         self._unmap(cid)
 
@@ -479,6 +497,11 @@ class Peer:
         deltas: Dict[int, int] = {}
         cache = None
         for r in regions:
+            why = self.unreachable.get(r.cache.cache_id)
+            if why is not None:
+                raise LLMException(f"cache {r.cache.cache_id} of cluster {self.cluster_id} cannot "
+                                   f"be reached from this process: {why}",
+                                   status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
             if r.pid:
                 return ProcessRoute(self.link, self.pid)
             if r.cache is not cache:        # the regions of one cache come in a row
@@ -531,16 +554,16 @@ class Peer:
                                f"memory", status_code=LLMStatusCode.LLM_LINK_FAILED)
 
     # -- messages
-    def send(self, msg: dict, deadline: Optional[float] = None) -> None:
-        send_frame(self.sock, self.send_lock, msg, deadline)
+    def send(self, msg: dict, fds: List[int] = (), deadline: Optional[float] = None) -> None:
+        self.chan.send(msg, fds, deadline=deadline)
 
-    def request(self, msg: dict, timeout: float = ACK_TIMEOUT_S) -> bool:
+    def request(self, msg: dict, timeout: float = ACK_TIMEOUT_S, fds: List[int] = ()) -> bool:
         """Send msg and wait for the peer's ack; False if none came in time or the link broke."""
         deadline = time.monotonic() + timeout
-        seq = self.post(msg, deadline)
+        seq = self.post(msg, deadline, fds)
         return seq is not None and self.await_ack(seq, deadline)
 
-    def post(self, msg: dict, deadline: float) -> Optional[int]:
+    def post(self, msg: dict, deadline: float, fds: List[int] = ()) -> Optional[int]:
         """Send msg as a request by deadline without waiting for its ack: its sequence number
         for await_ack, or None when it could not be sent in time."""
         with self.lock:
@@ -549,7 +572,7 @@ class Peer:
             self.acks[seq] = threading.Event()
         msg["seq"] = seq
         try:
-            self.send(msg, deadline)
+            self.send(msg, fds, deadline)
         except OSError:
             with self.lock:
                 self.acks.pop(seq, None)
@@ -571,19 +594,17 @@ class Peer:
 
     def serve(self) -> None:
         """Read the peer's messages until the connection ends, then take the link down."""
-        broke = False       # the connection ended without unlink from either side
         rate = self.node.limits.frame_rate
         tokens, last = float(rate), time.monotonic()
         try:
             self.sock.settimeout(None)
             while True:
-                msg = recv_frame(self.sock)
-                kind = msg["type"]
-                seq = _int(msg.get("seq", 0))
+                msg, fds = self.chan.recv()
                 # At most llmdist.peer_frame_rate frames a second (as a burst too): a faster
                 # peer waits, its frames in the socket's bounded buffers. Acks of our own
                 # requests are bounded by those and do not count.
-                if kind != "ack" or seq not in self.acks:
+                seq = msg.get("seq")
+                if msg["type"] != "ack" or type(seq) is not int or seq not in self.acks:
                     now = time.monotonic()
                     tokens = min(float(rate), tokens + (now - last) * rate)
                     last = now
@@ -592,48 +613,55 @@ class Peer:
                         tokens = 1.0
                         last = time.monotonic()
                     tokens -= 1.0
-                if kind == "ack":
-                    with self.lock:
-                        ev = self.acks.get(seq)
-                        if ev is not None:
-                            self.acked.add(seq)
-                    if ev is not None:
-                        ev.set()
-                    continue
-                if kind == "ipc_ready":
-                    self.ipc_ready.set()
-                    continue
-                if kind == "unlink":
-                    # Stop writing to the peer before it hears back, then hang up.
-                    self.peer_unlinked = True
-                    self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=seq)
-                    return
-                if kind in notifications.MESSAGES:
-                    self.node.notifications.handle(self, msg, ProtocolError)
-                    continue
-                if kind == "cache_add":
-                    self.add_cache(msg.get("cache"))
-                elif kind == "cache_remove":
-                    self.remove_cache(_int(msg.get("cache_id"), 0, 2**63 - 1))
-                elif kind == "key_remove":
-                    self.remove_key(msg.get("key"))
-                elif kind == "key_pulled":
-                    self.key_pulled(msg.get("key"))
-                else:
-                    raise ProtocolError(f"unknown message {kind!r:.40}")
-                self.send({"type": "ack", "seq": seq})
+                try:
+                    if self._handle(msg, fds):
+                        return
+                finally:
+                    self.chan.close_fds(fds)
         except (ConnectionError, OSError, ProtocolError) as exc:
-            broke = not self.closed
-            if broke:
+            if not self.closed:
                 log.info("link to cluster %d ended: %s", self.cluster_id, exc)
         except Exception:  # a bug must still take the link down cleanly
             log.exception("link to cluster %d failed", self.cluster_id)
         finally:
             self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED)
-            if self.owner is not None and broke:
-                # The connection broke: if the peer died, its shared memory is garbage once
-                # its process is gone (which may be a moment after its socket closed).
-                shm.remove_when_gone(self.owner)
+            self.chan.close_fds()
+
+    def _handle(self, msg: dict, fds: List[int]) -> bool:
+        """Act on one message of the peer; True when the link ended."""
+        kind = msg["type"]
+        seq = _int(msg.get("seq", 0))
+        if kind == "ack":
+            with self.lock:
+                ev = self.acks.get(seq)
+                if ev is not None:
+                    self.acked.add(seq)
+            if ev is not None:
+                ev.set()
+            return False
+        if kind == "ipc_ready":
+            self.ipc_ready.set()
+            return False
+        if kind == "unlink":
+            # Stop writing to the peer before it hears back, then hang up.
+            self.peer_unlinked = True
+            self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=seq)
+            return True
+        if kind in notifications.MESSAGES:
+            self.node.notifications.handle(self, msg, ProtocolError)
+            return False
+        if kind == "cache_add":
+            self.add_cache(msg.get("cache"), fds)
+        elif kind == "cache_remove":
+            self.remove_cache(_int(msg.get("cache_id"), 0, 2**63 - 1))
+        elif kind == "key_remove":
+            self.remove_key(msg.get("key"))
+        elif kind == "key_pulled":
+            self.key_pulled(msg.get("key"))
+        else:
+            raise ProtocolError(f"unknown message {kind!r:.40}")
+        self.send({"type": "ack", "seq": seq})
+        return False
 
     def stop(self, code) -> None:
         """Stop writing to the peer: take the link flag down, end transfers to it (waiting for
@@ -687,13 +715,14 @@ class ClusterNode:
 
     def __init__(self, cluster_id: int, role: LLMRole, listen: Optional[Tuple[str, int]],
                  transport: str, runtime: Optional["_core.Runtime"] = None,
-                 limits: Optional[PeerLimits] = None) -> None:
+                 limits: Optional[PeerLimits] = None, key: Optional[bytes] = None) -> None:
         if transport not in TRANSPORTS:
             raise LLMException(f"option llmdist.transport must be one of {', '.join(TRANSPORTS)}, "
                                f"got {transport!r}", status_code=LLMStatusCode.LLM_PARAM_INVALID)
         self.cluster_id = cluster_id
         self.role = role
         self.limits = limits if limits is not None else PeerLimits()
+        self.key = key                          # the shared key (llmdist.auth_key), or None
         self.caches: Optional["CacheManager"] = None
         self.transport = transport
         self.runtime = runtime if runtime is not None else _core.Runtime.host()
@@ -710,7 +739,7 @@ class ClusterNode:
         self.linking: set = set()               # cluster ids link() is connecting to right now
         self.accepting: set = set()             # cluster ids whose link is being accepted
         self.ever_linked: set = set()           # every cluster id linked since start
-        self.listener: Optional[socket.socket] = None
+        self.listener: Optional[Listener] = None
         self.port: Optional[int] = None
         self.closed = False
         self.engine = None                      # MooncakeTransport, made on first need
@@ -731,14 +760,17 @@ class ClusterNode:
         self.switching = False
         self.handshakes_ended = threading.Condition(self.lock)
         self.notifications = notifications.Notifications(cluster_id)
+        # called with the cluster id of each accepted link once it is complete
+        self.ready_hooks: List[Callable[[int], None]] = []
         if listen is not None:
             self.start_listening(listen)
 
     def open_listener(self, address: Tuple[str, int],
-                      admit: Optional[Callable[[dict], Optional[Tuple[int, str]]]] = None
-                      ) -> socket.socket:
-        """Accept links on address until the returned socket is closed. admit, when given,
-        may refuse a handshake that passed the usual checks ((status, reason) or None).
+                      admit: Optional[Callable[[dict], Optional[Tuple[int, str]]]] = None,
+                      key: Optional[bytes] = None) -> Listener:
+        """Accept links on address (and on a Unix-socket companion) until the returned listener
+        is closed. admit, when given, may refuse a handshake that passed the usual checks
+        ((status, reason) or None); key, when given, is the key clients must prove they hold.
         Raises OSError when the address cannot be bound."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -748,26 +780,41 @@ class ClusterNode:
         except OSError:
             sock.close()
             raise
-        threading.Thread(target=self._accept_loop, args=(sock, admit), name="llmdist-listen",
-                         daemon=True).start()
-        return sock
+        name = "llmdist-" + secrets.token_hex(16)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            unix.bind(b"\0" + name.encode())
+            unix.listen(64)
+        except OSError as exc:
+            log.warning("no Unix socket beside %s:%d (%s): peers on this host link over TCP and "
+                        "get no shared memory or process route", address[0], address[1], exc)
+            unix.close()
+            unix = name = None
+        # the address a Mooncake engine of a peer linked over the Unix socket is told
+        local_ip = address[0] if address[0] not in ("", "0.0.0.0") else "127.0.0.1"
+        for s, redirect in ((sock, name), (unix, None)):
+            if s is not None:
+                threading.Thread(target=self._accept_loop,
+                                 args=(s, admit, key, redirect, local_ip),
+                                 name="llmdist-listen", daemon=True).start()
+        return Listener(sock, unix, name)
 
     def start_listening(self, listen: Tuple[str, int]) -> None:
         """Accept links on listen (llm.listenIpInfo), replacing the current listener."""
         try:
-            sock = self.open_listener(listen)
+            listener = self.open_listener(listen, key=self.key)
         except OSError as exc:
             raise LLMException(f"cannot listen on {listen[0]}:{listen[1]}: {exc}",
                                status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
         self.stop_listening()
-        self.listener = sock
-        self.port = sock.getsockname()[1]
+        self.listener = listener
+        self.port = listener.port
 
     def stop_listening(self) -> None:
         """Stop accepting links (links already made stay up)."""
-        sock, self.listener, self.port = self.listener, None, None
-        if sock is not None:
-            close_listener(sock)
+        listener, self.listener, self.port = self.listener, None, None
+        if listener is not None:
+            listener.close()
 
     def begin_switch(self, timeout_s: float = HANDSHAKE_TIMEOUT_S + 1.0) -> None:
         """Stop admitting links (until end_switch) and end the handshakes in progress: their
@@ -886,12 +933,14 @@ class ClusterNode:
     def _allow_imports(self, peer: Peer) -> None:
         """Let a peer on this host import the DEVICE caches this cluster exports."""
         cm = self.caches
-        if peer.same_host and cm is not None:
+        if peer.tgid > 0 and cm is not None:
             cm.allow_importer(peer.tgid)
 
     def peer(self, cluster_id: int) -> Optional[Peer]:
+        """The linked peer cluster_id (its handshake complete), or None."""
         with self.lock:
-            return self.peers.get(cluster_id)
+            p = self.peers.get(cluster_id)
+        return p if p is not None and p.ready.is_set() else None
 
     def attach(self, caches: Optional["CacheManager"]) -> None:
         """Serve caches (the cluster's CacheManager), or none (None) once it is finalized."""
@@ -904,17 +953,21 @@ class ClusterNode:
         if cm is not None:
             cm.cancel_transfers_to(cluster_id, cache_id, code)
 
-    def _my_caches(self) -> List[dict]:
+    def _my_caches(self, fds: Optional[List[int]]) -> List[dict]:
         cm = self.caches
         if cm is None:
             return []
-        return [cache_to_wire(e) for e in cm.entries()]
+        return [cache_to_wire(e, fds) for e in cm.entries()]
 
-    def _hello(self, target: Optional[int]) -> dict:
+    def _hello(self, target: Optional[int], fds: Optional[List[int]] = None,
+               caches: bool = True) -> dict:
+        """This side's handshake message; its caches (with their memfds added to fds, on a
+        Unix socket) unless caches is False."""
         msg = {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.cluster_id,
                "role": int(self.role), "target": target, "host": self.host,
-               "pid": os.getpid(), "tgid": self.tgid, "runtime": self.runtime.name,
-               "caches": self._my_caches(), "want_engine": self.transport == "mooncake"}
+               "runtime": self.runtime.name,
+               "caches": self._my_caches(fds) if caches else [],
+               "want_engine": self.transport == "mooncake"}
         if self.engine is not None:
             msg["mooncake"] = self.engine.session_id
         elif self.engine_error is not None:
@@ -934,8 +987,6 @@ class ClusterNode:
             cid = _int(msg.get("cluster_id"))
             if msg.get("target") is not None:     # None: the linker did not know our id
                 _int(msg.get("target"))
-            _int(msg.get("pid"), 1, 2**31 - 1)
-            _int(msg.get("tgid", 1), 1, 2**31 - 1)
             if msg.get("runtime", "host") not in ("host", "acl", "cuda"):
                 raise ProtocolError("bad runtime")
             _enum(LLMRole, msg.get("role"))
@@ -959,32 +1010,37 @@ class ClusterNode:
         return None
 
     # -- accepting
-    def _accept_loop(self, sock: socket.socket, admit=None) -> None:
+    def _accept_loop(self, sock: socket.socket, admit=None, key: Optional[bytes] = None,
+                     redirect: Optional[str] = None, local_ip: Optional[str] = None) -> None:
         while True:
             try:
                 conn, source = sock.accept()
             except OSError:
                 return
-            if not self.handshakes.take(conn, source[0]):
+            source = _source_of(conn, source)
+            if not self.handshakes.take(conn, source):
                 log.info("refused a connection from %s: its %d handshake slots (option "
-                         "llmdist.handshakes_per_address) or all %d are busy", source[0],
+                         "llmdist.handshakes_per_address) or all %d are busy", source,
                          self.handshakes.per_address, MAX_HANDSHAKES)
                 conn.close()
                 continue
             with self.lock:
                 self.in_handshake[conn] = self.epoch
-            threading.Thread(target=self._handshake, args=(conn, admit),
+            threading.Thread(target=self._handshake, args=(conn, admit, key, redirect, local_ip),
                              name="llmdist-handshake", daemon=True).start()
 
-    def _handshake(self, conn: socket.socket, admit=None) -> None:
+    def _handshake(self, conn: socket.socket, admit=None, key: Optional[bytes] = None,
+                   redirect: Optional[str] = None, local_ip: Optional[str] = None) -> None:
         """Run one handshake (a slot of the bounded count is held), then serve the link. Any
         failure, whatever its kind, closes the connection and leaves no peer behind."""
         peer = None
         try:
-            peer = self._accept_one(conn, admit)
+            peer = self._accept_one(conn, admit, key, redirect, local_ip)
         except Exception as exc:  # noqa: BLE001 - nothing a client sends may kill this thread
             level = logging.INFO if isinstance(exc, (ConnectionError, OSError, ProtocolError,
                                                      LLMException)) else logging.WARNING
+            if isinstance(exc, AuthError):
+                level = logging.WARNING
             log.log(level, "refused a connection: %s: %s", type(exc).__name__, exc)
             try:
                 conn.close()
@@ -998,37 +1054,78 @@ class ClusterNode:
         if peer is not None:
             peer.serve()
 
-    def _accept_one(self, conn: socket.socket, admit=None) -> Optional[Peer]:
+    def _accept_one(self, conn: socket.socket, admit=None, key: Optional[bytes] = None,
+                    redirect: Optional[str] = None, local_ip: Optional[str] = None
+                    ) -> Optional[Peer]:
         """The listener's side of a handshake: the linked peer, or None when refused. admit:
-        see open_listener."""
+        see open_listener; key: the key the client must prove it holds; redirect: the name of
+        the Unix socket a client on this host continues on."""
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
-        lock = threading.Lock()
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
-        msg = recv_frame(conn, min(deadline, time.monotonic() + FIRST_FRAME_S))
-        self.handshakes.heard(conn)
-        if msg["type"] != "hello":
-            raise ProtocolError("expected a handshake")
-        if msg.get("target") not in (None, self.cluster_id):
-            refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
-                       f"this is cluster {self.cluster_id}, not {msg.get('target')!r:.40}")
-        else:
-            refusal = self._check_hello(msg, None, rendezvous=admit is not None)
-        if refusal is None and admit is not None:
-            refusal = admit(msg)
-        if refusal is None and self.caches is None:
-            refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
-        if refusal is None:
-            refusal = self._begin_accept(msg["cluster_id"])
-        if refusal is not None:
-            send_frame(conn, lock, {"type": "refuse", "code": refusal[0], "reason": refusal[1],
-                                    "cluster_id": self.cluster_id})
-            conn.close()
-            return None
+        chan = Channel(conn, local_ip)
+        nl = auth.new_nonce()
+        challenge = {"type": "challenge", "version": PROTOCOL_VERSION, "nonce": nl.hex(),
+                     "auth": key is not None, "host": self.host}
+        if redirect is not None:
+            challenge["unix"] = redirect
+        chan.send(challenge)
+        if key is not None:
+            chan.into.set(key, auth.hello_context(nl))
+        fds: List[int] = []
         try:
-            return self._admit(conn, msg, lock, deadline)
+            try:
+                msg, fds = chan.recv(min(deadline, time.monotonic() + FIRST_FRAME_S))
+                self.handshakes.heard(conn)
+            except ConnectionError:
+                if redirect is None:
+                    raise
+                # a client of this host continued on the Unix socket (or went away)
+                log.debug("a client closed its TCP connection after the challenge")
+                conn.close()
+                return None
+            session = None
+            if key is not None:
+                nc = auth.nonce_from_wire(msg.get("nonce"))
+                l2c, c2l = auth.session_keys(key, nl, nc)
+                chan.out.set(key, auth.welcome_context(nl, nc))
+                chan.into.set(c2l)
+                session = (l2c, b"")
+        except AuthError:
+            chan.out.set(None)
+            try:
+                chan.send({"type": "refuse", "code": int(LLMStatusCode.LLM_LINK_FAILED),
+                           "reason": "authentication failed"})
+            except OSError:
+                pass
+            raise
+        try:
+            if msg["type"] == "refuse":
+                raise AuthError(f"the client refused: {str(msg.get('reason'))[:200]}")
+            if msg["type"] != "hello":
+                raise ProtocolError("expected a handshake")
+            if msg.get("target") not in (None, self.cluster_id):
+                refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
+                           f"this is cluster {self.cluster_id}, not {msg.get('target')!r:.40}")
+            else:
+                refusal = self._check_hello(msg, None, rendezvous=admit is not None)
+            if refusal is None and admit is not None:
+                refusal = admit(msg)
+            if refusal is None and self.caches is None:
+                refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
+            if refusal is None:
+                refusal = self._begin_accept(msg["cluster_id"])
+            if refusal is not None:
+                chan.send({"type": "refuse", "code": refusal[0], "reason": refusal[1],
+                           "cluster_id": self.cluster_id})
+                conn.close()
+                return None
+            try:
+                return self._admit(chan, msg, fds, deadline, session)
+            finally:
+                with self.lock:
+                    self.accepting.discard(msg["cluster_id"])
         finally:
-            with self.lock:
-                self.accepting.discard(msg["cluster_id"])
+            chan.close_fds(fds)
 
     def _begin_accept(self, cid: int) -> Optional[Tuple[int, str]]:
         """Claim the right to accept a link from cid, or say why not: it is linked already, or
@@ -1043,13 +1140,15 @@ class ClusterNode:
             self.accepting.add(cid)
         return None
 
-    def _admit(self, conn: socket.socket, msg: dict, lock: threading.Lock,
-               deadline: float) -> Peer:
-        """Register an accepted peer and welcome it."""
-        peer = Peer(self, conn, msg)
+    def _admit(self, chan: Channel, msg: dict, fds: List[int], deadline: float,
+               session: Optional[Tuple[bytes, bytes]]) -> Peer:
+        """Register an accepted peer, welcome it and take its caches (the "caches" frame that
+        answers the welcome, acknowledged)."""
+        conn = chan.sock
+        peer = Peer(self, chan, msg, fds)
         try:
             if peer.path == "mooncake":
-                self.ensure_engine(conn.getsockname()[0])
+                self.ensure_engine(chan.local_ip)
             self._allow_imports(peer)           # before the welcome lists our caches
             with self.lock:
                 if self.closed or msg["cluster_id"] in self.peers:
@@ -1059,10 +1158,24 @@ class ClusterNode:
                 self.in_handshake.pop(conn, None)      # a link now, not a handshake
                 self.peers[peer.cluster_id] = peer
                 self.ever_linked.add(peer.cluster_id)
-            reply = self._hello(peer.cluster_id)
+            out: Optional[List[int]] = [] if chan.unix else None
+            reply = self._hello(peer.cluster_id, out)
             reply["type"] = "welcome"
             conn.settimeout(max(0.001, deadline - time.monotonic()))
-            peer.send(reply)
+            chan.send(reply, out or (), then=session)
+            got, more = chan.recv(deadline)
+            try:
+                if got["type"] != "caches":
+                    raise ProtocolError("expected the peer's caches")
+                peer.add_caches(got.get("caches"), more)
+            finally:
+                chan.close_fds(more)
+            # linked here before the linker hears it is: a member waiting for this link (a
+            # rank-table comm) sees it before the linker can act on it
+            peer.ready.set()
+            for hook in list(self.ready_hooks):
+                hook(peer.cluster_id)
+            peer.send({"type": "ack", "seq": 0})
         except BaseException:
             # The client hears nothing more of this link: forget it, so that a later link of
             # the same cluster id is not refused as a duplicate.
@@ -1076,7 +1189,11 @@ class ClusterNode:
         this side already made it; None when there is no such link."""
         with self.lock:
             peer = self.peers.get(cluster_id) if cluster_id is not None else None
-            if peer is None:
+        if peer is None:
+            return None
+        peer.ready.wait(HANDSHAKE_TIMEOUT_S)     # an accepted link finishes its handshake
+        with self.lock:
+            if self.peers.get(cluster_id) is not peer or not peer.ready.is_set():
                 return None
             if peer.linked_here:
                 return LLMStatusCode.LLM_ALREADY_LINK
@@ -1121,54 +1238,139 @@ class ClusterNode:
             peer.address = address
         return code
 
+    def _open(self, address: Tuple[str, int], key: Optional[bytes], deadline: float
+              ) -> Tuple[Channel, dict]:
+        """Connect to a listener and read its challenge; a listener on this host is reached on
+        its Unix socket instead (named in the challenge), where the kernel tells each side who
+        the other is. Raises AuthError when one side has a key and the other has none."""
+        sock = socket.create_connection(address, timeout=max(0.001, deadline - time.monotonic()))
+        chan = Channel(sock)
+        local_ip = chan.local_ip
+        try:
+            challenge = self._challenge(chan, key, deadline)
+            name = challenge.get("unix")
+            if name is None or challenge.get("host") != self.host:
+                return chan, challenge
+            if type(name) is not str or not _UNIX_NAME.fullmatch(name):
+                raise ProtocolError("bad Unix socket name")
+            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                unix.settimeout(max(0.001, deadline - time.monotonic()))
+                unix.connect(b"\0" + name.encode())
+            except OSError as exc:
+                unix.close()
+                log.info("the Unix socket of the cluster at %s:%d is out of reach (%s): linking "
+                         "over TCP", address[0], address[1], exc)
+                return chan, challenge
+        except BaseException:
+            sock.close()
+            raise
+        sock.close()
+        chan = Channel(unix, local_ip)
+        try:
+            return chan, self._challenge(chan, key, deadline)
+        except BaseException:
+            unix.close()
+            raise
+
+    @staticmethod
+    def _challenge(chan: Channel, key: Optional[bytes], deadline: float) -> dict:
+        """Read and check the listener's challenge; on a key mismatch tell the listener why
+        (so that its log names authentication) and raise AuthError."""
+        try:
+            return ClusterNode._read_challenge(chan, key, deadline)
+        except AuthError as exc:
+            try:
+                chan.send({"type": "refuse", "code": int(LLMStatusCode.LLM_LINK_FAILED),
+                           "reason": str(exc)})
+            except OSError:
+                pass
+            raise
+
+    @staticmethod
+    def _read_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> dict:
+        msg, fds = chan.recv(deadline)
+        chan.close_fds(fds)
+        if msg["type"] == "refuse":
+            raise ProtocolError(f"refused: {str(msg.get('reason'))[:200]}")
+        if msg["type"] != "challenge":
+            raise ProtocolError("expected a challenge")
+        version = msg.get("version")
+        if type(version) is not int or version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {version!r:.40}, this side speaks "
+                                f"{PROTOCOL_VERSION}")
+        auth.nonce_from_wire(msg.get("nonce"))
+        if msg.get("auth") is True and key is None:
+            raise AuthError("authentication required: the listener has a key and this side "
+                            "has none (llmdist.auth_key)")
+        if msg.get("auth") is not True and key is not None:
+            raise AuthError("authentication failed: the listener has no key "
+                            "(llmdist.auth_key) and this side requires one")
+        return msg
+
     def _connect(self, cluster_id: Optional[int], address: Tuple[str, int], timeout_ms: int,
                  comm: Optional[str]) -> Tuple[LLMStatusCode, Optional[Peer]]:
         deadline = time.monotonic() + timeout_ms / 1000.0
         name = "?" if cluster_id is None else cluster_id
+        key = auth.comm_key(self.key, comm) if comm is not None else self.key
         try:
-            sock = socket.create_connection(address, timeout=timeout_ms / 1000.0)
-        except OSError as exc:
-            log.info("link to cluster %s at %s:%d failed: %s", name, *address, exc)
+            chan, challenge = self._open(address, key, deadline)
+        except (OSError, ProtocolError) as exc:
+            log.info("link to cluster %s at %s:%d failed: %s: %s", name, *address,
+                     type(exc).__name__, exc)
             return LLMStatusCode.LLM_LINK_FAILED, None
-        lock = threading.Lock()
+        sock = chan.sock
         peer = None
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             if self.transport == "mooncake":
-                self.ensure_engine(sock.getsockname()[0])
-            hello = self._hello(cluster_id)
+                self.ensure_engine(chan.local_ip)
+            hello = self._hello(cluster_id, caches=False)
             if comm is not None:
                 hello["comm"] = comm
-            send_frame(sock, lock, hello)
-            msg = recv_frame(sock, deadline)
-            if msg["type"] == "refuse":
-                code = msg.get("code")
-                log.info("cluster %s refused the link: %s", name, msg.get("reason"))
-                sock.close()
-                if code not in (int(LLMStatusCode.LLM_ALREADY_LINK),
-                                int(LLMStatusCode.LLM_PROCESSING_LINK)):
-                    return LLMStatusCode.LLM_LINK_FAILED, None
-                # The peer holds a link to us (or is making one): if it is ours to claim,
-                # this call made it.
-                theirs = _int(msg.get("cluster_id"))
-                if cluster_id is not None and theirs != cluster_id:
-                    return LLMStatusCode.LLM_LINK_FAILED, None
-                if code == int(LLMStatusCode.LLM_PROCESSING_LINK):
-                    got = self._await_peer_link(theirs, deadline)
-                    return (LLMStatusCode.LLM_LINK_FAILED if got is None else got), None
-                got = self._claim(theirs)
-                return (LLMStatusCode.LLM_ALREADY_LINK if got is None else got), None
-            if msg["type"] != "welcome":
-                raise ProtocolError("expected a welcome")
-            refusal = self._check_hello(msg, cluster_id)
-            if refusal is not None:
-                raise ProtocolError(refusal[1])
-            peer = Peer(self, sock, msg)
+            session = None
+            if key is not None:
+                nl = bytes.fromhex(challenge["nonce"])
+                nc = auth.new_nonce()
+                hello["nonce"] = nc.hex()
+                l2c, c2l = auth.session_keys(key, nl, nc)
+                chan.out.set(key, auth.hello_context(nl))
+                chan.into.set(key, auth.welcome_context(nl, nc))
+                session = (c2l, b"")
+            chan.send(hello, then=session)
+            msg, fds = chan.recv(deadline)
+            if key is not None:
+                chan.into.set(l2c)
+            try:
+                if msg["type"] == "refuse":
+                    sock.close()
+                    return self._refused(msg, cluster_id, name, deadline), None
+                if msg["type"] != "welcome":
+                    raise ProtocolError("expected a welcome")
+                refusal = self._check_hello(msg, cluster_id)
+                if refusal is not None:
+                    raise ProtocolError(refusal[1])
+                peer = Peer(self, chan, msg, fds)
+            finally:
+                chan.close_fds(fds)
             if peer.path == "mooncake":
-                self.ensure_engine(sock.getsockname()[0])
-            # The listener whitelisted us before its welcome; now whitelist it, and say so.
-            peer.ipc_ready.set()
+                self.ensure_engine(chan.local_ip)
+            # The listener knows us now: our caches (with their memfds, on a Unix socket) go
+            # only after its welcome proved who it is. It whitelisted us before its welcome;
+            # now whitelist it, and say so.
+            out: Optional[List[int]] = [] if chan.unix else None
             self._allow_imports(peer)
+            peer.send({"type": "caches", "caches": self._my_caches(out)}, out or ())
+            while True:       # the listener may announce caches before it acknowledges ours
+                got, more = chan.recv(deadline)
+                try:
+                    if got["type"] == "ack" and got.get("seq") == 0:
+                        break
+                    if peer._handle(got, more):
+                        raise ProtocolError("the cluster unlinked during the handshake")
+                finally:
+                    chan.close_fds(more)
+            peer.ipc_ready.set()
             peer.send({"type": "ipc_ready"})
         except Exception as exc:  # noqa: BLE001 - a failed link is a status, whatever the cause
             log.info("link to cluster %s failed: %s: %s", name, type(exc).__name__, exc)
@@ -1184,10 +1386,30 @@ class ClusterNode:
                 return (LLMStatusCode.LLM_ALREADY_LINK if not self.closed
                         else LLMStatusCode.LLM_LINK_FAILED), None
             peer.linked_here = True
+            peer.ready.set()
             self.peers[cid] = peer
             self.ever_linked.add(cid)
         threading.Thread(target=peer.serve, name=f"llmdist-peer-{cid}", daemon=True).start()
         return LLMStatusCode.LLM_SUCCESS, peer
+
+    def _refused(self, msg: dict, cluster_id: Optional[int], name, deadline: float
+                 ) -> LLMStatusCode:
+        """The status of a link the listener refused."""
+        code = msg.get("code")
+        log.info("cluster %s refused the link: %s", name, msg.get("reason"))
+        if code not in (int(LLMStatusCode.LLM_ALREADY_LINK),
+                        int(LLMStatusCode.LLM_PROCESSING_LINK)):
+            return LLMStatusCode.LLM_LINK_FAILED
+        # The peer holds a link to us (or is making one): if it is ours to claim, this call
+        # made it.
+        theirs = _int(msg.get("cluster_id"))
+        if cluster_id is not None and theirs != cluster_id:
+            return LLMStatusCode.LLM_LINK_FAILED
+        if code == int(LLMStatusCode.LLM_PROCESSING_LINK):
+            got = self._await_peer_link(theirs, deadline)
+            return LLMStatusCode.LLM_LINK_FAILED if got is None else got
+        got = self._claim(theirs)
+        return LLMStatusCode.LLM_ALREADY_LINK if got is None else got
 
     def find_linked(self, address: Tuple[str, int]) -> Optional[int]:
         """The cluster this side linked to at address (for infos without a cluster id)."""
@@ -1221,15 +1443,22 @@ class ClusterNode:
         peer.close(code, ack)
 
     # -- announcements (called without the cache manager's lock)
-    def _each_peer(self, msg: dict) -> None:
+    def _each_peer(self, msg: dict, cache: Optional[MemoryEntry] = None) -> None:
         """Send msg to every peer at once and wait for their acks until one deadline
-        (llmdist.ack_timeout_ms); a peer that misses it is unlinked."""
+        (llmdist.ack_timeout_ms); a peer that misses it is unlinked. With cache, msg["cache"]
+        is that cache as each peer may see it (its memfd goes along on a Unix socket)."""
         with self.lock:
             peers = list(self.peers.values())
         if not peers:
             return
         deadline = time.monotonic() + self.limits.ack_timeout_s
-        sent = [(p, p.post(dict(msg), deadline)) for p in peers]
+        sent = []
+        for p in peers:
+            m, fds = dict(msg), None
+            if cache is not None:
+                fds = [] if p.chan.unix else None
+                m["cache"] = cache_to_wire(cache, fds)
+            sent.append((p, p.post(m, deadline, fds or ())))
         for p, seq in sent:
             if (seq is None or not p.await_ack(seq, deadline)) and not p.closed:
                 log.warning("cluster %d did not acknowledge %s within %.0f ms (option "
@@ -1240,7 +1469,7 @@ class ClusterNode:
     def announce_cache(self, entry: Optional[MemoryEntry]) -> None:
         if entry is not None:
             self._engine_register(entry)
-            self._each_peer({"type": "cache_add", "cache": cache_to_wire(entry)})
+            self._each_peer({"type": "cache_add"}, entry)
 
     def withdraw_cache(self, entry: MemoryEntry) -> None:
         self._each_peer({"type": "cache_remove", "cache_id": entry.cache.cache_id})

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import glob
 import hashlib
 import multiprocessing as mp
 import os
@@ -412,6 +411,10 @@ def run_local(args, out=sys.stdout) -> int:
         out.write("error: --transport applies to --mode two-process (a local transfer copies "
                   "inside this process)\n")
         return 2
+    if args.auth_key:
+        out.write("error: --auth-key applies to --mode two-process (a local transfer makes no "
+                  "link)\n")
+        return 2
     layout = layout_from_args(args)
     problem = layout.check()
     if problem:
@@ -515,7 +518,10 @@ def _decode_main(conn, spec: dict) -> None:
             cfg.enable_cache_manager = True
             cfg.enable_remote_cache_accessible = True
             cfg.listen_ip_info = f"{spec['host']}:0"
-            dd.init(cfg.generate_options())
+            options = cfg.generate_options()
+            if spec.get("auth_key"):
+                options["llmdist.auth_key"] = spec["auth_key"]
+            dd.init(options)
             dtype, data_type = _DTYPES[spec["dtype"]]
             elems = spec["block_size"] // np.dtype(dtype).itemsize
             desc = CacheDesc(num_tensors=spec["num_tensors"], shape=[spec["pool_blocks"], elems],
@@ -606,8 +612,8 @@ class DecodeChild:
 
     def close(self, prefill_id: Optional[int], graceful: bool = True) -> None:
         """Ask the child to unlink and finalize (bounded), then reap it; kill it if it does
-        not end in time (or at once without ``graceful``) and remove the shared memory a
-        killed child leaves behind."""
+        not end in time (or at once without ``graceful``). Its shared memory is a memfd,
+        which goes with the last process holding it."""
         try:
             if graceful and self.proc.is_alive():
                 try:
@@ -624,12 +630,6 @@ class DecodeChild:
                     pass
                 self.proc.join(10.0)
             self.conn.close()
-            if killed or self.proc.exitcode not in (0, None):
-                for f in glob.glob(f"/dev/shm/llmdist-{self.pid}-*"):
-                    try:
-                        os.unlink(f)
-                    except OSError:
-                        pass
 
 
 def _path_description(dd: LLMDataDist, decode_id: int) -> str:
@@ -637,8 +637,8 @@ def _path_description(dd: LLMDataDist, decode_id: int) -> str:
     info = dd.peer_info(decode_id)
     path = info["path"] if info else None
     if path == "direct":
-        return ("direct (same host): copies straight into the decode's POSIX shared memory, "
-                "mapped here")
+        return ("direct (same host): copies straight into the decode's shared memory (a sealed "
+                "memfd it passed over a Unix socket), mapped here")
     if path == "mooncake":
         return ("Mooncake Transfer Engine, TCP over 127.0.0.1, one batched write per layer")
     return str(path)
@@ -662,7 +662,8 @@ def run_two_process(args, out=sys.stdout) -> int:
     notes = []
     spec = dict(cluster_id=decode_id, host=HOST, dtype=args.dtype,
                 num_tensors=layout.num_tensors, pool_blocks=layout.pool_blocks,
-                block_size=layout.block_size, canary=CANARY, idle_s=CHILD_IDLE_S)
+                block_size=layout.block_size, canary=CANARY, idle_s=CHILD_IDLE_S,
+                auth_key=args.auth_key)
     t_spawn = time.perf_counter()
     decode = DecodeChild(spec)
     dd: Optional[LLMDataDist] = None
@@ -679,6 +680,8 @@ def run_two_process(args, out=sys.stdout) -> int:
         cfg.enable_remote_cache_accessible = True
         options = cfg.generate_options()
         options["llmdist.transport"] = args.transport
+        if args.auth_key:
+            options["llmdist.auth_key"] = args.auth_key
         dd.init(options)
         cm = dd.cache_manager
 
@@ -740,6 +743,7 @@ def run_two_process(args, out=sys.stdout) -> int:
             f"{decode_id} (pid {decode.pid}, listening on {HOST}:{port}); decode ready in "
             f"{_fmt_t(ready_s)}, linked in {_fmt_t(link_s)}",
             f"path       --transport {args.transport}: {path}",
+            f"auth       {'shared key: both sides proved it, every control frame is MACed' if args.auth_key else 'no key: same-host identity from the kernel (SO_PEERCRED)'}",
             f"digests    {len(src_table) * layout.num_tensors} BLAKE2b-{8 * DIGEST_BYTES} block "
             f"digests ({_fmt_bytes(len(src_table) * layout.num_tensors * DIGEST_BYTES)}) sent to "
             f"the decode; it checked the streamed cache in {_fmt_t(verify_s)}",
@@ -803,6 +807,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the prefill's cluster id; the decode process is this + 1 "
                         "(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--auth-key", default=None, metavar="KEY",
+                   help="shared key both clusters authenticate their link with "
+                        "(llmdist.auth_key; two-process mode; default: none)")
 
 
 def main(args, out=sys.stdout) -> int:

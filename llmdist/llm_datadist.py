@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
 
-from . import _core, limits, notifications, runtimes
+from . import _core, auth, limits, notifications, runtimes
 from ._check import check_isinstance, check_uint64
 from .cache_manager import CacheManager
 from .cluster import ClusterNode
@@ -31,8 +31,8 @@ _UPSTREAM_KEYS = {
 }
 _LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
                  "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots",
-                 "llmdist.max_inflight_tasks", "llmdist.device_copy",
-                 "llmdist.notify_queue_depth"} | limits.OPTION_KEYS
+                 "llmdist.max_inflight_tasks", "llmdist.device_copy", "llmdist.auth_key",
+                 "llmdist.auth_key_file", "llmdist.notify_queue_depth"} | limits.OPTION_KEYS
 MAX_INFLIGHT_TASKS = 1024       # default of llmdist.max_inflight_tasks
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
@@ -147,6 +147,7 @@ class LLMDataDist:
                                    "transfer backend every cluster listens)",
                                    status_code=LLMStatusCode.LLM_PARAM_INVALID)
             listen = _listen_option(options, "option")
+            key = auth.load_key(options)
             shareable = listen is not None or _flag_option(options, "llmdist.shareable_memory")
             runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
             runtime.bind_device()
@@ -156,7 +157,7 @@ class LLMDataDist:
                                        notifications.DEFAULT_QUEUE_DEPTH, 1)
             node = ClusterNode(self._cluster_id, self._role, listen,
                                options.get("llmdist.transport", "auto"), runtime,
-                               peer_limits)
+                               peer_limits, key)
             node.notifications.queue_depth = notify_depth
             try:
                 comms = RankTableLinks(node, self._cluster_id, options)

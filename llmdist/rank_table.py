@@ -19,7 +19,8 @@ no llmdist port. Members find each other by a rendezvous every member can comput
   of the same name still forming) is retried until the comm's deadline.
 
 The comm is PREPARING until this member is linked to every other member (a link's handshake
-carries both sides' caches), then OK; when the deadline (llm.LinkTotalTime seconds; 0 or unset:
+carries both sides' caches; a lower member's link counts from the moment it is accepted, also
+when that member is done and unlinks before this member looks again), then OK; when the deadline (llm.LinkTotalTime seconds; 0 or unset:
 HCCL_CONNECT_TIMEOUT or 120 s) passes first it is FAILED, the reason is logged and the links it
 made are taken down. Listeners close as soon as the comm is OK or FAILED, so a name may be used
 again by a later comm."""
@@ -36,7 +37,7 @@ import zlib
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from ._check import check_isinstance, check_uint32, check_uint64, require
-from .cluster import close_listener
+from . import auth
 from .descs import RegisterMemStatus
 from .status import LLMException, LLMStatusCode
 
@@ -168,6 +169,8 @@ class Comm:
         self.status = RegisterMemStatus.PREPARING
         self.reason = ""
         self.stop = threading.Event()
+        self.wake = threading.Event()       # a member's link arrived (or stop)
+        self.arrived: set = set()           # lower members whose link this member accepted
         self.thread: Optional[threading.Thread] = None
         self.listener = None
         self.lower = {m.cluster_id for m in members if m.position < me.position}
@@ -196,6 +199,17 @@ class RankTableLinks:
         self._lock = threading.Lock()
         self._comms: Dict[int, Comm] = {}
         self._next_id = 1
+        node.ready_hooks.append(self._accepted)
+
+    def _accepted(self, cluster_id: int) -> None:
+        """A link from cluster_id was accepted: comms forming that wait for it count it (it
+        may be unlinked again before their next look, when its member is done)."""
+        with self._lock:
+            comms = [c for c in self._comms.values() if c.status == RegisterMemStatus.PREPARING
+                     and cluster_id in c.lower]
+        for c in comms:
+            c.arrived.add(cluster_id)
+            c.wake.set()
 
     def port(self, name: str, position: int) -> int:
         """The rendezvous port of the member at position of comm name."""
@@ -259,6 +273,7 @@ class RankTableLinks:
 
     def _end(self, comm: Comm) -> None:
         comm.stop.set()
+        comm.wake.set()
         if comm.thread is not None and comm.thread is not threading.current_thread():
             comm.thread.join()
         for cid in comm.others:
@@ -273,13 +288,15 @@ class RankTableLinks:
             self._comms.clear()
         for comm in comms:
             comm.stop.set()
+            comm.wake.set()
         for comm in comms:
             if comm.thread is not None:
                 comm.thread.join()
 
     # -- forming a comm (its own thread)
     def _bind_host(self, comm: Comm) -> str:
-        return comm.me.host if ipaddress.IPv4Address(comm.me.host).is_loopback else "0.0.0.0"
+        """The rendezvous listens on the table's own address of this member, nothing wider."""
+        return comm.me.host
 
     def _form(self, comm: Comm) -> None:
         node = self._node
@@ -294,7 +311,8 @@ class RankTableLinks:
                 if comm.lower and comm.listener is None:
                     address = (self._bind_host(comm), comm.ports[comm.me.cluster_id])
                     try:
-                        comm.listener = node.open_listener(address, comm.admit)
+                        comm.listener = node.open_listener(
+                            address, comm.admit, auth.comm_key(node.key, comm.name))
                     except OSError as exc:
                         listen_error = f"; its rendezvous port {address[1]} stayed busy ({exc})"
                 for cid, m in list(pending.items()):
@@ -306,12 +324,14 @@ class RankTableLinks:
                                      comm=comm.name)
                     if code == LLMStatusCode.LLM_SUCCESS or node.peer(cid) is not None:
                         del pending[cid]
-                if not pending and all(node.peer(cid) is not None for cid in comm.lower):
+                if not pending and all(cid in comm.arrived or node.peer(cid) is not None
+                                       for cid in comm.lower):
                     comm.status = RegisterMemStatus.OK
                     log.info("comm %r (id %d): linked to clusters %s", comm.name, comm.comm_id,
                              sorted(comm.others))
                     return
-                comm.stop.wait(delay)
+                comm.wake.wait(delay)
+                comm.wake.clear()
                 delay = min(RETRY_S, delay * 2)
             if comm.stop.is_set():
                 return
@@ -328,4 +348,4 @@ class RankTableLinks:
             comm.status = RegisterMemStatus.FAILED
         finally:
             if comm.listener is not None:
-                close_listener(comm.listener)
+                comm.listener.close()

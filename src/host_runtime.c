@@ -705,29 +705,36 @@ int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void 
     return process_async(OP_PROCESS_READ, stream, pid, dsts, srcs, sizes, count, status);
 }
 
-/* Shared memory: a POSIX shared memory object that peers on this host map by name. */
-int llmd_host_shm_create(const char *name, size_t size, void **ptr)
+/* Shared memory: a sealed memfd that peers on this host receive as a file descriptor over a Unix
+ * socket (SCM_RIGHTS) and map. No name exists, so nothing can alias or remove it; the seals keep
+ * its size fixed, so no owner can shrink it under a mapper. */
+int llmd_host_memfd_create(size_t size, int *fd_out, void **ptr)
 {
-    if (!name || !ptr || size == 0) return LLMD_HOST_EINVAL;
-    int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (!fd_out || !ptr || size == 0) return LLMD_HOST_EINVAL;
+    int fd = memfd_create("llmdist", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     if (fd < 0) return LLMD_HOST_ENOMEM;
-    if (ftruncate(fd, (off_t)size) != 0) { close(fd); shm_unlink(name); return LLMD_HOST_ENOMEM; }
+    if (ftruncate(fd, (off_t)size) != 0 ||
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+        close(fd);
+        return LLMD_HOST_ENOMEM;
+    }
     void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
-    if (m == MAP_FAILED) { shm_unlink(name); return LLMD_HOST_ENOMEM; }
+    if (m == MAP_FAILED) { close(fd); return LLMD_HOST_ENOMEM; }
+    *fd_out = fd;
     *ptr = m;
     return LLMD_HOST_OK;
 }
 
-int llmd_host_shm_map(const char *name, size_t size, void **ptr)
+int llmd_host_memfd_map(int fd, size_t size, void **ptr)
 {
-    if (!name || !ptr || size == 0) return LLMD_HOST_EINVAL;
-    int fd = shm_open(name, O_RDWR, 0600);
-    if (fd < 0) return errno == ENOENT ? LLMD_HOST_EINVAL : LLMD_HOST_ENOMEM;
+    if (fd < 0 || !ptr || size == 0) return LLMD_HOST_EINVAL;
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+        return LLMD_HOST_EINVAL;
     struct stat st;
-    if (fstat(fd, &st) != 0 || (size_t)st.st_size < size) { close(fd); return LLMD_HOST_EINVAL; }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || (size_t)st.st_size < size)
+        return LLMD_HOST_EINVAL;
     void *m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
     if (m == MAP_FAILED) return LLMD_HOST_ENOMEM;
     *ptr = m;
     return LLMD_HOST_OK;
@@ -736,11 +743,6 @@ int llmd_host_shm_map(const char *name, size_t size, void **ptr)
 int llmd_host_shm_unmap(void *ptr, size_t size)
 {
     return munmap(ptr, size) == 0 ? LLMD_HOST_OK : LLMD_HOST_EINVAL;
-}
-
-int llmd_host_shm_unlink(const char *name)
-{
-    return shm_unlink(name) == 0 ? LLMD_HOST_OK : LLMD_HOST_EINVAL;
 }
 
 static const char *h_error_string(void *ctx, int code)

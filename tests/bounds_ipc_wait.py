@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMDataDist, LLMException,  # noqa: E402
                      LLMRole, Placement, cluster)
+from llmdist.auth import Channel  # noqa: E402
 
 ME, PEER = 990, 991
 
@@ -36,18 +37,28 @@ def main() -> None:
                       "device": 0}}
     hello = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": PEER,
              "role": int(LLMRole.PROMPT), "target": ME, "host": cluster.host_identity(),
-             "pid": os.getpid(), "runtime": "cuda", "caches": [wire]}
-    sock = socket.create_connection(("127.0.0.1", dd.listen_port), timeout=5)
-    lock = threading.Lock()
-    cluster.send_frame(sock, lock, hello)
-    assert cluster.recv_frame(sock, time.monotonic() + 5)["type"] == "welcome"
+             "runtime": "cuda", "caches": []}
+    # device IPC ids go only to a peer on the listener's Unix socket (the kernel names it)
+    tcp = socket.create_connection(("127.0.0.1", dd.listen_port), timeout=5)
+    challenge, _ = Channel(tcp).recv(time.monotonic() + 5)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(b"\0" + challenge["unix"].encode())
+    tcp.close()
+    chan = Channel(sock)
+    assert chan.recv(time.monotonic() + 5)[0]["type"] == "challenge"
+    chan.send(hello)
+    assert chan.recv(time.monotonic() + 5)[0]["type"] == "welcome"
+    chan.send({"type": "caches", "caches": [wire]})
 
     def ack_all() -> None:
         try:
             sock.settimeout(None)
             while True:
-                msg = cluster.recv_frame(sock)
-                cluster.send_frame(sock, lock, {"type": "ack", "seq": msg.get("seq", 0)})
+                msg, fds = chan.recv()
+                chan.close_fds(fds)
+                if msg["type"] != "ack":
+                    chan.send({"type": "ack", "seq": msg.get("seq", 0)})
         except (OSError, cluster.ProtocolError):
             pass
 

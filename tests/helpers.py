@@ -7,15 +7,17 @@ local transfers: the destination cluster id is the LLMDataDist's own cluster id.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
+import json
+import struct
 import faulthandler
 import os
 import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
@@ -26,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llmdist import (CacheDesc, DataType, LayerSynchronizer, LLMConfig,  # noqa: E402
                      LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement)
-from llmdist import _core, shm  # noqa: E402
 
 import reference  # noqa: E402
 
@@ -64,39 +65,133 @@ def _watchdog():
 
 
 # --------------------------------------------------------------------------------------------
-# shared memory: a test must not leave llmdist objects in /dev/shm behind
+# shared memory: llmdist shares memory as memfds, which have no name: a test must not leave
+# anything of llmdist's in /dev/shm
 # --------------------------------------------------------------------------------------------
-# Processes the tests started (pids), so that the check below judges only objects of this run's
-# own process tree: other test runs may use /dev/shm on this machine at the same time.
+# Processes the tests started (pids)
 SPAWNED: set = set()
-SHM_SETTLE_S = 5.0   # a survivor removes a dead peer's objects shortly after it died
 
 
-def _leaked_shm(before: set) -> List[str]:
-    """Objects made since `before` by this process, or by a process of this run now dead."""
-    me = os.getpid()
-    left = []
-    for name in shm.objects_of():
-        owner = shm.owner_of(name)
-        if name in before:
-            continue
-        if owner[0] == me or (owner[0] in SPAWNED and not shm.owner_alive(owner)):
-            left.append(name)
-    return left
+def llmdist_shm_names() -> set:
+    """Names in /dev/shm of llmdist's old form (llmdist-<pid>-...) made by this process or a
+    process it started (other test runs on the machine are not ours to judge)."""
+    mine = {os.getpid()} | SPAWNED
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return set()
+    out = set()
+    for n in names:
+        parts = n.split("-")
+        if n.startswith("llmdist-") and len(parts) > 1 and parts[1].isdigit() \
+                and int(parts[1]) in mine:
+            out.add(n)
+    return out
 
 
 @pytest.fixture(autouse=True)
 def _shm_clean():
-    before = set(shm.objects_of())
+    before = llmdist_shm_names()
     yield
-    deadline = time.monotonic() + SHM_SETTLE_S
-    left = _leaked_shm(before)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = _leaked_shm(before)
-    for name in left:           # do not let one leak fail the tests after this one
-        _core.shm_unlink(name)
-    assert not left, f"the test left shared memory objects in /dev/shm: {left}"
+    made = llmdist_shm_names() - before
+    assert not made, f"llmdist made named shared memory objects in /dev/shm: {sorted(made)}"
+
+
+# --------------------------------------------------------------------------------------------
+# keyed and unkeyed clusters
+# --------------------------------------------------------------------------------------------
+TEST_KEY = "llmdist-test-suite-key"
+
+
+def auth_modes(request):
+    """A module fixture (params "unkeyed", "keyed"): the module's tests run without a key and
+    again with LLMDIST_AUTH_KEY set, which clusters of this process and of the processes the
+    tests start read at init."""
+    old = os.environ.pop("LLMDIST_AUTH_KEY", None)
+    if request.param == "keyed":
+        os.environ["LLMDIST_AUTH_KEY"] = TEST_KEY
+    try:
+        yield request.param
+    finally:
+        os.environ.pop("LLMDIST_AUTH_KEY", None)
+        if old is not None:
+            os.environ["LLMDIST_AUTH_KEY"] = old
+
+
+def keyed_and_unkeyed():
+    """auth_modes as an autouse module fixture, for a test module to assign to a name."""
+    return pytest.fixture(scope="module", autouse=True, params=["unkeyed", "keyed"])(auth_modes)
+
+
+# --------------------------------------------------------------------------------------------
+# a hand-made control connection (protocol tests)
+# --------------------------------------------------------------------------------------------
+class RawPeer:
+    """A control connection made by hand: the listener's challenge is read (and, with unix, the
+    connection moved to the listener's Unix socket, where the listener learns our pid and uid
+    from the kernel). Frames are unkeyed."""
+
+    def __init__(self, port: int, unix: bool = False, host: str = "127.0.0.1",
+                 timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.settimeout(1.0)
+        try:
+            self.challenge: Optional[dict] = self.recv()
+        except socket.timeout:
+            self.challenge = None       # a listener that sends no challenge (older protocol)
+        self.sock.settimeout(timeout)
+        if self.challenge is not None:
+            assert self.challenge["type"] == "challenge", self.challenge
+        if unix and self.challenge is not None:
+            u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            u.settimeout(timeout)
+            u.connect(b"\0" + self.challenge["unix"].encode())
+            self.sock.close()
+            self.sock = u
+            self.challenge = self.recv()
+
+    @staticmethod
+    def frame(msg) -> bytes:
+        data = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
+        return b"LLMD" + struct.pack(">I", len(data)) + data
+
+    def send(self, msg, fds: Sequence[int] = ()) -> None:
+        buf = self.frame(msg)
+        if fds:
+            self.sock.sendmsg([buf], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", fds).tobytes())])
+        else:
+            self.sock.sendall(buf)
+
+    def _exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        return buf
+
+    def recv(self) -> dict:
+        head = self._exact(8)
+        (n,) = struct.unpack(">I", head[4:])
+        return json.loads(self._exact(n))
+
+    def link(self, hello: dict, caches: Sequence[dict] = (), fds: Sequence[int] = ()) -> dict:
+        """Send hello; on a welcome send our caches (with fds) and read up to the listener's
+        acknowledgement. Returns the listener's answer to the hello."""
+        self.send(hello)
+        reply = self.recv()
+        if reply["type"] == "welcome" and self.challenge is not None:
+            self.send({"type": "caches", "caches": list(caches)}, fds)
+            while True:
+                got = self.recv()
+                if got["type"] == "ack" and got.get("seq") == 0:
+                    break
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 # --------------------------------------------------------------------------------------------

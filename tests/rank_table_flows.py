@@ -191,6 +191,7 @@ def trio(p: dict) -> dict:
     comm_id = dd.link("trio", p["rank_info"], p["table"])
     took = wait_linked(dd, comm_id)
     linked = sorted(c for c in p["rank_info"] if c != me and dd.peer_info(c) is not None)
+    p["seen"].wait(WAIT_S)      # every member looked at its links before any moves on
     checked = 0
     if prefill:
         for d in p["decodes"]:

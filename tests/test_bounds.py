@@ -44,13 +44,52 @@ def hello(cid: int, target: Optional[int] = LISTENER, **over) -> dict:
     return msg
 
 
+def read_frame(sock: socket.socket) -> dict:
+    """One unkeyed frame (ConnectionError when the connection ends)."""
+    def exact(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        return buf
+    head = exact(8)
+    (n,) = struct.unpack(">I", head[4:])
+    return json.loads(exact(n))
+
+
 def recv_msg(sock: socket.socket, timeout: float = 5.0) -> Optional[dict]:
     """One frame from the listener, or None when it closed the connection."""
     sock.settimeout(timeout)
     try:
-        return cluster.recv_frame(sock)
+        return read_frame(sock)
     except (ConnectionError, OSError):
         return None
+
+
+def connect(port: int) -> socket.socket:
+    """A TCP connection to the listener with its challenge read (the listener speaks first)."""
+    s = socket.create_connection((HOST, port), timeout=5)
+    challenge = recv_msg(s)
+    assert challenge is not None and challenge["type"] == "challenge", challenge
+    return s
+
+
+def open_link(port: int, cid: int, target: Optional[int] = LISTENER, **over) -> socket.socket:
+    """A raw client linked over TCP: challenge, hello, welcome, our caches (over["caches"]),
+    and the listener's acknowledgement of them."""
+    caches = over.pop("caches", [])
+    s = connect(port)
+    s.sendall(frame(hello(cid, target, **over)))
+    reply = recv_msg(s)
+    assert reply is not None and reply["type"] == "welcome", reply
+    s.sendall(frame({"type": "caches", "caches": caches}))
+    while True:
+        got = recv_msg(s)
+        assert got is not None, "the listener closed the link"
+        if got["type"] == "ack" and got.get("seq") == 0:
+            return s
 
 
 def wait_for(cond, timeout: float = 10.0) -> bool:
@@ -100,11 +139,7 @@ def silent_peers(lis: Env, ids) -> List[socket.socket]:
     """Raw clients that complete the handshake, then never read or acknowledge anything."""
     socks = []
     for cid in ids:
-        s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
-        s.sendall(frame(hello(cid)))
-        reply = recv_msg(s)
-        assert reply is not None and reply["type"] == "welcome", reply
-        socks.append(s)
+        socks.append(open_link(lis.dd.listen_port, cid))
     assert wait_for(lambda: all(lis.dd._node.peer(c) is not None for c in ids))
     return socks
 
@@ -386,10 +421,7 @@ class RawPeer:
     """A raw client linked to a listener, counting the acks it gets back."""
 
     def __init__(self, port: int, cid: int, target: int, **over) -> None:
-        self.sock = socket.create_connection((HOST, port), timeout=5)
-        self.sock.sendall(frame(hello(cid, target, **over)))
-        reply = recv_msg(self.sock)
-        assert reply is not None and reply["type"] == "welcome", reply
+        self.sock = open_link(port, cid, target, **over)
         self.acks = 0
         self.closed = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -397,9 +429,9 @@ class RawPeer:
     def _read(self) -> None:
         try:
             self.sock.settimeout(None)
-            while cluster.recv_frame(self.sock)["type"] == "ack":
+            while read_frame(self.sock)["type"] == "ack":
                 self.acks += 1
-        except (ConnectionError, OSError, cluster.ProtocolError):
+        except (ConnectionError, OSError, ValueError):
             pass
         self.closed.set()
 
@@ -456,7 +488,7 @@ def test_huge_hello_is_refused_unread(child_listener, envs):
     start = child.ask("stat")
     data = frame(hello(983, FLOODED, caches=[wire_cache(i) for i in range(50_000)]))
     assert len(data) > 12 << 20
-    s = socket.create_connection((HOST, child.port), timeout=5)
+    s = connect(child.port)
     try:
         try:
             s.sendall(data)
@@ -475,9 +507,11 @@ def test_huge_hello_is_refused_unread(child_listener, envs):
 
 def test_hello_over_the_cache_cap_is_refused(envs):
     lis = listener(envs, **{"llmdist.max_peer_caches": "100"})
-    s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
+    s = connect(lis.dd.listen_port)
     try:
-        s.sendall(frame(hello(985, caches=[wire_cache(i) for i in range(101)])))
+        s.sendall(frame(hello(985)))
+        assert recv_msg(s)["type"] == "welcome"
+        s.sendall(frame({"type": "caches", "caches": [wire_cache(i) for i in range(101)]}))
         assert recv_msg(s) is None
     finally:
         s.close()
@@ -551,7 +585,7 @@ def test_comm_hello_is_refused_off_the_rendezvous_port(envs, role):
     """A hello naming a rank-table comm used to skip the role check on any listener (a PROMPT
     welcomed by a PROMPT); an ordinary listener now refuses it, whatever the roles."""
     lis = envs(LISTENER, role, listen=True)
-    s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
+    s = connect(lis.dd.listen_port)
     try:
         s.sendall(frame(hello(992, comm="comm-a")))
         reply = recv_msg(s)

@@ -307,3 +307,8 @@ def test_mutual_links_and_unlinks():
                                             [LLMStatusCode.LLM_NOT_YET_LINK])
     finally:
         c.close()
+
+
+from helpers import keyed_and_unkeyed  # noqa: E402
+
+auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

@@ -16,7 +16,6 @@ unlink tests come last: their slow-prefill variant exposes a known race (see its
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import multiprocessing as mp
@@ -26,7 +25,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -139,9 +138,6 @@ class DecodeProc:
         self.proc.join(10)
         assert not self.proc.is_alive()
 
-    def shm_files(self) -> List[str]:
-        return glob.glob(f"/dev/shm/llmdist-{self.pid}-*")
-
     def close(self) -> None:
         try:
             if self.proc.is_alive():
@@ -177,6 +173,7 @@ class DCache:
     blocks: bool
     key: Optional[object]
     stride: int                           # row or block size in bytes
+    inode: Optional[int] = None           # its memfd, when its memory is shared
 
     def read(self) -> Dict[Hashable, np.ndarray]:
         return self.proc.call("read", self.name)
@@ -208,7 +205,8 @@ class Cleanup:
         if key is not None:
             k = BlocksCacheKey(proc.cluster_id, key[1])
         dc = DCache(proc, name, r["cache_id"], r["addrs"], r["size"], r["tensors"],
-                    r["buffers"], r["allocated"], blocks, k, r["size"] // shape[0])
+                    r["buffers"], r["allocated"], blocks, k, r["size"] // shape[0],
+                    memfd_at(proc.pid, r["addrs"][0]))
         self.caches.append(dc)
         return dc
 
@@ -233,7 +231,7 @@ def cleanup():
 
 
 @pytest.fixture(scope="module")
-def decodes():
+def decodes(auth_mode):
     """Two long-lived decode clusters, ids 2 and 3."""
     procs = {2: DecodeProc(2), 3: DecodeProc(3)}
     try:
@@ -406,24 +404,48 @@ def wait_child_unlinked(proc: DecodeProc, remote_id: int, timeout: float = 5.0) 
         time.sleep(0.01)
 
 
+def _memfd_maps(pid) -> List[Tuple[int, int, int]]:
+    """(start, end, inode) of each llmdist memfd mapping of process pid ("self": this one)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        if "/memfd:llmdist" in line:
+            parts = line.split()
+            lo, hi = parts[0].split("-")
+            out.append((int(lo, 16), int(hi, 16), int(parts[4])))
+    return out
+
+
+def memfd_at(pid: int, addr: int) -> Optional[int]:
+    """The inode of the llmdist memfd holding addr in process pid, if any."""
+    return next((ino for lo, hi, ino in _memfd_maps(pid) if lo <= addr < hi), None)
+
+
 def cache_mapped(dc: DCache) -> bool:
     """Whether dc's shared memory is mapped into this process."""
-    owner, tail = f"/llmdist-{dc.proc.pid}-s", f"-{dc.proc.cluster_id}-{dc.cache_id}-"
-    with open("/proc/self/maps") as f:
-        return any(owner in line and tail in line for line in f)
+    return dc.inode is not None and any(ino == dc.inode for _, _, ino in _memfd_maps("self"))
 
 
-def own_shm_maps(pid: int) -> List[str]:
-    """Shared memory of process pid mapped into this process."""
-    with open("/proc/self/maps") as f:
-        return [line for line in f if f"/llmdist-{pid}-" in line]
+def own_shm_maps(pid: int) -> set:
+    """The memfds of process pid (inodes) that this process maps."""
+    return ({ino for _, _, ino in _memfd_maps("self")}
+            & {ino for _, _, ino in _memfd_maps(pid)})
+
+
+def still_mapped(inodes: set) -> set:
+    """Those of inodes that this process still maps."""
+    return {ino for _, _, ino in _memfd_maps("self")} & inodes
 
 
 # --------------------------------------------------------------------------------------------
 # links
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def role_listeners():
+def role_listeners(auth_mode):
     procs = {r: DecodeProc(20 + int(r), role=r) for r in LLMRole}
     try:
         start_all(*procs.values())
@@ -461,7 +483,8 @@ def test_link_unlink_states(decodes, prefill, cleanup):
     link(env, d)
     assert probe(env, src, 2) == PARAM_INVALID
     # the decode's allocated (shared) memory is mapped here while linked
-    assert own_shm_maps(d.pid)
+    held = own_shm_maps(d.pid)
+    assert held
     # twice -> already linked; the link stays usable
     assert env.dd.link_clusters([d.info()], LINK_MS) == (ALREADY_LINK, [ALREADY_LINK])
     assert probe(env, src, 2) == PARAM_INVALID
@@ -476,7 +499,7 @@ def test_link_unlink_states(decodes, prefill, cleanup):
     assert (code, codes) == (SUCCESS, [SUCCESS, SUCCESS])
     assert unlink(env, d) == (SUCCESS, [SUCCESS])
     assert probe(env, src, 2) == NOT_YET_LINK
-    assert not own_shm_maps(d.pid), "the peer's memory is still mapped after unlink"
+    assert not still_mapped(held), "the peer's memory is still mapped after unlink"
     # the decode forgot us too (its side learns it from the connection)
     wait_child_unlinked(d, env.cluster_id)
     assert d.call("unlink", env.cluster_id) == (SUCCESS, [SUCCESS])
@@ -580,15 +603,15 @@ def test_listener_finalize_and_exit(prefill, cleanup):
     env = prefill(remote=True)
     src = env.allocated(**SRC_BLOCKS, blocks=True, dtype=FP16)
     link(env, d)
-    assert d.shm_files() and own_shm_maps(d.pid)
+    held = own_shm_maps(d.pid)
+    assert held
     d.call("finalize")
     wait_unlinked(env, src, 40)
-    assert not own_shm_maps(d.pid), "the finalized peer's memory is still mapped here"
-    assert not d.shm_files(), "finalize left shared memory objects behind"
+    assert not still_mapped(held), "the finalized peer's memory is still mapped here"
+    assert not own_shm_maps(d.pid), "finalize left shared memory mapped in the peer"
     assert env.dd.link_clusters([d.info()], 1000) == (LINK_FAILED, [LINK_FAILED])
     cleanup.caches.remove(dc)
     d.close()
-    assert not d.shm_files()
     d2 = cleanup.spawn(40).wait_ready()
     dc2 = cleanup.dcache(d2, "registered", **DST_BLOCKS, blocks=True, key=("blocks", 1))
     link(env, d2)
@@ -893,6 +916,7 @@ def test_kill_decode_mid_transfer_then_relink(decodes, prefill, cleanup, victim_
     other = "registered" if victim_mem == "allocated" else "allocated"
     a = cleanup.dcache(live, other, **L6_DST, blocks=True, key=("blocks", s), seed=s + 1)
     link(env, victim, live)
+    held = own_shm_maps(victim.pid)
     before = a.read()
     src_tensors = src.tensor_bytes()
     sync = GateSync(block_at=3, max_wait=20)
@@ -913,7 +937,7 @@ def test_kill_decode_mid_transfer_then_relink(decodes, prefill, cleanup, victim_
            L6_SRC_IDX, L6_DST_IDX)
     # the dead peer is gone; a transfer to it is refused, to the live one works
     wait_unlinked(env, src, victim.cluster_id)
-    assert not own_shm_maps(victim.pid)
+    assert not still_mapped(held)
     cleanup.caches.remove(v)
     # restart with the same cluster id: a new link works and receives
     again = cleanup.spawn(50).wait_ready()
@@ -926,41 +950,28 @@ def test_kill_decode_mid_transfer_then_relink(decodes, prefill, cleanup, victim_
 
 
 @pytest.mark.parametrize("reap", ["reaped-at-once", "reaped-late"])
-def test_killed_peer_shared_memory_is_removed(prefill, cleanup, reap):
-    """kill -9 of a linked decode holding shared memory: this process, its survivor, removes
-    the dead process's objects from /dev/shm, also while the dead process is not reaped yet."""
+def test_killed_peer_shared_memory_is_released(prefill, cleanup, reap):
+    """kill -9 of a linked decode holding shared memory: this process, its survivor, unmaps
+    the dead process's memfds once the link drops (also while the dead process is not reaped
+    yet), so that nothing holds that memory any more; nothing is left in /dev/shm."""
     victim = cleanup.spawn(51).wait_ready()
     for n in range(2):
         cleanup.dcache(victim, "allocated", **DST_BLOCKS, blocks=True, key=("blocks", n))
     env = prefill(remote=True)
     link(env, victim)
-    assert len(victim.shm_files()) == 2
+    held = own_shm_maps(victim.pid)
+    assert len(held) == 2
     cleanup.caches.clear()
     os.kill(victim.pid, signal.SIGKILL)
     if reap == "reaped-at-once":
         victim.proc.join(10)
     deadline = time.monotonic() + 10
-    while victim.shm_files() and time.monotonic() < deadline:
+    while still_mapped(held) and time.monotonic() < deadline:
         time.sleep(0.02)
     if reap == "reaped-late":
         assert os.path.exists(f"/proc/{victim.pid}"), "the killed child was reaped early"
-    assert not victim.shm_files(), "the killed peer's shared memory is still in /dev/shm"
+    assert not still_mapped(held), "the killed peer's shared memory is still mapped here"
     victim.proc.join(10)
-
-
-def test_next_listener_removes_objects_of_dead_processes(prefill, cleanup):
-    """A decode killed while nobody is linked to it leaves its objects; the next cluster that
-    makes shared memory removes them, and never those of a live process."""
-    lone = cleanup.spawn(52).wait_ready()
-    live = cleanup.spawn(53).wait_ready()
-    for d in (lone, live):
-        cleanup.dcache(d, "allocated", **DST_BLOCKS, blocks=True, key=("blocks", 1))
-    cleanup.caches = [c for c in cleanup.caches if c.proc is live]
-    lone.kill()
-    assert lone.shm_files()
-    prefill(extra_options={"llm.listenIpInfo": f"{HOST}:0"})
-    assert not lone.shm_files(), "objects of a dead process were not removed"
-    assert live.shm_files(), "objects of a live process were removed"
 
 
 @pytest.mark.parametrize("dst_mem", ["allocated", "registered"])
@@ -1242,16 +1253,16 @@ def test_decode_unlinks(decodes, prefill, cleanup, dst_mem, slow_prefill, monkey
     depend on which of the prefill's threads wins a race: the decode's unlink must not return
     while the prefill can still write into its memory."""
     if slow_prefill:
-        from llmdist import cluster as cluster_mod
-        real = cluster_mod.recv_frame
+        from llmdist.auth import Channel
+        real = Channel.recv
 
-        def late(sock, *args):
-            msg = real(sock, *args)
+        def late(chan, *args):
+            msg, fds = real(chan, *args)
             if msg.get("type") == "unlink":
                 time.sleep(0.2)
-            return msg
+            return msg, fds
 
-        monkeypatch.setattr(cluster_mod, "recv_frame", late)
+        monkeypatch.setattr(Channel, "recv", late)
     d = decodes[2]
     s = next(_seeds)
     env = prefill(remote=True)
@@ -1283,3 +1294,8 @@ def test_decode_unlinks(decodes, prefill, cleanup, dst_mem, slow_prefill, monkey
     link(env, d)
     run_remote(env, src, [keyed_cfg(dc, range(0, 6), range(0, 6))], [ref], [dc],
                L6_SRC_IDX, L6_DST_IDX)
+
+
+from helpers import keyed_and_unkeyed  # noqa: E402
+
+auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

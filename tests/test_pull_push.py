@@ -608,3 +608,8 @@ def test_peer_event_while_the_pull_copies(cleanup, local, event):
             assert call.ended - t0 < 10
     finally:
         fake.fake_cuda_set_copy_delay_us(-1)
+
+
+from helpers import keyed_and_unkeyed  # noqa: E402
+
+auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

@@ -248,3 +248,8 @@ def test_finalize_ends_forming_comms(make_env, base):
     t0 = time.monotonic()
     e.dd.finalize()
     assert time.monotonic() - t0 < 5
+
+
+from helpers import keyed_and_unkeyed  # noqa: E402
+
+auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

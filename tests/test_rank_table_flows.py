@@ -110,7 +110,8 @@ def test_comm_of_three(base):
     common = members(base, p=701, decodes=[702, 703], layers=2, blocks=5, block_bytes=64,
                      rank_info={c: r for r, c in enumerate(ids)}, table=one_server_table(3),
                      src_blocks=[4, 0], dst_blocks=[1, 2],
-                     sent=[CTX.Event(), CTX.Event()], checked=[CTX.Event(), CTX.Event()])
+                     sent=[CTX.Event(), CTX.Event()], checked=[CTX.Event(), CTX.Event()],
+                     seen=CTX.Barrier(3))
     res = run_flows("trio", [{**common, "me": c} for c in ids])
     assert [r["linked"] for r in res] == [[702, 703], [701, 703], [701, 702]]
     assert [r["checked"] for r in res] == [0, 4 * 5 * 64, 4 * 5 * 64]
@@ -130,3 +131,8 @@ def test_upstream_pull_blocks_sample(base):
     common = members(base, table=server_per_rank_table(["1", "2"]), elems=1024 * 64, done=done)
     res = run_flows("pull_blocks_sample", [{**common, "me": 1}, {**common, "me": 2}])
     assert res[1]["checked"] == 2 * 1024 * 64 * 4
+
+
+from helpers import keyed_and_unkeyed  # noqa: E402
+
+auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

@@ -27,7 +27,7 @@ from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo,
                      LLMException, LLMRole, LLMStatusCode, Placement, TransferConfig,
                      TransferWithCacheKeyConfig, cluster, registry)
 
-from helpers import SUCCESS, Env, GateSync, RecordingSync, host_view
+from helpers import SUCCESS, Env, GateSync, RawPeer, RecordingSync, host_view
 
 HOST = "127.0.0.1"
 LISTENER = 2
@@ -77,10 +77,14 @@ def read_until_closed(sock: socket.socket, timeout: float = SETTLE_S) -> bytes:
 
 
 def first_reply(data: bytes) -> Optional[dict]:
-    if len(data) < 8:
-        return None
-    (n,) = struct.unpack(">I", data[4:8])
-    return json.loads(data[8:8 + n])
+    """The listener's first frame after its challenge."""
+    while len(data) >= 8:
+        (n,) = struct.unpack(">I", data[4:8])
+        msg = json.loads(data[8:8 + n])
+        if msg.get("type") != "challenge":
+            return msg
+        data = data[8 + n:]
+    return None
 
 
 def wait_for(cond, timeout: float = SETTLE_S) -> bool:
@@ -250,9 +254,9 @@ def test_failed_welcome_leaves_no_stale_peer(make_env, monkeypatch):
     node = lis.dd._node
     real_hello = node._hello
 
-    def slow_hello(target):
+    def slow_hello(*args, **kw):
         time.sleep(0.3)            # by now the client has reset the connection
-        return real_hello(target)
+        return real_hello(*args, **kw)
 
     monkeypatch.setattr(node, "_hello", slow_hello)
     s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
@@ -278,32 +282,25 @@ def _forge(lis: Env, sock_hello: dict) -> bytes:
         s.close()
 
 
-@pytest.mark.parametrize("claim", ["dead-pid", "listener-pid"])
-def test_forged_names_cannot_remove_listener_memory(make_env, claim):
-    """A hello re-announcing the listener's own shared memory, as a process that does not exist
-    or as the listener itself: the listener's memory stays and new prefills link and send."""
+def test_shared_memory_needs_its_descriptor(make_env):
+    """A cache announced as shared memory without the descriptor that holds it (over TCP, or
+    naming a descriptor that did not come) is refused: there is no name to claim."""
     lis = listening(make_env)
     own = lis.allocated(2, [64], placement=Placement.HOST)
     entry = lis.cm._mem.entries[own.cache.cache_id]
-    name = entry.share["name"]
-    pid = dead_pid() if claim == "dead-pid" else os.getpid()
-    _forge(lis, hello(557, pid=pid, caches=[cluster.cache_to_wire(entry)]))
-    assert wait_for(lambda: lis.dd._node.peer(557) is None)
-    time.sleep(0.3)        # a survivor removes a dead peer's objects shortly after it died
-    assert os.path.exists("/dev/shm" + name), "the listener's shared memory was removed"
-    link_and_send(make_env, lis, 558)
-
-
-def test_shm_names_must_be_the_senders(make_env):
-    """Names that are not of the form llmdist makes, or of another process, are refused."""
-    lis = listening(make_env)
-    own = lis.allocated(2, [64], placement=Placement.HOST)
-    wire = cluster.cache_to_wire(lis.cm._mem.entries[own.cache.cache_id])
-    for bad in ("/llmdist-\ud800", "/etc/passwd", "/llmdist-1-2-3-4", wire["share"]["name"]):
-        w = dict(wire, share=dict(wire["share"], name=bad))
-        reply = first_reply(_forge(lis, hello(559, pid=dead_pid(), caches=[w])))
+    w = cluster.cache_to_wire(entry, [])
+    assert w["share"]["kind"] == "memfd"
+    for unix in (False, True):
+        raw = RawPeer(lis.dd.listen_port, unix=unix)
+        try:
+            reply = raw.link(hello(559, caches=[w]))
+        except ConnectionError:
+            reply = None        # dropped without a word
+        finally:
+            raw.close()
         assert reply is None or reply["type"] == "refuse", reply
-        assert lis.dd._node.peer(559) is None
+        assert wait_for(lambda: lis.dd._node.peer(559) is None)
+    link_and_send(make_env, lis, 558)
 
 
 def test_tensors_outside_the_shared_memory_are_refused(make_env):
@@ -313,20 +310,26 @@ def test_tensors_outside_the_shared_memory_are_refused(make_env):
     peer = make_env(cluster_id=568, role=LLMRole.PROMPT, remote=True,
                     extra_options={"llmdist.shareable_memory": "1"})
     own = peer.allocated(2, [64], placement=Placement.HOST)
-    wire = cluster.cache_to_wire(peer.cm._mem.entries[own.cache.cache_id])
+    entry = peer.cm._mem.entries[own.cache.cache_id]
+    fds: List[int] = []
+    wire = cluster.cache_to_wire(entry, fds)
     share = wire["share"]
     for addrs in ([share["base"] - 64, share["base"]],
                   [share["base"], share["base"] + share["size"] - 32]):
         w = dict(wire, addrs=addrs)
-        reply = first_reply(_forge(lis, hello(568, caches=[w])))
-        assert reply is None or reply["type"] == "refuse", reply
-        assert lis.dd._node.peer(568) is None
+        raw = RawPeer(lis.dd.listen_port, unix=True)
+        try:
+            with pytest.raises(ConnectionError):     # the link is dropped, not acknowledged
+                raw.link(hello(568), caches=[w], fds=fds)
+        finally:
+            raw.close()
+        assert wait_for(lambda: lis.dd._node.peer(568) is None)
 
 
 @pytest.mark.parametrize("data", [
     b'{"type":"hello","caches":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
     json.dumps(hello(560, host="\ud800")).encode(),
-    json.dumps(hello(560, caches=[{"share": {"kind": "shm", "name": "/llmdist-\udfff"}}])).encode(),
+    json.dumps(hello(560, caches=[{"share": {"kind": "memfd", "fd": "\udfff"}}])).encode(),
     json.dumps({"type": "hello", "version": [[[[[]]]]]}).encode(),
 ], ids=["deeply-nested", "surrogate-host", "surrogate-name", "nested-version"])
 def test_malformed_frames_close_cleanly(make_env, thread_errors, data):
@@ -356,18 +359,16 @@ def test_bad_messages_after_the_link_are_protocol_errors(make_env, thread_errors
     """A linked peer sending an ill-typed message is dropped as a protocol error: no traceback,
     no error logged, and the same cluster id links again."""
     lis = listening(make_env)
-    s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
+    raw = RawPeer(lis.dd.listen_port)
     try:
-        s.sendall(frame(hello(562)))
-        s.settimeout(5)
-        assert s.recv(8)[:4] == cluster.MAGIC           # the welcome
+        assert raw.link(hello(562))["type"] == "welcome"
         assert wait_for(lambda: lis.dd._node.peer(562) is not None)
         with caplog.at_level(logging.INFO, logger="llmdist"):
-            s.sendall(frame(msg))
-            read_until_closed(s)
+            raw.send(msg)
+            read_until_closed(raw.sock)
             assert wait_for(lambda: lis.dd._node.peer(562) is None)
     finally:
-        s.close()
+        raw.close()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
     assert not thread_errors, thread_errors
@@ -375,8 +376,8 @@ def test_bad_messages_after_the_link_are_protocol_errors(make_env, thread_errors
 
 
 @pytest.mark.parametrize("field,value", [
-    ("role", True), ("version", 2.0), ("pid", True), ("cluster_id", 563.0),
-    ("want_engine", 1), ("want_engine", "yes"), ("host", 12), ("tgid", False),
+    ("role", True), ("version", 2.0), ("runtime", 3), ("cluster_id", 563.0),
+    ("want_engine", 1), ("want_engine", "yes"), ("host", 12), ("target", False),
     ("mooncake", 7), ("caches", {"0": 1}),
 ])
 def test_hello_schema_is_strict(make_env, monkeypatch, field, value):
@@ -464,15 +465,13 @@ def test_hello_with_thousands_of_caches_links(make_env):
                "batch_dim": 0, "seq_len_dim": -1, "blocks": False, "addrs": [base + 256 * i,
                base + 256 * i + 128], "origin": "registered", "remote_accessible": True,
                "keys": [], "share": {"kind": "process"}} for i in range(4000)]
-    s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
+    raw = RawPeer(lis.dd.listen_port, unix=True, timeout=30)
     try:
-        s.sendall(frame(hello(567, caches=caches)))
-        s.settimeout(30)
-        assert s.recv(8)[:4] == cluster.MAGIC
+        assert raw.link(hello(567), caches=caches)["type"] == "welcome"
         assert wait_for(lambda: lis.dd._node.peer(567) is not None)
         assert len(lis.dd._node.peer(567).mem.entries) == 4000
     finally:
-        s.close()
+        raw.close()
     assert wait_for(lambda: lis.dd._node.peer(567) is None)
 
 

@@ -104,12 +104,11 @@ def test_local_route_reads_blocks_into_the_cache_here():
 
 
 def test_mapped_route_reads_through_a_second_mapping_of_shared_memory():
-    name = f"/llmdist-test-routes-{os.getpid()}"
     size = 2 * LAYERS * TENSOR
-    owner = _core.shm_create(name, size)
+    fd, owner = _core.memfd_create(size)
     mapped = 0
     try:
-        mapped = _core.shm_map(name, size)
+        mapped = _core.memfd_map(fd, size)
         assert mapped != owner
         shared = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * size).from_address(owner))
         source = pattern(2)
@@ -129,7 +128,7 @@ def test_mapped_route_reads_through_a_second_mapping_of_shared_memory():
         if mapped:
             _core.shm_unmap(mapped, size)
         _core.shm_unmap(owner, size)
-        _core.shm_unlink(name)
+        os.close(fd)
 
 
 PEER_SCRIPT = textwrap.dedent("""

@@ -46,11 +46,12 @@ int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void
 int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void **srcs,
                                  size_t *sizes, size_t count, int *status);
 
-/* POSIX shared memory, so that peers on this host can map host-runtime memory. */
-int llmd_host_shm_create(const char *name, size_t size, void **ptr);
-int llmd_host_shm_map(const char *name, size_t size, void **ptr);
+/* Shared memory as a sealed memfd (size fixed by F_SEAL_SHRINK|F_SEAL_GROW), so that peers on
+ * this host can map host-runtime memory from a file descriptor passed over a Unix socket.
+ * memfd_map refuses a descriptor without both seals or smaller than size. */
+int llmd_host_memfd_create(size_t size, int *fd, void **ptr);
+int llmd_host_memfd_map(int fd, size_t size, void **ptr);
 int llmd_host_shm_unmap(void *ptr, size_t size);
-int llmd_host_shm_unlink(const char *name);
 
 #ifdef __cplusplus
 }

@@ -56,7 +56,7 @@ from ..status import LLMStatusCode
 from ..transfer_types import LayerSynchronizer
 from .kv_layout import KVLayout, clip_remote, layout_of, runtime_of
 
-log = logging.getLogger("llmdist.vllm")
+log = logging.getLogger(__name__)
 
 MODES = ("pull", "push", "layerwise")
 DEFAULT_LEASE_S = 30.0

@@ -22,7 +22,6 @@ NIXL is only ever loaded in these children, which leave with ``os._exit`` once N
 from __future__ import annotations
 
 import ctypes
-import glob
 import hashlib
 import multiprocessing as mp
 import os
@@ -167,11 +166,6 @@ class Child:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.join(10)
             self.conn.close()
-            for f in glob.glob(f"/dev/shm/llmdist-{self.pid}-*"):   # a killed child's
-                try:
-                    os.unlink(f)
-                except OSError:
-                    pass
 
 
 # ------------------------------------------------------------------------------------------

@@ -74,6 +74,17 @@ def cluster_id_of(engine_id: str, tp_rank: int) -> int:
     return (zlib.crc32(engine_id.encode()) << 16) | tp_rank
 
 
+def registered_pairs(blocks: List[int], reg: dict) -> Tuple[List[int], List[int]]:
+    """(this prefill's blocks, the decode's) for a decode's registration of its blocks;
+    ValueError when they do not pair up."""
+    local = [int(b) for b in reg["blocks"]]
+    remote = clip_remote(blocks, local)
+    if len(remote) != len(local):
+        raise ValueError(f"this prefill holds {len(blocks)} blocks, the decode registered "
+                         f"{len(local)}")
+    return remote, local
+
+
 @dataclass
 class Options:
     """kv_connector_extra_config, checked."""
@@ -531,11 +542,7 @@ class _WorkerSide:
             peer, reg, _ = got
             dst_req = str(reg.get("dst_req"))
             try:
-                local = [int(b) for b in reg["blocks"]]
-                remote = clip_remote(blocks, local)
-                if len(remote) != len(local):
-                    raise ValueError(f"this prefill holds {len(blocks)} blocks, the decode "
-                                     f"registered {len(local)}")
+                remote, local = registered_pairs(blocks, reg)
                 layers = range(len(self.layer_index))
                 task = self.dd.cache_manager.transfer_cache_async(
                     self.cache, self.step_gate,
@@ -581,11 +588,7 @@ class _WorkerSide:
         registered, then tell it (notify=); a failure is told too."""
         dst_req = str(reg.get("dst_req"))
         try:
-            local = [int(b) for b in reg["blocks"]]
-            remote = clip_remote(blocks, local)
-            if len(remote) != len(local):
-                raise ValueError(f"this prefill holds {len(blocks)} blocks, the decode "
-                                 f"registered {len(local)}")
+            remote, local = registered_pairs(blocks, reg)
             t0 = time.perf_counter()
             self.dd.cache_manager.push_blocks(BlocksCacheKey(peer, MODEL_ID), self.cache, remote,
                                               local,

@@ -68,19 +68,28 @@ def recv_msg(sock: socket.socket, timeout: float = 5.0) -> Optional[dict]:
         return None
 
 
-def connect(port: int) -> socket.socket:
-    """A TCP connection to the listener with its challenge read (the listener speaks first)."""
+def connect(port: int, unix: bool = False) -> socket.socket:
+    """A connection to the listener with its challenge read (the listener speaks first): over
+    TCP, or (unix) moved to the listener's Unix socket as a client of this host does."""
     s = socket.create_connection((HOST, port), timeout=5)
     challenge = recv_msg(s)
     assert challenge is not None and challenge["type"] == "challenge", challenge
+    if unix:
+        u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        u.settimeout(5)
+        u.connect(b"\0" + challenge["unix"].encode())
+        s.close()
+        s = u
+        assert recv_msg(s)["type"] == "challenge"
     return s
 
 
-def open_link(port: int, cid: int, target: Optional[int] = LISTENER, **over) -> socket.socket:
-    """A raw client linked over TCP: challenge, hello, welcome, our caches (over["caches"]),
-    and the listener's acknowledgement of them."""
+def open_link(port: int, cid: int, target: Optional[int] = LISTENER, unix: bool = False,
+              **over) -> socket.socket:
+    """A raw client linked (over TCP, or the Unix socket): challenge, hello, welcome, our
+    caches (over["caches"]), and the listener's acknowledgement of them."""
     caches = over.pop("caches", [])
-    s = connect(port)
+    s = connect(port, unix)
     s.sendall(frame(hello(cid, target, **over)))
     reply = recv_msg(s)
     assert reply is not None and reply["type"] == "welcome", reply
@@ -421,7 +430,9 @@ class RawPeer:
     """A raw client linked to a listener, counting the acks it gets back."""
 
     def __init__(self, port: int, cid: int, target: int, **over) -> None:
-        self.sock = open_link(port, cid, target, **over)
+        # on the Unix socket: a peer of this host, whose caches are reached by process
+        # writes (a TCP peer counts as another host's, for which a Mooncake engine starts)
+        self.sock = open_link(port, cid, target, unix=True, **over)
         self.acks = 0
         self.closed = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()

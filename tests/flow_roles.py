@@ -772,7 +772,8 @@ def _og_register(dd, cluster_id, arrays):
 
 def layer_group_prefill(ctx, cluster_id, port):
     dd = _remote_init(LLMRole.PROMPT, cluster_id, port, "hixl")
-    full, group = _og_register(dd, cluster_id, _og_arrays(cluster_id, True))
+    arrays = _og_arrays(cluster_id, True)      # registered: kept alive until the end
+    full, group = _og_register(dd, cluster_id, arrays)
     ctx.barrier()   # 1 registered
     ctx.barrier()   # 2 the decode pulled the group
     dd.cache_manager.unregister_cache(group.cache_id)

@@ -147,7 +147,19 @@ def test_bench_json_directory_is_refused(tmp_path):
     one_line_error(run("bench", "--json", str(tmp_path)), "--json", "is a directory")
 
 
-def test_bench_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, capsys, tmp_path):
+@pytest.fixture
+def cli_logging(monkeypatch):
+    """cli.main run in this process sets up the package logger (a handler on this test's
+    captured stderr): put the logger back afterwards."""
+    logger = logging.getLogger("llmdist")
+    monkeypatch.setattr(logger, "level", logger.level)
+    monkeypatch.setattr(logs, "_cli_handler", None)
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    return logger
+
+
+def test_bench_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, capsys, tmp_path,
+                                                                 cli_logging):
     real = cli.importlib.util.find_spec
     monkeypatch.setattr(cli.importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
@@ -224,11 +236,8 @@ def test_mooncake_log_level_is_warning_unless_set():
     assert probe(code, {"MC_LOG_LEVEL": "INFO"}).stdout.strip() == "INFO"
 
 
-def test_verbose_flag_sets_the_level(monkeypatch, capsys):
-    logger = logging.getLogger("llmdist")
-    monkeypatch.setattr(logger, "level", logger.level)
-    monkeypatch.setattr(logs, "_cli_handler", None)
-    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+def test_verbose_flag_sets_the_level(monkeypatch, capsys, cli_logging):
+    logger = cli_logging
     monkeypatch.delenv("LLMDIST_RUNTIME", raising=False)
     assert cli.main(["-v", "info", "--json"]) == 0
     assert logger.level == logging.INFO

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -708,10 +709,34 @@ int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void 
 /* Shared memory: a sealed memfd that peers on this host receive as a file descriptor over a Unix
  * socket (SCM_RIGHTS) and map. No name exists, so nothing can alias or remove it; the seals keep
  * its size fixed, so no owner can shrink it under a mapper. */
+/* memfd_create and file seals came to glibc in 2.27, after the manylinux2014 floor (2.17) the
+ * wheels are built against; the kernel has had them since 3.17. So: the system call itself, and
+ * the constants of <linux/memfd.h> and <linux/fcntl.h> where the C library lacks them. */
+#ifndef MFD_CLOEXEC
+#define MFD_CLOEXEC 0x0001U
+#endif
+#ifndef MFD_ALLOW_SEALING
+#define MFD_ALLOW_SEALING 0x0002U
+#endif
+#ifndef F_ADD_SEALS
+#define F_ADD_SEALS (1024 + 9)
+#define F_GET_SEALS (1024 + 10)
+#endif
+#ifndef F_SEAL_SEAL
+#define F_SEAL_SEAL 0x0001
+#define F_SEAL_SHRINK 0x0002
+#define F_SEAL_GROW 0x0004
+#endif
+
+static int sealable_memfd(const char *name)
+{
+    return (int)syscall(__NR_memfd_create, name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+}
+
 int llmd_host_memfd_create(size_t size, int *fd_out, void **ptr)
 {
     if (!fd_out || !ptr || size == 0) return LLMD_HOST_EINVAL;
-    int fd = memfd_create("llmdist", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    int fd = sealable_memfd("llmdist");
     if (fd < 0) return LLMD_HOST_ENOMEM;
     if (ftruncate(fd, (off_t)size) != 0 ||
         fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {

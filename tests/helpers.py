@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llmdist import (CacheDesc, DataType, LayerSynchronizer, LLMConfig,  # noqa: E402
                      LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement)
+from llmdist import _core  # noqa: E402
 
 import reference  # noqa: E402
 

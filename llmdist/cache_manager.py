@@ -386,11 +386,23 @@ class CacheManager:
     def release_key(self, key: Union[CacheKey, BlocksCacheKey]) -> None:
         """Drop key here and on linked peers (remove_cache_key, or a pull by the key); then
         free its cache if deallocate_cache deferred that and no CacheKey names it any more."""
+        taken = self.take_key(key)
+        if taken is not None:
+            self.finish_key_release(key, taken)
+
+    def take_key(self, key: Union[CacheKey, BlocksCacheKey]) -> Optional[Tuple[MemoryEntry, bool]]:
+        """The first half of release_key, here only: (its cache, whether to free it now), or
+        None when no cache holds key."""
         with self._lock:
             entry, _ = self._mem.find(key)
             if entry is None or not self._mem.remove_key(key):
-                return
-            free = entry.deferred and not any(type(k) is CacheKey for k in entry.keys)
+                return None
+            return entry, entry.deferred and not any(type(k) is CacheKey for k in entry.keys)
+
+    def finish_key_release(self, key: Union[CacheKey, BlocksCacheKey],
+                           taken: Tuple[MemoryEntry, bool]) -> None:
+        """The second half of release_key: withdraw key from peers, free a deferred cache."""
+        entry, free = taken
         if self._node is not None:
             self._node.withdraw_key(key)
         if free:

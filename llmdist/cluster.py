@@ -398,15 +398,18 @@ class Peer:
 
     def key_pulled(self, w: list) -> None:
         """The peer pulled by a CacheKey of this cluster, which releases the key (as upstream).
-        Released on another thread: withdrawing it waits for every peer's ack, this one's
-        included, which this reader thread delivers."""
+        Taken here; withdrawn from peers on another thread, since that waits for every peer's
+        ack, this one's included, which this reader thread delivers."""
         key = key_from_wire(w)
         cm = self.node.caches
         if not isinstance(key, CacheKey) or key.cluster_id != self.node.cluster_id or cm is None:
             raise ProtocolError(f"cluster {self.cluster_id} released key {key!r:.80}, which is "
                                 f"not a CacheKey of this cluster")
-        threading.Thread(target=cm.release_key, args=(key,), name="llmdist-key-release",
-                         daemon=True).start()
+        # a key no cache holds (released already, or never ours) costs nothing: no thread
+        taken = cm.take_key(key)
+        if taken is not None:
+            threading.Thread(target=cm.finish_key_release, args=(key, taken),
+                             name="llmdist-key-release", daemon=True).start()
 
     def pulled_by_key(self, key: CacheKey) -> None:
         """After a pull by key from this peer: forget the key here and tell the peer."""

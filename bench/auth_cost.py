@@ -38,6 +38,7 @@ def _options(key, listen=None):
 def decode_main(cluster_id, key, blocks, conn):
     sys.path.insert(0, os.path.join(HERE, ".."))
     import numpy as np
+
     from llmdist import BlocksCacheKey, CacheDesc, DataType, LLMDataDist, LLMRole, Placement
     dd = LLMDataDist(LLMRole.DECODER, cluster_id)
     dd.init(_options(key, "127.0.0.1:0"))
@@ -59,9 +60,17 @@ class Pair:
     """A prefill here and a decode in a child process, keyed or not."""
 
     def __init__(self, keyed: bool, cluster_id: int, blocks: int) -> None:
-        from llmdist import BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMDataDist
-        from llmdist import LLMRole, Placement
         import numpy as np
+
+        from llmdist import (
+            BlocksCacheKey,
+            CacheDesc,
+            DataType,
+            LLMClusterInfo,
+            LLMDataDist,
+            LLMRole,
+            Placement,
+        )
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         key = KEY if keyed else None
@@ -117,6 +126,7 @@ def frame_cost(n: int = 20000) -> dict:
     import secrets
     import socket
     import threading
+
     from llmdist import auth
     msg = {"type": "cache_add", "seq": 1,
            "cache": {"id": 1, "num_tensors": 64, "shape": [256, 8192], "keys": [["blocks", 1, 0]],

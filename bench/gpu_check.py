@@ -24,9 +24,18 @@ import sys
 import numpy as np
 
 import llmdist
-from llmdist import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMConfig,
-                     LLMDataDist, LLMRole, Placement, TransferConfig)
-from llmdist import _core
+from llmdist import (
+    BlocksCacheKey,
+    CacheDesc,
+    DataType,
+    LayerSynchronizer,
+    LLMConfig,
+    LLMDataDist,
+    LLMRole,
+    Placement,
+    TransferConfig,
+    _core,
+)
 from llmdist.__main__ import main as llmdist_main
 
 FIGURES = ["local", "cluster", "--json", "gpu_check.json"]

@@ -23,8 +23,9 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 def member(cluster_id, ids, base, rounds, barrier, out):
     sys.path.insert(0, os.path.join(HERE, ".."))
     sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    from llmdist import LLMDataDist, LLMRole, RegisterMemStatus
     from rendezvous import one_server_table, rendezvous_options
+
+    from llmdist import LLMDataDist, LLMRole, RegisterMemStatus
     dd = LLMDataDist(LLMRole.PROMPT if cluster_id == ids[0] else LLMRole.DECODER, cluster_id)
     dd.init({"llm.EnableCacheManager": "1", **rendezvous_options(base, 30)})
     table = one_server_table(len(ids))

@@ -25,11 +25,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from llmdist import (CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo,  # noqa: E402
-                     LLMConfig, LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement,
-                     TransferConfig)
-
 import cluster_procs  # noqa: E402
+
+from llmdist import (  # noqa: E402
+    CacheDesc,
+    DataType,
+    LayerSynchronizer,
+    LLMClusterInfo,
+    LLMConfig,
+    LLMDataDist,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+    TransferConfig,
+)
 
 
 def _dd(role: LLMRole, cluster_id: int, listen: bool, extra=None,
@@ -211,6 +221,7 @@ def big_hello(n: int) -> dict:
     mapped) and time the welcome; the CPU time the listener spent on it too."""
     import socket
     import struct
+
     from llmdist import cluster
     dd = _dd(LLMRole.DECODER, 2, listen=True)
     base = 1 << 40

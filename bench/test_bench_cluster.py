@@ -35,9 +35,17 @@ import numpy as np
 import pytest
 
 import llmdist
-from llmdist import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo,
-                     LLMRole, LLMStatusCode, Placement, TransferWithCacheKeyConfig)
-
+from llmdist import (
+    BlocksCacheKey,
+    CacheDesc,
+    DataType,
+    LayerSynchronizer,
+    LLMClusterInfo,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+    TransferWithCacheKeyConfig,
+)
 from llmdist.bench import procs
 from llmdist.bench.procs import Child, ChildError
 from llmdist.bench.workload import block_pairs

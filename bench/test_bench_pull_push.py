@@ -29,12 +29,19 @@ import time
 import numpy as np
 import pytest
 
-from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMRole,
-                     LLMStatusCode, Placement, _core)
-from llmdist.descs import copy_kind
-
+from llmdist import (
+    BlocksCacheKey,
+    CacheDesc,
+    DataType,
+    LLMClusterInfo,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+    _core,
+)
 from llmdist.bench import procs
 from llmdist.bench.procs import Child
+from llmdist.descs import copy_kind
 
 KiB = 1 << 10
 SECTION_G = "g. pull/push_blocks between processes (64 tensors x 256 random blocks)"

@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 
 import llmdist
-from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMStatusCode, Placement,
-                     TransferConfig)
+from llmdist import BlocksCacheKey, CacheDesc, DataType, LLMStatusCode, Placement, TransferConfig
 from llmdist.bench.local import Compute, Gate, LayerEvents
 from llmdist.bench.procs import aligned_empty, fill_pattern
 from llmdist.bench.settings import FULL_POOL, parse_size, size_name

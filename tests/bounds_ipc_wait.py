@@ -1,20 +1,24 @@
 """A listening cluster on the CUDA runtime whose peer never confirms device-IPC readiness:
 while a push to that peer waits for the confirmation, this cluster allocates a cache and runs
-a local pull. Run as ``python bounds_ipc_wait.py`` with LLMDIST_CUDA_LIBRARY set; prints one
+a local pull. Run as ``python -m tests.bounds_ipc_wait`` (from the directory that holds `tests`) with LLMDIST_CUDA_LIBRARY set; prints one
 JSON line with the seconds each took and how the push ended. (A process of its own: a process
 drives one runtime.)"""
 
 import json
-import os
 import socket
-import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMDataDist, LLMException,  # noqa: E402
-                     LLMRole, Placement, cluster)
+from llmdist import (
+    BlocksCacheKey,
+    CacheDesc,
+    DataType,
+    LLMDataDist,
+    LLMException,
+    LLMRole,
+    Placement,
+    cluster,
+)
 from llmdist.auth import Channel  # noqa: E402
 
 ME, PEER = 990, 991

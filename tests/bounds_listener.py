@@ -1,17 +1,14 @@
 """A listening cluster in a process of its own, so that a test can read its peak memory.
 
-Run as ``python bounds_listener.py CLUSTER_ID OPTIONS_JSON``: it prints its port, then answers
+Run as ``python -m tests.bounds_listener CLUSTER_ID OPTIONS_JSON`` (from the directory that holds
+`tests`): it prints its port, then answers
 each line on stdin with one JSON line: "stat" -> {"hwm_kb", "rss_kb", "peers": {id: caches}},
 "read" -> the first bytes of its blocks cache (key (CLUSTER_ID, 1)) as hex, "quit" -> exits."""
 
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMDataDist, LLMRole,  # noqa: E402
-                     Placement)
+from llmdist import BlocksCacheKey, CacheDesc, DataType, LLMDataDist, LLMRole, Placement
 
 
 def memory_kb() -> dict:

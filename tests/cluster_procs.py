@@ -23,12 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import time
 import traceback
-
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
 
 
 def _host_view(addr: int, nbytes: int):
@@ -53,6 +49,7 @@ class _Decode:
 
     def __init__(self, conn, cluster_id: int, role: int, options, listen: bool) -> None:
         import numpy as np
+
         from llmdist import LLMConfig, LLMDataDist, LLMRole
 
         self.np = np
@@ -287,9 +284,6 @@ class _Decode:
 def decode_main(conn, cluster_id: int, role: int = 2, options=None, listen: bool = True,
                 idle_s: float = 120.0) -> None:
     """Child entry point: start the cluster, report ("ready", port, pid), then serve commands."""
-    for d in (REPO_DIR, TESTS_DIR):   # llmdist may be built in place, not installed
-        if d not in sys.path:
-            sys.path.insert(0, d)
     try:
         node = _Decode(conn, cluster_id, role, options, listen)
     except BaseException as exc:  # report start-up failures instead of dying silently

@@ -9,13 +9,9 @@ exception and traceback) from a queue. Every wait is bounded.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 import traceback
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
 BARRIER_S = 60.0
 
 
@@ -43,12 +39,9 @@ class Ctx:
 def run_role(name: str, func: str, kwargs: dict, barrier, queue) -> None:
     """Child entry point: run roles.<func>(ctx, **kwargs) and report ("done", result,
     failures) or ("error", text)."""
-    for d in (REPO_DIR, TESTS_DIR):
-        if d not in sys.path:
-            sys.path.insert(0, d)
     ctx = Ctx(name, barrier, queue)
     try:
-        import flow_roles
+        from . import flow_roles
         result = getattr(flow_roles, func)(ctx, **kwargs)
         queue.put((name, "done", result, ctx.failures))
     except BaseException:

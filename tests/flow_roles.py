@@ -12,9 +12,21 @@ import struct
 
 import numpy as np
 
-from llmdist import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataType, LayerSynchronizer,
-                     LLMClusterInfo, LLMConfig, LLMDataDist, LLMException, LLMRole, LLMStatusCode,
-                     Placement, TransferWithCacheKeyConfig)
+from llmdist import (
+    BlocksCacheKey,
+    CacheDesc,
+    CacheKeyByIdAndIndex,
+    DataType,
+    LayerSynchronizer,
+    LLMClusterInfo,
+    LLMConfig,
+    LLMDataDist,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+    TransferWithCacheKeyConfig,
+)
 
 HOST = "127.0.0.1"
 NUM_TENSORS = 2
@@ -24,6 +36,32 @@ KV_SHAPE = 10
 
 def _addr(arr: np.ndarray) -> int:
     return int(arr.ctypes.data)
+
+
+def _link_by_address(dd, remote_id, port) -> LLMClusterInfo:
+    """link_clusters to the cluster listening on HOST:port; its LLMClusterInfo."""
+    info = LLMClusterInfo()
+    info.remote_cluster_id = remote_id
+    info.append_remote_ip_info(HOST, port)
+    ret, _ = dd.link_clusters([info], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise Exception(f"link failed: {ret}")
+    return info
+
+
+def _unlink_by_address(ctx, dd, info) -> None:
+    ret, _ = dd.unlink_clusters([info], 5000, force=True)
+    ctx.check(ret == LLMStatusCode.LLM_SUCCESS, f"unlink: {ret}")
+
+
+def _expect_not_exist(ctx, what: str, call, *args, **kwargs) -> None:
+    """call(*args, **kwargs) must fail with LLM_KV_CACHE_NOT_EXIST."""
+    try:
+        call(*args, **kwargs)
+        ctx.check(False, f"{what} succeeded")
+    except LLMException as exc:
+        ctx.check(exc.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                  f"{what}: {exc.status_code}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -391,12 +429,7 @@ def hixl_connector_decode(ctx, cluster_id, port, prefill_id, prefill_port):
     dd = _remote_init(LLMRole.DECODER, cluster_id, port, "hixl")
     caches, arrays = _register_mla(dd, cluster_id, False)
     ctx.barrier()   # registered
-    info = LLMClusterInfo()
-    info.remote_cluster_id = prefill_id
-    info.append_remote_ip_info(HOST, prefill_port)
-    ret, _ = dd.link_clusters([info], 5000)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise Exception(f"link failed: {ret}")
+    info = _link_by_address(dd, prefill_id, prefill_port)
     remote_blocks, local_blocks = [3, 4, 5, 9], [0, 1, 2, 15]
     for m in MLA_MODELS:
         for layers in (range(0, 1), range(1, MLA_LAYERS)):     # layer range by layer range
@@ -405,8 +438,7 @@ def hixl_connector_decode(ctx, cluster_id, port, prefill_id, prefill_port):
                                          src_layer_range=layers, dst_layer_range=layers,
                                          tensor_num_per_layer=1)
     _check_mla(ctx, arrays, prefill_id, remote_blocks, local_blocks)
-    ret, _ = dd.unlink_clusters([info], 5000, force=True)
-    ctx.check(ret == LLMStatusCode.LLM_SUCCESS, f"unlink: {ret}")
+    _unlink_by_address(ctx, dd, info)
     ctx.barrier()
     return _mla_end(dd, caches)
 
@@ -488,6 +520,7 @@ def _pb_init(role, cluster_id, rendezvous):
 def _pb_link(datadist, rendezvous):
     import json
     import time
+
     from llmdist import RegisterMemStatus
     rank_table_dict = {
         "server_count": "1", "status": "completed", "version": "1.2",
@@ -682,13 +715,9 @@ def hybrid_prefill(ctx, cluster_id, port, decode_id):
                    range(HY_LAYERS), 1)
     ctx.barrier()   # 3 pushed
     ctx.barrier()   # 4 the decode withdrew its conv cache
-    try:
-        cm.push_blocks(BlocksCacheKey(decode_id, 0), caches[0], [1], [1], range(HY_LAYERS),
-                       range(HY_LAYERS), 1)
-        ctx.check(False, "a push to the withdrawn conv cache succeeded")
-    except LLMException as exc:
-        ctx.check(exc.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
-                  f"push to the withdrawn cache: {exc.status_code}")
+    _expect_not_exist(ctx, "a push to the withdrawn conv cache", cm.push_blocks,
+                      BlocksCacheKey(decode_id, 0), caches[0], [1], [1], range(HY_LAYERS),
+                      range(HY_LAYERS), 1)
     cm.push_blocks(BlocksCacheKey(decode_id, 1), caches[1], [3], [4], range(HY_LAYERS),
                    range(HY_LAYERS), 1)
     ctx.barrier()   # 5 pushed into the ssm cache alone
@@ -706,12 +735,7 @@ def hybrid_decode(ctx, cluster_id, prefill_id, prefill_port):
     src = _hybrid_raw(prefill_id, True)
     model = [r.copy() for r in raws]
     ctx.barrier()   # 1 registered
-    info = LLMClusterInfo()
-    info.remote_cluster_id = prefill_id
-    info.append_remote_ip_info(HOST, prefill_port)
-    ret, _ = dd.link_clusters([info], 5000)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise Exception(f"link failed: {ret}")
+    info = _link_by_address(dd, prefill_id, prefill_port)
     cm = dd.cache_manager
     for key_id, sb, db in ((0, [1, 4], [0, 5]), (1, [2, 6], [3, 7])):
         cm.pull_blocks(BlocksCacheKey(prefill_id, key_id), caches[key_id], sb, db,
@@ -730,8 +754,7 @@ def hybrid_decode(ctx, cluster_id, prefill_id, prefill_port):
     cm.pull_blocks(BlocksCacheKey(prefill_id, 1), caches[1], [5], [6], tensor_num_per_layer=1)
     _hybrid_copy(model, src, 1, [5], [6])
     _hybrid_check(ctx, raws, model, "the ssm cache after the conv cache went")
-    ret, _ = dd.unlink_clusters([info], 5000, force=True)
-    ctx.check(ret == LLMStatusCode.LLM_SUCCESS, f"unlink: {ret}")
+    _unlink_by_address(ctx, dd, info)
     ctx.barrier()   # 6
     cm.unregister_cache(caches[1].cache_id)
     dd.finalize()
@@ -791,12 +814,7 @@ def layer_group_decode(ctx, cluster_id, prefill_id, prefill_port):
     src = _og_arrays(prefill_id, True)
     want = [a.copy() for a in arrays]
     ctx.barrier()   # 1 registered
-    info = LLMClusterInfo()
-    info.remote_cluster_id = prefill_id
-    info.append_remote_ip_info(HOST, prefill_port)
-    ret, _ = dd.link_clusters([info], 5000)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise Exception(f"link failed: {ret}")
+    info = _link_by_address(dd, prefill_id, prefill_port)
     cm = dd.cache_manager
     cm.pull_blocks(BlocksCacheKey(prefill_id, OG_GROUP_KEY), group, [2, 5], [0, 7])
     for layer in OG_GROUP:
@@ -807,18 +825,13 @@ def layer_group_decode(ctx, cluster_id, prefill_id, prefill_port):
     cm.unregister_cache(group.cache_id)
     ctx.barrier()   # 2 pulled
     ctx.barrier()   # 3 the prefill withdrew its group
-    try:
-        cm.pull_blocks(BlocksCacheKey(prefill_id, OG_GROUP_KEY), full, [1], [1])
-        ctx.check(False, "a pull from the withdrawn group succeeded")
-    except LLMException as exc:
-        ctx.check(exc.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
-                  f"pull from the withdrawn group: {exc.status_code}")
+    _expect_not_exist(ctx, "a pull from the withdrawn group", cm.pull_blocks,
+                      BlocksCacheKey(prefill_id, OG_GROUP_KEY), full, [1], [1])
     cm.pull_blocks(BlocksCacheKey(prefill_id, 0), full, [6], [1])
     for t in range(2 * OG_LAYERS):
         want[t][1] = src[t][6]
         ctx.check(np.array_equal(arrays[t], want[t]), f"whole-cache pull: tensor {t}")
-    ret, _ = dd.unlink_clusters([info], 5000, force=True)
-    ctx.check(ret == LLMStatusCode.LLM_SUCCESS, f"unlink: {ret}")
+    _unlink_by_address(ctx, dd, info)
     ctx.barrier()   # 4
     cm.unregister_cache(full.cache_id)
     dd.finalize()
@@ -889,12 +902,8 @@ def pfc_decoder(ctx, rendezvous):
                                                       dtype=np.uint16)[:PFC_SHAPE[1]]
         ctx.check(np.array_equal(tensor[0], row0), f"tensor {t}: block 0 holds the key's row")
         ctx.check(bool(np.all(tensor[1] == 0x3C00)), f"tensor {t}: block 1 unchanged")
-    try:
-        cache_manager.pull_blocks(cache_key, cache, src_blocks=[], dst_blocks=[1])
-        ctx.check(False, "a second pull by the released key succeeded")
-    except LLMException as exc:
-        ctx.check(exc.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
-                  f"second pull by the key: {exc.status_code}")
+    _expect_not_exist(ctx, "a second pull by the released key", cache_manager.pull_blocks,
+                      cache_key, cache, src_blocks=[], dst_blocks=[1])
     ctx.barrier()   # pull_blocks end
     datadist.unlink(comm_id)
     ctx.barrier()   # wait peer unlink end

@@ -1,5 +1,5 @@
-"""Shared helpers and fixtures for the CacheManager / transfer_cache_async tests (the fixtures
-reach pytest through tests/conftest.py; test modules import from here by this unique name).
+"""Shared helpers for the CacheManager / transfer_cache_async tests (their fixtures are in
+conftest.py).
 
 Everything runs in one process on the embedded host runtime ("device" memory is host RAM), with
 local transfers: the destination cluster id is the LLMDataDist's own cluster id.
@@ -7,32 +7,36 @@ local transfers: the destination cluster id is the LLMDataDist's own cluster id.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
-import json
-import struct
-import faulthandler
 import os
 import socket
-import subprocess
-import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from llmdist import (
+    CacheDesc,
+    DataType,
+    LayerSynchronizer,
+    LLMConfig,
+    LLMDataDist,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+    _core,
+)
 
-from llmdist import (CacheDesc, DataType, LayerSynchronizer, LLMConfig,  # noqa: E402
-                     LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement)
-from llmdist import _core  # noqa: E402
-
-import reference  # noqa: E402
+from . import reference
+from .runtime_params import build_fake_runtime  # noqa: F401  (tests import it from here)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)    # the directory that holds the package `tests`
 
 if os.environ.get("LLMDIST_TEST_INSTALLED") == "1":
     # tools/check_wheel.sh: the tests are meant for an installed wheel, not a source tree
@@ -58,13 +62,6 @@ SUCCESS = LLMStatusCode.LLM_SUCCESS
 # --------------------------------------------------------------------------------------------
 # watchdog: a hung test dumps every thread's stack and ends the run instead of hanging CI
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _watchdog():
-    faulthandler.dump_traceback_later(90, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
-
-
 # --------------------------------------------------------------------------------------------
 # shared memory: llmdist shares memory as memfds, which have no name: a test must not leave
 # anything of llmdist's in /dev/shm
@@ -88,14 +85,6 @@ def llmdist_shm_names() -> set:
                 and int(parts[1]) in mine:
             out.add(n)
     return out
-
-
-@pytest.fixture(autouse=True)
-def _shm_clean():
-    before = llmdist_shm_names()
-    yield
-    made = llmdist_shm_names() - before
-    assert not made, f"llmdist made named shared memory objects in /dev/shm: {sorted(made)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,75 +113,14 @@ def keyed_and_unkeyed():
     return pytest.fixture(scope="module", autouse=True, params=["unkeyed", "keyed"])(auth_modes)
 
 
-# --------------------------------------------------------------------------------------------
-# a hand-made control connection (protocol tests)
-# --------------------------------------------------------------------------------------------
-class RawPeer:
-    """A control connection made by hand: the listener's challenge is read (and, with unix, the
-    connection moved to the listener's Unix socket, where the listener learns our pid and uid
-    from the kernel). Frames are unkeyed."""
-
-    def __init__(self, port: int, unix: bool = False, host: str = "127.0.0.1",
-                 timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.sock.settimeout(1.0)
-        try:
-            self.challenge: Optional[dict] = self.recv()
-        except socket.timeout:
-            self.challenge = None       # a listener that sends no challenge (older protocol)
-        self.sock.settimeout(timeout)
-        if self.challenge is not None:
-            assert self.challenge["type"] == "challenge", self.challenge
-        if unix and self.challenge is not None:
-            u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            u.settimeout(timeout)
-            u.connect(b"\0" + self.challenge["unix"].encode())
-            self.sock.close()
-            self.sock = u
-            self.challenge = self.recv()
-
-    @staticmethod
-    def frame(msg) -> bytes:
-        data = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
-        return b"LLMD" + struct.pack(">I", len(data)) + data
-
-    def send(self, msg, fds: Sequence[int] = ()) -> None:
-        buf = self.frame(msg)
-        if fds:
-            self.sock.sendmsg([buf], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                       array.array("i", fds).tobytes())])
-        else:
-            self.sock.sendall(buf)
-
-    def _exact(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("closed")
-            buf += chunk
-        return buf
-
-    def recv(self) -> dict:
-        head = self._exact(8)
-        (n,) = struct.unpack(">I", head[4:])
-        return json.loads(self._exact(n))
-
-    def link(self, hello: dict, caches: Sequence[dict] = (), fds: Sequence[int] = ()) -> dict:
-        """Send hello; on a welcome send our caches (with fds) and read up to the listener's
-        acknowledgement. Returns the listener's answer to the hello."""
-        self.send(hello)
-        reply = self.recv()
-        if reply["type"] == "welcome" and self.challenge is not None:
-            self.send({"type": "caches", "caches": list(caches)}, fds)
-            while True:
-                got = self.recv()
-                if got["type"] == "ack" and got.get("seq") == 0:
-                    break
-        return reply
-
-    def close(self) -> None:
-        self.sock.close()
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    """Poll cond() every 20 ms until it is true (True) or timeout seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,20 +154,9 @@ def device_buffer(nbytes: int) -> Tuple[int, Optional[int]]:
     return 0, None
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _cuda_paths_counted():
-    """With LLMDIST_EXPECT_CUDA_PATHS=1 (CI's run of the transfer suite on the fake CUDA
-    runtime), the run fails unless it drove both device copy paths: the copy kernel (device to
-    device) and DMA (to and from host)."""
-    yield
-    if _CUDA is None or os.environ.get("LLMDIST_EXPECT_CUDA_PATHS") != "1":
-        return
-    _CUDA.fake_cuda_calls.restype = ctypes.c_long
-    launches = _CUDA.fake_cuda_calls(b"cudaLaunchKernel")
-    dma = _CUDA.fake_cuda_calls(b"cudaMemcpyBatchAsync") + _CUDA.fake_cuda_calls(b"cudaMemcpyAsync")
-    want_kernel = os.environ.get("LLMDIST_DEVICE_COPY", "auto") != "dma"
-    assert dma > 0, "no DMA copy reached the fake CUDA runtime"
-    assert (launches > 0) == want_kernel, f"copy kernel launches: {launches}"
+def cuda_library() -> Optional[ctypes.CDLL]:
+    """The fake libcudart.so this process runs on (LLMDIST_RUNTIME=cuda), else None."""
+    return _CUDA
 
 
 def free_device_buffer(ptr: int) -> None:
@@ -449,37 +366,6 @@ def env_ctx(**kwargs):
         e.close()
 
 
-@pytest.fixture
-def env():
-    with env_ctx() as e:
-        yield e
-
-
-@pytest.fixture
-def env_remote():
-    with env_ctx(remote=True) as e:
-        yield e
-
-
-@pytest.fixture
-def make_env():
-    made: List[Env] = []
-
-    def factory(**kwargs) -> Env:
-        e = Env(**kwargs)
-        made.append(e)
-        return e
-
-    yield factory
-    for e in reversed(made):
-        e.close()
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(1234)
-
-
 # --------------------------------------------------------------------------------------------
 # layer synchronizers
 # --------------------------------------------------------------------------------------------
@@ -568,26 +454,6 @@ def raises_llm(code, fn, *args, **kwargs) -> LLMException:
 # --------------------------------------------------------------------------------------------
 # fake device runtimes (tests/fake_acl, tests/fake_cuda): device code paths without hardware
 # --------------------------------------------------------------------------------------------
-def build_fake_runtime(name: str, out_dir, **env: str) -> str:
-    """Build tests/<name>/build.sh into out_dir (env: e.g. FAKE_ACL_CFLAGS); the library's
-    path."""
-    res = subprocess.run(["sh", os.path.join(HERE, name, "build.sh"), str(out_dir)], check=True,
-                         capture_output=True, text=True, env=dict(os.environ, **env))
-    return res.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="session")
-def fake_acl(tmp_path_factory) -> str:
-    """The fake libascendcl.so, built once per test run."""
-    return build_fake_runtime("fake_acl", tmp_path_factory.mktemp("fake_acl"))
-
-
-@pytest.fixture(scope="session")
-def fake_cuda(tmp_path_factory) -> str:
-    """The fake libcudart.so, built once per test run."""
-    return build_fake_runtime("fake_cuda", tmp_path_factory.mktemp("fake_cuda"))
-
-
 def wait_results(task, timeout_ms: int = WAIT_MS):
     """get_results with a bound; fails the test if the task is still running."""
     res = task.get_results(timeout_ms)

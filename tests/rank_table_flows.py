@@ -9,13 +9,8 @@ every byte it pulled without asking the prefill."""
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 import traceback
-
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
 
 WAIT_S = 30.0           # bound on every wait of a flow
 
@@ -75,6 +70,7 @@ class BlocksCaches:
     def register(self, model_id: int, num_tensors: int, num_blocks: int, block_bytes: int,
                  key: bool = True):
         import numpy as np
+
         from llmdist import BlocksCacheKey, CacheDesc, DataType, Placement
         arrays = [pattern(self.cluster_id, model_id, t, num_blocks * block_bytes) if self.fill
                   else np.zeros(num_blocks * block_bytes, dtype=np.uint8)
@@ -182,7 +178,8 @@ def trio(p: dict) -> dict:
     """One prefill and two decodes in one comm: every pair is linked (the decodes too), and
     the prefill sends blocks to each decode by key through the links the comm made."""
     from llmdist import BlocksCacheKey, LLMRole, TransferWithCacheKeyConfig
-    from helpers import RecordingSync
+
+    from .helpers import RecordingSync
     me = p["me"]
     prefill = me == p["p"]
     dd = make_datadist(LLMRole.PROMPT if prefill else LLMRole.DECODER, me, p["options"])
@@ -247,7 +244,8 @@ def pull_blocks_sample(p: dict) -> dict:
     (DECODER) registers one without key, both link "link" with {1: 0, 2: 1}, the decode pulls
     blocks 0 and 1, swaps them out to a CPU cache and back in."""
     import numpy as np
-    from llmdist import (BlocksCacheKey, Cache, CacheDesc, DataType, LLMRole, Placement)
+
+    from llmdist import BlocksCacheKey, Cache, CacheDesc, DataType, LLMRole, Placement
     cluster_id = p["me"]
     prefill = cluster_id == 1
     dd = make_datadist(LLMRole.PROMPT if prefill else LLMRole.DECODER, cluster_id,
@@ -297,9 +295,6 @@ FLOWS = {f.__name__: f for f in (vllm_connector, mindie, trio, never_arrives, pu
 
 def flow_main(conn, flow: str, params: dict) -> None:
     """Child entry point: run one flow and report its result."""
-    for d in (REPO_DIR, TESTS_DIR):   # llmdist may be built in place, not installed
-        if d not in sys.path:
-            sys.path.insert(0, d)
     try:
         conn.send(("ok", FLOWS[flow](params)))
     except BaseException:

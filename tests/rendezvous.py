@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import random
 import socket
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 
 def free_rendezvous_base(count: int = 4) -> int:

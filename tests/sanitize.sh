@@ -24,5 +24,6 @@ CC=gcc CFLAGS="$san -DLLMD_NO_STREAM_STORES" LDFLAGS="$san" LLMDIST_DEBUG_BUILD=
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-"$PY" -m pytest -q -p no:cacheprovider tests/test_transfer.py tests/test_cluster.py \
+# The host runtime only: the suites' runs on the fake device runtimes belong to the main run.
+LLMDIST_TEST_RUNTIMES=host "$PY" -m pytest -q -p no:cacheprovider tests/test_transfer.py tests/test_cluster.py \
     tests/test_reliability.py tests/test_pull_push.py -k "not mooncake and not transport_option"

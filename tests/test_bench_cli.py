@@ -186,11 +186,11 @@ def test_compare_two_files(host_run, tmp_path):
     new.write_text(json.dumps(faster))
     res = bench("--compare", str(path), str(new))
     assert res.returncode == 0, res.stderr
-    lines = [l for l in res.stdout.splitlines() if l.startswith("b2b") and " 4K " in l]
-    mine = [l for l in lines if " llmdist " in l]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("b2b") and " 4K " in ln]
+    mine = [ln for ln in lines if " llmdist " in ln]
     assert mine and mine[0].rstrip().endswith("+100.0%")
-    others = [l for l in lines if " llmdist " not in l]
-    assert others and all(l.rstrip().endswith("+0.0%") for l in others)
+    others = [ln for ln in lines if " llmdist " not in ln]
+    assert others and all(ln.rstrip().endswith("+0.0%") for ln in others)
 
 
 def test_compare_refuses_other_files(tmp_path):
@@ -310,7 +310,7 @@ def test_progress_line_names_each_step():
     res = bench("b2b", "overhead", "--blocks", "4K,8K", "--layers", "1", "--pairs", "2",
                 "--repeat", "1")
     assert res.returncode == 0, res.stderr
-    steps = [l for l in res.stderr.splitlines() if l.startswith("[")]
+    steps = [ln for ln in res.stderr.splitlines() if ln.startswith("[")]
     assert [s.split("] ", 1)[1] for s in steps] == [
         "b2b 4K", "b2b 8K", "overhead 61 layers x 2 blocks", "overhead pull 61 layers x 2 blocks",
         "overhead scaling 2-512 pairs"]
@@ -321,6 +321,7 @@ def test_contiguous_baseline_copies_the_same_bytes_from_alternating_ends():
     """The contiguous-copy baseline copies `nbytes` between the caches' own memory, from the start
     and then from the end (not the bytes the previous call left in the CPU cache)."""
     import numpy as np
+
     from llmdist.bench.settings import Settings
     from llmdist.bench.table import Progress
     from llmdist.bench.workload import Bench, host_view

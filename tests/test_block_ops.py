@@ -10,10 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmdist import Cache, CacheDesc, DataType, LLMStatusCode, Placement
-from llmdist import block_ops
+from llmdist import Cache, CacheDesc, DataType, LLMStatusCode, Placement, block_ops
 
-from helpers import assert_mem_equal, raises_llm
+from .helpers import assert_mem_equal, raises_llm
+
+# every test runs on each runtime (runtime_params.py)
+pytestmark = pytest.mark.all_runtimes
 
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST

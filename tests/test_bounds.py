@@ -9,19 +9,24 @@ import json
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from typing import List, Optional
 
 import pytest
 
-from llmdist import (BlocksCacheKey, LLMClusterInfo, LLMException, LLMRole, LLMStatusCode,
-                     Placement)
-from llmdist import cluster
+from llmdist import (
+    BlocksCacheKey,
+    LLMClusterInfo,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+)
 from llmdist.descs import CacheDesc, DataType
 
-from helpers import SUCCESS, Env
+from .helpers import ROOT, SUCCESS, Env, wait_for
+from .raw_protocol import RawPeer, frame, hello, read_frame, recv_msg
 
 HOST = "127.0.0.1"
 LISTENER = 900
@@ -30,58 +35,11 @@ SLACK_S = 2.0               # a loaded test machine
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 
 
-def frame(obj) -> bytes:
-    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-    return cluster.MAGIC + struct.pack(">I", len(data)) + data
-
-
-def hello(cid: int, target: Optional[int] = LISTENER, **over) -> dict:
-    """A handshake as a PROMPT cluster of this host, announcing no caches."""
-    msg = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": cid,
-           "role": int(LLMRole.PROMPT), "target": target, "host": cluster.host_identity(),
-           "pid": os.getpid(), "caches": []}
-    msg.update(over)
-    return msg
-
-
-def read_frame(sock: socket.socket) -> dict:
-    """One unkeyed frame (ConnectionError when the connection ends)."""
-    def exact(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("closed")
-            buf += chunk
-        return buf
-    head = exact(8)
-    (n,) = struct.unpack(">I", head[4:])
-    return json.loads(exact(n))
-
-
-def recv_msg(sock: socket.socket, timeout: float = 5.0) -> Optional[dict]:
-    """One frame from the listener, or None when it closed the connection."""
-    sock.settimeout(timeout)
-    try:
-        return read_frame(sock)
-    except (ConnectionError, OSError):
-        return None
-
-
-def connect(port: int, unix: bool = False) -> socket.socket:
-    """A connection to the listener with its challenge read (the listener speaks first): over
-    TCP, or (unix) moved to the listener's Unix socket as a client of this host does."""
-    s = socket.create_connection((HOST, port), timeout=5)
-    challenge = recv_msg(s)
-    assert challenge is not None and challenge["type"] == "challenge", challenge
-    if unix:
-        u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        u.settimeout(5)
-        u.connect(b"\0" + challenge["unix"].encode())
-        s.close()
-        s = u
-        assert recv_msg(s)["type"] == "challenge"
-    return s
+def connect(port: int) -> socket.socket:
+    """A TCP connection to the listener, its challenge read."""
+    peer = RawPeer(port)
+    assert peer.challenge is not None, "the listener sent no challenge"
+    return peer.sock
 
 
 def open_link(port: int, cid: int, target: Optional[int] = LISTENER, unix: bool = False,
@@ -89,25 +47,10 @@ def open_link(port: int, cid: int, target: Optional[int] = LISTENER, unix: bool 
     """A raw client linked (over TCP, or the Unix socket): challenge, hello, welcome, our
     caches (over["caches"]), and the listener's acknowledgement of them."""
     caches = over.pop("caches", [])
-    s = connect(port, unix)
-    s.sendall(frame(hello(cid, target, **over)))
-    reply = recv_msg(s)
-    assert reply is not None and reply["type"] == "welcome", reply
-    s.sendall(frame({"type": "caches", "caches": caches}))
-    while True:
-        got = recv_msg(s)
-        assert got is not None, "the listener closed the link"
-        if got["type"] == "ack" and got.get("seq") == 0:
-            return s
-
-
-def wait_for(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    peer = RawPeer(port, unix=unix)
+    reply = peer.link(hello(cid, target, **over), caches)
+    assert reply["type"] == "welcome", reply
+    return peer.sock
 
 
 @pytest.fixture
@@ -378,10 +321,9 @@ class ChildListener:
     def __init__(self, **options: str) -> None:
         import subprocess
         import sys
-        here = os.path.dirname(os.path.abspath(__file__))
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(here, "bounds_listener.py"), str(FLOODED),
-             json.dumps(options)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "tests.bounds_listener", str(FLOODED), json.dumps(options)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.port = int(self.proc.stdout.readline())
 
     def ask(self, cmd: str):
@@ -426,7 +368,7 @@ def wire_cache(i: int) -> dict:
             "share": {"kind": "process"}}
 
 
-class RawPeer:
+class FloodingPeer:
     """A raw client linked to a listener, counting the acks it gets back."""
 
     def __init__(self, port: int, cid: int, target: int, **over) -> None:
@@ -474,7 +416,7 @@ def push_and_check(child: ChildListener, cid: int, envs) -> None:
 def test_cache_add_flood_is_capped(child_listener, envs):
     child = child_listener(**{"llmdist.max_peer_caches": "1000"})
     start = child.ask("stat")
-    flooder = RawPeer(child.port, 981, FLOODED)
+    flooder = FloodingPeer(child.port, 981, FLOODED)
     frames = [frame({"type": "cache_add", "cache": wire_cache(i), "seq": i + 1})
               for i in range(20_000)]
     out = {}
@@ -520,14 +462,14 @@ def test_hello_over_the_cache_cap_is_refused(envs):
     lis = listener(envs, **{"llmdist.max_peer_caches": "100"})
     s = connect(lis.dd.listen_port)
     try:
-        s.sendall(frame(hello(985)))
+        s.sendall(frame(hello(985, LISTENER)))
         assert recv_msg(s)["type"] == "welcome"
         s.sendall(frame({"type": "caches", "caches": [wire_cache(i) for i in range(101)]}))
         assert recv_msg(s) is None
     finally:
         s.close()
     assert lis.dd._node.peer(985) is None
-    ok = RawPeer(lis.dd.listen_port, 986, LISTENER, caches=[wire_cache(i) for i in range(100)])
+    ok = FloodingPeer(lis.dd.listen_port, 986, LISTENER, caches=[wire_cache(i) for i in range(100)])
     try:
         assert wait_for(lambda: lis.dd._node.peer(986) is not None)
         assert len(lis.dd._node.peer(986).mem.entries) == 100
@@ -537,7 +479,7 @@ def test_hello_over_the_cache_cap_is_refused(envs):
 
 def test_key_cap(envs):
     lis = listener(envs, **{"llmdist.max_peer_keys": "10"})
-    peer = RawPeer(lis.dd.listen_port, 987, LISTENER)
+    peer = FloodingPeer(lis.dd.listen_port, 987, LISTENER)
     try:
         for i in range(3):
             w = dict(wire_cache(i), keys=[["cache", 987, 4 * i + j, 1, 0] for j in range(4)])
@@ -552,7 +494,7 @@ def test_key_cap(envs):
 def test_frame_rate_is_bounded(envs):
     rate = 200
     lis = listener(envs, **{"llmdist.peer_frame_rate": str(rate)})
-    peer = RawPeer(lis.dd.listen_port, 988, LISTENER)
+    peer = FloodingPeer(lis.dd.listen_port, 988, LISTENER)
     frames = [frame({"type": "key_remove", "key": ["blocks", 988, i], "seq": i + 1})
               for i in range(20_000)]
     t0 = time.monotonic()
@@ -573,10 +515,9 @@ def test_frame_rate_is_bounded(envs):
 def test_ipc_readiness_wait_does_not_stall_the_cluster(fake_cuda):
     import subprocess
     import sys
-    here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, LLMDIST_CUDA_LIBRARY=fake_cuda)
     env.pop("LLMDIST_RUNTIME", None)
-    res = subprocess.run([sys.executable, os.path.join(here, "bounds_ipc_wait.py")], env=env,
+    res = subprocess.run([sys.executable, "-m", "tests.bounds_ipc_wait"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
@@ -598,7 +539,7 @@ def test_comm_hello_is_refused_off_the_rendezvous_port(envs, role):
     lis = envs(LISTENER, role, listen=True)
     s = connect(lis.dd.listen_port)
     try:
-        s.sendall(frame(hello(992, comm="comm-a")))
+        s.sendall(frame(hello(992, LISTENER, comm="comm-a")))
         reply = recv_msg(s)
     finally:
         s.close()

@@ -67,7 +67,7 @@ def test_info_text_names_each_runtime_and_why_not():
     assert "active runtime: host" in out
     assert "  host  available: version 1, (built in)" in out
     for name in ("acl", "cuda"):
-        line = next(l for l in out.splitlines() if l.startswith(f"  {name} "))
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"  {name} "))
         assert "not available" in line and NO_LIBRARY in line
 
 

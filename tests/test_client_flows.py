@@ -24,9 +24,9 @@ import pytest
 
 from llmdist import BlocksCacheKey, DataType, LLMException, LLMRole, LLMStatusCode
 
-import flow_procs
-from helpers import Env, free_port
-from test_cluster import Cleanup, cluster_info
+from . import flow_procs
+from .decode_procs import Cleanup, cluster_info
+from .helpers import Env, free_port
 
 CTX = mp.get_context("spawn")
 HOST = "127.0.0.1"
@@ -133,7 +133,7 @@ def test_pull_blocks_xpyd_sample():
 def test_pull_blocks_sample():
     """Rank-table link (query_register_mem_status until OK), pull_blocks, swap_blocks out to a
     CPU cache and back, unlink."""
-    from rendezvous import free_rendezvous_base, rendezvous_options
+    from .rendezvous import free_rendezvous_base, rendezvous_options
     opts = rendezvous_options(free_rendezvous_base(), link_total_s=60)
     Flow({"prompt": ("pb_prompt", {"rendezvous": opts}),
           "decoder": ("pb_decoder", {"rendezvous": opts})}).finish()
@@ -143,7 +143,7 @@ def test_pull_cache_sample():
     """Rank-table link, the prompt allocates a cache under one CacheKey per row, the decoder
     pulls each key's row into a row of its own cache (here crossed, to show which row went
     where)."""
-    from rendezvous import free_rendezvous_base, rendezvous_options
+    from .rendezvous import free_rendezvous_base, rendezvous_options
     opts = rendezvous_options(free_rendezvous_base(), link_total_s=60)
     Flow({"prompt": ("pc_prompt", {"rendezvous": opts}),
           "decoder": ("pc_decoder", {"rendezvous": opts})}).finish()
@@ -154,7 +154,7 @@ def test_pull_from_cache_to_blocks_sample():
     the key's row into block 0 of its blocks cache (and a second pull by the key, released by
     the first, is LLM_KV_CACHE_NOT_EXIST); the prompt's remove_cache_key afterwards is a no-op,
     then it deallocates."""
-    from rendezvous import free_rendezvous_base, rendezvous_options
+    from .rendezvous import free_rendezvous_base, rendezvous_options
     opts = rendezvous_options(free_rendezvous_base(), link_total_s=60)
     Flow({"prompt": ("pfc_prompt", {"rendezvous": opts}),
           "decoder": ("pfc_decoder", {"rendezvous": opts})}).finish()
@@ -309,6 +309,6 @@ def test_mutual_links_and_unlinks():
         c.close()
 
 
-from helpers import keyed_and_unkeyed  # noqa: E402
+from .helpers import keyed_and_unkeyed  # noqa: E402
 
 auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

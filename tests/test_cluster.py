@@ -18,31 +18,36 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing as mp
 import os
 import signal
 import socket
 import struct
 import time
-from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence
 
 import numpy as np
 import pytest
 
-from llmdist import (BlocksCacheKey, CacheKeyByIdAndIndex, DataType, EventSynchronizer,
-                     LLMClusterInfo, LLMException, LLMRole, LLMStatusCode, Placement, Stream,
-                     TransferConfig, TransferWithCacheKeyConfig)
+from llmdist import (
+    BlocksCacheKey,
+    CacheKeyByIdAndIndex,
+    DataType,
+    EventSynchronizer,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+    Stream,
+    TransferConfig,
+    TransferWithCacheKeyConfig,
+)
 
-import cluster_procs
-import reference
-from helpers import (SPAWNED, SUCCESS, Env, GateSync, RecordingSync, SleepSync,
-                     assert_mem_equal, free_port)
-from reference import RefConfig
+from . import reference
+from .decode_procs import HOST, DCache, DecodeProc, cluster_info, memfd_maps, start_all  # noqa: F401
+from .helpers import SUCCESS, Env, GateSync, RecordingSync, SleepSync, assert_mem_equal, free_port
+from .reference import RefConfig
 
-HOST = "127.0.0.1"
 LINK_MS = 5000
-REPLY_S = 20.0          # bound on any reply from a child
 TASK_MS = 10_000        # bound on any transfer
 FP16 = DataType.DT_FLOAT16
 LINK_FAILED = LLMStatusCode.LLM_LINK_FAILED
@@ -51,10 +56,7 @@ ALREADY_LINK = LLMStatusCode.LLM_ALREADY_LINK
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 
-CTX = mp.get_context("spawn")
-_prefill_ids = itertools.count(100)     # a fresh prefill cluster id per use
 _seeds = itertools.count(1)             # model ids and seeds
-_names = itertools.count(1)
 
 # Layouts (DT_FLOAT16).  Source: 4 layers.  Destination: 6 layers.
 SRC_ROWS = dict(num_tensors=8, shape=[3, 2, 100])        # 3 rows of 400 bytes
@@ -70,166 +72,6 @@ L6_DST = dict(num_tensors=12, shape=[8, 128])
 L6_SRC_IDX, L6_DST_IDX = [0, 1, 2, 5, 7], [7, 6, 3, 4, 5]
 
 
-# --------------------------------------------------------------------------------------------
-# child processes
-# --------------------------------------------------------------------------------------------
-class ChildError(Exception):
-    def __init__(self, kind: str, code: Optional[int], text: str) -> None:
-        super().__init__(f"{kind} (status {code}): {text}")
-        self.kind = kind
-        self.status_code = None if code is None else LLMStatusCode(code)
-
-
-class DecodeProc:
-    """A child process running one cluster (DECODER by default) that listens on 127.0.0.1."""
-
-    def __init__(self, cluster_id: int, role: LLMRole = LLMRole.DECODER,
-                 options: Optional[Dict[str, str]] = None, listen: bool = True) -> None:
-        self.cluster_id = cluster_id
-        self.role = role
-        self.conn, child = CTX.Pipe()
-        self.proc = CTX.Process(target=cluster_procs.decode_main,
-                                args=(child, cluster_id, int(role), options, listen),
-                                name=f"cluster-{cluster_id}", daemon=True)
-        self.proc.start()
-        SPAWNED.add(self.proc.pid)
-        child.close()
-        self.port: Optional[int] = None
-        self.pid: int = self.proc.pid
-
-    def wait_ready(self, timeout: float = 60.0) -> "DecodeProc":
-        msg = self.recv(timeout)
-        if msg[0] != "ready":
-            raise ChildError(*msg[1:])
-        _, self.port, self.pid = msg
-        return self
-
-    def recv(self, timeout: float = REPLY_S):
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"cluster {self.cluster_id} (pid {self.pid}) did not answer "
-                               f"within {timeout} s")
-        return self.conn.recv()
-
-    def send(self, *cmd) -> None:
-        self.conn.send(cmd)
-
-    def result(self, timeout: float = REPLY_S):
-        msg = self.recv(timeout)
-        if msg[0] == "err":
-            raise ChildError(*msg[1:])
-        assert msg[0] == "ok", msg
-        return msg[1]
-
-    def call(self, *cmd, timeout: float = REPLY_S):
-        self.send(*cmd)
-        return self.result(timeout)
-
-    def info(self, cluster_id: Optional[int] = None, port: Optional[int] = None) -> LLMClusterInfo:
-        return cluster_info(self.cluster_id if cluster_id is None else cluster_id,
-                            self.port if port is None else port)
-
-    def alive(self) -> bool:
-        return self.proc.is_alive()
-
-    def kill(self) -> None:
-        """kill -9, and reap it."""
-        if self.proc.is_alive():
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.join(10)
-        assert not self.proc.is_alive()
-
-    def close(self) -> None:
-        try:
-            if self.proc.is_alive():
-                try:
-                    self.send("exit")
-                    self.recv(5)
-                except (OSError, EOFError, TimeoutError, BrokenPipeError):
-                    pass
-                self.proc.join(5)
-        finally:
-            if self.proc.is_alive():
-                self.kill()
-            self.conn.close()
-
-
-def start_all(*procs: DecodeProc) -> None:
-    for p in procs:
-        p.wait_ready()
-
-
-@dataclass
-class DCache:
-    """A cache in a child process, as the parent sees it."""
-
-    proc: DecodeProc
-    name: str
-    cache_id: int
-    addrs: List[int]
-    size: int
-    tensors: List[tuple]                  # (buffer key, byte offset) per tensor
-    initial: Dict[Hashable, np.ndarray]   # buffer bytes right after creation
-    allocated: bool
-    blocks: bool
-    key: Optional[object]
-    stride: int                           # row or block size in bytes
-    inode: Optional[int] = None           # its memfd, when its memory is shared
-
-    def read(self) -> Dict[Hashable, np.ndarray]:
-        return self.proc.call("read", self.name)
-
-
-class Cleanup:
-    """Children and child caches made by one test; released/killed at teardown."""
-
-    def __init__(self) -> None:
-        self.procs: List[DecodeProc] = []
-        self.caches: List[DCache] = []
-
-    def spawn(self, cluster_id: int, **kwargs) -> DecodeProc:
-        p = DecodeProc(cluster_id, **kwargs)
-        self.procs.append(p)
-        return p
-
-    def dcache(self, proc: DecodeProc, mem: str, num_tensors: int, shape: Sequence[int],
-               blocks: bool = False, key=None, seed: int = 0, placement: str = "DEVICE",
-               remote_accessible: Optional[bool] = None) -> DCache:
-        name = f"c{next(_names)}"
-        if mem == "allocated":
-            r = proc.call("alloc", name, num_tensors, list(shape), blocks, key, seed,
-                          "DT_FLOAT16", placement)
-        else:
-            r = proc.call("register", name, num_tensors, list(shape), blocks, key, seed, 64,
-                          "DT_FLOAT16", placement, remote_accessible)
-        k = None
-        if key is not None:
-            k = BlocksCacheKey(proc.cluster_id, key[1])
-        dc = DCache(proc, name, r["cache_id"], r["addrs"], r["size"], r["tensors"],
-                    r["buffers"], r["allocated"], blocks, k, r["size"] // shape[0],
-                    memfd_at(proc.pid, r["addrs"][0]))
-        self.caches.append(dc)
-        return dc
-
-    def close(self) -> None:
-        for dc in self.caches:
-            if dc.proc.alive():
-                try:
-                    dc.proc.call("release", dc.name, timeout=15)
-                except (ChildError, TimeoutError, OSError, EOFError):
-                    pass
-        for p in self.procs:
-            p.close()
-
-
-@pytest.fixture
-def cleanup():
-    c = Cleanup()
-    try:
-        yield c
-    finally:
-        c.close()
-
-
 @pytest.fixture(scope="module")
 def decodes(auth_mode):
     """Two long-lived decode clusters, ids 2 and 3."""
@@ -242,36 +84,9 @@ def decodes(auth_mode):
             p.close()
 
 
-@pytest.fixture
-def prefill():
-    """Factory of prefill clusters (in this process), finalized at teardown."""
-    made: List[Env] = []
-
-    def factory(remote: bool = False, role: LLMRole = LLMRole.PROMPT,
-                cluster_id: Optional[int] = None, **kwargs) -> Env:
-        cid = next(_prefill_ids) if cluster_id is None else cluster_id
-        e = Env(remote=remote, role=role, cluster_id=cid, seed=cid, **kwargs)
-        made.append(e)
-        return e
-
-    try:
-        yield factory
-    finally:
-        for e in reversed(made):
-            e.close()
-
-
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def cluster_info(cluster_id: int, port: Optional[int] = None, ip: str = HOST) -> LLMClusterInfo:
-    info = LLMClusterInfo()
-    info.remote_cluster_id = cluster_id
-    if port is not None:
-        info.append_remote_ip_info(ip, port)
-    return info
-
-
 def link(env: Env, *procs: DecodeProc) -> None:
     code, codes = env.dd.link_clusters([p.info() for p in procs], LINK_MS)
     assert code == SUCCESS and codes == [SUCCESS] * len(procs), (code, codes)
@@ -339,10 +154,10 @@ def addr_cfg(dc: DCache, src_layers: range, dst_layers: Sequence[int], row: int 
     """A TransferConfig writing source layers to the given destination layers (row pre-offset)
     and its reference config."""
     addrs, dst = [], []
-    for l in dst_layers:
+    for layer in dst_layers:
         for t in (0, 1):
-            addrs.append(dc.addrs[2 * l + t] + row * dc.stride)
-            k, off = dc.tensors[2 * l + t]
+            addrs.append(dc.addrs[2 * layer + t] + row * dc.stride)
+            k, off = dc.tensors[2 * layer + t]
             dst.append((k, off + row * dc.stride))
     return (TransferConfig(dc.proc.cluster_id, addrs, src_layers, src_batch),
             RefConfig(dst, src_layers, src_batch))
@@ -404,41 +219,20 @@ def wait_child_unlinked(proc: DecodeProc, remote_id: int, timeout: float = 5.0) 
         time.sleep(0.01)
 
 
-def _memfd_maps(pid) -> List[Tuple[int, int, int]]:
-    """(start, end, inode) of each llmdist memfd mapping of process pid ("self": this one)."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            lines = f.readlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines:
-        if "/memfd:llmdist" in line:
-            parts = line.split()
-            lo, hi = parts[0].split("-")
-            out.append((int(lo, 16), int(hi, 16), int(parts[4])))
-    return out
-
-
-def memfd_at(pid: int, addr: int) -> Optional[int]:
-    """The inode of the llmdist memfd holding addr in process pid, if any."""
-    return next((ino for lo, hi, ino in _memfd_maps(pid) if lo <= addr < hi), None)
-
-
 def cache_mapped(dc: DCache) -> bool:
     """Whether dc's shared memory is mapped into this process."""
-    return dc.inode is not None and any(ino == dc.inode for _, _, ino in _memfd_maps("self"))
+    return dc.inode is not None and any(ino == dc.inode for _, _, ino in memfd_maps("self"))
 
 
 def own_shm_maps(pid: int) -> set:
     """The memfds of process pid (inodes) that this process maps."""
-    return ({ino for _, _, ino in _memfd_maps("self")}
-            & {ino for _, _, ino in _memfd_maps(pid)})
+    return ({ino for _, _, ino in memfd_maps("self")}
+            & {ino for _, _, ino in memfd_maps(pid)})
 
 
 def still_mapped(inodes: set) -> set:
     """Those of inodes that this process still maps."""
-    return {ino for _, _, ino in _memfd_maps("self")} & inodes
+    return {ino for _, _, ino in memfd_maps("self")} & inodes
 
 
 # --------------------------------------------------------------------------------------------
@@ -1296,6 +1090,6 @@ def test_decode_unlinks(decodes, prefill, cleanup, dst_mem, slow_prefill, monkey
                L6_SRC_IDX, L6_DST_IDX)
 
 
-from helpers import keyed_and_unkeyed  # noqa: E402
+from .helpers import keyed_and_unkeyed  # noqa: E402
 
 auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

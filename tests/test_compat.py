@@ -8,13 +8,23 @@ import numpy as np
 import pytest
 
 import llmdist
-from llmdist import (BlocksCacheKey, CacheKeyByIdAndIndex, LLMClusterInfo, LLMConfig,
-                     LLMDataDist, LLMException, LLMRole, LLMStatusCode, MemInfo, Memtype, Status,
-                     TransferConfig, TransferWithCacheKeyConfig)
+from llmdist import (
+    BlocksCacheKey,
+    CacheKeyByIdAndIndex,
+    LLMClusterInfo,
+    LLMConfig,
+    LLMDataDist,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    MemInfo,
+    Memtype,
+    Status,
+    TransferConfig,
+    TransferWithCacheKeyConfig,
+)
 
-from helpers import (OWN_CLUSTER, RecordingSync, assert_mem_equal, env_ctx,  # noqa: F401
-                     wait_results)
-from helpers import env, env_remote, make_env  # noqa: F401  (fixtures)
+from .helpers import OWN_CLUSTER, RecordingSync, assert_mem_equal, env_ctx, wait_results  # noqa: F401
 
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 SUCCESS = LLMStatusCode.LLM_SUCCESS

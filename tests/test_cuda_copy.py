@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import textwrap
 
-from test_runtimes import run
+from .test_runtimes import run
 
 CUDA_PRELUDE_EXTRA = """
     fake = ctypes.CDLL(os.environ["LLMDIST_CUDA_LIBRARY"])
@@ -25,7 +25,7 @@ CUDA_PRELUDE_EXTRA = """
 
 
 def cuda_run(lib: str, script: str, **env: str) -> dict:
-    from test_runtimes import PRELUDE
+    from .test_runtimes import PRELUDE
     return run(textwrap.dedent(script), prelude=PRELUDE + textwrap.dedent(CUDA_PRELUDE_EXTRA),
                LLMDIST_RUNTIME="cuda", LLMDIST_CUDA_LIBRARY=lib, **env)
 

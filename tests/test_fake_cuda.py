@@ -298,9 +298,8 @@ def test_launch_arguments_are_checked_and_failures_are_injectable(cuda):
 def run_child(fake_cuda: str, script: str, stdin: str = "") -> subprocess.CompletedProcess:
     prelude = textwrap.dedent(f"""
         import ctypes, sys, struct
-        sys.path.insert(0, {HERE!r})
         import numpy as np
-        from test_fake_cuda import *
+        from tests.test_fake_cuda import *
         class _L: pass
         cuda = ctypes.CDLL({fake_cuda!r})
         for name, args in SIGNATURES.items():
@@ -308,7 +307,7 @@ def run_child(fake_cuda: str, script: str, stdin: str = "") -> subprocess.Comple
     """)
     return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, cwd=ROOT)
 
 
 def test_a_kernel_touching_host_memory_is_a_sticky_illegal_address(fake_cuda):

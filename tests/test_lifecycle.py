@@ -9,13 +9,32 @@ import time
 import numpy as np
 import pytest
 
-from llmdist import (BlocksCacheKey, LLMDataDist, LLMException, LLMRole, LLMStatusCode,
-                     TransferConfig, TransferWithCacheKeyConfig)
+from llmdist import (
+    BlocksCacheKey,
+    LLMDataDist,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    TransferConfig,
+    TransferWithCacheKeyConfig,
+)
 
-import reference
-from helpers import (OWN_CLUSTER, SUCCESS, Env, GateSync, RecordingSync,
-                      assert_mem_equal, make_desc, raises_llm, wait_results)
-from reference import RefConfig
+from . import reference
+from .helpers import (
+    OWN_CLUSTER,
+    SUCCESS,
+    Env,
+    GateSync,
+    RecordingSync,
+    assert_mem_equal,
+    make_desc,
+    raises_llm,
+    wait_results,
+)
+from .reference import RefConfig
+
+# every test runs on each runtime (runtime_params.py)
+pytestmark = pytest.mark.all_runtimes
 
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 FINALIZED = LLMStatusCode.LLM_ENGINE_FINALIZED
@@ -114,10 +133,10 @@ def test_unregister_destination_in_flight(env):
     time.sleep(0.05)
     assert_mem_equal(dst.mem(), at_return, "destination after unregister returned")
     # layers whose synchronizer had not returned were never written
-    for l in (1, 2, 3):
-        for t in (2 * l, 2 * l + 1):
+    for layer in (1, 2, 3):
+        for t in (2 * layer, 2 * layer + 1):
             k, o = dst.tensors[t]
-            assert np.array_equal(dst.buffers[k], before[k]), f"layer {l} written"
+            assert np.array_equal(dst.buffers[k], before[k]), f"layer {layer} written"
 
 
 @pytest.mark.parametrize("allocated", [False, True])

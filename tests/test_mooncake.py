@@ -237,6 +237,7 @@ def test_engine_that_does_not_load_names_the_system_libraries(monkeypatch):
     """Mooncake installed, its engine not loadable (a system library missing): the message
     names the libraries, not the extra that is already installed."""
     import importlib.util
+
     from llmdist.transport_mooncake import MooncakeTransport
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -7,15 +7,31 @@ from __future__ import annotations
 
 import pytest
 
-from llmdist import (BlocksCacheKey, CacheKeyByIdAndIndex, LLMException, LLMRole, LLMStatusCode,
-                     TransferWithCacheKeyConfig)
+from llmdist import (
+    BlocksCacheKey,
+    CacheKeyByIdAndIndex,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    TransferWithCacheKeyConfig,
+)
 from llmdist.notifications import MAX_PAYLOAD
 
-from helpers import FailSync, RecordingSync, assert_mem_equal
-# cleanup and prefill are fixtures
-from test_cluster import cleanup, prefill  # noqa: F401
-from test_pull_push import (FP16, HOST_ONLY, PEER_MEM, ROUTE_IDS, ROUTES, _ids, _seeds,
-                            expect_blocks, link_to, local, peer_proc)  # noqa: F401
+from .helpers import FailSync, RecordingSync, assert_mem_equal
+from .test_pull_push import (
+    FP16,
+    PEER_MEM,
+    ROUTE_IDS,
+    ROUTES,
+    _ids,
+    _seeds,
+    expect_blocks,  # noqa: F401
+    link_to,
+    peer_proc,
+)
+
+# every test runs on each runtime (runtime_params.py)
+pytestmark = pytest.mark.all_runtimes
 
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 WAIT_MS = 5000

@@ -15,13 +15,25 @@ import time
 
 import pytest
 
-from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, DataType, LayerSynchronizer,
-                     LLMException, LLMRole, LLMStatusCode, Placement, TransferConfig,
-                     TransferWithCacheKeyConfig)
+from llmdist import (
+    BlocksCacheKey,
+    CacheKey,
+    CacheKeyByIdAndIndex,
+    DataType,
+    LayerSynchronizer,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+    TransferConfig,
+    TransferWithCacheKeyConfig,
+)
 
-from helpers import Env, assert_mem_equal
-# cleanup and prefill are fixtures
-from test_cluster import Cleanup, DecodeProc, cleanup, cluster_info, prefill  # noqa: F401
+from .decode_procs import Cleanup, DecodeProc, cluster_info
+from .helpers import Env, assert_mem_equal
+
+# every test runs on each runtime (runtime_params.py)
+pytestmark = pytest.mark.all_runtimes
 
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
@@ -267,7 +279,9 @@ def test_registered_host_destination_here(local):
     dst = d.registered(4, [8, 64], blocks=True, placement=Placement.HOST,
                        key=BlocksCacheKey(d.cluster_id, 77), remote_accessible=True)
     before = dst.snapshot()
-    call = lambda: d.cm.push_blocks(BlocksCacheKey(d.cluster_id, 77), src.cache, [2, 5], [6, 0])
+    def call():
+        return d.cm.push_blocks(BlocksCacheKey(d.cluster_id, 77), src.cache, [2, 5], [6, 0])
+
     if DEVICE_RUNTIME:
         assert code_of(call) == PARAM_INVALID
         with pytest.raises(LLMException, match="page-locked"):
@@ -610,6 +624,6 @@ def test_peer_event_while_the_pull_copies(cleanup, local, event):
         fake.fake_cuda_set_copy_delay_us(-1)
 
 
-from helpers import keyed_and_unkeyed  # noqa: E402
+from .helpers import keyed_and_unkeyed  # noqa: E402
 
 auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

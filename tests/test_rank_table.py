@@ -12,13 +12,23 @@ import time
 import numpy as np
 import pytest
 
-from llmdist import (LLMClusterInfo, LLMException, LLMRole, LLMStatusCode, RegisterMemStatus,
-                     TransferConfig)
-from llmdist import rank_table
+from llmdist import (
+    LLMClusterInfo,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    RegisterMemStatus,
+    TransferConfig,
+    rank_table,
+)
 
-from helpers import SUCCESS, RecordingSync, raises_llm, wait_results
-from rendezvous import (free_rendezvous_base, one_server_table, rendezvous_options,
-                        server_per_rank_table)
+from .helpers import SUCCESS, RecordingSync, raises_llm, wait_results
+from .rendezvous import (
+    free_rendezvous_base,
+    one_server_table,
+    rendezvous_options,
+    server_per_rank_table,
+)
 
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 OK, PREPARING, FAILED = RegisterMemStatus.OK, RegisterMemStatus.PREPARING, RegisterMemStatus.FAILED
@@ -250,6 +260,6 @@ def test_finalize_ends_forming_comms(make_env, base):
     assert time.monotonic() - t0 < 5
 
 
-from helpers import keyed_and_unkeyed  # noqa: E402
+from .helpers import keyed_and_unkeyed  # noqa: E402
 
 auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

@@ -15,9 +15,13 @@ import pytest
 
 from llmdist import LLMStatusCode
 
-import rank_table_flows
-from rendezvous import (free_rendezvous_base, one_server_table, rendezvous_options,
-                        server_per_rank_table)
+from . import rank_table_flows
+from .rendezvous import (
+    free_rendezvous_base,
+    one_server_table,
+    rendezvous_options,
+    server_per_rank_table,
+)
 
 CTX = mp.get_context("spawn")
 RESULT_S = 90.0
@@ -133,6 +137,6 @@ def test_upstream_pull_blocks_sample(base):
     assert res[1]["checked"] == 2 * 1024 * 64 * 4
 
 
-from helpers import keyed_and_unkeyed  # noqa: E402
+from .helpers import keyed_and_unkeyed  # noqa: E402
 
 auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key

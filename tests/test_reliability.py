@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import struct
 import subprocess
@@ -23,11 +22,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmdist import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo,
-                     LLMException, LLMRole, LLMStatusCode, Placement, TransferConfig,
-                     TransferWithCacheKeyConfig, cluster, registry)
+from llmdist import (
+    BlocksCacheKey,
+    CacheDesc,
+    DataType,
+    LLMClusterInfo,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+    TransferConfig,
+    TransferWithCacheKeyConfig,
+    cluster,
+    registry,
+)
 
-from helpers import SUCCESS, Env, GateSync, RawPeer, RecordingSync, host_view
+from .helpers import SUCCESS, Env, GateSync, RecordingSync, host_view, wait_for
+from .raw_protocol import RawPeer, frame, hello
 
 HOST = "127.0.0.1"
 LISTENER = 2
@@ -42,20 +53,6 @@ SETTLE_S = 10.0      # bound on waiting for the listener to finish with a connec
 def listening(make_env, cluster_id: int = LISTENER) -> Env:
     return make_env(cluster_id=cluster_id, role=LLMRole.DECODER, remote=True,
                     extra_options={"llm.listenIpInfo": f"{HOST}:0"})
-
-
-def frame(obj) -> bytes:
-    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-    return cluster.MAGIC + struct.pack(">I", len(data)) + data
-
-
-def hello(cid: int, target: int = LISTENER, **over) -> dict:
-    """A handshake as a PROMPT cluster of this host (so no Mooncake engine is involved)."""
-    msg = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": cid,
-           "role": int(LLMRole.PROMPT), "target": target, "host": cluster.host_identity(),
-           "pid": os.getpid(), "caches": []}
-    msg.update(over)
-    return msg
 
 
 def read_until_closed(sock: socket.socket, timeout: float = SETTLE_S) -> bytes:
@@ -85,15 +82,6 @@ def first_reply(data: bytes) -> Optional[dict]:
             return msg
         data = data[8 + n:]
     return None
-
-
-def wait_for(cond, timeout: float = SETTLE_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def handshake_threads() -> int:
@@ -260,7 +248,7 @@ def test_failed_welcome_leaves_no_stale_peer(make_env, monkeypatch):
 
     monkeypatch.setattr(node, "_hello", slow_hello)
     s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
-    s.sendall(frame(hello(556)))
+    s.sendall(frame(hello(556, LISTENER)))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
     assert wait_for(lambda: handshake_threads() == 0)
@@ -293,7 +281,7 @@ def test_shared_memory_needs_its_descriptor(make_env):
     for unix in (False, True):
         raw = RawPeer(lis.dd.listen_port, unix=unix)
         try:
-            reply = raw.link(hello(559, caches=[w]))
+            reply = raw.link(hello(559, LISTENER, caches=[w]))
         except ConnectionError:
             reply = None        # dropped without a word
         finally:
@@ -320,7 +308,7 @@ def test_tensors_outside_the_shared_memory_are_refused(make_env):
         raw = RawPeer(lis.dd.listen_port, unix=True)
         try:
             with pytest.raises(ConnectionError):     # the link is dropped, not acknowledged
-                raw.link(hello(568), caches=[w], fds=fds)
+                raw.link(hello(568, LISTENER), caches=[w], fds=fds)
         finally:
             raw.close()
         assert wait_for(lambda: lis.dd._node.peer(568) is None)
@@ -328,8 +316,8 @@ def test_tensors_outside_the_shared_memory_are_refused(make_env):
 
 @pytest.mark.parametrize("data", [
     b'{"type":"hello","caches":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
-    json.dumps(hello(560, host="\ud800")).encode(),
-    json.dumps(hello(560, caches=[{"share": {"kind": "memfd", "fd": "\udfff"}}])).encode(),
+    json.dumps(hello(560, LISTENER, host="\ud800")).encode(),
+    json.dumps(hello(560, LISTENER, caches=[{"share": {"kind": "memfd", "fd": "\udfff"}}])).encode(),
     json.dumps({"type": "hello", "version": [[[[[]]]]]}).encode(),
 ], ids=["deeply-nested", "surrogate-host", "surrogate-name", "nested-version"])
 def test_malformed_frames_close_cleanly(make_env, thread_errors, data):
@@ -361,7 +349,7 @@ def test_bad_messages_after_the_link_are_protocol_errors(make_env, thread_errors
     lis = listening(make_env)
     raw = RawPeer(lis.dd.listen_port)
     try:
-        assert raw.link(hello(562))["type"] == "welcome"
+        assert raw.link(hello(562, LISTENER))["type"] == "welcome"
         assert wait_for(lambda: lis.dd._node.peer(562) is not None)
         with caplog.at_level(logging.INFO, logger="llmdist"):
             raw.send(msg)
@@ -386,7 +374,7 @@ def test_hello_schema_is_strict(make_env, monkeypatch, field, value):
     node = lis.dd._node
     started = []
     monkeypatch.setattr(node, "ensure_engine", lambda ip: started.append(ip))
-    reply = first_reply(_forge(lis, hello(563, **{field: value})))
+    reply = first_reply(_forge(lis, hello(563, **{"target": LISTENER, field: value})))
     assert reply is not None and reply["type"] == "refuse", reply
     assert reply["code"] == int(LLMStatusCode.LLM_LINK_FAILED)
     assert not started and node.peer(563) is None
@@ -399,7 +387,7 @@ def test_cache_schema_is_strict(make_env, field, value):
     own = lis.allocated(2, [64], placement=Placement.HOST)
     wire = cluster.cache_to_wire(lis.cm._mem.entries[own.cache.cache_id])
     wire = dict(wire, share={"kind": "process"}, **{field: value})
-    reply = first_reply(_forge(lis, hello(564, caches=[wire])))
+    reply = first_reply(_forge(lis, hello(564, LISTENER, caches=[wire])))
     assert reply is None or reply["type"] == "refuse", reply
     assert lis.dd._node.peer(564) is None
 
@@ -410,7 +398,7 @@ def test_trickling_client_is_cut_at_the_handshake_deadline(make_env, monkeypatch
     monkeypatch.setattr(cluster, "HANDSHAKE_TIMEOUT_S", 1.0)
     lis = listening(make_env)
     s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
-    data = frame(hello(565))
+    data = frame(hello(565, LISTENER))
     t0 = time.monotonic()
     closed = False
     try:
@@ -467,7 +455,7 @@ def test_hello_with_thousands_of_caches_links(make_env):
                "keys": [], "share": {"kind": "process"}} for i in range(4000)]
     raw = RawPeer(lis.dd.listen_port, unix=True, timeout=30)
     try:
-        assert raw.link(hello(567), caches=caches)["type"] == "welcome"
+        assert raw.link(hello(567, LISTENER), caches=caches)["type"] == "welcome"
         assert wait_for(lambda: lis.dd._node.peer(567) is not None)
         assert len(lis.dd._node.peer(567).mem.entries) == 4000
     finally:
@@ -496,7 +484,7 @@ def _messages(draw):
         return draw(st.binary(max_size=64))
     if kind == "frame":
         return frame(json.dumps(draw(_json)).encode())
-    msg = hello(draw(st.integers(570, 580)))
+    msg = hello(draw(st.integers(570, 580)), LISTENER)
     for f in draw(st.lists(st.sampled_from(_fields), max_size=3, unique=True)):
         if draw(st.booleans()):
             msg[f] = draw(_json)

@@ -57,8 +57,8 @@ def pull(route, target_bases, regions, local: np.ndarray, src_blocks, dst_blocks
     layers = layers or range(LAYERS)
     plan = _core.plan_b2b(_core.parse_indices("src", src_blocks),
                           _core.parse_indices("dst", dst_blocks), BLOCK)
-    addrs = [target_bases[2 * l + t] for l in layers for t in range(2)]
-    regs = [regions[2 * l + t] for l in layers for t in range(2)]
+    addrs = [target_bases[2 * ly + t] for ly in layers for t in range(2)]
+    regs = [regions[2 * ly + t] for ly in layers for t in range(2)]
     target_addrs, target_limits = route.reach(addrs, regs)
     cp = ConfigPlan(first_layer=layers.start, stop_layer=layers.stop, row_shift=0,
                     kind=CopyKind.COPY_H2H, lane=route.lane(CopyKind.COPY_H2H),
@@ -78,10 +78,10 @@ def pull(route, target_bases, regions, local: np.ndarray, src_blocks, dst_blocks
 
 def expected_pull(before: np.ndarray, source: np.ndarray, src_blocks, dst_blocks, layers):
     want = before.copy()
-    for l in layers:
+    for ly in layers:
         for t in range(2):
             for s, d in zip(src_blocks, dst_blocks):
-                want[2 * l + t, d * BLOCK:(d + 1) * BLOCK] = source[2 * l + t, s * BLOCK:(s + 1) * BLOCK]
+                want[2 * ly + t, d * BLOCK:(d + 1) * BLOCK] = source[2 * ly + t, s * BLOCK:(s + 1) * BLOCK]
     return want
 
 

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from helpers import HERE, build_fake_runtime
+from .helpers import ROOT, build_fake_runtime
 
 PRELUDE = textwrap.dedent("""
     import ctypes, json, os, sys, threading
@@ -59,8 +59,8 @@ def run(script: str, prelude: str = PRELUDE, **env: str) -> dict:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMDIST_", "FAKE_ACL_"))}
     full_env.update(env)
     proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)],
-                          capture_output=True, text=True, env=full_env, timeout=120)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+                          capture_output=True, text=True, env=full_env, timeout=120, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return json.loads(lines[-1][len("RESULT "):])
 
@@ -393,10 +393,9 @@ def test_acl_non_sync_event_handle_fails_the_config(fake_acl):
 # --------------------------------------------------------------------------------------------
 # The scenario (a fresh interpreter) is the prefill; the decode is a child process
 # (cluster_procs.decode_main, spawned) on the same fake libascendcl.so, listening on 127.0.0.1.
-IPC_PRELUDE = PRELUDE + textwrap.dedent(f"""
+IPC_PRELUDE = PRELUDE + textwrap.dedent("""
     import multiprocessing as mp, time
-    sys.path.insert(0, {HERE!r})
-    import cluster_procs
+    from tests import cluster_procs
     from llmdist import device_ipc
     CTX = mp.get_context("spawn")
     fake = ctypes.CDLL(os.environ["LLMDIST_ACL_LIBRARY"])
@@ -417,7 +416,7 @@ IPC_PRELUDE = PRELUDE + textwrap.dedent(f"""
             self.port, self.pid = msg[1], msg[2]
         def call(self, *cmd, timeout=20):
             self.conn.send(cmd)
-            assert self.conn.poll(timeout), f"no answer to {{cmd}}"
+            assert self.conn.poll(timeout), f"no answer to {cmd}"
             msg = self.conn.recv()
             if msg[0] == "err":
                 raise RuntimeError(msg[3])
@@ -448,12 +447,12 @@ IPC_PRELUDE = PRELUDE + textwrap.dedent(f"""
         return src
     def expect(initial, writes, name="dst"):
         '''initial: the decode's buffers; writes: (src cache, src blocks, dst blocks, layers).'''
-        exp = {{k: v.copy().reshape(BLOCKS, BLOCK) for k, v in initial.items()}}
+        exp = {k: v.copy().reshape(BLOCKS, BLOCK) for k, v in initial.items()}
         for src, si, di, layers in writes:
             for l in layers:
                 for t in (0, 1):
                     s = view(src.tensor_addrs[2 * l + t], DESC.size).reshape(BLOCKS, BLOCK)
-                    exp[f"2:{{name}}.{{2 * l + t}}"][di] = s[si]
+                    exp[f"2:{name}.{2 * l + t}"][di] = s[si]
         return exp
     def same(got, exp):
         return sorted(got) == sorted(exp) and all(

@@ -19,11 +19,22 @@ import time
 import numpy as np
 import pytest
 
-from llmdist import (BlocksCacheKey, LLMClusterInfo, LLMException, LLMRole, LLMStatusCode,
-                     Placement, RegisterMemStatus, _core, auth, cluster)
+from llmdist import (
+    BlocksCacheKey,
+    LLMClusterInfo,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+    RegisterMemStatus,
+    _core,
+    auth,
+    cluster,
+)
 
-from helpers import HERE, SUCCESS, Env, RawPeer, llmdist_shm_names
-from rendezvous import free_rendezvous_base, one_server_table, rendezvous_options
+from .helpers import ROOT, SUCCESS, Env, llmdist_shm_names, wait_for
+from .raw_protocol import RawPeer, frame
+from .rendezvous import free_rendezvous_base, one_server_table, rendezvous_options
 
 HOST = "127.0.0.1"
 LINK_FAILED = LLMStatusCode.LLM_LINK_FAILED
@@ -55,15 +66,6 @@ def info_of(env: Env) -> LLMClusterInfo:
 def blocks_cache(env: Env, model: int):
     return env.allocated(2, [BLOCKS, BLOCK_BYTES], placement=Placement.HOST, blocks=True,
                          key=BlocksCacheKey(env.cluster_id, model))
-
-
-def wait_for(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,23 +137,23 @@ def test_raw_clients_without_the_key_are_refused(make_env, attack):
     assert raw.challenge["auth"] is True
     nl = bytes.fromhex(raw.challenge["nonce"])
     if attack == "unkeyed-hello":
-        frame = RawPeer.frame({"type": "hello", "version": cluster.PROTOCOL_VERSION,
-                               "cluster_id": 60, "role": int(LLMRole.PROMPT), "target": None,
-                               "host": "x", "caches": []})
+        wire = frame({"type": "hello", "version": cluster.PROTOCOL_VERSION,
+                      "cluster_id": 60, "role": int(LLMRole.PROMPT), "target": None,
+                      "host": "x", "caches": []})
     elif attack == "forged-tag":
-        frame = _keyed_hello(KEY.encode(), nl, 60)[:-auth.TAG] + secrets.token_bytes(auth.TAG)
+        wire = _keyed_hello(KEY.encode(), nl, 60)[:-auth.TAG] + secrets.token_bytes(auth.TAG)
     elif attack == "other-key":
-        frame = _keyed_hello(b"not the key", nl, 60)
+        wire = _keyed_hello(b"not the key", nl, 60)
     else:
         # a hello that was valid on one connection, sent again on a second one
-        frame = _keyed_hello(KEY.encode(), nl, 60)
-        raw.sock.sendall(frame)
+        wire = _keyed_hello(KEY.encode(), nl, 60)
+        raw.sock.sendall(wire)
         assert raw.recv()["type"] == "welcome"     # the proper use
         raw.close()
         raw = RawPeer(lis.dd.listen_port)
         assert wait_for(lambda: 60 not in lis.dd._node.peers)
     try:
-        raw.sock.sendall(frame)
+        raw.sock.sendall(wire)
         reply = raw.recv()
         assert reply == {"type": "refuse", "code": int(LINK_FAILED),
                          "reason": "authentication failed"}, reply
@@ -191,7 +193,7 @@ def test_session_frames_cannot_be_injected_replayed_or_reordered(attack):
     ca.send({"type": "ack", "seq": 2})
     second = frame_bytes()
     if attack == "injected":
-        wire = RawPeer.frame({"type": "unlink", "seq": 3})
+        wire = frame({"type": "unlink", "seq": 3})
     elif attack == "replayed":
         wire = first + first
     elif attack == "reordered":
@@ -250,8 +252,7 @@ BYSTANDER = textwrap.dedent("""
 
 RAW_CLIENT = textwrap.dedent("""
     import encodings.idna, json, os, socket, sys
-    sys.path.insert(0, %r)
-    from helpers import RawPeer
+    from tests.raw_protocol import RawPeer
     port, unix, uid, hello, caches = json.loads(sys.argv[1])
     if uid is not None:
         os.setgid(uid)
@@ -318,8 +319,8 @@ def test_claimed_pid_and_addresses_reach_nothing_of_a_bystander(make_env, bystan
     hello_caches = dict(hello, caches=[cache])     # the legacy place, for a listener that reads it
     uid = 65534 if how == "unix-other-uid" else None
     args = json.dumps([lis.dd.listen_port, how != "tcp", uid, hello_caches, [cache]])
-    client = subprocess.Popen([sys.executable, "-c", RAW_CLIENT % HERE, args],
-                              stdout=subprocess.PIPE, text=True)
+    client = subprocess.Popen([sys.executable, "-c", RAW_CLIENT, args],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert client.stdout.readline().strip() == "welcome"
         assert wait_for(lambda: lis.dd._node.peer(700) is not None)
@@ -460,10 +461,8 @@ def test_truncatable_memory_is_not_mapped(make_env, memory):
 
 PIDNS_CLUSTER = textwrap.dedent("""
     import sys
-    sys.path.insert(0, %r)
-    sys.path.insert(0, %r)
     import numpy as np
-    from helpers import Env
+    from tests.helpers import Env
     from llmdist import BlocksCacheKey, LLMClusterInfo, LLMRole, Placement
     e = Env(cluster_id=81, role=LLMRole.PROMPT, remote=True,
             extra_options={"llm.listenIpInfo": "127.0.0.1:0"})
@@ -487,10 +486,9 @@ def test_cluster_in_another_pid_namespace_removes_nothing(make_env):
     lis = listener(make_env, 80)
     mine = blocks_cache(lis, 1)
     before = [mine.tensor(i).copy() for i in range(2)]
-    repo = os.path.dirname(HERE)
     out = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c",
-                          PIDNS_CLUSTER % (HERE, repo, lis.dd.listen_port)],
-                         capture_output=True, text=True, timeout=60)
+                          PIDNS_CLUSTER % lis.dd.listen_port],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.stdout.strip() == "linked", out.stderr[-2000:]
     assert not llmdist_shm_names()
     assert all(np.array_equal(mine.tensor(i), before[i]) for i in range(2))
@@ -622,7 +620,7 @@ def test_demo_with_a_shared_key():
     out = subprocess.run([sys.executable, "-m", "llmdist", "demo", "--layers", "2", "--tokens",
                           "64", "--dim", "64", "--auth-key", "demo-key"],
                          capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(HERE))
+                         cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "shared key: both sides proved it" in out.stdout
     assert out.stdout.rstrip().endswith("PASS")

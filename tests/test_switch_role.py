@@ -14,8 +14,8 @@ import pytest
 
 from llmdist import LLMClusterInfo, LLMDataDist, LLMRole, LLMStatusCode, RegisterMemStatus
 
-from helpers import SUCCESS, free_port, raises_llm
-from rendezvous import free_rendezvous_base, one_server_table, rendezvous_options
+from .helpers import SUCCESS, free_port, raises_llm
+from .rendezvous import free_rendezvous_base, one_server_table, rendezvous_options
 
 SWITCH = {"llm.EnableSwitchRole": "1"}
 LINK_FAILED = LLMStatusCode.LLM_LINK_FAILED

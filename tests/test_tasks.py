@@ -11,10 +11,22 @@ import pytest
 
 from llmdist import DataType, LLMStatusCode, TransferConfig
 
-import reference
-from helpers import (OWN_CLUSTER, SUCCESS, WAIT_MS, FailSync, GateSync, RecordingSync,
-                      SleepSync, assert_mem_equal, wait_results)
-from reference import RefConfig
+from . import reference
+from .helpers import (
+    OWN_CLUSTER,
+    SUCCESS,
+    WAIT_MS,
+    FailSync,
+    GateSync,
+    RecordingSync,
+    SleepSync,
+    assert_mem_equal,
+    wait_results,
+)
+from .reference import RefConfig
+
+# every test runs on each runtime (runtime_params.py)
+pytestmark = pytest.mark.all_runtimes
 
 TIMEOUT = LLMStatusCode.LLM_TIMEOUT
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID

@@ -14,13 +14,31 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import llmdist
-from llmdist import (BlocksCacheKey, CacheKeyByIdAndIndex, DataType, Placement, TransferConfig,
-                     TransferWithCacheKeyConfig)
+from llmdist import (
+    BlocksCacheKey,
+    CacheKeyByIdAndIndex,
+    DataType,
+    Placement,
+    TransferConfig,
+    TransferWithCacheKeyConfig,
+)
 
-import reference
-from helpers import (CACHE_DTYPES, OWN_CLUSTER, SUCCESS, WAIT_MS, RecordingSync, TCache,
-                      assert_mem_equal, env_ctx, wait_results)
-from reference import B2B, C2B, C2C, RefConfig
+from . import reference
+from .helpers import (
+    CACHE_DTYPES,
+    OWN_CLUSTER,
+    SUCCESS,
+    WAIT_MS,
+    RecordingSync,
+    TCache,
+    assert_mem_equal,
+    env_ctx,
+    wait_results,
+)
+from .reference import B2B, C2B, C2C, RefConfig
+
+# every test runs on each runtime (runtime_params.py)
+pytestmark = pytest.mark.all_runtimes
 
 DEV, HOST = Placement.DEVICE, Placement.HOST
 
@@ -87,8 +105,8 @@ def run_and_check(env, src: TCache, dsts: Sequence[TCache], configs, refs: Seque
     assert_mem_equal(src.mem(), src_before, "source")
     # the synchronizer saw every covered layer once, ascending
     n = src.num_layers
-    covered = sorted({l for r in refs
-                      for l in (r.src_layer_range if r.src_layer_range is not None else range(n))})
+    covered = sorted({ly for r in refs
+                      for ly in (r.src_layer_range if r.src_layer_range is not None else range(n))})
     assert sync.calls == covered
     return task, expected, written
 
@@ -171,7 +189,7 @@ def test_c2c_several_configs_same_cluster_same_cache(env):
     cfgs, refs = [], []
     for r, sb, db in specs:
         layers = r if r is not None else range(4)
-        ts = [t for l in layers for t in (2 * l, 2 * l + 1)]
+        ts = [t for ly in layers for t in (2 * ly, 2 * ly + 1)]
         cfgs.append(tc([dst.addr_of(t, db * s) for t in ts], r, sb))
         refs.append(RefConfig([(dst.tensors[t][0], dst.tensors[t][1] + db * s) for t in ts], r, sb))
     task, _, _ = run_and_check(env, src, [dst], cfgs, refs)

@@ -4,13 +4,32 @@ import contextlib
 import json
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from llmdist._check import (check_int32, check_int64, check_int_list, check_isinstance,
-                            check_layer_range, check_uint16, check_uint32, check_uint64, require)
+from llmdist._check import (
+    check_int32,
+    check_int64,
+    check_int_list,
+    check_isinstance,
+    check_layer_range,
+    check_uint16,
+    check_uint32,
+    check_uint64,
+    require,
+)
 from llmdist.config import LLMClusterInfo, LLMConfig, LlmConfig
-from llmdist.descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndIndex,
-                           DataType, LLMRole, Placement, RegisterMemStatus)
+from llmdist.descs import (
+    BlocksCacheKey,
+    Cache,
+    CacheDesc,
+    CacheKey,
+    CacheKeyByIdAndIndex,
+    DataType,
+    LLMRole,
+    Placement,
+    RegisterMemStatus,
+)
 from llmdist.status import LLMException, LLMStatusCode
 from llmdist.transfer_types import LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
 

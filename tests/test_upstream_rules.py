@@ -14,10 +14,17 @@ import time
 import numpy as np
 import pytest
 
-from llmdist import (BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, LLMClusterInfo, LLMException,
-                     LLMRole, LLMStatusCode)
+from llmdist import (
+    BlocksCacheKey,
+    CacheKey,
+    CacheKeyByIdAndIndex,
+    LLMClusterInfo,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+)
 
-from helpers import free_port, make_desc, raises_llm
+from .helpers import free_port, make_desc, raises_llm
 
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST

@@ -11,13 +11,37 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmdist import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType,
-                     LLMDataDist, LLMException, LLMRole, LLMStatusCode,
-                     Placement, TransferConfig, TransferWithCacheKeyConfig)
+from llmdist import (
+    BlocksCacheKey,
+    CacheDesc,
+    CacheKey,
+    CacheKeyByIdAndIndex,
+    DataType,
+    LLMDataDist,
+    LLMException,
+    LLMRole,
+    LLMStatusCode,
+    Placement,
+    TransferConfig,
+    TransferWithCacheKeyConfig,
+)
 
-import reference
-from helpers import (OTHER_CLUSTER, OWN_CLUSTER, SUCCESS, Env, RecordingSync, assert_mem_equal,
-                      env_ctx, make_desc, raises_llm, wait_results)
+from . import reference
+from .helpers import (
+    OTHER_CLUSTER,
+    OWN_CLUSTER,
+    SUCCESS,
+    Env,
+    RecordingSync,
+    assert_mem_equal,
+    env_ctx,
+    make_desc,
+    raises_llm,
+    wait_results,
+)
+
+# every test runs on each runtime (runtime_params.py)
+pytestmark = pytest.mark.all_runtimes
 
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST

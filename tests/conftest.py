@@ -15,6 +15,7 @@ from llmdist import LLMRole
 
 from .decode_procs import Cleanup
 from .helpers import Env, cuda_library, env_ctx, llmdist_shm_names
+from .pull_push_routes import _ids
 from .runtime_params import (  # noqa: F401  (hooks)
     DELEGATE,
     process_runtime,
@@ -148,3 +149,14 @@ def prefill():
     finally:
         for e in reversed(made):
             e.close()
+
+
+@pytest.fixture
+def local(prefill):
+    """Clusters in this process (decoders unless told), finalized at teardown."""
+
+    def factory(remote: bool = False, transport: str = "direct",
+                role: LLMRole = LLMRole.DECODER, **options) -> Env:
+        return prefill(remote=remote, role=role, cluster_id=next(_ids),
+                       extra_options={"llmdist.transport": transport, **options})
+    return factory

@@ -54,23 +54,17 @@ def open_link(port: int, cid: int, target: Optional[int] = LISTENER, unix: bool 
 
 
 @pytest.fixture
-def envs():
-    made: List[Env] = []
+def envs(make_env):
+    """Factory of remote-accessible clusters in this process (listening when told)."""
 
     def factory(cluster_id: int, role: LLMRole = LLMRole.PROMPT, listen: bool = False,
                 **options: str) -> Env:
         extra = dict(options)
         if listen:
             extra["llm.listenIpInfo"] = f"{HOST}:0"
-        e = Env(cluster_id=cluster_id, role=role, remote=True, extra_options=extra)
-        made.append(e)
-        return e
+        return make_env(cluster_id=cluster_id, role=role, remote=True, extra_options=extra)
 
-    try:
-        yield factory
-    finally:
-        for e in reversed(made):
-            e.close()
+    return factory
 
 
 def info(env: Env) -> LLMClusterInfo:

@@ -18,14 +18,14 @@ from llmdist import (
 from llmdist.notifications import MAX_PAYLOAD
 
 from .helpers import FailSync, RecordingSync, assert_mem_equal
-from .test_pull_push import (
+from .pull_push_routes import (
     FP16,
     PEER_MEM,
     ROUTE_IDS,
     ROUTES,
     _ids,
     _seeds,
-    expect_blocks,  # noqa: F401
+    expect_blocks,
     link_to,
     peer_proc,
 )

@@ -9,5 +9,5 @@ out=${1:-"$root/build/fake_acl"}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$here"
-${CC:-cc} -O2 ${FAKE_ACL_CFLAGS:-} -shared -fPIC -o "$out/libascendcl.so" fake_ascendcl.c -lpthread
+${CC:-cc} -O2 ${FAKE_ACL_CFLAGS:-} -I"$here/../fake_runtime" -shared -fPIC -o "$out/libascendcl.so" fake_ascendcl.c -lpthread
 echo "$out/libascendcl.so"

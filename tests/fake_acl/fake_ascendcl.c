@@ -14,6 +14,10 @@
  *
  * Build with -DFAKE_ACL_NO_IPC for a library without the device-IPC symbols (older CANN).
  *
+ * This file is the ACL skin over the core it shares with tests/fake_cuda: call counters and
+ * fault injection, the allocation table, handle registries (../fake_runtime/fake_engine.h) and
+ * the stream worker (../fake_runtime/fake_streams.h).
+ *
  * Environment:
  *   FAKE_ACL_DEVICE_COUNT   number of devices (default 1, at most 64; 0 = no device)
  *   FAKE_ACL_NO_BATCH=1     aclrtMemcpyBatchAsync returns 207000 (feature not supported)
@@ -59,7 +63,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define EXPORT __attribute__((visibility("default")))
 #ifdef FAKE_ACL_NO_IPC /* an older CANN: the device-IPC functions are not exported */
 #define IPC_EXPORT __attribute__((visibility("hidden")))
 #else
@@ -127,43 +130,22 @@ enum { LOC_HOST = 0, LOC_DEVICE = 1, LOC_UNREGISTERED = 2 };
     X(aclrtIpcMemImportByKey) X(aclrtIpcMemClose) X(aclrtDeviceGetBareTgid)                   \
     X(aclGetRecentErrMsg) X(aclrtGetVersion)
 
-#define X_ENUM(n) API_##n,
-enum { API_LIST(X_ENUM) API_COUNT };
-#define X_NAME(n) #n,
-static const char *const g_api_names[API_COUNT] = {API_LIST(X_NAME)};
+#define FAKE_TAG "fake-acl"
+#define FAKE_ENV(name) "FAKE_ACL_" name
+#define FAKE_ALLOC_FIELDS                                                                     \
+    int exported; /* live export keys */                                                      \
+    int imported; /* an alias made by aclrtIpcMemImportByKey */                               \
+    int peer;
+#include "fake_engine.h"
 
-static atomic_long g_calls[API_COUNT];
-
-struct injection {
-    int api;
-    int countdown;
-    int code;
-    struct injection *next;
-};
-static pthread_mutex_t g_inj_mu = PTHREAD_MUTEX_INITIALIZER;
-static struct injection *g_inj;
-static atomic_int g_inj_pending; /* fast path: no lock when nothing is armed */
-
-static _Thread_local const char *t_api = "";
-static _Thread_local char t_msg[1024];
 static _Thread_local int t_has_msg;
-
-static int api_lookup(const char *name)
-{
-    if (!name) return -1;
-    for (int i = 0; i < API_COUNT; i++)
-        if (strcmp(g_api_names[i], name) == 0) return i;
-    return -1;
-}
 
 __attribute__((format(printf, 2, 3))) static int fail(int code, const char *fmt, ...)
 {
-    char body[768];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(body, sizeof body, fmt, ap);
+    set_message(code, fmt, ap);
     va_end(ap);
-    snprintf(t_msg, sizeof t_msg, "[fake-acl] %s: %s (error %d)", t_api, body, code);
     t_has_msg = 1;
     return code;
 }
@@ -171,28 +153,8 @@ __attribute__((format(printf, 2, 3))) static int fail(int code, const char *fmt,
 /* Count the call; return a nonzero injected error code when one fires. */
 static int api_enter(int api)
 {
-    t_api = g_api_names[api];
-    atomic_fetch_add(&g_calls[api], 1);
-    if (atomic_load(&g_inj_pending) == 0) return 0;
-    int code = 0;
-    pthread_mutex_lock(&g_inj_mu);
-    struct injection **pp = &g_inj;
-    while (*pp) {
-        struct injection *j = *pp;
-        if (j->api == api) {
-            if (j->countdown == 0 && code == 0) {
-                code = j->code;
-                *pp = j->next;
-                free(j);
-                atomic_fetch_sub(&g_inj_pending, 1);
-                continue;
-            }
-            if (j->countdown > 0) j->countdown--;
-        }
-        pp = &j->next;
-    }
-    pthread_mutex_unlock(&g_inj_mu);
-    return code;
+    api_count(api);
+    return injection_take(api);
 }
 
 #define ENTER(name)                                                                           \
@@ -200,68 +162,6 @@ static int api_enter(int api)
         int inj_ = api_enter(API_##name);                                                     \
         if (inj_) return fail(inj_, "injected failure");                                      \
     } while (0)
-
-/* ------------------------------------------------------------------------------------------ */
-/* Small helpers                                                                                */
-
-static long env_long(const char *name, long dflt)
-{
-    const char *v = getenv(name);
-    if (!v || !*v) return dflt;
-    char *end;
-    long x = strtol(v, &end, 10);
-    return end == v ? dflt : x;
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static void deadline_after_ms(struct timespec *ts, long ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += ms / 1000;
-    ts->tv_nsec += (ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
-static void cond_init_mono(pthread_cond_t *cv)
-{
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(cv, &a);
-    pthread_condattr_destroy(&a);
-}
-
-static size_t page_size(void)
-{
-    static size_t ps;
-    if (!ps) ps = (size_t)sysconf(_SC_PAGESIZE);
-    return ps;
-}
-
-static int device_count(void)
-{
-    long n = env_long("FAKE_ACL_DEVICE_COUNT", 1);
-    if (n < 0) n = 0;
-    if (n > MAX_DEV) n = MAX_DEV;
-    return (int)n;
-}
-
-static void poison(void *p, size_t n)
-{
-    long mode = env_long("FAKE_ACL_POISON", -1);
-    if (mode == 0) return;
-    if (mode < 0 && n > ((size_t)64 << 20)) return;
-    memset(p, 0xA5, n);
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Global state                                                                                 */
@@ -293,114 +193,6 @@ static int current_device(void)
         return fail(ACL_ERROR_RT_CONTEXT_NULL,                                                \
                     "no current device/context in this thread (call aclrtSetDevice or "       \
                     "aclrtSetCurrentContext in every thread that issues work)")
-
-/* ---- allocations ---- */
-
-enum { A_HOST_PINNED = 0, A_DEVICE = 1 };
-
-struct ipc_key;
-
-struct alloc {
-    uintptr_t base;
-    size_t size;   /* requested size: ranges are checked against it */
-    size_t maplen; /* bytes mapped (>= size) */
-    int kind;
-    int device;
-    long pending;  /* queued/in-flight copies touching it */
-    int exported;  /* live export keys */
-    int imported;  /* an alias made by aclrtIpcMemImportByKey */
-    int peer;
-    int fd;        /* memfd backing device memory (-1: anonymous shared memory, or host) */
-    void *raw;
-};
-
-static struct alloc **g_tab;
-static size_t g_ntab, g_captab;
-static size_t g_dev_used[MAX_DEV];
-
-/* index of the last entry with base <= p, or -1 */
-static long tab_floor(uintptr_t p)
-{
-    long lo = 0, hi = (long)g_ntab - 1, r = -1;
-    while (lo <= hi) {
-        long mid = (lo + hi) / 2;
-        if (g_tab[mid]->base <= p) {
-            r = mid;
-            lo = mid + 1;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    return r;
-}
-
-static struct alloc *tab_find(const void *p)
-{
-    long i = tab_floor((uintptr_t)p);
-    if (i < 0) return NULL;
-    struct alloc *a = g_tab[i];
-    return (uintptr_t)p < a->base + a->maplen ? a : NULL;
-}
-
-static int tab_insert(struct alloc *a)
-{
-    if (g_ntab == g_captab) {
-        size_t nc = g_captab ? g_captab * 2 : 64;
-        struct alloc **t = realloc(g_tab, nc * sizeof *t);
-        if (!t) return -1;
-        g_tab = t;
-        g_captab = nc;
-    }
-    long i = tab_floor(a->base) + 1;
-    memmove(&g_tab[i + 1], &g_tab[i], (g_ntab - (size_t)i) * sizeof *g_tab);
-    g_tab[i] = a;
-    g_ntab++;
-    return 0;
-}
-
-static void tab_remove(struct alloc *a)
-{
-    long i = tab_floor(a->base);
-    if (i < 0 || g_tab[i] != a) return;
-    memmove(&g_tab[i], &g_tab[i + 1], (g_ntab - (size_t)i - 1) * sizeof *g_tab);
-    g_ntab--;
-}
-
-/* ---- handle registries (streams, events, contexts) ---- */
-
-struct reg {
-    void **v;
-    size_t n, cap;
-};
-
-static int reg_add(struct reg *r, void *p)
-{
-    if (r->n == r->cap) {
-        size_t nc = r->cap ? r->cap * 2 : 32;
-        void **v = realloc(r->v, nc * sizeof *v);
-        if (!v) return -1;
-        r->v = v;
-        r->cap = nc;
-    }
-    r->v[r->n++] = p;
-    return 0;
-}
-
-static int reg_has(const struct reg *r, const void *p)
-{
-    for (size_t i = r->n; i-- > 0;)
-        if (r->v[i] == p) return 1;
-    return 0;
-}
-
-static void reg_del(struct reg *r, const void *p)
-{
-    for (size_t i = 0; i < r->n; i++)
-        if (r->v[i] == p) {
-            r->v[i] = r->v[--r->n];
-            return;
-        }
-}
 
 /* ---- contexts ---- */
 
@@ -579,51 +371,7 @@ static void op_run(struct stream *s, struct op *o)
     }
 }
 
-static void *stream_main(void *arg)
-{
-    struct stream *s = arg;
-    for (;;) {
-        pthread_mutex_lock(&s->mu);
-        while (!s->head && !s->stop) pthread_cond_wait(&s->cv, &s->mu);
-        if (!s->head) {
-            pthread_mutex_unlock(&s->mu);
-            break;
-        }
-        struct op *o = s->head; /* stays queued until done */
-        pthread_mutex_unlock(&s->mu);
-
-        op_run(s, o);
-
-        pthread_mutex_lock(&g_mu);
-        op_release_locked(o);
-        pthread_mutex_unlock(&g_mu);
-
-        pthread_mutex_lock(&s->mu);
-        s->head = o->next;
-        if (!s->head) s->tail = NULL;
-        s->done++;
-        pthread_cond_broadcast(&s->done_cv);
-        pthread_mutex_unlock(&s->mu);
-        free(o->segs);
-        free(o);
-    }
-    return NULL;
-}
-
-/* caller holds g_mu */
-static void stream_push_locked(struct stream *s, struct op *o)
-{
-    o->next = NULL;
-    pthread_mutex_lock(&s->mu);
-    if (s->tail)
-        s->tail->next = o;
-    else
-        s->head = o;
-    s->tail = o;
-    s->enq++;
-    pthread_cond_signal(&s->cv);
-    pthread_mutex_unlock(&s->mu);
-}
+#include "fake_streams.h"
 
 /* caller holds g_mu */
 static struct stream *stream_new_locked(int dev, int is_default, int *err)
@@ -2141,41 +1889,17 @@ IPC_EXPORT aclError aclrtDeviceGetBareTgid(int32_t *pid)
 EXPORT int fake_acl_inject(const char *api, int after, int code)
 {
     int i = api_lookup(api);
-    if (i < 0 || i == API_aclGetRecentErrMsg || after < 0 || code == 0) return -1;
-    struct injection *j = calloc(1, sizeof *j);
-    if (!j) return -1;
-    j->api = i;
-    j->countdown = after;
-    j->code = code;
-    pthread_mutex_lock(&g_inj_mu);
-    struct injection **pp = &g_inj; /* append: injections fire in the order they were armed */
-    while (*pp) pp = &(*pp)->next;
-    *pp = j;
-    atomic_fetch_add(&g_inj_pending, 1);
-    pthread_mutex_unlock(&g_inj_mu);
-    return 0;
+    return i == API_aclGetRecentErrMsg ? -1 : injection_arm(i, after, code);
 }
 
 /* Calls of `api` since the last fake_acl_reset(); -1 for an unknown name. */
-EXPORT long fake_acl_calls(const char *api)
-{
-    int i = api_lookup(api);
-    return i < 0 ? -1 : atomic_load(&g_calls[i]);
-}
+EXPORT long fake_acl_calls(const char *api) { return calls_of(api); }
 
 /* Clear the counters and pending injections; settings made with the setters go back to the
  * environment's defaults. */
 EXPORT void fake_acl_reset(void)
 {
-    pthread_mutex_lock(&g_inj_mu);
-    while (g_inj) {
-        struct injection *j = g_inj;
-        g_inj = j->next;
-        free(j);
-    }
-    atomic_store(&g_inj_pending, 0);
-    for (int i = 0; i < API_COUNT; i++) atomic_store(&g_calls[i], 0);
-    pthread_mutex_unlock(&g_inj_mu);
+    counters_reset();
     atomic_store(&g_batch_override, -1);
     atomic_store(&g_delay_override, -1);
 }

@@ -9,6 +9,6 @@ out=${1:-"$root/build/fake_cuda"}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$here"
-${CC:-cc} -O2 -Wall -Wextra -Wno-unused-parameter ${FAKE_CUDA_CFLAGS:-} -I"$root/include" \
+${CC:-cc} -O2 -Wall -Wextra -Wno-unused-parameter ${FAKE_CUDA_CFLAGS:-} -I"$root/include" -I"$here/../fake_runtime" \
     -shared -fPIC -o "$out/libcudart.so" fake_cudart.c -lpthread
 echo "$out/libcudart.so"

@@ -15,6 +15,10 @@
  * with a message (fake_cuda_last_message). Declarations are written from the facts in
  * shared/spec/RUNTIMES.md (CUDA sections); no vendor header is used.
  *
+ * This file is the CUDA skin over the core it shares with tests/fake_acl: call counters and
+ * fault injection, the allocation table, handle registries (../fake_runtime/fake_engine.h) and
+ * the stream worker (../fake_runtime/fake_streams.h).
+ *
  * Environment:
  *   FAKE_CUDA_DEVICE_COUNT   devices (default 1, at most 64; 0: cudaGetDeviceCount says 100)
  *   FAKE_CUDA_NO_DRIVER=1    cudaGetDeviceCount says 35 (insufficient driver), as without a GPU
@@ -58,8 +62,6 @@
 #include <unistd.h>
 
 #include "llmdist/copy_kernel.h"
-
-#define EXPORT __attribute__((visibility("default")))
 
 /* ------------------------------------------------------------------------------------------ */
 /* Types, constants and error codes (from RUNTIMES.md)                                          */
@@ -154,46 +156,24 @@ static const struct { int code; const char *name, *text; } g_errors[] = {
     X(cudaIpcCloseMemHandle) X(cudaLibraryLoadData) X(cudaLibraryGetKernel)                   \
     X(cudaLibraryUnload) X(cudaLaunchKernel)
 
-#define X_ENUM(n) API_##n,
-enum { API_LIST(X_ENUM) API_COUNT };
-#define X_NAME(n) #n,
-static const char *const g_api_names[API_COUNT] = {API_LIST(X_NAME)};
+#define FAKE_TAG "fake-cuda"
+#define FAKE_ENV(name) "FAKE_CUDA_" name
+#define FAKE_ALLOC_FIELDS                                                                     \
+    int imported; /* a mapping made by cudaIpcOpenMemHandle */                                \
+    int import_refs;                                                                          \
+    uint64_t import_id; /* (exporter pid << 32) | serial, for a second open of one handle */
+#include "fake_engine.h"
 
-static atomic_long g_calls[API_COUNT];
 static atomic_long g_kernel_bytes;
-
-struct injection {
-    int api;
-    int countdown;
-    int code;
-    struct injection *next;
-};
-static pthread_mutex_t g_inj_mu = PTHREAD_MUTEX_INITIALIZER;
-static struct injection *g_inj;
-static atomic_int g_inj_pending;
-
 static atomic_int g_sticky; /* a kernel fault: every later call returns it, as on a GPU */
-
-static _Thread_local const char *t_api = "";
-static _Thread_local char t_msg[1024];
 static _Thread_local int t_last; /* cudaGetLastError */
-
-static int api_lookup(const char *name)
-{
-    if (!name) return -1;
-    for (int i = 0; i < API_COUNT; i++)
-        if (strcmp(g_api_names[i], name) == 0) return i;
-    return -1;
-}
 
 __attribute__((format(printf, 2, 3))) static int fail(int code, const char *fmt, ...)
 {
-    char body[768];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(body, sizeof body, fmt, ap);
+    set_message(code, fmt, ap);
     va_end(ap);
-    snprintf(t_msg, sizeof t_msg, "[fake-cuda] %s: %s (error %d)", t_api, body, code);
     t_last = code;
     return code;
 }
@@ -202,29 +182,10 @@ __attribute__((format(printf, 2, 3))) static int fail(int code, const char *fmt,
  * sticky kernel fault. */
 static int api_enter(int api)
 {
-    t_api = g_api_names[api];
-    atomic_fetch_add(&g_calls[api], 1);
+    api_count(api);
     int sticky = atomic_load(&g_sticky);
     if (sticky) return fail(sticky, "an earlier kernel faulted; the context is unusable");
-    if (atomic_load(&g_inj_pending) == 0) return 0;
-    int code = 0;
-    pthread_mutex_lock(&g_inj_mu);
-    struct injection **pp = &g_inj;
-    while (*pp) {
-        struct injection *j = *pp;
-        if (j->api == api) {
-            if (j->countdown == 0 && code == 0) {
-                code = j->code;
-                *pp = j->next;
-                free(j);
-                atomic_fetch_sub(&g_inj_pending, 1);
-                continue;
-            }
-            if (j->countdown > 0) j->countdown--;
-        }
-        pp = &j->next;
-    }
-    pthread_mutex_unlock(&g_inj_mu);
+    int code = injection_take(api);
     return code ? fail(code, "injected failure") : 0;
 }
 
@@ -234,58 +195,7 @@ static int api_enter(int api)
         if (inj_) return inj_;                                                                \
     } while (0)
 
-/* ------------------------------------------------------------------------------------------ */
-/* Small helpers                                                                                */
-
-static long env_long(const char *name, long dflt)
-{
-    const char *v = getenv(name);
-    if (!v || !*v) return dflt;
-    char *end;
-    long x = strtol(v, &end, 10);
-    return end == v ? dflt : x;
-}
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-static void cond_init_mono(pthread_cond_t *cv)
-{
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(cv, &a);
-    pthread_condattr_destroy(&a);
-}
-
-static size_t page_size(void)
-{
-    static size_t ps;
-    if (!ps) ps = (size_t)sysconf(_SC_PAGESIZE);
-    return ps;
-}
-
-static int device_count(void)
-{
-    long n = env_long("FAKE_CUDA_DEVICE_COUNT", 1);
-    if (n < 0) n = 0;
-    if (n > MAX_DEV) n = MAX_DEV;
-    return (int)n;
-}
-
 static int runtime_version(void) { return (int)env_long("FAKE_CUDA_VERSION", 12090); }
-
-static void poison(void *p, size_t n)
-{
-    long mode = env_long("FAKE_CUDA_POISON", -1);
-    if (mode == 0) return;
-    if (mode < 0 && n > ((size_t)64 << 20)) return;
-    memset(p, 0xA5, n);
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Global state                                                                                 */
@@ -303,116 +213,12 @@ __attribute__((constructor)) static void global_init(void)
 static _Thread_local int t_device; /* device 0 until cudaSetDevice, as the real runtime */
 static atomic_long g_delay_override = -1;
 
-/* ---- allocations ---- */
-
-enum { A_HOST_PINNED = 0, A_DEVICE = 1 };
-
-struct alloc {
-    uintptr_t base;
-    size_t size;   /* requested size: ranges are checked against it */
-    size_t maplen; /* bytes mapped (>= size) */
-    int kind;
-    int device;
-    long pending;  /* queued/in-flight operations touching it */
-    int imported;  /* a mapping made by cudaIpcOpenMemHandle */
-    int import_refs;
-    uint64_t import_id; /* (exporter pid << 32) | serial, for a second open of one handle */
-    int fd;        /* memfd backing device memory (-1: none) */
-    void *raw;
-};
-
-static struct alloc **g_tab;
-static size_t g_ntab, g_captab;
-static size_t g_dev_used[MAX_DEV];
 static uint64_t g_alloc_serial;
-
-static long tab_floor(uintptr_t p)
-{
-    long lo = 0, hi = (long)g_ntab - 1, r = -1;
-    while (lo <= hi) {
-        long mid = (lo + hi) / 2;
-        if (g_tab[mid]->base <= p) {
-            r = mid;
-            lo = mid + 1;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    return r;
-}
-
-static struct alloc *tab_find(const void *p)
-{
-    long i = tab_floor((uintptr_t)p);
-    if (i < 0) return NULL;
-    struct alloc *a = g_tab[i];
-    return (uintptr_t)p < a->base + a->maplen ? a : NULL;
-}
-
-static int tab_insert(struct alloc *a)
-{
-    if (g_ntab == g_captab) {
-        size_t nc = g_captab ? g_captab * 2 : 64;
-        struct alloc **t = realloc(g_tab, nc * sizeof *t);
-        if (!t) return -1;
-        g_tab = t;
-        g_captab = nc;
-    }
-    long i = tab_floor(a->base) + 1;
-    memmove(&g_tab[i + 1], &g_tab[i], (g_ntab - (size_t)i) * sizeof *g_tab);
-    g_tab[i] = a;
-    g_ntab++;
-    return 0;
-}
-
-static void tab_remove(struct alloc *a)
-{
-    long i = tab_floor(a->base);
-    if (i < 0 || g_tab[i] != a) return;
-    memmove(&g_tab[i], &g_tab[i + 1], (g_ntab - (size_t)i - 1) * sizeof *g_tab);
-    g_ntab--;
-}
 
 /* [p, p + n) inside a's requested size */
 static int inside(const struct alloc *a, uintptr_t p, size_t n)
 {
     return a && p >= a->base && p - a->base <= a->size && n <= a->size - (p - a->base);
-}
-
-/* ---- handle registries (streams, events, libraries, kernels) ---- */
-
-struct reg {
-    void **v;
-    size_t n, cap;
-};
-
-static int reg_add(struct reg *r, void *p)
-{
-    if (r->n == r->cap) {
-        size_t nc = r->cap ? r->cap * 2 : 32;
-        void **v = realloc(r->v, nc * sizeof *v);
-        if (!v) return -1;
-        r->v = v;
-        r->cap = nc;
-    }
-    r->v[r->n++] = p;
-    return 0;
-}
-
-static int reg_has(const struct reg *r, const void *p)
-{
-    for (size_t i = r->n; i-- > 0;)
-        if (r->v[i] == p) return 1;
-    return 0;
-}
-
-static void reg_del(struct reg *r, const void *p)
-{
-    for (size_t i = 0; i < r->n; i++)
-        if (r->v[i] == p) {
-            r->v[i] = r->v[--r->n];
-            return;
-        }
 }
 
 /* ---- streams and operations ---- */
@@ -630,51 +436,7 @@ static void op_run(struct stream *s, struct op *o)
     }
 }
 
-static void *stream_main(void *arg)
-{
-    struct stream *s = arg;
-    for (;;) {
-        pthread_mutex_lock(&s->mu);
-        while (!s->head && !s->stop) pthread_cond_wait(&s->cv, &s->mu);
-        if (!s->head) {
-            pthread_mutex_unlock(&s->mu);
-            break;
-        }
-        struct op *o = s->head; /* stays queued until done */
-        pthread_mutex_unlock(&s->mu);
-
-        op_run(s, o);
-
-        pthread_mutex_lock(&g_mu);
-        op_release_locked(o);
-        pthread_mutex_unlock(&g_mu);
-
-        pthread_mutex_lock(&s->mu);
-        s->head = o->next;
-        if (!s->head) s->tail = NULL;
-        s->done++;
-        pthread_cond_broadcast(&s->done_cv);
-        pthread_mutex_unlock(&s->mu);
-        free(o->segs);
-        free(o);
-    }
-    return NULL;
-}
-
-/* caller holds g_mu */
-static void stream_push_locked(struct stream *s, struct op *o)
-{
-    o->next = NULL;
-    pthread_mutex_lock(&s->mu);
-    if (s->tail)
-        s->tail->next = o;
-    else
-        s->head = o;
-    s->tail = o;
-    s->enq++;
-    pthread_cond_signal(&s->cv);
-    pthread_mutex_unlock(&s->mu);
-}
+#include "fake_streams.h"
 
 /* caller holds g_mu */
 static struct stream *stream_new_locked(int dev, int is_default, int *err)
@@ -1868,42 +1630,17 @@ EXPORT cudaError_t cudaLaunchKernel(const void *func, dim3 grid, dim3 block, voi
 
 EXPORT int fake_cuda_inject(const char *api, int after, int code)
 {
-    int i = api_lookup(api);
-    if (i < 0 || after < 0 || code == 0) return -1;
-    struct injection *j = calloc(1, sizeof *j);
-    if (!j) return -1;
-    j->api = i;
-    j->countdown = after;
-    j->code = code;
-    pthread_mutex_lock(&g_inj_mu);
-    struct injection **pp = &g_inj;
-    while (*pp) pp = &(*pp)->next;
-    *pp = j;
-    atomic_fetch_add(&g_inj_pending, 1);
-    pthread_mutex_unlock(&g_inj_mu);
-    return 0;
+    return injection_arm(api_lookup(api), after, code);
 }
 
-EXPORT long fake_cuda_calls(const char *api)
-{
-    int i = api_lookup(api);
-    return i < 0 ? -1 : atomic_load(&g_calls[i]);
-}
+EXPORT long fake_cuda_calls(const char *api) { return calls_of(api); }
 
 EXPORT long fake_cuda_kernel_bytes(void) { return atomic_load(&g_kernel_bytes); }
 
 EXPORT void fake_cuda_reset(void)
 {
-    pthread_mutex_lock(&g_inj_mu);
-    while (g_inj) {
-        struct injection *j = g_inj;
-        g_inj = j->next;
-        free(j);
-    }
-    atomic_store(&g_inj_pending, 0);
-    for (int i = 0; i < API_COUNT; i++) atomic_store(&g_calls[i], 0);
+    counters_reset();
     atomic_store(&g_kernel_bytes, 0);
-    pthread_mutex_unlock(&g_inj_mu);
     atomic_store(&g_delay_override, -1);
 }
 

@@ -255,7 +255,7 @@ class Delegate:
         env = runtime_env(rt, self.fake_libs() if rt != "host" else {})
         env[CHILD_IDS_VAR] = ids
         env[CHILD_REPORTS_VAR] = reports
-        if rt.startswith("cuda") and self.whole_files():
+        if rt.startswith("cuda") and self.whole_transfer_suite(items):
             env["LLMDIST_EXPECT_CUDA_PATHS"] = "1"
         files = sorted({str(i.path) for i in items})
         cmd = [
@@ -294,8 +294,10 @@ class Delegate:
                     self.reports.setdefault(rep.nodeid, []).append(rep)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def whole_files(self) -> bool:
-        """Whether this run selects whole files (no -k, -m or test ids): only then does a
-        runtime's run of the transfer suite have to drive every device copy path."""
+    def whole_transfer_suite(self, items: List[pytest.Item]) -> bool:
+        """Whether items hold the whole transfer suite (test_transfer.py, with no -k, -m or test
+        ids): a runtime's run of it has to drive every device copy path."""
         opt = self.config.option
-        return not (opt.keyword or opt.markexpr or any("::" in a for a in self.config.args))
+        if opt.keyword or opt.markexpr or any("::" in a for a in self.config.args):
+            return False
+        return any(i.path.name == "test_transfer.py" for i in items)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from llmdist import (
     LLMStatusCode,
 )
 
-from .helpers import free_port, make_desc, raises_llm
+from .helpers import free_port, make_desc, raises_llm, wait_for
 
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
@@ -139,13 +138,6 @@ def test_cache_key_reused_last_registration_wins(env):
 # --------------------------------------------------------------------------------------------
 # CacheKey lifetimes (allocate_cache with CacheKeys, deprecated upstream but still used)
 # --------------------------------------------------------------------------------------------
-def wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def rows_of(tc, row, nrows=2):
     return [tc.tensor(t).reshape(nrows, -1)[row].copy() for t in range(tc.desc.num_tensors)]
 
@@ -166,11 +158,11 @@ def test_deallocate_waits_for_the_keys_to_be_pulled(make_env):
     b.cm.pull_cache(k1, dst.cache, 0)
     assert all(np.array_equal(x, y) for x, y in zip(rows_of(dst, 0), want1))
     raises_llm(NOT_EXIST, b.cm.pull_cache, k1, dst.cache, 0)
-    wait_for(lambda: a.cm._mem.find(k1)[0] is None)
+    assert wait_for(lambda: a.cm._mem.find(k1)[0] is None, 5.0)
     assert len(a.cm.entries()) == before           # k0 still names it
     b.cm.pull_cache(k0, dst.cache, 1)
     assert all(np.array_equal(x, y) for x, y in zip(rows_of(dst, 1), want0))
-    wait_for(lambda: not src.cache._valid)
+    assert wait_for(lambda: not src.cache._valid, 5.0)
     assert len(a.cm.entries()) == before - 1
 
 

@@ -166,7 +166,6 @@ static int api_enter(int api)
 /* ------------------------------------------------------------------------------------------ */
 /* Global state                                                                                 */
 
-static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER; /* tables, registries, refcounts */
 static pthread_mutex_t g_ev_mu = PTHREAD_MUTEX_INITIALIZER; /* event sequence numbers */
 static pthread_cond_t g_ev_cv;
 __attribute__((constructor)) static void global_init(void) { cond_init_mono(&g_ev_cv); }
@@ -999,52 +998,10 @@ EXPORT aclError aclrtMalloc(void **devPtr, size_t size, int policy)
     if (size == 0) return fail(ACL_ERROR_INVALID_PARAM, "size 0");
     if (policy < 0) return fail(ACL_ERROR_INVALID_PARAM, "bad policy %d", policy);
     NEED_DEVICE(dev);
-    size_t cap = (size_t)env_long("FAKE_ACL_HBM_BYTES", (long)((size_t)32 << 30));
-    size_t ps = page_size();
-    if (size > SIZE_MAX - ps) return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "size %zu too big", size);
-    size_t maplen = (size + ps - 1) / ps * ps;
-    pthread_mutex_lock(&g_mu);
-    if (g_dev_used[dev] + size > cap || g_dev_used[dev] + size < size) {
-        size_t used = g_dev_used[dev];
-        pthread_mutex_unlock(&g_mu);
-        return fail(ACL_ERROR_RT_MEMORY_ALLOCATION,
-                    "device %d out of memory: %zu bytes requested, %zu of %zu in use", dev, size,
-                    used, cap);
-    }
-    g_dev_used[dev] += size;
-    pthread_mutex_unlock(&g_mu);
-
-    /* A memfd per allocation, so that an importer in another process can map the same pages;
-     * without one (fd limit reached) the memory is anonymous and only this process imports it. */
-    int fd = memfd_create("fakeacl-device", MFD_CLOEXEC);
-    if (fd >= 0 && ftruncate(fd, (off_t)maplen) != 0) {
-        close(fd);
-        fd = -1;
-    }
-    void *p = mmap(NULL, maplen, PROT_READ | PROT_WRITE,
-                   fd >= 0 ? MAP_SHARED : MAP_SHARED | MAP_ANONYMOUS, fd, 0);
-    struct alloc *a = p == MAP_FAILED ? NULL : calloc(1, sizeof *a);
-    if (a) {
-        a->base = (uintptr_t)p;
-        a->size = size;
-        a->maplen = maplen;
-        a->kind = A_DEVICE;
-        a->device = dev;
-        a->fd = fd;
-        a->raw = p;
-        poison(p, size);
-    }
-    pthread_mutex_lock(&g_mu);
-    if (!a || tab_insert(a) != 0) {
-        g_dev_used[dev] -= size;
-        pthread_mutex_unlock(&g_mu);
-        if (p != MAP_FAILED) munmap(p, maplen);
-        if (fd >= 0) close(fd);
-        free(a);
-        return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "cannot map %zu bytes", size);
-    }
-    pthread_mutex_unlock(&g_mu);
-    *devPtr = p;
+    char why[256];
+    struct alloc *a = device_alloc(dev, size, "fakeacl-device", why, sizeof why);
+    if (!a) return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "%s", why);
+    *devPtr = a->raw;
     return ACL_SUCCESS;
 }
 
@@ -1153,7 +1110,7 @@ EXPORT aclError aclrtGetMemInfo(int attr, size_t *freeBytes, size_t *totalBytes)
         total = (size_t)(pages > 0 ? pages : 0) * page_size();
         freeb = (size_t)(avail > 0 ? avail : 0) * page_size();
     } else {
-        total = (size_t)env_long("FAKE_ACL_HBM_BYTES", (long)((size_t)32 << 30));
+        total = device_capacity();
         pthread_mutex_lock(&g_mu);
         size_t used = g_dev_used[dev];
         pthread_mutex_unlock(&g_mu);

@@ -200,7 +200,6 @@ static int runtime_version(void) { return (int)env_long("FAKE_CUDA_VERSION", 120
 /* ------------------------------------------------------------------------------------------ */
 /* Global state                                                                                 */
 
-static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;    /* tables, registries, refcounts */
 static pthread_cond_t g_pending_cv;                          /* an allocation's pending count fell */
 static pthread_mutex_t g_ev_mu = PTHREAD_MUTEX_INITIALIZER; /* event sequence numbers */
 static pthread_cond_t g_ev_cv;
@@ -924,51 +923,13 @@ EXPORT cudaError_t cudaMalloc(void **devPtr, size_t size)
         return cudaSuccess;
     }
     int dev = t_device;
-    size_t cap = (size_t)env_long("FAKE_CUDA_HBM_BYTES", (long)((size_t)32 << 30));
-    size_t ps = page_size();
-    if (size > SIZE_MAX - ps) return fail(cudaErrorMemoryAllocation, "size %zu too big", size);
-    size_t maplen = (size + ps - 1) / ps * ps;
+    char why[256];
+    struct alloc *a = device_alloc(dev, size, "fakecuda-device", why, sizeof why);
+    if (!a) return fail(cudaErrorMemoryAllocation, "%s", why);
     pthread_mutex_lock(&g_mu);
-    if (g_dev_used[dev] + size > cap || g_dev_used[dev] + size < size) {
-        size_t used = g_dev_used[dev];
-        pthread_mutex_unlock(&g_mu);
-        return fail(cudaErrorMemoryAllocation,
-                    "device %d out of memory: %zu bytes requested, %zu of %zu in use", dev, size,
-                    used, cap);
-    }
-    g_dev_used[dev] += size;
-    pthread_mutex_unlock(&g_mu);
-
-    int fd = memfd_create("fakecuda-device", MFD_CLOEXEC);
-    if (fd >= 0 && ftruncate(fd, (off_t)maplen) != 0) {
-        close(fd);
-        fd = -1;
-    }
-    void *p = mmap(NULL, maplen, PROT_READ | PROT_WRITE,
-                   fd >= 0 ? MAP_SHARED : MAP_SHARED | MAP_ANONYMOUS, fd, 0);
-    struct alloc *a = p == MAP_FAILED ? NULL : calloc(1, sizeof *a);
-    if (a) {
-        a->base = (uintptr_t)p;
-        a->size = size;
-        a->maplen = maplen;
-        a->kind = A_DEVICE;
-        a->device = dev;
-        a->fd = fd;
-        a->raw = p;
-        poison(p, size);
-    }
-    pthread_mutex_lock(&g_mu);
-    if (!a || tab_insert(a) != 0) {
-        g_dev_used[dev] -= size;
-        pthread_mutex_unlock(&g_mu);
-        if (p != MAP_FAILED) munmap(p, maplen);
-        if (fd >= 0) close(fd);
-        free(a);
-        return fail(cudaErrorMemoryAllocation, "cannot map %zu bytes", size);
-    }
     a->import_id = ++g_alloc_serial;
     pthread_mutex_unlock(&g_mu);
-    *devPtr = p;
+    *devPtr = a->raw;
     return cudaSuccess;
 }
 
@@ -1062,7 +1023,7 @@ EXPORT cudaError_t cudaMemGetInfo(size_t *freeBytes, size_t *totalBytes)
 {
     ENTER(cudaMemGetInfo);
     if (!freeBytes || !totalBytes) return fail(cudaErrorInvalidValue, "NULL output pointer");
-    size_t total = (size_t)env_long("FAKE_CUDA_HBM_BYTES", (long)((size_t)32 << 30));
+    size_t total = device_capacity();
     pthread_mutex_lock(&g_mu);
     size_t used = g_dev_used[t_device];
     pthread_mutex_unlock(&g_mu);

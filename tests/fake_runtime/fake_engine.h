@@ -8,11 +8,13 @@
  *   MAX_DEV             how many devices it can have
  *   FAKE_ALLOC_FIELDS   its own fields of struct alloc
  *
- * Everything here is static: each library has its own copy of the state. */
+ * It provides g_mu, the lock of the table, the registries and the skin's own tables. Everything
+ * here is static: each library has its own copy of the state. */
 #ifndef FAKE_ENGINE_H
 #define FAKE_ENGINE_H
 
 #include <pthread.h>
+#include <sys/mman.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -217,6 +219,7 @@ struct alloc {
     FAKE_ALLOC_FIELDS
 };
 
+static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER; /* tables, registries, refcounts */
 static struct alloc **g_tab;
 static size_t g_ntab, g_captab;
 static size_t g_dev_used[MAX_DEV];
@@ -304,6 +307,70 @@ static inline void reg_del(struct reg *r, const void *p)
             r->v[i] = r->v[--r->n];
             return;
         }
+}
+
+/* Device memory of FAKE_ENV("HBM_BYTES") per device (default 32 GiB). */
+static inline size_t device_capacity(void)
+{
+    return (size_t)env_long(FAKE_ENV("HBM_BYTES"), (long)((size_t)32 << 30));
+}
+
+/* Allocate size bytes of "device" memory on dev and enter them in the table: a memfd per
+ * allocation (named memfd_name), mapped shared, so that an importer in another process can map
+ * the same pages; without one (fd limit reached) anonymous shared memory that only this process
+ * imports. NULL with the reason in why when the size does not fit the device or the memory
+ * cannot be mapped. */
+static inline struct alloc *device_alloc(int dev, size_t size, const char *memfd_name, char *why,
+                                         size_t whylen)
+{
+    size_t cap = device_capacity();
+    size_t ps = page_size();
+    if (size > SIZE_MAX - ps) {
+        snprintf(why, whylen, "size %zu too big", size);
+        return NULL;
+    }
+    size_t maplen = (size + ps - 1) / ps * ps;
+    pthread_mutex_lock(&g_mu);
+    if (g_dev_used[dev] + size > cap || g_dev_used[dev] + size < size) {
+        size_t used = g_dev_used[dev];
+        pthread_mutex_unlock(&g_mu);
+        snprintf(why, whylen, "device %d out of memory: %zu bytes requested, %zu of %zu in use",
+                 dev, size, used, cap);
+        return NULL;
+    }
+    g_dev_used[dev] += size;
+    pthread_mutex_unlock(&g_mu);
+
+    int fd = memfd_create(memfd_name, MFD_CLOEXEC);
+    if (fd >= 0 && ftruncate(fd, (off_t)maplen) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    void *p = mmap(NULL, maplen, PROT_READ | PROT_WRITE,
+                   fd >= 0 ? MAP_SHARED : MAP_SHARED | MAP_ANONYMOUS, fd, 0);
+    struct alloc *a = p == MAP_FAILED ? NULL : calloc(1, sizeof *a);
+    if (a) {
+        a->base = (uintptr_t)p;
+        a->size = size;
+        a->maplen = maplen;
+        a->kind = A_DEVICE;
+        a->device = dev;
+        a->fd = fd;
+        a->raw = p;
+        poison(p, size);
+    }
+    pthread_mutex_lock(&g_mu);
+    if (!a || tab_insert(a) != 0) {
+        g_dev_used[dev] -= size;
+        pthread_mutex_unlock(&g_mu);
+        if (p != MAP_FAILED) munmap(p, maplen);
+        if (fd >= 0) close(fd);
+        free(a);
+        snprintf(why, whylen, "cannot map %zu bytes", size);
+        return NULL;
+    }
+    pthread_mutex_unlock(&g_mu);
+    return a;
 }
 
 #endif /* FAKE_ENGINE_H */

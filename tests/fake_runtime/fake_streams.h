@@ -1,12 +1,11 @@
 /* The stream worker of the fake runtimes: every stream is a thread that runs the operations
  * queued on it one at a time, in order; an operation stays at the head of the queue until it is
  * done, so a synchronizing caller can wait for the count of done operations. Each fake includes
- * it once, after defining:
+ * it once, after fake_engine.h (g_mu) and after defining:
  *
  *   struct stream   with mu, cv (work queued or stop), done_cv (an operation finished),
  *                   head, tail, stop, enq and done
  *   struct op       with next and segs (freed with it)
- *   g_mu            the lock of its tables
  *   op_run(s, o)    runs one operation; op_release_locked(o) drops what it pinned (g_mu held)
  */
 #ifndef FAKE_STREAMS_H

@@ -225,6 +225,7 @@ class Delegate:
         """The fake vendor libraries, built once per run."""
         if not self.libs:
             out = tempfile.mkdtemp(prefix="llmdist-fakes-")
+            self.config.add_cleanup(lambda: shutil.rmtree(out, ignore_errors=True))
             self.libs = {
                 name: build_fake_runtime(name, os.path.join(out, name))
                 for name in ("fake_acl", "fake_cuda")

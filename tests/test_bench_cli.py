@@ -74,7 +74,8 @@ def check_schema(data: dict) -> None:
         me = r["paths"]["llmdist"]
         for name, p in r["paths"].items():
             assert set(p) == {"seconds", "samples", "gbps"}
-            assert len(p["samples"]) == s["repeat"] or r["scenario"] in ("overhead", "overlap")
+            rounds = r["extra"].get("rounds", s["repeat"])     # link rows: rounds of their own
+            assert len(p["samples"]) == rounds or r["scenario"] in ("overhead", "overlap")
             assert p["seconds"] > 0
             if r["bytes"]:
                 assert p["gbps"] == pytest.approx(r["bytes"] / p["seconds"] / 1e9)
@@ -161,6 +162,39 @@ def test_host_run_cluster_routes(host_run):
             assert "mooncake engine (raw)" in engine["paths"]
         else:
             assert "mooncake" in engine["skipped"]["llmdist"]
+        process = rows[("process: transfer_cache_async", block)]
+        if data["versions"]["nixl"]:        # NIXL wrote the same blocks, its bytes checked
+            assert "nixl (UCX)" in process["paths"] and "nixl (UCX)" not in process["skipped"]
+        else:
+            assert process["skipped"]["nixl (UCX)"] == "nixl is not installed"
+
+
+def test_host_run_cluster_keyed_rows(host_run):
+    """The shared key's cost: per route, the keyed transfer (its bytes checked at the keyed
+    decode) against the unkeyed one of the same rounds; per transport, link times."""
+    res, data, _ = host_run
+    rows = by_case(data, "cluster")
+    routes = ["mapped", "process"] + (["engine"] if data["versions"]["mooncake"] else [])
+    for block in (4096, 8192):
+        for route in routes:
+            r = rows[(f"{route}: transfer_cache_async, keyed", block)]
+            plain = rows[(f"{route}: transfer_cache_async", block)]
+            assert r["verified"] is True and r["bytes"] == plain["bytes"]
+            assert set(r["paths"]) == {"llmdist", "llmdist, no key"}
+            assert r["paths"]["llmdist, no key"] == plain["paths"]["llmdist"]   # same rounds
+            ratio = r["paths"]["llmdist"]["gbps"] / plain["paths"]["llmdist"]["gbps"]
+            assert r["extra"]["keyed_over_unkeyed_bandwidth"] == pytest.approx(ratio)
+            assert r["extra"]["llmdist_path"] == plain["extra"]["llmdist_path"]
+    links = ["mapped/process"] + (["engine"] if data["versions"]["mooncake"] else [])
+    for name in links:
+        r = rows[(f"{name}: link_clusters, keyed", None)]
+        assert set(r["paths"]) == {"llmdist", "llmdist, no key"} and r["bytes"] == 0
+        keyed, plain = (r["paths"][k]["seconds"] for k in ("llmdist", "llmdist, no key"))
+        assert r["extra"]["keyed_minus_unkeyed_ms"] == pytest.approx((keyed - plain) * 1e3)
+        assert len(r["paths"]["llmdist"]["samples"]) == r["extra"]["rounds"] >= 10
+        assert f"{name}: link_clusters, keyed: link time keyed - unkeyed: " in res.stdout
+    if not data["versions"]["nixl"]:
+        assert res.stdout.count("nixl is not installed") == 1
 
 
 def test_plot_from_the_json(host_run, tmp_path):

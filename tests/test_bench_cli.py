@@ -185,6 +185,8 @@ def test_host_run_cluster_keyed_rows(host_run):
             ratio = r["paths"]["llmdist"]["gbps"] / plain["paths"]["llmdist"]["gbps"]
             assert r["extra"]["keyed_over_unkeyed_bandwidth"] == pytest.approx(ratio)
             assert r["extra"]["llmdist_path"] == plain["extra"]["llmdist_path"]
+            assert (f"{route}: transfer_cache_async, keyed: bandwidth keyed / unkeyed at "
+                    f"{block // 1024}K: {r['ratios']['llmdist, no key']:.3f}x") in res.stdout
     links = ["mapped/process"] + (["engine"] if data["versions"]["mooncake"] else [])
     for name in links:
         r = rows[(f"{name}: link_clusters, keyed", None)]

@@ -14,6 +14,7 @@ import time
 from typing import Callable, Dict, List
 
 from .results import SUBJECT, Result, path_of
+from .settings import size_name
 
 UNKEYED = "llmdist, no key"
 MIN_LINK_ROUNDS = 10
@@ -57,7 +58,7 @@ def transfer_result(case: str, block: int, moved: int, keyed: List[float], plain
                verified=verified, extra=dict(extra)).finish()
     ratio = r.ratios[UNKEYED]
     r.extra["keyed_over_unkeyed_bandwidth"] = ratio
-    r.extra["summary"] = f"bandwidth keyed / unkeyed: {ratio:.3f}x"
+    r.extra["summary"] = f"bandwidth keyed / unkeyed at {size_name(block)}: {ratio:.3f}x"
     return r
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -185,14 +186,21 @@ def test_host_run_cluster_keyed_rows(host_run):
             ratio = r["paths"]["llmdist"]["gbps"] / plain["paths"]["llmdist"]["gbps"]
             assert r["extra"]["keyed_over_unkeyed_bandwidth"] == pytest.approx(ratio)
             assert r["extra"]["llmdist_path"] == plain["extra"]["llmdist_path"]
+            samples = zip(r["paths"]["llmdist"]["samples"], plain["paths"]["llmdist"]["samples"])
+            per_round = statistics.median(u / k for k, u in samples)
+            assert r["extra"]["keyed_over_unkeyed_bandwidth_per_round"] == pytest.approx(per_round)
             assert (f"{route}: transfer_cache_async, keyed: bandwidth keyed / unkeyed at "
-                    f"{block // 1024}K: {r['ratios']['llmdist, no key']:.3f}x") in res.stdout
+                    f"{block // 1024}K: {r['ratios']['llmdist, no key']:.3f}x (per round: "
+                    f"{per_round:.3f}x)") in res.stdout
     links = ["mapped/process"] + (["engine"] if data["versions"]["mooncake"] else [])
     for name in links:
         r = rows[(f"{name}: link_clusters, keyed", None)]
         assert set(r["paths"]) == {"llmdist", "llmdist, no key"} and r["bytes"] == 0
         keyed, plain = (r["paths"][k]["seconds"] for k in ("llmdist", "llmdist, no key"))
         assert r["extra"]["keyed_minus_unkeyed_ms"] == pytest.approx((keyed - plain) * 1e3)
+        samples = zip(r["paths"]["llmdist"]["samples"], r["paths"]["llmdist, no key"]["samples"])
+        per_round = statistics.median(k - u for k, u in samples) * 1e3
+        assert r["extra"]["keyed_minus_unkeyed_ms_per_round"] == pytest.approx(per_round)
         assert len(r["paths"]["llmdist"]["samples"]) == r["extra"]["rounds"] >= 10
         assert f"{name}: link_clusters, keyed: link time keyed - unkeyed: " in res.stdout
     if not data["versions"]["nixl"]:

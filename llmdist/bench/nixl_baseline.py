@@ -8,7 +8,7 @@ charged for its transfer only, as llmdist is for its call."""
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable
 
 from . import procs
 
@@ -20,11 +20,11 @@ class NixlPrefill:
     """The parent's handle on the NIXL prefill child, started on first use."""
 
     def __init__(self) -> None:
-        self.child: Optional[procs.Child] = None
+        self.child: procs.Child | None = None
 
-    def writer(self, decode: procs.Child, model: int, dst_addrs: List[int], layers: int,
+    def writer(self, decode: procs.Child, model: int, dst_addrs: list[int], layers: int,
                tensors_per_layer: int, pool: int, block: int, si, di
-               ) -> Tuple[Callable[[], None], List[float]]:
+               ) -> tuple[Callable[[], None], list[float]]:
         """A callable that writes the blocks once through NIXL into the decode's cache `model`
         (registered memory at dst_addrs), and the list where it appends each write's seconds.
         Raises procs.ChildError when NIXL cannot start or set up."""
@@ -34,7 +34,7 @@ class NixlPrefill:
         meta = decode.call("nixl_init", model, timeout=START_S)
         self.child.call("setup", meta, dst_addrs, layers, tensors_per_layer, pool, block,
                         list(si), list(di), timeout=START_S)
-        seconds: List[float] = []
+        seconds: list[float] = []
         child = self.child
 
         def run() -> None:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Dict
+from typing import Callable
 
 from .local import run_local
 from .model import DTYPES
 from .two_process import TRANSPORTS, run_two_process
 
-MODES: Dict[str, Callable] = {
+MODES: dict[str, Callable] = {
     "two-process": run_two_process,
     "local": run_local,
 }

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import List
 
 import numpy as np
 
@@ -29,8 +28,8 @@ class Verdict:
     message: str
 
 
-def verify(src_views: List[np.ndarray], src_table: List[int], dst_views: List[np.ndarray],
-           dst_table: List[int], canary: int = CANARY) -> Verdict:
+def verify(src_views: list[np.ndarray], src_table: list[int], dst_views: list[np.ndarray],
+           dst_table: list[int], canary: int = CANARY) -> Verdict:
     """Every destination byte: blocks in ``dst_table`` equal their source blocks, all other
     destination blocks still hold the canary byte."""
     s = np.asarray(src_table, dtype=np.intp)
@@ -61,7 +60,7 @@ def verify(src_views: List[np.ndarray], src_table: List[int], dst_views: List[np
 
 
 
-def block_digests(views: List[np.ndarray], table: List[int], threads: int = 2) -> List[bytes]:
+def block_digests(views: list[np.ndarray], table: list[int], threads: int = 2) -> list[bytes]:
     """Per tensor, the BLAKE2b digests (``DIGEST_BYTES`` each, concatenated in table order) of
     the blocks listed in ``table``. hashlib drops the GIL on large buffers, so tensors are hashed
     on ``threads`` threads."""
@@ -76,8 +75,8 @@ def block_digests(views: List[np.ndarray], table: List[int], threads: int = 2) -
         return list(ex.map(one, views))
 
 
-def verify_digests(dst_views: List[np.ndarray], src_table: List[int], dst_table: List[int],
-                   digests: List[bytes], canary: int = CANARY) -> Verdict:
+def verify_digests(dst_views: list[np.ndarray], src_table: list[int], dst_table: list[int],
+                   digests: list[bytes], canary: int = CANARY) -> Verdict:
     """What the decode process checks, knowing only the block mapping and the source digests:
     every block in ``dst_table`` hashes to its source block's digest, every other destination
     block still holds the canary byte."""
@@ -111,7 +110,7 @@ def verify_digests(dst_views: List[np.ndarray], src_table: List[int], dst_table:
                    f"digests; {untouched} other bytes untouched")
 
 
-def check_model_pages(dst_views: List[np.ndarray], layout: PagedLayout, table: List[int],
+def check_model_pages(dst_views: list[np.ndarray], layout: PagedLayout, table: list[int],
                       layer: int, k: np.ndarray, v: np.ndarray) -> bool:
     """The destination, read back through the block table, holds the model's K and V."""
     dim, dt = layout.dim, layout.dtype

@@ -8,7 +8,6 @@ import ctypes
 import threading
 import time
 from dataclasses import dataclass
-from typing import List, Optional
 
 import numpy as np
 
@@ -67,7 +66,7 @@ class PagedLayout:
         return CacheDesc(num_tensors=self.num_tensors, shape=[self.pool_blocks, elems],
                          data_type=self.data_type, placement=Placement.DEVICE)
 
-    def check(self) -> Optional[str]:
+    def check(self) -> str | None:
         if self.layers < 1 or self.tokens < 1 or self.dim < 1:
             return "--layers, --tokens and --dim must be >= 1"
         if self.block_size % self.row_bytes:
@@ -79,7 +78,7 @@ class PagedLayout:
         return None
 
 
-def tensor_views(addrs: List[int], nbytes: int, block_size: int) -> List[np.ndarray]:
+def tensor_views(addrs: list[int], nbytes: int, block_size: int) -> list[np.ndarray]:
     """uint8 views ``[blocks, block_size]`` of cache tensors at the given addresses."""
     return [np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(a))
             .reshape(-1, block_size) for a in addrs]
@@ -118,7 +117,7 @@ class ToyModel:
             yield layer, k, v
 
 
-def write_kv(views: List[np.ndarray], layout: PagedLayout, table: List[int], layer: int,
+def write_kv(views: list[np.ndarray], layout: PagedLayout, table: list[int], layer: int,
              k: np.ndarray, v: np.ndarray) -> None:
     """Page one layer's K and V (``tokens x dim`` each) into the blocks listed in ``table``."""
     tpb, dim, dt = layout.tokens_per_block, layout.dim, layout.dtype
@@ -153,7 +152,7 @@ class LayerEvents(LayerSynchronizer):
         for ev in self.events:
             ev.set()
 
-    def synchronize_layer(self, layer_index: int, timeout_in_millis: Optional[int]) -> bool:
+    def synchronize_layer(self, layer_index: int, timeout_in_millis: int | None) -> bool:
         ok = self.events[layer_index].wait(
             None if timeout_in_millis is None else timeout_in_millis / 1000.0)
         self.returned[layer_index] = time.perf_counter()
@@ -161,7 +160,7 @@ class LayerEvents(LayerSynchronizer):
 
 
 class AllReady(LayerSynchronizer):
-    def synchronize_layer(self, layer_index: int, timeout_in_millis: Optional[int]) -> bool:
+    def synchronize_layer(self, layer_index: int, timeout_in_millis: int | None) -> bool:
         return True
 
 

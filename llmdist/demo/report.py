@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
 
 from .. import LLMStatusCode
 from .check import Verdict
@@ -34,8 +33,8 @@ class Timings:
     call_s: float             # time for transfer_cache_async to return (layer-wise call)
 
 
-def print_report(out, mode: str, layout: PagedLayout, tm: Timings, verdicts: List[Verdict],
-                 model_ok: bool, statuses, extra: List[str] = (), checker: str = "") -> bool:
+def print_report(out, mode: str, layout: PagedLayout, tm: Timings, verdicts: list[Verdict],
+                 model_ok: bool, statuses, extra: list[str] = (), checker: str = "") -> bool:
     ok = all(v.ok for v in verdicts) and model_ok and all(
         s == LLMStatusCode.LLM_SUCCESS for s in statuses)
     moved = layout.bytes_to_move

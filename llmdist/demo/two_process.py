@@ -10,7 +10,6 @@ import signal
 import sys
 import time
 import traceback
-from typing import List, Optional
 
 import numpy as np
 
@@ -71,7 +70,7 @@ def _decode_main(conn, spec: dict) -> None:
     ``spec["idle_s"]`` seconds, or when the parent's end closes, it finalizes and exits."""
     cluster_id = spec["cluster_id"]
     dd = LLMDataDist(LLMRole.DECODER, cluster_id)
-    views: List[np.ndarray] = []
+    views: list[np.ndarray] = []
     try:
         try:
             cfg = LLMConfig()
@@ -92,7 +91,7 @@ def _decode_main(conn, spec: dict) -> None:
                                  spec["block_size"])
             for v in views:
                 v.fill(spec["canary"])
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - any start-up failure goes to the parent
             conn.send(("err", traceback.format_exc()))
             return
         conn.send(("ready", dd.listen_port, os.getpid()))
@@ -119,7 +118,7 @@ def _decode_main(conn, spec: dict) -> None:
                 else:
                     raise ValueError(f"unknown command {cmd!r}")
                 reply = ("ok", result)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a failed command is answered, the child goes on
                 reply = ("err", traceback.format_exc())
             try:
                 conn.send(reply)
@@ -143,7 +142,7 @@ class DecodeChild:
         self.proc.start()
         child.close()
         self.pid = self.proc.pid
-        self.port: Optional[int] = None
+        self.port: int | None = None
 
     def _recv(self, timeout: float, what: str):
         try:
@@ -171,7 +170,7 @@ class DecodeChild:
             raise DemoError(f"the decode process (pid {self.pid}) is gone: {exc}") from None
         return self._recv(timeout, repr(cmd))[1]
 
-    def close(self, prefill_id: Optional[int], graceful: bool = True) -> None:
+    def close(self, prefill_id: int | None, graceful: bool = True) -> None:
         """Ask the child to unlink and finalize (bounded), then reap it; kill it if it does
         not end in time (or at once without ``graceful``). Its shared memory is a memfd,
         which goes with the last process holding it."""
@@ -221,15 +220,15 @@ def run_two_process(args, out=sys.stdout) -> int:
 
     prefill_id, decode_id = args.cluster_id, args.cluster_id + 1
     notes = []
-    spec = dict(cluster_id=decode_id, host=HOST, dtype=args.dtype,
-                num_tensors=layout.num_tensors, pool_blocks=layout.pool_blocks,
-                block_size=layout.block_size, canary=CANARY, idle_s=CHILD_IDLE_S,
-                auth_key=args.auth_key)
+    spec = {"cluster_id": decode_id, "host": HOST, "dtype": args.dtype,
+            "num_tensors": layout.num_tensors, "pool_blocks": layout.pool_blocks,
+            "block_size": layout.block_size, "canary": CANARY, "idle_s": CHILD_IDLE_S,
+            "auth_key": args.auth_key}
     t_spawn = time.perf_counter()
     decode = DecodeChild(spec)
-    dd: Optional[LLMDataDist] = None
+    dd: LLMDataDist | None = None
     graceful = False
-    progress: List[str] = []     # what is known when something fails
+    progress: list[str] = []     # what is known when something fails
     try:
         port = decode.wait_ready()
         ready_s = time.perf_counter() - t_spawn
@@ -300,14 +299,14 @@ def run_two_process(args, out=sys.stdout) -> int:
                      last_sync_tail_s=t_done - sync.returned[-1],
                      streamed_total_s=t_done - t_call, full_s=full_s, call_s=t_start - t_call)
         extra = [
-            f"clusters   prefill {prefill_id} (this process, pid {os.getpid()}) -> decode "
-            f"{decode_id} (pid {decode.pid}, listening on {HOST}:{port}); decode ready in "
-            f"{fmt_t(ready_s)}, linked in {fmt_t(link_s)}",
+            (f"clusters   prefill {prefill_id} (this process, pid {os.getpid()}) -> decode "
+             f"{decode_id} (pid {decode.pid}, listening on {HOST}:{port}); decode ready in "
+             f"{fmt_t(ready_s)}, linked in {fmt_t(link_s)}"),
             f"path       --transport {args.transport}: {path}",
             f"auth       {'shared key: both sides proved it, every control frame is MACed' if args.auth_key else 'no key: same-host identity from the kernel (SO_PEERCRED)'}",
-            f"digests    {len(src_table) * layout.num_tensors} BLAKE2b-{8 * DIGEST_BYTES} block "
-            f"digests ({fmt_bytes(len(src_table) * layout.num_tensors * DIGEST_BYTES)}) sent to "
-            f"the decode; it checked the streamed cache in {fmt_t(verify_s)}",
+            (f"digests    {len(src_table) * layout.num_tensors} BLAKE2b-{8 * DIGEST_BYTES} block "
+             f"digests ({fmt_bytes(len(src_table) * layout.num_tensors * DIGEST_BYTES)}) sent to "
+             f"the decode; it checked the streamed cache in {fmt_t(verify_s)}"),
         ]
         if unlink_status != LLMStatusCode.LLM_SUCCESS:
             notes.append(f"unlink_clusters returned {unlink_status.name}")

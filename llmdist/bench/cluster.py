@@ -347,7 +347,7 @@ class CaseSet:
             if not callable(fn):
                 run.results.append(Result("cluster", case, self.block, 0, {}, skipped={SUBJECT: fn}))
                 continue
-            paths = {SUBJECT: fn, CONTIGUOUS: contiguous, PER_BLOCK: per_block}
+            paths = {SUBJECT: fn}
             skipped: Dict[str, str] = {}
             own_seconds: Dict[str, List[float]] = {}
             try:
@@ -357,8 +357,9 @@ class CaseSet:
                     SUBJECT: f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}))
                 continue
             keyed_ok = None
-            if op == "transfer_cache_async":
-                keyed_ok = self._keyed(route, transport, how, model, paths, skipped)
+            if op == "transfer_cache_async":     # next to the unkeyed call in every round
+                keyed_ok = self._keyed(transport, how, model, paths, skipped)
+            paths.update({CONTIGUOUS: contiguous, PER_BLOCK: per_block})
             if route == "process":
                 _bare_process_vm(bench, self.c.decodes[False], op, model, self.src, self.local,
                                  self.dst_addrs[(False, how)], self.si, self.di, self.block,
@@ -385,7 +386,7 @@ class CaseSet:
                 run.results.append(Result("cluster", f"{case}, keyed", self.block, 0, {},
                                           skipped={SUBJECT: skipped[KEYED]}))
 
-    def _keyed(self, route: str, transport: str, how: str, model: int, paths: dict,
+    def _keyed(self, transport: str, how: str, model: int, paths: dict,
                skipped: dict) -> Optional[bool]:
         """The keyed prefill's call into the keyed decode's cache, checked, added to paths (or
         its reason to skipped); whether its bytes arrived."""

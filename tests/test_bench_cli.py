@@ -361,6 +361,29 @@ def test_progress_line_names_each_step():
     assert steps[0].startswith("[1/5 ") and steps[-1].startswith("[5/5 ")
 
 
+def test_alternating_rounds_reverse_the_order_of_odd_rounds():
+    """The cluster scenario's rounds (and the keyed link rounds) run their paths in reverse
+    order every other round, so that no path always follows the same one."""
+    from types import SimpleNamespace
+
+    from llmdist.bench import keyed
+    from llmdist.bench.workload import Bench
+    calls = []
+    stub = SimpleNamespace(settings=SimpleNamespace(repeat=3),
+                           progress=SimpleNamespace(show=lambda text: None))
+    paths = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    times = Bench.rounds(stub, "x", paths, alternate=True)
+    assert calls == ["a", "b", "c"] + ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    calls.clear()
+    Bench.rounds(stub, "x", paths)
+    assert calls == ["a", "b", "c"] * 4
+    links = []
+    got = keyed.link_rounds(lambda: links.append("k") or 2.0, lambda: links.append("u") or 1.0, 3)
+    assert links == ["k", "u", "k", "u", "u", "k", "k", "u"]
+    assert got == {"llmdist": [2.0] * 3, "llmdist, no key": [1.0] * 3}
+
+
 def test_contiguous_baseline_copies_the_same_bytes_from_alternating_ends():
     """The contiguous-copy baseline copies `nbytes` between the caches' own memory, from the start
     and then from the end (not the bytes the previous call left in the CPU cache)."""

@@ -203,6 +203,11 @@ def test_host_run_cluster_keyed_rows(host_run):
         assert r["extra"]["keyed_minus_unkeyed_ms_per_round"] == pytest.approx(per_round)
         assert len(r["paths"]["llmdist"]["samples"]) == r["extra"]["rounds"] >= 10
         assert f"{name}: link_clusters, keyed: link time keyed - unkeyed: " in res.stdout
+    frame = rows[("control frame (cache_add, 64 tensors), keyed", None)]
+    assert set(frame["paths"]) == {"llmdist", "llmdist, no key"}
+    keyed, plain = (frame["paths"][k]["seconds"] for k in ("llmdist", "llmdist, no key"))
+    assert frame["extra"]["keyed_minus_unkeyed_us"] == pytest.approx((keyed - plain) * 1e6)
+    assert frame["extra"]["frames_per_round"] == 2000 and frame["extra"]["rounds"] >= 10
     if not data["versions"]["nixl"]:
         assert res.stdout.count("nixl is not installed") == 1
 

@@ -289,8 +289,11 @@ def _one_size(bench: Bench, run: Run, c: Clusters, block: int) -> None:
 
 
 def _link_rows(bench: Bench, run: Run, c: Clusters) -> None:
-    """Per transport, link_clusters of the keyed prefill against the unkeyed one."""
+    """Per transport, link_clusters of the keyed prefill against the unkeyed one; then one
+    control frame, keyed against unkeyed."""
     rounds = max(keyed.MIN_LINK_ROUNDS, bench.settings.repeat)
+    bench.progress.show(f"cluster: {keyed.FRAME_CASE}")
+    run.results.append(keyed.frame_result(rounds))
     for transport in ("direct", "mooncake"):
         routes = "/".join(r for r, (t, _) in ROUTES.items() if t == transport)
         case = f"{routes}: link_clusters, keyed"

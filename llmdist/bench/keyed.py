@@ -10,7 +10,9 @@ each row gives the median of the per-round comparisons, which slow drift does no
 from __future__ import annotations
 
 import secrets
+import socket
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -19,6 +21,8 @@ from .settings import size_name
 
 UNKEYED = "llmdist, no key"
 MIN_LINK_ROUNDS = 10
+FRAMES_PER_ROUND = 2000
+FRAME_CASE = "control frame (cache_add, 64 tensors), keyed"
 
 
 def new_key() -> str:
@@ -73,3 +77,45 @@ def timed(fn: Callable[[], None]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def _frame_seconds(keyed: bool, frames: int) -> float:
+    """Seconds per control frame: a cache announcement of 64 tensors sent on one end of a
+    socket pair and received on the other (by a thread), with or without the MACs of a keyed
+    link."""
+    from .. import auth
+    msg = {"type": "cache_add", "seq": 1,
+           "cache": {"id": 1, "num_tensors": 64, "shape": [256, 8192], "keys": [["blocks", 1, 0]],
+                     "addrs": list(range(1 << 40, (1 << 40) + 64 * 4096, 4096))}}
+    a, b = socket.socketpair()
+    try:
+        out, into = auth.Channel(a), auth.Channel(b)
+        if keyed:
+            k = secrets.token_bytes(32)
+            out.out.set(k)
+            into.into.set(k)
+        reader = threading.Thread(target=lambda: [into.recv() for _ in range(frames)])
+        reader.start()
+        t0 = time.perf_counter()
+        for _ in range(frames):
+            out.send(msg)
+        reader.join()
+        return (time.perf_counter() - t0) / frames
+    finally:
+        a.close()
+        b.close()
+
+
+def frame_result(rounds: int, frames: int = FRAMES_PER_ROUND) -> Result:
+    """The row of one control frame's cost, keyed against unkeyed, in alternating rounds: what
+    the key adds to every frame of a link (its handshake, its announcements)."""
+    times = link_rounds(lambda: _frame_seconds(True, frames),
+                        lambda: _frame_seconds(False, frames), rounds)
+    keyed, plain = (statistics.median(times[k]) for k in (SUBJECT, UNKEYED))
+    diff_us = (keyed - plain) * 1e6
+    return Result("cluster", FRAME_CASE, None, 0, {k: path_of(v) for k, v in times.items()},
+                  extra={"rounds": rounds, "frames_per_round": frames,
+                         "keyed_minus_unkeyed_us": diff_us,
+                         "summary": f"control frame keyed - unkeyed: {diff_us:+.1f} us (send and "
+                                    f"receive; medians of {rounds} alternating rounds of "
+                                    f"{frames} frames)"}).finish()

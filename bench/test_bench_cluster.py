@@ -12,13 +12,13 @@ f. 32 layers x 256 random (src, dst) 64 KiB block pairs, every layer ready at on
    - mooncake:          Mooncake Transfer Engine over loopback TCP (skipped without
                         ``mooncake``)
    - local:             the same transfer inside the prefill process (reference)
-   - nixl-ucx:          NIXL (UCX backend) writes from a NIXL prefill process into the decode's
-                        registered numpy memory, one prepared WRITE per layer (skipped without
-                        ``nixl``); its np.copyto baseline runs in that process
+
+NIXL (UCX backend), writing the same blocks from a process of its own, runs in
+``python -m llmdist bench cluster`` when nixl is installed.
 
 Memory: the pool is 256 blocks (not 1024) per tensor by default, so that each cache is 1 GiB:
-source + copy scratch here, allocated + registered caches in the decode (4 GiB; NIXL adds 2 GiB
-while it runs). ``--llmdist-mem-gib`` below 4 shrinks it further.
+source + copy scratch here, allocated + registered caches in the decode (4 GiB).
+``--llmdist-mem-gib`` below 4 shrinks it further.
 
 The child processes and their helpers are llmdist.bench.procs, shared with
 ``python -m llmdist bench cluster``.
@@ -81,7 +81,6 @@ def _importable(name: str) -> bool:
 
 
 MOONCAKE = _importable("mooncake.engine") if _importable("mooncake") else False
-NIXL = _importable("nixl")   # only looked up here: NIXL is loaded in child processes only
 
 
 def median(xs):
@@ -363,50 +362,3 @@ def test_cluster_b2b_vs_copyto(benchmark, cluster, name, report, rounds_scale):
                    "ratio_vs_copyto_2threads": ratio2, "tuning": llmdist.host_tuning()},
             note=f"2-thread copyto {fmt_bw(w.bytes_moved, base2)} ({ratio2:.2f}x); "
                  f"llmdist path {p['path']}")
-
-
-def test_cluster_b2b_nixl_vs_copyto(benchmark, cluster, report, rounds_scale):
-    """NIXL (UCX backend): a NIXL prefill process writes the same 32 x 512 block pairs into the
-    decode's registered numpy memory, one prepared WRITE per layer (made, then posted, in layer
-    order), then waits for all. Its np.copyto baseline runs in that same process before every
-    round; the one of this process too (extra_info). The initiator runs without NIXL's
-    progress thread (see llmdist.bench.procs._NixlPrefill)."""
-    if not NIXL:
-        pytest.skip("nixl is not importable (pip install nixl: it installs here, see the "
-                    "report of the two-process benchmarks)")
-    w = cluster
-    meta = w.decode.call("nixl_init", DST_REGISTERED)
-    w.decode.call("clear", DST_REGISTERED)
-    nx = Child(procs.nixl_prefill_main, name="nixl-prefill")
-    try:
-        msg = nx.recv(120)
-        if msg[0] != "ready":
-            raise ChildError(f"nixl prefill: unexpected {msg!r}")
-        moved = nx.call("setup", meta, w.dst_addrs[DST_REGISTERED], w.layers, w.pool, w.block,
-                        w.src_idx, w.dst_idx)
-        assert moved == w.bytes_moved
-        info = nx.call("backend_info")
-        rounds = rounds_for(w.bytes_moved, rounds_scale, 1 / 5e9)
-        t_path, t_base, t_here = [], [], []
-
-        def setup():
-            t_base.append(nx.call("copyto"))
-            t0 = time.perf_counter()
-            w.copyto()
-            t_here.append(time.perf_counter() - t0)
-
-        def run():
-            t_path.append(nx.call("xfer"))
-
-        benchmark.pedantic(run, setup=setup, rounds=rounds, warmup_rounds=1)
-        assert w.verify_remote(DST_REGISTERED), \
-            "nixl: the destination does not hold the source blocks"
-        ratio_here = median(drop_warmup(t_here)) / median(drop_warmup(t_path))
-        _record(benchmark, report, w, "nixl-ucx",
-                t_path, t_base, "NIXL 1.5.1 UCX -> decode's registered numpy memory", None,
-                extra={"backend": "UCX", "ucx_tls": info["ucx_tls"],
-                       "ratio_vs_copyto_in_pytest_process": ratio_here},
-                note=f"baseline in the NIXL process; vs this process's copyto {ratio_here:.2f}x; "
-                     f"UCX picks cma (process_vm_writev) for host-to-host puts")
-    finally:
-        nx.close()

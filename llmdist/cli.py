@@ -17,7 +17,7 @@ import traceback
 from typing import Any, Dict, List, NoReturn, Optional
 
 from . import __version__
-from .logs import configure_cli_logging
+from .logs import configure_cli_logging, environment_level
 
 RUNTIMES = ("auto", "host", "acl", "cuda")
 
@@ -132,6 +132,14 @@ def check_bench_outputs(args: argparse.Namespace) -> None:
         _writable(args.plot, "--plot")
 
 
+def _check_log_level() -> None:
+    """LLMDIST_LOG_LEVEL must name a level here (importing llmdist only warns about it)."""
+    try:
+        environment_level()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _apply_environment(args: argparse.Namespace) -> None:
     """--runtime/--device into the environment (child processes inherit it), then the runtime
     itself checked: an unknown name or a device runtime that cannot be used stops here."""
@@ -202,6 +210,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "llmdist") -> int:
     try:
         parser = build_parser(prog)
         args = parser.parse_args(raw)
+        _check_log_level()
         configure_cli_logging(args.verbose or 0)
         if not getattr(args, "_run", None):
             parser.print_help(sys.stderr)

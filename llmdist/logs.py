@@ -1,12 +1,15 @@
 """Logging: every module logs to ``logging.getLogger(__name__)`` under the ``llmdist`` logger,
 which has a NullHandler (a program that configures no logging sees nothing) and the level of
-``LLMDIST_LOG_LEVEL`` when set. Mooncake Transfer Engine's own log level is WARNING unless
+``LLMDIST_LOG_LEVEL`` when set (a value that is no level is ignored with a RuntimeWarning at
+import; the command line refuses it). Mooncake Transfer Engine's own log level is WARNING unless
 ``MC_LOG_LEVEL`` is set: its INFO lines (several per transfer) would flood a program's output."""
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
+from typing import Optional
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -14,19 +17,30 @@ package_logger = logging.getLogger("llmdist")
 _cli_handler = None
 
 
-def level_from_environment() -> None:
-    """The package logger's level from LLMDIST_LOG_LEVEL (a name or a number); ValueError
-    naming the variable when it is neither."""
+def environment_level() -> Optional[int]:
+    """The level LLMDIST_LOG_LEVEL names (a name or a number), None when it is unset or empty;
+    ValueError naming the variable and the rule when it is neither."""
     text = os.environ.get("LLMDIST_LOG_LEVEL", "").strip()
     if not text:
-        return
+        return None
     if text.upper() in LEVELS:
-        package_logger.setLevel(text.upper())
-    elif text.isdigit():
-        package_logger.setLevel(int(text))
-    else:
-        raise ValueError(f"LLMDIST_LOG_LEVEL must be one of {', '.join(LEVELS)} or a number, "
-                         f"got {text!r}")
+        return logging.getLevelName(text.upper())
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"LLMDIST_LOG_LEVEL must be one of {', '.join(LEVELS)} or a number, "
+                     f"got {text!r}")
+
+
+def level_from_environment() -> None:
+    """The package logger's level from LLMDIST_LOG_LEVEL. A bad value must not stop a program
+    from importing llmdist: it is ignored, with a RuntimeWarning naming the variable."""
+    try:
+        level = environment_level()
+    except ValueError as exc:
+        warnings.warn(f"{exc}; ignored", RuntimeWarning, stacklevel=2)
+        return
+    if level is not None:
+        package_logger.setLevel(level)
 
 
 def quiet_mooncake() -> None:
@@ -46,7 +60,7 @@ def configure_cli_logging(verbosity: int) -> None:
         package_logger.setLevel(logging.DEBUG)
     elif verbosity == 1:
         package_logger.setLevel(logging.INFO)
-    elif not os.environ.get("LLMDIST_LOG_LEVEL"):
+    elif environment_level() is None:
         package_logger.setLevel(logging.WARNING)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,8 @@ def check_schema(data: dict) -> None:
         me = r["paths"]["llmdist"]
         for name, p in r["paths"].items():
             assert set(p) == {"seconds", "samples", "gbps"}
-            assert len(p["samples"]) == s["repeat"] or r["scenario"] in ("overhead", "overlap")
+            rounds = r["extra"].get("rounds", s["repeat"])     # link rows: rounds of their own
+            assert len(p["samples"]) == rounds or r["scenario"] in ("overhead", "overlap")
             assert p["seconds"] > 0
             if r["bytes"]:
                 assert p["gbps"] == pytest.approx(r["bytes"] / p["seconds"] / 1e9)
@@ -161,6 +163,53 @@ def test_host_run_cluster_routes(host_run):
             assert "mooncake engine (raw)" in engine["paths"]
         else:
             assert "mooncake" in engine["skipped"]["llmdist"]
+        process = rows[("process: transfer_cache_async", block)]
+        if data["versions"]["nixl"]:        # NIXL wrote the same blocks, its bytes checked
+            assert "nixl (UCX)" in process["paths"] and "nixl (UCX)" not in process["skipped"]
+        else:
+            assert process["skipped"]["nixl (UCX)"] == "nixl is not installed"
+
+
+def test_host_run_cluster_keyed_rows(host_run):
+    """The shared key's cost: per route, the keyed transfer (its bytes checked at the keyed
+    decode) against the unkeyed one of the same rounds; per transport, link times."""
+    res, data, _ = host_run
+    rows = by_case(data, "cluster")
+    routes = ["mapped", "process"] + (["engine"] if data["versions"]["mooncake"] else [])
+    for block in (4096, 8192):
+        for route in routes:
+            r = rows[(f"{route}: transfer_cache_async, keyed", block)]
+            plain = rows[(f"{route}: transfer_cache_async", block)]
+            assert r["verified"] is True and r["bytes"] == plain["bytes"]
+            assert set(r["paths"]) == {"llmdist", "llmdist, no key"}
+            assert r["paths"]["llmdist, no key"] == plain["paths"]["llmdist"]   # same rounds
+            ratio = r["paths"]["llmdist"]["gbps"] / plain["paths"]["llmdist"]["gbps"]
+            assert r["extra"]["keyed_over_unkeyed_bandwidth"] == pytest.approx(ratio)
+            assert r["extra"]["llmdist_path"] == plain["extra"]["llmdist_path"]
+            samples = zip(r["paths"]["llmdist"]["samples"], plain["paths"]["llmdist"]["samples"])
+            per_round = statistics.median(u / k for k, u in samples)
+            assert r["extra"]["keyed_over_unkeyed_bandwidth_per_round"] == pytest.approx(per_round)
+            assert (f"{route}: transfer_cache_async, keyed: bandwidth keyed / unkeyed at "
+                    f"{block // 1024}K: {r['ratios']['llmdist, no key']:.3f}x (per round: "
+                    f"{per_round:.3f}x)") in res.stdout
+    links = ["mapped/process"] + (["engine"] if data["versions"]["mooncake"] else [])
+    for name in links:
+        r = rows[(f"{name}: link_clusters, keyed", None)]
+        assert set(r["paths"]) == {"llmdist", "llmdist, no key"} and r["bytes"] == 0
+        keyed, plain = (r["paths"][k]["seconds"] for k in ("llmdist", "llmdist, no key"))
+        assert r["extra"]["keyed_minus_unkeyed_ms"] == pytest.approx((keyed - plain) * 1e3)
+        samples = zip(r["paths"]["llmdist"]["samples"], r["paths"]["llmdist, no key"]["samples"])
+        per_round = statistics.median(k - u for k, u in samples) * 1e3
+        assert r["extra"]["keyed_minus_unkeyed_ms_per_round"] == pytest.approx(per_round)
+        assert len(r["paths"]["llmdist"]["samples"]) == r["extra"]["rounds"] >= 10
+        assert f"{name}: link_clusters, keyed: link time keyed - unkeyed: " in res.stdout
+    frame = rows[("control frame (cache_add, 64 tensors), keyed", None)]
+    assert set(frame["paths"]) == {"llmdist", "llmdist, no key"}
+    keyed, plain = (frame["paths"][k]["seconds"] for k in ("llmdist", "llmdist, no key"))
+    assert frame["extra"]["keyed_minus_unkeyed_us"] == pytest.approx((keyed - plain) * 1e6)
+    assert frame["extra"]["frames_per_round"] == 2000 and frame["extra"]["rounds"] >= 10
+    if not data["versions"]["nixl"]:
+        assert res.stdout.count("nixl is not installed") == 1
 
 
 def test_plot_from_the_json(host_run, tmp_path):
@@ -315,6 +364,29 @@ def test_progress_line_names_each_step():
         "b2b 4K", "b2b 8K", "overhead 61 layers x 2 blocks", "overhead pull 61 layers x 2 blocks",
         "overhead scaling 2-512 pairs"]
     assert steps[0].startswith("[1/5 ") and steps[-1].startswith("[5/5 ")
+
+
+def test_alternating_rounds_reverse_the_order_of_odd_rounds():
+    """The cluster scenario's rounds (and the keyed link rounds) run their paths in reverse
+    order every other round, so that no path always follows the same one."""
+    from types import SimpleNamespace
+
+    from llmdist.bench import keyed
+    from llmdist.bench.workload import Bench
+    calls = []
+    stub = SimpleNamespace(settings=SimpleNamespace(repeat=3),
+                           progress=SimpleNamespace(show=lambda text: None))
+    paths = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    times = Bench.rounds(stub, "x", paths, alternate=True)
+    assert calls == ["a", "b", "c"] + ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    calls.clear()
+    Bench.rounds(stub, "x", paths)
+    assert calls == ["a", "b", "c"] * 4
+    links = []
+    got = keyed.link_rounds(lambda: links.append("k") or 2.0, lambda: links.append("u") or 1.0, 3)
+    assert links == ["k", "u", "k", "u", "u", "k", "k", "u"]
+    assert got == {"llmdist": [2.0] * 3, "llmdist, no key": [1.0] * 3}
 
 
 def test_contiguous_baseline_copies_the_same_bytes_from_alternating_ends():

@@ -150,7 +150,8 @@ def run_bench(settings: Settings, out: TextIO = sys.stdout, quiet: bool = False)
         _one_tensor_per_layer(settings, bench.cm, run)
         run.settings = settings.to_json()
         from .cluster import cluster as cluster_scenario, cluster_steps
-        table = dict(SCENARIOS, cluster=cluster_scenario)
+        from .overlap import overlap
+        table = dict(SCENARIOS, overlap=overlap, cluster=cluster_scenario)
         for name in settings.scenarios:
             progress.plan(cluster_steps(bench) if name == "cluster" else steps(name, settings))
         for name in settings.scenarios:

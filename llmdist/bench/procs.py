@@ -1,18 +1,18 @@
 """Child processes of the two-process benchmarks (``python -m llmdist bench cluster`` and
-bench/test_bench_cluster.py).
+bench/test_bench_cluster.py, bench/test_bench_pull_push.py).
 
 multiprocessing's 'spawn' start method needs importable functions, so they live here. Every
 child obeys ``(command, *args)`` tuples from the parent over a Pipe and answers ``("ok",
 result)`` or ``("err", traceback)``; without a command for ``idle_s`` seconds, or when the
 parent's end closes, it cleans up and exits. `Child` is the parent's handle on one.
 
-- ``decode_main``: a DECODER cluster listening on 127.0.0.1 (port picked by the OS) that allocates
-  or registers blocks caches under ``BlocksCacheKey(cluster_id, model_id)``, clears and frees
+- ``decode_main``: a DECODER cluster listening on 127.0.0.1 (port picked by the OS), with a
+  shared key (``llmdist.auth_key``) when given, that allocates or registers blocks caches under ``BlocksCacheKey(cluster_id, model_id)``, clears and frees
   them, returns per-block digests of what they hold, and exposes a cache's memory to the peers'
   own engines: a raw Mooncake Transfer Engine (``mooncake_init``) or a NIXL agent (``nixl_init``).
 - ``nixl_prefill_main``: the NIXL side of the NIXL baseline: its own source memory (the same
-  pattern as the benchmark's source), a contiguous np.copyto baseline, and the layer-wise B2B
-  writes into the decode's memory through NIXL (UCX backend).
+  pattern as the benchmark's source) and the layer-wise B2B writes into the decode's memory
+  through NIXL (UCX backend).
 
 NIXL 1.5.1's UCX backend crashes at process exit (a destructor of its bundled libnl-route runs
 after the library it needs is gone: SIGSEGV in ``rtnl_tc_unregister`` from ``_dl_fini``), so
@@ -29,10 +29,12 @@ import signal
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 DIGEST_BYTES = 16
 MiB = 1 << 20
 REPLY_S = 120.0
+IDLE_S = 300.0         # a child with no command for this long cleans up and exits
 CTX = mp.get_context("spawn")
 
 
@@ -40,10 +42,12 @@ CTX = mp.get_context("spawn")
 # Helpers shared with the parent
 
 
-def start_cluster(role, cluster_id: int, transport: str = None, listen: str = None,
-                  device_id: int = 0, sync_timeout: int = None):
+def start_cluster(role, cluster_id: int, transport: Optional[str] = None,
+                  listen: Optional[str] = None, device_id: int = 0,
+                  sync_timeout: Optional[int] = None, auth_key: Optional[str] = None):
     """A benchmark cluster: cache manager on, remote-accessible mode, on llmdist.transport when
-    given, listening on listen ("ip:port") when given. Returns the LLMDataDist."""
+    given, listening on listen ("ip:port") when given, keyed with auth_key when given. Returns
+    the LLMDataDist."""
     from llmdist import LLMConfig, LLMDataDist
     dd = LLMDataDist(role, cluster_id)
     cfg = LLMConfig()
@@ -57,6 +61,8 @@ def start_cluster(role, cluster_id: int, transport: str = None, listen: str = No
     opts = cfg.generate_options()
     if transport is not None:
         opts["llmdist.transport"] = transport
+    if auth_key is not None:
+        opts["llmdist.auth_key"] = auth_key
     dd.init(opts)
     return dd
 
@@ -94,6 +100,12 @@ def block_digests(tensors, idx, threads: int = 2):
 
     with ThreadPoolExecutor(threads) as ex:
         return list(ex.map(one, tensors))
+
+
+def quiet_nixl() -> None:
+    """NIXL_LOG_LEVEL=WARN before NIXL loads (its INFO lines, one per agent and backend, would
+    interleave with the table's progress); a user's value stays."""
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 
 
 def _serve(conn, obj, idle_s: float) -> None:
@@ -173,17 +185,19 @@ class Child:
 
 
 class _Decode:
-    def __init__(self, cluster_id: int) -> None:
+    def __init__(self, cluster_id: int, auth_key: Optional[str] = None) -> None:
         from llmdist import LLMRole
         from llmdist import _core
         self.cluster_id = cluster_id
         self.dd = start_cluster(LLMRole.DECODER, cluster_id, listen="127.0.0.1:0",
-                                device_id=int(os.environ.get("LLMDIST_DEVICE", "0")))
+                                device_id=int(os.environ.get("LLMDIST_DEVICE", "0")),
+                                auth_key=auth_key)
         self.cm = self.dd.cache_manager
         self.rt = self.dd.runtime
         self.stream = _core.Stream(self.rt)
         self.caches = {}       # model id -> (cache, owner array or None)
-        self.nixl = None       # (agent, registration) once nixl_init ran
+        self.nixl = {}         # model id -> (NIXL agent, registration) of that cache's memory
+        self.nixl_loaded = False
         self.mooncake = {}     # model id -> raw Mooncake engine holding that cache's memory
 
     def _desc(self, num_tensors, shape, data_type, placement):
@@ -258,8 +272,11 @@ class _Decode:
         return block_digests([self._tensor(cache, t) for t in tensors], idx)
 
     def cmd_free(self, model_id):
-        """Withdraw cache model_id (and its raw Mooncake registration)."""
+        """Withdraw cache model_id (and its raw Mooncake and NIXL registrations)."""
         engine = self.mooncake.pop(model_id, None)
+        agent_reg = self.nixl.pop(model_id, None)
+        if agent_reg is not None:
+            agent_reg[0].deregister_memory(agent_reg[1])
         cache, mem = self.caches.pop(model_id)
         if engine is not None:
             for a in cache.tensor_addrs:
@@ -286,18 +303,21 @@ class _Decode:
         return f"127.0.0.1:{engine.get_rpc_port()}"
 
     def cmd_nixl_init(self, model_id):
-        """A NIXL agent (UCX backend) with the memory of cache model_id registered (DRAM);
-        returns the agent's metadata for the NIXL prefill."""
+        """A NIXL agent (UCX backend) of its own name with the memory of cache model_id
+        registered (DRAM); returns the agent's metadata for the NIXL prefill."""
+        self.nixl_loaded = True
+        quiet_nixl()
         from nixl._api import nixl_agent, nixl_agent_config
         cache, mem = self.caches[model_id]
-        agent = nixl_agent(f"decode-{self.cluster_id}", nixl_agent_config(backends=["UCX"]))
+        agent = nixl_agent(f"decode-{self.cluster_id}-{model_id}",
+                           nixl_agent_config(backends=["UCX"]))
         n = cache.cache_desc.size
         if mem is not None:
             regions = [(int(mem.ctypes.data), int(mem.nbytes), 0, "")]
         else:
             regions = [(int(a), n, 0, "") for a in cache.tensor_addrs]
         reg = agent.register_memory(regions, "DRAM")
-        self.nixl = (agent, reg)
+        self.nixl[model_id] = (agent, reg)
         return agent.get_agent_metadata()
 
     def cmd_ping(self):
@@ -307,12 +327,6 @@ class _Decode:
         return None
 
     def close(self) -> None:
-        if self.nixl is not None:
-            agent, reg = self.nixl
-            try:
-                agent.deregister_memory(reg)
-            except Exception:  # noqa: BLE001 - best effort before _exit
-                pass
         for model_id in list(self.caches):
             try:
                 self.cmd_free(model_id)
@@ -322,10 +336,11 @@ class _Decode:
         self.dd.finalize()
 
 
-def decode_main(conn, cluster_id: int, idle_s: float = 300.0) -> None:
+def decode_main(conn, cluster_id: int, idle_s: float = IDLE_S,
+                auth_key: Optional[str] = None) -> None:
     """Child entry point: report ("ready", port, pid), then serve commands."""
     try:
-        node = _Decode(cluster_id)
+        node = _Decode(cluster_id, auth_key)
     except BaseException:
         conn.send(("err", traceback.format_exc()))
         return
@@ -334,7 +349,7 @@ def decode_main(conn, cluster_id: int, idle_s: float = 300.0) -> None:
         _serve(conn, node, idle_s)
     finally:
         node.close()
-        if node.nixl is not None:     # see the module doc: NIXL crashes at a normal exit
+        if node.nixl_loaded:          # see the module doc: NIXL crashes at a normal exit
             conn.close()
             os._exit(0)
 
@@ -349,25 +364,27 @@ class _NixlPrefill:
         # NIXL's default progress thread (a polling loop) the initiator ran at about half the
         # speed here, on 2 cores. The decode (target) keeps its thread: nothing else progresses
         # its side of the connection set-up.
+        quiet_nixl()
         from nixl._api import nixl_agent, nixl_agent_config
         self.agent = nixl_agent(f"prefill-{os.getpid()}",
                                 nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
         self.reg = None
 
-    def cmd_setup(self, decode_meta, dst_addrs, layers, pool, block, src_idx, dst_idx):
-        """Source memory with the benchmark's pattern and a scratch buffer of the same size
-        (the np.copyto baseline), both registered/pre-faulted; prepared descriptor lists of every
-        (tensor, block) on both sides; per layer the index lists of its K and V pairs."""
+    def cmd_setup(self, decode_meta, dst_addrs, layers, tensors_per_layer, pool, block,
+                  src_idx, dst_idx):
+        """Source memory with the benchmark's pattern (tensor after tensor, as the bench's
+        `fill` writes it), registered; prepared descriptor lists of every (tensor, block) on
+        both sides; per layer the index lists of its tensors' block pairs. A later setup
+        replaces the earlier one."""
         import numpy as np
-        n_t = 2 * layers
+        self._release()
+        n_t = layers * tensors_per_layer
         self.block = block
-        self.cache_bytes = n_t * pool * block
-        self.src = aligned_empty(self.cache_bytes)
+        cache_bytes = n_t * pool * block
+        self.src = aligned_empty(cache_bytes)
         fill_pattern(self.src, start=1)
-        self.scratch = aligned_empty(self.cache_bytes)
-        self.scratch.fill(0)
-        self.reg = self.agent.register_memory(
-            [(int(self.src.ctypes.data), self.cache_bytes, 0, "")], "DRAM")
+        self.reg = self.agent.register_memory([(int(self.src.ctypes.data), cache_bytes, 0, "")],
+                                              "DRAM")
         self.remote = self.agent.add_remote_agent(decode_meta)
         n = n_t * pool
         loc = np.zeros((n, 3), dtype=np.uint64)
@@ -381,26 +398,23 @@ class _NixlPrefill:
         self.remote_h = self.agent.prep_xfer_dlist(self.remote, rem, "DRAM")
         s = np.asarray(src_idx, dtype=np.int32)
         d = np.asarray(dst_idx, dtype=np.int32)
-        self.layers = [(np.concatenate([(2 * l) * pool + s, (2 * l + 1) * pool + s]),
-                        np.concatenate([(2 * l) * pool + d, (2 * l + 1) * pool + d]))
-                       for l in range(layers)]
+        tensors = [range(l * tensors_per_layer, (l + 1) * tensors_per_layer) for l in range(layers)]
+        self.layers = [(np.concatenate([t * pool + s for t in ts]),
+                        np.concatenate([t * pool + d for t in ts])) for ts in tensors]
         self.bytes_moved = n_t * len(src_idx) * block
         return self.bytes_moved
 
-    def cmd_copyto(self, start: int = 0, chunk: int = 256 * MiB):
-        """Seconds for a contiguous np.copyto of bytes_moved bytes (src -> scratch)."""
-        import numpy as np
-        left, n, off = self.bytes_moved, self.cache_bytes, start % self.cache_bytes
-        t0 = time.perf_counter()
-        while left:
-            c = min(chunk, left, n - off)
-            np.copyto(self.scratch[off:off + c], self.src[off:off + c])
-            left -= c
-            off = (off + c) % n
-        return time.perf_counter() - t0
+    def _release(self) -> None:
+        if self.reg is not None:
+            self.agent.release_dlist_handle(self.local_h)
+            self.agent.release_dlist_handle(self.remote_h)
+            self.agent.deregister_memory(self.reg)
+            self.agent.remove_remote_agent(self.remote)
+            self.reg = None
+            self.src = None
 
     def cmd_xfer(self, timeout_s: float = 120.0):
-        """Seconds for the layer-wise B2B write: per layer one prepared WRITE of its K and V
+        """Seconds for the layer-wise B2B write: per layer one prepared WRITE of its tensors'
         block pairs (made and posted in layer order, like llmdist's per-layer queueing), then
         wait until every one is DONE."""
         t0 = time.perf_counter()
@@ -437,7 +451,7 @@ class _NixlPrefill:
         return None
 
 
-def nixl_prefill_main(conn, idle_s: float = 300.0) -> None:
+def nixl_prefill_main(conn, idle_s: float = IDLE_S) -> None:
     """Child entry point: report ("ready", pid) or ("err", why), then serve commands; leaves
     with os._exit (see the module doc)."""
     try:
@@ -451,8 +465,7 @@ def nixl_prefill_main(conn, idle_s: float = 300.0) -> None:
         _serve(conn, node, idle_s)
     finally:
         try:
-            if node.reg is not None:
-                node.agent.deregister_memory(node.reg)
+            node._release()
         finally:
             conn.close()
             os._exit(0)

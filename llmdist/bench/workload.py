@@ -166,17 +166,20 @@ class Bench:
 
     # --- timing ----------------------------------------------------------------------------
     def rounds(self, label: str, paths: Dict[str, Callable[[], None]],
-               repeat: Optional[int] = None) -> Dict[str, List[float]]:
+               repeat: Optional[int] = None, alternate: bool = False) -> Dict[str, List[float]]:
         """Run every path once untimed, then `repeat` rounds of all paths in turn (so that drift
-        of a shared machine hits them alike); the seconds of each path in each round."""
+        of a shared machine hits them alike; with `alternate`, odd rounds run them in reverse
+        order, so that no path always follows the same one); the seconds of each path in each
+        round."""
         repeat = repeat or self.settings.repeat
         for name, fn in paths.items():
             self.progress.show(f"{label}: warm-up {name}")
             fn()
         times: Dict[str, List[float]] = {k: [] for k in paths}
+        order = list(paths.items())
         for i in range(repeat):
             self.progress.show(f"{label}: round {i + 1}/{repeat}")
-            for name, fn in paths.items():
+            for name, fn in (order[::-1] if alternate and i % 2 else order):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)

@@ -16,8 +16,10 @@ extern "C" {
 
 /* What a record times. arg: see each kind. */
 typedef enum llmd_trace_kind {
-    LLMD_TRACE_BATCH = 1,      /* a copy batch on the team: arg = the parts the issuing thread did */
-    LLMD_TRACE_BATCH_SOLO = 2, /* a copy batch on the issuing thread alone (arg 0) */
+    /* a batch (copies here, or a process_vm transfer) shared with the copy team: arg = the parts
+     * the issuing thread ran */
+    LLMD_TRACE_BATCH = 1,
+    LLMD_TRACE_BATCH_SOLO = 2, /* a batch run by the issuing thread alone (arg 0) */
     LLMD_TRACE_PART = 3,       /* one part of a team batch: arg = the part's index */
     LLMD_TRACE_COPY = 4,       /* one single copy (memcpy_async) */
     LLMD_TRACE_GATE_MARK = 5,  /* a layer gate marked: arg = layer (t_start == t_end) */

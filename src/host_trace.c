@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "llmdist/host_trace.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,6 +45,9 @@ void llmd_trace_add(llmd_trace_kind kind, uint64_t t_start, uint64_t t_end, size
     r->tid = (int32_t)syscall(SYS_gettid);
 }
 
+/* A forked child keeps its own records only. */
+static void trace_forget(void) { atomic_store(&g_next, 0); }
+
 __attribute__((constructor)) static void trace_start(void)
 {
     const char *path = getenv("LLMDIST_HOST_TRACE");
@@ -57,7 +61,29 @@ __attribute__((constructor)) static void trace_start(void)
         g_records = NULL;
         return;
     }
+    pthread_atfork(NULL, NULL, trace_forget);
     llmd_trace_enabled = 1;
+}
+
+/* The file name with each "%p" replaced by this process's id (NULL when out of memory). */
+static char *trace_file_name(void)
+{
+    char pid[24];
+    int plen = snprintf(pid, sizeof pid, "%d", (int)getpid());
+    size_t n = strlen(g_path), k = 0;
+    char *out = (char *)malloc(n * (size_t)plen + 1);
+    if (!out) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (g_path[i] == '%' && g_path[i + 1] == 'p') {
+            memcpy(out + k, pid, (size_t)plen);
+            k += (size_t)plen;
+            i++;
+        } else {
+            out[k++] = g_path[i];
+        }
+    }
+    out[k] = 0;
+    return out;
 }
 
 /* One line per record, in the order they were kept: kind t_start_ns t_end_ns bytes arg tid. */
@@ -65,7 +91,10 @@ __attribute__((destructor)) static void trace_write(void)
 {
     if (!llmd_trace_enabled) return;
     llmd_trace_enabled = 0;
-    FILE *f = fopen(g_path, "w");
+    char *name = trace_file_name();
+    if (!name) return;
+    FILE *f = fopen(name, "w");
+    free(name);
     if (!f) return;
     size_t n = atomic_load(&g_next);
     if (n > LLMD_TRACE_MAX) n = LLMD_TRACE_MAX;

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(HERE)
 
 # A child process: the trace switch is read when the library loads.
 CHILD = textwrap.dedent("""
-    import threading, time
+    import os, threading, time
     import numpy as np
     import llmdist
     from llmdist import _core
@@ -65,6 +65,7 @@ CHILD = textwrap.dedent("""
     t.join()
     assert woke == [True]
     s.close()
+    print(os.getpid())
 """)
 
 
@@ -79,6 +80,7 @@ def run_child(tmp_path, trace):
     r = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    return int(r.stdout.split()[-1])
 
 
 def test_trace_records_batches_parts_copies_and_the_gate(tmp_path):
@@ -115,3 +117,10 @@ def test_trace_records_batches_parts_copies_and_the_gate(tmp_path):
 def test_no_trace_without_the_switch(tmp_path):
     run_child(tmp_path, None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["child.py"]
+
+
+def test_percent_p_in_the_name_is_the_process_id(tmp_path):
+    pid = run_child(tmp_path, tmp_path / "trace.%p.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["child.py", f"trace.{pid}.txt"]
+    s = host_trace.summarize(host_trace.read(str(tmp_path / f"trace.{pid}.txt")))
+    assert s["batches"] == 2

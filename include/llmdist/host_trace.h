@@ -1,7 +1,9 @@
 /* Phase timing of the host copy engine and the layer gate, for profiling. Off unless the
  * environment variable LLMDIST_HOST_TRACE names a file when the library loads; then every batch,
  * team part, single copy, gate mark and gate wake-up is kept in memory (up to LLMD_TRACE_MAX
- * records) and written to that file when the process exits. When off, a hook costs one branch. */
+ * records) and written to that file when the process exits; "%p" in the name stands for the
+ * process id, for programs whose child processes load llmdist too. When off, a hook costs one
+ * branch. */
 #ifndef LLMDIST_HOST_TRACE_H
 #define LLMDIST_HOST_TRACE_H
 

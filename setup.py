@@ -30,7 +30,7 @@ ext = Extension(
     "llmdist._core",
     sources=["llmdist/_core.pyx", "src/runtime_common.c", "src/host_runtime.c", "src/acl_runtime.c",
              "src/cuda_runtime.c", "src/cuda_copy.c", "src/layer_gate.c", "src/buffer_pool.c",
-             "src/process_vm_baseline.c"],
+             "src/process_vm_baseline.c", "src/host_trace.c"],
     include_dirs=["include"],
     depends=sorted(glob.glob("include/llmdist/*.h") + glob.glob("src/*.h") + glob.glob("llmdist/*.pxi")),
     # -g0 after Python's own -g, and a stripped link: the wheel carries no debug info

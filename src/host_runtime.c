@@ -1,6 +1,7 @@
 /* The embedded host runtime (see include/llmdist/host_runtime.h). */
 #define _GNU_SOURCE
 #include "llmdist/host_runtime.h"
+#include "llmdist/host_trace.h"
 #include "runtime_common.h"
 
 #include <errno.h>
@@ -197,11 +198,15 @@ static copy_team g_team = {
     .done_cv = PTHREAD_COND_INITIALIZER,
 };
 
-static void team_run_parts(copy_team *t)
+/* Take and run parts until none is left; returns how many this thread ran. */
+static int team_run_parts(copy_team *t)
 {
+    int ran = 0;
     for (;;) {
         int p = atomic_fetch_add(&t->next_part, 1);
         if (p >= t->nparts) break;
+        ran++;
+        uint64_t t0 = LLMD_TRACING() ? llmd_trace_now() : 0;
         if (t->kind == JOB_COPY)
             copy_span(t->dsts, t->srcs, t->sizes, t->count, t->part_run[p], t->part_off[p],
                       t->part_run[p + 1], t->part_off[p + 1], t->nt_min);
@@ -209,10 +214,12 @@ static void team_run_parts(copy_team *t)
             process_span(t->dsts, t->srcs, t->sizes, t->count, t->part_run[p], t->part_off[p],
                          t->part_run[p + 1], t->part_off[p + 1], t->kind == JOB_PROCESS_WRITE,
                          t->pid, t->status);
+        if (LLMD_TRACING()) llmd_trace_add(LLMD_TRACE_PART, t0, llmd_trace_now(), 0, p);
         pthread_mutex_lock(&t->mu);
         if (--t->parts_left == 0) pthread_cond_broadcast(&t->done_cv);
         pthread_mutex_unlock(&t->mu);
     }
+    return ran;
 }
 
 static double team_now_us(void)
@@ -282,6 +289,7 @@ static void run_batch(int kind, void **dsts, void **srcs, const size_t *sizes, s
     int threads = g_tuning.copy_threads;
     size_t total = 0;
     for (size_t i = 0; i < count; i++) total += sizes[i];
+    uint64_t t0 = LLMD_TRACING() ? llmd_trace_now() : 0;
     if (threads > 1 && total >= g_tuning.split_min_bytes && pthread_mutex_trylock(&g_team.lock) == 0) {
         copy_team *t = &g_team;
         team_ensure(t, threads);
@@ -301,11 +309,12 @@ static void run_batch(int kind, void **dsts, void **srcs, const size_t *sizes, s
             __atomic_add_fetch(&t->generation, 1, __ATOMIC_RELEASE);
             pthread_cond_broadcast(&t->work_cv);
             pthread_mutex_unlock(&t->mu);
-            team_run_parts(t);
+            int mine = team_run_parts(t);
             pthread_mutex_lock(&t->mu);
             while (t->parts_left > 0) pthread_cond_wait(&t->done_cv, &t->mu);
             pthread_mutex_unlock(&t->mu);
             pthread_mutex_unlock(&t->lock);
+            if (LLMD_TRACING()) llmd_trace_add(LLMD_TRACE_BATCH, t0, llmd_trace_now(), total, mine);
             return;
         }
         pthread_mutex_unlock(&t->lock);
@@ -315,6 +324,7 @@ static void run_batch(int kind, void **dsts, void **srcs, const size_t *sizes, s
     else
         process_span(dsts, srcs, sizes, count, 0, 0, count, 0, kind == JOB_PROCESS_WRITE, pid,
                      status);
+    if (LLMD_TRACING()) llmd_trace_add(LLMD_TRACE_BATCH_SOLO, t0, llmd_trace_now(), total, 0);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -392,10 +402,13 @@ typedef struct host_stream {
 static void run_op(host_op *op)
 {
     switch (op->type) {
-    case OP_COPY:
+    case OP_COPY: {
+        uint64_t t0 = LLMD_TRACING() ? llmd_trace_now() : 0;
         copy_run(op->dst, op->src, op->n, g_tuning.stream_store_min_bytes);
         copy_fence();
+        if (LLMD_TRACING()) llmd_trace_add(LLMD_TRACE_COPY, t0, llmd_trace_now(), op->n, 0);
         break;
+    }
     case OP_BATCH:
         run_batch(JOB_COPY, op->dsts, op->srcs, op->sizes, op->n, 0, NULL);
         break;

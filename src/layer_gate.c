@@ -1,6 +1,7 @@
 /* Layer gate (see include/llmdist/layer_gate.h). */
 #define _GNU_SOURCE
 #include "llmdist/layer_gate.h"
+#include "llmdist/host_trace.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -40,6 +41,10 @@ void llmd_gate_destroy(llmd_gate *g)
 void llmd_gate_mark(llmd_gate *g, int32_t layer)
 {
     if (layer < 0 || layer >= g->num_layers) return;
+    if (LLMD_TRACING()) {
+        uint64_t t = llmd_trace_now();
+        llmd_trace_add(LLMD_TRACE_GATE_MARK, t, t, 0, layer);
+    }
     pthread_mutex_lock(&g->mu);
     g->marked[layer] = 1;
     pthread_cond_broadcast(&g->cv);
@@ -63,6 +68,7 @@ static double now_ms(void)
 int llmd_gate_wait(llmd_gate *g, int32_t layer, int32_t timeout_ms, const volatile int *stop)
 {
     if (layer < 0 || layer >= g->num_layers) return LLMD_GATE_STOPPED;
+    uint64_t t0 = LLMD_TRACING() ? llmd_trace_now() : 0;
     double deadline = timeout_ms >= 0 ? now_ms() + timeout_ms : 0;
     int rc = LLMD_GATE_OK;
     pthread_mutex_lock(&g->mu);
@@ -77,5 +83,8 @@ int llmd_gate_wait(llmd_gate *g, int32_t layer, int32_t timeout_ms, const volati
         pthread_cond_timedwait(&g->cv, &g->mu, &ts);
     }
     pthread_mutex_unlock(&g->mu);
+    /* Polls (timeout 0) are not wake-ups. */
+    if (LLMD_TRACING() && timeout_ms != 0)
+        llmd_trace_add(LLMD_TRACE_GATE_WAKE, t0, llmd_trace_now(), 0, layer);
     return rc;
 }

@@ -1,0 +1,126 @@
+"""LLMDIST_HOST_TRACE: the host copy engine and the layer gate time their phases into a file
+written at exit, and the copies they time still move the right bytes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from llmdist.bench import host_trace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# A child process: the trace switch is read when the library loads.
+CHILD = textwrap.dedent("""
+    import os, threading, time
+    import numpy as np
+    import llmdist
+    from llmdist import _core
+
+    rt = _core.Runtime.host()
+    s = _core.Stream(rt)
+    block, nblocks = 64 << 10, 32
+    si, di = list(range(nblocks)), list(reversed(range(nblocks)))
+    plan = _core.plan_b2b(_core.parse_indices("src", si), _core.parse_indices("dst", di), block)
+    src = [np.random.default_rng(i).integers(0, 255, nblocks * block, dtype=np.uint8)
+           for i in range(2)]
+    dst = [np.zeros_like(a) for a in src]
+
+    def check():
+        for a, b in zip(src, dst):
+            for x, y in zip(si, di):
+                assert (b[y * block:(y + 1) * block] == a[x * block:(x + 1) * block]).all()
+
+    # one team batch (4 MiB >= split_min_bytes), then one on this thread alone
+    llmdist.set_host_tuning(copy_threads=2, split_min_bytes=1 << 20)
+    _core.copy_pairs(rt, s, plan, [a.ctypes.data for a in src], [b.ctypes.data for b in dst],
+                     _core.CopyKind.COPY_D2D, "copy")
+    check()
+    for b in dst:
+        b[:] = 0
+    llmdist.set_host_tuning(split_min_bytes=1 << 30)
+    _core.copy_pairs(rt, s, plan, [a.ctypes.data for a in src], [b.ctypes.data for b in dst],
+                     _core.CopyKind.COPY_D2D, "copy")
+    check()
+    # one single copy
+    one = np.zeros(1 << 20, dtype=np.uint8)
+    rt.memcpy(one.ctypes.data, src[0].ctypes.data, one.nbytes, s)
+    s.synchronize()
+    assert (one == src[0][:one.nbytes]).all()
+    # a gate wait that the mark of layer 1 ends
+    gate = _core.LayerGate(2)
+    woke, waiting = [], threading.Event()
+
+    def waiter():
+        waiting.set()
+        woke.append(gate.wait(1, 30_000))
+    t = threading.Thread(target=waiter)
+    t.start()
+    waiting.wait()
+    time.sleep(0.2)
+    gate.mark(1)
+    t.join()
+    assert woke == [True]
+    s.close()
+    print(os.getpid())
+""")
+
+
+def run_child(tmp_path, trace):
+    env = dict(os.environ)
+    env.pop("LLMDIST_HOST_TRACE", None)
+    if trace is not None:
+        env["LLMDIST_HOST_TRACE"] = str(trace)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    r = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.split()[-1])
+
+
+def test_trace_records_batches_parts_copies_and_the_gate(tmp_path):
+    trace = tmp_path / "trace.txt"
+    run_child(tmp_path, trace)
+    records = host_trace.read(str(trace))
+    kinds = [r.kind for r in records]
+    batch_bytes = 2 * 32 * (64 << 10)
+    team = [r for r in records if r.kind == host_trace.BATCH]
+    solo = [r for r in records if r.kind == host_trace.BATCH_SOLO]
+    assert [r.nbytes for r in team] == [batch_bytes]
+    assert [r.nbytes for r in solo] == [batch_bytes]
+    parts = [r for r in records if r.kind == host_trace.PART]
+    # every part of the team batch ran once, inside the batch
+    assert sorted(p.arg for p in parts) == list(range(len(parts)))
+    assert len(parts) >= 2
+    assert all(team[0].t_start <= p.t_start <= p.t_end <= team[0].t_end for p in parts)
+    own = sum(1 for p in parts if p.tid == team[0].tid)
+    assert team[0].arg == own
+    assert [r.nbytes for r in records if r.kind == host_trace.COPY] == [1 << 20]
+    marks = [r for r in records if r.kind == host_trace.GATE_MARK]
+    wakes = [r for r in records if r.kind == host_trace.GATE_WAKE]
+    assert [m.arg for m in marks] == [1] and [w.arg for w in wakes] == [1]
+    # the wait began before the mark and ended after it
+    assert wakes[0].t_start <= marks[0].t_start <= wakes[0].t_end
+    s = host_trace.summarize(records)
+    assert s["batches"] == 2 and s["team_batches"] == 1
+    assert s["batch_bytes"] == 2 * batch_bytes
+    assert s["gate_wake_after_mark_s"]["n"] == 1
+    assert s["copies"] == 1 and s["copy_bytes"] == 1 << 20
+    assert kinds.count(host_trace.BATCH) + kinds.count(host_trace.BATCH_SOLO) == 2
+
+
+def test_no_trace_without_the_switch(tmp_path):
+    run_child(tmp_path, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["child.py"]
+
+
+def test_percent_p_in_the_name_is_the_process_id(tmp_path):
+    pid = run_child(tmp_path, tmp_path / "trace.%p.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["child.py", f"trace.{pid}.txt"]
+    s = host_trace.summarize(host_trace.read(str(tmp_path / f"trace.{pid}.txt")))
+    assert s["batches"] == 2

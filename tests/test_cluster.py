@@ -45,6 +45,7 @@ from llmdist import (
 from . import reference
 from .decode_procs import HOST, DCache, DecodeProc, cluster_info, memfd_maps, start_all  # noqa: F401
 from .helpers import SUCCESS, Env, GateSync, RecordingSync, SleepSync, assert_mem_equal, free_port
+from .raw_protocol import RawPeer
 from .reference import RefConfig
 
 LINK_MS = 5000
@@ -929,6 +930,25 @@ def hello(cluster_id: int, target: int, role: LLMRole = LLMRole.PROMPT, **over) 
     return msg
 
 
+def _answered(port: int, hello_msg: dict, timeout: float = 20.0) -> socket.socket:
+    """A raw connection whose hello the listener answered (a welcome; a keyed listener refuses
+    it). Retried while the listener turns connections away unread: the connections of a test
+    just before may still hold this address's handshake slots."""
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = None
+        try:
+            raw = RawPeer(port)
+            raw.link(hello_msg)
+            return raw.sock
+        except (ConnectionError, OSError):
+            pass
+        if raw is not None:
+            raw.close()
+        assert time.monotonic() < deadline, "the listener answered no raw peer"
+        time.sleep(0.2)
+
+
 def send_and_expect_close(port: int, data: bytes, half_close: bool = True,
                           timeout: float = 12.0) -> bytes:
     """Send data; the listener must close the connection within timeout. Returns its reply."""
@@ -1001,12 +1021,11 @@ def test_garbage_on_listener_port(decodes, prefill, cleanup):
             s.close()
         # a fake peer that completes the handshake, then sends garbage: dropped, and the
         # cluster id it used can link for real afterwards
-        s = socket.create_connection((HOST, port), timeout=5)
-        s.sendall(frame(hello(556, 2)))
-        s.settimeout(5)
-        head = s.recv(8)
-        assert head[:4] == MAGIC, head
-        s.sendall(frame({"type": "cache_add", "cache": {"id": "x"}, "seq": 1}) + b"junk" * 10)
+        s = _answered(port, hello(556, 2))
+        try:
+            s.sendall(frame({"type": "cache_add", "cache": {"id": "x"}, "seq": 1}) + b"junk" * 10)
+        except (BrokenPipeError, ConnectionResetError):
+            pass        # refused (keyed listener) and closed already
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -211,7 +211,7 @@ class MemoryEntry:
                  "share", "alloc", "regions", "deferred")
 
     def __init__(self, cache: Cache, origin: str, remote_accessible: bool, base: int = 0,
-                 size: int = 0, share: Optional[dict] = None) -> None:
+                 size: int = 0, share: Optional["Share"] = None) -> None:
         self.cache = cache
         self.origin = origin
         self.remote_accessible = remote_accessible

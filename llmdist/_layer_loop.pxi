@@ -620,7 +620,7 @@ cdef class TransferJob:
                 owner = self.runtime if c.lane == LANE_RUNTIME else self.host
                 o.runtime_error = runtime_error(owner.rt, c.code, f"copy (entry {c.fail_index})")
             elif c.failed == FAIL_ENGINE:
-                o.detail = cp.engine.error
+                o.engine_status, o.detail = cp.engine.verdict(c.code)
             elif c.failed == FAIL_CANCELLED:
                 o.cancel_status = self.cancel_codes[i]
             outcomes.append(o)

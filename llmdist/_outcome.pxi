@@ -24,7 +24,8 @@ cdef class Outcome:
     cdef readonly int os_error          # FAIL_PROCESS: the errno
     cdef readonly int pid               # FAIL_PROCESS: the other process
     cdef readonly object runtime_error  # FAIL_RUNTIME: the LLMException of the failed call
-    cdef readonly object detail         # FAIL_ENGINE: the engine channel's text, if it has one
+    cdef readonly object engine_status  # FAIL_ENGINE: the status the engine channel gives it
+    cdef readonly object detail         # FAIL_ENGINE: the engine channel's text for it
     cdef readonly object cancel_status  # FAIL_CANCELLED: the status cancel() was given
 
     def __repr__(self):

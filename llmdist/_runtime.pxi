@@ -239,39 +239,6 @@ cdef class Runtime:
         """Withdraw an export."""
         return ipc_close_export_of(self, ident)
 
-    def memcpy_each(self, list dsts, list srcs, size_t n, Stream stream):
-        """Queue one async copy of n bytes per (dst, src) pair from a C loop: the
-        copy-per-block baseline (as vLLM's swap_blocks does) for benchmarks."""
-        cdef Py_ssize_t i, count = len(dsts)
-        cdef uintptr_t *d = <uintptr_t *>malloc(max(count, 1) * sizeof(uintptr_t))
-        cdef uintptr_t *s = <uintptr_t *>malloc(max(count, 1) * sizeof(uintptr_t))
-        cdef int rc = 0
-        if d == NULL or s == NULL:
-            free(d); free(s)
-            raise MemoryError()
-        try:
-            for i in range(count):
-                d[i] = dsts[i]
-                s[i] = srcs[i]
-            with nogil:
-                for i in range(count):
-                    rc = self.rt.memcpy_async(self.rt.ctx, <void *>d[i], n, <const void *>s[i], n,
-                                              LLMD_MEMCPY_DEFAULT, stream.handle)
-                    if rc != 0:
-                        break
-        finally:
-            free(d)
-            free(s)
-        self.check(rc, "memcpy_async")
-
-    def memcpy(self, uintptr_t dst, uintptr_t src, size_t n, Stream stream):
-        """Queue one copy on a stream (a plain helper for tools and tests)."""
-        cdef int rc
-        with nogil:
-            rc = self.rt.memcpy_async(self.rt.ctx, <void *>dst, n, <const void *>src, n,
-                                      LLMD_MEMCPY_DEFAULT, stream.handle)
-        self.check(rc, "memcpy_async")
-
 
 cdef class Stream:
     """Stream(runtime)

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from ..descs import Placement
+from .. import _core
 from .._core import Stream
 from ..events import EventSynchronizer
 from ..transfer_types import LayerSynchronizer, TransferConfig
@@ -400,8 +401,8 @@ class DeviceWork:
                 self.events[i].record()
             self.sync.mark_recorded(i)
         else:
-            self.bench.rt.memcpy(self.bufs[1].tensor_addrs[0], self.bufs[0].tensor_addrs[0],
-                                 self.nbytes, self.model)
+            _core.bench_copy(self.bench.rt, self.bufs[1].tensor_addrs[0],
+                             self.bufs[0].tensor_addrs[0], self.nbytes, self.model)
             self.sync.record(i, self.model)
 
     def finish(self) -> None:

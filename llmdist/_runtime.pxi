@@ -27,11 +27,6 @@ cdef bytes copy_kernel_ptx():
 
 cdef class Runtime:
     """A loaded runtime: a table of nogil functions plus the device this process drives."""
-    cdef const llmd_runtime *rt
-    cdef readonly str name
-    cdef readonly int device_id
-    cdef readonly str version
-    cdef readonly str library
 
     def __cinit__(self):
         self.rt = NULL
@@ -245,8 +240,6 @@ cdef class Stream:
 --
 
 A runtime stream: operations on it run in order, asynchronously to the caller."""
-    cdef readonly Runtime runtime
-    cdef llmd_stream handle
 
     @property
     def handle(self):
@@ -300,9 +293,6 @@ A runtime event: a marker recorded on a stream, complete once the stream passes 
 
     Event(runtime) creates one; Event(runtime, handle) wraps a framework's event handle (e.g.
     torch.cuda.Event().cuda_event) without taking ownership."""
-    cdef readonly Runtime runtime
-    cdef llmd_event handle
-    cdef bint owned
 
     @property
     def handle(self):

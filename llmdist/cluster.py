@@ -24,8 +24,17 @@ from .auth import MAGIC, MAX_FRAME, AuthError, Channel, ProtocolError
 from .data_path import TRANSPORTS, PeerPath, choose_path
 from .descs import LLMRole
 from .engine_ranges import EngineRanges
-from .handshake import (FIRST_FRAME_S, HANDSHAKE_TIMEOUT_S, MAX_HANDSHAKES, PROTOCOL_VERSION,
-                        Listener, check_hello, host_identity, open_channel, source_of)
+from .handshake import (
+    FIRST_FRAME_S,
+    HANDSHAKE_TIMEOUT_S,
+    MAX_HANDSHAKES,
+    PROTOCOL_VERSION,
+    Listener,
+    check_hello,
+    host_identity,
+    open_channel,
+    source_of,
+)
 from .handshake_slots import HandshakeSlots
 from .limits import PeerLimits
 from .peer import ACK_TIMEOUT_S, Peer

@@ -187,7 +187,7 @@ def check_hello(msg: dict, own_id: int, expect: Optional[int],
         return int(LLMStatusCode.LLM_LINK_FAILED), f"cluster {cid} cannot link to itself"
     if "comm" in msg and not rendezvous:
         return (int(LLMStatusCode.LLM_LINK_FAILED),
-                "a hello naming a rank-table comm is accepted on that comm's rendezvous "
-                "port only")
+                ("a hello naming a rank-table comm is accepted on that comm's rendezvous "
+                 "port only"))
     return None
 

@@ -11,8 +11,15 @@ from llmdist._core import ConfigPlan, CopyKind, Direction, Failure, Lane
 from llmdist.auth import ProtocolError
 from llmdist.data_path import PeerPath, choose_path
 from llmdist.results import config_results
-from llmdist.shares import (DeviceIpcShare, MemfdShare, ProcessShare, ShareKind, Unshared,
-                            share_from_wire, share_to_wire)
+from llmdist.shares import (
+    DeviceIpcShare,
+    MemfdShare,
+    ProcessShare,
+    ShareKind,
+    Unshared,
+    share_from_wire,
+    share_to_wire,
+)
 from llmdist.transport_mooncake import WAIT_FAILED, WAIT_TIMEOUT, EngineChannel
 
 
@@ -82,8 +89,8 @@ class _Failing:
 def test_the_engine_channel_classifies_its_own_codes():
     ch = EngineChannel(_Failing(WAIT_TIMEOUT), "peer:1", 10)
     assert ch.verdict(WAIT_TIMEOUT) == (LLMStatusCode.LLM_TIMEOUT,
-                                        "the transfer engine did not deliver the bytes "
-                                        "(timed out)")
+                                        ("the transfer engine did not deliver the bytes "
+                                         "(timed out)"))
     assert ch.verdict(WAIT_FAILED) == (LLMStatusCode.LLM_LINK_FAILED,
                                        "the transfer engine did not deliver the bytes (code -1)")
     ch.error = "transfer engine refused a write: gone"

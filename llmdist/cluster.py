@@ -29,6 +29,7 @@ from .handshake import (
     HANDSHAKE_TIMEOUT_S,
     MAX_HANDSHAKES,
     PROTOCOL_VERSION,
+    Hello,
     Listener,
     check_hello,
     host_identity,
@@ -106,7 +107,7 @@ class ClusterNode:
             self.start_listening(listen)
 
     def open_listener(self, address: Tuple[str, int],
-                      admit: Optional[Callable[[dict], Optional[Tuple[int, str]]]] = None,
+                      admit: Optional[Callable[[Hello], Optional[Tuple[int, str]]]] = None,
                       key: Optional[bytes] = None) -> Listener:
         """Accept links on address (and on a Unix-socket companion) until the returned listener
         is closed. admit, when given, may refuse a handshake that passed the usual checks
@@ -361,27 +362,29 @@ class ClusterNode:
                 raise AuthError(f"the client refused: {str(msg.get('reason'))[:200]}")
             if msg["type"] != "hello":
                 raise ProtocolError("expected a handshake")
+            hello: Optional[Hello] = None
             if msg.get("target") not in (None, self.cluster_id):
                 refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
                            f"this is cluster {self.cluster_id}, not {msg.get('target')!r:.40}")
             else:
-                refusal = check_hello(msg, self.cluster_id, None, rendezvous=admit is not None)
+                hello, refusal = check_hello(msg, self.cluster_id, None,
+                                             rendezvous=admit is not None)
             if refusal is None and admit is not None:
-                refusal = admit(msg)
+                refusal = admit(hello)
             if refusal is None and self.caches is None:
                 refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
             if refusal is None:
-                refusal = self._begin_accept(msg["cluster_id"])
+                refusal = self._begin_accept(hello.cluster_id)
             if refusal is not None:
                 chan.send({"type": "refuse", "code": refusal[0], "reason": refusal[1],
                            "cluster_id": self.cluster_id})
                 conn.close()
                 return None
             try:
-                return self._admit(chan, msg, fds, deadline, session)
+                return self._admit(chan, hello, fds, deadline, session)
             finally:
                 with self.lock:
-                    self.accepting.discard(msg["cluster_id"])
+                    self.accepting.discard(hello.cluster_id)
                     self.changed.notify_all()
         finally:
             chan.close_fds(fds)
@@ -399,18 +402,18 @@ class ClusterNode:
             self.accepting.add(cid)
         return None
 
-    def _admit(self, chan: Channel, msg: dict, fds: List[int], deadline: float,
+    def _admit(self, chan: Channel, hello: Hello, fds: List[int], deadline: float,
                session: Optional[Tuple[bytes, bytes]]) -> Peer:
         """Register an accepted peer, welcome it and take its caches (the "caches" frame that
         answers the welcome, acknowledged)."""
         conn = chan.sock
-        peer = Peer(self, chan, msg, fds)
+        peer = Peer(self, chan, hello, fds)
         try:
             if peer.path is PeerPath.MOONCAKE:
                 self.ensure_engine(chan.local_ip)
             self._allow_imports(peer)           # before the welcome lists our caches
             with self.lock:
-                if self.closed or msg["cluster_id"] in self.peers:
+                if self.closed or hello.cluster_id in self.peers:
                     raise ProtocolError("closed or linked meanwhile")
                 if self.switching or self.in_handshake.get(conn) != self.epoch:
                     raise ProtocolError("the cluster switched its role meanwhile")
@@ -547,10 +550,10 @@ class ClusterNode:
                     return self._refused(msg, cluster_id, name, deadline), None
                 if msg["type"] != "welcome":
                     raise ProtocolError("expected a welcome")
-                refusal = check_hello(msg, self.cluster_id, cluster_id)
+                welcome, refusal = check_hello(msg, self.cluster_id, cluster_id)
                 if refusal is not None:
                     raise ProtocolError(refusal[1])
-                peer = Peer(self, chan, msg, fds)
+                peer = Peer(self, chan, welcome, fds)
             finally:
                 chan.close_fds(fds)
             if peer.path is PeerPath.MOONCAKE:

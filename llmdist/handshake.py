@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import time
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from . import auth
@@ -156,38 +157,64 @@ def _checked_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> 
     return msg
 
 
-def check_hello(msg: dict, own_id: int, expect: Optional[int],
-                rendezvous: bool = False) -> Optional[Tuple[int, str]]:
-    """(status, reason) when cluster own_id must refuse the hello msg, else None. Roles do not
-    restrict links (as upstream: PROMPT-PROMPT and DECODER-DECODER links serve migration and
-    prefix sharing); the role is checked for form only. A hello naming a rank-table comm is
-    accepted on that comm's rendezvous listener only (rendezvous; it checks the comm)."""
+@dataclass(frozen=True)
+class Hello:
+    """A handshake message (a client's hello, a listener's welcome), every field checked; its
+    caches are checked one by one when the Peer records them (wire.cache_from_wire)."""
+
+    cluster_id: int
+    role: LLMRole
+    target: Optional[int]           # the cluster the client meant to reach (None: any)
+    host: str
+    runtime: str                    # one of RUNTIMES
+    caches: list
+    want_engine: bool               # the sender forces Mooncake (llmdist.transport=mooncake)
+    mooncake: Optional[str]         # the sender's Mooncake session, when its engine runs
+    engine_error: Optional[str]     # why the sender's engine did not start
+    comm: Optional[str]             # the rank-table comm the link belongs to
+
+    @classmethod
+    def from_wire(cls, msg: dict) -> "Hello":
+        """The hello msg, or ProtocolError naming its first bad field."""
+        cluster_id = check_int(msg.get("cluster_id"))
+        target = msg.get("target")
+        if target is not None:
+            check_int(target)
+        runtime = msg.get("runtime", "host")
+        if runtime not in RUNTIMES:
+            raise ProtocolError("bad runtime")
+        role = check_enum(LLMRole, msg.get("role"))
+        host = check_text(msg.get("host"))
+        caches = check_list(msg.get("caches"))
+        want_engine = msg.get("want_engine", False)
+        if type(want_engine) is not bool:
+            raise ProtocolError("bad want_engine")
+        texts = {k: check_text(msg[k]) if k in msg else None
+                 for k in ("mooncake", "engine_error", "comm")}
+        return cls(cluster_id, role, target, host, runtime, caches, want_engine, **texts)
+
+
+def check_hello(msg: dict, own_id: int, expect: Optional[int], rendezvous: bool = False
+                ) -> Tuple[Optional[Hello], Optional[Tuple[int, str]]]:
+    """(the hello, None) when cluster own_id accepts the hello msg, else (None, (status,
+    reason)). Roles do not restrict links (as upstream: PROMPT-PROMPT and DECODER-DECODER links
+    serve migration and prefix sharing); the role is checked for form only. A hello naming a
+    rank-table comm is accepted on that comm's rendezvous listener only (rendezvous; it checks
+    the comm)."""
+    failed = int(LLMStatusCode.LLM_LINK_FAILED)
     version = msg.get("version")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        return int(LLMStatusCode.LLM_LINK_FAILED), f"protocol version {version!r:.40}"
+        return None, (failed, f"protocol version {version!r:.40}")
     try:
-        cid = check_int(msg.get("cluster_id"))
-        if msg.get("target") is not None:     # None: the linker did not know our id
-            check_int(msg.get("target"))
-        if msg.get("runtime", "host") not in RUNTIMES:
-            raise ProtocolError("bad runtime")
-        check_enum(LLMRole, msg.get("role"))
-        check_text(msg.get("host"))
-        check_list(msg.get("caches"))
-        if type(msg.get("want_engine", False)) is not bool:
-            raise ProtocolError("bad want_engine")
-        for k in ("mooncake", "engine_error", "comm"):
-            if k in msg:
-                check_text(msg[k])
+        hello = Hello.from_wire(msg)
     except ProtocolError as exc:
-        return int(LLMStatusCode.LLM_LINK_FAILED), f"malformed handshake: {exc}"
+        return None, (failed, f"malformed handshake: {exc}")
+    cid = hello.cluster_id
     if expect is not None and cid != expect:
-        return int(LLMStatusCode.LLM_LINK_FAILED), f"expected cluster {expect}, reached {cid}"
+        return None, (failed, f"expected cluster {expect}, reached {cid}")
     if cid == own_id:
-        return int(LLMStatusCode.LLM_LINK_FAILED), f"cluster {cid} cannot link to itself"
-    if "comm" in msg and not rendezvous:
-        return (int(LLMStatusCode.LLM_LINK_FAILED),
-                ("a hello naming a rank-table comm is accepted on that comm's rendezvous "
-                 "port only"))
-    return None
-
+        return None, (failed, f"cluster {cid} cannot link to itself")
+    if hello.comm is not None and not rendezvous:
+        return None, (failed, "a hello naming a rank-table comm is accepted on that comm's "
+                              "rendezvous port only")
+    return hello, None

@@ -35,6 +35,7 @@ from .wire_checks import check_int, check_list
 
 if TYPE_CHECKING:
     from .cluster import ClusterNode
+    from .handshake import Hello
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,14 @@ ACK_TIMEOUT_S = 10.0            # default wait for a peer's ack of a request
 class Peer:
     """A linked cluster: its control connection, the caches it exposes, and the data path."""
 
-    def __init__(self, node: "ClusterNode", chan: Channel, hello: dict,
+    def __init__(self, node: "ClusterNode", chan: Channel, hello: "Hello",
                  fds: List[int] = ()) -> None:
         self.node = node
         self.chan = chan
         self.sock = chan.sock
-        self.cluster_id: int = hello["cluster_id"]
-        self.role = LLMRole(hello["role"])
-        self.runtime: str = hello.get("runtime", "host")
+        self.cluster_id: int = hello.cluster_id
+        self.role: LLMRole = hello.role
+        self.runtime: str = hello.runtime
         # Who the peer is comes from the kernel, never from its hello: over the Unix socket the
         # peer's pid and uid are SO_PEERCRED's; over TCP this side knows no process of it.
         creds = chan.peer_creds()
@@ -71,9 +72,8 @@ class Peer:
         self.tgid: int = self.pid      # the pid device-IPC exports whitelist (kernel-verified)
         # cache id -> why this process cannot reach that cache of the peer
         self.unreachable: Dict[int, str] = {}
-        self.path = node.choose_path(self.same_host, hello.get("want_engine") is True)
-        session = hello.get("mooncake")
-        self.engine_session: Optional[str] = session if isinstance(session, str) else None
+        self.path = node.choose_path(self.same_host, hello.want_engine)
+        self.engine_session: Optional[str] = hello.mooncake
         self.link = _core.LinkFlag(self.pid, chan.peer_pidfd() if self.pid > 0 else -1)
         self.mem = ClusterMemory()
         self.mappings: Dict[int, Tuple[int, int]] = {}   # cache id -> (local address, size)
@@ -97,10 +97,9 @@ class Peer:
         self.linked_here = False
         self.peer_unlinked = False            # the peer asked to unlink (its unlink_clusters)
         self.address: Optional[Tuple[str, int]] = None   # where we reached it, when we linked
-        err = hello.get("engine_error")
-        self.engine_error: Optional[str] = err if isinstance(err, str) else None
+        self.engine_error: Optional[str] = hello.engine_error
         try:
-            self.add_caches(hello["caches"], fds)
+            self.add_caches(hello.caches, fds)
         except BaseException:
             self._unmap_all()
             raise

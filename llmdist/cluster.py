@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -113,32 +112,15 @@ class ClusterNode:
         is closed. admit, when given, may refuse a handshake that passed the usual checks
         ((status, reason) or None); key, when given, is the key clients must prove they hold.
         Raises OSError when the address cannot be bound."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-            sock.listen(64)
-        except OSError:
-            sock.close()
-            raise
-        name = "llmdist-" + secrets.token_hex(16)
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            unix.bind(b"\0" + name.encode())
-            unix.listen(64)
-        except OSError as exc:
-            log.warning("no Unix socket beside %s:%d (%s): peers on this host link over TCP and "
-                        "get no shared memory or process route", address[0], address[1], exc)
-            unix.close()
-            unix = name = None
+        listener = Listener.bind(address)
         # the address a Mooncake engine of a peer linked over the Unix socket is told
         local_ip = address[0] if address[0] not in ("", "0.0.0.0") else "127.0.0.1"
-        for s, redirect in ((sock, name), (unix, None)):
+        for s, redirect in ((listener.tcp, listener.unix_name), (listener.unix, None)):
             if s is not None:
                 threading.Thread(target=self._accept_loop,
                                  args=(s, admit, key, redirect, local_ip),
                                  name="llmdist-listen", daemon=True).start()
-        return Listener(sock, unix, name)
+        return listener
 
     def start_listening(self, listen: Tuple[str, int]) -> None:
         """Accept links on listen (llm.listenIpInfo), replacing the current listener."""

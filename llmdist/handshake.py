@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -78,6 +79,30 @@ class Listener:
     def __init__(self, tcp: socket.socket, unix: Optional[socket.socket], name: Optional[str]):
         self.tcp, self.unix, self.unix_name = tcp, unix, name
         self.port: int = tcp.getsockname()[1]
+
+    @classmethod
+    def bind(cls, address: Tuple[str, int]) -> "Listener":
+        """Listen on address and on a new Unix-socket companion (without one, peers on this
+        host link over TCP). Raises OSError when the address cannot be bound."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        name = "llmdist-" + secrets.token_hex(16)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            unix.bind(b"\0" + name.encode())
+            unix.listen(64)
+        except OSError as exc:
+            log.warning("no Unix socket beside %s:%d (%s): peers on this host link over TCP and "
+                        "get no shared memory or process route", address[0], address[1], exc)
+            unix.close()
+            unix = name = None
+        return cls(sock, unix, name)
 
     def close(self) -> None:
         close_listener(self.tcp)

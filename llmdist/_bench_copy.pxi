@@ -1,15 +1,5 @@
-# Copies for the benchmarks' baselines only (llmdist.bench): one queued runtime copy, and one
-# copy per block from a C loop (what a hand-written loop or vLLM's swap_blocks amounts to).
-
-def bench_copy(Runtime runtime not None, uintptr_t dst, uintptr_t src, size_t n,
-               Stream stream not None):
-    """Queue one copy of n bytes on stream."""
-    cdef int rc
-    with nogil:
-        rc = runtime.rt.memcpy_async(runtime.rt.ctx, <void *>dst, n, <const void *>src, n,
-                                     LLMD_MEMCPY_DEFAULT, stream.handle)
-    runtime.check(rc, "memcpy_async")
-
+# The benchmarks' copy-per-block baseline (llmdist.bench): one runtime copy per block, queued
+# from a C loop (what a hand-written loop or vLLM's swap_blocks amounts to).
 
 def bench_copy_each(Runtime runtime not None, list dsts, list srcs, size_t n,
                     Stream stream not None):

@@ -234,6 +234,14 @@ cdef class Runtime:
         """Withdraw an export."""
         return ipc_close_export_of(self, ident)
 
+    def memcpy(self, uintptr_t dst, uintptr_t src, size_t n, Stream stream):
+        """Queue one copy on a stream (a plain helper for tools and tests)."""
+        cdef int rc
+        with nogil:
+            rc = self.rt.memcpy_async(self.rt.ctx, <void *>dst, n, <const void *>src, n,
+                                      LLMD_MEMCPY_DEFAULT, stream.handle)
+        self.check(rc, "memcpy_async")
+
 
 cdef class Stream:
     """Stream(runtime)

@@ -15,7 +15,6 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from ..descs import Placement
-from .. import _core
 from .._core import Stream
 from ..events import EventSynchronizer
 from ..transfer_types import LayerSynchronizer, TransferConfig
@@ -401,8 +400,8 @@ class DeviceWork:
                 self.events[i].record()
             self.sync.mark_recorded(i)
         else:
-            _core.bench_copy(self.bench.rt, self.bufs[1].tensor_addrs[0],
-                             self.bufs[0].tensor_addrs[0], self.nbytes, self.model)
+            self.bench.rt.memcpy(self.bufs[1].tensor_addrs[0], self.bufs[0].tensor_addrs[0],
+                                 self.nbytes, self.model)
             self.sync.record(i, self.model)
 
     def finish(self) -> None:

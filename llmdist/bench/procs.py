@@ -201,10 +201,10 @@ class _Decode:
         blocks = cache.cache_desc.shape[0]
         if self._host(cache):
             return host_view(cache.tensor_addrs[t], n).reshape(blocks, -1)
-        from llmdist import CacheDesc, DataType, Placement, _core
+        from llmdist import CacheDesc, DataType, Placement
         stage = self.cm.allocate_cache(CacheDesc(1, [n], DataType.DT_UINT8, Placement.HOST))
         try:
-            _core.bench_copy(self.rt, stage.tensor_addrs[0], cache.tensor_addrs[t], n, self.stream)
+            self.rt.memcpy(stage.tensor_addrs[0], cache.tensor_addrs[t], n, self.stream)
             self.stream.synchronize()
             return host_view(stage.tensor_addrs[0], n).copy().reshape(blocks, -1)
         finally:
@@ -242,12 +242,12 @@ class _Decode:
             for a in cache.tensor_addrs:
                 host_view(a, n).fill(0)
             return
-        from llmdist import CacheDesc, DataType, Placement, _core
+        from llmdist import CacheDesc, DataType, Placement
         stage = self.cm.allocate_cache(CacheDesc(1, [n], DataType.DT_UINT8, Placement.HOST))
         try:
             host_view(stage.tensor_addrs[0], n)[:] = np.zeros(n, dtype=np.uint8)
             for a in cache.tensor_addrs:
-                _core.bench_copy(self.rt, a, stage.tensor_addrs[0], n, self.stream)
+                self.rt.memcpy(a, stage.tensor_addrs[0], n, self.stream)
             self.stream.synchronize()
         finally:
             self.cm.deallocate_cache(stage)

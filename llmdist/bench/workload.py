@@ -131,7 +131,7 @@ class Bench:
         stage = self.cm.allocate_cache(CacheDesc(1, [n], DataType.DT_UINT8, Placement.HOST))
         try:
             host_view(stage.tensor_addrs[0], n)[:] = data
-            _core.bench_copy(self.rt, cache.tensor_addrs[t], stage.tensor_addrs[0], n, self.stream)
+            self.rt.memcpy(cache.tensor_addrs[t], stage.tensor_addrs[0], n, self.stream)
             self.stream.synchronize()
         finally:
             self.cm.deallocate_cache(stage)
@@ -143,7 +143,7 @@ class Bench:
             return host_view(cache.tensor_addrs[t], n).copy()
         stage = self.cm.allocate_cache(CacheDesc(1, [n], DataType.DT_UINT8, Placement.HOST))
         try:
-            _core.bench_copy(self.rt, stage.tensor_addrs[0], cache.tensor_addrs[t], n, self.stream)
+            self.rt.memcpy(stage.tensor_addrs[0], cache.tensor_addrs[t], n, self.stream)
             self.stream.synchronize()
             return host_view(stage.tensor_addrs[0], n).copy()
         finally:
@@ -199,12 +199,12 @@ class Bench:
             if span >= nbytes:
                 off = 0 if turn[0] % 2 == 0 else span - nbytes
                 turn[0] += 1
-                _core.bench_copy(self.rt, d_span[0] + off, s_span[0] + off, nbytes, self.stream)
+                self.rt.memcpy(d_span[0] + off, s_span[0] + off, nbytes, self.stream)
             else:
                 left = nbytes
                 while left:
                     n = min(span, left)
-                    _core.bench_copy(self.rt, d_span[0], s_span[0], n, self.stream)
+                    self.rt.memcpy(d_span[0], s_span[0], n, self.stream)
                     left -= n
             self.stream.synchronize()
         return run

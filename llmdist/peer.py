@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from . import _core, device_ipc, notifications
 from .auth import Channel, ProtocolError
+from .data_path import PeerPath
 from .descs import CacheKey, LLMRole, Placement
 from .registry import REGISTERED, ClusterMemory, MemoryEntry, Region
 from .routes import EngineRoute, MappedRoute, ProcessRoute, Route
@@ -72,7 +73,7 @@ class Peer:
         self.tgid: int = self.pid      # the pid device-IPC exports whitelist (kernel-verified)
         # cache id -> why this process cannot reach that cache of the peer
         self.unreachable: Dict[int, str] = {}
-        self.path = node.choose_path(self.same_host, hello.want_engine)
+        self.path: PeerPath = node.choose_path(self.same_host, hello.want_engine)
         self.engine_session: Optional[str] = hello.mooncake
         self.link = _core.LinkFlag(self.pid, chan.peer_pidfd() if self.pid > 0 else -1)
         self.mem = ClusterMemory()
@@ -117,7 +118,7 @@ class Peer:
         delta = pid = 0
         why = None
         share = entry.share
-        if self.path == "direct":
+        if self.path is PeerPath.DIRECT:
             if isinstance(share, MemfdShare):
                 # the descriptor is the frame's, closed after it: the mapping outlives it
                 entry.share = replace(share, fd=-1)

@@ -31,6 +31,7 @@ from .handshake import (
     Hello,
     Listener,
     check_hello,
+    client_handshake,
     host_identity,
     open_channel,
     source_of,
@@ -206,7 +207,7 @@ class ClusterNode:
             self.engine_ranges.unregister(engine, entry)
 
 
-    def _allow_imports(self, peer: Peer) -> None:
+    def allow_imports(self, peer: Peer) -> None:
         """Let a peer on this host import the DEVICE caches this cluster exports."""
         cm = self.caches
         if peer.tgid > 0 and cm is not None:
@@ -229,7 +230,8 @@ class ClusterNode:
         if cm is not None:
             cm.cancel_transfers_to(cluster_id, cache_id, code)
 
-    def _my_caches(self, fds: Optional[List[int]]) -> List[dict]:
+    def caches_on_wire(self, fds: Optional[List[int]]) -> List[dict]:
+        """This cluster's caches as sent to a peer (fds: see wire.cache_to_wire)."""
         cm = self.caches
         if cm is None:
             return []
@@ -242,7 +244,7 @@ class ClusterNode:
         msg = {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.cluster_id,
                "role": int(self.role), "target": target, "host": self.host,
                "runtime": self.runtime.name,
-               "caches": self._my_caches(fds) if caches else [],
+               "caches": self.caches_on_wire(fds) if caches else [],
                "want_engine": self.transport == "mooncake"}
         if self.engine is not None:
             msg["mooncake"] = self.engine.session_id
@@ -393,7 +395,7 @@ class ClusterNode:
         try:
             if peer.path is PeerPath.MOONCAKE:
                 self.ensure_engine(chan.local_ip)
-            self._allow_imports(peer)           # before the welcome lists our caches
+            self.allow_imports(peer)            # before the welcome lists our caches
             with self.lock:
                 if self.closed or hello.cluster_id in self.peers:
                     raise ProtocolError("closed or linked meanwhile")
@@ -505,7 +507,6 @@ class ClusterNode:
                      type(exc).__name__, exc)
             return LLMStatusCode.LLM_LINK_FAILED, None
         sock = chan.sock
-        peer = None
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             if self.transport == "mooncake":
@@ -513,54 +514,12 @@ class ClusterNode:
             hello = self._hello(cluster_id, caches=False)
             if comm is not None:
                 hello["comm"] = comm
-            session = None
-            if key is not None:
-                nl = bytes.fromhex(challenge["nonce"])
-                nc = auth.new_nonce()
-                hello["nonce"] = nc.hex()
-                l2c, c2l = auth.session_keys(key, nl, nc)
-                chan.out.set(key, auth.hello_context(nl))
-                chan.into.set(key, auth.welcome_context(nl, nc))
-                session = (c2l, b"")
-            chan.send(hello, then=session)
-            msg, fds = chan.recv(deadline)
-            if key is not None:
-                chan.into.set(l2c)
-            try:
-                if msg["type"] == "refuse":
-                    sock.close()
-                    return self._refused(msg, cluster_id, name, deadline), None
-                if msg["type"] != "welcome":
-                    raise ProtocolError("expected a welcome")
-                welcome, refusal = check_hello(msg, self.cluster_id, cluster_id)
-                if refusal is not None:
-                    raise ProtocolError(refusal[1])
-                peer = Peer(self, chan, welcome, fds)
-            finally:
-                chan.close_fds(fds)
-            if peer.path is PeerPath.MOONCAKE:
-                self.ensure_engine(chan.local_ip)
-            # The listener knows us now: our caches (with their memfds, on a Unix socket) go
-            # only after its welcome proved who it is. It whitelisted us before its welcome;
-            # now whitelist it, and say so.
-            out: Optional[List[int]] = [] if chan.unix else None
-            self._allow_imports(peer)
-            peer.send({"type": "caches", "caches": self._my_caches(out)}, out or ())
-            while True:       # the listener may announce caches before it acknowledges ours
-                got, more = chan.recv(deadline)
-                try:
-                    if got["type"] == "ack" and got.get("seq") == 0:
-                        break
-                    if peer._handle(got, more):
-                        raise ProtocolError("the cluster unlinked during the handshake")
-                finally:
-                    chan.close_fds(more)
-            peer.ipc_ready.set()
-            peer.send({"type": "ipc_ready"})
+            peer = client_handshake(self, chan, challenge, hello, key, cluster_id, deadline)
+            if isinstance(peer, dict):         # the listener's refusal
+                sock.close()
+                return self._refused(peer, cluster_id, name, deadline), None
         except Exception as exc:  # noqa: BLE001 - a failed link is a status, whatever the cause
             log.info("link to cluster %s failed: %s: %s", name, type(exc).__name__, exc)
-            if peer is not None:
-                peer.close(LLMStatusCode.LLM_LINK_FAILED)
             sock.close()
             return LLMStatusCode.LLM_LINK_FAILED, None
         cid = peer.cluster_id

@@ -17,13 +17,18 @@ import secrets
 import socket
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 from . import auth
 from .auth import AuthError, Channel, ProtocolError
+from .data_path import PeerPath
 from .descs import LLMRole
+from .peer import Peer
 from .status import LLMStatusCode
 from .wire_checks import check_enum, check_int, check_list, check_text
+
+if TYPE_CHECKING:
+    from .cluster import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +185,63 @@ def _checked_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> 
         raise AuthError("authentication failed: the listener has no key "
                         "(llmdist.auth_key) and this side requires one")
     return msg
+
+
+def client_handshake(node: "ClusterNode", chan: Channel, challenge: dict, hello: dict,
+                     key: Optional[bytes], expect: Optional[int], deadline: float
+                     ) -> Union["Peer", dict]:
+    """The client's side after the challenge: send hello (with a key, proving it and moving
+    to the session's MAC keys), check the welcome, make the Peer, send this side's caches,
+    take the listener's announcements until it acknowledges them, then send ipc_ready. Returns
+    the Peer, or the listener's refuse frame; raises otherwise (the Peer closed)."""
+    session = None
+    if key is not None:
+        nl = bytes.fromhex(challenge["nonce"])
+        nc = auth.new_nonce()
+        hello["nonce"] = nc.hex()
+        l2c, c2l = auth.session_keys(key, nl, nc)
+        chan.out.set(key, auth.hello_context(nl))
+        chan.into.set(key, auth.welcome_context(nl, nc))
+        session = (c2l, b"")
+    chan.send(hello, then=session)
+    msg, fds = chan.recv(deadline)
+    if key is not None:
+        chan.into.set(l2c)
+    try:
+        if msg["type"] == "refuse":
+            return msg
+        if msg["type"] != "welcome":
+            raise ProtocolError("expected a welcome")
+        welcome, refusal = check_hello(msg, node.cluster_id, expect)
+        if refusal is not None:
+            raise ProtocolError(refusal[1])
+        peer = Peer(node, chan, welcome, fds)
+    finally:
+        chan.close_fds(fds)
+    try:
+        if peer.path is PeerPath.MOONCAKE:
+            node.ensure_engine(chan.local_ip)
+        # The listener knows us now: our caches (with their memfds, on a Unix socket) go only
+        # after its welcome proved who it is. It allowed our imports before its welcome; now
+        # allow its imports, and say so.
+        out: Optional[List[int]] = [] if chan.unix else None
+        node.allow_imports(peer)
+        peer.send({"type": "caches", "caches": node.caches_on_wire(out)}, out or ())
+        while True:       # the listener may announce caches before it acknowledges ours
+            got, more = chan.recv(deadline)
+            try:
+                if got["type"] == "ack" and got.get("seq") == 0:
+                    break
+                if peer.handle(got, more):
+                    raise ProtocolError("the cluster unlinked during the handshake")
+            finally:
+                chan.close_fds(more)
+        peer.ipc_ready.set()
+        peer.send({"type": "ipc_ready"})
+    except BaseException:
+        peer.close(LLMStatusCode.LLM_LINK_FAILED)
+        raise
+    return peer
 
 
 @dataclass(frozen=True)

@@ -403,7 +403,7 @@ class Peer:
                         last = time.monotonic()
                     tokens -= 1.0
                 try:
-                    if self._handle(msg, fds):
+                    if self.handle(msg, fds):
                         return
                 finally:
                     self.chan.close_fds(fds)
@@ -416,7 +416,7 @@ class Peer:
             self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED)
             self.chan.close_fds()
 
-    def _handle(self, msg: dict, fds: List[int]) -> bool:
+    def handle(self, msg: dict, fds: List[int]) -> bool:
         """Act on one message of the peer; True when the link ended."""
         kind = msg["type"]
         seq = check_int(msg.get("seq", 0))

@@ -32,7 +32,7 @@ ext = Extension(
              "src/cuda_runtime.c", "src/cuda_copy.c", "src/layer_gate.c", "src/buffer_pool.c",
              "src/process_vm_baseline.c", "src/host_trace.c"],
     include_dirs=["include"],
-    depends=sorted(glob.glob("include/llmdist/*.h") + glob.glob("src/*.h") + glob.glob("llmdist/*.pxi")),
+    depends=sorted(glob.glob("include/llmdist/*.h") + glob.glob("src/*.h") + glob.glob("llmdist/*.pxi") + glob.glob("llmdist/*.pxd")),
     # -g0 after Python's own -g, and a stripped link: the wheel carries no debug info
     # (LLMDIST_DEBUG_BUILD=1 keeps it, for the sanitizer build's reports)
     extra_compile_args=["-O3", *([] if DEBUG_BUILD else ["-g0"]), "-std=gnu11", "-Wno-unused-function"],

@@ -21,20 +21,8 @@ cdef class ConfigPlan:
 
     pid names the peer process (LANE_PROCESS), link the peer's LinkFlag (None for this
     cluster), engine the channel that queues transfers (LANE_ENGINE: write, read, settle and
-    error), single makes device copies go run by run (memory of another device, which a batch
+    verdict), single makes device copies go run by run (memory of another device, which a batch
     call's one location cannot name)."""
-    cdef readonly int first_layer, stop_layer
-    cdef readonly size_t row_shift
-    cdef readonly int kind
-    cdef readonly int lane
-    cdef readonly int direction
-    cdef readonly list target_addrs
-    cdef readonly list target_limits
-    cdef readonly int pid
-    cdef readonly LinkFlag link
-    cdef readonly object engine
-    cdef readonly bint single
-    cdef readonly int tensors_per_layer
 
     def __init__(self, *, int first_layer, int stop_layer, size_t row_shift, CopyKind kind,
                  Lane lane, list target_addrs, list target_limits, Direction direction=WRITE,

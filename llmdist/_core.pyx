@@ -2,10 +2,9 @@
 """llmdist's compiled core: the runtime table, streams and events, the planner and the layer loop.
 
 Everything here that touches memory runs without the GIL; Python is entered only to call a
-user's LayerSynchronizer and to publish a task's results.
+user's LayerSynchronizer and to publish a task's results. The compiled classes and the C
+interfaces are declared in _core.pxd; the parts included below implement them.
 """
-
-include "_decl.pxi"
 
 from cpython.long cimport PyLong_AsUnsignedLongLong
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
@@ -34,3 +33,4 @@ include "_outcome.pxi"
 include "_layer_loop.pxi"
 include "_local_copy.pxi"
 include "_process_vm_baseline.pxi"
+include "_bench_copy.pxi"

@@ -1,5 +1,5 @@
 # C declarations of the runtime interface (include/llmdist/runtime.h), the device runtimes'
-# loaders and the host runtime.
+# loaders, the host runtime, the benchmarks' process_vm baseline and the layer gates.
 
 from libc.stdint cimport int32_t, int64_t, uint64_t, uintptr_t
 
@@ -130,3 +130,15 @@ cdef extern from "llmdist/process_vm_baseline.h" nogil:
         size_t iov_len
     int llmd_process_vm_baseline(int pid, int write, const iovec *local, const iovec *remote,
                                  size_t count, int threads)
+
+cdef extern from "llmdist/layer_gate.h" nogil:
+    ctypedef struct llmd_gate:
+        pass
+    enum:
+        LLMD_GATE_OK
+        LLMD_GATE_TIMEOUT
+    llmd_gate *llmd_gate_create(int32_t num_layers)
+    void llmd_gate_destroy(llmd_gate *g)
+    void llmd_gate_mark(llmd_gate *g, int32_t layer)
+    void llmd_gate_reset(llmd_gate *g)
+    int llmd_gate_wait(llmd_gate *g, int32_t layer, int32_t timeout_ms, const volatile int *stop)

@@ -1,22 +1,7 @@
 # Layer gates: event-based layer readiness, marked by the model and waited on without the GIL.
 
-cdef extern from "llmdist/layer_gate.h" nogil:
-    ctypedef struct llmd_gate:
-        pass
-    enum:
-        LLMD_GATE_OK
-        LLMD_GATE_TIMEOUT
-    llmd_gate *llmd_gate_create(int32_t num_layers)
-    void llmd_gate_destroy(llmd_gate *g)
-    void llmd_gate_mark(llmd_gate *g, int32_t layer)
-    void llmd_gate_reset(llmd_gate *g)
-    int llmd_gate_wait(llmd_gate *g, int32_t layer, int32_t timeout_ms, const volatile int *stop)
-
-
 cdef class LayerGate:
     """Per-layer 'event recorded' marks, waited on without the GIL."""
-    cdef llmd_gate *gate
-    cdef readonly int num_layers
 
     def __cinit__(self, int num_layers):
         if num_layers <= 0:

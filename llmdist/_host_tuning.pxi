@@ -1,4 +1,4 @@
-# The host copy engine's knobs, and a copy on the calling thread.
+# The host copy engine's knobs.
 
 def host_tuning():
     """The host copy engine's knobs as a dict."""
@@ -23,9 +23,3 @@ def set_host_tuning(copy_threads=None, split_min_bytes=None, stream_store_min_by
         if type(stream_store_min_bytes) is not int or stream_store_min_bytes < 0:
             raise ValueError(f"stream_store_min_bytes must be an int >= 0, got {stream_store_min_bytes!r}")
         t.stream_store_min_bytes = stream_store_min_bytes
-
-
-def host_copy(uintptr_t dst, uintptr_t src, size_t n):
-    """Copy n bytes with the host copy engine on the calling thread (GIL released)."""
-    with nogil:
-        llmd_host_copy(<void *>dst, <const void *>src, n)

@@ -5,10 +5,6 @@ cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFF
 
 cdef class Indices:
     """A validated list of uint64 indices held as a C array."""
-    cdef uint64_t *data
-    cdef readonly Py_ssize_t size
-    cdef readonly object max_value
-    cdef uint64_t max_value_c       # max_value as a C integer (0 when empty)
 
     def __cinit__(self):
         self.data = NULL

@@ -2,25 +2,6 @@
 # waits for readiness, then queues every config's runs on the config's lane; it knows lanes and
 # engine channels, never which transport or API option a config came from.
 
-cdef struct CfgState:
-    int lo, hi              # layers [lo, hi) of the cache here
-    size_t row_shift        # bytes added to each tensor base of the cache here (its row)
-    int kind                # CopyKind
-    int lane                # Lane
-    int direction           # Direction
-    int pid                 # LANE_PROCESS: the other process
-    int single              # LANE_RUNTIME: copy run by run, never in a batch call
-    int async_code          # LANE_PROCESS: errno of a failed transfer, set by the host stream
-    const volatile int *link_up  # the link to the other cluster (NULL: this process)
-    int code                # runtime or engine error code, 0 while fine
-    int failed              # Failure once the config has failed
-    int attempted           # some layer's copies were issued
-    size_t fail_index
-    Py_ssize_t desc_base    # first descriptor slot of this config
-    int merged              # LANE_RUNTIME device to device, copied together with the other
-                            # merged configs of the layer in one copy_runs call
-
-
 # The most bytes one copy call covers when a job's layers are all ready at once (see
 # TransferJob.layers_per_call).
 cdef size_t GROUP_BYTES = <size_t>64 << 20
@@ -36,51 +17,6 @@ cdef class TransferJob:
     run() is the layer loop, called on a transfer worker thread with that worker's streams.
     cancel() stops it between layers and waits until the copies it issued have landed. Once
     done is set, outcomes holds one Outcome per config."""
-    cdef Runtime runtime
-    cdef Runtime host
-    cdef Plan plan
-    cdef int ncfg, first_layer, last_layer
-    cdef CfgState *cfg
-    cdef uint64_t *local_addrs        # the cache here: tpl tensor bases per layer
-    cdef uint64_t *target_addrs       # per config: tpl per covered layer
-    cdef uint64_t *target_limits      # the end of the region holding each target tensor
-    cdef Py_ssize_t *target_index     # where each config's entries start in target_addrs
-    cdef llmd_run_table *tables[2]    # the plan's runs for LANE_RUNTIME and LANE_HOST copies
-    cdef const llmd_runtime *table_rts[2]   # the runtime that made each table
-    cdef void **d_dsts                # LANE_PROCESS, LANE_ENGINE: per-run descriptors
-    cdef void **d_srcs
-    cdef size_t *d_sizes
-    cdef void *d_block                # the pooled buffer holding them
-    cdef size_t d_block_size
-    cdef PyThread_type_lock lock
-    cdef llmd_stream stream           # the runtime stream of the worker running the job
-    cdef llmd_stream host_stream      # its host-engine stream (LANE_HOST, LANE_PROCESS)
-    cdef volatile int cancelled
-    cdef int finished
-    cdef int tpl                      # tensors per layer on both sides: 2 (K and V) or 1 (MLA)
-    cdef bint has_sync                # a LayerSynchronizer gates the layers (else all are ready)
-    cdef int issued_upto              # every layer below this has had its copies queued
-    cdef llmd_event *events           # event-based readiness: one event per layer
-    cdef int nevents
-    cdef LayerGate gate
-    cdef int32_t wait_ms
-    cdef readonly list configs        # the ConfigPlan of each config
-    cdef readonly object synchronizer
-    cdef readonly object sync_timeout
-    cdef readonly object done
-    cdef readonly list outcomes
-    cdef readonly object exception    # what the layer synchronizer raised
-    cdef readonly object sync_layer   # the layer at which the synchronizer failed
-    cdef readonly object sync_value   # the false value the synchronizer returned
-    cdef readonly object cancel_code
-    cdef list cancel_codes            # per config, the status a cancellation gave it
-    cdef public object on_finish
-    # On CUDA with the copy kernel, one copy_runs call (one launch) per layer covers every merged
-    # config: their tensor pairs are gathered here (sized once per call)
-    cdef llmd_tensor_pair *m_pairs
-    cdef int *m_cfgs
-    cdef llmd_tensor_pair *pairs      # one config's tensor pairs of the layers of one call
-    cdef int group                    # the most layers one copy call covers
 
     def __cinit__(self):
         self.lock = PyThread_allocate_lock()
@@ -620,7 +556,7 @@ cdef class TransferJob:
                 owner = self.runtime if c.lane == LANE_RUNTIME else self.host
                 o.runtime_error = runtime_error(owner.rt, c.code, f"copy (entry {c.fail_index})")
             elif c.failed == FAIL_ENGINE:
-                o.detail = cp.engine.error
+                o.engine_status, o.detail = cp.engine.verdict(c.code)
             elif c.failed == FAIL_CANCELLED:
                 o.cancel_status = self.cancel_codes[i]
             outcomes.append(o)

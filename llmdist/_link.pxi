@@ -6,9 +6,6 @@ cdef class LinkFlag:
     control connection noticed a killed peer is not reported delivered. pidfd, when given (the
     flag owns it), is that process's pidfd: it tells the process's exit even once the pid has
     been reused, or while the dead process is not reaped."""
-    cdef volatile int up
-    cdef public int pid
-    cdef readonly int pidfd
 
     def __cinit__(self, int pid=0, int pidfd=-1):
         self.up = 1

@@ -16,16 +16,6 @@ cpdef enum Failure:
 cdef class Outcome:
     """How one config of a transfer ended. attempted: some layer's copies were issued (a config
     that never started has failure FAIL_NONE or FAIL_CANCELLED with attempted False)."""
-    cdef readonly int failure
-    cdef readonly bint attempted
-    cdef readonly int lane
-    cdef readonly int direction
-    cdef readonly int code              # FAIL_ENGINE: the engine channel's code
-    cdef readonly int os_error          # FAIL_PROCESS: the errno
-    cdef readonly int pid               # FAIL_PROCESS: the other process
-    cdef readonly object runtime_error  # FAIL_RUNTIME: the LLMException of the failed call
-    cdef readonly object detail         # FAIL_ENGINE: the engine channel's text, if it has one
-    cdef readonly object cancel_status  # FAIL_CANCELLED: the status cancel() was given
 
     def __repr__(self):
         return (f"Outcome(failure={Failure(self.failure).name}, attempted={self.attempted}, "

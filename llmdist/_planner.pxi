@@ -3,17 +3,9 @@
 
 # The planner
 
-ctypedef llmd_run Run        # the runtime interface's run: a plan's runs feed its run tables
-
-
 cdef class Plan:
     """The run template of one call: (src_offset, dst_offset, nbytes) per tensor, consecutive
     pieces merged. Offsets are from the tensor bases; every layer and config reuses it."""
-    cdef Run *runs
-    cdef readonly Py_ssize_t count
-    cdef readonly size_t dst_lo, dst_hi    # the destination bytes any run touches, from a tensor base
-    cdef readonly size_t src_lo, src_hi    # the same for the source (a pull checks it)
-    cdef bint overflow          # some block offset does not fit the address space
 
     def __cinit__(self):
         self.runs = NULL

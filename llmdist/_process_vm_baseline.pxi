@@ -4,12 +4,6 @@ cdef class ProcessVmBaseline:
     """The same runs llmdist moves to or from process pid, issued straight to the kernel on
     `threads` threads (up to 1024 iovecs per call): the syscalls' own limit, as a benchmark's
     baseline. Calling it moves them once; an OSError carries the errno of a failure."""
-    cdef iovec *local
-    cdef iovec *remote
-    cdef size_t count
-    cdef readonly int pid
-    cdef readonly bint write
-    cdef readonly int threads
 
     def __init__(self, int pid, bint write, list local_addrs, list remote_addrs, size_t size,
                  int threads=2):

@@ -27,11 +27,6 @@ cdef bytes copy_kernel_ptx():
 
 cdef class Runtime:
     """A loaded runtime: a table of nogil functions plus the device this process drives."""
-    cdef const llmd_runtime *rt
-    cdef readonly str name
-    cdef readonly int device_id
-    cdef readonly str version
-    cdef readonly str library
 
     def __cinit__(self):
         self.rt = NULL
@@ -239,31 +234,6 @@ cdef class Runtime:
         """Withdraw an export."""
         return ipc_close_export_of(self, ident)
 
-    def memcpy_each(self, list dsts, list srcs, size_t n, Stream stream):
-        """Queue one async copy of n bytes per (dst, src) pair from a C loop: the
-        copy-per-block baseline (as vLLM's swap_blocks does) for benchmarks."""
-        cdef Py_ssize_t i, count = len(dsts)
-        cdef uintptr_t *d = <uintptr_t *>malloc(max(count, 1) * sizeof(uintptr_t))
-        cdef uintptr_t *s = <uintptr_t *>malloc(max(count, 1) * sizeof(uintptr_t))
-        cdef int rc = 0
-        if d == NULL or s == NULL:
-            free(d); free(s)
-            raise MemoryError()
-        try:
-            for i in range(count):
-                d[i] = dsts[i]
-                s[i] = srcs[i]
-            with nogil:
-                for i in range(count):
-                    rc = self.rt.memcpy_async(self.rt.ctx, <void *>d[i], n, <const void *>s[i], n,
-                                              LLMD_MEMCPY_DEFAULT, stream.handle)
-                    if rc != 0:
-                        break
-        finally:
-            free(d)
-            free(s)
-        self.check(rc, "memcpy_async")
-
     def memcpy(self, uintptr_t dst, uintptr_t src, size_t n, Stream stream):
         """Queue one copy on a stream (a plain helper for tools and tests)."""
         cdef int rc
@@ -278,8 +248,6 @@ cdef class Stream:
 --
 
 A runtime stream: operations on it run in order, asynchronously to the caller."""
-    cdef readonly Runtime runtime
-    cdef llmd_stream handle
 
     @property
     def handle(self):
@@ -333,9 +301,6 @@ A runtime event: a marker recorded on a stream, complete once the stream passes 
 
     Event(runtime) creates one; Event(runtime, handle) wraps a framework's event handle (e.g.
     torch.cuda.Event().cuda_event) without taking ownership."""
-    cdef readonly Runtime runtime
-    cdef llmd_event handle
-    cdef bint owned
 
     @property
     def handle(self):

@@ -19,6 +19,7 @@ from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheKeyByIdAndI
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
 from .results import config_results
 from .routes import LocalRoute, Route
+from .shares import DeviceIpcShare, MemfdShare, ProcessShare, Share, Unshared
 from .status import LLMException, LLMStatusCode
 from .events import EventSynchronizer
 from .task import CacheTask
@@ -160,7 +161,7 @@ class CacheManager:
         if self._shareable:
             fd, base = _core.memfd_create(total)
             raw = base
-            share = {"kind": "memfd", "fd": fd, "base": base, "size": total}
+            share = MemfdShare(fd, base, total)
         elif self._exportable and placement == Placement.DEVICE:
             raw, base, share = self._export_device(cache_id, total)
         else:
@@ -178,7 +179,7 @@ class CacheManager:
         self._used[placement] += total
         return cache
 
-    def _export_device(self, cache_id: int, total: int) -> Tuple[int, int, dict]:
+    def _export_device(self, cache_id: int, total: int) -> Tuple[int, int, Share]:
         """Allocate device memory for a cache and export it for device IPC (lock held).
         Returns (allocation, cache base, share); a cache that cannot be exported still works
         here, and its share tells peers why they cannot write into it."""
@@ -192,12 +193,12 @@ class CacheManager:
             raw = rt.malloc(total + align, True)
             base = -(-raw // align) * align
         if why is not None:
-            return raw, base, {"kind": "none", "reason": f"device IPC is not available: {why}"}
+            return raw, base, Unshared(f"device IPC is not available: {why}")
         try:
             share = device_ipc.export(rt, base, total, sorted(self._importers))
         except LLMException as exc:
             log.warning("cache %d is not reachable from other processes: %s", cache_id, exc)
-            return raw, base, {"kind": "none", "reason": f"exporting it failed: {exc}"}
+            return raw, base, Unshared(f"exporting it failed: {exc}")
         return raw, base, share
 
     def allow_importer(self, pid: int) -> None:
@@ -212,20 +213,19 @@ class CacheManager:
             self._importers.add(pid)
             pids = sorted(self._importers)
             for entry in self._mem.entries.values():
-                if entry.share is not None and entry.share.get("kind") == kind:
+                if isinstance(entry.share, DeviceIpcShare) and entry.share.kind == kind:
                     try:
-                        self._runtime.ipc_allow(device_ipc.ident(entry.share), pids)
+                        self._runtime.ipc_allow(entry.share.id, pids)
                     except LLMException as exc:
                         log.warning("cache %d: process %d may not import it: %s",
                                     entry.cache.cache_id, pid, exc)
 
     def _free(self, entry: MemoryEntry) -> None:
-        kind = entry.share.get("kind") if entry.share is not None else None
-        if kind == "memfd":
+        if isinstance(entry.share, MemfdShare):
             _core.shm_unmap(entry.base, entry.size)
-            os.close(entry.share["fd"])
+            os.close(entry.share.fd)
             return
-        if kind in device_ipc.KINDS:
+        if isinstance(entry.share, DeviceIpcShare):
             # Peers closed their imports before acknowledging the withdrawal (or their link
             # ended); the export goes next, then the memory.
             try:
@@ -274,7 +274,7 @@ class CacheManager:
         with self._lock:
             cache = Cache(self._new_id(), cache_desc, list(checked), is_blocks)
             self._mem.add(MemoryEntry(cache, REGISTERED, remote_accessible,
-                                      share={"kind": "process"}), keys)
+                                      share=ProcessShare()), keys)
         return self._announce(cache)
 
     def register_cache(self, cache_desc: CacheDesc, addrs: Sequence[int],

@@ -1,716 +1,58 @@
-"""Links between clusters: the control connection, the memory each side exposes, and the data
-path to a peer.
+"""The cluster side of one LLMDataDist (ClusterNode): its listener, its links to other
+clusters, and the announcements of its caches to them.
 
-A cluster with `llm.listenIpInfo` accepts links; `link_clusters` connects to one. The control
-connection carries only small JSON frames (auth.py: framing, and with a shared key the
-challenge-response handshake and a MAC on every frame): a challenge from the listener, a
-handshake (cluster ids, roles, the caches each side holds; the linker's caches follow the
-welcome), cache announcements and withdrawals (acknowledged, so that a peer knows a
-cache before a transfer can target it and has stopped writing into it before the owner lets it
-go), the release of a CacheKey a pull used ("key_pulled"), and unlink. It never carries bulk
-data. When it closes, the link is down: transfers to the
-peer end with LLM_LINK_FAILED and nothing more is written.
-
-Who a peer is on this host comes from the kernel: a client of this host continues on the
-listener's Unix socket (named in the challenge), where SO_PEERCRED gives each side the other's
-pid and uid; nothing a hello states about its process is read.
-
-Data paths, per peer (`Peer.route` returns one of routes.py's routes): same host -> copies into
-the peer's shared memory mapped here (host-runtime memory of a listening cluster: sealed memfds
-passed over the Unix socket), or process transfers with the peer's address space (memory the
-peer registered; only a kernel-named process of our uid); other host -> Mooncake
-Transfer Engine (batched transfers with memory the peer registered with its engine).
-`llmdist.transport` forces a path: direct or mooncake.
-
-On a device runtime (ACL, CUDA) the same-host path is device IPC (see device_ipc.py): the
-handshake carries each side's runtime; exports whitelist the peer's kernel-named pid; the side
-that linked sends "ipc_ready" once it has whitelisted the listener, and the listener imports the
-linker's caches only after that."""
+A cluster with `llm.listenIpInfo` accepts links; `link_clusters` connects to one. The
+handshake (handshake.py) gives each side the other's cluster id, role, runtime and caches; a
+linked cluster is a Peer (peer.py), whose path (data_path.py) says how this process reaches its
+memory. Caches go over the wire as wire.py writes them, each with its share (shares.py). On a
+device runtime the same-host path is device IPC (device_ipc.py): exports whitelist the peer's
+kernel-named pid; the side that linked sends "ipc_ready" once it has whitelisted the listener,
+and the listener imports the linker's caches only after that."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-import secrets
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
-from . import _core, auth, device_ipc, notifications
+from . import _core, auth, notifications
 from .auth import MAGIC, MAX_FRAME, AuthError, Channel, ProtocolError
-from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
+from .data_path import TRANSPORTS, PeerPath, choose_path
+from .descs import LLMRole
+from .engine_ranges import EngineRanges
+from .handshake import (
+    FIRST_FRAME_S,
+    HANDSHAKE_TIMEOUT_S,
+    MAX_HANDSHAKES,
+    PROTOCOL_VERSION,
+    Hello,
+    Listener,
+    check_hello,
+    client_handshake,
+    host_identity,
+    open_channel,
+    source_of,
+)
 from .handshake_slots import HandshakeSlots
 from .limits import PeerLimits
-from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry, Region
-from .routes import EngineRoute, MappedRoute, ProcessRoute, Route
+from .peer import ACK_TIMEOUT_S, Peer
+from .registry import MemoryEntry
 from .status import LLMException, LLMStatusCode
+from .wire import cache_to_wire, key_to_wire
+from .wire_checks import check_int
 
 if TYPE_CHECKING:
     from .cache_manager import CacheManager
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 3
-HANDSHAKE_TIMEOUT_S = 10.0      # the whole handshake, however slowly its bytes arrive
-FIRST_FRAME_S = 1.0             # the client's first frame, from its connection
-MAX_HANDSHAKES = 32             # handshakes in progress at once (see handshake_slots.py)
-MAX_TEXT = 4096                 # the longest free text a peer may send (host, reasons, ids)
-ACK_TIMEOUT_S = 10.0
-TRANSPORTS = ("auto", "direct", "mooncake")
-_UNIX_NAME = re.compile(r"llmdist-[0-9a-f]{32}", re.ASCII)
+# the names other modules and tests reach through this one
+__all__ = ["ACK_TIMEOUT_S", "MAGIC", "MAX_FRAME", "PROTOCOL_VERSION", "AuthError", "ClusterNode",
+           "Peer", "ProtocolError", "cache_to_wire", "host_identity"]
 
-__all__ = ["MAGIC", "MAX_FRAME", "ProtocolError", "AuthError"]
-
-
-def host_identity() -> str:
-    """Processes with the same identity can map each other's shared memory and write into each
-    other with process writes: same boot, same hostname, same IPC and mount namespaces."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "?"
-    parts = [socket.gethostname(), boot]
-    for ns in ("ipc", "mnt"):
-        try:
-            parts.append(str(os.stat(f"/proc/self/ns/{ns}").st_ino))
-        except OSError:
-            parts.append("?")
-    return "/".join(parts)
-
-
-def close_listener(sock: socket.socket) -> None:
-    """Stop a listening socket now: shut it down first, so that a thread blocked in accept()
-    returns and the port stops accepting (closing alone leaves it listening until then)."""
-    for step in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
-        try:
-            step()
-        except OSError:
-            pass
-
-
-def _source_of(conn: socket.socket, address) -> str:
-    """Where a connection comes from, for the handshake slots: its IP address, or on the Unix
-    socket the uid the kernel gives for the process at the other end."""
-    if isinstance(address, tuple):
-        return address[0]
-    creds = Channel(conn).peer_creds()
-    return f"uid {creds[1]} (Unix socket)" if creds else "Unix socket"
-
-
-class Listener:
-    """A TCP listening socket and its Unix-socket companion (an abstract name of random text).
-    A client on this host is sent the companion's name in the challenge and continues there,
-    so that each side learns the other's pid and uid from the kernel (SO_PEERCRED) and shared
-    memory can pass as file descriptors."""
-
-    def __init__(self, tcp: socket.socket, unix: Optional[socket.socket], name: Optional[str]):
-        self.tcp, self.unix, self.unix_name = tcp, unix, name
-        self.port: int = tcp.getsockname()[1]
-
-    def close(self) -> None:
-        close_listener(self.tcp)
-        if self.unix is not None:
-            close_listener(self.unix)
-
-
-# ------------------------------------------------------------------------------------------
-# Caches on the wire
-
-def _int(v, lo: int = 0, hi: int = 2**64 - 1) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise ProtocolError(f"bad integer {v!r:.40}")
-    return v
-
-
-def _enum(cls, v):
-    """A member of an int-valued enum from its value; true and false are not integers here."""
-    if type(v) is not int:
-        raise ProtocolError(f"bad {cls.__name__} {v!r:.40}")
-    try:
-        return cls(v)
-    except ValueError:
-        raise ProtocolError(f"bad {cls.__name__} {v!r:.40}") from None
-
-
-def _text(v, limit: int = MAX_TEXT) -> str:
-    if type(v) is not str or len(v) > limit:
-        raise ProtocolError(f"bad text {v!r:.40}")
-    try:
-        v.encode()
-    except UnicodeEncodeError:
-        raise ProtocolError(f"text that is not UTF-8 {v!r:.40}") from None
-    return v
-
-
-def _list(v, limit: int = MAX_FRAME) -> list:
-    if type(v) is not list or len(v) > limit:
-        raise ProtocolError(f"bad list {v!r:.40}")
-    return v
-
-
-def key_from_wire(w) -> Union[CacheKey, BlocksCacheKey]:
-    w = _list(w, 5)
-    if len(w) == 3 and w[0] == "blocks":
-        return BlocksCacheKey(_int(w[1]), _int(w[2]))
-    if len(w) == 5 and w[0] == "cache":
-        return CacheKey(_int(w[1]), _int(w[2]), _int(w[3]), _int(w[4]))
-    raise ProtocolError(f"bad cache key {w!r:.60}")
-
-
-def key_to_wire(key: Union[CacheKey, BlocksCacheKey]) -> list:
-    if isinstance(key, BlocksCacheKey):
-        return ["blocks", key.cluster_id, key.model_id]
-    return ["cache", key.cluster_id, key.req_id, key.model_id, key.prefix_id]
-
-
-def share_to_wire(share: Optional[dict], fds: Optional[List[int]]) -> dict:
-    """How a peer reaches a cache, as sent. Shared memory (a memfd) and device IPC ids go only
-    over a Unix socket (fds not None), to a process the kernel says is on this host; the memfd
-    travels in fds, the share names its index there."""
-    if share is None:
-        return {"kind": "none"}
-    kind = share.get("kind")
-    if kind == "memfd" or kind in device_ipc.KINDS:
-        if fds is None:
-            return {"kind": "none", "reason": "its memory is shared with processes of this host "
-                                              "over a Unix socket only"}
-        if kind == "memfd":
-            fds.append(share["fd"])
-            return {"kind": "memfd", "fd": len(fds) - 1, "base": share["base"],
-                    "size": share["size"]}
-    return share
-
-
-def cache_to_wire(entry: MemoryEntry, fds: Optional[List[int]] = None) -> dict:
-    """A cache as sent to a peer (fds: see share_to_wire)."""
-    c = entry.cache
-    d = c.cache_desc
-    keys = []
-    for k in entry.keys:
-        if isinstance(k, BlocksCacheKey):
-            keys.append(["blocks", k.cluster_id, k.model_id])
-        else:
-            keys.append(["cache", k.cluster_id, k.req_id, k.model_id, k.prefix_id])
-    return {"id": c.cache_id, "num_tensors": d.num_tensors, "shape": list(d.shape),
-            "dtype": d.data_type.value, "placement": int(d.placement), "batch_dim": d.batch_dim,
-            "seq_len_dim": d.seq_len_dim_index, "blocks": c.is_blocks_cache,
-            "addrs": c.tensor_addrs, "origin": entry.origin,
-            "remote_accessible": entry.remote_accessible, "keys": keys,
-            "share": share_to_wire(entry.share, fds)}
-
-
-def cache_from_wire(w: dict, fds: List[int] = ()) -> Tuple[MemoryEntry, list]:
-    """A peer's cache as a MemoryEntry (its addresses are the peer's) and its keys; a memfd
-    share's "fd" becomes the descriptor of fds it names."""
-    if type(w) is not dict:
-        raise ProtocolError("cache is not an object")
-    try:
-        num_tensors = _int(w["num_tensors"], 1, 2**32 - 1)
-        desc = CacheDesc(num_tensors, [_int(x, 1, 2**63 - 1) for x in _list(w["shape"], 64)],
-                         _enum(DataType, w["dtype"]), _enum(Placement, w["placement"]),
-                         batch_dim_index=_int(w["batch_dim"], 0, 64),
-                         seq_len_dim_index=_int(w["seq_len_dim"], -1, 64))
-        if type(w["blocks"]) is not bool or type(w["remote_accessible"]) is not bool:
-            raise ProtocolError("bad flags")
-        if w["origin"] not in (ALLOCATED, REGISTERED):
-            raise ProtocolError("bad origin")
-        addrs = [_int(a, 1) for a in _list(w["addrs"], num_tensors)]
-        cache = Cache(_int(w["id"], 0, 2**63 - 1), desc, addrs, w["blocks"])
-        keys = [key_from_wire(k) for k in _list(w["keys"])]
-        share = w["share"]
-        if (type(share) is not dict
-                or share.get("kind") not in ("memfd", "process", "none") + device_ipc.KINDS):
-            raise ProtocolError("bad share")
-        kind = share["kind"]
-        if kind == "memfd":
-            share = dict(share, fd=fds[_int(share.get("fd"), 0, len(fds) - 1)]) if fds else None
-            if share is None:
-                raise ProtocolError("shared memory without its file descriptor")
-        elif kind in device_ipc.KINDS:
-            export_id = share.get("id")
-            if (not isinstance(export_id, str) or not 0 < len(export_id) < device_ipc.ID_MAX
-                    or not export_id.isascii() or not export_id.isprintable()):
-                raise ProtocolError("bad device IPC id")
-        elif kind == "none":
-            _text(share.get("reason", ""))
-        if kind == "memfd" or kind in device_ipc.KINDS:
-            base, size = _int(share.get("base"), 1), _int(share.get("size"), 1)
-            # Writes land at a tensor's address moved into the mapping: every tensor must lie
-            # inside the memory the share names, or they would land outside it.
-            if any(a < base or a + desc.size > base + size for a in addrs):
-                raise ProtocolError(f"cache {cache.cache_id} has tensors outside the "
-                                    f"{size} bytes of its shared memory")
-        if kind in device_ipc.KINDS:
-            _int(share.get("device", 0), 0, 2**31 - 1)
-        entry = MemoryEntry(cache, w["origin"], w["remote_accessible"], share=share)
-        if kind == "memfd" or kind in device_ipc.KINDS:
-            entry.base, entry.size = share["base"], share["size"]
-        return entry, keys
-    except ProtocolError:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError, LLMException) as exc:
-        raise ProtocolError(f"bad cache description: {exc}") from None
-
-
-# ------------------------------------------------------------------------------------------
-# Peers
-
-class Peer:
-    """A linked cluster: its control connection, the caches it exposes, and the data path."""
-
-    def __init__(self, node: "ClusterNode", chan: Channel, hello: dict,
-                 fds: List[int] = ()) -> None:
-        self.node = node
-        self.chan = chan
-        self.sock = chan.sock
-        self.cluster_id: int = hello["cluster_id"]
-        self.role = LLMRole(hello["role"])
-        self.runtime: str = hello.get("runtime", "host")
-        # Who the peer is comes from the kernel, never from its hello: over the Unix socket the
-        # peer's pid and uid are SO_PEERCRED's; over TCP this side knows no process of it.
-        creds = chan.peer_creds()
-        self.same_host = creds is not None
-        self.pid: int = creds[0] if creds is not None and creds[0] > 0 else 0
-        self.uid: Optional[int] = creds[1] if creds is not None else None
-        # Process writes and reads reach only a process of our own uid that the kernel named.
-        self.no_process_route: Optional[str] = None
-        if not self.same_host:
-            self.no_process_route = ("it is not known to be a process of this host (linked over "
-                                     "TCP, not the listener's Unix socket)")
-        elif self.pid == 0:
-            self.no_process_route = "its process is outside this process's pid namespace"
-        elif self.uid != os.geteuid():
-            self.no_process_route = (f"its process runs as uid {self.uid}, this one as uid "
-                                     f"{os.geteuid()}")
-        self.tgid: int = self.pid      # the pid device-IPC exports whitelist (kernel-verified)
-        # cache id -> why this process cannot reach that cache of the peer
-        self.unreachable: Dict[int, str] = {}
-        self.path = node.choose_path(self.same_host, hello.get("want_engine") is True)
-        session = hello.get("mooncake")
-        self.engine_session: Optional[str] = session if isinstance(session, str) else None
-        self.link = _core.LinkFlag(self.pid, chan.peer_pidfd() if self.pid > 0 else -1)
-        self.mem = ClusterMemory()
-        self.mappings: Dict[int, Tuple[int, int]] = {}   # cache id -> (local address, size)
-        self.imports: Dict[int, Tuple[dict, int]] = {}   # cache id -> (device IPC share, delta)
-        # Set once the peer may be imported from: at once when we linked to it (it whitelisted
-        # us before its welcome), on its "ipc_ready" when it linked to us.
-        self.ipc_ready = threading.Event()
-        # Set once the handshake is complete, each side knowing the other's caches: an accepted
-        # peer is registered before its caches arrive (so that no announcement misses it) and
-        # counts as linked only from then on.
-        self.ready = threading.Event()
-        self.send_lock = chan.send_lock
-        self.lock = threading.Lock()
-        self.acks: Dict[int, threading.Event] = {}
-        self.acked: set = set()
-        self.seq = 0
-        self.stopping = False                 # stop() began: nothing new is mapped or imported
-        self.stopped = threading.Event()      # stop() finished
-        self.closed = False
-        # This side's link_clusters made (or claimed) the link: a second call is LLM_ALREADY_LINK.
-        self.linked_here = False
-        self.peer_unlinked = False            # the peer asked to unlink (its unlink_clusters)
-        self.address: Optional[Tuple[str, int]] = None   # where we reached it, when we linked
-        err = hello.get("engine_error")
-        self.engine_error: Optional[str] = err if isinstance(err, str) else None
-        try:
-            self.add_caches(hello["caches"], fds)
-        except BaseException:
-            self._unmap_all()
-            raise
-
-    # -- memory the peer exposes
-    def add_caches(self, ws, fds: List[int] = ()) -> None:
-        for w in _list(ws):
-            self.add_cache(w, fds)
-
-    def add_cache(self, w: dict, fds: List[int] = ()) -> None:
-        """Record a cache the peer announced; fds are the descriptors that came with the frame
-        (the caller closes them: a mapping outlives its descriptor)."""
-        entry, keys = cache_from_wire(w, fds)
-        cid = entry.cache.cache_id
-        delta = pid = 0
-        why = None
-        kind = entry.share.get("kind")
-        if self.path == "direct":
-            if kind == "memfd":
-                try:
-                    local = _core.memfd_map(entry.share.pop("fd"), entry.size)
-                except LLMException as exc:
-                    raise ProtocolError(f"peer cache {cid}: {exc}") from None
-                self.mappings[cid] = (local, entry.size)
-                delta = local - entry.base
-            elif kind not in device_ipc.KINDS:
-                # device IPC exports are imported on first use instead
-                pid = self.pid
-                if self.no_process_route is not None:
-                    pid, why = 0, (f"process transfers with cluster {self.cluster_id} are "
-                                   f"refused: {self.no_process_route}")
-        refused = None
-        with self.lock:
-            self._check_caps(cid, len(keys))
-            old = self.mem.remove(cid)
-            try:
-                self.mem.add(entry, keys, delta, pid)
-            except LLMException as exc:
-                refused = exc
-            else:
-                if why is None:
-                    self.unreachable.pop(cid, None)
-                else:
-                    self.unreachable[cid] = why
-        if refused is not None:
-            self._unmap(cid)
-            raise ProtocolError(f"peer cache {cid}: {refused}") from None
-        if old is not None:
-            log.warning("cluster %d announced cache %d twice", self.cluster_id, cid)
-
-    def _check_caps(self, cid: int, nkeys: int) -> None:
-        """Refuse a cache over the caps of llmdist.max_peer_caches / llmdist.max_peer_keys
-        (self.lock held; an announcement again of cache cid replaces it)."""
-        limits = self.node.limits
-        mem = self.mem
-        old = mem.entries.get(cid)
-        if old is None and len(mem.entries) >= limits.max_caches:
-            raise ProtocolError(f"cluster {self.cluster_id} announced more than "
-                                f"{limits.max_caches} caches (option llmdist.max_peer_caches)")
-        keys = len(mem.cache_keys) + len(mem.blocks_keys) + nkeys
-        if old is not None:
-            keys -= len(old.keys)
-        if keys > limits.max_keys:
-            raise ProtocolError(f"cluster {self.cluster_id} announced more than "
-                                f"{limits.max_keys} cache keys (option llmdist.max_peer_keys)")
-
-    def remove_cache(self, cid: int) -> None:
-        with self.lock:
-            self.mem.remove(cid)
-            self.unreachable.pop(cid, None)
-        self.node.cancel_transfers_to(self.cluster_id, cid, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST)
-        self._unmap(cid)
-
-    def remove_key(self, w: list) -> None:
-        key = key_from_wire(w)
-        with self.lock:
-            self.mem.remove_key(key)
-
-    def key_pulled(self, w: list) -> None:
-        """The peer pulled by a CacheKey of this cluster, which releases the key (as upstream).
-        Taken here; withdrawn from peers on another thread, since that waits for every peer's
-        ack, this one's included, which this reader thread delivers."""
-        key = key_from_wire(w)
-        cm = self.node.caches
-        if not isinstance(key, CacheKey) or key.cluster_id != self.node.cluster_id or cm is None:
-            raise ProtocolError(f"cluster {self.cluster_id} released key {key!r:.80}, which is "
-                                f"not a CacheKey of this cluster")
-        # a key no cache holds (released already, or never ours) costs nothing: no thread
-        taken = cm.take_key(key)
-        if taken is not None:
-            threading.Thread(target=cm.finish_key_release, args=(key, taken),
-                             name="llmdist-key-release", daemon=True).start()
-
-    def pulled_by_key(self, key: CacheKey) -> None:
-        """After a pull by key from this peer: forget the key here and tell the peer."""
-        with self.lock:
-            self.mem.remove_key(key)
-        try:
-            self.send({"type": "key_pulled", "key": key_to_wire(key)})
-        except OSError as exc:
-            log.info("cluster %d: could not report a pulled key: %s", self.cluster_id, exc)
-
-    def _unmap(self, cid: int) -> None:
-        """Forget how this process reaches the peer's cache cid: unmap its shared memory, close
-        its device IPC import. The caller has ended the transfers writing into it."""
-        with self.lock:
-            m = self.mappings.pop(cid, None)
-            imp = self.imports.pop(cid, None)
-        if m is not None:
-            _core.shm_unmap(*m)
-        if imp is not None:
-            device_ipc.IMPORTS.release(self.node.runtime, imp[0])
-
-    def _unmap_all(self) -> None:
-        with self.lock:
-            cids = set(self.mappings) | set(self.imports)
-        for cid in cids:
-            self._unmap(cid)
-
-    def device_delta(self, entry: MemoryEntry, runtime: "_core.Runtime") -> int:
-        """What to add to the peer's address of DEVICE cache entry to write into it from here
-        through device IPC; imports the peer's allocation on first use (self.lock held). Raises
-        LLMException naming why the cache cannot be reached that way."""
-        cid = entry.cache.cache_id
-        share = entry.share or {}
-        kind = share.get("kind")
-        where = f"cache {cid} of cluster {self.cluster_id}"
-        refuse = LLMStatusCode.LLM_FEATURE_NOT_ENABLED
-        if entry.placement != Placement.DEVICE:
-            raise LLMException(f"{where} is HOST memory of another process: on the {runtime.name} "
-                               f"runtime a transfer to another process reaches only DEVICE caches "
-                               f"that process allocated (device IPC)", status_code=refuse)
-        if entry.origin == REGISTERED:
-            raise LLMException(f"{where} is DEVICE memory the peer registered (not allocated by "
-                               f"llmdist): device IPC exports whole page-aligned allocations, so "
-                               f"memory registered piecewise cannot be exported safely; allocate "
-                               f"the destination with allocate_cache or allocate_blocks_cache",
-                               status_code=refuse)
-        if kind != runtime.ipc_kind:
-            if kind == "none" and share.get("reason"):
-                why = share["reason"]
-            elif kind in device_ipc.KINDS:
-                why = f"it is exported as {kind}, this cluster runs the {runtime.name} runtime"
-            else:
-                why = ("the peer did not export it (a cluster exports its DEVICE caches when it "
-                       "listens or sets llmdist.shareable_memory=1)")
-            raise LLMException(f"{where} cannot be written through device IPC: {why}",
-                               status_code=refuse)
-        got = self.imports.get(cid)
-        if got is not None and (device_ipc.ident(got[0]), got[0]["base"]) != \
-                (device_ipc.ident(share), share["base"]):   # announced again, exported anew
-            self.imports.pop(cid)
-            device_ipc.IMPORTS.release(runtime, got[0])
-            got = None
-        if got is None:
-            if self.stopping:
-                raise LLMException(f"the link to cluster {self.cluster_id} is down",
-                                   status_code=LLMStatusCode.LLM_NOT_YET_LINK)
-            local = device_ipc.IMPORTS.acquire(runtime, share)
-            got = self.imports[cid] = (share, local - share["base"])
-        return got[1]
-
-    def route(self, runtime: "_core.Runtime", regions: List[Region]) -> Route:
-        """The route to the peer's memory holding regions (after check_transfer, self.lock
-        held). A device runtime maps the peer's allocations through device IPC (imported on
-        first use; LLMException says why one cannot be); a host runtime maps the peer's shared
-        memory, or moves bytes with process transfers where a region is not mapped."""
-        if not runtime.is_host:
-            deltas: Dict[int, int] = {}
-            single = False
-            for r in regions:
-                cid = r.cache.cache_id
-                if cid not in deltas:
-                    entry = self.mem.entries[cid]
-                    deltas[cid] = self.device_delta(entry, runtime)
-                    single |= entry.share.get("device", runtime.device_id) != runtime.device_id
-            return MappedRoute(self.link, deltas, single)
-        if self.path == "mooncake":
-            return EngineRoute(self.link, self.node.engine, self.engine_session)
-        deltas: Dict[int, int] = {}
-        cache = None
-        for r in regions:
-            why = self.unreachable.get(r.cache.cache_id)
-            if why is not None:
-                raise LLMException(f"cache {r.cache.cache_id} of cluster {self.cluster_id} cannot "
-                                   f"be reached from this process: {why}",
-                                   status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
-            if r.pid:
-                return ProcessRoute(self.link, self.pid)
-            if r.cache is not cache:        # the regions of one cache come in a row
-                cache = r.cache
-                deltas[cache.cache_id] = r.delta
-        return MappedRoute(self.link, deltas)
-
-    def await_ipc_ready(self, runtime: "_core.Runtime") -> None:
-        """On a device runtime, wait (up to ACK_TIMEOUT_S) until the peer confirmed that this
-        process may import its memory; call it holding no lock, before check_transfer."""
-        if not runtime.is_host and self.same_host and self.path != "mooncake":
-            self.ipc_ready.wait(ACK_TIMEOUT_S)
-
-    def check_transfer(self, runtime: "_core.Runtime") -> None:
-        """Refuse a transfer this build cannot carry to the peer, with the reason; it does not
-        wait (see await_ipc_ready), so the cache manager's lock may be held."""
-        if not self.link.is_up:
-            raise LLMException(f"the link to cluster {self.cluster_id} is down",
-                               status_code=LLMStatusCode.LLM_NOT_YET_LINK)
-        if not runtime.is_host:
-            self._check_device_ipc(runtime)
-            return
-        if self.path == "mooncake" and (self.node.engine is None or self.engine_session is None):
-            why = self.node.engine_error or (f"cluster {self.cluster_id} has no Mooncake engine: "
-                                             f"{self.engine_error or 'it did not start one'}")
-            raise LLMException(f"cluster {self.cluster_id} is reached through Mooncake Transfer "
-                               f"Engine, which is not available: {why}",
-                               status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
-
-    def _check_device_ipc(self, runtime: "_core.Runtime") -> None:
-        """A device runtime writes into other processes through device IPC only."""
-        refuse = LLMStatusCode.LLM_FEATURE_NOT_ENABLED
-        if self.path == "mooncake" or not self.same_host:
-            how = ("through Mooncake Transfer Engine" if self.path == "mooncake"
-                   else "on another host")
-            raise LLMException(f"cluster {self.cluster_id} is reached {how}; on the {runtime.name} "
-                               f"runtime transfers to another process use device IPC, which "
-                               f"works between processes of one host only", status_code=refuse)
-        why = runtime.ipc_unavailable
-        if why is not None:
-            raise LLMException(f"transfers to another process on the {runtime.name} runtime need "
-                               f"device IPC, which is not available: {why}", status_code=refuse)
-        ready = self.ipc_ready.is_set()
-        if not self.link.is_up:
-            raise LLMException(f"the link to cluster {self.cluster_id} is down",
-                               status_code=LLMStatusCode.LLM_NOT_YET_LINK)
-        if not ready:
-            raise LLMException(f"cluster {self.cluster_id} did not confirm within "
-                               f"{ACK_TIMEOUT_S:.0f} s that this process may import its device "
-                               f"memory", status_code=LLMStatusCode.LLM_LINK_FAILED)
-
-    # -- messages
-    def send(self, msg: dict, fds: List[int] = (), deadline: Optional[float] = None) -> None:
-        self.chan.send(msg, fds, deadline=deadline)
-
-    def request(self, msg: dict, timeout: float = ACK_TIMEOUT_S, fds: List[int] = ()) -> bool:
-        """Send msg and wait for the peer's ack; False if none came in time or the link broke."""
-        deadline = time.monotonic() + timeout
-        seq = self.post(msg, deadline, fds)
-        return seq is not None and self.await_ack(seq, deadline)
-
-    def post(self, msg: dict, deadline: float, fds: List[int] = ()) -> Optional[int]:
-        """Send msg as a request by deadline without waiting for its ack: its sequence number
-        for await_ack, or None when it could not be sent in time."""
-        with self.lock:
-            self.seq += 1
-            seq = self.seq
-            self.acks[seq] = threading.Event()
-        msg["seq"] = seq
-        try:
-            self.send(msg, fds, deadline)
-        except OSError:
-            with self.lock:
-                self.acks.pop(seq, None)
-            return None
-        return seq
-
-    def await_ack(self, seq: int, deadline: float) -> bool:
-        """Wait until deadline for the ack of the request seq; False if none came or the link
-        broke."""
-        with self.lock:
-            ev = self.acks.get(seq)
-        if ev is not None:
-            ev.wait(max(0.0, deadline - time.monotonic()))
-        with self.lock:
-            self.acks.pop(seq, None)
-            got = seq in self.acked
-            self.acked.discard(seq)
-        return got
-
-    def serve(self) -> None:
-        """Read the peer's messages until the connection ends, then take the link down."""
-        rate = self.node.limits.frame_rate
-        tokens, last = float(rate), time.monotonic()
-        try:
-            self.sock.settimeout(None)
-            while True:
-                msg, fds = self.chan.recv()
-                # At most llmdist.peer_frame_rate frames a second (as a burst too): a faster
-                # peer waits, its frames in the socket's bounded buffers. Acks of our own
-                # requests are bounded by those and do not count.
-                seq = msg.get("seq")
-                if msg["type"] != "ack" or type(seq) is not int or seq not in self.acks:
-                    now = time.monotonic()
-                    tokens = min(float(rate), tokens + (now - last) * rate)
-                    last = now
-                    if tokens < 1.0:
-                        time.sleep((1.0 - tokens) / rate)
-                        tokens = 1.0
-                        last = time.monotonic()
-                    tokens -= 1.0
-                try:
-                    if self._handle(msg, fds):
-                        return
-                finally:
-                    self.chan.close_fds(fds)
-        except (ConnectionError, OSError, ProtocolError) as exc:
-            if not self.closed:
-                log.info("link to cluster %d ended: %s", self.cluster_id, exc)
-        except Exception:  # a bug must still take the link down cleanly
-            log.exception("link to cluster %d failed", self.cluster_id)
-        finally:
-            self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED)
-            self.chan.close_fds()
-
-    def _handle(self, msg: dict, fds: List[int]) -> bool:
-        """Act on one message of the peer; True when the link ended."""
-        kind = msg["type"]
-        seq = _int(msg.get("seq", 0))
-        if kind == "ack":
-            with self.lock:
-                ev = self.acks.get(seq)
-                if ev is not None:
-                    self.acked.add(seq)
-            if ev is not None:
-                ev.set()
-            return False
-        if kind == "ipc_ready":
-            self.ipc_ready.set()
-            return False
-        if kind == "unlink":
-            # Stop writing to the peer before it hears back, then hang up.
-            self.peer_unlinked = True
-            self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=seq)
-            return True
-        if kind in notifications.MESSAGES:
-            self.node.notifications.handle(self, msg, ProtocolError)
-            return False
-        if kind == "cache_add":
-            self.add_cache(msg.get("cache"), fds)
-        elif kind == "cache_remove":
-            self.remove_cache(_int(msg.get("cache_id"), 0, 2**63 - 1))
-        elif kind == "key_remove":
-            self.remove_key(msg.get("key"))
-        elif kind == "key_pulled":
-            self.key_pulled(msg.get("key"))
-        else:
-            raise ProtocolError(f"unknown message {kind!r:.40}")
-        self.send({"type": "ack", "seq": seq})
-        return False
-
-    def stop(self, code) -> None:
-        """Stop writing to the peer: take the link flag down, end transfers to it (waiting for
-        their queued copies), unmap its memory and close device IPC imports of it. The
-        connection stays up (close() ends it), so an unlink request can still be acknowledged
-        and the peer frees its memory only after this. Idempotent; a second caller waits until
-        the first is done."""
-        with self.lock:
-            first = not self.stopping
-            self.stopping = True
-        if not first:
-            self.stopped.wait()
-            return
-        try:
-            self.link.down()
-            self.ipc_ready.set()        # wake a transfer waiting for it: it sees the link down
-            self.node.cancel_transfers_to(self.cluster_id, None, code)
-            self._unmap_all()
-        finally:
-            self.stopped.set()
-
-    def close(self, code, ack: Optional[int] = None) -> None:
-        """Take the link down: stop() writing to the peer, acknowledge the peer's unlink
-        request ack if given, and close the connection. Idempotent."""
-        with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            acks = list(self.acks.values())
-        for ev in acks:
-            ev.set()
-        self.stop(code)
-        if ack is not None:
-            try:
-                self.send({"type": "ack", "seq": ack})
-            except OSError:
-                pass
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-
-# ------------------------------------------------------------------------------------------
-# The node: listener, links, announcements
 
 class ClusterNode:
     """The cluster side of one LLMDataDist: its listener, links and announcements. The cache
@@ -748,12 +90,7 @@ class ClusterNode:
         self.engine = None                      # MooncakeTransport, made on first need
         self.engine_error: Optional[str] = None   # why the last attempt to start it failed
         self.engine_lock = threading.Lock()
-        # What is registered with the engine, which refuses overlapping regions: each range
-        # registered there -> how many cache tensors use it; each cache tensor's range ->
-        # [the registered range holding it, how many tensors have that range].
-        self.engine_held: Dict[Tuple[int, int], int] = {}
-        self.engine_users: Dict[Tuple[int, int], list] = {}
-        self.engine_ranges_lock = threading.Lock()
+        self.engine_ranges = EngineRanges()     # what is registered with the engine
         self.handshakes = HandshakeSlots(MAX_HANDSHAKES, self.limits.handshakes_per_address)
         # Handshakes in progress (connection -> the admission epoch it started in). A role
         # switch moves to a new epoch and admits nothing while it runs, so that no handshake
@@ -761,7 +98,8 @@ class ClusterNode:
         self.in_handshake: Dict[socket.socket, int] = {}
         self.epoch = 0
         self.switching = False
-        self.handshakes_ended = threading.Condition(self.lock)
+        # notified when a peer is added or removed, an accept ends or a handshake ends
+        self.changed = threading.Condition(self.lock)
         self.notifications = notifications.Notifications(cluster_id)
         # called with the cluster id of each accepted link once it is complete
         self.ready_hooks: List[Callable[[int], None]] = []
@@ -769,38 +107,21 @@ class ClusterNode:
             self.start_listening(listen)
 
     def open_listener(self, address: Tuple[str, int],
-                      admit: Optional[Callable[[dict], Optional[Tuple[int, str]]]] = None,
+                      admit: Optional[Callable[[Hello], Optional[Tuple[int, str]]]] = None,
                       key: Optional[bytes] = None) -> Listener:
         """Accept links on address (and on a Unix-socket companion) until the returned listener
         is closed. admit, when given, may refuse a handshake that passed the usual checks
         ((status, reason) or None); key, when given, is the key clients must prove they hold.
         Raises OSError when the address cannot be bound."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-            sock.listen(64)
-        except OSError:
-            sock.close()
-            raise
-        name = "llmdist-" + secrets.token_hex(16)
-        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            unix.bind(b"\0" + name.encode())
-            unix.listen(64)
-        except OSError as exc:
-            log.warning("no Unix socket beside %s:%d (%s): peers on this host link over TCP and "
-                        "get no shared memory or process route", address[0], address[1], exc)
-            unix.close()
-            unix = name = None
+        listener = Listener.bind(address)
         # the address a Mooncake engine of a peer linked over the Unix socket is told
         local_ip = address[0] if address[0] not in ("", "0.0.0.0") else "127.0.0.1"
-        for s, redirect in ((sock, name), (unix, None)):
+        for s, redirect in ((listener.tcp, listener.unix_name), (listener.unix, None)):
             if s is not None:
                 threading.Thread(target=self._accept_loop,
                                  args=(s, admit, key, redirect, local_ip),
                                  name="llmdist-listen", daemon=True).start()
-        return Listener(sock, unix, name)
+        return listener
 
     def start_listening(self, listen: Tuple[str, int]) -> None:
         """Accept links on listen (llm.listenIpInfo), replacing the current listener."""
@@ -833,14 +154,14 @@ class ClusterNode:
             except OSError:
                 pass
         deadline = time.monotonic() + timeout_s
-        with self.handshakes_ended:
+        with self.changed:
             while self.in_handshake:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.warning("%d handshakes still in progress at a role switch; none of them "
                                 "will be admitted", len(self.in_handshake))
                     break
-                self.handshakes_ended.wait(left)
+                self.changed.wait(left)
 
     def end_switch(self) -> None:
         """Admit links again, from handshakes that start from now on."""
@@ -848,10 +169,10 @@ class ClusterNode:
             self.epoch += 1
             self.switching = False
 
-    def choose_path(self, same_host: bool, peer_wants_engine: bool = False) -> str:
-        if self.transport == "mooncake" or peer_wants_engine or (self.transport == "auto" and not same_host):
-            return "mooncake"
-        return "direct"
+    def choose_path(self, same_host: bool, peer_wants_engine: bool = False) -> PeerPath:
+        """The path to a peer (see data_path.choose_path) under this node's llmdist.transport."""
+        return choose_path(self.transport, same_host, peer_wants_engine)
+
 
     def ensure_engine(self, local_ip: str) -> None:
         """Start the Mooncake engine (once) and register every cache with it. On failure keep
@@ -873,67 +194,20 @@ class ClusterNode:
             for e in cm.entries():
                 self._engine_register(e)
 
-    @staticmethod
-    def _engine_ranges(entry: MemoryEntry) -> List[Tuple[int, int]]:
-        """(start, length) of what peers reach of entry through the engine."""
-        if entry.origin == ALLOCATED and entry.size:
-            return [(entry.base, entry.size)]
-        return [(a, entry.cache.cache_desc.size) for a in entry.cache.tensor_addrs]
-
     def _engine_register(self, entry: MemoryEntry) -> None:
-        """Register entry's memory with the engine. A range inside one registered already
-        (overlapping registrations: a further cache over tensors already registered) is
-        counted against it instead; a range the engine refuses (one that overlaps a registered
-        range only in part) is logged: the cache stays reachable on the other routes."""
+        """Register entry's memory with the engine, if one runs (see EngineRanges.register)."""
         engine = self.engine
-        if engine is None:
-            return
-        with self.engine_ranges_lock:
-            for rng in self._engine_ranges(entry):
-                user = self.engine_users.get(rng)
-                if user is not None:
-                    user[1] += 1
-                    self.engine_held[user[0]] += 1
-                    continue
-                start, length = rng
-                holder = next((h for h in self.engine_held
-                               if h[0] <= start and start + length <= h[0] + h[1]), None)
-                if holder is None:
-                    try:
-                        engine.register(start, length)
-                    except LLMException as exc:
-                        log.warning("cache %d: [%#x, +%d) is not reachable through Mooncake: %s",
-                                    entry.cache.cache_id, start, length, exc)
-                        continue
-                    holder = rng
-                    self.engine_held[holder] = 0
-                self.engine_held[holder] += 1
-                self.engine_users[rng] = [holder, 1]
+        if engine is not None:
+            self.engine_ranges.register(engine, entry)
 
     def _engine_unregister(self, entry: MemoryEntry) -> None:
         """Withdraw entry's memory from the engine once no other cache uses the range."""
         engine = self.engine
-        if engine is None:
-            return
-        with self.engine_ranges_lock:
-            for rng in self._engine_ranges(entry):
-                user = self.engine_users.get(rng)
-                if user is None:
-                    continue
-                user[1] -= 1
-                if user[1] == 0:
-                    del self.engine_users[rng]
-                holder = user[0]
-                self.engine_held[holder] -= 1
-                if self.engine_held[holder]:
-                    continue
-                del self.engine_held[holder]
-                try:
-                    engine.unregister(holder[0])
-                except LLMException as exc:
-                    log.warning("engine unregister failed: %s", exc)
+        if engine is not None:
+            self.engine_ranges.unregister(engine, entry)
 
-    def _allow_imports(self, peer: Peer) -> None:
+
+    def allow_imports(self, peer: Peer) -> None:
         """Let a peer on this host import the DEVICE caches this cluster exports."""
         cm = self.caches
         if peer.tgid > 0 and cm is not None:
@@ -956,7 +230,8 @@ class ClusterNode:
         if cm is not None:
             cm.cancel_transfers_to(cluster_id, cache_id, code)
 
-    def _my_caches(self, fds: Optional[List[int]]) -> List[dict]:
+    def caches_on_wire(self, fds: Optional[List[int]]) -> List[dict]:
+        """This cluster's caches as sent to a peer (fds: see wire.cache_to_wire)."""
         cm = self.caches
         if cm is None:
             return []
@@ -969,48 +244,13 @@ class ClusterNode:
         msg = {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.cluster_id,
                "role": int(self.role), "target": target, "host": self.host,
                "runtime": self.runtime.name,
-               "caches": self._my_caches(fds) if caches else [],
+               "caches": self.caches_on_wire(fds) if caches else [],
                "want_engine": self.transport == "mooncake"}
         if self.engine is not None:
             msg["mooncake"] = self.engine.session_id
         elif self.engine_error is not None:
             msg["engine_error"] = self.engine_error
         return msg
-
-    def _check_hello(self, msg: dict, expect: Optional[int],
-                     rendezvous: bool = False) -> Optional[Tuple[int, str]]:
-        """(status, reason) when a handshake must be refused, else None. Roles do not restrict
-        links (as upstream: PROMPT-PROMPT and DECODER-DECODER links serve migration and prefix
-        sharing); the role is checked for form only. A hello naming a rank-table comm is
-        accepted on that comm's rendezvous listener only (rendezvous; it checks the comm)."""
-        version = msg.get("version")
-        if type(version) is not int or version != PROTOCOL_VERSION:
-            return int(LLMStatusCode.LLM_LINK_FAILED), f"protocol version {version!r:.40}"
-        try:
-            cid = _int(msg.get("cluster_id"))
-            if msg.get("target") is not None:     # None: the linker did not know our id
-                _int(msg.get("target"))
-            if msg.get("runtime", "host") not in ("host", "acl", "cuda"):
-                raise ProtocolError("bad runtime")
-            _enum(LLMRole, msg.get("role"))
-            _text(msg.get("host"))
-            _list(msg.get("caches"))
-            if type(msg.get("want_engine", False)) is not bool:
-                raise ProtocolError("bad want_engine")
-            for k in ("mooncake", "engine_error", "comm"):
-                if k in msg:
-                    _text(msg[k])
-        except ProtocolError as exc:
-            return int(LLMStatusCode.LLM_LINK_FAILED), f"malformed handshake: {exc}"
-        if expect is not None and cid != expect:
-            return int(LLMStatusCode.LLM_LINK_FAILED), f"expected cluster {expect}, reached {cid}"
-        if cid == self.cluster_id:
-            return int(LLMStatusCode.LLM_LINK_FAILED), f"cluster {cid} cannot link to itself"
-        if "comm" in msg and not rendezvous:
-            return (int(LLMStatusCode.LLM_LINK_FAILED),
-                    "a hello naming a rank-table comm is accepted on that comm's rendezvous "
-                    "port only")
-        return None
 
     # -- accepting
     def _accept_loop(self, sock: socket.socket, admit=None, key: Optional[bytes] = None,
@@ -1020,7 +260,7 @@ class ClusterNode:
                 conn, source = sock.accept()
             except OSError:
                 return
-            source = _source_of(conn, source)
+            source = source_of(conn, source)
             if not self.handshakes.take(conn, source):
                 log.info("refused a connection from %s: its %d handshake slots (option "
                          "llmdist.handshakes_per_address) or all %d are busy", source,
@@ -1052,7 +292,7 @@ class ClusterNode:
         finally:
             with self.lock:
                 self.in_handshake.pop(conn, None)
-                self.handshakes_ended.notify_all()
+                self.changed.notify_all()
             self.handshakes.release(conn)
         if peer is not None:
             peer.serve()
@@ -1106,27 +346,30 @@ class ClusterNode:
                 raise AuthError(f"the client refused: {str(msg.get('reason'))[:200]}")
             if msg["type"] != "hello":
                 raise ProtocolError("expected a handshake")
+            hello: Optional[Hello] = None
             if msg.get("target") not in (None, self.cluster_id):
                 refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
                            f"this is cluster {self.cluster_id}, not {msg.get('target')!r:.40}")
             else:
-                refusal = self._check_hello(msg, None, rendezvous=admit is not None)
+                hello, refusal = check_hello(msg, self.cluster_id, None,
+                                             rendezvous=admit is not None)
             if refusal is None and admit is not None:
-                refusal = admit(msg)
+                refusal = admit(hello)
             if refusal is None and self.caches is None:
                 refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
             if refusal is None:
-                refusal = self._begin_accept(msg["cluster_id"])
+                refusal = self._begin_accept(hello.cluster_id)
             if refusal is not None:
                 chan.send({"type": "refuse", "code": refusal[0], "reason": refusal[1],
                            "cluster_id": self.cluster_id})
                 conn.close()
                 return None
             try:
-                return self._admit(chan, msg, fds, deadline, session)
+                return self._admit(chan, hello, fds, deadline, session)
             finally:
                 with self.lock:
-                    self.accepting.discard(msg["cluster_id"])
+                    self.accepting.discard(hello.cluster_id)
+                    self.changed.notify_all()
         finally:
             chan.close_fds(fds)
 
@@ -1143,24 +386,25 @@ class ClusterNode:
             self.accepting.add(cid)
         return None
 
-    def _admit(self, chan: Channel, msg: dict, fds: List[int], deadline: float,
+    def _admit(self, chan: Channel, hello: Hello, fds: List[int], deadline: float,
                session: Optional[Tuple[bytes, bytes]]) -> Peer:
         """Register an accepted peer, welcome it and take its caches (the "caches" frame that
         answers the welcome, acknowledged)."""
         conn = chan.sock
-        peer = Peer(self, chan, msg, fds)
+        peer = Peer(self, chan, hello, fds)
         try:
-            if peer.path == "mooncake":
+            if peer.path is PeerPath.MOONCAKE:
                 self.ensure_engine(chan.local_ip)
-            self._allow_imports(peer)           # before the welcome lists our caches
+            self.allow_imports(peer)            # before the welcome lists our caches
             with self.lock:
-                if self.closed or msg["cluster_id"] in self.peers:
+                if self.closed or hello.cluster_id in self.peers:
                     raise ProtocolError("closed or linked meanwhile")
                 if self.switching or self.in_handshake.get(conn) != self.epoch:
                     raise ProtocolError("the cluster switched its role meanwhile")
                 self.in_handshake.pop(conn, None)      # a link now, not a handshake
                 self.peers[peer.cluster_id] = peer
                 self.ever_linked.add(peer.cluster_id)
+                self.changed.notify_all()
             out: Optional[List[int]] = [] if chan.unix else None
             reply = self._hello(peer.cluster_id, out)
             reply["type"] = "welcome"
@@ -1210,7 +454,12 @@ class ClusterNode:
             got = self._claim(cluster_id)
             if got is not None or time.monotonic() >= deadline:
                 return got
-            time.sleep(0.005)
+            with self.lock:
+                while self.peers.get(cluster_id) is None:     # its link has not arrived yet
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self.changed.wait(left)
 
     def link(self, cluster_id: Optional[int], address: Tuple[str, int], timeout_ms: int,
              comm: Optional[str] = None) -> LLMStatusCode:
@@ -1225,12 +474,16 @@ class ClusterNode:
             if got is not None:
                 return got
             with self.lock:
+                while cluster_id in self.accepting and cluster_id not in self.peers:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return LLMStatusCode.LLM_LINK_FAILED
+                    self.changed.wait(left)
                 if cluster_id not in self.accepting and cluster_id not in self.peers:
                     self.linking.add(cluster_id)
                     break
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:     # linked meanwhile: claim it (above)
                 return LLMStatusCode.LLM_LINK_FAILED
-            time.sleep(0.002)
         try:
             code, peer = self._connect(cluster_id, address, timeout_ms, comm)
         finally:
@@ -1241,75 +494,6 @@ class ClusterNode:
             peer.address = address
         return code
 
-    def _open(self, address: Tuple[str, int], key: Optional[bytes], deadline: float
-              ) -> Tuple[Channel, dict]:
-        """Connect to a listener and read its challenge; a listener on this host is reached on
-        its Unix socket instead (named in the challenge), where the kernel tells each side who
-        the other is. Raises AuthError when one side has a key and the other has none."""
-        sock = socket.create_connection(address, timeout=max(0.001, deadline - time.monotonic()))
-        chan = Channel(sock)
-        local_ip = chan.local_ip
-        try:
-            challenge = self._challenge(chan, key, deadline)
-            name = challenge.get("unix")
-            if name is None or challenge.get("host") != self.host:
-                return chan, challenge
-            if type(name) is not str or not _UNIX_NAME.fullmatch(name):
-                raise ProtocolError("bad Unix socket name")
-            unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                unix.settimeout(max(0.001, deadline - time.monotonic()))
-                unix.connect(b"\0" + name.encode())
-            except OSError as exc:
-                unix.close()
-                log.info("the Unix socket of the cluster at %s:%d is out of reach (%s): linking "
-                         "over TCP", address[0], address[1], exc)
-                return chan, challenge
-        except BaseException:
-            sock.close()
-            raise
-        sock.close()
-        chan = Channel(unix, local_ip)
-        try:
-            return chan, self._challenge(chan, key, deadline)
-        except BaseException:
-            unix.close()
-            raise
-
-    @staticmethod
-    def _challenge(chan: Channel, key: Optional[bytes], deadline: float) -> dict:
-        """Read and check the listener's challenge; on a key mismatch tell the listener why
-        (so that its log names authentication) and raise AuthError."""
-        try:
-            return ClusterNode._read_challenge(chan, key, deadline)
-        except AuthError as exc:
-            try:
-                chan.send({"type": "refuse", "code": int(LLMStatusCode.LLM_LINK_FAILED),
-                           "reason": str(exc)})
-            except OSError:
-                pass
-            raise
-
-    @staticmethod
-    def _read_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> dict:
-        msg, fds = chan.recv(deadline)
-        chan.close_fds(fds)
-        if msg["type"] == "refuse":
-            raise ProtocolError(f"refused: {str(msg.get('reason'))[:200]}")
-        if msg["type"] != "challenge":
-            raise ProtocolError("expected a challenge")
-        version = msg.get("version")
-        if type(version) is not int or version != PROTOCOL_VERSION:
-            raise ProtocolError(f"protocol version {version!r:.40}, this side speaks "
-                                f"{PROTOCOL_VERSION}")
-        auth.nonce_from_wire(msg.get("nonce"))
-        if msg.get("auth") is True and key is None:
-            raise AuthError("authentication required: the listener has a key and this side "
-                            "has none (llmdist.auth_key)")
-        if msg.get("auth") is not True and key is not None:
-            raise AuthError("authentication failed: the listener has no key "
-                            "(llmdist.auth_key) and this side requires one")
-        return msg
 
     def _connect(self, cluster_id: Optional[int], address: Tuple[str, int], timeout_ms: int,
                  comm: Optional[str]) -> Tuple[LLMStatusCode, Optional[Peer]]:
@@ -1317,13 +501,12 @@ class ClusterNode:
         name = "?" if cluster_id is None else cluster_id
         key = auth.comm_key(self.key, comm) if comm is not None else self.key
         try:
-            chan, challenge = self._open(address, key, deadline)
+            chan, challenge = open_channel(address, key, self.host, deadline)
         except (OSError, ProtocolError) as exc:
             log.info("link to cluster %s at %s:%d failed: %s: %s", name, *address,
                      type(exc).__name__, exc)
             return LLMStatusCode.LLM_LINK_FAILED, None
         sock = chan.sock
-        peer = None
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             if self.transport == "mooncake":
@@ -1331,54 +514,12 @@ class ClusterNode:
             hello = self._hello(cluster_id, caches=False)
             if comm is not None:
                 hello["comm"] = comm
-            session = None
-            if key is not None:
-                nl = bytes.fromhex(challenge["nonce"])
-                nc = auth.new_nonce()
-                hello["nonce"] = nc.hex()
-                l2c, c2l = auth.session_keys(key, nl, nc)
-                chan.out.set(key, auth.hello_context(nl))
-                chan.into.set(key, auth.welcome_context(nl, nc))
-                session = (c2l, b"")
-            chan.send(hello, then=session)
-            msg, fds = chan.recv(deadline)
-            if key is not None:
-                chan.into.set(l2c)
-            try:
-                if msg["type"] == "refuse":
-                    sock.close()
-                    return self._refused(msg, cluster_id, name, deadline), None
-                if msg["type"] != "welcome":
-                    raise ProtocolError("expected a welcome")
-                refusal = self._check_hello(msg, cluster_id)
-                if refusal is not None:
-                    raise ProtocolError(refusal[1])
-                peer = Peer(self, chan, msg, fds)
-            finally:
-                chan.close_fds(fds)
-            if peer.path == "mooncake":
-                self.ensure_engine(chan.local_ip)
-            # The listener knows us now: our caches (with their memfds, on a Unix socket) go
-            # only after its welcome proved who it is. It whitelisted us before its welcome;
-            # now whitelist it, and say so.
-            out: Optional[List[int]] = [] if chan.unix else None
-            self._allow_imports(peer)
-            peer.send({"type": "caches", "caches": self._my_caches(out)}, out or ())
-            while True:       # the listener may announce caches before it acknowledges ours
-                got, more = chan.recv(deadline)
-                try:
-                    if got["type"] == "ack" and got.get("seq") == 0:
-                        break
-                    if peer._handle(got, more):
-                        raise ProtocolError("the cluster unlinked during the handshake")
-                finally:
-                    chan.close_fds(more)
-            peer.ipc_ready.set()
-            peer.send({"type": "ipc_ready"})
+            peer = client_handshake(self, chan, challenge, hello, key, cluster_id, deadline)
+            if isinstance(peer, dict):         # the listener's refusal
+                sock.close()
+                return self._refused(peer, cluster_id, name, deadline), None
         except Exception as exc:  # noqa: BLE001 - a failed link is a status, whatever the cause
             log.info("link to cluster %s failed: %s: %s", name, type(exc).__name__, exc)
-            if peer is not None:
-                peer.close(LLMStatusCode.LLM_LINK_FAILED)
             sock.close()
             return LLMStatusCode.LLM_LINK_FAILED, None
         cid = peer.cluster_id
@@ -1392,6 +533,7 @@ class ClusterNode:
             peer.ready.set()
             self.peers[cid] = peer
             self.ever_linked.add(cid)
+            self.changed.notify_all()
         threading.Thread(target=peer.serve, name=f"llmdist-peer-{cid}", daemon=True).start()
         return LLMStatusCode.LLM_SUCCESS, peer
 
@@ -1405,7 +547,7 @@ class ClusterNode:
             return LLMStatusCode.LLM_LINK_FAILED
         # The peer holds a link to us (or is making one): if it is ours to claim, this call
         # made it.
-        theirs = _int(msg.get("cluster_id"))
+        theirs = check_int(msg.get("cluster_id"))
         if cluster_id is not None and theirs != cluster_id:
             return LLMStatusCode.LLM_LINK_FAILED
         if code == int(LLMStatusCode.LLM_PROCESSING_LINK):
@@ -1431,6 +573,7 @@ class ClusterNode:
         with self.lock:
             peer = self.peers.pop(cluster_id, None)
             known = cluster_id in self.ever_linked
+            self.changed.notify_all()
         if peer is None:
             return LLMStatusCode.LLM_SUCCESS if known else LLMStatusCode.LLM_NOT_YET_LINK
         peer.stop(LLMStatusCode.LLM_LINK_FAILED)     # our imports of its memory close first
@@ -1443,6 +586,7 @@ class ClusterNode:
         with self.lock:
             if self.peers.get(peer.cluster_id) is peer:
                 del self.peers[peer.cluster_id]
+                self.changed.notify_all()
         peer.close(code, ack)
 
     # -- announcements (called without the cache manager's lock)
@@ -1488,6 +632,7 @@ class ClusterNode:
             self.closed = True
             peers = list(self.peers.values())
             self.peers.clear()
+            self.changed.notify_all()
         for p in peers:
             p.stop(LLMStatusCode.LLM_LINK_FAILED)    # before the peers hear of it (see unlink)
         deadline = time.monotonic() + (self.limits.ack_timeout_s if timeout_s is None
@@ -1502,6 +647,4 @@ class ClusterNode:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-            with self.engine_ranges_lock:
-                self.engine_held.clear()
-                self.engine_users.clear()
+            self.engine_ranges.clear()

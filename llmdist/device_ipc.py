@@ -1,13 +1,10 @@
 """Device memory shared between processes of one host (ACL and CUDA IPC).
 
 A cluster on a device runtime that listens (or sets `llmdist.shareable_memory=1`) exports every
-DEVICE cache it allocates, one export per allocation, and describes it to peers as
-
-    {"kind": <the runtime's ipc_kind: "acl_ipc", "cuda_ipc">, "id": <the export's id>,
-     "base": <region start>, "size": n, "device": <the exporter's device id>}
-
-where base is the exported region's address in the exporter and the id is the runtime's own
-(ACL: the aclrtIpcMemGetExportKey key; CUDA: the hex of the cudaIpcMemHandle_t, which covers
+DEVICE cache it allocates, one export per allocation, and describes it to peers with a
+shares.DeviceIpcShare: the kind (the runtime's ipc_kind: "acl_ipc", "cuda_ipc"), the export's
+id, the exported region [base, base + size) in the exporter, and the exporter's device id. The
+id is the runtime's own (ACL: the aclrtIpcMemGetExportKey key; CUDA: the hex of the cudaIpcMemHandle_t, which covers
 the whole allocation). A runtime may check importers against a pid whitelist (ACL does): the
 exporter allows each linked peer's pid (bare_tgid, sent in the handshake) on every export. A peer imports an export the first time a transfer writes into it
 (once per process: imports are counted here), copies into it device to device on its runtime
@@ -26,20 +23,13 @@ import threading
 from typing import Dict, List, Tuple
 
 from . import _core
+from .shares import DeviceIpcShare, ShareKind
 from .status import LLMException
 
 log = logging.getLogger(__name__)
 
-KINDS = ("acl_ipc", "cuda_ipc")
-ID_MAX = 160    # longest export id, its NUL included (LLMD_IPC_ID_MAX)
 
-
-def ident(share: dict) -> str:
-    """The id of an export."""
-    return share["id"]
-
-
-def export(runtime: "_core.Runtime", base: int, size: int, pids: List[int]) -> dict:
+def export(runtime: "_core.Runtime", base: int, size: int, pids: List[int]) -> DeviceIpcShare:
     """Export [base, base + size) (base a multiple of runtime.ipc_align; where that is 1, the
     start of an allocation) and return its description for peers; the processes pids may
     import it. Raises LLMException with the runtime's reason."""
@@ -50,12 +40,11 @@ def export(runtime: "_core.Runtime", base: int, size: int, pids: List[int]) -> d
         except LLMException:
             runtime.ipc_close_export(export_id)
             raise
-    return {"kind": runtime.ipc_kind, "id": export_id, "base": base, "size": size,
-            "device": runtime.device_id}
+    return DeviceIpcShare(ShareKind(runtime.ipc_kind), export_id, base, size, runtime.device_id)
 
 
-def close_export(runtime: "_core.Runtime", share: dict) -> None:
-    runtime.ipc_close_export(ident(share))
+def close_export(runtime: "_core.Runtime", share: DeviceIpcShare) -> None:
+    runtime.ipc_close_export(share.id)
 
 
 class ImportTable:
@@ -66,9 +55,9 @@ class ImportTable:
         self._lock = threading.Lock()
         self._held: Dict[Tuple[str, str], List[int]] = {}      # (kind, ident) -> [address, refs]
 
-    def acquire(self, runtime: "_core.Runtime", share: dict) -> int:
+    def acquire(self, runtime: "_core.Runtime", share: DeviceIpcShare) -> int:
         """The local address of the export's region start (imported on first use)."""
-        k = (share["kind"], ident(share))
+        k = (share.kind.value, share.id)
         with self._lock:
             held = self._held.get(k)
             if held is None:
@@ -76,9 +65,9 @@ class ImportTable:
             held[1] += 1
             return held[0]
 
-    def release(self, runtime: "_core.Runtime", share: dict) -> None:
+    def release(self, runtime: "_core.Runtime", share: DeviceIpcShare) -> None:
         """Drop one use; the last one closes the import (its copies must have landed)."""
-        k = (share["kind"], ident(share))
+        k = (share.kind.value, share.id)
         with self._lock:
             held = self._held.get(k)
             if held is None:

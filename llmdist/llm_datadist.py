@@ -212,7 +212,7 @@ class LLMDataDist:
         peer = node.peer(cluster_id) if node is not None else None
         if peer is None:
             return None
-        return {"path": peer.path, "same_host": peer.same_host, "pid": peer.pid,
+        return {"path": peer.path.value, "same_host": peer.same_host, "pid": peer.pid,
                 "role": peer.role}
 
     @staticmethod

@@ -43,6 +43,7 @@ from .status import LLMException, LLMStatusCode
 
 if TYPE_CHECKING:
     from .cluster import ClusterNode
+    from .handshake import Hello
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +178,14 @@ class Comm:
         self.higher = [m for m in members if m.position > me.position]
         self.others = {m.cluster_id for m in members if m.cluster_id != me.cluster_id}
 
-    def admit(self, hello: dict) -> Optional[Tuple[int, str]]:
+    def admit(self, hello: "Hello") -> Optional[Tuple[int, str]]:
         """Refuse handshakes that do not belong to this comm on its rendezvous port."""
-        if hello.get("comm") != self.name:
+        if hello.comm != self.name:
             return (int(LLMStatusCode.LLM_LINK_FAILED),
-                    f"this rendezvous port serves comm {self.name!r}, not {hello.get('comm')!r}")
-        if hello.get("cluster_id") not in self.lower:
+                    f"this rendezvous port serves comm {self.name!r}, not {hello.comm!r}")
+        if hello.cluster_id not in self.lower:
             return (int(LLMStatusCode.LLM_LINK_FAILED),
-                    f"cluster {hello.get('cluster_id')} is not a lower-ranked member of comm "
+                    f"cluster {hello.cluster_id} is not a lower-ranked member of comm "
                     f"{self.name!r}")
         return None
 

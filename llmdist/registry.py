@@ -9,11 +9,14 @@ costs O(log n) per layer with thousands of caches held."""
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
 from .descs import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex
 from .status import LLMException, LLMStatusCode
+
+if TYPE_CHECKING:
+    from .shares import Share
 
 ALLOCATED = "allocated"
 REGISTERED = "registered"
@@ -211,7 +214,7 @@ class MemoryEntry:
                  "share", "alloc", "regions", "deferred")
 
     def __init__(self, cache: Cache, origin: str, remote_accessible: bool, base: int = 0,
-                 size: int = 0, share: Optional[dict] = None) -> None:
+                 size: int = 0, share: Optional["Share"] = None) -> None:
         self.cache = cache
         self.origin = origin
         self.remote_accessible = remote_accessible

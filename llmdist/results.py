@@ -9,7 +9,6 @@ from typing import List, Optional, Tuple
 
 from . import _core
 from .status import LLMStatusCode
-from .transport_mooncake import WAIT_TIMEOUT
 
 _F = _core.Failure
 
@@ -34,11 +33,8 @@ def _one(job: "_core.TransferJob", o: "_core.Outcome") -> Tuple[Optional[LLMStat
     if f == _F.FAIL_LINK:
         return (LLMStatusCode.LLM_LINK_FAILED,
                 "the link to the destination cluster went down during the transfer")
-    if f == _F.FAIL_ENGINE:
-        timed_out = o.code == WAIT_TIMEOUT
-        text = o.detail or (f"the transfer engine did not deliver the bytes "
-                            f"({'timed out' if timed_out else f'code {o.code}'})")
-        return (LLMStatusCode.LLM_TIMEOUT if timed_out else LLMStatusCode.LLM_LINK_FAILED), text
+    if f == _F.FAIL_ENGINE:         # the engine channel classified its own code
+        return o.engine_status, o.detail
     if f == _F.FAIL_PROCESS:
         verb = "writing into" if o.direction == _core.Direction.WRITE else "reading from"
         status = (LLMStatusCode.LLM_LINK_FAILED if o.os_error == errno.ESRCH   # the process is gone

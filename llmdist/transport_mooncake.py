@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .status import LLMException, LLMStatusCode
 
@@ -263,6 +263,15 @@ class EngineChannel:
         except Exception as exc:  # noqa: BLE001 - a closed transport or a binding error
             self.error = f"transfer engine wait failed: {exc}"
             return WAIT_FAILED
+
+    def verdict(self, code: int) -> Tuple[LLMStatusCode, str]:
+        """The status and text of a config this channel failed with code (a method's
+        nonzero result): LLM_TIMEOUT when a batch was still running at its wait's end,
+        LLM_LINK_FAILED otherwise."""
+        timed_out = code == WAIT_TIMEOUT
+        text = self.error or (f"the transfer engine did not deliver the bytes "
+                              f"({'timed out' if timed_out else f'code {code}'})")
+        return (LLMStatusCode.LLM_TIMEOUT if timed_out else LLMStatusCode.LLM_LINK_FAILED), text
 
     def settle(self) -> int:
         """Wait for every batch started so far; 0 when all arrived, else the first failure."""

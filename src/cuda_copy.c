@@ -106,12 +106,6 @@ int llmd_cuda_copy_kernel_load(llmd_cuda_copy_kernel *k, const llmd_cuda_api *ap
     return 0;
 }
 
-void llmd_cuda_copy_kernel_unload(llmd_cuda_copy_kernel *k)
-{
-    if (k->library) k->api->cudaLibraryUnload(k->library);
-    k->library = k->kernel = NULL;
-}
-
 int llmd_cuda_copy_table_create(const llmd_cuda_copy_kernel *k, const llmd_run *runs, size_t count,
                                 size_t pair_capacity, llmd_cuda_copy_table **out)
 {

@@ -54,6 +54,12 @@ def main() -> None:
     chan.send(hello)
     assert chan.recv(time.monotonic() + 5)[0]["type"] == "welcome"
     chan.send({"type": "caches", "caches": [wire]})
+    # linked once the listener acknowledges those caches (sequence 0, the handshake's end)
+    while True:
+        msg, fds = chan.recv(time.monotonic() + 5)
+        chan.close_fds(fds)
+        if msg["type"] == "ack" and msg.get("seq") == 0:
+            break
 
     def ack_all() -> None:
         try:

@@ -271,7 +271,8 @@ class _Decode:
     def cmd_share(self, name):
         """How this cluster describes cache name to peers (its share), as the wire has it."""
         entry = self.cm._mem.entries[self.caches[name]["cache"].cache_id]
-        return dict(entry.share or {"kind": "none"})
+        from llmdist.shares import share_to_wire
+        return share_to_wire(entry.share, [])
 
     def cmd_finalize(self):
         self.dd.finalize()

@@ -179,7 +179,8 @@ def test_sdist_has_every_source_and_no_generated_c(tmp_path):
         pytest.skip("the source tree is not a git checkout")
     want = set(tracked.stdout.split()) | {"LICENSE", "README.md", "pyproject.toml", "setup.py"}
     assert want - names == set()
-    for must in ("llmdist/_core.pyx", "llmdist/_runtime.pxi", "llmdist/copy_runs.ptx",
+    for must in ("llmdist/_core.pyx", "llmdist/_core.pxd", "llmdist/_runtime.pxi",
+                 "llmdist/copy_runs.ptx",
                  "src/cuda/copy_runs.cu", "tools/build_ptx.py", "tests/helpers.py"):
         assert must in names
     assert "llmdist/_core.c" not in names

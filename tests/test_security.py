@@ -32,6 +32,8 @@ from llmdist import (
     cluster,
 )
 
+from llmdist.shares import ShareKind
+
 from .helpers import ROOT, SUCCESS, Env, llmdist_shm_names, wait_for
 from .raw_protocol import RawPeer, frame
 from .rendezvous import free_rendezvous_base, one_server_table, rendezvous_options
@@ -404,10 +406,10 @@ def test_shared_memory_is_sealed_and_nameless(make_env):
     lis = listener(make_env, 35)
     c = blocks_cache(lis, 1)
     share = lis.cm._mem.entries[c.cache.cache_id].share
-    assert share["kind"] == "memfd"
-    for size in (0, 4096, share["size"] * 2):
+    assert share.kind == ShareKind.MEMFD
+    for size in (0, 4096, share.size * 2):
         with pytest.raises(PermissionError):
-            os.ftruncate(share["fd"], size)
+            os.ftruncate(share.fd, size)
     assert not llmdist_shm_names()
 
 

@@ -177,7 +177,7 @@ for w in "$out"/llmdist-*.whl; do
         manylinux_2_17_*|manylinux2014_*) ;;
         *) echo "$shown" >&2; fail=1 ;;
     esac
-    if unzip -l "$w" | grep -qE '\.(c|pyx|pxi)$'; then echo "$w ships sources of the compiled module" >&2; fail=1; fi
+    if unzip -l "$w" | grep -qE '\.(c|pyx|pxd|pxi)$'; then echo "$w ships sources of the compiled module" >&2; fail=1; fi
     "$tools/bin/python" - "$w" <<'EOF' || fail=1
 import io, sys, zipfile
 from elftools.elf.elffile import ELFFile

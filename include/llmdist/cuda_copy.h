@@ -42,7 +42,6 @@ typedef struct llmd_cuda_copy_table {
  * sentence in why (the step that failed and the runtime's text). */
 int llmd_cuda_copy_kernel_load(llmd_cuda_copy_kernel *k, const llmd_cuda_api *api, const char *ptx,
                                char *why, size_t why_len);
-void llmd_cuda_copy_kernel_unload(llmd_cuda_copy_kernel *k);
 
 /* A table for runs[0..count) and pair_capacity pairs in all, on the calling thread's current
  * device. */

@@ -216,7 +216,7 @@ class Bench:
         """One runtime copy per block, queued from a C loop (what a hand-written copy loop or
         vLLM's swap_blocks amounts to)."""
         def run():
-            self.rt.memcpy_each(dsts, srcs, nbytes, self.stream)
+            _core.bench_copy_each(self.rt, dsts, srcs, nbytes, self.stream)
             self.stream.synchronize()
         return run
 

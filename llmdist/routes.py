@@ -12,8 +12,10 @@ bytes travel on, and, for a transfer engine, opens the channel that queues its b
 | ProcessRoute | a peer on this host, memory it registered    | process_vm_writev   | process_vm_readv   |
 | EngineRoute  | another host, or forced                      | Mooncake writes     | Mooncake reads     |
 
-`cluster.Peer.route` picks the route to a peer, `CacheManager` uses LocalRoute for its own
-caches; neither the cache manager nor the layer loop knows which transport is behind a route."""
+`route_rules.choose_route` says which kind of route moves a transfer (or why none does);
+`cluster.Peer.route_to` builds it for a peer's memory, the transfer planner uses LocalRoute for
+this cluster's own caches; neither the planner nor the layer loop knows which transport is
+behind a route."""
 
 from __future__ import annotations
 
@@ -30,6 +32,16 @@ if TYPE_CHECKING:
 # llm.SyncKvCacheWaitTime, and the least it waits when it does (ms).
 ENGINE_WAIT_DEFAULT_MS = 30_000
 ENGINE_WAIT_MIN_MS = 1_000
+
+
+class ImportNeeded(Exception):
+    """Raised while building a route to device memory a peer exports that this process has not
+    imported yet: the planner leaves its lock, imports (Peer.import_device) and plans again."""
+
+    def __init__(self, peer, entries) -> None:
+        super().__init__(f"{len(entries)} device IPC imports are needed")
+        self.peer = peer
+        self.entries = entries
 
 
 class Route:

@@ -153,7 +153,7 @@ def _pull_plan(pl: Planner, what: str, key: Key, dst_entry: MemoryEntry,
             f"layer {dst_layers.start + bad // tpl} of cache {dst_entry.cache.cache_id}: "
             f"[{dsts[bad] + plan.dst_lo:#x}, {dsts[bad] + plan.dst_hi:#x}) is not inside "
             f"memory registered or allocated here", status_code=LLMStatusCode.LLM_PARAM_INVALID)
-    kinds = pl.choose(Direction.READ, peer, ddesc.placement, sregions)
+    kinds = pl.choose(Direction.READ, peer, ddesc.placement, sregions[:1])  # one source cache
     kind = copy_kind(sdesc.placement, ddesc.placement)
     touched = {(key.cluster_id, src.cache_id), (pl.cluster_id, dst_entry.cache.cache_id)}
     # The cache here (the destination) drives the layer loop: its layers, its row; the source

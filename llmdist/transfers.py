@@ -78,6 +78,7 @@ class Planner:
         self.sync_timeout = sync_timeout
         self.closed = False
         self.local_route = LocalRoute(runtime)
+        self._local_kinds: Dict[tuple, RouteKind] = {}
         # job -> (source cache key, [destination cache keys per config]); a key is
         # (cluster id, cache id).
         self.inflight: Dict[object, Tuple[Tuple[int, int], List[set]]] = {}
@@ -245,15 +246,9 @@ class Planner:
 
     def choose(self, direction: Direction, peer, here: Placement,
                regions: Sequence[Region], where: str = "") -> set:
-        """The kinds of route that reach the caches of regions (peer None: this cluster's),
-        one choice per cache; LLMException with the refusal after where."""
-        kinds = set()
-        cache = None
-        for r in regions:
-            if r.cache is not cache:        # the regions of one cache come in a row
-                cache = r.cache
-                kinds.add(self._choose(direction, peer, here, r, where))
-        return kinds
+        """The kinds of route that reach the caches of regions, one region per cache (peer
+        None: this cluster's); LLMException with the refusal after where."""
+        return {self._choose(direction, peer, here, r, where) for r in regions}
 
     def build_route(self, peer, kinds: set, regions: Sequence[Region]) -> Route:
         """The route of the chosen kinds to regions (a process route reaches every byte of
@@ -269,6 +264,10 @@ class Planner:
         there = other.cache_desc.placement
         src, dst = (here, there) if direction == Direction.WRITE else (there, here)
         if peer is None:
+            # this cluster's choices depend on the placements only: each is made once
+            kind = self._local_kinds.get((direction, src, dst))
+            if kind is not None:
+                return kind
             ctx = SelectionContext(direction, src, dst, Reach.SELF, not self.runtime.is_host,
                                    self.runtime.name, Access.OWN, f"cache {other.cache_id}")
         else:
@@ -281,6 +280,8 @@ class Planner:
         got = choose_route(ctx)
         if isinstance(got, Refusal):
             raise _fail(f"{where}{got.message}", got.status_code)
+        if peer is None:
+            self._local_kinds[(direction, src, dst)] = got
         return got
 
     def plan_config(self, direction: Direction, route: Route, layers: range, shift: int,

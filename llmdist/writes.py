@@ -238,7 +238,7 @@ def _write_config(pl: Planner, i: int, cfg, src_entry: MemoryEntry, src_idx, dst
     fitted = regions if bad < 0 else regions[:bad]
     by_cache = dict(zip(map(_REGION_CACHE, fitted), fitted))
     src_place = desc.placement
-    kinds = pl.choose(Direction.WRITE, peer, src_place, fitted, where)
+    kinds = pl.choose(Direction.WRITE, peer, src_place, list(by_cache.values()), where)
     for rc, region in by_cache.items():
         dplace = rc.cache_desc.placement
         if src_idx is not None and not rc.is_blocks_cache:

@@ -12,9 +12,15 @@ from typing import Optional, Tuple, Union
 from . import _core, block_ops, transfer_args
 from ._check import check_int64, check_isinstance, require
 from ._core import Direction
-from .descs import (BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex, copy_kind,
-                    tensor_addrs_of)
-from .registry import MemoryEntry
+from .descs import (
+    BlocksCacheKey,
+    Cache,
+    CacheKey,
+    CacheKeyByIdAndIndex,
+    copy_kind,
+    tensor_addrs_of,
+)
+from .registry import ALLOCATED, MemoryEntry
 from .status import LLMException, LLMStatusCode
 from .transfers import Planner, find_key, live_entry
 
@@ -69,7 +75,7 @@ def pull(pl: Planner, what: str, key: Key, dst_cache: Cache, src_blocks, dst_blo
     except BaseException:
         pl.slots.release()
         raise
-    pl.wait(job, f"{what} from cluster {key.cluster_id}")
+    pl.finish(job, f"{what} from cluster {key.cluster_id}")
     return peer
 
 
@@ -81,7 +87,7 @@ def _pull_job(pl: Planner, what: str, key: Key, dst_entry: MemoryEntry, dst_row:
                                          dst_idx, src_range, dst_range, tpl, peer)
     job = _core.TransferJob(pl.runtime, plan, list(tensor_addrs_of(dst_entry.cache)), [cfg], None,
                             pl.sync_timeout, tensors_per_layer=tpl)
-    pl.launch(job, dst_entry.cache.cache_id, [touched])
+    pl.launch(job, dst_entry.cache.cache_id, [touched], here=pl.runs_here([cfg]))
     return job
 
 
@@ -159,7 +165,8 @@ def _pull_plan(pl: Planner, what: str, key: Key, dst_entry: MemoryEntry,
     # The cache here (the destination) drives the layer loop: its layers, its row; the source
     # tensors are the targets, each already at the source row.
     targets = [a + shift for a in srcs] if shift else srcs
-    if peer is None:
+    if peer is None and not transfer_args.apart(src, dst_entry.cache,
+                                                dst_entry.origin == ALLOCATED):
         block_ops.check_disjoint(what, plan, targets, dsts, transfer_args.range_params(
             src_idx, dst_idx, "the source row and batch_index"))
     route = pl.build_route(peer, kinds, sregions)

@@ -132,11 +132,10 @@ def choose_route(ctx: SelectionContext) -> Union[RouteKind, Refusal]:
             return kind
     if ctx.access is Access.NONE:
         return Refusal(ctx.why, refuse)
-    if ctx.device_runtime and ctx.reach is not Reach.SELF:
-        if other_place == _H:
-            return Refusal(f"{ctx.other} is HOST memory of another process: on the "
-                           f"{ctx.runtime} runtime a transfer to another process reaches only "
-                           f"DEVICE caches that process allocated (device IPC)", refuse)
+    if ctx.device_runtime and ctx.reach is not Reach.SELF and other_place == _H:
+        return Refusal(f"{ctx.other} is HOST memory of another process: on the {ctx.runtime} "
+                       f"runtime a transfer to another process reaches only DEVICE caches that "
+                       f"process allocated (device IPC)", refuse)
     return Refusal(f"no route moves {ctx.other} ({ctx.direction.name}, "
                    f"{ctx.source.name} to {ctx.destination.name}, {ctx.reach.value}, "
                    f"{ctx.access.value}) on the {ctx.runtime} runtime", refuse)

@@ -19,6 +19,7 @@ behind a route."""
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from . import _core
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 # llm.SyncKvCacheWaitTime, and the least it waits when it does (ms).
 ENGINE_WAIT_DEFAULT_MS = 30_000
 ENGINE_WAIT_MIN_MS = 1_000
+
+_REGION_END = operator.attrgetter("end")
 
 
 class ImportNeeded(Exception):
@@ -61,7 +64,7 @@ class Route:
     def reach(self, addrs: Sequence[int], regions: Sequence["Region"]) -> Tuple[List[int], List[int]]:
         """The other cluster's tensor bases as the layer loop uses them, and the end of the
         region holding each (regions[i] holds addrs[i])."""
-        return list(addrs), [r.end for r in regions]
+        return list(addrs), list(map(_REGION_END, regions))
 
     def channel(self, sync_timeout: Optional[int]) -> Optional["EngineChannel"]:
         """The engine channel for one transfer (EngineRoute only)."""

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 from . import _core
 from ._check import check_layer_range, check_uint32, require
+from .descs import Cache, tensor_addrs_of
 from .status import LLMException, LLMStatusCode
 
 
@@ -56,6 +57,22 @@ def c2b_plan(dst_idx, row_bytes: int, block: int, blocks_name: str):
                            f"{row_bytes} bytes fills at most {chunks} blocks of {block} bytes",
                            status_code=LLMStatusCode.LLM_PARAM_INVALID)
     return _core.plan_c2b(dst_idx, row_bytes, block)
+
+
+def apart(src: Cache, dst: Cache, dst_tensors_apart: bool) -> bool:
+    """Whether a copy from src into distinct blocks or one row of dst can neither write bytes
+    it reads nor write a byte twice, known without its ranges: the two caches' memory spans
+    do not meet and dst's tensors do not overlap each other (dst_tensors_apart: llmdist
+    allocated them side by side). When it is not known, the ranges are compared
+    (block_ops.check_disjoint)."""
+    if src is dst or not dst_tensors_apart:
+        return False
+    s, d = tensor_addrs_of(src), tensor_addrs_of(dst)
+    if not s or not d:
+        return False
+    s_lo, s_hi = min(s), max(s) + src.cache_desc.size
+    d_lo, d_hi = min(d), max(d) + dst.cache_desc.size
+    return s_hi <= d_lo or d_hi <= s_lo
 
 
 def range_params(src_idx, dst_idx, rows: str) -> str:

@@ -10,13 +10,16 @@ here. Synchronous calls wait at most llm.SyncKvCacheWaitTime ms (spec section 8)
 
 from __future__ import annotations
 
+import logging
 import operator
 import threading
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import _core, notifications
 from ._check import require
-from ._core import CopyKind, Direction
+from ._core import CopyKind, Direction, Lane
+from .deadlines import Deadlines
 from .descs import Cache, Placement, is_live
 from .registry import ClusterMemory, MemoryEntry, Region
 from .results import config_results
@@ -34,6 +37,8 @@ from .status import LLMException, LLMStatusCode
 BUSY_WAIT_S = 0.2       # how long a call waits for a task slot when at the bound
 DEFAULT_WAIT_MS = 1000  # upstream's llm.SyncKvCacheWaitTime when the option is not given
 IMPORT_TRIES = 4        # plannings of one call that may stop for device IPC imports
+
+log = logging.getLogger(__name__)
 
 _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 _NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
@@ -84,6 +89,9 @@ class Planner:
         self.inflight: Dict[object, Tuple[Tuple[int, int], List[set]]] = {}
         self.max_inflight = max_inflight
         self.slots = threading.BoundedSemaphore(max_inflight)
+        self._here: set = set()                 # jobs launched to run on their caller's thread
+        self._streams = threading.local()       # each calling thread's stream for them
+        self.deadlines = Deadlines()
 
     def check_open(self) -> None:
         if self.closed:
@@ -123,11 +131,12 @@ class Planner:
             self.inflight.pop(job, None)
         self.slots.release()
 
-    def launch(self, job, cache_id: int, touched: List[set], notice=None) -> None:
+    def launch(self, job, cache_id: int, touched: List[set], notice=None,
+               here: bool = False) -> None:
         """Record job as in flight (driven by this cluster's cache cache_id, touching the
-        (cluster, cache) pairs of touched per config) and hand it to the workers (lock held).
-        The caller holds a task slot, which the job gives back when it ends; notice (a
-        TaskNotice) fires when it ends."""
+        (cluster, cache) pairs of touched per config) and hand it to the workers (lock held),
+        or, here, keep it for finish to run on the calling thread. The caller holds a task
+        slot, which the job gives back when it ends; notice (a TaskNotice) fires when it ends."""
         self.inflight[job] = ((self.cluster_id, cache_id), touched)
         if notice is None:
             job.on_finish = self._job_done
@@ -137,6 +146,9 @@ class Planner:
                 ok = all(r == LLMStatusCode.LLM_SUCCESS for r in config_results(job)[0])
                 notice.fire(ok)
             job.on_finish = finished
+        if here:
+            self._here.add(job)
+            return
         try:
             self.workers.submit(job)
         except BaseException:
@@ -173,13 +185,34 @@ class Planner:
             jobs = list(self.inflight)
         for job in jobs:
             job.cancel(LLMStatusCode.LLM_ENGINE_FINALIZED)
+        self.deadlines.close()
 
-    def wait(self, job, what: str) -> None:
-        """Wait for a synchronous job (llm.SyncKvCacheWaitTime ms at most); raise its failure.
-        A job still running at the deadline is cancelled (its queued copies land first) and
-        reported as LLM_TIMEOUT."""
+    def runs_here(self, plans: Sequence["_core.ConfigPlan"]) -> bool:
+        """Whether a synchronous job of plans runs on its caller's thread, which saves the round
+        trip through a worker: on the host runtime (whose streams any thread may use), off the
+        Mooncake engine (whose batches go through the workers' channels), and when a worker is
+        idle (so that it does not pass jobs queued before it)."""
+        return (self.runtime.is_host and self.workers.idle > 0
+                and all(p.lane != Lane.LANE_ENGINE for p in plans))
+
+    def finish(self, job, what: str) -> None:
+        """Run or wait for a synchronous job (llm.SyncKvCacheWaitTime ms at most); raise its
+        failure. A job still running at the deadline is cancelled (its queued copies land
+        first) and reported as LLM_TIMEOUT."""
         wait_ms = self.sync_timeout if self.sync_timeout is not None else DEFAULT_WAIT_MS
-        if not job.done.wait(wait_ms / 1000.0):
+        with self.lock:
+            here = job in self._here
+            self._here.discard(job)
+        if here:
+            # as for a waiting caller: not done by the deadline is LLM_TIMEOUT, whether the
+            # deadline thread got to cancel the rest or the copies landed meanwhile
+            t0 = time.monotonic()
+            self._run_here(job, wait_ms)
+            if (job.cancel_code == LLMStatusCode.LLM_TIMEOUT
+                    or time.monotonic() - t0 >= wait_ms / 1000.0):
+                raise _fail(f"{what} did not finish within {wait_ms} ms "
+                            f"(llm.SyncKvCacheWaitTime)", LLMStatusCode.LLM_TIMEOUT)
+        elif not job.done.wait(wait_ms / 1000.0):
             job.cancel(LLMStatusCode.LLM_TIMEOUT)
             job.done.wait(max(wait_ms / 1000.0, 1.0))
             raise _fail(f"{what} did not finish within {wait_ms} ms (llm.SyncKvCacheWaitTime)",
@@ -191,6 +224,22 @@ class Planner:
         if code is None:        # cancelled before any copy was issued
             code = job.cancel_code if job.cancel_code is not None else LLMStatusCode.LLM_FAILED
         raise _fail(f"{what} failed: {errors[0] if errors else None or code}", code)
+
+    def _run_here(self, job, wait_ms: int) -> None:
+        """Run job's layer loop on this thread, on its own stream; the deadline thread cancels
+        it at wait_ms as a waiting caller would."""
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = _core.Stream(self.runtime)
+        entry = self.deadlines.add(job, wait_ms / 1000.0)
+        try:
+            job.run(stream, None)
+        except BaseException:  # a bug in the loop must still end the job
+            log.exception("transfer job failed unexpectedly")
+            job.cancel(LLMStatusCode.LLM_FAILED)
+        finally:
+            self.deadlines.done(entry)
+        job.done.wait()        # a cancellation from another thread reports it
 
     def run_planned(self, plan_job, peers: Sequence):
         """Call plan_job() under the lock (and the locks of peers, whose reader threads update

@@ -10,13 +10,24 @@ from typing import List, Optional, Sequence, Tuple, Union
 from . import _core, block_ops, transfer_args
 from ._check import check_isinstance, check_layer_range, check_uint64, require
 from ._core import Direction
-from .descs import (BlocksCacheKey, Cache, CacheDesc, CacheKeyByIdAndIndex, Placement, copy_kind,
-                    tensor_addrs_of)
+from .descs import (
+    BlocksCacheKey,
+    Cache,
+    CacheDesc,
+    CacheKeyByIdAndIndex,
+    Placement,
+    copy_kind,
+    tensor_addrs_of,
+)
 from .events import EventSynchronizer
 from .registry import ALLOCATED, MemoryEntry
 from .status import LLMException, LLMStatusCode
-from .transfer_types import (LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig,
-                             dst_addrs_of)
+from .transfer_types import (
+    LayerSynchronizer,
+    TransferConfig,
+    TransferWithCacheKeyConfig,
+    dst_addrs_of,
+)
 from .transfers import Planner, find_key, live_entry
 
 _REGION_CACHE = operator.attrgetter("cache")
@@ -72,7 +83,8 @@ def start_write(pl: Planner, src_cache: Cache, layer_synchronizer: Optional[Laye
     check_isinstance("transfer_configs", transfer_configs, (list, tuple))
     cfg_type = TransferWithCacheKeyConfig if remote_accessible else TransferConfig
     for i, cfg in enumerate(transfer_configs):
-        check_isinstance(f"transfer_configs[{i}]", cfg, cfg_type)
+        if not isinstance(cfg, cfg_type):
+            check_isinstance(f"transfer_configs[{i}]", cfg, cfg_type)
     if not transfer_configs:
         return None, 0
     # the plan, shared by every layer and config of this call
@@ -147,7 +159,7 @@ def push(pl: Planner, what: str, key: Union[BlocksCacheKey, CacheKeyByIdAndIndex
         block_size = find_key(mem, key)[0].cache.cache_desc.stride
     job, _ = start_write(pl, src_cache, None, [cfg], src_blocks or None, dst_blocks, block_size,
                          tpl, False, remote_accessible, what)
-    pl.wait(job, f"{what} to cluster {key.cluster_id}")
+    pl.finish(job, f"{what} to cluster {key.cluster_id}")
 
 
 def _write_job(pl: Planner, src_cache: Cache, src_entry: MemoryEntry, layer_synchronizer,
@@ -175,7 +187,9 @@ def _write_job(pl: Planner, src_cache: Cache, src_entry: MemoryEntry, layer_sync
     job = _core.TransferJob(pl.runtime, plan, tensor_addrs_of(src_cache), plans,
                             layer_synchronizer, pl.sync_timeout, events, gate,
                             tensors_per_layer=tpl)
-    pl.launch(job, src_cache.cache_id, touched, notice)
+    # a push (op) is synchronous: on the host runtime it runs on the calling thread
+    here = op is not None and pl.runs_here(plans)
+    pl.launch(job, src_cache.cache_id, touched, notice, here)
     return job, len(plans)
 
 def _write_config(pl: Planner, i: int, cfg, src_entry: MemoryEntry, src_idx, dst_idx,
@@ -260,7 +274,8 @@ def _write_config(pl: Planner, i: int, cfg, src_entry: MemoryEntry, src_idx, dst
     route = pl.build_route(peer, kinds, regions)
     kind = copy_kind(src_place, regions[0].cache.cache_desc.placement)
     shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
-    if op is not None and peer is None:
+    if op is not None and peer is None and not (
+            keyed and transfer_args.apart(src_entry.cache, entry.cache, entry.origin == ALLOCATED)):
         srcs = tensor_addrs_of(src_entry.cache)[tpl * layers.start:tpl * layers.stop]
         rows = "src_batch_index and the destination row"
         block_ops.check_disjoint(op, plan, [a + shift for a in srcs], dst,

@@ -7,13 +7,19 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from helpers import Env, assert_mem_equal
 
 from llmdist import BlocksCacheKey, LLMException, LLMStatusCode, Placement
 from llmdist._core import Direction
-from llmdist.route_rules import (CAPABILITIES, Access, Reach, Refusal, RouteKind,
-                                 SelectionContext, choose_route)
-
-from helpers import Env, assert_mem_equal
+from llmdist.route_rules import (
+    CAPABILITIES,
+    Access,
+    Reach,
+    Refusal,
+    RouteKind,
+    SelectionContext,
+    choose_route,
+)
 
 H, D = Placement.HOST, Placement.DEVICE
 FEATURE = LLMStatusCode.LLM_FEATURE_NOT_ENABLED

@@ -130,9 +130,7 @@ def _defined_names(tree: ast.AST) -> Set[str]:
             names.add(node.id)
         elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
             names.add(node.attr)
-        elif isinstance(node, ast.keyword) and node.arg:
-            names.add(node.arg)
-        elif isinstance(node, ast.arg):
+        elif isinstance(node, (ast.keyword, ast.arg)) and node.arg:
             names.add(node.arg)
     return {n for n in names if _private(n)}
 

@@ -14,7 +14,7 @@ from typing import Dict, List, NamedTuple, Tuple
 from . import _core
 from ._core import CopyKind
 from ._check import check_int64, check_isinstance, check_uint32, check_uint64, require
-from .descs import Cache, Placement, copy_kind
+from .descs import Cache, Placement, copy_kind, tensor_addrs_of
 from .status import LLMException, LLMStatusCode
 
 # Page-locked buffer that host memory a device runtime cannot copy asynchronously (pageable
@@ -100,7 +100,7 @@ def plan_copy_blocks(cache: Cache, pairs: List[Tuple[int, int]], pinned: bool) -
     require(not both, f"copy_block_info: block {min(both) if both else 0} is both read and "
                       f"written")
     plan = _plan_blocks(pairs, desc.stride)
-    bases = cache._tensor_addrs
+    bases = tensor_addrs_of(cache)
     check_disjoint("copy_blocks", plan, bases, bases)
     side = Side(list(bases), desc.placement, pinned)
     return LocalCopy("copy_blocks", plan, side, side)
@@ -146,9 +146,9 @@ def plan_copy_cache(dst: Cache, src: Cache, dst_batch_index: int, src_batch_inde
             f"size {n} from offset {offset} runs past the destination row of {dd.stride} bytes")
     plan = _core.plan_one(src_batch_index * sd.stride + offset,
                           dst_batch_index * dd.stride + offset, n)
-    check_disjoint("copy_cache", plan, src._tensor_addrs, dst._tensor_addrs)
-    return LocalCopy("copy_cache", plan, Side(list(src._tensor_addrs), sd.placement, src_pinned),
-                     Side(list(dst._tensor_addrs), dd.placement, dst_pinned))
+    check_disjoint("copy_cache", plan, tensor_addrs_of(src), tensor_addrs_of(dst))
+    return LocalCopy("copy_cache", plan, Side(list(tensor_addrs_of(src)), sd.placement, src_pinned),
+                     Side(list(tensor_addrs_of(dst)), dd.placement, dst_pinned))
 
 
 def check_swap_args(src_cache, dst_cache, src_to_dst) -> List[Tuple[int, int]]:
@@ -174,10 +174,10 @@ def plan_swap_blocks(src_cache: Cache, dst_cache: Cache, pairs: List[Tuple[int, 
             f"{sd.placement.name} to {dd.placement.name}")
     _check_blocks("src_to_dst", pairs, sd.batch_size, dd.batch_size)
     plan = _plan_blocks(pairs, sd.stride)
-    check_disjoint("swap_blocks", plan, src_cache._tensor_addrs, dst_cache._tensor_addrs)
+    check_disjoint("swap_blocks", plan, tensor_addrs_of(src_cache), tensor_addrs_of(dst_cache))
     return LocalCopy("swap_blocks", plan,
-                     Side(list(src_cache._tensor_addrs), sd.placement, src_pinned),
-                     Side(list(dst_cache._tensor_addrs), dd.placement, dst_pinned))
+                     Side(list(tensor_addrs_of(src_cache)), sd.placement, src_pinned),
+                     Side(list(tensor_addrs_of(dst_cache)), dd.placement, dst_pinned))
 
 
 class LocalCopier:

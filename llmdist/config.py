@@ -33,7 +33,7 @@ def _upstream_ip_port(entry: Dict[str, Any]) -> Tuple[int, int]:
     return int.from_bytes(ipaddress.IPv4Address(entry["ip"]).packed, "little"), entry["port"]
 
 
-def _parse_ip_port(name: str, text: str) -> Tuple[str, int]:
+def parse_ip_port(name: str, text: str) -> Tuple[str, int]:
     """Split and check an "ip:port" string (IPv4 dotted address, uint16 port)."""
     check_isinstance(name, text, str)
     ip, sep, port = text.rpartition(":")
@@ -120,7 +120,7 @@ class LLMConfig:
 
     @listen_ip_info.setter
     def listen_ip_info(self, value: str) -> None:
-        _parse_ip_port("listen_ip_info", value)
+        parse_ip_port("listen_ip_info", value)
         self._listen_ip_info = value
 
     @property

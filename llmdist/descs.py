@@ -10,7 +10,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 from ._check import (check_int64, check_int_list, check_isinstance, check_uint32, check_uint64,
                      require)
 from ._core import CopyKind
-from .status import LLMException, LLMStatusCode, _NamedIntEnum
+from .status import LLMException, LLMStatusCode, NamedIntEnum
 
 __all__ = ["Placement", "DataType", "LLMRole", "RegisterMemStatus", "CacheDesc", "CacheKey",
            "CacheKeyByIdAndIndex", "BlocksCacheKey", "Cache", "KvCache", "Memtype", "MemInfo"]
@@ -18,7 +18,7 @@ __all__ = ["Placement", "DataType", "LLMRole", "RegisterMemStatus", "CacheDesc",
 _INVALID_ID = 2**64 - 1
 
 
-class Placement(_NamedIntEnum):
+class Placement(NamedIntEnum):
     """Where a cache's memory lives: host RAM or the accelerator."""
 
     HOST = 0
@@ -72,7 +72,7 @@ _ELEMENT_SIZES = {
 }
 
 
-class LLMRole(_NamedIntEnum):
+class LLMRole(NamedIntEnum):
     """Role of an LLMDataDist instance in disaggregated serving."""
 
     PROMPT = 1
@@ -435,6 +435,27 @@ class Cache:
         return (f"Cache(cache_id={self._cache_id}, cache_desc={self._cache_desc!r}, "
                 f"num_tensor_addrs={len(self._tensor_addrs)}, "
                 f"is_blocks_cache={self._is_blocks_cache}{state})")
+
+
+def tensor_addrs_of(cache: Cache) -> List[int]:
+    """The tensor addresses of cache without a copy (Cache.tensor_addrs copies): what the
+    planners read on every transfer. Callers do not change the list."""
+    return cache._tensor_addrs
+
+
+def is_live(cache: Cache) -> bool:
+    """Whether cache still names memory (not released)."""
+    return cache._valid
+
+
+def invalidate(cache: Cache) -> None:
+    """Mark cache released (its cache manager freed or forgot its memory)."""
+    cache._invalidate()
+
+
+def fixed_copy(desc: CacheDesc) -> CacheDesc:
+    """A copy of desc that cannot change, to size a new cache with."""
+    return desc._fixed_copy()
 
 
 class KvCache:

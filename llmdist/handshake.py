@@ -16,19 +16,15 @@ import re
 import secrets
 import socket
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from . import auth
 from .auth import AuthError, Channel, ProtocolError
 from .data_path import PeerPath
-from .descs import LLMRole
 from .peer import Peer
+from .wire import Hello
 from .status import LLMStatusCode
-from .wire_checks import check_enum, check_int, check_list, check_text
 
-if TYPE_CHECKING:
-    from .cluster import ClusterNode
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +33,6 @@ HANDSHAKE_TIMEOUT_S = 10.0      # the whole handshake, however slowly its bytes 
 FIRST_FRAME_S = 1.0             # the client's first frame, from its connection
 MAX_HANDSHAKES = 32             # handshakes in progress at once (see handshake_slots.py)
 _UNIX_NAME = re.compile(r"llmdist-[0-9a-f]{32}", re.ASCII)
-RUNTIMES = ("host", "acl", "cuda")      # the runtimes a hello may name
 
 def host_identity() -> str:
     """Processes with the same identity can map each other's shared memory and write into each
@@ -187,7 +182,7 @@ def _checked_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> 
     return msg
 
 
-def client_handshake(node: "ClusterNode", chan: Channel, challenge: dict, hello: dict,
+def client_handshake(node, chan: Channel, challenge: dict, hello: dict,
                      key: Optional[bytes], expect: Optional[int], deadline: float
                      ) -> Union["Peer", dict]:
     """The client's side after the challenge: send hello (with a key, proving it and moving
@@ -242,43 +237,6 @@ def client_handshake(node: "ClusterNode", chan: Channel, challenge: dict, hello:
         peer.close(LLMStatusCode.LLM_LINK_FAILED)
         raise
     return peer
-
-
-@dataclass(frozen=True)
-class Hello:
-    """A handshake message (a client's hello, a listener's welcome), every field checked; its
-    caches are checked one by one when the Peer records them (wire.cache_from_wire)."""
-
-    cluster_id: int
-    role: LLMRole
-    target: Optional[int]           # the cluster the client meant to reach (None: any)
-    host: str
-    runtime: str                    # one of RUNTIMES
-    caches: list
-    want_engine: bool               # the sender forces Mooncake (llmdist.transport=mooncake)
-    mooncake: Optional[str]         # the sender's Mooncake session, when its engine runs
-    engine_error: Optional[str]     # why the sender's engine did not start
-    comm: Optional[str]             # the rank-table comm the link belongs to
-
-    @classmethod
-    def from_wire(cls, msg: dict) -> "Hello":
-        """The hello msg, or ProtocolError naming its first bad field."""
-        cluster_id = check_int(msg.get("cluster_id"))
-        target = msg.get("target")
-        if target is not None:
-            check_int(target)
-        runtime = msg.get("runtime", "host")
-        if runtime not in RUNTIMES:
-            raise ProtocolError("bad runtime")
-        role = check_enum(LLMRole, msg.get("role"))
-        host = check_text(msg.get("host"))
-        caches = check_list(msg.get("caches"))
-        want_engine = msg.get("want_engine", False)
-        if type(want_engine) is not bool:
-            raise ProtocolError("bad want_engine")
-        texts = {k: check_text(msg[k]) if k in msg else None
-                 for k in ("mooncake", "engine_error", "comm")}
-        return cls(cluster_id, role, target, host, runtime, caches, want_engine, **texts)
 
 
 def check_hello(msg: dict, own_id: int, expect: Optional[int], rendezvous: bool = False

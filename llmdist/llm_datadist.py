@@ -13,7 +13,7 @@ from . import _core, auth, limits, notifications, runtimes
 from ._check import check_isinstance, check_uint64
 from .cache_manager import CacheManager
 from .cluster import ClusterNode
-from .config import LLMClusterInfo, _parse_ip_port
+from .config import LLMClusterInfo, parse_ip_port
 from .descs import LLMRole, RegisterMemStatus
 from .rank_table import RankTableLinks
 from .status import LLMException, LLMStatusCode
@@ -73,7 +73,7 @@ def _listen_option(options: Dict[str, str], what: str) -> Optional[Tuple[str, in
     if not text:
         return None
     try:
-        return _parse_ip_port("llm.listenIpInfo", text)
+        return parse_ip_port("llm.listenIpInfo", text)
     except (LLMException, ValueError, TypeError) as exc:
         raise LLMException(f"{what} llm.listenIpInfo must be \"ip:port\", got {text!r}",
                            status_code=LLMStatusCode.LLM_PARAM_INVALID) from exc
@@ -193,7 +193,7 @@ class LLMDataDist:
             self._node = None
             self._comms = None
         if cm is not None:
-            cm._close()
+            cm.close()
         if workers is not None:
             workers.shutdown(timeout=2.0)
 
@@ -280,7 +280,7 @@ class LLMDataDist:
         check_uint64("cluster_id", cluster_id)
         data = notifications.check_payload("payload", payload)
         cm = self.cache_manager
-        peer, _ = cm._notify_target(cluster_id)
+        peer, _ = cm.transfers.notify_target(cluster_id)
         self._node.notifications.send(peer, cluster_id, data).wait()
 
     def get_notifications(self) -> Dict[int, List[bytes]]:

@@ -15,12 +15,9 @@ import binascii
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional
 
 from .status import LLMException, LLMStatusCode
-
-if TYPE_CHECKING:
-    from .cluster import Peer
 
 MAX_PAYLOAD = 64 << 10          # bytes of one notification's payload
 DEFAULT_QUEUE_DEPTH = 4096      # notifications kept per sending cluster (llmdist.notify_queue_depth)
@@ -45,7 +42,7 @@ def check_payload(name: str, payload) -> bytes:
 class Pending:
     """A notification sent and not yet confirmed by its receiver."""
 
-    def __init__(self, peer: Optional["Peer"], cluster_id: int,
+    def __init__(self, peer, cluster_id: int,
                  forget: Optional[Callable[[], None]] = None) -> None:
         self.peer = peer
         self.cluster_id = cluster_id
@@ -121,7 +118,7 @@ class Notifications:
         return self.drain()
 
     # -- sending
-    def send(self, peer: Optional["Peer"], cluster_id: int, payload: bytes) -> Pending:
+    def send(self, peer, cluster_id: int, payload: bytes) -> Pending:
         """Send payload to a linked peer (None: this cluster itself) at once; the caller waits
         on the returned Pending for the confirmation. Sends to one peer arrive in call order."""
         if peer is None:
@@ -149,7 +146,7 @@ class Notifications:
             self._pending.pop(seq, None)
 
     # -- the control connection's messages (Peer.serve)
-    def handle(self, peer: "Peer", msg: dict, protocol_error: Callable[[str], Exception]) -> None:
+    def handle(self, peer, msg: dict, protocol_error: Callable[[str], Exception]) -> None:
         """A "notify" or "notify_reply" message from peer."""
         seq = msg.get("seq")
         if type(seq) is not int or seq < 0:

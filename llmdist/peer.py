@@ -21,22 +21,20 @@ import socket
 import threading
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import _core, device_ipc, notifications
 from .auth import Channel, ProtocolError
 from .data_path import PeerPath
 from .descs import CacheKey, LLMRole, Placement
 from .registry import REGISTERED, ClusterMemory, MemoryEntry, Region
-from .routes import EngineRoute, MappedRoute, ProcessRoute, Route
+from .route_rules import Access, RouteKind
+from .routes import EngineRoute, ImportNeeded, MappedRoute, ProcessRoute, Route
 from .shares import DeviceIpcShare, MemfdShare, Unshared
 from .status import LLMException, LLMStatusCode
-from .wire import cache_from_wire, key_from_wire, key_to_wire
+from .wire import Hello, cache_from_wire, key_from_wire, key_to_wire
 from .wire_checks import check_int, check_list
 
-if TYPE_CHECKING:
-    from .cluster import ClusterNode
-    from .handshake import Hello
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,7 @@ ACK_TIMEOUT_S = 10.0            # default wait for a peer's ack of a request
 class Peer:
     """A linked cluster: its control connection, the caches it exposes, and the data path."""
 
-    def __init__(self, node: "ClusterNode", chan: Channel, hello: "Hello",
+    def __init__(self, node, chan: Channel, hello: Hello,
                  fds: List[int] = ()) -> None:
         self.node = node
         self.chan = chan
@@ -222,25 +220,44 @@ class Peer:
         for cid in cids:
             self._unmap(cid)
 
-    def device_delta(self, entry: MemoryEntry, runtime: "_core.Runtime") -> int:
-        """What to add to the peer's address of DEVICE cache entry to write into it from here
-        through device IPC; imports the peer's allocation on first use (self.lock held). Raises
-        LLMException naming why the cache cannot be reached that way."""
+    def access(self, entry: MemoryEntry, runtime: "_core.Runtime") -> Tuple[Access, str]:
+        """How this process can reach the peer's cache entry, and why not when it cannot
+        (route_rules.choose_route decides what that allows)."""
         cid = entry.cache.cache_id
+        where = f"cache {cid} of cluster {self.cluster_id}"
+        if not runtime.is_host:
+            return self._device_access(entry, runtime, where)
+        if self.path is PeerPath.MOONCAKE:
+            return Access.ENGINE, ""
+        why = self.unreachable.get(cid)
+        if why is not None:
+            return Access.NONE, f"{where} cannot be reached from this process: {why}"
+        if cid in self.mappings:
+            return Access.SHARED_MEMORY, ""
+        return Access.PROCESS, ""
+
+    def _device_access(self, entry: MemoryEntry, runtime: "_core.Runtime",
+                       where: str) -> Tuple[Access, str]:
+        """Access on a device runtime, which reaches other processes through device IPC only."""
+        if self.path is PeerPath.MOONCAKE or not self.same_host:
+            how = ("through Mooncake Transfer Engine" if self.path is PeerPath.MOONCAKE
+                   else "on another host")
+            return Access.NONE, (f"cluster {self.cluster_id} is reached {how}; on the "
+                                 f"{runtime.name} runtime transfers to another process use device "
+                                 f"IPC, which works between processes of one host only")
+        why = runtime.ipc_unavailable
+        if why is not None:
+            return Access.NONE, (f"transfers to another process on the {runtime.name} runtime "
+                                 f"need device IPC, which is not available: {why}")
+        if entry.placement != Placement.DEVICE:
+            return Access.PROCESS, ""       # HOST memory of another process: no device IPC
+        if entry.origin == REGISTERED:
+            return Access.NONE, (f"{where} is DEVICE memory the peer registered (not allocated by "
+                                 f"llmdist): device IPC exports whole page-aligned allocations, so "
+                                 f"memory registered piecewise cannot be exported safely; allocate "
+                                 f"the destination with allocate_cache or allocate_blocks_cache")
         share = entry.share
         kind = share.kind if share is not None else None
-        where = f"cache {cid} of cluster {self.cluster_id}"
-        refuse = LLMStatusCode.LLM_FEATURE_NOT_ENABLED
-        if entry.placement != Placement.DEVICE:
-            raise LLMException(f"{where} is HOST memory of another process: on the {runtime.name} "
-                               f"runtime a transfer to another process reaches only DEVICE caches "
-                               f"that process allocated (device IPC)", status_code=refuse)
-        if entry.origin == REGISTERED:
-            raise LLMException(f"{where} is DEVICE memory the peer registered (not allocated by "
-                               f"llmdist): device IPC exports whole page-aligned allocations, so "
-                               f"memory registered piecewise cannot be exported safely; allocate "
-                               f"the destination with allocate_cache or allocate_blocks_cache",
-                               status_code=refuse)
         if kind != runtime.ipc_kind:
             if isinstance(share, Unshared) and share.reason:
                 why = share.reason
@@ -250,97 +267,102 @@ class Peer:
             else:
                 why = ("the peer did not export it (a cluster exports its DEVICE caches when it "
                        "listens or sets llmdist.shareable_memory=1)")
-            raise LLMException(f"{where} cannot be written through device IPC: {why}",
-                               status_code=refuse)
-        got = self.imports.get(cid)
-        if got is not None and (got[0].id, got[0].base) != \
-                (share.id, share.base):   # announced again, exported anew
-            self.imports.pop(cid)
-            device_ipc.IMPORTS.release(runtime, got[0])
-            got = None
-        if got is None:
-            if self.stopping:
-                raise LLMException(f"the link to cluster {self.cluster_id} is down",
-                                   status_code=LLMStatusCode.LLM_NOT_YET_LINK)
-            local = device_ipc.IMPORTS.acquire(runtime, share)
-            got = self.imports[cid] = (share, local - share.base)
+            return Access.NONE, f"{where} cannot be written through device IPC: {why}"
+        return Access.DEVICE_IPC, ""
+
+    def _import_delta(self, entry: MemoryEntry) -> Optional[int]:
+        """What turns the peer's address of cache entry into the one its device IPC import has
+        here; None when it is not imported (or was exported anew since). self.lock held."""
+        got = self.imports.get(entry.cache.cache_id)
+        share = entry.share
+        if got is None or (got[0].id, got[0].base) != (share.id, share.base):
+            return None
         return got[1]
 
-    def route(self, runtime: "_core.Runtime", regions: List[Region]) -> Route:
-        """The route to the peer's memory holding regions (after check_transfer, self.lock
-        held). A device runtime maps the peer's allocations through device IPC (imported on
-        first use; LLMException says why one cannot be); a host runtime maps the peer's shared
-        memory, or moves bytes with process transfers where a region is not mapped."""
+    def route_to(self, kind: RouteKind, regions: List[Region],
+                 runtime: "_core.Runtime") -> Route:
+        """The route of kind to the peer's memory holding regions (self.lock held); no side
+        effects. Raises ImportNeeded naming the device IPC exports to import first."""
+        if kind is RouteKind.ENGINE:
+            return EngineRoute(self.link, self.node.engine, self.engine_session)
+        if kind is RouteKind.PROCESS:
+            return ProcessRoute(self.link, self.pid)
+        deltas: Dict[int, int] = {}
+        cache = None
         if not runtime.is_host:
-            deltas: Dict[int, int] = {}
+            missing = []
             single = False
             for r in regions:
                 cid = r.cache.cache_id
                 if cid not in deltas:
                     entry = self.mem.entries[cid]
-                    deltas[cid] = self.device_delta(entry, runtime)
+                    delta = self._import_delta(entry)
+                    if delta is None:
+                        missing.append(entry)
+                        delta = 0
+                    deltas[cid] = delta
                     single |= entry.share.device != runtime.device_id
+            if missing:
+                raise ImportNeeded(self, missing)
             return MappedRoute(self.link, deltas, single)
-        if self.path == "mooncake":
-            return EngineRoute(self.link, self.node.engine, self.engine_session)
-        deltas: Dict[int, int] = {}
-        cache = None
         for r in regions:
-            why = self.unreachable.get(r.cache.cache_id)
-            if why is not None:
-                raise LLMException(f"cache {r.cache.cache_id} of cluster {self.cluster_id} cannot "
-                                   f"be reached from this process: {why}",
-                                   status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
-            if r.pid:
-                return ProcessRoute(self.link, self.pid)
             if r.cache is not cache:        # the regions of one cache come in a row
                 cache = r.cache
                 deltas[cache.cache_id] = r.delta
         return MappedRoute(self.link, deltas)
 
+    def import_device(self, entries: List[MemoryEntry], runtime: "_core.Runtime") -> None:
+        """Open this process's device IPC imports of the peer's caches entries (what route_to
+        asked for); call it holding no cache manager lock. A cache announced again since is
+        imported anew."""
+        for entry in entries:
+            cid = entry.cache.cache_id
+            with self.lock:
+                if self.mem.entries.get(cid) is not entry or self._import_delta(entry) is not None:
+                    continue        # withdrawn or re-announced meanwhile, or imported already
+                if self.stopping:
+                    raise LLMException(f"the link to cluster {self.cluster_id} is down",
+                                       status_code=LLMStatusCode.LLM_NOT_YET_LINK)
+                stale = self.imports.pop(cid, None)
+            if stale is not None:
+                device_ipc.IMPORTS.release(runtime, stale[0])
+            share = entry.share
+            local = device_ipc.IMPORTS.acquire(runtime, share)
+            with self.lock:
+                keep = self.mem.entries.get(cid) is entry and not self.stopping \
+                    and cid not in self.imports
+                if keep:
+                    self.imports[cid] = (share, local - share.base)
+            if not keep:
+                device_ipc.IMPORTS.release(runtime, share)
+
     def await_ipc_ready(self, runtime: "_core.Runtime") -> None:
         """On a device runtime, wait (up to ACK_TIMEOUT_S) until the peer confirmed that this
-        process may import its memory; call it holding no lock, before check_transfer."""
-        if not runtime.is_host and self.same_host and self.path != "mooncake":
+        process may import its memory; call it holding no lock, before link_refusal."""
+        if not runtime.is_host and self.same_host and self.path is not PeerPath.MOONCAKE:
             self.ipc_ready.wait(ACK_TIMEOUT_S)
 
-    def check_transfer(self, runtime: "_core.Runtime") -> None:
-        """Refuse a transfer this build cannot carry to the peer, with the reason; it does not
-        wait (see await_ipc_ready), so the cache manager's lock may be held."""
+    def link_refusal(self, runtime: "_core.Runtime") -> Optional[LLMException]:
+        """Why the link carries no transfer now (down, device IPC not confirmed, Mooncake
+        engine missing), or None; it does not wait (see await_ipc_ready)."""
         if not self.link.is_up:
-            raise LLMException(f"the link to cluster {self.cluster_id} is down",
-                               status_code=LLMStatusCode.LLM_NOT_YET_LINK)
+            return LLMException(f"the link to cluster {self.cluster_id} is down",
+                                status_code=LLMStatusCode.LLM_NOT_YET_LINK)
         if not runtime.is_host:
-            self._check_device_ipc(runtime)
-            return
-        if self.path == "mooncake" and (self.node.engine is None or self.engine_session is None):
+            if (self.same_host and self.path is not PeerPath.MOONCAKE
+                    and runtime.ipc_unavailable is None and not self.ipc_ready.is_set()):
+                return LLMException(f"cluster {self.cluster_id} did not confirm within "
+                                    f"{ACK_TIMEOUT_S:.0f} s that this process may import its "
+                                    f"device memory", status_code=LLMStatusCode.LLM_LINK_FAILED)
+            return None
+        if self.path is PeerPath.MOONCAKE and (self.node.engine is None
+                                               or self.engine_session is None):
             why = self.node.engine_error or (f"cluster {self.cluster_id} has no Mooncake engine: "
                                              f"{self.engine_error or 'it did not start one'}")
-            raise LLMException(f"cluster {self.cluster_id} is reached through Mooncake Transfer "
-                               f"Engine, which is not available: {why}",
-                               status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
-
-    def _check_device_ipc(self, runtime: "_core.Runtime") -> None:
-        """A device runtime writes into other processes through device IPC only."""
-        refuse = LLMStatusCode.LLM_FEATURE_NOT_ENABLED
-        if self.path == "mooncake" or not self.same_host:
-            how = ("through Mooncake Transfer Engine" if self.path == "mooncake"
-                   else "on another host")
-            raise LLMException(f"cluster {self.cluster_id} is reached {how}; on the {runtime.name} "
-                               f"runtime transfers to another process use device IPC, which "
-                               f"works between processes of one host only", status_code=refuse)
-        why = runtime.ipc_unavailable
-        if why is not None:
-            raise LLMException(f"transfers to another process on the {runtime.name} runtime need "
-                               f"device IPC, which is not available: {why}", status_code=refuse)
-        ready = self.ipc_ready.is_set()
-        if not self.link.is_up:
-            raise LLMException(f"the link to cluster {self.cluster_id} is down",
-                               status_code=LLMStatusCode.LLM_NOT_YET_LINK)
-        if not ready:
-            raise LLMException(f"cluster {self.cluster_id} did not confirm within "
-                               f"{ACK_TIMEOUT_S:.0f} s that this process may import its device "
-                               f"memory", status_code=LLMStatusCode.LLM_LINK_FAILED)
+            return LLMException(f"cluster {self.cluster_id} is reached through Mooncake Transfer "
+                                f"Engine, which is not available: {why}",
+                                status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+        return None
 
     # -- messages
     def send(self, msg: dict, fds: List[int] = (), deadline: Optional[float] = None) -> None:

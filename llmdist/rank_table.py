@@ -43,7 +43,7 @@ from .status import LLMException, LLMStatusCode
 
 if TYPE_CHECKING:
     from .cluster import ClusterNode
-    from .handshake import Hello
+    from .wire import Hello
 
 log = logging.getLogger(__name__)
 

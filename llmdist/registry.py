@@ -12,7 +12,7 @@ from bisect import bisect_left, bisect_right
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
-from .descs import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex
+from .descs import BlocksCacheKey, Cache, CacheKey, CacheKeyByIdAndIndex, tensor_addrs_of
 from .status import LLMException, LLMStatusCode
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class MemoryRegistry:
         cache must not overlap each other; they may overlap other caches' tensors, except that
         registered memory may not overlap memory llmdist allocated (llmdist frees that)."""
         size = cache.cache_desc.size
-        new = sorted((a, a + size, i) for i, a in enumerate(cache._tensor_addrs))
+        new = sorted((a, a + size, i) for i, a in enumerate(tensor_addrs_of(cache)))
         for s, e, i in new:
             if e > ADDRESS_END:
                 raise LLMException(
@@ -182,7 +182,7 @@ class MemoryRegistry:
     def remove(self, cache: Cache) -> None:
         """Drop every region of cache."""
         layers = self._layers
-        for a in cache._tensor_addrs:
+        for a in tensor_addrs_of(cache):
             for layer in layers:
                 if layer._delete(a, cache):
                     break

@@ -12,11 +12,14 @@ bytes travel on, and, for a transfer engine, opens the channel that queues its b
 | ProcessRoute | a peer on this host, memory it registered    | process_vm_writev   | process_vm_readv   |
 | EngineRoute  | another host, or forced                      | Mooncake writes     | Mooncake reads     |
 
-`cluster.Peer.route` picks the route to a peer, `CacheManager` uses LocalRoute for its own
-caches; neither the cache manager nor the layer loop knows which transport is behind a route."""
+`route_rules.choose_route` says which kind of route moves a transfer (or why none does);
+`cluster.Peer.route_to` builds it for a peer's memory, the transfer planner uses LocalRoute for
+this cluster's own caches; neither the planner nor the layer loop knows which transport is
+behind a route."""
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 from . import _core
@@ -30,6 +33,18 @@ if TYPE_CHECKING:
 # llm.SyncKvCacheWaitTime, and the least it waits when it does (ms).
 ENGINE_WAIT_DEFAULT_MS = 30_000
 ENGINE_WAIT_MIN_MS = 1_000
+
+_REGION_END = operator.attrgetter("end")
+
+
+class ImportNeeded(Exception):
+    """Raised while building a route to device memory a peer exports that this process has not
+    imported yet: the planner leaves its lock, imports (Peer.import_device) and plans again."""
+
+    def __init__(self, peer, entries) -> None:
+        super().__init__(f"{len(entries)} device IPC imports are needed")
+        self.peer = peer
+        self.entries = entries
 
 
 class Route:
@@ -49,7 +64,7 @@ class Route:
     def reach(self, addrs: Sequence[int], regions: Sequence["Region"]) -> Tuple[List[int], List[int]]:
         """The other cluster's tensor bases as the layer loop uses them, and the end of the
         region holding each (regions[i] holds addrs[i])."""
-        return list(addrs), [r.end for r in regions]
+        return list(addrs), list(map(_REGION_END, regions))
 
     def channel(self, sync_timeout: Optional[int]) -> Optional["EngineChannel"]:
         """The engine channel for one transfer (EngineRoute only)."""

@@ -10,7 +10,7 @@ __all__ = ["LLMStatusCode", "LLMException", "Status"]
 _BASE = 0x5010B000
 
 
-class _NamedIntEnum(IntEnum):
+class NamedIntEnum(IntEnum):
     """IntEnum whose str() is "Class.NAME" on every Python version, so messages stay readable."""
 
     def __str__(self) -> str:
@@ -21,7 +21,7 @@ class _NamedIntEnum(IntEnum):
         return str(self) if not format_spec else int.__format__(int(self), format_spec)
 
 
-class LLMStatusCode(_NamedIntEnum):
+class LLMStatusCode(NamedIntEnum):
     """Result codes of LLM-DataDist, with the upstream numeric values so codes can be compared."""
 
     LLM_SUCCESS = 0

@@ -75,6 +75,12 @@ class TransferConfig:
                 f"src_batch_index={self._src_batch_index})")
 
 
+def dst_addrs_of(cfg: TransferConfig) -> List[int]:
+    """The destination addresses of cfg without a copy (TransferConfig.dst_addrs copies): what
+    the write planner reads on every transfer. Callers do not change the list."""
+    return cfg._dst_addrs
+
+
 class TransferWithCacheKeyConfig:
     """Send source layers into layers of a cache the destination cluster registered under a key."""
 

@@ -24,6 +24,12 @@ class TransferWorkers:
         self._threads: List[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
+        self._idle = 0          # threads waiting for a job
+
+    @property
+    def idle(self) -> int:
+        """How many workers wait for a job (then nothing queued waits for them)."""
+        return self._idle
 
     def start(self) -> None:
         """Start the threads and wait until each has its stream, so that the first transfer
@@ -64,7 +70,11 @@ class TransferWorkers:
                 pass
         try:
             while True:
+                with self._lock:
+                    self._idle += 1
                 job = self._queue.get()
+                with self._lock:
+                    self._idle -= 1
                 if job is None:
                     break
                 try:

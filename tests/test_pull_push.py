@@ -396,7 +396,7 @@ class Call:
 def in_flight(cm, n: int, timeout: float = 10.0) -> None:
     """Wait until n tasks of cm are in flight (submitted and not finished)."""
     deadline = time.monotonic() + timeout
-    while len(cm._inflight) < n:
+    while len(cm.transfers.inflight) < n:
         assert time.monotonic() < deadline, f"{n} tasks never got in flight"
         time.sleep(0.005)
 

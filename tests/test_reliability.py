@@ -641,7 +641,7 @@ def test_tasks_in_flight_are_bounded(make_env):
     finally:
         gate.release()
     assert [t.synchronize(10_000) for t in tasks] == [SUCCESS, SUCCESS]
-    assert wait_for(lambda: not e.cm._inflight)
+    assert wait_for(lambda: not e.cm.transfers.inflight)
     assert e.cm.transfer_cache_async(src.cache, RecordingSync(), cfg).synchronize(10_000) \
         == SUCCESS
     assert np.array_equal(host_view(dst.addrs[0], 64), src.tensor(0))

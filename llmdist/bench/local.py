@@ -35,7 +35,7 @@ def supports_one_tensor_per_layer(cm) -> bool:
     return "tensor_num_per_layer" in inspect.signature(cm.transfer_cache_async).parameters
 
 
-def _result(scenario: str, case: str, block: Optional[int], nbytes: int,
+def local_result(scenario: str, case: str, block: Optional[int], nbytes: int,
             times: Dict[str, List[float]], skipped: Dict[str, str], verified: Optional[bool],
             **extra) -> Result:
     paths = {k: path_of(v, nbytes) for k, v in times.items()}
@@ -159,7 +159,7 @@ def b2b(bench: Bench, run: Run) -> None:
             ok, times, skipped = _measure_blocks(bench, label, llmdist, src, dst, si, di, block,
                                                  moved, releases, (nt, plan.pool, block, si, di))
             skipped[UPSTREAM] = upstream_reason()
-            run.results.append(_result("b2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
+            run.results.append(local_result("b2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
                                         block, moved, times, skipped, ok, pool=plan.pool,
                                         pairs=s.pairs, tensors=nt))
         finally:
@@ -198,7 +198,7 @@ def c2b(bench: Bench, run: Run) -> None:
             ok, times, skipped = _measure_blocks(bench, label, llmdist, src, dst, chunks, di,
                                                  block, moved, releases,
                                                  (nt, plan.pool, block, chunks, di, 2 * s.pairs))
-            run.results.append(_result("c2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
+            run.results.append(local_result("c2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
                                        block, moved, times, skipped, ok, pool=plan.pool,
                                        pairs=s.pairs, tensors=nt))
         finally:
@@ -232,7 +232,7 @@ def c2c(bench: Bench, run: Run) -> None:
             ok, times, skipped = _measure_blocks(bench, label, llmdist, src, dst, chunks, rows,
                                                  block, moved, releases,
                                                  (nt, s.pairs, block, chunks, rows, 2 * s.pairs))
-            run.results.append(_result("c2c", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers, "
+            run.results.append(local_result("c2c", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers, "
                                        f"row = {s.pairs} blocks", block, moved, times, skipped, ok,
                                        tensors=nt, row_bytes=row))
         finally:
@@ -295,7 +295,7 @@ def swap(bench: Bench, run: Run) -> None:
                 paths = _block_paths(bench, llmdist, moved, src, dst, si, di, block)
                 _add_numpy(paths, skipped, bench.numpy_indexing(src, dst, si, di, block))
                 times = bench.rounds(label, paths)
-                run.results.append(_result("swap", kind, block, moved, times, skipped, ok,
+                run.results.append(local_result("swap", kind, block, moved, times, skipped, ok,
                                            pool=plan.pool, pairs=s.pairs, tensors=nt, llmdist_call=how))
             finally:
                 for r in reversed(releases):
@@ -369,7 +369,7 @@ def _overhead_transfer(bench: Bench, run: Run) -> None:
                 t = _held_call(bench, src, cfgs, si, di, kw)
                 if i >= 5:
                     times[name].append(t)
-        res = _result("overhead", f"{L} layers x {s.pairs} blocks, 1 config", OVERHEAD_BLOCK, 0,
+        res = local_result("overhead", f"{L} layers x {s.pairs} blocks, 1 config", OVERHEAD_BLOCK, 0,
                       times, {}, None,
                       p90_s=float(np.percentile(times[SUBJECT], 90)), pool=plan.pool)
         run.results.append(res)
@@ -415,7 +415,7 @@ def _overhead_pull(bench: Bench, run: Run) -> None:
         rounds = max(10, 4 * s.repeat)
         times = bench.rounds(label, {SUBJECT: pull, "same runs, copy engine": engine}, rounds)
         added = statistics.median(times[SUBJECT]) - statistics.median(times["same runs, copy engine"])
-        res = _result("overhead", f"pull_blocks {L} layers x {s.pairs} blocks", block,
+        res = local_result("overhead", f"pull_blocks {L} layers x {s.pairs} blocks", block,
                       nt * s.pairs * block, times, {}, ok, call_overhead_s=added, pool=plan.pool)
         res.extra["summary"] = f"{added * 1e6:+.1f} us over its copies ({block} B blocks)"
         run.results.append(res)
@@ -454,7 +454,7 @@ def _overhead_scaling(bench: Bench, run: Run) -> None:
             paths = {SUBJECT: times[n]}
             if n != sizes[0]:
                 paths[f"{sizes[0]}-pair call x {n // sizes[0]}"] = scaled
-            res = _result("overhead", f"1 layer, {n} pairs", block, 0, paths, {}, None,
+            res = local_result("overhead", f"1 layer, {n} pairs", block, 0, paths, {}, None,
                           ns_per_pair=statistics.median(times[n]) / n * 1e9, pool=plan.pool)
             res.extra["summary"] = f"{res.extra['ns_per_pair']:.1f} ns per pair"
             run.results.append(res)

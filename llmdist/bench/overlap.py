@@ -15,7 +15,7 @@ from .._core import Stream
 from ..descs import Placement
 from ..events import EventSynchronizer
 from ..transfer_types import LayerSynchronizer, TransferConfig
-from .local import _result, kernel_mode, layer_kwargs
+from .local import local_result, kernel_mode, layer_kwargs
 from .results import SUBJECT, Run
 from .settings import Need, size_name
 from .workload import (
@@ -224,7 +224,7 @@ def overlap(bench: Bench, run: Run) -> None:
                     step.close()
             ok = verify_blocks(bench, src, dst, si, di, block, tensors=[0, nt - 1])
             times = {SUBJECT: tails, "one layer's copy": layer_t}
-            res = _result("overlap", f"{kind}, {L} layers", block, 0, times, {}, ok,
+            res = local_result("overlap", f"{kind}, {L} layers", block, 0, times, {}, ok,
                           tail_in_layer_copies=statistics.median(tails) / statistics.median(layer_t),
                           tail_after_prefill_end_s=statistics.median(after),
                           prefill_s=statistics.median(prefill),

@@ -1,0 +1,170 @@
+"""Synchronous transfers run on their caller's thread (host runtime, a worker idle): the
+deadline thread ends them at llm.SyncKvCacheWaitTime as a waiting caller would, and the bytes
+and results are those of a worker's run."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from .helpers import Env
+
+from llmdist import (
+    BlocksCacheKey,
+    LLMException,
+    LLMStatusCode,
+    Placement,
+    TransferConfig,
+)
+from llmdist._core import TransferJob
+from llmdist.deadlines import Deadlines
+
+TIMEOUT = LLMStatusCode.LLM_TIMEOUT
+
+
+class FakeJob:
+    """What Deadlines needs of a job: done, and cancel with a status code."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.cancelled = []
+
+    def cancel(self, code, configs=None) -> None:
+        self.cancelled.append(code)
+        self.done.set()
+
+
+def test_deadlines_cancel_a_late_job_and_spare_one_done_in_time():
+    d = Deadlines()
+    try:
+        late, early, dropped = FakeJob(), FakeJob(), FakeJob()
+        d.add(late, 0.2)
+        early.done.set()
+        d.add(early, 0.1)
+        entry = d.add(dropped, 0.1)
+        d.done(entry)
+        assert late.done.wait(5)
+        assert late.cancelled == [TIMEOUT]
+        time.sleep(0.2)
+        assert early.cancelled == [] and dropped.cancelled == []
+    finally:
+        d.close()
+
+
+def test_an_earlier_deadline_wakes_the_thread():
+    d = Deadlines()
+    try:
+        far, near = FakeJob(), FakeJob()
+        d.add(far, 60.0)
+        t0 = time.monotonic()
+        d.add(near, 0.1)
+        assert near.done.wait(5) and time.monotonic() - t0 < 5
+        assert near.cancelled == [TIMEOUT] and far.cancelled == []
+    finally:
+        d.close()
+
+
+def test_many_jobs_done_in_time_are_not_kept():
+    d = Deadlines()
+    try:
+        for _ in range(1000):
+            d.done(d.add(FakeJob(), 60.0))
+        assert len(d._heap) < 200
+    finally:
+        d.close()
+
+
+class Held:
+    """A synchronizer that holds layer 0 until released."""
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.entered = threading.Event()
+
+    def synchronize_layer(self, layer, timeout):
+        self.entered.set()
+        return self.go.wait(30)
+
+
+def test_a_job_run_on_the_calling_thread_ends_with_llm_timeout_at_its_deadline():
+    env = Env(cluster_id=4102, extra_options={"llm.SyncKvCacheWaitTime": "200"})
+    try:
+        src = env.allocated(2, [4, 64], blocks=True)
+        dst = env.allocated(2, [4, 64], blocks=True)
+        pl = env.cm.transfers
+        held = Held()
+        cfg = TransferConfig(env.cluster_id, dst.addrs)
+        # a job planned as transfer_cache_async plans it, then run here like a pull
+        from llmdist import _core
+        plan = _core.plan_b2b(_core.parse_indices("s", [0]), _core.parse_indices("d", [1]),
+                              src.desc.size // 4)
+        regions, bad = pl.mem.registry.locate(dst.addrs, plan.dst_lo, plan.dst_hi)
+        assert bad < 0
+        cp = pl.plan_config(_core.Direction.WRITE, pl.local_route, range(1), 0,
+                            _core.CopyKind.COPY_D2D, dst.addrs, regions, 2)
+        job = TransferJob(pl.runtime, plan, src.cache.tensor_addrs, [cp], held, None)
+        assert pl.slots.acquire(timeout=1)
+        with pl.lock:
+            pl.launch(job, src.cache.cache_id, [set()], here=True)
+        releaser = threading.Timer(1.0, held.go.set)
+        releaser.start()
+        t0 = time.monotonic()
+        with pytest.raises(LLMException) as ei:
+            pl.finish(job, "the held job")
+        assert ei.value.status_code == TIMEOUT
+        assert "200 ms" in str(ei.value)
+        assert time.monotonic() - t0 < 10
+        assert job not in pl.inflight
+        releaser.cancel()
+        del cfg
+    finally:
+        env.close()
+
+
+def test_pulls_and_pushes_on_the_calling_thread_move_the_bytes():
+    env = Env(remote=True, cluster_id=4103)
+    try:
+        key = BlocksCacheKey(env.cluster_id, 1)
+        src = env.allocated(4, [8, 128], blocks=True, key=key)
+        dst = env.allocated(4, [8, 128], blocks=True)
+        assert env.cm.transfers.workers.idle > 0
+        env.cm.pull_blocks(key, dst.cache, [0, 3], [5, 6])
+        for t in range(4):
+            assert bytes(dst.tensor(t)[5 * 128:7 * 128]) == (
+                bytes(src.tensor(t)[0:128]) + bytes(src.tensor(t)[3 * 128:4 * 128]))
+        dkey = BlocksCacheKey(env.cluster_id, 2)
+        out = env.allocated(4, [8, 128], blocks=True, key=dkey)
+        env.cm.push_blocks(dkey, dst.cache, [5], [7])
+        for t in range(4):
+            assert bytes(out.tensor(t)[7 * 128:8 * 128]) == bytes(dst.tensor(t)[5 * 128:6 * 128])
+        assert env.cm.transfers.inflight == {}
+        assert Placement.DEVICE == src.desc.placement
+    finally:
+        env.close()
+
+
+def test_local_pulls_into_registered_memory_are_still_checked_for_overlap():
+    """Caches llmdist allocated (apart from each other, and from any registered memory) skip
+    the byte-range comparison; a registered destination does not: a pull from a cache
+    registered over the same memory that reads what it writes is refused untouched."""
+    from llmdist import CacheDesc, DataType
+    env = Env(remote=True, cluster_id=4105)
+    try:
+        dst = env.registered(2, [4, 64], blocks=True)
+        key = BlocksCacheKey(env.cluster_id, 3)
+        env.cm.register_blocks_cache(
+            CacheDesc(2, [4, 64], DataType.DT_UINT8, Placement.DEVICE), dst.addrs, key)
+        before = dst.snapshot()
+        with pytest.raises(LLMException) as ei:
+            env.cm.pull_blocks(key, dst.cache, [0, 1], [1, 2])
+        assert ei.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+        assert "overlap" in str(ei.value)
+        assert all((dst.mem()[k] == before[k]).all() for k in before)
+        # blocks apart in the same memory are fine
+        env.cm.pull_blocks(key, dst.cache, [0], [3])
+        for t in range(2):
+            k, off = dst.tensors[t]
+            assert bytes(dst.tensor(t)[3 * 64:4 * 64]) == bytes(before[k][off:off + 64])
+    finally:
+        env.close()

@@ -4,7 +4,7 @@ one function (choose_route) that matches a transfer's facts against them.
 A transfer is described by a SelectionContext: its direction, the placements of the memory it
 reads (source) and writes (destination), where the other cluster's memory is (Reach) and how
 this process can get at that cache (Access). choose_route has no side effects: opening a
-device IPC import for the route it picks is a separate step (cluster.Peer.import_device)."""
+device IPC import for the route it picks is a separate step (peer.Peer.import_device)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ bytes travel on, and, for a transfer engine, opens the channel that queues its b
 | EngineRoute  | another host, or forced                      | Mooncake writes     | Mooncake reads     |
 
 `route_rules.choose_route` says which kind of route moves a transfer (or why none does);
-`cluster.Peer.route_to` builds it for a peer's memory, the transfer planner uses LocalRoute for
+`peer.Peer.route_to` builds it for a peer's memory, the transfer planner uses LocalRoute for
 this cluster's own caches; neither the planner nor the layer loop knows which transport is
 behind a route."""
 

@@ -1,4 +1,5 @@
 """Build the one compiled module, llmdist._core, from Cython and the host runtime in C."""
+
 import glob
 import os
 import shutil
@@ -28,14 +29,33 @@ DEBUG_BUILD = os.environ.get("LLMDIST_DEBUG_BUILD") == "1"
 
 ext = Extension(
     "llmdist._core",
-    sources=["llmdist/_core.pyx", "src/runtime_common.c", "src/host_runtime.c", "src/acl_runtime.c",
-             "src/cuda_runtime.c", "src/cuda_copy.c", "src/layer_gate.c", "src/buffer_pool.c",
-             "src/process_vm_baseline.c", "src/host_trace.c"],
+    sources=[
+        "llmdist/_core.pyx",
+        "src/runtime_common.c",
+        "src/host_runtime.c",
+        "src/acl_runtime.c",
+        "src/cuda_runtime.c",
+        "src/cuda_copy.c",
+        "src/layer_gate.c",
+        "src/buffer_pool.c",
+        "src/process_vm_baseline.c",
+        "src/host_trace.c",
+    ],
     include_dirs=["include"],
-    depends=sorted(glob.glob("include/llmdist/*.h") + glob.glob("src/*.h") + glob.glob("llmdist/*.pxi") + glob.glob("llmdist/*.pxd")),
+    depends=sorted(
+        glob.glob("include/llmdist/*.h")
+        + glob.glob("src/*.h")
+        + glob.glob("llmdist/*.pxi")
+        + glob.glob("llmdist/*.pxd")
+    ),
     # -g0 after Python's own -g, and a stripped link: the wheel carries no debug info
     # (LLMDIST_DEBUG_BUILD=1 keeps it, for the sanitizer build's reports)
-    extra_compile_args=["-O3", *([] if DEBUG_BUILD else ["-g0"]), "-std=gnu11", "-Wno-unused-function"],
+    extra_compile_args=[
+        "-O3",
+        *([] if DEBUG_BUILD else ["-g0"]),
+        "-std=gnu11",
+        "-Wno-unused-function",
+    ],
     extra_link_args=[] if DEBUG_BUILD else ["-Wl,--strip-debug"],
     libraries=["pthread", "dl", "rt"],
 )
@@ -46,7 +66,12 @@ setup(
         [ext],
         language_level=3,
         # embedsignature: inspect.signature() and help() see each function's parameters
-        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
-                             "embedsignature": True, "embedsignature.format": "python"},
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "embedsignature": True,
+            "embedsignature.format": "python",
+        },
     ),
 )

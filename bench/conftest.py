@@ -13,6 +13,7 @@ Options (all optional):
 The helpers live in test_bench_transfer.py, not here: in a run that collects tests/ and bench/
 together only one module can be named ``conftest``, so nothing imports this one by name.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,12 +36,23 @@ _HERE = pathlib.Path(__file__).resolve().parent
 
 def pytest_addoption(parser):
     group = parser.getgroup("llmdist", "llmdist benchmarks")
-    group.addoption("--llmdist-mem-gib", type=float, default=8.0,
-                    help="memory budget (GiB) for source + destination caches of one workload")
-    group.addoption("--llmdist-sizes", default=DEFAULT_SIZES,
-                    help="comma-separated block sizes of the B2B benchmarks (default: %(default)s)")
-    group.addoption("--llmdist-rounds-scale", type=float, default=1.0,
-                    help="multiply the number of timed rounds of every benchmark")
+    group.addoption(
+        "--llmdist-mem-gib",
+        type=float,
+        default=8.0,
+        help="memory budget (GiB) for source + destination caches of one workload",
+    )
+    group.addoption(
+        "--llmdist-sizes",
+        default=DEFAULT_SIZES,
+        help="comma-separated block sizes of the B2B benchmarks (default: %(default)s)",
+    )
+    group.addoption(
+        "--llmdist-rounds-scale",
+        type=float,
+        default=1.0,
+        help="multiply the number of timed rounds of every benchmark",
+    )
 
 
 @pytest.hookimpl(trylast=True)
@@ -48,7 +60,9 @@ def pytest_collection_modifyitems(session, config, items):
     """Benchmarks that need no 32-layer B2B workload first, then the others grouped by block
     size (ascending), so that each multi-GiB workload is built once and freed before the next.
     Items outside bench/ keep their place."""
-    mine = [i for i, it in enumerate(items) if _HERE in pathlib.Path(str(it.path)).resolve().parents]
+    mine = [
+        i for i, it in enumerate(items) if _HERE in pathlib.Path(str(it.path)).resolve().parents
+    ]
 
     def key(item):
         cs = getattr(item, "callspec", None)
@@ -146,7 +160,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     headers = ("case", "llmdist", "baseline", "ratio", "target", "note")
     for sec in sorted({r.section for r in REPORT.rows}):
         rows = [r for r in REPORT.rows if r.section == sec]
-        cells = [headers] + [(r.case, r.llmdist, r.baseline, r.ratio, r.target, r.note) for r in rows]
+        cells = [headers] + [
+            (r.case, r.llmdist, r.baseline, r.ratio, r.target, r.note) for r in rows
+        ]
         widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
         tr.write_line("")
         tr.write_line(sec)
@@ -156,10 +172,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                 tr.write_line("  " + "  ".join("-" * w for w in widths))
     load_start = getattr(REPORT, "load_start", None)
     if load_start is not None:
-        REPORT.note(f"load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} at start, "
-                    f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} at end, on {os.cpu_count()} "
-                    f"CPUs: other processes share the cores and memory bandwidth, so compare only "
-                    f"numbers of one run")
+        REPORT.note(
+            f"load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} at start, "
+            f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} at end, on {os.cpu_count()} "
+            f"CPUs: other processes share the cores and memory bandwidth, so compare only "
+            f"numbers of one run"
+        )
     if REPORT.notes:
         tr.write_line("")
         tr.write_line("scaling / notes:")

@@ -108,7 +108,9 @@ class Check:
             else:
                 for a in dst.tensor_addrs:
                     host_view(a, desc.size)[:] = 0
-            t = self.cm.transfer_cache_async(src, Go(), [TransferConfig(1, dst.tensor_addrs[2:6], range(1, 3))], si, di)
+            t = self.cm.transfer_cache_async(
+                src, Go(), [TransferConfig(1, dst.tensor_addrs[2:6], range(1, 3))], si, di
+            )
             status = t.synchronize(60000)
             got = self.download(dst)
             ok = status == llmdist.LLMStatusCode.LLM_SUCCESS
@@ -127,21 +129,29 @@ class Check:
         row = cdesc.size // 4
         rdesc = CacheDesc(2 * layers, [1, 8192], DataType.DT_UINT8, Placement.DEVICE)
         rdst = self.cm.allocate_cache(rdesc)
-        t = self.cm.transfer_cache_async(csrc, Go(), [TransferConfig(1, rdst.tensor_addrs, None, 2)])
+        t = self.cm.transfer_cache_async(
+            csrc, Go(), [TransferConfig(1, rdst.tensor_addrs, None, 2)]
+        )
         status = t.synchronize(60000)
         got = self.download(rdst)
-        self.verify("C2C row 2", status == llmdist.LLMStatusCode.LLM_SUCCESS and all(
-            (got[k] == csrc_data[k][2 * row:3 * row]).all() for k in range(2 * layers)))
-        bdst = self.cm.allocate_blocks_cache(CacheDesc(2 * layers, [8, 2048], DataType.DT_UINT8, Placement.DEVICE))
+        self.verify(
+            "C2C row 2",
+            status == llmdist.LLMStatusCode.LLM_SUCCESS
+            and all((got[k] == csrc_data[k][2 * row : 3 * row]).all() for k in range(2 * layers)),
+        )
+        bdst = self.cm.allocate_blocks_cache(
+            CacheDesc(2 * layers, [8, 2048], DataType.DT_UINT8, Placement.DEVICE)
+        )
         self.upload(bdst, [np.zeros(8 * 2048, np.uint8)] * (2 * layers))
-        t = self.cm.transfer_cache_async(csrc, Go(), [TransferConfig(1, bdst.tensor_addrs, None, 1)],
-                                         None, [7, 0, 3, 4], 2048)
+        t = self.cm.transfer_cache_async(
+            csrc, Go(), [TransferConfig(1, bdst.tensor_addrs, None, 1)], None, [7, 0, 3, 4], 2048
+        )
         status = t.synchronize(60000)
         got = self.download(bdst)
         ok = status == llmdist.LLMStatusCode.LLM_SUCCESS
         for k in range(2 * layers):
             exp = np.zeros((8, 2048), np.uint8)
-            exp[[7, 0, 3, 4]] = csrc_data[k][row:2 * row].reshape(4, 2048)
+            exp[[7, 0, 3, 4]] = csrc_data[k][row : 2 * row].reshape(4, 2048)
             ok = ok and (got[k].reshape(8, 2048) == exp).all()
         self.verify("C2B row 1 into 4 blocks", ok)
         for c in (csrc, rdst):
@@ -152,7 +162,7 @@ class Check:
     def set_copy(self, mode: str) -> bool:
         """Device-to-device copies by the copy kernel ("kernel") or DMA ("dma"); False when the
         kernel cannot be used here (the reason is printed)."""
-        if self.rt.device_copy is None:         # DMA is this runtime's only way
+        if self.rt.device_copy is None:  # DMA is this runtime's only way
             return mode == "dma"
         self.rt.select_device_copy("auto" if mode == "kernel" else "dma")
         if mode == "kernel" and self.rt.device_copy != "kernel":

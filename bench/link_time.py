@@ -26,6 +26,7 @@ def member(cluster_id, ids, base, rounds, barrier, out):
     from rendezvous import one_server_table, rendezvous_options
 
     from llmdist import LLMDataDist, LLMRole, RegisterMemStatus
+
     dd = LLMDataDist(LLMRole.PROMPT if cluster_id == ids[0] else LLMRole.DECODER, cluster_id)
     dd.init({"llm.EnableCacheManager": "1", **rendezvous_options(base, 30)})
     table = one_server_table(len(ids))
@@ -54,6 +55,7 @@ def member(cluster_id, ids, base, rounds, barrier, out):
 
 def measure(n: int, rounds: int):
     from rendezvous import free_rendezvous_base
+
     ctx = mp.get_context("spawn")
     ids = [1000 + i for i in range(n)]
     barrier = ctx.Barrier(n)
@@ -77,9 +79,11 @@ def main() -> None:
     for n in args.members:
         ms = measure(n, args.rounds)
         q = statistics.quantiles(ms, n=10)
-        print(f"{n} members: link() to OK median {statistics.median(ms):.1f} ms, "
-              f"p10 {q[0]:.1f} ms, p90 {q[-1]:.1f} ms, max {max(ms):.1f} ms "
-              f"({args.rounds} rounds, slowest member per round)")
+        print(
+            f"{n} members: link() to OK median {statistics.median(ms):.1f} ms, "
+            f"p10 {q[0]:.1f} ms, p90 {q[-1]:.1f} ms, max {max(ms):.1f} ms "
+            f"({args.rounds} rounds, slowest member per round)"
+        )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ from llmdist import (  # noqa: E402
 )
 
 
-def _dd(role: LLMRole, cluster_id: int, listen: bool, extra=None,
-        remote: bool = True) -> LLMDataDist:
+def _dd(
+    role: LLMRole, cluster_id: int, listen: bool, extra=None, remote: bool = True
+) -> LLMDataDist:
     dd = LLMDataDist(role, cluster_id)
     cfg = LLMConfig()
     cfg.device_id = 0
@@ -70,8 +71,9 @@ def _recv(conn, timeout=30.0):
 def _child(cluster_id: int, role: LLMRole):
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=cluster_procs.decode_main, args=(child, cluster_id, int(role)),
-                       daemon=True)
+    proc = ctx.Process(
+        target=cluster_procs.decode_main, args=(child, cluster_id, int(role)), daemon=True
+    )
     proc.start()
     child.close()
     msg = _recv(conn, 60)
@@ -128,8 +130,11 @@ def shm_leaks(trials: int) -> dict:
                 for f in left:
                     os.unlink(f)
                 conn.close()
-            out[scenario] = {"trials": trials, "trials_leaking": trials_leaking,
-                             "objects_left": leaked}
+            out[scenario] = {
+                "trials": trials,
+                "trials_leaking": trials_leaking,
+                "objects_left": leaked,
+            }
     finally:
         survivor_dec.finalize()
         survivor_pre.finalize()
@@ -153,8 +158,12 @@ def registration(n: int) -> dict:
         marks[count] = (time.perf_counter() - t0) / probe * 1e3
     total = time.perf_counter() - t_all
     dd.finalize()
-    return {"caches": n, "ms_per_alloc_at_100": round(marks[100], 3),
-            f"ms_per_alloc_at_{n}": round(marks[n], 3), "seconds_to_reach_n": round(total, 1)}
+    return {
+        "caches": n,
+        "ms_per_alloc_at_100": round(marks[100], 3),
+        f"ms_per_alloc_at_{n}": round(marks[n], 3),
+        "seconds_to_reach_n": round(total, 1),
+    }
 
 
 class _Slow(LayerSynchronizer):
@@ -211,9 +220,14 @@ def inflight_rss(tasks: int) -> dict:
     time.sleep(0.5)
     after = _rss_mib()
     dd.finalize()
-    return {"tasks": tasks, "rss_before_mib": round(base, 1), "rss_peak_mib": round(peak, 1),
-            "rss_after_drain_mib": round(after, 1), "busy_refusals": busy,
-            "submit_seconds": round(submit_s, 1)}
+    return {
+        "tasks": tasks,
+        "rss_before_mib": round(base, 1),
+        "rss_peak_mib": round(peak, 1),
+        "rss_after_drain_mib": round(after, 1),
+        "busy_refusals": busy,
+        "submit_seconds": round(submit_s, 1),
+    }
 
 
 def big_hello(n: int) -> dict:
@@ -223,16 +237,37 @@ def big_hello(n: int) -> dict:
     import struct
 
     from llmdist import cluster
+
     dd = _dd(LLMRole.DECODER, 2, listen=True)
     base = 1 << 40
-    caches = [{"id": i + 1, "num_tensors": 2, "shape": [64], "dtype": 4, "placement": 1,
-               "batch_dim": 0, "seq_len_dim": -1, "blocks": False,
-               "addrs": [base + 256 * i, base + 256 * i + 128], "origin": "registered",
-               "remote_accessible": True, "keys": [], "share": {"kind": "process"}}
-              for i in range(n)]
-    msg = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": 9,
-           "role": int(LLMRole.PROMPT), "target": 2, "host": cluster.host_identity(),
-           "pid": os.getpid(), "caches": caches}
+    caches = [
+        {
+            "id": i + 1,
+            "num_tensors": 2,
+            "shape": [64],
+            "dtype": 4,
+            "placement": 1,
+            "batch_dim": 0,
+            "seq_len_dim": -1,
+            "blocks": False,
+            "addrs": [base + 256 * i, base + 256 * i + 128],
+            "origin": "registered",
+            "remote_accessible": True,
+            "keys": [],
+            "share": {"kind": "process"},
+        }
+        for i in range(n)
+    ]
+    msg = {
+        "type": "hello",
+        "version": cluster.PROTOCOL_VERSION,
+        "cluster_id": 9,
+        "role": int(LLMRole.PROMPT),
+        "target": 2,
+        "host": cluster.host_identity(),
+        "pid": os.getpid(),
+        "caches": caches,
+    }
     data = json.dumps(msg).encode()
     s = socket.create_connection(("127.0.0.1", dd.listen_port))
     s.settimeout(300)
@@ -241,16 +276,20 @@ def big_hello(n: int) -> dict:
         (size,) = struct.unpack(">I", s.recv(8, socket.MSG_WAITALL)[4:])
         return json.loads(s.recv(size, socket.MSG_WAITALL))
 
-    reply()                         # the listener's challenge
+    reply()  # the listener's challenge
     cpu0, t0 = time.process_time(), time.perf_counter()
     s.sendall(cluster.MAGIC + struct.pack(">I", len(data)) + data)
     kind = reply().get("type")
     took, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     s.close()
     dd.finalize()
-    return {"caches": n, "frame_mib": round(len(data) / 2**20, 1),
-            "welcomed": kind == "welcome", "seconds_to_welcome": round(took, 2),
-            "cpu_seconds": round(cpu, 2)}
+    return {
+        "caches": n,
+        "frame_mib": round(len(data) / 2**20, 1),
+        "welcomed": kind == "welcome",
+        "seconds_to_welcome": round(took, 2),
+        "cpu_seconds": round(cpu, 2),
+    }
 
 
 if __name__ == "__main__":

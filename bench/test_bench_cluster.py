@@ -23,6 +23,7 @@ source + copy scratch here, allocated + registered caches in the decode (4 GiB).
 The child processes and their helpers are llmdist.bench.procs, shared with
 ``python -m llmdist bench cluster``.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -58,19 +59,21 @@ NUM_LAYERS = 32
 NUM_PAIRS = 256
 FULL_POOL = 1024
 BLOCK = 64 * KiB
-CLUSTER_MEM_CAP = 4 * GiB      # all four caches of this module together, by default
+CLUSTER_MEM_CAP = 4 * GiB  # all four caches of this module together, by default
 DECODE_ID = 61
 PREFILL_DIRECT_ID = 62
 PREFILL_MOONCAKE_ID = 63
-DST_ALLOCATED = 0              # model ids of the decode's caches
+DST_ALLOCATED = 0  # model ids of the decode's caches
 DST_REGISTERED = 1
 LINK_MS = 5000
 TASK_MS = 120_000
 OK = LLMStatusCode.LLM_SUCCESS
-TARGET = 0.7                   # same-host path vs contiguous np.copyto (reported, not asserted)
+TARGET = 0.7  # same-host path vs contiguous np.copyto (reported, not asserted)
 
-SECTION = ("f. B2B into another process (64K x 256 pairs x 64 tensors, all layers ready) "
-           "vs contiguous np.copyto in the sending process (bandwidth, same bytes)")
+SECTION = (
+    "f. B2B into another process (64K x 256 pairs x 64 tensors, all layers ready) "
+    "vs contiguous np.copyto in the sending process (bandwidth, same bytes)"
+)
 
 
 def _importable(name: str) -> bool:
@@ -99,8 +102,14 @@ def drop_warmup(xs, n=1):
     return xs[n:] or xs
 
 
-def rounds_for(nbytes: int, scale: float, seconds_per_byte: float, budget_s: float = 6.0,
-               lo: int = 5, hi: int = 20) -> int:
+def rounds_for(
+    nbytes: int,
+    scale: float,
+    seconds_per_byte: float,
+    budget_s: float = 6.0,
+    lo: int = 5,
+    hi: int = 20,
+) -> int:
     """Rounds that fit about budget_s at the expected speed, lo..hi, times
     --llmdist-rounds-scale."""
     n = budget_s / max(1e-9, nbytes * seconds_per_byte)
@@ -133,9 +142,11 @@ class ClusterWorkload:
         self.cache_bytes = self.num_tensors * self.tensor_bytes
         self.src_idx, self.dst_idx = block_pairs(self.pool, self.pairs, 1234)
         self.bytes_moved = self.num_tensors * self.pairs * BLOCK
-        self.notes = [f"f.: pool {self.pool} blocks of {BLOCK // KiB}K per tensor (not "
-                      f"{FULL_POOL}): 1 cache = {self.cache_bytes / GiB:.2f} GiB; "
-                      f"{self.pairs} pairs per tensor kept"]
+        self.notes = [
+            f"f.: pool {self.pool} blocks of {BLOCK // KiB}K per tensor (not "
+            f"{FULL_POOL}): 1 cache = {self.cache_bytes / GiB:.2f} GiB; "
+            f"{self.pairs} pairs per tensor kept"
+        ]
         self.report = report
         self._pool = None
         self.decode = None
@@ -164,20 +175,30 @@ class ClusterWorkload:
         self.src_digests = procs.block_digests(list(self.src_t), self.src_idx)
 
         if MOONCAKE and "GLOG_minloglevel" not in os.environ:
-            self._setenv("GLOG_minloglevel", "1")   # no INFO line per Mooncake batch
+            self._setenv("GLOG_minloglevel", "1")  # no INFO line per Mooncake batch
 
         self.decode = Child(procs.decode_main, DECODE_ID, name=f"decode-{DECODE_ID}")
         msg = self.decode.recv(60)
         if msg[0] != "ready":
             raise ChildError(f"decode child: unexpected {msg!r}")
         _, self.port, self.decode.pid = msg
-        layout = (self.num_tensors, [self.pool, BLOCK], DataType.DT_UINT8.value,
-                  int(Placement.DEVICE))
-        self.dst_addrs = {DST_ALLOCATED: self.decode.call("alloc", DST_ALLOCATED, *layout),
-                          DST_REGISTERED: self.decode.call("register", DST_REGISTERED, *layout)}
+        layout = (
+            self.num_tensors,
+            [self.pool, BLOCK],
+            DataType.DT_UINT8.value,
+            int(Placement.DEVICE),
+        )
+        self.dst_addrs = {
+            DST_ALLOCATED: self.decode.call("alloc", DST_ALLOCATED, *layout),
+            DST_REGISTERED: self.decode.call("register", DST_REGISTERED, *layout),
+        }
 
-        self.desc = CacheDesc(num_tensors=self.num_tensors, shape=[self.pool, BLOCK],
-                              data_type=DataType.DT_UINT8, placement=Placement.DEVICE)
+        self.desc = CacheDesc(
+            num_tensors=self.num_tensors,
+            shape=[self.pool, BLOCK],
+            data_type=DataType.DT_UINT8,
+            placement=Placement.DEVICE,
+        )
         self._prefill("direct", PREFILL_DIRECT_ID, local_dst=True)
         if MOONCAKE:
             try:
@@ -190,21 +211,25 @@ class ClusterWorkload:
         self.prefills[transport] = {"dd": dd}
         cm = dd.cache_manager
         src = cm.register_blocks_cache(
-            self.desc, [int(self.src_t[i].ctypes.data) for i in range(self.num_tensors)],
-            BlocksCacheKey(cid, 0))
+            self.desc,
+            [int(self.src_t[i].ctypes.data) for i in range(self.num_tensors)],
+            BlocksCacheKey(cid, 0),
+        )
         p = self.prefills[transport]
         p.update(cm=cm, src=src, info=LLMClusterInfo())
         if local_dst:
             p["local"] = cm.register_blocks_cache(
-                self.desc, [int(self.scr_t[i].ctypes.data) for i in range(self.num_tensors)],
-                BlocksCacheKey(cid, 1))
+                self.desc,
+                [int(self.scr_t[i].ctypes.data) for i in range(self.num_tensors)],
+                BlocksCacheKey(cid, 1),
+            )
         p["info"].remote_cluster_id = DECODE_ID
         p["info"].append_remote_ip_info("127.0.0.1", self.port)
         status, _ = dd.link_clusters([p["info"]], LINK_MS)
         if status != OK:
             raise RuntimeError(f"prefill {cid} ({transport}) could not link: {status.name}")
         p["linked"] = True
-        info = dd.peer_info(DECODE_ID)   # which data path llmdist chose (informational)
+        info = dd.peer_info(DECODE_ID)  # which data path llmdist chose (informational)
         p["path"] = info["path"] if info else "?"
 
     # --- operations ---------------------------------------------------------------------
@@ -212,12 +237,14 @@ class ClusterWorkload:
         """One layer-wise B2B transfer, every layer ready at once; returns its status."""
         p = self.prefills[transport]
         if dst == "local":
-            cfg = TransferWithCacheKeyConfig(BlocksCacheKey(p["dd"].cluster_id, 1),
-                                             range(self.layers), range(self.layers))
+            cfg = TransferWithCacheKeyConfig(
+                BlocksCacheKey(p["dd"].cluster_id, 1), range(self.layers), range(self.layers)
+            )
         else:
             model = DST_ALLOCATED if dst == "allocated" else DST_REGISTERED
-            cfg = TransferWithCacheKeyConfig(BlocksCacheKey(DECODE_ID, model),
-                                             range(self.layers), range(self.layers))
+            cfg = TransferWithCacheKeyConfig(
+                BlocksCacheKey(DECODE_ID, model), range(self.layers), range(self.layers)
+            )
         task = p["cm"].transfer_cache_async(p["src"], Go(), [cfg], self.src_idx, self.dst_idx)
         return task.synchronize(TASK_MS)
 
@@ -228,12 +255,13 @@ class ClusterWorkload:
         while left:
             c = min(chunk, left, n - off)
             if threads == 1:
-                np.copyto(self.scratch[off:off + c], self.src_mem[off:off + c])
+                np.copyto(self.scratch[off : off + c], self.src_mem[off : off + c])
             else:
                 h = (c // 2) & ~4095
-                fut = self._helper().submit(np.copyto, self.scratch[off + h:off + c],
-                                            self.src_mem[off + h:off + c])
-                np.copyto(self.scratch[off:off + h], self.src_mem[off:off + h])
+                fut = self._helper().submit(
+                    np.copyto, self.scratch[off + h : off + c], self.src_mem[off + h : off + c]
+                )
+                np.copyto(self.scratch[off : off + h], self.src_mem[off : off + h])
                 fut.result()
             left -= c
             off = (off + c) % n
@@ -250,8 +278,9 @@ class ClusterWorkload:
     def verify_local(self) -> bool:
         s = np.asarray(self.src_idx, dtype=np.intp)
         d = np.asarray(self.dst_idx, dtype=np.intp)
-        return all(np.array_equal(self.scr_t[i][d], self.src_t[i][s])
-                   for i in range(self.num_tensors))
+        return all(
+            np.array_equal(self.scr_t[i][d], self.src_t[i][s]) for i in range(self.num_tensors)
+        )
 
     def close(self):
         for transport, p in self.prefills.items():
@@ -290,10 +319,16 @@ def cluster(mem_budget, report):
 
 PATHS = {
     # name: (prefill transport, destination, description)
-    "direct-shm": ("direct", "allocated",
-                   "same host: decode's allocated cache (POSIX shm, mapped)"),
-    "direct-registered": ("direct", "registered",
-                          "same host: decode's registered numpy memory (process_vm_writev)"),
+    "direct-shm": (
+        "direct",
+        "allocated",
+        "same host: decode's allocated cache (POSIX shm, mapped)",
+    ),
+    "direct-registered": (
+        "direct",
+        "registered",
+        "same host: decode's registered numpy memory (process_vm_writev)",
+    ),
     "mooncake": ("mooncake", "allocated", "Mooncake TE, TCP over 127.0.0.1"),
     "local": ("direct", "local", "same process (reference)"),
 }
@@ -303,14 +338,28 @@ def _record(benchmark, report, w, name, t_path, t_base, desc, target, extra=None
     t_path, t_base = drop_warmup(t_path), drop_warmup(t_base)
     ratio = median(t_base) / median(t_path)
     benchmark.extra_info.update(
-        path=name, block_size=w.block, layers=w.layers, pairs=w.pairs, pool=w.pool,
-        bytes_moved=w.bytes_moved, rounds=len(t_path),
+        path=name,
+        block_size=w.block,
+        layers=w.layers,
+        pairs=w.pairs,
+        pool=w.pool,
+        bytes_moved=w.bytes_moved,
+        rounds=len(t_path),
         path_gbps=gbps(w.bytes_moved, median(t_path)),
-        copyto_gbps=gbps(w.bytes_moved, median(t_base)), ratio_vs_copyto=ratio,
-        target_ratio=target, **(extra or {}))
-    report.add(SECTION, f"{name}: {desc}", fmt_bw(w.bytes_moved, median(t_path)),
-               fmt_bw(w.bytes_moved, median(t_base)), f"{ratio:.2f}x",
-               f">= {target}x" if target else "-", note)
+        copyto_gbps=gbps(w.bytes_moved, median(t_base)),
+        ratio_vs_copyto=ratio,
+        target_ratio=target,
+        **(extra or {}),
+    )
+    report.add(
+        SECTION,
+        f"{name}: {desc}",
+        fmt_bw(w.bytes_moved, median(t_path)),
+        fmt_bw(w.bytes_moved, median(t_base)),
+        f"{ratio:.2f}x",
+        f">= {target}x" if target else "-",
+        note,
+    )
     return ratio
 
 
@@ -326,21 +375,21 @@ def test_cluster_b2b_vs_copyto(benchmark, cluster, name, report, rounds_scale):
     p = w.prefills[transport]
     model = {"allocated": DST_ALLOCATED, "registered": DST_REGISTERED}.get(dst)
     if model is not None:
-        w.decode.call("clear", model)     # the check below proves this path wrote the bytes
+        w.decode.call("clear", model)  # the check below proves this path wrote the bytes
     else:
         w.scratch.fill(0)
     expected_s_per_byte = 1 / 1e9 if transport == "mooncake" else 1 / 8e9
     rounds = rounds_for(w.bytes_moved, rounds_scale, expected_s_per_byte)
     t_path, t_base, t_base2, statuses = [], [], [], []
 
-    def setup():   # the baselines run before each round, outside its timing
+    def setup():  # the baselines run before each round, outside its timing
         t0 = time.perf_counter()
         w.copyto()
         t1 = time.perf_counter()
-        w.copyto(threads=2, start=w.bytes_moved // 2)   # not the bytes just copied (cache)
+        w.copyto(threads=2, start=w.bytes_moved // 2)  # not the bytes just copied (cache)
         t_base.append(t1 - t0)
         t_base2.append(time.perf_counter() - t1)
-        if dst == "local":   # the scratch is also the local destination: copy then clear it
+        if dst == "local":  # the scratch is also the local destination: copy then clear it
             w.scratch.fill(0)
 
     def run():
@@ -356,9 +405,22 @@ def test_cluster_b2b_vs_copyto(benchmark, cluster, name, report, rounds_scale):
     target = TARGET if transport == "direct" and dst != "local" else None
     base2 = median(drop_warmup(t_base2))
     ratio2 = base2 / median(drop_warmup(t_path))
-    _record(benchmark, report, w, name, t_path, t_base, desc, target,
-            extra={"llmdist_path": p["path"], "transport_option": transport,
-                   "copyto_2threads_gbps": gbps(w.bytes_moved, base2),
-                   "ratio_vs_copyto_2threads": ratio2, "tuning": llmdist.host_tuning()},
-            note=f"2-thread copyto {fmt_bw(w.bytes_moved, base2)} ({ratio2:.2f}x); "
-                 f"llmdist path {p['path']}")
+    _record(
+        benchmark,
+        report,
+        w,
+        name,
+        t_path,
+        t_base,
+        desc,
+        target,
+        extra={
+            "llmdist_path": p["path"],
+            "transport_option": transport,
+            "copyto_2threads_gbps": gbps(w.bytes_moved, base2),
+            "ratio_vs_copyto_2threads": ratio2,
+            "tuning": llmdist.host_tuning(),
+        },
+        note=f"2-thread copyto {fmt_bw(w.bytes_moved, base2)} ({ratio2:.2f}x); "
+        f"llmdist path {p['path']}",
+    )

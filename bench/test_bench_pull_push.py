@@ -21,6 +21,7 @@ h. The call overhead of a 61-layer (122-tensor) x 256-block pull (mapped route),
    the pull's median minus that. Target: the pull returns within 1 ms plus its copy time. The
    np.copyto of the same bytes as one contiguous run is shown for scale.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -49,14 +50,19 @@ SECTION_H = "h. 61-layer x 256-block pull_blocks call overhead"
 TENSORS = 64
 PAIRS = 256
 POOL = 256
-MAPPED, PROCESS = 0, 1            # the child's model ids: allocated (shm) and registered
+MAPPED, PROCESS = 0, 1  # the child's model ids: allocated (shm) and registered
 CHILD_ID = 81
 LOCAL_ID = 82
 CASES = {
     "pull-mapped": ("pull", MAPPED, 0.7, "from the child's allocated cache (shm mapped here)"),
     "pull-process": ("pull", PROCESS, 0.5, "from the child's registered memory (process_vm_readv)"),
     "push-mapped": ("push", MAPPED, None, "into the child's allocated cache (shm mapped here)"),
-    "push-process": ("push", PROCESS, None, "into the child's registered memory (process_vm_writev)"),
+    "push-process": (
+        "push",
+        PROCESS,
+        None,
+        "into the child's registered memory (process_vm_writev)",
+    ),
 }
 
 
@@ -78,8 +84,15 @@ class PullPushWorkload:
     """The child cluster with its two caches, this process's cluster, its cache, the block pairs
     and the copy baseline's memory, for one block size."""
 
-    def __init__(self, block: int, tensors: int = TENSORS, pool: int = POOL, pairs: int = PAIRS,
-                 child_id: int = CHILD_ID, local_id: int = LOCAL_ID) -> None:
+    def __init__(
+        self,
+        block: int,
+        tensors: int = TENSORS,
+        pool: int = POOL,
+        pairs: int = PAIRS,
+        child_id: int = CHILD_ID,
+        local_id: int = LOCAL_ID,
+    ) -> None:
         self.block, self.tensors, self.pool, self.pairs = block, tensors, pool, pairs
         self.total = tensors * pool * block
         self.bytes_moved = tensors * pairs * block
@@ -92,8 +105,7 @@ class PullPushWorkload:
             uint8, device = DataType.DT_UINT8.value, int(Placement.DEVICE)
             self.child.call("alloc", MAPPED, tensors, shape, uint8, device, timeout=120)
             self.child.call("register", PROCESS, tensors, shape, uint8, device, timeout=120)
-            self.dd = procs.start_cluster(LLMRole.PROMPT, local_id, "direct",
-                                          sync_timeout=120_000)
+            self.dd = procs.start_cluster(LLMRole.PROMPT, local_id, "direct", sync_timeout=120_000)
             self.cm = self.dd.cache_manager
             desc = CacheDesc(tensors, [pool, block], DataType.DT_UINT8, Placement.DEVICE)
             self.cache = self.cm.allocate_blocks_cache(desc, BlocksCacheKey(local_id, 0))
@@ -117,15 +129,18 @@ class PullPushWorkload:
 
     def copyto(self) -> float:
         t0 = time.perf_counter()
-        np.copyto(self.mem[:self.bytes_moved], self.src[:self.bytes_moved])
+        np.copyto(self.mem[: self.bytes_moved], self.src[: self.bytes_moved])
         return time.perf_counter() - t0
 
     def same_runs_copy(self):
         """A function timing this process's copy engine on exactly the runs a pull moves
         (every tensor's block pairs), from the copy source into this cluster's cache, in one
         call and one wait: the copy time a pull cannot go below."""
-        plan = _core.plan_b2b(_core.parse_indices("src_blocks", self.src_blocks),
-                              _core.parse_indices("dst_blocks", self.dst_blocks), self.block)
+        plan = _core.plan_b2b(
+            _core.parse_indices("src_blocks", self.src_blocks),
+            _core.parse_indices("dst_blocks", self.dst_blocks),
+            self.block,
+        )
         runtime = self.cm._runtime
         stream = _core.Stream(runtime)
         # The source is a second cache allocated here: memory of the same kind as the peer's
@@ -140,17 +155,23 @@ class PullPushWorkload:
             t0 = time.perf_counter()
             _core.copy_pairs(runtime, stream, plan, srcs, dsts, kind, "copy")
             return time.perf_counter() - t0
+
         return copy
 
     def move(self, op: str, model: int, layers: range) -> float:
         key = BlocksCacheKey(self.child_id, model)
         t0 = time.perf_counter()
         if op == "pull":
-            self.cm.pull_blocks(key, self.cache, self.src_blocks, self.dst_blocks,
-                                src_layer_range=layers, dst_layer_range=layers)
+            self.cm.pull_blocks(
+                key,
+                self.cache,
+                self.src_blocks,
+                self.dst_blocks,
+                src_layer_range=layers,
+                dst_layer_range=layers,
+            )
         else:
-            self.cm.push_blocks(key, self.cache, self.src_blocks, self.dst_blocks,
-                                layers, layers)
+            self.cm.push_blocks(key, self.cache, self.src_blocks, self.dst_blocks, layers, layers)
         return time.perf_counter() - t0
 
     def close(self) -> None:
@@ -178,29 +199,39 @@ def test_pull_push_blocks_vs_copyto(benchmark, workload, case, report, rounds_sc
     t_move, t_base = [], []
 
     def setup():
-        t_base.append(w.copyto())          # the baseline, before each round
+        t_base.append(w.copyto())  # the baseline, before each round
         if op == "pull":
-            w.mem.fill(0xFF)               # the child's caches are zero: a pull must clear them
+            w.mem.fill(0xFF)  # the child's caches are zero: a pull must clear them
 
     def run():
         t_move.append(w.move(op, model, layers))
 
-    benchmark.pedantic(run, setup=setup, rounds=_rounds(w.bytes_moved, rounds_scale),
-                       warmup_rounds=1)
+    benchmark.pedantic(
+        run, setup=setup, rounds=_rounds(w.bytes_moved, rounds_scale), warmup_rounds=1
+    )
     if op == "pull":
         got = w.mem.reshape(w.tensors, w.pool, w.block)[:, w.dst_blocks]
         assert not got.any(), f"{case}: the pulled blocks do not hold the source's bytes"
     t_move, t_base = after_warmup(t_move), after_warmup(t_base)
     ratio = median(t_base) / median(t_move)
-    shown_target = target if w.block == 64 * KiB else None     # the targets are set at 64 KiB
-    benchmark.extra_info.update(case=case, block_size=w.block, bytes_moved=w.bytes_moved,
-                                gbps=gbps(w.bytes_moved, median(t_move)),
-                                copyto_gbps=gbps(w.bytes_moved, median(t_base)),
-                                ratio_vs_copyto=ratio, target_ratio=shown_target)
-    report.add(SECTION_G, f"{case} {w.block // KiB}K: {desc}",
-               f"{gbps(w.bytes_moved, median(t_move)):.2f} GB/s",
-               f"{gbps(w.bytes_moved, median(t_base)):.2f} GB/s", f"{ratio:.2f}x",
-               f">= {shown_target}x" if shown_target else "-")
+    shown_target = target if w.block == 64 * KiB else None  # the targets are set at 64 KiB
+    benchmark.extra_info.update(
+        case=case,
+        block_size=w.block,
+        bytes_moved=w.bytes_moved,
+        gbps=gbps(w.bytes_moved, median(t_move)),
+        copyto_gbps=gbps(w.bytes_moved, median(t_base)),
+        ratio_vs_copyto=ratio,
+        target_ratio=shown_target,
+    )
+    report.add(
+        SECTION_G,
+        f"{case} {w.block // KiB}K: {desc}",
+        f"{gbps(w.bytes_moved, median(t_move)):.2f} GB/s",
+        f"{gbps(w.bytes_moved, median(t_base)):.2f} GB/s",
+        f"{ratio:.2f}x",
+        f">= {shown_target}x" if shown_target else "-",
+    )
 
 
 @pytest.mark.parametrize("block", [64, 4 * KiB], ids=["64B", "4K"])
@@ -217,17 +248,25 @@ def test_61_layer_pull_overhead(benchmark, block, report, rounds_scale):
         def run():
             t_move.append(w.move("pull", MAPPED, layers))
 
-        benchmark.pedantic(run, setup=setup, rounds=max(5, int(60 * rounds_scale)),
-                           warmup_rounds=1)
+        benchmark.pedantic(run, setup=setup, rounds=max(5, int(60 * rounds_scale)), warmup_rounds=1)
         t_move, t_copy = after_warmup(t_move), after_warmup(t_copy)
-        t_base = [w.copyto() for _ in range(5)]         # for scale only
+        t_base = [w.copyto() for _ in range(5)]  # for scale only
         over_ms = (median(t_move) - median(t_copy)) * 1e3
-        benchmark.extra_info.update(block_size=block, bytes_moved=w.bytes_moved,
-                                    pull_ms=median(t_move) * 1e3, copy_ms=median(t_copy) * 1e3,
-                                    copyto_ms=median(t_base) * 1e3, overhead_ms=over_ms)
-        report.add(SECTION_H, f"61 layers x 256 blocks of {block} B ({w.bytes_moved >> 10} KiB)",
-                   f"{median(t_move) * 1e3:.2f} ms",
-                   f"{median(t_copy) * 1e3:.2f} ms copy ({median(t_base) * 1e3:.2f} ms copyto)",
-                   f"+{over_ms:.2f} ms", "<= +1 ms")
+        benchmark.extra_info.update(
+            block_size=block,
+            bytes_moved=w.bytes_moved,
+            pull_ms=median(t_move) * 1e3,
+            copy_ms=median(t_copy) * 1e3,
+            copyto_ms=median(t_base) * 1e3,
+            overhead_ms=over_ms,
+        )
+        report.add(
+            SECTION_H,
+            f"61 layers x 256 blocks of {block} B ({w.bytes_moved >> 10} KiB)",
+            f"{median(t_move) * 1e3:.2f} ms",
+            f"{median(t_copy) * 1e3:.2f} ms copy ({median(t_base) * 1e3:.2f} ms copyto)",
+            f"+{over_ms:.2f} ms",
+            "<= +1 ms",
+        )
     finally:
         w.close()

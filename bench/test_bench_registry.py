@@ -6,6 +6,7 @@ g. register_cache + unregister_cache of a 64-tensor cache, same comparison
 The registry keeps regions sorted in bounded chunks (O(log n) per operation), so the ratio
 should stay near 1; before, every registration rebuilt arrays of all regions (O(n)). Nothing
 asserts on a time."""
+
 from __future__ import annotations
 
 import statistics
@@ -41,10 +42,9 @@ def held(cache_manager):
 
 
 @pytest.mark.parametrize("kind", ["allocate", "register"])
-def test_registration_with_many_caches(benchmark, cache_manager, held, report, rounds_scale,
-                                       kind):
+def test_registration_with_many_caches(benchmark, cache_manager, held, report, rounds_scale, kind):
     cm = cache_manager
-    buf = np.zeros(TENSORS * 128, dtype=np.uint8)     # a registered cache's memory (spaced)
+    buf = np.zeros(TENSORS * 128, dtype=np.uint8)  # a registered cache's memory (spaced)
     addrs = [buf.ctypes.data + 128 * i for i in range(TENSORS)]
 
     def one():
@@ -63,11 +63,26 @@ def test_registration_with_many_caches(benchmark, cache_manager, held, report, r
     fill_s = time.perf_counter() - t0
     many = benchmark.pedantic(lambda: _per_op(one, rounds), rounds=1, iterations=1)
     ratio = many / few
-    benchmark.extra_info.update(held=HELD, few=FEW, tensors=TENSORS, few_us=few * 1e6,
-                                many_us=many * 1e6, ratio=ratio,
-                                fill_seconds=fill_s, target_ratio=2.0)
-    section = {"allocate": "f. allocate_cache + deallocate_cache, 64 tensors (median)",
-               "register": "g. register_cache + unregister_cache, 64 tensors (median)"}[kind]
-    report.add(section, f"{HELD} caches held", f"{many * 1e6:.0f} us",
-               f"{few * 1e6:.0f} us ({FEW} held)", f"{ratio:.2f}x", "<= 2x",
-               f"filling to {HELD} took {fill_s:.1f} s")
+    benchmark.extra_info.update(
+        held=HELD,
+        few=FEW,
+        tensors=TENSORS,
+        few_us=few * 1e6,
+        many_us=many * 1e6,
+        ratio=ratio,
+        fill_seconds=fill_s,
+        target_ratio=2.0,
+    )
+    section = {
+        "allocate": "f. allocate_cache + deallocate_cache, 64 tensors (median)",
+        "register": "g. register_cache + unregister_cache, 64 tensors (median)",
+    }[kind]
+    report.add(
+        section,
+        f"{HELD} caches held",
+        f"{many * 1e6:.0f} us",
+        f"{few * 1e6:.0f} us ({FEW} held)",
+        f"{ratio:.2f}x",
+        "<= 2x",
+        f"filling to {HELD} took {fill_s:.1f} s",
+    )

@@ -8,6 +8,7 @@ c. call overhead of transfer_cache_async, 61 layers x 256 blocks           (medi
 d. overlap with a simulated prefill: tail after the last layer vs one layer's copy
 e. knob sweeps of the host copy engine (stream_store_min_bytes x copy_threads)
 """
+
 from __future__ import annotations
 
 import itertools
@@ -30,7 +31,7 @@ KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
 
-CLUSTER_ID = 7          # the session LLMDataDist's own cluster id (bench/conftest.py)
+CLUSTER_ID = 7  # the session LLMDataDist's own cluster id (bench/conftest.py)
 NUM_LAYERS = 32
 NUM_PAIRS = 256
 OK = LLMStatusCode.LLM_SUCCESS
@@ -40,10 +41,15 @@ def pytest_generate_tests(metafunc):
     """a/b run at the sizes of --llmdist-sizes; tests that parametrize block_size themselves
     keep theirs. Session scope: one workload per size, shared by the tests that use it."""
     if "block_size" in metafunc.fixturenames and not any(
-            m.name == "parametrize" and "block_size" in m.args[0]
-            for m in metafunc.definition.iter_markers()):
-        sizes = [parse_size(s) for s in metafunc.config.getoption("--llmdist-sizes").split(",") if s]
-        metafunc.parametrize("block_size", sizes, ids=[size_name(s) for s in sizes], scope="session")
+        m.name == "parametrize" and "block_size" in m.args[0]
+        for m in metafunc.definition.iter_markers()
+    ):
+        sizes = [
+            parse_size(s) for s in metafunc.config.getoption("--llmdist-sizes").split(",") if s
+        ]
+        metafunc.parametrize(
+            "block_size", sizes, ids=[size_name(s) for s in sizes], scope="session"
+        )
 
 
 def scaled_rounds(base: int, scale: float, minimum: int = 3) -> int:
@@ -92,11 +98,13 @@ def fmt_time(seconds: float) -> str:
 
 def timed(fn, times: list):
     """Wrap fn so that each call appends its own duration to times."""
+
     def run(*args, **kwargs):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         times.append(time.perf_counter() - t0)
         return out
+
     return run
 
 
@@ -110,8 +118,16 @@ class BlocksWorkload:
     pool is smaller than `pairs`, the pairs are `pool` distinct random pairs, repeated in the
     same order (a block comes back only after all the others)."""
 
-    def __init__(self, cm, layers: int, block_size: int, pairs: int = NUM_PAIRS,
-                 full_pool: int = FULL_POOL, budget: int = 8 * GiB, seed: int = 1234):
+    def __init__(
+        self,
+        cm,
+        layers: int,
+        block_size: int,
+        pairs: int = NUM_PAIRS,
+        full_pool: int = FULL_POOL,
+        budget: int = 8 * GiB,
+        seed: int = 1234,
+    ):
         self.cm = cm
         self.layers = layers
         self.num_tensors = 2 * layers
@@ -135,14 +151,22 @@ class BlocksWorkload:
         self.src_t = self.src_mem.reshape(self.num_tensors, self.pool, block_size)
         self.dst_t = self.dst_mem.reshape(self.num_tensors, self.pool, block_size)
 
-        self.desc = CacheDesc(num_tensors=self.num_tensors, shape=[self.pool, block_size],
-                              data_type=DataType.DT_UINT8, placement=Placement.DEVICE)
+        self.desc = CacheDesc(
+            num_tensors=self.num_tensors,
+            shape=[self.pool, block_size],
+            data_type=DataType.DT_UINT8,
+            placement=Placement.DEVICE,
+        )
         self.src_cache = cm.register_blocks_cache(
-            self.desc, [int(self.src_t[i].ctypes.data) for i in range(self.num_tensors)],
-            BlocksCacheKey(CLUSTER_ID, next(_key_ids)))
+            self.desc,
+            [int(self.src_t[i].ctypes.data) for i in range(self.num_tensors)],
+            BlocksCacheKey(CLUSTER_ID, next(_key_ids)),
+        )
         self.dst_cache = cm.register_blocks_cache(
-            self.desc, [int(self.dst_t[i].ctypes.data) for i in range(self.num_tensors)],
-            BlocksCacheKey(CLUSTER_ID, next(_key_ids)))
+            self.desc,
+            [int(self.dst_t[i].ctypes.data) for i in range(self.num_tensors)],
+            BlocksCacheKey(CLUSTER_ID, next(_key_ids)),
+        )
         self.configs = [TransferConfig(CLUSTER_ID, list(self.dst_cache.tensor_addrs))]
         self.bytes_moved = self.num_tensors * pairs * block_size
         self.go = Go()
@@ -154,18 +178,27 @@ class BlocksWorkload:
             return ""
         rep = ""
         if self.repeats > 1:
-            rep = (f", made of {self.pool} distinct pairs x{self.repeats} (same order, so a block "
-                   f"recurs after {size_name(self.tensor_bytes)} of other source blocks"
-                   + ("; under 64M, repeats may be served from the CPU cache" if
-                      self.tensor_bytes < 64 * MiB else "") + ")")
-        return (f"{size_name(self.block_size)} blocks, {self.layers} layers: pool {self.pool} "
-                f"blocks (not {FULL_POOL}) so src+dst = {self.cache_bytes * 2 / GiB:.1f} GiB; "
-                f"{self.pairs} pairs per tensor kept{rep}")
+            rep = (
+                f", made of {self.pool} distinct pairs x{self.repeats} (same order, so a block "
+                f"recurs after {size_name(self.tensor_bytes)} of other source blocks"
+                + (
+                    "; under 64M, repeats may be served from the CPU cache"
+                    if self.tensor_bytes < 64 * MiB
+                    else ""
+                )
+                + ")"
+            )
+        return (
+            f"{size_name(self.block_size)} blocks, {self.layers} layers: pool {self.pool} "
+            f"blocks (not {FULL_POOL}) so src+dst = {self.cache_bytes * 2 / GiB:.1f} GiB; "
+            f"{self.pairs} pairs per tensor kept{rep}"
+        )
 
     # --- the operations ----------------------------------------------------------------
     def transfer(self, sync=None, configs=None):
-        return self.cm.transfer_cache_async(self.src_cache, sync or self.go,
-                                            configs or self.configs, self.src_idx, self.dst_idx)
+        return self.cm.transfer_cache_async(
+            self.src_cache, sync or self.go, configs or self.configs, self.src_idx, self.dst_idx
+        )
 
     def run_llmdist(self):
         return self.transfer().synchronize()
@@ -180,12 +213,13 @@ class BlocksWorkload:
         while left:
             c = min(chunk, left, n - off)
             if threads == 1:
-                np.copyto(self.dst_mem[off:off + c], self.src_mem[off:off + c])
+                np.copyto(self.dst_mem[off : off + c], self.src_mem[off : off + c])
             else:
                 h = (c // 2) & ~4095
-                fut = self._helper().submit(np.copyto, self.dst_mem[off + h:off + c],
-                                            self.src_mem[off + h:off + c])
-                np.copyto(self.dst_mem[off:off + h], self.src_mem[off:off + h])
+                fut = self._helper().submit(
+                    np.copyto, self.dst_mem[off + h : off + c], self.src_mem[off + h : off + c]
+                )
+                np.copyto(self.dst_mem[off : off + h], self.src_mem[off : off + h])
                 fut.result()
             left -= c
             off = (off + c) % n
@@ -263,18 +297,30 @@ def test_b2b_vs_copyto(benchmark, b2b_workload, report, rounds_scale):
     ratio2 = median(t_base2) / median(t_llm)
     target = 0.5 if w.block_size <= 4 * KiB else (0.8 if w.block_size >= 64 * KiB else None)
     benchmark.extra_info.update(
-        block_size=w.block_size, layers=w.layers, pairs=w.pairs, pool=w.pool,
-        bytes_moved=w.bytes_moved, rounds=len(t_llm),
+        block_size=w.block_size,
+        layers=w.layers,
+        pairs=w.pairs,
+        pool=w.pool,
+        bytes_moved=w.bytes_moved,
+        rounds=len(t_llm),
         llmdist_gbps=gbps(w.bytes_moved, median(t_llm)),
-        copyto_gbps=gbps(w.bytes_moved, median(t_base)), ratio_vs_copyto=ratio,
-        copyto_2threads_gbps=gbps(w.bytes_moved, median(t_base2)), ratio_vs_copyto_2threads=ratio2,
-        target_ratio=target, tuning=llmdist.host_tuning())
-    report.add("a. B2B layer-wise vs contiguous np.copyto (bandwidth, same bytes)",
-               f"{size_name(w.block_size)} x {w.pairs} pairs x {w.num_tensors} tensors",
-               fmt_bw(w.bytes_moved, median(t_llm)), fmt_bw(w.bytes_moved, median(t_base)),
-               f"{ratio:.2f}x", f">= {target}x" if target else "-",
-               f"2-thread copyto {fmt_bw(w.bytes_moved, median(t_base2))} ({ratio2:.2f}x); "
-               f"pool {w.pool}" + (" (scaled)" if w.scaled else ""))
+        copyto_gbps=gbps(w.bytes_moved, median(t_base)),
+        ratio_vs_copyto=ratio,
+        copyto_2threads_gbps=gbps(w.bytes_moved, median(t_base2)),
+        ratio_vs_copyto_2threads=ratio2,
+        target_ratio=target,
+        tuning=llmdist.host_tuning(),
+    )
+    report.add(
+        "a. B2B layer-wise vs contiguous np.copyto (bandwidth, same bytes)",
+        f"{size_name(w.block_size)} x {w.pairs} pairs x {w.num_tensors} tensors",
+        fmt_bw(w.bytes_moved, median(t_llm)),
+        fmt_bw(w.bytes_moved, median(t_base)),
+        f"{ratio:.2f}x",
+        f">= {target}x" if target else "-",
+        f"2-thread copyto {fmt_bw(w.bytes_moved, median(t_base2))} ({ratio2:.2f}x); "
+        f"pool {w.pool}" + (" (scaled)" if w.scaled else ""),
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -299,13 +345,22 @@ def test_b2b_vs_fancy_indexing(benchmark, b2b_workload, report, rounds_scale):
     speedup = median(t_base) / median(t_llm)
     target = 2.0 if w.block_size <= 16 * KiB else None
     benchmark.extra_info.update(
-        block_size=w.block_size, pool=w.pool, bytes_moved=w.bytes_moved,
-        llmdist_s=median(t_llm), fancy_s=median(t_base), speedup_vs_fancy=speedup,
-        target_speedup=target)
-    report.add("b. B2B layer-wise vs numpy fancy indexing dst[d] = src[s] per tensor (time)",
-               f"{size_name(w.block_size)} blocks",
-               fmt_time(median(t_llm)), fmt_time(median(t_base)), f"{speedup:.2f}x faster",
-               f">= {target}x" if target else "-")
+        block_size=w.block_size,
+        pool=w.pool,
+        bytes_moved=w.bytes_moved,
+        llmdist_s=median(t_llm),
+        fancy_s=median(t_base),
+        speedup_vs_fancy=speedup,
+        target_speedup=target,
+    )
+    report.add(
+        "b. B2B layer-wise vs numpy fancy indexing dst[d] = src[s] per tensor (time)",
+        f"{size_name(w.block_size)} blocks",
+        fmt_time(median(t_llm)),
+        fmt_time(median(t_base)),
+        f"{speedup:.2f}x faster",
+        f">= {target}x" if target else "-",
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -342,8 +397,12 @@ def test_call_overhead(benchmark, overhead_workload, report, rounds_scale):
 
     # baseline: the same call for one layer, same block lists (fixed per-call cost)
     t_one = []
-    call_one = timed(lambda g: tasks.append(
-        cm.transfer_cache_async(w.src_cache, g, one_layer, w.src_idx, w.dst_idx)), t_one)
+    call_one = timed(
+        lambda g: tasks.append(
+            cm.transfer_cache_async(w.src_cache, g, one_layer, w.src_idx, w.dst_idx)
+        ),
+        t_one,
+    )
     for _ in range(10 + scaled_rounds(200, rounds_scale, minimum=20)):
         (g,), _ = setup()
         call_one(g)
@@ -351,10 +410,19 @@ def test_call_overhead(benchmark, overhead_workload, report, rounds_scale):
     t_one = drop_warmup(t_one, 10)
 
     t_full = []
-    call = timed(lambda g: tasks.append(
-        cm.transfer_cache_async(w.src_cache, g, w.configs, w.src_idx, w.dst_idx)), t_full)
-    benchmark.pedantic(call, setup=setup, teardown=teardown,
-                       rounds=scaled_rounds(300, rounds_scale, minimum=20), warmup_rounds=10)
+    call = timed(
+        lambda g: tasks.append(
+            cm.transfer_cache_async(w.src_cache, g, w.configs, w.src_idx, w.dst_idx)
+        ),
+        t_full,
+    )
+    benchmark.pedantic(
+        call,
+        setup=setup,
+        teardown=teardown,
+        rounds=scaled_rounds(300, rounds_scale, minimum=20),
+        warmup_rounds=10,
+    )
     for g in gates:  # a task left by a run without teardown (--benchmark-disable)
         g.event.set()
     while tasks:
@@ -365,15 +433,24 @@ def test_call_overhead(benchmark, overhead_workload, report, rounds_scale):
 
     med = median(t_full)
     benchmark.extra_info.update(
-        layers=w.layers, blocks=w.pairs, median_us=med * 1e6,
+        layers=w.layers,
+        blocks=w.pairs,
+        median_us=med * 1e6,
         p90_us=float(np.percentile(t_full, 90)) * 1e6,
-        one_layer_median_us=median(t_one) * 1e6, ratio_vs_one_layer=med / median(t_one),
-        target_us=200, ratio_vs_target=med / 200e-6)
-    report.add("c. call overhead of transfer_cache_async (returns the task; median)",
-               f"{w.layers} layers x {w.pairs} blocks, 1 config",
-               fmt_time(med), f"{fmt_time(median(t_one))} (1 layer)",
-               f"{med / median(t_one):.2f}x of 1-layer call", "<= 200 us",
-               f"p90 {fmt_time(float(np.percentile(t_full, 90)))}")
+        one_layer_median_us=median(t_one) * 1e6,
+        ratio_vs_one_layer=med / median(t_one),
+        target_us=200,
+        ratio_vs_target=med / 200e-6,
+    )
+    report.add(
+        "c. call overhead of transfer_cache_async (returns the task; median)",
+        f"{w.layers} layers x {w.pairs} blocks, 1 config",
+        fmt_time(med),
+        f"{fmt_time(median(t_one))} (1 layer)",
+        f"{med / median(t_one):.2f}x of 1-layer call",
+        "<= 200 us",
+        f"p90 {fmt_time(float(np.percentile(t_full, 90)))}",
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -395,7 +472,9 @@ def test_overlap_tail(benchmark, overlap_workload, compute, report, rounds_scale
     w = overlap_workload
     cm = w.cm
     L = w.layers
-    last = [TransferConfig(CLUSTER_ID, list(w.dst_cache.tensor_addrs[2 * L - 2:]), range(L - 1, L))]
+    last = [
+        TransferConfig(CLUSTER_ID, list(w.dst_cache.tensor_addrs[2 * L - 2 :]), range(L - 1, L))
+    ]
     go = Go()
 
     def one_layer_copy():
@@ -434,29 +513,45 @@ def test_overlap_tail(benchmark, overlap_workload, compute, report, rounds_scale
     def setup():  # interleave a one-layer copy measurement with every prefill round
         t_layer.append(one_layer_copy())
 
-    benchmark.pedantic(prefill_round, setup=setup,
-                       rounds=scaled_rounds(15, rounds_scale, minimum=5), warmup_rounds=1)
+    benchmark.pedantic(
+        prefill_round,
+        setup=setup,
+        rounds=scaled_rounds(15, rounds_scale, minimum=5),
+        warmup_rounds=1,
+    )
     check_all(statuses)
     assert w.verify([0, 2 * L - 1])
     tails, after_prefill, prefill, lags = (
-        drop_warmup(x) for x in (tails, after_prefill, prefill, lags))
+        drop_warmup(x) for x in (tails, after_prefill, prefill, lags)
+    )
     layer_s = median(t_layer)
     ratio = median(tails) / layer_s
     layer_bytes = 2 * w.pairs * w.block_size
     benchmark.extra_info.update(
-        compute=compute, layers=L, block_size=w.block_size, layer_bytes=layer_bytes,
-        one_layer_copy_us=layer_s * 1e6, tail_us=median(tails) * 1e6,
-        tail_after_prefill_end_us=median(after_prefill) * 1e6, prefill_ms=median(prefill) * 1e3,
+        compute=compute,
+        layers=L,
+        block_size=w.block_size,
+        layer_bytes=layer_bytes,
+        one_layer_copy_us=layer_s * 1e6,
+        tail_us=median(tails) * 1e6,
+        tail_after_prefill_end_us=median(after_prefill) * 1e6,
+        prefill_ms=median(prefill) * 1e3,
         compute_per_layer_vs_copy=median(prefill) / L / layer_s,
         last_layer_sync_lag_us=median(lags) * 1e6,
-        tail_vs_one_layer=ratio, target=1.5)
-    report.add("d. overlap: tail after the last layer vs one layer's copy (same run)",
-               f"{compute}: {L} layers, {size_name(layer_bytes)}/layer, prefill "
-               f"{fmt_time(median(prefill))} ({median(prefill) / L / layer_s:.1f}x copy/layer)",
-               f"tail {fmt_time(median(tails))}", f"1 layer {fmt_time(layer_s)}",
-               f"{ratio:.2f}x", "<= 1.5x",
-               f"from prefill end {fmt_time(median(after_prefill))}; last layer "
-               f"released {fmt_time(median(lags))} after prefill end")
+        tail_vs_one_layer=ratio,
+        target=1.5,
+    )
+    report.add(
+        "d. overlap: tail after the last layer vs one layer's copy (same run)",
+        f"{compute}: {L} layers, {size_name(layer_bytes)}/layer, prefill "
+        f"{fmt_time(median(prefill))} ({median(prefill) / L / layer_s:.1f}x copy/layer)",
+        f"tail {fmt_time(median(tails))}",
+        f"1 layer {fmt_time(layer_s)}",
+        f"{ratio:.2f}x",
+        "<= 1.5x",
+        f"from prefill end {fmt_time(median(after_prefill))}; last layer "
+        f"released {fmt_time(median(lags))} after prefill end",
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -494,20 +589,34 @@ def test_knob_sweep(benchmark, b2b_workload, default_tuning, report, rounds_scal
     for (threads, nt), ts in times.items():
         med = median(drop_warmup(ts))
         results[f"threads={threads},stream_store_min={nt}"] = {
-            "gbps": gbps(w.bytes_moved, med), "ratio_vs_copyto": base / med}
+            "gbps": gbps(w.bytes_moved, med),
+            "ratio_vs_copyto": base / med,
+        }
     best = max(results, key=lambda k: results[k]["gbps"])
     benchmark.extra_info.update(
-        block_size=w.block_size, split_min_bytes=default_tuning["split_min_bytes"],
-        copyto_gbps=gbps(w.bytes_moved, base), settings=results, best=best,
-        rounds=len(drop_warmup(t_base)))
-    for (threads, nt) in SWEEP:
+        block_size=w.block_size,
+        split_min_bytes=default_tuning["split_min_bytes"],
+        copyto_gbps=gbps(w.bytes_moved, base),
+        settings=results,
+        best=best,
+        rounds=len(drop_warmup(t_base)),
+    )
+    for threads, nt in SWEEP:
         r = results[f"threads={threads},stream_store_min={nt}"]
-        is_default = (threads == default_tuning["copy_threads"]
-                      and nt == default_tuning["stream_store_min_bytes"])
-        note = ("best; " if f"threads={threads},stream_store_min={nt}" == best else "") + \
-            ("current default" if is_default else "")
-        report.add("e. knob sweep (interleaved rounds): B2B 32 layers x 256 pairs vs np.copyto",
-                   f"{size_name(w.block_size)} threads={threads} "
-                   f"stream_store>={size_name(nt) if nt else 'off'}",
-                   f"{r['gbps']:.2f} GB/s", fmt_bw(w.bytes_moved, base),
-                   f"{r['ratio_vs_copyto']:.2f}x", "", note.rstrip("; "))
+        is_default = (
+            threads == default_tuning["copy_threads"]
+            and nt == default_tuning["stream_store_min_bytes"]
+        )
+        note = ("best; " if f"threads={threads},stream_store_min={nt}" == best else "") + (
+            "current default" if is_default else ""
+        )
+        report.add(
+            "e. knob sweep (interleaved rounds): B2B 32 layers x 256 pairs vs np.copyto",
+            f"{size_name(w.block_size)} threads={threads} "
+            f"stream_store>={size_name(nt) if nt else 'off'}",
+            f"{r['gbps']:.2f} GB/s",
+            fmt_bw(w.bytes_moved, base),
+            f"{r['ratio_vs_copyto']:.2f}x",
+            "",
+            note.rstrip("; "),
+        )

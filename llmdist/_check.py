@@ -45,7 +45,7 @@ def check_uint32(name: str, value: Any) -> int:
 
 def check_int32(name: str, value: Any) -> int:
     """Check that value is an int in [-2**31, 2**31-1]."""
-    return _check_int(name, value, -2**31, 2**31 - 1, "int32")
+    return _check_int(name, value, -(2**31), 2**31 - 1, "int32")
 
 
 def check_uint64(name: str, value: Any) -> int:
@@ -55,11 +55,12 @@ def check_uint64(name: str, value: Any) -> int:
 
 def check_int64(name: str, value: Any) -> int:
     """Check that value is an int in [-2**63, 2**63-1]."""
-    return _check_int(name, value, -2**63, 2**63 - 1, "int64")
+    return _check_int(name, value, -(2**63), 2**63 - 1, "int64")
 
 
-def check_int_list(name: str, value: Any, check: Callable[[str, Any], Any] = check_uint64,
-                   allow_none: bool = False) -> Optional[Tuple[int, ...]]:
+def check_int_list(
+    name: str, value: Any, check: Callable[[str, Any], Any] = check_uint64, allow_none: bool = False
+) -> Optional[Tuple[int, ...]]:
     """Check a list/tuple of ints element by element and return it as a tuple (a snapshot)."""
     if value is None and allow_none:
         return None
@@ -69,8 +70,9 @@ def check_int_list(name: str, value: Any, check: Callable[[str, Any], Any] = che
     return tuple(value)
 
 
-def require(condition: Any, message: str,
-            status_code: LLMStatusCode = LLMStatusCode.LLM_PARAM_INVALID) -> None:
+def require(
+    condition: Any, message: str, status_code: LLMStatusCode = LLMStatusCode.LLM_PARAM_INVALID
+) -> None:
     """Raise LLMException(message, status_code) when condition is false (illegal values)."""
     if not condition:
         raise LLMException(message, status_code=status_code)
@@ -82,6 +84,7 @@ def check_layer_range(name: str, value: Any, allow_none: bool = True) -> Optiona
         return None
     check_isinstance(name, value, range)
     require(value.step == 1, f"{name} must have step 1, but got {value}")
-    require(0 <= value.start < value.stop,
-            f"{name} must satisfy 0 <= start < stop, but got {value}")
+    require(
+        0 <= value.start < value.stop, f"{name} must satisfy 0 <= start < stop, but got {value}"
+    )
     return value

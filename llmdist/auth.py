@@ -37,11 +37,11 @@ MAGIC = b"LLMD"
 KEYED_MAGIC = b"LLMA"
 TAG = 32
 NONCE = 16
-MAX_FRAME = 4 << 20         # a hello of 8,192 caches fits; anything larger is refused unread
-MAX_FDS = 250           # descriptors per frame (the kernel takes at most 253 in one message)
+MAX_FRAME = 4 << 20  # a hello of 8,192 caches fits; anything larger is refused unread
+MAX_FDS = 250  # descriptors per frame (the kernel takes at most 253 in one message)
 MAX_PENDING_FDS = 4096  # descriptors a peer may send ahead of the frame that uses them
 ENV_KEY = "LLMDIST_AUTH_KEY"
-SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)     # Linux 6.5+
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+
 
 
 class ProtocolError(Exception):
@@ -54,6 +54,7 @@ class AuthError(ProtocolError):
 
 # ------------------------------------------------------------------------------------------
 # The key
+
 
 def load_key(options: Dict[str, str]) -> Optional[bytes]:
     """The shared key from llmdist.auth_key, llmdist.auth_key_file or LLMDIST_AUTH_KEY (first
@@ -70,14 +71,19 @@ def load_key(options: Dict[str, str]) -> Optional[bytes]:
                     raise LLMException(
                         f"option llmdist.auth_key_file: {path} must not be accessible by group "
                         f"or others (mode {stat.S_IMODE(st.st_mode):o}; chmod 600 it)",
-                        status_code=LLMStatusCode.LLM_PARAM_INVALID)
+                        status_code=LLMStatusCode.LLM_PARAM_INVALID,
+                    )
                 key = f.read().strip()
         except OSError as exc:
-            raise LLMException(f"option llmdist.auth_key_file: cannot read {path}: {exc}",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
+            raise LLMException(
+                f"option llmdist.auth_key_file: cannot read {path}: {exc}",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            ) from None
         if not key:
-            raise LLMException(f"option llmdist.auth_key_file: {path} is empty",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            raise LLMException(
+                f"option llmdist.auth_key_file: {path} is empty",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
         return key
     env = os.environ.get(ENV_KEY)
     return env.encode() if env else None
@@ -113,12 +119,15 @@ def welcome_context(nl: bytes, nc: bytes) -> bytes:
 
 def session_keys(key: bytes, nl: bytes, nc: bytes) -> Tuple[bytes, bytes]:
     """(listener-to-client key, client-to-listener key) of one connection."""
-    return (hmac.new(key, b"l2c" + nl + nc, hashlib.sha256).digest(),
-            hmac.new(key, b"c2l" + nl + nc, hashlib.sha256).digest())
+    return (
+        hmac.new(key, b"l2c" + nl + nc, hashlib.sha256).digest(),
+        hmac.new(key, b"c2l" + nl + nc, hashlib.sha256).digest(),
+    )
 
 
 # ------------------------------------------------------------------------------------------
 # Frames
+
 
 class _Direction:
     """The key, context and sequence number of one direction of a channel."""
@@ -132,13 +141,14 @@ class _Direction:
         self.key, self.context, self.seq = key, context, 0
 
     def tag(self, data: bytes) -> bytes:
-        mac = hmac.new(self.key, self.context + struct.pack(">Q", self.seq) + data,
-                       hashlib.sha256).digest()
+        mac = hmac.new(
+            self.key, self.context + struct.pack(">Q", self.seq) + data, hashlib.sha256
+        ).digest()
         self.seq += 1
         return mac
 
 
-Creds = Tuple[int, int, int]      # (pid, uid, gid) of the process at the other end
+Creds = Tuple[int, int, int]  # (pid, uid, gid) of the process at the other end
 
 
 def _wait_writable(sock: socket.socket, deadline: float) -> None:
@@ -195,9 +205,13 @@ class Channel:
             return -1
 
     # -- out
-    def send(self, msg: dict, fds: List[int] = (),
-             then: Optional[Tuple[bytes, bytes]] = None,
-             deadline: Optional[float] = None) -> None:
+    def send(
+        self,
+        msg: dict,
+        fds: List[int] = (),
+        then: Optional[Tuple[bytes, bytes]] = None,
+        deadline: Optional[float] = None,
+    ) -> None:
         """Send msg (with fds on a Unix socket); then, when given, switches the outgoing
         direction to that (key, context) right after this frame. By time.monotonic() deadline
         when given: socket.timeout after it, when the frame may be cut short and the
@@ -229,7 +243,7 @@ class Channel:
             flags = 0 if deadline is None else socket.MSG_DONTWAIT
             while True:
                 try:
-                    view = view[self.sock.sendmsg([view], anc, flags):]
+                    view = view[self.sock.sendmsg([view], anc, flags) :]
                     break
                 except (BlockingIOError, socket.timeout):
                     if deadline is None:
@@ -240,7 +254,7 @@ class Channel:
             return
         while view:
             try:
-                view = view[self.sock.send(view, socket.MSG_DONTWAIT):]
+                view = view[self.sock.send(view, socket.MSG_DONTWAIT) :]
             except (BlockingIOError, socket.timeout):
                 pass
             if view:
@@ -257,8 +271,7 @@ class Channel:
                 self.sock.settimeout(left)
             want = min(n - len(buf), 1 << 20)
             if self.unix:
-                chunk, anc, flags, _ = self.sock.recvmsg(
-                    want, socket.CMSG_SPACE(MAX_FDS * 4))
+                chunk, anc, flags, _ = self.sock.recvmsg(want, socket.CMSG_SPACE(MAX_FDS * 4))
                 self._take_fds(anc, flags)
             else:
                 chunk = self.sock.recv(want)
@@ -272,7 +285,7 @@ class Channel:
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 a = array.array("i")
-                a.frombytes(data[:len(data) - len(data) % a.itemsize])
+                a.frombytes(data[: len(data) - len(data) % a.itemsize])
                 got.extend(a)
         self.pending_fds.extend(got)
         if flags & socket.MSG_CTRUNC or len(self.pending_fds) > MAX_PENDING_FDS:
@@ -297,8 +310,9 @@ class Channel:
             try:
                 msg = json.loads(data)
             except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-                raise ProtocolError(f"frame is not JSON of a sane depth: "
-                                    f"{type(exc).__name__}") from None
+                raise ProtocolError(
+                    f"frame is not JSON of a sane depth: {type(exc).__name__}"
+                ) from None
             if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
                 raise ProtocolError("frame is not a message")
             if msg["type"] != "fds":
@@ -315,17 +329,23 @@ class Channel:
             raise ProtocolError(f"frame of {n} bytes is over the {MAX_FRAME}-byte limit")
         keyed = self.into.key is not None
         if magic == MAGIC and keyed:
-            raise AuthError("authentication failed: the peer sent a frame without a MAC "
-                            f"({self._reason(self._recv_exact(n, deadline))})")
+            raise AuthError(
+                "authentication failed: the peer sent a frame without a MAC "
+                f"({self._reason(self._recv_exact(n, deadline))})"
+            )
         if magic == KEYED_MAGIC and not keyed:
-            raise AuthError("authentication failed: the peer authenticates with a key "
-                            "(llmdist.auth_key) and this side has none")
+            raise AuthError(
+                "authentication failed: the peer authenticates with a key "
+                "(llmdist.auth_key) and this side has none"
+            )
         data = self._recv_exact(n, deadline)
         if keyed:
             tag = self._recv_exact(TAG, deadline)
             if not hmac.compare_digest(tag, self.into.tag(data)):
-                raise AuthError("authentication failed: bad MAC (another key, or a forged, "
-                                "replayed or reordered frame)")
+                raise AuthError(
+                    "authentication failed: bad MAC (another key, or a forged, "
+                    "replayed or reordered frame)"
+                )
         return data
 
     @staticmethod

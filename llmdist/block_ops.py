@@ -12,8 +12,8 @@ import threading
 from typing import Dict, List, NamedTuple, Tuple
 
 from . import _core
-from ._core import CopyKind
 from ._check import check_int64, check_isinstance, check_uint32, check_uint64, require
+from ._core import CopyKind
 from .descs import Cache, Placement, copy_kind, tensor_addrs_of
 from .status import LLMException, LLMStatusCode
 
@@ -21,9 +21,11 @@ from .status import LLMException, LLMStatusCode
 # memory the caller owns) goes through, in rounds of at most this many bytes.
 STAGING_BYTES = 8 << 20
 
+
 class Side(NamedTuple):
     """One end of a local copy: the tensor bases, where they live, and whether a device
     runtime may copy them asynchronously (device memory, or page-locked host memory)."""
+
     bases: List[int]
     placement: Placement
     pinned: bool
@@ -31,6 +33,7 @@ class Side(NamedTuple):
 
 class LocalCopy(NamedTuple):
     """A checked local operation: plan's runs applied to src.bases[i] -> dst.bases[i]."""
+
     op: str
     plan: object
     src: Side
@@ -57,8 +60,9 @@ def block_pairs(name: str, mapping, list_values: bool) -> List[Tuple[int, int]]:
     return pairs
 
 
-def _check_blocks(name: str, pairs: List[Tuple[int, int]], src_blocks: int,
-                  dst_blocks: int) -> None:
+def _check_blocks(
+    name: str, pairs: List[Tuple[int, int]], src_blocks: int, dst_blocks: int
+) -> None:
     for s, d in pairs:
         require(s < src_blocks, f"{name}: source block {s} is out of range [0, {src_blocks})")
         require(d < dst_blocks, f"{name}: destination block {d} is out of range [0, {dst_blocks})")
@@ -84,10 +88,13 @@ def check_disjoint(op: str, plan, src: List[int], dst: List[int], params: str = 
     or writes a byte twice. params names the arguments that chose the ranges."""
     what = _core.find_overlap(plan, src, dst)
     where = f"{op}: {params}: " if params else f"{op}: "
-    require(what is None,
-            f"{where}a destination byte range overlaps a {what} byte range; the result would "
-            f"depend on the copy order" if what == "destination" else
-            f"{where}source and destination byte ranges overlap")
+    require(
+        what is None,
+        f"{where}a destination byte range overlaps a {what} byte range; the result would "
+        f"depend on the copy order"
+        if what == "destination"
+        else f"{where}source and destination byte ranges overlap",
+    )
 
 
 def plan_copy_blocks(cache: Cache, pairs: List[Tuple[int, int]], pinned: bool) -> LocalCopy:
@@ -97,8 +104,7 @@ def plan_copy_blocks(cache: Cache, pairs: List[Tuple[int, int]], pinned: bool) -
     desc = cache.cache_desc
     _check_blocks("copy_block_info", pairs, desc.batch_size, desc.batch_size)
     both = {s for s, _ in pairs} & {d for _, d in pairs}
-    require(not both, f"copy_block_info: block {min(both) if both else 0} is both read and "
-                      f"written")
+    require(not both, f"copy_block_info: block {min(both) if both else 0} is both read and written")
     plan = _plan_blocks(pairs, desc.stride)
     bases = tensor_addrs_of(cache)
     check_disjoint("copy_blocks", plan, bases, bases)
@@ -106,8 +112,7 @@ def plan_copy_blocks(cache: Cache, pairs: List[Tuple[int, int]], pinned: bool) -
     return LocalCopy("copy_blocks", plan, side, side)
 
 
-def check_copy_cache_args(dst, src, dst_batch_index, src_batch_index, offset, size,
-                          req_id) -> None:
+def check_copy_cache_args(dst, src, dst_batch_index, src_batch_index, offset, size, req_id) -> None:
     """Types and ranges of copy_cache's arguments (TypeError, ValueError, LLMException)."""
     check_isinstance("dst", dst, Cache)
     check_isinstance("src", src, Cache)
@@ -118,37 +123,66 @@ def check_copy_cache_args(dst, src, dst_batch_index, src_batch_index, offset, si
     if req_id is not None:
         check_uint64("req_id", req_id)
     require(size == -1 or size > 0, f"size must be -1 (the rest of the row) or > 0, got {size}")
-    require(not src.is_blocks_cache, f"src cache {src.cache_id} is a blocks cache; use "
-                                     f"copy_blocks or swap_blocks")
-    require(not dst.is_blocks_cache, f"dst cache {dst.cache_id} is a blocks cache; use "
-                                     f"copy_blocks or swap_blocks")
+    require(
+        not src.is_blocks_cache,
+        f"src cache {src.cache_id} is a blocks cache; use copy_blocks or swap_blocks",
+    )
+    require(
+        not dst.is_blocks_cache,
+        f"dst cache {dst.cache_id} is a blocks cache; use copy_blocks or swap_blocks",
+    )
 
 
-def plan_copy_cache(dst: Cache, src: Cache, dst_batch_index: int, src_batch_index: int,
-                    offset: int, size: int, src_pinned: bool, dst_pinned: bool) -> LocalCopy:
+def plan_copy_cache(
+    dst: Cache,
+    src: Cache,
+    dst_batch_index: int,
+    src_batch_index: int,
+    offset: int,
+    size: int,
+    src_pinned: bool,
+    dst_pinned: bool,
+) -> LocalCopy:
     """copy_cache: bytes [offset, offset + n) of row src_batch_index of every source tensor to
     the same bytes of row dst_batch_index of the destination tensor with the same index; n is
     size, or the rest of the source row for -1."""
     sd, dd = src.cache_desc, dst.cache_desc
-    require(sd.num_tensors == dd.num_tensors,
-            f"src has {sd.num_tensors} tensors and dst has {dd.num_tensors}; they must match")
-    require(src_batch_index < sd.batch_size,
-            f"src_batch_index {src_batch_index} is out of range [0, {sd.batch_size})")
-    require(dst_batch_index < dd.batch_size,
-            f"dst_batch_index {dst_batch_index} is out of range [0, {dd.batch_size})")
-    require(offset < sd.stride and offset < dd.stride,
-            f"offset {offset} must be inside a row: source rows are {sd.stride} bytes, "
-            f"destination rows {dd.stride}")
+    require(
+        sd.num_tensors == dd.num_tensors,
+        f"src has {sd.num_tensors} tensors and dst has {dd.num_tensors}; they must match",
+    )
+    require(
+        src_batch_index < sd.batch_size,
+        f"src_batch_index {src_batch_index} is out of range [0, {sd.batch_size})",
+    )
+    require(
+        dst_batch_index < dd.batch_size,
+        f"dst_batch_index {dst_batch_index} is out of range [0, {dd.batch_size})",
+    )
+    require(
+        offset < sd.stride and offset < dd.stride,
+        f"offset {offset} must be inside a row: source rows are {sd.stride} bytes, "
+        f"destination rows {dd.stride}",
+    )
     n = sd.stride - offset if size == -1 else size
-    require(n <= sd.stride - offset,
-            f"size {size} from offset {offset} runs past the source row of {sd.stride} bytes")
-    require(n <= dd.stride - offset,
-            f"size {n} from offset {offset} runs past the destination row of {dd.stride} bytes")
-    plan = _core.plan_one(src_batch_index * sd.stride + offset,
-                          dst_batch_index * dd.stride + offset, n)
+    require(
+        n <= sd.stride - offset,
+        f"size {size} from offset {offset} runs past the source row of {sd.stride} bytes",
+    )
+    require(
+        n <= dd.stride - offset,
+        f"size {n} from offset {offset} runs past the destination row of {dd.stride} bytes",
+    )
+    plan = _core.plan_one(
+        src_batch_index * sd.stride + offset, dst_batch_index * dd.stride + offset, n
+    )
     check_disjoint("copy_cache", plan, tensor_addrs_of(src), tensor_addrs_of(dst))
-    return LocalCopy("copy_cache", plan, Side(list(tensor_addrs_of(src)), sd.placement, src_pinned),
-                     Side(list(tensor_addrs_of(dst)), dd.placement, dst_pinned))
+    return LocalCopy(
+        "copy_cache",
+        plan,
+        Side(list(tensor_addrs_of(src)), sd.placement, src_pinned),
+        Side(list(tensor_addrs_of(dst)), dd.placement, dst_pinned),
+    )
 
 
 def check_swap_args(src_cache, dst_cache, src_to_dst) -> List[Tuple[int, int]]:
@@ -158,26 +192,40 @@ def check_swap_args(src_cache, dst_cache, src_to_dst) -> List[Tuple[int, int]]:
     return block_pairs("src_to_dst", src_to_dst, False)
 
 
-def plan_swap_blocks(src_cache: Cache, dst_cache: Cache, pairs: List[Tuple[int, int]],
-                     src_pinned: bool, dst_pinned: bool) -> LocalCopy:
+def plan_swap_blocks(
+    src_cache: Cache,
+    dst_cache: Cache,
+    pairs: List[Tuple[int, int]],
+    src_pinned: bool,
+    dst_pinned: bool,
+) -> LocalCopy:
     """swap_blocks: block s of every source tensor to block src_to_dst[s] of the destination
     tensor with the same index, between host and device memory."""
     require(src_cache.is_blocks_cache, "src_cache must be a blocks cache")
     require(dst_cache.is_blocks_cache, "dst_cache must be a blocks cache")
     sd, dd = src_cache.cache_desc, dst_cache.cache_desc
-    require(sd.stride == dd.stride,
-            f"src block size {sd.stride} and dst block size {dd.stride} must be equal")
-    require(sd.num_tensors == dd.num_tensors,
-            f"src num_tensors {sd.num_tensors} and dst num_tensors {dd.num_tensors} must be equal")
-    require({sd.placement, dd.placement} == {Placement.HOST, Placement.DEVICE},
-            f"swap_blocks moves blocks between HOST and DEVICE caches, not from "
-            f"{sd.placement.name} to {dd.placement.name}")
+    require(
+        sd.stride == dd.stride,
+        f"src block size {sd.stride} and dst block size {dd.stride} must be equal",
+    )
+    require(
+        sd.num_tensors == dd.num_tensors,
+        f"src num_tensors {sd.num_tensors} and dst num_tensors {dd.num_tensors} must be equal",
+    )
+    require(
+        {sd.placement, dd.placement} == {Placement.HOST, Placement.DEVICE},
+        f"swap_blocks moves blocks between HOST and DEVICE caches, not from "
+        f"{sd.placement.name} to {dd.placement.name}",
+    )
     _check_blocks("src_to_dst", pairs, sd.batch_size, dd.batch_size)
     plan = _plan_blocks(pairs, sd.stride)
     check_disjoint("swap_blocks", plan, tensor_addrs_of(src_cache), tensor_addrs_of(dst_cache))
-    return LocalCopy("swap_blocks", plan,
-                     Side(list(tensor_addrs_of(src_cache)), sd.placement, src_pinned),
-                     Side(list(tensor_addrs_of(dst_cache)), dd.placement, dst_pinned))
+    return LocalCopy(
+        "swap_blocks",
+        plan,
+        Side(list(tensor_addrs_of(src_cache)), sd.placement, src_pinned),
+        Side(list(tensor_addrs_of(dst_cache)), dd.placement, dst_pinned),
+    )
 
 
 class LocalCopier:
@@ -206,25 +254,42 @@ class LocalCopier:
         kind = copy_kind(copy.src.placement, copy.dst.placement)
         with self._lock:
             if self._closed:
-                raise LLMException("llm datadist is finalized",
-                                   status_code=LLMStatusCode.LLM_ENGINE_FINALIZED)
+                raise LLMException(
+                    "llm datadist is finalized", status_code=LLMStatusCode.LLM_ENGINE_FINALIZED
+                )
             rt.bind_device()
             if rt.is_host or kind == CopyKind.COPY_H2H:
                 # host memory on either runtime (the host runtime's "device" memory is host
                 # memory too): the host copy engine
-                _core.copy_pairs(self._host, self._stream(self._host), copy.plan, copy.src.bases,
-                                 copy.dst.bases, CopyKind.COPY_H2H, copy.op)
+                _core.copy_pairs(
+                    self._host,
+                    self._stream(self._host),
+                    copy.plan,
+                    copy.src.bases,
+                    copy.dst.bases,
+                    CopyKind.COPY_H2H,
+                    copy.op,
+                )
                 return
             host_side = copy.src if kind == CopyKind.COPY_H2D else copy.dst
             if kind == CopyKind.COPY_D2D or host_side.pinned:
-                _core.copy_pairs(rt, self._stream(rt), copy.plan, copy.src.bases,
-                                 copy.dst.bases, kind, copy.op)
+                _core.copy_pairs(
+                    rt, self._stream(rt), copy.plan, copy.src.bases, copy.dst.bases, kind, copy.op
+                )
                 return
             if not self._staging:
                 self._staging = rt.malloc(STAGING_BYTES, False)
-            _core.copy_pairs_staged(rt, self._stream(rt), copy.plan, copy.src.bases,
-                                    copy.dst.bases, kind == CopyKind.COPY_H2D, self._staging,
-                                    STAGING_BYTES, copy.op)
+            _core.copy_pairs_staged(
+                rt,
+                self._stream(rt),
+                copy.plan,
+                copy.src.bases,
+                copy.dst.bases,
+                kind == CopyKind.COPY_H2D,
+                self._staging,
+                STAGING_BYTES,
+                copy.op,
+            )
 
     def close(self) -> None:
         """Release the streams and the staging buffer (after the last operation)."""

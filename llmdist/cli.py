@@ -35,24 +35,41 @@ class Parser(argparse.ArgumentParser):
 def _common(debug_default: Any) -> argparse.ArgumentParser:
     """Options every command takes, before or after its name."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--runtime", choices=RUNTIMES, default=debug_default,
-                   help="runtime to use (sets LLMDIST_RUNTIME; default: LLMDIST_RUNTIME, else auto)")
-    p.add_argument("--device", type=int, default=debug_default, metavar="N",
-                   help="device id (sets LLMDIST_DEVICE; default: LLMDIST_DEVICE, else 0)")
-    p.add_argument("-v", "--verbose", action="count", default=debug_default,
-                   help="log llmdist's INFO messages (-vv: DEBUG) to stderr")
-    p.add_argument("--debug", action="store_true", default=debug_default,
-                   help="show the traceback of an error")
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=debug_default,
+        help="runtime to use (sets LLMDIST_RUNTIME; default: LLMDIST_RUNTIME, else auto)",
+    )
+    p.add_argument(
+        "--device",
+        type=int,
+        default=debug_default,
+        metavar="N",
+        help="device id (sets LLMDIST_DEVICE; default: LLMDIST_DEVICE, else 0)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=debug_default,
+        help="log llmdist's INFO messages (-vv: DEBUG) to stderr",
+    )
+    p.add_argument(
+        "--debug", action="store_true", default=debug_default, help="show the traceback of an error"
+    )
     return p
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     from . import demo
+
     demo.add_arguments(p)
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     from . import bench
+
     bench.add_arguments(p)
 
 
@@ -62,11 +79,13 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 
 def _demo_run(args: argparse.Namespace) -> int:
     from . import demo
+
     return int(demo.main(args))
 
 
 def _bench_run(args: argparse.Namespace) -> int:
     from . import bench
+
     check_bench_outputs(args)
     return int(bench.main(args))
 
@@ -81,26 +100,42 @@ def _info_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "demo": ("simulated prefill that streams its KV cache layer by layer into a decode "
-             "process, which verifies every byte", _demo_arguments, _demo_run),
-    "bench": ("the benchmark suite: llmdist against same-run baselines on the chosen runtime; "
-              "a table, and optionally JSON, a plot and a comparison", _bench_arguments, _bench_run),
-    "info": ("the runtimes llmdist can use on this machine (runtime_info()), and why each other "
-             "one cannot be used", _info_arguments, _info_run),
+    "demo": (
+        "simulated prefill that streams its KV cache layer by layer into a decode "
+        "process, which verifies every byte",
+        _demo_arguments,
+        _demo_run,
+    ),
+    "bench": (
+        "the benchmark suite: llmdist against same-run baselines on the chosen runtime; "
+        "a table, and optionally JSON, a plot and a comparison",
+        _bench_arguments,
+        _bench_run,
+    ),
+    "info": (
+        "the runtimes llmdist can use on this machine (runtime_info()), and why each other "
+        "one cannot be used",
+        _info_arguments,
+        _info_run,
+    ),
 }
 
 
 def build_parser(prog: str = "llmdist") -> Parser:
-    parser = Parser(prog=prog, parents=[_common(None)],
-                    description="llmdist: layer-wise KV cache transfer with the LLM-DataDist "
-                                "CacheManager API.")
+    parser = Parser(
+        prog=prog,
+        parents=[_common(None)],
+        description="llmdist: layer-wise KV cache transfer with the LLM-DataDist CacheManager API.",
+    )
     parser.add_argument("--version", action="version", version=f"llmdist {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands",
-                                parser_class=Parser)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", title="commands", parser_class=Parser
+    )
     for name, (help_text, add_args, run) in COMMANDS.items():
         # SUPPRESS: an option given before the command name is not reset after it
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           parents=[_common(argparse.SUPPRESS)])
+        p = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[_common(argparse.SUPPRESS)]
+        )
         add_args(p)
         p.set_defaults(_run=run)
     return parser
@@ -157,6 +192,7 @@ def _apply_environment(args: argparse.Namespace) -> None:
     if choice in ("acl", "cuda"):
         from . import runtimes
         from .status import LLMException
+
         try:
             runtimes.load(choice, int(device))
         except LLMException as exc:
@@ -167,18 +203,26 @@ def info_report() -> Dict[str, Any]:
     """runtime_info() on the chosen runtime, with the versions around it."""
     from . import runtimes
     from .bench.peers import peer_versions
+
     runtimes.load(None, int(os.environ.get("LLMDIST_DEVICE", "0")))
     import numpy
-    return {"llmdist": __version__, "python": platform.python_version(),
-            "machine": platform.machine(), "numpy": numpy.__version__,
-            "peers": {k: v for k, v in peer_versions().items() if k != "matplotlib"},
-            **runtimes.runtime_info()}
+
+    return {
+        "llmdist": __version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "numpy": numpy.__version__,
+        "peers": {k: v for k, v in peer_versions().items() if k != "matplotlib"},
+        **runtimes.runtime_info(),
+    }
 
 
 def render_info(report: Dict[str, Any]) -> str:
-    lines = [f"llmdist {report['llmdist']} on CPython {report['python']} ({report['machine']}), "
-             f"numpy {report['numpy']}",
-             f"active runtime: {report['active']}"]
+    lines = [
+        f"llmdist {report['llmdist']} on CPython {report['python']} ({report['machine']}), "
+        f"numpy {report['numpy']}",
+        f"active runtime: {report['active']}",
+    ]
     for name, rt in report["runtimes"].items():
         if rt["available"]:
             extra = f", device copies: {rt['device_copy']}" if rt.get("device_copy") else ""
@@ -187,7 +231,9 @@ def render_info(report: Dict[str, Any]) -> str:
             lines.append(f"  {name:5} available: version {rt['version']}, {rt['library']}{extra}")
         else:
             lines.append(f"  {name:5} not available: {rt['reason']}")
-    peers = ", ".join(f"{k} {v}" if v else f"{k} (not installed)" for k, v in report["peers"].items())
+    peers = ", ".join(
+        f"{k} {v}" if v else f"{k} (not installed)" for k, v in report["peers"].items()
+    )
     lines.append(f"peers: {peers}")
     return "\n".join(lines)
 
@@ -198,8 +244,11 @@ def _user_error(exc: BaseException) -> bool:
     if isinstance(exc, UsageError):
         return True
     from .status import LLMException, LLMStatusCode
+
     return isinstance(exc, LLMException) and exc.status_code in (
-        LLMStatusCode.LLM_PARAM_INVALID, LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+        LLMStatusCode.LLM_PARAM_INVALID,
+        LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+    )
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "llmdist") -> int:

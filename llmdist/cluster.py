@@ -50,47 +50,70 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # the names other modules and tests reach through this one
-__all__ = ["ACK_TIMEOUT_S", "MAGIC", "MAX_FRAME", "PROTOCOL_VERSION", "AuthError", "ClusterNode",
-           "Peer", "ProtocolError", "cache_to_wire", "host_identity"]
+__all__ = [
+    "ACK_TIMEOUT_S",
+    "MAGIC",
+    "MAX_FRAME",
+    "PROTOCOL_VERSION",
+    "AuthError",
+    "ClusterNode",
+    "Peer",
+    "ProtocolError",
+    "cache_to_wire",
+    "host_identity",
+]
 
 
 class ClusterNode:
     """The cluster side of one LLMDataDist: its listener, links and announcements. The cache
     manager it serves is attached once it exists (attach)."""
 
-    def __init__(self, cluster_id: int, role: LLMRole, listen: Optional[Tuple[str, int]],
-                 transport: str, runtime: Optional["_core.Runtime"] = None,
-                 limits: Optional[PeerLimits] = None, key: Optional[bytes] = None) -> None:
+    def __init__(
+        self,
+        cluster_id: int,
+        role: LLMRole,
+        listen: Optional[Tuple[str, int]],
+        transport: str,
+        runtime: Optional["_core.Runtime"] = None,
+        limits: Optional[PeerLimits] = None,
+        key: Optional[bytes] = None,
+    ) -> None:
         if transport not in TRANSPORTS:
-            raise LLMException(f"option llmdist.transport must be one of {', '.join(TRANSPORTS)}, "
-                               f"got {transport!r}", status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            raise LLMException(
+                f"option llmdist.transport must be one of {', '.join(TRANSPORTS)}, "
+                f"got {transport!r}",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
         self.cluster_id = cluster_id
         self.role = role
         self.limits = limits if limits is not None else PeerLimits()
-        self.key = key                          # the shared key (llmdist.auth_key), or None
+        self.key = key  # the shared key (llmdist.auth_key), or None
         self.caches: Optional["CacheManager"] = None
         self.transport = transport
         self.runtime = runtime if runtime is not None else _core.Runtime.host()
         try:
             self.tgid = self.runtime.bare_tgid()
         except LLMException as exc:
-            log.warning("the runtime could not tell the pid peers allow for device IPC; they "
-                        "allow pid %d: %s",
-                        os.getpid(), exc)
+            log.warning(
+                "the runtime could not tell the pid peers allow for device IPC; they "
+                "allow pid %d: %s",
+                os.getpid(),
+                exc,
+            )
             self.tgid = os.getpid()
         self.host = host_identity()
         self.lock = threading.Lock()
         self.peers: Dict[int, Peer] = {}
-        self.linking: set = set()               # cluster ids link() is connecting to right now
-        self.accepting: set = set()             # cluster ids whose link is being accepted
-        self.ever_linked: set = set()           # every cluster id linked since start
+        self.linking: set = set()  # cluster ids link() is connecting to right now
+        self.accepting: set = set()  # cluster ids whose link is being accepted
+        self.ever_linked: set = set()  # every cluster id linked since start
         self.listener: Optional[Listener] = None
         self.port: Optional[int] = None
         self.closed = False
-        self.engine = None                      # MooncakeTransport, made on first need
-        self.engine_error: Optional[str] = None   # why the last attempt to start it failed
+        self.engine = None  # MooncakeTransport, made on first need
+        self.engine_error: Optional[str] = None  # why the last attempt to start it failed
         self.engine_lock = threading.Lock()
-        self.engine_ranges = EngineRanges()     # what is registered with the engine
+        self.engine_ranges = EngineRanges()  # what is registered with the engine
         self.handshakes = HandshakeSlots(MAX_HANDSHAKES, self.limits.handshakes_per_address)
         # Handshakes in progress (connection -> the admission epoch it started in). A role
         # switch moves to a new epoch and admits nothing while it runs, so that no handshake
@@ -106,9 +129,12 @@ class ClusterNode:
         if listen is not None:
             self.start_listening(listen)
 
-    def open_listener(self, address: Tuple[str, int],
-                      admit: Optional[Callable[[Hello], Optional[Tuple[int, str]]]] = None,
-                      key: Optional[bytes] = None) -> Listener:
+    def open_listener(
+        self,
+        address: Tuple[str, int],
+        admit: Optional[Callable[[Hello], Optional[Tuple[int, str]]]] = None,
+        key: Optional[bytes] = None,
+    ) -> Listener:
         """Accept links on address (and on a Unix-socket companion) until the returned listener
         is closed. admit, when given, may refuse a handshake that passed the usual checks
         ((status, reason) or None); key, when given, is the key clients must prove they hold.
@@ -118,9 +144,12 @@ class ClusterNode:
         local_ip = address[0] if address[0] not in ("", "0.0.0.0") else "127.0.0.1"
         for s, redirect in ((listener.tcp, listener.unix_name), (listener.unix, None)):
             if s is not None:
-                threading.Thread(target=self._accept_loop,
-                                 args=(s, admit, key, redirect, local_ip),
-                                 name="llmdist-listen", daemon=True).start()
+                threading.Thread(
+                    target=self._accept_loop,
+                    args=(s, admit, key, redirect, local_ip),
+                    name="llmdist-listen",
+                    daemon=True,
+                ).start()
         return listener
 
     def start_listening(self, listen: Tuple[str, int]) -> None:
@@ -128,8 +157,10 @@ class ClusterNode:
         try:
             listener = self.open_listener(listen, key=self.key)
         except OSError as exc:
-            raise LLMException(f"cannot listen on {listen[0]}:{listen[1]}: {exc}",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
+            raise LLMException(
+                f"cannot listen on {listen[0]}:{listen[1]}: {exc}",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            ) from None
         self.stop_listening()
         self.listener = listener
         self.port = listener.port
@@ -158,8 +189,11 @@ class ClusterNode:
             while self.in_handshake:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    log.warning("%d handshakes still in progress at a role switch; none of them "
-                                "will be admitted", len(self.in_handshake))
+                    log.warning(
+                        "%d handshakes still in progress at a role switch; none of them "
+                        "will be admitted",
+                        len(self.in_handshake),
+                    )
                     break
                 self.changed.wait(left)
 
@@ -173,7 +207,6 @@ class ClusterNode:
         """The path to a peer (see data_path.choose_path) under this node's llmdist.transport."""
         return choose_path(self.transport, same_host, peer_wants_engine)
 
-
     def ensure_engine(self, local_ip: str) -> None:
         """Start the Mooncake engine (once) and register every cache with it. On failure keep
         the reason, which a transfer that needs the engine reports; the next link that needs
@@ -183,6 +216,7 @@ class ClusterNode:
                 return
             try:
                 from .transport_mooncake import MooncakeTransport
+
                 engine = MooncakeTransport(local_ip)
             except LLMException as exc:
                 self.engine_error = str(exc)
@@ -205,7 +239,6 @@ class ClusterNode:
         engine = self.engine
         if engine is not None:
             self.engine_ranges.unregister(engine, entry)
-
 
     def allow_imports(self, peer: Peer) -> None:
         """Let a peer on this host import the DEVICE caches this cluster exports."""
@@ -237,15 +270,22 @@ class ClusterNode:
             return []
         return [cache_to_wire(e, fds) for e in cm.entries()]
 
-    def _hello(self, target: Optional[int], fds: Optional[List[int]] = None,
-               caches: bool = True) -> dict:
+    def _hello(
+        self, target: Optional[int], fds: Optional[List[int]] = None, caches: bool = True
+    ) -> dict:
         """This side's handshake message; its caches (with their memfds added to fds, on a
         Unix socket) unless caches is False."""
-        msg = {"type": "hello", "version": PROTOCOL_VERSION, "cluster_id": self.cluster_id,
-               "role": int(self.role), "target": target, "host": self.host,
-               "runtime": self.runtime.name,
-               "caches": self.caches_on_wire(fds) if caches else [],
-               "want_engine": self.transport == "mooncake"}
+        msg = {
+            "type": "hello",
+            "version": PROTOCOL_VERSION,
+            "cluster_id": self.cluster_id,
+            "role": int(self.role),
+            "target": target,
+            "host": self.host,
+            "runtime": self.runtime.name,
+            "caches": self.caches_on_wire(fds) if caches else [],
+            "want_engine": self.transport == "mooncake",
+        }
         if self.engine is not None:
             msg["mooncake"] = self.engine.session_id
         elif self.engine_error is not None:
@@ -253,8 +293,14 @@ class ClusterNode:
         return msg
 
     # -- accepting
-    def _accept_loop(self, sock: socket.socket, admit=None, key: Optional[bytes] = None,
-                     redirect: Optional[str] = None, local_ip: Optional[str] = None) -> None:
+    def _accept_loop(
+        self,
+        sock: socket.socket,
+        admit=None,
+        key: Optional[bytes] = None,
+        redirect: Optional[str] = None,
+        local_ip: Optional[str] = None,
+    ) -> None:
         while True:
             try:
                 conn, source = sock.accept()
@@ -262,26 +308,43 @@ class ClusterNode:
                 return
             source = source_of(conn, source)
             if not self.handshakes.take(conn, source):
-                log.info("refused a connection from %s: its %d handshake slots (option "
-                         "llmdist.handshakes_per_address) or all %d are busy", source,
-                         self.handshakes.per_address, MAX_HANDSHAKES)
+                log.info(
+                    "refused a connection from %s: its %d handshake slots (option "
+                    "llmdist.handshakes_per_address) or all %d are busy",
+                    source,
+                    self.handshakes.per_address,
+                    MAX_HANDSHAKES,
+                )
                 conn.close()
                 continue
             with self.lock:
                 self.in_handshake[conn] = self.epoch
-            threading.Thread(target=self._handshake, args=(conn, admit, key, redirect, local_ip),
-                             name="llmdist-handshake", daemon=True).start()
+            threading.Thread(
+                target=self._handshake,
+                args=(conn, admit, key, redirect, local_ip),
+                name="llmdist-handshake",
+                daemon=True,
+            ).start()
 
-    def _handshake(self, conn: socket.socket, admit=None, key: Optional[bytes] = None,
-                   redirect: Optional[str] = None, local_ip: Optional[str] = None) -> None:
+    def _handshake(
+        self,
+        conn: socket.socket,
+        admit=None,
+        key: Optional[bytes] = None,
+        redirect: Optional[str] = None,
+        local_ip: Optional[str] = None,
+    ) -> None:
         """Run one handshake (a slot of the bounded count is held), then serve the link. Any
         failure, whatever its kind, closes the connection and leaves no peer behind."""
         peer = None
         try:
             peer = self._accept_one(conn, admit, key, redirect, local_ip)
         except Exception as exc:  # noqa: BLE001 - nothing a client sends may kill this thread
-            level = logging.INFO if isinstance(exc, (ConnectionError, OSError, ProtocolError,
-                                                     LLMException)) else logging.WARNING
+            level = (
+                logging.INFO
+                if isinstance(exc, (ConnectionError, OSError, ProtocolError, LLMException))
+                else logging.WARNING
+            )
             if isinstance(exc, AuthError):
                 level = logging.WARNING
             log.log(level, "refused a connection: %s: %s", type(exc).__name__, exc)
@@ -297,9 +360,14 @@ class ClusterNode:
         if peer is not None:
             peer.serve()
 
-    def _accept_one(self, conn: socket.socket, admit=None, key: Optional[bytes] = None,
-                    redirect: Optional[str] = None, local_ip: Optional[str] = None
-                    ) -> Optional[Peer]:
+    def _accept_one(
+        self,
+        conn: socket.socket,
+        admit=None,
+        key: Optional[bytes] = None,
+        redirect: Optional[str] = None,
+        local_ip: Optional[str] = None,
+    ) -> Optional[Peer]:
         """The listener's side of a handshake: the linked peer, or None when refused. admit:
         see open_listener; key: the key the client must prove it holds; redirect: the name of
         the Unix socket a client on this host continues on."""
@@ -307,8 +375,13 @@ class ClusterNode:
         conn.settimeout(HANDSHAKE_TIMEOUT_S)
         chan = Channel(conn, local_ip)
         nl = auth.new_nonce()
-        challenge = {"type": "challenge", "version": PROTOCOL_VERSION, "nonce": nl.hex(),
-                     "auth": key is not None, "host": self.host}
+        challenge = {
+            "type": "challenge",
+            "version": PROTOCOL_VERSION,
+            "nonce": nl.hex(),
+            "auth": key is not None,
+            "host": self.host,
+        }
         if redirect is not None:
             challenge["unix"] = redirect
         chan.send(challenge)
@@ -336,8 +409,13 @@ class ClusterNode:
         except AuthError:
             chan.out.set(None)
             try:
-                chan.send({"type": "refuse", "code": int(LLMStatusCode.LLM_LINK_FAILED),
-                           "reason": "authentication failed"})
+                chan.send(
+                    {
+                        "type": "refuse",
+                        "code": int(LLMStatusCode.LLM_LINK_FAILED),
+                        "reason": "authentication failed",
+                    }
+                )
             except OSError:
                 pass
             raise
@@ -348,11 +426,14 @@ class ClusterNode:
                 raise ProtocolError("expected a handshake")
             hello: Optional[Hello] = None
             if msg.get("target") not in (None, self.cluster_id):
-                refusal = (int(LLMStatusCode.LLM_LINK_FAILED),
-                           f"this is cluster {self.cluster_id}, not {msg.get('target')!r:.40}")
+                refusal = (
+                    int(LLMStatusCode.LLM_LINK_FAILED),
+                    f"this is cluster {self.cluster_id}, not {msg.get('target')!r:.40}",
+                )
             else:
-                hello, refusal = check_hello(msg, self.cluster_id, None,
-                                             rendezvous=admit is not None)
+                hello, refusal = check_hello(
+                    msg, self.cluster_id, None, rendezvous=admit is not None
+                )
             if refusal is None and admit is not None:
                 refusal = admit(hello)
             if refusal is None and self.caches is None:
@@ -360,8 +441,14 @@ class ClusterNode:
             if refusal is None:
                 refusal = self._begin_accept(hello.cluster_id)
             if refusal is not None:
-                chan.send({"type": "refuse", "code": refusal[0], "reason": refusal[1],
-                           "cluster_id": self.cluster_id})
+                chan.send(
+                    {
+                        "type": "refuse",
+                        "code": refusal[0],
+                        "reason": refusal[1],
+                        "cluster_id": self.cluster_id,
+                    }
+                )
                 conn.close()
                 return None
             try:
@@ -381,13 +468,21 @@ class ClusterNode:
             if cid in self.peers or cid in self.accepting:
                 return int(LLMStatusCode.LLM_ALREADY_LINK), f"cluster {cid} is already linked"
             if cid in self.linking and self.cluster_id < cid:
-                return (int(LLMStatusCode.LLM_PROCESSING_LINK),
-                        f"cluster {self.cluster_id} is linking to cluster {cid} itself")
+                return (
+                    int(LLMStatusCode.LLM_PROCESSING_LINK),
+                    f"cluster {self.cluster_id} is linking to cluster {cid} itself",
+                )
             self.accepting.add(cid)
         return None
 
-    def _admit(self, chan: Channel, hello: Hello, fds: List[int], deadline: float,
-               session: Optional[Tuple[bytes, bytes]]) -> Peer:
+    def _admit(
+        self,
+        chan: Channel,
+        hello: Hello,
+        fds: List[int],
+        deadline: float,
+        session: Optional[Tuple[bytes, bytes]],
+    ) -> Peer:
         """Register an accepted peer, welcome it and take its caches (the "caches" frame that
         answers the welcome, acknowledged)."""
         conn = chan.sock
@@ -395,13 +490,13 @@ class ClusterNode:
         try:
             if peer.path is PeerPath.MOONCAKE:
                 self.ensure_engine(chan.local_ip)
-            self.allow_imports(peer)            # before the welcome lists our caches
+            self.allow_imports(peer)  # before the welcome lists our caches
             with self.lock:
                 if self.closed or hello.cluster_id in self.peers:
                     raise ProtocolError("closed or linked meanwhile")
                 if self.switching or self.in_handshake.get(conn) != self.epoch:
                     raise ProtocolError("the cluster switched its role meanwhile")
-                self.in_handshake.pop(conn, None)      # a link now, not a handshake
+                self.in_handshake.pop(conn, None)  # a link now, not a handshake
                 self.peers[peer.cluster_id] = peer
                 self.ever_linked.add(peer.cluster_id)
                 self.changed.notify_all()
@@ -438,7 +533,7 @@ class ClusterNode:
             peer = self.peers.get(cluster_id) if cluster_id is not None else None
         if peer is None:
             return None
-        peer.ready.wait(HANDSHAKE_TIMEOUT_S)     # an accepted link finishes its handshake
+        peer.ready.wait(HANDSHAKE_TIMEOUT_S)  # an accepted link finishes its handshake
         with self.lock:
             if self.peers.get(cluster_id) is not peer or not peer.ready.is_set():
                 return None
@@ -447,7 +542,9 @@ class ClusterNode:
             peer.linked_here = True
             return LLMStatusCode.LLM_SUCCESS
 
-    def _await_peer_link(self, cluster_id: Optional[int], deadline: float) -> Optional[LLMStatusCode]:
+    def _await_peer_link(
+        self, cluster_id: Optional[int], deadline: float
+    ) -> Optional[LLMStatusCode]:
         """After the peer refused our connection because it is linking to us itself, wait for
         its link to arrive here and claim it."""
         while True:
@@ -455,14 +552,19 @@ class ClusterNode:
             if got is not None or time.monotonic() >= deadline:
                 return got
             with self.lock:
-                while self.peers.get(cluster_id) is None:     # its link has not arrived yet
+                while self.peers.get(cluster_id) is None:  # its link has not arrived yet
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return None
                     self.changed.wait(left)
 
-    def link(self, cluster_id: Optional[int], address: Tuple[str, int], timeout_ms: int,
-             comm: Optional[str] = None) -> LLMStatusCode:
+    def link(
+        self,
+        cluster_id: Optional[int],
+        address: Tuple[str, int],
+        timeout_ms: int,
+        comm: Optional[str] = None,
+    ) -> LLMStatusCode:
         """Link to a listening cluster (cluster_id None: learn it in the handshake); returns a
         status and never raises for a failed link. A link the peer already made to us counts
         as made by this call (both sides may call link_clusters). comm names the rank-table
@@ -482,7 +584,7 @@ class ClusterNode:
                 if cluster_id not in self.accepting and cluster_id not in self.peers:
                     self.linking.add(cluster_id)
                     break
-            if time.monotonic() >= deadline:     # linked meanwhile: claim it (above)
+            if time.monotonic() >= deadline:  # linked meanwhile: claim it (above)
                 return LLMStatusCode.LLM_LINK_FAILED
         try:
             code, peer = self._connect(cluster_id, address, timeout_ms, comm)
@@ -494,17 +596,26 @@ class ClusterNode:
             peer.address = address
         return code
 
-
-    def _connect(self, cluster_id: Optional[int], address: Tuple[str, int], timeout_ms: int,
-                 comm: Optional[str]) -> Tuple[LLMStatusCode, Optional[Peer]]:
+    def _connect(
+        self,
+        cluster_id: Optional[int],
+        address: Tuple[str, int],
+        timeout_ms: int,
+        comm: Optional[str],
+    ) -> Tuple[LLMStatusCode, Optional[Peer]]:
         deadline = time.monotonic() + timeout_ms / 1000.0
         name = "?" if cluster_id is None else cluster_id
         key = auth.comm_key(self.key, comm) if comm is not None else self.key
         try:
             chan, challenge = open_channel(address, key, self.host, deadline)
         except (OSError, ProtocolError) as exc:
-            log.info("link to cluster %s at %s:%d failed: %s: %s", name, *address,
-                     type(exc).__name__, exc)
+            log.info(
+                "link to cluster %s at %s:%d failed: %s: %s",
+                name,
+                *address,
+                type(exc).__name__,
+                exc,
+            )
             return LLMStatusCode.LLM_LINK_FAILED, None
         sock = chan.sock
         try:
@@ -515,7 +626,7 @@ class ClusterNode:
             if comm is not None:
                 hello["comm"] = comm
             peer = client_handshake(self, chan, challenge, hello, key, cluster_id, deadline)
-            if isinstance(peer, dict):         # the listener's refusal
+            if isinstance(peer, dict):  # the listener's refusal
                 sock.close()
                 return self._refused(peer, cluster_id, name, deadline), None
         except Exception as exc:  # noqa: BLE001 - a failed link is a status, whatever the cause
@@ -527,8 +638,11 @@ class ClusterNode:
             if self.closed or cid in self.peers:
                 peer.closed = True
                 sock.close()
-                return (LLMStatusCode.LLM_ALREADY_LINK if not self.closed
-                        else LLMStatusCode.LLM_LINK_FAILED), None
+                return (
+                    LLMStatusCode.LLM_ALREADY_LINK
+                    if not self.closed
+                    else LLMStatusCode.LLM_LINK_FAILED
+                ), None
             peer.linked_here = True
             peer.ready.set()
             self.peers[cid] = peer
@@ -537,13 +651,16 @@ class ClusterNode:
         threading.Thread(target=peer.serve, name=f"llmdist-peer-{cid}", daemon=True).start()
         return LLMStatusCode.LLM_SUCCESS, peer
 
-    def _refused(self, msg: dict, cluster_id: Optional[int], name, deadline: float
-                 ) -> LLMStatusCode:
+    def _refused(
+        self, msg: dict, cluster_id: Optional[int], name, deadline: float
+    ) -> LLMStatusCode:
         """The status of a link the listener refused."""
         code = msg.get("code")
         log.info("cluster %s refused the link: %s", name, msg.get("reason"))
-        if code not in (int(LLMStatusCode.LLM_ALREADY_LINK),
-                        int(LLMStatusCode.LLM_PROCESSING_LINK)):
+        if code not in (
+            int(LLMStatusCode.LLM_ALREADY_LINK),
+            int(LLMStatusCode.LLM_PROCESSING_LINK),
+        ):
             return LLMStatusCode.LLM_LINK_FAILED
         # The peer holds a link to us (or is making one): if it is ours to claim, this call
         # made it.
@@ -576,7 +693,7 @@ class ClusterNode:
             self.changed.notify_all()
         if peer is None:
             return LLMStatusCode.LLM_SUCCESS if known else LLMStatusCode.LLM_NOT_YET_LINK
-        peer.stop(LLMStatusCode.LLM_LINK_FAILED)     # our imports of its memory close first
+        peer.stop(LLMStatusCode.LLM_LINK_FAILED)  # our imports of its memory close first
         acked = peer.request({"type": "unlink"}, timeout_ms / 1000.0)
         peer.close(LLMStatusCode.LLM_LINK_FAILED)
         ok = acked or force or peer.peer_unlinked
@@ -608,9 +725,13 @@ class ClusterNode:
             sent.append((p, p.post(m, deadline, fds or ())))
         for p, seq in sent:
             if (seq is None or not p.await_ack(seq, deadline)) and not p.closed:
-                log.warning("cluster %d did not acknowledge %s within %.0f ms (option "
-                            "llmdist.ack_timeout_ms): unlinking it", p.cluster_id, msg["type"],
-                            self.limits.ack_timeout_s * 1000)
+                log.warning(
+                    "cluster %d did not acknowledge %s within %.0f ms (option "
+                    "llmdist.ack_timeout_ms): unlinking it",
+                    p.cluster_id,
+                    msg["type"],
+                    self.limits.ack_timeout_s * 1000,
+                )
                 self.link_down(p, LLMStatusCode.LLM_LINK_FAILED)
 
     def announce_cache(self, entry: Optional[MemoryEntry]) -> None:
@@ -634,9 +755,10 @@ class ClusterNode:
             self.peers.clear()
             self.changed.notify_all()
         for p in peers:
-            p.stop(LLMStatusCode.LLM_LINK_FAILED)    # before the peers hear of it (see unlink)
-        deadline = time.monotonic() + (self.limits.ack_timeout_s if timeout_s is None
-                                       else timeout_s)
+            p.stop(LLMStatusCode.LLM_LINK_FAILED)  # before the peers hear of it (see unlink)
+        deadline = time.monotonic() + (
+            self.limits.ack_timeout_s if timeout_s is None else timeout_s
+        )
         sent = [(p, p.post({"type": "unlink"}, deadline)) for p in peers]
         for p, seq in sent:
             if seq is not None:

@@ -6,7 +6,15 @@ import ipaddress
 import json
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from ._check import check_int32, check_int64, check_isinstance, check_uint16, check_uint32, check_uint64, require
+from ._check import (
+    check_int32,
+    check_int64,
+    check_isinstance,
+    check_uint16,
+    check_uint32,
+    check_uint64,
+    require,
+)
 from .descs import LLMRole
 from .status import LLMException, LLMStatusCode
 
@@ -23,8 +31,10 @@ def _ip_to_str(name: str, ip: Union[str, int]) -> str:
     try:
         return str(ipaddress.IPv4Address(ip))
     except ValueError:
-        raise LLMException(f"{name} {ip!r} is not a dotted IPv4 address",
-                           status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
+        raise LLMException(
+            f"{name} {ip!r} is not a dotted IPv4 address",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        ) from None
 
 
 def _upstream_ip_port(entry: Dict[str, Any]) -> Tuple[int, int]:
@@ -37,8 +47,10 @@ def parse_ip_port(name: str, text: str) -> Tuple[str, int]:
     """Split and check an "ip:port" string (IPv4 dotted address, uint16 port)."""
     check_isinstance(name, text, str)
     ip, sep, port = text.rpartition(":")
-    require(sep == ":" and port.isdigit() and port.isascii(),
-            f"{name} must look like 'ip:port', but got {text!r}")
+    require(
+        sep == ":" and port.isdigit() and port.isascii(),
+        f"{name} must look like 'ip:port', but got {text!r}",
+    )
     require(int(port) <= 0xFFFF, f"{name} port {port} is out of range [0, 65535]")
     return _ip_to_str(name, ip), int(port)
 
@@ -54,8 +66,10 @@ def _check_mem_pool_cfg(name: str, value: str) -> str:
         cfg = None
     require(isinstance(cfg, dict), f"{name} must be a JSON object, but got {value!r}")
     size = cfg.get("memory_size")
-    require(isinstance(size, int) and not isinstance(size, bool) and 0 < size < 2**64,
-            f"{name} needs an integer \"memory_size\" in [1, 2**64-1], but got {value!r}")
+    require(
+        isinstance(size, int) and not isinstance(size, bool) and 0 < size < 2**64,
+        f'{name} needs an integer "memory_size" in [1, 2**64-1], but got {value!r}',
+    )
     return value
 
 
@@ -107,15 +121,17 @@ class LLMConfig:
     def sync_kv_timeout(self, value: Union[int, str]) -> None:
         check_isinstance("sync_kv_timeout", value, (int, str))
         if isinstance(value, str):
-            require(value.isdigit() and value.isascii(),
-                    f"sync_kv_timeout must be a decimal number, but got {value!r}")
+            require(
+                value.isdigit() and value.isascii(),
+                f"sync_kv_timeout must be a decimal number, but got {value!r}",
+            )
         check_int32("sync_kv_timeout", int(value))
         require(int(value) > 0, f"sync_kv_timeout must be > 0, but got {value}")
         self._sync_kv_timeout = value
 
     @property
     def listen_ip_info(self) -> str:
-        """"ip:port" this instance accepts links on (llm.listenIpInfo); "" until set."""
+        """ "ip:port" this instance accepts links on (llm.listenIpInfo); "" until set."""
         return self._listen_ip_info
 
     @listen_ip_info.setter
@@ -140,7 +156,8 @@ class LLMConfig:
     @enable_remote_cache_accessible.setter
     def enable_remote_cache_accessible(self, value: bool) -> None:
         self._enable_remote_cache_accessible = check_isinstance(
-            "enable_remote_cache_accessible", value, bool)
+            "enable_remote_cache_accessible", value, bool
+        )
 
     @property
     def mem_pool_cfg(self) -> str:
@@ -301,8 +318,10 @@ class LLMConfig:
         try:
             json.loads(value)
         except ValueError:
-            raise LLMException(f"cluster_info must be JSON, but got {value!r}",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID) from None
+            raise LLMException(
+                f"cluster_info must be JSON, but got {value!r}",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            ) from None
         self._cluster_info = value
 
     @property
@@ -323,7 +342,8 @@ class LLMConfig:
             opts["llm.EnableCacheManager"] = "1" if self._enable_cache_manager else "0"
         if self._enable_remote_cache_accessible is not None:
             opts["llm.EnableRemoteCacheAccessible"] = (
-                "1" if self._enable_remote_cache_accessible else "0")
+                "1" if self._enable_remote_cache_accessible else "0"
+            )
         if self._mem_pool_cfg:
             opts["llm.MemPoolConfig"] = self._mem_pool_cfg
         if self._host_mem_pool_cfg:
@@ -332,16 +352,18 @@ class LLMConfig:
             opts["llm.LinkTotalTime"] = str(self._link_total_time)
         if self._link_retry_count is not None:
             opts["llm.LinkRetryCount"] = str(self._link_retry_count)
-        recorded = (("llm.LocalCommRes", self._local_comm_res),
-                    ("llm.TransferBackend", self._transfer_backend),
-                    ("llm.RdmaTrafficClass", self._rdma_traffic_class),
-                    ("llm.RdmaServiceLevel", self._rdma_service_level),
-                    ("llm.GlobalResourceConfig", self._global_resource_config),
-                    ("llm.MemoryUtilization", self._mem_utilization),
-                    ("llm.BufPoolCfg", self._buf_pool_cfg or None),
-                    ("llm.OutputMaxSize", self._output_max_size),
-                    ("llm.deployResPath", self._deploy_res_path or None),
-                    ("llm.ClusterInfo", self._cluster_info or None))
+        recorded = (
+            ("llm.LocalCommRes", self._local_comm_res),
+            ("llm.TransferBackend", self._transfer_backend),
+            ("llm.RdmaTrafficClass", self._rdma_traffic_class),
+            ("llm.RdmaServiceLevel", self._rdma_service_level),
+            ("llm.GlobalResourceConfig", self._global_resource_config),
+            ("llm.MemoryUtilization", self._mem_utilization),
+            ("llm.BufPoolCfg", self._buf_pool_cfg or None),
+            ("llm.OutputMaxSize", self._output_max_size),
+            ("llm.deployResPath", self._deploy_res_path or None),
+            ("llm.ClusterInfo", self._cluster_info or None),
+        )
         for key, value in recorded:
             if value is not None:
                 opts[key] = str(value)
@@ -419,5 +441,7 @@ class LLMClusterInfo:
 
     def __repr__(self) -> str:
         local = [(e["ip"], e["port"]) for e in self._local_ip_info]
-        return (f"LLMClusterInfo(remote_cluster_id={self._remote_cluster_id}, "
-                f"local_ip_info={local}, remote_ip_info={self.remote_addresses()})")
+        return (
+            f"LLMClusterInfo(remote_cluster_id={self._remote_cluster_id}, "
+            f"local_ip_info={local}, remote_ip_info={self.remote_addresses()})"
+        )

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import enum
 
-TRANSPORTS = ("auto", "direct", "mooncake")     # values of the option llmdist.transport
+TRANSPORTS = ("auto", "direct", "mooncake")  # values of the option llmdist.transport
 
 
 class PeerPath(str, enum.Enum):
     """How this process reaches a linked peer's memory."""
 
-    DIRECT = "direct"           # a peer of this host: mapped memory or process transfers
-    MOONCAKE = "mooncake"       # Mooncake Transfer Engine (another host, or forced)
+    DIRECT = "direct"  # a peer of this host: mapped memory or process transfers
+    MOONCAKE = "mooncake"  # Mooncake Transfer Engine (another host, or forced)
 
 
 def choose_path(transport: str, same_host: bool, peer_wants_engine: bool = False) -> PeerPath:

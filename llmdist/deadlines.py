@@ -20,7 +20,7 @@ class Deadlines:
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._heap: List[list] = []     # [deadline, sequence, job or None once done]
+        self._heap: List[list] = []  # [deadline, sequence, job or None once done]
         self._dropped = 0
         self._seq = itertools.count()
         self._thread: Optional[threading.Thread] = None
@@ -35,11 +35,12 @@ class Deadlines:
                 return entry
             heapq.heappush(self._heap, entry)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name="llmdist-deadlines",
-                                                 daemon=True)
+                self._thread = threading.Thread(
+                    target=self._main, name="llmdist-deadlines", daemon=True
+                )
                 self._thread.start()
             elif self._heap[0] is entry:
-                self._cond.notify()     # earlier than what the thread sleeps for
+                self._cond.notify()  # earlier than what the thread sleeps for
         return entry
 
     def done(self, entry: list) -> None:

@@ -7,13 +7,31 @@ import math
 from enum import Enum
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-from ._check import (check_int64, check_int_list, check_isinstance, check_uint32, check_uint64,
-                     require)
+from ._check import (
+    check_int64,
+    check_int_list,
+    check_isinstance,
+    check_uint32,
+    check_uint64,
+    require,
+)
 from ._core import CopyKind
 from .status import LLMException, LLMStatusCode, NamedIntEnum
 
-__all__ = ["Placement", "DataType", "LLMRole", "RegisterMemStatus", "CacheDesc", "CacheKey",
-           "CacheKeyByIdAndIndex", "BlocksCacheKey", "Cache", "KvCache", "Memtype", "MemInfo"]
+__all__ = [
+    "Placement",
+    "DataType",
+    "LLMRole",
+    "RegisterMemStatus",
+    "CacheDesc",
+    "CacheKey",
+    "CacheKeyByIdAndIndex",
+    "BlocksCacheKey",
+    "Cache",
+    "KvCache",
+    "Memtype",
+    "MemInfo",
+]
 
 _INVALID_ID = 2**64 - 1
 
@@ -25,10 +43,12 @@ class Placement(NamedIntEnum):
     DEVICE = 1
 
 
-_COPY_KINDS = {(Placement.HOST, Placement.HOST): CopyKind.COPY_H2H,
-               (Placement.HOST, Placement.DEVICE): CopyKind.COPY_H2D,
-               (Placement.DEVICE, Placement.HOST): CopyKind.COPY_D2H,
-               (Placement.DEVICE, Placement.DEVICE): CopyKind.COPY_D2D}
+_COPY_KINDS = {
+    (Placement.HOST, Placement.HOST): CopyKind.COPY_H2H,
+    (Placement.HOST, Placement.DEVICE): CopyKind.COPY_H2D,
+    (Placement.DEVICE, Placement.HOST): CopyKind.COPY_D2H,
+    (Placement.DEVICE, Placement.DEVICE): CopyKind.COPY_D2D,
+}
 
 
 def copy_kind(src: Placement, dst: Placement) -> CopyKind:
@@ -59,15 +79,26 @@ class DataType(Enum):
         """Bytes per element; DT_STRING has none and raises LLMException(LLM_PARAM_INVALID)."""
         size = _ELEMENT_SIZES.get(self)
         if size is None:
-            raise LLMException(f"{self} has no fixed element size and cannot be used for a cache",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            raise LLMException(
+                f"{self} has no fixed element size and cannot be used for a cache",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
         return size
 
 
 _ELEMENT_SIZES = {
-    DataType.DT_FLOAT: 4, DataType.DT_FLOAT16: 2, DataType.DT_INT8: 1, DataType.DT_INT32: 4,
-    DataType.DT_UINT8: 1, DataType.DT_INT16: 2, DataType.DT_UINT16: 2, DataType.DT_UINT32: 4,
-    DataType.DT_INT64: 8, DataType.DT_UINT64: 8, DataType.DT_DOUBLE: 8, DataType.DT_BOOL: 1,
+    DataType.DT_FLOAT: 4,
+    DataType.DT_FLOAT16: 2,
+    DataType.DT_INT8: 1,
+    DataType.DT_INT32: 4,
+    DataType.DT_UINT8: 1,
+    DataType.DT_INT16: 2,
+    DataType.DT_UINT16: 2,
+    DataType.DT_UINT32: 4,
+    DataType.DT_INT64: 8,
+    DataType.DT_UINT64: 8,
+    DataType.DT_DOUBLE: 8,
+    DataType.DT_BOOL: 1,
     DataType.DT_BF16: 2,
 }
 
@@ -125,10 +156,16 @@ class MemInfo:
 class CacheDesc:
     """Layout of a cache: num_tensors tensors of one shape and data type, in one placement."""
 
-    def __init__(self, num_tensors: int, shape: Union[List[int], Tuple[int, ...]],
-                 data_type: DataType, placement: Placement = Placement.DEVICE,
-                 batch_dim_index: int = 0, seq_len_dim_index: int = -1,
-                 kv_tensor_format: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        num_tensors: int,
+        shape: Union[List[int], Tuple[int, ...]],
+        data_type: DataType,
+        placement: Placement = Placement.DEVICE,
+        batch_dim_index: int = 0,
+        seq_len_dim_index: int = -1,
+        kv_tensor_format: Optional[str] = None,
+    ) -> None:
         check_uint32("num_tensors", num_tensors)
         dims = check_int_list("shape", shape, check_int64)
         check_isinstance("data_type", data_type, DataType)
@@ -138,14 +175,18 @@ class CacheDesc:
         check_isinstance("kv_tensor_format", kv_tensor_format, str, allow_none=True)
         require(len(dims) > 0, "shape must not be empty")
         require(0 not in dims, f"shape must not contain a zero dim, but got {list(dims)}")
-        require(0 <= batch_dim_index < len(dims),
-                f"batch_dim_index {batch_dim_index} is out of range [0, {len(dims)})")
-        require(seq_len_dim_index == -1 or 0 <= seq_len_dim_index < len(dims),
-                f"seq_len_dim_index {seq_len_dim_index} must be -1 or in range [0, {len(dims)})")
+        require(
+            0 <= batch_dim_index < len(dims),
+            f"batch_dim_index {batch_dim_index} is out of range [0, {len(dims)})",
+        )
+        require(
+            seq_len_dim_index == -1 or 0 <= seq_len_dim_index < len(dims),
+            f"seq_len_dim_index {seq_len_dim_index} must be -1 or in range [0, {len(dims)})",
+        )
         self._num_tensors = num_tensors
         # The caller's list itself, as upstream: changing it (or update_dim) changes the desc.
         self._shape = shape if isinstance(shape, list) else list(dims)
-        self._fixed = False         # the copy a Cache holds may not change (see Cache)
+        self._fixed = False  # the copy a Cache holds may not change (see Cache)
         self._data_type = data_type
         self._placement = placement
         self._batch_dim = batch_dim_index
@@ -168,15 +209,24 @@ class CacheDesc:
         check_isinstance("dim_index", dim_index, int)
         check_int64("dim_value", dim_value)
         require(not self._fixed, "the desc of a cache cannot change: its memory is sized by it")
-        require(-len(self._shape) <= dim_index < len(self._shape),
-                f"dim_index {dim_index} is out of range for a shape of {len(self._shape)} dims")
+        require(
+            -len(self._shape) <= dim_index < len(self._shape),
+            f"dim_index {dim_index} is out of range for a shape of {len(self._shape)} dims",
+        )
         require(dim_value > 0, f"dim_value must be > 0, but got {dim_value}")
         self._shape[dim_index] = dim_value
 
     def _fixed_copy(self) -> "CacheDesc":
         """A copy that cannot change, for a Cache (its memory is sized by it)."""
-        copy = CacheDesc(self._num_tensors, list(self._shape), self._data_type, self._placement,
-                         self._batch_dim, self._seq_len_dim_index, self._kv_tensor_format)
+        copy = CacheDesc(
+            self._num_tensors,
+            list(self._shape),
+            self._data_type,
+            self._placement,
+            self._batch_dim,
+            self._seq_len_dim_index,
+            self._kv_tensor_format,
+        )
         copy._fixed = True
         return copy
 
@@ -215,9 +265,11 @@ class CacheDesc:
     @property
     def size(self) -> int:
         """Bytes of ONE tensor: prod(shape) * element size; LLMException if it has none."""
-        if min(self._shape, default=1) <= 0:    # read per transfer: message built on failure only
-            raise LLMException(f"cannot compute the tensor size of shape {list(self._shape)}: "
-                               f"negative dim", status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        if min(self._shape, default=1) <= 0:  # read per transfer: message built on failure only
+            raise LLMException(
+                f"cannot compute the tensor size of shape {list(self._shape)}: negative dim",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
         return math.prod(self._shape) * self._data_type.element_size
 
     @property
@@ -226,18 +278,22 @@ class CacheDesc:
         return self.size // self.batch_size
 
     def __repr__(self) -> str:
-        return (f"CacheDesc(num_tensors={self._num_tensors}, shape={list(self._shape)}, "
-                f"data_type={self._data_type}, placement={self._placement}, "
-                f"batch_dim_index={self._batch_dim}, seq_len_dim_index={self._seq_len_dim_index}, "
-                f"kv_tensor_format={self._kv_tensor_format!r})")
+        return (
+            f"CacheDesc(num_tensors={self._num_tensors}, shape={list(self._shape)}, "
+            f"data_type={self._data_type}, placement={self._placement}, "
+            f"batch_dim_index={self._batch_dim}, seq_len_dim_index={self._seq_len_dim_index}, "
+            f"kv_tensor_format={self._kv_tensor_format!r})"
+        )
 
 
 def _pick_cluster_id(cluster_id: Optional[int], prompt_cluster_id: Optional[int], cls: str) -> int:
     """Resolve the cluster_id / prompt_cluster_id alias pair into one value."""
     if cluster_id is None and prompt_cluster_id is None:
         raise TypeError(f"{cls}() missing required argument: 'cluster_id' (or 'prompt_cluster_id')")
-    require(cluster_id is None or prompt_cluster_id is None,
-            f"{cls}() takes cluster_id or prompt_cluster_id, not both")
+    require(
+        cluster_id is None or prompt_cluster_id is None,
+        f"{cls}() takes cluster_id or prompt_cluster_id, not both",
+    )
     return cluster_id if cluster_id is not None else prompt_cluster_id
 
 
@@ -252,6 +308,7 @@ class KeyArgumentError(LLMException, TypeError, ValueError):
 def _key_arguments(init):
     """Turn a key constructor's TypeError/ValueError (bad or missing arguments, a value out
     of range) into KeyArgumentError."""
+
     @functools.wraps(init)
     def checked(self, *args, **kwargs):
         try:
@@ -260,6 +317,7 @@ def _key_arguments(init):
             raise
         except (TypeError, ValueError) as exc:
             raise KeyArgumentError(str(exc)) from None
+
     return checked
 
 
@@ -299,9 +357,15 @@ class CacheKey(_Key):
     _fields = ("cluster_id", "req_id", "model_id", "prefix_id")
 
     @_key_arguments
-    def __init__(self, cluster_id: Optional[int] = None, req_id: Optional[int] = None,
-                 model_id: int = 0, prefix_id: int = _INVALID_ID, *,
-                 prompt_cluster_id: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        cluster_id: Optional[int] = None,
+        req_id: Optional[int] = None,
+        model_id: int = 0,
+        prefix_id: int = _INVALID_ID,
+        *,
+        prompt_cluster_id: Optional[int] = None,
+    ) -> None:
         cid = _pick_cluster_id(cluster_id, prompt_cluster_id, "CacheKey")
         if req_id is None:
             raise TypeError("CacheKey() missing required argument: 'req_id'")
@@ -333,8 +397,14 @@ class CacheKeyByIdAndIndex(_Key):
     _fields = ("cluster_id", "cache_id", "batch_index")
 
     @_key_arguments
-    def __init__(self, cluster_id: Optional[int] = None, cache_id: Optional[int] = None,
-                 batch_index: int = 0, *, prompt_cluster_id: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        cluster_id: Optional[int] = None,
+        cache_id: Optional[int] = None,
+        batch_index: int = 0,
+        *,
+        prompt_cluster_id: Optional[int] = None,
+    ) -> None:
         cid = _pick_cluster_id(cluster_id, prompt_cluster_id, "CacheKeyByIdAndIndex")
         if cache_id is None:
             raise TypeError("CacheKeyByIdAndIndex() missing required argument: 'cache_id'")
@@ -360,8 +430,13 @@ class BlocksCacheKey(_Key):
     _fields = ("cluster_id", "model_id")
 
     @_key_arguments
-    def __init__(self, cluster_id: Optional[int] = None, model_id: int = 0, *,
-                 prompt_cluster_id: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        cluster_id: Optional[int] = None,
+        model_id: int = 0,
+        *,
+        prompt_cluster_id: Optional[int] = None,
+    ) -> None:
         cid = _pick_cluster_id(cluster_id, prompt_cluster_id, "BlocksCacheKey")
         self._cluster_id = check_uint64("cluster_id", cid)
         self._model_id = check_uint64("model_id", model_id)
@@ -375,15 +450,22 @@ class BlocksCacheKey(_Key):
 class Cache:
     """Cache memory handle made by the CacheManager: an id, a layout, one address per tensor."""
 
-    def __init__(self, cache_id: int, cache_desc: CacheDesc, tensor_addrs: Sequence[int],
-                 is_blocks_cache: bool = False) -> None:
+    def __init__(
+        self,
+        cache_id: int,
+        cache_desc: CacheDesc,
+        tensor_addrs: Sequence[int],
+        is_blocks_cache: bool = False,
+    ) -> None:
         check_int64("cache_id", cache_id)
         check_isinstance("cache_desc", cache_desc, CacheDesc)
         addrs = check_int_list("tensor_addrs", tensor_addrs, check_uint64)
         check_isinstance("is_blocks_cache", is_blocks_cache, bool)
-        require(len(addrs) == cache_desc.num_tensors,
-                f"tensor_addrs has {len(addrs)} addresses but cache_desc.num_tensors is "
-                f"{cache_desc.num_tensors}")
+        require(
+            len(addrs) == cache_desc.num_tensors,
+            f"tensor_addrs has {len(addrs)} addresses but cache_desc.num_tensors is "
+            f"{cache_desc.num_tensors}",
+        )
         self._cache_id = cache_id
         # its own copy: the caller's desc may change (update_dim) once the memory is sized
         self._cache_desc = cache_desc if cache_desc._fixed else cache_desc._fixed_copy()
@@ -421,20 +503,26 @@ class Cache:
         """Wrap host memory the caller owns as a blocks cache (id -1) without registering it."""
         check_isinstance("cache_desc", cache_desc, CacheDesc)
         checked = check_int_list("addrs", addrs, check_uint64)
-        require(cache_desc.placement == Placement.HOST,
-                f"cache_desc.placement must be Placement.HOST, but got {cache_desc.placement}")
+        require(
+            cache_desc.placement == Placement.HOST,
+            f"cache_desc.placement must be Placement.HOST, but got {cache_desc.placement}",
+        )
         require(cache_desc.num_tensors > 0, "cache_desc.num_tensors must be > 0")
-        require(len(checked) == cache_desc.num_tensors,
-                f"addrs has {len(checked)} addresses but cache_desc.num_tensors is "
-                f"{cache_desc.num_tensors}")
+        require(
+            len(checked) == cache_desc.num_tensors,
+            f"addrs has {len(checked)} addresses but cache_desc.num_tensors is "
+            f"{cache_desc.num_tensors}",
+        )
         require(all(a != 0 for a in checked), "addrs must not contain a zero address")
         return cls(-1, cache_desc, list(checked), is_blocks_cache=True)
 
     def __repr__(self) -> str:
         state = "" if self._valid else ", released"
-        return (f"Cache(cache_id={self._cache_id}, cache_desc={self._cache_desc!r}, "
-                f"num_tensor_addrs={len(self._tensor_addrs)}, "
-                f"is_blocks_cache={self._is_blocks_cache}{state})")
+        return (
+            f"Cache(cache_id={self._cache_id}, cache_desc={self._cache_desc!r}, "
+            f"num_tensor_addrs={len(self._tensor_addrs)}, "
+            f"is_blocks_cache={self._is_blocks_cache}{state})"
+        )
 
 
 def tensor_addrs_of(cache: Cache) -> List[int]:
@@ -463,15 +551,22 @@ class KvCache:
     provide: the type, its fields and create_cpu_cache, for code that imports or builds it.
     llmdist's cache manager takes and returns Cache."""
 
-    def __init__(self, cache_id: int, cache_desc: CacheDesc,
-                 per_device_tensor_addrs: List[List[int]], kv_cache_manager: Any = None) -> None:
+    def __init__(
+        self,
+        cache_id: int,
+        cache_desc: CacheDesc,
+        per_device_tensor_addrs: List[List[int]],
+        kv_cache_manager: Any = None,
+    ) -> None:
         check_int64("cache_id", cache_id)
         check_isinstance("cache_desc", cache_desc, CacheDesc)
         check_isinstance("per_device_tensor_addrs", per_device_tensor_addrs, list)
         self._cache_id = cache_id
         self._cache_desc = cache_desc
-        self._per_device_tensor_addrs = [check_int_list("per_device_tensor_addrs", a, check_uint64)
-                                         for a in per_device_tensor_addrs]
+        self._per_device_tensor_addrs = [
+            check_int_list("per_device_tensor_addrs", a, check_uint64)
+            for a in per_device_tensor_addrs
+        ]
 
     @property
     def cache_id(self) -> int:
@@ -489,8 +584,9 @@ class KvCache:
         return [list(a) for a in self._per_device_tensor_addrs]
 
     @classmethod
-    def create_cpu_cache(cls, cache_desc: CacheDesc,
-                         addrs: Union[List[int], List[List[int]]]) -> "KvCache":
+    def create_cpu_cache(
+        cls, cache_desc: CacheDesc, addrs: Union[List[int], List[List[int]]]
+    ) -> "KvCache":
         """Wrap host memory: addrs one address per tensor, or one such list per device."""
         check_isinstance("cache_desc", cache_desc, CacheDesc)
         require(cache_desc.placement == Placement.HOST, "cache_desc placement must be HOST")
@@ -498,11 +594,14 @@ class KvCache:
         require(len(addrs) > 0, "addrs must not be empty")
         per_device = addrs if isinstance(addrs[0], list) else [addrs]
         for a in per_device:
-            require(isinstance(a, list) and len(a) == cache_desc.num_tensors,
-                    f"each list of addrs must hold cache_desc.num_tensors "
-                    f"({cache_desc.num_tensors}) addresses")
+            require(
+                isinstance(a, list) and len(a) == cache_desc.num_tensors,
+                f"each list of addrs must hold cache_desc.num_tensors "
+                f"({cache_desc.num_tensors}) addresses",
+            )
         return cls(-1, cache_desc, per_device)
 
     def __repr__(self) -> str:
-        return (f"KvCache(cache_id={self._cache_id}, "
-                f"num_devices={len(self._per_device_tensor_addrs)})")
+        return (
+            f"KvCache(cache_id={self._cache_id}, num_devices={len(self._per_device_tensor_addrs)})"
+        )

@@ -53,7 +53,7 @@ class ImportTable:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._held: Dict[Tuple[str, str], List[int]] = {}      # (kind, ident) -> [address, refs]
+        self._held: Dict[Tuple[str, str], List[int]] = {}  # (kind, ident) -> [address, refs]
 
     def acquire(self, runtime: "_core.Runtime", share: DeviceIpcShare) -> int:
         """The local address of the export's region start (imported on first use)."""

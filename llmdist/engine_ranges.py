@@ -45,14 +45,20 @@ class EngineRanges:
                     self._held[user[0]] += 1
                     continue
                 start, length = rng
-                holder = next((h for h in self._held
-                               if h[0] <= start and start + length <= h[0] + h[1]), None)
+                holder = next(
+                    (h for h in self._held if h[0] <= start and start + length <= h[0] + h[1]), None
+                )
                 if holder is None:
                     try:
                         engine.register(start, length)
                     except LLMException as exc:
-                        log.warning("cache %d: [%#x, +%d) is not reachable through Mooncake: %s",
-                                    entry.cache.cache_id, start, length, exc)
+                        log.warning(
+                            "cache %d: [%#x, +%d) is not reachable through Mooncake: %s",
+                            entry.cache.cache_id,
+                            start,
+                            length,
+                            exc,
+                        )
                         continue
                     holder = rng
                     self._held[holder] = 0

@@ -18,8 +18,9 @@ class EventSynchronizer(LayerSynchronizer):
     events: llmdist Event objects, or raw event handles (ints) of the same runtime, e.g.
     torch.cuda.Event().cuda_event, one per layer of the source cache."""
 
-    def __init__(self, runtime: "_core.Runtime",
-                 events: Union[int, Sequence[Union["_core.Event", int]]]) -> None:
+    def __init__(
+        self, runtime: "_core.Runtime", events: Union[int, Sequence[Union["_core.Event", int]]]
+    ) -> None:
         check_isinstance("runtime", runtime, _core.Runtime)
         if isinstance(events, int) and not isinstance(events, bool):
             check_uint32("events", events)
@@ -29,8 +30,9 @@ class EventSynchronizer(LayerSynchronizer):
         for i, ev in enumerate(events):
             if isinstance(ev, _core.Event):
                 if ev.runtime.name != runtime.name:
-                    raise ValueError(f"events[{i}] belongs to the {ev.runtime.name} runtime, "
-                                     f"not {runtime.name}")
+                    raise ValueError(
+                        f"events[{i}] belongs to the {ev.runtime.name} runtime, not {runtime.name}"
+                    )
                 wrapped.append(ev)
             else:
                 check_isinstance(f"events[{i}]", ev, (int, _core.Event))

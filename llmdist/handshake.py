@@ -22,17 +22,17 @@ from . import auth
 from .auth import AuthError, Channel, ProtocolError
 from .data_path import PeerPath
 from .peer import Peer
-from .wire import Hello
 from .status import LLMStatusCode
-
+from .wire import Hello
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 3
-HANDSHAKE_TIMEOUT_S = 10.0      # the whole handshake, however slowly its bytes arrive
-FIRST_FRAME_S = 1.0             # the client's first frame, from its connection
-MAX_HANDSHAKES = 32             # handshakes in progress at once (see handshake_slots.py)
+HANDSHAKE_TIMEOUT_S = 10.0  # the whole handshake, however slowly its bytes arrive
+FIRST_FRAME_S = 1.0  # the client's first frame, from its connection
+MAX_HANDSHAKES = 32  # handshakes in progress at once (see handshake_slots.py)
 _UNIX_NAME = re.compile(r"llmdist-[0-9a-f]{32}", re.ASCII)
+
 
 def host_identity() -> str:
     """Processes with the same identity can map each other's shared memory and write into each
@@ -98,8 +98,13 @@ class Listener:
             unix.bind(b"\0" + name.encode())
             unix.listen(64)
         except OSError as exc:
-            log.warning("no Unix socket beside %s:%d (%s): peers on this host link over TCP and "
-                        "get no shared memory or process route", address[0], address[1], exc)
+            log.warning(
+                "no Unix socket beside %s:%d (%s): peers on this host link over TCP and "
+                "get no shared memory or process route",
+                address[0],
+                address[1],
+                exc,
+            )
             unix.close()
             unix = name = None
         return cls(sock, unix, name)
@@ -110,8 +115,9 @@ class Listener:
             close_listener(self.unix)
 
 
-def open_channel(address: Tuple[str, int], key: Optional[bytes], host: str, deadline: float
-                 ) -> Tuple[Channel, dict]:
+def open_channel(
+    address: Tuple[str, int], key: Optional[bytes], host: str, deadline: float
+) -> Tuple[Channel, dict]:
     """Connect to a listener and read its challenge; a listener on this host (the same host
     identity) is reached on its Unix socket instead (named in the challenge), where the kernel
     tells each side who the other is. Raises AuthError when one side has a key and the other
@@ -132,8 +138,12 @@ def open_channel(address: Tuple[str, int], key: Optional[bytes], host: str, dead
             unix.connect(b"\0" + name.encode())
         except OSError as exc:
             unix.close()
-            log.info("the Unix socket of the cluster at %s:%d is out of reach (%s): linking "
-                     "over TCP", address[0], address[1], exc)
+            log.info(
+                "the Unix socket of the cluster at %s:%d is out of reach (%s): linking over TCP",
+                address[0],
+                address[1],
+                exc,
+            )
             return chan, challenge
     except BaseException:
         sock.close()
@@ -154,8 +164,9 @@ def read_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> dict
         return _checked_challenge(chan, key, deadline)
     except AuthError as exc:
         try:
-            chan.send({"type": "refuse", "code": int(LLMStatusCode.LLM_LINK_FAILED),
-                       "reason": str(exc)})
+            chan.send(
+                {"type": "refuse", "code": int(LLMStatusCode.LLM_LINK_FAILED), "reason": str(exc)}
+            )
         except OSError:
             pass
         raise
@@ -170,21 +181,32 @@ def _checked_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> 
         raise ProtocolError("expected a challenge")
     version = msg.get("version")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r:.40}, this side speaks "
-                            f"{PROTOCOL_VERSION}")
+        raise ProtocolError(
+            f"protocol version {version!r:.40}, this side speaks {PROTOCOL_VERSION}"
+        )
     auth.nonce_from_wire(msg.get("nonce"))
     if msg.get("auth") is True and key is None:
-        raise AuthError("authentication required: the listener has a key and this side "
-                        "has none (llmdist.auth_key)")
+        raise AuthError(
+            "authentication required: the listener has a key and this side "
+            "has none (llmdist.auth_key)"
+        )
     if msg.get("auth") is not True and key is not None:
-        raise AuthError("authentication failed: the listener has no key "
-                        "(llmdist.auth_key) and this side requires one")
+        raise AuthError(
+            "authentication failed: the listener has no key "
+            "(llmdist.auth_key) and this side requires one"
+        )
     return msg
 
 
-def client_handshake(node, chan: Channel, challenge: dict, hello: dict,
-                     key: Optional[bytes], expect: Optional[int], deadline: float
-                     ) -> Union["Peer", dict]:
+def client_handshake(
+    node,
+    chan: Channel,
+    challenge: dict,
+    hello: dict,
+    key: Optional[bytes],
+    expect: Optional[int],
+    deadline: float,
+) -> Union["Peer", dict]:
     """The client's side after the challenge: send hello (with a key, proving it and moving
     to the session's MAC keys), check the welcome, make the Peer, send this side's caches,
     take the listener's announcements until it acknowledges them, then send ipc_ready. Returns
@@ -222,7 +244,7 @@ def client_handshake(node, chan: Channel, challenge: dict, hello: dict,
         out: Optional[List[int]] = [] if chan.unix else None
         node.allow_imports(peer)
         peer.send({"type": "caches", "caches": node.caches_on_wire(out)}, out or ())
-        while True:       # the listener may announce caches before it acknowledges ours
+        while True:  # the listener may announce caches before it acknowledges ours
             got, more = chan.recv(deadline)
             try:
                 if got["type"] == "ack" and got.get("seq") == 0:
@@ -239,8 +261,9 @@ def client_handshake(node, chan: Channel, challenge: dict, hello: dict,
     return peer
 
 
-def check_hello(msg: dict, own_id: int, expect: Optional[int], rendezvous: bool = False
-                ) -> Tuple[Optional[Hello], Optional[Tuple[int, str]]]:
+def check_hello(
+    msg: dict, own_id: int, expect: Optional[int], rendezvous: bool = False
+) -> Tuple[Optional[Hello], Optional[Tuple[int, str]]]:
     """(the hello, None) when cluster own_id accepts the hello msg, else (None, (status,
     reason)). Roles do not restrict links (as upstream: PROMPT-PROMPT and DECODER-DECODER links
     serve migration and prefix sharing); the role is checked for form only. A hello naming a
@@ -260,6 +283,8 @@ def check_hello(msg: dict, own_id: int, expect: Optional[int], rendezvous: bool 
     if cid == own_id:
         return None, (failed, f"cluster {cid} cannot link to itself")
     if hello.comm is not None and not rendezvous:
-        return None, (failed, "a hello naming a rank-table comm is accepted on that comm's "
-                              "rendezvous port only")
+        return None, (
+            failed,
+            "a hello naming a rank-table comm is accepted on that comm's rendezvous port only",
+        )
     return hello, None

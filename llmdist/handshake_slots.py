@@ -21,8 +21,8 @@ class HandshakeSlots:
         self.total = total
         self.per_address = per_address
         self._lock = threading.Lock()
-        self._open: Dict[socket.socket, str] = {}               # connection -> its address
-        self._idle: Dict[socket.socket, str] = {}      # no first frame read yet, oldest first
+        self._open: Dict[socket.socket, str] = {}  # connection -> its address
+        self._idle: Dict[socket.socket, str] = {}  # no first frame read yet, oldest first
         self._count: Dict[str, int] = {}
 
     def take(self, conn: socket.socket, address: str) -> bool:
@@ -32,8 +32,14 @@ class HandshakeSlots:
             victim: Optional[socket.socket] = None
             same = self._count.get(address, 0) >= self.per_address
             if same or len(self._open) >= self.total:
-                victim = next((c for c, a in self._idle.items()
-                               if (a == address or not same) and not _has_bytes(c)), None)
+                victim = next(
+                    (
+                        c
+                        for c, a in self._idle.items()
+                        if (a == address or not same) and not _has_bytes(c)
+                    ),
+                    None,
+                )
                 if victim is None:
                     return False
                 self._drop(victim)
@@ -41,7 +47,7 @@ class HandshakeSlots:
             self._count[address] = self._count.get(address, 0) + 1
         if victim is not None:
             try:
-                victim.shutdown(socket.SHUT_RDWR)   # its handshake thread sees the end
+                victim.shutdown(socket.SHUT_RDWR)  # its handshake thread sees the end
             except OSError:
                 pass
         return True
@@ -75,4 +81,4 @@ def _has_bytes(conn: socket.socket) -> bool:
         poll.register(conn, select.POLLIN)
         return bool(poll.poll(0))
     except (OSError, ValueError):
-        return False            # closed meanwhile: as good as idle
+        return False  # closed meanwhile: as good as idle

@@ -21,19 +21,46 @@ from .workers import TransferWorkers
 
 # Option keys llmdist understands; anything else is kept and ignored with a warning.
 _UPSTREAM_KEYS = {
-    "ge.exec.deviceId", "llm.SyncKvCacheWaitTime", "llm.listenIpInfo", "llm.EnableCacheManager",
-    "llm.EnableRemoteCacheAccessible", "llm.MemPoolConfig", "llm.HostMemPoolConfig",
-    "llm.LinkTotalTime", "llm.LinkRetryCount", "ge.exec.rankTableFile", "llm.Role",
-    "llm.ClusterInfo", "ge.socVersion", "ge.graphRunMode", "ge.session_device_id",
-    "llm.LocalCommRes", "llm.TransferBackend", "llm.EnableSwitchRole", "llm.RdmaTrafficClass",
-    "llm.RdmaServiceLevel", "llm.GlobalResourceConfig", "llm.MemoryUtilization",
-    "llm.BufPoolCfg", "llm.OutputMaxSize", "llm.deployResPath",
+    "ge.exec.deviceId",
+    "llm.SyncKvCacheWaitTime",
+    "llm.listenIpInfo",
+    "llm.EnableCacheManager",
+    "llm.EnableRemoteCacheAccessible",
+    "llm.MemPoolConfig",
+    "llm.HostMemPoolConfig",
+    "llm.LinkTotalTime",
+    "llm.LinkRetryCount",
+    "ge.exec.rankTableFile",
+    "llm.Role",
+    "llm.ClusterInfo",
+    "ge.socVersion",
+    "ge.graphRunMode",
+    "ge.session_device_id",
+    "llm.LocalCommRes",
+    "llm.TransferBackend",
+    "llm.EnableSwitchRole",
+    "llm.RdmaTrafficClass",
+    "llm.RdmaServiceLevel",
+    "llm.GlobalResourceConfig",
+    "llm.MemoryUtilization",
+    "llm.BufPoolCfg",
+    "llm.OutputMaxSize",
+    "llm.deployResPath",
 }
-_LLMDIST_KEYS = {"llmdist.runtime", "llmdist.transfer_workers", "llmdist.transport",
-                 "llmdist.shareable_memory", "llmdist.rendezvous_port", "llmdist.rendezvous_slots",
-                 "llmdist.max_inflight_tasks", "llmdist.device_copy", "llmdist.auth_key",
-                 "llmdist.auth_key_file", "llmdist.notify_queue_depth"} | limits.OPTION_KEYS
-MAX_INFLIGHT_TASKS = 1024       # default of llmdist.max_inflight_tasks
+_LLMDIST_KEYS = {
+    "llmdist.runtime",
+    "llmdist.transfer_workers",
+    "llmdist.transport",
+    "llmdist.shareable_memory",
+    "llmdist.rendezvous_port",
+    "llmdist.rendezvous_slots",
+    "llmdist.max_inflight_tasks",
+    "llmdist.device_copy",
+    "llmdist.auth_key",
+    "llmdist.auth_key_file",
+    "llmdist.notify_queue_depth",
+} | limits.OPTION_KEYS
+MAX_INFLIGHT_TASKS = 1024  # default of llmdist.max_inflight_tasks
 
 _live: "weakref.WeakSet[LLMDataDist]" = weakref.WeakSet()
 
@@ -44,7 +71,9 @@ def _finalize_all() -> None:
         dd.finalize()
 
 
-def _int_option(options: Dict[str, str], key: str, default: Optional[int], lo: int) -> Optional[int]:
+def _int_option(
+    options: Dict[str, str], key: str, default: Optional[int], lo: int
+) -> Optional[int]:
     text = options.get(key)
     if text is None:
         return default
@@ -53,16 +82,20 @@ def _int_option(options: Dict[str, str], key: str, default: Optional[int], lo: i
     except ValueError:
         value = None
     if value is None or value < lo:
-        raise LLMException(f"option {key} must be an integer >= {lo}, got {text!r}",
-                           status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        raise LLMException(
+            f"option {key} must be an integer >= {lo}, got {text!r}",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
     return value
 
 
 def _flag_option(options: Dict[str, str], key: str) -> bool:
     text = str(options.get(key, "0"))
     if text not in ("0", "1"):
-        raise LLMException(f"option {key} must be \"0\" or \"1\", got {text!r}",
-                           status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        raise LLMException(
+            f'option {key} must be "0" or "1", got {text!r}',
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
     return text == "1"
 
 
@@ -75,8 +108,10 @@ def _listen_option(options: Dict[str, str], what: str) -> Optional[Tuple[str, in
     try:
         return parse_ip_port("llm.listenIpInfo", text)
     except (LLMException, ValueError, TypeError) as exc:
-        raise LLMException(f"{what} llm.listenIpInfo must be \"ip:port\", got {text!r}",
-                           status_code=LLMStatusCode.LLM_PARAM_INVALID) from exc
+        raise LLMException(
+            f'{what} llm.listenIpInfo must be "ip:port", got {text!r}',
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        ) from exc
 
 
 class LLMDataDist:
@@ -136,28 +171,41 @@ class LLMDataDist:
             # Upstream derives the mode: communication resources or a transfer backend switch
             # on remote-accessible mode unless the option says otherwise.
             derived = "llm.LocalCommRes" in options or "llm.TransferBackend" in options
-            remote = (_flag_option(options, "llm.EnableRemoteCacheAccessible")
-                      if "llm.EnableRemoteCacheAccessible" in options else derived)
+            remote = (
+                _flag_option(options, "llm.EnableRemoteCacheAccessible")
+                if "llm.EnableRemoteCacheAccessible" in options
+                else derived
+            )
             max_inflight = _int_option(options, "llmdist.max_inflight_tasks", MAX_INFLIGHT_TASKS, 1)
-            _flag_option(options, "llm.EnableSwitchRole")      # read, not needed: see switch_role
+            _flag_option(options, "llm.EnableSwitchRole")  # read, not needed: see switch_role
             peer_limits = limits.PeerLimits.from_options(options)
             _flag_option(options, "llm.EnableCacheManager")
             if "llm.TransferBackend" in options and not options.get("llm.listenIpInfo"):
-                raise LLMException("option llm.TransferBackend needs llm.listenIpInfo (with a "
-                                   "transfer backend every cluster listens)",
-                                   status_code=LLMStatusCode.LLM_PARAM_INVALID)
+                raise LLMException(
+                    "option llm.TransferBackend needs llm.listenIpInfo (with a "
+                    "transfer backend every cluster listens)",
+                    status_code=LLMStatusCode.LLM_PARAM_INVALID,
+                )
             listen = _listen_option(options, "option")
             key = auth.load_key(options)
             shareable = listen is not None or _flag_option(options, "llmdist.shareable_memory")
             runtime = runtimes.load(options.get("llmdist.runtime"), device_id)
             runtime.bind_device()
-            runtime.select_device_copy(options.get("llmdist.device_copy")
-                                       or os.environ.get("LLMDIST_DEVICE_COPY", "auto"))
-            notify_depth = _int_option(options, "llmdist.notify_queue_depth",
-                                       notifications.DEFAULT_QUEUE_DEPTH, 1)
-            node = ClusterNode(self._cluster_id, self._role, listen,
-                               options.get("llmdist.transport", "auto"), runtime,
-                               peer_limits, key)
+            runtime.select_device_copy(
+                options.get("llmdist.device_copy") or os.environ.get("LLMDIST_DEVICE_COPY", "auto")
+            )
+            notify_depth = _int_option(
+                options, "llmdist.notify_queue_depth", notifications.DEFAULT_QUEUE_DEPTH, 1
+            )
+            node = ClusterNode(
+                self._cluster_id,
+                self._role,
+                listen,
+                options.get("llmdist.transport", "auto"),
+                runtime,
+                peer_limits,
+                key,
+            )
             node.notifications.queue_depth = notify_depth
             try:
                 comms = RankTableLinks(node, self._cluster_id, options)
@@ -168,8 +216,17 @@ class LLMDataDist:
             workers.start()
             self._node = node
             self._comms = comms
-            self._cache_manager = CacheManager(self._cluster_id, runtime, workers, options, remote,
-                                               sync_timeout, shareable, node, max_inflight)
+            self._cache_manager = CacheManager(
+                self._cluster_id,
+                runtime,
+                workers,
+                options,
+                remote,
+                sync_timeout,
+                shareable,
+                node,
+                max_inflight,
+            )
             node.attach(self._cache_manager)
             self._workers = workers
             self._options = dict(options)
@@ -179,8 +236,7 @@ class LLMDataDist:
         """End every transfer with LLM_ENGINE_FINALIZED, free llmdist-owned memory and stop
         the workers; safe to call twice. init() may be called again afterwards."""
         with self._lock:
-            cm, workers, node, comms = (self._cache_manager, self._workers, self._node,
-                                        self._comms)
+            cm, workers, node, comms = (self._cache_manager, self._workers, self._node, self._comms)
             _live.discard(self)
         if comms is not None:
             comms.close()
@@ -212,8 +268,12 @@ class LLMDataDist:
         peer = node.peer(cluster_id) if node is not None else None
         if peer is None:
             return None
-        return {"path": peer.path.value, "same_host": peer.same_host, "pid": peer.pid,
-                "role": peer.role}
+        return {
+            "path": peer.path.value,
+            "same_host": peer.same_host,
+            "pid": peer.pid,
+            "role": peer.role,
+        }
 
     @staticmethod
     def _check_clusters(clusters, timeout: int) -> None:
@@ -222,14 +282,18 @@ class LLMDataDist:
             check_isinstance(f"clusters[{i}]", c, LLMClusterInfo)
         check_isinstance("timeout", timeout, int)
         if timeout <= 0:
-            raise LLMException(f"timeout must be > 0 ms, got {timeout}",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            raise LLMException(
+                f"timeout must be > 0 ms, got {timeout}",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
 
     @staticmethod
     def _overall(codes: List[LLMStatusCode]) -> LLMStatusCode:
         return next((c for c in codes if c != LLMStatusCode.LLM_SUCCESS), LLMStatusCode.LLM_SUCCESS)
 
-    def link_clusters(self, clusters, timeout: int = 3000) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
+    def link_clusters(
+        self, clusters, timeout: int = 3000
+    ) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
         """Link to each cluster's listener (first remote ip info) within timeout ms; returns
         (overall status, status per cluster) and never raises for a failed link. Without a
         remote_cluster_id the id is learned from the peer. Either side of a pair may call it,
@@ -242,12 +306,12 @@ class LLMDataDist:
             if not remote:
                 codes.append(LLMStatusCode.LLM_PARAM_INVALID)
                 continue
-            codes.append(self._node.link(c.remote_cluster_id, remote[0],
-                                         timeout))
+            codes.append(self._node.link(c.remote_cluster_id, remote[0], timeout))
         return self._overall(codes), codes
 
-    def unlink_clusters(self, clusters, timeout: int = 3000,
-                        force: bool = False) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
+    def unlink_clusters(
+        self, clusters, timeout: int = 3000, force: bool = False
+    ) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
         """End links (either side may, both too): transfers to the peer end with
         LLM_LINK_FAILED and nothing is written to it after this returns; a cluster never linked
         is LLM_NOT_YET_LINK. An info without remote_cluster_id names the cluster this side
@@ -294,8 +358,10 @@ class LLMDataDist:
         when none came)."""
         check_isinstance("timeout_ms", timeout_ms, int)
         if timeout_ms < 0:
-            raise LLMException(f"timeout_ms must be >= 0, got {timeout_ms}",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            raise LLMException(
+                f"timeout_ms must be >= 0, got {timeout_ms}",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
         self.cache_manager
         return self._node.notifications.wait(timeout_ms / 1000.0)
 
@@ -330,13 +396,20 @@ class LLMDataDist:
         with node.lock:
             linked = sorted(node.peers)
             linking = bool(node.linking)
-        why = (f"still linked to clusters {linked}" if linked
-               else "a link_clusters call is in progress" if linking
-               else "a rank-table comm is still forming or linked" if self._comms.active
-               else None)
+        why = (
+            f"still linked to clusters {linked}"
+            if linked
+            else "a link_clusters call is in progress"
+            if linking
+            else "a rank-table comm is still forming or linked"
+            if self._comms.active
+            else None
+        )
         if why is not None:
-            raise LLMException(f"switch_role needs every link ended first; {why}",
-                               status_code=LLMStatusCode.LLM_EXIST_LINK)
+            raise LLMException(
+                f"switch_role needs every link ended first; {why}",
+                status_code=LLMStatusCode.LLM_EXIST_LINK,
+            )
 
     def switch_role(self, role: LLMRole, switch_options: Optional[Dict[str, str]] = None) -> None:
         """Change this cluster's role, as upstream's current API: no option needed, the same
@@ -355,10 +428,10 @@ class LLMDataDist:
             if key != "llm.listenIpInfo":
                 warnings.warn(f"switch_role ignores the option {key!r}", stacklevel=2)
         node = self._node
-        self._check_no_link()           # refused before anything stops
+        self._check_no_link()  # refused before anything stops
         node.begin_switch()
         try:
-            self._check_no_link()       # handshakes that were in progress are gone now
+            self._check_no_link()  # handshakes that were in progress are gone now
             if listen is not None:
                 node.start_listening(listen)
             else:

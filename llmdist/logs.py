@@ -27,8 +27,9 @@ def environment_level() -> Optional[int]:
         return logging.getLevelName(text.upper())
     if text.isdigit():
         return int(text)
-    raise ValueError(f"LLMDIST_LOG_LEVEL must be one of {', '.join(LEVELS)} or a number, "
-                     f"got {text!r}")
+    raise ValueError(
+        f"LLMDIST_LOG_LEVEL must be one of {', '.join(LEVELS)} or a number, got {text!r}"
+    )
 
 
 def level_from_environment() -> None:
@@ -54,7 +55,9 @@ def configure_cli_logging(verbosity: int) -> None:
     global _cli_handler
     if _cli_handler is None:
         _cli_handler = logging.StreamHandler()
-        _cli_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        _cli_handler.setFormatter(
+            logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
+        )
         package_logger.addHandler(_cli_handler)
     if verbosity >= 2:
         package_logger.setLevel(logging.DEBUG)

@@ -19,9 +19,9 @@ from typing import Callable, Deque, Dict, List, Optional
 
 from .status import LLMException, LLMStatusCode
 
-MAX_PAYLOAD = 64 << 10          # bytes of one notification's payload
-DEFAULT_QUEUE_DEPTH = 4096      # notifications kept per sending cluster (llmdist.notify_queue_depth)
-REPLY_TIMEOUT_S = 10.0          # how long a sender waits for the receiver's confirmation
+MAX_PAYLOAD = 64 << 10  # bytes of one notification's payload
+DEFAULT_QUEUE_DEPTH = 4096  # notifications kept per sending cluster (llmdist.notify_queue_depth)
+REPLY_TIMEOUT_S = 10.0  # how long a sender waits for the receiver's confirmation
 MESSAGES = ("notify", "notify_reply")
 
 _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
@@ -30,23 +30,25 @@ _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 def check_payload(name: str, payload) -> bytes:
     """payload as bytes: bytes-like, at most MAX_PAYLOAD bytes."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
-        raise LLMException(f"{name} must be bytes, got {type(payload).__name__}",
-                           status_code=_PARAM_INVALID)
+        raise LLMException(
+            f"{name} must be bytes, got {type(payload).__name__}", status_code=_PARAM_INVALID
+        )
     data = bytes(payload)
     if len(data) > MAX_PAYLOAD:
-        raise LLMException(f"{name} has {len(data)} bytes; a notification carries at most "
-                           f"{MAX_PAYLOAD} bytes", status_code=_PARAM_INVALID)
+        raise LLMException(
+            f"{name} has {len(data)} bytes; a notification carries at most {MAX_PAYLOAD} bytes",
+            status_code=_PARAM_INVALID,
+        )
     return data
 
 
 class Pending:
     """A notification sent and not yet confirmed by its receiver."""
 
-    def __init__(self, peer, cluster_id: int,
-                 forget: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, peer, cluster_id: int, forget: Optional[Callable[[], None]] = None) -> None:
         self.peer = peer
         self.cluster_id = cluster_id
-        self._forget = forget       # drops it from the sender's table when no reply will come
+        self._forget = forget  # drops it from the sender's table when no reply will come
         self.done = threading.Event()
         self.code = LLMStatusCode.LLM_SUCCESS
         self.reason = ""
@@ -61,17 +63,23 @@ class Pending:
         deadline = time.monotonic() + timeout_s
         while not self.done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
             if self.peer is not None and self.peer.closed:
-                self.finish(LLMStatusCode.LLM_LINK_FAILED,
-                            f"the link to cluster {self.cluster_id} went down before it "
-                            f"confirmed the notification")
+                self.finish(
+                    LLMStatusCode.LLM_LINK_FAILED,
+                    f"the link to cluster {self.cluster_id} went down before it "
+                    f"confirmed the notification",
+                )
             elif time.monotonic() >= deadline:
                 if final:
-                    self.finish(LLMStatusCode.LLM_TIMEOUT,
-                                f"cluster {self.cluster_id} did not confirm the notification "
-                                f"within {timeout_s:.1f} s")
+                    self.finish(
+                        LLMStatusCode.LLM_TIMEOUT,
+                        f"cluster {self.cluster_id} did not confirm the notification "
+                        f"within {timeout_s:.1f} s",
+                    )
                     break
-                raise LLMException(f"cluster {self.cluster_id} did not confirm the notification "
-                                   f"yet", status_code=LLMStatusCode.LLM_TIMEOUT)
+                raise LLMException(
+                    f"cluster {self.cluster_id} did not confirm the notification yet",
+                    status_code=LLMStatusCode.LLM_TIMEOUT,
+                )
         if self.code != LLMStatusCode.LLM_SUCCESS:
             if self._forget is not None:
                 self._forget()
@@ -97,9 +105,11 @@ class Notifications:
         with self._cond:
             q = self._inbox.setdefault(cluster_id, collections.deque())
             if len(q) >= self.queue_depth:
-                return (f"cluster {self.own_id} holds {len(q)} undrained notifications from "
-                        f"cluster {cluster_id}, the bound set by option "
-                        f"llmdist.notify_queue_depth")
+                return (
+                    f"cluster {self.own_id} holds {len(q)} undrained notifications from "
+                    f"cluster {cluster_id}, the bound set by option "
+                    f"llmdist.notify_queue_depth"
+                )
             q.append(payload)
             self._cond.notify_all()
         return None
@@ -124,21 +134,25 @@ class Notifications:
         if peer is None:
             pending = Pending(None, cluster_id)
             refused = self.deliver(cluster_id, payload)
-            pending.finish(LLMStatusCode.LLM_LINK_BUSY if refused else LLMStatusCode.LLM_SUCCESS,
-                           refused or "")
+            pending.finish(
+                LLMStatusCode.LLM_LINK_BUSY if refused else LLMStatusCode.LLM_SUCCESS, refused or ""
+            )
             return pending
         with self._lock:
             self._seq += 1
             seq = self._seq
             pending = self._pending[seq] = Pending(peer, cluster_id, lambda: self._forget(seq))
         try:
-            peer.send({"type": "notify", "seq": seq,
-                       "data": base64.b64encode(payload).decode("ascii")})
+            peer.send(
+                {"type": "notify", "seq": seq, "data": base64.b64encode(payload).decode("ascii")}
+            )
         except OSError as exc:
             with self._lock:
                 self._pending.pop(seq, None)
-            pending.finish(LLMStatusCode.LLM_LINK_FAILED,
-                           f"sending a notification to cluster {cluster_id} failed: {exc}")
+            pending.finish(
+                LLMStatusCode.LLM_LINK_FAILED,
+                f"sending a notification to cluster {cluster_id} failed: {exc}",
+            )
         return pending
 
     def _forget(self, seq: int) -> None:
@@ -155,8 +169,10 @@ class Notifications:
             data = msg.get("data")
             # base64 of MAX_PAYLOAD bytes is at most 4/3 as long
             if type(data) is not str or len(data) > (MAX_PAYLOAD + 2) // 3 * 4:
-                reason = (f"a notification carries at most {MAX_PAYLOAD} bytes "
-                          f"(cluster {self.own_id} refused a larger one)")
+                reason = (
+                    f"a notification carries at most {MAX_PAYLOAD} bytes "
+                    f"(cluster {self.own_id} refused a larger one)"
+                )
                 code = _PARAM_INVALID
             else:
                 try:
@@ -165,13 +181,14 @@ class Notifications:
                     code = LLMStatusCode.LLM_LINK_BUSY if reason else LLMStatusCode.LLM_SUCCESS
                 except (binascii.Error, UnicodeEncodeError):
                     reason, code = "the notification's payload is not base64", _PARAM_INVALID
-            peer.send({"type": "notify_reply", "seq": seq, "code": int(code),
-                       "reason": reason or ""})
+            peer.send(
+                {"type": "notify_reply", "seq": seq, "code": int(code), "reason": reason or ""}
+            )
             return
         with self._lock:
             pending = self._pending.get(seq)
             if pending is None or pending.peer is not peer:
-                return      # one the sender stopped waiting for
+                return  # one the sender stopped waiting for
             del self._pending[seq]
         code = msg.get("code")
         reason = msg.get("reason")
@@ -190,18 +207,19 @@ class TaskNotice:
 
     def __init__(self, hub: Notifications, targets: list, payload: bytes) -> None:
         self.hub = hub
-        self.targets = targets          # [(peer or None for this cluster, cluster id)]
+        self.targets = targets  # [(peer or None for this cluster, cluster id)]
         self.payload = payload
         self.sent = threading.Event()
         self.pendings: List[Pending] = []
-        self.skipped = False            # the transfer failed: nothing was sent
+        self.skipped = False  # the transfer failed: nothing was sent
 
     def fire(self, success: bool) -> None:
         """Called once when the transfer ended (on a transfer worker)."""
         try:
             if success:
-                self.pendings = [self.hub.send(peer, cid, self.payload)
-                                 for peer, cid in self.targets]
+                self.pendings = [
+                    self.hub.send(peer, cid, self.payload) for peer, cid in self.targets
+                ]
             else:
                 self.skipped = True
         finally:
@@ -213,7 +231,9 @@ class TaskNotice:
         limit = REPLY_TIMEOUT_S if timeout_s is None else timeout_s
         deadline = time.monotonic() + limit
         if not self.sent.wait(limit):
-            return LLMException("the notification was not sent yet", status_code=LLMStatusCode.LLM_TIMEOUT)
+            return LLMException(
+                "the notification was not sent yet", status_code=LLMStatusCode.LLM_TIMEOUT
+            )
         for p in self.pendings:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()), final=timeout_s is None)

@@ -35,17 +35,15 @@ from .status import LLMException, LLMStatusCode
 from .wire import Hello, cache_from_wire, key_from_wire, key_to_wire
 from .wire_checks import check_int, check_list
 
-
 log = logging.getLogger(__name__)
 
-ACK_TIMEOUT_S = 10.0            # default wait for a peer's ack of a request
+ACK_TIMEOUT_S = 10.0  # default wait for a peer's ack of a request
 
 
 class Peer:
     """A linked cluster: its control connection, the caches it exposes, and the data path."""
 
-    def __init__(self, node, chan: Channel, hello: Hello,
-                 fds: List[int] = ()) -> None:
+    def __init__(self, node, chan: Channel, hello: Hello, fds: List[int] = ()) -> None:
         self.node = node
         self.chan = chan
         self.sock = chan.sock
@@ -61,22 +59,25 @@ class Peer:
         # Process writes and reads reach only a process of our own uid that the kernel named.
         self.no_process_route: Optional[str] = None
         if not self.same_host:
-            self.no_process_route = ("it is not known to be a process of this host (linked over "
-                                     "TCP, not the listener's Unix socket)")
+            self.no_process_route = (
+                "it is not known to be a process of this host (linked over "
+                "TCP, not the listener's Unix socket)"
+            )
         elif self.pid == 0:
             self.no_process_route = "its process is outside this process's pid namespace"
         elif self.uid != os.geteuid():
-            self.no_process_route = (f"its process runs as uid {self.uid}, this one as uid "
-                                     f"{os.geteuid()}")
-        self.tgid: int = self.pid      # the pid device-IPC exports whitelist (kernel-verified)
+            self.no_process_route = (
+                f"its process runs as uid {self.uid}, this one as uid {os.geteuid()}"
+            )
+        self.tgid: int = self.pid  # the pid device-IPC exports whitelist (kernel-verified)
         # cache id -> why this process cannot reach that cache of the peer
         self.unreachable: Dict[int, str] = {}
         self.path: PeerPath = node.choose_path(self.same_host, hello.want_engine)
         self.engine_session: Optional[str] = hello.mooncake
         self.link = _core.LinkFlag(self.pid, chan.peer_pidfd() if self.pid > 0 else -1)
         self.mem = ClusterMemory()
-        self.mappings: Dict[int, Tuple[int, int]] = {}   # cache id -> (local address, size)
-        self.imports: Dict[int, Tuple[DeviceIpcShare, int]] = {}   # cache id -> (share, delta)
+        self.mappings: Dict[int, Tuple[int, int]] = {}  # cache id -> (local address, size)
+        self.imports: Dict[int, Tuple[DeviceIpcShare, int]] = {}  # cache id -> (share, delta)
         # Set once the peer may be imported from: at once when we linked to it (it whitelisted
         # us before its welcome), on its "ipc_ready" when it linked to us.
         self.ipc_ready = threading.Event()
@@ -89,13 +90,13 @@ class Peer:
         self.acks: Dict[int, threading.Event] = {}
         self.acked: set = set()
         self.seq = 0
-        self.stopping = False                 # stop() began: nothing new is mapped or imported
-        self.stopped = threading.Event()      # stop() finished
+        self.stopping = False  # stop() began: nothing new is mapped or imported
+        self.stopped = threading.Event()  # stop() finished
         self.closed = False
         # This side's link_clusters made (or claimed) the link: a second call is LLM_ALREADY_LINK.
         self.linked_here = False
-        self.peer_unlinked = False            # the peer asked to unlink (its unlink_clusters)
-        self.address: Optional[Tuple[str, int]] = None   # where we reached it, when we linked
+        self.peer_unlinked = False  # the peer asked to unlink (its unlink_clusters)
+        self.address: Optional[Tuple[str, int]] = None  # where we reached it, when we linked
         self.engine_error: Optional[str] = hello.engine_error
         try:
             self.add_caches(hello.caches, fds)
@@ -130,8 +131,13 @@ class Peer:
                 # device IPC exports are imported on first use instead
                 pid = self.pid
                 if self.no_process_route is not None:
-                    pid, why = 0, (f"process transfers with cluster {self.cluster_id} are "
-                                   f"refused: {self.no_process_route}")
+                    pid, why = (
+                        0,
+                        (
+                            f"process transfers with cluster {self.cluster_id} are "
+                            f"refused: {self.no_process_route}"
+                        ),
+                    )
         refused = None
         with self.lock:
             self._check_caps(cid, len(keys))
@@ -158,14 +164,18 @@ class Peer:
         mem = self.mem
         old = mem.entries.get(cid)
         if old is None and len(mem.entries) >= limits.max_caches:
-            raise ProtocolError(f"cluster {self.cluster_id} announced more than "
-                                f"{limits.max_caches} caches (option llmdist.max_peer_caches)")
+            raise ProtocolError(
+                f"cluster {self.cluster_id} announced more than "
+                f"{limits.max_caches} caches (option llmdist.max_peer_caches)"
+            )
         keys = len(mem.cache_keys) + len(mem.blocks_keys) + nkeys
         if old is not None:
             keys -= len(old.keys)
         if keys > limits.max_keys:
-            raise ProtocolError(f"cluster {self.cluster_id} announced more than "
-                                f"{limits.max_keys} cache keys (option llmdist.max_peer_keys)")
+            raise ProtocolError(
+                f"cluster {self.cluster_id} announced more than "
+                f"{limits.max_keys} cache keys (option llmdist.max_peer_keys)"
+            )
 
     def remove_cache(self, cid: int) -> None:
         with self.lock:
@@ -186,13 +196,19 @@ class Peer:
         key = key_from_wire(w)
         cm = self.node.caches
         if not isinstance(key, CacheKey) or key.cluster_id != self.node.cluster_id or cm is None:
-            raise ProtocolError(f"cluster {self.cluster_id} released key {key!r:.80}, which is "
-                                f"not a CacheKey of this cluster")
+            raise ProtocolError(
+                f"cluster {self.cluster_id} released key {key!r:.80}, which is "
+                f"not a CacheKey of this cluster"
+            )
         # a key no cache holds (released already, or never ours) costs nothing: no thread
         taken = cm.take_key(key)
         if taken is not None:
-            threading.Thread(target=cm.finish_key_release, args=(key, taken),
-                             name="llmdist-key-release", daemon=True).start()
+            threading.Thread(
+                target=cm.finish_key_release,
+                args=(key, taken),
+                name="llmdist-key-release",
+                daemon=True,
+            ).start()
 
     def pulled_by_key(self, key: CacheKey) -> None:
         """After a pull by key from this peer: forget the key here and tell the peer."""
@@ -236,37 +252,51 @@ class Peer:
             return Access.SHARED_MEMORY, ""
         return Access.PROCESS, ""
 
-    def _device_access(self, entry: MemoryEntry, runtime: "_core.Runtime",
-                       where: str) -> Tuple[Access, str]:
+    def _device_access(
+        self, entry: MemoryEntry, runtime: "_core.Runtime", where: str
+    ) -> Tuple[Access, str]:
         """Access on a device runtime, which reaches other processes through device IPC only."""
         if self.path is PeerPath.MOONCAKE or not self.same_host:
-            how = ("through Mooncake Transfer Engine" if self.path is PeerPath.MOONCAKE
-                   else "on another host")
-            return Access.NONE, (f"cluster {self.cluster_id} is reached {how}; on the "
-                                 f"{runtime.name} runtime transfers to another process use device "
-                                 f"IPC, which works between processes of one host only")
+            how = (
+                "through Mooncake Transfer Engine"
+                if self.path is PeerPath.MOONCAKE
+                else "on another host"
+            )
+            return Access.NONE, (
+                f"cluster {self.cluster_id} is reached {how}; on the "
+                f"{runtime.name} runtime transfers to another process use device "
+                f"IPC, which works between processes of one host only"
+            )
         why = runtime.ipc_unavailable
         if why is not None:
-            return Access.NONE, (f"transfers to another process on the {runtime.name} runtime "
-                                 f"need device IPC, which is not available: {why}")
+            return Access.NONE, (
+                f"transfers to another process on the {runtime.name} runtime "
+                f"need device IPC, which is not available: {why}"
+            )
         if entry.placement != Placement.DEVICE:
-            return Access.PROCESS, ""       # HOST memory of another process: no device IPC
+            return Access.PROCESS, ""  # HOST memory of another process: no device IPC
         if entry.origin == REGISTERED:
-            return Access.NONE, (f"{where} is DEVICE memory the peer registered (not allocated by "
-                                 f"llmdist): device IPC exports whole page-aligned allocations, so "
-                                 f"memory registered piecewise cannot be exported safely; allocate "
-                                 f"the destination with allocate_cache or allocate_blocks_cache")
+            return Access.NONE, (
+                f"{where} is DEVICE memory the peer registered (not allocated by "
+                f"llmdist): device IPC exports whole page-aligned allocations, so "
+                f"memory registered piecewise cannot be exported safely; allocate "
+                f"the destination with allocate_cache or allocate_blocks_cache"
+            )
         share = entry.share
         kind = share.kind if share is not None else None
         if kind != runtime.ipc_kind:
             if isinstance(share, Unshared) and share.reason:
                 why = share.reason
             elif isinstance(share, DeviceIpcShare):
-                why = (f"it is exported as {share.kind.value}, this cluster runs the "
-                       f"{runtime.name} runtime")
+                why = (
+                    f"it is exported as {share.kind.value}, this cluster runs the "
+                    f"{runtime.name} runtime"
+                )
             else:
-                why = ("the peer did not export it (a cluster exports its DEVICE caches when it "
-                       "listens or sets llmdist.shareable_memory=1)")
+                why = (
+                    "the peer did not export it (a cluster exports its DEVICE caches when it "
+                    "listens or sets llmdist.shareable_memory=1)"
+                )
             return Access.NONE, f"{where} cannot be written through device IPC: {why}"
         return Access.DEVICE_IPC, ""
 
@@ -279,8 +309,7 @@ class Peer:
             return None
         return got[1]
 
-    def route_to(self, kind: RouteKind, regions: List[Region],
-                 runtime: "_core.Runtime") -> Route:
+    def route_to(self, kind: RouteKind, regions: List[Region], runtime: "_core.Runtime") -> Route:
         """The route of kind to the peer's memory holding regions (self.lock held); no side
         effects. Raises ImportNeeded naming the device IPC exports to import first."""
         if kind is RouteKind.ENGINE:
@@ -306,7 +335,7 @@ class Peer:
                 raise ImportNeeded(self, missing)
             return MappedRoute(self.link, deltas, single)
         for r in regions:
-            if r.cache is not cache:        # the regions of one cache come in a row
+            if r.cache is not cache:  # the regions of one cache come in a row
                 cache = r.cache
                 deltas[cache.cache_id] = r.delta
         return MappedRoute(self.link, deltas)
@@ -319,18 +348,23 @@ class Peer:
             cid = entry.cache.cache_id
             with self.lock:
                 if self.mem.entries.get(cid) is not entry or self._import_delta(entry) is not None:
-                    continue        # withdrawn or re-announced meanwhile, or imported already
+                    continue  # withdrawn or re-announced meanwhile, or imported already
                 if self.stopping:
-                    raise LLMException(f"the link to cluster {self.cluster_id} is down",
-                                       status_code=LLMStatusCode.LLM_NOT_YET_LINK)
+                    raise LLMException(
+                        f"the link to cluster {self.cluster_id} is down",
+                        status_code=LLMStatusCode.LLM_NOT_YET_LINK,
+                    )
                 stale = self.imports.pop(cid, None)
             if stale is not None:
                 device_ipc.IMPORTS.release(runtime, stale[0])
             share = entry.share
             local = device_ipc.IMPORTS.acquire(runtime, share)
             with self.lock:
-                keep = self.mem.entries.get(cid) is entry and not self.stopping \
+                keep = (
+                    self.mem.entries.get(cid) is entry
+                    and not self.stopping
                     and cid not in self.imports
+                )
                 if keep:
                     self.imports[cid] = (share, local - share.base)
             if not keep:
@@ -346,22 +380,36 @@ class Peer:
         """Why the link carries no transfer now (down, device IPC not confirmed, Mooncake
         engine missing), or None; it does not wait (see await_ipc_ready)."""
         if not self.link.is_up:
-            return LLMException(f"the link to cluster {self.cluster_id} is down",
-                                status_code=LLMStatusCode.LLM_NOT_YET_LINK)
+            return LLMException(
+                f"the link to cluster {self.cluster_id} is down",
+                status_code=LLMStatusCode.LLM_NOT_YET_LINK,
+            )
         if not runtime.is_host:
-            if (self.same_host and self.path is not PeerPath.MOONCAKE
-                    and runtime.ipc_unavailable is None and not self.ipc_ready.is_set()):
-                return LLMException(f"cluster {self.cluster_id} did not confirm within "
-                                    f"{ACK_TIMEOUT_S:.0f} s that this process may import its "
-                                    f"device memory", status_code=LLMStatusCode.LLM_LINK_FAILED)
+            if (
+                self.same_host
+                and self.path is not PeerPath.MOONCAKE
+                and runtime.ipc_unavailable is None
+                and not self.ipc_ready.is_set()
+            ):
+                return LLMException(
+                    f"cluster {self.cluster_id} did not confirm within "
+                    f"{ACK_TIMEOUT_S:.0f} s that this process may import its "
+                    f"device memory",
+                    status_code=LLMStatusCode.LLM_LINK_FAILED,
+                )
             return None
-        if self.path is PeerPath.MOONCAKE and (self.node.engine is None
-                                               or self.engine_session is None):
-            why = self.node.engine_error or (f"cluster {self.cluster_id} has no Mooncake engine: "
-                                             f"{self.engine_error or 'it did not start one'}")
-            return LLMException(f"cluster {self.cluster_id} is reached through Mooncake Transfer "
-                                f"Engine, which is not available: {why}",
-                                status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+        if self.path is PeerPath.MOONCAKE and (
+            self.node.engine is None or self.engine_session is None
+        ):
+            why = self.node.engine_error or (
+                f"cluster {self.cluster_id} has no Mooncake engine: "
+                f"{self.engine_error or 'it did not start one'}"
+            )
+            return LLMException(
+                f"cluster {self.cluster_id} is reached through Mooncake Transfer "
+                f"Engine, which is not available: {why}",
+                status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+            )
         return None
 
     # -- messages
@@ -488,7 +536,7 @@ class Peer:
             return
         try:
             self.link.down()
-            self.ipc_ready.set()        # wake a transfer waiting for it: it sees the link down
+            self.ipc_ready.set()  # wake a transfer waiting for it: it sees the link down
             self.node.cancel_transfers_to(self.cluster_id, None, code)
             self._unmap_all()
         finally:
@@ -515,4 +563,3 @@ class Peer:
         except OSError:
             pass
         self.sock.close()
-

@@ -27,9 +27,19 @@ from .transfers import Planner, find_key, live_entry
 Key = Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey]
 
 
-def pull(pl: Planner, what: str, key: Key, dst_cache: Cache, src_blocks, dst_blocks,
-         dst_row: Optional[int], size: int, src_range: Optional[range],
-         dst_range: Optional[range], tpl: int):
+def pull(
+    pl: Planner,
+    what: str,
+    key: Key,
+    dst_cache: Cache,
+    src_blocks,
+    dst_blocks,
+    dst_row: Optional[int],
+    size: int,
+    src_range: Optional[range],
+    dst_range: Optional[range],
+    tpl: int,
+):
     """Copy from the cache key names on its cluster into dst_cache, synchronously; returns the
     source's peer (None: this cluster). dst_row None: dst_blocks are the destination
     (pull_blocks); else row dst_row of a non-blocks dst_cache (pull_cache), size bytes of it
@@ -48,30 +58,54 @@ def pull(pl: Planner, what: str, key: Key, dst_cache: Cache, src_blocks, dst_blo
         block_ops.check_written_once("dst_blocks", dst_blocks)
         if blocks_key:
             require(len(src_idx) > 0, "src_blocks must not be empty with a BlocksCacheKey")
-            require(len(src_idx) == len(dst_idx),
-                    f"src_blocks and dst_blocks must have the same length, got {len(src_idx)} "
-                    f"and {len(dst_idx)}")
+            require(
+                len(src_idx) == len(dst_idx),
+                f"src_blocks and dst_blocks must have the same length, got {len(src_idx)} "
+                f"and {len(dst_idx)}",
+            )
         else:
-            require(len(src_idx) == 0, "src_blocks must be empty unless src_cache_key is a "
-                                       "BlocksCacheKey (the source row is cut into blocks)")
-        require(dst_idx.max_value < ddesc.batch_size,
-                f"dst_blocks has block {dst_idx.max_value}, but dst_cache has "
-                f"{ddesc.batch_size} blocks")
+            require(
+                len(src_idx) == 0,
+                "src_blocks must be empty unless src_cache_key is a "
+                "BlocksCacheKey (the source row is cut into blocks)",
+            )
+        require(
+            dst_idx.max_value < ddesc.batch_size,
+            f"dst_blocks has block {dst_idx.max_value}, but dst_cache has "
+            f"{ddesc.batch_size} blocks",
+        )
     else:
-        require(not dst_cache.is_blocks_cache, f"cache {dst_cache.cache_id} must not be a blocks "
-                                               f"cache (pull_blocks fills blocks)")
-        require(dst_row < ddesc.batch_size,
-                f"batch_index {dst_row} must be < the batch size {ddesc.batch_size} of cache "
-                f"{dst_cache.cache_id}")
+        require(
+            not dst_cache.is_blocks_cache,
+            f"cache {dst_cache.cache_id} must not be a blocks cache (pull_blocks fills blocks)",
+        )
+        require(
+            dst_row < ddesc.batch_size,
+            f"batch_index {dst_row} must be < the batch size {ddesc.batch_size} of cache "
+            f"{dst_cache.cache_id}",
+        )
     peer = None
     if key.cluster_id != pl.cluster_id:
         peer = pl.ready_peer(key.cluster_id)
-    pl.take_slot()          # a pull counts against llmdist.max_inflight_tasks like a write
+    pl.take_slot()  # a pull counts against llmdist.max_inflight_tasks like a write
     try:
         job = pl.run_planned(
-            lambda: _pull_job(pl, what, key, dst_entry, dst_row, size, src_idx, dst_idx,
-                              src_range, dst_range, tpl, peer),
-            [] if peer is None else [peer])
+            lambda: _pull_job(
+                pl,
+                what,
+                key,
+                dst_entry,
+                dst_row,
+                size,
+                src_idx,
+                dst_idx,
+                src_range,
+                dst_range,
+                tpl,
+                peer,
+            ),
+            [] if peer is None else [peer],
+        )
     except BaseException:
         pl.slots.release()
         raise
@@ -79,21 +113,51 @@ def pull(pl: Planner, what: str, key: Key, dst_cache: Cache, src_blocks, dst_blo
     return peer
 
 
-def _pull_job(pl: Planner, what: str, key: Key, dst_entry: MemoryEntry, dst_row: Optional[int],
-              size: int, src_idx, dst_idx, src_range, dst_range, tpl: int,
-              peer):
+def _pull_job(
+    pl: Planner,
+    what: str,
+    key: Key,
+    dst_entry: MemoryEntry,
+    dst_row: Optional[int],
+    size: int,
+    src_idx,
+    dst_idx,
+    src_range,
+    dst_range,
+    tpl: int,
+    peer,
+):
     """Plan the pull (locks held) and launch its job."""
-    plan, cfg, tpl, touched = _pull_plan(pl, what, key, dst_entry, dst_row, size, src_idx,
-                                         dst_idx, src_range, dst_range, tpl, peer)
-    job = _core.TransferJob(pl.runtime, plan, list(tensor_addrs_of(dst_entry.cache)), [cfg], None,
-                            pl.sync_timeout, tensors_per_layer=tpl)
+    plan, cfg, tpl, touched = _pull_plan(
+        pl, what, key, dst_entry, dst_row, size, src_idx, dst_idx, src_range, dst_range, tpl, peer
+    )
+    job = _core.TransferJob(
+        pl.runtime,
+        plan,
+        list(tensor_addrs_of(dst_entry.cache)),
+        [cfg],
+        None,
+        pl.sync_timeout,
+        tensors_per_layer=tpl,
+    )
     pl.launch(job, dst_entry.cache.cache_id, [touched], here=pl.runs_here([cfg]))
     return job
 
 
-def _pull_plan(pl: Planner, what: str, key: Key, dst_entry: MemoryEntry,
-               dst_row: Optional[int], size: int, src_idx, dst_idx, src_range, dst_range,
-               tpl: int, peer) -> Tuple[object, "_core.ConfigPlan", int, set]:
+def _pull_plan(
+    pl: Planner,
+    what: str,
+    key: Key,
+    dst_entry: MemoryEntry,
+    dst_row: Optional[int],
+    size: int,
+    src_idx,
+    dst_idx,
+    src_range,
+    dst_range,
+    tpl: int,
+    peer,
+) -> Tuple[object, "_core.ConfigPlan", int, set]:
     """Resolve the source cache, check ranges and bounds on both sides (and, within this
     cluster, that no byte read is written), choose the route. Returns the byte plan, the
     layer loop's config, the tensors per layer and the (cluster, cache) pairs it touches."""
@@ -101,26 +165,41 @@ def _pull_plan(pl: Planner, what: str, key: Key, dst_entry: MemoryEntry,
     src_entry, row = find_key(mem, key)
     src = src_entry.cache
     if peer is not None and not src_entry.remote_accessible:
-        raise LLMException(f"cache {src.cache_id} of cluster {key.cluster_id} is not remote "
-                           f"accessible", status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        raise LLMException(
+            f"cache {src.cache_id} of cluster {key.cluster_id} is not remote accessible",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
     sdesc, ddesc = src.cache_desc, dst_entry.cache.cache_desc
     src_layers, dst_layers, tpl = transfer_args.layer_ranges(
-        src_range, dst_range, sdesc.num_tensors, ddesc.num_tensors, tpl,
-        f"source cache {src.cache_id}", f"cache {dst_entry.cache.cache_id}")
+        src_range,
+        dst_range,
+        sdesc.num_tensors,
+        ddesc.num_tensors,
+        tpl,
+        f"source cache {src.cache_id}",
+        f"cache {dst_entry.cache.cache_id}",
+    )
     stride = sdesc.stride
     shift = 0
     if src_idx is not None and len(src_idx):
         # B2B: the blocks of both caches must be the same size
         require(src.is_blocks_cache, f"source cache {src.cache_id} is not a blocks cache")
-        require(stride == ddesc.stride, f"the source's blocks are {stride} bytes, the "
-                                        f"destination's {ddesc.stride}: they must be equal")
-        require(src_idx.max_value < sdesc.batch_size,
-                f"src_blocks has block {src_idx.max_value}, but the source cache has "
-                f"{sdesc.batch_size} blocks")
+        require(
+            stride == ddesc.stride,
+            f"the source's blocks are {stride} bytes, the "
+            f"destination's {ddesc.stride}: they must be equal",
+        )
+        require(
+            src_idx.max_value < sdesc.batch_size,
+            f"src_blocks has block {src_idx.max_value}, but the source cache has "
+            f"{sdesc.batch_size} blocks",
+        )
         plan = _core.plan_b2b(src_idx, dst_idx, stride)
     else:
-        require(row < sdesc.batch_size, f"{key!r} names row {row}, but the source cache has "
-                                        f"{sdesc.batch_size} rows")
+        require(
+            row < sdesc.batch_size,
+            f"{key!r} names row {row}, but the source cache has {sdesc.batch_size} rows",
+        )
         shift = row * stride
         if dst_idx is not None:
             # C2B: the source row is cut into destination blocks
@@ -130,45 +209,59 @@ def _pull_plan(pl: Planner, what: str, key: Key, dst_entry: MemoryEntry,
             check_int64("size", size)
             require(size == -1 or size > 0, f"size must be -1 or > 0, but got {size}")
             nbytes = stride if size == -1 else size
-            require(nbytes <= stride, f"size {nbytes} is larger than the source row of "
-                                      f"{stride} bytes")
-            require(nbytes <= ddesc.stride, f"{nbytes} bytes do not fit the destination row of "
-                                            f"{ddesc.stride} bytes")
+            require(
+                nbytes <= stride, f"size {nbytes} is larger than the source row of {stride} bytes"
+            )
+            require(
+                nbytes <= ddesc.stride,
+                f"{nbytes} bytes do not fit the destination row of {ddesc.stride} bytes",
+            )
             plan = _core.plan_c2c(nbytes)
     # bounds: every source range inside its tensor of the cache the key names, every
     # destination range inside its tensor of dst_cache
     # (layer ranges have step 1: their tensors are one slice)
-    srcs = tensor_addrs_of(src)[tpl * src_layers.start:tpl * src_layers.stop]
-    sregions, bad = src_entry.locate(tpl * src_layers.start, tpl * src_layers.stop,
-                                     plan.src_lo + shift, plan.src_hi + shift)
+    srcs = tensor_addrs_of(src)[tpl * src_layers.start : tpl * src_layers.stop]
+    sregions, bad = src_entry.locate(
+        tpl * src_layers.start, tpl * src_layers.stop, plan.src_lo + shift, plan.src_hi + shift
+    )
     if bad >= 0:
         raise LLMException(
             f"layer {src_layers.start + bad // tpl} of source cache {src.cache_id}: "
             f"[{srcs[bad] + plan.src_lo + shift:#x}, {srcs[bad] + plan.src_hi + shift:#x}) "
             f"is not inside memory registered or allocated on cluster {key.cluster_id}",
-            status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
     daddrs = tensor_addrs_of(dst_entry.cache)
     doff = 0 if dst_row is None else dst_row * ddesc.stride
-    dsts = daddrs[tpl * dst_layers.start:tpl * dst_layers.stop]
+    dsts = daddrs[tpl * dst_layers.start : tpl * dst_layers.stop]
     if doff:
         dsts = [a + doff for a in dsts]
-    dregions, bad = dst_entry.locate(tpl * dst_layers.start, tpl * dst_layers.stop,
-                                     doff + plan.dst_lo, doff + plan.dst_hi)
+    dregions, bad = dst_entry.locate(
+        tpl * dst_layers.start, tpl * dst_layers.stop, doff + plan.dst_lo, doff + plan.dst_hi
+    )
     if bad >= 0:
         raise LLMException(
             f"layer {dst_layers.start + bad // tpl} of cache {dst_entry.cache.cache_id}: "
             f"[{dsts[bad] + plan.dst_lo:#x}, {dsts[bad] + plan.dst_hi:#x}) is not inside "
-            f"memory registered or allocated here", status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            f"memory registered or allocated here",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
     kinds = pl.choose(Direction.READ, peer, ddesc.placement, sregions[:1])  # one source cache
     kind = copy_kind(sdesc.placement, ddesc.placement)
     touched = {(key.cluster_id, src.cache_id), (pl.cluster_id, dst_entry.cache.cache_id)}
     # The cache here (the destination) drives the layer loop: its layers, its row; the source
     # tensors are the targets, each already at the source row.
     targets = [a + shift for a in srcs] if shift else srcs
-    if peer is None and not transfer_args.apart(src, dst_entry.cache,
-                                                dst_entry.origin == ALLOCATED):
-        block_ops.check_disjoint(what, plan, targets, dsts, transfer_args.range_params(
-            src_idx, dst_idx, "the source row and batch_index"))
+    if peer is None and not transfer_args.apart(
+        src, dst_entry.cache, dst_entry.origin == ALLOCATED
+    ):
+        block_ops.check_disjoint(
+            what,
+            plan,
+            targets,
+            dsts,
+            transfer_args.range_params(src_idx, dst_idx, "the source row and batch_index"),
+        )
     route = pl.build_route(peer, kinds, sregions)
     cfg = pl.plan_config(Direction.READ, route, dst_layers, doff, kind, targets, sregions, tpl)
     return plan, cfg, tpl, touched

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 ALLOCATED = "allocated"
 REGISTERED = "registered"
 
-ADDRESS_END = 1 << 64       # one past the last byte of a 64-bit address space
-_CHUNK = 256                # a chunk holds up to 2 * _CHUNK regions
+ADDRESS_END = 1 << 64  # one past the last byte of a 64-bit address space
+_CHUNK = 256  # a chunk holds up to 2 * _CHUNK regions
 
 
 class Region:
@@ -32,8 +32,16 @@ class Region:
 
     __slots__ = ("start", "end", "cache", "tensor_index", "origin", "delta", "pid")
 
-    def __init__(self, start: int, end: int, cache: Cache, tensor_index: int, origin: str,
-                 delta: int = 0, pid: int = 0) -> None:
+    def __init__(
+        self,
+        start: int,
+        end: int,
+        cache: Cache,
+        tensor_index: int,
+        origin: str,
+        delta: int = 0,
+        pid: int = 0,
+    ) -> None:
         self.start = start
         self.end = end
         self.cache = cache
@@ -125,8 +133,9 @@ class DisjointRegions:
     def locate(self, addrs: Sequence[int], lo: int, hi: int) -> Tuple[List[Optional[Region]], int]:
         """The region holding [a+lo, a+hi) for each a, and the position of the first address
         whose range fits no single region (-1 when all fit)."""
-        return _core.locate(self._firsts, self._starts, self._lasts, self._regions, list(addrs),
-                            lo, hi)
+        return _core.locate(
+            self._firsts, self._starts, self._lasts, self._regions, list(addrs), lo, hi
+        )
 
 
 class MemoryRegistry:
@@ -150,12 +159,16 @@ class MemoryRegistry:
             if e > ADDRESS_END:
                 raise LLMException(
                     f"tensor {i} at {s:#x} ({size} bytes) runs past the end of the 64-bit "
-                    f"address space", status_code=LLMStatusCode.LLM_PARAM_INVALID)
+                    f"address space",
+                    status_code=LLMStatusCode.LLM_PARAM_INVALID,
+                )
         for (s0, e0, i0), (s1, _, i1) in zip(new, new[1:]):
             if s1 < e0:
                 raise LLMException(
                     f"tensor {i1} at {s1:#x} overlaps tensor {i0} at {s0:#x} of the same cache "
-                    f"(each tensor is {size} bytes)", status_code=LLMStatusCode.LLM_PARAM_INVALID)
+                    f"(each tensor is {size} bytes)",
+                    status_code=LLMStatusCode.LLM_PARAM_INVALID,
+                )
         if origin == REGISTERED:
             for s, e, i in new:
                 for layer in self._layers:
@@ -165,7 +178,8 @@ class MemoryRegistry:
                                 f"tensor {i} at {s:#x} ({size} bytes) overlaps tensor "
                                 f"{r.tensor_index} of cache {r.cache.cache_id}, which llmdist "
                                 f"allocated: memory llmdist owns cannot be registered",
-                                status_code=LLMStatusCode.LLM_PARAM_INVALID)
+                                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+                            )
         out: List[Optional[Region]] = [None] * len(new)
         for s, e, i in new:
             r = Region(s, e, cache, i, origin, delta, pid)
@@ -198,7 +212,7 @@ class MemoryRegistry:
             return out, bad
         for i in range(bad, len(addrs)):
             for layer in self._layers:
-                found, miss = layer.locate(addrs[i:i + 1], lo, hi)
+                found, miss = layer.locate(addrs[i : i + 1], lo, hi)
                 if miss < 0:
                     out[i] = found[0]
                     break
@@ -210,26 +224,43 @@ class MemoryRegistry:
 class MemoryEntry:
     """What a cluster knows of one cache: its own, or a peer's as the peer described it."""
 
-    __slots__ = ("cache", "origin", "remote_accessible", "base", "size", "placement", "keys",
-                 "share", "alloc", "regions", "deferred")
+    __slots__ = (
+        "cache",
+        "origin",
+        "remote_accessible",
+        "base",
+        "size",
+        "placement",
+        "keys",
+        "share",
+        "alloc",
+        "regions",
+        "deferred",
+    )
 
-    def __init__(self, cache: Cache, origin: str, remote_accessible: bool, base: int = 0,
-                 size: int = 0, share: Optional["Share"] = None) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        origin: str,
+        remote_accessible: bool,
+        base: int = 0,
+        size: int = 0,
+        share: Optional["Share"] = None,
+    ) -> None:
         self.cache = cache
         self.origin = origin
         self.remote_accessible = remote_accessible
-        self.base = base              # the allocation holding the tensors (allocated caches)
+        self.base = base  # the allocation holding the tensors (allocated caches)
         self.size = size
         self.placement = cache.cache_desc.placement
         self.keys: List[Union[CacheKey, BlocksCacheKey]] = []
-        self.share = share            # how a peer on this host reaches it, or None
-        self.alloc = base             # the runtime allocation to free (may start before base)
-        self.regions: List[Region] = []   # one per tensor, in tensor order (once added)
+        self.share = share  # how a peer on this host reaches it, or None
+        self.alloc = base  # the runtime allocation to free (may start before base)
+        self.regions: List[Region] = []  # one per tensor, in tensor order (once added)
         # deallocate_cache was called while CacheKeys named it: freed once the last one goes
         self.deferred = False
 
-    def locate(self, first: int, stop: int, lo: int, hi: int
-               ) -> Tuple[List[Optional[Region]], int]:
+    def locate(self, first: int, stop: int, lo: int, hi: int) -> Tuple[List[Optional[Region]], int]:
         """Bounds inside this cache alone: the regions of tensors [first, stop) when [lo, hi)
         (bytes from each tensor's start) fits a tensor, else no region and position 0 (as
         MemoryRegistry.locate reports the first tensor that fits none)."""
@@ -250,13 +281,19 @@ class ClusterMemory:
         # A cache's CacheKeys name its batch rows in order: the i-th key given names row i.
         self.key_rows: Dict[CacheKey, int] = {}
 
-    def add(self, entry: MemoryEntry, keys: Sequence[Union[CacheKey, BlocksCacheKey]] = (),
-            delta: int = 0, pid: int = 0) -> None:
+    def add(
+        self,
+        entry: MemoryEntry,
+        keys: Sequence[Union[CacheKey, BlocksCacheKey]] = (),
+        delta: int = 0,
+        pid: int = 0,
+    ) -> None:
         """Add a cache and its keys. A key already naming another cache moves to this one
         (the last registration wins, as upstream); duplicates within keys are refused."""
         if len(set(keys)) != len(keys):
-            raise LLMException("the cache keys have duplicates",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            raise LLMException(
+                "the cache keys have duplicates", status_code=LLMStatusCode.LLM_PARAM_INVALID
+            )
         entry.regions = self.registry.add(entry.cache, entry.origin, delta, pid)
         self.entries[entry.cache.cache_id] = entry
         row = 0
@@ -283,8 +320,9 @@ class ClusterMemory:
             self.key_rows.pop(key, None)
         return entry
 
-    def find(self, key: Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey]
-             ) -> Tuple[Optional[MemoryEntry], int]:
+    def find(
+        self, key: Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey]
+    ) -> Tuple[Optional[MemoryEntry], int]:
         """The cache a key names here (None when none does) and the row it names: the row of a
         CacheKeyByIdAndIndex, the i-th CacheKey of a cache names row i, a BlocksCacheKey row 0."""
         if isinstance(key, BlocksCacheKey):

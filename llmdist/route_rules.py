@@ -67,16 +67,44 @@ class Capabilities:
 
 # One row per route and way of reaching memory, tried in this order.
 CAPABILITIES: Tuple[Tuple[RouteKind, Capabilities], ...] = (
-    (RouteKind.LOCAL, Capabilities(_BOTH, _PLACEMENTS, frozenset((Reach.SELF,)),
-                                   frozenset((False, True)), Access.OWN)),
-    (RouteKind.MAPPED, Capabilities(_BOTH, _PLACEMENTS, frozenset((Reach.SAME_HOST,)),
-                                    frozenset((False,)), Access.SHARED_MEMORY)),
-    (RouteKind.MAPPED, Capabilities(_BOTH, _DEVICE_ONLY, frozenset((Reach.SAME_HOST,)),
-                                    frozenset((True,)), Access.DEVICE_IPC)),
-    (RouteKind.PROCESS, Capabilities(_BOTH, _PLACEMENTS, frozenset((Reach.SAME_HOST,)),
-                                     frozenset((False,)), Access.PROCESS)),
-    (RouteKind.ENGINE, Capabilities(_BOTH, _PLACEMENTS, frozenset((Reach.ENGINE,)),
-                                    frozenset((False,)), Access.ENGINE)),
+    (
+        RouteKind.LOCAL,
+        Capabilities(
+            _BOTH, _PLACEMENTS, frozenset((Reach.SELF,)), frozenset((False, True)), Access.OWN
+        ),
+    ),
+    (
+        RouteKind.MAPPED,
+        Capabilities(
+            _BOTH,
+            _PLACEMENTS,
+            frozenset((Reach.SAME_HOST,)),
+            frozenset((False,)),
+            Access.SHARED_MEMORY,
+        ),
+    ),
+    (
+        RouteKind.MAPPED,
+        Capabilities(
+            _BOTH,
+            _DEVICE_ONLY,
+            frozenset((Reach.SAME_HOST,)),
+            frozenset((True,)),
+            Access.DEVICE_IPC,
+        ),
+    ),
+    (
+        RouteKind.PROCESS,
+        Capabilities(
+            _BOTH, _PLACEMENTS, frozenset((Reach.SAME_HOST,)), frozenset((False,)), Access.PROCESS
+        ),
+    ),
+    (
+        RouteKind.ENGINE,
+        Capabilities(
+            _BOTH, _PLACEMENTS, frozenset((Reach.ENGINE,)), frozenset((False,)), Access.ENGINE
+        ),
+    ),
 )
 
 
@@ -108,9 +136,13 @@ class Refusal:
 
 
 def _fits(caps: Capabilities, ctx: SelectionContext) -> bool:
-    return (ctx.direction in caps.directions and (ctx.source, ctx.destination) in caps.placements
-            and ctx.reach in caps.reaches and ctx.device_runtime in caps.device_runtime
-            and ctx.access is caps.access)
+    return (
+        ctx.direction in caps.directions
+        and (ctx.source, ctx.destination) in caps.placements
+        and ctx.reach in caps.reaches
+        and ctx.device_runtime in caps.device_runtime
+        and ctx.access is caps.access
+    )
 
 
 def choose_route(ctx: SelectionContext) -> Union[RouteKind, Refusal]:
@@ -119,23 +151,38 @@ def choose_route(ctx: SelectionContext) -> Union[RouteKind, Refusal]:
     if ctx.link_down is not None:
         return Refusal(ctx.link_down, LLMStatusCode.LLM_NOT_YET_LINK)
     if ctx.source == _H and ctx.destination == _D:
-        return Refusal(f"a HOST source cannot go to a DEVICE destination ({ctx.other})",
-                       LLMStatusCode.LLM_PARAM_INVALID)
+        return Refusal(
+            f"a HOST source cannot go to a DEVICE destination ({ctx.other})",
+            LLMStatusCode.LLM_PARAM_INVALID,
+        )
     other_place = ctx.destination if ctx.direction == Direction.WRITE else ctx.source
-    if (ctx.reach is not Reach.SELF and other_place == _D and ctx.peer_runtime is not None
-            and ctx.peer_runtime != ctx.runtime):
+    if (
+        ctx.reach is not Reach.SELF
+        and other_place == _D
+        and ctx.peer_runtime is not None
+        and ctx.peer_runtime != ctx.runtime
+    ):
         verb = "write into" if ctx.direction == Direction.WRITE else "read from"
-        return Refusal(f"{ctx.other} is DEVICE memory of the {ctx.peer_runtime} runtime; this "
-                       f"cluster runs the {ctx.runtime} runtime and cannot {verb} it", refuse)
+        return Refusal(
+            f"{ctx.other} is DEVICE memory of the {ctx.peer_runtime} runtime; this "
+            f"cluster runs the {ctx.runtime} runtime and cannot {verb} it",
+            refuse,
+        )
     for kind, caps in CAPABILITIES:
         if _fits(caps, ctx):
             return kind
     if ctx.access is Access.NONE:
         return Refusal(ctx.why, refuse)
     if ctx.device_runtime and ctx.reach is not Reach.SELF and other_place == _H:
-        return Refusal(f"{ctx.other} is HOST memory of another process: on the {ctx.runtime} "
-                       f"runtime a transfer to another process reaches only DEVICE caches that "
-                       f"process allocated (device IPC)", refuse)
-    return Refusal(f"no route moves {ctx.other} ({ctx.direction.name}, "
-                   f"{ctx.source.name} to {ctx.destination.name}, {ctx.reach.value}, "
-                   f"{ctx.access.value}) on the {ctx.runtime} runtime", refuse)
+        return Refusal(
+            f"{ctx.other} is HOST memory of another process: on the {ctx.runtime} "
+            f"runtime a transfer to another process reaches only DEVICE caches that "
+            f"process allocated (device IPC)",
+            refuse,
+        )
+    return Refusal(
+        f"no route moves {ctx.other} ({ctx.direction.name}, "
+        f"{ctx.source.name} to {ctx.destination.name}, {ctx.reach.value}, "
+        f"{ctx.access.value}) on the {ctx.runtime} runtime",
+        refuse,
+    )

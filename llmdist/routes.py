@@ -51,17 +51,19 @@ class Route:
     """The data path to one cluster's memory (both directions)."""
 
     name = "route"
-    pid = 0             # the peer process (ProcessRoute)
-    single = False      # device copies go run by run (memory of another device)
+    pid = 0  # the peer process (ProcessRoute)
+    single = False  # device copies go run by run (memory of another device)
 
     def __init__(self, link: Optional["_core.LinkFlag"] = None) -> None:
-        self.link = link            # the peer's LinkFlag; None for this cluster
+        self.link = link  # the peer's LinkFlag; None for this cluster
 
     def lane(self, kind: CopyKind) -> Lane:
         """The lane the layer loop moves this route's runs on."""
         raise NotImplementedError
 
-    def reach(self, addrs: Sequence[int], regions: Sequence["Region"]) -> Tuple[List[int], List[int]]:
+    def reach(
+        self, addrs: Sequence[int], regions: Sequence["Region"]
+    ) -> Tuple[List[int], List[int]]:
         """The other cluster's tensor bases as the layer loop uses them, and the end of the
         region holding each (regions[i] holds addrs[i])."""
         return list(addrs), list(map(_REGION_END, regions))
@@ -99,7 +101,9 @@ class MappedRoute(Route):
 
     name = "mapped"
 
-    def __init__(self, link: "_core.LinkFlag", deltas: Dict[int, int], single: bool = False) -> None:
+    def __init__(
+        self, link: "_core.LinkFlag", deltas: Dict[int, int], single: bool = False
+    ) -> None:
         super().__init__(link)
         self._deltas = deltas
         self.single = single
@@ -113,7 +117,7 @@ class MappedRoute(Route):
         cache = None
         delta = 0
         for a, r in zip(addrs, regions):
-            if r.cache is not cache:        # the regions of one cache come in a row
+            if r.cache is not cache:  # the regions of one cache come in a row
                 cache = r.cache
                 delta = self._deltas[cache.cache_id]
             bases.append(a + delta)
@@ -143,7 +147,9 @@ class EngineRoute(Route):
 
     name = "engine"
 
-    def __init__(self, link: "_core.LinkFlag", transport: "MooncakeTransport", session: str) -> None:
+    def __init__(
+        self, link: "_core.LinkFlag", transport: "MooncakeTransport", session: str
+    ) -> None:
         super().__init__(link)
         self._transport = transport
         self._session = session
@@ -153,6 +159,10 @@ class EngineRoute(Route):
 
     def channel(self, sync_timeout: Optional[int]) -> "EngineChannel":
         from .transport_mooncake import EngineChannel
-        wait_ms = (ENGINE_WAIT_DEFAULT_MS if sync_timeout is None
-                   else max(sync_timeout, ENGINE_WAIT_MIN_MS))
+
+        wait_ms = (
+            ENGINE_WAIT_DEFAULT_MS
+            if sync_timeout is None
+            else max(sync_timeout, ENGINE_WAIT_MIN_MS)
+        )
         return EngineChannel(self._transport, self._session, wait_ms)

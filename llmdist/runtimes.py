@@ -16,7 +16,7 @@ from .status import LLMException, LLMStatusCode
 CHOICES = ("auto", "host", "acl", "cuda")
 
 _lock = threading.Lock()
-_reasons: Dict[str, str] = {}          # why a device runtime could not be used, by name
+_reasons: Dict[str, str] = {}  # why a device runtime could not be used, by name
 _loaded: Dict[str, "_core.Runtime"] = {}
 _active: Optional["_core.Runtime"] = None
 
@@ -31,9 +31,11 @@ def acl_library_paths() -> List[str]:
         root = os.environ.get(var)
         if root:
             paths.append(os.path.join(root, "lib64", "libascendcl.so"))
-    paths += ["/usr/local/Ascend/cann/lib64/libascendcl.so",
-              "/usr/local/Ascend/ascend-toolkit/latest/lib64/libascendcl.so",
-              "libascendcl.so"]
+    paths += [
+        "/usr/local/Ascend/cann/lib64/libascendcl.so",
+        "/usr/local/Ascend/ascend-toolkit/latest/lib64/libascendcl.so",
+        "libascendcl.so",
+    ]
     return paths
 
 
@@ -45,8 +47,10 @@ def cuda_library_paths() -> List[str]:
         return [override]
     paths = []
     for entry in sys.path:
-        for sub, name in (("nvidia/cu13/lib", "libcudart.so.13"),
-                          ("nvidia/cuda_runtime/lib", "libcudart.so.12")):
+        for sub, name in (
+            ("nvidia/cu13/lib", "libcudart.so.13"),
+            ("nvidia/cuda_runtime/lib", "libcudart.so.12"),
+        ):
             candidate = os.path.join(entry or ".", sub, name)
             if os.path.exists(candidate) and candidate not in paths:
                 paths.append(candidate)
@@ -80,28 +84,40 @@ def load(choice: Optional[str], device_id: int) -> "_core.Runtime":
     if choice is None:
         choice = os.environ.get("LLMDIST_RUNTIME", "auto") or "auto"
     if choice not in CHOICES:
-        raise LLMException(f"runtime must be one of {', '.join(CHOICES)}, got {choice!r}",
-                           status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        raise LLMException(
+            f"runtime must be one of {', '.join(CHOICES)}, got {choice!r}",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
     with _lock:
         rt: Optional[_core.Runtime] = None
         if choice in ("acl", "cuda"):
             rt = _try(choice, device_id)
             if rt is None:
-                raise LLMException(f"the {choice} runtime is not available: {_reasons[choice]}",
-                                   status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+                raise LLMException(
+                    f"the {choice} runtime is not available: {_reasons[choice]}",
+                    status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+                )
         elif choice == "auto":
             rt = _try("acl", device_id) or _try("cuda", device_id)
         if rt is None:
             rt = _core.Runtime.host(device_id)
         if _active is not None and _active.name != rt.name and not _active.is_host:
-            raise LLMException(f"this process already drives the {_active.name} runtime; "
-                               f"one process uses one runtime and one device",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
-        if _active is not None and _active.name == rt.name and _active.device_id != device_id \
-                and not rt.is_host:
-            raise LLMException(f"this process already drives {rt.name} device "
-                               f"{_active.device_id}; it cannot also drive device {device_id}",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            raise LLMException(
+                f"this process already drives the {_active.name} runtime; "
+                f"one process uses one runtime and one device",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
+        if (
+            _active is not None
+            and _active.name == rt.name
+            and _active.device_id != device_id
+            and not rt.is_host
+        ):
+            raise LLMException(
+                f"this process already drives {rt.name} device "
+                f"{_active.device_id}; it cannot also drive device {device_id}",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
         _loaded[rt.name] = rt
         _active = rt
         return rt
@@ -118,8 +134,11 @@ def runtime_info() -> Dict[str, object]:
                 rt = _try(name, 0)
             if rt is not None:
                 _loaded[name] = rt
-        runtimes[name] = ({"available": True, "version": rt.version, "library": rt.library}
-                          if rt is not None else {"available": False, "reason": _reasons[name]})
+        runtimes[name] = (
+            {"available": True, "version": rt.version, "library": rt.library}
+            if rt is not None
+            else {"available": False, "reason": _reasons[name]}
+        )
         if rt is not None and rt.device_copy is not None:
             # a runtime with a copy kernel: how device-to-device copies run, and why DMA
             runtimes[name]["device_copy"] = rt.device_copy

@@ -14,7 +14,7 @@ from typing import ClassVar, List, Optional, Tuple, Union
 
 from .wire_checks import ProtocolError, check_int, check_text
 
-ID_MAX = 160    # longest device IPC export id, its NUL included (LLMD_IPC_ID_MAX)
+ID_MAX = 160  # longest device IPC export id, its NUL included (LLMD_IPC_ID_MAX)
 ONLY_OVER_UNIX = "its memory is shared with processes of this host over a Unix socket only"
 
 
@@ -105,7 +105,7 @@ class DeviceIpcShare:
     """A device IPC export (see device_ipc.py): the exporter's [base, base + size) on its
     device, which a process of this host imports by the runtime's export id."""
 
-    kind: ShareKind             # ACL_IPC or CUDA_IPC: the exporter's runtime
+    kind: ShareKind  # ACL_IPC or CUDA_IPC: the exporter's runtime
     id: str
     base: int
     size: int
@@ -119,23 +119,42 @@ class DeviceIpcShare:
         """The share as sent; only over a Unix socket (fds not None)."""
         if fds is None:
             return Unshared(ONLY_OVER_UNIX).to_wire(None)
-        return {"kind": self.kind.value, "id": self.id, "base": self.base, "size": self.size,
-                "device": self.device}
+        return {
+            "kind": self.kind.value,
+            "id": self.id,
+            "base": self.base,
+            "size": self.size,
+            "device": self.device,
+        }
 
     @classmethod
     def from_wire(cls, w: dict, fds: List[int]) -> "DeviceIpcShare":
         export_id = w.get("id")
-        if (not isinstance(export_id, str) or not 0 < len(export_id) < ID_MAX
-                or not export_id.isascii() or not export_id.isprintable()):
+        if (
+            not isinstance(export_id, str)
+            or not 0 < len(export_id) < ID_MAX
+            or not export_id.isascii()
+            or not export_id.isprintable()
+        ):
             raise ProtocolError("bad device IPC id")
-        return cls(ShareKind(w["kind"]), export_id, check_int(w.get("base"), 1),
-                   check_int(w.get("size"), 1), check_int(w.get("device", 0), 0, 2**31 - 1))
+        return cls(
+            ShareKind(w["kind"]),
+            export_id,
+            check_int(w.get("base"), 1),
+            check_int(w.get("size"), 1),
+            check_int(w.get("device", 0), 0, 2**31 - 1),
+        )
 
 
 Share = Union[Unshared, ProcessShare, MemfdShare, DeviceIpcShare]
 
-_TYPES = {"none": Unshared, "process": ProcessShare, "memfd": MemfdShare,
-          "acl_ipc": DeviceIpcShare, "cuda_ipc": DeviceIpcShare}     # by ShareKind value
+_TYPES = {
+    "none": Unshared,
+    "process": ProcessShare,
+    "memfd": MemfdShare,
+    "acl_ipc": DeviceIpcShare,
+    "cuda_ipc": DeviceIpcShare,
+}  # by ShareKind value
 
 
 def share_to_wire(share: Optional[Share], fds: Optional[List[int]]) -> dict:

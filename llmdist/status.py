@@ -58,8 +58,9 @@ class LLMStatusCode(NamedIntEnum):
 class LLMException(RuntimeError):
     """Error raised by llmdist; carries the LLMStatusCode that tells callers what went wrong."""
 
-    def __init__(self, *args: Any,
-                 status_code: Union[LLMStatusCode, int] = LLMStatusCode.LLM_SUCCESS) -> None:
+    def __init__(
+        self, *args: Any, status_code: Union[LLMStatusCode, int] = LLMStatusCode.LLM_SUCCESS
+    ) -> None:
         super().__init__(*args)
         # Keep a plain int from C code comparable and printable as a named code when it is one.
         try:

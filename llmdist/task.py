@@ -6,18 +6,17 @@ import time
 from typing import List, Optional, Tuple
 
 from . import _core
-from .results import config_results
 from ._check import check_uint32
+from .results import config_results
 from .status import LLMStatusCode
 
 
 class CacheTask:
     """A transfer in progress. Waiting with a timeout never cancels it."""
 
-    def __init__(self, job: Optional["_core.TransferJob"], num_configs: int,
-                 notice=None) -> None:
+    def __init__(self, job: Optional["_core.TransferJob"], num_configs: int, notice=None) -> None:
         self._job = job
-        self._notice = notice           # notifications.TaskNotice of notify=, or None
+        self._notice = notice  # notifications.TaskNotice of notify=, or None
         self._num_configs = num_configs
         self._report: Optional[Tuple[list, list]] = None
 
@@ -26,7 +25,9 @@ class CacheTask:
             check_uint32("timeout_in_millis", timeout_in_millis)
         if self._job is None:
             return True
-        return self._job.done.wait(None if timeout_in_millis is None else timeout_in_millis / 1000.0)
+        return self._job.done.wait(
+            None if timeout_in_millis is None else timeout_in_millis / 1000.0
+        )
 
     def synchronize(self, timeout_in_millis: Optional[int] = None) -> LLMStatusCode:
         """Wait for the end; LLM_TIMEOUT if still running, else the first failure or success.

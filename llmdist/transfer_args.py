@@ -15,14 +15,22 @@ def check_tensor_num_per_layer(value) -> int:
     """tensor_num_per_layer: a uint32, 1 (one tensor per layer, MLA) or 2 (K and V)."""
     check_uint32("tensor_num_per_layer", value)
     if value != 1 and value != 2:
-        raise LLMException(f"tensor_num_per_layer must be 1 or 2, but got {value}",
-                           status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        raise LLMException(
+            f"tensor_num_per_layer must be 1 or 2, but got {value}",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
     return value
 
 
-def layer_ranges(src_range: Optional[range], dst_range: Optional[range], src_tensors: int,
-                 dst_tensors: int, tpl: int, src_name: str,
-                 dst_name: str) -> Tuple[range, range, int]:
+def layer_ranges(
+    src_range: Optional[range],
+    dst_range: Optional[range],
+    src_tensors: int,
+    dst_tensors: int,
+    tpl: int,
+    src_name: str,
+    dst_name: str,
+) -> Tuple[range, range, int]:
     """Check both layer ranges against the caches' layers (tpl tensors each). Returns the
     ranges and the tensors per layer to move with. Both None: every tensor, tensor i to tensor
     i (caches of one tensor, as in upstream's samples, have no K/V pair); one None: every
@@ -30,21 +38,31 @@ def layer_ranges(src_range: Optional[range], dst_range: Optional[range], src_ten
     check_layer_range("src_layer_range", src_range)
     check_layer_range("dst_layer_range", dst_range)
     if src_range is None and dst_range is None:
-        require(src_tensors == dst_tensors,
-                f"{src_name} has {src_tensors} tensors and {dst_name} {dst_tensors}: without "
-                f"layer ranges every tensor is moved, so the counts must be equal")
+        require(
+            src_tensors == dst_tensors,
+            f"{src_name} has {src_tensors} tensors and {dst_name} {dst_tensors}: without "
+            f"layer ranges every tensor is moved, so the counts must be equal",
+        )
         return range(src_tensors), range(dst_tensors), 1
     for name, tensors in ((src_name, src_tensors), (dst_name, dst_tensors)):
-        require(tensors % tpl == 0, f"{name} has {tensors} tensors, not a multiple of "
-                                    f"tensor_num_per_layer {tpl}")
+        require(
+            tensors % tpl == 0,
+            f"{name} has {tensors} tensors, not a multiple of tensor_num_per_layer {tpl}",
+        )
     src = range(src_tensors // tpl) if src_range is None else src_range
     dst = range(dst_tensors // tpl) if dst_range is None else dst_range
-    require(src.stop <= src_tensors // tpl,
-            f"src_layer_range {src} is outside the {src_tensors // tpl} layers of {src_name}")
-    require(dst.stop <= dst_tensors // tpl,
-            f"dst_layer_range {dst} is outside the {dst_tensors // tpl} layers of {dst_name}")
-    require(len(src) == len(dst), f"src_layer_range {src} and dst_layer_range {dst} must have "
-                                  f"the same length")
+    require(
+        src.stop <= src_tensors // tpl,
+        f"src_layer_range {src} is outside the {src_tensors // tpl} layers of {src_name}",
+    )
+    require(
+        dst.stop <= dst_tensors // tpl,
+        f"dst_layer_range {dst} is outside the {dst_tensors // tpl} layers of {dst_name}",
+    )
+    require(
+        len(src) == len(dst),
+        f"src_layer_range {src} and dst_layer_range {dst} must have the same length",
+    )
     return src, dst, tpl
 
 
@@ -53,9 +71,11 @@ def c2b_plan(dst_idx, row_bytes: int, block: int, blocks_name: str):
     fills at most ceil(row_bytes / block) blocks."""
     chunks = -(-row_bytes // block)
     if len(dst_idx) > chunks:
-        raise LLMException(f"{blocks_name} has {len(dst_idx)} blocks, but a source row of "
-                           f"{row_bytes} bytes fills at most {chunks} blocks of {block} bytes",
-                           status_code=LLMStatusCode.LLM_PARAM_INVALID)
+        raise LLMException(
+            f"{blocks_name} has {len(dst_idx)} blocks, but a source row of "
+            f"{row_bytes} bytes fills at most {chunks} blocks of {block} bytes",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
     return _core.plan_c2b(dst_idx, row_bytes, block)
 
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import List, Optional, Sequence, Union
 
-from ._check import (check_int_list, check_isinstance, check_layer_range, check_uint32,
-                     check_uint64, require)
+from ._check import (
+    check_int_list,
+    check_isinstance,
+    check_layer_range,
+    check_uint32,
+    check_uint64,
+    require,
+)
 from .descs import BlocksCacheKey, CacheKeyByIdAndIndex
 
 __all__ = ["LayerSynchronizer", "TransferConfig", "TransferWithCacheKeyConfig"]
@@ -23,8 +29,13 @@ class LayerSynchronizer(ABC):
 class TransferConfig:
     """Send source layers to destination tensor addresses given by the caller (K, V per layer)."""
 
-    def __init__(self, dst_cluster_id: int, dst_addrs: Sequence[int],
-                 src_layer_range: Optional[range] = None, src_batch_index: int = 0) -> None:
+    def __init__(
+        self,
+        dst_cluster_id: int,
+        dst_addrs: Sequence[int],
+        src_layer_range: Optional[range] = None,
+        src_batch_index: int = 0,
+    ) -> None:
         self._dst_cluster_id = check_uint64("dst_cluster_id", dst_cluster_id)
         self._dst_addrs = check_int_list("dst_addrs", dst_addrs, check_uint64)
         self._src_layer_range = check_layer_range("src_layer_range", src_layer_range)
@@ -70,9 +81,11 @@ class TransferConfig:
         self._src_batch_index = check_uint32("src_batch_index", value)
 
     def __repr__(self) -> str:
-        return (f"TransferConfig(dst_cluster_id={self._dst_cluster_id}, "
-                f"dst_addrs={list(self._dst_addrs)}, src_layer_range={self._src_layer_range}, "
-                f"src_batch_index={self._src_batch_index})")
+        return (
+            f"TransferConfig(dst_cluster_id={self._dst_cluster_id}, "
+            f"dst_addrs={list(self._dst_addrs)}, src_layer_range={self._src_layer_range}, "
+            f"src_batch_index={self._src_batch_index})"
+        )
 
 
 def dst_addrs_of(cfg: TransferConfig) -> List[int]:
@@ -84,9 +97,13 @@ def dst_addrs_of(cfg: TransferConfig) -> List[int]:
 class TransferWithCacheKeyConfig:
     """Send source layers into layers of a cache the destination cluster registered under a key."""
 
-    def __init__(self, cache_key: Union[BlocksCacheKey, CacheKeyByIdAndIndex],
-                 src_layer_range: Optional[range] = None, dst_layer_range: Optional[range] = None,
-                 src_batch_index: int = 0) -> None:
+    def __init__(
+        self,
+        cache_key: Union[BlocksCacheKey, CacheKeyByIdAndIndex],
+        src_layer_range: Optional[range] = None,
+        dst_layer_range: Optional[range] = None,
+        src_batch_index: int = 0,
+    ) -> None:
         check_isinstance("cache_key", cache_key, (BlocksCacheKey, CacheKeyByIdAndIndex))
         src = check_layer_range("src_layer_range", src_layer_range, allow_none=False)
         dst = check_layer_range("dst_layer_range", dst_layer_range, allow_none=False)
@@ -100,13 +117,17 @@ class TransferWithCacheKeyConfig:
 
     @staticmethod
     def _check_lengths(src: range, dst: range) -> None:
-        require(len(src) == len(dst),
-                f"src_layer_range {src} and dst_layer_range {dst} must have the same length")
+        require(
+            len(src) == len(dst),
+            f"src_layer_range {src} and dst_layer_range {dst} must have the same length",
+        )
 
     @staticmethod
     def _check_key_batch(key: Union[BlocksCacheKey, CacheKeyByIdAndIndex], batch: int) -> None:
-        require(not (isinstance(key, BlocksCacheKey) and batch != 0),
-                f"src_batch_index must be 0 with a BlocksCacheKey, but got {batch}")
+        require(
+            not (isinstance(key, BlocksCacheKey) and batch != 0),
+            f"src_batch_index must be 0 with a BlocksCacheKey, but got {batch}",
+        )
 
     @property
     def cache_key(self) -> Union[BlocksCacheKey, CacheKeyByIdAndIndex]:
@@ -158,7 +179,9 @@ class TransferWithCacheKeyConfig:
         self._src_batch_index = value
 
     def __repr__(self) -> str:
-        return (f"TransferWithCacheKeyConfig(cache_key={self._cache_key!r}, "
-                f"src_layer_range={self._src_layer_range}, "
-                f"dst_layer_range={self._dst_layer_range}, "
-                f"src_batch_index={self._src_batch_index})")
+        return (
+            f"TransferWithCacheKeyConfig(cache_key={self._cache_key!r}, "
+            f"src_layer_range={self._src_layer_range}, "
+            f"dst_layer_range={self._dst_layer_range}, "
+            f"src_batch_index={self._src_batch_index})"
+        )

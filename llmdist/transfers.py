@@ -34,9 +34,9 @@ from .route_rules import (
 from .routes import ImportNeeded, LocalRoute, Route
 from .status import LLMException, LLMStatusCode
 
-BUSY_WAIT_S = 0.2       # how long a call waits for a task slot when at the bound
+BUSY_WAIT_S = 0.2  # how long a call waits for a task slot when at the bound
 DEFAULT_WAIT_MS = 1000  # upstream's llm.SyncKvCacheWaitTime when the option is not given
-IMPORT_TRIES = 4        # plannings of one call that may stop for device IPC imports
+IMPORT_TRIES = 4  # plannings of one call that may stop for device IPC imports
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,10 @@ def live_entry(mem: ClusterMemory, name: str, cache: Cache) -> MemoryEntry:
     """The entry of a cache this cluster still holds; LLM_KV_CACHE_NOT_EXIST naming name."""
     entry = mem.entries.get(cache.cache_id)
     if not is_live(cache) or entry is None or entry.cache is not cache:
-        raise _fail(f"{name} {cache.cache_id} is not allocated or registered in this cache "
-                    f"manager", _NOT_EXIST)
+        raise _fail(
+            f"{name} {cache.cache_id} is not allocated or registered in this cache manager",
+            _NOT_EXIST,
+        )
     return entry
 
 
@@ -71,9 +73,17 @@ class Planner:
     """Plans, launches, tracks and waits for the transfers of one cluster's caches. mem and
     lock are the cache manager's: the planner reads caches under that lock."""
 
-    def __init__(self, cluster_id: int, runtime: "_core.Runtime", workers, mem: ClusterMemory,
-                 lock: threading.RLock, node,
-                 sync_timeout: Optional[int], max_inflight: int) -> None:
+    def __init__(
+        self,
+        cluster_id: int,
+        runtime: "_core.Runtime",
+        workers,
+        mem: ClusterMemory,
+        lock: threading.RLock,
+        node,
+        sync_timeout: Optional[int],
+        max_inflight: int,
+    ) -> None:
         self.cluster_id = cluster_id
         self.runtime = runtime
         self.workers = workers
@@ -89,8 +99,8 @@ class Planner:
         self.inflight: Dict[object, Tuple[Tuple[int, int], List[set]]] = {}
         self.max_inflight = max_inflight
         self.slots = threading.BoundedSemaphore(max_inflight)
-        self._here: set = set()                 # jobs launched to run on their caller's thread
-        self._streams = threading.local()       # each calling thread's stream for them
+        self._here: set = set()  # jobs launched to run on their caller's thread
+        self._streams = threading.local()  # each calling thread's stream for them
         self.deadlines = Deadlines()
 
     def check_open(self) -> None:
@@ -101,8 +111,9 @@ class Planner:
         """The peer of a linked cluster; LLM_NOT_YET_LINK (after where) when it is not."""
         peer = self.node.peer(cluster_id) if self.node is not None else None
         if peer is None:
-            raise _fail(f"{where}cluster {cluster_id} is not linked",
-                        LLMStatusCode.LLM_NOT_YET_LINK)
+            raise _fail(
+                f"{where}cluster {cluster_id} is not linked", LLMStatusCode.LLM_NOT_YET_LINK
+            )
         return peer
 
     def ready_peer(self, cluster_id: int, where: str = ""):
@@ -121,18 +132,21 @@ class Planner:
         """Wait briefly for room under llmdist.max_inflight_tasks; LLM_LINK_BUSY without it,
         so that tasks nobody waits for cannot pile up without bound."""
         if not self.slots.acquire(timeout=BUSY_WAIT_S):
-            raise _fail(f"{self.max_inflight} transfer tasks are in flight, the bound set by "
-                        f"option llmdist.max_inflight_tasks; none finished within "
-                        f"{BUSY_WAIT_S * 1000:.0f} ms: wait for some tasks and retry",
-                        LLMStatusCode.LLM_LINK_BUSY)
+            raise _fail(
+                f"{self.max_inflight} transfer tasks are in flight, the bound set by "
+                f"option llmdist.max_inflight_tasks; none finished within "
+                f"{BUSY_WAIT_S * 1000:.0f} ms: wait for some tasks and retry",
+                LLMStatusCode.LLM_LINK_BUSY,
+            )
 
     def _job_done(self, job) -> None:
         with self.lock:
             self.inflight.pop(job, None)
         self.slots.release()
 
-    def launch(self, job, cache_id: int, touched: List[set], notice=None,
-               here: bool = False) -> None:
+    def launch(
+        self, job, cache_id: int, touched: List[set], notice=None, here: bool = False
+    ) -> None:
         """Record job as in flight (driven by this cluster's cache cache_id, touching the
         (cluster, cache) pairs of touched per config) and hand it to the workers (lock held),
         or, here, keep it for finish to run on the calling thread. The caller holds a task
@@ -141,10 +155,12 @@ class Planner:
         if notice is None:
             job.on_finish = self._job_done
         else:
+
             def finished(job) -> None:
                 self._job_done(job)
                 ok = all(r == LLMStatusCode.LLM_SUCCESS for r in config_results(job)[0])
                 notice.fire(ok)
+
             job.on_finish = finished
         if here:
             self._here.add(job)
@@ -152,7 +168,7 @@ class Planner:
         try:
             self.workers.submit(job)
         except BaseException:
-            job.on_finish = None    # it never runs: its slot goes back in the caller
+            job.on_finish = None  # it never runs: its slot goes back in the caller
             self.inflight.pop(job, None)
             raise
 
@@ -162,9 +178,13 @@ class Planner:
         with self.lock:
             work = []
             for job, (_, dsts) in self.inflight.items():
-                hit = [i for i, keys in enumerate(dsts)
-                       if any(k[0] == cluster_id and (cache_id is None or k[1] == cache_id)
-                              for k in keys)]
+                hit = [
+                    i
+                    for i, keys in enumerate(dsts)
+                    if any(
+                        k[0] == cluster_id and (cache_id is None or k[1] == cache_id) for k in keys
+                    )
+                ]
                 if hit:
                     work.append((job, hit))
         for job, hit in work:
@@ -192,8 +212,11 @@ class Planner:
         trip through a worker: on the host runtime (whose streams any thread may use), off the
         Mooncake engine (whose batches go through the workers' channels), and when a worker is
         idle (so that it does not pass jobs queued before it)."""
-        return (self.runtime.is_host and self.workers.idle > 0
-                and all(p.lane != Lane.LANE_ENGINE for p in plans))
+        return (
+            self.runtime.is_host
+            and self.workers.idle > 0
+            and all(p.lane != Lane.LANE_ENGINE for p in plans)
+        )
 
     def finish(self, job, what: str) -> None:
         """Run or wait for a synchronous job (llm.SyncKvCacheWaitTime ms at most); raise its
@@ -208,20 +231,26 @@ class Planner:
             # deadline thread got to cancel the rest or the copies landed meanwhile
             t0 = time.monotonic()
             self._run_here(job, wait_ms)
-            if (job.cancel_code == LLMStatusCode.LLM_TIMEOUT
-                    or time.monotonic() - t0 >= wait_ms / 1000.0):
-                raise _fail(f"{what} did not finish within {wait_ms} ms "
-                            f"(llm.SyncKvCacheWaitTime)", LLMStatusCode.LLM_TIMEOUT)
+            if (
+                job.cancel_code == LLMStatusCode.LLM_TIMEOUT
+                or time.monotonic() - t0 >= wait_ms / 1000.0
+            ):
+                raise _fail(
+                    f"{what} did not finish within {wait_ms} ms (llm.SyncKvCacheWaitTime)",
+                    LLMStatusCode.LLM_TIMEOUT,
+                )
         elif not job.done.wait(wait_ms / 1000.0):
             job.cancel(LLMStatusCode.LLM_TIMEOUT)
             job.done.wait(max(wait_ms / 1000.0, 1.0))
-            raise _fail(f"{what} did not finish within {wait_ms} ms (llm.SyncKvCacheWaitTime)",
-                        LLMStatusCode.LLM_TIMEOUT)
+            raise _fail(
+                f"{what} did not finish within {wait_ms} ms (llm.SyncKvCacheWaitTime)",
+                LLMStatusCode.LLM_TIMEOUT,
+            )
         results, errors = config_results(job)
         code = results[0] if results else None
         if code == LLMStatusCode.LLM_SUCCESS:
             return
-        if code is None:        # cancelled before any copy was issued
+        if code is None:  # cancelled before any copy was issued
             code = job.cancel_code if job.cancel_code is not None else LLMStatusCode.LLM_FAILED
         raise _fail(f"{what} failed: {errors[0] if errors else None or code}", code)
 
@@ -239,7 +268,7 @@ class Planner:
             job.cancel(LLMStatusCode.LLM_FAILED)
         finally:
             self.deadlines.done(entry)
-        job.done.wait()        # a cancellation from another thread reports it
+        job.done.wait()  # a cancellation from another thread reports it
 
     def run_planned(self, plan_job, peers: Sequence):
         """Call plan_job() under the lock (and the locks of peers, whose reader threads update
@@ -253,16 +282,20 @@ class Planner:
                         return plan_job()
             except ImportNeeded as need:
                 need.peer.import_device(need.entries, self.runtime)
-        raise _fail("the peer's caches changed while this transfer was planned: retry",
-                    LLMStatusCode.LLM_LINK_BUSY)
+        raise _fail(
+            "the peer's caches changed while this transfer was planned: retry",
+            LLMStatusCode.LLM_LINK_BUSY,
+        )
 
     # ------------------------------------------------------------------ notifications
 
     def hub(self) -> "notifications.Notifications":
         """The cluster's notifications; LLM_FEATURE_NOT_ENABLED without a cluster."""
         if self.node is None:
-            raise _fail("notifications need a cluster (LLMDataDist.init)",
-                        LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+            raise _fail(
+                "notifications need a cluster (LLMDataDist.init)",
+                LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+            )
         return self.node.notifications
 
     def notify_target(self, cluster_id: int):
@@ -288,13 +321,22 @@ class Planner:
         try:
             self.hub().send(peer, cluster_id, payload).wait()
         except LLMException as exc:
-            raise _fail(f"{what} succeeded, but its notification to cluster {cluster_id} was "
-                        f"not delivered: {exc}", exc.status_code) from None
+            raise _fail(
+                f"{what} succeeded, but its notification to cluster {cluster_id} was "
+                f"not delivered: {exc}",
+                exc.status_code,
+            ) from None
 
     # ------------------------------------------------------------------ one config
 
-    def choose(self, direction: Direction, peer, here: Placement,
-               regions: Sequence[Region], where: str = "") -> set:
+    def choose(
+        self,
+        direction: Direction,
+        peer,
+        here: Placement,
+        regions: Sequence[Region],
+        where: str = "",
+    ) -> set:
         """The kinds of route that reach the caches of regions, one region per cache (peer
         None: this cluster's); LLMException with the refusal after where."""
         return {self._choose(direction, peer, here, r, where) for r in regions}
@@ -307,8 +349,7 @@ class Planner:
         kind = min(kinds, key=_ROUTE_ORDER.index)
         return peer.route_to(kind, list(regions), self.runtime)
 
-    def _choose(self, direction: Direction, peer, here: Placement,
-                region: Region, where: str):
+    def _choose(self, direction: Direction, peer, here: Placement, region: Region, where: str):
         other = region.cache
         there = other.cache_desc.placement
         src, dst = (here, there) if direction == Direction.WRITE else (there, here)
@@ -317,15 +358,31 @@ class Planner:
             kind = self._local_kinds.get((direction, src, dst))
             if kind is not None:
                 return kind
-            ctx = SelectionContext(direction, src, dst, Reach.SELF, not self.runtime.is_host,
-                                   self.runtime.name, Access.OWN, f"cache {other.cache_id}")
+            ctx = SelectionContext(
+                direction,
+                src,
+                dst,
+                Reach.SELF,
+                not self.runtime.is_host,
+                self.runtime.name,
+                Access.OWN,
+                f"cache {other.cache_id}",
+            )
         else:
             access, why = peer.access(peer.mem.entries[other.cache_id], self.runtime)
             reach = Reach.ENGINE if peer.path == "mooncake" else Reach.SAME_HOST
-            ctx = SelectionContext(direction, src, dst, reach, not self.runtime.is_host,
-                                   self.runtime.name, access,
-                                   f"cache {other.cache_id} of cluster {peer.cluster_id}", why,
-                                   peer.runtime)
+            ctx = SelectionContext(
+                direction,
+                src,
+                dst,
+                reach,
+                not self.runtime.is_host,
+                self.runtime.name,
+                access,
+                f"cache {other.cache_id} of cluster {peer.cluster_id}",
+                why,
+                peer.runtime,
+            )
         got = choose_route(ctx)
         if isinstance(got, Refusal):
             raise _fail(f"{where}{got.message}", got.status_code)
@@ -333,34 +390,56 @@ class Planner:
             self._local_kinds[(direction, src, dst)] = got
         return got
 
-    def plan_config(self, direction: Direction, route: Route, layers: range, shift: int,
-                    kind: CopyKind, addrs: Sequence[int], regions: Sequence[Region],
-                    tpl: int) -> "_core.ConfigPlan":
+    def plan_config(
+        self,
+        direction: Direction,
+        route: Route,
+        layers: range,
+        shift: int,
+        kind: CopyKind,
+        addrs: Sequence[int],
+        regions: Sequence[Region],
+        tpl: int,
+    ) -> "_core.ConfigPlan":
         """The layer loop's plan for one checked config in direction: the layers and row of the
         cache here, and the other cache's tensors (addrs, in regions) as route reaches them."""
         target_addrs, target_limits = route.reach(addrs, regions)
-        return _core.ConfigPlan(first_layer=layers.start, stop_layer=layers.stop, row_shift=shift,
-                                kind=kind, lane=route.lane(kind), direction=direction,
-                                target_addrs=target_addrs, target_limits=target_limits,
-                                pid=route.pid, link=route.link,
-                                engine=route.channel(self.sync_timeout), single=route.single,
-                                tensors_per_layer=tpl)
+        return _core.ConfigPlan(
+            first_layer=layers.start,
+            stop_layer=layers.stop,
+            row_shift=shift,
+            kind=kind,
+            lane=route.lane(kind),
+            direction=direction,
+            target_addrs=target_addrs,
+            target_limits=target_limits,
+            pid=route.pid,
+            link=route.link,
+            engine=route.channel(self.sync_timeout),
+            single=route.single,
+            tensors_per_layer=tpl,
+        )
 
-    def resolve_key(self, where: str, key, layers: range, mem: ClusterMemory,
-                    tpl: int) -> Tuple[MemoryEntry, int]:
+    def resolve_key(
+        self, where: str, key, layers: range, mem: ClusterMemory, tpl: int
+    ) -> Tuple[MemoryEntry, int]:
         """The remote-accessible cache a write's key names, checked to hold layers and the row;
         returns it and the row's byte offset inside each tensor."""
         entry, row = find_key(mem, key, where)
         cid = entry.cache.cache_id
         desc = entry.cache.cache_desc
         require(entry.remote_accessible, f"{where}cache {cid} is not remote accessible")
-        require(desc.num_tensors % tpl == 0 and layers.stop <= desc.num_tensors // tpl,
-                f"{where}dst_layer_range {layers} is outside the {desc.num_tensors // tpl} layers "
-                f"of {tpl} tensors of cache {cid}")
-        require(row < desc.batch_size,       # a BlocksCacheKey names row 0
-                f"{where}batch_index {row} must be < the batch size {desc.batch_size} of cache "
-                f"{cid}")
+        require(
+            desc.num_tensors % tpl == 0 and layers.stop <= desc.num_tensors // tpl,
+            f"{where}dst_layer_range {layers} is outside the {desc.num_tensors // tpl} layers "
+            f"of {tpl} tensors of cache {cid}",
+        )
+        require(
+            row < desc.batch_size,  # a BlocksCacheKey names row 0
+            f"{where}batch_index {row} must be < the batch size {desc.batch_size} of cache {cid}",
+        )
         return entry, row * desc.stride
+
 
 class _PeerLocks:
     """Hold the locks of several peers (in a fixed order, so that two calls cannot deadlock)."""

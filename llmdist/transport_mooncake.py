@@ -44,8 +44,12 @@ class _Waiter:
 
     def __init__(self, engine, batch_id: int) -> None:
         self.rc: Optional[int] = None
-        self._thread = threading.Thread(target=self._run, args=(engine, batch_id),
-                                        name=f"mooncake-wait-{batch_id:x}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(engine, batch_id),
+            name=f"mooncake-wait-{batch_id:x}",
+            daemon=True,
+        )
         self._thread.start()
 
     def _run(self, engine, batch_id: int) -> None:
@@ -70,20 +74,26 @@ class MooncakeTransport:
             from mooncake.engine import TransferEngine
         except ImportError as exc:
             import importlib.util
+
             try:
                 installed = importlib.util.find_spec("mooncake") is not None
             except (ImportError, ValueError):
                 installed = False
             if not installed:
-                how = ("pip install 'llmdist[mooncake]' (on an Ascend host "
-                       "'llmdist[mooncake-npu]', Mooncake's NPU build)")
+                how = (
+                    "pip install 'llmdist[mooncake]' (on an Ascend host "
+                    "'llmdist[mooncake-npu]', Mooncake's NPU build)"
+                )
             else:
-                how = ("Mooncake is installed but its engine does not load: it needs the system "
-                       "libraries libibverbs1, libnuma1 and libcurl4 (Debian/Ubuntu names)")
+                how = (
+                    "Mooncake is installed but its engine does not load: it needs the system "
+                    "libraries libibverbs1, libnuma1 and libcurl4 (Debian/Ubuntu names)"
+                )
             raise LLMException(
                 f"the inter-host transport needs Mooncake Transfer Engine: {how}; "
                 f"importing mooncake.engine failed: {exc}",
-                status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED) from exc
+                status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+            ) from exc
         self._lock = threading.Lock()
         # handle -> [engine batch id, its waiter once waited]. Handles are our own numbers: the
         # engine reuses a batch id as soon as it frees it, which may be before wait() hears back.
@@ -95,12 +105,16 @@ class MooncakeTransport:
             rc = engine.initialize(local_ip, _P2P, "tcp", "")
             port = int(engine.get_rpc_port()) if rc == 0 else 0
         except Exception as exc:  # noqa: BLE001 - the binding may raise anything
-            raise LLMException(f"Mooncake engine on {local_ip} failed to start: {exc}",
-                               status_code=LLMStatusCode.LLM_FAILED) from exc
+            raise LLMException(
+                f"Mooncake engine on {local_ip} failed to start: {exc}",
+                status_code=LLMStatusCode.LLM_FAILED,
+            ) from exc
         if rc != 0 or port <= 0:
             raise LLMException(
                 f"Mooncake engine on {local_ip} failed to start: initialize returned {rc}, "
-                f"rpc port {port}", status_code=LLMStatusCode.LLM_FAILED)
+                f"rpc port {port}",
+                status_code=LLMStatusCode.LLM_FAILED,
+            )
         self._engine = engine
         self._session_id = f"{local_ip}:{port}"
 
@@ -112,16 +126,19 @@ class MooncakeTransport:
     def _live_engine(self):
         """The engine, or an LLM_ENGINE_FINALIZED error after close()."""
         if self._engine is None:
-            raise LLMException("the Mooncake transport is closed",
-                               status_code=LLMStatusCode.LLM_ENGINE_FINALIZED)
+            raise LLMException(
+                "the Mooncake transport is closed", status_code=LLMStatusCode.LLM_ENGINE_FINALIZED
+            )
         return self._engine
 
     def register(self, addr: int, length: int) -> None:
         """Let peers write into [addr, addr + length); regions must not overlap."""
         rc = self._live_engine().register_memory(int(addr), int(length))
         if rc != 0:
-            raise LLMException(f"Mooncake register_memory({addr:#x}, {length}) returned {rc}",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            raise LLMException(
+                f"Mooncake register_memory({addr:#x}, {length}) returned {rc}",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
         with self._lock:
             self._regions.append(int(addr))
 
@@ -129,39 +146,67 @@ class MooncakeTransport:
         """Withdraw the region that register() started at addr."""
         rc = self._live_engine().unregister_memory(int(addr))
         if rc != 0:
-            raise LLMException(f"Mooncake unregister_memory({addr:#x}) returned {rc}",
-                               status_code=LLMStatusCode.LLM_PARAM_INVALID)
+            raise LLMException(
+                f"Mooncake unregister_memory({addr:#x}) returned {rc}",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
         with self._lock:
             self._regions.remove(int(addr))
 
-    def write_batch(self, target_session: str, src_addrs: Sequence[int],
-                    dst_addrs: Sequence[int], lengths: Sequence[int]) -> int:
+    def write_batch(
+        self,
+        target_session: str,
+        src_addrs: Sequence[int],
+        dst_addrs: Sequence[int],
+        lengths: Sequence[int],
+    ) -> int:
         """Start writing each local src range to the peer's dst range; returns a handle for wait."""
         return self._start("write", target_session, src_addrs, dst_addrs, lengths)
 
-    def read_batch(self, target_session: str, dst_addrs: Sequence[int],
-                   src_addrs: Sequence[int], lengths: Sequence[int]) -> int:
+    def read_batch(
+        self,
+        target_session: str,
+        dst_addrs: Sequence[int],
+        src_addrs: Sequence[int],
+        lengths: Sequence[int],
+    ) -> int:
         """Start reading each of the peer's src ranges into the local dst range; returns a
         handle for wait."""
         return self._start("read", target_session, dst_addrs, src_addrs, lengths)
 
-    def _start(self, op: str, target_session: str, local_addrs: Sequence[int],
-               peer_addrs: Sequence[int], lengths: Sequence[int]) -> int:
+    def _start(
+        self,
+        op: str,
+        target_session: str,
+        local_addrs: Sequence[int],
+        peer_addrs: Sequence[int],
+        lengths: Sequence[int],
+    ) -> int:
         engine = self._live_engine()
         n = len(lengths)
         if n == 0 or len(local_addrs) != n or len(peer_addrs) != n:
             raise LLMException(
                 f"{op}_batch needs as many local/peer addresses as lengths, at least one "
                 f"(got {len(local_addrs)}/{len(peer_addrs)}/{n})",
-                status_code=LLMStatusCode.LLM_PARAM_INVALID)
-        start = (engine.batch_transfer_async_write if op == "write"
-                 else engine.batch_transfer_async_read)
-        batch_id = int(start(target_session, [int(a) for a in local_addrs],
-                             [int(a) for a in peer_addrs], [int(x) for x in lengths]))
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
+        start = (
+            engine.batch_transfer_async_write if op == "write" else engine.batch_transfer_async_read
+        )
+        batch_id = int(
+            start(
+                target_session,
+                [int(a) for a in local_addrs],
+                [int(a) for a in peer_addrs],
+                [int(x) for x in lengths],
+            )
+        )
         if batch_id <= 0 or batch_id in _BAD_BATCH_IDS:
-            raise LLMException(f"Mooncake could not start a {op} with {target_session} "
-                               "(peer unreachable or unknown session)",
-                               status_code=LLMStatusCode.LLM_LINK_FAILED)
+            raise LLMException(
+                f"Mooncake could not start a {op} with {target_session} "
+                "(peer unreachable or unknown session)",
+                status_code=LLMStatusCode.LLM_LINK_FAILED,
+            )
         with self._lock:
             handle = next(self._handles)
             self._pending[handle] = [batch_id, None]
@@ -172,8 +217,10 @@ class MooncakeTransport:
         engine = self._live_engine()
         with self._lock:
             if handle not in self._pending:
-                raise LLMException(f"unknown or finished Mooncake batch handle {handle!r}",
-                                   status_code=LLMStatusCode.LLM_PARAM_INVALID)
+                raise LLMException(
+                    f"unknown or finished Mooncake batch handle {handle!r}",
+                    status_code=LLMStatusCode.LLM_PARAM_INVALID,
+                )
             entry = self._pending[handle]
             if entry[1] is None:
                 entry[1] = _Waiter(engine, entry[0])
@@ -190,8 +237,10 @@ class MooncakeTransport:
         if self._engine is None:
             return
         with self._lock:
-            waiters = [waiter or _Waiter(self._engine, batch_id)
-                       for batch_id, waiter in self._pending.values()]
+            waiters = [
+                waiter or _Waiter(self._engine, batch_id)
+                for batch_id, waiter in self._pending.values()
+            ]
             self._pending.clear()
             regions, self._regions = self._regions, []
         for waiter in waiters:
@@ -219,17 +268,19 @@ class EngineChannel:
         self._transport = transport
         self._session = session
         self._wait_ms = wait_ms
-        self._handles: List[tuple] = []     # (handle, runs) in the order they were started
+        self._handles: List[tuple] = []  # (handle, runs) in the order they were started
         self._queued = 0
         self.error: Optional[str] = None
 
-    def write(self, local_addrs: Sequence[int], peer_addrs: Sequence[int],
-              lengths: Sequence[int]) -> int:
+    def write(
+        self, local_addrs: Sequence[int], peer_addrs: Sequence[int], lengths: Sequence[int]
+    ) -> int:
         """Queue writes of local ranges into the peer's memory."""
         return self._move("write", local_addrs, peer_addrs, lengths)
 
-    def read(self, local_addrs: Sequence[int], peer_addrs: Sequence[int],
-             lengths: Sequence[int]) -> int:
+    def read(
+        self, local_addrs: Sequence[int], peer_addrs: Sequence[int], lengths: Sequence[int]
+    ) -> int:
         """Queue reads of the peer's ranges into local memory."""
         return self._move("read", local_addrs, peer_addrs, lengths)
 
@@ -243,11 +294,13 @@ class EngineChannel:
                     return rc
             try:
                 if op == "write":
-                    h = self._transport.write_batch(self._session, local_addrs[lo:hi],
-                                                    peer_addrs[lo:hi], lengths[lo:hi])
+                    h = self._transport.write_batch(
+                        self._session, local_addrs[lo:hi], peer_addrs[lo:hi], lengths[lo:hi]
+                    )
                 else:
-                    h = self._transport.read_batch(self._session, local_addrs[lo:hi],
-                                                   peer_addrs[lo:hi], lengths[lo:hi])
+                    h = self._transport.read_batch(
+                        self._session, local_addrs[lo:hi], peer_addrs[lo:hi], lengths[lo:hi]
+                    )
             except Exception as exc:  # noqa: BLE001 - any refusal ends the config, with its text
                 self.error = f"transfer engine refused a {op}: {exc}"
                 return WAIT_FAILED
@@ -269,8 +322,10 @@ class EngineChannel:
         nonzero result): LLM_TIMEOUT when a batch was still running at its wait's end,
         LLM_LINK_FAILED otherwise."""
         timed_out = code == WAIT_TIMEOUT
-        text = self.error or (f"the transfer engine did not deliver the bytes "
-                              f"({'timed out' if timed_out else f'code {code}'})")
+        text = self.error or (
+            f"the transfer engine did not deliver the bytes "
+            f"({'timed out' if timed_out else f'code {code}'})"
+        )
         return (LLMStatusCode.LLM_TIMEOUT if timed_out else LLMStatusCode.LLM_LINK_FAILED), text
 
     def settle(self) -> int:

@@ -12,10 +12,16 @@ from .shares import share_from_wire, share_to_wire
 from .status import LLMException
 from .wire_checks import ProtocolError, check_enum, check_int, check_list, check_text
 
-__all__ = ["Hello", "cache_from_wire", "cache_to_wire", "key_from_wire", "key_to_wire",
-           "share_to_wire"]
+__all__ = [
+    "Hello",
+    "cache_from_wire",
+    "cache_to_wire",
+    "key_from_wire",
+    "key_to_wire",
+    "share_to_wire",
+]
 
-RUNTIMES = ("host", "acl", "cuda")      # the runtimes a hello may name
+RUNTIMES = ("host", "acl", "cuda")  # the runtimes a hello may name
 
 
 def key_from_wire(w: object) -> Union[CacheKey, BlocksCacheKey]:
@@ -38,13 +44,21 @@ def cache_to_wire(entry: MemoryEntry, fds: Optional[List[int]] = None) -> dict:
     or None over TCP; see shares.py)."""
     c = entry.cache
     d = c.cache_desc
-    return {"id": c.cache_id, "num_tensors": d.num_tensors, "shape": list(d.shape),
-            "dtype": d.data_type.value, "placement": int(d.placement), "batch_dim": d.batch_dim,
-            "seq_len_dim": d.seq_len_dim_index, "blocks": c.is_blocks_cache,
-            "addrs": c.tensor_addrs, "origin": entry.origin,
-            "remote_accessible": entry.remote_accessible,
-            "keys": [key_to_wire(k) for k in entry.keys],
-            "share": share_to_wire(entry.share, fds)}
+    return {
+        "id": c.cache_id,
+        "num_tensors": d.num_tensors,
+        "shape": list(d.shape),
+        "dtype": d.data_type.value,
+        "placement": int(d.placement),
+        "batch_dim": d.batch_dim,
+        "seq_len_dim": d.seq_len_dim_index,
+        "blocks": c.is_blocks_cache,
+        "addrs": c.tensor_addrs,
+        "origin": entry.origin,
+        "remote_accessible": entry.remote_accessible,
+        "keys": [key_to_wire(k) for k in entry.keys],
+        "share": share_to_wire(entry.share, fds),
+    }
 
 
 def cache_from_wire(w: object, fds: List[int] = ()) -> Tuple[MemoryEntry, list]:
@@ -54,11 +68,14 @@ def cache_from_wire(w: object, fds: List[int] = ()) -> Tuple[MemoryEntry, list]:
         raise ProtocolError("cache is not an object")
     try:
         num_tensors = check_int(w["num_tensors"], 1, 2**32 - 1)
-        desc = CacheDesc(num_tensors,
-                         [check_int(x, 1, 2**63 - 1) for x in check_list(w["shape"], 64)],
-                         check_enum(DataType, w["dtype"]), check_enum(Placement, w["placement"]),
-                         batch_dim_index=check_int(w["batch_dim"], 0, 64),
-                         seq_len_dim_index=check_int(w["seq_len_dim"], -1, 64))
+        desc = CacheDesc(
+            num_tensors,
+            [check_int(x, 1, 2**63 - 1) for x in check_list(w["shape"], 64)],
+            check_enum(DataType, w["dtype"]),
+            check_enum(Placement, w["placement"]),
+            batch_dim_index=check_int(w["batch_dim"], 0, 64),
+            seq_len_dim_index=check_int(w["seq_len_dim"], -1, 64),
+        )
         if type(w["blocks"]) is not bool or type(w["remote_accessible"]) is not bool:
             raise ProtocolError("bad flags")
         if w["origin"] not in (ALLOCATED, REGISTERED):
@@ -73,8 +90,10 @@ def cache_from_wire(w: object, fds: List[int] = ()) -> Tuple[MemoryEntry, list]:
             # Writes land at a tensor's address moved into the mapping: every tensor must lie
             # inside the memory the share names, or they would land outside it.
             if any(a < base or a + desc.size > base + size for a in addrs):
-                raise ProtocolError(f"cache {cache.cache_id} has tensors outside the "
-                                    f"{size} bytes of its shared memory")
+                raise ProtocolError(
+                    f"cache {cache.cache_id} has tensors outside the "
+                    f"{size} bytes of its shared memory"
+                )
         entry = MemoryEntry(cache, w["origin"], w["remote_accessible"], share=share)
         if region is not None:
             entry.base, entry.size = region
@@ -92,14 +111,14 @@ class Hello:
 
     cluster_id: int
     role: LLMRole
-    target: Optional[int]           # the cluster the client meant to reach (None: any)
+    target: Optional[int]  # the cluster the client meant to reach (None: any)
     host: str
-    runtime: str                    # one of RUNTIMES
+    runtime: str  # one of RUNTIMES
     caches: list
-    want_engine: bool               # the sender forces Mooncake (llmdist.transport=mooncake)
-    mooncake: Optional[str]         # the sender's Mooncake session, when its engine runs
-    engine_error: Optional[str]     # why the sender's engine did not start
-    comm: Optional[str]             # the rank-table comm the link belongs to
+    want_engine: bool  # the sender forces Mooncake (llmdist.transport=mooncake)
+    mooncake: Optional[str]  # the sender's Mooncake session, when its engine runs
+    engine_error: Optional[str]  # why the sender's engine did not start
+    comm: Optional[str]  # the rank-table comm the link belongs to
 
     @classmethod
     def from_wire(cls, msg: dict) -> "Hello":
@@ -117,6 +136,8 @@ class Hello:
         want_engine = msg.get("want_engine", False)
         if type(want_engine) is not bool:
             raise ProtocolError("bad want_engine")
-        texts = {k: check_text(msg[k]) if k in msg else None
-                 for k in ("mooncake", "engine_error", "comm")}
+        texts = {
+            k: check_text(msg[k]) if k in msg else None
+            for k in ("mooncake", "engine_error", "comm")
+        }
         return cls(cluster_id, role, target, host, runtime, caches, want_engine, **texts)

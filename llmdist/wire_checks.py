@@ -8,7 +8,7 @@ from typing import Type, TypeVar
 
 from .auth import MAX_FRAME, ProtocolError
 
-MAX_TEXT = 4096                 # the longest free text a peer may send (host, reasons, ids)
+MAX_TEXT = 4096  # the longest free text a peer may send (host, reasons, ids)
 
 E = TypeVar("E", bound=Enum)
 

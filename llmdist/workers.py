@@ -24,7 +24,7 @@ class TransferWorkers:
         self._threads: List[threading.Thread] = []
         self._lock = threading.Lock()
         self._closed = False
-        self._idle = 0          # threads waiting for a job
+        self._idle = 0  # threads waiting for a job
 
     @property
     def idle(self) -> int:
@@ -39,8 +39,9 @@ class TransferWorkers:
             if self._closed or self._threads:
                 return
             for i in range(self._size):
-                t = threading.Thread(target=self._main, args=(ready,),
-                                     name=f"llmdist-transfer-{i}", daemon=True)
+                t = threading.Thread(
+                    target=self._main, args=(ready,), name=f"llmdist-transfer-{i}", daemon=True
+                )
                 t.start()
                 self._threads.append(t)
         try:

@@ -26,22 +26,45 @@ ME, PEER = 990, 991
 
 def main() -> None:
     dd = LLMDataDist(LLMRole.DECODER, ME)
-    dd.init({"llm.listenIpInfo": "127.0.0.1:0", "llm.EnableCacheManager": "1",
-             "llm.EnableRemoteCacheAccessible": "1", "ge.exec.deviceId": "0",
-             "llmdist.runtime": "cuda"})
+    dd.init(
+        {
+            "llm.listenIpInfo": "127.0.0.1:0",
+            "llm.EnableCacheManager": "1",
+            "llm.EnableRemoteCacheAccessible": "1",
+            "ge.exec.deviceId": "0",
+            "llmdist.runtime": "cuda",
+        }
+    )
     cm = dd.cache_manager
     desc = CacheDesc(2, [4, 64], DataType.DT_UINT8, Placement.DEVICE)
     src = cm.allocate_blocks_cache(desc, BlocksCacheKey(ME, 1))
     # The peer: links, acknowledges announcements, never sends ipc_ready.
     base = 1 << 40
-    wire = {"id": 1, "num_tensors": 2, "shape": [4, 64], "dtype": 4, "placement": 1,
-            "batch_dim": 0, "seq_len_dim": -1, "blocks": True, "addrs": [base, base + 256],
-            "origin": "allocated", "remote_accessible": True, "keys": [["blocks", PEER, 1]],
-            "share": {"kind": "cuda_ipc", "id": "peer-export", "base": base, "size": 512,
-                      "device": 0}}
-    hello = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": PEER,
-             "role": int(LLMRole.PROMPT), "target": ME, "host": cluster.host_identity(),
-             "runtime": "cuda", "caches": []}
+    wire = {
+        "id": 1,
+        "num_tensors": 2,
+        "shape": [4, 64],
+        "dtype": 4,
+        "placement": 1,
+        "batch_dim": 0,
+        "seq_len_dim": -1,
+        "blocks": True,
+        "addrs": [base, base + 256],
+        "origin": "allocated",
+        "remote_accessible": True,
+        "keys": [["blocks", PEER, 1]],
+        "share": {"kind": "cuda_ipc", "id": "peer-export", "base": base, "size": 512, "device": 0},
+    }
+    hello = {
+        "type": "hello",
+        "version": cluster.PROTOCOL_VERSION,
+        "cluster_id": PEER,
+        "role": int(LLMRole.PROMPT),
+        "target": ME,
+        "host": cluster.host_identity(),
+        "runtime": "cuda",
+        "caches": [],
+    }
     # device IPC ids go only to a peer on the listener's Unix socket (the kernel names it)
     tcp = socket.create_connection(("127.0.0.1", dd.listen_port), timeout=5)
     challenge, _ = Channel(tcp).recv(time.monotonic() + 5)
@@ -86,7 +109,7 @@ def main() -> None:
 
     t = threading.Thread(target=push)
     t.start()
-    time.sleep(0.5)                 # the push is waiting for the peer's confirmation now
+    time.sleep(0.5)  # the push is waiting for the peer's confirmation now
     t0 = time.monotonic()
     dst = cm.allocate_blocks_cache(desc, BlocksCacheKey(ME, 2))
     alloc_s = time.monotonic() - t0
@@ -96,8 +119,12 @@ def main() -> None:
     waiting = t.is_alive()
     t.join(30)
     sock.close()
-    print(json.dumps({"alloc_s": alloc_s, "pull_s": pull_s, "push_was_waiting": waiting,
-                      "push": pushed}), flush=True)
+    print(
+        json.dumps(
+            {"alloc_s": alloc_s, "pull_s": pull_s, "push_was_waiting": waiting, "push": pushed}
+        ),
+        flush=True,
+    )
     dd.finalize()
 
 

@@ -22,13 +22,18 @@ def memory_kb() -> dict:
 
 def main() -> None:
     cluster_id = int(sys.argv[1])
-    options = {"llm.listenIpInfo": "127.0.0.1:0", "llm.EnableCacheManager": "1",
-               "llm.EnableRemoteCacheAccessible": "1", "ge.exec.deviceId": "0"}
+    options = {
+        "llm.listenIpInfo": "127.0.0.1:0",
+        "llm.EnableCacheManager": "1",
+        "llm.EnableRemoteCacheAccessible": "1",
+        "ge.exec.deviceId": "0",
+    }
     options.update(json.loads(sys.argv[2]))
     dd = LLMDataDist(LLMRole.DECODER, cluster_id)
     dd.init(options)
     cache = dd.cache_manager.allocate_blocks_cache(
-        CacheDesc(2, [4, 64], DataType.DT_UINT8, Placement.HOST), BlocksCacheKey(cluster_id, 1))
+        CacheDesc(2, [4, 64], DataType.DT_UINT8, Placement.HOST), BlocksCacheKey(cluster_id, 1)
+    )
     print(dd.listen_port, flush=True)
     for line in sys.stdin:
         cmd = line.strip()
@@ -39,6 +44,7 @@ def main() -> None:
             print(json.dumps(dict(memory_kb(), peers=peers)), flush=True)
         elif cmd == "read":
             import ctypes
+
             print(json.dumps(ctypes.string_at(cache.tensor_addrs[0], 256).hex()), flush=True)
         elif cmd == "quit":
             break

@@ -29,12 +29,14 @@ import traceback
 
 def _host_view(addr: int, nbytes: int):
     import numpy as np
+
     return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr))
 
 
 def _key(spec, cluster_id: int):
     """A cache key from a picklable spec: ("blocks", model_id) or ("cache", req_id)."""
     from llmdist import BlocksCacheKey, CacheKey
+
     if spec is None:
         return None
     if spec[0] == "blocks":
@@ -66,23 +68,37 @@ class _Decode:
         opts.update(options or {})
         self.dd.init(opts)
         self.cm = self.dd.cache_manager
-        self.caches = {}   # name -> dict(cache, buffers, tensors, allocated, key)
+        self.caches = {}  # name -> dict(cache, buffers, tensors, allocated, key)
 
     # ---- caches ---------------------------------------------------------------------------
     def _desc(self, num_tensors, shape, dtype, placement):
         from llmdist import CacheDesc, DataType, Placement
+
         return CacheDesc(num_tensors, list(shape), DataType[dtype], Placement[placement])
 
     def _report(self, name: str) -> dict:
         c = self.caches[name]
         cache = c["cache"]
-        return {"cache_id": cache.cache_id, "addrs": list(cache.tensor_addrs),
-                "size": cache.cache_desc.size, "tensors": list(c["tensors"]),
-                "buffers": {k: v.copy() for k, v in c["buffers"].items()},
-                "allocated": c["allocated"]}
+        return {
+            "cache_id": cache.cache_id,
+            "addrs": list(cache.tensor_addrs),
+            "size": cache.cache_desc.size,
+            "tensors": list(c["tensors"]),
+            "buffers": {k: v.copy() for k, v in c["buffers"].items()},
+            "allocated": c["allocated"],
+        }
 
-    def cmd_alloc(self, name, num_tensors, shape, blocks=False, key=None, seed=0,
-                  dtype="DT_FLOAT16", placement="DEVICE"):
+    def cmd_alloc(
+        self,
+        name,
+        num_tensors,
+        shape,
+        blocks=False,
+        key=None,
+        seed=0,
+        dtype="DT_FLOAT16",
+        placement="DEVICE",
+    ):
         """allocate_cache / allocate_blocks_cache, filled with random bytes."""
         np = self.np
         desc = self._desc(num_tensors, shape, dtype, placement)
@@ -99,12 +115,24 @@ class _Decode:
             view[:] = rng.integers(0, 256, desc.size, dtype=np.uint8)
             buffers[bk] = view
             tensors.append((bk, 0))
-        self.caches[name] = dict(cache=cache, buffers=buffers, tensors=tensors, allocated=True,
-                                 key=k)
+        self.caches[name] = dict(
+            cache=cache, buffers=buffers, tensors=tensors, allocated=True, key=k
+        )
         return self._report(name)
 
-    def cmd_register(self, name, num_tensors, shape, blocks=False, key=None, seed=0, guard=64,
-                     dtype="DT_FLOAT16", placement="DEVICE", remote_accessible=None):
+    def cmd_register(
+        self,
+        name,
+        num_tensors,
+        shape,
+        blocks=False,
+        key=None,
+        seed=0,
+        guard=64,
+        dtype="DT_FLOAT16",
+        placement="DEVICE",
+        remote_accessible=None,
+    ):
         """register_cache / register_blocks_cache over numpy arrays with guard bytes."""
         np = self.np
         desc = self._desc(num_tensors, shape, dtype, placement)
@@ -119,10 +147,12 @@ class _Decode:
         if blocks:
             cache = self.cm.register_blocks_cache(desc, addrs, k, remote_accessible)
         else:
-            cache = self.cm.register_cache(desc, addrs, [k] if k is not None else [],
-                                           remote_accessible)
-        self.caches[name] = dict(cache=cache, buffers=buffers, tensors=tensors, allocated=False,
-                                 key=k)
+            cache = self.cm.register_cache(
+                desc, addrs, [k] if k is not None else [], remote_accessible
+            )
+        self.caches[name] = dict(
+            cache=cache, buffers=buffers, tensors=tensors, allocated=False, key=k
+        )
         return self._report(name)
 
     def cmd_read(self, name):
@@ -143,7 +173,7 @@ class _Decode:
         self._release(name)
         c = self.caches.pop(name)
         if c["allocated"]:
-            c["buffers"].clear()     # freed memory: never read it again
+            c["buffers"].clear()  # freed memory: never read it again
         return None
 
     def cmd_remove_key(self, name):
@@ -182,27 +212,34 @@ class _Decode:
         """A key naming a cache of any cluster: ("blocks", cluster, model_id),
         ("cache", cluster, req_id) or ("id", cluster, cache_id, batch_index)."""
         from llmdist import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
+
         kind, *rest = spec
-        return {"blocks": BlocksCacheKey, "cache": CacheKey, "id": CacheKeyByIdAndIndex}[kind](*rest)
+        return {"blocks": BlocksCacheKey, "cache": CacheKey, "id": CacheKeyByIdAndIndex}[kind](
+            *rest
+        )
 
     def cmd_pull_blocks(self, key, name, src_blocks, dst_blocks, **kwargs):
-        self.cm.pull_blocks(self._any_key(key), self.caches[name]["cache"], src_blocks,
-                            dst_blocks, **kwargs)
+        self.cm.pull_blocks(
+            self._any_key(key), self.caches[name]["cache"], src_blocks, dst_blocks, **kwargs
+        )
         return None
 
     def cmd_pull_cache(self, key, name, batch_index=0, size=-1, **kwargs):
-        self.cm.pull_cache(self._any_key(key), self.caches[name]["cache"], batch_index, size,
-                           **kwargs)
+        self.cm.pull_cache(
+            self._any_key(key), self.caches[name]["cache"], batch_index, size, **kwargs
+        )
         return None
 
     def cmd_push_blocks(self, key, name, src_blocks, dst_blocks, **kwargs):
-        self.cm.push_blocks(self._any_key(key), self.caches[name]["cache"], src_blocks,
-                            dst_blocks, **kwargs)
+        self.cm.push_blocks(
+            self._any_key(key), self.caches[name]["cache"], src_blocks, dst_blocks, **kwargs
+        )
         return None
 
     def cmd_push_cache(self, key, name, src_batch_index=0, **kwargs):
-        self.cm.push_cache(self._any_key(key), self.caches[name]["cache"], src_batch_index,
-                           **kwargs)
+        self.cm.push_cache(
+            self._any_key(key), self.caches[name]["cache"], src_batch_index, **kwargs
+        )
         return None
 
     # ---- notifications ------------------------------------------------------------------
@@ -237,6 +274,7 @@ class _Decode:
     # ---- links ----------------------------------------------------------------------------
     def _unlink(self, remote_id):
         from llmdist import LLMClusterInfo
+
         info = LLMClusterInfo()
         info.remote_cluster_id = remote_id
         code, codes = self.dd.unlink_clusters([info], 5000, force=True)
@@ -247,6 +285,7 @@ class _Decode:
 
     def cmd_link(self, remote_id, port, timeout=5000):
         from llmdist import LLMClusterInfo
+
         info = LLMClusterInfo()
         info.remote_cluster_id = remote_id
         info.append_remote_ip_info("127.0.0.1", port)
@@ -272,6 +311,7 @@ class _Decode:
         """How this cluster describes cache name to peers (its share), as the wire has it."""
         entry = self.cm._mem.entries[self.caches[name]["cache"].cache_id]
         from llmdist.shares import share_to_wire
+
         return share_to_wire(entry.share, [])
 
     def cmd_finalize(self):
@@ -282,8 +322,9 @@ class _Decode:
         return None
 
 
-def decode_main(conn, cluster_id: int, role: int = 2, options=None, listen: bool = True,
-                idle_s: float = 120.0) -> None:
+def decode_main(
+    conn, cluster_id: int, role: int = 2, options=None, listen: bool = True, idle_s: float = 120.0
+) -> None:
     """Child entry point: start the cluster, report ("ready", port, pid), then serve commands."""
     try:
         node = _Decode(conn, cluster_id, role, options, listen)
@@ -304,8 +345,12 @@ def decode_main(conn, cluster_id: int, role: int = 2, options=None, listen: bool
                 reply = ("ok", result)
             except Exception as exc:
                 code = getattr(exc, "status_code", None)
-                reply = ("err", type(exc).__name__, None if code is None else int(code),
-                         f"{exc}\n{traceback.format_exc()}")
+                reply = (
+                    "err",
+                    type(exc).__name__,
+                    None if code is None else int(code),
+                    f"{exc}\n{traceback.format_exc()}",
+                )
             try:
                 conn.send(reply)
             except (EOFError, OSError):

@@ -155,8 +155,14 @@ def prefill():
 def local(prefill):
     """Clusters in this process (decoders unless told), finalized at teardown."""
 
-    def factory(remote: bool = False, transport: str = "direct",
-                role: LLMRole = LLMRole.DECODER, **options) -> Env:
-        return prefill(remote=remote, role=role, cluster_id=next(_ids),
-                       extra_options={"llmdist.transport": transport, **options})
+    def factory(
+        remote: bool = False, transport: str = "direct", role: LLMRole = LLMRole.DECODER, **options
+    ) -> Env:
+        return prefill(
+            remote=remote,
+            role=role,
+            cluster_id=next(_ids),
+            extra_options={"llmdist.transport": transport, **options},
+        )
+
     return factory

@@ -42,13 +42,14 @@ def run_role(name: str, func: str, kwargs: dict, barrier, queue) -> None:
     ctx = Ctx(name, barrier, queue)
     try:
         from . import flow_roles
+
         result = getattr(flow_roles, func)(ctx, **kwargs)
         queue.put((name, "done", result, ctx.failures))
     except BaseException:
         queue.put((name, "error", traceback.format_exc(), ctx.failures))
         try:
-            barrier.abort()     # the other roles stop waiting for this one
+            barrier.abort()  # the other roles stop waiting for this one
         except Exception:
             pass
     finally:
-        time.sleep(0.05)        # let the queue's feeder thread flush
+        time.sleep(0.05)  # let the queue's feeder thread flush

@@ -36,7 +36,7 @@ from . import reference
 from .runtime_params import build_fake_runtime  # noqa: F401  (tests import it from here)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)    # the directory that holds the package `tests`
+ROOT = os.path.dirname(HERE)  # the directory that holds the package `tests`
 
 if os.environ.get("LLMDIST_TEST_INSTALLED") == "1":
     # tools/check_wheel.sh: the tests are meant for an installed wheel, not a source tree
@@ -53,6 +53,8 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
 OTHER_CLUSTER = 4242  # never linked in these tests
 WAIT_MS = 30_000  # upper bound for any wait on a task in the tests
 CACHE_DTYPES = [dt for dt in DataType if dt != DataType.DT_STRING]
@@ -81,8 +83,12 @@ def llmdist_shm_names() -> set:
     out = set()
     for n in names:
         parts = n.split("-")
-        if n.startswith("llmdist-") and len(parts) > 1 and parts[1].isdigit() \
-                and int(parts[1]) in mine:
+        if (
+            n.startswith("llmdist-")
+            and len(parts) > 1
+            and parts[1].isdigit()
+            and int(parts[1]) in mine
+        ):
             out.add(n)
     return out
 
@@ -167,6 +173,7 @@ def free_device_buffer(ptr: int) -> None:
         _CUDA.cudaSetDevice(0)
         _CUDA.cudaFree(ctypes.c_void_p(ptr))
 
+
 def host_view(addr: int, nbytes: int) -> np.ndarray:
     """A writable uint8 numpy view of nbytes at addr (llmdist-owned memory)."""
     return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr))
@@ -207,8 +214,9 @@ class TCache:
     @property
     def stride(self) -> int:
         # computed independently of llmdist's CacheDesc.stride
-        return reference.row_stride(self.desc.shape, self.desc.data_type.name,
-                                    self.desc.batch_dim_index)
+        return reference.row_stride(
+            self.desc.shape, self.desc.data_type.name, self.desc.batch_dim_index
+        )
 
     @property
     def num_layers(self) -> int:
@@ -221,7 +229,7 @@ class TCache:
     def tensor(self, i: int) -> np.ndarray:
         """Live view of tensor i's bytes."""
         k, off = self.tensors[i]
-        return self.buffers[k][off:off + self.size]
+        return self.buffers[k][off : off + self.size]
 
     def tensor_bytes(self) -> List[np.ndarray]:
         """Copies of every tensor's bytes (the source side of the reference model)."""
@@ -242,17 +250,28 @@ class TCache:
             b[:] = rng.integers(0, 256, b.size, dtype=np.uint8)
 
 
-def make_desc(num_tensors: int, shape: Sequence[int], dtype: DataType = DataType.DT_UINT8,
-              placement: Placement = Placement.DEVICE, batch_dim_index: int = 0) -> CacheDesc:
+def make_desc(
+    num_tensors: int,
+    shape: Sequence[int],
+    dtype: DataType = DataType.DT_UINT8,
+    placement: Placement = Placement.DEVICE,
+    batch_dim_index: int = 0,
+) -> CacheDesc:
     return CacheDesc(num_tensors, list(shape), dtype, placement, batch_dim_index)
 
 
 class Env:
     """One initialised LLMDataDist with its cache manager, plus keep-alive of test memory."""
 
-    def __init__(self, remote: bool = False, workers: Optional[int] = None,
-                 cluster_id: int = OWN_CLUSTER, role: LLMRole = LLMRole.PROMPT,
-                 seed: int = 0, extra_options: Optional[Dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        remote: bool = False,
+        workers: Optional[int] = None,
+        cluster_id: int = OWN_CLUSTER,
+        role: LLMRole = LLMRole.PROMPT,
+        seed: int = 0,
+        extra_options: Optional[Dict[str, str]] = None,
+    ) -> None:
         self.cluster_id = cluster_id
         self.remote = remote
         self.dd = LLMDataDist(role, cluster_id)
@@ -264,8 +283,9 @@ class Env:
         self._device_ptrs: List[int] = []
 
     @staticmethod
-    def make_options(remote: bool = False, workers: Optional[int] = None,
-                     extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    def make_options(
+        remote: bool = False, workers: Optional[int] = None, extra: Optional[Dict[str, str]] = None
+    ) -> Dict[str, str]:
         cfg = LLMConfig()
         cfg.device_id = 0
         cfg.enable_cache_manager = True
@@ -298,11 +318,20 @@ class Env:
         return self.rng.integers(0, 256, nbytes, dtype=np.uint8)
 
     # ---- caches -------------------------------------------------------------------------
-    def registered(self, num_tensors: int, shape: Sequence[int],
-                   dtype: DataType = DataType.DT_UINT8,
-                   placement: Placement = Placement.DEVICE, blocks: bool = False,
-                   key: Optional[object] = None, batch_dim_index: int = 0, guard: int = 64,
-                   contiguous: bool = False, gap: int = 0, **kwargs) -> TCache:
+    def registered(
+        self,
+        num_tensors: int,
+        shape: Sequence[int],
+        dtype: DataType = DataType.DT_UINT8,
+        placement: Placement = Placement.DEVICE,
+        blocks: bool = False,
+        key: Optional[object] = None,
+        batch_dim_index: int = 0,
+        guard: int = 64,
+        contiguous: bool = False,
+        gap: int = 0,
+        **kwargs,
+    ) -> TCache:
         """Register numpy memory as a cache. Every tensor has ``guard`` canary bytes before and
         after it (outside the registered region). ``contiguous``: all tensors in one array,
         ``gap`` unregistered bytes between consecutive tensors."""
@@ -331,16 +360,24 @@ class Env:
             cache = self.cm.register_cache(desc, addrs, *args, **kwargs)
         return TCache(cache, desc, buffers, tensors, allocated=False, key=key)
 
-    def allocated(self, num_tensors: int, shape: Sequence[int],
-                  dtype: DataType = DataType.DT_UINT8,
-                  placement: Placement = Placement.DEVICE, blocks: bool = False,
-                  key: Optional[object] = None, batch_dim_index: int = 0) -> TCache:
+    def allocated(
+        self,
+        num_tensors: int,
+        shape: Sequence[int],
+        dtype: DataType = DataType.DT_UINT8,
+        placement: Placement = Placement.DEVICE,
+        blocks: bool = False,
+        key: Optional[object] = None,
+        batch_dim_index: int = 0,
+    ) -> TCache:
         """Allocate a cache in llmdist memory and fill it with random bytes."""
         desc = make_desc(num_tensors, shape, dtype, placement, batch_dim_index)
         if blocks:
             cache = self.cm.allocate_blocks_cache(desc, key)
         else:
-            cache = self.cm.allocate_cache(desc) if key is None else self.cm.allocate_cache(desc, key)
+            cache = (
+                self.cm.allocate_cache(desc) if key is None else self.cm.allocate_cache(desc, key)
+            )
         size = desc.size
         label = _fresh_label("alloc")
         buffers: Dict[Hashable, np.ndarray] = {}
@@ -395,6 +432,7 @@ class SleepSync(RecordingSync):
 
     def synchronize_layer(self, layer_index, timeout_in_millis):
         import time
+
         time.sleep(self.delay)
         return super().synchronize_layer(layer_index, timeout_in_millis)
 
@@ -457,13 +495,15 @@ def raises_llm(code, fn, *args, **kwargs) -> LLMException:
 def wait_results(task, timeout_ms: int = WAIT_MS):
     """get_results with a bound; fails the test if the task is still running."""
     res = task.get_results(timeout_ms)
-    assert not (res and all(r == LLMStatusCode.LLM_TIMEOUT for r in res)), \
+    assert not (res and all(r == LLMStatusCode.LLM_TIMEOUT for r in res)), (
         f"task still running after {timeout_ms} ms"
+    )
     return res
 
 
-def assert_mem_equal(actual: Dict[Hashable, np.ndarray], expected: Dict[Hashable, np.ndarray],
-                     what: str = "") -> None:
+def assert_mem_equal(
+    actual: Dict[Hashable, np.ndarray], expected: Dict[Hashable, np.ndarray], what: str = ""
+) -> None:
     """Compare every byte of every buffer; report the first differing bytes."""
     assert set(actual) == set(expected)
     for k in expected:
@@ -474,4 +514,5 @@ def assert_mem_equal(actual: Dict[Hashable, np.ndarray], expected: Dict[Hashable
             bad = np.flatnonzero(a != e)
             raise AssertionError(
                 f"{what} buffer {k}: {bad.size} of {a.size} bytes differ, first at offsets "
-                f"{bad[:8].tolist()} (got {a[bad[:8]].tolist()}, expected {e[bad[:8]].tolist()})")
+                f"{bad[:8].tolist()} (got {a[bad[:8]].tolist()}, expected {e[bad[:8]].tolist()})"
+            )

@@ -60,8 +60,9 @@ class RefConfig:
     src_batch_index: int = 0
 
 
-def kind_of(src_block_indices: Optional[Sequence[int]],
-            dst_block_indices: Optional[Sequence[int]]) -> str:
+def kind_of(
+    src_block_indices: Optional[Sequence[int]], dst_block_indices: Optional[Sequence[int]]
+) -> str:
     """The transfer kind the block index lists select (spec 5.2)."""
     if src_block_indices is None and dst_block_indices is None:
         return C2C
@@ -71,8 +72,12 @@ def kind_of(src_block_indices: Optional[Sequence[int]],
     return B2B
 
 
-def keyed_dst(dst_tensors: Sequence[DstTensor], src_layer_range: range, dst_layer_range: range,
-              batch_offset: int = 0) -> List[DstTensor]:
+def keyed_dst(
+    dst_tensors: Sequence[DstTensor],
+    src_layer_range: range,
+    dst_layer_range: range,
+    batch_offset: int = 0,
+) -> List[DstTensor]:
     """Destination tensors of a TransferWithCacheKeyConfig.
 
     ``dst_tensors``: the keyed destination cache's tensors (2 per layer, K then V).
@@ -89,10 +94,14 @@ def keyed_dst(dst_tensors: Sequence[DstTensor], src_layer_range: range, dst_laye
     return out
 
 
-def copies_for_tensor(kind: str, stride: int, src_batch_index: int,
-                      src_block_indices: Optional[Sequence[int]],
-                      dst_block_indices: Optional[Sequence[int]],
-                      dst_block_memory_size: Optional[int]) -> List[Tuple[int, int, int]]:
+def copies_for_tensor(
+    kind: str,
+    stride: int,
+    src_batch_index: int,
+    src_block_indices: Optional[Sequence[int]],
+    dst_block_indices: Optional[Sequence[int]],
+    dst_block_memory_size: Optional[int],
+) -> List[Tuple[int, int, int]]:
     """The (src_offset, dst_offset, nbytes) copies of one tensor, offsets from the tensor starts."""
     if kind == C2C:
         return [(src_batch_index * stride, 0, stride)]
@@ -111,17 +120,21 @@ def copies_for_tensor(kind: str, stride: int, src_batch_index: int,
     assert src_batch_index == 0
     assert len(src_block_indices) == len(dst_block_indices)
     block_size = dst_block_memory_size or stride
-    return [(s * stride, d * block_size, stride)
-            for s, d in zip(src_block_indices, dst_block_indices)]
+    return [
+        (s * stride, d * block_size, stride) for s, d in zip(src_block_indices, dst_block_indices)
+    ]
 
 
-def expected_transfer(src: Sequence[np.ndarray], src_stride: int,
-                      dst_mem: Mapping[Hashable, np.ndarray], configs: Sequence[RefConfig],
-                      src_block_indices: Optional[Sequence[int]] = None,
-                      dst_block_indices: Optional[Sequence[int]] = None,
-                      dst_block_memory_size: Optional[int] = None,
-                      layers_done: Optional[int] = None,
-                      ) -> Tuple[Dict[Hashable, np.ndarray], Dict[Hashable, np.ndarray]]:
+def expected_transfer(
+    src: Sequence[np.ndarray],
+    src_stride: int,
+    dst_mem: Mapping[Hashable, np.ndarray],
+    configs: Sequence[RefConfig],
+    src_block_indices: Optional[Sequence[int]] = None,
+    dst_block_indices: Optional[Sequence[int]] = None,
+    dst_block_memory_size: Optional[int] = None,
+    layers_done: Optional[int] = None,
+) -> Tuple[Dict[Hashable, np.ndarray], Dict[Hashable, np.ndarray]]:
     """Expected destination bytes after a successful transfer.
 
     ``src``: the source cache's tensors as flat uint8 arrays (their bytes before the transfer).
@@ -149,15 +162,21 @@ def expected_transfer(src: Sequence[np.ndarray], src_stride: int,
             for t in (0, 1):
                 s = src[2 * layer + t]
                 key, base = cfg.dst[2 * j + t]
-                for so, do, n in copies_for_tensor(kind, src_stride, cfg.src_batch_index,
-                                                   src_block_indices, dst_block_indices,
-                                                   dst_block_memory_size):
+                for so, do, n in copies_for_tensor(
+                    kind,
+                    src_stride,
+                    cfg.src_batch_index,
+                    src_block_indices,
+                    dst_block_indices,
+                    dst_block_memory_size,
+                ):
                     assert 0 <= so and so + n <= s.size, "source range outside the source tensor"
                     lo, hi = base + do, base + do + n
                     assert 0 <= lo and hi <= out[key].size, "destination outside its buffer"
-                    assert not written[key][lo:hi].any(), \
+                    assert not written[key][lo:hi].any(), (
                         "two copies write the same destination byte: order is not specified"
-                    out[key][lo:hi] = s[so:so + n]
+                    )
+                    out[key][lo:hi] = s[so : so + n]
                     written[key][lo:hi] = True
     return out, written
 
@@ -165,9 +184,19 @@ def expected_transfer(src: Sequence[np.ndarray], src_stride: int,
 def element_size(dtype_name: str) -> int:
     """Bytes per element of a DataType, by name (spec section 2, the usual sizes)."""
     return {
-        "DT_FLOAT": 4, "DT_FLOAT16": 2, "DT_INT8": 1, "DT_INT32": 4, "DT_UINT8": 1,
-        "DT_INT16": 2, "DT_UINT16": 2, "DT_UINT32": 4, "DT_INT64": 8, "DT_UINT64": 8,
-        "DT_DOUBLE": 8, "DT_BOOL": 1, "DT_BF16": 2,
+        "DT_FLOAT": 4,
+        "DT_FLOAT16": 2,
+        "DT_INT8": 1,
+        "DT_INT32": 4,
+        "DT_UINT8": 1,
+        "DT_INT16": 2,
+        "DT_UINT16": 2,
+        "DT_UINT32": 4,
+        "DT_INT64": 8,
+        "DT_UINT64": 8,
+        "DT_DOUBLE": 8,
+        "DT_BOOL": 1,
+        "DT_BF16": 2,
     }[dtype_name]
 
 

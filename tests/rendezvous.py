@@ -39,21 +39,42 @@ def rendezvous_options(base: int, link_total_s: Optional[int] = None) -> Dict[st
 
 def one_server_table(num_ranks: int, server_id: str = "127.0.0.1") -> str:
     """All ranks on one server (the vllm-ascend / MindIE same-server form)."""
-    return json.dumps({
-        "version": "1.0", "status": "completed", "server_count": "1",
-        "server_list": [{"server_id": server_id, "device": [
-            {"device_id": str(r), "device_ip": f"192.168.1.{r + 1}", "rank_id": str(r)}
-            for r in range(num_ranks)]}]})
+    return json.dumps(
+        {
+            "version": "1.0",
+            "status": "completed",
+            "server_count": "1",
+            "server_list": [
+                {
+                    "server_id": server_id,
+                    "device": [
+                        {"device_id": str(r), "device_ip": f"192.168.1.{r + 1}", "rank_id": str(r)}
+                        for r in range(num_ranks)
+                    ],
+                }
+            ],
+        }
+    )
 
 
 def server_per_rank_table(server_ids: Sequence[str], super_pod: bool = False) -> str:
     """One server entry per rank (the two-server form), optionally with a super_pod_list."""
-    table = {"version": "1.2" if super_pod else "1.0", "status": "completed",
-             "server_count": str(len(server_ids)),
-             "server_list": [{"server_id": sid, "device": [
-                 {"device_id": "0", "device_ip": f"192.168.1.{r + 1}", "rank_id": str(r)}]}
-                 for r, sid in enumerate(server_ids)]}
+    table = {
+        "version": "1.2" if super_pod else "1.0",
+        "status": "completed",
+        "server_count": str(len(server_ids)),
+        "server_list": [
+            {
+                "server_id": sid,
+                "device": [
+                    {"device_id": "0", "device_ip": f"192.168.1.{r + 1}", "rank_id": str(r)}
+                ],
+            }
+            for r, sid in enumerate(server_ids)
+        ],
+    }
     if super_pod:
-        table["super_pod_list"] = [{"super_pod_id": "0",
-                                    "server_list": [{"server_id": s} for s in server_ids]}]
+        table["super_pod_list"] = [
+            {"super_pod_id": "0", "server_list": [{"server_id": s} for s in server_ids]}
+        ]
     return json.dumps(table)

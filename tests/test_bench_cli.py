@@ -28,8 +28,14 @@ def bench(*args, env=None, timeout=85):
     e = dict(os.environ)
     e.setdefault("LLMDIST_RUNTIME", "host")
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "llmdist", "bench", *args], cwd=REPO, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "llmdist", "bench", *args],
+        cwd=REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -52,20 +58,47 @@ def check_schema(data: dict) -> None:
     assert isinstance(rt["version"], str) and isinstance(rt["library"], str)
     assert isinstance(rt["device_id"], int) and rt["info"]["active"] == rt["name"]
     v = data["versions"]
-    for k in ("llmdist", "numpy", "torch", "torch_npu", "mooncake", "nixl", "llm_datadist",
-              "matplotlib"):
+    for k in (
+        "llmdist",
+        "numpy",
+        "torch",
+        "torch_npu",
+        "mooncake",
+        "nixl",
+        "llm_datadist",
+        "matplotlib",
+    ):
         assert k in v and (v[k] is None or isinstance(v[k], str))
     s = data["settings"]
-    assert set(s) == {"scenarios", "blocks", "layers", "pairs", "repeat", "tensors_per_layer",
-                      "dtype", "preset", "mem_budget", "seed"}
+    assert set(s) == {
+        "scenarios",
+        "blocks",
+        "layers",
+        "pairs",
+        "repeat",
+        "tensors_per_layer",
+        "dtype",
+        "preset",
+        "mem_budget",
+        "seed",
+    }
     assert all(isinstance(b, int) and b > 0 for b in s["blocks"])
     mem = data["memory"]
     assert set(mem) == {"device", "host", "shared", "host_free", "device_free", "how"}
     assert isinstance(data["notes"], list) and all(isinstance(n, str) for n in data["notes"])
     assert data["results"]
     for r in data["results"]:
-        assert set(r) == {"scenario", "case", "block_size", "bytes", "paths", "ratios", "skipped",
-                          "verified", "extra"}
+        assert set(r) == {
+            "scenario",
+            "case",
+            "block_size",
+            "bytes",
+            "paths",
+            "ratios",
+            "skipped",
+            "verified",
+            "extra",
+        }
         assert r["scenario"] in s["scenarios"]
         assert r["block_size"] is None or r["block_size"] > 0
         assert r["verified"] in (True, False, None)
@@ -75,7 +108,7 @@ def check_schema(data: dict) -> None:
         me = r["paths"]["llmdist"]
         for name, p in r["paths"].items():
             assert set(p) == {"seconds", "samples", "gbps"}
-            rounds = r["extra"].get("rounds", s["repeat"])     # link rows: rounds of their own
+            rounds = r["extra"].get("rounds", s["repeat"])  # link rows: rounds of their own
             assert len(p["samples"]) == rounds or r["scenario"] in ("overhead", "overlap")
             assert p["seconds"] > 0
             if r["bytes"]:
@@ -108,16 +141,27 @@ def test_host_run_every_scenario(host_run):
     res, data, _ = host_run
     check_schema(data)
     assert data["runtime"]["name"] == "host"
-    assert data["settings"]["scenarios"] == ["b2b", "c2b", "c2c", "swap", "overlap", "overhead",
-                                             "cluster"]
+    assert data["settings"]["scenarios"] == [
+        "b2b",
+        "c2b",
+        "c2c",
+        "swap",
+        "overlap",
+        "overhead",
+        "cluster",
+    ]
     for scenario in ("b2b", "c2b", "c2c"):
         rows = by_case(data, scenario)
         assert {b for _, b in rows} == {4096, 8192}
         for r in rows.values():
             assert r["verified"] is True
-            assert set(r["paths"]) == {"llmdist", "contiguous copy", "per-block copy loop",
-                                       "numpy indexing"}
-            assert r["bytes"] == 2 * 2 * 8 * r["block_size"]      # tensors x pairs x block
+            assert set(r["paths"]) == {
+                "llmdist",
+                "contiguous copy",
+                "per-block copy loop",
+                "numpy indexing",
+            }
+            assert r["bytes"] == 2 * 2 * 8 * r["block_size"]  # tensors x pairs x block
     swaps = by_case(data, "swap")
     d2h = [r for (case, _), r in swaps.items() if case == "device->host"]
     assert len(d2h) == 2 and all(r["verified"] is True for r in d2h)
@@ -149,7 +193,7 @@ def test_host_run_cluster_routes(host_run):
             r = rows[(f"{route}: transfer_cache_async", block)]
             assert r["verified"] is True and r["bytes"] == 2 * 2 * 8 * block
             assert r["extra"]["llmdist_path"] != "?"
-            if route == "process":      # the bare syscalls, their bytes checked like llmdist's
+            if route == "process":  # the bare syscalls, their bytes checked like llmdist's
                 assert "process_vm bare, 2 threads" in r["paths"]
             for op in ("push_blocks", "pull_blocks"):
                 r = rows[(f"{route}: {op}", block)]
@@ -164,7 +208,7 @@ def test_host_run_cluster_routes(host_run):
         else:
             assert "mooncake" in engine["skipped"]["llmdist"]
         process = rows[("process: transfer_cache_async", block)]
-        if data["versions"]["nixl"]:        # NIXL wrote the same blocks, its bytes checked
+        if data["versions"]["nixl"]:  # NIXL wrote the same blocks, its bytes checked
             assert "nixl (UCX)" in process["paths"] and "nixl (UCX)" not in process["skipped"]
         else:
             assert process["skipped"]["nixl (UCX)"] == "nixl is not installed"
@@ -182,16 +226,18 @@ def test_host_run_cluster_keyed_rows(host_run):
             plain = rows[(f"{route}: transfer_cache_async", block)]
             assert r["verified"] is True and r["bytes"] == plain["bytes"]
             assert set(r["paths"]) == {"llmdist", "llmdist, no key"}
-            assert r["paths"]["llmdist, no key"] == plain["paths"]["llmdist"]   # same rounds
+            assert r["paths"]["llmdist, no key"] == plain["paths"]["llmdist"]  # same rounds
             ratio = r["paths"]["llmdist"]["gbps"] / plain["paths"]["llmdist"]["gbps"]
             assert r["extra"]["keyed_over_unkeyed_bandwidth"] == pytest.approx(ratio)
             assert r["extra"]["llmdist_path"] == plain["extra"]["llmdist_path"]
             samples = zip(r["paths"]["llmdist"]["samples"], plain["paths"]["llmdist"]["samples"])
             per_round = statistics.median(u / k for k, u in samples)
             assert r["extra"]["keyed_over_unkeyed_bandwidth_per_round"] == pytest.approx(per_round)
-            assert (f"{route}: transfer_cache_async, keyed: bandwidth keyed / unkeyed at "
-                    f"{block // 1024}K: {r['ratios']['llmdist, no key']:.3f}x (per round: "
-                    f"{per_round:.3f}x)") in res.stdout
+            assert (
+                f"{route}: transfer_cache_async, keyed: bandwidth keyed / unkeyed at "
+                f"{block // 1024}K: {r['ratios']['llmdist, no key']:.3f}x (per round: "
+                f"{per_round:.3f}x)"
+            ) in res.stdout
     links = ["mapped/process"] + (["engine"] if data["versions"]["mooncake"] else [])
     for name in links:
         r = rows[(f"{name}: link_clusters, keyed", None)]
@@ -215,6 +261,7 @@ def test_host_run_cluster_keyed_rows(host_run):
 def test_plot_from_the_json(host_run, tmp_path):
     pytest.importorskip("matplotlib")
     from llmdist.bench.plot import plot, series
+
     _, data, _ = host_run
     panels = series(data["results"])
     assert {"b2b", "c2b", "c2c", "swap", "cluster"} <= set(panels)
@@ -250,15 +297,18 @@ def test_compare_refuses_other_files(tmp_path):
     assert "not an llmdist benchmark file" in res.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["nosuch"], "unknown scenario 'nosuch'"),
-    (["b2b", "--blocks", "0"], "--blocks: '0' is not a positive size"),
-    (["b2b", "--blocks", "4Q"], "--blocks: '4Q' is not a positive size"),
-    (["b2b", "--pairs", "0"], "--pairs must be >= 1"),
-    (["b2b", "--repeat", "0"], "--repeat must be >= 1"),
-    (["b2b", "--layers", "0"], "--layers must be >= 1"),
-    (["b2b", "--mem-gib", "0"], "--mem-gib must be > 0"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["nosuch"], "unknown scenario 'nosuch'"),
+        (["b2b", "--blocks", "0"], "--blocks: '0' is not a positive size"),
+        (["b2b", "--blocks", "4Q"], "--blocks: '4Q' is not a positive size"),
+        (["b2b", "--pairs", "0"], "--pairs must be >= 1"),
+        (["b2b", "--repeat", "0"], "--repeat must be >= 1"),
+        (["b2b", "--layers", "0"], "--layers must be >= 1"),
+        (["b2b", "--mem-gib", "0"], "--mem-gib must be > 0"),
+    ],
+)
 def test_bad_options_are_named(args, message):
     res = bench(*args)
     assert res.returncode == 2
@@ -267,8 +317,20 @@ def test_bad_options_are_named(args, message):
 
 def test_preset_mla_moves_the_same_bytes_per_layer(tmp_path):
     out = tmp_path / "mla.json"
-    res = bench("b2b", "--preset", "deepseek-v3-mla", "--layers", "2", "--pairs", "4",
-                "--repeat", "1", "--quiet", "--json", str(out))
+    res = bench(
+        "b2b",
+        "--preset",
+        "deepseek-v3-mla",
+        "--layers",
+        "2",
+        "--pairs",
+        "4",
+        "--repeat",
+        "1",
+        "--quiet",
+        "--json",
+        str(out),
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads(out.read_text())
     check_schema(data)
@@ -277,7 +339,7 @@ def test_preset_mla_moves_the_same_bytes_per_layer(tmp_path):
     (r,) = data["results"]
     assert r["verified"] is True
     layer_block = 128 * 576 * 2
-    assert r["bytes"] == 2 * 4 * layer_block                  # layers x pairs x latent block
+    assert r["bytes"] == 2 * 4 * layer_block  # layers x pairs x latent block
     if s["tensors_per_layer"] == 2:
         assert r["block_size"] == layer_block // 2
         assert any("tensor_num_per_layer=1) is not available" in n for n in data["notes"])
@@ -290,8 +352,9 @@ def test_preset_mla_moves_the_same_bytes_per_layer(tmp_path):
 
 
 def test_pool_shrinks_to_fit_and_says_so():
-    b = MemoryBudget(device=100 * 4096, host=0, shared=True, host_free=0, device_free=None,
-                     how="test")
+    b = MemoryBudget(
+        device=100 * 4096, host=0, shared=True, host_free=0, device_free=None, how="test"
+    )
     plan = b.fit_pool("w", Need(per_block=4096, fixed=20 * 4096), full_pool=1024)
     assert plan.pool == 80 and plan.scaled and "pool shrunk to 80" in plan.note
     assert "pairs moved are unchanged" in plan.note
@@ -300,13 +363,15 @@ def test_pool_shrinks_to_fit_and_says_so():
 
 
 def test_pool_counts_host_and_device_apart_on_a_device_runtime():
-    b = MemoryBudget(device=GiB, host=10 * 4096, shared=False, host_free=0, device_free=GiB,
-                     how="test")
+    b = MemoryBudget(
+        device=GiB, host=10 * 4096, shared=False, host_free=0, device_free=GiB, how="test"
+    )
     plan = b.fit_pool("w", Need(4096, 0), Need(4096, 0))
-    assert plan.pool == 10                      # the host side is the limit
-    shared = MemoryBudget(device=20 * 4096, host=20 * 4096, shared=True, host_free=0,
-                          device_free=None, how="test")
-    assert shared.fit_pool("w", Need(4096, 0), Need(4096, 0)).pool == 10   # one RAM for both
+    assert plan.pool == 10  # the host side is the limit
+    shared = MemoryBudget(
+        device=20 * 4096, host=20 * 4096, shared=True, host_free=0, device_free=None, how="test"
+    )
+    assert shared.fit_pool("w", Need(4096, 0), Need(4096, 0)).pool == 10  # one RAM for both
 
 
 def test_pool_that_cannot_fit_is_an_error_naming_the_workload():
@@ -328,10 +393,24 @@ def test_parse_size():
 
 def test_fake_acl_run_shrinks_to_the_device(fake_acl, tmp_path):
     out = tmp_path / "acl.json"
-    env = {"LLMDIST_RUNTIME": "acl", "LLMDIST_ACL_LIBRARY": fake_acl,
-           "FAKE_ACL_HBM_BYTES": str(24 << 20)}
-    res = bench("b2b", "c2b", "c2c", "swap", "overlap", "overhead", "cluster", *TINY,
-                "--json", str(out), env=env)
+    env = {
+        "LLMDIST_RUNTIME": "acl",
+        "LLMDIST_ACL_LIBRARY": fake_acl,
+        "FAKE_ACL_HBM_BYTES": str(24 << 20),
+    }
+    res = bench(
+        "b2b",
+        "c2b",
+        "c2c",
+        "swap",
+        "overlap",
+        "overhead",
+        "cluster",
+        *TINY,
+        "--json",
+        str(out),
+        env=env,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads(out.read_text())
     check_schema(data)
@@ -352,17 +431,22 @@ def test_fake_acl_run_shrinks_to_the_device(fake_acl, tmp_path):
     assert "one-layer call" in ov[("61 layers x 8 blocks, 1 config", 4096)]["paths"]
     assert ov[("pull_blocks 61 layers x 8 blocks", 64)]["verified"] is True
     mapped = by_case(data, "cluster")[("mapped: transfer_cache_async", 4096)]
-    assert mapped["verified"] is True        # device IPC into the decode's allocated cache
+    assert mapped["verified"] is True  # device IPC into the decode's allocated cache
 
 
 def test_progress_line_names_each_step():
-    res = bench("b2b", "overhead", "--blocks", "4K,8K", "--layers", "1", "--pairs", "2",
-                "--repeat", "1")
+    res = bench(
+        "b2b", "overhead", "--blocks", "4K,8K", "--layers", "1", "--pairs", "2", "--repeat", "1"
+    )
     assert res.returncode == 0, res.stderr
     steps = [ln for ln in res.stderr.splitlines() if ln.startswith("[")]
     assert [s.split("] ", 1)[1] for s in steps] == [
-        "b2b 4K", "b2b 8K", "overhead 61 layers x 2 blocks", "overhead pull 61 layers x 2 blocks",
-        "overhead scaling 2-512 pairs"]
+        "b2b 4K",
+        "b2b 8K",
+        "overhead 61 layers x 2 blocks",
+        "overhead pull 61 layers x 2 blocks",
+        "overhead scaling 2-512 pairs",
+    ]
     assert steps[0].startswith("[1/5 ") and steps[-1].startswith("[5/5 ")
 
 
@@ -373,9 +457,11 @@ def test_alternating_rounds_reverse_the_order_of_odd_rounds():
 
     from llmdist.bench import keyed
     from llmdist.bench.workload import Bench
+
     calls = []
-    stub = SimpleNamespace(settings=SimpleNamespace(repeat=3),
-                           progress=SimpleNamespace(show=lambda text: None))
+    stub = SimpleNamespace(
+        settings=SimpleNamespace(repeat=3), progress=SimpleNamespace(show=lambda text: None)
+    )
     paths = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
     times = Bench.rounds(stub, "x", paths, alternate=True)
     assert calls == ["a", "b", "c"] + ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
@@ -397,8 +483,11 @@ def test_contiguous_baseline_copies_the_same_bytes_from_alternating_ends():
     from llmdist.bench.settings import Settings
     from llmdist.bench.table import Progress
     from llmdist.bench.workload import Bench, host_view
-    b = Bench(Settings(scenarios=["b2b"], blocks=[4096], layers=2, pairs=4, repeat=1),
-              Progress(enabled=False))
+
+    b = Bench(
+        Settings(scenarios=["b2b"], blocks=[4096], layers=2, pairs=4, repeat=1),
+        Progress(enabled=False),
+    )
     try:
         src = b.blocks_cache(4, 16, 4096)
         dst = b.blocks_cache(4, 16, 4096)
@@ -412,9 +501,9 @@ def test_contiguous_baseline_copies_the_same_bytes_from_alternating_ends():
         run()
         assert np.array_equal(d[:n], s[:n]) and not d[n:].any()
         run()
-        assert np.array_equal(d[span - n:], s[span - n:]) and not d[n:span - n].any()
+        assert np.array_equal(d[span - n :], s[span - n :]) and not d[n : span - n].any()
         b.zero(dst)
-        b.contiguous(3 * span, src, dst)()           # more than the caches hold: in pieces
+        b.contiguous(3 * span, src, dst)()  # more than the caches hold: in pieces
         assert np.array_equal(d, s)
         b.free(src, dst)
     finally:
@@ -428,8 +517,19 @@ def test_contiguous_baseline_copies_the_same_bytes_from_alternating_ends():
 def test_fake_cuda_run(fake_cuda, tmp_path):
     out = tmp_path / "cuda.json"
     env = {"LLMDIST_RUNTIME": "cuda", "LLMDIST_CUDA_LIBRARY": fake_cuda}
-    res = bench("b2b", "c2b", "c2c", "swap", "overlap", "overhead", "cluster", *TINY,
-                "--json", str(out), env=env)
+    res = bench(
+        "b2b",
+        "c2b",
+        "c2c",
+        "swap",
+        "overlap",
+        "overhead",
+        "cluster",
+        *TINY,
+        "--json",
+        str(out),
+        env=env,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     data = json.loads(out.read_text())
     check_schema(data)
@@ -441,11 +541,11 @@ def test_fake_cuda_run(fake_cuda, tmp_path):
         for (case, _), r in by_case(data, scenario).items():
             assert case.startswith("D2D") and r["verified"] is True
             expected = {"llmdist", "contiguous copy", "per-block copy loop"}
-            if kernel:                       # the copy kernel, and the same call by DMA copies
+            if kernel:  # the copy kernel, and the same call by DMA copies
                 expected.add("llmdist, DMA copies")
             assert set(r["paths"]) == expected
     swaps = by_case(data, "swap")
     assert {case for case, _ in swaps} == {"D2H", "H2D"}
     assert all(r["verified"] is True for r in swaps.values())
     mapped = by_case(data, "cluster")[("mapped: transfer_cache_async", 4096)]
-    assert mapped["verified"] is True        # CUDA IPC into the decode's allocated cache
+    assert mapped["verified"] is True  # CUDA IPC into the decode's allocated cache

@@ -29,14 +29,16 @@ def blocks_of(tc, i):
 
 def cpu_cache(num_tensors, num_blocks, block_bytes, rng):
     """A HOST blocks cache over numpy arrays the test owns (pageable memory)."""
-    arrays = [rng.integers(0, 256, num_blocks * block_bytes, dtype=np.uint8)
-              for _ in range(num_tensors)]
+    arrays = [
+        rng.integers(0, 256, num_blocks * block_bytes, dtype=np.uint8) for _ in range(num_tensors)
+    ]
     desc = CacheDesc(num_tensors, [num_blocks, block_bytes], DataType.DT_UINT8, HOST)
     return Cache.create_cpu_cache(desc, [a.ctypes.data for a in arrays]), arrays
 
 
 # --------------------------------------------------------------------------------------------
 # copy_blocks
+
 
 @pytest.mark.parametrize("allocated", [False, True])
 @pytest.mark.parametrize("placement", [DEV, HOST])
@@ -48,7 +50,7 @@ def test_copy_blocks_moves_blocks_in_every_tensor(env, allocated, placement):
     expect = {k: v.copy() for k, v in before.items()}
     for t in range(3):
         key, off = c.tensors[t]
-        rows = expect[key][off:off + c.size].reshape(8, 32)
+        rows = expect[key][off : off + c.size].reshape(8, 32)
         orig = rows.copy()
         for s, ds in info.items():
             for d in ds:
@@ -67,31 +69,37 @@ def test_copy_blocks_merges_consecutive_blocks_and_empty_info_is_a_no_op(env):
         assert np.array_equal(rows[8:12], rows[0:4])
 
 
-@pytest.mark.parametrize("info, exc", [
-    ([(0, [1])], TypeError),
-    ({0: 1}, TypeError),
-    ({0: (1,)}, TypeError),
-    ({0: ["1"]}, TypeError),
-    ({"0": [1]}, TypeError),
-    ({True: [1]}, TypeError),
-    ({0: [True]}, TypeError),
-    ({-1: [1]}, ValueError),
-    ({0: [-1]}, ValueError),
-])
+@pytest.mark.parametrize(
+    "info, exc",
+    [
+        ([(0, [1])], TypeError),
+        ({0: 1}, TypeError),
+        ({0: (1,)}, TypeError),
+        ({0: ["1"]}, TypeError),
+        ({"0": [1]}, TypeError),
+        ({True: [1]}, TypeError),
+        ({0: [True]}, TypeError),
+        ({-1: [1]}, ValueError),
+        ({0: [-1]}, ValueError),
+    ],
+)
 def test_copy_blocks_argument_types(env, info, exc):
     c = env.registered(2, [4, 8], blocks=True)
     with pytest.raises(exc):
         env.cm.copy_blocks(c.cache, info)
 
 
-@pytest.mark.parametrize("info, what", [
-    ({4: [1]}, "out of range"),
-    ({0: [4]}, "out of range"),
-    ({0: [1], 1: [2]}, "both read and written"),
-    ({0: [0]}, "both read and written"),
-    ({0: [2], 1: [2]}, "written twice"),
-    ({0: [2, 2]}, "written twice"),
-])
+@pytest.mark.parametrize(
+    "info, what",
+    [
+        ({4: [1]}, "out of range"),
+        ({0: [4]}, "out of range"),
+        ({0: [1], 1: [2]}, "both read and written"),
+        ({0: [0]}, "both read and written"),
+        ({0: [2], 1: [2]}, "written twice"),
+        ({0: [2, 2]}, "written twice"),
+    ],
+)
 def test_copy_blocks_refuses_bad_blocks(env, info, what):
     c = env.registered(2, [4, 8], blocks=True)
     before = c.snapshot()
@@ -122,21 +130,30 @@ def test_copy_blocks_of_another_managers_cache_is_refused(env, make_env):
 # --------------------------------------------------------------------------------------------
 # copy_cache
 
-@pytest.mark.parametrize("src_place, dst_place", [(DEV, DEV), (DEV, HOST), (HOST, HOST),
-                                                  (HOST, DEV)])
+
+@pytest.mark.parametrize(
+    "src_place, dst_place", [(DEV, DEV), (DEV, HOST), (HOST, HOST), (HOST, DEV)]
+)
 @pytest.mark.parametrize("offset, size", [(0, -1), (5, -1), (3, 17), (0, 48)])
 def test_copy_cache_copies_one_row_range_per_tensor(env, src_place, dst_place, offset, size):
     src = env.registered(4, [3, 48], placement=src_place)
     dst = env.registered(4, [5, 64], placement=dst_place)
     before = dst.snapshot()
-    env.cm.copy_cache(dst.cache, src.cache, dst_batch_index=4, src_batch_index=2, offset=offset,
-                      size=size, req_id=12)
+    env.cm.copy_cache(
+        dst.cache,
+        src.cache,
+        dst_batch_index=4,
+        src_batch_index=2,
+        offset=offset,
+        size=size,
+        req_id=12,
+    )
     n = 48 - offset if size == -1 else size
     expect = {k: v.copy() for k, v in before.items()}
     for t in range(4):
         key, off = dst.tensors[t]
         start = off + 4 * 64 + offset
-        expect[key][start:start + n] = src.tensor(t)[2 * 48 + offset:2 * 48 + offset + n]
+        expect[key][start : start + n] = src.tensor(t)[2 * 48 + offset : 2 * 48 + offset + n]
     assert_mem_equal(dst.mem(), expect, "copy_cache")
 
 
@@ -148,16 +165,19 @@ def test_copy_cache_between_rows_of_one_cache(env):
         assert np.array_equal(rows[3], rows[0])
 
 
-@pytest.mark.parametrize("kwargs, exc", [
-    (dict(dst_batch_index=-1), ValueError),
-    (dict(src_batch_index=2**32), ValueError),
-    (dict(offset=-1), ValueError),
-    (dict(size=2**63), ValueError),
-    (dict(size=1.0), TypeError),
-    (dict(req_id=-1), ValueError),
-    (dict(req_id="1"), TypeError),
-    (dict(dst_batch_index=True), TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        (dict(dst_batch_index=-1), ValueError),
+        (dict(src_batch_index=2**32), ValueError),
+        (dict(offset=-1), ValueError),
+        (dict(size=2**63), ValueError),
+        (dict(size=1.0), TypeError),
+        (dict(req_id=-1), ValueError),
+        (dict(req_id="1"), TypeError),
+        (dict(dst_batch_index=True), TypeError),
+    ],
+)
 def test_copy_cache_argument_types(env, kwargs, exc):
     src = env.registered(2, [2, 16])
     dst = env.registered(2, [2, 16])
@@ -165,15 +185,18 @@ def test_copy_cache_argument_types(env, kwargs, exc):
         env.cm.copy_cache(dst.cache, src.cache, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, what", [
-    (dict(size=0), "size"),
-    (dict(size=-2), "size"),
-    (dict(src_batch_index=2), "src_batch_index"),
-    (dict(dst_batch_index=3), "dst_batch_index"),
-    (dict(offset=16), "offset"),
-    (dict(offset=8, size=9), "past the source row"),
-    (dict(size=17), "past the source row"),
-])
+@pytest.mark.parametrize(
+    "kwargs, what",
+    [
+        (dict(size=0), "size"),
+        (dict(size=-2), "size"),
+        (dict(src_batch_index=2), "src_batch_index"),
+        (dict(dst_batch_index=3), "dst_batch_index"),
+        (dict(offset=16), "offset"),
+        (dict(offset=8, size=9), "past the source row"),
+        (dict(size=17), "past the source row"),
+    ],
+)
 def test_copy_cache_refuses_ranges_outside_the_rows(env, kwargs, what):
     src = env.registered(2, [2, 16])
     dst = env.registered(2, [3, 16])
@@ -186,12 +209,14 @@ def test_copy_cache_refuses_ranges_outside_the_rows(env, kwargs, what):
 def test_copy_cache_refuses_mismatched_or_blocks_caches(env):
     src = env.registered(2, [2, 16])
     raises_llm(PARAM_INVALID, env.cm.copy_cache, env.registered(4, [2, 16]).cache, src.cache)
-    raises_llm(PARAM_INVALID, env.cm.copy_cache, src.cache,
-               env.registered(2, [2, 16], blocks=True).cache)
-    raises_llm(PARAM_INVALID, env.cm.copy_cache,
-               env.registered(2, [2, 16], blocks=True).cache, src.cache)
+    raises_llm(
+        PARAM_INVALID, env.cm.copy_cache, src.cache, env.registered(2, [2, 16], blocks=True).cache
+    )
+    raises_llm(
+        PARAM_INVALID, env.cm.copy_cache, env.registered(2, [2, 16], blocks=True).cache, src.cache
+    )
     small = env.registered(2, [2, 8])
-    raises_llm(PARAM_INVALID, env.cm.copy_cache, small.cache, src.cache)   # row runs past dst
+    raises_llm(PARAM_INVALID, env.cm.copy_cache, small.cache, src.cache)  # row runs past dst
     gone = env.allocated(2, [2, 16])
     env.cm.deallocate_cache(gone.cache)
     raises_llm(NOT_EXIST, env.cm.copy_cache, gone.cache, src.cache)
@@ -208,6 +233,7 @@ def test_copy_cache_refuses_overlapping_source_and_destination(env):
 
 # --------------------------------------------------------------------------------------------
 # swap_blocks and Cache.create_cpu_cache
+
 
 @pytest.mark.parametrize("allocated", [False, True])
 def test_swap_out_and_in_round_trip_with_a_cpu_cache(env, rng, allocated):
@@ -311,8 +337,9 @@ def test_swap_refuses_a_cpu_cache_aliasing_the_device_cache(env):
     if not env.dd.runtime.is_host:
         pytest.skip("device memory of a device runtime cannot alias host memory")
     dev = env.registered(1, [4, 64], placement=DEV, blocks=True)
-    alias = Cache.create_cpu_cache(CacheDesc(1, [4, 64], DataType.DT_UINT8, HOST),
-                                   [dev.addrs[0] + 64])
+    alias = Cache.create_cpu_cache(
+        CacheDesc(1, [4, 64], DataType.DT_UINT8, HOST), [dev.addrs[0] + 64]
+    )
     before = dev.snapshot()
     err = raises_llm(PARAM_INVALID, env.cm.swap_blocks, dev.cache, alias, {1: 0})
     assert "overlap" in str(err)
@@ -323,8 +350,9 @@ def test_create_cpu_cache_checks():
     desc = CacheDesc(2, [4, 8], DataType.DT_UINT8, HOST)
     c = Cache.create_cpu_cache(desc, [4096, 8192])
     assert (c.cache_id, c.is_blocks_cache, c.tensor_addrs) == (-1, True, [4096, 8192])
-    raises_llm(PARAM_INVALID, Cache.create_cpu_cache, CacheDesc(2, [4, 8], DataType.DT_UINT8, DEV),
-               [1, 2])
+    raises_llm(
+        PARAM_INVALID, Cache.create_cpu_cache, CacheDesc(2, [4, 8], DataType.DT_UINT8, DEV), [1, 2]
+    )
     raises_llm(PARAM_INVALID, Cache.create_cpu_cache, desc, [1])
     raises_llm(PARAM_INVALID, Cache.create_cpu_cache, desc, [0, 1])
     with pytest.raises(TypeError):
@@ -334,7 +362,7 @@ def test_create_cpu_cache_checks():
 # --------------------------------------------------------------------------------------------
 # remap_registered_memory
 
+
 def test_remap_registered_memory_is_not_supported(env):
-    err = raises_llm(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, env.cm.remap_registered_memory,
-                     [])
+    err = raises_llm(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, env.cm.remap_registered_memory, [])
     assert "not supported" in str(err)

@@ -30,8 +30,8 @@ from .raw_protocol import RawPeer, frame, hello, read_frame, recv_msg
 
 HOST = "127.0.0.1"
 LISTENER = 900
-ACK_S = 2.0                 # the default of llmdist.ack_timeout_ms
-SLACK_S = 2.0               # a loaded test machine
+ACK_S = 2.0  # the default of llmdist.ack_timeout_ms
+SLACK_S = 2.0  # a loaded test machine
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 
 
@@ -42,8 +42,9 @@ def connect(port: int) -> socket.socket:
     return peer.sock
 
 
-def open_link(port: int, cid: int, target: Optional[int] = LISTENER, unix: bool = False,
-              **over) -> socket.socket:
+def open_link(
+    port: int, cid: int, target: Optional[int] = LISTENER, unix: bool = False, **over
+) -> socket.socket:
     """A raw client linked (over TCP, or the Unix socket): challenge, hello, welcome, our
     caches (over["caches"]), and the listener's acknowledgement of them."""
     caches = over.pop("caches", [])
@@ -57,8 +58,9 @@ def open_link(port: int, cid: int, target: Optional[int] = LISTENER, unix: bool 
 def envs(make_env):
     """Factory of remote-accessible clusters in this process (listening when told)."""
 
-    def factory(cluster_id: int, role: LLMRole = LLMRole.PROMPT, listen: bool = False,
-                **options: str) -> Env:
+    def factory(
+        cluster_id: int, role: LLMRole = LLMRole.PROMPT, listen: bool = False, **options: str
+    ) -> Env:
         extra = dict(options)
         if listen:
             extra["llm.listenIpInfo"] = f"{HOST}:0"
@@ -104,8 +106,8 @@ def test_silent_peers_cost_one_ack_deadline(envs, caplog):
             t0 = time.monotonic()
             cache = lis.cm.allocate_blocks_cache(desc, BlocksCacheKey(LISTENER, 1))
             took_alloc = time.monotonic() - t0
-            assert took_alloc < ACK_S + SLACK_S, took_alloc     # 30 s before (10 s per peer)
-            assert cache.cache_id in seen_by_good       # announced to the peer that acks
+            assert took_alloc < ACK_S + SLACK_S, took_alloc  # 30 s before (10 s per peer)
+            assert cache.cache_id in seen_by_good  # announced to the peer that acks
             assert all(node.peer(c) is None for c in (911, 912, 913))
             assert sum("did not acknowledge" in r.getMessage() for r in caplog.records) == 3
 
@@ -113,8 +115,8 @@ def test_silent_peers_cost_one_ack_deadline(envs, caplog):
             t0 = time.monotonic()
             lis.cm.deallocate_blocks_cache(cache)
             took_dealloc = time.monotonic() - t0
-            assert took_dealloc < ACK_S + SLACK_S, took_dealloc   # 30 s before
-            assert cache.cache_id not in seen_by_good   # withdrawn from it too
+            assert took_dealloc < ACK_S + SLACK_S, took_dealloc  # 30 s before
+            assert cache.cache_id not in seen_by_good  # withdrawn from it too
             assert all(node.peer(c) is None for c in (921, 922, 923))
             assert node.peer(901) is not None
 
@@ -125,9 +127,11 @@ def test_silent_peers_cost_one_ack_deadline(envs, caplog):
     finally:
         for s in socks:
             s.close()
-    assert took_finalize < ACK_S + SLACK_S, took_finalize       # 10 s before
-    print(f"with 3 silent peers: allocate {took_alloc:.2f} s, deallocate {took_dealloc:.2f} s, "
-          f"finalize {took_finalize:.2f} s")
+    assert took_finalize < ACK_S + SLACK_S, took_finalize  # 10 s before
+    print(
+        f"with 3 silent peers: allocate {took_alloc:.2f} s, deallocate {took_dealloc:.2f} s, "
+        f"finalize {took_finalize:.2f} s"
+    )
     # the peer that acknowledged saw the unlink of finalize
     assert wait_for(lambda: good.dd._node.peer(LISTENER) is None)
 
@@ -200,7 +204,7 @@ class IdleHolder:
 
     def __enter__(self) -> "IdleHolder":
         self.thread.start()
-        time.sleep(0.5)         # all of them connected
+        time.sleep(0.5)  # all of them connected
         return self
 
     def __exit__(self, *exc) -> None:
@@ -223,15 +227,17 @@ def test_links_succeed_while_a_client_holds_idle_connections(envs, attacker_ip):
                 i.remote_cluster_id = LISTENER
                 assert good.dd.unlink_clusters([i], 5000, force=True)[0] == SUCCESS
                 assert wait_for(lambda: lis.dd._node.peer(950) is None)
-    print(f"links under attack from {attacker_ip}: {ok}/{runs}, idle connections opened: "
-          f"{holder.opened}")
+    print(
+        f"links under attack from {attacker_ip}: {ok}/{runs}, idle connections opened: "
+        f"{holder.opened}"
+    )
     assert ok == runs, f"{ok} of {runs} links succeeded"
 
 
 # --------------------------------------------------------------------------------------------
 # N11: pull/push within one cluster: no byte read is written, no block written twice
 # --------------------------------------------------------------------------------------------
-BLOCK = 64          # bytes per block of the caches below: shape [8, 64] of DT_UINT8
+BLOCK = 64  # bytes per block of the caches below: shape [8, 64] of DT_UINT8
 
 
 def refused(fn, *args, **kwargs) -> str:
@@ -247,12 +253,11 @@ def unchanged(tc, snapshot) -> bool:
 
 def test_local_pull_push_refuse_overlap_and_double_writes(envs):
     from llmdist import CacheKeyByIdAndIndex
+
     me = 960
     e = envs(me)
-    a = e.allocated(2, [8, BLOCK], placement=Placement.HOST, blocks=True,
-                    key=BlocksCacheKey(me, 1))
-    b = e.allocated(2, [8, BLOCK], placement=Placement.HOST, blocks=True,
-                    key=BlocksCacheKey(me, 2))
+    a = e.allocated(2, [8, BLOCK], placement=Placement.HOST, blocks=True, key=BlocksCacheKey(me, 1))
+    b = e.allocated(2, [8, BLOCK], placement=Placement.HOST, blocks=True, key=BlocksCacheKey(me, 2))
     rows = e.allocated(2, [4, BLOCK], placement=Placement.HOST)
     before = [a.tensor_bytes(), b.tensor_bytes(), rows.tensor_bytes()]
     key_a = BlocksCacheKey(me, 1)
@@ -279,17 +284,18 @@ def test_local_pull_push_refuse_overlap_and_double_writes(envs):
     e.cm.push_blocks(key_a, a.cache, [2], [6])
     for t in range(2):
         got, was = a.tensor(t), before[0][t]
-        assert (got[4 * BLOCK:6 * BLOCK] == was[0:2 * BLOCK]).all()
-        assert (got[6 * BLOCK:7 * BLOCK] == was[2 * BLOCK:3 * BLOCK]).all()
-        assert (got[:4 * BLOCK] == was[:4 * BLOCK]).all()
+        assert (got[4 * BLOCK : 6 * BLOCK] == was[0 : 2 * BLOCK]).all()
+        assert (got[6 * BLOCK : 7 * BLOCK] == was[2 * BLOCK : 3 * BLOCK]).all()
+        assert (got[: 4 * BLOCK] == was[: 4 * BLOCK]).all()
 
 
 def test_pull_push_with_a_peer_refuse_double_writes(envs):
     lis = listener(envs)
     pre = envs(961)
     assert pre.dd.link_clusters([info(lis)], 5000) == (SUCCESS, [SUCCESS])
-    there = lis.allocated(2, [8, BLOCK], placement=Placement.HOST, blocks=True,
-                          key=BlocksCacheKey(LISTENER, 7))
+    there = lis.allocated(
+        2, [8, BLOCK], placement=Placement.HOST, blocks=True, key=BlocksCacheKey(LISTENER, 7)
+    )
     here = pre.allocated(2, [8, BLOCK], placement=Placement.HOST, blocks=True)
     snap_there, snap_here = there.tensor_bytes(), here.tensor_bytes()
     key = BlocksCacheKey(LISTENER, 7)
@@ -298,9 +304,9 @@ def test_pull_push_with_a_peer_refuse_double_writes(envs):
     msg = refused(pre.cm.pull_blocks, key, here.cache, [0, 1], [4, 4])
     assert msg == "dst_blocks: destination block 4 is written twice", msg
     assert unchanged(there, snap_there) and unchanged(here, snap_here)
-    pre.cm.push_blocks(key, here.cache, [0, 1], [2, 3])       # distinct blocks move
+    pre.cm.push_blocks(key, here.cache, [0, 1], [2, 3])  # distinct blocks move
     for t in range(2):
-        assert (there.tensor(t)[2 * BLOCK:4 * BLOCK] == snap_here[t][:2 * BLOCK]).all()
+        assert (there.tensor(t)[2 * BLOCK : 4 * BLOCK] == snap_here[t][: 2 * BLOCK]).all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,9 +321,14 @@ class ChildListener:
     def __init__(self, **options: str) -> None:
         import subprocess
         import sys
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.bounds_listener", str(FLOODED), json.dumps(options)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         self.port = int(self.proc.stdout.readline())
 
     def ask(self, cmd: str):
@@ -356,10 +367,21 @@ def child_listener():
 def wire_cache(i: int) -> dict:
     """A peer cache written by process writes (nothing is mapped for it), at its own address."""
     base = (1 << 40) + 256 * i
-    return {"id": 10_000 + i, "num_tensors": 2, "shape": [64], "dtype": 4, "placement": 1,
-            "batch_dim": 0, "seq_len_dim": -1, "blocks": False, "addrs": [base, base + 128],
-            "origin": "registered", "remote_accessible": True, "keys": [],
-            "share": {"kind": "process"}}
+    return {
+        "id": 10_000 + i,
+        "num_tensors": 2,
+        "shape": [64],
+        "dtype": 4,
+        "placement": 1,
+        "batch_dim": 0,
+        "seq_len_dim": -1,
+        "blocks": False,
+        "addrs": [base, base + 128],
+        "origin": "registered",
+        "remote_accessible": True,
+        "keys": [],
+        "share": {"kind": "process"},
+    }
 
 
 class FloodingPeer:
@@ -411,22 +433,24 @@ def test_cache_add_flood_is_capped(child_listener, envs):
     child = child_listener(**{"llmdist.max_peer_caches": "1000"})
     start = child.ask("stat")
     flooder = FloodingPeer(child.port, 981, FLOODED)
-    frames = [frame({"type": "cache_add", "cache": wire_cache(i), "seq": i + 1})
-              for i in range(20_000)]
+    frames = [
+        frame({"type": "cache_add", "cache": wire_cache(i), "seq": i + 1}) for i in range(20_000)
+    ]
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("sent", flooder.flood(frames)),
-                         daemon=True)
+    t = threading.Thread(target=lambda: out.setdefault("sent", flooder.flood(frames)), daemon=True)
     t.start()
-    push_and_check(child, 982, envs)        # served while the flood goes on
+    push_and_check(child, 982, envs)  # served while the flood goes on
     assert flooder.closed.wait(30), "the flooding peer was not unlinked"
     t.join(10)
     flooder.sock.close()
     end = child.ask("stat")
     assert str(981) not in end["peers"]
-    assert flooder.acks <= 1000             # acknowledged caches: at most the cap
+    assert flooder.acks <= 1000  # acknowledged caches: at most the cap
     grew_mb = (end["hwm_kb"] - start["hwm_kb"]) / 1024
-    print(f"cache_add flood: {out.get('sent')} frames sent, {flooder.acks} acknowledged, "
-          f"listener peak memory +{grew_mb:.1f} MB")
+    print(
+        f"cache_add flood: {out.get('sent')} frames sent, {flooder.acks} acknowledged, "
+        f"listener peak memory +{grew_mb:.1f} MB"
+    )
     assert grew_mb < 40, grew_mb
 
 
@@ -440,8 +464,8 @@ def test_huge_hello_is_refused_unread(child_listener, envs):
         try:
             s.sendall(data)
         except OSError:
-            pass                            # closed while still sending
-        assert recv_msg(s, 10) is None      # no welcome: closed
+            pass  # closed while still sending
+        assert recv_msg(s, 10) is None  # no welcome: closed
     finally:
         s.close()
     end = child.ask("stat")
@@ -479,7 +503,7 @@ def test_key_cap(envs):
             w = dict(wire_cache(i), keys=[["cache", 987, 4 * i + j, 1, 0] for j in range(4)])
             peer.sock.sendall(frame({"type": "cache_add", "cache": w, "seq": i + 1}))
         assert peer.closed.wait(10), "a peer over the key cap stayed linked"
-        assert peer.acks == 2           # 8 keys taken, the next 4 over the cap of 10
+        assert peer.acks == 2  # 8 keys taken, the next 4 over the cap of 10
     finally:
         peer.sock.close()
     assert lis.dd._node.peer(987) is None
@@ -489,8 +513,10 @@ def test_frame_rate_is_bounded(envs):
     rate = 200
     lis = listener(envs, **{"llmdist.peer_frame_rate": str(rate)})
     peer = FloodingPeer(lis.dd.listen_port, 988, LISTENER)
-    frames = [frame({"type": "key_remove", "key": ["blocks", 988, i], "seq": i + 1})
-              for i in range(20_000)]
+    frames = [
+        frame({"type": "key_remove", "key": ["blocks", 988, i], "seq": i + 1})
+        for i in range(20_000)
+    ]
     t0 = time.monotonic()
     threading.Thread(target=peer.flood, args=(frames,), daemon=True).start()
     time.sleep(2.0)
@@ -509,10 +535,17 @@ def test_frame_rate_is_bounded(envs):
 def test_ipc_readiness_wait_does_not_stall_the_cluster(fake_cuda):
     import subprocess
     import sys
+
     env = dict(os.environ, LLMDIST_CUDA_LIBRARY=fake_cuda)
     env.pop("LLMDIST_RUNTIME", None)
-    res = subprocess.run([sys.executable, "-m", "tests.bounds_ipc_wait"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "tests.bounds_ipc_wait"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     print(f"while a push waited for ipc_ready: {got}")
@@ -555,4 +588,4 @@ def test_acks_of_our_own_requests_are_not_rate_limited(envs):
     took = time.monotonic() - t0
     assert all(tc.cache.cache_id in seen for tc in made)
     assert lis.dd._node.peer(993) is not None
-    assert took < 3.0, took          # 50 acks at 10 a second would take 4 s or more
+    assert took < 3.0, took  # 50 acks at 10 a second would take 4 s or more

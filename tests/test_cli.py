@@ -26,8 +26,14 @@ def run(*args, env=None, timeout=120):
     tests beside an installed wheel), with the host runtime unless env says otherwise."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("LLMDIST_")}
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "llmdist", *args], cwd=HERE.parent, env=e,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "llmdist", *args],
+        cwd=HERE.parent,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def one_line_error(res, *fragments):
@@ -49,7 +55,10 @@ def test_version():
 
 
 def test_console_script_is_the_cli():
-    if Path(llmdist.__file__).resolve().parent.parent.name not in ("site-packages", "dist-packages"):
+    if Path(llmdist.__file__).resolve().parent.parent.name not in (
+        "site-packages",
+        "dist-packages",
+    ):
         pytest.skip("the imported llmdist is not an installed one (the tests run from a checkout)")
     dist = metadata.distribution("llmdist")
     scripts = [ep for ep in dist.entry_points if ep.group == "console_scripts"]
@@ -72,8 +81,11 @@ def test_info_text_names_each_runtime_and_why_not():
 
 
 def test_info_json_is_runtime_info():
-    res = run("info", "--json", env={"LLMDIST_ACL_LIBRARY": NO_LIBRARY,
-                                     "LLMDIST_CUDA_LIBRARY": NO_LIBRARY})
+    res = run(
+        "info",
+        "--json",
+        env={"LLMDIST_ACL_LIBRARY": NO_LIBRARY, "LLMDIST_CUDA_LIBRARY": NO_LIBRARY},
+    )
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
     assert data["llmdist"] == llmdist.__version__
@@ -95,15 +107,20 @@ def test_runtime_flag_sets_the_runtime():
 
 
 def test_unknown_runtime_in_environment():
-    one_line_error(run("demo", env={"LLMDIST_RUNTIME": "ascend"}),
-                   "LLMDIST_RUNTIME must be one of auto, host, acl, cuda", "'ascend'")
+    one_line_error(
+        run("demo", env={"LLMDIST_RUNTIME": "ascend"}),
+        "LLMDIST_RUNTIME must be one of auto, host, acl, cuda",
+        "'ascend'",
+    )
 
 
 def test_unknown_runtime_flag():
     one_line_error(run("demo", "--runtime", "ascend"), "--runtime", "invalid choice", "'ascend'")
 
 
-@pytest.mark.parametrize("name,var", [("acl", "LLMDIST_ACL_LIBRARY"), ("cuda", "LLMDIST_CUDA_LIBRARY")])
+@pytest.mark.parametrize(
+    "name,var", [("acl", "LLMDIST_ACL_LIBRARY"), ("cuda", "LLMDIST_CUDA_LIBRARY")]
+)
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_device_runtime_unavailable_names_the_loaders_reason(name, var, how):
     env = {var: NO_LIBRARY}
@@ -119,15 +136,20 @@ def test_debug_shows_the_traceback():
     res = run("--debug", "demo", "--runtime", "acl", env={"LLMDIST_ACL_LIBRARY": NO_LIBRARY})
     assert res.returncode == 2
     assert "Traceback" in res.stderr
-    assert res.stderr.splitlines()[-1].startswith("llmdist: error: the acl runtime is not available")
+    assert res.stderr.splitlines()[-1].startswith(
+        "llmdist: error: the acl runtime is not available"
+    )
 
 
-@pytest.mark.parametrize("args,fragments", [
-    (["bench", "--bogus"], ["unrecognized arguments: --bogus"]),
-    (["demo", "--layers", "x"], ["--layers", "invalid int value"]),
-    (["nothing"], ["invalid choice: 'nothing'"]),
-    (["--device", "-1", "info"], ["--device must be >= 0"]),
-])
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["bench", "--bogus"], ["unrecognized arguments: --bogus"]),
+        (["demo", "--layers", "x"], ["--layers", "invalid int value"]),
+        (["nothing"], ["invalid choice: 'nothing'"]),
+        (["--device", "-1", "info"], ["--device must be >= 0"]),
+    ],
+)
 def test_bad_options(args, fragments):
     one_line_error(run(*args), *fragments)
 
@@ -140,7 +162,7 @@ def test_bench_json_unwritable_is_refused_before_the_run(tmp_path):
     target = tmp_path / "missing" / "run.json"
     res = run("bench", "--json", str(target))
     one_line_error(res, "--json", str(target), "cannot be written")
-    assert res.stdout == ""            # no table: nothing ran
+    assert res.stdout == ""  # no table: nothing ran
 
 
 def test_bench_json_directory_is_refused(tmp_path):
@@ -158,11 +180,15 @@ def cli_logging(monkeypatch):
     return logger
 
 
-def test_bench_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, capsys, tmp_path,
-                                                                 cli_logging):
+def test_bench_plot_without_matplotlib_is_refused_before_the_run(
+    monkeypatch, capsys, tmp_path, cli_logging
+):
     real = cli.importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(
+        cli.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real(name, *a),
+    )
     ran = []
     monkeypatch.setattr(cli, "_bench_run", lambda args: ran.append(args) or 0)
     assert cli.main(["bench", "--plot", str(tmp_path / "p.png")]) == 2
@@ -173,14 +199,27 @@ def test_bench_plot_without_matplotlib_is_refused_before_the_run(monkeypatch, ca
 
 def test_bench_outputs_checked_without_leaving_files(tmp_path):
     import argparse
+
     args = argparse.Namespace(json=str(tmp_path / "run.json"), plot=None)
     cli.check_bench_outputs(args)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_bench_header_says_why_auto_chose_the_runtime():
-    res = run("bench", "b2b", "--blocks", "4K", "--layers", "1", "--pairs", "4", "--repeat", "1",
-              "--quiet", env={"LLMDIST_ACL_LIBRARY": NO_LIBRARY, "LLMDIST_CUDA_LIBRARY": NO_LIBRARY})
+    res = run(
+        "bench",
+        "b2b",
+        "--blocks",
+        "4K",
+        "--layers",
+        "1",
+        "--pairs",
+        "4",
+        "--repeat",
+        "1",
+        "--quiet",
+        env={"LLMDIST_ACL_LIBRARY": NO_LIBRARY, "LLMDIST_CUDA_LIBRARY": NO_LIBRARY},
+    )
     assert res.returncode == 0, res.stderr
     line = res.stdout.splitlines()[1]
     assert line.startswith("runtime: auto chose host because acl: "), line
@@ -189,6 +228,7 @@ def test_bench_header_says_why_auto_chose_the_runtime():
 
 def test_bench_header_names_an_explicit_runtime():
     from llmdist.bench import runtime_choice
+
     info = {"active": "host", "runtimes": {}}
     os.environ["LLMDIST_RUNTIME"] = "host"
     try:
@@ -205,6 +245,7 @@ def test_package_logger_has_a_null_handler_and_modules_log_under_it():
     handlers = logging.getLogger("llmdist").handlers
     assert any(isinstance(h, logging.NullHandler) for h in handlers)
     from llmdist import cache_manager, cluster, rank_table
+
     for mod in (cache_manager, cluster, rank_table):
         assert mod.log.name == mod.__name__ and mod.log.name.startswith("llmdist.")
 
@@ -212,28 +253,44 @@ def test_package_logger_has_a_null_handler_and_modules_log_under_it():
 def probe(code, env):
     e = {k: v for k, v in os.environ.items() if not k.startswith(("LLMDIST_", "MC_LOG"))}
     e.update(env)
-    return subprocess.run([sys.executable, "-c", code], cwd=HERE.parent, env=e,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=HERE.parent,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-@pytest.mark.parametrize("value,level", [("DEBUG", logging.DEBUG), ("info", logging.INFO), ("30", 30)])
+@pytest.mark.parametrize(
+    "value,level", [("DEBUG", logging.DEBUG), ("info", logging.INFO), ("30", 30)]
+)
 def test_log_level_from_environment(value, level):
-    res = probe("import logging, llmdist; print(logging.getLogger('llmdist').level)",
-                {"LLMDIST_LOG_LEVEL": value})
+    res = probe(
+        "import logging, llmdist; print(logging.getLogger('llmdist').level)",
+        {"LLMDIST_LOG_LEVEL": value},
+    )
     assert res.returncode == 0, res.stderr
     assert int(res.stdout) == level
 
 
 def test_bad_log_level_is_a_warning_at_import():
-    code = ("import logging, warnings; warnings.simplefilter('error', RuntimeWarning)\n"
-            "try:\n    import llmdist\nexcept RuntimeWarning as w:\n    print('warned:', w)")
+    code = (
+        "import logging, warnings; warnings.simplefilter('error', RuntimeWarning)\n"
+        "try:\n    import llmdist\nexcept RuntimeWarning as w:\n    print('warned:', w)"
+    )
     res = probe(code, {"LLMDIST_LOG_LEVEL": "loud"})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == ("warned: LLMDIST_LOG_LEVEL must be one of DEBUG, INFO, WARNING, "
-                                  "ERROR, CRITICAL or a number, got 'loud'; ignored")
+    assert res.stdout.strip() == (
+        "warned: LLMDIST_LOG_LEVEL must be one of DEBUG, INFO, WARNING, "
+        "ERROR, CRITICAL or a number, got 'loud'; ignored"
+    )
     # with the default filters the import goes on, the level stays unset
-    res = probe("import logging, llmdist; print(logging.getLogger('llmdist').level)",
-                {"LLMDIST_LOG_LEVEL": "loud"})
+    res = probe(
+        "import logging, llmdist; print(logging.getLogger('llmdist').level)",
+        {"LLMDIST_LOG_LEVEL": "loud"},
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "0"
     assert "RuntimeWarning: LLMDIST_LOG_LEVEL must be one of" in res.stderr
@@ -246,9 +303,11 @@ def test_bad_log_level_is_a_cli_error():
     # without the filter, the import's warning comes first, then the same one-line error
     res = run("info", env={"LLMDIST_LOG_LEVEL": "loud"})
     assert res.returncode == 2 and res.stdout == "" and "Traceback" not in res.stderr
-    assert res.stderr.splitlines()[-1] == ("llmdist: error: LLMDIST_LOG_LEVEL must be one of "
-                                           "DEBUG, INFO, WARNING, ERROR, CRITICAL or a number, "
-                                           "got 'loud'")
+    assert res.stderr.splitlines()[-1] == (
+        "llmdist: error: LLMDIST_LOG_LEVEL must be one of "
+        "DEBUG, INFO, WARNING, ERROR, CRITICAL or a number, "
+        "got 'loud'"
+    )
 
 
 def test_mooncake_log_level_is_warning_unless_set():

@@ -42,10 +42,15 @@ class Flow:
     def __init__(self, roles: Dict[str, Tuple[str, dict]], extra: int = 0) -> None:
         self.barrier = CTX.Barrier(len(roles) + extra)
         self.queue = CTX.Queue()
-        self.procs = {name: CTX.Process(target=flow_procs.run_role,
-                                        args=(name, func, kwargs, self.barrier, self.queue),
-                                        name=f"flow-{name}", daemon=True)
-                      for name, (func, kwargs) in roles.items()}
+        self.procs = {
+            name: CTX.Process(
+                target=flow_procs.run_role,
+                args=(name, func, kwargs, self.barrier, self.queue),
+                name=f"flow-{name}",
+                daemon=True,
+            )
+            for name, (func, kwargs) in roles.items()
+        }
         self.outcomes: Dict[str, tuple] = {}
         for p in self.procs.values():
             p.start()
@@ -75,8 +80,11 @@ class Flow:
                 try:
                     msg = self.queue.get(timeout=min(left, 1.0))
                 except queue_mod.Empty:
-                    dead = [n for n, p in self.procs.items()
-                            if not p.is_alive() and n not in self.outcomes]
+                    dead = [
+                        n
+                        for n, p in self.procs.items()
+                        if not p.is_alive() and n not in self.outcomes
+                    ]
                     if dead:
                         time.sleep(0.5)
                         try:
@@ -109,34 +117,47 @@ def test_transfer_cache_async_sample():
     """A blocks source without block indices: block 0 of layer 0 arrives; both sides
     unlink with force, both succeed."""
     port = free_port()
-    Flow({"prompt": ("tca_prompt", {"port": port}),
-          "decoder": ("tca_decoder", {"port": port})}).finish()
+    Flow(
+        {"prompt": ("tca_prompt", {"port": port}), "decoder": ("tca_decoder", {"port": port})}
+    ).finish()
 
 
 def test_hixl_transfer_backend_sample():
     """Both listen and link to each other at once; the prompt pulls, the decoder pushes; both
     unlink without force."""
     pport, dport = free_port(), free_port()
-    Flow({"prompt": ("hixl_prompt", {"pport": pport, "dport": dport}),
-          "decoder": ("hixl_decoder", {"pport": pport, "dport": dport})}).finish()
+    Flow(
+        {
+            "prompt": ("hixl_prompt", {"pport": pport, "dport": dport}),
+            "decoder": ("hixl_decoder", {"pport": pport, "dport": dport}),
+        }
+    ).finish()
 
 
 def test_pull_blocks_xpyd_sample():
     """One decoder pulls from two prompts; cluster ids are ip:port packed into 48 bits."""
     p1, p2, d = f"{HOST}:{free_port()}", f"{HOST}:{free_port()}", f"{HOST}:{free_port()}"
-    Flow({"prompt1": ("xpyd_prompt", {"local_ip_port": p1}),
-          "prompt2": ("xpyd_prompt", {"local_ip_port": p2}),
-          "decoder": ("xpyd_decoder", {"local_ip_port": d,
-                                       "remote_ip_port": f"{p1};{p2}"})}).finish()
+    Flow(
+        {
+            "prompt1": ("xpyd_prompt", {"local_ip_port": p1}),
+            "prompt2": ("xpyd_prompt", {"local_ip_port": p2}),
+            "decoder": ("xpyd_decoder", {"local_ip_port": d, "remote_ip_port": f"{p1};{p2}"}),
+        }
+    ).finish()
 
 
 def test_pull_blocks_sample():
     """Rank-table link (query_register_mem_status until OK), pull_blocks, swap_blocks out to a
     CPU cache and back, unlink."""
     from .rendezvous import free_rendezvous_base, rendezvous_options
+
     opts = rendezvous_options(free_rendezvous_base(), link_total_s=60)
-    Flow({"prompt": ("pb_prompt", {"rendezvous": opts}),
-          "decoder": ("pb_decoder", {"rendezvous": opts})}).finish()
+    Flow(
+        {
+            "prompt": ("pb_prompt", {"rendezvous": opts}),
+            "decoder": ("pb_decoder", {"rendezvous": opts}),
+        }
+    ).finish()
 
 
 def test_pull_cache_sample():
@@ -144,9 +165,14 @@ def test_pull_cache_sample():
     pulls each key's row into a row of its own cache (here crossed, to show which row went
     where)."""
     from .rendezvous import free_rendezvous_base, rendezvous_options
+
     opts = rendezvous_options(free_rendezvous_base(), link_total_s=60)
-    Flow({"prompt": ("pc_prompt", {"rendezvous": opts}),
-          "decoder": ("pc_decoder", {"rendezvous": opts})}).finish()
+    Flow(
+        {
+            "prompt": ("pc_prompt", {"rendezvous": opts}),
+            "decoder": ("pc_decoder", {"rendezvous": opts}),
+        }
+    ).finish()
 
 
 def test_pull_from_cache_to_blocks_sample():
@@ -155,9 +181,14 @@ def test_pull_from_cache_to_blocks_sample():
     the first, is LLM_KV_CACHE_NOT_EXIST); the prompt's remove_cache_key afterwards is a no-op,
     then it deallocates."""
     from .rendezvous import free_rendezvous_base, rendezvous_options
+
     opts = rendezvous_options(free_rendezvous_base(), link_total_s=60)
-    Flow({"prompt": ("pfc_prompt", {"rendezvous": opts}),
-          "decoder": ("pfc_decoder", {"rendezvous": opts})}).finish()
+    Flow(
+        {
+            "prompt": ("pfc_prompt", {"rendezvous": opts}),
+            "decoder": ("pfc_decoder", {"rendezvous": opts}),
+        }
+    ).finish()
 
 
 def test_switch_role_sample():
@@ -165,14 +196,19 @@ def test_switch_role_sample():
     switches to DECODER (listener stopped), the decoder to PROMPT (listening); the former prompt
     links to the former decoder, which pushes its blocks back."""
     pport, dport = free_port(), free_port()
-    Flow({"prompt": ("sw_prompt", {"pport": pport, "dport": dport}),
-          "decoder": ("sw_decoder", {"pport": pport, "dport": dport})}).finish()
+    Flow(
+        {
+            "prompt": ("sw_prompt", {"pport": pport, "dport": dport}),
+            "decoder": ("sw_decoder", {"pport": pport, "dport": dport}),
+        }
+    ).finish()
 
 
 def test_push_blocks_sample():
     pport = free_port()
-    Flow({"prompt": ("push_prompt", {"pport": pport}),
-          "decoder": ("push_decoder", {"pport": pport})}).finish()
+    Flow(
+        {"prompt": ("push_prompt", {"pport": pport}), "decoder": ("push_decoder", {"pport": pport})}
+    ).finish()
 
 
 def test_push_cache_sample(tmp_path):
@@ -180,28 +216,43 @@ def test_push_cache_sample(tmp_path):
     prompt's cache (CacheKeyByIdAndIndex), the second with layer ranges."""
     pport = free_port()
     id_file = str(tmp_path / "prompt_cache_id")
-    Flow({"prompt": ("push_cache_prompt", {"pport": pport, "id_file": id_file}),
-          "decoder": ("push_cache_decoder", {"pport": pport, "id_file": id_file})}).finish()
+    Flow(
+        {
+            "prompt": ("push_cache_prompt", {"pport": pport, "id_file": id_file}),
+            "decoder": ("push_cache_decoder", {"pport": pport, "id_file": id_file}),
+        }
+    ).finish()
 
 
 # --------------------------------------------------------------------------------------------
 # real clients
 # --------------------------------------------------------------------------------------------
 def test_hixl_connector_flow():
-    pid_, did = 2**63 + next(_ids), 2**64 - next(_ids)      # ids use all 64 bits
+    pid_, did = 2**63 + next(_ids), 2**64 - next(_ids)  # ids use all 64 bits
     pport, dport = free_port(), free_port()
-    Flow({"prefill": ("hixl_connector_prefill", {"cluster_id": pid_, "port": pport}),
-          "decode": ("hixl_connector_decode", {"cluster_id": did, "port": dport,
-                                               "prefill_id": pid_,
-                                               "prefill_port": pport})}).finish()
+    Flow(
+        {
+            "prefill": ("hixl_connector_prefill", {"cluster_id": pid_, "port": pport}),
+            "decode": (
+                "hixl_connector_decode",
+                {"cluster_id": did, "port": dport, "prefill_id": pid_, "prefill_port": pport},
+            ),
+        }
+    ).finish()
 
 
 def test_sglang_push_flow():
     pid_, did = next(_ids), next(_ids)
     pport = free_port()
-    Flow({"prefill": ("sglang_prefill", {"cluster_id": pid_, "port": pport, "decode_id": did}),
-          "decode": ("sglang_decode", {"cluster_id": did, "prefill_id": pid_,
-                                       "prefill_port": pport})}).finish()
+    Flow(
+        {
+            "prefill": ("sglang_prefill", {"cluster_id": pid_, "port": pport, "decode_id": did}),
+            "decode": (
+                "sglang_decode",
+                {"cluster_id": did, "prefill_id": pid_, "prefill_port": pport},
+            ),
+        }
+    ).finish()
 
 
 def test_hixl_connector_hybrid_layout():
@@ -212,9 +263,15 @@ def test_hixl_connector_hybrid_layout():
     a push to the conv key is LLM_KV_CACHE_NOT_EXIST."""
     pid_, did = next(_ids), next(_ids)
     pport = free_port()
-    Flow({"prefill": ("hybrid_prefill", {"cluster_id": pid_, "port": pport, "decode_id": did}),
-          "decode": ("hybrid_decode", {"cluster_id": did, "prefill_id": pid_,
-                                       "prefill_port": pport})}).finish()
+    Flow(
+        {
+            "prefill": ("hybrid_prefill", {"cluster_id": pid_, "port": pport, "decode_id": did}),
+            "decode": (
+                "hybrid_decode",
+                {"cluster_id": did, "prefill_id": pid_, "prefill_port": pport},
+            ),
+        }
+    ).finish()
 
 
 def test_omni_npu_layer_group():
@@ -224,9 +281,15 @@ def test_omni_npu_layer_group():
     cache still pulls."""
     pid_, did = next(_ids), next(_ids)
     pport = free_port()
-    Flow({"prefill": ("layer_group_prefill", {"cluster_id": pid_, "port": pport}),
-          "decode": ("layer_group_decode", {"cluster_id": did, "prefill_id": pid_,
-                                            "prefill_port": pport})}).finish()
+    Flow(
+        {
+            "prefill": ("layer_group_prefill", {"cluster_id": pid_, "port": pport}),
+            "decode": (
+                "layer_group_decode",
+                {"cluster_id": did, "prefill_id": pid_, "prefill_port": pport},
+            ),
+        }
+    ).finish()
 
 
 def test_omni_infer_recovery():
@@ -234,8 +297,9 @@ def test_omni_infer_recovery():
     error; unlink_clusters(force=True) + link_clusters to the restarted prefill (same id and
     port); the retried pull brings the new bytes."""
     pid_, port = 2**63 + 5, free_port()
-    gen1 = Flow({"p": ("omni_prefill", {"cluster_id": pid_, "port": port, "generation": 1})},
-                extra=1)
+    gen1 = Flow(
+        {"p": ("omni_prefill", {"cluster_id": pid_, "port": port, "generation": 1})}, extra=1
+    )
     gen1.wait_msg("p", "ready")
     decode = Env(role=LLMRole.DECODER, cluster_id=2**64 - 2)
     try:
@@ -246,18 +310,25 @@ def test_omni_infer_recovery():
 
         def pulled(generation: int) -> bool:
             decode.cm.pull_blocks(key, dst.cache, [0, 5], [2, 3])
-            return all(np.all(dst.tensor(t).view(np.uint16).reshape(8, 128)[[2, 3]]
-                              == generation * 100 + t) for t in range(4))
+            return all(
+                np.all(
+                    dst.tensor(t).view(np.uint16).reshape(8, 128)[[2, 3]] == generation * 100 + t
+                )
+                for t in range(4)
+            )
 
         assert pulled(1)
         os.kill(gen1.procs["p"].pid, signal.SIGKILL)
         gen1.procs["p"].join(10)
         with pytest.raises(LLMException) as ei:
             decode.cm.pull_blocks(key, dst.cache, [0, 5], [2, 3])
-        assert ei.value.status_code in (LLMStatusCode.LLM_LINK_FAILED,
-                                        LLMStatusCode.LLM_NOT_YET_LINK)
-        gen2 = Flow({"p": ("omni_prefill", {"cluster_id": pid_, "port": port,
-                                            "generation": 2})}, extra=1)
+        assert ei.value.status_code in (
+            LLMStatusCode.LLM_LINK_FAILED,
+            LLMStatusCode.LLM_NOT_YET_LINK,
+        )
+        gen2 = Flow(
+            {"p": ("omni_prefill", {"cluster_id": pid_, "port": port, "generation": 2})}, extra=1
+        )
         try:
             gen2.wait_msg("p", "ready")
             assert decode.dd.unlink_clusters([info], 5000, force=True) == (SUCCESS, [SUCCESS])
@@ -269,7 +340,9 @@ def test_omni_infer_recovery():
             gen2.close()
     finally:
         decode.close()
-        for f in [f for f in os.listdir("/dev/shm") if f.startswith(f"llmdist-{gen1.procs['p'].pid}-")]:
+        for f in [
+            f for f in os.listdir("/dev/shm") if f.startswith(f"llmdist-{gen1.procs['p'].pid}-")
+        ]:
             os.unlink(os.path.join("/dev/shm", f))
 
 
@@ -303,12 +376,14 @@ def test_mutual_links_and_unlinks():
             while a.call("linked", b.cluster_id) or b.call("linked", a.cluster_id):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-        assert a.call("unlink", 987654) == (LLMStatusCode.LLM_NOT_YET_LINK,
-                                            [LLMStatusCode.LLM_NOT_YET_LINK])
+        assert a.call("unlink", 987654) == (
+            LLMStatusCode.LLM_NOT_YET_LINK,
+            [LLMStatusCode.LLM_NOT_YET_LINK],
+        )
     finally:
         c.close()
 
 
 from .helpers import keyed_and_unkeyed  # noqa: E402
 
-auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key
+auth_mode = keyed_and_unkeyed()  # every test here runs without and with a shared key

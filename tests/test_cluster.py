@@ -49,7 +49,7 @@ from .raw_protocol import RawPeer
 from .reference import RefConfig
 
 LINK_MS = 5000
-TASK_MS = 10_000        # bound on any transfer
+TASK_MS = 10_000  # bound on any transfer
 FP16 = DataType.DT_FLOAT16
 LINK_FAILED = LLMStatusCode.LLM_LINK_FAILED
 NOT_YET_LINK = LLMStatusCode.LLM_NOT_YET_LINK
@@ -57,16 +57,16 @@ ALREADY_LINK = LLMStatusCode.LLM_ALREADY_LINK
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 
-_seeds = itertools.count(1)             # model ids and seeds
+_seeds = itertools.count(1)  # model ids and seeds
 
 # Layouts (DT_FLOAT16).  Source: 4 layers.  Destination: 6 layers.
-SRC_ROWS = dict(num_tensors=8, shape=[3, 2, 100])        # 3 rows of 400 bytes
-SRC_BLOCKS = dict(num_tensors=8, shape=[12, 128])        # 12 blocks of 256 bytes
-DST_ROWS = dict(num_tensors=12, shape=[5, 200])          # 5 rows of 400 bytes
-DST_BLOCKS = dict(num_tensors=12, shape=[16, 128])       # 16 blocks of 256 bytes (B2B)
-DST_CHUNKS = dict(num_tensors=12, shape=[10, 64])        # 10 blocks of 128 bytes (C2B)
-B2B_SRC, B2B_DST = [3, 4, 5, 0, 11], [8, 9, 10, 2, 15]   # runs merge: 3-5 -> 8-10
-C2B_DST, C2B_SIZE = [7, 2, 9, 0], 128                    # a 400-byte row in 4 chunks (last 16 B)
+SRC_ROWS = dict(num_tensors=8, shape=[3, 2, 100])  # 3 rows of 400 bytes
+SRC_BLOCKS = dict(num_tensors=8, shape=[12, 128])  # 12 blocks of 256 bytes
+DST_ROWS = dict(num_tensors=12, shape=[5, 200])  # 5 rows of 400 bytes
+DST_BLOCKS = dict(num_tensors=12, shape=[16, 128])  # 16 blocks of 256 bytes (B2B)
+DST_CHUNKS = dict(num_tensors=12, shape=[10, 64])  # 10 blocks of 128 bytes (C2B)
+B2B_SRC, B2B_DST = [3, 4, 5, 0, 11], [8, 9, 10, 2, 15]  # runs merge: 3-5 -> 8-10
+C2B_DST, C2B_SIZE = [7, 2, 9, 0], 128  # a 400-byte row in 4 chunks (last 16 B)
 # Layer-wise tests: 6 layers, blocks on both sides.
 L6_SRC = dict(num_tensors=12, shape=[8, 128])
 L6_DST = dict(num_tensors=12, shape=[8, 128])
@@ -94,8 +94,7 @@ def link(env: Env, *procs: DecodeProc) -> None:
 
 
 def unlink(env: Env, *procs: DecodeProc):
-    return env.dd.unlink_clusters([cluster_info(p.cluster_id) for p in procs], LINK_MS,
-                                  force=True)
+    return env.dd.unlink_clusters([cluster_info(p.cluster_id) for p in procs], LINK_MS, force=True)
 
 
 def merged(dicts) -> Dict[Hashable, np.ndarray]:
@@ -109,33 +108,54 @@ def read_all(dcs: Sequence[DCache]) -> Dict[Hashable, np.ndarray]:
     return merged(dc.read() for dc in dcs)
 
 
-def verify(after, before, src_tensors, src_stride, refs, sb=None, db=None, bsz=None,
-           layers_done=None, what="destination"):
+def verify(
+    after,
+    before,
+    src_tensors,
+    src_stride,
+    refs,
+    sb=None,
+    db=None,
+    bsz=None,
+    layers_done=None,
+    what="destination",
+):
     """Every destination byte against the model; bytes outside the written ranges unchanged."""
-    expected, written = reference.expected_transfer(src_tensors, src_stride, before, refs, sb, db,
-                                                    bsz, layers_done)
+    expected, written = reference.expected_transfer(
+        src_tensors, src_stride, before, refs, sb, db, bsz, layers_done
+    )
     for k in expected:
         untouched = ~written[k]
         if not np.array_equal(after[k][untouched], before[k][untouched]):
             bad = np.flatnonzero((after[k] != before[k]) & untouched)
-            raise AssertionError(f"{what}: bytes of {k} outside the destination ranges changed "
-                                 f"at offsets {bad[:8].tolist()} ({bad.size} bytes)")
+            raise AssertionError(
+                f"{what}: bytes of {k} outside the destination ranges changed "
+                f"at offsets {bad[:8].tolist()} ({bad.size} bytes)"
+            )
     assert_mem_equal(after, expected, what)
     if layers_done is None or layers_done > 0:
         assert any(w.any() for w in written.values()), "the model expects no byte to change"
-        assert any(not np.array_equal(after[k], before[k]) for k in after), \
+        assert any(not np.array_equal(after[k], before[k]) for k in after), (
             "no destination byte changed (the source equals the destination?)"
+        )
     return expected, written
 
 
 def wait_done(task, timeout_ms: int = TASK_MS):
-    assert task.synchronize(timeout_ms) != LLMStatusCode.LLM_TIMEOUT, \
+    assert task.synchronize(timeout_ms) != LLMStatusCode.LLM_TIMEOUT, (
         f"transfer still running after {timeout_ms} ms"
+    )
     return task.get_results(0)
 
 
-def keyed_cfg(dc: DCache, src_layers: range, dst_layers: range, key: str = "blocks",
-              batch_index: int = 0, src_batch: int = 0) -> TransferWithCacheKeyConfig:
+def keyed_cfg(
+    dc: DCache,
+    src_layers: range,
+    dst_layers: range,
+    key: str = "blocks",
+    batch_index: int = 0,
+    src_batch: int = 0,
+) -> TransferWithCacheKeyConfig:
     if key == "blocks":
         k = dc.key
         assert isinstance(k, BlocksCacheKey)
@@ -144,14 +164,19 @@ def keyed_cfg(dc: DCache, src_layers: range, dst_layers: range, key: str = "bloc
     return TransferWithCacheKeyConfig(k, src_layers, dst_layers, src_batch)
 
 
-def keyed_ref(dc: DCache, src_layers: range, dst_layers: range, batch_index: int = 0,
-              src_batch: int = 0) -> RefConfig:
-    return RefConfig(reference.keyed_dst(dc.tensors, src_layers, dst_layers,
-                                         batch_index * dc.stride), src_layers, src_batch)
+def keyed_ref(
+    dc: DCache, src_layers: range, dst_layers: range, batch_index: int = 0, src_batch: int = 0
+) -> RefConfig:
+    return RefConfig(
+        reference.keyed_dst(dc.tensors, src_layers, dst_layers, batch_index * dc.stride),
+        src_layers,
+        src_batch,
+    )
 
 
-def addr_cfg(dc: DCache, src_layers: range, dst_layers: Sequence[int], row: int = 0,
-             src_batch: int = 0):
+def addr_cfg(
+    dc: DCache, src_layers: range, dst_layers: Sequence[int], row: int = 0, src_batch: int = 0
+):
     """A TransferConfig writing source layers to the given destination layers (row pre-offset)
     and its reference config."""
     addrs, dst = [], []
@@ -160,12 +185,15 @@ def addr_cfg(dc: DCache, src_layers: range, dst_layers: Sequence[int], row: int 
             addrs.append(dc.addrs[2 * layer + t] + row * dc.stride)
             k, off = dc.tensors[2 * layer + t]
             dst.append((k, off + row * dc.stride))
-    return (TransferConfig(dc.proc.cluster_id, addrs, src_layers, src_batch),
-            RefConfig(dst, src_layers, src_batch))
+    return (
+        TransferConfig(dc.proc.cluster_id, addrs, src_layers, src_batch),
+        RefConfig(dst, src_layers, src_batch),
+    )
 
 
-def run_remote(env: Env, src, configs, refs, dcs: Sequence[DCache], sb=None, db=None, bsz=None,
-               sync=None):
+def run_remote(
+    env: Env, src, configs, refs, dcs: Sequence[DCache], sb=None, db=None, bsz=None, sync=None
+):
     """Run one transfer into child caches; expect success; check every byte."""
     seen, uniq = set(), []
     for dc in dcs:
@@ -189,8 +217,9 @@ def probe(env: Env, src, cluster_id: int) -> LLMStatusCode:
     validation after the link check (unknown key / address 8) raises NOT_YET_LINK only when the
     cluster is not linked."""
     if env.remote:
-        cfg = TransferWithCacheKeyConfig(CacheKeyByIdAndIndex(cluster_id, 2**62, 0),
-                                         range(0, 1), range(0, 1))
+        cfg = TransferWithCacheKeyConfig(
+            CacheKeyByIdAndIndex(cluster_id, 2**62, 0), range(0, 1), range(0, 1)
+        )
     else:
         cfg = TransferConfig(cluster_id, [8, 16], range(0, 1))
     idx = [0] if src.cache.is_blocks_cache else None
@@ -207,16 +236,18 @@ def wait_unlinked(env: Env, src, cluster_id: int, timeout: float = 5.0) -> float
         if code == NOT_YET_LINK:
             return time.monotonic() - t0
         assert code in (NOT_EXIST, PARAM_INVALID), code
-        assert time.monotonic() - t0 < timeout, \
+        assert time.monotonic() - t0 < timeout, (
             f"cluster {env.cluster_id} still sees cluster {cluster_id} linked after {timeout} s"
+        )
         time.sleep(0.01)
 
 
 def wait_child_unlinked(proc: DecodeProc, remote_id: int, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while proc.call("linked", remote_id):
-        assert time.monotonic() < deadline, \
+        assert time.monotonic() < deadline, (
             f"cluster {proc.cluster_id} still holds a link to {remote_id} after {timeout} s"
+        )
         time.sleep(0.01)
 
 
@@ -227,8 +258,7 @@ def cache_mapped(dc: DCache) -> bool:
 
 def own_shm_maps(pid: int) -> set:
     """The memfds of process pid (inodes) that this process maps."""
-    return ({ino for _, _, ino in memfd_maps("self")}
-            & {ino for _, _, ino in memfd_maps(pid)})
+    return {ino for _, _, ino in memfd_maps("self")} & {ino for _, _, ino in memfd_maps(pid)}
 
 
 def still_mapped(inodes: set) -> set:
@@ -307,8 +337,9 @@ def test_link_unlink_states(decodes, prefill, cleanup):
     link(remote, d)
     rsrc = remote.allocated(**SRC_BLOCKS, blocks=True, dtype=FP16)
     cfg = keyed_cfg(dc, range(0, 4), range(1, 5))
-    run_remote(remote, rsrc, [cfg], [keyed_ref(dc, range(0, 4), range(1, 5))], [dc],
-               B2B_SRC, B2B_DST)
+    run_remote(
+        remote, rsrc, [cfg], [keyed_ref(dc, range(0, 4), range(1, 5))], [dc], B2B_SRC, B2B_DST
+    )
     # the prefill finalizes: the decode's view of it goes
     remote_id = remote.cluster_id
     assert d.call("linked", remote_id)
@@ -322,6 +353,7 @@ class FakeListener:
 
     def __init__(self, reply: Optional[bytes]) -> None:
         import threading
+
         self.reply = reply
         self.sock = socket.socket()
         self.sock.bind((HOST, 0))
@@ -366,13 +398,22 @@ def test_link_failures_are_bounded(decodes, prefill):
     env = prefill()
     # nothing listens there
     t0 = time.monotonic()
-    assert env.dd.link_clusters([cluster_info(2, free_port())], 2000) == (LINK_FAILED, [LINK_FAILED])
+    assert env.dd.link_clusters([cluster_info(2, free_port())], 2000) == (
+        LINK_FAILED,
+        [LINK_FAILED],
+    )
     assert time.monotonic() - t0 < 2.5
     # listeners that are not llmdist: silent, garbage, a frame cut short, a welcome from the
     # wrong cluster, a frame that is not a welcome; the timeout holds in every case
     wrong = dict(hello(999, env.cluster_id, LLMRole.DECODER), type="welcome")
-    replies = [None, b"\x00garbage" * 100, MAGIC + struct.pack(">I", 100) + b"{\"type\"",
-               frame(wrong), frame({"type": "ack", "seq": 1}), MAGIC + b"\xff\xff\xff\xff"]
+    replies = [
+        None,
+        b"\x00garbage" * 100,
+        MAGIC + struct.pack(">I", 100) + b'{"type"',
+        frame(wrong),
+        frame({"type": "ack", "seq": 1}),
+        MAGIC + b"\xff\xff\xff\xff",
+    ]
     for reply in replies:
         with FakeListener(reply) as fake:
             t0 = time.monotonic()
@@ -410,16 +451,30 @@ def test_listener_finalize_and_exit(prefill, cleanup):
     d2 = cleanup.spawn(40).wait_ready()
     dc2 = cleanup.dcache(d2, "registered", **DST_BLOCKS, blocks=True, key=("blocks", 1))
     link(env, d2)
-    run_remote(env, src, [keyed_cfg(dc2, range(0, 4), range(2, 6))],
-               [keyed_ref(dc2, range(0, 4), range(2, 6))], [dc2], B2B_SRC, B2B_DST)
+    run_remote(
+        env,
+        src,
+        [keyed_cfg(dc2, range(0, 4), range(2, 6))],
+        [keyed_ref(dc2, range(0, 4), range(2, 6))],
+        [dc2],
+        B2B_SRC,
+        B2B_DST,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # transfers into another process, every byte
 # --------------------------------------------------------------------------------------------
-CASES = [("B2B", "addr"), ("B2B", "blocks_key"), ("B2B", "id_key"),
-         ("C2B", "addr"), ("C2B", "blocks_key"), ("C2B", "id_key"),
-         ("C2C", "addr"), ("C2C", "id_key")]
+CASES = [
+    ("B2B", "addr"),
+    ("B2B", "blocks_key"),
+    ("B2B", "id_key"),
+    ("C2B", "addr"),
+    ("C2B", "blocks_key"),
+    ("C2B", "id_key"),
+    ("C2C", "addr"),
+    ("C2C", "id_key"),
+]
 SRC_LAYERS = range(1, 4)
 KEY_DST_LAYERS = range(2, 5)
 ADDR_DST_LAYERS = [5, 0, 3]
@@ -474,13 +529,22 @@ def test_fan_out_to_two_decodes(decodes, prefill, cleanup, addressing):
     b = cleanup.dcache(d3, "registered", **DST_BLOCKS, blocks=True, key=("blocks", s), seed=s + 1)
     link(env, d2, d3)
     if addressing == "key":
-        cfgs = [keyed_cfg(a, range(0, 2), range(4, 6)), keyed_cfg(b, range(1, 4), range(0, 3), "id"),
-                keyed_cfg(a, range(2, 4), range(0, 2), "id")]
-        refs = [keyed_ref(a, range(0, 2), range(4, 6)), keyed_ref(b, range(1, 4), range(0, 3)),
-                keyed_ref(a, range(2, 4), range(0, 2))]
+        cfgs = [
+            keyed_cfg(a, range(0, 2), range(4, 6)),
+            keyed_cfg(b, range(1, 4), range(0, 3), "id"),
+            keyed_cfg(a, range(2, 4), range(0, 2), "id"),
+        ]
+        refs = [
+            keyed_ref(a, range(0, 2), range(4, 6)),
+            keyed_ref(b, range(1, 4), range(0, 3)),
+            keyed_ref(a, range(2, 4), range(0, 2)),
+        ]
     else:
-        pairs = [addr_cfg(a, range(0, 2), [5, 4]), addr_cfg(b, range(0, 4), [0, 1, 2, 3]),
-                 addr_cfg(a, range(3, 4), [0])]
+        pairs = [
+            addr_cfg(a, range(0, 2), [5, 4]),
+            addr_cfg(b, range(0, 4), [0, 1, 2, 3]),
+            addr_cfg(a, range(3, 4), [0]),
+        ]
         cfgs, refs = [p[0] for p in pairs], [p[1] for p in pairs]
     run_remote(env, src, cfgs, refs, [a, b], B2B_SRC, B2B_DST)
 
@@ -497,8 +561,15 @@ def test_cache_made_after_link_is_usable_at_once(decodes, prefill, cleanup, dst_
     psrc = plain.allocated(**SRC_ROWS, dtype=FP16)
     # made after both links: register/allocate return only once the peers know it
     dc = cleanup.dcache(d, dst_mem, **DST_BLOCKS, blocks=True, key=("blocks", s), seed=s)
-    run_remote(keyed, src, [keyed_cfg(dc, range(0, 4), range(1, 5))],
-               [keyed_ref(dc, range(0, 4), range(1, 5))], [dc], B2B_SRC, B2B_DST)
+    run_remote(
+        keyed,
+        src,
+        [keyed_cfg(dc, range(0, 4), range(1, 5))],
+        [keyed_ref(dc, range(0, 4), range(1, 5))],
+        [dc],
+        B2B_SRC,
+        B2B_DST,
+    )
     rows = cleanup.dcache(d, dst_mem, **DST_ROWS, seed=s + 1)
     cfg, ref = addr_cfg(rows, range(0, 4), [5, 3, 1, 0], row=4, src_batch=2)
     run_remote(plain, psrc, [cfg], [ref], [rows])
@@ -518,14 +589,16 @@ def test_event_synchronizer_across_processes(decodes, prefill, cleanup, dst_mem)
     sync = EventSynchronizer(env.dd.runtime, 6)
     model = Stream(env.dd.runtime)
     ref = keyed_ref(dc, range(0, 6), range(0, 6))
-    task = env.cm.transfer_cache_async(src.cache, sync, [keyed_cfg(dc, range(0, 6), range(0, 6))],
-                                       L6_SRC_IDX, L6_DST_IDX)
+    task = env.cm.transfer_cache_async(
+        src.cache, sync, [keyed_cfg(dc, range(0, 6), range(0, 6))], L6_SRC_IDX, L6_DST_IDX
+    )
     for layer in range(3):
         sync.record(layer, model)
     time.sleep(0.3)
     assert task.get_results(0) == [LLMStatusCode.LLM_TIMEOUT]
-    verify(dc.read(), dc.initial, src_tensors, src.stride, [ref], L6_SRC_IDX, L6_DST_IDX,
-           layers_done=3)
+    verify(
+        dc.read(), dc.initial, src_tensors, src.stride, [ref], L6_SRC_IDX, L6_DST_IDX, layers_done=3
+    )
     for layer in range(3, 6):
         sync.record(layer, model)
     assert wait_done(task) == [SUCCESS], task.errors
@@ -575,13 +648,17 @@ def test_released_cache_is_refused(decodes, prefill, cleanup, dst_mem):
     cfg_k = keyed_cfg(dc, range(0, 4), range(0, 4))
     cfg_i = keyed_cfg(dc, range(0, 4), range(0, 4), "id")
     cfg_a, ref_a = addr_cfg(dc, range(0, 4), [0, 1, 2, 3])
-    run_remote(keyed, src, [cfg_k], [keyed_ref(dc, range(0, 4), range(0, 4))], [dc],
-               B2B_SRC, B2B_DST)
+    run_remote(
+        keyed, src, [cfg_k], [keyed_ref(dc, range(0, 4), range(0, 4))], [dc], B2B_SRC, B2B_DST
+    )
     run_remote(plain, psrc, [cfg_a], [ref_a], [dc], B2B_SRC, B2B_DST)
     d.call("release", dc.name)
     cleanup.caches.remove(dc)
-    for cfg, env, source, code in ((cfg_k, keyed, src, NOT_EXIST), (cfg_i, keyed, src, NOT_EXIST),
-                                   (cfg_a, plain, psrc, PARAM_INVALID)):
+    for cfg, env, source, code in (
+        (cfg_k, keyed, src, NOT_EXIST),
+        (cfg_i, keyed, src, NOT_EXIST),
+        (cfg_a, plain, psrc, PARAM_INVALID),
+    ):
         with pytest.raises(LLMException) as ei:
             env.cm.transfer_cache_async(source.cache, RecordingSync(), [cfg], B2B_SRC, B2B_DST)
         assert ei.value.status_code == code, (cfg, ei.value)
@@ -597,11 +674,19 @@ def test_removed_key_is_refused_but_id_key_works(decodes, prefill, cleanup):
     link(env, d)
     d.call("remove_key", dc.name)
     with pytest.raises(LLMException) as ei:
-        env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                    [keyed_cfg(dc, range(0, 1), range(0, 1))], B2B_SRC, B2B_DST)
+        env.cm.transfer_cache_async(
+            src.cache, RecordingSync(), [keyed_cfg(dc, range(0, 1), range(0, 1))], B2B_SRC, B2B_DST
+        )
     assert ei.value.status_code == NOT_EXIST
-    run_remote(env, src, [keyed_cfg(dc, range(0, 4), range(2, 6), "id")],
-               [keyed_ref(dc, range(0, 4), range(2, 6))], [dc], B2B_SRC, B2B_DST)
+    run_remote(
+        env,
+        src,
+        [keyed_cfg(dc, range(0, 4), range(2, 6), "id")],
+        [keyed_ref(dc, range(0, 4), range(2, 6))],
+        [dc],
+        B2B_SRC,
+        B2B_DST,
+    )
 
 
 def test_out_of_bounds_on_the_peer_is_refused(decodes, prefill, cleanup):
@@ -612,11 +697,13 @@ def test_out_of_bounds_on_the_peer_is_refused(decodes, prefill, cleanup):
     dc = cleanup.dcache(d, "registered", **DST_BLOCKS, blocks=True)
     link(env, d)
     nblocks = dc.size // dc.stride
-    cases = [([dc.addrs[0], dc.addrs[1]], [0, 1, 2, 3, nblocks]),       # one block past the end
-             ([dc.addrs[0], dc.addrs[1]], [0, 1, 2, 3, 2**40]),         # far past it
-             ([dc.addrs[0] - 64, dc.addrs[1]], [0, 1, 2, 3, 4]),        # K starts in the guard
-             ([dc.addrs[0], dc.addrs[1] + 64], [11, 12, 13, 14, 15]),   # V ends in the guard
-             ([dc.addrs[0], 4096], [0, 1, 2, 3, 4])]                    # not the peer's at all
+    cases = [
+        ([dc.addrs[0], dc.addrs[1]], [0, 1, 2, 3, nblocks]),  # one block past the end
+        ([dc.addrs[0], dc.addrs[1]], [0, 1, 2, 3, 2**40]),  # far past it
+        ([dc.addrs[0] - 64, dc.addrs[1]], [0, 1, 2, 3, 4]),  # K starts in the guard
+        ([dc.addrs[0], dc.addrs[1] + 64], [11, 12, 13, 14, 15]),  # V ends in the guard
+        ([dc.addrs[0], 4096], [0, 1, 2, 3, 4]),
+    ]  # not the peer's at all
     for addrs, db in cases:
         cfg = TransferConfig(2, addrs, range(0, 1))
         with pytest.raises(LLMException) as ei:
@@ -658,7 +745,10 @@ def test_transport_option(decodes, prefill, cleanup):
         assert moon.dd.peer_info(2)["path"] == "mooncake"
         msrc = moon.allocated(**SRC_BLOCKS, blocks=True, dtype=FP16)
         if remote:
-            cfg, ref = keyed_cfg(dc, range(0, 4), range(0, 4)), keyed_ref(dc, range(0, 4), range(0, 4))
+            cfg, ref = (
+                keyed_cfg(dc, range(0, 4), range(0, 4)),
+                keyed_ref(dc, range(0, 4), range(0, 4)),
+            )
         else:
             cfg, ref = addr_cfg(dc, range(0, 4), [0, 1, 2, 3])
         if MOONCAKE:
@@ -682,14 +772,22 @@ def test_mooncake_many_writes_in_flight(decodes, prefill, cleanup):
     s = next(_seeds)
     env = prefill(remote=True, extra_options={"llmdist.transport": "mooncake"})
     src = env.allocated(num_tensors=16, shape=[600, 64], blocks=True, dtype=FP16)
-    dc = cleanup.dcache(d, "allocated", num_tensors=16, shape=[600, 64], blocks=True,
-                        key=("blocks", s), seed=s)
+    dc = cleanup.dcache(
+        d, "allocated", num_tensors=16, shape=[600, 64], blocks=True, key=("blocks", s), seed=s
+    )
     link(env, d)
     rng = np.random.default_rng(s)
     sb = rng.permutation(600)[:300].tolist()
     db = rng.permutation(600)[:300].tolist()
-    run_remote(env, src, [keyed_cfg(dc, range(0, 8), range(0, 8))],
-               [keyed_ref(dc, range(0, 8), range(0, 8))], [dc], sb, db)
+    run_remote(
+        env,
+        src,
+        [keyed_cfg(dc, range(0, 8), range(0, 8))],
+        [keyed_ref(dc, range(0, 8), range(0, 8))],
+        [dc],
+        sb,
+        db,
+    )
     assert unlink(env, d) == (SUCCESS, [SUCCESS])
 
 
@@ -728,8 +826,15 @@ def test_kill_decode_mid_transfer_then_relink(decodes, prefill, cleanup, victim_
     results = wait_done(task)
     assert time.monotonic() - t0 < 5
     assert results == [LINK_FAILED, SUCCESS], (results, getattr(task, "errors", None))
-    verify(a.read(), before, src_tensors, src.stride, [keyed_ref(a, range(0, 6), range(0, 6))],
-           L6_SRC_IDX, L6_DST_IDX)
+    verify(
+        a.read(),
+        before,
+        src_tensors,
+        src.stride,
+        [keyed_ref(a, range(0, 6), range(0, 6))],
+        L6_SRC_IDX,
+        L6_DST_IDX,
+    )
     # the dead peer is gone; a transfer to it is refused, to the live one works
     wait_unlinked(env, src, victim.cluster_id)
     assert not still_mapped(held)
@@ -738,10 +843,15 @@ def test_kill_decode_mid_transfer_then_relink(decodes, prefill, cleanup, victim_
     again = cleanup.spawn(50).wait_ready()
     v2 = cleanup.dcache(again, victim_mem, **L6_DST, blocks=True, key=("blocks", 1), seed=s + 2)
     link(env, again)
-    run_remote(env, src, [keyed_cfg(v2, range(0, 6), range(0, 6)),
-                          keyed_cfg(a, range(1, 3), range(4, 6), "id")],
-               [keyed_ref(v2, range(0, 6), range(0, 6)), keyed_ref(a, range(1, 3), range(4, 6))],
-               [v2, a], L6_SRC_IDX, L6_DST_IDX)
+    run_remote(
+        env,
+        src,
+        [keyed_cfg(v2, range(0, 6), range(0, 6)), keyed_cfg(a, range(1, 3), range(4, 6), "id")],
+        [keyed_ref(v2, range(0, 6), range(0, 6)), keyed_ref(a, range(1, 3), range(4, 6))],
+        [v2, a],
+        L6_SRC_IDX,
+        L6_DST_IDX,
+    )
 
 
 @pytest.mark.parametrize("reap", ["reaped-at-once", "reaped-late"])
@@ -783,8 +893,9 @@ def test_unlink_while_blocked_in_flight(decodes, prefill, cleanup, dst_mem):
     src_tensors = src.tensor_bytes()
     sync = GateSync(block_at=3, max_wait=20)
     ref = keyed_ref(dc, range(0, 6), range(0, 6))
-    task = env.cm.transfer_cache_async(src.cache, sync, [keyed_cfg(dc, range(0, 6), range(0, 6))],
-                                       L6_SRC_IDX, L6_DST_IDX)
+    task = env.cm.transfer_cache_async(
+        src.cache, sync, [keyed_cfg(dc, range(0, 6), range(0, 6))], L6_SRC_IDX, L6_DST_IDX
+    )
     try:
         assert sync.entered.wait(10)
         t0 = time.monotonic()
@@ -798,12 +909,14 @@ def test_unlink_while_blocked_in_flight(decodes, prefill, cleanup, dst_mem):
     time.sleep(0.1)
     later = dc.read()
     assert_mem_equal(later, at_unlink, "after unlink")
-    verify(at_unlink, dc.initial, src_tensors, src.stride, [ref], L6_SRC_IDX, L6_DST_IDX,
-           layers_done=3)
+    verify(
+        at_unlink, dc.initial, src_tensors, src.stride, [ref], L6_SRC_IDX, L6_DST_IDX, layers_done=3
+    )
     # a later link works, and the transfer completes
     link(env, d)
-    run_remote(env, src, [keyed_cfg(dc, range(0, 6), range(0, 6))], [ref], [dc],
-               L6_SRC_IDX, L6_DST_IDX)
+    run_remote(
+        env, src, [keyed_cfg(dc, range(0, 6), range(0, 6))], [ref], [dc], L6_SRC_IDX, L6_DST_IDX
+    )
 
 
 @pytest.mark.parametrize("dst_mem", ["allocated", "registered"])
@@ -813,7 +926,7 @@ def test_unlink_while_copying(decodes, prefill, cleanup, dst_mem):
     d = decodes[3]
     s = next(_seeds)
     env = prefill()
-    shape = [16, 2048]     # 64 KiB tensors, 4 KiB blocks, 32 layers
+    shape = [16, 2048]  # 64 KiB tensors, 4 KiB blocks, 32 layers
     nt = 64
     src = env.allocated(nt, shape, dtype=FP16, blocks=True)
     dc = cleanup.dcache(d, dst_mem, nt, shape, blocks=True, seed=s)
@@ -836,11 +949,14 @@ def test_unlink_while_copying(decodes, prefill, cleanup, dst_mem):
     assert code == (SUCCESS, [SUCCESS])
     assert results[0] in (SUCCESS, LINK_FAILED), results
     assert_mem_equal(later, at_unlink, "after unlink")
-    expected, _ = reference.expected_transfer(src_tensors, src.stride, before, [ref],
-                                              list(range(16)), perm, None)
+    expected, _ = reference.expected_transfer(
+        src_tensors, src.stride, before, [ref], list(range(16)), perm, None
+    )
     for k in expected:
         ok = (at_unlink[k] == before[k]) | (at_unlink[k] == expected[k])
-        assert ok.all(), f"{k}: {np.count_nonzero(~ok)} bytes hold neither the old nor the new value"
+        assert ok.all(), (
+            f"{k}: {np.count_nonzero(~ok)} bytes hold neither the old nor the new value"
+        )
     if results[0] == SUCCESS:
         assert_mem_equal(at_unlink, expected, "destination")
 
@@ -860,7 +976,10 @@ def test_decode_unregisters_in_flight(decodes, prefill, cleanup):
     other_before = other.read()
     ref = keyed_ref(dc, range(0, 6), range(0, 6))
     sync = GateSync(block_at=2, max_wait=20)
-    cfgs = [keyed_cfg(dc, range(0, 6), range(0, 6)), keyed_cfg(other, range(0, 6), range(0, 6), "id")]
+    cfgs = [
+        keyed_cfg(dc, range(0, 6), range(0, 6)),
+        keyed_cfg(other, range(0, 6), range(0, 6), "id"),
+    ]
     task = env.cm.transfer_cache_async(src.cache, sync, cfgs, L6_SRC_IDX, L6_DST_IDX)
     try:
         assert sync.entered.wait(10)
@@ -874,10 +993,25 @@ def test_decode_unregisters_in_flight(decodes, prefill, cleanup):
     assert out["took"] < 5, f"unregister_cache took {out['took']:.1f} s (blocked by the peer)"
     assert wait_done(task) == [NOT_EXIST, SUCCESS], getattr(task, "errors", None)
     assert_mem_equal(out["second"], out["first"], "decode memory after unregister returned")
-    verify(out["first"], dc.initial, src_tensors, src.stride, [ref], L6_SRC_IDX, L6_DST_IDX,
-           layers_done=2)
-    verify(other.read(), other_before, src_tensors, src.stride,
-           [keyed_ref(other, range(0, 6), range(0, 6))], L6_SRC_IDX, L6_DST_IDX)
+    verify(
+        out["first"],
+        dc.initial,
+        src_tensors,
+        src.stride,
+        [ref],
+        L6_SRC_IDX,
+        L6_DST_IDX,
+        layers_done=2,
+    )
+    verify(
+        other.read(),
+        other_before,
+        src_tensors,
+        src.stride,
+        [keyed_ref(other, range(0, 6), range(0, 6))],
+        L6_SRC_IDX,
+        L6_DST_IDX,
+    )
     with pytest.raises(LLMException) as ei:
         env.cm.transfer_cache_async(src.cache, RecordingSync(), cfgs[:1], L6_SRC_IDX, L6_DST_IDX)
     assert ei.value.status_code == NOT_EXIST
@@ -894,8 +1028,9 @@ def test_decode_deallocates_in_flight(decodes, prefill, cleanup):
     dc = cleanup.dcache(d, "allocated", **L6_DST, blocks=True, key=("blocks", s), seed=s)
     link(env, d)
     sync = GateSync(block_at=2, max_wait=20)
-    task = env.cm.transfer_cache_async(src.cache, sync, [keyed_cfg(dc, range(0, 6), range(0, 6))],
-                                       L6_SRC_IDX, L6_DST_IDX)
+    task = env.cm.transfer_cache_async(
+        src.cache, sync, [keyed_cfg(dc, range(0, 6), range(0, 6))], L6_SRC_IDX, L6_DST_IDX
+    )
     try:
         assert sync.entered.wait(10)
         t0 = time.monotonic()
@@ -923,9 +1058,17 @@ def frame(obj, magic: bytes = MAGIC) -> bytes:
 
 def hello(cluster_id: int, target: int, role: LLMRole = LLMRole.PROMPT, **over) -> dict:
     from llmdist import cluster as _cluster
-    msg = {"type": "hello", "version": _cluster.PROTOCOL_VERSION, "cluster_id": cluster_id,
-           "role": int(role), "target": target, "host": "some-other-host", "pid": os.getpid(),
-           "caches": []}
+
+    msg = {
+        "type": "hello",
+        "version": _cluster.PROTOCOL_VERSION,
+        "cluster_id": cluster_id,
+        "role": int(role),
+        "target": target,
+        "host": "some-other-host",
+        "pid": os.getpid(),
+        "caches": [],
+    }
     msg.update(over)
     return msg
 
@@ -949,8 +1092,9 @@ def _answered(port: int, hello_msg: dict, timeout: float = 20.0) -> socket.socke
         time.sleep(0.2)
 
 
-def send_and_expect_close(port: int, data: bytes, half_close: bool = True,
-                          timeout: float = 12.0) -> bytes:
+def send_and_expect_close(
+    port: int, data: bytes, half_close: bool = True, timeout: float = 12.0
+) -> bytes:
     """Send data; the listener must close the connection within timeout. Returns its reply."""
     s = socket.create_connection((HOST, port), timeout=5)
     try:
@@ -959,7 +1103,7 @@ def send_and_expect_close(port: int, data: bytes, half_close: bool = True,
             if half_close:
                 s.shutdown(socket.SHUT_WR)
         except OSError:
-            return b""   # closed while we were still sending: dropped
+            return b""  # closed while we were still sending: dropped
         s.settimeout(timeout)
         got = b""
         t0 = time.monotonic()
@@ -969,8 +1113,9 @@ def send_and_expect_close(port: int, data: bytes, half_close: bool = True,
             except ConnectionResetError:
                 break
             except socket.timeout:
-                raise AssertionError(f"listener kept the connection open {timeout} s after "
-                                     f"{data[:40]!r}...") from None
+                raise AssertionError(
+                    f"listener kept the connection open {timeout} s after {data[:40]!r}..."
+                ) from None
             if not chunk:
                 break
             got += chunk
@@ -987,28 +1132,28 @@ def test_garbage_on_listener_port(decodes, prefill, cleanup):
     stalled = []
     try:
         # a half-sent frame, left open while everything else happens
-        for part in (MAGIC[:2], MAGIC + struct.pack(">I", 100) + b"{\"ty"):
+        for part in (MAGIC[:2], MAGIC + struct.pack(">I", 100) + b'{"ty'):
             s = socket.create_connection((HOST, port), timeout=5)
             s.sendall(part)
             stalled.append(s)
         # a connection that says nothing at all
         stalled.append(socket.create_connection((HOST, port), timeout=5))
         cases = [
-            rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),         # random bytes
-            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",                          # a wrong protocol
-            MAGIC + b"\xff\xff\xff\xff",                                   # huge length header
-            MAGIC + struct.pack(">I", (16 << 20) + 1) + b"x" * 1000,       # just over a limit
-            MAGIC + struct.pack(">I", 1000) + b"{\"type\": \"hello\"",    # truncated frame
-            MAGIC[:3],                                                     # truncated header
-            frame(hello(555, 2), magic=b"LLMX"),                           # wrong magic
-            frame(b"\xff\xfe not json"),                                   # not JSON
-            frame([1, 2, 3]),                                              # not a message
-            frame({"type": "ack", "seq": 1}),                              # not a handshake
-            frame(hello(555, 999)),                                        # wrong target cluster
-            frame(hello(555, 2, version=12345)),                           # wrong version
-            frame(hello(2, 2)),                                            # the listener's id
-            frame(hello("555", 2)),                                        # ill-typed id
-            frame(hello(555, 2, caches=[{"id": 1}])),                      # malformed cache
+            rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(),  # random bytes
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # a wrong protocol
+            MAGIC + b"\xff\xff\xff\xff",  # huge length header
+            MAGIC + struct.pack(">I", (16 << 20) + 1) + b"x" * 1000,  # just over a limit
+            MAGIC + struct.pack(">I", 1000) + b'{"type": "hello"',  # truncated frame
+            MAGIC[:3],  # truncated header
+            frame(hello(555, 2), magic=b"LLMX"),  # wrong magic
+            frame(b"\xff\xfe not json"),  # not JSON
+            frame([1, 2, 3]),  # not a message
+            frame({"type": "ack", "seq": 1}),  # not a handshake
+            frame(hello(555, 999)),  # wrong target cluster
+            frame(hello(555, 2, version=12345)),  # wrong version
+            frame(hello(2, 2)),  # the listener's id
+            frame(hello("555", 2)),  # ill-typed id
+            frame(hello(555, 2, caches=[{"id": 1}])),  # malformed cache
             frame(hello(555, 2, caches="nope")),
             frame(hello(555, 2, role=99)),
         ]
@@ -1025,7 +1170,7 @@ def test_garbage_on_listener_port(decodes, prefill, cleanup):
         try:
             s.sendall(frame({"type": "cache_add", "cache": {"id": "x"}, "seq": 1}) + b"junk" * 10)
         except (BrokenPipeError, ConnectionResetError):
-            pass        # refused (keyed listener) and closed already
+            pass  # refused (keyed listener) and closed already
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -1041,8 +1186,13 @@ def test_garbage_on_listener_port(decodes, prefill, cleanup):
         src = env.allocated(**SRC_ROWS, dtype=FP16)
         dc = cleanup.dcache(d, "registered", **DST_ROWS, seed=next(_seeds))
         link(env, d)
-        run_remote(env, src, [keyed_cfg(dc, range(0, 4), range(2, 6), "id", 4, 2)],
-                   [keyed_ref(dc, range(0, 4), range(2, 6), 4, 2)], [dc])
+        run_remote(
+            env,
+            src,
+            [keyed_cfg(dc, range(0, 4), range(2, 6), "id", 4, 2)],
+            [keyed_ref(dc, range(0, 4), range(2, 6), 4, 2)],
+            [dc],
+        )
         other = prefill()
         link(other, d)
     finally:
@@ -1067,6 +1217,7 @@ def test_decode_unlinks(decodes, prefill, cleanup, dst_mem, slow_prefill, monkey
     while the prefill can still write into its memory."""
     if slow_prefill:
         from llmdist.auth import Channel
+
         real = Channel.recv
 
         def late(chan, *args):
@@ -1085,30 +1236,40 @@ def test_decode_unlinks(decodes, prefill, cleanup, dst_mem, slow_prefill, monkey
     src_tensors = src.tensor_bytes()
     ref = keyed_ref(dc, range(0, 6), range(0, 6))
     sync = GateSync(block_at=2, max_wait=20)
-    task = env.cm.transfer_cache_async(src.cache, sync, [keyed_cfg(dc, range(0, 6), range(0, 6))],
-                                       L6_SRC_IDX, L6_DST_IDX)
+    task = env.cm.transfer_cache_async(
+        src.cache, sync, [keyed_cfg(dc, range(0, 6), range(0, 6))], L6_SRC_IDX, L6_DST_IDX
+    )
     try:
         assert sync.entered.wait(10)
         d.send("unlink_watch", dc.name, env.cluster_id, 0.3)
         mid = d.recv()
         assert mid[0] == "mid", mid
     finally:
-        sync.release()   # the prefill goes on only if it missed the unlink
+        sync.release()  # the prefill goes on only if it missed the unlink
     out = d.result()
     results = wait_done(task)
     assert out["result"] == (SUCCESS, [SUCCESS])
     assert_mem_equal(out["second"], out["first"], "decode memory after its unlink returned")
-    verify(out["first"], dc.initial, src_tensors, src.stride, [ref], L6_SRC_IDX, L6_DST_IDX,
-           layers_done=2)
+    verify(
+        out["first"],
+        dc.initial,
+        src_tensors,
+        src.stride,
+        [ref],
+        L6_SRC_IDX,
+        L6_DST_IDX,
+        layers_done=2,
+    )
     assert results == [LINK_FAILED], (results, getattr(task, "errors", None))
     wait_unlinked(env, src, 2)
     # the decode ended the link; ending it from this side too succeeds (either side may)
     assert unlink(env, d) == (SUCCESS, [SUCCESS])
     link(env, d)
-    run_remote(env, src, [keyed_cfg(dc, range(0, 6), range(0, 6))], [ref], [dc],
-               L6_SRC_IDX, L6_DST_IDX)
+    run_remote(
+        env, src, [keyed_cfg(dc, range(0, 6), range(0, 6))], [ref], [dc], L6_SRC_IDX, L6_DST_IDX
+    )
 
 
 from .helpers import keyed_and_unkeyed  # noqa: E402
 
-auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key
+auth_mode = keyed_and_unkeyed()  # every test here runs without and with a shared key

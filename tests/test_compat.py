@@ -38,8 +38,9 @@ def _expect_rows(src, dst, pairs, tpl=2, src_layers=None, dst_layers=None, dst_o
     for s_t, row, d_t in pairs:
         key, off = dst.tensors[d_t]
         skey, soff = src.tensors[s_t]
-        want[key][off + dst_offset:off + dst_offset + stride] = \
-            src.mem()[skey][soff + row * stride:soff + (row + 1) * stride]
+        want[key][off + dst_offset : off + dst_offset + stride] = src.mem()[skey][
+            soff + row * stride : soff + (row + 1) * stride
+        ]
     return want
 
 
@@ -51,8 +52,9 @@ def test_blocks_source_without_indices_is_c2c(env, batch):
     src = env.registered(4, [3, 40], blocks=True)
     dst = env.registered(4, [3, 40], blocks=True)
     want = _expect_rows(src, dst, [(t, batch, t) for t in range(4)])
-    task = env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                       [TransferConfig(OWN_CLUSTER, dst.addrs, None, batch)])
+    task = env.cm.transfer_cache_async(
+        src.cache, RecordingSync(), [TransferConfig(OWN_CLUSTER, dst.addrs, None, batch)]
+    )
     assert wait_results(task) == [SUCCESS]
     assert_mem_equal(dst.mem(), want)
 
@@ -70,8 +72,9 @@ def test_blocks_source_without_indices_keyed(env_remote):
     assert_mem_equal(dst.mem(), want)
     rows = env.registered(4, [4, 40])
     want = _expect_rows(src, rows, [(0, 1, 2), (1, 1, 3)], dst_offset=2 * 40)
-    cfg = TransferWithCacheKeyConfig(CacheKeyByIdAndIndex(OWN_CLUSTER, rows.cache.cache_id, 2),
-                                     range(0, 1), range(1, 2), 1)
+    cfg = TransferWithCacheKeyConfig(
+        CacheKeyByIdAndIndex(OWN_CLUSTER, rows.cache.cache_id, 2), range(0, 1), range(1, 2), 1
+    )
     assert wait_results(env.cm.transfer_cache_async(src.cache, RecordingSync(), [cfg])) == [SUCCESS]
     assert_mem_equal(rows.mem(), want)
 
@@ -80,8 +83,9 @@ def test_blocks_source_batch_index_bound(env):
     src = env.registered(4, [3, 40], blocks=True)
     dst = env.registered(4, [3, 40], blocks=True)
     with pytest.raises(LLMException) as ei:
-        env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                    [TransferConfig(OWN_CLUSTER, dst.addrs, None, 3)])
+        env.cm.transfer_cache_async(
+            src.cache, RecordingSync(), [TransferConfig(OWN_CLUSTER, dst.addrs, None, 3)]
+        )
     assert ei.value.status_code == PARAM_INVALID
 
 
@@ -89,8 +93,9 @@ def test_src_indices_without_dst_indices_still_refused(env):
     src = env.registered(4, [3, 40], blocks=True)
     dst = env.registered(4, [3, 40])
     with pytest.raises(LLMException, match="PA source to non-PA") as ei:
-        env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                    [TransferConfig(OWN_CLUSTER, dst.addrs)], [0], None)
+        env.cm.transfer_cache_async(
+            src.cache, RecordingSync(), [TransferConfig(OWN_CLUSTER, dst.addrs)], [0], None
+        )
     assert ei.value.status_code == PARAM_INVALID
 
 
@@ -104,10 +109,13 @@ def test_one_tensor_per_layer_c2c_and_b2b(env):
         skey, soff = src.tensors[layer]
         dkey, doff = dst.tensors[layer - 1]
         for s, d in ((0, 5), (3, 1)):
-            want[dkey][doff + d * 32:doff + (d + 1) * 32] = src.mem()[skey][soff + s * 32:soff + (s + 1) * 32]
+            want[dkey][doff + d * 32 : doff + (d + 1) * 32] = src.mem()[skey][
+                soff + s * 32 : soff + (s + 1) * 32
+            ]
     cfg = TransferConfig(OWN_CLUSTER, dst.addrs[:2], range(1, 3))
-    task = env.cm.transfer_cache_async(src.cache, RecordingSync(), [cfg], [0, 3], [5, 1],
-                                       tensor_num_per_layer=1)
+    task = env.cm.transfer_cache_async(
+        src.cache, RecordingSync(), [cfg], [0, 3], [5, 1], tensor_num_per_layer=1
+    )
     assert wait_results(task) == [SUCCESS]
     assert_mem_equal(dst.mem(), want)
 
@@ -125,15 +133,27 @@ def test_one_tensor_per_layer_keyed(env_remote):
     assert_mem_equal(dst.mem(), want)
 
 
-@pytest.mark.parametrize("bad,exc", [(0, LLMException), (3, LLMException), (-1, ValueError),
-                                     ("2", TypeError), (True, TypeError), (2.0, TypeError)])
+@pytest.mark.parametrize(
+    "bad,exc",
+    [
+        (0, LLMException),
+        (3, LLMException),
+        (-1, ValueError),
+        ("2", TypeError),
+        (True, TypeError),
+        (2.0, TypeError),
+    ],
+)
 def test_tensor_num_per_layer_checked(env, bad, exc):
     src = env.registered(4, [2, 16])
     dst = env.registered(4, [2, 16])
     with pytest.raises(exc) as ei:
-        env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                    [TransferConfig(OWN_CLUSTER, dst.addrs)],
-                                    tensor_num_per_layer=bad)
+        env.cm.transfer_cache_async(
+            src.cache,
+            RecordingSync(),
+            [TransferConfig(OWN_CLUSTER, dst.addrs)],
+            tensor_num_per_layer=bad,
+        )
     if exc is LLMException:
         assert ei.value.status_code == PARAM_INVALID
         assert "tensor_num_per_layer" in str(ei.value)
@@ -143,13 +163,17 @@ def test_odd_tensors_still_need_tensor_num_per_layer_1(env):
     src = env.registered(3, [2, 16])
     dst = env.registered(3, [2, 16])
     with pytest.raises(LLMException) as ei:
-        env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                    [TransferConfig(OWN_CLUSTER, dst.addrs[:2], range(0, 1))])
+        env.cm.transfer_cache_async(
+            src.cache, RecordingSync(), [TransferConfig(OWN_CLUSTER, dst.addrs[:2], range(0, 1))]
+        )
     assert ei.value.status_code == PARAM_INVALID
     with pytest.raises(LLMException, match="dst_addrs has 2 addresses"):
-        env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                    [TransferConfig(OWN_CLUSTER, dst.addrs[:2], range(0, 1))],
-                                    tensor_num_per_layer=1)
+        env.cm.transfer_cache_async(
+            src.cache,
+            RecordingSync(),
+            [TransferConfig(OWN_CLUSTER, dst.addrs[:2], range(0, 1))],
+            tensor_num_per_layer=1,
+        )
 
 
 # ------------------------------------------------------------ LLMConfig
@@ -170,25 +194,39 @@ def test_llm_config_upstream_properties():
     cfg.cluster_info = '{"cluster_id": 1}'
     opts = cfg.gen_options()
     assert opts == {
-        "llm.LocalCommRes": "", "llm.TransferBackend": "hixl", "llm.EnableSwitchRole": "1",
-        "llm.RdmaTrafficClass": "132", "llm.RdmaServiceLevel": "4",
+        "llm.LocalCommRes": "",
+        "llm.TransferBackend": "hixl",
+        "llm.EnableSwitchRole": "1",
+        "llm.RdmaTrafficClass": "132",
+        "llm.RdmaServiceLevel": "4",
         "llm.GlobalResourceConfig": '{"comm_resource_config.protocol_desc": ["roce:device"]}',
-        "llm.MemoryUtilization": "0.5", "llm.BufPoolCfg": '{"buf_cfg": []}',
-        "llm.OutputMaxSize": "1024", "llm.deployResPath": "/tmp/x",
-        "llm.ClusterInfo": '{"cluster_id": 1}'}
+        "llm.MemoryUtilization": "0.5",
+        "llm.BufPoolCfg": '{"buf_cfg": []}',
+        "llm.OutputMaxSize": "1024",
+        "llm.deployResPath": "/tmp/x",
+        "llm.ClusterInfo": '{"cluster_id": 1}',
+    }
     assert cfg.generate_options() == opts
     assert cfg.options == opts
     with pytest.raises(AttributeError):
         cfg.options = {}
 
 
-@pytest.mark.parametrize("prop,value,exc", [
-    ("local_comm_res", None, TypeError), ("transfer_backend", 1, TypeError),
-    ("enable_switch_role", 1, TypeError), ("rdma_traffic_class", -1, ValueError),
-    ("rdma_service_level", "1", TypeError), ("mem_utilization", 1, TypeError),
-    ("mem_utilization", 1.5, LLMException), ("cluster_info", "{", LLMException),
-    ("output_max_size", True, TypeError), ("global_resource_config", {}, TypeError),
-])
+@pytest.mark.parametrize(
+    "prop,value,exc",
+    [
+        ("local_comm_res", None, TypeError),
+        ("transfer_backend", 1, TypeError),
+        ("enable_switch_role", 1, TypeError),
+        ("rdma_traffic_class", -1, ValueError),
+        ("rdma_service_level", "1", TypeError),
+        ("mem_utilization", 1, TypeError),
+        ("mem_utilization", 1.5, LLMException),
+        ("cluster_info", "{", LLMException),
+        ("output_max_size", True, TypeError),
+        ("global_resource_config", {}, TypeError),
+    ],
+)
 def test_llm_config_upstream_property_errors(prop, value, exc):
     cfg = LLMConfig()
     with pytest.raises(exc):
@@ -209,7 +247,7 @@ def test_llm_config_ge_options_is_live():
 def _init(cfg: LLMConfig, cluster_id: int = 901) -> LLMDataDist:
     dd = LLMDataDist(LLMRole.PROMPT, cluster_id)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")      # options LLMConfig makes are never warned about
+        warnings.simplefilter("error")  # options LLMConfig makes are never warned about
         dd.init(cfg.generate_options())
     return dd
 
@@ -219,8 +257,10 @@ def _remote_mode(dd: LLMDataDist) -> bool:
     configs then (and only plain ones otherwise)."""
     arr = np.zeros(64, dtype=np.uint8)
     cm = dd.cache_manager
-    cache = cm.register_cache(llmdist.CacheDesc(2, [1, 16], llmdist.DataType.DT_UINT8),
-                              [arr.ctypes.data, arr.ctypes.data + 32])
+    cache = cm.register_cache(
+        llmdist.CacheDesc(2, [1, 16], llmdist.DataType.DT_UINT8),
+        [arr.ctypes.data, arr.ctypes.data + 32],
+    )
     try:
         cm.transfer_cache_async(cache, RecordingSync(), [TransferConfig(dd.cluster_id, [8, 16])])
     except TypeError:
@@ -232,15 +272,24 @@ def _remote_mode(dd: LLMDataDist) -> bool:
     raise AssertionError("a transfer to unregistered memory was accepted")
 
 
-@pytest.mark.parametrize("setup,remote", [
-    ({}, False),
-    ({"local_comm_res": ""}, True),
-    ({"local_comm_res": '{"version": "1.3"}', "enable_remote_cache_accessible": False}, False),
-    ({"transfer_backend": "hixl", "listen_ip_info": "127.0.0.1:0"}, True),
-    ({"transfer_backend": "hixl", "listen_ip_info": "127.0.0.1:0",
-      "enable_remote_cache_accessible": False}, False),
-    ({"rdma_traffic_class": 1, "rdma_service_level": 2, "enable_switch_role": True}, False),
-])
+@pytest.mark.parametrize(
+    "setup,remote",
+    [
+        ({}, False),
+        ({"local_comm_res": ""}, True),
+        ({"local_comm_res": '{"version": "1.3"}', "enable_remote_cache_accessible": False}, False),
+        ({"transfer_backend": "hixl", "listen_ip_info": "127.0.0.1:0"}, True),
+        (
+            {
+                "transfer_backend": "hixl",
+                "listen_ip_info": "127.0.0.1:0",
+                "enable_remote_cache_accessible": False,
+            },
+            False,
+        ),
+        ({"rdma_traffic_class": 1, "rdma_service_level": 2, "enable_switch_role": True}, False),
+    ],
+)
 def test_init_derives_remote_accessible_mode(setup, remote):
     cfg = LLMConfig()
     cfg.device_id = 0

@@ -40,10 +40,17 @@ def test_another_cython_module_cimports_the_compiled_classes(tmp_path):
     if not os.path.exists(os.path.join(ROOT, "llmdist", "_core.pxd")):
         pytest.skip("not a source tree")
     (tmp_path / "pxd_user.pyx").write_text(MODULE)
-    (tmp_path / "setup.py").write_text(SETUP.format(include=os.path.join(ROOT, "include"),
-                                                    root=ROOT))
-    res = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    (tmp_path / "setup.py").write_text(
+        SETUP.format(include=os.path.join(ROOT, "include"), root=ROOT)
+    )
+    res = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace", "-q"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     probe = textwrap.dedent("""
         import sys
@@ -53,7 +60,12 @@ def test_another_cython_module_cimports_the_compiled_classes(tmp_path):
         print(pxd_user.runtime_facts(_core.Runtime.host()))
         print(pxd_user.plan_runs(_core.plan_one(8, 16, 64)))
     """)
-    res = subprocess.run([sys.executable, "-c", probe, str(tmp_path), ROOT],
-                         capture_output=True, text=True, timeout=120, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", probe, str(tmp_path), ROOT],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split("\n")[:2] == ["('host', 1, 0)", "[(8, 16, 64)]"]

@@ -26,8 +26,14 @@ CUDA_PRELUDE_EXTRA = """
 
 def cuda_run(lib: str, script: str, **env: str) -> dict:
     from .test_runtimes import PRELUDE
-    return run(textwrap.dedent(script), prelude=PRELUDE + textwrap.dedent(CUDA_PRELUDE_EXTRA),
-               LLMDIST_RUNTIME="cuda", LLMDIST_CUDA_LIBRARY=lib, **env)
+
+    return run(
+        textwrap.dedent(script),
+        prelude=PRELUDE + textwrap.dedent(CUDA_PRELUDE_EXTRA),
+        LLMDIST_RUNTIME="cuda",
+        LLMDIST_CUDA_LIBRARY=lib,
+        **env,
+    )
 
 
 def two_configs(options: dict) -> str:
@@ -89,31 +95,40 @@ def test_driver_refusing_the_ptx_falls_back_to_dma_and_says_why(fake_cuda):
 
 
 def test_kernel_mode_refuses_to_start_without_the_kernel(fake_cuda):
-    r = cuda_run(fake_cuda, """
+    r = cuda_run(
+        fake_cuda,
+        """
         try:
             start({"llmdist.device_copy": "kernel"})
             out(raised=None)
         except LLMException as e:
             out(raised=str(e), code=int(e.status_code))
-    """, FAKE_CUDA_MAX_PTX_ISA="7.8")
+    """,
+        FAKE_CUDA_MAX_PTX_ISA="7.8",
+    )
     assert r["raised"] is not None and "copy kernel cannot be used" in r["raised"]
     assert r["code"] == int(__import__("llmdist").LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
 
 
 def test_bad_device_copy_option_is_a_param_error(fake_cuda):
-    r = cuda_run(fake_cuda, """
+    r = cuda_run(
+        fake_cuda,
+        """
         try:
             start({"llmdist.device_copy": "fast"})
             out(raised=None)
         except LLMException as e:
             out(raised=str(e), code=int(e.status_code))
-    """)
+    """,
+    )
     assert "llmdist.device_copy must be auto, kernel or dma" in r["raised"]
     assert r["code"] == int(__import__("llmdist").LLMStatusCode.LLM_PARAM_INVALID)
 
 
 def test_a_failed_launch_fails_only_the_configs_it_carried(fake_cuda):
-    r = cuda_run(fake_cuda, """
+    r = cuda_run(
+        fake_cuda,
+        """
         dd, cm = start()
         desc, src, dst = fill_blocks(cm, layers=4, blocks=16, block=256)
         si, di = [0, 5], [8, 2]
@@ -133,7 +148,8 @@ def test_a_failed_launch_fails_only_the_configs_it_carried(fake_cuda):
             return ok
         out(results=[str(x) for x in t.get_results()], errors=t.errors,
             layers=[layer_same(l) for l in range(4)], launches=calls("cudaLaunchKernel"))
-    """)
+    """,
+    )
     assert r["results"][0] != "LLMStatusCode.LLM_SUCCESS"
     assert "719" in r["errors"][0] or "launch failure" in r["errors"][0]
     assert r["results"][1] == "LLMStatusCode.LLM_SUCCESS", r["errors"]
@@ -144,7 +160,9 @@ def test_a_failed_launch_fails_only_the_configs_it_carried(fake_cuda):
 def test_event_gated_layers_launch_after_the_layer_event(fake_cuda):
     """EventSynchronizer on CUDA: the worker's stream waits for each layer's event on the device
     and the layer's launch follows; nothing of a layer moves before its event."""
-    r = cuda_run(fake_cuda, """
+    r = cuda_run(
+        fake_cuda,
+        """
         dd, cm = start()
         desc, src, dst = fill_blocks(cm, layers=4)
         sync = EventSynchronizer(dd.runtime, 4)
@@ -163,7 +181,8 @@ def test_event_gated_layers_launch_after_the_layer_event(fake_cuda):
         out(mid_layers=mid_layers, status=str(t.synchronize(10000)), errors=t.errors,
             same=same_blocks(desc, src, dst, si, di), launches=calls("cudaLaunchKernel"),
             waits=calls("cudaStreamWaitEvent"))
-    """)
+    """,
+    )
     assert r["mid_layers"] == [True, True, False, False]
     assert r["status"] == "LLMStatusCode.LLM_SUCCESS" and r["same"], r["errors"]
     # layer 1 may join layer 0's launch when its event has completed by then, never layer 2
@@ -174,7 +193,9 @@ def test_event_gated_layers_already_finished_share_a_launch(fake_cuda):
     """Layers whose events completed before the worker got to them go with the first waiting
     layer's launch: four layers recorded before the transfer starts take one launch; a layer
     recorded later gets its own."""
-    r = cuda_run(fake_cuda, """
+    r = cuda_run(
+        fake_cuda,
+        """
         dd, cm = start()
         desc, src, dst = fill_blocks(cm, layers=5)
         sync = EventSynchronizer(dd.runtime, 5)
@@ -197,7 +218,9 @@ def test_event_gated_layers_already_finished_share_a_launch(fake_cuda):
         sync.record(4, model)
         out(early=early, status=str(t.synchronize(10000)), errors=t.errors,
             same=same_blocks(desc, src, dst, si, di), launches=calls("cudaLaunchKernel"))
-    """, LLMDIST_DEVICE_COPY="kernel")
+    """,
+        LLMDIST_DEVICE_COPY="kernel",
+    )
     assert r["status"] == "LLMStatusCode.LLM_SUCCESS" and r["same"], r["errors"]
     assert r["early"] == 1 and r["launches"] == 2
 
@@ -206,14 +229,17 @@ def test_runtimes_say_whether_they_have_a_copy_kernel_and_their_framework_device
     """The device-copy choice and the framework's device type come from the runtime interface:
     CUDA has a copy kernel and is torch's "cuda"; the host runtime has neither (ACL: see
     test_runtimes)."""
-    r = cuda_run(fake_cuda, """
+    r = cuda_run(
+        fake_cuda,
+        """
         host = _core.Runtime.host()
         host.select_device_copy("kernel")       # ignored: DMA is the host's only way
         dd, cm = start({"llmdist.device_copy": "dma"})
         cuda = dd.runtime
         out(host=[host.framework_device, host.device_copy, host.device_copy_reason],
             cuda=[cuda.framework_device, cuda.device_copy, cuda.device_copy_reason])
-    """)
+    """,
+    )
     assert r["host"] == [None, None, None]
     assert r["cuda"] == ["cuda", "dma", "llmdist.device_copy=dma"]
 
@@ -222,7 +248,9 @@ def test_layers_ready_at_once_share_a_launch_up_to_the_group_bound(fake_cuda):
     """A pull has every layer ready at once: its layers go to the device in one launch, as many
     layers per launch as fit 64 MiB (the bound that keeps a cancellation's wait short). Four
     layers of 2 x 256 x 256 B: one launch; four layers of 2 x 96 x 128 KiB (24 MiB): two."""
-    r = cuda_run(fake_cuda, """
+    r = cuda_run(
+        fake_cuda,
+        """
         dd, cm = start()
         res = {}
         for name, blocks, block in (("small", 256, 256), ("big", 96, 128 << 10)):
@@ -244,6 +272,8 @@ def test_layers_ready_at_once_share_a_launch_up_to_the_group_bound(fake_cuda):
             cm.deallocate_blocks_cache(src)
             cm.deallocate_blocks_cache(dst)
         out(**res)
-    """, LLMDIST_DEVICE_COPY="kernel")
+    """,
+        LLMDIST_DEVICE_COPY="kernel",
+    )
     assert r["small"] == {"launches": 1, "same": True}
     assert r["big"] == {"launches": 2, "same": True}

@@ -23,7 +23,9 @@ SHIPPED = os.path.join(os.path.dirname(llmdist.__file__), "copy_runs.ptx")
 
 
 def _build_ptx():
-    spec = importlib.util.spec_from_file_location("build_ptx", os.path.join(ROOT, "tools", "build_ptx.py"))
+    spec = importlib.util.spec_from_file_location(
+        "build_ptx", os.path.join(ROOT, "tools", "build_ptx.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -50,10 +52,13 @@ def test_shipped_ptx_is_current():
     shipped = _shipped()
     made_by = re.search(r"release (\d+\.\d+)", shipped).group(1)
     have = bp.nvrtc_version(lib)
-    assert have == made_by, (f"the shipped PTX was made by NVRTC {made_by}, the installed NVRTC is "
-                             f"{have}: install the version pinned in pyproject.toml's test extra")
-    assert bp.compile_ptx(lib) == shipped, \
+    assert have == made_by, (
+        f"the shipped PTX was made by NVRTC {made_by}, the installed NVRTC is "
+        f"{have}: install the version pinned in pyproject.toml's test extra"
+    )
+    assert bp.compile_ptx(lib) == shipped, (
         "llmdist/copy_runs.ptx is stale: run python tools/build_ptx.py and commit the result"
+    )
 
 
 def test_shipped_ptx_targets_old_drivers_and_matches_the_launch_layout():
@@ -71,10 +76,13 @@ def test_shipped_ptx_targets_old_drivers_and_matches_the_launch_layout():
 def test_ptxas_assembles_the_shipped_ptx(arch, tmp_path):
     ptxas = _ptxas()
     if ptxas is None:
-        pytest.skip("ptxas wheel not installed (pip install '.[test]' brings nvidia-cuda-nvcc-cu12)")
+        pytest.skip(
+            "ptxas wheel not installed (pip install '.[test]' brings nvidia-cuda-nvcc-cu12)"
+        )
     out = tmp_path / f"copy_runs_{arch}.cubin"
-    proc = subprocess.run([ptxas, "--gpu-name", arch, SHIPPED, "-o", str(out)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [ptxas, "--gpu-name", arch, SHIPPED, "-o", str(out)], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.stat().st_size > 0
 

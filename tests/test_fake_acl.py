@@ -84,9 +84,18 @@ SIGNATURES = {
     "aclrtMemcpy": [P, SZ, P, SZ, INT],
     "aclrtMemcpyAsync": [P, SZ, P, SZ, INT, P],
     "aclrtMemcpy2dAsync": [P, SZ, P, SZ, SZ, SZ, INT, P],
-    "aclrtMemcpyBatchAsync": [PP, ctypes.POINTER(SZ), PP, ctypes.POINTER(SZ), SZ,
-                              ctypes.POINTER(BatchAttr), ctypes.POINTER(SZ), SZ,
-                              ctypes.POINTER(SZ), P],
+    "aclrtMemcpyBatchAsync": [
+        PP,
+        ctypes.POINTER(SZ),
+        PP,
+        ctypes.POINTER(SZ),
+        SZ,
+        ctypes.POINTER(BatchAttr),
+        ctypes.POINTER(SZ),
+        SZ,
+        ctypes.POINTER(SZ),
+        P,
+    ],
     "aclrtIpcMemGetExportKey": [P, SZ, ctypes.c_char_p, SZ, U64],
     "aclrtIpcMemSetImportPid": [ctypes.c_char_p, ctypes.POINTER(I32), SZ],
     "aclrtIpcMemImportByKey": [PP, ctypes.c_char_p, U64],
@@ -426,15 +435,21 @@ def test_stream_of_other_device(acl, monkeypatch):
     def on_device_1():
         assert acl.aclrtSetDevice(1) == OK
         d1 = malloc(acl, 64)
-        out = [acl.aclrtMemcpyAsync(h, 64, d1, 64, D2H, s0),
-               acl.aclrtRecordEvent(e0, s0),
-               acl.aclrtSynchronizeStream(s0),
-               acl.aclrtMemcpy(d1, 64, d0, 64, D2D)]  # device 0 memory from device 1
+        out = [
+            acl.aclrtMemcpyAsync(h, 64, d1, 64, D2H, s0),
+            acl.aclrtRecordEvent(e0, s0),
+            acl.aclrtSynchronizeStream(s0),
+            acl.aclrtMemcpy(d1, 64, d0, 64, D2D),
+        ]  # device 0 memory from device 1
         assert acl.aclrtFree(d1) == OK
         return out
 
-    assert run_in_thread(on_device_1) == [STREAM_CONTEXT, STREAM_CONTEXT, STREAM_CONTEXT,
-                                          RT_PARAM_INVALID]
+    assert run_in_thread(on_device_1) == [
+        STREAM_CONTEXT,
+        STREAM_CONTEXT,
+        STREAM_CONTEXT,
+        RT_PARAM_INVALID,
+    ]
     assert acl.aclrtSetDevice(5) == INVALID_PARAM
     assert acl.aclrtDestroyEvent(e0) == OK
     assert acl.aclrtDestroyStream(s0) == OK
@@ -445,9 +460,17 @@ def _batch(acl, dsts, dmax, srcs, sizes, attrs, idxs, s):
     n = len(dsts)
     fi = SZ(12345)
     rc = acl.aclrtMemcpyBatchAsync(
-        (ctypes.c_void_p * n)(*dsts), (SZ * n)(*dmax), (ctypes.c_void_p * n)(*srcs),
-        (SZ * n)(*sizes), n, (BatchAttr * len(attrs))(*attrs), (SZ * len(idxs))(*idxs),
-        len(attrs), ctypes.byref(fi), s)
+        (ctypes.c_void_p * n)(*dsts),
+        (SZ * n)(*dmax),
+        (ctypes.c_void_p * n)(*srcs),
+        (SZ * n)(*sizes),
+        n,
+        (BatchAttr * len(attrs))(*attrs),
+        (SZ * len(idxs))(*idxs),
+        len(attrs),
+        ctypes.byref(fi),
+        s,
+    )
     return rc, fi.value
 
 
@@ -465,12 +488,21 @@ def test_batch_copy(acl, monkeypatch):
     h2d, d2h = _attr(LOC_DEVICE, LOC_HOST), _attr(LOC_HOST, LOC_DEVICE)
 
     # entry 1 is bad: nothing of the batch is queued
-    rc, fi = _batch(acl, [d, d + 512, d + 1024], [512, 100, 512], [h, h + 512, h + 1024],
-                    [512, 512, 512], [h2d], [0], s)
+    rc, fi = _batch(
+        acl,
+        [d, d + 512, d + 1024],
+        [512, 100, 512],
+        [h, h + 512, h + 1024],
+        [512, 512, 512],
+        [h2d],
+        [0],
+        s,
+    )
     assert (rc, fi) == (RT_PARAM_INVALID, 1)
     pageable = ctypes.create_string_buffer(512)
-    rc, fi = _batch(acl, [d, d + 512], [512, 512], [h, ctypes.addressof(pageable)], [512, 512],
-                    [h2d], [0], s)
+    rc, fi = _batch(
+        acl, [d, d + 512], [512, 512], [h, ctypes.addressof(pageable)], [512, 512], [h2d], [0], s
+    )
     assert (rc, fi) == (RT_PARAM_INVALID, 1) and "pageable" in errmsg(acl)
     rc, fi = _batch(acl, [out], [512], [h], [512], [_attr(LOC_HOST, LOC_HOST)], [0], s)
     assert (rc, fi) == (FEATURE_NOT_SUPPORT, 0)
@@ -478,9 +510,16 @@ def test_batch_copy(acl, monkeypatch):
     assert (rc, fi) == (RT_PARAM_INVALID, 0)
     assert acl.fake_acl_live(b"pending") == 0
 
-    rc, fi = _batch(acl, [d, d + 512, d + 1024, out, out + 512, out + 1024],
-                    [512] * 6, [h, h + 512, h + 1024, d, d + 512, d + 1024], [512] * 6,
-                    [h2d, d2h], [0, 3], s)
+    rc, fi = _batch(
+        acl,
+        [d, d + 512, d + 1024, out, out + 512, out + 1024],
+        [512] * 6,
+        [h, h + 512, h + 1024, d, d + 512, d + 1024],
+        [512] * 6,
+        [h2d, d2h],
+        [0, 3],
+        s,
+    )
     assert (rc, fi) == (OK, SIZE_MAX), errmsg(acl)
     assert acl.aclrtSynchronizeStream(s) == OK
     assert read(out, 3 * 512) == data
@@ -508,13 +547,12 @@ def test_2d_copy(acl):
     fill(h, data)
     assert acl.aclrtMemcpy2dAsync(d, dpitch, h, spitch, width, rows, H2D, s) == OK
     assert acl.aclrtMemcpy2dAsync(d, 8, h, spitch, width, rows, H2D, s) == INVALID_PARAM
-    assert acl.aclrtMemcpy2dAsync(d, dpitch, h, spitch, width, rows + 1, H2D, s) \
-        == DEVICE_MEM_ERROR
+    assert acl.aclrtMemcpy2dAsync(d, dpitch, h, spitch, width, rows + 1, H2D, s) == DEVICE_MEM_ERROR
     assert acl.aclrtMemcpy2dAsync(h, dpitch, h, spitch, width, 1, H2H, s) == FEATURE_NOT_SUPPORT
     assert acl.aclrtSynchronizeStream(s) == OK
     got = read(d, rows * dpitch)
     for r in range(rows):
-        assert got[r * dpitch:r * dpitch + width] == data[r * spitch:r * spitch + width]
+        assert got[r * dpitch : r * dpitch + width] == data[r * spitch : r * spitch + width]
     assert acl.aclrtDestroyStream(s) == OK
     assert acl.aclrtFree(d) == OK and acl.aclrtFreeHost(h) == OK
 
@@ -635,8 +673,13 @@ class IpcChild:
 
     def __init__(self, lib_path: str) -> None:
         import sys
-        self.proc = subprocess.Popen([sys.executable, "-c", IPC_CHILD, lib_path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", IPC_CHILD, lib_path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.pid = self.proc.pid
 
     def ask(self, *words):

@@ -43,8 +43,12 @@ class MemLocation(ctypes.Structure):
 
 
 class MemcpyAttributes(ctypes.Structure):
-    _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", MemLocation),
-                ("dstLocHint", MemLocation), ("flags", ctypes.c_uint)]
+    _fields_ = [
+        ("srcAccessOrder", ctypes.c_int),
+        ("srcLocHint", MemLocation),
+        ("dstLocHint", MemLocation),
+        ("flags", ctypes.c_uint),
+    ]
 
 
 class IpcHandle(ctypes.Structure):
@@ -67,8 +71,17 @@ SIGNATURES = {
     "cudaMallocHost": [PP, SZ],
     "cudaFreeHost": [P],
     "cudaMemcpyAsync": [P, P, SZ, ctypes.c_int, P],
-    "cudaMemcpyBatchAsync": [PP, PP, ctypes.POINTER(SZ), SZ, ctypes.POINTER(MemcpyAttributes),
-                             ctypes.POINTER(SZ), SZ, P, P],
+    "cudaMemcpyBatchAsync": [
+        PP,
+        PP,
+        ctypes.POINTER(SZ),
+        SZ,
+        ctypes.POINTER(MemcpyAttributes),
+        ctypes.POINTER(SZ),
+        SZ,
+        P,
+        P,
+    ],
     "cudaIpcGetMemHandle": [ctypes.POINTER(IpcHandle), P],
     "cudaIpcOpenMemHandle": [PP, IpcHandle, ctypes.c_uint],
     "cudaIpcCloseMemHandle": [P],
@@ -138,8 +151,12 @@ class Launch:
         self.ptab, self.qtab = malloc(cuda, len(ptab)), malloc(cuda, len(qtab))
         view(self.ptab, len(ptab))[:] = np.frombuffer(ptab, np.uint8)
         view(self.qtab, len(qtab))[:] = np.frombuffer(qtab, np.uint8)
-        self.vals = [ctypes.c_uint64(self.ptab), ctypes.c_uint(len(pieces)),
-                     ctypes.c_uint64(self.qtab), ctypes.c_uint(len(pairs))]
+        self.vals = [
+            ctypes.c_uint64(self.ptab),
+            ctypes.c_uint(len(pieces)),
+            ctypes.c_uint64(self.qtab),
+            ctypes.c_uint(len(pairs)),
+        ]
         self.args = (P * 4)(*[ctypes.cast(ctypes.byref(v), P) for v in self.vals])
 
     def __call__(self, kern, grid, block=(256, 1, 1), s=None) -> int:
@@ -158,9 +175,11 @@ def test_copy_kinds_are_checked_against_the_pointers(cuda):
     h = np.zeros(4096, np.uint8)
     s = stream(cuda)
     assert cuda.cudaMemcpyAsync(d, h.ctypes.data, 16, 7, s) == INVALID_DIRECTION
-    assert cuda.cudaMemcpyAsync(d, h.ctypes.data, 16, D2D, s) == INVALID_VALUE   # src is host
+    assert cuda.cudaMemcpyAsync(d, h.ctypes.data, 16, D2D, s) == INVALID_VALUE  # src is host
     assert b"pageable host" in cuda.fake_cuda_last_message()
-    assert cuda.cudaMemcpyAsync(d + 4090, h.ctypes.data, 16, H2D, s) == INVALID_VALUE  # past the end
+    assert (
+        cuda.cudaMemcpyAsync(d + 4090, h.ctypes.data, 16, H2D, s) == INVALID_VALUE
+    )  # past the end
     assert cuda.cudaMemcpyAsync(d, h.ctypes.data, 0, H2D, s) == 0
     # pageable host memory: the copy has happened when the call returns, as the real runtime stages it
     h[:] = 7
@@ -178,15 +197,31 @@ def test_batch_copy_reports_the_failing_entry_with_the_12x_prototype(cuda):
     s = stream(cuda)
     dsts = (P * 2)(b, b + 1000)
     srcs = (P * 2)(a, a)
-    sizes = (SZ * 2)(512, 512)       # the second leaves b's allocation
+    sizes = (SZ * 2)(512, 512)  # the second leaves b's allocation
     attr = MemcpyAttributes(1, MemLocation(1, 0), MemLocation(1, 0), 0)
     idx = (SZ * 1)(0)
     fail = SZ(99)
-    assert cuda.cudaMemcpyBatchAsync(dsts, srcs, sizes, 2, ctypes.byref(attr), idx, 1,
-                                     ctypes.cast(ctypes.byref(fail), P), s) == INVALID_VALUE
+    assert (
+        cuda.cudaMemcpyBatchAsync(
+            dsts, srcs, sizes, 2, ctypes.byref(attr), idx, 1, ctypes.cast(ctypes.byref(fail), P), s
+        )
+        == INVALID_VALUE
+    )
     assert fail.value == 1
-    assert cuda.cudaMemcpyBatchAsync(dsts, srcs, sizes, 2, ctypes.byref(attr), idx, 1,
-                                     ctypes.cast(ctypes.byref(fail), P), None) == INVALID_VALUE
+    assert (
+        cuda.cudaMemcpyBatchAsync(
+            dsts,
+            srcs,
+            sizes,
+            2,
+            ctypes.byref(attr),
+            idx,
+            1,
+            ctypes.cast(ctypes.byref(fail), P),
+            None,
+        )
+        == INVALID_VALUE
+    )
     cuda.cudaStreamDestroy(s)
 
 
@@ -197,7 +232,7 @@ def test_stream_waits_for_an_event_recorded_on_another_stream(cuda):
     s1, s2 = stream(cuda), stream(cuda)
     ev = P()
     assert cuda.cudaEventCreateWithFlags(ctypes.byref(ev), 2) == 0
-    assert cuda.cudaEventQuery(ev) == 0                       # never recorded: complete
+    assert cuda.cudaEventQuery(ev) == 0  # never recorded: complete
     cuda.fake_cuda_set_copy_delay_us(200000)
     assert cuda.cudaMemcpyAsync(b, a, 1 << 20, D2D, s1) == 0
     assert cuda.cudaEventRecord(ev, s1) == 0
@@ -206,7 +241,7 @@ def test_stream_waits_for_an_event_recorded_on_another_stream(cuda):
     assert cuda.cudaStreamWaitEvent(s2, ev, 0) == 0
     assert cuda.cudaMemcpyAsync(c, b, 1 << 20, D2D, s2) == 0
     assert cuda.cudaStreamSynchronize(s2) == 0
-    assert (view(c, 1 << 20) == 1).all()                      # copied after s1's copy landed
+    assert (view(c, 1 << 20) == 1).all()  # copied after s1's copy landed
     assert cuda.cudaStreamWaitEvent(s2, ev, 1) == INVALID_VALUE
     ms = ctypes.c_float()
     assert cuda.cudaEventElapsedTime(ctypes.byref(ms), ev, ev) == INVALID_HANDLE  # timing disabled
@@ -223,7 +258,9 @@ def test_ptx_loading_refuses_what_a_driver_refuses(cuda, monkeypatch):
     rc, lib, kern = load_kernel(cuda, ptx)
     assert rc == 0 and kern
     missing = P()
-    assert cuda.cudaLibraryGetKernel(ctypes.byref(missing), lib, b"no_such_kernel") == SYMBOL_NOT_FOUND
+    assert (
+        cuda.cudaLibraryGetKernel(ctypes.byref(missing), lib, b"no_such_kernel") == SYMBOL_NOT_FOUND
+    )
     assert cuda.cudaLibraryUnload(lib) == 0
     assert cuda.cudaLibraryUnload(lib) == INVALID_HANDLE
     # an older driver: the PTX ISA is too new
@@ -245,7 +282,7 @@ def test_copy_kernel_semantics_follow_the_grid(cuda):
         view(a, n)[:] = rng.integers(0, 256, n, dtype=np.uint8)
     for a in dsts:
         view(a, n)[:] = 0
-    pieces = [(0, 4096, 8192), (8192, 0, 3), (20000, 30001, 777)]      # unaligned ones included
+    pieces = [(0, 4096, 8192), (8192, 0, 3), (20000, 30001, 777)]  # unaligned ones included
     pairs = [(s, d) for s, d in zip(srcs, dsts)]
     go = Launch(cuda, pieces, pairs)
     s = stream(cuda)
@@ -256,7 +293,7 @@ def test_copy_kernel_semantics_follow_the_grid(cuda):
         sv, dv = view(sa, n), view(da, n)
         expect = np.zeros(n, np.uint8)
         for so, do, nb in pieces:
-            expect[do:do + nb] = sv[so:so + nb]
+            expect[do : do + nb] = sv[so : so + nb]
         assert (dv == expect).all()
     assert cuda.fake_cuda_kernel_bytes() == 5 * sum(p[2] for p in pieces)
     # grid.x smaller than the pieces: only the first pieces move
@@ -264,7 +301,7 @@ def test_copy_kernel_semantics_follow_the_grid(cuda):
         view(a, n)[:] = 0
     assert go(kern, (1, 5, 1), s=s) == 0
     assert cuda.cudaStreamSynchronize(s) == 0
-    assert (view(dsts[0], n)[4096:4096 + 8192] == view(srcs[0], n)[0:8192]).all()
+    assert (view(dsts[0], n)[4096 : 4096 + 8192] == view(srcs[0], n)[0:8192]).all()
     assert (view(dsts[0], n)[:3] == 0).all()
     go.free()
     cuda.cudaStreamDestroy(s)
@@ -280,12 +317,12 @@ def test_launch_arguments_are_checked_and_failures_are_injectable(cuda):
     s = stream(cuda)
     assert go(kern, (0, 1, 1), s=s) == INVALID_CONFIGURATION
     assert go(kern, (1, 70000, 1), s=s) == INVALID_CONFIGURATION
-    assert go(kern, (1, 1, 1), block=(512, 1, 1), s=s) == OUT_OF_RESOURCES   # .maxntid 256
+    assert go(kern, (1, 1, 1), block=(512, 1, 1), s=s) == OUT_OF_RESOURCES  # .maxntid 256
     assert go(a, (1, 1, 1), s=s) == INVALID_DEVICE_FUNCTION
     assert cuda.fake_cuda_inject(b"cudaLaunchKernel", 0, LAUNCH_FAILURE) == 0
     assert go(kern, (1, 1, 1), s=s) == LAUNCH_FAILURE
     assert cuda.cudaStreamSynchronize(s) == 0
-    assert (view(b, 4096) == 0).all()                         # nothing ran
+    assert (view(b, 4096) == 0).all()  # nothing ran
     assert go(kern, (1, 1, 1), s=s) == 0
     assert cuda.cudaStreamSynchronize(s) == 0
     assert (view(b, 4096) == 5).all()
@@ -305,20 +342,28 @@ def run_child(fake_cuda: str, script: str, stdin: str = "") -> subprocess.Comple
         for name, args in SIGNATURES.items():
             getattr(cuda, name).argtypes = args
     """)
-    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(script)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+    return subprocess.Popen(
+        [sys.executable, "-c", prelude + textwrap.dedent(script)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def test_a_kernel_touching_host_memory_is_a_sticky_illegal_address(fake_cuda):
-    proc = run_child(fake_cuda, """
+    proc = run_child(
+        fake_cuda,
+        """
         rc, lib, kern = load_kernel(cuda, shipped_ptx())
         host = np.zeros(4096, np.uint8)
         a = malloc(cuda, 4096)
         go = Launch(cuda, [(0, 0, 4096)], [(a, host.ctypes.data)])
         s = stream(cuda)
         print(go(kern, (1, 1, 1), s=s), cuda.cudaStreamSynchronize(s), cuda.cudaMalloc(ctypes.byref(P()), 16))
-    """)
+    """,
+    )
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.split() == ["0", str(ILLEGAL_ADDRESS), str(ILLEGAL_ADDRESS)]
@@ -326,7 +371,9 @@ def test_a_kernel_touching_host_memory_is_a_sticky_illegal_address(fake_cuda):
 
 def test_ipc_handles_map_device_memory_across_processes(cuda, fake_cuda):
     n = 1 << 16
-    exporter = run_child(fake_cuda, f"""
+    exporter = run_child(
+        fake_cuda,
+        f"""
         a = malloc(cuda, {n})
         view(a, {n})[:] = np.arange({n}, dtype=np.uint32).view(np.uint8)[:{n}]
         h = IpcHandle()
@@ -336,7 +383,8 @@ def test_ipc_handles_map_device_memory_across_processes(cuda, fake_cuda):
         print(ctypes.string_at(ctypes.addressof(h), 64).hex(), flush=True)
         sys.stdin.readline()            # the importer wrote
         print(int(view(a, {n})[7]), flush=True)
-    """)
+    """,
+    )
     try:
         own = exporter.stdout.readline().strip()
         assert own == str(DEVICE_UNINITIALIZED)
@@ -344,9 +392,9 @@ def test_ipc_handles_map_device_memory_across_processes(cuda, fake_cuda):
         raw = bytes.fromhex(exporter.stdout.readline().strip())
         ctypes.memmove(ctypes.addressof(handle), raw, 64)
         p = P()
-        assert cuda.cudaIpcOpenMemHandle(ctypes.byref(p), handle, 0) == INVALID_VALUE   # flags
+        assert cuda.cudaIpcOpenMemHandle(ctypes.byref(p), handle, 0) == INVALID_VALUE  # flags
         assert cuda.cudaIpcOpenMemHandle(ctypes.byref(p), handle, 1) == 0
-        mapped = view(p.value, n)                             # the allocation's start
+        mapped = view(p.value, n)  # the allocation's start
         assert (mapped == np.arange(n, dtype=np.uint32).view(np.uint8)[:n]).all()
         # the copy kernel writes into the mapped memory like into local device memory
         rc, lib, kern = load_kernel(cuda, shipped_ptx())

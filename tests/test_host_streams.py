@@ -19,6 +19,7 @@ def host():
         s = _core.Stream(rt)
         streams.append(s)
         return s
+
     yield rt, stream
     for s in streams:
         s.close()

@@ -77,8 +77,14 @@ def run_child(tmp_path, trace):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    r = subprocess.run([sys.executable, str(script)], check=False, env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     return int(r.stdout.split()[-1])
 

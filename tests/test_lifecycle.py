@@ -50,8 +50,9 @@ def transfer_ok(env, src, dst, batch=0):
     srcb = src.tensor_bytes()
     task = env.cm.transfer_cache_async(src.cache, RecordingSync(), [tc(dst.addrs, None, batch)])
     assert wait_results(task) == [SUCCESS]
-    exp, _ = reference.expected_transfer(srcb, src.stride, before,
-                                         [RefConfig(dst.tensors, None, batch)])
+    exp, _ = reference.expected_transfer(
+        srcb, src.stride, before, [RefConfig(dst.tensors, None, batch)]
+    )
     assert_mem_equal(dst.mem(), exp)
 
 
@@ -67,8 +68,9 @@ def test_deallocate(env, blocks):
     dealloc(c.cache)
     assert c.cache.tensor_addrs == []
     idx = ([0], [0]) if blocks else (None, None)
-    raises_llm(NOT_EXIST, env.cm.transfer_cache_async, c.cache, RecordingSync(),
-               [tc(dst.addrs)], *idx)
+    raises_llm(
+        NOT_EXIST, env.cm.transfer_cache_async, c.cache, RecordingSync(), [tc(dst.addrs)], *idx
+    )
     raises_llm(NOT_EXIST, dealloc, c.cache)
 
 
@@ -101,9 +103,13 @@ def test_unregister_keyed_destination(env_remote):
     dst = env.registered(4, [4, 16], blocks=True, key=key)
     env.cm.unregister_cache(dst.cache.cache_id)
     with pytest.raises(LLMException) as ei:
-        env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                    [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))],
-                                    [0], [0])
+        env.cm.transfer_cache_async(
+            src.cache,
+            RecordingSync(),
+            [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))],
+            [0],
+            [0],
+        )
     assert ei.value.status_code in (NOT_EXIST, LLMStatusCode.LLM_PARAM_INVALID)
     # the key is free again
     env.registered(4, [4, 16], blocks=True, key=key)
@@ -146,8 +152,9 @@ def test_release_source_in_flight(env, allocated):
     d2 = env.registered(8, [4096])
     b1, b2 = d1.snapshot(), d2.snapshot()
     gate = GateSync(block_at=2)
-    task = env.cm.transfer_cache_async(src.cache, gate, [tc(d1.addrs, None, 0),
-                                                         tc(d2.addrs, None, 1)])
+    task = env.cm.transfer_cache_async(
+        src.cache, gate, [tc(d1.addrs, None, 0), tc(d2.addrs, None, 1)]
+    )
     assert gate.entered.wait(10)
     if allocated:
         env.cm.deallocate_cache(src.cache)
@@ -187,9 +194,13 @@ def test_unregister_keyed_destination_in_flight(env_remote):
     key = BlocksCacheKey(OWN_CLUSTER, 1)
     dst = env.registered(8, [6, 256], blocks=True, key=key)
     gate = GateSync(block_at=1)
-    task = env.cm.transfer_cache_async(src.cache, gate,
-                                       [TransferWithCacheKeyConfig(key, range(0, 4), range(0, 4))],
-                                       [0, 1, 2], [5, 4, 3])
+    task = env.cm.transfer_cache_async(
+        src.cache,
+        gate,
+        [TransferWithCacheKeyConfig(key, range(0, 4), range(0, 4))],
+        [0, 1, 2],
+        [5, 4, 3],
+    )
     assert gate.entered.wait(10)
     env.cm.unregister_cache(dst.cache.cache_id)
     at_return = dst.snapshot()
@@ -211,7 +222,9 @@ def test_unrelated_release_does_not_cancel(env):
     env.cm.unregister_cache(other.cache.cache_id)
     gate.release()
     assert wait_results(task) == [SUCCESS]
-    exp, _ = reference.expected_transfer(srcb, src.stride, before, [RefConfig(dst.tensors, None, 1)])
+    exp, _ = reference.expected_transfer(
+        srcb, src.stride, before, [RefConfig(dst.tensors, None, 1)]
+    )
     assert_mem_equal(dst.mem(), exp)
 
 
@@ -241,13 +254,14 @@ def _finalize_with_watchdog(dd, limit=15.0):
 def test_finalize_with_tasks_in_flight(make_env):
     env = make_env(workers=1)
     src = env.registered(8, [2, 1024])  # 4 layers
-    dA = env.registered(6, [1024])      # layers 0-2: started, unfinished at finalize
-    dC = env.registered(2, [1024])      # layer 3 only: never started
-    dQ = env.registered(8, [1024])      # a second task, queued behind the first (1 worker)
+    dA = env.registered(6, [1024])  # layers 0-2: started, unfinished at finalize
+    dC = env.registered(2, [1024])  # layer 3 only: never started
+    dQ = env.registered(8, [1024])  # a second task, queued behind the first (1 worker)
     bA, bC, bQ = dA.snapshot(), dC.snapshot(), dQ.snapshot()
     gate = GateSync(block_at=1)
-    t1 = env.cm.transfer_cache_async(src.cache, gate, [tc(dA.addrs, range(0, 3), 1),
-                                                       tc(dC.addrs, range(3, 4), 1)])
+    t1 = env.cm.transfer_cache_async(
+        src.cache, gate, [tc(dA.addrs, range(0, 3), 1), tc(dC.addrs, range(3, 4), 1)]
+    )
     assert gate.entered.wait(10)
     q_sync = RecordingSync()
     t2 = env.cm.transfer_cache_async(src.cache, q_sync, [tc(dQ.addrs, None, 0)])
@@ -367,7 +381,7 @@ def test_cluster_id_property():
 def test_unregister_destination_while_copying(env, delay):
     """Big layers, a fast synchronizer: unregister lands somewhere in the middle of the copies.
     Whatever the outcome, no byte of the destination changes after unregister_cache returns."""
-    src = env.registered(16, [1, 1 << 20])   # 8 layers of 2 x 1 MiB
+    src = env.registered(16, [1, 1 << 20])  # 8 layers of 2 x 1 MiB
     dst = env.registered(16, [1 << 20])
     srcb = src.tensor_bytes()
     before = dst.snapshot()
@@ -392,7 +406,7 @@ def test_finalize_while_copying(make_env, delay):
     """After finalize returns no destination byte changes (the caller may free its memory);
     every task has ended, and a config reported successful has all its bytes."""
     env = make_env()
-    src = env.registered(8, [1, 1 << 20])   # 4 layers of 2 x 1 MiB
+    src = env.registered(8, [1, 1 << 20])  # 4 layers of 2 x 1 MiB
     srcb = src.tensor_bytes()
     jobs = []
     for i in range(6):
@@ -407,8 +421,7 @@ def test_finalize_while_copying(make_env, delay):
         res = t.get_results(10_000)
         assert res[0] in (SUCCESS, FINALIZED, None), res
         if res == [SUCCESS]:
-            exp, _ = reference.expected_transfer(srcb, src.stride, before,
-                                                 [RefConfig(d.tensors)])
+            exp, _ = reference.expected_transfer(srcb, src.stride, before, [RefConfig(d.tensors)])
             assert_mem_equal(d.mem(), exp)
     time.sleep(0.05)
     for (d, _, _), s in zip(jobs, snaps):
@@ -429,8 +442,9 @@ def test_register_and_unregister_from_threads_while_transferring(env):
         try:
             while not stop.is_set():
                 buf = np.zeros(4 * 256, np.uint8)
-                c = env.cm.register_cache(make_desc(4, [256]),
-                                          [buf[i * 256:].ctypes.data for i in range(4)])
+                c = env.cm.register_cache(
+                    make_desc(4, [256]), [buf[i * 256 :].ctypes.data for i in range(4)]
+                )
                 env.cm.unregister_cache(c.cache_id)
                 a = env.cm.allocate_cache(make_desc(2, [128]))
                 env.cm.deallocate_cache(a)
@@ -442,13 +456,15 @@ def test_register_and_unregister_from_threads_while_transferring(env):
         t.start()
     try:
         srcb = src.tensor_bytes()
-        tasks = [env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                             [tc(d.addrs, None, i % 4)])
-                 for i, (d, _) in enumerate(jobs)]
+        tasks = [
+            env.cm.transfer_cache_async(src.cache, RecordingSync(), [tc(d.addrs, None, i % 4)])
+            for i, (d, _) in enumerate(jobs)
+        ]
         for i, (t, (d, before)) in enumerate(zip(tasks, jobs)):
             assert wait_results(t) == [SUCCESS]
-            exp, _ = reference.expected_transfer(srcb, src.stride, before,
-                                                 [RefConfig(d.tensors, None, i % 4)])
+            exp, _ = reference.expected_transfer(
+                srcb, src.stride, before, [RefConfig(d.tensors, None, i % 4)]
+            )
             assert_mem_equal(d.mem(), exp)
     finally:
         stop.set()

@@ -65,8 +65,8 @@ def _receiver(to_parent, from_parent) -> None:
             inside = np.zeros(DST_BYTES, dtype=bool)
             src = source_bytes(seed, src_bytes)
             for s, d, n in plan:
-                expected[d:d + n] = src[s:s + n]
-                inside[d:d + n] = True
+                expected[d : d + n] = src[s : s + n]
+                inside[d : d + n] = True
             bad = buf != expected
             counts = (int(np.count_nonzero(bad & inside)), int(np.count_nonzero(bad & ~inside)))
             buf[:] = CANARY  # before replying: the parent writes again as soon as it hears back
@@ -79,8 +79,9 @@ class Peer:
     def __init__(self) -> None:
         ctx = mp.get_context("spawn")
         self.to_child, self.from_child = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=_receiver, args=(self.from_child, self.to_child),
-                                daemon=True)
+        self.proc = ctx.Process(
+            target=_receiver, args=(self.from_child, self.to_child), daemon=True
+        )
         self.proc.start()
         self.session, self.addr, self.pid = self.from_child.get(timeout=60)
 
@@ -116,6 +117,7 @@ def peer(mooncake):
 @pytest.fixture
 def sender(mooncake):
     from llmdist.transport_mooncake import MooncakeTransport
+
     t = MooncakeTransport(HOST)
     yield t
     t.close()
@@ -128,8 +130,12 @@ def _src(sender, seed: int, nbytes: int) -> np.ndarray:
 
 
 def _write(sender, peer, src: np.ndarray, plan: Plan) -> int:
-    return sender.write_batch(peer.session, [src.ctypes.data + s for s, _, _ in plan],
-                              [peer.addr + d for _, d, _ in plan], [n for _, _, n in plan])
+    return sender.write_batch(
+        peer.session,
+        [src.ctypes.data + s for s, _, _ in plan],
+        [peer.addr + d for _, d, _ in plan],
+        [n for _, _, n in plan],
+    )
 
 
 def test_scattered_batch_lands_exactly(sender, peer):
@@ -146,18 +152,25 @@ def test_scattered_batch_lands_exactly(sender, peer):
 def test_channel_reads_back_what_was_written(sender, peer):
     """The read direction (pull): an engine channel reads the peer's ranges into local memory."""
     from llmdist.transport_mooncake import EngineChannel
+
     src = _src(sender, 11, 1 << 20)
     plan = scattered_plan(12, src.nbytes, 64, DST_BYTES // 64)
     assert sender.wait(_write(sender, peer, src, plan), 30_000) == 0
     back = np.zeros(src.nbytes, dtype=np.uint8)
     sender.register(back.ctypes.data, back.nbytes)
     channel = EngineChannel(sender, peer.session, 30_000)
-    assert channel.read([back.ctypes.data + s for s, _, _ in plan],
-                        [peer.addr + d for _, d, _ in plan], [n for _, _, n in plan]) == 0
+    assert (
+        channel.read(
+            [back.ctypes.data + s for s, _, _ in plan],
+            [peer.addr + d for _, d, _ in plan],
+            [n for _, _, n in plan],
+        )
+        == 0
+    )
     assert channel.settle() == 0 and channel.error is None
     want = np.zeros_like(back)
     for s, _, n in plan:
-        want[s:s + n] = src[s:s + n]
+        want[s : s + n] = src[s : s + n]
     np.testing.assert_array_equal(back, want)
     assert peer.check(11, src.nbytes, plan) == (0, 0)
 
@@ -181,6 +194,7 @@ def test_write_outside_registered_memory_fails_in_time(sender, peer):
 
 def test_wait_never_blocks_past_timeout_on_a_stalled_peer(sender, peer):
     from llmdist.transport_mooncake import WAIT_TIMEOUT
+
     seed, src_bytes = 7, 2 << 20
     src = _src(sender, seed, src_bytes)
     plan = scattered_plan(seed, src_bytes, slots=32, slot_bytes=DST_BYTES // 32)
@@ -209,13 +223,17 @@ def test_argument_and_state_errors(sender, peer):
 
     assert code(sender.register, buf.ctypes.data + 8, 8) == LLMStatusCode.LLM_PARAM_INVALID
     assert code(sender.unregister, buf.ctypes.data + 8) == LLMStatusCode.LLM_PARAM_INVALID
-    assert code(sender.write_batch, peer.session, [buf.ctypes.data], [peer.addr], [8, 8]) \
+    assert (
+        code(sender.write_batch, peer.session, [buf.ctypes.data], [peer.addr], [8, 8])
         == LLMStatusCode.LLM_PARAM_INVALID
+    )
     assert code(sender.write_batch, peer.session, [], [], []) == LLMStatusCode.LLM_PARAM_INVALID
     assert code(sender.wait, 12345, 0) == LLMStatusCode.LLM_PARAM_INVALID
     # port 1 on loopback: nothing listens, the handshake is refused at once
-    assert code(sender.write_batch, f"{HOST}:1", [buf.ctypes.data], [peer.addr], [8]) \
+    assert (
+        code(sender.write_batch, f"{HOST}:1", [buf.ctypes.data], [peer.addr], [8])
         == LLMStatusCode.LLM_LINK_FAILED
+    )
     sender.unregister(buf.ctypes.data)
     sender.close()
     sender.close()
@@ -224,6 +242,7 @@ def test_argument_and_state_errors(sender, peer):
 
 def test_missing_module_is_feature_not_enabled(monkeypatch):
     from llmdist.transport_mooncake import MooncakeTransport
+
     monkeypatch.setitem(sys.modules, "mooncake", None)  # makes the imports fail
     monkeypatch.setitem(sys.modules, "mooncake.engine", None)
     with pytest.raises(LLMException) as ei:
@@ -239,9 +258,13 @@ def test_engine_that_does_not_load_names_the_system_libraries(monkeypatch):
     import importlib.util
 
     from llmdist.transport_mooncake import MooncakeTransport
+
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "mooncake" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "mooncake" else real(name, *a),
+    )
     monkeypatch.setitem(sys.modules, "mooncake.engine", None)
     with pytest.raises(LLMException) as ei:
         MooncakeTransport(HOST)

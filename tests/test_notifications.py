@@ -52,15 +52,27 @@ def test_pull_notifies_the_source(cleanup, local, route):
     link_to(d, p)
     dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
     before = dst.snapshot()
-    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model), dst.cache, [1, 6], [0, 7],
-                     notify=b"pulled blocks")
-    want = expect_blocks(before, dst.tensors, 256, src.initial, src.tensors, 256, range(2),
-                         range(2), 2, pairs=[(1, 0), (6, 7)])
+    d.cm.pull_blocks(
+        BlocksCacheKey(p.cluster_id, model), dst.cache, [1, 6], [0, 7], notify=b"pulled blocks"
+    )
+    want = expect_blocks(
+        before,
+        dst.tensors,
+        256,
+        src.initial,
+        src.tensors,
+        256,
+        range(2),
+        range(2),
+        2,
+        pairs=[(1, 0), (6, 7)],
+    )
     assert_mem_equal(dst.mem(), want, "pulled blocks")
     assert notes(p, WAIT_MS) == {d.cluster_id: [b"pulled blocks"]}
     row = d.allocated(4, [2, 200], dtype=FP16)
-    d.cm.pull_cache(CacheKeyByIdAndIndex(p.cluster_id, rows.cache_id, 2), row.cache, 1,
-                    notify=bytes(range(256)))
+    d.cm.pull_cache(
+        CacheKeyByIdAndIndex(p.cluster_id, rows.cache_id, 2), row.cache, 1, notify=bytes(range(256))
+    )
     assert notes(p, WAIT_MS) == {d.cluster_id: [bytes(range(256))]}
 
 
@@ -71,29 +83,55 @@ def test_push_notifies_after_the_bytes_arrived(cleanup, local, route):
     mem, transport = route
     dproc = cleanup.spawn(next(_ids), options={"llmdist.transport": transport}).wait_ready()
     model = next(_seeds)
-    dst = cleanup.dcache(dproc, mem, 4, [16, 128], blocks=True, key=("blocks", model),
-                         seed=model)
+    dst = cleanup.dcache(dproc, mem, 4, [16, 128], blocks=True, key=("blocks", model), seed=model)
     rows = cleanup.dcache(dproc, mem, 4, [5, 200], seed=model + 1)
     p = local(remote=True, transport=transport, role=LLMRole.PROMPT)
     link_to(p, dproc)
     src = p.registered(4, [12, 128], dtype=FP16, blocks=True)
     pairs = [(2, 3), (3, 4), (9, 0)]
     dproc.send("notified_read", dst.name, WAIT_MS)
-    p.cm.push_blocks(BlocksCacheKey(dproc.cluster_id, model), src.cache, [s for s, _ in pairs],
-                     [b for _, b in pairs], notify=b"pushed")
+    p.cm.push_blocks(
+        BlocksCacheKey(dproc.cluster_id, model),
+        src.cache,
+        [s for s, _ in pairs],
+        [b for _, b in pairs],
+        notify=b"pushed",
+    )
     got, at_notice = dproc.result()
     assert got == {p.cluster_id: [b"pushed"]}
-    want = expect_blocks(dst.initial, dst.tensors, 256, src.mem(), src.tensors, 256, range(2),
-                         range(2), 2, pairs=pairs)
+    want = expect_blocks(
+        dst.initial,
+        dst.tensors,
+        256,
+        src.mem(),
+        src.tensors,
+        256,
+        range(2),
+        range(2),
+        2,
+        pairs=pairs,
+    )
     assert_mem_equal(at_notice, want, "destination memory when the notification arrived")
     srow = p.registered(4, [3, 2, 100], dtype=FP16)
     dproc.send("notified_read", rows.name, WAIT_MS)
-    p.cm.push_cache(CacheKeyByIdAndIndex(dproc.cluster_id, rows.cache_id, 4), srow.cache, 2,
-                    notify=b"row")
+    p.cm.push_cache(
+        CacheKeyByIdAndIndex(dproc.cluster_id, rows.cache_id, 4), srow.cache, 2, notify=b"row"
+    )
     got, at_notice = dproc.result()
     assert got == {p.cluster_id: [b"row"]}
-    want = expect_blocks(rows.initial, rows.tensors, 400, srow.mem(), srow.tensors, 400,
-                         range(2), range(2), 2, row=2, dst_row=4)
+    want = expect_blocks(
+        rows.initial,
+        rows.tensors,
+        400,
+        srow.mem(),
+        srow.tensors,
+        400,
+        range(2),
+        range(2),
+        2,
+        row=2,
+        dst_row=4,
+    )
     assert_mem_equal(at_notice, want, "pushed row when the notification arrived")
 
 
@@ -102,23 +140,32 @@ def test_transfer_cache_async_notifies_each_destination(cleanup, local, route):
     mem, transport = route
     dproc = cleanup.spawn(next(_ids), options={"llmdist.transport": transport}).wait_ready()
     model = next(_seeds)
-    dst = cleanup.dcache(dproc, mem, 4, [16, 128], blocks=True, key=("blocks", model),
-                         seed=model)
+    dst = cleanup.dcache(dproc, mem, 4, [16, 128], blocks=True, key=("blocks", model), seed=model)
     p = local(remote=True, transport=transport, role=LLMRole.PROMPT)
     link_to(p, dproc)
     src = p.registered(4, [12, 128], dtype=FP16, blocks=True)
     dproc.send("notified_read", dst.name, WAIT_MS)
-    cfg = TransferWithCacheKeyConfig(BlocksCacheKey(dproc.cluster_id, model), range(2),
-                                     range(2))
-    task = p.cm.transfer_cache_async(src.cache, RecordingSync(), [cfg, cfg], [1, 5], [2, 8],
-                                     notify=b"layers sent")
+    cfg = TransferWithCacheKeyConfig(BlocksCacheKey(dproc.cluster_id, model), range(2), range(2))
+    task = p.cm.transfer_cache_async(
+        src.cache, RecordingSync(), [cfg, cfg], [1, 5], [2, 8], notify=b"layers sent"
+    )
     assert task.synchronize(WAIT_MS) == SUCCESS
     assert task.notification_error is None
     got, at_notice = dproc.result()
     # one notification per destination cluster, however many configs write to it
     assert got == {p.cluster_id: [b"layers sent"]}
-    want = expect_blocks(dst.initial, dst.tensors, 256, src.mem(), src.tensors, 256, range(2),
-                         range(2), 2, pairs=[(1, 2), (5, 8)])
+    want = expect_blocks(
+        dst.initial,
+        dst.tensors,
+        256,
+        src.mem(),
+        src.tensors,
+        256,
+        range(2),
+        range(2),
+        2,
+        pairs=[(1, 2), (5, 8)],
+    )
     assert_mem_equal(at_notice, want, "destination memory when the notification arrived")
     assert notes(dproc, 200) == {}
 
@@ -140,8 +187,9 @@ def test_order_per_peer(cleanup, local):
         p.cm.push_blocks(key, src.cache, [i], [i], notify=sent[-3])
         p.cm.pull_blocks(key, dst.cache, [i], [i + 1], notify=sent[-2])
         cfg = TransferWithCacheKeyConfig(key, range(2), range(2))
-        task = p.cm.transfer_cache_async(src.cache, RecordingSync(), [cfg], [i], [i + 8],
-                                         notify=sent[-1])
+        task = p.cm.transfer_cache_async(
+            src.cache, RecordingSync(), [cfg], [i], [i + 8], notify=sent[-1]
+        )
         assert task.synchronize(WAIT_MS) == SUCCESS
     assert notes(dproc, WAIT_MS) == {p.cluster_id: sent}
     # and the other way, to a listener that linked nothing itself
@@ -151,8 +199,11 @@ def test_order_per_peer(cleanup, local):
     assert p.dd.get_notifications() == {}
 
 
-@pytest.mark.skipif(PEER_MEM != "registered", reason="the failing read needs the process route "
-                    "(memory the peer registered), which device runtimes do not use")
+@pytest.mark.skipif(
+    PEER_MEM != "registered",
+    reason="the failing read needs the process route "
+    "(memory the peer registered), which device runtimes do not use",
+)
 def test_no_notification_after_a_failed_transfer(cleanup, local):
     p = peer_proc(cleanup, "direct")
     model = next(_seeds)
@@ -163,18 +214,19 @@ def test_no_notification_after_a_failed_transfer(cleanup, local):
     link_to(d, p)
     dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
     with pytest.raises(LLMException) as ei:
-        d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model), dst.cache, [1], [1],
-                         notify=b"must not arrive")
+        d.cm.pull_blocks(
+            BlocksCacheKey(p.cluster_id, model), dst.cache, [1], [1], notify=b"must not arrive"
+        )
     assert ei.value.status_code == LLMStatusCode.LLM_FAILED
     # a refused call sends nothing either
     with pytest.raises(LLMException) as ei:
-        d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model + 1), dst.cache, [1], [99],
-                         notify=b"must not arrive")
+        d.cm.pull_blocks(
+            BlocksCacheKey(p.cluster_id, model + 1), dst.cache, [1], [99], notify=b"must not arrive"
+        )
     assert ei.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
     assert notes(p, 300) == {}
     # the next transfer is not held up, and notifies
-    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model + 1), dst.cache, [2], [3],
-                     notify=b"after")
+    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model + 1), dst.cache, [2], [3], notify=b"after")
     assert notes(p, WAIT_MS) == {d.cluster_id: [b"after"]}
     assert good.cache_id
 
@@ -194,8 +246,9 @@ def test_no_notification_when_the_synchronizer_fails(cleanup, local):
 
 
 def test_queue_bound(cleanup, local):
-    dproc = cleanup.spawn(next(_ids), options={"llmdist.transport": "direct",
-                                               "llmdist.notify_queue_depth": "3"}).wait_ready()
+    dproc = cleanup.spawn(
+        next(_ids), options={"llmdist.transport": "direct", "llmdist.notify_queue_depth": "3"}
+    ).wait_ready()
     model = next(_seeds)
     cleanup.dcache(dproc, PEER_MEM, 4, [16, 128], blocks=True, key=("blocks", model))
     p = local(remote=True, role=LLMRole.PROMPT)
@@ -210,8 +263,9 @@ def test_queue_bound(cleanup, local):
     # notification did not arrive
     src = p.registered(4, [12, 128], dtype=FP16, blocks=True)
     with pytest.raises(LLMException) as ei:
-        p.cm.push_blocks(BlocksCacheKey(dproc.cluster_id, model), src.cache, [0], [0],
-                         notify=b"full")
+        p.cm.push_blocks(
+            BlocksCacheKey(dproc.cluster_id, model), src.cache, [0], [0], notify=b"full"
+        )
     assert ei.value.status_code == LLMStatusCode.LLM_LINK_BUSY
     assert "succeeded, but its notification" in str(ei.value)
     cfg = TransferWithCacheKeyConfig(BlocksCacheKey(dproc.cluster_id, model), range(2), range(2))
@@ -228,8 +282,10 @@ def test_payload_and_argument_errors(cleanup, local):
     dproc = cleanup.spawn(next(_ids), options={"llmdist.transport": "direct"}).wait_ready()
     p = local(remote=True, role=LLMRole.PROMPT)
     link_to(p, dproc)
-    for bad, words in ((b"x" * (MAX_PAYLOAD + 1), f"at most {MAX_PAYLOAD} bytes"),
-                       ("text", "must be bytes")):
+    for bad, words in (
+        (b"x" * (MAX_PAYLOAD + 1), f"at most {MAX_PAYLOAD} bytes"),
+        ("text", "must be bytes"),
+    ):
         with pytest.raises(LLMException) as ei:
             p.dd.send_notification(dproc.cluster_id, bad)
         assert ei.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
@@ -237,8 +293,13 @@ def test_payload_and_argument_errors(cleanup, local):
     p.dd.send_notification(dproc.cluster_id, b"x" * MAX_PAYLOAD)
     src = p.registered(4, [12, 128], dtype=FP16, blocks=True)
     with pytest.raises(LLMException) as ei:
-        p.cm.push_blocks(BlocksCacheKey(dproc.cluster_id, 1), src.cache, [0], [0],
-                         notify=b"y" * (MAX_PAYLOAD + 1))
+        p.cm.push_blocks(
+            BlocksCacheKey(dproc.cluster_id, 1),
+            src.cache,
+            [0],
+            [0],
+            notify=b"y" * (MAX_PAYLOAD + 1),
+        )
     assert ei.value.status_code == LLMStatusCode.LLM_PARAM_INVALID and "notify" in str(ei.value)
     with pytest.raises(LLMException) as ei:
         p.dd.send_notification(next(_ids), b"nobody")
@@ -255,7 +316,6 @@ def test_link_down_fails_the_sender(cleanup, local):
     link_to(p, dproc)
     dproc.kill()
     with pytest.raises(LLMException) as ei:
-        for _ in range(100):     # until this side notices the link is gone
+        for _ in range(100):  # until this side notices the link is gone
             p.dd.send_notification(dproc.cluster_id, b"gone")
-    assert ei.value.status_code in (LLMStatusCode.LLM_NOT_YET_LINK,
-                                    LLMStatusCode.LLM_LINK_FAILED)
+    assert ei.value.status_code in (LLMStatusCode.LLM_NOT_YET_LINK, LLMStatusCode.LLM_LINK_FAILED)

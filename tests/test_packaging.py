@@ -33,14 +33,30 @@ def mypy(*args, cwd, config=""):
     """python -m mypy ARGS in cwd; a checkout's llmdist is found through MYPYPATH and its own
     errors are not counted (only the program under test's), an installed one through py.typed."""
     cfg = Path(cwd) / "mypy.ini"
-    cfg.write_text("[mypy]\n" + config + ("" if INSTALLED else "[mypy-llmdist.*]\nignore_errors = True\n"))
+    cfg.write_text(
+        "[mypy]\n" + config + ("" if INSTALLED else "[mypy-llmdist.*]\nignore_errors = True\n")
+    )
     env = dict(os.environ)
     env.pop("MYPYPATH", None)
     if not INSTALLED:
         env["MYPYPATH"] = str(PKG.parent)
-    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(cfg),
-                           "--cache-dir", str(Path(cwd) / ".mypy_cache"), *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(cfg),
+            "--cache-dir",
+            str(Path(cwd) / ".mypy_cache"),
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_package_is_typed():
@@ -55,10 +71,24 @@ def test_stub_matches_the_compiled_module(tmp_path):
     env = dict(os.environ)
     if not INSTALLED:
         env["MYPYPATH"] = env["PYTHONPATH"] = str(PKG.parent)
-    res = subprocess.run([sys.executable, "-m", "mypy.stubtest", "llmdist._core", "--concise",
-                          "--mypy-config-file", str(cfg),
-                          "--allowlist", str(HERE / "stubtest_allowlist.txt")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy.stubtest",
+            "llmdist._core",
+            "--concise",
+            "--mypy-config-file",
+            str(cfg),
+            "--allowlist",
+            str(HERE / "stubtest_allowlist.txt"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -71,16 +101,32 @@ def test_stubtest_finds_a_wrong_stub(tmp_path):
     assert wrong != text
     (stub_dir / "_core.pyi").write_text(wrong)
     (stub_dir / "__init__.pyi").write_text("")
-    (stub_dir / "status.pyi").write_text("from typing import Any\nLLMException: Any\nLLMStatusCode: Any\n")
+    (stub_dir / "status.pyi").write_text(
+        "from typing import Any\nLLMException: Any\nLLMStatusCode: Any\n"
+    )
     cfg = tmp_path / "stubtest.ini"
     cfg.write_text("[mypy]\nignore_missing_imports = True\n")
     env = dict(os.environ, MYPYPATH=str(tmp_path / "stubs"))
     if not INSTALLED:
         env["PYTHONPATH"] = str(PKG.parent)
-    res = subprocess.run([sys.executable, "-m", "mypy.stubtest", "llmdist._core", "--concise",
-                          "--mypy-config-file", str(cfg),
-                          "--allowlist", str(HERE / "stubtest_allowlist.txt")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy.stubtest",
+            "llmdist._core",
+            "--concise",
+            "--mypy-config-file",
+            str(cfg),
+            "--allowlist",
+            str(HERE / "stubtest_allowlist.txt"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode != 0
     assert "llmdist._core.plan_c2c is inconsistent" in res.stdout
 
@@ -90,7 +136,7 @@ def readme_example() -> str:
     if not readme.exists():
         pytest.skip("needs the README (a source tree, or tools/check_wheel.sh's copy)")
     text = readme.read_text()
-    usage = text[text.index("## Usage"):]
+    usage = text[text.index("## Usage") :]
     return re.search(r"```python\n(.*?)```", usage, re.S).group(1)
 
 
@@ -105,18 +151,24 @@ def test_mypy_strict_sees_the_types(tmp_path):
     (tmp_path / "wrong.py").write_text(
         "import llmdist\nfrom llmdist import BlocksCacheKey\n"
         "rt: int = llmdist.Event\n"
-        "k: str = BlocksCacheKey(1, 0).prompt_cluster_id\n")
+        "k: str = BlocksCacheKey(1, 0).prompt_cluster_id\n"
+    )
     res = mypy("--strict", "wrong.py", cwd=tmp_path)
     assert res.returncode == 1, res.stdout + res.stderr
-    assert 'wrong.py:3: error: Incompatible types in assignment (expression has type "type[Event]"' \
-        in res.stdout, res.stdout
+    assert (
+        'wrong.py:3: error: Incompatible types in assignment (expression has type "type[Event]"'
+        in res.stdout
+    ), res.stdout
 
 
 def test_signatures_are_embedded():
     assert list(inspect.signature(llmdist.Event).parameters) == ["runtime", "handle"]
     assert list(inspect.signature(llmdist.Stream).parameters) == ["runtime"]
     assert list(inspect.signature(llmdist.set_host_tuning).parameters) == [
-        "copy_threads", "split_min_bytes", "stream_store_min_bytes"]
+        "copy_threads",
+        "split_min_bytes",
+        "stream_store_min_bytes",
+    ]
     assert llmdist.Event.__doc__.startswith("A runtime event")
 
 
@@ -127,7 +179,9 @@ def test_signatures_are_embedded():
 def test_license_is_apache_2():
     source_tree()
     text = (ROOT / "LICENSE").read_text()
-    assert text.lstrip().startswith("Apache License\n                           Version 2.0, January 2004")
+    assert text.lstrip().startswith(
+        "Apache License\n                           Version 2.0, January 2004"
+    )
     assert "END OF TERMS AND CONDITIONS" in text
     assert '\nlicense = "Apache-2.0"\n' in (ROOT / "pyproject.toml").read_text()
 
@@ -137,7 +191,9 @@ def pyproject() -> dict:
     try:
         import tomllib
     except ImportError:
-        tomllib = pytest.importorskip("tomli", reason="reading pyproject.toml needs tomllib (3.11+) or tomli")
+        tomllib = pytest.importorskip(
+            "tomli", reason="reading pyproject.toml needs tomllib (3.11+) or tomli"
+        )
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
@@ -154,7 +210,7 @@ def test_metadata():
     assert project["scripts"] == {"llmdist": "llmdist.cli:main"}
     requires = data["build-system"]["requires"]
     assert "Cython>=3.0,<4" in requires
-    assert not any(r.startswith("numpy") for r in requires)    # nothing cimports numpy
+    assert not any(r.startswith("numpy") for r in requires)  # nothing cimports numpy
     extras = project["optional-dependencies"]
     assert any("aarch64" in r for r in extras["mooncake"])
     assert any("mooncake-transfer-engine-npu" in r for r in extras["mooncake-npu"])
@@ -166,22 +222,46 @@ def test_sdist_has_every_source_and_no_generated_c(tmp_path):
     source_tree()
     pytest.importorskip("Cython", reason="setup.py needs Cython to make the sdist")
     (tmp_path / "egg").mkdir()
-    res = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base",
-                          str(tmp_path / "egg"), "sdist", "-d", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "egg_info",
+            "--egg-base",
+            str(tmp_path / "egg"),
+            "sdist",
+            "-d",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr
     (sdist,) = tmp_path.glob("llmdist-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    tracked = subprocess.run(["git", "ls-files", "llmdist", "src", "include", "tools", "tests"],
-                             cwd=ROOT, capture_output=True, text=True)
+    tracked = subprocess.run(
+        ["git", "ls-files", "llmdist", "src", "include", "tools", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if tracked.returncode != 0:
         pytest.skip("the source tree is not a git checkout")
     want = set(tracked.stdout.split()) | {"LICENSE", "README.md", "pyproject.toml", "setup.py"}
     assert want - names == set()
-    for must in ("llmdist/_core.pyx", "llmdist/_core.pxd", "llmdist/_runtime.pxi",
-                 "llmdist/copy_runs.ptx",
-                 "src/cuda/copy_runs.cu", "tools/build_ptx.py", "tests/helpers.py"):
+    for must in (
+        "llmdist/_core.pyx",
+        "llmdist/_core.pxd",
+        "llmdist/_runtime.pxi",
+        "llmdist/copy_runs.ptx",
+        "src/cuda/copy_runs.cu",
+        "tools/build_ptx.py",
+        "tests/helpers.py",
+    ):
         assert must in names
     assert "llmdist/_core.c" not in names
     assert not [n for n in names if n.endswith((".so", ".o"))]

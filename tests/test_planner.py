@@ -1,4 +1,5 @@
 """The planner's run template for blocks-to-blocks transfers, against a plain Python model."""
+
 from __future__ import annotations
 
 import random
@@ -18,7 +19,11 @@ def model_runs(src, dst, block):
         pairs.sort(key=lambda p: p[0])
     runs = []
     for s, d in pairs:
-        if runs and runs[-1][0] + runs[-1][2] == s * block and runs[-1][1] + runs[-1][2] == d * block:
+        if (
+            runs
+            and runs[-1][0] + runs[-1][2] == s * block
+            and runs[-1][1] + runs[-1][2] == d * block
+        ):
             runs[-1][2] += block
         else:
             runs.append([s * block, d * block, block])
@@ -30,23 +35,24 @@ def plan(src, dst, block=BLOCK):
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64, 255, 256, 257, 1000])
-@pytest.mark.parametrize("kind", ["distinct", "src_repeats", "dst_repeats", "runs", "sparse",
-                                  "sparse_src_repeats"])
+@pytest.mark.parametrize(
+    "kind", ["distinct", "src_repeats", "dst_repeats", "runs", "sparse", "sparse_src_repeats"]
+)
 def test_b2b_runs_match_the_model(n, kind):
     rng = random.Random(n * 31 + len(kind))
     pool = max(2 * n, 4)
     if kind == "distinct":
         src, dst = rng.sample(range(pool), n), rng.sample(range(pool), n)
-    elif kind == "src_repeats":      # one source block to several destinations: order kept stable
+    elif kind == "src_repeats":  # one source block to several destinations: order kept stable
         src, dst = [rng.randrange(max(n // 4, 1)) for _ in range(n)], rng.sample(range(pool), n)
-    elif kind == "dst_repeats":      # the given order is kept (the last write wins)
+    elif kind == "dst_repeats":  # the given order is kept (the last write wins)
         src, dst = rng.sample(range(pool), n), [rng.randrange(max(n // 4, 1)) for _ in range(n)]
-    elif kind == "sparse":           # indices far above 64 per pair: radix sorts, no bitmap
+    elif kind == "sparse":  # indices far above 64 per pair: radix sorts, no bitmap
         src, dst = rng.sample(range(1 << 40), n), rng.sample(range(1 << 40), n)
-    elif kind == "sparse_src_repeats":   # dense distinct destinations, sparse repeated sources
+    elif kind == "sparse_src_repeats":  # dense distinct destinations, sparse repeated sources
         src = [rng.randrange(1 << 40) for _ in range(max(n // 4, 1))] * 4
         src, dst = src[:n], rng.sample(range(pool), n)
-    else:                            # consecutive stretches, shuffled, that merge back into runs
+    else:  # consecutive stretches, shuffled, that merge back into runs
         starts = list(range(0, 4 * n, 8))
         rng.shuffle(starts)
         src = [s + k for s in starts for k in range(4)][:n]

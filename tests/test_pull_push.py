@@ -54,6 +54,8 @@ NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 NOT_YET_LINK = LLMStatusCode.LLM_NOT_YET_LINK
 LINK_FAILED = LLMStatusCode.LLM_LINK_FAILED
 TIMEOUT = LLMStatusCode.LLM_TIMEOUT
+
+
 # --------------------------------------------------------------------------------------------
 # pull
 # --------------------------------------------------------------------------------------------
@@ -70,21 +72,39 @@ def test_pull_blocks_b2b(cleanup, local, route, tpl):
     pairs = [(3, 8), (4, 9), (5, 10), (0, 2), (11, 15)]
     sl, dl = (range(1, 3), range(2, 4)) if tpl == 2 else (range(1, 5), range(3, 7))
     before = dst.snapshot()
-    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model), dst.cache, [s for s, _ in pairs],
-                     [b for _, b in pairs], src_layer_range=sl, dst_layer_range=dl,
-                     tensor_num_per_layer=tpl)
-    want = expect_blocks(before, dst.tensors, 256, src.initial, src.tensors, 256, sl, dl, tpl,
-                         pairs=pairs)
+    d.cm.pull_blocks(
+        BlocksCacheKey(p.cluster_id, model),
+        dst.cache,
+        [s for s, _ in pairs],
+        [b for _, b in pairs],
+        src_layer_range=sl,
+        dst_layer_range=dl,
+        tensor_num_per_layer=tpl,
+    )
+    want = expect_blocks(
+        before, dst.tensors, 256, src.initial, src.tensors, 256, sl, dl, tpl, pairs=pairs
+    )
     assert_mem_equal(dst.mem(), want, "pulled blocks")
     assert_mem_equal(src.read(), src.initial, "the source after a pull")
     # all layers (None ranges) with the same layer counts on both sides
     dst2 = d.allocated(6, [12, 128], dtype=FP16, blocks=True)
     before = dst2.snapshot()
-    d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model), dst2.cache, [1, 7], [0, 11],
-                     tensor_num_per_layer=tpl)
+    d.cm.pull_blocks(
+        BlocksCacheKey(p.cluster_id, model), dst2.cache, [1, 7], [0, 11], tensor_num_per_layer=tpl
+    )
     layers = range(6 // tpl)
-    want = expect_blocks(before, dst2.tensors, 256, src.initial, src.tensors, 256, layers,
-                         layers, tpl, pairs=[(1, 0), (7, 11)])
+    want = expect_blocks(
+        before,
+        dst2.tensors,
+        256,
+        src.initial,
+        src.tensors,
+        256,
+        layers,
+        layers,
+        tpl,
+        pairs=[(1, 0), (7, 11)],
+    )
     assert_mem_equal(dst2.mem(), want, "pulled blocks, every layer")
 
 
@@ -94,35 +114,87 @@ def test_pull_row_into_blocks_and_into_row(cleanup, local, route):
     mem, transport = route
     p = peer_proc(cleanup, transport)
     req = next(_seeds)
-    src = cleanup.dcache(p, mem, 8, [3, 2, 100], seed=req)            # rows of 400 bytes
+    src = cleanup.dcache(p, mem, 8, [3, 2, 100], seed=req)  # rows of 400 bytes
     d = local(transport=transport)
     link_to(d, p)
-    blocks = d.registered(12, [10, 64], dtype=FP16, blocks=True)      # blocks of 128 bytes
+    blocks = d.registered(12, [10, 64], dtype=FP16, blocks=True)  # blocks of 128 bytes
     before = blocks.snapshot()
-    d.cm.pull_blocks(CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 1), blocks.cache, [],
-                     [7, 2, 9, 0], src_layer_range=range(0, 4), dst_layer_range=range(2, 6))
-    want = expect_blocks(before, blocks.tensors, 128, src.initial, src.tensors, 400,
-                         range(0, 4), range(2, 6), 2, c2b=[7, 2, 9, 0], row=1)
+    d.cm.pull_blocks(
+        CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 1),
+        blocks.cache,
+        [],
+        [7, 2, 9, 0],
+        src_layer_range=range(0, 4),
+        dst_layer_range=range(2, 6),
+    )
+    want = expect_blocks(
+        before,
+        blocks.tensors,
+        128,
+        src.initial,
+        src.tensors,
+        400,
+        range(0, 4),
+        range(2, 6),
+        2,
+        c2b=[7, 2, 9, 0],
+        row=1,
+    )
     assert_mem_equal(blocks.mem(), want, "row pulled into blocks")
-    rows = d.allocated(12, [5, 200], dtype=FP16)                      # rows of 400 bytes
+    rows = d.allocated(12, [5, 200], dtype=FP16)  # rows of 400 bytes
     before = rows.snapshot()
-    d.cm.pull_cache(CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 2), rows.cache, 3,
-                    src_layer_range=range(1, 4), dst_layer_range=range(0, 3))
-    want = expect_blocks(before, rows.tensors, 400, src.initial, src.tensors, 400,
-                         range(1, 4), range(0, 3), 2, row=2, dst_row=3)
+    d.cm.pull_cache(
+        CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 2),
+        rows.cache,
+        3,
+        src_layer_range=range(1, 4),
+        dst_layer_range=range(0, 3),
+    )
+    want = expect_blocks(
+        before,
+        rows.tensors,
+        400,
+        src.initial,
+        src.tensors,
+        400,
+        range(1, 4),
+        range(0, 3),
+        2,
+        row=2,
+        dst_row=3,
+    )
     assert_mem_equal(rows.mem(), want, "row pulled into a row")
     before = rows.snapshot()
-    d.cm.pull_cache(CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 0), rows.cache, 4, 150,
-                    src_layer_range=range(0, 1), dst_layer_range=range(5, 6))
-    want = expect_blocks(before, rows.tensors, 400, src.initial, src.tensors, 400,
-                         range(0, 1), range(5, 6), 2, row=0, dst_row=4, nbytes=150)
+    d.cm.pull_cache(
+        CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 0),
+        rows.cache,
+        4,
+        150,
+        src_layer_range=range(0, 1),
+        dst_layer_range=range(5, 6),
+    )
+    want = expect_blocks(
+        before,
+        rows.tensors,
+        400,
+        src.initial,
+        src.tensors,
+        400,
+        range(0, 1),
+        range(5, 6),
+        2,
+        row=0,
+        dst_row=4,
+        nbytes=150,
+    )
     assert_mem_equal(rows.mem(), want, "the first 150 bytes of a row")
 
 
 def test_pull_cache_by_cache_key_rows(cleanup, local):
     """Without remote-accessible mode a CacheKey names a row: the i-th key of the cache."""
-    p = cleanup.spawn(next(_ids), role=LLMRole.PROMPT,
-                      options={"llmdist.transport": "direct"}).wait_ready()
+    p = cleanup.spawn(
+        next(_ids), role=LLMRole.PROMPT, options={"llmdist.transport": "direct"}
+    ).wait_ready()
     req = next(_seeds)
     src = cleanup.dcache(p, "allocated", 4, [1, 2, 100], key=("cache", req), seed=req)
     d = local()
@@ -130,8 +202,19 @@ def test_pull_cache_by_cache_key_rows(cleanup, local):
     rows = d.registered(4, [2, 200], dtype=FP16)
     before = rows.snapshot()
     d.cm.pull_cache(CacheKey(p.cluster_id, req), rows.cache, 1)
-    want = expect_blocks(before, rows.tensors, 400, src.initial, src.tensors, 400, range(2),
-                         range(2), 2, row=0, dst_row=1)
+    want = expect_blocks(
+        before,
+        rows.tensors,
+        400,
+        src.initial,
+        src.tensors,
+        400,
+        range(2),
+        range(2),
+        2,
+        row=0,
+        dst_row=1,
+    )
     assert_mem_equal(rows.mem(), want)
 
 
@@ -142,8 +225,18 @@ def test_pull_from_own_cluster(local):
     dst = d.allocated(4, [8, 64], blocks=True)
     before = dst.snapshot()
     d.cm.pull_blocks(BlocksCacheKey(d.cluster_id, 5), dst.cache, [7, 0], [1, 6])
-    want = expect_blocks(before, dst.tensors, 64, src.mem(), src.tensors, 64, range(2),
-                         range(2), 2, pairs=[(7, 1), (0, 6)])
+    want = expect_blocks(
+        before,
+        dst.tensors,
+        64,
+        src.mem(),
+        src.tensors,
+        64,
+        range(2),
+        range(2),
+        2,
+        pairs=[(7, 1), (0, 6)],
+    )
     assert_mem_equal(dst.mem(), want)
 
 
@@ -156,17 +249,24 @@ def test_push_blocks(cleanup, local, route, tpl):
     mem, transport = route
     dproc = cleanup.spawn(next(_ids), options={"llmdist.transport": transport}).wait_ready()
     model = next(_seeds)
-    dst = cleanup.dcache(dproc, mem, 8, [16, 128], blocks=True, key=("blocks", model),
-                         seed=model)
+    dst = cleanup.dcache(dproc, mem, 8, [16, 128], blocks=True, key=("blocks", model), seed=model)
     p = local(remote=True, transport=transport, role=LLMRole.PROMPT)
     link_to(p, dproc)
     src = p.registered(6, [12, 128], dtype=FP16, blocks=True)
     pairs = [(2, 3), (3, 4), (9, 0)]
     sl, dl = (range(0, 2), range(1, 3)) if tpl == 2 else (range(2, 6), range(4, 8))
-    p.cm.push_blocks(BlocksCacheKey(dproc.cluster_id, model), src.cache,
-                     [s for s, _ in pairs], [b for _, b in pairs], sl, dl, tpl)
-    want = expect_blocks(dst.initial, dst.tensors, 256, src.mem(), src.tensors, 256, sl, dl,
-                         tpl, pairs=pairs)
+    p.cm.push_blocks(
+        BlocksCacheKey(dproc.cluster_id, model),
+        src.cache,
+        [s for s, _ in pairs],
+        [b for _, b in pairs],
+        sl,
+        dl,
+        tpl,
+    )
+    want = expect_blocks(
+        dst.initial, dst.tensors, 256, src.mem(), src.tensors, 256, sl, dl, tpl, pairs=pairs
+    )
     assert_mem_equal(dst.read(), want, "pushed blocks")
 
 
@@ -178,10 +278,26 @@ def test_push_cache(cleanup, local, route):
     p = local(remote=True, transport=transport, role=LLMRole.PROMPT)
     link_to(p, dproc)
     src = p.registered(8, [3, 2, 100], dtype=FP16)
-    p.cm.push_cache(CacheKeyByIdAndIndex(dproc.cluster_id, dst.cache_id, 4), src.cache, 2,
-                    range(1, 3), range(4, 6))
-    want = expect_blocks(dst.initial, dst.tensors, 400, src.mem(), src.tensors, 400,
-                         range(1, 3), range(4, 6), 2, row=2, dst_row=4)
+    p.cm.push_cache(
+        CacheKeyByIdAndIndex(dproc.cluster_id, dst.cache_id, 4),
+        src.cache,
+        2,
+        range(1, 3),
+        range(4, 6),
+    )
+    want = expect_blocks(
+        dst.initial,
+        dst.tensors,
+        400,
+        src.mem(),
+        src.tensors,
+        400,
+        range(1, 3),
+        range(4, 6),
+        2,
+        row=2,
+        dst_row=4,
+    )
     assert_mem_equal(dst.read(), want, "pushed row")
 
 
@@ -192,16 +308,40 @@ def test_push_into_registered_host_memory(cleanup, local, transport):
     writes on the direct path, engine writes through Mooncake."""
     dproc = cleanup.spawn(next(_ids), options={"llmdist.transport": transport}).wait_ready()
     model = next(_seeds)
-    dst = cleanup.dcache(dproc, "registered", 4, [16, 128], blocks=True, key=("blocks", model),
-                         seed=model, placement="HOST", remote_accessible=True)
+    dst = cleanup.dcache(
+        dproc,
+        "registered",
+        4,
+        [16, 128],
+        blocks=True,
+        key=("blocks", model),
+        seed=model,
+        placement="HOST",
+        remote_accessible=True,
+    )
     p = local(remote=True, transport=transport, role=LLMRole.PROMPT)
     link_to(p, dproc)
     src = p.registered(4, [12, 128], dtype=FP16, blocks=True, placement=Placement.HOST)
     pairs = [(4, 1), (0, 15), (11, 7)]
-    p.cm.push_blocks(BlocksCacheKey(dproc.cluster_id, model), src.cache, [s for s, _ in pairs],
-                     [b for _, b in pairs], tensor_num_per_layer=1)
-    want = expect_blocks(dst.initial, dst.tensors, 256, src.mem(), src.tensors, 256, range(4),
-                         range(4), 1, pairs=pairs)
+    p.cm.push_blocks(
+        BlocksCacheKey(dproc.cluster_id, model),
+        src.cache,
+        [s for s, _ in pairs],
+        [b for _, b in pairs],
+        tensor_num_per_layer=1,
+    )
+    want = expect_blocks(
+        dst.initial,
+        dst.tensors,
+        256,
+        src.mem(),
+        src.tensors,
+        256,
+        range(4),
+        range(4),
+        1,
+        pairs=pairs,
+    )
     assert_mem_equal(dst.read(), want, "pushed into registered HOST memory")
 
 
@@ -210,9 +350,16 @@ def test_registered_host_destination_here(local):
     the reason on a device runtime, whose asynchronous copies need page-locked host memory."""
     d = local(remote=True)
     src = d.registered(4, [8, 64], blocks=True)
-    dst = d.registered(4, [8, 64], blocks=True, placement=Placement.HOST,
-                       key=BlocksCacheKey(d.cluster_id, 77), remote_accessible=True)
+    dst = d.registered(
+        4,
+        [8, 64],
+        blocks=True,
+        placement=Placement.HOST,
+        key=BlocksCacheKey(d.cluster_id, 77),
+        remote_accessible=True,
+    )
     before = dst.snapshot()
+
     def call():
         return d.cm.push_blocks(BlocksCacheKey(d.cluster_id, 77), src.cache, [2, 5], [6, 0])
 
@@ -223,8 +370,18 @@ def test_registered_host_destination_here(local):
         assert_mem_equal(dst.mem(), before)
         return
     call()
-    want = expect_blocks(before, dst.tensors, 64, src.mem(), src.tensors, 64, range(2),
-                         range(2), 2, pairs=[(2, 6), (5, 0)])
+    want = expect_blocks(
+        before,
+        dst.tensors,
+        64,
+        src.mem(),
+        src.tensors,
+        64,
+        range(2),
+        range(2),
+        2,
+        pairs=[(2, 6), (5, 0)],
+    )
     assert_mem_equal(dst.mem(), want)
 
 
@@ -257,29 +414,45 @@ def test_pull_argument_errors(cleanup, local):
         pull(key, dst.cache, [0], "0")
     with pytest.raises(ValueError):
         pull(key, dst.cache, [-1], [0])
-    assert code_of(pull, key, rows.cache, [0], [0]) == PARAM_INVALID        # not a blocks cache
-    assert code_of(pull, key, dst.cache, [0], []) == PARAM_INVALID          # no dst blocks
-    assert code_of(pull, key, dst.cache, [], [0]) == PARAM_INVALID          # B2B without src
-    assert code_of(pull, key, dst.cache, [0, 1], [0]) == PARAM_INVALID      # lengths differ
-    assert code_of(pull, key, dst.cache, [8], [0]) == PARAM_INVALID         # past the source
-    assert code_of(pull, key, dst.cache, [0], [8]) == PARAM_INVALID         # past the dest
-    assert code_of(pull, key, small.cache, [0], [0]) == PARAM_INVALID       # block sizes differ
+    assert code_of(pull, key, rows.cache, [0], [0]) == PARAM_INVALID  # not a blocks cache
+    assert code_of(pull, key, dst.cache, [0], []) == PARAM_INVALID  # no dst blocks
+    assert code_of(pull, key, dst.cache, [], [0]) == PARAM_INVALID  # B2B without src
+    assert code_of(pull, key, dst.cache, [0, 1], [0]) == PARAM_INVALID  # lengths differ
+    assert code_of(pull, key, dst.cache, [8], [0]) == PARAM_INVALID  # past the source
+    assert code_of(pull, key, dst.cache, [0], [8]) == PARAM_INVALID  # past the dest
+    assert code_of(pull, key, small.cache, [0], [0]) == PARAM_INVALID  # block sizes differ
     assert code_of(pull, key, dst.cache, [0], [0], tensor_num_per_layer=3) == PARAM_INVALID
-    assert code_of(pull, key, dst.cache, [0], [0], src_layer_range=range(0, 2),
-                   dst_layer_range=range(0, 1)) == PARAM_INVALID
-    assert code_of(pull, key, dst.cache, [0], [0], src_layer_range=range(1, 3),
-                   dst_layer_range=range(0, 2)) == PARAM_INVALID            # past the layers
-    assert code_of(pull, BlocksCacheKey(p.cluster_id, model + 1000), dst.cache, [0], [0]) \
-        == NOT_EXIST
-    assert code_of(pull, CacheKeyByIdAndIndex(p.cluster_id, 1, 0), dst.cache, [0], [0]) \
-        == PARAM_INVALID                                                     # C2B with src blocks
-    assert code_of(pull, CacheKeyByIdAndIndex(p.cluster_id, 2**40, 0), dst.cache, [], [0]) \
-        == NOT_EXIST
-    assert code_of(d.cm.pull_cache, CacheKeyByIdAndIndex(p.cluster_id, 1, 0), dst.cache) \
-        == PARAM_INVALID                                                     # blocks dest
-    assert code_of(d.cm.pull_cache, CacheKeyByIdAndIndex(p.cluster_id, 1, 0), rows.cache,
-                   0, 0) == PARAM_INVALID                                    # size 0
-    assert code_of(d.cm.push_blocks, key, dst.cache, [0], [0]) == PARAM_INVALID   # not remote mode
+    assert (
+        code_of(
+            pull, key, dst.cache, [0], [0], src_layer_range=range(0, 2), dst_layer_range=range(0, 1)
+        )
+        == PARAM_INVALID
+    )
+    assert (
+        code_of(
+            pull, key, dst.cache, [0], [0], src_layer_range=range(1, 3), dst_layer_range=range(0, 2)
+        )
+        == PARAM_INVALID
+    )  # past the layers
+    assert (
+        code_of(pull, BlocksCacheKey(p.cluster_id, model + 1000), dst.cache, [0], [0]) == NOT_EXIST
+    )
+    assert (
+        code_of(pull, CacheKeyByIdAndIndex(p.cluster_id, 1, 0), dst.cache, [0], [0])
+        == PARAM_INVALID
+    )  # C2B with src blocks
+    assert (
+        code_of(pull, CacheKeyByIdAndIndex(p.cluster_id, 2**40, 0), dst.cache, [], [0]) == NOT_EXIST
+    )
+    assert (
+        code_of(d.cm.pull_cache, CacheKeyByIdAndIndex(p.cluster_id, 1, 0), dst.cache)
+        == PARAM_INVALID
+    )  # blocks dest
+    assert (
+        code_of(d.cm.pull_cache, CacheKeyByIdAndIndex(p.cluster_id, 1, 0), rows.cache, 0, 0)
+        == PARAM_INVALID
+    )  # size 0
+    assert code_of(d.cm.push_blocks, key, dst.cache, [0], [0]) == PARAM_INVALID  # not remote mode
     assert_mem_equal(dst.mem(), before, "the destination after refused pulls")
 
 
@@ -295,13 +468,15 @@ def test_push_argument_errors(cleanup, local):
     link_to(p, dproc)
     assert code_of(p.cm.push_blocks, key, rows.cache, [0], [0]) == PARAM_INVALID
     assert code_of(p.cm.push_blocks, key, src.cache, [0], []) == PARAM_INVALID
-    assert code_of(p.cm.push_blocks, key, src.cache, [0], [8]) == PARAM_INVALID    # bounds
-    assert code_of(p.cm.push_blocks, BlocksCacheKey(dproc.cluster_id, model + 99), src.cache,
-                   [0], [0]) == NOT_EXIST
+    assert code_of(p.cm.push_blocks, key, src.cache, [0], [8]) == PARAM_INVALID  # bounds
+    assert (
+        code_of(p.cm.push_blocks, BlocksCacheKey(dproc.cluster_id, model + 99), src.cache, [0], [0])
+        == NOT_EXIST
+    )
     with pytest.raises(TypeError):
         p.cm.push_blocks(CacheKeyByIdAndIndex(dproc.cluster_id, dst.cache_id), src.cache, [0], [0])
     idkey = CacheKeyByIdAndIndex(dproc.cluster_id, dst.cache_id, 0)
-    assert code_of(p.cm.push_cache, idkey, src.cache) == PARAM_INVALID           # blocks source
+    assert code_of(p.cm.push_cache, idkey, src.cache) == PARAM_INVALID  # blocks source
     assert code_of(p.cm.push_cache, idkey, rows.cache, 0, None, None, 16) == PARAM_INVALID
     assert_mem_equal(dst.read(), dst.initial, "the destination after refused pushes")
 
@@ -319,18 +494,24 @@ def test_withdrawn_unlinked_and_dead_peer(cleanup, local):
     link_to(d, p)
     p.call("release", a.name)
     cleanup.caches.remove(a)
-    assert code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m1), dst.cache, [0], [0]) \
+    assert (
+        code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m1), dst.cache, [0], [0])
         == NOT_EXIST
+    )
     d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, m2), dst.cache, [0], [0])
     assert d.dd.unlink_clusters([cluster_info(p.cluster_id)], LINK_MS) == (SUCCESS, [SUCCESS])
-    assert code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m2), dst.cache, [0], [0]) \
+    assert (
+        code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m2), dst.cache, [0], [0])
         == NOT_YET_LINK
+    )
     link_to(d, p)
     d.cm.pull_blocks(BlocksCacheKey(p.cluster_id, m2), dst.cache, [1], [1])
     p.kill()
     t0 = time.monotonic()
-    assert code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m2), dst.cache, [0], [0]) \
-        in (LINK_FAILED, NOT_YET_LINK)
+    assert code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, m2), dst.cache, [0], [0]) in (
+        LINK_FAILED,
+        NOT_YET_LINK,
+    )
     assert time.monotonic() - t0 < 5.0
 
 
@@ -344,15 +525,29 @@ def test_timeout_ends_the_call_and_nothing_hangs(cleanup, local):
     dst = d.allocated(16, [64, 16384], dtype=FP16, blocks=True)
     link_to(d, p)
     blocks = list(range(64))
-    assert code_of(d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, model), dst.cache, blocks,
-                   blocks[::-1]) == TIMEOUT
+    assert (
+        code_of(
+            d.cm.pull_blocks, BlocksCacheKey(p.cluster_id, model), dst.cache, blocks, blocks[::-1]
+        )
+        == TIMEOUT
+    )
     d2 = local()
     link_to(d2, p)
     dst2 = d2.registered(16, [64, 16384], dtype=FP16, blocks=True)
     before = dst2.snapshot()
     d2.cm.pull_blocks(BlocksCacheKey(p.cluster_id, model), dst2.cache, [5], [6])
-    want = expect_blocks(before, dst2.tensors, 32768, src.initial, src.tensors, 32768,
-                         range(8), range(8), 2, pairs=[(5, 6)])
+    want = expect_blocks(
+        before,
+        dst2.tensors,
+        32768,
+        src.initial,
+        src.tensors,
+        32768,
+        range(8),
+        range(8),
+        2,
+        pairs=[(5, 6)],
+    )
     assert_mem_equal(dst2.mem(), want)
 
 
@@ -422,8 +617,7 @@ def test_peer_event_during_the_call_ends_it(cleanup, local, event, op):
     gone = cleanup.dcache(p, "allocated", 4, [8, 128], blocks=True, key=("blocks", m1), seed=m1)
     live = cleanup.dcache(p, PEER_MEM, 4, [8, 128], blocks=True, key=("blocks", m2), seed=m2)
     options = {"llm.SyncKvCacheWaitTime": "60000", "llmdist.transfer_workers": "1"}
-    d = (local(**options) if op == "pull"
-         else local(remote=True, role=LLMRole.PROMPT, **options))
+    d = local(**options) if op == "pull" else local(remote=True, role=LLMRole.PROMPT, **options)
     here = d.registered(4, [8, 128], dtype=FP16, blocks=True)
     link_to(d, p)
     move = d.cm.pull_blocks if op == "pull" else d.cm.push_blocks
@@ -431,8 +625,11 @@ def test_peer_event_during_the_call_ends_it(cleanup, local, event, op):
     own_src = d.registered(4, [8, 128], dtype=FP16, blocks=True)
     own_key = BlocksCacheKey(d.cluster_id, next(_seeds))
     own_dst = d.registered(4, [8, 128], dtype=FP16, blocks=True, key=own_key)
-    cfg = (TransferConfig(d.cluster_id, own_dst.addrs) if op == "pull"     # remote-accessible
-           else TransferWithCacheKeyConfig(own_key, range(2), range(2)))  # mode needs keys
+    cfg = (
+        TransferConfig(d.cluster_id, own_dst.addrs)
+        if op == "pull"  # remote-accessible
+        else TransferWithCacheKeyConfig(own_key, range(2), range(2))
+    )  # mode needs keys
     blocker = Blocker()
     held = d.cm.transfer_cache_async(own_src.cache, blocker, [cfg], [0], [1])
     assert blocker.entered.wait(10)
@@ -460,23 +657,45 @@ def test_peer_event_during_the_call_ends_it(cleanup, local, event, op):
     if event == "peer-died":
         p = other_side(cleanup, op)
         m2 = next(_seeds)
-        live = cleanup.dcache(p, PEER_MEM, 4, [8, 128], blocks=True, key=("blocks", m2),
-                              seed=m2)
+        live = cleanup.dcache(p, PEER_MEM, 4, [8, 128], blocks=True, key=("blocks", m2), seed=m2)
     if event != "withdrawn":
         link_to(d, p)
     move(BlocksCacheKey(p.cluster_id, m2), here.cache, [4], [5])
     if op == "pull":
-        want_mem = expect_blocks(before, here.tensors, 256, live.initial, live.tensors, 256,
-                                 range(2), range(2), 2, pairs=[(4, 5)])
+        want_mem = expect_blocks(
+            before,
+            here.tensors,
+            256,
+            live.initial,
+            live.tensors,
+            256,
+            range(2),
+            range(2),
+            2,
+            pairs=[(4, 5)],
+        )
         assert_mem_equal(here.mem(), want_mem, "a pull after the ended one")
     else:
-        want_mem = expect_blocks(live.initial, live.tensors, 256, here.mem(), here.tensors, 256,
-                                 range(2), range(2), 2, pairs=[(4, 5)])
+        want_mem = expect_blocks(
+            live.initial,
+            live.tensors,
+            256,
+            here.mem(),
+            here.tensors,
+            256,
+            range(2),
+            range(2),
+            2,
+            pairs=[(4, 5)],
+        )
         assert_mem_equal(live.read(), want_mem, "a push after the ended one")
 
 
-@pytest.mark.skipif(not DEVICE_RUNTIME, reason="refusals of device runtimes; the host runtime "
-                    "reaches these caches (test_pull_blocks_b2b)")
+@pytest.mark.skipif(
+    not DEVICE_RUNTIME,
+    reason="refusals of device runtimes; the host runtime "
+    "reaches these caches (test_pull_blocks_b2b)",
+)
 def test_device_runtime_refusals(cleanup, local):
     """On a device runtime, DEVICE memory another process registered and a peer reached
     through Mooncake are refused with LLM_FEATURE_NOT_ENABLED and the reason, before anything
@@ -506,12 +725,16 @@ def test_device_runtime_refusals(cleanup, local):
     assert_mem_equal(dst.mem(), before, "the destination after refused pulls")
 
 
-FAKE_CUDA = (os.environ.get("LLMDIST_RUNTIME") == "cuda"
-             and bool(os.environ.get("LLMDIST_CUDA_LIBRARY")))
+FAKE_CUDA = os.environ.get("LLMDIST_RUNTIME") == "cuda" and bool(
+    os.environ.get("LLMDIST_CUDA_LIBRARY")
+)
 
 
-@pytest.mark.skipif(not FAKE_CUDA, reason="holds copies on the device with the fake CUDA "
-                    "runtime's copy delay (its cuda-kernel and cuda-dma params)")
+@pytest.mark.skipif(
+    not FAKE_CUDA,
+    reason="holds copies on the device with the fake CUDA "
+    "runtime's copy delay (its cuda-kernel and cuda-dma params)",
+)
 @pytest.mark.parametrize("event", ["withdrawn", "peer-died"])
 def test_peer_event_while_the_pull_copies(cleanup, local, event):
     """The pull's copy from the peer's memory (device IPC) is queued and held on the device
@@ -520,12 +743,12 @@ def test_peer_event_while_the_pull_copies(cleanup, local, event):
     pull succeeds. A dead peer ends the pull with LLM_LINK_FAILED, without waiting out
     llm.SyncKvCacheWaitTime."""
     import ctypes
+
     fake = ctypes.CDLL(os.environ["LLMDIST_CUDA_LIBRARY"])
     fake.fake_cuda_calls.restype = ctypes.c_long
 
     def copies() -> int:
-        return sum(fake.fake_cuda_calls(n) for n in (b"cudaLaunchKernel",
-                                                     b"cudaMemcpyBatchAsync"))
+        return sum(fake.fake_cuda_calls(n) for n in (b"cudaLaunchKernel", b"cudaMemcpyBatchAsync"))
 
     p = peer_proc(cleanup, "direct")
     m = next(_seeds)
@@ -534,8 +757,18 @@ def test_peer_event_while_the_pull_copies(cleanup, local, event):
     dst = d.registered(4, [8, 128], dtype=FP16, blocks=True)
     link_to(d, p)
     before = dst.snapshot()
-    want = expect_blocks(before, dst.tensors, 256, src.initial, src.tensors, 256, range(2),
-                         range(2), 2, pairs=[(0, 5), (3, 1)])
+    want = expect_blocks(
+        before,
+        dst.tensors,
+        256,
+        src.initial,
+        src.tensors,
+        256,
+        range(2),
+        range(2),
+        2,
+        pairs=[(0, 5), (3, 1)],
+    )
     issued = copies()
     fake.fake_cuda_set_copy_delay_us(300_000)
     try:
@@ -560,4 +793,4 @@ def test_peer_event_while_the_pull_copies(cleanup, local, event):
 
 from .helpers import keyed_and_unkeyed  # noqa: E402
 
-auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key
+auth_mode = keyed_and_unkeyed()  # every test here runs without and with a shared key

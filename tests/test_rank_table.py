@@ -51,9 +51,10 @@ def base():
 
 def members(make_env, base, ids, roles=None, link_total_s=None):
     roles = roles or [LLMRole.PROMPT] + [LLMRole.DECODER] * (len(ids) - 1)
-    return [make_env(cluster_id=cid, role=role,
-                     extra_options=rendezvous_options(base, link_total_s))
-            for cid, role in zip(ids, roles)]
+    return [
+        make_env(cluster_id=cid, role=role, extra_options=rendezvous_options(base, link_total_s))
+        for cid, role in zip(ids, roles)
+    ]
 
 
 def link_all(envs, name, table, info=None):
@@ -64,54 +65,68 @@ def link_all(envs, name, table, info=None):
 # --------------------------------------------------------------------------------------------
 # the rank table
 
+
 def test_rank_table_hosts():
-    hosts = rank_table.parse_rank_table(server_per_rank_table(["10.0.0.1", "node-b"],
-                                                              super_pod=True))
+    hosts = rank_table.parse_rank_table(
+        server_per_rank_table(["10.0.0.1", "node-b"], super_pod=True)
+    )
     assert hosts == {0: "10.0.0.1", 1: "127.0.0.1"}
     t = json.loads(one_server_table(3, server_id="7"))
     t["server_list"][0]["host_ip"] = "10.1.2.3"
-    assert rank_table.parse_rank_table(json.dumps(t)) == {0: "10.1.2.3", 1: "10.1.2.3",
-                                                          2: "10.1.2.3"}
-    t["server_list"][0]["device"][1]["rank_id"] = 5      # an int rank is read as well
+    assert rank_table.parse_rank_table(json.dumps(t)) == {
+        0: "10.1.2.3",
+        1: "10.1.2.3",
+        2: "10.1.2.3",
+    }
+    t["server_list"][0]["device"][1]["rank_id"] = 5  # an int rank is read as well
     assert set(rank_table.parse_rank_table(json.dumps(t))) == {0, 5, 2}
 
 
-@pytest.mark.parametrize("table, what", [
-    ("not json", "not JSON"),
-    ("[]", "server_list"),
-    ('{"server_list": [{"server_id": "1"}]}', "device"),
-    ('{"server_list": [{"device": [{"device_ip": "1.2.3.4"}]}]}', "rank_id"),
-    ('{"server_list": [{"device": [{"rank_id": "x"}]}]}', "rank_id"),
-    ('{"server_list": [{"device": [{"rank_id": "0"}, {"rank_id": "0"}]}]}', "twice"),
-])
+@pytest.mark.parametrize(
+    "table, what",
+    [
+        ("not json", "not JSON"),
+        ("[]", "server_list"),
+        ('{"server_list": [{"server_id": "1"}]}', "device"),
+        ('{"server_list": [{"device": [{"device_ip": "1.2.3.4"}]}]}', "rank_id"),
+        ('{"server_list": [{"device": [{"rank_id": "x"}]}]}', "rank_id"),
+        ('{"server_list": [{"device": [{"rank_id": "0"}, {"rank_id": "0"}]}]}', "twice"),
+    ],
+)
 def test_rank_table_errors(env, table, what):
     err = raises_llm(PARAM_INVALID, env.dd.link, "c", {env.cluster_id: 0, 9: 1}, table)
     assert what in str(err)
 
 
-@pytest.mark.parametrize("args, exc", [
-    ((1, {7: 0, 9: 1}, "{}"), TypeError),
-    (("c", [(7, 0), (9, 1)], "{}"), TypeError),
-    (("c", {7: "0", 9: 1}, "{}"), TypeError),
-    (("c", {7: 0, 9: 1}, {}), TypeError),
-    (("c", {-7: 0, 9: 1}, "{}"), ValueError),
-    (("c", {7: 0, 9: 2**32}, "{}"), ValueError),
-])
+@pytest.mark.parametrize(
+    "args, exc",
+    [
+        ((1, {7: 0, 9: 1}, "{}"), TypeError),
+        (("c", [(7, 0), (9, 1)], "{}"), TypeError),
+        (("c", {7: "0", 9: 1}, "{}"), TypeError),
+        (("c", {7: 0, 9: 1}, {}), TypeError),
+        (("c", {-7: 0, 9: 1}, "{}"), ValueError),
+        (("c", {7: 0, 9: 2**32}, "{}"), ValueError),
+    ],
+)
 def test_link_argument_types(env, args, exc):
     with pytest.raises(exc):
         env.dd.link(*args)
 
 
-@pytest.mark.parametrize("name, info, what", [
-    ("", {7: 0, 9: 1}, "comm_name"),
-    ("x" * 128, {7: 0, 9: 1}, "comm_name"),
-    ("c", {7: 0}, "2 to 4"),
-    ("c", {7: 0, 9: 1, 10: 2, 11: 3, 12: 4}, "2 to 4"),
-    ("c", {7: 1, 9: 0}, "ascending"),
-    ("c", {7: 0, 9: 0}, "distinct"),
-    ("c", {8: 0, 9: 1}, "does not name this cluster"),
-    ("c", {7: 0, 9: 3}, "rank 3"),
-])
+@pytest.mark.parametrize(
+    "name, info, what",
+    [
+        ("", {7: 0, 9: 1}, "comm_name"),
+        ("x" * 128, {7: 0, 9: 1}, "comm_name"),
+        ("c", {7: 0}, "2 to 4"),
+        ("c", {7: 0, 9: 1, 10: 2, 11: 3, 12: 4}, "2 to 4"),
+        ("c", {7: 1, 9: 0}, "ascending"),
+        ("c", {7: 0, 9: 0}, "distinct"),
+        ("c", {8: 0, 9: 1}, "does not name this cluster"),
+        ("c", {7: 0, 9: 3}, "rank 3"),
+    ],
+)
 def test_link_refusals(env, name, info, what):
     err = raises_llm(PARAM_INVALID, env.dd.link, name, info, one_server_table(2))
     assert what in str(err)
@@ -119,8 +134,9 @@ def test_link_refusals(env, name, info, what):
 
 def test_rendezvous_option_checks(make_env):
     with pytest.raises(LLMException) as ei:
-        make_env(extra_options={"llmdist.rendezvous_port": "65000",
-                                "llmdist.rendezvous_slots": "200"})
+        make_env(
+            extra_options={"llmdist.rendezvous_port": "65000", "llmdist.rendezvous_slots": "200"}
+        )
     assert ei.value.status_code == PARAM_INVALID and "65535" in str(ei.value)
     with pytest.raises(LLMException):
         make_env(extra_options={"llmdist.rendezvous_port": "abc"})
@@ -146,10 +162,12 @@ def test_unknown_comm_id(env):
 # --------------------------------------------------------------------------------------------
 # forming comms
 
+
 def send_rows(src_env, src, dst_env, dst):
     """transfer_cache_async of every layer of src into dst's tensors on dst_env's cluster."""
     task = src_env.cm.transfer_cache_async(
-        src.cache, RecordingSync(), [TransferConfig(dst_env.cluster_id, dst.addrs)])
+        src.cache, RecordingSync(), [TransferConfig(dst_env.cluster_id, dst.addrs)]
+    )
     return wait_results(task)
 
 
@@ -158,9 +176,10 @@ def test_members_link_every_pair_and_exchange_caches(make_env, base, n):
     envs = members(make_env, base, [31 + i for i in range(n)])
     caches = [e.registered(2, [2, 64]) for e in envs]
     for e in envs[1:]:
-        with pytest.raises(LLMException) as ei:        # not linked yet
-            envs[0].cm.transfer_cache_async(caches[0].cache, RecordingSync(),
-                                            [TransferConfig(e.cluster_id, caches[1].addrs)])
+        with pytest.raises(LLMException) as ei:  # not linked yet
+            envs[0].cm.transfer_cache_async(
+                caches[0].cache, RecordingSync(), [TransferConfig(e.cluster_id, caches[1].addrs)]
+            )
         assert ei.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
     ids = link_all(envs, "comm-a", one_server_table(n))
     assert all(isinstance(i, int) and i > 0 for i in ids)
@@ -188,7 +207,7 @@ def test_two_servers_with_super_pod_list(make_env, base):
     table = server_per_rank_table(["127.0.0.1", "127.0.0.1"], super_pod=True)
     ids = link_all(envs, "pods", table)
     assert [wait_status(e, i, OK) for e, i in zip(envs, ids)] == [OK, OK]
-    envs[1].dd.unlink(ids[1])        # one side first; the other side's unlink still succeeds
+    envs[1].dd.unlink(ids[1])  # one side first; the other side's unlink still succeeds
     envs[0].dd.unlink(ids[0])
 
 
@@ -226,8 +245,11 @@ def test_already_linked_members(make_env, base):
 
 
 def test_link_after_link_clusters_is_already_linked(make_env, base):
-    d = make_env(cluster_id=72, role=LLMRole.DECODER,
-                 extra_options={"llm.listenIpInfo": "127.0.0.1:0", **rendezvous_options(base)})
+    d = make_env(
+        cluster_id=72,
+        role=LLMRole.DECODER,
+        extra_options={"llm.listenIpInfo": "127.0.0.1:0", **rendezvous_options(base)},
+    )
     p = make_env(cluster_id=71, extra_options=rendezvous_options(base))
     info = LLMClusterInfo()
     info.remote_cluster_id = 72
@@ -262,4 +284,4 @@ def test_finalize_ends_forming_comms(make_env, base):
 
 from .helpers import keyed_and_unkeyed  # noqa: E402
 
-auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key
+auth_mode = keyed_and_unkeyed()  # every test here runs without and with a shared key

@@ -73,12 +73,22 @@ def base():
 @pytest.mark.parametrize("mla", [False, True])
 def test_vllm_ascend_connector_flow(base, mla):
     done = CTX.Event()
-    common = members(base, p=501, d=502, mla=mla, layers=3, blocks=8, block_bytes=256,
-                     comm="pd_comm_192.168.1.1_192.168.1.2", table=one_server_table(2),
-                     remote_blocks=[1, 2, 3, 6], local_blocks=[7, 0, 4, 5], done=done)
-    res = run_flows("vllm_connector", [{**common, "role": "prefill"},
-                                       {**common, "role": "decode"}])
-    tensors = 2 * 3          # MLA: two caches (model id 0, 1) of one tensor per layer
+    common = members(
+        base,
+        p=501,
+        d=502,
+        mla=mla,
+        layers=3,
+        blocks=8,
+        block_bytes=256,
+        comm="pd_comm_192.168.1.1_192.168.1.2",
+        table=one_server_table(2),
+        remote_blocks=[1, 2, 3, 6],
+        local_blocks=[7, 0, 4, 5],
+        done=done,
+    )
+    res = run_flows("vllm_connector", [{**common, "role": "prefill"}, {**common, "role": "decode"}])
+    tensors = 2 * 3  # MLA: two caches (model id 0, 1) of one tensor per layer
     assert res[1]["checked"] == tensors * 8 * 256
 
 
@@ -86,11 +96,21 @@ def mindie_table(ip_p: str, ip_d: str):
     """The table and rank info MindIE-LLM builds for two devices of one server (the lower
     device ip is rank 0)."""
     ranks = {ip_p: 0, ip_d: 1} if ip_p < ip_d else {ip_p: 1, ip_d: 0}
-    devices = sorted([{"device_id": "0", "device_ip": ip_p, "rank_id": str(ranks[ip_p])},
-                      {"device_id": "1", "device_ip": ip_d, "rank_id": str(ranks[ip_d])}],
-                     key=lambda d: d["rank_id"])
-    table = json.dumps({"server_count": "1", "status": "completed", "version": "1.0",
-                        "server_list": [{"device": devices, "server_id": "127.0.0.1"}]})
+    devices = sorted(
+        [
+            {"device_id": "0", "device_ip": ip_p, "rank_id": str(ranks[ip_p])},
+            {"device_id": "1", "device_ip": ip_d, "rank_id": str(ranks[ip_d])},
+        ],
+        key=lambda d: d["rank_id"],
+    )
+    table = json.dumps(
+        {
+            "server_count": "1",
+            "status": "completed",
+            "version": "1.0",
+            "server_list": [{"device": devices, "server_id": "127.0.0.1"}],
+        }
+    )
     name = f"link{max(ip_p, ip_d)}:{min(ip_p, ip_d)}"
     return table, name, ranks
 
@@ -98,12 +118,24 @@ def mindie_table(ip_p: str, ip_d: str):
 def test_mindie_flow(base):
     table, name, ranks = mindie_table("192.168.1.9", "192.168.1.3")
     p, d = 601, 602
-    rank_info = dict(sorted({p: ranks["192.168.1.9"], d: ranks["192.168.1.3"]}.items(),
-                            key=lambda kv: kv[1]))
+    rank_info = dict(
+        sorted({p: ranks["192.168.1.9"], d: ranks["192.168.1.3"]}.items(), key=lambda kv: kv[1])
+    )
     done = CTX.Event()
-    common = members(base, p=p, d=d, layers=4, blocks=6, block_bytes=128, comm=name,
-                     table=table, rank_info=rank_info, src_blocks=[0, 5, 2], dst_blocks=[3, 4, 1],
-                     done=done)
+    common = members(
+        base,
+        p=p,
+        d=d,
+        layers=4,
+        blocks=6,
+        block_bytes=128,
+        comm=name,
+        table=table,
+        rank_info=rank_info,
+        src_blocks=[0, 5, 2],
+        dst_blocks=[3, 4, 1],
+        done=done,
+    )
     res = run_flows("mindie", [{**common, "role": "prefill"}, {**common, "role": "decode"}])
     assert [r["again"] for r in res] == [int(LLMStatusCode.LLM_ALREADY_LINK)] * 2
     assert res[1]["checked"] == 2 * 4 * 6 * 128
@@ -111,11 +143,21 @@ def test_mindie_flow(base):
 
 def test_comm_of_three(base):
     ids = [701, 702, 703]
-    common = members(base, p=701, decodes=[702, 703], layers=2, blocks=5, block_bytes=64,
-                     rank_info={c: r for r, c in enumerate(ids)}, table=one_server_table(3),
-                     src_blocks=[4, 0], dst_blocks=[1, 2],
-                     sent=[CTX.Event(), CTX.Event()], checked=[CTX.Event(), CTX.Event()],
-                     seen=CTX.Barrier(3))
+    common = members(
+        base,
+        p=701,
+        decodes=[702, 703],
+        layers=2,
+        blocks=5,
+        block_bytes=64,
+        rank_info={c: r for r, c in enumerate(ids)},
+        table=one_server_table(3),
+        src_blocks=[4, 0],
+        dst_blocks=[1, 2],
+        sent=[CTX.Event(), CTX.Event()],
+        checked=[CTX.Event(), CTX.Event()],
+        seen=CTX.Barrier(3),
+    )
     res = run_flows("trio", [{**common, "me": c} for c in ids])
     assert [r["linked"] for r in res] == [[702, 703], [701, 703], [701, 702]]
     assert [r["checked"] for r in res] == [0, 4 * 5 * 64, 4 * 5 * 64]
@@ -139,4 +181,4 @@ def test_upstream_pull_blocks_sample(base):
 
 from .helpers import keyed_and_unkeyed  # noqa: E402
 
-auth_mode = keyed_and_unkeyed()     # every test here runs without and with a shared key
+auth_mode = keyed_and_unkeyed()  # every test here runs without and with a shared key

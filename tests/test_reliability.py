@@ -44,15 +44,19 @@ HOST = "127.0.0.1"
 LISTENER = 2
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
-SETTLE_S = 10.0      # bound on waiting for the listener to finish with a connection
+SETTLE_S = 10.0  # bound on waiting for the listener to finish with a connection
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
 def listening(make_env, cluster_id: int = LISTENER) -> Env:
-    return make_env(cluster_id=cluster_id, role=LLMRole.DECODER, remote=True,
-                    extra_options={"llm.listenIpInfo": f"{HOST}:0"})
+    return make_env(
+        cluster_id=cluster_id,
+        role=LLMRole.DECODER,
+        remote=True,
+        extra_options={"llm.listenIpInfo": f"{HOST}:0"},
+    )
 
 
 def read_until_closed(sock: socket.socket, timeout: float = SETTLE_S) -> bytes:
@@ -77,10 +81,10 @@ def first_reply(data: bytes) -> Optional[dict]:
     """The listener's first frame after its challenge."""
     while len(data) >= 8:
         (n,) = struct.unpack(">I", data[4:8])
-        msg = json.loads(data[8:8 + n])
+        msg = json.loads(data[8 : 8 + n])
         if msg.get("type") != "challenge":
             return msg
-        data = data[8 + n:]
+        data = data[8 + n :]
     return None
 
 
@@ -138,7 +142,7 @@ def test_racing_releases_free_once(make_env, rival):
 
     def counting_free(entry):
         freed.append(entry.cache.cache_id)
-        if len(freed) == 1:          # never free twice for real, even on a broken build
+        if len(freed) == 1:  # never free twice for real, even on a broken build
             real_free(entry)
 
     looked_up, go = threading.Event(), threading.Event()
@@ -216,7 +220,7 @@ def test_racing_unregisters_release_once(env):
 # descriptors too large for the address space
 # --------------------------------------------------------------------------------------------
 def test_oversized_descriptors_name_the_parameter(env):
-    huge = CacheDesc(2, [2**33, 2**31], DataType.DT_UINT8, Placement.HOST)   # 2^65 bytes
+    huge = CacheDesc(2, [2**33, 2**31], DataType.DT_UINT8, Placement.HOST)  # 2^65 bytes
     for alloc in (env.cm.allocate_cache, env.cm.allocate_blocks_cache):
         with pytest.raises(LLMException) as ei:
             alloc(huge)
@@ -243,7 +247,7 @@ def test_failed_welcome_leaves_no_stale_peer(make_env, monkeypatch):
     real_hello = node._hello
 
     def slow_hello(*args, **kw):
-        time.sleep(0.3)            # by now the client has reset the connection
+        time.sleep(0.3)  # by now the client has reset the connection
         return real_hello(*args, **kw)
 
     monkeypatch.setattr(node, "_hello", slow_hello)
@@ -264,7 +268,7 @@ def _forge(lis: Env, sock_hello: dict) -> bytes:
             s.sendall(frame(sock_hello))
             s.shutdown(socket.SHUT_WR)
         except OSError:
-            pass            # dropped while still sending
+            pass  # dropped while still sending
         return read_until_closed(s)
     finally:
         s.close()
@@ -283,7 +287,7 @@ def test_shared_memory_needs_its_descriptor(make_env):
         try:
             reply = raw.link(hello(559, LISTENER, caches=[w]))
         except ConnectionError:
-            reply = None        # dropped without a word
+            reply = None  # dropped without a word
         finally:
             raw.close()
         assert reply is None or reply["type"] == "refuse", reply
@@ -295,31 +299,43 @@ def test_tensors_outside_the_shared_memory_are_refused(make_env):
     """A peer's cache whose tensors lie outside the shared memory it names would make writes
     land outside the mapping: the hello is refused."""
     lis = listening(make_env)
-    peer = make_env(cluster_id=568, role=LLMRole.PROMPT, remote=True,
-                    extra_options={"llmdist.shareable_memory": "1"})
+    peer = make_env(
+        cluster_id=568,
+        role=LLMRole.PROMPT,
+        remote=True,
+        extra_options={"llmdist.shareable_memory": "1"},
+    )
     own = peer.allocated(2, [64], placement=Placement.HOST)
     entry = peer.cm._mem.entries[own.cache.cache_id]
     fds: List[int] = []
     wire = cluster.cache_to_wire(entry, fds)
     share = wire["share"]
-    for addrs in ([share["base"] - 64, share["base"]],
-                  [share["base"], share["base"] + share["size"] - 32]):
+    for addrs in (
+        [share["base"] - 64, share["base"]],
+        [share["base"], share["base"] + share["size"] - 32],
+    ):
         w = dict(wire, addrs=addrs)
         raw = RawPeer(lis.dd.listen_port, unix=True)
         try:
-            with pytest.raises(ConnectionError):     # the link is dropped, not acknowledged
+            with pytest.raises(ConnectionError):  # the link is dropped, not acknowledged
                 raw.link(hello(568, LISTENER), caches=[w], fds=fds)
         finally:
             raw.close()
         assert wait_for(lambda: lis.dd._node.peer(568) is None)
 
 
-@pytest.mark.parametrize("data", [
-    b'{"type":"hello","caches":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
-    json.dumps(hello(560, LISTENER, host="\ud800")).encode(),
-    json.dumps(hello(560, LISTENER, caches=[{"share": {"kind": "memfd", "fd": "\udfff"}}])).encode(),
-    json.dumps({"type": "hello", "version": [[[[[]]]]]}).encode(),
-], ids=["deeply-nested", "surrogate-host", "surrogate-name", "nested-version"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"type":"hello","caches":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+        json.dumps(hello(560, LISTENER, host="\ud800")).encode(),
+        json.dumps(
+            hello(560, LISTENER, caches=[{"share": {"kind": "memfd", "fd": "\udfff"}}])
+        ).encode(),
+        json.dumps({"type": "hello", "version": [[[[[]]]]]}).encode(),
+    ],
+    ids=["deeply-nested", "surrogate-host", "surrogate-name", "nested-version"],
+)
 def test_malformed_frames_close_cleanly(make_env, thread_errors, data):
     lis = listening(make_env)
     s = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
@@ -334,15 +350,18 @@ def test_malformed_frames_close_cleanly(make_env, thread_errors, data):
     link_and_send(make_env, lis, 561)
 
 
-@pytest.mark.parametrize("msg", [
-    {"type": "ack", "seq": [1]},
-    {"type": "ack", "seq": {"a": 1}},
-    {"type": "key_remove", "key": 5, "seq": 1},
-    {"type": "key_remove", "key": ["cache", "x"], "seq": 1},
-    {"type": "cache_remove", "cache_id": True, "seq": 1},
-    {"type": "cache_add", "cache": [], "seq": 1},
-    {"type": "unlink", "seq": "1"},
-])
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"type": "ack", "seq": [1]},
+        {"type": "ack", "seq": {"a": 1}},
+        {"type": "key_remove", "key": 5, "seq": 1},
+        {"type": "key_remove", "key": ["cache", "x"], "seq": 1},
+        {"type": "cache_remove", "cache_id": True, "seq": 1},
+        {"type": "cache_add", "cache": [], "seq": 1},
+        {"type": "unlink", "seq": "1"},
+    ],
+)
 def test_bad_messages_after_the_link_are_protocol_errors(make_env, thread_errors, caplog, msg):
     """A linked peer sending an ill-typed message is dropped as a protocol error: no traceback,
     no error logged, and the same cluster id links again."""
@@ -363,11 +382,21 @@ def test_bad_messages_after_the_link_are_protocol_errors(make_env, thread_errors
     link_and_send(make_env, lis, 562)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("role", True), ("version", 2.0), ("runtime", 3), ("cluster_id", 563.0),
-    ("want_engine", 1), ("want_engine", "yes"), ("host", 12), ("target", False),
-    ("mooncake", 7), ("caches", {"0": 1}),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("role", True),
+        ("version", 2.0),
+        ("runtime", 3),
+        ("cluster_id", 563.0),
+        ("want_engine", 1),
+        ("want_engine", "yes"),
+        ("host", 12),
+        ("target", False),
+        ("mooncake", 7),
+        ("caches", {"0": 1}),
+    ],
+)
 def test_hello_schema_is_strict(make_env, monkeypatch, field, value):
     """Ill-typed handshake fields are refused (true is not 1); nothing is started for them."""
     lis = listening(make_env)
@@ -380,8 +409,9 @@ def test_hello_schema_is_strict(make_env, monkeypatch, field, value):
     assert not started and node.peer(563) is None
 
 
-@pytest.mark.parametrize("field,value", [("dtype", True), ("placement", False),
-                                         ("blocks", 1), ("num_tensors", True)])
+@pytest.mark.parametrize(
+    "field,value", [("dtype", True), ("placement", False), ("blocks", 1), ("num_tensors", True)]
+)
 def test_cache_schema_is_strict(make_env, field, value):
     lis = listening(make_env)
     own = lis.allocated(2, [64], placement=Placement.HOST)
@@ -430,8 +460,9 @@ def test_trickling_client_is_cut_at_the_handshake_deadline(make_env, monkeypatch
 def test_idle_connections_hold_a_bounded_number_of_threads(make_env):
     lis = listening(make_env)
     bound = getattr(cluster, "MAX_HANDSHAKES", 32)
-    socks = [socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
-             for _ in range(3 * bound)]
+    socks = [
+        socket.create_connection((HOST, lis.dd.listen_port), timeout=5) for _ in range(3 * bound)
+    ]
     try:
         # every connection has been accepted (or closed at once) by the time a late one is
         probe = socket.create_connection((HOST, lis.dd.listen_port), timeout=5)
@@ -449,10 +480,24 @@ def test_hello_with_thousands_of_caches_links(make_env):
     """A hello announcing 4,000 caches (process writes: nothing to map) is taken in whole."""
     lis = listening(make_env)
     base = 1 << 40
-    caches = [{"id": i + 1, "num_tensors": 2, "shape": [64], "dtype": 4, "placement": 1,
-               "batch_dim": 0, "seq_len_dim": -1, "blocks": False, "addrs": [base + 256 * i,
-               base + 256 * i + 128], "origin": "registered", "remote_accessible": True,
-               "keys": [], "share": {"kind": "process"}} for i in range(4000)]
+    caches = [
+        {
+            "id": i + 1,
+            "num_tensors": 2,
+            "shape": [64],
+            "dtype": 4,
+            "placement": 1,
+            "batch_dim": 0,
+            "seq_len_dim": -1,
+            "blocks": False,
+            "addrs": [base + 256 * i, base + 256 * i + 128],
+            "origin": "registered",
+            "remote_accessible": True,
+            "keys": [],
+            "share": {"kind": "process"},
+        }
+        for i in range(4000)
+    ]
     raw = RawPeer(lis.dd.listen_port, unix=True, timeout=30)
     try:
         assert raw.link(hello(567, LISTENER), caches=caches)["type"] == "welcome"
@@ -467,13 +512,31 @@ def test_hello_with_thousands_of_caches_links(make_env):
 # fuzzing the control protocol
 # --------------------------------------------------------------------------------------------
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
     | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
-    max_leaves=12)
-_fields = ["type", "version", "cluster_id", "role", "target", "host", "pid", "tgid", "runtime",
-           "caches", "want_engine", "mooncake", "engine_error"]
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_fields = [
+    "type",
+    "version",
+    "cluster_id",
+    "role",
+    "target",
+    "host",
+    "pid",
+    "tgid",
+    "runtime",
+    "caches",
+    "want_engine",
+    "mooncake",
+    "engine_error",
+]
 
 
 @st.composite
@@ -495,17 +558,25 @@ def _messages(draw):
 
 @pytest.fixture(scope="module")
 def fuzz_listener():
-    e = Env(cluster_id=LISTENER, role=LLMRole.DECODER, remote=True,
-            extra_options={"llm.listenIpInfo": f"{HOST}:0"})
-    e.dd._node.ensure_engine = lambda ip: None     # no Mooncake engine for fuzzed hellos
+    e = Env(
+        cluster_id=LISTENER,
+        role=LLMRole.DECODER,
+        remote=True,
+        extra_options={"llm.listenIpInfo": f"{HOST}:0"},
+    )
+    e.dd._node.ensure_engine = lambda ip: None  # no Mooncake engine for fuzzed hellos
     try:
         yield e
     finally:
         e.close()
 
 
-@settings(max_examples=150, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=_messages())
 def test_fuzz_control_protocol(fuzz_listener, thread_errors, data):
     """Whatever a client sends, the listener answers with at most a refusal or a welcome,
@@ -517,7 +588,7 @@ def test_fuzz_control_protocol(fuzz_listener, thread_errors, data):
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
         except OSError:
-            pass            # dropped while still sending
+            pass  # dropped while still sending
         reply = first_reply(read_until_closed(s))
     finally:
         s.close()
@@ -544,10 +615,14 @@ def test_registration_does_not_scan_the_registry(env, monkeypatch):
         def get(self):
             reads[0] += 1
             return desc.__get__(self)
+
         return property(get, desc.__set__)
 
-    counting = type("CountingRegion", (base,), {"__slots__": (), "start": counted("start"),
-                                                "end": counted("end")})
+    counting = type(
+        "CountingRegion",
+        (base,),
+        {"__slots__": (), "start": counted("start"), "end": counted("end")},
+    )
     monkeypatch.setattr(registry, "Region", counting)
     buf = np.zeros(2001 * 4 * 64, dtype=np.uint8)
     addr = buf.ctypes.data
@@ -562,9 +637,15 @@ def test_registration_does_not_scan_the_registry(env, monkeypatch):
     env._keep.append(buf)
 
 
-_ops = st.lists(st.tuples(st.sampled_from(["add", "remove", "locate"]),
-                          st.integers(0, 63), st.integers(1, 4), st.integers(1, 3)),
-                max_size=120)
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "remove", "locate"]),
+        st.integers(0, 63),
+        st.integers(1, 4),
+        st.integers(1, 3),
+    ),
+    max_size=120,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -580,7 +661,7 @@ def test_registry_matches_a_model(ops):
 
 def _registry_ops(ops) -> None:
     reg = registry.MemoryRegistry()
-    model = {}      # cache id -> (cache, [(start, end)])
+    model = {}  # cache id -> (cache, [(start, end)])
     next_id = [1]
     for op, slot, ntensors, tsize in ops:
         start = 1000 + slot * 16
@@ -588,12 +669,16 @@ def _registry_ops(ops) -> None:
             desc = CacheDesc(ntensors, [tsize * 4], DataType.DT_UINT8, Placement.DEVICE)
             addrs = [start + 5 * t * tsize for t in range(ntensors)]
             from llmdist.descs import Cache
+
             cache = Cache(next_id[0], desc, addrs, False)
             next_id[0] += 1
             spans = [(a, a + desc.size) for a in addrs]
             # tensors of one cache may not overlap; caches may overlap each other
-            clash = any(spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1]
-                        for i in range(len(spans)) for j in range(i))
+            clash = any(
+                spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1]
+                for i in range(len(spans))
+                for j in range(i)
+            )
             if clash:
                 with pytest.raises(LLMException):
                     reg.add(cache, registry.REGISTERED)
@@ -608,12 +693,16 @@ def _registry_ops(ops) -> None:
             regions, bad = reg.locate([start, start + 3], lo, hi)
             want = []
             for a in (start, start + 3):
-                hit = [(c, s, e) for c, sp in model.values() for s, e in sp
-                       if s <= a + lo and a + hi <= e]
+                hit = [
+                    (c, s, e)
+                    for c, sp in model.values()
+                    for s, e in sp
+                    if s <= a + lo and a + hi <= e
+                ]
                 want.append(hit[0] if hit else None)
             want_bad = next((i for i, w in enumerate(want) if w is None), -1)
             assert bad == want_bad
-            for r, a in zip(regions[:bad if bad >= 0 else None], (start, start + 3)):
+            for r, a in zip(regions[: bad if bad >= 0 else None], (start, start + 3)):
                 # any region of a cache held that holds the range
                 assert r.cache.cache_id in model
                 assert (r.start, r.end) in model[r.cache.cache_id][1]
@@ -642,8 +731,7 @@ def test_tasks_in_flight_are_bounded(make_env):
         gate.release()
     assert [t.synchronize(10_000) for t in tasks] == [SUCCESS, SUCCESS]
     assert wait_for(lambda: not e.cm.transfers.inflight)
-    assert e.cm.transfer_cache_async(src.cache, RecordingSync(), cfg).synchronize(10_000) \
-        == SUCCESS
+    assert e.cm.transfer_cache_async(src.cache, RecordingSync(), cfg).synchronize(10_000) == SUCCESS
     assert np.array_equal(host_view(dst.addrs[0], 64), src.tensor(0))
 
 
@@ -662,6 +750,7 @@ def test_engine_start_failure_is_retried(make_env, monkeypatch):
     """A failed start of the Mooncake engine is reported, and not kept for the cluster's life:
     the next link that needs the engine starts it."""
     from llmdist import transport_mooncake
+
     e = make_env()
     node = e.dd._node
     attempts = []
@@ -672,8 +761,9 @@ def test_engine_start_failure_is_retried(make_env, monkeypatch):
         def __init__(self, local_ip):
             attempts.append(local_ip)
             if len(attempts) == 1:
-                raise LLMException("the engine did not start",
-                                   status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+                raise LLMException(
+                    "the engine did not start", status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+                )
 
         def register(self, *args):
             pass

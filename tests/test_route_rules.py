@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from .helpers import Env, assert_mem_equal
 
 from llmdist import BlocksCacheKey, LLMException, LLMStatusCode, Placement
 from llmdist._core import Direction
@@ -21,32 +20,57 @@ from llmdist.route_rules import (
     choose_route,
 )
 
+from .helpers import Env, assert_mem_equal
+
 H, D = Placement.HOST, Placement.DEVICE
 FEATURE = LLMStatusCode.LLM_FEATURE_NOT_ENABLED
 PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 
 
-def ctx(direction=Direction.WRITE, source=D, destination=D, reach=Reach.SELF,
-        device_runtime=False, access=Access.OWN, why="", peer_runtime=None,
-        runtime=None) -> SelectionContext:
-    return SelectionContext(direction, source, destination, reach, device_runtime,
-                            runtime or ("acl" if device_runtime else "host"), access,
-                            "cache 7 of cluster 3", why, peer_runtime)
+def ctx(
+    direction=Direction.WRITE,
+    source=D,
+    destination=D,
+    reach=Reach.SELF,
+    device_runtime=False,
+    access=Access.OWN,
+    why="",
+    peer_runtime=None,
+    runtime=None,
+) -> SelectionContext:
+    return SelectionContext(
+        direction,
+        source,
+        destination,
+        reach,
+        device_runtime,
+        runtime or ("acl" if device_runtime else "host"),
+        access,
+        "cache 7 of cluster 3",
+        why,
+        peer_runtime,
+    )
 
 
 def test_every_row_of_the_table_is_chosen_for_the_transfers_it_states():
     for kind, caps in CAPABILITIES:
         for direction, (src, dst), reach, dev in itertools.product(
-                caps.directions, caps.placements, caps.reaches, caps.device_runtime):
+            caps.directions, caps.placements, caps.reaches, caps.device_runtime
+        ):
             got = choose_route(ctx(direction, src, dst, reach, dev, caps.access))
             assert got is kind, (kind, caps, got)
 
 
 @pytest.mark.parametrize("direction", [Direction.WRITE, Direction.READ])
-@pytest.mark.parametrize("reach,access", [(Reach.SELF, Access.OWN),
-                                          (Reach.SAME_HOST, Access.SHARED_MEMORY),
-                                          (Reach.SAME_HOST, Access.PROCESS),
-                                          (Reach.ENGINE, Access.ENGINE)])
+@pytest.mark.parametrize(
+    "reach,access",
+    [
+        (Reach.SELF, Access.OWN),
+        (Reach.SAME_HOST, Access.SHARED_MEMORY),
+        (Reach.SAME_HOST, Access.PROCESS),
+        (Reach.ENGINE, Access.ENGINE),
+    ],
+)
 def test_host_source_to_device_destination_is_refused_in_both_directions(direction, reach, access):
     got = choose_route(ctx(direction, H, D, reach, False, access))
     assert isinstance(got, Refusal) and got.status_code == PARAM_INVALID
@@ -56,35 +80,68 @@ def test_host_source_to_device_destination_is_refused_in_both_directions(directi
         assert isinstance(choose_route(ctx(direction, src, dst, reach, False, access)), RouteKind)
 
 
-@pytest.mark.parametrize("direction,verb", [(Direction.WRITE, "write into"),
-                                            (Direction.READ, "read from")])
+@pytest.mark.parametrize(
+    "direction,verb", [(Direction.WRITE, "write into"), (Direction.READ, "read from")]
+)
 def test_device_memory_of_another_runtime_is_refused_both_ways(direction, verb):
     src, dst = (D, D)
-    got = choose_route(ctx(direction, src, dst, Reach.SAME_HOST, True, Access.DEVICE_IPC,
-                           peer_runtime="cuda", runtime="acl"))
+    got = choose_route(
+        ctx(
+            direction,
+            src,
+            dst,
+            Reach.SAME_HOST,
+            True,
+            Access.DEVICE_IPC,
+            peer_runtime="cuda",
+            runtime="acl",
+        )
+    )
     assert isinstance(got, Refusal) and got.status_code == FEATURE
     assert "cuda runtime" in got.message and "acl runtime" in got.message and verb in got.message
-    assert choose_route(ctx(direction, src, dst, Reach.SAME_HOST, True, Access.DEVICE_IPC,
-                            peer_runtime="acl", runtime="acl")) is RouteKind.MAPPED
+    assert (
+        choose_route(
+            ctx(
+                direction,
+                src,
+                dst,
+                Reach.SAME_HOST,
+                True,
+                Access.DEVICE_IPC,
+                peer_runtime="acl",
+                runtime="acl",
+            )
+        )
+        is RouteKind.MAPPED
+    )
 
 
 def test_device_runtimes_reach_other_processes_through_device_ipc_only():
     # DEVICE to DEVICE through an import: mapped
-    assert choose_route(ctx(reach=Reach.SAME_HOST, device_runtime=True,
-                            access=Access.DEVICE_IPC)) is RouteKind.MAPPED
+    assert (
+        choose_route(ctx(reach=Reach.SAME_HOST, device_runtime=True, access=Access.DEVICE_IPC))
+        is RouteKind.MAPPED
+    )
     # another process's HOST memory: refused with the reason, in both directions
     for direction, src, dst in ((Direction.WRITE, D, H), (Direction.READ, H, H)):
         got = choose_route(ctx(direction, src, dst, Reach.SAME_HOST, True, Access.PROCESS))
         assert isinstance(got, Refusal) and got.status_code == FEATURE
         assert "HOST memory of another process" in got.message
     # no access: the peer's reason is the refusal
-    got = choose_route(ctx(reach=Reach.ENGINE, device_runtime=True, access=Access.NONE,
-                           why="cluster 3 is reached through Mooncake Transfer Engine"))
+    got = choose_route(
+        ctx(
+            reach=Reach.ENGINE,
+            device_runtime=True,
+            access=Access.NONE,
+            why="cluster 3 is reached through Mooncake Transfer Engine",
+        )
+    )
     assert got == Refusal("cluster 3 is reached through Mooncake Transfer Engine", FEATURE)
     # the host runtime's shared memory and process routes are not a device runtime's
     for access in (Access.SHARED_MEMORY, Access.PROCESS, Access.ENGINE):
-        assert isinstance(choose_route(ctx(reach=Reach.SAME_HOST, device_runtime=True,
-                                           access=access)), Refusal)
+        assert isinstance(
+            choose_route(ctx(reach=Reach.SAME_HOST, device_runtime=True, access=access)), Refusal
+        )
 
 
 def test_a_route_needs_the_access_it_states():
@@ -122,7 +179,7 @@ def test_a_local_pull_from_host_into_device_memory_is_refused():
         env.cm.pull_blocks(key, hdst.cache, [0, 1], [2, 3])
         for t in range(4):
             row = 128
-            assert bytes(hdst.tensor(t)[2 * row:4 * row]) == bytes(src.tensor(t)[0:2 * row])
+            assert bytes(hdst.tensor(t)[2 * row : 4 * row]) == bytes(src.tensor(t)[0 : 2 * row])
         # and a push from HOST into DEVICE is refused by the same rule
         dkey = BlocksCacheKey(env.cluster_id, 6)
         ddst = env.allocated(4, [8, 128], blocks=True, placement=D, key=dkey)

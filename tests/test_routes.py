@@ -55,16 +55,26 @@ def pull(route, target_bases, regions, local: np.ndarray, src_blocks, dst_blocks
     tensors through route; returns the finished job."""
     rt = _core.Runtime.host()
     layers = layers or range(LAYERS)
-    plan = _core.plan_b2b(_core.parse_indices("src", src_blocks),
-                          _core.parse_indices("dst", dst_blocks), BLOCK)
+    plan = _core.plan_b2b(
+        _core.parse_indices("src", src_blocks), _core.parse_indices("dst", dst_blocks), BLOCK
+    )
     addrs = [target_bases[2 * ly + t] for ly in layers for t in range(2)]
     regs = [regions[2 * ly + t] for ly in layers for t in range(2)]
     target_addrs, target_limits = route.reach(addrs, regs)
-    cp = ConfigPlan(first_layer=layers.start, stop_layer=layers.stop, row_shift=0,
-                    kind=CopyKind.COPY_H2H, lane=route.lane(CopyKind.COPY_H2H),
-                    direction=Direction.READ, target_addrs=target_addrs,
-                    target_limits=target_limits, pid=route.pid, link=route.link,
-                    engine=route.channel(None), single=route.single)
+    cp = ConfigPlan(
+        first_layer=layers.start,
+        stop_layer=layers.stop,
+        row_shift=0,
+        kind=CopyKind.COPY_H2H,
+        lane=route.lane(CopyKind.COPY_H2H),
+        direction=Direction.READ,
+        target_addrs=target_addrs,
+        target_limits=target_limits,
+        pid=route.pid,
+        link=route.link,
+        engine=route.channel(None),
+        single=route.single,
+    )
     local_addrs = [local[i].ctypes.data for i in range(2 * LAYERS)]
     job = _core.TransferJob(rt, plan, local_addrs, [cp], Always(), None)
     stream = _core.Stream(rt)
@@ -81,7 +91,9 @@ def expected_pull(before: np.ndarray, source: np.ndarray, src_blocks, dst_blocks
     for ly in layers:
         for t in range(2):
             for s, d in zip(src_blocks, dst_blocks):
-                want[2 * ly + t, d * BLOCK:(d + 1) * BLOCK] = source[2 * ly + t, s * BLOCK:(s + 1) * BLOCK]
+                want[2 * ly + t, d * BLOCK : (d + 1) * BLOCK] = source[
+                    2 * ly + t, s * BLOCK : (s + 1) * BLOCK
+                ]
     return want
 
 
@@ -95,12 +107,14 @@ def test_local_route_reads_blocks_into_the_cache_here():
     before = local.copy()
     bases = [source[i].ctypes.data for i in range(2 * LAYERS)]
     regions = [Region(1, b + TENSOR) for b in bases]
-    job = pull(LocalRoute(_core.Runtime.host()), bases, regions, local, SRC_BLOCKS, DST_BLOCKS,
-               range(1, 3))
+    job = pull(
+        LocalRoute(_core.Runtime.host()), bases, regions, local, SRC_BLOCKS, DST_BLOCKS, range(1, 3)
+    )
     assert config_results(job) == ([LLMStatusCode.LLM_SUCCESS], [None])
     assert job.outcomes[0].lane == Lane.LANE_RUNTIME
-    np.testing.assert_array_equal(local, expected_pull(before, source, SRC_BLOCKS, DST_BLOCKS,
-                                                       range(1, 3)))
+    np.testing.assert_array_equal(
+        local, expected_pull(before, source, SRC_BLOCKS, DST_BLOCKS, range(1, 3))
+    )
 
 
 def test_mapped_route_reads_through_a_second_mapping_of_shared_memory():
@@ -119,11 +133,16 @@ def test_mapped_route_reads_through_a_second_mapping_of_shared_memory():
         regions = [Region(5, b + TENSOR) for b in bases]
         route = MappedRoute(_core.LinkFlag(), {5: mapped - owner})
         addrs, limits = route.reach(bases[:2], regions[:2])
-        assert addrs == [mapped, mapped + TENSOR] and limits == [mapped + TENSOR, mapped + 2 * TENSOR]
+        assert addrs == [mapped, mapped + TENSOR] and limits == [
+            mapped + TENSOR,
+            mapped + 2 * TENSOR,
+        ]
         job = pull(route, bases, regions, local, SRC_BLOCKS, DST_BLOCKS)
         assert config_results(job) == ([LLMStatusCode.LLM_SUCCESS], [None])
-        np.testing.assert_array_equal(local, expected_pull(np.zeros_like(local), source,
-                                                           SRC_BLOCKS, DST_BLOCKS, range(LAYERS)))
+        np.testing.assert_array_equal(
+            local,
+            expected_pull(np.zeros_like(local), source, SRC_BLOCKS, DST_BLOCKS, range(LAYERS)),
+        )
     finally:
         if mapped:
             _core.shm_unmap(mapped, size)
@@ -142,8 +161,12 @@ PEER_SCRIPT = textwrap.dedent("""
 
 @pytest.fixture
 def peer_process():
-    proc = subprocess.Popen([sys.executable, "-c", PEER_SCRIPT.format(n=2 * LAYERS, t=TENSOR)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PEER_SCRIPT.format(n=2 * LAYERS, t=TENSOR)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         bases = [int(x) for x in proc.stdout.readline().split()]
         yield proc, bases
@@ -161,8 +184,9 @@ def test_process_route_reads_another_process_memory(peer_process):
     job = pull(route, bases, regions, local, SRC_BLOCKS, DST_BLOCKS)
     assert config_results(job) == ([LLMStatusCode.LLM_SUCCESS], [None])
     assert job.outcomes[0].lane == Lane.LANE_PROCESS
-    np.testing.assert_array_equal(local, expected_pull(before, pattern(3), SRC_BLOCKS, DST_BLOCKS,
-                                                       range(LAYERS)))
+    np.testing.assert_array_equal(
+        local, expected_pull(before, pattern(3), SRC_BLOCKS, DST_BLOCKS, range(LAYERS))
+    )
 
 
 def test_process_route_read_from_a_gone_process_fails_with_its_errno(peer_process):
@@ -175,7 +199,9 @@ def test_process_route_read_from_a_gone_process_fails_with_its_errno(peer_proces
     assert job.outcomes[0].failure == Failure.FAIL_PROCESS
     statuses, errors = config_results(job)
     assert statuses == [LLMStatusCode.LLM_LINK_FAILED]
-    assert errors[0].startswith(f"reading from process {proc.pid} failed") and "errno 3" in errors[0]
+    assert (
+        errors[0].startswith(f"reading from process {proc.pid} failed") and "errno 3" in errors[0]
+    )
     assert (local == 0x11).all()
 
 
@@ -193,11 +219,18 @@ def test_process_route_split_between_copy_threads_reads_every_byte(peer_process,
     local = np.full((2 * LAYERS, TENSOR), 0x11, dtype=np.uint8)
     before = local.copy()
     regions = [Region(9, b + TENSOR) for b in bases]
-    job = pull(ProcessRoute(_core.LinkFlag(proc.pid), proc.pid), bases, regions, local,
-               SRC_BLOCKS, DST_BLOCKS)
+    job = pull(
+        ProcessRoute(_core.LinkFlag(proc.pid), proc.pid),
+        bases,
+        regions,
+        local,
+        SRC_BLOCKS,
+        DST_BLOCKS,
+    )
     assert config_results(job) == ([LLMStatusCode.LLM_SUCCESS], [None])
-    np.testing.assert_array_equal(local, expected_pull(before, pattern(3), SRC_BLOCKS, DST_BLOCKS,
-                                                       range(LAYERS)))
+    np.testing.assert_array_equal(
+        local, expected_pull(before, pattern(3), SRC_BLOCKS, DST_BLOCKS, range(LAYERS))
+    )
 
 
 def test_process_route_split_between_copy_threads_reports_the_errno(peer_process, split_everything):
@@ -208,7 +241,7 @@ def test_process_route_split_between_copy_threads_reports_the_errno(peer_process
     regions = [Region(9, b + TENSOR) for b in bases]
     job = pull(ProcessRoute(None, proc.pid), bases, regions, local, SRC_BLOCKS, DST_BLOCKS)
     assert job.outcomes[0].failure == Failure.FAIL_PROCESS
-    assert job.outcomes[0].os_error == 3            # ESRCH
+    assert job.outcomes[0].os_error == 3  # ESRCH
     assert (local == 0x11).all()
 
 
@@ -230,11 +263,25 @@ def test_bare_process_vm_baseline_moves_the_same_blocks(peer_process):
 
 
 def test_config_plan_checks_its_shape():
-    base = dict(first_layer=0, stop_layer=2, row_shift=0, kind=CopyKind.COPY_H2H,
-                lane=Lane.LANE_RUNTIME, target_addrs=[1, 2, 3, 4], target_limits=[9, 9, 9, 9])
+    base = dict(
+        first_layer=0,
+        stop_layer=2,
+        row_shift=0,
+        kind=CopyKind.COPY_H2H,
+        lane=Lane.LANE_RUNTIME,
+        target_addrs=[1, 2, 3, 4],
+        target_limits=[9, 9, 9, 9],
+    )
     cp = ConfigPlan(**base)
-    assert (cp.direction, cp.lane, cp.kind, cp.pid, cp.link, cp.engine, cp.single) == \
-        (Direction.WRITE, Lane.LANE_RUNTIME, CopyKind.COPY_H2H, 0, None, None, False)
+    assert (cp.direction, cp.lane, cp.kind, cp.pid, cp.link, cp.engine, cp.single) == (
+        Direction.WRITE,
+        Lane.LANE_RUNTIME,
+        CopyKind.COPY_H2H,
+        0,
+        None,
+        None,
+        False,
+    )
     with pytest.raises(ValueError, match="2 layers need 4 target addresses"):
         ConfigPlan(**{**base, "target_addrs": [1, 2]})
     with pytest.raises(ValueError, match="not a range"):
@@ -248,8 +295,16 @@ def test_config_plan_checks_its_shape():
 
 
 def test_copy_kinds_are_numbered_as_the_runtimes_number_them():
-    assert [int(k) for k in (CopyKind.COPY_H2H, CopyKind.COPY_H2D, CopyKind.COPY_D2H,
-                             CopyKind.COPY_D2D, CopyKind.COPY_DEFAULT)] == [0, 1, 2, 3, 4]
+    assert [
+        int(k)
+        for k in (
+            CopyKind.COPY_H2H,
+            CopyKind.COPY_H2D,
+            CopyKind.COPY_D2H,
+            CopyKind.COPY_D2D,
+            CopyKind.COPY_DEFAULT,
+        )
+    ] == [0, 1, 2, 3, 4]
 
 
 def test_local_route_sends_host_copies_of_a_device_runtime_to_the_host_engine():
@@ -269,7 +324,7 @@ class RecordingTransport:
     """Batches complete when waited for; fails the batches named in fail (by start order)."""
 
     def __init__(self, fail=(), refuse_after=None, verdict=WAIT_FAILED):
-        self.started = []               # (op, local, peer, lengths)
+        self.started = []  # (op, local, peer, lengths)
         self.live = set()
         self.max_live_runs = 0
         self.runs = {}

@@ -58,23 +58,32 @@ def run(script: str, prelude: str = PRELUDE, **env: str) -> dict:
     """Run prelude + script in a fresh interpreter; return what it passed to out()."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMDIST_", "FAKE_ACL_"))}
     full_env.update(env)
-    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)],
-                          capture_output=True, text=True, env=full_env, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+        cwd=ROOT,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # --------------------------------------------------------------------------------------------
 # choice of runtime
 # --------------------------------------------------------------------------------------------
 def test_auto_falls_back_to_host_and_says_why(tmp_path):
-    r = run("""
+    r = run(
+        """
         dd, cm = start()
         info = runtime_info()
         out(active=info["active"], name=dd.runtime.name, acl=info["runtimes"]["acl"],
             cuda=info["runtimes"]["cuda"])
-    """, LLMDIST_ACL_LIBRARY=str(tmp_path / "missing" / "libascendcl.so"))
+    """,
+        LLMDIST_ACL_LIBRARY=str(tmp_path / "missing" / "libascendcl.so"),
+    )
     assert r["active"] == "host" and r["name"] == "host"
     assert r["acl"]["available"] is False
     assert "libascendcl" in r["acl"]["reason"] and "missing" in r["acl"]["reason"]
@@ -93,12 +102,17 @@ def test_explicit_cuda_without_a_driver_is_a_clear_error():
     assert r["code"] == 0x5010B000 + 0x019  # LLM_FEATURE_NOT_ENABLED
     assert "cuda runtime is not available" in r["raised"]
     # the runtime's own answer: no driver (35) when libcudart loads, else the loader's message
-    assert ("error 35" in r["raised"] or "driver" in r["raised"].lower()
-            or "could not be loaded" in r["raised"]), r["raised"]
+    assert (
+        "error 35" in r["raised"]
+        or "driver" in r["raised"].lower()
+        or "could not be loaded" in r["raised"]
+    ), r["raised"]
 
 
 def test_cuda_wheel_library_is_found_first():
-    pytest.importorskip("nvidia.cuda_runtime", reason="nvidia-cuda-runtime-cu12 wheel not installed")
+    pytest.importorskip(
+        "nvidia.cuda_runtime", reason="nvidia-cuda-runtime-cu12 wheel not installed"
+    )
     r = run("""
         import llmdist.runtimes as rts
         out(paths=rts.cuda_library_paths(), info=runtime_info()["runtimes"]["cuda"])
@@ -109,26 +123,38 @@ def test_cuda_wheel_library_is_found_first():
 
 
 def test_env_and_option_pick_the_runtime(fake_acl):
-    r = run("""
+    r = run(
+        """
         dd, cm = start()
         a = dd.runtime.name
         out(env_choice=a, version=dd.runtime.version, library=dd.runtime.library)
-    """, LLMDIST_RUNTIME="acl", LLMDIST_ACL_LIBRARY=fake_acl)
+    """,
+        LLMDIST_RUNTIME="acl",
+        LLMDIST_ACL_LIBRARY=fake_acl,
+    )
     assert r["env_choice"] == "acl" and r["version"] == "1.15.0" and r["library"] == fake_acl
-    r = run("""
+    r = run(
+        """
         dd, cm = start({"llmdist.runtime": "host"})
         out(name=dd.runtime.name)
-    """, LLMDIST_RUNTIME="acl", LLMDIST_ACL_LIBRARY=fake_acl)
+    """,
+        LLMDIST_RUNTIME="acl",
+        LLMDIST_ACL_LIBRARY=fake_acl,
+    )
     assert r["name"] == "host"
-    r = run("""
+    r = run(
+        """
         dd, cm = start()
         out(name=dd.runtime.name)
-    """, LLMDIST_ACL_LIBRARY=fake_acl)
+    """,
+        LLMDIST_ACL_LIBRARY=fake_acl,
+    )
     assert r["name"] == "acl", "auto takes ACL when it loads and sees a device"
 
 
 def test_acl_without_devices(fake_acl):
-    r = run("""
+    r = run(
+        """
         dd, cm = start()
         first = dd.runtime.name
         dd.finalize()
@@ -137,7 +163,10 @@ def test_acl_without_devices(fake_acl):
             out(first=first, raised=None)
         except LLMException as e:
             out(first=first, raised=str(e))
-    """, LLMDIST_ACL_LIBRARY=fake_acl, FAKE_ACL_DEVICE_COUNT="0")
+    """,
+        LLMDIST_ACL_LIBRARY=fake_acl,
+        FAKE_ACL_DEVICE_COUNT="0",
+    )
     assert r["first"] == "host"
     assert "sees no device" in r["raised"]
 
@@ -184,7 +213,8 @@ def test_acl_without_batch_copies_run_by_run(fake_acl):
 
 
 def test_acl_failure_fails_only_its_config(fake_acl):
-    r = run("""
+    r = run(
+        """
         fake = ctypes.CDLL(os.environ["LLMDIST_ACL_LIBRARY"])
         dd, cm = start()
         desc, src, dst = fill_blocks(cm)
@@ -200,7 +230,9 @@ def test_acl_failure_fails_only_its_config(fake_acl):
         t.synchronize(10000)
         out(results=[str(x) for x in t.get_results()], errors=t.errors,
             second_ok=same_blocks(desc, src, dst2, si, di))
-    """, LLMDIST_ACL_LIBRARY=fake_acl)
+    """,
+        LLMDIST_ACL_LIBRARY=fake_acl,
+    )
     assert r["results"] == ["LLMStatusCode.LLM_DEVICE_MEM_ERROR", "LLMStatusCode.LLM_SUCCESS"]
     assert "507053" in r["errors"][0] and "acl" in r["errors"][0]
     assert r["errors"][1] is None and r["second_ok"]
@@ -209,7 +241,8 @@ def test_acl_failure_fails_only_its_config(fake_acl):
 def test_acl_host_to_host_goes_through_the_host_engine(fake_acl):
     """ACL has no async H2H copy (207000) and refuses pageable memory in async copies: a
     registered (pageable) HOST source to an allocated HOST destination still works."""
-    r = run("""
+    r = run(
+        """
         dd, cm = start()
         desc = CacheDesc(4, [8, 128], DataType.DT_UINT8, Placement.HOST)
         arrs = [np.random.default_rng(i).integers(0, 255, desc.size, dtype=np.uint8) for i in range(4)]
@@ -220,20 +253,25 @@ def test_acl_host_to_host_goes_through_the_host_engine(fake_acl):
         ok = all((view(d, desc.size).reshape(8, 128)[[7, 1]] == a.reshape(8, 128)[[0, 5]]).all()
                  for a, d in zip(arrs, dst.tensor_addrs))
         out(status=status, errors=t.errors, ok=ok)
-    """, LLMDIST_ACL_LIBRARY=fake_acl)
+    """,
+        LLMDIST_ACL_LIBRARY=fake_acl,
+    )
     assert r["status"] == "LLMStatusCode.LLM_SUCCESS", r["errors"]
     assert r["ok"]
 
 
 def test_acl_device_to_host(fake_acl):
-    r = run("""
+    r = run(
+        """
         dd, cm = start()
         desc, src, _ = fill_blocks(cm)
         hdesc = CacheDesc(desc.num_tensors, desc.shape, desc.data_type, Placement.HOST)
         dst = cm.allocate_blocks_cache(hdesc)
         t = cm.transfer_cache_async(src, Go(), [TransferConfig(1, dst.tensor_addrs)], [0, 1, 2], [2, 3, 4])
         out(status=str(t.synchronize(10000)), errors=t.errors, same=same_blocks(desc, src, dst, [0, 1, 2], [2, 3, 4]))
-    """, LLMDIST_ACL_LIBRARY=fake_acl)
+    """,
+        LLMDIST_ACL_LIBRARY=fake_acl,
+    )
     assert r["status"] == "LLMStatusCode.LLM_SUCCESS", r["errors"]
     assert r["same"]
 
@@ -242,7 +280,8 @@ def test_what_each_runtime_says_about_itself(fake_acl):
     """The runtime interface answers the same questions for every runtime: whether its memory
     is host RAM, how its memory is shared, how much device memory is free, and what an error
     code means (the status an allocation failure gets comes from the runtime's error class)."""
-    r = run("""
+    r = run(
+        """
         host = _core.Runtime.host()
         dd, cm = start({"llmdist.runtime": "acl"})
         acl = dd.runtime
@@ -260,7 +299,10 @@ def test_what_each_runtime_says_about_itself(fake_acl):
                   host.ipc_unavailable],
             acl=[acl.is_host, acl.ipc_kind, acl.ipc_align, acl.ipc_unavailable],
             before=before, after=after, refused=refused)
-    """, LLMDIST_ACL_LIBRARY=fake_acl, FAKE_ACL_HBM_BYTES=str(64 << 20))
+    """,
+        LLMDIST_ACL_LIBRARY=fake_acl,
+        FAKE_ACL_HBM_BYTES=str(64 << 20),
+    )
     assert r["host"] == [True, None, 1, None, "the host runtime has no device memory"]
     assert r["acl"] == [False, "acl_ipc", 4096, None]
     assert r["before"] == [64 << 20, 64 << 20] and r["after"] == [60 << 20, 64 << 20]
@@ -272,18 +314,22 @@ def test_what_each_runtime_says_about_itself(fake_acl):
 def test_acl_has_no_copy_kernel_and_is_torchs_npu(fake_acl):
     """ACL copies device to device by DMA only (the device-copy choice is ignored) and torch
     names its devices "npu"; both answers come from the runtime interface."""
-    r = run("""
+    r = run(
+        """
         dd, cm = start({"llmdist.runtime": "acl", "llmdist.device_copy": "kernel"})
         acl = dd.runtime
         out(acl=[acl.framework_device, acl.device_copy, acl.device_copy_reason])
-    """, LLMDIST_ACL_LIBRARY=fake_acl)
+    """,
+        LLMDIST_ACL_LIBRARY=fake_acl,
+    )
     assert r["acl"] == ["npu", None, None]
 
 
 def test_acl_thread_without_device_is_caught(fake_acl):
     """The fake answers 107002 to a thread that did not set the device; llmdist binds every
     thread it issues work from, so transfers work from a fresh user thread too."""
-    r = run("""
+    r = run(
+        """
         dd, cm = start()
         res = {}
         def worker():
@@ -298,7 +344,9 @@ def test_acl_thread_without_device_is_caught(fake_acl):
             raw["rc"] = fake.aclrtMalloc(ctypes.byref(p), 64, 0)
         th = threading.Thread(target=raw_call); th.start(); th.join(10)
         out(raw_rc=raw["rc"], **res)
-    """, LLMDIST_ACL_LIBRARY=fake_acl)
+    """,
+        LLMDIST_ACL_LIBRARY=fake_acl,
+    )
     assert r["raw_rc"] == 107002
     assert r["status"] == "LLMStatusCode.LLM_SUCCESS", r["errors"]
 
@@ -372,7 +420,8 @@ def test_event_synchronizer_rejects_too_few_events():
 def test_acl_non_sync_event_handle_fails_the_config(fake_acl):
     """A framework event made without ACL_EVENT_SYNC cannot be waited on: the stream wait fails
     with the runtime's code and message, and the config says so."""
-    r = run("""
+    r = run(
+        """
         fake = ctypes.CDLL(os.environ["LLMDIST_ACL_LIBRARY"])
         dd, cm = start()
         desc, src, dst = fill_blocks(cm, layers=1)
@@ -383,7 +432,9 @@ def test_acl_non_sync_event_handle_fails_the_config(fake_acl):
         t = cm.transfer_cache_async(src, sync, [TransferConfig(1, dst.tensor_addrs)], [0], [1])
         sync.mark_recorded(0)
         out(status=str(t.synchronize(10000)), errors=t.errors)
-    """, LLMDIST_ACL_LIBRARY=fake_acl)
+    """,
+        LLMDIST_ACL_LIBRARY=fake_acl,
+    )
     assert r["status"] == "LLMStatusCode.LLM_FAILED"
     assert "107000" in r["errors"][0]
 
@@ -481,7 +532,8 @@ def test_acl_ipc_transfer_into_a_decode_process(fake_acl):
     """B2B by key and by address into a DEVICE blocks cache the decode allocated: imported
     once in this process (two prefill clusters share it), D2D copies on the runtime stream, every
     byte of the decode's cache checked."""
-    r = run_ipc("""
+    r = run_ipc(
+        """
         d = Decode(2)
         rep = d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3,
                      "DT_UINT8", "DEVICE")
@@ -516,7 +568,9 @@ def test_acl_ipc_transfer_into_a_decode_process(fake_acl):
         d.call("finalize")                               # closes the export, frees
         res.update(decode_after=[d.call("acl_live", w) for w in ("ipc_key", "device")])
         out(**res)
-    """, fake_acl)
+    """,
+        fake_acl,
+    )
     assert r["share_kind"] == "acl_ipc" and r["key"].startswith("fakeacl-")
     assert r["links"] == ["LLMStatusCode.LLM_SUCCESS"] * 2
     assert [r["s1"], r["s2"]] == ["LLMStatusCode.LLM_SUCCESS"] * 2, r["errors"]
@@ -531,7 +585,8 @@ def test_acl_ipc_transfer_into_a_decode_process(fake_acl):
 def test_acl_ipc_into_another_device(fake_acl):
     """The decode drives device 1, the prefill device 0: the import enables peer access, and the
     copies go run by run (a batch call names one destination device, here the wrong one)."""
-    r = run_ipc("""
+    r = run_ipc(
+        """
         d = Decode(2, {"ge.exec.deviceId": "1"})
         rep = d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3,
                      "DT_UINT8", "DEVICE")
@@ -549,7 +604,10 @@ def test_acl_ipc_into_another_device(fake_acl):
         res["batch"] = fake.fake_acl_calls(b"aclrtMemcpyBatchAsync")
         res["single"] = fake.fake_acl_calls(b"aclrtMemcpyAsync")
         out(**res)
-    """, fake_acl, FAKE_ACL_DEVICE_COUNT="2")
+    """,
+        fake_acl,
+        FAKE_ACL_DEVICE_COUNT="2",
+    )
     assert r["link"] == ["LLMStatusCode.LLM_SUCCESS"] and r["device"] == 1
     assert r["results"] == ["LLMStatusCode.LLM_SUCCESS"], r["errors"]
     assert r["same"]
@@ -561,7 +619,8 @@ def test_acl_ipc_when_the_decode_links_to_the_prefill(fake_acl):
     """The decode links to a listening prefill: it whitelists the prefill for the caches it
     exported before (and the prefill waits for its "ipc_ready" before importing them); a cache
     it allocates after the link is whitelisted when exported. One call writes into both."""
-    r = run_ipc("""
+    r = run_ipc(
+        """
         dd, cm = prefill(1, True, listen=True)
         d = Decode(2)
         early = d.call("alloc", "early", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3,
@@ -586,7 +645,9 @@ def test_acl_ipc_when_the_decode_links_to_the_prefill(fake_acl):
         res["imports_after"] = fake.fake_acl_live(b"ipc_import")
         res["decode_after"] = [d.call("acl_live", w) for w in ("ipc_key", "device")]
         out(**res)
-    """, fake_acl)
+    """,
+        fake_acl,
+    )
     assert r["link"][0] == 0
     assert r["results"] == ["LLMStatusCode.LLM_SUCCESS"] * 2, r["errors"]
     assert r["early"] and r["late"]
@@ -598,7 +659,8 @@ def test_acl_ipc_withdrawn_and_unexportable_caches_are_refused(fake_acl):
     """deallocate on the decode: the import here is closed before the decode frees, and later
     transfers are refused (by key: not exist; by address: not inside the decode's memory).
     DEVICE memory the decode registered, and its HOST caches, are refused with the reason."""
-    r = run_ipc("""
+    r = run_ipc(
+        """
         d = Decode(2)
         rep = d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3,
                      "DT_UINT8", "DEVICE")
@@ -631,7 +693,9 @@ def test_acl_ipc_withdrawn_and_unexportable_caches_are_refused(fake_acl):
         d.call("release", "reg")
         attempt("registered_after", keyed, src1, by_key(8))
         out(**res)
-    """, fake_acl)
+    """,
+        fake_acl,
+    )
     assert r["before"] == ["LLMStatusCode.LLM_SUCCESS"] and r["imported"] == 1
     code, msg = r["registered"]
     assert code == "LLMStatusCode.LLM_FEATURE_NOT_ENABLED"
@@ -649,7 +713,8 @@ def test_acl_ipc_unlink_and_kill_end_with_link_failed(fake_acl):
     """The decode unlinks while the prefill's synchronizer holds layer 2: the config ends
     LLM_LINK_FAILED, layers 0-1 arrived and nothing else; a new link works again. Then kill -9
     of the decode mid-transfer: LLM_LINK_FAILED, no hang, the import is closed."""
-    r = run_ipc("""
+    r = run_ipc(
+        """
         d = Decode(2)
         rep = d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3,
                      "DT_UINT8", "DEVICE")
@@ -692,7 +757,9 @@ def test_acl_ipc_unlink_and_kill_end_with_link_failed(fake_acl):
             res["after_kill"] = str(e.status_code)
         t0 = time.monotonic(); dd.finalize(); res["finalize"] = time.monotonic() - t0
         out(**res)
-    """, fake_acl)
+    """,
+        fake_acl,
+    )
     assert r["link"] == ["LLMStatusCode.LLM_SUCCESS"]
     assert r["unlink"][0] == 0 and r["noticed"]
     assert r["unlinked"] == ["LLMStatusCode.LLM_LINK_FAILED"]
@@ -710,7 +777,8 @@ def test_acl_without_ipc_symbols_refuses_transfers_to_other_processes(tmp_path):
     """An older libascendcl without the device-IPC symbols: the decode's caches are not
     exported, and a transfer to it is refused, naming the missing functions."""
     build_fake_runtime("fake_acl", tmp_path, FAKE_ACL_CFLAGS="-DFAKE_ACL_NO_IPC")
-    r = run_ipc("""
+    r = run_ipc(
+        """
         d = Decode(2)
         d.call("alloc", "dst", 2 * LAYERS, [BLOCKS, BLOCK], True, ("blocks", 7), 3, "DT_UINT8",
                "DEVICE")
@@ -723,7 +791,9 @@ def test_acl_without_ipc_symbols_refuses_transfers_to_other_processes(tmp_path):
         except LLMException as e:
             res["refused"] = [str(e.status_code), str(e)]
         out(**res)
-    """, str(tmp_path / "libascendcl.so"))
+    """,
+        str(tmp_path / "libascendcl.so"),
+    )
     assert r["link"] == ["LLMStatusCode.LLM_SUCCESS"]
     assert r["share"]["kind"] == "none" and "aclrtIpcMemGetExportKey" in r["share"]["reason"]
     assert "aclrtIpcMemImportByKey" in r["why"]

@@ -31,7 +31,6 @@ from llmdist import (
     auth,
     cluster,
 )
-
 from llmdist.shares import ShareKind
 
 from .helpers import ROOT, SUCCESS, Env, llmdist_shm_names, wait_for
@@ -66,8 +65,13 @@ def info_of(env: Env) -> LLMClusterInfo:
 
 
 def blocks_cache(env: Env, model: int):
-    return env.allocated(2, [BLOCKS, BLOCK_BYTES], placement=Placement.HOST, blocks=True,
-                         key=BlocksCacheKey(env.cluster_id, model))
+    return env.allocated(
+        2,
+        [BLOCKS, BLOCK_BYTES],
+        placement=Placement.HOST,
+        blocks=True,
+        key=BlocksCacheKey(env.cluster_id, model),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,11 +97,17 @@ def test_keyed_pair_transfers_and_strangers_get_nothing(make_env, caplog):
         with caplog.at_level(logging.INFO, logger="llmdist"):
             caplog.clear()
             assert stranger.dd.link_clusters([info_of(lis)], 3000) == (LINK_FAILED, [LINK_FAILED])
-            assert wait_for(lambda: any("refused a connection: AuthError" in r.getMessage()
-                                        for r in caplog.records))
-        mine_log = [r.getMessage() for r in caplog.records
-                    if r.getMessage().startswith(f"link to cluster {lis.cluster_id} ")
-                    and " failed" in r.getMessage()]
+            assert wait_for(
+                lambda: any(
+                    "refused a connection: AuthError" in r.getMessage() for r in caplog.records
+                )
+            )
+        mine_log = [
+            r.getMessage()
+            for r in caplog.records
+            if r.getMessage().startswith(f"link to cluster {lis.cluster_id} ")
+            and " failed" in r.getMessage()
+        ]
         assert mine_log and "authentication" in mine_log[0], mine_log
         refused = [r for r in caplog.records if "refused a connection" in r.getMessage()]
         assert len(refused) == 1, [r.getMessage() for r in refused]
@@ -120,9 +130,16 @@ def test_keyed_linker_refuses_a_keyless_listener(make_env, caplog):
 
 def _keyed_hello(key: bytes, nl: bytes, cid: int) -> bytes:
     """A keyed hello frame as a client holding key would send it after challenge nonce nl."""
-    msg = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": cid,
-           "role": int(LLMRole.PROMPT), "target": None, "host": "elsewhere", "caches": [],
-           "nonce": secrets.token_hex(auth.NONCE)}
+    msg = {
+        "type": "hello",
+        "version": cluster.PROTOCOL_VERSION,
+        "cluster_id": cid,
+        "role": int(LLMRole.PROMPT),
+        "target": None,
+        "host": "elsewhere",
+        "caches": [],
+        "nonce": secrets.token_hex(auth.NONCE),
+    }
     data = json.dumps(msg).encode()
     out = auth._Direction()
     out.set(key, auth.hello_context(nl))
@@ -139,26 +156,37 @@ def test_raw_clients_without_the_key_are_refused(make_env, attack):
     assert raw.challenge["auth"] is True
     nl = bytes.fromhex(raw.challenge["nonce"])
     if attack == "unkeyed-hello":
-        wire = frame({"type": "hello", "version": cluster.PROTOCOL_VERSION,
-                      "cluster_id": 60, "role": int(LLMRole.PROMPT), "target": None,
-                      "host": "x", "caches": []})
+        wire = frame(
+            {
+                "type": "hello",
+                "version": cluster.PROTOCOL_VERSION,
+                "cluster_id": 60,
+                "role": int(LLMRole.PROMPT),
+                "target": None,
+                "host": "x",
+                "caches": [],
+            }
+        )
     elif attack == "forged-tag":
-        wire = _keyed_hello(KEY.encode(), nl, 60)[:-auth.TAG] + secrets.token_bytes(auth.TAG)
+        wire = _keyed_hello(KEY.encode(), nl, 60)[: -auth.TAG] + secrets.token_bytes(auth.TAG)
     elif attack == "other-key":
         wire = _keyed_hello(b"not the key", nl, 60)
     else:
         # a hello that was valid on one connection, sent again on a second one
         wire = _keyed_hello(KEY.encode(), nl, 60)
         raw.sock.sendall(wire)
-        assert raw.recv()["type"] == "welcome"     # the proper use
+        assert raw.recv()["type"] == "welcome"  # the proper use
         raw.close()
         raw = RawPeer(lis.dd.listen_port)
         assert wait_for(lambda: 60 not in lis.dd._node.peers)
     try:
         raw.sock.sendall(wire)
         reply = raw.recv()
-        assert reply == {"type": "refuse", "code": int(LINK_FAILED),
-                         "reason": "authentication failed"}, reply
+        assert reply == {
+            "type": "refuse",
+            "code": int(LINK_FAILED),
+            "reason": "authentication failed",
+        }, reply
         with pytest.raises((ConnectionError, OSError)):
             raw.recv()
     finally:
@@ -276,8 +304,12 @@ RAW_CLIENT = textwrap.dedent("""
 def bystander():
     """A process that does not use llmdist, holding a buffer of known random bytes."""
     size = 2 * BLOCKS * BLOCK_BYTES
-    p = subprocess.Popen([sys.executable, "-c", BYSTANDER % (size, size)],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", BYSTANDER % (size, size)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     pid, addr, data = p.stdout.readline().split()
 
     class B:
@@ -309,20 +341,38 @@ def test_claimed_pid_and_addresses_reach_nothing_of_a_bystander(make_env, bystan
     dst = blocks_cache(lis, 1)
     src = blocks_cache(lis, 2)
     half = bystander.size // 2
-    hello = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": 700,
-             "role": int(LLMRole.PROMPT), "target": lis.cluster_id,
-             "host": cluster.host_identity(), "pid": bystander.pid, "tgid": bystander.pid,
-             "caches": []}
-    cache = {"id": 1, "num_tensors": 2, "shape": [BLOCKS, BLOCK_BYTES], "dtype": 4,
-             "placement": int(Placement.HOST), "batch_dim": 0, "seq_len_dim": -1, "blocks": True,
-             "addrs": [bystander.addr, bystander.addr + half], "origin": "allocated",
-             "remote_accessible": True, "keys": [["blocks", 700, 0]],
-             "share": {"kind": "process"}}
-    hello_caches = dict(hello, caches=[cache])     # the legacy place, for a listener that reads it
+    hello = {
+        "type": "hello",
+        "version": cluster.PROTOCOL_VERSION,
+        "cluster_id": 700,
+        "role": int(LLMRole.PROMPT),
+        "target": lis.cluster_id,
+        "host": cluster.host_identity(),
+        "pid": bystander.pid,
+        "tgid": bystander.pid,
+        "caches": [],
+    }
+    cache = {
+        "id": 1,
+        "num_tensors": 2,
+        "shape": [BLOCKS, BLOCK_BYTES],
+        "dtype": 4,
+        "placement": int(Placement.HOST),
+        "batch_dim": 0,
+        "seq_len_dim": -1,
+        "blocks": True,
+        "addrs": [bystander.addr, bystander.addr + half],
+        "origin": "allocated",
+        "remote_accessible": True,
+        "keys": [["blocks", 700, 0]],
+        "share": {"kind": "process"},
+    }
+    hello_caches = dict(hello, caches=[cache])  # the legacy place, for a listener that reads it
     uid = 65534 if how == "unix-other-uid" else None
     args = json.dumps([lis.dd.listen_port, how != "tcp", uid, hello_caches, [cache]])
-    client = subprocess.Popen([sys.executable, "-c", RAW_CLIENT, args],
-                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    client = subprocess.Popen(
+        [sys.executable, "-c", RAW_CLIENT, args], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
     try:
         assert client.stdout.readline().strip() == "welcome"
         assert wait_for(lambda: lis.dd._node.peer(700) is not None)
@@ -330,8 +380,10 @@ def test_claimed_pid_and_addresses_reach_nothing_of_a_bystander(make_env, bystan
         assert wait_for(lambda: peer.mem.entries)
         key = BlocksCacheKey(700, 0)
         outcomes = []
-        for op in (lambda: lis.cm.pull_blocks(key, dst.cache, [0, 1, 2, 3], [0, 1, 2, 3]),
-                   lambda: lis.cm.push_blocks(key, src.cache, [0, 1, 2, 3], [0, 1, 2, 3])):
+        for op in (
+            lambda: lis.cm.pull_blocks(key, dst.cache, [0, 1, 2, 3], [0, 1, 2, 3]),
+            lambda: lis.cm.push_blocks(key, src.cache, [0, 1, 2, 3], [0, 1, 2, 3]),
+        ):
             try:
                 op()
                 outcomes.append("done")
@@ -341,7 +393,7 @@ def test_claimed_pid_and_addresses_reach_nothing_of_a_bystander(make_env, bystan
             # no process route at all, with the reason
             assert outcomes == [LLMStatusCode.LLM_FEATURE_NOT_ENABLED] * 2, outcomes
         got = b"".join(dst.tensor(i).tobytes() for i in range(2))
-        assert got != bystander.data[:len(got)]
+        assert got != bystander.data[: len(got)]
         for i in range(2):
             row = dst.tensor(i).tobytes()
             assert row not in bystander.data, "the bystander's bytes were read"
@@ -357,17 +409,29 @@ def test_pid_in_the_hello_is_not_believed(make_env):
     lis = listener(make_env, 33)
     raw = RawPeer(lis.dd.listen_port, unix=True)
     try:
-        hello = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": 701,
-                 "role": int(LLMRole.PROMPT), "target": None, "host": cluster.host_identity(),
-                 "pid": 1, "tgid": 1, "caches": []}
+        hello = {
+            "type": "hello",
+            "version": cluster.PROTOCOL_VERSION,
+            "cluster_id": 701,
+            "role": int(LLMRole.PROMPT),
+            "target": None,
+            "host": cluster.host_identity(),
+            "pid": 1,
+            "tgid": 1,
+            "caches": [],
+        }
         assert raw.link(hello)["type"] == "welcome"
         assert wait_for(lambda: lis.dd._node.peer(701) is not None)
         peer = lis.dd._node.peer(701)
-        assert (peer.pid, peer.tgid, peer.link.pid, peer.uid) == (os.getpid(), os.getpid(),
-                                                                   os.getpid(), os.geteuid())
+        assert (peer.pid, peer.tgid, peer.link.pid, peer.uid) == (
+            os.getpid(),
+            os.getpid(),
+            os.getpid(),
+            os.geteuid(),
+        )
     finally:
         raw.close()
-    raw = RawPeer(lis.dd.listen_port)          # over TCP: no process of this host is known
+    raw = RawPeer(lis.dd.listen_port)  # over TCP: no process of this host is known
     try:
         hello["cluster_id"] = 702
         assert raw.link(hello)["type"] == "welcome"
@@ -387,9 +451,15 @@ def test_linked_cluster_id_cannot_be_claimed_again(make_env):
     first = lis.dd._node.peer(703)
     raw = RawPeer(lis.dd.listen_port, unix=True)
     try:
-        hello = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": 703,
-                 "role": int(LLMRole.PROMPT), "target": None, "host": cluster.host_identity(),
-                 "caches": []}
+        hello = {
+            "type": "hello",
+            "version": cluster.PROTOCOL_VERSION,
+            "cluster_id": 703,
+            "role": int(LLMRole.PROMPT),
+            "target": None,
+            "host": cluster.host_identity(),
+            "caches": [],
+        }
         reply = raw.link(hello)
     finally:
         raw.close()
@@ -415,6 +485,7 @@ def test_shared_memory_is_sealed_and_nameless(make_env):
 
 def _memfd(size: int, seals: int) -> int:
     import fcntl
+
     fd = os.memfd_create("raw", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     if seals:
@@ -428,26 +499,46 @@ def test_truncatable_memory_is_not_mapped(make_env, memory):
     the listener maps it: a later truncate cannot make the listener's copies die of SIGBUS. The
     listener stays up and serves the next link."""
     import fcntl
+
     lis = listener(make_env, 36)
     size = 2 * BLOCKS * BLOCK_BYTES
-    seals = {"unsealed": 0, "grow-only-seal": fcntl.F_SEAL_GROW,
-             "too-small": fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW}[memory]
+    seals = {
+        "unsealed": 0,
+        "grow-only-seal": fcntl.F_SEAL_GROW,
+        "too-small": fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW,
+    }[memory]
     fd = _memfd(size // 2 if memory == "too-small" else size, seals)
     base = 1 << 40
-    cache = {"id": 1, "num_tensors": 2, "shape": [BLOCKS, BLOCK_BYTES], "dtype": 4,
-             "placement": int(Placement.HOST), "batch_dim": 0, "seq_len_dim": -1, "blocks": True,
-             "addrs": [base, base + size // 2], "origin": "allocated",
-             "remote_accessible": True, "keys": [["blocks", 704, 0]],
-             "share": {"kind": "memfd", "fd": 0, "base": base, "size": size}}
+    cache = {
+        "id": 1,
+        "num_tensors": 2,
+        "shape": [BLOCKS, BLOCK_BYTES],
+        "dtype": 4,
+        "placement": int(Placement.HOST),
+        "batch_dim": 0,
+        "seq_len_dim": -1,
+        "blocks": True,
+        "addrs": [base, base + size // 2],
+        "origin": "allocated",
+        "remote_accessible": True,
+        "keys": [["blocks", 704, 0]],
+        "share": {"kind": "memfd", "fd": 0, "base": base, "size": size},
+    }
     raw = RawPeer(lis.dd.listen_port, unix=True)
     try:
-        hello = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": 704,
-                 "role": int(LLMRole.PROMPT), "target": None, "host": cluster.host_identity(),
-                 "caches": []}
+        hello = {
+            "type": "hello",
+            "version": cluster.PROTOCOL_VERSION,
+            "cluster_id": 704,
+            "role": int(LLMRole.PROMPT),
+            "target": None,
+            "host": cluster.host_identity(),
+            "caches": [],
+        }
         with pytest.raises(ConnectionError):
             raw.link(hello, [cache], [fd])
         if memory != "too-small":
-            os.ftruncate(fd, 0)            # what would have crashed a mapper
+            os.ftruncate(fd, 0)  # what would have crashed a mapper
     finally:
         raw.close()
         os.close(fd)
@@ -457,8 +548,9 @@ def test_truncatable_memory_is_not_mapped(make_env, memory):
     dst = blocks_cache(lis, 1)
     src = blocks_cache(pre, 1)
     pre.cm.push_blocks(BlocksCacheKey(lis.cluster_id, 1), src.cache, [0, 1], [1, 0])
-    assert np.array_equal(dst.tensor(0).reshape(BLOCKS, -1)[:2],
-                          src.tensor(0).reshape(BLOCKS, -1)[[1, 0]])
+    assert np.array_equal(
+        dst.tensor(0).reshape(BLOCKS, -1)[:2], src.tensor(0).reshape(BLOCKS, -1)[[1, 0]]
+    )
 
 
 PIDNS_CLUSTER = textwrap.dedent("""
@@ -488,9 +580,13 @@ def test_cluster_in_another_pid_namespace_removes_nothing(make_env):
     lis = listener(make_env, 80)
     mine = blocks_cache(lis, 1)
     before = [mine.tensor(i).copy() for i in range(2)]
-    out = subprocess.run(["unshare", "--pid", "--fork", sys.executable, "-c",
-                          PIDNS_CLUSTER % lis.dd.listen_port],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    out = subprocess.run(
+        ["unshare", "--pid", "--fork", sys.executable, "-c", PIDNS_CLUSTER % lis.dd.listen_port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert out.stdout.strip() == "linked", out.stderr[-2000:]
     assert not llmdist_shm_names()
     assert all(np.array_equal(mine.tensor(i), before[i]) for i in range(2))
@@ -511,9 +607,16 @@ def test_link_and_reset_storm_leaves_no_threads(make_env):
     blocks_cache(lis, 1)
     other = subprocess.Popen(["sleep", "120"])
     try:
-        hello = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": 0,
-                 "role": int(LLMRole.PROMPT), "target": None, "host": cluster.host_identity(),
-                 "pid": other.pid, "caches": []}
+        hello = {
+            "type": "hello",
+            "version": cluster.PROTOCOL_VERSION,
+            "cluster_id": 0,
+            "role": int(LLMRole.PROMPT),
+            "target": None,
+            "host": cluster.host_identity(),
+            "pid": other.pid,
+            "caches": [],
+        }
         start = threading.active_count()
         for i in range(500):
             raw = RawPeer(lis.dd.listen_port, unix=(i % 2 == 0))
@@ -534,10 +637,18 @@ def test_link_and_reset_storm_leaves_no_threads(make_env):
 # rank-table comms
 # --------------------------------------------------------------------------------------------
 def _keyed_members(make_env, base, ids, key, total_s=None):
-    return [make_env(cluster_id=cid, role=role, remote=True,
-                     extra_options={**rendezvous_options(base, total_s),
-                                    **({"llmdist.auth_key": key} if key else {})})
-            for cid, role in zip(ids, [LLMRole.PROMPT, LLMRole.DECODER])]
+    return [
+        make_env(
+            cluster_id=cid,
+            role=role,
+            remote=True,
+            extra_options={
+                **rendezvous_options(base, total_s),
+                **({"llmdist.auth_key": key} if key else {}),
+            },
+        )
+        for cid, role in zip(ids, [LLMRole.PROMPT, LLMRole.DECODER])
+    ]
 
 
 def _status(env, comm_id, timeout=20.0):
@@ -556,11 +667,12 @@ def test_keyed_comm_refuses_a_stranger_joining_as_a_member(make_env):
     a, b = _keyed_members(make_env, base, [90, 91], KEY)
     info = {90: 0, 91: 1}
     table = one_server_table(2)
-    stranger = make_env(cluster_id=90, role=LLMRole.PROMPT, remote=True,
-                        extra_options=rendezvous_options(base, 3))
+    stranger = make_env(
+        cluster_id=90, role=LLMRole.PROMPT, remote=True, extra_options=rendezvous_options(base, 3)
+    )
     comm_b = b.dd.link("secure", info, table)
     comm_s = stranger.dd.link("secure", info, table)
-    time.sleep(0.3)             # the stranger tries first
+    time.sleep(0.3)  # the stranger tries first
     comm_a = a.dd.link("secure", info, table)
     assert _status(a, comm_a) == RegisterMemStatus.OK
     assert _status(b, comm_b) == RegisterMemStatus.OK
@@ -577,11 +689,12 @@ def test_keyed_comm_squatter_receives_nothing(make_env):
     """A keyless stranger that binds member B's rendezvous port first (posing as B) gets no
     link from the keyed member A, so none of A's KV cache: A's comm fails instead."""
     base = free_rendezvous_base()
-    a, = _keyed_members(make_env, base, [92], KEY, total_s=3)
+    (a,) = _keyed_members(make_env, base, [92], KEY, total_s=3)
     info = {92: 0, 93: 1}
     table = one_server_table(2)
-    squatter = make_env(cluster_id=93, role=LLMRole.DECODER, remote=True,
-                        extra_options=rendezvous_options(base, 3))
+    squatter = make_env(
+        cluster_id=93, role=LLMRole.DECODER, remote=True, extra_options=rendezvous_options(base, 3)
+    )
     sq = blocks_cache(squatter, 1)
     before = [sq.tensor(i).copy() for i in range(2)]
     comm_s = squatter.dd.link("secure", info, table)
@@ -607,8 +720,9 @@ def test_rendezvous_binds_the_tables_address(make_env):
     if ip is None or ip.startswith("127."):
         pytest.skip("no non-loopback IPv4 address on this machine")
     base = free_rendezvous_base()
-    env = make_env(cluster_id=95, role=LLMRole.DECODER, remote=True,
-                   extra_options=rendezvous_options(base, 5))
+    env = make_env(
+        cluster_id=95, role=LLMRole.DECODER, remote=True, extra_options=rendezvous_options(base, 5)
+    )
     table = one_server_table(2, server_id=ip)
     env.dd.link("bind", {94: 0, 95: 1}, table)
     comm = next(iter(env.dd._comms._comms.values()))
@@ -619,10 +733,26 @@ def test_rendezvous_binds_the_tables_address(make_env):
 def test_demo_with_a_shared_key():
     """python -m llmdist demo --auth-key: the two clusters link with the key and the KV cache
     arrives intact (the demo checks every byte)."""
-    out = subprocess.run([sys.executable, "-m", "llmdist", "demo", "--layers", "2", "--tokens",
-                          "64", "--dim", "64", "--auth-key", "demo-key"],
-                         capture_output=True, text=True, timeout=120,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmdist",
+            "demo",
+            "--layers",
+            "2",
+            "--tokens",
+            "64",
+            "--dim",
+            "64",
+            "--auth-key",
+            "demo-key",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "shared key: both sides proved it" in out.stdout
     assert out.stdout.rstrip().endswith("PASS")
@@ -635,9 +765,15 @@ def test_link_flag_follows_the_peer_process_not_its_pid(make_env):
     lis = listener(make_env, 38)
     raw = RawPeer(lis.dd.listen_port, unix=True)
     try:
-        hello = {"type": "hello", "version": cluster.PROTOCOL_VERSION, "cluster_id": 706,
-                 "role": int(LLMRole.PROMPT), "target": None, "host": cluster.host_identity(),
-                 "caches": []}
+        hello = {
+            "type": "hello",
+            "version": cluster.PROTOCOL_VERSION,
+            "cluster_id": 706,
+            "role": int(LLMRole.PROMPT),
+            "target": None,
+            "host": cluster.host_identity(),
+            "caches": [],
+        }
         assert raw.link(hello)["type"] == "welcome"
         assert wait_for(lambda: lis.dd._node.peer(706) is not None)
         flag = lis.dd._node.peer(706).link
@@ -651,6 +787,6 @@ def test_link_flag_follows_the_peer_process_not_its_pid(make_env):
         assert flag.peer_alive()
         child.kill()
         assert wait_for(lambda: not flag.peer_alive(), 5)
-        os.kill(child.pid, 0)           # the unreaped pid still answers
+        os.kill(child.pid, 0)  # the unreaped pid still answers
     finally:
         child.wait()

@@ -24,9 +24,13 @@ from llmdist.transport_mooncake import WAIT_FAILED, WAIT_TIMEOUT, EngineChannel
 
 
 def test_each_share_reads_back_what_it_wrote():
-    for share in (Unshared(), Unshared("exporting it failed"), ProcessShare(),
-                  DeviceIpcShare(ShareKind.CUDA_IPC, "0a1b", 4096, 8192, 3),
-                  DeviceIpcShare(ShareKind.ACL_IPC, "key-1", 1 << 20, 512, 0)):
+    for share in (
+        Unshared(),
+        Unshared("exporting it failed"),
+        ProcessShare(),
+        DeviceIpcShare(ShareKind.CUDA_IPC, "0a1b", 4096, 8192, 3),
+        DeviceIpcShare(ShareKind.ACL_IPC, "key-1", 1 << 20, 512, 0),
+    ):
         fds: list = []
         assert share_from_wire(share.to_wire(fds), fds) == share
         assert fds == []
@@ -37,29 +41,35 @@ def test_a_memfd_share_sends_its_descriptor_and_reads_back_the_one_received():
     w = MemfdShare(fd=42, base=0x1000, size=0x2000).to_wire(fds)
     assert w == {"kind": "memfd", "fd": 1, "base": 0x1000, "size": 0x2000}
     assert fds == [11, 42]
-    received = [7, 9]       # the descriptors as they arrived here
+    received = [7, 9]  # the descriptors as they arrived here
     assert share_from_wire(w, received) == MemfdShare(fd=9, base=0x1000, size=0x2000)
 
 
 def test_shared_memory_and_device_ids_go_over_a_unix_socket_only():
     for share in (MemfdShare(5, 4096, 4096), DeviceIpcShare(ShareKind.CUDA_IPC, "ab", 1, 2)):
-        w = share_to_wire(share, None)          # over TCP
+        w = share_to_wire(share, None)  # over TCP
         assert w["kind"] == "none" and "Unix socket" in w["reason"]
         assert share_from_wire(w) == Unshared(w["reason"])
     assert share_to_wire(None, []) == {"kind": "none"}
 
 
-@pytest.mark.parametrize("wire, fds", [
-    ({"kind": "tcp"}, []), ({"kind": True}, []), ({"kind": ["memfd"]}, []), (["memfd"], []),
-    ({"kind": "memfd", "fd": 0, "base": 1, "size": 1}, []),            # no descriptor came
-    ({"kind": "memfd", "fd": 1, "base": 1, "size": 1}, [3]),           # names one that did not
-    ({"kind": "memfd", "fd": 0, "base": 0, "size": 1}, [3]),
-    ({"kind": "cuda_ipc", "id": "", "base": 1, "size": 1}, []),
-    ({"kind": "cuda_ipc", "id": "a\nb", "base": 1, "size": 1}, []),
-    ({"kind": "acl_ipc", "id": "k" * 200, "base": 1, "size": 1}, []),
-    ({"kind": "acl_ipc", "id": "k", "base": 1, "size": 1, "device": -1}, []),
-    ({"kind": "none", "reason": 5}, []),
-])
+@pytest.mark.parametrize(
+    "wire, fds",
+    [
+        ({"kind": "tcp"}, []),
+        ({"kind": True}, []),
+        ({"kind": ["memfd"]}, []),
+        (["memfd"], []),
+        ({"kind": "memfd", "fd": 0, "base": 1, "size": 1}, []),  # no descriptor came
+        ({"kind": "memfd", "fd": 1, "base": 1, "size": 1}, [3]),  # names one that did not
+        ({"kind": "memfd", "fd": 0, "base": 0, "size": 1}, [3]),
+        ({"kind": "cuda_ipc", "id": "", "base": 1, "size": 1}, []),
+        ({"kind": "cuda_ipc", "id": "a\nb", "base": 1, "size": 1}, []),
+        ({"kind": "acl_ipc", "id": "k" * 200, "base": 1, "size": 1}, []),
+        ({"kind": "acl_ipc", "id": "k", "base": 1, "size": 1, "device": -1}, []),
+        ({"kind": "none", "reason": 5}, []),
+    ],
+)
 def test_a_malformed_share_is_a_protocol_error(wire, fds):
     with pytest.raises(ProtocolError):
         share_from_wire(wire, fds)
@@ -88,11 +98,14 @@ class _Failing:
 
 def test_the_engine_channel_classifies_its_own_codes():
     ch = EngineChannel(_Failing(WAIT_TIMEOUT), "peer:1", 10)
-    assert ch.verdict(WAIT_TIMEOUT) == (LLMStatusCode.LLM_TIMEOUT,
-                                        ("the transfer engine did not deliver the bytes "
-                                         "(timed out)"))
-    assert ch.verdict(WAIT_FAILED) == (LLMStatusCode.LLM_LINK_FAILED,
-                                       "the transfer engine did not deliver the bytes (code -1)")
+    assert ch.verdict(WAIT_TIMEOUT) == (
+        LLMStatusCode.LLM_TIMEOUT,
+        ("the transfer engine did not deliver the bytes (timed out)"),
+    )
+    assert ch.verdict(WAIT_FAILED) == (
+        LLMStatusCode.LLM_LINK_FAILED,
+        "the transfer engine did not deliver the bytes (code -1)",
+    )
     ch.error = "transfer engine refused a write: gone"
     assert ch.verdict(WAIT_FAILED) == (LLMStatusCode.LLM_LINK_FAILED, ch.error)
 
@@ -130,14 +143,24 @@ def _engine_job(channel) -> "_core.TransferJob":
     rt = _core.Runtime.host()
     local = np.zeros((2, 512), dtype=np.uint8)
     plan = _core.plan_b2b(_core.parse_indices("src", [0]), _core.parse_indices("dst", [1]), 256)
-    target = 1 << 40                    # the peer's address: never touched here
-    cp = ConfigPlan(first_layer=0, stop_layer=1, row_shift=0, kind=CopyKind.COPY_H2H,
-                    lane=Lane.LANE_ENGINE, direction=Direction.WRITE,
-                    target_addrs=[target, target + 512],
-                    target_limits=[target + 512, target + 1024], pid=0, link=None, engine=channel,
-                    single=False)
-    job = _core.TransferJob(rt, plan, [local[0].ctypes.data, local[1].ctypes.data], [cp],
-                            _Always(), None)
+    target = 1 << 40  # the peer's address: never touched here
+    cp = ConfigPlan(
+        first_layer=0,
+        stop_layer=1,
+        row_shift=0,
+        kind=CopyKind.COPY_H2H,
+        lane=Lane.LANE_ENGINE,
+        direction=Direction.WRITE,
+        target_addrs=[target, target + 512],
+        target_limits=[target + 512, target + 1024],
+        pid=0,
+        link=None,
+        engine=channel,
+        single=False,
+    )
+    job = _core.TransferJob(
+        rt, plan, [local[0].ctypes.data, local[1].ctypes.data], [cp], _Always(), None
+    )
     stream = _core.Stream(rt)
     try:
         job.run(stream)
@@ -153,4 +176,3 @@ def test_an_engine_failure_takes_the_status_its_channel_gives(status):
     assert job.outcomes[0].failure == Failure.FAIL_ENGINE
     assert config_results(job) == ([status], [f"channel says {status.name}"])
     assert ch.codes == [77]
-

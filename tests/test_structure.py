@@ -15,7 +15,7 @@ import pathlib
 from typing import Dict, Iterator, List, Set, Tuple
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "llmdist"
-SHARED_PRIVATE = {"_core"}      # the compiled extension module
+SHARED_PRIVATE = {"_core"}  # the compiled extension module
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -41,12 +41,13 @@ def _resolve(module: str, path: pathlib.Path, node: ast.ImportFrom) -> str:
         return node.module or ""
     base = _package_of(module, path).split(".")
     if node.level > 1:
-        base = base[:len(base) - (node.level - 1)]
+        base = base[: len(base) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _imports(module: str, path: pathlib.Path, tree: ast.AST,
-             known: Set[str]) -> Iterator[Tuple[str, List[str], int]]:
+def _imports(
+    module: str, path: pathlib.Path, tree: ast.AST, known: Set[str]
+) -> Iterator[Tuple[str, List[str], int]]:
     """(imported module, names taken from it, line) for every import of a package module."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -56,7 +57,7 @@ def _imports(module: str, path: pathlib.Path, tree: ast.AST,
         elif isinstance(node, ast.ImportFrom):
             target = _resolve(module, path, node)
             names = [a.name for a in node.names]
-            for name in names:      # `from . import x` imports the module x
+            for name in names:  # `from . import x` imports the module x
                 sub = f"{target}.{name}" if target else name
                 if sub in known:
                     yield sub, [], node.lineno
@@ -85,7 +86,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:

@@ -41,12 +41,17 @@ def test_bad_listen_ip_info_names_the_option(make_env):
     came from."""
     dd = LLMDataDist(LLMRole.PROMPT, 7)
     err = raises_llm(LLMStatusCode.LLM_PARAM_INVALID, dd.init, {"llm.listenIpInfo": "nowhere"})
-    assert 'option llm.listenIpInfo must be "ip:port", got \'nowhere\'' in str(err)
+    assert "option llm.listenIpInfo must be \"ip:port\", got 'nowhere'" in str(err)
     e = make_env(role=LLMRole.MIX, extra_options=SWITCH)
-    err = raises_llm(LLMStatusCode.LLM_PARAM_INVALID, e.dd.switch_role, LLMRole.PROMPT,
-                     {"llm.listenIpInfo": "127.0.0.1:x"})
-    assert str(err).startswith('switch_options llm.listenIpInfo must be "ip:port", got '
-                               "'127.0.0.1:x'")
+    err = raises_llm(
+        LLMStatusCode.LLM_PARAM_INVALID,
+        e.dd.switch_role,
+        LLMRole.PROMPT,
+        {"llm.listenIpInfo": "127.0.0.1:x"},
+    )
+    assert str(err).startswith(
+        "switch_options llm.listenIpInfo must be \"ip:port\", got '127.0.0.1:x'"
+    )
 
 
 @pytest.mark.parametrize("flag", [None, "0", "1"])
@@ -70,8 +75,12 @@ def test_switch_role_arguments(make_env):
         e.dd.switch_role(LLMRole.DECODER, [("llm.listenIpInfo", "127.0.0.1:0")])
     with pytest.raises(TypeError):
         e.dd.switch_role(LLMRole.DECODER, {"llm.listenIpInfo": 5})
-    raises_llm(LLMStatusCode.LLM_PARAM_INVALID, e.dd.switch_role, LLMRole.DECODER,
-               {"llm.listenIpInfo": "localhost"})
+    raises_llm(
+        LLMStatusCode.LLM_PARAM_INVALID,
+        e.dd.switch_role,
+        LLMRole.DECODER,
+        {"llm.listenIpInfo": "localhost"},
+    )
     assert e.dd.role == LLMRole.MIX
     # MIX -> DECODER -> PROMPT (with a listener) -> MIX, as upstream allows
     e.dd.switch_role(LLMRole.DECODER)
@@ -91,8 +100,12 @@ def test_listener_starts_moves_and_stops(make_env):
     # the handshake carries the new role (and two PROMPT clusters link, as upstream)
     assert p.dd.link_clusters([info(12, port1)], 3000) == (SUCCESS, [SUCCESS])
     assert p.dd.peer_info(12)["role"] == LLMRole.PROMPT
-    raises_llm(LLMStatusCode.LLM_EXIST_LINK, d.dd.switch_role, LLMRole.DECODER,
-               {"llm.listenIpInfo": "127.0.0.1:0"})
+    raises_llm(
+        LLMStatusCode.LLM_EXIST_LINK,
+        d.dd.switch_role,
+        LLMRole.DECODER,
+        {"llm.listenIpInfo": "127.0.0.1:0"},
+    )
     assert p.dd.unlink_clusters([info(12, port1)], 3000)[0] == SUCCESS
     deadline = time.monotonic() + 5
     while d.dd.peer_info(11) is not None and time.monotonic() < deadline:
@@ -110,7 +123,7 @@ def test_listener_starts_moves_and_stops(make_env):
     deadline = time.monotonic() + 5
     while d.dd.peer_info(11) is not None and time.monotonic() < deadline:
         time.sleep(0.01)
-    d.dd.switch_role(LLMRole.PROMPT)            # no options: the listener stops
+    d.dd.switch_role(LLMRole.PROMPT)  # no options: the listener stops
     assert d.dd.listen_port is None
     assert refuses_connections(port2)
 
@@ -122,8 +135,12 @@ def test_listen_address_in_use_is_refused_and_nothing_changes(make_env):
     busy.listen(1)
     try:
         old = e.dd.listen_port
-        raises_llm(LLMStatusCode.LLM_PARAM_INVALID, e.dd.switch_role, LLMRole.PROMPT,
-                   {"llm.listenIpInfo": f"127.0.0.1:{busy.getsockname()[1]}"})
+        raises_llm(
+            LLMStatusCode.LLM_PARAM_INVALID,
+            e.dd.switch_role,
+            LLMRole.PROMPT,
+            {"llm.listenIpInfo": f"127.0.0.1:{busy.getsockname()[1]}"},
+        )
         assert e.dd.role == LLMRole.DECODER and e.dd.listen_port == old
     finally:
         busy.close()
@@ -131,12 +148,19 @@ def test_listen_address_in_use_is_refused_and_nothing_changes(make_env):
 
 def test_refused_while_a_rank_table_comm_is_linked(make_env):
     base = free_rendezvous_base()
-    envs = [make_env(cluster_id=cid, role=role, extra_options={**SWITCH, **rendezvous_options(base)})
-            for cid, role in ((21, LLMRole.PROMPT), (22, LLMRole.DECODER))]
+    envs = [
+        make_env(cluster_id=cid, role=role, extra_options={**SWITCH, **rendezvous_options(base)})
+        for cid, role in ((21, LLMRole.PROMPT), (22, LLMRole.DECODER))
+    ]
     ids = [e.dd.link("sw", {21: 0, 22: 1}, one_server_table(2)) for e in envs]
     deadline = time.monotonic() + 20
-    while (any(e.dd.query_register_mem_status(i) == RegisterMemStatus.PREPARING
-               for e, i in zip(envs, ids)) and time.monotonic() < deadline):
+    while (
+        any(
+            e.dd.query_register_mem_status(i) == RegisterMemStatus.PREPARING
+            for e, i in zip(envs, ids)
+        )
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     raises_llm(LLMStatusCode.LLM_EXIST_LINK, envs[0].dd.switch_role, LLMRole.DECODER)
     for e, i in zip(envs, ids):
@@ -151,8 +175,11 @@ def test_handshake_in_progress_does_not_survive_a_switch(make_env, listen_after)
     """A handshake the listener has read but not yet admitted when switch_role starts is not
     admitted after it: switch_role ends it before it checks links, so the switched cluster is
     left with no link (and, without options, no listener); the linker's call fails."""
-    d = make_env(cluster_id=32, role=LLMRole.DECODER,
-                 extra_options={**SWITCH, "llm.listenIpInfo": "127.0.0.1:0"})
+    d = make_env(
+        cluster_id=32,
+        role=LLMRole.DECODER,
+        extra_options={**SWITCH, "llm.listenIpInfo": "127.0.0.1:0"},
+    )
     p = make_env(cluster_id=31, role=LLMRole.PROMPT)
     port = d.dd.listen_port
     node = d.dd._node
@@ -163,17 +190,20 @@ def test_handshake_in_progress_does_not_survive_a_switch(make_env, listen_after)
         entered.set()
         release.wait(10)
         return begin(cid)
+
     node._begin_accept = held
     got = {}
-    linker = threading.Thread(target=lambda: got.update(
-        link=p.dd.link_clusters([info(32, port)], 8000)))
+    linker = threading.Thread(
+        target=lambda: got.update(link=p.dd.link_clusters([info(32, port)], 8000))
+    )
     linker.start()
     assert entered.wait(10)
     options = {"llm.listenIpInfo": "127.0.0.1:0"} if listen_after else None
-    switcher = threading.Thread(target=lambda: got.update(
-        switch=d.dd.switch_role(LLMRole.MIX, options)))
+    switcher = threading.Thread(
+        target=lambda: got.update(switch=d.dd.switch_role(LLMRole.MIX, options))
+    )
     switcher.start()
-    time.sleep(0.3)             # switch_role is under way, the handshake still held
+    time.sleep(0.3)  # switch_role is under way, the handshake still held
     release.set()
     switcher.join(20)
     linker.join(20)

@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-from .helpers import Env
 
 from llmdist import (
     BlocksCacheKey,
@@ -19,6 +18,8 @@ from llmdist import (
 )
 from llmdist._core import TransferJob
 from llmdist.deadlines import Deadlines
+
+from .helpers import Env
 
 TIMEOUT = LLMStatusCode.LLM_TIMEOUT
 
@@ -97,12 +98,22 @@ def test_a_job_run_on_the_calling_thread_ends_with_llm_timeout_at_its_deadline()
         cfg = TransferConfig(env.cluster_id, dst.addrs)
         # a job planned as transfer_cache_async plans it, then run here like a pull
         from llmdist import _core
-        plan = _core.plan_b2b(_core.parse_indices("s", [0]), _core.parse_indices("d", [1]),
-                              src.desc.size // 4)
+
+        plan = _core.plan_b2b(
+            _core.parse_indices("s", [0]), _core.parse_indices("d", [1]), src.desc.size // 4
+        )
         regions, bad = pl.mem.registry.locate(dst.addrs, plan.dst_lo, plan.dst_hi)
         assert bad < 0
-        cp = pl.plan_config(_core.Direction.WRITE, pl.local_route, range(1), 0,
-                            _core.CopyKind.COPY_D2D, dst.addrs, regions, 2)
+        cp = pl.plan_config(
+            _core.Direction.WRITE,
+            pl.local_route,
+            range(1),
+            0,
+            _core.CopyKind.COPY_D2D,
+            dst.addrs,
+            regions,
+            2,
+        )
         job = TransferJob(pl.runtime, plan, src.cache.tensor_addrs, [cp], held, None)
         assert pl.slots.acquire(timeout=1)
         with pl.lock:
@@ -131,13 +142,16 @@ def test_pulls_and_pushes_on_the_calling_thread_move_the_bytes():
         assert env.cm.transfers.workers.idle > 0
         env.cm.pull_blocks(key, dst.cache, [0, 3], [5, 6])
         for t in range(4):
-            assert bytes(dst.tensor(t)[5 * 128:7 * 128]) == (
-                bytes(src.tensor(t)[0:128]) + bytes(src.tensor(t)[3 * 128:4 * 128]))
+            assert bytes(dst.tensor(t)[5 * 128 : 7 * 128]) == (
+                bytes(src.tensor(t)[0:128]) + bytes(src.tensor(t)[3 * 128 : 4 * 128])
+            )
         dkey = BlocksCacheKey(env.cluster_id, 2)
         out = env.allocated(4, [8, 128], blocks=True, key=dkey)
         env.cm.push_blocks(dkey, dst.cache, [5], [7])
         for t in range(4):
-            assert bytes(out.tensor(t)[7 * 128:8 * 128]) == bytes(dst.tensor(t)[5 * 128:6 * 128])
+            assert bytes(out.tensor(t)[7 * 128 : 8 * 128]) == bytes(
+                dst.tensor(t)[5 * 128 : 6 * 128]
+            )
         assert env.cm.transfers.inflight == {}
         assert Placement.DEVICE == src.desc.placement
     finally:
@@ -149,12 +163,14 @@ def test_local_pulls_into_registered_memory_are_still_checked_for_overlap():
     the byte-range comparison; a registered destination does not: a pull from a cache
     registered over the same memory that reads what it writes is refused untouched."""
     from llmdist import CacheDesc, DataType
+
     env = Env(remote=True, cluster_id=4105)
     try:
         dst = env.registered(2, [4, 64], blocks=True)
         key = BlocksCacheKey(env.cluster_id, 3)
         env.cm.register_blocks_cache(
-            CacheDesc(2, [4, 64], DataType.DT_UINT8, Placement.DEVICE), dst.addrs, key)
+            CacheDesc(2, [4, 64], DataType.DT_UINT8, Placement.DEVICE), dst.addrs, key
+        )
         before = dst.snapshot()
         with pytest.raises(LLMException) as ei:
             env.cm.pull_blocks(key, dst.cache, [0, 1], [1, 2])
@@ -165,6 +181,6 @@ def test_local_pulls_into_registered_memory_are_still_checked_for_overlap():
         env.cm.pull_blocks(key, dst.cache, [0], [3])
         for t in range(2):
             k, off = dst.tensors[t]
-            assert bytes(dst.tensor(t)[3 * 64:4 * 64]) == bytes(before[k][off:off + 64])
+            assert bytes(dst.tensor(t)[3 * 64 : 4 * 64]) == bytes(before[k][off : off + 64])
     finally:
         env.close()

@@ -51,8 +51,9 @@ class Job:
         self.task = None
 
     def submit(self, sync):
-        self.task = self.env.cm.transfer_cache_async(self.src.cache, sync, self.configs, self.sb,
-                                                     self.db, self.bs)
+        self.task = self.env.cm.transfer_cache_async(
+            self.src.cache, sync, self.configs, self.sb, self.db, self.bs
+        )
         return self.task
 
     def mem(self):
@@ -62,8 +63,16 @@ class Job:
         return out
 
     def expected(self, layers_done=None):
-        exp, _ = reference.expected_transfer(self.src_tensors, self.src.stride, self.before,
-                                             self.refs, self.sb, self.db, self.bs, layers_done)
+        exp, _ = reference.expected_transfer(
+            self.src_tensors,
+            self.src.stride,
+            self.before,
+            self.refs,
+            self.sb,
+            self.db,
+            self.bs,
+            layers_done,
+        )
         return exp
 
     def check(self, layers_done=None, what=""):
@@ -87,8 +96,8 @@ def c2c_job(env, src, batch, rng=None, nconfigs=1):
 @pytest.mark.parametrize("workers", [None, 1, 3])
 def test_64_tasks_in_flight_from_4_threads(make_env, workers):
     env = make_env(workers=workers)
-    rows = env.registered(6, [8, 4, 8], DataType.DT_UINT16)       # 3 layers, stride 64
-    blocks = env.registered(6, [10, 64], blocks=True)              # 3 layers, block 64
+    rows = env.registered(6, [8, 4, 8], DataType.DT_UINT16)  # 3 layers, stride 64
+    blocks = env.registered(6, [10, 64], blocks=True)  # 3 layers, block 64
     n_threads, per_thread = 4, 16
     jobs = []
     for t in range(n_threads * per_thread):
@@ -99,14 +108,25 @@ def test_64_tasks_in_flight_from_4_threads(make_env, workers):
             jobs.append(c2c_job(env, rows, t % 8, rng, nconfigs=1 + t % 2))
         elif kind == 1:
             d = env.registered(2 * nl, [6, 24], blocks=True)
-            jobs.append(Job(env, rows, [d], [tc(d.addrs, rng, t % 8)],
-                            [RefConfig(d.tensors, rng, t % 8)], None, [5, 0, 3], 24))
+            jobs.append(
+                Job(
+                    env,
+                    rows,
+                    [d],
+                    [tc(d.addrs, rng, t % 8)],
+                    [RefConfig(d.tensors, rng, t % 8)],
+                    None,
+                    [5, 0, 3],
+                    24,
+                )
+            )
         else:
             d = env.registered(2 * nl, [12, 64], blocks=True)
             sb = [(t + i) % 10 for i in range(4)]
             db = [11 - (t % 3), 2, 3, 4]
-            jobs.append(Job(env, blocks, [d], [tc(d.addrs, rng)], [RefConfig(d.tensors, rng)],
-                            sb, db))
+            jobs.append(
+                Job(env, blocks, [d], [tc(d.addrs, rng)], [RefConfig(d.tensors, rng)], sb, db)
+            )
     gate = GateSync(block_at=0)
     errors = []
 
@@ -117,8 +137,9 @@ def test_64_tasks_in_flight_from_4_threads(make_env, workers):
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=submit, args=(jobs[i::n_threads],))
-               for i in range(n_threads)]
+    threads = [
+        threading.Thread(target=submit, args=(jobs[i::n_threads],)) for i in range(n_threads)
+    ]
     for th in threads:
         th.start()
     for th in threads:
@@ -214,8 +235,10 @@ def test_gate_synchronizer_timeouts_are_repeatable(env):
     job.check()
 
 
-@pytest.mark.parametrize("bad,exc", [(-1, ValueError), (2**32, ValueError), (True, TypeError),
-                                     (1.5, TypeError), ("10", TypeError)])
+@pytest.mark.parametrize(
+    "bad,exc",
+    [(-1, ValueError), (2**32, ValueError), (True, TypeError), (1.5, TypeError), ("10", TypeError)],
+)
 def test_timeout_argument_checks(env, bad, exc):
     src = env.registered(2, [1, 16])
     job = c2c_job(env, src, 0)
@@ -317,13 +340,16 @@ def test_failures_of_separate_tasks_are_independent(env):
 # --------------------------------------------------------------------------------------------
 # synchronizer call order and coverage, result order
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("ranges,calls", [
-    ([range(4, 5), range(1, 3)], [1, 2, 4]),
-    ([range(5, 6)], [5]),
-    ([None], [0, 1, 2, 3, 4, 5]),
-    ([range(3, 6), range(0, 1), range(3, 4)], [0, 3, 4, 5]),
-    ([range(2, 3), range(2, 3), range(2, 3)], [2]),
-])
+@pytest.mark.parametrize(
+    "ranges,calls",
+    [
+        ([range(4, 5), range(1, 3)], [1, 2, 4]),
+        ([range(5, 6)], [5]),
+        ([None], [0, 1, 2, 3, 4, 5]),
+        ([range(3, 6), range(0, 1), range(3, 4)], [0, 3, 4, 5]),
+        ([range(2, 3), range(2, 3), range(2, 3)], [2]),
+    ],
+)
 def test_synchronizer_called_once_per_covered_layer_ascending(env, ranges, calls):
     src = env.registered(12, [2, 16])  # 6 layers
     dsts, cfgs, refs = [], [], []
@@ -356,8 +382,14 @@ def test_results_in_config_order(env):
         refs.append(RefConfig(d.tensors, r, 0))
     job = Job(env, src, dsts, cfgs, refs)
     task = job.submit(FailSync(at=2, mode="false"))
-    assert wait_results(task) == [PARAM_INVALID, SUCCESS, PARAM_INVALID, SUCCESS, PARAM_INVALID,
-                                  SUCCESS]
+    assert wait_results(task) == [
+        PARAM_INVALID,
+        SUCCESS,
+        PARAM_INVALID,
+        SUCCESS,
+        PARAM_INVALID,
+        SUCCESS,
+    ]
     assert task.synchronize() == PARAM_INVALID
     job.check(layers_done=2)
 
@@ -393,11 +425,13 @@ def test_layer_copied_after_its_synchronizer_returns(env, blocks):
         batch = 2
     data = [rng.integers(0, 256, src.size, dtype=np.uint8) for _ in range(8)]
     before = dst.snapshot()
-    task = env.cm.transfer_cache_async(src.cache, WriterSync(src, data),
-                                       [tc(dst.addrs, None, batch)], sb, db)
+    task = env.cm.transfer_cache_async(
+        src.cache, WriterSync(src, data), [tc(dst.addrs, None, batch)], sb, db
+    )
     assert wait_results(task) == [SUCCESS]
-    exp, _ = reference.expected_transfer(data, src.stride, before,
-                                         [RefConfig(dst.tensors, None, batch)], sb, db)
+    exp, _ = reference.expected_transfer(
+        data, src.stride, before, [RefConfig(dst.tensors, None, batch)], sb, db
+    )
     assert_mem_equal(dst.mem(), exp)
 
 
@@ -423,8 +457,9 @@ def test_arguments_are_taken_at_call_time(env):
     configs.append(TransferConfig(OWN_CLUSTER, other.addrs))
     gate.release()
     assert wait_results(task) == [SUCCESS]
-    exp, _ = reference.expected_transfer(srcb, src.stride, before, [RefConfig(dst.tensors)],
-                                         [0, 1, 2], [5, 6, 7])
+    exp, _ = reference.expected_transfer(
+        srcb, src.stride, before, [RefConfig(dst.tensors)], [0, 1, 2], [5, 6, 7]
+    )
     assert_mem_equal(dst.mem(), exp)
     assert_mem_equal(other.mem(), other_before)
     assert gate.calls == [0, 1]

@@ -69,9 +69,18 @@ def unique(caches: Sequence[TCache]) -> List[TCache]:
     return out
 
 
-def run_and_check(env, src: TCache, dsts: Sequence[TCache], configs, refs: Sequence[RefConfig],
-                  src_blocks=None, dst_blocks=None, dst_block_size=None, sync=None,
-                  call_kwargs: bool = False):
+def run_and_check(
+    env,
+    src: TCache,
+    dsts: Sequence[TCache],
+    configs,
+    refs: Sequence[RefConfig],
+    src_blocks=None,
+    dst_blocks=None,
+    dst_block_size=None,
+    sync=None,
+    call_kwargs: bool = False,
+):
     """Run one transfer, expect success for every config, and compare every byte of every
     destination buffer (canaries and guards included) and of the source with the model."""
     dsts = unique(dsts)
@@ -80,20 +89,25 @@ def run_and_check(env, src: TCache, dsts: Sequence[TCache], configs, refs: Seque
     src_tensors = src.tensor_bytes()
     sync = sync if sync is not None else RecordingSync()
     if call_kwargs:
-        task = env.cm.transfer_cache_async(src_cache=src.cache, layer_synchronizer=sync,
-                                           transfer_configs=configs,
-                                           src_block_indices=src_blocks,
-                                           dst_block_indices=dst_blocks,
-                                           dst_block_memory_size=dst_block_size)
+        task = env.cm.transfer_cache_async(
+            src_cache=src.cache,
+            layer_synchronizer=sync,
+            transfer_configs=configs,
+            src_block_indices=src_blocks,
+            dst_block_indices=dst_blocks,
+            dst_block_memory_size=dst_block_size,
+        )
     else:
-        task = env.cm.transfer_cache_async(src.cache, sync, configs, src_blocks, dst_blocks,
-                                           dst_block_size)
+        task = env.cm.transfer_cache_async(
+            src.cache, sync, configs, src_blocks, dst_blocks, dst_block_size
+        )
     results = wait_results(task)
     assert results == [SUCCESS] * len(configs), (results, getattr(task, "errors", None))
     assert task.synchronize(WAIT_MS) == SUCCESS
     assert task.get_results(0) == results  # finished: repeated calls give the same answer
-    expected, written = reference.expected_transfer(src_tensors, src.stride, before, refs,
-                                                    src_blocks, dst_blocks, dst_block_size)
+    expected, written = reference.expected_transfer(
+        src_tensors, src.stride, before, refs, src_blocks, dst_blocks, dst_block_size
+    )
     actual = merged_mem(dsts)
     # canaries first, for a clearer message when a write lands outside its range
     for k in expected:
@@ -105,8 +119,13 @@ def run_and_check(env, src: TCache, dsts: Sequence[TCache], configs, refs: Seque
     assert_mem_equal(src.mem(), src_before, "source")
     # the synchronizer saw every covered layer once, ascending
     n = src.num_layers
-    covered = sorted({ly for r in refs
-                      for ly in (r.src_layer_range if r.src_layer_range is not None else range(n))})
+    covered = sorted(
+        {
+            ly
+            for r in refs
+            for ly in (r.src_layer_range if r.src_layer_range is not None else range(n))
+        }
+    )
     assert sync.calls == covered
     return task, expected, written
 
@@ -123,22 +142,26 @@ def test_reference_model_hand_examples():
     dst = {"a": np.zeros(12, np.uint8), "b": np.zeros(12, np.uint8)}
     # C2C row 2 of layer 1 into a@2 (K) and b@0 (V)
     out, written = reference.expected_transfer(
-        src, 4, dst, [RefConfig([("a", 2), ("b", 0)], range(1, 2), 2)])
+        src, 4, dst, [RefConfig([("a", 2), ("b", 0)], range(1, 2), 2)]
+    )
     assert out["a"].tolist() == [0, 0, 28, 29, 30, 31, 0, 0, 0, 0, 0, 0]
     assert out["b"].tolist() == [38, 39, 40, 41] + [0] * 8
     assert written["a"].sum() == 4
     # C2B: row 1 (bytes 4..7) cut in chunks of 3: [4,5,6] -> block 2, [7] -> block 0
     out, _ = reference.expected_transfer(
-        src, 4, dst, [RefConfig([("a", 0), ("b", 0)], range(0, 1), 1)], None, [2, 0], 3)
+        src, 4, dst, [RefConfig([("a", 0), ("b", 0)], range(0, 1), 1)], None, [2, 0], 3
+    )
     assert out["a"].tolist() == [7, 0, 0, 0, 0, 0, 4, 5, 6, 0, 0, 0]
     assert out["b"].tolist() == [17, 0, 0, 0, 0, 0, 14, 15, 16, 0, 0, 0]
     # B2B: blocks 2,0 -> 0,2 (block size 4)
     out, _ = reference.expected_transfer(
-        src, 4, dst, [RefConfig([("a", 0), ("b", 0)], range(0, 1))], [2, 0], [0, 2])
+        src, 4, dst, [RefConfig([("a", 0), ("b", 0)], range(0, 1))], [2, 0], [0, 2]
+    )
     assert out["a"].tolist() == [8, 9, 10, 11, 0, 0, 0, 0, 0, 1, 2, 3]
     # keyed: src layers 1..2 -> dst layers 0..1 with a batch offset
-    d = reference.keyed_dst([("t", 0), ("t", 100), ("t", 200), ("t", 300)], range(1, 3),
-                            range(0, 2), 7)
+    d = reference.keyed_dst(
+        [("t", 0), ("t", 100), ("t", 200), ("t", 300)], range(1, 3), range(0, 2), 7
+    )
     assert d == [("t", 7), ("t", 107), ("t", 207), ("t", 307)]
 
 
@@ -157,8 +180,9 @@ def test_c2c_all_layers(env):
 def test_c2c_keyword_arguments(env):
     src = env.registered(2, [2, 5], DataType.DT_INT32)
     dst = env.registered(2, [2, 5], DataType.DT_INT32)
-    cfg = TransferConfig(dst_cluster_id=OWN_CLUSTER, dst_addrs=dst.addrs, src_layer_range=None,
-                         src_batch_index=1)
+    cfg = TransferConfig(
+        dst_cluster_id=OWN_CLUSTER, dst_addrs=dst.addrs, src_layer_range=None, src_batch_index=1
+    )
     run_and_check(env, src, [dst], [cfg], [RefConfig(dst.tensors, None, 1)], call_kwargs=True)
 
 
@@ -201,9 +225,14 @@ def test_c2c_several_configs_different_caches(env):
     d1 = env.registered(4, [1, 10], DataType.DT_BF16)
     d2 = env.registered(2, [5, 10], DataType.DT_BF16)
     cfgs = [tc(d1.addrs, None, 1), tc([d2.addr_of(0, 40), d2.addr_of(1, 60)], range(1, 2), 0)]
-    refs = [RefConfig(d1.tensors, None, 1),
-            RefConfig([(d2.tensors[0][0], d2.tensors[0][1] + 40),
-                       (d2.tensors[1][0], d2.tensors[1][1] + 60)], range(1, 2), 0)]
+    refs = [
+        RefConfig(d1.tensors, None, 1),
+        RefConfig(
+            [(d2.tensors[0][0], d2.tensors[0][1] + 40), (d2.tensors[1][0], d2.tensors[1][1] + 60)],
+            range(1, 2),
+            0,
+        ),
+    ]
     run_and_check(env, src, [d1, d2], cfgs, refs)
 
 
@@ -216,7 +245,9 @@ def test_c2c_batch_dim_index(env, batch_dim):
     assert stride == 3 * 5 * 4 * 4 // shape[batch_dim]
     dst = env.registered(2, [stride], DataType.DT_UINT8)
     last = shape[batch_dim] - 1
-    run_and_check(env, src, [dst], [tc(dst.addrs, None, last)], [RefConfig(dst.tensors, None, last)])
+    run_and_check(
+        env, src, [dst], [tc(dst.addrs, None, last)], [RefConfig(dst.tensors, None, last)]
+    )
 
 
 def test_c2c_unaligned_destination_offsets(env):
@@ -240,18 +271,29 @@ def test_c2c_destination_in_contiguous_registration(env):
 # --------------------------------------------------------------------------------------------
 # C2B
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("block,indices", [
-    (16, [7, 2, 5]),        # 40-byte row: chunks 16, 16, 8 (short last chunk)
-    (16, [4]),              # only the first chunk is sent
-    (8, [0, 1, 2, 3, 4]),   # exact division, consecutive blocks
-    (10, [9, 8, 7, 6]),     # descending
-    (64, [3]),              # block larger than the row: one short chunk
-])
+@pytest.mark.parametrize(
+    "block,indices",
+    [
+        (16, [7, 2, 5]),  # 40-byte row: chunks 16, 16, 8 (short last chunk)
+        (16, [4]),  # only the first chunk is sent
+        (8, [0, 1, 2, 3, 4]),  # exact division, consecutive blocks
+        (10, [9, 8, 7, 6]),  # descending
+        (64, [3]),  # block larger than the row: one short chunk
+    ],
+)
 def test_c2b(env, block, indices):
     src = env.registered(4, [3, 40])  # stride 40
     dst = env.registered(4, [10, block], blocks=True)
-    run_and_check(env, src, [dst], [tc(dst.addrs, None, 1)], [RefConfig(dst.tensors, None, 1)],
-                  None, indices, block)
+    run_and_check(
+        env,
+        src,
+        [dst],
+        [tc(dst.addrs, None, 1)],
+        [RefConfig(dst.tensors, None, 1)],
+        None,
+        indices,
+        block,
+    )
 
 
 def test_c2b_several_configs(env):
@@ -273,8 +315,9 @@ def test_b2b(env, dst_block_size):
     dst = env.registered(4, [12, 4, 4], DataType.DT_FLOAT, blocks=True)
     sb = [1, 2, 3, 7, 0]
     db = [5, 6, 7, 0, 11]  # 1..3 -> 5..7 is one merged run
-    run_and_check(env, src, [dst], [tc(dst.addrs)], [RefConfig(dst.tensors)], sb, db,
-                  dst_block_size)
+    run_and_check(
+        env, src, [dst], [tc(dst.addrs)], [RefConfig(dst.tensors)], sb, db, dst_block_size
+    )
 
 
 def test_b2b_repeated_source_blocks_and_long_runs(env):
@@ -291,8 +334,11 @@ def test_b2b_several_configs_and_subranges(env):
     d2 = env.registered(2, [6, 16], blocks=True)
     d3 = env.registered(8, [6, 16], blocks=True)
     cfgs = [tc(d1.addrs, range(2, 4)), tc(d2.addrs, range(0, 1)), tc(d3.addrs, None)]
-    refs = [RefConfig(d1.tensors, range(2, 4)), RefConfig(d2.tensors, range(0, 1)),
-            RefConfig(d3.tensors)]
+    refs = [
+        RefConfig(d1.tensors, range(2, 4)),
+        RefConfig(d2.tensors, range(0, 1)),
+        RefConfig(d3.tensors),
+    ]
     run_and_check(env, src, [d1, d2, d3], cfgs, refs, [0, 1, 5], [5, 4, 3])
 
 
@@ -319,27 +365,44 @@ def test_placements(env, kind, sp, sa, dp, da):
     src = env.cache(sa, 4, [4, 24], DataType.DT_UINT8, sp, blocks=blocks_src)
     if kind == C2C:
         dst = env.cache(da, 4, [2, 24], DataType.DT_UINT8, dp)
-        run_and_check(env, src, [dst], [tc([dst.addr_of(i, 24) for i in range(4)], None, 3)],
-                      [RefConfig([(k, o + 24) for k, o in dst.tensors], None, 3)])
+        run_and_check(
+            env,
+            src,
+            [dst],
+            [tc([dst.addr_of(i, 24) for i in range(4)], None, 3)],
+            [RefConfig([(k, o + 24) for k, o in dst.tensors], None, 3)],
+        )
     elif kind == C2B:
         dst = env.cache(da, 4, [5, 10], DataType.DT_UINT8, dp, blocks=True)
-        run_and_check(env, src, [dst], [tc(dst.addrs, None, 2)], [RefConfig(dst.tensors, None, 2)],
-                      None, [4, 0, 2], 10)
+        run_and_check(
+            env,
+            src,
+            [dst],
+            [tc(dst.addrs, None, 2)],
+            [RefConfig(dst.tensors, None, 2)],
+            None,
+            [4, 0, 2],
+            10,
+        )
     else:
         dst = env.cache(da, 4, [6, 24], DataType.DT_UINT8, dp, blocks=True)
-        run_and_check(env, src, [dst], [tc(dst.addrs)], [RefConfig(dst.tensors)],
-                      [3, 0, 1], [5, 1, 2])
+        run_and_check(
+            env, src, [dst], [tc(dst.addrs)], [RefConfig(dst.tensors)], [3, 0, 1], [5, 1, 2]
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # TransferWithCacheKeyConfig (enable_remote_cache_accessible on)
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("src_range,dst_range", [
-    (range(0, 3), range(0, 3)),
-    (range(1, 3), range(0, 2)),   # deviation: source range not starting at 0
-    (range(0, 1), range(3, 4)),
-    (range(2, 3), range(1, 2)),
-])
+@pytest.mark.parametrize(
+    "src_range,dst_range",
+    [
+        (range(0, 3), range(0, 3)),
+        (range(1, 3), range(0, 2)),  # deviation: source range not starting at 0
+        (range(0, 1), range(3, 4)),
+        (range(2, 3), range(1, 2)),
+    ],
+)
 @pytest.mark.parametrize("dst_allocated", [False, True])
 def test_keyed_blocks_b2b(env_remote, src_range, dst_range, dst_allocated):
     env = env_remote
@@ -373,8 +436,13 @@ def test_keyed_by_id_and_index_c2c(env_remote, dst_allocated):
     dst = env.cache(dst_allocated, 6, [5, 4, 4], DataType.DT_FLOAT)
     key = CacheKeyByIdAndIndex(OWN_CLUSTER, dst.cache.cache_id, 3)
     cfg = TransferWithCacheKeyConfig(key, range(0, 3), range(0, 3), 2)
-    refs = [RefConfig(reference.keyed_dst(dst.tensors, range(0, 3), range(0, 3), 3 * dst.stride),
-                      range(0, 3), 2)]
+    refs = [
+        RefConfig(
+            reference.keyed_dst(dst.tensors, range(0, 3), range(0, 3), 3 * dst.stride),
+            range(0, 3),
+            2,
+        )
+    ]
     run_and_check(env, src, [dst], [cfg], refs)
 
 
@@ -385,8 +453,11 @@ def test_keyed_by_id_and_index_wider_destination_rows(env_remote):
     dst = env.registered(4, [4, 40])  # remote stride 40
     key = CacheKeyByIdAndIndex(OWN_CLUSTER, dst.cache.cache_id, 2)
     cfg = TransferWithCacheKeyConfig(key, range(1, 2), range(0, 1), 1)
-    refs = [RefConfig(reference.keyed_dst(dst.tensors, range(1, 2), range(0, 1), 2 * 40),
-                      range(1, 2), 1)]
+    refs = [
+        RefConfig(
+            reference.keyed_dst(dst.tensors, range(1, 2), range(0, 1), 2 * 40), range(1, 2), 1
+        )
+    ]
     run_and_check(env, src, [dst], [cfg], refs)
 
 
@@ -396,13 +467,16 @@ def test_keyed_several_configs_same_cluster(env_remote):
     src = env.registered(4, [4, 24], DataType.DT_UINT8)
     dst = env.registered(4, [4, 24])
     cfgs, refs = [], []
-    for src_row, dst_row, r_src, r_dst in [(0, 3, range(0, 2), range(0, 2)),
-                                           (3, 0, range(1, 2), range(0, 1)),
-                                           (1, 1, range(0, 1), range(1, 2))]:
+    for src_row, dst_row, r_src, r_dst in [
+        (0, 3, range(0, 2), range(0, 2)),
+        (3, 0, range(1, 2), range(0, 1)),
+        (1, 1, range(0, 1), range(1, 2)),
+    ]:
         key = CacheKeyByIdAndIndex(OWN_CLUSTER, dst.cache.cache_id, dst_row)
         cfgs.append(TransferWithCacheKeyConfig(key, r_src, r_dst, src_row))
-        refs.append(RefConfig(reference.keyed_dst(dst.tensors, r_src, r_dst, dst_row * 24),
-                              r_src, src_row))
+        refs.append(
+            RefConfig(reference.keyed_dst(dst.tensors, r_src, r_dst, dst_row * 24), r_src, src_row)
+        )
     task, _, _ = run_and_check(env, src, [dst], cfgs, refs)
     assert task.get_results() == [SUCCESS] * 3
 
@@ -413,10 +487,14 @@ def test_keyed_two_blocks_caches_distinguished_by_model_id(env_remote):
     k1, k2 = BlocksCacheKey(OWN_CLUSTER, 1), BlocksCacheKey(OWN_CLUSTER, 2)
     d1 = env.registered(4, [4, 8], blocks=True, key=k1)
     d2 = env.allocated(2, [4, 8], blocks=True, key=k2)
-    cfgs = [TransferWithCacheKeyConfig(k1, range(0, 2), range(0, 2)),
-            TransferWithCacheKeyConfig(k2, range(1, 2), range(0, 1))]
-    refs = [RefConfig(reference.keyed_dst(d1.tensors, range(0, 2), range(0, 2)), range(0, 2)),
-            RefConfig(reference.keyed_dst(d2.tensors, range(1, 2), range(0, 1)), range(1, 2))]
+    cfgs = [
+        TransferWithCacheKeyConfig(k1, range(0, 2), range(0, 2)),
+        TransferWithCacheKeyConfig(k2, range(1, 2), range(0, 1)),
+    ]
+    refs = [
+        RefConfig(reference.keyed_dst(d1.tensors, range(0, 2), range(0, 2)), range(0, 2)),
+        RefConfig(reference.keyed_dst(d2.tensors, range(1, 2), range(0, 1)), range(1, 2)),
+    ]
     run_and_check(env, src, [d1, d2], cfgs, refs, [3, 2], [0, 1])
 
 
@@ -447,11 +525,14 @@ def tuning():
     llmdist.set_host_tuning(**saved)
 
 
-@pytest.mark.parametrize("knobs", [
-    dict(copy_threads=1, split_min_bytes=0, stream_store_min_bytes=0),
-    dict(copy_threads=2, split_min_bytes=1, stream_store_min_bytes=64),
-    dict(copy_threads=3, split_min_bytes=4096, stream_store_min_bytes=1),
-])
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        dict(copy_threads=1, split_min_bytes=0, stream_store_min_bytes=0),
+        dict(copy_threads=2, split_min_bytes=1, stream_store_min_bytes=64),
+        dict(copy_threads=3, split_min_bytes=4096, stream_store_min_bytes=1),
+    ],
+)
 def test_host_tuning_knobs_keep_bytes_exact(env, tuning, knobs):
     tuning(**knobs)
     assert {k: llmdist.host_tuning()[k] for k in knobs} == knobs
@@ -463,12 +544,33 @@ def test_host_tuning_knobs_keep_bytes_exact(env, tuning, knobs):
     run_and_check(env, src, [dst], [tc(dst.addrs)], [RefConfig(dst.tensors)], sb, db)
     src2 = env.registered(2, [3, 70001])
     dst2 = env.registered(2, [70011])
-    run_and_check(env, src2, [dst2], [tc([dst2.addr_of(0, 3), dst2.addr_of(1, 9)], None, 1)],
-                  [RefConfig([(dst2.tensors[0][0], dst2.tensors[0][1] + 3),
-                              (dst2.tensors[1][0], dst2.tensors[1][1] + 9)], None, 1)])
+    run_and_check(
+        env,
+        src2,
+        [dst2],
+        [tc([dst2.addr_of(0, 3), dst2.addr_of(1, 9)], None, 1)],
+        [
+            RefConfig(
+                [
+                    (dst2.tensors[0][0], dst2.tensors[0][1] + 3),
+                    (dst2.tensors[1][0], dst2.tensors[1][1] + 9),
+                ],
+                None,
+                1,
+            )
+        ],
+    )
     dst3 = env.registered(2, [9, 8191], blocks=True)
-    run_and_check(env, src2, [dst3], [tc(dst3.addrs, None, 2)], [RefConfig(dst3.tensors, None, 2)],
-                  None, [8, 0, 4, 1, 5, 2, 3, 7, 6], 8191)
+    run_and_check(
+        env,
+        src2,
+        [dst3],
+        [tc(dst3.addrs, None, 2)],
+        [RefConfig(dst3.tensors, None, 2)],
+        None,
+        [8, 0, 4, 1, 5, 2, 3, 7, 6],
+        8191,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -520,8 +622,16 @@ def scenario(draw, remote: bool):
         bdi = draw(st.integers(0, len(src_shape) - 1))
     size = reference.tensor_bytes(src_shape, dtype.name)
     stride = size // src_shape[bdi]
-    p = dict(kind=kind, L=L, dtype=dtype, src_placement=src_placement, src_alloc=src_alloc,
-             src_shape=src_shape, bdi=bdi, stride=stride)
+    p = dict(
+        kind=kind,
+        L=L,
+        dtype=dtype,
+        src_placement=src_placement,
+        src_alloc=src_alloc,
+        src_shape=src_shape,
+        bdi=bdi,
+        stride=stride,
+    )
     if kind == B2B:
         n_dst_blocks = draw(st.integers(1, 10))
         p["src_blocks"], p["dst_blocks"] = draw(block_pairs(src_shape[0], n_dst_blocks))
@@ -534,8 +644,9 @@ def scenario(draw, remote: bool):
         n = draw(st.integers(1, cap))
         n_dst_blocks = n + draw(st.integers(0, 3))
         p["src_blocks"] = None
-        p["dst_blocks"] = draw(st.lists(st.integers(0, n_dst_blocks - 1), min_size=n,
-                                        max_size=n, unique=True))
+        p["dst_blocks"] = draw(
+            st.lists(st.integers(0, n_dst_blocks - 1), min_size=n, max_size=n, unique=True)
+        )
         p["n_dst_blocks"] = n_dst_blocks
         p["dst_block_size"] = B
     else:
@@ -579,8 +690,15 @@ def scenario(draw, remote: bool):
 def build_and_run(p, remote: bool):
     kind = p["kind"]
     with env_ctx(remote=remote, seed=p["seed"]) as env:
-        src = env.cache(p["src_alloc"], 2 * p["L"], p["src_shape"], p["dtype"],
-                        p["src_placement"], blocks=(kind == B2B), batch_dim_index=p["bdi"])
+        src = env.cache(
+            p["src_alloc"],
+            2 * p["L"],
+            p["src_shape"],
+            p["dtype"],
+            p["src_placement"],
+            blocks=(kind == B2B),
+            batch_dim_index=p["bdi"],
+        )
         assert src.stride == p["stride"]
         dsts, cfgs, refs = [], [], []
         for ci, c in enumerate(p["configs"]):
@@ -590,10 +708,14 @@ def build_and_run(p, remote: bool):
                 if kind == C2C:
                     # llmdist marks allocate_cache HOST memory not remote accessible (spec is
                     # silent); a HOST keyed destination here is an allocated blocks cache.
-                    dst = env.cache(p["dst_alloc"], 2 * c["dst_layers"],
-                                    [c["dst_rows"], p["stride"] + c["dst_row_extra"]],
-                                    DataType.DT_UINT8, p["dst_placement"],
-                                    blocks=p["dst_placement"] == HOST)
+                    dst = env.cache(
+                        p["dst_alloc"],
+                        2 * c["dst_layers"],
+                        [c["dst_rows"], p["stride"] + c["dst_row_extra"]],
+                        DataType.DT_UINT8,
+                        p["dst_placement"],
+                        blocks=p["dst_placement"] == HOST,
+                    )
                     key = CacheKeyByIdAndIndex(OWN_CLUSTER, dst.cache.cache_id, c["batch_index"])
                     off = c["batch_index"] * dst.stride
                 else:
@@ -603,35 +725,65 @@ def build_and_run(p, remote: bool):
                         dtype = p["dtype"]
                     else:
                         shape, dtype = [p["n_dst_blocks"], p["dst_block_size"]], DataType.DT_UINT8
-                    dst = env.cache(p["dst_alloc"], 2 * c["dst_layers"], shape, dtype,
-                                    p["dst_placement"], blocks=True, key=key)
+                    dst = env.cache(
+                        p["dst_alloc"],
+                        2 * c["dst_layers"],
+                        shape,
+                        dtype,
+                        p["dst_placement"],
+                        blocks=True,
+                        key=key,
+                    )
                     off = 0
                 cfgs.append(TransferWithCacheKeyConfig(key, r, c["dst_range"], c["batch"]))
-                refs.append(RefConfig(reference.keyed_dst(dst.tensors, r, c["dst_range"], off),
-                                      r, c["batch"]))
+                refs.append(
+                    RefConfig(
+                        reference.keyed_dst(dst.tensors, r, c["dst_range"], off), r, c["batch"]
+                    )
+                )
             else:
                 if kind == C2C:
-                    dst = env.cache(p["dst_alloc"], 2 * n_layers, [c["dst_bytes"]],
-                                    DataType.DT_UINT8, p["dst_placement"])
+                    dst = env.cache(
+                        p["dst_alloc"],
+                        2 * n_layers,
+                        [c["dst_bytes"]],
+                        DataType.DT_UINT8,
+                        p["dst_placement"],
+                    )
                     off = c["offset"]
                 elif kind == C2B:
-                    dst = env.cache(p["dst_alloc"], 2 * n_layers,
-                                    [p["n_dst_blocks"], p["dst_block_size"]], DataType.DT_UINT8,
-                                    p["dst_placement"], blocks=True)
+                    dst = env.cache(
+                        p["dst_alloc"],
+                        2 * n_layers,
+                        [p["n_dst_blocks"], p["dst_block_size"]],
+                        DataType.DT_UINT8,
+                        p["dst_placement"],
+                        blocks=True,
+                    )
                     off = 0
                 else:
-                    dst = env.cache(p["dst_alloc"], 2 * n_layers,
-                                    [p["n_dst_blocks"]] + p["src_shape"][1:], p["dtype"],
-                                    p["dst_placement"], blocks=True)
+                    dst = env.cache(
+                        p["dst_alloc"],
+                        2 * n_layers,
+                        [p["n_dst_blocks"]] + p["src_shape"][1:],
+                        p["dtype"],
+                        p["dst_placement"],
+                        blocks=True,
+                    )
                     off = 0
                 perm = c["perm"]
-                cfgs.append(TransferConfig(OWN_CLUSTER, [dst.addr_of(t, off) for t in perm], r,
-                                           c["batch"]))
-                refs.append(RefConfig([(dst.tensors[t][0], dst.tensors[t][1] + off)
-                                       for t in perm], r, c["batch"]))
+                cfgs.append(
+                    TransferConfig(OWN_CLUSTER, [dst.addr_of(t, off) for t in perm], r, c["batch"])
+                )
+                refs.append(
+                    RefConfig(
+                        [(dst.tensors[t][0], dst.tensors[t][1] + off) for t in perm], r, c["batch"]
+                    )
+                )
             dsts.append(dst)
-        run_and_check(env, src, dsts, cfgs, refs, p["src_blocks"], p["dst_blocks"],
-                      p["dst_block_size"])
+        run_and_check(
+            env, src, dsts, cfgs, refs, p["src_blocks"], p["dst_blocks"], p["dst_block_size"]
+        )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -652,7 +804,7 @@ def test_property_transfer_with_cache_key(p):
 def test_large_unaligned_transfer_default_tuning(env):
     """Layers of several MiB (above the default split and streaming-store thresholds), odd
     offsets; the bytes must all be there as soon as the result says success."""
-    src = env.registered(4, [3, 1 << 20], DataType.DT_INT8)       # 3 MiB tensors, 1 MiB rows
+    src = env.registered(4, [3, 1 << 20], DataType.DT_INT8)  # 3 MiB tensors, 1 MiB rows
     dst = env.registered(4, [(1 << 20) + 77], DataType.DT_INT8)
     offs = [1, 13, 76, 33]
     cfg = tc([dst.addr_of(i, o) for i, o in enumerate(offs)], None, 2)
@@ -666,30 +818,52 @@ def test_large_unaligned_transfer_default_tuning(env):
 
 
 @settings(max_examples=60, deadline=None)
-@given(copy_threads=st.integers(1, 3), split_min=st.sampled_from([0, 1, 100, 4096, 1 << 20]),
-       nt_min=st.sampled_from([0, 1, 15, 16, 17, 64, 4096]),
-       row=st.integers(1, 40000), offset=st.integers(0, 63), batch=st.integers(0, 2),
-       blocks=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_property_copy_engine_knobs(copy_threads, split_min, nt_min, row, offset, batch, blocks,
-                                    seed):
+@given(
+    copy_threads=st.integers(1, 3),
+    split_min=st.sampled_from([0, 1, 100, 4096, 1 << 20]),
+    nt_min=st.sampled_from([0, 1, 15, 16, 17, 64, 4096]),
+    row=st.integers(1, 40000),
+    offset=st.integers(0, 63),
+    batch=st.integers(0, 2),
+    blocks=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_copy_engine_knobs(
+    copy_threads, split_min, nt_min, row, offset, batch, blocks, seed
+):
     saved = llmdist.host_tuning()
     try:
-        llmdist.set_host_tuning(copy_threads=copy_threads, split_min_bytes=split_min,
-                                stream_store_min_bytes=nt_min)
+        llmdist.set_host_tuning(
+            copy_threads=copy_threads, split_min_bytes=split_min, stream_store_min_bytes=nt_min
+        )
         with env_ctx(seed=seed) as env:
             if blocks:
                 # src blocks of `row` bytes, one run of 2, a gap, a single block
                 src = env.registered(2, [4, row], blocks=True)
                 dst = env.registered(2, [6, row], blocks=True)
-                run_and_check(env, src, [dst], [tc(dst.addrs)], [RefConfig(dst.tensors)],
-                              [1, 2, 0, 3], [4, 5, 0, 2])
+                run_and_check(
+                    env,
+                    src,
+                    [dst],
+                    [tc(dst.addrs)],
+                    [RefConfig(dst.tensors)],
+                    [1, 2, 0, 3],
+                    [4, 5, 0, 2],
+                )
             else:
                 src = env.registered(2, [3, row])
                 dst = env.registered(2, [row + 64])
                 cfg = tc([dst.addr_of(0, offset), dst.addr_of(1, 63 - offset)], None, batch)
-                refs = [RefConfig([(dst.tensors[0][0], dst.tensors[0][1] + offset),
-                                   (dst.tensors[1][0], dst.tensors[1][1] + 63 - offset)],
-                                  None, batch)]
+                refs = [
+                    RefConfig(
+                        [
+                            (dst.tensors[0][0], dst.tensors[0][1] + offset),
+                            (dst.tensors[1][0], dst.tensors[1][1] + 63 - offset),
+                        ],
+                        None,
+                        batch,
+                    )
+                ]
                 run_and_check(env, src, [dst], [cfg], refs)
     finally:
         llmdist.set_host_tuning(**saved)
@@ -700,8 +874,12 @@ def test_keyed_two_configs_same_key_disjoint_layers(env_remote):
     src = env.registered(6, [4, 32], blocks=True)
     key = BlocksCacheKey(OWN_CLUSTER, 0)
     dst = env.registered(6, [8, 32], blocks=True, key=key)
-    cfgs = [TransferWithCacheKeyConfig(key, range(0, 1), range(2, 3)),
-            TransferWithCacheKeyConfig(key, range(1, 3), range(0, 2))]
-    refs = [RefConfig(reference.keyed_dst(dst.tensors, range(0, 1), range(2, 3)), range(0, 1)),
-            RefConfig(reference.keyed_dst(dst.tensors, range(1, 3), range(0, 2)), range(1, 3))]
+    cfgs = [
+        TransferWithCacheKeyConfig(key, range(0, 1), range(2, 3)),
+        TransferWithCacheKeyConfig(key, range(1, 3), range(0, 2)),
+    ]
+    refs = [
+        RefConfig(reference.keyed_dst(dst.tensors, range(0, 1), range(2, 3)), range(0, 1)),
+        RefConfig(reference.keyed_dst(dst.tensors, range(1, 3), range(0, 2)), range(1, 3)),
+    ]
     run_and_check(env, src, [dst], cfgs, refs, [3, 0, 1], [7, 1, 2])

@@ -129,6 +129,7 @@ def test_llm_exception_status_code_is_keyword_only():
 
 # ---------------------------------------------------------------- _check
 
+
 def test_check_isinstance_message_and_return():
     assert check_isinstance("x", 3, int) == 3
     assert check_isinstance("x", [1], (list, tuple)) == [1]
@@ -150,9 +151,9 @@ def test_check_isinstance_none_and_bool():
 INT_CHECKERS = [
     (check_uint16, 0, 2**16 - 1, "uint16"),
     (check_uint32, 0, 2**32 - 1, "uint32"),
-    (check_int32, -2**31, 2**31 - 1, "int32"),
+    (check_int32, -(2**31), 2**31 - 1, "int32"),
     (check_uint64, 0, 2**64 - 1, "uint64"),
-    (check_int64, -2**63, 2**63 - 1, "int64"),
+    (check_int64, -(2**63), 2**63 - 1, "int64"),
 ]
 
 
@@ -176,7 +177,7 @@ def test_int_checkers_reject_non_int_and_bool(check, lo, hi, kind, bad):
     assert str(info.value).startswith("my_param only support ['int'], but got")
 
 
-@given(st.integers(min_value=-2**70, max_value=2**70))
+@given(st.integers(min_value=-(2**70), max_value=2**70))
 def test_check_uint32_accepts_exactly_its_range(v):
     if 0 <= v < 2**32:
         assert check_uint32("v", v) == v
@@ -209,7 +210,7 @@ def test_check_int_list_names_the_element():
         check_int_list("addrs", [1, 2, True])
     assert "addrs[2]" in str(info.value)
     with pytest.raises(ValueError):
-        check_int_list("dims", [-2**63 - 1], check_int64)
+        check_int_list("dims", [-(2**63) - 1], check_int64)
     assert check_int_list("dims", [-5], check_int64) == (-5,)
     with pytest.raises(ValueError):
         check_int_list("dims", [-5])  # default element check is uint64
@@ -240,19 +241,32 @@ def test_check_layer_range():
 
 # ---------------------------------------------------------------- enums
 
+
 def test_placement_role_regstatus_values():
     assert (Placement.HOST, Placement.DEVICE) == (0, 1)
     assert str(Placement.HOST) == "Placement.HOST"
     assert (LLMRole.PROMPT, LLMRole.DECODER, LLMRole.MIX) == (1, 2, 3)
     assert str(LLMRole.DECODER) == "LLMRole.DECODER"
-    assert [(m.name, m.value) for m in RegisterMemStatus] == [("OK", 0), ("PREPARING", 1),
-                                                              ("FAILED", 2)]
+    assert [(m.name, m.value) for m in RegisterMemStatus] == [
+        ("OK", 0),
+        ("PREPARING", 1),
+        ("FAILED", 2),
+    ]
 
 
 DTYPES = {
-    "DT_FLOAT": (0, 4), "DT_FLOAT16": (1, 2), "DT_INT8": (2, 1), "DT_INT32": (3, 4),
-    "DT_UINT8": (4, 1), "DT_INT16": (6, 2), "DT_UINT16": (7, 2), "DT_UINT32": (8, 4),
-    "DT_INT64": (9, 8), "DT_UINT64": (10, 8), "DT_DOUBLE": (11, 8), "DT_BOOL": (12, 1),
+    "DT_FLOAT": (0, 4),
+    "DT_FLOAT16": (1, 2),
+    "DT_INT8": (2, 1),
+    "DT_INT32": (3, 4),
+    "DT_UINT8": (4, 1),
+    "DT_INT16": (6, 2),
+    "DT_UINT16": (7, 2),
+    "DT_UINT32": (8, 4),
+    "DT_INT64": (9, 8),
+    "DT_UINT64": (10, 8),
+    "DT_DOUBLE": (11, 8),
+    "DT_BOOL": (12, 1),
     "DT_BF16": (27, 2),
 }
 
@@ -274,6 +288,7 @@ def test_datatype_string_has_no_size():
 
 
 # ---------------------------------------------------------------- CacheDesc
+
 
 def test_cache_desc_defaults_and_properties():
     d = CacheDesc(4, [8, 16, 32], DataType.DT_FLOAT16)
@@ -298,8 +313,15 @@ def test_cache_desc_all_arguments():
     assert d.kv_tensor_format == "ND"
     assert d.size == 3 * 5 * 7 * 4
     assert d.stride == d.size // 5
-    kw = CacheDesc(num_tensors=2, shape=[4], data_type=DataType.DT_INT8, placement=Placement.HOST,
-                   batch_dim_index=0, seq_len_dim_index=0, kv_tensor_format=None)
+    kw = CacheDesc(
+        num_tensors=2,
+        shape=[4],
+        data_type=DataType.DT_INT8,
+        placement=Placement.HOST,
+        batch_dim_index=0,
+        seq_len_dim_index=0,
+        kv_tensor_format=None,
+    )
     assert kw.size == 4 and kw.stride == 1
 
 
@@ -332,26 +354,29 @@ def test_cache_desc_num_tensors_zero_allowed_in_desc():
     assert CacheDesc(0, [1], DataType.DT_INT8).num_tensors == 0
 
 
-@pytest.mark.parametrize("kwargs,exc", [
-    (dict(num_tensors=-1), ValueError),
-    (dict(num_tensors=2**32), ValueError),
-    (dict(num_tensors="2"), TypeError),
-    (dict(num_tensors=True), TypeError),
-    (dict(shape="4,8"), TypeError),
-    (dict(shape={4, 8}), TypeError),
-    (dict(shape=None), TypeError),
-    (dict(shape=[4, 8.0]), TypeError),
-    (dict(shape=[4, True]), TypeError),
-    (dict(shape=[4, 2**63]), ValueError),
-    (dict(data_type=1), TypeError),
-    (dict(data_type="DT_FLOAT"), TypeError),
-    (dict(placement=1), TypeError),
-    (dict(placement=None), TypeError),
-    (dict(batch_dim_index=0.0), TypeError),
-    (dict(batch_dim_index=False), TypeError),
-    (dict(seq_len_dim_index="1"), TypeError),
-    (dict(kv_tensor_format=1), TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc",
+    [
+        (dict(num_tensors=-1), ValueError),
+        (dict(num_tensors=2**32), ValueError),
+        (dict(num_tensors="2"), TypeError),
+        (dict(num_tensors=True), TypeError),
+        (dict(shape="4,8"), TypeError),
+        (dict(shape={4, 8}), TypeError),
+        (dict(shape=None), TypeError),
+        (dict(shape=[4, 8.0]), TypeError),
+        (dict(shape=[4, True]), TypeError),
+        (dict(shape=[4, 2**63]), ValueError),
+        (dict(data_type=1), TypeError),
+        (dict(data_type="DT_FLOAT"), TypeError),
+        (dict(placement=1), TypeError),
+        (dict(placement=None), TypeError),
+        (dict(batch_dim_index=0.0), TypeError),
+        (dict(batch_dim_index=False), TypeError),
+        (dict(seq_len_dim_index="1"), TypeError),
+        (dict(kv_tensor_format=1), TypeError),
+    ],
+)
 def test_cache_desc_type_and_range_errors(kwargs, exc):
     args = dict(num_tensors=2, shape=[4, 8], data_type=DataType.DT_FLOAT)
     args.update(kwargs)
@@ -359,15 +384,18 @@ def test_cache_desc_type_and_range_errors(kwargs, exc):
         CacheDesc(**args)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(shape=[]),
-    dict(shape=()),
-    dict(shape=[4, 0]),
-    dict(batch_dim_index=2),
-    dict(batch_dim_index=-1),
-    dict(seq_len_dim_index=2),
-    dict(seq_len_dim_index=-2),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(shape=[]),
+        dict(shape=()),
+        dict(shape=[4, 0]),
+        dict(batch_dim_index=2),
+        dict(batch_dim_index=-1),
+        dict(seq_len_dim_index=2),
+        dict(seq_len_dim_index=-2),
+    ],
+)
 def test_cache_desc_illegal_values(kwargs):
     args = dict(num_tensors=2, shape=[4, 8], data_type=DataType.DT_FLOAT)
     args.update(kwargs)
@@ -384,17 +412,30 @@ def test_cache_desc_size_errors():
 
 def test_cache_desc_repr():
     r = repr(CacheDesc(2, [4, 8], DataType.DT_BF16, Placement.HOST, 0, 1, "ND"))
-    for part in ("num_tensors=2", "shape=[4, 8]", "DataType.DT_BF16", "Placement.HOST",
-                 "batch_dim_index=0", "seq_len_dim_index=1", "'ND'"):
+    for part in (
+        "num_tensors=2",
+        "shape=[4, 8]",
+        "DataType.DT_BF16",
+        "Placement.HOST",
+        "batch_dim_index=0",
+        "seq_len_dim_index=1",
+        "'ND'",
+    ):
         assert part in r
 
 
 # ---------------------------------------------------------------- keys
 
+
 def test_cache_key_defaults_and_alias():
     k = CacheKey(1, 2)
     assert (k.cluster_id, k.prompt_cluster_id, k.req_id, k.model_id, k.prefix_id) == (
-        1, 1, 2, 0, U64_MAX)
+        1,
+        1,
+        2,
+        0,
+        U64_MAX,
+    )
     assert CacheKey(prompt_cluster_id=1, req_id=2) == k
     assert CacheKey(cluster_id=1, req_id=2, model_id=0, prefix_id=U64_MAX) == k
     assert CacheKey(1, 2, 3, 4).model_id == 3
@@ -433,8 +474,12 @@ def test_key_equality_and_hash():
     assert len({CacheKey(1, 2), CacheKey(1, 2), CacheKey(1, 3)}) == 2
 
 
-@given(st.integers(0, U64_MAX), st.integers(0, U64_MAX), st.integers(0, U64_MAX),
-       st.integers(0, U64_MAX))
+@given(
+    st.integers(0, U64_MAX),
+    st.integers(0, U64_MAX),
+    st.integers(0, U64_MAX),
+    st.integers(0, U64_MAX),
+)
 def test_cache_key_equal_iff_fields_equal(a, b, c, d):
     k1 = CacheKey(a, b)
     k2 = CacheKey(c, d)
@@ -444,8 +489,11 @@ def test_cache_key_equal_iff_fields_equal(a, b, c, d):
 
 
 def test_keys_are_immutable():
-    for key, attr in ((CacheKey(1, 2), "req_id"), (BlocksCacheKey(1), "model_id"),
-                      (CacheKeyByIdAndIndex(1, 2), "cache_id")):
+    for key, attr in (
+        (CacheKey(1, 2), "req_id"),
+        (BlocksCacheKey(1), "model_id"),
+        (CacheKeyByIdAndIndex(1, 2), "cache_id"),
+    ):
         with pytest.raises(AttributeError):
             setattr(key, attr, 5)
         with pytest.raises(AttributeError):
@@ -462,31 +510,34 @@ def test_key_repr_roundtrips():
     assert repr(BlocksCacheKey(5, 6)) == "BlocksCacheKey(cluster_id=5, model_id=6)"
 
 
-@pytest.mark.parametrize("make,exc", [
-    (lambda: CacheKey(-1, 2), ValueError),
-    (lambda: CacheKey(2**64, 2), ValueError),
-    (lambda: CacheKey(1, -1), ValueError),
-    (lambda: CacheKey(1, 2, -1), ValueError),
-    (lambda: CacheKey(1, 2, 0, 2**64), ValueError),
-    (lambda: CacheKey("1", 2), TypeError),
-    (lambda: CacheKey(True, 2), TypeError),
-    (lambda: CacheKey(1, 2.0), TypeError),
-    (lambda: CacheKey(1), TypeError),
-    (lambda: CacheKey(req_id=1), TypeError),
-    (lambda: BlocksCacheKey(-1), ValueError),
-    (lambda: BlocksCacheKey(1, 2**64), ValueError),
-    (lambda: BlocksCacheKey(1, "0"), TypeError),
-    (lambda: BlocksCacheKey(), TypeError),
-    (lambda: BlocksCacheKey(None), TypeError),
-    (lambda: CacheKeyByIdAndIndex(-1, 0), ValueError),
-    (lambda: CacheKeyByIdAndIndex(1, 2**63), ValueError),
-    (lambda: CacheKeyByIdAndIndex(1, -2**63 - 1), ValueError),
-    (lambda: CacheKeyByIdAndIndex(1, 0, -1), ValueError),
-    (lambda: CacheKeyByIdAndIndex(1, 0, 2**32), ValueError),
-    (lambda: CacheKeyByIdAndIndex(1, 0, False), TypeError),
-    (lambda: CacheKeyByIdAndIndex(1), TypeError),
-    (lambda: CacheKeyByIdAndIndex(1, "2"), TypeError),
-])
+@pytest.mark.parametrize(
+    "make,exc",
+    [
+        (lambda: CacheKey(-1, 2), ValueError),
+        (lambda: CacheKey(2**64, 2), ValueError),
+        (lambda: CacheKey(1, -1), ValueError),
+        (lambda: CacheKey(1, 2, -1), ValueError),
+        (lambda: CacheKey(1, 2, 0, 2**64), ValueError),
+        (lambda: CacheKey("1", 2), TypeError),
+        (lambda: CacheKey(True, 2), TypeError),
+        (lambda: CacheKey(1, 2.0), TypeError),
+        (lambda: CacheKey(1), TypeError),
+        (lambda: CacheKey(req_id=1), TypeError),
+        (lambda: BlocksCacheKey(-1), ValueError),
+        (lambda: BlocksCacheKey(1, 2**64), ValueError),
+        (lambda: BlocksCacheKey(1, "0"), TypeError),
+        (lambda: BlocksCacheKey(), TypeError),
+        (lambda: BlocksCacheKey(None), TypeError),
+        (lambda: CacheKeyByIdAndIndex(-1, 0), ValueError),
+        (lambda: CacheKeyByIdAndIndex(1, 2**63), ValueError),
+        (lambda: CacheKeyByIdAndIndex(1, -(2**63) - 1), ValueError),
+        (lambda: CacheKeyByIdAndIndex(1, 0, -1), ValueError),
+        (lambda: CacheKeyByIdAndIndex(1, 0, 2**32), ValueError),
+        (lambda: CacheKeyByIdAndIndex(1, 0, False), TypeError),
+        (lambda: CacheKeyByIdAndIndex(1), TypeError),
+        (lambda: CacheKeyByIdAndIndex(1, "2"), TypeError),
+    ],
+)
 def test_key_validation(make, exc):
     with pytest.raises(exc):
         make()
@@ -498,14 +549,17 @@ def test_key_int64_cache_id_accepts_negative():
 
 
 def test_key_cluster_id_and_alias_together_rejected():
-    for make in (lambda: CacheKey(1, 2, prompt_cluster_id=1),
-                 lambda: BlocksCacheKey(1, prompt_cluster_id=2),
-                 lambda: CacheKeyByIdAndIndex(cluster_id=1, cache_id=2, prompt_cluster_id=1)):
+    for make in (
+        lambda: CacheKey(1, 2, prompt_cluster_id=1),
+        lambda: BlocksCacheKey(1, prompt_cluster_id=2),
+        lambda: CacheKeyByIdAndIndex(cluster_id=1, cache_id=2, prompt_cluster_id=1),
+    ):
         with raises_llm():
             make()
 
 
 # ---------------------------------------------------------------- Cache
+
 
 def _desc(n=2, placement=Placement.DEVICE):
     return CacheDesc(n, [4, 8], DataType.DT_FLOAT16, placement)
@@ -516,7 +570,7 @@ def test_cache_properties_and_internals():
     addrs = [0x1000, 0x2000]
     c = Cache(5, d, addrs)
     assert c.cache_id == 5
-    assert repr(c.cache_desc) == repr(d)        # its own copy (see the shape test)
+    assert repr(c.cache_desc) == repr(d)  # its own copy (see the shape test)
     assert c.tensor_addrs == [0x1000, 0x2000]
     assert c.is_blocks_cache is False
     assert c._valid is True
@@ -536,14 +590,17 @@ def test_cache_properties_are_read_only():
             setattr(c, attr, None)
 
 
-@pytest.mark.parametrize("make,exc", [
-    (lambda d: Cache("1", d, [1, 2]), TypeError),
-    (lambda d: Cache(2**63, d, [1, 2]), ValueError),
-    (lambda d: Cache(1, "desc", [1, 2]), TypeError),
-    (lambda d: Cache(1, d, 5), TypeError),
-    (lambda d: Cache(1, d, [1, -2]), ValueError),
-    (lambda d: Cache(1, d, [1, 2], 1), TypeError),
-])
+@pytest.mark.parametrize(
+    "make,exc",
+    [
+        (lambda d: Cache("1", d, [1, 2]), TypeError),
+        (lambda d: Cache(2**63, d, [1, 2]), ValueError),
+        (lambda d: Cache(1, "desc", [1, 2]), TypeError),
+        (lambda d: Cache(1, d, 5), TypeError),
+        (lambda d: Cache(1, d, [1, -2]), ValueError),
+        (lambda d: Cache(1, d, [1, 2], 1), TypeError),
+    ],
+)
 def test_cache_constructor_validation(make, exc):
     with pytest.raises(exc):
         make(_desc())
@@ -573,32 +630,39 @@ def test_create_cpu_cache():
     assert Cache.create_cpu_cache(d, (1, U64_MAX)).tensor_addrs == [1, U64_MAX]
 
 
-@pytest.mark.parametrize("desc,addrs", [
-    (_desc(2, Placement.DEVICE), [1, 2]),
-    (_desc(2, Placement.HOST), [1]),
-    (_desc(2, Placement.HOST), [1, 2, 3]),
-    (_desc(2, Placement.HOST), [1, 0]),
-    (_desc(0, Placement.HOST), []),
-])
+@pytest.mark.parametrize(
+    "desc,addrs",
+    [
+        (_desc(2, Placement.DEVICE), [1, 2]),
+        (_desc(2, Placement.HOST), [1]),
+        (_desc(2, Placement.HOST), [1, 2, 3]),
+        (_desc(2, Placement.HOST), [1, 0]),
+        (_desc(0, Placement.HOST), []),
+    ],
+)
 def test_create_cpu_cache_illegal_values(desc, addrs):
     with raises_llm():
         Cache.create_cpu_cache(desc, addrs)
 
 
-@pytest.mark.parametrize("desc,addrs,exc", [
-    ("desc", [1, 2], TypeError),
-    (_desc(2, Placement.HOST), None, TypeError),
-    (_desc(2, Placement.HOST), {1, 2}, TypeError),
-    (_desc(2, Placement.HOST), [1, "2"], TypeError),
-    (_desc(2, Placement.HOST), [1, -2], ValueError),
-    (_desc(2, Placement.HOST), [1, 2**64], ValueError),
-])
+@pytest.mark.parametrize(
+    "desc,addrs,exc",
+    [
+        ("desc", [1, 2], TypeError),
+        (_desc(2, Placement.HOST), None, TypeError),
+        (_desc(2, Placement.HOST), {1, 2}, TypeError),
+        (_desc(2, Placement.HOST), [1, "2"], TypeError),
+        (_desc(2, Placement.HOST), [1, -2], ValueError),
+        (_desc(2, Placement.HOST), [1, 2**64], ValueError),
+    ],
+)
 def test_create_cpu_cache_type_errors(desc, addrs, exc):
     with pytest.raises(exc):
         Cache.create_cpu_cache(desc, addrs)
 
 
 # ---------------------------------------------------------------- LLMConfig
+
 
 def test_llm_config_alias_and_empty():
     assert LlmConfig is LLMConfig
@@ -636,8 +700,13 @@ def test_llm_config_generate_all_options():
         "llm.LinkTotalTime": "30",
         "llm.LinkRetryCount": "5",
     }
-    assert (cfg.device_id, cfg.sync_kv_timeout, cfg.listen_ip_info, cfg.link_total_time,
-            cfg.link_retry_count) == (3, 1000, "127.0.0.1:26000", 30, 5)
+    assert (
+        cfg.device_id,
+        cfg.sync_kv_timeout,
+        cfg.listen_ip_info,
+        cfg.link_total_time,
+        cfg.link_retry_count,
+    ) == (3, 1000, "127.0.0.1:26000", 30, 5)
     assert cfg.enable_cache_manager is True and cfg.enable_remote_cache_accessible is True
 
 
@@ -681,28 +750,31 @@ def test_llm_config_ge_options_passthrough():
         cfg.ge_options = [("k", "v")]
 
 
-@pytest.mark.parametrize("prop,value,exc", [
-    ("device_id", "0", TypeError),
-    ("device_id", True, TypeError),
-    ("device_id", 0.0, TypeError),
-    ("device_id", 2**31, ValueError),
-    ("sync_kv_timeout", 1.5, TypeError),
-    ("sync_kv_timeout", None, TypeError),
-    ("sync_kv_timeout", True, TypeError),
-    ("sync_kv_timeout", 2**31, ValueError),
-    ("listen_ip_info", 123, TypeError),
-    ("listen_ip_info", None, TypeError),
-    ("enable_cache_manager", 1, TypeError),
-    ("enable_cache_manager", "1", TypeError),
-    ("enable_remote_cache_accessible", 0, TypeError),
-    ("mem_pool_cfg", {"memory_size": 1}, TypeError),
-    ("host_mem_pool_cfg", 5, TypeError),
-    ("link_total_time", -1, ValueError),
-    ("link_total_time", 2**32, ValueError),
-    ("link_total_time", "5", TypeError),
-    ("link_retry_count", "3", TypeError),
-    ("link_retry_count", True, TypeError),
-])
+@pytest.mark.parametrize(
+    "prop,value,exc",
+    [
+        ("device_id", "0", TypeError),
+        ("device_id", True, TypeError),
+        ("device_id", 0.0, TypeError),
+        ("device_id", 2**31, ValueError),
+        ("sync_kv_timeout", 1.5, TypeError),
+        ("sync_kv_timeout", None, TypeError),
+        ("sync_kv_timeout", True, TypeError),
+        ("sync_kv_timeout", 2**31, ValueError),
+        ("listen_ip_info", 123, TypeError),
+        ("listen_ip_info", None, TypeError),
+        ("enable_cache_manager", 1, TypeError),
+        ("enable_cache_manager", "1", TypeError),
+        ("enable_remote_cache_accessible", 0, TypeError),
+        ("mem_pool_cfg", {"memory_size": 1}, TypeError),
+        ("host_mem_pool_cfg", 5, TypeError),
+        ("link_total_time", -1, ValueError),
+        ("link_total_time", 2**32, ValueError),
+        ("link_total_time", "5", TypeError),
+        ("link_retry_count", "3", TypeError),
+        ("link_retry_count", True, TypeError),
+    ],
+)
 def test_llm_config_type_and_range_errors(prop, value, exc):
     cfg = LLMConfig()
     before = cfg.generate_options()
@@ -711,33 +783,36 @@ def test_llm_config_type_and_range_errors(prop, value, exc):
     assert cfg.generate_options() == before
 
 
-@pytest.mark.parametrize("prop,value", [
-    ("device_id", -1),
-    ("sync_kv_timeout", 0),
-    ("sync_kv_timeout", -5),
-    ("sync_kv_timeout", "abc"),
-    ("sync_kv_timeout", "-5"),
-    ("sync_kv_timeout", "0"),
-    ("listen_ip_info", "127.0.0.1"),
-    ("listen_ip_info", "127.0.0.1:"),
-    ("listen_ip_info", ":26000"),
-    ("listen_ip_info", "127.0.0.1:65536"),
-    ("listen_ip_info", "127.0.0.1:-1"),
-    ("listen_ip_info", "300.0.0.1:26000"),
-    ("listen_ip_info", "localhost:26000"),
-    ("listen_ip_info", "1.2.3:26000"),
-    ("mem_pool_cfg", "not json"),
-    ("mem_pool_cfg", "[1, 2]"),
-    ("mem_pool_cfg", '{"page_shift": 16}'),
-    ("mem_pool_cfg", '{"memory_size": 0}'),
-    ("mem_pool_cfg", '{"memory_size": -1}'),
-    ("mem_pool_cfg", '{"memory_size": "1024"}'),
-    ("mem_pool_cfg", '{"memory_size": true}'),
-    ("mem_pool_cfg", '{"memory_size": 1.5}'),
-    ("host_mem_pool_cfg", '{"memory_size": 18446744073709551616}'),
-    ("link_retry_count", 0),
-    ("link_retry_count", 101),
-])
+@pytest.mark.parametrize(
+    "prop,value",
+    [
+        ("device_id", -1),
+        ("sync_kv_timeout", 0),
+        ("sync_kv_timeout", -5),
+        ("sync_kv_timeout", "abc"),
+        ("sync_kv_timeout", "-5"),
+        ("sync_kv_timeout", "0"),
+        ("listen_ip_info", "127.0.0.1"),
+        ("listen_ip_info", "127.0.0.1:"),
+        ("listen_ip_info", ":26000"),
+        ("listen_ip_info", "127.0.0.1:65536"),
+        ("listen_ip_info", "127.0.0.1:-1"),
+        ("listen_ip_info", "300.0.0.1:26000"),
+        ("listen_ip_info", "localhost:26000"),
+        ("listen_ip_info", "1.2.3:26000"),
+        ("mem_pool_cfg", "not json"),
+        ("mem_pool_cfg", "[1, 2]"),
+        ("mem_pool_cfg", '{"page_shift": 16}'),
+        ("mem_pool_cfg", '{"memory_size": 0}'),
+        ("mem_pool_cfg", '{"memory_size": -1}'),
+        ("mem_pool_cfg", '{"memory_size": "1024"}'),
+        ("mem_pool_cfg", '{"memory_size": true}'),
+        ("mem_pool_cfg", '{"memory_size": 1.5}'),
+        ("host_mem_pool_cfg", '{"memory_size": 18446744073709551616}'),
+        ("link_retry_count", 0),
+        ("link_retry_count", 101),
+    ],
+)
 def test_llm_config_illegal_values(prop, value):
     cfg = LLMConfig()
     with raises_llm():
@@ -774,6 +849,7 @@ def test_llm_config_failed_set_keeps_old_value():
 
 
 # ---------------------------------------------------------------- LLMClusterInfo
+
 
 def test_cluster_info_basics():
     info = LLMClusterInfo()
@@ -813,21 +889,24 @@ def test_cluster_info_lists_are_read_only_copies():
         info.remote_ip_info_list = []
 
 
-@pytest.mark.parametrize("call,exc", [
-    (lambda i: setattr(i, "remote_cluster_id", -1), ValueError),
-    (lambda i: setattr(i, "remote_cluster_id", 2**64), ValueError),
-    (lambda i: setattr(i, "remote_cluster_id", "1"), TypeError),
-    (lambda i: setattr(i, "remote_cluster_id", True), TypeError),
-    (lambda i: i.append_local_ip_info(1.0, 1), TypeError),
-    (lambda i: i.append_local_ip_info(None, 1), TypeError),
-    (lambda i: i.append_local_ip_info(True, 1), TypeError),
-    (lambda i: i.append_remote_ip_info(2**32, 1), ValueError),
-    (lambda i: i.append_remote_ip_info(-1, 1), ValueError),
-    (lambda i: i.append_remote_ip_info("1.2.3.4", 65536), ValueError),
-    (lambda i: i.append_remote_ip_info("1.2.3.4", -1), ValueError),
-    (lambda i: i.append_local_ip_info("1.2.3.4", "80"), TypeError),
-    (lambda i: i.append_local_ip_info("1.2.3.4", False), TypeError),
-])
+@pytest.mark.parametrize(
+    "call,exc",
+    [
+        (lambda i: setattr(i, "remote_cluster_id", -1), ValueError),
+        (lambda i: setattr(i, "remote_cluster_id", 2**64), ValueError),
+        (lambda i: setattr(i, "remote_cluster_id", "1"), TypeError),
+        (lambda i: setattr(i, "remote_cluster_id", True), TypeError),
+        (lambda i: i.append_local_ip_info(1.0, 1), TypeError),
+        (lambda i: i.append_local_ip_info(None, 1), TypeError),
+        (lambda i: i.append_local_ip_info(True, 1), TypeError),
+        (lambda i: i.append_remote_ip_info(2**32, 1), ValueError),
+        (lambda i: i.append_remote_ip_info(-1, 1), ValueError),
+        (lambda i: i.append_remote_ip_info("1.2.3.4", 65536), ValueError),
+        (lambda i: i.append_remote_ip_info("1.2.3.4", -1), ValueError),
+        (lambda i: i.append_local_ip_info("1.2.3.4", "80"), TypeError),
+        (lambda i: i.append_local_ip_info("1.2.3.4", False), TypeError),
+    ],
+)
 def test_cluster_info_type_and_range_errors(call, exc):
     info = LLMClusterInfo()
     with pytest.raises(exc):
@@ -845,6 +924,7 @@ def test_cluster_info_bad_ip_text(ip):
 
 
 # ---------------------------------------------------------------- LayerSynchronizer
+
 
 def test_layer_synchronizer_is_abstract():
     with pytest.raises(TypeError):
@@ -867,14 +947,19 @@ def test_layer_synchronizer_is_abstract():
 
 # ---------------------------------------------------------------- TransferConfig
 
+
 def test_transfer_config_defaults_and_properties():
     t = TransferConfig(5, [0x10, 0x20])
     assert t.dst_cluster_id == 5
     assert t.dst_addrs == [0x10, 0x20]
     assert t.src_layer_range is None
     assert t.src_batch_index == 0
-    t2 = TransferConfig(dst_cluster_id=U64_MAX, dst_addrs=(1, 2, 3, 4),
-                        src_layer_range=range(3, 5), src_batch_index=2**32 - 1)
+    t2 = TransferConfig(
+        dst_cluster_id=U64_MAX,
+        dst_addrs=(1, 2, 3, 4),
+        src_layer_range=range(3, 5),
+        src_batch_index=2**32 - 1,
+    )
     assert t2.dst_addrs == [1, 2, 3, 4]
     assert t2.src_layer_range == range(3, 5)
     assert t2.src_batch_index == 2**32 - 1
@@ -896,26 +981,29 @@ def test_transfer_config_addresses_are_snapshotted():
     assert t.dst_addrs == [4, 5]
 
 
-@pytest.mark.parametrize("kwargs,exc", [
-    (dict(dst_cluster_id=-1), ValueError),
-    (dict(dst_cluster_id=2**64), ValueError),
-    (dict(dst_cluster_id="1"), TypeError),
-    (dict(dst_cluster_id=True), TypeError),
-    (dict(dst_addrs=None), TypeError),
-    (dict(dst_addrs={1, 2}), TypeError),
-    (dict(dst_addrs=5), TypeError),
-    (dict(dst_addrs=[1, "2"]), TypeError),
-    (dict(dst_addrs=[1, True]), TypeError),
-    (dict(dst_addrs=[1, -2]), ValueError),
-    (dict(dst_addrs=[2**64]), ValueError),
-    (dict(src_layer_range=[0, 1]), TypeError),
-    (dict(src_layer_range=(0, 2)), TypeError),
-    (dict(src_layer_range=2), TypeError),
-    (dict(src_batch_index=-1), ValueError),
-    (dict(src_batch_index=2**32), ValueError),
-    (dict(src_batch_index=None), TypeError),
-    (dict(src_batch_index=False), TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc",
+    [
+        (dict(dst_cluster_id=-1), ValueError),
+        (dict(dst_cluster_id=2**64), ValueError),
+        (dict(dst_cluster_id="1"), TypeError),
+        (dict(dst_cluster_id=True), TypeError),
+        (dict(dst_addrs=None), TypeError),
+        (dict(dst_addrs={1, 2}), TypeError),
+        (dict(dst_addrs=5), TypeError),
+        (dict(dst_addrs=[1, "2"]), TypeError),
+        (dict(dst_addrs=[1, True]), TypeError),
+        (dict(dst_addrs=[1, -2]), ValueError),
+        (dict(dst_addrs=[2**64]), ValueError),
+        (dict(src_layer_range=[0, 1]), TypeError),
+        (dict(src_layer_range=(0, 2)), TypeError),
+        (dict(src_layer_range=2), TypeError),
+        (dict(src_batch_index=-1), ValueError),
+        (dict(src_batch_index=2**32), ValueError),
+        (dict(src_batch_index=None), TypeError),
+        (dict(src_batch_index=False), TypeError),
+    ],
+)
 def test_transfer_config_type_and_range_errors(kwargs, exc):
     args = dict(dst_cluster_id=1, dst_addrs=[1, 2])
     args.update(kwargs)
@@ -923,8 +1011,9 @@ def test_transfer_config_type_and_range_errors(kwargs, exc):
         TransferConfig(**args)
 
 
-@pytest.mark.parametrize("rng", [range(0, 4, 2), range(2, 2), range(3, 1), range(-1, 2),
-                                 range(2, 0, -1)])
+@pytest.mark.parametrize(
+    "rng", [range(0, 4, 2), range(2, 2), range(3, 1), range(-1, 2), range(2, 0, -1)]
+)
 def test_transfer_config_bad_layer_range(rng):
     with raises_llm():
         TransferConfig(1, [1, 2], rng)
@@ -937,7 +1026,11 @@ def test_transfer_config_setters_revalidate():
     t.src_layer_range = range(1, 3)
     t.src_batch_index = 4
     assert (t.dst_cluster_id, t.dst_addrs, t.src_layer_range, t.src_batch_index) == (
-        9, [7, 8, 9, 10], range(1, 3), 4)
+        9,
+        [7, 8, 9, 10],
+        range(1, 3),
+        4,
+    )
     t.src_layer_range = None
     assert t.src_layer_range is None
     with pytest.raises(ValueError):
@@ -953,16 +1046,23 @@ def test_transfer_config_setters_revalidate():
     with pytest.raises(ValueError):
         t.src_batch_index = 2**32
     assert (t.dst_cluster_id, t.dst_addrs, t.src_layer_range, t.src_batch_index) == (
-        9, [7, 8, 9, 10], None, 4)
+        9,
+        [7, 8, 9, 10],
+        None,
+        4,
+    )
 
 
 def test_transfer_config_repr_shows_all_fields():
     r = repr(TransferConfig(42, [0x1000, 0x2000], range(1, 2), 3))
-    assert r == ("TransferConfig(dst_cluster_id=42, dst_addrs=[4096, 8192], "
-                 "src_layer_range=range(1, 2), src_batch_index=3)")
+    assert r == (
+        "TransferConfig(dst_cluster_id=42, dst_addrs=[4096, 8192], "
+        "src_layer_range=range(1, 2), src_batch_index=3)"
+    )
 
 
 # ---------------------------------------------------------------- TransferWithCacheKeyConfig
+
 
 def test_key_config_properties():
     key = CacheKeyByIdAndIndex(11, 3, 1)
@@ -978,33 +1078,39 @@ def test_key_config_properties():
         b.dst_cluster_id = 1
 
 
-@pytest.mark.parametrize("args,exc", [
-    ((None, range(0, 1), range(0, 1)), TypeError),
-    ((CacheKey(1, 2), range(0, 1), range(0, 1)), TypeError),
-    ((1, range(0, 1), range(0, 1)), TypeError),
-    ((BlocksCacheKey(1), None, range(0, 1)), TypeError),
-    ((BlocksCacheKey(1), range(0, 1), None), TypeError),
-    ((BlocksCacheKey(1),), TypeError),
-    ((BlocksCacheKey(1), [0], range(0, 1)), TypeError),
-    ((BlocksCacheKey(1), range(0, 1), (0, 1)), TypeError),
-    ((CacheKeyByIdAndIndex(1, 1), range(0, 1), range(0, 1), -1), ValueError),
-    ((CacheKeyByIdAndIndex(1, 1), range(0, 1), range(0, 1), 2**32), ValueError),
-    ((CacheKeyByIdAndIndex(1, 1), range(0, 1), range(0, 1), "0"), TypeError),
-    ((CacheKeyByIdAndIndex(1, 1), range(0, 1), range(0, 1), True), TypeError),
-])
+@pytest.mark.parametrize(
+    "args,exc",
+    [
+        ((None, range(0, 1), range(0, 1)), TypeError),
+        ((CacheKey(1, 2), range(0, 1), range(0, 1)), TypeError),
+        ((1, range(0, 1), range(0, 1)), TypeError),
+        ((BlocksCacheKey(1), None, range(0, 1)), TypeError),
+        ((BlocksCacheKey(1), range(0, 1), None), TypeError),
+        ((BlocksCacheKey(1),), TypeError),
+        ((BlocksCacheKey(1), [0], range(0, 1)), TypeError),
+        ((BlocksCacheKey(1), range(0, 1), (0, 1)), TypeError),
+        ((CacheKeyByIdAndIndex(1, 1), range(0, 1), range(0, 1), -1), ValueError),
+        ((CacheKeyByIdAndIndex(1, 1), range(0, 1), range(0, 1), 2**32), ValueError),
+        ((CacheKeyByIdAndIndex(1, 1), range(0, 1), range(0, 1), "0"), TypeError),
+        ((CacheKeyByIdAndIndex(1, 1), range(0, 1), range(0, 1), True), TypeError),
+    ],
+)
 def test_key_config_type_and_range_errors(args, exc):
     with pytest.raises(exc):
         TransferWithCacheKeyConfig(*args)
 
 
-@pytest.mark.parametrize("args", [
-    (BlocksCacheKey(1), range(0, 2), range(0, 3)),
-    (BlocksCacheKey(1), range(1, 5), range(1, 2)),  # upstream's length check misses this one
-    (BlocksCacheKey(1), range(0, 2, 2), range(0, 1)),
-    (BlocksCacheKey(1), range(0, 1), range(1, 1)),
-    (BlocksCacheKey(1), range(-1, 1), range(0, 2)),
-    (BlocksCacheKey(1), range(0, 1), range(0, 1), 1),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (BlocksCacheKey(1), range(0, 2), range(0, 3)),
+        (BlocksCacheKey(1), range(1, 5), range(1, 2)),  # upstream's length check misses this one
+        (BlocksCacheKey(1), range(0, 2, 2), range(0, 1)),
+        (BlocksCacheKey(1), range(0, 1), range(1, 1)),
+        (BlocksCacheKey(1), range(-1, 1), range(0, 2)),
+        (BlocksCacheKey(1), range(0, 1), range(0, 1), 1),
+    ],
+)
 def test_key_config_illegal_values(args):
     with raises_llm():
         TransferWithCacheKeyConfig(*args)
@@ -1043,6 +1149,8 @@ def test_key_config_setters_revalidate():
 
 def test_key_config_repr_shows_all_fields():
     r = repr(TransferWithCacheKeyConfig(CacheKeyByIdAndIndex(1, 2, 3), range(0, 2), range(4, 6), 7))
-    assert r == ("TransferWithCacheKeyConfig(cache_key=CacheKeyByIdAndIndex(cluster_id=1, "
-                 "cache_id=2, batch_index=3), src_layer_range=range(0, 2), "
-                 "dst_layer_range=range(4, 6), src_batch_index=7)")
+    assert r == (
+        "TransferWithCacheKeyConfig(cache_key=CacheKeyByIdAndIndex(cluster_id=1, "
+        "cache_id=2, batch_index=3), src_layer_range=range(0, 2), "
+        "dst_layer_range=range(4, 6), src_batch_index=7)"
+    )

@@ -30,9 +30,11 @@ NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 _ids = itertools.count(900)
 # On a device runtime another cluster's memory is reached by device IPC only, which exports
 # memory llmdist allocated, not registered memory (see test_pull_push).
-HOST_ONLY = pytest.mark.skipif(os.environ.get("LLMDIST_RUNTIME") in ("acl", "cuda"),
-                               reason="registered memory of another cluster is reached by "
-                                      "process reads and writes, which device runtimes do not use")
+HOST_ONLY = pytest.mark.skipif(
+    os.environ.get("LLMDIST_RUNTIME") in ("acl", "cuda"),
+    reason="registered memory of another cluster is reached by "
+    "process reads and writes, which device runtimes do not use",
+)
 
 
 def info(cluster_id, port):
@@ -45,8 +47,12 @@ def info(cluster_id, port):
 def pair(make_env, role_a, role_b, remote=True):
     """Cluster a listens, cluster b links to it; both remote accessible unless told."""
     port = free_port()
-    a = make_env(remote=remote, role=role_a, cluster_id=next(_ids),
-                 extra_options={"llm.listenIpInfo": f"127.0.0.1:{port}"})
+    a = make_env(
+        remote=remote,
+        role=role_a,
+        cluster_id=next(_ids),
+        extra_options={"llm.listenIpInfo": f"127.0.0.1:{port}"},
+    )
     b = make_env(remote=remote, role=role_b, cluster_id=next(_ids))
     assert b.dd.link_clusters([info(a.cluster_id, port)], 5000) == (SUCCESS, [SUCCESS])
     return a, b
@@ -61,11 +67,16 @@ def blocks_of(tc, block, nblocks=8):
 # same-role links
 # --------------------------------------------------------------------------------------------
 @HOST_ONLY
-@pytest.mark.parametrize("roles", [(LLMRole.PROMPT, LLMRole.PROMPT),
-                                   (LLMRole.DECODER, LLMRole.DECODER),
-                                   (LLMRole.MIX, LLMRole.MIX),
-                                   (LLMRole.MIX, LLMRole.DECODER)],
-                         ids=["prompt-prompt", "decoder-decoder", "mix-mix", "mix-decoder"])
+@pytest.mark.parametrize(
+    "roles",
+    [
+        (LLMRole.PROMPT, LLMRole.PROMPT),
+        (LLMRole.DECODER, LLMRole.DECODER),
+        (LLMRole.MIX, LLMRole.MIX),
+        (LLMRole.MIX, LLMRole.DECODER),
+    ],
+    ids=["prompt-prompt", "decoder-decoder", "mix-mix", "mix-decoder"],
+)
 def test_same_role_links_pull_and_push(make_env, roles):
     """Roles do not restrict links (upstream: decode-to-decode and prefill-to-prefill links
     serve migration and prefix sharing): both clusters pull from and push to each other."""
@@ -159,7 +170,7 @@ def test_deallocate_waits_for_the_keys_to_be_pulled(make_env):
     assert all(np.array_equal(x, y) for x, y in zip(rows_of(dst, 0), want1))
     raises_llm(NOT_EXIST, b.cm.pull_cache, k1, dst.cache, 0)
     assert wait_for(lambda: a.cm._mem.find(k1)[0] is None, 5.0)
-    assert len(a.cm.entries()) == before           # k0 still names it
+    assert len(a.cm.entries()) == before  # k0 still names it
     b.cm.pull_cache(k0, dst.cache, 1)
     assert all(np.array_equal(x, y) for x, y in zip(rows_of(dst, 1), want0))
     assert wait_for(lambda: not src.cache._valid, 5.0)
@@ -177,14 +188,14 @@ def test_remove_cache_key_and_finalize_free_a_deferred_cache(env):
     env.cm.deallocate_cache(c1.cache)
     env.cm.remove_cache_key(k0)
     assert len(env.cm.entries()) == n - 1 and not c1.cache._valid
-    env.cm.remove_cache_key(k0)                     # gone already: no error
+    env.cm.remove_cache_key(k0)  # gone already: no error
     dst = env.registered(2, [2, 64])
     env.cm.deallocate_cache(c2.cache)
     want = rows_of(c2, 1)
     env.cm.pull_cache(k2, dst.cache, 0)
     assert all(np.array_equal(x, y) for x, y in zip(rows_of(dst, 0), want))
     raises_llm(NOT_EXIST, env.cm.pull_cache, k2, dst.cache, 0)
-    assert c2.cache._valid                          # k1 still names it
+    assert c2.cache._valid  # k1 still names it
     env.dd.finalize()
     assert not c2.cache._valid and env.cm.entries() == []
 
@@ -193,17 +204,43 @@ def test_remove_cache_key_and_finalize_free_a_deferred_cache(env):
 # surface details clients see
 # --------------------------------------------------------------------------------------------
 UPSTREAM_V2_LIST = [
-    "LLMClusterInfo", "LLMStatusCode", "LLMException", "LLMRole", "LlmConfig", "LLMConfig",
-    "DataType", "Status", "CacheDesc", "CacheKey", "CacheKeyByIdAndIndex", "KvCache", "Cache",
-    "BlocksCacheKey", "LLMDataDist", "Placement", "RegisterMemStatus", "LayerSynchronizer",
-    "TransferConfig", "CacheTask", "TransferWithCacheKeyConfig", "Memtype", "MemInfo",
+    "LLMClusterInfo",
+    "LLMStatusCode",
+    "LLMException",
+    "LLMRole",
+    "LlmConfig",
+    "LLMConfig",
+    "DataType",
+    "Status",
+    "CacheDesc",
+    "CacheKey",
+    "CacheKeyByIdAndIndex",
+    "KvCache",
+    "Cache",
+    "BlocksCacheKey",
+    "LLMDataDist",
+    "Placement",
+    "RegisterMemStatus",
+    "LayerSynchronizer",
+    "TransferConfig",
+    "CacheTask",
+    "TransferWithCacheKeyConfig",
+    "Memtype",
+    "MemInfo",
 ]
 
 
-@pytest.mark.parametrize("make", [lambda: CacheKey("1", 2), lambda: CacheKey(1, -2),
-                                  lambda: CacheKey(1), lambda: BlocksCacheKey(2**64),
-                                  lambda: BlocksCacheKey(1, unknown=2),
-                                  lambda: CacheKeyByIdAndIndex(1, 2, -1)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CacheKey("1", 2),
+        lambda: CacheKey(1, -2),
+        lambda: CacheKey(1),
+        lambda: BlocksCacheKey(2**64),
+        lambda: BlocksCacheKey(1, unknown=2),
+        lambda: CacheKeyByIdAndIndex(1, 2, -1),
+    ],
+)
 def test_key_argument_errors_are_param_invalid(make):
     """As upstream, a bad key argument raises LLMException(LLM_PARAM_INVALID); it is also the
     TypeError / ValueError Python code expects."""
@@ -216,7 +253,7 @@ def test_key_argument_errors_are_param_invalid(make):
 def test_unregister_unknown_cache_is_not_an_error(env):
     c = env.registered(2, [2, 64])
     env.cm.unregister_cache(c.cache.cache_id)
-    env.cm.unregister_cache(c.cache.cache_id)       # already gone: no error, as upstream
+    env.cm.unregister_cache(c.cache.cache_id)  # already gone: no error, as upstream
     env.cm.unregister_cache(12345)
     allocated = env.allocated(2, [2, 64])
     raises_llm(LLMStatusCode.LLM_PARAM_INVALID, env.cm.unregister_cache, allocated.cache.cache_id)
@@ -243,6 +280,7 @@ def test_upstream_module_paths_and_v2_list():
     import llmdist
     from llmdist import configs, data_type, status
     from llmdist.v2 import cache_manager, llm_datadist, llm_types
+
     assert configs.LLMConfig is llmdist.LLMConfig and configs.LLMRole is llmdist.LLMRole
     assert data_type.DataType is llmdist.DataType and status.LLMException is llmdist.LLMException
     assert llm_types.KvCache is llmdist.KvCache and llm_types.Cache is llmdist.Cache
@@ -254,11 +292,14 @@ def test_upstream_module_paths_and_v2_list():
 
 def test_kv_cache_and_transfer_config_fields():
     from llmdist import CacheDesc, DataType, KvCache, Placement, TransferConfig
+
     desc = CacheDesc(2, [4, 8], DataType.DT_FLOAT16, Placement.HOST)
     kv = KvCache.create_cpu_cache(desc, [0x1000, 0x2000])
     assert kv.cache_id == -1 and kv.per_device_tensor_addrs == [[0x1000, 0x2000]]
-    assert KvCache.create_cpu_cache(desc, [[1, 2], [3, 4]]).per_device_tensor_addrs == \
-        [[1, 2], [3, 4]]
+    assert KvCache.create_cpu_cache(desc, [[1, 2], [3, 4]]).per_device_tensor_addrs == [
+        [1, 2],
+        [3, 4],
+    ]
     with pytest.raises(LLMException):
         KvCache.create_cpu_cache(CacheDesc(2, [4, 8], DataType.DT_FLOAT16), [1, 2])
     with pytest.raises(LLMException):
@@ -272,13 +313,14 @@ class OverlapRefusingEngine:
     one registered, as Mooncake does."""
 
     def __init__(self):
-        self.regions = {}           # start -> length
+        self.regions = {}  # start -> length
 
     def register(self, addr, length):
         for s, n in self.regions.items():
             if addr < s + n and s < addr + length:
-                raise LLMException(f"overlaps [{s:#x}, +{n})",
-                                   status_code=LLMStatusCode.LLM_PARAM_INVALID)
+                raise LLMException(
+                    f"overlaps [{s:#x}, +{n})", status_code=LLMStatusCode.LLM_PARAM_INVALID
+                )
         self.regions[addr] = length
 
     def unregister(self, addr):
@@ -301,9 +343,9 @@ def test_engine_registration_of_overlapping_caches(env):
     group = env.cm.register_blocks_cache(full.desc, addrs[2:] + addrs[:2])
     assert sorted(engine.regions) == sorted(addrs)
     env.cm.unregister_cache(full.cache.cache_id)
-    assert sorted(engine.regions) == sorted(addrs)          # the group still uses them
+    assert sorted(engine.regions) == sorted(addrs)  # the group still uses them
     part = env.cm.register_blocks_cache(make_desc(1, [8, 64]), [addrs[0] + 64])
-    assert sorted(engine.regions) == sorted(addrs)          # refused there, logged
+    assert sorted(engine.regions) == sorted(addrs)  # refused there, logged
     env.cm.unregister_cache(group.cache_id)
     assert engine.regions == {}
     env.cm.unregister_cache(part.cache_id)

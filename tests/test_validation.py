@@ -140,11 +140,21 @@ def test_1_before_2(case):
 
 # ------------------------------------------------------------------------- 2. index types
 @pytest.mark.parametrize("which", ["src", "dst"])
-@pytest.mark.parametrize("bad,exc", [
-    ("0,1", TypeError), ({0, 1}, TypeError), (range(2), TypeError), (np.array([0, 1]), TypeError),
-    ([0, 1.0], TypeError), ([0, "1"], TypeError), ([True, 0], TypeError), ([0, None], TypeError),
-    ([0, -1], ValueError), ([2**64, 0], ValueError),
-])
+@pytest.mark.parametrize(
+    "bad,exc",
+    [
+        ("0,1", TypeError),
+        ({0, 1}, TypeError),
+        (range(2), TypeError),
+        (np.array([0, 1]), TypeError),
+        ([0, 1.0], TypeError),
+        ([0, "1"], TypeError),
+        ([True, 0], TypeError),
+        ([0, None], TypeError),
+        ([0, -1], ValueError),
+        ([2**64, 0], ValueError),
+    ],
+)
 def test_2_block_index_list_types(case, which, bad, exc):
     sb, db = ([0, 1], [0, 1])
     if which == "src":
@@ -156,10 +166,17 @@ def test_2_block_index_list_types(case, which, bad, exc):
     assert case.sync.calls == []
 
 
-@pytest.mark.parametrize("bad,exc", [
-    ("16", TypeError), (16.0, TypeError), (True, TypeError), ([16], TypeError),
-    (-1, ValueError), (2**64, ValueError),
-])
+@pytest.mark.parametrize(
+    "bad,exc",
+    [
+        ("16", TypeError),
+        (16.0, TypeError),
+        (True, TypeError),
+        ([16], TypeError),
+        (-1, ValueError),
+        (2**64, ValueError),
+    ],
+)
 def test_2_dst_block_memory_size_type(case, bad, exc):
     with pytest.raises(exc):
         case.call(case.src.cache, case.sync, [tc(case.bdst.addrs)], None, [0, 1], bad)
@@ -178,14 +195,16 @@ def test_2_before_3(case):
 # ------------------------------------------------------------------------- 3. source blocks
 def test_3_src_blocks_without_dst_blocks(case):
     before = case.snapshot()
-    raises_llm(PARAM_INVALID, case.call, case.bsrc.cache, case.sync, [tc(case.bdst.addrs)],
-               [0, 1], None)
+    raises_llm(
+        PARAM_INVALID, case.call, case.bsrc.cache, case.sync, [tc(case.bdst.addrs)], [0, 1], None
+    )
     case.check_nothing_happened(before)
 
 
 def test_3_src_blocks_with_empty_dst_blocks(case):
-    raises_llm(PARAM_INVALID, case.call, case.bsrc.cache, case.sync, [tc(case.bdst.addrs)],
-               [0, 1], [])
+    raises_llm(
+        PARAM_INVALID, case.call, case.bsrc.cache, case.sync, [tc(case.bdst.addrs)], [0, 1], []
+    )
 
 
 @pytest.mark.parametrize("sb,db", [([0, 1], [0]), ([0], [0, 1]), ([0, 1, 2], [3, 4])])
@@ -208,15 +227,22 @@ def test_3_before_6(case):
 # ------------------------------------------------------------------------- 4. C2B block size
 @pytest.mark.parametrize("size", [None, 0])
 def test_4_dst_blocks_only_need_block_memory_size(case, size):
-    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(case.bdst.addrs)],
-               None, [0, 1], size)
+    raises_llm(
+        PARAM_INVALID,
+        case.call,
+        case.src.cache,
+        case.sync,
+        [tc(case.bdst.addrs)],
+        None,
+        [0, 1],
+        size,
+    )
 
 
 # ------------------------------------------------------------------------- 5. size w/o blocks
 @pytest.mark.parametrize("size", [1, 16, 64])
 def test_5_block_memory_size_without_dst_blocks(case, size):
-    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [case.good()], None, None,
-               size)
+    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [case.good()], None, None, size)
 
 
 def test_5_before_6(case):
@@ -226,15 +252,24 @@ def test_5_before_6(case):
 # ----------------------------------------------- 5.2 block-size rules (B2B == stride, C2B count)
 @pytest.mark.parametrize("size", [8, 32, 17])
 def test_b2b_block_size_must_equal_stride(case, size):
-    raises_llm(PARAM_INVALID, case.call, case.bsrc.cache, case.sync, [tc(case.bdst.addrs)],
-               [0], [0], size)
+    raises_llm(
+        PARAM_INVALID, case.call, case.bsrc.cache, case.sync, [tc(case.bdst.addrs)], [0], [0], size
+    )
 
 
 @pytest.mark.parametrize("size,n", [(16, 2), (5, 5), (8, 3), (20, 2)])
 def test_c2b_more_indices_than_chunks(case, size, n):
     # stride 16: ceil(16/size) chunks at most
-    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(case.bdst.addrs)],
-               None, list(range(n)), size)
+    raises_llm(
+        PARAM_INVALID,
+        case.call,
+        case.src.cache,
+        case.sync,
+        [tc(case.bdst.addrs)],
+        None,
+        list(range(n)),
+        size,
+    )
 
 
 # ------------------------------------------------------------------------- 6. synchronizer
@@ -259,10 +294,19 @@ def _gen(cfg):
     yield cfg
 
 
-@pytest.mark.parametrize("make_bad", [
-    lambda c: None, lambda c: c, lambda c: _gen(c), lambda c: {0: c}, lambda c: "configs",
-    lambda c: [c, None], lambda c: [c, 3], lambda c: [[c]],
-])
+@pytest.mark.parametrize(
+    "make_bad",
+    [
+        lambda c: None,
+        lambda c: c,
+        lambda c: _gen(c),
+        lambda c: {0: c},
+        lambda c: "configs",
+        lambda c: [c, None],
+        lambda c: [c, 3],
+        lambda c: [[c]],
+    ],
+)
 def test_7_transfer_configs_type(case, make_bad):
     before = case.snapshot()
     with pytest.raises(TypeError):
@@ -273,11 +317,15 @@ def test_7_transfer_configs_type(case, make_bad):
 def test_7_keyed_config_without_remote_cache_access(case):
     key = BlocksCacheKey(OWN_CLUSTER, 0)
     with pytest.raises(TypeError):
-        case.call(case.src.cache, case.sync,
-                  [TransferWithCacheKeyConfig(key, range(0, 1), range(0, 1))])
+        case.call(
+            case.src.cache, case.sync, [TransferWithCacheKeyConfig(key, range(0, 1), range(0, 1))]
+        )
     with pytest.raises(TypeError):
-        case.call(case.src.cache, case.sync,
-                  [case.good(), TransferWithCacheKeyConfig(key, range(0, 1), range(0, 1))])
+        case.call(
+            case.src.cache,
+            case.sync,
+            [case.good(), TransferWithCacheKeyConfig(key, range(0, 1), range(0, 1))],
+        )
 
 
 def test_7_transfer_config_with_remote_cache_access(env_remote):
@@ -290,8 +338,13 @@ def test_7_transfer_config_with_remote_cache_access(env_remote):
         env.cm.transfer_cache_async(src.cache, sync, [TransferConfig(OWN_CLUSTER, dst.addrs)])
     with pytest.raises(TypeError):
         env.cm.transfer_cache_async(
-            src.cache, sync, [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2)),
-                              TransferConfig(OWN_CLUSTER, dst.addrs)])
+            src.cache,
+            sync,
+            [
+                TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2)),
+                TransferConfig(OWN_CLUSTER, dst.addrs),
+            ],
+        )
     assert sync.calls == []
 
 
@@ -303,7 +356,9 @@ def test_7_before_8(case):
 # ------------------------------------------------------------------------- 8. layers, batch
 def test_8_odd_num_tensors(case):
     src = case.env.registered(3, [4, 16])
-    raises_llm(PARAM_INVALID, case.call, src.cache, case.sync, [tc(case.dst.addrs[:2], range(0, 1))])
+    raises_llm(
+        PARAM_INVALID, case.call, src.cache, case.sync, [tc(case.dst.addrs[:2], range(0, 1))]
+    )
 
 
 @pytest.mark.parametrize("rng", [range(0, 3), range(2, 3), range(1, 100)])
@@ -312,8 +367,9 @@ def test_8_layer_range_outside_source(case, rng):
     raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [case.good(), tc(addrs, rng)])
 
 
-@pytest.mark.parametrize("n,rng", [(2, None), (6, None), (4, range(1, 2)), (0, range(0, 1)),
-                                   (3, range(0, 2))])
+@pytest.mark.parametrize(
+    "n,rng", [(2, None), (6, None), (4, range(1, 2)), (0, range(0, 1)), (3, range(0, 2))]
+)
 def test_8_dst_addrs_count(case, n, rng):
     addrs = (case.dst.addrs * 2)[:n]
     before = case.snapshot()
@@ -322,38 +378,73 @@ def test_8_dst_addrs_count(case, n, rng):
 
 
 def test_8_batch_index_with_source_blocks(case):
-    raises_llm(PARAM_INVALID, case.call, case.bsrc.cache, case.sync,
-               [tc(case.bdst.addrs, None, 1)], [0], [0])
+    raises_llm(
+        PARAM_INVALID,
+        case.call,
+        case.bsrc.cache,
+        case.sync,
+        [tc(case.bdst.addrs, None, 1)],
+        [0],
+        [0],
+    )
 
 
 @pytest.mark.parametrize("batch", [4, 5, 2**32 - 1])
 def test_8_batch_index_outside_source(case, batch):
-    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(case.dst.addrs, None, batch)])
+    raises_llm(
+        PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(case.dst.addrs, None, batch)]
+    )
 
 
 def test_8_batch_index_outside_source_c2b(case):
-    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync,
-               [tc(case.bdst.addrs, None, 4)], None, [0], 16)
+    raises_llm(
+        PARAM_INVALID,
+        case.call,
+        case.src.cache,
+        case.sync,
+        [tc(case.bdst.addrs, None, 4)],
+        None,
+        [0],
+        16,
+    )
 
 
 def test_8_keyed_ranges_outside(env_remote):
     env = env_remote
-    src = env.registered(4, [4, 16])   # 2 layers
-    dst = env.registered(4, [4, 16])   # 2 layers
+    src = env.registered(4, [4, 16])  # 2 layers
+    dst = env.registered(4, [4, 16])  # 2 layers
     sync = RecordingSync()
     k = CacheKeyByIdAndIndex(OWN_CLUSTER, dst.cache.cache_id, 0)
-    for s_rng, d_rng in [(range(1, 3), range(0, 2)), (range(0, 2), range(1, 3)),
-                         (range(0, 1), range(2, 3))]:
-        raises_llm(PARAM_INVALID, env.cm.transfer_cache_async, src.cache, sync,
-                   [TransferWithCacheKeyConfig(k, s_rng, d_rng)])
-    raises_llm(PARAM_INVALID, env.cm.transfer_cache_async, src.cache, sync,
-               [TransferWithCacheKeyConfig(k, range(0, 1), range(0, 1), 4)])
+    for s_rng, d_rng in [
+        (range(1, 3), range(0, 2)),
+        (range(0, 2), range(1, 3)),
+        (range(0, 1), range(2, 3)),
+    ]:
+        raises_llm(
+            PARAM_INVALID,
+            env.cm.transfer_cache_async,
+            src.cache,
+            sync,
+            [TransferWithCacheKeyConfig(k, s_rng, d_rng)],
+        )
+    raises_llm(
+        PARAM_INVALID,
+        env.cm.transfer_cache_async,
+        src.cache,
+        sync,
+        [TransferWithCacheKeyConfig(k, range(0, 1), range(0, 1), 4)],
+    )
     assert sync.calls == []
 
 
 def test_8_before_10(case):
-    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync,
-               [tc(case.dst.addrs, range(0, 3), 0, OTHER_CLUSTER)])
+    raises_llm(
+        PARAM_INVALID,
+        case.call,
+        case.src.cache,
+        case.sync,
+        [tc(case.dst.addrs, range(0, 3), 0, OTHER_CLUSTER)],
+    )
 
 
 # ------------------------------------------------------------------------- 9. placements
@@ -373,8 +464,15 @@ def test_9_host_source_to_device_destination_keyed(env_remote):
     src = env.allocated(4, [4, 16], placement=HOST, blocks=True)
     key = BlocksCacheKey(OWN_CLUSTER, 1)
     env.registered(4, [4, 16], placement=DEV, blocks=True, key=key)
-    raises_llm(PARAM_INVALID, env.cm.transfer_cache_async, src.cache, RecordingSync(),
-               [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))], [0], [1])
+    raises_llm(
+        PARAM_INVALID,
+        env.cm.transfer_cache_async,
+        src.cache,
+        RecordingSync(),
+        [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))],
+        [0],
+        [1],
+    )
 
 
 @pytest.mark.parametrize("src_placement", [DEV, HOST])
@@ -388,8 +486,9 @@ def test_9_host_destination_must_be_allocated(case, src_placement):
         t = case.call(src.cache, case.sync, [tc(dst.addrs)])
         assert wait_results(t) == [SUCCESS]
         # C2C of row 0 into row 0 of every tensor
-        assert [bytes(b[:16]) for b in dst.tensor_bytes()] == \
-            [bytes(b[:16]) for b in src.tensor_bytes()]
+        assert [bytes(b[:16]) for b in dst.tensor_bytes()] == [
+            bytes(b[:16]) for b in src.tensor_bytes()
+        ]
         return
     raises_llm(PARAM_INVALID, case.call, src.cache, case.sync, [tc(dst.addrs)])
     assert_mem_equal(dst.mem(), before)
@@ -400,8 +499,10 @@ def test_9_host_destination_registered_blocks(case):
     if not DEVICE_RUNTIME:
         t = case.call(case.bsrc.cache, case.sync, [tc(dst.addrs)], [0], [0])
         assert wait_results(t) == [SUCCESS]
-        assert all(bytes(d[:16]) == bytes(s[:16])
-                   for d, s in zip(dst.tensor_bytes(), case.bsrc.tensor_bytes()))
+        assert all(
+            bytes(d[:16]) == bytes(s[:16])
+            for d, s in zip(dst.tensor_bytes(), case.bsrc.tensor_bytes())
+        )
         return
     raises_llm(PARAM_INVALID, case.call, case.bsrc.cache, case.sync, [tc(dst.addrs)], [0], [0])
 
@@ -412,8 +513,15 @@ def test_9_pa_source_to_non_pa_keyed_destination(env_remote):
     dst = env.registered(4, [8, 16])  # not a blocks cache
     key = CacheKeyByIdAndIndex(OWN_CLUSTER, dst.cache.cache_id, 0)
     before = dst.snapshot()
-    raises_llm(PARAM_INVALID, env.cm.transfer_cache_async, src.cache, RecordingSync(),
-               [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))], [0, 1], [2, 3])
+    raises_llm(
+        PARAM_INVALID,
+        env.cm.transfer_cache_async,
+        src.cache,
+        RecordingSync(),
+        [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))],
+        [0, 1],
+        [2, 3],
+    )
     assert_mem_equal(dst.mem(), before)
 
 
@@ -438,10 +546,20 @@ def test_9_cache_on_another_device(case, make_env):
 # ------------------------------------------------------------------------- 10. linked cluster
 def test_10_not_linked_cluster(case):
     before = case.snapshot()
-    raises_llm(NOT_YET_LINK, case.call, case.src.cache, case.sync,
-               [tc(case.dst.addrs, None, 0, OTHER_CLUSTER)])
-    raises_llm(NOT_YET_LINK, case.call, case.src.cache, case.sync,
-               [case.good(), tc(case.dst.addrs, None, 0, OTHER_CLUSTER)])
+    raises_llm(
+        NOT_YET_LINK,
+        case.call,
+        case.src.cache,
+        case.sync,
+        [tc(case.dst.addrs, None, 0, OTHER_CLUSTER)],
+    )
+    raises_llm(
+        NOT_YET_LINK,
+        case.call,
+        case.src.cache,
+        case.sync,
+        [case.good(), tc(case.dst.addrs, None, 0, OTHER_CLUSTER)],
+    )
     case.check_nothing_happened(before)
 
 
@@ -449,18 +567,35 @@ def test_10_not_linked_cluster_keyed(env_remote):
     env = env_remote
     src = env.registered(4, [4, 16], blocks=True)
     key = BlocksCacheKey(OTHER_CLUSTER, 0)
-    raises_llm(NOT_YET_LINK, env.cm.transfer_cache_async, src.cache, RecordingSync(),
-               [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))], [0], [0])
+    raises_llm(
+        NOT_YET_LINK,
+        env.cm.transfer_cache_async,
+        src.cache,
+        RecordingSync(),
+        [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))],
+        [0],
+        [0],
+    )
     k2 = CacheKeyByIdAndIndex(OTHER_CLUSTER, 1, 0)
     src = env.registered(4, [4, 16])
-    raises_llm(NOT_YET_LINK, env.cm.transfer_cache_async, src.cache, RecordingSync(),
-               [TransferWithCacheKeyConfig(k2, range(0, 2), range(0, 2))])
+    raises_llm(
+        NOT_YET_LINK,
+        env.cm.transfer_cache_async,
+        src.cache,
+        RecordingSync(),
+        [TransferWithCacheKeyConfig(k2, range(0, 2), range(0, 2))],
+    )
 
 
 def test_10_before_11(case):
     stray = np.zeros(64, np.uint8)
-    raises_llm(NOT_YET_LINK, case.call, case.src.cache, case.sync,
-               [tc([stray.ctypes.data] * 4, None, 0, OTHER_CLUSTER)])
+    raises_llm(
+        NOT_YET_LINK,
+        case.call,
+        case.src.cache,
+        case.sync,
+        [tc([stray.ctypes.data] * 4, None, 0, OTHER_CLUSTER)],
+    )
 
 
 # ------------------------------------------------------------------------- 11. bounds
@@ -502,7 +637,7 @@ def test_11_range_crossing_into_next_tensor(case):
 
 def test_11_unregistered_memory(case):
     stray = np.zeros(4 * 64, np.uint8)
-    addrs = [stray[i * 64:].ctypes.data for i in range(4)]
+    addrs = [stray[i * 64 :].ctypes.data for i in range(4)]
     raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(addrs)])
     assert not stray.any()
 
@@ -512,8 +647,13 @@ def test_11_memory_of_unregistered_and_deallocated_caches(case):
     d = env.registered(4, [4, 16])
     env.cm.unregister_cache(d.cache.cache_id)
     before = d.snapshot()
-    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [tc([a for a in (
-        d.buffers[k][o:].ctypes.data for k, o in d.tensors)])])
+    raises_llm(
+        PARAM_INVALID,
+        case.call,
+        case.src.cache,
+        case.sync,
+        [tc([a for a in (d.buffers[k][o:].ctypes.data for k, o in d.tensors)])],
+    )
     assert_mem_equal(d.mem(), before)
     a = env.allocated(4, [4, 16])
     addrs = a.addrs
@@ -531,11 +671,13 @@ def test_11_b2b_dst_block_past_end(case, db):
 
 def test_11_c2b_dst_block_past_end(case):
     # bdst tensors: 8 blocks of 16 = 128 bytes; with B = 32, block 4 starts at byte 128
-    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(case.bdst.addrs)],
-               None, [4], 32)
+    raises_llm(
+        PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(case.bdst.addrs)], None, [4], 32
+    )
     # block 3 with B = 48 ends at 3*48 + 16 = 160 > 128
-    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(case.bdst.addrs)],
-               None, [3], 48)
+    raises_llm(
+        PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(case.bdst.addrs)], None, [3], 48
+    )
     # but the short last chunk is accounted exactly: B = 112, block 1 -> bytes 112..128 fits
     t = case.call(case.src.cache, case.sync, [tc(case.bdst.addrs)], None, [1], 112)
     assert wait_results(t) == [SUCCESS]
@@ -548,8 +690,13 @@ def test_11_keyed_batch_index_past_end(env_remote, batch_index):
     dst = env.registered(4, [3, 16])
     key = CacheKeyByIdAndIndex(OWN_CLUSTER, dst.cache.cache_id, batch_index)
     before = dst.snapshot()
-    raises_llm(PARAM_INVALID, env.cm.transfer_cache_async, src.cache, RecordingSync(),
-               [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))])
+    raises_llm(
+        PARAM_INVALID,
+        env.cm.transfer_cache_async,
+        src.cache,
+        RecordingSync(),
+        [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))],
+    )
     assert_mem_equal(dst.mem(), before)
 
 
@@ -558,8 +705,13 @@ def test_11_keyed_source_row_wider_than_destination_row(env_remote):
     src = env.registered(4, [2, 32])
     dst = env.registered(4, [2, 16])  # 32 bytes per tensor, remote stride 16
     key = CacheKeyByIdAndIndex(OWN_CLUSTER, dst.cache.cache_id, 1)  # 16 + 32 > 32
-    raises_llm(PARAM_INVALID, env.cm.transfer_cache_async, src.cache, RecordingSync(),
-               [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))])
+    raises_llm(
+        PARAM_INVALID,
+        env.cm.transfer_cache_async,
+        src.cache,
+        RecordingSync(),
+        [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))],
+    )
 
 
 def test_11_keyed_blocks_past_end(env_remote):
@@ -567,22 +719,36 @@ def test_11_keyed_blocks_past_end(env_remote):
     src = env.registered(4, [6, 16], blocks=True)
     key = BlocksCacheKey(OWN_CLUSTER, 0)
     env.registered(4, [4, 16], blocks=True, key=key)
-    raises_llm(PARAM_INVALID, env.cm.transfer_cache_async, src.cache, RecordingSync(),
-               [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))], [0, 1], [3, 4])
+    raises_llm(
+        PARAM_INVALID,
+        env.cm.transfer_cache_async,
+        src.cache,
+        RecordingSync(),
+        [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))],
+        [0, 1],
+        [3, 4],
+    )
 
 
-@pytest.mark.parametrize("make_key", [
-    lambda dst: BlocksCacheKey(OWN_CLUSTER, 99),
-    lambda dst: CacheKeyByIdAndIndex(OWN_CLUSTER, 10**6, 0),
-])
+@pytest.mark.parametrize(
+    "make_key",
+    [
+        lambda dst: BlocksCacheKey(OWN_CLUSTER, 99),
+        lambda dst: CacheKeyByIdAndIndex(OWN_CLUSTER, 10**6, 0),
+    ],
+)
 def test_keyed_unknown_cache(env_remote, make_key):
     env = env_remote
     src = env.registered(4, [4, 16], blocks=True)
     dst = env.registered(4, [4, 16], blocks=True, key=BlocksCacheKey(OWN_CLUSTER, 0))
     with pytest.raises(LLMException) as ei:
-        env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                    [TransferWithCacheKeyConfig(make_key(dst), range(0, 2),
-                                                                range(0, 2))], [0], [0])
+        env.cm.transfer_cache_async(
+            src.cache,
+            RecordingSync(),
+            [TransferWithCacheKeyConfig(make_key(dst), range(0, 2), range(0, 2))],
+            [0],
+            [0],
+        )
     # the spec names no code for an unknown key; either "no such cache" or "invalid" is fair
     assert ei.value.status_code in (NOT_EXIST, PARAM_INVALID)
 
@@ -594,9 +760,13 @@ def test_keyed_cache_unregistered_before_call(env_remote):
     dst = env.registered(4, [4, 16], blocks=True, key=key)
     env.cm.unregister_cache(dst.cache.cache_id)
     with pytest.raises(LLMException) as ei:
-        env.cm.transfer_cache_async(src.cache, RecordingSync(),
-                                    [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))],
-                                    [0], [0])
+        env.cm.transfer_cache_async(
+            src.cache,
+            RecordingSync(),
+            [TransferWithCacheKeyConfig(key, range(0, 2), range(0, 2))],
+            [0],
+            [0],
+        )
     assert ei.value.status_code in (NOT_EXIST, PARAM_INVALID)
 
 
@@ -635,7 +805,7 @@ def test_bool_where_int_expected(case):
 def test_register_argument_types(env, blocks):
     reg = env.cm.register_blocks_cache if blocks else env.cm.register_cache
     buf = np.zeros(4 * 64, np.uint8)
-    addrs = [buf[i * 64:].ctypes.data for i in range(4)]
+    addrs = [buf[i * 64 :].ctypes.data for i in range(4)]
     desc = make_desc(4, [4, 16])
     with pytest.raises(TypeError):
         reg("desc", addrs)
@@ -644,8 +814,13 @@ def test_register_argument_types(env, blocks):
     for bad in (None, addrs[0], "addrs", {addrs[0]}):
         with pytest.raises(TypeError):
             reg(desc, bad)
-    for bad_elem, exc in (("1", TypeError), (1.5, TypeError), (True, TypeError),
-                          (-1, ValueError), (2**64, ValueError)):
+    for bad_elem, exc in (
+        ("1", TypeError),
+        (1.5, TypeError),
+        (True, TypeError),
+        (-1, ValueError),
+        (2**64, ValueError),
+    ):
         with pytest.raises(exc):
             reg(desc, addrs[:3] + [bad_elem])
     with pytest.raises(TypeError):
@@ -671,15 +846,16 @@ def test_register_argument_types(env, blocks):
 def test_register_illegal_values(env, blocks):
     reg = env.cm.register_blocks_cache if blocks else env.cm.register_cache
     buf = np.zeros(8 * 64, np.uint8)
-    addrs = [buf[i * 64:].ctypes.data for i in range(4)]
+    addrs = [buf[i * 64 :].ctypes.data for i in range(4)]
     raises_llm(PARAM_INVALID, reg, make_desc(4, [4, 16]), addrs[:3])
     raises_llm(PARAM_INVALID, reg, make_desc(4, [4, 16]), addrs + [buf[256:].ctypes.data])
     raises_llm(PARAM_INVALID, reg, make_desc(4, [4, 16]), addrs[:3] + [0])
     raises_llm(PARAM_INVALID, reg, CacheDesc(0, [4, 16], DataType.DT_UINT8), [])
     raises_llm(PARAM_INVALID, reg, CacheDesc(4, [4, 16], DataType.DT_STRING), addrs)
     # tensors of one call overlapping each other
-    raises_llm(PARAM_INVALID, reg, make_desc(4, [4, 16]),
-               [addrs[0], addrs[1], addrs[1] + 8, addrs[3]])
+    raises_llm(
+        PARAM_INVALID, reg, make_desc(4, [4, 16]), [addrs[0], addrs[1], addrs[1] + 8, addrs[3]]
+    )
     cache = reg(make_desc(4, [4, 16]), addrs)
     assert cache.is_blocks_cache == blocks
     assert cache.tensor_addrs == addrs
@@ -726,15 +902,18 @@ def test_allocate_argument_checks(env):
     assert c.cache_id != b.cache_id
 
 
-@pytest.mark.parametrize("placement,option", [(DEV, "llm.MemPoolConfig"),
-                                              (HOST, "llm.HostMemPoolConfig")])
+@pytest.mark.parametrize(
+    "placement,option", [(DEV, "llm.MemPoolConfig"), (HOST, "llm.HostMemPoolConfig")]
+)
 def test_allocate_respects_configured_pool(make_env, placement, option):
     env = make_env(extra_options={option: '{"memory_size": 65536}'})
     env.cm.allocate_cache(make_desc(2, [16, 1024], placement=placement))  # 32 KiB: fits
     with pytest.raises(LLMException) as ei:
         env.cm.allocate_cache(make_desc(2, [64, 1024], placement=placement))  # 128 KiB
-    assert ei.value.status_code in (LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY,
-                                    LLMStatusCode.LLM_OUT_OF_MEMORY)
+    assert ei.value.status_code in (
+        LLMStatusCode.LLM_DEVICE_OUT_OF_MEMORY,
+        LLMStatusCode.LLM_OUT_OF_MEMORY,
+    )
 
 
 def test_unregister_deallocate_argument_types(env):
@@ -764,12 +943,14 @@ def test_11_b2b_huge_dst_index_does_not_wrap(case, db):
     case.check_nothing_happened(before)
 
 
-@pytest.mark.parametrize("size,db", [(2**62, [4]), (2**63, [2]), (2**64 - 1, [1]),
-                                     (16, [2**60]), (2**32, [2**32])])
+@pytest.mark.parametrize(
+    "size,db", [(2**62, [4]), (2**63, [2]), (2**64 - 1, [1]), (16, [2**60]), (2**32, [2**32])]
+)
 def test_11_c2b_huge_block_offsets_do_not_wrap(case, size, db):
     before = case.snapshot()
-    raises_llm(PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(case.bdst.addrs)],
-               None, db, size)
+    raises_llm(
+        PARAM_INVALID, case.call, case.src.cache, case.sync, [tc(case.bdst.addrs)], None, db, size
+    )
     case.check_nothing_happened(before)
 
 
@@ -783,8 +964,9 @@ def test_11_address_near_the_ends_of_the_address_space(case, addr):
 def test_register_over_allocated_memory_rejected(env):
     a = env.allocated(2, [4, 16])
     raises_llm(PARAM_INVALID, env.cm.register_cache, make_desc(2, [4, 16]), a.addrs)
-    raises_llm(PARAM_INVALID, env.cm.register_cache, make_desc(2, [8]),
-               [a.addrs[0] + 60, a.addrs[1] + 8])
+    raises_llm(
+        PARAM_INVALID, env.cm.register_cache, make_desc(2, [8]), [a.addrs[0] + 60, a.addrs[1] + 8]
+    )
 
 
 # ------------------------------------------------------------------------- property: oracle
@@ -798,8 +980,9 @@ def test_property_validation_oracle(data):
     kind = draw(st.sampled_from(["C2C", "C2B", "B2B"]))
     L = draw(st.integers(1, 3))
     with env_ctx(seed=draw(st.integers(0, 2**31 - 1))) as env:
-        rng_ = draw(st.sampled_from([None] + [range(a, b) for a in range(L)
-                                              for b in range(a + 1, L + 1)]))
+        rng_ = draw(
+            st.sampled_from([None] + [range(a, b) for a in range(L) for b in range(a + 1, L + 1)])
+        )
         n_layers = len(rng_) if rng_ is not None else L
         sb = db = size = None
         off = 0
@@ -815,8 +998,13 @@ def test_property_validation_oracle(data):
                 sb = sb[:-1] if len(sb) > 1 else sb + [0]
             size = draw(st.sampled_from([None, 0, bb, bb + 1, max(bb - 1, 1)]))
             batch = draw(st.sampled_from([0, 0, 0, 1]))
-            valid = (len(sb) == len(db) and all(s < n_src for s in sb)
-                     and size in (None, 0, bb) and all(d < n_dst for d in db) and batch == 0)
+            valid = (
+                len(sb) == len(db)
+                and all(s < n_src for s in sb)
+                and size in (None, 0, bb)
+                and all(d < n_dst for d in db)
+                and batch == 0
+            )
         else:
             rows, row = draw(st.integers(1, 3)), draw(st.integers(1, 64))
             src = env.registered(2 * L, [rows, row])
@@ -826,22 +1014,25 @@ def test_property_validation_oracle(data):
                 n_dst = draw(st.integers(1, 6))
                 dst = env.registered(2 * n_layers, [n_dst, size], blocks=True, guard=256)
                 cap = -(-row // size)
-                db = draw(st.lists(st.integers(0, n_dst + 1), min_size=1, max_size=cap + 1,
-                                   unique=True))
+                db = draw(
+                    st.lists(st.integers(0, n_dst + 1), min_size=1, max_size=cap + 1, unique=True)
+                )
                 valid = len(db) <= cap and batch < rows and all(d < n_dst for d in db)
             else:
                 region = row + draw(st.integers(0, 16))
                 dst = env.registered(2 * n_layers, [region], guard=256)
                 off = draw(st.integers(-8, region - row + 8))
                 valid = batch < rows and 0 <= off and off + row <= region
-        cfg = TransferConfig(OWN_CLUSTER, [dst.addr_of(i, off) for i in range(2 * n_layers)],
-                             rng_, batch)
+        cfg = TransferConfig(
+            OWN_CLUSTER, [dst.addr_of(i, off) for i in range(2 * n_layers)], rng_, batch
+        )
         before, src_before = dst.snapshot(), src.snapshot()
         srcb = src.tensor_bytes()
         sync = RecordingSync()
         if not valid:
-            raises_llm(PARAM_INVALID, env.cm.transfer_cache_async, src.cache, sync, [cfg],
-                       sb, db, size)
+            raises_llm(
+                PARAM_INVALID, env.cm.transfer_cache_async, src.cache, sync, [cfg], sb, db, size
+            )
             assert sync.calls == []
             assert_mem_equal(dst.mem(), before, "rejected call")
             return

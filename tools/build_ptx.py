@@ -29,7 +29,7 @@ HEADER = os.path.join(ROOT, "include", "llmdist", "copy_kernel.h")
 HEADER_NAME = "llmdist/copy_kernel.h"
 OUTPUT = os.path.join(ROOT, "llmdist", "copy_runs.ptx")
 ARCH = "compute_70"
-PTX_ISA = "8.0"           # CUDA 12.0
+PTX_ISA = "8.0"  # CUDA 12.0
 
 
 def find_nvrtc() -> Optional[str]:
@@ -38,8 +38,9 @@ def find_nvrtc() -> Optional[str]:
     if override:
         return override
     for entry in sys.path:
-        hits = sorted(glob.glob(os.path.join(entry or ".", "nvidia", "cuda_nvrtc", "lib",
-                                             "libnvrtc.so.1*")))
+        hits = sorted(
+            glob.glob(os.path.join(entry or ".", "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.1*"))
+        )
         if hits:
             return hits[0]
     return None
@@ -63,7 +64,7 @@ def pin_isa(ptx: str) -> str:
     want = tuple(int(x) for x in PTX_ISA.split("."))
     if have <= want:
         return ptx
-    return ptx[:m.start()] + f".version {PTX_ISA}" + ptx[m.end():]
+    return ptx[: m.start()] + f".version {PTX_ISA}" + ptx[m.end() :]
 
 
 def compile_ptx(lib: str) -> str:
@@ -82,8 +83,10 @@ def compile_ptx(lib: str) -> str:
         header = f.read()
     headers = (ctypes.c_char_p * 1)(header)
     names = (ctypes.c_char_p * 1)(HEADER_NAME.encode())
-    check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source, b"copy_runs.cu", 1, headers, names),
-          "nvrtcCreateProgram")
+    check(
+        nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source, b"copy_runs.cu", 1, headers, names),
+        "nvrtcCreateProgram",
+    )
     try:
         opts = [f"--gpu-architecture={ARCH}".encode(), b"--std=c++11"]
         argv = (ctypes.c_char_p * len(opts))(*opts)
@@ -93,8 +96,9 @@ def compile_ptx(lib: str) -> str:
             nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
             log = ctypes.create_string_buffer(size.value)
             nvrtc.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError("NVRTC could not compile the kernel:\n"
-                               + log.value.decode("utf-8", "replace"))
+            raise RuntimeError(
+                "NVRTC could not compile the kernel:\n" + log.value.decode("utf-8", "replace")
+            )
         size = ctypes.c_size_t()
         check(nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size)), "nvrtcGetPTXSize")
         buf = ctypes.create_string_buffer(size.value)
@@ -111,8 +115,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     lib = args.nvrtc or find_nvrtc()
     if lib is None:
-        print("NVRTC not found: pip install nvidia-cuda-nvrtc-cu12 (see pyproject.toml, "
-              "extra 'test', for the pinned version)", file=sys.stderr)
+        print(
+            "NVRTC not found: pip install nvidia-cuda-nvrtc-cu12 (see pyproject.toml, "
+            "extra 'test', for the pinned version)",
+            file=sys.stderr,
+        )
         return 1
     ptx = compile_ptx(lib)
     with open(args.out, "w") as f:

@@ -34,12 +34,16 @@ from .results import SUBJECT, Result, Run, path_of
 from .settings import Need, size_name
 from .workload import CONTIGUOUS, OK, PER_BLOCK, Bench, Go, block_pairs, check
 
-DECODE_IDS = {False: 61, True: 71}      # unkeyed, keyed
-PREFILL_IDS = {("direct", False): 62, ("mooncake", False): 63,
-               ("direct", True): 72, ("mooncake", True): 73}
+DECODE_IDS = {False: 61, True: 71}  # unkeyed, keyed
+PREFILL_IDS = {
+    ("direct", False): 62,
+    ("mooncake", False): 63,
+    ("direct", True): 72,
+    ("mooncake", True): 73,
+}
 LINK_MS = 5000
 TASK_MS = 120_000
-SRC_MODEL, LOCAL_MODEL = 0, 1           # the prefill's caches: source, pull destination
+SRC_MODEL, LOCAL_MODEL = 0, 1  # the prefill's caches: source, pull destination
 OPS = ("transfer_cache_async", "push_blocks", "pull_blocks")
 ROUTES = {
     # route: (prefill transport, how the decode makes its cache)
@@ -48,7 +52,7 @@ ROUTES = {
     "engine": ("mooncake", "alloc"),
 }
 MOONCAKE_RAW = "mooncake engine (raw)"
-KEYED = "llmdist, keyed"                 # measured with the unkeyed call, reported in its own row
+KEYED = "llmdist, keyed"  # measured with the unkeyed call, reported in its own row
 BARE_PROCESS_VM = "process_vm bare, 2 threads"
 
 
@@ -69,8 +73,9 @@ class Prefill:
         self.linked = False
         self.src: Optional[Cache] = None
         self.local: Optional[Cache] = None
-        self.dd = procs.start_cluster(LLMRole.PROMPT, self.cid, transport, sync_timeout=TASK_MS,
-                                      auth_key=auth_key)
+        self.dd = procs.start_cluster(
+            LLMRole.PROMPT, self.cid, transport, sync_timeout=TASK_MS, auth_key=auth_key
+        )
         self.cm = self.dd.cache_manager
         self.info = LLMClusterInfo()
         self.info.remote_cluster_id = self.decode_id
@@ -87,8 +92,9 @@ class Prefill:
         status, _ = self.dd.link_clusters([self.info], LINK_MS)
         seconds = time.perf_counter() - t0
         if status != OK:
-            raise RuntimeError(f"prefill {self.cid} ({self.transport}) could not link: "
-                               f"{status.name}")
+            raise RuntimeError(
+                f"prefill {self.cid} ({self.transport}) could not link: {status.name}"
+            )
         self.linked = True
         return seconds
 
@@ -96,18 +102,21 @@ class Prefill:
         """Unlink, then link again: the seconds of the link."""
         status, _ = self.dd.unlink_clusters([self.info], LINK_MS)
         if status != OK:
-            raise RuntimeError(f"prefill {self.cid} ({self.transport}) could not unlink: "
-                               f"{status.name}")
+            raise RuntimeError(
+                f"prefill {self.cid} ({self.transport}) could not unlink: {status.name}"
+            )
         self.linked = False
         return self.link()
 
     def register(self, src: Cache, local: Cache) -> None:
         """This run's source and local caches (allocated by the bench's own cluster) under keys
         of this cluster."""
-        self.src = self.cm.register_blocks_cache(src.cache_desc, list(src.tensor_addrs),
-                                                 BlocksCacheKey(self.cid, SRC_MODEL))
-        self.local = self.cm.register_blocks_cache(local.cache_desc, list(local.tensor_addrs),
-                                                   BlocksCacheKey(self.cid, LOCAL_MODEL))
+        self.src = self.cm.register_blocks_cache(
+            src.cache_desc, list(src.tensor_addrs), BlocksCacheKey(self.cid, SRC_MODEL)
+        )
+        self.local = self.cm.register_blocks_cache(
+            local.cache_desc, list(local.tensor_addrs), BlocksCacheKey(self.cid, LOCAL_MODEL)
+        )
 
     def unregister(self) -> None:
         for c in (self.src, self.local):
@@ -138,8 +147,11 @@ def _calls(bench: Bench, p: Prefill, model: int, si: List[int], di: List[int]):
     cfg = [TransferWithCacheKeyConfig(key, range(L), range(L))]
 
     def transfer():
-        check(p.cm.transfer_cache_async(p.src, Go(), cfg, si, di, **kw).synchronize(TASK_MS),
-              "transfer_cache_async")
+        check(
+            p.cm.transfer_cache_async(p.src, Go(), cfg, si, di, **kw).synchronize(TASK_MS),
+            "transfer_cache_async",
+        )
+
     out["transfer_cache_async"] = transfer
     if hasattr(p.cm, "push_blocks"):
         out["push_blocks"] = lambda: p.cm.push_blocks(key, p.src, si, di, **kw)
@@ -156,9 +168,11 @@ class _RawMooncake:
     """The same B2B writes through a Mooncake engine of this process's own (no llmdist): one
     synchronous batch per layer."""
 
-    def __init__(self, session: str, src: Cache, dst_addrs: List[int], si, di, block: int,
-                 tpl: int) -> None:
+    def __init__(
+        self, session: str, src: Cache, dst_addrs: List[int], si, di, block: int, tpl: int
+    ) -> None:
         from mooncake.engine import TransferEngine
+
         self.engine = TransferEngine()
         rc = self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "")
         if rc != 0:
@@ -206,8 +220,9 @@ class Clusters:
                     self.unavailable[(transport, k)] = why
                     continue
                 try:
-                    self.prefills[(transport, k)] = Prefill(transport, self.ports[k],
-                                                            self.key if k else None)
+                    self.prefills[(transport, k)] = Prefill(
+                        transport, self.ports[k], self.key if k else None
+                    )
                 except Exception as exc:  # noqa: BLE001 - reported as the route's reason
                     self.unavailable[(transport, k)] = f"{type(exc).__name__}: {exc}"
 
@@ -255,21 +270,26 @@ def _one_size(bench: Bench, run: Run, c: Clusters, block: int) -> None:
         bench.fill(src)
         si, di = block_pairs(plan.pool, s.pairs, s.seed)
         check_tensors = sorted({0, nt - 1})
-        want = procs.block_digests([bench.read(src, t).reshape(plan.pool, block)
-                                    for t in check_tensors], si)
+        want = procs.block_digests(
+            [bench.read(src, t).reshape(plan.pool, block) for t in check_tensors], si
+        )
         dst_addrs = {}
         for k, decode in c.decodes.items():
             for how, model in models.items():
                 placement = desc.placement
                 if how == "register" and not bench.host_memory:
-                    placement = Placement.HOST   # a device runtime's peer registers host memory
+                    placement = Placement.HOST  # a device runtime's peer registers host memory
                 try:
-                    dst_addrs[(k, how)] = decode.call(how, model, nt, desc.shape,
-                                                      desc.data_type.value, int(placement))
+                    dst_addrs[(k, how)] = decode.call(
+                        how, model, nt, desc.shape, desc.data_type.value, int(placement)
+                    )
                 except procs.ChildError as exc:
                     dst_addrs[(k, how)] = str(exc).strip().splitlines()[-1]
-                releases.append(lambda m=model, d=decode, a=(k, how):
-                                isinstance(dst_addrs[a], list) and d.call("free", m))
+                releases.append(
+                    lambda m=model, d=decode, a=(k, how): (
+                        isinstance(dst_addrs[a], list) and d.call("free", m)
+                    )
+                )
         for p in c.prefills.values():
             p.register(src, local)
             releases.append(p.unregister)
@@ -279,8 +299,22 @@ def _one_size(bench: Bench, run: Run, c: Clusters, block: int) -> None:
         dsts = [a + d * block for a in local.tensor_addrs for d in di]
         srcs = [a + x * block for a in src.tensor_addrs for x in si]
         per_block = bench.per_block(dsts, srcs, block)
-        case_set = CaseSet(bench, run, c, label, block, moved, plan.pool, src, local, si, di,
-                           want, check_tensors, dst_addrs)
+        case_set = CaseSet(
+            bench,
+            run,
+            c,
+            label,
+            block,
+            moved,
+            plan.pool,
+            src,
+            local,
+            si,
+            di,
+            want,
+            check_tensors,
+            dst_addrs,
+        )
         for route in ROUTES:
             case_set.route(route, models, contiguous, per_block)
     finally:
@@ -308,16 +342,31 @@ def _link_rows(bench: Bench, run: Run, c: Clusters) -> None:
         except RuntimeError as exc:
             run.results.append(Result("cluster", case, None, 0, {}, skipped={SUBJECT: str(exc)}))
             continue
-        run.results.append(keyed.link_result(case, times, {"transport": transport,
-                                                           "rounds": rounds}))
+        run.results.append(
+            keyed.link_result(case, times, {"transport": transport, "rounds": rounds})
+        )
 
 
 class CaseSet:
     """The cases of one block size: every (route, call), with its baselines and keyed row."""
 
-    def __init__(self, bench: Bench, run: Run, c: Clusters, label: str, block: int, moved: int,
-                 pool: int, src: Cache, local: Cache, si, di, want, check_tensors,
-                 dst_addrs: dict) -> None:
+    def __init__(
+        self,
+        bench: Bench,
+        run: Run,
+        c: Clusters,
+        label: str,
+        block: int,
+        moved: int,
+        pool: int,
+        src: Cache,
+        local: Cache,
+        si,
+        di,
+        want,
+        check_tensors,
+        dst_addrs: dict,
+    ) -> None:
         self.bench, self.run, self.c, self.label = bench, run, c, label
         self.block, self.moved, self.pool = block, moved, pool
         self.src, self.local, self.si, self.di = src, local, si, di
@@ -332,8 +381,20 @@ class CaseSet:
         return None
 
     def _check(self, k: bool, fn, op: str, model: int) -> bool:
-        return _check_call(self.bench, self.c.decodes[k], fn, op, model, self.local, self.si,
-                           self.di, self.want, self.check_tensors, self.pool, self.block)
+        return _check_call(
+            self.bench,
+            self.c.decodes[k],
+            fn,
+            op,
+            model,
+            self.local,
+            self.si,
+            self.di,
+            self.want,
+            self.check_tensors,
+            self.pool,
+            self.block,
+        )
 
     def route(self, route: str, models: Dict[str, int], contiguous, per_block) -> None:
         bench, run, s = self.bench, self.run, self.bench.settings
@@ -341,14 +402,19 @@ class CaseSet:
         model = models[how]
         reason = self._reason(transport, False, how)
         p = self.c.prefills.get((transport, False))
-        calls = (_calls(bench, p, model, self.si, self.di) if reason is None
-                 else {op: reason for op in OPS})
+        calls = (
+            _calls(bench, p, model, self.si, self.di)
+            if reason is None
+            else {op: reason for op in OPS}
+        )
         for op in OPS:
             bench.progress.show(f"{self.label}: {route} {op}")
             fn = calls[op]
             case = f"{route}: {op}"
             if not callable(fn):
-                run.results.append(Result("cluster", case, self.block, 0, {}, skipped={SUBJECT: fn}))
+                run.results.append(
+                    Result("cluster", case, self.block, 0, {}, skipped={SUBJECT: fn})
+                )
                 continue
             paths = {SUBJECT: fn}
             skipped: Dict[str, str] = {}
@@ -356,41 +422,87 @@ class CaseSet:
             try:
                 ok = self._check(False, fn, op, model)
             except Exception as exc:  # noqa: BLE001 - a refused route is a result
-                run.results.append(Result("cluster", case, self.block, 0, {}, skipped={
-                    SUBJECT: f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}))
+                run.results.append(
+                    Result(
+                        "cluster",
+                        case,
+                        self.block,
+                        0,
+                        {},
+                        skipped={SUBJECT: f"{type(exc).__name__}: {str(exc).splitlines()[0]}"},
+                    )
+                )
                 continue
             keyed_ok = None
-            if op == "transfer_cache_async":     # next to the unkeyed call in every round
+            if op == "transfer_cache_async":  # next to the unkeyed call in every round
                 keyed_ok = self._keyed(transport, how, model, paths, skipped)
             paths.update({CONTIGUOUS: contiguous, PER_BLOCK: per_block})
             if route == "process":
-                _bare_process_vm(bench, self.c.decodes[False], op, model, self.src, self.local,
-                                 self.dst_addrs[(False, how)], self.si, self.di, self.block,
-                                 paths, skipped)
+                _bare_process_vm(
+                    bench,
+                    self.c.decodes[False],
+                    op,
+                    model,
+                    self.src,
+                    self.local,
+                    self.dst_addrs[(False, how)],
+                    self.si,
+                    self.di,
+                    self.block,
+                    paths,
+                    skipped,
+                )
             if op == "transfer_cache_async":
-                self._peers(route, model, self.dst_addrs[(False, how)], paths, skipped,
-                            own_seconds)
+                self._peers(route, model, self.dst_addrs[(False, how)], paths, skipped, own_seconds)
             times = bench.rounds(f"{self.label}: {route} {op}", paths, alternate=True)
             for name, secs in own_seconds.items():
-                times[name] = secs[-len(times[name]):]
+                times[name] = secs[-len(times[name]) :]
             keyed_times = times.pop(KEYED, None)
-            extra = {"llmdist_path": p.path(), "pool": self.pool, "pairs": s.pairs,
-                     "tensors": len(self.src.tensor_addrs)}
-            run.results.append(Result(
-                "cluster", case, self.block, self.moved,
-                {k: path_of(v, self.moved) for k, v in times.items()},
-                skipped={k: v for k, v in skipped.items() if k != KEYED}, verified=ok,
-                extra=extra).finish())
+            extra = {
+                "llmdist_path": p.path(),
+                "pool": self.pool,
+                "pairs": s.pairs,
+                "tensors": len(self.src.tensor_addrs),
+            }
+            run.results.append(
+                Result(
+                    "cluster",
+                    case,
+                    self.block,
+                    self.moved,
+                    {k: path_of(v, self.moved) for k, v in times.items()},
+                    skipped={k: v for k, v in skipped.items() if k != KEYED},
+                    verified=ok,
+                    extra=extra,
+                ).finish()
+            )
             if keyed_times is not None:
-                run.results.append(keyed.transfer_result(
-                    f"{case}, keyed", self.block, self.moved, keyed_times, times[SUBJECT],
-                    keyed_ok, {**extra, "llmdist_path": self.c.prefills[(transport, True)].path()}))
+                run.results.append(
+                    keyed.transfer_result(
+                        f"{case}, keyed",
+                        self.block,
+                        self.moved,
+                        keyed_times,
+                        times[SUBJECT],
+                        keyed_ok,
+                        {**extra, "llmdist_path": self.c.prefills[(transport, True)].path()},
+                    )
+                )
             elif KEYED in skipped:
-                run.results.append(Result("cluster", f"{case}, keyed", self.block, 0, {},
-                                          skipped={SUBJECT: skipped[KEYED]}))
+                run.results.append(
+                    Result(
+                        "cluster",
+                        f"{case}, keyed",
+                        self.block,
+                        0,
+                        {},
+                        skipped={SUBJECT: skipped[KEYED]},
+                    )
+                )
 
-    def _keyed(self, transport: str, how: str, model: int, paths: dict,
-               skipped: dict) -> Optional[bool]:
+    def _keyed(
+        self, transport: str, how: str, model: int, paths: dict, skipped: dict
+    ) -> Optional[bool]:
         """The keyed prefill's call into the keyed decode's cache, checked, added to paths (or
         its reason to skipped); whether its bytes arrived."""
         why = self._reason(transport, True, how)
@@ -407,8 +519,9 @@ class CaseSet:
         skipped[KEYED] = why
         return None
 
-    def _peers(self, route: str, model: int, dst_addrs, paths: dict, skipped: dict,
-               own_seconds: dict) -> None:
+    def _peers(
+        self, route: str, model: int, dst_addrs, paths: dict, skipped: dict, own_seconds: dict
+    ) -> None:
         """The peers' own engines on the same blocks, when installed (and host memory)."""
         bench, decode = self.bench, self.c.decodes[False]
         tensors = self.check_tensors
@@ -419,8 +532,15 @@ class CaseSet:
             if why is None:
                 try:
                     session = decode.call("mooncake_init", model)
-                    raw = _RawMooncake(session, self.src, dst_addrs, self.si, self.di, self.block,
-                                       bench.settings.tensors_per_layer)
+                    raw = _RawMooncake(
+                        session,
+                        self.src,
+                        dst_addrs,
+                        self.si,
+                        self.di,
+                        self.block,
+                        bench.settings.tensors_per_layer,
+                    )
                     decode.call("clear", model)
                     raw()
                     if decode.call("digests", model, self.di, tensors) != self.want:
@@ -437,8 +557,16 @@ class CaseSet:
             if why is None:
                 try:
                     write, seconds = self.c.nixl.writer(
-                        decode, model, dst_addrs, bench.settings.layers,
-                        bench.settings.tensors_per_layer, self.pool, self.block, self.si, self.di)
+                        decode,
+                        model,
+                        dst_addrs,
+                        bench.settings.layers,
+                        bench.settings.tensors_per_layer,
+                        self.pool,
+                        self.block,
+                        self.si,
+                        self.di,
+                    )
                     decode.call("clear", model)
                     write()
                     if decode.call("digests", model, self.di, tensors) != self.want:
@@ -452,11 +580,23 @@ class CaseSet:
                 skipped[NIXL] = why
 
 
-def _check_call(bench: Bench, decode, fn, op: str, model: int, local: Cache, si, di, want,
-                tensors, pool: int, block: int) -> bool:
+def _check_call(
+    bench: Bench,
+    decode,
+    fn,
+    op: str,
+    model: int,
+    local: Cache,
+    si,
+    di,
+    want,
+    tensors,
+    pool: int,
+    block: int,
+) -> bool:
     """Run the call once and compare the bytes that arrived with the source's."""
     if op == "pull_blocks":
-        bench.fill(local, start=1 << 40)        # anything but what the pull must bring
+        bench.fill(local, start=1 << 40)  # anything but what the pull must bring
         fn()
         src_side = decode.call("digests", model, di, tensors)
         got = procs.block_digests([bench.read(local, t).reshape(pool, block) for t in tensors], si)
@@ -466,12 +606,25 @@ def _check_call(bench: Bench, decode, fn, op: str, model: int, local: Cache, si,
     return decode.call("digests", model, di, tensors) == want
 
 
-def _bare_process_vm(bench: Bench, decode, op: str, model: int, src: Cache, local: Cache,
-                     remote_addrs, si, di, block: int, paths: dict, skipped: dict) -> None:
+def _bare_process_vm(
+    bench: Bench,
+    decode,
+    op: str,
+    model: int,
+    src: Cache,
+    local: Cache,
+    remote_addrs,
+    si,
+    di,
+    block: int,
+    paths: dict,
+    skipped: dict,
+) -> None:
     """The process route's limit: the same iovecs through process_vm_writev (pull:
     process_vm_readv) straight from C on 2 threads, up to 1024 per call; its bytes are checked
     like llmdist's."""
     from .._core import ProcessVmBaseline
+
     if not bench.host_memory:
         skipped[BARE_PROCESS_VM] = "the bare syscall baseline runs on host memory only"
         return
@@ -485,7 +638,10 @@ def _bare_process_vm(bench: Bench, decode, op: str, model: int, src: Cache, loca
     if pull:
         bench.fill(local, start=1 << 40)
         bare()
-        ok = procs.block_digests([bench.read(local, t).reshape(-1, block) for t in tensors], si) == want
+        ok = (
+            procs.block_digests([bench.read(local, t).reshape(-1, block) for t in tensors], si)
+            == want
+        )
     else:
         decode.call("clear", model)
         bare()

@@ -16,7 +16,7 @@ BATCH, BATCH_SOLO, PART, COPY, GATE_MARK, GATE_WAKE = 1, 2, 3, 4, 5, 6
 @dataclass
 class Record:
     kind: int
-    t_start: int     # ns, CLOCK_MONOTONIC
+    t_start: int  # ns, CLOCK_MONOTONIC
     t_end: int
     nbytes: int
     arg: int
@@ -40,8 +40,13 @@ def _dist(values_s: list[float]) -> dict[str, float] | None:
     if not values_s:
         return None
     v = sorted(values_s)
-    return {"n": len(v), "median_s": statistics.median(v), "p90_s": v[int(0.9 * (len(v) - 1))],
-            "max_s": v[-1], "sum_s": sum(v)}
+    return {
+        "n": len(v),
+        "median_s": statistics.median(v),
+        "p90_s": v[int(0.9 * (len(v) - 1))],
+        "max_s": v[-1],
+        "sum_s": sum(v),
+    }
 
 
 def summarize(records: list[Record]) -> dict:
@@ -55,8 +60,9 @@ def summarize(records: list[Record]) -> dict:
         "team_batches": len(team),
         "batch_bytes": sum(r.nbytes for r in batches),
         "batch_s": _dist([(r.t_end - r.t_start) / 1e9 for r in batches]),
-        "batch_gb_per_s": (sum(r.nbytes for r in batches)
-                           / max(sum(r.t_end - r.t_start for r in batches), 1)),
+        "batch_gb_per_s": (
+            sum(r.nbytes for r in batches) / max(sum(r.t_end - r.t_start for r in batches), 1)
+        ),
         "copies": len(copies),
         "copy_bytes": sum(r.nbytes for r in copies),
         "copy_s": _dist([(r.t_end - r.t_start) / 1e9 for r in copies]),
@@ -66,7 +72,10 @@ def summarize(records: list[Record]) -> dict:
     helper_share, waits, alone = [], [], 0
     part_starts = [p.t_start for p in parts]
     for b in team:
-        lo, hi = bisect.bisect_left(part_starts, b.t_start), bisect.bisect_right(part_starts, b.t_end)
+        lo, hi = (
+            bisect.bisect_left(part_starts, b.t_start),
+            bisect.bisect_right(part_starts, b.t_end),
+        )
         inside = [p for p in parts[lo:hi] if p.t_end <= b.t_end]
         own = [p for p in inside if p.tid == b.tid]
         if inside:
@@ -102,18 +111,23 @@ def summarize(records: list[Record]) -> dict:
         i = bisect.bisect_left(starts, r.t_end)
         j = bisect.bisect_left(starts, r.t_start - longest)
         return any(spans[k][1] > r.t_start for k in range(j, i))
-    res["batch_s_during_copies"] = _dist([(r.t_end - r.t_start) / 1e9 for r in batches
-                                          if overlaps(r)])
-    res["batch_s_otherwise"] = _dist([(r.t_end - r.t_start) / 1e9 for r in batches
-                                      if not overlaps(r)])
+
+    res["batch_s_during_copies"] = _dist(
+        [(r.t_end - r.t_start) / 1e9 for r in batches if overlaps(r)]
+    )
+    res["batch_s_otherwise"] = _dist(
+        [(r.t_end - r.t_start) / 1e9 for r in batches if not overlaps(r)]
+    )
     return res
 
 
 def _fmt(d: dict[str, float] | None) -> str:
     if d is None:
         return "-"
-    return (f"median {d['median_s'] * 1e3:.3f} ms, p90 {d['p90_s'] * 1e3:.3f} ms, "
-            f"max {d['max_s'] * 1e3:.3f} ms, sum {d['sum_s'] * 1e3:.1f} ms (n={d['n']})")
+    return (
+        f"median {d['median_s'] * 1e3:.3f} ms, p90 {d['p90_s'] * 1e3:.3f} ms, "
+        f"max {d['max_s'] * 1e3:.3f} ms, sum {d['sum_s'] * 1e3:.1f} ms (n={d['n']})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,18 +136,24 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m llmdist.bench.host_trace TRACE_FILE", file=sys.stderr)
         return 2
     s = summarize(read(args[0]))
-    print(f"batches: {s['batches']} ({s['team_batches']} on the team), "
-          f"{s['batch_bytes'] / 1e6:.1f} MB at {s['batch_gb_per_s']:.2f} GB/s while running")
+    print(
+        f"batches: {s['batches']} ({s['team_batches']} on the team), "
+        f"{s['batch_bytes'] / 1e6:.1f} MB at {s['batch_gb_per_s']:.2f} GB/s while running"
+    )
     print(f"  duration: {_fmt(s['batch_s'])}")
     print(f"  while a single copy ran: {_fmt(s['batch_s_during_copies'])}")
     print(f"  otherwise: {_fmt(s['batch_s_otherwise'])}")
     if s["team_batches"]:
-        print(f"team batches the issuing thread ran alone: {s['team_batches_issuer_alone']} of "
-              f"{s['team_batches']}; helpers' share of parts, median {s['helper_share_median']:.2f}")
+        print(
+            f"team batches the issuing thread ran alone: {s['team_batches_issuer_alone']} of "
+            f"{s['team_batches']}; helpers' share of parts, median {s['helper_share_median']:.2f}"
+        )
         print(f"  issuing thread waiting for helpers after its parts: {_fmt(s['issuer_wait_s'])}")
     print(f"single copies: {s['copies']}, {s['copy_bytes'] / 1e6:.1f} MB; {_fmt(s['copy_s'])}")
-    print(f"gate marks: {s['gate_marks']}; a waiting worker woke after the mark: "
-          f"{_fmt(s['gate_wake_after_mark_s'])}")
+    print(
+        f"gate marks: {s['gate_marks']}; a waiting worker woke after the mark: "
+        f"{_fmt(s['gate_wake_after_mark_s'])}"
+    )
     return 0
 
 

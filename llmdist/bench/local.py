@@ -15,32 +15,59 @@ import numpy as np
 
 from ..descs import Placement
 from ..transfer_types import LayerSynchronizer, TransferConfig
-from .results import SUBJECT, Result, Run, path_of
 from .peers import llm_datadist_available
-from .settings import (OVERHEAD_BLOCK, OVERHEAD_LAYERS, OVERHEAD_PULL_BLOCK, SCALING_FACTORS, Need,
-                       size_name)
-from .workload import (CLUSTER_ID, CONTIGUOUS, NUMPY, PER_BLOCK, TORCH, Bench, Go, block_pairs,
-                       check, verify_blocks)
+from .results import SUBJECT, Result, Run, path_of
+from .settings import (
+    OVERHEAD_BLOCK,
+    OVERHEAD_LAYERS,
+    OVERHEAD_PULL_BLOCK,
+    SCALING_FACTORS,
+    Need,
+    size_name,
+)
+from .workload import (
+    CLUSTER_ID,
+    CONTIGUOUS,
+    NUMPY,
+    PER_BLOCK,
+    TORCH,
+    Bench,
+    Go,
+    block_pairs,
+    check,
+    verify_blocks,
+)
 
 DEVICE, HOST = Placement.DEVICE, Placement.HOST
 
 
 def layer_kwargs(bench: Bench) -> dict:
     """tensor_num_per_layer for caches of one tensor per layer (MLA)."""
-    return {} if bench.settings.tensors_per_layer == 2 else {
-        "tensor_num_per_layer": bench.settings.tensors_per_layer}
+    return (
+        {}
+        if bench.settings.tensors_per_layer == 2
+        else {"tensor_num_per_layer": bench.settings.tensors_per_layer}
+    )
 
 
 def supports_one_tensor_per_layer(cm) -> bool:
     return "tensor_num_per_layer" in inspect.signature(cm.transfer_cache_async).parameters
 
 
-def local_result(scenario: str, case: str, block: Optional[int], nbytes: int,
-            times: Dict[str, List[float]], skipped: Dict[str, str], verified: Optional[bool],
-            **extra) -> Result:
+def local_result(
+    scenario: str,
+    case: str,
+    block: Optional[int],
+    nbytes: int,
+    times: Dict[str, List[float]],
+    skipped: Dict[str, str],
+    verified: Optional[bool],
+    **extra,
+) -> Result:
     paths = {k: path_of(v, nbytes) for k, v in times.items()}
-    return Result(scenario, case, block, nbytes, paths, skipped=skipped, verified=verified,
-                  extra=extra).finish()
+    return Result(
+        scenario, case, block, nbytes, paths, skipped=skipped, verified=verified, extra=extra
+    ).finish()
 
 
 def _block_paths(bench: Bench, llmdist, moved: int, src, dst, si, di, block: int) -> dict:
@@ -48,8 +75,11 @@ def _block_paths(bench: Bench, llmdist, moved: int, src, dst, si, di, block: int
     bytes, and one runtime copy per block (source block si[j] to destination block di[j])."""
     dsts = [a + d * block for a in dst.tensor_addrs for d in di]
     srcs = [a + x * block for a in src.tensor_addrs for x in si]
-    return {SUBJECT: llmdist, CONTIGUOUS: bench.contiguous(moved, src, dst),
-            PER_BLOCK: bench.per_block(dsts, srcs, block)}
+    return {
+        SUBJECT: llmdist,
+        CONTIGUOUS: bench.contiguous(moved, src, dst),
+        PER_BLOCK: bench.per_block(dsts, srcs, block),
+    }
 
 
 def _add_numpy(paths: dict, skipped: dict, numpy_run) -> None:
@@ -60,8 +90,9 @@ def _add_numpy(paths: dict, skipped: dict, numpy_run) -> None:
         skipped[NUMPY] = "device memory is not host memory"
 
 
-def _add_framework_baselines(bench: Bench, paths: dict, skipped: dict, releases: list,
-                             numpy_run, torch_args) -> None:
+def _add_framework_baselines(
+    bench: Bench, paths: dict, skipped: dict, releases: list, numpy_run, torch_args
+) -> None:
     """numpy indexing on host memory, else torch indexing on the device, else the reasons."""
     _add_numpy(paths, skipped, numpy_run)
     t = bench.torch_indexing(*torch_args)
@@ -78,8 +109,10 @@ UPSTREAM = "llm_datadist (CANN)"
 def upstream_reason() -> str:
     """Why upstream llm_datadist is not a baseline in this run."""
     why = llm_datadist_available()
-    return why or ("installed, but this command does not drive it yet (it needs a linked peer "
-                   "cluster on an Atlas device)")
+    return why or (
+        "installed, but this command does not drive it yet (it needs a linked peer "
+        "cluster on an Atlas device)"
+    )
 
 
 DMA_VARIANT = "llmdist, DMA copies"
@@ -99,26 +132,41 @@ def _add_dma_variant(bench: Bench, paths: dict, llmdist, dst, verify) -> bool:
             llmdist()
         finally:
             rt.select_device_copy("kernel")
+
     paths[DMA_VARIANT] = dma
     bench.zero(dst)
     dma()
     return verify()
 
 
-def _measure_blocks(bench: Bench, label: str, llmdist, src, dst, si, di, block: int,
-                    moved: int, releases: list, torch_args: tuple):
+def _measure_blocks(
+    bench: Bench,
+    label: str,
+    llmdist,
+    src,
+    dst,
+    si,
+    di,
+    block: int,
+    moved: int,
+    releases: list,
+    torch_args: tuple,
+):
     """Run llmdist once and check that blocks di of dst hold blocks si of src, then time it
     against the runtime's per-block loop and contiguous copy, DMA (CUDA kernel mode) and the
     framework baselines. Returns (bytes right, times, baselines skipped with the reason)."""
+
     def verify() -> bool:
         return verify_blocks(bench, src, dst, si, di, block)
+
     llmdist()
     ok = verify()
     paths = _block_paths(bench, llmdist, moved, src, dst, si, di, block)
     skipped: Dict[str, str] = {}
     ok = _add_dma_variant(bench, paths, llmdist, dst, verify) and ok
-    _add_framework_baselines(bench, paths, skipped, releases,
-                             bench.numpy_indexing(src, dst, si, di, block), torch_args)
+    _add_framework_baselines(
+        bench, paths, skipped, releases, bench.numpy_indexing(src, dst, si, di, block), torch_args
+    )
     return ok, bench.rounds(label, paths), skipped
 
 
@@ -140,7 +188,7 @@ def b2b(bench: Bench, run: Run) -> None:
         label = f"b2b {size_name(block)}"
         bench.progress.step(label)
         moved = nt * s.pairs * block
-        copies = 4 if bench.torch else 2          # llmdist's caches (+ torch's own)
+        copies = 4 if bench.torch else 2  # llmdist's caches (+ torch's own)
         plan = bench.budget.fit_pool(label, Need(copies * nt * block, 0))
         run.note(plan.note)
         src = bench.blocks_cache(nt, plan.pool, block)
@@ -154,14 +202,39 @@ def b2b(bench: Bench, run: Run) -> None:
             kw = layer_kwargs(bench)
 
             def llmdist():
-                check(bench.cm.transfer_cache_async(src, Go(), cfg, si, di, **kw).synchronize(),
-                      "B2B transfer")
-            ok, times, skipped = _measure_blocks(bench, label, llmdist, src, dst, si, di, block,
-                                                 moved, releases, (nt, plan.pool, block, si, di))
+                check(
+                    bench.cm.transfer_cache_async(src, Go(), cfg, si, di, **kw).synchronize(),
+                    "B2B transfer",
+                )
+
+            ok, times, skipped = _measure_blocks(
+                bench,
+                label,
+                llmdist,
+                src,
+                dst,
+                si,
+                di,
+                block,
+                moved,
+                releases,
+                (nt, plan.pool, block, si, di),
+            )
             skipped[UPSTREAM] = upstream_reason()
-            run.results.append(local_result("b2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
-                                        block, moved, times, skipped, ok, pool=plan.pool,
-                                        pairs=s.pairs, tensors=nt))
+            run.results.append(
+                local_result(
+                    "b2b",
+                    f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
+                    block,
+                    moved,
+                    times,
+                    skipped,
+                    ok,
+                    pool=plan.pool,
+                    pairs=s.pairs,
+                    tensors=nt,
+                )
+            )
         finally:
             for r in reversed(releases):
                 r()
@@ -188,19 +261,45 @@ def c2b(bench: Bench, run: Run) -> None:
             bench.fill(src)
             bench.zero(dst)
             _, di = block_pairs(plan.pool, s.pairs, s.seed)
-            chunks = list(range(s.pairs, 2 * s.pairs))       # row 1 in block-sized chunks
+            chunks = list(range(s.pairs, 2 * s.pairs))  # row 1 in block-sized chunks
             cfg = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs), None, 1)]
             kw = layer_kwargs(bench)
 
             def llmdist():
-                check(bench.cm.transfer_cache_async(src, Go(), cfg, None, di, block,
-                                                    **kw).synchronize(), "C2B transfer")
-            ok, times, skipped = _measure_blocks(bench, label, llmdist, src, dst, chunks, di,
-                                                 block, moved, releases,
-                                                 (nt, plan.pool, block, chunks, di, 2 * s.pairs))
-            run.results.append(local_result("c2b", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
-                                       block, moved, times, skipped, ok, pool=plan.pool,
-                                       pairs=s.pairs, tensors=nt))
+                check(
+                    bench.cm.transfer_cache_async(
+                        src, Go(), cfg, None, di, block, **kw
+                    ).synchronize(),
+                    "C2B transfer",
+                )
+
+            ok, times, skipped = _measure_blocks(
+                bench,
+                label,
+                llmdist,
+                src,
+                dst,
+                chunks,
+                di,
+                block,
+                moved,
+                releases,
+                (nt, plan.pool, block, chunks, di, 2 * s.pairs),
+            )
+            run.results.append(
+                local_result(
+                    "c2b",
+                    f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers",
+                    block,
+                    moved,
+                    times,
+                    skipped,
+                    ok,
+                    pool=plan.pool,
+                    pairs=s.pairs,
+                    tensors=nt,
+                )
+            )
         finally:
             for r in reversed(releases):
                 r()
@@ -225,16 +324,39 @@ def c2c(bench: Bench, run: Run) -> None:
             kw = layer_kwargs(bench)
 
             def llmdist():
-                check(bench.cm.transfer_cache_async(src, Go(), cfg, **kw).synchronize(),
-                      "C2C transfer")
-            chunks = list(range(s.pairs, 2 * s.pairs))       # row 1 of src into row 0 of dst
+                check(
+                    bench.cm.transfer_cache_async(src, Go(), cfg, **kw).synchronize(),
+                    "C2C transfer",
+                )
+
+            chunks = list(range(s.pairs, 2 * s.pairs))  # row 1 of src into row 0 of dst
             rows = list(range(s.pairs))
-            ok, times, skipped = _measure_blocks(bench, label, llmdist, src, dst, chunks, rows,
-                                                 block, moved, releases,
-                                                 (nt, s.pairs, block, chunks, rows, 2 * s.pairs))
-            run.results.append(local_result("c2c", f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers, "
-                                       f"row = {s.pairs} blocks", block, moved, times, skipped, ok,
-                                       tensors=nt, row_bytes=row))
+            ok, times, skipped = _measure_blocks(
+                bench,
+                label,
+                llmdist,
+                src,
+                dst,
+                chunks,
+                rows,
+                block,
+                moved,
+                releases,
+                (nt, s.pairs, block, chunks, rows, 2 * s.pairs),
+            )
+            run.results.append(
+                local_result(
+                    "c2c",
+                    f"{_kind(bench, DEVICE, DEVICE)} {s.layers} layers, row = {s.pairs} blocks",
+                    block,
+                    moved,
+                    times,
+                    skipped,
+                    ok,
+                    tensors=nt,
+                    row_bytes=row,
+                )
+            )
         finally:
             for r in reversed(releases):
                 r()
@@ -254,20 +376,34 @@ def swap(bench: Bench, run: Run) -> None:
     has_swap = hasattr(bench.cm, "swap_blocks")
     for block in s.blocks:
         for src_place, dst_place in ((DEVICE, HOST), (HOST, DEVICE)):
-            kind = _kind(bench, src_place, dst_place) if not bench.host_memory else \
-                f"{src_place.name.lower()}->{dst_place.name.lower()}"
+            kind = (
+                _kind(bench, src_place, dst_place)
+                if not bench.host_memory
+                else f"{src_place.name.lower()}->{dst_place.name.lower()}"
+            )
             label = f"swap {kind} {size_name(block)}"
             bench.progress.step(label)
             skipped: Dict[str, str] = {}
             if not has_swap and src_place == HOST:
-                run.results.append(Result("swap", kind, block, 0, {}, skipped={
-                    SUBJECT: "swap_blocks is not available in this build (and transfer_cache_async "
-                             "refuses a HOST source with a DEVICE destination)"}))
+                run.results.append(
+                    Result(
+                        "swap",
+                        kind,
+                        block,
+                        0,
+                        {},
+                        skipped={
+                            SUBJECT: "swap_blocks is not available in this build (and transfer_cache_async "
+                            "refuses a HOST source with a DEVICE destination)"
+                        },
+                    )
+                )
                 continue
             moved = nt * s.pairs * block
-            pool_min = s.pairs if has_swap else 1        # a dict maps each source block once
-            plan = bench.budget.fit_pool(label, Need(nt * block, 0), Need(nt * block, 0),
-                                         minimum=pool_min)
+            pool_min = s.pairs if has_swap else 1  # a dict maps each source block once
+            plan = bench.budget.fit_pool(
+                label, Need(nt * block, 0), Need(nt * block, 0), minimum=pool_min
+            )
             run.note(plan.note)
             src = bench.blocks_cache(nt, plan.pool, block, src_place)
             dst = bench.blocks_cache(nt, plan.pool, block, dst_place)
@@ -281,22 +417,41 @@ def swap(bench: Bench, run: Run) -> None:
 
                     def llmdist():
                         bench.cm.swap_blocks(src, dst, mapping)
+
                     how = "swap_blocks"
                 else:
                     cfg = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs))]
                     kw = layer_kwargs(bench)
 
                     def llmdist():
-                        check(bench.cm.transfer_cache_async(src, Go(), cfg, si, di,
-                                                            **kw).synchronize(), "D2H transfer")
+                        check(
+                            bench.cm.transfer_cache_async(
+                                src, Go(), cfg, si, di, **kw
+                            ).synchronize(),
+                            "D2H transfer",
+                        )
+
                     how = "transfer_cache_async into an allocated HOST cache (no swap_blocks in this build)"
                 llmdist()
                 ok = verify_blocks(bench, src, dst, si, di, block)
                 paths = _block_paths(bench, llmdist, moved, src, dst, si, di, block)
                 _add_numpy(paths, skipped, bench.numpy_indexing(src, dst, si, di, block))
                 times = bench.rounds(label, paths)
-                run.results.append(local_result("swap", kind, block, moved, times, skipped, ok,
-                                           pool=plan.pool, pairs=s.pairs, tensors=nt, llmdist_call=how))
+                run.results.append(
+                    local_result(
+                        "swap",
+                        kind,
+                        block,
+                        moved,
+                        times,
+                        skipped,
+                        ok,
+                        pool=plan.pool,
+                        pairs=s.pairs,
+                        tensors=nt,
+                        llmdist_call=how,
+                    )
+                )
             finally:
                 for r in reversed(releases):
                     r()
@@ -304,7 +459,10 @@ def swap(bench: Bench, run: Run) -> None:
 
 def kernel_mode(bench: Bench) -> bool:
     """CUDA with the copy kernel in use (so a DMA variant means something)."""
-    return hasattr(bench.rt, "select_device_copy") and getattr(bench.rt, "device_copy", None) == "kernel"
+    return (
+        hasattr(bench.rt, "select_device_copy")
+        and getattr(bench.rt, "device_copy", None) == "kernel"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -369,9 +527,17 @@ def _overhead_transfer(bench: Bench, run: Run) -> None:
                 t = _held_call(bench, src, cfgs, si, di, kw)
                 if i >= 5:
                     times[name].append(t)
-        res = local_result("overhead", f"{L} layers x {s.pairs} blocks, 1 config", OVERHEAD_BLOCK, 0,
-                      times, {}, None,
-                      p90_s=float(np.percentile(times[SUBJECT], 90)), pool=plan.pool)
+        res = local_result(
+            "overhead",
+            f"{L} layers x {s.pairs} blocks, 1 config",
+            OVERHEAD_BLOCK,
+            0,
+            times,
+            {},
+            None,
+            p90_s=float(np.percentile(times[SUBJECT], 90)),
+            pool=plan.pool,
+        )
         run.results.append(res)
     finally:
         bench.free(src, dst)
@@ -383,6 +549,7 @@ def _overhead_pull(bench: Bench, run: Run) -> None:
     what the call adds to its copies."""
     from .. import _core
     from ..descs import BlocksCacheKey
+
     s = bench.settings
     tpl = s.tensors_per_layer
     L = OVERHEAD_LAYERS
@@ -407,16 +574,28 @@ def _overhead_pull(bench: Bench, run: Run) -> None:
             bench.cm.pull_blocks(key, dst, si, di, **kw)
 
         def engine():
-            _core.copy_pairs(bench.rt, bench.stream, runs, srcs, dsts, _core.CopyKind.COPY_D2D,
-                             "copy")
+            _core.copy_pairs(
+                bench.rt, bench.stream, runs, srcs, dsts, _core.CopyKind.COPY_D2D, "copy"
+            )
 
         pull()
         ok = verify_blocks(bench, src, dst, si, di, block, tensors=[0, nt - 1])
         rounds = max(10, 4 * s.repeat)
         times = bench.rounds(label, {SUBJECT: pull, "same runs, copy engine": engine}, rounds)
-        added = statistics.median(times[SUBJECT]) - statistics.median(times["same runs, copy engine"])
-        res = local_result("overhead", f"pull_blocks {L} layers x {s.pairs} blocks", block,
-                      nt * s.pairs * block, times, {}, ok, call_overhead_s=added, pool=plan.pool)
+        added = statistics.median(times[SUBJECT]) - statistics.median(
+            times["same runs, copy engine"]
+        )
+        res = local_result(
+            "overhead",
+            f"pull_blocks {L} layers x {s.pairs} blocks",
+            block,
+            nt * s.pairs * block,
+            times,
+            {},
+            ok,
+            call_overhead_s=added,
+            pool=plan.pool,
+        )
         res.extra["summary"] = f"{added * 1e6:+.1f} us over its copies ({block} B blocks)"
         run.results.append(res)
     finally:
@@ -454,8 +633,17 @@ def _overhead_scaling(bench: Bench, run: Run) -> None:
             paths = {SUBJECT: times[n]}
             if n != sizes[0]:
                 paths[f"{sizes[0]}-pair call x {n // sizes[0]}"] = scaled
-            res = local_result("overhead", f"1 layer, {n} pairs", block, 0, paths, {}, None,
-                          ns_per_pair=statistics.median(times[n]) / n * 1e9, pool=plan.pool)
+            res = local_result(
+                "overhead",
+                f"1 layer, {n} pairs",
+                block,
+                0,
+                paths,
+                {},
+                None,
+                ns_per_pair=statistics.median(times[n]) / n * 1e9,
+                pool=plan.pool,
+            )
             res.extra["summary"] = f"{res.extra['ns_per_pair']:.1f} ns per pair"
             run.results.append(res)
     finally:
@@ -463,7 +651,11 @@ def _overhead_scaling(bench: Bench, run: Run) -> None:
 
 
 SCENARIOS: Dict[str, Callable[[Bench, Run], None]] = {
-    "b2b": b2b, "c2b": c2b, "c2c": c2c, "swap": swap, "overhead": overhead,
+    "b2b": b2b,
+    "c2b": c2b,
+    "c2c": c2c,
+    "swap": swap,
+    "overhead": overhead,
 }
 
 

@@ -22,9 +22,18 @@ class NixlPrefill:
     def __init__(self) -> None:
         self.child: procs.Child | None = None
 
-    def writer(self, decode: procs.Child, model: int, dst_addrs: list[int], layers: int,
-               tensors_per_layer: int, pool: int, block: int, si, di
-               ) -> tuple[Callable[[], None], list[float]]:
+    def writer(
+        self,
+        decode: procs.Child,
+        model: int,
+        dst_addrs: list[int],
+        layers: int,
+        tensors_per_layer: int,
+        pool: int,
+        block: int,
+        si,
+        di,
+    ) -> tuple[Callable[[], None], list[float]]:
         """A callable that writes the blocks once through NIXL into the decode's cache `model`
         (registered memory at dst_addrs), and the list where it appends each write's seconds.
         Raises procs.ChildError when NIXL cannot start or set up."""
@@ -32,13 +41,24 @@ class NixlPrefill:
             self.child = procs.Child(procs.nixl_prefill_main, name="nixl-prefill")
             self.child.recv(START_S)
         meta = decode.call("nixl_init", model, timeout=START_S)
-        self.child.call("setup", meta, dst_addrs, layers, tensors_per_layer, pool, block,
-                        list(si), list(di), timeout=START_S)
+        self.child.call(
+            "setup",
+            meta,
+            dst_addrs,
+            layers,
+            tensors_per_layer,
+            pool,
+            block,
+            list(si),
+            list(di),
+            timeout=START_S,
+        )
         seconds: list[float] = []
         child = self.child
 
         def run() -> None:
             seconds.append(child.call("xfer"))
+
         return run, seconds
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ from .._core import Stream
 from ..descs import Placement
 from ..events import EventSynchronizer
 from ..transfer_types import LayerSynchronizer, TransferConfig
-from .local import local_result, kernel_mode, layer_kwargs
+from .local import kernel_mode, layer_kwargs, local_result
 from .results import SUBJECT, Run
 from .settings import Need, size_name
 from .workload import (
@@ -39,8 +39,9 @@ class LayerEvents(LayerSynchronizer):
         self.returned = [0.0] * layers
 
     def synchronize_layer(self, layer_index, timeout_in_millis):
-        ok = self.events[layer_index].wait(None if timeout_in_millis is None
-                                           else timeout_in_millis / 1000.0)
+        ok = self.events[layer_index].wait(
+            None if timeout_in_millis is None else timeout_in_millis / 1000.0
+        )
         self.returned[layer_index] = time.perf_counter()
         return ok
 
@@ -103,7 +104,7 @@ class DeviceWork:
             self.events = [torch.cuda.Event() for _ in range(layers)]
             with torch.cuda.stream(self.model):
                 for ev in self.events:
-                    ev.record()            # torch creates an event at its first record
+                    ev.record()  # torch creates an event at its first record
             torch.cuda.synchronize()
             self.sync = EventSynchronizer(bench.rt, [ev.cuda_event for ev in self.events])
             self.torch = torch
@@ -122,8 +123,9 @@ class DeviceWork:
                 self.events[i].record()
             self.sync.mark_recorded(i)
         else:
-            self.bench.rt.memcpy(self.bufs[1].tensor_addrs[0], self.bufs[0].tensor_addrs[0],
-                                 self.nbytes, self.model)
+            self.bench.rt.memcpy(
+                self.bufs[1].tensor_addrs[0], self.bufs[0].tensor_addrs[0], self.nbytes, self.model
+            )
             self.sync.record(i, self.model)
 
     def finish(self) -> None:
@@ -147,8 +149,11 @@ def overlap(bench: Bench, run: Run) -> None:
     tpl = s.tensors_per_layer
     nt = L * tpl
     block = max(s.blocks)
-    gated_kind = ("torch matmul, event-gated" if bench.torch and bench.rt.framework_device == "cuda"
-                  else "device copy, event-gated")
+    gated_kind = (
+        "torch matmul, event-gated"
+        if bench.torch and bench.rt.framework_device == "cuda"
+        else "device copy, event-gated"
+    )
     kinds = ["sleep", gated_kind, "torch matmul" if bench.torch else "numpy matmul"]
     if kernel_mode(bench):
         kinds.insert(2, gated_kind + ", DMA copies")
@@ -163,13 +168,17 @@ def overlap(bench: Bench, run: Run) -> None:
         si, di = block_pairs(plan.pool, s.pairs, s.seed)
         kw = layer_kwargs(bench)
         allc = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs))]
-        last = [TransferConfig(CLUSTER_ID, list(dst.tensor_addrs[(L - 1) * tpl:]), range(L - 1, L))]
+        last = [
+            TransferConfig(CLUSTER_ID, list(dst.tensor_addrs[(L - 1) * tpl :]), range(L - 1, L))
+        ]
         go = Go()
 
         def one_layer() -> float:
             t0 = time.perf_counter()
-            check(bench.cm.transfer_cache_async(src, go, last, si, di, **kw).synchronize(),
-                  "one-layer transfer")
+            check(
+                bench.cm.transfer_cache_async(src, go, last, si, di, **kw).synchronize(),
+                "one-layer transfer",
+            )
             return time.perf_counter() - t0
 
         for kind in kinds:
@@ -183,8 +192,11 @@ def overlap(bench: Bench, run: Run) -> None:
             if gated:
                 step = DeviceWork(bench, L, 2 * tpl * s.pairs * block, kind.startswith("torch"))
             else:
-                step = Compute(kind.split()[-1], 2.0 * layer_s,
-                               bench.torch if kind.startswith("torch") else None)
+                step = Compute(
+                    kind.split()[-1],
+                    2.0 * layer_s,
+                    bench.torch if kind.startswith("torch") else None,
+                )
             if dma:
                 bench.rt.select_device_copy("dma")
             tails, after, prefill, layer_t = [], [], [], []
@@ -198,7 +210,7 @@ def overlap(bench: Bench, run: Run) -> None:
                     task = bench.cm.transfer_cache_async(src, sync, allc, si, di, **kw)
                     try:
                         for layer in range(L):
-                            if gated:       # queued on the model's stream, then its event
+                            if gated:  # queued on the model's stream, then its event
                                 step.layer(layer)
                             else:
                                 step()
@@ -212,7 +224,7 @@ def overlap(bench: Bench, run: Run) -> None:
                     t_end = time.perf_counter()
                     check(task.synchronize(), "layer-wise transfer")
                     t_done = time.perf_counter()
-                    if i:             # the first round warms up
+                    if i:  # the first round warms up
                         tails.append(t_done - (t_end if gated else sync.returned[L - 1]))
                         after.append(t_done - t_end)
                         prefill.append(t_end - t0)
@@ -224,15 +236,27 @@ def overlap(bench: Bench, run: Run) -> None:
                     step.close()
             ok = verify_blocks(bench, src, dst, si, di, block, tensors=[0, nt - 1])
             times = {SUBJECT: tails, "one layer's copy": layer_t}
-            res = local_result("overlap", f"{kind}, {L} layers", block, 0, times, {}, ok,
-                          tail_in_layer_copies=statistics.median(tails) / statistics.median(layer_t),
-                          tail_after_prefill_end_s=statistics.median(after),
-                          prefill_s=statistics.median(prefill),
-                          compute_per_layer_vs_copy=statistics.median(prefill) / L
-                          / statistics.median(layer_t), layer_bytes=tpl * s.pairs * block)
-            res.extra["summary"] = (f"tail {res.extra['tail_in_layer_copies']:.2f} layer copies "
-                                    f"(prefill {statistics.median(prefill) * 1e3:.1f} ms, compute "
-                                    f"{res.extra['compute_per_layer_vs_copy']:.1f}x a layer's copy)")
+            res = local_result(
+                "overlap",
+                f"{kind}, {L} layers",
+                block,
+                0,
+                times,
+                {},
+                ok,
+                tail_in_layer_copies=statistics.median(tails) / statistics.median(layer_t),
+                tail_after_prefill_end_s=statistics.median(after),
+                prefill_s=statistics.median(prefill),
+                compute_per_layer_vs_copy=statistics.median(prefill)
+                / L
+                / statistics.median(layer_t),
+                layer_bytes=tpl * s.pairs * block,
+            )
+            res.extra["summary"] = (
+                f"tail {res.extra['tail_in_layer_copies']:.2f} layer copies "
+                f"(prefill {statistics.median(prefill) * 1e3:.1f} ms, compute "
+                f"{res.extra['compute_per_layer_vs_copy']:.1f}x a layer's copy)"
+            )
             run.results.append(res)
     finally:
         bench.free(src, dst)

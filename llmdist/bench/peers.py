@@ -12,8 +12,11 @@ from .workload import importable
 DISTRIBUTIONS = {
     "torch": ("torch",),
     "torch_npu": ("torch-npu", "torch_npu"),
-    "mooncake": ("mooncake-transfer-engine-non-cuda", "mooncake-transfer-engine",
-                 "mooncake-transfer-engine-npu"),
+    "mooncake": (
+        "mooncake-transfer-engine-non-cuda",
+        "mooncake-transfer-engine",
+        "mooncake-transfer-engine-npu",
+    ),
     "nixl": ("nixl",),
     "llm_datadist": ("llm-datadist", "llm_datadist"),
     "matplotlib": ("matplotlib",),

@@ -34,7 +34,7 @@ from typing import Optional
 DIGEST_BYTES = 16
 MiB = 1 << 20
 REPLY_S = 120.0
-IDLE_S = 300.0         # a child with no command for this long cleans up and exits
+IDLE_S = 300.0  # a child with no command for this long cleans up and exits
 CTX = mp.get_context("spawn")
 
 
@@ -42,13 +42,20 @@ CTX = mp.get_context("spawn")
 # Helpers shared with the parent
 
 
-def start_cluster(role, cluster_id: int, transport: Optional[str] = None,
-                  listen: Optional[str] = None, device_id: int = 0,
-                  sync_timeout: Optional[int] = None, auth_key: Optional[str] = None):
+def start_cluster(
+    role,
+    cluster_id: int,
+    transport: Optional[str] = None,
+    listen: Optional[str] = None,
+    device_id: int = 0,
+    sync_timeout: Optional[int] = None,
+    auth_key: Optional[str] = None,
+):
     """A benchmark cluster: cache manager on, remote-accessible mode, on llmdist.transport when
     given, listening on listen ("ip:port") when given, keyed with auth_key when given. Returns
     the LLMDataDist."""
     from llmdist import LLMConfig, LLMDataDist
+
     dd = LLMDataDist(role, cluster_id)
     cfg = LLMConfig()
     cfg.device_id = device_id
@@ -70,14 +77,16 @@ def start_cluster(role, cluster_id: int, transport: Optional[str] = None,
 def aligned_empty(nbytes: int, align: int = 4096):
     """An uninitialised uint8 array of nbytes whose data starts on an `align` boundary."""
     import numpy as np
+
     raw = np.empty(nbytes + align, dtype=np.uint8)
     off = (-raw.ctypes.data) % align
-    return raw[off:off + nbytes]
+    return raw[off : off + nbytes]
 
 
 def fill_pattern(flat, start: int = 1, chunk: int = 64 * MiB) -> None:
     """Distinct 64-bit words (the source pattern of the B2B benchmarks; touches every page)."""
     import numpy as np
+
     words = flat.view(np.uint64)
     for lo in range(0, words.size, chunk // 8):
         hi = min(words.size, lo + chunk // 8)
@@ -86,6 +95,7 @@ def fill_pattern(flat, start: int = 1, chunk: int = 64 * MiB) -> None:
 
 def host_view(addr: int, nbytes: int):
     import numpy as np
+
     return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(addr))
 
 
@@ -150,8 +160,9 @@ class Child:
             msg = self.conn.recv() if ready else None
         except (EOFError, OSError):
             self.proc.join(1)
-            raise ChildError(f"{self.name} (pid {self.pid}) ended, exit code "
-                             f"{self.proc.exitcode}") from None
+            raise ChildError(
+                f"{self.name} (pid {self.pid}) ended, exit code {self.proc.exitcode}"
+            ) from None
         if msg is None:
             raise ChildError(f"{self.name} (pid {self.pid}) did not answer within {timeout} s")
         if msg[0] == "err":
@@ -186,27 +197,37 @@ class Child:
 
 class _Decode:
     def __init__(self, cluster_id: int, auth_key: Optional[str] = None) -> None:
-        from llmdist import LLMRole
-        from llmdist import _core
+        from llmdist import LLMRole, _core
+
         self.cluster_id = cluster_id
-        self.dd = start_cluster(LLMRole.DECODER, cluster_id, listen="127.0.0.1:0",
-                                device_id=int(os.environ.get("LLMDIST_DEVICE", "0")),
-                                auth_key=auth_key)
+        self.dd = start_cluster(
+            LLMRole.DECODER,
+            cluster_id,
+            listen="127.0.0.1:0",
+            device_id=int(os.environ.get("LLMDIST_DEVICE", "0")),
+            auth_key=auth_key,
+        )
         self.cm = self.dd.cache_manager
         self.rt = self.dd.runtime
         self.stream = _core.Stream(self.rt)
-        self.caches = {}       # model id -> (cache, owner array or None)
-        self.nixl = {}         # model id -> (NIXL agent, registration) of that cache's memory
+        self.caches = {}  # model id -> (cache, owner array or None)
+        self.nixl = {}  # model id -> (NIXL agent, registration) of that cache's memory
         self.nixl_loaded = False
-        self.mooncake = {}     # model id -> raw Mooncake engine holding that cache's memory
+        self.mooncake = {}  # model id -> raw Mooncake engine holding that cache's memory
 
     def _desc(self, num_tensors, shape, data_type, placement):
         from llmdist import CacheDesc, DataType, Placement
-        return CacheDesc(num_tensors=num_tensors, shape=list(shape),
-                         data_type=DataType(data_type), placement=Placement(placement))
+
+        return CacheDesc(
+            num_tensors=num_tensors,
+            shape=list(shape),
+            data_type=DataType(data_type),
+            placement=Placement(placement),
+        )
 
     def _host(self, cache) -> bool:
         from llmdist import Placement
+
         return self.rt.is_host or cache.cache_desc.placement == Placement.HOST
 
     def _tensor(self, cache, t: int):
@@ -216,6 +237,7 @@ class _Decode:
         if self._host(cache):
             return host_view(cache.tensor_addrs[t], n).reshape(blocks, -1)
         from llmdist import CacheDesc, DataType, Placement
+
         stage = self.cm.allocate_cache(CacheDesc(1, [n], DataType.DT_UINT8, Placement.HOST))
         try:
             self.rt.memcpy(stage.tensor_addrs[0], cache.tensor_addrs[t], n, self.stream)
@@ -228,9 +250,11 @@ class _Decode:
         """allocate_blocks_cache (shared memory, or exported device memory, on a listening
         cluster), zeroed; returns its tensor addresses."""
         from llmdist import BlocksCacheKey
+
         cache = self.cm.allocate_blocks_cache(
             self._desc(num_tensors, shape, data_type, placement),
-            BlocksCacheKey(self.cluster_id, model_id))
+            BlocksCacheKey(self.cluster_id, model_id),
+        )
         self.caches[model_id] = (cache, None)
         self.cmd_clear(model_id)
         return list(cache.tensor_addrs)
@@ -238,18 +262,23 @@ class _Decode:
     def cmd_register(self, model_id, num_tensors, shape, data_type, placement):
         """register_blocks_cache over page-aligned numpy memory, zeroed (pre-faulted)."""
         from llmdist import BlocksCacheKey
+
         desc = self._desc(num_tensors, shape, data_type, placement)
         mem = aligned_empty(num_tensors * desc.size)
         mem.fill(0)
         t = mem.reshape(num_tensors, desc.size)
-        cache = self.cm.register_blocks_cache(desc, [int(t[i].ctypes.data) for i in range(num_tensors)],
-                                              BlocksCacheKey(self.cluster_id, model_id),
-                                              remote_accessible=True)
+        cache = self.cm.register_blocks_cache(
+            desc,
+            [int(t[i].ctypes.data) for i in range(num_tensors)],
+            BlocksCacheKey(self.cluster_id, model_id),
+            remote_accessible=True,
+        )
         self.caches[model_id] = (cache, mem)
         return list(cache.tensor_addrs)
 
     def cmd_clear(self, model_id):
         import numpy as np
+
         cache, _ = self.caches[model_id]
         n = cache.cache_desc.size
         if self._host(cache):
@@ -257,6 +286,7 @@ class _Decode:
                 host_view(a, n).fill(0)
             return
         from llmdist import CacheDesc, DataType, Placement
+
         stage = self.cm.allocate_cache(CacheDesc(1, [n], DataType.DT_UINT8, Placement.HOST))
         try:
             host_view(stage.tensor_addrs[0], n)[:] = np.zeros(n, dtype=np.uint8)
@@ -290,6 +320,7 @@ class _Decode:
         """A raw Mooncake engine (TCP, P2P handshake) of its own, with cache model_id's tensors
         registered; returns its session id for the peer's writes."""
         from mooncake.engine import TransferEngine
+
         cache, _ = self.caches[model_id]
         engine = TransferEngine()
         rc = engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "")
@@ -308,9 +339,11 @@ class _Decode:
         self.nixl_loaded = True
         quiet_nixl()
         from nixl._api import nixl_agent, nixl_agent_config
+
         cache, mem = self.caches[model_id]
-        agent = nixl_agent(f"decode-{self.cluster_id}-{model_id}",
-                           nixl_agent_config(backends=["UCX"]))
+        agent = nixl_agent(
+            f"decode-{self.cluster_id}-{model_id}", nixl_agent_config(backends=["UCX"])
+        )
         n = cache.cache_desc.size
         if mem is not None:
             regions = [(int(mem.ctypes.data), int(mem.nbytes), 0, "")]
@@ -336,8 +369,9 @@ class _Decode:
         self.dd.finalize()
 
 
-def decode_main(conn, cluster_id: int, idle_s: float = IDLE_S,
-                auth_key: Optional[str] = None) -> None:
+def decode_main(
+    conn, cluster_id: int, idle_s: float = IDLE_S, auth_key: Optional[str] = None
+) -> None:
     """Child entry point: report ("ready", port, pid), then serve commands."""
     try:
         node = _Decode(cluster_id, auth_key)
@@ -349,7 +383,7 @@ def decode_main(conn, cluster_id: int, idle_s: float = IDLE_S,
         _serve(conn, node, idle_s)
     finally:
         node.close()
-        if node.nixl_loaded:          # see the module doc: NIXL crashes at a normal exit
+        if node.nixl_loaded:  # see the module doc: NIXL crashes at a normal exit
             conn.close()
             os._exit(0)
 
@@ -366,41 +400,49 @@ class _NixlPrefill:
         # its side of the connection set-up.
         quiet_nixl()
         from nixl._api import nixl_agent, nixl_agent_config
-        self.agent = nixl_agent(f"prefill-{os.getpid()}",
-                                nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+
+        self.agent = nixl_agent(
+            f"prefill-{os.getpid()}", nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+        )
         self.reg = None
 
-    def cmd_setup(self, decode_meta, dst_addrs, layers, tensors_per_layer, pool, block,
-                  src_idx, dst_idx):
+    def cmd_setup(
+        self, decode_meta, dst_addrs, layers, tensors_per_layer, pool, block, src_idx, dst_idx
+    ):
         """Source memory with the benchmark's pattern (tensor after tensor, as the bench's
         `fill` writes it), registered; prepared descriptor lists of every (tensor, block) on
         both sides; per layer the index lists of its tensors' block pairs. A later setup
         replaces the earlier one."""
         import numpy as np
+
         self._release()
         n_t = layers * tensors_per_layer
         self.block = block
         cache_bytes = n_t * pool * block
         self.src = aligned_empty(cache_bytes)
         fill_pattern(self.src, start=1)
-        self.reg = self.agent.register_memory([(int(self.src.ctypes.data), cache_bytes, 0, "")],
-                                              "DRAM")
+        self.reg = self.agent.register_memory(
+            [(int(self.src.ctypes.data), cache_bytes, 0, "")], "DRAM"
+        )
         self.remote = self.agent.add_remote_agent(decode_meta)
         n = n_t * pool
         loc = np.zeros((n, 3), dtype=np.uint64)
         loc[:, 0] = self.src.ctypes.data + np.arange(n, dtype=np.uint64) * block
         loc[:, 1] = block
         rem = np.zeros((n, 3), dtype=np.uint64)
-        rem[:, 0] = (np.repeat(np.asarray(dst_addrs, dtype=np.uint64), pool)
-                     + np.tile(np.arange(pool, dtype=np.uint64) * block, n_t))
+        rem[:, 0] = np.repeat(np.asarray(dst_addrs, dtype=np.uint64), pool) + np.tile(
+            np.arange(pool, dtype=np.uint64) * block, n_t
+        )
         rem[:, 1] = block
         self.local_h = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", loc, "DRAM")
         self.remote_h = self.agent.prep_xfer_dlist(self.remote, rem, "DRAM")
         s = np.asarray(src_idx, dtype=np.int32)
         d = np.asarray(dst_idx, dtype=np.int32)
-        tensors = [range(l * tensors_per_layer, (l + 1) * tensors_per_layer) for l in range(layers)]
-        self.layers = [(np.concatenate([t * pool + s for t in ts]),
-                        np.concatenate([t * pool + d for t in ts])) for ts in tensors]
+        tensors = [range(i * tensors_per_layer, (i + 1) * tensors_per_layer) for i in range(layers)]
+        self.layers = [
+            (np.concatenate([t * pool + s for t in ts]), np.concatenate([t * pool + d for t in ts]))
+            for ts in tensors
+        ]
         self.bytes_moved = n_t * len(src_idx) * block
         return self.bytes_moved
 
@@ -444,8 +486,10 @@ class _NixlPrefill:
                     pass
 
     def cmd_backend_info(self):
-        return {"plugins": list(self.agent.get_plugin_list()),
-                "ucx_tls": os.environ.get("UCX_TLS", "(UCX default)")}
+        return {
+            "plugins": list(self.agent.get_plugin_list()),
+            "ucx_tls": os.environ.get("UCX_TLS", "(UCX default)"),
+        }
 
     def cmd_exit(self):
         return None

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
 SCHEMA = "llmdist-bench/1"
-SUBJECT = "llmdist"            # the name of the measured path in every result
+SUBJECT = "llmdist"  # the name of the measured path in every result
 
 
 @dataclass
@@ -92,9 +92,15 @@ def machine_info() -> dict:
     except OSError:
         pass
     mem_total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return {"hostname": platform.node(), "platform": platform.platform(), "cpu": cpu,
-            "cpus": os.cpu_count(), "memory_bytes": mem_total,
-            "load_average": list(os.getloadavg()), "python": sys.version.split()[0]}
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_bytes": mem_total,
+        "load_average": list(os.getloadavg()),
+        "python": sys.version.split()[0],
+    }
 
 
 def save(run: Run, path: str) -> None:
@@ -108,8 +114,10 @@ def load(path: str) -> dict:
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not an llmdist benchmark file (schema {SCHEMA!r} expected, "
-                         f"got {data.get('schema') if isinstance(data, dict) else type(data).__name__!r})")
+        raise ValueError(
+            f"{path}: not an llmdist benchmark file (schema {SCHEMA!r} expected, "
+            f"got {data.get('schema') if isinstance(data, dict) else type(data).__name__!r})"
+        )
     return data
 
 
@@ -126,16 +134,24 @@ def compare(old: dict, new: dict) -> List[dict]:
     rows = []
     for key in list(olds) + [k for k in news if k not in olds]:
         o, n = olds.get(key), news.get(key)
-        names = list((o or n)["paths"]) + [p for p in (n or {}).get("paths", {})
-                                            if o is not None and p not in o["paths"]]
+        names = list((o or n)["paths"]) + [
+            p for p in (n or {}).get("paths", {}) if o is not None and p not in o["paths"]
+        ]
         for name in names:
             po = o["paths"].get(name) if o else None
             pn = n["paths"].get(name) if n else None
             change = (po["seconds"] / pn["seconds"]) if po and pn and pn["seconds"] > 0 else None
-            rows.append({"scenario": key[0], "case": key[1], "block_size": key[2], "path": name,
-                         "old_seconds": po["seconds"] if po else None,
-                         "new_seconds": pn["seconds"] if pn else None,
-                         "old_gbps": po.get("gbps") if po else None,
-                         "new_gbps": pn.get("gbps") if pn else None,
-                         "speed_change": change})
+            rows.append(
+                {
+                    "scenario": key[0],
+                    "case": key[1],
+                    "block_size": key[2],
+                    "path": name,
+                    "old_seconds": po["seconds"] if po else None,
+                    "new_seconds": pn["seconds"] if pn else None,
+                    "old_gbps": po.get("gbps") if po else None,
+                    "new_gbps": pn.get("gbps") if pn else None,
+                    "speed_change": change,
+                }
+            )
     return rows

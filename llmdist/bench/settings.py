@@ -19,15 +19,19 @@ GiB = 1 << 30
 DEFAULT_BLOCKS = "4K,16K,64K"
 DEFAULT_LAYERS = 32
 DEFAULT_PAIRS = 256
-FULL_POOL = 1024              # blocks per tensor when memory allows
-OVERHEAD_LAYERS = 61          # the call-overhead case: 61 layers x 256 blocks
+FULL_POOL = 1024  # blocks per tensor when memory allows
+OVERHEAD_LAYERS = 61  # the call-overhead case: 61 layers x 256 blocks
 OVERHEAD_BLOCK = 4 * KiB
-OVERHEAD_PULL_BLOCK = 64      # the pull case moves its blocks: small ones keep the copy short
+OVERHEAD_PULL_BLOCK = 64  # the pull case moves its blocks: small ones keep the copy short
 SCALING_FACTORS = (1, 16, 256)  # the scaling case: pairs x these (256, 4K, 64K by default)
-MEMORY_FRACTION = 0.5         # share of the free memory a run may take, unless --mem-gib
+MEMORY_FRACTION = 0.5  # share of the free memory a run may take, unless --mem-gib
 
-_DTYPES = {"uint8": (np.uint8, DataType.DT_UINT8), "bf16": (np.uint16, DataType.DT_BF16),
-           "fp16": (np.float16, DataType.DT_FLOAT16), "fp32": (np.float32, DataType.DT_FLOAT)}
+_DTYPES = {
+    "uint8": (np.uint8, DataType.DT_UINT8),
+    "bf16": (np.uint16, DataType.DT_BF16),
+    "fp16": (np.float16, DataType.DT_FLOAT16),
+    "fp32": (np.float32, DataType.DT_FLOAT),
+}
 
 
 @dataclass(frozen=True)
@@ -46,16 +50,40 @@ class Preset:
 
     @property
     def block_size(self) -> int:
-        return self.block_tokens * self.kv_heads * self.head_dim * np.dtype(_DTYPES[self.dtype][0]).itemsize
+        return (
+            self.block_tokens
+            * self.kv_heads
+            * self.head_dim
+            * np.dtype(_DTYPES[self.dtype][0]).itemsize
+        )
 
 
-PRESETS: Dict[str, Preset] = {p.name: p for p in (
-    Preset("llama3-8b", 32, 8, 128, "bf16", 128, 2, "Llama 3 8B, one device: 8 KV heads"),
-    Preset("llama3-70b-tp8", 80, 1, 128, "bf16", 128, 2,
-           "Llama 3 70B with tensor parallel 8: 1 of 8 KV heads per device"),
-    Preset("deepseek-v3-mla", 61, 1, 576, "bf16", 128, 1,
-           "DeepSeek V3 MLA: one latent tensor per layer (512 + 64 rope dims)"),
-)}
+PRESETS: Dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("llama3-8b", 32, 8, 128, "bf16", 128, 2, "Llama 3 8B, one device: 8 KV heads"),
+        Preset(
+            "llama3-70b-tp8",
+            80,
+            1,
+            128,
+            "bf16",
+            128,
+            2,
+            "Llama 3 70B with tensor parallel 8: 1 of 8 KV heads per device",
+        ),
+        Preset(
+            "deepseek-v3-mla",
+            61,
+            1,
+            576,
+            "bf16",
+            128,
+            1,
+            "DeepSeek V3 MLA: one latent tensor per layer (512 + 64 rope dims)",
+        ),
+    )
+}
 
 
 def parse_size(text: str) -> int:
@@ -63,7 +91,7 @@ def parse_size(text: str) -> int:
     t = text.strip().upper()
     for suffix in ("IB", "B"):
         if t.endswith(suffix) and len(t) > len(suffix):
-            t = t[:-len(suffix)]
+            t = t[: -len(suffix)]
             break
     mult = {"K": KiB, "M": MiB, "G": GiB}.get(t[-1:], 1)
     digits = t[:-1] if mult > 1 else t
@@ -91,7 +119,7 @@ class Settings:
     tensors_per_layer: int = 2
     dtype: str = "uint8"
     preset: Optional[str] = None
-    mem_budget: Optional[int] = None     # bytes; None: a share of the free memory
+    mem_budget: Optional[int] = None  # bytes; None: a share of the free memory
     seed: int = 1234
     notes: List[str] = field(default_factory=list)
 
@@ -178,13 +206,20 @@ class MemoryBudget:
     device_free: Optional[int]
     how: str
 
-    def fit_pool(self, what: str, device: Need, host: Need = Need(), full_pool: int = FULL_POOL,
-                 minimum: int = 1) -> PoolPlan:
+    def fit_pool(
+        self,
+        what: str,
+        device: Need,
+        host: Need = Need(),
+        full_pool: int = FULL_POOL,
+        minimum: int = 1,
+    ) -> PoolPlan:
         """The largest pool <= full_pool that fits; MemoryError naming the workload when not even
         `minimum` blocks per tensor fit."""
         if self.shared:
-            limits = [(self.device, Need(device.per_block + host.per_block,
-                                         device.fixed + host.fixed))]
+            limits = [
+                (self.device, Need(device.per_block + host.per_block, device.fixed + host.fixed))
+            ]
         else:
             limits = [(self.device, device), (self.host, host)]
         pool = full_pool
@@ -194,13 +229,19 @@ class MemoryBudget:
             elif need.fixed > cap:
                 pool = 0
         if pool < minimum:
-            wants = ", ".join(f"{n.at(minimum) / GiB:.2f} of {cap / GiB:.2f} GiB" for cap, n in limits)
-            raise MemoryError(f"{what}: does not fit ({wants}); lower --pairs, --layers or "
-                              f"--blocks, or raise --mem-gib")
+            wants = ", ".join(
+                f"{n.at(minimum) / GiB:.2f} of {cap / GiB:.2f} GiB" for cap, n in limits
+            )
+            raise MemoryError(
+                f"{what}: does not fit ({wants}); lower --pairs, --layers or "
+                f"--blocks, or raise --mem-gib"
+            )
         note = ""
         if pool < full_pool:
-            note = (f"{what}: pool shrunk to {pool} blocks per tensor (not {full_pool}) to fit "
-                    f"the memory budget ({self.how}); the pairs moved are unchanged")
+            note = (
+                f"{what}: pool shrunk to {pool} blocks per tensor (not {full_pool}) to fit "
+                f"the memory budget ({self.how}); the pairs moved are unchanged"
+            )
         return PoolPlan(pool, full_pool, note)
 
     def to_json(self) -> dict:
@@ -214,15 +255,33 @@ def budget_for(runtime, requested: Optional[int]) -> MemoryBudget:
     dev_free = device_free(runtime)
     shared = runtime.is_host
     if requested is not None:
-        return MemoryBudget(requested, requested, shared, host_free, dev_free,
-                            f"--mem-gib {requested / GiB:g}")
+        return MemoryBudget(
+            requested, requested, shared, host_free, dev_free, f"--mem-gib {requested / GiB:g}"
+        )
     host_budget = int(host_free * MEMORY_FRACTION)
     if shared:
-        return MemoryBudget(host_budget, host_budget, True, host_free, dev_free,
-                            f"{MEMORY_FRACTION:.0%} of {host_free / GiB:.1f} GiB free host memory")
+        return MemoryBudget(
+            host_budget,
+            host_budget,
+            True,
+            host_free,
+            dev_free,
+            f"{MEMORY_FRACTION:.0%} of {host_free / GiB:.1f} GiB free host memory",
+        )
     if dev_free is None:
-        return MemoryBudget(8 * GiB, host_budget, False, host_free, None,
-                            "8 GiB of device memory assumed: the runtime does not report free "
-                            "memory")
-    return MemoryBudget(int(dev_free * MEMORY_FRACTION), host_budget, False, host_free, dev_free,
-                        f"{MEMORY_FRACTION:.0%} of {dev_free / GiB:.1f} GiB free device memory")
+        return MemoryBudget(
+            8 * GiB,
+            host_budget,
+            False,
+            host_free,
+            None,
+            "8 GiB of device memory assumed: the runtime does not report free memory",
+        )
+    return MemoryBudget(
+        int(dev_free * MEMORY_FRACTION),
+        host_budget,
+        False,
+        host_free,
+        dev_free,
+        f"{MEMORY_FRACTION:.0%} of {dev_free / GiB:.1f} GiB free device memory",
+    )

@@ -16,8 +16,10 @@ SCENARIO_TITLES = {
     "c2c": "C2C: one row of each tensor into a row",
     "swap": "swap: blocks between device and host memory",
     "overlap": "overlap: tail after the last layer, in units of one layer's copy",
-    "overhead": ("call overhead: time for transfer_cache_async to return its task; pull_blocks against "
-                 "its copies; cost per block pair"),
+    "overhead": (
+        "call overhead: time for transfer_cache_async to return its task; pull_blocks against "
+        "its copies; cost per block pair"
+    ),
     "cluster": "two processes on one host (and Mooncake): every route",
 }
 
@@ -77,8 +79,11 @@ def fmt_path(p: Path) -> str:
 
 def _cells(r: Result, names: List[str]) -> List[str]:
     me = r.paths.get(SUBJECT)
-    out = [r.case, size_name(r.block_size) if r.block_size else "-",
-           fmt_path(me) if me else ("n/a" if SUBJECT in r.skipped else "-")]
+    out = [
+        r.case,
+        size_name(r.block_size) if r.block_size else "-",
+        fmt_path(me) if me else ("n/a" if SUBJECT in r.skipped else "-"),
+    ]
     for n in names:
         if n in r.paths:
             out.append(f"{fmt_path(r.paths[n])} ({r.ratios.get(n, 0):.2f}x)")
@@ -96,8 +101,11 @@ def render(results: List[Result], notes: List[str]) -> str:
     skipped: Dict[str, None] = {}
     for scenario in dict.fromkeys(r.scenario for r in results):
         rows = [r for r in results if r.scenario == scenario]
-        names = list(dict.fromkeys(n for r in rows for n in list(r.paths) + list(r.skipped)
-                                   if n != SUBJECT and r.paths))
+        names = list(
+            dict.fromkeys(
+                n for r in rows for n in list(r.paths) + list(r.skipped) if n != SUBJECT and r.paths
+            )
+        )
         head = ["case", "block", SUBJECT] + names
         body = [_cells(r, names) for r in rows]
         widths = [max(len(c[i]) for c in [head] + body) for i in range(len(head))]
@@ -116,8 +124,10 @@ def render(results: List[Result], notes: List[str]) -> str:
             for n, why in r.skipped.items():
                 skipped[f"{r.case if n == SUBJECT else n}: {why}"] = None
     lines.append("")
-    lines.append("ratios: baseline time / llmdist time in the same rounds (above 1: llmdist is "
-                 "faster); bandwidths in decimal GB/s, medians")
+    lines.append(
+        "ratios: baseline time / llmdist time in the same rounds (above 1: llmdist is "
+        "faster); bandwidths in decimal GB/s, medians"
+    )
     if skipped:
         lines.append("not measured:")
         lines.extend(f"  - {s}" for s in skipped)
@@ -132,18 +142,31 @@ def render_compare(rows: List[dict], old_name: str, new_name: str) -> str:
     head = ["scenario", "case", "block", "path", "old", "new", "change"]
     body = []
     for r in rows:
+
         def cell(s, g):
             if s is None:
                 return "-"
             return f"{g:.2f} GB/s" if g is not None else fmt_time(s)
+
         ch = r["speed_change"]
-        body.append([r["scenario"], r["case"], size_name(r["block_size"]) if r["block_size"] else "-",
-                     r["path"], cell(r["old_seconds"], r["old_gbps"]),
-                     cell(r["new_seconds"], r["new_gbps"]),
-                     "-" if ch is None else f"{(ch - 1) * 100:+.1f}%"])
+        body.append(
+            [
+                r["scenario"],
+                r["case"],
+                size_name(r["block_size"]) if r["block_size"] else "-",
+                r["path"],
+                cell(r["old_seconds"], r["old_gbps"]),
+                cell(r["new_seconds"], r["new_gbps"]),
+                "-" if ch is None else f"{(ch - 1) * 100:+.1f}%",
+            ]
+        )
     widths = [max(len(c[i]) for c in [head] + body) for i in range(len(head))]
-    out = [f"old: {old_name}", f"new: {new_name}",
-           "change: speed of new vs old (+: faster now)", ""]
+    out = [
+        f"old: {old_name}",
+        f"new: {new_name}",
+        "change: speed of new vs old (+: faster now)",
+        "",
+    ]
     for i, cells in enumerate([head] + body):
         out.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
         if i == 0:

@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import _core
-from ..descs import Cache, CacheDesc, DataType, LLMRole, Placement
 from ..config import LLMConfig
+from ..descs import Cache, CacheDesc, DataType, LLMRole, Placement
 from ..llm_datadist import LLMDataDist
 from ..status import LLMException, LLMStatusCode
 from ..transfer_types import LayerSynchronizer
@@ -83,7 +83,7 @@ class Bench:
         self.rt = self.dd.runtime
         self.stream = _core.Stream(self.rt)
         self.budget: MemoryBudget = budget_for(self.rt, settings.mem_budget)
-        self.torch = _torch_device(self.rt)     # (torch module, device) or None
+        self.torch = _torch_device(self.rt)  # (torch module, device) or None
 
     @property
     def host_memory(self) -> bool:
@@ -98,16 +98,20 @@ class Bench:
     def desc(self, num_tensors: int, rows: int, row_bytes: int, placement: Placement) -> CacheDesc:
         item = self.settings.np_dtype.itemsize
         if row_bytes % item:
-            raise ValueError(f"a block or row of {row_bytes} bytes is not a whole number of "
-                             f"{self.settings.dtype} elements")
+            raise ValueError(
+                f"a block or row of {row_bytes} bytes is not a whole number of "
+                f"{self.settings.dtype} elements"
+            )
         return CacheDesc(num_tensors, [rows, row_bytes // item], self.settings.data_type, placement)
 
-    def blocks_cache(self, num_tensors: int, pool: int, block: int,
-                     placement: Placement = Placement.DEVICE) -> Cache:
+    def blocks_cache(
+        self, num_tensors: int, pool: int, block: int, placement: Placement = Placement.DEVICE
+    ) -> Cache:
         return self.cm.allocate_blocks_cache(self.desc(num_tensors, pool, block, placement))
 
-    def cache(self, num_tensors: int, rows: int, row_bytes: int,
-              placement: Placement = Placement.DEVICE) -> Cache:
+    def cache(
+        self, num_tensors: int, rows: int, row_bytes: int, placement: Placement = Placement.DEVICE
+    ) -> Cache:
         return self.cm.allocate_cache(self.desc(num_tensors, rows, row_bytes, placement))
 
     def free(self, *caches: Optional[Cache]) -> None:
@@ -155,8 +159,9 @@ class Bench:
         words = n // 8
         for t in range(len(cache.tensor_addrs)):
             buf = np.zeros(n, dtype=np.uint8)
-            buf[:words * 8].view(np.uint64)[:] = np.arange(start + t * words, start + (t + 1) * words,
-                                                           dtype=np.uint64)
+            buf[: words * 8].view(np.uint64)[:] = np.arange(
+                start + t * words, start + (t + 1) * words, dtype=np.uint64
+            )
             self.write(cache, t, buf)
 
     def zero(self, cache: Cache) -> None:
@@ -165,8 +170,13 @@ class Bench:
             self.write(cache, t, np.zeros(n, dtype=np.uint8))
 
     # --- timing ----------------------------------------------------------------------------
-    def rounds(self, label: str, paths: Dict[str, Callable[[], None]],
-               repeat: Optional[int] = None, alternate: bool = False) -> Dict[str, List[float]]:
+    def rounds(
+        self,
+        label: str,
+        paths: Dict[str, Callable[[], None]],
+        repeat: Optional[int] = None,
+        alternate: bool = False,
+    ) -> Dict[str, List[float]]:
         """Run every path once untimed, then `repeat` rounds of all paths in turn (so that drift
         of a shared machine hits them alike; with `alternate`, odd rounds run them in reverse
         order, so that no path always follows the same one); the seconds of each path in each
@@ -179,7 +189,7 @@ class Bench:
         order = list(paths.items())
         for i in range(repeat):
             self.progress.show(f"{label}: round {i + 1}/{repeat}")
-            for name, fn in (order[::-1] if alternate and i % 2 else order):
+            for name, fn in order[::-1] if alternate and i % 2 else order:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -210,18 +220,22 @@ class Bench:
                     self.rt.memcpy(d_span[0], s_span[0], n, self.stream)
                     left -= n
             self.stream.synchronize()
+
         return run
 
     def per_block(self, dsts: List[int], srcs: List[int], nbytes: int):
         """One runtime copy per block, queued from a C loop (what a hand-written copy loop or
         vLLM's swap_blocks amounts to)."""
+
         def run():
             _core.bench_copy_each(self.rt, dsts, srcs, nbytes, self.stream)
             self.stream.synchronize()
+
         return run
 
-    def numpy_indexing(self, src: Cache, dst: Cache, si: Sequence[int], di: Sequence[int],
-                       block: int):
+    def numpy_indexing(
+        self, src: Cache, dst: Cache, si: Sequence[int], di: Sequence[int], block: int
+    ):
         """dst[di] = src[si] per tensor, both tensors seen as rows of `block` bytes, on host
         views; None when the memory is not host memory."""
         if not (self._direct(src) and self._direct(dst)):
@@ -234,6 +248,7 @@ class Bench:
         def run():
             for a, b in zip(sv, dv):
                 b[d] = a[s]
+
         return run
 
     def torch_indexing(self, num_tensors: int, pool: int, block: int, si, di, src_pool=None):
@@ -251,6 +266,7 @@ class Bench:
         def run():
             dst[:, d] = src[:, s]
             sync()
+
         return run, lambda: None
 
     def torch_reason(self) -> str:
@@ -281,6 +297,7 @@ def _torch_device(rt):
         return None
     try:
         import torch
+
         package = _TORCH_DEVICE_PACKAGE.get(kind)
         if package is not None:
             if not importable(package):
@@ -299,8 +316,15 @@ def device_sync(torch, dev: str):
     return getattr(torch, dev.split(":")[0]).synchronize
 
 
-def verify_blocks(bench: Bench, src: Cache, dst: Cache, si, di, block: int,
-                  tensors: Optional[Sequence[int]] = None) -> bool:
+def verify_blocks(
+    bench: Bench,
+    src: Cache,
+    dst: Cache,
+    si,
+    di,
+    block: int,
+    tensors: Optional[Sequence[int]] = None,
+) -> bool:
     """dst block di[j] == src block si[j] for the first and last tensor (or `tensors`)."""
     n = len(src.tensor_addrs)
     tensors = sorted({0, n - 1}) if tensors is None else tensors

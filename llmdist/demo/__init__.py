@@ -52,30 +52,60 @@ def _size(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=sorted(MODES), default=DEFAULT_MODE,
-                   help="where the destination lives: two-process (a decode cluster in a child "
-                        "process on 127.0.0.1) or local (this process) (default: %(default)s)")
+    p.add_argument(
+        "--mode",
+        choices=sorted(MODES),
+        default=DEFAULT_MODE,
+        help="where the destination lives: two-process (a decode cluster in a child "
+        "process on 127.0.0.1) or local (this process) (default: %(default)s)",
+    )
     p.add_argument("--layers", type=int, default=32, help="model layers (default: %(default)s)")
     p.add_argument("--tokens", type=int, default=2048, help="prompt tokens (default: %(default)s)")
-    p.add_argument("--dim", type=int, default=512,
-                   help="K/V width per token, elements (default: %(default)s)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
-                   help="KV cache element type (default: %(default)s)")
-    p.add_argument("--block-size", type=_size, default=16 << 10, metavar="BYTES",
-                   help="bytes per cache block, e.g. 16384 or 16K (default: 16K)")
-    p.add_argument("--blocks", type=int, default=0, metavar="N",
-                   help="blocks in each cache tensor's pool (default: twice what the prompt needs)")
-    p.add_argument("--transport", choices=TRANSPORTS, default="auto",
-                   help="data path to the decode process (two-process mode): direct (same-host "
-                        "shared memory), mooncake (Mooncake Transfer Engine over loopback TCP) "
-                        "or auto, llmdist's choice (default: %(default)s)")
-    p.add_argument("--cluster-id", type=int, default=1,
-                   help="the prefill's cluster id; the decode process is this + 1 "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--dim", type=int, default=512, help="K/V width per token, elements (default: %(default)s)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float16",
+        help="KV cache element type (default: %(default)s)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=_size,
+        default=16 << 10,
+        metavar="BYTES",
+        help="bytes per cache block, e.g. 16384 or 16K (default: 16K)",
+    )
+    p.add_argument(
+        "--blocks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="blocks in each cache tensor's pool (default: twice what the prompt needs)",
+    )
+    p.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="auto",
+        help="data path to the decode process (two-process mode): direct (same-host "
+        "shared memory), mooncake (Mooncake Transfer Engine over loopback TCP) "
+        "or auto, llmdist's choice (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cluster-id",
+        type=int,
+        default=1,
+        help="the prefill's cluster id; the decode process is this + 1 (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--auth-key", default=None, metavar="KEY",
-                   help="shared key both clusters authenticate their link with "
-                        "(llmdist.auth_key; two-process mode; default: none)")
+    p.add_argument(
+        "--auth-key",
+        default=None,
+        metavar="KEY",
+        help="shared key both clusters authenticate their link with "
+        "(llmdist.auth_key; two-process mode; default: none)",
+    )
 
 
 def main(args, out=sys.stdout) -> int:

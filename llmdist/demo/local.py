@@ -24,12 +24,15 @@ def run_local(args, out=sys.stdout) -> int:
     """One process: the source cache is numpy memory registered with LLMDataDist (like a
     framework's tensors), the destination a cache LLMDataDist allocates, on its own cluster."""
     if args.transport != "auto":
-        out.write("error: --transport applies to --mode two-process (a local transfer copies "
-                  "inside this process)\n")
+        out.write(
+            "error: --transport applies to --mode two-process (a local transfer copies "
+            "inside this process)\n"
+        )
         return 2
     if args.auth_key:
-        out.write("error: --auth-key applies to --mode two-process (a local transfer makes no "
-                  "link)\n")
+        out.write(
+            "error: --auth-key applies to --mode two-process (a local transfer makes no link)\n"
+        )
         return 2
     layout = layout_from_args(args)
     problem = layout.check()
@@ -55,8 +58,9 @@ def run_local(args, out=sys.stdout) -> int:
         src_mem = aligned_empty(layout.num_tensors * layout.tensor_bytes)
         src_mem.fill(0)
         src_views = list(src_mem.reshape(layout.num_tensors, layout.pool_blocks, layout.block_size))
-        src_cache = cm.register_blocks_cache(desc, [int(v.ctypes.data) for v in src_views],
-                                             BlocksCacheKey(cid, 0))
+        src_cache = cm.register_blocks_cache(
+            desc, [int(v.ctypes.data) for v in src_views], BlocksCacheKey(cid, 0)
+        )
         dst_cache = cm.allocate_blocks_cache(desc, BlocksCacheKey(cid, 1))
         dst_views = tensor_views(dst_cache.tensor_addrs, layout.tensor_bytes, layout.block_size)
         for v in dst_views:
@@ -65,28 +69,43 @@ def run_local(args, out=sys.stdout) -> int:
 
         # 1. prefill, streaming each layer as soon as it is written
         sync, task, t_call, t0, t_prefill_end, kv_first, kv_last = stream_prefill(
-            cm, model, layout, src_cache, src_views, configs, src_table, dst_table, None)
+            cm, model, layout, src_cache, src_views, configs, src_table, dst_table, None
+        )
         status_streamed = task.synchronize()
         t_done = time.perf_counter()
         results = task.get_results()
         verdict_streamed = verify(src_views, src_table, dst_views, dst_table)
-        model_ok = (check_model_pages(dst_views, layout, dst_table, 0, *kv_first)
-                    and check_model_pages(dst_views, layout, dst_table, layout.layers - 1, *kv_last))
+        model_ok = check_model_pages(
+            dst_views, layout, dst_table, 0, *kv_first
+        ) and check_model_pages(dst_views, layout, dst_table, layout.layers - 1, *kv_last)
 
         # 2. the same transfer with every layer ready: the cost of sending after prefill
         for v in dst_views:
             v.fill(CANARY)
         t1 = time.perf_counter()
-        status_full = cm.transfer_cache_async(src_cache, AllReady(), configs, src_table,
-                                              dst_table).synchronize()
+        status_full = cm.transfer_cache_async(
+            src_cache, AllReady(), configs, src_table, dst_table
+        ).synchronize()
         full_s = time.perf_counter() - t1
         verdict_full = verify(src_views, src_table, dst_views, dst_table)
 
-        tm = Timings(prefill_s=t_prefill_end - t0, tail_s=t_done - t_prefill_end,
-                     last_sync_tail_s=t_done - sync.returned[-1],
-                     streamed_total_s=t_done - t_call, full_s=full_s, call_s=t0 - t_call)
-        ok = print_report(out, "local", layout, tm, [verdict_streamed, verdict_full], model_ok,
-                          [status_streamed, status_full] + [r for r in results if r is not None])
+        tm = Timings(
+            prefill_s=t_prefill_end - t0,
+            tail_s=t_done - t_prefill_end,
+            last_sync_tail_s=t_done - sync.returned[-1],
+            streamed_total_s=t_done - t_call,
+            full_s=full_s,
+            call_s=t0 - t_call,
+        )
+        ok = print_report(
+            out,
+            "local",
+            layout,
+            tm,
+            [verdict_streamed, verdict_full],
+            model_ok,
+            [status_streamed, status_full] + [r for r in results if r is not None],
+        )
 
         del dst_views
         cm.deallocate_blocks_cache(dst_cache)

@@ -63,31 +63,41 @@ class PagedLayout:
 
     def cache_desc(self) -> CacheDesc:
         elems = self.block_size // self.dtype.itemsize
-        return CacheDesc(num_tensors=self.num_tensors, shape=[self.pool_blocks, elems],
-                         data_type=self.data_type, placement=Placement.DEVICE)
+        return CacheDesc(
+            num_tensors=self.num_tensors,
+            shape=[self.pool_blocks, elems],
+            data_type=self.data_type,
+            placement=Placement.DEVICE,
+        )
 
     def check(self) -> str | None:
         if self.layers < 1 or self.tokens < 1 or self.dim < 1:
             return "--layers, --tokens and --dim must be >= 1"
         if self.block_size % self.row_bytes:
-            return (f"--block-size {self.block_size} must be a multiple of one token's row "
-                    f"(dim {self.dim} x {self.dtype.itemsize} bytes = {self.row_bytes})")
+            return (
+                f"--block-size {self.block_size} must be a multiple of one token's row "
+                f"(dim {self.dim} x {self.dtype.itemsize} bytes = {self.row_bytes})"
+            )
         if self.pool_blocks < self.blocks_needed:
-            return (f"--blocks {self.pool_blocks} is smaller than the {self.blocks_needed} blocks "
-                    f"that {self.tokens} tokens need")
+            return (
+                f"--blocks {self.pool_blocks} is smaller than the {self.blocks_needed} blocks "
+                f"that {self.tokens} tokens need"
+            )
         return None
 
 
 def tensor_views(addrs: list[int], nbytes: int, block_size: int) -> list[np.ndarray]:
     """uint8 views ``[blocks, block_size]`` of cache tensors at the given addresses."""
-    return [np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(a))
-            .reshape(-1, block_size) for a in addrs]
+    return [
+        np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(a)).reshape(-1, block_size)
+        for a in addrs
+    ]
 
 
 def aligned_empty(nbytes: int, align: int = 4096) -> np.ndarray:
     raw = np.empty(nbytes + align, dtype=np.uint8)
     off = (-raw.ctypes.data) % align
-    return raw[off:off + nbytes]
+    return raw[off : off + nbytes]
 
 
 # ------------------------------------------------------------------------------------------
@@ -104,7 +114,8 @@ class ToyModel:
         scale = np.float32(1.0 / np.sqrt(d))
         self.weights = [
             tuple(rng.standard_normal((d, d), dtype=np.float32) * scale for _ in range(3))
-            for _ in range(layout.layers)]
+            for _ in range(layout.layers)
+        ]
         self.x0 = rng.standard_normal((layout.tokens, d), dtype=np.float32)
 
     def layers(self):
@@ -117,8 +128,14 @@ class ToyModel:
             yield layer, k, v
 
 
-def write_kv(views: list[np.ndarray], layout: PagedLayout, table: list[int], layer: int,
-             k: np.ndarray, v: np.ndarray) -> None:
+def write_kv(
+    views: list[np.ndarray],
+    layout: PagedLayout,
+    table: list[int],
+    layer: int,
+    k: np.ndarray,
+    v: np.ndarray,
+) -> None:
     """Page one layer's K and V (``tokens x dim`` each) into the blocks listed in ``table``."""
     tpb, dim, dt = layout.tokens_per_block, layout.dim, layout.dtype
     full, rem = divmod(layout.tokens, tpb)
@@ -126,9 +143,9 @@ def write_kv(views: list[np.ndarray], layout: PagedLayout, table: list[int], lay
     for t, data in ((2 * layer, k), (2 * layer + 1, v)):
         blocks = views[t].view(dt).reshape(layout.pool_blocks, -1, dim)
         if full:
-            blocks[idx[:full], :tpb] = data[:full * tpb].reshape(full, tpb, dim)
+            blocks[idx[:full], :tpb] = data[: full * tpb].reshape(full, tpb, dim)
         if rem:
-            blocks[idx[full], :rem] = data[full * tpb:]
+            blocks[idx[full], :rem] = data[full * tpb :]
 
 
 # ------------------------------------------------------------------------------------------
@@ -154,7 +171,8 @@ class LayerEvents(LayerSynchronizer):
 
     def synchronize_layer(self, layer_index: int, timeout_in_millis: int | None) -> bool:
         ok = self.events[layer_index].wait(
-            None if timeout_in_millis is None else timeout_in_millis / 1000.0)
+            None if timeout_in_millis is None else timeout_in_millis / 1000.0
+        )
         self.returned[layer_index] = time.perf_counter()
         return ok and not self.cancelled
 
@@ -174,8 +192,7 @@ def layout_from_args(args) -> PagedLayout:
     return layout
 
 
-def stream_prefill(cm, model, layout, src_cache, src_views, configs, src_table, dst_table,
-                   wait_ms):
+def stream_prefill(cm, model, layout, src_cache, src_views, configs, src_table, dst_table, wait_ms):
     """Start the layer-wise transfer, then run the model: each layer's K and V are written into
     the source blocks and the layer is released to the transfer at once. Returns the
     synchronizer, the task, the times of the call, of its return and of the end of prefill, and

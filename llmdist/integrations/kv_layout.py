@@ -27,12 +27,13 @@ class KVLayout:
     block_bytes: int
     tensors_per_layer: int
     placement: Placement
-    device: str                 # "cpu", "cuda", "npu"
+    device: str  # "cpu", "cuda", "npu"
     device_index: int
 
     def desc(self) -> CacheDesc:
-        return CacheDesc(len(self.addrs), [self.num_blocks, self.block_bytes], DataType.DT_UINT8,
-                         self.placement)
+        return CacheDesc(
+            len(self.addrs), [self.num_blocks, self.block_bytes], DataType.DT_UINT8, self.placement
+        )
 
 
 def _placement(tensor) -> Placement:
@@ -54,26 +55,34 @@ def layout_of(kv_caches: Dict[str, object], num_blocks: Optional[int] = None) ->
         if shape0 is None:
             shape0 = shape
         elif shape != shape0:
-            raise ValueError(f"layer {name} has shape {shape}, layer 0 {shape0}: every layer's "
-                             f"KV tensor must have the same shape (hybrid caches are not "
-                             f"supported)")
+            raise ValueError(
+                f"layer {name} has shape {shape}, layer 0 {shape0}: every layer's "
+                f"KV tensor must have the same shape (hybrid caches are not "
+                f"supported)"
+            )
         if t.device != first.device:
             raise ValueError(f"layer {name} is on {t.device}, layer 0 on {first.device}")
         esize = t.element_size()
-        kv_first = (len(shape) >= 3 and shape[0] == 2
-                    and (num_blocks is None or shape[1] == num_blocks)
-                    and (num_blocks is None or shape[0] != num_blocks))
+        kv_first = (
+            len(shape) >= 3
+            and shape[0] == 2
+            and (num_blocks is None or shape[1] == num_blocks)
+            and (num_blocks is None or shape[0] != num_blocks)
+        )
         bdim = 1 if kv_first else 0
         n = shape[bdim]
-        inner = shape[bdim + 1:]
+        inner = shape[bdim + 1 :]
         bb = math.prod(inner) * esize
         if t.stride(bdim) * esize != bb or not _dense(t, bdim + 1):
-            raise ValueError(f"layer {name}: the bytes of one block must be contiguous "
-                             f"(shape {shape}, strides {tuple(t.stride())})")
+            raise ValueError(
+                f"layer {name}: the bytes of one block must be contiguous "
+                f"(shape {shape}, strides {tuple(t.stride())})"
+            )
         if kv_first:
             if t.stride(0) * esize < n * bb:
-                raise ValueError(f"layer {name}: K and V overlap (shape {shape}, strides "
-                                 f"{tuple(t.stride())})")
+                raise ValueError(
+                    f"layer {name}: K and V overlap (shape {shape}, strides {tuple(t.stride())})"
+                )
             addrs += [t.data_ptr(), t.data_ptr() + t.stride(0) * esize]
         else:
             addrs.append(t.data_ptr())
@@ -100,4 +109,4 @@ def runtime_of(layout: KVLayout) -> str:
 def clip_remote(remote: Sequence[int], local: Sequence[int]) -> List[int]:
     """The remote blocks matching local ones: the last len(local) of them (blocks the decode
     already holds from its own prefix cache come first and are not pulled)."""
-    return list(remote[len(remote) - len(local):]) if local else []
+    return list(remote[len(remote) - len(local) :]) if local else []

@@ -65,6 +65,7 @@ NOTIFY_PREFIX = b"llmdist-vllm:done:"          # D to P: free the request's bloc
 PUSH_PREFIX = b"llmdist-vllm:push:"            # D to P (push): write into these blocks
 PUSHED_PREFIX = b"llmdist-vllm:pushed:"        # P to D (push): the blocks are written
 PUSH_FAILED_PREFIX = b"llmdist-vllm:failed:"   # P to D (push): they will not be
+LISTEN_POLL_MS = 100        # how often the prefill's notification listener checks for close
 _PARAM_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host",
                "remote_ports", "tp_size")
 
@@ -357,7 +358,8 @@ class _SchedulerSide:
 # Worker side
 
 class _StepLayers(LayerSynchronizer):
-    """Releases layer i of a step's layerwise transfers once the forward saved it."""
+    """Releases layer i of a step's layerwise transfers once the forward saved it; a transfer
+    started later finds the layers saved so far released at once."""
 
     def __init__(self, num_layers: int, timeout_ms: int) -> None:
         self.saved = [threading.Event() for _ in range(num_layers)]
@@ -398,15 +400,21 @@ class _WorkerSide:
         self.send_blocks: Dict[str, List[int]] = {}
         self.registrations: Dict[str, Tuple[int, dict, float]] = {}
         self.awaiting: Dict[str, Tuple[float, RecvJob]] = {}
-        # layerwise, prefill: this step's requests, the layer each tensor name is, the layers
-        # saved in this step, and the tasks sending layers (request id -> task)
+        # layerwise, prefill: the transfer id of each request, the layer each tensor name is,
+        # the layers saved in the running step, the requests computed whose decode has not
+        # registered yet (transfer id -> request id, blocks, their step's layers, when), and
+        # the tasks sending layers (request id -> task, decode cluster, decode request id)
         self.transfer_ids: Dict[str, str] = {}
-        self.step_layerwise: Dict[str, Tuple[str, List[int]]] = {}
         self.layer_index: Dict[str, int] = {}
         self.step_gate: Optional[_StepLayers] = None
+        self.computed: Dict[str, Tuple[str, List[int], _StepLayers, float]] = {}
         self.layer_tasks: Dict[str, Tuple[object, int, str]] = {}
         self.pushed: Dict[str, bool] = {}           # decode: request id -> written or not
         self.layerwise_started = 0                  # transfers that went out layer by layer
+        self.layerwise_overlapped = 0               # ... of which started before the last layer
+                                                    # was saved
+        self.listener: Optional[threading.Thread] = None
+        self.closing = threading.Event()
         self.transfer_times: List[float] = []       # seconds per pull or push, notification in
         self.jobs: "queue.Queue[Optional[RecvJob]]" = queue.Queue()
         self.thread: Optional[threading.Thread] = None
@@ -427,6 +435,10 @@ class _WorkerSide:
         self.layer_index = {name: i for i, name in enumerate(kv_caches)}
         self.thread = threading.Thread(target=self._run, name="llmdist-vllm-load", daemon=True)
         self.thread.start()
+        if self.role != LLMRole.DECODER and self.options.mode != "pull":
+            self.listener = threading.Thread(target=self._listen, name="llmdist-vllm-notify",
+                                             daemon=True)
+            self.listener.start()
         log.info("llmdist cluster %d listens on %s:%d: %d KV tensors of %d blocks of %d bytes "
                  "(%d per layer)", self.cluster_id, self.options.host, dd.listen_port,
                  len(layout.addrs), layout.num_blocks, layout.block_bytes,
@@ -511,54 +523,59 @@ class _WorkerSide:
         i = self.layer_index.get(layer_name)
         if i is None or self.dd is None:
             return
-        if i == 0:
-            self.step_layerwise = dict(meta.layerwise)
-            if self.step_layerwise and self.step_gate is None:
-                self.step_gate = _StepLayers(len(self.layer_index),
-                                             self.options.transfer_timeout_ms)
+        starts = []
+        if i == 0 and meta.layerwise and self.step_gate is None:
+            # the step's requests: a decode that registered already gets its transfer now,
+            # the others when their registration arrives (_handle)
+            gate = _StepLayers(len(self.layer_index), self.options.transfer_timeout_ms)
+            now = time.time()
+            with self.lock:
+                self.step_gate = gate
+                for rid, (tid, blocks) in meta.layerwise.items():
+                    got = self.registrations.pop(tid, None)
+                    if got is None:
+                        self.computed[tid] = (rid, list(blocks), gate, now)
+                    else:
+                        starts.append(((rid, list(blocks), gate, now), got[0], got[1]))
         if self.step_gate is not None:
             self.step_gate.release(i)
-        if any(rid not in self.layer_tasks for rid in self.step_layerwise):
-            # a decode that registered by now gets the layers computed so far at once and the
-            # others as they come
-            self._drain(time.time())
-            self._start_layerwise()
+        for computed, peer, reg in starts:
+            self._start_layerwise(computed, peer, reg)
 
     def step_saved(self) -> None:
         """The step's forward is over: every layer is saved (also those without a hook call)."""
         gate, self.step_gate = self.step_gate, None
         if gate is not None:
             gate.release_all()
-        self.step_layerwise = {}
 
-    def _start_layerwise(self) -> None:
+    def _start_layerwise(self, computed: Tuple[str, List[int], _StepLayers, float], peer: int,
+                         reg: dict) -> None:
+        """Send a computed request's blocks to the decode that registered them, each layer once
+        its step's forward saved it (at once for the layers saved already)."""
         from ..transfer_types import TransferWithCacheKeyConfig
-        for rid, (tid, blocks) in list(self.step_layerwise.items()):
-            if rid in self.layer_tasks or self.step_gate is None:
-                continue
-            got = self.registrations.pop(tid, None)
-            if got is None:
-                continue        # D registers later: sent when the request finished
-            peer, reg, _ = got
-            dst_req = str(reg.get("dst_req"))
-            try:
-                remote, local = registered_pairs(blocks, reg)
-                layers = range(len(self.layer_index))
-                task = self.dd.cache_manager.transfer_cache_async(
-                    self.cache, self.step_gate,
-                    [TransferWithCacheKeyConfig(BlocksCacheKey(peer, MODEL_ID), layers, layers)],
-                    remote, local, tensor_num_per_layer=self.layout.tensors_per_layer,
-                    notify=PUSHED_PREFIX + dst_req.encode())
-            except Exception as exc:  # noqa: BLE001 - the decode hears of any failure
-                log.error("request %s: sending its KV layer by layer failed: %s: %s", rid,
-                          type(exc).__name__, exc)
-                self._tell_failed(peer, dst_req, rid)
-                with self.lock:
-                    self.notified[rid] = time.time()     # nothing more goes: free its blocks
-                self.layer_tasks.pop(rid, None)
-                continue
+        rid, blocks, gate, _ = computed
+        dst_req = str(reg.get("dst_req"))
+        # layers the forward had not saved yet: they go while it computes them
+        during_forward = not all(e.is_set() for e in gate.saved)
+        try:
+            remote, local = registered_pairs(blocks, reg)
+            layers = range(len(self.layer_index))
+            task = self.dd.cache_manager.transfer_cache_async(
+                self.cache, gate,
+                [TransferWithCacheKeyConfig(BlocksCacheKey(peer, MODEL_ID), layers, layers)],
+                remote, local, tensor_num_per_layer=self.layout.tensors_per_layer,
+                notify=PUSHED_PREFIX + dst_req.encode())
+        except Exception as exc:  # noqa: BLE001 - the decode hears of any failure
+            log.error("request %s: sending its KV layer by layer failed: %s: %s", rid,
+                      type(exc).__name__, exc)
+            self._tell_failed(peer, dst_req, rid)
+            with self.lock:
+                self.notified[rid] = time.time()     # nothing more goes: free its blocks
+            return
+        with self.lock:
             self.layer_tasks[rid] = (task, peer, dst_req)
             self.layerwise_started += 1
+            self.layerwise_overlapped += during_forward
 
     def _tell_failed(self, peer: int, dst_req: str, rid: str) -> None:
         try:
@@ -567,14 +584,17 @@ class _WorkerSide:
             log.warning("request %s: telling cluster %d failed: %s", rid, peer, exc)
 
     def _layer_tasks_done(self, now: float) -> None:
-        for rid, (task, peer, dst_req) in list(self.layer_tasks.items()):
+        with self.lock:
+            tasks = list(self.layer_tasks.items())
+        for rid, (task, peer, dst_req) in tasks:
             if not task.done:
                 continue
             status = task.synchronize(0)
             if (status == LLMStatusCode.LLM_TIMEOUT and task.notification_error is None
                     and task.get_results(0) == [LLMStatusCode.LLM_SUCCESS]):
                 continue        # the bytes are there; the decode has not confirmed yet
-            del self.layer_tasks[rid]
+            with self.lock:
+                del self.layer_tasks[rid]
             if status != LLMStatusCode.LLM_SUCCESS:
                 log.error("request %s: sending its KV layer by layer failed: %s %s", rid,
                           status.name, task.errors or task.notification_error)
@@ -616,42 +636,78 @@ class _WorkerSide:
             raise ConnectionError(f"linking to cluster {peer} at {host}:{port} failed: "
                                   f"{codes[0].name}")
 
+    def _listen(self) -> None:
+        """Prefill, push and layerwise modes: take notifications as they arrive, so that a
+        decode's registration starts its transfer at once, not at this engine's next step."""
+        dd = self.dd
+        while not self.closing.is_set():
+            try:
+                notes = dd.wait_notifications(LISTEN_POLL_MS)
+            except Exception as exc:  # noqa: BLE001 - finalize ends the wait
+                if self.closing.is_set():
+                    return
+                log.warning("waiting for notifications failed: %s: %s", type(exc).__name__, exc)
+                time.sleep(LISTEN_POLL_MS / 1000.0)
+                continue
+            if notes:
+                self._handle(notes, time.time())
+                self._queue_ready_pushes()
+
     def _drain(self, now: float) -> None:
-        """Take the notifications received: frees, push registrations, push outcomes."""
-        if self.dd is None:
-            return
-        for peer, payloads in self.dd.get_notifications().items():
-            for p in payloads:
-                if p.startswith(NOTIFY_PREFIX):
-                    with self.lock:
+        """Take the notifications received so far (see _handle)."""
+        if self.dd is not None:
+            self._handle(self.dd.get_notifications(), now)
+
+    def _handle(self, notes: Dict[int, List[bytes]], now: float) -> None:
+        """Frees, push registrations (a computed layerwise request's transfer starts here),
+        push outcomes."""
+        starts = []
+        with self.lock:
+            for peer, payloads in notes.items():
+                for p in payloads:
+                    if p.startswith(NOTIFY_PREFIX):
                         self.notified[p[len(NOTIFY_PREFIX):].decode(errors="replace")] = now
-                elif p.startswith(PUSH_PREFIX):
-                    try:
-                        reg = json.loads(p[len(PUSH_PREFIX):])
-                        self.registrations[str(reg["req"])] = (peer, reg, now)
-                    except (ValueError, KeyError, TypeError):
-                        log.warning("cluster %d sent a bad push registration", peer)
-                elif p.startswith(PUSHED_PREFIX):
-                    self.pushed[p[len(PUSHED_PREFIX):].decode(errors="replace")] = True
-                elif p.startswith(PUSH_FAILED_PREFIX):
-                    self.pushed[p[len(PUSH_FAILED_PREFIX):].decode(errors="replace")] = False
+                    elif p.startswith(PUSH_PREFIX):
+                        try:
+                            reg = json.loads(p[len(PUSH_PREFIX):])
+                            tid = str(reg["req"])
+                        except (ValueError, KeyError, TypeError):
+                            log.warning("cluster %d sent a bad push registration", peer)
+                            continue
+                        computed = self.computed.pop(tid, None)
+                        if computed is not None:
+                            starts.append((computed, peer, reg))
+                        else:
+                            self.registrations[tid] = (peer, reg, now)
+                    elif p.startswith(PUSHED_PREFIX):
+                        self.pushed[p[len(PUSHED_PREFIX):].decode(errors="replace")] = True
+                    elif p.startswith(PUSH_FAILED_PREFIX):
+                        self.pushed[p[len(PUSH_FAILED_PREFIX):].decode(errors="replace")] = False
+        for computed, peer, reg in starts:
+            self._start_layerwise(computed, peer, reg)
+
+    def _queue_ready_pushes(self) -> None:
+        """Prefill, push: finished requests whose decode registered go to the load thread."""
+        with self.lock:
+            ready = [(rid, tid) for rid, tid in
+                     ((r, self.transfer_ids.get(r, r)) for r in self.send_blocks)
+                     if tid in self.registrations and rid not in self.layer_tasks]
+            for rid, tid in ready:
+                peer, reg, _ = self.registrations.pop(tid)
+                self.transfer_ids.pop(rid, None)
+                self.jobs.put((rid, peer, reg, self.send_blocks.pop(rid)))
 
     # -- per step results
     def results(self) -> Tuple[Set[str], Set[str], Set[str]]:
         """(sent, received, failed) since the last call; failed ones are received too."""
         now = time.time()
         self._drain(now)
-        pushed, self.pushed = self.pushed, {}
         self._layer_tasks_done(now)
+        self._queue_ready_pushes()
         with self.lock:
-            ready = [(rid, self.registrations[tid])
-                     for rid, tid in ((r, self.transfer_ids.get(r, r)) for r in self.send_blocks)
-                     if tid in self.registrations and rid not in self.layer_tasks]
+            pushed, self.pushed = self.pushed, {}
             expired = [job for deadline, job in self.awaiting.values() if deadline <= now]
             waiting = {rid: job for rid, (_, job) in self.awaiting.items()}
-        for rid, (peer, reg, _) in ready:
-            del self.registrations[self.transfer_ids.pop(rid, rid)]
-            self.jobs.put((rid, peer, reg, self.send_blocks.pop(rid)))
         for rid, ok in pushed.items():
             if rid in waiting:
                 if not ok:
@@ -660,9 +716,13 @@ class _WorkerSide:
         for job in expired:
             log.error("request %s: the prefill did not write its KV within the lease", job.req_id)
             self._done(job, False)
-        for rid, (_, _, t) in list(self.registrations.items()):
-            if now - t > self.options.lease_s:       # its request was aborted here
-                del self.registrations[rid]
+        with self.lock:
+            for tid, (_, _, t) in list(self.registrations.items()):
+                if now - t > self.options.lease_s:       # its request was aborted here
+                    del self.registrations[tid]
+            for tid, (_, _, _, t) in list(self.computed.items()):
+                if now - t > self.options.lease_s:       # no decode registered
+                    del self.computed[tid]
         sent: Set[str] = set()
         with self.lock:
             for rid in list(self.sending):
@@ -691,9 +751,12 @@ class _WorkerSide:
         return bad
 
     def close(self) -> None:
+        self.closing.set()
         self.jobs.put(None)
         if self.thread is not None:
             self.thread.join(5.0)
+        if self.listener is not None:
+            self.listener.join(5.0)
         if self.dd is not None:
             self.dd.finalize()
             self.dd = None

@@ -37,7 +37,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                                KVConnectorHandshakeMetadata,
@@ -50,7 +50,8 @@ except ImportError:         # pragma: no cover - older vLLM
     KVConnectorTransferResults = None
 
 from ..config import LLMClusterInfo
-from ..descs import BlocksCacheKey, LLMRole
+from ..descs import BlocksCacheKey, LLMRole, Placement
+from ..events import EventSynchronizer
 from ..llm_datadist import LLMDataDist
 from ..status import LLMStatusCode
 from ..transfer_types import LayerSynchronizer
@@ -358,8 +359,9 @@ class _SchedulerSide:
 # Worker side
 
 class _StepLayers(LayerSynchronizer):
-    """Releases layer i of a step's layerwise transfers once the forward saved it; a transfer
-    started later finds the layers saved so far released at once."""
+    """Host tensors: releases layer i of a step's layerwise transfers once the forward saved it
+    (the forward has written it then); a transfer started later finds the layers saved so far
+    released at once."""
 
     def __init__(self, num_layers: int, timeout_ms: int) -> None:
         self.saved = [threading.Event() for _ in range(num_layers)]
@@ -371,6 +373,46 @@ class _StepLayers(LayerSynchronizer):
     def release_all(self) -> None:
         for e in self.saved:
             e.set()
+
+    def released(self) -> int:
+        return sum(e.is_set() for e in self.saved)
+
+
+class _DeviceStepLayers(EventSynchronizer):
+    """CUDA/NPU tensors: the forward only queued layer i on the model's stream when it is saved,
+    so release(i) records layer i's event on that stream; the transfer's stream waits on the
+    event (no host thread blocks). stream_of() is the model stream's raw handle."""
+
+    def __init__(self, runtime, num_layers: int, stream_of: Callable[[], int]) -> None:
+        super().__init__(runtime, num_layers)
+        self.stream_of = stream_of
+        self.marked = [False] * num_layers
+
+    def release(self, i: int) -> None:
+        if not self.marked[i]:
+            self.events[i].record_on(self.stream_of())
+            self.mark_recorded(i)
+            self.marked[i] = True
+
+    def release_all(self) -> None:
+        # layers without a hook call: everything the forward queued is before this point
+        for i in range(len(self.marked)):
+            self.release(i)
+
+    def released(self) -> int:
+        return sum(self.marked)
+
+
+def model_stream_of(device: str) -> Callable[[], int]:
+    """The function returning the raw handle of the model's current stream on device: torch's
+    current CUDA stream, or torch_npu's current NPU stream."""
+    import torch
+    if device == "cuda":
+        return lambda: torch.cuda.current_stream().cuda_stream
+    if device == "npu":
+        import torch_npu  # noqa: F401 - registers torch.npu
+        return lambda: torch.npu.current_stream().npu_stream
+    raise ValueError(f"no model stream on device {device!r}")
 
     def synchronize_layer(self, layer_index: int, timeout_in_millis) -> bool:
         return self.saved[layer_index].wait(self.timeout_s)
@@ -414,6 +456,7 @@ class _WorkerSide:
         self.layerwise_overlapped = 0               # ... of which started before the last layer
                                                     # was saved
         self.listener: Optional[threading.Thread] = None
+        self.stream_of: Optional[Callable[[], int]] = None     # device tensors: model stream
         self.closing = threading.Event()
         self.transfer_times: List[float] = []       # seconds per pull or push, notification in
         self.jobs: "queue.Queue[Optional[RecvJob]]" = queue.Queue()
@@ -527,7 +570,7 @@ class _WorkerSide:
         if i == 0 and meta.layerwise and self.step_gate is None:
             # the step's requests: a decode that registered already gets its transfer now,
             # the others when their registration arrives (_handle)
-            gate = _StepLayers(len(self.layer_index), self.options.transfer_timeout_ms)
+            gate = self._new_gate()
             now = time.time()
             with self.lock:
                 self.step_gate = gate
@@ -541,6 +584,16 @@ class _WorkerSide:
             self.step_gate.release(i)
         for computed, peer, reg in starts:
             self._start_layerwise(computed, peer, reg)
+
+    def _new_gate(self):
+        """The layer synchronizer of one step: device events on the model stream for device
+        tensors, host events for host ones."""
+        n = len(self.layer_index)
+        if self.layout.placement == Placement.DEVICE:
+            if self.stream_of is None:
+                self.stream_of = model_stream_of(self.layout.device)
+            return _DeviceStepLayers(self.dd.runtime, n, self.stream_of)
+        return _StepLayers(n, self.options.transfer_timeout_ms)
 
     def step_saved(self) -> None:
         """The step's forward is over: every layer is saved (also those without a hook call)."""
@@ -556,7 +609,7 @@ class _WorkerSide:
         rid, blocks, gate, _ = computed
         dst_req = str(reg.get("dst_req"))
         # layers the forward had not saved yet: they go while it computes them
-        during_forward = not all(e.is_set() for e in gate.saved)
+        during_forward = gate.released() < len(self.layer_index)
         try:
             remote, local = registered_pairs(blocks, reg)
             layers = range(len(self.layer_index))

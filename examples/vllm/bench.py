@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from llmdist.cli import main  # noqa: E402
+from llmdist.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "vllm", *sys.argv[1:]]))

@@ -184,8 +184,7 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                  f"started before the prefill's forward saved their last layer")
     run.seconds = time.perf_counter() - t0
     out.write(render(measured))
-    for n in run.notes:
-        out.write(f"note: {n}\n")
+    out.writelines(f"note: {n}\n" for n in run.notes)
     if args.json:
         save(run, args.json)
         out.write(f"wrote {args.json}\n")

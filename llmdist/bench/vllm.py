@@ -173,7 +173,13 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     for i, name in enumerate(modes):
         if not args.quiet:
             print(f"llmdist bench vllm: {name} ...", file=sys.stderr, flush=True)
-        measured[name] = run_mode(name, model, prompts, args.repeat, args.vllm_port + 10 * i)
+        try:
+            measured[name] = run_mode(name, model, prompts, args.repeat,
+                                      args.vllm_port + 10 * i)
+        except (RuntimeError, TimeoutError) as exc:
+            # an engine that did not start or answer (e.g. its port taken): the others still run
+            why = str(exc).strip().splitlines()
+            run.note(f"{name}: not measured: {why[-1] if why else type(exc).__name__}")
     run.results = results_of(measured, len(prompts))
     run.note(f"{args.repeat} timed rounds of {len(prompts)} requests (prompts of "
              f"{', '.join(map(str, prompts))} tokens) per connector, after one warm-up round")

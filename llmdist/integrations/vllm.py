@@ -66,6 +66,7 @@ NOTIFY_PREFIX = b"llmdist-vllm:done:"          # D to P: free the request's bloc
 PUSH_PREFIX = b"llmdist-vllm:push:"            # D to P (push): write into these blocks
 PUSHED_PREFIX = b"llmdist-vllm:pushed:"        # P to D (push): the blocks are written
 PUSH_FAILED_PREFIX = b"llmdist-vllm:failed:"   # P to D (push): they will not be
+IDLE_WAIT_MS = 5            # longest wait of a decode step that scheduled nothing
 LISTEN_POLL_MS = 100        # how often the prefill's notification listener checks for close
 _PARAM_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host",
                "remote_ports", "tp_size")
@@ -163,6 +164,9 @@ class LLMDistConnectorMetadata(KVConnectorMetadata):
     layerwise: Dict[str, Tuple[str, List[int]]] = field(default_factory=dict)
     # layerwise, prefill: the transfer id of each request (its request id when absent)
     transfer_ids: Dict[str, str] = field(default_factory=dict)
+    # the step scheduled no token (every request waits): a decode worker may wait briefly for
+    # its pulls instead of returning to a step loop that only spins
+    idle: bool = False
 
 
 def _tp_rank() -> int:
@@ -349,8 +353,10 @@ class _SchedulerSide:
                 # prompt cut into chunks goes when it finished, as in push mode)
                 if tid is not None and new.num_computed_tokens + n >= len(new.prompt_token_ids or ()):
                     layer[new.req_id] = (tid, list(new.block_ids[0]))
+        idle = (scheduler_output is not None
+                and getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0)
         meta = LLMDistConnectorMetadata(self.recv, self.send, self.send_blocks, layer,
-                                        self.new_transfer_ids)
+                                        self.new_transfer_ids, idle)
         self.recv, self.send, self.send_blocks, self.new_transfer_ids = {}, {}, {}, {}
         return meta
 
@@ -457,6 +463,11 @@ class _WorkerSide:
                                                     # was saved
         self.listener: Optional[threading.Thread] = None
         self.stream_of: Optional[Callable[[], int]] = None     # device tensors: model stream
+        # decode: pulls queued or running; set when a received request is reported; whether
+        # this step scheduled nothing
+        self.loading = 0
+        self.progress = threading.Event()
+        self.step_idle = False
         self.closing = threading.Event()
         self.transfer_times: List[float] = []       # seconds per pull or push, notification in
         self.jobs: "queue.Queue[Optional[RecvJob]]" = queue.Queue()
@@ -499,7 +510,11 @@ class _WorkerSide:
             self.send_blocks.update(meta.send_blocks)
             self.transfer_ids.update(meta.transfer_ids)
         for job in meta.reqs_to_recv.values():
+            if job.mode == "pull":
+                with self.lock:
+                    self.loading += 1
             self.jobs.put(job)
+        self.step_idle = meta.idle
 
     # -- the load thread
     def _run(self) -> None:
@@ -517,6 +532,9 @@ class _WorkerSide:
                 error = exc
                 log.error("request %s: loading its KV from engine %s failed: %s: %s",
                           job.req_id, job.remote_engine_id, type(exc).__name__, exc)
+            if job.mode == "pull":
+                with self.lock:
+                    self.loading -= 1
             if error is None and job.mode in ("push", "layerwise") and job.local_block_ids:
                 continue        # registered: received when the prefill says it wrote them
             self._done(job, error is None)
@@ -529,6 +547,7 @@ class _WorkerSide:
                 self.bad_blocks.update(job.local_block_ids)
             if job.report:
                 self.recved.add(job.req_id)
+        self.progress.set()
 
     def _load(self, job: RecvJob) -> None:
         if job.remote_tp_size != self.tp_size:
@@ -753,6 +772,7 @@ class _WorkerSide:
     # -- per step results
     def results(self) -> Tuple[Set[str], Set[str], Set[str]]:
         """(sent, received, failed) since the last call; failed ones are received too."""
+        self._wait_when_idle()
         now = time.time()
         self._drain(now)
         self._layer_tasks_done(now)
@@ -800,6 +820,24 @@ class _WorkerSide:
             if now - t > self.options.lease_s:
                 del self.notified[rid]
         return sent, recved, failed
+
+    def _wait_when_idle(self) -> None:
+        """A decode step that scheduled nothing while this worker's pulls run: wait up to
+        IDLE_WAIT_MS for one to end, instead of spinning through empty steps (which takes the
+        CPU and the GIL from the pulls it waits for)."""
+        idle, self.step_idle = self.step_idle, False
+        if not idle or self.dd is None:
+            return
+        with self.lock:
+            if self.recved:
+                return
+            loading = self.loading > 0
+        if loading:
+            self.progress.clear()
+            with self.lock:
+                if self.loading == 0 or self.recved:
+                    return
+            self.progress.wait(IDLE_WAIT_MS / 1000.0)
 
     def load_errors(self) -> Set[int]:
         with self.lock:

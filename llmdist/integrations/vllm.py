@@ -509,11 +509,17 @@ class _WorkerSide:
             self.sending.update(meta.reqs_to_send)
             self.send_blocks.update(meta.send_blocks)
             self.transfer_ids.update(meta.transfer_ids)
+        regs: Dict[str, List[RecvJob]] = {}
         for job in meta.reqs_to_recv.values():
+            if job.mode in ("push", "layerwise") and job.local_block_ids:
+                regs.setdefault(job.remote_engine_id, []).append(job)
+                continue
             if job.mode == "pull":
                 with self.lock:
                     self.loading += 1
             self.jobs.put(job)
+        for batch in regs.values():
+            self.jobs.put(batch)        # one registration per prefill for the step's requests
         self.step_idle = meta.idle
 
     # -- the load thread
@@ -525,6 +531,9 @@ class _WorkerSide:
             if isinstance(job, tuple):
                 self._push(*job)
                 continue
+            if isinstance(job, list):
+                self._register(job)
+                continue
             error = None
             try:
                 self._load(job)
@@ -535,8 +544,6 @@ class _WorkerSide:
             if job.mode == "pull":
                 with self.lock:
                     self.loading -= 1
-            if error is None and job.mode in ("push", "layerwise") and job.local_block_ids:
-                continue        # registered: received when the prefill says it wrote them
             self._done(job, error is None)
 
     def _done(self, job: RecvJob, ok: bool) -> None:
@@ -549,23 +556,41 @@ class _WorkerSide:
                 self.recved.add(job.req_id)
         self.progress.set()
 
-    def _load(self, job: RecvJob) -> None:
+    def _register(self, jobs: List[RecvJob]) -> None:
+        """Push and layerwise: send one prefill the block ids of this step's requests in one
+        notification; each is received when the prefill says it wrote them."""
+        try:
+            peer = self._link_to(jobs[0])
+            with self.lock:
+                for job in jobs:
+                    self.awaiting[job.req_id] = (time.time() + self.options.lease_s, job)
+            self.dd.send_notification(peer, PUSH_PREFIX + json.dumps({"regs": [
+                {"req": job.transfer_id, "dst_req": job.req_id, "blocks": job.local_block_ids}
+                for job in jobs]}).encode())
+        except Exception as exc:  # noqa: BLE001 - any failure is a failed load, never a hang
+            log.error("requests %s: registering their blocks with engine %s failed: %s: %s",
+                      [j.req_id for j in jobs], jobs[0].remote_engine_id, type(exc).__name__,
+                      exc)
+            for job in jobs:
+                self._done(job, False)
+
+    def _link_to(self, job: RecvJob) -> int:
+        """Link to the prefill rank paired with this one; its cluster id."""
         if job.remote_tp_size != self.tp_size:
             raise ValueError(f"the prefill runs with tensor parallel size {job.remote_tp_size}, "
                              f"this decode with {self.tp_size}: LLMDistConnector pairs rank i "
                              f"with rank i and supports equal sizes only")
         peer = cluster_id_of(job.remote_engine_id, self.tp_rank)
         self._link(peer, job.remote_host, job.remote_ports[self.tp_rank])
+        return peer
+
+    def _load(self, job: RecvJob) -> None:
+        """Pull mode: pull the job's blocks with notify=; any mode: notify only when the
+        decode needs no block."""
+        peer = self._link_to(job)
         payload = NOTIFY_PREFIX + job.transfer_id.encode()
         if not job.local_block_ids:
             self.dd.send_notification(peer, payload)
-            return
-        if job.mode in ("push", "layerwise"):
-            with self.lock:
-                self.awaiting[job.req_id] = (time.time() + self.options.lease_s, job)
-            self.dd.send_notification(peer, PUSH_PREFIX + json.dumps(
-                {"req": job.transfer_id, "dst_req": job.req_id,
-                 "blocks": job.local_block_ids}).encode())
             return
         remote = clip_remote(job.remote_block_ids, job.local_block_ids)
         if len(remote) != len(job.local_block_ids):
@@ -741,16 +766,17 @@ class _WorkerSide:
                         self.notified[p[len(NOTIFY_PREFIX):].decode(errors="replace")] = now
                     elif p.startswith(PUSH_PREFIX):
                         try:
-                            reg = json.loads(p[len(PUSH_PREFIX):])
-                            tid = str(reg["req"])
+                            regs = json.loads(p[len(PUSH_PREFIX):])["regs"]
+                            tids = [str(reg["req"]) for reg in regs]
                         except (ValueError, KeyError, TypeError):
                             log.warning("cluster %d sent a bad push registration", peer)
                             continue
-                        computed = self.computed.pop(tid, None)
-                        if computed is not None:
-                            starts.append((computed, peer, reg))
-                        else:
-                            self.registrations[tid] = (peer, reg, now)
+                        for tid, reg in zip(tids, regs):
+                            computed = self.computed.pop(tid, None)
+                            if computed is not None:
+                                starts.append((computed, peer, reg))
+                            else:
+                                self.registrations[tid] = (peer, reg, now)
                     elif p.startswith(PUSHED_PREFIX):
                         self.pushed[p[len(PUSHED_PREFIX):].decode(errors="replace")] = True
                     elif p.startswith(PUSH_FAILED_PREFIX):

@@ -165,7 +165,7 @@ class LLMDistConnectorMetadata(KVConnectorMetadata):
     # layerwise, prefill: the transfer id of each request (its request id when absent)
     transfer_ids: Dict[str, str] = field(default_factory=dict)
     # the step scheduled no token (every request waits): a decode worker may wait briefly for
-    # its pulls instead of returning to a step loop that only spins
+    # its transfers instead of returning to a step loop that only spins
     idle: bool = False
 
 
@@ -848,17 +848,21 @@ class _WorkerSide:
         return sent, recved, failed
 
     def _wait_when_idle(self) -> None:
-        """A decode step that scheduled nothing while this worker's pulls run: wait up to
-        IDLE_WAIT_MS for one to end, instead of spinning through empty steps (which takes the
-        CPU and the GIL from the pulls it waits for)."""
+        """A decode step that scheduled nothing while this worker's pulls run, or while its
+        requests wait for a prefill's write: wait up to IDLE_WAIT_MS for a pull to end or a
+        notification to arrive, instead of spinning through empty steps (which takes the CPU
+        from the prefill and the GIL from the transfers it waits for)."""
         idle, self.step_idle = self.step_idle, False
         if not idle or self.dd is None:
             return
         with self.lock:
             if self.recved:
                 return
-            loading = self.loading > 0
-        if loading:
+            loading, awaiting = self.loading > 0, bool(self.awaiting)
+        if not loading and awaiting:
+            # push and layerwise: the prefill's notification that it wrote the blocks
+            self._handle(self.dd.wait_notifications(IDLE_WAIT_MS), time.time())
+        elif loading:
             self.progress.clear()
             with self.lock:
                 if self.loading == 0 or self.recved:

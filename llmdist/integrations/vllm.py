@@ -16,10 +16,11 @@ prefill-then-decode proxy:
   notification (or failed on P's failure notice or at the lease);
 - layerwise: the proxy sends the request to both at once with one transfer id ("transfer_id" in
   P's params, "remote_request_id" in D's, with P's address); D registers its blocks as in push;
-  P starts transfer_cache_async at the step's first save_kv_layer with a synchronizer that
-  releases each layer once the forward saved it, and D hears of it by the task's notification
-  (a registration that comes after the forward, or a prompt split over steps, is sent when the
-  request finished, as in push);
+  P takes registrations on a thread as they arrive and starts one transfer_cache_async per
+  request with a synchronizer that releases each layer once the forward saved it (at the first
+  save_kv_layer when the registration came first; the layers saved so far at once when it
+  comes later), and D hears of it by the task's notification (a prompt split over steps is
+  sent when the request finished, as in push);
 - without a notification P frees at the lease (extra_config "lease_s", default 30 s); a failed
   link, pull or push reports the request received with its blocks in
   get_block_ids_with_load_errors and in failed_recving, so vLLM recomputes or fails it

@@ -330,6 +330,15 @@ A runtime event: a marker recorded on a stream, complete once the stream passes 
             rc = self.runtime.rt.event_record(self.runtime.rt.ctx, self.handle, stream.handle)
         self.runtime.check(rc, "event_record")
 
+    def record_on(self, uintptr_t stream_handle):
+        """Record the event at the current end of a stream given by its raw handle: a stream
+        this runtime did not create, e.g. torch.cuda.current_stream().cuda_stream."""
+        cdef int rc
+        with nogil:
+            rc = self.runtime.rt.event_record(self.runtime.rt.ctx, self.handle,
+                                              <llmd_stream>stream_handle)
+        self.runtime.check(rc, "event_record")
+
     def query(self):
         """True when the work captured by the last record has completed."""
         cdef int rc, done = 0

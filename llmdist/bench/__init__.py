@@ -23,7 +23,7 @@ ALL = LOCAL + CLUSTER
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                   help=f"any of {', '.join(ALL)}, or 'local' / 'all' (default: all)")
+                   help=f"any of {', '.join(ALL)}, or 'local' / 'all' (default: all); or vllm")
     p.add_argument("--blocks", default=None,
                    help=f"block sizes, comma-separated (default {DEFAULT_BLOCKS}, or the preset's)")
     p.add_argument("--layers", type=int, default=None,
@@ -42,6 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="OLD.json: print the change from OLD to this run; OLD.json NEW.json: "
                         "only compare two files (no run)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    v = p.add_argument_group("scenario vllm (alone: vLLM's NixlConnector and LLMDistConnector "
+                             "on CPU engines; --repeat rounds; needs vllm)")
+    v.add_argument("--prompts", default="70,33,100,250",
+                   help="prompt lengths in tokens of one round (default %(default)s)")
+    v.add_argument("--vllm-modes", default="nixl,pull,push,layerwise",
+                   help="connectors to run (default %(default)s)")
+    v.add_argument("--vllm-port", type=int, default=45500,
+                   help="first port the engines listen on (default %(default)s)")
 
 
 def settings_from(args) -> Settings:
@@ -176,6 +184,12 @@ def run_bench(settings: Settings, out: TextIO = sys.stdout, quiet: bool = False)
 
 
 def main(args, out: TextIO = sys.stdout) -> int:
+    if "vllm" in (args.scenarios or []):
+        if args.scenarios != ["vllm"]:
+            print("llmdist bench: scenario vllm runs alone", file=sys.stderr)
+            return 2
+        from .vllm import main as vllm_main
+        return vllm_main(args, out)
     if args.compare and len(args.compare) > 2:
         print("--compare takes OLD.json or OLD.json NEW.json", file=sys.stderr)
         return 2

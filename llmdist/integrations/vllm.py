@@ -16,10 +16,11 @@ prefill-then-decode proxy:
   notification (or failed on P's failure notice or at the lease);
 - layerwise: the proxy sends the request to both at once with one transfer id ("transfer_id" in
   P's params, "remote_request_id" in D's, with P's address); D registers its blocks as in push;
-  P starts transfer_cache_async at the step's first save_kv_layer with a synchronizer that
-  releases each layer once the forward saved it, and D hears of it by the task's notification
-  (a registration that comes after the forward, or a prompt split over steps, is sent when the
-  request finished, as in push);
+  P takes registrations on a thread as they arrive and starts one transfer_cache_async per
+  request with a synchronizer that releases each layer once the forward saved it (at the first
+  save_kv_layer when the registration came first; the layers saved so far at once when it
+  comes later), and D hears of it by the task's notification (a prompt split over steps is
+  sent when the request finished, as in push);
 - without a notification P frees at the lease (extra_config "lease_s", default 30 s); a failed
   link, pull or push reports the request received with its blocks in
   get_block_ids_with_load_errors and in failed_recving, so vLLM recomputes or fails it
@@ -37,7 +38,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                                KVConnectorHandshakeMetadata,
@@ -50,7 +51,8 @@ except ImportError:         # pragma: no cover - older vLLM
     KVConnectorTransferResults = None
 
 from ..config import LLMClusterInfo
-from ..descs import BlocksCacheKey, LLMRole
+from ..descs import BlocksCacheKey, LLMRole, Placement
+from ..events import EventSynchronizer
 from ..llm_datadist import LLMDataDist
 from ..status import LLMStatusCode
 from ..transfer_types import LayerSynchronizer
@@ -65,6 +67,8 @@ NOTIFY_PREFIX = b"llmdist-vllm:done:"          # D to P: free the request's bloc
 PUSH_PREFIX = b"llmdist-vllm:push:"            # D to P (push): write into these blocks
 PUSHED_PREFIX = b"llmdist-vllm:pushed:"        # P to D (push): the blocks are written
 PUSH_FAILED_PREFIX = b"llmdist-vllm:failed:"   # P to D (push): they will not be
+IDLE_WAIT_MS = 5            # longest wait of a decode step that scheduled nothing
+LISTEN_POLL_MS = 100        # how often the prefill's notification listener checks for close
 _PARAM_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host",
                "remote_ports", "tp_size")
 
@@ -161,6 +165,9 @@ class LLMDistConnectorMetadata(KVConnectorMetadata):
     layerwise: Dict[str, Tuple[str, List[int]]] = field(default_factory=dict)
     # layerwise, prefill: the transfer id of each request (its request id when absent)
     transfer_ids: Dict[str, str] = field(default_factory=dict)
+    # the step scheduled no token (every request waits): a decode worker may wait briefly for
+    # its transfers instead of returning to a step loop that only spins
+    idle: bool = False
 
 
 def _tp_rank() -> int:
@@ -347,8 +354,10 @@ class _SchedulerSide:
                 # prompt cut into chunks goes when it finished, as in push mode)
                 if tid is not None and new.num_computed_tokens + n >= len(new.prompt_token_ids or ()):
                     layer[new.req_id] = (tid, list(new.block_ids[0]))
+        idle = (scheduler_output is not None
+                and getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0)
         meta = LLMDistConnectorMetadata(self.recv, self.send, self.send_blocks, layer,
-                                        self.new_transfer_ids)
+                                        self.new_transfer_ids, idle)
         self.recv, self.send, self.send_blocks, self.new_transfer_ids = {}, {}, {}, {}
         return meta
 
@@ -357,7 +366,9 @@ class _SchedulerSide:
 # Worker side
 
 class _StepLayers(LayerSynchronizer):
-    """Releases layer i of a step's layerwise transfers once the forward saved it."""
+    """Host tensors: releases layer i of a step's layerwise transfers once the forward saved it
+    (the forward has written it then); a transfer started later finds the layers saved so far
+    released at once."""
 
     def __init__(self, num_layers: int, timeout_ms: int) -> None:
         self.saved = [threading.Event() for _ in range(num_layers)]
@@ -370,8 +381,48 @@ class _StepLayers(LayerSynchronizer):
         for e in self.saved:
             e.set()
 
+    def released(self) -> int:
+        return sum(e.is_set() for e in self.saved)
+
     def synchronize_layer(self, layer_index: int, timeout_in_millis) -> bool:
         return self.saved[layer_index].wait(self.timeout_s)
+
+
+class _DeviceStepLayers(EventSynchronizer):
+    """CUDA/NPU tensors: the forward only queued layer i on the model's stream when it is saved,
+    so release(i) records layer i's event on that stream; the transfer's stream waits on the
+    event (no host thread blocks). stream_of() is the model stream's raw handle."""
+
+    def __init__(self, runtime, num_layers: int, stream_of: Callable[[], int]) -> None:
+        super().__init__(runtime, num_layers)
+        self.stream_of = stream_of
+        self.marked = [False] * num_layers
+
+    def release(self, i: int) -> None:
+        if not self.marked[i]:
+            self.events[i].record_on(self.stream_of())
+            self.mark_recorded(i)
+            self.marked[i] = True
+
+    def release_all(self) -> None:
+        # layers without a hook call: everything the forward queued is before this point
+        for i in range(len(self.marked)):
+            self.release(i)
+
+    def released(self) -> int:
+        return sum(self.marked)
+
+
+def model_stream_of(device: str) -> Callable[[], int]:
+    """The function returning the raw handle of the model's current stream on device: torch's
+    current CUDA stream, or torch_npu's current NPU stream."""
+    import torch
+    if device == "cuda":
+        return lambda: torch.cuda.current_stream().cuda_stream
+    if device == "npu":
+        import torch_npu  # noqa: F401 - registers torch.npu
+        return lambda: torch.npu.current_stream().npu_stream
+    raise ValueError(f"no model stream on device {device!r}")
 
 
 class _WorkerSide:
@@ -398,15 +449,27 @@ class _WorkerSide:
         self.send_blocks: Dict[str, List[int]] = {}
         self.registrations: Dict[str, Tuple[int, dict, float]] = {}
         self.awaiting: Dict[str, Tuple[float, RecvJob]] = {}
-        # layerwise, prefill: this step's requests, the layer each tensor name is, the layers
-        # saved in this step, and the tasks sending layers (request id -> task)
+        # layerwise, prefill: the transfer id of each request, the layer each tensor name is,
+        # the layers saved in the running step, the requests computed whose decode has not
+        # registered yet (transfer id -> request id, blocks, their step's layers, when), and
+        # the tasks sending layers (request id -> task, decode cluster, decode request id)
         self.transfer_ids: Dict[str, str] = {}
-        self.step_layerwise: Dict[str, Tuple[str, List[int]]] = {}
         self.layer_index: Dict[str, int] = {}
-        self.step_gate: Optional[_StepLayers] = None
+        self.step_gate: Optional[LayerSynchronizer] = None
+        self.computed: Dict[str, Tuple[str, List[int], LayerSynchronizer, float]] = {}
         self.layer_tasks: Dict[str, Tuple[object, int, str]] = {}
         self.pushed: Dict[str, bool] = {}           # decode: request id -> written or not
         self.layerwise_started = 0                  # transfers that went out layer by layer
+        self.layerwise_overlapped = 0               # ... of which started before the last layer
+                                                    # was saved
+        self.listener: Optional[threading.Thread] = None
+        self.stream_of: Optional[Callable[[], int]] = None     # device tensors: model stream
+        # decode: pulls queued or running; set when a received request is reported; whether
+        # this step scheduled nothing
+        self.loading = 0
+        self.progress = threading.Event()
+        self.step_idle = False
+        self.closing = threading.Event()
         self.transfer_times: List[float] = []       # seconds per pull or push, notification in
         self.jobs: "queue.Queue[Optional[RecvJob]]" = queue.Queue()
         self.thread: Optional[threading.Thread] = None
@@ -427,6 +490,10 @@ class _WorkerSide:
         self.layer_index = {name: i for i, name in enumerate(kv_caches)}
         self.thread = threading.Thread(target=self._run, name="llmdist-vllm-load", daemon=True)
         self.thread.start()
+        if self.role != LLMRole.DECODER and self.options.mode != "pull":
+            self.listener = threading.Thread(target=self._listen, name="llmdist-vllm-notify",
+                                             daemon=True)
+            self.listener.start()
         log.info("llmdist cluster %d listens on %s:%d: %d KV tensors of %d blocks of %d bytes "
                  "(%d per layer)", self.cluster_id, self.options.host, dd.listen_port,
                  len(layout.addrs), layout.num_blocks, layout.block_bytes,
@@ -443,8 +510,18 @@ class _WorkerSide:
             self.sending.update(meta.reqs_to_send)
             self.send_blocks.update(meta.send_blocks)
             self.transfer_ids.update(meta.transfer_ids)
+        regs: Dict[str, List[RecvJob]] = {}
         for job in meta.reqs_to_recv.values():
+            if job.mode in ("push", "layerwise") and job.local_block_ids:
+                regs.setdefault(job.remote_engine_id, []).append(job)
+                continue
+            if job.mode == "pull":
+                with self.lock:
+                    self.loading += 1
             self.jobs.put(job)
+        for batch in regs.values():
+            self.jobs.put(batch)        # one registration per prefill for the step's requests
+        self.step_idle = meta.idle
 
     # -- the load thread
     def _run(self) -> None:
@@ -455,6 +532,9 @@ class _WorkerSide:
             if isinstance(job, tuple):
                 self._push(*job)
                 continue
+            if isinstance(job, list):
+                self._register(job)
+                continue
             error = None
             try:
                 self._load(job)
@@ -462,8 +542,9 @@ class _WorkerSide:
                 error = exc
                 log.error("request %s: loading its KV from engine %s failed: %s: %s",
                           job.req_id, job.remote_engine_id, type(exc).__name__, exc)
-            if error is None and job.mode in ("push", "layerwise") and job.local_block_ids:
-                continue        # registered: received when the prefill says it wrote them
+            if job.mode == "pull":
+                with self.lock:
+                    self.loading -= 1
             self._done(job, error is None)
 
     def _done(self, job: RecvJob, ok: bool) -> None:
@@ -474,24 +555,43 @@ class _WorkerSide:
                 self.bad_blocks.update(job.local_block_ids)
             if job.report:
                 self.recved.add(job.req_id)
+        self.progress.set()
 
-    def _load(self, job: RecvJob) -> None:
+    def _register(self, jobs: List[RecvJob]) -> None:
+        """Push and layerwise: send one prefill the block ids of this step's requests in one
+        notification; each is received when the prefill says it wrote them."""
+        try:
+            peer = self._link_to(jobs[0])
+            with self.lock:
+                for job in jobs:
+                    self.awaiting[job.req_id] = (time.time() + self.options.lease_s, job)
+            self.dd.send_notification(peer, PUSH_PREFIX + json.dumps({"regs": [
+                {"req": job.transfer_id, "dst_req": job.req_id, "blocks": job.local_block_ids}
+                for job in jobs]}).encode())
+        except Exception as exc:  # noqa: BLE001 - any failure is a failed load, never a hang
+            log.error("requests %s: registering their blocks with engine %s failed: %s: %s",
+                      [j.req_id for j in jobs], jobs[0].remote_engine_id, type(exc).__name__,
+                      exc)
+            for job in jobs:
+                self._done(job, False)
+
+    def _link_to(self, job: RecvJob) -> int:
+        """Link to the prefill rank paired with this one; its cluster id."""
         if job.remote_tp_size != self.tp_size:
             raise ValueError(f"the prefill runs with tensor parallel size {job.remote_tp_size}, "
                              f"this decode with {self.tp_size}: LLMDistConnector pairs rank i "
                              f"with rank i and supports equal sizes only")
         peer = cluster_id_of(job.remote_engine_id, self.tp_rank)
         self._link(peer, job.remote_host, job.remote_ports[self.tp_rank])
+        return peer
+
+    def _load(self, job: RecvJob) -> None:
+        """Pull mode: pull the job's blocks with notify=; any mode: notify only when the
+        decode needs no block."""
+        peer = self._link_to(job)
         payload = NOTIFY_PREFIX + job.transfer_id.encode()
         if not job.local_block_ids:
             self.dd.send_notification(peer, payload)
-            return
-        if job.mode in ("push", "layerwise"):
-            with self.lock:
-                self.awaiting[job.req_id] = (time.time() + self.options.lease_s, job)
-            self.dd.send_notification(peer, PUSH_PREFIX + json.dumps(
-                {"req": job.transfer_id, "dst_req": job.req_id,
-                 "blocks": job.local_block_ids}).encode())
             return
         remote = clip_remote(job.remote_block_ids, job.local_block_ids)
         if len(remote) != len(job.local_block_ids):
@@ -511,54 +611,69 @@ class _WorkerSide:
         i = self.layer_index.get(layer_name)
         if i is None or self.dd is None:
             return
-        if i == 0:
-            self.step_layerwise = dict(meta.layerwise)
-            if self.step_layerwise and self.step_gate is None:
-                self.step_gate = _StepLayers(len(self.layer_index),
-                                             self.options.transfer_timeout_ms)
+        starts = []
+        if i == 0 and meta.layerwise and self.step_gate is None:
+            # the step's requests: a decode that registered already gets its transfer now,
+            # the others when their registration arrives (_handle)
+            gate = self._new_gate()
+            now = time.time()
+            with self.lock:
+                self.step_gate = gate
+                for rid, (tid, blocks) in meta.layerwise.items():
+                    got = self.registrations.pop(tid, None)
+                    if got is None:
+                        self.computed[tid] = (rid, list(blocks), gate, now)
+                    else:
+                        starts.append(((rid, list(blocks), gate, now), got[0], got[1]))
         if self.step_gate is not None:
             self.step_gate.release(i)
-        if any(rid not in self.layer_tasks for rid in self.step_layerwise):
-            # a decode that registered by now gets the layers computed so far at once and the
-            # others as they come
-            self._drain(time.time())
-            self._start_layerwise()
+        for computed, peer, reg in starts:
+            self._start_layerwise(computed, peer, reg)
+
+    def _new_gate(self):
+        """The layer synchronizer of one step: device events on the model stream for device
+        tensors, host events for host ones."""
+        n = len(self.layer_index)
+        if self.layout.placement == Placement.DEVICE:
+            if self.stream_of is None:
+                self.stream_of = model_stream_of(self.layout.device)
+            return _DeviceStepLayers(self.dd.runtime, n, self.stream_of)
+        return _StepLayers(n, self.options.transfer_timeout_ms)
 
     def step_saved(self) -> None:
         """The step's forward is over: every layer is saved (also those without a hook call)."""
         gate, self.step_gate = self.step_gate, None
         if gate is not None:
             gate.release_all()
-        self.step_layerwise = {}
 
-    def _start_layerwise(self) -> None:
+    def _start_layerwise(self, computed: Tuple[str, List[int], LayerSynchronizer, float],
+                         peer: int, reg: dict) -> None:
+        """Send a computed request's blocks to the decode that registered them, each layer once
+        its step's forward saved it (at once for the layers saved already)."""
         from ..transfer_types import TransferWithCacheKeyConfig
-        for rid, (tid, blocks) in list(self.step_layerwise.items()):
-            if rid in self.layer_tasks or self.step_gate is None:
-                continue
-            got = self.registrations.pop(tid, None)
-            if got is None:
-                continue        # D registers later: sent when the request finished
-            peer, reg, _ = got
-            dst_req = str(reg.get("dst_req"))
-            try:
-                remote, local = registered_pairs(blocks, reg)
-                layers = range(len(self.layer_index))
-                task = self.dd.cache_manager.transfer_cache_async(
-                    self.cache, self.step_gate,
-                    [TransferWithCacheKeyConfig(BlocksCacheKey(peer, MODEL_ID), layers, layers)],
-                    remote, local, tensor_num_per_layer=self.layout.tensors_per_layer,
-                    notify=PUSHED_PREFIX + dst_req.encode())
-            except Exception as exc:  # noqa: BLE001 - the decode hears of any failure
-                log.error("request %s: sending its KV layer by layer failed: %s: %s", rid,
-                          type(exc).__name__, exc)
-                self._tell_failed(peer, dst_req, rid)
-                with self.lock:
-                    self.notified[rid] = time.time()     # nothing more goes: free its blocks
-                self.layer_tasks.pop(rid, None)
-                continue
+        rid, blocks, gate, _ = computed
+        dst_req = str(reg.get("dst_req"))
+        # layers the forward had not saved yet: they go while it computes them
+        during_forward = gate.released() < len(self.layer_index)
+        try:
+            remote, local = registered_pairs(blocks, reg)
+            layers = range(len(self.layer_index))
+            task = self.dd.cache_manager.transfer_cache_async(
+                self.cache, gate,
+                [TransferWithCacheKeyConfig(BlocksCacheKey(peer, MODEL_ID), layers, layers)],
+                remote, local, tensor_num_per_layer=self.layout.tensors_per_layer,
+                notify=PUSHED_PREFIX + dst_req.encode())
+        except Exception as exc:  # noqa: BLE001 - the decode hears of any failure
+            log.error("request %s: sending its KV layer by layer failed: %s: %s", rid,
+                      type(exc).__name__, exc)
+            self._tell_failed(peer, dst_req, rid)
+            with self.lock:
+                self.notified[rid] = time.time()     # nothing more goes: free its blocks
+            return
+        with self.lock:
             self.layer_tasks[rid] = (task, peer, dst_req)
             self.layerwise_started += 1
+            self.layerwise_overlapped += during_forward
 
     def _tell_failed(self, peer: int, dst_req: str, rid: str) -> None:
         try:
@@ -567,14 +682,17 @@ class _WorkerSide:
             log.warning("request %s: telling cluster %d failed: %s", rid, peer, exc)
 
     def _layer_tasks_done(self, now: float) -> None:
-        for rid, (task, peer, dst_req) in list(self.layer_tasks.items()):
+        with self.lock:
+            tasks = list(self.layer_tasks.items())
+        for rid, (task, peer, dst_req) in tasks:
             if not task.done:
                 continue
             status = task.synchronize(0)
             if (status == LLMStatusCode.LLM_TIMEOUT and task.notification_error is None
                     and task.get_results(0) == [LLMStatusCode.LLM_SUCCESS]):
                 continue        # the bytes are there; the decode has not confirmed yet
-            del self.layer_tasks[rid]
+            with self.lock:
+                del self.layer_tasks[rid]
             if status != LLMStatusCode.LLM_SUCCESS:
                 log.error("request %s: sending its KV layer by layer failed: %s %s", rid,
                           status.name, task.errors or task.notification_error)
@@ -616,42 +734,80 @@ class _WorkerSide:
             raise ConnectionError(f"linking to cluster {peer} at {host}:{port} failed: "
                                   f"{codes[0].name}")
 
+    def _listen(self) -> None:
+        """Prefill, push and layerwise modes: take notifications as they arrive, so that a
+        decode's registration starts its transfer at once, not at this engine's next step."""
+        dd = self.dd
+        while not self.closing.is_set():
+            try:
+                notes = dd.wait_notifications(LISTEN_POLL_MS)
+            except Exception as exc:  # noqa: BLE001 - finalize ends the wait
+                if self.closing.is_set():
+                    return
+                log.warning("waiting for notifications failed: %s: %s", type(exc).__name__, exc)
+                time.sleep(LISTEN_POLL_MS / 1000.0)
+                continue
+            if notes:
+                self._handle(notes, time.time())
+                self._queue_ready_pushes()
+
     def _drain(self, now: float) -> None:
-        """Take the notifications received: frees, push registrations, push outcomes."""
-        if self.dd is None:
-            return
-        for peer, payloads in self.dd.get_notifications().items():
-            for p in payloads:
-                if p.startswith(NOTIFY_PREFIX):
-                    with self.lock:
+        """Take the notifications received so far (see _handle)."""
+        if self.dd is not None:
+            self._handle(self.dd.get_notifications(), now)
+
+    def _handle(self, notes: Dict[int, List[bytes]], now: float) -> None:
+        """Frees, push registrations (a computed layerwise request's transfer starts here),
+        push outcomes."""
+        starts = []
+        with self.lock:
+            for peer, payloads in notes.items():
+                for p in payloads:
+                    if p.startswith(NOTIFY_PREFIX):
                         self.notified[p[len(NOTIFY_PREFIX):].decode(errors="replace")] = now
-                elif p.startswith(PUSH_PREFIX):
-                    try:
-                        reg = json.loads(p[len(PUSH_PREFIX):])
-                        self.registrations[str(reg["req"])] = (peer, reg, now)
-                    except (ValueError, KeyError, TypeError):
-                        log.warning("cluster %d sent a bad push registration", peer)
-                elif p.startswith(PUSHED_PREFIX):
-                    self.pushed[p[len(PUSHED_PREFIX):].decode(errors="replace")] = True
-                elif p.startswith(PUSH_FAILED_PREFIX):
-                    self.pushed[p[len(PUSH_FAILED_PREFIX):].decode(errors="replace")] = False
+                    elif p.startswith(PUSH_PREFIX):
+                        try:
+                            regs = json.loads(p[len(PUSH_PREFIX):])["regs"]
+                            tids = [str(reg["req"]) for reg in regs]
+                        except (ValueError, KeyError, TypeError):
+                            log.warning("cluster %d sent a bad push registration", peer)
+                            continue
+                        for tid, reg in zip(tids, regs):
+                            computed = self.computed.pop(tid, None)
+                            if computed is not None:
+                                starts.append((computed, peer, reg))
+                            else:
+                                self.registrations[tid] = (peer, reg, now)
+                    elif p.startswith(PUSHED_PREFIX):
+                        self.pushed[p[len(PUSHED_PREFIX):].decode(errors="replace")] = True
+                    elif p.startswith(PUSH_FAILED_PREFIX):
+                        self.pushed[p[len(PUSH_FAILED_PREFIX):].decode(errors="replace")] = False
+        for computed, peer, reg in starts:
+            self._start_layerwise(computed, peer, reg)
+
+    def _queue_ready_pushes(self) -> None:
+        """Prefill, push: finished requests whose decode registered go to the load thread."""
+        with self.lock:
+            ready = [(rid, tid) for rid, tid in
+                     ((r, self.transfer_ids.get(r, r)) for r in self.send_blocks)
+                     if tid in self.registrations and rid not in self.layer_tasks]
+            for rid, tid in ready:
+                peer, reg, _ = self.registrations.pop(tid)
+                self.transfer_ids.pop(rid, None)
+                self.jobs.put((rid, peer, reg, self.send_blocks.pop(rid)))
 
     # -- per step results
     def results(self) -> Tuple[Set[str], Set[str], Set[str]]:
         """(sent, received, failed) since the last call; failed ones are received too."""
+        self._wait_when_idle()
         now = time.time()
         self._drain(now)
-        pushed, self.pushed = self.pushed, {}
         self._layer_tasks_done(now)
+        self._queue_ready_pushes()
         with self.lock:
-            ready = [(rid, self.registrations[tid])
-                     for rid, tid in ((r, self.transfer_ids.get(r, r)) for r in self.send_blocks)
-                     if tid in self.registrations and rid not in self.layer_tasks]
+            pushed, self.pushed = self.pushed, {}
             expired = [job for deadline, job in self.awaiting.values() if deadline <= now]
             waiting = {rid: job for rid, (_, job) in self.awaiting.items()}
-        for rid, (peer, reg, _) in ready:
-            del self.registrations[self.transfer_ids.pop(rid, rid)]
-            self.jobs.put((rid, peer, reg, self.send_blocks.pop(rid)))
         for rid, ok in pushed.items():
             if rid in waiting:
                 if not ok:
@@ -660,9 +816,13 @@ class _WorkerSide:
         for job in expired:
             log.error("request %s: the prefill did not write its KV within the lease", job.req_id)
             self._done(job, False)
-        for rid, (_, _, t) in list(self.registrations.items()):
-            if now - t > self.options.lease_s:       # its request was aborted here
-                del self.registrations[rid]
+        with self.lock:
+            for tid, (_, _, t) in list(self.registrations.items()):
+                if now - t > self.options.lease_s:       # its request was aborted here
+                    del self.registrations[tid]
+            for tid, (_, _, _, t) in list(self.computed.items()):
+                if now - t > self.options.lease_s:       # no decode registered
+                    del self.computed[tid]
         sent: Set[str] = set()
         with self.lock:
             for rid in list(self.sending):
@@ -676,6 +836,9 @@ class _WorkerSide:
             for rid in sent:
                 self.sending.pop(rid, None)
                 self.send_blocks.pop(rid, None)
+            # freed blocks never go out: a registration arriving after the lease finds nothing
+            for tid in [t for t, c in self.computed.items() if c[0] in sent]:
+                del self.computed[tid]
             recved, failed = self.recved, self.failed
             self.recved, self.failed = set(), set()
         # a notification whose lease never came (the request was aborted here) is dropped
@@ -685,15 +848,40 @@ class _WorkerSide:
                 del self.notified[rid]
         return sent, recved, failed
 
+    def _wait_when_idle(self) -> None:
+        """A decode step that scheduled nothing while this worker's pulls run, or while its
+        requests wait for a prefill's write: wait up to IDLE_WAIT_MS for a pull to end or a
+        notification to arrive, instead of spinning through empty steps (which takes the CPU
+        from the prefill and the GIL from the transfers it waits for)."""
+        idle, self.step_idle = self.step_idle, False
+        if not idle or self.dd is None:
+            return
+        with self.lock:
+            if self.recved:
+                return
+            loading, awaiting = self.loading > 0, bool(self.awaiting)
+        if not loading and awaiting:
+            # push and layerwise: the prefill's notification that it wrote the blocks
+            self._handle(self.dd.wait_notifications(IDLE_WAIT_MS), time.time())
+        elif loading:
+            self.progress.clear()
+            with self.lock:
+                if self.loading == 0 or self.recved:
+                    return
+            self.progress.wait(IDLE_WAIT_MS / 1000.0)
+
     def load_errors(self) -> Set[int]:
         with self.lock:
             bad, self.bad_blocks = self.bad_blocks, set()
         return bad
 
     def close(self) -> None:
+        self.closing.set()
         self.jobs.put(None)
         if self.thread is not None:
             self.thread.join(5.0)
+        if self.listener is not None:
+            self.listener.join(5.0)
         if self.dd is not None:
             self.dd.finalize()
             self.dd = None

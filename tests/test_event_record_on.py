@@ -24,7 +24,7 @@ def test_record_on_a_raw_stream_handle_on_host():
     sync.events[1].record_on(stream.handle)
     sync.mark_recorded(1)
     assert sync.synchronize_layer(1, 1000)
-    assert not sync.synchronize_layer(0, 0)        # layer 0 was never marked
+    assert not sync.synchronize_layer(0, 0)  # layer 0 was never marked
     with pytest.raises(TypeError):
         sync.events[0].record_on("stream")
 
@@ -48,6 +48,12 @@ def test_record_on_reaches_the_cuda_runtime_with_that_stream(fake_cuda):
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMDIST_")}
     env.update(LLMDIST_CUDA_LIBRARY=fake_cuda, PYTHONPATH=REPO)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120, check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]

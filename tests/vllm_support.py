@@ -6,19 +6,16 @@ Everything here imports vLLM and torch lazily: the tests skip when vLLM is not i
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 import traceback
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(TESTS_DIR)
-if REPO_DIR not in sys.path:
-    sys.path.insert(0, REPO_DIR)
-
-from llmdist.bench.vllm_engine import (BLOCK_SIZE, LLAMA, Engine,  # noqa: E402,F401
-                                       kv_transfer_config, write_checkpoint)
-
+from llmdist.bench.vllm_engine import (  # noqa: E402,F401
+    BLOCK_SIZE,
+    LLAMA,
+    Engine,
+    kv_transfer_config,
+    write_checkpoint,
+)
 
 # ------------------------------------------------------------------------------------------
 # A worker-side connector without an engine
@@ -32,13 +29,21 @@ def kv_tensors(layout: str, seed):
     block_size, 2*head_size]; "gpu" the GPU backends' [2, num_blocks, block_size, kv_heads,
     head_size]. Random bytes (seed) or zeros (seed None)."""
     import torch
-    shape = ((NUM_BLOCKS, 2, BLOCK_SIZE, 2 * 32) if layout == "cpu"
-             else (2, NUM_BLOCKS, BLOCK_SIZE, 2, 32))
+
+    shape = (
+        (NUM_BLOCKS, 2, BLOCK_SIZE, 2 * 32)
+        if layout == "cpu"
+        else (2, NUM_BLOCKS, BLOCK_SIZE, 2, 32)
+    )
     g = torch.Generator().manual_seed(seed or 0)
-    return {f"model.layers.{l}.self_attn.attn":
-            (torch.randn(*shape, generator=g, dtype=torch.float32) if seed is not None
-             else torch.zeros(*shape, dtype=torch.float32)).to(torch.bfloat16)
-            for l in range(LAYERS)}
+    return {
+        f"model.layers.{n}.self_attn.attn": (
+            torch.randn(*shape, generator=g, dtype=torch.float32)
+            if seed is not None
+            else torch.zeros(*shape, dtype=torch.float32)
+        ).to(torch.bfloat16)
+        for n in range(LAYERS)
+    }
 
 
 def block_bytes(kv, layout: str, blocks):
@@ -47,15 +52,21 @@ def block_bytes(kv, layout: str, blocks):
     for t in kv.values():
         for b in blocks:
             parts = [t[b]] if layout == "cpu" else [t[0, b], t[1, b]]
-            out.append(b"".join(x.contiguous().view(-1).view(__import__("torch").uint8)
-                                .numpy().tobytes() for x in parts))
+            out.append(
+                b"".join(
+                    x.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()
+                    for x in parts
+                )
+            )
     return out
 
 
 def worker_connector(role: str, extra=None):
     from vllm.config import VllmConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
     from llmdist.integrations.vllm import LLMDistConnector
+
     cfg = VllmConfig(kv_transfer_config=kv_transfer_config(role, extra))
     return LLMDistConnector(cfg, KVConnectorRole.WORKER, None), cfg.kv_transfer_config.engine_id
 
@@ -81,11 +92,9 @@ def prefill_worker_main(conn, layout: str, seed: int, extra=None) -> None:
     """Child: a prefill worker connector over random KV tensors. ("lease", req id, seconds)
     hands it a finished request and waits until it reports it sent, returning the seconds it
     took; ("blocks", ids) returns the bytes of blocks."""
-    for d in (REPO_DIR, TESTS_DIR):
-        if d not in sys.path:
-            sys.path.insert(0, d)
     try:
         from llmdist.integrations.vllm import LLMDistConnectorMetadata
+
         c, engine_id = worker_connector("kv_producer", extra)
         kv = kv_tensors(layout, seed)
         c.register_kv_caches(kv)
@@ -110,26 +119,39 @@ def prefill_worker_main(conn, layout: str, seed: int, extra=None) -> None:
 # ------------------------------------------------------------------------------------------
 # vLLM's real Scheduler with LLMDistConnector (no workers: their output is made by the test)
 
-def make_scheduler(model: str, role: str, num_blocks: int = 40, extra=None,
-                   policy: str = "recompute"):
+
+def make_scheduler(
+    model: str, role: str, num_blocks: int = 40, extra=None, policy: str = "recompute"
+):
     import torch
-    from vllm.config import (CacheConfig, ModelConfig, SchedulerConfig, VllmConfig)
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
+
     mc = ModelConfig(model=model, skip_tokenizer_init=True, max_model_len=512, dtype="float32")
-    cfg = VllmConfig(model_config=mc,
-                     cache_config=CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True),
-                     scheduler_config=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=1024,
-                                                      max_model_len=512, is_encoder_decoder=False),
-                     kv_transfer_config=kv_transfer_config(role, extra, policy))
+    cfg = VllmConfig(
+        model_config=mc,
+        cache_config=CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True),
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=512, is_encoder_decoder=False
+        ),
+        kv_transfer_config=kv_transfer_config(role, extra, policy),
+    )
     cfg.cache_config.num_gpu_blocks = num_blocks
-    kvc = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[
-        KVCacheGroupSpec(["model.layers.0.self_attn.attn"],
-                         FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=2, head_size=32,
-                                           dtype=torch.float32))])
-    return Scheduler(cfg, kvc, StructuredOutputManager(cfg), block_size=BLOCK_SIZE,
-                     log_stats=False)
+    kvc = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(
+                ["model.layers.0.self_attn.attn"],
+                FullAttentionSpec(
+                    block_size=BLOCK_SIZE, num_kv_heads=2, head_size=32, dtype=torch.float32
+                ),
+            )
+        ],
+    )
+    return Scheduler(cfg, kvc, StructuredOutputManager(cfg), block_size=BLOCK_SIZE, log_stats=False)
 
 
 _req_ids = iter(range(10**6))
@@ -140,22 +162,38 @@ def make_request(tokens, max_tokens: int, params=None):
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.request import Request
+
     init_none_hash(sha256)
-    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True,
-                        extra_args=None if params is None else {"kv_transfer_params": params})
-    return Request(f"req-{next(_req_ids)}", list(tokens), sp, None,
-                   block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256))
+    sp = SamplingParams(
+        max_tokens=max_tokens,
+        ignore_eos=True,
+        extra_args=None if params is None else {"kv_transfer_params": params},
+    )
+    return Request(
+        f"req-{next(_req_ids)}",
+        list(tokens),
+        sp,
+        None,
+        block_hasher=get_request_block_hasher(BLOCK_SIZE, sha256),
+    )
 
 
 def model_output(sched_out, sending=(), recving=(), failed=(), invalid=()):
     """What the workers return for a scheduled step: token 7 for every request that ran."""
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
     ids = list(sched_out.num_scheduled_tokens)
-    return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                             sampled_token_ids=[[7] for _ in ids],
-                             kv_connector_output=KVConnectorOutput(
-                                 finished_sending=set(sending), finished_recving=set(recving),
-                                 failed_recving=set(failed), invalid_block_ids=set(invalid)))
+    return ModelRunnerOutput(
+        req_ids=ids,
+        req_id_to_index={r: i for i, r in enumerate(ids)},
+        sampled_token_ids=[[7] for _ in ids],
+        kv_connector_output=KVConnectorOutput(
+            finished_sending=set(sending),
+            finished_recving=set(recving),
+            failed_recving=set(failed),
+            invalid_block_ids=set(invalid),
+        ),
+    )
 
 
 def step(sched, **worker):

@@ -56,8 +56,7 @@ class PrefillKV:
             nums = [int(p) for p in ports.split(",")]
         except ValueError:
             nums = []
-        if not (at and colon and engine_id and host and nums
-                and all(0 < p < 65536 for p in nums)):
+        if not (at and colon and engine_id and host and nums and all(0 < p < 65536 for p in nums)):
             raise ValueError(f"--prefill-kv must be ENGINE_ID@HOST:PORT[,PORT...], got {text!r}")
         return cls(engine_id, host, nums)
 
@@ -70,9 +69,14 @@ def prefill_body(body: dict, params: dict) -> dict:
     return pre
 
 
-def make_app(prefills: List[str], decodes: List[str], timeout_s: float, mode: str = "pull",
-             prefill_kv: Optional[List[PrefillKV]] = None,
-             transport: Optional[httpx.AsyncBaseTransport] = None) -> FastAPI:
+def make_app(
+    prefills: List[str],
+    decodes: List[str],
+    timeout_s: float,
+    mode: str = "pull",
+    prefill_kv: Optional[List[PrefillKV]] = None,
+    transport: Optional[httpx.AsyncBaseTransport] = None,
+) -> FastAPI:
     """The proxy's app. transport replaces the network (tests)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -85,12 +89,14 @@ def make_app(prefills: List[str], decodes: List[str], timeout_s: float, mode: st
 
     def decode_answer(url: str, dec: dict, headers: dict, stream: bool, background=None):
         if stream:
+
             async def chunks():
                 async with client.stream("POST", url, json=dec, headers=headers) as s:
                     async for chunk in s.aiter_bytes():
                         yield chunk
                 if background is not None:
                     await background
+
             return StreamingResponse(chunks(), media_type="text/event-stream")
         return None
 
@@ -105,9 +111,9 @@ def make_app(prefills: List[str], decodes: List[str], timeout_s: float, mode: st
             # each layer into them as its forward computes it
             d_params, p_params = layerwise_params(rid, kv.engine_id, kv.host, kv.ports)
             dec = dict(body, kv_transfer_params=d_params)
-            pre = asyncio.ensure_future(client.post(prefill_url + path,
-                                                    json=prefill_body(body, p_params),
-                                                    headers=headers))
+            pre = asyncio.ensure_future(
+                client.post(prefill_url + path, json=prefill_body(body, p_params), headers=headers)
+            )
             pre.add_done_callback(_log_prefill_failure)
             streamed = decode_answer(decode_url, dec, headers, bool(body.get("stream")), pre)
             if streamed is not None:
@@ -116,8 +122,9 @@ def make_app(prefills: List[str], decodes: List[str], timeout_s: float, mode: st
             await pre
             return JSONResponse(r.json(), status_code=r.status_code)
         # 1. prefill: compute the prompt's KV, keep it for the decode, answer where it is
-        r = await client.post(prefill_url + path, json=prefill_body(body, prefill_params()),
-                              headers=headers)
+        r = await client.post(
+            prefill_url + path, json=prefill_body(body, prefill_params()), headers=headers
+        )
         if r.status_code != 200:
             return JSONResponse(r.json(), status_code=r.status_code)
         # 2. decode: pull the KV (or have it pushed), then generate
@@ -161,8 +168,13 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--mode", choices=MODES, default="pull")
     ap.add_argument("--prefill", action="append", required=True, help="a prefill server URL")
-    ap.add_argument("--prefill-kv", action="append", type=PrefillKV.parse, default=None,
-                    help="layerwise: ENGINE_ID@HOST:PORT[,PORT...] of each --prefill, in order")
+    ap.add_argument(
+        "--prefill-kv",
+        action="append",
+        type=PrefillKV.parse,
+        default=None,
+        help="layerwise: ENGINE_ID@HOST:PORT[,PORT...] of each --prefill, in order",
+    )
     ap.add_argument("--decode", action="append", required=True, help="a decode server URL")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per upstream call")
     args = ap.parse_args()

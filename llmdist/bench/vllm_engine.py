@@ -13,14 +13,25 @@ import os
 import time
 import traceback
 
-BLOCK_SIZE = 32          # vLLM's CPU attention needs multiples of 32
+BLOCK_SIZE = 32  # vLLM's CPU attention needs multiples of 32
 
 LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
-    "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 1024,
-    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-    "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2, "head_dim": 32,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "head_dim": 32,
 }
 
 
@@ -28,6 +39,7 @@ def write_checkpoint(path: str, seed: int = 1234, std: float = 0.3) -> str:
     """A Llama checkpoint of seeded random weights in path (config.json + safetensors)."""
     import torch
     from safetensors.torch import save_file
+
     os.makedirs(path, exist_ok=True)
     c = LLAMA
     h, i, v, hd = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["head_dim"]
@@ -37,35 +49,54 @@ def write_checkpoint(path: str, seed: int = 1234, std: float = 0.3) -> str:
     def rnd(*shape):
         return torch.randn(*shape, generator=g) * std
 
-    w = {"model.embed_tokens.weight": rnd(v, h), "model.norm.weight": torch.ones(h),
-         "lm_head.weight": rnd(v, h)}
-    for l in range(c["num_hidden_layers"]):
-        p = f"model.layers.{l}."
-        w.update({p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
-                  p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
-                  p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h),
-                  p + "mlp.down_proj.weight": rnd(h, i), p + "input_layernorm.weight": torch.ones(h),
-                  p + "post_attention_layernorm.weight": torch.ones(h)})
+    w = {
+        "model.embed_tokens.weight": rnd(v, h),
+        "model.norm.weight": torch.ones(h),
+        "lm_head.weight": rnd(v, h),
+    }
+    for layer in range(c["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        w.update(
+            {
+                p + "self_attn.q_proj.weight": rnd(q, h),
+                p + "self_attn.k_proj.weight": rnd(kv, h),
+                p + "self_attn.v_proj.weight": rnd(kv, h),
+                p + "self_attn.o_proj.weight": rnd(h, q),
+                p + "mlp.gate_proj.weight": rnd(i, h),
+                p + "mlp.up_proj.weight": rnd(i, h),
+                p + "mlp.down_proj.weight": rnd(h, i),
+                p + "input_layernorm.weight": torch.ones(h),
+                p + "post_attention_layernorm.weight": torch.ones(h),
+            }
+        )
     save_file({k: t.contiguous() for k, t in w.items()}, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(c, f)
     return path
 
 
-def kv_transfer_config(role: str, extra=None, policy: str = "recompute",
-                       engine_id=None):
+def kv_transfer_config(role: str, extra=None, policy: str = "recompute", engine_id=None):
     from vllm.config import KVTransferConfig
+
     if extra and extra.get("connector") == "NixlConnector":
         # vLLM's reference connector (pip install nixl nixl-cu12 --no-deps; UCX over TCP)
         os.environ.setdefault("UCX_TLS", "tcp,sm,self")
         os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(extra["side_channel_port"])
-        return KVTransferConfig(kv_connector="NixlConnector", kv_role="kv_both",
-                                kv_buffer_device="cpu", engine_id=engine_id,
-                                kv_load_failure_policy=policy)
-    return KVTransferConfig(kv_connector="LLMDistConnector", engine_id=engine_id,
-                            kv_connector_module_path="llmdist.integrations.vllm",
-                            kv_role=role, kv_connector_extra_config=dict(extra or {"mode": "pull"}),
-                            kv_load_failure_policy=policy)
+        return KVTransferConfig(
+            kv_connector="NixlConnector",
+            kv_role="kv_both",
+            kv_buffer_device="cpu",
+            engine_id=engine_id,
+            kv_load_failure_policy=policy,
+        )
+    return KVTransferConfig(
+        kv_connector="LLMDistConnector",
+        engine_id=engine_id,
+        kv_connector_module_path="llmdist.integrations.vllm",
+        kv_role=role,
+        kv_connector_extra_config=dict(extra or {"mode": "pull"}),
+        kv_load_failure_policy=policy,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -86,11 +117,13 @@ def _watch_nixl_transfers() -> None:
         if res is not None:
             _nixl_times.append(res.xferDuration / 1e6)
         return orig(self, res)
+
     NixlKVConnectorStats.record_transfer = record
 
 
 def _take_transfer_times() -> list:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
+
     worker = getattr(get_kv_transfer_group(), "_worker", None)
     if worker is not None:
         out, worker.transfer_times = list(worker.transfer_times), []
@@ -99,21 +132,34 @@ def _take_transfer_times() -> list:
     _nixl_times.clear()
     return out
 
-def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
-                engine_id=None) -> None:
+
+def engine_main(
+    conn, model: str, role, extra, policy: str, num_blocks: int, engine_id=None
+) -> None:
     """Child entry point: one vllm LLM; obeys ("generate", prompts, max_tokens, params),
     ("free_blocks",), ("kv", block ids), ("exit",)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"    # the engine core in this process
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
     try:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
+
         kw = {}
         if role is not None:
             kw["kv_transfer_config"] = kv_transfer_config(role, extra, policy, engine_id)
-        llm = LLM(model=model, skip_tokenizer_init=True, dtype="float32", block_size=BLOCK_SIZE,
-                  max_model_len=512, max_num_seqs=8, enforce_eager=True, seed=0,
-                  num_gpu_blocks_override=num_blocks, enable_prefix_caching=True, **kw)
+        llm = LLM(
+            model=model,
+            skip_tokenizer_init=True,
+            dtype="float32",
+            block_size=BLOCK_SIZE,
+            max_model_len=512,
+            max_num_seqs=8,
+            enforce_eager=True,
+            seed=0,
+            num_gpu_blocks_override=num_blocks,
+            enable_prefix_caching=True,
+            **kw,
+        )
     except BaseException:  # noqa: BLE001 - the parent gets every startup failure
         conn.send(("err", traceback.format_exc()))
         return
@@ -131,15 +177,33 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
                 break
             if cmd == "generate":
                 prompts, max_tokens, params = args
-                sps = [SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                      detokenize=False,
-                                      extra_args=None if p is None else {"kv_transfer_params": p})
-                       for p in params]
-                outs = llm.generate([TokensPrompt(prompt_token_ids=list(t)) for t in prompts], sps,
-                                    use_tqdm=False)
+                sps = [
+                    SamplingParams(
+                        temperature=0.0,
+                        max_tokens=max_tokens,
+                        ignore_eos=True,
+                        detokenize=False,
+                        extra_args=None if p is None else {"kv_transfer_params": p},
+                    )
+                    for p in params
+                ]
+                outs = llm.generate(
+                    [TokensPrompt(prompt_token_ids=list(t)) for t in prompts], sps, use_tqdm=False
+                )
                 last_end[0] = time.time()
-                conn.send(("ok", [(list(o.outputs[0].token_ids), o.kv_transfer_params,
-                                   o.outputs[0].finish_reason) for o in outs]))
+                conn.send(
+                    (
+                        "ok",
+                        [
+                            (
+                                list(o.outputs[0].token_ids),
+                                o.kv_transfer_params,
+                                o.outputs[0].finish_reason,
+                            )
+                            for o in outs
+                        ],
+                    )
+                )
             elif cmd == "free_blocks":
                 # step until no request holds blocks (a served engine steps on its own; the
                 # offline LLM only inside generate), at most timeout_s
@@ -151,7 +215,7 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
                     time.sleep(0.01)
                 conn.send(("ok", core.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()))
             elif cmd == "last_generate_end":
-                conn.send(("ok", last_end[0]))       # time.time() when the last one returned
+                conn.send(("ok", last_end[0]))  # time.time() when the last one returned
             elif cmd == "transfer_times":
                 # seconds per transfer since the last call: LLMDistConnector's pulls and pushes
                 # (notification included), NixlConnector's transfer telemetry
@@ -160,6 +224,7 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
                 # (transfers that went out layer by layer, those of them started while the
                 # forward still ran)
                 from vllm.distributed.kv_transfer import get_kv_transfer_group
+
                 w = get_kv_transfer_group()._worker
                 conn.send(("ok", (w.layerwise_started, w.layerwise_overlapped)))
             elif cmd == "reset_prefix_cache":
@@ -169,6 +234,7 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
                 # tokens depend on the KV the connector moved)
                 (blocks,) = args
                 from vllm.distributed.kv_transfer import get_kv_transfer_group
+
                 layout = get_kv_transfer_group()._worker.layout
                 for a in layout.addrs:
                     for b in blocks:
@@ -183,13 +249,22 @@ def engine_main(conn, model: str, role, extra, policy: str, num_blocks: int,
 class Engine:
     """A vLLM engine in a child process (see engine_main)."""
 
-    def __init__(self, model: str, role, extra=None, policy: str = "recompute",
-                 num_blocks: int = 64, engine_id=None) -> None:
+    def __init__(
+        self,
+        model: str,
+        role,
+        extra=None,
+        policy: str = "recompute",
+        num_blocks: int = 64,
+        engine_id=None,
+    ) -> None:
         import multiprocessing as mp
+
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=engine_main, args=(child, model, role, extra, policy,
-                                                          num_blocks, engine_id))
+        self.proc = ctx.Process(
+            target=engine_main, args=(child, model, role, extra, policy, num_blocks, engine_id)
+        )
         self.proc.start()
         self.num_blocks = num_blocks
 
@@ -201,8 +276,9 @@ class Engine:
 
     def _recv(self, timeout: float):
         if not self.conn.poll(timeout):
-            raise TimeoutError(f"the engine (pid {self.proc.pid}) did not answer within "
-                               f"{timeout} s")
+            raise TimeoutError(
+                f"the engine (pid {self.proc.pid}) did not answer within {timeout} s"
+            )
         return self.conn.recv()
 
     def call(self, *cmd, timeout: float = 120.0):
@@ -214,11 +290,13 @@ class Engine:
 
     def generate(self, prompts, max_tokens: int, params=None, timeout: float = 120.0):
         params = list(params) if params is not None else [None] * len(prompts)
-        return self.call("generate", [list(p) for p in prompts], max_tokens, params,
-                         timeout=timeout)
+        return self.call(
+            "generate", [list(p) for p in prompts], max_tokens, params, timeout=timeout
+        )
 
-    def generate_while(self, other: "Engine", prompts, max_tokens: int, params,
-                       timeout: float = 120.0):
+    def generate_while(
+        self, other: "Engine", prompts, max_tokens: int, params, timeout: float = 120.0
+    ):
         """generate here while other keeps stepping (as a served engine does on its own), until
         it holds no request or this one answered."""
         self.conn.send(("generate", [list(p) for p in prompts], max_tokens, list(params)))
@@ -228,12 +306,20 @@ class Engine:
             raise RuntimeError(f"generate failed in the engine:\n{msg[1]}")
         return msg[1]
 
-    def generate_with(self, prefill: "Engine", prompts, max_tokens: int, params, p_params,
-                      timeout: float = 120.0, settle_s: float = 1.0):
+    def generate_with(
+        self,
+        prefill: "Engine",
+        prompts,
+        max_tokens: int,
+        params,
+        p_params,
+        timeout: float = 120.0,
+        settle_s: float = 1.0,
+    ):
         """The layerwise proxy: the request goes here and to prefill at once; prefill then
         keeps stepping until it holds no request."""
         self.conn.send(("generate", [list(p) for p in prompts], max_tokens, list(params)))
-        time.sleep(settle_s)    # let the decode register first, as a proxy waiting for it would
+        time.sleep(settle_s)  # let the decode register first, as a proxy waiting for it would
         prefill.generate(prompts, 1, p_params, timeout=timeout)
         prefill.call("free_blocks", timeout / 2, timeout=timeout)
         msg = self._recv(timeout)

@@ -40,14 +40,16 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
-                                                               KVConnectorHandshakeMetadata,
-                                                               KVConnectorMetadata,
-                                                               KVConnectorRole)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
 
-try:        # vLLM >= 0.32: completions and receive failures in one result
+try:  # vLLM >= 0.32: completions and receive failures in one result
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
-except ImportError:         # pragma: no cover - older vLLM
+except ImportError:  # pragma: no cover - older vLLM
     KVConnectorTransferResults = None
 
 from ..config import LLMClusterInfo
@@ -62,15 +64,21 @@ log = logging.getLogger(__name__)
 
 MODES = ("pull", "push", "layerwise")
 DEFAULT_LEASE_S = 30.0
-MODEL_ID = 0                        # the BlocksCacheKey model id of every worker's KV cache
-NOTIFY_PREFIX = b"llmdist-vllm:done:"          # D to P: free the request's blocks
-PUSH_PREFIX = b"llmdist-vllm:push:"            # D to P (push): write into these blocks
-PUSHED_PREFIX = b"llmdist-vllm:pushed:"        # P to D (push): the blocks are written
-PUSH_FAILED_PREFIX = b"llmdist-vllm:failed:"   # P to D (push): they will not be
-IDLE_WAIT_MS = 5            # longest wait of a decode step that scheduled nothing
-LISTEN_POLL_MS = 100        # how often the prefill's notification listener checks for close
-_PARAM_KEYS = ("remote_block_ids", "remote_engine_id", "remote_request_id", "remote_host",
-               "remote_ports", "tp_size")
+MODEL_ID = 0  # the BlocksCacheKey model id of every worker's KV cache
+NOTIFY_PREFIX = b"llmdist-vllm:done:"  # D to P: free the request's blocks
+PUSH_PREFIX = b"llmdist-vllm:push:"  # D to P (push): write into these blocks
+PUSHED_PREFIX = b"llmdist-vllm:pushed:"  # P to D (push): the blocks are written
+PUSH_FAILED_PREFIX = b"llmdist-vllm:failed:"  # P to D (push): they will not be
+IDLE_WAIT_MS = 5  # longest wait of a decode step that scheduled nothing
+LISTEN_POLL_MS = 100  # how often the prefill's notification listener checks for close
+_PARAM_KEYS = (
+    "remote_block_ids",
+    "remote_engine_id",
+    "remote_request_id",
+    "remote_host",
+    "remote_ports",
+    "tp_size",
+)
 
 
 def cluster_id_of(engine_id: str, tp_rank: int) -> int:
@@ -84,8 +92,9 @@ def registered_pairs(blocks: List[int], reg: dict) -> Tuple[List[int], List[int]
     local = [int(b) for b in reg["blocks"]]
     remote = clip_remote(blocks, local)
     if len(remote) != len(local):
-        raise ValueError(f"this prefill holds {len(blocks)} blocks, the decode registered "
-                         f"{len(local)}")
+        raise ValueError(
+            f"this prefill holds {len(blocks)} blocks, the decode registered {len(local)}"
+        )
     return remote, local
 
 
@@ -94,8 +103,8 @@ class Options:
     """kv_connector_extra_config, checked."""
 
     mode: str = "pull"
-    host: str = "127.0.0.1"           # the address workers listen on and give to peers
-    base_port: int = 0                # rank i listens on base_port + i (0: any free port)
+    host: str = "127.0.0.1"  # the address workers listen on and give to peers
+    base_port: int = 0  # rank i listens on base_port + i (0: any free port)
     lease_s: float = DEFAULT_LEASE_S
     transfer_timeout_ms: int = 10000
     link_timeout_ms: int = 5000
@@ -104,24 +113,36 @@ class Options:
     def parse(cls, extra: Optional[Dict[str, Any]]) -> "Options":
         extra = dict(extra or {})
         o = cls()
-        for key, kind in (("mode", str), ("host", str), ("base_port", int), ("lease_s", float),
-                          ("transfer_timeout_ms", int), ("link_timeout_ms", int)):
+        for key, kind in (
+            ("mode", str),
+            ("host", str),
+            ("base_port", int),
+            ("lease_s", float),
+            ("transfer_timeout_ms", int),
+            ("link_timeout_ms", int),
+        ):
             if key in extra:
                 value = extra.pop(key)
                 try:
                     setattr(o, key, kind(value))
                 except (TypeError, ValueError):
-                    raise ValueError(f"kv_connector_extra_config[{key!r}] must be a {kind.__name__}, "
-                                     f"got {value!r}") from None
+                    raise ValueError(
+                        f"kv_connector_extra_config[{key!r}] must be a {kind.__name__}, "
+                        f"got {value!r}"
+                    ) from None
         if o.mode not in MODES:
-            raise ValueError(f"kv_connector_extra_config['mode'] must be one of {MODES}, got "
-                             f"{o.mode!r}")
+            raise ValueError(
+                f"kv_connector_extra_config['mode'] must be one of {MODES}, got {o.mode!r}"
+            )
         if o.lease_s <= 0 or o.transfer_timeout_ms <= 0 or o.link_timeout_ms <= 0:
-            raise ValueError("kv_connector_extra_config: lease_s, transfer_timeout_ms and "
-                             "link_timeout_ms must be > 0")
+            raise ValueError(
+                "kv_connector_extra_config: lease_s, transfer_timeout_ms and "
+                "link_timeout_ms must be > 0"
+            )
         if not 0 <= o.base_port < 65536:
-            raise ValueError(f"kv_connector_extra_config['base_port'] must be a port, got "
-                             f"{o.base_port}")
+            raise ValueError(
+                f"kv_connector_extra_config['base_port'] must be a port, got {o.base_port}"
+            )
         for key in extra:
             log.warning("LLMDistConnector ignores kv_connector_extra_config[%r]", key)
         return o
@@ -147,9 +168,9 @@ class RecvJob:
     remote_host: str
     remote_ports: List[int]
     remote_tp_size: int
-    transfer_id: str                  # the prefill's request id
-    report: bool                      # the request waits for it (finished_recving)
-    mode: str = "pull"                # pull: D reads; push: D registers its blocks, P writes
+    transfer_id: str  # the prefill's request id
+    report: bool  # the request waits for it (finished_recving)
+    mode: str = "pull"  # pull: D reads; push: D registers its blocks, P writes
 
 
 @dataclass
@@ -157,7 +178,7 @@ class LLMDistConnectorMetadata(KVConnectorMetadata):
     """One step's work, scheduler to workers."""
 
     reqs_to_recv: Dict[str, RecvJob] = field(default_factory=dict)
-    reqs_to_send: Dict[str, float] = field(default_factory=dict)   # request id -> lease end
+    reqs_to_send: Dict[str, float] = field(default_factory=dict)  # request id -> lease end
     # push and layerwise modes, prefill: the blocks of each finished request, to write when D
     # registers
     send_blocks: Dict[str, List[int]] = field(default_factory=dict)
@@ -173,9 +194,10 @@ class LLMDistConnectorMetadata(KVConnectorMetadata):
 def _tp_rank() -> int:
     try:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
         return get_tensor_model_parallel_rank()
     except (AssertionError, AttributeError, RuntimeError, ImportError):
-        return 0        # no parallel state (one worker)
+        return 0  # no parallel state (one worker)
 
 
 class LLMDistConnector(KVConnectorBase_V1):
@@ -193,10 +215,16 @@ class LLMDistConnector(KVConnectorBase_V1):
             self._sched = _SchedulerSide(self.engine_id, self.tp_size, self.options)
         else:
             num_blocks = getattr(kv_cache_config, "num_blocks", None)
-            role_ = (LLMRole.PROMPT if cfg.kv_role == "kv_producer" else
-                     LLMRole.DECODER if cfg.kv_role == "kv_consumer" else LLMRole.MIX)
-            self._worker = _WorkerSide(self.engine_id, self.tp_size, self.options, role_,
-                                       num_blocks)
+            role_ = (
+                LLMRole.PROMPT
+                if cfg.kv_role == "kv_producer"
+                else LLMRole.DECODER
+                if cfg.kv_role == "kv_consumer"
+                else LLMRole.MIX
+            )
+            self._worker = _WorkerSide(
+                self.engine_id, self.tp_size, self.options, role_, num_blocks
+            )
 
     # -- scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> Tuple[int, bool]:
@@ -240,8 +268,9 @@ class LLMDistConnector(KVConnectorBase_V1):
 
     def get_transfer_results(self, finished_req_ids: Set[str]):
         sending, recving, failed = self._worker.results()
-        return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving,
-                                          failed_recving=failed)
+        return KVConnectorTransferResults(
+            finished_sending=sending, finished_recving=recving, failed_recving=failed
+        )
 
     def get_block_ids_with_load_errors(self) -> Set[int]:
         return self._worker.load_errors() if self._worker is not None else set()
@@ -254,6 +283,7 @@ class LLMDistConnector(KVConnectorBase_V1):
 # ------------------------------------------------------------------------------------------
 # Scheduler side
 
+
 class _SchedulerSide:
     def __init__(self, engine_id: str, tp_size: int, options: Options) -> None:
         self.engine_id = engine_id
@@ -265,7 +295,7 @@ class _SchedulerSide:
         self.recv: Dict[str, RecvJob] = {}
         self.send: Dict[str, float] = {}
         self.send_blocks: Dict[str, List[int]] = {}
-        self.layerwise: Dict[str, str] = {}          # prefill request id -> transfer id
+        self.layerwise: Dict[str, str] = {}  # prefill request id -> transfer id
         self.new_transfer_ids: Dict[str, str] = {}
 
     def set_handshake(self, metadata: Dict[int, LLMDistHandshake]) -> None:
@@ -274,8 +304,11 @@ class _SchedulerSide:
 
     @staticmethod
     def _wants_pull(params) -> bool:
-        return (bool(params) and bool(params.get("do_remote_prefill"))
-                and all(params.get(k) is not None for k in _PARAM_KEYS))
+        return (
+            bool(params)
+            and bool(params.get("do_remote_prefill"))
+            and all(params.get(k) is not None for k in _PARAM_KEYS)
+        )
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> Tuple[int, bool]:
         params = request.kv_transfer_params
@@ -286,33 +319,43 @@ class _SchedulerSide:
         return 0, False
 
     def _job(self, request, params, local: List[int], report: bool) -> RecvJob:
-        return RecvJob(req_id=request.request_id, local_block_ids=list(local),
-                       remote_block_ids=list(params["remote_block_ids"]),
-                       remote_engine_id=str(params["remote_engine_id"]),
-                       remote_host=str(params["remote_host"]),
-                       remote_ports=[int(p) for p in params["remote_ports"]],
-                       remote_tp_size=int(params["tp_size"]),
-                       transfer_id=str(params["remote_request_id"]), report=report,
-                       mode=str(params.get("transfer_mode", "pull")))
+        return RecvJob(
+            req_id=request.request_id,
+            local_block_ids=list(local),
+            remote_block_ids=list(params["remote_block_ids"]),
+            remote_engine_id=str(params["remote_engine_id"]),
+            remote_host=str(params["remote_host"]),
+            remote_ports=[int(p) for p in params["remote_ports"]],
+            remote_tp_size=int(params["tp_size"]),
+            transfer_id=str(params["remote_request_id"]),
+            report=report,
+            mode=str(params.get("transfer_mode", "pull")),
+        )
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         params = request.kv_transfer_params
-        if (self.options.mode == "layerwise" and params and params.get("do_remote_decode")
-                and request.request_id not in self.layerwise):
+        if (
+            self.options.mode == "layerwise"
+            and params
+            and params.get("do_remote_decode")
+            and request.request_id not in self.layerwise
+        ):
             # the prefill of a layerwise request: its layers go out as they are computed
             tid = str(params.get("transfer_id") or request.request_id)
             self.layerwise[request.request_id] = tid
             self.new_transfer_ids[request.request_id] = tid
         if not self._wants_pull(params):
             return
-        params["do_remote_prefill"] = False         # one transfer per request
+        params["do_remote_prefill"] = False  # one transfer per request
         # a full prefix hit (nothing to load) still tells the prefill it may free
         local = blocks.get_unhashed_block_ids() if num_external_tokens > 0 else []
-        self.recv[request.request_id] = self._job(request, params, local,
-                                                  report=num_external_tokens > 0)
+        self.recv[request.request_id] = self._job(
+            request, params, local, report=num_external_tokens > 0
+        )
 
     def request_finished(self, request, block_ids) -> Tuple[bool, Optional[Dict[str, Any]]]:
         from vllm.v1.request import RequestStatus
+
         params = request.kv_transfer_params
         if not params:
             return False, None
@@ -324,25 +367,36 @@ class _SchedulerSide:
             return False, None
         if not params.get("do_remote_decode"):
             return False, None
-        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED,
-                                  RequestStatus.FINISHED_STOPPED) or not block_ids:
+        if (
+            request.status
+            not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
+            or not block_ids
+        ):
             self.layerwise.pop(request.request_id, None)
-            return False, None          # aborted prefill: free now
+            return False, None  # aborted prefill: free now
         ports = [self.ports.get(r) for r in range(self.tp_size)]
         if any(p is None for p in ports):
-            log.error("request %s: the llmdist ports of this engine's workers are unknown (no "
-                      "handshake metadata and no base_port); the decode cannot pull",
-                      request.request_id)
+            log.error(
+                "request %s: the llmdist ports of this engine's workers are unknown (no "
+                "handshake metadata and no base_port); the decode cannot pull",
+                request.request_id,
+            )
             return False, None
         self.send[request.request_id] = time.time() + self.options.lease_s
         if self.options.mode in ("push", "layerwise"):
             self.send_blocks[request.request_id] = list(block_ids)
         self.layerwise.pop(request.request_id, None)
-        return True, dict(do_remote_prefill=True, do_remote_decode=False,
-                          remote_block_ids=list(block_ids), remote_engine_id=self.engine_id,
-                          remote_request_id=request.request_id, remote_host=self.options.host,
-                          remote_ports=ports, tp_size=self.tp_size,
-                          transfer_mode=self.options.mode)
+        return True, dict(
+            do_remote_prefill=True,
+            do_remote_decode=False,
+            remote_block_ids=list(block_ids),
+            remote_engine_id=self.engine_id,
+            remote_request_id=request.request_id,
+            remote_host=self.options.host,
+            remote_ports=ports,
+            tp_size=self.tp_size,
+            transfer_mode=self.options.mode,
+        )
 
     def build_meta(self, scheduler_output=None) -> LLMDistConnectorMetadata:
         layer = {}
@@ -352,18 +406,24 @@ class _SchedulerSide:
                 n = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
                 # the whole prompt in this step: its layers can go as they are computed (a
                 # prompt cut into chunks goes when it finished, as in push mode)
-                if tid is not None and new.num_computed_tokens + n >= len(new.prompt_token_ids or ()):
+                if tid is not None and new.num_computed_tokens + n >= len(
+                    new.prompt_token_ids or ()
+                ):
                     layer[new.req_id] = (tid, list(new.block_ids[0]))
-        idle = (scheduler_output is not None
-                and getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0)
-        meta = LLMDistConnectorMetadata(self.recv, self.send, self.send_blocks, layer,
-                                        self.new_transfer_ids, idle)
+        idle = (
+            scheduler_output is not None
+            and getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0
+        )
+        meta = LLMDistConnectorMetadata(
+            self.recv, self.send, self.send_blocks, layer, self.new_transfer_ids, idle
+        )
         self.recv, self.send, self.send_blocks, self.new_transfer_ids = {}, {}, {}, {}
         return meta
 
 
 # ------------------------------------------------------------------------------------------
 # Worker side
+
 
 class _StepLayers(LayerSynchronizer):
     """Host tensors: releases layer i of a step's layerwise transfers once the forward saved it
@@ -417,17 +477,25 @@ def model_stream_of(device: str) -> Callable[[], int]:
     """The function returning the raw handle of the model's current stream on device: torch's
     current CUDA stream, or torch_npu's current NPU stream."""
     import torch
+
     if device == "cuda":
         return lambda: torch.cuda.current_stream().cuda_stream
     if device == "npu":
         import torch_npu  # noqa: F401 - registers torch.npu
+
         return lambda: torch.npu.current_stream().npu_stream
     raise ValueError(f"no model stream on device {device!r}")
 
 
 class _WorkerSide:
-    def __init__(self, engine_id: str, tp_size: int, options: Options, role: LLMRole,
-                 num_blocks: Optional[int]) -> None:
+    def __init__(
+        self,
+        engine_id: str,
+        tp_size: int,
+        options: Options,
+        role: LLMRole,
+        num_blocks: Optional[int],
+    ) -> None:
         self.engine_id = engine_id
         self.tp_size = tp_size
         self.tp_rank = _tp_rank()
@@ -442,8 +510,8 @@ class _WorkerSide:
         self.recved: Set[str] = set()
         self.failed: Set[str] = set()
         self.bad_blocks: Set[int] = set()
-        self.sending: Dict[str, float] = {}         # request id -> lease end
-        self.notified: Dict[str, float] = {}        # notifications ahead of their lease
+        self.sending: Dict[str, float] = {}  # request id -> lease end
+        self.notified: Dict[str, float] = {}  # notifications ahead of their lease
         # push mode: prefill: blocks of finished requests, registrations ahead of them;
         # decode: requests waiting for the prefill's write (request id -> deadline, job)
         self.send_blocks: Dict[str, List[int]] = {}
@@ -458,19 +526,19 @@ class _WorkerSide:
         self.step_gate: Optional[LayerSynchronizer] = None
         self.computed: Dict[str, Tuple[str, List[int], LayerSynchronizer, float]] = {}
         self.layer_tasks: Dict[str, Tuple[object, int, str]] = {}
-        self.pushed: Dict[str, bool] = {}           # decode: request id -> written or not
-        self.layerwise_started = 0                  # transfers that went out layer by layer
-        self.layerwise_overlapped = 0               # ... of which started before the last layer
-                                                    # was saved
+        self.pushed: Dict[str, bool] = {}  # decode: request id -> written or not
+        self.layerwise_started = 0  # transfers that went out layer by layer
+        self.layerwise_overlapped = 0  # ... of which started before the last layer
+        # was saved
         self.listener: Optional[threading.Thread] = None
-        self.stream_of: Optional[Callable[[], int]] = None     # device tensors: model stream
+        self.stream_of: Optional[Callable[[], int]] = None  # device tensors: model stream
         # decode: pulls queued or running; set when a received request is reported; whether
         # this step scheduled nothing
         self.loading = 0
         self.progress = threading.Event()
         self.step_idle = False
         self.closing = threading.Event()
-        self.transfer_times: List[float] = []       # seconds per pull or push, notification in
+        self.transfer_times: List[float] = []  # seconds per pull or push, notification in
         self.jobs: "queue.Queue[Optional[RecvJob]]" = queue.Queue()
         self.thread: Optional[threading.Thread] = None
 
@@ -478,26 +546,41 @@ class _WorkerSide:
         layout = layout_of(dict(kv_caches), self.num_blocks)
         port = self.options.base_port + self.tp_rank if self.options.base_port else 0
         dd = LLMDataDist(self.role, self.cluster_id)
-        dd.init({"llm.listenIpInfo": f"{self.options.host}:{port}",
-                 "llmdist.runtime": runtime_of(layout),
-                 "ge.exec.deviceId": str(layout.device_index),
-                 "llm.EnableRemoteCacheAccessible": "1",
-                 "llm.SyncKvCacheWaitTime": str(self.options.transfer_timeout_ms)})
+        dd.init(
+            {
+                "llm.listenIpInfo": f"{self.options.host}:{port}",
+                "llmdist.runtime": runtime_of(layout),
+                "ge.exec.deviceId": str(layout.device_index),
+                "llm.EnableRemoteCacheAccessible": "1",
+                "llm.SyncKvCacheWaitTime": str(self.options.transfer_timeout_ms),
+            }
+        )
         self.cache = dd.cache_manager.register_blocks_cache(
-            layout.desc(), layout.addrs, BlocksCacheKey(self.cluster_id, MODEL_ID),
-            remote_accessible=True)
+            layout.desc(),
+            layout.addrs,
+            BlocksCacheKey(self.cluster_id, MODEL_ID),
+            remote_accessible=True,
+        )
         self.dd, self.layout = dd, layout
         self.layer_index = {name: i for i, name in enumerate(kv_caches)}
         self.thread = threading.Thread(target=self._run, name="llmdist-vllm-load", daemon=True)
         self.thread.start()
         if self.role != LLMRole.DECODER and self.options.mode != "pull":
-            self.listener = threading.Thread(target=self._listen, name="llmdist-vllm-notify",
-                                             daemon=True)
+            self.listener = threading.Thread(
+                target=self._listen, name="llmdist-vllm-notify", daemon=True
+            )
             self.listener.start()
-        log.info("llmdist cluster %d listens on %s:%d: %d KV tensors of %d blocks of %d bytes "
-                 "(%d per layer)", self.cluster_id, self.options.host, dd.listen_port,
-                 len(layout.addrs), layout.num_blocks, layout.block_bytes,
-                 layout.tensors_per_layer)
+        log.info(
+            "llmdist cluster %d listens on %s:%d: %d KV tensors of %d blocks of %d bytes "
+            "(%d per layer)",
+            self.cluster_id,
+            self.options.host,
+            dd.listen_port,
+            len(layout.addrs),
+            layout.num_blocks,
+            layout.block_bytes,
+            layout.tensors_per_layer,
+        )
 
     def handshake(self) -> Optional[LLMDistHandshake]:
         if self.dd is None:
@@ -520,7 +603,7 @@ class _WorkerSide:
                     self.loading += 1
             self.jobs.put(job)
         for batch in regs.values():
-            self.jobs.put(batch)        # one registration per prefill for the step's requests
+            self.jobs.put(batch)  # one registration per prefill for the step's requests
         self.step_idle = meta.idle
 
     # -- the load thread
@@ -540,8 +623,13 @@ class _WorkerSide:
                 self._load(job)
             except Exception as exc:  # noqa: BLE001 - any failure is a failed load, never a hang
                 error = exc
-                log.error("request %s: loading its KV from engine %s failed: %s: %s",
-                          job.req_id, job.remote_engine_id, type(exc).__name__, exc)
+                log.error(
+                    "request %s: loading its KV from engine %s failed: %s: %s",
+                    job.req_id,
+                    job.remote_engine_id,
+                    type(exc).__name__,
+                    exc,
+                )
             if job.mode == "pull":
                 with self.lock:
                     self.loading -= 1
@@ -565,22 +653,41 @@ class _WorkerSide:
             with self.lock:
                 for job in jobs:
                     self.awaiting[job.req_id] = (time.time() + self.options.lease_s, job)
-            self.dd.send_notification(peer, PUSH_PREFIX + json.dumps({"regs": [
-                {"req": job.transfer_id, "dst_req": job.req_id, "blocks": job.local_block_ids}
-                for job in jobs]}).encode())
+            self.dd.send_notification(
+                peer,
+                PUSH_PREFIX
+                + json.dumps(
+                    {
+                        "regs": [
+                            {
+                                "req": job.transfer_id,
+                                "dst_req": job.req_id,
+                                "blocks": job.local_block_ids,
+                            }
+                            for job in jobs
+                        ]
+                    }
+                ).encode(),
+            )
         except Exception as exc:  # noqa: BLE001 - any failure is a failed load, never a hang
-            log.error("requests %s: registering their blocks with engine %s failed: %s: %s",
-                      [j.req_id for j in jobs], jobs[0].remote_engine_id, type(exc).__name__,
-                      exc)
+            log.error(
+                "requests %s: registering their blocks with engine %s failed: %s: %s",
+                [j.req_id for j in jobs],
+                jobs[0].remote_engine_id,
+                type(exc).__name__,
+                exc,
+            )
             for job in jobs:
                 self._done(job, False)
 
     def _link_to(self, job: RecvJob) -> int:
         """Link to the prefill rank paired with this one; its cluster id."""
         if job.remote_tp_size != self.tp_size:
-            raise ValueError(f"the prefill runs with tensor parallel size {job.remote_tp_size}, "
-                             f"this decode with {self.tp_size}: LLMDistConnector pairs rank i "
-                             f"with rank i and supports equal sizes only")
+            raise ValueError(
+                f"the prefill runs with tensor parallel size {job.remote_tp_size}, "
+                f"this decode with {self.tp_size}: LLMDistConnector pairs rank i "
+                f"with rank i and supports equal sizes only"
+            )
         peer = cluster_id_of(job.remote_engine_id, self.tp_rank)
         self._link(peer, job.remote_host, job.remote_ports[self.tp_rank])
         return peer
@@ -595,13 +702,19 @@ class _WorkerSide:
             return
         remote = clip_remote(job.remote_block_ids, job.local_block_ids)
         if len(remote) != len(job.local_block_ids):
-            raise ValueError(f"the prefill holds {len(job.remote_block_ids)} blocks, this "
-                             f"decode expects {len(job.local_block_ids)}")
+            raise ValueError(
+                f"the prefill holds {len(job.remote_block_ids)} blocks, this "
+                f"decode expects {len(job.local_block_ids)}"
+            )
         t0 = time.perf_counter()
-        self.dd.cache_manager.pull_blocks(BlocksCacheKey(peer, MODEL_ID), self.cache, remote,
-                                          job.local_block_ids,
-                                          tensor_num_per_layer=self.layout.tensors_per_layer,
-                                          notify=payload)
+        self.dd.cache_manager.pull_blocks(
+            BlocksCacheKey(peer, MODEL_ID),
+            self.cache,
+            remote,
+            job.local_block_ids,
+            tensor_num_per_layer=self.layout.tensors_per_layer,
+            notify=payload,
+        )
         took = time.perf_counter() - t0
         self.transfer_times.append(took)
         log.debug("request %s: pulled %d blocks in %.2f ms", job.req_id, len(remote), took * 1e3)
@@ -646,11 +759,13 @@ class _WorkerSide:
         if gate is not None:
             gate.release_all()
 
-    def _start_layerwise(self, computed: Tuple[str, List[int], LayerSynchronizer, float],
-                         peer: int, reg: dict) -> None:
+    def _start_layerwise(
+        self, computed: Tuple[str, List[int], LayerSynchronizer, float], peer: int, reg: dict
+    ) -> None:
         """Send a computed request's blocks to the decode that registered them, each layer once
         its step's forward saved it (at once for the layers saved already)."""
         from ..transfer_types import TransferWithCacheKeyConfig
+
         rid, blocks, gate, _ = computed
         dst_req = str(reg.get("dst_req"))
         # layers the forward had not saved yet: they go while it computes them
@@ -659,16 +774,24 @@ class _WorkerSide:
             remote, local = registered_pairs(blocks, reg)
             layers = range(len(self.layer_index))
             task = self.dd.cache_manager.transfer_cache_async(
-                self.cache, gate,
+                self.cache,
+                gate,
                 [TransferWithCacheKeyConfig(BlocksCacheKey(peer, MODEL_ID), layers, layers)],
-                remote, local, tensor_num_per_layer=self.layout.tensors_per_layer,
-                notify=PUSHED_PREFIX + dst_req.encode())
+                remote,
+                local,
+                tensor_num_per_layer=self.layout.tensors_per_layer,
+                notify=PUSHED_PREFIX + dst_req.encode(),
+            )
         except Exception as exc:  # noqa: BLE001 - the decode hears of any failure
-            log.error("request %s: sending its KV layer by layer failed: %s: %s", rid,
-                      type(exc).__name__, exc)
+            log.error(
+                "request %s: sending its KV layer by layer failed: %s: %s",
+                rid,
+                type(exc).__name__,
+                exc,
+            )
             self._tell_failed(peer, dst_req, rid)
             with self.lock:
-                self.notified[rid] = time.time()     # nothing more goes: free its blocks
+                self.notified[rid] = time.time()  # nothing more goes: free its blocks
             return
         with self.lock:
             self.layer_tasks[rid] = (task, peer, dst_req)
@@ -688,14 +811,21 @@ class _WorkerSide:
             if not task.done:
                 continue
             status = task.synchronize(0)
-            if (status == LLMStatusCode.LLM_TIMEOUT and task.notification_error is None
-                    and task.get_results(0) == [LLMStatusCode.LLM_SUCCESS]):
-                continue        # the bytes are there; the decode has not confirmed yet
+            if (
+                status == LLMStatusCode.LLM_TIMEOUT
+                and task.notification_error is None
+                and task.get_results(0) == [LLMStatusCode.LLM_SUCCESS]
+            ):
+                continue  # the bytes are there; the decode has not confirmed yet
             with self.lock:
                 del self.layer_tasks[rid]
             if status != LLMStatusCode.LLM_SUCCESS:
-                log.error("request %s: sending its KV layer by layer failed: %s %s", rid,
-                          status.name, task.errors or task.notification_error)
+                log.error(
+                    "request %s: sending its KV layer by layer failed: %s %s",
+                    rid,
+                    status.name,
+                    task.errors or task.notification_error,
+                )
                 if task.notification_error is None:
                     self._tell_failed(peer, dst_req, rid)
             with self.lock:
@@ -708,20 +838,29 @@ class _WorkerSide:
         try:
             remote, local = registered_pairs(blocks, reg)
             t0 = time.perf_counter()
-            self.dd.cache_manager.push_blocks(BlocksCacheKey(peer, MODEL_ID), self.cache, remote,
-                                              local,
-                                              tensor_num_per_layer=self.layout.tensors_per_layer,
-                                              notify=PUSHED_PREFIX + dst_req.encode())
+            self.dd.cache_manager.push_blocks(
+                BlocksCacheKey(peer, MODEL_ID),
+                self.cache,
+                remote,
+                local,
+                tensor_num_per_layer=self.layout.tensors_per_layer,
+                notify=PUSHED_PREFIX + dst_req.encode(),
+            )
             self.transfer_times.append(time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - the decode must hear of any failure
-            log.error("request %s: pushing its KV to cluster %d failed: %s: %s", rid, peer,
-                      type(exc).__name__, exc)
+            log.error(
+                "request %s: pushing its KV to cluster %d failed: %s: %s",
+                rid,
+                peer,
+                type(exc).__name__,
+                exc,
+            )
             try:
                 self.dd.send_notification(peer, PUSH_FAILED_PREFIX + dst_req.encode())
             except Exception as exc2:  # noqa: BLE001
                 log.warning("request %s: telling cluster %d failed: %s", rid, peer, exc2)
         with self.lock:
-            self.notified[rid] = time.time()         # free its blocks either way
+            self.notified[rid] = time.time()  # free its blocks either way
 
     def _link(self, peer: int, host: str, port: int) -> None:
         if self.dd.peer_info(peer) is not None:
@@ -731,8 +870,9 @@ class _WorkerSide:
         info.append_remote_ip_info(host, port)
         code, codes = self.dd.link_clusters([info], self.options.link_timeout_ms)
         if codes[0] not in (LLMStatusCode.LLM_SUCCESS, LLMStatusCode.LLM_ALREADY_LINK):
-            raise ConnectionError(f"linking to cluster {peer} at {host}:{port} failed: "
-                                  f"{codes[0].name}")
+            raise ConnectionError(
+                f"linking to cluster {peer} at {host}:{port} failed: {codes[0].name}"
+            )
 
     def _listen(self) -> None:
         """Prefill, push and layerwise modes: take notifications as they arrive, so that a
@@ -764,10 +904,10 @@ class _WorkerSide:
             for peer, payloads in notes.items():
                 for p in payloads:
                     if p.startswith(NOTIFY_PREFIX):
-                        self.notified[p[len(NOTIFY_PREFIX):].decode(errors="replace")] = now
+                        self.notified[p[len(NOTIFY_PREFIX) :].decode(errors="replace")] = now
                     elif p.startswith(PUSH_PREFIX):
                         try:
-                            regs = json.loads(p[len(PUSH_PREFIX):])["regs"]
+                            regs = json.loads(p[len(PUSH_PREFIX) :])["regs"]
                             tids = [str(reg["req"]) for reg in regs]
                         except (ValueError, KeyError, TypeError):
                             log.warning("cluster %d sent a bad push registration", peer)
@@ -779,18 +919,20 @@ class _WorkerSide:
                             else:
                                 self.registrations[tid] = (peer, reg, now)
                     elif p.startswith(PUSHED_PREFIX):
-                        self.pushed[p[len(PUSHED_PREFIX):].decode(errors="replace")] = True
+                        self.pushed[p[len(PUSHED_PREFIX) :].decode(errors="replace")] = True
                     elif p.startswith(PUSH_FAILED_PREFIX):
-                        self.pushed[p[len(PUSH_FAILED_PREFIX):].decode(errors="replace")] = False
+                        self.pushed[p[len(PUSH_FAILED_PREFIX) :].decode(errors="replace")] = False
         for computed, peer, reg in starts:
             self._start_layerwise(computed, peer, reg)
 
     def _queue_ready_pushes(self) -> None:
         """Prefill, push: finished requests whose decode registered go to the load thread."""
         with self.lock:
-            ready = [(rid, tid) for rid, tid in
-                     ((r, self.transfer_ids.get(r, r)) for r in self.send_blocks)
-                     if tid in self.registrations and rid not in self.layer_tasks]
+            ready = [
+                (rid, tid)
+                for rid, tid in ((r, self.transfer_ids.get(r, r)) for r in self.send_blocks)
+                if tid in self.registrations and rid not in self.layer_tasks
+            ]
             for rid, tid in ready:
                 peer, reg, _ = self.registrations.pop(tid)
                 self.transfer_ids.pop(rid, None)
@@ -818,10 +960,10 @@ class _WorkerSide:
             self._done(job, False)
         with self.lock:
             for tid, (_, _, t) in list(self.registrations.items()):
-                if now - t > self.options.lease_s:       # its request was aborted here
+                if now - t > self.options.lease_s:  # its request was aborted here
                     del self.registrations[tid]
             for tid, (_, _, _, t) in list(self.computed.items()):
-                if now - t > self.options.lease_s:       # no decode registered
+                if now - t > self.options.lease_s:  # no decode registered
                     del self.computed[tid]
         sent: Set[str] = set()
         with self.lock:
@@ -830,8 +972,10 @@ class _WorkerSide:
                     sent.add(rid)
                     del self.notified[rid]
                 elif self.sending[rid] <= now:
-                    log.warning("request %s: no decode pulled its KV within the lease; freeing "
-                                "its blocks", rid)
+                    log.warning(
+                        "request %s: no decode pulled its KV within the lease; freeing its blocks",
+                        rid,
+                    )
                     sent.add(rid)
             for rid in sent:
                 self.sending.pop(rid, None)

@@ -225,7 +225,7 @@ def engine_main(
                 # forward still ran)
                 from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-                w = get_kv_transfer_group()._worker
+                w = get_kv_transfer_group().worker_side
                 conn.send(("ok", (w.layerwise_started, w.layerwise_overlapped)))
             elif cmd == "reset_prefix_cache":
                 conn.send(("ok", llm.reset_prefix_cache()))
@@ -235,7 +235,7 @@ def engine_main(
                 (blocks,) = args
                 from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-                layout = get_kv_transfer_group()._worker.layout
+                layout = get_kv_transfer_group().worker_side.layout
                 for a in layout.addrs:
                     for b in blocks:
                         ctypes.memset(a + b * layout.block_bytes, 0, layout.block_bytes)

@@ -243,6 +243,12 @@ class LLMDistConnector(KVConnectorBase_V1):
         self._sched.set_handshake(metadata)
 
     # -- worker side
+    @property
+    def worker_side(self) -> Optional["_WorkerSide"]:
+        """This connector's worker half (None on the scheduler): its layout and layerwise
+        counts, which the benchmark reads."""
+        return self._worker
+
     def register_kv_caches(self, kv_caches) -> None:
         self._worker.register(kv_caches)
 

@@ -14,7 +14,9 @@ import ast
 import pathlib
 from typing import Dict, Iterator, List, Set, Tuple
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "llmdist"
+import llmdist
+
+PACKAGE = pathlib.Path(llmdist.__file__).resolve().parent  # the checkout, or an installed wheel
 SHARED_PRIVATE = {"_core"}  # the compiled extension module
 
 

@@ -105,6 +105,10 @@ def test_bench_vllm_runs(tmp_path):
     assert "connector" in res.stdout and "layerwise" in res.stdout  # the table
 
 
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(REPO, "pyproject.toml")),
+    reason="reads the source tree's pyproject.toml (this run tests an installed wheel)",
+)
 def test_every_subpackage_ships():
     """pyproject.toml lists packages by hand: each directory of llmdist with an __init__.py
     (the vLLM connector's llmdist.integrations among them) must be in the list."""

@@ -106,7 +106,6 @@ enum {
     ACL_ERROR_RT_DEVICE_MEM_ERROR = 507053,
 };
 
-enum { K_H2H = 0, K_H2D = 1, K_D2H = 2, K_D2D = 3, K_DEFAULT = 4 };
 enum { LOC_HOST = 0, LOC_DEVICE = 1, LOC_UNREGISTERED = 2 };
 #define ACL_EVENT_SYNC 0x1u
 #define ACL_EVENT_TIME_LINE 0x8u
@@ -132,53 +131,44 @@ enum { LOC_HOST = 0, LOC_DEVICE = 1, LOC_UNREGISTERED = 2 };
 
 #define FAKE_TAG "fake-acl"
 #define FAKE_ENV(name) "FAKE_ACL_" name
+#define FAKE_HOOK(name) fake_acl_##name
 #define FAKE_ALLOC_FIELDS                                                                     \
     int exported; /* live export keys */                                                      \
-    int imported; /* an alias made by aclrtIpcMemImportByKey */                               \
-    int peer;
+    int peer;     /* imported with peer access: any device may copy it */
+#define FAKE_RULES                                                                            \
+    {                                                                                         \
+        .bad_value = ACL_ERROR_INVALID_PARAM, .bad_handle = ACL_ERROR_RT_PARAM_INVALID,       \
+        .bad_range = ACL_ERROR_RT_PARAM_INVALID, .no_memory = ACL_ERROR_RT_MEMORY_ALLOCATION, \
+        .no_stream = ACL_ERROR_RT_NO_STREAM_RESOURCE,                                         \
+        .no_event = ACL_ERROR_RT_NO_EVENT_RESOURCE,                                           \
+        .stream_device = ACL_ERROR_RT_STREAM_CONTEXT,                                         \
+        .event_device = ACL_ERROR_RT_STREAM_CONTEXT,                                          \
+        .stream_timeout = ACL_ERROR_RT_STREAM_SYNC_TIMEOUT,                                   \
+        .event_timeout = ACL_ERROR_RT_EVENT_SYNC_TIMEOUT,                                     \
+        .timing = ACL_ERROR_RT_PARAM_INVALID, .not_ready = ACL_ERROR_RT_PARAM_INVALID,        \
+        .busy_destroy = ACL_ERROR_RT_PARAM_INVALID, .busy_free = ACL_ERROR_RT_PARAM_INVALID,  \
+        .same_stream = 1, .wait_flag = ACL_EVENT_SYNC, .wait_flag_name = "ACL_EVENT_SYNC",    \
+        .import_name = "aclrtIpcMemImportByKey", .close_name = "aclrtIpcMemClose",            \
+    }
 #include "fake_engine.h"
 
-static _Thread_local int t_has_msg;
-
-__attribute__((format(printf, 2, 3))) static int fail(int code, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    set_message(code, fmt, ap);
-    va_end(ap);
-    t_has_msg = 1;
-    return code;
-}
-
-/* Count the call; return a nonzero injected error code when one fires. */
-static int api_enter(int api)
-{
-    api_count(api);
-    return injection_take(api);
-}
-
-#define ENTER(name)                                                                           \
-    do {                                                                                      \
-        int inj_ = api_enter(API_##name);                                                     \
-        if (inj_) return fail(inj_, "injected failure");                                      \
-    } while (0)
+#define FAKE_STREAM_FIELDS                                                                    \
+    int priority;                                                                             \
+    uint64_t failure_mode;
+#define FAKE_OP_FIELDS
+#include "fake_streams.h"
+#include "fake_copies.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* Global state                                                                                 */
-
-static pthread_mutex_t g_ev_mu = PTHREAD_MUTEX_INITIALIZER; /* event sequence numbers */
-static pthread_cond_t g_ev_cv;
-__attribute__((constructor)) static void global_init(void) { cond_init_mono(&g_ev_cv); }
 
 static atomic_int g_initialized;
 static atomic_uint g_epoch = 1; /* aclFinalize bumps it: every thread loses its device */
 static _Thread_local int t_device = -1;
 static _Thread_local unsigned t_epoch;
 
-static atomic_int g_batch_override = -1;  /* -1: use env FAKE_ACL_NO_BATCH */
-static atomic_long g_delay_override = -1; /* -1: use env FAKE_ACL_COPY_DELAY_US */
-
-/* Lock order: g_mu -> stream.mu, g_mu -> g_ev_mu. Workers never hold two at once. */
+static atomic_int g_batch_override = -1; /* -1: use env FAKE_ACL_NO_BATCH */
+static int g_nsync_events_dev[MAX_DEV];
 
 static int current_device(void)
 {
@@ -200,67 +190,6 @@ struct ctx {
     unsigned epoch;
 };
 static struct reg g_ctxs;
-
-/* ---- streams and operations ---- */
-
-struct seg {
-    char *dst;
-    const char *src;
-    size_t width, dpitch, spitch, rows;
-    struct alloc *da, *sa;
-};
-
-enum { OP_COPY, OP_RECORD, OP_WAIT };
-
-struct event;
-
-struct op {
-    int type;
-    long delay_us;
-    size_t nseg;
-    struct seg *segs;
-    struct event *ev;
-    uint64_t seq;
-    struct op *next;
-};
-
-struct stream {
-    int device;
-    int is_default;
-    uint64_t id;
-    int priority;
-    uint64_t failure_mode;
-    pthread_t th;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;      /* worker: work or stop */
-    pthread_cond_t done_cv; /* synchronizers */
-    struct op *head, *tail;
-    uint64_t enq, done;
-    int stop;
-    int refs; /* registry + lookups in progress */
-    int registered;
-};
-
-static struct reg g_streams;
-static struct stream *g_default_stream[MAX_DEV];
-static int g_nstreams_dev[MAX_DEV];
-static uint64_t g_stream_ids;
-
-struct event {
-    int device;
-    uint32_t flags;
-    int counted; /* counts against the sync event limit */
-    int refs;
-    int registered;
-    /* under g_ev_mu: */
-    uint64_t rec_seq, done_seq;
-    uint64_t rec_stream_id, done_stream_id;
-    double t_done;
-};
-
-static struct reg g_events;
-static int g_nsync_events_dev[MAX_DEV];
-
 /* ---- IPC ---- */
 
 #define META_MAGIC 0x3143504c43414654ull /* "TFACLPC1" */
@@ -307,165 +236,6 @@ struct ipc_import { /* imported by this process */
     struct ipc_import *next;
 };
 static struct ipc_import *g_imports;
-
-/* ------------------------------------------------------------------------------------------ */
-/* Stream worker                                                                                */
-
-static void event_put_locked(struct event *e)
-{
-    if (--e->refs == 0) free(e);
-}
-
-static void stream_free(struct stream *s)
-{
-    pthread_mutex_destroy(&s->mu);
-    pthread_cond_destroy(&s->cv);
-    pthread_cond_destroy(&s->done_cv);
-    free(s);
-}
-
-static void stream_unref_locked(struct stream *s, int n)
-{
-    s->refs -= n;
-    if (s->refs == 0) stream_free(s);
-}
-
-static void stream_put_locked(struct stream *s) { stream_unref_locked(s, 1); }
-
-static void op_release_locked(struct op *o)
-{
-    for (size_t i = 0; i < o->nseg; i++) {
-        if (o->segs[i].da) o->segs[i].da->pending--;
-        if (o->segs[i].sa) o->segs[i].sa->pending--;
-    }
-    if (o->ev) event_put_locked(o->ev);
-}
-
-static void op_run(struct stream *s, struct op *o)
-{
-    switch (o->type) {
-    case OP_COPY:
-        if (o->delay_us > 0) usleep((useconds_t)o->delay_us);
-        for (size_t i = 0; i < o->nseg; i++) {
-            const struct seg *g = &o->segs[i];
-            for (size_t r = 0; r < g->rows; r++)
-                memmove(g->dst + r * g->dpitch, g->src + r * g->spitch, g->width);
-        }
-        break;
-    case OP_RECORD:
-        pthread_mutex_lock(&g_ev_mu);
-        if (o->seq > o->ev->done_seq) {
-            o->ev->done_seq = o->seq;
-            o->ev->done_stream_id = s->id;
-            o->ev->t_done = now_s();
-        }
-        pthread_cond_broadcast(&g_ev_cv);
-        pthread_mutex_unlock(&g_ev_mu);
-        break;
-    case OP_WAIT:
-        pthread_mutex_lock(&g_ev_mu);
-        while (o->ev->done_seq < o->seq) pthread_cond_wait(&g_ev_cv, &g_ev_mu);
-        pthread_mutex_unlock(&g_ev_mu);
-        break;
-    }
-}
-
-#include "fake_streams.h"
-
-/* caller holds g_mu */
-static struct stream *stream_new_locked(int dev, int is_default, int *err)
-{
-    long maxs = env_long("FAKE_ACL_MAX_STREAMS", 1024);
-    if (!is_default && g_nstreams_dev[dev] >= maxs) {
-        *err = fail(ACL_ERROR_RT_NO_STREAM_RESOURCE, "too many streams on device %d (%d)", dev,
-                    g_nstreams_dev[dev]);
-        return NULL;
-    }
-    struct stream *s = calloc(1, sizeof *s);
-    if (!s) {
-        *err = fail(ACL_ERROR_RT_NO_STREAM_RESOURCE, "out of host memory");
-        return NULL;
-    }
-    s->device = dev;
-    s->is_default = is_default;
-    s->id = ++g_stream_ids;
-    pthread_mutex_init(&s->mu, NULL);
-    cond_init_mono(&s->cv);
-    cond_init_mono(&s->done_cv);
-    if (pthread_create(&s->th, NULL, stream_main, s) != 0) {
-        stream_free(s);
-        *err = fail(ACL_ERROR_RT_NO_STREAM_RESOURCE, "cannot start the stream worker thread");
-        return NULL;
-    }
-    if (reg_add(&g_streams, s) != 0) {
-        pthread_mutex_lock(&s->mu);
-        s->stop = 1;
-        pthread_cond_signal(&s->cv);
-        pthread_mutex_unlock(&s->mu);
-        pthread_join(s->th, NULL);
-        stream_free(s);
-        *err = fail(ACL_ERROR_RT_NO_STREAM_RESOURCE, "out of host memory");
-        return NULL;
-    }
-    s->registered = 1;
-    s->refs = 1;
-    if (!is_default) g_nstreams_dev[dev]++;
-    return s;
-}
-
-/* caller holds g_mu; NULL stream = the default stream of the current device. Takes a ref. */
-static struct stream *stream_get_locked(aclrtStream h, int dev, int *err)
-{
-    struct stream *s;
-    if (!h) {
-        s = g_default_stream[dev];
-        if (!s) {
-            s = stream_new_locked(dev, 1, err);
-            if (!s) return NULL;
-            g_default_stream[dev] = s;
-        }
-    } else {
-        if (!reg_has(&g_streams, h)) {
-            *err = fail(ACL_ERROR_RT_PARAM_INVALID, "unknown or destroyed stream %p", h);
-            return NULL;
-        }
-        s = h;
-    }
-    if (s->device != dev) {
-        *err = fail(ACL_ERROR_RT_STREAM_CONTEXT,
-                    "stream %p belongs to device %d but the thread's current device is %d", h,
-                    s->device, dev);
-        return NULL;
-    }
-    s->refs++;
-    return s;
-}
-
-static void stream_put(struct stream *s)
-{
-    pthread_mutex_lock(&g_mu);
-    stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-}
-
-/* caller holds g_mu; takes a ref */
-static struct event *event_get_locked(aclrtEvent h, int *err)
-{
-    if (!h || !reg_has(&g_events, h)) {
-        *err = fail(ACL_ERROR_RT_PARAM_INVALID, "unknown or destroyed event %p", h);
-        return NULL;
-    }
-    struct event *e = h;
-    e->refs++;
-    return e;
-}
-
-static void event_put(struct event *e)
-{
-    pthread_mutex_lock(&g_mu);
-    event_put_locked(e);
-    pthread_mutex_unlock(&g_mu);
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Init and device                                                                              */
@@ -600,13 +370,7 @@ static aclError create_stream(aclrtStream *stream)
 {
     if (!stream) return fail(ACL_ERROR_INVALID_PARAM, "stream is NULL");
     NEED_DEVICE(dev);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_new_locked(dev, 0, &err);
-    pthread_mutex_unlock(&g_mu);
-    if (!s) return err;
-    *stream = s;
-    return ACL_SUCCESS;
+    return stream_create(stream, dev, env_long("FAKE_ACL_MAX_STREAMS", 1024));
 }
 
 EXPORT aclError aclrtCreateStream(aclrtStream *stream)
@@ -625,75 +389,21 @@ EXPORT aclError aclrtCreateStreamWithConfig(aclrtStream *stream, uint32_t priori
     return rc;
 }
 
+/* Destroying a stream with queued work is refused (rules.busy_destroy). */
 EXPORT aclError aclrtDestroyStream(aclrtStream stream)
 {
     ENTER(aclrtDestroyStream);
     if (!stream) return fail(ACL_ERROR_INVALID_PARAM, "cannot destroy the default (NULL) stream");
     NEED_DEVICE(dev);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, dev, &err);
-    if (!s) {
-        pthread_mutex_unlock(&g_mu);
-        return err;
-    }
-    pthread_mutex_lock(&s->mu);
-    uint64_t queued = s->enq - s->done;
-    if (queued) {
-        pthread_mutex_unlock(&s->mu);
-        stream_put_locked(s);
-        pthread_mutex_unlock(&g_mu);
-        return fail(ACL_ERROR_RT_PARAM_INVALID,
-                    "stream %p still has %llu queued operation(s): synchronize it first", stream,
-                    (unsigned long long)queued);
-    }
-    s->stop = 1;
-    pthread_cond_signal(&s->cv);
-    pthread_mutex_unlock(&s->mu);
-    reg_del(&g_streams, s);
-    s->registered = 0;
-    g_nstreams_dev[s->device]--;
-    pthread_mutex_unlock(&g_mu);
-
-    pthread_join(s->th, NULL);
-
-    pthread_mutex_lock(&g_mu);
-    stream_unref_locked(s, 2); /* the lookup and the registry */
-    pthread_mutex_unlock(&g_mu);
-    return ACL_SUCCESS;
+    return stream_destroy(stream, dev);
 }
 
-/* ms < 0: forever. Returns 0 or ACL_ERROR_RT_STREAM_SYNC_TIMEOUT. */
-static int stream_wait(struct stream *s, long ms)
-{
-    struct timespec dl;
-    if (ms >= 0) deadline_after_ms(&dl, ms);
-    int rc = 0;
-    pthread_mutex_lock(&s->mu);
-    uint64_t target = s->enq;
-    while (s->done < target) {
-        if (ms < 0) {
-            pthread_cond_wait(&s->done_cv, &s->mu);
-        } else if (pthread_cond_timedwait(&s->done_cv, &s->mu, &dl) == ETIMEDOUT) {
-            if (s->done < target) rc = ACL_ERROR_RT_STREAM_SYNC_TIMEOUT;
-            break;
-        }
-    }
-    pthread_mutex_unlock(&s->mu);
-    return rc;
-}
-
+/* inj: the injected failure of the call, returned once the stream drained. */
 static aclError sync_stream(int inj, aclrtStream stream, long ms)
 {
     NEED_DEVICE(dev);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, dev, &err);
-    pthread_mutex_unlock(&g_mu);
-    if (!s) return err;
-    int rc = stream_wait(s, ms);
-    stream_put(s);
-    if (rc) return fail(rc, "stream %p not done within %ld ms", stream, ms);
+    int rc = stream_sync(stream, dev, ms);
+    if (rc) return rc;
     if (inj) return fail(inj, "injected failure (after the stream drained)");
     return ACL_SUCCESS;
 }
@@ -733,83 +443,25 @@ EXPORT aclError aclrtStreamWaitEvent(aclrtStream stream, aclrtEvent event)
 {
     ENTER(aclrtStreamWaitEvent);
     NEED_DEVICE(dev);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, dev, &err);
-    if (!s) {
-        pthread_mutex_unlock(&g_mu);
-        return err;
-    }
-    struct event *e = event_get_locked(event, &err);
-    if (!e) {
-        stream_put_locked(s);
-        pthread_mutex_unlock(&g_mu);
-        return err;
-    }
-    if (!(e->flags & ACL_EVENT_SYNC)) {
-        event_put_locked(e);
-        stream_put_locked(s);
-        pthread_mutex_unlock(&g_mu);
-        return fail(ACL_ERROR_RT_PARAM_INVALID,
-                    "event %p was created without ACL_EVENT_SYNC and cannot be waited on", event);
-    }
-    pthread_mutex_lock(&g_ev_mu);
-    uint64_t target = e->rec_seq;
-    int done = e->done_seq >= target;
-    pthread_mutex_unlock(&g_ev_mu);
-    struct op *o = NULL;
-    if (!done) {
-        o = calloc(1, sizeof *o);
-        if (!o) {
-            event_put_locked(e);
-            stream_put_locked(s);
-            pthread_mutex_unlock(&g_mu);
-            return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
-        }
-        o->type = OP_WAIT;
-        o->ev = e; /* keeps the lookup ref */
-        o->seq = target;
-        stream_push_locked(s, o);
-    } else {
-        event_put_locked(e);
-    }
-    stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-    return ACL_SUCCESS;
+    return stream_wait_event(stream, event, dev);
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Events                                                                                       */
 
+static const char *event_untimed(const struct event *e)
+{
+    return e->flags & ACL_EVENT_TIME_LINE ? NULL : "both events need ACL_EVENT_TIME_LINE";
+}
+
+/* counted: the event counts against the sync event limit of its device (when it syncs). */
 static aclError create_event(aclrtEvent *event, uint32_t flags, int counted)
 {
     if (!event) return fail(ACL_ERROR_INVALID_PARAM, "event is NULL");
     if (flags & ~0xFu) return fail(ACL_ERROR_INVALID_PARAM, "unknown event flag bits 0x%x", flags);
     NEED_DEVICE(dev);
-    if (!(flags & ACL_EVENT_SYNC)) counted = 0;
-    pthread_mutex_lock(&g_mu);
-    long maxe = env_long("FAKE_ACL_MAX_SYNC_EVENTS", 65535);
-    if (counted && g_nsync_events_dev[dev] >= maxe) {
-        int n = g_nsync_events_dev[dev];
-        pthread_mutex_unlock(&g_mu);
-        return fail(ACL_ERROR_RT_NO_EVENT_RESOURCE,
-                    "sync event limit reached on device %d (%d): pool and reuse events", dev, n);
-    }
-    struct event *e = calloc(1, sizeof *e);
-    if (!e || reg_add(&g_events, e) != 0) {
-        free(e);
-        pthread_mutex_unlock(&g_mu);
-        return fail(ACL_ERROR_RT_NO_EVENT_RESOURCE, "out of host memory");
-    }
-    e->device = dev;
-    e->flags = flags;
-    e->counted = counted;
-    e->refs = 1;
-    e->registered = 1;
-    if (counted) g_nsync_events_dev[dev]++;
-    pthread_mutex_unlock(&g_mu);
-    *event = e;
-    return ACL_SUCCESS;
+    int *count = counted && (flags & ACL_EVENT_SYNC) ? &g_nsync_events_dev[dev] : NULL;
+    return event_create(event, dev, flags, count, env_long("FAKE_ACL_MAX_SYNC_EVENTS", 65535));
 }
 
 EXPORT aclError aclrtCreateEvent(aclrtEvent *event)
@@ -835,62 +487,14 @@ EXPORT aclError aclrtDestroyEvent(aclrtEvent event)
     ENTER(aclrtDestroyEvent);
     NEED_DEVICE(dev);
     (void)dev;
-    pthread_mutex_lock(&g_mu);
-    if (!event || !reg_has(&g_events, event)) {
-        pthread_mutex_unlock(&g_mu);
-        return fail(ACL_ERROR_RT_PARAM_INVALID, "unknown or destroyed event %p", event);
-    }
-    struct event *e = event;
-    reg_del(&g_events, e);
-    e->registered = 0;
-    if (e->counted) g_nsync_events_dev[e->device]--;
-    event_put_locked(e); /* queued records/waits keep it alive */
-    pthread_mutex_unlock(&g_mu);
-    return ACL_SUCCESS;
+    return event_destroy(event);
 }
 
 EXPORT aclError aclrtRecordEvent(aclrtEvent event, aclrtStream stream)
 {
     ENTER(aclrtRecordEvent);
     NEED_DEVICE(dev);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct event *e = event_get_locked(event, &err);
-    if (!e) {
-        pthread_mutex_unlock(&g_mu);
-        return err;
-    }
-    struct stream *s = stream_get_locked(stream, dev, &err);
-    if (!s) {
-        event_put_locked(e);
-        pthread_mutex_unlock(&g_mu);
-        return err;
-    }
-    if (e->device != s->device) {
-        int ed = e->device;
-        event_put_locked(e);
-        stream_put_locked(s);
-        pthread_mutex_unlock(&g_mu);
-        return fail(ACL_ERROR_RT_STREAM_CONTEXT, "event of device %d recorded on a stream of device %d",
-                    ed, dev);
-    }
-    struct op *o = calloc(1, sizeof *o);
-    if (!o) {
-        event_put_locked(e);
-        stream_put_locked(s);
-        pthread_mutex_unlock(&g_mu);
-        return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
-    }
-    pthread_mutex_lock(&g_ev_mu);
-    o->seq = ++e->rec_seq;
-    e->rec_stream_id = s->id;
-    pthread_mutex_unlock(&g_ev_mu);
-    o->type = OP_RECORD;
-    o->ev = e; /* keeps the lookup ref */
-    stream_push_locked(s, o);
-    stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-    return ACL_SUCCESS;
+    return event_record(event, stream, dev);
 }
 
 EXPORT aclError aclrtQueryEventStatus(aclrtEvent event, int *status)
@@ -899,43 +503,16 @@ EXPORT aclError aclrtQueryEventStatus(aclrtEvent event, int *status)
     if (!status) return fail(ACL_ERROR_INVALID_PARAM, "status is NULL");
     NEED_DEVICE(dev);
     (void)dev;
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct event *e = event_get_locked(event, &err);
-    pthread_mutex_unlock(&g_mu);
-    if (!e) return err;
-    pthread_mutex_lock(&g_ev_mu);
-    *status = e->done_seq >= e->rec_seq ? 1 : 0; /* COMPLETE=1, NOT_READY=0 */
-    pthread_mutex_unlock(&g_ev_mu);
-    event_put(e);
-    return ACL_SUCCESS;
+    return event_query(event, status); /* COMPLETE=1, NOT_READY=0 */
 }
 
+/* inj: the injected failure of the call, returned once the event completed. */
 static aclError sync_event(int inj, aclrtEvent event, long ms)
 {
     NEED_DEVICE(dev);
     (void)dev;
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct event *e = event_get_locked(event, &err);
-    pthread_mutex_unlock(&g_mu);
-    if (!e) return err;
-    struct timespec dl;
-    if (ms >= 0) deadline_after_ms(&dl, ms);
-    int rc = 0;
-    pthread_mutex_lock(&g_ev_mu);
-    uint64_t target = e->rec_seq;
-    while (e->done_seq < target) {
-        if (ms < 0) {
-            pthread_cond_wait(&g_ev_cv, &g_ev_mu);
-        } else if (pthread_cond_timedwait(&g_ev_cv, &g_ev_mu, &dl) == ETIMEDOUT) {
-            if (e->done_seq < target) rc = ACL_ERROR_RT_EVENT_SYNC_TIMEOUT;
-            break;
-        }
-    }
-    pthread_mutex_unlock(&g_ev_mu);
-    event_put(e);
-    if (rc) return fail(rc, "event %p not complete within %ld ms", event, ms);
+    int rc = event_sync(event, ms);
+    if (rc) return rc;
     if (inj) return fail(inj, "injected failure (after the event completed)");
     return ACL_SUCCESS;
 }
@@ -959,33 +536,7 @@ EXPORT aclError aclrtEventElapsedTime(float *ms, aclrtEvent startEvent, aclrtEve
     if (!ms) return fail(ACL_ERROR_INVALID_PARAM, "ms is NULL");
     NEED_DEVICE(dev);
     (void)dev;
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct event *a = event_get_locked(startEvent, &err);
-    struct event *b = a ? event_get_locked(endEvent, &err) : NULL;
-    if (a && !b) event_put_locked(a);
-    pthread_mutex_unlock(&g_mu);
-    if (!b) return err;
-    aclError rc = ACL_SUCCESS;
-    if (!(a->flags & ACL_EVENT_TIME_LINE) || !(b->flags & ACL_EVENT_TIME_LINE)) {
-        rc = fail(ACL_ERROR_RT_PARAM_INVALID, "both events need ACL_EVENT_TIME_LINE");
-    } else {
-        pthread_mutex_lock(&g_ev_mu);
-        if (a->rec_seq == 0 || b->rec_seq == 0)
-            rc = fail(ACL_ERROR_RT_PARAM_INVALID, "event never recorded");
-        else if (a->done_seq < a->rec_seq || b->done_seq < b->rec_seq)
-            rc = fail(ACL_ERROR_RT_PARAM_INVALID, "event not complete yet");
-        else if (a->done_stream_id != b->done_stream_id)
-            rc = fail(ACL_ERROR_RT_PARAM_INVALID, "events were recorded on different streams");
-        else
-            *ms = (float)((b->t_done - a->t_done) * 1000.0);
-        pthread_mutex_unlock(&g_ev_mu);
-    }
-    pthread_mutex_lock(&g_mu);
-    event_put_locked(a);
-    event_put_locked(b);
-    pthread_mutex_unlock(&g_mu);
-    return rc;
+    return event_elapsed(ms, startEvent, endEvent);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1005,22 +556,9 @@ EXPORT aclError aclrtMalloc(void **devPtr, size_t size, int policy)
     return ACL_SUCCESS;
 }
 
-/* caller holds g_mu; returns 0 or an error (message set) */
-static int check_freeable_locked(struct alloc *a, const void *p, int kind, const char *what)
+/* Memory with live export keys stays until its keys are closed. */
+static int free_refused_locked(const struct alloc *a, const void *p)
 {
-    if (!a || a->base != (uintptr_t)p)
-        return fail(ACL_ERROR_RT_PARAM_INVALID, "%p is not the start of a live %s allocation", p,
-                    what);
-    if (a->kind != kind)
-        return fail(ACL_ERROR_RT_PARAM_INVALID, "%p is %s memory, not %s memory", p,
-                    a->kind == A_DEVICE ? "device" : "page-locked host", what);
-    if (a->imported)
-        return fail(ACL_ERROR_RT_PARAM_INVALID,
-                    "%p was imported by aclrtIpcMemImportByKey: close it with aclrtIpcMemClose", p);
-    if (a->pending)
-        return fail(ACL_ERROR_RT_PARAM_INVALID,
-                    "%p is still used by %ld queued async operation(s): synchronize first", p,
-                    a->pending);
     if (a->exported)
         return fail(ACL_ERROR_RT_PARAM_INVALID,
                     "%p is still exported (%d key(s)): aclrtIpcMemClose the keys first", p,
@@ -1034,19 +572,7 @@ EXPORT aclError aclrtFree(void *devPtr)
     if (!devPtr) return fail(ACL_ERROR_INVALID_PARAM, "devPtr is NULL");
     NEED_DEVICE(dev);
     (void)dev;
-    pthread_mutex_lock(&g_mu);
-    struct alloc *a = tab_find(devPtr);
-    int rc = check_freeable_locked(a, devPtr, A_DEVICE, "device");
-    if (!rc) {
-        tab_remove(a);
-        g_dev_used[a->device] -= a->size;
-    }
-    pthread_mutex_unlock(&g_mu);
-    if (rc) return rc;
-    munmap(a->raw, a->maplen);
-    if (a->fd >= 0) close(a->fd);
-    free(a);
-    return ACL_SUCCESS;
+    return alloc_free(devPtr, A_DEVICE, "device");
 }
 
 EXPORT aclError aclrtMallocHost(void **hostPtr, size_t size)
@@ -1056,29 +582,7 @@ EXPORT aclError aclrtMallocHost(void **hostPtr, size_t size)
     if (size == 0) return fail(ACL_ERROR_INVALID_PARAM, "size 0");
     NEED_DEVICE(dev);
     (void)dev;
-    void *p = NULL;
-    if (posix_memalign(&p, page_size(), size) != 0)
-        return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "cannot allocate %zu bytes", size);
-    struct alloc *a = calloc(1, sizeof *a);
-    if (a) {
-        a->base = (uintptr_t)p;
-        a->size = a->maplen = size;
-        a->kind = A_HOST_PINNED;
-        a->device = -1;
-        a->fd = -1;
-        a->raw = p;
-        poison(p, size);
-    }
-    pthread_mutex_lock(&g_mu);
-    if (!a || tab_insert(a) != 0) {
-        pthread_mutex_unlock(&g_mu);
-        free(a);
-        free(p);
-        return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
-    }
-    pthread_mutex_unlock(&g_mu);
-    *hostPtr = p;
-    return ACL_SUCCESS;
+    return host_alloc(size, hostPtr);
 }
 
 EXPORT aclError aclrtFreeHost(void *hostPtr)
@@ -1087,15 +591,7 @@ EXPORT aclError aclrtFreeHost(void *hostPtr)
     if (!hostPtr) return fail(ACL_ERROR_INVALID_PARAM, "hostPtr is NULL");
     NEED_DEVICE(dev);
     (void)dev;
-    pthread_mutex_lock(&g_mu);
-    struct alloc *a = tab_find(hostPtr);
-    int rc = check_freeable_locked(a, hostPtr, A_HOST_PINNED, "page-locked host");
-    if (!rc) tab_remove(a);
-    pthread_mutex_unlock(&g_mu);
-    if (rc) return rc;
-    free(a->raw);
-    free(a);
-    return ACL_SUCCESS;
+    return alloc_free(hostPtr, A_HOST_PINNED, "page-locked host");
 }
 
 EXPORT aclError aclrtGetMemInfo(int attr, size_t *freeBytes, size_t *totalBytes)
@@ -1172,69 +668,30 @@ static int check_end_locked(const char *role, const void *p, size_t extent, int 
     return 0;
 }
 
-/* Resolve the kind into (dst is device, src is device). Caller holds g_mu. */
-static int resolve_kind_locked(int kind, const void *dst, const void *src, int async, int *dd,
-                               int *sd)
+/* Validate one (2D) copy and fill g. Caller holds g_mu. Does not touch pending counts. */
+static int check_copy_locked(struct seg *g, const struct copy_args *c)
 {
-    if (kind < 0 || kind > K_DEFAULT) return fail(ACL_ERROR_INVALID_PARAM, "bad copy kind %d", kind);
-    if (kind == K_DEFAULT) {
-        struct alloc *a = tab_find(dst), *b = tab_find(src);
-        *dd = a && a->kind == A_DEVICE;
-        *sd = b && b->kind == A_DEVICE;
-    } else {
-        *dd = kind == K_H2D || kind == K_D2D;
-        *sd = kind == K_D2H || kind == K_D2D;
-    }
-    if (async && !*dd && !*sd)
-        return fail(ACL_ERROR_RT_FEATURE_NOT_SUPPORT, "host-to-host async copy (kind %s) is not supported",
-                    g_kind_names[kind]);
-    return 0;
-}
-
-static long copy_delay_us(void)
-{
-    long d = atomic_load(&g_delay_override);
-    return d >= 0 ? d : env_long("FAKE_ACL_COPY_DELAY_US", 0);
-}
-
-/* Validate one (2D) copy and fill seg. Caller holds g_mu. Does not touch pending counts. */
-static int check_copy_locked(struct seg *g, void *dst, size_t dpitch, const void *src,
-                             size_t spitch, size_t width, size_t rows, int kind, int async, int dev)
-{
+    if (c->kind < 0 || c->kind > K_DEFAULT)
+        return fail(ACL_ERROR_INVALID_PARAM, "bad copy kind %d", c->kind);
     int dd, sd, rc;
-    if ((rc = resolve_kind_locked(kind, dst, src, async, &dd, &sd))) return rc;
-    size_t dext = (rows - 1) * dpitch + width, sext = (rows - 1) * spitch + width;
-    if ((rc = check_end_locked("dst", dst, dext, dd, async, dev, &g->da))) return rc;
-    if ((rc = check_end_locked("src", src, sext, sd, async, dev, &g->sa))) return rc;
-    g->dst = dst;
-    g->src = src;
-    g->width = width;
-    g->dpitch = dpitch;
-    g->spitch = spitch;
-    g->rows = rows;
-    return 0;
+    copy_sides_locked(c, &dd, &sd);
+    if (c->async && !dd && !sd)
+        return fail(ACL_ERROR_RT_FEATURE_NOT_SUPPORT,
+                    "host-to-host async copy (kind %s) is not supported", g_kind_names[c->kind]);
+    rc = check_end_locked("dst", c->dst, copy_extent(c, c->dpitch), dd, c->async, c->dev, &g->da);
+    if (!rc)
+        rc = check_end_locked("src", c->src, copy_extent(c, c->spitch), sd, c->async, c->dev,
+                              &g->sa);
+    if (!rc) seg_set(g, c);
+    return rc;
 }
 
-static void seg_pin_locked(struct seg *g, long delta)
+/* The error of a copy of count bytes into room for destMax, or 0. */
+static int check_count(void *dst, size_t destMax, const void *src, size_t count)
 {
-    if (g->da) g->da->pending += delta;
-    if (g->sa) g->sa->pending += delta;
-}
-
-/* Queue a copy op of n segments (ownership of segs passes). Caller holds g_mu. */
-static int enqueue_copy_locked(struct stream *s, struct seg *segs, size_t n)
-{
-    struct op *o = calloc(1, sizeof *o);
-    if (!o) {
-        free(segs);
-        return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
-    }
-    for (size_t i = 0; i < n; i++) seg_pin_locked(&segs[i], 1);
-    o->type = OP_COPY;
-    o->delay_us = copy_delay_us();
-    o->segs = segs;
-    o->nseg = n;
-    stream_push_locked(s, o);
+    if (count > destMax)
+        return fail(ACL_ERROR_RT_PARAM_INVALID, "count %zu > destMax %zu", count, destMax);
+    if (count && (!dst || !src)) return fail(ACL_ERROR_INVALID_PARAM, "NULL dst or src");
     return 0;
 }
 
@@ -1242,21 +699,9 @@ EXPORT aclError aclrtMemcpy(void *dst, size_t destMax, const void *src, size_t c
 {
     ENTER(aclrtMemcpy);
     NEED_DEVICE(dev);
-    if (count > destMax)
-        return fail(ACL_ERROR_RT_PARAM_INVALID, "count %zu > destMax %zu", count, destMax);
-    if (count && (!dst || !src)) return fail(ACL_ERROR_INVALID_PARAM, "NULL dst or src");
-    if (count == 0) return ACL_SUCCESS;
-    struct seg g;
-    pthread_mutex_lock(&g_mu);
-    int rc = check_copy_locked(&g, dst, count, src, count, count, 1, kind, 0, dev);
-    if (!rc) seg_pin_locked(&g, 1);
-    pthread_mutex_unlock(&g_mu);
-    if (rc) return rc;
-    memmove(dst, src, count);
-    pthread_mutex_lock(&g_mu);
-    seg_pin_locked(&g, -1);
-    pthread_mutex_unlock(&g_mu);
-    return ACL_SUCCESS;
+    int rc = check_count(dst, destMax, src, count);
+    if (rc || count == 0) return rc;
+    return copy_sync(copy_line(dst, src, count, kind, 0, dev));
 }
 
 EXPORT aclError aclrtMemcpyAsync(void *dst, size_t destMax, const void *src, size_t count,
@@ -1264,27 +709,8 @@ EXPORT aclError aclrtMemcpyAsync(void *dst, size_t destMax, const void *src, siz
 {
     ENTER(aclrtMemcpyAsync);
     NEED_DEVICE(dev);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, dev, &err);
-    if (!s) {
-        pthread_mutex_unlock(&g_mu);
-        return err;
-    }
-    struct seg *g = NULL;
-    if (count > destMax)
-        err = fail(ACL_ERROR_RT_PARAM_INVALID, "count %zu > destMax %zu", count, destMax);
-    else if (count && (!dst || !src))
-        err = fail(ACL_ERROR_INVALID_PARAM, "NULL dst or src");
-    else if (count && !(g = malloc(sizeof *g)))
-        err = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
-    else if (count && (err = check_copy_locked(g, dst, count, src, count, count, 1, kind, 1, dev)))
-        free(g);
-    else if (count)
-        err = enqueue_copy_locked(s, g, 1);
-    stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-    return err;
+    int pre = check_count(dst, destMax, src, count);
+    return copy_async(stream, copy_line(dst, src, count, kind, 1, dev), pre);
 }
 
 EXPORT aclError aclrtMemcpy2dAsync(void *dst, size_t dpitch, const void *src, size_t spitch,
@@ -1292,35 +718,21 @@ EXPORT aclError aclrtMemcpy2dAsync(void *dst, size_t dpitch, const void *src, si
 {
     ENTER(aclrtMemcpy2dAsync);
     NEED_DEVICE(dev);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, dev, &err);
-    if (!s) {
-        pthread_mutex_unlock(&g_mu);
-        return err;
-    }
-    struct seg *g = NULL;
+    int pre = 0;
     int empty = width == 0 || height == 0;
     if (width > dpitch || width > spitch)
-        err = fail(ACL_ERROR_INVALID_PARAM, "width %zu > pitch (dpitch %zu, spitch %zu)", width,
+        pre = fail(ACL_ERROR_INVALID_PARAM, "width %zu > pitch (dpitch %zu, spitch %zu)", width,
                    dpitch, spitch);
     else if (!empty && (!dst || !src))
-        err = fail(ACL_ERROR_INVALID_PARAM, "NULL dst or src");
+        pre = fail(ACL_ERROR_INVALID_PARAM, "NULL dst or src");
     else if (!empty && ((height - 1) > (SIZE_MAX - width) / dpitch ||
                         (height - 1) > (SIZE_MAX - width) / spitch))
-        err = fail(ACL_ERROR_INVALID_PARAM, "2D extent overflows");
+        pre = fail(ACL_ERROR_INVALID_PARAM, "2D extent overflows");
     else if (!empty && kind == K_H2H)
-        err = fail(ACL_ERROR_RT_FEATURE_NOT_SUPPORT, "host-to-host 2D copy is not supported");
-    else if (!empty && !(g = malloc(sizeof *g)))
-        err = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
-    else if (!empty &&
-             (err = check_copy_locked(g, dst, dpitch, src, spitch, width, height, kind, 1, dev)))
-        free(g);
-    else if (!empty)
-        err = enqueue_copy_locked(s, g, 1);
-    stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-    return err;
+        pre = fail(ACL_ERROR_RT_FEATURE_NOT_SUPPORT, "host-to-host 2D copy is not supported");
+    struct copy_args c = {.dst = dst, .src = src, .dpitch = dpitch, .spitch = spitch,
+                          .width = width, .rows = height, .kind = kind, .async = 1, .dev = dev};
+    return copy_async(stream, c, pre);
 }
 
 static int batch_supported(void)
@@ -1331,9 +743,11 @@ static int batch_supported(void)
 }
 
 /* The location an attribute claims vs what the pointer is. Caller holds g_mu. */
-static int check_loc_locked(const char *role, size_t i, const aclrtMemLocation *loc,
-                            const struct alloc *a, int dev)
+static int check_loc_locked(const char *role, size_t i, const void *at,
+                            const struct alloc *a)
 {
+    const aclrtMemLocation *loc = at;
+    int dev = current_device();
     switch (loc->type) {
     case LOC_DEVICE:
         if (!a || a->kind != A_DEVICE)
@@ -1370,52 +784,15 @@ EXPORT aclError aclrtMemcpyBatchAsync(void **dsts, size_t *destMaxs, void **srcs
     NEED_DEVICE(dev);
     if (!dsts || !destMaxs || !srcs || !sizes || !attrs || !attrsIndexes)
         return fail(ACL_ERROR_INVALID_PARAM, "NULL array argument");
-    if (numBatches == 0) return fail(ACL_ERROR_INVALID_PARAM, "numBatches is 0");
-    if (numAttrs == 0 || numAttrs > numBatches)
-        return fail(ACL_ERROR_INVALID_PARAM, "numAttrs %zu not in [1, numBatches=%zu]", numAttrs,
-                    numBatches);
-    if (attrsIndexes[0] != 0) return fail(ACL_ERROR_INVALID_PARAM, "attrsIndexes[0] must be 0");
-    for (size_t j = 1; j < numAttrs; j++)
-        if (attrsIndexes[j] <= attrsIndexes[j - 1] || attrsIndexes[j] >= numBatches)
-            return fail(ACL_ERROR_INVALID_PARAM,
-                        "attrsIndexes must increase strictly and stay below numBatches (index %zu)",
-                        j);
-    struct seg *segs = calloc(numBatches, sizeof *segs);
-    if (!segs) return fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, dev, &err);
-    if (!s) {
-        pthread_mutex_unlock(&g_mu);
-        free(segs);
-        return err;
-    }
-    size_t nseg = 0, ai = 0;
-    for (size_t i = 0; i < numBatches && !err; i++) {
-        while (ai + 1 < numAttrs && attrsIndexes[ai + 1] <= i) ai++;
-        const aclrtMemcpyBatchAttr *at = &attrs[ai];
-        size_t n = sizes[i];
-        if (n > destMaxs[i]) {
-            err = fail(ACL_ERROR_RT_PARAM_INVALID, "entry %zu: size %zu > destMax %zu", i, n,
-                       destMaxs[i]);
-        } else if (n && (!dsts[i] || !srcs[i])) {
-            err = fail(ACL_ERROR_INVALID_PARAM, "entry %zu: NULL dst or src", i);
-        } else if (n) {
-            struct seg *g = &segs[nseg];
-            err = check_copy_locked(g, dsts[i], n, srcs[i], n, n, 1, K_DEFAULT, 1, dev);
-            if (!err) err = check_loc_locked("dst", i, &at->dstLoc, g->da, dev);
-            if (!err) err = check_loc_locked("src", i, &at->srcLoc, g->sa, dev);
-            if (!err) nseg++;
-        }
-        if (err) *failIndex = i;
-    }
-    if (!err && nseg)
-        err = enqueue_copy_locked(s, segs, nseg);
-    else
-        free(segs);
-    stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-    return err;
+    struct batch_args b = {.dsts = dsts, .srcs = srcs, .sizes = sizes, .dest_maxs = destMaxs,
+                           .count = numBatches, .attrs = attrs, .attr_size = sizeof *attrs,
+                           .dst_loc_at = offsetof(aclrtMemcpyBatchAttr, dstLoc),
+                           .src_loc_at = offsetof(aclrtMemcpyBatchAttr, srcLoc),
+                           .attr_idxs = attrsIndexes, .nattrs = numAttrs,
+                           .fail_index = failIndex, .count_name = "numBatches",
+                           .idxs_name = "attrsIndexes"};
+    int rc = check_batch_args(&b);
+    return rc ? rc : copy_batch(stream, dev, &b);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1611,19 +988,13 @@ static int import_foreign_locked(const char *key, int32_t me, struct ipc_meta **
     int memfd, metafd;
     if (!key_parse(key, &pid, &memfd, &metafd) || pid == me)
         return fail(ACL_ERROR_RT_PARAM_INVALID, "unknown or closed IPC key %.64s", key);
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%ld/fd/%d", pid, metafd);
-    int fd = open(path, O_RDWR | O_CLOEXEC);
-    if (fd < 0)
-        return fail(ACL_ERROR_RT_PARAM_INVALID,
-                    "unknown or closed IPC key %.64s: cannot open the exporter's key state %s (%s)",
-                    key, path, strerror(errno));
     size_t ml = meta_maplen();
-    struct stat st;
-    struct ipc_meta *m = MAP_FAILED;
-    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (size_t)st.st_size >= ml)
-        m = mmap(NULL, ml, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
+    int opened;
+    struct ipc_meta *m = map_foreign_fd(pid, metafd, ml, 0, ml, &opened);
+    if (!opened)
+        return fail(ACL_ERROR_RT_PARAM_INVALID,
+                    "unknown or closed IPC key %.64s: cannot open the exporter's key state (%s)",
+                    key, strerror(errno));
     if (m == MAP_FAILED || m->magic != META_MAGIC || m->owner_pid != (int32_t)pid ||
         strncmp(m->name, key, ACL_IPC_HANDLE_SIZE) != 0) {
         if (m != MAP_FAILED) munmap(m, ml);
@@ -1653,16 +1024,10 @@ static int import_foreign_locked(const char *key, int32_t me, struct ipc_meta **
                       key, META_MAX_IMPORTERS);
     }
     if (!rc) {
-        snprintf(path, sizeof path, "/proc/%ld/fd/%d", pid, memfd);
         len = round_page((size_t)m->size);
-        int e = 0, mf = open(path, O_RDWR | O_CLOEXEC);
-        if (mf >= 0) {
-            p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, mf, (off_t)m->offset);
-            e = errno;
-            close(mf);
-        } else {
-            e = errno;
-        }
+        int opened_mem;
+        p = map_foreign_fd(pid, memfd, len, (off_t)m->offset, 0, &opened_mem);
+        int e = errno;
         if (p == MAP_FAILED)
             rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "cannot map the memory of key %.64s (%s)",
                       key, strerror(e));
@@ -1725,26 +1090,16 @@ IPC_EXPORT aclError aclrtIpcMemImportByKey(void **devPtr, const char *key, uint6
     struct alloc *al = NULL;
     struct ipc_import *im = NULL;
     if (!rc) {
-        al = calloc(1, sizeof *al);
         im = calloc(1, sizeof *im);
-        if (al && im) {
-            al->base = (uintptr_t)p;
-            al->size = size;
-            al->maplen = maplen;
-            al->kind = A_DEVICE;
-            al->device = device;
-            al->imported = 1;
+        al = im ? import_insert_locked(p, size, maplen, device) : NULL;
+        if (al) {
             al->peer = (int)(flags & 1);
-            al->fd = -1;
-            al->raw = p;
-        }
-        if (!al || !im || tab_insert(al) != 0) {
+        } else {
             munmap(p, maplen);
             if (foreign) {
                 meta_drop_importer(m, me);
                 munmap(m, meta_maplen());
             }
-            free(al);
             free(im);
             rc = fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "out of host memory");
         }
@@ -1849,9 +1204,6 @@ EXPORT int fake_acl_inject(const char *api, int after, int code)
     return i == API_aclGetRecentErrMsg ? -1 : injection_arm(i, after, code);
 }
 
-/* Calls of `api` since the last fake_acl_reset(); -1 for an unknown name. */
-EXPORT long fake_acl_calls(const char *api) { return calls_of(api); }
-
 /* Clear the counters and pending injections; settings made with the setters go back to the
  * environment's defaults. */
 EXPORT void fake_acl_reset(void)
@@ -1866,9 +1218,6 @@ EXPORT void fake_acl_set_batch_supported(int supported)
     atomic_store(&g_batch_override, supported ? 1 : 0);
 }
 
-/* Sleep per queued copy operation; a negative value goes back to FAKE_ACL_COPY_DELAY_US. */
-EXPORT void fake_acl_set_copy_delay_us(long us) { atomic_store(&g_delay_override, us < 0 ? -1 : us); }
-
 /* Live objects: "device" (allocations, imported ones included), "host" (page-locked), "stream"
  * (created streams, not the per-device default ones), "event", "ipc_key", "ipc_import",
  * "pending" (queued/in-flight copy references); -1 for an unknown name. */
@@ -1877,21 +1226,14 @@ EXPORT long fake_acl_live(const char *what)
     if (!what) return -1;
     long n = 0;
     pthread_mutex_lock(&g_mu);
-    if (strcmp(what, "device") == 0 || strcmp(what, "host") == 0) {
-        int kind = what[0] == 'd' ? A_DEVICE : A_HOST_PINNED;
-        for (size_t i = 0; i < g_ntab; i++) n += g_tab[i]->kind == kind;
-    } else if (strcmp(what, "stream") == 0) {
-        for (size_t i = 0; i < g_streams.n; i++) n += !((struct stream *)g_streams.v[i])->is_default;
-    } else if (strcmp(what, "event") == 0) {
-        n = (long)g_events.n;
+    if (strcmp(what, "device") == 0) {
+        for (size_t i = 0; i < g_ntab; i++) n += g_tab[i]->kind == A_DEVICE;
     } else if (strcmp(what, "ipc_key") == 0) {
         for (struct ipc_key *k = g_keys; k; k = k->next) n++;
     } else if (strcmp(what, "ipc_import") == 0) {
         for (struct ipc_import *im = g_imports; im; im = im->next) n++;
-    } else if (strcmp(what, "pending") == 0) {
-        for (size_t i = 0; i < g_ntab; i++) n += g_tab[i]->pending;
     } else {
-        n = -1;
+        n = live_count_locked(what);
     }
     pthread_mutex_unlock(&g_mu);
     return n;

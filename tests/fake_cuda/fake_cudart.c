@@ -105,7 +105,6 @@ enum {
     cudaErrorNotSupported = 801,
 };
 
-enum { K_H2H = 0, K_H2D = 1, K_D2H = 2, K_D2D = 3, K_DEFAULT = 4 };
 enum { LOC_DEVICE = 1, LOC_HOST = 2 };
 enum { ORDER_STREAM = 1, ORDER_DURING_API_CALL = 2, ORDER_ANY = 3 };
 #define STREAM_NON_BLOCKING 1u
@@ -158,59 +157,28 @@ static const struct { int code; const char *name, *text; } g_errors[] = {
 
 #define FAKE_TAG "fake-cuda"
 #define FAKE_ENV(name) "FAKE_CUDA_" name
+#define FAKE_HOOK(name) fake_cuda_##name
 #define FAKE_ALLOC_FIELDS                                                                     \
-    int imported; /* a mapping made by cudaIpcOpenMemHandle */                                \
-    int import_refs;                                                                          \
+    int import_refs;    /* opens of one handle share a mapping */                             \
     uint64_t import_id; /* (exporter pid << 32) | serial, for a second open of one handle */
+#define FAKE_RULES                                                                            \
+    {                                                                                         \
+        .bad_value = cudaErrorInvalidValue, .bad_handle = cudaErrorInvalidResourceHandle,     \
+        .bad_range = cudaErrorInvalidValue, .no_memory = cudaErrorMemoryAllocation,           \
+        .no_stream = cudaErrorMemoryAllocation, .no_event = cudaErrorMemoryAllocation,        \
+        .stream_device = 0, .event_device = cudaErrorInvalidResourceHandle,                   \
+        .stream_timeout = 0, .event_timeout = 0, .timing = cudaErrorInvalidResourceHandle,    \
+        .not_ready = cudaErrorNotReady, .busy_destroy = 0, .busy_free = 0, .same_stream = 0,  \
+        .wait_flag = 0, .wait_flag_name = "", .import_name = "cudaIpcOpenMemHandle",          \
+        .close_name = "cudaIpcCloseMemHandle",                                                \
+    }
 #include "fake_engine.h"
 
 static atomic_long g_kernel_bytes;
-static atomic_int g_sticky; /* a kernel fault: every later call returns it, as on a GPU */
-static _Thread_local int t_last; /* cudaGetLastError */
-
-__attribute__((format(printf, 2, 3))) static int fail(int code, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    set_message(code, fmt, ap);
-    va_end(ap);
-    t_last = code;
-    return code;
-}
-
-/* Count the call; return a nonzero code when an injected failure fires or the process has a
- * sticky kernel fault. */
-static int api_enter(int api)
-{
-    api_count(api);
-    int sticky = atomic_load(&g_sticky);
-    if (sticky) return fail(sticky, "an earlier kernel faulted; the context is unusable");
-    int code = injection_take(api);
-    return code ? fail(code, "injected failure") : 0;
-}
-
-#define ENTER(name)                                                                           \
-    do {                                                                                      \
-        int inj_ = api_enter(API_##name);                                                     \
-        if (inj_) return inj_;                                                                \
-    } while (0)
 
 static int runtime_version(void) { return (int)env_long("FAKE_CUDA_VERSION", 12090); }
 
-/* ------------------------------------------------------------------------------------------ */
-/* Global state                                                                                 */
-
-static pthread_cond_t g_pending_cv;                          /* an allocation's pending count fell */
-static pthread_mutex_t g_ev_mu = PTHREAD_MUTEX_INITIALIZER; /* event sequence numbers */
-static pthread_cond_t g_ev_cv;
-__attribute__((constructor)) static void global_init(void)
-{
-    cond_init_mono(&g_ev_cv);
-    cond_init_mono(&g_pending_cv);
-}
-
 static _Thread_local int t_device; /* device 0 until cudaSetDevice, as the real runtime */
-static atomic_long g_delay_override = -1;
 
 static uint64_t g_alloc_serial;
 
@@ -220,68 +188,22 @@ static int inside(const struct alloc *a, uintptr_t p, size_t n)
     return a && p >= a->base && p - a->base <= a->size && n <= a->size - (p - a->base);
 }
 
-/* ---- streams and operations ---- */
-
-struct seg {
-    char *dst;
-    const char *src;
-    size_t n;
-    struct alloc *da, *sa;
-};
-
-/* A launch of the copy kernel: the argument values, captured at launch as the GPU does. */
+/* A launch of the copy kernel: the argument values, captured at launch as the GPU does. The
+ * op's held allocations are the tables', pinned while queued. */
 struct launch {
     uintptr_t pieces, pairs;
     unsigned npieces, npairs;
     dim3 grid;
     int device;
-    struct alloc *pa, *qa; /* the tables' allocations, pinned while queued */
 };
 
-enum { OP_COPY, OP_RECORD, OP_WAIT, OP_KERNEL };
+static void run_copy_kernel(const struct launch *k);
 
-struct event;
-
-struct op {
-    int type;
-    long delay_us;
-    size_t nseg;
-    struct seg *segs;
-    struct launch kernel;
-    struct event *ev;
-    uint64_t seq;
-    struct op *next;
-};
-
-struct stream {
-    int device;
-    int is_default;
-    uint64_t id;
-    pthread_t th;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;      /* worker: work or stop */
-    pthread_cond_t done_cv; /* synchronizers */
-    struct op *head, *tail;
-    uint64_t enq, done;
-    int stop;
-    int refs;
-};
-
-static struct reg g_streams;
-static struct stream *g_default_stream[MAX_DEV];
-static uint64_t g_stream_ids;
-
-struct event {
-    int device;
-    unsigned flags;
-    int refs;
-    /* under g_ev_mu: */
-    uint64_t rec_seq, done_seq;
-    uint64_t done_stream_id;
-    double t_done;
-};
-
-static struct reg g_events;
+#define FAKE_STREAM_FIELDS
+#define FAKE_OP_FIELDS struct launch kernel;
+#define FAKE_RUN_KERNEL(o) run_copy_kernel(&(o)->kernel)
+#include "fake_streams.h"
+#include "fake_copies.h"
 
 struct library {
     char **entries;   /* entry points of the PTX */
@@ -297,44 +219,6 @@ struct kernel {
     int entry;
 };
 static struct reg g_kernels;
-
-static void stream_free(struct stream *s)
-{
-    pthread_mutex_destroy(&s->mu);
-    pthread_cond_destroy(&s->cv);
-    pthread_cond_destroy(&s->done_cv);
-    free(s);
-}
-
-static void stream_put_locked(struct stream *s)
-{
-    if (--s->refs == 0) stream_free(s);
-}
-
-static void event_put_locked(struct event *e)
-{
-    if (--e->refs == 0) free(e);
-}
-
-static void pin_locked(struct alloc *a, long delta)
-{
-    if (!a) return;
-    a->pending += delta;
-    if (a->pending == 0) pthread_cond_broadcast(&g_pending_cv);
-}
-
-static void op_release_locked(struct op *o)
-{
-    for (size_t i = 0; i < o->nseg; i++) {
-        pin_locked(o->segs[i].da, -1);
-        pin_locked(o->segs[i].sa, -1);
-    }
-    if (o->type == OP_KERNEL) {
-        pin_locked(o->kernel.pa, -1);
-        pin_locked(o->kernel.qa, -1);
-    }
-    if (o->ev) event_put_locked(o->ev);
-}
 
 /* A device address range a kernel on device dev may touch: device memory of dev, or memory
  * imported by IPC (mapped with peer access). Caller holds g_mu. */
@@ -403,133 +287,6 @@ static void run_copy_kernel(const struct launch *k)
     for (size_t i = 0; i < ntouch; i++) pin_locked(touched[i], -1);
     pthread_mutex_unlock(&g_mu);
     free(touched);
-}
-
-static void op_run(struct stream *s, struct op *o)
-{
-    if (o->delay_us > 0 && (o->type == OP_COPY || o->type == OP_KERNEL))
-        usleep((useconds_t)o->delay_us);
-    switch (o->type) {
-    case OP_COPY:
-        if (atomic_load(&g_sticky)) break;
-        for (size_t i = 0; i < o->nseg; i++) memmove(o->segs[i].dst, o->segs[i].src, o->segs[i].n);
-        break;
-    case OP_KERNEL:
-        if (!atomic_load(&g_sticky)) run_copy_kernel(&o->kernel);
-        break;
-    case OP_RECORD:
-        pthread_mutex_lock(&g_ev_mu);
-        if (o->seq > o->ev->done_seq) {
-            o->ev->done_seq = o->seq;
-            o->ev->done_stream_id = s->id;
-            o->ev->t_done = now_s();
-        }
-        pthread_cond_broadcast(&g_ev_cv);
-        pthread_mutex_unlock(&g_ev_mu);
-        break;
-    case OP_WAIT:
-        pthread_mutex_lock(&g_ev_mu);
-        while (o->ev->done_seq < o->seq) pthread_cond_wait(&g_ev_cv, &g_ev_mu);
-        pthread_mutex_unlock(&g_ev_mu);
-        break;
-    }
-}
-
-#include "fake_streams.h"
-
-/* caller holds g_mu */
-static struct stream *stream_new_locked(int dev, int is_default, int *err)
-{
-    struct stream *s = calloc(1, sizeof *s);
-    if (!s) {
-        *err = fail(cudaErrorMemoryAllocation, "out of host memory");
-        return NULL;
-    }
-    s->device = dev;
-    s->is_default = is_default;
-    s->id = ++g_stream_ids;
-    pthread_mutex_init(&s->mu, NULL);
-    cond_init_mono(&s->cv);
-    cond_init_mono(&s->done_cv);
-    if (pthread_create(&s->th, NULL, stream_main, s) != 0) {
-        stream_free(s);
-        *err = fail(cudaErrorMemoryAllocation, "cannot start the stream worker thread");
-        return NULL;
-    }
-    if (reg_add(&g_streams, s) != 0) {
-        pthread_mutex_lock(&s->mu);
-        s->stop = 1;
-        pthread_cond_signal(&s->cv);
-        pthread_mutex_unlock(&s->mu);
-        pthread_join(s->th, NULL);
-        stream_free(s);
-        *err = fail(cudaErrorMemoryAllocation, "out of host memory");
-        return NULL;
-    }
-    s->refs = 1;
-    return s;
-}
-
-/* caller holds g_mu; NULL = the default stream of the current device. Takes a ref. */
-static struct stream *stream_get_locked(cudaStream_t h, int *err)
-{
-    struct stream *s;
-    if (!h) {
-        s = g_default_stream[t_device];
-        if (!s) {
-            s = stream_new_locked(t_device, 1, err);
-            if (!s) return NULL;
-            g_default_stream[t_device] = s;
-        }
-    } else {
-        if (!reg_has(&g_streams, h)) {
-            *err = fail(cudaErrorInvalidResourceHandle, "unknown or destroyed stream %p", h);
-            return NULL;
-        }
-        s = h;
-    }
-    s->refs++;
-    return s;
-}
-
-static void stream_put(struct stream *s)
-{
-    pthread_mutex_lock(&g_mu);
-    stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-}
-
-/* caller holds g_mu; takes a ref */
-static struct event *event_get_locked(cudaEvent_t h, int *err)
-{
-    if (!h || !reg_has(&g_events, h)) {
-        *err = fail(cudaErrorInvalidResourceHandle, "unknown or destroyed event %p", h);
-        return NULL;
-    }
-    struct event *e = h;
-    e->refs++;
-    return e;
-}
-
-static void event_put(struct event *e)
-{
-    pthread_mutex_lock(&g_mu);
-    event_put_locked(e);
-    pthread_mutex_unlock(&g_mu);
-}
-
-static void stream_drain(struct stream *s)
-{
-    pthread_mutex_lock(&s->mu);
-    uint64_t target = s->enq;
-    while (s->done < target) pthread_cond_wait(&s->done_cv, &s->mu);
-    pthread_mutex_unlock(&s->mu);
-}
-
-static long copy_delay_us(void)
-{
-    long d = atomic_load(&g_delay_override);
-    return d >= 0 ? d : env_long("FAKE_CUDA_COPY_DELAY_US", 0);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -623,13 +380,7 @@ static cudaError_t create_stream(cudaStream_t *stream, unsigned int flags)
 {
     if (!stream) return fail(cudaErrorInvalidValue, "pStream is NULL");
     if (flags & ~STREAM_NON_BLOCKING) return fail(cudaErrorInvalidValue, "unknown stream flags 0x%x", flags);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_new_locked(t_device, 0, &err);
-    pthread_mutex_unlock(&g_mu);
-    if (!s) return err;
-    *stream = s;
-    return cudaSuccess;
+    return stream_create(stream, t_device, -1);
 }
 
 EXPORT cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned int flags)
@@ -649,117 +400,54 @@ EXPORT cudaError_t cudaStreamDestroy(cudaStream_t stream)
 {
     ENTER(cudaStreamDestroy);
     if (!stream) return fail(cudaErrorInvalidResourceHandle, "cannot destroy the default stream");
-    pthread_mutex_lock(&g_mu);
-    if (!reg_has(&g_streams, stream)) {
-        pthread_mutex_unlock(&g_mu);
-        return fail(cudaErrorInvalidResourceHandle, "unknown or destroyed stream %p", stream);
-    }
-    struct stream *s = stream;
-    reg_del(&g_streams, s);
-    pthread_mutex_unlock(&g_mu);
-    stream_drain(s);
-    pthread_mutex_lock(&s->mu);
-    s->stop = 1;
-    pthread_cond_signal(&s->cv);
-    pthread_mutex_unlock(&s->mu);
-    pthread_join(s->th, NULL);
-    stream_put(s);
-    return cudaSuccess;
+    return stream_destroy(stream, t_device);
+}
+
+/* The sticky fault of a kernel that ran before a synchronization returned (message: what
+ * faulted), or 0. */
+static cudaError_t after_sync(const char *msg)
+{
+    int sticky = atomic_load(&g_sticky);
+    return sticky ? fail(sticky, "%s", msg) : cudaSuccess;
 }
 
 EXPORT cudaError_t cudaStreamSynchronize(cudaStream_t stream)
 {
     ENTER(cudaStreamSynchronize);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, &err);
-    pthread_mutex_unlock(&g_mu);
-    if (!s) return err;
-    stream_drain(s);
-    stream_put(s);
-    int sticky = atomic_load(&g_sticky);
-    return sticky ? fail(sticky, "a kernel on the stream faulted") : cudaSuccess;
+    int rc = stream_sync(stream, t_device, -1);
+    return rc ? rc : after_sync("a kernel on the stream faulted");
 }
 
 EXPORT cudaError_t cudaStreamQuery(cudaStream_t stream)
 {
     ENTER(cudaStreamQuery);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, &err);
-    pthread_mutex_unlock(&g_mu);
-    if (!s) return err;
-    pthread_mutex_lock(&s->mu);
-    int busy = s->done < s->enq;
-    pthread_mutex_unlock(&s->mu);
-    stream_put(s);
-    return busy ? cudaErrorNotReady : cudaSuccess;
+    int busy = 0;
+    int rc = stream_busy(stream, t_device, &busy);
+    return rc ? rc : busy ? cudaErrorNotReady : cudaSuccess;
 }
 
 EXPORT cudaError_t cudaDeviceSynchronize(void)
 {
     ENTER(cudaDeviceSynchronize);
-    pthread_mutex_lock(&g_mu);
-    size_t n = g_streams.n;
-    struct stream **v = calloc(n ? n : 1, sizeof *v);
-    size_t k = 0;
-    for (size_t i = 0; v && i < n; i++) {
-        struct stream *s = g_streams.v[i];
-        if (s->device == t_device) {
-            s->refs++;
-            v[k++] = s;
-        }
-    }
-    pthread_mutex_unlock(&g_mu);
-    if (!v) return fail(cudaErrorMemoryAllocation, "out of host memory");
-    for (size_t i = 0; i < k; i++) {
-        stream_drain(v[i]);
-        stream_put(v[i]);
-    }
-    free(v);
-    int sticky = atomic_load(&g_sticky);
-    return sticky ? fail(sticky, "a kernel faulted") : cudaSuccess;
+    int rc = device_sync(t_device);
+    return rc ? rc : after_sync("a kernel faulted");
 }
 
 EXPORT cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags)
 {
     ENTER(cudaStreamWaitEvent);
     if (flags != 0) return fail(cudaErrorInvalidValue, "flags must be 0, got 0x%x", flags);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, &err);
-    struct event *e = s ? event_get_locked(event, &err) : NULL;
-    if (!e) {
-        if (s) stream_put_locked(s);
-        pthread_mutex_unlock(&g_mu);
-        return err;
-    }
-    pthread_mutex_lock(&g_ev_mu);
-    uint64_t target = e->rec_seq;
-    int done = e->done_seq >= target;
-    pthread_mutex_unlock(&g_ev_mu);
-    if (!done) {
-        struct op *o = calloc(1, sizeof *o);
-        if (!o) {
-            event_put_locked(e);
-            stream_put_locked(s);
-            pthread_mutex_unlock(&g_mu);
-            return fail(cudaErrorMemoryAllocation, "out of host memory");
-        }
-        o->type = OP_WAIT;
-        o->ev = e; /* keeps the lookup ref */
-        o->seq = target;
-        stream_push_locked(s, o);
-    } else {
-        event_put_locked(e);
-    }
-    stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-    return cudaSuccess;
+    return stream_wait_event(stream, event, t_device);
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Events                                                                                       */
+
+static const char *event_untimed(const struct event *e)
+{
+    return e->flags & EVENT_DISABLE_TIMING ? "an event was created with cudaEventDisableTiming"
+                                           : NULL;
+}
 
 static cudaError_t create_event(cudaEvent_t *event, unsigned int flags)
 {
@@ -768,19 +456,7 @@ static cudaError_t create_event(cudaEvent_t *event, unsigned int flags)
         return fail(cudaErrorInvalidValue, "unknown event flags 0x%x", flags);
     if ((flags & EVENT_INTERPROCESS) && !(flags & EVENT_DISABLE_TIMING))
         return fail(cudaErrorInvalidValue, "an interprocess event needs cudaEventDisableTiming");
-    struct event *e = calloc(1, sizeof *e);
-    pthread_mutex_lock(&g_mu);
-    if (!e || reg_add(&g_events, e) != 0) {
-        pthread_mutex_unlock(&g_mu);
-        free(e);
-        return fail(cudaErrorMemoryAllocation, "out of host memory");
-    }
-    e->device = t_device;
-    e->flags = flags;
-    e->refs = 1;
-    pthread_mutex_unlock(&g_mu);
-    *event = e;
-    return cudaSuccess;
+    return event_create(event, t_device, flags, NULL, 0);
 }
 
 EXPORT cudaError_t cudaEventCreateWithFlags(cudaEvent_t *event, unsigned int flags)
@@ -798,117 +474,36 @@ EXPORT cudaError_t cudaEventCreate(cudaEvent_t *event)
 EXPORT cudaError_t cudaEventDestroy(cudaEvent_t event)
 {
     ENTER(cudaEventDestroy);
-    pthread_mutex_lock(&g_mu);
-    if (!event || !reg_has(&g_events, event)) {
-        pthread_mutex_unlock(&g_mu);
-        return fail(cudaErrorInvalidResourceHandle, "unknown or destroyed event %p", event);
-    }
-    reg_del(&g_events, event);
-    event_put_locked(event); /* queued records/waits keep it alive */
-    pthread_mutex_unlock(&g_mu);
-    return cudaSuccess;
+    return event_destroy(event);
 }
 
 EXPORT cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream)
 {
     ENTER(cudaEventRecord);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct event *e = event_get_locked(event, &err);
-    struct stream *s = e ? stream_get_locked(stream, &err) : NULL;
-    if (!s) {
-        if (e) event_put_locked(e);
-        pthread_mutex_unlock(&g_mu);
-        return err;
-    }
-    if (e->device != s->device) {
-        int ed = e->device, sd = s->device;
-        event_put_locked(e);
-        stream_put_locked(s);
-        pthread_mutex_unlock(&g_mu);
-        return fail(cudaErrorInvalidResourceHandle,
-                    "event of device %d recorded on a stream of device %d", ed, sd);
-    }
-    struct op *o = calloc(1, sizeof *o);
-    if (!o) {
-        event_put_locked(e);
-        stream_put_locked(s);
-        pthread_mutex_unlock(&g_mu);
-        return fail(cudaErrorMemoryAllocation, "out of host memory");
-    }
-    pthread_mutex_lock(&g_ev_mu);
-    o->seq = ++e->rec_seq;
-    pthread_mutex_unlock(&g_ev_mu);
-    o->type = OP_RECORD;
-    o->ev = e; /* keeps the lookup ref */
-    stream_push_locked(s, o);
-    stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-    return cudaSuccess;
+    return event_record(event, stream, t_device);
 }
 
 /* 0 when the last record completed (or there was none), else 600. */
 EXPORT cudaError_t cudaEventQuery(cudaEvent_t event)
 {
     ENTER(cudaEventQuery);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct event *e = event_get_locked(event, &err);
-    pthread_mutex_unlock(&g_mu);
-    if (!e) return err;
-    pthread_mutex_lock(&g_ev_mu);
-    int done = e->done_seq >= e->rec_seq;
-    pthread_mutex_unlock(&g_ev_mu);
-    event_put(e);
-    return done ? cudaSuccess : cudaErrorNotReady;
+    int done = 0;
+    int rc = event_query(event, &done);
+    return rc ? rc : done ? cudaSuccess : cudaErrorNotReady;
 }
 
 EXPORT cudaError_t cudaEventSynchronize(cudaEvent_t event)
 {
     ENTER(cudaEventSynchronize);
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct event *e = event_get_locked(event, &err);
-    pthread_mutex_unlock(&g_mu);
-    if (!e) return err;
-    pthread_mutex_lock(&g_ev_mu);
-    uint64_t target = e->rec_seq;
-    while (e->done_seq < target) pthread_cond_wait(&g_ev_cv, &g_ev_mu);
-    pthread_mutex_unlock(&g_ev_mu);
-    event_put(e);
-    int sticky = atomic_load(&g_sticky);
-    return sticky ? fail(sticky, "a kernel faulted") : cudaSuccess;
+    int rc = event_sync(event, -1);
+    return rc ? rc : after_sync("a kernel faulted");
 }
 
 EXPORT cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t start, cudaEvent_t end)
 {
     ENTER(cudaEventElapsedTime);
     if (!ms) return fail(cudaErrorInvalidValue, "ms is NULL");
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct event *a = event_get_locked(start, &err);
-    struct event *b = a ? event_get_locked(end, &err) : NULL;
-    if (a && !b) event_put_locked(a);
-    pthread_mutex_unlock(&g_mu);
-    if (!b) return err;
-    cudaError_t rc = cudaSuccess;
-    if ((a->flags | b->flags) & EVENT_DISABLE_TIMING) {
-        rc = fail(cudaErrorInvalidResourceHandle, "an event was created with cudaEventDisableTiming");
-    } else {
-        pthread_mutex_lock(&g_ev_mu);
-        if (a->rec_seq == 0 || b->rec_seq == 0)
-            rc = fail(cudaErrorInvalidResourceHandle, "event never recorded");
-        else if (a->done_seq < a->rec_seq || b->done_seq < b->rec_seq)
-            rc = fail(cudaErrorNotReady, "event not complete yet");
-        else
-            *ms = (float)((b->t_done - a->t_done) * 1000.0);
-        pthread_mutex_unlock(&g_ev_mu);
-    }
-    pthread_mutex_lock(&g_mu);
-    event_put_locked(a);
-    event_put_locked(b);
-    pthread_mutex_unlock(&g_mu);
-    return rc;
+    return event_elapsed(ms, start, end);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -933,43 +528,13 @@ EXPORT cudaError_t cudaMalloc(void **devPtr, size_t size)
     return cudaSuccess;
 }
 
-/* cudaFree synchronizes: it waits until no queued operation uses the allocation. Caller holds
- * g_mu; returns 0 or an error (message set), with the allocation out of the table on success. */
-static int take_for_free_locked(void *p, int kind, const char *what, struct alloc **out)
-{
-    struct alloc *a;
-    for (;;) {
-        a = tab_find(p);
-        if (!a || a->base != (uintptr_t)p)
-            return fail(cudaErrorInvalidValue, "%p is not the start of a live %s allocation", p, what);
-        if (a->kind != kind)
-            return fail(cudaErrorInvalidValue, "%p is %s memory, not %s memory", p,
-                        a->kind == A_DEVICE ? "device" : "page-locked host", what);
-        if (a->imported)
-            return fail(cudaErrorInvalidValue,
-                        "%p was mapped by cudaIpcOpenMemHandle: close it with cudaIpcCloseMemHandle", p);
-        if (!a->pending) break;
-        pthread_cond_wait(&g_pending_cv, &g_mu);
-    }
-    tab_remove(a);
-    *out = a;
-    return 0;
-}
+/* cudaFree synchronizes: it waits until no queued operation uses the allocation. */
+static int free_refused_locked(const struct alloc *a, const void *p) { return 0; }
 
 EXPORT cudaError_t cudaFree(void *devPtr)
 {
     ENTER(cudaFree);
-    if (!devPtr) return cudaSuccess;
-    struct alloc *a = NULL;
-    pthread_mutex_lock(&g_mu);
-    int rc = take_for_free_locked(devPtr, A_DEVICE, "device", &a);
-    if (!rc) g_dev_used[a->device] -= a->size;
-    pthread_mutex_unlock(&g_mu);
-    if (rc) return rc;
-    munmap(a->raw, a->maplen);
-    if (a->fd >= 0) close(a->fd);
-    free(a);
-    return cudaSuccess;
+    return devPtr ? alloc_free(devPtr, A_DEVICE, "device") : cudaSuccess;
 }
 
 EXPORT cudaError_t cudaMallocHost(void **ptr, size_t size)
@@ -980,43 +545,13 @@ EXPORT cudaError_t cudaMallocHost(void **ptr, size_t size)
         *ptr = NULL;
         return cudaSuccess;
     }
-    void *p = NULL;
-    if (posix_memalign(&p, page_size(), size) != 0)
-        return fail(cudaErrorMemoryAllocation, "cannot allocate %zu bytes", size);
-    struct alloc *a = calloc(1, sizeof *a);
-    if (a) {
-        a->base = (uintptr_t)p;
-        a->size = a->maplen = size;
-        a->kind = A_HOST_PINNED;
-        a->device = -1;
-        a->fd = -1;
-        a->raw = p;
-        poison(p, size);
-    }
-    pthread_mutex_lock(&g_mu);
-    if (!a || tab_insert(a) != 0) {
-        pthread_mutex_unlock(&g_mu);
-        free(a);
-        free(p);
-        return fail(cudaErrorMemoryAllocation, "out of host memory");
-    }
-    pthread_mutex_unlock(&g_mu);
-    *ptr = p;
-    return cudaSuccess;
+    return host_alloc(size, ptr);
 }
 
 EXPORT cudaError_t cudaFreeHost(void *ptr)
 {
     ENTER(cudaFreeHost);
-    if (!ptr) return cudaSuccess;
-    struct alloc *a = NULL;
-    pthread_mutex_lock(&g_mu);
-    int rc = take_for_free_locked(ptr, A_HOST_PINNED, "page-locked host", &a);
-    pthread_mutex_unlock(&g_mu);
-    if (rc) return rc;
-    free(a->raw);
-    free(a);
-    return cudaSuccess;
+    return ptr ? alloc_free(ptr, A_HOST_PINNED, "page-locked host") : cudaSuccess;
 }
 
 EXPORT cudaError_t cudaMemGetInfo(size_t *freeBytes, size_t *totalBytes)
@@ -1056,123 +591,49 @@ static int check_end_locked(const char *role, const void *p, size_t n, int want_
     return 0;
 }
 
-/* Validate one copy into g. Caller holds g_mu. */
-static int check_copy_locked(struct seg *g, void *dst, const void *src, size_t n, int kind)
+/* Validate one copy into g (kind checked by the caller). Caller holds g_mu. */
+static int check_copy_locked(struct seg *g, const struct copy_args *c)
+{
+    int dd, sd;
+    copy_sides_locked(c, &dd, &sd);
+    int rc = check_end_locked("dst", c->dst, copy_extent(c, c->dpitch), dd, c->kind, &g->da);
+    if (!rc) rc = check_end_locked("src", c->src, copy_extent(c, c->spitch), sd, c->kind, &g->sa);
+    if (!rc) seg_set(g, c);
+    return rc;
+}
+
+/* The error of a copy's kind and pointers, or 0. */
+static int check_copy_args(void *dst, const void *src, size_t count, int kind)
 {
     if (kind < K_H2H || kind > K_DEFAULT)
         return fail(cudaErrorInvalidMemcpyDirection, "bad copy kind %d", kind);
-    int dd, sd;
-    if (kind == K_DEFAULT) {
-        struct alloc *a = tab_find(dst), *b = tab_find(src);
-        dd = a && a->kind == A_DEVICE;
-        sd = b && b->kind == A_DEVICE;
-    } else {
-        dd = kind == K_H2D || kind == K_D2D;
-        sd = kind == K_D2H || kind == K_D2D;
-    }
-    int rc;
-    if ((rc = check_end_locked("dst", dst, n, dd, kind, &g->da))) return rc;
-    if ((rc = check_end_locked("src", src, n, sd, kind, &g->sa))) return rc;
-    g->dst = dst;
-    g->src = src;
-    g->n = n;
+    if (count && (!dst || !src)) return fail(cudaErrorInvalidValue, "NULL dst or src");
     return 0;
 }
 
-/* Queue n checked copies on s (ownership of segs passes), or, when one of them touches pageable
- * host memory, drain s and copy them here, as the real runtime stages pageable memory.
- * Caller holds g_mu (released and retaken around a synchronous copy). */
-static int enqueue_copies_locked(struct stream *s, struct seg *segs, size_t n)
-{
-    int pageable = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (segs[i].da) pin_locked(segs[i].da, 1);
-        if (segs[i].sa) pin_locked(segs[i].sa, 1);
-        int dhost = !segs[i].da, shost = !segs[i].sa;
-        pageable |= dhost || shost;
-    }
-    if (pageable) {
-        pthread_mutex_unlock(&g_mu);
-        stream_drain(s);
-        long d = copy_delay_us();
-        if (d > 0) usleep((useconds_t)d);
-        for (size_t i = 0; i < n; i++) memmove(segs[i].dst, segs[i].src, segs[i].n);
-        pthread_mutex_lock(&g_mu);
-        for (size_t i = 0; i < n; i++) {
-            pin_locked(segs[i].da, -1);
-            pin_locked(segs[i].sa, -1);
-        }
-        free(segs);
-        return 0;
-    }
-    struct op *o = calloc(1, sizeof *o);
-    if (!o) {
-        for (size_t i = 0; i < n; i++) {
-            pin_locked(segs[i].da, -1);
-            pin_locked(segs[i].sa, -1);
-        }
-        free(segs);
-        return fail(cudaErrorMemoryAllocation, "out of host memory");
-    }
-    o->type = OP_COPY;
-    o->delay_us = copy_delay_us();
-    o->segs = segs;
-    o->nseg = n;
-    stream_push_locked(s, o);
-    return 0;
-}
-
+/* Pageable host memory in an async copy is copied synchronously (the real runtime stages it). */
 EXPORT cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t count, int kind,
                                    cudaStream_t stream)
 {
     ENTER(cudaMemcpyAsync);
-    if (kind < K_H2H || kind > K_DEFAULT)
-        return fail(cudaErrorInvalidMemcpyDirection, "bad copy kind %d", kind);
-    if (count == 0) return cudaSuccess;
-    if (!dst || !src) return fail(cudaErrorInvalidValue, "NULL dst or src");
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, &err);
-    struct seg *g = NULL;
-    if (s && !(g = malloc(sizeof *g))) err = fail(cudaErrorMemoryAllocation, "out of host memory");
-    if (g && (err = check_copy_locked(g, dst, src, count, kind))) {
-        free(g);
-        g = NULL;
-    }
-    if (g) err = enqueue_copies_locked(s, g, 1);
-    if (s) stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-    return err;
+    int rc = check_copy_args(dst, src, count, kind);
+    if (rc || count == 0) return rc;
+    return copy_async(stream, copy_line(dst, src, count, kind, 1, t_device), 0);
 }
 
 EXPORT cudaError_t cudaMemcpy(void *dst, const void *src, size_t count, int kind)
 {
     ENTER(cudaMemcpy);
-    if (kind < K_H2H || kind > K_DEFAULT)
-        return fail(cudaErrorInvalidMemcpyDirection, "bad copy kind %d", kind);
-    if (count == 0) return cudaSuccess;
-    if (!dst || !src) return fail(cudaErrorInvalidValue, "NULL dst or src");
-    struct seg g;
-    pthread_mutex_lock(&g_mu);
-    int rc = check_copy_locked(&g, dst, src, count, kind);
-    if (!rc) {
-        pin_locked(g.da, 1);
-        pin_locked(g.sa, 1);
-    }
-    pthread_mutex_unlock(&g_mu);
-    if (rc) return rc;
-    memmove(dst, src, count);
-    pthread_mutex_lock(&g_mu);
-    pin_locked(g.da, -1);
-    pin_locked(g.sa, -1);
-    pthread_mutex_unlock(&g_mu);
-    return cudaSuccess;
+    int rc = check_copy_args(dst, src, count, kind);
+    if (rc || count == 0) return rc;
+    return copy_sync(copy_line(dst, src, count, kind, 0, t_device));
 }
 
 /* The location an attribute claims vs what the pointer is. Caller holds g_mu. */
-static int check_loc_locked(const char *role, size_t i, const cudaMemLocation *loc,
+static int check_loc_locked(const char *role, size_t i, const void *at,
                             const struct alloc *a)
 {
+    const cudaMemLocation *loc = at;
     int is_dev = a && a->kind == A_DEVICE;
     if (loc->type == LOC_DEVICE && !is_dev)
         return fail(cudaErrorInvalidValue, "entry %zu: %sLocHint says device, the pointer is host memory", i, role);
@@ -1198,47 +659,23 @@ EXPORT cudaError_t cudaMemcpyBatchAsync(void **dsts, void **srcs, size_t *sizes,
         return fail(cudaErrorNotSupported, "cudaMemcpyBatchAsync is not supported here");
     if (!dsts || !srcs || !sizes || !attrs || !attrsIdxs)
         return fail(cudaErrorInvalidValue, "NULL array argument");
-    if (count == 0) return fail(cudaErrorInvalidValue, "count is 0");
-    if (numAttrs == 0 || numAttrs > count)
-        return fail(cudaErrorInvalidValue, "numAttrs %zu not in [1, count=%zu]", numAttrs, count);
-    if (attrsIdxs[0] != 0) return fail(cudaErrorInvalidValue, "attrsIdxs[0] must be 0");
-    for (size_t j = 1; j < numAttrs; j++)
-        if (attrsIdxs[j] <= attrsIdxs[j - 1] || attrsIdxs[j] >= count)
-            return fail(cudaErrorInvalidValue, "attrsIdxs must increase and stay below count");
+    struct batch_args b = {.dsts = dsts, .srcs = srcs, .sizes = sizes, .dest_maxs = NULL,
+                           .count = count, .attrs = attrs, .attr_size = sizeof *attrs,
+                           .dst_loc_at = offsetof(cudaMemcpyAttributes, dstLocHint),
+                           .src_loc_at = offsetof(cudaMemcpyAttributes, srcLocHint),
+                           .attr_idxs = attrsIdxs, .nattrs = numAttrs, .fail_index = failIdx,
+                           .count_name = "count", .idxs_name = "attrsIdxs"};
+    int rc = check_batch_args(&b);
+    if (rc) return rc;
     for (size_t j = 0; j < numAttrs; j++)
         if (attrs[j].srcAccessOrder < ORDER_STREAM || attrs[j].srcAccessOrder > ORDER_ANY)
             return fail(cudaErrorInvalidValue, "attrs[%zu].srcAccessOrder %d is invalid", j,
                         attrs[j].srcAccessOrder);
     if (!stream)
         return fail(cudaErrorInvalidValue, "the legacy default stream cannot take a batch copy");
-    struct seg *segs = calloc(count, sizeof *segs);
-    if (!segs) return fail(cudaErrorMemoryAllocation, "out of host memory");
-    int err = 0;
-    pthread_mutex_lock(&g_mu);
-    struct stream *s = stream_get_locked(stream, &err);
-    size_t nseg = 0, ai = 0;
-    for (size_t i = 0; s && i < count && !err; i++) {
-        while (ai + 1 < numAttrs && attrsIdxs[ai + 1] <= i) ai++;
-        if (sizes[i] == 0) continue;
-        if (!dsts[i] || !srcs[i]) {
-            err = fail(cudaErrorInvalidValue, "entry %zu: NULL dst or src", i);
-        } else {
-            struct seg *g = &segs[nseg];
-            err = check_copy_locked(g, dsts[i], srcs[i], sizes[i], K_DEFAULT);
-            if (!err) err = check_loc_locked("dst", i, &attrs[ai].dstLocHint, g->da);
-            if (!err) err = check_loc_locked("src", i, &attrs[ai].srcLocHint, g->sa);
-            if (!err) nseg++;
-        }
-        if (err && failIdx) *failIdx = i;
-    }
-    if (s && !err && nseg)
-        err = enqueue_copies_locked(s, segs, nseg);
-    else
-        free(segs);
-    if (s) stream_put_locked(s);
-    pthread_mutex_unlock(&g_mu);
-    return err;
+    return copy_batch(stream, t_device, &b);
 }
+
 
 /* ------------------------------------------------------------------------------------------ */
 /* IPC: a handle names the exporter's allocation by its pid and memfd, which an importer opens
@@ -1309,40 +746,23 @@ EXPORT cudaError_t cudaIpcOpenMemHandle(void **devPtr, cudaIpcMemHandle_t handle
             return cudaSuccess;
         }
     pthread_mutex_unlock(&g_mu);
-    char path[64];
-    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)h.pid, (int)h.memfd);
-    int fd = open(path, O_RDWR | O_CLOEXEC);
-    if (fd < 0)
-        return fail(cudaErrorInvalidValue, "the exporting allocation is gone (%s: %s)", path,
-                    strerror(errno));
-    struct stat st;
-    void *p = MAP_FAILED;
-    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= h.maplen)
-        p = mmap(NULL, h.maplen, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
+    int opened;
+    void *p = map_foreign_fd(h.pid, h.memfd, h.maplen, 0, h.maplen, &opened);
+    if (!opened)
+        return fail(cudaErrorInvalidValue, "the exporting allocation is gone (%s)", strerror(errno));
     if (p == MAP_FAILED)
         return fail(cudaErrorMapBufferObjectFailed, "cannot map the exported allocation");
-    struct alloc *a = calloc(1, sizeof *a);
+    pthread_mutex_lock(&g_mu);
+    struct alloc *a = import_insert_locked(p, h.size, h.maplen, h.device);
     if (a) {
-        a->base = (uintptr_t)p;
-        a->size = h.size;
-        a->maplen = h.maplen;
-        a->kind = A_DEVICE;
-        a->device = h.device;
-        a->imported = 1;
         a->import_refs = 1;
         a->import_id = id;
-        a->fd = -1;
-        a->raw = p;
-    }
-    pthread_mutex_lock(&g_mu);
-    if (!a || tab_insert(a) != 0) {
-        pthread_mutex_unlock(&g_mu);
-        munmap(p, h.maplen);
-        free(a);
-        return fail(cudaErrorMemoryAllocation, "out of host memory");
     }
     pthread_mutex_unlock(&g_mu);
+    if (!a) {
+        munmap(p, h.maplen);
+        return fail(cudaErrorMemoryAllocation, "out of host memory");
+    }
     *devPtr = p;
     return cudaSuccess;
 }
@@ -1550,7 +970,7 @@ EXPORT cudaError_t cudaLaunchKernel(const void *func, dim3 grid, dim3 block, voi
         pthread_mutex_unlock(&g_mu);
         return fail(cudaErrorInvalidValue, "kernel arguments missing");
     }
-    struct stream *s = stream_get_locked(stream, &err);
+    struct stream *s = stream_get_locked(stream, t_device, &err);
     if (!s) {
         pthread_mutex_unlock(&g_mu);
         return err;
@@ -1562,13 +982,12 @@ EXPORT cudaError_t cudaLaunchKernel(const void *func, dim3 grid, dim3 block, voi
         return fail(cudaErrorInvalidResourceHandle,
                     "stream of device %d used while device %d is current", sd, t_device);
     }
-    struct op *o = calloc(1, sizeof *o);
+    struct op *o = op_new(OP_KERNEL);
     if (!o) {
         stream_put_locked(s);
         pthread_mutex_unlock(&g_mu);
-        return fail(cudaErrorMemoryAllocation, "out of host memory");
+        return cudaErrorMemoryAllocation;
     }
-    o->type = OP_KERNEL;
     o->delay_us = copy_delay_us();
     memcpy(&o->kernel.pieces, args[0], sizeof(uint64_t));
     memcpy(&o->kernel.npieces, args[1], sizeof(unsigned));
@@ -1576,10 +995,10 @@ EXPORT cudaError_t cudaLaunchKernel(const void *func, dim3 grid, dim3 block, voi
     memcpy(&o->kernel.npairs, args[3], sizeof(unsigned));
     o->kernel.grid = grid;
     o->kernel.device = s->device;
-    o->kernel.pa = tab_find((const void *)o->kernel.pieces);
-    o->kernel.qa = tab_find((const void *)o->kernel.pairs);
-    pin_locked(o->kernel.pa, 1);
-    pin_locked(o->kernel.qa, 1);
+    o->held[0] = tab_find((const void *)o->kernel.pieces);
+    o->held[1] = tab_find((const void *)o->kernel.pairs);
+    pin_locked(o->held[0], 1);
+    pin_locked(o->held[1], 1);
     stream_push_locked(s, o);
     stream_put_locked(s);
     pthread_mutex_unlock(&g_mu);
@@ -1594,8 +1013,6 @@ EXPORT int fake_cuda_inject(const char *api, int after, int code)
     return injection_arm(api_lookup(api), after, code);
 }
 
-EXPORT long fake_cuda_calls(const char *api) { return calls_of(api); }
-
 EXPORT long fake_cuda_kernel_bytes(void) { return atomic_load(&g_kernel_bytes); }
 
 EXPORT void fake_cuda_reset(void)
@@ -1604,8 +1021,6 @@ EXPORT void fake_cuda_reset(void)
     atomic_store(&g_kernel_bytes, 0);
     atomic_store(&g_delay_override, -1);
 }
-
-EXPORT void fake_cuda_set_copy_delay_us(long us) { atomic_store(&g_delay_override, us < 0 ? -1 : us); }
 
 EXPORT const char *fake_cuda_last_message(void) { return t_msg; }
 
@@ -1616,20 +1031,12 @@ EXPORT long fake_cuda_live(const char *what)
     pthread_mutex_lock(&g_mu);
     if (strcmp(what, "device") == 0) {
         for (size_t i = 0; i < g_ntab; i++) n += g_tab[i]->kind == A_DEVICE && !g_tab[i]->imported;
-    } else if (strcmp(what, "host") == 0) {
-        for (size_t i = 0; i < g_ntab; i++) n += g_tab[i]->kind == A_HOST_PINNED;
     } else if (strcmp(what, "ipc_import") == 0) {
         for (size_t i = 0; i < g_ntab; i++) n += g_tab[i]->imported;
-    } else if (strcmp(what, "stream") == 0) {
-        for (size_t i = 0; i < g_streams.n; i++) n += !((struct stream *)g_streams.v[i])->is_default;
-    } else if (strcmp(what, "event") == 0) {
-        n = (long)g_events.n;
     } else if (strcmp(what, "library") == 0) {
         n = (long)g_libs.n;
-    } else if (strcmp(what, "pending") == 0) {
-        for (size_t i = 0; i < g_ntab; i++) n += g_tab[i]->pending;
     } else {
-        n = -1;
+        n = live_count_locked(what);
     }
     pthread_mutex_unlock(&g_mu);
     return n;

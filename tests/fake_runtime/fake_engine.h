@@ -7,16 +7,23 @@
  *   API_LIST(X)         X(function) for every function it counts and can fail on demand
  *   MAX_DEV             how many devices it can have
  *   FAKE_ALLOC_FIELDS   its own fields of struct alloc
+ *   FAKE_HOOK(name)     the name of one of its test hooks (fake_acl_ ## name)
+ *   FAKE_RULES          the initializer of its struct fake_rules: its error codes and the
+ *                       places where its runtime behaves differently
  *
  * It provides g_mu, the lock of the table, the registries and the skin's own tables. Everything
  * here is static: each library has its own copy of the state. */
 #ifndef FAKE_ENGINE_H
 #define FAKE_ENGINE_H
 
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <sys/stat.h>
 #include <sys/mman.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +32,30 @@
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
+
+/* What tells one vendor's runtime from the other's: the error code of each kind of failure and
+ * the places where the two behave differently. */
+struct fake_rules {
+    int bad_value;      /* a NULL pointer, a size or flag out of range */
+    int bad_handle;     /* an unknown or destroyed stream or event */
+    int bad_range;      /* a count over its destination's room, a free of the wrong pointer */
+    int no_memory;      /* host memory ran out */
+    int no_stream;      /* a stream could not be made */
+    int no_event;       /* an event could not be made */
+    int stream_device;  /* a stream of another device than the thread's (0: allowed) */
+    int event_device;   /* an event recorded on a stream of another device */
+    int stream_timeout; /* a stream synchronization ran out of time */
+    int event_timeout;  /* an event synchronization ran out of time */
+    int timing;         /* elapsed time of events that do not time or never were recorded */
+    int not_ready;      /* elapsed time of an event not complete yet */
+    int busy_destroy;   /* destroying a stream with queued work is refused (else it waits) */
+    int busy_free;      /* freeing memory that queued work uses is refused (else it waits) */
+    int same_stream;    /* elapsed time needs both events recorded on one stream */
+    unsigned wait_flag; /* an event a stream waits for needs this flag (0: any event) */
+    const char *wait_flag_name;
+    const char *import_name, *close_name; /* the functions that map and unmap imported memory */
+};
+static const struct fake_rules rules = FAKE_RULES;
 
 /* ------------------------------------------------------------------------------------------ */
 /* API table, call counters, fault injection                                                    */
@@ -48,6 +79,9 @@ static atomic_int g_inj_pending; /* fast path: no lock when nothing is armed */
 
 static _Thread_local const char *t_api = "";
 static _Thread_local char t_msg[1024];
+static _Thread_local int t_has_msg; /* a call of this thread failed: t_msg is set */
+static _Thread_local int t_last;    /* the code of the thread's last failure, until read */
+static atomic_int g_sticky;         /* a device fault: every later call returns it, as on a GPU */
 
 static inline int api_lookup(const char *name)
 {
@@ -63,6 +97,18 @@ static inline void set_message(int code, const char *fmt, va_list ap)
     char body[768];
     vsnprintf(body, sizeof body, fmt, ap);
     snprintf(t_msg, sizeof t_msg, "[" FAKE_TAG "] %s: %s (error %d)", t_api, body, code);
+}
+
+/* Fail with code: the thread's message and last error; returns code. */
+__attribute__((format(printf, 2, 3))) static int fail(int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    set_message(code, fmt, ap);
+    va_end(ap);
+    t_has_msg = 1;
+    t_last = code;
+    return code;
 }
 
 /* Count a call of api (now the thread's current one). */
@@ -96,6 +142,23 @@ static inline int injection_take(int api)
     pthread_mutex_unlock(&g_inj_mu);
     return code;
 }
+
+/* Count a call of api; a nonzero code (message set) when the process has a sticky device fault
+ * or an injected failure fires. */
+static int api_enter(int api)
+{
+    api_count(api);
+    int sticky = atomic_load(&g_sticky);
+    if (sticky) return fail(sticky, "an earlier kernel faulted; the context is unusable");
+    int code = injection_take(api);
+    return code ? fail(code, "injected failure") : 0;
+}
+
+#define ENTER(name)                                                                           \
+    do {                                                                                      \
+        int inj_ = api_enter(API_##name);                                                     \
+        if (inj_) return inj_;                                                                \
+    } while (0)
 
 /* Arm a failure: the (after+1)-th next call of api returns code (once); injections fire in the
  * order they were armed. 0 on success, -1 on bad arguments. */
@@ -215,11 +278,13 @@ struct alloc {
     int device;
     long pending;  /* queued/in-flight operations touching it */
     int fd;        /* memfd backing device memory (-1: none) */
+    int imported;  /* a mapping of memory another process (or this one) exported */
     void *raw;
     FAKE_ALLOC_FIELDS
 };
 
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER; /* tables, registries, refcounts */
+static pthread_cond_t g_pending_cv;                      /* an allocation's pending count fell */
 static struct alloc **g_tab;
 static size_t g_ntab, g_captab;
 static size_t g_dev_used[MAX_DEV];
@@ -372,5 +437,152 @@ static inline struct alloc *device_alloc(int dev, size_t size, const char *memfd
     pthread_mutex_unlock(&g_mu);
     return a;
 }
+
+/* Allocate size bytes of page-locked host memory and enter them in the table. */
+static int host_alloc(size_t size, void **out)
+{
+    void *p = NULL;
+    if (posix_memalign(&p, page_size(), size) != 0)
+        return fail(rules.no_memory, "cannot allocate %zu bytes", size);
+    struct alloc *a = calloc(1, sizeof *a);
+    if (a) {
+        a->base = (uintptr_t)p;
+        a->size = a->maplen = size;
+        a->kind = A_HOST_PINNED;
+        a->device = -1;
+        a->fd = -1;
+        a->raw = p;
+        poison(p, size);
+    }
+    pthread_mutex_lock(&g_mu);
+    if (!a || tab_insert(a) != 0) {
+        pthread_mutex_unlock(&g_mu);
+        free(a);
+        free(p);
+        return fail(rules.no_memory, "out of host memory");
+    }
+    pthread_mutex_unlock(&g_mu);
+    *out = p;
+    return 0;
+}
+
+/* Add queued uses (delta > 0) of a, or drop them; NULL (pageable memory) is ignored. Caller
+ * holds g_mu. */
+static void pin_locked(struct alloc *a, long delta)
+{
+    if (!a) return;
+    a->pending += delta;
+    if (a->pending == 0) pthread_cond_broadcast(&g_pending_cv);
+}
+
+/* The skin's own reason not to free a (message set), or 0. Caller holds g_mu. */
+static int free_refused_locked(const struct alloc *a, const void *p);
+
+/* Free the allocation that starts at p, of kind (what names it in messages). Memory that queued
+ * operations use is refused (rules.busy_free) or waited for. */
+static int alloc_free(void *p, int kind, const char *what)
+{
+    struct alloc *a;
+    int rc = 0;
+    pthread_mutex_lock(&g_mu);
+    for (;;) {
+        a = tab_find(p);
+        if (!a || a->base != (uintptr_t)p)
+            rc = fail(rules.bad_range, "%p is not the start of a live %s allocation", p, what);
+        else if (a->kind != kind)
+            rc = fail(rules.bad_range, "%p is %s memory, not %s memory", p,
+                      a->kind == A_DEVICE ? "device" : "page-locked host", what);
+        else if (a->imported)
+            rc = fail(rules.bad_range, "%p was imported by %s: close it with %s", p,
+                      rules.import_name, rules.close_name);
+        else if (a->pending && rules.busy_free)
+            rc = fail(rules.busy_free,
+                      "%p is still used by %ld queued async operation(s): synchronize first", p,
+                      a->pending);
+        else if (a->pending) {
+            pthread_cond_wait(&g_pending_cv, &g_mu);
+            continue;
+        } else
+            rc = free_refused_locked(a, p);
+        break;
+    }
+    if (!rc) {
+        tab_remove(a);
+        if (a->kind == A_DEVICE) g_dev_used[a->device] -= a->size;
+    }
+    pthread_mutex_unlock(&g_mu);
+    if (rc) return rc;
+    if (a->kind == A_DEVICE) {
+        munmap(a->raw, a->maplen);
+        if (a->fd >= 0) close(a->fd);
+    } else {
+        free(a->raw);
+    }
+    free(a);
+    return 0;
+}
+
+/* Enter a mapping of imported device memory [p, +maplen) in the table (NULL: out of memory).
+ * Caller holds g_mu. */
+static struct alloc *import_insert_locked(void *p, size_t size, size_t maplen, int device)
+{
+    struct alloc *a = calloc(1, sizeof *a);
+    if (!a) return NULL;
+    a->base = (uintptr_t)p;
+    a->size = size;
+    a->maplen = maplen;
+    a->kind = A_DEVICE;
+    a->device = device;
+    a->imported = 1;
+    a->fd = -1;
+    a->raw = p;
+    if (tab_insert(a) != 0) {
+        free(a);
+        return NULL;
+    }
+    return a;
+}
+
+/* Map len bytes at off of file descriptor fd of process pid, through /proc/<pid>/fd (same
+ * user, as for ptrace reads); the file must hold min_size bytes. MAP_FAILED when it cannot, with
+ * *opened 0 when the descriptor could not be opened (errno says why). */
+static void *map_foreign_fd(long pid, int fd, size_t len, off_t off, size_t min_size, int *opened)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%ld/fd/%d", pid, fd);
+    int f = open(path, O_RDWR | O_CLOEXEC);
+    *opened = f >= 0;
+    if (f < 0) return MAP_FAILED;
+    struct stat st;
+    void *p = MAP_FAILED;
+    if (fstat(f, &st) == 0 && S_ISREG(st.st_mode) && (size_t)st.st_size >= min_size)
+        p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, f, off);
+    int e = errno;
+    close(f);
+    errno = e;
+    return p;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Copy delay and test hooks common to both fakes (FAKE_HOOK(name): the skin's symbol)          */
+
+static atomic_long g_delay_override = -1; /* -1: FAKE_ENV("COPY_DELAY_US") */
+
+static long copy_delay_us(void)
+{
+    long d = atomic_load(&g_delay_override);
+    return d >= 0 ? d : env_long(FAKE_ENV("COPY_DELAY_US"), 0);
+}
+
+/* Calls of `api` since the last reset; -1 for an unknown name. */
+EXPORT long FAKE_HOOK(calls)(const char *api) { return calls_of(api); }
+
+/* Sleep per queued copy operation; a negative value goes back to FAKE_ENV("COPY_DELAY_US"). */
+EXPORT void FAKE_HOOK(set_copy_delay_us)(long us)
+{
+    atomic_store(&g_delay_override, us < 0 ? -1 : us);
+}
+
+__attribute__((constructor)) static void engine_init(void) { cond_init_mono(&g_pending_cv); }
 
 #endif /* FAKE_ENGINE_H */

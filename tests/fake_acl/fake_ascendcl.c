@@ -14,9 +14,11 @@
  *
  * Build with -DFAKE_ACL_NO_IPC for a library without the device-IPC symbols (older CANN).
  *
- * This file is the ACL skin over the core it shares with tests/fake_cuda: call counters and
- * fault injection, the allocation table, handle registries (../fake_runtime/fake_engine.h) and
- * the stream worker (../fake_runtime/fake_streams.h).
+ * This file is the ACL skin over the engine it shares with tests/fake_cuda (../fake_runtime):
+ * call counters and fault injection, the allocation table, frees and imported mappings
+ * (fake_engine.h), streams and events (fake_streams.h) and the copy checks and queueing
+ * (fake_copies.h). Here are the vendor's names, error codes (struct fake_rules), signatures and
+ * the checks only this runtime makes.
  *
  * Environment:
  *   FAKE_ACL_DEVICE_COUNT   number of devices (default 1, at most 64; 0 = no device)
@@ -398,14 +400,19 @@ EXPORT aclError aclrtDestroyStream(aclrtStream stream)
     return stream_destroy(stream, dev);
 }
 
-/* inj: the injected failure of the call, returned once the stream drained. */
+/* A synchronization's outcome: its error rc, else the call's injected failure inj (returned
+ * only once the wait is over, after: what ended it), else success. */
+static aclError after_wait(int rc, int inj, const char *after)
+{
+    if (rc) return rc;
+    if (inj) return fail(inj, "injected failure (after %s)", after);
+    return ACL_SUCCESS;
+}
+
 static aclError sync_stream(int inj, aclrtStream stream, long ms)
 {
     NEED_DEVICE(dev);
-    int rc = stream_sync(stream, dev, ms);
-    if (rc) return rc;
-    if (inj) return fail(inj, "injected failure (after the stream drained)");
-    return ACL_SUCCESS;
+    return after_wait(stream_sync(stream, dev, ms), inj, "the stream drained");
 }
 
 EXPORT aclError aclrtSynchronizeStream(aclrtStream stream)
@@ -506,15 +513,11 @@ EXPORT aclError aclrtQueryEventStatus(aclrtEvent event, int *status)
     return event_query(event, status); /* COMPLETE=1, NOT_READY=0 */
 }
 
-/* inj: the injected failure of the call, returned once the event completed. */
 static aclError sync_event(int inj, aclrtEvent event, long ms)
 {
     NEED_DEVICE(dev);
     (void)dev;
-    int rc = event_sync(event, ms);
-    if (rc) return rc;
-    if (inj) return fail(inj, "injected failure (after the event completed)");
-    return ACL_SUCCESS;
+    return after_wait(event_sync(event, ms), inj, "the event completed");
 }
 
 EXPORT aclError aclrtSynchronizeEvent(aclrtEvent event)

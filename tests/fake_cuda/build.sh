@@ -2,13 +2,4 @@
 # Build the fake CUDA runtime: build.sh [OUTDIR]  ->  OUTDIR/libcudart.so (prints the path).
 # OUTDIR defaults to build/fake_cuda under the repository root. FAKE_CUDA_CFLAGS adds compiler
 # flags.
-set -eu
-here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../.." && pwd)
-out=${1:-"$root/build/fake_cuda"}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-cd "$here"
-${CC:-cc} -O2 -Wall -Wextra -Wno-unused-parameter ${FAKE_CUDA_CFLAGS:-} -I"$root/include" -I"$here/../fake_runtime" \
-    -shared -fPIC -o "$out/libcudart.so" fake_cudart.c -lpthread
-echo "$out/libcudart.so"
+exec sh "$(dirname "$0")/../fake_runtime/build.sh" cuda "$@"

@@ -15,9 +15,11 @@
  * with a message (fake_cuda_last_message). Declarations are written from the facts in
  * shared/spec/RUNTIMES.md (CUDA sections); no vendor header is used.
  *
- * This file is the CUDA skin over the core it shares with tests/fake_acl: call counters and
- * fault injection, the allocation table, handle registries (../fake_runtime/fake_engine.h) and
- * the stream worker (../fake_runtime/fake_streams.h).
+ * This file is the CUDA skin over the engine it shares with tests/fake_acl (../fake_runtime):
+ * call counters and fault injection, the allocation table, frees and imported mappings
+ * (fake_engine.h), streams and events (fake_streams.h) and the copy checks and queueing
+ * (fake_copies.h). Here are the vendor's names, error codes (struct fake_rules), signatures and
+ * the checks only this runtime makes.
  *
  * Environment:
  *   FAKE_CUDA_DEVICE_COUNT   devices (default 1, at most 64; 0: cudaGetDeviceCount says 100)

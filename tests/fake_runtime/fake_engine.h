@@ -1,5 +1,6 @@
 /* The vendor-neutral core of the fake runtimes (tests/fake_acl, tests/fake_cuda): call counters
- * and fault injection over the API table, small helpers, the table of allocations and the
+ * and fault injection over the API table, failures with their message, small helpers, the table
+ * of allocations (device and host allocation, frees, mappings of imported memory) and the
  * registries of handles. Each fake includes it once, after defining:
  *
  *   FAKE_TAG            the prefix of its error messages ("fake-acl")
@@ -11,8 +12,9 @@
  *   FAKE_RULES          the initializer of its struct fake_rules: its error codes and the
  *                       places where its runtime behaves differently
  *
- * It provides g_mu, the lock of the table, the registries and the skin's own tables. Everything
- * here is static: each library has its own copy of the state. */
+ * and it defines free_refused_locked(a, p) (below). It provides g_mu, the lock of the table,
+ * the registries and the skin's own tables. Everything here is static: each library has its own
+ * copy of the state. */
 #ifndef FAKE_ENGINE_H
 #define FAKE_ENGINE_H
 

@@ -1,12 +1,12 @@
 """A linked cluster as this side sees it (Peer): its control connection, the caches it exposes
 and how this process reaches them.
 
-The connection carries small JSON frames only (auth.py; typed in frames.py): cache
-announcements and withdrawals
-(acknowledged, so that a peer knows a cache before a transfer can target it and has stopped
-writing into it before the owner lets it go), the release of a CacheKey a pull used
-("key_pulled"), notifications, "ipc_ready" and unlink. When it closes, the link is down:
-transfers to the peer end with LLM_LINK_FAILED and nothing more is written.
+The connection carries small JSON frames only (auth.py), each a typed message of frames.py:
+cache announcements and withdrawals (acknowledged, so that a peer knows a cache before a
+transfer can target it and has stopped writing into it before the owner lets it go), the
+release of a CacheKey a pull used (KeyPulled), notifications, IpcReady and Unlink. When it
+closes, the link is down: transfers to the peer end with LLM_LINK_FAILED and nothing more is
+written.
 
 Who the peer is on this host comes from the kernel (SO_PEERCRED on the listener's Unix
 socket), never from its hello. Its path (data_path.py) is chosen at the handshake; each cache's

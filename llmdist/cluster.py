@@ -7,7 +7,8 @@ linked cluster is a Peer (peer.py), whose path (data_path.py) says how this proc
 memory. Caches go over the wire as wire.py writes them, each with its share (shares.py). On a
 device runtime the same-host path is device IPC (device_ipc.py): exports whitelist the peer's
 kernel-named pid; the side that linked sends "ipc_ready" once it has whitelisted the listener,
-and the listener imports the linker's caches only after that."""
+and the listener imports the linker's caches only after that. The listener's side of the
+handshake is admission.py; every control frame is a typed message of frames.py."""
 
 from __future__ import annotations
 
@@ -19,30 +20,35 @@ import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from . import _core, auth, notifications
-from .auth import MAGIC, MAX_FRAME, AuthError, Channel, ProtocolError
+from .admission import Admission
+from .auth import MAGIC, MAX_FRAME, AuthError, ProtocolError
 from .data_path import TRANSPORTS, PeerPath, choose_path
 from .descs import LLMRole
 from .engine_ranges import EngineRanges
+from .frames import (
+    PROTOCOL_VERSION,
+    CacheAdd,
+    CacheRemove,
+    Hello,
+    KeyRemove,
+    LinkFrame,
+    Refuse,
+    Unlink,
+)
 from .handshake import (
-    FIRST_FRAME_S,
     HANDSHAKE_TIMEOUT_S,
     MAX_HANDSHAKES,
-    PROTOCOL_VERSION,
-    Hello,
     Listener,
-    check_hello,
     client_handshake,
     host_identity,
     open_channel,
-    source_of,
 )
 from .handshake_slots import HandshakeSlots
 from .limits import PeerLimits
 from .peer import ACK_TIMEOUT_S, Peer
 from .registry import MemoryEntry
 from .status import LLMException, LLMStatusCode
-from .wire import cache_to_wire, key_to_wire
-from .wire_checks import check_int
+from .wire import cache_to_wire
 
 if TYPE_CHECKING:
     from .cache_manager import CacheManager
@@ -64,9 +70,9 @@ __all__ = [
 ]
 
 
-class ClusterNode:
-    """The cluster side of one LLMDataDist: its listener, links and announcements. The cache
-    manager it serves is attached once it exists (attach)."""
+class ClusterNode(Admission):
+    """The cluster side of one LLMDataDist: its listener (Admission), links and announcements.
+    The cache manager it serves is attached once it exists (attach)."""
 
     def __init__(
         self,
@@ -128,80 +134,6 @@ class ClusterNode:
         self.ready_hooks: List[Callable[[int], None]] = []
         if listen is not None:
             self.start_listening(listen)
-
-    def open_listener(
-        self,
-        address: Tuple[str, int],
-        admit: Optional[Callable[[Hello], Optional[Tuple[int, str]]]] = None,
-        key: Optional[bytes] = None,
-    ) -> Listener:
-        """Accept links on address (and on a Unix-socket companion) until the returned listener
-        is closed. admit, when given, may refuse a handshake that passed the usual checks
-        ((status, reason) or None); key, when given, is the key clients must prove they hold.
-        Raises OSError when the address cannot be bound."""
-        listener = Listener.bind(address)
-        # the address a Mooncake engine of a peer linked over the Unix socket is told
-        local_ip = address[0] if address[0] not in ("", "0.0.0.0") else "127.0.0.1"
-        for s, redirect in ((listener.tcp, listener.unix_name), (listener.unix, None)):
-            if s is not None:
-                threading.Thread(
-                    target=self._accept_loop,
-                    args=(s, admit, key, redirect, local_ip),
-                    name="llmdist-listen",
-                    daemon=True,
-                ).start()
-        return listener
-
-    def start_listening(self, listen: Tuple[str, int]) -> None:
-        """Accept links on listen (llm.listenIpInfo), replacing the current listener."""
-        try:
-            listener = self.open_listener(listen, key=self.key)
-        except OSError as exc:
-            raise LLMException(
-                f"cannot listen on {listen[0]}:{listen[1]}: {exc}",
-                status_code=LLMStatusCode.LLM_PARAM_INVALID,
-            ) from None
-        self.stop_listening()
-        self.listener = listener
-        self.port = listener.port
-
-    def stop_listening(self) -> None:
-        """Stop accepting links (links already made stay up)."""
-        listener, self.listener, self.port = self.listener, None, None
-        if listener is not None:
-            listener.close()
-
-    def begin_switch(self, timeout_s: float = HANDSHAKE_TIMEOUT_S + 1.0) -> None:
-        """Stop admitting links (until end_switch) and end the handshakes in progress: their
-        connections are shut down and none of them is admitted; waits until they are gone
-        (timeout_s at most: one that outlives it is refused all the same)."""
-        with self.lock:
-            self.switching = True
-            self.epoch += 1
-            conns = list(self.in_handshake)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        deadline = time.monotonic() + timeout_s
-        with self.changed:
-            while self.in_handshake:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.warning(
-                        "%d handshakes still in progress at a role switch; none of them "
-                        "will be admitted",
-                        len(self.in_handshake),
-                    )
-                    break
-                self.changed.wait(left)
-
-    def end_switch(self) -> None:
-        """Admit links again, from handshakes that start from now on."""
-        with self.lock:
-            self.epoch += 1
-            self.switching = False
 
     def choose_path(self, same_host: bool, peer_wants_engine: bool = False) -> PeerPath:
         """The path to a peer (see data_path.choose_path) under this node's llmdist.transport."""
@@ -271,259 +203,27 @@ class ClusterNode:
         return [cache_to_wire(e, fds) for e in cm.entries()]
 
     def _hello(
-        self, target: Optional[int], fds: Optional[List[int]] = None, caches: bool = True
-    ) -> dict:
+        self,
+        target: Optional[int],
+        fds: Optional[List[int]] = None,
+        caches: bool = True,
+        comm: Optional[str] = None,
+    ) -> Hello:
         """This side's handshake message; its caches (with their memfds added to fds, on a
-        Unix socket) unless caches is False."""
-        msg = {
-            "type": "hello",
-            "version": PROTOCOL_VERSION,
-            "cluster_id": self.cluster_id,
-            "role": int(self.role),
-            "target": target,
-            "host": self.host,
-            "runtime": self.runtime.name,
-            "caches": self.caches_on_wire(fds) if caches else [],
-            "want_engine": self.transport == "mooncake",
-        }
-        if self.engine is not None:
-            msg["mooncake"] = self.engine.session_id
-        elif self.engine_error is not None:
-            msg["engine_error"] = self.engine_error
-        return msg
-
-    # -- accepting
-    def _accept_loop(
-        self,
-        sock: socket.socket,
-        admit=None,
-        key: Optional[bytes] = None,
-        redirect: Optional[str] = None,
-        local_ip: Optional[str] = None,
-    ) -> None:
-        while True:
-            try:
-                conn, source = sock.accept()
-            except OSError:
-                return
-            source = source_of(conn, source)
-            if not self.handshakes.take(conn, source):
-                log.info(
-                    "refused a connection from %s: its %d handshake slots (option "
-                    "llmdist.handshakes_per_address) or all %d are busy",
-                    source,
-                    self.handshakes.per_address,
-                    MAX_HANDSHAKES,
-                )
-                conn.close()
-                continue
-            with self.lock:
-                self.in_handshake[conn] = self.epoch
-            threading.Thread(
-                target=self._handshake,
-                args=(conn, admit, key, redirect, local_ip),
-                name="llmdist-handshake",
-                daemon=True,
-            ).start()
-
-    def _handshake(
-        self,
-        conn: socket.socket,
-        admit=None,
-        key: Optional[bytes] = None,
-        redirect: Optional[str] = None,
-        local_ip: Optional[str] = None,
-    ) -> None:
-        """Run one handshake (a slot of the bounded count is held), then serve the link. Any
-        failure, whatever its kind, closes the connection and leaves no peer behind."""
-        peer = None
-        try:
-            peer = self._accept_one(conn, admit, key, redirect, local_ip)
-        except Exception as exc:  # noqa: BLE001 - nothing a client sends may kill this thread
-            level = (
-                logging.INFO
-                if isinstance(exc, (ConnectionError, OSError, ProtocolError, LLMException))
-                else logging.WARNING
-            )
-            if isinstance(exc, AuthError):
-                level = logging.WARNING
-            log.log(level, "refused a connection: %s: %s", type(exc).__name__, exc)
-            try:
-                conn.close()
-            except OSError:
-                pass
-        finally:
-            with self.lock:
-                self.in_handshake.pop(conn, None)
-                self.changed.notify_all()
-            self.handshakes.release(conn)
-        if peer is not None:
-            peer.serve()
-
-    def _accept_one(
-        self,
-        conn: socket.socket,
-        admit=None,
-        key: Optional[bytes] = None,
-        redirect: Optional[str] = None,
-        local_ip: Optional[str] = None,
-    ) -> Optional[Peer]:
-        """The listener's side of a handshake: the linked peer, or None when refused. admit:
-        see open_listener; key: the key the client must prove it holds; redirect: the name of
-        the Unix socket a client on this host continues on."""
-        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
-        conn.settimeout(HANDSHAKE_TIMEOUT_S)
-        chan = Channel(conn, local_ip)
-        nl = auth.new_nonce()
-        challenge = {
-            "type": "challenge",
-            "version": PROTOCOL_VERSION,
-            "nonce": nl.hex(),
-            "auth": key is not None,
-            "host": self.host,
-        }
-        if redirect is not None:
-            challenge["unix"] = redirect
-        chan.send(challenge)
-        if key is not None:
-            chan.into.set(key, auth.hello_context(nl))
-        fds: List[int] = []
-        try:
-            try:
-                msg, fds = chan.recv(min(deadline, time.monotonic() + FIRST_FRAME_S))
-                self.handshakes.heard(conn)
-            except ConnectionError:
-                if redirect is None:
-                    raise
-                # a client of this host continued on the Unix socket (or went away)
-                log.debug("a client closed its TCP connection after the challenge")
-                conn.close()
-                return None
-            session = None
-            if key is not None:
-                nc = auth.nonce_from_wire(msg.get("nonce"))
-                l2c, c2l = auth.session_keys(key, nl, nc)
-                chan.out.set(key, auth.welcome_context(nl, nc))
-                chan.into.set(c2l)
-                session = (l2c, b"")
-        except AuthError:
-            chan.out.set(None)
-            try:
-                chan.send(
-                    {
-                        "type": "refuse",
-                        "code": int(LLMStatusCode.LLM_LINK_FAILED),
-                        "reason": "authentication failed",
-                    }
-                )
-            except OSError:
-                pass
-            raise
-        try:
-            if msg["type"] == "refuse":
-                raise AuthError(f"the client refused: {str(msg.get('reason'))[:200]}")
-            if msg["type"] != "hello":
-                raise ProtocolError("expected a handshake")
-            hello: Optional[Hello] = None
-            if msg.get("target") not in (None, self.cluster_id):
-                refusal = (
-                    int(LLMStatusCode.LLM_LINK_FAILED),
-                    f"this is cluster {self.cluster_id}, not {msg.get('target')!r:.40}",
-                )
-            else:
-                hello, refusal = check_hello(
-                    msg, self.cluster_id, None, rendezvous=admit is not None
-                )
-            if refusal is None and admit is not None:
-                refusal = admit(hello)
-            if refusal is None and self.caches is None:
-                refusal = (int(LLMStatusCode.LLM_LINK_FAILED), "cluster is finalized")
-            if refusal is None:
-                refusal = self._begin_accept(hello.cluster_id)
-            if refusal is not None:
-                chan.send(
-                    {
-                        "type": "refuse",
-                        "code": refusal[0],
-                        "reason": refusal[1],
-                        "cluster_id": self.cluster_id,
-                    }
-                )
-                conn.close()
-                return None
-            try:
-                return self._admit(chan, hello, fds, deadline, session)
-            finally:
-                with self.lock:
-                    self.accepting.discard(hello.cluster_id)
-                    self.changed.notify_all()
-        finally:
-            chan.close_fds(fds)
-
-    def _begin_accept(self, cid: int) -> Optional[Tuple[int, str]]:
-        """Claim the right to accept a link from cid, or say why not: it is linked already, or
-        being accepted, or this side is linking to it at the same moment and its own link wins
-        (the link from the smaller cluster id is kept; the peer's link_clusters waits for it)."""
-        with self.lock:
-            if cid in self.peers or cid in self.accepting:
-                return int(LLMStatusCode.LLM_ALREADY_LINK), f"cluster {cid} is already linked"
-            if cid in self.linking and self.cluster_id < cid:
-                return (
-                    int(LLMStatusCode.LLM_PROCESSING_LINK),
-                    f"cluster {self.cluster_id} is linking to cluster {cid} itself",
-                )
-            self.accepting.add(cid)
-        return None
-
-    def _admit(
-        self,
-        chan: Channel,
-        hello: Hello,
-        fds: List[int],
-        deadline: float,
-        session: Optional[Tuple[bytes, bytes]],
-    ) -> Peer:
-        """Register an accepted peer, welcome it and take its caches (the "caches" frame that
-        answers the welcome, acknowledged)."""
-        conn = chan.sock
-        peer = Peer(self, chan, hello, fds)
-        try:
-            if peer.path is PeerPath.MOONCAKE:
-                self.ensure_engine(chan.local_ip)
-            self.allow_imports(peer)  # before the welcome lists our caches
-            with self.lock:
-                if self.closed or hello.cluster_id in self.peers:
-                    raise ProtocolError("closed or linked meanwhile")
-                if self.switching or self.in_handshake.get(conn) != self.epoch:
-                    raise ProtocolError("the cluster switched its role meanwhile")
-                self.in_handshake.pop(conn, None)  # a link now, not a handshake
-                self.peers[peer.cluster_id] = peer
-                self.ever_linked.add(peer.cluster_id)
-                self.changed.notify_all()
-            out: Optional[List[int]] = [] if chan.unix else None
-            reply = self._hello(peer.cluster_id, out)
-            reply["type"] = "welcome"
-            conn.settimeout(max(0.001, deadline - time.monotonic()))
-            chan.send(reply, out or (), then=session)
-            got, more = chan.recv(deadline)
-            try:
-                if got["type"] != "caches":
-                    raise ProtocolError("expected the peer's caches")
-                peer.add_caches(got.get("caches"), more)
-            finally:
-                chan.close_fds(more)
-            # linked here before the linker hears it is: a member waiting for this link (a
-            # rank-table comm) sees it before the linker can act on it
-            peer.ready.set()
-            for hook in list(self.ready_hooks):
-                hook(peer.cluster_id)
-            peer.send({"type": "ack", "seq": 0})
-        except BaseException:
-            # The client hears nothing more of this link: forget it, so that a later link of
-            # the same cluster id is not refused as a duplicate.
-            self.link_down(peer, LLMStatusCode.LLM_LINK_FAILED)
-            raise
-        return peer
+        Unix socket) unless caches is False; comm: the rank-table comm of the link."""
+        engine = self.engine
+        return Hello(
+            self.cluster_id,
+            self.role,
+            target,
+            self.host,
+            self.runtime.name,
+            self.caches_on_wire(fds) if caches else [],
+            self.transport == "mooncake",
+            mooncake=engine.session_id if engine is not None else None,
+            engine_error=self.engine_error if engine is None else None,
+            comm=comm,
+        )
 
     # -- linking
     def _claim(self, cluster_id: Optional[int]) -> Optional[LLMStatusCode]:
@@ -622,11 +322,9 @@ class ClusterNode:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             if self.transport == "mooncake":
                 self.ensure_engine(chan.local_ip)
-            hello = self._hello(cluster_id, caches=False)
-            if comm is not None:
-                hello["comm"] = comm
+            hello = self._hello(cluster_id, caches=False, comm=comm)
             peer = client_handshake(self, chan, challenge, hello, key, cluster_id, deadline)
-            if isinstance(peer, dict):  # the listener's refusal
+            if isinstance(peer, Refuse):
                 sock.close()
                 return self._refused(peer, cluster_id, name, deadline), None
         except Exception as exc:  # noqa: BLE001 - a failed link is a status, whatever the cause
@@ -652,11 +350,11 @@ class ClusterNode:
         return LLMStatusCode.LLM_SUCCESS, peer
 
     def _refused(
-        self, msg: dict, cluster_id: Optional[int], name, deadline: float
+        self, refusal: Refuse, cluster_id: Optional[int], name, deadline: float
     ) -> LLMStatusCode:
         """The status of a link the listener refused."""
-        code = msg.get("code")
-        log.info("cluster %s refused the link: %s", name, msg.get("reason"))
+        code = refusal.code
+        log.info("cluster %s refused the link: %s", name, refusal.reason)
         if code not in (
             int(LLMStatusCode.LLM_ALREADY_LINK),
             int(LLMStatusCode.LLM_PROCESSING_LINK),
@@ -664,8 +362,8 @@ class ClusterNode:
             return LLMStatusCode.LLM_LINK_FAILED
         # The peer holds a link to us (or is making one): if it is ours to claim, this call
         # made it.
-        theirs = check_int(msg.get("cluster_id"))
-        if cluster_id is not None and theirs != cluster_id:
+        theirs = refusal.cluster_id
+        if theirs is None or (cluster_id is not None and theirs != cluster_id):
             return LLMStatusCode.LLM_LINK_FAILED
         if code == int(LLMStatusCode.LLM_PROCESSING_LINK):
             got = self._await_peer_link(theirs, deadline)
@@ -694,7 +392,7 @@ class ClusterNode:
         if peer is None:
             return LLMStatusCode.LLM_SUCCESS if known else LLMStatusCode.LLM_NOT_YET_LINK
         peer.stop(LLMStatusCode.LLM_LINK_FAILED)  # our imports of its memory close first
-        acked = peer.request({"type": "unlink"}, timeout_ms / 1000.0)
+        acked = peer.request(Unlink(), timeout_ms / 1000.0)
         peer.close(LLMStatusCode.LLM_LINK_FAILED)
         ok = acked or force or peer.peer_unlinked
         return LLMStatusCode.LLM_SUCCESS if ok else LLMStatusCode.LLM_UNLINK_FAILED
@@ -707,10 +405,11 @@ class ClusterNode:
         peer.close(code, ack)
 
     # -- announcements (called without the cache manager's lock)
-    def _each_peer(self, msg: dict, cache: Optional[MemoryEntry] = None) -> None:
-        """Send msg to every peer at once and wait for their acks until one deadline
-        (llmdist.ack_timeout_ms); a peer that misses it is unlinked. With cache, msg["cache"]
-        is that cache as each peer may see it (its memfd goes along on a Unix socket)."""
+    def _each_peer(self, frame: Optional[LinkFrame], cache: Optional[MemoryEntry] = None) -> None:
+        """Send frame to every peer at once and wait for their acks until one deadline
+        (llmdist.ack_timeout_ms); a peer that misses it is unlinked. With cache (and no frame)
+        each peer gets a CacheAdd of that cache as the peer may see it (its memfd goes along
+        on a Unix socket)."""
         with self.lock:
             peers = list(self.peers.values())
         if not peers:
@@ -718,18 +417,18 @@ class ClusterNode:
         deadline = time.monotonic() + self.limits.ack_timeout_s
         sent = []
         for p in peers:
-            m, fds = dict(msg), None
+            f, fds = frame, None
             if cache is not None:
                 fds = [] if p.chan.unix else None
-                m["cache"] = cache_to_wire(cache, fds)
-            sent.append((p, p.post(m, deadline, fds or ())))
-        for p, seq in sent:
+                f = CacheAdd(cache_to_wire(cache, fds))
+            sent.append((p, f, p.post(f, deadline, fds or ())))
+        for p, f, seq in sent:
             if (seq is None or not p.await_ack(seq, deadline)) and not p.closed:
                 log.warning(
                     "cluster %d did not acknowledge %s within %.0f ms (option "
                     "llmdist.ack_timeout_ms): unlinking it",
                     p.cluster_id,
-                    msg["type"],
+                    f.TYPE,
                     self.limits.ack_timeout_s * 1000,
                 )
                 self.link_down(p, LLMStatusCode.LLM_LINK_FAILED)
@@ -737,14 +436,14 @@ class ClusterNode:
     def announce_cache(self, entry: Optional[MemoryEntry]) -> None:
         if entry is not None:
             self._engine_register(entry)
-            self._each_peer({"type": "cache_add"}, entry)
+            self._each_peer(None, entry)
 
     def withdraw_cache(self, entry: MemoryEntry) -> None:
-        self._each_peer({"type": "cache_remove", "cache_id": entry.cache.cache_id})
+        self._each_peer(CacheRemove(entry.cache.cache_id))
         self._engine_unregister(entry)
 
     def withdraw_key(self, key) -> None:
-        self._each_peer({"type": "key_remove", "key": key_to_wire(key)})
+        self._each_peer(KeyRemove(key))
 
     def close(self, timeout_s: Optional[float] = None) -> None:
         """Unlink every peer (each stops writing here before it acknowledges; bounded by
@@ -759,7 +458,7 @@ class ClusterNode:
         deadline = time.monotonic() + (
             self.limits.ack_timeout_s if timeout_s is None else timeout_s
         )
-        sent = [(p, p.post({"type": "unlink"}, deadline)) for p in peers]
+        sent = [(p, p.post(Unlink(), deadline)) for p in peers]
         for p, seq in sent:
             if seq is not None:
                 p.await_ack(seq, deadline)

@@ -12,26 +12,33 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 import socket
 import time
+from dataclasses import replace
 from typing import List, Optional, Tuple, Union
 
 from . import auth
 from .auth import AuthError, Channel, ProtocolError
 from .data_path import PeerPath
+from .frames import (
+    Ack,
+    Caches,
+    Challenge,
+    Hello,
+    IpcReady,
+    Refuse,
+    VersionMismatch,
+    link_frame,
+)
 from .peer import Peer
 from .status import LLMStatusCode
-from .wire import Hello
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 3
 HANDSHAKE_TIMEOUT_S = 10.0  # the whole handshake, however slowly its bytes arrive
 FIRST_FRAME_S = 1.0  # the client's first frame, from its connection
 MAX_HANDSHAKES = 32  # handshakes in progress at once (see handshake_slots.py)
-_UNIX_NAME = re.compile(r"llmdist-[0-9a-f]{32}", re.ASCII)
 
 
 def host_identity() -> str:
@@ -117,7 +124,7 @@ class Listener:
 
 def open_channel(
     address: Tuple[str, int], key: Optional[bytes], host: str, deadline: float
-) -> Tuple[Channel, dict]:
+) -> Tuple[Channel, Challenge]:
     """Connect to a listener and read its challenge; a listener on this host (the same host
     identity) is reached on its Unix socket instead (named in the challenge), where the kernel
     tells each side who the other is. Raises AuthError when one side has a key and the other
@@ -127,11 +134,9 @@ def open_channel(
     local_ip = chan.local_ip
     try:
         challenge = read_challenge(chan, key, deadline)
-        name = challenge.get("unix")
-        if name is None or challenge.get("host") != host:
+        name = challenge.unix
+        if name is None or challenge.host != host:
             return chan, challenge
-        if type(name) is not str or not _UNIX_NAME.fullmatch(name):
-            raise ProtocolError("bad Unix socket name")
         unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             unix.settimeout(max(0.001, deadline - time.monotonic()))
@@ -157,76 +162,69 @@ def open_channel(
         raise
 
 
-def read_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> dict:
+def read_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> Challenge:
     """Read and check the listener's challenge; on a key mismatch tell the listener why
     (so that its log names authentication) and raise AuthError."""
     try:
         return _checked_challenge(chan, key, deadline)
     except AuthError as exc:
         try:
-            chan.send(
-                {"type": "refuse", "code": int(LLMStatusCode.LLM_LINK_FAILED), "reason": str(exc)}
-            )
+            chan.send(Refuse(int(LLMStatusCode.LLM_LINK_FAILED), str(exc)).to_wire())
         except OSError:
             pass
         raise
 
 
-def _checked_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> dict:
+def _checked_challenge(chan: Channel, key: Optional[bytes], deadline: float) -> Challenge:
     msg, fds = chan.recv(deadline)
     chan.close_fds(fds)
     if msg["type"] == "refuse":
-        raise ProtocolError(f"refused: {str(msg.get('reason'))[:200]}")
+        raise ProtocolError(f"refused: {Refuse.from_wire(msg).reason[:200]}")
     if msg["type"] != "challenge":
         raise ProtocolError("expected a challenge")
-    version = msg.get("version")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"protocol version {version!r:.40}, this side speaks {PROTOCOL_VERSION}"
-        )
-    auth.nonce_from_wire(msg.get("nonce"))
-    if msg.get("auth") is True and key is None:
+    challenge = Challenge.from_wire(msg)
+    if challenge.auth and key is None:
         raise AuthError(
             "authentication required: the listener has a key and this side "
             "has none (llmdist.auth_key)"
         )
-    if msg.get("auth") is not True and key is not None:
+    if not challenge.auth and key is not None:
         raise AuthError(
             "authentication failed: the listener has no key "
             "(llmdist.auth_key) and this side requires one"
         )
-    return msg
+    return challenge
 
 
 def client_handshake(
     node,
     chan: Channel,
-    challenge: dict,
-    hello: dict,
+    challenge: Challenge,
+    hello: Hello,
     key: Optional[bytes],
     expect: Optional[int],
     deadline: float,
-) -> Union["Peer", dict]:
+) -> Union[Peer, Refuse]:
     """The client's side after the challenge: send hello (with a key, proving it and moving
     to the session's MAC keys), check the welcome, make the Peer, send this side's caches,
     take the listener's announcements until it acknowledges them, then send ipc_ready. Returns
-    the Peer, or the listener's refuse frame; raises otherwise (the Peer closed)."""
+    the Peer, or the listener's refusal; raises otherwise (the Peer closed)."""
     session = None
     if key is not None:
-        nl = bytes.fromhex(challenge["nonce"])
+        nl = challenge.nonce
         nc = auth.new_nonce()
-        hello["nonce"] = nc.hex()
+        hello = replace(hello, nonce=nc)
         l2c, c2l = auth.session_keys(key, nl, nc)
         chan.out.set(key, auth.hello_context(nl))
         chan.into.set(key, auth.welcome_context(nl, nc))
         session = (c2l, b"")
-    chan.send(hello, then=session)
+    chan.send(hello.to_wire(), then=session)
     msg, fds = chan.recv(deadline)
     if key is not None:
         chan.into.set(l2c)
     try:
         if msg["type"] == "refuse":
-            return msg
+            return Refuse.from_wire(msg)
         if msg["type"] != "welcome":
             raise ProtocolError("expected a welcome")
         welcome, refusal = check_hello(msg, node.cluster_id, expect)
@@ -243,18 +241,19 @@ def client_handshake(
         # allow its imports, and say so.
         out: Optional[List[int]] = [] if chan.unix else None
         node.allow_imports(peer)
-        peer.send({"type": "caches", "caches": node.caches_on_wire(out)}, out or ())
+        chan.send(Caches(node.caches_on_wire(out)).to_wire(), out or ())
         while True:  # the listener may announce caches before it acknowledges ours
             got, more = chan.recv(deadline)
             try:
-                if got["type"] == "ack" and got.get("seq") == 0:
+                frame = link_frame(got)
+                if isinstance(frame, Ack) and frame.seq == 0:
                     break
-                if peer.handle(got, more):
+                if peer.handle(frame, more):
                     raise ProtocolError("the cluster unlinked during the handshake")
             finally:
                 chan.close_fds(more)
         peer.ipc_ready.set()
-        peer.send({"type": "ipc_ready"})
+        peer.send(IpcReady())
     except BaseException:
         peer.close(LLMStatusCode.LLM_LINK_FAILED)
         raise
@@ -270,11 +269,10 @@ def check_hello(
     rank-table comm is accepted on that comm's rendezvous listener only (rendezvous; it checks
     the comm)."""
     failed = int(LLMStatusCode.LLM_LINK_FAILED)
-    version = msg.get("version")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        return None, (failed, f"protocol version {version!r:.40}")
     try:
         hello = Hello.from_wire(msg)
+    except VersionMismatch as exc:
+        return None, (failed, str(exc))
     except ProtocolError as exc:
         return None, (failed, f"malformed handshake: {exc}")
     cid = hello.cluster_id

@@ -15,14 +15,14 @@ import binascii
 import collections
 import threading
 import time
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional, Union
 
+from .frames import Notify, NotifyReply
 from .status import LLMException, LLMStatusCode
 
 MAX_PAYLOAD = 64 << 10  # bytes of one notification's payload
 DEFAULT_QUEUE_DEPTH = 4096  # notifications kept per sending cluster (llmdist.notify_queue_depth)
 REPLY_TIMEOUT_S = 10.0  # how long a sender waits for the receiver's confirmation
-MESSAGES = ("notify", "notify_reply")
 
 _PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
 
@@ -143,9 +143,7 @@ class Notifications:
             seq = self._seq
             pending = self._pending[seq] = Pending(peer, cluster_id, lambda: self._forget(seq))
         try:
-            peer.send(
-                {"type": "notify", "seq": seq, "data": base64.b64encode(payload).decode("ascii")}
-            )
+            peer.send(Notify(seq, base64.b64encode(payload).decode("ascii")))
         except OSError as exc:
             with self._lock:
                 self._pending.pop(seq, None)
@@ -160,15 +158,13 @@ class Notifications:
             self._pending.pop(seq, None)
 
     # -- the control connection's messages (Peer.serve)
-    def handle(self, peer, msg: dict, protocol_error: Callable[[str], Exception]) -> None:
-        """A "notify" or "notify_reply" message from peer."""
-        seq = msg.get("seq")
-        if type(seq) is not int or seq < 0:
-            raise protocol_error("bad notification sequence number")
-        if msg["type"] == "notify":
-            data = msg.get("data")
+    def handle(self, peer, frame: Union[Notify, NotifyReply]) -> None:
+        """A notification or the reply to one of ours from peer (fields checked: frames.py)."""
+        seq = frame.seq
+        if isinstance(frame, Notify):
+            data = frame.data
             # base64 of MAX_PAYLOAD bytes is at most 4/3 as long
-            if type(data) is not str or len(data) > (MAX_PAYLOAD + 2) // 3 * 4:
+            if data is None or len(data) > (MAX_PAYLOAD + 2) // 3 * 4:
                 reason = (
                     f"a notification carries at most {MAX_PAYLOAD} bytes "
                     f"(cluster {self.own_id} refused a larger one)"
@@ -181,24 +177,18 @@ class Notifications:
                     code = LLMStatusCode.LLM_LINK_BUSY if reason else LLMStatusCode.LLM_SUCCESS
                 except (binascii.Error, UnicodeEncodeError):
                     reason, code = "the notification's payload is not base64", _PARAM_INVALID
-            peer.send(
-                {"type": "notify_reply", "seq": seq, "code": int(code), "reason": reason or ""}
-            )
+            peer.send(NotifyReply(seq, int(code), reason or ""))
             return
         with self._lock:
             pending = self._pending.get(seq)
             if pending is None or pending.peer is not peer:
                 return  # one the sender stopped waiting for
             del self._pending[seq]
-        code = msg.get("code")
-        reason = msg.get("reason")
-        if type(code) is not int or type(reason) is not str:
-            raise protocol_error("bad notification reply")
         try:
-            status = LLMStatusCode(code)
+            status = LLMStatusCode(frame.code)
         except ValueError:
             status = LLMStatusCode.LLM_FAILED
-        pending.finish(status, reason[:4096])
+        pending.finish(status, frame.reason)
 
 
 class TaskNotice:

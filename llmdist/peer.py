@@ -1,11 +1,12 @@
 """A linked cluster as this side sees it (Peer): its control connection, the caches it exposes
 and how this process reaches them.
 
-The connection carries small JSON frames only (auth.py): cache announcements and withdrawals
-(acknowledged, so that a peer knows a cache before a transfer can target it and has stopped
-writing into it before the owner lets it go), the release of a CacheKey a pull used
-("key_pulled"), notifications, "ipc_ready" and unlink. When it closes, the link is down:
-transfers to the peer end with LLM_LINK_FAILED and nothing more is written.
+The connection carries small JSON frames only (auth.py), each a typed message of frames.py:
+cache announcements and withdrawals (acknowledged, so that a peer knows a cache before a
+transfer can target it and has stopped writing into it before the owner lets it go), the
+release of a CacheKey a pull used (KeyPulled), notifications, IpcReady and Unlink. When it
+closes, the link is down: transfers to the peer end with LLM_LINK_FAILED and nothing more is
+written.
 
 Who the peer is on this host comes from the kernel (SO_PEERCRED on the listener's Unix
 socket), never from its hello. Its path (data_path.py) is chosen at the handshake; each cache's
@@ -23,17 +24,31 @@ import time
 from dataclasses import replace
 from typing import Dict, List, Optional, Tuple
 
-from . import _core, device_ipc, notifications
+from . import _core, device_ipc
 from .auth import Channel, ProtocolError
 from .data_path import PeerPath
 from .descs import CacheKey, LLMRole, Placement
+from .frames import (
+    Ack,
+    CacheAdd,
+    CacheRemove,
+    Hello,
+    IpcReady,
+    Key,
+    KeyPulled,
+    KeyRemove,
+    LinkFrame,
+    Notify,
+    NotifyReply,
+    Unlink,
+    link_frame,
+)
 from .registry import REGISTERED, ClusterMemory, MemoryEntry, Region
 from .route_rules import Access, RouteKind
 from .routes import EngineRoute, ImportNeeded, MappedRoute, ProcessRoute, Route
 from .shares import DeviceIpcShare, MemfdShare, Unshared
 from .status import LLMException, LLMStatusCode
-from .wire import Hello, cache_from_wire, key_from_wire, key_to_wire
-from .wire_checks import check_int, check_list
+from .wire import cache_from_wire
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +120,12 @@ class Peer:
             raise
 
     # -- memory the peer exposes
-    def add_caches(self, ws, fds: List[int] = ()) -> None:
-        for w in check_list(ws):
+    def add_caches(self, ws: list, fds: List[int] = ()) -> None:
+        """Record the caches of a hello or of a Caches frame (a checked list of wire objects)."""
+        for w in ws:
             self.add_cache(w, fds)
 
-    def add_cache(self, w: dict, fds: List[int] = ()) -> None:
+    def add_cache(self, w: object, fds: List[int] = ()) -> None:
         """Record a cache the peer announced; fds are the descriptors that came with the frame
         (the caller closes them: a mapping outlives its descriptor)."""
         entry, keys = cache_from_wire(w, fds)
@@ -184,16 +200,14 @@ class Peer:
         self.node.cancel_transfers_to(self.cluster_id, cid, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST)
         self._unmap(cid)
 
-    def remove_key(self, w: list) -> None:
-        key = key_from_wire(w)
+    def remove_key(self, key: Key) -> None:
         with self.lock:
             self.mem.remove_key(key)
 
-    def key_pulled(self, w: list) -> None:
+    def key_pulled(self, key: Key) -> None:
         """The peer pulled by a CacheKey of this cluster, which releases the key (as upstream).
         Taken here; withdrawn from peers on another thread, since that waits for every peer's
         ack, this one's included, which this reader thread delivers."""
-        key = key_from_wire(w)
         cm = self.node.caches
         if not isinstance(key, CacheKey) or key.cluster_id != self.node.cluster_id or cm is None:
             raise ProtocolError(
@@ -215,7 +229,7 @@ class Peer:
         with self.lock:
             self.mem.remove_key(key)
         try:
-            self.send({"type": "key_pulled", "key": key_to_wire(key)})
+            self.send(KeyPulled(key))
         except OSError as exc:
             log.info("cluster %d: could not report a pulled key: %s", self.cluster_id, exc)
 
@@ -413,25 +427,27 @@ class Peer:
         return None
 
     # -- messages
-    def send(self, msg: dict, fds: List[int] = (), deadline: Optional[float] = None) -> None:
-        self.chan.send(msg, fds, deadline=deadline)
+    def send(self, frame: LinkFrame, fds: List[int] = (), deadline: Optional[float] = None) -> None:
+        self.chan.send(frame.to_wire(), fds, deadline=deadline)
 
-    def request(self, msg: dict, timeout: float = ACK_TIMEOUT_S, fds: List[int] = ()) -> bool:
-        """Send msg and wait for the peer's ack; False if none came in time or the link broke."""
+    def request(
+        self, frame: LinkFrame, timeout: float = ACK_TIMEOUT_S, fds: List[int] = ()
+    ) -> bool:
+        """Send frame and wait for the peer's ack; False if none came in time or the link
+        broke."""
         deadline = time.monotonic() + timeout
-        seq = self.post(msg, deadline, fds)
+        seq = self.post(frame, deadline, fds)
         return seq is not None and self.await_ack(seq, deadline)
 
-    def post(self, msg: dict, deadline: float, fds: List[int] = ()) -> Optional[int]:
-        """Send msg as a request by deadline without waiting for its ack: its sequence number
-        for await_ack, or None when it could not be sent in time."""
+    def post(self, frame: LinkFrame, deadline: float, fds: List[int] = ()) -> Optional[int]:
+        """Send frame as a request (numbered anew) by deadline without waiting for its ack: its
+        sequence number for await_ack, or None when it could not be sent in time."""
         with self.lock:
             self.seq += 1
             seq = self.seq
             self.acks[seq] = threading.Event()
-        msg["seq"] = seq
         try:
-            self.send(msg, fds, deadline)
+            self.send(replace(frame, seq=seq), fds, deadline)
         except OSError:
             with self.lock:
                 self.acks.pop(seq, None)
@@ -459,21 +475,21 @@ class Peer:
             self.sock.settimeout(None)
             while True:
                 msg, fds = self.chan.recv()
-                # At most llmdist.peer_frame_rate frames a second (as a burst too): a faster
-                # peer waits, its frames in the socket's bounded buffers. Acks of our own
-                # requests are bounded by those and do not count.
-                seq = msg.get("seq")
-                if msg["type"] != "ack" or type(seq) is not int or seq not in self.acks:
-                    now = time.monotonic()
-                    tokens = min(float(rate), tokens + (now - last) * rate)
-                    last = now
-                    if tokens < 1.0:
-                        time.sleep((1.0 - tokens) / rate)
-                        tokens = 1.0
-                        last = time.monotonic()
-                    tokens -= 1.0
                 try:
-                    if self.handle(msg, fds):
+                    frame = link_frame(msg)
+                    # At most llmdist.peer_frame_rate frames a second (as a burst too): a
+                    # faster peer waits, its frames in the socket's bounded buffers. Acks of
+                    # our own requests are bounded by those and do not count.
+                    if not isinstance(frame, Ack) or frame.seq not in self.acks:
+                        now = time.monotonic()
+                        tokens = min(float(rate), tokens + (now - last) * rate)
+                        last = now
+                        if tokens < 1.0:
+                            time.sleep((1.0 - tokens) / rate)
+                            tokens = 1.0
+                            last = time.monotonic()
+                        tokens -= 1.0
+                    if self.handle(frame, fds):
                         return
                 finally:
                     self.chan.close_fds(fds)
@@ -486,11 +502,10 @@ class Peer:
             self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED)
             self.chan.close_fds()
 
-    def handle(self, msg: dict, fds: List[int]) -> bool:
-        """Act on one message of the peer; True when the link ended."""
-        kind = msg["type"]
-        seq = check_int(msg.get("seq", 0))
-        if kind == "ack":
+    def handle(self, frame: LinkFrame, fds: List[int]) -> bool:
+        """Act on one frame of the peer; True when the link ended."""
+        seq = frame.seq
+        if isinstance(frame, Ack):
             with self.lock:
                 ev = self.acks.get(seq)
                 if ev is not None:
@@ -498,28 +513,26 @@ class Peer:
             if ev is not None:
                 ev.set()
             return False
-        if kind == "ipc_ready":
+        if isinstance(frame, IpcReady):
             self.ipc_ready.set()
             return False
-        if kind == "unlink":
+        if isinstance(frame, Unlink):
             # Stop writing to the peer before it hears back, then hang up.
             self.peer_unlinked = True
             self.node.link_down(self, LLMStatusCode.LLM_LINK_FAILED, ack=seq)
             return True
-        if kind in notifications.MESSAGES:
-            self.node.notifications.handle(self, msg, ProtocolError)
+        if isinstance(frame, (Notify, NotifyReply)):
+            self.node.notifications.handle(self, frame)
             return False
-        if kind == "cache_add":
-            self.add_cache(msg.get("cache"), fds)
-        elif kind == "cache_remove":
-            self.remove_cache(check_int(msg.get("cache_id"), 0, 2**63 - 1))
-        elif kind == "key_remove":
-            self.remove_key(msg.get("key"))
-        elif kind == "key_pulled":
-            self.key_pulled(msg.get("key"))
-        else:
-            raise ProtocolError(f"unknown message {kind!r:.40}")
-        self.send({"type": "ack", "seq": seq})
+        if isinstance(frame, CacheAdd):
+            self.add_cache(frame.cache, fds)
+        elif isinstance(frame, CacheRemove):
+            self.remove_cache(frame.cache_id)
+        elif isinstance(frame, KeyRemove):
+            self.remove_key(frame.key)
+        else:  # KeyPulled, acknowledged as seq 0 when it carries none
+            self.key_pulled(frame.key)
+        self.send(Ack(seq))
         return False
 
     def stop(self, code) -> None:
@@ -555,7 +568,7 @@ class Peer:
         self.stop(code)
         if ack is not None:
             try:
-                self.send({"type": "ack", "seq": ack})
+                self.send(Ack(ack))
             except OSError:
                 pass
         try:

@@ -43,7 +43,7 @@ from .status import LLMException, LLMStatusCode
 
 if TYPE_CHECKING:
     from .cluster import ClusterNode
-    from .wire import Hello
+    from .frames import Hello
 
 log = logging.getLogger(__name__)
 

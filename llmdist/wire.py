@@ -1,27 +1,24 @@
-"""Caches, cache keys and the handshake's hello as they go over a control connection, and back: every field a peer
-sends is checked for type and range before anything uses it (wire_checks.py)."""
+"""Caches and cache keys as they go over a control connection (inside the frames of
+frames.py), and back: every field a peer sends is checked for type and range before anything
+uses it (wire_checks.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
-from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMRole, Placement
+from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, Placement
 from .registry import ALLOCATED, REGISTERED, MemoryEntry
 from .shares import share_from_wire, share_to_wire
 from .status import LLMException
-from .wire_checks import ProtocolError, check_enum, check_int, check_list, check_text
+from .wire_checks import ProtocolError, check_enum, check_int, check_list
 
 __all__ = [
-    "Hello",
     "cache_from_wire",
     "cache_to_wire",
     "key_from_wire",
     "key_to_wire",
     "share_to_wire",
 ]
-
-RUNTIMES = ("host", "acl", "cuda")  # the runtimes a hello may name
 
 
 def key_from_wire(w: object) -> Union[CacheKey, BlocksCacheKey]:
@@ -102,42 +99,3 @@ def cache_from_wire(w: object, fds: List[int] = ()) -> Tuple[MemoryEntry, list]:
         raise
     except (KeyError, TypeError, ValueError, IndexError, LLMException) as exc:
         raise ProtocolError(f"bad cache description: {exc}") from None
-
-
-@dataclass(frozen=True)
-class Hello:
-    """A handshake message (a client's hello, a listener's welcome), every field checked; its
-    caches are checked one by one when the Peer records them (wire.cache_from_wire)."""
-
-    cluster_id: int
-    role: LLMRole
-    target: Optional[int]  # the cluster the client meant to reach (None: any)
-    host: str
-    runtime: str  # one of RUNTIMES
-    caches: list
-    want_engine: bool  # the sender forces Mooncake (llmdist.transport=mooncake)
-    mooncake: Optional[str]  # the sender's Mooncake session, when its engine runs
-    engine_error: Optional[str]  # why the sender's engine did not start
-    comm: Optional[str]  # the rank-table comm the link belongs to
-
-    @classmethod
-    def from_wire(cls, msg: dict) -> "Hello":
-        """The hello msg, or ProtocolError naming its first bad field."""
-        cluster_id = check_int(msg.get("cluster_id"))
-        target = msg.get("target")
-        if target is not None:
-            check_int(target)
-        runtime = msg.get("runtime", "host")
-        if runtime not in RUNTIMES:
-            raise ProtocolError("bad runtime")
-        role = check_enum(LLMRole, msg.get("role"))
-        host = check_text(msg.get("host"))
-        caches = check_list(msg.get("caches"))
-        want_engine = msg.get("want_engine", False)
-        if type(want_engine) is not bool:
-            raise ProtocolError("bad want_engine")
-        texts = {
-            k: check_text(msg[k]) if k in msg else None
-            for k in ("mooncake", "engine_error", "comm")
-        }
-        return cls(cluster_id, role, target, host, runtime, caches, want_engine, **texts)

@@ -22,14 +22,15 @@ def frame(obj, magic: bytes = cluster.MAGIC) -> bytes:
     return magic + struct.pack(">I", len(data)) + data
 
 
-def hello(cid: int, target: Optional[int], **over) -> dict:
-    """A handshake as a PROMPT cluster of this host (so no Mooncake engine is involved),
-    announcing no caches; ``over`` replaces fields."""
+def hello(cid: int, target: Optional[int], role: object = LLMRole.PROMPT, **over) -> dict:
+    """A handshake as a cluster of role (PROMPT by default; sent as given, so that an ill-typed
+    role can be tried) on this host (so no Mooncake engine is involved), announcing no caches;
+    ``over`` replaces fields."""
     msg = {
         "type": "hello",
         "version": cluster.PROTOCOL_VERSION,
         "cluster_id": cid,
-        "role": int(LLMRole.PROMPT),
+        "role": role,
         "target": target,
         "host": cluster.host_identity(),
         "pid": os.getpid(),

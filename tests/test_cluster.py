@@ -17,7 +17,6 @@ unlink tests come last: their slow-prefill variant exposes a known race (see its
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
 import socket
@@ -41,11 +40,12 @@ from llmdist import (
     TransferConfig,
     TransferWithCacheKeyConfig,
 )
+from llmdist.auth import MAGIC
 
 from . import reference
 from .decode_procs import HOST, DCache, DecodeProc, cluster_info, memfd_maps, start_all  # noqa: F401
 from .helpers import SUCCESS, Env, GateSync, RecordingSync, SleepSync, assert_mem_equal, free_port
-from .raw_protocol import RawPeer
+from .raw_protocol import RawPeer, frame, hello
 from .reference import RefConfig
 
 LINK_MS = 5000
@@ -405,7 +405,7 @@ def test_link_failures_are_bounded(decodes, prefill):
     assert time.monotonic() - t0 < 2.5
     # listeners that are not llmdist: silent, garbage, a frame cut short, a welcome from the
     # wrong cluster, a frame that is not a welcome; the timeout holds in every case
-    wrong = dict(hello(999, env.cluster_id, LLMRole.DECODER), type="welcome")
+    wrong = dict(hello(999, env.cluster_id, LLMRole.DECODER, host=OTHER_HOST), type="welcome")
     replies = [
         None,
         b"\x00garbage" * 100,
@@ -1048,29 +1048,7 @@ def test_decode_deallocates_in_flight(decodes, prefill, cleanup):
 # --------------------------------------------------------------------------------------------
 # garbage on the listener port
 # --------------------------------------------------------------------------------------------
-MAGIC = b"LLMD"
-
-
-def frame(obj, magic: bytes = MAGIC) -> bytes:
-    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
-    return magic + struct.pack(">I", len(data)) + data
-
-
-def hello(cluster_id: int, target: int, role: LLMRole = LLMRole.PROMPT, **over) -> dict:
-    from llmdist import cluster as _cluster
-
-    msg = {
-        "type": "hello",
-        "version": _cluster.PROTOCOL_VERSION,
-        "cluster_id": cluster_id,
-        "role": int(role),
-        "target": target,
-        "host": "some-other-host",
-        "pid": os.getpid(),
-        "caches": [],
-    }
-    msg.update(over)
-    return msg
+OTHER_HOST = "some-other-host"  # the host identity of the raw hellos below
 
 
 def _answered(port: int, hello_msg: dict, timeout: float = 20.0) -> socket.socket:
@@ -1145,17 +1123,17 @@ def test_garbage_on_listener_port(decodes, prefill, cleanup):
             MAGIC + struct.pack(">I", (16 << 20) + 1) + b"x" * 1000,  # just over a limit
             MAGIC + struct.pack(">I", 1000) + b'{"type": "hello"',  # truncated frame
             MAGIC[:3],  # truncated header
-            frame(hello(555, 2), magic=b"LLMX"),  # wrong magic
+            frame(hello(555, 2, host=OTHER_HOST), magic=b"LLMX"),  # wrong magic
             frame(b"\xff\xfe not json"),  # not JSON
             frame([1, 2, 3]),  # not a message
             frame({"type": "ack", "seq": 1}),  # not a handshake
-            frame(hello(555, 999)),  # wrong target cluster
-            frame(hello(555, 2, version=12345)),  # wrong version
-            frame(hello(2, 2)),  # the listener's id
-            frame(hello("555", 2)),  # ill-typed id
-            frame(hello(555, 2, caches=[{"id": 1}])),  # malformed cache
-            frame(hello(555, 2, caches="nope")),
-            frame(hello(555, 2, role=99)),
+            frame(hello(555, 999, host=OTHER_HOST)),  # wrong target cluster
+            frame(hello(555, 2, version=12345, host=OTHER_HOST)),  # wrong version
+            frame(hello(2, 2, host=OTHER_HOST)),  # the listener's id
+            frame(hello("555", 2, host=OTHER_HOST)),  # ill-typed id
+            frame(hello(555, 2, caches=[{"id": 1}], host=OTHER_HOST)),  # malformed cache
+            frame(hello(555, 2, caches="nope", host=OTHER_HOST)),
+            frame(hello(555, 2, role=99, host=OTHER_HOST)),
         ]
         for data in cases:
             send_and_expect_close(port, data)
@@ -1166,7 +1144,7 @@ def test_garbage_on_listener_port(decodes, prefill, cleanup):
             s.close()
         # a fake peer that completes the handshake, then sends garbage: dropped, and the
         # cluster id it used can link for real afterwards
-        s = _answered(port, hello(556, 2))
+        s = _answered(port, hello(556, 2, host=OTHER_HOST))
         try:
             s.sendall(frame({"type": "cache_add", "cache": {"id": "x"}, "seq": 1}) + b"junk" * 10)
         except (BrokenPipeError, ConnectionResetError):

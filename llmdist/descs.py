@@ -74,6 +74,10 @@ class DataType(Enum):
     DT_STRING = 13
     DT_BF16 = 27
 
+    # Members are singletons compared by identity: the identity hash is a C slot, where Enum's
+    # own hashes the name in Python on every dict lookup (each transfer sizes its caches).
+    __hash__ = object.__hash__
+
     @property
     def element_size(self) -> int:
         """Bytes per element; DT_STRING has none and raises LLMException(LLM_PARAM_INVALID)."""

@@ -4,7 +4,6 @@ tests/test_packaging.py checks this stub against the built module with mypy.stub
 
 import enum
 import os as os
-import threading as threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from typing_extensions import disjoint_base
@@ -186,6 +185,12 @@ class LinkFlag:
     def is_up(self) -> bool: ...
 
 @disjoint_base
+class Done:
+    def set(self) -> None: ...
+    def is_set(self) -> bool: ...
+    def wait(self, timeout: Optional[float] = ...) -> bool: ...
+
+@disjoint_base
 class Slots:
     def __new__(cls, size: int) -> Slots: ...
     @property
@@ -295,7 +300,7 @@ class TransferJob:
     @property
     def sync_timeout(self) -> Any: ...
     @property
-    def done(self) -> threading.Event: ...
+    def done(self) -> Done: ...
     @property
     def outcomes(self) -> List[Outcome]: ...
     @property

@@ -1,5 +1,6 @@
-"""The task slots (llmdist.max_inflight_tasks) as _core.Slots: a bounded count that a thread
-takes with a timeout and any thread gives back."""
+"""The planner's C-level waits: _core.Slots, the task slots (llmdist.max_inflight_tasks), a
+bounded count a thread takes with a timeout and any thread gives back; and _core.Done, a job's
+end, set once and waited on by any number of threads."""
 
 from __future__ import annotations
 
@@ -45,3 +46,31 @@ def test_slots_are_bounded():
         s.release()
     with pytest.raises(ValueError, match="size must be > 0"):
         _core.Slots(0)
+
+
+def test_done_wakes_every_waiter_once_set():
+    d = _core.Done()
+    assert not d.is_set()
+    assert d.wait(0) is False and d.wait(-1) is False
+    t0 = time.monotonic()
+    assert d.wait(0.1) is False
+    assert time.monotonic() - t0 >= 0.09  # it waited for the timeout
+    woke = []
+    waiters = [
+        threading.Thread(target=lambda t=t: woke.append(d.wait(t))) for t in (None, 5.0, None, 5.0)
+    ]
+    for w in waiters:
+        w.start()
+    time.sleep(0.05)
+    d.set()
+    for w in waiters:
+        w.join(5)
+    assert woke == [True] * 4
+    d.set()  # a second set changes nothing
+    assert d.is_set() and d.wait() and d.wait(0)
+
+
+def test_a_transfer_job_ends_on_a_done():
+    plan = _core.plan_c2c(8)
+    job = _core.TransferJob(_core.Runtime.host(), plan, [], [], None)
+    assert isinstance(job.done, _core.Done) and not job.done.is_set()

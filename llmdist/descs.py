@@ -74,9 +74,7 @@ class DataType(Enum):
     DT_STRING = 13
     DT_BF16 = 27
 
-    # Members are singletons compared by identity: the identity hash is a C slot, where Enum's
-    # own hashes the name in Python on every dict lookup (each transfer sizes its caches).
-    __hash__ = object.__hash__
+    __hash__ = object.__hash__  # members are singletons: a C slot instead of Enum's Python hash
 
     @property
     def element_size(self) -> int:

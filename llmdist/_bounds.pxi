@@ -1,26 +1,31 @@
 # Destination bounds: which registered region holds each destination tensor range.
 
-cdef Py_ssize_t last_at_or_before(list keys, uint64_t x) except -2:
-    """Position of the last of the sorted ints keys that is <= x, or -1."""
-    cdef Py_ssize_t a = 0, b = len(keys), m
+from cpython cimport array
+
+
+cdef inline Py_ssize_t last_at_or_before(const unsigned long long *keys, Py_ssize_t n,
+                                         uint64_t x) noexcept nogil:
+    """Position of the last of the n sorted keys that is <= x, or -1."""
+    cdef Py_ssize_t a = 0, b = n, m
     while a < b:
         m = (a + b) // 2
-        if <uint64_t>keys[m] <= x:
+        if keys[m] <= x:
             a = m + 1
         else:
             b = m
     return a - 1
 
 
-def locate(list firsts, list starts, list lasts, list regions, list addrs, uint64_t lo,
-           uint64_t hi):
+def locate(array.array firsts not None, list starts, list lasts, list regions, list addrs,
+           uint64_t lo, uint64_t hi):
     """For each base address a, the region holding [a+lo, a+hi), in regions kept as sorted
     chunks (MemoryRegistry: firsts holds each chunk's first start; starts, lasts (last byte)
-    and regions hold each chunk's disjoint regions in order). Returns (region per address,
-    position of the first address that fits none, or -1)."""
+    and regions hold each chunk's disjoint regions in order; firsts, starts and lasts are
+    array('Q'), so that the searches read C integers). Returns (region per address, position
+    of the first address that fits none, or -1)."""
     cdef Py_ssize_t n = len(addrs), i, c, k
     cdef uint64_t base, first, last, rlast
-    cdef list cs
+    cdef array.array cs, cl
     out = [None] * n
     for i in range(n):
         base = addrs[i]
@@ -28,12 +33,13 @@ def locate(list firsts, list starts, list lasts, list regions, list addrs, uint6
         last = base + hi
         if first < base or last < first:
             return out, i
-        c = last_at_or_before(firsts, first)
+        c = last_at_or_before(firsts.data.as_ulonglongs, len(firsts), first)
         if c < 0:
             return out, i
-        cs = starts[c]
-        k = last_at_or_before(cs, first)
-        rlast = (<list>lasts[c])[k]
+        cs = <array.array>starts[c]
+        cl = <array.array>lasts[c]
+        k = last_at_or_before(cs.data.as_ulonglongs, len(cs), first)
+        rlast = cl.data.as_ulonglongs[k]
         if first > rlast or (last != first and last - 1 > rlast):
             return out, i
         out[i] = (<list>regions[c])[k]

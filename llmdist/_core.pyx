@@ -14,7 +14,6 @@ from libc.string cimport memcpy, memset
 
 import os
 import select
-import threading
 
 from llmdist.status import LLMException, LLMStatusCode
 
@@ -28,6 +27,8 @@ include "_indices.pxi"
 include "_planner.pxi"
 include "_bounds.pxi"
 include "_gate.pxi"
+include "_slots.pxi"
+include "_done.pxi"
 include "_config_plan.pxi"
 include "_outcome.pxi"
 include "_layer_loop.pxi"

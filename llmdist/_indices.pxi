@@ -49,3 +49,60 @@ def parse_indices(str name, object seq):
     out.max_value = vmax if n else None
     out.max_value_c = vmax
     return out
+
+
+ctypedef struct IndexAt:
+    uint64_t value
+    Py_ssize_t pos
+
+
+cdef int cmp_index_at(const void *a, const void *b) noexcept nogil:
+    cdef const IndexAt *x = <const IndexAt *>a
+    cdef const IndexAt *y = <const IndexAt *>b
+    if x.value != y.value:
+        return -1 if x.value < y.value else 1
+    return -1 if x.pos < y.pos else (1 if x.pos > y.pos else 0)
+
+
+cdef Py_ssize_t first_repeat_sorted(const uint64_t *data, Py_ssize_t n) except -2:
+    # Sorted by (value, position): in each run of one value, the second position is where that
+    # value first repeats; the earliest of those is the answer.
+    cdef IndexAt *at = <IndexAt *>malloc(max(n, 1) * sizeof(IndexAt))
+    cdef Py_ssize_t i, best = -1
+    if at == NULL:
+        raise MemoryError()
+    for i in range(n):
+        at[i].value = data[i]
+        at[i].pos = i
+    qsort(at, n, sizeof(IndexAt), cmp_index_at)
+    for i in range(1, n):
+        if at[i].value == at[i - 1].value and (i < 2 or at[i - 1].value != at[i - 2].value):
+            if best < 0 or at[i].pos < best:
+                best = at[i].pos
+    free(at)
+    return best
+
+
+def repeated_index(Indices idx not None):
+    """The first index of idx equal to an earlier one (in list order), or None when all differ:
+    one bitmap pass when the largest index is small against the count, else a sort."""
+    cdef Py_ssize_t n = idx.size, i, at = -1
+    cdef uint64_t v, nbytes
+    cdef unsigned char *seen
+    if n < 2:
+        return None
+    nbytes = (idx.max_value_c >> 3) + 1
+    if nbytes <= <uint64_t>n * 64 + 4096:
+        seen = <unsigned char *>calloc(nbytes, 1)
+        if seen == NULL:
+            raise MemoryError()
+        for i in range(n):
+            v = idx.data[i]
+            if seen[v >> 3] & (1 << (v & 7)):
+                at = i
+                break
+            seen[v >> 3] |= <unsigned char>(1 << (v & 7))
+        free(seen)
+    else:
+        at = first_repeat_sorted(idx.data, n)
+    return None if at < 0 else idx.data[at]

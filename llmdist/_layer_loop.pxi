@@ -45,7 +45,7 @@ cdef class TransferJob:
         self.has_sync = synchronizer is not None
         self.sync_timeout = sync_timeout
         self.wait_ms = -1 if sync_timeout is None else sync_timeout
-        self.done = threading.Event()
+        self.done = Done()
         self.outcomes = None
         self.configs = list(configs)
         self.cancel_codes = [None] * len(configs)

@@ -77,6 +77,16 @@ def check_written_once(name: str, dst_blocks) -> None:
         seen.add(d)
 
 
+def check_indices_written_once(name: str, dst_blocks: "_core.Indices") -> None:
+    """check_written_once over parsed indices, in one C pass (no Python per block)."""
+    d = _core.repeated_index(dst_blocks)
+    if d is not None:
+        raise LLMException(
+            f"{name}: destination block {d} is written twice",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
+
+
 def _plan_blocks(pairs: List[Tuple[int, int]], block_bytes: int):
     src = _core.parse_indices("source blocks", [s for s, _ in pairs])
     dst = _core.parse_indices("destination blocks", [d for _, d in pairs])

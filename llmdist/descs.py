@@ -74,6 +74,8 @@ class DataType(Enum):
     DT_STRING = 13
     DT_BF16 = 27
 
+    __hash__ = object.__hash__  # members are singletons: a C slot instead of Enum's Python hash
+
     @property
     def element_size(self) -> int:
         """Bytes per element; DT_STRING has none and raises LLMException(LLM_PARAM_INVALID)."""

@@ -55,7 +55,7 @@ def pull(
     if dst_row is None:
         require(dst_cache.is_blocks_cache, f"dst_cache {dst_cache.cache_id} must be a blocks cache")
         require(len(dst_idx) > 0, "dst_blocks must not be empty")
-        block_ops.check_written_once("dst_blocks", dst_blocks)
+        block_ops.check_indices_written_once("dst_blocks", dst_idx)
         if blocks_key:
             require(len(src_idx) > 0, "src_blocks must not be empty with a BlocksCacheKey")
             require(

@@ -8,6 +8,7 @@ costs O(log n) per layer with thousands of caches held."""
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_left, bisect_right
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -54,12 +55,13 @@ class Region:
 class DisjointRegions:
     """Sorted, non-overlapping, non-empty regions: chunks of consecutive regions, each with its
     sorted starts and last bytes, and the first start of every chunk to bisect. Lookups for
-    transfers run in C (_core.locate) over the same lists."""
+    transfers run in C (_core.locate) over the same arrays: the starts and last bytes are
+    array('Q'), C integers that a search reads without touching a Python int."""
 
     def __init__(self) -> None:
-        self._firsts: List[int] = []
-        self._starts: List[List[int]] = []
-        self._lasts: List[List[int]] = []
+        self._firsts = array("Q")
+        self._starts: List[array] = []
+        self._lasts: List[array] = []
         self._regions: List[List[Region]] = []
 
     def __len__(self) -> int:
@@ -96,8 +98,8 @@ class DisjointRegions:
     def _insert(self, r: Region) -> None:
         if not self._firsts:
             self._firsts.append(r.start)
-            self._starts.append([r.start])
-            self._lasts.append([r.end - 1])
+            self._starts.append(array("Q", [r.start]))
+            self._lasts.append(array("Q", [r.end - 1]))
             self._regions.append([r])
             return
         c = max(bisect_right(self._firsts, r.start) - 1, 0)
@@ -133,9 +135,9 @@ class DisjointRegions:
     def locate(self, addrs: Sequence[int], lo: int, hi: int) -> Tuple[List[Optional[Region]], int]:
         """The region holding [a+lo, a+hi) for each a, and the position of the first address
         whose range fits no single region (-1 when all fit)."""
-        return _core.locate(
-            self._firsts, self._starts, self._lasts, self._regions, list(addrs), lo, hi
-        )
+        if type(addrs) is not list:
+            addrs = list(addrs)
+        return _core.locate(self._firsts, self._starts, self._lasts, self._regions, addrs, lo, hi)
 
 
 class MemoryRegistry:

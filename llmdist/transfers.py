@@ -98,7 +98,7 @@ class Planner:
         # (cluster id, cache id).
         self.inflight: Dict[object, Tuple[Tuple[int, int], List[set]]] = {}
         self.max_inflight = max_inflight
-        self.slots = threading.BoundedSemaphore(max_inflight)
+        self.slots = _core.Slots(max_inflight)
         self._here: set = set()  # jobs launched to run on their caller's thread
         self._streams = threading.local()  # each calling thread's stream for them
         self.deadlines = Deadlines()

@@ -204,8 +204,9 @@ def push(
     )
     cfg = TransferWithCacheKeyConfig(key, src_range, dst_range, src_batch_index)
     if dst_blocks is not None:
-        _core.parse_indices("dst_blocks", dst_blocks)
-        block_ops.check_written_once("dst_blocks", dst_blocks)
+        block_ops.check_indices_written_once(
+            "dst_blocks", _core.parse_indices("dst_blocks", dst_blocks)
+        )
     block_size = None
     if dst_blocks is not None and not src_blocks:
         # C2B: the source row is cut into blocks of the destination's block size

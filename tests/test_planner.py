@@ -67,3 +67,36 @@ def test_b2b_runs_match_the_model(n, kind):
 def test_b2b_merges_a_sorted_stretch_into_one_run():
     p = plan(list(range(10, 74)), list(range(200, 264)))
     assert p.runs == [(10 * BLOCK, 200 * BLOCK, 64 * BLOCK)]
+
+
+def first_repeat_model(values):
+    """The first value equal to an earlier one, in list order, or None."""
+    seen = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
+
+
+@pytest.mark.parametrize("spread", ["dense", "sparse", "huge"])
+def test_repeated_index_matches_the_model(spread):
+    # dense and sparse values take the bitmap pass; huge ones (up to 2**64-1) the sort
+    rng = random.Random(21)
+    top = {"dense": 40, "sparse": 1 << 20, "huge": (1 << 64) - 1}[spread]
+    for _ in range(3000):
+        n = rng.randint(0, 40)
+        values = [rng.randint(0, top) for _ in range(n)]
+        for _ in range(rng.randint(0, 3)):
+            if n > 1:
+                values[rng.randrange(n)] = values[rng.randrange(n)]
+        got = _core.repeated_index(_core.parse_indices("dst", values))
+        assert got == first_repeat_model(values), values
+
+
+def test_repeated_index_names_the_first_repeat_not_the_smallest():
+    assert _core.repeated_index(_core.parse_indices("dst", [9, 5, 5, 9])) == 5
+    assert _core.repeated_index(_core.parse_indices("dst", [9, 5, 9, 5])) == 9
+    big = (1 << 64) - 1
+    assert _core.repeated_index(_core.parse_indices("dst", [big, 7, 3, 7, big])) == 7
+    assert _core.repeated_index(_core.parse_indices("dst", list(range(70000)))) is None

@@ -89,7 +89,7 @@ def test_pull_blocks_byte_exact(decode, layout):
     p = Prefill(layout, seed=7)
     try:
         d, kv = decode(layout)
-        assert d._worker.layout.tensors_per_layer == (1 if layout == "cpu" else 2)
+        assert d.worker_side.layout.tensors_per_layer == (1 if layout == "cpu" else 2)
         remote, local = [4, 5, 9], [0, 7, 3]
         p.send("lease", "r1", 30.0, 30.0)  # the prefill waits for the notification
         sent, recved, failed = vs.run_step(

@@ -226,7 +226,7 @@ def engine_main(
                 from vllm.distributed.kv_transfer import get_kv_transfer_group
 
                 w = get_kv_transfer_group().worker_side
-                conn.send(("ok", (w.layerwise_started, w.layerwise_overlapped)))
+                conn.send(("ok", (w.streams.started, w.streams.overlapped)))
             elif cmd == "reset_prefix_cache":
                 conn.send(("ok", llm.reset_prefix_cache()))
             elif cmd == "zero_kv":

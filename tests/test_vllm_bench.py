@@ -97,6 +97,10 @@ def test_bench_vllm_runs(tmp_path):
     # one round: one TTFT per mode; two pulls, one per request
     assert len(cases["pull ttft"]["paths"]["llmdist"]["samples"]) == 1
     assert len(cases["pull transfer"]["paths"]["llmdist"]["samples"]) == 2
+    # the call times the same pulls with the notification after them
+    bare = cases["pull transfer"]["paths"]["llmdist"]["samples"]
+    call = cases["pull call"]["paths"]["llmdist"]["samples"]
+    assert len(call) == 2 and all(c >= t for c, t in zip(call, bare)), (call, bare)
     assert cases["pull ttft"]["paths"]["llmdist"]["seconds"] > 0
     # both requests of both rounds (warm-up included) went out layer by layer
     assert cases["layerwise ttft"]["extra"]["layerwise_started"] == 4

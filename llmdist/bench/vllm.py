@@ -4,9 +4,10 @@ on CPUs), one prefill/decode engine pair per connector, in one run.
 
 Per mode: the decode's TTFT (the request sent, to the decode's first token; pull and push send
 it to the prefill, then to the decode, layerwise to both at once) and the transfer time per
-request (NixlConnector's own telemetry; LLMDistConnector's pull_blocks/push_blocks calls with
-their notification; layerwise streams during the forward and is not timed apart). Medians over
-the rounds; each mode's ratio to NixlConnector. This module is imported only when the scenario
+request, the data movement alone for both connectors (NixlConnector's transfer telemetry;
+LLMDistConnector's pull_blocks/push_blocks call), plus LLMDistConnector's "call" time: the
+transfer with the notification that tells the peer, confirmed (layerwise streams during the
+forward and is not timed apart). Medians over the rounds; each mode's ratio to NixlConnector. This module is imported only when the scenario
 runs; it needs vllm, torch and safetensors (nixl for the reference)."""
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def run_mode(name: str, model: str, prompts: List[int], rounds: int, port: int) 
         d = Engine(model, "kv_consumer", {"mode": name})
     ttft: List[float] = []
     transfer: List[float] = []
+    call: List[float] = []
     try:
         p.wait_ready()
         d.wait_ready()
@@ -80,11 +82,13 @@ def run_mode(name: str, model: str, prompts: List[int], rounds: int, port: int) 
             p.call("free_blocks", 10.0)
             d.call("reset_prefix_cache")
             p.call("reset_prefix_cache")
-            times = p.call("transfer_times") + d.call("transfer_times")
+            times = [p.call("transfer_times"), d.call("transfer_times")]
             if r:
                 ttft.append(first_token)
-                transfer.extend(times)
-        out = {"ttft": ttft, "transfer": transfer}
+                for t in times:
+                    transfer.extend(t["transfer"])
+                    call.extend(t["call"])
+        out = {"ttft": ttft, "transfer": transfer, "call": call}
         if name == "layerwise":
             out["layerwise_started"], out["layerwise_overlapped"] = p.call("layerwise_started")
         return out
@@ -102,11 +106,11 @@ def results_of(measured: Dict[str, dict], requests: int) -> List[Result]:
     for name, m in measured.items():
         if name == "nixl":
             continue
-        for measure in ("ttft", "transfer"):
-            if not m[measure]:
+        for measure in ("ttft", "transfer", "call"):
+            if not m.get(measure):
                 continue
             paths = {"llmdist": Path(statistics.median(m[measure]), list(m[measure]))}
-            if base and base[measure]:
+            if base and base.get(measure):
                 paths["nixl"] = Path(statistics.median(base[measure]), list(base[measure]))
             res = Result("vllm", f"{name} {measure}", None, 0, paths).finish()
             if "nixl" in paths:
@@ -134,10 +138,15 @@ def render(measured: Dict[str, dict]) -> str:
         return "-" if x is None or not b else f"{x / b:6.2f}x"
 
     bt, bx = med(base.get("ttft", [])), med(base.get("transfer", []))
-    lines = [f"{'connector':<12}{'TTFT ms':>10}{'vs NIXL':>9}{'transfer ms':>13}{'vs NIXL':>9}"]
+    lines = [
+        f"{'connector':<12}{'TTFT ms':>10}{'vs NIXL':>9}{'transfer ms':>13}{'vs NIXL':>9}"
+        f"{'call ms':>11}"
+    ]
     for name, m in measured.items():
-        t, x = med(m["ttft"]), med(m["transfer"])
-        lines.append(f"{name:<12}{ms(t):>10}{ratio(t, bt):>9}{ms(x):>13}{ratio(x, bx):>9}")
+        t, x, c = med(m["ttft"]), med(m["transfer"]), med(m.get("call", []))
+        lines.append(
+            f"{name:<12}{ms(t):>10}{ratio(t, bt):>9}{ms(x):>13}{ratio(x, bx):>9}{ms(c):>11}"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -96,7 +96,7 @@ CHILD = textwrap.dedent('''
     kind, rt, marked, at, src, dst, tpl, notify = queued[0]
     assert (kind, rt) == ("DeviceStepLayers", "cuda")
     assert marked == [True, False, False] and at == r0 + 1   # layer 0 recorded, then queued
-    assert (src, dst, tpl, notify) == ([2, 3], [5, 6], 1, b"llmdist-vllm:pushed:d1")
+    assert (src, dst, tpl, notify) == ([2, 3], [5, 6], 1, b'llmdist-vllm:pushed:["d1"]')
     c.save_kv_layer(names[1], None, None)
     c.save_kv_layer(names[2], None, None)
     assert records() == r0 + 3                               # one record per layer

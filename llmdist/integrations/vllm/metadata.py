@@ -4,6 +4,7 @@ hands the workers each step."""
 
 from __future__ import annotations
 
+import json
 import logging
 import zlib
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ DEFAULT_LEASE_S = 30.0
 MODEL_ID = 0  # the BlocksCacheKey model id of every worker's KV cache
 NOTIFY_PREFIX = b"llmdist-vllm:done:"  # D to P: free the request's blocks
 PUSH_PREFIX = b"llmdist-vllm:push:"  # D to P (push): write into these blocks
-PUSHED_PREFIX = b"llmdist-vllm:pushed:"  # P to D (push): the blocks are written
+PUSHED_PREFIX = b"llmdist-vllm:pushed:"  # P to D: these requests' blocks are written
 PUSH_FAILED_PREFIX = b"llmdist-vllm:failed:"  # P to D (push): they will not be
 IDLE_WAIT_MS = 5  # longest wait of a decode step that scheduled nothing
 LISTEN_POLL_MS = 100  # how often the prefill's notification listener checks for close
@@ -40,6 +41,19 @@ PARAM_KEYS = (
 def cluster_id_of(engine_id: str, tp_rank: int) -> int:
     """The llmdist cluster id of an engine's TP rank: both ends derive it from the engine id."""
     return (zlib.crc32(engine_id.encode()) << 16) | tp_rank
+
+
+def pushed_payload(dst_reqs: List[str]) -> bytes:
+    """The notification telling a decode that its requests dst_reqs are written."""
+    return PUSHED_PREFIX + json.dumps(list(dst_reqs)).encode()
+
+
+def pushed_requests(payload: bytes) -> List[str]:
+    """The decode's request ids in a pushed_payload; ValueError when it is not one."""
+    reqs = json.loads(payload[len(PUSHED_PREFIX) :])
+    if not isinstance(reqs, list):
+        raise ValueError("a pushed notification names a list of requests")
+    return [str(r) for r in reqs]
 
 
 def registered_pairs(blocks: List[int], reg: dict) -> Tuple[List[int], List[int]]:

@@ -12,7 +12,7 @@ from ...descs import BlocksCacheKey, Placement
 from ...status import LLMStatusCode
 from ...transfer_types import LayerSynchronizer, TransferWithCacheKeyConfig
 from .layers import DeviceStepLayers, StepLayers, model_stream_of
-from .metadata import MODEL_ID, PUSHED_PREFIX, LLMDistConnectorMetadata, registered_pairs
+from .metadata import MODEL_ID, LLMDistConnectorMetadata, pushed_payload, registered_pairs
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class LayerStreams:
         i = self.layer_index.get(layer_name)
         if i is None or w.dd is None:
             return
-        starts = []
+        peers: Dict[int, List[Tuple[Computed, dict]]] = {}
         if i == 0 and meta.layerwise and self.step_gate is None:
             # the step's requests: a decode that registered already gets its transfer now,
             # the others when their registration arrives (registered)
@@ -57,11 +57,13 @@ class LayerStreams:
                     if got is None:
                         self.computed[tid] = (rid, list(blocks), gate, now)
                     else:
-                        starts.append(((rid, list(blocks), gate, now), got[0], got[1]))
+                        peers.setdefault(got[0], []).append(
+                            ((rid, list(blocks), gate, now), got[1])
+                        )
         if self.step_gate is not None:
             self.step_gate.release(i)
-        for computed, peer, reg in starts:
-            self.start(computed, peer, reg)
+        for peer, regs in peers.items():
+            self.start(peer, regs)
 
     def _new_gate(self) -> LayerSynchronizer:
         """The layer synchronizer of one step: device events on the model stream for device
@@ -80,27 +82,62 @@ class LayerStreams:
         if gate is not None:
             gate.release_all()
 
-    def start(self, computed: Computed, peer: int, reg: dict) -> None:
-        """Send a computed request's blocks to the decode that registered them, each layer once
-        its step's forward saved it (at once for the layers saved already)."""
+    def start(self, peer: int, regs: List[Tuple[Computed, dict]]) -> None:
+        """Send computed requests' blocks to the decode (cluster peer) that registered them,
+        each layer once its step's forward saved it (at once for the layers saved already):
+        one transfer and one notification for the requests of each step, so that the decode
+        gets them all in the same step."""
+        steps: Dict[int, List[Tuple[Computed, dict]]] = {}
+        for computed, reg in regs:
+            steps.setdefault(id(computed[2]), []).append((computed, reg))
+        for group in steps.values():
+            self._start_step(peer, group)
+
+    def _start_step(self, peer: int, group: List[Tuple[Computed, dict]]) -> None:
+        """One transfer_cache_async for requests computed in the same step (one synchronizer)."""
         w = self.owner
-        rid, blocks, gate, _ = computed
-        dst_req = str(reg.get("dst_req"))
+        gate = group[0][0][2]
         # layers the forward had not saved yet: they go while it computes them
         during_forward = gate.released() < len(self.layer_index)
+        src: List[int] = []
+        dst: List[int] = []
+        reqs: List[Tuple[str, str]] = []  # (request id, the decode's request id)
+        for (rid, blocks, _, _), reg in group:
+            dst_req = str(reg.get("dst_req"))
+            try:
+                remote, local = registered_pairs(blocks, reg)
+            except ValueError as exc:
+                self._failed(peer, [(rid, dst_req)], exc)
+                continue
+            src += remote
+            dst += local
+            reqs.append((rid, dst_req))
+        if not reqs:
+            return
         try:
-            remote, local = registered_pairs(blocks, reg)
             layers = range(len(self.layer_index))
             task = w.dd.cache_manager.transfer_cache_async(
                 w.cache,
                 gate,
                 [TransferWithCacheKeyConfig(BlocksCacheKey(peer, MODEL_ID), layers, layers)],
-                remote,
-                local,
+                src,
+                dst,
                 tensor_num_per_layer=w.layout.tensors_per_layer,
-                notify=PUSHED_PREFIX + dst_req.encode(),
+                notify=pushed_payload([d for _, d in reqs]),
             )
         except Exception as exc:  # noqa: BLE001 - the decode hears of any failure
+            self._failed(peer, reqs, exc)
+            return
+        with w.lock:
+            for rid, dst_req in reqs:
+                self.tasks[rid] = (task, peer, dst_req)
+            self.started += len(reqs)
+            self.overlapped += len(reqs) if during_forward else 0
+
+    def _failed(self, peer: int, reqs: List[Tuple[str, str]], exc: Exception) -> None:
+        """Requests whose stream could not start: their decode is told, their blocks freed."""
+        w = self.owner
+        for rid, dst_req in reqs:
             log.error(
                 "request %s: sending its KV layer by layer failed: %s: %s",
                 rid,
@@ -110,11 +147,6 @@ class LayerStreams:
             w.tell_failed(peer, dst_req, rid)
             with w.lock:
                 w.notified[rid] = time.time()  # nothing more goes: free its blocks
-            return
-        with w.lock:
-            self.tasks[rid] = (task, peer, dst_req)
-            self.started += 1
-            self.overlapped += during_forward
 
     def registered(self, tid: str) -> Optional[Computed]:
         """A decode registered transfer id tid: the computed request waiting for it (taken),

@@ -29,6 +29,8 @@ from .metadata import (
     Options,
     RecvJob,
     cluster_id_of,
+    pushed_payload,
+    pushed_requests,
     registered_pairs,
 )
 from .streams import LayerStreams
@@ -148,6 +150,8 @@ class WorkerSide:
         for job in meta.reqs_to_recv.values():
             if job.mode in ("push", "layerwise") and job.local_block_ids:
                 regs.setdefault(job.remote_engine_id, []).append(job)
+                with self.lock:  # an idle step waits for it from now on (results)
+                    self.awaiting[job.req_id] = (time.time() + self.options.lease_s, job)
                 continue
             if job.mode == "pull":
                 with self.lock:
@@ -204,9 +208,6 @@ class WorkerSide:
         notification; each is received when the prefill says it wrote them."""
         try:
             peer = self._link_to(jobs[0])
-            with self.lock:
-                for job in jobs:
-                    self.awaiting[job.req_id] = (time.time() + self.options.lease_s, job)
             self.dd.send_notification(
                 peer,
                 PUSH_PREFIX
@@ -311,7 +312,7 @@ class WorkerSide:
             )
             t1 = time.perf_counter()
             # sent once the bytes are in the decode's memory (push_blocks returned)
-            self.dd.send_notification(peer, PUSHED_PREFIX + dst_req.encode())
+            self.dd.send_notification(peer, pushed_payload([dst_req]))
             self.transfer_times.append(t1 - t0)
             self.call_times.append(time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - the decode must hear of any failure
@@ -366,7 +367,7 @@ class WorkerSide:
     def _handle(self, notes: Dict[int, List[bytes]], now: float) -> None:
         """Frees, push registrations (a computed layerwise request's transfer starts here),
         push outcomes."""
-        starts = []
+        starts: Dict[int, list] = {}  # decode cluster -> computed requests it registered
         with self.lock:
             for peer, payloads in notes.items():
                 for p in payloads:
@@ -382,15 +383,19 @@ class WorkerSide:
                         for tid, reg in zip(tids, regs):
                             computed = self.streams.registered(tid)
                             if computed is not None:
-                                starts.append((computed, peer, reg))
+                                starts.setdefault(peer, []).append((computed, reg))
                             else:
                                 self.registrations[tid] = (peer, reg, now)
                     elif p.startswith(PUSHED_PREFIX):
-                        self.pushed[p[len(PUSHED_PREFIX) :].decode(errors="replace")] = True
+                        try:
+                            for req in pushed_requests(p):
+                                self.pushed[req] = True
+                        except ValueError:
+                            log.warning("cluster %d sent a bad pushed notification", peer)
                     elif p.startswith(PUSH_FAILED_PREFIX):
                         self.pushed[p[len(PUSH_FAILED_PREFIX) :].decode(errors="replace")] = False
-        for computed, peer, reg in starts:
-            self.streams.start(computed, peer, reg)
+        for peer, regs in starts.items():
+            self.streams.start(peer, regs)
 
     def _queue_ready_pushes(self) -> None:
         """Prefill, push: finished requests whose decode registered go to the load thread."""
@@ -456,25 +461,31 @@ class WorkerSide:
 
     def _wait_when_idle(self) -> None:
         """A decode step that scheduled nothing while this worker's pulls run, or while its
-        requests wait for a prefill's write: wait up to IDLE_WAIT_MS for a pull to end or a
-        notification to arrive, instead of spinning through empty steps (which takes the CPU
-        from the prefill and the GIL from the transfers it waits for)."""
+        requests wait for a prefill's write: wait up to IDLE_WAIT_MS for every running pull to
+        end or a notification to arrive, instead of spinning through empty steps (which takes
+        the CPU from the prefill and the GIL from the transfers it waits for). Waiting for all
+        the pulls lets the next step compute their requests together."""
         idle, self.step_idle = self.step_idle, False
         if not idle or self.dd is None:
             return
         with self.lock:
-            if self.recved:
-                return
             loading, awaiting = self.loading > 0, bool(self.awaiting)
+            if self.recved and not loading:
+                return
         if not loading and awaiting:
             # push and layerwise: the prefill's notification that it wrote the blocks
             self._handle(self.dd.wait_notifications(IDLE_WAIT_MS), time.time())
-        elif loading:
+            return
+        deadline = time.monotonic() + IDLE_WAIT_MS / 1000.0
+        while True:
             self.progress.clear()
             with self.lock:
-                if self.loading == 0 or self.recved:
+                if self.loading == 0:
                     return
-            self.progress.wait(IDLE_WAIT_MS / 1000.0)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.progress.wait(left)
 
     def load_errors(self) -> Set[int]:
         with self.lock:

@@ -102,19 +102,27 @@ def run_modes(
     the transfer times of each request. A mode whose engines fail is noted and left out."""
     pairs: Dict[str, Pair] = {}
 
-    def drop(name: str, exc: Exception) -> None:
+    def drop(name: str, exc: Exception, pair: Pair) -> None:
         # an engine that did not start or answer (e.g. its port taken): the others still run
         why = str(exc).strip().splitlines()
         notes.append(f"{name}: not measured: {why[-1] if why else type(exc).__name__}")
-        pairs.pop(name).close()
+        pairs.pop(name, None)
+        pair.close()
 
     try:
         for i, name in enumerate(modes):
-            pairs[name] = Pair(name, model, port + 10 * i)
-            try:
-                pairs[name].wait_ready()
-            except (RuntimeError, TimeoutError) as exc:
-                drop(name, exc)
+            for attempt in range(2):  # a second start on other ports (one may be taken)
+                pair = Pair(name, model, port + 10 * i + 5 * attempt)
+                try:
+                    pair.wait_ready()
+                except (RuntimeError, TimeoutError) as exc:
+                    if attempt:
+                        drop(name, exc, pair)
+                    else:
+                        pair.close()
+                    continue
+                pairs[name] = pair
+                break
         measured = {name: {"ttft": [], "transfer": [], "call": []} for name in pairs}
         rng = random.Random(11)
         for r in range(rounds + 1):
@@ -125,7 +133,7 @@ def run_modes(
                 try:
                     first_token, times = pairs[name].round(r, batch)
                 except (RuntimeError, TimeoutError) as exc:
-                    drop(name, exc)
+                    drop(name, exc, pairs[name])
                     del measured[name]
                     continue
                 if r:

@@ -67,11 +67,11 @@ CHILD = textwrap.dedent('''
     kv = {n: DeviceTensor((vs.NUM_BLOCKS, 2, vs.BLOCK_SIZE, 64)) for n in names}
     c, _ = vs.worker_connector("kv_producer", {"mode": "layerwise"})
     c.register_kv_caches(kv)
-    w = c._worker
+    w = c.worker_side
     assert w.dd.runtime.name == "cuda", w.dd.runtime.name
     assert w.layout.placement == Placement.DEVICE and w.layout.device == "cuda"
     model_stream = _core.Stream(w.dd.runtime)
-    w.stream_of = lambda: model_stream.handle      # torch.cuda.current_stream() on a GPU
+    w.streams.stream_of = lambda: model_stream.handle  # torch.cuda.current_stream() on a GPU
 
     def records():
         return cuda.fake_cuda_calls(b"cudaEventRecord")
@@ -94,9 +94,9 @@ CHILD = textwrap.dedent('''
     c.save_kv_layer(names[0], None, None)
     assert len(queued) == 1, queued
     kind, rt, marked, at, src, dst, tpl, notify = queued[0]
-    assert (kind, rt) == ("_DeviceStepLayers", "cuda")
+    assert (kind, rt) == ("DeviceStepLayers", "cuda")
     assert marked == [True, False, False] and at == r0 + 1   # layer 0 recorded, then queued
-    assert (src, dst, tpl, notify) == ([2, 3], [5, 6], 1, b"llmdist-vllm:pushed:d1")
+    assert (src, dst, tpl, notify) == ([2, 3], [5, 6], 1, b'llmdist-vllm:pushed:["d1"]')
     c.save_kv_layer(names[1], None, None)
     c.save_kv_layer(names[2], None, None)
     assert records() == r0 + 3                               # one record per layer
@@ -109,8 +109,8 @@ CHILD = textwrap.dedent('''
     c.save_kv_layer(names[1], None, None)
     c.wait_for_save()
     assert records() == r0 + 6
-    assert list(w.computed["t2"][2].marked) == [True, True, True]
-    assert w.computed["t2"][2] is not w.computed.get("t1", (0, 0, None))[2]
+    assert list(w.streams.computed["t2"][2].marked) == [True, True, True]
+    assert w.streams.computed["t2"][2] is not w.streams.computed.get("t1", (0, 0, None))[2]
     c.clear_connector_metadata()
     c.shutdown()
     print("ok")

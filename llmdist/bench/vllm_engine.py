@@ -121,14 +121,18 @@ def _watch_nixl_transfers() -> None:
     NixlKVConnectorStats.record_transfer = record
 
 
-def _take_transfer_times() -> list:
+def _take_transfer_times() -> dict:
+    """Seconds per transfer since the last call: "transfer", the data movement alone
+    (LLMDistConnector's pull_blocks/push_blocks, NixlConnector's transfer telemetry), and
+    "call", LLMDistConnector's transfer with the notification that tells the peer."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    worker = getattr(get_kv_transfer_group(), "_worker", None)
+    worker = getattr(get_kv_transfer_group(), "worker_side", None)
     if worker is not None:
-        out, worker.transfer_times = list(worker.transfer_times), []
+        out = {"transfer": list(worker.transfer_times), "call": list(worker.call_times)}
+        worker.transfer_times, worker.call_times = [], []
         return out
-    out = list(_nixl_times)
+    out = {"transfer": list(_nixl_times), "call": []}
     _nixl_times.clear()
     return out
 
@@ -217,8 +221,7 @@ def engine_main(
             elif cmd == "last_generate_end":
                 conn.send(("ok", last_end[0]))  # time.time() when the last one returned
             elif cmd == "transfer_times":
-                # seconds per transfer since the last call: LLMDistConnector's pulls and pushes
-                # (notification included), NixlConnector's transfer telemetry
+                # seconds per transfer since the last call (see _take_transfer_times)
                 conn.send(("ok", _take_transfer_times()))
             elif cmd == "layerwise_started":
                 # (transfers that went out layer by layer, those of them started while the
@@ -226,7 +229,7 @@ def engine_main(
                 from vllm.distributed.kv_transfer import get_kv_transfer_group
 
                 w = get_kv_transfer_group().worker_side
-                conn.send(("ok", (w.layerwise_started, w.layerwise_overlapped)))
+                conn.send(("ok", (w.streams.started, w.streams.overlapped)))
             elif cmd == "reset_prefix_cache":
                 conn.send(("ok", llm.reset_prefix_cache()))
             elif cmd == "zero_kv":

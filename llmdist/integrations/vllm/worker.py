@@ -353,7 +353,7 @@ class WorkerSide:
                 if self.closing.is_set():
                     return
                 log.warning("waiting for notifications failed: %s: %s", type(exc).__name__, exc)
-                time.sleep(LISTEN_POLL_MS / 1000.0)
+                self.closing.wait(LISTEN_POLL_MS / 1000.0)  # back off; close ends it
                 continue
             if notes:
                 self._handle(notes, time.time())

@@ -1,8 +1,9 @@
-"""CacheManager: cache memory (allocate, register, keys) and layer-wise transfer_cache_async."""
+"""CacheManager: the public API over a cluster's caches. Memory is the allocator's
+(allocator.py), releases of caches and keys are releases.py's, transfers are the planner's
+(transfers.py, with writes.py and reads.py), local copies are block_ops.py's."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -17,9 +18,9 @@ from .descs import (
     CacheDesc,
     CacheKey,
     CacheKeyByIdAndIndex,
-    invalidate,
 )
-from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry
+from .registry import ClusterMemory, MemoryEntry
+from .releases import CacheReleases
 from .status import LLMException, LLMStatusCode
 from .task import CacheTask
 from .transfer_types import (
@@ -28,15 +29,6 @@ from .transfer_types import (
     TransferWithCacheKeyConfig,
 )
 from .transfers import Planner
-
-log = logging.getLogger(__name__)
-
-_PARAM_INVALID = LLMStatusCode.LLM_PARAM_INVALID
-_NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
-
-
-def _fail(message: str, code: LLMStatusCode = _PARAM_INVALID) -> LLMException:
-    return LLMException(message, status_code=code)
 
 
 def _ignore(call: str, ignored: Dict[str, object]) -> None:
@@ -74,6 +66,9 @@ class CacheManager:
         )
         self.allocator = CacheAllocator(runtime, options, shareable, self._mem, self._lock)
         self.block_ops = BlockOperations(runtime, self._mem, self._lock, self.transfers.check_open)
+        self.releases = CacheReleases(
+            cluster_id, self._mem, self._lock, self.transfers, self.allocator, node
+        )
 
     @property
     def runtime(self) -> "_core.Runtime":
@@ -168,80 +163,21 @@ class CacheManager:
         when cache_id is None) and wait until their queued copies have landed."""
         self.transfers.cancel_to(cluster_id, cache_id, code)
 
-    def _release(self, entry: MemoryEntry) -> None:
-        """Stop transfers touching the cache, withdraw it from peers, then forget and free it."""
-        cid = entry.cache.cache_id
-        with self._lock:
-            # Two threads may release one cache at once: the first to remove it frees it.
-            if self._mem.entries.get(cid) is not entry:
-                raise _fail(f"cache {cid} is already released", _NOT_EXIST)
-            self._mem.remove(cid)
-        self.transfers.cancel_driven_by(cid, _NOT_EXIST)
-        self.transfers.cancel_to(self._cluster_id, cid, _NOT_EXIST)
-        if self._node is not None:
-            self._node.withdraw_cache(entry)
-        invalidate(entry.cache)
-        if entry.origin == ALLOCATED:
-            self.allocator.release(entry)
-
-    def _entry_of(self, name: str, cache: Cache, origin: str, blocks: bool) -> MemoryEntry:
-        check_isinstance(name, cache, Cache)
-        entry = self._mem.entries.get(cache.cache_id)
-        if entry is None or entry.cache is not cache:
-            raise _fail(
-                f"{name} {cache.cache_id} is not allocated by this cache manager", _NOT_EXIST
-            )
-        require(
-            entry.origin == origin,
-            f"{name} {cache.cache_id} was {entry.origin}, not {origin}: use "
-            f"{'unregister_cache' if entry.origin == REGISTERED else 'deallocate_cache'}",
-        )
-        require(
-            cache.is_blocks_cache == blocks,
-            f"{name} {cache.cache_id} is {'' if cache.is_blocks_cache else 'not '}a blocks cache",
-        )
-        return entry
-
     def deallocate_cache(self, cache: Cache) -> None:
         """Free a cache from allocate_cache; transfers still using it end with
         LLM_KV_CACHE_NOT_EXIST before the memory goes. While CacheKeys name it, the free waits
         until each key is pulled or removed (as upstream), or finalize."""
-        entry = self._entry_of("cache", cache, ALLOCATED, False)
-        with self._lock:
-            if entry.deferred:
-                raise _fail(
-                    f"cache {cache.cache_id} is already deallocated; it is freed once "
-                    f"its cache keys are pulled or removed",
-                    _NOT_EXIST,
-                )
-            if any(type(k) is CacheKey for k in entry.keys):
-                entry.deferred = True
-                return
-        self._release(entry)
+        self.releases.deallocate(cache)
 
     def deallocate_blocks_cache(self, cache: Cache) -> None:
         """Free a cache from allocate_blocks_cache (see deallocate_cache)."""
-        self._release(self._entry_of("cache", cache, ALLOCATED, True))
+        self.releases.deallocate_blocks(cache)
 
     def unregister_cache(self, cache_id: int) -> None:
         """Forget a registered cache; no transfer writes into or reads from it afterwards,
         here or on a linked peer. An id that names no cache (e.g. unregistered already) is not
         an error, as upstream."""
-        check_int64("cache_id", cache_id)
-        entry = self._mem.entries.get(cache_id)
-        if entry is None:
-            log.debug("unregister_cache: cache %d is not registered", cache_id)
-            return
-        require(
-            entry.origin == REGISTERED,
-            f"cache {cache_id} was allocated; free it with deallocate_cache or "
-            f"deallocate_blocks_cache",
-        )
-        try:
-            self._release(entry)
-        except LLMException as exc:
-            if exc.status_code != _NOT_EXIST:  # unregistered meanwhile by another thread
-                raise
+        self.releases.unregister(cache_id)
 
     def remove_cache_key(self, cache_key: Union[CacheKey, BlocksCacheKey]) -> None:
         """Drop a key; the cache itself stays, unless deallocate_cache deferred its free and
@@ -261,25 +197,13 @@ class CacheManager:
     def take_key(self, key: Union[CacheKey, BlocksCacheKey]) -> Optional[Tuple[MemoryEntry, bool]]:
         """The first half of release_key, here only: (its cache, whether to free it now), or
         None when no cache holds key."""
-        with self._lock:
-            entry, _ = self._mem.find(key)
-            if entry is None or not self._mem.remove_key(key):
-                return None
-            return entry, entry.deferred and not any(type(k) is CacheKey for k in entry.keys)
+        return self.releases.take_key(key)
 
     def finish_key_release(
         self, key: Union[CacheKey, BlocksCacheKey], taken: Tuple[MemoryEntry, bool]
     ) -> None:
         """The second half of release_key: withdraw key from peers, free a deferred cache."""
-        entry, free = taken
-        if self._node is not None:
-            self._node.withdraw_key(key)
-        if free:
-            try:
-                self._release(entry)
-            except LLMException as exc:
-                if exc.status_code != _NOT_EXIST:  # released meanwhile (finalize)
-                    raise
+        self.releases.finish_key_release(key, taken)
 
     # ------------------------------------------------------------------ transfer
 
@@ -578,11 +502,11 @@ class CacheManager:
     def remap_registered_memory(self, mem_infos) -> None:
         """Not supported: upstream reserves it for re-mapping the physical memory behind
         registered caches after a device memory fault, which llmdist does not handle."""
-        raise _fail(
+        raise LLMException(
             "remap_registered_memory is not supported yet: re-mapping registered memory "
             "after a device memory fault is reserved upstream and not implemented by "
             "llmdist",
-            LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+            status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
         )
 
     # ------------------------------------------------------------------ shutdown
@@ -590,11 +514,5 @@ class CacheManager:
     def close(self) -> None:
         """End every transfer (LLM_ENGINE_FINALIZED), then free llmdist-owned memory."""
         self.transfers.close()
-        for entry in list(self._mem.entries.values()):
-            try:
-                self._release(entry)
-            except LLMException as exc:
-                # Released meanwhile by another thread: nothing is left to do.
-                if exc.status_code != _NOT_EXIST:
-                    raise
+        self.releases.release_all()
         self.block_ops.close()

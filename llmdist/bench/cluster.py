@@ -16,7 +16,9 @@ digests) before it is timed.
 
 The shared key's cost: a second decode and a second prefill per transport hold a key
 (``llmdist.auth_key``); their link time and their transfer_cache_async on every route are
-measured in the same rounds as the unkeyed ones (rows "..., keyed", see .keyed)."""
+measured in the same rounds as the unkeyed ones (rows "..., keyed", see .keyed).
+
+The clusters are made in .cluster_setup, the cases of one block size run in .cluster_cases."""
 
 from __future__ import annotations
 

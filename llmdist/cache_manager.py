@@ -54,11 +54,9 @@ class CacheManager:
         node=None,
         max_inflight: int = 1024,
     ) -> None:
-        self._cluster_id = cluster_id
         self._node = node
         self._runtime = runtime
         self._remote_accessible = remote_accessible
-        self._sync_timeout = sync_timeout
         self._lock = threading.RLock()
         self._mem = ClusterMemory()
         self.transfers = Planner(

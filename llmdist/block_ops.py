@@ -3,8 +3,9 @@
 They are synchronous and stay inside this process: the checks below turn the call into one run
 table (a Plan) and pairs of tensor bases, and LocalCopier moves the bytes on the runtime's copy
 engine (the host copy team for host memory, runtime copies for anything touching device
-memory) and waits for them. Nothing is read or written outside the caches named by the call,
-and no call may read bytes it also writes."""
+memory) and waits for them. BlockOperations runs a call for its cache manager, holding the
+manager's lock so that no cache of the call is released meanwhile. Nothing is read or written
+outside the caches named by the call, and no call may read bytes it also writes."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ import pytest
 
 import llmdist
 from llmdist import BlocksCacheKey, CacheDesc, DataType, LLMStatusCode, Placement, TransferConfig
-from llmdist.bench.local import Compute, Gate, LayerEvents
+from llmdist.bench.overhead import Gate
+from llmdist.bench.overlap import Compute, LayerEvents
 from llmdist.bench.procs import aligned_empty, fill_pattern
 from llmdist.bench.settings import FULL_POOL, parse_size, size_name
 from llmdist.bench.workload import Go, block_pairs

@@ -3,23 +3,29 @@
 They are synchronous and stay inside this process: the checks below turn the call into one run
 table (a Plan) and pairs of tensor bases, and LocalCopier moves the bytes on the runtime's copy
 engine (the host copy team for host memory, runtime copies for anything touching device
-memory) and waits for them. Nothing is read or written outside the caches named by the call,
-and no call may read bytes it also writes."""
+memory) and waits for them. BlockOperations runs a call for its cache manager, holding the
+manager's lock so that no cache of the call is released meanwhile. Nothing is read or written
+outside the caches named by the call, and no call may read bytes it also writes."""
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from . import _core
 from ._check import check_int64, check_isinstance, check_uint32, check_uint64, require
 from ._core import CopyKind
-from .descs import Cache, Placement, copy_kind, tensor_addrs_of
+from .descs import Cache, Placement, copy_kind, is_live, tensor_addrs_of
+from .registry import ALLOCATED, ClusterMemory, MemoryEntry
 from .status import LLMException, LLMStatusCode
+from .transfers import live_entry
 
 # Page-locked buffer that host memory a device runtime cannot copy asynchronously (pageable
 # memory the caller owns) goes through, in rounds of at most this many bytes.
 STAGING_BYTES = 8 << 20
+
+log = logging.getLogger(__name__)
 
 
 class Side(NamedTuple):
@@ -311,3 +317,90 @@ class LocalCopier:
             s.close()
         if staging:
             self._runtime.free(staging, False)
+
+
+class BlockOperations:
+    """copy_blocks, copy_cache and swap_blocks of one cache manager. Each call holds lock (the
+    manager's) while its bytes move, so that none of its caches is released meanwhile."""
+
+    def __init__(
+        self,
+        runtime: "_core.Runtime",
+        mem: ClusterMemory,
+        lock: threading.RLock,
+        check_open: Callable[[], None],
+    ) -> None:
+        self._runtime = runtime
+        self._mem = mem
+        self._lock = lock
+        self._check_open = check_open
+        self.copier = LocalCopier(runtime)
+
+    def _pinned(self, entry: Optional[MemoryEntry]) -> bool:
+        """Whether the runtime may copy this cache's host memory asynchronously: llmdist
+        allocated it page-locked (memory the caller owns may be pageable)."""
+        return entry is not None and entry.origin == ALLOCATED and not self._runtime.is_host
+
+    def copy_blocks(self, cache: Cache, copy_block_info: Dict[int, List[int]]) -> None:
+        """CacheManager.copy_blocks."""
+        check_isinstance("cache", cache, Cache)
+        pairs = block_pairs("copy_block_info", copy_block_info, True)
+        self._check_open()
+        with self._lock:
+            entry = live_entry(self._mem, "cache", cache)
+            self.copier.run(plan_copy_blocks(cache, pairs, self._pinned(entry)))
+
+    def copy_cache(
+        self,
+        dst: Cache,
+        src: Cache,
+        dst_batch_index: int,
+        src_batch_index: int,
+        offset: int,
+        size: int,
+        req_id: Optional[int],
+    ) -> None:
+        """CacheManager.copy_cache."""
+        check_copy_cache_args(dst, src, dst_batch_index, src_batch_index, offset, size, req_id)
+        self._check_open()
+        with self._lock:
+            src_entry = live_entry(self._mem, "src", src)
+            dst_entry = live_entry(self._mem, "dst", dst)
+            copy = plan_copy_cache(
+                dst,
+                src,
+                dst_batch_index,
+                src_batch_index,
+                offset,
+                size,
+                self._pinned(src_entry),
+                self._pinned(dst_entry),
+            )
+            log.debug("copy_cache %d -> %d (req_id %s)", src.cache_id, dst.cache_id, req_id)
+            self.copier.run(copy)
+
+    def swap_blocks(self, src_cache: Cache, dst_cache: Cache, src_to_dst: Dict[int, int]) -> None:
+        """CacheManager.swap_blocks: the HOST cache may also come from
+        Cache.create_cpu_cache (no entry here)."""
+        pairs = check_swap_args(src_cache, dst_cache, src_to_dst)
+        self._check_open()
+        with self._lock:
+            entries = []
+            for name, cache in (("src_cache", src_cache), ("dst_cache", dst_cache)):
+                if cache.cache_id == -1:
+                    require(
+                        is_live(cache) and cache.cache_desc.placement == Placement.HOST,
+                        f"{name} was made by Cache.create_cpu_cache and must be HOST memory",
+                    )
+                    entries.append(None)
+                else:
+                    entries.append(live_entry(self._mem, name, cache))
+            self.copier.run(
+                plan_swap_blocks(
+                    src_cache, dst_cache, pairs, self._pinned(entries[0]), self._pinned(entries[1])
+                )
+            )
+
+    def close(self) -> None:
+        """Release the copier's streams and staging buffer (after the last operation)."""
+        self.copier.close()

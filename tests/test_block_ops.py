@@ -277,8 +277,9 @@ def test_swap_through_several_staging_rounds(env, rng, monkeypatch):
     staging path runs on device runtimes for pageable host memory; the host runtime copies
     directly and must give the same bytes)."""
     monkeypatch.setattr(block_ops, "STAGING_BYTES", 100)
-    env.dd.cache_manager._local.close()
-    env.dd.cache_manager._local = block_ops.LocalCopier(env.dd.runtime)
+    ops = env.dd.cache_manager.block_ops
+    ops.copier.close()
+    ops.copier = block_ops.LocalCopier(env.dd.runtime)
     dev = env.registered(2, [5, 96], placement=DEV, blocks=True)
     cpu, arrays = cpu_cache(2, 5, 96, rng)
     env.cm.swap_blocks(cpu, dev.cache, {0: 4, 1: 3, 2: 2, 4: 0})

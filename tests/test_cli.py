@@ -244,9 +244,9 @@ def test_bench_header_names_an_explicit_runtime():
 def test_package_logger_has_a_null_handler_and_modules_log_under_it():
     handlers = logging.getLogger("llmdist").handlers
     assert any(isinstance(h, logging.NullHandler) for h in handlers)
-    from llmdist import cache_manager, cluster, rank_table
+    from llmdist import allocator, cluster, rank_table, releases
 
-    for mod in (cache_manager, cluster, rank_table):
+    for mod in (allocator, releases, cluster, rank_table):
         assert mod.log.name == mod.__name__ and mod.log.name.startswith("llmdist.")
 
 

@@ -138,7 +138,7 @@ def test_racing_releases_free_once(make_env, rival):
     cm = e.cm
     cache = cm.allocate_cache(CacheDesc(2, [64], DataType.DT_UINT8, Placement.HOST))
     freed: List[int] = []
-    real_free, real_entry_of = cm._free, cm._entry_of
+    real_free, real_entry_of = cm.allocator.free, cm.releases.entry_of
 
     def counting_free(entry):
         freed.append(entry.cache.cache_id)
@@ -154,7 +154,7 @@ def test_racing_releases_free_once(make_env, rival):
             go.wait(10)
         return entry
 
-    cm._free, cm._entry_of = counting_free, paused_entry_of
+    cm.allocator.free, cm.releases.entry_of = counting_free, paused_entry_of
     codes = []
 
     def release():

@@ -240,9 +240,10 @@ def run_bench(settings: Settings, out: TextIO = sys.stdout, quiet: bool = False)
         run.settings = settings.to_json()
         from .cluster import cluster as cluster_scenario
         from .cluster import cluster_steps
+        from .overhead import overhead
         from .overlap import overlap
 
-        table = dict(SCENARIOS, overlap=overlap, cluster=cluster_scenario)
+        table = dict(SCENARIOS, overhead=overhead, overlap=overlap, cluster=cluster_scenario)
         for name in settings.scenarios:
             progress.plan(cluster_steps(bench) if name == "cluster" else steps(name, settings))
         for name in settings.scenarios:

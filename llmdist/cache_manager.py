@@ -30,7 +30,7 @@ from .descs import (
     is_live,
 )
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry
-from .shares import DeviceIpcShare, MemfdShare, ProcessShare, Share, Unshared
+from .shares import DeviceIpcShare, DeviceIpcTensors, MemfdShare, ProcessShare, Share, Unshared
 from .status import LLMException, LLMStatusCode
 from .task import CacheTask
 from .transfer_types import (
@@ -231,9 +231,9 @@ class CacheManager:
             self._importers.add(pid)
             pids = sorted(self._importers)
             for entry in self._mem.entries.values():
-                if isinstance(entry.share, DeviceIpcShare) and entry.share.kind == kind:
+                for ident in device_ipc.export_ids(entry.share):
                     try:
-                        self._runtime.ipc_allow(entry.share.id, pids)
+                        self._runtime.ipc_allow(ident, pids)
                     except LLMException as exc:
                         log.warning(
                             "cache %d: process %d may not import it: %s",
@@ -310,9 +310,17 @@ class CacheManager:
             remote_accessible = cache_desc.placement == Placement.DEVICE
         with self._lock:
             cache = Cache(self._new_id(), cache_desc, list(checked), is_blocks)
-            self._mem.add(
-                MemoryEntry(cache, REGISTERED, remote_accessible, share=ProcessShare()), keys
-            )
+            share: Share = ProcessShare()
+            if self._exportable and cache_desc.placement == Placement.DEVICE:
+                share = device_ipc.export_tensors(
+                    self._runtime, checked, cache_desc.size, sorted(self._importers)
+                )
+            try:
+                self._mem.add(MemoryEntry(cache, REGISTERED, remote_accessible, share=share), keys)
+            except LLMException:
+                if isinstance(share, DeviceIpcTensors):
+                    device_ipc.close_tensors(self._runtime, share)
+                raise
         return self._announce(cache)
 
     def register_cache(
@@ -365,6 +373,8 @@ class CacheManager:
             self._free(entry)
             with self._lock:
                 self._used[entry.placement] -= entry.size
+        elif isinstance(entry.share, DeviceIpcTensors):
+            device_ipc.close_tensors(self._runtime, entry.share)  # peers closed theirs
 
     def _entry_of(self, name: str, cache: Cache, origin: str, blocks: bool) -> MemoryEntry:
         check_isinstance(name, cache, Cache)

@@ -109,8 +109,9 @@ class ImportTable:
 
     def acquire(self, runtime: "_core.Runtime", share: DeviceIpcShare) -> int:
         """The local address of the share's region start (the export imported on first use).
-        A region offset into the export must lie inside the allocation this process mapped
-        (as the runtime measures it), or LLMException(LLM_PARAM_INVALID)."""
+        A CUDA handle maps a whole allocation: the region [offset, offset + size) must lie
+        inside it as the driver measures the mapping, or LLMException(LLM_PARAM_INVALID). (An
+        ACL key maps its region itself; its offset is always 0.)"""
         k = (share.kind.value, share.id)
         with self._lock:
             held = self._held.get(k)
@@ -118,21 +119,26 @@ class ImportTable:
                 held = self._held[k] = [runtime.ipc_import(k[1]), 0]
             held[1] += 1
             address = held[0]
-        if share.offset:
+        if share.kind is ShareKind.CUDA_IPC:
+            why = None
             try:
                 base, length = runtime.ipc_range(address, 1)
-                if base != address or share.offset + share.size > length:
-                    raise LLMException(
-                        f"[{share.offset}, {share.offset + share.size}) is outside the "
-                        f"{length} bytes of the allocation it names",
-                        status_code=LLMStatusCode.LLM_PARAM_INVALID,
-                    )
             except LLMException as exc:
+                # the mapping cannot be measured: an offset cannot be trusted, a region at the
+                # allocation's start is taken as the exporter describes it
+                why = str(exc) if share.offset else None
+            else:
+                if base != address or share.offset + share.size > length:
+                    why = (
+                        f"[{share.offset}, {share.offset + share.size}) is outside the "
+                        f"{length} bytes of the allocation it names"
+                    )
+            if why is not None:
                 self.release(runtime, share)
                 raise LLMException(
-                    f"a peer's device IPC export was refused: {exc}",
+                    f"a peer's device IPC export was refused: {why}",
                     status_code=LLMStatusCode.LLM_PARAM_INVALID,
-                ) from None
+                )
         return address + share.offset
 
     def release(self, runtime: "_core.Runtime", share: DeviceIpcShare) -> None:

@@ -41,9 +41,10 @@ SUCCESS = LLMStatusCode.LLM_SUCCESS
 BLOCK = 256  # bytes per block of [8, 128] fp16 tensors
 
 
-def decode_proc(cleanup):
-    """A listening DECODER in a child process, reached over the Unix socket."""
-    return cleanup.spawn(next(_ids), options={"llmdist.transport": "direct"}).wait_ready()
+def decode_proc(cleanup, device: int = 0):
+    """A listening DECODER in a child process on device, reached over the Unix socket."""
+    options = {"llmdist.transport": "direct", "ge.exec.deviceId": str(device)}
+    return cleanup.spawn(next(_ids), options=options).wait_ready()
 
 
 def register_device(proc, seed, offset=8192, gap=6144, vmm=False, num_tensors=4):
@@ -83,15 +84,20 @@ def imports_here() -> int:
     return fn(b"ipc_import")
 
 
-def test_push_blocks_into_registered_device_memory(cleanup, local):
+@pytest.mark.parametrize("device", [0, 1], ids=["same-device", "other-device"])
+def test_push_blocks_into_registered_device_memory(cleanup, local, monkeypatch, device):
     """P pushes blocks into tensors D registered inside one allocation (8 KiB apart, from 8 KiB
-    in; on CUDA not on a page); a second push reuses the import; unregistering closes P's import before D closes its export."""
-    dproc = decode_proc(cleanup)
+    in; on CUDA not on a page), on this process's device or another one; a second push reuses
+    the import; unregistering closes P's import before D closes its export."""
+    for var in ("FAKE_CUDA_DEVICE_COUNT", "FAKE_ACL_DEVICE_COUNT"):
+        monkeypatch.setenv(var, "2")
+    dproc = decode_proc(cleanup, device)
     model = next(_seeds)
     offset = 8192 + 64 if RUNTIME == "cuda" else 8192  # ACL exports regions on a page only
     name, dst = register_device(dproc, model, offset)
     share = dproc.call("share", name)
     assert share["kind"] == "device_tensors"
+    assert {t["device"] for t in share["tensors"]} == {device}
     want_offsets = [offset + i * 8192 for i in range(4)] if RUNTIME == "cuda" else [0] * 4
     assert [t["offset"] for t in share["tensors"]] == want_offsets
     p = local(remote=True, role=LLMRole.PROMPT)

@@ -281,12 +281,12 @@ class Peer:
             return Access.PROCESS, ""  # HOST memory of another process: no device IPC
         share = entry.share
         if entry.origin == REGISTERED and not isinstance(share, DeviceIpcTensors):
-            reason = share.reason if isinstance(share, Unshared) and share.reason else (
-                "the peer did not export it"
-            )
+            reason = "the peer did not export it"
+            if isinstance(share, Unshared) and share.reason:
+                reason = share.reason
             return Access.NONE, (
                 f"{where} is DEVICE memory the peer registered (not allocated by "
-                f"llmdist) that device IPC cannot reach: {reason}; register memory from "
+                f"llmdist) that cannot be exported for device IPC: {reason}; register memory from "
                 f"the runtime's own allocator (cudaMalloc, not expandable segments; on "
                 f"ACL page-aligned tensors), or allocate the destination with "
                 f"allocate_cache or allocate_blocks_cache"

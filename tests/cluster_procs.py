@@ -181,7 +181,11 @@ class _Decode:
         k = _key(key, self.cluster_id)
         cache = self.cm.register_blocks_cache(desc, [base + off for _, off in tensors], k, True)
         self.caches[name] = dict(
-            cache=cache, buffers={bk: view}, tensors=tensors, allocated=False, key=k,
+            cache=cache,
+            buffers={bk: view},
+            tensors=tensors,
+            allocated=False,
+            key=k,
             device_alloc=base,
         )
         return self._report(name)

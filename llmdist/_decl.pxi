@@ -86,6 +86,8 @@ cdef extern from "llmdist/runtime.h" nogil:
         int (*ipc_import)(void *ctx, const char *id, void **ptr) nogil
         int (*ipc_close_import)(void *ctx, const char *id, void *ptr) nogil
         int (*ipc_close_export)(void *ctx, const char *id) nogil
+        int (*ipc_range)(void *ctx, const void *ptr, size_t size, uint64_t *base,
+                         uint64_t *len) nogil
 
     ctypedef struct llmd_load_report:
         char library[1024]

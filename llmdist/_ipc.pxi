@@ -113,3 +113,17 @@ cdef object ipc_close_export_of(Runtime runtime, str ident):
         if rc == 0:
             rc = runtime.rt.ipc_close_export(runtime.rt.ctx, kp)
     runtime.check(rc, f"ipc_close_export({ident})")
+
+
+cdef object ipc_range_of(Runtime runtime, uintptr_t ptr, size_t size):
+    """(base, length) of the exportable region holding [ptr, ptr + size): the allocation
+    that ipc_export(base, length) shares whole (CUDA), or the region itself (ACL)."""
+    cdef uint64_t base = 0, length = 0
+    cdef int rc
+    need_ipc(runtime)
+    with nogil:
+        rc = runtime.rt.set_device(runtime.rt.ctx, runtime.device_id)
+        if rc == 0:
+            rc = runtime.rt.ipc_range(runtime.rt.ctx, <const void *>ptr, size, &base, &length)
+    runtime.check(rc, f"ipc_range({ptr:#x}, {size})")
+    return base, length

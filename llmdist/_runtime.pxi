@@ -234,6 +234,11 @@ cdef class Runtime:
         """Withdraw an export."""
         return ipc_close_export_of(self, ident)
 
+    def ipc_range(self, uintptr_t ptr, size_t size):
+        """(base, length) of the exportable region holding [ptr, ptr + size) of memory this
+        runtime did not allocate for llmdist (a framework's tensor); raises when there is none."""
+        return ipc_range_of(self, ptr, size)
+
     def memcpy(self, uintptr_t dst, uintptr_t src, size_t n, Stream stream):
         """Queue one copy on a stream (a plain helper for tools and tests)."""
         cdef int rc

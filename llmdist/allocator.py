@@ -17,7 +17,7 @@ from . import _core, device_ipc
 from ._check import check_int_list, check_isinstance, check_uint64, require
 from .descs import Cache, CacheDesc, Placement, fixed_copy
 from .registry import ALLOCATED, REGISTERED, ClusterMemory, MemoryEntry
-from .shares import DeviceIpcShare, MemfdShare, ProcessShare, Share, Unshared
+from .shares import DeviceIpcShare, DeviceIpcTensors, MemfdShare, ProcessShare, Share, Unshared
 from .status import LLMException, LLMStatusCode
 
 ALIGN = 64  # every tensor of an allocated cache starts 64-byte aligned (ACL's rule)
@@ -179,9 +179,17 @@ class CacheAllocator:
             remote_accessible = cache_desc.placement == Placement.DEVICE
         with self._lock:
             cache = Cache(self._new_id(), cache_desc, list(checked), is_blocks)
-            self._mem.add(
-                MemoryEntry(cache, REGISTERED, remote_accessible, share=ProcessShare()), keys
-            )
+            share: Share = ProcessShare()
+            if self._exportable and cache_desc.placement == Placement.DEVICE:
+                share = device_ipc.export_tensors(
+                    self._runtime, checked, cache_desc.size, sorted(self._importers)
+                )
+            try:
+                self._mem.add(MemoryEntry(cache, REGISTERED, remote_accessible, share=share), keys)
+            except LLMException:
+                if isinstance(share, DeviceIpcTensors):
+                    device_ipc.close_tensors(self._runtime, share)
+                raise
         return cache
 
     def allow_importer(self, pid: int) -> None:
@@ -196,9 +204,9 @@ class CacheAllocator:
             self._importers.add(pid)
             pids = sorted(self._importers)
             for entry in self._mem.entries.values():
-                if isinstance(entry.share, DeviceIpcShare) and entry.share.kind == kind:
+                for ident in device_ipc.export_ids(entry.share):
                     try:
-                        self._runtime.ipc_allow(entry.share.id, pids)
+                        self._runtime.ipc_allow(ident, pids)
                     except LLMException as exc:
                         log.warning(
                             "cache %d: process %d may not import it: %s",
@@ -233,3 +241,9 @@ class CacheAllocator:
         self.free(entry)
         with self._lock:
             self.used[entry.placement] -= entry.size
+
+    def unexport(self, entry: MemoryEntry) -> None:
+        """Close the device IPC exports of a registered cache's tensors (its peers closed their
+        imports when it was withdrawn); the memory stays the caller's."""
+        if isinstance(entry.share, DeviceIpcTensors):
+            device_ipc.close_tensors(self._runtime, entry.share)

@@ -13,18 +13,25 @@ destination device), and closes its import when the cache is withdrawn or the li
 its queued copies have landed. Only then does the owner close the export and free the memory
 (the withdrawal and unlink messages are acknowledged after the importer closed).
 
-Memory a cluster registered (framework tensors) is not exported: an export covers a whole
-page-aligned allocation, which llmdist does not know for registered memory."""
+DEVICE memory a cluster registered (a framework's tensors) is exported tensor by tensor
+(shares.DeviceIpcTensors) where the runtime can tell an exportable region holding each tensor
+(Runtime.ipc_range): on CUDA the cudaMalloc allocation holding it (one handle per allocation,
+each tensor at its offset in it; the importer checks that offset + size lies inside the
+allocation it mapped), on ACL the tensor itself when it starts on a page. Memory that cannot be
+exported that way (host memory, cuMem VMM allocations, an unaligned ACL tensor) gets no device
+share, and peers refuse device IPC transfers into it with the reason. The exports are closed
+when the cache is unregistered, after the peers closed their imports."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Dict, List, Tuple
+from dataclasses import replace
+from typing import Dict, List, Sequence, Tuple, Union
 
 from . import _core
-from .shares import DeviceIpcShare, ShareKind
-from .status import LLMException
+from .shares import DeviceIpcShare, DeviceIpcTensors, ShareKind, Unshared
+from .status import LLMException, LLMStatusCode
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,51 @@ def close_export(runtime: "_core.Runtime", share: DeviceIpcShare) -> None:
     runtime.ipc_close_export(share.id)
 
 
+def export_tensors(
+    runtime: "_core.Runtime", addrs: Sequence[int], size: int, pids: List[int]
+) -> Union[DeviceIpcTensors, Unshared]:
+    """Export registered DEVICE tensors [addrs[i], + size): each allocation holding one once;
+    Unshared with the reason when one of them cannot be exported (nothing stays exported)."""
+    why = runtime.ipc_unavailable
+    if why is not None:
+        return Unshared(f"device IPC is not available: {why}")
+    exports: Dict[int, DeviceIpcShare] = {}  # allocation base -> its export
+    parts = []
+    try:
+        for a in addrs:
+            base, length = runtime.ipc_range(a, size)
+            whole = exports.get(base)
+            if whole is None:
+                whole = exports[base] = export(runtime, base, length, pids)
+            parts.append(replace(whole, base=a, size=size, offset=a - base))
+    except LLMException as exc:
+        for whole in exports.values():
+            try:
+                close_export(runtime, whole)
+            except LLMException as close_exc:
+                log.warning("closing a device IPC export failed: %s", close_exc)
+        return Unshared(f"it could not be exported: {exc}")
+    return DeviceIpcTensors(tuple(parts))
+
+
+def export_ids(share: object) -> List[str]:
+    """The export ids a device share holds, each once (none for other shares)."""
+    if isinstance(share, DeviceIpcShare):
+        return [share.id]
+    if isinstance(share, DeviceIpcTensors):
+        return list(dict.fromkeys(p.id for p in share.parts))
+    return []
+
+
+def close_tensors(runtime: "_core.Runtime", share: DeviceIpcTensors) -> None:
+    """Withdraw the exports of registered tensors (after the importers closed theirs)."""
+    for ident in export_ids(share):
+        try:
+            runtime.ipc_close_export(ident)
+        except LLMException as exc:
+            log.warning("closing a device IPC export failed: %s", exc)
+
+
 class ImportTable:
     """This process's imports of other processes' exports, counted: two clusters of one process
     that write into the same peer cache share one import (CUDA opens a handle once per process)."""
@@ -56,14 +108,38 @@ class ImportTable:
         self._held: Dict[Tuple[str, str], List[int]] = {}  # (kind, ident) -> [address, refs]
 
     def acquire(self, runtime: "_core.Runtime", share: DeviceIpcShare) -> int:
-        """The local address of the export's region start (imported on first use)."""
+        """The local address of the share's region start (the export imported on first use).
+        A CUDA handle maps a whole allocation: the region [offset, offset + size) must lie
+        inside it as the driver measures the mapping, or LLMException(LLM_PARAM_INVALID). (An
+        ACL key maps its region itself; its offset is always 0.)"""
         k = (share.kind.value, share.id)
         with self._lock:
             held = self._held.get(k)
             if held is None:
                 held = self._held[k] = [runtime.ipc_import(k[1]), 0]
             held[1] += 1
-            return held[0]
+            address = held[0]
+        if share.kind is ShareKind.CUDA_IPC:
+            why = None
+            try:
+                base, length = runtime.ipc_range(address, 1)
+            except LLMException as exc:
+                # the mapping cannot be measured: an offset cannot be trusted, a region at the
+                # allocation's start is taken as the exporter describes it
+                why = str(exc) if share.offset else None
+            else:
+                if base != address or share.offset + share.size > length:
+                    why = (
+                        f"[{share.offset}, {share.offset + share.size}) is outside the "
+                        f"{length} bytes of the allocation it names"
+                    )
+            if why is not None:
+                self.release(runtime, share)
+                raise LLMException(
+                    f"a peer's device IPC export was refused: {why}",
+                    status_code=LLMStatusCode.LLM_PARAM_INVALID,
+                )
+        return address + share.offset
 
     def release(self, runtime: "_core.Runtime", share: DeviceIpcShare) -> None:
         """Drop one use; the last one closes the import (its copies must have landed)."""
@@ -87,3 +163,27 @@ class ImportTable:
 
 
 IMPORTS = ImportTable()
+
+
+def acquire_share(
+    runtime: "_core.Runtime", share: Union[DeviceIpcShare, DeviceIpcTensors]
+) -> Union[int, Tuple[int, ...]]:
+    """Import a peer's device share here; what turns the peer's addresses into local ones:
+    one delta (an allocated cache), or one per tensor (registered tensors)."""
+    if isinstance(share, DeviceIpcShare):
+        return IMPORTS.acquire(runtime, share) - share.base
+    deltas: List[int] = []
+    try:
+        for part in share.parts:
+            deltas.append(IMPORTS.acquire(runtime, part) - part.base)
+    except BaseException:
+        for part in share.parts[: len(deltas)]:
+            IMPORTS.release(runtime, part)
+        raise
+    return tuple(deltas)
+
+
+def release_share(runtime: "_core.Runtime", share: Union[DeviceIpcShare, DeviceIpcTensors]) -> None:
+    """Drop what acquire_share took."""
+    for part in share.parts if isinstance(share, DeviceIpcTensors) else (share,):
+        IMPORTS.release(runtime, part)

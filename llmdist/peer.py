@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from dataclasses import replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 from . import _core, device_ipc
 from .auth import Channel, ProtocolError
@@ -46,13 +46,16 @@ from .frames import (
 from .registry import REGISTERED, ClusterMemory, MemoryEntry, Region
 from .route_rules import Access, RouteKind
 from .routes import EngineRoute, ImportNeeded, MappedRoute, ProcessRoute, Route
-from .shares import DeviceIpcShare, MemfdShare, Unshared
+from .shares import DeviceIpcShare, DeviceIpcTensors, MemfdShare, Unshared
 from .status import LLMException, LLMStatusCode
 from .wire import cache_from_wire
 
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 10.0  # default wait for a peer's ack of a request
+
+DeviceShare = Union[DeviceIpcShare, DeviceIpcTensors]
+Delta = Union[int, Tuple[int, ...]]  # one per cache, or one per tensor (registered tensors)
 
 
 class Peer:
@@ -92,7 +95,8 @@ class Peer:
         self.link = _core.LinkFlag(self.pid, chan.peer_pidfd() if self.pid > 0 else -1)
         self.mem = ClusterMemory()
         self.mappings: Dict[int, Tuple[int, int]] = {}  # cache id -> (local address, size)
-        self.imports: Dict[int, Tuple[DeviceIpcShare, int]] = {}  # cache id -> (share, delta)
+        # cache id -> (share, delta or one delta per tensor)
+        self.imports: Dict[int, Tuple[DeviceShare, Delta]] = {}
         # Set once the peer may be imported from: at once when we linked to it (it whitelisted
         # us before its welcome), on its "ipc_ready" when it linked to us.
         self.ipc_ready = threading.Event()
@@ -143,7 +147,7 @@ class Peer:
                     raise ProtocolError(f"peer cache {cid}: {exc}") from None
                 self.mappings[cid] = (local, entry.size)
                 delta = local - entry.base
-            elif not isinstance(share, DeviceIpcShare):
+            elif not isinstance(share, (DeviceIpcShare, DeviceIpcTensors)):
                 # device IPC exports are imported on first use instead
                 pid = self.pid
                 if self.no_process_route is not None:
@@ -242,7 +246,7 @@ class Peer:
         if m is not None:
             _core.shm_unmap(*m)
         if imp is not None:
-            device_ipc.IMPORTS.release(self.node.runtime, imp[0])
+            device_ipc.release_share(self.node.runtime, imp[0])
 
     def _unmap_all(self) -> None:
         with self.lock:
@@ -289,19 +293,23 @@ class Peer:
             )
         if entry.placement != Placement.DEVICE:
             return Access.PROCESS, ""  # HOST memory of another process: no device IPC
-        if entry.origin == REGISTERED:
+        share = entry.share
+        if entry.origin == REGISTERED and not isinstance(share, DeviceIpcTensors):
+            reason = "the peer did not export it"
+            if isinstance(share, Unshared) and share.reason:
+                reason = share.reason
             return Access.NONE, (
                 f"{where} is DEVICE memory the peer registered (not allocated by "
-                f"llmdist): device IPC exports whole page-aligned allocations, so "
-                f"memory registered piecewise cannot be exported safely; allocate "
-                f"the destination with allocate_cache or allocate_blocks_cache"
+                f"llmdist) that cannot be exported for device IPC: {reason}; register memory from "
+                f"the runtime's own allocator (cudaMalloc, not expandable segments; on "
+                f"ACL page-aligned tensors), or allocate the destination with "
+                f"allocate_cache or allocate_blocks_cache"
             )
-        share = entry.share
         kind = share.kind if share is not None else None
         if kind != runtime.ipc_kind:
             if isinstance(share, Unshared) and share.reason:
                 why = share.reason
-            elif isinstance(share, DeviceIpcShare):
+            elif isinstance(share, (DeviceIpcShare, DeviceIpcTensors)):
                 why = (
                     f"it is exported as {share.kind.value}, this cluster runs the "
                     f"{runtime.name} runtime"
@@ -318,8 +326,7 @@ class Peer:
         """What turns the peer's address of cache entry into the one its device IPC import has
         here; None when it is not imported (or was exported anew since). self.lock held."""
         got = self.imports.get(entry.cache.cache_id)
-        share = entry.share
-        if got is None or (got[0].id, got[0].base) != (share.id, share.base):
+        if got is None or got[0] != entry.share:
             return None
         return got[1]
 
@@ -330,7 +337,7 @@ class Peer:
             return EngineRoute(self.link, self.node.engine, self.engine_session)
         if kind is RouteKind.PROCESS:
             return ProcessRoute(self.link, self.pid)
-        deltas: Dict[int, int] = {}
+        deltas: Dict[int, Delta] = {}
         cache = None
         if not runtime.is_host:
             missing = []
@@ -370,9 +377,9 @@ class Peer:
                     )
                 stale = self.imports.pop(cid, None)
             if stale is not None:
-                device_ipc.IMPORTS.release(runtime, stale[0])
+                device_ipc.release_share(runtime, stale[0])
             share = entry.share
-            local = device_ipc.IMPORTS.acquire(runtime, share)
+            delta = device_ipc.acquire_share(runtime, share)
             with self.lock:
                 keep = (
                     self.mem.entries.get(cid) is entry
@@ -380,9 +387,9 @@ class Peer:
                     and cid not in self.imports
                 )
                 if keep:
-                    self.imports[cid] = (share, local - share.base)
+                    self.imports[cid] = (share, delta)
             if not keep:
-                device_ipc.IMPORTS.release(runtime, share)
+                device_ipc.release_share(runtime, share)
 
     def await_ipc_ready(self, runtime: "_core.Runtime") -> None:
         """On a device runtime, wait (up to ACK_TIMEOUT_S) until the peer confirmed that this

@@ -63,6 +63,8 @@ class CacheReleases:
         invalidate(entry.cache)
         if entry.origin == ALLOCATED:
             self._allocator.release(entry)
+        else:
+            self._allocator.unexport(entry)
 
     def _release_unless_gone(self, entry: MemoryEntry) -> None:
         """release, where another thread releasing the cache meanwhile is no error."""

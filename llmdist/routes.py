@@ -20,7 +20,7 @@ behind a route."""
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import _core
 from ._core import CopyKind, Lane
@@ -96,13 +96,17 @@ class LocalRoute(Route):
 class MappedRoute(Route):
     """A peer on this host whose memory is mapped into this process: its shared memory (host
     runtime) or its device allocations imported through ACL/CUDA IPC. deltas maps a cache id to
-    what turns the peer's address into the mapped one; single is set when a mapping is memory
+    what turns the peer's address into the mapped one (one per tensor for registered tensors,
+    each imported on its own); single is set when a mapping is memory
     of another device, which a batch copy's one location cannot name."""
 
     name = "mapped"
 
     def __init__(
-        self, link: "_core.LinkFlag", deltas: Dict[int, int], single: bool = False
+        self,
+        link: "_core.LinkFlag",
+        deltas: Dict[int, Union[int, Tuple[int, ...]]],
+        single: bool = False,
     ) -> None:
         super().__init__(link)
         self._deltas = deltas
@@ -120,8 +124,9 @@ class MappedRoute(Route):
             if r.cache is not cache:  # the regions of one cache come in a row
                 cache = r.cache
                 delta = self._deltas[cache.cache_id]
-            bases.append(a + delta)
-            limits.append(r.end + delta)
+            d = delta if type(delta) is int else delta[r.tensor_index]
+            bases.append(a + d)
+            limits.append(r.end + d)
         return bases, limits
 
 

@@ -1,8 +1,9 @@
 """How a cache can be reached by another process of this host (its share), as typed values.
 
 A cluster describes each of its caches to peers with one share: shared host memory (a sealed
-memfd), memory a peer may move bytes with through process transfers, a device IPC export, or
-none (with the reason). The share goes over the control connection as a small dict
+memfd), memory a peer may move bytes with through process transfers, a device IPC export (of
+an allocated cache), device IPC exports tensor by tensor (of registered DEVICE memory), or none
+(with the reason). The share goes over the control connection as a small dict
 (to_wire / share_from_wire); descriptors and device IPC ids go over a Unix socket only, to a
 process the kernel says is on this host."""
 
@@ -103,13 +104,17 @@ class MemfdShare:
 @dataclass(frozen=True)
 class DeviceIpcShare:
     """A device IPC export (see device_ipc.py): the exporter's [base, base + size) on its
-    device, which a process of this host imports by the runtime's export id."""
+    device, which a process of this host imports by the runtime's export id. The export may
+    name a larger allocation that holds the region offset bytes from its start (CUDA: a
+    handle names a whole cudaMalloc allocation); the importer finds base at its imported
+    address + offset."""
 
     kind: ShareKind  # ACL_IPC or CUDA_IPC: the exporter's runtime
     id: str
     base: int
     size: int
     device: int = 0
+    offset: int = 0
 
     @property
     def region(self) -> Optional[Tuple[int, int]]:
@@ -125,6 +130,7 @@ class DeviceIpcShare:
             "base": self.base,
             "size": self.size,
             "device": self.device,
+            "offset": self.offset,
         }
 
     @classmethod
@@ -137,16 +143,76 @@ class DeviceIpcShare:
             or not export_id.isprintable()
         ):
             raise ProtocolError("bad device IPC id")
+        kind = ShareKind(w["kind"])
+        if kind not in DEVICE_KINDS:
+            raise ProtocolError("bad device IPC kind")
+        offset = check_int(w.get("offset", 0), 0, 2**63 - 1)
+        if offset and kind is ShareKind.ACL_IPC:
+            raise ProtocolError("an ACL export key names its region itself: its offset is 0")
         return cls(
-            ShareKind(w["kind"]),
+            kind,
             export_id,
             check_int(w.get("base"), 1),
             check_int(w.get("size"), 1),
             check_int(w.get("device", 0), 0, 2**31 - 1),
+            offset,
         )
 
 
-Share = Union[Unshared, ProcessShare, MemfdShare, DeviceIpcShare]
+TENSOR_PARTS_MAX = 1 << 16  # most tensors one registered cache's share describes
+
+
+@dataclass(frozen=True)
+class DeviceIpcTensors:
+    """DEVICE memory a cluster registered (a framework's tensors), exported tensor by tensor:
+    parts[i] is tensor i, [base, base + size) exactly, in the export of the allocation holding
+    it (tensors of one allocation share its export id). Every part has the same kind and
+    device."""
+
+    parts: Tuple[DeviceIpcShare, ...]
+    wire_kind: ClassVar[str] = "device_tensors"
+
+    @property
+    def kind(self) -> ShareKind:
+        return self.parts[0].kind
+
+    @property
+    def device(self) -> int:
+        return self.parts[0].device
+
+    @property
+    def region(self) -> Optional[Tuple[int, int]]:
+        return None
+
+    def to_wire(self, fds: Optional[List[int]]) -> dict:
+        """The share as sent; only over a Unix socket (fds not None)."""
+        if fds is None:
+            return Unshared(ONLY_OVER_UNIX).to_wire(None)
+        return {"kind": self.wire_kind, "tensors": [p.to_wire(fds) for p in self.parts]}
+
+    @classmethod
+    def from_wire(cls, w: dict, fds: List[int]) -> "DeviceIpcTensors":
+        tensors = w.get("tensors")
+        if type(tensors) is not list or not 0 < len(tensors) <= TENSOR_PARTS_MAX:
+            raise ProtocolError("bad device tensor exports")
+        parts = []
+        for t in tensors:
+            if type(t) is not dict or t.get("kind") not in ("acl_ipc", "cuda_ipc"):
+                raise ProtocolError("bad device tensor export")
+            parts.append(DeviceIpcShare.from_wire(t, fds))
+        if any((p.kind, p.device) != (parts[0].kind, parts[0].device) for p in parts):
+            raise ProtocolError("device tensor exports of different runtimes or devices")
+        return cls(tuple(parts))
+
+    def check_tensors(self, addrs: List[int], size: int) -> None:
+        """Raise ProtocolError unless part i is exactly tensor i ([addrs[i], + size))."""
+        if len(addrs) != len(self.parts) or any(
+            p.base != a or p.size != size for p, a in zip(self.parts, addrs)
+        ):
+            raise ProtocolError("device tensor exports that are not the cache's tensors")
+
+
+Share = Union[Unshared, ProcessShare, MemfdShare, DeviceIpcShare, DeviceIpcTensors]
 
 _TYPES = {
     "none": Unshared,
@@ -154,7 +220,8 @@ _TYPES = {
     "memfd": MemfdShare,
     "acl_ipc": DeviceIpcShare,
     "cuda_ipc": DeviceIpcShare,
-}  # by ShareKind value
+    "device_tensors": DeviceIpcTensors,
+}  # by the kind the wire names
 
 
 def share_to_wire(share: Optional[Share], fds: Optional[List[int]]) -> dict:

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple, Union
 
 from .descs import BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, Placement
 from .registry import ALLOCATED, REGISTERED, MemoryEntry
-from .shares import share_from_wire, share_to_wire
+from .shares import DeviceIpcTensors, share_from_wire, share_to_wire
 from .status import LLMException
 from .wire_checks import ProtocolError, check_enum, check_int, check_list
 
@@ -81,6 +81,8 @@ def cache_from_wire(w: object, fds: List[int] = ()) -> Tuple[MemoryEntry, list]:
         cache = Cache(check_int(w["id"], 0, 2**63 - 1), desc, addrs, w["blocks"])
         keys = [key_from_wire(k) for k in check_list(w["keys"])]
         share = share_from_wire(w["share"], fds)
+        if isinstance(share, DeviceIpcTensors):
+            share.check_tensors(addrs, desc.size)
         region = share.region
         if region is not None:
             base, size = region

@@ -208,12 +208,23 @@ static int a_ipc_close_import(void *ctx, const char *id, void *ptr)
     return a_ipc_close(ctx, id);
 }
 
+/* An export key names the region it was made for, which must start on a page: a registered
+ * region is exported as itself when it does. */
+static int a_ipc_range(void *ctx, const void *ptr, size_t size, uint64_t *base, uint64_t *len)
+{
+    (void)ctx;
+    if (!ptr || size == 0 || (uintptr_t)ptr % LLMD_ACL_IPC_ALIGN) return LLMD_RT_NOT_EXPORTABLE;
+    *base = (uintptr_t)ptr;
+    *len = size;
+    return 0;
+}
+
 static const llmd_runtime g_acl_runtime = {
     .name = "acl",
     .ctx = &g_acl,
     .device_is_host = 0,
     .ipc_kind = "acl_ipc",
-    .ipc_align = 4096,
+    .ipc_align = LLMD_ACL_IPC_ALIGN,
     .framework_device = "npu",
     .set_device = a_set_device,
     .malloc_device = a_malloc_device,
@@ -244,6 +255,7 @@ static const llmd_runtime g_acl_runtime = {
     .ipc_import = a_ipc_import,
     .ipc_close_import = a_ipc_close_import,
     .ipc_close_export = a_ipc_close,
+    .ipc_range = a_ipc_range,
 };
 
 /* ------------------------------------------------------------------------------------------ */

@@ -6,6 +6,7 @@
 
 #include <dlfcn.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -19,6 +20,8 @@ typedef struct cuda_state {
     int kernel_tried;           /* 1: loaded, -1: cannot be loaded (kernel_why), 0: not tried */
     char kernel_why[512];
     volatile int use_kernel;    /* device-to-device copy_runs by the copy kernel */
+    /* The driver's cuMemGetAddressRange_v2 (libcuda.so.1), for ipc_range; NULL when absent. */
+    int (*mem_get_address_range)(unsigned long long *base, size_t *size, unsigned long long ptr);
 } cuda_state;
 
 static cuda_state g_cuda;
@@ -261,6 +264,33 @@ static int c_ipc_close_export(void *ctx, const char *id)
     return 0;
 }
 
+/* The allocation holding ptr, from the driver: cudaIpcGetMemHandle of it covers ptr. Memory the
+ * driver does not know (host memory) is not exportable; memory it knows but cannot share by a
+ * handle (cuMem VMM) fails later, in cudaIpcGetMemHandle. */
+static int c_ipc_range(void *ctx, const void *ptr, size_t size, uint64_t *base, uint64_t *len)
+{
+    cuda_state *st = (cuda_state *)ctx;
+    unsigned long long b = 0;
+    size_t n = 0;
+    if (!st->mem_get_address_range) return LLMD_RT_NOT_SUPPORTED;
+    if (!ptr || st->mem_get_address_range(&b, &n, (unsigned long long)(uintptr_t)ptr) != 0)
+        return LLMD_RT_NOT_EXPORTABLE;
+    if ((uintptr_t)ptr < b || (uintptr_t)ptr - b > n || size > n - ((uintptr_t)ptr - b))
+        return LLMD_RT_NOT_EXPORTABLE;   /* [ptr, ptr + size) runs past the allocation */
+    *base = b;
+    *len = n;
+    return 0;
+}
+
+/* The driver library (LLMDIST_CUDA_DRIVER_LIBRARY, else libcuda.so.1, which libcudart has
+ * loaded already on a machine with a GPU): only for ipc_range. */
+static void c_load_driver(cuda_state *st)
+{
+    const char *path = getenv("LLMDIST_CUDA_DRIVER_LIBRARY");
+    void *h = dlopen(path && path[0] ? path : "libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (h) *(void **)&st->mem_get_address_range = dlsym(h, "cuMemGetAddressRange_v2");
+}
+
 /* The copy kernel is PTX here (copy_runs.ptx in the package), loaded into the current device
  * on the first choice that wants it. */
 static int c_select_device_copy(void *ctx, int mode, const char *ptx, char *why, size_t why_len)
@@ -330,6 +360,7 @@ static const llmd_runtime g_cuda_runtime = {
     .ipc_import = c_ipc_import,
     .ipc_close_import = c_ipc_close_import,
     .ipc_close_export = c_ipc_close_export,
+    .ipc_range = c_ipc_range,
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -370,6 +401,7 @@ const llmd_runtime *llmd_cuda_load(const char *const *paths, size_t count, int32
         if (missing[0])
             snprintf(st->ipc_reason, sizeof(st->ipc_reason),
                      "the loaded runtime library (%s) lacks %s", library, missing);
+        c_load_driver(st);
         st->loaded = 1;
     }
     snprintf(report->library, sizeof(report->library), "%s", library);

@@ -853,6 +853,12 @@ static int h_ipc_close_export(void *ctx, const char *id)
     return LLMD_HOST_ENOTSUP;
 }
 
+static int h_ipc_range(void *ctx, const void *ptr, size_t size, uint64_t *base, uint64_t *len)
+{
+    (void)ctx; (void)ptr; (void)size; (void)base; (void)len;
+    return LLMD_HOST_ENOTSUP;
+}
+
 static const llmd_runtime g_host_runtime = {
     .name = "host",
     .ctx = NULL,
@@ -889,6 +895,7 @@ static const llmd_runtime g_host_runtime = {
     .ipc_import = h_ipc_import,
     .ipc_close_import = h_ipc_close_import,
     .ipc_close_export = h_ipc_close_export,
+    .ipc_range = h_ipc_range,
 };
 
 const llmd_runtime *llmd_host_runtime(void) { return &g_host_runtime; }

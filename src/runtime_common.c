@@ -18,6 +18,8 @@ const char *llmd_rt_error_string(int code)
     case LLMD_RT_NO_MEMORY: return "host memory allocation failed";
     case LLMD_RT_BAD_ARGUMENT: return "invalid argument";
     case LLMD_RT_NOT_SUPPORTED: return "the loaded runtime library does not support this call";
+    case LLMD_RT_NOT_EXPORTABLE:
+        return "the memory is not part of an allocation the runtime can share with other processes";
     default: return NULL;
     }
 }
@@ -28,6 +30,7 @@ int llmd_rt_error_class(int code)
     case LLMD_RT_TIMEOUT: return LLMD_ERROR_TIMEOUT;
     case LLMD_RT_NO_MEMORY: return LLMD_ERROR_HOST_OUT_OF_MEMORY;
     case LLMD_RT_NOT_SUPPORTED: return LLMD_ERROR_NOT_SUPPORTED;
+    case LLMD_RT_NOT_EXPORTABLE: return LLMD_ERROR_NOT_SUPPORTED;
     default: return LLMD_ERROR_OTHER;
     }
 }

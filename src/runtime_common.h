@@ -11,7 +11,8 @@ enum {
     LLMD_RT_TIMEOUT = -2,           /* a bounded event wait ran out */
     LLMD_RT_NO_MEMORY = -3,         /* a host allocation of llmdist's own failed */
     LLMD_RT_BAD_ARGUMENT = -4,      /* e.g. a run table's pair capacity is spent */
-    LLMD_RT_NOT_SUPPORTED = -5      /* the loaded library lacks what the call needs */
+    LLMD_RT_NOT_SUPPORTED = -5,     /* the loaded library lacks what the call needs */
+    LLMD_RT_NOT_EXPORTABLE = -6     /* ipc_range: the memory cannot be exported */
 };
 
 const char *llmd_rt_error_string(int code);

@@ -155,6 +155,41 @@ class _Decode:
         )
         return self._report(name)
 
+    def cmd_register_device(
+        self, name, num_tensors, shape, key=None, seed=0, offset=4096, gap=0, vmm=False
+    ):
+        """register_blocks_cache over device memory from the runtime's allocator (as a
+        framework's tensors): one allocation, the tensors offset bytes into it, gap bytes
+        apart; vmm: an allocation the fake CUDA runtime cannot export (as cuMem VMM memory).
+        The whole allocation is the cache's one buffer, so every byte outside the tensors is
+        checked too."""
+        np = self.np
+        desc = self._desc(num_tensors, shape, "DT_FLOAT16", "DEVICE")
+        total = offset + num_tensors * desc.size + (num_tensors - 1) * gap + 4096
+        rt = self.dd.runtime
+        if vmm:
+            fake = ctypes.CDLL(os.environ["LLMDIST_CUDA_LIBRARY"])
+            ptr = ctypes.c_void_p()
+            assert fake.fake_cuda_malloc_vmm(ctypes.byref(ptr), ctypes.c_size_t(total)) == 0
+            base = ptr.value
+        else:
+            base = rt.malloc(total, True)
+        bk = f"{self.cluster_id}:{name}"
+        view = _host_view(base, total)
+        view[:] = np.random.default_rng(seed).integers(0, 256, total, dtype=np.uint8)
+        tensors = [(bk, offset + i * (desc.size + gap)) for i in range(num_tensors)]
+        k = _key(key, self.cluster_id)
+        cache = self.cm.register_blocks_cache(desc, [base + off for _, off in tensors], k, True)
+        self.caches[name] = dict(
+            cache=cache,
+            buffers={bk: view},
+            tensors=tensors,
+            allocated=False,
+            key=k,
+            device_alloc=base,
+        )
+        return self._report(name)
+
     def cmd_read(self, name):
         return {k: v.copy() for k, v in self.caches[name]["buffers"].items()}
 
@@ -174,7 +209,19 @@ class _Decode:
         c = self.caches.pop(name)
         if c["allocated"]:
             c["buffers"].clear()  # freed memory: never read it again
+        if c.get("device_alloc"):
+            c["buffers"].clear()
+            self.dd.runtime.free(c["device_alloc"], True)
         return None
+
+    def cmd_device_live(self, what):
+        """fake_cuda_live / fake_acl_live(what) of the fake runtime this child loaded."""
+        if os.environ.get("LLMDIST_RUNTIME") == "acl":
+            return self.cmd_acl_live(what)
+        fake = ctypes.CDLL(os.environ["LLMDIST_CUDA_LIBRARY"])
+        fake.fake_cuda_live.argtypes = [ctypes.c_char_p]
+        fake.fake_cuda_live.restype = ctypes.c_long
+        return fake.fake_cuda_live(what.encode())
 
     def cmd_remove_key(self, name):
         self.cm.remove_cache_key(self.caches[name]["key"])

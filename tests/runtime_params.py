@@ -32,6 +32,7 @@ RUNTIME_VARS = (
     "LLMDIST_RUNTIME",
     "LLMDIST_ACL_LIBRARY",
     "LLMDIST_CUDA_LIBRARY",
+    "LLMDIST_CUDA_DRIVER_LIBRARY",
     "LLMDIST_DEVICE_COPY",
     "LLMDIST_EXPECT_CUDA_PATHS",
 )
@@ -110,6 +111,9 @@ def runtime_env(runtime: str, libs: Dict[str, str]) -> Dict[str, str]:
         env.update(
             LLMDIST_RUNTIME="cuda",
             LLMDIST_CUDA_LIBRARY=libs["fake_cuda"],
+            LLMDIST_CUDA_DRIVER_LIBRARY=os.path.join(
+                os.path.dirname(libs["fake_cuda"]), "libcuda.so.1"
+            ),
             LLMDIST_DEVICE_COPY=runtime.split("-", 1)[1],
         )
     return env

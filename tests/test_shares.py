@@ -13,6 +13,7 @@ from llmdist.data_path import PeerPath, choose_path
 from llmdist.results import config_results
 from llmdist.shares import (
     DeviceIpcShare,
+    DeviceIpcTensors,
     MemfdShare,
     ProcessShare,
     ShareKind,
@@ -30,6 +31,14 @@ def test_each_share_reads_back_what_it_wrote():
         ProcessShare(),
         DeviceIpcShare(ShareKind.CUDA_IPC, "0a1b", 4096, 8192, 3),
         DeviceIpcShare(ShareKind.ACL_IPC, "key-1", 1 << 20, 512, 0),
+        DeviceIpcShare(ShareKind.CUDA_IPC, "0a1b", 4096 + 72, 256, 1, 72),
+        DeviceIpcTensors(
+            (
+                DeviceIpcShare(ShareKind.CUDA_IPC, "0a1b", 4096 + 72, 256, 1, 72),
+                DeviceIpcShare(ShareKind.CUDA_IPC, "0a1b", 4096 + 1024, 256, 1, 1024),
+                DeviceIpcShare(ShareKind.CUDA_IPC, "ffee", 1 << 30, 256, 1, 0),
+            )
+        ),
     ):
         fds: list = []
         assert share_from_wire(share.to_wire(fds), fds) == share
@@ -68,11 +77,46 @@ def test_shared_memory_and_device_ids_go_over_a_unix_socket_only():
         ({"kind": "acl_ipc", "id": "k" * 200, "base": 1, "size": 1}, []),
         ({"kind": "acl_ipc", "id": "k", "base": 1, "size": 1, "device": -1}, []),
         ({"kind": "none", "reason": 5}, []),
+        ({"kind": "cuda_ipc", "id": "k", "base": 1, "size": 1, "offset": -1}, []),
+        # an ACL key names its region itself: no offset into an allocation
+        ({"kind": "acl_ipc", "id": "k", "base": 1, "size": 1, "offset": 64}, []),
+        ({"kind": "device_tensors", "tensors": []}, []),
+        ({"kind": "device_tensors", "tensors": [{"kind": "memfd"}]}, []),
+        ({"kind": "device_tensors", "tensors": [{"kind": "device_tensors", "tensors": []}]}, []),
+        (
+            {
+                "kind": "device_tensors",
+                "tensors": [
+                    {"kind": "cuda_ipc", "id": "a", "base": 1, "size": 1},
+                    {"kind": "cuda_ipc", "id": "a", "base": 2, "size": 1, "device": 1},
+                ],
+            },
+            [],
+        ),
     ],
 )
 def test_a_malformed_share_is_a_protocol_error(wire, fds):
     with pytest.raises(ProtocolError):
         share_from_wire(wire, fds)
+
+
+def test_device_tensor_exports_must_be_the_cache_tensors():
+    """A registered cache's device share names each of its tensors exactly: a part at another
+    address or of another size than its tensor is refused before anything is imported."""
+    parts = tuple(
+        DeviceIpcShare(ShareKind.CUDA_IPC, "ab", a, 2048, 0, a - 0x10000)
+        for a in (0x10040, 0x12040)
+    )
+    share = DeviceIpcTensors(parts)
+    share.check_tensors([0x10040, 0x12040], 2048)
+    for addrs, size in (
+        ([0x10040, 0x12000], 2048),
+        ([0x10040], 2048),
+        ([0x10040, 0x12040], 4096),
+    ):
+        with pytest.raises(ProtocolError):
+            share.check_tensors(addrs, size)
+    assert share_to_wire(share, None)["kind"] == "none"  # over TCP: never sent
 
 
 def test_the_path_follows_the_transport_option_and_the_hosts():

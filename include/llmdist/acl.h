@@ -30,6 +30,8 @@ extern "C" {
 #define LLMD_ACL_IPC_KEY_SIZE 65
 #define LLMD_ACL_IPC_EXPORT_NO_PID_CHECK 0x1u
 #define LLMD_ACL_IPC_IMPORT_PEER_ACCESS 0x1u
+/* An export key's region starts on a page (RUNTIMES.md). */
+#define LLMD_ACL_IPC_ALIGN 4096
 
 /* Field order {id, type}: not CUDA's {type, id}. */
 struct llmd_acl_mem_location {

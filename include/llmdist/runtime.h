@@ -151,6 +151,14 @@ typedef struct llmd_runtime {
     int (*ipc_import)(void *ctx, const char *id, void **ptr);
     int (*ipc_close_import)(void *ctx, const char *id, void *ptr);
     int (*ipc_close_export)(void *ctx, const char *id);
+    /* The exportable region holding [ptr, ptr + size) of memory the caller did not allocate
+     * through this table (a framework's tensor): *base and *len. ipc_export(*base, *len) then
+     * covers ptr, and an importer finds ptr at its imported address + (ptr - *base). CUDA: the
+     * cudaMalloc allocation holding ptr (the driver's cuMemGetAddressRange; on an imported
+     * address, the imported mapping); ACL: [ptr, ptr + size) itself when ptr is a multiple of
+     * ipc_align. A code of class LLMD_ERROR_NOT_SUPPORTED when the memory cannot be exported
+     * that way (host memory, unaligned, no driver library). */
+    int (*ipc_range)(void *ctx, const void *ptr, size_t size, uint64_t *base, uint64_t *len);
 } llmd_runtime;
 
 /* What a device runtime's loader found: the library it opened and its version, or why it

@@ -47,6 +47,10 @@
  *   long fake_cuda_live(const char *what);    "device", "host", "stream", "event", "ipc_import",
  *                                             "library", "pending"
  *   const char *fake_cuda_last_message(void); the calling thread's last error message
+ *   cudaError_t fake_cuda_malloc_vmm(void **p, size_t n);         device memory IPC cannot export
+ *
+ * The driver's cuMemGetAddressRange_v2 is here too: build.sh makes libcuda.so.1 a link to this
+ * library (set LLMDIST_CUDA_DRIVER_LIBRARY to it).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -788,6 +792,45 @@ EXPORT cudaError_t cudaIpcCloseMemHandle(void *devPtr)
     if (rc || !a) return rc;
     munmap(a->raw, a->maplen);
     free(a);
+    return cudaSuccess;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The driver's view of an address (libcuda): build.sh links libcuda.so.1 to this library, so a
+ * process that opens both gets one allocation table. cuMemGetAddressRange_v2 gives the
+ * allocation holding an address (an imported one: the mapping); a VMM allocation
+ * (fake_cuda_malloc_vmm) is known to the driver but cannot be exported by an IPC handle.      */
+
+#define CUDA_DRIVER_ERROR_INVALID_VALUE 1
+#define CUDA_DRIVER_ERROR_NOT_FOUND 500
+
+EXPORT int cuMemGetAddressRange_v2(unsigned long long *pbase, size_t *psize,
+                                   unsigned long long dptr)
+{
+    pthread_mutex_lock(&g_mu);
+    struct alloc *a = tab_find((void *)(uintptr_t)dptr);
+    int rc = !a || a->kind != A_DEVICE || !inside(a, (uintptr_t)dptr, 0)
+                 ? CUDA_DRIVER_ERROR_NOT_FOUND : 0;
+    if (!rc) {
+        if (pbase) *pbase = a->base;
+        if (psize) *psize = a->size;
+    }
+    pthread_mutex_unlock(&g_mu);
+    return rc;
+}
+
+/* Test hook: device memory as cuMemCreate + cuMemMap make it (PyTorch's expandable segments):
+ * usable by copies, known to cuMemGetAddressRange, refused by cudaIpcGetMemHandle. Free it with
+ * cudaFree. */
+EXPORT cudaError_t fake_cuda_malloc_vmm(void **devPtr, size_t size)
+{
+    cudaError_t rc = cudaMalloc(devPtr, size);
+    if (rc || !*devPtr) return rc;
+    pthread_mutex_lock(&g_mu);
+    struct alloc *a = tab_find(*devPtr);
+    if (a->fd >= 0) close(a->fd);
+    a->fd = -1;
+    pthread_mutex_unlock(&g_mu);
     return cudaSuccess;
 }
 

@@ -18,4 +18,7 @@ out=$(cd "$out" && pwd)
 cd "$root/tests/fake_$vendor"
 ${CC:-cc} -O2 -Wall -Wextra -Wno-unused-parameter $extra -I"$root/include" -I"$here" \
     -shared -fPIC -o "$out/$lib" "$src" -lpthread
+if [ "$vendor" = cuda ]; then
+    ln -sf libcudart.so "$out/libcuda.so.1"  # the fake answers the driver's calls too
+fi
 echo "$out/$lib"

@@ -178,3 +178,19 @@ cdef class ProcessVmBaseline:  # _process_vm_baseline.pxi
     cdef readonly int pid
     cdef readonly bint write
     cdef readonly int threads
+
+
+cdef extern from "<semaphore.h>" nogil:
+    ctypedef struct sem_t:
+        pass
+
+
+cdef class Slots:  # _slots.pxi
+    cdef sem_t sem
+    cdef bint ready
+    cdef readonly int size
+
+
+cdef class Done:  # _done.pxi
+    cdef object lock
+    cdef bint flag

@@ -6,10 +6,7 @@ import _thread
 cdef class Done:
     """threading.Event without clear, on one lock held until set(): creating, setting and
     checking it run no Python-level code, and a wait is the lock's own (a C wait that
-    Ctrl-C interrupts, with a monotonic timeout)."""
-
-    cdef object lock
-    cdef bint flag
+    Ctrl-C interrupts, with a monotonic timeout). Attributes: _core.pxd."""
 
     def __cinit__(self):
         self.lock = _thread.allocate_lock()

@@ -5,9 +5,7 @@ from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
 from libc.errno cimport errno, EINTR
 
 
-cdef extern from "<semaphore.h>" nogil:
-    ctypedef struct sem_t:
-        pass
+cdef extern from "<semaphore.h>" nogil:  # sem_t is declared in _core.pxd
     int sem_init(sem_t *sem, int pshared, unsigned int value)
     int sem_destroy(sem_t *sem)
     int sem_post(sem_t *sem)
@@ -20,11 +18,7 @@ cdef extern from "<semaphore.h>" nogil:
 cdef class Slots:
     """size slots, as threading.BoundedSemaphore: acquire waits up to timeout seconds for a free
     one, release gives one back (ValueError past size). The uncontended path is one atomic
-    operation; only a wait releases the GIL."""
-
-    cdef sem_t sem
-    cdef bint ready
-    cdef readonly int size
+    operation; only a wait releases the GIL. Attributes: _core.pxd."""
 
     def __cinit__(self, int size):
         if size <= 0:

@@ -6,7 +6,6 @@ checked: the pushed blocks hold the prefill's bytes, everything else is unchange
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 
 import pytest
@@ -19,41 +18,11 @@ from . import vllm_device_procs as vdp  # noqa: E402
 from . import vllm_support as vs  # noqa: E402
 
 
-class Worker:
+class Worker(vs.ChildWorker):
     def __init__(self, role: str, mode: str, seed: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=vdp.worker_main, args=(child, role, mode, seed))
-        self.proc.start()
-        assert self.conn.poll(120), "the worker did not start"
-        msg = self.conn.recv()
-        assert msg[0] == "ready", msg[1]
-        _, self.engine_id, self.port, runtime = msg
+        super().__init__(vdp.worker_main, role, mode, seed)
+        self.engine_id, self.port, runtime = self.ready
         assert runtime == "cuda"
-
-    def send(self, *cmd):
-        self.conn.send(cmd)
-
-    def result(self, timeout: float = 60.0):
-        assert self.conn.poll(timeout), "the worker did not answer"
-        msg = self.conn.recv()
-        assert msg[0] == "ok", msg[1]
-        return msg[1]
-
-    def call(self, *cmd):
-        self.send(*cmd)
-        return self.result()
-
-    def close(self) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send(("exit",))
-            except OSError:
-                pass
-            self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ blocks, never a hang; the prefill frees on the notification or at the lease."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 
 import pytest
@@ -20,36 +19,10 @@ from llmdist.integrations.vllm import LLMDistConnectorMetadata, RecvJob  # noqa:
 from . import vllm_support as vs  # noqa: E402
 
 
-class Prefill:
+class Prefill(vs.ChildWorker):
     def __init__(self, layout: str, seed: int) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=vs.prefill_worker_main, args=(child, layout, seed))
-        self.proc.start()
-        assert self.conn.poll(120), "the prefill worker did not start"
-        msg = self.conn.recv()
-        assert msg[0] == "ready", msg[1]
-        _, self.engine_id, self.port = msg
-
-    def send(self, *cmd):
-        self.conn.send(cmd)
-
-    def result(self, timeout: float = 60.0):
-        assert self.conn.poll(timeout), "the prefill worker did not answer"
-        msg = self.conn.recv()
-        assert msg[0] == "ok", msg[1]
-        return msg[1]
-
-    def close(self) -> None:
-        if self.proc.is_alive():
-            try:
-                self.conn.send(("exit",))
-            except OSError:
-                pass
-            self.proc.join(10)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
+        super().__init__(vs.prefill_worker_main, layout, seed, what="the prefill worker")
+        self.engine_id, self.port = self.ready
 
 
 def job(p: Prefill, rid: str, local, remote, **kw) -> RecvJob:

@@ -106,7 +106,7 @@ def worker_main(conn, role: str, mode: str, seed: int) -> None:
         c.register_kv_caches(kv)
         w = c._worker
         model_stream = _core.Stream(w.dd.runtime)
-        w.stream_of = lambda: model_stream.handle  # torch.cuda.current_stream() on a GPU
+        w.streams.stream_of = lambda: model_stream.handle  # torch.cuda.current_stream() on a GPU
         conn.send(("ready", engine_id, c.get_handshake_metadata().port, w.dd.runtime.name))
         cuda = ctypes.CDLL(os.environ["LLMDIST_CUDA_LIBRARY"])
         cuda.fake_cuda_live.argtypes = [ctypes.c_char_p]

@@ -6,6 +6,7 @@ Everything here imports vLLM and torch lazily: the tests skip when vLLM is not i
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
 import traceback
 
@@ -16,6 +17,50 @@ from llmdist.bench.vllm_engine import (  # noqa: E402,F401
     kv_transfer_config,
     write_checkpoint,
 )
+
+# ------------------------------------------------------------------------------------------
+# A child process driven over a pipe
+
+
+class ChildWorker:
+    """A spawned process running target(conn, *args): it answers ("ready", ...) once, then
+    ("ok", result) per command; ("exit",) ends it."""
+
+    def __init__(self, target, *args, what: str = "the worker") -> None:
+        ctx = mp.get_context("spawn")
+        self.what = what
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=target, args=(child,) + args)
+        self.proc.start()
+        assert self.conn.poll(120), f"{what} did not start"
+        msg = self.conn.recv()
+        assert msg[0] == "ready", msg[1]
+        self.ready = msg[1:]
+
+    def send(self, *cmd):
+        self.conn.send(cmd)
+
+    def result(self, timeout: float = 60.0):
+        assert self.conn.poll(timeout), f"{self.what} did not answer"
+        msg = self.conn.recv()
+        assert msg[0] == "ok", msg[1]
+        return msg[1]
+
+    def call(self, *cmd):
+        self.send(*cmd)
+        return self.result()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("exit",))
+            except OSError:
+                pass
+            self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
 
 # ------------------------------------------------------------------------------------------
 # A worker-side connector without an engine

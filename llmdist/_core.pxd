@@ -70,6 +70,7 @@ cdef class Plan:  # _planner.pxi
     cdef readonly Py_ssize_t count
     cdef readonly size_t dst_lo, dst_hi    # the destination bytes any run touches, from a tensor base
     cdef readonly size_t src_lo, src_hi    # the same for the source (a pull checks it)
+    cdef readonly size_t nbytes             # the bytes of all runs (one tensor's share)
     cdef bint overflow          # some block offset does not fit the address space
     cdef int reserve(self, Py_ssize_t n) except -1
     cdef void add(self, size_t src_off, size_t dst_off, size_t nbytes) noexcept nogil
@@ -156,7 +157,11 @@ cdef class TransferJob:  # _layer_loop.pxi
     cdef int *m_cfgs
     cdef llmd_tensor_pair *pairs      # one config's tensor pairs of the layers of one call
     cdef int group                    # the most layers one copy call covers
-    cdef int alloc_descriptors(self) except -1
+    cdef int alloc_descriptors(self, bint keep_gil) except -1
+    cdef size_t job_bytes(self) noexcept
+    cdef void loop(self) noexcept nogil
+    cdef void take_lock(self) noexcept nogil
+    cdef void wait_for_lock(self) noexcept with gil
     cdef int layers_per_call(self)
     cdef int finished_after(self, int layer) noexcept nogil
     cdef void release_tables(self) noexcept nogil

@@ -1,14 +1,16 @@
 # cython: language_level=3
 """llmdist's compiled core: the runtime table, streams and events, the planner and the layer loop.
 
-Everything here that touches memory runs without the GIL; Python is entered only to call a
-user's LayerSynchronizer and to publish a task's results. The compiled classes and the C
+Everything here that touches memory runs without the GIL, except a small synchronous job run on
+its caller's thread (TransferJob.run's keep_gil_bytes); Python is entered only to call a user's
+LayerSynchronizer and to publish a task's results. The compiled classes and the C
 interfaces are declared in _core.pxd; the parts included below implement them.
 """
 
 from cpython.long cimport PyLong_AsUnsignedLongLong
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
-                               PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
+                               PyThread_acquire_lock, PyThread_release_lock, NOWAIT_LOCK,
+                               WAIT_LOCK)
 from libc.stdlib cimport malloc, calloc, free, qsort
 from libc.string cimport memcpy, memset
 

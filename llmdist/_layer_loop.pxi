@@ -125,7 +125,7 @@ cdef class TransferJob:
     def num_configs(self):
         return self.ncfg
 
-    cdef int alloc_descriptors(self) except -1:
+    cdef int alloc_descriptors(self, bint keep_gil) except -1:
         # Sized once per call, so the layer loop never allocates: a run table for each lane of
         # plain runtime copies, with room for every tensor pair the call copies on it, and one
         # descriptor per (config, covered layer, tensor, run) for process and engine transfers
@@ -146,9 +146,14 @@ cdef class TransferJob:
             if pairs[lane] == 0:
                 continue
             owner = self.runtime if lane == LANE_RUNTIME else self.host
-            with nogil:
+            if keep_gil:
                 rc = owner.rt.run_table_create(owner.rt.ctx, self.plan.runs, self.plan.count,
                                                pairs[lane], &self.tables[lane])
+            else:
+                with nogil:
+                    rc = owner.rt.run_table_create(owner.rt.ctx, self.plan.runs,
+                                                   self.plan.count, pairs[lane],
+                                                   &self.tables[lane])
             if rc != 0:
                 raise MemoryError()
             self.table_rts[lane] = owner.rt
@@ -418,13 +423,14 @@ cdef class TransferJob:
                 self.fail_lanes(layer, host_lanes, rc)
         return FAIL_NONE
 
-    def run(self, Stream stream not None, Stream host_stream=None):
+    def run(self, Stream stream not None, Stream host_stream=None, size_t keep_gil_bytes=0):
         """The layer loop: wait for each covered layer, then queue its copies, all without
-        the GIL except for a Python synchronizer's call; then wait for the copies and report."""
-        cdef int layer, stop, i, st, lanes
-        cdef int rc = 0
+        the GIL except for a Python synchronizer's call; then wait for the copies and report.
+        A job with every layer ready that moves at most keep_gil_bytes keeps the GIL instead:
+        a short copy ends sooner than another busy Python thread would hand the GIL back."""
         cdef const llmd_runtime *rt = self.runtime.rt
-        cdef const llmd_runtime *hrt = self.host.rt
+        cdef bint keep_gil
+        cdef int i
         PyThread_acquire_lock(self.lock, WAIT_LOCK)
         if self.cancelled or self.finished:
             PyThread_release_lock(self.lock)
@@ -432,60 +438,91 @@ cdef class TransferJob:
         self.stream = stream.handle
         self.host_stream = host_stream.handle if host_stream is not None else stream.handle
         PyThread_release_lock(self.lock)
+        keep_gil = (not self.has_sync and self.events == NULL
+                    and self.job_bytes() <= keep_gil_bytes)
         try:
-            self.alloc_descriptors()
+            self.alloc_descriptors(keep_gil)
         except MemoryError:
             for i in range(self.ncfg):
                 self.cfg[i].failed = FAIL_RUNTIME
                 self.cfg[i].code = LLMD_HOST_ENOMEM
             self.report()
             return
-        with nogil:
-            layer = self.first_layer
-            while layer < self.last_layer:
-                # layers ready at once go up to the group size per call; gated ones one by one,
-                # with any later ones already finished
-                stop = (layer + 1 if self.has_sync or self.events != NULL
-                        else min(layer + self.group, self.last_layer))
-                lanes = 0
-                for i in range(layer, stop):
-                    lanes |= self.lanes_at(i)
-                if lanes == 0:
-                    layer = stop
-                    continue
-                if self.cancelled:
-                    break
-                if self.events != NULL:
-                    st = self.wait_events(layer, lanes)
-                    if st == FAIL_NONE:
-                        stop = self.finished_after(layer)
-                elif self.has_sync:
-                    st = self.call_synchronizer(layer)
-                else:
-                    st = FAIL_NONE  # no synchronizer: every layer is ready (pull, push)
-                PyThread_acquire_lock(self.lock, WAIT_LOCK)
-                if self.cancelled:
-                    PyThread_release_lock(self.lock)
-                    break
-                if st != 0:
-                    self.fail_unfinished(layer, st)
-                    PyThread_release_lock(self.lock)
-                    break
-                self.issue_layers(layer, stop)
-                self.issued_upto = stop
-                PyThread_release_lock(self.lock)
-                layer = stop
-            rc = rt.stream_synchronize(rt.ctx, self.stream)
-            if rc != 0:
-                for i in range(self.ncfg):
-                    if self.cfg[i].lane == LANE_RUNTIME and self.cfg[i].attempted and not self.cfg[i].failed:
-                        self.cfg[i].failed = FAIL_RUNTIME
-                        self.cfg[i].code = rc
-            if self.host_stream != self.stream:
-                hrt.stream_synchronize(hrt.ctx, self.host_stream)
-            self.release_tables()
+        if keep_gil:
+            self.loop()
+        else:
+            with nogil:
+                self.loop()
         self.settle_engines()
         self.report()
+
+    cdef size_t job_bytes(self) noexcept:
+        """The bytes every config of the job moves."""
+        cdef size_t total = 0
+        cdef int i
+        for i in range(self.ncfg):
+            total += <size_t>(self.cfg[i].hi - self.cfg[i].lo) * self.tpl * self.plan.nbytes
+        return total
+
+    cdef void loop(self) noexcept nogil:
+        """Queue each layer's copies as it becomes ready, then wait for them all."""
+        cdef int layer, stop, i, st, lanes
+        cdef int rc = 0
+        cdef const llmd_runtime *rt = self.runtime.rt
+        cdef const llmd_runtime *hrt = self.host.rt
+        layer = self.first_layer
+        while layer < self.last_layer:
+            # layers ready at once go up to the group size per call; gated ones one by one,
+            # with any later ones already finished
+            stop = (layer + 1 if self.has_sync or self.events != NULL
+                    else min(layer + self.group, self.last_layer))
+            lanes = 0
+            for i in range(layer, stop):
+                lanes |= self.lanes_at(i)
+            if lanes == 0:
+                layer = stop
+                continue
+            if self.cancelled:
+                break
+            if self.events != NULL:
+                st = self.wait_events(layer, lanes)
+                if st == FAIL_NONE:
+                    stop = self.finished_after(layer)
+            elif self.has_sync:
+                st = self.call_synchronizer(layer)
+            else:
+                st = FAIL_NONE  # no synchronizer: every layer is ready (pull, push)
+            self.take_lock()
+            if self.cancelled:
+                PyThread_release_lock(self.lock)
+                break
+            if st != 0:
+                self.fail_unfinished(layer, st)
+                PyThread_release_lock(self.lock)
+                break
+            self.issue_layers(layer, stop)
+            self.issued_upto = stop
+            PyThread_release_lock(self.lock)
+            layer = stop
+        rc = rt.stream_synchronize(rt.ctx, self.stream)
+        if rc != 0:
+            for i in range(self.ncfg):
+                if self.cfg[i].lane == LANE_RUNTIME and self.cfg[i].attempted and not self.cfg[i].failed:
+                    self.cfg[i].failed = FAIL_RUNTIME
+                    self.cfg[i].code = rc
+        if self.host_stream != self.stream:
+            hrt.stream_synchronize(hrt.ctx, self.host_stream)
+        self.release_tables()
+
+    cdef void take_lock(self) noexcept nogil:
+        """Take the job's lock from the layer loop, which may hold the GIL (run's
+        keep_gil_bytes): a canceller holding the lock may be waiting for the GIL."""
+        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+            self.wait_for_lock()
+
+    cdef void wait_for_lock(self) noexcept with gil:
+        with nogil:
+            PyThread_acquire_lock(self.lock, WAIT_LOCK)
 
     def cancel(self, status_code, configs=None):
         """Stop the job (or only the given config indices) between layers, and wait until every

@@ -38,7 +38,9 @@ cdef class Plan:
         cdef Py_ssize_t i
         self.dst_lo = self.src_lo = <size_t>-1
         self.dst_hi = self.src_hi = 0
+        self.nbytes = 0
         for i in range(self.count):
+            self.nbytes += self.runs[i].nbytes
             self.dst_lo = min(self.dst_lo, self.runs[i].dst_off)
             self.dst_hi = max(self.dst_hi, self.runs[i].dst_off + self.runs[i].nbytes)
             self.src_lo = min(self.src_lo, self.runs[i].src_off)

@@ -4,6 +4,7 @@ and results are those of a worker's run."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -183,4 +184,52 @@ def test_local_pulls_into_registered_memory_are_still_checked_for_overlap():
             k, off = dst.tensors[t]
             assert bytes(dst.tensor(t)[3 * 64 : 4 * 64]) == bytes(before[k][off : off + 64])
     finally:
+        env.close()
+
+
+class Spinner:
+    """A Python thread that counts while it holds the GIL: its count moves only when another
+    thread releases the GIL (the switch interval is set far above a small pull)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self) -> None:
+        while not self.stop:
+            self.count += 1
+
+
+@pytest.mark.parametrize("nbytes, keeps", [(64 << 10, True), (4 << 20, False)])
+def test_a_small_pull_on_the_calling_thread_keeps_the_gil(nbytes, keeps):
+    """A released GIL goes to the busy thread for a whole switch interval (5 ms by default)
+    before the pull may finish: a pull of at most KEEP_GIL_BYTES keeps it; a larger one lets
+    other threads run during its copies."""
+    from llmdist.transfers import KEEP_GIL_BYTES
+
+    assert (nbytes <= KEEP_GIL_BYTES) == keeps
+    env = Env(remote=True, cluster_id=4106, extra_options={"llm.SyncKvCacheWaitTime": "5000"})
+    spinner = Spinner()
+    interval = sys.getswitchinterval()
+    try:
+        key = BlocksCacheKey(env.cluster_id, 1)
+        block = nbytes // 8  # 2 tensors x 4 blocks
+        src = env.allocated(2, [8, block], blocks=True, key=key)
+        dst = env.allocated(2, [8, block], blocks=True)
+        env.cm.pull_blocks(key, dst.cache, [0], [4])  # starts the deadline thread
+        sys.setswitchinterval(0.2)
+        spinner.thread.start()
+        time.sleep(0.01)  # the spinner runs; this thread comes back at a forced switch
+        before = spinner.count
+        env.cm.pull_blocks(key, dst.cache, [0, 1, 2, 3], [4, 5, 6, 7])
+        moved = spinner.count - before
+        for t in range(2):
+            assert bytes(dst.tensor(t)[4 * block :]) == bytes(src.tensor(t)[: 4 * block])
+        assert (moved == 0) == keeps, f"the spinner counted {moved} during the pull"
+    finally:
+        spinner.stop = True
+        sys.setswitchinterval(interval)
+        if spinner.thread.is_alive():
+            spinner.thread.join()
         env.close()

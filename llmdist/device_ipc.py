@@ -110,8 +110,9 @@ class ImportTable:
     def acquire(self, runtime: "_core.Runtime", share: DeviceIpcShare) -> int:
         """The local address of the share's region start (the export imported on first use).
         A CUDA handle maps a whole allocation: the region [offset, offset + size) must lie
-        inside it as the driver measures the mapping, or LLMException(LLM_PARAM_INVALID). (An
-        ACL key maps its region itself; its offset is always 0.)"""
+        inside it as the driver measures the mapping, or LLMException(LLM_PARAM_INVALID), also
+        when the driver library that measures it is missing. (An ACL key maps its region
+        itself; its offset is always 0.)"""
         k = (share.kind.value, share.id)
         with self._lock:
             held = self._held.get(k)
@@ -124,9 +125,9 @@ class ImportTable:
             try:
                 base, length = runtime.ipc_range(address, 1)
             except LLMException as exc:
-                # the mapping cannot be measured: an offset cannot be trusted, a region at the
-                # allocation's start is taken as the exporter describes it
-                why = str(exc) if share.offset else None
+                # without the measure, the size the peer announces cannot be checked: copies
+                # could run past the allocation into whatever this process maps after it
+                why = f"the mapping it names cannot be measured here ({exc})"
             else:
                 if base != address or share.offset + share.size > length:
                     why = (

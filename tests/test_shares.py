@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmdist import LLMStatusCode, _core
+from llmdist import LLMException, LLMStatusCode, _core, device_ipc
 from llmdist._core import ConfigPlan, CopyKind, Direction, Failure, Lane
 from llmdist.auth import ProtocolError
 from llmdist.data_path import PeerPath, choose_path
@@ -220,3 +220,36 @@ def test_an_engine_failure_takes_the_status_its_channel_gives(status):
     assert job.outcomes[0].failure == Failure.FAIL_ENGINE
     assert config_results(job) == ([status], [f"channel says {status.name}"])
     assert ch.codes == [77]
+
+
+class UnmeasuredRuntime:
+    """What ImportTable needs of a CUDA runtime, without the driver library that measures a
+    mapping: imports map at a fixed address and are counted."""
+
+    def __init__(self) -> None:
+        self.open = 0
+
+    def ipc_import(self, ident: str) -> int:
+        self.open += 1
+        return 0x7000_0000_0000
+
+    def ipc_range(self, ptr: int, size: int):
+        raise LLMException("ipc_range: not supported", status_code=LLMStatusCode.LLM_FAILED)
+
+    def ipc_close_import(self, ident: str, address: int) -> None:
+        self.open -= 1
+
+
+@pytest.mark.parametrize("offset", [0, 4096])
+def test_a_cuda_share_whose_mapping_cannot_be_measured_is_refused(offset):
+    """Without the driver's measure of the mapping, the size a peer announces cannot be
+    checked: the import is refused (LLM_PARAM_INVALID) and closed, at any offset, rather than
+    copying up to that size past the end of the allocation."""
+    rt = UnmeasuredRuntime()
+    table = device_ipc.ImportTable()
+    share = DeviceIpcShare(ShareKind.CUDA_IPC, "ab" * 64, 0x1000, 1 << 30, 0, offset)
+    with pytest.raises(LLMException) as ei:
+        table.acquire(rt, share)
+    assert ei.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+    assert "cannot be measured" in str(ei.value)
+    assert rt.open == 0 and table.count() == 0

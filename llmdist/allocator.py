@@ -195,8 +195,7 @@ class CacheAllocator:
     def allow_importer(self, pid: int) -> None:
         """Let the process pid import the DEVICE caches exported here, now and later (ACL
         whitelists importers; CUDA does not)."""
-        kind = self._runtime.ipc_kind
-        if kind is None:
+        if self._runtime.ipc_kind is None:
             return
         with self._lock:
             if pid in self._importers:

@@ -142,13 +142,21 @@ def test_pull_row_into_blocks_and_into_row(cleanup, local, route):
     )
     assert_mem_equal(blocks.mem(), want, "row pulled into blocks")
     rows = d.allocated(12, [5, 200], dtype=FP16)  # rows of 400 bytes
+    pull_row(d, p, src, rows, 2, 3, -1, range(1, 4), range(0, 3), "row pulled into a row")
+    pull_row(d, p, src, rows, 0, 4, 150, range(0, 1), range(5, 6), "the first 150 bytes of a row")
+
+
+def pull_row(d, p, src, rows, row, dst_row, size, src_range, dst_range, what):
+    """pull_cache of size bytes (-1: all 400) of src's row into row dst_row of rows, for the
+    layers of src_range into dst_range; rows then holds exactly that."""
     before = rows.snapshot()
     d.cm.pull_cache(
-        CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 2),
+        CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, row),
         rows.cache,
-        3,
-        src_layer_range=range(1, 4),
-        dst_layer_range=range(0, 3),
+        dst_row,
+        size,
+        src_layer_range=src_range,
+        dst_layer_range=dst_range,
     )
     want = expect_blocks(
         before,
@@ -157,37 +165,14 @@ def test_pull_row_into_blocks_and_into_row(cleanup, local, route):
         src.initial,
         src.tensors,
         400,
-        range(1, 4),
-        range(0, 3),
+        src_range,
+        dst_range,
         2,
-        row=2,
-        dst_row=3,
+        row=row,
+        dst_row=dst_row,
+        nbytes=None if size == -1 else size,
     )
-    assert_mem_equal(rows.mem(), want, "row pulled into a row")
-    before = rows.snapshot()
-    d.cm.pull_cache(
-        CacheKeyByIdAndIndex(p.cluster_id, src.cache_id, 0),
-        rows.cache,
-        4,
-        150,
-        src_layer_range=range(0, 1),
-        dst_layer_range=range(5, 6),
-    )
-    want = expect_blocks(
-        before,
-        rows.tensors,
-        400,
-        src.initial,
-        src.tensors,
-        400,
-        range(0, 1),
-        range(5, 6),
-        2,
-        row=0,
-        dst_row=4,
-        nbytes=150,
-    )
-    assert_mem_equal(rows.mem(), want, "the first 150 bytes of a row")
+    assert_mem_equal(rows.mem(), want, what)
 
 
 def test_pull_cache_by_cache_key_rows(cleanup, local):

@@ -165,7 +165,9 @@ def test_push_end_to_end(push_engines):
 def layerwise_engines(tmp_path_factory):
     model = vs.write_checkpoint(str(tmp_path_factory.mktemp("llama-layerwise")))
     extra = {"mode": "layerwise", "base_port": 45300}
-    p = vs.Engine(model, "kv_producer", dict(extra), engine_id="prefill-lw")
+    # at most 64 tokens per step: longer prompts are prefilled in chunks, and stream with
+    # their last chunk
+    p = vs.Engine(model, "kv_producer", dict(extra), engine_id="prefill-lw", chunk_tokens=64)
     d = vs.Engine(model, "kv_consumer", {"mode": "layerwise"})
     try:
         p.wait_ready()
@@ -179,7 +181,9 @@ def layerwise_engines(tmp_path_factory):
 def test_layerwise_end_to_end(layerwise_engines):
     """Layerwise: the decode gets the request first (the proxy dispatches to both with one
     transfer id) and registers its blocks; the prefill sends each layer from save_kv_layer with
-    transfer_cache_async and a layer synchronizer, and notifies the decode when the task ends."""
+    transfer_cache_async and a layer synchronizer, and notifies the decode when the task ends.
+    The 70-token prompt is prefilled in two chunks (64 tokens per step): it goes layer by layer
+    with the second, beside the 45-token prompt computed whole in that step."""
     p, d = layerwise_engines
     p_free = p.call("free_blocks", 5.0)
     d_free = d.call("free_blocks", 5.0)

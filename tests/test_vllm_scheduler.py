@@ -174,3 +174,32 @@ def test_preempted_decode_frees_and_recomputes_without_a_second_pull(model):
     assert recv_jobs == 0  # recomputed here, not pulled again
     assert remote.is_finished() and local.is_finished()
     assert free(d) == start and not d.has_requests()
+
+
+def test_layerwise_chunked_prefill_streams_with_its_last_chunk(model):
+    """A layerwise prompt cut into chunks (150 tokens, 64 per step): no step before its last
+    chunk streams it; the last chunk's step streams all its blocks, which P then holds for the
+    decode; a whole prompt in one step goes with that step."""
+    extra = {"mode": "layerwise", "base_port": PORT}
+    p = vs.make_scheduler(model, "kv_producer", extra=extra, max_num_batched_tokens=64)
+    start = free(p)
+    r = vs.make_request(range(3, 153), 1, {"do_remote_decode": True, "transfer_id": "t-chunks"})
+    p.add_request(r)
+    streamed = []
+    for chunk in range(3):
+        out = p.schedule()
+        assert out.num_scheduled_tokens[r.request_id] == (64, 64, 22)[chunk]
+        streamed.append(dict(out.kv_connector_metadata.layerwise))
+        partial = {r.request_id} if chunk < 2 else set()
+        outs = p.update_from_output(out, vs.model_output(out, partial=partial))
+    assert streamed[0] == {} and streamed[1] == {}
+    (done,) = outs[0].outputs
+    blocks = done.kv_transfer_params["remote_block_ids"]
+    assert len(blocks) == 5  # 150 tokens in blocks of 32
+    assert streamed[2] == {r.request_id: ("t-chunks", blocks)}
+    assert free(p) == start - 5
+    whole = vs.make_request(range(500, 560), 1, {"do_remote_decode": True, "transfer_id": "t-one"})
+    p.add_request(whole)
+    out = p.schedule()
+    assert list(out.kv_connector_metadata.layerwise) == [whole.request_id]
+    assert p.connector._sched.chunked == {}

@@ -166,7 +166,12 @@ def prefill_worker_main(conn, layout: str, seed: int, extra=None) -> None:
 
 
 def make_scheduler(
-    model: str, role: str, num_blocks: int = 40, extra=None, policy: str = "recompute"
+    model: str,
+    role: str,
+    num_blocks: int = 40,
+    extra=None,
+    policy: str = "recompute",
+    max_num_batched_tokens: int = 1024,
 ):
     import torch
     from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
@@ -179,7 +184,11 @@ def make_scheduler(
         model_config=mc,
         cache_config=CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True),
         scheduler_config=SchedulerConfig(
-            max_num_seqs=8, max_num_batched_tokens=1024, max_model_len=512, is_encoder_decoder=False
+            max_num_seqs=8,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=512,
+            is_encoder_decoder=False,
+            enable_chunked_prefill=True,
         ),
         kv_transfer_config=kv_transfer_config(role, extra, policy),
     )
@@ -223,15 +232,16 @@ def make_request(tokens, max_tokens: int, params=None):
     )
 
 
-def model_output(sched_out, sending=(), recving=(), failed=(), invalid=()):
-    """What the workers return for a scheduled step: token 7 for every request that ran."""
+def model_output(sched_out, sending=(), recving=(), failed=(), invalid=(), partial=()):
+    """What the workers return for a scheduled step: token 7 for every request that ran,
+    none for those in partial (a chunk of their prompt is not its end)."""
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
     ids = list(sched_out.num_scheduled_tokens)
     return ModelRunnerOutput(
         req_ids=ids,
         req_id_to_index={r: i for i, r in enumerate(ids)},
-        sampled_token_ids=[[7] for _ in ids],
+        sampled_token_ids=[[] if r in partial else [7] for r in ids],
         kv_connector_output=KVConnectorOutput(
             finished_sending=set(sending),
             finished_recving=set(recving),

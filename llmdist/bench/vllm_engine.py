@@ -12,6 +12,7 @@ import json
 import os
 import time
 import traceback
+from typing import Any, Dict, Optional
 
 BLOCK_SIZE = 32  # vLLM's CPU attention needs multiples of 32
 
@@ -138,17 +139,27 @@ def _take_transfer_times() -> dict:
 
 
 def engine_main(
-    conn, model: str, role, extra, policy: str, num_blocks: int, engine_id=None
+    conn,
+    model: str,
+    role,
+    extra,
+    policy: str,
+    num_blocks: int,
+    engine_id=None,
+    chunk_tokens: Optional[int] = None,
 ) -> None:
-    """Child entry point: one vllm LLM; obeys ("generate", prompts, max_tokens, params),
-    ("free_blocks",), ("kv", block ids), ("exit",)."""
+    """Child entry point: one vllm LLM (chunk_tokens: the most tokens one step computes, so
+    that longer prompts are prefilled in chunks); obeys ("generate", prompts, max_tokens,
+    params), ("free_blocks",), ("kv", block ids), ("exit",)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process
     try:
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
-        kw = {}
+        kw: Dict[str, Any] = {}
+        if chunk_tokens is not None:
+            kw["max_num_batched_tokens"] = chunk_tokens
         if role is not None:
             kw["kv_transfer_config"] = kv_transfer_config(role, extra, policy, engine_id)
         llm = LLM(
@@ -260,13 +271,15 @@ class Engine:
         policy: str = "recompute",
         num_blocks: int = 64,
         engine_id=None,
+        chunk_tokens: Optional[int] = None,
     ) -> None:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=engine_main, args=(child, model, role, extra, policy, num_blocks, engine_id)
+            target=engine_main,
+            args=(child, model, role, extra, policy, num_blocks, engine_id, chunk_tokens),
         )
         self.proc.start()
         self.num_blocks = num_blocks

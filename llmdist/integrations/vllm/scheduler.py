@@ -24,6 +24,9 @@ class SchedulerSide:
         self.send: Dict[str, float] = {}
         self.send_blocks: Dict[str, List[int]] = {}
         self.layerwise: Dict[str, str] = {}  # prefill request id -> transfer id
+        # layerwise prefills cut into chunks, until their last chunk is scheduled: request id
+        # -> (prompt length, its blocks so far)
+        self.chunked: Dict[str, Tuple[int, List[int]]] = {}
         self.new_transfer_ids: Dict[str, str] = {}
 
     def set_handshake(self, metadata: Dict[int, LLMDistHandshake]) -> None:
@@ -101,6 +104,7 @@ class SchedulerSide:
             or not block_ids
         ):
             self.layerwise.pop(request.request_id, None)
+            self.chunked.pop(request.request_id, None)
             return False, None  # aborted prefill: free now
         ports = [self.ports.get(r) for r in range(self.tp_size)]
         if any(p is None for p in ports):
@@ -114,6 +118,7 @@ class SchedulerSide:
         if self.options.mode in ("push", "layerwise"):
             self.send_blocks[request.request_id] = list(block_ids)
         self.layerwise.pop(request.request_id, None)
+        self.chunked.pop(request.request_id, None)
         return True, dict(
             do_remote_prefill=True,
             do_remote_decode=False,
@@ -129,15 +134,7 @@ class SchedulerSide:
     def build_meta(self, scheduler_output=None) -> LLMDistConnectorMetadata:
         layer = {}
         if self.layerwise and scheduler_output is not None:
-            for new in scheduler_output.scheduled_new_reqs:
-                tid = self.layerwise.get(new.req_id)
-                n = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
-                # the whole prompt in this step: its layers can go as they are computed (a
-                # prompt cut into chunks goes when it finished, as in push mode)
-                if tid is not None and new.num_computed_tokens + n >= len(
-                    new.prompt_token_ids or ()
-                ):
-                    layer[new.req_id] = (tid, list(new.block_ids[0]))
+            layer = self._last_chunks(scheduler_output)
         idle = (
             scheduler_output is not None
             and getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0
@@ -147,3 +144,38 @@ class SchedulerSide:
         )
         self.recv, self.send, self.send_blocks, self.new_transfer_ids = {}, {}, {}, {}
         return meta
+
+    def _last_chunks(self, out) -> Dict[str, Tuple[str, List[int]]]:
+        """The layerwise prefills whose prompt this step finishes computing, with all their
+        blocks: their layers go as the step's forward saves them. A prompt cut into chunks goes
+        with its last chunk (the earlier chunks' KV is in its blocks by then)."""
+        layer: Dict[str, Tuple[str, List[int]]] = {}
+        counts = out.num_scheduled_tokens
+        for new in out.scheduled_new_reqs:
+            tid = self.layerwise.get(new.req_id)
+            if tid is None:
+                continue
+            prompt = len(new.prompt_token_ids or ())
+            blocks = list(new.block_ids[0])
+            if new.num_computed_tokens + counts.get(new.req_id, 0) >= prompt:
+                layer[new.req_id] = (tid, blocks)
+            else:
+                self.chunked[new.req_id] = (prompt, blocks)
+        cached = out.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            got = self.chunked.get(rid)
+            tid = self.layerwise.get(rid)
+            if got is None or tid is None:
+                continue
+            prompt, blocks = got
+            added = cached.new_block_ids[i]
+            if rid in cached.resumed_req_ids:
+                blocks = list(added[0]) if added is not None else []
+            elif added is not None:
+                blocks = blocks + list(added[0])
+            if cached.num_computed_tokens[i] + counts.get(rid, 0) >= prompt:
+                del self.chunked[rid]
+                layer[rid] = (tid, blocks)
+            else:
+                self.chunked[rid] = (prompt, blocks)
+        return layer

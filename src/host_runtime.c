@@ -314,7 +314,9 @@ static void run_batch(int kind, void **dsts, void **srcs, const size_t *sizes, s
             while (t->parts_left > 0) pthread_cond_wait(&t->done_cv, &t->mu);
             pthread_mutex_unlock(&t->mu);
             pthread_mutex_unlock(&t->lock);
-            if (LLMD_TRACING()) llmd_trace_add(LLMD_TRACE_BATCH, t0, llmd_trace_now(), total, mine);
+            if (LLMD_TRACING())
+                llmd_trace_add(kind == JOB_COPY ? LLMD_TRACE_BATCH : LLMD_TRACE_PROCESS_BATCH, t0,
+                               llmd_trace_now(), total, mine);
             return;
         }
         pthread_mutex_unlock(&t->lock);
@@ -324,7 +326,9 @@ static void run_batch(int kind, void **dsts, void **srcs, const size_t *sizes, s
     else
         process_span(dsts, srcs, sizes, count, 0, 0, count, 0, kind == JOB_PROCESS_WRITE, pid,
                      status);
-    if (LLMD_TRACING()) llmd_trace_add(LLMD_TRACE_BATCH_SOLO, t0, llmd_trace_now(), total, 0);
+    if (LLMD_TRACING())
+        llmd_trace_add(kind == JOB_COPY ? LLMD_TRACE_BATCH_SOLO : LLMD_TRACE_PROCESS_BATCH_SOLO, t0,
+                       llmd_trace_now(), total, 0);
 }
 
 /* ------------------------------------------------------------------------------------------ */

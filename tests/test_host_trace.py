@@ -45,6 +45,25 @@ CHILD = textwrap.dedent("""
     _core.copy_pairs(rt, s, plan, [a.ctypes.data for a in src], [b.ctypes.data for b in dst],
                      _core.CopyKind.COPY_D2D, "copy")
     check()
+    # one process_vm read of the same blocks (from this process itself), shared with the team
+    from llmdist._core import ConfigPlan, CopyKind, Direction, Lane
+
+    class Always:
+        def synchronize_layer(self, layer, timeout):
+            return True
+
+    for b in dst:
+        b[:] = 0
+    llmdist.set_host_tuning(split_min_bytes=1 << 20)
+    cp = ConfigPlan(first_layer=0, stop_layer=1, row_shift=0, kind=CopyKind.COPY_H2H,
+                    lane=Lane.LANE_PROCESS, direction=Direction.READ,
+                    target_addrs=[a.ctypes.data for a in src],
+                    target_limits=[a.ctypes.data + a.nbytes for a in src], pid=os.getpid(),
+                    link=None, engine=None, single=False)
+    job = _core.TransferJob(rt, plan, [b.ctypes.data for b in dst], [cp], Always(), None)
+    job.run(s)
+    assert job.done.is_set()
+    check()
     # one single copy
     one = np.zeros(1 << 20, dtype=np.uint8)
     rt.memcpy(one.ctypes.data, src[0].ctypes.data, one.nbytes, s)
@@ -99,11 +118,12 @@ def test_trace_records_batches_parts_copies_and_the_gate(tmp_path):
     solo = [r for r in records if r.kind == host_trace.BATCH_SOLO]
     assert [r.nbytes for r in team] == [batch_bytes]
     assert [r.nbytes for r in solo] == [batch_bytes]
-    parts = [r for r in records if r.kind == host_trace.PART]
+    all_parts = [r for r in records if r.kind == host_trace.PART]
     # every part of the team batch ran once, inside the batch
+    parts = [p for p in all_parts if team[0].t_start <= p.t_start <= team[0].t_end]
     assert sorted(p.arg for p in parts) == list(range(len(parts)))
     assert len(parts) >= 2
-    assert all(team[0].t_start <= p.t_start <= p.t_end <= team[0].t_end for p in parts)
+    assert all(p.t_end <= team[0].t_end for p in parts)
     own = sum(1 for p in parts if p.tid == team[0].tid)
     assert team[0].arg == own
     assert [r.nbytes for r in records if r.kind == host_trace.COPY] == [1 << 20]
@@ -112,9 +132,21 @@ def test_trace_records_batches_parts_copies_and_the_gate(tmp_path):
     assert [m.arg for m in marks] == [1] and [w.arg for w in wakes] == [1]
     # the wait began before the mark and ended after it
     assert wakes[0].t_start <= marks[0].t_start <= wakes[0].t_end
+    # the process_vm read is a batch of its own kind, its parts inside it
+    process = [r for r in records if r.kind == host_trace.PROCESS_BATCH]
+    assert [r.nbytes for r in process] == [batch_bytes]
+    assert not [r for r in records if r.kind == host_trace.PROCESS_BATCH_SOLO]
+    pparts = [r for r in all_parts if process[0].t_start <= r.t_start <= process[0].t_end]
+    assert sorted(p.arg for p in pparts) == list(range(len(pparts))) and len(pparts) >= 2
+    assert process[0].arg == sum(p.tid == process[0].tid for p in pparts)
+    assert len(all_parts) == len(parts) + len(pparts)
     s = host_trace.summarize(records)
     assert s["batches"] == 2 and s["team_batches"] == 1
     assert s["batch_bytes"] == 2 * batch_bytes
+    p = s["process"]
+    assert p["batches"] == 1 and p["team_batches"] == 1 and p["batch_bytes"] == batch_bytes
+    alone = p["team_batches_issuer_alone"] + p["team_batches_helpers_alone"]
+    assert alone == (1 if p["helper_share_median"] in (0.0, 1.0) else 0)
     assert s["gate_wake_after_mark_s"]["n"] == 1
     assert s["copies"] == 1 and s["copy_bytes"] == 1 << 20
     assert kinds.count(host_trace.BATCH) + kinds.count(host_trace.BATCH_SOLO) == 2

@@ -18,14 +18,16 @@ extern "C" {
 
 /* What a record times. arg: see each kind. */
 typedef enum llmd_trace_kind {
-    /* a batch (copies here, or a process_vm transfer) shared with the copy team: arg = the parts
-     * the issuing thread ran */
+    /* a batch of copies here shared with the copy team: arg = the parts the issuing thread ran */
     LLMD_TRACE_BATCH = 1,
     LLMD_TRACE_BATCH_SOLO = 2, /* a batch run by the issuing thread alone (arg 0) */
     LLMD_TRACE_PART = 3,       /* one part of a team batch: arg = the part's index */
     LLMD_TRACE_COPY = 4,       /* one single copy (memcpy_async) */
     LLMD_TRACE_GATE_MARK = 5,  /* a layer gate marked: arg = layer (t_start == t_end) */
     LLMD_TRACE_GATE_WAKE = 6,  /* a blocking gate wait returned: arg = layer, from its start */
+    /* a process_vm_writev/readv batch shared with the copy team: arg as for LLMD_TRACE_BATCH */
+    LLMD_TRACE_PROCESS_BATCH = 7,
+    LLMD_TRACE_PROCESS_BATCH_SOLO = 8, /* a process_vm batch run by the issuing thread alone */
 } llmd_trace_kind;
 
 /* Nonzero while tracing (set once, when the library loads). */

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 
 BATCH, BATCH_SOLO, PART, COPY, GATE_MARK, GATE_WAKE = 1, 2, 3, 4, 5, 6
+PROCESS_BATCH, PROCESS_BATCH_SOLO = 7, 8
 
 
 @dataclass
@@ -49,12 +50,9 @@ def _dist(values_s: list[float]) -> dict[str, float] | None:
     }
 
 
-def summarize(records: list[Record]) -> dict:
-    """Figures per kind; durations in seconds."""
-    batches = [r for r in records if r.kind in (BATCH, BATCH_SOLO)]
-    team = [r for r in batches if r.kind == BATCH]
-    parts = [r for r in records if r.kind == PART]
-    copies = [r for r in records if r.kind == COPY]
+def _batch_figures(batches: list[Record], team_kind: int, parts: list[Record]) -> dict:
+    """Figures of one family of batches (copies, or process_vm transfers); seconds."""
+    team = [r for r in batches if r.kind == team_kind]
     res: dict = {
         "batches": len(batches),
         "team_batches": len(team),
@@ -63,13 +61,11 @@ def summarize(records: list[Record]) -> dict:
         "batch_gb_per_s": (
             sum(r.nbytes for r in batches) / max(sum(r.t_end - r.t_start for r in batches), 1)
         ),
-        "copies": len(copies),
-        "copy_bytes": sum(r.nbytes for r in copies),
-        "copy_s": _dist([(r.t_end - r.t_start) / 1e9 for r in copies]),
     }
     # Team batches: the parts the issuing thread ran (its own tid) against all parts that ran
-    # inside the batch's span; the time it waited after its last part for the helpers'.
-    helper_share, waits, alone = [], [], 0
+    # inside the batch's span (one team batch runs at a time); the time it waited after its last
+    # part for the helpers'. A batch whose parts all ran on one thread got no second core.
+    helper_share, waits, alone, helpers_alone = [], [], 0, 0
     part_starts = [p.t_start for p in parts]
     for b in team:
         lo, hi = (
@@ -82,11 +78,30 @@ def summarize(records: list[Record]) -> dict:
             helper_share.append(1 - len(own) / len(inside))
         if own and len(own) == len(inside):
             alone += 1
+        if inside and not own:
+            helpers_alone += 1
         if own:
             waits.append((b.t_end - max(p.t_end for p in own)) / 1e9)
     res["team_batches_issuer_alone"] = alone
+    res["team_batches_helpers_alone"] = helpers_alone
     res["helper_share_median"] = statistics.median(helper_share) if helper_share else None
     res["issuer_wait_s"] = _dist(waits)
+    return res
+
+
+def summarize(records: list[Record]) -> dict:
+    """Figures per kind; durations in seconds. Batches of copies at the top level, process_vm
+    batches under "process"."""
+    parts = [r for r in records if r.kind == PART]
+    copies = [r for r in records if r.kind == COPY]
+    batches = [r for r in records if r.kind in (BATCH, BATCH_SOLO)]
+    res = _batch_figures(batches, BATCH, parts)
+    res["process"] = _batch_figures(
+        [r for r in records if r.kind in (PROCESS_BATCH, PROCESS_BATCH_SOLO)], PROCESS_BATCH, parts
+    )
+    res["copies"] = len(copies)
+    res["copy_bytes"] = sum(r.nbytes for r in copies)
+    res["copy_s"] = _dist([(r.t_end - r.t_start) / 1e9 for r in copies])
     # Gate: for each wake whose wait began before the layer's mark, mark -> end of the wait.
     marks: dict[int, list[int]] = {}
     for r in records:
@@ -130,25 +145,34 @@ def _fmt(d: dict[str, float] | None) -> str:
     )
 
 
+def _print_batches(title: str, f: dict) -> None:
+    print(
+        f"{title}: {f['batches']} ({f['team_batches']} on the team), "
+        f"{f['batch_bytes'] / 1e6:.1f} MB at {f['batch_gb_per_s']:.2f} GB/s while running"
+    )
+    print(f"  duration: {_fmt(f['batch_s'])}")
+    if f["team_batches"]:
+        share = f["helper_share_median"]
+        print(
+            f"  team batches that one thread ran alone: {f['team_batches_issuer_alone']} the "
+            f"issuing thread, {f['team_batches_helpers_alone']} the helpers, of "
+            f"{f['team_batches']}; helpers' share of parts, median "
+            + ("-" if share is None else f"{share:.2f}")
+        )
+        print(f"  issuing thread waiting for helpers after its parts: {_fmt(f['issuer_wait_s'])}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m llmdist.bench.host_trace TRACE_FILE", file=sys.stderr)
         return 2
     s = summarize(read(args[0]))
-    print(
-        f"batches: {s['batches']} ({s['team_batches']} on the team), "
-        f"{s['batch_bytes'] / 1e6:.1f} MB at {s['batch_gb_per_s']:.2f} GB/s while running"
-    )
-    print(f"  duration: {_fmt(s['batch_s'])}")
+    _print_batches("batches", s)
     print(f"  while a single copy ran: {_fmt(s['batch_s_during_copies'])}")
     print(f"  otherwise: {_fmt(s['batch_s_otherwise'])}")
-    if s["team_batches"]:
-        print(
-            f"team batches the issuing thread ran alone: {s['team_batches_issuer_alone']} of "
-            f"{s['team_batches']}; helpers' share of parts, median {s['helper_share_median']:.2f}"
-        )
-        print(f"  issuing thread waiting for helpers after its parts: {_fmt(s['issuer_wait_s'])}")
+    if s["process"]["batches"]:
+        _print_batches("process_vm batches", s["process"])
     print(f"single copies: {s['copies']}, {s['copy_bytes'] / 1e6:.1f} MB; {_fmt(s['copy_s'])}")
     print(
         f"gate marks: {s['gate_marks']}; a waiting worker woke after the mark: "

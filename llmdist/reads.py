@@ -20,6 +20,7 @@ from .descs import (
     copy_kind,
     tensor_addrs_of,
 )
+from .plan_memo import Resolved
 from .registry import ALLOCATED, MemoryEntry
 from .status import LLMException, LLMStatusCode
 from .transfers import Planner, find_key, live_entry
@@ -161,6 +162,23 @@ def _pull_plan(
     """Resolve the source cache, check ranges and bounds on both sides (and, within this
     cluster, that no byte read is written), choose the route. Returns the byte plan, the
     layer loop's config, the tensors per layer and the (cluster, cache) pairs it touches."""
+    memo_key = None
+    if peer is None and dst_row is None:
+        # pulled before with the same key, caches and layers in this generation of the
+        # cluster's memory: only this call's blocks are checked
+        memo_key = (
+            key,
+            id(dst_entry),
+            src_range,
+            dst_range,
+            tpl,
+            src_idx is not None and len(src_idx) > 0,
+        )
+        hit = pl.memo.get(memo_key)
+        if hit is not None and hit.held is dst_entry:
+            got = _memoised_pull(what, key, hit, dst_entry, src_idx, dst_idx, size)
+            if got is not None:
+                return got
     mem = pl.mem if peer is None else peer.mem
     src_entry, row = find_key(mem, key)
     src = src_entry.cache
@@ -179,6 +197,112 @@ def _pull_plan(
         f"source cache {src.cache_id}",
         f"cache {dst_entry.cache.cache_id}",
     )
+    plan, shift = _byte_plan(key, src_entry, row, dst_entry, dst_row, src_idx, dst_idx, size)
+    # bounds: every source range inside its tensor of the cache the key names, every
+    # destination range inside its tensor of dst_cache
+    # (layer ranges have step 1: their tensors are one slice)
+    srcs = tensor_addrs_of(src)[tpl * src_layers.start : tpl * src_layers.stop]
+    sregions, bad = src_entry.locate(
+        tpl * src_layers.start, tpl * src_layers.stop, plan.src_lo + shift, plan.src_hi + shift
+    )
+    if bad >= 0:
+        raise LLMException(
+            f"layer {src_layers.start + bad // tpl} of source cache {src.cache_id}: "
+            f"[{srcs[bad] + plan.src_lo + shift:#x}, {srcs[bad] + plan.src_hi + shift:#x}) "
+            f"is not inside memory registered or allocated on cluster {key.cluster_id}",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
+    daddrs = tensor_addrs_of(dst_entry.cache)
+    doff = 0 if dst_row is None else dst_row * ddesc.stride
+    dsts = daddrs[tpl * dst_layers.start : tpl * dst_layers.stop]
+    if doff:
+        dsts = [a + doff for a in dsts]
+    dregions, bad = dst_entry.locate(
+        tpl * dst_layers.start, tpl * dst_layers.stop, doff + plan.dst_lo, doff + plan.dst_hi
+    )
+    if bad >= 0:
+        raise LLMException(
+            f"layer {dst_layers.start + bad // tpl} of cache {dst_entry.cache.cache_id}: "
+            f"[{dsts[bad] + plan.dst_lo:#x}, {dsts[bad] + plan.dst_hi:#x}) is not inside "
+            f"memory registered or allocated here",
+            status_code=LLMStatusCode.LLM_PARAM_INVALID,
+        )
+    kinds = pl.choose(Direction.READ, peer, ddesc.placement, sregions[:1])  # one source cache
+    kind = copy_kind(sdesc.placement, ddesc.placement)
+    touched = {(key.cluster_id, src.cache_id), (pl.cluster_id, dst_entry.cache.cache_id)}
+    # The cache here (the destination) drives the layer loop: its layers, its row; the source
+    # tensors are the targets, each already at the source row.
+    targets = [a + shift for a in srcs] if shift else srcs
+    apart = peer is None and transfer_args.apart(
+        src, dst_entry.cache, dst_entry.origin == ALLOCATED
+    )
+    if peer is None and not apart:
+        block_ops.check_disjoint(
+            what,
+            plan,
+            targets,
+            dsts,
+            transfer_args.range_params(src_idx, dst_idx, "the source row and batch_index"),
+        )
+    route = pl.build_route(peer, kinds, sregions)
+    cfg = pl.plan_config(Direction.READ, route, dst_layers, doff, kind, targets, sregions, tpl)
+    if memo_key is not None:
+        fixed = _Fixed(src_entry, row, tpl, targets, dsts, apart)
+        pl.memo.put(memo_key, Resolved(dst_entry, 0, 0, frozenset(touched), cfg, fixed))
+    return plan, cfg, tpl, touched
+
+
+class _Fixed:
+    """What a local pull resolved that does not depend on its blocks (kept in the memo)."""
+
+    __slots__ = ("src_entry", "row", "tpl", "targets", "dsts", "apart")
+
+    def __init__(self, src_entry: MemoryEntry, row: int, tpl: int, targets, dsts, apart: bool):
+        self.src_entry = src_entry
+        self.row = row
+        self.tpl = tpl
+        self.targets = targets
+        self.dsts = dsts
+        self.apart = apart
+
+
+def _memoised_pull(what: str, key: Key, hit, dst_entry: MemoryEntry, src_idx, dst_idx, size):
+    """The plan of a local pull resolved before (plan_memo), when this call's byte ranges fit
+    both caches' tensors; None sends the call through the full checks."""
+    fixed = hit.extra
+    plan, shift = _byte_plan(
+        key, fixed.src_entry, fixed.row, dst_entry, None, src_idx, dst_idx, size
+    )
+    if not (
+        0 <= plan.src_lo + shift <= plan.src_hi + shift <= fixed.src_entry.cache.cache_desc.size
+        and 0 <= plan.dst_lo <= plan.dst_hi <= dst_entry.cache.cache_desc.size
+    ):
+        return None
+    if not fixed.apart:
+        block_ops.check_disjoint(
+            what,
+            plan,
+            fixed.targets,
+            fixed.dsts,
+            transfer_args.range_params(src_idx, dst_idx, "the source row and batch_index"),
+        )
+    return plan, hit.config, fixed.tpl, set(hit.touched)
+
+
+def _byte_plan(
+    key: Key,
+    src_entry: MemoryEntry,
+    row: int,
+    dst_entry: MemoryEntry,
+    dst_row,
+    src_idx,
+    dst_idx,
+    size,
+):
+    """The pull's byte plan and the source row's offset: block to block, a source row cut into
+    destination blocks, or row to row (dst_row)."""
+    src = src_entry.cache
+    sdesc, ddesc = src.cache_desc, dst_entry.cache.cache_desc
     stride = sdesc.stride
     shift = 0
     if src_idx is not None and len(src_idx):
@@ -217,51 +341,4 @@ def _pull_plan(
                 f"{nbytes} bytes do not fit the destination row of {ddesc.stride} bytes",
             )
             plan = _core.plan_c2c(nbytes)
-    # bounds: every source range inside its tensor of the cache the key names, every
-    # destination range inside its tensor of dst_cache
-    # (layer ranges have step 1: their tensors are one slice)
-    srcs = tensor_addrs_of(src)[tpl * src_layers.start : tpl * src_layers.stop]
-    sregions, bad = src_entry.locate(
-        tpl * src_layers.start, tpl * src_layers.stop, plan.src_lo + shift, plan.src_hi + shift
-    )
-    if bad >= 0:
-        raise LLMException(
-            f"layer {src_layers.start + bad // tpl} of source cache {src.cache_id}: "
-            f"[{srcs[bad] + plan.src_lo + shift:#x}, {srcs[bad] + plan.src_hi + shift:#x}) "
-            f"is not inside memory registered or allocated on cluster {key.cluster_id}",
-            status_code=LLMStatusCode.LLM_PARAM_INVALID,
-        )
-    daddrs = tensor_addrs_of(dst_entry.cache)
-    doff = 0 if dst_row is None else dst_row * ddesc.stride
-    dsts = daddrs[tpl * dst_layers.start : tpl * dst_layers.stop]
-    if doff:
-        dsts = [a + doff for a in dsts]
-    dregions, bad = dst_entry.locate(
-        tpl * dst_layers.start, tpl * dst_layers.stop, doff + plan.dst_lo, doff + plan.dst_hi
-    )
-    if bad >= 0:
-        raise LLMException(
-            f"layer {dst_layers.start + bad // tpl} of cache {dst_entry.cache.cache_id}: "
-            f"[{dsts[bad] + plan.dst_lo:#x}, {dsts[bad] + plan.dst_hi:#x}) is not inside "
-            f"memory registered or allocated here",
-            status_code=LLMStatusCode.LLM_PARAM_INVALID,
-        )
-    kinds = pl.choose(Direction.READ, peer, ddesc.placement, sregions[:1])  # one source cache
-    kind = copy_kind(sdesc.placement, ddesc.placement)
-    touched = {(key.cluster_id, src.cache_id), (pl.cluster_id, dst_entry.cache.cache_id)}
-    # The cache here (the destination) drives the layer loop: its layers, its row; the source
-    # tensors are the targets, each already at the source row.
-    targets = [a + shift for a in srcs] if shift else srcs
-    if peer is None and not transfer_args.apart(
-        src, dst_entry.cache, dst_entry.origin == ALLOCATED
-    ):
-        block_ops.check_disjoint(
-            what,
-            plan,
-            targets,
-            dsts,
-            transfer_args.range_params(src_idx, dst_idx, "the source row and batch_index"),
-        )
-    route = pl.build_route(peer, kinds, sregions)
-    cfg = pl.plan_config(Direction.READ, route, dst_layers, doff, kind, targets, sregions, tpl)
-    return plan, cfg, tpl, touched
+    return plan, shift

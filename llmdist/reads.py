@@ -28,6 +28,10 @@ from .transfers import Planner, find_key, live_entry
 Key = Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey]
 
 
+def _fail(message: str) -> LLMException:
+    return LLMException(message, status_code=LLMStatusCode.LLM_PARAM_INVALID)
+
+
 def pull(
     pl: Planner,
     what: str,
@@ -54,27 +58,31 @@ def pull(
     dst_idx = _core.parse_indices("dst_blocks", dst_blocks) if dst_row is None else None
     tpl = transfer_args.check_tensor_num_per_layer(tpl)
     if dst_row is None:
-        require(dst_cache.is_blocks_cache, f"dst_cache {dst_cache.cache_id} must be a blocks cache")
-        require(len(dst_idx) > 0, "dst_blocks must not be empty")
+        # checks made on every call raise directly: require's f-string message would be built
+        # on every call
+        if not dst_cache.is_blocks_cache:
+            raise _fail(f"dst_cache {dst_cache.cache_id} must be a blocks cache")
+        if not len(dst_idx):
+            raise _fail("dst_blocks must not be empty")
         block_ops.check_indices_written_once("dst_blocks", dst_idx)
         if blocks_key:
-            require(len(src_idx) > 0, "src_blocks must not be empty with a BlocksCacheKey")
-            require(
-                len(src_idx) == len(dst_idx),
-                f"src_blocks and dst_blocks must have the same length, got {len(src_idx)} "
-                f"and {len(dst_idx)}",
-            )
-        else:
-            require(
-                len(src_idx) == 0,
+            if not len(src_idx):
+                raise _fail("src_blocks must not be empty with a BlocksCacheKey")
+            if len(src_idx) != len(dst_idx):
+                raise _fail(
+                    f"src_blocks and dst_blocks must have the same length, got {len(src_idx)} "
+                    f"and {len(dst_idx)}"
+                )
+        elif len(src_idx):
+            raise _fail(
                 "src_blocks must be empty unless src_cache_key is a "
-                "BlocksCacheKey (the source row is cut into blocks)",
+                "BlocksCacheKey (the source row is cut into blocks)"
             )
-        require(
-            dst_idx.max_value < ddesc.batch_size,
-            f"dst_blocks has block {dst_idx.max_value}, but dst_cache has "
-            f"{ddesc.batch_size} blocks",
-        )
+        if dst_idx.max_value >= ddesc.batch_size:
+            raise _fail(
+                f"dst_blocks has block {dst_idx.max_value}, but dst_cache has "
+                f"{ddesc.batch_size} blocks"
+            )
     else:
         require(
             not dst_cache.is_blocks_cache,
@@ -247,7 +255,7 @@ def _pull_plan(
     route = pl.build_route(peer, kinds, sregions)
     cfg = pl.plan_config(Direction.READ, route, dst_layers, doff, kind, targets, sregions, tpl)
     if memo_key is not None:
-        fixed = _Fixed(src_entry, row, tpl, targets, dsts, apart)
+        fixed = _Fixed(src_entry, row, tpl, targets, dsts, apart, ddesc)
         pl.memo.put(memo_key, Resolved(dst_entry, 0, 0, frozenset(touched), cfg, fixed))
     return plan, cfg, tpl, touched
 
@@ -255,27 +263,52 @@ def _pull_plan(
 class _Fixed:
     """What a local pull resolved that does not depend on its blocks (kept in the memo)."""
 
-    __slots__ = ("src_entry", "row", "tpl", "targets", "dsts", "apart")
+    __slots__ = (
+        "src_entry",
+        "row",
+        "tpl",
+        "targets",
+        "dsts",
+        "apart",
+        "stride",
+        "src_blocks",
+        "src_size",
+        "dst_size",
+    )
 
-    def __init__(self, src_entry: MemoryEntry, row: int, tpl: int, targets, dsts, apart: bool):
+    def __init__(
+        self, src_entry: MemoryEntry, row: int, tpl: int, targets, dsts, apart: bool, dst_desc
+    ) -> None:
         self.src_entry = src_entry
         self.row = row
         self.tpl = tpl
         self.targets = targets
         self.dsts = dsts
         self.apart = apart
+        sdesc = src_entry.cache.cache_desc
+        # B2B with the same block size on both sides: the case planned without _byte_plan
+        same = src_entry.cache.is_blocks_cache and sdesc.stride == dst_desc.stride
+        self.stride = sdesc.stride if same else 0
+        self.src_blocks = sdesc.batch_size
+        self.src_size = sdesc.size
+        self.dst_size = dst_desc.size
 
 
 def _memoised_pull(what: str, key: Key, hit, dst_entry: MemoryEntry, src_idx, dst_idx, size):
     """The plan of a local pull resolved before (plan_memo), when this call's byte ranges fit
     both caches' tensors; None sends the call through the full checks."""
     fixed = hit.extra
-    plan, shift = _byte_plan(
-        key, fixed.src_entry, fixed.row, dst_entry, None, src_idx, dst_idx, size
-    )
+    if fixed.stride and len(src_idx):
+        if src_idx.max_value >= fixed.src_blocks:
+            return None  # refused by the full checks
+        plan, shift = _core.plan_b2b(src_idx, dst_idx, fixed.stride), 0
+    else:
+        plan, shift = _byte_plan(
+            key, fixed.src_entry, fixed.row, dst_entry, None, src_idx, dst_idx, size
+        )
     if not (
-        0 <= plan.src_lo + shift <= plan.src_hi + shift <= fixed.src_entry.cache.cache_desc.size
-        and 0 <= plan.dst_lo <= plan.dst_hi <= dst_entry.cache.cache_desc.size
+        0 <= plan.src_lo + shift <= plan.src_hi + shift <= fixed.src_size
+        and 0 <= plan.dst_lo <= plan.dst_hi <= fixed.dst_size
     ):
         return None
     if not fixed.apart:
@@ -307,23 +340,24 @@ def _byte_plan(
     shift = 0
     if src_idx is not None and len(src_idx):
         # B2B: the blocks of both caches must be the same size
-        require(src.is_blocks_cache, f"source cache {src.cache_id} is not a blocks cache")
-        require(
-            stride == ddesc.stride,
-            f"the source's blocks are {stride} bytes, the "
-            f"destination's {ddesc.stride}: they must be equal",
-        )
-        require(
-            src_idx.max_value < sdesc.batch_size,
-            f"src_blocks has block {src_idx.max_value}, but the source cache has "
-            f"{sdesc.batch_size} blocks",
-        )
+        if not src.is_blocks_cache:
+            raise _fail(f"source cache {src.cache_id} is not a blocks cache")
+        if stride != ddesc.stride:
+            raise _fail(
+                f"the source's blocks are {stride} bytes, the "
+                f"destination's {ddesc.stride}: they must be equal"
+            )
+        if src_idx.max_value >= sdesc.batch_size:
+            raise _fail(
+                f"src_blocks has block {src_idx.max_value}, but the source cache has "
+                f"{sdesc.batch_size} blocks"
+            )
         plan = _core.plan_b2b(src_idx, dst_idx, stride)
     else:
-        require(
-            row < sdesc.batch_size,
-            f"{key!r} names row {row}, but the source cache has {sdesc.batch_size} rows",
-        )
+        if row >= sdesc.batch_size:
+            raise _fail(
+                f"{key!r} names row {row}, but the source cache has {sdesc.batch_size} rows"
+            )
         shift = row * stride
         if dst_idx is not None:
             # C2B: the source row is cut into destination blocks

@@ -3,12 +3,18 @@ shape: the destination regions' byte window, the (cluster, cache) pairs it touch
 layer loop's ConfigPlan. Every entry belongs to one generation of the cluster's memory
 (ClusterMemory.generation, bumped by every add, remove and key release), so that nothing
 resolved before a change is used after it; the caller still checks each call's byte range
-against the window, the one part of the resolution that depends on the block indices."""
+against the window, the one part of the resolution that depends on the block indices.
+
+A config reaching a peer's memory is kept on the host runtime's direct path only, under the
+peer object (a new link is a new object) and the generation of the peer's ClusterMemory, which
+changes with every cache or key the peer announces or withdraws; the link's state is checked
+on every call before the memo is read."""
 
 from __future__ import annotations
 
 from typing import Any, Dict, Hashable, Optional, Sequence, Tuple
 
+from .data_path import PeerPath
 from .registry import ClusterMemory, Region
 
 MAX_ENTRIES = 64  # shapes kept per generation; a full memo starts again empty
@@ -35,6 +41,17 @@ class Resolved:
         """Whether every tensor's [base + lo, base + hi) lies in its region (an empty range is
         left to the full check)."""
         return self.lo_min <= lo < hi <= self.hi_max
+
+
+def memo_scope(peer, runtime) -> Optional[tuple]:
+    """The part of a memo key naming whose memory a config reaches: () for this cluster's,
+    (peer, its memory's generation) for a peer on the host runtime's direct path; None when
+    the config is not kept (device IPC imports and engine channels are per call)."""
+    if peer is None:
+        return ()
+    if not runtime.is_host or peer.path is not PeerPath.DIRECT:
+        return None
+    return (peer, peer.mem.generation)
 
 
 def region_window(addrs: Sequence[int], regions: Sequence[Region]) -> Tuple[int, int]:

@@ -20,7 +20,7 @@ from .descs import (
     copy_kind,
     tensor_addrs_of,
 )
-from .plan_memo import Resolved
+from .plan_memo import Resolved, memo_scope
 from .registry import ALLOCATED, MemoryEntry
 from .status import LLMException, LLMStatusCode
 from .transfers import Planner, find_key, live_entry
@@ -171,19 +171,13 @@ def _pull_plan(
     cluster, that no byte read is written), choose the route. Returns the byte plan, the
     layer loop's config, the tensors per layer and the (cluster, cache) pairs it touches."""
     memo_key = None
-    if peer is None and dst_row is None:
-        # pulled before with the same key, caches and layers in this generation of the
-        # cluster's memory: only this call's blocks are checked
-        memo_key = (
-            key,
-            id(dst_entry),
-            src_range,
-            dst_range,
-            tpl,
-            src_idx is not None and len(src_idx) > 0,
-        )
+    scope = memo_scope(peer, pl.runtime)
+    if scope is not None and dst_row is None:
+        # pulled before with the same key, caches and layers in this generation of both
+        # clusters' memory: only this call's blocks are checked
+        memo_key = (key, dst_entry, src_range, dst_range, tpl, len(src_idx) > 0) + scope
         hit = pl.memo.get(memo_key)
-        if hit is not None and hit.held is dst_entry:
+        if hit is not None:
             got = _memoised_pull(what, key, hit, dst_entry, src_idx, dst_idx, size)
             if got is not None:
                 return got
@@ -241,10 +235,10 @@ def _pull_plan(
     # The cache here (the destination) drives the layer loop: its layers, its row; the source
     # tensors are the targets, each already at the source row.
     targets = [a + shift for a in srcs] if shift else srcs
-    apart = peer is None and transfer_args.apart(
+    check_overlap = peer is None and not transfer_args.apart(
         src, dst_entry.cache, dst_entry.origin == ALLOCATED
     )
-    if peer is None and not apart:
+    if check_overlap:
         block_ops.check_disjoint(
             what,
             plan,
@@ -255,8 +249,8 @@ def _pull_plan(
     route = pl.build_route(peer, kinds, sregions)
     cfg = pl.plan_config(Direction.READ, route, dst_layers, doff, kind, targets, sregions, tpl)
     if memo_key is not None:
-        fixed = _Fixed(src_entry, row, tpl, targets, dsts, apart, ddesc)
-        pl.memo.put(memo_key, Resolved(dst_entry, 0, 0, frozenset(touched), cfg, fixed))
+        fixed = _Fixed(src_entry, row, tpl, targets, dsts, check_overlap, ddesc)
+        pl.memo.put(memo_key, Resolved(None, 0, 0, frozenset(touched), cfg, fixed))
     return plan, cfg, tpl, touched
 
 
@@ -269,7 +263,7 @@ class _Fixed:
         "tpl",
         "targets",
         "dsts",
-        "apart",
+        "check_overlap",
         "stride",
         "src_blocks",
         "src_size",
@@ -277,14 +271,21 @@ class _Fixed:
     )
 
     def __init__(
-        self, src_entry: MemoryEntry, row: int, tpl: int, targets, dsts, apart: bool, dst_desc
+        self,
+        src_entry: MemoryEntry,
+        row: int,
+        tpl: int,
+        targets,
+        dsts,
+        check_overlap: bool,
+        dst_desc,
     ) -> None:
         self.src_entry = src_entry
         self.row = row
         self.tpl = tpl
         self.targets = targets
         self.dsts = dsts
-        self.apart = apart
+        self.check_overlap = check_overlap
         sdesc = src_entry.cache.cache_desc
         # B2B with the same block size on both sides: the case planned without _byte_plan
         same = src_entry.cache.is_blocks_cache and sdesc.stride == dst_desc.stride
@@ -311,7 +312,7 @@ def _memoised_pull(what: str, key: Key, hit, dst_entry: MemoryEntry, src_idx, ds
         and 0 <= plan.dst_lo <= plan.dst_hi <= fixed.dst_size
     ):
         return None
-    if not fixed.apart:
+    if fixed.check_overlap:
         block_ops.check_disjoint(
             what,
             plan,

@@ -20,7 +20,7 @@ from .descs import (
     tensor_addrs_of,
 )
 from .events import EventSynchronizer
-from .plan_memo import Resolved, region_window
+from .plan_memo import Resolved, memo_scope, region_window
 from .registry import ALLOCATED, MemoryEntry
 from .status import LLMException, LLMStatusCode
 from .transfer_types import (
@@ -354,8 +354,9 @@ def _write_config(
         mem = peer.mem
     shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
     memo_key = None
-    if peer is None and not keyed and op is None:
-        # the same addresses resolved before, in this generation of the cluster's memory:
+    scope = memo_scope(peer, pl.runtime)
+    if scope is not None and not keyed and op is None:
+        # the same addresses resolved before, in this generation of both clusters' memory:
         # only this call's byte range is checked against the regions found then
         dst = dst_addrs_of(cfg)
         memo_key = (
@@ -366,7 +367,7 @@ def _write_config(
             shift,
             src_idx is not None,
             desc.placement,
-        )
+        ) + scope
         hit = pl.memo.get(memo_key)
         if hit is not None and hit.held is dst and hit.fits(plan.dst_lo, plan.dst_hi):
             touched.update(hit.touched)

@@ -20,7 +20,9 @@ from llmdist import (
     TransferConfig,
 )
 
-from .helpers import RecordingSync, raises_llm
+from .decode_procs import cluster_info
+from .helpers import RecordingSync, assert_mem_equal, raises_llm, wait_for
+from .pull_push_routes import FP16, LINK_MS, _seeds, expect_blocks, link_to, peer_proc
 
 CLUSTER = 1
 BLOCK = 1024
@@ -49,9 +51,8 @@ def desc(blocks: int) -> CacheDesc:
 
 def filled_source(cm, blocks: int = 8, key=None):
     src = cm.allocate_blocks_cache(desc(blocks), key)
-    for i, a in enumerate(src.tensor_addrs):
-        view = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * (blocks * BLOCK)).from_address(a))
-        view[:] = np.arange(blocks * BLOCK, dtype=np.uint64) % 251 + i
+    for i in range(2):
+        tensor(src, i, blocks)[:] = np.arange(blocks * BLOCK, dtype=np.uint64) % 251 + i
     return src
 
 
@@ -210,3 +211,75 @@ def test_pull_into_a_deallocated_destination_is_refused(cm):
     cm.pull_blocks(key, dst, [1], [2])
     cm.deallocate_blocks_cache(dst)
     raises_llm(NOT_EXIST, cm.pull_blocks, key, dst, [1], [2])
+
+
+def test_pull_within_one_cache_checks_overlap_on_every_call(cm):
+    key = BlocksCacheKey(CLUSTER, 7)
+    src = filled_source(cm, key=key)
+    cm.pull_blocks(key, src, [0, 1], [4, 5])  # disjoint blocks of one cache: resolved, kept
+    before = [tensor(src, t, 8).copy() for t in range(2)]
+    exc = raises_llm(PARAM_INVALID, cm.pull_blocks, key, src, [0, 1], [1, 2])
+    assert str(exc).startswith("pull_blocks: src_blocks and dst_blocks: ") and "overlap" in str(exc)
+    assert all((tensor(src, t, 8) == before[t]).all() for t in range(2))
+
+
+# --------------------------------------------------------------------------------------------
+# a peer's memory: pulls on the host runtime's direct path are kept per peer and generation
+# of the peer's caches
+
+
+@pytest.mark.parametrize("mem", ["allocated", "registered"], ids=["mapped", "process"])
+def test_peer_pull_follows_the_peers_caches_and_the_link(cleanup, local, mem):
+    p = peer_proc(cleanup, "direct")
+    model = next(_seeds)
+    key_args = ("blocks", model)
+    src = cleanup.dcache(p, mem, 2, [8, 128], blocks=True, key=key_args, seed=model)
+    d = local()
+    dst = d.registered(2, [8, 128], dtype=FP16, blocks=True)
+    link_to(d, p)
+    key = BlocksCacheKey(p.cluster_id, model)
+    layers = range(2)
+
+    def pull_and_check(source, pairs) -> None:
+        before = dst.snapshot()
+        d.cm.pull_blocks(key, dst.cache, [s for s, _ in pairs], [b for _, b in pairs])
+        want = expect_blocks(
+            before,
+            dst.tensors,
+            256,
+            source.initial,
+            source.tensors,
+            256,
+            layers,
+            layers,
+            1,
+            pairs=pairs,
+        )
+        assert_mem_equal(dst.mem(), want, "pulled blocks")
+
+    pull_and_check(src, [(1, 2)])
+    pull_and_check(src, [(3, 4), (5, 6)])  # the same key, caches and layers: kept
+    # the peer withdraws the cache: refused as a key no cache holds
+    p.call("release", src.name)
+    cleanup.caches.remove(src)
+    exc = raises_llm(NOT_EXIST, d.cm.pull_blocks, key, dst.cache, [1], [2])
+    assert str(exc) == f"no cache for {key!r} on cluster {p.cluster_id}"
+    # another cache under the same key: its bytes arrive
+    other = cleanup.dcache(p, mem, 2, [8, 128], blocks=True, key=key_args, seed=model + 100)
+    assert wait_for(lambda: _pulls(d, key, dst))
+    pull_and_check(other, [(0, 7)])
+    # unlinked: refused as not linked; linked again: the pull works through the new link
+    assert d.dd.unlink_clusters([cluster_info(p.cluster_id)], LINK_MS) == (SUCCESS, [SUCCESS])
+    raises_llm(LLMStatusCode.LLM_NOT_YET_LINK, d.cm.pull_blocks, key, dst.cache, [1], [2])
+    link_to(d, p)
+    pull_and_check(other, [(2, 3)])
+
+
+def _pulls(d, key, dst) -> bool:
+    """Whether a pull by key succeeds (the peer's announcement may still be on its way)."""
+    try:
+        d.cm.pull_blocks(key, dst.cache, [0], [7])
+    except LLMException as exc:
+        assert exc.status_code == NOT_EXIST, exc
+        return False
+    return True

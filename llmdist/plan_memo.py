@@ -1,4 +1,4 @@
-"""What a transfer config resolved to within this cluster, kept for the next call of the same
+"""What a transfer config resolved to, kept for the next call of the same
 shape: the destination regions' byte window, the (cluster, cache) pairs it touches and the
 layer loop's ConfigPlan. Every entry belongs to one generation of the cluster's memory
 (ClusterMemory.generation, bumped by every add, remove and key release), so that nothing
@@ -63,7 +63,7 @@ def region_window(addrs: Sequence[int], regions: Sequence[Region]) -> Tuple[int,
 
 
 class PlanMemo:
-    """Resolutions of one cluster's local configs, valid for one generation of its memory."""
+    """Resolutions of one cluster's configs, valid for one generation of its memory."""
 
     def __init__(self, mem: ClusterMemory) -> None:
         self._mem = mem

@@ -99,7 +99,7 @@ class Planner:
         self.closed = False
         self.local_route = LocalRoute(runtime)
         self._local_kinds: Dict[tuple, RouteKind] = {}
-        self.memo = PlanMemo(mem)  # local configs' resolutions, read and written under lock
+        self.memo = PlanMemo(mem)  # configs' resolutions, read and written under lock
         # job -> (source cache key, [destination cache keys per config]); a key is
         # (cluster id, cache id).
         self.inflight: Dict[object, Tuple[Tuple[int, int], List[set]]] = {}

@@ -20,11 +20,16 @@ from .descs import (
     copy_kind,
     tensor_addrs_of,
 )
+from .plan_memo import Resolved, memo_scope
 from .registry import ALLOCATED, MemoryEntry
 from .status import LLMException, LLMStatusCode
 from .transfers import Planner, find_key, live_entry
 
 Key = Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey]
+
+
+def _fail(message: str) -> LLMException:
+    return LLMException(message, status_code=LLMStatusCode.LLM_PARAM_INVALID)
 
 
 def pull(
@@ -53,27 +58,31 @@ def pull(
     dst_idx = _core.parse_indices("dst_blocks", dst_blocks) if dst_row is None else None
     tpl = transfer_args.check_tensor_num_per_layer(tpl)
     if dst_row is None:
-        require(dst_cache.is_blocks_cache, f"dst_cache {dst_cache.cache_id} must be a blocks cache")
-        require(len(dst_idx) > 0, "dst_blocks must not be empty")
+        # checks made on every call raise directly: require's f-string message would be built
+        # on every call
+        if not dst_cache.is_blocks_cache:
+            raise _fail(f"dst_cache {dst_cache.cache_id} must be a blocks cache")
+        if not len(dst_idx):
+            raise _fail("dst_blocks must not be empty")
         block_ops.check_indices_written_once("dst_blocks", dst_idx)
         if blocks_key:
-            require(len(src_idx) > 0, "src_blocks must not be empty with a BlocksCacheKey")
-            require(
-                len(src_idx) == len(dst_idx),
-                f"src_blocks and dst_blocks must have the same length, got {len(src_idx)} "
-                f"and {len(dst_idx)}",
-            )
-        else:
-            require(
-                len(src_idx) == 0,
+            if not len(src_idx):
+                raise _fail("src_blocks must not be empty with a BlocksCacheKey")
+            if len(src_idx) != len(dst_idx):
+                raise _fail(
+                    f"src_blocks and dst_blocks must have the same length, got {len(src_idx)} "
+                    f"and {len(dst_idx)}"
+                )
+        elif len(src_idx):
+            raise _fail(
                 "src_blocks must be empty unless src_cache_key is a "
-                "BlocksCacheKey (the source row is cut into blocks)",
+                "BlocksCacheKey (the source row is cut into blocks)"
             )
-        require(
-            dst_idx.max_value < ddesc.batch_size,
-            f"dst_blocks has block {dst_idx.max_value}, but dst_cache has "
-            f"{ddesc.batch_size} blocks",
-        )
+        if dst_idx.max_value >= ddesc.batch_size:
+            raise _fail(
+                f"dst_blocks has block {dst_idx.max_value}, but dst_cache has "
+                f"{ddesc.batch_size} blocks"
+            )
     else:
         require(
             not dst_cache.is_blocks_cache,
@@ -161,6 +170,17 @@ def _pull_plan(
     """Resolve the source cache, check ranges and bounds on both sides (and, within this
     cluster, that no byte read is written), choose the route. Returns the byte plan, the
     layer loop's config, the tensors per layer and the (cluster, cache) pairs it touches."""
+    memo_key = None
+    scope = memo_scope(peer, pl.runtime)
+    if scope is not None and dst_row is None:
+        # pulled before with the same key, caches and layers in this generation of both
+        # clusters' memory: only this call's blocks are checked
+        memo_key = (key, dst_entry, src_range, dst_range, tpl, len(src_idx) > 0) + scope
+        hit = pl.memo.get(memo_key)
+        if hit is not None:
+            got = _memoised_pull(what, key, hit, dst_entry, src_idx, dst_idx, size)
+            if got is not None:
+                return got
     mem = pl.mem if peer is None else peer.mem
     src_entry, row = find_key(mem, key)
     src = src_entry.cache
@@ -179,44 +199,7 @@ def _pull_plan(
         f"source cache {src.cache_id}",
         f"cache {dst_entry.cache.cache_id}",
     )
-    stride = sdesc.stride
-    shift = 0
-    if src_idx is not None and len(src_idx):
-        # B2B: the blocks of both caches must be the same size
-        require(src.is_blocks_cache, f"source cache {src.cache_id} is not a blocks cache")
-        require(
-            stride == ddesc.stride,
-            f"the source's blocks are {stride} bytes, the "
-            f"destination's {ddesc.stride}: they must be equal",
-        )
-        require(
-            src_idx.max_value < sdesc.batch_size,
-            f"src_blocks has block {src_idx.max_value}, but the source cache has "
-            f"{sdesc.batch_size} blocks",
-        )
-        plan = _core.plan_b2b(src_idx, dst_idx, stride)
-    else:
-        require(
-            row < sdesc.batch_size,
-            f"{key!r} names row {row}, but the source cache has {sdesc.batch_size} rows",
-        )
-        shift = row * stride
-        if dst_idx is not None:
-            # C2B: the source row is cut into destination blocks
-            plan = transfer_args.c2b_plan(dst_idx, stride, ddesc.stride, "dst_blocks")
-        else:
-            # C2C into one destination row
-            check_int64("size", size)
-            require(size == -1 or size > 0, f"size must be -1 or > 0, but got {size}")
-            nbytes = stride if size == -1 else size
-            require(
-                nbytes <= stride, f"size {nbytes} is larger than the source row of {stride} bytes"
-            )
-            require(
-                nbytes <= ddesc.stride,
-                f"{nbytes} bytes do not fit the destination row of {ddesc.stride} bytes",
-            )
-            plan = _core.plan_c2c(nbytes)
+    plan, shift = _byte_plan(key, src_entry, row, dst_entry, dst_row, src_idx, dst_idx, size)
     # bounds: every source range inside its tensor of the cache the key names, every
     # destination range inside its tensor of dst_cache
     # (layer ranges have step 1: their tensors are one slice)
@@ -252,9 +235,10 @@ def _pull_plan(
     # The cache here (the destination) drives the layer loop: its layers, its row; the source
     # tensors are the targets, each already at the source row.
     targets = [a + shift for a in srcs] if shift else srcs
-    if peer is None and not transfer_args.apart(
+    check_overlap = peer is None and not transfer_args.apart(
         src, dst_entry.cache, dst_entry.origin == ALLOCATED
-    ):
+    )
+    if check_overlap:
         block_ops.check_disjoint(
             what,
             plan,
@@ -264,4 +248,132 @@ def _pull_plan(
         )
     route = pl.build_route(peer, kinds, sregions)
     cfg = pl.plan_config(Direction.READ, route, dst_layers, doff, kind, targets, sregions, tpl)
+    if memo_key is not None:
+        fixed = _Fixed(src_entry, row, tpl, targets, dsts, check_overlap, ddesc)
+        pl.memo.put(memo_key, Resolved(None, 0, 0, frozenset(touched), cfg, fixed))
     return plan, cfg, tpl, touched
+
+
+class _Fixed:
+    """What a local pull resolved that does not depend on its blocks (kept in the memo)."""
+
+    __slots__ = (
+        "src_entry",
+        "row",
+        "tpl",
+        "targets",
+        "dsts",
+        "check_overlap",
+        "stride",
+        "src_blocks",
+        "src_size",
+        "dst_size",
+    )
+
+    def __init__(
+        self,
+        src_entry: MemoryEntry,
+        row: int,
+        tpl: int,
+        targets,
+        dsts,
+        check_overlap: bool,
+        dst_desc,
+    ) -> None:
+        self.src_entry = src_entry
+        self.row = row
+        self.tpl = tpl
+        self.targets = targets
+        self.dsts = dsts
+        self.check_overlap = check_overlap
+        sdesc = src_entry.cache.cache_desc
+        # B2B with the same block size on both sides: the case planned without _byte_plan
+        same = src_entry.cache.is_blocks_cache and sdesc.stride == dst_desc.stride
+        self.stride = sdesc.stride if same else 0
+        self.src_blocks = sdesc.batch_size
+        self.src_size = sdesc.size
+        self.dst_size = dst_desc.size
+
+
+def _memoised_pull(what: str, key: Key, hit, dst_entry: MemoryEntry, src_idx, dst_idx, size):
+    """The plan of a local pull resolved before (plan_memo), when this call's byte ranges fit
+    both caches' tensors; None sends the call through the full checks."""
+    fixed = hit.extra
+    if fixed.stride and len(src_idx):
+        if src_idx.max_value >= fixed.src_blocks:
+            return None  # refused by the full checks
+        plan, shift = _core.plan_b2b(src_idx, dst_idx, fixed.stride), 0
+    else:
+        plan, shift = _byte_plan(
+            key, fixed.src_entry, fixed.row, dst_entry, None, src_idx, dst_idx, size
+        )
+    if not (
+        0 <= plan.src_lo + shift <= plan.src_hi + shift <= fixed.src_size
+        and 0 <= plan.dst_lo <= plan.dst_hi <= fixed.dst_size
+    ):
+        return None
+    if fixed.check_overlap:
+        block_ops.check_disjoint(
+            what,
+            plan,
+            fixed.targets,
+            fixed.dsts,
+            transfer_args.range_params(src_idx, dst_idx, "the source row and batch_index"),
+        )
+    return plan, hit.config, fixed.tpl, set(hit.touched)
+
+
+def _byte_plan(
+    key: Key,
+    src_entry: MemoryEntry,
+    row: int,
+    dst_entry: MemoryEntry,
+    dst_row,
+    src_idx,
+    dst_idx,
+    size,
+):
+    """The pull's byte plan and the source row's offset: block to block, a source row cut into
+    destination blocks, or row to row (dst_row)."""
+    src = src_entry.cache
+    sdesc, ddesc = src.cache_desc, dst_entry.cache.cache_desc
+    stride = sdesc.stride
+    shift = 0
+    if src_idx is not None and len(src_idx):
+        # B2B: the blocks of both caches must be the same size
+        if not src.is_blocks_cache:
+            raise _fail(f"source cache {src.cache_id} is not a blocks cache")
+        if stride != ddesc.stride:
+            raise _fail(
+                f"the source's blocks are {stride} bytes, the "
+                f"destination's {ddesc.stride}: they must be equal"
+            )
+        if src_idx.max_value >= sdesc.batch_size:
+            raise _fail(
+                f"src_blocks has block {src_idx.max_value}, but the source cache has "
+                f"{sdesc.batch_size} blocks"
+            )
+        plan = _core.plan_b2b(src_idx, dst_idx, stride)
+    else:
+        if row >= sdesc.batch_size:
+            raise _fail(
+                f"{key!r} names row {row}, but the source cache has {sdesc.batch_size} rows"
+            )
+        shift = row * stride
+        if dst_idx is not None:
+            # C2B: the source row is cut into destination blocks
+            plan = transfer_args.c2b_plan(dst_idx, stride, ddesc.stride, "dst_blocks")
+        else:
+            # C2C into one destination row
+            check_int64("size", size)
+            require(size == -1 or size > 0, f"size must be -1 or > 0, but got {size}")
+            nbytes = stride if size == -1 else size
+            require(
+                nbytes <= stride, f"size {nbytes} is larger than the source row of {stride} bytes"
+            )
+            require(
+                nbytes <= ddesc.stride,
+                f"{nbytes} bytes do not fit the destination row of {ddesc.stride} bytes",
+            )
+            plan = _core.plan_c2c(nbytes)
+    return plan, shift

@@ -151,6 +151,11 @@ class MemoryRegistry:
     def __len__(self) -> int:
         return sum(len(layer) for layer in self._layers)
 
+    @property
+    def disjoint(self) -> bool:
+        """Whether no two regions overlap: then an address lies in one region at most."""
+        return len(self._layers) == 1
+
     def add(self, cache: Cache, origin: str, delta: int = 0, pid: int = 0) -> List[Region]:
         """Add every tensor of cache and return its regions in tensor order. Tensors of one
         cache must not overlap each other; they may overlap other caches' tensors, except that
@@ -282,6 +287,9 @@ class ClusterMemory:
         self.blocks_keys: Dict[BlocksCacheKey, int] = {}
         # A cache's CacheKeys name its batch rows in order: the i-th key given names row i.
         self.key_rows: Dict[CacheKey, int] = {}
+        # bumped by every change of entries, keys or regions: what was resolved against an
+        # older generation is not used (plan_memo)
+        self.generation = 0
 
     def add(
         self,
@@ -296,6 +304,7 @@ class ClusterMemory:
             raise LLMException(
                 "the cache keys have duplicates", status_code=LLMStatusCode.LLM_PARAM_INVALID
             )
+        self.generation += 1
         entry.regions = self.registry.add(entry.cache, entry.origin, delta, pid)
         self.entries[entry.cache.cache_id] = entry
         row = 0
@@ -315,6 +324,7 @@ class ClusterMemory:
         entry = self.entries.pop(cache_id, None)
         if entry is None:
             return None
+        self.generation += 1
         self.registry.remove(entry.cache)
         for key in entry.keys:
             self.cache_keys.pop(key, None)
@@ -340,6 +350,7 @@ class ClusterMemory:
         cid = table.pop(key, None)
         if cid is None:
             return False
+        self.generation += 1
         self.key_rows.pop(key, None)
         self.entries[cid].keys.remove(key)
         return True

@@ -21,6 +21,7 @@ from ._check import require
 from ._core import CopyKind, Direction, Lane
 from .deadlines import Deadlines
 from .descs import Cache, Placement, is_live
+from .plan_memo import PlanMemo
 from .registry import ClusterMemory, MemoryEntry, Region
 from .results import config_results
 from .route_rules import (
@@ -98,6 +99,7 @@ class Planner:
         self.closed = False
         self.local_route = LocalRoute(runtime)
         self._local_kinds: Dict[tuple, RouteKind] = {}
+        self.memo = PlanMemo(mem)  # configs' resolutions, read and written under lock
         # job -> (source cache key, [destination cache keys per config]); a key is
         # (cluster id, cache id).
         self.inflight: Dict[object, Tuple[Tuple[int, int], List[set]]] = {}

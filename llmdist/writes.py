@@ -20,6 +20,7 @@ from .descs import (
     tensor_addrs_of,
 )
 from .events import EventSynchronizer
+from .plan_memo import Resolved, memo_scope, region_window
 from .registry import ALLOCATED, MemoryEntry
 from .status import LLMException, LLMStatusCode
 from .transfer_types import (
@@ -351,6 +352,26 @@ def _write_config(
         if refusal is not None:
             raise _fail(f"{where}{refusal}", refusal.status_code)
         mem = peer.mem
+    shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
+    memo_key = None
+    scope = memo_scope(peer, pl.runtime)
+    if scope is not None and not keyed and op is None:
+        # the same addresses resolved before, in this generation of both clusters' memory:
+        # only this call's byte range is checked against the regions found then
+        dst = dst_addrs_of(cfg)
+        memo_key = (
+            id(dst),
+            layers.start,
+            layers.stop,
+            tpl,
+            shift,
+            src_idx is not None,
+            desc.placement,
+        ) + scope
+        hit = pl.memo.get(memo_key)
+        if hit is not None and hit.held is dst and hit.fits(plan.dst_lo, plan.dst_hi):
+            touched.update(hit.touched)
+            return hit.config
     # 9. and 11. bounds of every destination tensor, placement of its cache
     if keyed:
         entry, offset = pl.resolve_key(where, cfg.cache_key, cfg.dst_layer_range, mem, tpl)
@@ -405,7 +426,6 @@ def _write_config(
     touched.update((cfg.dst_cluster_id, rc.cache_id) for rc in by_cache)
     route = pl.build_route(peer, kinds, regions)
     kind = copy_kind(src_place, regions[0].cache.cache_desc.placement)
-    shift = 0 if src_idx is not None else cfg.src_batch_index * desc.stride
     if (
         op is not None
         and peer is None
@@ -422,4 +442,11 @@ def _write_config(
             dst,
             transfer_args.range_params(src_idx, dst_idx, rows),
         )
-    return pl.plan_config(Direction.WRITE, route, layers, shift, kind, dst, regions, tpl)
+    config = pl.plan_config(Direction.WRITE, route, layers, shift, kind, dst, regions, tpl)
+    if memo_key is not None and mem.registry.disjoint:
+        lo_min, hi_max = region_window(dst, regions)
+        pl.memo.put(
+            memo_key,
+            Resolved(dst, lo_min, hi_max, frozenset(touched), config),
+        )
+    return config

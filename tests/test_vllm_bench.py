@@ -101,6 +101,9 @@ def test_bench_vllm_runs(tmp_path):
     bare = cases["pull transfer"]["paths"]["llmdist"]["samples"]
     call = cases["pull call"]["paths"]["llmdist"]["samples"]
     assert len(call) == 2 and all(c >= t for c, t in zip(call, bare)), (call, bare)
+    # the decode's process_vm batches from its trace: one per pull, inside the pull's time
+    engine = cases["pull engine"]["paths"]["llmdist"]["samples"]
+    assert len(engine) == 2 and all(0 < e < t for e, t in zip(engine, bare)), (engine, bare)
     assert cases["pull ttft"]["paths"]["llmdist"]["seconds"] > 0
     # both requests of both rounds (warm-up included) went out layer by layer
     assert cases["layerwise ttft"]["extra"]["layerwise_started"] == 4

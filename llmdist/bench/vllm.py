@@ -6,7 +6,10 @@ every connector in turn, so that the machine's load changes touch them alike.
 Per mode: the decode's TTFT (the request sent, to the decode's first token; pull and push send
 it to the prefill, then to the decode, layerwise to both at once) and the transfer time per
 request, the data movement alone for both connectors (NixlConnector's transfer telemetry;
-LLMDistConnector's pull_blocks/push_blocks call), plus LLMDistConnector's "call" time: the
+LLMDistConnector's pull_blocks/push_blocks call), the "engine" time (the scope of
+NixlConnector's telemetry, which times its engine from the posted transfer to its completion:
+LLMDistConnector's process_vm batches, from a host copy engine trace of the engine that moves the
+bytes, without the Python call around them), plus LLMDistConnector's "call" time: the
 transfer with the notification that tells the peer, confirmed (layerwise streams during the
 forward and is not timed apart). Medians over the rounds; each mode's ratio to NixlConnector. This module is imported only when the scenario
 runs; it needs vllm, torch and safetensors (nixl for the reference)."""
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import random
 import statistics
 import sys
@@ -55,10 +59,20 @@ class Pair:
             self.p = Engine(model, "kv_both", dict(extra, side_channel_port=port))
             self.d = Engine(model, "kv_both", dict(extra, side_channel_port=port + 1))
         else:
+            # the engine that moves the bytes (pull: the decode, push: the prefill) keeps a
+            # host copy engine trace: its process_vm batches time the data movement alone
+            self.trace = os.path.join(tempfile.mkdtemp(prefix="llmdist-bench-trace-"), "t")
+            mover = {"pull": "d", "push": "p"}.get(name)
             self.p = Engine(
-                model, "kv_producer", {"mode": name, "base_port": port}, engine_id=f"p-{name}"
+                model,
+                "kv_producer",
+                {"mode": name, "base_port": port},
+                engine_id=f"p-{name}",
+                trace=self.trace if mover == "p" else None,
             )
-            self.d = Engine(model, "kv_consumer", {"mode": name})
+            self.d = Engine(
+                model, "kv_consumer", {"mode": name}, trace=self.trace if mover == "d" else None
+            )
 
     def wait_ready(self) -> None:
         self.p.wait_ready()
@@ -92,6 +106,18 @@ class Pair:
         self.p.close()
         self.d.close()
 
+    def engine_times(self, skip: int) -> List[float]:
+        """Seconds of each process_vm batch in the trace the closed engines wrote, after the
+        first skip (the warm-up round's): a pull or push of one request is one batch."""
+        from .host_trace import PROCESS_BATCH, PROCESS_BATCH_SOLO, read
+
+        path = getattr(self, "trace", None)
+        if path is None or not os.path.exists(path):
+            return []
+        kinds = (PROCESS_BATCH, PROCESS_BATCH_SOLO)
+        batches = [r for r in read(path) if r.kind in kinds]
+        return [(r.t_end - r.t_start) / 1e9 for r in batches[skip:]]
+
 
 def run_modes(
     modes: List[str], model: str, prompts: List[int], rounds: int, port: int, notes: List[str]
@@ -101,6 +127,7 @@ def run_modes(
     the machine's load touches every mode alike. Per mode: the TTFT of each timed round and
     the transfer times of each request. A mode whose engines fail is noted and left out."""
     pairs: Dict[str, Pair] = {}
+    measured: Dict[str, dict] = {}
 
     def drop(name: str, exc: Exception, pair: Pair) -> None:
         # an engine that did not start or answer (e.g. its port taken): the others still run
@@ -149,8 +176,10 @@ def run_modes(
             )
         return measured
     finally:
-        for pair in pairs.values():
+        for name, pair in pairs.items():
             pair.close()
+            if name in measured:
+                measured[name]["engine"] = pair.engine_times(len(prompts))
 
 
 def results_of(measured: Dict[str, dict], requests: int) -> List[Result]:
@@ -162,12 +191,14 @@ def results_of(measured: Dict[str, dict], requests: int) -> List[Result]:
     for name, m in measured.items():
         if name == "nixl":
             continue
-        for measure in ("ttft", "transfer", "call"):
+        for measure in ("ttft", "transfer", "engine", "call"):
             if not m.get(measure):
                 continue
             paths = {"llmdist": Path(statistics.median(m[measure]), list(m[measure]))}
-            if base and base.get(measure):
-                paths["nixl"] = Path(statistics.median(base[measure]), list(base[measure]))
+            # NixlConnector's telemetry times its engine's transfer: the "engine" scope
+            ref = "transfer" if measure == "engine" else measure
+            if base and base.get(ref):
+                paths["nixl"] = Path(statistics.median(base[ref]), list(base[ref]))
             res = Result("vllm", f"{name} {measure}", None, 0, paths).finish()
             if "nixl" in paths:
                 res.extra["vs_nixl"] = paths["llmdist"].seconds / paths["nixl"].seconds
@@ -196,12 +227,14 @@ def render(measured: Dict[str, dict]) -> str:
     bt, bx = med(base.get("ttft", [])), med(base.get("transfer", []))
     lines = [
         f"{'connector':<12}{'TTFT ms':>10}{'vs NIXL':>9}{'transfer ms':>13}{'vs NIXL':>9}"
-        f"{'call ms':>11}"
+        f"{'engine ms':>11}{'vs NIXL':>9}{'call ms':>11}"
     ]
     for name, m in measured.items():
         t, x, c = med(m["ttft"]), med(m["transfer"]), med(m.get("call", []))
+        e = med(m.get("engine", [])) if name != "nixl" else bx
         lines.append(
-            f"{name:<12}{ms(t):>10}{ratio(t, bt):>9}{ms(x):>13}{ratio(x, bx):>9}{ms(c):>11}"
+            f"{name:<12}{ms(t):>10}{ratio(t, bt):>9}{ms(x):>13}{ratio(x, bx):>9}"
+            f"{ms(e):>11}{ratio(e, bx):>9}{ms(c):>11}"
         )
     return "\n".join(lines) + "\n"
 

@@ -157,6 +157,7 @@ cdef class TransferJob:  # _layer_loop.pxi
     cdef int *m_cfgs
     cdef llmd_tensor_pair *pairs      # one config's tensor pairs of the layers of one call
     cdef int group                    # the most layers one copy call covers
+    cdef bint holds_gil               # run() keeps the GIL through the layer loop
     cdef int alloc_descriptors(self, bint keep_gil) except -1
     cdef size_t job_bytes(self) noexcept
     cdef void loop(self) noexcept nogil

@@ -428,7 +428,6 @@ cdef class TransferJob:
         the GIL except for a Python synchronizer's call; then wait for the copies and report.
         A job with every layer ready that moves at most keep_gil_bytes keeps the GIL instead:
         a short copy ends sooner than another busy Python thread would hand the GIL back."""
-        cdef const llmd_runtime *rt = self.runtime.rt
         cdef bint keep_gil
         cdef int i
         PyThread_acquire_lock(self.lock, WAIT_LOCK)
@@ -438,8 +437,7 @@ cdef class TransferJob:
         self.stream = stream.handle
         self.host_stream = host_stream.handle if host_stream is not None else stream.handle
         PyThread_release_lock(self.lock)
-        keep_gil = (not self.has_sync and self.events == NULL
-                    and self.job_bytes() <= keep_gil_bytes)
+        keep_gil = self.holds_gil = self.keeps_gil(keep_gil_bytes)
         try:
             self.alloc_descriptors(keep_gil)
         except MemoryError:
@@ -455,6 +453,11 @@ cdef class TransferJob:
                 self.loop()
         self.settle_engines()
         self.report()
+
+    def keeps_gil(self, size_t keep_gil_bytes):
+        """Whether run(..., keep_gil_bytes) keeps the GIL: every layer is ready (no
+        synchronizer, no events) and the job moves at most keep_gil_bytes."""
+        return not self.has_sync and self.events == NULL and self.job_bytes() <= keep_gil_bytes
 
     cdef size_t job_bytes(self) noexcept:
         """The bytes every config of the job moves."""
@@ -515,9 +518,12 @@ cdef class TransferJob:
         self.release_tables()
 
     cdef void take_lock(self) noexcept nogil:
-        """Take the job's lock from the layer loop, which may hold the GIL (run's
-        keep_gil_bytes): a canceller holding the lock may be waiting for the GIL."""
-        if not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
+        """Take the job's lock from the layer loop. A loop that holds the GIL (run's
+        keep_gil_bytes) waits for it without the GIL: a canceller holding the lock may be
+        waiting for the GIL."""
+        if not self.holds_gil:
+            PyThread_acquire_lock(self.lock, WAIT_LOCK)
+        elif not PyThread_acquire_lock(self.lock, NOWAIT_LOCK):
             self.wait_for_lock()
 
     cdef void wait_for_lock(self) noexcept with gil:

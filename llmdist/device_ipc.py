@@ -6,7 +6,8 @@ shares.DeviceIpcShare: the kind (the runtime's ipc_kind: "acl_ipc", "cuda_ipc"),
 id, the exported region [base, base + size) in the exporter, and the exporter's device id. The
 id is the runtime's own (ACL: the aclrtIpcMemGetExportKey key; CUDA: the hex of the cudaIpcMemHandle_t, which covers
 the whole allocation). A runtime may check importers against a pid whitelist (ACL does): the
-exporter allows each linked peer's pid (bare_tgid, sent in the handshake) on every export. A peer imports an export the first time a transfer writes into it
+exporter allows each linked peer's pid (as SO_PEERCRED gives it for the peer's Unix socket,
+never a pid the peer states) on every export. A peer imports an export the first time a transfer writes into it
 (once per process: imports are counted here), copies into it device to device on its runtime
 stream (one merged run at a time into another device's memory: a batch call names a single
 destination device), and closes its import when the cache is withdrawn or the link ends, after

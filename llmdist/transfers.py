@@ -262,18 +262,22 @@ class Planner:
 
     def _run_here(self, job, wait_ms: int) -> None:
         """Run job's layer loop on this thread, on its own stream; the deadline thread cancels
-        it at wait_ms as a waiting caller would."""
+        it at wait_ms as a waiting caller would. A job that keeps the GIL gets no deadline:
+        the deadline thread could run only once it ended (finish reports it late)."""
         stream = getattr(self._streams, "stream", None)
         if stream is None:
             stream = self._streams.stream = _core.Stream(self.runtime)
-        entry = self.deadlines.add(job, wait_ms / 1000.0)
+        entry = None
+        if not job.keeps_gil(KEEP_GIL_BYTES):
+            entry = self.deadlines.add(job, wait_ms / 1000.0)
         try:
             job.run(stream, None, KEEP_GIL_BYTES)
         except BaseException:  # a bug in the loop must still end the job
             log.exception("transfer job failed unexpectedly")
             job.cancel(LLMStatusCode.LLM_FAILED)
         finally:
-            self.deadlines.done(entry)
+            if entry is not None:
+                self.deadlines.done(entry)
         job.done.wait()  # a cancellation from another thread reports it
 
     def run_planned(self, plan_job, peers: Sequence):

@@ -11,17 +11,14 @@ from llmdist import (
     BlocksCacheKey,
     CacheDesc,
     DataType,
-    LLMConfig,
-    LLMDataDist,
     LLMException,
-    LLMRole,
     LLMStatusCode,
     Placement,
     TransferConfig,
 )
 
 from .decode_procs import cluster_info
-from .helpers import RecordingSync, assert_mem_equal, raises_llm, wait_for
+from .helpers import Env, RecordingSync, assert_mem_equal, raises_llm, wait_for
 from .pull_push_routes import FP16, LINK_MS, _seeds, expect_blocks, link_to, peer_proc
 
 CLUSTER = 1
@@ -33,15 +30,11 @@ NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 
 @pytest.fixture
 def cm():
-    dd = LLMDataDist(LLMRole.PROMPT, CLUSTER)
-    cfg = LLMConfig()
-    cfg.device_id = 0
-    cfg.enable_cache_manager = True
-    dd.init(cfg.generate_options())
+    env = Env(cluster_id=CLUSTER)
     try:
-        yield dd.cache_manager
+        yield env.cm
     finally:
-        dd.finalize()
+        env.close()
 
 
 def desc(blocks: int) -> CacheDesc:

@@ -54,13 +54,14 @@ class Pair:
         from .vllm_engine import Engine
 
         self.name, self.port = name, port
+        self.trace: Optional[str] = None  # host copy engine trace of the engine moving the bytes
         if name == "nixl":
             extra = {"connector": "NixlConnector"}
             self.p = Engine(model, "kv_both", dict(extra, side_channel_port=port))
             self.d = Engine(model, "kv_both", dict(extra, side_channel_port=port + 1))
         else:
             # the engine that moves the bytes (pull: the decode, push: the prefill) keeps a
-            # host copy engine trace: its process_vm batches time the data movement alone
+            # trace: its process_vm batches time the data movement alone
             self.trace = os.path.join(tempfile.mkdtemp(prefix="llmdist-bench-trace-"), "t")
             mover = {"pull": "d", "push": "p"}.get(name)
             self.p = Engine(
@@ -111,11 +112,10 @@ class Pair:
         first skip (the warm-up round's): a pull or push of one request is one batch."""
         from .host_trace import PROCESS_BATCH, PROCESS_BATCH_SOLO, read
 
-        path = getattr(self, "trace", None)
-        if path is None or not os.path.exists(path):
+        if self.trace is None or not os.path.exists(self.trace):
             return []
         kinds = (PROCESS_BATCH, PROCESS_BATCH_SOLO)
-        batches = [r for r in read(path) if r.kind in kinds]
+        batches = [r for r in read(self.trace) if r.kind in kinds]
         return [(r.t_end - r.t_start) / 1e9 for r in batches[skip:]]
 
 

@@ -192,6 +192,24 @@ def test_write_outside_registered_memory_fails_in_time(sender, peer):
     assert peer.check(seed, src_bytes, ok) == (0, 0)
 
 
+def _stop_all_threads(pid: int) -> None:
+    """SIGSTOP a process and return once every thread of it is stopped (delivery is async)."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue
+        if states and all(state in "Tt" for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop")
+
+
 def test_wait_never_blocks_past_timeout_on_a_stalled_peer(sender, peer):
     from llmdist.transport_mooncake import WAIT_TIMEOUT
 
@@ -199,7 +217,7 @@ def test_wait_never_blocks_past_timeout_on_a_stalled_peer(sender, peer):
     src = _src(sender, seed, src_bytes)
     plan = scattered_plan(seed, src_bytes, slots=32, slot_bytes=DST_BYTES // 32)
     assert sender.wait(_write(sender, peer, src, [(0, 0, 1)]), 20_000) == 0  # connect first
-    os.kill(peer.pid, signal.SIGSTOP)
+    _stop_all_threads(peer.pid)
     try:
         handle = _write(sender, peer, src, plan)
         for timeout_ms in (0, 300):

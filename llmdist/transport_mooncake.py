@@ -12,6 +12,14 @@ Mooncake facts this adapter is built on (mooncake-transfer-engine 0.3.13):
   (``MC_TRANSFER_TIMEOUT`` seconds, default 30, at least 5, plus 1 ns per byte) passes, so
   ``wait`` runs it on a helper thread and gives up on the caller's timeout instead.
 
+- the TCP transport queues a peer's transfers in a queue of fixed size (1024 by default) shared
+  by every batch to that peer, and fails a batch that does not fit ("queue-full rejection").
+
+Queue room: the transport counts the runs it has in flight to each peer and starts a batch only
+when it fits in QUEUE_ROOM, in engine batches of at most MAX_QUEUED runs, so that one caller's
+large or many batches cannot make another's fail. A batch's room comes back when the engine
+gives its verdict, which a helper thread started with the batch waits for.
+
 Handles: ``wait`` never blocks past its timeout_ms (a negative one waits for the engine's own
 verdict). WAIT_TIMEOUT leaves the handle live, to be waited on again; any other result ends it.
 Every handle should be waited on: ``close()`` settles the rest, blocking while a batch still
@@ -22,42 +30,56 @@ from __future__ import annotations
 
 import itertools
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .status import LLMException, LLMStatusCode
 
-__all__ = ["MooncakeTransport", "EngineChannel", "WAIT_TIMEOUT", "WAIT_FAILED", "MAX_QUEUED"]
+__all__ = [
+    "MooncakeTransport",
+    "EngineChannel",
+    "WAIT_TIMEOUT",
+    "WAIT_FAILED",
+    "MAX_QUEUED",
+    "QUEUE_ROOM",
+]
 
 WAIT_FAILED = -1  # the engine's code for a failed (or engine-timed-out) batch
 WAIT_TIMEOUT = -2  # the batch was still running when wait's timeout passed; wait again later
 
-# Most runs one channel keeps queued in the engine at once: below the per-peer queue of the TCP
-# transport (1024 transfers by default), which refuses what does not fit.
-MAX_QUEUED = 512
+# Runs this transport keeps queued to one peer at once: the TCP transport's per-peer queue
+# (1024 transfers by default), which refuses what does not fit.
+QUEUE_ROOM = 1024
+# Most runs in one engine batch, and most one channel keeps queued at once: half the room, so
+# that two transfers to one peer move side by side.
+MAX_QUEUED = QUEUE_ROOM // 2
 
 _P2P = "P2PHANDSHAKE"
 _BAD_BATCH_IDS = (0, (1 << 64) - 1)  # what batch_transfer_async_write returns when it fails
 
 
 class _Waiter:
-    """A helper thread that sits in the engine's blocking status call for one batch."""
+    """A helper thread that sits in the engine's blocking status call for one batch, then
+    calls done (which gives the batch's queue room back)."""
 
-    def __init__(self, engine, batch_id: int) -> None:
+    def __init__(self, engine, batch_id: int, done: Callable[[], None]) -> None:
         self.rc: Optional[int] = None
         self._thread = threading.Thread(
             target=self._run,
-            args=(engine, batch_id),
+            args=(engine, batch_id, done),
             name=f"mooncake-wait-{batch_id:x}",
             daemon=True,
         )
         self._thread.start()
 
-    def _run(self, engine, batch_id: int) -> None:
+    def _run(self, engine, batch_id: int, done: Callable[[], None]) -> None:
         """Store the engine's verdict: 0 when every byte landed, nonzero otherwise."""
         try:
             self.rc = int(engine.get_batch_transfer_status([batch_id]))
         except Exception:  # noqa: BLE001 - a binding error must not kill the thread silently
             self.rc = WAIT_FAILED
+        finally:
+            done()
 
     def join(self, timeout_s: Optional[float]) -> Optional[int]:
         """The verdict, or None if the batch is still running after timeout_s."""
@@ -95,9 +117,11 @@ class MooncakeTransport:
                 status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
             ) from exc
         self._lock = threading.Lock()
-        # handle -> [engine batch id, its waiter once waited]. Handles are our own numbers: the
-        # engine reuses a batch id as soon as it frees it, which may be before wait() hears back.
-        self._pending: Dict[int, list] = {}
+        self._room = threading.Condition(self._lock)  # notified when a batch gives room back
+        self._queued: Dict[str, int] = {}  # peer session -> runs in flight to it
+        # handle -> the waiters of its engine batches. Handles are our own numbers: the engine
+        # reuses a batch id as soon as it frees it, which may be before wait() hears back.
+        self._pending: Dict[int, List[_Waiter]] = {}
         self._handles = itertools.count(1)
         self._regions: List[int] = []
         try:
@@ -159,9 +183,11 @@ class MooncakeTransport:
         src_addrs: Sequence[int],
         dst_addrs: Sequence[int],
         lengths: Sequence[int],
+        room_timeout_ms: int = -1,
     ) -> int:
-        """Start writing each local src range to the peer's dst range; returns a handle for wait."""
-        return self._start("write", target_session, src_addrs, dst_addrs, lengths)
+        """Start writing each local src range to the peer's dst range; returns a handle for wait.
+        Blocks while the peer's queue is full, at most room_timeout_ms (negative: no bound)."""
+        return self._start("write", target_session, src_addrs, dst_addrs, lengths, room_timeout_ms)
 
     def read_batch(
         self,
@@ -169,10 +195,11 @@ class MooncakeTransport:
         dst_addrs: Sequence[int],
         src_addrs: Sequence[int],
         lengths: Sequence[int],
+        room_timeout_ms: int = -1,
     ) -> int:
         """Start reading each of the peer's src ranges into the local dst range; returns a
-        handle for wait."""
-        return self._start("read", target_session, dst_addrs, src_addrs, lengths)
+        handle for wait. Blocks while the peer's queue is full, as write_batch does."""
+        return self._start("read", target_session, dst_addrs, src_addrs, lengths, room_timeout_ms)
 
     def _start(
         self,
@@ -181,6 +208,7 @@ class MooncakeTransport:
         local_addrs: Sequence[int],
         peer_addrs: Sequence[int],
         lengths: Sequence[int],
+        room_timeout_ms: int,
     ) -> int:
         engine = self._live_engine()
         n = len(lengths)
@@ -193,41 +221,85 @@ class MooncakeTransport:
         start = (
             engine.batch_transfer_async_write if op == "write" else engine.batch_transfer_async_read
         )
-        batch_id = int(
-            start(
-                target_session,
-                [int(a) for a in local_addrs],
-                [int(a) for a in peer_addrs],
-                [int(x) for x in lengths],
-            )
-        )
-        if batch_id <= 0 or batch_id in _BAD_BATCH_IDS:
-            raise LLMException(
-                f"Mooncake could not start a {op} with {target_session} "
-                "(peer unreachable or unknown session)",
-                status_code=LLMStatusCode.LLM_LINK_FAILED,
-            )
-        with self._lock:
-            handle = next(self._handles)
-            self._pending[handle] = [batch_id, None]
+        deadline = None if room_timeout_ms < 0 else time.monotonic() + room_timeout_ms / 1000.0
+        waiters: List[_Waiter] = []
+        try:
+            for lo in range(0, n, MAX_QUEUED):
+                hi = min(lo + MAX_QUEUED, n)
+                self._take_room(target_session, hi - lo, deadline)
+                try:
+                    batch_id = int(
+                        start(
+                            target_session,
+                            [int(a) for a in local_addrs[lo:hi]],
+                            [int(a) for a in peer_addrs[lo:hi]],
+                            [int(x) for x in lengths[lo:hi]],
+                        )
+                    )
+                except BaseException:
+                    self._give_room(target_session, hi - lo)
+                    raise
+                if batch_id <= 0 or batch_id in _BAD_BATCH_IDS:
+                    self._give_room(target_session, hi - lo)
+                    raise LLMException(
+                        f"Mooncake could not start a {op} with {target_session} "
+                        "(peer unreachable or unknown session)",
+                        status_code=LLMStatusCode.LLM_LINK_FAILED,
+                    )
+                waiters.append(
+                    _Waiter(engine, batch_id, lambda k=hi - lo: self._give_room(target_session, k))
+                )
+        finally:
+            # batches already moving stay tracked even when a later one failed to start:
+            # close() settles them under a handle nobody holds
+            if waiters:
+                with self._lock:
+                    handle = next(self._handles)
+                    self._pending[handle] = waiters
         return handle
+
+    def _take_room(self, session: str, runs: int, deadline: Optional[float]) -> None:
+        """Count runs against the peer's queue, waiting until they fit or the deadline."""
+        with self._room:
+            while self._queued.get(session, 0) + runs > QUEUE_ROOM:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise LLMException(
+                        f"the transfer queue to {session} stayed full ({QUEUE_ROOM} runs in "
+                        "flight) until the timeout",
+                        status_code=LLMStatusCode.LLM_TIMEOUT,
+                    )
+                self._room.wait(left)
+            self._queued[session] = self._queued.get(session, 0) + runs
+
+    def _give_room(self, session: str, runs: int) -> None:
+        """Return runs of the peer's queue (a batch ended or never started)."""
+        with self._room:
+            left = self._queued[session] - runs
+            if left:
+                self._queued[session] = left
+            else:
+                del self._queued[session]
+            self._room.notify_all()
 
     def wait(self, handle: int, timeout_ms: int) -> int:
         """0 once every byte arrived, else nonzero (WAIT_TIMEOUT: still running, wait again)."""
-        engine = self._live_engine()
+        self._live_engine()
         with self._lock:
-            if handle not in self._pending:
-                raise LLMException(
-                    f"unknown or finished Mooncake batch handle {handle!r}",
-                    status_code=LLMStatusCode.LLM_PARAM_INVALID,
-                )
-            entry = self._pending[handle]
-            if entry[1] is None:
-                entry[1] = _Waiter(engine, entry[0])
-            waiter = entry[1]
-        rc = waiter.join(None if timeout_ms < 0 else timeout_ms / 1000.0)
-        if rc is None:
-            return WAIT_TIMEOUT
+            waiters = self._pending.get(handle)
+        if waiters is None:
+            raise LLMException(
+                f"unknown or finished Mooncake batch handle {handle!r}",
+                status_code=LLMStatusCode.LLM_PARAM_INVALID,
+            )
+        deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000.0
+        rc = 0
+        for waiter in waiters:
+            got = waiter.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if got is None:
+                return WAIT_TIMEOUT
+            if rc == 0:
+                rc = got
         with self._lock:
             self._pending.pop(handle, None)
         return rc
@@ -237,10 +309,7 @@ class MooncakeTransport:
         if self._engine is None:
             return
         with self._lock:
-            waiters = [
-                waiter or _Waiter(self._engine, batch_id)
-                for batch_id, waiter in self._pending.values()
-            ]
+            waiters = [waiter for batch in self._pending.values() for waiter in batch]
             self._pending.clear()
             regions, self._regions = self._regions, []
         for waiter in waiters:
@@ -292,18 +361,19 @@ class EngineChannel:
                 rc = self._wait_oldest()
                 if rc != 0:
                     return rc
+            start = self._transport.write_batch if op == "write" else self._transport.read_batch
             try:
-                if op == "write":
-                    h = self._transport.write_batch(
-                        self._session, local_addrs[lo:hi], peer_addrs[lo:hi], lengths[lo:hi]
-                    )
-                else:
-                    h = self._transport.read_batch(
-                        self._session, local_addrs[lo:hi], peer_addrs[lo:hi], lengths[lo:hi]
-                    )
+                h = start(
+                    self._session,
+                    local_addrs[lo:hi],
+                    peer_addrs[lo:hi],
+                    lengths[lo:hi],
+                    room_timeout_ms=self._wait_ms,
+                )
             except Exception as exc:  # noqa: BLE001 - any refusal ends the config, with its text
                 self.error = f"transfer engine refused a {op}: {exc}"
-                return WAIT_FAILED
+                timed_out = getattr(exc, "status_code", None) == LLMStatusCode.LLM_TIMEOUT
+                return WAIT_TIMEOUT if timed_out else WAIT_FAILED
             self._handles.append((h, hi - lo))
             self._queued += hi - lo
         return 0

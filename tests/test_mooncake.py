@@ -289,3 +289,44 @@ def test_engine_that_does_not_load_names_the_system_libraries(monkeypatch):
     assert ei.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
     assert "libibverbs1, libnuma1 and libcurl4" in str(ei.value)
     assert "pip install" not in str(ei.value)
+
+
+def test_batches_beyond_the_peers_queue_all_arrive(sender, peer):
+    """Mooncake's TCP transport fails what does not fit its per-peer queue; the transport
+    holds batches back until they fit, so neither a huge batch nor many at once fail."""
+    from llmdist.transport_mooncake import QUEUE_ROOM
+
+    seed, src_bytes = 11, 1 << 20
+    src = _src(sender, seed, src_bytes)
+    plan = scattered_plan(seed, src_bytes, slots=64, slot_bytes=DST_BYTES // 64)
+    # every range many times over, in one batch and in four started before any wait
+    big = plan * -(-(4 * QUEUE_ROOM) // len(plan))
+    assert sender.wait(_write(sender, peer, src, big), 20_000) == 0
+    assert peer.check(seed, src_bytes, plan) == (0, 0)
+    handles = [_write(sender, peer, src, big[: 2 * QUEUE_ROOM]) for _ in range(4)]
+    assert [sender.wait(h, 20_000) for h in handles] == [0] * 4
+    assert peer.check(seed, src_bytes, big[: 2 * QUEUE_ROOM]) == (0, 0)
+
+
+def test_a_full_queue_times_out_the_channel_not_the_batch(sender, peer):
+    """With the peer stopped and its queue full, another channel's write gives up after its
+    wait_ms with LLM_TIMEOUT; the batches already queued complete once the peer runs."""
+    from llmdist.transport_mooncake import QUEUE_ROOM, WAIT_TIMEOUT, EngineChannel
+
+    seed, src_bytes = 13, 1 << 20
+    src = _src(sender, seed, src_bytes)
+    ranges = [(i * 64, i * 64, 64) for i in range(QUEUE_ROOM)]
+    assert sender.wait(_write(sender, peer, src, [(0, 0, 1)]), 20_000) == 0  # connect first
+    _stop_all_threads(peer.pid)
+    try:
+        full = _write(sender, peer, src, ranges)
+        channel = EngineChannel(sender, peer.session, 300)
+        t0 = time.monotonic()
+        rc = channel.write([src.ctypes.data], [peer.addr + (2 << 20)], [4096])
+        assert rc == WAIT_TIMEOUT and 0.25 < time.monotonic() - t0 < 2.0
+        assert channel.verdict(rc)[0] == LLMStatusCode.LLM_TIMEOUT
+        assert "stayed full" in channel.error
+    finally:
+        os.kill(peer.pid, signal.SIGCONT)
+    assert sender.wait(full, 20_000) == 0
+    assert peer.check(seed, src_bytes, ranges) == (0, 0)

@@ -342,10 +342,10 @@ class RecordingTransport:
         self.max_live_runs = max(self.max_live_runs, sum(self.runs[x] for x in self.live))
         return h
 
-    def write_batch(self, session, src, dst, lengths):
+    def write_batch(self, session, src, dst, lengths, room_timeout_ms):
         return self._start("write", src, dst, lengths)
 
-    def read_batch(self, session, dst, src, lengths):
+    def read_batch(self, session, dst, src, lengths, room_timeout_ms):
         return self._start("read", dst, src, lengths)
 
     def wait(self, handle, timeout_ms):

@@ -109,7 +109,7 @@ static int a_copy_runs(void *ctx, llmd_run_table *t, const llmd_tensor_pair *pai
 {
     acl_state *st = (acl_state *)ctx;
     size_t first, n;
-    if (llmd_run_table_expand(t, pairs, count, &first, &n) != 0) return LLMD_RT_BAD_ARGUMENT;
+    if (llmd_run_table_expand(t, pairs, count, 1, &first, &n) != 0) return LLMD_RT_BAD_ARGUMENT;
     void **dsts = t->dsts + first, **srcs = t->srcs + first;
     size_t *sizes = t->sizes + first, *maxs = t->maxs + first;
     if (!(flags & LLMD_COPY_PEER_DEVICE) && st->batch_ok && API.aclrtMemcpyBatchAsync) {

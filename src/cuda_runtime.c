@@ -138,7 +138,7 @@ static int c_copy_runs(void *ctx, llmd_run_table *t, const llmd_tensor_pair *pai
     *fail_index = 0;
     if (st->use_kernel && kind == LLMD_MEMCPY_D2D && t->count > 0)
         return c_copy_runs_kernel(st, t, pairs, count, s, fail_index);
-    if (llmd_run_table_expand(t, pairs, count, &first, &n) != 0) return LLMD_RT_BAD_ARGUMENT;
+    if (llmd_run_table_expand(t, pairs, count, 1, &first, &n) != 0) return LLMD_RT_BAD_ARGUMENT;
     void **dsts = t->dsts + first, **srcs = t->srcs + first;
     size_t *sizes = t->sizes + first, *maxs = t->maxs + first;
     if (flags & LLMD_COPY_PEER_DEVICE)

@@ -659,22 +659,6 @@ static int h_memcpy_async(void *ctx, void *dst, size_t dst_max, const void *src,
     return stream_push((host_stream *)stream, &op);
 }
 
-/* Queue one batch, shared by the copy team when large. The arrays stay valid until the stream
- * has passed it (they are a run table's slots). */
-static int h_batch_async(void **dsts, size_t *dst_maxs, void **srcs, size_t *sizes, size_t count,
-                         llmd_stream stream, size_t *fail_index)
-{
-    if (!stream || !fail_index) return LLMD_HOST_EINVAL;
-    *fail_index = SIZE_MAX;
-    for (size_t i = 0; i < count; i++) {
-        if (sizes[i] && (!dsts[i] || !srcs[i])) { *fail_index = i; return LLMD_HOST_EINVAL; }
-        if (sizes[i] > dst_maxs[i]) { *fail_index = i; return LLMD_HOST_EOVERFLOW; }
-    }
-    if (count == 0) return LLMD_HOST_OK;
-    host_op op = {.type = OP_BATCH, .dsts = dsts, .srcs = srcs, .sizes = sizes, .n = count};
-    return stream_push((host_stream *)stream, &op);
-}
-
 static int h_run_table_create(void *ctx, const llmd_run *runs, size_t count, size_t pairs,
                               llmd_run_table **out)
 {
@@ -695,10 +679,20 @@ static int h_copy_runs(void *ctx, llmd_run_table *t, const llmd_tensor_pair *pai
 {
     (void)ctx; (void)kind; (void)flags;
     size_t first, n;
-    if (!t || (count && !pairs)) return LLMD_HOST_EINVAL;
-    if (llmd_run_table_expand(t, pairs, count, &first, &n) != 0) return LLMD_HOST_EINVAL;
-    return h_batch_async(t->dsts + first, t->maxs + first, t->srcs + first, t->sizes + first, n,
-                         stream, fail_index);
+    if (!t || (count && !pairs) || !stream || !fail_index) return LLMD_HOST_EINVAL;
+    /* checked a pair at a time before expanding, so the copies need no maxs: a run table's
+     * descriptors are the largest memory a small-block copy touches besides the blocks */
+    *fail_index = SIZE_MAX;
+    switch (llmd_run_table_check(t, pairs, count, fail_index)) {
+    case LLMD_RUNS_OK: break;
+    case LLMD_RUNS_NULL_ADDRESS: return LLMD_HOST_EINVAL;
+    case LLMD_RUNS_PAST_END: return LLMD_HOST_EOVERFLOW;
+    }
+    if (llmd_run_table_expand(t, pairs, count, 0, &first, &n) != 0) return LLMD_HOST_EINVAL;
+    if (n == 0) return LLMD_HOST_OK;
+    host_op op = {.type = OP_BATCH, .dsts = t->dsts + first, .srcs = t->srcs + first,
+                  .sizes = t->sizes + first, .n = n};
+    return stream_push((host_stream *)stream, &op);
 }
 
 static int process_async(int type, llmd_stream stream, int pid, void **dsts, void **srcs,

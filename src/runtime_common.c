@@ -61,6 +61,12 @@ int llmd_run_table_new(const llmd_run *runs, size_t count, size_t pair_capacity,
     t->sizes = (size_t *)(t->srcs + n);
     t->maxs = t->sizes + n;
     if (count) memcpy(t->runs, runs, count * sizeof(llmd_run));
+    for (size_t r = 0; r < count; r++) {
+        if (!runs[r].nbytes) continue;
+        if (runs[r].dst_off + runs[r].nbytes > t->reach) t->reach = runs[r].dst_off + runs[r].nbytes;
+        if (runs[r].src_off + runs[r].nbytes > t->src_reach)
+            t->src_reach = runs[r].src_off + runs[r].nbytes;
+    }
     t->count = count;
     t->capacity = slots;
     *out = t;
@@ -76,26 +82,60 @@ void llmd_run_table_free(llmd_run_table *t)
 }
 
 int llmd_run_table_expand(llmd_run_table *t, const llmd_tensor_pair *pairs, size_t count,
-                          size_t *first, size_t *n)
+                          int with_maxs, size_t *first, size_t *n)
 {
     size_t need = count * t->count;
     if (need > t->capacity - t->used) return -1;
-    size_t k = t->used;
-    *first = k;
+    /* the table's arrays in locals: stores through them cannot change them, so the loop keeps
+     * them in registers (through t, every store made the compiler reload all five) */
+    const llmd_run *restrict runs = t->runs;
+    const size_t nruns = t->count;
+    void **restrict dsts = t->dsts + t->used;
+    void **restrict srcs = t->srcs + t->used;
+    size_t *restrict sizes = t->sizes + t->used;
+    size_t *restrict maxs = t->maxs + t->used;
+    size_t k = 0;
     for (size_t p = 0; p < count; p++) {
         char *src = (char *)(uintptr_t)pairs[p].src;
         char *dst = (char *)(uintptr_t)pairs[p].dst;
         uint64_t end = pairs[p].dst_end;
-        for (size_t r = 0; r < t->count; r++, k++) {
-            t->dsts[k] = dst + t->runs[r].dst_off;
-            t->srcs[k] = src + t->runs[r].src_off;
-            t->sizes[k] = (size_t)t->runs[r].nbytes;
-            t->maxs[k] = (size_t)(end - (uint64_t)(uintptr_t)t->dsts[k]);
+        for (size_t r = 0; r < nruns; r++, k++) {
+            char *d = dst + runs[r].dst_off;
+            dsts[k] = d;
+            srcs[k] = src + runs[r].src_off;
+            sizes[k] = (size_t)runs[r].nbytes;
+            if (with_maxs) maxs[k] = (size_t)(end - (uint64_t)(uintptr_t)d);
         }
     }
-    t->used = k;
+    *first = t->used;
+    t->used += need;
     *n = need;
     return 0;
+}
+
+llmd_runs_check llmd_run_table_check(const llmd_run_table *t, const llmd_tensor_pair *pairs,
+                                     size_t count, size_t *fail_index)
+{
+    for (size_t p = 0; p < count; p++) {
+        uint64_t src = pairs[p].src, dst = pairs[p].dst, end = pairs[p].dst_end;
+        /* every run fits: no address wraps to 0 and none reaches past the end */
+        if (src && dst && src <= UINT64_MAX - t->src_reach && end >= dst && t->reach <= end - dst)
+            continue;
+        for (size_t r = 0; r < t->count; r++) {
+            uint64_t nbytes = t->runs[r].nbytes;
+            uint64_t d = dst + t->runs[r].dst_off;
+            size_t i = p * t->count + r;
+            if (nbytes && (!d || !(src + t->runs[r].src_off))) {
+                *fail_index = i;
+                return LLMD_RUNS_NULL_ADDRESS;
+            }
+            if (nbytes && (end < d || nbytes > end - d)) {
+                *fail_index = i;
+                return LLMD_RUNS_PAST_END;
+            }
+        }
+    }
+    return LLMD_RUNS_OK;
 }
 
 int llmd_copy_each(void *ctx, llmd_copy_fn copy, void **dsts, size_t *maxs, void **srcs,

@@ -29,6 +29,8 @@ struct llmd_run_table {
     void **srcs;
     size_t *sizes;
     size_t *maxs;           /* bytes from each destination to its region's end */
+    uint64_t reach;         /* the furthest byte past a destination any run writes */
+    uint64_t src_reach;     /* the furthest byte past a source any run reads */
     void *device;           /* the runtime's own state for the table (CUDA: the copy kernel's) */
     void *slots;            /* the pooled buffer holding dsts, srcs, sizes and maxs */
     size_t slots_size;
@@ -39,9 +41,22 @@ int llmd_run_table_new(const llmd_run *runs, size_t count, size_t pair_capacity,
                        llmd_run_table **out);
 void llmd_run_table_free(llmd_run_table *t);
 /* Expand pairs x runs into the table's next free slots: *first is the first slot, *n their
- * number (pair-major). 0, or -1 when the capacity is spent. */
+ * number (pair-major); with_maxs also fills maxs. 0, or -1 when the capacity is spent. */
 int llmd_run_table_expand(llmd_run_table *t, const llmd_tensor_pair *pairs, size_t count,
-                          size_t *first, size_t *n);
+                          int with_maxs, size_t *first, size_t *n);
+
+/* What llmd_run_table_check finds wrong with a descriptor. */
+typedef enum llmd_runs_check {
+    LLMD_RUNS_OK = 0,
+    LLMD_RUNS_NULL_ADDRESS, /* a run of some bytes from or to address 0 */
+    LLMD_RUNS_PAST_END,     /* a run reaching past its pair's dst_end */
+} llmd_runs_check;
+
+/* Check pairs x runs as each expanded descriptor would be checked (a run of some bytes starting
+ * at or past dst_end is past the end too), a pair at a time when all its runs fit: *fail_index
+ * is the first bad descriptor (pair-major). */
+llmd_runs_check llmd_run_table_check(const llmd_run_table *t, const llmd_tensor_pair *pairs,
+                                     size_t count, size_t *fail_index);
 
 typedef int (*llmd_copy_fn)(void *ctx, void *dst, size_t dst_max, const void *src, size_t count,
                             int kind, llmd_stream stream);

@@ -26,7 +26,7 @@ static void check_expand(void)
     llmd_run_table *t = NULL;
     size_t first = 99, n = 99;
     CHECK(llmd_run_table_new(runs, 2, 3, &t) == 0);
-    CHECK(llmd_run_table_expand(t, pairs, 2, &first, &n) == 0);
+    CHECK(llmd_run_table_expand(t, pairs, 2, 1, &first, &n) == 0);
     CHECK(first == 0 && n == 4);
     /* pair-major: pair 0 run 0, pair 0 run 1, pair 1 run 0, pair 1 run 1 */
     CHECK((uintptr_t)t->srcs[0] == 1000 && (uintptr_t)t->dsts[0] == 5100 && t->sizes[0] == 10);
@@ -34,9 +34,32 @@ static void check_expand(void)
     CHECK((uintptr_t)t->srcs[3] == 2050 && (uintptr_t)t->dsts[3] == 7000 && t->sizes[3] == 20);
     CHECK(t->maxs[0] == 100 && t->maxs[1] == 200 && t->maxs[3] == 30);
     /* one pair of capacity left: a call with two is refused, one with one fits */
-    CHECK(llmd_run_table_expand(t, pairs, 2, &first, &n) == -1);
-    CHECK(llmd_run_table_expand(t, pairs, 1, &first, &n) == 0 && first == 4 && n == 2);
-    CHECK(llmd_run_table_expand(t, pairs, 1, &first, &n) == -1);
+    CHECK(llmd_run_table_expand(t, pairs, 2, 1, &first, &n) == -1);
+    CHECK(llmd_run_table_expand(t, pairs, 1, 1, &first, &n) == 0 && first == 4 && n == 2);
+    CHECK(llmd_run_table_expand(t, pairs, 1, 1, &first, &n) == -1);
+    llmd_run_table_free(t);
+}
+
+/* The check a pair at a time gives what checking each expanded descriptor would: the first bad
+ * descriptor and why, whether the pair's fast test or its run-by-run scan decides. */
+static void check_runs_check(void)
+{
+    llmd_run runs[3] = {{0, 100, 10}, {50, 0, 20}, {70, 300, 0}}; /* run 2 moves nothing */
+    llmd_run_table *t = NULL;
+    size_t fail = 99;
+    CHECK(llmd_run_table_new(runs, 3, 4, &t) == 0);
+    CHECK(t->reach == 110 && t->src_reach == 70);
+    llmd_tensor_pair ok[2] = {{1000, 5000, 5110}, {2000, 7000, 9000}};
+    CHECK(llmd_run_table_check(t, ok, 2, &fail) == LLMD_RUNS_OK && fail == 99);
+    llmd_tensor_pair short_end[2] = {{1000, 5000, 5110}, {2000, 7000, 7105}};
+    CHECK(llmd_run_table_check(t, short_end, 2, &fail) == LLMD_RUNS_PAST_END && fail == 3);
+    llmd_tensor_pair tight[1] = {{1000, 5000, 5109}}; /* one byte short of run 0's end */
+    CHECK(llmd_run_table_check(t, tight, 1, &fail) == LLMD_RUNS_PAST_END && fail == 0);
+    llmd_tensor_pair null_dst[2] = {{1000, 5000, 5110}, {2000, 0, 200}};
+    /* dst 0: run 0 writes at 100 (not address 0), run 1 writes at 0 */
+    CHECK(llmd_run_table_check(t, null_dst, 2, &fail) == LLMD_RUNS_NULL_ADDRESS && fail == 4);
+    llmd_tensor_pair before[1] = {{1000, 5000, 4000}}; /* an end before the start */
+    CHECK(llmd_run_table_check(t, before, 1, &fail) == LLMD_RUNS_PAST_END && fail == 0);
     llmd_run_table_free(t);
 }
 
@@ -143,7 +166,13 @@ static void check_host_copy_runs(void)
     pairs[0].dst_end = (uintptr_t)dst[0] + 2048 + 100;
     CHECK(rt->copy_runs(rt->ctx, t, pairs, 1, LLMD_MEMCPY_DEFAULT, 0, s, &fail) == LLMD_HOST_EOVERFLOW);
     CHECK(fail == 0);
-    /* the table's pair capacity (3) is spent after the two pairs and this one */
+    /* a pair whose source is address 0: refused as invalid, naming pair 1's run 0 */
+    llmd_tensor_pair null_src[2] = {pairs[1], pairs[1]};
+    null_src[1].src = 0;
+    CHECK(rt->copy_runs(rt->ctx, t, null_src, 2, LLMD_MEMCPY_DEFAULT, 0, s, &fail) == LLMD_HOST_EINVAL);
+    CHECK(fail == 2);
+    /* refused calls take none of the table's pair capacity (3): one more pair fits, then no more */
+    CHECK(rt->copy_runs(rt->ctx, t, pairs + 1, 1, LLMD_MEMCPY_DEFAULT, 0, s, &fail) == 0);
     CHECK(rt->copy_runs(rt->ctx, t, pairs + 1, 1, LLMD_MEMCPY_DEFAULT, 0, s, &fail) != 0);
     CHECK(rt->error_class(rt->ctx, LLMD_HOST_ENOMEM) == LLMD_ERROR_HOST_OUT_OF_MEMORY);
     CHECK(rt->error_class(rt->ctx, LLMD_HOST_ETIMEOUT) == LLMD_ERROR_TIMEOUT);
@@ -194,6 +223,7 @@ int main(void)
     check_copy_each();
     check_poll();
     check_symbols();
+    check_runs_check();
     check_host_copy_runs();
     printf("ok\n");
     return 0;

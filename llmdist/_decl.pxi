@@ -118,10 +118,15 @@ cdef extern from "llmdist/host_runtime.h" nogil:
     const llmd_runtime *llmd_host_runtime()
     llmd_host_tuning *llmd_host_tuning_get()
     void llmd_host_copy(void *dst, const void *src, size_t n)
+    ctypedef enum llmd_host_queueing:
+        LLMD_HOST_RUN_WHERE_IDLE
+        LLMD_HOST_QUEUE
     int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void **srcs,
-                                      size_t *sizes, size_t count, int *status)
+                                      size_t *sizes, size_t count, int *status,
+                                      llmd_host_queueing queueing)
     int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void **srcs,
-                                     size_t *sizes, size_t count, int *status)
+                                     size_t *sizes, size_t count, int *status,
+                                     llmd_host_queueing queueing)
     int llmd_host_memfd_create(size_t size, int *fd, void **ptr)
     int llmd_host_memfd_map(int fd, size_t size, void **ptr)
     int llmd_host_shm_unmap(void *ptr, size_t size)

@@ -266,6 +266,10 @@ cdef class TransferJob:
         cdef size_t fail = 0
         cdef int merged = 0             # merged configs in this call
         cdef Py_ssize_t mpairs = 0      # their tensor pairs so far
+        # A synchronizer gates the layers one by one: its process batches go to the stream
+        # thread, so that the next layer's call overlaps this layer's bytes, and layers queued
+        # meanwhile move as one batch.
+        cdef llmd_host_queueing queueing = LLMD_HOST_QUEUE if self.has_sync else LLMD_HOST_RUN_WHERE_IDLE
         for i in range(self.ncfg):
             c = &self.cfg[i]
             lo = max(first, c.lo)
@@ -332,11 +336,11 @@ cdef class TransferJob:
                 elif c.direction == WRITE:
                     rc = llmd_host_process_write_async(stream, c.pid, &self.d_dsts[base],
                                                        &self.d_srcs[base], &self.d_sizes[base],
-                                                       k - base, &c.async_code)
+                                                       k - base, &c.async_code, queueing)
                 else:
                     rc = llmd_host_process_read_async(stream, c.pid, &self.d_dsts[base],
                                                       &self.d_srcs[base], &self.d_sizes[base],
-                                                      k - base, &c.async_code)
+                                                      k - base, &c.async_code, queueing)
             if rc != 0:
                 c.code = rc
                 c.fail_index = fail

@@ -389,6 +389,7 @@ typedef struct host_op {
     uint64_t gen;
     int pid;
     int *status;
+    int queued;     /* LLMD_HOST_QUEUE: never run on the issuing thread */
 } host_op;
 
 typedef struct host_stream {
@@ -431,6 +432,27 @@ static void run_op(host_op *op)
     }
 }
 
+/* Queued process transfers that continue op (same kind, pid and status; arrays that follow on
+ * from op's) join it, so that the layers of a gated transfer queued while an earlier one moved
+ * go as one batch. Returns how many joined (s->mu held). */
+static uint64_t take_continuations(host_stream *s, host_op *op)
+{
+    uint64_t joined = 0;
+    if (op->type != OP_PROCESS_WRITE && op->type != OP_PROCESS_READ) return 0;
+    while (s->len > 0) {
+        const host_op *next = &s->ring[s->head];
+        if (next->type != op->type || next->pid != op->pid || next->status != op->status ||
+            next->dsts != op->dsts + op->n || next->srcs != op->srcs + op->n ||
+            next->sizes != op->sizes + op->n)
+            break;
+        op->n += next->n;
+        s->head = (s->head + 1) % s->cap;
+        s->len--;
+        joined++;
+    }
+    return joined;
+}
+
 static void *stream_main(void *arg)
 {
     host_stream *s = (host_stream *)arg;
@@ -442,10 +464,11 @@ static void *stream_main(void *arg)
         host_op op = s->ring[s->head];
         s->head = (s->head + 1) % s->cap;
         s->len--;
+        uint64_t ops = 1 + take_continuations(s, &op);
         pthread_mutex_unlock(&s->mu);
         run_op(&op);
         pthread_mutex_lock(&s->mu);
-        s->completed++;
+        s->completed += ops;
         if (s->completed == s->submitted) pthread_cond_broadcast(&s->idle_cv);
     }
     pthread_mutex_unlock(&s->mu);
@@ -461,7 +484,7 @@ static void *stream_main(void *arg)
 static int stream_push(host_stream *s, const host_op *op)
 {
     pthread_mutex_lock(&s->mu);
-    if (op->type != OP_WAIT && s->len == 0 && s->completed == s->submitted) {
+    if (op->type != OP_WAIT && !op->queued && s->len == 0 && s->completed == s->submitted) {
         s->submitted++;
         s->running_inline = 1;
         pthread_mutex_unlock(&s->mu);
@@ -696,25 +719,28 @@ static int h_copy_runs(void *ctx, llmd_run_table *t, const llmd_tensor_pair *pai
 }
 
 static int process_async(int type, llmd_stream stream, int pid, void **dsts, void **srcs,
-                         size_t *sizes, size_t count, int *status)
+                         size_t *sizes, size_t count, int *status, llmd_host_queueing queueing)
 {
     if (!stream || !status || (count && (!dsts || !srcs || !sizes))) return LLMD_HOST_EINVAL;
+    if (queueing != LLMD_HOST_RUN_WHERE_IDLE && queueing != LLMD_HOST_QUEUE) return LLMD_HOST_EINVAL;
     if (count == 0) return LLMD_HOST_OK;
     host_op op = {.type = type, .dsts = dsts, .srcs = srcs, .sizes = sizes,
-                  .n = count, .pid = pid, .status = status};
+                  .n = count, .pid = pid, .status = status, .queued = queueing == LLMD_HOST_QUEUE};
     return stream_push((host_stream *)stream, &op);
 }
 
 int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void **srcs,
-                                  size_t *sizes, size_t count, int *status)
+                                  size_t *sizes, size_t count, int *status,
+                                  llmd_host_queueing queueing)
 {
-    return process_async(OP_PROCESS_WRITE, stream, pid, dsts, srcs, sizes, count, status);
+    return process_async(OP_PROCESS_WRITE, stream, pid, dsts, srcs, sizes, count, status, queueing);
 }
 
 int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void **srcs,
-                                 size_t *sizes, size_t count, int *status)
+                                 size_t *sizes, size_t count, int *status,
+                                 llmd_host_queueing queueing)
 {
-    return process_async(OP_PROCESS_READ, stream, pid, dsts, srcs, sizes, count, status);
+    return process_async(OP_PROCESS_READ, stream, pid, dsts, srcs, sizes, count, status, queueing);
 }
 
 /* Shared memory: a sealed memfd that peers on this host receive as a file descriptor over a Unix

@@ -162,3 +162,92 @@ def test_percent_p_in_the_name_is_the_process_id(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["child.py", f"trace.{pid}.txt"]
     s = host_trace.summarize(host_trace.read(str(tmp_path / f"trace.{pid}.txt")))
     assert s["batches"] == 2
+
+
+# A child: a synchronizer-gated process read of 4 layers queued behind a held stream. The
+# stream is held by an event whose record waits behind a long copy on another stream (run by
+# another thread), so that every layer is queued before the stream moves.
+GATED_CHILD = textwrap.dedent("""
+    import os, threading
+    import numpy as np
+    import llmdist
+    from llmdist import _core
+    from llmdist._core import ConfigPlan, CopyKind, Direction, Lane
+
+    rt = _core.Runtime.host()
+    llmdist.set_host_tuning(copy_threads=2, split_min_bytes=1 << 20)
+    block, nblocks, layers = 64 << 10, 8, 4
+    si = list(range(nblocks))
+    plan = _core.plan_b2b(_core.parse_indices("src", si), _core.parse_indices("dst", si), block)
+    src = [np.random.default_rng(i).integers(0, 255, nblocks * block, dtype=np.uint8)
+           for i in range(layers)]
+    dst = [np.zeros_like(a) for a in src]
+
+    class Always:
+        def __init__(self, gate):
+            self.gate, self.held = gate, []
+        def synchronize_layer(self, layer, timeout):
+            self.held.append(not self.gate.query())  # the stream still held at this call
+            return True
+
+    a, b = _core.Stream(rt), _core.Stream(rt)
+    big = 64 << 20
+    for attempt in range(5):
+        for d in dst:
+            d[:] = 0
+        busy_src, busy_dst = np.ones(big, np.uint8), np.zeros(big, np.uint8)
+        gate = _core.Event(rt)
+        started = threading.Event()
+
+        def long_copy():
+            started.set()
+            rt.memcpy(busy_dst.ctypes.data, busy_src.ctypes.data, big, b)  # inline on b
+        t = threading.Thread(target=long_copy)
+        t.start()
+        started.wait()
+        gate.record(b)          # queued behind the long copy
+        a.wait_event(gate)      # a holds until then
+        cp = ConfigPlan(first_layer=0, stop_layer=layers, row_shift=0, kind=CopyKind.COPY_H2H,
+                        lane=Lane.LANE_PROCESS, direction=Direction.READ,
+                        target_addrs=[x.ctypes.data for x in src],
+                        target_limits=[x.ctypes.data + x.nbytes for x in src], pid=os.getpid(),
+                        link=None, engine=None, single=False, tensors_per_layer=1)
+        sync = Always(gate)
+        job = _core.TransferJob(rt, plan, [x.ctypes.data for x in dst], [cp], sync, None,
+                                tensors_per_layer=1)
+        job.run(a)
+        t.join()
+        assert job.done.is_set()
+        for x, y in zip(src, dst):
+            assert (x == y).all()
+        if all(sync.held):
+            break
+        big *= 2
+    print(attempt, threading.get_native_id())
+""")
+
+
+def test_gated_process_layers_queued_behind_each_other_move_as_one_batch(tmp_path):
+    """A synchronizer-gated loop hands its process batches to the stream thread (not its own
+    thread), and the layers queued while the stream was held run as one batch."""
+    trace = tmp_path / "trace.txt"
+    env = dict(os.environ, LLMDIST_HOST_TRACE=str(trace))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    script = tmp_path / "child.py"
+    script.write_text(GATED_CHILD)
+    r = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    attempt, caller = (int(x) for x in r.stdout.split()[-2:])
+    process = [
+        x
+        for x in host_trace.read(str(trace))
+        if x.kind in (host_trace.PROCESS_BATCH, host_trace.PROCESS_BATCH_SOLO)
+    ]
+    # earlier attempts (the stream was let go too soon) left batches of their own first
+    layer_bytes = 8 * (64 << 10)
+    assert sum(x.nbytes for x in process) == (attempt + 1) * 4 * layer_bytes
+    last = process[-1]
+    assert last.nbytes == 4 * layer_bytes
+    assert last.tid != caller

@@ -36,15 +36,27 @@ llmd_host_tuning *llmd_host_tuning_get(void);
 /* Copy one run with the same engine the streams use (for benchmarks and tests). */
 void llmd_host_copy(void *dst, const void *src, size_t n);
 
+/* How a process transfer is queued. */
+typedef enum llmd_host_queueing {
+    /* run on the issuing thread when the stream is idle (no hand-off: best for one batch) */
+    LLMD_HOST_RUN_WHERE_IDLE = 0,
+    /* always hand to the stream thread: the issuer goes on (a gated layer loop asks for its
+     * next layer) while this one moves; transfers queued back to back with the same pid and
+     * status whose arrays continue each other run as one batch */
+    LLMD_HOST_QUEUE = 1,
+} llmd_host_queueing;
+
 /* Queue writes of runs into process pid's memory (process_vm_writev) on a host stream. The
  * arrays must stay valid until the stream passes the operation; the errno of the first failure
  * is stored in *status (which must start at 0). */
 int llmd_host_process_write_async(llmd_stream stream, int pid, void **dsts, void **srcs,
-                                  size_t *sizes, size_t count, int *status);
+                                  size_t *sizes, size_t count, int *status,
+                                  llmd_host_queueing queueing);
 /* The same for reads: runs of process pid's memory (srcs) into this process's dsts
  * (process_vm_readv). */
 int llmd_host_process_read_async(llmd_stream stream, int pid, void **dsts, void **srcs,
-                                 size_t *sizes, size_t count, int *status);
+                                 size_t *sizes, size_t count, int *status,
+                                 llmd_host_queueing queueing);
 
 /* Shared memory as a sealed memfd (size fixed by F_SEAL_SHRINK|F_SEAL_GROW), so that peers on
  * this host can map host-runtime memory from a file descriptor passed over a Unix socket.

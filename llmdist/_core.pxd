@@ -200,3 +200,20 @@ cdef class Slots:  # _slots.pxi
 cdef class Done:  # _done.pxi
     cdef object lock
     cdef bint flag
+
+
+cdef class LocalPull:  # _local_pull.pxi
+    cdef object planner               # the transfers.Planner of the cluster
+    cdef object mem                   # its ClusterMemory
+    cdef long long generation         # the memory's generation the shape was resolved in
+    cdef Runtime runtime
+    cdef ConfigPlan config
+    cdef list dst_addrs               # the destination cache's tensor addresses
+    cdef object inflight_entry        # what Planner.inflight records for the job
+    cdef str what                     # the failure messages' name of the call
+    cdef size_t stride                # block bytes, the same on both sides
+    cdef uint64_t src_blocks, dst_blocks    # the caches' block counts
+    cdef size_t src_size, dst_size    # the caches' tensor bytes
+    cdef int tpl
+    cdef int wait_ms                  # llm.SyncKvCacheWaitTime
+    cdef object transfers_module      # llmdist.transfers (its KEEP_GIL_BYTES, read per call)

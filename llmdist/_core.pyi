@@ -4,7 +4,7 @@ tests/test_packaging.py checks this stub against the built module with mypy.stub
 
 import enum
 import os as os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from typing_extensions import disjoint_base
 
@@ -320,7 +320,32 @@ class TransferJob:
         self, stream: Stream, host_stream: Optional[Stream] = None, keep_gil_bytes: int = 0
     ) -> None: ...
     def keeps_gil(self, keep_gil_bytes: int) -> bool: ...
+    def needs_deadline(self, keep_gil_bytes: int) -> bool: ...
     def cancel(self, status_code: Any, configs: Any = None) -> None: ...
+
+@disjoint_base
+class LocalPull:
+    def __init__(
+        self,
+        *,
+        planner: Any,
+        mem: Any,
+        generation: int,
+        runtime: Runtime,
+        config: ConfigPlan,
+        dst_addrs: List[int],
+        inflight_entry: Any,
+        what: str,
+        stride: int,
+        src_blocks: int,
+        dst_blocks: int,
+        src_size: int,
+        dst_size: int,
+        tensors_per_layer: int,
+        wait_ms: int,
+        transfers_module: Any,
+    ) -> None: ...
+    def run(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> bool: ...
 
 @disjoint_base
 class ProcessVmBaseline:

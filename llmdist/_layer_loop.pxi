@@ -463,6 +463,22 @@ cdef class TransferJob:
         synchronizer, no events) and the job moves at most keep_gil_bytes."""
         return not self.has_sync and self.events == NULL and self.job_bytes() <= keep_gil_bytes
 
+    def needs_deadline(self, size_t keep_gil_bytes):
+        """Whether a caller running the job on its own thread (run(..., keep_gil_bytes)) needs
+        a deadline thread to cancel it: only a job that releases the GIL and issues its copies
+        in more than one call (gated layers, or more than GROUP_BYTES) can be stopped part
+        way; one issued in a single call can only end late, which the caller's clock sees."""
+        cdef size_t per_layer
+        cdef int span = max(self.last_layer - self.first_layer, 1)
+        if self.keeps_gil(keep_gil_bytes):
+            return False
+        if self.has_sync or self.events != NULL:
+            return True
+        per_layer = self.plan.nbytes * <size_t>(self.tpl * max(self.ncfg, 1))
+        if per_layer == 0 or per_layer >= GROUP_BYTES:
+            return span > 1
+        return <size_t>span > GROUP_BYTES // per_layer
+
     cdef size_t job_bytes(self) noexcept:
         """The bytes every config of the job moves."""
         cdef size_t total = 0

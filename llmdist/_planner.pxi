@@ -69,28 +69,42 @@ cdef inline bint block_fits(uint64_t index, size_t block_bytes) noexcept nogil:
     return block_bytes == 0 or index <= (U64_MAX - block_bytes) // block_bytes
 
 
+# Plans of fewer pairs are made holding the GIL: they take microseconds, and a GIL given up
+# goes to any busy Python thread for its whole switch interval (5 ms by default) before this
+# one gets it back.
+cdef Py_ssize_t PLAN_RELEASE_GIL_PAIRS = 1 << 16
+
+
 cdef object overflow_error(str name, Indices idx, size_t block_bytes):
     return LLMException(f"{name} holds block {idx.max_value}: at {block_bytes} bytes per block "
                         f"its offset does not fit the address space",
                         status_code=LLMStatusCode.LLM_PARAM_INVALID)
 
 
+cdef void fill_c2b(Plan p, Indices dst_blocks, size_t row_bytes,
+                   size_t block_bytes) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef size_t off, n
+    for j in range(dst_blocks.size):
+        if not block_fits(dst_blocks.data[j], block_bytes):
+            p.overflow = True
+            break
+        off = <size_t>j * block_bytes
+        n = min(block_bytes, row_bytes - off)
+        p.add(off, <size_t>dst_blocks.data[j] * block_bytes, n)
+    p.finish()
+
+
 def plan_c2b(Indices dst_blocks not None, size_t row_bytes, size_t block_bytes):
     """Contiguous row to blocks: chunk j of the row (block_bytes each, the last may be
     shorter) goes to destination block dst_blocks[j]."""
     cdef Plan p = Plan.__new__(Plan)
-    cdef Py_ssize_t j
-    cdef size_t off, n
     p.reserve(dst_blocks.size)
-    with nogil:
-        for j in range(dst_blocks.size):
-            if not block_fits(dst_blocks.data[j], block_bytes):
-                p.overflow = True
-                break
-            off = <size_t>j * block_bytes
-            n = min(block_bytes, row_bytes - off)
-            p.add(off, <size_t>dst_blocks.data[j] * block_bytes, n)
-        p.finish()
+    if dst_blocks.size >= PLAN_RELEASE_GIL_PAIRS:
+        with nogil:
+            fill_c2b(p, dst_blocks, row_bytes, block_bytes)
+    else:
+        fill_c2b(p, dst_blocks, row_bytes, block_bytes)
     if p.overflow:
         raise overflow_error("dst_block_indices", dst_blocks, block_bytes)
     return p
@@ -199,44 +213,53 @@ cdef bint all_distinct(const uint64_t *values, Py_ssize_t n, Pair *work) noexcep
     return True
 
 
+cdef void fill_b2b(Plan p, Pair *pairs, Pair *work, Indices src_blocks, Indices dst_blocks,
+                   Py_ssize_t n, size_t block_bytes) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef int distinct, ordered
+    for j in range(n):
+        pairs[j].src = src_blocks.data[j]
+        pairs[j].dst = dst_blocks.data[j]
+    if n > 1:
+        # distinct destinations: take the pairs in source order (a bitmap of the indices
+        # when they are dense enough, else radix sorts)
+        distinct = -1
+        if dst_blocks.max_value_c <= BITMAP_SPREAD * <uint64_t>n:
+            distinct = by_bitmap(pairs, work, n, dst_blocks.max_value_c, False)
+        if distinct < 0:
+            distinct = all_distinct(dst_blocks.data, n, work)
+        if distinct:
+            ordered = 0
+            if src_blocks.max_value_c <= BITMAP_SPREAD * <uint64_t>n:
+                ordered = by_bitmap(pairs, work, n, src_blocks.max_value_c, True)
+            if ordered != 1:
+                sort_by_src(pairs, work, n)
+    for j in range(n):
+        if not (block_fits(pairs[j].src, block_bytes) and block_fits(pairs[j].dst, block_bytes)):
+            p.overflow = True
+            break
+        p.add(<size_t>pairs[j].src * block_bytes, <size_t>pairs[j].dst * block_bytes,
+              block_bytes)
+    p.finish()
+
+
 def plan_b2b(Indices src_blocks not None, Indices dst_blocks not None, size_t block_bytes):
     """Blocks to blocks: source block s[j] goes to destination block d[j]; runs where both
     advance by one become one copy. When no destination block repeats, the pairs are taken in
     source order, which reads memory more sequentially (and the order of copies to distinct
     blocks does not matter)."""
     cdef Plan p = Plan.__new__(Plan)
-    cdef Py_ssize_t j, n = src_blocks.size
+    cdef Py_ssize_t n = src_blocks.size
     cdef Pair *pairs = <Pair *>malloc(max(3 * n, 1) * sizeof(Pair))     # the pairs, then scratch
     cdef Pair *work = pairs + n
-    cdef int distinct, ordered
     if pairs == NULL:
         raise MemoryError()
     p.reserve(n)
-    with nogil:
-        for j in range(n):
-            pairs[j].src = src_blocks.data[j]
-            pairs[j].dst = dst_blocks.data[j]
-        if n > 1:
-            # distinct destinations: take the pairs in source order (a bitmap of the indices
-            # when they are dense enough, else radix sorts)
-            distinct = -1
-            if dst_blocks.max_value_c <= BITMAP_SPREAD * <uint64_t>n:
-                distinct = by_bitmap(pairs, work, n, dst_blocks.max_value_c, False)
-            if distinct < 0:
-                distinct = all_distinct(dst_blocks.data, n, work)
-            if distinct:
-                ordered = 0
-                if src_blocks.max_value_c <= BITMAP_SPREAD * <uint64_t>n:
-                    ordered = by_bitmap(pairs, work, n, src_blocks.max_value_c, True)
-                if ordered != 1:
-                    sort_by_src(pairs, work, n)
-        for j in range(n):
-            if not (block_fits(pairs[j].src, block_bytes) and block_fits(pairs[j].dst, block_bytes)):
-                p.overflow = True
-                break
-            p.add(<size_t>pairs[j].src * block_bytes, <size_t>pairs[j].dst * block_bytes,
-                  block_bytes)
-        p.finish()
+    if n >= PLAN_RELEASE_GIL_PAIRS:
+        with nogil:
+            fill_b2b(p, pairs, work, src_blocks, dst_blocks, n, block_bytes)
+    else:
+        fill_b2b(p, pairs, work, src_blocks, dst_blocks, n, block_bytes)
     free(pairs)
     if p.overflow:
         raise overflow_error("dst_block_indices", dst_blocks, block_bytes)

@@ -265,6 +265,13 @@ class CacheManager:
         (src_blocks empty). Layer l is tensors [l*t, (l+1)*t) with t = tensor_num_per_layer.
         notify: a payload the source's cluster receives once the bytes are read out of it."""
         _ignore("pull_blocks", ignored)
+        if notify is None and type(src_cache_key) is BlocksCacheKey:
+            # a shape pulled before from this cluster: one compiled step (LocalPull)
+            local = self.transfers.memo.local_pull(
+                src_cache_key, dst_cache, src_layer_range, dst_layer_range, tensor_num_per_layer
+            )
+            if local is not None and local.run(src_blocks, dst_blocks):
+                return
         check_isinstance(
             "src_cache_key", src_cache_key, (CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey)
         )

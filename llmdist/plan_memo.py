@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, Hashable, Optional, Sequence, Tuple
 
+from . import _core
+from .cache_keys import BlocksCacheKey
 from .data_path import PeerPath
+from .descs import Cache
 from .registry import ClusterMemory, Region
 
 MAX_ENTRIES = 64  # shapes kept per generation; a full memo starts again empty
@@ -69,21 +72,51 @@ class PlanMemo:
         self._mem = mem
         self._generation = mem.generation
         self._entries: Dict[Hashable, Resolved] = {}
+        # (destination cache, key fields, layer ranges, tensors per layer) -> LocalPull
+        self._pulls: Dict[tuple, "_core.LocalPull"] = {}
+
+    def _renew(self) -> None:
+        """Forget everything resolved in an earlier generation (lock held)."""
+        if self._generation != self._mem.generation:
+            self._entries.clear()
+            self._pulls.clear()
+            self._generation = self._mem.generation
 
     def get(self, key: Hashable) -> Optional[Resolved]:
         """The resolution stored under key in the current generation, or None."""
         if self._generation != self._mem.generation:
-            self._entries.clear()
-            self._generation = self._mem.generation
+            self._renew()
             return None
         return self._entries.get(key)
 
     def put(self, key: Hashable, resolved: Resolved) -> None:
         """Store a resolution made in the current generation (call get first, holding the
         same lock)."""
-        if self._generation != self._mem.generation:
-            self._entries.clear()
-            self._generation = self._mem.generation
+        self._renew()
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
         self._entries[key] = resolved
+
+    def local_pull(
+        self, key: BlocksCacheKey, dst_cache, src_range, dst_range, tpl
+    ) -> Optional["_core.LocalPull"]:
+        """The LocalPull kept for pull_blocks(key, dst_cache, ..., src_range, dst_range, tpl)
+        of this cluster, or None (no lock needed: the LocalPull checks the generation). Only
+        plain arguments are looked up, so that no user type's hash or equality runs here."""
+        if (
+            type(dst_cache) is not Cache
+            or type(tpl) is not int
+            or (src_range is not None and type(src_range) is not range)
+            or (dst_range is not None and type(dst_range) is not range)
+        ):
+            return None
+        return self._pulls.get((dst_cache, key.cluster_id, key.model_id, src_range, dst_range, tpl))
+
+    def keep_local_pull(
+        self, key: BlocksCacheKey, dst_cache, src_range, dst_range, tpl, pull: "_core.LocalPull"
+    ) -> None:
+        """Keep a LocalPull made in the current generation (lock held)."""
+        self._renew()
+        if len(self._pulls) >= MAX_ENTRIES:
+            self._pulls.clear()
+        self._pulls[(dst_cache, key.cluster_id, key.model_id, src_range, dst_range, tpl)] = pull

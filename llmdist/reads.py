@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-from . import _core, block_ops, transfer_args
+from . import _core, block_ops, transfer_args, transfers
 from ._check import check_int64, check_isinstance, require
 from ._core import Direction
 from .descs import (
@@ -23,7 +23,7 @@ from .descs import (
 from .plan_memo import Resolved, memo_scope
 from .registry import ALLOCATED, MemoryEntry
 from .status import LLMException, LLMStatusCode
-from .transfers import Planner, find_key, live_entry
+from .transfers import DEFAULT_WAIT_MS, Planner, find_key, live_entry
 
 Key = Union[CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey]
 
@@ -171,6 +171,7 @@ def _pull_plan(
     cluster, that no byte read is written), choose the route. Returns the byte plan, the
     layer loop's config, the tensors per layer and the (cluster, cache) pairs it touches."""
     memo_key = None
+    call_tpl = tpl
     scope = memo_scope(peer, pl.runtime)
     if scope is not None and dst_row is None:
         # pulled before with the same key, caches and layers in this generation of both
@@ -180,6 +181,8 @@ def _pull_plan(
         if hit is not None:
             got = _memoised_pull(what, key, hit, dst_entry, src_idx, dst_idx, size)
             if got is not None:
+                if peer is None:
+                    _keep_local_pull(pl, what, key, dst_entry, hit, src_range, dst_range, call_tpl)
                 return got
     mem = pl.mem if peer is None else peer.mem
     src_entry, row = find_key(mem, key)
@@ -250,8 +253,48 @@ def _pull_plan(
     cfg = pl.plan_config(Direction.READ, route, dst_layers, doff, kind, targets, sregions, tpl)
     if memo_key is not None:
         fixed = _Fixed(src_entry, row, tpl, targets, dsts, check_overlap, ddesc)
-        pl.memo.put(memo_key, Resolved(None, 0, 0, frozenset(touched), cfg, fixed))
+        resolved = Resolved(None, 0, 0, frozenset(touched), cfg, fixed)
+        pl.memo.put(memo_key, resolved)
+        if peer is None:
+            _keep_local_pull(pl, what, key, dst_entry, resolved, src_range, dst_range, call_tpl)
     return plan, cfg, tpl, touched
+
+
+def _keep_local_pull(
+    pl: Planner, what: str, key: Key, dst_entry: MemoryEntry, resolved, src_range, dst_range, tpl
+) -> None:
+    """Keep a LocalPull for later pull_blocks of this shape (lock held): block to block from a
+    BlocksCacheKey of this cluster, with no overlap check, on the host runtime."""
+    fixed = resolved.extra
+    if (
+        what != "pull_blocks"
+        or type(key) is not BlocksCacheKey
+        or not fixed.stride
+        or fixed.check_overlap
+        or not pl.runtime.is_host
+        or pl.memo.local_pull(key, dst_entry.cache, src_range, dst_range, tpl) is not None
+    ):
+        return
+    cache = dst_entry.cache
+    pull = _core.LocalPull(
+        planner=pl,
+        mem=pl.mem,
+        generation=pl.mem.generation,
+        runtime=pl.runtime,
+        config=resolved.config,
+        dst_addrs=list(tensor_addrs_of(cache)),
+        inflight_entry=((pl.cluster_id, cache.cache_id), [resolved.touched]),
+        what=f"{what} from cluster {key.cluster_id}",
+        stride=fixed.stride,
+        src_blocks=fixed.src_blocks,
+        dst_blocks=cache.cache_desc.batch_size,
+        src_size=fixed.src_size,
+        dst_size=fixed.dst_size,
+        tensors_per_layer=fixed.tpl,
+        wait_ms=pl.sync_timeout if pl.sync_timeout is not None else DEFAULT_WAIT_MS,
+        transfers_module=transfers,
+    )
+    pl.memo.keep_local_pull(key, cache, src_range, dst_range, tpl, pull)
 
 
 class _Fixed:

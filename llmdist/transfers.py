@@ -233,21 +233,28 @@ class Planner:
             here = job in self._here
             self._here.discard(job)
         if here:
-            # as for a waiting caller: not done by the deadline is LLM_TIMEOUT, whether the
-            # deadline thread got to cancel the rest or the copies landed meanwhile
             t0 = time.monotonic()
             self._run_here(job, wait_ms)
-            if (
-                job.cancel_code == LLMStatusCode.LLM_TIMEOUT
-                or time.monotonic() - t0 >= wait_ms / 1000.0
-            ):
-                raise _fail(
-                    f"{what} did not finish within {wait_ms} ms (llm.SyncKvCacheWaitTime)",
-                    LLMStatusCode.LLM_TIMEOUT,
-                )
-        elif not job.done.wait(wait_ms / 1000.0):
+            self.verdict(job, what, wait_ms, t0)
+            return
+        if not job.done.wait(wait_ms / 1000.0):
             job.cancel(LLMStatusCode.LLM_TIMEOUT)
             job.done.wait(max(wait_ms / 1000.0, 1.0))
+            raise _fail(
+                f"{what} did not finish within {wait_ms} ms (llm.SyncKvCacheWaitTime)",
+                LLMStatusCode.LLM_TIMEOUT,
+            )
+        self.verdict(job, what, wait_ms, None)
+
+    def verdict(self, job, what: str, wait_ms: int, t0: Optional[float]) -> None:
+        """Raise the failure of a finished synchronous job, if any. t0: when a job run on its
+        caller's thread started; as for a waiting caller, not done by the deadline is
+        LLM_TIMEOUT, whether the deadline thread got to cancel the rest or the copies landed
+        meanwhile."""
+        if t0 is not None and (
+            job.cancel_code == LLMStatusCode.LLM_TIMEOUT
+            or time.monotonic() - t0 >= wait_ms / 1000.0
+        ):
             raise _fail(
                 f"{what} did not finish within {wait_ms} ms (llm.SyncKvCacheWaitTime)",
                 LLMStatusCode.LLM_TIMEOUT,
@@ -262,23 +269,28 @@ class Planner:
 
     def _run_here(self, job, wait_ms: int) -> None:
         """Run job's layer loop on this thread, on its own stream; the deadline thread cancels
-        it at wait_ms as a waiting caller would. A job that keeps the GIL gets no deadline:
-        the deadline thread could run only once it ended (finish reports it late)."""
+        it at wait_ms as a waiting caller would, when it can stop part way
+        (TransferJob.needs_deadline): a job that keeps the GIL or issues every copy in one
+        call only ends late, which verdict reports."""
         stream = getattr(self._streams, "stream", None)
         if stream is None:
             stream = self._streams.stream = _core.Stream(self.runtime)
         entry = None
-        if not job.keeps_gil(KEEP_GIL_BYTES):
+        if job.needs_deadline(KEEP_GIL_BYTES):
             entry = self.deadlines.add(job, wait_ms / 1000.0)
         try:
             job.run(stream, None, KEEP_GIL_BYTES)
-        except BaseException:  # a bug in the loop must still end the job
-            log.exception("transfer job failed unexpectedly")
-            job.cancel(LLMStatusCode.LLM_FAILED)
+        except BaseException:
+            self.loop_failed(job)
         finally:
             if entry is not None:
                 self.deadlines.done(entry)
         job.done.wait()  # a cancellation from another thread reports it
+
+    def loop_failed(self, job) -> None:
+        """A bug in the layer loop: the job must still end."""
+        log.exception("transfer job failed unexpectedly")
+        job.cancel(LLMStatusCode.LLM_FAILED)
 
     def run_planned(self, plan_job, peers: Sequence):
         """Call plan_job() under the lock (and the locks of peers, whose reader threads update

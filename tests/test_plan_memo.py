@@ -15,6 +15,7 @@ from llmdist import (
     LLMStatusCode,
     Placement,
     TransferConfig,
+    _core,
 )
 
 from .decode_procs import cluster_info
@@ -214,6 +215,75 @@ def test_pull_within_one_cache_checks_overlap_on_every_call(cm):
     exc = raises_llm(PARAM_INVALID, cm.pull_blocks, key, src, [0, 1], [1, 2])
     assert str(exc).startswith("pull_blocks: src_blocks and dst_blocks: ") and "overlap" in str(exc)
     assert all((tensor(src, t, 8) == before[t]).all() for t in range(2))
+
+
+def test_repeated_local_pull_runs_compiled_and_refuses_as_the_full_path(cm):
+    """A pull_blocks shape pulled before runs as one LocalPull; arguments it doubts go to the
+    full path, which refuses them as for a first call, with nothing copied."""
+    key = BlocksCacheKey(CLUSTER, 7)
+    src = filled_source(cm, key=key)
+    dst = cm.allocate_blocks_cache(desc(8))
+    tensor(dst, 0, 8)[:] = 0
+    tensor(dst, 1, 8)[:] = 0
+    assert cm.transfers.memo.local_pull(key, dst, None, None, 2) is None
+    cm.pull_blocks(key, dst, [1], [2])
+    local = cm.transfers.memo.local_pull(key, dst, None, None, 2)
+    assert isinstance(local, _core.LocalPull)
+    assert cm.transfers.memo.local_pull(key, dst, None, None, 1) is None  # another shape
+    assert cm.transfers.memo.local_pull(key, dst, None, None, True) is None  # not an int
+    assert local.run([3, 0], [4, 7]) is True
+    for t in range(2):
+        d, s = tensor(dst, t, 8), tensor(src, t, 8)
+        for sb, db in ((1, 2), (3, 4), (0, 7)):
+            assert (d[db * BLOCK : (db + 1) * BLOCK] == s[sb * BLOCK : (sb + 1) * BLOCK]).all()
+    before = [tensor(dst, t, 8).copy() for t in range(2)]
+    refused = {
+        "dst_blocks has block 8, but dst_cache has 8 blocks": ([1], [8]),
+        "src_blocks has block 8, but the source cache has 8 blocks": ([8], [1]),
+        "dst_blocks: destination block 1 is written twice": ([2, 3], [1, 1]),
+        "src_blocks and dst_blocks must have the same length, got 2 and 1": ([2, 3], [1]),
+        "dst_blocks must not be empty": ([], []),
+    }
+    for message, (si, di) in refused.items():
+        assert local.run(si, di) is False
+        assert str(raises_llm(PARAM_INVALID, cm.pull_blocks, key, dst, si, di)) == message
+    assert local.run("01", [1]) is False
+    with pytest.raises(TypeError, match="src_blocks only support"):
+        cm.pull_blocks(key, dst, "01", [1])
+    assert all((tensor(dst, t, 8) == before[t]).all() for t in range(2))
+    cm.deallocate_blocks_cache(src)  # a new generation of the memory: nothing runs compiled
+    assert local.run([1], [2]) is False
+    raises_llm(NOT_EXIST, cm.pull_blocks, key, dst, [1], [2])
+
+
+def test_local_pull_is_not_kept_where_every_call_needs_the_overlap_check(cm):
+    key = BlocksCacheKey(CLUSTER, 7)
+    src = filled_source(cm, key=key)
+    cm.pull_blocks(key, src, [0, 1], [4, 5])
+    assert cm.transfers.memo.local_pull(key, src, None, None, 2) is None
+
+
+def test_local_pull_past_the_wait_time_is_a_timeout():
+    """The compiled step reports a pull that ran past llm.SyncKvCacheWaitTime as the full path
+    does (LLM_TIMEOUT), and gives its task slot back."""
+    env = Env(cluster_id=CLUSTER, extra_options={"llm.SyncKvCacheWaitTime": "1"})
+    try:
+        cm = env.cm
+        key = BlocksCacheKey(CLUSTER, 7)
+        big = CacheDesc(2, [64, 1 << 20], DataType.DT_UINT8, Placement.DEVICE)  # 64 MiB each
+        cm.allocate_blocks_cache(big, key)
+        dst = cm.allocate_blocks_cache(big)
+        blocks = list(range(64))
+        for _ in range(2):
+            exc = raises_llm(
+                LLMStatusCode.LLM_TIMEOUT, cm.pull_blocks, key, dst, blocks, blocks[::-1]
+            )
+            assert "did not finish within 1 ms" in str(exc)
+            assert cm.transfers.memo.local_pull(key, dst, None, None, 2) is not None
+        assert not cm.transfers.inflight
+        assert cm.transfers.slots.acquire(0) and (cm.transfers.slots.release() is None)
+    finally:
+        env.close()
 
 
 # --------------------------------------------------------------------------------------------

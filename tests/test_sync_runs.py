@@ -234,3 +234,31 @@ def test_a_small_pull_on_the_calling_thread_keeps_the_gil(nbytes, keeps):
         if spinner.thread.is_alive():
             spinner.thread.join()
         env.close()
+
+
+def test_planning_a_few_thousand_blocks_keeps_the_gil():
+    """Plans of fewer than 65,536 pairs are made holding the GIL: a release, even for
+    microseconds, let a busy thread keep it for its whole switch interval (it made one pull
+    in three beside such a thread take that long)."""
+    from llmdist import _core
+
+    spinner = Spinner()
+    interval = sys.getswitchinterval()
+    src = _core.parse_indices("src", list(range(0, 8192, 2)))
+    dst = _core.parse_indices("dst", list(range(4096)))
+    try:
+        sys.setswitchinterval(0.2)
+        spinner.thread.start()
+        moved = []
+        for _ in range(20):
+            time.sleep(0.01)  # the spinner runs; this thread comes back at a forced switch
+            before = spinner.count
+            _core.plan_b2b(src, dst, 64)
+            _core.plan_c2b(dst, 4096 * 64, 64)
+            moved.append(spinner.count - before)
+        assert moved == [0] * 20
+    finally:
+        spinner.stop = True
+        sys.setswitchinterval(interval)
+        if spinner.thread.is_alive():
+            spinner.thread.join()

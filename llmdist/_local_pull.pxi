@@ -58,9 +58,7 @@ cdef class LocalPull:
         # a worker idle: no job queued before this one that it would pass
         if pl.workers.idle <= 0:
             return False
-        stream = getattr(pl._streams, "stream", None)
-        if stream is None:
-            return False
+        stream = pl.caller_stream()
         slots = pl.slots
         if not slots.acquire(0.0):
             return False
@@ -72,7 +70,7 @@ cdef class LocalPull:
                 job = TransferJob(self.runtime, plan, self.dst_addrs, [self.config], None,
                                   pl.sync_timeout, tensors_per_layer=self.tpl)
                 pl.inflight[job] = self.inflight_entry
-                job.on_finish = pl._job_done
+                job.on_finish = pl.job_done
         except BaseException:
             slots.release()
             raise

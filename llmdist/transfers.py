@@ -145,7 +145,8 @@ class Planner:
                 LLMStatusCode.LLM_LINK_BUSY,
             )
 
-    def _job_done(self, job) -> None:
+    def job_done(self, job) -> None:
+        """A job ended (its on_finish): out of the in-flight table, its task slot back."""
         with self.lock:
             self.inflight.pop(job, None)
         self.slots.release()
@@ -159,11 +160,11 @@ class Planner:
         slot, which the job gives back when it ends; notice (a TaskNotice) fires when it ends."""
         self.inflight[job] = ((self.cluster_id, cache_id), touched)
         if notice is None:
-            job.on_finish = self._job_done
+            job.on_finish = self.job_done
         else:
 
             def finished(job) -> None:
-                self._job_done(job)
+                self.job_done(job)
                 ok = all(r == LLMStatusCode.LLM_SUCCESS for r in config_results(job)[0])
                 notice.fire(ok)
 
@@ -272,9 +273,7 @@ class Planner:
         it at wait_ms as a waiting caller would, when it can stop part way
         (TransferJob.needs_deadline): a job that keeps the GIL or issues every copy in one
         call only ends late, which verdict reports."""
-        stream = getattr(self._streams, "stream", None)
-        if stream is None:
-            stream = self._streams.stream = _core.Stream(self.runtime)
+        stream = self.caller_stream()
         entry = None
         if job.needs_deadline(KEEP_GIL_BYTES):
             entry = self.deadlines.add(job, wait_ms / 1000.0)
@@ -286,6 +285,13 @@ class Planner:
             if entry is not None:
                 self.deadlines.done(entry)
         job.done.wait()  # a cancellation from another thread reports it
+
+    def caller_stream(self) -> "_core.Stream":
+        """The calling thread's stream for the jobs it runs itself (made on first use)."""
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = _core.Stream(self.runtime)
+        return stream
 
     def loop_failed(self, job) -> None:
         """A bug in the layer loop: the job must still end."""

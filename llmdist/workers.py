@@ -64,6 +64,10 @@ class TransferWorkers:
             stream = _core.Stream(self._runtime)
             # Host-to-host copies of a device runtime run on the host copy engine's own stream.
             host_stream = None if self._runtime.is_host else _core.Stream(_core.Runtime.host())
+            # idle from here on: counted before start() returns, so that the first call after
+            # it sees every worker free
+            with self._lock:
+                self._idle += 1
         finally:
             try:
                 ready.wait(timeout=30)
@@ -71,8 +75,6 @@ class TransferWorkers:
                 pass
         try:
             while True:
-                with self._lock:
-                    self._idle += 1
                 job = self._queue.get()
                 with self._lock:
                     self._idle -= 1
@@ -83,6 +85,8 @@ class TransferWorkers:
                 except BaseException:  # a bug in the loop must still end the task
                     log.exception("transfer job failed unexpectedly")
                     job.cancel(LLMStatusCode.LLM_FAILED)
+                with self._lock:
+                    self._idle += 1
         finally:
             stream.close()
             if host_stream is not None:

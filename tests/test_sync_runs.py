@@ -134,6 +134,22 @@ def test_a_job_run_on_the_calling_thread_ends_with_llm_timeout_at_its_deadline()
         env.close()
 
 
+def test_every_worker_counts_as_idle_once_start_returns():
+    """A synchronous call right after start runs on its caller's thread only when a worker is
+    idle: each worker is counted before start() returns (they counted themselves after it, so
+    the first call could find none idle)."""
+    from llmdist import _core
+    from llmdist.workers import TransferWorkers
+
+    for _ in range(20):
+        workers = TransferWorkers(_core.Runtime.host(), 2)
+        workers.start()
+        try:
+            assert workers.idle == 2
+        finally:
+            workers.shutdown(5.0)
+
+
 def test_pulls_and_pushes_on_the_calling_thread_move_the_bytes():
     env = Env(remote=True, cluster_id=4103)
     try:

@@ -216,4 +216,3 @@ cdef class LocalPull:  # _local_pull.pxi
     cdef size_t src_size, dst_size    # the caches' tensor bytes
     cdef int tpl
     cdef int wait_ms                  # llm.SyncKvCacheWaitTime
-    cdef object transfers_module      # llmdist.transfers (its KEEP_GIL_BYTES, read per call)

@@ -343,7 +343,6 @@ class LocalPull:
         dst_size: int,
         tensors_per_layer: int,
         wait_ms: int,
-        transfers_module: Any,
     ) -> None: ...
     def run(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> bool: ...
 

@@ -15,7 +15,7 @@ cdef class LocalPull:
     def __init__(self, *, planner, mem, long long generation, Runtime runtime not None,
                  ConfigPlan config not None, list dst_addrs, object inflight_entry, str what,
                  size_t stride, uint64_t src_blocks, uint64_t dst_blocks, size_t src_size,
-                 size_t dst_size, int tensors_per_layer, int wait_ms, transfers_module):
+                 size_t dst_size, int tensors_per_layer, int wait_ms):
         self.planner = planner
         self.mem = mem
         self.generation = generation
@@ -31,7 +31,6 @@ cdef class LocalPull:
         self.dst_size = dst_size
         self.tpl = tensors_per_layer
         self.wait_ms = wait_ms
-        self.transfers_module = transfers_module
 
     def run(self, src_blocks, dst_blocks):
         """True once the blocks are copied; False when nothing was done and the full path must
@@ -58,7 +57,6 @@ cdef class LocalPull:
         # a worker idle: no job queued before this one that it would pass
         if pl.workers.idle <= 0:
             return False
-        stream = pl.caller_stream()
         slots = pl.slots
         if not slots.acquire(0.0):
             return False
@@ -74,17 +72,8 @@ cdef class LocalPull:
         except BaseException:
             slots.release()
             raise
-        keep = self.transfers_module.KEEP_GIL_BYTES
         t0 = _time.monotonic()
-        entry = pl.deadlines.add(job, self.wait_ms / 1000.0) if job.needs_deadline(keep) else None
-        try:
-            job.run(stream, None, keep)
-        except BaseException:
-            pl.loop_failed(job)
-        finally:
-            if entry is not None:
-                pl.deadlines.done(entry)
-        job.done.wait()
+        pl.run_here(job, self.wait_ms)
         if job.cancel_code is None and _time.monotonic() - t0 < self.wait_ms / 1000.0:
             o = job.outcomes[0]
             if o.failure == FAIL_NONE and o.attempted:

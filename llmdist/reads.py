@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-from . import _core, block_ops, transfer_args, transfers
+from . import _core, block_ops, transfer_args
 from ._check import check_int64, check_isinstance, require
 from ._core import Direction
 from .descs import (
@@ -292,7 +292,6 @@ def _keep_local_pull(
         dst_size=fixed.dst_size,
         tensors_per_layer=fixed.tpl,
         wait_ms=pl.sync_timeout if pl.sync_timeout is not None else DEFAULT_WAIT_MS,
-        transfers_module=transfers,
     )
     pl.memo.keep_local_pull(key, cache, src_range, dst_range, tpl, pull)
 

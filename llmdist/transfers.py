@@ -235,7 +235,7 @@ class Planner:
             self._here.discard(job)
         if here:
             t0 = time.monotonic()
-            self._run_here(job, wait_ms)
+            self.run_here(job, wait_ms)
             self.verdict(job, what, wait_ms, t0)
             return
         if not job.done.wait(wait_ms / 1000.0):
@@ -268,35 +268,26 @@ class Planner:
             code = job.cancel_code if job.cancel_code is not None else LLMStatusCode.LLM_FAILED
         raise _fail(f"{what} failed: {errors[0] if errors else None or code}", code)
 
-    def _run_here(self, job, wait_ms: int) -> None:
+    def run_here(self, job, wait_ms: int) -> None:
         """Run job's layer loop on this thread, on its own stream; the deadline thread cancels
         it at wait_ms as a waiting caller would, when it can stop part way
         (TransferJob.needs_deadline): a job that keeps the GIL or issues every copy in one
         call only ends late, which verdict reports."""
-        stream = self.caller_stream()
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = _core.Stream(self.runtime)
         entry = None
         if job.needs_deadline(KEEP_GIL_BYTES):
             entry = self.deadlines.add(job, wait_ms / 1000.0)
         try:
             job.run(stream, None, KEEP_GIL_BYTES)
-        except BaseException:
-            self.loop_failed(job)
+        except BaseException:  # a bug in the loop must still end the job
+            log.exception("transfer job failed unexpectedly")
+            job.cancel(LLMStatusCode.LLM_FAILED)
         finally:
             if entry is not None:
                 self.deadlines.done(entry)
         job.done.wait()  # a cancellation from another thread reports it
-
-    def caller_stream(self) -> "_core.Stream":
-        """The calling thread's stream for the jobs it runs itself (made on first use)."""
-        stream = getattr(self._streams, "stream", None)
-        if stream is None:
-            stream = self._streams.stream = _core.Stream(self.runtime)
-        return stream
-
-    def loop_failed(self, job) -> None:
-        """A bug in the layer loop: the job must still end."""
-        log.exception("transfer job failed unexpectedly")
-        job.cancel(LLMStatusCode.LLM_FAILED)
 
     def run_planned(self, plan_job, peers: Sequence):
         """Call plan_job() under the lock (and the locks of peers, whose reader threads update

@@ -72,6 +72,7 @@ cdef class Plan:  # _planner.pxi
     cdef readonly size_t src_lo, src_hi    # the same for the source (a pull checks it)
     cdef readonly size_t nbytes             # the bytes of all runs (one tensor's share)
     cdef bint overflow          # some block offset does not fit the address space
+    cdef readonly bint dst_distinct     # plan_b2b: no destination block repeats
     cdef int reserve(self, Py_ssize_t n) except -1
     cdef void add(self, size_t src_off, size_t dst_off, size_t nbytes) noexcept nogil
     cdef void finish(self) noexcept nogil
@@ -168,7 +169,7 @@ cdef class TransferJob:  # _layer_loop.pxi
     cdef void release_tables(self) noexcept nogil
     cdef void fail_unfinished(self, int layer, int failure) noexcept nogil
     cdef void fail_lanes(self, int layer, int lanes, int code) noexcept nogil
-    cdef int lanes_at(self, int layer) noexcept nogil
+    cdef int lanes_between(self, int first, int stop) noexcept nogil
     cdef void issue_layers(self, int first, int stop) noexcept nogil
     cdef int engine_move(self, int i, Py_ssize_t base, Py_ssize_t n) noexcept with gil
     cdef settle_engines(self)

@@ -7,7 +7,7 @@ LayerSynchronizer and to publish a task's results. The compiled classes and the 
 interfaces are declared in _core.pxd; the parts included below implement them.
 """
 
-from cpython.long cimport PyLong_AsUnsignedLongLong
+from cpython.object cimport PyObject, PyTypeObject
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_acquire_lock, PyThread_release_lock, NOWAIT_LOCK,
                                WAIT_LOCK)

@@ -20,6 +20,17 @@ cdef class Indices:
         return [self.data[i] for i in range(self.size)]
 
 
+cdef extern from "Python.h":
+    # The list's or tuple's item array (borrowed references), and the conversion without
+    # Cython's exception check, so that the loop below needs no try block per element.
+    PyObject **PySequence_Fast_ITEMS(object seq)
+    unsigned long long int_to_u64 "PyLong_AsUnsignedLongLong"(PyObject *item) noexcept
+    PyObject *PyErr_Occurred() noexcept
+    void PyErr_Clear() noexcept
+    PyTypeObject *type_of "Py_TYPE"(PyObject *item) noexcept
+    PyTypeObject PyLong_Type
+
+
 def parse_indices(str name, object seq):
     """Check that seq is a list/tuple of uint64 and copy it into an Indices.
 
@@ -30,19 +41,23 @@ def parse_indices(str name, object seq):
     cdef Py_ssize_t n = len(seq), i
     cdef Indices out = Indices.__new__(Indices)
     cdef uint64_t v, vmax = 0
+    cdef PyObject **items = PySequence_Fast_ITEMS(seq)
+    cdef PyObject *item
     out.data = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
     if out.data == NULL:
         raise MemoryError()
     out.size = n
+    # No Python code runs in the loop (the checks and the conversion call none), so the item
+    # array stays as it is.
     for i in range(n):
-        item = seq[i]
-        if type(item) is not int:
-            if not isinstance(item, int) or isinstance(item, bool):
-                raise TypeError(f"{name}[{i}] only support [int], but got {type(item)}")
-        try:    # the conversion itself checks the range, with no Python int compared
-            v = PyLong_AsUnsignedLongLong(item)
-        except OverflowError:   # negative, or above 2**64-1
-            raise ValueError(f"{name}[{i}] must be in [0, {U64_MAX}], but got {item}") from None
+        item = items[i]
+        if type_of(item) != &PyLong_Type:
+            if not isinstance(<object>item, int) or isinstance(<object>item, bool):
+                raise TypeError(f"{name}[{i}] only support [int], but got {type(<object>item)}")
+        v = int_to_u64(item)    # checks the range itself, with no Python int compared
+        if v == U64_MAX and PyErr_Occurred() != NULL:  # negative, or above 2**64-1
+            PyErr_Clear()
+            raise ValueError(f"{name}[{i}] must be in [0, {U64_MAX}], but got {<object>item}")
         out.data[i] = v
         if v > vmax:
             vmax = v

@@ -239,11 +239,11 @@ cdef class TransferJob:
                 self.cfg[i].failed = FAIL_RUNTIME
                 self.cfg[i].code = code
 
-    cdef int lanes_at(self, int layer) noexcept nogil:
-        """lane_bit of every lane with a live config covering layer."""
+    cdef int lanes_between(self, int first, int stop) noexcept nogil:
+        """lane_bit of every lane with a live config covering a layer of [first, stop)."""
         cdef int i, bits = 0
         for i in range(self.ncfg):
-            if self.cfg[i].lo <= layer < self.cfg[i].hi and not self.cfg[i].failed:
+            if self.cfg[i].lo < stop and first < self.cfg[i].hi and not self.cfg[i].failed:
                 bits |= lane_bit(self.cfg[i].lane)
         return bits
 
@@ -499,9 +499,7 @@ cdef class TransferJob:
             # with any later ones already finished
             stop = (layer + 1 if self.has_sync or self.events != NULL
                     else min(layer + self.group, self.last_layer))
-            lanes = 0
-            for i in range(layer, stop):
-                lanes |= self.lanes_at(i)
+            lanes = self.lanes_between(layer, stop)
             if lanes == 0:
                 layer = stop
                 continue

@@ -49,10 +49,11 @@ cdef class LocalPull:
         except Exception:
             return False
         if (a.size == 0 or a.size != b.size or a.max_value_c >= self.src_blocks
-                or b.max_value_c >= self.dst_blocks or repeated_index(b) is not None):
+                or b.max_value_c >= self.dst_blocks):
             return False
         plan = plan_b2b(a, b, self.stride)
-        if plan.overflow or plan.src_hi > self.src_size or plan.dst_hi > self.dst_size:
+        if (not plan.dst_distinct or plan.src_hi > self.src_size
+                or plan.dst_hi > self.dst_size):
             return False
         # a worker idle: no job queued before this one that it would pass
         if pl.workers.idle <= 0:

@@ -85,10 +85,12 @@ cdef void fill_c2b(Plan p, Indices dst_blocks, size_t row_bytes,
                    size_t block_bytes) noexcept nogil:
     cdef Py_ssize_t j
     cdef size_t off, n
+    # every block fits when the largest does (one division, not one per block)
+    if not block_fits(dst_blocks.max_value_c, block_bytes):
+        p.overflow = True
+        p.finish()
+        return
     for j in range(dst_blocks.size):
-        if not block_fits(dst_blocks.data[j], block_bytes):
-            p.overflow = True
-            break
         off = <size_t>j * block_bytes
         n = min(block_bytes, row_bytes - off)
         p.add(off, <size_t>dst_blocks.data[j] * block_bytes, n)
@@ -155,8 +157,13 @@ cdef void sort_by_src(Pair *a, Pair *tmp, Py_ssize_t n) noexcept nogil:
         memcpy(a, src, n * sizeof(Pair))
 
 
-cdef extern from *:
-    int popcount64 "__builtin_popcountll"(unsigned long long x) nogil
+cdef inline int popcount64(uint64_t x) noexcept nogil:
+    """The set bits of x, inline: the builtin is a library call where the baseline x86-64
+    target the wheels build for has no popcnt instruction."""
+    x = x - ((x >> 1) & 0x5555555555555555ULL)
+    x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0FULL
+    return <int>((x * 0x0101010101010101ULL) >> 56)
 
 
 # Index sets at most this many times denser than their largest value use a bitmap (one bit per
@@ -217,9 +224,16 @@ cdef void fill_b2b(Plan p, Pair *pairs, Pair *work, Indices src_blocks, Indices 
                    Py_ssize_t n, size_t block_bytes) noexcept nogil:
     cdef Py_ssize_t j
     cdef int distinct, ordered
+    # every block fits when the largest of each list does (one division each, not two per pair)
+    if not (block_fits(src_blocks.max_value_c, block_bytes)
+            and block_fits(dst_blocks.max_value_c, block_bytes)):
+        p.overflow = True
+        p.finish()
+        return
     for j in range(n):
         pairs[j].src = src_blocks.data[j]
         pairs[j].dst = dst_blocks.data[j]
+    p.dst_distinct = True
     if n > 1:
         # distinct destinations: take the pairs in source order (a bitmap of the indices
         # when they are dense enough, else radix sorts)
@@ -228,6 +242,7 @@ cdef void fill_b2b(Plan p, Pair *pairs, Pair *work, Indices src_blocks, Indices 
             distinct = by_bitmap(pairs, work, n, dst_blocks.max_value_c, False)
         if distinct < 0:
             distinct = all_distinct(dst_blocks.data, n, work)
+        p.dst_distinct = distinct == 1
         if distinct:
             ordered = 0
             if src_blocks.max_value_c <= BITMAP_SPREAD * <uint64_t>n:
@@ -235,9 +250,6 @@ cdef void fill_b2b(Plan p, Pair *pairs, Pair *work, Indices src_blocks, Indices 
             if ordered != 1:
                 sort_by_src(pairs, work, n)
     for j in range(n):
-        if not (block_fits(pairs[j].src, block_bytes) and block_fits(pairs[j].dst, block_bytes)):
-            p.overflow = True
-            break
         p.add(<size_t>pairs[j].src * block_bytes, <size_t>pairs[j].dst * block_bytes,
               block_bytes)
     p.finish()

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+import llmdist
 from llmdist import _core
 
 BLOCK = 4096
@@ -100,3 +101,36 @@ def test_repeated_index_names_the_first_repeat_not_the_smallest():
     big = (1 << 64) - 1
     assert _core.repeated_index(_core.parse_indices("dst", [big, 7, 3, 7, big])) == 7
     assert _core.repeated_index(_core.parse_indices("dst", list(range(70000)))) is None
+
+
+@pytest.mark.parametrize("kind", ["distinct", "dst_repeats", "sparse", "sparse_dst_repeats"])
+def test_b2b_plan_says_whether_a_destination_repeats(kind):
+    # the bitmap pass (dense), the sort (sparse) and one pair
+    rng = random.Random(kind)
+    top = 1 << 40 if kind.startswith("sparse") else 300
+    for n in (1, 2, 3, 64, 257):
+        src = [rng.randint(0, top) for _ in range(n)]
+        dst = rng.sample(range(top + 1), n)
+        if kind.endswith("repeats") and n > 1:
+            dst[rng.randrange(1, n)] = dst[0]
+        assert plan(src, dst).dst_distinct == (len(set(dst)) == n), (src, dst)
+
+
+@pytest.mark.parametrize("block", [1, 64, 4096, 3 << 20])
+def test_a_block_whose_offset_does_not_fit_is_refused_by_either_list(block):
+    # the largest index whose block [i*B, i*B + B) still ends within 2**64 - 1
+    last = ((1 << 64) - 1 - block) // block
+    assert plan([last, 0], [0, last], block).dst_hi == last * block + block
+    assert _core.plan_c2b(_core.parse_indices("dst", [1, last]), 2 * block, block).dst_hi == (
+        last * block + block
+    )
+    for src, dst in (
+        ([last + 1, 0], [0, 1]),
+        ([0, 1], [1, last + 1]),
+        ([2, 1, 0], [0, 1, 2**64 - 1]),
+    ):
+        with pytest.raises(llmdist.LLMException, match="does not fit the address space") as ei:
+            plan(src, dst, block)
+        assert ei.value.status_code == llmdist.LLMStatusCode.LLM_PARAM_INVALID
+    with pytest.raises(llmdist.LLMException, match="does not fit the address space"):
+        _core.plan_c2b(_core.parse_indices("dst", [0, last + 1]), 2 * block, block)

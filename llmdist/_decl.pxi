@@ -114,6 +114,7 @@ cdef extern from "llmdist/host_runtime.h" nogil:
         int copy_threads
         size_t split_min_bytes
         size_t stream_store_min_bytes
+        size_t stream_store_short_batch_bytes
 
     const llmd_runtime *llmd_host_runtime()
     llmd_host_tuning *llmd_host_tuning_get()

@@ -4,12 +4,15 @@ def host_tuning():
     """The host copy engine's knobs as a dict."""
     cdef llmd_host_tuning *t = llmd_host_tuning_get()
     return {"copy_threads": t.copy_threads, "split_min_bytes": t.split_min_bytes,
-            "stream_store_min_bytes": t.stream_store_min_bytes}
+            "stream_store_min_bytes": t.stream_store_min_bytes,
+            "stream_store_short_batch_bytes": t.stream_store_short_batch_bytes}
 
 
-def set_host_tuning(copy_threads=None, split_min_bytes=None, stream_store_min_bytes=None):
+def set_host_tuning(copy_threads=None, split_min_bytes=None, stream_store_min_bytes=None,
+                    stream_store_short_batch_bytes=None):
     """Set the host copy engine's knobs: threads sharing a batch, the smallest batch worth
-    splitting, and the smallest run copied with streaming stores (0 disables them)."""
+    splitting, the smallest run copied with streaming stores (0 disables them), and the
+    smallest batch of short runs (under 1 KiB on average) whose runs all use them (0: none)."""
     cdef llmd_host_tuning *t = llmd_host_tuning_get()
     if copy_threads is not None:
         if type(copy_threads) is not int or not 1 <= copy_threads <= 64:
@@ -23,3 +26,8 @@ def set_host_tuning(copy_threads=None, split_min_bytes=None, stream_store_min_by
         if type(stream_store_min_bytes) is not int or stream_store_min_bytes < 0:
             raise ValueError(f"stream_store_min_bytes must be an int >= 0, got {stream_store_min_bytes!r}")
         t.stream_store_min_bytes = stream_store_min_bytes
+    if stream_store_short_batch_bytes is not None:
+        if type(stream_store_short_batch_bytes) is not int or stream_store_short_batch_bytes < 0:
+            raise ValueError(f"stream_store_short_batch_bytes must be an int >= 0, got "
+                             f"{stream_store_short_batch_bytes!r}")
+        t.stream_store_short_batch_bytes = stream_store_short_batch_bytes

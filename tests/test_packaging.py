@@ -168,6 +168,7 @@ def test_signatures_are_embedded():
         "copy_threads",
         "split_min_bytes",
         "stream_store_min_bytes",
+        "stream_store_short_batch_bytes",
     ]
     assert llmdist.Event.__doc__.startswith("A runtime event")
 

@@ -6,6 +6,7 @@ Local transfers only: the destination cluster is the LLMDataDist's own cluster i
 from __future__ import annotations
 
 import math
+import random
 from typing import Dict, Hashable, List, Sequence
 
 import numpy as np
@@ -571,6 +572,29 @@ def test_host_tuning_knobs_keep_bytes_exact(env, tuning, knobs):
         [8, 0, 4, 1, 5, 2, 3, 7, 6],
         8191,
     )
+
+
+@pytest.mark.parametrize("short_batch", [0, 1, 1 << 18])
+@pytest.mark.parametrize("block", [64, 100, 128, 200])
+def test_short_runs_in_a_large_batch_keep_bytes_exact(env, tuning, short_batch, block):
+    """Batches of short runs (small blocks) may be copied with streaming stores: every byte
+    still lands, whatever the run's length and alignment (100 and 200 B blocks start off the
+    cache line), split across two threads or not."""
+    tuning(copy_threads=2, split_min_bytes=1 << 16, stream_store_short_batch_bytes=short_batch)
+    assert llmdist.host_tuning()["stream_store_short_batch_bytes"] == short_batch
+    # 8 tensors x 1024 blocks: the pull below moves 8 x 700 blocks, 350 KiB to 1.1 MiB
+    src = env.registered(8, [1024, block], blocks=True)
+    dst = env.registered(8, [1024, block], blocks=True)
+    rng = random.Random(block)
+    sb = rng.sample(range(1024), 700)
+    db = rng.sample(range(1024), 700)
+    run_and_check(env, src, [dst], [tc(dst.addrs)], [RefConfig(dst.tensors)], sb, db)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1", True])
+def test_short_batch_knob_refuses_what_is_not_a_size(tuning, bad):
+    with pytest.raises(ValueError, match=r"stream_store_short_batch_bytes must be an int >= 0"):
+        tuning(stream_store_short_batch_bytes=bad)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ enum {
 };
 
 /* Tuning knobs, read by every copy; set them before or between transfers. */
+/* Runs shorter than this are short for stream_store_short_batch_bytes. */
+#define LLMD_SHORT_RUN_BYTES 256
+
 typedef struct llmd_host_tuning {
     /* Number of threads (the stream's own included) that share one large batch. */
     int copy_threads;
@@ -29,6 +32,10 @@ typedef struct llmd_host_tuning {
     size_t split_min_bytes;
     /* Runs of at least this many bytes use non-temporal (streaming) stores; 0 disables. */
     size_t stream_store_min_bytes;
+    /* A batch of at least this many bytes whose runs average under LLMD_SHORT_RUN_BYTES uses
+     * streaming stores for every run of a cache line or more; 0 disables (so does
+     * stream_store_min_bytes 0). */
+    size_t stream_store_short_batch_bytes;
 } llmd_host_tuning;
 
 const llmd_runtime *llmd_host_runtime(void);

@@ -129,7 +129,7 @@ def _overhead_pull(bench: Bench, run: Run) -> None:
 
         pull()
         ok = verify_blocks(bench, src, dst, si, di, block, tensors=[0, nt - 1])
-        rounds = max(10, 4 * s.repeat)
+        rounds = max(20, 20 * s.repeat)  # sub-millisecond calls: as many rounds as the transfer case
         times = bench.rounds(label, {SUBJECT: pull, "same runs, copy engine": engine}, rounds)
         added = statistics.median(times[SUBJECT]) - statistics.median(
             times["same runs, copy engine"]

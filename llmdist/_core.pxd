@@ -6,6 +6,7 @@
 include "_decl.pxi"
 
 from cpython.pythread cimport PyThread_type_lock
+cimport cython
 
 ctypedef llmd_run Run        # the runtime interface's run: a plan's runs feed its run tables
 
@@ -65,6 +66,7 @@ cdef class Indices:  # _indices.pxi
     cdef uint64_t max_value_c       # max_value as a C integer (0 when empty)
 
 
+@cython.final    # add and finish run once per pair and run: called directly, not through a table
 cdef class Plan:  # _planner.pxi
     cdef Run *runs
     cdef readonly Py_ssize_t count

@@ -4,7 +4,7 @@ tests/test_packaging.py checks this stub against the built module with mypy.stub
 
 import enum
 import os as os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, final
 
 from typing_extensions import disjoint_base
 
@@ -121,7 +121,7 @@ class Indices:
 def parse_indices(name: str, seq: object) -> Indices: ...
 def repeated_index(idx: Indices) -> Optional[int]: ...
 
-@disjoint_base
+@final
 class Plan:
     @property
     def count(self) -> int: ...

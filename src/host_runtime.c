@@ -45,8 +45,10 @@ static void copy_streaming(char *dst, const char *src, size_t n)
 {
     size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
     if (head > n) head = n;
-    memcpy(dst, src, head);
-    dst += head; src += head; n -= head;
+    if (head) {     /* small blocks are mostly aligned and whole lines: no calls for them */
+        memcpy(dst, src, head);
+        dst += head; src += head; n -= head;
+    }
     while (n >= 64) {
         __m128i a = _mm_loadu_si128((const __m128i *)(src));
         __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
@@ -58,7 +60,7 @@ static void copy_streaming(char *dst, const char *src, size_t n)
         _mm_stream_si128((__m128i *)(dst + 48), d);
         dst += 64; src += 64; n -= 64;
     }
-    memcpy(dst, src, n);
+    if (n) memcpy(dst, src, n);
 }
 #endif
 

@@ -129,7 +129,8 @@ def _overhead_pull(bench: Bench, run: Run) -> None:
 
         pull()
         ok = verify_blocks(bench, src, dst, si, di, block, tensors=[0, nt - 1])
-        rounds = max(20, 20 * s.repeat)  # sub-millisecond calls: as many rounds as the transfer case
+        # sub-millisecond calls: as many rounds as the transfer case
+        rounds = max(20, 20 * s.repeat)
         times = bench.rounds(label, {SUBJECT: pull, "same runs, copy engine": engine}, rounds)
         added = statistics.median(times[SUBJECT]) - statistics.median(
             times["same runs, copy engine"]

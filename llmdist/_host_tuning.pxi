@@ -12,7 +12,7 @@ def set_host_tuning(copy_threads=None, split_min_bytes=None, stream_store_min_by
                     stream_store_short_batch_bytes=None):
     """Set the host copy engine's knobs: threads sharing a batch, the smallest batch worth
     splitting, the smallest run copied with streaming stores (0 disables them), and the
-    smallest batch of short runs (under 1 KiB on average) whose runs all use them (0: none)."""
+    smallest batch of short runs (under 256 B on average) whose runs all use them (0: none)."""
     cdef llmd_host_tuning *t = llmd_host_tuning_get()
     if copy_threads is not None:
         if type(copy_threads) is not int or not 1 <= copy_threads <= 64:

@@ -47,14 +47,14 @@ def parse_indices(str name, object seq):
     if out.data == NULL:
         raise MemoryError()
     out.size = n
-    # No Python code runs in the loop (the checks and the conversion call none), so the item
-    # array stays as it is.
     for i in range(n):
         item = items[i]
+        # C type checks (Cython's isinstance on int and bool reads no __class__): no Python
+        # code runs in this loop, so items stays valid
         if type_of(item) != &PyLong_Type:
             if not isinstance(<object>item, int) or isinstance(<object>item, bool):
                 raise TypeError(f"{name}[{i}] only support [int], but got {type(<object>item)}")
-        v = int_to_u64(item)    # checks the range itself, with no Python int compared
+        v = int_to_u64(item)    # checks the range itself and calls no Python code
         if v == U64_MAX and PyErr_Occurred() != NULL:  # negative, or above 2**64-1
             PyErr_Clear()
             raise ValueError(f"{name}[{i}] must be in [0, {U64_MAX}], but got {<object>item}")

@@ -134,3 +134,44 @@ def test_a_block_whose_offset_does_not_fit_is_refused_by_either_list(block):
         assert ei.value.status_code == llmdist.LLMStatusCode.LLM_PARAM_INVALID
     with pytest.raises(llmdist.LLMException, match="does not fit the address space"):
         _core.plan_c2b(_core.parse_indices("dst", [0, last + 1]), 2 * block, block)
+
+
+def test_index_lists_take_ints_and_name_the_element_they_refuse():
+    class Index(int):
+        pass
+
+    assert _core.parse_indices("dst", (Index(5), 0, (1 << 64) - 1)).tolist() == [
+        5,
+        0,
+        (1 << 64) - 1,
+    ]
+    for bad, err, text in (
+        ([0, True], TypeError, "dst[1] only support [int], but got <class 'bool'>"),
+        ([0, 1, 2.0], TypeError, "dst[2] only support [int], but got <class 'float'>"),
+        ([-1], ValueError, f"dst[0] must be in [0, {(1 << 64) - 1}], but got -1"),
+        ([3, 1 << 64], ValueError, f"dst[1] must be in [0, {(1 << 64) - 1}], but got {1 << 64}"),
+    ):
+        with pytest.raises(err) as ei:
+            _core.parse_indices("dst", bad)
+        assert str(ei.value) == text
+
+
+def test_an_element_claiming_to_be_an_int_is_refused_without_running_its_code():
+    # the checks are C type checks: a __class__ property (Python code that could change the
+    # list while its item array is read) is never called
+    seq: list = []
+    calls = []
+
+    class Claims:
+        @property
+        def __class__(self):
+            calls.append(1)
+            seq.clear()
+            return int
+
+    seq[:] = [0, Claims(), 2]
+    with pytest.raises(
+        TypeError, match=r"dst\[1\] only support \[int\], but got <class '.*Claims'>"
+    ):
+        _core.parse_indices("dst", seq)
+    assert calls == [] and len(seq) == 3

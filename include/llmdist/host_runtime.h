@@ -21,10 +21,10 @@ enum {
     LLMD_HOST_ENOTSUP = 6      /* no such operation on host memory (device IPC) */
 };
 
-/* Tuning knobs, read by every copy; set them before or between transfers. */
 /* Runs shorter than this are short for stream_store_short_batch_bytes. */
 #define LLMD_SHORT_RUN_BYTES 256
 
+/* Tuning knobs, read by every copy; set them before or between transfers. */
 typedef struct llmd_host_tuning {
     /* Number of threads (the stream's own included) that share one large batch. */
     int copy_threads;

@@ -23,20 +23,16 @@ import statistics
 import sys
 import time
 
-from llmdist import CacheDesc, DataType, LLMConfig, LLMDataDist, LLMRole, Placement, _core
+from host_cluster import open_host_cluster
+
+from llmdist import CacheDesc, DataType, Placement, _core
 
 BLOCK, POOL, TENSORS, PAIRS = 4096, 4096, 2, 256
 
 
 def main(rounds: int) -> None:
-    dd = LLMDataDist(LLMRole.PROMPT, 1)
-    cfg = LLMConfig()
-    cfg.enable_cache_manager = True
-    dd.init(cfg.generate_options())
+    dd, stream = open_host_cluster("bench/mapped_pages.py")
     rt = dd.runtime
-    if not rt.is_host:
-        sys.exit("bench/mapped_pages.py measures the host runtime (LLMDIST_RUNTIME=host)")
-    stream = _core.Stream(rt)
     size = BLOCK * POOL
     desc = CacheDesc(TENSORS, [POOL, BLOCK], DataType.DT_UINT8, Placement.DEVICE)
     src = dd.cache_manager.allocate_blocks_cache(desc)

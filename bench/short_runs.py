@@ -15,8 +15,10 @@ import statistics
 import sys
 import time
 
+from host_cluster import open_host_cluster
+
 import llmdist
-from llmdist import CacheDesc, DataType, LLMConfig, LLMDataDist, LLMRole, Placement, _core
+from llmdist import CacheDesc, DataType, Placement, _core
 
 POOL, PAIRS = 1024, 256
 BLOCKS = (64, 128, 256, 512, 1024, 2048)
@@ -24,14 +26,8 @@ BATCH_KIB = (256, 1024, 4096, 8192)
 
 
 def main(rounds: int) -> None:
-    dd = LLMDataDist(LLMRole.PROMPT, 1)
-    cfg = LLMConfig()
-    cfg.enable_cache_manager = True
-    dd.init(cfg.generate_options())
+    dd, stream = open_host_cluster("bench/short_runs.py")
     rt = dd.runtime
-    if not rt.is_host:
-        sys.exit("bench/short_runs.py measures the host runtime (LLMDIST_RUNTIME=host)")
-    stream = _core.Stream(rt)
     saved = llmdist.host_tuning()
     settings = {
         "plain": dict(stream_store_min_bytes=saved["stream_store_min_bytes"]),

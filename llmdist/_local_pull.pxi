@@ -75,6 +75,8 @@ cdef class LocalPull:
             raise
         t0 = _time.monotonic()
         pl.run_here(job, self.wait_ms)
+        # planner.verdict's success case, read from the one outcome without its Python steps;
+        # anything else goes through verdict, which raises what the full path raises
         if job.cancel_code is None and _time.monotonic() - t0 < self.wait_ms / 1000.0:
             o = job.outcomes[0]
             if o.failure == FAIL_NONE and o.attempted:
